@@ -45,6 +45,32 @@ def _nccl_paths():
     return None
 
 
+def _nvidia_wheel_dirs():
+    """include/lib dirs of the nvidia-* wheels (cuBLAS etc.) next to a CUDA torch."""
+    out = []
+    try:
+        import nvidia
+    except Exception:
+        return out
+    for base in list(nvidia.__path__):
+        for sub in sorted(os.listdir(base)):
+            inc, lib = os.path.join(base, sub, "include"), os.path.join(base, sub, "lib")
+            if os.path.isdir(inc):
+                out.append((inc, lib))
+    return out
+
+
+def _cublas_paths():
+    """Where cublas_v2.h and libcublas live: the toolkit, else torch's nvidia wheels."""
+    from torch.utils.cpp_extension import CUDA_HOME
+    if os.path.exists(os.path.join(CUDA_HOME, "include", "cublas_v2.h")):
+        return None
+    for inc, lib in _nvidia_wheel_dirs():
+        if os.path.exists(os.path.join(inc, "cublas_v2.h")) and glob.glob(os.path.join(lib, "libcublas.so*")):
+            return inc, lib
+    return None
+
+
 def _arch_tags(arch_list):
     tags = []
     for a in arch_list.replace(",", ";").replace(" ", ";").split(";"):
@@ -78,8 +104,19 @@ def _extensions():
                         glob.glob(os.path.join(ROOT, "csrc/model/*.cpp")) +
                         glob.glob(os.path.join(ROOT, "csrc/runtime/*.cu")))
     defines = [("HX_WITH_CUDA", "1"), ("HX_ARCHS", f'"{archs}"'), ("HX_VERSION", f'"{VERSION}"')]
-    libraries = ["cublas", "cublasLt"]
+    libraries = []
     library_dirs, runtime_dirs = [], []
+    extra_link = []
+    cublas = _cublas_paths()
+    if cublas is None:
+        libraries += ["cublas", "cublasLt"]
+    else:
+        include_dirs.append(cublas[0])
+        library_dirs.append(cublas[1])
+        runtime_dirs.append(cublas[1])
+        for name in ("libcublas.so", "libcublasLt.so"):
+            found = sorted(glob.glob(os.path.join(cublas[1], name + "*")))
+            extra_link.append("-l:" + os.path.basename(found[0]))
     nccl = _nccl_paths()
     if nccl is not None:
         include_dirs.append(nccl[0])
@@ -87,9 +124,7 @@ def _extensions():
         runtime_dirs.append(nccl[1])
         defines.append(("HX_WITH_NCCL", "1"))
         libnccl = sorted(glob.glob(os.path.join(nccl[1], "libnccl.so*")))[0]
-        extra_link = ["-l:" + os.path.basename(libnccl)]
-    else:
-        extra_link = []
+        extra_link.append("-l:" + os.path.basename(libnccl))
     nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
                   "-Xptxas=-warn-spills"]
     return [CUDAExtension(

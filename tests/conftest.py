@@ -36,9 +36,9 @@ def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU and a CUDA build of helexa_native._C")
     skip_gpu2 = pytest.mark.skip(reason="needs two NVIDIA GPUs")
     for item in items:
-        if "gpu" in item.keywords and not have_gpu:
+        if item.get_closest_marker("gpu") and not have_gpu:
             item.add_marker(skip_gpu)
-        if "gpu2" in item.keywords and n < 2:
+        if item.get_closest_marker("gpu2") and n < 2:
             item.add_marker(skip_gpu2)
 
 

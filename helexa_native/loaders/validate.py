@@ -1,0 +1,53 @@
+"""The tensors a config implies, and the check that a source holds them all."""
+from __future__ import annotations
+
+from ..config import ModelConfig
+from ..errors import ModelLoadError
+
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def expected_shapes(cfg: ModelConfig) -> dict:
+    """Canonical tensor name -> torch-order shape for every weight `cfg` needs."""
+    h, f, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+    shapes = {
+        "token_embd.weight": (cfg.vocab_size, h),
+        "output_norm.weight": (h,),
+    }
+    if not cfg.tie_word_embeddings:
+        shapes["output.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_layers):
+        p = f"blk.{i}."
+        shapes.update({
+            p + "attn_norm.weight": (h,),
+            p + "attn_q.weight": (q, h),
+            p + "attn_k.weight": (kv, h),
+            p + "attn_v.weight": (kv, h),
+            p + "attn_output.weight": (h, q),
+            p + "ffn_norm.weight": (h,),
+            p + "ffn_gate.weight": (f, h),
+            p + "ffn_up.weight": (f, h),
+            p + "ffn_down.weight": (h, f),
+        })
+        if cfg.attention_bias:
+            shapes.update({p + "attn_q.bias": (q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,)})
+        if cfg.qk_norm:
+            shapes.update({p + "attn_q_norm.weight": (cfg.head_dim,),
+                           p + "attn_k_norm.weight": (cfg.head_dim,)})
+    if cfg.rope_scaling and cfg.rope_scaling.get("type") == "freq_factors":
+        shapes[ROPE_FREQS] = (cfg.head_dim // 2,)
+    return shapes
+
+
+def check_tensors(tensors: dict, cfg: ModelConfig, where: str) -> dict:
+    """Keep the tensors `cfg` needs; raise ModelLoadError for any missing or misshapen one."""
+    want = expected_shapes(cfg)
+    missing = [n for n in want if n not in tensors]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ModelLoadError(f"{where}: missing tensors {', '.join(missing[:5])}{more}")
+    for name, shape in want.items():
+        got = tuple(tensors[name].shape)
+        if got != tuple(shape):
+            raise ModelLoadError(f"{where}: tensor {name} has shape {list(got)}, expected {list(shape)}")
+    return {n: tensors[n] for n in want}
