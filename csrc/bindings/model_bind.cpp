@@ -1,5 +1,256 @@
+// Python side of the GPU model: `_C.GpuModel`, a handle to a model living in a
+// device worker's slab, plus the small value types its calls take.
+//
+// Every method submits one job and waits for it with the GIL released; the
+// worker thread does all CUDA work. Without CUDA this file binds nothing, and
+// `_C.cuda` tells Python so.
 #include "bindings/bind.h"
 
+#ifdef HX_WITH_CUDA
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "model/model_api.h"
+#include "runtime/registry.h"
+#include "runtime/worker.h"
+
+namespace py = pybind11;
+
 namespace hx {
-void bind_model(pybind11::module_& m) { (void)m; }
+namespace {
+
+class ModelHandle {
+ public:
+  ModelHandle(int device_index, const ModelSpec& spec, const py::list& tensors) {
+    if (device_index < 0) throw std::invalid_argument("device_index must be >= 0");
+    // Buffer views stay alive (and their memory pinned in place) until the
+    // load job has copied everything; they are released with the GIL held.
+    std::vector<py::buffer_info> views;
+    std::vector<HostTensor> host;
+    views.reserve(tensors.size());
+    host.reserve(tensors.size());
+    for (const py::handle& item : tensors) {
+      auto tup = item.cast<py::tuple>();
+      if (tup.size() != 4) throw std::invalid_argument("each tensor must be (name, ggml_type, shape, buffer)");
+      HostTensor t;
+      t.name = tup[0].cast<std::string>();
+      t.type = tup[1].cast<int>();
+      t.shape = tup[2].cast<std::vector<int64_t>>();
+      views.push_back(tup[3].cast<py::buffer>().request());
+      const py::buffer_info& b = views.back();
+      int64_t expect = b.itemsize;
+      for (int i = b.ndim - 1; i >= 0; --i) {
+        if (b.shape[i] > 1 && b.strides[i] != expect)
+          throw std::invalid_argument("tensor " + t.name + " is not C-contiguous");
+        expect *= b.shape[i];
+      }
+      t.data = b.ptr;
+      t.bytes = static_cast<size_t>(b.size) * static_cast<size_t>(b.itemsize);
+      host.push_back(std::move(t));
+    }
+    LoadResult r;
+    {
+      // Starting a worker sets its device up: slow, and no Python involved.
+      py::gil_scoped_release nogil;
+      worker_ = acquire_worker(device_index);
+      r = model_load(*worker_, spec, host);
+    }
+    handle_ = r.handle;
+    bytes_ = r.bytes;
+    load_seconds_ = r.seconds;
+    vocab_ = spec.vocab;
+  }
+
+  ~ModelHandle() {
+    if (handle_ != 0 && worker_) {
+      // Fire and forget: the slab frees it on the worker thread; waiting here
+      // could block a garbage collection pass.
+      try {
+        const int64_t h = handle_;
+        worker_->submit_cleanup([h](WorkerContext& ctx) { ctx.drop(h); });
+      } catch (...) {
+      }
+    }
+  }
+
+  py::tuple prefill(const std::vector<int32_t>& tokens, int start_pos, const SampleConfig& sc,
+                    const PenaltyUpdate& pen, bool want_logits) {
+    const int64_t h = live();
+    StepResult r;
+    {
+      py::gil_scoped_release nogil;
+      r = model_prefill(*worker_, h, tokens, start_pos, sc, pen, want_logits);
+    }
+    return to_py(r, want_logits);
+  }
+
+  py::tuple decode(int32_t token, int pos, const SampleConfig& sc, const PenaltyUpdate& pen, bool want_logits) {
+    const int64_t h = live();
+    StepResult r;
+    {
+      py::gil_scoped_release nogil;
+      r = model_decode(*worker_, h, token, pos, sc, pen, want_logits);
+    }
+    return to_py(r, want_logits);
+  }
+
+  py::array_t<float> forward_logits(const std::vector<int32_t>& tokens, int start_pos, bool all_logits) {
+    const int64_t h = live();
+    std::vector<float> out;
+    {
+      py::gil_scoped_release nogil;
+      out = model_forward_logits(*worker_, h, tokens, start_pos, all_logits);
+    }
+    py::array_t<float> arr(all_logits ? std::vector<py::ssize_t>{static_cast<py::ssize_t>(tokens.size()), vocab_}
+                                      : std::vector<py::ssize_t>{vocab_});
+    std::copy(out.begin(), out.end(), arr.mutable_data());
+    return arr;
+  }
+
+  void clear_kv() {
+    const int64_t h = live();
+    py::gil_scoped_release nogil;
+    model_clear_kv(*worker_, h);
+  }
+
+  void set_graphs(bool enabled) {
+    const int64_t h = live();
+    py::gil_scoped_release nogil;
+    model_set_graphs(*worker_, h, enabled);
+  }
+
+  std::map<std::string, int64_t> memory() {
+    const int64_t h = live();
+    py::gil_scoped_release nogil;
+    return model_memory(*worker_, h);
+  }
+
+  void close() {
+    if (handle_ == 0) return;
+    const int64_t h = handle_;
+    handle_ = 0;
+    py::gil_scoped_release nogil;
+    model_drop(*worker_, h);
+  }
+
+  bool closed() const { return handle_ == 0; }
+  bool poisoned() const { return worker_ && worker_->is_poisoned(); }
+  bool shut_down() const { return !worker_ || worker_->is_shut_down(); }
+  std::string poison_reason() const { return worker_ ? worker_->poison_reason() : std::string(); }
+  size_t bytes() const { return bytes_; }
+  double load_seconds() const { return load_seconds_; }
+  std::string device() const { return worker_ ? worker_->name() : std::string(); }
+
+ private:
+  int64_t live() const {
+    if (handle_ == 0) throw std::runtime_error("the GPU model was closed");
+    return handle_;
+  }
+
+  static py::tuple to_py(const StepResult& r, bool want_logits) {
+    py::object lp = py::none();
+    py::object top = py::none();
+    if (r.has_logprob) {
+      lp = py::float_(r.logprob);
+      py::list l;
+      for (const auto& p : r.top) l.append(py::make_tuple(p.first, p.second));
+      top = l;
+    }
+    py::object logits = py::none();
+    if (want_logits) {
+      py::array_t<float> arr(static_cast<py::ssize_t>(r.logits.size()));
+      std::copy(r.logits.begin(), r.logits.end(), arr.mutable_data());
+      logits = arr;
+    }
+    return py::make_tuple(r.token, lp, top, logits);
+  }
+
+  std::shared_ptr<DeviceWorker> worker_;
+  int64_t handle_ = 0;
+  size_t bytes_ = 0;
+  double load_seconds_ = 0.0;
+  py::ssize_t vocab_ = 0;
+};
+
+}  // namespace
+
+void bind_model(py::module_& m) {
+  py::class_<ModelSpec>(m, "ModelSpec", "Architecture and sizing of a GPU model")
+      .def(py::init<>())
+      .def_readwrite("arch", &ModelSpec::arch)
+      .def_readwrite("vocab", &ModelSpec::vocab)
+      .def_readwrite("hidden", &ModelSpec::hidden)
+      .def_readwrite("intermediate", &ModelSpec::intermediate)
+      .def_readwrite("layers", &ModelSpec::layers)
+      .def_readwrite("heads", &ModelSpec::heads)
+      .def_readwrite("kv_heads", &ModelSpec::kv_heads)
+      .def_readwrite("head_dim", &ModelSpec::head_dim)
+      .def_readwrite("eps", &ModelSpec::eps)
+      .def_readwrite("rope_style", &ModelSpec::rope_style)
+      .def_readwrite("qk_norm", &ModelSpec::qk_norm)
+      .def_readwrite("inv_freq", &ModelSpec::inv_freq)
+      .def_readwrite("n_ctx", &ModelSpec::n_ctx)
+      .def_readwrite("prefill_chunk", &ModelSpec::prefill_chunk)
+      .def_readwrite("use_graphs", &ModelSpec::use_graphs);
+
+  py::class_<SampleConfig>(m, "SampleConfig", "Sampling parameters of one step")
+      .def(py::init<>())
+      .def_readwrite("temperature", &SampleConfig::temperature)
+      .def_readwrite("top_k", &SampleConfig::top_k)
+      .def_readwrite("top_p", &SampleConfig::top_p)
+      .def_readwrite("min_p", &SampleConfig::min_p)
+      .def_readwrite("repetition_penalty", &SampleConfig::repetition_penalty)
+      .def_readwrite("presence_penalty", &SampleConfig::presence_penalty)
+      .def_readwrite("frequency_penalty", &SampleConfig::frequency_penalty)
+      .def_readwrite("seed", &SampleConfig::seed)
+      .def_readwrite("step", &SampleConfig::step)
+      .def_readwrite("logprobs", &SampleConfig::logprobs)
+      .def_readwrite("top_logprobs", &SampleConfig::top_logprobs);
+
+  py::class_<PenaltyUpdate>(m, "PenaltyUpdate", "Tokens to add to the device penalty state")
+      .def(py::init<>())
+      .def_readwrite("active", &PenaltyUpdate::active)
+      .def_readwrite("reset", &PenaltyUpdate::reset)
+      .def_readwrite("context", &PenaltyUpdate::context)
+      .def_readwrite("generated", &PenaltyUpdate::generated);
+
+  py::class_<ModelHandle>(m, "GpuModel", "A llama-family model resident on one device worker")
+      .def(py::init<int, const ModelSpec&, const py::list&>(), py::arg("device_index"), py::arg("spec"),
+           py::arg("tensors"),
+           "Upload weights (list of (name, ggml_type, shape, buffer)) and allocate cache and scratch")
+      .def("prefill", &ModelHandle::prefill, py::arg("tokens"), py::arg("start_pos"), py::arg("sampling"),
+           py::arg("penalties"), py::arg("want_logits") = false,
+           "Run tokens from start_pos and sample: (token, logprob|None, top|None, logits|None)")
+      .def("decode", &ModelHandle::decode, py::arg("token"), py::arg("pos"), py::arg("sampling"),
+           py::arg("penalties"), py::arg("want_logits") = false,
+           "One token at pos (graph replay unless disabled): (token, logprob|None, top|None, logits|None)")
+      .def("forward_logits", &ModelHandle::forward_logits, py::arg("tokens"), py::arg("start_pos"),
+           py::arg("all_logits") = false, "float32 logits [vocab] or [n, vocab]")
+      .def("clear_kv", &ModelHandle::clear_kv)
+      .def("set_graphs", &ModelHandle::set_graphs, py::arg("enabled"))
+      .def("memory", &ModelHandle::memory)
+      .def("close", &ModelHandle::close)
+      .def_property_readonly("closed", &ModelHandle::closed)
+      .def_property_readonly("poisoned", &ModelHandle::poisoned)
+      .def_property_readonly("shut_down", &ModelHandle::shut_down)
+      .def_property_readonly("poison_reason", &ModelHandle::poison_reason)
+      .def_property_readonly("bytes", &ModelHandle::bytes)
+      .def_property_readonly("load_seconds", &ModelHandle::load_seconds)
+      .def_property_readonly("device", &ModelHandle::device);
+  m.attr("has_gpu_model") = true;
+}
+
 }  // namespace hx
+
+#else  // !HX_WITH_CUDA
+
+namespace hx {
+void bind_model(pybind11::module_& m) { m.attr("has_gpu_model") = false; }
+}  // namespace hx
+
+#endif

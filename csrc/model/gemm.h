@@ -1,0 +1,19 @@
+// Prefill GEMMs through cuBLAS. This pair is the only place the model calls
+// cuBLAS, so the library choice (GemmEx vs Lt) stays local.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+struct cublasContext;
+typedef struct cublasContext* cublasHandle_t;
+
+namespace hx {
+
+// y = x w^T (accumulate: y += x w^T), row-major, bf16 inputs, float32 output
+// and accumulation on tensor cores.
+void gemm_bf16_xwT(cublasHandle_t handle, const __nv_bfloat16* x /*[n, k]*/,
+                   const __nv_bfloat16* w /*[m, k]*/, float* y /*[n, m]*/, int n, int m, int k,
+                   bool accumulate, cudaStream_t stream);
+
+}  // namespace hx

@@ -1,0 +1,112 @@
+// Jobs of the GPU llama-family model, as plain C++ values.
+//
+// The bindings (compiled by the host compiler) see only this header: every
+// function submits one job to the device worker, waits on its future and
+// returns host values (a handle, a token, float logits). The CUDA side lives
+// in llama_model.cu and runs entirely on the worker's thread.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace hx {
+
+class DeviceWorker;
+
+// Architecture and run-time sizing of one model.
+struct ModelSpec {
+  std::string arch;               // "llama" | "qwen2" | "qwen3"
+  int vocab = 0;
+  int hidden = 0;
+  int intermediate = 0;
+  int layers = 0;
+  int heads = 0;
+  int kv_heads = 0;
+  int head_dim = 0;
+  float eps = 1e-5f;
+  int rope_style = 0;             // 0: rotate_half pairs (i, i + d/2); 1: adjacent pairs (2i, 2i+1)
+  bool qk_norm = false;
+  std::vector<double> inv_freq;   // [head_dim / 2], scaling already applied
+  int n_ctx = 4096;               // KV cache capacity in positions
+  int prefill_chunk = 512;        // tokens per prefill pass (bounds scratch)
+  bool use_graphs = true;         // replay decode as a CUDA graph
+};
+
+// One weight as the loader holds it: GGML type id, torch-order shape, host bytes.
+// Norms and biases arrive as float32 (type 0).
+struct HostTensor {
+  std::string name;
+  int type = 0;
+  std::vector<int64_t> shape;
+  const void* data = nullptr;
+  size_t bytes = 0;
+};
+
+// SamplingParams of one step, plus the step counter of its random stream.
+struct SampleConfig {
+  float temperature = 0.f;        // 0: greedy
+  int top_k = 0;
+  float top_p = 1.f;
+  float min_p = 0.f;
+  float repetition_penalty = 1.f;
+  float presence_penalty = 0.f;
+  float frequency_penalty = 0.f;
+  uint64_t seed = 0;
+  int step = 0;
+  bool logprobs = false;
+  int top_logprobs = 0;           // 0..kStepMaxTopLogprobs
+};
+
+// Tokens to add to the device-side penalty state before sampling.
+// reset clears it first. Context tokens feed the repetition penalty;
+// generated tokens feed it too and also the presence/frequency counts.
+struct PenaltyUpdate {
+  bool active = false;            // any penalty in use this step
+  bool reset = false;
+  std::vector<int32_t> context;
+  std::vector<int32_t> generated;
+};
+
+struct StepResult {
+  int32_t token = -1;
+  bool has_logprob = false;
+  float logprob = 0.f;
+  std::vector<std::pair<int32_t, float>> top;
+  std::vector<float> logits;      // raw logits of the sampled position, when asked for
+};
+
+struct LoadResult {
+  int64_t handle = 0;
+  size_t bytes = 0;               // device bytes held by the model (weights, cache, scratch)
+  double seconds = 0.0;           // time spent in the load job
+};
+
+// Most alternatives a step reports (the device sampler's bound).
+constexpr int kStepMaxTopLogprobs = 20;
+
+LoadResult model_load(DeviceWorker& w, const ModelSpec& spec, const std::vector<HostTensor>& tensors);
+
+// Runs tokens at start_pos.. (filling the cache) and samples after the last one.
+StepResult model_prefill(DeviceWorker& w, int64_t handle, const std::vector<int32_t>& tokens,
+                         int start_pos, const SampleConfig& sc, const PenaltyUpdate& pen,
+                         bool want_logits);
+
+// One token at `pos`: the decode path (replayed CUDA graph unless disabled).
+StepResult model_decode(DeviceWorker& w, int64_t handle, int32_t token, int pos,
+                        const SampleConfig& sc, const PenaltyUpdate& pen, bool want_logits);
+
+// Logits (float32, row-major) of the last position ([vocab]) or of all ([n, vocab]).
+std::vector<float> model_forward_logits(DeviceWorker& w, int64_t handle,
+                                        const std::vector<int32_t>& tokens, int start_pos,
+                                        bool all_logits);
+
+void model_clear_kv(DeviceWorker& w, int64_t handle);
+void model_drop(DeviceWorker& w, int64_t handle);
+void model_set_graphs(DeviceWorker& w, int64_t handle, bool enabled);
+std::map<std::string, int64_t> model_memory(DeviceWorker& w, int64_t handle);
+
+}  // namespace hx

@@ -1,0 +1,500 @@
+"""The CUDA forward against the CPU reference on synthetic models of every shape and type.
+
+Each model is written by helexa_native.synthetic (few layers, reduced vocab)
+and loaded through the real loaders; the CPU backend runs the same weights in
+float32 and is the oracle. Decode steps go through the device worker's
+CUDA-graph path; prompts longer than the prefill chunk exercise chunking,
+the dequantize + GEMM path and the small-batch matvec path. The host-side
+checks at the end (tensor hand-off, penalty deltas) need no GPU.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helexa_native.backends.cpu import CPUBackend
+from helexa_native.backends.cuda import CUDABackend
+from helexa_native.errors import ContextLengthError, EngineClosedError
+from helexa_native.params import SamplerState, SamplingParams
+from helexa_native.sampling import sample_from_logits
+
+gpu = pytest.mark.gpu
+
+N_PROMPT = 16
+N_TEACHER = 64
+N_GREEDY = 16
+MIN_COSINE = 0.999
+MIN_TOP1 = 0.97
+TIE_FRACTION = 0.01
+
+# Reduced shapes: two layers and a small vocabulary keep files and the CPU
+# reference fast while every dimension class of the real model stays.
+SMALL = dict(num_layers=2, vocab_size=1536)
+# Llama-3 layout (GQA 4, rope_freqs, "pairs" rope) with widths that are
+# multiples of 256, so every K-quant and IQ4_XS applies to every matrix.
+LLAMA3_SMALL = dict(num_layers=2, vocab_size=2048, hidden_size=512, intermediate_size=1536,
+                    num_heads=8, num_kv_heads=2, head_dim=64)
+
+GGUF_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+              "IQ4_NL", "IQ4_XS", "Q4_K_M", "F16", "BF16", "F32"]
+
+# (preset, format, type, overrides)
+MODELS = (
+    [("llama3-8b", "gguf", q, LLAMA3_SMALL) for q in GGUF_TYPES]
+    + [("llama3-8b", "safetensors", "bf16", LLAMA3_SMALL)]
+    + [("smollm2-135m", "gguf", q, SMALL) for q in ("Q4_0", "Q4_1", "Q8_0")]
+    + [("smollm2-135m", "safetensors", "bf16", SMALL)]
+    + [("qwen2.5-0.5b", "gguf", q, SMALL) for q in ("Q4_0", "Q5_1", "Q8_0")]
+    + [("qwen2.5-0.5b", "safetensors", d, SMALL) for d in ("bf16", "f16")]
+    + [("qwen3-0.6b", "gguf", q, SMALL) for q in ("Q4_K", "Q6_K", "Q8_0")]
+    + [("qwen3-0.6b", "safetensors", d, SMALL) for d in ("bf16", "f32")]
+)
+
+
+def _id(m):
+    return f"{m[0]}-{m[1]}-{m[2]}"
+
+
+# One model per architecture for the slower behavioural tests.
+ARCH_MODELS = [
+    ("llama3-8b", "gguf", "Q4_K_M", LLAMA3_SMALL),
+    ("smollm2-135m", "gguf", "Q4_1", SMALL),
+    ("qwen2.5-0.5b", "gguf", "Q8_0", SMALL),
+    ("qwen3-0.6b", "safetensors", "bf16", SMALL),
+]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """(preset, format, type, overrides) -> ModelSource, written and opened once per module."""
+    from helexa_native import synthetic
+    from helexa_native.loaders import load_source
+
+    cache = {}
+
+    def get(model):
+        preset, fmt, qtype, overrides = model
+        key = _id(model)
+        if key not in cache:
+            d = tmp_path_factory.mktemp(key.replace(".", "_"))
+            if fmt == "gguf":
+                path = d / "model.gguf"
+                synthetic.write_synthetic_gguf(path, preset, qtype, seed=7, **overrides)
+            else:
+                path = d / "model"
+                synthetic.write_synthetic_safetensors(path, preset, qtype, seed=7, **overrides)
+            cache[key] = load_source(path)
+        return cache[key]
+
+    yield get
+    for src in cache.values():
+        src.close()
+
+
+def _tokens(seed, n, vocab):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+
+def _cosines(got, want):
+    return F.cosine_similarity(got.double(), want.double(), dim=-1)
+
+
+def _near_argmax(logits, picks):
+    """Per row: is the picked token the reference argmax, up to a float tie?
+
+    Random-weight models have nearly flat logits, so two candidates can sit
+    closer together than bf16 activations resolve; such a pick is a tie, not
+    a disagreement. The tie band is 1% of the row's logit spread.
+    """
+    best = logits.max(-1).values
+    tol = TIE_FRACTION * logits.std(-1)
+    chosen = logits.gather(-1, picks[:, None])[:, 0]
+    return chosen >= best - tol
+
+
+def _top1_agreement(got, want):
+    """Share of rows whose GPU argmax is the reference argmax (ties counted as agreement)."""
+    return _near_argmax(want, got.argmax(-1)).double().mean().item()
+
+
+def _greedy():
+    return SamplingParams(temperature=0.0)
+
+
+def _gpu_teacher_forced(gpu, prompt, teacher):
+    """Logits after the prompt (prefill job) and after each teacher token (decode jobs)."""
+    state = SamplerState(prompt_tokens=list(prompt))
+    _, row = gpu.step_with_logits(prompt, 0, _greedy(), state)
+    rows = [row]
+    for i, t in enumerate(teacher):
+        state.generated_tokens.append(t)
+        state.step += 1
+        _, row = gpu.step_with_logits([t], len(prompt) + i, _greedy(), state)
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def _cpu_teacher_forced(cpu, prompt, teacher):
+    cpu.reset()
+    rows = [cpu.forward(prompt, 0)]
+    for i, t in enumerate(teacher):
+        rows.append(cpu.forward([t], len(prompt) + i))
+    return torch.stack(rows)
+
+
+def _gpu_generate(gpu, prompt, n, params=None):
+    params = params or _greedy()
+    gpu.reset()
+    state = SamplerState(prompt_tokens=list(prompt))
+    res = gpu.step(prompt, 0, params, state)
+    out = []
+    pos = len(prompt)
+    for _ in range(n):
+        out.append(res.token)
+        state.generated_tokens.append(res.token)
+        state.step += 1
+        if len(out) == n:
+            break
+        res = gpu.step([res.token], pos, params, state)
+        pos += 1
+    return out
+
+
+def _cpu_generate(cpu, prompt, n):
+    cpu.reset()
+    logits = cpu.forward(prompt, 0)
+    out = []
+    pos = len(prompt)
+    for _ in range(n):
+        tok = int(torch.argmax(logits).item())
+        out.append(tok)
+        if len(out) == n:
+            break
+        logits = cpu.forward([tok], pos)
+        pos += 1
+    return out
+
+
+def assert_same_greedy(cpu, prompt, got):
+    """GPU greedy tokens `got` equal the reference's, or differ only where the reference has a float tie.
+
+    The reference is teacher-forced along the GPU's own sequence, so every
+    one of its steps is checked even after a tie sent the two apart.
+    """
+    want = _cpu_generate(cpu, prompt, len(got))
+    if got == want:
+        return
+    cpu.reset()
+    rows = cpu.forward(list(prompt) + list(got[:-1]), 0, all_logits=True)[len(prompt) - 1:]
+    ok = _near_argmax(rows, torch.tensor(got))
+    first = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+    assert bool(ok.all()), (f"greedy tokens differ from step {first} (gpu {got}, cpu {want}); "
+                            f"steps {torch.nonzero(~ok).flatten().tolist()} are not float ties")
+
+
+@gpu
+@pytest.mark.parametrize("model", MODELS, ids=_id)
+def test_teacher_forced_logits_match_reference(sources, model):
+    src = sources(model)
+    vocab = src.config.vocab_size
+    prompt, teacher = _tokens(1, N_PROMPT, vocab), _tokens(2, N_TEACHER, vocab)
+    n_ctx = N_PROMPT + N_TEACHER + 8
+    cpu = CPUBackend(src, n_ctx)
+    gpu = CUDABackend(src, 0, n_ctx)
+    try:
+        want = _cpu_teacher_forced(cpu, prompt, teacher)
+        got = _gpu_teacher_forced(gpu, prompt, teacher)
+        assert got.shape == want.shape == (N_TEACHER + 1, vocab)
+        assert bool(torch.isfinite(got).all())
+        cos = _cosines(got, want)
+        worst = int(cos.argmin())
+        assert cos.min().item() >= MIN_COSINE, f"step {worst}: cosine {cos[worst].item():.6f}"
+        agree = _top1_agreement(got, want)
+        assert agree >= MIN_TOP1, f"top-1 agreement {agree:.3f}"
+        assert gpu.memory_info()["graph_replays"] > 0
+    finally:
+        gpu.close()
+
+
+@gpu
+@pytest.mark.parametrize("model", MODELS, ids=_id)
+def test_greedy_generation_matches_reference(sources, model):
+    src = sources(model)
+    prompt = _tokens(3, N_PROMPT, src.config.vocab_size)
+    n_ctx = N_PROMPT + N_GREEDY + 8
+    cpu = CPUBackend(src, n_ctx)
+    gpu = CUDABackend(src, 0, n_ctx)
+    try:
+        assert_same_greedy(cpu, prompt, _gpu_generate(gpu, prompt, N_GREEDY))
+    finally:
+        gpu.close()
+
+
+@gpu
+@pytest.mark.parametrize("model", ARCH_MODELS, ids=_id)
+def test_chunked_prefill_all_logits(sources, model):
+    # Chunks of 32, 32 and 5 tokens: two through dequantize + GEMM, one
+    # through the multi-token matvec path; then 3 tokens on top of the cache.
+    src = sources(model)
+    vocab = src.config.vocab_size
+    prompt, more = _tokens(4, 69, vocab), _tokens(5, 3, vocab)
+    cpu = CPUBackend(src, 96)
+    gpu = CUDABackend(src, 0, 96, prefill_chunk=32)
+    try:
+        got = torch.cat([gpu.forward(prompt, 0, all_logits=True), gpu.forward(more, 69, all_logits=True)])
+        want = torch.cat([cpu.forward(prompt, 0, all_logits=True), cpu.forward(more, 69, all_logits=True)])
+        assert got.shape == want.shape == (72, vocab)
+        cos = _cosines(got, want)
+        assert cos.min().item() >= MIN_COSINE, f"row {int(cos.argmin())}: cosine {cos.min().item():.6f}"
+        assert _top1_agreement(got, want) >= MIN_TOP1
+        # The last-position form returns the same row as the full form.
+        gpu.reset()
+        last = gpu.forward(prompt, 0)
+        assert last.shape == (vocab,)
+        assert _cosines(last[None], got[68][None]).item() > 0.99999
+    finally:
+        gpu.close()
+
+
+@gpu
+@pytest.mark.parametrize("model", [ARCH_MODELS[0], ARCH_MODELS[3]], ids=_id)
+def test_long_context_decode(sources, model):
+    # 1500 cached positions: the split-sequence decode attention and the
+    # tensor-core prefill attention over several chunks.
+    src = sources(model)
+    vocab = src.config.vocab_size
+    prompt, teacher = _tokens(6, 1500, vocab), _tokens(7, 8, vocab)
+    cpu = CPUBackend(src, 1536)
+    gpu = CUDABackend(src, 0, 1536)
+    try:
+        want = _cpu_teacher_forced(cpu, prompt, teacher)
+        got = _gpu_teacher_forced(gpu, prompt, teacher)
+        cos = _cosines(got, want)
+        assert cos.min().item() >= MIN_COSINE, f"step {int(cos.argmin())}: cosine {cos.min().item():.6f}"
+    finally:
+        gpu.close()
+
+
+SAMPLED = [
+    SamplingParams(temperature=0.8, top_k=40, top_p=0.9, min_p=0.02, seed=1234),
+    SamplingParams(temperature=1.0, seed=99, repetition_penalty=1.3, presence_penalty=0.4,
+                   frequency_penalty=0.3),
+    SamplingParams(temperature=0.0, repetition_penalty=1.5, frequency_penalty=0.5),
+    SamplingParams(temperature=0.7, top_p=0.95, seed=5, logprobs=True, top_logprobs=5),
+    SamplingParams(temperature=0.0, logprobs=True, top_logprobs=20),
+]
+
+
+@gpu
+@pytest.mark.parametrize("params", SAMPLED, ids=lambda p: f"t{p.temperature}-rep{p.repetition_penalty}-lp{p.top_logprobs}")
+@pytest.mark.parametrize("model", [ARCH_MODELS[1], ARCH_MODELS[2]], ids=_id)
+def test_device_sampler_matches_host_sampler(sources, model, params):
+    # Each step's raw logits come back with the token, so the host sampler
+    # can replay the exact decision, penalty state included.
+    src = sources(model)
+    prompt = _tokens(8, 12, src.config.vocab_size) * 2     # repeats feed the penalties
+    gpu = CUDABackend(src, 0, 80)
+    try:
+        state = SamplerState(prompt_tokens=list(prompt))
+        res, logits = gpu.step_with_logits(prompt, 0, params, state)
+        pos = len(prompt)
+        for _ in range(32):
+            want = sample_from_logits(logits, params, state)
+            assert res.token == want.token, f"step {state.step}"
+            if params.logprobs:
+                assert res.logprob == pytest.approx(want.logprob, abs=2e-4)
+                assert len(res.top_logprobs) == params.top_logprobs
+                for (gi, gl), (wi, wl) in zip(res.top_logprobs, want.top_logprobs):
+                    assert gl == pytest.approx(wl, abs=2e-4)
+                    assert gi == wi or abs(float(logits[gi]) - float(logits[wi])) < 1e-5
+            else:
+                assert res.logprob is None
+            state.generated_tokens.append(res.token)
+            state.step += 1
+            res, logits = gpu.step_with_logits([res.token], pos, params, state)
+            pos += 1
+    finally:
+        gpu.close()
+
+
+@gpu
+@pytest.mark.parametrize("model", ARCH_MODELS, ids=_id)
+def test_graph_replay_matches_plain_path(sources, model):
+    src = sources(model)
+    prompt = _tokens(9, 20, src.config.vocab_size)
+    gpu = CUDABackend(src, 0, 96)
+    try:
+        runs = {}
+        for graphs in (True, False):
+            gpu.set_graphs(graphs)
+            before = gpu.memory_info()["graph_replays"]
+            toks = {}
+            for name, params in (("greedy", _greedy()), ("sampled", SAMPLED[1]), ("logprobs", SAMPLED[3])):
+                toks[name] = _gpu_generate(gpu, prompt, 24, params)
+            replays = gpu.memory_info()["graph_replays"] - before
+            if graphs:
+                assert replays > 0
+            else:
+                assert replays == 0
+            runs[graphs] = toks
+        assert runs[True] == runs[False]
+        # And without graphs from the start (a backend that never captured).
+        plain = CUDABackend(src, 0, 96, use_graphs=False)
+        try:
+            assert _gpu_generate(plain, prompt, 24) == runs[True]["greedy"]
+            assert plain.memory_info()["graph_replays"] == 0
+        finally:
+            plain.close()
+    finally:
+        gpu.close()
+
+
+@gpu
+@pytest.mark.parametrize("model", [ARCH_MODELS[1]], ids=_id)
+def test_bad_input_leaves_model_usable(sources, model):
+    src = sources(model)
+    vocab = src.config.vocab_size
+    prompt = _tokens(10, 10, vocab)
+    gpu = CUDABackend(src, 0, 32)
+    try:
+        before = _gpu_generate(gpu, prompt, 8)
+        state = SamplerState(prompt_tokens=list(prompt))
+        with pytest.raises(ContextLengthError):
+            gpu.step(list(range(33)), 0, _greedy(), state)
+        with pytest.raises(ContextLengthError):
+            gpu.forward([1, 2, 3], 30)
+        for bad in ([vocab], [-1], [1, 2, vocab + 5]):
+            with pytest.raises(ValueError):
+                gpu.step(bad, 0, _greedy(), state)
+            with pytest.raises(ValueError):
+                gpu.forward(bad, 0)
+        with pytest.raises(ValueError):
+            gpu.forward([], 0)
+        gpu.reset()
+        with pytest.raises(ValueError):
+            gpu.forward([1], 5)            # a gap in the cache
+        assert gpu.is_healthy()
+        assert _gpu_generate(gpu, prompt, 8) == before
+    finally:
+        gpu.close()
+    assert not gpu.is_healthy()
+    with pytest.raises(EngineClosedError):
+        gpu.forward([1], 0)
+
+
+@gpu
+def test_memory_info_and_release(sources):
+    # A cache of 256 MiB makes a leak on close visible in the device's free memory.
+    src = sources(ARCH_MODELS[0])
+    cfg = src.config
+    n_ctx = 1 << 18
+    gpu = CUDABackend(src, 0, n_ctx)
+    info = gpu.memory_info()
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * n_ctx * cfg.head_dim * 2
+    assert info["kv_cache_bytes"] >= kv >= 256 << 20
+    assert info["weights_bytes"] >= sum(t.nbytes for n, t in src.tensors.items() if n.startswith("blk."))
+    assert info["total_bytes"] == info["weights_bytes"] + info["kv_cache_bytes"] + info["scratch_bytes"]
+    free_loaded = info["device_free_bytes"]
+    gpu.close()
+    for _ in range(3):
+        again = CUDABackend(src, 0, n_ctx)
+        try:
+            assert again.memory_info()["device_free_bytes"] >= free_loaded - (64 << 20)
+        finally:
+            again.close()
+
+
+# ---------------------------------------------------------------------------
+# Host-side pieces of the CUDA backend: these run everywhere.
+
+def test_host_tensors_carry_stored_blocks_and_float32_vectors(sources):
+    from helexa_native.backends.cuda import GGML_TYPE_IDS, _host_tensors
+    src = sources(("llama3-8b", "gguf", "Q4_K_M", LLAMA3_SMALL))
+    got = {name: (tid, shape, buf) for name, tid, shape, buf in _host_tensors(src)}
+    assert "rope_freqs.weight" not in got
+    for name, t in src.tensors.items():
+        if name == "rope_freqs.weight":
+            continue
+        tid, shape, buf = got[name]
+        if name.endswith("norm.weight") or name.endswith(".bias"):
+            assert tid == 0 and buf.dtype.name == "float32" and buf.size == t.to_float().numel()
+            assert torch.equal(torch.from_numpy(buf), t.to_float().reshape(-1).float())
+        else:
+            assert tid == GGML_TYPE_IDS[t.dtype] and tuple(shape) == tuple(t.shape)
+            assert buf.nbytes == t.nbytes and buf.flags["C_CONTIGUOUS"]
+    # The Q4_K_M mix: Q6_K attn_v next to Q4_K attn_q, so q/k/v cannot share one buffer.
+    assert got["blk.0.attn_q.weight"][0] == GGML_TYPE_IDS["Q4_K"]
+    assert got["blk.0.attn_v.weight"][0] == GGML_TYPE_IDS["Q6_K"]
+
+
+def test_host_tensors_of_a_bf16_folder(sources):
+    from helexa_native.backends.cuda import GGML_TYPE_IDS, _host_tensors
+    src = sources(("qwen2.5-0.5b", "safetensors", "bf16", SMALL))
+    got = {name: (tid, buf) for name, tid, _, buf in _host_tensors(src)}
+    assert got["blk.0.attn_q.bias"][0] == 0
+    assert got["token_embd.weight"][0] == GGML_TYPE_IDS["BF16"]
+    assert got["blk.1.ffn_down.weight"][1].nbytes == src.tensors["blk.1.ffn_down.weight"].nbytes
+
+
+class _Plain:
+    """Stands in for the native value types (plain attribute bags)."""
+
+
+def _host_backend(vocab=100):
+    from types import SimpleNamespace
+    from helexa_native.backends.cuda import CUDABackend
+    be = object.__new__(CUDABackend)
+    be.config = SimpleNamespace(vocab_size=vocab)
+    be._C = SimpleNamespace(PenaltyUpdate=_Plain, SampleConfig=_Plain)
+    be._pen_sync = None
+    return be
+
+
+def test_penalty_updates_send_deltas_of_the_sampler_state():
+    be = _host_backend(vocab=100)
+    rep = SamplingParams(temperature=0.0, repetition_penalty=1.2)
+    state = SamplerState(prompt_tokens=[1, 2, 3, 150])
+
+    pu, synced = be._penalty_update(rep, state)
+    assert pu.active and pu.reset and pu.context == [1, 2, 3] and pu.generated == []
+    be._pen_sync = synced                         # the job succeeded
+
+    state.generated_tokens += [5, 5]
+    pu, synced = be._penalty_update(rep, state)
+    assert pu.active and not pu.reset and pu.context == [] and pu.generated == [5, 5]
+    be._pen_sync = synced
+
+    # A step without penalties leaves the device state and the record alone...
+    pu, synced = be._penalty_update(SamplingParams(temperature=0.0), state)
+    assert not pu.active and synced is be._pen_sync
+    # ...and the next penalized step catches up on what it missed.
+    state.generated_tokens.append(7)
+    pu, _ = be._penalty_update(rep, state)
+    assert not pu.reset and pu.generated == [7]
+
+    # A new request (new state object) starts from scratch.
+    other = SamplerState(prompt_tokens=[9], generated_tokens=[4, -1])
+    pu, _ = be._penalty_update(SamplingParams(presence_penalty=0.5), other)
+    assert pu.reset and pu.context == [9] and pu.generated == [4]
+
+
+def test_sample_config_mirrors_sampling_params():
+    be = _host_backend(vocab=100)
+    p = SamplingParams(temperature=0.7, top_k=500, top_p=0.9, min_p=0.1, seed=(1 << 64) + 5,
+                       logprobs=True, top_logprobs=20)
+    sc = be._sample_config(p, 12)
+    assert sc.top_k == 0                      # k >= vocab keeps everything, as on the host
+    assert sc.seed == 5 and sc.step == 12 and sc.logprobs and sc.top_logprobs == 20
+    assert (sc.temperature, sc.top_p, sc.min_p) == (0.7, 0.9, 0.1)
+    assert be._sample_config(SamplingParams(top_k=40), 0).top_k == 40
+
+
+def test_cpu_build_refuses_cleanly(sources):
+    import helexa_native._C as C
+    if getattr(C, "cuda", False):
+        pytest.skip("this build has CUDA")
+    from helexa_native.errors import DeviceError
+    with pytest.raises(DeviceError, match="no CUDA support"):
+        CUDABackend(sources(ARCH_MODELS[1]), 0, 64)

@@ -1,0 +1,98 @@
+"""Benchmark synthetic models on the GPU: each model is written once, loaded once, then timed at several depths.
+
+    python3 tools/gpu_bench.py --models llama3-8b:Q4_K_M,smollm2-135m:bf16 --json bench.json
+
+Timing is helexa_native.bench.bench_engine's (warm-up, medians of repeats,
+greedy decode through Backend.step); this driver only saves the repeated
+writes and loads that separate `helexa-native bench` calls would make, and
+collects every result in one JSON file (rewritten after each result, so a
+run cut short keeps what it measured).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+DEFAULT_MODELS = ("llama3-8b:Q4_K_M,llama3-8b:Q4_0,llama3-8b:Q8_0,llama3-8b:bf16,"
+                  "smollm2-135m:Q4_0,smollm2-135m:bf16")
+
+
+def _args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated PRESET:QUANT list")
+    p.add_argument("--depths", default="0,4096", help="comma-separated KV depths for decode/prefill runs")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--workdir", default=None, help="where synthetic models are written (default: a temp dir)")
+    p.add_argument("--json", dest="json_file", required=True, help="output JSON file")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = _args(argv)
+    from helexa_native.bench import bench_engine, measure_copy_bandwidth, write_synthetic
+    from helexa_native.engine import Engine
+
+    depths = [int(d) for d in a.depths.split(",") if d.strip()]
+    models = [m.strip() for m in a.models.split(",") if m.strip()]
+    n_ctx = max(depths) + a.prompt_tokens + a.decode_tokens
+    out = {"device": a.device, "prompt_tokens": a.prompt_tokens, "decode_tokens": a.decode_tokens,
+           "depths": depths, "n_ctx": n_ctx, "results": []}
+    index = 0 if a.device == "cuda" else int(a.device.split(":")[1])
+    out["copy_bandwidth_gb_per_s"] = copy_bw = measure_copy_bandwidth(index)
+    print(f"device copy bandwidth {copy_bw:.0f} GB/s", flush=True)
+
+    def save():
+        Path(a.json_file).write_text(json.dumps(out, indent=1, default=str))
+
+    root = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="hx-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for spec in models:
+        entry = {"model": spec}
+        out["results"].append(entry)
+        d = root / spec.replace(":", "-")
+        d.mkdir(parents=True, exist_ok=True)
+        try:
+            t0 = time.perf_counter()
+            path = write_synthetic(spec, d, progress=False)
+            entry["write_seconds"] = time.perf_counter() - t0
+            print(f"{spec}: written in {entry['write_seconds']:.1f} s", flush=True)
+            with Engine(path, device=a.device, n_ctx=n_ctx, progress=False) as eng:
+                entry["load_seconds"] = eng.load_seconds
+                entry["weight_bytes"] = eng.weight_bytes
+                mem = eng.backend.memory_info()
+                entry["device_bytes"] = mem.get("total_bytes")
+                print(f"{spec}: loaded in {eng.load_seconds:.2f} s", flush=True)
+                entry["runs"] = []
+                for depth in depths:
+                    r = bench_engine(eng, a.prompt_tokens, a.decode_tokens, depth, a.repeats,
+                                     copy_bandwidth_gbs=copy_bw)
+                    entry["runs"].append(r)
+                    print(f"{spec}: depth {depth}: prefill {r['prefill_tokens_per_s']:.0f} tok/s, decode "
+                          f"{r['decode_tokens_per_s']:.1f} tok/s ({r['achieved_gb_per_s']:.0f} GB/s)", flush=True)
+                    save()
+                entry["graphs"] = {k: v for k, v in eng.backend.memory_info().items() if k.startswith("graph")}
+        except Exception as e:
+            failed += 1
+            entry["error"] = f"{type(e).__name__}: {e}"
+            entry["traceback"] = traceback.format_exc()
+            print(f"{spec}: FAILED {entry['error']}", flush=True)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+            save()
+    if not a.workdir:
+        shutil.rmtree(root, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

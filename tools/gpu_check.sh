@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# Build, test and benchmark helexa_native on a GPU machine, in one command.
+#
+#   tools/gpu_check.sh [all|check|build|test|bench] [options]
+#     all    build, GPU tests, benchmark (default)
+#     check  build + GPU tests
+#     build  build only;  test  tests only;  bench  benchmark only
+#   options:
+#     --models LIST   bench models, PRESET:QUANT comma-separated
+#                     (default: llama3-8b Q4_K_M/Q4_0/Q8_0/bf16, smollm2-135m Q4_0/bf16)
+#     --depths LIST   KV depths of the bench runs (default 0,4096)
+#     --repeats N     timed bench runs per depth (default 3)
+#     -k EXPR         pytest -k filter for the tests
+#     --arch X.Y      TORCH_CUDA_ARCH_LIST (default 9.0)
+#
+# Logs and JSON go to $OUT (default /tmp/helexa-gpu-check): build.log, tests.log,
+# tests.xml, bench.log, bench.json, summary.txt. The summary table is
+# printed last. A stage that is not run keeps no stale file. Each stage has a
+# time limit (BUILD_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT seconds), and all
+# share BUDGET (570 s) so one call ends inside a 10-minute window with its
+# logs and summary intact.
+#
+# gguf and flask, which the GPU image lacks, are installed from
+# .device/wheels when present (../shared/device-prep.sh stages them).
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+OUT=${OUT:-/tmp/helexa-gpu-check}
+mkdir -p "$OUT"
+
+MODE=all
+case "${1:-}" in
+  all|check|build|test|bench) MODE=$1; shift ;;
+esac
+MODELS=""
+DEPTHS="0,4096"
+REPEATS=3
+KEXPR=""
+ARCH=${TORCH_CUDA_ARCH_LIST:-9.0}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --models) MODELS=$2; shift 2 ;;
+    --depths) DEPTHS=$2; shift 2 ;;
+    --repeats) REPEATS=$2; shift 2 ;;
+    -k) KEXPR=$2; shift 2 ;;
+    --arch) ARCH=$2; shift 2 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+BUILD_TIMEOUT=${BUILD_TIMEOUT:-420}
+TEST_TIMEOUT=${TEST_TIMEOUT:-420}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-540}
+# The whole call's budget: every stage is cut to what is left of it (less a
+# margin for the summary), so the summary always prints.
+BUDGET=${BUDGET:-570}
+T_START=$SECONDS
+limit() {
+  local left=$((BUDGET - (SECONDS - T_START) - 15))
+  [ "$left" -lt 1 ] && left=1
+  [ "$1" -lt "$left" ] && echo "$1" || echo "$left"
+}
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+if ! python3 -c "import gguf, flask" >/dev/null 2>&1 && ls .device/wheels/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/wheels/*.whl >/dev/null 2>&1 || true
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+STATUS_BUILD="not run"; STATUS_TEST="not run"; STATUS_BENCH="not run"
+RC=0
+
+built() {
+  python3 -c "import helexa_native._C as C, sys; sys.exit(0 if C.cuda else 1)" >/dev/null 2>&1
+}
+
+do_build() {
+  rm -f "$OUT/build.log"
+  local t0=$SECONDS
+  echo "== build (TORCH_CUDA_ARCH_LIST=$ARCH)"
+  { python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; nvcc --version | tail -1
+    command -v ninja >/dev/null && echo "ninja $(ninja --version)" || echo "ninja: missing (serial build)"; } >"$OUT/build.log" 2>&1
+  local lim; lim=$(limit "$BUILD_TIMEOUT")
+  TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=${MAX_JOBS:-16} timeout "$lim" \
+    python3 setup.py build_ext --inplace >>"$OUT/build.log" 2>&1
+  local rc=$?
+  if [ $rc -eq 0 ] && built; then
+    STATUS_BUILD="ok ($((SECONDS - t0)) s)"
+  else
+    [ $rc -eq 124 ] && STATUS_BUILD="TIMEOUT after $lim s" || STATUS_BUILD="FAILED (rc $rc)"
+    RC=1
+    echo "-- build errors:"
+    grep -E "error|Error" "$OUT/build.log" | grep -v "^ *$" | head -40
+  fi
+  echo "build: $STATUS_BUILD"
+}
+
+do_test() {
+  rm -f "$OUT/tests.log" "$OUT/tests.xml"
+  if ! built; then STATUS_TEST="skipped (no CUDA build)"; RC=1; return; fi
+  local t0=$SECONDS
+  echo "== tests"
+  # Everything under tests/gpu: the GPU-marked tests and the host-side checks beside them.
+  local args=(tests/gpu -q -rfE --maxfail=25 -p no:cacheprovider --durations=10
+              --junitxml="$OUT/tests.xml")
+  [ -n "$KEXPR" ] && args+=(-k "$KEXPR")
+  local lim; lim=$(limit "$TEST_TIMEOUT")
+  timeout "$lim" python3 -m pytest "${args[@]}" >"$OUT/tests.log" 2>&1
+  local rc=$?
+  local last
+  last=$(grep -E "^(=+ )?[0-9]+ (passed|failed|error|skipped)|no tests ran" "$OUT/tests.log" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//')
+  if [ $rc -eq 124 ]; then STATUS_TEST="TIMEOUT after $lim s; ${last:-no summary}"; RC=1
+  elif [ $rc -ne 0 ]; then STATUS_TEST="FAILED: ${last:-rc $rc}"; RC=1
+  else STATUS_TEST="ok: $last"; fi
+  STATUS_TEST="$STATUS_TEST ($((SECONDS - t0)) s)"
+  grep -E "^(FAILED|ERROR) " "$OUT/tests.log" | head -30
+  echo "tests: $STATUS_TEST"
+}
+
+do_bench() {
+  rm -f "$OUT/bench.log" "$OUT/bench.json"
+  if ! built; then STATUS_BENCH="skipped (no CUDA build)"; RC=1; return; fi
+  local t0=$SECONDS
+  echo "== bench"
+  local args=(tools/gpu_bench.py --json "$OUT/bench.json" --depths "$DEPTHS" --repeats "$REPEATS")
+  [ -n "$MODELS" ] && args+=(--models "$MODELS")
+  local lim; lim=$(limit "$BENCH_TIMEOUT")
+  timeout "$lim" python3 "${args[@]}" 2>&1 | tee "$OUT/bench.log"
+  local rc=${PIPESTATUS[0]}
+  if [ $rc -eq 124 ]; then STATUS_BENCH="TIMEOUT after $lim s (partial results kept)"; RC=1
+  elif [ $rc -ne 0 ]; then STATUS_BENCH="FAILED (rc $rc)"; RC=1
+  else STATUS_BENCH="ok"; fi
+  STATUS_BENCH="$STATUS_BENCH ($((SECONDS - t0)) s)"
+}
+
+case "$MODE" in
+  all) do_build; do_test; do_bench ;;
+  check) do_build; do_test ;;
+  build) do_build ;;
+  test) built || do_build; do_test ;;
+  bench) built || do_build; do_bench ;;
+esac
+
+{
+  echo
+  echo "================ helexa_native GPU check ================"
+  python3 -c "import torch; p = torch.cuda.get_device_properties(0); print(f'device  {p.name}, {p.total_memory >> 30} GiB, sm_{p.major}{p.minor}')" 2>/dev/null \
+    || echo "device  (none visible)"
+  echo "build   $STATUS_BUILD"
+  echo "tests   $STATUS_TEST"
+  echo "bench   $STATUS_BENCH"
+  if [ -f "$OUT/bench.json" ]; then
+    python3 - "$OUT/bench.json" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+bw = d.get("copy_bandwidth_gb_per_s") or 0
+print(f"copy bandwidth {bw:.0f} GB/s; prefill {d['prompt_tokens']} tokens, decode {d['decode_tokens']} tokens; medians")
+hdr = f"{'model':<22} {'load s':>7} {'depth':>6} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/tok':>7} {'GB/s':>7} {'%bw':>5}"
+print(hdr)
+print("-" * len(hdr))
+for e in d["results"]:
+    if "error" in e:
+        print(f"{e['model']:<22} FAILED {e['error'][:90]}")
+        continue
+    for i, r in enumerate(e.get("runs", [])):
+        load = f"{e['load_seconds']:.2f}" if i == 0 else ""
+        share = r.get("bandwidth_share")
+        print(f"{e['model'] if i == 0 else '':<22} {load:>7} {r['depth']:>6} {r['prefill_tokens_per_s']:>14.0f} "
+              f"{r['decode_tokens_per_s']:>13.1f} {r['decode_ms_per_token']:>7.2f} {r['achieved_gb_per_s']:>7.0f} "
+              f"{(100 * share if share else 0):>5.1f}")
+EOF
+  fi
+} | tee "$OUT/summary.txt"
+exit $RC
