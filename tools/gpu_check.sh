@@ -99,24 +99,29 @@ do_build() {
 }
 
 do_test() {
-  rm -f "$OUT/tests.log" "$OUT/tests.xml"
+  rm -f "$OUT/tests.log" "$OUT"/tests*.xml
   if ! built; then STATUS_TEST="skipped (no CUDA build)"; RC=1; return; fi
   local t0=$SECONDS
   echo "== tests"
-  # Everything under tests/gpu: the GPU-marked tests and the host-side checks beside them.
-  local args=(tests/gpu -q -rfE --maxfail=25 -p no:cacheprovider --durations=10
-              --junitxml="$OUT/tests.xml")
-  [ -n "$KEXPR" ] && args+=(-k "$KEXPR")
-  local lim; lim=$(limit "$TEST_TIMEOUT")
-  timeout "$lim" python3 -m pytest "${args[@]}" >"$OUT/tests.log" 2>&1
-  local rc=$?
-  local last
-  last=$(grep -E "^(=+ )?[0-9]+ (passed|failed|error|skipped)|no tests ran" "$OUT/tests.log" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//')
-  if [ $rc -eq 124 ]; then STATUS_TEST="TIMEOUT after $lim s; ${last:-no summary}"; RC=1
-  elif [ $rc -ne 0 ]; then STATUS_TEST="FAILED: ${last:-rc $rc}"; RC=1
-  else STATUS_TEST="ok: $last"; fi
+  # One pytest process per file: a crash in one file cannot hide the others.
+  local files=(${TEST_FILES:-tests/gpu/test_*.py})
+  local passed=0 failed=0 crashed=""
+  for f in "${files[@]}"; do
+    local args=("$f" -q -rfE --maxfail=25 -p no:cacheprovider)
+    [ -n "$KEXPR" ] && args+=(-k "$KEXPR")
+    local lim; lim=$(limit "$TEST_TIMEOUT")
+    echo "---- $f" >>"$OUT/tests.log"
+    timeout "$lim" python3 -X faulthandler -m pytest "${args[@]}" >>"$OUT/tests.log" 2>&1
+    local rc=$?
+    local last
+    last=$(grep -E "^(=+ )?[0-9]+ (passed|failed|error|skipped)|no tests ran" "$OUT/tests.log" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//')
+    echo "$(basename "$f"): rc $rc; $last"
+    [ $rc -ne 0 ] && RC=1 && failed=$((failed + 1))
+    [ $rc -gt 128 ] && crashed="$crashed $(basename "$f")"
+  done
+  grep -E "^(FAILED|ERROR) " "$OUT/tests.log" | cut -c1-300 | head -40
+  if [ $failed -eq 0 ]; then STATUS_TEST="ok"; else STATUS_TEST="FAILED in $failed file(s)${crashed:+; crashed:$crashed}"; fi
   STATUS_TEST="$STATUS_TEST ($((SECONDS - t0)) s)"
-  grep -E "^(FAILED|ERROR) " "$OUT/tests.log" | head -30
   echo "tests: $STATUS_TEST"
 }
 
