@@ -1,0 +1,336 @@
+// Decode attention (one query token) over the bf16 KV cache, flash-decoding style.
+//
+//   out[h] = sum_t softmax_t(scale * q[h] . K[t]) V[t],  t < seq_len
+//
+// Layout: q [nq, d] float32, caches [nk, cap, d] bf16, GQA group G = nq / nk
+// (q heads kvh*G .. kvh*G+G-1 read kv head kvh).
+//
+// Split kernel: grid (P splits, nk kv heads, ceil(G / GT) head groups), 128
+// threads. P depends only on cap, the head counts and the device (one wave
+// of resident blocks), so the launch is identical for every seq_len
+// (CUDA-graph replayable); each block derives its
+// slice of the sequence from the seq_len in device memory:
+//   chunk = round_up(ceil(seq_len / P), 32), split s covers [s*chunk, (s+1)*chunk).
+// Splits past the end return at once. Inside a block, a row of K or V is read
+// by LPR = next_pow2(d / 8) lanes with one 16-byte load each (lanes past d/8
+// idle), so a warp reads 32/LPR consecutive rows per load instruction; each
+// lane issues B loads of K and B of V before using any, which keeps enough
+// bytes in flight to run near memory bandwidth. All GT q heads of the kv head
+// reuse each loaded K/V row (the GQA sharing). Scores are reduced over the
+// LPR lanes with xor shuffles; every row group keeps its own online-softmax
+// state (max m, sum l, unnormalized acc in log2 domain), merged across row
+// groups by shuffles and across warps in shared memory. The block writes
+// (m, l, acc) for its split to the workspace.
+// Combine kernel: one block per q head merges the valid splits:
+//   out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
+// Float32 math on bf16 K/V, so results match a float32 reference on the same
+// cache values to rounding. One arch path (sm_80+ baseline): the kernel is
+// bandwidth-bound and plain 16-byte loads saturate HBM on every target.
+#include "kernels/attention_decode.cuh"
+
+#include <atomic>
+#include <stdexcept>
+#include <string>
+
+#include "common/arch.cuh"
+#include "common/check.h"
+
+namespace hx {
+namespace {
+
+constexpr int kDecodeThreads = 128;
+constexpr int kDecodeWarps = kDecodeThreads / 32;
+constexpr int kChunkAlign = 32;    // chunk granularity in positions
+constexpr int kMaxSplits = 256;    // workspace bound on splits per head
+constexpr float kLog2e = 1.4426950408889634f;
+// Finite "minus infinity" for running maxima: 2^(kNegBig - x) is 0 for any
+// real score and 1 when both sides are kNegBig, so empty states merge cleanly.
+constexpr float kNegBig = -1e30f;
+
+__host__ __device__ __forceinline__ int decode_chunk(int seq, int splits) {
+  const int c = (seq + splits - 1) / splits;
+  return (c + kChunkAlign - 1) / kChunkAlign * kChunkAlign;
+}
+
+__host__ inline int max_splits_for(int cap) {
+  const int s = (cap + kChunkAlign - 1) / kChunkAlign;
+  return s < kMaxSplits ? (s > 0 ? s : 1) : kMaxSplits;
+}
+
+__device__ __forceinline__ void bf16x8_to_float(const uint4& r, float* f) {
+  const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = __uint_as_float(w[i] << 16);
+    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+
+// Blocks per SM the register budget is sized for. GT = 4 fits 128 registers
+// on sm_80..sm_90 but spills on sm_100, which gets 3 blocks' worth instead;
+// the host reads the resulting occupancy back to size the grid.
+template <int GT>
+struct DecodeOccupancy {
+  static constexpr int value = GT <= 2 ? 4 : (GT <= 4 ? (HX_BLACKWELL ? 3 : 4) : 2);
+};
+
+template <int LPR, int GT, int B>
+__global__ void __launch_bounds__(kDecodeThreads, DecodeOccupancy<GT>::value)
+attn_decode_split_kernel(const float* __restrict__ q, const __nv_bfloat16* __restrict__ kc,
+                         const __nv_bfloat16* __restrict__ vc, const int32_t* __restrict__ seq_len,
+                         float* __restrict__ part_acc /*[nq, P, d]*/, float2* __restrict__ part_ml /*[nq, P]*/,
+                         int G, int d, int cap, int P, float qscale) {
+  constexpr int RG = 32 / LPR;          // row groups (rows per load instruction) per warp
+  constexpr int ROWS_W = RG * B;        // rows per warp per iteration
+  constexpr int ROWS_BLK = kDecodeWarps * ROWS_W;
+  constexpr int DMAX = 8 * LPR;
+
+  __shared__ float sm_m[kDecodeWarps][GT];
+  __shared__ float sm_l[kDecodeWarps][GT];
+  __shared__ float sm_acc[kDecodeWarps][GT][DMAX];
+
+  const int split = blockIdx.x, kvh = blockIdx.y, g0 = blockIdx.z * GT;
+  const int gn = min(GT, G - g0);
+  int seq = *seq_len;
+  seq = seq < 0 ? 0 : (seq > cap ? cap : seq);
+  const int chunk = decode_chunk(seq, P);
+  const int start = split * chunk;
+  if (start >= seq) return;
+  const int end = min(start + chunk, seq);
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int rg = lane / LPR, li = lane % LPR;
+  const int dim0 = li * 8;
+  const bool active = dim0 < d;
+
+  float qr[GT][8];
+#pragma unroll
+  for (int g = 0; g < GT; ++g) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+      qr[g][e] = (active && g < gn) ? q[(size_t)(kvh * G + g0 + g) * d + dim0 + e] * qscale : 0.f;
+  }
+  float m[GT], l[GT], acc[GT][8];
+#pragma unroll
+  for (int g = 0; g < GT; ++g) {
+    m[g] = kNegBig;
+    l[g] = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
+  }
+
+  const size_t head_off = (size_t)kvh * cap * d + dim0;
+  const uint4* kb = reinterpret_cast<const uint4*>(kc + head_off);
+  const uint4* vb = reinterpret_cast<const uint4*>(vc + head_off);
+  const int row_vecs = d / 8;  // uint4 per row
+
+  for (int base = start + warp * ROWS_W; base < end; base += ROWS_BLK) {
+    uint4 kr[B], vr[B];
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      const int t = base + b * RG + rg;
+      if (active && t < end) {
+        kr[b] = __ldg(kb + (size_t)t * row_vecs);
+        vr[b] = __ldg(vb + (size_t)t * row_vecs);
+      } else {
+        kr[b] = make_uint4(0, 0, 0, 0);
+        vr[b] = make_uint4(0, 0, 0, 0);
+      }
+    }
+    float s[B][GT];
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      float kf[8];
+      bf16x8_to_float(kr[b], kf);
+      const bool valid = base + b * RG + rg < end;
+#pragma unroll
+      for (int g = 0; g < GT; ++g) {
+        float dot = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dot = fmaf(qr[g][e], kf[e], dot);
+        dot = warp_sum<LPR>(dot);
+        s[b][g] = valid ? dot : -INFINITY;
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < GT; ++g) {
+      if (g >= gn) break;
+      float mx = s[0][g];
+#pragma unroll
+      for (int b = 1; b < B; ++b) mx = fmaxf(mx, s[b][g]);
+      const float mnew = fmaxf(m[g], mx);
+      const float alpha = exp2f(m[g] - mnew);
+      m[g] = mnew;
+      l[g] *= alpha;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[g][e] *= alpha;
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        const float p = exp2f(s[b][g] - mnew);
+        l[g] += p;
+        float vf[8];
+        bf16x8_to_float(vr[b], vf);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(p, vf[e], acc[g][e]);
+      }
+    }
+  }
+
+  // Merge the row groups of the warp.
+#pragma unroll
+  for (int off = LPR; off < 32; off <<= 1) {
+#pragma unroll
+    for (int g = 0; g < GT; ++g) {
+      const float mo = __shfl_xor_sync(kFullMask, m[g], off);
+      const float lo = __shfl_xor_sync(kFullMask, l[g], off);
+      const float mnew = fmaxf(m[g], mo);
+      const float a = exp2f(m[g] - mnew), bo = exp2f(mo - mnew);
+      l[g] = l[g] * a + lo * bo;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[g][e] = acc[g][e] * a + __shfl_xor_sync(kFullMask, acc[g][e], off) * bo;
+      m[g] = mnew;
+    }
+  }
+  if (rg == 0) {
+#pragma unroll
+    for (int g = 0; g < GT; ++g) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sm_acc[warp][g][dim0 + e] = acc[g][e];
+      if (li == 0) {
+        sm_m[warp][g] = m[g];
+        sm_l[warp][g] = l[g];
+      }
+    }
+  }
+  __syncthreads();
+
+  // Merge the warps and write this split's partial state.
+  for (int idx = threadIdx.x; idx < gn * d; idx += kDecodeThreads) {
+    const int g = idx / d, c = idx - g * d;
+    float M = sm_m[0][g];
+#pragma unroll
+    for (int w = 1; w < kDecodeWarps; ++w) M = fmaxf(M, sm_m[w][g]);
+    float A = 0.f, L = 0.f;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) {
+      const float f = exp2f(sm_m[w][g] - M);
+      A += sm_acc[w][g][c] * f;
+      L += sm_l[w][g] * f;
+    }
+    const size_t slot = (size_t)(kvh * G + g0 + g) * P + split;
+    part_acc[slot * d + c] = A;
+    if (c == 0) part_ml[slot] = make_float2(M, L);
+  }
+}
+
+__global__ void __launch_bounds__(kDecodeThreads)
+attn_decode_combine_kernel(const float* __restrict__ part_acc, const float2* __restrict__ part_ml,
+                           const int32_t* __restrict__ seq_len, float* __restrict__ out, int d, int cap, int P) {
+  __shared__ float w[kMaxSplits];
+  __shared__ float scratch[32];
+  const int h = blockIdx.x;
+  int seq = *seq_len;
+  seq = seq < 0 ? 0 : (seq > cap ? cap : seq);
+  float* o = out + (size_t)h * d;
+  if (seq == 0) {
+    for (int c = threadIdx.x; c < d; c += blockDim.x) o[c] = 0.f;
+    return;
+  }
+  const int chunk = decode_chunk(seq, P);
+  const int ns = (seq + chunk - 1) / chunk;
+  const float2* ml = part_ml + (size_t)h * P;
+  float mx = -INFINITY;
+  for (int s = threadIdx.x; s < ns; s += blockDim.x) mx = fmaxf(mx, ml[s].x);
+  const float M = block_max(mx, scratch);
+  float lsum = 0.f;
+  for (int s = threadIdx.x; s < ns; s += blockDim.x) {
+    const float2 v = ml[s];
+    const float f = exp2f(v.x - M);
+    w[s] = f;
+    lsum += f * v.y;
+  }
+  const float L = block_sum(lsum, scratch);  // its barriers also publish w[]
+  const float inv = 1.0f / L;
+  const float* a = part_acc + (size_t)h * P * d;
+  for (int c = threadIdx.x; c < d; c += blockDim.x) {
+    float acc = 0.f;
+    for (int s = 0; s < ns; ++s) acc = fmaf(w[s], a[(size_t)s * d + c], acc);
+    o[c] = acc * inv;
+  }
+}
+
+using SplitKernel = void (*)(const float*, const __nv_bfloat16*, const __nv_bfloat16*, const int32_t*, float*, float2*,
+                            int, int, int, int, float);
+
+template <int LPR>
+SplitKernel split_kernel_for(int GT) {
+  switch (GT) {
+    case 1: return attn_decode_split_kernel<LPR, 1, 4>;
+    case 2: return attn_decode_split_kernel<LPR, 2, 4>;
+    case 4: return attn_decode_split_kernel<LPR, 4, 4>;
+    default: return attn_decode_split_kernel<LPR, 8, 2>;
+  }
+}
+
+// Resident blocks per SM of a split kernel instance, cached per device and
+// instance (LPR 8/16/32 x GT 1/2/4/8 = 12 instances).
+int resident_blocks(SplitKernel k, int slot, int device) {
+  static std::atomic<int> cache[detail::kMaxDevices][12];
+  const bool cacheable = device >= 0 && device < detail::kMaxDevices;
+  int v = cacheable ? cache[device][slot].load(std::memory_order_relaxed) : 0;
+  if (v == 0) {
+    HX_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, k, kDecodeThreads, 0));
+    v = v > 0 ? v : 1;
+    if (cacheable) cache[device][slot].store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+
+}  // namespace
+
+size_t attention_decode_workspace_bytes(int nq, int d, int cap) {
+  if (nq <= 0 || d <= 0 || cap <= 0) return 0;
+  return (size_t)nq * max_splits_for(cap) * (size_t)(d + 2) * sizeof(float);
+}
+
+void attention_decode_launch(const float* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, const int32_t* seq_len,
+                             float* out, float* workspace, size_t workspace_bytes, int nq, int nk, int d, int cap,
+                             float scale, cudaStream_t stream) {
+  if (nq <= 0 || nk <= 0 || cap <= 0 || nq % nk != 0)
+    throw std::invalid_argument("attention_decode: bad head counts nq=" + std::to_string(nq) +
+                                " nk=" + std::to_string(nk) + " (nq must be a multiple of nk) or cap=" +
+                                std::to_string(cap));
+  if (d <= 0 || d % 8 != 0 || d > 256)
+    throw std::invalid_argument("attention_decode: head_dim " + std::to_string(d) +
+                                " unsupported (needs a multiple of 8, at most 256)");
+  if ((reinterpret_cast<uintptr_t>(kc) | reinterpret_cast<uintptr_t>(vc)) % 16 != 0)
+    throw std::invalid_argument("attention_decode: K/V cache pointers must be 16-byte aligned");
+  const size_t need = attention_decode_workspace_bytes(nq, d, cap);
+  if (workspace == nullptr || workspace_bytes < need)
+    throw std::invalid_argument("attention_decode: workspace of " + std::to_string(workspace_bytes) +
+                                " bytes, needs " + std::to_string(need));
+  const int G = nq / nk;
+  const int GT = G <= 1 ? 1 : (G <= 2 ? 2 : (G <= 4 ? 4 : 8));
+  const int groups = (G + GT - 1) / GT;
+  const int lpr = d <= 64 ? 8 : (d <= 128 ? 16 : 32);
+  const SplitKernel kernel = lpr == 8 ? split_kernel_for<8>(GT) : (lpr == 16 ? split_kernel_for<16>(GT)
+                                                                             : split_kernel_for<32>(GT));
+  // One full wave of resident blocks when the sequence is long: fewer splits
+  // leave SMs idle, more only add partial states to merge.
+  const int dev = current_device();
+  const int slot = (lpr == 8 ? 0 : (lpr == 16 ? 4 : 8)) + (GT == 1 ? 0 : (GT == 2 ? 1 : (GT == 4 ? 2 : 3)));
+  const int wave = resident_blocks(kernel, slot, dev) * device_sm_count(dev);
+  const int want = (wave + nk * groups - 1) / (nk * groups);
+  const int pmax = max_splits_for(cap);
+  const int P = want < 1 ? 1 : (want > pmax ? pmax : want);
+
+  float* part_acc = workspace;
+  float2* part_ml = reinterpret_cast<float2*>(workspace + (size_t)nq * pmax * d);
+  const dim3 grid(P, nk, groups);
+  kernel<<<grid, kDecodeThreads, 0, stream>>>(q, kc, vc, seq_len, part_acc, part_ml, G, d, cap, P, scale * kLog2e);
+  HX_CUDA_CHECK(cudaGetLastError());
+  attn_decode_combine_kernel<<<nq, kDecodeThreads, 0, stream>>>(part_acc, part_ml, seq_len, out, d, cap, P);
+  HX_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace hx

@@ -1,0 +1,129 @@
+// RMS norm kernels.
+//
+// add_rms_norm: r = residual + delta (stored back), y = r / sqrt(mean(r^2) + eps) * w.
+//   One block per row [h]; pass 1 adds, stores r and sums squares, a block
+//   reduction gives the scale, pass 2 re-reads r (the thread's own writes,
+//   L1/L2 hits) and writes float32 and/or bf16 outputs. float4 accesses when
+//   h % 4 == 0 and the pointers allow it, scalar otherwise.
+// head_rms_norm: one warp per (token, head) row of d values, in place.
+// Float32 math everywhere, 1/sqrtf (IEEE) rather than rsqrtf so results
+// match a float32 torch reference to rounding. One arch path (sm_80+ baseline).
+#include "kernels/rms_norm.cuh"
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "common/arch.cuh"
+#include "common/check.h"
+
+namespace hx {
+namespace {
+
+template <bool VEC>
+__global__ void add_rms_norm_kernel(float* __restrict__ residual, const float* __restrict__ delta,
+                                    const float* __restrict__ weight, float eps, float* __restrict__ out_f32,
+                                    __nv_bfloat16* __restrict__ out_bf16, int h) {
+  __shared__ float scratch[32];
+  const size_t row = blockIdx.x;
+  float* r = residual + row * h;
+  const float* d = delta ? delta + row * h : nullptr;
+  float ss = 0.f;
+  if constexpr (VEC) {
+    const int nv = h >> 2;
+    float4* r4 = reinterpret_cast<float4*>(r);
+    const float4* d4 = reinterpret_cast<const float4*>(d);
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+      float4 v = r4[i];
+      if (d4) {
+        const float4 e = d4[i];
+        v.x += e.x; v.y += e.y; v.z += e.z; v.w += e.w;
+        r4[i] = v;
+      }
+      ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
+  } else {
+    for (int i = threadIdx.x; i < h; i += blockDim.x) {
+      float v = r[i];
+      if (d) {
+        v += d[i];
+        r[i] = v;
+      }
+      ss += v * v;
+    }
+  }
+  ss = block_sum(ss, scratch);
+  const float inv = 1.0f / sqrtf(ss / (float)h + eps);
+  if constexpr (VEC) {
+    const int nv = h >> 2;
+    const float4* r4 = reinterpret_cast<const float4*>(r);
+    const float4* w4 = reinterpret_cast<const float4*>(weight);
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+      const float4 v = r4[i];
+      const float4 w = w4[i];
+      const float4 y = make_float4(v.x * inv * w.x, v.y * inv * w.y, v.z * inv * w.z, v.w * inv * w.w);
+      if (out_f32) reinterpret_cast<float4*>(out_f32 + row * h)[i] = y;
+      if (out_bf16) {
+        __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(out_bf16 + row * h) + 2 * i;
+        o[0] = __floats2bfloat162_rn(y.x, y.y);
+        o[1] = __floats2bfloat162_rn(y.z, y.w);
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < h; i += blockDim.x) {
+      const float y = r[i] * inv * weight[i];
+      if (out_f32) out_f32[row * h + i] = y;
+      if (out_bf16) out_bf16[row * h + i] = __float2bfloat16_rn(y);
+    }
+  }
+}
+
+__global__ void head_rms_norm_kernel(float* __restrict__ x, const float* __restrict__ weight, float eps,
+                                     int rows, int d) {
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  float* p = x + (size_t)row * d;
+  float ss = 0.f;
+  for (int i = lane; i < d; i += 32) ss += p[i] * p[i];
+  ss = warp_sum(ss);
+  const float inv = 1.0f / sqrtf(ss / (float)d + eps);
+  for (int i = lane; i < d; i += 32) p[i] = p[i] * inv * weight[i];
+}
+
+bool aligned(const void* p, size_t a) { return (reinterpret_cast<uintptr_t>(p) % a) == 0; }
+
+}  // namespace
+
+void add_rms_norm_launch(float* residual, const float* delta, const float* weight, float eps, float* out_f32,
+                         __nv_bfloat16* out_bf16, int n, int h, cudaStream_t stream) {
+  if (n < 0 || h <= 0)
+    throw std::invalid_argument("add_rms_norm: bad sizes n=" + std::to_string(n) + " h=" + std::to_string(h));
+  if (n == 0) return;
+  const bool vec = h % 4 == 0 && aligned(residual, 16) && (!delta || aligned(delta, 16)) &&
+                   aligned(weight, 16) && (!out_f32 || aligned(out_f32, 16)) &&
+                   (!out_bf16 || aligned(out_bf16, 8));
+  const int work = vec ? h / 4 : h;
+  // About four accesses per thread: enough to hide latency, one row per block.
+  int threads = ((work + 3) / 4 + 31) / 32 * 32;
+  threads = threads < 32 ? 32 : (threads > 1024 ? 1024 : threads);
+  if (vec)
+    add_rms_norm_kernel<true><<<n, threads, 0, stream>>>(residual, delta, weight, eps, out_f32, out_bf16, h);
+  else
+    add_rms_norm_kernel<false><<<n, threads, 0, stream>>>(residual, delta, weight, eps, out_f32, out_bf16, h);
+  HX_CUDA_CHECK(cudaGetLastError());
+}
+
+void head_rms_norm_launch(float* x, const float* weight, float eps, int n, int heads, int d,
+                          cudaStream_t stream) {
+  if (n < 0 || heads <= 0 || d <= 0)
+    throw std::invalid_argument("head_rms_norm: bad sizes n=" + std::to_string(n) + " heads=" +
+                                std::to_string(heads) + " d=" + std::to_string(d));
+  const int rows = n * heads;
+  if (rows == 0) return;
+  const int warps = 8;
+  head_rms_norm_kernel<<<(rows + warps - 1) / warps, warps * 32, 0, stream>>>(x, weight, eps, rows, d);
+  HX_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace hx

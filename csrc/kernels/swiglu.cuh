@@ -1,0 +1,23 @@
+// SwiGLU activation of the llama MLP.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace hx {
+
+// out = silu(gate) * up = gate / (1 + exp(-gate)) * up, elementwise, float32
+// math; written as float32 and/or bf16 (either output may be nullptr). For
+// [n, f] rows pass n_elems = n * f (rows are contiguous).
+void swiglu_launch(const float* gate /*[n, f]*/, const float* up /*[n, f]*/, float* out_f32 /*[n, f] or nullptr*/,
+                   __nv_bfloat16* out_bf16 /*[n, f] or nullptr*/, int64_t n_elems, cudaStream_t stream);
+
+// Strided variant for a fused gate|up buffer: gate row i at gate + i * ld,
+// up row i at up + i * ld, output rows packed [n, f].
+void swiglu_rows_launch(const float* gate /*[n, ld]*/, const float* up /*[n, ld]*/, int64_t ld,
+                        float* out_f32 /*[n, f] or nullptr*/, __nv_bfloat16* out_bf16 /*[n, f] or nullptr*/,
+                        int n, int f, cudaStream_t stream);
+
+}  // namespace hx

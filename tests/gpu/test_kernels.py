@@ -1,0 +1,576 @@
+"""Forward kernels (everything but the weight matvec / dequant) against torch references.
+
+Each test calls one torch op (torch.ops.helexa.*) on fresh random inputs of
+awkward shapes, with outputs NaN-poisoned first so an unwritten element
+fails, and compares with a float64 (or exact) torch reference using the
+tolerance table below. Attention is checked against plain softmax attention
+on the bf16 cache values; sampling against a straightforward implementation
+of params.py's order driven by params.uniform.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from helexa_native import params as hparams
+from helexa_native.rope import apply_rope, rope_cos_sin
+
+pytestmark = pytest.mark.gpu
+
+DEV = "cuda"
+
+# (rtol, atol) per kind of result. "f32": float32 kernel vs float64
+# reference (rounding order only); "f32_sum": float32 sums over thousands of
+# terms; "bf16": a result rounded to bf16 (one bf16 ulp); "mma": tensor-core
+# attention, whose q and softmax weights are rounded to bf16.
+TOL = {
+    "exact": (0.0, 0.0),
+    "f32": (2e-6, 1e-6),
+    "f32_sum": (1e-4, 2e-5),
+    "bf16": (8e-3, 1e-5),
+    "mma": (1e-2, 1e-2),
+}
+
+
+def assert_close(got, want, kind, msg=""):
+    rtol, atol = TOL[kind]
+    got = got.detach().to("cpu", torch.float64)
+    want = want.detach().to("cpu", torch.float64)
+    assert got.shape == want.shape, f"{msg} shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert not torch.isnan(got).any(), f"{msg} output has NaN (unwritten or wrong)"
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol, equal_nan=False, msg=lambda m: f"{msg}: {m}")
+
+
+def poisoned(*shape, dtype=torch.float32):
+    t = torch.empty(*shape, dtype=dtype, device=DEV)
+    if dtype.is_floating_point:
+        t.fill_(float("nan"))
+    else:
+        t.fill_(-7)
+    return t
+
+
+@pytest.fixture(scope="module")
+def ops():
+    import helexa_native._C  # noqa: F401  (registers torch.ops.helexa)
+    return torch.ops.helexa
+
+
+@pytest.fixture()
+def gen(request):
+    """A generator with a fresh seed each run (recorded in the test's user_properties)."""
+    seed = int.from_bytes(os.urandom(6), "little")
+    request.node.user_properties.append(("seed", seed))
+    g = torch.Generator(device="cpu")
+    g.manual_seed(seed)
+    return g
+
+
+def randn(*shape, gen, scale=1.0, dtype=torch.float32):
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(DEV)
+
+
+# --------------------------------------------------------------- embedding
+
+# GGML ids and the offsets of the fp16 scale fields inside one block.
+QUANT_TYPES = {
+    "Q4_0": (2, [0]), "Q4_1": (3, [0, 2]), "Q5_0": (6, [0]), "Q5_1": (7, [0, 2]), "Q8_0": (8, [0]),
+    "Q2_K": (10, [80, 82]), "Q3_K": (11, [108]), "Q4_K": (12, [0, 2]), "Q5_K": (13, [0, 2]),
+    "Q6_K": (14, [208]), "IQ4_NL": (20, [0]), "IQ4_XS": (23, [0]),
+}
+
+
+def _quant_table(name, vocab, hidden, rng):
+    import gguf
+    from gguf.quants import dequantize
+    qtype = gguf.GGMLQuantizationType[name]
+    qk, bb = gguf.GGML_QUANT_SIZES[qtype]
+    nblk = vocab * hidden // qk
+    raw = rng.integers(0, 256, size=(nblk, bb), dtype=np.uint8)
+    for off in QUANT_TYPES[name][1]:
+        raw[:, off:off + 2] = (rng.standard_normal(nblk) * 0.05).astype(np.float16).view(np.uint8).reshape(nblk, 2)
+    raw = raw.reshape(vocab, -1)
+    ref = dequantize(raw, qtype).reshape(vocab, hidden).astype(np.float32)
+    return torch.from_numpy(raw.copy()), torch.from_numpy(ref)
+
+
+def _ids(vocab, n, gen):
+    ids = torch.randint(0, vocab, (n,), generator=gen, dtype=torch.int32)
+    extras = torch.tensor([0, vocab - 1, -1, vocab, vocab + 1000, -(2**31)], dtype=torch.int32)
+    return torch.cat([ids, extras])
+
+
+@pytest.mark.parametrize("name", list(QUANT_TYPES))
+@pytest.mark.parametrize("n", [1, 9])
+def test_embedding_quantized(ops, gen, name, n):
+    rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    qk = 256 if name.endswith("_K") or name == "IQ4_XS" else 32
+    vocab, hidden = 37, qk * 3
+    table, ref = _quant_table(name, vocab, hidden, rng)
+    ids = _ids(vocab, n, gen)
+    out = poisoned(ids.numel(), hidden)
+    ops.embedding(table.to(DEV), QUANT_TYPES[name][0], ids.to(DEV), out, vocab)
+    valid = (ids >= 0) & (ids < vocab)
+    want = torch.zeros(ids.numel(), hidden)
+    want[valid] = ref[ids[valid].long()]
+    assert_close(out, want, "f32", name)
+
+
+@pytest.mark.parametrize("dtype,type_id", [(torch.float32, 0), (torch.float16, 1), (torch.bfloat16, 30)])
+@pytest.mark.parametrize("hidden", [1, 37, 576])
+def test_embedding_float(ops, gen, dtype, type_id, hidden):
+    vocab = 101
+    table = randn(vocab, hidden, gen=gen, dtype=dtype)
+    ids = _ids(vocab, 5, gen)
+    out = poisoned(ids.numel(), hidden)
+    ops.embedding(table, type_id, ids.to(DEV), out, vocab)
+    valid = (ids >= 0) & (ids < vocab)
+    want = torch.zeros(ids.numel(), hidden)
+    want[valid] = table.cpu().float()[ids[valid].long()]
+    assert_close(out, want, "exact", str(dtype))
+
+
+# ------------------------------------------------------------------ norms
+
+def _rms_ref(r, w, eps):
+    r = r.double()
+    return r / torch.sqrt((r * r).mean(-1, keepdim=True) + eps) * w.double()
+
+
+@pytest.mark.parametrize("h", [1, 33, 576, 4096, 5123])
+@pytest.mark.parametrize("n", [1, 5])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rms_norm(ops, gen, h, n, with_delta):
+    eps = 1e-5
+    res = randn(n, h, gen=gen, scale=3.0)
+    delta = randn(n, h, gen=gen) if with_delta else None
+    w = randn(h, gen=gen)
+    want_res = res.double() + (delta.double() if with_delta else 0.0)
+    want = _rms_ref(want_res, w, eps)
+    out_f = poisoned(n, h)
+    out_b = poisoned(n, h, dtype=torch.bfloat16)
+    ops.add_rms_norm(res, delta, w, eps, out_f, out_b)
+    assert_close(res, want_res, "f32", "residual")
+    assert_close(out_f, want, "f32", "out_f32")
+    assert_close(out_b.float(), want, "bf16", "out_bf16")
+
+
+def test_add_rms_norm_single_output(ops, gen):
+    res = randn(3, 64, gen=gen)
+    w = randn(64, gen=gen)
+    want = _rms_ref(res, w, 1e-6)
+    out_b = poisoned(3, 64, dtype=torch.bfloat16)
+    ops.add_rms_norm(res, None, w, 1e-6, None, out_b)
+    assert_close(out_b.float(), want, "bf16")
+
+
+@pytest.mark.parametrize("d", [64, 128, 80])
+@pytest.mark.parametrize("n,heads", [(1, 1), (7, 9)])
+def test_head_rms_norm(ops, gen, d, n, heads):
+    x = randn(n, heads, d, gen=gen, scale=2.0)
+    w = randn(d, gen=gen)
+    want = _rms_ref(x, w, 1e-6)
+    ops.head_rms_norm(x, w, 1e-6)
+    assert_close(x, want, "f32")
+
+
+# ------------------------------------------------------------------- rope
+
+def _rope_direct(x, pos, inv, style):
+    """Float64 rotation straight from the definition."""
+    x = x.double().cpu()
+    n, h, d = x.shape
+    ang = pos.double().cpu()[:, None] * inv.double().cpu()[None, :]  # [n, d/2]
+    c, s = torch.cos(ang)[:, None, :], torch.sin(ang)[:, None, :]
+    if style == 0:
+        i0, i1 = torch.arange(d // 2), torch.arange(d // 2) + d // 2
+    else:
+        i0, i1 = torch.arange(0, d, 2), torch.arange(1, d, 2)
+    out = x.clone()
+    out[..., i0] = x[..., i0] * c - x[..., i1] * s
+    out[..., i1] = x[..., i1] * c + x[..., i0] * s
+    return out
+
+
+@pytest.mark.parametrize("style", [0, 1])
+@pytest.mark.parametrize("d", [64, 128, 80])
+@pytest.mark.parametrize("freq_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,nq,nk", [(1, 1, 1), (17, 9, 3)])
+def test_rope(ops, gen, style, d, freq_dtype, n, nq, nk):
+    inv64 = 1.0 / (500000.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    inv = inv64.to(freq_dtype)
+    pos = torch.randint(0, 131072, (n,), generator=gen, dtype=torch.int32)
+    pos[0] = 0
+    q, k = randn(n, nq, d, gen=gen), randn(n, nk, d, gen=gen)
+    q0, k0 = q.clone(), k.clone()
+    ops.rope(q, k, pos.to(DEV), inv.to(DEV), style)
+    # Direct formula in float64 (angles from the frequencies the kernel got).
+    inv_used = inv.double()
+    assert_close(q, _rope_direct(q0, pos, inv_used, style), "f32", "q direct")
+    assert_close(k, _rope_direct(k0, pos, inv_used, style), "f32", "k direct")
+    # The CPU reference's own rotation: float64 cos/sin, float32 arithmetic.
+    cos, sin = rope_cos_sin(inv_used, pos.long())
+    name = "half" if style == 0 else "pairs"
+    want_q = apply_rope(q0.cpu(), cos, sin, name)
+    want_k = apply_rope(k0.cpu(), cos, sin, name)
+    assert_close(q, want_q, "f32", "q reference")
+    assert_close(k, want_k, "f32", "k reference")
+
+
+# --------------------------------------------------------------- kv cache
+
+@pytest.mark.parametrize("d", [64, 128, 6])
+@pytest.mark.parametrize("n", [1, 13])
+def test_kv_append(ops, gen, d, n):
+    nk, cap = 3, 40
+    k, v = randn(n, nk, d, gen=gen), randn(n, nk, d, gen=gen)
+    pos = torch.randperm(cap, generator=gen)[:n].to(torch.int32)
+    if n > 2:
+        pos[1], pos[2] = -1, cap  # dropped, never written
+    kc = poisoned(nk, cap, d, dtype=torch.bfloat16)
+    vc = poisoned(nk, cap, d, dtype=torch.bfloat16)
+    ops.kv_append(k, v, kc, vc, pos.to(DEV))
+    kc_c, vc_c = kc.cpu().float(), vc.cpu().float()
+    written = torch.zeros(cap, dtype=torch.bool)
+    for t in range(n):
+        p = int(pos[t])
+        if 0 <= p < cap:
+            written[p] = True
+            assert torch.equal(kc_c[:, p], k[t].cpu().to(torch.bfloat16).float())
+            assert torch.equal(vc_c[:, p], v[t].cpu().to(torch.bfloat16).float())
+    assert torch.isnan(kc_c[:, ~written]).all() and torch.isnan(vc_c[:, ~written]).all()
+
+
+# --------------------------------------------------------- swiglu, casts
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 4096), (5, 1377)])
+def test_swiglu(ops, gen, shape):
+    g, u = randn(*shape, gen=gen, scale=4.0), randn(*shape, gen=gen)
+    want = g.double() * torch.sigmoid(g.double()) * u.double()
+    out_f = poisoned(*shape)
+    out_b = poisoned(*shape, dtype=torch.bfloat16)
+    ops.swiglu(g, u, out_f, out_b)
+    assert_close(out_f, want, "f32")
+    assert_close(out_b.float(), want, "bf16")
+
+
+@pytest.mark.parametrize("n", [1, 7, 4096, 100003])
+def test_casts(ops, gen, n):
+    x = randn(n, gen=gen, scale=100.0)
+    if n >= 7:
+        x[:6] = torch.tensor([float("inf"), -float("inf"), 0.0, -0.0, 1e-40, 3.3895e38], device=DEV)
+    b = poisoned(n, dtype=torch.bfloat16)
+    ops.f32_to_bf16(x, b)
+    assert torch.equal(b.view(torch.int16).cpu(), x.to(torch.bfloat16).view(torch.int16).cpu())
+    f = poisoned(n)
+    ops.bf16_to_f32(b, f)
+    assert torch.equal(f.cpu(), b.float().cpu())
+
+
+# -------------------------------------------------------------- attention
+
+def _cache(nk, cap, d, valid, gen):
+    """bf16 caches whose rows past `valid` hold NaN: reading them would show."""
+    kc = randn(nk, cap, d, gen=gen, dtype=torch.bfloat16)
+    vc = randn(nk, cap, d, gen=gen, dtype=torch.bfloat16)
+    kc[:, valid:] = float("nan")
+    vc[:, valid:] = float("nan")
+    return kc, vc
+
+
+def _attn_ref(q, kc, vc, q_pos, scale):
+    """Softmax attention in float64; q [n, nq, d], query i sees keys <= q_pos[i]."""
+    n, nq, d = q.shape
+    nk = kc.shape[0]
+    G = nq // nk
+    last = int(max(q_pos)) + 1
+    K = kc[:, :last].double()
+    V = vc[:, :last].double()
+    out = torch.empty(n, nq, d, dtype=torch.float64, device=q.device)
+    keys = torch.arange(last, device=q.device)
+    for s in range(0, n, 512):
+        qs = q[s:s + 512].double()
+        pos = torch.as_tensor(q_pos[s:s + 512], device=q.device)
+        for h in range(nq):
+            sc = qs[:, h] @ K[h // G].T * scale
+            sc = sc.masked_fill(keys[None, :] > pos[:, None], -math.inf)
+            out[s:s + 512, h] = torch.softmax(sc, dim=-1) @ V[h // G]
+    return out
+
+
+@pytest.mark.parametrize("d", [64, 128, 80, 96])
+@pytest.mark.parametrize("G", [1, 4, 7])
+@pytest.mark.parametrize("seq", [1, 17, 4096, 8192])
+def test_attention_decode(ops, gen, d, G, seq):
+    nk = 2
+    nq = nk * G
+    cap = seq + 37
+    kc, vc = _cache(nk, cap, d, seq, gen)
+    q = randn(nq, d, gen=gen)
+    out = poisoned(nq, d)
+    scale = 1.0 / math.sqrt(d)
+    ops.attention_decode(q, kc, vc, torch.tensor([seq], dtype=torch.int32, device=DEV), out, scale)
+    want = _attn_ref(q[None], kc, vc, [seq - 1], scale)[0]
+    assert_close(out, want, "f32_sum", f"d={d} G={G} seq={seq}")
+
+
+def test_attention_decode_graph_replay(ops, gen):
+    """One captured launch serves every seq_len: the grid depends only on cap."""
+    nk, G, d, cap = 4, 4, 128, 6000
+    kc, vc = _cache(nk, cap, d, cap, gen)
+    q = randn(nk * G, d, gen=gen)
+    seq_t = torch.tensor([1], dtype=torch.int32, device=DEV)
+    out = poisoned(nk * G, d)
+    scale = 0.125
+    ops.attention_decode(q, kc, vc, seq_t, out, scale)  # warm-up outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.attention_decode(q, kc, vc, seq_t, out, scale)
+    for seq in [3, 1, 700, 5999, 6000]:
+        out.fill_(float("nan"))
+        seq_t.fill_(seq)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, _attn_ref(q[None], kc, vc, [seq - 1], scale)[0], "f32_sum", f"seq={seq}")
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("G", [1, 4, 7])
+@pytest.mark.parametrize("n,start", [(1, 0), (1, 300), (17, 0), (200, 33), (129, 4000)])
+def test_attention_prefill(ops, gen, d, G, n, start):
+    nk = 2
+    nq = nk * G
+    cap = start + n + 5
+    kc, vc = _cache(nk, cap, d, start + n, gen)
+    q = randn(n, nq, d, gen=gen)
+    scale = 1.0 / math.sqrt(d)
+    want = _attn_ref(q, kc, vc, [start + i for i in range(n)], scale)
+    out = poisoned(n, nq, d)
+    ops.attention_prefill(q, kc, vc, start, out, scale)
+    assert_close(out, want, "mma", "tensor cores")
+    out_s = poisoned(n, nq, d)
+    ops.attention_prefill(q, kc, vc, start, out_s, scale, scalar=True)
+    assert_close(out_s, want, "f32_sum", "scalar")
+
+
+@pytest.mark.parametrize("n,start,G", [(4096, 0, 1), (8192, 0, 4), (1000, 7000, 7)])
+def test_attention_prefill_long(ops, gen, n, start, G):
+    nk, d = 1, 128
+    nq = nk * G
+    cap = start + n
+    kc, vc = _cache(nk, cap, d, cap, gen)
+    q = randn(n, nq, d, gen=gen)
+    scale = 1.0 / math.sqrt(d)
+    out = poisoned(n, nq, d)
+    ops.attention_prefill(q, kc, vc, start, out, scale)
+    want = _attn_ref(q, kc, vc, [start + i for i in range(n)], scale)
+    assert_close(out, want, "mma")
+
+
+@pytest.mark.parametrize("d", [80, 96, 2])
+def test_attention_prefill_other_head_dims(ops, gen, d):
+    nk, G, n, start = 3, 2, 21, 10
+    kc, vc = _cache(nk, start + n, d, start + n, gen)
+    q = randn(n, nk * G, d, gen=gen)
+    out = poisoned(n, nk * G, d)
+    ops.attention_prefill(q, kc, vc, start, out, 0.1)
+    assert_close(out, _attn_ref(q, kc, vc, [start + i for i in range(n)], 0.1), "f32_sum")
+
+
+def test_attention_bad_sizes(ops, gen):
+    kc, vc = _cache(2, 16, 12, 16, gen)
+    seq = torch.tensor([4], dtype=torch.int32, device=DEV)
+    with pytest.raises((RuntimeError, ValueError), match="head_dim"):
+        ops.attention_decode(randn(2, 12, gen=gen), kc, vc, seq, poisoned(2, 12), 1.0)
+    kc, vc = _cache(2, 16, 64, 16, gen)
+    with pytest.raises((RuntimeError, ValueError), match="start_pos"):
+        ops.attention_prefill(randn(10, 2, 64, gen=gen), kc, vc, 10, poisoned(10, 2, 64), 1.0)
+
+
+# --------------------------------------------------------------- sampling
+
+def _params(ops, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rep=1.0, pres=0.0, freq=0.0, seed=0):
+    signed = seed - (1 << 64) if seed >= (1 << 63) else seed
+    return ops.sample_params(temperature, top_k, top_p, min_p, rep, pres, freq, signed, torch.device(DEV))
+
+
+def _logits(vocab, gen, scale=3.0, ties=False):
+    x = torch.randn(vocab, generator=gen) * scale
+    if ties:
+        x = torch.round(x * 2) / 2  # many exact ties: order must be lower id first
+    return x
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 1001, 151936])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_argmax(ops, gen, vocab, offset):
+    x = _logits(vocab, gen)
+    if vocab > 10:
+        x[vocab // 2] = x.max() + 1
+        x[vocab - 1] = x[vocab // 2]          # tie: the lower id wins
+        x[3] = float("nan")                   # NaN counts as -inf
+    # offset 1: a view 4 bytes past an aligned start takes the scalar path.
+    xd = torch.cat([torch.zeros(offset), x]).to(DEV)[offset:]
+    out = poisoned(1, dtype=torch.int32)
+    ops.argmax(xd, out)
+    assert int(out) == int(torch.argmax(torch.nan_to_num(x, nan=-math.inf)))
+
+
+def _penalty_ref(x, present, counts, rep, pres, freq):
+    """sampling.py's arithmetic, float32, over a presence mask and counts."""
+    x = torch.nan_to_num(x.clone(), nan=-math.inf)
+    sel = present.bool()
+    x[sel] = torch.where(x[sel] > 0, x[sel] / rep, x[sel] * rep)
+    c = counts.float()
+    x -= pres * (c > 0).float()
+    x -= freq * c
+    return x
+
+
+@pytest.mark.parametrize("rep,pres,freq", [(1.0, 0.0, 0.0), (1.3, 0.0, 0.0), (0.8, 0.5, 0.25), (1.1, -1.5, 2.0)])
+def test_penalties(ops, gen, rep, pres, freq):
+    vocab = 32000
+    x = _logits(vocab, gen)
+    x[5] = float("nan")
+    counts = torch.randint(0, 4, (vocab,), generator=gen, dtype=torch.int32)
+    counts[torch.rand(vocab, generator=gen) < 0.9] = 0
+    present = ((counts > 0) | (torch.rand(vocab, generator=gen) < 0.05)).to(torch.int32)
+    out = poisoned(vocab)
+    ops.penalties(x.to(DEV), out, _params(ops, rep=rep, pres=pres, freq=freq), present.to(DEV), counts.to(DEV))
+    want = _penalty_ref(x, present, counts, rep, pres, freq)
+    assert torch.equal(out.cpu(), want), (out.cpu() - want).abs().max()
+
+
+def _ref_sample(x, temperature, top_k, top_p, min_p, u, du=0.0, dp=0.0, dm=0.0):
+    """params.py steps 4-9 in float64; du / dp / dm nudge u, top_p and min_p."""
+    x = torch.nan_to_num(x, nan=-math.inf)
+    if temperature == 0:
+        return int(torch.argmax(x))
+    s = x / temperature
+    vocab = s.numel()
+    order = torch.sort(s, descending=True, stable=True).indices
+    k = top_k if 0 < top_k < vocab else vocab
+    cand = order[:k]
+    vals = s[cand].double()
+    if not math.isfinite(float(vals[0])):
+        return int(cand[0])
+    probs = torch.softmax(vals, dim=0)
+    keep = torch.ones(k, dtype=torch.bool)
+    if top_p < 1.0:
+        keep &= (torch.cumsum(probs, 0) - probs) < top_p + dp
+    if min_p > 0.0:
+        keep &= probs >= min_p * (1.0 + dm) * probs[0]
+    keep[0] = True
+    p = probs[keep]
+    p = p / p.sum()
+    cum = torch.cumsum(p, 0)
+    idx = int(torch.searchsorted(cum, torch.tensor([u + du], dtype=torch.float64), right=True))
+    nz = torch.nonzero(p > 0).flatten()
+    return int(cand[keep][min(idx, int(nz[-1]))])
+
+
+def _allowed(x, temperature, top_k, top_p, min_p, u, eps=1e-5):
+    """Tokens a correct float32 sampler may pick: the reference under nudges of u and the cut-offs."""
+    return {_ref_sample(x, temperature, top_k, top_p, min_p, u, du=du, dp=dp, dm=dm)
+            for du in (-eps, 0.0, eps) for dp in (-eps, 0.0, eps) for dm in (-eps, 0.0, eps)}
+
+
+SAMPLE_CONFIGS = [
+    # temperature, top_k, top_p, min_p
+    (1.0, 0, 1.0, 0.0),
+    (0.7, 40, 1.0, 0.0),
+    (1.0, 1, 1.0, 0.0),
+    (1.0, 0, 0.9, 0.0),
+    (1.3, 0, 0.5, 0.0),
+    (1.0, 0, 1.0, 0.05),
+    (0.8, 50, 0.95, 0.02),
+    (1.0, 200000, 0.9, 0.0),   # top_k beyond the vocabulary: off
+    (2.5, 0, 1.0, 0.0),        # flat distribution: deep tail picks
+    (0.0, 0, 1.0, 0.0),        # greedy through the sampler
+]
+
+
+@pytest.mark.parametrize("vocab,ties", [(7, False), (1000, True), (151936, False), (151936, True)])
+@pytest.mark.parametrize("cfg", SAMPLE_CONFIGS)
+def test_sample_matches_reference(ops, gen, vocab, ties, cfg):
+    temperature, top_k, top_p, min_p = cfg
+    x = _logits(vocab, gen, ties=ties)
+    xd = x.to(DEV)
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen)) * 3
+    p = _params(ops, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+    step = torch.zeros(1, dtype=torch.int32, device=DEV)
+    out = poisoned(1, dtype=torch.int32)
+    ambiguous = 0
+    steps = 12
+    for st in range(steps):
+        step.fill_(st)
+        out.fill_(-7)
+        ops.sample(xd, p, step, out)
+        got = int(out)
+        u = hparams.uniform(seed, st)
+        want = _ref_sample(x, temperature, top_k, top_p, min_p, u)
+        if got != want:
+            allowed = _allowed(x, temperature, top_k, top_p, min_p, u)
+            assert got in allowed, f"step {st}: got {got}, want {want} (u={u}, near-tie set {sorted(allowed)})"
+            ambiguous += 1
+    assert ambiguous <= steps // 4, f"{ambiguous} of {steps} picks differed from the reference"
+
+
+def test_sample_uniform_bits(ops):
+    """Equal logits over 2^16 ids: the pick is floor(u * 2^16), exposing uniform(seed, step)."""
+    vocab = 1 << 16
+    x = torch.zeros(vocab, device=DEV)
+    step = torch.zeros(1, dtype=torch.int32, device=DEV)
+    out = poisoned(1, dtype=torch.int32)
+    for seed in [0, 1, 12345, (1 << 63) + 17, (1 << 64) - 1]:
+        p = _params(ops, seed=seed)
+        for st in [0, 1, 2, 1000, 2**31 - 1]:
+            step.fill_(st)
+            ops.sample(x, p, step, out)
+            assert int(out) == int(hparams.uniform(seed, st) * vocab), (seed, st)
+
+
+def test_sample_graph_replay(ops, gen):
+    vocab = 50000
+    x = _logits(vocab, gen, scale=2.0).to(DEV)
+    seed = 987654321
+    p = _params(ops, temperature=0.9, top_p=0.95, seed=seed)
+    step = torch.zeros(1, dtype=torch.int32, device=DEV)
+    out = poisoned(1, dtype=torch.int32)
+    ops.sample(x, p, step, out)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.sample(x, p, step, out)
+    for st in range(8):
+        step.fill_(st)
+        graph.replay()
+        torch.cuda.synchronize()
+        u = hparams.uniform(seed, st)
+        assert int(out) in _allowed(x.cpu(), 0.9, 0, 0.95, 0.0, u)
+
+
+@pytest.mark.parametrize("vocab", [5, 32000, 151936])
+@pytest.mark.parametrize("top_n", [0, 1, 5, 20])
+def test_logprobs(ops, gen, vocab, top_n):
+    x = _logits(vocab, gen, scale=4.0)
+    if vocab > 30:
+        x[10] = x[20] = x.max() + 0.5      # tie at the top: id 10 first
+        x[7] = float("nan")
+    lp = torch.log_softmax(torch.nan_to_num(x, nan=-math.inf).double(), dim=0)
+    token = int(torch.randint(0, vocab, (1,), generator=gen))
+    out_lp = poisoned(1)
+    ids = poisoned(max(top_n, 1), dtype=torch.int32)
+    top = poisoned(max(top_n, 1))
+    ops.logprobs(x.to(DEV), top_n, torch.tensor([token], dtype=torch.int32, device=DEV), out_lp, ids, top)
+    assert_close(out_lp, lp[token:token + 1], "f32_sum", "chosen")
+    n = min(top_n, vocab)
+    if n:
+        order = torch.sort(torch.nan_to_num(x, nan=-math.inf), descending=True, stable=True).indices[:n]
+        assert ids[:n].cpu().tolist() == order.tolist()
+        assert_close(top[:n], lp[order], "f32_sum", "top")
