@@ -170,11 +170,11 @@ class CUDABackend(Backend):
             raise ValueError("tokens must not be empty")
         if not isinstance(start_pos, int) or isinstance(start_pos, bool) or start_pos < 0:
             raise ValueError(f"start_pos must be a non-negative integer, got {start_pos!r}")
-        if start_pos > self.n_filled:
-            raise ValueError(f"start_pos {start_pos} leaves a gap: only {self.n_filled} positions are cached")
         end = start_pos + len(ids)
         if end > self.n_ctx:
             raise ContextLengthError(f"positions up to {end} exceed the context of {self.n_ctx} tokens")
+        if start_pos > self.n_filled:
+            raise ValueError(f"start_pos {start_pos} leaves a gap: only {self.n_filled} positions are cached")
         vocab = self.config.vocab_size
         for t in ids:
             if not isinstance(t, (int, np.integer)) or isinstance(t, bool) or not 0 <= int(t) < vocab:
