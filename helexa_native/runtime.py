@@ -3,8 +3,11 @@
 A worker is a C++ thread that owns its device (context, streams, cuBLAS and
 NCCL handles, all device memory); these wrappers submit jobs to it and wait
 with the GIL released. Failures arrive as `DeviceError` naming the device; a
-worker hit by a sticky CUDA error is poisoned and fails every later job fast,
-while other devices keep working.
+worker hit by a sticky CUDA error is poisoned and fails every later job fast.
+CUDA documents such errors (illegal address, launch failure, ...) as ruining
+CUDA for the whole process, so every CUDA worker of the process is poisoned
+with it; the process keeps running (the CPU path, the server's error replies),
+and a new process gets every device back.
 """
 from __future__ import annotations
 

@@ -220,8 +220,9 @@ void bind_runtime(py::module_& m) {
             try {
               wait(f);
             } catch (const WorkerError&) {
-              // Shutdown already freed the whole slab.
-              if (!w.is_shut_down()) throw;
+              // Shutdown already freed the whole slab; a dead context took
+              // the memory with it.
+              if (!w.is_shut_down() && !w.is_poisoned()) throw;
             }
           },
           py::arg("handle"), "Free a buffer or resource (a no-op on memory lost with a poisoned device).")
@@ -355,6 +356,8 @@ void bind_runtime(py::module_& m) {
           [](DeviceWorker& w) {
 #ifdef HX_WITH_CUDA
             if (w.host_only()) throw py::value_error("inject_fault needs a CUDA worker");
+            // Synchronized inside the job, so the fault surfaces and poisons
+            // here rather than in whichever job comes next.
             auto f = w.submit([](WorkerContext& ctx) {
               fault_launch(ctx.compute_stream());
               ctx.synchronize();

@@ -1,5 +1,7 @@
 #include "runtime/nccl_comm.h"
 
+#include <pthread.h>
+
 #include <algorithm>
 #include <stdexcept>
 
@@ -9,6 +11,26 @@ namespace hx {
 namespace nccl {
 
 #ifdef HX_WITH_NCCL
+
+namespace {
+// Renames the calling thread for its lifetime, restoring the old name after.
+class ThreadNameScope {
+ public:
+  explicit ThreadNameScope(const char* name) {
+    saved_ = pthread_getname_np(pthread_self(), old_, sizeof(old_)) == 0;
+    if (saved_) pthread_setname_np(pthread_self(), name);
+  }
+  ~ThreadNameScope() {
+    if (saved_) pthread_setname_np(pthread_self(), old_);
+  }
+  ThreadNameScope(const ThreadNameScope&) = delete;
+  ThreadNameScope& operator=(const ThreadNameScope&) = delete;
+
+ private:
+  char old_[16] = {0};
+  bool saved_ = false;
+};
+}  // namespace
 
 bool available() { return true; }
 
@@ -30,7 +52,14 @@ ncclComm_t init_rank(const std::string& uid, int nranks, int rank) {
   ncclUniqueId id;
   std::copy(uid.begin(), uid.end(), id.internal);
   ncclComm_t comm = nullptr;
-  ncclResult_t r = ncclCommInitRank(&comm, nranks, id, rank);
+  ncclResult_t r;
+  {
+    // Linux threads inherit their creator's name, and NCCL starts threads
+    // here, one of which (RAS, one per process) outlives every communicator.
+    // Named after the worker they would pass for its thread after shutdown.
+    ThreadNameScope name("nccl");
+    r = ncclCommInitRank(&comm, nranks, id, rank);
+  }
   if (r != ncclSuccess) {
     // No communicator came to exist, so nothing is left broken: not sticky
     // (a CUDA fault behind it is caught by the worker's context probe).

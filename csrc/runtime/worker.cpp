@@ -5,6 +5,7 @@
 #include <pthread.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -32,6 +33,30 @@ constexpr size_t kHostAlign = 256;
 
 std::string thread_name(int device) {
   return device < 0 ? std::string("hx-dev-host") : "hx-dev-" + std::to_string(device);
+}
+
+// CUDA documents its context-corrupting errors (illegal address, launch
+// failure, ...) as leaving the whole process in an inconsistent state: any
+// further CUDA work, on any device, may return the same error until the
+// process is relaunched. Observed on a two-GPU host: after a fault on cuda:0,
+// cudaMalloc on cuda:1's own thread failed with cudaErrorIllegalAddress. So
+// the first such error poisons every CUDA worker of the process, each with a
+// message naming the device that failed, instead of letting the others run
+// into it at random later.
+std::atomic<bool> g_cuda_lost{false};
+std::mutex g_cuda_lost_mu;
+std::string g_cuda_lost_reason;  // guarded by g_cuda_lost_mu
+
+void mark_cuda_lost(const std::string& reason) {
+  std::lock_guard<std::mutex> lk(g_cuda_lost_mu);
+  if (g_cuda_lost.load()) return;
+  g_cuda_lost_reason = reason;
+  g_cuda_lost.store(true);
+}
+
+std::string cuda_lost_reason() {
+  std::lock_guard<std::mutex> lk(g_cuda_lost_mu);
+  return "CUDA is unusable in this process after a sticky error on " + g_cuda_lost_reason;
 }
 
 }  // namespace
@@ -121,6 +146,7 @@ void DeviceWorker::thread_main(std::promise<void>* started) {
       job = std::move(queue_.front());
       queue_.pop_front();
     }
+    if (!host_only_ && g_cuda_lost.load() && !is_poisoned()) poison(cuda_lost_reason());
     if (is_poisoned() && !job->cleanup) {
       job->fail(poisoned_error());
       continue;
@@ -138,6 +164,7 @@ void DeviceWorker::setup() {
   if (host_only_) return;
 #ifdef HX_WITH_CUDA
   State& s = *st_;
+  if (g_cuda_lost.load()) throw std::runtime_error(cuda_lost_reason());
   int count = 0;
   HX_CUDA_CHECK(cudaGetDeviceCount(&count));
   if (device_ >= count)
@@ -162,6 +189,7 @@ void DeviceWorker::setup() {
 
 void DeviceWorker::teardown() {
   State& s = *st_;
+  if (!host_only_ && g_cuda_lost.load() && !is_poisoned()) poison(cuda_lost_reason());
   // A poisoned host-only worker has no device context to lose: it frees.
   bool dead = is_poisoned() && !host_only_;
 #ifdef HX_WITH_CUDA
@@ -171,8 +199,8 @@ void DeviceWorker::teardown() {
       if (str == nullptr) continue;
       cudaError_t e = cudaStreamSynchronize(str);
       if (is_sticky(e)) {
-        poison(std::string("cudaStreamSynchronize at shutdown failed: ") + cudaGetErrorString(e) + " (" +
-               cudaGetErrorName(e) + ")");
+        poison_cuda(std::string("cudaStreamSynchronize at shutdown failed: ") + cudaGetErrorString(e) + " (" +
+                    cudaGetErrorName(e) + ")");
         dead = true;
         break;
       }
@@ -284,6 +312,11 @@ void DeviceWorker::poison(const std::string& reason) {
   poison_reason_ = reason;
 }
 
+void DeviceWorker::poison_cuda(const std::string& reason) {
+  poison(reason);
+  if (!host_only_) mark_cuda_lost(name_ + ": " + reason);
+}
+
 std::exception_ptr DeviceWorker::shut_down_error() const {
   return std::make_exception_ptr(WorkerError("worker for " + name_ + " shut down", name_));
 }
@@ -293,17 +326,32 @@ std::exception_ptr DeviceWorker::poisoned_error() const {
       name_ + " is unusable after an earlier device error: " + poison_reason(), name_, false, true));
 }
 
-void DeviceWorker::after_job() {
+void DeviceWorker::after_job(bool cleanup) {
 #ifdef HX_WITH_CUDA
-  if (host_only_) return;
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) detail::throw_cuda(e, "cudaGetLastError() after the job", __FILE__, __LINE__);
-  e = cudaStreamQuery(st_->compute);
-  if (e != cudaSuccess && e != cudaErrorNotReady)
-    detail::throw_cuda(e, "cudaStreamQuery(compute stream) after the job", __FILE__, __LINE__);
-  e = cudaStreamQuery(st_->copy);
-  if (e != cudaSuccess && e != cudaErrorNotReady)
-    detail::throw_cuda(e, "cudaStreamQuery(copy stream) after the job", __FILE__, __LINE__);
+  // A dead context is never asked again: cleanup jobs on a poisoned worker
+  // end here without a CUDA call.
+  if (host_only_ || is_poisoned()) return;
+  struct Probe {
+    cudaError_t e;
+    const char* what;
+  };
+  Probe probes[3] = {{cudaGetLastError(), "cudaGetLastError() after the job"},
+                     {cudaStreamQuery(st_->compute), "cudaStreamQuery(compute stream) after the job"},
+                     {cudaStreamQuery(st_->copy), "cudaStreamQuery(copy stream) after the job"}};
+  for (const Probe& p : probes) {
+    if (p.e == cudaSuccess || p.e == cudaErrorNotReady) continue;
+    if (cleanup && is_sticky(p.e)) {
+      // Freeing on a context that just died succeeded in effect: the memory
+      // went with it. The worker is poisoned, the cleanup itself reports success.
+      poison_cuda(detail::format_failure(p.what, std::string(cudaGetErrorString(p.e)) + " (" +
+                                                     cudaGetErrorName(p.e) + ")",
+                                         __FILE__, __LINE__));
+      return;
+    }
+    detail::throw_cuda(p.e, p.what, __FILE__, __LINE__);
+  }
+#else
+  (void)cleanup;
 #endif
 }
 
@@ -315,7 +363,7 @@ std::string DeviceWorker::probe_context() {
     if (is_sticky(e)) {
       std::string why = std::string("the device context failed: ") + cudaGetErrorString(e) + " (" +
                         cudaGetErrorName(e) + ")";
-      poison(why);
+      poison_cuda(why);
       return why;
     }
   }
@@ -335,7 +383,14 @@ std::exception_ptr DeviceWorker::classify(std::exception_ptr e) {
   } catch (const CudaError& ce) {
     sticky = ce.sticky;
     msg = ce.what();
-    if (sticky) poison(msg);
+    if (sticky && ce.library == "cuda") {
+      poison_cuda(msg);
+    } else if (sticky) {
+      // A broken communicator (or a simulated failure) poisons this worker;
+      // a CUDA fault behind it, if any, also marks the process.
+      probe_context();
+      poison(msg);
+    }
   } catch (const std::invalid_argument& ia) {
     std::string broken = probe_context();
     if (broken.empty()) return e;  // bad input: stays a ValueError for Python
@@ -494,7 +549,17 @@ void WorkerContext::drop(int64_t handle) {
     return;
   }
 #ifdef HX_WITH_CUDA
-  HX_CUDA_CHECK(cudaFree(e.ptr));
+  cudaError_t err = cudaFree(e.ptr);
+  if (err == cudaSuccess) return;
+  if (is_sticky(err)) {
+    // The context died (possibly from an earlier job's fault surfacing here):
+    // the memory is gone with it, so the free succeeded in effect.
+    w_->poison_cuda(detail::format_failure(
+        "cudaFree", std::string(cudaGetErrorString(err)) + " (" + cudaGetErrorName(err) + ")", __FILE__,
+        __LINE__));
+    return;
+  }
+  detail::throw_cuda(err, "cudaFree", __FILE__, __LINE__);
 #endif
 }
 

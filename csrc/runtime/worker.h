@@ -6,7 +6,10 @@
 // that thread ever makes CUDA calls for the device (invariant 1). A job must
 // never wait on a future of its own worker (it would wait forever). A sticky
 // CUDA error poisons the worker: later jobs fail fast without touching CUDA,
-// naming the device and the original failure (invariant 2).
+// naming the device and the original failure (invariant 2). CUDA documents
+// context-corrupting errors as lost for the whole process, so a real one
+// poisons every CUDA worker of the process (the process itself survives;
+// only a new process gets the devices back).
 //
 // Built without HX_WITH_CUDA, or constructed with device_index -1, the same
 // queue, futures, slab, poisoning and shutdown run as a host-only worker whose
@@ -201,7 +204,13 @@ class DeviceWorker {
   void thread_main(std::promise<void>* started);
   void setup();            // on the thread: device, streams, handles
   void teardown();         // on the thread: slab, NCCL, handles, streams
-  void after_job();        // on the thread: throws CudaError on a pending launch / stream error
+  // On the thread, after a job: throws CudaError on a pending launch / stream
+  // error; makes no CUDA call on a poisoned worker; for a cleanup job a sticky
+  // error poisons instead of failing it.
+  void after_job(bool cleanup);
+  // poison() for a real sticky CUDA error: CUDA documents those as lost for
+  // the whole process, so every other CUDA worker is poisoned at its next job.
+  void poison_cuda(const std::string& reason);
   std::exception_ptr classify(std::exception_ptr e);  // poisons on sticky errors; adds the device name
   std::string probe_context();  // on the thread: poisons and describes a broken context, else ""
   std::exception_ptr shut_down_error() const;
@@ -250,11 +259,11 @@ struct DeviceWorker::JobImpl final : DeviceWorker::Job {
   void run(DeviceWorker& w) override {
     if constexpr (std::is_void_v<R>) {
       fn(w.ctx_);
-      w.after_job();
+      w.after_job(cleanup);
       promise.set_value();
     } else {
       R r = fn(w.ctx_);
-      w.after_job();
+      w.after_job(cleanup);
       promise.set_value(std::move(r));
     }
   }
