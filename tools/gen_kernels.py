@@ -16,7 +16,7 @@ TEMPLATE = """\
 
 namespace hx {{
 namespace matvec {{
-template void run<GgmlType::{t}>(const Args&, int, cudaStream_t);
+template void run<GgmlType::{t}>(const Args&, int, int, cudaStream_t);
 }}  // namespace matvec
 }}  // namespace hx
 """

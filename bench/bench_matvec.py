@@ -1,0 +1,135 @@
+"""Micro-benchmark of the weight-reading kernels on Llama-3-8B shapes.
+
+For every GGML type and shape, times matvec (n_tok tokens) and optionally
+dequantize-to-bf16 with CUDA events over CUDA-graph replays (so Python's
+launch overhead does not count), rotating between enough weight copies that
+L2 cannot serve them, and prints the achieved bandwidth against a measured
+device-to-device copy (read + write counted).
+
+    python bench/bench_matvec.py                       # all types, n_tok 1
+    python bench/bench_matvec.py --types Q4_K,Q6_K --ntok 1,4 --dequant
+
+Not a test: it asserts nothing, it prints numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+TYPES = {
+    "F32": (0, 1, 4), "F16": (1, 1, 2), "BF16": (30, 1, 2),
+    "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22), "Q5_1": (7, 32, 24), "Q8_0": (8, 32, 34),
+    "Q2_K": (10, 256, 84), "Q3_K": (11, 256, 110), "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176),
+    "Q6_K": (14, 256, 210), "IQ4_NL": (20, 32, 18), "IQ4_XS": (23, 256, 136),
+}
+# (name, n_out, k): q/o, k/v, gate/up, down, lm head of Llama-3-8B
+SHAPES = [("attn_q/o", 4096, 4096), ("attn_k/v", 1024, 4096), ("ffn_gate/up", 14336, 4096),
+          ("ffn_down", 4096, 14336), ("lm_head", 128256, 4096)]
+L2_FLUSH_BYTES = 256 << 20  # copies rotated per case: at least this much memory, so L2 (50 MB) misses
+
+
+def time_graph(fn, launches: int, batches: int) -> float:
+    """Median seconds per launch of fn() (which issues one launch), from graph replays."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(launches):
+            fn()
+    for _ in range(3):
+        g.replay()
+    times = []
+    for _ in range(batches):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / launches)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    src.fill_(1)
+    t = time_graph(lambda: dst.copy_(src), 4, 15)
+    return 2 * n / t
+
+
+def random_weights(n_bytes: int, copies: int) -> list[torch.Tensor]:
+    # Random bytes: some scales decode to inf/NaN, which costs the GPU no time.
+    return [torch.randint(0, 256, (n_bytes,), dtype=torch.uint8, device="cuda") for _ in range(copies)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--types", default=",".join(TYPES), help="comma-separated GGML type names")
+    ap.add_argument("--ntok", default="1", help="comma-separated token counts (1..8)")
+    ap.add_argument("--shapes", default=",".join(s[0] for s in SHAPES), help="shape names to run")
+    ap.add_argument("--dequant", action="store_true", help="also time dequantize to bf16")
+    ap.add_argument("--launches", type=int, default=20, help="launches per graph replay")
+    ap.add_argument("--batches", type=int, default=15, help="timed replays (median taken)")
+    args = ap.parse_args()
+
+    import helexa_native._C  # noqa: F401  (registers torch.ops.helexa)
+    ops = torch.ops.helexa
+
+    props = torch.cuda.get_device_properties(0)
+    copy_bw = copy_bandwidth()
+    print(f"device: {props.name}, {props.multi_processor_count} SMs")
+    print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
+    print()
+    hdr = f"{'type':7s} {'shape':12s} {'n_out':>6s} {'k':>6s} {'ntok':>4s} {'MB':>8s} {'us':>9s} {'GB/s':>7s} {'%copy':>6s}"
+    print(hdr)
+    print("-" * len(hdr))
+    shapes = [s for s in SHAPES if s[0] in args.shapes.split(",")]
+    for name in args.types.split(","):
+        tid, qk, bb = TYPES[name]
+        for label, n_out, k in shapes:
+            nbytes = n_out * (k // qk) * bb
+            copies = max(2, -(-L2_FLUSH_BYTES // nbytes))
+            try:
+                ws = random_weights(nbytes, copies)
+            except torch.cuda.OutOfMemoryError:
+                print(f"{name:7s} {label:12s} skipped: out of memory")
+                continue
+            for ntok in [int(v) for v in args.ntok.split(",")]:
+                x = torch.randn(ntok, k, device="cuda")
+                y = torch.empty(ntok, n_out, device="cuda")
+                it = iter(range(1 << 62))
+
+                def one():
+                    ops.matvec_out(tid, ws[next(it) % copies], x, y, n_out, k, None, False)
+
+                t = time_graph(one, args.launches, args.batches)
+                moved = nbytes + 4 * ntok * (k + n_out)
+                bw = moved / t
+                print(f"{name:7s} {label:12s} {n_out:6d} {k:6d} {ntok:4d} {nbytes / 1e6:8.1f} {t * 1e6:9.2f} "
+                      f"{bw / 1e9:7.0f} {100 * bw / copy_bw:6.1f}")
+            if args.dequant:
+                out = torch.empty(n_out, k, dtype=torch.bfloat16, device="cuda")
+                it2 = iter(range(1 << 62))
+
+                def deq():
+                    ops.dequantize_out(tid, ws[next(it2) % copies], out, n_out, k)
+
+                t = time_graph(deq, max(1, args.launches // 4), args.batches)
+                moved = nbytes + 2 * n_out * k
+                bw = moved / t
+                print(f"{name:7s} {label:12s} {n_out:6d} {k:6d} {'deq':>4s} {nbytes / 1e6:8.1f} {t * 1e6:9.2f} "
+                      f"{bw / 1e9:7.0f} {100 * bw / copy_bw:6.1f}")
+                del out
+            del ws
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

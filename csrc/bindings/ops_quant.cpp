@@ -1,0 +1,187 @@
+// Torch ops over the weight-reading kernels (matvec, dequantize), for tests
+// and benchmarks: torch.ops.helexa.<name>(...) after `import helexa_native._C`.
+//
+// The ops return new tensors. matvec's result starts NaN-filled (or as a copy
+// of y_accumulate), so an element the kernel fails to write shows up in the
+// tests. Tensors are checked for device, dtype and size; a weight or input
+// that is not 16-byte aligned (a view into a larger buffer) is copied first.
+// Launches go to the current stream of the tensors' device.
+// CUDA builds only (setup.py compiles ops*.cpp only then).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+
+#include "common/ggml_types.h"
+#include "kernels/dequant.cuh"
+#include "kernels/matvec.cuh"
+
+namespace hx {
+namespace {
+
+GgmlType checked_type(int64_t type) {
+  const auto t = static_cast<GgmlType>(type);
+  TORCH_CHECK_VALUE(type >= 0 && type <= 64 && is_supported(t), "unsupported GGML type id ", type);
+  return t;
+}
+
+int checked_int(int64_t v, const char* name, int64_t lo) {
+  TORCH_CHECK_VALUE(v >= lo && v <= INT32_MAX, name, " out of range: ", v);
+  return static_cast<int>(v);
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// Contiguous and 16-byte aligned (a fresh allocation is).
+at::Tensor ready(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  return aligned16(c) ? c : c.clone();
+}
+
+// The weight tensor as raw bytes holding n_out stored rows of k elements.
+at::Tensor checked_weights(const at::Tensor& w, GgmlType t, int n_out, int k) {
+  TORCH_CHECK_VALUE(w.defined() && w.is_cuda(), "w must be a CUDA tensor");
+  TORCH_CHECK_VALUE(w.scalar_type() == at::kByte, "w must be uint8 (the stored GGUF bytes), got ", w.scalar_type());
+  TORCH_CHECK_VALUE(k % block_elems(t) == 0, "k=", k, " is not a multiple of the ", type_name(t), " block size ",
+                    block_elems(t));
+  const size_t need = row_bytes(t, k) * static_cast<size_t>(n_out);
+  TORCH_CHECK_VALUE(static_cast<size_t>(w.numel()) >= need, "w holds ", w.numel(), " bytes; ", n_out, " rows of ",
+                    k, " ", type_name(t), " elements need ", need);
+  return ready(w);
+}
+
+// Runs a launcher, turning its argument errors into Python ValueErrors.
+template <typename F>
+void launch(F&& f) {
+  try {
+    f();
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
+
+at::Tensor op_matvec(int64_t type, const at::Tensor& w, const at::Tensor& x, int64_t n_out, int64_t k,
+                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& y_accumulate) {
+  const GgmlType t = checked_type(type);
+  const int no = checked_int(n_out, "n_out", 1), kk = checked_int(k, "k", 1);
+  TORCH_CHECK_VALUE(x.defined() && x.is_cuda(), "x must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto dev = x.device();
+  TORCH_CHECK_VALUE(w.defined() && w.device() == dev, "w must be on ", dev);
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat, "x must be float32, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == k, "x must be [n_tok, k] with k=", k);
+  const int64_t ntok = x.numel() / k;
+  TORCH_CHECK_VALUE(ntok >= 1 && ntok <= kMatvecMaxTokens, "matvec takes 1..", kMatvecMaxTokens,
+                    " tokens, got ", ntok);
+  const at::Tensor wc = checked_weights(w, t, no, kk);
+  const at::Tensor xc = ready(x);
+  at::Tensor bc;
+  if (bias && bias->defined()) {
+    TORCH_CHECK_VALUE(bias->device() == dev && bias->scalar_type() == at::kFloat && bias->numel() == n_out,
+                      "bias must be float32 [n_out] on ", dev);
+    bc = bias->contiguous();
+  }
+  at::Tensor y;
+  const bool acc = y_accumulate && y_accumulate->defined();
+  if (acc) {
+    TORCH_CHECK_VALUE(y_accumulate->device() == dev && y_accumulate->scalar_type() == at::kFloat &&
+                          y_accumulate->numel() == ntok * n_out,
+                      "y_accumulate must be float32 [n_tok, n_out] on ", dev);
+    y = y_accumulate->reshape({ntok, n_out}).clone(at::MemoryFormat::Contiguous);
+  } else {
+    y = at::full({ntok, n_out}, NAN, x.options());
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  launch([&] {
+    matvec_launch(t, wc.data_ptr(), xc.data_ptr<float>(), y.data_ptr<float>(), no, kk, static_cast<int>(ntok),
+                  bc.defined() ? bc.data_ptr<float>() : nullptr, acc, stream);
+  });
+  return y;
+}
+
+at::Tensor op_dequantize(int64_t type, const at::Tensor& w, int64_t n_out, int64_t k, bool bf16) {
+  const GgmlType t = checked_type(type);
+  const int no = checked_int(n_out, "n_out", 0), kk = checked_int(k, "k", 0);
+  TORCH_CHECK_VALUE(w.defined() && w.is_cuda(), "w must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(w.device());
+  const at::Tensor wc = checked_weights(w, t, no, kk);
+  at::Tensor out = at::full({n_out, k}, NAN, w.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(w.device().index()).stream();
+  launch([&] {
+    if (bf16)
+      dequantize_launch(t, wc.data_ptr(), reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), n_out, k, stream);
+    else
+      dequantize_f32_launch(t, wc.data_ptr(), out.data_ptr<float>(), n_out, k, stream);
+  });
+  return out;
+}
+
+// Out variants: no allocation and no copy around the launch, so benchmarks can
+// capture them in a CUDA graph and time the kernel alone.
+void op_matvec_out(int64_t type, const at::Tensor& w, const at::Tensor& x, at::Tensor& y, int64_t n_out, int64_t k,
+                   const std::optional<at::Tensor>& bias, bool accumulate) {
+  const GgmlType t = checked_type(type);
+  const int no = checked_int(n_out, "n_out", 1), kk = checked_int(k, "k", 1);
+  TORCH_CHECK_VALUE(x.defined() && x.is_cuda(), "x must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto dev = x.device();
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && x.is_contiguous() && aligned16(x) && x.numel() % k == 0,
+                    "x must be contiguous 16-byte aligned float32 [n_tok, k]");
+  const int64_t ntok = x.numel() / k;
+  TORCH_CHECK_VALUE(ntok >= 1 && ntok <= kMatvecMaxTokens, "matvec takes 1..", kMatvecMaxTokens, " tokens");
+  TORCH_CHECK_VALUE(w.defined() && w.device() == dev && w.is_contiguous() && aligned16(w),
+                    "w must be a contiguous 16-byte aligned tensor on ", dev);
+  const at::Tensor wc = checked_weights(w, t, no, kk);
+  TORCH_CHECK_VALUE(y.device() == dev && y.scalar_type() == at::kFloat && y.is_contiguous() &&
+                        y.numel() == ntok * n_out,
+                    "y must be contiguous float32 [n_tok, n_out] on ", dev);
+  const float* b = nullptr;
+  if (bias && bias->defined()) {
+    TORCH_CHECK_VALUE(bias->device() == dev && bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+                          bias->numel() == n_out,
+                      "bias must be contiguous float32 [n_out] on ", dev);
+    b = bias->data_ptr<float>();
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  launch([&] {
+    matvec_launch(t, wc.data_ptr(), x.data_ptr<float>(), y.data_ptr<float>(), no, kk, static_cast<int>(ntok), b,
+                  accumulate, stream);
+  });
+}
+
+void op_dequantize_out(int64_t type, const at::Tensor& w, at::Tensor& out, int64_t n_out, int64_t k) {
+  const GgmlType t = checked_type(type);
+  const int no = checked_int(n_out, "n_out", 0), kk = checked_int(k, "k", 0);
+  TORCH_CHECK_VALUE(w.defined() && w.is_cuda(), "w must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(w.device());
+  TORCH_CHECK_VALUE(w.is_contiguous() && aligned16(w), "w must be contiguous and 16-byte aligned");
+  const at::Tensor wc = checked_weights(w, t, no, kk);
+  TORCH_CHECK_VALUE(out.device() == w.device() && out.is_contiguous() && out.numel() == n_out * k &&
+                        (out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kFloat),
+                    "out must be contiguous bf16 or float32 [n_out, k] on ", w.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(w.device().index()).stream();
+  launch([&] {
+    if (out.scalar_type() == at::kBFloat16)
+      dequantize_launch(t, wc.data_ptr(), reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), n_out, k, stream);
+    else
+      dequantize_f32_launch(t, wc.data_ptr(), out.data_ptr<float>(), n_out, k, stream);
+  });
+}
+
+}  // namespace
+}  // namespace hx
+
+TORCH_LIBRARY_FRAGMENT(helexa, m) {
+  m.def("matvec(int type, Tensor w_uint8, Tensor x_f32, int n_out, int k, Tensor? bias, Tensor? y_accumulate) -> Tensor",
+        &hx::op_matvec);
+  m.def("dequantize(int type, Tensor w_uint8, int n_out, int k, bool bf16) -> Tensor", &hx::op_dequantize);
+  m.def("matvec_out(int type, Tensor w_uint8, Tensor x_f32, Tensor(a!) y, int n_out, int k, Tensor? bias, "
+        "bool accumulate) -> ()",
+        &hx::op_matvec_out);
+  m.def("dequantize_out(int type, Tensor w_uint8, Tensor(a!) out, int n_out, int k) -> ()", &hx::op_dequantize_out);
+}

@@ -1,0 +1,154 @@
+// Matvec entry points: argument checks, dispatch to the per-type kernels
+// (matvec_impl.cuh, instantiated in matvec_<type>.cu), and a plain kernel for
+// float matrices whose rows are not 16-byte friendly (k % 4 != 0 or an
+// unaligned pointer), which the staged kernel cannot read with vector loads.
+//
+// Generic kernel layout: one warp per row, lanes stride over k, one fp32
+// partial per token, shuffle reduction. One arch path (sm_80+).
+#include "kernels/matvec.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "common/arch.cuh"
+#include "common/check.h"
+#include "kernels/matvec_impl.cuh"
+
+namespace hx {
+namespace {
+
+template <GgmlType T>
+__device__ __forceinline__ float float_elem(const uint8_t* row, int j) {
+  if constexpr (T == GgmlType::F32) {
+    float v;
+    memcpy(&v, row + 4 * (size_t)j, 4);
+    return v;
+  } else {
+    const uint32_t h = (uint32_t)row[2 * (size_t)j] | ((uint32_t)row[2 * (size_t)j + 1] << 8);
+    if constexpr (T == GgmlType::F16) return quant::half_float(h);
+    else return quant::bits_float(h << 16);
+  }
+}
+
+template <GgmlType T>
+__global__ void __launch_bounds__(256) matvec_float_plain_kernel(const matvec::Args a) {
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row >= a.n_out) return;
+  const uint8_t* w = a.w + (size_t)row * a.row_bytes;
+  float acc[kMatvecMaxTokens];
+#pragma unroll
+  for (int t = 0; t < kMatvecMaxTokens; ++t) acc[t] = 0.f;
+  for (int j = lane; j < a.k; j += 32) {
+    const float wv = float_elem<T>(w, j);
+#pragma unroll
+    for (int t = 0; t < kMatvecMaxTokens; ++t)
+      if (t < a.ntok) acc[t] = fmaf(wv, a.x[(size_t)t * a.k + j], acc[t]);
+  }
+#pragma unroll
+  for (int t = 0; t < kMatvecMaxTokens; ++t) {
+    if (t >= a.ntok) break;
+    const float v = warp_sum(acc[t]);
+    if (lane == 0) {
+      float* out = a.y + (size_t)t * a.n_out + row;
+      float r = v;
+      if (a.bias) r += a.bias[row];
+      if (a.accumulate) r += *out;
+      *out = r;
+    }
+  }
+}
+
+template <GgmlType T>
+void launch_float_plain(const matvec::Args& a, cudaStream_t stream) {
+  constexpr int kWarps = 8;
+  matvec_float_plain_kernel<T><<<(a.n_out + kWarps - 1) / kWarps, kWarps * 32, 0, stream>>>(a);
+  HX_CUDA_CHECK(cudaGetLastError());
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+[[noreturn]] void bad(const std::string& what) { throw std::invalid_argument("matvec: " + what); }
+
+}  // namespace
+
+void matvec_launch(GgmlType type, const void* w, const float* x, float* y, int n_out, int k, int n_tok,
+                   const float* bias, bool accumulate, cudaStream_t stream) {
+  if (!is_supported(type)) bad("unsupported GGML type id " + std::to_string(static_cast<int>(type)));
+  if (n_tok < 1 || n_tok > kMatvecMaxTokens)
+    bad("n_tok must be 1.." + std::to_string(kMatvecMaxTokens) + ", got " + std::to_string(n_tok));
+  if (n_out < 1 || k < 1) bad("n_out and k must be positive");
+  const int qk = block_elems(type);
+  if (k % qk != 0)
+    bad(std::string("k=") + std::to_string(k) + " is not a multiple of the " + type_name(type) +
+        " block size " + std::to_string(qk));
+  if (!w || !x || !y) bad("null pointer");
+
+  matvec::Args a;
+  a.w = static_cast<const uint8_t*>(w);
+  a.x = x;
+  a.y = y;
+  a.bias = bias;
+  a.row_bytes = row_bytes(type, k);
+  a.n_out = n_out;
+  a.k = k;
+  a.ntok = n_tok;
+  a.npass = (k + 255) / 256;
+  a.accumulate = accumulate ? 1 : 0;
+
+  const bool vec_ok = aligned16(w) && aligned16(x) && k % 4 == 0;
+  if (is_float_type(type) && !vec_ok) {
+    switch (type) {
+      case GgmlType::F32: launch_float_plain<GgmlType::F32>(a, stream); return;
+      case GgmlType::F16: launch_float_plain<GgmlType::F16>(a, stream); return;
+      default: launch_float_plain<GgmlType::BF16>(a, stream); return;
+    }
+  }
+  if (!aligned16(w)) bad("quantized weights must be 16-byte aligned");
+  if (!aligned16(x)) bad("x must be 16-byte aligned");
+
+  const int device = current_device();
+  const int sms = device_sm_count(device);
+#define HX_CASE(T)                                                             \
+  case GgmlType::T: {                                                          \
+    using C = matvec::Config<GgmlType::T>;                                     \
+    a.nsteps = (a.npass + C::P - 1) / C::P;                                    \
+    matvec::run<GgmlType::T>(a, device, sms, stream);                                  \
+    return;                                                                    \
+  }
+  switch (type) {
+    HX_CASE(F32)
+    HX_CASE(F16)
+    HX_CASE(BF16)
+    HX_CASE(Q4_0)
+    HX_CASE(Q4_1)
+    HX_CASE(Q5_0)
+    HX_CASE(Q5_1)
+    HX_CASE(Q8_0)
+    HX_CASE(Q2_K)
+    HX_CASE(Q3_K)
+    HX_CASE(Q4_K)
+    HX_CASE(Q5_K)
+    HX_CASE(Q6_K)
+    HX_CASE(IQ4_NL)
+    HX_CASE(IQ4_XS)
+  }
+#undef HX_CASE
+  bad("unsupported GGML type");
+}
+
+size_t repacked_bytes(GgmlType, int, int) { return 0; }
+
+void repack_launch(GgmlType, const void*, void*, int, int, cudaStream_t) {
+  throw std::invalid_argument("repack_launch: no repacked layout exists (repacked_bytes() is 0)");
+}
+
+void matvec_launch_repacked(GgmlType, const void*, const float*, float*, int, int, int, const float*, bool,
+                            cudaStream_t) {
+  throw std::invalid_argument("matvec_launch_repacked: no repacked layout exists (repacked_bytes() is 0)");
+}
+
+}  // namespace hx

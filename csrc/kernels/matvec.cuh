@@ -1,0 +1,40 @@
+// Quantized / float matrix-vector products for decode: y = W x (+ bias), for
+// up to 8 tokens, reading weights in their stored GGUF layout.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+
+#include "common/ggml_types.h"
+
+namespace hx {
+
+// Most tokens one matvec_launch handles; larger batches use dequantize + GEMM.
+constexpr int kMatvecMaxTokens = 8;
+
+// y[t, i] (= or +=) sum_j W[i, j] * x[t, j] (+ bias[i]) for t < n_tok, i < n_out.
+// W is n_out stored rows of k elements of `type` (k a multiple of the block
+// size; w 16-byte aligned). x must be 16-byte aligned. Every GGML type of
+// ggml_types.h is accepted. Throws std::invalid_argument for a bad type, size
+// or alignment; hx::CudaError if the launch fails.
+void matvec_launch(GgmlType type, const void* w /*[n_out, k] stored rows*/, const float* x /*[n_tok, k]*/,
+                   float* y /*[n_tok, n_out]*/, int n_out, int k, int n_tok /*1..8*/,
+                   const float* bias /*[n_out] or nullptr*/, bool accumulate /*y += instead of y =*/,
+                   cudaStream_t stream);
+
+// No GPU-specific layout is used: matvec reads the GGUF layout at full speed,
+// so repacked_bytes is 0 and the forward keeps the stored rows.
+size_t repacked_bytes(GgmlType type, int n_out, int k);
+
+// Only valid when repacked_bytes() > 0 (never, today): throws std::invalid_argument.
+void repack_launch(GgmlType type, const void* src /*[n_out, k] stored rows*/, void* dst, int n_out, int k,
+                   cudaStream_t stream);
+
+// Same contract as matvec_launch on a repacked matrix; throws std::invalid_argument
+// while no repacked layout exists.
+void matvec_launch_repacked(GgmlType type, const void* w, const float* x /*[n_tok, k]*/,
+                            float* y /*[n_tok, n_out]*/, int n_out, int k, int n_tok,
+                            const float* bias /*[n_out] or nullptr*/, bool accumulate, cudaStream_t stream);
+
+}  // namespace hx

@@ -1,0 +1,390 @@
+// Matvec kernel template, instantiated once per storage type by the generated
+// files matvec_<type>.cu (tools/gen_kernels.py).
+//
+//   y[t, i] = (accumulate ? y[t, i] : 0) + bias[i] + sum_j W[i, j] x[t, j]
+//
+// Layout: W is n_out rows of row_bytes bytes (GGUF blocks), rows contiguous.
+// A CTA owns R consecutive rows; its W warps split each row's k range into
+// "steps" of P passes (256 elements per pass), warp w taking steps w, w+W, ...
+//
+// Weight bytes take one path whatever the block size: a step of each of the R
+// rows is a contiguous byte range, copied with 16-byte streaming loads
+// (ld.global.nc, L1 no-allocate) of the 16-byte aligned chunks that cover it
+// into the warp's shared-memory stage, preserving the address mod 16. The
+// block decoders (quant_blocks.cuh) then read their fields from shared memory
+// at the alignment the format guarantees, which makes 18-, 22-, 34-, 110- and
+// 210-byte blocks as cheap to stream as 16-byte aligned ones. Loads for step
+// s + W are issued into registers before step s is decoded, so each warp keeps
+// its next step in flight while it computes.
+//
+// Lanes decode units (8 elements, two runs of 4, see quant_blocks.cuh) of each
+// of the R rows; their activations (float4 loads, cached in L1, shared by the
+// R rows) come from the same runs. With up to two tokens a lane takes a pair
+// of units that share their scales, halving the scale decoding per element.
+// Quants become floats with one prmt each (0x3F000000 | q << 16 is
+// 0.5 + q/256); the unit's offset term multiplies the run's activation sum.
+// 8-bit quants and the IQ4 grid use the exact 2^23 magic number instead.
+// Accumulation is fp32 throughout.
+//
+// Partial sums meet in shared memory at the end (no atomics); one warp per
+// output reduces across lanes and warps with shuffles and writes y.
+// One arch path: plain sm_80+ instructions (prmt, 16-byte loads, shuffles).
+//
+// The CTA body is a __host__ __device__ template over a context that supplies
+// thread ids, barriers, shuffles and loads, so tests run this exact code on
+// the host with one OS thread per simulated GPU thread.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+
+#include "common/check.h"
+#include "common/ggml_types.h"
+#include "kernels/quant_blocks.cuh"
+
+namespace hx {
+namespace matvec {
+
+// Rows per CTA, passes per step and units per lane, per type and token count.
+// R rows share every activation load; P sets the bytes each warp has in
+// flight (R * P * pass bytes). U = 2 (quant types, up to 2 tokens): lanes
+// 0-15 take units 2v, 2v+1 of one pass and lanes 16-31 those of the next; a
+// unit pair shares its scales. With more tokens the activations of 16
+// elements per token would not fit the registers.
+template <GgmlType T, int NT = 1>
+struct Config {
+  static constexpr int PB = quant::pass_bytes<T>();
+  static constexpr int R = T == GgmlType::F32 ? 2 : 4;
+  static constexpr int P = PB >= 512 ? 1 : (PB >= 128 ? 2 : 4);
+  static constexpr int U = (!is_float_type(T) && NT <= 2) ? 2 : 1;
+  static constexpr int SB = P * PB;                    // step bytes of one row
+  static constexpr int NSEG = (SB + 15) / 16 + 1;      // 16-byte chunks covering a step at any alignment
+  static constexpr int SLOTS = R * NSEG;
+  static constexpr int LOADS = (SLOTS + 31) / 32;      // chunks per lane per step
+};
+
+constexpr int kMaxWarps = 8;
+
+struct Args {
+  const uint8_t* w;    // [n_out, row_bytes]
+  const float* x;      // [ntok, k]
+  float* y;            // [ntok, n_out]
+  const float* bias;   // [n_out] or nullptr
+  size_t row_bytes;
+  int n_out, k, ntok, npass, nsteps;
+  int accumulate;
+};
+
+// Grid of one launch.
+struct Plan {
+  int blocks, warps;
+  size_t smem_bytes;
+};
+
+template <GgmlType T, int NT>
+size_t smem_bytes(int warps) {
+  using C = Config<T, NT>;
+  const size_t stage_bytes = (size_t)warps * C::SLOTS * 16;
+  const size_t red_bytes = (size_t)warps * C::R * NT * 32 * sizeof(float);
+  return std::max(stage_bytes, red_bytes);
+}
+
+// Warps per CTA (1, 2, 4 or 8, splitting each row's steps). resident[i]: CTAs
+// of 2^i warps one SM holds at once. A CTA's rows finish together, so the
+// grid runs in ceil(blocks / resident CTAs) rounds of a CTA's lifetime (its
+// steps per warp plus a fixed cost): few long CTAs leave the GPU idling on a
+// last partial round, many short ones pay the fixed cost often. Among the
+// choices whose first round fills at least 3/4 of the SMs' warp slots (else
+// the memory system starves), take the fewest estimated step-times.
+template <GgmlType T, int NT>
+Plan plan(const Args& a, int sms, const int (&resident)[4]) {
+  using C = Config<T, NT>;
+  Plan p;
+  p.blocks = (a.n_out + C::R - 1) / C::R;
+  long capacity = 1;
+  for (int i = 0; i < 4; ++i) capacity = std::max(capacity, (long)sms * resident[i] << i);
+  double best = 0.0;
+  long best_fill = -1;
+  bool best_full = false;
+  p.warps = 1;
+  for (int i = 0; i < 4; ++i) {
+    const int w = 1 << i;
+    if (w > 1 && w > a.nsteps) break;
+    const long conc = (long)sms * resident[i];
+    if (conc <= 0) continue;
+    const long fill = std::min<long>(p.blocks, conc) * w;
+    const bool full = 4 * fill >= 3 * capacity;
+    const long rounds = (p.blocks + conc - 1) / conc;
+    const double cost = (double)rounds * ((a.nsteps + w - 1) / w + 0.3);
+    const bool better = best_fill < 0 || (full && !best_full) || (full == best_full && (full ? cost < best : fill > best_fill));
+    if (better) {
+      best = cost;
+      best_fill = fill;
+      best_full = full;
+      p.warps = w;
+    }
+  }
+  p.smem_bytes = smem_bytes<T, NT>(p.warps);
+  return p;
+}
+
+// The GPU's context: ids, barriers, shuffles and the two load flavours.
+struct DeviceCtx {
+  uint4* smem;
+  __device__ __forceinline__ int lane() const { return threadIdx.x; }
+  __device__ __forceinline__ int warp() const { return threadIdx.y; }
+  __device__ __forceinline__ int nwarps() const { return blockDim.y; }
+  __device__ __forceinline__ int block() const { return blockIdx.x; }
+  __device__ __forceinline__ void syncwarp() const { __syncwarp(); }
+  __device__ __forceinline__ void syncthreads() const { __syncthreads(); }
+  __device__ __forceinline__ float shfl_xor(float v, int m) const { return __shfl_xor_sync(0xffffffffu, v, m); }
+  // Weights: read once, so skip L1 (the activations live there).
+  __device__ __forceinline__ uint4 ld_stream(const void* p) const {
+    uint4 r;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(p));
+    return r;
+  }
+  __device__ __forceinline__ float4 ld_x(const float* p) const {
+    return __ldg(reinterpret_cast<const float4*>(p));
+  }
+};
+
+// Units ub..ub+U-1 of one pass for R rows: acc[r][t] += W[row r, units] . x[t, units].
+// src[r]: the pass's bytes of row r (shared memory); xp: x of token 0 at the pass start.
+// (The exec-check pragmas: a host context only ever runs on the host, the
+// device context only on the device.)
+#pragma nv_exec_check_disable
+template <GgmlType T, int NT, int R, int U, class Ctx>
+__host__ __device__ __forceinline__ void pass_dot(const Ctx& ctx, const uint8_t* const (&src)[R], const float* xp,
+                                                  int ub, int k, int ntok, int ebase, float (&acc)[R][NT]) {
+  using B = quant::Block<T>;
+  float xv[NT][U][8];
+  bool v1 = true;
+#pragma unroll
+  for (int i = 0; i < U; ++i) {
+    const int e0 = B::elem0(ub + i), e1 = B::elem1(ub + i);
+    // Quant rows end on whole units; float rows (k % 4 == 0) may end between runs.
+    const bool has1 = !is_float_type(T) || ebase + e1 < k;
+    v1 = has1;
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      const bool on = NT == 1 || t < ntok;
+      const float4 p = on ? ctx.ld_x(xp + (size_t)t * k + e0) : make_float4(0.f, 0.f, 0.f, 0.f);
+      const float4 q = on && has1 ? ctx.ld_x(xp + (size_t)t * k + e1) : make_float4(0.f, 0.f, 0.f, 0.f);
+      xv[t][i][0] = p.x; xv[t][i][1] = p.y; xv[t][i][2] = p.z; xv[t][i][3] = p.w;
+      xv[t][i][4] = q.x; xv[t][i][5] = q.y; xv[t][i][6] = q.z; xv[t][i][7] = q.w;
+    }
+  }
+  if constexpr (is_float_type(T)) {
+    static_assert(U == 1, "float rows use one unit per lane");
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float wv[8];
+      B::run4(src[r], B::elem0(ub), wv);
+      if (v1) B::run4(src[r], B::elem1(ub), wv + 4);
+      else wv[4] = wv[5] = wv[6] = wv[7] = 0.f;
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        float s = acc[r][t];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) s = fmaf(xv[t][0][i], wv[i], s);
+        acc[r][t] = s;
+      }
+    }
+  } else {
+    float sx0[NT], sx1[NT];
+    quant::run_sums<T, NT, U>(xv, sx0, sx1);
+#pragma unroll
+    for (int r = 0; r < R; ++r) quant::lane_dot<T, NT, U>(src[r], ub, xv, sx0, sx1, acc[r]);
+  }
+}
+
+// Issues the 16-byte loads of step s (bytes [s * SB, s * SB + SB) of every row
+// of the CTA) into this lane's registers.
+#pragma nv_exec_check_disable
+template <int SLOTS, int SB, int LOADS, class Ctx>
+__host__ __device__ __forceinline__ void issue_step(const Ctx& ctx, int lane, int s, uint32_t row_bytes,
+                                                    const uint8_t* const (&slot_base)[LOADS],
+                                                    const uint32_t (&slot_mis)[LOADS],
+                                                    const uint32_t (&slot_off)[LOADS], uint4 (&buf)[LOADS]) {
+  const uint32_t off = (uint32_t)s * SB;
+  const uint32_t lim = std::min(off + (uint32_t)SB, row_bytes);  // this step's bytes: [off, lim)
+#pragma unroll
+  for (int j = 0; j < LOADS; ++j) {
+    if (SLOTS % 32 != 0 && lane + 32 * j >= SLOTS) continue;
+    // Chunk offset from the aligned row base; below mis + lim it shares its
+    // aligned 16 bytes with a byte of the row, so the read stays in the tensor.
+    const uint32_t t = ((slot_mis[j] + off) & ~15u) + slot_off[j];
+    if (t < slot_mis[j] + lim) buf[j] = ctx.ld_stream(slot_base[j] + t);
+  }
+}
+
+// One CTA: rows blockIdx * R .. + R - 1.
+#pragma nv_exec_check_disable
+template <GgmlType T, int NT, class Ctx>
+__host__ __device__ __forceinline__ void matvec_cta(const Args& a, const Ctx& ctx) {
+  using B = quant::Block<T>;
+  using C = Config<T, NT>;
+  constexpr int R = C::R, P = C::P, PB = C::PB, SB = C::SB, NSEG = C::NSEG, SLOTS = C::SLOTS,
+                LOADS = C::LOADS, U = C::U;
+  static_assert(P % U == 0, "a step holds whole pass pairs");
+  const int lane = ctx.lane(), warp = ctx.warp(), nwarps = ctx.nwarps();
+  uint4* stage = ctx.smem + warp * SLOTS;
+  const int row0 = ctx.block() * R;
+  const uint32_t row_bytes = (uint32_t)a.row_bytes;
+
+  // Rows past n_out re-read the last row; their sums are never written.
+  // Each row's start address mod 16 places its bytes in the stage.
+  int row_mis[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+    row_mis[r] = (int)(reinterpret_cast<uintptr_t>(a.w + (size_t)std::min(row0 + r, a.n_out - 1) * a.row_bytes) & 15);
+
+  // Lane's load slots: slot lane + 32j is chunk (idx % NSEG) of row idx / NSEG
+  // of the step, read from the row's 16-byte aligned base.
+  const uint8_t* slot_base[LOADS];
+  uint32_t slot_mis[LOADS], slot_off[LOADS];
+#pragma unroll
+  for (int j = 0; j < LOADS; ++j) {
+    const int idx = lane + 32 * j;
+    const int r = std::min(idx / NSEG, R - 1);
+    const uintptr_t rp =
+        reinterpret_cast<uintptr_t>(a.w + (size_t)std::min(row0 + r, a.n_out - 1) * a.row_bytes);
+    slot_base[j] = reinterpret_cast<const uint8_t*>(rp & ~uintptr_t(15));
+    slot_mis[j] = (uint32_t)(rp & 15);
+    slot_off[j] = 16u * (uint32_t)(idx - (idx / NSEG) * NSEG);
+  }
+
+  uint4 buf[LOADS];
+  float acc[R][NT];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int t = 0; t < NT; ++t) acc[r][t] = 0.f;
+
+  // With two units per lane, the half-warps take neighbouring passes.
+  const int half = U == 2 ? lane >> 4 : 0;
+  const int ub = U == 2 ? 2 * (lane & 15) : lane;
+  if (warp < a.nsteps) issue_step<SLOTS, SB>(ctx, lane, warp, row_bytes, slot_base, slot_mis, slot_off, buf);
+  for (int s = warp; s < a.nsteps; s += nwarps) {
+    ctx.syncwarp();  // the previous step's readers are done with the stage
+#pragma unroll
+    for (int j = 0; j < LOADS; ++j)
+      if (SLOTS % 32 == 0 || lane + 32 * j < SLOTS) stage[lane + 32 * j] = buf[j];
+    ctx.syncwarp();
+    if (s + nwarps < a.nsteps)
+      issue_step<SLOTS, SB>(ctx, lane, s + nwarps, row_bytes, slot_base, slot_mis, slot_off, buf);
+
+    const uint32_t off = (uint32_t)s * SB;
+#pragma unroll
+    for (int g = 0; g < P / U; ++g) {
+      const int pass = s * P + g * U + half;
+      if (U == 1 && pass >= a.npass) break;
+      const int ebase = pass * 256;
+      // Past the row's end (last pass, or the odd last pass of a pair): no work.
+      if (pass < a.npass && ebase + B::elem0(ub) < a.k) {
+        const uint8_t* src[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+          src[r] = reinterpret_cast<const uint8_t*>(stage + r * NSEG) + ((row_mis[r] + off) & 15) +
+                   (g * U + half) * PB;
+        pass_dot<T, NT, R, U>(ctx, src, a.x + ebase, ub, a.k, a.ntok, ebase, acc);
+      }
+    }
+  }
+
+  // Cross-lane and cross-warp sums: partials meet in shared memory.
+  ctx.syncthreads();
+  float* red = reinterpret_cast<float*>(ctx.smem);  // [nwarps][R * NT][32]
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int t = 0; t < NT; ++t) red[(warp * R * NT + r * NT + t) * 32 + lane] = acc[r][t];
+  ctx.syncthreads();
+  for (int o = warp; o < R * NT; o += nwarps) {
+    float v = 0.f;
+    for (int w = 0; w < nwarps; ++w) v += red[(w * R * NT + o) * 32 + lane];
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) v += ctx.shfl_xor(v, m);
+    const int row = row0 + o / NT, t = o % NT;
+    if (lane == 0 && row < a.n_out && t < a.ntok) {
+      float* out = a.y + (size_t)t * a.n_out + row;
+      if (a.bias) v += a.bias[row];
+      if (a.accumulate) v += *out;
+      *out = v;
+    }
+  }
+}
+
+template <GgmlType T, int NT>
+__global__ void __launch_bounds__(kMaxWarps * 32) matvec_kernel(const Args a) {
+  extern __shared__ uint4 smem[];
+  matvec_cta<T, NT>(a, DeviceCtx{smem});
+}
+
+// CTAs of 1, 2, 4, 8 warps that fit on one SM, asked once per device.
+template <GgmlType T, int NT>
+const int (&resident_ctas(int device))[4] {
+  constexpr int kDevices = 64;
+  static int table[kDevices][4];
+  static std::atomic<bool> ready[kDevices];
+  static thread_local int local[4];
+  int(&r)[4] = device >= 0 && device < kDevices ? table[device] : local;
+  if (device >= 0 && device < kDevices && ready[device].load(std::memory_order_acquire)) return r;
+  for (int i = 0; i < 4; ++i) {
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, matvec_kernel<T, NT>, 32 << i,
+                                                      smem_bytes<T, NT>(1 << i)) != cudaSuccess)
+      n = 0;
+    r[i] = n;
+  }
+  (void)cudaGetLastError();
+  if (device >= 0 && device < kDevices) ready[device].store(true, std::memory_order_release);
+  return r;
+}
+
+template <GgmlType T, int NT>
+void launch_nt(const Args& a, int device, int sms, cudaStream_t stream) {
+  const Plan p = plan<T, NT>(a, sms, resident_ctas<T, NT>(device));
+  matvec_kernel<T, NT><<<p.blocks, dim3(32, p.warps), p.smem_bytes, stream>>>(a);
+  HX_CUDA_CHECK(cudaGetLastError());
+}
+
+// Entry for one type; `a` is validated by the caller.
+template <GgmlType T>
+void run(const Args& a, int device, int sms, cudaStream_t stream) {
+  if (a.ntok <= 1) launch_nt<T, 1>(a, device, sms, stream);
+  else if (a.ntok == 2) launch_nt<T, 2>(a, device, sms, stream);
+  else if (a.ntok <= 4) launch_nt<T, 4>(a, device, sms, stream);
+  else launch_nt<T, 8>(a, device, sms, stream);
+}
+
+#ifndef HX_MATVEC_NO_EXTERN
+// Defined by the generated per-type files.
+#define HX_MATVEC_DECLARE(T) extern template void run<GgmlType::T>(const Args&, int, int, cudaStream_t);
+HX_MATVEC_DECLARE(F32)
+HX_MATVEC_DECLARE(F16)
+HX_MATVEC_DECLARE(BF16)
+HX_MATVEC_DECLARE(Q4_0)
+HX_MATVEC_DECLARE(Q4_1)
+HX_MATVEC_DECLARE(Q5_0)
+HX_MATVEC_DECLARE(Q5_1)
+HX_MATVEC_DECLARE(Q8_0)
+HX_MATVEC_DECLARE(Q2_K)
+HX_MATVEC_DECLARE(Q3_K)
+HX_MATVEC_DECLARE(Q4_K)
+HX_MATVEC_DECLARE(Q5_K)
+HX_MATVEC_DECLARE(Q6_K)
+HX_MATVEC_DECLARE(IQ4_NL)
+HX_MATVEC_DECLARE(IQ4_XS)
+#undef HX_MATVEC_DECLARE
+#endif
+
+}  // namespace matvec
+}  // namespace hx

@@ -1,0 +1,250 @@
+"""GPU tests of the weight-reading kernels: torch.ops.helexa.matvec / dequantize.
+
+Weights are random raw GGUF blocks (random bytes with finite fp16 scale
+fields) or random float rows; the reference is the gguf package's own
+dequantizer followed by a float64 product. Every result starts NaN-filled
+inside the op, so an element the kernel skips fails the test.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+DEV = "cuda"
+
+# name -> (GGML id, byte offsets of the fp16 fields inside one block)
+TYPES = {
+    "F32": (0, []), "F16": (1, []), "BF16": (30, []),
+    "Q4_0": (2, [0]), "Q4_1": (3, [0, 2]), "Q5_0": (6, [0]), "Q5_1": (7, [0, 2]), "Q8_0": (8, [0]),
+    "Q2_K": (10, [80, 82]), "Q3_K": (11, [108]), "Q4_K": (12, [0, 2]), "Q5_K": (13, [0, 2]),
+    "Q6_K": (14, [208]), "IQ4_NL": (20, [0]), "IQ4_XS": (23, [0]),
+}
+FLOAT_TYPES = {"F32", "F16", "BF16"}
+
+# Largest |got - want| / sum_j |x_j w_ij| per output: fp32 accumulation over
+# up to a few thousand terms (the quant path also folds offsets into a
+# biased sum, which costs a few more ulps).
+TOLERANCE = {name: (1e-5 if name in FLOAT_TYPES else 2e-5) for name in TYPES}
+
+
+def qk_of(name: str) -> int:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    return GGML_QUANT_SIZES[GGMLQuantizationType[name]][0]
+
+
+@pytest.fixture(scope="module")
+def ops():
+    import helexa_native._C  # noqa: F401  (registers torch.ops.helexa)
+    return torch.ops.helexa
+
+
+class SeededRng:
+    """numpy Generator that remembers its (fresh) seed for failure messages."""
+
+    def __init__(self):
+        self.seed_value = int(np.random.SeedSequence().entropy % (2**32))
+        self._g = np.random.default_rng(self.seed_value)
+
+    def __getattr__(self, name):
+        return getattr(self._g, name)
+
+
+@pytest.fixture()
+def rng():
+    return SeededRng()
+
+
+def make_weights(name: str, n_out: int, k: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """(stored bytes [n_out, row_bytes] uint8, reference float32 [n_out, k])."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    qt = GGMLQuantizationType[name]
+    if name in FLOAT_TYPES:
+        w = rng.standard_normal((n_out, k)).astype(np.float32)
+        if name == "F32":
+            raw = w.view(np.uint8)
+        elif name == "F16":
+            raw = w.astype(np.float16).view(np.uint8)
+        else:
+            raw = torch.from_numpy(w).to(torch.bfloat16).view(torch.uint8).numpy()
+        raw = np.ascontiguousarray(raw).reshape(n_out, -1)
+    else:
+        bs, bb = GGML_QUANT_SIZES[qt]
+        nb = n_out * k // bs
+        raw = rng.integers(0, 256, size=(nb, bb), dtype=np.uint8)
+        for off in TYPES[name][1]:
+            scale = (rng.standard_normal(nb) * 0.02).astype(np.float16)
+            raw[:, off:off + 2] = scale.view(np.uint8).reshape(nb, 2)
+        raw = raw.reshape(n_out, -1)
+    ref = dequantize(raw, qt).reshape(n_out, k).astype(np.float32)
+    assert np.isfinite(ref).all()
+    return raw, ref
+
+
+def check_matvec(got: torch.Tensor, w: np.ndarray, x: np.ndarray, extra: np.ndarray | None, tol: float, msg: str):
+    got = got.detach().cpu().double().numpy()
+    w64, x64 = w.astype(np.float64), x.astype(np.float64)
+    want = x64 @ w64.T
+    scale = np.abs(x64) @ np.abs(w64).T + 1e-30
+    if extra is not None:
+        want = want + extra
+        scale = scale + np.abs(extra)
+    assert got.shape == want.shape, f"{msg}: shape {got.shape} != {want.shape}"
+    assert np.isfinite(got).all(), f"{msg}: NaN/inf in output (unwritten element?)"
+    err = np.max(np.abs(got - want) / scale)
+    assert err <= tol, f"{msg}: relative error {err:.3e} > {tol:.1e}"
+
+
+def k_cases(name: str) -> list[int]:
+    if name in FLOAT_TYPES:
+        return [1, 7, 8, 3 * 256 + 4, 4096 + 256]
+    qk = qk_of(name)
+    ks = [qk, 3 * qk, 4096 + 256]
+    if qk == 32:
+        ks += [9 * 32, 4096 + 96]  # rows ending inside a 256-element pass
+    return ks
+
+
+MATVEC_CASES = [
+    (name, n_out, k)
+    for name in TYPES
+    for k in k_cases(name)
+    for n_out in ([1, 257] if k > 1024 else [1, 3, 257, 1000])
+]
+
+
+@pytest.mark.parametrize("n_tok", [1, 3, 8])
+@pytest.mark.parametrize("name,n_out,k", MATVEC_CASES)
+def test_matvec_matches_gguf_reference(ops, rng, name, n_out, k, n_tok):
+    raw, ref = make_weights(name, n_out, k, rng)
+    x = rng.standard_normal((n_tok, k)).astype(np.float32)
+    y = ops.matvec(TYPES[name][0], torch.from_numpy(raw).to(DEV), torch.from_numpy(x).to(DEV), n_out, k, None, None)
+    check_matvec(y, ref, x, None, TOLERANCE[name], f"{name} n_out={n_out} k={k} n_tok={n_tok} seed={rng.seed_value}")
+
+
+@pytest.mark.parametrize("n_tok", [1, 2, 5])
+@pytest.mark.parametrize("name", list(TYPES))
+def test_matvec_bias_and_accumulate(ops, rng, name, n_tok):
+    qk = max(qk_of(name), 8)
+    n_out, k = 131, 4 * qk if qk == 256 else 40 * qk
+    raw, ref = make_weights(name, n_out, k, rng)
+    x = rng.standard_normal((n_tok, k)).astype(np.float32)
+    bias = rng.standard_normal(n_out).astype(np.float32)
+    y0 = rng.standard_normal((n_tok, n_out)).astype(np.float32)
+    w_d, x_d = torch.from_numpy(raw).to(DEV), torch.from_numpy(x).to(DEV)
+    b_d, y0_d = torch.from_numpy(bias).to(DEV), torch.from_numpy(y0).to(DEV)
+    tid, tol, tag = TYPES[name][0], TOLERANCE[name], f"{name} n_tok={n_tok} seed={rng.seed_value}"
+
+    y = ops.matvec(tid, w_d, x_d, n_out, k, b_d, None)
+    check_matvec(y, ref, x, np.broadcast_to(bias, (n_tok, n_out)), tol, f"{tag} bias")
+    y = ops.matvec(tid, w_d, x_d, n_out, k, None, y0_d)
+    check_matvec(y, ref, x, y0.astype(np.float64), tol, f"{tag} accumulate")
+    y = ops.matvec(tid, w_d, x_d, n_out, k, b_d, y0_d)
+    check_matvec(y, ref, x, y0.astype(np.float64) + bias, tol, f"{tag} bias+accumulate")
+    assert torch.equal(y0_d.cpu(), torch.from_numpy(y0)), "y_accumulate must not be modified"
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "F16"])
+@pytest.mark.parametrize("n_out,k", [(4096, 4096), (1024, 4096), (512, 14336)])
+def test_matvec_llama_shapes(ops, rng, name, n_out, k):
+    raw, ref = make_weights(name, n_out, k, rng)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    y = ops.matvec(TYPES[name][0], torch.from_numpy(raw).to(DEV), torch.from_numpy(x).to(DEV), n_out, k, None, None)
+    check_matvec(y, ref, x, None, TOLERANCE[name], f"{name} {n_out}x{k} seed={rng.seed_value}")
+
+
+def test_matvec_many_rows(ops, rng):
+    # A grid of thousands of CTAs, and rows past the last full group of four.
+    n_out, k = 40003, 256
+    raw, ref = make_weights("Q4_K", n_out, k, rng)
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    y = ops.matvec(TYPES["Q4_K"][0], torch.from_numpy(raw).to(DEV), torch.from_numpy(x).to(DEV), n_out, k, None, None)
+    check_matvec(y, ref, x, None, TOLERANCE["Q4_K"], f"Q4_K {n_out}x{k} seed={rng.seed_value}")
+
+
+def test_matvec_in_cuda_graph(ops, rng):
+    n_out, k = 300, 512
+    raw, ref = make_weights("Q6_K", n_out, k, rng)
+    w_d = torch.from_numpy(raw).to(DEV)
+    x_d = torch.zeros(1, k, device=DEV)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.matvec(14, w_d, x_d, n_out, k, None, None)  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = ops.matvec(14, w_d, x_d, n_out, k, None, None)
+    for _ in range(2):
+        x = rng.standard_normal((1, k)).astype(np.float32)
+        x_d.copy_(torch.from_numpy(x))
+        g.replay()
+        torch.cuda.synchronize()
+        check_matvec(y, ref, x, None, TOLERANCE["Q6_K"], f"graph replay seed={rng.seed_value}")
+
+
+def test_matvec_rejects_bad_arguments(ops):
+    w = torch.zeros(4 * 18, dtype=torch.uint8, device=DEV)
+    x = torch.zeros(1, 32, device=DEV)
+    with pytest.raises(ValueError):
+        ops.matvec(2, w, torch.zeros(1, 48, device=DEV), 2, 48, None, None)  # k not a multiple of 32
+    with pytest.raises(ValueError):
+        ops.matvec(2, w, torch.zeros(9, 32, device=DEV), 4, 32, None, None)  # 9 tokens
+    with pytest.raises(ValueError):
+        ops.matvec(5, w, x, 4, 32, None, None)  # no such type id
+    with pytest.raises(ValueError):
+        ops.matvec(2, w, x, 5, 32, None, None)  # w too small for 5 rows
+    with pytest.raises(ValueError):
+        ops.matvec(2, w.float(), x, 4, 32, None, None)  # w not bytes
+
+
+DEQUANT_CASES = [
+    (name, n_out, k)
+    for name in TYPES
+    for n_out, k in (
+        [(1, 1), (3, 7), (257, 256), (64, 4096 + 256)] if name in FLOAT_TYPES
+        else [(1, qk_of(name)), (257, 3 * qk_of(name)), (64, 4096 + 256)] + ([(5, 9 * 32)] if qk_of(name) == 32 else [])
+    )
+]
+
+
+@pytest.mark.parametrize("name,n_out,k", DEQUANT_CASES)
+def test_dequantize_matches_gguf(ops, rng, name, n_out, k):
+    raw, ref = make_weights(name, n_out, k, rng)
+    w_d = torch.from_numpy(raw).to(DEV)
+    tag = f"{name} {n_out}x{k} seed={rng.seed_value}"
+    f32 = ops.dequantize(TYPES[name][0], w_d, n_out, k, False).cpu()
+    assert f32.dtype == torch.float32 and f32.shape == (n_out, k)
+    assert torch.equal(f32, torch.from_numpy(ref)), f"{tag}: float32 differs from gguf (max diff " \
+        f"{(f32 - torch.from_numpy(ref)).abs().max().item():.3g})"
+    b16 = ops.dequantize(TYPES[name][0], w_d, n_out, k, True).cpu()
+    assert b16.dtype == torch.bfloat16 and b16.shape == (n_out, k)
+    want = torch.from_numpy(ref).to(torch.bfloat16)
+    assert torch.equal(b16, want), f"{tag}: bf16 is not the rounded reference"
+
+
+def test_dequantize_rejects_bad_arguments(ops):
+    w = torch.zeros(144, dtype=torch.uint8, device=DEV)
+    with pytest.raises(ValueError):
+        ops.dequantize(12, w, 1, 128, True)  # k not a multiple of 256
+    with pytest.raises(ValueError):
+        ops.dequantize(12, w, 2, 256, True)  # too few bytes
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q8_0", "BF16"])
+def test_out_variants_write_in_place(ops, rng, name):
+    n_out, k, n_tok = 77, 512, 2
+    raw, ref = make_weights(name, n_out, k, rng)
+    x = rng.standard_normal((n_tok, k)).astype(np.float32)
+    y0 = rng.standard_normal((n_tok, n_out)).astype(np.float32)
+    w_d, x_d = torch.from_numpy(raw).to(DEV), torch.from_numpy(x).to(DEV)
+    y = torch.from_numpy(y0).to(DEV)
+    ops.matvec_out(TYPES[name][0], w_d, x_d, y, n_out, k, None, True)
+    check_matvec(y, ref, x, y0.astype(np.float64), TOLERANCE[name], f"{name} matvec_out seed={rng.seed_value}")
+    out = torch.full((n_out, k), float("nan"), dtype=torch.bfloat16, device=DEV)
+    ops.dequantize_out(TYPES[name][0], w_d, out, n_out, k)
+    assert torch.equal(out.cpu(), torch.from_numpy(ref).to(torch.bfloat16))

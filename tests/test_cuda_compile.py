@@ -1,0 +1,534 @@
+"""Every CUDA source compiles with the machine's nvcc for every target arch.
+
+No GPU needed: each csrc/kernels, csrc/runtime and csrc/model .cu file is
+compiled alone (`nvcc -c`) for sm_80, sm_89, sm_90 and sm_100 in one nvcc
+call per file, two files at a time. Files that include cuBLAS or NCCL
+headers are skipped when this machine has none (CUDA builds compile them in
+setup.py). The weight-reading kernels must also compile without register
+spills. Skips cleanly when no nvcc is installed.
+
+Two more tests build host programs from the CUDA headers, which are
+written as __host__ __device__ code for this purpose: the block decoders
+(csrc/kernels/quant_blocks.cuh) are checked bit-exactly against the gguf
+package's dequantizers, plus the matvec's per-lane arithmetic against a
+float64 product; and the matvec CTA body (csrc/kernels/matvec_impl.cuh) runs
+on the host with one OS thread per simulated GPU thread, checking staging,
+indexing, reductions and bounds of every load for every type.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+ARCHS = ["80", "89", "90", "100"]
+PARALLEL = 2
+# Kernels whose resource use is part of their contract: no spills, no local memory.
+NO_SPILL = re.compile(r"^(matvec|dequant)")
+NVCC_FLAGS = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DHX_WITH_CUDA=1",
+              "-Xptxas=-warn-spills,-warn-lmem-usage"]
+OPTIONAL_LIBS = re.compile(r"#\s*include\s*[<\"](cublas[^>\"]*|cublasLt\.h|nccl\.h)[>\"]")
+LOCAL_INCLUDE = re.compile(r"#\s*include\s*\"([^\"]+)\"")
+
+
+def find_nvcc() -> str | None:
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    fallback = "/usr/local/cuda/bin/nvcc"
+    return fallback if os.path.exists(fallback) else None
+
+
+NVCC = find_nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="no nvcc on this machine")
+
+
+def cuda_sources() -> list[Path]:
+    files = []
+    for sub in ("kernels", "runtime", "model"):
+        files += sorted((CSRC / sub).glob("*.cu"))
+    return files
+
+
+def unconditional_includes(path: Path) -> tuple[list[str], list[str]]:
+    """(#include "..." targets, optional-library headers) outside any #if block."""
+    local, libs = [], []
+    depth = 0
+    for line in path.read_text(errors="replace").splitlines():
+        s = line.strip()
+        if re.match(r"#\s*(if|ifdef|ifndef)\b", s):
+            depth += 1
+        elif re.match(r"#\s*endif\b", s):
+            depth = max(0, depth - 1)
+        elif depth == 0:
+            m = OPTIONAL_LIBS.match(s)
+            if m:
+                libs.append(m.group(1))
+            m = LOCAL_INCLUDE.match(s)
+            if m:
+                local.append(m.group(1))
+    return local, libs
+
+
+def optional_library_headers(path: Path) -> list[str]:
+    """cuBLAS / NCCL headers the file pulls in unconditionally, through csrc headers too."""
+    seen, todo, libs = set(), [path], []
+    while todo:
+        p = todo.pop()
+        if p in seen or not p.exists():
+            continue
+        seen.add(p)
+        local, found = unconditional_includes(p)
+        libs += found
+        for inc in local:
+            for base in (p.parent, CSRC):
+                if (base / inc).exists():
+                    todo.append(base / inc)
+                    break
+    return sorted(set(libs))
+
+
+def library_headers_present() -> bool:
+    if NVCC is None:
+        return False
+    include = Path(NVCC).resolve().parent.parent / "include"
+    return (include / "cublas_v2.h").exists() and (include / "nccl.h").exists()
+
+
+def compile_one(path: Path) -> tuple[int, str]:
+    gencode = []
+    for a in ARCHS:
+        gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [NVCC, *NVCC_FLAGS, f"-I{CSRC}", *gencode, "-c", str(path), "-o", os.path.join(tmp, "out.o")]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+    return p.returncode, (p.stdout + p.stderr).strip()
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    files = [f for f in cuda_sources()
+             if library_headers_present() or not optional_library_headers(f)]
+    with ThreadPoolExecutor(max_workers=PARALLEL) as pool:
+        results = dict(zip(files, pool.map(compile_one, files)))
+    return results
+
+
+@needs_nvcc
+@pytest.mark.parametrize("path", cuda_sources(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_cuda_file_compiles_for_all_archs(compiled, path):
+    libs = optional_library_headers(path)
+    if libs and not library_headers_present():
+        pytest.skip(f"includes {', '.join(libs)}, which this machine's CUDA lacks")
+    rc, out = compiled[path]
+    assert rc == 0, f"nvcc failed on {path.relative_to(ROOT)} for sm_{', sm_'.join(ARCHS)}:\n{out}"
+    if NO_SPILL.match(path.name):
+        bad = [ln for ln in out.splitlines() if "spill" in ln or "lmem" in ln.lower() or "local memory" in ln]
+        assert not bad, f"{path.name} uses local memory or spills registers:\n" + "\n".join(bad)
+
+
+# ------------------------------------------------------------ host decoders
+
+HARNESS = r'''
+// Host check of the block decoders (quant_blocks.cuh) and the matvec lane arithmetic.
+// stdin: int32 type, rows, k; rows * row_bytes weight bytes; 2 * k float x (two tokens).
+// stdout: rows * k float dequantized; then, for one and two units per lane, 2 * rows float dots.
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+#include "kernels/quant_blocks.cuh"
+using namespace hx;
+using namespace hx::quant;
+
+template <GgmlType T, int U>
+void dots(const uint8_t* w, const float* x, int rows, int k, std::vector<float>& out) {
+  using B = Block<T>;
+  constexpr int PB = pass_bytes<T>();
+  const size_t rb = row_bytes(T, k);
+  const int npass = (k + 255) / 256;
+  for (int r = 0; r < rows; ++r) {
+    float acc[2] = {0.f, 0.f};
+    for (int p = 0; p < npass; ++p) {
+      const int ebase = p * 256;
+      const uint8_t* pp = w + r * rb + (size_t)p * PB;
+      for (int ub = 0; ub < 32; ub += U) {
+        if (ebase + B::elem0(ub) >= k) continue;
+        float xv[2][U][8];
+        for (int t = 0; t < 2; ++t)
+          for (int i = 0; i < U; ++i)
+            for (int j = 0; j < 4; ++j) {
+              xv[t][i][j] = x[t * k + ebase + B::elem0(ub + i) + j];
+              xv[t][i][j + 4] = x[t * k + ebase + B::elem1(ub + i) + j];
+            }
+        float sx0[2], sx1[2];
+        run_sums<T, 2, U>(xv, sx0, sx1);
+        lane_dot<T, 2, U>(pp, ub, xv, sx0, sx1, acc);
+      }
+    }
+    out[r] = acc[0];
+    out[rows + r] = acc[1];
+  }
+}
+
+template <GgmlType T>
+int run(const uint8_t* w, const float* x, int rows, int k) {
+  using B = Block<T>;
+  constexpr int PB = pass_bytes<T>();
+  const size_t rb = row_bytes(T, k);
+  const int npass = (k + 255) / 256;
+  // Units 2v and 2v+1 continue each other's runs (the dequantizer stores 8 at a time).
+  for (int v = 0; v < 16; ++v)
+    if (B::elem0(2 * v + 1) != B::elem0(2 * v) + 4 || B::elem1(2 * v + 1) != B::elem1(2 * v) + 4) {
+      fprintf(stderr, "units %d, %d are not contiguous\n", 2 * v, 2 * v + 1);
+      return 3;
+    }
+  std::vector<float> deq((size_t)rows * k, 0.f);
+  std::vector<int> seen((size_t)rows * k, 0);
+  for (int r = 0; r < rows; ++r)
+    for (int p = 0; p < npass; ++p)
+      for (int u = 0; u < 32; ++u) {
+        const int ebase = p * 256;
+        if (ebase + B::elem0(u) >= k) continue;
+        const QUnit q = B::unit(w + r * rb + (size_t)p * PB, u);
+        for (int j = 0; j < 4; ++j) {
+          const size_t i0 = (size_t)r * k + ebase + B::elem0(u) + j;
+          const size_t i1 = (size_t)r * k + ebase + B::elem1(u) + j;
+          deq[i0] = unit_value<T>(q, j);
+          deq[i1] = unit_value<T>(q, j + 4);
+          seen[i0]++;
+          seen[i1]++;
+        }
+      }
+  for (size_t i = 0; i < seen.size(); ++i)
+    if (seen[i] != 1) {
+      fprintf(stderr, "element %zu decoded %d times\n", i, seen[i]);
+      return 3;
+    }
+  fwrite(deq.data(), 4, deq.size(), stdout);
+  std::vector<float> d1(2 * rows), d2(2 * rows);
+  dots<T, 1>(w, x, rows, k, d1);
+  dots<T, 2>(w, x, rows, k, d2);
+  fwrite(d1.data(), 4, d1.size(), stdout);
+  fwrite(d2.data(), 4, d2.size(), stdout);
+  return 0;
+}
+
+int main() {
+  int hdr[3];
+  if (fread(hdr, 4, 3, stdin) != 3) return 2;
+  const GgmlType t = (GgmlType)hdr[0];
+  const int rows = hdr[1], k = hdr[2];
+  const size_t nb = row_bytes(t, k) * rows;
+  std::vector<uint8_t> w(nb + 16);
+  std::vector<float> x(2 * (size_t)k);
+  if (fread(w.data(), 1, nb, stdin) != nb) return 2;
+  if (fread(x.data(), 4, x.size(), stdin) != x.size()) return 2;
+  switch (t) {
+#define HX_RUN(T) case GgmlType::T: return run<GgmlType::T>(w.data(), x.data(), rows, k);
+    HX_RUN(Q4_0) HX_RUN(Q4_1) HX_RUN(Q5_0) HX_RUN(Q5_1) HX_RUN(Q8_0) HX_RUN(Q2_K) HX_RUN(Q3_K)
+    HX_RUN(Q4_K) HX_RUN(Q5_K) HX_RUN(Q6_K) HX_RUN(IQ4_NL) HX_RUN(IQ4_XS)
+    default: return 4;
+  }
+}
+'''
+
+# byte offsets of the fp16 fields inside one block
+F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82],
+              "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0], "IQ4_XS": [0]}
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    d = tmp_path_factory.mktemp("quant_host")
+    src, exe = d / "harness.cu", d / "harness"
+    src.write_text(HARNESS)
+    p = subprocess.run([NVCC, "-std=c++17", "-O1", "--expt-relaxed-constexpr", f"-I{CSRC}", str(src), "-o", str(exe)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, f"host build of quant_blocks.cuh failed:\n{p.stdout}{p.stderr}"
+    return exe
+
+
+@needs_nvcc
+@pytest.mark.parametrize("name", list(F16_FIELDS))
+def test_block_decoders_match_gguf_on_host(harness, name):
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    qt = GGMLQuantizationType[name]
+    bs, bb = GGML_QUANT_SIZES[qt]
+    seed = int(np.random.SeedSequence().entropy % (2**32))
+    rng = np.random.default_rng(seed)
+    shapes = [(3, bs), (2, 3 * 256), (4, 4096 + 256)] + ([(3, 9 * 32), (1, 4096 + 96)] if bs == 32 else [])
+    for rows, k in shapes:
+        nb = rows * k // bs
+        raw = rng.integers(0, 256, size=(nb, bb), dtype=np.uint8)
+        for off in F16_FIELDS[name]:
+            raw[:, off:off + 2] = (rng.standard_normal(nb) * 0.05).astype(np.float16).view(np.uint8).reshape(nb, 2)
+        raw = raw.reshape(rows, -1)
+        x = rng.standard_normal((2, k)).astype(np.float32)
+        inp = np.array([int(qt), rows, k], np.int32).tobytes() + raw.tobytes() + x.tobytes()
+        p = subprocess.run([str(harness)], input=inp, capture_output=True)
+        tag = f"{name} rows={rows} k={k} seed={seed}"
+        assert p.returncode == 0, f"{tag}: harness exit {p.returncode}: {p.stderr.decode()}"
+        out = np.frombuffer(p.stdout, np.float32)
+        assert out.size == rows * k + 4 * rows, f"{tag}: short output"
+        got = out[:rows * k].reshape(rows, k)
+        ref = dequantize(raw, qt).reshape(rows, k)
+        assert np.array_equal(got, ref), f"{tag}: decoded values differ (max {np.max(np.abs(got - ref)):.3g})"
+        want = x.astype(np.float64) @ ref.astype(np.float64).T
+        scale = np.abs(x.astype(np.float64)) @ np.abs(ref.astype(np.float64)).T
+        for label, dots in (("one unit", out[rows * k:rows * k + 2 * rows]), ("unit pair", out[rows * k + 2 * rows:])):
+            err = np.max(np.abs(dots.reshape(2, rows) - want) / scale)
+            assert err < 1e-5, f"{tag}: matvec lane arithmetic ({label}) relative error {err:.2e}"
+
+
+# ------------------------------------------------------- matvec CTA emulation
+
+EMULATOR = r'''
+// Runs the matvec CTA code (matvec_impl.cuh) on the host: one OS thread per
+// simulated GPU thread, barriers for __syncwarp / __syncthreads, a shared
+// array for shuffles; every weight and activation load is bounds-checked.
+// stdin: int32 type, n_out, k, ntok, accumulate, sms, warps; weight bytes; x; bias; y.
+// stdout: y (float32 [ntok, n_out]); exit 5 if a load strayed.
+#define HX_MATVEC_NO_EXTERN 1
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+#include "kernels/matvec_impl.cuh"
+using namespace hx;
+
+// Reusable thread barrier (std::barrier is C++20).
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lk(m_);
+    const long gen = gen_;
+    if (++count_ == n_) {
+      count_ = 0;
+      ++gen_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lk, [&] { return gen_ != gen; });
+    }
+  }
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  int n_, count_ = 0;
+  long gen_ = 0;
+};
+
+struct HostCta {
+  std::vector<uint4> smem;
+  std::unique_ptr<Barrier> cta_bar;
+  std::vector<std::unique_ptr<Barrier>> warp_bars;
+  std::vector<float> shfl;
+  int block = 0, nwarps = 1;
+  const uint8_t *w_lo, *w_hi;
+  const float *x_lo, *x_hi;
+  std::atomic<int> errors{0};
+};
+
+struct HostCtx {
+  uint4* smem;
+  HostCta* c;
+  int lane_, warp_;
+  int lane() const { return lane_; }
+  int warp() const { return warp_; }
+  int nwarps() const { return c->nwarps; }
+  int block() const { return c->block; }
+  void syncwarp() const { c->warp_bars[warp_]->arrive_and_wait(); }
+  void syncthreads() const { c->cta_bar->arrive_and_wait(); }
+  float shfl_xor(float v, int m) const {
+    float* s = c->shfl.data() + 32 * warp_;
+    syncwarp();
+    s[lane_] = v;
+    syncwarp();
+    const float r = s[lane_ ^ m];
+    syncwarp();
+    return r;
+  }
+  uint4 ld_stream(const void* p) const {
+    const uint8_t* b = static_cast<const uint8_t*>(p);
+    if (reinterpret_cast<uintptr_t>(b) % 16 || b >= c->w_hi || b + 16 <= c->w_lo) {
+      fprintf(stderr, "bad weight load at offset %ld\n", (long)(b - c->w_lo));
+      c->errors++;
+      return uint4{0, 0, 0, 0};
+    }
+    uint4 r;
+    memcpy(&r, b, 16);
+    return r;
+  }
+  float4 ld_x(const float* p) const {
+    if (reinterpret_cast<uintptr_t>(p) % 16 || p < c->x_lo || p + 4 > c->x_hi) {
+      fprintf(stderr, "bad x load at %ld\n", (long)(p - c->x_lo));
+      c->errors++;
+      return make_float4(0, 0, 0, 0);
+    }
+    float4 r;
+    memcpy(&r, p, 16);
+    return r;
+  }
+};
+
+template <GgmlType T, int NT>
+int emulate(const matvec::Args& a, int sms, int warps) {
+  const int resident[4] = {16, 8, 4, 2};  // CTAs of 1, 2, 4, 8 warps per SM
+  matvec::Plan p = matvec::plan<T, NT>(a, sms, resident);
+  if (warps > 0) {
+    p.warps = warps;
+    p.smem_bytes = matvec::smem_bytes<T, NT>(warps);
+  }
+  int errors = 0;
+  for (int b = 0; b < p.blocks; ++b) {
+    HostCta cta;
+    cta.smem.assign(p.smem_bytes / 16 + 1, uint4{0xdeadbeef, 0xdeadbeef, 0xdeadbeef, 0xdeadbeef});
+    cta.nwarps = p.warps;
+    cta.block = b;
+    cta.cta_bar = std::make_unique<Barrier>(32 * p.warps);
+    for (int w = 0; w < p.warps; ++w) cta.warp_bars.push_back(std::make_unique<Barrier>(32));
+    cta.shfl.assign(32 * p.warps, 0.f);
+    cta.w_lo = a.w;
+    cta.w_hi = a.w + a.row_bytes * a.n_out;
+    cta.x_lo = a.x;
+    cta.x_hi = a.x + (size_t)a.ntok * a.k;
+    std::vector<std::thread> th;
+    for (int w = 0; w < p.warps; ++w)
+      for (int l = 0; l < 32; ++l)
+        th.emplace_back([&, w, l] {
+          HostCtx ctx{cta.smem.data(), &cta, l, w};
+          matvec::matvec_cta<T, NT>(a, ctx);
+        });
+    for (auto& t : th) t.join();
+    errors += cta.errors;
+  }
+  return errors;
+}
+
+int main() {
+  int hdr[7];  // type, n_out, k, ntok, accumulate, sms, warps (0: as planned)
+  if (fread(hdr, 4, 7, stdin) != 7) return 2;
+  const GgmlType t = (GgmlType)hdr[0];
+  const int n_out = hdr[1], k = hdr[2], ntok = hdr[3], accumulate = hdr[4], sms = hdr[5], warps = hdr[6];
+  const size_t wb = row_bytes(t, k) * n_out;
+  std::vector<uint4> wstore(wb / 16 + 2);
+  uint8_t* w = reinterpret_cast<uint8_t*>(wstore.data());
+  std::vector<float4> xstore(((size_t)ntok * k + 3) / 4 + 1);
+  float* x = reinterpret_cast<float*>(xstore.data());
+  std::vector<float> y((size_t)ntok * n_out), bias(n_out);
+  if (fread(w, 1, wb, stdin) != wb) return 2;
+  if (fread(x, 4, (size_t)ntok * k, stdin) != (size_t)ntok * k) return 2;
+  if (fread(bias.data(), 4, n_out, stdin) != (size_t)n_out) return 2;
+  if (fread(y.data(), 4, y.size(), stdin) != y.size()) return 2;
+  matvec::Args a;
+  a.w = w; a.x = x; a.y = y.data(); a.bias = bias.data();
+  a.row_bytes = row_bytes(t, k); a.n_out = n_out; a.k = k; a.ntok = ntok;
+  a.npass = (k + 255) / 256; a.accumulate = accumulate;
+  int errors = 0;
+#define HX_EMU(T)                                                                       \
+  case GgmlType::T: {                                                                   \
+    a.nsteps = (a.npass + matvec::Config<GgmlType::T>::P - 1) / matvec::Config<GgmlType::T>::P; \
+    if (ntok == 1) errors = emulate<GgmlType::T, 1>(a, sms, warps);                     \
+    else if (ntok == 2) errors = emulate<GgmlType::T, 2>(a, sms, warps);                \
+    else if (ntok <= 4) errors = emulate<GgmlType::T, 4>(a, sms, warps);                \
+    else errors = emulate<GgmlType::T, 8>(a, sms, warps);                               \
+    break;                                                                              \
+  }
+  switch (t) {
+    HX_EMU(F32) HX_EMU(F16) HX_EMU(BF16) HX_EMU(Q4_0) HX_EMU(Q4_1) HX_EMU(Q5_0) HX_EMU(Q5_1) HX_EMU(Q8_0)
+    HX_EMU(Q2_K) HX_EMU(Q3_K) HX_EMU(Q4_K) HX_EMU(Q5_K) HX_EMU(Q6_K) HX_EMU(IQ4_NL) HX_EMU(IQ4_XS)
+    default: return 4;
+  }
+  fwrite(y.data(), 4, y.size(), stdout);
+  return errors ? 5 : 0;
+}
+'''
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    d = tmp_path_factory.mktemp("matvec_host")
+    src, exe = d / "emulator.cu", d / "emulator"
+    src.write_text(EMULATOR)
+    p = subprocess.run([NVCC, "-std=c++17", "-O1", "--expt-relaxed-constexpr", f"-I{CSRC}", str(src), "-o", str(exe)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, f"host build of matvec_impl.cuh failed:\n{p.stdout}{p.stderr}"
+    return exe
+
+
+EMU_TYPES = ["F32", "F16", "BF16", *F16_FIELDS]
+
+
+def _emu_weights(name, n_out, k, rng):
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    qt = GGMLQuantizationType[name]
+    if name in ("F32", "F16", "BF16"):
+        w = rng.standard_normal((n_out, k)).astype(np.float32)
+        if name == "F32":
+            raw = w.view(np.uint8)
+        elif name == "F16":
+            raw = w.astype(np.float16).view(np.uint8)
+        else:  # bf16: round to nearest even, like torch
+            u = w.view(np.uint32).astype(np.uint64)
+            raw = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).view(np.uint8)
+        raw = np.ascontiguousarray(raw).reshape(n_out, -1)
+    else:
+        bs, bb = GGML_QUANT_SIZES[qt]
+        nb = n_out * k // bs
+        raw = rng.integers(0, 256, size=(nb, bb), dtype=np.uint8)
+        for off in F16_FIELDS[name]:
+            raw[:, off:off + 2] = (rng.standard_normal(nb) * 0.02).astype(np.float16).view(np.uint8).reshape(nb, 2)
+        raw = raw.reshape(n_out, -1)
+    return raw, int(qt), dequantize(raw, qt).reshape(n_out, k).astype(np.float64)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("name", EMU_TYPES)
+def test_matvec_cta_runs_on_host(emulator, name):
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    qk = GGML_QUANT_SIZES[GGMLQuantizationType[name]][0]
+    seed = int(np.random.SeedSequence().entropy % (2**32))
+    rng = np.random.default_rng(seed)
+    if qk == 1:
+        ks = [4, 12, 4096 + 260, 2048 + 4]
+    else:
+        ks = [qk, 3 * qk, 4096 + (96 if qk == 32 else 256), 2048 + qk]
+    # (n_out, k, n_tok, accumulate, SM count, warps per CTA or 0 for the launcher's choice)
+    cases = [(1, ks[0], 1, 0, 132, 0), (5, ks[1], 3, 1, 132, 0), (7, ks[2], 1, 0, 132, 0), (9, ks[3], 2, 1, 1, 0),
+             (6, ks[2], 8, 0, 4, 0), (13, ks[1], 5, 0, 132, 0), (5, ks[2], 1, 1, 132, 1), (3, ks[2], 2, 0, 132, 2),
+             (4, ks[3], 1, 0, 132, 4), (2, ks[2], 4, 1, 132, 8)]
+    for n_out, k, ntok, acc, sms, warps in cases:
+        raw, tid, ref = _emu_weights(name, n_out, k, rng)
+        x = rng.standard_normal((ntok, k)).astype(np.float32)
+        bias = rng.standard_normal(n_out).astype(np.float32)
+        y0 = rng.standard_normal((ntok, n_out)).astype(np.float32)
+        inp = (np.array([tid, n_out, k, ntok, acc, sms, warps], np.int32).tobytes() + raw.tobytes() + x.tobytes()
+               + bias.tobytes() + y0.tobytes())
+        p = subprocess.run([str(emulator)], input=inp, capture_output=True)
+        tag = f"{name} n_out={n_out} k={k} n_tok={ntok} accumulate={acc} sms={sms} warps={warps} seed={seed}"
+        assert p.returncode == 0, f"{tag}: emulator exit {p.returncode}: {p.stderr.decode()[:2000]}"
+        y = np.frombuffer(p.stdout, np.float32).reshape(ntok, n_out)
+        x64 = x.astype(np.float64)
+        want = x64 @ ref.T + bias + (y0 if acc else 0)
+        scale = np.abs(x64) @ np.abs(ref).T + np.abs(bias) + (np.abs(y0) if acc else 0)
+        err = np.max(np.abs(y - want) / scale)
+        assert err < 2e-5, f"{tag}: relative error {err:.2e}"
