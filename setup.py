@@ -88,7 +88,8 @@ def _extensions():
     # Torch-op bindings include torch/extension.h and wrap CUDA kernels: CUDA builds only.
     host_only = [s for s in host_sources if not os.path.basename(s).startswith("ops")]
     include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std here: torch adds the standard its headers need (C++20 for recent releases).
+    cxx_flags = ["-O3"]
 
     if not _cuda_wanted():
         return [CppExtension(
@@ -125,7 +126,7 @@ def _extensions():
         defines.append(("HX_WITH_NCCL", "1"))
         libnccl = sorted(glob.glob(os.path.join(nccl[1], "libnccl.so*")))[0]
         extra_link.append("-l:" + os.path.basename(libnccl))
-    nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
                   "-Xptxas=-warn-spills"]
     return [CUDAExtension(
         "helexa_native._C", host_sources + cuda_sources, include_dirs=include_dirs,

@@ -1,0 +1,235 @@
+"""Batch-1 throughput: prefill of P tokens and decode of D tokens, optionally at a depth.
+
+Decode of one token reads every weight once, so decode speed is reported as
+achieved bandwidth (weight bytes x tokens/s) and, on CUDA, as a share of the
+device's measured copy bandwidth. A warm-up run comes first; the reported
+numbers are medians over the repeats.
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .params import SamplerState, SamplingParams
+
+FLOAT_QUANTS = {"bf16": "bf16", "f16": "f16", "fp16": "f16", "f32": "f32", "fp32": "f32"}
+
+
+def measure_copy_bandwidth(device_index: int = 0, nbytes: int = 1 << 30, iters: int = 10) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    dev = torch.device("cuda", device_index)
+    with torch.cuda.device(dev):
+        src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        torch.cuda.synchronize(dev)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize(dev)
+        seconds = start.elapsed_time(end) / 1e3
+        del src, dst
+        torch.cuda.empty_cache()
+    return 2.0 * nbytes * iters / seconds / 1e9
+
+
+def _synchronize(backend) -> None:
+    # The CUDA backend's step/forward return host values after its worker
+    # finished the job; a backend may still offer an explicit barrier.
+    sync = getattr(backend, "synchronize", None)
+    if callable(sync):
+        sync()
+
+
+def _one_run(backend, prompt_ids, depth_ids, decode_tokens: int):
+    # Greedy steps, as in real serving: on CUDA the token is picked on the
+    # device and only its id comes back.
+    params = SamplingParams(temperature=0.0)
+    backend.reset()
+    if depth_ids:
+        backend.forward(depth_ids, 0)
+    _synchronize(backend)
+    depth = len(depth_ids)
+    state = SamplerState(prompt_tokens=list(depth_ids) + list(prompt_ids))
+    t0 = time.perf_counter()
+    tok = int(backend.step(prompt_ids, depth, params, state).token)
+    _synchronize(backend)
+    t1 = time.perf_counter()
+    pos = depth + len(prompt_ids)
+    for _ in range(decode_tokens):
+        state.step += 1
+        tok = int(backend.step([tok], pos, params, state).token)
+        pos += 1
+    _synchronize(backend)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def bench_engine(engine, prompt_tokens: int = 512, decode_tokens: int = 128, depth: int = 0,
+                 repeats: int = 3, warmup: bool = True, seed: int = 0,
+                 copy_bandwidth_gbs: Optional[float] = None) -> dict:
+    """Time prefill and decode on a loaded Engine; returns the numbers as a dict."""
+    for name, v, lo in (("prompt_tokens", prompt_tokens, 1), ("decode_tokens", decode_tokens, 0),
+                        ("depth", depth, 0), ("repeats", repeats, 1)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    need = depth + prompt_tokens + decode_tokens
+    if need > engine.n_ctx:
+        from .errors import ContextLengthError
+        raise ContextLengthError(f"depth {depth} + prompt {prompt_tokens} + decode {decode_tokens} = "
+                                 f"{need} tokens exceed the context of {engine.n_ctx}")
+    gen = torch.Generator().manual_seed(seed)
+    vocab = engine.config.vocab_size
+    ids = torch.randint(0, vocab, (depth + prompt_tokens,), generator=gen).tolist()
+    depth_ids, prompt_ids = ids[:depth], ids[depth:]
+
+    engine._acquire()
+    try:
+        backend = engine.backend
+        if warmup:
+            _one_run(backend, prompt_ids, depth_ids, min(decode_tokens, 8))
+        prefill, decode = [], []
+        for _ in range(repeats):
+            p, d = _one_run(backend, prompt_ids, depth_ids, decode_tokens)
+            prefill.append(p)
+            decode.append(d)
+    finally:
+        engine._cached = []
+        engine._release()
+
+    p_med = statistics.median(prefill)
+    d_med = statistics.median(decode)
+    decode_tps = decode_tokens / d_med if decode_tokens and d_med > 0 else 0.0
+    weight_bytes = engine.weight_bytes
+    achieved = weight_bytes * decode_tps / 1e9
+    out = {
+        "model": str(engine.model_path),
+        "device": engine.device,
+        "device_name": _device_name(engine.device),
+        "n_ctx": engine.n_ctx,
+        "load_seconds": engine.load_seconds,
+        "prompt_tokens": prompt_tokens,
+        "decode_tokens": decode_tokens,
+        "depth": depth,
+        "repeats": repeats,
+        "prefill_seconds": p_med,
+        "prefill_tokens_per_s": prompt_tokens / p_med if p_med > 0 else 0.0,
+        "decode_seconds": d_med,
+        "decode_tokens_per_s": decode_tps,
+        "decode_ms_per_token": 1e3 * d_med / decode_tokens if decode_tokens else 0.0,
+        "weight_bytes": weight_bytes,
+        "weight_bytes_per_decode_token": weight_bytes,
+        "achieved_gb_per_s": achieved,
+        "prefill_seconds_all": prefill,
+        "decode_seconds_all": decode,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if copy_bandwidth_gbs:
+        out["copy_bandwidth_gb_per_s"] = copy_bandwidth_gbs
+        out["bandwidth_share"] = achieved / copy_bandwidth_gbs
+    return out
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        return torch.cuda.get_device_name(idx)
+    return platform.processor() or platform.machine()
+
+
+def parse_synthetic(spec: str) -> tuple:
+    """'llama3-8b:Q4_K_M' -> ('llama3-8b', 'Q4_K_M')."""
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ValueError(f"--synthetic must look like PRESET:QUANT (e.g. llama3-8b:Q4_K_M), got {spec!r}")
+    preset, quant = (s.strip() for s in spec.split(":"))
+    if not preset or not quant:
+        raise ValueError(f"--synthetic must look like PRESET:QUANT, got {spec!r}")
+    return preset, quant
+
+
+def write_synthetic(spec: str, directory: Path, seed: int = 0, progress: Optional[bool] = None,
+                    **overrides) -> Path:
+    """Write the synthetic model `spec` under `directory`; returns its path.
+
+    Float types (bf16, f16, f32) give a safetensors folder, everything else a
+    GGUF file. overrides (e.g. n_layers=2) reach the synthetic writer.
+    """
+    preset, quant = parse_synthetic(spec)
+    from . import synthetic
+    if preset not in synthetic.PRESETS:
+        raise ValueError(f"unknown synthetic preset {preset!r} (known: {', '.join(synthetic.PRESETS)})")
+    dense = FLOAT_QUANTS.get(quant.lower())
+    if dense is not None:
+        out = directory / f"{preset}-{dense}"
+        synthetic.write_synthetic_safetensors(out, preset, dense, seed=seed, progress=progress, **overrides)
+        return out
+    out = directory / f"{preset}-{quant}.gguf"
+    synthetic.write_synthetic_gguf(out, preset, quant, seed=seed, progress=progress, **overrides)
+    return out
+
+
+def run_bench(model=None, device: str = "auto", n_ctx: Optional[int] = None,
+              prompt_tokens: int = 512, decode_tokens: int = 128, depth: int = 0,
+              repeats: int = 3, warmup: bool = True, synthetic: Optional[str] = None,
+              synthetic_overrides: Optional[dict] = None, progress: Optional[bool] = None,
+              measure_copy: bool = True) -> dict:
+    """Load a model (or write a synthetic one), benchmark it, return the numbers."""
+    from .engine import Engine, _cuda_build, _cuda_visible, _parse_device
+
+    kind, index = _parse_device(device)
+    on_cuda = kind == "cuda" or (kind == "auto" and _cuda_visible() and _cuda_build())
+    copy_bw = None
+    if on_cuda and measure_copy:
+        # Measured before the model loads, so the probe buffers never compete
+        # with weights for memory.
+        copy_bw = measure_copy_bandwidth(index or 0)
+    need = depth + prompt_tokens + decode_tokens
+    ctx = n_ctx if n_ctx is not None else None
+    with tempfile.TemporaryDirectory(prefix="helexa-bench-") as tmp:
+        if synthetic:
+            if model is not None:
+                raise ValueError("give either --model or --synthetic, not both")
+            t0 = time.perf_counter()
+            model = write_synthetic(synthetic, Path(tmp), progress=progress,
+                                    **(synthetic_overrides or {}))
+            write_seconds = time.perf_counter() - t0
+        if ctx is None:
+            from . import defaults
+            ctx = max(defaults.DEFAULT_MAX_CONTEXT, need)
+        with Engine(model, device=device, n_ctx=ctx, progress=progress) as eng:
+            out = bench_engine(eng, prompt_tokens, decode_tokens, depth, repeats, warmup,
+                               copy_bandwidth_gbs=copy_bw)
+        if synthetic:
+            out["synthetic"] = synthetic
+            out["synthetic_write_seconds"] = write_seconds
+    return out
+
+
+def format_report(r: dict) -> str:
+    """Human-readable lines for a bench result."""
+    gib = r["weight_bytes"] / (1 << 30)
+    lines = [
+        f"model      {r.get('synthetic') or r['model']}",
+        f"device     {r['device']} ({r['device_name']})",
+        f"load       {r['load_seconds']:.2f} s",
+        f"weights    {r['weight_bytes']:,} bytes ({gib:.3f} GiB) read per decode token",
+        f"prefill    {r['prompt_tokens']} tokens at depth {r['depth']}: "
+        f"{r['prefill_tokens_per_s']:.1f} tok/s ({1e3 * r['prefill_seconds']:.1f} ms)",
+        f"decode     {r['decode_tokens']} tokens: {r['decode_tokens_per_s']:.2f} tok/s "
+        f"({r['decode_ms_per_token']:.2f} ms/token)",
+        f"bandwidth  {r['achieved_gb_per_s']:.1f} GB/s of weights",
+    ]
+    if "copy_bandwidth_gb_per_s" in r:
+        lines.append(f"           {100 * r['bandwidth_share']:.1f}% of measured device copy "
+                     f"bandwidth {r['copy_bandwidth_gb_per_s']:.0f} GB/s")
+    lines.append(f"(medians of {r['repeats']} runs)")
+    return "\n".join(lines)
