@@ -70,9 +70,10 @@ def _check_sampling(sampling: dict) -> None:
     resolve_params(sampling, {})
 
 
-def _engine(args):
+def _engine(args, prefix_cache: bool = False):
     from .engine import Engine
-    return Engine(args.model, device=args.device, n_ctx=args.n_ctx, progress=_progress(args))
+    return Engine(args.model, device=args.device, n_ctx=args.n_ctx, progress=_progress(args),
+                  prefix_cache=prefix_cache)
 
 
 def build_parser(with_server: bool = True) -> argparse.ArgumentParser:
@@ -232,7 +233,8 @@ def cmd_chat(args) -> int:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-    with _engine(args) as eng:
+    # A conversation re-sends its history each turn: reuse its KV cache.
+    with _engine(args, prefix_cache=True) as eng:
         system = [{"role": "system", "content": args.system}] if args.system else []
         history: List[dict] = []
         if interactive:

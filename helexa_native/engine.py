@@ -126,14 +126,16 @@ class Engine:
     """
 
     def __init__(self, model: Union[str, Path, None] = None, device: str = "auto",
-                 n_ctx: Optional[int] = None, progress: Any = None, prefix_cache: bool = True):
+                 n_ctx: Optional[int] = None, progress: Any = None, prefix_cache: bool = False):
         """Load `model` (GGUF file or HF folder; None = the default model) onto `device`.
 
         device: "auto" (CUDA when a GPU and a CUDA build are present, else CPU),
         "cpu", "cuda" or "cuda:N". n_ctx: KV cache positions (default: the
         model's context capped at defaults.DEFAULT_MAX_CONTEXT). progress is
         passed to the loader. prefix_cache reuses the KV cache of a shared
-        prompt prefix between calls.
+        prompt prefix between calls: faster multi-turn chat, but the last prompt
+        token then runs through a different kernel path than in a fresh call, so
+        a seeded request is no longer bit-for-bit repeatable (off by default).
         """
         self._init_state(prefix_cache)
         kind, index = _parse_device(device)
@@ -176,7 +178,7 @@ class Engine:
     @classmethod
     def from_backend(cls, backend, tokenizer, chat_template: Optional[str] = None,
                      generation_config: Optional[dict] = None, eos_token_ids: Sequence[int] = (),
-                     model_path: Union[str, Path] = "", prefix_cache: bool = True) -> "Engine":
+                     model_path: Union[str, Path] = "", prefix_cache: bool = False) -> "Engine":
         """Wrap an already loaded Backend and Tokenizer (custom backends, tests)."""
         self = cls.__new__(cls)
         self._init_state(prefix_cache)

@@ -136,29 +136,28 @@ def test_invalid_parameter_raises_and_engine_still_works(engine, kw):
 def test_threads_match_sequential(engine):
     prompts = ["The sun is", "My favourite food is", "In the year 2050,"]
     kw = dict(temperature=0.7, seed=9, max_tokens=8)
-    # Reusing a cached prefix may shift logits in the last float bits, so
-    # exact comparison runs without it.
-    engine.prefix_cache = False
-    try:
-        seq = [engine.generate(p, **kw).text for p in prompts]
-        out = {}
+    assert engine.prefix_cache is False   # the default: seeded requests repeat exactly
+    seq = [engine.generate(p, **kw).text for p in prompts]
+    out = {}
 
-        def work(i, j):
-            out[(i, j)] = engine.generate(prompts[i], **kw).text
-        threads = [threading.Thread(target=work, args=(i, j)) for i in range(3) for j in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        engine.prefix_cache = True
+    def work(i, j):
+        out[(i, j)] = engine.generate(prompts[i], **kw).text
+    threads = [threading.Thread(target=work, args=(i, j)) for i in range(3) for j in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     assert all(out[(i, j)] == seq[i] for i in range(3) for j in range(2))
 
 
 def test_multi_turn_reuses_cached_prefix(engine):
     msgs = [{"role": "user", "content": "Name a fruit."}]
-    r1 = engine.chat(msgs, temperature=0, max_tokens=12)
-    msgs += [{"role": "assistant", "content": r1.text}, {"role": "user", "content": "Another one?"}]
-    r2 = engine.chat(msgs, temperature=0, max_tokens=12)
+    engine.prefix_cache = True
+    try:
+        r1 = engine.chat(msgs, temperature=0, max_tokens=12)
+        msgs += [{"role": "assistant", "content": r1.text}, {"role": "user", "content": "Another one?"}]
+        r2 = engine.chat(msgs, temperature=0, max_tokens=12)
+    finally:
+        engine.prefix_cache = False
     assert r2.timings["cached_prompt_tokens"] > r1.usage["prompt_tokens"] // 2
     assert r2.text
