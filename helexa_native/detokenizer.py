@@ -16,11 +16,14 @@ import codecs
 class IncrementalDetokenizer:
     """Turns a stream of token ids into text deltas."""
 
-    def __init__(self, tokenizer, skip_special_tokens: bool = False) -> None:
+    def __init__(self, tokenizer, skip_special_tokens: bool = False,
+                 keep_leading_space: bool = False) -> None:
+        """keep_leading_space: the stream continues earlier text (a completion), so a
+        SentencePiece word-boundary space at its start is real text, not an artefact."""
         self._tok = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._strip = bool(getattr(tokenizer, "strip_leading_space", False))
+        self._strip = bool(getattr(tokenizer, "strip_leading_space", False)) and not keep_leading_space
         self._started = False          # some text has been emitted
         self._ids: list[int] = []
         self._text_len = 0

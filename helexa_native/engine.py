@@ -310,7 +310,7 @@ class Engine:
     def generate(self, prompt: Union[str, Sequence[int]], cancel=None, **sampling) -> GenerationResult:
         """Complete `prompt` (text, or token ids) and return the whole result."""
         ids = self._prompt_ids(prompt)
-        return _collect(self._start(ids, sampling, cancel), ids)
+        return _collect(self._start(ids, sampling, cancel, continuation=True), ids)
 
     def generate_stream(self, prompt: Union[str, Sequence[int]], cancel=None,
                         **sampling) -> Iterator[StreamChunk]:
@@ -319,7 +319,7 @@ class Engine:
         cancel: a threading.Event or a callable returning True to stop early
         (finish_reason "cancelled"). Parameters are checked before this returns.
         """
-        return self._start(self._prompt_ids(prompt), sampling, cancel)
+        return self._start(self._prompt_ids(prompt), sampling, cancel, continuation=True)
 
     def _prompt_ids(self, prompt) -> List[int]:
         self._live()
@@ -345,7 +345,8 @@ class Engine:
         return self.apply_chat_template(messages, add_generation_prompt=True, tools=tools,
                                         tokenize=True, **(chat_template_kwargs or {}))
 
-    def _start(self, ids: List[int], sampling: dict, cancel) -> Iterator[StreamChunk]:
+    def _start(self, ids: List[int], sampling: dict, cancel,
+               continuation: bool = False) -> Iterator[StreamChunk]:
         sampling = dict(sampling)
         skip_special = sampling.pop("skip_special_tokens", True)
         if not isinstance(skip_special, bool):
@@ -362,7 +363,8 @@ class Engine:
         if len(ids) >= self.n_ctx:
             raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context holds "
                                      f"{self.n_ctx}: at most {self.n_ctx - 1} prompt tokens fit")
-        return self._run(ids, params, max_tokens, stops, set(stop_ids), cancel, skip_special)
+        return self._run(ids, params, max_tokens, stops, set(stop_ids), cancel, skip_special,
+                         continuation)
 
     def _prefix_reuse(self, ids: List[int]) -> int:
         if not self.prefix_cache:
@@ -376,14 +378,15 @@ class Engine:
         return min(n, len(ids) - 1)
 
     def _run(self, ids, params: SamplingParams, max_tokens: int, stops, stop_ids, cancel,
-             skip_special: bool):
+             skip_special: bool, continuation: bool = False):
         self._acquire()
         try:
-            yield from self._loop(ids, params, max_tokens, stops, stop_ids, cancel, skip_special)
+            yield from self._loop(ids, params, max_tokens, stops, stop_ids, cancel, skip_special,
+                                  continuation)
         finally:
             self._release()
 
-    def _loop(self, ids, params, max_tokens, stops, stop_ids, cancel, skip_special):
+    def _loop(self, ids, params, max_tokens, stops, stop_ids, cancel, skip_special, continuation):
         from .detokenizer import IncrementalDetokenizer
 
         backend = self._live()
@@ -391,7 +394,10 @@ class Engine:
         n_prompt = len(ids)
         limit = min(max_tokens, self.n_ctx - n_prompt)
         state = SamplerState(prompt_tokens=list(ids))
-        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=skip_special)
+        # A completion continues the prompt's text, so a SentencePiece word-boundary
+        # space at its start is kept; a chat answer starts fresh and drops it.
+        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=skip_special,
+                                       keep_leading_space=continuation)
         matcher = StopMatcher(stops)
         generated: List[int] = []
         pend_ids: List[int] = []

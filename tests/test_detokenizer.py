@@ -163,3 +163,14 @@ def test_bad_id_leaves_state_unchanged(smollm):
         d.push(smollm.vocab_size + 5)
     rest = "".join(d.push(i) for i in first[1:]) + d.flush()
     assert rest == "🎉" and d.token_ids == first
+
+
+def test_continuation_keeps_word_boundary_space(spm):
+    # A completion of "Once upon a" must read " time", not "time".
+    ids = spm.encode("time flies", add_special_tokens=False)
+    assert spm.decode(ids) == "time flies"
+    d = IncrementalDetokenizer(spm, keep_leading_space=True)
+    out = "".join(d.push(i) for i in ids) + d.flush()
+    assert out == " time flies"
+    plain = IncrementalDetokenizer(spm)
+    assert "".join(plain.push(i) for i in ids) + plain.flush() == "time flies"
