@@ -339,7 +339,7 @@ struct HostCta {
   std::unique_ptr<Barrier> cta_bar;
   std::vector<std::unique_ptr<Barrier>> warp_bars;
   std::vector<float> shfl;
-  int block = 0, nwarps = 1;
+  int block = 0, nwarps = 1, nblocks = 1;
   const uint8_t *w_lo, *w_hi;
   const float *x_lo, *x_hi;
   std::atomic<int> errors{0};
@@ -373,6 +373,35 @@ struct HostCtx {
     }
     uint4 r;
     memcpy(&r, b, 16);
+    return r;
+  }
+  int nblocks() const { return c->nblocks; }
+  // Weight words of the dp4a kernels: aligned, starting inside the tensor (a
+  // word may end past its last byte, as allocations are whole words).
+  const uint8_t* wcheck(const void* p, int align) const {
+    const uint8_t* b = static_cast<const uint8_t*>(p);
+    if (reinterpret_cast<uintptr_t>(b) % align || b < c->w_lo || b >= c->w_hi) {
+      fprintf(stderr, "bad %d-byte weight load at offset %ld\n", align, (long)(b - c->w_lo));
+      c->errors++;
+      return nullptr;
+    }
+    return b;
+  }
+  uint4 ld_w128(const void* p) const {
+    uint4 r{0, 0, 0, 0};
+    const uint8_t* b = wcheck(p, 16);
+    if (b && b + 16 > c->w_hi) { fprintf(stderr, "16-byte load past the end\n"); c->errors++; b = nullptr; }
+    if (b) memcpy(&r, b, 16);
+    return r;
+  }
+  uint32_t ld_w32(const void* p) const {
+    uint32_t r = 0;
+    if (const uint8_t* b = wcheck(p, 4)) memcpy(&r, b, 4);
+    return r;
+  }
+  uint32_t ld_w16(const void* p) const {
+    uint16_t r = 0;
+    if (const uint8_t* b = wcheck(p, 2)) memcpy(&r, b, 2);
     return r;
   }
   float4 ld_x(const float* p) const {
@@ -421,6 +450,49 @@ int emulate(const matvec::Args& a, int sms, int warps) {
   return errors;
 }
 
+// The dp4a kernels: CTAs of `warps` warps (kWarps if 0), min(row groups, sms) of them, each
+// striding over row groups; the stage lives in the CTA's shared array.
+template <GgmlType T, int NT>
+int emulate_dp4a(const matvec::Args& a, int sms, int warps) {
+  const int cta_warps = warps > 0 ? warps : matvec::dp4a::kWarps;
+  const int rows_per_cta = cta_warps * matvec::dp4a::kRows;
+  const int groups = (a.n_out + rows_per_cta - 1) / rows_per_cta;
+  const int nblocks = std::max(1, std::min(groups, sms));
+  const size_t smem = matvec::dp4a::smem_bytes(a.ntok, a.k);
+  int errors = 0;
+  for (int b = 0; b < nblocks; ++b) {
+    HostCta cta;
+    cta.smem.assign(smem / 16 + 1, uint4{0xdeadbeef, 0xdeadbeef, 0xdeadbeef, 0xdeadbeef});
+    cta.nwarps = cta_warps;
+    cta.nblocks = nblocks;
+    cta.block = b;
+    cta.cta_bar = std::make_unique<Barrier>(32 * cta.nwarps);
+    for (int w = 0; w < cta.nwarps; ++w) cta.warp_bars.push_back(std::make_unique<Barrier>(32));
+    cta.shfl.assign(32 * cta.nwarps, 0.f);
+    cta.w_lo = a.w;
+    cta.w_hi = a.w + a.row_bytes * a.n_out;
+    cta.x_lo = a.x;
+    cta.x_hi = a.x + (size_t)a.ntok * a.k;
+    std::vector<std::thread> th;
+    for (int w = 0; w < cta.nwarps; ++w)
+      for (int l = 0; l < 32; ++l)
+        th.emplace_back([&, w, l] {
+          HostCtx ctx{cta.smem.data(), &cta, l, w};
+          matvec::dp4a::dp4a_cta<T, NT>(a, ctx, reinterpret_cast<uint8_t*>(cta.smem.data()));
+        });
+    for (auto& t : th) t.join();
+    errors += cta.errors;
+  }
+  return errors;
+}
+
+template <GgmlType T, int NT>
+int emulate_any(const matvec::Args& a, int sms, int warps) {
+  if constexpr (matvec::dp4a::supported<T>())
+    if (matvec::dp4a::smem_bytes(a.ntok, a.k) <= matvec::dp4a::kMaxSmem) return emulate_dp4a<T, NT>(a, sms, warps);
+  return emulate<T, NT>(a, sms, warps);
+}
+
 int main() {
   int hdr[7];  // type, n_out, k, ntok, accumulate, sms, warps (0: as planned)
   if (fread(hdr, 4, 7, stdin) != 7) return 2;
@@ -444,10 +516,10 @@ int main() {
 #define HX_EMU(T)                                                                       \
   case GgmlType::T: {                                                                   \
     a.nsteps = (a.npass + matvec::Config<GgmlType::T>::P - 1) / matvec::Config<GgmlType::T>::P; \
-    if (ntok == 1) errors = emulate<GgmlType::T, 1>(a, sms, warps);                     \
-    else if (ntok == 2) errors = emulate<GgmlType::T, 2>(a, sms, warps);                \
-    else if (ntok <= 4) errors = emulate<GgmlType::T, 4>(a, sms, warps);                \
-    else errors = emulate<GgmlType::T, 8>(a, sms, warps);                               \
+    if (ntok == 1) errors = emulate_any<GgmlType::T, 1>(a, sms, warps);                     \
+    else if (ntok == 2) errors = emulate_any<GgmlType::T, 2>(a, sms, warps);                \
+    else if (ntok <= 4) errors = emulate_any<GgmlType::T, 4>(a, sms, warps);                \
+    else errors = emulate_any<GgmlType::T, 8>(a, sms, warps);                               \
     break;                                                                              \
   }
   switch (t) {
@@ -473,6 +545,24 @@ def emulator(tmp_path_factory):
 
 
 EMU_TYPES = ["F32", "F16", "BF16", *F16_FIELDS]
+# Types whose matvec quantizes x to int8 blocks (matvec_dp4a.cuh) when the
+# stage fits 48 KiB of shared memory.
+DP4A_TYPES = {"Q4_0", "Q8_0", "Q4_K", "Q6_K"}
+
+
+def dp4a_applies(name: str, n_tok: int, k: int) -> bool:
+    return name in DP4A_TYPES and n_tok * (k + k // 32 * 4 + k // 16 * 4) <= 48 * 1024
+
+
+def quantized_x(x: np.ndarray) -> np.ndarray:
+    """x as the dp4a kernels see it: per 32 values d = max|x| / 127 and
+    q = rint(x * (1 / d)), in float32 like the device; returns q * d in float64."""
+    b = x.astype(np.float32).reshape(x.shape[0], -1, 32)
+    d = (np.abs(b).max(axis=2, keepdims=True) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+        q = np.rint(b * inv)
+    return (q.astype(np.float64) * d.astype(np.float64)).reshape(x.shape)
 
 
 def _emu_weights(name, n_out, k, rng):
@@ -515,7 +605,7 @@ def test_matvec_cta_runs_on_host(emulator, name):
     # (n_out, k, n_tok, accumulate, SM count, warps per CTA or 0 for the launcher's choice)
     cases = [(1, ks[0], 1, 0, 132, 0), (5, ks[1], 3, 1, 132, 0), (7, ks[2], 1, 0, 132, 0), (9, ks[3], 2, 1, 1, 0),
              (6, ks[2], 8, 0, 4, 0), (13, ks[1], 5, 0, 132, 0), (5, ks[2], 1, 1, 132, 1), (3, ks[2], 2, 0, 132, 2),
-             (4, ks[3], 1, 0, 132, 4), (2, ks[2], 4, 1, 132, 8)]
+             (4, ks[3], 1, 0, 132, 4), (2, ks[2], 4, 1, 132, 8), (40, ks[1], 2, 1, 1, 0), (37, ks[0], 1, 0, 2, 0)]
     for n_out, k, ntok, acc, sms, warps in cases:
         raw, tid, ref = _emu_weights(name, n_out, k, rng)
         x = rng.standard_normal((ntok, k)).astype(np.float32)
@@ -527,7 +617,7 @@ def test_matvec_cta_runs_on_host(emulator, name):
         tag = f"{name} n_out={n_out} k={k} n_tok={ntok} accumulate={acc} sms={sms} warps={warps} seed={seed}"
         assert p.returncode == 0, f"{tag}: emulator exit {p.returncode}: {p.stderr.decode()[:2000]}"
         y = np.frombuffer(p.stdout, np.float32).reshape(ntok, n_out)
-        x64 = x.astype(np.float64)
+        x64 = quantized_x(x) if dp4a_applies(name, ntok, k) else x.astype(np.float64)
         want = x64 @ ref.T + bias + (y0 if acc else 0)
         scale = np.abs(x64) @ np.abs(ref).T + np.abs(bias) + (np.abs(y0) if acc else 0)
         err = np.max(np.abs(y - want) / scale)

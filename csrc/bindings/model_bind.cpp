@@ -184,6 +184,7 @@ void bind_model(py::module_& m) {
       .def(py::init<>())
       .def_readwrite("arch", &ModelSpec::arch)
       .def_readwrite("vocab", &ModelSpec::vocab)
+      .def_readwrite("int8_activations", &ModelSpec::int8_activations)
       .def_readwrite("hidden", &ModelSpec::hidden)
       .def_readwrite("intermediate", &ModelSpec::intermediate)
       .def_readwrite("layers", &ModelSpec::layers)

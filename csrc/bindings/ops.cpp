@@ -153,6 +153,61 @@ void op_kv_append(const at::Tensor& k, const at::Tensor& v, at::Tensor& kc, at::
                    stream_of(kc));
 }
 
+void op_rope_table(const at::Tensor& inv_freq, at::Tensor& table) {
+  const c10::cuda::CUDAGuard guard(cuda_device(table, "table"));
+  const auto dev = table.device();
+  check_tensor(inv_freq, "inv_freq", at::kDouble, dev);
+  check_tensor(table, "table", at::kFloat, dev);
+  TORCH_CHECK(table.dim() == 3 && table.size(1) == inv_freq.numel() && table.size(2) == 2,
+              "table must be [len, d/2, 2] with d/2 = inv_freq.numel()");
+  rope_table_launch(inv_freq.data_ptr<double>(), table.data_ptr<float>(), as_int(table.size(0), "len"),
+                    2 * as_int(inv_freq.numel(), "d/2"), stream_of(table));
+}
+
+void op_rope_kv_append(at::Tensor& q, at::Tensor& k, const at::Tensor& v, at::Tensor& kc, at::Tensor& vc,
+                       const at::Tensor& pos, const std::optional<at::Tensor>& table, const at::Tensor& inv_freq,
+                       const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm, double eps,
+                       int64_t style) {
+  const c10::cuda::CUDAGuard guard(cuda_device(kc, "k_cache"));
+  const auto dev = kc.device();
+  check_tensor(q, "q", at::kFloat, dev);
+  check_tensor(k, "k", at::kFloat, dev);
+  check_tensor(v, "v", at::kFloat, dev);
+  check_tensor(kc, "k_cache", at::kBFloat16, dev);
+  check_tensor(vc, "v_cache", at::kBFloat16, dev);
+  check_tensor(pos, "pos", at::kInt, dev);
+  check_tensor(inv_freq, "inv_freq", at::kDouble, dev);
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes(), "q must be [n, nq, d], k and v [n, nk, d]");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2), "q and k must agree in n and d");
+  TORCH_CHECK(kc.dim() == 3 && kc.sizes() == vc.sizes(), "caches must be [nk, cap, d]");
+  TORCH_CHECK(kc.size(0) == k.size(1) && kc.size(2) == k.size(2), "cache heads / head_dim must match k");
+  TORCH_CHECK(pos.numel() == q.size(0), "pos must have n elements");
+  const int d = as_int(q.size(2), "d");
+  TORCH_CHECK(inv_freq.numel() == d / 2, "inv_freq must have d/2 elements");
+  const float* tp = nullptr;
+  int tlen = 0;
+  if (table.has_value() && table->defined()) {
+    check_tensor(*table, "table", at::kFloat, dev);
+    TORCH_CHECK(table->dim() == 3 && table->size(1) == d / 2 && table->size(2) == 2, "table must be [len, d/2, 2]");
+    tp = table->data_ptr<float>();
+    tlen = as_int(table->size(0), "table length");
+  }
+  const bool has_q = q_norm.has_value() && q_norm->defined();
+  const bool has_k = k_norm.has_value() && k_norm->defined();
+  TORCH_CHECK(has_q == has_k, "q_norm and k_norm must be given together");
+  if (has_q) {
+    check_tensor(*q_norm, "q_norm", at::kFloat, dev);
+    check_tensor(*k_norm, "k_norm", at::kFloat, dev);
+    TORCH_CHECK(q_norm->numel() == d && k_norm->numel() == d, "q_norm and k_norm must have d elements");
+  }
+  rope_kv_append_launch(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), bf16_ptr(kc), bf16_ptr(vc),
+                        pos.data_ptr<int32_t>(), tp, tlen, inv_freq.data_ptr<double>(),
+                        has_q ? q_norm->data_ptr<float>() : nullptr, has_k ? k_norm->data_ptr<float>() : nullptr,
+                        static_cast<float>(eps), as_int(q.size(0), "n"), as_int(q.size(1), "nq"),
+                        as_int(k.size(1), "nk"), d, as_int(kc.size(1), "cap"), static_cast<int>(style),
+                        stream_of(kc));
+}
+
 void op_attention_decode(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& seq_len,
                          at::Tensor& out, double scale) {
   const c10::cuda::CUDAGuard guard(cuda_device(q, "q"));
@@ -168,7 +223,8 @@ void op_attention_decode(const at::Tensor& q, const at::Tensor& kc, const at::Te
   const int nq = as_int(q.size(0), "nq"), d = as_int(q.size(1), "d");
   const int nk = as_int(kc.size(0), "nk"), cap = as_int(kc.size(1), "cap");
   const size_t ws_bytes = attention_decode_workspace_bytes(nq, d, cap);
-  at::Tensor ws = at::empty({static_cast<int64_t>((ws_bytes + 3) / 4)}, q.options());
+  // Zeroed: the workspace ends in the kernel's arrival counters.
+  at::Tensor ws = at::zeros({static_cast<int64_t>((ws_bytes + 3) / 4)}, q.options());
   attention_decode_launch(q.data_ptr<float>(), bf16_ptr(kc), bf16_ptr(vc), seq_len.data_ptr<int32_t>(),
                           out.data_ptr<float>(), ws.data_ptr<float>(), ws_bytes, nq, nk, d, cap,
                           static_cast<float>(scale), stream_of(q));
@@ -322,6 +378,11 @@ TORCH_LIBRARY_FRAGMENT(helexa, m) {
   m.def("head_rms_norm(Tensor(a!) x, Tensor weight, float eps) -> ()", &hx::op_head_rms_norm);
   m.def("rope(Tensor(a!) q, Tensor(b!) k, Tensor pos, Tensor inv_freq, int style) -> ()", &hx::op_rope);
   m.def("kv_append(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor pos) -> ()", &hx::op_kv_append);
+  m.def("rope_table(Tensor inv_freq, Tensor(a!) table) -> ()", &hx::op_rope_table);
+  m.def(
+      "rope_kv_append(Tensor(a!) q, Tensor(b!) k, Tensor v, Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor pos, "
+      "Tensor? table, Tensor inv_freq, Tensor? q_norm, Tensor? k_norm, float eps, int style) -> ()",
+      &hx::op_rope_kv_append);
   m.def(
       "attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_len, Tensor(a!) out, float scale) -> ()",
       &hx::op_attention_decode);

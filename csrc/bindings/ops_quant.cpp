@@ -65,10 +65,21 @@ void launch(F&& f) {
   }
 }
 
+// The size facts of a matvec call that need no tensor: checked before any
+// guard, allocation or tensor access, so a bad call fails with nothing built.
+void check_matvec_sizes(GgmlType t, int64_t n_out, int64_t k) {
+  const int64_t qk = block_elems(t);
+  TORCH_CHECK(qk > 0 && k % qk == 0, "k=", k, " is not a multiple of the ", type_name(t),
+                    " block size ", qk);
+  TORCH_CHECK(n_out >= 1 && n_out <= INT32_MAX, "n_out out of range: ", n_out);
+}
+
 at::Tensor op_matvec(int64_t type, const at::Tensor& w, const at::Tensor& x, int64_t n_out, int64_t k,
-                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& y_accumulate) {
+                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& y_accumulate,
+                     bool int8) {
   const GgmlType t = checked_type(type);
   const int no = checked_int(n_out, "n_out", 1), kk = checked_int(k, "k", 1);
+  check_matvec_sizes(t, n_out, k);
   TORCH_CHECK(x.defined() && x.is_cuda(), "x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto dev = x.device();
@@ -99,7 +110,7 @@ at::Tensor op_matvec(int64_t type, const at::Tensor& w, const at::Tensor& x, int
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   launch([&] {
     matvec_launch(t, wc.data_ptr(), xc.data_ptr<float>(), y.data_ptr<float>(), no, kk, static_cast<int>(ntok),
-                  bc.defined() ? bc.data_ptr<float>() : nullptr, acc, stream);
+                  bc.defined() ? bc.data_ptr<float>() : nullptr, acc, stream, int8);
   });
   return y;
 }
@@ -127,6 +138,7 @@ void op_matvec_out(int64_t type, const at::Tensor& w, const at::Tensor& x, at::T
                    const std::optional<at::Tensor>& bias, bool accumulate) {
   const GgmlType t = checked_type(type);
   const int no = checked_int(n_out, "n_out", 1), kk = checked_int(k, "k", 1);
+  check_matvec_sizes(t, n_out, k);
   TORCH_CHECK(x.defined() && x.is_cuda(), "x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto dev = x.device();
@@ -177,7 +189,8 @@ void op_dequantize_out(int64_t type, const at::Tensor& w, at::Tensor& out, int64
 }  // namespace hx
 
 TORCH_LIBRARY_FRAGMENT(helexa, m) {
-  m.def("matvec(int type, Tensor w_uint8, Tensor x_f32, int n_out, int k, Tensor? bias, Tensor? y_accumulate) -> Tensor",
+  m.def("matvec(int type, Tensor w_uint8, Tensor x_f32, int n_out, int k, Tensor? bias, Tensor? y_accumulate, "
+        "bool int8=False) -> Tensor",
         &hx::op_matvec);
   m.def("dequantize(int type, Tensor w_uint8, int n_out, int k, bool bf16) -> Tensor", &hx::op_dequantize);
   m.def("matvec_out(int type, Tensor w_uint8, Tensor x_f32, Tensor(a!) y, int n_out, int k, Tensor? bias, "

@@ -21,7 +21,10 @@ constexpr int kMatvecMaxTokens = 8;
 void matvec_launch(GgmlType type, const void* w /*[n_out, k] stored rows*/, const float* x /*[n_tok, k]*/,
                    float* y /*[n_tok, n_out]*/, int n_out, int k, int n_tok /*1..8*/,
                    const float* bias /*[n_out] or nullptr*/, bool accumulate /*y += instead of y =*/,
-                   cudaStream_t stream);
+                   cudaStream_t stream,
+                   // Q4_0/Q8_0/Q4_K/Q6_K: quantize x to int8 blocks of 32 and use integer dot
+                   // products (about 1.5x faster decode, ~0.3% relative error per product).
+                   bool int8_activations = false);
 
 // No GPU-specific layout is used: matvec reads the GGUF layout at full speed,
 // so repacked_bytes is 0 and the forward keeps the stored rows.

@@ -1,6 +1,11 @@
 // Matvec kernel template, instantiated once per storage type by the generated
 // files matvec_<type>.cu (tools/gen_kernels.py).
 //
+// Q4_0, Q8_0, Q4_K and Q6_K go to the integer-dot kernel of matvec_dp4a.cuh
+// (int8 activations, dp4a) whenever its activation stage fits 48 KiB of
+// shared memory (n_tok * k * 1.375 bytes); the other types, and larger
+// stages, use the float kernel below.
+//
 //   y[t, i] = (accumulate ? y[t, i] : 0) + bias[i] + sum_j W[i, j] x[t, j]
 //
 // Layout: W is n_out rows of row_bytes bytes (GGUF blocks), rows contiguous.
@@ -44,6 +49,7 @@
 
 #include "common/check.h"
 #include "common/ggml_types.h"
+#include "kernels/matvec_dp4a.cuh"
 #include "kernels/quant_blocks.cuh"
 
 namespace hx {
@@ -77,6 +83,7 @@ struct Args {
   size_t row_bytes;
   int n_out, k, ntok, npass, nsteps;
   int accumulate;
+  int int8_x;          // quantize x to int8 blocks and use the dp4a kernel where it has one
 };
 
 // Grid of one launch.
@@ -152,6 +159,20 @@ struct DeviceCtx {
   }
   __device__ __forceinline__ float4 ld_x(const float* p) const {
     return __ldg(reinterpret_cast<const float4*>(p));
+  }
+  __device__ __forceinline__ int nblocks() const { return gridDim.x; }
+  // Weight words for the dp4a kernels (read-only path; neighbouring lanes
+  // share 16-byte headers and Q6_K high bits, so these may allocate in L1).
+  __device__ __forceinline__ uint4 ld_w128(const void* p) const {
+    uint4 r;
+    asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+  }
+  __device__ __forceinline__ uint32_t ld_w32(const void* p) const {
+    return __ldg(reinterpret_cast<const unsigned int*>(p));
+  }
+  __device__ __forceinline__ uint32_t ld_w16(const void* p) const {
+    return __ldg(reinterpret_cast<const unsigned short*>(p));
   }
 };
 
@@ -328,6 +349,47 @@ __global__ void __launch_bounds__(kMaxWarps * 32) matvec_kernel(const Args a) {
   matvec_cta<T, NT>(a, DeviceCtx{smem});
 }
 
+template <GgmlType T, int NT>
+__global__ void __launch_bounds__(dp4a::kWarps * 32, 1) matvec_dp4a_kernel(const Args a) {
+  extern __shared__ uint4 smem[];
+  dp4a::dp4a_cta<T, NT>(a, DeviceCtx{smem}, reinterpret_cast<uint8_t*>(smem));
+}
+
+// Grid of a dp4a launch: one CTA per row group, at most as many as fit on the
+// GPU at once (each CTA quantizes x once, then strides over row groups).
+// fit[0]: CTAs per SM without shared memory (asked once per device),
+// fit[1]: shared memory per SM.
+template <GgmlType T, int NT>
+int dp4a_blocks(const Args& a, int device, int sms, int warps) {
+  constexpr int kDevices = 64;
+  static int table[kDevices][2];
+  static std::atomic<bool> ready[kDevices];
+  int fit[2] = {1, 0};
+  if (device >= 0 && device < kDevices && ready[device].load(std::memory_order_acquire)) {
+    fit[0] = table[device][0];
+    fit[1] = table[device][1];
+  } else {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit[0], matvec_dp4a_kernel<T, NT>, dp4a::kWarps * 32, 0) !=
+        cudaSuccess)
+      fit[0] = 1;
+    if (cudaDeviceGetAttribute(&fit[1], cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess)
+      fit[1] = 0;
+    (void)cudaGetLastError();
+    if (device >= 0 && device < kDevices) {
+      table[device][0] = fit[0];
+      table[device][1] = fit[1];
+      ready[device].store(true, std::memory_order_release);
+    }
+  }
+  const size_t smem = dp4a::smem_bytes(a.ntok, a.k);
+  int per_sm = std::max(1, fit[0]);
+  if (fit[1] > 0) per_sm = std::max(1, std::min<int>(per_sm, (int)((size_t)fit[1] / (smem + 1024))));
+  if (warps < dp4a::kWarps) per_sm *= dp4a::kWarps / warps;
+  const int rows_per_cta = warps * dp4a::kRows;
+  const long groups = (a.n_out + rows_per_cta - 1) / rows_per_cta;
+  return (int)std::max(1L, std::min<long>(groups, (long)std::max(sms, 1) * per_sm));
+}
+
 // CTAs of 1, 2, 4, 8 warps that fit on one SM, asked once per device.
 template <GgmlType T, int NT>
 const int (&resident_ctas(int device))[4] {
@@ -351,6 +413,17 @@ const int (&resident_ctas(int device))[4] {
 
 template <GgmlType T, int NT>
 void launch_nt(const Args& a, int device, int sms, cudaStream_t stream) {
+  if constexpr (dp4a::supported<T>()) {
+    const size_t smem = dp4a::smem_bytes(a.ntok, a.k);
+    if (a.int8_x && smem <= dp4a::kMaxSmem) {
+      // Small matrices: narrower CTAs, so the row groups still cover the SMs.
+      int warps = dp4a::kWarps;
+      while (warps > 4 && (long)(a.n_out + warps * dp4a::kRows - 1) / (warps * dp4a::kRows) < sms) warps /= 2;
+      matvec_dp4a_kernel<T, NT><<<dp4a_blocks<T, NT>(a, device, sms, warps), dim3(32, warps), smem, stream>>>(a);
+      HX_CUDA_CHECK(cudaGetLastError());
+      return;
+    }
+  }
   const Plan p = plan<T, NT>(a, sms, resident_ctas<T, NT>(device));
   matvec_kernel<T, NT><<<p.blocks, dim3(32, p.warps), p.smem_bytes, stream>>>(a);
   HX_CUDA_CHECK(cudaGetLastError());

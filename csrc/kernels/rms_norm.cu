@@ -5,6 +5,8 @@
 //   reduction gives the scale, pass 2 re-reads r (the thread's own writes,
 //   L1/L2 hits) and writes float32 and/or bf16 outputs. float4 accesses when
 //   h % 4 == 0 and the pointers allow it, scalar otherwise.
+//   Rows up to 8192 wide (float4 path) keep the row in registers instead:
+//   one read of the residual, all loads in flight before the reduction.
 // head_rms_norm: one warp per (token, head) row of d values, in place.
 // Float32 math everywhere, 1/sqrtf (IEEE) rather than rsqrtf so results
 // match a float32 torch reference to rounding. One arch path (sm_80+ baseline).
@@ -78,6 +80,58 @@ __global__ void add_rms_norm_kernel(float* __restrict__ residual, const float* _
   }
 }
 
+// Rows of at most NV float4 per thread: the row stays in registers between
+// the reduction and the output, every load (residual, delta, weight) is
+// issued before the reduction waits, and the residual is read once.
+template <int NV>
+__global__ void __launch_bounds__(256)
+add_rms_norm_reg_kernel(float* __restrict__ residual, const float* __restrict__ delta,
+                        const float* __restrict__ weight, float eps, float* __restrict__ out_f32,
+                        __nv_bfloat16* __restrict__ out_bf16, int h) {
+  __shared__ float scratch[32];
+  const size_t row = blockIdx.x;
+  const int nv = h >> 2;
+  float4* r4 = reinterpret_cast<float4*>(residual + row * h);
+  const float4* d4 = delta ? reinterpret_cast<const float4*>(delta + row * h) : nullptr;
+  const float4* w4 = reinterpret_cast<const float4*>(weight);
+  float4 v[NV], w[NV];
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+    const int i = threadIdx.x + j * blockDim.x;
+    v[j] = i < nv ? r4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+    w[j] = i < nv ? __ldg(w4 + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  if (d4) {
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      const int i = threadIdx.x + j * blockDim.x;
+      if (i < nv) {
+        const float4 e = d4[i];
+        v[j].x += e.x; v[j].y += e.y; v[j].z += e.z; v[j].w += e.w;
+        r4[i] = v[j];
+      }
+    }
+  }
+  float ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < NV; ++j) ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
+  ss = block_sum(ss, scratch);
+  const float inv = 1.0f / sqrtf(ss / (float)h + eps);
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+    const int i = threadIdx.x + j * blockDim.x;
+    if (i >= nv) break;
+    const float4 y = make_float4(v[j].x * inv * w[j].x, v[j].y * inv * w[j].y, v[j].z * inv * w[j].z,
+                                 v[j].w * inv * w[j].w);
+    if (out_f32) reinterpret_cast<float4*>(out_f32 + row * h)[i] = y;
+    if (out_bf16) {
+      __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(out_bf16 + row * h) + 2 * i;
+      o[0] = __floats2bfloat162_rn(y.x, y.y);
+      o[1] = __floats2bfloat162_rn(y.z, y.w);
+    }
+  }
+}
+
 __global__ void head_rms_norm_kernel(float* __restrict__ x, const float* __restrict__ weight, float eps,
                                      int rows, int d) {
   const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -103,6 +157,21 @@ void add_rms_norm_launch(float* residual, const float* delta, const float* weigh
   const bool vec = h % 4 == 0 && aligned(residual, 16) && (!delta || aligned(delta, 16)) &&
                    aligned(weight, 16) && (!out_f32 || aligned(out_f32, 16)) &&
                    (!out_bf16 || aligned(out_bf16, 8));
+  if (vec && h / 4 <= 8 * 256) {
+    // Register path: up to 256 threads (more only add reduction steps), as
+    // few float4 per thread as that allows.
+    const int nv = h / 4;
+    const int per = nv <= 256 ? 1 : (nv <= 512 ? 2 : (nv <= 1024 ? 4 : 8));
+    int threads = ((nv + per - 1) / per + 31) / 32 * 32;
+    threads = threads < 32 ? 32 : threads;
+    auto kernel = per == 1 ? add_rms_norm_reg_kernel<1>
+                  : per == 2 ? add_rms_norm_reg_kernel<2>
+                  : per == 4 ? add_rms_norm_reg_kernel<4>
+                             : add_rms_norm_reg_kernel<8>;
+    kernel<<<n, threads, 0, stream>>>(residual, delta, weight, eps, out_f32, out_bf16, h);
+    HX_CUDA_CHECK(cudaGetLastError());
+    return;
+  }
   const int work = vec ? h / 4 : h;
   // About four accesses per thread: enough to hide latency, one row per block.
   int threads = ((work + 3) / 4 + 31) / 32 * 32;

@@ -123,6 +123,7 @@ GpuModel::GpuModel(WorkerContext& ctx, const ModelSpec& spec, const std::vector<
   try {
     load_weights(ctx, tensors);
     alloc_state();
+    init_tables(ctx);
     clear_kv(ctx);
     ctx.synchronize();
   } catch (...) {
@@ -333,6 +334,7 @@ void GpuModel::alloc_state() {
   work_logits_ = static_cast<float*>(dev_alloc(V * 4, sc));
   attn_ws_bytes_ = attention_decode_workspace_bytes(s.heads, s.head_dim, cap_);
   attn_ws_ = static_cast<float*>(dev_alloc(attn_ws_bytes_, sc));
+  rope_table_ = static_cast<float*>(dev_alloc(static_cast<size_t>(cap_) * s.head_dim * 4, sc));
   sample_ws_bytes_ = sample_workspace_bytes(s.vocab);
   sample_ws_ = dev_alloc(sample_ws_bytes_, sc);
 
@@ -369,6 +371,16 @@ std::map<std::string, int64_t> GpuModel::memory() const {
   m["graph_failures"] = failed;
   m["use_graphs"] = use_graphs_ ? 1 : 0;
   return m;
+}
+
+void GpuModel::init_tables(WorkerContext& ctx) {
+  cudaStream_t st = ctx.compute_stream();
+  // The decode attention's arrival counters (end of its workspace) must start
+  // at zero; every launch leaves them so.
+  HX_CUDA_CHECK(cudaMemsetAsync(attn_ws_, 0, attn_ws_bytes_, st));
+  // cos/sin for every cache position, once: the per-layer rope becomes a
+  // table lookup instead of float64 sincos per token and layer.
+  rope_table_launch(inv_freq_, rope_table_, cap_, spec_.head_dim, st);
 }
 
 void GpuModel::set_graphs(bool enabled) { use_graphs_ = enabled; }
@@ -465,7 +477,7 @@ void GpuModel::linear(WorkerContext& ctx, const LinearWeight& w, const float* x_
                       bool small) {
   cudaStream_t st = ctx.compute_stream();
   if (small) {
-    matvec_launch(w.type, w.data, x_f32, y, w.n_out, w.k, n, bias, accumulate, st);
+    matvec_launch(w.type, w.data, x_f32, y, w.n_out, w.k, n, bias, accumulate, st, spec_.int8_activations);
     return;
   }
   const __nv_bfloat16* wb = nullptr;
@@ -499,7 +511,8 @@ void GpuModel::run_layers(WorkerContext& ctx, const int32_t* ids, const int32_t*
     const float* bv = L.b_qkv ? L.b_qkv + q_size_ + kv_size_ : nullptr;
     if (n == 1 && L.qkv_fused) {
       // q, k and v blocks are adjacent for one token: one launch fills all three.
-      matvec_launch(L.qkv.type, L.qkv.data, xn_, q, qkv_size_, h, 1, L.b_qkv, false, st);
+      matvec_launch(L.qkv.type, L.qkv.data, xn_, q, qkv_size_, h, 1, L.b_qkv, false, st,
+                    spec_.int8_activations);
     } else if (!small && L.qkv_fused) {
       const __nv_bfloat16* wb = nullptr;
       dequantize_for_gemm(ctx, L.qkv, &wb);
@@ -518,12 +531,9 @@ void GpuModel::run_layers(WorkerContext& ctx, const int32_t* ids, const int32_t*
       linear(ctx, L.v, xn_, xb_, v, n, bv, false, small);
     }
 
-    if (L.q_norm != nullptr) {
-      head_rms_norm_launch(q, L.q_norm, eps, n, nq, d, st);
-      head_rms_norm_launch(k, L.k_norm, eps, n, nk, d, st);
-    }
-    rope_launch(q, k, pos, inv_freq_, n, nq, nk, d, s.rope_style, st);
-    kv_append_launch(k, v, L.k_cache, L.v_cache, pos, n, nk, d, cap_, st);
+    // qwen3's q/k norm, the rotation and the cache append in one launch.
+    rope_kv_append_launch(q, k, v, L.k_cache, L.v_cache, pos, rope_table_, cap_, inv_freq_, L.q_norm,
+                          L.q_norm != nullptr ? L.k_norm : nullptr, eps, n, nq, nk, d, cap_, s.rope_style, st);
     if (decode) {
       attention_decode_launch(q, L.k_cache, L.v_cache, &d_in_->seq_len, attn_, attn_ws_, attn_ws_bytes_, nq, nk,
                               d, cap_, scale, st);
@@ -536,7 +546,8 @@ void GpuModel::run_layers(WorkerContext& ctx, const int32_t* ids, const int32_t*
 
     add_rms_norm_launch(x_, nullptr, L.ffn_norm, eps, small ? xn_ : nullptr, small ? nullptr : xb_, n, h, st);
     if (n == 1 && L.gate_up_fused) {
-      matvec_launch(L.gate_up.type, L.gate_up.data, xn_, gate, 2 * f, h, 1, nullptr, false, st);
+      matvec_launch(L.gate_up.type, L.gate_up.data, xn_, gate, 2 * f, h, 1, nullptr, false, st,
+                    spec_.int8_activations);
     } else if (!small && L.gate_up_fused) {
       const __nv_bfloat16* wb = nullptr;
       dequantize_for_gemm(ctx, L.gate_up, &wb);
@@ -556,7 +567,8 @@ void GpuModel::lm_head(WorkerContext& ctx, int row0, int count) {
   const int h = spec_.hidden;
   add_rms_norm_launch(x_ + static_cast<size_t>(row0) * h, nullptr, output_norm_, spec_.eps, xn_, nullptr, count, h,
                       st);
-  matvec_launch(output_.type, output_.data, xn_, logits_, spec_.vocab, h, count, nullptr, false, st);
+  matvec_launch(output_.type, output_.data, xn_, logits_, spec_.vocab, h, count, nullptr, false, st,
+                spec_.int8_activations);
 }
 
 void GpuModel::sample_tail(WorkerContext& ctx, int mode) {
@@ -633,13 +645,21 @@ StepResult GpuModel::prefill(WorkerContext& ctx, const std::vector<int32_t>& tok
 
 StepResult GpuModel::decode(WorkerContext& ctx, int32_t token, int pos, const SampleConfig& sc,
                             const PenaltyUpdate& pen, bool want_logits) {
-  check_tokens({token}, pos);
+  // check_tokens without building a vector: this is the per-token path.
+  if (pos < 0) throw std::invalid_argument("start_pos must be non-negative");
+  if (pos >= cap_)
+    throw std::invalid_argument("positions up to " + std::to_string(pos + 1) + " exceed the context of " +
+                                std::to_string(cap_) + " tokens");
+  if (token < 0 || token >= spec_.vocab)
+    throw std::invalid_argument("token id " + std::to_string(token) + " is outside the vocabulary (size " +
+                                std::to_string(spec_.vocab) + ")");
   cudaStream_t st = ctx.compute_stream();
   apply_penalty_update(ctx, pen);
   stage_inputs(ctx, sc, token, pos);
   const int mode = mode_of(sc, pen);
   auto it = graphs_.find(mode);
-  if (!use_graphs_ || graph_failed_[mode]) {
+  const auto failed = graph_failed_.find(mode);
+  if (!use_graphs_ || (failed != graph_failed_.end() && failed->second)) {
     decode_body(ctx, mode);
   } else if (it != graphs_.end()) {
     HX_CUDA_CHECK(cudaGraphLaunch(it->second, st));

@@ -7,8 +7,8 @@
 // Forward plan, per layer (n tokens; residual x is float32 [n, hidden]):
 //   xn = rmsnorm(x) * attn_norm
 //   q|k|v = xn Wqkv^T (+ bias)              n <= 8: quantized matvec; else dequant->bf16 + GEMM
-//   q, k = head_rmsnorm(q, k)               (qwen3)
-//   q, k = rope(q, k, pos); kv cache[pos] = k, v
+//   q, k = rope(head_rmsnorm(q, k) (qwen3), pos); kv cache[pos] = k, v
+//                                            one fused launch, cos/sin from a table built at load
 //   a = attention(q, cache)                 n == 1 decode: split-sequence kernel reading seq_len
 //                                            from device memory; else tensor-core causal prefill
 //   x += a Wo^T                              (matvec accumulate / GEMM with beta = 1)
@@ -115,6 +115,7 @@ class GpuModel : public Resource {
 
   void load_weights(WorkerContext& ctx, const std::vector<HostTensor>& tensors);
   void alloc_state();
+  void init_tables(WorkerContext& ctx);
 
   void check_tokens(const std::vector<int32_t>& tokens, int start_pos) const;
   void stage_inputs(WorkerContext& ctx, const SampleConfig& sc, int32_t token, int pos);
@@ -163,6 +164,7 @@ class GpuModel : public Resource {
   size_t wbuf_elems_ = 0;
   float* logits_ = nullptr;            // [8, vocab] raw logits
   float* work_logits_ = nullptr;       // [vocab] penalized copy the sampler reads
+  float* rope_table_ = nullptr;        // [cap, head_dim / 2, 2] cos, sin of pos * inv_freq
   float* attn_ws_ = nullptr;
   size_t attn_ws_bytes_ = 0;
   void* sample_ws_ = nullptr;

@@ -34,6 +34,7 @@ struct ModelSpec {
   int n_ctx = 4096;               // KV cache capacity in positions
   int prefill_chunk = 512;        // tokens per prefill pass (bounds scratch)
   bool use_graphs = true;         // replay decode as a CUDA graph
+  bool int8_activations = false;  // decode matvecs quantize activations to int8 (faster, less exact)
 };
 
 // One weight as the loader holds it: GGML type id, torch-order shape, host bytes.

@@ -95,7 +95,11 @@ class CUDABackend(Backend):
     """A model on one CUDA device, run by its device worker."""
 
     def __init__(self, source: ModelSource, device_index: int = 0, n_ctx: int = 4096,
-                 use_graphs: bool = True, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 use_graphs: bool = True, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 int8_activations: bool = False):
+        """int8_activations: decode matvecs over Q4_0/Q8_0/Q4_K/Q6_K weights quantize
+        their input to int8 and use integer dot products: about 1.5x faster decode
+        at ~0.3% relative error per product (off by default: exact float math)."""
         if not isinstance(device_index, int) or isinstance(device_index, bool) or device_index < 0:
             raise ValueError(f"device_index must be a non-negative integer, got {device_index!r}")
         if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 1:
@@ -117,6 +121,12 @@ class CUDABackend(Backend):
         self._model = None
         self.n_filled = 0
         self._pen_sync = None
+        # Per-step objects reused while the parameters stay the same: a decode
+        # step then only sets the step counter (jobs run one at a time and the
+        # worker reads these only during the call).
+        self._sc_cache = None
+        self._pu_off = C.PenaltyUpdate()
+        self._pu_off.active = False
 
         # Starts the device's worker and refuses a GPU this build has no code for.
         from ..runtime import get_worker
@@ -143,6 +153,7 @@ class CUDABackend(Backend):
         spec.n_ctx = int(n_ctx)
         spec.prefill_chunk = int(min(prefill_chunk, n_ctx))
         spec.use_graphs = bool(use_graphs)
+        spec.int8_activations = bool(int8_activations)
         tensors = _host_tensors(source)
         try:
             self._model = C.GpuModel(device_index, spec, tensors)
@@ -193,6 +204,14 @@ class CUDABackend(Backend):
     # ------------------------------------------------------------------ sampling state
 
     def _sample_config(self, params: SamplingParams, step: int):
+        key = (params.temperature, params.top_k, params.top_p, params.min_p, params.repetition_penalty,
+               params.presence_penalty, params.frequency_penalty, params.seed, params.logprobs,
+               params.top_logprobs)
+        cached = self._sc_cache
+        if cached is not None and cached[0] == key:
+            sc = cached[1]
+            sc.step = int(step)
+            return sc
         sc = self._C.SampleConfig()
         vocab = self.config.vocab_size
         sc.temperature = float(params.temperature)
@@ -206,16 +225,16 @@ class CUDABackend(Backend):
         sc.step = int(step)
         sc.logprobs = bool(params.logprobs)
         sc.top_logprobs = max(0, min(int(params.top_logprobs or 0), MAX_TOP_LOGPROBS))
+        self._sc_cache = (key, sc)
         return sc
 
     def _penalty_update(self, params: SamplingParams, state: SamplerState):
         """Deltas that bring the device's penalty state up to `state`."""
-        pu = self._C.PenaltyUpdate()
         active = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
                   or params.frequency_penalty != 0.0)
         if not active:
-            pu.active = False
-            return pu, self._pen_sync
+            return self._pu_off, self._pen_sync
+        pu = self._C.PenaltyUpdate()
         vocab = self.config.vocab_size
         prompt, gen = state.prompt_tokens, state.generated_tokens
         s = self._pen_sync

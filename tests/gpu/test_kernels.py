@@ -141,7 +141,7 @@ def _rms_ref(r, w, eps):
     return r / torch.sqrt((r * r).mean(-1, keepdim=True) + eps) * w.double()
 
 
-@pytest.mark.parametrize("h", [1, 33, 576, 4096, 5123])
+@pytest.mark.parametrize("h", [1, 33, 576, 1000, 4096, 5123, 8192, 8196])
 @pytest.mark.parametrize("n", [1, 5])
 @pytest.mark.parametrize("with_delta", [True, False])
 def test_add_rms_norm(ops, gen, h, n, with_delta):
@@ -219,6 +219,85 @@ def test_rope(ops, gen, style, d, freq_dtype, n, nq, nk):
     want_k = apply_rope(k0.cpu(), cos, sin, name)
     assert_close(q, want_q, "f32", "q reference")
     assert_close(k, want_k, "f32", "k reference")
+
+
+def _inv_freq(d):
+    return 1.0 / (500000.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+
+
+@pytest.mark.parametrize("d", [64, 128, 80])
+def test_rope_table(ops, gen, d):
+    inv = _inv_freq(d)
+    length = 3000
+    table = poisoned(length, d // 2, 2)
+    ops.rope_table(inv.to(DEV), table)
+    cos, sin = rope_cos_sin(inv, torch.arange(length))
+    # Same float64 angles rounded once to float32 as the CPU reference.
+    assert_close(table[..., 0], cos[:, : d // 2].float(), "f32", "cos")
+    assert_close(table[..., 1], sin[:, : d // 2].float(), "f32", "sin")
+
+
+@pytest.mark.parametrize("style", [0, 1])
+@pytest.mark.parametrize("d", [64, 128, 80])
+@pytest.mark.parametrize("n,nq,nk", [(1, 1, 1), (1, 32, 8), (17, 9, 3)])
+@pytest.mark.parametrize("mode", ["table", "no_table", "short_table", "qk_norm"])
+def test_rope_kv_append(ops, gen, style, d, n, nq, nk, mode):
+    """Fused norm + rope + cache append equals head_rms_norm, rope and kv_append run apart."""
+    cap = 64
+    inv = _inv_freq(d).to(DEV)
+    pos = torch.randperm(cap, generator=gen)[:n].to(torch.int32)
+    if n > 2:
+        pos[1], pos[2] = -1, cap  # rotated with the float64 fallback, not cached
+    pos_d = pos.to(DEV)
+    q, k, v = randn(n, nq, d, gen=gen), randn(n, nk, d, gen=gen), randn(n, nk, d, gen=gen)
+    q0, k0 = q.clone(), k.clone()
+    qn = randn(d, gen=gen) if mode == "qk_norm" else None
+    kn = randn(d, gen=gen) if mode == "qk_norm" else None
+    # Reference: the standalone kernels (float64 frequencies, the same values the table holds).
+    q_ref, k_ref = q.clone(), k.clone()
+    if qn is not None:
+        ops.head_rms_norm(q_ref, qn, 1e-6)
+        ops.head_rms_norm(k_ref, kn, 1e-6)
+    ops.rope(q_ref, k_ref, pos_d, inv, style)
+    kc_ref = poisoned(nk, cap, d, dtype=torch.bfloat16)
+    vc_ref = poisoned(nk, cap, d, dtype=torch.bfloat16)
+    ops.kv_append(k_ref, v, kc_ref, vc_ref, pos_d)
+
+    table = None
+    if mode != "no_table":
+        table = poisoned(cap if mode != "short_table" else cap // 2, d // 2, 2)
+        ops.rope_table(inv, table)
+    kc = poisoned(nk, cap, d, dtype=torch.bfloat16)
+    vc = poisoned(nk, cap, d, dtype=torch.bfloat16)
+    ops.rope_kv_append(q, k, v, kc, vc, pos_d, table, inv, qn, kn, 1e-6, style)
+    assert_close(q, q_ref, "f32", "q")
+    assert_close(k, k_ref, "f32", "k")
+    # Cache rows: written exactly where kv_append writes them, NaN elsewhere.
+    written = torch.zeros(cap, dtype=torch.bool)
+    for t in range(n):
+        p = int(pos[t])
+        if 0 <= p < cap:
+            written[p] = True
+    kc_c, vc_c, kr_c, vr_c = kc.cpu().float(), vc.cpu().float(), kc_ref.cpu().float(), vc_ref.cpu().float()
+    assert torch.isnan(kc_c[:, ~written]).all() and torch.isnan(vc_c[:, ~written]).all()
+    assert torch.equal(vc_c[:, written], vr_c[:, written])
+    assert_close(kc_c[:, written], kr_c[:, written], "bf16", "k cache")
+    if qn is None:
+        # And straight from the definition, in float64.
+        assert_close(q, _rope_direct(q0, pos, inv, style), "f32", "q direct")
+        assert_close(k, _rope_direct(k0, pos, inv, style), "f32", "k direct")
+
+
+def test_rope_kv_append_bad_sizes(ops, gen):
+    q, k, v = randn(1, 2, 8, gen=gen), randn(1, 1, 8, gen=gen), randn(1, 1, 8, gen=gen)
+    kc = poisoned(1, 4, 8, dtype=torch.bfloat16)
+    vc = poisoned(1, 4, 8, dtype=torch.bfloat16)
+    pos = torch.zeros(1, dtype=torch.int32, device=DEV)
+    with pytest.raises((RuntimeError, ValueError), match="together"):
+        ops.rope_kv_append(q, k, v, kc, vc, pos, None, _inv_freq(8).to(DEV), randn(8, gen=gen), None, 1e-6, 0)
+    with pytest.raises((RuntimeError, ValueError), match="style"):
+        ops.rope_kv_append(q, k, v, kc, vc, pos, None, _inv_freq(8).to(DEV), None, None, 1e-6, 2)
+    assert torch.isnan(kc.float()).all()  # nothing written by a refused call
 
 
 # --------------------------------------------------------------- kv cache

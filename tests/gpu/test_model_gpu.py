@@ -449,6 +449,9 @@ def _host_backend(vocab=100):
     be.config = SimpleNamespace(vocab_size=vocab)
     be._C = SimpleNamespace(PenaltyUpdate=_Plain, SampleConfig=_Plain)
     be._pen_sync = None
+    be._sc_cache = None
+    be._pu_off = _Plain()
+    be._pu_off.active = False
     return be
 
 
@@ -489,6 +492,14 @@ def test_sample_config_mirrors_sampling_params():
     assert sc.seed == 5 and sc.step == 12 and sc.logprobs and sc.top_logprobs == 20
     assert (sc.temperature, sc.top_p, sc.min_p) == (0.7, 0.9, 0.1)
     assert be._sample_config(SamplingParams(top_k=40), 0).top_k == 40
+    # The object is reused while the parameters stay equal; only the step moves.
+    a = be._sample_config(p, 13)
+    assert a.step == 13 and a.top_logprobs == 20 and a.temperature == 0.7
+    assert be._sample_config(SamplingParams(temperature=0.7, top_k=500, top_p=0.9, min_p=0.1,
+                                            seed=(1 << 64) + 5, logprobs=True, top_logprobs=20), 14) is a
+    assert a.step == 14
+    b = be._sample_config(SamplingParams(temperature=0.5), 15)
+    assert b.temperature == 0.5 and b.step == 15 and not b.logprobs
 
 
 def test_cpu_build_refuses_cleanly(sources):

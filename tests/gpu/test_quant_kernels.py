@@ -29,6 +29,31 @@ FLOAT_TYPES = {"F32", "F16", "BF16"}
 # biased sum, which costs a few more ulps).
 TOLERANCE = {name: (1e-5 if name in FLOAT_TYPES else 2e-5) for name in TYPES}
 
+# Types whose matvec can quantize x to int8 blocks of 32 (matvec_dp4a.cuh, asked
+# for with int8=True) when n_tok * k * 1.375 bytes fit 48 KiB: their exact
+# reference is then the product with that quantized x; against the float x they
+# are within INT8_X_TOLERANCE. Without int8 every type uses float math.
+DP4A_TYPES = {"Q4_0", "Q8_0", "Q4_K", "Q6_K"}
+INT8_X_TOLERANCE = 2e-2
+
+
+def dp4a_applies(name: str, n_tok: int, k: int) -> bool:
+    return name in DP4A_TYPES and n_tok * (k + k // 32 * 4 + k // 16 * 4) <= 48 * 1024
+
+
+def x_seen_by(name: str, x: np.ndarray, int8: bool = False) -> np.ndarray:
+    """x as the kernel multiplies it: per 32 values d = max|x| / 127 and
+    q = rint(x * (1 / d)) in float32 (the device's IEEE division and rounding),
+    as q * d in float64; x itself for the float-math paths."""
+    if not (int8 and dp4a_applies(name, x.shape[0], x.shape[1])):
+        return x
+    b = x.astype(np.float32).reshape(x.shape[0], -1, 32)
+    d = (np.abs(b).max(axis=2, keepdims=True) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+        q = np.rint(b * inv)
+    return (q.astype(np.float64) * d.astype(np.float64)).reshape(x.shape)
+
 
 def qk_of(name: str) -> int:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -123,7 +148,7 @@ def test_matvec_matches_gguf_reference(ops, rng, name, n_out, k, n_tok):
     raw, ref = make_weights(name, n_out, k, rng)
     x = rng.standard_normal((n_tok, k)).astype(np.float32)
     y = ops.matvec(TYPES[name][0], torch.from_numpy(raw).to(DEV), torch.from_numpy(x).to(DEV), n_out, k, None, None)
-    check_matvec(y, ref, x, None, TOLERANCE[name], f"{name} n_out={n_out} k={k} n_tok={n_tok} seed={rng.seed_value}")
+    check_matvec(y, ref, x_seen_by(name, x), None, TOLERANCE[name], f"{name} n_out={n_out} k={k} n_tok={n_tok} seed={rng.seed_value}")
 
 
 @pytest.mark.parametrize("n_tok", [1, 2, 5])
@@ -140,11 +165,11 @@ def test_matvec_bias_and_accumulate(ops, rng, name, n_tok):
     tid, tol, tag = TYPES[name][0], TOLERANCE[name], f"{name} n_tok={n_tok} seed={rng.seed_value}"
 
     y = ops.matvec(tid, w_d, x_d, n_out, k, b_d, None)
-    check_matvec(y, ref, x, np.broadcast_to(bias, (n_tok, n_out)), tol, f"{tag} bias")
+    check_matvec(y, ref, x_seen_by(name, x), np.broadcast_to(bias, (n_tok, n_out)), tol, f"{tag} bias")
     y = ops.matvec(tid, w_d, x_d, n_out, k, None, y0_d)
-    check_matvec(y, ref, x, y0.astype(np.float64), tol, f"{tag} accumulate")
+    check_matvec(y, ref, x_seen_by(name, x), y0.astype(np.float64), tol, f"{tag} accumulate")
     y = ops.matvec(tid, w_d, x_d, n_out, k, b_d, y0_d)
-    check_matvec(y, ref, x, y0.astype(np.float64) + bias, tol, f"{tag} bias+accumulate")
+    check_matvec(y, ref, x_seen_by(name, x), y0.astype(np.float64) + bias, tol, f"{tag} bias+accumulate")
     assert torch.equal(y0_d.cpu(), torch.from_numpy(y0)), "y_accumulate must not be modified"
 
 
@@ -154,7 +179,21 @@ def test_matvec_llama_shapes(ops, rng, name, n_out, k):
     raw, ref = make_weights(name, n_out, k, rng)
     x = rng.standard_normal((1, k)).astype(np.float32)
     y = ops.matvec(TYPES[name][0], torch.from_numpy(raw).to(DEV), torch.from_numpy(x).to(DEV), n_out, k, None, None)
-    check_matvec(y, ref, x, None, TOLERANCE[name], f"{name} {n_out}x{k} seed={rng.seed_value}")
+    check_matvec(y, ref, x_seen_by(name, x), None, TOLERANCE[name], f"{name} {n_out}x{k} seed={rng.seed_value}")
+
+
+@pytest.mark.parametrize("name", sorted(DP4A_TYPES))
+@pytest.mark.parametrize("n_tok,k", [(1, 32 * 9), (1, 4096), (2, 14336), (8, 4096)])
+def test_matvec_int8_activations_stay_close_to_float(ops, rng, name, n_tok, k):
+    # The int8 activation path against the unquantized product: ~0.3% typical.
+    k = max(k, qk_of(name))
+    raw, ref = make_weights(name, 64, k, rng)
+    x = rng.standard_normal((n_tok, k)).astype(np.float32)
+    w_d, x_d = torch.from_numpy(raw).to(DEV), torch.from_numpy(x).to(DEV)
+    y = ops.matvec(TYPES[name][0], w_d, x_d, 64, k, None, None, True)
+    tag = f"{name} n_tok={n_tok} k={k} seed={rng.seed_value}"
+    check_matvec(y, ref, x_seen_by(name, x, int8=True), None, TOLERANCE[name], tag + " vs int8 x")
+    check_matvec(y, ref, x, None, INT8_X_TOLERANCE, tag + " vs float x")
 
 
 def test_matvec_many_rows(ops, rng):
@@ -163,7 +202,7 @@ def test_matvec_many_rows(ops, rng):
     raw, ref = make_weights("Q4_K", n_out, k, rng)
     x = rng.standard_normal((2, k)).astype(np.float32)
     y = ops.matvec(TYPES["Q4_K"][0], torch.from_numpy(raw).to(DEV), torch.from_numpy(x).to(DEV), n_out, k, None, None)
-    check_matvec(y, ref, x, None, TOLERANCE["Q4_K"], f"Q4_K {n_out}x{k} seed={rng.seed_value}")
+    check_matvec(y, ref, x_seen_by("Q4_K", x), None, TOLERANCE["Q4_K"], f"Q4_K {n_out}x{k} seed={rng.seed_value}")
 
 
 def test_matvec_in_cuda_graph(ops, rng):
@@ -184,7 +223,7 @@ def test_matvec_in_cuda_graph(ops, rng):
         x_d.copy_(torch.from_numpy(x))
         g.replay()
         torch.cuda.synchronize()
-        check_matvec(y, ref, x, None, TOLERANCE["Q6_K"], f"graph replay seed={rng.seed_value}")
+        check_matvec(y, ref, x_seen_by("Q6_K", x), None, TOLERANCE["Q6_K"], f"graph replay seed={rng.seed_value}")
 
 
 def test_matvec_rejects_bad_arguments(ops):
@@ -244,7 +283,7 @@ def test_out_variants_write_in_place(ops, rng, name):
     w_d, x_d = torch.from_numpy(raw).to(DEV), torch.from_numpy(x).to(DEV)
     y = torch.from_numpy(y0).to(DEV)
     ops.matvec_out(TYPES[name][0], w_d, x_d, y, n_out, k, None, True)
-    check_matvec(y, ref, x, y0.astype(np.float64), TOLERANCE[name], f"{name} matvec_out seed={rng.seed_value}")
+    check_matvec(y, ref, x_seen_by(name, x), y0.astype(np.float64), TOLERANCE[name], f"{name} matvec_out seed={rng.seed_value}")
     out = torch.full((n_out, k), float("nan"), dtype=torch.bfloat16, device=DEV)
     ops.dequantize_out(TYPES[name][0], w_d, out, n_out, k)
     assert torch.equal(out.cpu(), torch.from_numpy(ref).to(torch.bfloat16))
