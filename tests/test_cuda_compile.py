@@ -452,13 +452,13 @@ int emulate(const matvec::Args& a, int sms, int warps) {
 
 // The dp4a kernels: CTAs of `warps` warps (kWarps if 0), min(row groups, sms) of them, each
 // striding over row groups; the stage lives in the CTA's shared array.
-template <GgmlType T, int NT>
+template <GgmlType T, int NT, int U>
 int emulate_dp4a(const matvec::Args& a, int sms, int warps) {
   const int cta_warps = warps > 0 ? warps : matvec::dp4a::kWarps;
   const int rows_per_cta = cta_warps * matvec::dp4a::kRows;
   const int groups = (a.n_out + rows_per_cta - 1) / rows_per_cta;
   const int nblocks = std::max(1, std::min(groups, sms));
-  const size_t smem = matvec::dp4a::smem_bytes(a.ntok, a.k);
+  const size_t smem = matvec::dp4a::smem_bytes(a.ntok, a.k, U);
   int errors = 0;
   for (int b = 0; b < nblocks; ++b) {
     HostCta cta;
@@ -478,7 +478,7 @@ int emulate_dp4a(const matvec::Args& a, int sms, int warps) {
       for (int l = 0; l < 32; ++l)
         th.emplace_back([&, w, l] {
           HostCtx ctx{cta.smem.data(), &cta, l, w};
-          matvec::dp4a::dp4a_cta<T, NT>(a, ctx, reinterpret_cast<uint8_t*>(cta.smem.data()));
+          matvec::dp4a::dp4a_cta<T, NT, U>(a, ctx, reinterpret_cast<uint8_t*>(cta.smem.data()));
         });
     for (auto& t : th) t.join();
     errors += cta.errors;
@@ -486,16 +486,20 @@ int emulate_dp4a(const matvec::Args& a, int sms, int warps) {
   return errors;
 }
 
+// Same choice as launch_nt: the dp4a kernel with 1 or 2 terms when asked and its stage fits.
 template <GgmlType T, int NT>
 int emulate_any(const matvec::Args& a, int sms, int warps) {
-  if constexpr (matvec::dp4a::supported<T>())
-    if (matvec::dp4a::smem_bytes(a.ntok, a.k) <= matvec::dp4a::kMaxSmem) return emulate_dp4a<T, NT>(a, sms, warps);
+  if constexpr (matvec::dp4a::supported<T>()) {
+    const int terms = a.int8_x >= 2 ? 2 : 1;
+    if (a.int8_x && matvec::dp4a::smem_bytes(a.ntok, a.k, terms) <= matvec::dp4a::kMaxSmem)
+      return terms == 2 ? emulate_dp4a<T, NT, 2>(a, sms, warps) : emulate_dp4a<T, NT, 1>(a, sms, warps);
+  }
   return emulate<T, NT>(a, sms, warps);
 }
 
 int main() {
-  int hdr[7];  // type, n_out, k, ntok, accumulate, sms, warps (0: as planned)
-  if (fread(hdr, 4, 7, stdin) != 7) return 2;
+  int hdr[8];  // type, n_out, k, ntok, accumulate, sms, warps (0: as planned), int8_x mode (0, 1, 2)
+  if (fread(hdr, 4, 8, stdin) != 8) return 2;
   const GgmlType t = (GgmlType)hdr[0];
   const int n_out = hdr[1], k = hdr[2], ntok = hdr[3], accumulate = hdr[4], sms = hdr[5], warps = hdr[6];
   const size_t wb = row_bytes(t, k) * n_out;
@@ -511,7 +515,7 @@ int main() {
   matvec::Args a;
   a.w = w; a.x = x; a.y = y.data(); a.bias = bias.data();
   a.row_bytes = row_bytes(t, k); a.n_out = n_out; a.k = k; a.ntok = ntok;
-  a.npass = (k + 255) / 256; a.accumulate = accumulate;
+  a.npass = (k + 255) / 256; a.accumulate = accumulate; a.int8_x = hdr[7];
   int errors = 0;
 #define HX_EMU(T)                                                                       \
   case GgmlType::T: {                                                                   \
@@ -545,24 +549,32 @@ def emulator(tmp_path_factory):
 
 
 EMU_TYPES = ["F32", "F16", "BF16", *F16_FIELDS]
-# Types whose matvec quantizes x to int8 blocks (matvec_dp4a.cuh) when the
-# stage fits 48 KiB of shared memory.
+# Types whose matvec quantizes x to int8 blocks (matvec_dp4a.cuh) when asked
+# (int8_x mode 1: one int8 term, 2: two) and the stage fits 48 KiB of shared memory.
 DP4A_TYPES = {"Q4_0", "Q8_0", "Q4_K", "Q6_K"}
 
 
-def dp4a_applies(name: str, n_tok: int, k: int) -> bool:
-    return name in DP4A_TYPES and n_tok * (k + k // 32 * 4 + k // 16 * 4) <= 48 * 1024
+def dp4a_applies(name: str, n_tok: int, k: int, mode: int = 1) -> bool:
+    terms = 2 if mode >= 2 else 1
+    return mode > 0 and name in DP4A_TYPES and terms * n_tok * (k + k // 32 * 4 + k // 16 * 4) <= 48 * 1024
 
 
-def quantized_x(x: np.ndarray) -> np.ndarray:
+def quantized_x(x: np.ndarray, terms: int = 1) -> np.ndarray:
     """x as the dp4a kernels see it: per 32 values d = max|x| / 127 and
-    q = rint(x * (1 / d)), in float32 like the device; returns q * d in float64."""
-    b = x.astype(np.float32).reshape(x.shape[0], -1, 32)
-    d = (np.abs(b).max(axis=2, keepdims=True) / np.float32(127)).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
-        q = np.rint(b * inv)
-    return (q.astype(np.float64) * d.astype(np.float64)).reshape(x.shape)
+    q = rint(x * (1 / d)), in float32 like the device; with two terms the
+    residual fma(-q, d, x) (exact in float64, then rounded once to float32)
+    is quantized the same way. Returns sum q * d in float64."""
+    r = x.astype(np.float32).reshape(x.shape[0], -1, 32)
+    total = np.zeros(r.shape, np.float64)
+    for _ in range(terms):
+        d = (np.abs(r).max(axis=2, keepdims=True) / np.float32(127)).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inv = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+            q = np.rint(r * inv).astype(np.float64)
+        part = q * d.astype(np.float64)
+        total += part
+        r = (r.astype(np.float64) - part).astype(np.float32)
+    return total.reshape(x.shape)
 
 
 def _emu_weights(name, n_out, k, rng):
@@ -609,16 +621,68 @@ def test_matvec_cta_runs_on_host(emulator, name):
     for n_out, k, ntok, acc, sms, warps in cases:
         raw, tid, ref = _emu_weights(name, n_out, k, rng)
         x = rng.standard_normal((ntok, k)).astype(np.float32)
-        bias = rng.standard_normal(n_out).astype(np.float32)
-        y0 = rng.standard_normal((ntok, n_out)).astype(np.float32)
-        inp = (np.array([tid, n_out, k, ntok, acc, sms, warps], np.int32).tobytes() + raw.tobytes() + x.tobytes()
-               + bias.tobytes() + y0.tobytes())
-        p = subprocess.run([str(emulator)], input=inp, capture_output=True)
         tag = f"{name} n_out={n_out} k={k} n_tok={ntok} accumulate={acc} sms={sms} warps={warps} seed={seed}"
-        assert p.returncode == 0, f"{tag}: emulator exit {p.returncode}: {p.stderr.decode()[:2000]}"
-        y = np.frombuffer(p.stdout, np.float32).reshape(ntok, n_out)
         x64 = quantized_x(x) if dp4a_applies(name, ntok, k) else x.astype(np.float64)
-        want = x64 @ ref.T + bias + (y0 if acc else 0)
-        scale = np.abs(x64) @ np.abs(ref).T + np.abs(bias) + (np.abs(y0) if acc else 0)
-        err = np.max(np.abs(y - want) / scale)
+        y, want, scale = _run_emulator(emulator, rng, tag, raw, tid, ref, x, acc, sms, warps, mode=1)
+        err = np.max(np.abs(y - want(x64)) / scale(x64))
         assert err < 2e-5, f"{tag}: relative error {err:.2e}"
+
+
+def _run_emulator(emulator, rng, tag, raw, tid, ref, x, acc, sms, warps, mode):
+    """Runs one product; returns (y, want(x64), scale(x64)) where want is the
+    float64 product with x as given and scale the matching sum of |terms|."""
+    ntok, k = x.shape
+    n_out = ref.shape[0]
+    bias = rng.standard_normal(n_out).astype(np.float32)
+    y0 = rng.standard_normal((ntok, n_out)).astype(np.float32)
+    inp = (np.array([tid, n_out, k, ntok, acc, sms, warps, mode], np.int32).tobytes() + raw.tobytes() + x.tobytes()
+           + bias.tobytes() + y0.tobytes())
+    p = subprocess.run([str(emulator)], input=inp, capture_output=True)
+    assert p.returncode == 0, f"{tag}: emulator exit {p.returncode}: {p.stderr.decode()[:2000]}"
+    y = np.frombuffer(p.stdout, np.float32).reshape(ntok, n_out)
+
+    def want(x64):
+        return x64 @ ref.T + bias + (y0 if acc else 0)
+
+    def scale(x64):
+        return np.abs(x64) @ np.abs(ref).T + np.abs(bias) + (np.abs(y0) if acc else 0)
+
+    return y, want, scale
+
+
+@needs_nvcc
+@pytest.mark.parametrize("name", sorted(DP4A_TYPES))
+def test_matvec_precise_int8_terms_on_host(emulator, name):
+    # Two int8 terms per element (mode 2): exact against x split the same way,
+    # and within ~1e-5 of the float product, over 100 times closer than one term. Where the two-term stage does not fit 48 KiB (but one term
+    # would) the float kernel runs; mode 0 always takes the float kernel.
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    qk = GGML_QUANT_SIZES[GGMLQuantizationType[name]][0]
+    seed = int(np.random.SeedSequence().entropy % (2**32))
+    rng = np.random.default_rng(seed)
+    # (n_out, k, n_tok, accumulate, SM count, warps, mode)
+    cases = [(5, 4096 + (96 if qk == 32 else 256), 1, 0, 132, 0, 2), (9, 2048 + qk, 3, 1, 1, 0, 2),
+             (6, 3 * qk, 8, 0, 4, 0, 2), (3, 2048, 2, 1, 132, 4, 2), (4, 4096, 4, 0, 132, 0, 2),
+             (3, 4096, 8, 0, 132, 0, 2), (4, 2048, 2, 0, 132, 0, 0)]
+    for n_out, k, ntok, acc, sms, warps, mode in cases:
+        raw, tid, ref = _emu_weights(name, n_out, k, rng)
+        x = rng.standard_normal((ntok, k)).astype(np.float32)
+        x[0, :32] = 0.0  # an all-zero block: both scales 0
+        x[-1, 32:64] = np.float32(0.75)  # a constant block: a residual of rounding only
+        tag = f"{name} n_out={n_out} k={k} n_tok={ntok} accumulate={acc} sms={sms} warps={warps} mode={mode} seed={seed}"
+        y, want, scale = _run_emulator(emulator, rng, tag, raw, tid, ref, x, acc, sms, warps, mode)
+        xf = x.astype(np.float64)
+        err_float = np.max(np.abs(y - want(xf)) / scale(xf))
+        if dp4a_applies(name, ntok, k, mode):
+            x2 = quantized_x(x, 2)
+            err_split = np.max(np.abs(y - want(x2)) / scale(x2))
+            assert err_split < 5e-6, f"{tag}: relative error {err_split:.2e} against the two-term x"
+            x1 = quantized_x(x, 1)
+            err_one = np.max(np.abs(want(x1) - want(xf)) / scale(xf))
+            # Per element |x - x2| <= ~max|x| / (2 * 127 * 254) of its block: ~1e-5 of
+            # sum |w x| for short rows, a few 1e-6 once k spans many blocks.
+            assert err_float < 3e-5, f"{tag}: relative error {err_float:.2e} against float x"
+            assert err_float < err_one / 100, f"{tag}: two terms {err_float:.2e}, one term {err_one:.2e}"
+        else:
+            assert err_float < 2e-5, f"{tag}: float kernel relative error {err_float:.2e}"

@@ -24,7 +24,11 @@ void matvec_launch(GgmlType type, const void* w /*[n_out, k] stored rows*/, cons
                    cudaStream_t stream,
                    // Q4_0/Q8_0/Q4_K/Q6_K: quantize x to int8 blocks of 32 and use integer dot
                    // products (about 1.5x faster decode, ~0.3% relative error per product).
-                   bool int8_activations = false);
+                   bool int8_activations = false,
+                   // With int8_activations: two int8 terms per element (x and its quantization
+                   // residual), near float accuracy for twice the dp4a work and stage size;
+                   // where that stage does not fit 48 KiB the float kernel runs. false: one term.
+                   bool precise = true);
 
 // No GPU-specific layout is used: matvec reads the GGUF layout at full speed,
 // so repacked_bytes is 0 and the forward keeps the stored rows.

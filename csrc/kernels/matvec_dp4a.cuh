@@ -12,6 +12,14 @@
 // per 16 or 32 elements. The result is exactly W . x_q in fp32 arithmetic
 // (x_q the dequantized int8 activations), about 0.3% from W . x per output.
 //
+// Precise mode (Args::int8_x == 2) stores two int8 terms per block: q1 as
+// above, then the residual r = x - q1 * d1 quantized the same way (q2, d2 =
+// max|r| / 127). Each block's product is d1 * (w . q1) + d2 * (w . q2), with
+// the zero points and mins applied per term. The weight words are decoded
+// once and feed both terms, so the extra cost is dp4a and shared-memory work,
+// not memory traffic; x is then represented to ~1/(127 * 254) of its block
+// maximum, close to float accuracy.
+//
 // The CTA body is __host__ __device__ over a context (ids, barriers,
 // shuffles, loads) so tests run it on the host like matvec_impl.cuh.
 #pragma once
@@ -38,9 +46,10 @@ constexpr bool supported() {
   return T == GgmlType::Q4_0 || T == GgmlType::Q8_0 || T == GgmlType::Q4_K || T == GgmlType::Q6_K;
 }
 
-// Shared bytes of the quantized activations of ntok tokens of k elements.
-inline size_t smem_bytes(int ntok, int k) {
-  return (size_t)ntok * ((size_t)k + (size_t)k / 32 * sizeof(float) + (size_t)k / 16 * sizeof(int));
+// Shared bytes of the quantized activations of ntok tokens of k elements,
+// `terms` (1, or 2 in precise mode) int8 terms per element.
+inline size_t smem_bytes(int ntok, int k, int terms = 1) {
+  return (size_t)terms * (size_t)ntok * ((size_t)k + (size_t)k / 32 * sizeof(float) + (size_t)k / 16 * sizeof(int));
 }
 
 // Largest activation stage a launch may use without opting into more shared memory.
@@ -88,19 +97,22 @@ HXQ_INLINE void words_a2(const Ctx& ctx, const uint8_t* p, uint32_t (&q)[N]) {
   for (int i = 0; i < N; ++i) q[i] = mis ? shr16_pair(w[i], w[i + 1]) : w[i];
 }
 
-// The activation stage: xq [ntok][k] int8, xd [ntok][k/32] scales, xs [ntok][k/16] int sums.
+// The activation stage, per term u: xq[u] [ntok][k] int8, xd[u] [ntok][k/32]
+// scales, xs[u] [ntok][k/16] int sums. U (terms used) is a compile-time
+// constant of the kernel, so the term loops unroll and index registers.
+constexpr int kMaxTerms = 2;
 struct XStage {
-  const int8_t* xq;
-  const float* xd;
-  const int* xs;
+  const int8_t* xq[kMaxTerms];
+  const float* xd[kMaxTerms];
+  const int* xs[kMaxTerms];
   int k;
 };
 
-// Dot of n16 * 16 activations of token t starting at element e (16-aligned)
-// with the quant words q (4 elements each): returns sum q * xq.
+// Dot of NW * 4 activations (term u) of token t starting at element e
+// (16-aligned) with the quant words q (4 elements each): returns sum q * xq.
 template <int NW>
-HXQ_INLINE int seg_dot(const XStage& X, int t, int e, const uint32_t* q) {
-  const uint4* xp = reinterpret_cast<const uint4*>(X.xq + (size_t)t * X.k + e);
+HXQ_INLINE int seg_dot(const XStage& X, int u, int t, int e, const uint32_t* q) {
+  const uint4* xp = reinterpret_cast<const uint4*>(X.xq[u] + (size_t)t * X.k + e);
   int s = 0;
 #pragma unroll
   for (int i = 0; i < NW / 4; ++i) {
@@ -113,8 +125,8 @@ HXQ_INLINE int seg_dot(const XStage& X, int t, int e, const uint32_t* q) {
   return s;
 }
 
-HXQ_INLINE float xscale(const XStage& X, int t, int e) { return X.xd[(size_t)t * (X.k / 32) + e / 32]; }
-HXQ_INLINE int xsum16(const XStage& X, int t, int e) { return X.xs[(size_t)t * (X.k / 16) + e / 16]; }
+HXQ_INLINE float xscale(const XStage& X, int u, int t, int e) { return X.xd[u][(size_t)t * (X.k / 32) + e / 32]; }
+HXQ_INLINE int xsum16(const XStage& X, int u, int t, int e) { return X.xs[u][(size_t)t * (X.k / 16) + e / 16]; }
 
 template <GgmlType T>
 struct Item;
@@ -124,7 +136,7 @@ template <>
 struct Item<GgmlType::Q8_0> {
   static constexpr int QK = 32, BB = 34, IPB = 1;
 #pragma nv_exec_check_disable
-  template <int NT, int R, class Ctx>
+  template <int NT, int R, int U, class Ctx>
   HXQ_INLINE static void dot(const Ctx& ctx, const uint8_t* const (&blk)[R], int, int e0, const XStage& X, int ntok,
                              float (&acc)[R][NT]) {
     uint32_t q[R][8];
@@ -137,9 +149,12 @@ struct Item<GgmlType::Q8_0> {
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
       if (NT > 1 && t >= ntok) break;
-      const float xd = xscale(X, t, e0);
 #pragma unroll
-      for (int r = 0; r < R; ++r) acc[r][t] = fmaf(d[r] * xd, (float)seg_dot<8>(X, t, e0, q[r]), acc[r][t]);
+      for (int u = 0; u < U; ++u) {
+        const float xd = xscale(X, u, t, e0);
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r][t] = fmaf(d[r] * xd, (float)seg_dot<8>(X, u, t, e0, q[r]), acc[r][t]);
+      }
     }
   }
 };
@@ -149,7 +164,7 @@ template <>
 struct Item<GgmlType::Q4_0> {
   static constexpr int QK = 32, BB = 18, IPB = 1;
 #pragma nv_exec_check_disable
-  template <int NT, int R, class Ctx>
+  template <int NT, int R, int U, class Ctx>
   HXQ_INLINE static void dot(const Ctx& ctx, const uint8_t* const (&blk)[R], int, int e0, const XStage& X, int ntok,
                              float (&acc)[R][NT]) {
     uint32_t lo[R][4], hi[R][4];
@@ -168,12 +183,15 @@ struct Item<GgmlType::Q4_0> {
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
       if (NT > 1 && t >= ntok) break;
-      const float xd = xscale(X, t, e0);
-      const int zs = 8 * (xsum16(X, t, e0) + xsum16(X, t, e0 + 16));
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const int s = seg_dot<4>(X, t, e0, lo[r]) + seg_dot<4>(X, t, e0 + 16, hi[r]) - zs;
-        acc[r][t] = fmaf(d[r] * xd, (float)s, acc[r][t]);
+      for (int u = 0; u < U; ++u) {
+        const float xd = xscale(X, u, t, e0);
+        const int zs = 8 * (xsum16(X, u, t, e0) + xsum16(X, u, t, e0 + 16));
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const int s = seg_dot<4>(X, u, t, e0, lo[r]) + seg_dot<4>(X, u, t, e0 + 16, hi[r]) - zs;
+          acc[r][t] = fmaf(d[r] * xd, (float)s, acc[r][t]);
+        }
       }
     }
   }
@@ -185,7 +203,7 @@ template <>
 struct Item<GgmlType::Q4_K> {
   static constexpr int QK = 256, BB = 144, IPB = 4;
 #pragma nv_exec_check_disable
-  template <int NT, int R, class Ctx>
+  template <int NT, int R, int U, class Ctx>
   HXQ_INLINE static void dot(const Ctx& ctx, const uint8_t* const (&blk)[R], int c, int e0, const XStage& X,
                              int ntok, float (&acc)[R][NT]) {
     uint32_t lo[R][8], hi[R][8];
@@ -211,17 +229,20 @@ struct Item<GgmlType::Q4_K> {
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
       if (NT > 1 && t >= ntok) break;
-      const float xd0 = xscale(X, t, e), xd1 = xscale(X, t, e + 32);
-      const float sx0 = xd0 * (float)(xsum16(X, t, e) + xsum16(X, t, e + 16));
-      const float sx1 = xd1 * (float)(xsum16(X, t, e + 32) + xsum16(X, t, e + 48));
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        float s = acc[r][t];
-        s = fmaf(a0[r] * xd0, (float)seg_dot<8>(X, t, e, lo[r]), s);
-        s = fmaf(a1[r] * xd1, (float)seg_dot<8>(X, t, e + 32, hi[r]), s);
-        s = fmaf(-m0[r], sx0, s);
-        s = fmaf(-m1[r], sx1, s);
-        acc[r][t] = s;
+      for (int u = 0; u < U; ++u) {
+        const float xd0 = xscale(X, u, t, e), xd1 = xscale(X, u, t, e + 32);
+        const float sx0 = xd0 * (float)(xsum16(X, u, t, e) + xsum16(X, u, t, e + 16));
+        const float sx1 = xd1 * (float)(xsum16(X, u, t, e + 32) + xsum16(X, u, t, e + 48));
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          float s = acc[r][t];
+          s = fmaf(a0[r] * xd0, (float)seg_dot<8>(X, u, t, e, lo[r]), s);
+          s = fmaf(a1[r] * xd1, (float)seg_dot<8>(X, u, t, e + 32, hi[r]), s);
+          s = fmaf(-m0[r], sx0, s);
+          s = fmaf(-m1[r], sx1, s);
+          acc[r][t] = s;
+        }
       }
     }
   }
@@ -234,7 +255,7 @@ template <>
 struct Item<GgmlType::Q6_K> {
   static constexpr int QK = 256, BB = 210, IPB = 4;
 #pragma nv_exec_check_disable
-  template <int NT, int R, class Ctx>
+  template <int NT, int R, int U, class Ctx>
   HXQ_INLINE static void dot(const Ctx& ctx, const uint8_t* const (&blk)[R], int it, int e0, const XStage& X,
                              int ntok, float (&acc)[R][NT]) {
     const int h = it >> 1, p = it & 1;
@@ -264,17 +285,20 @@ struct Item<GgmlType::Q6_K> {
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
       if (NT > 1 && t >= ntok) break;
-      const float xd0 = xscale(X, t, e), xd1 = xscale(X, t, e + 64);
-      const int z0 = 32 * xsum16(X, t, e), z1 = 32 * xsum16(X, t, e + 16);
-      const int z2 = 32 * xsum16(X, t, e + 64), z3 = 32 * xsum16(X, t, e + 80);
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        float s = acc[r][t];
-        s = fmaf(sc[r][0] * xd0, (float)(seg_dot<4>(X, t, e, lo[r]) - z0), s);
-        s = fmaf(sc[r][1] * xd0, (float)(seg_dot<4>(X, t, e + 16, lo[r] + 4) - z1), s);
-        s = fmaf(sc[r][2] * xd1, (float)(seg_dot<4>(X, t, e + 64, hi[r]) - z2), s);
-        s = fmaf(sc[r][3] * xd1, (float)(seg_dot<4>(X, t, e + 80, hi[r] + 4) - z3), s);
-        acc[r][t] = s;
+      for (int u = 0; u < U; ++u) {
+        const float xd0 = xscale(X, u, t, e), xd1 = xscale(X, u, t, e + 64);
+        const int z0 = 32 * xsum16(X, u, t, e), z1 = 32 * xsum16(X, u, t, e + 16);
+        const int z2 = 32 * xsum16(X, u, t, e + 64), z3 = 32 * xsum16(X, u, t, e + 80);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          float s = acc[r][t];
+          s = fmaf(sc[r][0] * xd0, (float)(seg_dot<4>(X, u, t, e, lo[r]) - z0), s);
+          s = fmaf(sc[r][1] * xd0, (float)(seg_dot<4>(X, u, t, e + 16, lo[r] + 4) - z1), s);
+          s = fmaf(sc[r][2] * xd1, (float)(seg_dot<4>(X, u, t, e + 64, hi[r]) - z2), s);
+          s = fmaf(sc[r][3] * xd1, (float)(seg_dot<4>(X, u, t, e + 80, hi[r] + 4) - z3), s);
+          acc[r][t] = s;
+        }
       }
     }
   }
@@ -285,11 +309,39 @@ struct Item<GgmlType::Q6_K> {
 // straddle tokens or warps), 4 lanes one 16-element sum. A thread issues the
 // loads of kQuantBatch groups before using any, so the CTA waits for a few L2
 // round trips, not one per group. q = rint(x * (1 / d)), in IEEE float32.
+// With U == 2 the residual r = fma(-q1, d1, x) (one rounding) is quantized the
+// same way into the second term.
 constexpr int kQuantBatch = 4;
 
+// One term of 4 values v of a 32-block spread over 8 lanes: returns the
+// scale, writes the quants to q and the 16-element sum (valid in lanes 4m) to s.
 #pragma nv_exec_check_disable
 template <class Ctx>
-HXQ_INLINE void quantize_x(const Ctx& ctx, const float* x, int ntok, int k, int8_t* xq, float* xd, int* xs) {
+HXQ_INLINE float quant_term(const Ctx& ctx, const float (&v)[4], int (&q)[4], int& s) {
+  float m = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+  m = fmaxf(m, ctx.shfl_xor(m, 1));
+  m = fmaxf(m, ctx.shfl_xor(m, 2));
+  m = fmaxf(m, ctx.shfl_xor(m, 4));
+  const float d = m / 127.0f;
+  const float id = d > 0.f ? 1.0f / d : 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) q[i] = round_int(v[i] * id);
+  float fs = (float)(q[0] + q[1] + q[2] + q[3]);  // exact: |s| <= 2032 after the reduction
+  fs += ctx.shfl_xor(fs, 1);
+  fs += ctx.shfl_xor(fs, 2);
+  s = (int)fs;
+  return d;
+}
+
+HXQ_INLINE uint32_t pack4(const int (&q)[4]) {
+  return (uint32_t)(q[0] & 0xff) | ((uint32_t)(q[1] & 0xff) << 8) | ((uint32_t)(q[2] & 0xff) << 16) |
+         ((uint32_t)(q[3] & 0xff) << 24);
+}
+
+#pragma nv_exec_check_disable
+template <int U, class Ctx>
+HXQ_INLINE void quantize_x(const Ctx& ctx, const float* x, int ntok, int k, int8_t* const (&xq)[kMaxTerms],
+                           float* const (&xd)[kMaxTerms], int* const (&xs)[kMaxTerms]) {
   const int tid = ctx.warp() * 32 + ctx.lane(), nth = ctx.nwarps() * 32;
   const int ngrp = ntok * k / 4;
   for (int g0 = 0; g0 < ngrp; g0 += kQuantBatch * nth) {
@@ -303,23 +355,20 @@ HXQ_INLINE void quantize_x(const Ctx& ctx, const float* x, int ntok, int k, int8
     for (int j = 0; j < kQuantBatch; ++j) {
       if (g0 + j * nth >= ngrp) break;  // uniform across the CTA
       const int g = g0 + j * nth + tid;
-      float m = fmaxf(fmaxf(fabsf(v[j].x), fabsf(v[j].y)), fmaxf(fabsf(v[j].z), fabsf(v[j].w)));
-      m = fmaxf(m, ctx.shfl_xor(m, 1));
-      m = fmaxf(m, ctx.shfl_xor(m, 2));
-      m = fmaxf(m, ctx.shfl_xor(m, 4));
-      const float d = m / 127.0f;
-      const float id = d > 0.f ? 1.0f / d : 0.f;
-      const int q0 = round_int(v[j].x * id), q1 = round_int(v[j].y * id);
-      const int q2 = round_int(v[j].z * id), q3 = round_int(v[j].w * id);
-      float s = (float)(q0 + q1 + q2 + q3);  // exact: |s| <= 2032 after the reduction
-      s += ctx.shfl_xor(s, 1);
-      s += ctx.shfl_xor(s, 2);
-      if (g < ngrp) {
-        const uint32_t word = (uint32_t)(q0 & 0xff) | ((uint32_t)(q1 & 0xff) << 8) |
-                              ((uint32_t)(q2 & 0xff) << 16) | ((uint32_t)(q3 & 0xff) << 24);
-        reinterpret_cast<uint32_t*>(xq)[g] = word;
-        if ((tid & 7) == 0) xd[g / 8] = d;
-        if ((tid & 3) == 0) xs[g / 4] = (int)s;
+      float r[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        int q[4], s;
+        const float d = quant_term(ctx, r, q, s);
+        if (g < ngrp) {
+          reinterpret_cast<uint32_t*>(xq[u])[g] = pack4(q);
+          if ((tid & 7) == 0) xd[u][g / 8] = d;
+          if ((tid & 3) == 0) xs[u][g / 4] = s;
+        }
+        if (u + 1 < U) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) r[i] = fmaf(-(float)q[i], d, r[i]);
+        }
       }
     }
   }
@@ -327,17 +376,31 @@ HXQ_INLINE void quantize_x(const Ctx& ctx, const float* x, int ntok, int k, int8
 
 // One CTA: quantize x, then row groups blockIdx, blockIdx + gridDim, ...
 #pragma nv_exec_check_disable
-template <GgmlType T, int NT, class Ctx, class Args>
+// U: int8 terms per element (1, or 2 for the precise mode). Shared layout:
+// all terms' quants, then all scales, then all sums (16-byte aligned parts
+// since k is a multiple of 32).
+template <GgmlType T, int NT, int U = 1, class Ctx, class Args>
 HXQ_INLINE void dp4a_cta(const Args& a, const Ctx& ctx, uint8_t* smem) {
+  static_assert(U >= 1 && U <= kMaxTerms, "1 or 2 activation terms");
   using I = Item<T>;
   constexpr int R = kRows;
   const int k = a.k;
-  int8_t* xq = reinterpret_cast<int8_t*>(smem);
-  float* xd = reinterpret_cast<float*>(smem + (size_t)a.ntok * k);
-  int* xs = reinterpret_cast<int*>(xd + (size_t)a.ntok * (k / 32));
-  quantize_x(ctx, a.x, a.ntok, k, xq, xd, xs);
+  const size_t n = (size_t)a.ntok * k;
+  int8_t* xq[kMaxTerms];
+  float* xd[kMaxTerms];
+  int* xs[kMaxTerms];
+  float* xd0 = reinterpret_cast<float*>(smem + U * n);
+  int* xs0 = reinterpret_cast<int*>(xd0 + U * (n / 32));
+#pragma unroll
+  for (int u = 0; u < kMaxTerms; ++u) {
+    const int uu = u < U ? u : 0;
+    xq[u] = reinterpret_cast<int8_t*>(smem) + uu * n;
+    xd[u] = xd0 + uu * (n / 32);
+    xs[u] = xs0 + uu * (n / 16);
+  }
+  quantize_x<U>(ctx, a.x, a.ntok, k, xq, xd, xs);
   ctx.syncthreads();
-  const XStage X{xq, xd, xs, k};
+  const XStage X{{xq[0], xq[1]}, {xd[0], xd[1]}, {xs[0], xs[1]}, k};
 
   const int lane = ctx.lane(), warp = ctx.warp();
   const int rows_per_cta = ctx.nwarps() * R;
@@ -358,7 +421,7 @@ HXQ_INLINE void dp4a_cta(const Args& a, const Ctx& ctx, uint8_t* smem) {
       const uint8_t* blk[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) blk[r] = rowp[r] + (size_t)b * I::BB;
-      I::template dot<NT, R>(ctx, blk, i, b * I::QK, X, a.ntok, acc);
+      I::template dot<NT, R, U>(ctx, blk, i, b * I::QK, X, a.ntok, acc);
     }
 #pragma unroll
     for (int r = 0; r < R; ++r)

@@ -2,9 +2,10 @@
 // files matvec_<type>.cu (tools/gen_kernels.py).
 //
 // Q4_0, Q8_0, Q4_K and Q6_K go to the integer-dot kernel of matvec_dp4a.cuh
-// (int8 activations, dp4a) whenever its activation stage fits 48 KiB of
-// shared memory (n_tok * k * 1.375 bytes); the other types, and larger
-// stages, use the float kernel below.
+// (int8 activations, dp4a) when asked (Args::int8_x) and its activation stage
+// fits 48 KiB of shared memory (n_tok * k * 1.375 bytes per int8 term: one,
+// or two in the precise mode); the other types, and larger stages, use the
+// float kernel below.
 //
 //   y[t, i] = (accumulate ? y[t, i] : 0) + bias[i] + sum_j W[i, j] x[t, j]
 //
@@ -83,7 +84,7 @@ struct Args {
   size_t row_bytes;
   int n_out, k, ntok, npass, nsteps;
   int accumulate;
-  int int8_x;          // quantize x to int8 blocks and use the dp4a kernel where it has one
+  int int8_x;          // dp4a kernel where it has one: 0 float math, 1 one int8 term, 2 two (precise)
 };
 
 // Grid of one launch.
@@ -349,17 +350,17 @@ __global__ void __launch_bounds__(kMaxWarps * 32) matvec_kernel(const Args a) {
   matvec_cta<T, NT>(a, DeviceCtx{smem});
 }
 
-template <GgmlType T, int NT>
+template <GgmlType T, int NT, int U>
 __global__ void __launch_bounds__(dp4a::kWarps * 32, 1) matvec_dp4a_kernel(const Args a) {
   extern __shared__ uint4 smem[];
-  dp4a::dp4a_cta<T, NT>(a, DeviceCtx{smem}, reinterpret_cast<uint8_t*>(smem));
+  dp4a::dp4a_cta<T, NT, U>(a, DeviceCtx{smem}, reinterpret_cast<uint8_t*>(smem));
 }
 
 // Grid of a dp4a launch: one CTA per row group, at most as many as fit on the
 // GPU at once (each CTA quantizes x once, then strides over row groups).
 // fit[0]: CTAs per SM without shared memory (asked once per device),
 // fit[1]: shared memory per SM.
-template <GgmlType T, int NT>
+template <GgmlType T, int NT, int U>
 int dp4a_blocks(const Args& a, int device, int sms, int warps) {
   constexpr int kDevices = 64;
   static int table[kDevices][2];
@@ -369,7 +370,7 @@ int dp4a_blocks(const Args& a, int device, int sms, int warps) {
     fit[0] = table[device][0];
     fit[1] = table[device][1];
   } else {
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit[0], matvec_dp4a_kernel<T, NT>, dp4a::kWarps * 32, 0) !=
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit[0], matvec_dp4a_kernel<T, NT, U>, dp4a::kWarps * 32, 0) !=
         cudaSuccess)
       fit[0] = 1;
     if (cudaDeviceGetAttribute(&fit[1], cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess)
@@ -381,7 +382,7 @@ int dp4a_blocks(const Args& a, int device, int sms, int warps) {
       ready[device].store(true, std::memory_order_release);
     }
   }
-  const size_t smem = dp4a::smem_bytes(a.ntok, a.k);
+  const size_t smem = dp4a::smem_bytes(a.ntok, a.k, U);
   int per_sm = std::max(1, fit[0]);
   if (fit[1] > 0) per_sm = std::max(1, std::min<int>(per_sm, (int)((size_t)fit[1] / (smem + 1024))));
   if (warps < dp4a::kWarps) per_sm *= dp4a::kWarps / warps;
@@ -414,12 +415,18 @@ const int (&resident_ctas(int device))[4] {
 template <GgmlType T, int NT>
 void launch_nt(const Args& a, int device, int sms, cudaStream_t stream) {
   if constexpr (dp4a::supported<T>()) {
-    const size_t smem = dp4a::smem_bytes(a.ntok, a.k);
+    // The precise mode's stage is twice as large; where it does not fit, the
+    // float kernel (not the single-term one) keeps the asked-for accuracy.
+    const int terms = a.int8_x >= 2 ? 2 : 1;
+    const size_t smem = dp4a::smem_bytes(a.ntok, a.k, terms);
     if (a.int8_x && smem <= dp4a::kMaxSmem) {
       // Small matrices: narrower CTAs, so the row groups still cover the SMs.
       int warps = dp4a::kWarps;
       while (warps > 4 && (long)(a.n_out + warps * dp4a::kRows - 1) / (warps * dp4a::kRows) < sms) warps /= 2;
-      matvec_dp4a_kernel<T, NT><<<dp4a_blocks<T, NT>(a, device, sms, warps), dim3(32, warps), smem, stream>>>(a);
+      if (terms == 2)
+        matvec_dp4a_kernel<T, NT, 2><<<dp4a_blocks<T, NT, 2>(a, device, sms, warps), dim3(32, warps), smem, stream>>>(a);
+      else
+        matvec_dp4a_kernel<T, NT, 1><<<dp4a_blocks<T, NT, 1>(a, device, sms, warps), dim3(32, warps), smem, stream>>>(a);
       HX_CUDA_CHECK(cudaGetLastError());
       return;
     }
