@@ -11,6 +11,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "bindings/op_check.h"
+
 #include <cstring>
 #include <optional>
 
@@ -29,16 +31,16 @@ namespace hx {
 namespace {
 
 void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, const at::Device& dev) {
-  TORCH_CHECK(t.defined(), name, " is undefined");
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
-  TORCH_CHECK(t.device() == dev, name, " is on ", t.device(), ", expected ", dev);
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  HX_OP_CHECK(t.defined(), name, " is undefined");
+  HX_OP_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  HX_OP_CHECK(t.device() == dev, name, " is on ", t.device(), ", expected ", dev);
+  HX_OP_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  HX_OP_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
 // The CUDA device of t, checked before any guard is built on it.
 at::Device cuda_device(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined() && t.is_cuda(), name, " must be a CUDA tensor");
+  HX_OP_CHECK(t.defined() && t.is_cuda(), name, " must be a CUDA tensor");
   return t.device();
 }
 
@@ -47,7 +49,7 @@ cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDASt
 __nv_bfloat16* bf16_ptr(const at::Tensor& t) { return reinterpret_cast<__nv_bfloat16*>(t.data_ptr()); }
 
 int as_int(int64_t v, const char* name) {
-  TORCH_CHECK(v >= 0 && v <= INT32_MAX, name, " out of range: ", v);
+  HX_OP_CHECK(v >= 0 && v <= INT32_MAX, name, " out of range: ", v);
   return static_cast<int>(v);
 }
 
@@ -56,17 +58,17 @@ int as_int(int64_t v, const char* name) {
 void op_embedding(const at::Tensor& table, int64_t type, const at::Tensor& ids, at::Tensor& out, int64_t vocab) {
   const c10::cuda::CUDAGuard guard(cuda_device(out, "out"));
   const auto dev = out.device();
-  TORCH_CHECK(table.is_cuda() && table.device() == dev && table.is_contiguous(),
+  HX_OP_CHECK(table.is_cuda() && table.device() == dev && table.is_contiguous(),
               "table must be a contiguous CUDA tensor on ", dev);
   check_tensor(ids, "ids", at::kInt, dev);
   check_tensor(out, "out", at::kFloat, dev);
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == ids.numel(), "out must be [n, hidden] with n = ids.numel()");
+  HX_OP_CHECK(out.dim() == 2 && out.size(0) == ids.numel(), "out must be [n, hidden] with n = ids.numel()");
   const auto t = static_cast<GgmlType>(type);
-  TORCH_CHECK(is_supported(t), "unsupported GGML type id ", type);
+  HX_OP_CHECK(is_supported(t), "unsupported GGML type id ", type);
   const int hidden = as_int(out.size(1), "hidden");
-  TORCH_CHECK(hidden % block_elems(t) == 0, "hidden must be a multiple of ", block_elems(t));
+  HX_OP_CHECK(hidden % block_elems(t) == 0, "hidden must be a multiple of ", block_elems(t));
   const size_t need = row_bytes(t, hidden) * static_cast<size_t>(vocab);
-  TORCH_CHECK(static_cast<size_t>(table.nbytes()) >= need, "table holds ", table.nbytes(), " bytes, needs ", need);
+  HX_OP_CHECK(static_cast<size_t>(table.nbytes()) >= need, "table holds ", table.nbytes(), " bytes, needs ", need);
   embedding_launch(t, table.data_ptr(), ids.data_ptr<int32_t>(), out.data_ptr<float>(), as_int(ids.numel(), "n"),
                    hidden, as_int(vocab, "vocab"), stream_of(out));
 }
@@ -76,26 +78,26 @@ void op_add_rms_norm(at::Tensor& residual, const std::optional<at::Tensor>& delt
   const c10::cuda::CUDAGuard guard(cuda_device(residual, "residual"));
   const auto dev = residual.device();
   check_tensor(residual, "residual", at::kFloat, dev);
-  TORCH_CHECK(residual.dim() == 2, "residual must be [n, h]");
+  HX_OP_CHECK(residual.dim() == 2, "residual must be [n, h]");
   const int n = as_int(residual.size(0), "n"), h = as_int(residual.size(1), "h");
   check_tensor(weight, "weight", at::kFloat, dev);
-  TORCH_CHECK(weight.numel() == h, "weight must have h elements");
+  HX_OP_CHECK(weight.numel() == h, "weight must have h elements");
   const float* d = nullptr;
   if (delta.has_value() && delta->defined()) {
     check_tensor(*delta, "delta", at::kFloat, dev);
-    TORCH_CHECK(delta->sizes() == residual.sizes(), "delta must match residual");
+    HX_OP_CHECK(delta->sizes() == residual.sizes(), "delta must match residual");
     d = delta->data_ptr<float>();
   }
   float* of = nullptr;
   __nv_bfloat16* ob = nullptr;
   if (out_f32.has_value() && out_f32->defined()) {
     check_tensor(*out_f32, "out_f32", at::kFloat, dev);
-    TORCH_CHECK(out_f32->sizes() == residual.sizes(), "out_f32 must match residual");
+    HX_OP_CHECK(out_f32->sizes() == residual.sizes(), "out_f32 must match residual");
     of = out_f32->data_ptr<float>();
   }
   if (out_bf16.has_value() && out_bf16->defined()) {
     check_tensor(*out_bf16, "out_bf16", at::kBFloat16, dev);
-    TORCH_CHECK(out_bf16->sizes() == residual.sizes(), "out_bf16 must match residual");
+    HX_OP_CHECK(out_bf16->sizes() == residual.sizes(), "out_bf16 must match residual");
     ob = bf16_ptr(*out_bf16);
   }
   add_rms_norm_launch(residual.data_ptr<float>(), d, weight.data_ptr<float>(), static_cast<float>(eps), of, ob, n, h,
@@ -106,8 +108,8 @@ void op_head_rms_norm(at::Tensor& x, const at::Tensor& weight, double eps) {
   const c10::cuda::CUDAGuard guard(cuda_device(x, "x"));
   check_tensor(x, "x", at::kFloat, x.device());
   check_tensor(weight, "weight", at::kFloat, x.device());
-  TORCH_CHECK(x.dim() == 3, "x must be [n, heads, d]");
-  TORCH_CHECK(weight.numel() == x.size(2), "weight must have d elements");
+  HX_OP_CHECK(x.dim() == 3, "x must be [n, heads, d]");
+  HX_OP_CHECK(weight.numel() == x.size(2), "weight must have d elements");
   head_rms_norm_launch(x.data_ptr<float>(), weight.data_ptr<float>(), static_cast<float>(eps),
                        as_int(x.size(0), "n"), as_int(x.size(1), "heads"), as_int(x.size(2), "d"), stream_of(x));
 }
@@ -118,19 +120,19 @@ void op_rope(at::Tensor& q, at::Tensor& k, const at::Tensor& pos, const at::Tens
   check_tensor(q, "q", at::kFloat, dev);
   check_tensor(k, "k", at::kFloat, dev);
   check_tensor(pos, "pos", at::kInt, dev);
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "q and k must be [n, heads, d]");
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2), "q and k must agree in n and d");
-  TORCH_CHECK(pos.numel() == q.size(0), "pos must have n elements");
+  HX_OP_CHECK(q.dim() == 3 && k.dim() == 3, "q and k must be [n, heads, d]");
+  HX_OP_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2), "q and k must agree in n and d");
+  HX_OP_CHECK(pos.numel() == q.size(0), "pos must have n elements");
   const int d = as_int(q.size(2), "d");
-  TORCH_CHECK(inv_freq.numel() == d / 2, "inv_freq must have d/2 elements");
-  TORCH_CHECK(inv_freq.is_cuda() && inv_freq.device() == dev && inv_freq.is_contiguous(),
+  HX_OP_CHECK(inv_freq.numel() == d / 2, "inv_freq must have d/2 elements");
+  HX_OP_CHECK(inv_freq.is_cuda() && inv_freq.device() == dev && inv_freq.is_contiguous(),
               "inv_freq must be a contiguous CUDA tensor on ", dev);
   const int n = as_int(q.size(0), "n"), nq = as_int(q.size(1), "nq"), nk = as_int(k.size(1), "nk");
   if (inv_freq.scalar_type() == at::kDouble) {
     rope_launch(q.data_ptr<float>(), k.data_ptr<float>(), pos.data_ptr<int32_t>(), inv_freq.data_ptr<double>(), n, nq,
                 nk, d, static_cast<int>(style), stream_of(q));
   } else {
-    TORCH_CHECK(inv_freq.scalar_type() == at::kFloat, "inv_freq must be float32 or float64");
+    HX_OP_CHECK(inv_freq.scalar_type() == at::kFloat, "inv_freq must be float32 or float64");
     rope_launch(q.data_ptr<float>(), k.data_ptr<float>(), pos.data_ptr<int32_t>(), inv_freq.data_ptr<float>(), n, nq,
                 nk, d, static_cast<int>(style), stream_of(q));
   }
@@ -144,10 +146,10 @@ void op_kv_append(const at::Tensor& k, const at::Tensor& v, at::Tensor& kc, at::
   check_tensor(kc, "k_cache", at::kBFloat16, dev);
   check_tensor(vc, "v_cache", at::kBFloat16, dev);
   check_tensor(pos, "pos", at::kInt, dev);
-  TORCH_CHECK(k.dim() == 3 && k.sizes() == v.sizes(), "k and v must be [n, nk, d]");
-  TORCH_CHECK(kc.dim() == 3 && kc.sizes() == vc.sizes(), "caches must be [nk, cap, d]");
-  TORCH_CHECK(kc.size(0) == k.size(1) && kc.size(2) == k.size(2), "cache heads / head_dim must match k");
-  TORCH_CHECK(pos.numel() == k.size(0), "pos must have n elements");
+  HX_OP_CHECK(k.dim() == 3 && k.sizes() == v.sizes(), "k and v must be [n, nk, d]");
+  HX_OP_CHECK(kc.dim() == 3 && kc.sizes() == vc.sizes(), "caches must be [nk, cap, d]");
+  HX_OP_CHECK(kc.size(0) == k.size(1) && kc.size(2) == k.size(2), "cache heads / head_dim must match k");
+  HX_OP_CHECK(pos.numel() == k.size(0), "pos must have n elements");
   kv_append_launch(k.data_ptr<float>(), v.data_ptr<float>(), bf16_ptr(kc), bf16_ptr(vc), pos.data_ptr<int32_t>(),
                    as_int(k.size(0), "n"), as_int(k.size(1), "nk"), as_int(k.size(2), "d"), as_int(kc.size(1), "cap"),
                    stream_of(kc));
@@ -158,7 +160,7 @@ void op_rope_table(const at::Tensor& inv_freq, at::Tensor& table) {
   const auto dev = table.device();
   check_tensor(inv_freq, "inv_freq", at::kDouble, dev);
   check_tensor(table, "table", at::kFloat, dev);
-  TORCH_CHECK(table.dim() == 3 && table.size(1) == inv_freq.numel() && table.size(2) == 2,
+  HX_OP_CHECK(table.dim() == 3 && table.size(1) == inv_freq.numel() && table.size(2) == 2,
               "table must be [len, d/2, 2] with d/2 = inv_freq.numel()");
   rope_table_launch(inv_freq.data_ptr<double>(), table.data_ptr<float>(), as_int(table.size(0), "len"),
                     2 * as_int(inv_freq.numel(), "d/2"), stream_of(table));
@@ -177,28 +179,28 @@ void op_rope_kv_append(at::Tensor& q, at::Tensor& k, const at::Tensor& v, at::Te
   check_tensor(vc, "v_cache", at::kBFloat16, dev);
   check_tensor(pos, "pos", at::kInt, dev);
   check_tensor(inv_freq, "inv_freq", at::kDouble, dev);
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes(), "q must be [n, nq, d], k and v [n, nk, d]");
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2), "q and k must agree in n and d");
-  TORCH_CHECK(kc.dim() == 3 && kc.sizes() == vc.sizes(), "caches must be [nk, cap, d]");
-  TORCH_CHECK(kc.size(0) == k.size(1) && kc.size(2) == k.size(2), "cache heads / head_dim must match k");
-  TORCH_CHECK(pos.numel() == q.size(0), "pos must have n elements");
+  HX_OP_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes(), "q must be [n, nq, d], k and v [n, nk, d]");
+  HX_OP_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2), "q and k must agree in n and d");
+  HX_OP_CHECK(kc.dim() == 3 && kc.sizes() == vc.sizes(), "caches must be [nk, cap, d]");
+  HX_OP_CHECK(kc.size(0) == k.size(1) && kc.size(2) == k.size(2), "cache heads / head_dim must match k");
+  HX_OP_CHECK(pos.numel() == q.size(0), "pos must have n elements");
   const int d = as_int(q.size(2), "d");
-  TORCH_CHECK(inv_freq.numel() == d / 2, "inv_freq must have d/2 elements");
+  HX_OP_CHECK(inv_freq.numel() == d / 2, "inv_freq must have d/2 elements");
   const float* tp = nullptr;
   int tlen = 0;
   if (table.has_value() && table->defined()) {
     check_tensor(*table, "table", at::kFloat, dev);
-    TORCH_CHECK(table->dim() == 3 && table->size(1) == d / 2 && table->size(2) == 2, "table must be [len, d/2, 2]");
+    HX_OP_CHECK(table->dim() == 3 && table->size(1) == d / 2 && table->size(2) == 2, "table must be [len, d/2, 2]");
     tp = table->data_ptr<float>();
     tlen = as_int(table->size(0), "table length");
   }
   const bool has_q = q_norm.has_value() && q_norm->defined();
   const bool has_k = k_norm.has_value() && k_norm->defined();
-  TORCH_CHECK(has_q == has_k, "q_norm and k_norm must be given together");
+  HX_OP_CHECK(has_q == has_k, "q_norm and k_norm must be given together");
   if (has_q) {
     check_tensor(*q_norm, "q_norm", at::kFloat, dev);
     check_tensor(*k_norm, "k_norm", at::kFloat, dev);
-    TORCH_CHECK(q_norm->numel() == d && k_norm->numel() == d, "q_norm and k_norm must have d elements");
+    HX_OP_CHECK(q_norm->numel() == d && k_norm->numel() == d, "q_norm and k_norm must have d elements");
   }
   rope_kv_append_launch(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), bf16_ptr(kc), bf16_ptr(vc),
                         pos.data_ptr<int32_t>(), tp, tlen, inv_freq.data_ptr<double>(),
@@ -217,9 +219,9 @@ void op_attention_decode(const at::Tensor& q, const at::Tensor& kc, const at::Te
   check_tensor(vc, "v_cache", at::kBFloat16, dev);
   check_tensor(seq_len, "seq_len", at::kInt, dev);
   check_tensor(out, "out", at::kFloat, dev);
-  TORCH_CHECK(q.dim() == 2 && out.sizes() == q.sizes(), "q and out must be [nq, d]");
-  TORCH_CHECK(kc.dim() == 3 && kc.sizes() == vc.sizes() && kc.size(2) == q.size(1), "caches must be [nk, cap, d]");
-  TORCH_CHECK(seq_len.numel() == 1, "seq_len must hold one value");
+  HX_OP_CHECK(q.dim() == 2 && out.sizes() == q.sizes(), "q and out must be [nq, d]");
+  HX_OP_CHECK(kc.dim() == 3 && kc.sizes() == vc.sizes() && kc.size(2) == q.size(1), "caches must be [nk, cap, d]");
+  HX_OP_CHECK(seq_len.numel() == 1, "seq_len must hold one value");
   const int nq = as_int(q.size(0), "nq"), d = as_int(q.size(1), "d");
   const int nk = as_int(kc.size(0), "nk"), cap = as_int(kc.size(1), "cap");
   const size_t ws_bytes = attention_decode_workspace_bytes(nq, d, cap);
@@ -238,8 +240,8 @@ void op_attention_prefill(const at::Tensor& q, const at::Tensor& kc, const at::T
   check_tensor(kc, "k_cache", at::kBFloat16, dev);
   check_tensor(vc, "v_cache", at::kBFloat16, dev);
   check_tensor(out, "out", at::kFloat, dev);
-  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be [n, nq, d]");
-  TORCH_CHECK(kc.dim() == 3 && kc.sizes() == vc.sizes() && kc.size(2) == q.size(2), "caches must be [nk, cap, d]");
+  HX_OP_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be [n, nq, d]");
+  HX_OP_CHECK(kc.dim() == 3 && kc.sizes() == vc.sizes() && kc.size(2) == q.size(2), "caches must be [nk, cap, d]");
   const int n = as_int(q.size(0), "n"), nq = as_int(q.size(1), "nq"), d = as_int(q.size(2), "d");
   const int nk = as_int(kc.size(0), "nk"), cap = as_int(kc.size(1), "cap");
   auto launch = scalar ? attention_prefill_scalar_launch : attention_prefill_launch;
@@ -253,17 +255,17 @@ void op_swiglu(const at::Tensor& gate, const at::Tensor& up, const std::optional
   const auto dev = gate.device();
   check_tensor(gate, "gate", at::kFloat, dev);
   check_tensor(up, "up", at::kFloat, dev);
-  TORCH_CHECK(gate.sizes() == up.sizes(), "gate and up must have one shape");
+  HX_OP_CHECK(gate.sizes() == up.sizes(), "gate and up must have one shape");
   float* of = nullptr;
   __nv_bfloat16* ob = nullptr;
   if (out_f32.has_value() && out_f32->defined()) {
     check_tensor(*out_f32, "out_f32", at::kFloat, dev);
-    TORCH_CHECK(out_f32->numel() == gate.numel(), "out_f32 must have gate's size");
+    HX_OP_CHECK(out_f32->numel() == gate.numel(), "out_f32 must have gate's size");
     of = out_f32->data_ptr<float>();
   }
   if (out_bf16.has_value() && out_bf16->defined()) {
     check_tensor(*out_bf16, "out_bf16", at::kBFloat16, dev);
-    TORCH_CHECK(out_bf16->numel() == gate.numel(), "out_bf16 must have gate's size");
+    HX_OP_CHECK(out_bf16->numel() == gate.numel(), "out_bf16 must have gate's size");
     ob = bf16_ptr(*out_bf16);
   }
   swiglu_launch(gate.data_ptr<float>(), up.data_ptr<float>(), of, ob, gate.numel(), stream_of(gate));
@@ -273,7 +275,7 @@ void op_f32_to_bf16(const at::Tensor& x, at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(cuda_device(x, "x"));
   check_tensor(x, "x", at::kFloat, x.device());
   check_tensor(out, "out", at::kBFloat16, x.device());
-  TORCH_CHECK(out.numel() == x.numel(), "out must have x's size");
+  HX_OP_CHECK(out.numel() == x.numel(), "out must have x's size");
   f32_to_bf16_launch(x.data_ptr<float>(), bf16_ptr(out), x.numel(), stream_of(x));
 }
 
@@ -281,7 +283,7 @@ void op_bf16_to_f32(const at::Tensor& x, at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(cuda_device(x, "x"));
   check_tensor(x, "x", at::kBFloat16, x.device());
   check_tensor(out, "out", at::kFloat, x.device());
-  TORCH_CHECK(out.numel() == x.numel(), "out must have x's size");
+  HX_OP_CHECK(out.numel() == x.numel(), "out must have x's size");
   bf16_to_f32_launch(bf16_ptr(x), out.data_ptr<float>(), x.numel(), stream_of(x));
 }
 
@@ -306,7 +308,7 @@ at::Tensor op_sample_params(double temperature, int64_t top_k, double top_p, dou
 
 const SampleParamsDev* params_ptr(const at::Tensor& params, const at::Device& dev) {
   check_tensor(params, "params", at::kByte, dev);
-  TORCH_CHECK(params.numel() == static_cast<int64_t>(sizeof(SampleParamsDev)), "params must hold ",
+  HX_OP_CHECK(params.numel() == static_cast<int64_t>(sizeof(SampleParamsDev)), "params must hold ",
               sizeof(SampleParamsDev), " bytes (torch.ops.helexa.sample_params)");
   return reinterpret_cast<const SampleParamsDev*>(params.data_ptr());
 }
@@ -320,7 +322,7 @@ void op_penalties(const at::Tensor& logits, at::Tensor& out, const at::Tensor& p
   check_tensor(present, "present", at::kInt, dev);
   check_tensor(counts, "counts", at::kInt, dev);
   const int64_t v = logits.numel();
-  TORCH_CHECK(out.numel() == v && present.numel() == v && counts.numel() == v,
+  HX_OP_CHECK(out.numel() == v && present.numel() == v && counts.numel() == v,
               "out, present and counts must have vocab elements");
   penalties_launch(logits.data_ptr<float>(), out.data_ptr<float>(), as_int(v, "vocab"), params_ptr(params, dev),
                    present.data_ptr<int32_t>(), counts.data_ptr<int32_t>(), stream_of(logits));
@@ -330,7 +332,7 @@ void op_argmax(const at::Tensor& logits, at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(cuda_device(logits, "logits"));
   check_tensor(logits, "logits", at::kFloat, logits.device());
   check_tensor(out, "out", at::kInt, logits.device());
-  TORCH_CHECK(out.numel() == 1, "out must hold one value");
+  HX_OP_CHECK(out.numel() == 1, "out must hold one value");
   argmax_launch(logits.data_ptr<float>(), as_int(logits.numel(), "vocab"), out.data_ptr<int32_t>(),
                 stream_of(logits));
 }
@@ -341,7 +343,7 @@ void op_sample(const at::Tensor& logits, const at::Tensor& params, const at::Ten
   check_tensor(logits, "logits", at::kFloat, dev);
   check_tensor(step, "step", at::kInt, dev);
   check_tensor(out, "out", at::kInt, dev);
-  TORCH_CHECK(step.numel() == 1 && out.numel() == 1, "step and out must hold one value");
+  HX_OP_CHECK(step.numel() == 1 && out.numel() == 1, "step and out must hold one value");
   const int vocab = as_int(logits.numel(), "vocab");
   const size_t ws_bytes = sample_workspace_bytes(vocab);
   at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, logits.options().dtype(at::kByte));
@@ -358,9 +360,9 @@ void op_logprobs(const at::Tensor& logits, int64_t top_n, const at::Tensor& toke
   check_tensor(out_logprob, "out_logprob", at::kFloat, dev);
   check_tensor(out_top_ids, "out_top_ids", at::kInt, dev);
   check_tensor(out_top_lp, "out_top_lp", at::kFloat, dev);
-  TORCH_CHECK(token.numel() == 1 && out_logprob.numel() == 1, "token and out_logprob must hold one value");
-  TORCH_CHECK(top_n >= 0 && top_n <= kMaxTopLogprobs, "top_n must be in [0, ", kMaxTopLogprobs, "]");
-  TORCH_CHECK(out_top_ids.numel() >= top_n && out_top_lp.numel() >= top_n, "top outputs need top_n elements");
+  HX_OP_CHECK(token.numel() == 1 && out_logprob.numel() == 1, "token and out_logprob must hold one value");
+  HX_OP_CHECK(top_n >= 0 && top_n <= kMaxTopLogprobs, "top_n must be in [0, ", kMaxTopLogprobs, "]");
+  HX_OP_CHECK(out_top_ids.numel() >= top_n && out_top_lp.numel() >= top_n, "top outputs need top_n elements");
   logprobs_launch(logits.data_ptr<float>(), as_int(logits.numel(), "vocab"), static_cast<int>(top_n),
                   token.data_ptr<int32_t>(), out_logprob.data_ptr<float>(), out_top_ids.data_ptr<int32_t>(),
                   out_top_lp.data_ptr<float>(), stream_of(logits));

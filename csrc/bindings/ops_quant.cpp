@@ -12,6 +12,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "bindings/op_check.h"
+
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -26,12 +28,12 @@ namespace {
 
 GgmlType checked_type(int64_t type) {
   const auto t = static_cast<GgmlType>(type);
-  TORCH_CHECK(type >= 0 && type <= 64 && is_supported(t), "unsupported GGML type id ", type);
+  HX_OP_CHECK(type >= 0 && type <= 64 && is_supported(t), "unsupported GGML type id ", type);
   return t;
 }
 
 int checked_int(int64_t v, const char* name, int64_t lo) {
-  TORCH_CHECK(v >= lo && v <= INT32_MAX, name, " out of range: ", v);
+  HX_OP_CHECK(v >= lo && v <= INT32_MAX, name, " out of range: ", v);
   return static_cast<int>(v);
 }
 
@@ -45,12 +47,12 @@ at::Tensor ready(const at::Tensor& t) {
 
 // The weight tensor as raw bytes holding n_out stored rows of k elements.
 at::Tensor checked_weights(const at::Tensor& w, GgmlType t, int n_out, int k) {
-  TORCH_CHECK(w.defined() && w.is_cuda(), "w must be a CUDA tensor");
-  TORCH_CHECK(w.scalar_type() == at::kByte, "w must be uint8 (the stored GGUF bytes), got ", w.scalar_type());
-  TORCH_CHECK(k % block_elems(t) == 0, "k=", k, " is not a multiple of the ", type_name(t), " block size ",
+  HX_OP_CHECK(w.defined() && w.is_cuda(), "w must be a CUDA tensor");
+  HX_OP_CHECK(w.scalar_type() == at::kByte, "w must be uint8 (the stored GGUF bytes), got ", w.scalar_type());
+  HX_OP_CHECK(k % block_elems(t) == 0, "k=", k, " is not a multiple of the ", type_name(t), " block size ",
                     block_elems(t));
   const size_t need = row_bytes(t, k) * static_cast<size_t>(n_out);
-  TORCH_CHECK(static_cast<size_t>(w.numel()) >= need, "w holds ", w.numel(), " bytes; ", n_out, " rows of ",
+  HX_OP_CHECK(static_cast<size_t>(w.numel()) >= need, "w holds ", w.numel(), " bytes; ", n_out, " rows of ",
                     k, " ", type_name(t), " elements need ", need);
   return ready(w);
 }
@@ -61,7 +63,7 @@ void launch(F&& f) {
   try {
     f();
   } catch (const std::invalid_argument& e) {
-    TORCH_CHECK(false, e.what());
+    HX_OP_CHECK(false, e.what());
   }
 }
 
@@ -69,9 +71,9 @@ void launch(F&& f) {
 // guard, allocation or tensor access, so a bad call fails with nothing built.
 void check_matvec_sizes(GgmlType t, int64_t n_out, int64_t k) {
   const int64_t qk = block_elems(t);
-  TORCH_CHECK(qk > 0 && k % qk == 0, "k=", k, " is not a multiple of the ", type_name(t),
+  HX_OP_CHECK(qk > 0 && k % qk == 0, "k=", k, " is not a multiple of the ", type_name(t),
                     " block size ", qk);
-  TORCH_CHECK(n_out >= 1 && n_out <= INT32_MAX, "n_out out of range: ", n_out);
+  HX_OP_CHECK(n_out >= 1 && n_out <= INT32_MAX, "n_out out of range: ", n_out);
 }
 
 at::Tensor op_matvec(int64_t type, const at::Tensor& w, const at::Tensor& x, int64_t n_out, int64_t k,
@@ -80,27 +82,27 @@ at::Tensor op_matvec(int64_t type, const at::Tensor& w, const at::Tensor& x, int
   const GgmlType t = checked_type(type);
   const int no = checked_int(n_out, "n_out", 1), kk = checked_int(k, "k", 1);
   check_matvec_sizes(t, n_out, k);
-  TORCH_CHECK(x.defined() && x.is_cuda(), "x must be a CUDA tensor");
+  HX_OP_CHECK(x.defined() && x.is_cuda(), "x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto dev = x.device();
-  TORCH_CHECK(w.defined() && w.device() == dev, "w must be on ", dev);
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be float32, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, "x must be [n_tok, k] with k=", k);
+  HX_OP_CHECK(w.defined() && w.device() == dev, "w must be on ", dev);
+  HX_OP_CHECK(x.scalar_type() == at::kFloat, "x must be float32, got ", x.scalar_type());
+  HX_OP_CHECK(x.dim() >= 1 && x.size(-1) == k, "x must be [n_tok, k] with k=", k);
   const int64_t ntok = x.numel() / k;
-  TORCH_CHECK(ntok >= 1 && ntok <= kMatvecMaxTokens, "matvec takes 1..", kMatvecMaxTokens,
+  HX_OP_CHECK(ntok >= 1 && ntok <= kMatvecMaxTokens, "matvec takes 1..", kMatvecMaxTokens,
                     " tokens, got ", ntok);
   const at::Tensor wc = checked_weights(w, t, no, kk);
   const at::Tensor xc = ready(x);
   at::Tensor bc;
   if (bias && bias->defined()) {
-    TORCH_CHECK(bias->device() == dev && bias->scalar_type() == at::kFloat && bias->numel() == n_out,
+    HX_OP_CHECK(bias->device() == dev && bias->scalar_type() == at::kFloat && bias->numel() == n_out,
                       "bias must be float32 [n_out] on ", dev);
     bc = bias->contiguous();
   }
   at::Tensor y;
   const bool acc = y_accumulate && y_accumulate->defined();
   if (acc) {
-    TORCH_CHECK(y_accumulate->device() == dev && y_accumulate->scalar_type() == at::kFloat &&
+    HX_OP_CHECK(y_accumulate->device() == dev && y_accumulate->scalar_type() == at::kFloat &&
                           y_accumulate->numel() == ntok * n_out,
                       "y_accumulate must be float32 [n_tok, n_out] on ", dev);
     y = y_accumulate->reshape({ntok, n_out}).clone(at::MemoryFormat::Contiguous);
@@ -118,7 +120,7 @@ at::Tensor op_matvec(int64_t type, const at::Tensor& w, const at::Tensor& x, int
 at::Tensor op_dequantize(int64_t type, const at::Tensor& w, int64_t n_out, int64_t k, bool bf16) {
   const GgmlType t = checked_type(type);
   const int no = checked_int(n_out, "n_out", 0), kk = checked_int(k, "k", 0);
-  TORCH_CHECK(w.defined() && w.is_cuda(), "w must be a CUDA tensor");
+  HX_OP_CHECK(w.defined() && w.is_cuda(), "w must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(w.device());
   const at::Tensor wc = checked_weights(w, t, no, kk);
   at::Tensor out = at::full({n_out, k}, NAN, w.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
@@ -139,22 +141,22 @@ void op_matvec_out(int64_t type, const at::Tensor& w, const at::Tensor& x, at::T
   const GgmlType t = checked_type(type);
   const int no = checked_int(n_out, "n_out", 1), kk = checked_int(k, "k", 1);
   check_matvec_sizes(t, n_out, k);
-  TORCH_CHECK(x.defined() && x.is_cuda(), "x must be a CUDA tensor");
+  HX_OP_CHECK(x.defined() && x.is_cuda(), "x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto dev = x.device();
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && aligned16(x) && x.numel() % k == 0,
+  HX_OP_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && aligned16(x) && x.numel() % k == 0,
                     "x must be contiguous 16-byte aligned float32 [n_tok, k]");
   const int64_t ntok = x.numel() / k;
-  TORCH_CHECK(ntok >= 1 && ntok <= kMatvecMaxTokens, "matvec takes 1..", kMatvecMaxTokens, " tokens");
-  TORCH_CHECK(w.defined() && w.device() == dev && w.is_contiguous() && aligned16(w),
+  HX_OP_CHECK(ntok >= 1 && ntok <= kMatvecMaxTokens, "matvec takes 1..", kMatvecMaxTokens, " tokens");
+  HX_OP_CHECK(w.defined() && w.device() == dev && w.is_contiguous() && aligned16(w),
                     "w must be a contiguous 16-byte aligned tensor on ", dev);
   const at::Tensor wc = checked_weights(w, t, no, kk);
-  TORCH_CHECK(y.device() == dev && y.scalar_type() == at::kFloat && y.is_contiguous() &&
+  HX_OP_CHECK(y.device() == dev && y.scalar_type() == at::kFloat && y.is_contiguous() &&
                         y.numel() == ntok * n_out,
                     "y must be contiguous float32 [n_tok, n_out] on ", dev);
   const float* b = nullptr;
   if (bias && bias->defined()) {
-    TORCH_CHECK(bias->device() == dev && bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+    HX_OP_CHECK(bias->device() == dev && bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
                           bias->numel() == n_out,
                       "bias must be contiguous float32 [n_out] on ", dev);
     b = bias->data_ptr<float>();
@@ -169,11 +171,11 @@ void op_matvec_out(int64_t type, const at::Tensor& w, const at::Tensor& x, at::T
 void op_dequantize_out(int64_t type, const at::Tensor& w, at::Tensor& out, int64_t n_out, int64_t k) {
   const GgmlType t = checked_type(type);
   const int no = checked_int(n_out, "n_out", 0), kk = checked_int(k, "k", 0);
-  TORCH_CHECK(w.defined() && w.is_cuda(), "w must be a CUDA tensor");
+  HX_OP_CHECK(w.defined() && w.is_cuda(), "w must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(w.device());
-  TORCH_CHECK(w.is_contiguous() && aligned16(w), "w must be contiguous and 16-byte aligned");
+  HX_OP_CHECK(w.is_contiguous() && aligned16(w), "w must be contiguous and 16-byte aligned");
   const at::Tensor wc = checked_weights(w, t, no, kk);
-  TORCH_CHECK(out.device() == w.device() && out.is_contiguous() && out.numel() == n_out * k &&
+  HX_OP_CHECK(out.device() == w.device() && out.is_contiguous() && out.numel() == n_out * k &&
                         (out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kFloat),
                     "out must be contiguous bf16 or float32 [n_out, k] on ", w.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(w.device().index()).stream();

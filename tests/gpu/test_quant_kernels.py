@@ -195,7 +195,7 @@ def test_matvec_llama_shapes(ops, rng, name, n_out, k):
 @pytest.mark.parametrize("n_tok,k", [(1, 32 * 9), (1, 4096), (2, 14336), (8, 4096)])
 def test_matvec_int8_activations_stay_close_to_float(ops, rng, name, n_tok, k):
     # The int8 activation path (two terms by default) against the unquantized product.
-    k = max(k, qk_of(name))
+    k = -(-k // qk_of(name)) * qk_of(name)  # whole blocks of this type
     raw, ref = make_weights(name, 64, k, rng)
     x = rng.standard_normal((n_tok, k)).astype(np.float32)
     w_d, x_d = torch.from_numpy(raw).to(DEV), torch.from_numpy(x).to(DEV)
@@ -240,24 +240,33 @@ import torch, helexa_native._C  # noqa: F401
 ops = torch.ops.helexa
 w = torch.zeros(4 * 18, dtype=torch.uint8, device="cuda")
 x = torch.zeros(1, 32, device="cuda")
-calls = [
-    lambda: ops.matvec(2, w, torch.zeros(1, 48, device="cuda"), 2, 48, None, None),  # k not a multiple of 32
-    lambda: ops.matvec(2, w, torch.zeros(9, 32, device="cuda"), 4, 32, None, None),  # 9 tokens
-    lambda: ops.matvec(5, w, x, 4, 32, None, None),                                  # no such type id
-    lambda: ops.matvec(2, w, x, 5, 32, None, None),                                  # w too small for 5 rows
-    lambda: ops.matvec(2, w.float(), x, 4, 32, None, None),                          # w not bytes
+q4k = torch.zeros(144, dtype=torch.uint8, device="cuda")
+calls = [  # (call, words the message must hold)
+    (lambda: ops.matvec(2, w, torch.zeros(1, 48, device="cuda"), 2, 48, None, None), "k=48"),
+    (lambda: ops.matvec(2, w, torch.zeros(9, 32, device="cuda"), 4, 32, None, None), "got 9"),
+    (lambda: ops.matvec(5, w, x, 4, 32, None, None), "type id 5"),
+    (lambda: ops.matvec(2, w, x, 5, 32, None, None), "holds 72 bytes"),
+    (lambda: ops.matvec(2, w.float(), x, 4, 32, None, None), "uint8"),
+    (lambda: ops.dequantize(12, q4k, 1, 128, True), "k=128"),
+    (lambda: ops.dequantize(12, q4k, 2, 256, True), "need 288"),
+    (lambda: ops.embedding(q4k, 5, torch.zeros(1, dtype=torch.int32, device="cuda"),
+                           torch.zeros(1, 32, device="cuda"), 4), "type id 5"),
 ]
-for i, call in enumerate(calls):
+for i, (call, words) in enumerate(calls):
     try:
         call()
-    except (RuntimeError, ValueError):
+    except (RuntimeError, ValueError) as e:
+        assert words in str(e), f"call {i}: message lacks {words!r}: {e}"
         continue
     raise SystemExit(f"call {i} did not raise")
+y = ops.matvec(2, w, x, 4, 32, None, None)  # the process is still usable
+torch.cuda.synchronize()
+assert torch.equal(y.cpu(), torch.zeros(1, 4)), y
 print("all rejected")
 """
 
 
-def test_matvec_rejects_bad_arguments():
+def test_ops_reject_bad_arguments_with_clear_messages():
     # In a child process: a crash on bad arguments must fail this test, not
     # take the rest of the file down with it.
     import subprocess
@@ -289,14 +298,6 @@ def test_dequantize_matches_gguf(ops, rng, name, n_out, k):
     assert b16.dtype == torch.bfloat16 and b16.shape == (n_out, k)
     want = torch.from_numpy(ref).to(torch.bfloat16)
     assert torch.equal(b16, want), f"{tag}: bf16 is not the rounded reference"
-
-
-def test_dequantize_rejects_bad_arguments(ops):
-    w = torch.zeros(144, dtype=torch.uint8, device=DEV)
-    with pytest.raises((RuntimeError, ValueError)):
-        ops.dequantize(12, w, 1, 128, True)  # k not a multiple of 256
-    with pytest.raises((RuntimeError, ValueError)):
-        ops.dequantize(12, w, 2, 256, True)  # too few bytes
 
 
 @pytest.mark.parametrize("name", ["Q4_K", "Q8_0", "BF16"])
