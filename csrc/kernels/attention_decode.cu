@@ -26,6 +26,7 @@
 // Float32 math on bf16 K/V, so results match a float32 reference on the same
 // cache values to rounding. One arch path (sm_80+ baseline): the kernel is
 // bandwidth-bound and plain 16-byte loads saturate HBM on every target.
+#include "common/launch.cuh"
 #include "kernels/attention_decode.cuh"
 
 #include <atomic>
@@ -80,6 +81,7 @@ attn_decode_split_kernel(const float* __restrict__ q, const __nv_bfloat16* __res
                          const __nv_bfloat16* __restrict__ vc, const int32_t* __restrict__ seq_len,
                          float* __restrict__ part_acc /*[nq, P, d]*/, float2* __restrict__ part_ml /*[nq, P]*/,
                          int G, int d, int cap, int P, float qscale) {
+  pdl_begin();
   constexpr int RG = 32 / LPR;          // row groups (rows per load instruction) per warp
   constexpr int ROWS_W = RG * B;        // rows per warp per iteration
   constexpr int ROWS_BLK = kDecodeWarps * ROWS_W;
@@ -226,6 +228,7 @@ attn_decode_split_kernel(const float* __restrict__ q, const __nv_bfloat16* __res
 __global__ void __launch_bounds__(kDecodeThreads)
 attn_decode_combine_kernel(const float* __restrict__ part_acc, const float2* __restrict__ part_ml,
                            const int32_t* __restrict__ seq_len, float* __restrict__ out, int d, int cap, int P) {
+  pdl_begin();
   __shared__ float w[kMaxSplits];
   __shared__ float scratch[32];
   const int h = blockIdx.x;
@@ -327,9 +330,9 @@ void attention_decode_launch(const float* q, const __nv_bfloat16* kc, const __nv
   float* part_acc = workspace;
   float2* part_ml = reinterpret_cast<float2*>(workspace + (size_t)nq * pmax * d);
   const dim3 grid(P, nk, groups);
-  kernel<<<grid, kDecodeThreads, 0, stream>>>(q, kc, vc, seq_len, part_acc, part_ml, G, d, cap, P, scale * kLog2e);
+  launch_overlapped(kernel, grid, kDecodeThreads, 0, stream, q, kc, vc, seq_len, part_acc, part_ml, G, d, cap, P, scale * kLog2e);
   HX_CUDA_CHECK(cudaGetLastError());
-  attn_decode_combine_kernel<<<nq, kDecodeThreads, 0, stream>>>(part_acc, part_ml, seq_len, out, d, cap, P);
+  launch_overlapped(attn_decode_combine_kernel, nq, kDecodeThreads, 0, stream, part_acc, part_ml, seq_len, out, d, cap, P);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -6,6 +6,7 @@
 // per element. Round-to-nearest-even conversion, as torch's .to(bfloat16).
 // Positions outside [0, cap) are dropped, never written out of bounds.
 // One arch path (sm_80+ baseline).
+#include "common/launch.cuh"
 #include "kernels/kv_cache.cuh"
 
 #include <stdexcept>
@@ -21,6 +22,7 @@ template <int VEC>
 __global__ void kv_append_kernel(const float* __restrict__ k, const float* __restrict__ v,
                                  __nv_bfloat16* __restrict__ kc, __nv_bfloat16* __restrict__ vc,
                                  const int32_t* __restrict__ pos, int n, int nk, int d, int cap) {
+  pdl_begin();
   const int groups = d / VEC;
   const int64_t total = (int64_t)n * nk * groups;
   for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total;
@@ -65,9 +67,9 @@ void kv_append_launch(const float* k, const float* v, __nv_bfloat16* kc, __nv_bf
   const int64_t want = (work + threads - 1) / threads;
   const int blocks = (int)(want < 8192 ? want : 8192);
   if (vec)
-    kv_append_kernel<4><<<blocks, threads, 0, stream>>>(k, v, kc, vc, pos, n, nk, d, cap);
+    launch_overlapped(kv_append_kernel<4>, blocks, threads, 0, stream, k, v, kc, vc, pos, n, nk, d, cap);
   else
-    kv_append_kernel<1><<<blocks, threads, 0, stream>>>(k, v, kc, vc, pos, n, nk, d, cap);
+    launch_overlapped(kv_append_kernel<1>, blocks, threads, 0, stream, k, v, kc, vc, pos, n, nk, d, cap);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -5,6 +5,7 @@
 //
 // Generic kernel layout: one warp per row, lanes stride over k, one fp32
 // partial per token, shuffle reduction. One arch path (sm_80+).
+#include "common/launch.cuh"
 #include "kernels/matvec.cuh"
 
 #include <cuda_bf16.h>
@@ -35,6 +36,7 @@ __device__ __forceinline__ float float_elem(const uint8_t* row, int j) {
 
 template <GgmlType T>
 __global__ void __launch_bounds__(256) matvec_float_plain_kernel(const matvec::Args a) {
+  pdl_begin();
   const int lane = threadIdx.x & 31;
   const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (row >= a.n_out) return;
@@ -65,7 +67,7 @@ __global__ void __launch_bounds__(256) matvec_float_plain_kernel(const matvec::A
 template <GgmlType T>
 void launch_float_plain(const matvec::Args& a, cudaStream_t stream) {
   constexpr int kWarps = 8;
-  matvec_float_plain_kernel<T><<<(a.n_out + kWarps - 1) / kWarps, kWarps * 32, 0, stream>>>(a);
+  launch_overlapped(matvec_float_plain_kernel<T>, (a.n_out + kWarps - 1) / kWarps, kWarps * 32, 0, stream, a);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -48,6 +48,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/launch.cuh"
 #include "common/check.h"
 #include "common/ggml_types.h"
 #include "kernels/matvec_dp4a.cuh"
@@ -346,12 +347,14 @@ __host__ __device__ __forceinline__ void matvec_cta(const Args& a, const Ctx& ct
 
 template <GgmlType T, int NT>
 __global__ void __launch_bounds__(kMaxWarps * 32) matvec_kernel(const Args a) {
+  pdl_begin();
   extern __shared__ uint4 smem[];
   matvec_cta<T, NT>(a, DeviceCtx{smem});
 }
 
 template <GgmlType T, int NT, int U>
 __global__ void __launch_bounds__(dp4a::kWarps * 32, 1) matvec_dp4a_kernel(const Args a) {
+  pdl_begin();
   extern __shared__ uint4 smem[];
   dp4a::dp4a_cta<T, NT, U>(a, DeviceCtx{smem}, reinterpret_cast<uint8_t*>(smem));
 }
@@ -424,15 +427,15 @@ void launch_nt(const Args& a, int device, int sms, cudaStream_t stream) {
       int warps = dp4a::kWarps;
       while (warps > 4 && (long)(a.n_out + warps * dp4a::kRows - 1) / (warps * dp4a::kRows) < sms) warps /= 2;
       if (terms == 2)
-        matvec_dp4a_kernel<T, NT, 2><<<dp4a_blocks<T, NT, 2>(a, device, sms, warps), dim3(32, warps), smem, stream>>>(a);
+        launch_overlapped(matvec_dp4a_kernel<T, NT, 2>, dp4a_blocks<T, NT, 2>(a, device, sms, warps), dim3(32, warps), smem, stream, a);
       else
-        matvec_dp4a_kernel<T, NT, 1><<<dp4a_blocks<T, NT, 1>(a, device, sms, warps), dim3(32, warps), smem, stream>>>(a);
+        launch_overlapped(matvec_dp4a_kernel<T, NT, 1>, dp4a_blocks<T, NT, 1>(a, device, sms, warps), dim3(32, warps), smem, stream, a);
       HX_CUDA_CHECK(cudaGetLastError());
       return;
     }
   }
   const Plan p = plan<T, NT>(a, sms, resident_ctas<T, NT>(device));
-  matvec_kernel<T, NT><<<p.blocks, dim3(32, p.warps), p.smem_bytes, stream>>>(a);
+  launch_overlapped(matvec_kernel<T, NT>, p.blocks, dim3(32, p.warps), p.smem_bytes, stream, a);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 

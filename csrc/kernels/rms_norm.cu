@@ -10,6 +10,7 @@
 // head_rms_norm: one warp per (token, head) row of d values, in place.
 // Float32 math everywhere, 1/sqrtf (IEEE) rather than rsqrtf so results
 // match a float32 torch reference to rounding. One arch path (sm_80+ baseline).
+#include "common/launch.cuh"
 #include "kernels/rms_norm.cuh"
 
 #include <cstdint>
@@ -26,6 +27,7 @@ template <bool VEC>
 __global__ void add_rms_norm_kernel(float* __restrict__ residual, const float* __restrict__ delta,
                                     const float* __restrict__ weight, float eps, float* __restrict__ out_f32,
                                     __nv_bfloat16* __restrict__ out_bf16, int h) {
+  pdl_begin();
   __shared__ float scratch[32];
   const size_t row = blockIdx.x;
   float* r = residual + row * h;
@@ -88,6 +90,7 @@ __global__ void __launch_bounds__(256)
 add_rms_norm_reg_kernel(float* __restrict__ residual, const float* __restrict__ delta,
                         const float* __restrict__ weight, float eps, float* __restrict__ out_f32,
                         __nv_bfloat16* __restrict__ out_bf16, int h) {
+  pdl_begin();
   __shared__ float scratch[32];
   const size_t row = blockIdx.x;
   const int nv = h >> 2;
@@ -134,6 +137,7 @@ add_rms_norm_reg_kernel(float* __restrict__ residual, const float* __restrict__ 
 
 __global__ void head_rms_norm_kernel(float* __restrict__ x, const float* __restrict__ weight, float eps,
                                      int rows, int d) {
+  pdl_begin();
   const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= rows) return;
@@ -168,7 +172,7 @@ void add_rms_norm_launch(float* residual, const float* delta, const float* weigh
                   : per == 2 ? add_rms_norm_reg_kernel<2>
                   : per == 4 ? add_rms_norm_reg_kernel<4>
                              : add_rms_norm_reg_kernel<8>;
-    kernel<<<n, threads, 0, stream>>>(residual, delta, weight, eps, out_f32, out_bf16, h);
+    launch_overlapped(kernel, n, threads, 0, stream, residual, delta, weight, eps, out_f32, out_bf16, h);
     HX_CUDA_CHECK(cudaGetLastError());
     return;
   }
@@ -177,9 +181,9 @@ void add_rms_norm_launch(float* residual, const float* delta, const float* weigh
   int threads = ((work + 3) / 4 + 31) / 32 * 32;
   threads = threads < 32 ? 32 : (threads > 1024 ? 1024 : threads);
   if (vec)
-    add_rms_norm_kernel<true><<<n, threads, 0, stream>>>(residual, delta, weight, eps, out_f32, out_bf16, h);
+    launch_overlapped(add_rms_norm_kernel<true>, n, threads, 0, stream, residual, delta, weight, eps, out_f32, out_bf16, h);
   else
-    add_rms_norm_kernel<false><<<n, threads, 0, stream>>>(residual, delta, weight, eps, out_f32, out_bf16, h);
+    launch_overlapped(add_rms_norm_kernel<false>, n, threads, 0, stream, residual, delta, weight, eps, out_f32, out_bf16, h);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -191,7 +195,7 @@ void head_rms_norm_launch(float* x, const float* weight, float eps, int n, int h
   const int rows = n * heads;
   if (rows == 0) return;
   const int warps = 8;
-  head_rms_norm_kernel<<<(rows + warps - 1) / warps, warps * 32, 0, stream>>>(x, weight, eps, rows, d);
+  launch_overlapped(head_rms_norm_kernel, (rows + warps - 1) / warps, warps * 32, 0, stream, x, weight, eps, rows, d);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 

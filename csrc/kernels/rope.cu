@@ -11,6 +11,7 @@
 // rope_kv_kernel is the forward's fused form: cos/sin come from a float32
 // table built once per model (same values), and k / v go straight on to the
 // bf16 cache, so a decode step spends one small launch here instead of two.
+#include "common/launch.cuh"
 #include "kernels/rope.cuh"
 
 #include <stdexcept>
@@ -94,6 +95,7 @@ rope_kv_kernel(float* __restrict__ q, float* __restrict__ k, const float* __rest
                const float2* __restrict__ table, int table_len, const double* __restrict__ inv_freq,
                const float* __restrict__ q_norm, const float* __restrict__ k_norm, float eps, int nq, int nk,
                int d, int cap, int style) {
+  pdl_begin();
   const int t = blockIdx.x;
   const int head = blockIdx.y * kRopeKvWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
@@ -193,7 +195,7 @@ void rope_kv_append_launch(float* q, float* k, const float* v, __nv_bfloat16* kc
   if (n == 0) return;
   const int rows = nq + 2 * nk;
   const dim3 grid(n, (rows + kRopeKvWarps - 1) / kRopeKvWarps);
-  rope_kv_kernel<<<grid, kRopeKvWarps * 32, 0, stream>>>(q, k, v, kc, vc, pos, reinterpret_cast<const float2*>(table),
+  launch_overlapped(rope_kv_kernel, grid, kRopeKvWarps * 32, 0, stream, q, k, v, kc, vc, pos, reinterpret_cast<const float2*>(table),
                                                          table_len, inv_freq, q_norm, k_norm, eps, nq, nk, d, cap,
                                                          style);
   HX_CUDA_CHECK(cudaGetLastError());

@@ -4,6 +4,7 @@
 // gate|up buffer). float4 loads when the pointers and sizes allow, scalar
 // otherwise; expf (not the fast intrinsic) so results match torch's float32
 // silu to rounding. Writes float32 and/or bf16. One arch path (sm_80+).
+#include "common/launch.cuh"
 #include "kernels/swiglu.cuh"
 
 #include <stdexcept>
@@ -20,6 +21,7 @@ __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f +
 __global__ void swiglu_vec_kernel(const float4* __restrict__ gate, const float4* __restrict__ up,
                                   float4* __restrict__ out_f32, __nv_bfloat162* __restrict__ out_bf16,
                                   int64_t n4) {
+  pdl_begin();
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n4; i += (int64_t)gridDim.x * blockDim.x) {
     const float4 g = gate[i], u = up[i];
     const float4 y = make_float4(silu_mul(g.x, u.x), silu_mul(g.y, u.y), silu_mul(g.z, u.z), silu_mul(g.w, u.w));
@@ -34,6 +36,7 @@ __global__ void swiglu_vec_kernel(const float4* __restrict__ gate, const float4*
 __global__ void swiglu_rows_kernel(const float* __restrict__ gate, const float* __restrict__ up, int64_t ld,
                                    float* __restrict__ out_f32, __nv_bfloat16* __restrict__ out_bf16, int64_t total,
                                    int64_t f) {
+  pdl_begin();
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t r = i / f;
     const int64_t c = i - r * f;
@@ -62,11 +65,11 @@ void swiglu_rows_launch(const float* gate, const float* up, int64_t ld, float* o
   const int threads = 256;
   if (ld == f && total % 4 == 0 && aligned(gate, 16) && aligned(up, 16) && (!out_f32 || aligned(out_f32, 16)) &&
       (!out_bf16 || aligned(out_bf16, 8))) {
-    swiglu_vec_kernel<<<grid_for(total / 4, threads), threads, 0, stream>>>(
+    launch_overlapped(swiglu_vec_kernel, grid_for(total / 4, threads), threads, 0, stream,
         reinterpret_cast<const float4*>(gate), reinterpret_cast<const float4*>(up),
         reinterpret_cast<float4*>(out_f32), reinterpret_cast<__nv_bfloat162*>(out_bf16), total / 4);
   } else {
-    swiglu_rows_kernel<<<grid_for(total, threads), threads, 0, stream>>>(gate, up, ld, out_f32, out_bf16, total, f);
+    launch_overlapped(swiglu_rows_kernel, grid_for(total, threads), threads, 0, stream, gate, up, ld, out_f32, out_bf16, total, f);
   }
   HX_CUDA_CHECK(cudaGetLastError());
 }
@@ -78,12 +81,12 @@ void swiglu_launch(const float* gate, const float* up, float* out_f32, __nv_bflo
   const int threads = 256;
   if (n_elems % 4 == 0 && aligned(gate, 16) && aligned(up, 16) && (!out_f32 || aligned(out_f32, 16)) &&
       (!out_bf16 || aligned(out_bf16, 8))) {
-    swiglu_vec_kernel<<<grid_for(n_elems / 4, threads), threads, 0, stream>>>(
+    launch_overlapped(swiglu_vec_kernel, grid_for(n_elems / 4, threads), threads, 0, stream,
         reinterpret_cast<const float4*>(gate), reinterpret_cast<const float4*>(up),
         reinterpret_cast<float4*>(out_f32), reinterpret_cast<__nv_bfloat162*>(out_bf16), n_elems / 4);
   } else {
     // One row of n_elems: the strided kernel with ld == f covers it.
-    swiglu_rows_kernel<<<grid_for(n_elems, threads), threads, 0, stream>>>(gate, up, n_elems, out_f32, out_bf16,
+    launch_overlapped(swiglu_rows_kernel, grid_for(n_elems, threads), threads, 0, stream, gate, up, n_elems, out_f32, out_bf16,
                                                                            n_elems, n_elems);
   }
   HX_CUDA_CHECK(cudaGetLastError());
