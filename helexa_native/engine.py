@@ -127,7 +127,7 @@ class Engine:
 
     def __init__(self, model: Union[str, Path, None] = None, device: str = "auto",
                  n_ctx: Optional[int] = None, progress: Any = None, prefix_cache: bool = False,
-                 int8_activations: bool = False):
+                 int8_activations: Optional[bool] = None):
         """Load `model` (GGUF file or HF folder; None = the default model) onto `device`.
 
         device: "auto" (CUDA when a GPU and a CUDA build are present, else CPU),
@@ -137,13 +137,15 @@ class Engine:
         prompt prefix between calls: faster multi-turn chat, but the last prompt
         token then runs through a different kernel path than in a fresh call, so
         a seeded request is no longer bit-for-bit repeatable (off by default).
-        int8_activations (CUDA only): faster decode over Q4_0/Q8_0/Q4_K/Q6_K
-        weights with int8-quantized activations, ~0.3% error per product.
+        int8_activations (CUDA only): decode matvecs over Q4_0/Q8_0/Q4_K/Q6_K
+        weights quantize their input to two int8 terms per element (~1e-6
+        relative error per product) and use integer dot products. None: where
+        that is faster (large Q4_0 matrices); True: every such type; False: never.
         """
         self._init_state(prefix_cache)
         kind, index = _parse_device(device)
-        if not isinstance(int8_activations, bool):
-            raise ValueError("int8_activations must be a boolean")
+        if int8_activations is not None and not isinstance(int8_activations, bool):
+            raise ValueError(f"int8_activations must be None, True or False, got {int8_activations!r}")
         if n_ctx is not None and (not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 1):
             raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
         path = default_model_path() if model is None else Path(model).expanduser()

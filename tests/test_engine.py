@@ -376,6 +376,8 @@ def test_bad_device_and_paths(tmp_path):
         Engine(device="tpu")
     with pytest.raises(ValueError, match="n_ctx"):
         Engine(n_ctx=0)
+    with pytest.raises(ValueError, match="int8_activations"):
+        Engine(device="cpu", int8_activations="yes")
     with pytest.raises(ModelLoadError):
         Engine(tmp_path / "missing.gguf")
     bad = tmp_path / "bad.gguf"

@@ -31,8 +31,10 @@ def _args(argv):
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--int8-activations", action="store_true",
-                   help="also time each block-quantized model with int8 activations")
+    p.add_argument("--int8-modes", action="store_true",
+                   help="also time each block-quantized model at depth 0 with int8 activations on "
+                        "every type that has them and with float math everywhere (the default "
+                        "uses int8 where it is faster)")
     p.add_argument("--workdir", default=None, help="where synthetic models are written (default: a temp dir)")
     p.add_argument("--json", dest="json_file", required=True, help="output JSON file")
     return p.parse_args(argv)
@@ -83,14 +85,15 @@ def main(argv=None) -> int:
                           f"{r['decode_tokens_per_s']:.1f} tok/s ({r['achieved_gb_per_s']:.0f} GB/s)", flush=True)
                     save()
                 entry["graphs"] = {k: v for k, v in eng.backend.memory_info().items() if k.startswith("graph")}
-            if a.int8_activations and spec.split(":")[1].upper() in ("Q4_K_M", "Q4_0", "Q8_0", "Q4_K", "Q6_K"):
-                with Engine(path, device=a.device, n_ctx=n_ctx, progress=False, int8_activations=True) as eng:
-                    r = bench_engine(eng, a.prompt_tokens, a.decode_tokens, 0, a.repeats,
-                                     copy_bandwidth_gbs=copy_bw)
-                    entry["int8_activations_depth0"] = r
-                    print(f"{spec}: int8 activations, depth 0: decode {r['decode_tokens_per_s']:.1f} tok/s "
-                          f"({r['achieved_gb_per_s']:.0f} GB/s)", flush=True)
-                    save()
+            if a.int8_modes and spec.split(":")[1].upper() in ("Q4_K_M", "Q4_0", "Q8_0", "Q4_K", "Q6_K"):
+                for mode, label in ((True, "int8_all"), (False, "float")):
+                    with Engine(path, device=a.device, n_ctx=n_ctx, progress=False, int8_activations=mode) as eng:
+                        r = bench_engine(eng, a.prompt_tokens, a.decode_tokens, 0, a.repeats,
+                                         copy_bandwidth_gbs=copy_bw)
+                        entry[f"{label}_depth0"] = r
+                        print(f"{spec}: {label} activations, depth 0: decode {r['decode_tokens_per_s']:.1f} tok/s "
+                              f"({r['achieved_gb_per_s']:.0f} GB/s)", flush=True)
+                        save()
         except Exception as e:
             failed += 1
             entry["error"] = f"{type(e).__name__}: {e}"

@@ -34,7 +34,11 @@ struct ModelSpec {
   int n_ctx = 4096;               // KV cache capacity in positions
   int prefill_chunk = 512;        // tokens per prefill pass (bounds scratch)
   bool use_graphs = true;         // replay decode as a CUDA graph
-  bool int8_activations = false;  // decode matvecs quantize activations to int8 (faster, less exact)
+  // Decode matvecs over Q4_0/Q8_0/Q4_K/Q6_K may quantize their input to two
+  // int8 terms per element (x and its residual; near float accuracy) and use
+  // integer dot products: 0 never, 1 where that is faster (large Q4_0
+  // matrices, see GpuModel::int8_for), 2 for every type that has the kernel.
+  int int8_activations = 1;
 };
 
 // One weight as the loader holds it: GGML type id, torch-order shape, host bytes.

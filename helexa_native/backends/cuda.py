@@ -96,10 +96,12 @@ class CUDABackend(Backend):
 
     def __init__(self, source: ModelSource, device_index: int = 0, n_ctx: int = 4096,
                  use_graphs: bool = True, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 int8_activations: bool = False):
-        """int8_activations: decode matvecs over Q4_0/Q8_0/Q4_K/Q6_K weights quantize
-        their input to int8 and use integer dot products: about 1.5x faster decode
-        at ~0.3% relative error per product (off by default: exact float math)."""
+                 int8_activations: Optional[bool] = None):
+        """int8_activations: decode matvecs over Q4_0/Q8_0/Q4_K/Q6_K weights may
+        quantize their input to two int8 terms per element (the value and its
+        residual, ~1e-6 relative error per product) and use integer dot
+        products. None (default): where that is faster (large Q4_0 matrices); True: every
+        such type; False: float math everywhere."""
         if not isinstance(device_index, int) or isinstance(device_index, bool) or device_index < 0:
             raise ValueError(f"device_index must be a non-negative integer, got {device_index!r}")
         if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 1:
@@ -153,7 +155,7 @@ class CUDABackend(Backend):
         spec.n_ctx = int(n_ctx)
         spec.prefill_chunk = int(min(prefill_chunk, n_ctx))
         spec.use_graphs = bool(use_graphs)
-        spec.int8_activations = bool(int8_activations)
+        spec.int8_activations = {None: 1, False: 0, True: 2}[int8_activations]
         tensors = _host_tensors(source)
         try:
             self._model = C.GpuModel(device_index, spec, tensors)

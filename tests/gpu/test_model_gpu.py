@@ -75,7 +75,7 @@ def sources(tmp_path_factory):
 
     def get(model):
         preset, fmt, qtype, overrides = model
-        key = _id(model)
+        key = _id(model) + "-" + "-".join(f"{k}{v}" for k, v in sorted(overrides.items()))
         if key not in cache:
             d = tmp_path_factory.mktemp(key.replace(".", "_"))
             if fmt == "gguf":
@@ -228,6 +228,40 @@ def test_greedy_generation_matches_reference(sources, model):
     gpu = CUDABackend(src, 0, n_ctx)
     try:
         assert_same_greedy(cpu, prompt, _gpu_generate(gpu, prompt, N_GREEDY))
+    finally:
+        gpu.close()
+
+
+# Integer-activation decode (CUDABackend int8_activations): True forces it on
+# every type with the kernel; None (the default) takes it for Q4_0 matrices of
+# 4M+ elements, which LLAMA3_WIDE has (2048 x 2048 and larger).
+LLAMA3_WIDE = dict(num_layers=2, vocab_size=2048, hidden_size=2048, intermediate_size=2048,
+                   num_heads=16, num_kv_heads=4, head_dim=128)
+INT8_CASES = ([(("llama3-8b", "gguf", q, LLAMA3_SMALL), True) for q in ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q4_K_M")]
+              + [(("llama3-8b", "gguf", "Q4_0", LLAMA3_WIDE), None)])
+
+
+@gpu
+@pytest.mark.parametrize("model,mode", INT8_CASES, ids=lambda c: (_id(c) + ("-wide" if c[3] is LLAMA3_WIDE else "")) if isinstance(c, tuple) else f"int8={c}")
+def test_int8_activation_decode_matches_reference(sources, model, mode):
+    src = sources(model)
+    vocab = src.config.vocab_size
+    prompt, teacher = _tokens(1, N_PROMPT, vocab), _tokens(2, N_TEACHER, vocab)
+    n_ctx = N_PROMPT + N_TEACHER + 8
+    cpu = CPUBackend(src, n_ctx)
+    gpu = CUDABackend(src, 0, n_ctx, int8_activations=mode)
+    try:
+        want = _cpu_teacher_forced(cpu, prompt, teacher)
+        got = _gpu_teacher_forced(gpu, prompt, teacher)
+        cos = _cosines(got, want)
+        worst = int(cos.argmin())
+        assert cos.min().item() >= MIN_COSINE, f"step {worst}: cosine {cos[worst].item():.6f}"
+        agree = _top1_agreement(got, want)
+        assert agree >= MIN_TOP1, f"top-1 agreement {agree:.3f}"
+        gpu.reset()
+        cpu.reset()
+        greedy_prompt = _tokens(3, N_PROMPT, vocab)
+        assert_same_greedy(cpu, greedy_prompt, _gpu_generate(gpu, greedy_prompt, N_GREEDY))
     finally:
         gpu.close()
 
