@@ -417,7 +417,8 @@ struct HostCtx {
 };
 
 template <GgmlType T, int NT>
-int emulate(const matvec::Args& a, int sms, int warps) {
+int emulate(const matvec::Args& in, int sms, int warps) {
+  const matvec::Args a = matvec::stepped<T, NT>(in);
   const int resident[4] = {16, 8, 4, 2};  // CTAs of 1, 2, 4, 8 warps per SM
   matvec::Plan p = matvec::plan<T, NT>(a, sms, resident);
   if (warps > 0) {
@@ -519,7 +520,6 @@ int main() {
   int errors = 0;
 #define HX_EMU(T)                                                                       \
   case GgmlType::T: {                                                                   \
-    a.nsteps = (a.npass + matvec::Config<GgmlType::T>::P - 1) / matvec::Config<GgmlType::T>::P; \
     if (ntok == 1) errors = emulate_any<GgmlType::T, 1>(a, sms, warps);                     \
     else if (ntok == 2) errors = emulate_any<GgmlType::T, 2>(a, sms, warps);                \
     else if (ntok <= 4) errors = emulate_any<GgmlType::T, 4>(a, sms, warps);                \

@@ -117,12 +117,9 @@ void matvec_launch(GgmlType type, const void* w, const float* x, float* y, int n
   const int device = current_device();
   const int sms = device_sm_count(device);
 #define HX_CASE(T)                                                             \
-  case GgmlType::T: {                                                          \
-    using C = matvec::Config<GgmlType::T>;                                     \
-    a.nsteps = (a.npass + C::P - 1) / C::P;                                    \
-    matvec::run<GgmlType::T>(a, device, sms, stream);                                  \
-    return;                                                                    \
-  }
+  case GgmlType::T:                                                            \
+    matvec::run<GgmlType::T>(a, device, sms, stream);                          \
+    return;
   switch (type) {
     HX_CASE(F32)
     HX_CASE(F16)

@@ -59,16 +59,19 @@ namespace matvec {
 
 // Rows per CTA, passes per step and units per lane, per type and token count.
 // R rows share every activation load; P sets the bytes each warp has in
-// flight (R * P * pass bytes). U = 2 (quant types, up to 2 tokens): lanes
-// 0-15 take units 2v, 2v+1 of one pass and lanes 16-31 those of the next; a
-// unit pair shares its scales. With more tokens the activations of 16
-// elements per token would not fit the registers.
+// flight (R * P * pass bytes). With U units per lane the warp works on U
+// passes at once: lanes 32/U * p .. 32/U * (p + 1) - 1 take pass p, lane l
+// units U * (l % (32/U)) ... U = 2 (quant types, up to 2 tokens): a unit pair
+// shares its scales. U = 4 (Q4_K, one token): four units share one 16-byte
+// load and one decode of the super-block header's scale pair, which is a
+// third of the per-element work at U = 2. With more tokens the activations
+// of 8U elements per token would not fit the registers.
 template <GgmlType T, int NT = 1>
 struct Config {
   static constexpr int PB = quant::pass_bytes<T>();
   static constexpr int R = T == GgmlType::F32 ? 2 : 4;
-  static constexpr int P = PB >= 512 ? 1 : (PB >= 128 ? 2 : 4);
-  static constexpr int U = (!is_float_type(T) && NT <= 2) ? 2 : 1;
+  static constexpr int U = (T == GgmlType::Q4_K && NT == 1) ? 4 : ((!is_float_type(T) && NT <= 2) ? 2 : 1);
+  static constexpr int P = std::max(U, PB >= 512 ? 1 : (PB >= 128 ? 2 : 4));
   static constexpr int SB = P * PB;                    // step bytes of one row
   static constexpr int NSEG = (SB + 15) / 16 + 1;      // 16-byte chunks covering a step at any alignment
   static constexpr int SLOTS = R * NSEG;
@@ -83,10 +86,18 @@ struct Args {
   float* y;            // [ntok, n_out]
   const float* bias;   // [n_out] or nullptr
   size_t row_bytes;
-  int n_out, k, ntok, npass, nsteps;
+  int n_out, k, ntok, npass, nsteps;  // nsteps: set by stepped<T, NT>()
   int accumulate;
   int int8_x;          // dp4a kernel where it has one: 0 float math, 1 one int8 term, 2 two (precise)
 };
+
+// `a` with nsteps set for the kernel of NT tokens (steps of Config<T, NT>::P
+// passes; P depends on the token count through U).
+template <GgmlType T, int NT>
+Args stepped(Args a) {
+  a.nsteps = (a.npass + Config<T, NT>::P - 1) / Config<T, NT>::P;
+  return a;
+}
 
 // Grid of one launch.
 struct Plan {
@@ -256,7 +267,7 @@ __host__ __device__ __forceinline__ void matvec_cta(const Args& a, const Ctx& ct
   using C = Config<T, NT>;
   constexpr int R = C::R, P = C::P, PB = C::PB, SB = C::SB, NSEG = C::NSEG, SLOTS = C::SLOTS,
                 LOADS = C::LOADS, U = C::U;
-  static_assert(P % U == 0, "a step holds whole pass pairs");
+  static_assert(P % U == 0, "a step holds whole groups of U passes");
   const int lane = ctx.lane(), warp = ctx.warp(), nwarps = ctx.nwarps();
   uint4* stage = ctx.smem + warp * SLOTS;
   const int row0 = ctx.block() * R;
@@ -291,9 +302,10 @@ __host__ __device__ __forceinline__ void matvec_cta(const Args& a, const Ctx& ct
 #pragma unroll
     for (int t = 0; t < NT; ++t) acc[r][t] = 0.f;
 
-  // With two units per lane, the half-warps take neighbouring passes.
-  const int half = U == 2 ? lane >> 4 : 0;
-  const int ub = U == 2 ? 2 * (lane & 15) : lane;
+  // With U units per lane, groups of 32 / U lanes take neighbouring passes.
+  constexpr int LPP = 32 / U;  // lanes per pass
+  const int sub = lane / LPP;
+  const int ub = U * (lane % LPP);
   if (warp < a.nsteps) issue_step<SLOTS, SB>(ctx, lane, warp, row_bytes, slot_base, slot_mis, slot_off, buf);
   for (int s = warp; s < a.nsteps; s += nwarps) {
     ctx.syncwarp();  // the previous step's readers are done with the stage
@@ -307,7 +319,7 @@ __host__ __device__ __forceinline__ void matvec_cta(const Args& a, const Ctx& ct
     const uint32_t off = (uint32_t)s * SB;
 #pragma unroll
     for (int g = 0; g < P / U; ++g) {
-      const int pass = s * P + g * U + half;
+      const int pass = s * P + g * U + sub;
       if (U == 1 && pass >= a.npass) break;
       const int ebase = pass * 256;
       // Past the row's end (last pass, or the odd last pass of a pair): no work.
@@ -316,7 +328,7 @@ __host__ __device__ __forceinline__ void matvec_cta(const Args& a, const Ctx& ct
 #pragma unroll
         for (int r = 0; r < R; ++r)
           src[r] = reinterpret_cast<const uint8_t*>(stage + r * NSEG) + ((row_mis[r] + off) & 15) +
-                   (g * U + half) * PB;
+                   (g * U + sub) * PB;
         pass_dot<T, NT, R, U>(ctx, src, a.x + ebase, ub, a.k, a.ntok, ebase, acc);
       }
     }
@@ -416,7 +428,8 @@ const int (&resident_ctas(int device))[4] {
 }
 
 template <GgmlType T, int NT>
-void launch_nt(const Args& a, int device, int sms, cudaStream_t stream) {
+void launch_nt(const Args& in, int device, int sms, cudaStream_t stream) {
+  const Args a = stepped<T, NT>(in);
   if constexpr (dp4a::supported<T>()) {
     // The precise mode's stage is twice as large; where it does not fit, the
     // float kernel (not the single-term one) keeps the asked-for accuracy.
