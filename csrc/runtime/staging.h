@@ -31,7 +31,8 @@ class CopyPool {
   // dst[0, n) = src[0, n), split over the caller and the helpers.
   void copy(void* dst, const void* src, size_t n);
 
-  // Helpers worth starting on this host (about half the cores, at most 7).
+  // Helpers worth starting on this host: one per core beyond the caller, at
+  // most 15 (HELEXA_COPY_THREADS overrides the total).
   static int default_helpers();
 
  private:
