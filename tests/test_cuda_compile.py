@@ -349,6 +349,8 @@ struct HostCtx {
   uint4* smem;
   HostCta* c;
   int lane_, warp_;
+  mutable bool waited_ = false;  // wait_prior() seen: x may be read from here on
+  void wait_prior() const { waited_ = true; }
   int lane() const { return lane_; }
   int warp() const { return warp_; }
   int nwarps() const { return c->nwarps; }
@@ -405,6 +407,10 @@ struct HostCtx {
     return r;
   }
   float4 ld_x(const float* p) const {
+    if (!waited_) {
+      fprintf(stderr, "x read before wait_prior()\n");
+      c->errors++;
+    }
     if (reinterpret_cast<uintptr_t>(p) % 16 || p < c->x_lo || p + 4 > c->x_hi) {
       fprintf(stderr, "bad x load at %ld\n", (long)(p - c->x_lo));
       c->errors++;
@@ -517,6 +523,7 @@ int main() {
   a.w = w; a.x = x; a.y = y.data(); a.bias = bias.data();
   a.row_bytes = row_bytes(t, k); a.n_out = n_out; a.k = k; a.ntok = ntok;
   a.npass = (k + 255) / 256; a.accumulate = accumulate; a.int8_x = hdr[7];
+  a.static_w = n_out & 1;  // both orders of the first weight loads and the wait
   int errors = 0;
 #define HX_EMU(T)                                                                       \
   case GgmlType::T: {                                                                   \

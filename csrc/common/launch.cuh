@@ -9,7 +9,8 @@
 // has completed and its writes are visible.
 //
 // The contract, for every kernel launched this way: its first statement is
-// pdl_begin(), before any read or write of global memory. Then ordering is
+// pdl_begin(), before any read or write of global memory (reads of memory
+// that no kernel writes, such as model weights, may come before it). Then ordering is
 // exactly that of a plain stream launch (each grid still waits for the whole
 // previous grid, transitively), only the launch latency is hidden. Kernels
 // launched the usual way (<<< >>>) keep full stream ordering and need nothing.
@@ -36,6 +37,9 @@ __device__ __forceinline__ void pdl_begin() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+// The one exception to "pdl_begin() first": a kernel may read memory that no
+// kernel writes (model weights uploaded before the step) before it, so
+// those loads overlap the previous kernel's tail.
 
 // Whether launches on `device` overlap (sm_90+ and not disabled).
 inline bool pdl_enabled(int device) {

@@ -79,7 +79,7 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 
 void matvec_launch(GgmlType type, const void* w, const float* x, float* y, int n_out, int k, int n_tok,
                    const float* bias, bool accumulate, cudaStream_t stream, bool int8_activations,
-                   bool precise) {
+                   bool precise, bool static_weights) {
   if (!is_supported(type)) bad("unsupported GGML type id " + std::to_string(static_cast<int>(type)));
   if (n_tok < 1 || n_tok > kMatvecMaxTokens)
     bad("n_tok must be 1.." + std::to_string(kMatvecMaxTokens) + ", got " + std::to_string(n_tok));
@@ -102,6 +102,8 @@ void matvec_launch(GgmlType type, const void* w, const float* x, float* y, int n
   a.npass = (k + 255) / 256;
   a.accumulate = accumulate ? 1 : 0;
   a.int8_x = int8_activations ? (precise ? 2 : 1) : 0;
+  a.static_w = static_weights ? 1 : 0;
+  a.nsteps = 0;
 
   const bool vec_ok = aligned16(w) && aligned16(x) && k % 4 == 0;
   if (is_float_type(type) && !vec_ok) {

@@ -28,7 +28,10 @@ void matvec_launch(GgmlType type, const void* w /*[n_out, k] stored rows*/, cons
                    // With int8_activations: two int8 terms per element (x and its quantization
                    // residual), near float accuracy for twice the dp4a work and stage size;
                    // where that stage does not fit 48 KiB the float kernel runs. false: one term.
-                   bool precise = true);
+                   bool precise = true,
+                   // No kernel ever writes w (model weights): the launch may read it before
+                   // the previous kernel of the stream has finished (launch.cuh).
+                   bool static_weights = false);
 
 // No GPU-specific layout is used: matvec reads the GGUF layout at full speed,
 // so repacked_bytes is 0 and the forward keeps the stored rows.

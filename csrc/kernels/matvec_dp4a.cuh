@@ -382,6 +382,7 @@ HXQ_INLINE void quantize_x(const Ctx& ctx, const float* x, int ntok, int k, int8
 template <GgmlType T, int NT, int U = 1, class Ctx, class Args>
 HXQ_INLINE void dp4a_cta(const Args& a, const Ctx& ctx, uint8_t* smem) {
   static_assert(U >= 1 && U <= kMaxTerms, "1 or 2 activation terms");
+  ctx.wait_prior();  // x is quantized first: nothing to overlap (launch.cuh)
   using I = Item<T>;
   constexpr int R = kRows;
   const int k = a.k;

@@ -89,6 +89,7 @@ struct Args {
   int n_out, k, ntok, npass, nsteps;  // nsteps: set by stepped<T, NT>()
   int accumulate;
   int int8_x;          // dp4a kernel where it has one: 0 float math, 1 one int8 term, 2 two (precise)
+  int static_w;        // no kernel writes w: its first loads may precede the wait for the previous kernel
 };
 
 // `a` with nsteps set for the kernel of NT tokens (steps of Config<T, NT>::P
@@ -174,6 +175,9 @@ struct DeviceCtx {
     return __ldg(reinterpret_cast<const float4*>(p));
   }
   __device__ __forceinline__ int nblocks() const { return gridDim.x; }
+  // Wait for the previous kernel of the stream (launch.cuh); before this the
+  // CTA reads nothing but static weights.
+  __device__ __forceinline__ void wait_prior() const { pdl_begin(); }
   // Weight words for the dp4a kernels (read-only path; neighbouring lanes
   // share 16-byte headers and Q6_K high bits, so these may allocate in L1).
   __device__ __forceinline__ uint4 ld_w128(const void* p) const {
@@ -306,7 +310,11 @@ __host__ __device__ __forceinline__ void matvec_cta(const Args& a, const Ctx& ct
   constexpr int LPP = 32 / U;  // lanes per pass
   const int sub = lane / LPP;
   const int ub = U * (lane % LPP);
+  // Static weights: the first step's loads go out before waiting for the
+  // kernel that produced x (launch.cuh), so they overlap its tail.
+  if (!a.static_w) ctx.wait_prior();
   if (warp < a.nsteps) issue_step<SLOTS, SB>(ctx, lane, warp, row_bytes, slot_base, slot_mis, slot_off, buf);
+  if (a.static_w) ctx.wait_prior();
   for (int s = warp; s < a.nsteps; s += nwarps) {
     ctx.syncwarp();  // the previous step's readers are done with the stage
 #pragma unroll
@@ -359,14 +367,14 @@ __host__ __device__ __forceinline__ void matvec_cta(const Args& a, const Ctx& ct
 
 template <GgmlType T, int NT>
 __global__ void __launch_bounds__(kMaxWarps * 32) matvec_kernel(const Args a) {
-  pdl_begin();
+  // matvec_cta calls ctx.wait_prior() (pdl_begin) before it touches x or y.
   extern __shared__ uint4 smem[];
   matvec_cta<T, NT>(a, DeviceCtx{smem});
 }
 
 template <GgmlType T, int NT, int U>
 __global__ void __launch_bounds__(dp4a::kWarps * 32, 1) matvec_dp4a_kernel(const Args a) {
-  pdl_begin();
+  // dp4a_cta calls ctx.wait_prior() (pdl_begin) first.
   extern __shared__ uint4 smem[];
   dp4a::dp4a_cta<T, NT, U>(a, DeviceCtx{smem}, reinterpret_cast<uint8_t*>(smem));
 }

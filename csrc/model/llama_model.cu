@@ -478,7 +478,7 @@ void GpuModel::linear(WorkerContext& ctx, const LinearWeight& w, const float* x_
   cudaStream_t st = ctx.compute_stream();
   if (small) {
     matvec_launch(w.type, w.data, x_f32, y, w.n_out, w.k, n, bias, accumulate, st,
-                  int8_for(w.type, w.n_out, w.k));
+                  int8_for(w.type, w.n_out, w.k), true, true);
     return;
   }
   const __nv_bfloat16* wb = nullptr;
@@ -513,7 +513,7 @@ void GpuModel::run_layers(WorkerContext& ctx, const int32_t* ids, const int32_t*
     if (n == 1 && L.qkv_fused) {
       // q, k and v blocks are adjacent for one token: one launch fills all three.
       matvec_launch(L.qkv.type, L.qkv.data, xn_, q, qkv_size_, h, 1, L.b_qkv, false, st,
-                    int8_for(L.qkv.type, qkv_size_, h));
+                    int8_for(L.qkv.type, qkv_size_, h), true, true);
     } else if (!small && L.qkv_fused) {
       const __nv_bfloat16* wb = nullptr;
       dequantize_for_gemm(ctx, L.qkv, &wb);
@@ -548,7 +548,7 @@ void GpuModel::run_layers(WorkerContext& ctx, const int32_t* ids, const int32_t*
     add_rms_norm_launch(x_, nullptr, L.ffn_norm, eps, small ? xn_ : nullptr, small ? nullptr : xb_, n, h, st);
     if (n == 1 && L.gate_up_fused) {
       matvec_launch(L.gate_up.type, L.gate_up.data, xn_, gate, 2 * f, h, 1, nullptr, false, st,
-                    int8_for(L.gate_up.type, 2 * f, h));
+                    int8_for(L.gate_up.type, 2 * f, h), true, true);
     } else if (!small && L.gate_up_fused) {
       const __nv_bfloat16* wb = nullptr;
       dequantize_for_gemm(ctx, L.gate_up, &wb);
@@ -569,7 +569,7 @@ void GpuModel::lm_head(WorkerContext& ctx, int row0, int count) {
   add_rms_norm_launch(x_ + static_cast<size_t>(row0) * h, nullptr, output_norm_, spec_.eps, xn_, nullptr, count, h,
                       st);
   matvec_launch(output_.type, output_.data, xn_, logits_, spec_.vocab, h, count, nullptr, false, st,
-                int8_for(output_.type, spec_.vocab, h));
+                int8_for(output_.type, spec_.vocab, h), true, true);
 }
 
 void GpuModel::sample_tail(WorkerContext& ctx, int mode) {
