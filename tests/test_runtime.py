@@ -164,6 +164,26 @@ def test_shutdown_answers_queued_jobs(worker):
     worker.free(12345)  # nothing left to free after shutdown
 
 
+def test_idle_worker_polls_briefly_then_sleeps(worker):
+    # After a job the worker polls its queue for a moment (so a decode loop's
+    # next job starts without a wake-up), then sleeps: a second of idleness
+    # costs the process almost no CPU time.
+    workers = [worker] + [C.DeviceWorker(-1) for _ in range(2)]
+    try:
+        for w in workers:
+            w.echo_job(1)
+        time.sleep(0.05)
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        time.sleep(1.0)
+        cpu = time.process_time() - cpu0
+        assert cpu < 0.1 * (time.perf_counter() - wall0), f"{cpu:.3f} s of CPU while idle"
+        # Back-to-back jobs still run in order and answer.
+        assert [workers[0].echo_job(i) for i in range(200)] == list(range(200))
+    finally:
+        for w in workers[1:]:
+            w.shutdown()
+
+
 def test_no_threads_left_behind():
     before = sorted(hx_threads())
     workers = [C.DeviceWorker(-1) for _ in range(3)]

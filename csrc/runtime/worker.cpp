@@ -6,9 +6,11 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <thread>
 
 #include "common/check.h"
 #include "runtime/nccl_comm.h"
@@ -23,6 +25,8 @@ namespace hx {
 
 namespace {
 
+// How long an idle worker polls its queue before sleeping (thread_main).
+constexpr std::chrono::microseconds kIdlePoll{200};
 // 64 MiB per staging buffer: each chunk's DMA (~1.3 ms at 50 GB/s) dwarfs
 // the per-chunk event wait and helper wake-up.
 constexpr size_t kStagingChunk = size_t(64) << 20;
@@ -139,12 +143,21 @@ void DeviceWorker::thread_main(std::promise<void>* started) {
 
   for (;;) {
     std::unique_ptr<Job> job;
+    // A decode loop submits its next job microseconds after the last reply:
+    // poll for it briefly instead of paying a sleep and a wake-up (tens of
+    // microseconds on a virtual machine) for every token.
+    if (!has_work_.load(std::memory_order_acquire)) {
+      const auto until = std::chrono::steady_clock::now() + kIdlePoll;
+      while (!has_work_.load(std::memory_order_acquire) && std::chrono::steady_clock::now() < until)
+        std::this_thread::yield();
+    }
     {
       std::unique_lock<std::mutex> lk(mu_);
       cv_.wait(lk, [this] { return stopping_ || !queue_.empty(); });
       if (stopping_) break;
       job = std::move(queue_.front());
       queue_.pop_front();
+      has_work_.store(!queue_.empty(), std::memory_order_release);
     }
     if (!host_only_ && g_cuda_lost.load() && !is_poisoned()) poison(cuda_lost_reason());
     if (is_poisoned() && !job->cleanup) {
@@ -261,6 +274,7 @@ void DeviceWorker::begin_shutdown() {
     if (stopping_) return;
     stopping_ = true;
     pending.swap(queue_);
+    has_work_.store(true, std::memory_order_release);
   }
   cv_.notify_all();
   for (auto& job : pending) job->fail(shut_down_error());
@@ -285,6 +299,7 @@ void DeviceWorker::push(std::unique_ptr<Job> job) {
     std::lock_guard<std::mutex> lk(mu_);
     if (!stopping_) {
       queue_.push_back(std::move(job));
+      has_work_.store(true, std::memory_order_release);
       cv_.notify_one();
       return;
     }

@@ -26,6 +26,7 @@
 #include <future>
 #include <memory>
 #include <mutex>
+#include <atomic>
 #include <condition_variable>
 #include <stdexcept>
 #include <string>
@@ -224,6 +225,9 @@ class DeviceWorker {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::unique_ptr<Job>> queue_;
+  // queue_ non-empty or stopping_, readable without mu_: the idle thread polls
+  // it for a moment before sleeping on cv_ (see thread_main).
+  std::atomic<bool> has_work_{false};
   bool stopping_ = false;   // no new jobs; guarded by mu_
   bool joined_ = false;     // guarded by join_mu_
   std::mutex join_mu_;
