@@ -356,20 +356,12 @@ struct Block<GgmlType::Q4_K> : BlockK4Map {
   // d | dmin | scales[12] | qs[128]
   static constexpr int QK = 256, BB = 144, Z = 0;
   static constexpr bool HAS_B = true, WIDE = false, SAME_SCALE = false, K4_HEADER = true;
-  // Quants of units ub..ub+U-1 (U of 1, 2 or 4, ub a multiple of U: one 4-,
-  // 8- or 16-byte load; super-blocks are 144 bytes, so 16-byte aligned).
+  // Quants of units ub..ub+U-1 (U <= 2, ub even when U = 2: one 8-byte load).
   template <int U>
   HXQ_INLINE static void quants(const uint8_t* sb, int ub, uint32_t (&u0)[U], uint32_t (&u1)[U]) {
-    static_assert(U == 1 || U == 2 || U == 4, "1, 2 or 4 units");
     const uint8_t* p = sb + 16 + 32 * (ub >> 3) + 4 * (ub & 7);
     uint32_t q[U];
-    if constexpr (U == 4) {
-      const uint4 v = ld_u128(p);
-      q[0] = v.x;
-      q[1] = v.y;
-      q[2] = v.z;
-      q[3] = v.w;
-    } else if constexpr (U == 2) {
+    if constexpr (U == 2) {
       const uint2 v = ld_u64(p);
       q[0] = v.x;
       q[1] = v.y;
