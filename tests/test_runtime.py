@@ -184,6 +184,20 @@ def test_idle_worker_polls_briefly_then_sleeps(worker):
             w.shutdown()
 
 
+def test_learning_waiter_returns_results_and_errors(worker):
+    # Decode steps wait through a JobWaiter that learns the job's duration and
+    # polls near its end; results and errors must come through it unchanged,
+    # whether the job ends before, around or well after the learned time.
+    for ms in (2, 2, 2, 2, 0, 0, 20, 1):
+        t0 = time.perf_counter()
+        assert worker.sleep_job(ms, True) == 0
+        assert time.perf_counter() - t0 >= ms / 1000
+    with pytest.raises(DeviceError):
+        worker.simulate_sticky_error()
+    with pytest.raises(DeviceError, match="unusable after an earlier device error"):
+        worker.sleep_job(1, True)
+
+
 def test_no_threads_left_behind():
     before = sorted(hx_threads())
     workers = [C.DeviceWorker(-1) for _ in range(3)]

@@ -94,7 +94,7 @@ class ModelHandle {
     StepResult r;
     {
       py::gil_scoped_release nogil;
-      r = model_decode(*worker_, h, token, pos, sc, pen, want_logits);
+      r = model_decode(*worker_, h, token, pos, sc, pen, want_logits, &decode_waiter_);
     }
     return to_py(r, want_logits);
   }
@@ -172,6 +172,7 @@ class ModelHandle {
 
   std::shared_ptr<DeviceWorker> worker_;
   int64_t handle_ = 0;
+  JobWaiter decode_waiter_;  // learns the decode step's duration (see JobWaiter)
   size_t bytes_ = 0;
   double load_seconds_ = 0.0;
   py::ssize_t vocab_ = 0;

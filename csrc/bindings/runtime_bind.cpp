@@ -281,14 +281,19 @@ void bind_runtime(py::module_& m) {
       // Test hooks
       .def(
           "sleep_job",
-          [](DeviceWorker& w, int ms) {
+          [](DeviceWorker& w, int ms, bool learn) {
             auto f = w.submit([ms](WorkerContext&) -> int64_t {
               std::this_thread::sleep_for(std::chrono::milliseconds(ms));
               return 0;
             });
-            wait(f);
+            if (!learn) return wait(f);
+            static JobWaiter waiter;  // as a model's decode steps use one
+            py::gil_scoped_release nogil;
+            return waiter.wait(f);
           },
-          py::arg("ms"), "Test hook: occupy the worker for ms milliseconds.")
+          py::arg("ms"), py::arg("learn") = false,
+          "Test hook: occupy the worker for ms milliseconds. learn: wait through a JobWaiter "
+          "that learns the job's duration, as decode steps do.")
       .def(
           "sleep_job_async",
           [](DeviceWorker& w, int ms) {

@@ -765,11 +765,11 @@ StepResult model_prefill(DeviceWorker& w, int64_t handle, const std::vector<int3
 }
 
 StepResult model_decode(DeviceWorker& w, int64_t handle, int32_t token, int pos, const SampleConfig& sc,
-                        const PenaltyUpdate& pen, bool want_logits) {
-  return w.submit([&, handle](WorkerContext& ctx) {
-            return ctx.resource<GpuModel>(handle)->decode(ctx, token, pos, sc, pen, want_logits);
-          })
-      .get();
+                        const PenaltyUpdate& pen, bool want_logits, JobWaiter* waiter) {
+  auto f = w.submit([&, handle](WorkerContext& ctx) {
+    return ctx.resource<GpuModel>(handle)->decode(ctx, token, pos, sc, pen, want_logits);
+  });
+  return waiter ? waiter->wait(f) : f.get();
 }
 
 std::vector<float> model_forward_logits(DeviceWorker& w, int64_t handle, const std::vector<int32_t>& tokens,

@@ -16,6 +16,7 @@
 namespace hx {
 
 class DeviceWorker;
+class JobWaiter;
 
 // Architecture and run-time sizing of one model.
 struct ModelSpec {
@@ -101,8 +102,11 @@ StepResult model_prefill(DeviceWorker& w, int64_t handle, const std::vector<int3
                          bool want_logits);
 
 // One token at `pos`: the decode path (replayed CUDA graph unless disabled).
+// `waiter` (optional) waits on the reply; a caller decoding token after token
+// passes the same one each time (see JobWaiter).
 StepResult model_decode(DeviceWorker& w, int64_t handle, int32_t token, int pos,
-                        const SampleConfig& sc, const PenaltyUpdate& pen, bool want_logits);
+                        const SampleConfig& sc, const PenaltyUpdate& pen, bool want_logits,
+                        JobWaiter* waiter = nullptr);
 
 // Logits (float32, row-major) of the last position ([vocab]) or of all ([n, vocab]).
 std::vector<float> model_forward_logits(DeviceWorker& w, int64_t handle,
