@@ -534,8 +534,7 @@ int main() {
     break;                                                                              \
   }
   switch (t) {
-    HX_EMU(F32) HX_EMU(F16) HX_EMU(BF16) HX_EMU(Q4_0) HX_EMU(Q4_1) HX_EMU(Q5_0) HX_EMU(Q5_1) HX_EMU(Q8_0)
-    HX_EMU(Q2_K) HX_EMU(Q3_K) HX_EMU(Q4_K) HX_EMU(Q5_K) HX_EMU(Q6_K) HX_EMU(IQ4_NL) HX_EMU(IQ4_XS)
+    HX_FOR_EACH_GGML_TYPE(HX_EMU)
     default: return 4;
   }
   fwrite(y.data(), 4, y.size(), stdout);

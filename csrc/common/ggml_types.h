@@ -35,6 +35,11 @@ enum class GgmlType : int {
   BF16 = 30,
 };
 
+// Every type above, for dispatch tables: HX_FOR_EACH_GGML_TYPE(X) expands
+// X(F32) X(F16) ... once per type, so a switch over the types is one line.
+#define HX_FOR_EACH_GGML_TYPE(X) \
+  X(F32) X(F16) X(BF16) X(Q4_0) X(Q4_1) X(Q5_0) X(Q5_1) X(Q8_0) X(Q2_K) X(Q3_K) X(Q4_K) X(Q5_K) X(Q6_K) X(IQ4_NL) X(IQ4_XS)
+
 // Elements per block; 0 for an id this engine does not read.
 HX_HOST_DEVICE constexpr int block_elems(GgmlType t) {
   switch (t) {

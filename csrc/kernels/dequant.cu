@@ -187,21 +187,7 @@ void dispatch(GgmlType type, const void* w, O* out, int64_t n_out, int64_t k, cu
       launch_quant<GgmlType::T, O>(w, out, n_out, k, stream);   \
     return;
   switch (type) {
-    HX_CASE(F32)
-    HX_CASE(F16)
-    HX_CASE(BF16)
-    HX_CASE(Q4_0)
-    HX_CASE(Q4_1)
-    HX_CASE(Q5_0)
-    HX_CASE(Q5_1)
-    HX_CASE(Q8_0)
-    HX_CASE(Q2_K)
-    HX_CASE(Q3_K)
-    HX_CASE(Q4_K)
-    HX_CASE(Q5_K)
-    HX_CASE(Q6_K)
-    HX_CASE(IQ4_NL)
-    HX_CASE(IQ4_XS)
+    HX_FOR_EACH_GGML_TYPE(HX_CASE)
   }
 #undef HX_CASE
   bad("unsupported GGML type");

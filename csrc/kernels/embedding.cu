@@ -290,21 +290,7 @@ void embedding_launch(GgmlType type, const void* table, const int32_t* ids, floa
     emb::embedding_kernel<GgmlType::T><<<grid, threads, 0, stream>>>(t, row_bytes, ids, out, hidden, vocab); \
     break;
   switch (type) {
-    HX_EMB_CASE(F32)
-    HX_EMB_CASE(F16)
-    HX_EMB_CASE(BF16)
-    HX_EMB_CASE(Q4_0)
-    HX_EMB_CASE(Q4_1)
-    HX_EMB_CASE(Q5_0)
-    HX_EMB_CASE(Q5_1)
-    HX_EMB_CASE(Q8_0)
-    HX_EMB_CASE(IQ4_NL)
-    HX_EMB_CASE(Q2_K)
-    HX_EMB_CASE(Q3_K)
-    HX_EMB_CASE(Q4_K)
-    HX_EMB_CASE(Q5_K)
-    HX_EMB_CASE(Q6_K)
-    HX_EMB_CASE(IQ4_XS)
+    HX_FOR_EACH_GGML_TYPE(HX_EMB_CASE)
     default:
       throw std::invalid_argument("embedding: unsupported GGML type id " + std::to_string((int)type));
   }

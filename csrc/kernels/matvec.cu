@@ -123,21 +123,7 @@ void matvec_launch(GgmlType type, const void* w, const float* x, float* y, int n
     matvec::run<GgmlType::T>(a, device, sms, stream);                          \
     return;
   switch (type) {
-    HX_CASE(F32)
-    HX_CASE(F16)
-    HX_CASE(BF16)
-    HX_CASE(Q4_0)
-    HX_CASE(Q4_1)
-    HX_CASE(Q5_0)
-    HX_CASE(Q5_1)
-    HX_CASE(Q8_0)
-    HX_CASE(Q2_K)
-    HX_CASE(Q3_K)
-    HX_CASE(Q4_K)
-    HX_CASE(Q5_K)
-    HX_CASE(Q6_K)
-    HX_CASE(IQ4_NL)
-    HX_CASE(IQ4_XS)
+    HX_FOR_EACH_GGML_TYPE(HX_CASE)
   }
 #undef HX_CASE
   bad("unsupported GGML type");
