@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from int8_reference import DP4A_TYPES, quantized_x, stage_fits
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
@@ -555,32 +556,9 @@ def emulator(tmp_path_factory):
 
 
 EMU_TYPES = ["F32", "F16", "BF16", *F16_FIELDS]
-# Types whose matvec quantizes x to int8 blocks (matvec_dp4a.cuh) when asked
-# (int8_x mode 1: one int8 term, 2: two) and the stage fits 48 KiB of shared memory.
-DP4A_TYPES = {"Q4_0", "Q8_0", "Q4_K", "Q6_K"}
-
-
+# int8_x mode 1: one int8 term, 2: two; 0: the float kernel.
 def dp4a_applies(name: str, n_tok: int, k: int, mode: int = 1) -> bool:
-    terms = 2 if mode >= 2 else 1
-    return mode > 0 and name in DP4A_TYPES and terms * n_tok * (k + k // 32 * 4 + k // 16 * 4) <= 48 * 1024
-
-
-def quantized_x(x: np.ndarray, terms: int = 1) -> np.ndarray:
-    """x as the dp4a kernels see it: per 32 values d = max|x| / 127 and
-    q = rint(x * (1 / d)), in float32 like the device; with two terms the
-    residual fma(-q, d, x) (exact in float64, then rounded once to float32)
-    is quantized the same way. Returns sum q * d in float64."""
-    r = x.astype(np.float32).reshape(x.shape[0], -1, 32)
-    total = np.zeros(r.shape, np.float64)
-    for _ in range(terms):
-        d = (np.abs(r).max(axis=2, keepdims=True) / np.float32(127)).astype(np.float32)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            inv = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
-            q = np.rint(r * inv).astype(np.float64)
-        part = q * d.astype(np.float64)
-        total += part
-        r = (r.astype(np.float64) - part).astype(np.float32)
-    return total.reshape(x.shape)
+    return mode > 0 and stage_fits(name, n_tok, k, 2 if mode >= 2 else 1)
 
 
 def _emu_weights(name, n_out, k, rng):

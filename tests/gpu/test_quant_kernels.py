@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from int8_reference import DP4A_TYPES, quantized_x, stage_fits
 
 pytestmark = pytest.mark.gpu
 
@@ -29,39 +30,22 @@ FLOAT_TYPES = {"F32", "F16", "BF16"}
 # biased sum, which costs a few more ulps).
 TOLERANCE = {name: (1e-5 if name in FLOAT_TYPES else 2e-5) for name in TYPES}
 
-# Types whose matvec can quantize x to int8 blocks of 32 (matvec_dp4a.cuh, asked
+# DP4A_TYPES (int8_reference.py) can quantize x to int8 blocks of 32 (asked
 # for with int8=True). matvec_launch's default is the precise mode: two int8
 # terms per element (x, then its quantization residual), used when
 # 2 * n_tok * k * 1.375 bytes fit 48 KiB, else the float kernel runs. The exact
 # reference is then the product with that two-term x; against the float x the
 # result is within INT8_X_TOLERANCE. Without int8 every type uses float math.
-DP4A_TYPES = {"Q4_0", "Q8_0", "Q4_K", "Q6_K"}
 INT8_X_TOLERANCE = 2e-2
 INT8_X_TERMS = 2
 
 
-def dp4a_applies(name: str, n_tok: int, k: int, terms: int = INT8_X_TERMS) -> bool:
-    return name in DP4A_TYPES and terms * n_tok * (k + k // 32 * 4 + k // 16 * 4) <= 48 * 1024
-
-
 def x_seen_by(name: str, x: np.ndarray, int8: bool = False, terms: int = INT8_X_TERMS) -> np.ndarray:
-    """x as the kernel multiplies it: per 32 values d = max|x| / 127 and
-    q = rint(x * (1 / d)) in float32 (the device's IEEE division and rounding);
-    with two terms the residual fma(-q, d, x) is quantized the same way. Returns
-    sum q * d in float64; x itself for the float-math paths."""
-    if not (int8 and dp4a_applies(name, x.shape[0], x.shape[1], terms)):
+    """x as the kernel multiplies it: quantized to int8 terms where the int8
+    kernel runs (int8_reference.quantized_x), x itself for the float paths."""
+    if not (int8 and stage_fits(name, x.shape[0], x.shape[1], terms)):
         return x
-    r = x.astype(np.float32).reshape(x.shape[0], -1, 32)
-    total = np.zeros(r.shape, np.float64)
-    for _ in range(terms):
-        d = (np.abs(r).max(axis=2, keepdims=True) / np.float32(127)).astype(np.float32)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            inv = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
-            q = np.rint(r * inv).astype(np.float64)
-        part = q * d.astype(np.float64)
-        total += part
-        r = (r.astype(np.float64) - part).astype(np.float32)
-    return total.reshape(x.shape)
+    return quantized_x(x, terms)
 
 
 def qk_of(name: str) -> int:
