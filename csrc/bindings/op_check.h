@@ -39,9 +39,6 @@ std::string message(const A&... parts) {
 }  // namespace opcheck
 }  // namespace hx
 
-#define HX_OP_CHECK(cond, ...)                                        \
-  do {                                                                \
-    if (C10_UNLIKELY_OR_CONST(!(cond))) {                             \
-      TORCH_CHECK(false, ::hx::opcheck::message(__VA_ARGS__));        \
-    }                                                                 \
-  } while (0)
+// TORCH_CHECK builds its message only when cond fails; a single std::string
+// argument goes through without a stream.
+#define HX_OP_CHECK(cond, ...) TORCH_CHECK(cond, ::hx::opcheck::message(__VA_ARGS__))
