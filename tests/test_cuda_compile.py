@@ -601,13 +601,17 @@ def test_matvec_cta_runs_on_host(emulator, name):
     # (n_out, k, n_tok, accumulate, SM count, warps per CTA or 0 for the launcher's choice)
     cases = [(1, ks[0], 1, 0, 132, 0), (5, ks[1], 3, 1, 132, 0), (7, ks[2], 1, 0, 132, 0), (9, ks[3], 2, 1, 1, 0),
              (6, ks[2], 8, 0, 4, 0), (13, ks[1], 5, 0, 132, 0), (5, ks[2], 1, 1, 132, 1), (3, ks[2], 2, 0, 132, 2),
-             (4, ks[3], 1, 0, 132, 4), (2, ks[2], 4, 1, 132, 8), (40, ks[1], 2, 1, 1, 0), (37, ks[0], 1, 0, 2, 0)]
-    for n_out, k, ntok, acc, sms, warps in cases:
+             (4, ks[3], 1, 0, 132, 4), (2, ks[2], 4, 1, 132, 8), (40, ks[1], 2, 1, 1, 0), (37, ks[0], 1, 0, 2, 0),
+             (40, ks[2], 1, 0, 1, 8), (23, ks[3], 3, 1, 1, 2)]
+    for i, (n_out, k, ntok, acc, sms, warps) in enumerate(cases):
         raw, tid, ref = _emu_weights(name, n_out, k, rng)
         x = rng.standard_normal((ntok, k)).astype(np.float32)
-        tag = f"{name} n_out={n_out} k={k} n_tok={ntok} accumulate={acc} sms={sms} warps={warps} seed={seed}"
-        x64 = quantized_x(x) if dp4a_applies(name, ntok, k) else x.astype(np.float64)
-        y, want, scale = _run_emulator(emulator, rng, tag, raw, tid, ref, x, acc, sms, warps, mode=1)
+        # Odd cases ask for int8 activations (the dp4a kernel, where the type has
+        # one and its stage fits); even ones run the float kernel for every type.
+        mode = i % 2
+        tag = f"{name} n_out={n_out} k={k} n_tok={ntok} accumulate={acc} sms={sms} warps={warps} mode={mode} seed={seed}"
+        x64 = quantized_x(x) if dp4a_applies(name, ntok, k, mode) else x.astype(np.float64)
+        y, want, scale = _run_emulator(emulator, rng, tag, raw, tid, ref, x, acc, sms, warps, mode)
         err = np.max(np.abs(y - want(x64)) / scale(x64))
         assert err < 2e-5, f"{tag}: relative error {err:.2e}"
 

@@ -263,6 +263,11 @@ void GpuModel::load_weights(WorkerContext& ctx, const std::vector<HostTensor>& t
     if (tq.type == tk.type && tq.type == tv.type && fusable({&tq, &tk})) {
       L.qkv_fused = true;
       upload_fused({&tq, &tk, &tv}, {q_size_, kv_size_, kv_size_}, h, &L.qkv, {&L.q, &L.k, &L.v});
+    } else if (tq.type == tk.type && fusable({&tq})) {
+      // Mixes such as Q4_K_M store v in another type: q and k still share a launch.
+      L.qk_fused = true;
+      upload_fused({&tq, &tk}, {q_size_, kv_size_}, h, &L.qk, {&L.q, &L.k});
+      L.v = upload_matrix(tv, kv_size_, h);
     } else {
       L.q = upload_matrix(tq, q_size_, h);
       L.k = upload_matrix(tk, kv_size_, h);
@@ -526,6 +531,11 @@ void GpuModel::run_layers(WorkerContext& ctx, const int32_t* ids, const int32_t*
         add_bias_rows_launch(k, bk, n, kv_size_, st);
         add_bias_rows_launch(v, bv, n, kv_size_, st);
       }
+    } else if (n == 1 && L.qk_fused) {
+      // q and k blocks (and their biases) are adjacent for one token.
+      matvec_launch(L.qk.type, L.qk.data, xn_, q, q_size_ + kv_size_, h, 1, L.b_qkv, false, st,
+                    int8_for(L.qk.type, q_size_ + kv_size_, h), true, true);
+      linear(ctx, L.v, xn_, xb_, v, n, bv, false, small);
     } else {
       linear(ctx, L.q, xn_, xb_, q, n, bq, false, small);
       linear(ctx, L.k, xn_, xb_, k, n, bk, false, small);

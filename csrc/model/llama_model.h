@@ -66,6 +66,8 @@ struct LayerWeights {
   LinearWeight q, k, v, o, gate, up, down;
   bool qkv_fused = false;             // q, k, v are consecutive rows of `qkv`
   LinearWeight qkv;
+  bool qk_fused = false;              // q, k are consecutive rows of `qk` (v has another type)
+  LinearWeight qk;
   bool gate_up_fused = false;         // gate, up are consecutive rows of `gate_up`
   LinearWeight gate_up;
   __nv_bfloat16* k_cache = nullptr;   // [kv_heads, cap, head_dim]

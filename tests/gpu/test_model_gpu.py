@@ -45,7 +45,7 @@ MODELS = (
     + [("llama3-8b", "safetensors", "bf16", LLAMA3_SMALL)]
     + [("smollm2-135m", "gguf", q, SMALL) for q in ("Q4_0", "Q4_1", "Q8_0")]
     + [("smollm2-135m", "safetensors", "bf16", SMALL)]
-    + [("qwen2.5-0.5b", "gguf", q, SMALL) for q in ("Q4_0", "Q5_1", "Q8_0")]
+    + [("qwen2.5-0.5b", "gguf", q, SMALL) for q in ("Q4_0", "Q5_1", "Q8_0", "Q4_K_M")]
     + [("qwen2.5-0.5b", "safetensors", d, SMALL) for d in ("bf16", "f16")]
     + [("qwen3-0.6b", "gguf", q, SMALL) for q in ("Q4_K", "Q6_K", "Q8_0")]
     + [("qwen3-0.6b", "safetensors", d, SMALL) for d in ("bf16", "f32")]
