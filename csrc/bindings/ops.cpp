@@ -225,7 +225,7 @@ void op_attention_decode(const at::Tensor& q, const at::Tensor& kc, const at::Te
   const int nq = as_int(q.size(0), "nq"), d = as_int(q.size(1), "d");
   const int nk = as_int(kc.size(0), "nk"), cap = as_int(kc.size(1), "cap");
   const size_t ws_bytes = attention_decode_workspace_bytes(nq, d, cap);
-  // Zeroed: the workspace ends in the kernel's arrival counters.
+  // Zeroed like the model's (the kernel writes every partial state it reads).
   at::Tensor ws = at::zeros({static_cast<int64_t>((ws_bytes + 3) / 4)}, q.options());
   attention_decode_launch(q.data_ptr<float>(), bf16_ptr(kc), bf16_ptr(vc), seq_len.data_ptr<int32_t>(),
                           out.data_ptr<float>(), ws.data_ptr<float>(), ws_bytes, nq, nk, d, cap,

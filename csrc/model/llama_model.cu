@@ -380,8 +380,8 @@ std::map<std::string, int64_t> GpuModel::memory() const {
 
 void GpuModel::init_tables(WorkerContext& ctx) {
   cudaStream_t st = ctx.compute_stream();
-  // The decode attention's arrival counters (end of its workspace) must start
-  // at zero; every launch leaves them so.
+  // The decode attention's workspace starts zeroed (every launch writes the
+  // partial states it reads; zeroing keeps unused slots deterministic).
   HX_CUDA_CHECK(cudaMemsetAsync(attn_ws_, 0, attn_ws_bytes_, st));
   // cos/sin for every cache position, once: the per-layer rope becomes a
   // table lookup instead of float64 sincos per token and layer.
