@@ -37,9 +37,6 @@ __device__ __forceinline__ void pdl_begin() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
-// The one exception to "pdl_begin() first": a kernel may read memory that no
-// kernel writes (model weights uploaded before the step) before it, so
-// those loads overlap the previous kernel's tail.
 
 // Whether launches on `device` overlap (sm_90+ and not disabled).
 inline bool pdl_enabled(int device) {
