@@ -128,6 +128,11 @@ HXQ_INLINE int seg_dot(const XStage& X, int u, int t, int e, const uint32_t* q) 
 HXQ_INLINE float xscale(const XStage& X, int u, int t, int e) { return X.xd[u][(size_t)t * (X.k / 32) + e / 32]; }
 HXQ_INLINE int xsum16(const XStage& X, int u, int t, int e) { return X.xs[u][(size_t)t * (X.k / 16) + e / 16]; }
 
+// An item's weights are read in two phases: load() fetches its raw words
+// into registers (Words), dot() decodes them and multiplies. dp4a_cta issues
+// the next item's load() before the current item's dot(), so each lane keeps
+// one item in flight, and issues its first item before the wait for the
+// previous kernel and the activation quantization (static weights).
 template <GgmlType T>
 struct Item;
 
@@ -135,17 +140,25 @@ struct Item;
 template <>
 struct Item<GgmlType::Q8_0> {
   static constexpr int QK = 32, BB = 34, IPB = 1;
-#pragma nv_exec_check_disable
-  template <int NT, int R, int U, class Ctx>
-  HXQ_INLINE static void dot(const Ctx& ctx, const uint8_t* const (&blk)[R], int, int e0, const XStage& X, int ntok,
-                             float (&acc)[R][NT]) {
+  template <int R>
+  struct Words {
     uint32_t q[R][8];
-    float d[R];
+    uint32_t d[R];
+  };
+#pragma nv_exec_check_disable
+  template <int R, class Ctx>
+  HXQ_INLINE static void load(const Ctx& ctx, const uint8_t* const (&blk)[R], int, Words<R>& w) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      words_a2<8>(ctx, blk[r] + 2, q[r]);
-      d[r] = quant::half_float(ctx.ld_w16(blk[r]));
+      words_a2<8>(ctx, blk[r] + 2, w.q[r]);
+      w.d[r] = ctx.ld_w16(blk[r]);
     }
+  }
+  template <int NT, int R, int U>
+  HXQ_INLINE static void dot(const Words<R>& w, int, int e0, const XStage& X, int ntok, float (&acc)[R][NT]) {
+    float d[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) d[r] = quant::half_float(w.d[r]);
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
       if (NT > 1 && t >= ntok) break;
@@ -153,7 +166,7 @@ struct Item<GgmlType::Q8_0> {
       for (int u = 0; u < U; ++u) {
         const float xd = xscale(X, u, t, e0);
 #pragma unroll
-        for (int r = 0; r < R; ++r) acc[r][t] = fmaf(d[r] * xd, (float)seg_dot<8>(X, u, t, e0, q[r]), acc[r][t]);
+        for (int r = 0; r < R; ++r) acc[r][t] = fmaf(d[r] * xd, (float)seg_dot<8>(X, u, t, e0, w.q[r]), acc[r][t]);
       }
     }
   }
@@ -163,22 +176,32 @@ struct Item<GgmlType::Q8_0> {
 template <>
 struct Item<GgmlType::Q4_0> {
   static constexpr int QK = 32, BB = 18, IPB = 1;
+  template <int R>
+  struct Words {
+    uint32_t q[R][4];
+    uint32_t d[R];
+  };
 #pragma nv_exec_check_disable
-  template <int NT, int R, int U, class Ctx>
-  HXQ_INLINE static void dot(const Ctx& ctx, const uint8_t* const (&blk)[R], int, int e0, const XStage& X, int ntok,
-                             float (&acc)[R][NT]) {
+  template <int R, class Ctx>
+  HXQ_INLINE static void load(const Ctx& ctx, const uint8_t* const (&blk)[R], int, Words<R>& w) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      words_a2<4>(ctx, blk[r] + 2, w.q[r]);
+      w.d[r] = ctx.ld_w16(blk[r]);
+    }
+  }
+  template <int NT, int R, int U>
+  HXQ_INLINE static void dot(const Words<R>& w, int, int e0, const XStage& X, int ntok, float (&acc)[R][NT]) {
     uint32_t lo[R][4], hi[R][4];
     float d[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      uint32_t q[4];
-      words_a2<4>(ctx, blk[r] + 2, q);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        lo[r][i] = q[i] & 0x0f0f0f0fu;
-        hi[r][i] = (q[i] >> 4) & 0x0f0f0f0fu;
+        lo[r][i] = w.q[r][i] & 0x0f0f0f0fu;
+        hi[r][i] = (w.q[r][i] >> 4) & 0x0f0f0f0fu;
       }
-      d[r] = quant::half_float(ctx.ld_w16(blk[r]));
+      d[r] = quant::half_float(w.d[r]);
     }
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
@@ -202,16 +225,27 @@ struct Item<GgmlType::Q4_0> {
 template <>
 struct Item<GgmlType::Q4_K> {
   static constexpr int QK = 256, BB = 144, IPB = 4;
+  template <int R>
+  struct Words {
+    uint4 h[R], v0[R], v1[R];
+  };
 #pragma nv_exec_check_disable
-  template <int NT, int R, int U, class Ctx>
-  HXQ_INLINE static void dot(const Ctx& ctx, const uint8_t* const (&blk)[R], int c, int e0, const XStage& X,
-                             int ntok, float (&acc)[R][NT]) {
+  template <int R, class Ctx>
+  HXQ_INLINE static void load(const Ctx& ctx, const uint8_t* const (&blk)[R], int c, Words<R>& w) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      w.h[r] = ctx.ld_w128(blk[r]);
+      w.v0[r] = ctx.ld_w128(blk[r] + 16 + 32 * c);
+      w.v1[r] = ctx.ld_w128(blk[r] + 32 + 32 * c);
+    }
+  }
+  template <int NT, int R, int U>
+  HXQ_INLINE static void dot(const Words<R>& w, int c, int e0, const XStage& X, int ntok, float (&acc)[R][NT]) {
     uint32_t lo[R][8], hi[R][8];
     float a0[R], a1[R], m0[R], m1[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const uint4 h = ctx.ld_w128(blk[r]);
-      const uint4 v0 = ctx.ld_w128(blk[r] + 16 + 32 * c), v1 = ctx.ld_w128(blk[r] + 32 + 32 * c);
+      const uint4 v0 = w.v0[r], v1 = w.v1[r], h = w.h[r];
       const uint32_t q[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
@@ -254,32 +288,43 @@ struct Item<GgmlType::Q4_K> {
 template <>
 struct Item<GgmlType::Q6_K> {
   static constexpr int QK = 256, BB = 210, IPB = 4;
+  template <int R>
+  struct Words {
+    uint32_t ql[R][8], qh[R][8];
+    uint32_t s01[R], s23[R], d[R];
+  };
 #pragma nv_exec_check_disable
-  template <int NT, int R, int U, class Ctx>
-  HXQ_INLINE static void dot(const Ctx& ctx, const uint8_t* const (&blk)[R], int it, int e0, const XStage& X,
-                             int ntok, float (&acc)[R][NT]) {
+  template <int R, class Ctx>
+  HXQ_INLINE static void load(const Ctx& ctx, const uint8_t* const (&blk)[R], int it, Words<R>& w) {
+    const int h = it >> 1, p = it & 1;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      words_a2<8>(ctx, blk[r] + 64 * h + 32 * p, w.ql[r]);
+      words_a2<8>(ctx, blk[r] + 128 + 32 * h, w.qh[r]);
+      // 16-element groups 8h + 2p, +1 (low) and 8h + 4 + 2p, +1 (high): one aligned
+      // 2-byte pair each in the scales at byte 192.
+      w.s01[r] = ctx.ld_w16(blk[r] + 192 + 8 * h + 2 * p);
+      w.s23[r] = ctx.ld_w16(blk[r] + 196 + 8 * h + 2 * p);
+      w.d[r] = ctx.ld_w16(blk[r] + 208);
+    }
+  }
+  template <int NT, int R, int U>
+  HXQ_INLINE static void dot(const Words<R>& w, int it, int e0, const XStage& X, int ntok, float (&acc)[R][NT]) {
     const int h = it >> 1, p = it & 1;
     uint32_t lo[R][8], hi[R][8];
     float sc[R][4];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      uint32_t ql[8], qh[8];
-      words_a2<8>(ctx, blk[r] + 64 * h + 32 * p, ql);
-      words_a2<8>(ctx, blk[r] + 128 + 32 * h, qh);
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        lo[r][i] = (ql[i] & 0x0f0f0f0fu) | (((qh[i] >> (2 * p)) & 0x03030303u) << 4);
-        hi[r][i] = ((ql[i] >> 4) & 0x0f0f0f0fu) | (((qh[i] >> (2 * p + 4)) & 0x03030303u) << 4);
+        lo[r][i] = (w.ql[r][i] & 0x0f0f0f0fu) | (((w.qh[r][i] >> (2 * p)) & 0x03030303u) << 4);
+        hi[r][i] = ((w.ql[r][i] >> 4) & 0x0f0f0f0fu) | (((w.qh[r][i] >> (2 * p + 4)) & 0x03030303u) << 4);
       }
-      // 16-element groups 8h + 2p, +1 (low) and 8h + 4 + 2p, +1 (high): one aligned
-      // 2-byte pair each in the scales at byte 192.
-      const uint32_t s01 = ctx.ld_w16(blk[r] + 192 + 8 * h + 2 * p);
-      const uint32_t s23 = ctx.ld_w16(blk[r] + 196 + 8 * h + 2 * p);
-      const float d = quant::half_float(ctx.ld_w16(blk[r] + 208));
-      sc[r][0] = d * (float)(int8_t)(s01 & 0xff);
-      sc[r][1] = d * (float)(int8_t)(s01 >> 8);
-      sc[r][2] = d * (float)(int8_t)(s23 & 0xff);
-      sc[r][3] = d * (float)(int8_t)(s23 >> 8);
+      const float d = quant::half_float(w.d[r]);
+      sc[r][0] = d * (float)(int8_t)(w.s01[r] & 0xff);
+      sc[r][1] = d * (float)(int8_t)(w.s01[r] >> 8);
+      sc[r][2] = d * (float)(int8_t)(w.s23[r] & 0xff);
+      sc[r][3] = d * (float)(int8_t)(w.s23[r] >> 8);
     }
     const int e = e0 + 128 * h + 32 * p;
 #pragma unroll
@@ -375,6 +420,10 @@ HXQ_INLINE void quantize_x(const Ctx& ctx, const float* x, int ntok, int k, int8
 }
 
 // One CTA: quantize x, then row groups blockIdx, blockIdx + gridDim, ...
+// Each lane walks its items (lane, lane + 32, ... of each of its warp's row
+// groups in turn) with the next item's words loaded before the current one is
+// multiplied; with static weights the first item's loads precede the wait for
+// the previous kernel and the quantization of x (launch.cuh).
 #pragma nv_exec_check_disable
 // U: int8 terms per element (1, or 2 for the precise mode). Shared layout:
 // all terms' quants, then all scales, then all sums (16-byte aligned parts
@@ -382,10 +431,35 @@ HXQ_INLINE void quantize_x(const Ctx& ctx, const float* x, int ntok, int k, int8
 template <GgmlType T, int NT, int U = 1, class Ctx, class Args>
 HXQ_INLINE void dp4a_cta(const Args& a, const Ctx& ctx, uint8_t* smem) {
   static_assert(U >= 1 && U <= kMaxTerms, "1 or 2 activation terms");
-  ctx.wait_prior();  // x is quantized first: nothing to overlap (launch.cuh)
   using I = Item<T>;
   constexpr int R = kRows;
+  using W = typename I::template Words<R>;
   const int k = a.k;
+  const int lane = ctx.lane(), warp = ctx.warp();
+  const int rows_per_cta = ctx.nwarps() * R;
+  const int nitems = k / I::QK * I::IPB;
+  const int g_step = ctx.nblocks();
+
+  // Item (g, it) of this lane: row group g (this warp's rows g * rows_per_cta
+  // + warp * R ..), item it; `valid` when the warp has rows there and it < nitems.
+  auto row0_of = [&](int g) { return g * rows_per_cta + warp * R; };
+  auto load_item = [&](int g, int it, W& w) {
+    const int row0 = row0_of(g);
+    const int b = it / I::IPB, i = it - b * I::IPB;
+    const uint8_t* blk[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      blk[r] = a.w + (size_t)std::min(row0 + r, a.n_out - 1) * a.row_bytes + (size_t)b * I::BB;
+    I::template load<R>(ctx, blk, i, w);
+  };
+
+  W cur;
+  const int g0 = ctx.block();
+  const bool first = row0_of(g0) < a.n_out && lane < nitems;
+  if (a.static_w && first) load_item(g0, lane, cur);
+  ctx.wait_prior();
+  if (!a.static_w && first) load_item(g0, lane, cur);
+
   const size_t n = (size_t)a.ntok * k;
   int8_t* xq[kMaxTerms];
   float* xd[kMaxTerms];
@@ -403,26 +477,26 @@ HXQ_INLINE void dp4a_cta(const Args& a, const Ctx& ctx, uint8_t* smem) {
   ctx.syncthreads();
   const XStage X{{xq[0], xq[1]}, {xd[0], xd[1]}, {xs[0], xs[1]}, k};
 
-  const int lane = ctx.lane(), warp = ctx.warp();
-  const int rows_per_cta = ctx.nwarps() * R;
-  const int nitems = k / I::QK * I::IPB;
-  for (int g = ctx.block(); g * rows_per_cta < a.n_out; g += ctx.nblocks()) {
-    const int row0 = g * rows_per_cta + warp * R;
-    if (row0 >= a.n_out) continue;  // whole warp: no shuffles skipped by part of it
-    const uint8_t* rowp[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) rowp[r] = a.w + (size_t)std::min(row0 + r, a.n_out - 1) * a.row_bytes;
+  for (int g = g0; g * rows_per_cta < a.n_out; g += g_step) {
+    const int row0 = row0_of(g);
+    if (row0 >= a.n_out) continue;  // whole warp: no shuffles skipped by part of it (and no later group has rows)
     float acc[R][NT];
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
       for (int t = 0; t < NT; ++t) acc[r][t] = 0.f;
     for (int it = lane; it < nitems; it += 32) {
+      // The next item: further along this group, else this lane's first of the next group.
+      int gn = g, itn = it + 32;
+      if (itn >= nitems) {
+        gn = g + g_step;
+        itn = lane;
+      }
+      W nxt;
+      if (row0_of(gn) < a.n_out && itn < nitems) load_item(gn, itn, nxt);
       const int b = it / I::IPB, i = it - b * I::IPB;
-      const uint8_t* blk[R];
-#pragma unroll
-      for (int r = 0; r < R; ++r) blk[r] = rowp[r] + (size_t)b * I::BB;
-      I::template dot<NT, R, U>(ctx, blk, i, b * I::QK, X, a.ntok, acc);
+      I::template dot<NT, R, U>(cur, i, b * I::QK, X, a.ntok, acc);
+      cur = nxt;
     }
 #pragma unroll
     for (int r = 0; r < R; ++r)
