@@ -301,6 +301,7 @@ EMULATOR = r'''
 // stdin: int32 type, n_out, k, ntok, accumulate, sms, warps; weight bytes; x; bias; y.
 // stdout: y (float32 [ntok, n_out]); exit 5 if a load strayed.
 #define HX_MATVEC_NO_EXTERN 1
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <mutex>
@@ -460,14 +461,53 @@ int emulate(const matvec::Args& in, int sms, int warps) {
 
 // The dp4a kernels: CTAs of `warps` warps (kWarps if 0), min(row groups, sms) of them, each
 // striding over row groups; the stage lives in the CTA's shared array.
+// With prequant, one CTA of 4 warps first quantizes x into a separate stage
+// (as quantize_x_launch does on the device) and the product CTAs read it.
 template <GgmlType T, int NT, int U>
-int emulate_dp4a(const matvec::Args& a, int sms, int warps) {
+int emulate_dp4a(const matvec::Args& in, int sms, int warps, bool prequant) {
   const int cta_warps = warps > 0 ? warps : matvec::dp4a::kWarps;
   const int rows_per_cta = cta_warps * matvec::dp4a::kRows;
-  const int groups = (a.n_out + rows_per_cta - 1) / rows_per_cta;
+  const int groups = (in.n_out + rows_per_cta - 1) / rows_per_cta;
   const int nblocks = std::max(1, std::min(groups, sms));
-  const size_t smem = matvec::dp4a::smem_bytes(a.ntok, a.k, U);
+  const size_t smem = matvec::dp4a::smem_bytes(in.ntok, in.k, U);
   int errors = 0;
+  matvec::Args a = in;
+  a.xq = nullptr;
+  std::vector<uint4> stage;
+  if (prequant) {
+    stage.assign(smem / 16 + 1, uint4{0xdeadbeef, 0xdeadbeef, 0xdeadbeef, 0xdeadbeef});
+    uint8_t* base = reinterpret_cast<uint8_t*>(stage.data());
+    const size_t n = (size_t)a.ntok * a.k;
+    int8_t* xq[matvec::dp4a::kMaxTerms];
+    float* xd[matvec::dp4a::kMaxTerms];
+    int* xs[matvec::dp4a::kMaxTerms];
+    for (int u = 0; u < matvec::dp4a::kMaxTerms; ++u) {
+      const int uu = u < U ? u : 0;
+      xq[u] = reinterpret_cast<int8_t*>(base) + uu * n;
+      xd[u] = reinterpret_cast<float*>(base + U * n) + uu * (n / 32);
+      xs[u] = reinterpret_cast<int*>(base + U * n + U * (n / 32) * 4) + uu * (n / 16);
+    }
+    HostCta q;
+    q.nwarps = 4;
+    q.cta_bar = std::make_unique<Barrier>(32 * q.nwarps);
+    for (int w = 0; w < q.nwarps; ++w) q.warp_bars.push_back(std::make_unique<Barrier>(32));
+    q.shfl.assign(32 * q.nwarps, 0.f);
+    q.w_lo = a.w;
+    q.w_hi = a.w + a.row_bytes * a.n_out;
+    q.x_lo = a.x;
+    q.x_hi = a.x + (size_t)a.ntok * a.k;
+    std::vector<std::thread> th;
+    for (int w = 0; w < q.nwarps; ++w)
+      for (int l = 0; l < 32; ++l)
+        th.emplace_back([&, w, l] {
+          HostCtx ctx{nullptr, &q, l, w};
+          ctx.wait_prior();
+          matvec::dp4a::quantize_x<U>(ctx, a.x, a.ntok, a.k, xq, xd, xs);
+        });
+    for (auto& t : th) t.join();
+    errors += q.errors;
+    a.xq = base;
+  }
   for (int b = 0; b < nblocks; ++b) {
     HostCta cta;
     cta.smem.assign(smem / 16 + 1, uint4{0xdeadbeef, 0xdeadbeef, 0xdeadbeef, 0xdeadbeef});
@@ -499,8 +539,20 @@ template <GgmlType T, int NT>
 int emulate_any(const matvec::Args& a, int sms, int warps) {
   if constexpr (matvec::dp4a::supported<T>()) {
     const int terms = a.int8_x >= 2 ? 2 : 1;
-    if (a.int8_x && matvec::dp4a::smem_bytes(a.ntok, a.k, terms) <= matvec::dp4a::kMaxSmem)
-      return terms == 2 ? emulate_dp4a<T, NT, 2>(a, sms, warps) : emulate_dp4a<T, NT, 1>(a, sms, warps);
+    if (a.int8_x && matvec::dp4a::smem_bytes(a.ntok, a.k, terms) <= matvec::dp4a::kMaxSmem) {
+      // Both ways of quantizing x must give the same bits; y holds the second.
+      const size_t ny = (size_t)a.ntok * a.n_out;
+      const std::vector<float> y0(a.y, a.y + ny);
+      int errors = terms == 2 ? emulate_dp4a<T, NT, 2>(a, sms, warps, false) : emulate_dp4a<T, NT, 1>(a, sms, warps, false);
+      const std::vector<float> y1(a.y, a.y + ny);
+      std::copy(y0.begin(), y0.end(), a.y);
+      errors += terms == 2 ? emulate_dp4a<T, NT, 2>(a, sms, warps, true) : emulate_dp4a<T, NT, 1>(a, sms, warps, true);
+      if (memcmp(y1.data(), a.y, ny * sizeof(float)) != 0) {
+        fprintf(stderr, "prequantized x gave other results than per-CTA quantization\n");
+        errors++;
+      }
+      return errors;
+    }
   }
   return emulate<T, NT>(a, sms, warps);
 }
@@ -525,6 +577,9 @@ int main() {
   a.row_bytes = row_bytes(t, k); a.n_out = n_out; a.k = k; a.ntok = ntok;
   a.npass = (k + 255) / 256; a.accumulate = accumulate; a.int8_x = hdr[7];
   a.static_w = n_out & 1;  // both orders of the first weight loads and the wait
+  a.xq = nullptr;
+  a.x_scratch = nullptr;
+  a.xq_grid = 0;
   int errors = 0;
 #define HX_EMU(T)                                                                       \
   case GgmlType::T: {                                                                   \

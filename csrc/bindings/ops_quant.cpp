@@ -78,7 +78,7 @@ void check_matvec_sizes(GgmlType t, int64_t n_out, int64_t k) {
 
 at::Tensor op_matvec(int64_t type, const at::Tensor& w, const at::Tensor& x, int64_t n_out, int64_t k,
                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& y_accumulate,
-                     bool int8) {
+                     bool int8, bool prequant) {
   const GgmlType t = checked_type(type);
   const int no = checked_int(n_out, "n_out", 1), kk = checked_int(k, "k", 1);
   check_matvec_sizes(t, n_out, k);
@@ -110,9 +110,15 @@ at::Tensor op_matvec(int64_t type, const at::Tensor& w, const at::Tensor& x, int
     y = at::full({ntok, n_out}, NAN, x.options());
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  // prequant: x quantized once into a scratch by its own kernel (as the model runs it).
+  at::Tensor scratch;
+  if (int8 && prequant)
+    scratch = at::empty({static_cast<int64_t>(matvec_x_scratch_bytes(static_cast<int>(ntok), kk))},
+                        x.options().dtype(at::kByte));
   launch([&] {
     matvec_launch(t, wc.data_ptr(), xc.data_ptr<float>(), y.data_ptr<float>(), no, kk, static_cast<int>(ntok),
-                  bc.defined() ? bc.data_ptr<float>() : nullptr, acc, stream, int8);
+                  bc.defined() ? bc.data_ptr<float>() : nullptr, acc, stream, int8, true, false,
+                  scratch.defined() ? scratch.data_ptr() : nullptr);
   });
   return y;
 }
@@ -192,7 +198,7 @@ void op_dequantize_out(int64_t type, const at::Tensor& w, at::Tensor& out, int64
 
 TORCH_LIBRARY_FRAGMENT(helexa, m) {
   m.def("matvec(int type, Tensor w_uint8, Tensor x_f32, int n_out, int k, Tensor? bias, Tensor? y_accumulate, "
-        "bool int8=False) -> Tensor",
+        "bool int8=False, bool prequant=False) -> Tensor",
         &hx::op_matvec);
   m.def("dequantize(int type, Tensor w_uint8, int n_out, int k, bool bf16) -> Tensor", &hx::op_dequantize);
   m.def("matvec_out(int type, Tensor w_uint8, Tensor x_f32, Tensor(a!) y, int n_out, int k, Tensor? bias, "

@@ -11,6 +11,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -73,13 +75,63 @@ void launch_float_plain(const matvec::Args& a, cudaStream_t stream) {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
+// quantize_x over a whole grid: warps are numbered across its CTAs, so each
+// thread takes the groups one CTA's thread would (every 32-block stays in one
+// warp, as the shuffles need).
+struct GridCtx {
+  __device__ __forceinline__ int lane() const { return threadIdx.x; }
+  __device__ __forceinline__ int warp() const { return blockIdx.x * blockDim.y + threadIdx.y; }
+  __device__ __forceinline__ int nwarps() const { return gridDim.x * blockDim.y; }
+  __device__ __forceinline__ float shfl_xor(float v, int m) const { return __shfl_xor_sync(0xffffffffu, v, m); }
+  __device__ __forceinline__ float4 ld_x(const float* p) const { return __ldg(reinterpret_cast<const float4*>(p)); }
+};
+
+template <int U>
+__global__ void __launch_bounds__(256) quantize_x_kernel(const float* __restrict__ x, int ntok, int k,
+                                                          uint8_t* __restrict__ out) {
+  pdl_begin();
+  const size_t n = (size_t)ntok * k;
+  int8_t* xq[matvec::dp4a::kMaxTerms];
+  float* xd[matvec::dp4a::kMaxTerms];
+  int* xs[matvec::dp4a::kMaxTerms];
+  float* xd0 = reinterpret_cast<float*>(out + U * n);
+  int* xs0 = reinterpret_cast<int*>(xd0 + U * (n / 32));
+#pragma unroll
+  for (int u = 0; u < matvec::dp4a::kMaxTerms; ++u) {
+    const int uu = u < U ? u : 0;
+    xq[u] = reinterpret_cast<int8_t*>(out) + uu * n;
+    xd[u] = xd0 + uu * (n / 32);
+    xs[u] = xs0 + uu * (n / 16);
+  }
+  matvec::dp4a::quantize_x<U>(GridCtx{}, x, ntok, k, xq, xd, xs);
+}
+
+
 [[noreturn]] void bad(const std::string& what) { throw std::invalid_argument("matvec: " + what); }
 
 }  // namespace
 
+namespace matvec {
+
+void quantize_x_launch(const float* x, int ntok, int k, int terms, uint8_t* out, cudaStream_t stream) {
+  // One group of 4 elements per thread.
+  constexpr int kWarps = 8;
+  const long groups = (long)ntok * k / 4;
+  const int blocks = (int)std::max(1L, (groups + kWarps * 32 - 1) / (kWarps * 32));
+  if (terms == 2)
+    launch_overlapped(quantize_x_kernel<2>, blocks, dim3(32, kWarps), 0, stream, x, ntok, k, out);
+  else
+    launch_overlapped(quantize_x_kernel<1>, blocks, dim3(32, kWarps), 0, stream, x, ntok, k, out);
+  HX_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace matvec
+
+size_t matvec_x_scratch_bytes(int n_tok, int k) { return matvec::dp4a::smem_bytes(n_tok, k, matvec::dp4a::kMaxTerms); }
+
 void matvec_launch(GgmlType type, const void* w, const float* x, float* y, int n_out, int k, int n_tok,
                    const float* bias, bool accumulate, cudaStream_t stream, bool int8_activations,
-                   bool precise, bool static_weights) {
+                   bool precise, bool static_weights, void* x_scratch) {
   if (!is_supported(type)) bad("unsupported GGML type id " + std::to_string(static_cast<int>(type)));
   if (n_tok < 1 || n_tok > kMatvecMaxTokens)
     bad("n_tok must be 1.." + std::to_string(kMatvecMaxTokens) + ", got " + std::to_string(n_tok));
@@ -103,6 +155,16 @@ void matvec_launch(GgmlType type, const void* w, const float* x, float* y, int n
   a.accumulate = accumulate ? 1 : 0;
   a.int8_x = int8_activations ? (precise ? 2 : 1) : 0;
   a.static_w = static_weights ? 1 : 0;
+  a.xq = nullptr;
+  a.x_scratch = int8_activations && x_scratch != nullptr ? static_cast<uint8_t*>(x_scratch) : nullptr;
+  if (a.x_scratch && !aligned16(a.x_scratch)) bad("x_scratch must be 16-byte aligned");
+  {
+    static const bool own_ctas = [] {
+      const char* v = std::getenv("HELEXA_XQ_GRID");
+      return v && v[0] == '1';
+    }();
+    a.xq_grid = a.x_scratch && own_ctas ? 1 : 0;
+  }
   a.nsteps = 0;
 
   const bool vec_ok = aligned16(w) && aligned16(x) && k % 4 == 0;

@@ -31,7 +31,15 @@ void matvec_launch(GgmlType type, const void* w /*[n_out, k] stored rows*/, cons
                    bool precise = true,
                    // No kernel ever writes w (model weights): the launch may read it before
                    // the previous kernel of the stream has finished (launch.cuh).
-                   bool static_weights = false);
+                   bool static_weights = false,
+                   // With int8_activations: a device buffer of matvec_x_scratch_bytes(n_tok, k)
+                   // bytes or more (16-byte aligned). x is quantized into it once, by a small
+                   // kernel, instead of by every CTA of the product. Launches sharing it must
+                   // be ordered on one stream. nullptr: each CTA quantizes x for itself.
+                   void* x_scratch = nullptr);
+
+// Bytes of the x_scratch buffer of one matvec_launch of n_tok tokens of k elements.
+size_t matvec_x_scratch_bytes(int n_tok, int k);
 
 // No GPU-specific layout is used: matvec reads the GGUF layout at full speed,
 // so repacked_bytes is 0 and the forward keeps the stored rows.

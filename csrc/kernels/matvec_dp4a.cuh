@@ -461,20 +461,24 @@ HXQ_INLINE void dp4a_cta(const Args& a, const Ctx& ctx, uint8_t* smem) {
   if (!a.static_w && first) load_item(g0, lane, cur);
 
   const size_t n = (size_t)a.ntok * k;
+  // The stage: quantized here, or already by quantize_x_launch (a.xq).
+  uint8_t* const base = a.xq ? const_cast<uint8_t*>(a.xq) : smem;
   int8_t* xq[kMaxTerms];
   float* xd[kMaxTerms];
   int* xs[kMaxTerms];
-  float* xd0 = reinterpret_cast<float*>(smem + U * n);
+  float* xd0 = reinterpret_cast<float*>(base + U * n);
   int* xs0 = reinterpret_cast<int*>(xd0 + U * (n / 32));
 #pragma unroll
   for (int u = 0; u < kMaxTerms; ++u) {
     const int uu = u < U ? u : 0;
-    xq[u] = reinterpret_cast<int8_t*>(smem) + uu * n;
+    xq[u] = reinterpret_cast<int8_t*>(base) + uu * n;
     xd[u] = xd0 + uu * (n / 32);
     xs[u] = xs0 + uu * (n / 16);
   }
-  quantize_x<U>(ctx, a.x, a.ntok, k, xq, xd, xs);
-  ctx.syncthreads();
+  if (!a.xq) {
+    quantize_x<U>(ctx, a.x, a.ntok, k, xq, xd, xs);
+    ctx.syncthreads();
+  }
   const XStage X{{xq[0], xq[1]}, {xd[0], xd[1]}, {xs[0], xs[1]}, k};
 
   for (int g = g0; g * rows_per_cta < a.n_out; g += g_step) {

@@ -89,7 +89,19 @@ struct Args {
   int accumulate;
   int int8_x;          // dp4a kernel where it has one: 0 float math, 1 one int8 term, 2 two (precise)
   int static_w;        // no kernel writes w: its first loads may precede the wait for the previous kernel
+  // dp4a kernels: x already quantized into this stage (dp4a::smem_bytes
+  // layout, by quantize_x_launch) instead of by each CTA; nullptr: per CTA.
+  const uint8_t* xq;
+  // Host only: where launch_nt quantizes x for the dp4a kernel (nullptr: the
+  // CTAs do), and whether each row group then gets a CTA of its own.
+  uint8_t* x_scratch;
+  int xq_grid;
 };
+
+// Quantizes x [ntok, k] into `out` in the dp4a stage layout (dp4a::smem_bytes
+// of `terms` terms) with one small grid: the same values each dp4a CTA would
+// compute for itself.
+void quantize_x_launch(const float* x, int ntok, int k, int terms, uint8_t* out, cudaStream_t stream);
 
 // `a` with nsteps set for the kernel of NT tokens (steps of Config<T, NT>::P
 // passes), so the step count always matches the kernel's configuration.
@@ -383,7 +395,7 @@ __global__ void __launch_bounds__(dp4a::kWarps * 32, 1) matvec_dp4a_kernel(const
 // fit[0]: CTAs per SM without shared memory (asked once per device),
 // fit[1]: shared memory per SM.
 template <GgmlType T, int NT, int U>
-int dp4a_blocks(const Args& a, int device, int sms, int warps) {
+int dp4a_blocks(const Args& a, int device, int sms, int warps, size_t smem) {
   constexpr int kDevices = 64;
   static int table[kDevices][2];
   static std::atomic<bool> ready[kDevices];
@@ -404,12 +416,12 @@ int dp4a_blocks(const Args& a, int device, int sms, int warps) {
       ready[device].store(true, std::memory_order_release);
     }
   }
-  const size_t smem = dp4a::smem_bytes(a.ntok, a.k, U);
   int per_sm = std::max(1, fit[0]);
   if (fit[1] > 0) per_sm = std::max(1, std::min<int>(per_sm, (int)((size_t)fit[1] / (smem + 1024))));
   if (warps < dp4a::kWarps) per_sm *= dp4a::kWarps / warps;
   const int rows_per_cta = warps * dp4a::kRows;
   const long groups = (a.n_out + rows_per_cta - 1) / rows_per_cta;
+  if (a.xq_grid) return (int)std::max(1L, groups);
   return (int)std::max(1L, std::min<long>(groups, (long)std::max(sms, 1) * per_sm));
 }
 
@@ -436,7 +448,7 @@ const int (&resident_ctas(int device))[4] {
 
 template <GgmlType T, int NT>
 void launch_nt(const Args& in, int device, int sms, cudaStream_t stream) {
-  const Args a = stepped<T, NT>(in);
+  Args a = stepped<T, NT>(in);
   if constexpr (dp4a::supported<T>()) {
     // The precise mode's stage is twice as large; where it does not fit, the
     // float kernel (not the single-term one) keeps the asked-for accuracy.
@@ -446,10 +458,17 @@ void launch_nt(const Args& in, int device, int sms, cudaStream_t stream) {
       // Small matrices: narrower CTAs, so the row groups still cover the SMs.
       int warps = dp4a::kWarps;
       while (warps > 4 && (long)(a.n_out + warps * dp4a::kRows - 1) / (warps * dp4a::kRows) < sms) warps /= 2;
+      size_t stage = smem;
+      a.xq = nullptr;
+      if (a.x_scratch) {
+        quantize_x_launch(a.x, a.ntok, a.k, terms, a.x_scratch, stream);
+        a.xq = a.x_scratch;
+        stage = 0;
+      }
       if (terms == 2)
-        launch_overlapped(matvec_dp4a_kernel<T, NT, 2>, dp4a_blocks<T, NT, 2>(a, device, sms, warps), dim3(32, warps), smem, stream, a);
+        launch_overlapped(matvec_dp4a_kernel<T, NT, 2>, dp4a_blocks<T, NT, 2>(a, device, sms, warps, stage), dim3(32, warps), stage, stream, a);
       else
-        launch_overlapped(matvec_dp4a_kernel<T, NT, 1>, dp4a_blocks<T, NT, 1>(a, device, sms, warps), dim3(32, warps), smem, stream, a);
+        launch_overlapped(matvec_dp4a_kernel<T, NT, 1>, dp4a_blocks<T, NT, 1>(a, device, sms, warps, stage), dim3(32, warps), stage, stream, a);
       HX_CUDA_CHECK(cudaGetLastError());
       return;
     }

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <stdexcept>
@@ -334,6 +335,12 @@ void GpuModel::alloc_state() {
   attn_ = static_cast<float*>(dev_alloc(C * q_size_ * 4, sc));
   gu_ = static_cast<float*>(dev_alloc(C * 2 * f * 4, sc));
   act_ = static_cast<float*>(dev_alloc(static_cast<size_t>(kSmallBatch) * f * 4, sc));
+  {
+    // Small batches' int8 activations, quantized once per matvec (HELEXA_XQ=0: by every CTA).
+    const char* v = std::getenv("HELEXA_XQ");
+    if (!(v && v[0] == '0') && spec_.int8_activations > 0)
+      x_scratch_ = dev_alloc(matvec_x_scratch_bytes(kSmallBatch, static_cast<int>(widest)), sc);
+  }
   if (wbuf_elems_ > 0) wbuf_ = static_cast<__nv_bfloat16*>(dev_alloc(wbuf_elems_ * 2, sc));
   logits_ = static_cast<float*>(dev_alloc(kSmallBatch * V * 4, sc));
   work_logits_ = static_cast<float*>(dev_alloc(V * 4, sc));
@@ -483,7 +490,7 @@ void GpuModel::linear(WorkerContext& ctx, const LinearWeight& w, const float* x_
   cudaStream_t st = ctx.compute_stream();
   if (small) {
     matvec_launch(w.type, w.data, x_f32, y, w.n_out, w.k, n, bias, accumulate, st,
-                  int8_for(w.type, w.n_out, w.k), true, true);
+                  int8_for(w.type, w.n_out, w.k), true, true, x_scratch_);
     return;
   }
   const __nv_bfloat16* wb = nullptr;
@@ -518,7 +525,7 @@ void GpuModel::run_layers(WorkerContext& ctx, const int32_t* ids, const int32_t*
     if (n == 1 && L.qkv_fused) {
       // q, k and v blocks are adjacent for one token: one launch fills all three.
       matvec_launch(L.qkv.type, L.qkv.data, xn_, q, qkv_size_, h, 1, L.b_qkv, false, st,
-                    int8_for(L.qkv.type, qkv_size_, h), true, true);
+                    int8_for(L.qkv.type, qkv_size_, h), true, true, x_scratch_);
     } else if (!small && L.qkv_fused) {
       const __nv_bfloat16* wb = nullptr;
       dequantize_for_gemm(ctx, L.qkv, &wb);
@@ -534,7 +541,7 @@ void GpuModel::run_layers(WorkerContext& ctx, const int32_t* ids, const int32_t*
     } else if (n == 1 && L.qk_fused) {
       // q and k blocks (and their biases) are adjacent for one token.
       matvec_launch(L.qk.type, L.qk.data, xn_, q, q_size_ + kv_size_, h, 1, L.b_qkv, false, st,
-                    int8_for(L.qk.type, q_size_ + kv_size_, h), true, true);
+                    int8_for(L.qk.type, q_size_ + kv_size_, h), true, true, x_scratch_);
       linear(ctx, L.v, xn_, xb_, v, n, bv, false, small);
     } else {
       linear(ctx, L.q, xn_, xb_, q, n, bq, false, small);
@@ -558,7 +565,7 @@ void GpuModel::run_layers(WorkerContext& ctx, const int32_t* ids, const int32_t*
     add_rms_norm_launch(x_, nullptr, L.ffn_norm, eps, small ? xn_ : nullptr, small ? nullptr : xb_, n, h, st);
     if (n == 1 && L.gate_up_fused) {
       matvec_launch(L.gate_up.type, L.gate_up.data, xn_, gate, 2 * f, h, 1, nullptr, false, st,
-                    int8_for(L.gate_up.type, 2 * f, h), true, true);
+                    int8_for(L.gate_up.type, 2 * f, h), true, true, x_scratch_);
     } else if (!small && L.gate_up_fused) {
       const __nv_bfloat16* wb = nullptr;
       dequantize_for_gemm(ctx, L.gate_up, &wb);
@@ -579,7 +586,7 @@ void GpuModel::lm_head(WorkerContext& ctx, int row0, int count) {
   add_rms_norm_launch(x_ + static_cast<size_t>(row0) * h, nullptr, output_norm_, spec_.eps, xn_, nullptr, count, h,
                       st);
   matvec_launch(output_.type, output_.data, xn_, logits_, spec_.vocab, h, count, nullptr, false, st,
-                int8_for(output_.type, spec_.vocab, h), true, true);
+                int8_for(output_.type, spec_.vocab, h), true, true, x_scratch_);
 }
 
 void GpuModel::sample_tail(WorkerContext& ctx, int mode) {

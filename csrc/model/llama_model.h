@@ -171,6 +171,7 @@ class GpuModel : public Resource {
   float* attn_ = nullptr;              // [chunk, q]
   float* gu_ = nullptr;                // [chunk, 2 inter]: gate block, then up block
   float* act_ = nullptr;               // [chunk, inter] (matvec path)
+  void* x_scratch_ = nullptr;          // int8 activations of one small-batch matvec (matvec_x_scratch_bytes)
   __nv_bfloat16* wbuf_ = nullptr;      // dequantized weight for one GEMM (largest matrix)
   size_t wbuf_elems_ = 0;
   float* logits_ = nullptr;            // [8, vocab] raw logits

@@ -189,6 +189,22 @@ def test_matvec_int8_activations_stay_close_to_float(ops, rng, name, n_tok, k):
     check_matvec(y, ref, x, None, INT8_X_TOLERANCE, tag + " vs float x")
 
 
+@pytest.mark.parametrize("name", sorted(DP4A_TYPES))
+@pytest.mark.parametrize("n_out,n_tok,k", [(64, 1, 32 * 9), (4096, 1, 4096), (1000, 2, 14336), (4096, 8, 2048)])
+def test_matvec_prequantized_x_matches_per_cta(ops, rng, name, n_out, n_tok, k):
+    # x quantized once by its own grid (as the model runs decode) against each
+    # CTA quantizing it: the same function on the same values, so the same bits.
+    k = -(-k // qk_of(name)) * qk_of(name)
+    raw, ref = make_weights(name, n_out, k, rng)
+    x = rng.standard_normal((n_tok, k)).astype(np.float32)
+    w_d, x_d = torch.from_numpy(raw).to(DEV), torch.from_numpy(x).to(DEV)
+    per_cta = ops.matvec(TYPES[name][0], w_d, x_d, n_out, k, None, None, True, False)
+    pre = ops.matvec(TYPES[name][0], w_d, x_d, n_out, k, None, None, True, True)
+    tag = f"{name} {n_out}x{k} n_tok={n_tok} seed={rng.seed_value}"
+    assert torch.equal(pre, per_cta), f"{tag}: prequantized x differs by {(pre - per_cta).abs().max().item():.3e}"
+    check_matvec(pre, ref, x_seen_by(name, x, int8=True), None, TOLERANCE[name], tag + " vs int8 x")
+
+
 def test_matvec_many_rows(ops, rng):
     # A grid of thousands of CTAs, and rows past the last full group of four.
     n_out, k = 40003, 256
