@@ -140,7 +140,7 @@ class Engine:
         int8_activations (CUDA only): decode matvecs over Q4_0/Q8_0/Q4_K/Q6_K
         weights quantize their input to two int8 terms per element (~1e-6
         relative error per product) and use integer dot products. None: where
-        that is faster (large Q4_0 matrices); True: every such type; False: never.
+        that is faster (large Q4_0 and Q8_0 matrices); True: every such type; False: never.
         """
         self._init_state(prefix_cache)
         kind, index = _parse_device(device)

@@ -579,7 +579,6 @@ int main() {
   a.static_w = n_out & 1;  // both orders of the first weight loads and the wait
   a.xq = nullptr;
   a.x_scratch = nullptr;
-  a.xq_grid = 0;
   int errors = 0;
 #define HX_EMU(T)                                                                       \
   case GgmlType::T: {                                                                   \

@@ -12,7 +12,6 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -158,13 +157,6 @@ void matvec_launch(GgmlType type, const void* w, const float* x, float* y, int n
   a.xq = nullptr;
   a.x_scratch = int8_activations && x_scratch != nullptr ? static_cast<uint8_t*>(x_scratch) : nullptr;
   if (a.x_scratch && !aligned16(a.x_scratch)) bad("x_scratch must be 16-byte aligned");
-  {
-    static const bool own_ctas = [] {
-      const char* v = std::getenv("HELEXA_XQ_GRID");
-      return v && v[0] == '1';
-    }();
-    a.xq_grid = a.x_scratch && own_ctas ? 1 : 0;
-  }
   a.nsteps = 0;
 
   const bool vec_ok = aligned16(w) && aligned16(x) && k % 4 == 0;

@@ -419,7 +419,9 @@ HXQ_INLINE void quantize_x(const Ctx& ctx, const float* x, int ntok, int k, int8
   }
 }
 
-// One CTA: quantize x, then row groups blockIdx, blockIdx + gridDim, ...
+// One CTA: quantize x into shared memory (unless a.xq holds it already,
+// quantized once for the whole grid), then row groups blockIdx, blockIdx +
+// gridDim, ...
 // Each lane walks its items (lane, lane + 32, ... of each of its warp's row
 // groups in turn) with the next item's words loaded before the current one is
 // multiplied; with static weights the first item's loads precede the wait for

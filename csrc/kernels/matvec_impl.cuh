@@ -93,9 +93,9 @@ struct Args {
   // layout, by quantize_x_launch) instead of by each CTA; nullptr: per CTA.
   const uint8_t* xq;
   // Host only: where launch_nt quantizes x for the dp4a kernel (nullptr: the
-  // CTAs do), and whether each row group then gets a CTA of its own.
+  // CTAs do). The product's grid stays as large as with per-CTA quantization
+  // (one CTA per row group measured slower).
   uint8_t* x_scratch;
-  int xq_grid;
 };
 
 // Quantizes x [ntok, k] into `out` in the dp4a stage layout (dp4a::smem_bytes
@@ -391,7 +391,8 @@ __global__ void __launch_bounds__(dp4a::kWarps * 32, 1) matvec_dp4a_kernel(const
 }
 
 // Grid of a dp4a launch: one CTA per row group, at most as many as fit on the
-// GPU at once (each CTA quantizes x once, then strides over row groups).
+// GPU at once (each CTA quantizes x once, or reads the stage quantize_x_launch
+// wrote, then strides over row groups). smem: the launch's shared bytes.
 // fit[0]: CTAs per SM without shared memory (asked once per device),
 // fit[1]: shared memory per SM.
 template <GgmlType T, int NT, int U>
@@ -421,7 +422,6 @@ int dp4a_blocks(const Args& a, int device, int sms, int warps, size_t smem) {
   if (warps < dp4a::kWarps) per_sm *= dp4a::kWarps / warps;
   const int rows_per_cta = warps * dp4a::kRows;
   const long groups = (a.n_out + rows_per_cta - 1) / rows_per_cta;
-  if (a.xq_grid) return (int)std::max(1L, groups);
   return (int)std::max(1L, std::min<long>(groups, (long)std::max(sms, 1) * per_sm));
 }
 

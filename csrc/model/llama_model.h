@@ -133,12 +133,13 @@ class GpuModel : public Resource {
   void dequantize_for_gemm(WorkerContext& ctx, const LinearWeight& w, const __nv_bfloat16** out);
   // Whether a decode matvec over an [n_out, k] weight of type t uses int8
   // activations (spec_.int8_activations). Mode 1 takes them where the H100
-  // measured them faster: Q4_0 matrices of 4M+ elements (on small ones the
-  // activation quantization costs more than the integer math saves; Q8_0,
+  // measured them faster: Q4_0 and Q8_0 matrices of 4M+ elements (on small
+  // ones the activation quantization costs more than the integer math saves;
   // Q4_K and Q6_K run faster with float math).
   bool int8_for(GgmlType t, int n_out, int k) const {
     if (spec_.int8_activations >= 2) return true;
-    return spec_.int8_activations == 1 && t == GgmlType::Q4_0 && static_cast<int64_t>(n_out) * k >= (int64_t{1} << 22);
+    return spec_.int8_activations == 1 && (t == GgmlType::Q4_0 || t == GgmlType::Q8_0) &&
+           static_cast<int64_t>(n_out) * k >= (int64_t{1} << 22);
   }
   // Final norm + LM head for rows [row0, row0 + count) of x_ into logits_ rows.
   void lm_head(WorkerContext& ctx, int row0, int count);

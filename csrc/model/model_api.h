@@ -38,7 +38,7 @@ struct ModelSpec {
   // Decode matvecs over Q4_0/Q8_0/Q4_K/Q6_K may quantize their input to two
   // int8 terms per element (x and its residual; near float accuracy) and use
   // integer dot products: 0 never, 1 where that is faster (large Q4_0
-  // matrices, see GpuModel::int8_for), 2 for every type that has the kernel.
+  // and Q8_0 matrices, see GpuModel::int8_for), 2 for every type that has the kernel.
   int int8_activations = 1;
 };
 

@@ -233,12 +233,12 @@ def test_greedy_generation_matches_reference(sources, model):
 
 
 # Integer-activation decode (CUDABackend int8_activations): True forces it on
-# every type with the kernel; None (the default) takes it for Q4_0 matrices of
-# 4M+ elements, which LLAMA3_WIDE has (2048 x 2048 and larger).
+# every type with the kernel; None (the default) takes it for Q4_0 and Q8_0
+# matrices of 4M+ elements, which LLAMA3_WIDE has (2048 x 2048 and larger).
 LLAMA3_WIDE = dict(num_layers=2, vocab_size=2048, hidden_size=2048, intermediate_size=2048,
                    num_heads=16, num_kv_heads=4, head_dim=128)
 INT8_CASES = ([(("llama3-8b", "gguf", q, LLAMA3_SMALL), True) for q in ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q4_K_M")]
-              + [(("llama3-8b", "gguf", "Q4_0", LLAMA3_WIDE), None)])
+              + [(("llama3-8b", "gguf", q, LLAMA3_WIDE), None) for q in ("Q4_0", "Q8_0")])
 
 
 @gpu
