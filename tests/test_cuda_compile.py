@@ -424,6 +424,34 @@ struct HostCtx {
   }
 };
 
+// Runs body(ctx) on every thread of CTA `block` (nwarps warps, smem_bytes of
+// shared memory filled with a marker) of an nblocks grid; returns its
+// out-of-bounds load count.
+template <class Body>
+int run_cta(const matvec::Args& a, int nwarps, int block, int nblocks, size_t smem_bytes, Body body) {
+  HostCta cta;
+  cta.smem.assign(smem_bytes / 16 + 1, uint4{0xdeadbeef, 0xdeadbeef, 0xdeadbeef, 0xdeadbeef});
+  cta.nwarps = nwarps;
+  cta.nblocks = nblocks;
+  cta.block = block;
+  cta.cta_bar = std::make_unique<Barrier>(32 * nwarps);
+  for (int w = 0; w < nwarps; ++w) cta.warp_bars.push_back(std::make_unique<Barrier>(32));
+  cta.shfl.assign(32 * nwarps, 0.f);
+  cta.w_lo = a.w;
+  cta.w_hi = a.w + a.row_bytes * a.n_out;
+  cta.x_lo = a.x;
+  cta.x_hi = a.x + (size_t)a.ntok * a.k;
+  std::vector<std::thread> th;
+  for (int w = 0; w < nwarps; ++w)
+    for (int l = 0; l < 32; ++l)
+      th.emplace_back([&, w, l] {
+        HostCtx ctx{cta.smem.data(), &cta, l, w};
+        body(ctx);
+      });
+  for (auto& t : th) t.join();
+  return cta.errors;
+}
+
 template <GgmlType T, int NT>
 int emulate(const matvec::Args& in, int sms, int warps) {
   const matvec::Args a = matvec::stepped<T, NT>(in);
@@ -434,28 +462,9 @@ int emulate(const matvec::Args& in, int sms, int warps) {
     p.smem_bytes = matvec::smem_bytes<T, NT>(warps);
   }
   int errors = 0;
-  for (int b = 0; b < p.blocks; ++b) {
-    HostCta cta;
-    cta.smem.assign(p.smem_bytes / 16 + 1, uint4{0xdeadbeef, 0xdeadbeef, 0xdeadbeef, 0xdeadbeef});
-    cta.nwarps = p.warps;
-    cta.block = b;
-    cta.cta_bar = std::make_unique<Barrier>(32 * p.warps);
-    for (int w = 0; w < p.warps; ++w) cta.warp_bars.push_back(std::make_unique<Barrier>(32));
-    cta.shfl.assign(32 * p.warps, 0.f);
-    cta.w_lo = a.w;
-    cta.w_hi = a.w + a.row_bytes * a.n_out;
-    cta.x_lo = a.x;
-    cta.x_hi = a.x + (size_t)a.ntok * a.k;
-    std::vector<std::thread> th;
-    for (int w = 0; w < p.warps; ++w)
-      for (int l = 0; l < 32; ++l)
-        th.emplace_back([&, w, l] {
-          HostCtx ctx{cta.smem.data(), &cta, l, w};
-          matvec::matvec_cta<T, NT>(a, ctx);
-        });
-    for (auto& t : th) t.join();
-    errors += cta.errors;
-  }
+  for (int b = 0; b < p.blocks; ++b)
+    errors += run_cta(a, p.warps, b, p.blocks, p.smem_bytes,
+                      [&](const HostCtx& ctx) { matvec::matvec_cta<T, NT>(a, ctx); });
   return errors;
 }
 
@@ -487,50 +496,16 @@ int emulate_dp4a(const matvec::Args& in, int sms, int warps, bool prequant) {
       xd[u] = reinterpret_cast<float*>(base + U * n) + uu * (n / 32);
       xs[u] = reinterpret_cast<int*>(base + U * n + U * (n / 32) * 4) + uu * (n / 16);
     }
-    HostCta q;
-    q.nwarps = 4;
-    q.cta_bar = std::make_unique<Barrier>(32 * q.nwarps);
-    for (int w = 0; w < q.nwarps; ++w) q.warp_bars.push_back(std::make_unique<Barrier>(32));
-    q.shfl.assign(32 * q.nwarps, 0.f);
-    q.w_lo = a.w;
-    q.w_hi = a.w + a.row_bytes * a.n_out;
-    q.x_lo = a.x;
-    q.x_hi = a.x + (size_t)a.ntok * a.k;
-    std::vector<std::thread> th;
-    for (int w = 0; w < q.nwarps; ++w)
-      for (int l = 0; l < 32; ++l)
-        th.emplace_back([&, w, l] {
-          HostCtx ctx{nullptr, &q, l, w};
-          ctx.wait_prior();
-          matvec::dp4a::quantize_x<U>(ctx, a.x, a.ntok, a.k, xq, xd, xs);
-        });
-    for (auto& t : th) t.join();
-    errors += q.errors;
+    errors += run_cta(a, 4, 0, 1, 0, [&](const HostCtx& ctx) {
+      ctx.wait_prior();
+      matvec::dp4a::quantize_x<U>(ctx, a.x, a.ntok, a.k, xq, xd, xs);
+    });
     a.xq = base;
   }
-  for (int b = 0; b < nblocks; ++b) {
-    HostCta cta;
-    cta.smem.assign(smem / 16 + 1, uint4{0xdeadbeef, 0xdeadbeef, 0xdeadbeef, 0xdeadbeef});
-    cta.nwarps = cta_warps;
-    cta.nblocks = nblocks;
-    cta.block = b;
-    cta.cta_bar = std::make_unique<Barrier>(32 * cta.nwarps);
-    for (int w = 0; w < cta.nwarps; ++w) cta.warp_bars.push_back(std::make_unique<Barrier>(32));
-    cta.shfl.assign(32 * cta.nwarps, 0.f);
-    cta.w_lo = a.w;
-    cta.w_hi = a.w + a.row_bytes * a.n_out;
-    cta.x_lo = a.x;
-    cta.x_hi = a.x + (size_t)a.ntok * a.k;
-    std::vector<std::thread> th;
-    for (int w = 0; w < cta.nwarps; ++w)
-      for (int l = 0; l < 32; ++l)
-        th.emplace_back([&, w, l] {
-          HostCtx ctx{cta.smem.data(), &cta, l, w};
-          matvec::dp4a::dp4a_cta<T, NT, U>(a, ctx, reinterpret_cast<uint8_t*>(cta.smem.data()));
-        });
-    for (auto& t : th) t.join();
-    errors += cta.errors;
-  }
+  for (int b = 0; b < nblocks; ++b)
+    errors += run_cta(a, cta_warps, b, nblocks, smem, [&](const HostCtx& ctx) {
+      matvec::dp4a::dp4a_cta<T, NT, U>(a, ctx, reinterpret_cast<uint8_t*>(ctx.smem));
+    });
   return errors;
 }
 

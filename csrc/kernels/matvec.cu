@@ -105,7 +105,6 @@ __global__ void __launch_bounds__(256) quantize_x_kernel(const float* __restrict
   matvec::dp4a::quantize_x<U>(GridCtx{}, x, ntok, k, xq, xd, xs);
 }
 
-
 [[noreturn]] void bad(const std::string& what) { throw std::invalid_argument("matvec: " + what); }
 
 }  // namespace
