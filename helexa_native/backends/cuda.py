@@ -100,8 +100,8 @@ class CUDABackend(Backend):
         """int8_activations: decode matvecs over Q4_0/Q8_0/Q4_K/Q6_K weights may
         quantize their input to two int8 terms per element (the value and its
         residual, ~1e-6 relative error per product) and use integer dot
-        products. None (default): where that is faster (large Q4_0 and Q8_0 matrices); True: every
-        such type; False: float math everywhere."""
+        products. None (default): where that is faster (large Q4_0 and Q8_0
+        matrices); True: every such type; False: float math everywhere."""
         if not isinstance(device_index, int) or isinstance(device_index, bool) or device_index < 0:
             raise ValueError(f"device_index must be a non-negative integer, got {device_index!r}")
         if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 1:
