@@ -121,8 +121,10 @@ class ModelSlot:
         with self._cv:
             if self.retired:
                 raise _Retired()
-            idle = self._running is None and not self._waiting
-            if not idle and len(self._waiting) >= self.max_queue:
+            # One request runs and max_queue wait behind it. A ticket admitted
+            # while nothing runs is next to run even before it calls wait_turn,
+            # so it does not take one of the waiting places.
+            if (self._running is not None) + len(self._waiting) > self.max_queue:
                 raise ApiError(503, f"the queue for model '{self.name}' is full ({self.max_queue} "
                                "requests waiting); retry shortly", "server_error", None, "queue_full",
                                {"Retry-After": str(RETRY_QUEUE_FULL)})

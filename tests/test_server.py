@@ -648,3 +648,25 @@ def test_queue_order_and_limit():
     assert slot.wait_turn(c, lambda: True) == "gone"
     slot.release(b)
     assert slot.counts() == (0, 0)
+
+
+def test_queue_admits_one_runner_and_max_queue_waiters_before_any_runs():
+    # Requests are admitted when they arrive and take their turn later: a burst
+    # of max_queue + 1 into an idle model must all be admitted (one of them runs
+    # next), whether or not the first has reached wait_turn yet.
+    from helexa_native.openai_protocol import ApiError
+    from helexa_native.server import ModelSlot
+    for max_queue in (0, 1, 3):
+        slot = ModelSlot("m", FakeEngine(), max_queue=max_queue)
+        tickets = [slot.admit() for _ in range(max_queue + 1)]
+        with pytest.raises(ApiError) as e:
+            slot.admit()
+        assert e.value.status == 503
+        assert slot.wait_turn(tickets[0], lambda: False) == "run"
+        with pytest.raises(ApiError):
+            slot.admit()
+        slot.release(tickets[0])
+        extra = slot.admit()     # the runner left: one place is free again
+        for t in tickets[1:] + [extra]:
+            slot.release(t)
+        assert slot.counts() == (0, 0)
