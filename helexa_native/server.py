@@ -32,7 +32,7 @@ import time
 import uuid
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
@@ -602,17 +602,51 @@ def _body() -> dict:
     return parse_json_body(request.get_data(cache=False))
 
 
+def resolve_model_path(path: str, roots: Optional[Sequence[Path]]) -> str:
+    """The path /v1/models/load may open for `path`, given the server's model roots.
+
+    roots None: any path the server can read (relative to its working
+    directory). Otherwise the path must lie, after following symlinks and
+    '..', inside one of `roots`; a relative path is looked up in each root in
+    turn. An empty `roots` turns loading over HTTP off.
+    """
+    if roots is None:
+        return path
+    if not roots:
+        raise ApiError(403, "this server does not load models over HTTP (start it with --model-root DIR "
+                       "to allow loading from DIR)", "permission_error", "model", "model_load_forbidden")
+    p = Path(path).expanduser()
+    candidates = [p] if p.is_absolute() else [Path(r) / p for r in roots]
+    inside = []
+    for c in candidates:
+        real = Path(os.path.realpath(c))
+        if any(real == r or r in real.parents for r in (Path(os.path.realpath(r)) for r in roots)):
+            inside.append(real)
+    if not inside:
+        raise ApiError(403, f"'{path}' is outside the directories this server loads models from "
+                       f"(--model-root)", "permission_error", "model", "model_load_forbidden")
+    for real in inside:
+        if real.exists():
+            return str(real)
+    raise ApiError(400, f"model not found under the model roots: {path}", "invalid_request_error",
+                   "model", "model_load_failed")
+
+
 def create_app(engine_or_registry=None, api_key: Optional[str] = None,
                served_model_name: Optional[str] = None, max_queue: int = defaults.DEFAULT_MAX_QUEUE,
                default_sampling: Optional[dict] = None, loader: Optional[Callable[..., Any]] = _default_loader,
-               device: str = "auto") -> Flask:
+               device: str = "auto", model_roots: Optional[Sequence[Any]] = None) -> Flask:
     """A Flask app serving an Engine (as `served_model_name`) or every model of a ModelRegistry.
 
     api_key: when set, every route but /health needs `Authorization: Bearer <key>`.
     max_queue: requests that may wait per model behind the running one.
     default_sampling: sampling arguments applied where a request sets none.
     loader(path, device=..., n_ctx=...) builds the Engine for /v1/models/load.
+    model_roots: directories /v1/models/load may open files in (symlinks and
+        '..' resolved first); None allows any readable path, [] turns the
+        route off.
     """
+    roots = None if model_roots is None else [Path(r).expanduser() for r in model_roots]
     if isinstance(engine_or_registry, ModelRegistry):
         registry = engine_or_registry
         if served_model_name:
@@ -748,6 +782,8 @@ def create_app(engine_or_registry=None, api_key: Optional[str] = None,
             raise bad_request("name must not be empty", "name")
         device = opt_str(body, "device")
         n_ctx = opt_int(body, "n_ctx", minimum=1)
+        name = name or model_name_for(path)   # named after the path asked for, not its link target
+        path = resolve_model_path(path, roots)
         t0 = time.perf_counter()
         try:
             slot, replaced = registry.load(path, name=name, device=device, n_ctx=n_ctx)
@@ -876,6 +912,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queue", type=int, default=defaults.DEFAULT_MAX_QUEUE, metavar="N",
                    help=f"requests that may wait per model behind the running one; more get 503 "
                         f"(default {defaults.DEFAULT_MAX_QUEUE})")
+    g.add_argument("--model-root", action="append", default=None, metavar="DIR",
+                   help="let /v1/models/load open models only inside DIR (repeatable; symlinks and '..' "
+                        "are resolved first). Default: any path the server can read")
+    g.add_argument("--no-model-load", action="store_true",
+                   help="turn /v1/models/load off (the model given at start-up is served as usual)")
     g.add_argument("--debug", action="store_true", help="run Flask's development server instead of waitress")
 
 
@@ -896,6 +937,32 @@ def _startup_load(registry: ModelRegistry, path, name: str, progress: bool, on_f
         return
     log.info("%s: model '%s' ready on %s (%.1f s)", PROG, slot.name,
              getattr(slot.engine, "device", "?"), time.perf_counter() - t0)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _model_roots(args) -> Optional[List[Path]]:
+    """--no-model-load / --model-root as create_app's model_roots (None: any path)."""
+    if getattr(args, "no_model_load", False):
+        return []
+    roots = getattr(args, "model_root", None)
+    if roots is None:
+        return None
+    out = []
+    for r in roots:
+        p = Path(r).expanduser()
+        if not p.is_dir():
+            raise ValueError(f"--model-root must be a directory, got {r!r}")
+        out.append(p)
+    return out
 
 
 def run_from_args(args) -> int:
@@ -921,7 +988,11 @@ def run_from_args(args) -> int:
                              n_ctx=getattr(args, "n_ctx", None))
     registry.mark_loading(name)
     app = create_app(registry, api_key=api_key, served_model_name=name, max_queue=args.max_queue,
-                     default_sampling=_sampling_defaults(args))
+                     default_sampling=_sampling_defaults(args), model_roots=_model_roots(args))
+    if api_key is None and _model_roots(args) is None and not _loopback(args.host):
+        log.warning("%s: warning: listening on %s without --api-key: anyone who can reach it may load any "
+                    "file this process can read through /v1/models/load (limit it with --model-root DIR "
+                    "or --no-model-load)", PROG, args.host)
     state: _AppState = app.extensions["helexa_native"]
     failed = threading.Event()
 

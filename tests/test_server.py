@@ -670,3 +670,69 @@ def test_queue_admits_one_runner_and_max_queue_waiters_before_any_runs():
         for t in tickets[1:] + [extra]:
             slot.release(t)
         assert slot.counts() == (0, 0)
+
+
+def test_model_roots_confine_loading(tmp_path):
+    opened = []
+
+    def loader(path, device="auto", n_ctx=None):
+        opened.append(path)
+        return FakeEngine(model_path=path)
+
+    root, outside = tmp_path / "models", tmp_path / "private"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (root / "a.gguf").write_bytes(b"x")
+    (root / "sub" / "b.gguf").write_bytes(b"x")
+    (outside / "secret.gguf").write_bytes(b"x")
+    (root / "link.gguf").symlink_to(outside / "secret.gguf")
+    (root / "inner.gguf").symlink_to(root / "a.gguf")
+    c = create_app(FakeEngine(), served_model_name="fake", loader=loader, model_roots=[root]).test_client()
+
+    def load(model, **kw):
+        return c.post("/v1/models/load", json=dict(model=model, **kw))
+
+    r = load(str(root / "a.gguf"))
+    assert r.status_code == 200 and r.get_json()["id"] == "a"
+    r = load("sub/b.gguf")                       # relative: looked up in the roots
+    assert r.status_code == 200 and r.get_json()["id"] == "b"
+    r = load("inner.gguf")                       # a link that stays inside is fine, named as asked
+    assert r.status_code == 200 and r.get_json()["id"] == "inner"
+    assert opened == [str((root / "a.gguf").resolve()), str((root / "sub" / "b.gguf").resolve()),
+                      str((root / "a.gguf").resolve())]
+    for bad in (str(outside / "secret.gguf"), "../private/secret.gguf", str(root / ".." / "private" / "secret.gguf"),
+                "link.gguf", str(root / "link.gguf"), "/etc/passwd"):
+        r = load(bad)
+        assert r.status_code == 403, (bad, r.get_json())
+        err = r.get_json()["error"]
+        assert err["code"] == "model_load_forbidden" and err["param"] == "model" and "--model-root" in err["message"]
+    r = load("missing.gguf")
+    assert r.status_code == 400 and r.get_json()["error"]["code"] == "model_load_failed"
+    assert len(opened) == 3
+    ids = {m["id"] for m in c.get("/v1/models").get_json()["data"]}
+    assert ids == {"fake", "a", "b", "inner"}
+    assert c.post("/v1/chat/completions", json={"model": "fake", "messages": CHAT}).status_code == 200
+
+
+def test_model_loading_over_http_can_be_turned_off(tmp_path):
+    c = create_app(FakeEngine(), served_model_name="fake", loader=lambda *a, **k: FakeEngine(),
+                   model_roots=[]).test_client()
+    (tmp_path / "m.gguf").write_bytes(b"x")
+    r = c.post("/v1/models/load", json={"model": str(tmp_path / "m.gguf")})
+    assert r.status_code == 403 and r.get_json()["error"]["code"] == "model_load_forbidden"
+    assert [m["id"] for m in c.get("/v1/models").get_json()["data"]] == ["fake"]
+
+
+def test_model_root_arguments(tmp_path):
+    import argparse
+    from helexa_native.server import _loopback, _model_roots, add_serve_arguments
+    p = argparse.ArgumentParser()
+    add_serve_arguments(p)
+    assert _model_roots(p.parse_args([])) is None
+    assert _model_roots(p.parse_args(["--no-model-load", "--model-root", str(tmp_path)])) == []
+    assert _model_roots(p.parse_args(["--model-root", str(tmp_path), "--model-root", "~"])) == \
+        [tmp_path, Path.home()]
+    with pytest.raises(ValueError, match="--model-root must be a directory"):
+        _model_roots(p.parse_args(["--model-root", str(tmp_path / "nope")]))
+    assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("[::1]") and _loopback("localhost")
+    assert not _loopback("0.0.0.0") and not _loopback("") and not _loopback("10.1.2.3") and not _loopback("example.org")
