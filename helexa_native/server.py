@@ -615,21 +615,18 @@ def resolve_model_path(path: str, roots: Optional[Sequence[Path]]) -> str:
     if not roots:
         raise ApiError(403, "this server does not load models over HTTP (start it with --model-root DIR "
                        "to allow loading from DIR)", "permission_error", "model", "model_load_forbidden")
+    real_roots = [Path(os.path.realpath(r)) for r in roots]
     p = Path(path).expanduser()
-    candidates = [p] if p.is_absolute() else [Path(r) / p for r in roots]
-    inside = []
-    for c in candidates:
-        real = Path(os.path.realpath(c))
-        if any(real == r or r in real.parents for r in (Path(os.path.realpath(r)) for r in roots)):
-            inside.append(real)
+    candidates = [Path(os.path.realpath(c)) for c in ([p] if p.is_absolute() else [r / p for r in roots])]
+    inside = [c for c in candidates if any(c == r or r in c.parents for r in real_roots)]
     if not inside:
         raise ApiError(403, f"'{path}' is outside the directories this server loads models from "
                        f"(--model-root)", "permission_error", "model", "model_load_forbidden")
-    for real in inside:
-        if real.exists():
-            return str(real)
-    raise ApiError(400, f"model not found under the model roots: {path}", "invalid_request_error",
-                   "model", "model_load_failed")
+    found = next((c for c in inside if c.exists()), None)
+    if found is None:
+        raise ApiError(400, f"model not found under the model roots: {path}", "invalid_request_error",
+                       "model", "model_load_failed")
+    return str(found)
 
 
 def create_app(engine_or_registry=None, api_key: Optional[str] = None,
@@ -987,9 +984,10 @@ def run_from_args(args) -> int:
     registry = ModelRegistry(_default_loader, max_queue=args.max_queue, device=args.device,
                              n_ctx=getattr(args, "n_ctx", None))
     registry.mark_loading(name)
+    roots = _model_roots(args)
     app = create_app(registry, api_key=api_key, served_model_name=name, max_queue=args.max_queue,
-                     default_sampling=_sampling_defaults(args), model_roots=_model_roots(args))
-    if api_key is None and _model_roots(args) is None and not _loopback(args.host):
+                     default_sampling=_sampling_defaults(args), model_roots=roots)
+    if api_key is None and roots is None and not _loopback(args.host):
         log.warning("%s: warning: listening on %s without --api-key: anyone who can reach it may load any "
                     "file this process can read through /v1/models/load (limit it with --model-root DIR "
                     "or --no-model-load)", PROG, args.host)
