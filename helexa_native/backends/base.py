@@ -1,39 +1,138 @@
-"""The interface every compute backend implements; the Engine uses only this."""
+"""The interface every compute backend implements; the Engine uses only this.
+
+A backend holds a model and one paged KV pool (`blocks`, a KVBlockManager
+over `blocks.num_blocks` blocks of `blocks.block_size` positions). The batched
+step is the one primitive: `step_batch` runs several sequences at once, each
+its own slice of tokens at its own positions through its own block table,
+and samples a token for the sequences that ask for one. Everything else
+(`forward`, `step`, `reset`) is the same step for one private sequence, kept
+for tests, benchmarks and teacher forcing.
+"""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
 
 import torch
 
 from ..config import ModelConfig
+from ..errors import ContextLengthError
+from ..kv_blocks import KVBlockManager, SeqBlocks
 from ..params import SampleResult, SamplerState, SamplingParams
 
 
+@dataclass
+class SeqStep:
+    """One sequence's share of a batched step.
+
+    tokens run at positions start_pos .. start_pos + len(tokens) - 1 and
+    their keys/values are written through `block_table` (physical block ids
+    covering at least start_pos + len(tokens) positions; positions below
+    start_pos already hold this sequence's cache). `slot` (0 <= slot <
+    max_num_seqs) names the sequence's per-sequence sampler state on the
+    device (penalty counts); it stays the same for the sequence's life.
+    When `sample` is set, a token is sampled after the last one with
+    `params` and `state` (state.step is the sampler step).
+    """
+
+    slot: int
+    tokens: List[int]
+    start_pos: int
+    block_table: List[int]
+    sample: bool = True
+    params: Optional[SamplingParams] = None
+    state: Optional[SamplerState] = None
+    want_logits: bool = False       # also return the sampled position's raw logits
+
+
+@dataclass
+class StepOutput:
+    """What a batched step returns for one sequence."""
+
+    result: Optional[SampleResult]      # None when the sequence did not sample
+    logits: Optional[torch.Tensor] = None
+
+
 class Backend(ABC):
-    """A loaded model on one device with a KV cache of `n_ctx` positions."""
+    """A loaded model on one device with a paged KV pool; sequences hold up to `n_ctx` positions."""
 
     config: ModelConfig
     n_ctx: int
     device: str
+    blocks: KVBlockManager
+    max_num_seqs: int
+
+    # ------------------------------------------------------------------ batched step
 
     @abstractmethod
+    def step_batch(self, seqs: Sequence[SeqStep]) -> List[StepOutput]:
+        """Run every sequence's tokens in one step; sample where asked."""
+
+    @abstractmethod
+    def forward_paged(self, tokens: Sequence[int], start_pos: int, block_table: Sequence[int],
+                      all_logits: bool = False) -> torch.Tensor:
+        """One sequence's tokens through its block table; float32 CPU logits ([vocab] or [n, vocab])."""
+
+    # ------------------------------------------------------------------ one private sequence
+
+    def _solo_blocks(self) -> SeqBlocks:
+        seq = getattr(self, "_solo", None)
+        if seq is None or seq.released:
+            seq = self._solo = SeqBlocks()
+            self._solo_filled = 0
+        return seq
+
+    def _solo_prepare(self, tokens: Sequence[int], start_pos: int) -> SeqBlocks:
+        seq = self._solo_blocks()
+        if not isinstance(start_pos, int) or isinstance(start_pos, bool) or start_pos < 0:
+            raise ValueError(f"start_pos must be a non-negative integer, got {start_pos!r}")
+        if start_pos > self._solo_filled:
+            raise ValueError(f"start_pos {start_pos} leaves a gap: only {self._solo_filled} "
+                             "positions are cached")
+        end = start_pos + len(tokens)
+        if end > self.n_ctx:
+            raise ContextLengthError(f"positions up to {end} exceed the context of {self.n_ctx} tokens")
+        self.blocks.ensure(seq, end)
+        self._solo_filled = min(self._solo_filled, start_pos)
+        return seq
+
     def reset(self) -> None:
-        """Forget the KV cache contents (the allocation stays)."""
+        """Forget the private sequence's cache (its blocks go back to the pool)."""
+        seq = getattr(self, "_solo", None)
+        if seq is not None:
+            self.blocks.release(seq)
+        self._solo = None
+        self._solo_filled = 0
 
-    @abstractmethod
     def forward(self, tokens: Sequence[int], start_pos: int, all_logits: bool = False) -> torch.Tensor:
-        """Run tokens at positions start_pos.., append to the KV cache, return float32 CPU logits.
+        """Run tokens at positions start_pos.. of the private sequence; float32 CPU logits.
 
         Returns [vocab] for the last position, or [len(tokens), vocab] with all_logits.
         """
+        tokens = _id_list(tokens)
+        seq = self._solo_prepare(tokens, start_pos)
+        out = self.forward_paged(tokens, start_pos, seq.table, all_logits=all_logits)
+        self._solo_filled = start_pos + len(tokens)
+        return out
 
     def step(self, tokens: Sequence[int], start_pos: int, params: SamplingParams,
              state: SamplerState) -> SampleResult:
-        """Forward `tokens` and sample the next token (state.step advances by the caller)."""
-        from ..sampling import sample_from_logits
-        logits = self.forward(tokens, start_pos)
-        return sample_from_logits(logits, params, state)
+        """Forward `tokens` of the private sequence and sample the next token."""
+        return self.step_with_logits(tokens, start_pos, params, state, want_logits=False)[0]
+
+    def step_with_logits(self, tokens: Sequence[int], start_pos: int, params: SamplingParams,
+                         state: SamplerState, want_logits: bool = True):
+        """step() that also returns the raw logits it sampled from ([vocab], float32 CPU)."""
+        tokens = _id_list(tokens)
+        seq = self._solo_prepare(tokens, start_pos)
+        out = self.step_batch([SeqStep(slot=self.max_num_seqs, tokens=tokens, start_pos=start_pos,
+                                       block_table=list(seq.table), sample=True, params=params,
+                                       state=state, want_logits=want_logits)])[0]
+        self._solo_filled = start_pos + len(tokens)
+        return out.result, out.logits
+
+    # ------------------------------------------------------------------ facts
 
     def is_healthy(self) -> bool:
         """False once the device behind it is poisoned."""
@@ -46,3 +145,9 @@ class Backend(ABC):
     @abstractmethod
     def close(self) -> None:
         """Free the model and its cache."""
+
+
+def _id_list(tokens) -> List[int]:
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.reshape(-1).tolist()
+    return list(tokens)
