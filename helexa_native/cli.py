@@ -23,6 +23,13 @@ def _add_model_args(p: argparse.ArgumentParser, model: bool = True) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     g.add_argument("--n-ctx", type=int, default=None,
                    help=f"context size in tokens (default: the model's, capped at {defaults.DEFAULT_MAX_CONTEXT})")
+    g.add_argument("--max-num-seqs", type=int, default=None,
+                   help=f"sequences decoded together at most (default {defaults.DEFAULT_MAX_NUM_SEQS})")
+    g.add_argument("--kv-cache-memory", type=_byte_size, default=None, metavar="BYTES",
+                   help="bytes of the shared paged KV cache, e.g. 8G or 512M (default: CUDA, 80%% of "
+                        "the memory left after the weights; CPU, four full contexts)")
+    g.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=True,
+                   help="do not reuse the cached KV blocks of earlier prompts")
     bar = g.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None,
                      help="show progress bars (default: only on a terminal)")
@@ -70,10 +77,40 @@ def _check_sampling(sampling: dict) -> None:
     resolve_params(sampling, {})
 
 
-def _engine(args, prefix_cache: bool = False):
+def _byte_size(text: str) -> int:
+    """'8G', '512M', '1.5GiB' or a plain number of bytes."""
+    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    num = t[:-1] if scale != 1 else t
+    try:
+        v = int(float(num) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 8G, 512M, 1000000)") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"the byte size must be positive, got {text!r}")
+    return v
+
+
+def _int_list(text: str) -> list:
+    try:
+        out = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not out or any(x < 1 for x in out):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return out
+
+
+def _engine_options(args) -> dict:
+    return {"max_num_seqs": getattr(args, "max_num_seqs", None),
+            "kv_cache_memory": getattr(args, "kv_cache_memory", None),
+            "prefix_cache": getattr(args, "prefix_cache", True)}
+
+
+def _engine(args):
     from .engine import Engine
     return Engine(args.model, device=args.device, n_ctx=args.n_ctx, progress=_progress(args),
-                  prefix_cache=prefix_cache)
+                  **_engine_options(args))
 
 
 def build_parser(with_server: bool = True) -> argparse.ArgumentParser:
@@ -125,6 +162,9 @@ def build_parser(with_server: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=0,
                    help="tokens already in the KV cache before the timed run (default 0)")
     p.add_argument("--repeats", "-r", type=int, default=3, help="timed runs; medians reported (default 3)")
+    p.add_argument("--concurrency", type=_int_list, default=None, metavar="N,N,...",
+                   help="instead of batch 1: N concurrent streams for each N (e.g. 1,8,16,32,64): "
+                        "aggregate decode tok/s, inter-token latency and time to first token")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up run")
     p.add_argument("--synthetic", default=None, metavar="PRESET:QUANT",
                    help="benchmark a synthetic model written to a temp dir (e.g. llama3-8b:Q4_K_M, "
@@ -234,7 +274,7 @@ def cmd_chat(args) -> int:
         except ImportError:
             pass
     # A conversation re-sends its history each turn: reuse its KV cache.
-    with _engine(args, prefix_cache=True) as eng:
+    with _engine(args) as eng:
         system = [{"role": "system", "content": args.system}] if args.system else []
         history: List[dict] = []
         if interactive:
@@ -343,6 +383,8 @@ def cmd_bench(args) -> int:
                   prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                   depth=args.depth, repeats=args.repeats, warmup=args.warmup,
                   synthetic=args.synthetic, progress=_progress(args),
+                  concurrency=args.concurrency,
+                  engine_options={k: v for k, v in _engine_options(args).items() if v is not None},
                   synthetic_overrides=({"n_layers": args.synthetic_layers}
                                        if args.synthetic_layers is not None else None))
     if args.json_file == "-":

@@ -554,8 +554,9 @@ class _Stream:
         self._matcher = StopMatcher(stops)
         limit = min(max_tokens, engine.n_ctx - len(ids))
         self._req = Request(prompt=list(ids), params=params, limit=limit, stop_ids=stop_ids)
+        self._cancelled_early = limit > 0 and _is_cancelled(cancel)
         self._gen = self._run(limit)
-        if limit > 0 and not _is_cancelled(cancel):
+        if limit > 0 and not self._cancelled_early:
             engine._scheduler.submit(self._req)
         else:
             self._req.t_submit = time.perf_counter()
@@ -603,7 +604,7 @@ class _Stream:
         finish, stop_reason = None, None
         if limit <= 0:
             finish = "length"
-        elif _is_cancelled(self._cancel):
+        elif self._cancelled_early:
             finish = "cancelled"
         try:
             while finish is None:
