@@ -317,7 +317,7 @@ class Engine:
     def generate(self, prompt: Union[str, Sequence[int]], cancel=None, **sampling) -> GenerationResult:
         """Complete `prompt` (text, or token ids) and return the whole result."""
         ids = self._prompt_ids(prompt)
-        return _collect(self._start(ids, sampling, cancel, continuation=True), ids)
+        return collect_stream(self._start(ids, sampling, cancel, continuation=True), ids)
 
     def generate_stream(self, prompt: Union[str, Sequence[int]], cancel=None,
                         **sampling) -> Iterator[StreamChunk]:
@@ -338,7 +338,7 @@ class Engine:
              chat_template_kwargs: Optional[dict] = None, **sampling) -> GenerationResult:
         """Answer a conversation rendered with the model's chat template."""
         ids = self._chat_ids(messages, tools, chat_template_kwargs)
-        return _collect(self._start(ids, sampling, cancel), ids)
+        return collect_stream(self._start(ids, sampling, cancel), ids)
 
     def chat_stream(self, messages: list, tools: Optional[list] = None, cancel=None,
                     chat_template_kwargs: Optional[dict] = None, **sampling) -> Iterator[StreamChunk]:
@@ -615,7 +615,7 @@ def _timings(t0, t_first, decode_s, t_end, n_prefilled, n_gen, reused) -> dict:
     return out
 
 
-def _collect(stream: Iterator[StreamChunk], prompt_ids: List[int]) -> GenerationResult:
+def collect_stream(stream: Iterator[StreamChunk], prompt_ids: List[int]) -> GenerationResult:
     parts, ids, lps = [], [], None
     last = None
     try:
