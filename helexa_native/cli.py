@@ -221,8 +221,8 @@ def cmd_generate(args) -> int:
         else:
             stream = eng.generate_stream(prompt, **sampling)
         if args.json:
-            from .engine import _collect
-            r = _collect(stream, [])
+            from .engine import collect_stream
+            r = collect_stream(stream, [])
             out = {"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
                    "stop_reason": r.stop_reason, "usage": r.usage, "timings": r.timings,
                    "seed": r.seed}

@@ -725,14 +725,16 @@ def test_model_loading_over_http_can_be_turned_off(tmp_path):
 
 def test_model_root_arguments(tmp_path):
     import argparse
-    from helexa_native.server import _loopback, _model_roots, add_serve_arguments
+    from helexa_native.server.serve import add_serve_arguments, is_loopback, model_roots_from_args
     p = argparse.ArgumentParser()
     add_serve_arguments(p)
-    assert _model_roots(p.parse_args([])) is None
-    assert _model_roots(p.parse_args(["--no-model-load", "--model-root", str(tmp_path)])) == []
-    assert _model_roots(p.parse_args(["--model-root", str(tmp_path), "--model-root", "~"])) == \
+    assert model_roots_from_args(p.parse_args([])) is None
+    assert model_roots_from_args(p.parse_args(["--no-model-load", "--model-root", str(tmp_path)])) == []
+    assert model_roots_from_args(p.parse_args(["--model-root", str(tmp_path), "--model-root", "~"])) == \
         [tmp_path, Path.home()]
     with pytest.raises(ValueError, match="--model-root must be a directory"):
-        _model_roots(p.parse_args(["--model-root", str(tmp_path / "nope")]))
-    assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("[::1]") and _loopback("localhost")
-    assert not _loopback("0.0.0.0") and not _loopback("") and not _loopback("10.1.2.3") and not _loopback("example.org")
+        model_roots_from_args(p.parse_args(["--model-root", str(tmp_path / "nope")]))
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("[::1]")
+    assert is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("") and not is_loopback("10.1.2.3")
+    assert not is_loopback("example.org")
