@@ -180,8 +180,9 @@ class Scheduler:
     def _iteration(self) -> None:
         for r in [r for r in self._running if r.cancelled]:
             self._finish(r, "cancelled", None)
-        while self._waiting and self._waiting[0].cancelled:
-            self._finish(self._waiting.popleft(), "cancelled", None)
+        for r in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(r)
+            self._finish(r, "cancelled", None)
         self._admit()
         if not self._running:
             return

@@ -45,7 +45,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="model name clients send (default: the model file's name without .gguf)")
     g.add_argument("--max-queue", type=int, default=defaults.DEFAULT_MAX_QUEUE, metavar="N",
-                   help=f"requests that may wait per model behind the running one; more get 503 "
+                   help=f"requests that may wait per model behind the --max-num-seqs running ones; more get 503 "
                         f"(default {defaults.DEFAULT_MAX_QUEUE})")
     g.add_argument("--model-root", action="append", default=None, metavar="DIR",
                    help="let /v1/models/load open models only inside DIR (repeatable; symlinks and '..' "
@@ -120,8 +120,10 @@ def run_from_args(args) -> int:
     name = args.served_model_name or model_name_for(path)
     progress = args.progress if getattr(args, "progress", None) is not None else sys.stderr.isatty()
 
+    engine_options = {k: getattr(args, k) for k in ("max_num_seqs", "kv_cache_memory", "prefix_cache")
+                      if getattr(args, k, None) is not None}
     registry = ModelRegistry(load_engine, max_queue=args.max_queue, device=args.device,
-                             n_ctx=getattr(args, "n_ctx", None))
+                             n_ctx=getattr(args, "n_ctx", None), engine_options=engine_options)
     registry.mark_loading(name)
     roots = model_roots_from_args(args)
     app = create_app(registry, api_key=api_key, served_model_name=name, max_queue=args.max_queue,
@@ -158,7 +160,11 @@ def run_from_args(args) -> int:
         else:
             import waitress
             server = waitress.create_server(
-                app, host=args.host, port=args.port, threads=max(4, args.max_queue + 4),
+                # One thread per running or waiting request, plus a few for
+                # health checks and metrics while every stream is busy.
+                app, host=args.host, port=args.port,
+                threads=(getattr(args, "max_num_seqs", None) or defaults.DEFAULT_MAX_NUM_SEQS)
+                + args.max_queue + 4,
                 # Keep reading each connection while its request runs, so a
                 # client that hangs up is noticed at once (client_disconnected).
                 channel_request_lookahead=1, ident=PROG)

@@ -1,10 +1,11 @@
 """The models a server serves: one ModelSlot (Engine + FIFO queue) per name, held by a ModelRegistry.
 
-An Engine holds one KV cache, so each model serves one request at a time.
-Requests for a model wait in its slot's FIFO queue; one beyond `max_queue`
-waiting gets 503 with Retry-After. Loading a model under a name already
-served replaces it: the old slot is retired (waiters follow the name to the
-new model, the running request finishes) and then its Engine is closed.
+An Engine batches the requests it is given (continuous batching), so a slot
+lets up to the engine's max_num_seqs requests run at once; more wait in the
+slot's FIFO queue, and one beyond `max_queue` waiting gets 503 with
+Retry-After. Loading a model under a name already served replaces it: the
+old slot is retired (waiters follow the name to the new model, the running
+requests finish) and then its Engine is closed.
 """
 from __future__ import annotations
 
@@ -41,10 +42,10 @@ def engine_healthy(engine) -> bool:
         return False
 
 
-def load_engine(path, device="auto", n_ctx=None, progress=False):
-    """The registry's default loader: an Engine for `path`."""
+def load_engine(path, device="auto", n_ctx=None, progress=False, **engine_options):
+    """The registry's default loader: an Engine for `path` (engine_options: max_num_seqs, kv_cache_memory, ...)."""
     from ..engine import Engine
-    return Engine(path, device=device, n_ctx=n_ctx, progress=progress)
+    return Engine(path, device=device, n_ctx=n_ctx, progress=progress, **engine_options)
 
 
 class SlotRetired(Exception):
@@ -52,16 +53,18 @@ class SlotRetired(Exception):
 
 
 class ModelSlot:
-    """One served model: its Engine and the FIFO queue of requests for it."""
+    """One served model: its Engine, the requests running on it and the FIFO queue behind them."""
 
     def __init__(self, name: str, engine, max_queue: int) -> None:
         self.name = name
         self.engine = engine
         self.max_queue = int(max_queue)
+        # Requests the engine runs together; an engine without a scheduler runs one.
+        self.capacity = max(1, int(getattr(engine, "max_num_seqs", 1) or 1))
         self.created = int(time.time())
         self._cv = threading.Condition()
         self._waiting: deque = deque()
-        self._running: Optional[object] = None
+        self._running: set = set()
         self.retired = False
 
     def admit(self) -> object:
@@ -69,10 +72,10 @@ class ModelSlot:
         with self._cv:
             if self.retired:
                 raise SlotRetired()
-            # One request runs and max_queue wait behind it. A ticket admitted
-            # while nothing runs is next to run even before it calls wait_turn,
-            # so it does not take one of the waiting places.
-            if (self._running is not None) + len(self._waiting) > self.max_queue:
+            # `capacity` requests run and max_queue wait behind them. A ticket
+            # admitted while a run place is free is next to run even before it
+            # calls wait_turn, so it does not take one of the waiting places.
+            if len(self._running) + len(self._waiting) >= self.capacity + self.max_queue:
                 raise ApiError(503, f"the queue for model '{self.name}' is full ({self.max_queue} "
                                "requests waiting); retry shortly", "server_error", None, "queue_full",
                                {"Retry-After": str(RETRY_QUEUE_FULL)})
@@ -87,9 +90,10 @@ class ModelSlot:
                 if self.retired:
                     self._leave(ticket)
                     return "retired"
-                if self._running is None and self._waiting and self._waiting[0] is ticket:
+                if len(self._running) < self.capacity and self._waiting and self._waiting[0] is ticket:
                     self._waiting.popleft()
-                    self._running = ticket
+                    self._running.add(ticket)
+                    self._cv.notify_all()       # the next waiter may run too
                     return "run"
                 if gone():
                     self._leave(ticket)
@@ -106,8 +110,8 @@ class ModelSlot:
     def release(self, ticket) -> None:
         """The ticket's request is over (ran, failed or abandoned)."""
         with self._cv:
-            if self._running is ticket:
-                self._running = None
+            if ticket in self._running:
+                self._running.discard(ticket)
             else:
                 try:
                     self._waiting.remove(ticket)
@@ -118,21 +122,21 @@ class ModelSlot:
     def counts(self) -> Tuple[int, int]:
         """(waiting, running)."""
         with self._cv:
-            return len(self._waiting), (1 if self._running is not None else 0)
+            return len(self._waiting), len(self._running)
 
     def healthy(self) -> bool:
         return engine_healthy(self.engine)
 
     def retire(self, timeout: Optional[float] = None) -> bool:
-        """Take no new requests, send waiters elsewhere, let the running one finish, then free the model.
+        """Take no new requests, send waiters elsewhere, let the running ones finish, then free the model.
 
-        Returns False (model left open) when the running request outlasts `timeout` seconds.
+        Returns False (model left open) when a running request outlasts `timeout` seconds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
             self.retired = True
             self._cv.notify_all()
-            while self._running is not None:
+            while self._running:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -151,13 +155,14 @@ class ModelRegistry:
 
     def __init__(self, loader: Optional[Callable[..., Any]] = load_engine,
                  max_queue: int = defaults.DEFAULT_MAX_QUEUE, device: str = "auto",
-                 n_ctx: Optional[int] = None) -> None:
+                 n_ctx: Optional[int] = None, engine_options: Optional[dict] = None) -> None:
         if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
             raise ValueError(f"max_queue must be a non-negative integer, got {max_queue!r}")
         self.loader = loader
         self.max_queue = max_queue
         self.device = device
         self.n_ctx = n_ctx
+        self.engine_options = dict(engine_options or {})
         self.default_name: Optional[str] = None
         self.load_error: Optional[str] = None
         self._lock = threading.Lock()
@@ -220,8 +225,10 @@ class ModelRegistry:
             with self._lock:
                 self._loading[name] = time.time()
             try:
+                kwargs = dict(self.engine_options)
+                kwargs.update(loader_kwargs)
                 engine = self.loader(path, device=device or self.device,
-                                     n_ctx=n_ctx if n_ctx is not None else self.n_ctx, **loader_kwargs)
+                                     n_ctx=n_ctx if n_ctx is not None else self.n_ctx, **kwargs)
             finally:
                 with self._lock:
                     self._loading.pop(name, None)

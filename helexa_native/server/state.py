@@ -28,4 +28,9 @@ class AppState:
     def _gauges(self):
         for s in self.registry.slots():
             waiting, running = s.counts()
-            yield s.name, waiting, running, s.healthy()
+            load = getattr(s.engine, "load", None)
+            try:
+                stats = load() if callable(load) else {}
+            except Exception:
+                stats = {}
+            yield s.name, waiting, running, s.healthy(), stats
