@@ -18,7 +18,7 @@ from . import defaults
 from .errors import (ContextLengthError, DeviceError, EngineClosedError,
                      ModelLoadError)
 from .params import SamplerState, SamplingParams
-from .sampling import SAMPLING_FIELDS, resolve_params
+from .request_params import SAMPLING_FIELDS, resolve_params
 from .stop import StopMatcher
 
 __all__ = ["Engine", "GenerationResult", "StreamChunk", "default_model_path"]
