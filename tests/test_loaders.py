@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from helexa_native.config import FLOAT_TYPES, QUANT_TYPES, ModelConfig
+from helexa_native.config import ModelConfig
 from helexa_native.errors import ModelLoadError, UnsupportedModelError
+from helexa_native.ggml_types import FLOAT_TYPES, QUANT_TYPES
 from helexa_native.loaders import describe, load_source
 from helexa_native.loaders.gguf_loader import read_gguf
 from helexa_native.loaders.gguf_writer import (gguf_to_hf_qk, hf_to_gguf_qk, llama3_freq_factors,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from helexa_native.config import FLOAT_TYPES, QUANT_TYPES
+from helexa_native.ggml_types import FLOAT_TYPES, QUANT_TYPES
 from helexa_native.loaders import describe, load_source
 from helexa_native.loaders.gguf_writer import llama3_freq_factors
 from helexa_native.synthetic import (PRESETS, preset_config, write_synthetic_gguf,

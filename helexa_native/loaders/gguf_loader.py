@@ -18,19 +18,12 @@ import numpy as np
 
 from ..config import SUPPORTED_ARCHS, ModelConfig, ModelSource, RawTensor, TokenizerSource
 from ..errors import ModelLoadError, UnsupportedModelError
+from ..ggml_types import BLOCK_SIZES, GGML_TYPE_NAMES
 from ..progress import track
-from .dequant import BLOCK_SIZES, dequantize_raw
+from .dequant import dequantize_raw
 from .validate import ROPE_FREQS, check_tensors, expected_shapes
 
 GGUF_MAGIC = b"GGUF"
-
-# ggml type ids of the types the engine runs (ggml.h numbering).
-GGML_TYPE_IDS = {
-    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
-    "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14,
-    "IQ4_NL": 20, "IQ4_XS": 23, "BF16": 30,
-}
-_TYPE_NAMES = {v: k for k, v in GGML_TYPE_IDS.items()}
 
 # Rope layout each architecture's converter produces: llama's permutes q/k
 # rows so adjacent pairs rotate together; qwen's keep HF's half split.
@@ -48,8 +41,8 @@ def is_gguf(path: Path) -> bool:
 
 
 def _type_name(type_id: int) -> str:
-    if type_id in _TYPE_NAMES:
-        return _TYPE_NAMES[type_id]
+    if type_id in GGML_TYPE_NAMES:
+        return GGML_TYPE_NAMES[type_id]
     try:
         from gguf import GGMLQuantizationType
         return GGMLQuantizationType(type_id).name

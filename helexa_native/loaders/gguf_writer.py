@@ -15,7 +15,7 @@ from typing import Iterable, Optional, Union
 import numpy as np
 
 from ..config import ModelConfig
-from .dequant import BLOCK_SIZES, row_bytes
+from ..ggml_types import BLOCK_SIZES, row_bytes
 from .validate import ROPE_FREQS
 
 CHATML_TEMPLATE = (

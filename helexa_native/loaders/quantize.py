@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .dequant import BLOCK_SIZES, IQ4_VALUES
+from ..ggml_types import BLOCK_SIZES
+from .dequant import IQ4_VALUES
 
 _IQ4 = np.array(IQ4_VALUES, dtype=np.float32)
 
