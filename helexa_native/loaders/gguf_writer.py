@@ -16,6 +16,8 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..ggml_types import BLOCK_SIZES, row_bytes
+from ..tokenizer import BYTE_TO_CHAR
+from .gguf_tokenizer import TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED
 from .validate import ROPE_FREQS
 
 CHATML_TEMPLATE = (
@@ -28,32 +30,15 @@ CHATML_TEMPLATE = (
 # Special tokens of the minimal vocabulary, at ids 0, 1, 2.
 MINIMAL_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
-# gguf token types
-_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_UNUSED = 1, 3, 5
-
-
-def gpt2_byte_chars() -> list:
-    """GPT-2's byte -> printable unicode character mapping, indexed by byte value."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
-    out, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + extra)
-            extra += 1
-    return [out[b] for b in range(256)]
-
-
 def minimal_tokenizer_meta(vocab_size: int) -> dict:
     """A small valid byte-level BPE vocabulary padded to `vocab_size` (gguf `tokenizer.ggml.*` fields).
 
     Ids 0-2 are <|endoftext|>, <|im_start|>, <|im_end|> (eos); then the 256
     byte tokens, a few merges of common letter pairs, and unused fillers.
     """
-    chars = gpt2_byte_chars()
+    chars = [BYTE_TO_CHAR[b] for b in range(256)]
     tokens = list(MINIMAL_SPECIALS) + chars
-    types = [_TOKEN_CONTROL] * len(MINIMAL_SPECIALS) + [_TOKEN_NORMAL] * 256
+    types = [TOKEN_CONTROL] * len(MINIMAL_SPECIALS) + [TOKEN_NORMAL] * 256
     if vocab_size < len(tokens):
         raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level vocabulary (needs {len(tokens)})")
     merges = []
@@ -66,12 +51,12 @@ def minimal_tokenizer_meta(vocab_size: int) -> dict:
             if a + b not in seen:
                 merges.append(f"{a} {b}")
                 tokens.append(a + b)
-                types.append(_TOKEN_NORMAL)
+                types.append(TOKEN_NORMAL)
                 seen.add(a + b)
     i = 0
     while len(tokens) < vocab_size:
         tokens.append(f"<|unused_{i}|>")
-        types.append(_TOKEN_UNUSED)
+        types.append(TOKEN_UNUSED)
         i += 1
     return {
         "model": "gpt2", "pre": "gpt2", "tokens": tokens, "token_type": types, "merges": merges,
