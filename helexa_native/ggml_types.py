@@ -37,6 +37,9 @@ QUANT_TYPES = tuple(name for name in _TABLE if name not in FLOAT_TYPES)
 # name -> (weights per block, bytes per block)
 BLOCK_SIZES = {name: _TABLE[name][1:] for name in FLOAT_TYPES + QUANT_TYPES}
 
+# The non-linear 4-bit code book shared by IQ4_NL and IQ4_XS.
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
 
 def row_bytes(qtype: str, n_per_row: int) -> int:
     """Bytes one row of `n_per_row` weights takes in type `qtype`."""

@@ -7,7 +7,7 @@ import torch
 
 from helexa_native.ggml_types import BLOCK_SIZES, FLOAT_TYPES, GGML_TYPE_IDS, QUANT_TYPES
 from helexa_native.loaders.dequant import dequantize
-from helexa_native.loaders.quantize import quantize
+from helexa_native.writers.quantize import quantize
 
 # Byte offsets of the fp16 scale fields in each block: filled with finite
 # values so both decoders see real numbers (random bits can make inf/NaN).

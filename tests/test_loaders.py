@@ -15,9 +15,9 @@ from helexa_native.errors import ModelLoadError, UnsupportedModelError
 from helexa_native.ggml_types import FLOAT_TYPES, QUANT_TYPES
 from helexa_native.loaders import describe, load_source
 from helexa_native.loaders.gguf_loader import read_gguf
-from helexa_native.loaders.gguf_writer import (gguf_to_hf_qk, hf_to_gguf_qk, llama3_freq_factors,
-                                               minimal_tokenizer_meta, write_gguf)
 from helexa_native.loaders.validate import expected_shapes
+from helexa_native.writers.gguf_writer import (gguf_to_hf_qk, hf_to_gguf_qk, llama3_freq_factors,
+                                               minimal_tokenizer_meta, write_gguf)
 
 
 def tiny_config(arch="llama", **kw):
@@ -599,7 +599,7 @@ def test_progress_bar_visibility(capsys, monkeypatch):
 
 
 def test_gguf_sampling_defaults(tmp_models):
-    from helexa_native.loaders.gguf_writer import GGUFStream
+    from helexa_native.writers.gguf_writer import GGUFStream
     cfg = tiny_config("llama")
     w = random_weights(cfg)
     path = tmp_models / "sampling.gguf"

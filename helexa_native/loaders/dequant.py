@@ -33,10 +33,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..ggml_types import BLOCK_SIZES
-
-# The non-linear 4-bit code book shared by IQ4_NL and IQ4_XS.
-IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+from ..ggml_types import BLOCK_SIZES, IQ4_VALUES
 
 # Weights decoded per slice: keeps each thread's temporaries cache-sized.
 _SLICE_WEIGHTS = 1 << 16

@@ -16,9 +16,9 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..ggml_types import BLOCK_SIZES, row_bytes
+from ..loaders.gguf_tokenizer import TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED
+from ..loaders.validate import ROPE_FREQS
 from ..tokenizer import BYTE_TO_CHAR
-from .gguf_tokenizer import TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED
-from .validate import ROPE_FREQS
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
