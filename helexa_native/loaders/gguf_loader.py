@@ -27,7 +27,7 @@ GGUF_MAGIC = b"GGUF"
 
 # Rope layout each architecture's converter produces: llama's permutes q/k
 # rows so adjacent pairs rotate together; qwen's keep HF's half split.
-_ROPE_STYLE = {"llama": "pairs", "qwen2": "half", "qwen3": "half"}
+GGUF_ROPE_STYLE = {"llama": "pairs", "qwen2": "half", "qwen3": "half"}
 _DEFAULT_EPS = {"llama": 1e-5, "qwen2": 1e-6, "qwen3": 1e-6}
 
 
@@ -297,7 +297,7 @@ def _build_source(fields, infos, data_start, mm, path: Path, where: str,
         head_dim=head_dim,
         rms_norm_eps=meta.number(f"{arch}.attention.layer_norm_rms_epsilon", _DEFAULT_EPS[arch], float),
         rope_theta=meta.number(f"{arch}.rope.freq_base", 10000.0, float),
-        rope_style=_ROPE_STYLE[arch],
+        rope_style=GGUF_ROPE_STYLE[arch],
         rope_scaling=_rope_scaling(meta, arch, ROPE_FREQS in by_name, where),
         max_position_embeddings=meta.number(f"{arch}.context_length", 4096),
         tie_word_embeddings="output.weight" not in by_name,

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..ggml_types import BLOCK_SIZES, row_bytes
+from ..loaders.gguf_loader import GGUF_ROPE_STYLE
 from ..loaders.gguf_tokenizer import TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED
 from ..loaders.validate import ROPE_FREQS
 from ..tokenizer import BYTE_TO_CHAR
@@ -268,9 +269,9 @@ def write_gguf(path: Union[str, os.PathLike], config: ModelConfig, tensors: dict
         raise ValueError("hf_qk_permute applies to arch llama only")
     # The loader infers the rope style from the arch; weights laid out for
     # the other style would load silently wrong.
-    file_style = "pairs" if config.arch == "llama" else "half"
+    file_style = GGUF_ROPE_STYLE.get(config.arch)
     given_style = "pairs" if hf_qk_permute else config.rope_style
-    if config.arch in ("llama", "qwen2", "qwen3") and given_style != file_style:
+    if file_style is not None and given_style != file_style:
         hint = " (pass hf_qk_permute=True for HF-layout weights)" if config.arch == "llama" else ""
         raise ValueError(f"arch {config.arch} GGUFs use rope_style {file_style!r}, "
                          f"but the weights are laid out for {config.rope_style!r}{hint}")
