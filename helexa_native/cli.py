@@ -8,6 +8,7 @@ import sys
 from typing import List, Optional
 
 from . import defaults
+from .request_params import PASSTHROUGH_FIELDS, resolve_params
 
 PROG = "helexa-native"
 
@@ -56,13 +57,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="keep going past end-of-sequence tokens")
 
 
-SAMPLING_ARGS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                 "presence_penalty", "frequency_penalty", "seed", "stop", "stop_token_ids",
-                 "ignore_eos")
-
-
 def _sampling(args) -> dict:
-    return {k: getattr(args, k) for k in SAMPLING_ARGS if getattr(args, k, None) is not None}
+    return {k: getattr(args, k) for k in PASSTHROUGH_FIELDS if getattr(args, k, None) is not None}
 
 
 def _progress(args) -> bool:
@@ -73,7 +69,6 @@ def _progress(args) -> bool:
 
 def _check_sampling(sampling: dict) -> None:
     # Bad flags fail before a model spends seconds loading.
-    from .sampling import resolve_params
     resolve_params(sampling, {})
 
 

@@ -21,7 +21,7 @@ from . import defaults
 from .errors import (ContextLengthError, DeviceError, EngineClosedError,
                      ModelLoadError)
 from .params import SamplingParams
-from .sampling import SAMPLING_FIELDS, resolve_params
+from .request_params import SAMPLING_FIELDS, resolve_params
 from .scheduler import DEFAULT_MAX_BATCH_TOKENS, Request, Scheduler
 from .stop import StopMatcher
 

@@ -102,6 +102,15 @@ def test_errors_are_one_line(args, words, capsys):
     assert_one_line_error(subprocess.CompletedProcess(args, rc, "", err), *words)
 
 
+def test_every_passthrough_sampling_field_has_a_flag():
+    import argparse
+    from helexa_native.cli import _add_sampling_args
+    from helexa_native.request_params import PASSTHROUGH_FIELDS
+    p = argparse.ArgumentParser()
+    _add_sampling_args(p)
+    assert set(PASSTHROUGH_FIELDS) <= set(vars(p.parse_args([])))
+
+
 def test_not_a_model_file_from_the_console(tmp_path):
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"hello")

@@ -186,7 +186,7 @@ def _hf_name(canonical):
 
 
 def _write_gguf_from_hf(folder, out, qtype):
-    from helexa_native.loaders.gguf_writer import write_gguf
+    from helexa_native.writers.gguf_writer import write_gguf
     src = load_source(folder, progress=False)
     tensors = {name: raw.to_float().numpy() for name, raw in src.tensors.items()}
     cfg = src.config

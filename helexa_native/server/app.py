@@ -39,7 +39,7 @@ def create_app(engine_or_registry=None, api_key: Optional[str] = None,
         raise ValueError("api_key must be a non-empty string or None")
     default_sampling = dict(default_sampling or {})
     if default_sampling:
-        from ..sampling import resolve_params
+        from ..request_params import resolve_params
         resolve_params(default_sampling, {})
 
     state = AppState(registry, api_key, default_sampling, roots)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 from .. import defaults
+from ..request_params import PASSTHROUGH_FIELDS
 from ..errors import ModelLoadError
 from .app import create_app
 from .slots import ModelRegistry, load_engine, model_name_for
@@ -27,10 +28,6 @@ API_KEY_ENV = "HELEXA_NATIVE_API_KEY"
 
 # At shutdown running generations are cancelled; this bounds the wait for them.
 SHUTDOWN_WAIT_SECONDS = 10.0
-
-SAMPLING_OPTIONS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                    "presence_penalty", "frequency_penalty", "seed", "stop", "stop_token_ids", "ignore_eos")
-
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """Add the server's options to the `serve` subcommand (model and sampling options come from the CLI)."""
@@ -57,7 +54,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 def sampling_defaults_from_args(args) -> dict:
     """The sampling options given on the command line, as create_app's default_sampling."""
-    return {k: getattr(args, k) for k in SAMPLING_OPTIONS if getattr(args, k, None) is not None}
+    return {k: getattr(args, k) for k in PASSTHROUGH_FIELDS if getattr(args, k, None) is not None}
 
 
 def model_roots_from_args(args) -> Optional[List[Path]]:
