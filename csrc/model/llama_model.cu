@@ -14,15 +14,16 @@
 #include "common/check.h"
 #include "kernels/attention_decode.cuh"
 #include "kernels/attention_prefill.cuh"
+#include "kernels/bias.cuh"
 #include "kernels/cast.cuh"
 #include "kernels/dequant.cuh"
 #include "kernels/embedding.cuh"
 #include "kernels/kv_cache.cuh"
 #include "kernels/matvec.cuh"
+#include "kernels/penalty_state.cuh"
 #include "kernels/rms_norm.cuh"
 #include "kernels/rope.cuh"
 #include "kernels/swiglu.cuh"
-#include "model/forward_kernels.cuh"
 #include "model/gemm.h"
 
 namespace hx {
