@@ -182,15 +182,4 @@ void matvec_launch(GgmlType type, const void* w, const float* x, float* y, int n
   bad("unsupported GGML type");
 }
 
-size_t repacked_bytes(GgmlType, int, int) { return 0; }
-
-void repack_launch(GgmlType, const void*, void*, int, int, cudaStream_t) {
-  throw std::invalid_argument("repack_launch: no repacked layout exists (repacked_bytes() is 0)");
-}
-
-void matvec_launch_repacked(GgmlType, const void*, const float*, float*, int, int, int, const float*, bool,
-                            cudaStream_t) {
-  throw std::invalid_argument("matvec_launch_repacked: no repacked layout exists (repacked_bytes() is 0)");
-}
-
 }  // namespace hx

@@ -41,18 +41,4 @@ void matvec_launch(GgmlType type, const void* w /*[n_out, k] stored rows*/, cons
 // Bytes of the x_scratch buffer of one matvec_launch of n_tok tokens of k elements.
 size_t matvec_x_scratch_bytes(int n_tok, int k);
 
-// No GPU-specific layout is used: matvec reads the GGUF layout at full speed,
-// so repacked_bytes is 0 and the forward keeps the stored rows.
-size_t repacked_bytes(GgmlType type, int n_out, int k);
-
-// Only valid when repacked_bytes() > 0 (never, today): throws std::invalid_argument.
-void repack_launch(GgmlType type, const void* src /*[n_out, k] stored rows*/, void* dst, int n_out, int k,
-                   cudaStream_t stream);
-
-// Same contract as matvec_launch on a repacked matrix; throws std::invalid_argument
-// while no repacked layout exists.
-void matvec_launch_repacked(GgmlType type, const void* w, const float* x /*[n_tok, k]*/,
-                            float* y /*[n_tok, n_out]*/, int n_out, int k, int n_tok,
-                            const float* bias /*[n_out] or nullptr*/, bool accumulate, cudaStream_t stream);
-
 }  // namespace hx
