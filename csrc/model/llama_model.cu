@@ -32,10 +32,6 @@ static_assert(kStepMaxTopLogprobs == kMaxTopLogprobs, "the step result holds wha
 
 namespace {
 
-// matvec handles up to this many tokens per launch; larger batches go
-// through dequantize + GEMM, where tensor cores win.
-constexpr int kSmallBatch = 8;
-
 [[noreturn]] void bad_model(const std::string& msg) { throw std::invalid_argument(msg); }
 
 bool known_type(int t) {
@@ -335,15 +331,15 @@ void GpuModel::alloc_state() {
   qkv_ = static_cast<float*>(dev_alloc(C * qkv_size_ * 4, sc));
   attn_ = static_cast<float*>(dev_alloc(C * q_size_ * 4, sc));
   gu_ = static_cast<float*>(dev_alloc(C * 2 * f * 4, sc));
-  act_ = static_cast<float*>(dev_alloc(static_cast<size_t>(kSmallBatch) * f * 4, sc));
+  act_ = static_cast<float*>(dev_alloc(static_cast<size_t>(kMatvecMaxTokens) * f * 4, sc));
   {
     // Small batches' int8 activations, quantized once per matvec (HELEXA_XQ=0: by every CTA).
     const char* v = std::getenv("HELEXA_XQ");
     if (!(v && v[0] == '0') && spec_.int8_activations > 0)
-      x_scratch_ = dev_alloc(matvec_x_scratch_bytes(kSmallBatch, static_cast<int>(widest)), sc);
+      x_scratch_ = dev_alloc(matvec_x_scratch_bytes(kMatvecMaxTokens, static_cast<int>(widest)), sc);
   }
   if (wbuf_elems_ > 0) wbuf_ = static_cast<__nv_bfloat16*>(dev_alloc(wbuf_elems_ * 2, sc));
-  logits_ = static_cast<float*>(dev_alloc(kSmallBatch * V * 4, sc));
+  logits_ = static_cast<float*>(dev_alloc(kMatvecMaxTokens * V * 4, sc));
   work_logits_ = static_cast<float*>(dev_alloc(V * 4, sc));
   attn_ws_bytes_ = attention_decode_workspace_bytes(s.heads, s.head_dim, cap_);
   attn_ws_ = static_cast<float*>(dev_alloc(attn_ws_bytes_, sc));
@@ -364,7 +360,7 @@ void GpuModel::alloc_state() {
   h_pen_tokens_ = static_cast<int32_t*>(host_alloc(static_cast<size_t>(cap_) * 4));
   h_in_ = static_cast<DecodeInputs*>(host_alloc(sizeof(DecodeInputs)));
   h_out_ = static_cast<StepOutputs*>(host_alloc(sizeof(StepOutputs)));
-  h_logits_ = static_cast<float*>(host_alloc(kSmallBatch * V * 4));
+  h_logits_ = static_cast<float*>(host_alloc(kMatvecMaxTokens * V * 4));
   std::memset(h_in_, 0, sizeof(DecodeInputs));
 }
 
@@ -485,13 +481,22 @@ void GpuModel::dequantize_for_gemm(WorkerContext& ctx, const LinearWeight& w, co
   *out = wbuf_;
 }
 
+MatvecOptions GpuModel::matvec_options(const LinearWeight& w, bool accumulate) const {
+  MatvecOptions o;
+  o.accumulate = accumulate;
+  o.int8_activations = int8_for(w.type, w.n_out, w.k);
+  o.precise = true;
+  o.static_weights = true;  // weights are written once, at load
+  o.x_scratch = x_scratch_;
+  return o;
+}
+
 void GpuModel::linear(WorkerContext& ctx, const LinearWeight& w, const float* x_f32,
                       const __nv_bfloat16* x_bf16, float* y, int n, const float* bias, bool accumulate,
                       bool small) {
   cudaStream_t st = ctx.compute_stream();
   if (small) {
-    matvec_launch(w.type, w.data, x_f32, y, w.n_out, w.k, n, bias, accumulate, st,
-                  int8_for(w.type, w.n_out, w.k), true, true, x_scratch_);
+    matvec_launch(w.type, w.data, x_f32, y, w.n_out, w.k, n, bias, matvec_options(w, accumulate), st);
     return;
   }
   const __nv_bfloat16* wb = nullptr;
@@ -506,7 +511,7 @@ void GpuModel::run_layers(WorkerContext& ctx, const int32_t* ids, const int32_t*
   const ModelSpec& s = spec_;
   const int h = s.hidden, d = s.head_dim, nq = s.heads, nk = s.kv_heads, f = s.intermediate;
   const float eps = s.eps;
-  const bool small = n <= kSmallBatch;
+  const bool small = n <= kMatvecMaxTokens;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
 
   float* q = qkv_;
@@ -525,8 +530,7 @@ void GpuModel::run_layers(WorkerContext& ctx, const int32_t* ids, const int32_t*
     const float* bv = L.b_qkv ? L.b_qkv + q_size_ + kv_size_ : nullptr;
     if (n == 1 && L.qkv_fused) {
       // q, k and v blocks are adjacent for one token: one launch fills all three.
-      matvec_launch(L.qkv.type, L.qkv.data, xn_, q, qkv_size_, h, 1, L.b_qkv, false, st,
-                    int8_for(L.qkv.type, qkv_size_, h), true, true, x_scratch_);
+      matvec_launch(L.qkv.type, L.qkv.data, xn_, q, qkv_size_, h, 1, L.b_qkv, matvec_options(L.qkv, false), st);
     } else if (!small && L.qkv_fused) {
       const __nv_bfloat16* wb = nullptr;
       dequantize_for_gemm(ctx, L.qkv, &wb);
@@ -541,8 +545,8 @@ void GpuModel::run_layers(WorkerContext& ctx, const int32_t* ids, const int32_t*
       }
     } else if (n == 1 && L.qk_fused) {
       // q and k blocks (and their biases) are adjacent for one token.
-      matvec_launch(L.qk.type, L.qk.data, xn_, q, q_size_ + kv_size_, h, 1, L.b_qkv, false, st,
-                    int8_for(L.qk.type, q_size_ + kv_size_, h), true, true, x_scratch_);
+      matvec_launch(L.qk.type, L.qk.data, xn_, q, q_size_ + kv_size_, h, 1, L.b_qkv, matvec_options(L.qk, false),
+                    st);
       linear(ctx, L.v, xn_, xb_, v, n, bv, false, small);
     } else {
       linear(ctx, L.q, xn_, xb_, q, n, bq, false, small);
@@ -565,8 +569,8 @@ void GpuModel::run_layers(WorkerContext& ctx, const int32_t* ids, const int32_t*
 
     add_rms_norm_launch(x_, nullptr, L.ffn_norm, eps, small ? xn_ : nullptr, small ? nullptr : xb_, n, h, st);
     if (n == 1 && L.gate_up_fused) {
-      matvec_launch(L.gate_up.type, L.gate_up.data, xn_, gate, 2 * f, h, 1, nullptr, false, st,
-                    int8_for(L.gate_up.type, 2 * f, h), true, true, x_scratch_);
+      matvec_launch(L.gate_up.type, L.gate_up.data, xn_, gate, 2 * f, h, 1, nullptr, matvec_options(L.gate_up, false),
+                    st);
     } else if (!small && L.gate_up_fused) {
       const __nv_bfloat16* wb = nullptr;
       dequantize_for_gemm(ctx, L.gate_up, &wb);
@@ -586,8 +590,8 @@ void GpuModel::lm_head(WorkerContext& ctx, int row0, int count) {
   const int h = spec_.hidden;
   add_rms_norm_launch(x_ + static_cast<size_t>(row0) * h, nullptr, output_norm_, spec_.eps, xn_, nullptr, count, h,
                       st);
-  matvec_launch(output_.type, output_.data, xn_, logits_, spec_.vocab, h, count, nullptr, false, st,
-                int8_for(output_.type, spec_.vocab, h), true, true, x_scratch_);
+  matvec_launch(output_.type, output_.data, xn_, logits_, spec_.vocab, h, count, nullptr,
+                matvec_options(output_, false), st);
 }
 
 void GpuModel::sample_tail(WorkerContext& ctx, int mode) {
@@ -740,8 +744,8 @@ std::vector<float> GpuModel::forward_logits(WorkerContext& ctx, const std::vecto
     run_layers(ctx, d_tokens_ + a, d_pos_ + a, nc, start_pos + a, false);
     last = nc - 1;
     if (!all_logits) continue;
-    for (int g = 0; g < nc; g += kSmallBatch) {
-      const int ng = std::min(kSmallBatch, nc - g);
+    for (int g = 0; g < nc; g += kMatvecMaxTokens) {
+      const int ng = std::min(kMatvecMaxTokens, nc - g);
       lm_head(ctx, g, ng);
       HX_CUDA_CHECK(cudaMemcpyAsync(h_logits_, logits_, V * ng * 4, cudaMemcpyDeviceToHost, st));
       HX_CUDA_CHECK(cudaStreamSynchronize(st));

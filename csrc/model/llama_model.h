@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "common/ggml_types.h"
+#include "kernels/matvec.cuh"
 #include "kernels/sampling.cuh"
 #include "model/model_api.h"
 #include "runtime/worker.h"
@@ -141,6 +142,9 @@ class GpuModel : public Resource {
     return spec_.int8_activations == 1 && (t == GgmlType::Q4_0 || t == GgmlType::Q8_0) &&
            static_cast<int64_t>(n_out) * k >= (int64_t{1} << 22);
   }
+  // The decode matvec's options over weight w: int8_for, two int8 terms, the
+  // weights read as static, the shared x scratch.
+  MatvecOptions matvec_options(const LinearWeight& w, bool accumulate) const;
   // Final norm + LM head for rows [row0, row0 + count) of x_ into logits_ rows.
   void lm_head(WorkerContext& ctx, int row0, int count);
   // Sampling kernels on logits_ row 0 into the device outputs.
