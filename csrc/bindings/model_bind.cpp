@@ -181,6 +181,11 @@ class ModelHandle {
 }  // namespace
 
 void bind_model(py::module_& m) {
+  py::enum_<Int8Mode>(m, "Int8Mode", "Where decode matvecs quantize their input to int8 terms")
+      .value("Never", Int8Mode::Never, "float math everywhere")
+      .value("Auto", Int8Mode::Auto, "where measured faster (large Q4_0 and Q8_0 matrices)")
+      .value("Always", Int8Mode::Always, "every type that has the integer kernel");
+
   py::class_<ModelSpec>(m, "ModelSpec", "Architecture and sizing of a GPU model")
       .def(py::init<>())
       .def_readwrite("arch", &ModelSpec::arch)
@@ -193,7 +198,13 @@ void bind_model(py::module_& m) {
       .def_readwrite("kv_heads", &ModelSpec::kv_heads)
       .def_readwrite("head_dim", &ModelSpec::head_dim)
       .def_readwrite("eps", &ModelSpec::eps)
-      .def_readwrite("rope_style", &ModelSpec::rope_style)
+      .def_property(
+          "rope_style", [](const ModelSpec& s) { return std::string(rope_style_name(s.rope_style)); },
+          [](ModelSpec& s, const std::string& name) {
+            if (!rope_style_from_name(name, &s.rope_style))
+              throw py::value_error("rope_style must be 'half' or 'pairs', got '" + name + "'");
+          },
+          "The config's rope_style: 'half' (rotate_half) or 'pairs' (GGML adjacent pairs)")
       .def_readwrite("qk_norm", &ModelSpec::qk_norm)
       .def_readwrite("inv_freq", &ModelSpec::inv_freq)
       .def_readwrite("n_ctx", &ModelSpec::n_ctx)

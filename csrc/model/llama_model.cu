@@ -108,7 +108,7 @@ GpuModel::GpuModel(WorkerContext& ctx, const ModelSpec& spec, const std::vector<
   if (s.head_dim % 8 != 0 || s.head_dim > 256)
     bad_model("head_dim " + std::to_string(s.head_dim) + " is not supported on the GPU (multiples of 8 up to 256)");
   if (static_cast<int>(s.inv_freq.size()) != s.head_dim / 2) bad_model("inv_freq must hold head_dim / 2 values");
-  if (s.rope_style != 0 && s.rope_style != 1) bad_model("rope_style must be 0 (half) or 1 (pairs)");
+  if (!is_rope_style(s.rope_style)) bad_model("unknown rope style " + std::to_string(static_cast<int>(s.rope_style)));
   if (s.n_ctx <= 0) bad_model("n_ctx must be positive");
   if (!(s.eps > 0.f)) bad_model("rms_norm_eps must be positive");
 
@@ -335,7 +335,7 @@ void GpuModel::alloc_state() {
   {
     // Small batches' int8 activations, quantized once per matvec (HELEXA_XQ=0: by every CTA).
     const char* v = std::getenv("HELEXA_XQ");
-    if (!(v && v[0] == '0') && spec_.int8_activations > 0)
+    if (!(v && v[0] == '0') && spec_.int8_activations != Int8Mode::Never)
       x_scratch_ = dev_alloc(matvec_x_scratch_bytes(kMatvecMaxTokens, static_cast<int>(widest)), sc);
   }
   if (wbuf_elems_ > 0) wbuf_ = static_cast<__nv_bfloat16*>(dev_alloc(wbuf_elems_ * 2, sc));

@@ -133,14 +133,18 @@ class GpuModel : public Resource {
               float* y, int n, const float* bias, bool accumulate, bool small);
   void dequantize_for_gemm(WorkerContext& ctx, const LinearWeight& w, const __nv_bfloat16** out);
   // Whether a decode matvec over an [n_out, k] weight of type t uses int8
-  // activations (spec_.int8_activations). Mode 1 takes them where the H100
-  // measured them faster: Q4_0 and Q8_0 matrices of 4M+ elements (on small
-  // ones the activation quantization costs more than the integer math saves;
-  // Q4_K and Q6_K run faster with float math).
+  // activations (spec_.int8_activations). Int8Mode::Auto takes them where the
+  // H100 measured them faster: Q4_0 and Q8_0 matrices of 4M+ elements (on
+  // small ones the activation quantization costs more than the integer math
+  // saves; Q4_K and Q6_K run faster with float math).
   bool int8_for(GgmlType t, int n_out, int k) const {
-    if (spec_.int8_activations >= 2) return true;
-    return spec_.int8_activations == 1 && (t == GgmlType::Q4_0 || t == GgmlType::Q8_0) &&
-           static_cast<int64_t>(n_out) * k >= (int64_t{1} << 22);
+    switch (spec_.int8_activations) {
+      case Int8Mode::Always: return true;
+      case Int8Mode::Auto:
+        return (t == GgmlType::Q4_0 || t == GgmlType::Q8_0) && static_cast<int64_t>(n_out) * k >= (int64_t{1} << 22);
+      case Int8Mode::Never: break;
+    }
+    return false;
   }
   // The decode matvec's options over weight w: int8_for, two int8 terms, the
   // weights read as static, the shared x scratch.

@@ -13,10 +13,21 @@
 #include <utility>
 #include <vector>
 
+#include "common/rope_style.h"
+
 namespace hx {
 
 class DeviceWorker;
 class JobWaiter;
+
+// Whether decode matvecs over Q4_0/Q8_0/Q4_K/Q6_K quantize their input to two
+// int8 terms per element (x and its residual; near float accuracy) and use
+// integer dot products (MatvecOptions::int8_activations).
+enum class Int8Mode : int32_t {
+  Never = 0,   // float math everywhere
+  Auto = 1,    // where measured faster: large Q4_0 and Q8_0 matrices (GpuModel::int8_for)
+  Always = 2,  // every type that has the integer kernel
+};
 
 // Architecture and run-time sizing of one model.
 struct ModelSpec {
@@ -29,17 +40,13 @@ struct ModelSpec {
   int kv_heads = 0;
   int head_dim = 0;
   float eps = 1e-5f;
-  int rope_style = 0;             // 0: rotate_half pairs (i, i + d/2); 1: adjacent pairs (2i, 2i+1)
+  RopeStyle rope_style = RopeStyle::Half;
   bool qk_norm = false;
   std::vector<double> inv_freq;   // [head_dim / 2], scaling already applied
   int n_ctx = 4096;               // KV cache capacity in positions
   int prefill_chunk = 512;        // tokens per prefill pass (bounds scratch)
   bool use_graphs = true;         // replay decode as a CUDA graph
-  // Decode matvecs over Q4_0/Q8_0/Q4_K/Q6_K may quantize their input to two
-  // int8 terms per element (x and its residual; near float accuracy) and use
-  // integer dot products: 0 never, 1 where that is faster (large Q4_0
-  // and Q8_0 matrices, see GpuModel::int8_for), 2 for every type that has the kernel.
-  int int8_activations = 1;
+  Int8Mode int8_activations = Int8Mode::Auto;
 };
 
 // One weight as the loader holds it: GGML type id, torch-order shape, host bytes.

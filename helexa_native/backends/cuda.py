@@ -149,13 +149,14 @@ class CUDABackend(Backend):
         spec.kv_heads = int(cfg.num_kv_heads)
         spec.head_dim = int(cfg.head_dim)
         spec.eps = float(cfg.rms_norm_eps)
-        spec.rope_style = 0 if cfg.rope_style == "half" else 1
+        spec.rope_style = cfg.rope_style
         spec.qk_norm = bool(cfg.qk_norm)
         spec.inv_freq = [float(x) for x in inv_freq(cfg, _freq_factors(source)).to(torch.float64).tolist()]
         spec.n_ctx = int(n_ctx)
         spec.prefill_chunk = int(min(prefill_chunk, n_ctx))
         spec.use_graphs = bool(use_graphs)
-        spec.int8_activations = {None: 1, False: 0, True: 2}[int8_activations]
+        spec.int8_activations = {None: C.Int8Mode.Auto, False: C.Int8Mode.Never,
+                                 True: C.Int8Mode.Always}[int8_activations]
         tensors = _host_tensors(source)
         try:
             self._model = C.GpuModel(device_index, spec, tensors)
