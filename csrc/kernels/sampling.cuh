@@ -10,10 +10,9 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace hx {
+#include "common/limits.h"
 
-// Most alternatives logprobs_launch reports (OpenAI's top_logprobs bound).
-constexpr int kMaxTopLogprobs = 20;
+namespace hx {
 
 // SamplingParams of one request as the device reads them: 40 bytes, no
 // implicit padding, fields in this order (Python: struct.pack("<fifffffiQ", ...)).

@@ -28,8 +28,6 @@
 
 namespace hx {
 
-static_assert(kStepMaxTopLogprobs == kMaxTopLogprobs, "the step result holds what the sampler reports");
-
 namespace {
 
 [[noreturn]] void bad_model(const std::string& msg) { throw std::invalid_argument(msg); }

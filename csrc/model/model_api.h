@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/limits.h"
 #include "common/rope_style.h"
 
 namespace hx {
@@ -71,7 +72,7 @@ struct SampleConfig {
   uint64_t seed = 0;
   int step = 0;
   bool logprobs = false;
-  int top_logprobs = 0;           // 0..kStepMaxTopLogprobs
+  int top_logprobs = 0;           // 0..kMaxTopLogprobs
 };
 
 // Tokens to add to the device-side penalty state before sampling.
@@ -97,9 +98,6 @@ struct LoadResult {
   size_t bytes = 0;               // device bytes held by the model (weights, cache, scratch)
   double seconds = 0.0;           // time spent in the load job
 };
-
-// Most alternatives a step reports (the device sampler's bound).
-constexpr int kStepMaxTopLogprobs = 20;
 
 LoadResult model_load(DeviceWorker& w, const ModelSpec& spec, const std::vector<HostTensor>& tensors);
 

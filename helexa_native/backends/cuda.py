@@ -14,22 +14,14 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .. import defaults
 from ..config import ModelSource
 from ..errors import (ContextLengthError, DeviceError, EngineClosedError,
                       HelexaError, ModelLoadError, UnsupportedModelError)
+from ..ggml_types import GGML_TYPE_IDS
 from ..params import SampleResult, SamplerState, SamplingParams
 from ..rope import inv_freq
 from .base import Backend
-
-# GGML type ids, as the kernels name them.
-GGML_TYPE_IDS = {
-    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
-    "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20,
-    "IQ4_XS": 23, "BF16": 30,
-}
-
-# The device sampler returns at most this many alternatives per token.
-MAX_TOP_LOGPROBS = 20
 
 # Tokens per prefill pass: bounds activation scratch; GEMMs stay large
 # enough to run near tensor-core peak.
@@ -227,7 +219,7 @@ class CUDABackend(Backend):
         sc.seed = int(params.seed) & _MASK64
         sc.step = int(step)
         sc.logprobs = bool(params.logprobs)
-        sc.top_logprobs = max(0, min(int(params.top_logprobs or 0), MAX_TOP_LOGPROBS))
+        sc.top_logprobs = max(0, min(int(params.top_logprobs or 0), defaults.MAX_TOP_LOGPROBS))
         self._sc_cache = (key, sc)
         return sc
 
