@@ -300,9 +300,10 @@ void op_bf16_to_f32(const at::Tensor& x, at::Tensor& out) {
 
 // ----------------------------------------------------------------- sampling
 
-at::Tensor op_sample_params(double temperature, int64_t top_k, double top_p, double min_p, double repetition_penalty,
-                            double presence_penalty, double frequency_penalty, int64_t seed, at::Device device) {
-  SampleParamsDev p{};
+at::Tensor op_sampling_params_device(double temperature, int64_t top_k, double top_p, double min_p,
+                                     double repetition_penalty, double presence_penalty, double frequency_penalty,
+                                     int64_t seed, at::Device device) {
+  SamplingParamsDevice p{};
   p.temperature = static_cast<float>(temperature);
   p.top_k = static_cast<int32_t>(top_k < 0 ? 0 : (top_k > INT32_MAX ? INT32_MAX : top_k));
   p.top_p = static_cast<float>(top_p);
@@ -317,11 +318,11 @@ at::Tensor op_sample_params(double temperature, int64_t top_k, double top_p, dou
   return host.to(device);
 }
 
-const SampleParamsDev* params_ptr(const at::Tensor& params, const at::Device& dev) {
+const SamplingParamsDevice* params_ptr(const at::Tensor& params, const at::Device& dev) {
   check_tensor(params, "params", at::kByte, dev);
-  HX_OP_CHECK(params.numel() == static_cast<int64_t>(sizeof(SampleParamsDev)), "params must hold ",
-              sizeof(SampleParamsDev), " bytes (torch.ops.helexa.sample_params)");
-  return reinterpret_cast<const SampleParamsDev*>(params.data_ptr());
+  HX_OP_CHECK(params.numel() == static_cast<int64_t>(sizeof(SamplingParamsDevice)), "params must hold ",
+              sizeof(SamplingParamsDevice), " bytes (torch.ops.helexa.sampling_params_device)");
+  return reinterpret_cast<const SamplingParamsDevice*>(params.data_ptr());
 }
 
 void op_penalties(const at::Tensor& logits, at::Tensor& out, const at::Tensor& params, const at::Tensor& present,
@@ -407,9 +408,9 @@ TORCH_LIBRARY_FRAGMENT(helexa, m) {
   m.def("f32_to_bf16(Tensor x, Tensor(a!) out) -> ()", &hx::op_f32_to_bf16);
   m.def("bf16_to_f32(Tensor x, Tensor(a!) out) -> ()", &hx::op_bf16_to_f32);
   m.def(
-      "sample_params(float temperature, int top_k, float top_p, float min_p, float repetition_penalty, "
+      "sampling_params_device(float temperature, int top_k, float top_p, float min_p, float repetition_penalty, "
       "float presence_penalty, float frequency_penalty, int seed, Device device) -> Tensor",
-      &hx::op_sample_params);
+      &hx::op_sampling_params_device);
   m.def("penalties(Tensor logits, Tensor(a!) out, Tensor params, Tensor present, Tensor counts) -> ()",
         &hx::op_penalties);
   m.def("argmax(Tensor logits, Tensor(a!) out) -> ()", &hx::op_argmax);

@@ -415,32 +415,32 @@ void GpuModel::check_tokens(const std::vector<int32_t>& tokens, int start_pos) c
                                   std::to_string(spec_.vocab) + ")");
 }
 
-int GpuModel::mode_of(const SampleConfig& sc, const PenaltyUpdate& pen) {
+int GpuModel::mode_of(const StepSampling& sampling, const PenaltyUpdate& pen) {
   int m = 0;
-  if (sc.temperature > 0.f) m |= kSampled;
+  if (sampling.temperature > 0.f) m |= kSampled;
   if (pen.active) m |= kPenalties;
-  if (sc.logprobs) m |= kLogprobs;
+  if (sampling.logprobs) m |= kLogprobs;
   return m;
 }
 
-void GpuModel::stage_inputs(WorkerContext& ctx, const SampleConfig& sc, int32_t token, int pos) {
-  if (sc.logprobs && (sc.top_logprobs < 0 || sc.top_logprobs > kMaxTopLogprobs))
+void GpuModel::stage_inputs(WorkerContext& ctx, const StepSampling& sampling, int32_t token, int pos) {
+  if (sampling.logprobs && (sampling.top_logprobs < 0 || sampling.top_logprobs > kMaxTopLogprobs))
     throw std::invalid_argument("top_logprobs must be in [0, " + std::to_string(kMaxTopLogprobs) + "]");
   DecodeInputs& in = *h_in_;
   in.token = token;
   in.pos = pos;
   in.seq_len = pos + 1;
-  in.step = sc.step;
-  SampleParamsDev& p = in.params;
-  p.temperature = sc.temperature;
-  p.top_k = sc.top_k;
-  p.top_p = sc.top_p;
-  p.min_p = sc.min_p;
-  p.repetition_penalty = sc.repetition_penalty;
-  p.presence_penalty = sc.presence_penalty;
-  p.frequency_penalty = sc.frequency_penalty;
+  in.step = sampling.step;
+  SamplingParamsDevice& p = in.params;
+  p.temperature = sampling.temperature;
+  p.top_k = sampling.top_k;
+  p.top_p = sampling.top_p;
+  p.min_p = sampling.min_p;
+  p.repetition_penalty = sampling.repetition_penalty;
+  p.presence_penalty = sampling.presence_penalty;
+  p.frequency_penalty = sampling.frequency_penalty;
   p.reserved = 0;
-  p.seed = sc.seed;
+  p.seed = sampling.seed;
   HX_CUDA_CHECK(cudaMemcpyAsync(d_in_, h_in_, sizeof(DecodeInputs), cudaMemcpyHostToDevice, ctx.compute_stream()));
 }
 
@@ -615,7 +615,7 @@ void GpuModel::decode_body(WorkerContext& ctx, int mode) {
   sample_tail(ctx, mode);
 }
 
-StepResult GpuModel::collect(WorkerContext& ctx, const SampleConfig& sc, bool want_logits) {
+StepResult GpuModel::collect(WorkerContext& ctx, const StepSampling& sampling, bool want_logits) {
   cudaStream_t st = ctx.compute_stream();
   const int V = spec_.vocab;
   HX_CUDA_CHECK(cudaMemcpyAsync(h_out_, d_out_, sizeof(StepOutputs), cudaMemcpyDeviceToHost, st));
@@ -627,10 +627,10 @@ StepResult GpuModel::collect(WorkerContext& ctx, const SampleConfig& sc, bool wa
   if (r.token < 0 || r.token >= V)
     throw std::runtime_error("the device sampler returned token id " + std::to_string(r.token) +
                              " outside the vocabulary");
-  if (sc.logprobs) {
+  if (sampling.logprobs) {
     r.has_logprob = true;
     r.logprob = h_out_->logprob;
-    const int n = std::min({sc.top_logprobs, kMaxTopLogprobs, V});
+    const int n = std::min({sampling.top_logprobs, kMaxTopLogprobs, V});
     for (int i = 0; i < n; ++i) r.top.emplace_back(h_out_->top_ids[i], h_out_->top_lp[i]);
   }
   if (want_logits) r.logits.assign(h_logits_, h_logits_ + V);
@@ -641,7 +641,7 @@ StepResult GpuModel::collect(WorkerContext& ctx, const SampleConfig& sc, bool wa
 // Jobs
 
 StepResult GpuModel::prefill(WorkerContext& ctx, const std::vector<int32_t>& tokens, int start_pos,
-                             const SampleConfig& sc, const PenaltyUpdate& pen, bool want_logits) {
+                             const StepSampling& sampling, const PenaltyUpdate& pen, bool want_logits) {
   check_tokens(tokens, start_pos);
   cudaStream_t st = ctx.compute_stream();
   const int n = static_cast<int>(tokens.size());
@@ -652,7 +652,7 @@ StepResult GpuModel::prefill(WorkerContext& ctx, const std::vector<int32_t>& tok
   HX_CUDA_CHECK(cudaMemcpyAsync(d_tokens_, h_tokens_, static_cast<size_t>(n) * 4, cudaMemcpyHostToDevice, st));
   HX_CUDA_CHECK(cudaMemcpyAsync(d_pos_, h_pos_, static_cast<size_t>(n) * 4, cudaMemcpyHostToDevice, st));
   apply_penalty_update(ctx, pen);
-  stage_inputs(ctx, sc, tokens.back(), start_pos + n - 1);
+  stage_inputs(ctx, sampling, tokens.back(), start_pos + n - 1);
   int last = 0;
   for (int a = 0; a < n; a += chunk_) {
     const int nc = std::min(chunk_, n - a);
@@ -660,11 +660,11 @@ StepResult GpuModel::prefill(WorkerContext& ctx, const std::vector<int32_t>& tok
     last = nc - 1;
   }
   lm_head(ctx, last, 1);
-  sample_tail(ctx, mode_of(sc, pen));
-  return collect(ctx, sc, want_logits);
+  sample_tail(ctx, mode_of(sampling, pen));
+  return collect(ctx, sampling, want_logits);
 }
 
-StepResult GpuModel::decode(WorkerContext& ctx, int32_t token, int pos, const SampleConfig& sc,
+StepResult GpuModel::decode(WorkerContext& ctx, int32_t token, int pos, const StepSampling& sampling,
                             const PenaltyUpdate& pen, bool want_logits) {
   // check_tokens without building a vector: this is the per-token path.
   if (pos < 0) throw std::invalid_argument("start_pos must be non-negative");
@@ -676,8 +676,8 @@ StepResult GpuModel::decode(WorkerContext& ctx, int32_t token, int pos, const Sa
                                 std::to_string(spec_.vocab) + ")");
   cudaStream_t st = ctx.compute_stream();
   apply_penalty_update(ctx, pen);
-  stage_inputs(ctx, sc, token, pos);
-  const int mode = mode_of(sc, pen);
+  stage_inputs(ctx, sampling, token, pos);
+  const int mode = mode_of(sampling, pen);
   auto it = graphs_.find(mode);
   const auto failed = graph_failed_.find(mode);
   if (!use_graphs_ || (failed != graph_failed_.end() && failed->second)) {
@@ -706,7 +706,7 @@ StepResult GpuModel::decode(WorkerContext& ctx, int32_t token, int pos, const Sa
         // run already produced this step's result.
         if (e.sticky) throw;
       }
-      return collect(ctx, sc, want_logits);
+      return collect(ctx, sampling, want_logits);
     }
     cudaError_t e = cudaStreamEndCapture(st, &graph);
     cudaGraphExec_t exec = nullptr;
@@ -720,7 +720,7 @@ StepResult GpuModel::decode(WorkerContext& ctx, int32_t token, int pos, const Sa
       ++graph_captures_;
     }
   }
-  return collect(ctx, sc, want_logits);
+  return collect(ctx, sampling, want_logits);
 }
 
 std::vector<float> GpuModel::forward_logits(WorkerContext& ctx, const std::vector<int32_t>& tokens, int start_pos,
@@ -777,17 +777,17 @@ LoadResult model_load(DeviceWorker& w, const ModelSpec& spec, const std::vector<
 }
 
 StepResult model_prefill(DeviceWorker& w, int64_t handle, const std::vector<int32_t>& tokens, int start_pos,
-                         const SampleConfig& sc, const PenaltyUpdate& pen, bool want_logits) {
+                         const StepSampling& sampling, const PenaltyUpdate& pen, bool want_logits) {
   return w.submit([&, handle](WorkerContext& ctx) {
-            return ctx.resource<GpuModel>(handle)->prefill(ctx, tokens, start_pos, sc, pen, want_logits);
+            return ctx.resource<GpuModel>(handle)->prefill(ctx, tokens, start_pos, sampling, pen, want_logits);
           })
       .get();
 }
 
-StepResult model_decode(DeviceWorker& w, int64_t handle, int32_t token, int pos, const SampleConfig& sc,
+StepResult model_decode(DeviceWorker& w, int64_t handle, int32_t token, int pos, const StepSampling& sampling,
                         const PenaltyUpdate& pen, bool want_logits, JobWaiter* waiter) {
   auto f = w.submit([&, handle](WorkerContext& ctx) {
-    return ctx.resource<GpuModel>(handle)->decode(ctx, token, pos, sc, pen, want_logits);
+    return ctx.resource<GpuModel>(handle)->decode(ctx, token, pos, sampling, pen, want_logits);
   });
   return waiter ? waiter->wait(f) : f.get();
 }

@@ -81,7 +81,7 @@ struct DecodeInputs {
   int32_t pos;
   int32_t seq_len;
   int32_t step;
-  SampleParamsDev params;
+  SamplingParamsDevice params;
 };
 
 // What a step returns to the host.
@@ -98,8 +98,8 @@ class GpuModel : public Resource {
   ~GpuModel() override;
 
   StepResult prefill(WorkerContext& ctx, const std::vector<int32_t>& tokens, int start_pos,
-                     const SampleConfig& sc, const PenaltyUpdate& pen, bool want_logits);
-  StepResult decode(WorkerContext& ctx, int32_t token, int pos, const SampleConfig& sc,
+                     const StepSampling& sampling, const PenaltyUpdate& pen, bool want_logits);
+  StepResult decode(WorkerContext& ctx, int32_t token, int pos, const StepSampling& sampling,
                     const PenaltyUpdate& pen, bool want_logits);
   std::vector<float> forward_logits(WorkerContext& ctx, const std::vector<int32_t>& tokens,
                                     int start_pos, bool all_logits);
@@ -121,9 +121,9 @@ class GpuModel : public Resource {
   void init_tables(WorkerContext& ctx);
 
   void check_tokens(const std::vector<int32_t>& tokens, int start_pos) const;
-  void stage_inputs(WorkerContext& ctx, const SampleConfig& sc, int32_t token, int pos);
+  void stage_inputs(WorkerContext& ctx, const StepSampling& sampling, int32_t token, int pos);
   void apply_penalty_update(WorkerContext& ctx, const PenaltyUpdate& pen);
-  static int mode_of(const SampleConfig& sc, const PenaltyUpdate& pen);
+  static int mode_of(const StepSampling& sampling, const PenaltyUpdate& pen);
 
   // Runs the layers over n tokens whose ids / positions are already on the
   // device; leaves the residual stream in x_.
@@ -154,7 +154,7 @@ class GpuModel : public Resource {
   // Sampling kernels on logits_ row 0 into the device outputs.
   void sample_tail(WorkerContext& ctx, int mode);
   void decode_body(WorkerContext& ctx, int mode);
-  StepResult collect(WorkerContext& ctx, const SampleConfig& sc, bool want_logits);
+  StepResult collect(WorkerContext& ctx, const StepSampling& sampling, bool want_logits);
 
   ModelSpec spec_;
   int q_size_ = 0, kv_size_ = 0, qkv_size_ = 0;

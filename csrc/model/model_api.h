@@ -60,8 +60,10 @@ struct HostTensor {
   size_t bytes = 0;
 };
 
-// SamplingParams of one step, plus the step counter of its random stream.
-struct SampleConfig {
+// The sampling argument of one step job: the request's SamplingParams (as the
+// device sampler reads them, SamplingParamsDevice), the step counter of its
+// random stream, and which logprobs to report.
+struct StepSampling {
   float temperature = 0.f;        // 0: greedy
   int top_k = 0;
   float top_p = 1.f;
@@ -103,14 +105,14 @@ LoadResult model_load(DeviceWorker& w, const ModelSpec& spec, const std::vector<
 
 // Runs tokens at start_pos.. (filling the cache) and samples after the last one.
 StepResult model_prefill(DeviceWorker& w, int64_t handle, const std::vector<int32_t>& tokens,
-                         int start_pos, const SampleConfig& sc, const PenaltyUpdate& pen,
+                         int start_pos, const StepSampling& sampling, const PenaltyUpdate& pen,
                          bool want_logits);
 
 // One token at `pos`: the decode path (replayed CUDA graph unless disabled).
 // `waiter` (optional) waits on the reply; a caller decoding token after token
 // passes the same one each time (see JobWaiter).
 StepResult model_decode(DeviceWorker& w, int64_t handle, int32_t token, int pos,
-                        const SampleConfig& sc, const PenaltyUpdate& pen, bool want_logits,
+                        const StepSampling& sampling, const PenaltyUpdate& pen, bool want_logits,
                         JobWaiter* waiter = nullptr);
 
 // Logits (float32, row-major) of the last position ([vocab]) or of all ([n, vocab]).

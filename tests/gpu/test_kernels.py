@@ -474,7 +474,7 @@ def test_attention_bad_sizes(ops, gen):
 
 def _params(ops, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rep=1.0, pres=0.0, freq=0.0, seed=0):
     signed = seed - (1 << 64) if seed >= (1 << 63) else seed
-    return ops.sample_params(temperature, top_k, top_p, min_p, rep, pres, freq, signed, torch.device(DEV))
+    return ops.sampling_params_device(temperature, top_k, top_p, min_p, rep, pres, freq, signed, torch.device(DEV))
 
 
 def _logits(vocab, gen, scale=3.0, ties=False):
