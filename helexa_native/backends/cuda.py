@@ -122,10 +122,11 @@ class CUDABackend(Backend):
         self._no_penalty_update = C.PenaltyUpdate()
         self._no_penalty_update.active = False
 
-        # Starts the device's worker and refuses a GPU this build has no code for.
+        # Starts the device's worker (the model handle below runs on it) and
+        # refuses a GPU this build has no code for.
         from ..runtime import get_worker
         try:
-            self._worker = get_worker(device_index)
+            get_worker(device_index)
         except HelexaError:
             raise
         except Exception as e:
