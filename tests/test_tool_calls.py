@@ -185,7 +185,7 @@ def test_streamed_random_splits(case):
         pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
         deltas = _stream(parser, pieces)
         _check_deltas(deltas, well_formed)
-        assert assemble_deltas(deltas) == whole
+        assert assemble_deltas(deltas) == whole, pieces
 
 
 def test_marker_prefix_is_held_back():
