@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -575,6 +576,11 @@ def allocate_mask(vocab_size: int, batch: Optional[int] = None) -> torch.Tensor:
 
 def unpack_mask(mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """A bool [..., vocab] tensor from an int32 bitmask [..., ceil(vocab/32)]."""
+    if mask.device.type == "cpu" and sys.byteorder == "little":
+        # Little-endian words laid out as bytes: bit i of the mask is bit i % 8 of byte i // 8.
+        raw = mask.detach().contiguous().numpy().view(np.uint8)
+        bits = np.unpackbits(raw, axis=-1, bitorder="little")[..., :vocab_size]
+        return torch.from_numpy(np.ascontiguousarray(bits).view(np.bool_))
     shifts = torch.arange(32, dtype=torch.int32, device=mask.device)
     bits = (mask.unsqueeze(-1) >> shifts) & 1
     return bits.flatten(-2)[..., :vocab_size].bool()

@@ -8,7 +8,8 @@ Three families of output format, named as vLLM names its parsers:
   (``"arguments"`` and a leading ``"type": "function"`` accepted), either at
   the very start of the output or after ``<|python_tag|>``; several calls are
   separated by ``;``. A bare object counts as a call only when it holds both a
-  name and its parameters, so a plain JSON answer stays content.
+  name and its parameters, so a plain JSON answer stays content (held back
+  until that is known).
 * ``mistral``: ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`` and the
   newer ``[TOOL_CALLS]name[ARGS]{...}`` (repeated per call; an optional
   ``[CALL_ID]...`` before ``[ARGS]`` is skipped).
