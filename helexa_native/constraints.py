@@ -581,6 +581,11 @@ def unpack_mask(mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
         raw = mask.detach().contiguous().numpy().view(np.uint8)
         bits = np.unpackbits(raw, axis=-1, bitorder="little")[..., :vocab_size]
         return torch.from_numpy(np.ascontiguousarray(bits).view(np.bool_))
+    return _unpack_shifts(mask, vocab_size)
+
+
+def _unpack_shifts(mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """`unpack_mask` in torch ops, on the mask's own device."""
     shifts = torch.arange(32, dtype=torch.int32, device=mask.device)
     bits = (mask.unsqueeze(-1) >> shifts) & 1
     return bits.flatten(-2)[..., :vocab_size].bool()

@@ -7,8 +7,8 @@ import jsonschema
 import pytest
 import torch
 
-from helexa_native.constraints import (GrammarCompiler, GrammarSpec, allocate_mask, apply_mask,
-                                       grammar_spec, json_object_spec, json_schema_spec, regex_spec,
+from helexa_native.constraints import (GrammarCompiler, GrammarSpec, _unpack_shifts, allocate_mask,
+                                       apply_mask, grammar_spec, json_object_spec, json_schema_spec, regex_spec,
                                        response_format_spec, tool_call_spec, unpack_mask)
 from helexa_native.errors import ConstraintError
 from helexa_native.tokenizer import (TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN,
@@ -177,6 +177,7 @@ def test_apply_mask(as_bool, batched):
         words[i // 32] |= 1 << (i % 32)
     bitmask = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
     assert torch.equal(unpack_mask(bitmask, vocab), allowed)
+    assert torch.equal(_unpack_shifts(bitmask, vocab), allowed)     # the path for GPU masks
     mask = allowed if as_bool else bitmask
     logits = torch.randn(vocab)
     if batched:
@@ -195,6 +196,16 @@ def test_apply_mask(as_bool, batched):
         apply_mask(torch.zeros(100), bitmask)
     with pytest.raises(TypeError):
         apply_mask(torch.zeros(vocab), torch.zeros(3))
+
+
+@pytest.mark.gpu
+def test_apply_mask_on_gpu_logits(compiler, tok):
+    m = compiler.matcher(regex_spec("[0-9]+"))
+    mask = m.fill_mask()
+    logits = torch.randn(compiler.vocab_size, device="cuda")
+    apply_mask(logits, mask)
+    allowed = unpack_mask(mask, compiler.vocab_size)
+    assert torch.equal(torch.isfinite(logits).cpu(), allowed)
 
 
 def test_cache_by_spec(tok):
