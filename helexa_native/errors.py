@@ -50,3 +50,7 @@ class EngineClosedError(HelexaError, RuntimeError):
 
 class BuildMismatchError(HelexaError, RuntimeError):
     """The installed build holds no machine code for this GPU's architecture."""
+
+
+class ConstraintError(HelexaError, ValueError):
+    """A structured-output request (JSON schema, regex, grammar, tools) cannot be compiled."""
