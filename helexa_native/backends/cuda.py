@@ -31,6 +31,11 @@ GGML_TYPE_IDS = {
 # The device sampler returns at most this many alternatives per token.
 MAX_TOP_LOGPROBS = 20
 
+# Architectures the GPU model runs: a subset of config.SUPPORTED_ARCHS, kept
+# apart because the CPU reference supports more (qwen3moe has no GPU
+# expert kernels yet).
+GPU_ARCHS = ("llama", "qwen2", "qwen3")
+
 # Tokens per prefill pass: bounds activation scratch; GEMMs stay large
 # enough to run near tensor-core peak.
 DEFAULT_PREFILL_CHUNK = 512
@@ -110,8 +115,10 @@ class CUDABackend(Backend):
             raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
         C = _native()
         cfg = source.config
-        if cfg.arch not in ("llama", "qwen2", "qwen3"):
-            raise UnsupportedModelError(f"architecture {cfg.arch!r} is not supported by the CUDA backend")
+        if cfg.arch not in GPU_ARCHS:
+            raise UnsupportedModelError(f"architecture {cfg.arch!r} is not supported by the CUDA backend "
+                                        f"(GPU architectures: {', '.join(GPU_ARCHS)}); run it with "
+                                        "device='cpu'")
         if cfg.num_heads % cfg.num_kv_heads:
             raise UnsupportedModelError(f"num_heads {cfg.num_heads} is not a multiple of "
                                         f"num_kv_heads {cfg.num_kv_heads}")
