@@ -26,7 +26,7 @@ def _add_model_args(p: argparse.ArgumentParser, model: bool = True) -> None:
                    help=f"context size in tokens (default: the model's, capped at {defaults.DEFAULT_MAX_CONTEXT})")
     g.add_argument("--max-num-seqs", type=int, default=None,
                    help=f"sequences decoded together at most (default {defaults.DEFAULT_MAX_NUM_SEQS})")
-    g.add_argument("--kv-cache-memory", type=_byte_size, default=None, metavar="BYTES",
+    g.add_argument("--kv-cache-memory", default=None, metavar="BYTES",
                    help="bytes of the shared paged KV cache, e.g. 8G or 512M (default: CUDA, 80%% of "
                         "the memory left after the weights; CPU, four full contexts)")
     g.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=True,
@@ -80,9 +80,9 @@ def _byte_size(text: str) -> int:
     try:
         v = int(float(num) * scale)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 8G, 512M, 1000000)") from None
+        raise ValueError(f"--kv-cache-memory: not a byte size: {text!r} (e.g. 8G, 512M, 1000000)") from None
     if v < 1:
-        raise argparse.ArgumentTypeError(f"the byte size must be positive, got {text!r}")
+        raise ValueError(f"--kv-cache-memory must be positive, got {text!r}")
     return v
 
 
@@ -90,22 +90,24 @@ def _int_list(text: str) -> list:
     try:
         out = [int(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise ValueError(f"--concurrency: expected comma-separated integers, got {text!r}") from None
     if not out or any(x < 1 for x in out):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+        raise ValueError(f"--concurrency: expected positive integers, got {text!r}")
     return out
 
 
-def _engine_options(args) -> dict:
+def engine_options_from_args(args) -> dict:
+    """--max-num-seqs, --kv-cache-memory and --no-prefix-cache as Engine keyword arguments."""
     return {"max_num_seqs": getattr(args, "max_num_seqs", None),
-            "kv_cache_memory": getattr(args, "kv_cache_memory", None),
+            "kv_cache_memory": (_byte_size(args.kv_cache_memory)
+                                if getattr(args, "kv_cache_memory", None) is not None else None),
             "prefix_cache": getattr(args, "prefix_cache", True)}
 
 
 def _engine(args):
     from .engine import Engine
     return Engine(args.model, device=args.device, n_ctx=args.n_ctx, progress=_progress(args),
-                  **_engine_options(args))
+                  **engine_options_from_args(args))
 
 
 def build_parser(with_server: bool = True) -> argparse.ArgumentParser:
@@ -157,7 +159,7 @@ def build_parser(with_server: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=0,
                    help="tokens already in the KV cache before the timed run (default 0)")
     p.add_argument("--repeats", "-r", type=int, default=3, help="timed runs; medians reported (default 3)")
-    p.add_argument("--concurrency", type=_int_list, default=None, metavar="N,N,...",
+    p.add_argument("--concurrency", default=None, metavar="N,N,...",
                    help="instead of batch 1: N concurrent streams for each N (e.g. 1,8,16,32,64): "
                         "aggregate decode tok/s, inter-token latency and time to first token")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up run")
@@ -380,8 +382,8 @@ def cmd_bench(args) -> int:
                   prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                   depth=args.depth, repeats=args.repeats, warmup=args.warmup,
                   synthetic=args.synthetic, progress=_progress(args),
-                  concurrency=args.concurrency,
-                  engine_options={k: v for k, v in _engine_options(args).items() if v is not None},
+                  concurrency=_int_list(args.concurrency) if args.concurrency is not None else None,
+                  engine_options={k: v for k, v in engine_options_from_args(args).items() if v is not None},
                   synthetic_overrides=({"n_layers": args.synthetic_layers}
                                        if args.synthetic_layers is not None else None))
     if args.json_file == "-":

@@ -14,26 +14,21 @@
 #include "common/check.h"
 #include "kernels/attention_decode.cuh"
 #include "kernels/attention_prefill.cuh"
+#include "kernels/bias.cuh"
 #include "kernels/cast.cuh"
 #include "kernels/dequant.cuh"
 #include "kernels/embedding.cuh"
 #include "kernels/kv_cache.cuh"
 #include "kernels/matvec.cuh"
+#include "kernels/penalty_state.cuh"
 #include "kernels/rms_norm.cuh"
 #include "kernels/rope.cuh"
 #include "kernels/swiglu.cuh"
-#include "model/forward_kernels.cuh"
 #include "model/gemm.h"
 
 namespace hx {
 
-static_assert(kStepMaxTopLogprobs == kMaxTopLogprobs, "the step result holds what the sampler reports");
-
 namespace {
-
-// matvec handles up to this many tokens per launch; larger batches go
-// through dequantize + GEMM, where tensor cores win.
-constexpr int kSmallBatch = 8;
 
 [[noreturn]] void bad_model(const std::string& msg) { throw std::invalid_argument(msg); }
 
@@ -111,7 +106,7 @@ GpuModel::GpuModel(WorkerContext& ctx, const ModelSpec& spec, const std::vector<
   if (s.head_dim % 8 != 0 || s.head_dim > 256)
     bad_model("head_dim " + std::to_string(s.head_dim) + " is not supported on the GPU (multiples of 8 up to 256)");
   if (static_cast<int>(s.inv_freq.size()) != s.head_dim / 2) bad_model("inv_freq must hold head_dim / 2 values");
-  if (s.rope_style != 0 && s.rope_style != 1) bad_model("rope_style must be 0 (half) or 1 (pairs)");
+  if (!is_rope_style(s.rope_style)) bad_model("unknown rope style " + std::to_string(static_cast<int>(s.rope_style)));
   if (s.n_ctx <= 0) bad_model("n_ctx must be positive");
   if (!(s.eps > 0.f)) bad_model("rms_norm_eps must be positive");
 
@@ -334,15 +329,15 @@ void GpuModel::alloc_state() {
   qkv_ = static_cast<float*>(dev_alloc(C * qkv_size_ * 4, sc));
   attn_ = static_cast<float*>(dev_alloc(C * q_size_ * 4, sc));
   gu_ = static_cast<float*>(dev_alloc(C * 2 * f * 4, sc));
-  act_ = static_cast<float*>(dev_alloc(static_cast<size_t>(kSmallBatch) * f * 4, sc));
+  act_ = static_cast<float*>(dev_alloc(static_cast<size_t>(kMatvecMaxTokens) * f * 4, sc));
   {
     // Small batches' int8 activations, quantized once per matvec (HELEXA_XQ=0: by every CTA).
     const char* v = std::getenv("HELEXA_XQ");
-    if (!(v && v[0] == '0') && spec_.int8_activations > 0)
-      x_scratch_ = dev_alloc(matvec_x_scratch_bytes(kSmallBatch, static_cast<int>(widest)), sc);
+    if (!(v && v[0] == '0') && spec_.int8_activations != Int8Mode::Never)
+      x_scratch_ = dev_alloc(matvec_x_scratch_bytes(kMatvecMaxTokens, static_cast<int>(widest)), sc);
   }
   if (wbuf_elems_ > 0) wbuf_ = static_cast<__nv_bfloat16*>(dev_alloc(wbuf_elems_ * 2, sc));
-  logits_ = static_cast<float*>(dev_alloc(kSmallBatch * V * 4, sc));
+  logits_ = static_cast<float*>(dev_alloc(kMatvecMaxTokens * V * 4, sc));
   work_logits_ = static_cast<float*>(dev_alloc(V * 4, sc));
   attn_ws_bytes_ = attention_decode_workspace_bytes(s.heads, s.head_dim, cap_);
   attn_ws_ = static_cast<float*>(dev_alloc(attn_ws_bytes_, sc));
@@ -363,7 +358,7 @@ void GpuModel::alloc_state() {
   h_pen_tokens_ = static_cast<int32_t*>(host_alloc(static_cast<size_t>(cap_) * 4));
   h_in_ = static_cast<DecodeInputs*>(host_alloc(sizeof(DecodeInputs)));
   h_out_ = static_cast<StepOutputs*>(host_alloc(sizeof(StepOutputs)));
-  h_logits_ = static_cast<float*>(host_alloc(kSmallBatch * V * 4));
+  h_logits_ = static_cast<float*>(host_alloc(kMatvecMaxTokens * V * 4));
   std::memset(h_in_, 0, sizeof(DecodeInputs));
 }
 
@@ -420,32 +415,32 @@ void GpuModel::check_tokens(const std::vector<int32_t>& tokens, int start_pos) c
                                   std::to_string(spec_.vocab) + ")");
 }
 
-int GpuModel::mode_of(const SampleConfig& sc, const PenaltyUpdate& pen) {
+int GpuModel::mode_of(const StepSampling& sampling, const PenaltyUpdate& pen) {
   int m = 0;
-  if (sc.temperature > 0.f) m |= kSampled;
+  if (sampling.temperature > 0.f) m |= kSampled;
   if (pen.active) m |= kPenalties;
-  if (sc.logprobs) m |= kLogprobs;
+  if (sampling.logprobs) m |= kLogprobs;
   return m;
 }
 
-void GpuModel::stage_inputs(WorkerContext& ctx, const SampleConfig& sc, int32_t token, int pos) {
-  if (sc.logprobs && (sc.top_logprobs < 0 || sc.top_logprobs > kMaxTopLogprobs))
+void GpuModel::stage_inputs(WorkerContext& ctx, const StepSampling& sampling, int32_t token, int pos) {
+  if (sampling.logprobs && (sampling.top_logprobs < 0 || sampling.top_logprobs > kMaxTopLogprobs))
     throw std::invalid_argument("top_logprobs must be in [0, " + std::to_string(kMaxTopLogprobs) + "]");
   DecodeInputs& in = *h_in_;
   in.token = token;
   in.pos = pos;
   in.seq_len = pos + 1;
-  in.step = sc.step;
-  SampleParamsDev& p = in.params;
-  p.temperature = sc.temperature;
-  p.top_k = sc.top_k;
-  p.top_p = sc.top_p;
-  p.min_p = sc.min_p;
-  p.repetition_penalty = sc.repetition_penalty;
-  p.presence_penalty = sc.presence_penalty;
-  p.frequency_penalty = sc.frequency_penalty;
+  in.step = sampling.step;
+  SamplingParamsDevice& p = in.params;
+  p.temperature = sampling.temperature;
+  p.top_k = sampling.top_k;
+  p.top_p = sampling.top_p;
+  p.min_p = sampling.min_p;
+  p.repetition_penalty = sampling.repetition_penalty;
+  p.presence_penalty = sampling.presence_penalty;
+  p.frequency_penalty = sampling.frequency_penalty;
   p.reserved = 0;
-  p.seed = sc.seed;
+  p.seed = sampling.seed;
   HX_CUDA_CHECK(cudaMemcpyAsync(d_in_, h_in_, sizeof(DecodeInputs), cudaMemcpyHostToDevice, ctx.compute_stream()));
 }
 
@@ -484,13 +479,22 @@ void GpuModel::dequantize_for_gemm(WorkerContext& ctx, const LinearWeight& w, co
   *out = wbuf_;
 }
 
+MatvecOptions GpuModel::matvec_options(const LinearWeight& w, bool accumulate) const {
+  MatvecOptions o;
+  o.accumulate = accumulate;
+  o.int8_activations = int8_for(w.type, w.n_out, w.k);
+  o.precise = true;
+  o.static_weights = true;  // weights are written once, at load
+  o.x_scratch = x_scratch_;
+  return o;
+}
+
 void GpuModel::linear(WorkerContext& ctx, const LinearWeight& w, const float* x_f32,
                       const __nv_bfloat16* x_bf16, float* y, int n, const float* bias, bool accumulate,
                       bool small) {
   cudaStream_t st = ctx.compute_stream();
   if (small) {
-    matvec_launch(w.type, w.data, x_f32, y, w.n_out, w.k, n, bias, accumulate, st,
-                  int8_for(w.type, w.n_out, w.k), true, true, x_scratch_);
+    matvec_launch(w.type, w.data, x_f32, y, w.n_out, w.k, n, bias, matvec_options(w, accumulate), st);
     return;
   }
   const __nv_bfloat16* wb = nullptr;
@@ -505,7 +509,7 @@ void GpuModel::run_layers(WorkerContext& ctx, const int32_t* ids, const int32_t*
   const ModelSpec& s = spec_;
   const int h = s.hidden, d = s.head_dim, nq = s.heads, nk = s.kv_heads, f = s.intermediate;
   const float eps = s.eps;
-  const bool small = n <= kSmallBatch;
+  const bool small = n <= kMatvecMaxTokens;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
 
   float* q = qkv_;
@@ -524,8 +528,7 @@ void GpuModel::run_layers(WorkerContext& ctx, const int32_t* ids, const int32_t*
     const float* bv = L.b_qkv ? L.b_qkv + q_size_ + kv_size_ : nullptr;
     if (n == 1 && L.qkv_fused) {
       // q, k and v blocks are adjacent for one token: one launch fills all three.
-      matvec_launch(L.qkv.type, L.qkv.data, xn_, q, qkv_size_, h, 1, L.b_qkv, false, st,
-                    int8_for(L.qkv.type, qkv_size_, h), true, true, x_scratch_);
+      matvec_launch(L.qkv.type, L.qkv.data, xn_, q, qkv_size_, h, 1, L.b_qkv, matvec_options(L.qkv, false), st);
     } else if (!small && L.qkv_fused) {
       const __nv_bfloat16* wb = nullptr;
       dequantize_for_gemm(ctx, L.qkv, &wb);
@@ -540,8 +543,8 @@ void GpuModel::run_layers(WorkerContext& ctx, const int32_t* ids, const int32_t*
       }
     } else if (n == 1 && L.qk_fused) {
       // q and k blocks (and their biases) are adjacent for one token.
-      matvec_launch(L.qk.type, L.qk.data, xn_, q, q_size_ + kv_size_, h, 1, L.b_qkv, false, st,
-                    int8_for(L.qk.type, q_size_ + kv_size_, h), true, true, x_scratch_);
+      matvec_launch(L.qk.type, L.qk.data, xn_, q, q_size_ + kv_size_, h, 1, L.b_qkv, matvec_options(L.qk, false),
+                    st);
       linear(ctx, L.v, xn_, xb_, v, n, bv, false, small);
     } else {
       linear(ctx, L.q, xn_, xb_, q, n, bq, false, small);
@@ -564,8 +567,8 @@ void GpuModel::run_layers(WorkerContext& ctx, const int32_t* ids, const int32_t*
 
     add_rms_norm_launch(x_, nullptr, L.ffn_norm, eps, small ? xn_ : nullptr, small ? nullptr : xb_, n, h, st);
     if (n == 1 && L.gate_up_fused) {
-      matvec_launch(L.gate_up.type, L.gate_up.data, xn_, gate, 2 * f, h, 1, nullptr, false, st,
-                    int8_for(L.gate_up.type, 2 * f, h), true, true, x_scratch_);
+      matvec_launch(L.gate_up.type, L.gate_up.data, xn_, gate, 2 * f, h, 1, nullptr, matvec_options(L.gate_up, false),
+                    st);
     } else if (!small && L.gate_up_fused) {
       const __nv_bfloat16* wb = nullptr;
       dequantize_for_gemm(ctx, L.gate_up, &wb);
@@ -585,8 +588,8 @@ void GpuModel::lm_head(WorkerContext& ctx, int row0, int count) {
   const int h = spec_.hidden;
   add_rms_norm_launch(x_ + static_cast<size_t>(row0) * h, nullptr, output_norm_, spec_.eps, xn_, nullptr, count, h,
                       st);
-  matvec_launch(output_.type, output_.data, xn_, logits_, spec_.vocab, h, count, nullptr, false, st,
-                int8_for(output_.type, spec_.vocab, h), true, true, x_scratch_);
+  matvec_launch(output_.type, output_.data, xn_, logits_, spec_.vocab, h, count, nullptr,
+                matvec_options(output_, false), st);
 }
 
 void GpuModel::sample_tail(WorkerContext& ctx, int mode) {
@@ -612,7 +615,7 @@ void GpuModel::decode_body(WorkerContext& ctx, int mode) {
   sample_tail(ctx, mode);
 }
 
-StepResult GpuModel::collect(WorkerContext& ctx, const SampleConfig& sc, bool want_logits) {
+StepResult GpuModel::collect(WorkerContext& ctx, const StepSampling& sampling, bool want_logits) {
   cudaStream_t st = ctx.compute_stream();
   const int V = spec_.vocab;
   HX_CUDA_CHECK(cudaMemcpyAsync(h_out_, d_out_, sizeof(StepOutputs), cudaMemcpyDeviceToHost, st));
@@ -624,10 +627,10 @@ StepResult GpuModel::collect(WorkerContext& ctx, const SampleConfig& sc, bool wa
   if (r.token < 0 || r.token >= V)
     throw std::runtime_error("the device sampler returned token id " + std::to_string(r.token) +
                              " outside the vocabulary");
-  if (sc.logprobs) {
+  if (sampling.logprobs) {
     r.has_logprob = true;
     r.logprob = h_out_->logprob;
-    const int n = std::min({sc.top_logprobs, kMaxTopLogprobs, V});
+    const int n = std::min({sampling.top_logprobs, kMaxTopLogprobs, V});
     for (int i = 0; i < n; ++i) r.top.emplace_back(h_out_->top_ids[i], h_out_->top_lp[i]);
   }
   if (want_logits) r.logits.assign(h_logits_, h_logits_ + V);
@@ -638,7 +641,7 @@ StepResult GpuModel::collect(WorkerContext& ctx, const SampleConfig& sc, bool wa
 // Jobs
 
 StepResult GpuModel::prefill(WorkerContext& ctx, const std::vector<int32_t>& tokens, int start_pos,
-                             const SampleConfig& sc, const PenaltyUpdate& pen, bool want_logits) {
+                             const StepSampling& sampling, const PenaltyUpdate& pen, bool want_logits) {
   check_tokens(tokens, start_pos);
   cudaStream_t st = ctx.compute_stream();
   const int n = static_cast<int>(tokens.size());
@@ -649,7 +652,7 @@ StepResult GpuModel::prefill(WorkerContext& ctx, const std::vector<int32_t>& tok
   HX_CUDA_CHECK(cudaMemcpyAsync(d_tokens_, h_tokens_, static_cast<size_t>(n) * 4, cudaMemcpyHostToDevice, st));
   HX_CUDA_CHECK(cudaMemcpyAsync(d_pos_, h_pos_, static_cast<size_t>(n) * 4, cudaMemcpyHostToDevice, st));
   apply_penalty_update(ctx, pen);
-  stage_inputs(ctx, sc, tokens.back(), start_pos + n - 1);
+  stage_inputs(ctx, sampling, tokens.back(), start_pos + n - 1);
   int last = 0;
   for (int a = 0; a < n; a += chunk_) {
     const int nc = std::min(chunk_, n - a);
@@ -657,11 +660,11 @@ StepResult GpuModel::prefill(WorkerContext& ctx, const std::vector<int32_t>& tok
     last = nc - 1;
   }
   lm_head(ctx, last, 1);
-  sample_tail(ctx, mode_of(sc, pen));
-  return collect(ctx, sc, want_logits);
+  sample_tail(ctx, mode_of(sampling, pen));
+  return collect(ctx, sampling, want_logits);
 }
 
-StepResult GpuModel::decode(WorkerContext& ctx, int32_t token, int pos, const SampleConfig& sc,
+StepResult GpuModel::decode(WorkerContext& ctx, int32_t token, int pos, const StepSampling& sampling,
                             const PenaltyUpdate& pen, bool want_logits) {
   // check_tokens without building a vector: this is the per-token path.
   if (pos < 0) throw std::invalid_argument("start_pos must be non-negative");
@@ -673,8 +676,8 @@ StepResult GpuModel::decode(WorkerContext& ctx, int32_t token, int pos, const Sa
                                 std::to_string(spec_.vocab) + ")");
   cudaStream_t st = ctx.compute_stream();
   apply_penalty_update(ctx, pen);
-  stage_inputs(ctx, sc, token, pos);
-  const int mode = mode_of(sc, pen);
+  stage_inputs(ctx, sampling, token, pos);
+  const int mode = mode_of(sampling, pen);
   auto it = graphs_.find(mode);
   const auto failed = graph_failed_.find(mode);
   if (!use_graphs_ || (failed != graph_failed_.end() && failed->second)) {
@@ -703,7 +706,7 @@ StepResult GpuModel::decode(WorkerContext& ctx, int32_t token, int pos, const Sa
         // run already produced this step's result.
         if (e.sticky) throw;
       }
-      return collect(ctx, sc, want_logits);
+      return collect(ctx, sampling, want_logits);
     }
     cudaError_t e = cudaStreamEndCapture(st, &graph);
     cudaGraphExec_t exec = nullptr;
@@ -717,7 +720,7 @@ StepResult GpuModel::decode(WorkerContext& ctx, int32_t token, int pos, const Sa
       ++graph_captures_;
     }
   }
-  return collect(ctx, sc, want_logits);
+  return collect(ctx, sampling, want_logits);
 }
 
 std::vector<float> GpuModel::forward_logits(WorkerContext& ctx, const std::vector<int32_t>& tokens, int start_pos,
@@ -739,8 +742,8 @@ std::vector<float> GpuModel::forward_logits(WorkerContext& ctx, const std::vecto
     run_layers(ctx, d_tokens_ + a, d_pos_ + a, nc, start_pos + a, false);
     last = nc - 1;
     if (!all_logits) continue;
-    for (int g = 0; g < nc; g += kSmallBatch) {
-      const int ng = std::min(kSmallBatch, nc - g);
+    for (int g = 0; g < nc; g += kMatvecMaxTokens) {
+      const int ng = std::min(kMatvecMaxTokens, nc - g);
       lm_head(ctx, g, ng);
       HX_CUDA_CHECK(cudaMemcpyAsync(h_logits_, logits_, V * ng * 4, cudaMemcpyDeviceToHost, st));
       HX_CUDA_CHECK(cudaStreamSynchronize(st));
@@ -774,17 +777,17 @@ LoadResult model_load(DeviceWorker& w, const ModelSpec& spec, const std::vector<
 }
 
 StepResult model_prefill(DeviceWorker& w, int64_t handle, const std::vector<int32_t>& tokens, int start_pos,
-                         const SampleConfig& sc, const PenaltyUpdate& pen, bool want_logits) {
+                         const StepSampling& sampling, const PenaltyUpdate& pen, bool want_logits) {
   return w.submit([&, handle](WorkerContext& ctx) {
-            return ctx.resource<GpuModel>(handle)->prefill(ctx, tokens, start_pos, sc, pen, want_logits);
+            return ctx.resource<GpuModel>(handle)->prefill(ctx, tokens, start_pos, sampling, pen, want_logits);
           })
       .get();
 }
 
-StepResult model_decode(DeviceWorker& w, int64_t handle, int32_t token, int pos, const SampleConfig& sc,
+StepResult model_decode(DeviceWorker& w, int64_t handle, int32_t token, int pos, const StepSampling& sampling,
                         const PenaltyUpdate& pen, bool want_logits, JobWaiter* waiter) {
   auto f = w.submit([&, handle](WorkerContext& ctx) {
-    return ctx.resource<GpuModel>(handle)->decode(ctx, token, pos, sc, pen, want_logits);
+    return ctx.resource<GpuModel>(handle)->decode(ctx, token, pos, sampling, pen, want_logits);
   });
   return waiter ? waiter->wait(f) : f.get();
 }

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "common/ggml_types.h"
+#include "kernels/matvec.cuh"
 #include "kernels/sampling.cuh"
 #include "model/model_api.h"
 #include "runtime/worker.h"
@@ -80,7 +81,7 @@ struct DecodeInputs {
   int32_t pos;
   int32_t seq_len;
   int32_t step;
-  SampleParamsDev params;
+  SamplingParamsDevice params;
 };
 
 // What a step returns to the host.
@@ -97,8 +98,8 @@ class GpuModel : public Resource {
   ~GpuModel() override;
 
   StepResult prefill(WorkerContext& ctx, const std::vector<int32_t>& tokens, int start_pos,
-                     const SampleConfig& sc, const PenaltyUpdate& pen, bool want_logits);
-  StepResult decode(WorkerContext& ctx, int32_t token, int pos, const SampleConfig& sc,
+                     const StepSampling& sampling, const PenaltyUpdate& pen, bool want_logits);
+  StepResult decode(WorkerContext& ctx, int32_t token, int pos, const StepSampling& sampling,
                     const PenaltyUpdate& pen, bool want_logits);
   std::vector<float> forward_logits(WorkerContext& ctx, const std::vector<int32_t>& tokens,
                                     int start_pos, bool all_logits);
@@ -120,9 +121,9 @@ class GpuModel : public Resource {
   void init_tables(WorkerContext& ctx);
 
   void check_tokens(const std::vector<int32_t>& tokens, int start_pos) const;
-  void stage_inputs(WorkerContext& ctx, const SampleConfig& sc, int32_t token, int pos);
+  void stage_inputs(WorkerContext& ctx, const StepSampling& sampling, int32_t token, int pos);
   void apply_penalty_update(WorkerContext& ctx, const PenaltyUpdate& pen);
-  static int mode_of(const SampleConfig& sc, const PenaltyUpdate& pen);
+  static int mode_of(const StepSampling& sampling, const PenaltyUpdate& pen);
 
   // Runs the layers over n tokens whose ids / positions are already on the
   // device; leaves the residual stream in x_.
@@ -132,21 +133,28 @@ class GpuModel : public Resource {
               float* y, int n, const float* bias, bool accumulate, bool small);
   void dequantize_for_gemm(WorkerContext& ctx, const LinearWeight& w, const __nv_bfloat16** out);
   // Whether a decode matvec over an [n_out, k] weight of type t uses int8
-  // activations (spec_.int8_activations). Mode 1 takes them where the H100
-  // measured them faster: Q4_0 and Q8_0 matrices of 4M+ elements (on small
-  // ones the activation quantization costs more than the integer math saves;
-  // Q4_K and Q6_K run faster with float math).
+  // activations (spec_.int8_activations). Int8Mode::Auto takes them where the
+  // H100 measured them faster: Q4_0 and Q8_0 matrices of 4M+ elements (on
+  // small ones the activation quantization costs more than the integer math
+  // saves; Q4_K and Q6_K run faster with float math).
   bool int8_for(GgmlType t, int n_out, int k) const {
-    if (spec_.int8_activations >= 2) return true;
-    return spec_.int8_activations == 1 && (t == GgmlType::Q4_0 || t == GgmlType::Q8_0) &&
-           static_cast<int64_t>(n_out) * k >= (int64_t{1} << 22);
+    switch (spec_.int8_activations) {
+      case Int8Mode::Always: return true;
+      case Int8Mode::Auto:
+        return (t == GgmlType::Q4_0 || t == GgmlType::Q8_0) && static_cast<int64_t>(n_out) * k >= (int64_t{1} << 22);
+      case Int8Mode::Never: break;
+    }
+    return false;
   }
+  // The decode matvec's options over weight w: int8_for, two int8 terms, the
+  // weights read as static, the shared x scratch.
+  MatvecOptions matvec_options(const LinearWeight& w, bool accumulate) const;
   // Final norm + LM head for rows [row0, row0 + count) of x_ into logits_ rows.
   void lm_head(WorkerContext& ctx, int row0, int count);
   // Sampling kernels on logits_ row 0 into the device outputs.
   void sample_tail(WorkerContext& ctx, int mode);
   void decode_body(WorkerContext& ctx, int mode);
-  StepResult collect(WorkerContext& ctx, const SampleConfig& sc, bool want_logits);
+  StepResult collect(WorkerContext& ctx, const StepSampling& sampling, bool want_logits);
 
   ModelSpec spec_;
   int q_size_ = 0, kv_size_ = 0, qkv_size_ = 0;

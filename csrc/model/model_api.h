@@ -13,10 +13,22 @@
 #include <utility>
 #include <vector>
 
+#include "common/limits.h"
+#include "common/rope_style.h"
+
 namespace hx {
 
 class DeviceWorker;
 class JobWaiter;
+
+// Whether decode matvecs over Q4_0/Q8_0/Q4_K/Q6_K quantize their input to two
+// int8 terms per element (x and its residual; near float accuracy) and use
+// integer dot products (MatvecOptions::int8_activations).
+enum class Int8Mode : int32_t {
+  Never = 0,   // float math everywhere
+  Auto = 1,    // where measured faster: large Q4_0 and Q8_0 matrices (GpuModel::int8_for)
+  Always = 2,  // every type that has the integer kernel
+};
 
 // Architecture and run-time sizing of one model.
 struct ModelSpec {
@@ -29,17 +41,13 @@ struct ModelSpec {
   int kv_heads = 0;
   int head_dim = 0;
   float eps = 1e-5f;
-  int rope_style = 0;             // 0: rotate_half pairs (i, i + d/2); 1: adjacent pairs (2i, 2i+1)
+  RopeStyle rope_style = RopeStyle::Half;
   bool qk_norm = false;
   std::vector<double> inv_freq;   // [head_dim / 2], scaling already applied
   int n_ctx = 4096;               // KV cache capacity in positions
   int prefill_chunk = 512;        // tokens per prefill pass (bounds scratch)
   bool use_graphs = true;         // replay decode as a CUDA graph
-  // Decode matvecs over Q4_0/Q8_0/Q4_K/Q6_K may quantize their input to two
-  // int8 terms per element (x and its residual; near float accuracy) and use
-  // integer dot products: 0 never, 1 where that is faster (large Q4_0
-  // and Q8_0 matrices, see GpuModel::int8_for), 2 for every type that has the kernel.
-  int int8_activations = 1;
+  Int8Mode int8_activations = Int8Mode::Auto;
 };
 
 // One weight as the loader holds it: GGML type id, torch-order shape, host bytes.
@@ -52,8 +60,10 @@ struct HostTensor {
   size_t bytes = 0;
 };
 
-// SamplingParams of one step, plus the step counter of its random stream.
-struct SampleConfig {
+// The sampling argument of one step job: the request's SamplingParams (as the
+// device sampler reads them, SamplingParamsDevice), the step counter of its
+// random stream, and which logprobs to report.
+struct StepSampling {
   float temperature = 0.f;        // 0: greedy
   int top_k = 0;
   float top_p = 1.f;
@@ -64,7 +74,7 @@ struct SampleConfig {
   uint64_t seed = 0;
   int step = 0;
   bool logprobs = false;
-  int top_logprobs = 0;           // 0..kStepMaxTopLogprobs
+  int top_logprobs = 0;           // 0..kMaxTopLogprobs
 };
 
 // Tokens to add to the device-side penalty state before sampling.
@@ -91,21 +101,18 @@ struct LoadResult {
   double seconds = 0.0;           // time spent in the load job
 };
 
-// Most alternatives a step reports (the device sampler's bound).
-constexpr int kStepMaxTopLogprobs = 20;
-
 LoadResult model_load(DeviceWorker& w, const ModelSpec& spec, const std::vector<HostTensor>& tensors);
 
 // Runs tokens at start_pos.. (filling the cache) and samples after the last one.
 StepResult model_prefill(DeviceWorker& w, int64_t handle, const std::vector<int32_t>& tokens,
-                         int start_pos, const SampleConfig& sc, const PenaltyUpdate& pen,
+                         int start_pos, const StepSampling& sampling, const PenaltyUpdate& pen,
                          bool want_logits);
 
 // One token at `pos`: the decode path (replayed CUDA graph unless disabled).
 // `waiter` (optional) waits on the reply; a caller decoding token after token
 // passes the same one each time (see JobWaiter).
 StepResult model_decode(DeviceWorker& w, int64_t handle, int32_t token, int pos,
-                        const SampleConfig& sc, const PenaltyUpdate& pen, bool want_logits,
+                        const StepSampling& sampling, const PenaltyUpdate& pen, bool want_logits,
                         JobWaiter* waiter = nullptr);
 
 // Logits (float32, row-major) of the last position ([vocab]) or of all ([n, vocab]).

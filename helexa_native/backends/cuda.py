@@ -14,22 +14,14 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .. import defaults
 from ..config import ModelSource
 from ..errors import (ContextLengthError, DeviceError, EngineClosedError,
                       HelexaError, ModelLoadError, UnsupportedModelError)
-from ..params import SampleResult, SamplerState, SamplingParams
+from ..ggml_types import GGML_TYPE_IDS
+from ..params import UINT64_MASK, SampleResult, SamplerState, SamplingParams
 from ..rope import inv_freq
 from .base import Backend
-
-# GGML type ids, as the kernels name them.
-GGML_TYPE_IDS = {
-    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
-    "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20,
-    "IQ4_XS": 23, "BF16": 30,
-}
-
-# The device sampler returns at most this many alternatives per token.
-MAX_TOP_LOGPROBS = 20
 
 # Architectures the GPU model runs: a subset of config.SUPPORTED_ARCHS, kept
 # apart because the CPU reference supports more (qwen3moe has no GPU
@@ -39,8 +31,6 @@ GPU_ARCHS = ("llama", "qwen2", "qwen3")
 # Tokens per prefill pass: bounds activation scratch; GEMMs stay large
 # enough to run near tensor-core peak.
 DEFAULT_PREFILL_CHUNK = 512
-
-_MASK64 = (1 << 64) - 1
 
 _MATRIX_SUFFIXES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
                     "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
@@ -129,18 +119,21 @@ class CUDABackend(Backend):
         self._C = C
         self._model = None
         self.n_filled = 0
-        self._pen_sync = None
+        # (SamplerState, prompt length, generated length) the device's penalty
+        # state was last brought up to; None when unknown (reset next time).
+        self._device_penalties_synced_to = None
         # Per-step objects reused while the parameters stay the same: a decode
         # step then only sets the step counter (jobs run one at a time and the
         # worker reads these only during the call).
-        self._sc_cache = None
-        self._pu_off = C.PenaltyUpdate()
-        self._pu_off.active = False
+        self._step_sampling_cache = None
+        self._no_penalty_update = C.PenaltyUpdate()
+        self._no_penalty_update.active = False
 
-        # Starts the device's worker and refuses a GPU this build has no code for.
+        # Starts the device's worker (the model handle below runs on it) and
+        # refuses a GPU this build has no code for.
         from ..runtime import get_worker
         try:
-            self._worker = get_worker(device_index)
+            get_worker(device_index)
         except HelexaError:
             raise
         except Exception as e:
@@ -156,16 +149,17 @@ class CUDABackend(Backend):
         spec.kv_heads = int(cfg.num_kv_heads)
         spec.head_dim = int(cfg.head_dim)
         spec.eps = float(cfg.rms_norm_eps)
-        spec.rope_style = 0 if cfg.rope_style == "half" else 1
+        spec.rope_style = cfg.rope_style
         spec.qk_norm = bool(cfg.qk_norm)
         spec.inv_freq = [float(x) for x in inv_freq(cfg, _freq_factors(source)).to(torch.float64).tolist()]
         spec.n_ctx = int(n_ctx)
         spec.prefill_chunk = int(min(prefill_chunk, n_ctx))
         spec.use_graphs = bool(use_graphs)
-        spec.int8_activations = {None: 1, False: 0, True: 2}[int8_activations]
+        spec.int8_activations = {None: C.Int8Mode.Auto, False: C.Int8Mode.Never,
+                                 True: C.Int8Mode.Always}[int8_activations]
         tensors = _host_tensors(source)
         try:
-            self._model = C.GpuModel(device_index, spec, tensors)
+            self._model = C.GpuModelHandle(device_index, spec, tensors)
         except ValueError as e:
             raise ModelLoadError(f"cannot load the model on cuda:{device_index}: {e}") from e
         except HelexaError:
@@ -212,41 +206,42 @@ class CUDABackend(Backend):
 
     # ------------------------------------------------------------------ sampling state
 
-    def _sample_config(self, params: SamplingParams, step: int):
+    def _step_sampling(self, params: SamplingParams, step: int):
+        """The StepSampling job argument of params at `step`."""
         key = (params.temperature, params.top_k, params.top_p, params.min_p, params.repetition_penalty,
                params.presence_penalty, params.frequency_penalty, params.seed, params.logprobs,
                params.top_logprobs)
-        cached = self._sc_cache
+        cached = self._step_sampling_cache
         if cached is not None and cached[0] == key:
-            sc = cached[1]
-            sc.step = int(step)
-            return sc
-        sc = self._C.SampleConfig()
+            sampling = cached[1]
+            sampling.step = int(step)
+            return sampling
+        sampling = self._C.StepSampling()
         vocab = self.config.vocab_size
-        sc.temperature = float(params.temperature)
-        sc.top_k = int(params.top_k) if 0 < int(params.top_k) < vocab else 0
-        sc.top_p = float(params.top_p)
-        sc.min_p = float(params.min_p)
-        sc.repetition_penalty = float(params.repetition_penalty)
-        sc.presence_penalty = float(params.presence_penalty)
-        sc.frequency_penalty = float(params.frequency_penalty)
-        sc.seed = int(params.seed) & _MASK64
-        sc.step = int(step)
-        sc.logprobs = bool(params.logprobs)
-        sc.top_logprobs = max(0, min(int(params.top_logprobs or 0), MAX_TOP_LOGPROBS))
-        self._sc_cache = (key, sc)
-        return sc
+        sampling.temperature = float(params.temperature)
+        sampling.top_k = int(params.top_k) if 0 < int(params.top_k) < vocab else 0
+        sampling.top_p = float(params.top_p)
+        sampling.min_p = float(params.min_p)
+        sampling.repetition_penalty = float(params.repetition_penalty)
+        sampling.presence_penalty = float(params.presence_penalty)
+        sampling.frequency_penalty = float(params.frequency_penalty)
+        sampling.seed = int(params.seed) & UINT64_MASK
+        sampling.step = int(step)
+        sampling.logprobs = bool(params.logprobs)
+        sampling.top_logprobs = max(0, min(int(params.top_logprobs or 0), defaults.MAX_TOP_LOGPROBS))
+        self._step_sampling_cache = (key, sampling)
+        return sampling
 
     def _penalty_update(self, params: SamplingParams, state: SamplerState):
         """Deltas that bring the device's penalty state up to `state`."""
         active = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
                   or params.frequency_penalty != 0.0)
         if not active:
-            return self._pu_off, self._pen_sync
+            return self._no_penalty_update, self._device_penalties_synced_to
         pu = self._C.PenaltyUpdate()
         vocab = self.config.vocab_size
         prompt, gen = state.prompt_tokens, state.generated_tokens
-        s = self._pen_sync
+        s = self._device_penalties_synced_to
         pu.active = True
         if s is not None and s[0] is state and s[1] == len(prompt) and s[2] <= len(gen):
             pu.reset = False
@@ -265,7 +260,7 @@ class CUDABackend(Backend):
         m = self._live()
         self._call(m.clear_kv)
         self.n_filled = 0
-        self._pen_sync = None
+        self._device_penalties_synced_to = None
 
     def forward(self, tokens: Sequence[int], start_pos: int, all_logits: bool = False) -> torch.Tensor:
         """Run tokens at positions start_pos.., append to the KV cache, return float32 CPU logits."""
@@ -286,15 +281,15 @@ class CUDABackend(Backend):
         """step() that also returns the raw logits it sampled from ([vocab], float32 CPU)."""
         m = self._live()
         ids = self._check(tokens, start_pos)
-        sc = self._sample_config(params, state.step)
+        sampling = self._step_sampling(params, state.step)
         pu, synced = self._penalty_update(params, state)
         self.n_filled = min(self.n_filled, start_pos)
-        self._pen_sync = None   # unknown until the job succeeds
+        self._device_penalties_synced_to = None   # unknown until the job succeeds
         if len(ids) == 1:
-            tok, lp, top, logits = self._call(m.decode, ids[0], start_pos, sc, pu, bool(want_logits))
+            tok, lp, top, logits = self._call(m.decode, ids[0], start_pos, sampling, pu, bool(want_logits))
         else:
-            tok, lp, top, logits = self._call(m.prefill, ids, start_pos, sc, pu, bool(want_logits))
-        self._pen_sync = synced
+            tok, lp, top, logits = self._call(m.prefill, ids, start_pos, sampling, pu, bool(want_logits))
+        self._device_penalties_synced_to = synced
         self.n_filled = start_pos + len(ids)
         res = SampleResult(token=int(tok))
         if params.logprobs:

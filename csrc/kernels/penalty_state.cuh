@@ -1,16 +1,13 @@
-// Small glue kernels of the model forward: bias rows after a GEMM and the
-// device-side penalty state the sampler reads.
+// The device-side penalty state the sampler's penalties_launch reads
+// (sampling.cuh): which tokens occur in the context, and how often each was
+// generated.
 #pragma once
-
-#include <cstdint>
 
 #include <cuda_runtime.h>
 
-namespace hx {
+#include <cstdint>
 
-// y[i, j] += bias[j] for every row i.
-void add_bias_rows_launch(float* y /*[n, m]*/, const float* bias /*[m]*/, int n, int m,
-                          cudaStream_t stream);
+namespace hx {
 
 // Marks tokens as present in the context (repetition penalty) and, when
 // `counts` is given, counts them as generated (presence/frequency penalties).
