@@ -347,9 +347,10 @@ def cmd_info(args) -> int:
 def _print_info(d: dict, engine: Optional[dict] = None) -> None:
     def row(k, v):
         print(f"{k:<20} {v}")
-    for k in ("path", "format", "name", "arch", "params", "context_length", "vocab_size",
+    for k in ("path", "format", "name", "arch", "params", "active_params", "context_length", "vocab_size",
               "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-              "head_dim", "rope_theta", "rope_style", "rope_scaling", "rms_norm_eps",
+              "head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+              "mlp_only_layers", "rope_theta", "rope_style", "rope_scaling", "rms_norm_eps",
               "tie_word_embeddings", "attention_bias", "qk_norm", "tensor_bytes",
               "bits_per_weight", "file_size", "tokenizer", "bos_token_id", "eos_token_ids",
               "chat_template"):
@@ -357,7 +358,8 @@ def _print_info(d: dict, engine: Optional[dict] = None) -> None:
             v = d[k]
             if k == "bits_per_weight":
                 v = f"{v:.2f}"
-            elif isinstance(v, int) and not isinstance(v, bool) and k in ("params", "tensor_bytes", "file_size"):
+            elif isinstance(v, int) and not isinstance(v, bool) and \
+                    k in ("params", "active_params", "tensor_bytes", "file_size"):
                 v = f"{v:,}"
             row(k, v)
     types = d.get("tensor_types") or {}

@@ -14,6 +14,13 @@ Tensor names are GGUF's canonical names for both formats:
     blk.{i}.attn_q_norm.weight / attn_k_norm.weight (qwen3),
     blk.{i}.ffn_norm.weight, blk.{i}.ffn_gate.weight, blk.{i}.ffn_up.weight,
     blk.{i}.ffn_down.weight.
+Mixture-of-experts layers (qwen3moe) replace the three ffn matrices with a
+router and the experts' matrices stacked on a leading expert axis, as GGUF
+stores them (HF checkpoints' per-expert tensors are stacked by the loader):
+    blk.{i}.ffn_gate_inp.weight [num_experts, hidden] (the router),
+    blk.{i}.ffn_gate_exps.weight, blk.{i}.ffn_up_exps.weight
+        [num_experts, moe_intermediate_size, hidden],
+    blk.{i}.ffn_down_exps.weight [num_experts, hidden, moe_intermediate_size].
 Shapes are in torch order: a linear weight is [out_features, in_features].
 """
 from __future__ import annotations
@@ -22,14 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe")
+# Architectures whose layers route tokens to experts.
+MOE_ARCHS = ("qwen3moe",)
 
 
 @dataclass
 class ModelConfig:
     """Architecture and dimensions of a llama-family decoder."""
 
-    arch: str                      # "llama" | "qwen2" | "qwen3"
+    arch: str                      # "llama" | "qwen2" | "qwen3" | "qwen3moe"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -51,11 +60,26 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False   # q/k/v projections carry biases (qwen2)
     qk_norm: bool = False          # per-head RMSNorm on q and k (qwen3)
+    # Mixture of experts (qwen3moe); num_experts 0 means every layer is dense.
+    # A MoE layer routes each token to num_experts_per_tok of num_experts
+    # SwiGLU experts of width moe_intermediate_size; norm_topk_prob rescales
+    # the chosen experts' router probabilities to sum to one. Layers listed
+    # in mlp_only_layers (sorted) keep a dense FFN of intermediate_size.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    mlp_only_layers: tuple = ()
     name: str = ""
 
     def __post_init__(self) -> None:
         if self.rope_style not in ("half", "pairs"):
             raise ValueError(f"rope_style must be 'half' or 'pairs', got {self.rope_style!r}")
+        self.mlp_only_layers = tuple(sorted(int(i) for i in self.mlp_only_layers))
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """True when `layer` runs the mixture-of-experts FFN."""
+        return self.num_experts > 0 and layer not in self.mlp_only_layers
 
     @property
     def q_size(self) -> int:

@@ -241,6 +241,8 @@ class Engine:
         self._template = self._make_template(chat_template)
         self.weight_bytes = int(sum(t.nbytes for t in tensors))
         self.n_params = int(sum(_numel(t.shape) for t in tensors))
+        from .loaders import active_params
+        self.n_active_params = int(active_params(self.config, tensors))
         self._generation_config = self._gen_config(generation_config, eos_token_ids)
         self._scheduler = Scheduler(backend, max_batch_tokens=max_batch_tokens)
 
@@ -427,6 +429,7 @@ class Engine:
             "n_ctx": self.n_ctx,
             "config": cfg,
             "n_params": self.n_params,
+            "n_active_params": self.n_active_params,
             "weight_bytes": self.weight_bytes,
             "load_seconds": round(self.load_seconds, 3),
             "chat_template": "default" if getattr(self._template, "is_default", False) else "model",

@@ -24,8 +24,8 @@ from .ggml_types import BLOCK_SIZES
 from .loaders.dequant import dequantize
 from .loaders.validate import ROPE_FREQS, expected_shapes
 from .progress import Progress
-from .writers.gguf_writer import (CHATML_TEMPLATE, GGUFStream, llama3_freq_factors, minimal_tokenizer_meta,
-                                  tensor_order)
+from .writers.gguf_writer import (CHATML_TEMPLATE, ROUTER_SUFFIX, GGUFStream, llama3_freq_factors,
+                                  minimal_tokenizer_meta, tensor_order)
 from .writers.quantize import pack_iq4xs_scales, pack_k_scales, pack_q3_scales
 
 WEIGHT_STD = 0.02
@@ -51,12 +51,26 @@ PRESETS = {
         num_heads=16, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
         max_position_embeddings=40960, tie_word_embeddings=True, qk_norm=True,
         name="synthetic-qwen3-0.6b"),
+    "qwen3-30b-a3b": dict(
+        arch="qwen3moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=48,
+        num_heads=32, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        max_position_embeddings=40960, tie_word_embeddings=False, qk_norm=True,
+        num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+        name="synthetic-qwen3-30b-a3b"),
+    # Small enough for tests; rows of 256 so every block type, K-quants included, applies.
+    "qwen3moe-tiny": dict(
+        arch="qwen3moe", vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        max_position_embeddings=2048, tie_word_embeddings=False, qk_norm=True,
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256, norm_topk_prob=True,
+        name="synthetic-qwen3moe-tiny"),
 }
 
 _ALIASES = {"n_layers": "num_layers", "context": "max_position_embeddings", "vocab": "vocab_size"}
 
-# Quant mixes: (base type, type for attn_v / ffn_down / output).
+# Quant mixes: (base type, type for attn_v / ffn_down / ffn_down_exps / output).
 MIXES = {"Q4_K_M": ("Q4_K", "Q6_K"), "Q5_K_M": ("Q5_K", "Q6_K")}
+_MIX_HI = ("attn_v.weight", "ffn_down.weight", "ffn_down_exps.weight")
 
 # What llama.cpp falls back to when a row is not a whole number of 256-blocks.
 _FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
@@ -68,7 +82,7 @@ _FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "
                "Q4_K_M": 15, "Q5_K_M": 17}
 
 _HF_CLASSES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
-               "qwen3": ("qwen3", "Qwen3ForCausalLM")}
+               "qwen3": ("qwen3", "Qwen3ForCausalLM"), "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM")}
 
 # Work unit of the generator threads (weights per chunk).
 _CHUNK = 1 << 22
@@ -90,12 +104,12 @@ def preset_config(preset: str, rope_style: str = "half", **overrides) -> ModelCo
 
 
 def type_for(name: str, shape: tuple, quant: str) -> str:
-    """Storage type of one tensor in a file of type or mix `quant`."""
-    if len(shape) < 2:
+    """Storage type of one tensor in a file of type or mix `quant` (MoE routers stay F32, as in llama.cpp)."""
+    if len(shape) < 2 or name.endswith(ROUTER_SUFFIX):
         return "F32"
     if quant in MIXES:
         base, hi = MIXES[quant]
-        t = hi if name.endswith(("attn_v.weight", "ffn_down.weight")) or name == "output.weight" else base
+        t = hi if name.endswith(_MIX_HI) or name == "output.weight" else base
     elif quant in BLOCK_SIZES:
         t = quant
     else:
@@ -320,7 +334,7 @@ def write_synthetic_gguf(path: Union[str, os.PathLike], preset: str, quant: str 
     """Write a random GGUF model of `preset`'s shapes; returns (path, bytes written).
 
     `quant` is a type name (F32, F16, BF16, Q4_0 ... IQ4_XS) or a mix
-    (Q4_K_M, Q5_K_M: Q6_K for attn_v, ffn_down and output). Overrides:
+    (Q4_K_M, Q5_K_M: Q6_K for attn_v, ffn_down, ffn_down_exps and output). Overrides:
     n_layers, vocab_size, context, or any ModelConfig field.
     """
     arch = PRESETS.get(preset, {}).get("arch")
@@ -350,19 +364,27 @@ _HF_NAMES_LAYER = {
     "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight", "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "mlp.gate.weight",
 }
+# Stacked expert tensor -> the projection each expert's slice is named after.
+_HF_EXPERT_NAMES = {"ffn_gate_exps.weight": "gate_proj.weight", "ffn_up_exps.weight": "up_proj.weight",
+                    "ffn_down_exps.weight": "down_proj.weight"}
 
 
-def hf_name(name: str) -> str:
-    """HF checkpoint name of a canonical (GGUF-style) tensor name."""
+def hf_name(name: str, expert: Optional[int] = None) -> str:
+    """HF checkpoint name of a canonical (GGUF-style) tensor name; `expert` picks a stacked tensor's slice."""
     if name in _HF_NAMES_GLOBAL:
         return _HF_NAMES_GLOBAL[name]
     _, i, rest = name.split(".", 2)
+    if rest in _HF_EXPERT_NAMES:
+        if expert is None:
+            raise ValueError(f"{name} is stored per expert in HF checkpoints: give the expert index")
+        return f"model.layers.{i}.mlp.experts.{expert}.{_HF_EXPERT_NAMES[rest]}"
     return f"model.layers.{i}.{_HF_NAMES_LAYER[rest]}"
 
 
 def hf_config_dict(config: ModelConfig, torch_dtype: str = "bfloat16") -> dict:
-    """config.json contents for `config` (LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM)."""
+    """config.json contents for `config` (Llama / Qwen2 / Qwen3 / Qwen3Moe ForCausalLM)."""
     model_type, cls = _HF_CLASSES[config.arch]
     d = {
         "architectures": [cls], "model_type": model_type,
@@ -382,6 +404,10 @@ def hf_config_dict(config: ModelConfig, torch_dtype: str = "bfloat16") -> dict:
         d["rope_scaling"] = rs
     if config.arch != "llama":
         d["use_sliding_window"] = False
+    if config.num_experts:
+        d.update(num_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
+                 moe_intermediate_size=config.moe_intermediate_size, norm_topk_prob=config.norm_topk_prob,
+                 decoder_sparse_step=1, mlp_only_layers=list(config.mlp_only_layers))
     return d
 
 
@@ -422,9 +448,13 @@ def write_synthetic_safetensors(folder: Union[str, os.PathLike], preset: str, dt
     item = 4 if qtype == "F32" else 2
     header, offset = {}, 0
     for name, shape, _ in plan:
-        n = int(np.prod(shape)) * item
-        header[hf_name(name)] = {"dtype": qtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
+        # A stacked expert tensor is written whole; each expert's slice gets its own header entry.
+        slices = [(hf_name(name, e), shape[1:]) for e in range(shape[0])] if len(shape) == 3 \
+            else [(hf_name(name), shape)]
+        for hname, part in slices:
+            n = int(np.prod(part)) * item
+            header[hname] = {"dtype": qtype, "shape": list(part), "data_offsets": [offset, offset + n]}
+            offset += n
     header["__metadata__"] = {"format": "pt"}
     hjson = json.dumps(header, separators=(",", ":")).encode()
     hjson += b" " * (-len(hjson) % 8)

@@ -42,13 +42,21 @@ VARIANTS = {
                             num_hidden_layers=3)),
     "qwen3_tied": ("qwen3", dict(rope_theta=10000.0, tie_word_embeddings=True, head_dim=32,
                                  num_attention_heads=6, num_key_value_heads=2)),
+    # 8 experts, 2 per token; layer 1 keeps a dense FFN (mlp_only_layers).
+    "qwen3moe": ("qwen3moe", dict(rope_theta=1000000.0, tie_word_embeddings=False, head_dim=24,
+                                  num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
+                                  moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1])),
+    # Unnormalized top-k weights, tied embeddings; decoder_sparse_step 2 makes layer 0 dense.
+    "qwen3moe_unnormed": ("qwen3moe", dict(rope_theta=10000.0, tie_word_embeddings=True, head_dim=16,
+                                           num_experts=6, num_experts_per_tok=3, moe_intermediate_size=64,
+                                           norm_topk_prob=False, decoder_sparse_step=2)),
 }
 
 
 def _config(arch: str, fields: dict):
     import transformers
     cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-           "qwen3": transformers.Qwen3Config}[arch]
+           "qwen3": transformers.Qwen3Config, "qwen3moe": transformers.Qwen3MoeConfig}[arch]
     kw = dict(_COMMON)
     kw.update(fields)
     if arch == "llama":
@@ -59,7 +67,7 @@ def _config(arch: str, fields: dict):
 def _model_class(arch: str):
     import transformers
     return {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
-            "qwen3": transformers.Qwen3ForCausalLM}[arch]
+            "qwen3": transformers.Qwen3ForCausalLM, "qwen3moe": transformers.Qwen3MoeForCausalLM}[arch]
 
 
 @torch.no_grad()

@@ -30,6 +30,10 @@ def tiny_config(arch="llama", **kw):
     if arch == "qwen3":
         # head_dim larger than hidden / heads, as in real Qwen3 models
         base.update(qk_norm=True, head_dim=128, rms_norm_eps=1e-6)
+    if arch == "qwen3moe":
+        # Stacked experts of rows of 256, so every block type applies; layer 1 dense.
+        base.update(qk_norm=True, head_dim=128, rms_norm_eps=1e-6, num_experts=4, num_experts_per_tok=2,
+                    moe_intermediate_size=256, norm_topk_prob=True, mlp_only_layers=(1,))
     base.update(kw)
     return ModelConfig(**base)
 
@@ -154,7 +158,8 @@ def test_gguf_round_trip(tmp_models, arch, qtype):
         for name, w in weights.items():
             t = src.tensors[name]
             assert t.shape == w.shape
-            want_type = "F32" if w.ndim == 1 else qtype
+            # MoE routers stay F32, as llama.cpp keeps them.
+            want_type = "F32" if w.ndim == 1 or name.endswith("ffn_gate_inp.weight") else qtype
             assert t.dtype == want_type == by_name[name].tensor_type.name
             got = t.to_float()
             assert got.dtype == torch.float32 and tuple(got.shape) == w.shape
@@ -163,7 +168,7 @@ def test_gguf_round_trip(tmp_models, arch, qtype):
             rel = float(np.sqrt(((got.numpy() - w) ** 2).mean()) / w.std())
             assert rel <= ROUND_TRIP_BOUND.get(want_type, 0.12), (name, rel)
         if qtype in QUANT_TYPES:
-            assert src.tensors["blk.0.ffn_up.weight"].data.dtype == np.uint8
+            assert src.tensors["blk.1.ffn_up.weight"].data.dtype == np.uint8
         assert src.chat_template is not None and src.eos_token_ids == [2]
         assert src.tokenizer.gguf_meta["tokens"] == minimal_tokenizer_meta(cfg.vocab_size)["tokens"]
     finally:

@@ -15,13 +15,18 @@ import numpy as np
 import torch
 
 from .. import defaults
-from ..config import SUPPORTED_ARCHS, ModelSource
+from ..config import ModelSource
 from ..errors import (ContextLengthError, DeviceError, EngineClosedError,
                       HelexaError, ModelLoadError, UnsupportedModelError)
 from ..ggml_types import GGML_TYPE_IDS
 from ..params import UINT64_MASK, SampleResult, SamplerState, SamplingParams
 from ..rope import inv_freq
 from .base import Backend
+
+# Architectures the GPU model runs: a subset of config.SUPPORTED_ARCHS, kept
+# apart because the CPU reference supports more (qwen3moe has no GPU
+# expert kernels yet).
+GPU_ARCHS = ("llama", "qwen2", "qwen3")
 
 # Tokens per prefill pass: bounds activation scratch; GEMMs stay large
 # enough to run near tensor-core peak.
@@ -100,8 +105,10 @@ class CUDABackend(Backend):
             raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
         C = _native()
         cfg = source.config
-        if cfg.arch not in SUPPORTED_ARCHS:
-            raise UnsupportedModelError(f"architecture {cfg.arch!r} is not supported by the CUDA backend")
+        if cfg.arch not in GPU_ARCHS:
+            raise UnsupportedModelError(f"architecture {cfg.arch!r} is not supported by the CUDA backend "
+                                        f"(GPU architectures: {', '.join(GPU_ARCHS)}); run it with "
+                                        "device='cpu'")
         if cfg.num_heads % cfg.num_kv_heads:
             raise UnsupportedModelError(f"num_heads {cfg.num_heads} is not a multiple of "
                                         f"num_kv_heads {cfg.num_kv_heads}")

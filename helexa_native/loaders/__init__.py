@@ -11,7 +11,10 @@ from .dequant import dequantize
 from .gguf_loader import is_gguf, load_gguf
 from .safetensors_loader import is_hf_folder, load_safetensors
 
-__all__ = ["load_source", "describe", "dequantize"]
+__all__ = ["load_source", "describe", "dequantize", "active_params"]
+
+# Stacked expert tensors: a token reads num_experts_per_tok of their num_experts slices.
+_EXPERT_SUFFIXES = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
 
 
 def load_source(path: Union[str, os.PathLike], progress: Optional[bool] = None) -> ModelSource:
@@ -42,6 +45,25 @@ def load_source(path: Union[str, os.PathLike], progress: Optional[bool] = None) 
                          "and not a Hugging Face model folder")
 
 
+def active_params(config, tensors) -> int:
+    """Parameters one token's forward uses: every tensor's, but only the routed share of the experts.
+
+    A stacked expert tensor counts num_experts_per_tok / num_experts of its
+    size; the router, attention, norms, embedding table and output head
+    count whole (as model cards count "active" parameters). Equals the total
+    for dense models. `tensors` are RawTensors (anything with a `shape`).
+    """
+    n = 0
+    for t in tensors:
+        size = 1
+        for s in t.shape:
+            size *= int(s)
+        if config.num_experts and t.name.endswith(_EXPERT_SUFFIXES):
+            size = size // config.num_experts * config.num_experts_per_tok
+        n += size
+    return n
+
+
 def describe(source: ModelSource) -> dict:
     """Facts about a loaded model for `helexa-native info`: arch, dims, params, quant mix."""
     cfg = source.config
@@ -57,6 +79,12 @@ def describe(source: ModelSource) -> dict:
         e["bytes"] += t.nbytes if t.data is not None else 0
         e["params"] += n
     tensor_bytes = sum(e["bytes"] for e in types.values())
+    moe = {}
+    if cfg.num_experts:
+        moe = {"num_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
+               "moe_intermediate_size": cfg.moe_intermediate_size, "norm_topk_prob": cfg.norm_topk_prob,
+               "mlp_only_layers": list(cfg.mlp_only_layers),
+               "active_params": active_params(cfg, source.tensors.values())}
     return {
         "path": str(source.path),
         "format": source.format,
@@ -78,6 +106,7 @@ def describe(source: ModelSource) -> dict:
         "qk_norm": cfg.qk_norm,
         "context_length": cfg.max_position_embeddings,
         "params": params,
+        **moe,
         "tensor_types": dict(sorted(types.items(), key=lambda kv: -kv[1]["bytes"])),
         "tensor_bytes": tensor_bytes,
         "bits_per_weight": 8.0 * tensor_bytes / params if params else 0.0,

@@ -16,19 +16,19 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..config import SUPPORTED_ARCHS, ModelConfig, ModelSource, RawTensor, TokenizerSource
+from ..config import MOE_ARCHS, SUPPORTED_ARCHS, ModelConfig, ModelSource, RawTensor, TokenizerSource
 from ..errors import ModelLoadError, UnsupportedModelError
 from ..ggml_types import BLOCK_SIZES, GGML_TYPE_NAMES
 from ..progress import track
 from .dequant import dequantize_raw
-from .validate import ROPE_FREQS, check_tensors, expected_shapes
+from .validate import ROPE_FREQS, check_moe_config, check_tensors, expected_shapes
 
 GGUF_MAGIC = b"GGUF"
 
 # Rope layout each architecture's converter produces: llama's permutes q/k
 # rows so adjacent pairs rotate together; qwen's keep HF's half split.
-GGUF_ROPE_STYLE = {"llama": "pairs", "qwen2": "half", "qwen3": "half"}
-_DEFAULT_EPS = {"llama": 1e-5, "qwen2": 1e-6, "qwen3": 1e-6}
+GGUF_ROPE_STYLE = {"llama": "pairs", "qwen2": "half", "qwen3": "half", "qwen3moe": "half"}
+_DEFAULT_EPS = {"llama": 1e-5, "qwen2": 1e-6, "qwen3": 1e-6, "qwen3moe": 1e-6}
 
 
 def is_gguf(path: Path) -> bool:
@@ -95,6 +95,9 @@ def _raw_tensor(info, data_start: int, mm, where: str) -> RawTensor:
         data = raw.view(np.float16).reshape(shape)
     elif qtype == "BF16":
         data = raw.view(np.uint16).reshape(shape)
+    elif len(shape) > 2:
+        # Stacked experts: [experts, rows, row bytes], one expert's rows contiguous.
+        data = raw.reshape(*shape[:-1], ne[0] // be * bb)
     else:
         rows = n // ne[0] if ne else 1
         data = raw.reshape(rows, ne[0] // be * bb)
@@ -282,6 +285,9 @@ def _build_source(fields, infos, data_start, mm, path: Path, where: str,
     if heads <= 0 or hidden <= 0:
         raise ModelLoadError(f"{where}: bad dimensions (embedding_length={hidden}, head_count={heads})")
     head_dim = meta.number(f"{arch}.attention.key_length", hidden // heads)
+    if arch not in MOE_ARCHS and meta.get(f"{arch}.expert_count"):
+        raise UnsupportedModelError(f"{where}: mixture-of-experts {arch} models are not supported "
+                                    f"(supported MoE architectures: {', '.join(MOE_ARCHS)})")
     rope_dims = meta.get(f"{arch}.rope.dimension_count")
     if rope_dims is not None and int(rope_dims) != head_dim:
         raise UnsupportedModelError(
@@ -290,7 +296,7 @@ def _build_source(fields, infos, data_start, mm, path: Path, where: str,
         arch=arch,
         vocab_size=int(emb_ne[1]) if len(emb_ne) == 2 else 0,
         hidden_size=hidden,
-        intermediate_size=meta.number(f"{arch}.feed_forward_length"),
+        intermediate_size=meta.number(f"{arch}.feed_forward_length", 0 if arch in MOE_ARCHS else None),
         num_layers=meta.number(f"{arch}.block_count"),
         num_heads=heads,
         num_kv_heads=meta.number(f"{arch}.attention.head_count_kv", heads),
@@ -304,10 +310,17 @@ def _build_source(fields, infos, data_start, mm, path: Path, where: str,
         attention_bias="blk.0.attn_q.bias" in by_name,
         qk_norm="blk.0.attn_q_norm.weight" in by_name,
         name=str(meta.get("general.name", "") or ""),
+        **(_moe_fields(meta, arch, by_name, where) if arch in MOE_ARCHS else {}),
     )
     if cfg.num_kv_heads <= 0 or cfg.num_heads % cfg.num_kv_heads:
         raise ModelLoadError(f"{where}: head_count {cfg.num_heads} is not a multiple "
                              f"of head_count_kv {cfg.num_kv_heads}")
+    if arch in MOE_ARCHS:
+        check_moe_config(cfg, where, {
+            "num_experts": f"{arch}.expert_count", "num_experts_per_tok": f"{arch}.expert_used_count",
+            "moe_intermediate_size": f"{arch}.expert_feed_forward_length",
+            "mlp_only_layers": "dense layers (no blk.N.ffn_gate_inp.weight)",
+            "intermediate_size": f"{arch}.feed_forward_length"})
 
     want = [n for n in expected_shapes(cfg) if n in by_name]
     raw = {n: _raw_tensor(by_name[n], data_start, mm, where)
@@ -345,6 +358,25 @@ def _build_source(fields, infos, data_start, mm, path: Path, where: str,
     )
     src._closers.append(_closer(src, mm))
     return src
+
+
+def _moe_fields(meta: _Meta, arch: str, by_name: dict, where: str) -> dict:
+    """ModelConfig's expert fields from `{arch}.expert_*` metadata and the layers' tensors.
+
+    llama.cpp always renormalizes qwen3moe's top-k weights, so a file
+    without `{arch}.expert_weights_norm` means True. A layer is dense when
+    it holds ffn_gate.weight and no router.
+    """
+    norm = meta.get(f"{arch}.expert_weights_norm", True)
+    if not isinstance(norm, bool):
+        raise ModelLoadError(f"{where}: metadata field {arch}.expert_weights_norm is not a boolean: {norm!r}")
+    n_layers = meta.number(f"{arch}.block_count")
+    dense = tuple(i for i in range(n_layers) if f"blk.{i}.ffn_gate_inp.weight" not in by_name
+                  and f"blk.{i}.ffn_gate.weight" in by_name)
+    return dict(num_experts=meta.number(f"{arch}.expert_count"),
+                num_experts_per_tok=meta.number(f"{arch}.expert_used_count"),
+                moe_intermediate_size=meta.number(f"{arch}.expert_feed_forward_length"),
+                norm_topk_prob=norm, mlp_only_layers=dense)
 
 
 # Sampling defaults some GGUFs carry (general.sampling.*), in HF generation_config names.

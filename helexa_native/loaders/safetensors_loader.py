@@ -5,7 +5,10 @@ header {name: {dtype, shape, data_offsets}}, then the raw tensor bytes. The
 file is memory-mapped once and every tensor is a numpy view into it, so no
 weight is copied at load time; bf16 stays uint16 bits (numpy has no bf16).
 HF names map onto GGUF's canonical names; HF checkpoints keep q/k rows in
-rotate-half order, hence rope_style "half" for every architecture.
+rotate-half order, hence rope_style "half" for every architecture. A MoE
+checkpoint's per-expert matrices (model.layers.N.mlp.experts.E.*_proj) become
+one stacked tensor per layer and kind, as GGUF stores them, without copying:
+its `data` is a `StackedArray` of the experts' mapped views.
 """
 from __future__ import annotations
 
@@ -20,11 +23,13 @@ from ..config import ModelConfig, ModelSource, RawTensor, TokenizerSource
 from ..errors import ModelLoadError, UnsupportedModelError
 from ..progress import track
 from .dequant import dequantize_raw
-from .validate import check_tensors
+from .validate import check_moe_config, check_tensors
 
 # model_type -> arch; the architectures list must agree.
-_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-_ARCH_CLASSES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+                "qwen3_moe": "qwen3moe"}
+_ARCH_CLASSES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                 "Qwen3MoeForCausalLM"}
 
 _ST_DTYPES = {"F32": (np.float32, "F32"), "F16": (np.float16, "F16"), "BF16": (np.uint16, "BF16")}
 
@@ -48,7 +53,11 @@ _LAYER_NAMES = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
 }
+# Per-expert projection -> the canonical name of its layer's stacked tensor.
+_EXPERT_NAMES = {"gate_proj.weight": "ffn_gate_exps.weight", "up_proj.weight": "ffn_up_exps.weight",
+                 "down_proj.weight": "ffn_down_exps.weight"}
 
 
 def canonical_name(hf_name: str) -> Optional[str]:
@@ -61,6 +70,62 @@ def canonical_name(hf_name: str) -> Optional[str]:
         if sub is not None:
             return f"blk.{int(parts[2])}.{sub}"
     return None
+
+
+def expert_name(hf_name: str) -> Optional[tuple]:
+    """(stacked canonical name, expert index) for a per-expert HF tensor name, else None."""
+    parts = hf_name.split(".", 6)
+    if (len(parts) == 7 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
+            and parts[3:5] == ["mlp", "experts"] and parts[5].isdigit()):
+        sub = _EXPERT_NAMES.get(parts[6])
+        if sub is not None:
+            return f"blk.{int(parts[2])}.{sub}", int(parts[5])
+    return None
+
+
+class StackedArray:
+    """Equal arrays (one per expert) seen as one array with a leading expert axis.
+
+    The parts stay views into their files' maps; `np.asarray` stacks them
+    into one new array only when a consumer asks for it. `parts[e]` is
+    expert e's [rows, cols] view.
+    """
+
+    def __init__(self, parts: list) -> None:
+        self.parts = list(parts)
+        self.dtype = self.parts[0].dtype
+        self.shape = (len(self.parts), *self.parts[0].shape)
+        self.ndim = len(self.shape)
+        self.nbytes = sum(int(p.nbytes) for p in self.parts)
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.stack(self.parts)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def _stack_experts(experts: dict, where: str) -> dict:
+    """Canonical name -> RawTensor of its experts stacked in index order."""
+    out = {}
+    for name, by_index in experts.items():
+        n = max(by_index) + 1
+        for e in range(n):
+            if e not in by_index:
+                layer, kind = name.split(".")[1], name.split(".")[2].split("_")[1]
+                raise ModelLoadError(f"{where}: missing tensor model.layers.{layer}.mlp.experts.{e}."
+                                     f"{kind}_proj.weight (needed for {name})")
+        parts = [by_index[e] for e in range(n)]
+        first = parts[0]
+        for e, t in enumerate(parts):
+            if t.dtype != first.dtype or tuple(t.shape) != tuple(first.shape):
+                raise ModelLoadError(f"{where}: expert {e} of {name} is {t.dtype} {list(t.shape)}, "
+                                     f"expert 0 is {first.dtype} {list(first.shape)}")
+        data = StackedArray([t.data for t in parts])
+        out[name] = RawTensor(name=name, shape=data.shape, dtype=first.dtype, data=data,
+                              dequantize=dequantize_raw)
+    return out
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -136,11 +201,14 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
     head_dim = int(head_dim) if head_dim else hidden // heads
     params = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
     theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
-    return ModelConfig(
+    # transformers 5 writes the expert count as num_local_experts.
+    experts_key = "num_local_experts" if "num_experts" not in hf and "num_local_experts" in hf else "num_experts"
+    moe = _moe_fields(hf, num, where, experts_key) if arch == "qwen3moe" else {}
+    cfg = ModelConfig(
         arch=arch,
         vocab_size=num("vocab_size"),
         hidden_size=hidden,
-        intermediate_size=num("intermediate_size"),
+        intermediate_size=num("intermediate_size", int, 0 if moe else None),
         num_layers=num("num_hidden_layers"),
         num_heads=heads,
         num_kv_heads=kv_heads,
@@ -152,9 +220,38 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         max_position_embeddings=num("max_position_embeddings", int, 4096),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
-        qk_norm=arch == "qwen3",
+        qk_norm=arch in ("qwen3", "qwen3moe"),
         name=str(hf.get("_name_or_path", "") or ""),
+        **moe,
     )
+    if moe:
+        check_moe_config(cfg, where, {"num_experts": experts_key, "num_experts_per_tok": "num_experts_per_tok",
+                                      "moe_intermediate_size": "moe_intermediate_size",
+                                      "mlp_only_layers": "mlp_only_layers", "intermediate_size": "intermediate_size"})
+    return cfg
+
+
+def _moe_fields(hf: dict, num, where: str, experts_key: str) -> dict:
+    """ModelConfig's expert fields from a Qwen3-MoE config.json.
+
+    A layer is dense when listed in mlp_only_layers or when its number + 1
+    is not a multiple of decoder_sparse_step (transformers' rule).
+    norm_topk_prob defaults to False, as in transformers.
+    """
+    n_layers = num("num_hidden_layers")
+    step = num("decoder_sparse_step", int, 1)
+    if step < 1:
+        raise ModelLoadError(f"{where}: field decoder_sparse_step must be at least 1, got {step}")
+    only = hf.get("mlp_only_layers") or []
+    if not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
+        raise ModelLoadError(f"{where}: field mlp_only_layers must be a list of layer numbers, got {only!r}")
+    norm = hf.get("norm_topk_prob", False)
+    if not isinstance(norm, bool):
+        raise ModelLoadError(f"{where}: field norm_topk_prob must be true or false, got {norm!r}")
+    dense = set(only) | {i for i in range(n_layers) if (i + 1) % step}
+    return dict(num_experts=num(experts_key), num_experts_per_tok=num("num_experts_per_tok"),
+                moe_intermediate_size=num("moe_intermediate_size"), norm_topk_prob=norm,
+                mlp_only_layers=tuple(sorted(dense)))
 
 
 class _MappedFile:
@@ -281,17 +378,24 @@ def load_safetensors(folder: Path, progress: Optional[bool] = None) -> ModelSour
 
     files = []
     try:
-        tensors = {}
+        tensors, experts = {}, {}
         for p in track(_weight_files(folder), "Mapping weights", progress=progress):
             mf = _MappedFile(p)
             files.append(mf)
             for hf_name in mf.header:
                 name = canonical_name(hf_name)
                 if name is None:
+                    stacked = expert_name(hf_name) if cfg.num_experts else None
+                    if stacked is not None:
+                        by_index = experts.setdefault(stacked[0], {})
+                        if stacked[1] in by_index:
+                            raise ModelLoadError(f"{p}: tensor {hf_name} appears in more than one file")
+                        by_index[stacked[1]] = mf.tensor(hf_name)
                     continue
                 if name in tensors:
                     raise ModelLoadError(f"{p}: tensor {hf_name} appears in more than one file")
                 tensors[name] = mf.tensor(hf_name)
+        tensors.update(_stack_experts(experts, str(folder)))
         if cfg.tie_word_embeddings:
             tensors.pop("output.weight", None)
         kept = check_tensors(tensors, cfg, str(folder))

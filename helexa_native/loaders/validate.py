@@ -25,10 +25,21 @@ def expected_shapes(cfg: ModelConfig) -> dict:
             p + "attn_v.weight": (kv, h),
             p + "attn_output.weight": (h, q),
             p + "ffn_norm.weight": (h,),
-            p + "ffn_gate.weight": (f, h),
-            p + "ffn_up.weight": (f, h),
-            p + "ffn_down.weight": (h, f),
         })
+        if cfg.is_moe_layer(i):
+            e, fe = cfg.num_experts, cfg.moe_intermediate_size
+            shapes.update({
+                p + "ffn_gate_inp.weight": (e, h),
+                p + "ffn_gate_exps.weight": (e, fe, h),
+                p + "ffn_up_exps.weight": (e, fe, h),
+                p + "ffn_down_exps.weight": (e, h, fe),
+            })
+        else:
+            shapes.update({
+                p + "ffn_gate.weight": (f, h),
+                p + "ffn_up.weight": (f, h),
+                p + "ffn_down.weight": (h, f),
+            })
         if cfg.attention_bias:
             shapes.update({p + "attn_q.bias": (q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,)})
         if cfg.qk_norm:
@@ -51,3 +62,32 @@ def check_tensors(tensors: dict, cfg: ModelConfig, where: str) -> dict:
         if got != tuple(shape):
             raise ModelLoadError(f"{where}: tensor {name} has shape {list(got)}, expected {list(shape)}")
     return {n: tensors[n] for n in want}
+
+
+# ModelConfig field -> its name in a source's metadata, for error messages.
+MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "mlp_only_layers",
+              "intermediate_size")
+
+
+def check_moe_config(cfg: ModelConfig, where: str, names: dict) -> None:
+    """Raise ModelLoadError naming the source's field when the expert settings are inconsistent.
+
+    `names` maps each of MOE_FIELDS to the field's name in the source
+    (config.json key or GGUF metadata key).
+    """
+    def bad(field: str, why: str):
+        return ModelLoadError(f"{where}: field {names[field]} {why}")
+
+    if cfg.num_experts < 1:
+        raise bad("num_experts", f"must be at least 1, got {cfg.num_experts}")
+    if not 1 <= cfg.num_experts_per_tok <= cfg.num_experts:
+        raise bad("num_experts_per_tok", f"must be between 1 and the expert count {cfg.num_experts}, "
+                                         f"got {cfg.num_experts_per_tok}")
+    if cfg.moe_intermediate_size < 1:
+        raise bad("moe_intermediate_size", f"must be positive, got {cfg.moe_intermediate_size}")
+    out_of_range = [i for i in cfg.mlp_only_layers if not 0 <= i < cfg.num_layers]
+    if out_of_range:
+        raise bad("mlp_only_layers", f"names layer {out_of_range[0]}, outside 0..{cfg.num_layers - 1}")
+    if cfg.mlp_only_layers and cfg.intermediate_size < 1:
+        raise bad("intermediate_size", f"must be positive for the dense layers {list(cfg.mlp_only_layers)}, "
+                                       f"got {cfg.intermediate_size}")

@@ -6,9 +6,10 @@ with a small model: weights are dequantized once at load, q/k/v and
 gate/up projections are fused into one matmul each, attention runs all
 heads at once, and the KV cache is preallocated.
 
-One decoder covers llama, qwen2 and qwen3; they differ only in flags the
-loader already put in the config (q/k/v bias, per-head q/k RMSNorm, rope
-pairing and scaling, tied embeddings).
+One decoder covers llama, qwen2, qwen3 and qwen3moe; they differ only in
+flags the loader already put in the config (q/k/v bias, per-head q/k
+RMSNorm, rope pairing and scaling, tied embeddings) and, for qwen3moe, in
+the FFN: a router picks experts per token (`route`, `moe_ffn`).
 """
 from __future__ import annotations
 
@@ -36,11 +37,51 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * y.to(x.dtype)
 
 
+def route(h: torch.Tensor, w_router: torch.Tensor, k: int, normalize: bool) -> tuple:
+    """Each token's k experts and their weights: ([T, k] float32 weights, [T, k] expert ids).
+
+    Router probabilities are softmax(h W_router^T) in float32; the k most
+    probable experts are chosen, and on equal probabilities the lower expert
+    id comes first (a stable descending sort), so ties never depend on the
+    platform. With `normalize` (norm_topk_prob) the k weights are rescaled
+    to sum to one.
+    """
+    probs = torch.softmax(F.linear(h, w_router).float(), dim=-1)
+    weights, experts = torch.sort(probs, dim=-1, descending=True, stable=True)
+    weights, experts = weights[:, :k], experts[:, :k]
+    if normalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, experts
+
+
+def moe_ffn(h: torch.Tensor, w_router: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+            k: int, normalize: bool) -> torch.Tensor:
+    """sum over each token's k routed experts of w_e * down_e(silu(gate_e h) * up_e h).
+
+    h [T, hidden]; w_router [E, hidden]; w_gate_up [E, 2 * F, hidden] (gate
+    rows then up rows); w_down [E, hidden, F] -> [T, hidden]. Experts run
+    in id order over the tokens routed to them.
+    """
+    weights, experts = route(h, w_router, k, normalize)
+    out = torch.zeros_like(h)
+    for e in torch.unique(experts).tolist():
+        tok, slot = (experts == e).nonzero(as_tuple=True)
+        gate, up = F.linear(h[tok], w_gate_up[e]).chunk(2, -1)
+        y = F.linear(F.silu(gate) * up, w_down[e])
+        out.index_add_(0, tok, y * weights[tok, slot, None].to(y.dtype))
+    return out
+
+
 class _Layer:
-    """One decoder block's weights in compute layout."""
+    """One decoder block's weights in compute layout.
+
+    A dense layer has w_gate_up and w_down; a MoE layer has router
+    [E, hidden], exp_gate_up [E, 2 * F, hidden] and exp_down [E, hidden, F]
+    instead. The others are None.
+    """
 
     __slots__ = ("attn_norm", "w_qkv", "b_qkv", "w_o", "b_o", "q_norm", "k_norm",
-                 "ffn_norm", "w_gate_up", "w_down")
+                 "ffn_norm", "w_gate_up", "w_down", "router", "exp_gate_up", "exp_down")
 
 
 class ReferenceModel:
@@ -146,9 +187,17 @@ class ReferenceModel:
             L.q_norm = self._get(p + "attn_q_norm.weight", (d,), required=cfg.qk_norm)
             L.k_norm = self._get(p + "attn_k_norm.weight", (d,), required=cfg.qk_norm)
             L.ffn_norm = self._get(p + "ffn_norm.weight", (h,))
-            L.w_gate_up = torch.cat([self._get(p + "ffn_gate.weight", (f, h)),
-                                     self._get(p + "ffn_up.weight", (f, h))])
-            L.w_down = self._get(p + "ffn_down.weight", (h, f))
+            L.w_gate_up = L.w_down = L.router = L.exp_gate_up = L.exp_down = None
+            if cfg.is_moe_layer(i):
+                e, fe = cfg.num_experts, cfg.moe_intermediate_size
+                L.router = self._get(p + "ffn_gate_inp.weight", (e, h))
+                L.exp_gate_up = torch.cat([self._get(p + "ffn_gate_exps.weight", (e, fe, h)),
+                                           self._get(p + "ffn_up_exps.weight", (e, fe, h))], dim=1)
+                L.exp_down = self._get(p + "ffn_down_exps.weight", (e, h, fe))
+            else:
+                L.w_gate_up = torch.cat([self._get(p + "ffn_gate.weight", (f, h)),
+                                         self._get(p + "ffn_up.weight", (f, h))])
+                L.w_down = self._get(p + "ffn_down.weight", (h, f))
             self.layers.append(L)
 
     # ---------------------------------------------------------------- forward
@@ -256,6 +305,10 @@ class ReferenceModel:
             x = x + F.linear(attn, L.w_o, L.b_o)
 
             h = rms_norm(x, L.ffn_norm, eps)
+            if L.router is not None:
+                x = x + moe_ffn(h, L.router, L.exp_gate_up, L.exp_down, cfg.num_experts_per_tok,
+                                cfg.norm_topk_prob)
+                continue
             gate, up = F.linear(h, L.w_gate_up).chunk(2, -1)
             x = x + F.linear(F.silu(gate) * up, L.w_down)
         return x, counts

@@ -1,4 +1,4 @@
-"""Write llama-family GGUF files (for tests and benchmarks) with `gguf.GGUFWriter`.
+"""Write llama-family and qwen3moe GGUF files (for tests and benchmarks) with `gguf.GGUFWriter`.
 
 `write_gguf` takes float32 weights in torch order plus a type per tensor and
 produces a file `load_source` reads back to the same config. `GGUFStream`
@@ -27,6 +27,9 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+# MoE router weights: kept F32 by llama.cpp's quantizer, and here.
+ROUTER_SUFFIX = "ffn_gate_inp.weight"
 
 # Special tokens of the minimal vocabulary, at ids 0, 1, 2.
 MINIMAL_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -151,6 +154,11 @@ class GGUFStream:
         w.add_float32(f"{a}.rope.freq_base", c.rope_theta)
         w.add_uint32(f"{a}.rope.dimension_count", c.head_dim)
         w.add_uint32(f"{a}.vocab_size", c.vocab_size)
+        if c.num_experts:
+            w.add_uint32(f"{a}.expert_count", c.num_experts)
+            w.add_uint32(f"{a}.expert_used_count", c.num_experts_per_tok)
+            w.add_uint32(f"{a}.expert_feed_forward_length", c.moe_intermediate_size)
+            w.add_bool(f"{a}.expert_weights_norm", bool(c.norm_topk_prob))
         rs = c.rope_scaling or {}
         if rs.get("type") == "linear":
             w.add_string(f"{a}.rope.scaling.type", "linear")
@@ -253,8 +261,11 @@ def write_gguf(path: Union[str, os.PathLike], config: ModelConfig, tensors: dict
                hf_qk_permute: bool = False, progress: Optional[bool] = False) -> Path:
     """Write a GGUF model file from float32 weights (torch order, canonical names).
 
-    `types` is one type for every 2-D weight or a dict name -> type (missing
-    names are F32); 1-D tensors (norms, biases, rope_freqs) are always F32.
+    `types` is one type for every 2-D and 3-D weight or a dict name -> type
+    (missing names are F32); 1-D tensors (norms, biases, rope_freqs) are
+    always F32, and so are MoE routers (ffn_gate_inp) unless the dict names
+    them, as llama.cpp keeps them. Stacked expert tensors [E, rows, cols]
+    are quantized row by row, each expert's rows after the previous one's.
     `raw_tensors` maps names to already-encoded (uint8 bytes, type, shape).
     With `hf_qk_permute` (arch llama only) q/k rows are reordered from HF's
     rotate-half layout as llama.cpp's converter does; without it a llama
@@ -293,7 +304,10 @@ def write_gguf(path: Union[str, os.PathLike], config: ModelConfig, tensors: dict
     def type_of(name: str, shape) -> str:
         if len(shape) < 2:
             return "F32"
-        t = types if isinstance(types, str) else types.get(name, "F32")
+        if isinstance(types, str):
+            t = "F32" if name.endswith(ROUTER_SUFFIX) else types
+        else:
+            t = types.get(name, "F32")
         if t not in BLOCK_SIZES:
             raise ValueError(f"tensor {name}: unsupported type {t!r}")
         return t
