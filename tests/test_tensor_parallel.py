@@ -1,0 +1,176 @@
+"""Tensor parallelism on the CPU: shard plans and shard loading."""
+import gguf
+import numpy as np
+import pytest
+
+from hf_factory import make_hf_model
+from helexa_native.config import ModelConfig
+from helexa_native.errors import ShardingError, UnsupportedModelError
+from helexa_native.ggml_types import FLOAT_TYPES, QUANT_TYPES
+from helexa_native.loaders import load_source
+from helexa_native.loaders.validate import expected_shapes
+from helexa_native.parallel.sharding import ROWS, shard_plan, shard_tensor
+from helexa_native.writers.gguf_writer import write_gguf
+
+def config(arch="llama", **kw):
+    base = dict(arch=arch, vocab_size=384, hidden_size=256, intermediate_size=512, num_layers=1,
+                num_heads=4, num_kv_heads=2, head_dim=128, rms_norm_eps=1e-5, rope_theta=10000.0,
+                rope_style="pairs" if arch == "llama" else "half", max_position_embeddings=256)
+    if arch == "qwen2":
+        base.update(attention_bias=True, tie_word_embeddings=True)
+    if arch == "qwen3":
+        base.update(qk_norm=True)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def random_weights(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in expected_shapes(cfg).items():
+        scale = 0.1 if len(shape) == 1 else 1.0 / np.sqrt(shape[-1])
+        base = 1.0 if name.endswith("norm.weight") else 0.0
+        out[name] = (base + scale * rng.standard_normal(shape)).astype(np.float32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    cache = {}
+
+    def get(variant):
+        if variant not in cache:
+            cache[variant] = make_hf_model(variant, tmp_path_factory.mktemp(variant))[0]
+        return cache[variant]
+    return get
+
+
+# ---------------------------------------------------------------- plans
+
+
+def test_plan_splits_heads_mlp_and_vocabulary():
+    cfg = config("qwen2", num_heads=8, num_kv_heads=4, head_dim=32, vocab_size=385)
+    p = shard_plan(cfg, 2)
+    assert p.kv_split and p.q_heads == [(0, 4), (4, 8)] and p.kv_heads == [(0, 2), (2, 4)]
+    assert p.ffn == [(0, 256), (256, 512)]
+    assert p.vocab == [(0, 193), (193, 385)] and p.vocab_width == 193
+    q = p.split("blk.0.attn_q.weight")
+    assert q.direction == ROWS and q.bounds == ((0, 128), (128, 256))
+    assert p.split("blk.0.attn_k.bias").bounds == ((0, 64), (64, 128))
+    o = p.split("blk.0.attn_output.weight")
+    assert o.direction == "columns" and o.bounds == ((0, 128), (128, 256))
+    assert p.split("blk.0.ffn_down.weight").direction == "columns"
+    assert p.split("blk.0.ffn_up.weight").bounds == ((0, 256), (256, 512))
+    assert p.split("output.weight").bounds == ((0, 193), (193, 385))
+    for name in ("token_embd.weight", "output_norm.weight", "blk.0.attn_norm.weight", "blk.0.ffn_norm.weight",
+                 "blk.0.attn_q_norm.weight", "blk.0.attn_output.bias", "rope_freqs.weight"):
+        assert p.split(name) is None, name
+    assert p.kv_of_q(1) == [0, 0, 1, 1]
+    assert shard_plan(cfg, 1).split("blk.0.attn_q.weight") is None
+
+
+def test_plan_replicates_kv_heads_when_they_do_not_divide():
+    # Fewer kv heads than ranks: each rank keeps the one its query heads read.
+    p = shard_plan(config(num_heads=4, num_kv_heads=2), 4)
+    assert not p.kv_split and p.kv_heads == [(0, 1), (0, 1), (1, 2), (1, 2)]
+    assert [p.kv_of_q(r) for r in range(4)] == [[0]] * 4
+    # Not a multiple either way: a rank's query heads straddle two kv heads.
+    p = shard_plan(config(num_heads=6, num_kv_heads=3, head_dim=64), 2)
+    assert not p.kv_split and p.kv_heads == [(0, 2), (1, 3)]
+    assert p.kv_of_q(0) == [0, 0, 1] and p.kv_of_q(1) == [0, 1, 1]
+    # MHA and MQA.
+    assert shard_plan(config(num_heads=4, num_kv_heads=4), 2).kv_heads == [(0, 2), (2, 4)]
+    assert shard_plan(config(num_heads=4, num_kv_heads=1), 2).kv_heads == [(0, 1), (0, 1)]
+
+
+def test_plan_errors_are_clear():
+    with pytest.raises(ShardingError, match="num_heads 6 is not a multiple of tensor_parallel 4"):
+        shard_plan(config(num_heads=6, num_kv_heads=2, head_dim=64), 4)
+    with pytest.raises(ShardingError, match="intermediate_size 510 is not a multiple of tensor_parallel 4"):
+        shard_plan(config(intermediate_size=510), 4)
+    for bad in (0, -2, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="tensor_parallel must be a positive integer"):
+            shard_plan(config(), bad)
+    with pytest.raises(UnsupportedModelError, match="qwen3moe"):
+        shard_plan(config(arch="qwen3moe"), 2)
+
+
+# ---------------------------------------------------------------- shards of every weight type
+
+
+def _gguf_dequant(data: np.ndarray, qtype: str) -> np.ndarray:
+    arr = np.ascontiguousarray(data)
+    if qtype not in ("F32", "F16"):
+        arr = arr.view(np.uint8)
+    return gguf.quants.dequantize(arr, gguf.GGMLQuantizationType[qtype])
+
+
+@pytest.mark.parametrize("qtype", FLOAT_TYPES + QUANT_TYPES)
+def test_gguf_shards_are_views_that_reassemble(tmp_path, qtype):
+    # Column slices of 256 (one head of 128 x 2, half the MLP) fall on every block boundary.
+    cfg = config("qwen3")
+    path = write_gguf(tmp_path / f"m-{qtype}.gguf", cfg, random_weights(cfg), qtype)
+    src = load_source(path, progress=False)
+    try:
+        plan = shard_plan(cfg, 2)
+        plan.check(src.tensors)
+        split = 0
+        for name, raw in src.tensors.items():
+            sp = plan.split(name)
+            shards = [shard_tensor(raw, plan, r) for r in range(2)]
+            if sp is None:
+                assert all(s is raw for s in shards)
+                continue
+            split += 1
+            full, full_ref = raw.to_float().numpy(), _gguf_dequant(raw.data, raw.dtype)
+            parts, ref_parts = [], []
+            for r, s in enumerate(shards):
+                a, b = sp.bounds[r]
+                want = (b - a,) + raw.shape[1:] if sp.direction == ROWS else raw.shape[:-1] + (b - a,)
+                assert s.shape == want and s.dtype == raw.dtype
+                # A view of the memory-mapped file: nothing copied, only its own bytes.
+                assert np.shares_memory(s.data, raw.data) and s.nbytes * 2 == raw.nbytes
+                parts.append(s.to_float().numpy())
+                ref_parts.append(_gguf_dequant(s.data, s.dtype).reshape(s.shape))
+            axis = 0 if sp.direction == ROWS else -1
+            np.testing.assert_array_equal(np.concatenate(parts, axis), full)
+            np.testing.assert_allclose(np.concatenate(ref_parts, axis), full_ref.reshape(full.shape),
+                                       rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(full, full_ref.reshape(full.shape), rtol=1e-6, atol=1e-7)
+        assert split == 8           # q, k, v, o, gate, up, down and output.weight
+    finally:
+        src.close()
+
+
+def test_quantized_column_split_off_a_block_boundary_names_the_tensor(tmp_path):
+    cfg = config("llama", head_dim=64, num_heads=4, num_kv_heads=4)
+    w = random_weights(cfg)
+    path = write_gguf(tmp_path / "q4k.gguf", cfg, w, "Q4_K")
+    src = load_source(path, progress=False)
+    try:
+        # attn_output columns split per 64-wide head: not a 256-weight Q4_K block.
+        with pytest.raises(ShardingError, match=r"blk\.0\.attn_output\.weight \(Q4_K.*blocks of 256"):
+            shard_plan(cfg, 4).check(src.tensors)
+        with pytest.raises(ShardingError, match=r"blk\.0\.attn_output\.weight"):
+            shard_tensor(src.tensors["blk.0.attn_output.weight"], shard_plan(cfg, 2), 1)
+    finally:
+        src.close()
+    path = write_gguf(tmp_path / "q8.gguf", cfg, w, "Q8_0")      # 32-weight blocks split fine
+    src = load_source(path, progress=False)
+    try:
+        shard_plan(cfg, 4).check(src.tensors)
+    finally:
+        src.close()
+
+
+def test_hf_shards_are_views_of_the_safetensors_map(hf_models):
+    src = load_source(hf_models("llama"), progress=False)
+    try:
+        plan = shard_plan(src.config, 2)
+        raw = src.tensors["blk.0.attn_output.weight"]
+        parts = [shard_tensor(raw, plan, r, "blk.0.attn_output.weight") for r in range(2)]
+        assert all(np.shares_memory(p.data, raw.data) for p in parts)
+        np.testing.assert_array_equal(np.concatenate([p.to_float().numpy() for p in parts], -1),
+                                      raw.to_float().numpy())
+    finally:
+        src.close()
