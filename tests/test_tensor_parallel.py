@@ -1,14 +1,26 @@
-"""Tensor parallelism on the CPU: shard plans and shard loading."""
+"""Tensor parallelism on the CPU: shard plans, shard loading and the sharded reference.
+
+The sharded reference (N ranks whose partial sums are added) must compute
+the unsplit model: the same greedy tokens and logits within float rounding
+of the partial sums' order.
+"""
+import threading
+import time
+
 import gguf
 import numpy as np
 import pytest
+import torch
 
-from hf_factory import make_hf_model
+from hf_factory import VOCAB, make_hf_model
+from helexa_native.backends.cpu import CPUBackend
 from helexa_native.config import ModelConfig
-from helexa_native.errors import ShardingError, UnsupportedModelError
+from helexa_native.errors import DeviceError, ShardingError, UnsupportedModelError
 from helexa_native.ggml_types import FLOAT_TYPES, QUANT_TYPES
 from helexa_native.loaders import load_source
 from helexa_native.loaders.validate import expected_shapes
+from helexa_native.params import SamplerState, SamplingParams
+from helexa_native.parallel.backend import ShardedCPUBackend
 from helexa_native.parallel.sharding import ROWS, shard_plan, shard_tensor
 from helexa_native.writers.gguf_writer import write_gguf
 
@@ -153,6 +165,8 @@ def test_quantized_column_split_off_a_block_boundary_names_the_tensor(tmp_path):
             shard_plan(cfg, 4).check(src.tensors)
         with pytest.raises(ShardingError, match=r"blk\.0\.attn_output\.weight"):
             shard_tensor(src.tensors["blk.0.attn_output.weight"], shard_plan(cfg, 2), 1)
+        with pytest.raises(ShardingError, match="blocks of 256"):
+            ShardedCPUBackend(src, 32, tensor_parallel=2)
     finally:
         src.close()
     path = write_gguf(tmp_path / "q8.gguf", cfg, w, "Q8_0")      # 32-weight blocks split fine
@@ -174,3 +188,95 @@ def test_hf_shards_are_views_of_the_safetensors_map(hf_models):
                                       raw.to_float().numpy())
     finally:
         src.close()
+
+
+# ---------------------------------------------------------------- the sharded reference
+
+
+def _greedy_run(backend, prompt, steps=16):
+    params = SamplingParams(temperature=0.0)
+    state = SamplerState(prompt_tokens=list(prompt))
+    tokens, logits = [], []
+    feed, pos = list(prompt), 0
+    for _ in range(steps):
+        res, lg = backend.step_with_logits(feed, pos, params, state)
+        pos += len(feed)
+        tokens.append(res.token)
+        logits.append(lg)
+        state.generated_tokens.append(res.token)
+        state.step += 1
+        feed = [res.token]
+    backend.reset()
+    return tokens, torch.stack(logits)
+
+
+def _prompt(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3"])
+def test_sharded_reference_equals_the_unsplit_model(hf_models, variant):
+    src = load_source(hf_models(variant), progress=False)
+    try:
+        ref = CPUBackend(src, 64)
+        prompt = _prompt(1, 9)
+        want_tokens, want_logits = _greedy_run(ref, prompt)
+        want_all = ref.forward(prompt, 0, all_logits=True)
+        for n in (2, 4):
+            tp = ShardedCPUBackend(src, 64, tensor_parallel=n)
+            try:
+                tokens, logits = _greedy_run(tp, prompt)
+                assert tokens == want_tokens, (variant, n)
+                assert (logits - want_logits).abs().max().item() < 1e-4, (variant, n)
+                got_all = tp.forward(prompt, 0, all_logits=True)
+                assert (got_all - want_all).abs().max().item() < 1e-4
+                assert tp.is_healthy() and tp.memory_info()["tensor_parallel"] == n
+            finally:
+                tp.close()
+    finally:
+        src.close()
+
+
+def test_sharded_reference_on_quantized_gguf_with_straddling_kv_heads(tmp_path):
+    # 6 query heads over 3 kv heads on 2 ranks: rank 0 reads kv heads 0,0,1 and
+    # rank 1 kv heads 1,2,2, which the reference's grouped attention cannot express.
+    cfg = config("llama", num_heads=6, num_kv_heads=3, head_dim=64, hidden_size=384, num_layers=2)
+    path = write_gguf(tmp_path / "m.gguf", cfg, random_weights(cfg, seed=3), "Q8_0")
+    src = load_source(path, progress=False)
+    try:
+        ref, tp = CPUBackend(src, 64), ShardedCPUBackend(src, 64, tensor_parallel=2)
+        assert tp.shards[0]._kv_index is not None
+        prompt = _prompt(2, 7)
+        want_tokens, want_logits = _greedy_run(ref, prompt, steps=8)
+        tokens, logits = _greedy_run(tp, prompt, steps=8)
+        assert tokens == want_tokens
+        assert (logits - want_logits).abs().max().item() < 1e-4
+        tp.close()
+    finally:
+        src.close()
+
+
+def test_watchdog_fails_a_step_whose_rank_hangs(hf_models):
+    src = load_source(hf_models("llama"), progress=False)
+    try:
+        tp = ShardedCPUBackend(src, 64, tensor_parallel=2, step_timeout=2.0)
+    finally:
+        src.close()
+    prompt = _prompt(3, 5)
+    tp.forward(prompt, 0)
+    release = threading.Event()
+    stuck = tp.shards[1]
+    forward = stuck.forward_batch
+    stuck.forward_batch = lambda *a, **kw: (release.wait(30), forward(*a, **kw))[1]
+    t0 = time.monotonic()
+    with pytest.raises(DeviceError, match="rank 1") as err:
+        tp.forward(prompt, 0)
+    took = time.monotonic() - t0
+    release.set()
+    assert 1.5 < took < 6, took
+    assert "2 s" in str(err.value)
+    assert not tp.is_healthy() and tp.shards is None
+    with pytest.raises(DeviceError, match="rank 1"):
+        tp.forward(prompt, 0)
+    tp.close()
