@@ -40,3 +40,6 @@ DEFAULT_MAX_NUM_SEQS = 64
 # --step-timeout change it.
 DEFAULT_STEP_TIMEOUT = 120.0
 
+# Tensor-parallel ranks started as processes (torchrun) wait this long for
+# each other to start and join before giving up.
+DEFAULT_TP_CONNECT_TIMEOUT = 600.0

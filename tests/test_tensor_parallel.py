@@ -1,11 +1,19 @@
-"""Tensor parallelism on the CPU: shard plans, shard loading and the sharded reference.
+"""Tensor parallelism on the CPU: shard plans, shard loading, the sharded reference and the multi-process protocol.
 
 The sharded reference (N ranks whose partial sums are added) must compute
 the unsplit model: the same greedy tokens and logits within float rounding
-of the partial sums' order.
+of the partial sums' order. The multi-process runs start real processes
+(torchrun, or two processes with torchrun's environment) on gloo, each one
+bounded by a timeout.
 """
+import json
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -13,16 +21,25 @@ import pytest
 import torch
 
 from hf_factory import VOCAB, make_hf_model
+from helexa_native import Engine
 from helexa_native.backends.cpu import CPUBackend
 from helexa_native.config import ModelConfig
-from helexa_native.errors import DeviceError, ShardingError, UnsupportedModelError
+from helexa_native.errors import DeviceError, LaunchError, ShardingError, UnsupportedModelError
 from helexa_native.ggml_types import FLOAT_TYPES, QUANT_TYPES
 from helexa_native.loaders import load_source
 from helexa_native.loaders.validate import expected_shapes
 from helexa_native.params import SamplerState, SamplingParams
 from helexa_native.parallel.backend import ShardedCPUBackend
+from helexa_native.parallel.distributed import (Launch, check_launch, decode_step, encode_step,
+                                                launch_from_env)
+from helexa_native.parallel.launch import tensor_parallel_backend
 from helexa_native.parallel.sharding import ROWS, shard_plan, shard_tensor
 from helexa_native.writers.gguf_writer import write_gguf
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+SUBPROCESS_TIMEOUT = 240
+
 
 def config(arch="llama", **kw):
     base = dict(arch=arch, vocab_size=384, hidden_size=256, intermediate_size=512, num_layers=1,
@@ -257,6 +274,34 @@ def test_sharded_reference_on_quantized_gguf_with_straddling_kv_heads(tmp_path):
         src.close()
 
 
+def test_engine_batches_sequences_on_the_sharded_reference(hf_models):
+    folder = hf_models("qwen3")
+    prompts = [_prompt(10 + i, n) for i, n in enumerate((3, 17, 6))]
+    with Engine(folder, device="cpu", n_ctx=64) as eng:
+        want = [r.token_ids for r in eng.generate_batch(prompts, temperature=0, max_tokens=6, ignore_eos=True)]
+    with Engine(folder, device="cpu", n_ctx=64, tensor_parallel=2) as eng:
+        got = [r.token_ids for r in eng.generate_batch(prompts, temperature=0, max_tokens=6, ignore_eos=True)]
+        assert eng.info()["tensor_parallel"] == 2 and eng.info()["healthy"]
+        # Sampling sees the full distribution: seeded sampling matches too.
+        seeded = eng.generate(prompts[0], temperature=0.8, seed=5, max_tokens=6, ignore_eos=True).token_ids
+    assert got == want
+    with Engine(folder, device="cpu", n_ctx=64) as eng:
+        assert eng.generate(prompts[0], temperature=0.8, seed=5, max_tokens=6, ignore_eos=True).token_ids == seeded
+
+
+def test_tensor_parallel_on_gpus_is_not_built_yet(hf_models):
+    src = load_source(hf_models("llama"), progress=False)
+    try:
+        with pytest.raises(DeviceError, match="tensor parallelism on GPUs needs the sharded device step"):
+            tensor_parallel_backend(src, "cuda", 0, 64, 2)
+    finally:
+        src.close()
+    with pytest.raises(ValueError, match="tensor_parallel must be a positive integer"):
+        Engine(hf_models("llama"), device="cpu", tensor_parallel=0)
+    with pytest.raises(ValueError, match="step_timeout"):
+        Engine(hf_models("llama"), device="cpu", tensor_parallel=2, step_timeout=-1)
+
+
 def test_watchdog_fails_a_step_whose_rank_hangs(hf_models):
     src = load_source(hf_models("llama"), progress=False)
     try:
@@ -280,3 +325,129 @@ def test_watchdog_fails_a_step_whose_rank_hangs(hf_models):
     with pytest.raises(DeviceError, match="rank 1"):
         tp.forward(prompt, 0)
     tp.close()
+
+
+# ---------------------------------------------------------------- the multi-process protocol
+
+
+def test_step_messages_round_trip_as_plain_integers():
+    batch = [(torch.tensor([5, 6, 7]), 0, [3, 4]), (torch.tensor([9]), 33, [0, 1, 2])]
+    msg = encode_step(batch, all_logits=True)
+    assert msg.dtype == torch.long
+    got, all_logits = decode_step(msg)
+    assert all_logits is True
+    assert [(t.tolist(), s, b) for t, s, b in got] == [([5, 6, 7], 0, [3, 4]), ([9], 33, [0, 1, 2])]
+
+
+def test_launch_environment_and_mismatch():
+    assert launch_from_env({}) is None
+    env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    assert launch_from_env(env) == Launch(1, 2, 1, "10.0.0.1", 29500)
+    with pytest.raises(LaunchError, match="RANK"):
+        launch_from_env({"WORLD_SIZE": "2"})
+    with pytest.raises(LaunchError, match="mismatched launch: 2 processes"):
+        check_launch(3, launch_from_env(env))
+
+
+def _env(**extra):
+    env = dict(os.environ, HELEXA_NO_PROGRESS="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS)]))
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _torchrun(*args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "helexa_native", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env=_env())
+
+
+def test_torchrun_two_processes_generate_what_one_process_does(hf_models):
+    folder = str(hf_models("llama"))
+    args = ["generate", "--device", "cpu", "--model", folder, "--temperature", "0", "--max-tokens", "12",
+            "--ignore-eos", "--json", "w5 w9 w17 w33"]
+    one = subprocess.run([sys.executable, "-m", "helexa_native", *args], capture_output=True, text=True,
+                         timeout=SUBPROCESS_TIMEOUT, env=_env())
+    assert one.returncode == 0, one.stderr
+    two = _torchrun(*args, "--tensor-parallel", "2")
+    assert two.returncode == 0, two.stderr
+    want, got = json.loads(one.stdout), json.loads(two.stdout)
+    assert got["token_ids"] == want["token_ids"] and len(got["token_ids"]) == 12
+    assert got["text"] == want["text"]
+
+
+def test_torchrun_mismatched_launch_fails_clearly(hf_models):
+    p = _torchrun("generate", "--device", "cpu", "--model", str(hf_models("llama")), "--tensor-parallel", "3",
+                  "--max-tokens", "2", "w5")
+    assert p.returncode != 0
+    assert "mismatched launch: 2 processes were started (WORLD_SIZE=2) but tensor_parallel is 3" in p.stderr
+    assert "rank 1: mismatched launch" in p.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Ranks:
+    """Two driver processes with torchrun's environment; rank 0's stdout is read line by line."""
+
+    def __init__(self, model, *args):
+        port = _free_port()
+        self.procs = []
+        for r in (0, 1):
+            env = _env(RANK=r, WORLD_SIZE=2, LOCAL_RANK=r, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            self.procs.append(subprocess.Popen([sys.executable, str(TESTS / "tp_driver.py"), str(model), *args],
+                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                               env=env))
+
+    def line(self, timeout=SUBPROCESS_TIMEOUT) -> dict:
+        out = {}
+
+        def read():
+            out["line"] = self.procs[0].stdout.readline()
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        t.join(timeout)
+        if not out.get("line"):
+            self.close()
+            raise AssertionError(f"rank 0 printed nothing: {self.procs[0].stderr.read()[-3000:]}")
+        return json.loads(out["line"])
+
+    def close(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=30)
+
+
+@pytest.mark.parametrize("fault", ["hang", "kill"])
+def test_watchdog_names_the_follower_that_hangs_or_dies(hf_models, fault):
+    ranks = _Ranks(hf_models("qwen2"), "--fault", fault, "--fault-step", "3", "--step-timeout", "3")
+    try:
+        r = ranks.line()
+    finally:
+        ranks.close()
+    assert r["error"] == "DeviceError", r
+    assert "rank 1" in r["message"] and "step 3" in r["message"], r
+    assert r["healthy"] is False
+    if fault == "kill":
+        assert "has exited" in r["message"] and r["seconds"] < 3, r
+    else:
+        assert "did not answer" in r["message"] and r["seconds"] < 3 + 3, r
+
+
+def test_leader_notices_a_follower_dying_between_steps(hf_models):
+    ranks = _Ranks(hf_models("qwen2"), "--fault", "idle", "--step-timeout", "3", "--max-tokens", "3")
+    try:
+        assert ranks.line()["ready"]
+        ranks.procs[1].kill()
+        r = ranks.line()
+    finally:
+        ranks.close()
+    assert len(r["tokens"]) == 3 and r["healthy"] is True
+    assert r["healthy_after_kill"] is False and r["seconds"] < 3, r
+    assert r["error"] == "DeviceError" and "rank 1" in r["message"], r

@@ -117,7 +117,8 @@ def run_from_args(args) -> int:
     name = args.served_model_name or model_name_for(path)
     progress = args.progress if getattr(args, "progress", None) is not None else sys.stderr.isatty()
 
-    engine_options = {k: getattr(args, k) for k in ("max_num_seqs", "kv_cache_memory", "prefix_cache")
+    engine_options = {k: getattr(args, k) for k in ("max_num_seqs", "kv_cache_memory", "prefix_cache",
+                                                     "tensor_parallel", "step_timeout")
                       if getattr(args, k, None) is not None}
     registry = ModelRegistry(load_engine, max_queue=args.max_queue, device=args.device,
                              n_ctx=getattr(args, "n_ctx", None), engine_options=engine_options)
