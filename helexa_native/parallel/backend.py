@@ -17,6 +17,7 @@ new backend (an Engine reload) starts clean.
 """
 from __future__ import annotations
 
+from abc import abstractmethod
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import List, Optional, Sequence
 
@@ -44,7 +45,54 @@ def kv_bytes_per_position(plan, dtype: torch.dtype) -> int:
     return 2 * cfg.num_layers * heads * cfg.head_dim * torch.finfo(dtype).bits // 8
 
 
-class ShardedCPUBackend(Backend):
+class ShardedBackend(Backend):
+    """step_batch and forward_paged over `_run`, one step on every rank; sampling on rank 0's full logits."""
+
+    @abstractmethod
+    def _run(self, batch: list, all_logits: bool) -> list:
+        """One step of (ids, start_pos, block_table) sequences on every rank: rank 0's logits per sequence."""
+
+    @abstractmethod
+    def _live(self) -> ShardModel:
+        """This process's rank-0 shard (for checking inputs); raises once closed or failed."""
+
+    def step_batch(self, seqs: Sequence[SeqStep]) -> List[StepOutput]:
+        """Run every sequence's tokens on every rank and sample from rank 0's logits."""
+        m = self._live()
+        batch = []
+        for s in seqs:
+            ids = m.check_ids(s.tokens)
+            m.check_span(s.start_pos, ids.numel(), s.block_table)
+            batch.append((ids, int(s.start_pos), list(s.block_table)))
+        if not batch:
+            return []
+        logits = self._run(batch, all_logits=False)
+        out = []
+        for s, lg in zip(seqs, logits):
+            row = lg[0]
+            res = sample_from_logits(row, s.params, s.state) if s.sample else None
+            out.append(StepOutput(res, row.clone() if s.want_logits else None))
+        return out
+
+    def forward_paged(self, tokens: Sequence[int], start_pos: int, block_table: Sequence[int],
+                      all_logits: bool = False) -> torch.Tensor:
+        """One sequence through its block table, in chunks that bound the attention scores."""
+        m = self._live()
+        ids = m.check_ids(tokens)
+        m.check_span(start_pos, ids.numel(), block_table)
+        chunk = reference_model.PREFILL_CHUNK
+        rows = []
+        for a in range(0, ids.numel(), chunk):
+            part = ids[a:a + chunk]
+            last = a + chunk >= ids.numel()
+            lg = self._run([(part, int(start_pos) + a, list(block_table))], all_logits=all_logits)[0]
+            if all_logits or last:
+                rows.append(lg)
+        out = torch.cat(rows)
+        return out if all_logits else out[0]
+
+
+class ShardedCPUBackend(ShardedBackend):
     """The reference forward split over `tensor_parallel` thread ranks (see the module docstring).
 
     kv_cache_memory is each rank's budget for its own kv heads. The weights
@@ -86,41 +134,6 @@ class ShardedCPUBackend(Backend):
         self._watchdog = StepWatchdog(self.step_timeout, self._overrun, name="hx-tp-watchdog")
 
     # ------------------------------------------------------------------ steps
-
-    def step_batch(self, seqs: Sequence[SeqStep]) -> List[StepOutput]:
-        """Run every sequence's tokens on every rank and sample from rank 0's logits."""
-        m = self._live()
-        batch = []
-        for s in seqs:
-            ids = m.check_ids(s.tokens)
-            m.check_span(s.start_pos, ids.numel(), s.block_table)
-            batch.append((ids, int(s.start_pos), list(s.block_table)))
-        if not batch:
-            return []
-        logits = self._run(batch, all_logits=False)
-        out = []
-        for s, lg in zip(seqs, logits):
-            row = lg[0]
-            res = sample_from_logits(row, s.params, s.state) if s.sample else None
-            out.append(StepOutput(res, row.clone() if s.want_logits else None))
-        return out
-
-    def forward_paged(self, tokens: Sequence[int], start_pos: int, block_table: Sequence[int],
-                      all_logits: bool = False) -> torch.Tensor:
-        """One sequence through its block table, in chunks that bound the attention scores."""
-        m = self._live()
-        ids = m.check_ids(tokens)
-        m.check_span(start_pos, ids.numel(), block_table)
-        chunk = reference_model.PREFILL_CHUNK
-        rows = []
-        for a in range(0, ids.numel(), chunk):
-            part = ids[a:a + chunk]
-            last = a + chunk >= ids.numel()
-            lg = self._run([(part, int(start_pos) + a, list(block_table))], all_logits=all_logits)[0]
-            if all_logits or last:
-                rows.append(lg)
-        out = torch.cat(rows)
-        return out if all_logits else out[0]
 
     def _run(self, batch: list, all_logits: bool) -> list:
         """One step on every rank; rank 0's logits per sequence."""

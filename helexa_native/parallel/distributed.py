@@ -60,12 +60,9 @@ import torch.distributed as dist
 from .. import defaults
 from ..config import ModelSource
 from ..errors import DeviceError, EngineClosedError, LaunchError
-from ..backends.base import Backend, SeqStep, StepOutput
 from ..backends.cpu import DEFAULT_CPU_POOL_CONTEXTS, pool_blocks
 from ..kv_blocks import DEFAULT_BLOCK_SIZE, KVBlockManager
-from ..reference import model as reference_model
-from ..sampling import sample_from_logits
-from .backend import kv_bytes_per_position
+from .backend import ShardedBackend, kv_bytes_per_position
 from .collective import Collective, CollectiveError
 from .launch import check_step_timeout
 from .shard_model import ShardModel
@@ -426,7 +423,7 @@ def _check_statuses(statuses: List[dict], rank: int, own_error: Optional[BaseExc
 
 # ---------------------------------------------------------------------------- the leader
 
-class DistributedLeaderBackend(Backend):
+class DistributedLeaderBackend(ShardedBackend):
     """Rank 0 of a multi-process tensor-parallel group: the Backend the scheduler drives (see the module docstring)."""
 
     device = "cpu"
@@ -497,41 +494,6 @@ class DistributedLeaderBackend(Backend):
                                       name="hx-tp-leader-watchdog")
 
     # ------------------------------------------------------------------ steps
-
-    def step_batch(self, seqs: Sequence[SeqStep]) -> List[StepOutput]:
-        """Send the step to the followers, run rank 0's shard, sample from the gathered logits."""
-        m = self._live()
-        batch = []
-        for s in seqs:
-            ids = m.check_ids(s.tokens)
-            m.check_span(s.start_pos, ids.numel(), s.block_table)
-            batch.append((ids, int(s.start_pos), list(s.block_table)))
-        if not batch:
-            return []
-        logits = self._run(batch, all_logits=False)
-        out = []
-        for s, lg in zip(seqs, logits):
-            row = lg[0]
-            res = sample_from_logits(row, s.params, s.state) if s.sample else None
-            out.append(StepOutput(res, row.clone() if s.want_logits else None))
-        return out
-
-    def forward_paged(self, tokens: Sequence[int], start_pos: int, block_table: Sequence[int],
-                      all_logits: bool = False) -> torch.Tensor:
-        """One sequence through its block table, one step per prefill chunk."""
-        m = self._live()
-        ids = m.check_ids(tokens)
-        m.check_span(start_pos, ids.numel(), block_table)
-        chunk = reference_model.PREFILL_CHUNK
-        rows = []
-        for a in range(0, ids.numel(), chunk):
-            part = ids[a:a + chunk]
-            last = a + chunk >= ids.numel()
-            lg = self._run([(part, int(start_pos) + a, list(block_table))], all_logits=all_logits)[0]
-            if all_logits or last:
-                rows.append(lg)
-        out = torch.cat(rows)
-        return out if all_logits else out[0]
 
     def _run(self, batch: list, all_logits: bool) -> list:
         model = self._live()
