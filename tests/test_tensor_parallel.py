@@ -395,12 +395,13 @@ def _free_port() -> int:
 class _Ranks:
     """Two driver processes with torchrun's environment; rank 0's stdout is read line by line."""
 
-    def __init__(self, model, *args):
+    def __init__(self, model, *args, follower_model=None):
         port = _free_port()
         self.procs = []
         for r in (0, 1):
             env = _env(RANK=r, WORLD_SIZE=2, LOCAL_RANK=r, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-            self.procs.append(subprocess.Popen([sys.executable, str(TESTS / "tp_driver.py"), str(model), *args],
+            path = follower_model if r == 1 and follower_model is not None else model
+            self.procs.append(subprocess.Popen([sys.executable, str(TESTS / "tp_driver.py"), str(path), *args],
                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                                env=env))
 
@@ -451,3 +452,14 @@ def test_leader_notices_a_follower_dying_between_steps(hf_models):
     assert len(r["tokens"]) == 3 and r["healthy"] is True
     assert r["healthy_after_kill"] is False and r["seconds"] < 3, r
     assert r["error"] == "DeviceError" and "rank 1" in r["message"], r
+
+
+def test_ranks_that_load_different_models_fail_the_launch(hf_models):
+    ranks = _Ranks(hf_models("qwen2"), follower_model=hf_models("llama"))
+    try:
+        r = ranks.line()
+        assert ranks.procs[1].wait(timeout=SUBPROCESS_TIMEOUT) != 0
+    finally:
+        ranks.close()
+    assert r["error"] == "LaunchError", r
+    assert "rank 1: LaunchError: rank 1 loaded a different model than rank 0" in r["message"], r

@@ -6,7 +6,8 @@ tokens, or the error it met. Rank 1's Engine constructor serves rank 0's
 steps and never returns. --fault makes rank 1 misbehave at its
 --fault-step-th step (hang: sleep; kill: SIGKILL itself), or (idle) lets the
 test kill rank 1 between two generations: rank 0 then prints "ready" and
-waits for its health to turn false.
+waits for its health to turn false. An Engine that fails to start prints
+its error the same way.
 """
 import argparse
 import json
@@ -45,8 +46,12 @@ def main() -> int:
     args = p.parse_args()
     if int(os.environ["RANK"]) == 1 and args.fault in ("hang", "kill"):
         _inject(args.fault, args.fault_step)
-    eng = Engine(args.model, device="cpu", n_ctx=64, tensor_parallel=2, step_timeout=args.step_timeout,
-                 progress=False)
+    try:
+        eng = Engine(args.model, device="cpu", n_ctx=64, tensor_parallel=2, step_timeout=args.step_timeout,
+                     progress=False)
+    except Exception as e:
+        print(json.dumps({"error": type(e).__name__, "message": str(e)}), flush=True)
+        return 1
     prompt = [5, 7, 9, 11]
     out = {}
     t0 = time.monotonic()
