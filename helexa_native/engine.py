@@ -92,6 +92,14 @@ def _parse_device(device) -> tuple:
     raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
+def resolve_device(device) -> tuple:
+    """('cpu', None) or ('cuda', index): 'auto' picks CUDA when a GPU and a CUDA build are present."""
+    kind, index = _parse_device(device)
+    if kind == "auto":
+        kind, index = ("cuda", 0) if (_cuda_visible() and _cuda_build()) else ("cpu", None)
+    return kind, index
+
+
 def _cuda_build() -> bool:
     try:
         from . import _C
@@ -133,7 +141,8 @@ class Engine:
                  n_ctx: Optional[int] = None, progress: Any = None, prefix_cache: bool = True,
                  int8_activations: Optional[bool] = None, max_num_seqs: Optional[int] = None,
                  kv_cache_memory: Optional[int] = None,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                 tensor_parallel: Optional[int] = None, step_timeout: Optional[float] = None):
         """Load `model` (GGUF file or HF folder; None = the default model) onto `device`.
 
         device: "auto" (CUDA when a GPU and a CUDA build are present, else CPU),
@@ -152,6 +161,14 @@ class Engine:
         weights quantize their input to two int8 terms per element (~1e-6
         relative error per product) and use integer dot products. None: where
         that is faster (large Q4_0 and Q8_0 matrices); True: every such type; False: never.
+        tensor_parallel: split the model over N ranks that add their partial
+        results (parallel/). On the CPU the ranks are N threads of this
+        process, or, when the process was started by torchrun, one rank per
+        process: rank 0's Engine leads and the other ranks' constructors
+        serve its steps and exit when it closes, never returning. GPUs: not
+        built yet (DeviceError). step_timeout: seconds a tensor-parallel
+        step may take before the model fails with a DeviceError naming the
+        late rank (default defaults.DEFAULT_STEP_TIMEOUT).
         """
         self._init_state()
         if max_num_seqs is not None and (not isinstance(max_num_seqs, int) or isinstance(max_num_seqs, bool)
@@ -163,6 +180,9 @@ class Engine:
         if not isinstance(max_batch_tokens, int) or isinstance(max_batch_tokens, bool) or max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens!r}")
         seqs = max_num_seqs if max_num_seqs is not None else defaults.DEFAULT_MAX_NUM_SEQS
+        from .parallel.launch import check_step_timeout, check_tensor_parallel
+        tp = check_tensor_parallel(tensor_parallel)
+        step_timeout = check_step_timeout(defaults.DEFAULT_STEP_TIMEOUT if step_timeout is None else step_timeout)
         kind, index = _parse_device(device)
         if int8_activations is not None and not isinstance(int8_activations, bool):
             raise ValueError(f"int8_activations must be None, True or False, got {int8_activations!r}")
@@ -172,7 +192,7 @@ class Engine:
         if not path.exists():
             raise ModelLoadError(f"model not found: {path}")
         if kind == "auto":
-            kind, index = ("cuda", 0) if (_cuda_visible() and _cuda_build()) else ("cpu", None)
+            kind, index = resolve_device(kind)
         if kind == "cuda":
             self._check_cuda(index)
 
@@ -186,7 +206,12 @@ class Engine:
             from .tokenizer import Tokenizer
             tokenizer = Tokenizer.from_source(source.tokenizer)
             self._description = self._describe(source)
-            if kind == "cuda":
+            if tp > 1:
+                from .parallel.launch import tensor_parallel_backend
+                backend = tensor_parallel_backend(source, kind, index, ctx, tp, progress=progress,
+                                                  max_num_seqs=seqs, kv_cache_memory=kv_cache_memory,
+                                                  prefix_cache=prefix_cache, step_timeout=step_timeout)
+            elif kind == "cuda":
                 from .backends.cuda import CUDABackend
                 backend = CUDABackend(source, index, ctx, int8_activations=int8_activations,
                                       max_num_seqs=seqs, kv_cache_memory=kv_cache_memory,
@@ -438,6 +463,7 @@ class Engine:
             "generation_config": {k: v for k, v in self._generation_config.items() if k != "eos_token_id"},
             "prefix_cache": self.prefix_cache,
             "max_num_seqs": self.max_num_seqs,
+            "tensor_parallel": int(getattr(self._backend, "tensor_parallel", 1)),
             "closed": self._closed,
         }
         try:
