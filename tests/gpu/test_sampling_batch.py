@@ -5,11 +5,11 @@ its own seed, step and penalty slot, over logits with NaN, -inf, +inf, all
 -inf rows, exact ties and flat rows. Every batched row must equal the
 single-row device launcher on that row exactly (the batched kernels run the
 same arithmetic), in both the candidate-prefix mode and the full-sort mode,
-and must agree with helexa_native.sampling.sample_from_logits up to float32
-near-ties: where they differ, the device token must be one the CPU sampler
-or a float64 reading of params.py gives with u, top_p and min_p nudged by
-1e-5, and such differences must stay rare. Outputs are poisoned before every
-call.
+and must agree with helexa_native.sampling.sample_from_logits and a float64
+reading of params.py up to float32 near-ties: where it differs from either,
+the device token must be one that either gives with u, top_p and min_p nudged by
+1e-5, and picks off the float64 reading must stay rare. Outputs are poisoned
+before every call.
 """
 from __future__ import annotations
 
@@ -397,7 +397,14 @@ def test_logprobs_batch(ops, gen, B, vocab, top_n):
 # ------------------------------------------------------------------ sample
 
 def _check_batch(ops, bt, rounds=3):
-    """Samples bt for `rounds` steps in both modes; returns (CPU mismatches, sampled rows)."""
+    """Samples bt for `rounds` steps in both modes; returns (near-tie picks, sampled rows).
+
+    A near-tie pick differs from the float64 reading of params.py without
+    nudges; it must still be one that reading or the CPU sampler gives under
+    nudges. A pick that differs only from the CPU sampler is not counted: on
+    flat rows with top_p the CPU sampler's float32 cumulative sum drifts by
+    far more than 1e-5, and there the device follows the float64 reading.
+    """
     B, vocab = bt.B, bt.vocab
     work = poisoned(B, vocab)
     slots_d = bt.slots.to(DEV)
@@ -426,14 +433,18 @@ def _check_batch(ops, bt, rounds=3):
             assert got[True][b] == single, f"{what}: prefix mode {got[True][b]}, single-row launcher {single}"
             assert got[False][b] == single, f"{what}: full-sort mode {got[False][b]}, single-row launcher {single}"
             assert 0 <= single < vocab, f"{what}: token {single} outside the vocabulary"
-            cpu = _cpu_token(bt.logits[b], bt.cfgs[b], bt.seeds[b], bt.prompts[b], bt.generated[b], int(steps[b]))
-            if bt.cfgs[b][0] != 0.0:
+            st = int(steps[b])
+            cpu = _cpu_token(bt.logits[b], bt.cfgs[b], bt.seeds[b], bt.prompts[b], bt.generated[b], st)
+            t, k, tp, mp = bt.cfgs[b][:4]
+            ref = _ref_sample(work_cpu[b], t, k, tp, mp, hparams.uniform(bt.seeds[b], st))
+            if t != 0.0:
                 sampled += 1
-            if cpu != single:
+            if cpu != single or ref != single:
                 allowed = _allowed(bt.logits[b], work_cpu[b], bt.cfgs[b], bt.seeds[b], bt.prompts[b],
-                                   bt.generated[b], int(steps[b]))
-                assert single in allowed, f"{what}: device {single}, CPU sampler {cpu}, near-tie set {sorted(allowed)}"
-                mismatches += 1
+                                   bt.generated[b], st)
+                assert single in allowed, (f"{what}: device {single}, CPU sampler {cpu}, float64 reading {ref}, "
+                                           f"near-tie set {sorted(allowed)}")
+                mismatches += ref != single
     return mismatches, sampled
 
 
@@ -448,7 +459,7 @@ def test_sample_batch(ops, gen, B, vocab):
         m, s = _check_batch(ops, bt)
         mismatches += m
         sampled += s
-    assert mismatches <= sampled // 8 + 1, f"{mismatches} of {sampled} sampled rows differed from the CPU sampler"
+    assert mismatches <= sampled // 8 + 1, f"{mismatches} of {sampled} sampled picks were near-ties"
 
 
 def test_sample_batch_paths(ops, gen):
