@@ -13,9 +13,11 @@
 
 #include "bindings/op_check.h"
 
+#include <cstdint>
 #include <cstring>
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "common/ggml_types.h"
 #include "common/rope_style.h"
@@ -24,6 +26,7 @@
 #include "kernels/cast.cuh"
 #include "kernels/embedding.cuh"
 #include "kernels/kv_cache.cuh"
+#include "kernels/penalty_slots.cuh"
 #include "kernels/rms_norm.cuh"
 #include "kernels/rope.cuh"
 #include "kernels/sampling.cuh"
@@ -380,6 +383,137 @@ void op_logprobs(const at::Tensor& logits, int64_t top_n, const at::Tensor& toke
                   out_top_lp.data_ptr<float>(), stream_of(logits));
 }
 
+// ------------------------------------------------------- sampling, batched
+
+// B rows of sampling_params_device, concatenated: [B * 40] or [B, 40] bytes.
+const SamplingParamsDevice* batch_params_ptr(const at::Tensor& params, int64_t B, const at::Device& dev) {
+  check_tensor(params, "params", at::kByte, dev);
+  const int64_t row = static_cast<int64_t>(sizeof(SamplingParamsDevice));
+  HX_OP_CHECK(params.numel() == B * row, "params must hold B * ", row, " = ", B * row, " bytes (B rows of ",
+              "torch.ops.helexa.sampling_params_device, concatenated), got ", params.numel());
+  HX_OP_CHECK(reinterpret_cast<uintptr_t>(params.data_ptr()) % alignof(SamplingParamsDevice) == 0,
+              "params must start on an ", alignof(SamplingParamsDevice), "-byte boundary");
+  return reinterpret_cast<const SamplingParamsDevice*>(params.data_ptr());
+}
+
+// logits [B, vocab] float32: returns (B, vocab).
+std::pair<int, int> logits_rows(const at::Tensor& logits, const at::Device& dev) {
+  check_tensor(logits, "logits", at::kFloat, dev);
+  HX_OP_CHECK(logits.dim() == 2, "logits must be [B, vocab]");
+  return {as_int(logits.size(0), "B"), as_int(logits.size(1), "vocab")};
+}
+
+// A penalty slot pool tensor: [max_slots, vocab] int32.
+void check_pool(const at::Tensor& t, const char* name, int64_t vocab, const at::Device& dev) {
+  check_tensor(t, name, at::kInt, dev);
+  HX_OP_CHECK(t.dim() == 2 && t.size(1) == vocab, name, " must be [max_slots, vocab] with vocab = ", vocab);
+}
+
+void op_penalties_batch(const at::Tensor& logits, at::Tensor& out, const at::Tensor& params, const at::Tensor& slots,
+                        const at::Tensor& present, const at::Tensor& counts) {
+  const c10::cuda::CUDAGuard guard(cuda_device(logits, "logits"));
+  const auto dev = logits.device();
+  const auto [B, vocab] = logits_rows(logits, dev);
+  check_tensor(out, "out", at::kFloat, dev);
+  HX_OP_CHECK(out.sizes() == logits.sizes(), "out must match logits");
+  check_tensor(slots, "slots", at::kInt, dev);
+  HX_OP_CHECK(slots.numel() == B, "slots must have B elements");
+  check_pool(present, "present", vocab, dev);
+  check_pool(counts, "counts", vocab, dev);
+  HX_OP_CHECK(counts.size(0) == present.size(0), "present and counts must have the same slots");
+  penalties_batch_launch(logits.data_ptr<float>(), out.data_ptr<float>(), B, vocab, batch_params_ptr(params, B, dev),
+                         slots.data_ptr<int32_t>(), present.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
+                         as_int(present.size(0), "max_slots"), stream_of(logits));
+}
+
+void op_penalty_update_batch(const at::Tensor& tokens, const at::Tensor& slots, at::Tensor& present,
+                             const std::optional<at::Tensor>& counts) {
+  const c10::cuda::CUDAGuard guard(cuda_device(present, "present"));
+  const auto dev = present.device();
+  check_tensor(tokens, "tokens", at::kInt, dev);
+  check_tensor(slots, "slots", at::kInt, dev);
+  HX_OP_CHECK(tokens.numel() == slots.numel(), "tokens and slots must have one element per entry");
+  check_tensor(present, "present", at::kInt, dev);
+  HX_OP_CHECK(present.dim() == 2, "present must be [max_slots, vocab]");
+  int32_t* c = nullptr;
+  if (counts.has_value() && counts->defined()) {
+    check_tensor(*counts, "counts", at::kInt, dev);
+    HX_OP_CHECK(counts->sizes() == present.sizes(), "counts must match present");
+    c = counts->data_ptr<int32_t>();
+  }
+  penalty_update_batch_launch(tokens.data_ptr<int32_t>(), slots.data_ptr<int32_t>(), as_int(tokens.numel(), "n"),
+                              present.data_ptr<int32_t>(), c, as_int(present.size(0), "max_slots"),
+                              as_int(present.size(1), "vocab"), stream_of(present));
+}
+
+void op_penalty_reset_batch(const at::Tensor& slots, at::Tensor& present, const std::optional<at::Tensor>& counts) {
+  const c10::cuda::CUDAGuard guard(cuda_device(present, "present"));
+  const auto dev = present.device();
+  check_tensor(slots, "slots", at::kInt, dev);
+  check_tensor(present, "present", at::kInt, dev);
+  HX_OP_CHECK(present.dim() == 2, "present must be [max_slots, vocab]");
+  int32_t* c = nullptr;
+  if (counts.has_value() && counts->defined()) {
+    check_tensor(*counts, "counts", at::kInt, dev);
+    HX_OP_CHECK(counts->sizes() == present.sizes(), "counts must match present");
+    c = counts->data_ptr<int32_t>();
+  }
+  penalty_reset_batch_launch(slots.data_ptr<int32_t>(), as_int(slots.numel(), "n"), present.data_ptr<int32_t>(), c,
+                             as_int(present.size(0), "max_slots"), as_int(present.size(1), "vocab"),
+                             stream_of(present));
+}
+
+void op_argmax_batch(const at::Tensor& logits, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(cuda_device(logits, "logits"));
+  const auto dev = logits.device();
+  const auto [B, vocab] = logits_rows(logits, dev);
+  check_tensor(out, "out", at::kInt, dev);
+  HX_OP_CHECK(out.numel() == B, "out must have B elements");
+  argmax_batch_launch(logits.data_ptr<float>(), B, vocab, out.data_ptr<int32_t>(), stream_of(logits));
+}
+
+void op_sample_batch(const at::Tensor& logits, const at::Tensor& params, const at::Tensor& steps, at::Tensor& out,
+                     bool candidate_prefix, const std::optional<at::Tensor>& sorted_in_full) {
+  const c10::cuda::CUDAGuard guard(cuda_device(logits, "logits"));
+  const auto dev = logits.device();
+  const auto [B, vocab] = logits_rows(logits, dev);
+  check_tensor(steps, "steps", at::kInt, dev);
+  check_tensor(out, "out", at::kInt, dev);
+  HX_OP_CHECK(steps.numel() == B && out.numel() == B, "steps and out must have B elements");
+  HX_OP_CHECK(static_cast<int64_t>(B) * vocab <= INT32_MAX, "B * vocab must be below 2^31");
+  const SamplingParamsDevice* p = batch_params_ptr(params, B, dev);
+  int32_t* full = nullptr;
+  if (sorted_in_full.has_value() && sorted_in_full->defined()) {
+    check_tensor(*sorted_in_full, "sorted_in_full", at::kInt, dev);
+    HX_OP_CHECK(sorted_in_full->numel() == B, "sorted_in_full must have B elements");
+    full = sorted_in_full->data_ptr<int32_t>();
+  }
+  if (B == 0) return;
+  const size_t ws_bytes = sample_batch_workspace_bytes(B, vocab);
+  at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, logits.options().dtype(at::kByte));
+  sample_batch_launch(logits.data_ptr<float>(), B, vocab, p, steps.data_ptr<int32_t>(), out.data_ptr<int32_t>(),
+                      ws.data_ptr(), ws_bytes, stream_of(logits), candidate_prefix, full);
+}
+
+void op_logprobs_batch(const at::Tensor& logits, int64_t top_n, const at::Tensor& tokens, at::Tensor& out_logprob,
+                       at::Tensor& out_top_ids, at::Tensor& out_top_lp) {
+  const c10::cuda::CUDAGuard guard(cuda_device(logits, "logits"));
+  const auto dev = logits.device();
+  const auto [B, vocab] = logits_rows(logits, dev);
+  check_tensor(tokens, "tokens", at::kInt, dev);
+  check_tensor(out_logprob, "out_logprob", at::kFloat, dev);
+  check_tensor(out_top_ids, "out_top_ids", at::kInt, dev);
+  check_tensor(out_top_lp, "out_top_lp", at::kFloat, dev);
+  HX_OP_CHECK(tokens.numel() == B && out_logprob.numel() == B, "tokens and out_logprob must have B elements");
+  HX_OP_CHECK(top_n >= 0 && top_n <= kMaxTopLogprobs, "top_n must be in [0, ", kMaxTopLogprobs, "]");
+  HX_OP_CHECK(out_top_ids.numel() == static_cast<int64_t>(B) * kMaxTopLogprobs &&
+                  out_top_lp.numel() == static_cast<int64_t>(B) * kMaxTopLogprobs,
+              "out_top_ids and out_top_lp must be [B, ", kMaxTopLogprobs, "]");
+  logprobs_batch_launch(logits.data_ptr<float>(), B, vocab, static_cast<int>(top_n), tokens.data_ptr<int32_t>(),
+                        out_logprob.data_ptr<float>(), out_top_ids.data_ptr<int32_t>(), out_top_lp.data_ptr<float>(),
+                        stream_of(logits));
+}
+
 }  // namespace
 }  // namespace hx
 
@@ -419,4 +553,21 @@ TORCH_LIBRARY_FRAGMENT(helexa, m) {
       "logprobs(Tensor logits, int top_n, Tensor token, Tensor(a!) out_logprob, Tensor(b!) out_top_ids, "
       "Tensor(c!) out_top_lp) -> ()",
       &hx::op_logprobs);
+  m.def(
+      "penalties_batch(Tensor logits, Tensor(a!) out, Tensor params, Tensor slots, Tensor present, "
+      "Tensor counts) -> ()",
+      &hx::op_penalties_batch);
+  m.def("penalty_update_batch(Tensor tokens, Tensor slots, Tensor(a!) present, Tensor(b!)? counts) -> ()",
+        &hx::op_penalty_update_batch);
+  m.def("penalty_reset_batch(Tensor slots, Tensor(a!) present, Tensor(b!)? counts) -> ()",
+        &hx::op_penalty_reset_batch);
+  m.def("argmax_batch(Tensor logits, Tensor(a!) out) -> ()", &hx::op_argmax_batch);
+  m.def(
+      "sample_batch(Tensor logits, Tensor params, Tensor steps, Tensor(a!) out, bool candidate_prefix=True, "
+      "Tensor(b!)? sorted_in_full=None) -> ()",
+      &hx::op_sample_batch);
+  m.def(
+      "logprobs_batch(Tensor logits, int top_n, Tensor tokens, Tensor(a!) out_logprob, Tensor(b!) out_top_ids, "
+      "Tensor(c!) out_top_lp) -> ()",
+      &hx::op_logprobs_batch);
 }
