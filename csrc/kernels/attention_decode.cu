@@ -17,19 +17,19 @@
 //   chunk = round_up(ceil(seq_len / P), 32), split s covers [s*chunk, (s+1)*chunk).
 // Splits past the end return at once. Paging: a warp's rows of one
 // iteration are ROWS_W <= 16 consecutive positions starting at a multiple of
-// ROWS_W, so with block_size a power of two >= 16 they lie in one block; the
-// warp reads that block's id once (broadcast load, fetched one iteration
-// ahead so its latency hides behind the K/V loads). Inside a block, a row of K or V is read
-// by LPR = next_pow2(d / 8) lanes with one 16-byte load each (lanes past d/8
-// idle), so a warp reads 32/LPR consecutive rows per load instruction; each
-// lane issues B loads of K and B of V before using any, which keeps enough
-// bytes in flight to run near memory bandwidth. All GT q heads of the kv head
-// reuse each loaded K/V row (the GQA sharing). Scores are reduced over the
-// LPR lanes with xor shuffles; every row group keeps its own online-softmax
-// state (max m, sum l, unnormalized acc in log2 domain), merged across row
-// groups by shuffles and across warps in shared memory. The block writes
-// (m, l, acc) for its split to the workspace.
-// Combine kernel: one block per (sequence, q head) merges the valid splits:
+// ROWS_W, so with block_size a power of two >= 16 they lie in one KV block;
+// the warp reads that block's id once (broadcast load, fetched one iteration
+// ahead so its latency hides behind the K/V loads). Inside a CTA, a row of K
+// or V is read by LPR = next_pow2(d / 8) lanes with one 16-byte load each
+// (lanes past d/8 idle), so a warp reads 32/LPR consecutive rows per load
+// instruction; each lane issues B loads of K and B of V before using any,
+// which keeps enough bytes in flight to run near memory bandwidth. All GT q
+// heads of the kv head reuse each loaded K/V row (the GQA sharing). Scores
+// are reduced over the LPR lanes with xor shuffles; every row group keeps its
+// own online-softmax state (max m, sum l, unnormalized acc in log2 domain),
+// merged across row groups by shuffles and across warps in shared memory.
+// The CTA writes (m, l, acc) for its split to the workspace.
+// Combine kernel: one CTA per (sequence, q head) merges the valid splits:
 //   out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
 // Float32 math on bf16 K/V, so results match a float32 reference on the same
 // cache values to rounding. One arch path (sm_80+ baseline): the kernel is
