@@ -851,8 +851,21 @@ std::vector<StepResult> GpuModel::step_batch(WorkerContext& ctx, const std::vect
   validate(seqs);
   bool decode_only = true;
   for (const SeqInput& s : seqs) decode_only = decode_only && s.tokens.size() == 1 && s.sample;
-  apply_penalty_updates(ctx, seqs);
-  return decode_only ? decode_step(ctx, seqs) : general_step(ctx, seqs, false, nullptr);
+  try {
+    apply_penalty_updates(ctx, seqs);
+    return decode_only ? decode_step(ctx, seqs) : general_step(ctx, seqs, false, nullptr);
+  } catch (...) {
+    settle(ctx);
+    throw;
+  }
+}
+
+void GpuModel::settle(WorkerContext& ctx) noexcept {
+  // A step that failed midway may have left copies out of the pinned staging
+  // buffers queued; the next job refills them only after those finished.
+  // Any error this reports is the one already being thrown (or the worker's
+  // own check after the job finds it).
+  cudaStreamSynchronize(ctx.compute_stream());
 }
 
 std::vector<StepResult> GpuModel::decode_step(WorkerContext& ctx, const std::vector<SeqInput>& seqs) {
@@ -1121,10 +1134,15 @@ std::vector<float> GpuModel::forward_logits(WorkerContext& ctx, const std::vecto
   s.sample = false;
   s.want_logits = !all_logits;
   validate(one);
-  if (!all_logits) return std::move(general_step(ctx, one, false, nullptr)[0].logits);
-  std::vector<float> out(static_cast<size_t>(spec_.vocab) * tokens.size());
-  general_step(ctx, one, true, &out);
-  return out;
+  try {
+    if (!all_logits) return std::move(general_step(ctx, one, false, nullptr)[0].logits);
+    std::vector<float> out(static_cast<size_t>(spec_.vocab) * tokens.size());
+    general_step(ctx, one, true, &out);
+    return out;
+  } catch (...) {
+    settle(ctx);
+    throw;
+  }
 }
 
 // ---------------------------------------------------------------------------

@@ -178,6 +178,8 @@ class GpuModel : public Resource {
   // entries per row at `base`; returns its bytes and the tables' offset.
   static size_t row_layout(char* base, int rows, int stride, RowInputs* out, size_t* tables_off);
 
+  // Waits for the compute stream after a failed step (see the definition).
+  static void settle(WorkerContext& ctx) noexcept;
   std::vector<StepResult> decode_step(WorkerContext& ctx, const std::vector<SeqInput>& seqs);
   // Every other step, and forward_logits: passes of up to chunk_ rows.
   // all_rows: the LM head over every row, downloaded into *all_out
