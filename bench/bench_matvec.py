@@ -18,12 +18,10 @@ import statistics
 
 import torch
 
-TYPES = {
-    "F32": (0, 1, 4), "F16": (1, 1, 2), "BF16": (30, 1, 2),
-    "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22), "Q5_1": (7, 32, 24), "Q8_0": (8, 32, 34),
-    "Q2_K": (10, 256, 84), "Q3_K": (11, 256, 110), "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176),
-    "Q6_K": (14, 256, 210), "IQ4_NL": (20, 32, 18), "IQ4_XS": (23, 256, 136),
-}
+from helexa_native.ggml_types import BLOCK_SIZES, GGML_TYPE_IDS
+
+# name -> (ggml type id, weights per block, bytes per block)
+TYPES = {name: (GGML_TYPE_IDS[name], *BLOCK_SIZES[name]) for name in BLOCK_SIZES}
 # (name, n_out, k): q/o, k/v, gate/up, down, lm head of Llama-3-8B
 SHAPES = [("attn_q/o", 4096, 4096), ("attn_k/v", 1024, 4096), ("ffn_gate/up", 14336, 4096),
           ("ffn_down", 4096, 14336), ("lm_head", 128256, 4096)]

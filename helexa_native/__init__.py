@@ -4,8 +4,8 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 __version__ = "0.1.0"
 
 from .errors import (BuildMismatchError, ChatTemplateError, ContextLengthError,  # noqa: E402
-                     DeviceError, EngineClosedError, HelexaError, ModelLoadError, TokenizerError,
-                     UnsupportedModelError)
+                     DeviceError, EngineClosedError, HelexaError, InvalidParameterError,
+                     ModelLoadError, TokenizerError, UnsupportedModelError)
 from .params import SamplingParams  # noqa: E402
 from .engine import Engine, GenerationResult, StreamChunk  # noqa: E402
 
@@ -13,5 +13,5 @@ __all__ = [
     "Engine", "GenerationResult", "StreamChunk", "SamplingParams", "__version__",
     "HelexaError", "ModelLoadError", "UnsupportedModelError", "TokenizerError",
     "ChatTemplateError", "ContextLengthError", "DeviceError", "EngineClosedError",
-    "BuildMismatchError",
+    "BuildMismatchError", "InvalidParameterError",
 ]

@@ -91,19 +91,20 @@ def bench_engine(engine, prompt_tokens: int = 512, decode_tokens: int = 128, dep
     ids = torch.randint(0, vocab, (depth + prompt_tokens,), generator=gen).tolist()
     depth_ids, prompt_ids = ids[:depth], ids[depth:]
 
-    engine._acquire()
-    try:
-        backend = engine.backend
-        if warmup:
-            _one_run(backend, prompt_ids, depth_ids, min(decode_tokens, 8))
-        prefill, decode = [], []
-        for _ in range(repeats):
-            p, d = _one_run(backend, prompt_ids, depth_ids, decode_tokens)
-            prefill.append(p)
-            decode.append(d)
-    finally:
-        engine._cached = []
-        engine._release()
+    backend = engine.backend
+    # The private sequence of the backend runs under its step lock: the
+    # scheduler's requests (if any) wait, so nothing shares these steps.
+    with backend.lock:
+        try:
+            if warmup:
+                _one_run(backend, prompt_ids, depth_ids, min(decode_tokens, 8))
+            prefill, decode = [], []
+            for _ in range(repeats):
+                p, d = _one_run(backend, prompt_ids, depth_ids, decode_tokens)
+                prefill.append(p)
+                decode.append(d)
+        finally:
+            backend.reset()
 
     p_med = statistics.median(prefill)
     d_med = statistics.median(decode)
@@ -137,6 +138,86 @@ def bench_engine(engine, prompt_tokens: int = 512, decode_tokens: int = 128, dep
         out["copy_bandwidth_gb_per_s"] = copy_bandwidth_gbs
         out["bandwidth_share"] = achieved / copy_bandwidth_gbs
     return out
+
+
+def _percentile(xs, q: float) -> float:
+    if not xs:
+        return 0.0
+    xs = sorted(xs)
+    i = min(len(xs) - 1, max(0, int(round(q / 100.0 * (len(xs) - 1)))))
+    return xs[i]
+
+
+def bench_concurrency(engine, concurrency=(1, 8, 16, 32, 64), prompt_tokens: int = 512,
+                      decode_tokens: int = 128, seed: int = 0, warmup: bool = True) -> list:
+    """N concurrent streams, each its own random prompt then decode_tokens tokens, for each N.
+
+    Per N: aggregate decode tok/s while all N streams decode (tokens after
+    the last stream's first token over that window), tokens over the whole
+    wall time, per-stream inter-token latency p50/p99 and time to first
+    token p50/p99. Greedy, EOS ignored, prefix cache defeated by distinct
+    random prompts.
+    """
+    import threading
+
+    vocab = engine.config.vocab_size
+    if prompt_tokens + decode_tokens > engine.n_ctx:
+        from .errors import ContextLengthError
+        raise ContextLengthError(f"prompt {prompt_tokens} + decode {decode_tokens} tokens exceed "
+                                 f"the context of {engine.n_ctx}")
+    gen = torch.Generator().manual_seed(seed)
+    results = []
+    if warmup:
+        engine.generate_batch([torch.randint(0, vocab, (prompt_tokens,), generator=gen).tolist()
+                               for _ in range(min(2, max(concurrency)))],
+                              temperature=0, max_tokens=4, ignore_eos=True)
+    for n in concurrency:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"concurrency values must be positive integers, got {n!r}")
+        prompts = [torch.randint(0, vocab, (prompt_tokens,), generator=gen).tolist() for _ in range(n)]
+        stamps = [[] for _ in range(n)]
+        t0 = time.perf_counter()
+        streams = [engine.generate_stream(p, temperature=0, max_tokens=decode_tokens, ignore_eos=True)
+                   for p in prompts]
+
+        def consume(i):
+            for ch in streams[i]:
+                now = time.perf_counter()
+                stamps[i].extend([now] * len(ch.token_ids))
+
+        threads = [threading.Thread(target=consume, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        t_end = time.perf_counter()
+        firsts = [st[0] for st in stamps if st]
+        t_all = max(firsts) if firsts else t_end
+        steady = sum(1 for st in stamps for x in st if x > t_all)
+        itl = [b - a for st in stamps for a, b in zip(st, st[1:])]
+        ttft = [f - t0 for f in firsts]
+        total = sum(len(st) for st in stamps)
+        results.append({
+            "concurrency": n, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
+            "generated_tokens": total,
+            "aggregate_decode_tokens_per_s": steady / (t_end - t_all) if t_end > t_all else 0.0,
+            "tokens_per_s_wall": total / (t_end - t0),
+            "wall_seconds": t_end - t0,
+            "itl_ms_p50": 1e3 * _percentile(itl, 50), "itl_ms_p99": 1e3 * _percentile(itl, 99),
+            "ttft_ms_p50": 1e3 * _percentile(ttft, 50), "ttft_ms_p99": 1e3 * _percentile(ttft, 99),
+        })
+    return results
+
+
+def format_concurrency(rows: list) -> str:
+    """A table of bench_concurrency's rows."""
+    head = f"{'N':>4} {'agg tok/s':>10} {'wall tok/s':>10} {'ITL p50':>8} {'ITL p99':>8} {'TTFT p50':>9} {'TTFT p99':>9}"
+    lines = [head]
+    for r in rows:
+        lines.append(f"{r['concurrency']:>4} {r['aggregate_decode_tokens_per_s']:>10.1f} "
+                     f"{r['tokens_per_s_wall']:>10.1f} {r['itl_ms_p50']:>6.2f}ms {r['itl_ms_p99']:>6.2f}ms "
+                     f"{r['ttft_ms_p50']:>7.1f}ms {r['ttft_ms_p99']:>7.1f}ms")
+    return "\n".join(lines)
 
 
 def _device_name(device: str) -> str:
@@ -181,7 +262,7 @@ def run_bench(model=None, device: str = "auto", n_ctx: Optional[int] = None,
               prompt_tokens: int = 512, decode_tokens: int = 128, depth: int = 0,
               repeats: int = 3, warmup: bool = True, synthetic: Optional[str] = None,
               synthetic_overrides: Optional[dict] = None, progress: Optional[bool] = None,
-              measure_copy: bool = True) -> dict:
+              measure_copy: bool = True, concurrency=None, engine_options: Optional[dict] = None) -> dict:
     """Load a model (or write a synthetic one), benchmark it, return the numbers."""
     from .engine import Engine, _cuda_build, _cuda_visible, _parse_device
 
@@ -205,9 +286,18 @@ def run_bench(model=None, device: str = "auto", n_ctx: Optional[int] = None,
         if ctx is None:
             from . import defaults
             ctx = max(defaults.DEFAULT_MAX_CONTEXT, need)
-        with Engine(model, device=device, n_ctx=ctx, progress=progress) as eng:
-            out = bench_engine(eng, prompt_tokens, decode_tokens, depth, repeats, warmup,
-                               copy_bandwidth_gbs=copy_bw)
+        opts = dict(engine_options or {})
+        if concurrency:
+            opts.setdefault("max_num_seqs", max(max(concurrency), 1))
+        with Engine(model, device=device, n_ctx=ctx, progress=progress, **opts) as eng:
+            if concurrency:
+                out = {"model": str(eng.model_path), "device": eng.device,
+                       "device_name": _device_name(eng.device), "weight_bytes": eng.weight_bytes,
+                       "concurrency": bench_concurrency(eng, concurrency, prompt_tokens, decode_tokens,
+                                                        warmup=warmup)}
+            else:
+                out = bench_engine(eng, prompt_tokens, decode_tokens, depth, repeats, warmup,
+                                   copy_bandwidth_gbs=copy_bw)
         if synthetic:
             out["synthetic"] = synthetic
             out["synthetic_write_seconds"] = write_seconds
@@ -216,6 +306,10 @@ def run_bench(model=None, device: str = "auto", n_ctx: Optional[int] = None,
 
 def format_report(r: dict) -> str:
     """Human-readable lines for a bench result."""
+    if "concurrency" in r:
+        return "\n".join([f"model      {r.get('synthetic') or r['model']}",
+                          f"device     {r['device']} ({r['device_name']})",
+                          format_concurrency(r["concurrency"])])
     gib = r["weight_bytes"] / (1 << 30)
     lines = [
         f"model      {r.get('synthetic') or r['model']}",

@@ -8,6 +8,7 @@ import sys
 from typing import List, Optional
 
 from . import defaults
+from .request_params import PASSTHROUGH_FIELDS, resolve_params
 
 PROG = "helexa-native"
 
@@ -23,6 +24,13 @@ def _add_model_args(p: argparse.ArgumentParser, model: bool = True) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     g.add_argument("--n-ctx", type=int, default=None,
                    help=f"context size in tokens (default: the model's, capped at {defaults.DEFAULT_MAX_CONTEXT})")
+    g.add_argument("--max-num-seqs", type=int, default=None,
+                   help=f"sequences decoded together at most (default {defaults.DEFAULT_MAX_NUM_SEQS})")
+    g.add_argument("--kv-cache-memory", default=None, metavar="BYTES",
+                   help="bytes of the shared paged KV cache, e.g. 8G or 512M (default: CUDA, 80%% of "
+                        "the memory left after the weights; CPU, four full contexts)")
+    g.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=True,
+                   help="do not reuse the cached KV blocks of earlier prompts")
     bar = g.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None,
                      help="show progress bars (default: only on a terminal)")
@@ -49,13 +57,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="keep going past end-of-sequence tokens")
 
 
-SAMPLING_ARGS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                 "presence_penalty", "frequency_penalty", "seed", "stop", "stop_token_ids",
-                 "ignore_eos")
-
-
 def _sampling(args) -> dict:
-    return {k: getattr(args, k) for k in SAMPLING_ARGS if getattr(args, k, None) is not None}
+    return {k: getattr(args, k) for k in PASSTHROUGH_FIELDS if getattr(args, k, None) is not None}
 
 
 def _progress(args) -> bool:
@@ -66,14 +69,45 @@ def _progress(args) -> bool:
 
 def _check_sampling(sampling: dict) -> None:
     # Bad flags fail before a model spends seconds loading.
-    from .sampling import resolve_params
     resolve_params(sampling, {})
 
 
-def _engine(args, prefix_cache: bool = False):
+def _byte_size(text: str) -> int:
+    """'8G', '512M', '1.5GiB' or a plain number of bytes."""
+    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    num = t[:-1] if scale != 1 else t
+    try:
+        v = int(float(num) * scale)
+    except ValueError:
+        raise ValueError(f"--kv-cache-memory: not a byte size: {text!r} (e.g. 8G, 512M, 1000000)") from None
+    if v < 1:
+        raise ValueError(f"--kv-cache-memory must be positive, got {text!r}")
+    return v
+
+
+def _int_list(text: str) -> list:
+    try:
+        out = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--concurrency: expected comma-separated integers, got {text!r}") from None
+    if not out or any(x < 1 for x in out):
+        raise ValueError(f"--concurrency: expected positive integers, got {text!r}")
+    return out
+
+
+def engine_options_from_args(args) -> dict:
+    """--max-num-seqs, --kv-cache-memory and --no-prefix-cache as Engine keyword arguments."""
+    return {"max_num_seqs": getattr(args, "max_num_seqs", None),
+            "kv_cache_memory": (_byte_size(args.kv_cache_memory)
+                                if getattr(args, "kv_cache_memory", None) is not None else None),
+            "prefix_cache": getattr(args, "prefix_cache", True)}
+
+
+def _engine(args):
     from .engine import Engine
     return Engine(args.model, device=args.device, n_ctx=args.n_ctx, progress=_progress(args),
-                  prefix_cache=prefix_cache)
+                  **engine_options_from_args(args))
 
 
 def build_parser(with_server: bool = True) -> argparse.ArgumentParser:
@@ -125,6 +159,9 @@ def build_parser(with_server: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=0,
                    help="tokens already in the KV cache before the timed run (default 0)")
     p.add_argument("--repeats", "-r", type=int, default=3, help="timed runs; medians reported (default 3)")
+    p.add_argument("--concurrency", default=None, metavar="N,N,...",
+                   help="instead of batch 1: N concurrent streams for each N (e.g. 1,8,16,32,64): "
+                        "aggregate decode tok/s, inter-token latency and time to first token")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up run")
     p.add_argument("--synthetic", default=None, metavar="PRESET:QUANT",
                    help="benchmark a synthetic model written to a temp dir (e.g. llama3-8b:Q4_K_M, "
@@ -181,8 +218,8 @@ def cmd_generate(args) -> int:
         else:
             stream = eng.generate_stream(prompt, **sampling)
         if args.json:
-            from .engine import _collect
-            r = _collect(stream, [])
+            from .engine import collect_stream
+            r = collect_stream(stream, [])
             out = {"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
                    "stop_reason": r.stop_reason, "usage": r.usage, "timings": r.timings,
                    "seed": r.seed}
@@ -234,7 +271,7 @@ def cmd_chat(args) -> int:
         except ImportError:
             pass
     # A conversation re-sends its history each turn: reuse its KV cache.
-    with _engine(args, prefix_cache=True) as eng:
+    with _engine(args) as eng:
         system = [{"role": "system", "content": args.system}] if args.system else []
         history: List[dict] = []
         if interactive:
@@ -343,6 +380,8 @@ def cmd_bench(args) -> int:
                   prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                   depth=args.depth, repeats=args.repeats, warmup=args.warmup,
                   synthetic=args.synthetic, progress=_progress(args),
+                  concurrency=_int_list(args.concurrency) if args.concurrency is not None else None,
+                  engine_options={k: v for k, v in engine_options_from_args(args).items() if v is not None},
                   synthetic_overrides=({"n_layers": args.synthetic_layers}
                                        if args.synthetic_layers is not None else None))
     if args.json_file == "-":

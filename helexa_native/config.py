@@ -24,11 +24,6 @@ from typing import Any, Callable, Optional
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 
-# GGUF block types and plain dtypes a RawTensor can hold.
-QUANT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K",
-               "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
-FLOAT_TYPES = ("F32", "F16", "BF16")
-
 
 @dataclass
 class ModelConfig:
@@ -83,7 +78,7 @@ class RawTensor:
 
     name: str
     shape: tuple
-    dtype: str                     # one of FLOAT_TYPES or QUANT_TYPES
+    dtype: str                     # a ggml_types name: FLOAT_TYPES or QUANT_TYPES
     data: Any
     dequantize: Optional[Callable[["RawTensor"], Any]] = field(default=None, repr=False)
 

@@ -30,3 +30,7 @@ DEFAULT_MAX_QUEUE = 16
 
 # Loads that take longer than this show a progress bar (seconds, estimated).
 PROGRESS_MIN_SECONDS = 1.0
+
+# Sequences one Engine decodes together at most (continuous batching); more
+# requests wait in the scheduler's queue.
+DEFAULT_MAX_NUM_SEQS = 64

@@ -1,13 +1,16 @@
 """The public Python API: load a model once, then generate, chat and stream.
 
-One Engine owns one backend (CPU reference or CUDA device worker) and one KV
-cache, so it runs one request at a time: a lock serializes calls, and a
-stream holds it from its first chunk until it finishes or is closed.
+One Engine owns one backend (CPU reference or CUDA device worker) with its
+paged KV pool, and one scheduler thread (scheduler.py) that runs every
+request's steps together: concurrent calls, from any threads and any mix of
+streams, share each decode step. A call submits its request and then, in
+the caller's thread, turns the tokens the scheduler hands back into text
+(incremental detokenizer, stop strings) and chunks.
 """
 from __future__ import annotations
 
 import importlib.util
-import inspect
+import queue
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,11 +20,12 @@ from typing import Any, Iterator, List, Optional, Sequence, Union
 from . import defaults
 from .errors import (ContextLengthError, DeviceError, EngineClosedError,
                      ModelLoadError)
-from .params import SamplerState, SamplingParams
-from .sampling import SAMPLING_FIELDS, resolve_params
+from .params import SamplingParams
+from .request_params import SAMPLING_FIELDS, resolve_params
+from .scheduler import DEFAULT_MAX_BATCH_TOKENS, Request, Scheduler
 from .stop import StopMatcher
 
-__all__ = ["Engine", "GenerationResult", "StreamChunk", "default_model_path"]
+__all__ = ["Engine", "GenerationResult", "StreamChunk", "collect_stream", "default_model_path"]
 
 
 @dataclass
@@ -126,23 +130,39 @@ class Engine:
     """
 
     def __init__(self, model: Union[str, Path, None] = None, device: str = "auto",
-                 n_ctx: Optional[int] = None, progress: Any = None, prefix_cache: bool = False,
-                 int8_activations: Optional[bool] = None):
+                 n_ctx: Optional[int] = None, progress: Any = None, prefix_cache: bool = True,
+                 int8_activations: Optional[bool] = None, max_num_seqs: Optional[int] = None,
+                 kv_cache_memory: Optional[int] = None,
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
         """Load `model` (GGUF file or HF folder; None = the default model) onto `device`.
 
         device: "auto" (CUDA when a GPU and a CUDA build are present, else CPU),
-        "cpu", "cuda" or "cuda:N". n_ctx: KV cache positions (default: the
-        model's context capped at defaults.DEFAULT_MAX_CONTEXT). progress is
-        passed to the loader. prefix_cache reuses the KV cache of a shared
-        prompt prefix between calls: faster multi-turn chat, but the last prompt
-        token then runs through a different kernel path than in a fresh call, so
-        a seeded request is no longer bit-for-bit repeatable (off by default).
+        "cpu", "cuda" or "cuda:N". n_ctx: the longest sequence in positions
+        (default: the model's context capped at defaults.DEFAULT_MAX_CONTEXT).
+        progress is passed to the loader. max_num_seqs: sequences decoded
+        together at most (default 64); more requests wait their turn.
+        kv_cache_memory: bytes of the paged KV pool that all sequences share
+        (default: CUDA, 80% of the device memory left after the weights, at most
+        what max_num_seqs full contexts need; CPU, four full contexts, touched
+        only as used). prefix_cache: a prompt that starts like an earlier one
+        (a multi-turn chat, a shared system prompt) reuses its cached KV blocks
+        (on by default). max_batch_tokens: tokens one step runs at most
+        (decode tokens and prompt chunks together).
         int8_activations (CUDA only): decode matvecs over Q4_0/Q8_0/Q4_K/Q6_K
         weights quantize their input to two int8 terms per element (~1e-6
         relative error per product) and use integer dot products. None: where
         that is faster (large Q4_0 and Q8_0 matrices); True: every such type; False: never.
         """
-        self._init_state(prefix_cache)
+        self._init_state()
+        if max_num_seqs is not None and (not isinstance(max_num_seqs, int) or isinstance(max_num_seqs, bool)
+                                         or max_num_seqs < 1):
+            raise ValueError(f"max_num_seqs must be a positive integer, got {max_num_seqs!r}")
+        if kv_cache_memory is not None and (not isinstance(kv_cache_memory, int)
+                                            or isinstance(kv_cache_memory, bool) or kv_cache_memory < 1):
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")
+        if not isinstance(max_batch_tokens, int) or isinstance(max_batch_tokens, bool) or max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens!r}")
+        seqs = max_num_seqs if max_num_seqs is not None else defaults.DEFAULT_MAX_NUM_SEQS
         kind, index = _parse_device(device)
         if int8_activations is not None and not isinstance(int8_activations, bool):
             raise ValueError(f"int8_activations must be None, True or False, got {int8_activations!r}")
@@ -168,12 +188,15 @@ class Engine:
             self._description = self._describe(source)
             if kind == "cuda":
                 from .backends.cuda import CUDABackend
-                backend = CUDABackend(source, index, ctx, int8_activations=int8_activations)
+                backend = CUDABackend(source, index, ctx, int8_activations=int8_activations,
+                                      max_num_seqs=seqs, kv_cache_memory=kv_cache_memory,
+                                      prefix_cache=prefix_cache)
             else:
                 from .backends.cpu import CPUBackend
-                backend = _construct(CPUBackend, source, ctx, progress=progress)
+                backend = CPUBackend(source, ctx, progress=progress, max_num_seqs=seqs,
+                                     kv_cache_memory=kv_cache_memory, prefix_cache=prefix_cache)
             self._attach(backend, tokenizer, source.chat_template, source.generation_config,
-                         source.eos_token_ids, path, source.tensors.values())
+                         source.eos_token_ids, path, source.tensors.values(), max_batch_tokens)
         except BaseException:
             if self._backend is not None:
                 self._backend.close()
@@ -185,29 +208,31 @@ class Engine:
     @classmethod
     def from_backend(cls, backend, tokenizer, chat_template: Optional[str] = None,
                      generation_config: Optional[dict] = None, eos_token_ids: Sequence[int] = (),
-                     model_path: Union[str, Path] = "", prefix_cache: bool = False) -> "Engine":
+                     model_path: Union[str, Path] = "", prefix_cache: bool = True,
+                     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> "Engine":
         """Wrap an already loaded Backend and Tokenizer (custom backends, tests)."""
         self = cls.__new__(cls)
-        self._init_state(prefix_cache)
+        self._init_state()
         self._description = {}
+        backend.blocks.prefix_cache = bool(prefix_cache)
         self._attach(backend, tokenizer, chat_template, generation_config, eos_token_ids,
-                     Path(model_path), ())
+                     Path(model_path), (), max_batch_tokens)
         self.load_seconds = 0.0
         return self
 
-    def _init_state(self, prefix_cache: bool) -> None:
-        self._lock = threading.Lock()
-        self._owner: Optional[int] = None
+    def _init_state(self) -> None:
         self._closed = False
+        self._close_lock = threading.Lock()
         self._backend = None
+        self._scheduler: Optional[Scheduler] = None
         self._source = None
-        self._cached: List[int] = []          # token ids whose KV the backend holds
-        self.prefix_cache = bool(prefix_cache)
 
     def _attach(self, backend, tokenizer, chat_template, generation_config, eos_token_ids,
-                path: Path, tensors) -> None:
+                path: Path, tensors, max_batch_tokens: int) -> None:
         tensors = list(tensors)
         self._backend = backend
+        self.prefix_cache = bool(backend.blocks.prefix_cache)
+        self.max_num_seqs = int(backend.max_num_seqs)
         self.config = backend.config
         self.n_ctx = int(backend.n_ctx)
         self.device = str(getattr(backend, "device", "cpu"))
@@ -217,6 +242,7 @@ class Engine:
         self.weight_bytes = int(sum(t.nbytes for t in tensors))
         self.n_params = int(sum(_numel(t.shape) for t in tensors))
         self._generation_config = self._gen_config(generation_config, eos_token_ids)
+        self._scheduler = Scheduler(backend, max_batch_tokens=max_batch_tokens)
 
     # ------------------------------------------------------------------ setup
 
@@ -259,18 +285,7 @@ class Engine:
         except Exception:
             return {}
 
-    # ------------------------------------------------------------------ locking
-
-    def _acquire(self) -> None:
-        if self._owner == threading.get_ident():
-            raise RuntimeError("a stream from this engine is still open in this thread; "
-                               "finish or close it before starting another request")
-        self._lock.acquire()
-        self._owner = threading.get_ident()
-
-    def _release(self) -> None:
-        self._owner = None
-        self._lock.release()
+    # ------------------------------------------------------------------ state
 
     def _live(self):
         if self._closed or self._backend is None:
@@ -317,7 +332,7 @@ class Engine:
     def generate(self, prompt: Union[str, Sequence[int]], cancel=None, **sampling) -> GenerationResult:
         """Complete `prompt` (text, or token ids) and return the whole result."""
         ids = self._prompt_ids(prompt)
-        return _collect(self._start(ids, sampling, cancel, continuation=True), ids)
+        return collect_stream(self._start(ids, sampling, cancel, continuation=True), ids)
 
     def generate_stream(self, prompt: Union[str, Sequence[int]], cancel=None,
                         **sampling) -> Iterator[StreamChunk]:
@@ -338,7 +353,7 @@ class Engine:
              chat_template_kwargs: Optional[dict] = None, **sampling) -> GenerationResult:
         """Answer a conversation rendered with the model's chat template."""
         ids = self._chat_ids(messages, tools, chat_template_kwargs)
-        return _collect(self._start(ids, sampling, cancel), ids)
+        return collect_stream(self._start(ids, sampling, cancel), ids)
 
     def chat_stream(self, messages: list, tools: Optional[list] = None, cancel=None,
                     chat_template_kwargs: Optional[dict] = None, **sampling) -> Iterator[StreamChunk]:
@@ -352,8 +367,23 @@ class Engine:
         return self.apply_chat_template(messages, add_generation_prompt=True, tools=tools,
                                         tokenize=True, **(chat_template_kwargs or {}))
 
+    def generate_batch(self, prompts: Sequence[Union[str, Sequence[int]]], cancel=None,
+                       **sampling) -> List[GenerationResult]:
+        """Complete several prompts at once (they share every step); results in prompt order."""
+        if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
+            raise ValueError("prompts must be a list of prompts (text or token ids)")
+        ids = [self._prompt_ids(p) for p in prompts]
+        streams = []
+        try:
+            for p in ids:
+                streams.append(self._start(p, sampling, cancel, continuation=True))
+            return [collect_stream(s, p) for s, p in zip(streams, ids)]
+        finally:
+            for s in streams:
+                s.close()
+
     def _start(self, ids: List[int], sampling: dict, cancel,
-               continuation: bool = False) -> Iterator[StreamChunk]:
+               continuation: bool = False) -> "_Stream":
         sampling = dict(sampling)
         skip_special = sampling.pop("skip_special_tokens", True)
         if not isinstance(skip_special, bool):
@@ -370,122 +400,9 @@ class Engine:
         if len(ids) >= self.n_ctx:
             raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context holds "
                                      f"{self.n_ctx}: at most {self.n_ctx - 1} prompt tokens fit")
-        return self._run(ids, params, max_tokens, stops, set(stop_ids), cancel, skip_special,
-                         continuation)
-
-    def _prefix_reuse(self, ids: List[int]) -> int:
-        if not self.prefix_cache:
-            return 0
-        n = 0
-        for a, b in zip(self._cached, ids):
-            if a != b:
-                break
-            n += 1
-        # The last prompt token must run to produce the first logits.
-        return min(n, len(ids) - 1)
-
-    def _run(self, ids, params: SamplingParams, max_tokens: int, stops, stop_ids, cancel,
-             skip_special: bool, continuation: bool = False):
-        self._acquire()
-        try:
-            yield from self._loop(ids, params, max_tokens, stops, stop_ids, cancel, skip_special,
-                                  continuation)
-        finally:
-            self._release()
-
-    def _loop(self, ids, params, max_tokens, stops, stop_ids, cancel, skip_special, continuation):
-        from .detokenizer import IncrementalDetokenizer
-
-        backend = self._live()
-        t0 = time.perf_counter()
-        n_prompt = len(ids)
-        limit = min(max_tokens, self.n_ctx - n_prompt)
-        state = SamplerState(prompt_tokens=list(ids))
-        # A completion continues the prompt's text, so a SentencePiece word-boundary
-        # space at its start is kept; a chat answer starts fresh and drops it.
-        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=skip_special,
-                                       keep_leading_space=continuation)
-        matcher = StopMatcher(stops)
-        generated: List[int] = []
-        pend_ids: List[int] = []
-        pend_lp: Optional[list] = [] if params.logprobs else None
-        decode_s = 0.0      # time inside decode steps only, not in the consumer of the stream
-        finish, stop_reason = None, None
-        reused = 0
-        t_first = None
-
-        if limit <= 0 or _is_cancelled(cancel):
-            finish = "length" if limit <= 0 else "cancelled"
-        else:
-            reused = self._prefix_reuse(ids)
-            fed = list(ids[:reused])
-            self._cached = []   # unknown until the step below succeeds
-            try:
-                if reused == 0:
-                    backend.reset()
-                res = backend.step(ids[reused:], reused, params, state)
-                fed.extend(ids[reused:])
-                self._cached = fed
-                t_first = time.perf_counter()
-                while True:
-                    tok = int(res.token)
-                    generated.append(tok)
-                    state.generated_tokens.append(tok)
-                    state.step += 1
-                    pend_ids.append(tok)
-                    if pend_lp is not None:
-                        pend_lp.append(self._logprob_entry(tok, res))
-                    if tok in stop_ids:
-                        finish, stop_reason = "stop", tok
-                        break
-                    out = matcher.push(detok.push(tok))
-                    if matcher.stopped:
-                        finish, stop_reason = "stop", matcher.matched
-                        if out:
-                            yield StreamChunk(out, pend_ids, pend_lp)
-                            pend_ids, pend_lp = [], ([] if pend_lp is not None else None)
-                        break
-                    if out:
-                        yield StreamChunk(out, pend_ids, pend_lp)
-                        pend_ids, pend_lp = [], ([] if pend_lp is not None else None)
-                    if len(generated) >= limit:
-                        finish = "length"
-                        break
-                    if self._closed:
-                        raise EngineClosedError("the engine was closed during generation")
-                    if _is_cancelled(cancel):
-                        finish = "cancelled"
-                        break
-                    self._cached = []
-                    ts = time.perf_counter()
-                    res = backend.step([tok], len(fed), params, state)
-                    decode_s += time.perf_counter() - ts
-                    fed.append(tok)
-                    self._cached = fed
-            except GeneratorExit:
-                raise
-            except BaseException:
-                # A failed step leaves the cache contents unknown: start clean next time.
-                self._cached = []
-                raise
-        t_end = time.perf_counter()
-
-        tail = ""
-        if not matcher.stopped:
-            # Bytes the detokenizer still holds (an unfinished character) and
-            # text held back as a possible stop string are released now.
-            tail = matcher.push(detok.flush())
-            if matcher.stopped:
-                if finish != "stop":
-                    finish, stop_reason = "stop", matcher.matched
-            else:
-                tail += matcher.flush()
-        n_gen = len(generated)
-        usage = {"prompt_tokens": n_prompt, "completion_tokens": n_gen,
-                 "total_tokens": n_prompt + n_gen}
-        timings = _timings(t0, t_first, decode_s, t_end, n_prompt - reused, n_gen, reused)
-        yield StreamChunk(tail, pend_ids, pend_lp, finish_reason=finish, usage=usage,
-                          timings=timings, seed=params.seed, stop_reason=stop_reason)
+        self._live()
+        return _Stream(self, ids, params, max_tokens, stops, frozenset(stop_ids), cancel, skip_special,
+                       continuation)
 
     def _logprob_entry(self, tok: int, res) -> dict:
         entry = self._token_info(tok)
@@ -517,6 +434,7 @@ class Engine:
             "eos_token_ids": list(self._generation_config.get("eos_token_id", [])),
             "generation_config": {k: v for k, v in self._generation_config.items() if k != "eos_token_id"},
             "prefix_cache": self.prefix_cache,
+            "max_num_seqs": self.max_num_seqs,
             "closed": self._closed,
         }
         try:
@@ -540,22 +458,26 @@ class Engine:
         return self._live()
 
     def close(self) -> None:
-        """Free the model; later calls raise EngineClosedError."""
-        if self._closed:
-            return
-        self._closed = True
-        mine = self._owner == threading.get_ident()
-        if not mine:
-            self._lock.acquire()
-        try:
-            if self._backend is not None:
-                self._backend.close()
-            if self._source is not None:
-                self._source.close()
-            self._cached = []
-        finally:
-            if not mine:
-                self._lock.release()
+        """Free the model; running requests end with EngineClosedError, later calls raise it."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._scheduler is not None:
+            self._scheduler.close()
+        if self._backend is not None:
+            self._backend.close()
+        if self._source is not None:
+            self._source.close()
+
+    def load(self) -> dict:
+        """Running and waiting sequences, KV blocks and prefix-cache counters."""
+        out = {}
+        if self._scheduler is not None:
+            out.update(self._scheduler.stats())
+        if self._backend is not None and not self._closed:
+            out.update(self._backend.blocks.stats())
+        return out
 
     def __enter__(self) -> "Engine":
         return self
@@ -566,15 +488,6 @@ class Engine:
     def __repr__(self) -> str:
         name = getattr(self, "model_path", None)
         return f"Engine(model={str(name)!r}, device={getattr(self, 'device', '?')!r}, n_ctx={getattr(self, 'n_ctx', '?')})"
-
-
-def _construct(cls, *args, progress=None):
-    """Build a backend, passing `progress` only to constructors that take it."""
-    try:
-        takes = "progress" in inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        takes = False
-    return cls(*args, progress=progress) if takes else cls(*args)
 
 
 def _numel(shape) -> int:
@@ -599,23 +512,159 @@ def _token_text(tok, which: str) -> str:
     return ""
 
 
-def _timings(t0, t_first, decode_s, t_end, n_prefilled, n_gen, reused) -> dict:
+def _timings(req: Request, t_end: float, n_gen: int) -> dict:
+    t0 = req.t_submit
     out = {"prefill_ms": 0.0, "prefill_tokens_per_s": 0.0, "decode_ms": 0.0,
-           "decode_tokens_per_s": 0.0, "time_to_first_token_ms": None,
-           "total_ms": (t_end - t0) * 1e3, "cached_prompt_tokens": reused}
-    if t_first is None:
+           "decode_tokens_per_s": 0.0, "time_to_first_token_ms": None, "queue_ms": None,
+           "total_ms": (t_end - t0) * 1e3, "cached_prompt_tokens": req.cached_tokens,
+           "preemptions": req.preemptions}
+    if req.t_admit is not None:
+        out["queue_ms"] = (req.t_admit - t0) * 1e3
+    if req.t_first is None:
         return out
-    prefill = t_first - t0
+    prefill = req.t_first - (req.t_admit if req.t_admit is not None else t0)
+    n_prefilled = len(req.prompt) - req.cached_tokens
+    decode = (req.t_last - req.t_first) if req.t_last is not None else 0.0
     n_dec = max(n_gen - 1, 0)
     out.update(prefill_ms=prefill * 1e3,
                prefill_tokens_per_s=n_prefilled / prefill if prefill > 0 else 0.0,
-               decode_ms=decode_s * 1e3,
-               decode_tokens_per_s=n_dec / decode_s if decode_s > 0 and n_dec else 0.0,
-               time_to_first_token_ms=prefill * 1e3)
+               decode_ms=decode * 1e3,
+               decode_tokens_per_s=n_dec / decode if decode > 0 and n_dec else 0.0,
+               time_to_first_token_ms=(req.t_first - t0) * 1e3)
     return out
 
 
-def _collect(stream: Iterator[StreamChunk], prompt_ids: List[int]) -> GenerationResult:
+class _Stream:
+    """The caller's side of one request: an iterator of StreamChunks.
+
+    The scheduler thread produces tokens; this object turns them into text
+    in the caller's thread. Closing it (or dropping it) cancels the request.
+    """
+
+    def __init__(self, engine: "Engine", ids, params, max_tokens, stops, stop_ids, cancel,
+                 skip_special: bool, continuation: bool):
+        from .detokenizer import IncrementalDetokenizer
+        self._engine = engine
+        self._cancel = cancel
+        self._params = params
+        # A completion continues the prompt's text, so a SentencePiece word-boundary
+        # space at its start is kept; a chat answer starts fresh and drops it.
+        self._detok = IncrementalDetokenizer(engine.tokenizer, skip_special_tokens=skip_special,
+                                             keep_leading_space=continuation)
+        self._matcher = StopMatcher(stops)
+        limit = min(max_tokens, engine.n_ctx - len(ids))
+        self._req = Request(prompt=list(ids), params=params, limit=limit, stop_ids=stop_ids)
+        self._cancelled_early = limit > 0 and _is_cancelled(cancel)
+        self._gen = self._run(limit)
+        if limit > 0 and not self._cancelled_early:
+            engine._scheduler.submit(self._req)
+        else:
+            self._req.t_submit = time.perf_counter()
+
+    def __iter__(self) -> "_Stream":
+        return self
+
+    def __next__(self) -> StreamChunk:
+        return next(self._gen)
+
+    def close(self) -> None:
+        """Stop the request (if it still runs) and end the stream."""
+        self._req.cancel()
+        if self._engine._scheduler is not None:
+            self._engine._scheduler.wake()
+        self._gen.close()
+
+    def __del__(self):
+        try:
+            self._req.cancel()
+        except Exception:
+            pass
+
+    def _next_event(self):
+        """The scheduler's next event; watches a cancel Event while waiting.
+
+        A cancel callable is asked once per token only (it may count calls).
+        """
+        req = self._req
+        poll = self._cancel is not None and callable(getattr(self._cancel, "is_set", None))
+        while True:
+            try:
+                return req.events.get(timeout=0.05 if poll else None)
+            except queue.Empty:
+                if _is_cancelled(self._cancel):
+                    req.cancel()
+                    self._engine._scheduler.wake()
+
+    def _run(self, limit: int):
+        eng, req, params = self._engine, self._req, self._params
+        matcher, detok = self._matcher, self._detok
+        n_gen = 0
+        pend_ids: List[int] = []
+        pend_lp: Optional[list] = [] if params.logprobs else None
+        finish, stop_reason = None, None
+        if limit <= 0:
+            finish = "length"
+        elif self._cancelled_early:
+            finish = "cancelled"
+        try:
+            while finish is None:
+                ev = self._next_event()
+                if ev[0] == "error":
+                    exc = ev[1]
+                    if isinstance(exc, EngineClosedError) or eng._closed:
+                        raise EngineClosedError("the engine was closed during generation") from exc
+                    raise exc
+                if ev[0] == "done":
+                    finish, stop_reason = ev[1], ev[2]
+                    break
+                res = ev[1]
+                tok = int(res.token)
+                n_gen += 1
+                pend_ids.append(tok)
+                if pend_lp is not None:
+                    pend_lp.append(eng._logprob_entry(tok, res))
+                if tok in req.stop_ids:
+                    continue                    # the scheduler finishes it with "stop"
+                out = matcher.push(detok.push(tok))
+                if matcher.stopped:
+                    finish, stop_reason = "stop", matcher.matched
+                    req.cancel()
+                    if out:
+                        yield StreamChunk(out, pend_ids, pend_lp)
+                        pend_ids, pend_lp = [], ([] if pend_lp is not None else None)
+                    break
+                if out:
+                    yield StreamChunk(out, pend_ids, pend_lp)
+                    pend_ids, pend_lp = [], ([] if pend_lp is not None else None)
+                if n_gen < limit and _is_cancelled(self._cancel):
+                    req.cancel()
+                    eng._scheduler.wake()
+                    # Tokens already on their way are dropped: the caller asked to stop here.
+                    finish = "cancelled"
+                    break
+        finally:
+            if finish is None or req.cancelled:
+                req.cancel()
+        t_end = time.perf_counter()
+        tail = ""
+        if not matcher.stopped:
+            # Bytes the detokenizer still holds (an unfinished character) and
+            # text held back as a possible stop string are released now.
+            tail = matcher.push(detok.flush())
+            if matcher.stopped:
+                if finish != "stop":
+                    finish, stop_reason = "stop", matcher.matched
+            else:
+                tail += matcher.flush()
+        n_prompt = len(req.prompt)
+        usage = {"prompt_tokens": n_prompt, "completion_tokens": n_gen,
+                 "total_tokens": n_prompt + n_gen}
+        yield StreamChunk(tail, pend_ids, pend_lp, finish_reason=finish, usage=usage,
+                          timings=_timings(req, t_end, n_gen), seed=params.seed, stop_reason=stop_reason)
+
+
+def collect_stream(stream: Iterator[StreamChunk], prompt_ids: List[int]) -> GenerationResult:
+    """Join a stream's chunks into one GenerationResult (closing the stream)."""
     parts, ids, lps = [], [], None
     last = None
     try:

@@ -25,6 +25,17 @@ class ChatTemplateError(HelexaError):
     """The chat template failed to parse or render."""
 
 
+class InvalidParameterError(HelexaError, ValueError):
+    """A request field holds a value the engine cannot use; `field` names the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self):
+        return type(self), (self.field, str(self))
+
+
 class ContextLengthError(HelexaError, ValueError):
     """A prompt (plus requested output) does not fit the model's context."""
 

@@ -20,7 +20,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from . import defaults
 from .chat_template import normalize_messages
-from .sampling import resolve_params
+from .errors import InvalidParameterError
+from .request_params import MAX_TOKENS_ALIAS, PASSTHROUGH_FIELDS, resolve_params
 
 # Reported instead of -inf (a token the model rules out), which JSON cannot carry.
 MIN_LOGPROB = -9999.0
@@ -159,15 +160,10 @@ def token_id_list(v, key: str) -> List[int]:
 # client bookkeeping that has no meaning for a local engine.
 _IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
 
-# Sampling fields passed to the engine under the same name.
-_SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
-                  "presence_penalty", "frequency_penalty", "repetition_penalty", "ignore_eos",
-                  "stop_token_ids")
-
 _COMMON = (("model", "n", "stream", "stream_options", "logit_bias", "skip_special_tokens")
-           + _SAMPLING_KEYS + _IGNORED)
+           + PASSTHROUGH_FIELDS + _IGNORED)
 
-CHAT_FIELDS = frozenset(_COMMON + ("messages", "max_completion_tokens", "logprobs", "top_logprobs",
+CHAT_FIELDS = frozenset(_COMMON + ("messages", MAX_TOKENS_ALIAS, "logprobs", "top_logprobs",
                                    "response_format", "tools", "tool_choice", "chat_template_kwargs"))
 COMPLETION_FIELDS = frozenset(_COMMON + ("prompt", "logprobs", "echo", "suffix", "best_of"))
 
@@ -233,28 +229,20 @@ def _check_common(body: dict, allowed: frozenset) -> Tuple[Optional[str], bool, 
 
 
 def _sampling(body: dict) -> Dict[str, Any]:
-    """The engine's sampling arguments, each checked alone so an error names its field."""
-    out = {}
-    for key in _SAMPLING_KEYS:
-        v = body.get(key)
-        if v is None:
-            continue
-        _check_sampling_field(key, v)
-        out[key] = v
-    if "max_tokens" not in out and body.get("max_completion_tokens") is not None:
-        v = body["max_completion_tokens"]
-        _check_sampling_field("max_completion_tokens", v)
-        out["max_tokens"] = v
+    """The engine's sampling arguments, checked together; an error names the offending field."""
+    fields = {k: body[k] for k in PASSTHROUGH_FIELDS if body.get(k) is not None}
+    if "max_tokens" not in fields and body.get(MAX_TOKENS_ALIAS) is not None:
+        fields[MAX_TOKENS_ALIAS] = body[MAX_TOKENS_ALIAS]
+    try:
+        resolve_params(fields, {})
+    except InvalidParameterError as e:
+        raise bad_request(str(e), e.field) from None
+    out = dict(fields)
+    if MAX_TOKENS_ALIAS in out:
+        out["max_tokens"] = out.pop(MAX_TOKENS_ALIAS)
     if body.get("skip_special_tokens") is not None:
         out["skip_special_tokens"] = opt_bool(body, "skip_special_tokens")
     return out
-
-
-def _check_sampling_field(key: str, value) -> None:
-    try:
-        resolve_params({key: value}, {})
-    except (ValueError, TypeError) as e:
-        raise bad_request(str(e), key) from None
 
 
 def parse_chat_request(body: dict) -> GenerationRequest:

@@ -22,26 +22,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-_MASK64 = (1 << 64) - 1
+# Seeds, steps and the stream's state are unsigned 64-bit integers.
+UINT64_MASK = (1 << 64) - 1
 
 
 def splitmix64(x: int) -> int:
     """SplitMix64 finalizer on a 64-bit integer."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    x = (x + 0x9E3779B97F4A7C15) & UINT64_MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & UINT64_MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & UINT64_MASK
     return x ^ (x >> 31)
 
 
 def uniform(seed: int, step: int) -> float:
     """Uniform in [0, 1) for (seed, step); the CUDA sampler computes the same."""
-    x = splitmix64((seed & _MASK64) ^ splitmix64(step & _MASK64))
+    x = splitmix64((seed & UINT64_MASK) ^ splitmix64(step & UINT64_MASK))
     return (x >> 11) * (1.0 / (1 << 53))
 
 
 @dataclass
 class SamplingParams:
-    """Resolved sampling parameters for one request (validated by the Engine)."""
+    """Resolved sampling parameters for one request (request_params.resolve_params builds them)."""
 
     temperature: float = 1.0
     top_k: int = 0

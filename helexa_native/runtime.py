@@ -2,7 +2,9 @@
 
 A worker is a C++ thread that owns its device (context, streams, cuBLAS and
 NCCL handles, all device memory); these wrappers submit jobs to it and wait
-with the GIL released. Failures arrive as `DeviceError` naming the device; a
+with the GIL released. The C++ registry (csrc/runtime/registry.cpp) is the
+one record of which worker serves a device: this module keeps none of its
+own, and wrappers of one worker compare equal. Failures arrive as `DeviceError` naming the device; a
 worker hit by a sticky CUDA error is poisoned and fails every later job fast.
 CUDA documents such errors (illegal address, launch failure, ...) as ruining
 CUDA for the whole process, so every CUDA worker of the process is poisoned
@@ -12,7 +14,6 @@ and a new process gets every device back.
 from __future__ import annotations
 
 import atexit
-import threading
 from typing import Optional, Sequence
 
 from . import _C
@@ -147,13 +148,15 @@ class Worker:
         """Fail queued jobs, free everything the worker holds and join its thread."""
         self._w.shutdown()
 
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Worker) and self._w == other._w
+
+    def __hash__(self) -> int:
+        return hash(self._w)
+
     def __repr__(self) -> str:
         state = "poisoned" if self.is_poisoned() else ("shut down" if self.is_shut_down() else "running")
         return f"<Worker {self.name} {state}>"
-
-
-_lock = threading.Lock()
-_workers: dict[int, Worker] = {}
 
 
 def _check_arch(w) -> None:
@@ -171,21 +174,13 @@ def get_worker(device_index: int) -> Worker:
     Raises BuildMismatchError when this build holds no machine code for the
     device's architecture, DeviceError when the device cannot be opened.
     """
-    if device_index < 0:
-        return Worker(_C.DeviceWorker(-1))
-    with _lock:
-        w = _workers.get(device_index)
-        if w is not None and not w.is_shut_down():
-            return w
-        native = _C.DeviceWorker(device_index)
-        try:
-            _check_arch(native)
-        except BuildMismatchError:
-            native.shutdown()
-            raise
-        w = Worker(native)
-        _workers[device_index] = w
-        return w
+    native = _C.DeviceWorker(device_index)
+    try:
+        _check_arch(native)
+    except BuildMismatchError:
+        native.shutdown()
+        raise
+    return Worker(native)
 
 
 def nccl_unique_id() -> bytes:
@@ -229,8 +224,6 @@ def init_nccl_group(workers: Sequence[Worker], unique_id: Optional[bytes] = None
 
 def shutdown_all() -> None:
     """Shut down every device worker of this process (also runs at interpreter exit)."""
-    with _lock:
-        _workers.clear()
     _C.shutdown_all()
 
 

@@ -20,12 +20,13 @@ from typing import Optional, Union
 import numpy as np
 
 from .config import ModelConfig
-from .loaders.dequant import BLOCK_SIZES, dequantize
-from .loaders.gguf_writer import (CHATML_TEMPLATE, GGUFStream, llama3_freq_factors,
-                                  minimal_tokenizer_meta, tensor_order)
-from .loaders.quantize import pack_iq4xs_scales, pack_k_scales, pack_q3_scales
+from .ggml_types import BLOCK_SIZES
+from .loaders.dequant import dequantize
 from .loaders.validate import ROPE_FREQS, expected_shapes
 from .progress import Progress
+from .writers.gguf_writer import (CHATML_TEMPLATE, GGUFStream, llama3_freq_factors, minimal_tokenizer_meta,
+                                  tensor_order)
+from .writers.quantize import pack_iq4xs_scales, pack_k_scales, pack_q3_scales
 
 WEIGHT_STD = 0.02
 

@@ -72,6 +72,19 @@ def test_bench_writes_json(tmp_path, default_model):
     assert "decode" in p.stdout and "tok/s" in p.stdout
 
 
+def test_bench_concurrency_reports_each_level(tmp_path):
+    out = tmp_path / "c.json"
+    p = run("bench", "--synthetic", "smollm2-135m:Q4_0", "--synthetic-layers", "2", "--device", "cpu",
+            "-p", "8", "-d", "3", "--concurrency", "1,3", "--no-warmup", "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(out.read_text())["concurrency"]
+    assert [r["concurrency"] for r in rows] == [1, 3]
+    for r in rows:
+        assert r["generated_tokens"] == 3 * r["concurrency"]
+        assert r["tokens_per_s_wall"] > 0 and r["ttft_ms_p50"] > 0 and r["itl_ms_p99"] >= r["itl_ms_p50"]
+    assert "agg tok/s" in p.stdout
+
+
 def test_bench_synthetic(tmp_path):
     out = tmp_path / "b.json"
     p = run("bench", "--synthetic", "smollm2-135m:Q4_0", "--synthetic-layers", "2", "--device", "cpu",
@@ -92,6 +105,8 @@ def test_bench_synthetic(tmp_path):
     (("bench", "--synthetic", "nonsense"), ("PRESET:QUANT",)),
     (("bench", "--synthetic", "gpt5:Q4_0"), ("gpt5",)),
     (("bench", "--synthetic-layers", "2"), ("--synthetic",)),
+    (("bench", "--concurrency", "0,4"), ("positive",)),
+    (("generate", "hi", "--kv-cache-memory", "lots"), ("byte size",)),
     (("serve", "--port", "99999"), ("port",)),
 ])
 def test_errors_are_one_line(args, words, capsys):
@@ -100,6 +115,15 @@ def test_errors_are_one_line(args, words, capsys):
     rc = main(list(args))
     err = capsys.readouterr().err
     assert_one_line_error(subprocess.CompletedProcess(args, rc, "", err), *words)
+
+
+def test_every_passthrough_sampling_field_has_a_flag():
+    import argparse
+    from helexa_native.cli import _add_sampling_args
+    from helexa_native.request_params import PASSTHROUGH_FIELDS
+    p = argparse.ArgumentParser()
+    _add_sampling_args(p)
+    assert set(PASSTHROUGH_FIELDS) <= set(vars(p.parse_args([])))
 
 
 def test_not_a_model_file_from_the_console(tmp_path):

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from helexa_native.config import FLOAT_TYPES, QUANT_TYPES
-from helexa_native.loaders.dequant import BLOCK_SIZES, dequantize
-from helexa_native.loaders.quantize import quantize
+from helexa_native.ggml_types import BLOCK_SIZES, FLOAT_TYPES, GGML_TYPE_IDS, QUANT_TYPES
+from helexa_native.loaders.dequant import dequantize
+from helexa_native.writers.quantize import quantize
 
 # Byte offsets of the fp16 scale fields in each block: filled with finite
 # values so both decoders see real numbers (random bits can make inf/NaN).
@@ -31,8 +31,19 @@ def random_blocks(qtype, rows, blocks_per_row, rng):
     return raw, (rows, blocks_per_row * be)
 
 
-def test_every_supported_type_has_a_decoder():
-    assert set(QUANT_TYPES) | set(FLOAT_TYPES) == set(BLOCK_SIZES)
+def test_ggml_types_match_the_gguf_package():
+    assert set(GGML_TYPE_IDS) == set(BLOCK_SIZES) == set(FLOAT_TYPES) | set(QUANT_TYPES)
+    for name, tid in GGML_TYPE_IDS.items():
+        t = gguf.GGMLQuantizationType[name]
+        assert int(t) == tid, name
+        assert tuple(gguf.GGML_QUANT_SIZES[t]) == BLOCK_SIZES[name], name
+
+
+@pytest.mark.parametrize("qtype", FLOAT_TYPES + QUANT_TYPES)
+def test_every_supported_type_has_a_decoder(qtype):
+    be, bb = BLOCK_SIZES[qtype]
+    out = dequantize(np.zeros(2 * bb, dtype=np.uint8), qtype, (2, be))
+    assert out.shape == (2, be) and not out.any()
 
 
 @pytest.mark.parametrize("qtype", QUANT_TYPES)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from helexa_native.detokenizer import IncrementalDetokenizer
+from helexa_native.loaders.gguf_tokenizer import tokenizer_from_gguf
 from helexa_native.tokenizer import Tokenizer
 
 from test_tokenizer import TEXTS, _spm_meta
@@ -21,7 +22,7 @@ def smollm(default_model):
 
 @pytest.fixture(scope="module")
 def spm():
-    return Tokenizer.from_gguf_metadata(_spm_meta())
+    return tokenizer_from_gguf(_spm_meta())
 
 
 def stream(tok, ids, skip_special_tokens=False):

@@ -14,61 +14,82 @@ import torch
 
 from helexa_native import (ContextLengthError, DeviceError, Engine, EngineClosedError,
                            ModelLoadError)
-from helexa_native.backends.base import Backend
+from helexa_native.backends.base import Backend, StepOutput
+from helexa_native.kv_blocks import KVBlockManager
 from helexa_native.loaders import load_source
+from helexa_native.sampling import sample_from_logits
 from helexa_native.tokenizer import Tokenizer
 
 
 class ScriptedBackend(Backend):
-    """Replays a token script registered for the prompt at the head of its KV cache.
+    """Replays a token script registered for the prompt at the head of each sequence.
 
-    The next token is scripts[prompt][len(cache) - len(prompt)]; its logit is
-    `margin`, every other logit 0.
+    Keys and values are token ids kept per (block, offset) of the paged pool,
+    so a sequence's cache is what its block table says. The next token is
+    scripts[prompt][len(seq) - len(prompt)]; its logit is `margin`, every
+    other logit 0.
     """
 
     device = "cpu"
 
-    def __init__(self, config, n_ctx, margin=10.0):
+    def __init__(self, config, n_ctx, margin=10.0, block_size=4, num_blocks=256, max_num_seqs=8):
         self.config = config
         self.n_ctx = n_ctx
         self.margin = margin
         self.scripts = {}
-        self.cache = []
-        self.calls = []
+        self.pool = {}
+        self.calls = []          # (tokens, start_pos) of every sequence run
+        self.batches = []        # sequences per step
         self.fail_at_call = None
         self.delay = 0.0
         self._busy = threading.Lock()
         self.overlaps = 0
         self.closed = False
+        self.blocks = KVBlockManager(num_blocks, block_size)
+        self.max_num_seqs = max_num_seqs
 
-    def reset(self):
-        self.calls.append("reset")
-        self.cache = []
+    def _run(self, tokens, start_pos, table):
+        bs = self.blocks.block_size
+        tokens = list(tokens)
+        assert start_pos + len(tokens) <= self.n_ctx
+        for p in range(start_pos):
+            assert (table[p // bs], p % bs) in self.pool, "gap in the KV cache"
+        for i, t in enumerate(tokens):
+            p = start_pos + i
+            self.pool[(table[p // bs], p % bs)] = t
+        seq = [self.pool[(table[p // bs], p % bs)] for p in range(start_pos + len(tokens))]
+        logits = torch.zeros(self.config.vocab_size)
+        for prompt, script in self.scripts.items():
+            k = len(seq) - len(prompt)
+            if tuple(seq[:len(prompt)]) == prompt and 0 <= k < len(script):
+                logits[script[k]] = self.margin
+                break
+        return logits
 
-    def forward(self, tokens, start_pos, all_logits=False):
+    def step_batch(self, seqs):
         if not self._busy.acquire(blocking=False):
             self.overlaps += 1
             self._busy.acquire()
         try:
-            tokens = list(tokens)
-            assert start_pos <= len(self.cache), "gap in the KV cache"
-            assert start_pos + len(tokens) <= self.n_ctx
-            self.calls.append((tokens, start_pos))
-            if self.fail_at_call is not None and len(self.calls) >= self.fail_at_call:
-                self.fail_at_call = None
-                raise RuntimeError("injected backend failure")
+            out = []
+            self.batches.append(len(seqs))
+            for s in seqs:
+                self.calls.append((list(s.tokens), s.start_pos))
+                if self.fail_at_call is not None and len(self.calls) >= self.fail_at_call:
+                    self.fail_at_call = None
+                    raise RuntimeError("injected backend failure")
             if self.delay:
                 time.sleep(self.delay)
-            self.cache = self.cache[:start_pos] + tokens
-            logits = torch.zeros(self.config.vocab_size)
-            for prompt, script in self.scripts.items():
-                k = len(self.cache) - len(prompt)
-                if tuple(self.cache[:len(prompt)]) == prompt and 0 <= k < len(script):
-                    logits[script[k]] = self.margin
-                    break
-            return logits
+            for s in seqs:
+                logits = self._run(s.tokens, s.start_pos, s.block_table)
+                res = sample_from_logits(logits, s.params, s.state) if s.sample else None
+                out.append(StepOutput(res))
+            return out
         finally:
             self._busy.release()
+
+    def forward_paged(self, tokens, start_pos, block_table, all_logits=False):
+        return self._run(tokens, start_pos, block_table)
 
     def close(self):
         self.closed = True
@@ -114,8 +135,8 @@ def test_generates_the_script_and_stops_at_eos(make):
     assert r.usage == {"prompt_tokens": 5, "completion_tokens": len(script),
                        "total_tokens": 5 + len(script)}
     # One prefill at 0, then one decode step per token except the last.
-    assert be.calls[0] == "reset" and be.calls[1] == (PROMPT, 0)
-    assert [c[1] for c in be.calls[2:]] == list(range(5, 5 + len(script) - 1))
+    assert be.calls[0] == (PROMPT, 0)
+    assert [c[1] for c in be.calls[1:]] == list(range(5, 5 + len(script) - 1))
     for key in ("prefill_ms", "prefill_tokens_per_s", "decode_ms", "decode_tokens_per_s",
                 "time_to_first_token_ms"):
         assert r.timings[key] >= 0
@@ -211,45 +232,57 @@ def test_logprobs_match_log_softmax(make):
 
 
 def test_prefix_cache_reuses_shared_prompt(make):
-    eng, be, tok = make()
-    script_text(be, tok, PROMPT, "x")
-    eng.generate(PROMPT, temperature=0)
+    eng, be, tok = make()                           # blocks of 4 positions
+    first = PROMPT + [400, 401, 402, 403]           # 9 tokens: two full blocks
+    script_text(be, tok, first, "x")
+    eng.generate(first, temperature=0)
     be.calls.clear()
-    longer = PROMPT + [500, 501]
+    longer = first + [500, 501]
     script_text(be, tok, longer, "y")
     r = eng.generate(longer, temperature=0)
-    assert r.text == "y" and r.timings["cached_prompt_tokens"] == 5
-    assert be.calls[0] == ([500, 501], 5)          # no reset, only the new tokens run
+    assert r.text == "y" and r.timings["cached_prompt_tokens"] == 8
+    assert be.calls[0] == (longer[8:], 8)           # only the uncached tokens run
     be.calls.clear()
     other = [7, 8, 9]
     script_text(be, tok, other, "z")
     eng.generate(other, temperature=0)
-    assert be.calls[:2] == ["reset", (other, 0)]
+    assert be.calls[0] == (other, 0)
     be.calls.clear()
-    # The very same prompt again: the last prompt token still runs.
-    eng.generate(other, temperature=0)
-    assert be.calls[0] == ([9], 2)
+    # The very same prompt again: only whole blocks come from the cache, and
+    # the last prompt token always runs.
+    again = eng.generate(longer, temperature=0)
+    assert again.text == "y" and be.calls[0] == (longer[8:], 8)
+    be.calls.clear()
+    twelve = longer + [502]
+    script_text(be, tok, twelve, "w")
+    eng.generate(twelve, temperature=0)
+    assert be.calls[0] == (twelve[8:], 8)      # block 2 was cached with "y", not 502
+    stats = eng.load()
+    assert stats["prefix_cache_hit_tokens"] >= 18 and stats["kv_blocks_used"] == 0
 
 
-def test_prefix_cache_off_always_resets(make):
+def test_prefix_cache_off_always_recomputes(make):
     eng, be, tok = make(prefix_cache=False)
-    script_text(be, tok, PROMPT, "x")
-    eng.generate(PROMPT, temperature=0)
+    script_text(be, tok, PROMPT * 2, "x")
+    eng.generate(PROMPT * 2, temperature=0)
     be.calls.clear()
-    eng.generate(PROMPT, temperature=0)
-    assert be.calls[:2] == ["reset", (PROMPT, 0)]
+    r = eng.generate(PROMPT * 2, temperature=0)
+    assert be.calls[0] == (PROMPT * 2, 0) and r.timings["cached_prompt_tokens"] == 0
 
 
-def test_closing_a_stream_stops_generation_at_once(make):
+def test_closing_a_stream_stops_generation_within_a_step(make):
     eng, be, tok = make()
+    be.delay = 0.01
     script_text(be, tok, PROMPT, "one two three four five six seven eight", eos=False)
     stream = eng.generate_stream(PROMPT, temperature=0, max_tokens=50)
     first = next(stream)
     assert first.text
-    n_calls = len(be.calls)
     stream.close()
-    assert len(be.calls) == n_calls
-    # The lock is free again: the same thread can run the next request.
+    time.sleep(0.05)
+    n_calls = len(be.calls)
+    time.sleep(0.05)
+    assert len(be.calls) == n_calls < 50
+    assert eng.load()["kv_blocks_used"] == 0 and eng.load()["running"] == 0
     script_text(be, tok, PROMPT, "done")
     assert eng.generate(PROMPT, temperature=0).text == "done"
 
@@ -272,15 +305,17 @@ def test_cancel_event_and_callable(make):
         eng.generate(PROMPT, cancel=5)
 
 
-def test_second_request_in_a_thread_with_an_open_stream_fails_instead_of_hanging(make):
+def test_two_streams_in_one_thread_interleave(make):
     eng, be, tok = make()
     script_text(be, tok, PROMPT, "abc def ghi", eos=False)
-    stream = eng.generate_stream(PROMPT, temperature=0, max_tokens=20)
-    next(stream)
-    with pytest.raises(RuntimeError, match="still open"):
-        eng.generate(PROMPT, temperature=0)
-    stream.close()
-    assert eng.generate(PROMPT, temperature=0, max_tokens=2).usage["completion_tokens"] == 2
+    other = [77] + PROMPT
+    script_text(be, tok, other, "uvw xyz")
+    s1 = eng.generate_stream(PROMPT, temperature=0, max_tokens=20)
+    s2 = eng.generate_stream(other, temperature=0)
+    parts1, parts2 = [next(s1).text], [next(s2).text]
+    parts1 += [c.text for c in s1]
+    parts2 += [c.text for c in s2]
+    assert "".join(parts1).startswith("abc def ghi") and "".join(parts2) == "uvw xyz"
 
 
 def test_backend_failure_leaves_engine_usable(make):
@@ -294,7 +329,7 @@ def test_backend_failure_leaves_engine_usable(make):
     be.calls.clear()
     r = eng.generate(PROMPT, temperature=0)
     assert r.text == "hello world again"
-    assert be.calls[0] == "reset"          # the failed run's cache is not trusted
+    assert eng.load()["kv_blocks_used"] == 0    # the failed sequence gave its blocks back
 
 
 def test_invalid_parameters_raise_and_engine_recovers(make):
@@ -317,7 +352,7 @@ def test_invalid_parameters_raise_and_engine_recovers(make):
     assert eng.generate(PROMPT, temperature=0).text == "fine"
 
 
-def test_threads_are_serialized_and_match_sequential(make):
+def test_concurrent_threads_batch_together_and_match_sequential(make):
     eng, be, tok = make()
     be.delay = 0.002
     texts = ["alpha beta", "gamma delta epsilon", "zeta", "eta theta iota kappa"]
@@ -337,7 +372,8 @@ def test_threads_are_serialized_and_match_sequential(make):
     for t in threads:
         t.join()
     assert [results[i] for i in range(len(prompts))] == seq
-    assert be.overlaps == 0
+    assert be.overlaps == 0                 # only the scheduler thread calls the backend
+    assert max(be.batches) > 1              # requests shared steps
 
 
 def test_closed_engine_refuses_work(make):

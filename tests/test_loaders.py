@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from helexa_native.config import FLOAT_TYPES, QUANT_TYPES, ModelConfig
+from helexa_native.config import SUPPORTED_ARCHS, ModelConfig
 from helexa_native.errors import ModelLoadError, UnsupportedModelError
+from helexa_native.ggml_types import FLOAT_TYPES, QUANT_TYPES
 from helexa_native.loaders import describe, load_source
 from helexa_native.loaders.gguf_loader import read_gguf
-from helexa_native.loaders.gguf_writer import (gguf_to_hf_qk, hf_to_gguf_qk, llama3_freq_factors,
-                                               minimal_tokenizer_meta, write_gguf)
 from helexa_native.loaders.validate import expected_shapes
+from helexa_native.writers.gguf_writer import (gguf_to_hf_qk, hf_to_gguf_qk, llama3_freq_factors,
+                                               minimal_tokenizer_meta, write_gguf)
 
 
 def tiny_config(arch="llama", **kw):
@@ -126,12 +127,19 @@ def test_close_releases_the_map(default_model):
 
 # ---------------------------------------------------------------- GGUF round trips
 
+def test_every_supported_arch_has_its_gguf_facts():
+    from helexa_native.loaders import gguf_loader, safetensors_loader
+    assert set(gguf_loader.GGUF_ROPE_STYLE) == set(SUPPORTED_ARCHS)
+    assert set(gguf_loader._DEFAULT_EPS) == set(SUPPORTED_ARCHS)
+    assert set(safetensors_loader._MODEL_TYPES.values()) == set(SUPPORTED_ARCHS)
+
+
 ROUND_TRIP_BOUND = {"F32": 0.0, "F16": 1e-3, "BF16": 8e-3, "Q8_0": 0.01, "Q6_K": 0.04, "Q5_0": 0.06,
                     "Q5_1": 0.06, "Q5_K": 0.06, "Q3_K": 0.3, "Q2_K": 0.45}
 
 
 @pytest.mark.parametrize("qtype", FLOAT_TYPES + QUANT_TYPES)
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
 def test_gguf_round_trip(tmp_models, arch, qtype):
     cfg = tiny_config(arch)
     weights = random_weights(cfg)
@@ -598,7 +606,7 @@ def test_progress_bar_visibility(capsys, monkeypatch):
 
 
 def test_gguf_sampling_defaults(tmp_models):
-    from helexa_native.loaders.gguf_writer import GGUFStream
+    from helexa_native.writers.gguf_writer import GGUFStream
     cfg = tiny_config("llama")
     w = random_weights(cfg)
     path = tmp_models / "sampling.gguf"

@@ -72,27 +72,28 @@ def test_matches_transformers(hf_models, variant):
 @pytest.mark.parametrize("variant", ["llama3_scaled", "qwen3"])
 def test_batched_prefill_equals_token_by_token(hf_models, variant, monkeypatch):
     folder, _ = hf_models(variant)
-    model = ReferenceModel(load_source(folder, progress=False), 32, progress=False)
+    model = CPUBackend(load_source(folder, progress=False), 32, progress=False)
     tokens = _tokens(3, 13)
-    batched = model.forward(tokens, 0)
+    batched = model.forward(tokens, 0, all_logits=True)
     model.reset()
-    stepped = torch.cat([model.forward([t], i) for i, t in enumerate(tokens)])
+    stepped = torch.stack([model.forward([t], i) for i, t in enumerate(tokens)])
     torch.testing.assert_close(batched, stepped, rtol=0, atol=1e-5)
     # Chunked prefill (long prompts) and a prefill continuing a cached prefix
     # see the same cache as one batch.
     model.reset()
     monkeypatch.setattr(reference_model, "PREFILL_CHUNK", 4)
-    chunked = torch.cat([model.forward(tokens[:6], 0), model.forward(tokens[6:], 6)])
+    chunked = torch.cat([model.forward(tokens[:6], 0, all_logits=True),
+                         model.forward(tokens[6:], 6, all_logits=True)])
     torch.testing.assert_close(chunked, stepped, rtol=0, atol=1e-5)
 
 
 def test_rewind_overwrites_cache(hf_models):
     folder, hf = hf_models("qwen2")
-    model = ReferenceModel(load_source(folder, progress=False), 32, progress=False)
+    model = CPUBackend(load_source(folder, progress=False), 32, progress=False)
     a, b = _tokens(4, 12), _tokens(5, 5)
     model.forward(a, 0)
     # Positions 7.. are rewritten; nothing of a[7:] may leak into the result.
-    got = model.forward(b, 7)
+    got = model.forward(b, 7, all_logits=True)
     _assert_logits_close(got, hf_logits(hf, a[:7] + b)[7:])
 
 
@@ -117,7 +118,8 @@ def test_context_length_and_bad_input(hf_models):
     with pytest.raises(ValueError, match="start_pos"):
         backend.forward([5], -1)
     assert backend.forward([5, 6], 0, all_logits=True).shape == (2, VOCAB)
-    assert backend.memory_info()["kv_cache_bytes"] == 2 * 2 * 2 * 8 * 16 * 4
+    # Four contexts of 8 positions: two blocks of 16, 2 layers x 2 kv heads x 16 dims, float32, k and v.
+    assert backend.memory_info()["kv_cache_bytes"] == 2 * 2 * 2 * 2 * 16 * 16 * 4
     with pytest.raises(ValueError, match="max_context"):
         ReferenceModel(load_source(folder, progress=False), 0, progress=False)
     backend.close()
@@ -158,8 +160,8 @@ def test_bfloat16_compute_stays_close(hf_models):
     folder, hf = hf_models("qwen3")
     tokens = _tokens(7, 10)
     want = hf_logits(hf, tokens)
-    got = ReferenceModel(load_source(folder, progress=False), 16, dtype=torch.bfloat16,
-                         progress=False).forward(tokens, 0)
+    got = CPUBackend(load_source(folder, progress=False), 16, dtype=torch.bfloat16,
+                     progress=False).forward(tokens, 0, all_logits=True)
     assert got.dtype == torch.float32
     cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
     assert cos.min().item() > 0.99
@@ -184,7 +186,7 @@ def _hf_name(canonical):
 
 
 def _write_gguf_from_hf(folder, out, qtype):
-    from helexa_native.loaders.gguf_writer import write_gguf
+    from helexa_native.writers.gguf_writer import write_gguf
     src = load_source(folder, progress=False)
     tensors = {name: raw.to_float().numpy() for name, raw in src.tensors.items()}
     cfg = src.config

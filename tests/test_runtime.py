@@ -280,16 +280,17 @@ def test_nccl_arguments_are_checked(worker):
 def test_registry_shares_one_worker_per_device():
     a = runtime.get_worker(0)
     b = runtime.get_worker(0)
-    assert a is b
+    assert a == b and a.native == b.native and hash(a) == hash(b)
     assert a.name == "host:0"
     # Constructing the native class for a device gives the registered worker.
+    assert C.DeviceWorker(0) == a.native
     with pytest.raises(DeviceError):
         C.DeviceWorker(0).simulate_sticky_error()
-    assert a.is_poisoned()
+    assert a.is_poisoned() and b.is_poisoned()
     runtime.shutdown_all()
     assert a.is_shut_down()
     c = runtime.get_worker(0)
-    assert c is not a and not c.is_shut_down()
+    assert c != a and not c.is_shut_down()
     assert c.native.echo_job(3) == 3
     runtime.shutdown_all()
 
@@ -297,7 +298,7 @@ def test_registry_shares_one_worker_per_device():
 def test_host_workers_are_not_shared():
     a, b = runtime.get_worker(-1), runtime.get_worker(-1)
     try:
-        assert a.native is not b.native
+        assert a != b and a.native != b.native
     finally:
         a.shutdown()
         b.shutdown()

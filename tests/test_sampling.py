@@ -5,9 +5,8 @@ import random
 import pytest
 import torch
 
-from helexa_native import defaults
 from helexa_native.params import SamplerState, SamplingParams, uniform
-from helexa_native.sampling import resolve_params, sample_from_logits
+from helexa_native.sampling import sample_from_logits
 
 
 def ref_sample(logits, p: SamplingParams, st: SamplerState):
@@ -222,70 +221,6 @@ def test_logprobs_are_raw_log_softmax_with_top_n():
     assert [lp for _, lp in r.top_logprobs] == pytest.approx([3.0 - z, 3.0 - z, 2.0 - z], abs=1e-6)
     r0 = sample_from_logits(raw, SamplingParams(temperature=0.0), SamplerState())
     assert r0.logprob is None and r0.top_logprobs is None
-
-
-# ---------------------------------------------------------------------------
-# resolve_params
-
-def test_resolve_precedence_request_over_generation_config_over_defaults():
-    gc = {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "max_new_tokens": 77,
-          "repetition_penalty": 1.1, "eos_token_id": [5, 9]}
-    p, mt, stop, ids = resolve_params({}, gc)
-    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty, mt) == (0.6, 0.9, 20, 1.1, 77)
-    assert p.min_p == defaults.DEFAULT_MIN_P
-    assert ids == [5, 9] and stop == []
-    p, mt, stop, ids = resolve_params({"temperature": 0.0, "top_p": 0.5, "max_tokens": 3,
-                                       "top_k": None, "stop": "x", "stop_token_ids": [7]}, gc)
-    assert (p.temperature, p.top_p, p.top_k, mt) == (0.0, 0.5, 20, 3)
-    assert stop == ["x"] and ids == [7, 5, 9]
-    p, mt, _, ids = resolve_params({"ignore_eos": True}, gc)
-    assert ids == []
-    p, mt, _, _ = resolve_params({}, {})
-    assert (p.temperature, p.top_p, p.top_k, mt) == (defaults.DEFAULT_TEMPERATURE, defaults.DEFAULT_TOP_P,
-                                                     defaults.DEFAULT_TOP_K, defaults.DEFAULT_MAX_TOKENS)
-
-
-def test_resolve_seed_given_or_fresh():
-    p, *_ = resolve_params({"seed": 123})
-    assert p.seed == 123
-    seeds = {resolve_params({})[0].seed for _ in range(5)}
-    assert len(seeds) == 5
-
-
-def test_resolve_logprobs_forms():
-    p, *_ = resolve_params({"logprobs": True, "top_logprobs": 5})
-    assert p.logprobs and p.top_logprobs == 5
-    p, *_ = resolve_params({"logprobs": 3})
-    assert p.logprobs and p.top_logprobs == 3
-    p, *_ = resolve_params({})
-    assert not p.logprobs
-
-
-@pytest.mark.parametrize("field,value", [
-    ("max_tokens", -1), ("max_tokens", 1.5), ("max_tokens", True), ("max_tokens", "10"),
-    ("temperature", -0.1), ("temperature", "hot"), ("temperature", True), ("temperature", float("nan")),
-    ("top_p", 0.0), ("top_p", 1.01), ("top_p", -0.5),
-    ("top_k", -1), ("top_k", 2.5), ("top_k", False),
-    ("min_p", -0.01), ("min_p", 1.5),
-    ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
-    ("presence_penalty", 2.5), ("presence_penalty", -2.01), ("frequency_penalty", 3),
-    ("top_logprobs", 21), ("top_logprobs", -1), ("top_logprobs", 1.0),
-    ("logprobs", "yes"), ("logprobs", 99),
-    ("seed", 1.5), ("seed", "1"), ("seed", True),
-    ("stop", 5), ("stop", ["a", 3]),
-    ("stop_token_ids", [-1]), ("stop_token_ids", ["a"]), ("stop_token_ids", "3"),
-    ("ignore_eos", "no"),
-])
-def test_resolve_rejects_invalid(field, value):
-    with pytest.raises(ValueError, match=field):
-        resolve_params({field: value})
-
-
-def test_malformed_generation_config_falls_back_to_defaults():
-    p, mt, _, ids = resolve_params({}, {"temperature": -3, "top_p": "x", "max_new_tokens": -5,
-                                        "eos_token_id": "bad"})
-    assert p.temperature == defaults.DEFAULT_TEMPERATURE and p.top_p == defaults.DEFAULT_TOP_P
-    assert mt == defaults.DEFAULT_MAX_TOKENS and ids == []
 
 
 def test_masked_and_nan_logits_are_never_picked():

@@ -21,6 +21,7 @@ from server_util import ServerProcess, assert_envelope, metric, sse_events, sse_
 
 MODEL = "smol"
 MAX_QUEUE = 3
+MAX_NUM_SEQS = 2
 TIMEOUT = 180
 # A generation far longer than any test waits for: it ends only by cancellation.
 LONG = 3000
@@ -34,7 +35,7 @@ JA_PROMPT = "Good morning = おはようございます\nThank you = ありが�
 def server(default_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     with ServerProcess(["--model", str(default_model), "--device", "cpu", "--served-model-name", MODEL,
-                        "--max-queue", str(MAX_QUEUE)], log) as s:
+                        "--max-queue", str(MAX_QUEUE), "--max-num-seqs", str(MAX_NUM_SEQS)], log) as s:
         yield s
 
 
@@ -333,6 +334,8 @@ def test_disconnect_stops_generation(url):
     cancelled = metric(start, "helexa_cancelled_by_disconnect_total", model=MODEL)
     wait_for(lambda: metric(metrics(url), "helexa_cancelled_by_disconnect_total", model=MODEL) > cancelled)
     wait_for(lambda: metric(metrics(url), "helexa_running_requests", model=MODEL) == 0)
+    # The cancelled sequence gave its KV blocks back.
+    wait_for(lambda: metric(metrics(url), "helexa_kv_blocks_used", model=MODEL) == 0)
     end = metrics(url)
     gen = "helexa_generation_tokens_total"
     total = metric(end, gen, model=MODEL) - metric(start, gen, model=MODEL)
@@ -344,17 +347,23 @@ def test_disconnect_stops_generation(url):
 
 
 def test_full_queue_gets_503_with_retry_after(url):
-    s = _RawStream(url, {"model": MODEL, "messages": CHAT, "max_tokens": LONG, "stream": True,
-                         "ignore_eos": True})
-    s.next_event()
-    s.next_event()           # generating now: holds the model
+    streams = []
+    for _ in range(MAX_NUM_SEQS):           # every run place taken
+        s = _RawStream(url, {"model": MODEL, "messages": CHAT, "max_tokens": LONG, "stream": True,
+                             "ignore_eos": True})
+        s.next_event()
+        s.next_event()
+        streams.append(s)
+    wait_for(lambda: metric(metrics(url), "helexa_running_requests", model=MODEL) == MAX_NUM_SEQS)
+    assert metric(metrics(url), "helexa_running_sequences", model=MODEL) == MAX_NUM_SEQS
     with ThreadPoolExecutor(MAX_QUEUE) as pool:
         waiting = [pool.submit(chat, url, max_tokens=1) for _ in range(MAX_QUEUE)]
         wait_for(lambda: metric(metrics(url), "helexa_queue_depth", model=MODEL) == MAX_QUEUE)
         r = chat(url, max_tokens=1)
         assert_envelope(r, 503, code="queue_full")
         assert int(r.headers["Retry-After"]) >= 1
-        s.hang_up()
+        for s in streams:
+            s.hang_up()
         assert all(f.result(timeout=TIMEOUT).status_code == 200 for f in waiting)
     assert metric(metrics(url), "helexa_queue_depth", model=MODEL) == 0
 
@@ -725,14 +734,38 @@ def test_model_loading_over_http_can_be_turned_off(tmp_path):
 
 def test_model_root_arguments(tmp_path):
     import argparse
-    from helexa_native.server import _loopback, _model_roots, add_serve_arguments
+    from helexa_native.server.serve import add_serve_arguments, is_loopback, model_roots_from_args
     p = argparse.ArgumentParser()
     add_serve_arguments(p)
-    assert _model_roots(p.parse_args([])) is None
-    assert _model_roots(p.parse_args(["--no-model-load", "--model-root", str(tmp_path)])) == []
-    assert _model_roots(p.parse_args(["--model-root", str(tmp_path), "--model-root", "~"])) == \
+    assert model_roots_from_args(p.parse_args([])) is None
+    assert model_roots_from_args(p.parse_args(["--no-model-load", "--model-root", str(tmp_path)])) == []
+    assert model_roots_from_args(p.parse_args(["--model-root", str(tmp_path), "--model-root", "~"])) == \
         [tmp_path, Path.home()]
     with pytest.raises(ValueError, match="--model-root must be a directory"):
-        _model_roots(p.parse_args(["--model-root", str(tmp_path / "nope")]))
-    assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("[::1]") and _loopback("localhost")
-    assert not _loopback("0.0.0.0") and not _loopback("") and not _loopback("10.1.2.3") and not _loopback("example.org")
+        model_roots_from_args(p.parse_args(["--model-root", str(tmp_path / "nope")]))
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("[::1]")
+    assert is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("") and not is_loopback("10.1.2.3")
+    assert not is_loopback("example.org")
+
+
+def test_slot_runs_up_to_the_engines_max_num_seqs_together():
+    from helexa_native.openai_protocol import ApiError
+    from helexa_native.server import ModelSlot
+    eng = FakeEngine()
+    eng.max_num_seqs = 3
+    slot = ModelSlot("m", eng, max_queue=1)
+    tickets = [slot.admit() for _ in range(4)]
+    with pytest.raises(ApiError) as e:
+        slot.admit()
+    assert e.value.status == 503
+    assert [slot.wait_turn(t, lambda: False) for t in tickets[:3]] == ["run"] * 3
+    assert slot.counts() == (1, 3)
+    order = []
+    th = threading.Thread(target=lambda: order.append(slot.wait_turn(tickets[3], lambda: False)))
+    th.start()
+    time.sleep(0.3)
+    assert order == []
+    slot.release(tickets[1])
+    th.join(5)
+    assert order == ["run"] and slot.counts() == (0, 3)

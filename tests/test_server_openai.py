@@ -19,7 +19,7 @@ CHAT = [{"role": "system", "content": "You are terse."},
 def server(default_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("server_openai") / "server.log"
     with ServerProcess(["--model", str(default_model), "--device", "cpu", "--api-key", KEY,
-                        "--served-model-name", MODEL, "--max-queue", "2"], log) as s:
+                        "--served-model-name", MODEL, "--max-queue", "2", "--max-num-seqs", "32"], log) as s:
         yield s
 
 
@@ -137,3 +137,27 @@ def test_api_key_rules(server):
     assert requests.get(url + "/health", timeout=30).status_code == 200
     ok = requests.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
     assert ok.status_code == 200 and ok.json()["data"][0]["id"] == MODEL
+
+
+def test_32_concurrent_streaming_clients_match_sequential_runs(client, server):
+    """Continuous batching through HTTP: every stream finishes with its sequential text."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(i, stream):
+        msgs = [{"role": "user", "content": f"Count to {i}."}]
+        if not stream:
+            r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, seed=500 + i,
+                                               temperature=0.8)
+            return r.choices[0].message.content
+        parts = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, seed=500 + i,
+                                               temperature=0.8, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
+
+    sequential = [ask(i, False) for i in range(32)]
+    with ThreadPoolExecutor(32) as pool:
+        concurrent = list(pool.map(lambda i: ask(i, True), range(32)))
+    assert concurrent == sequential
+    metrics = requests.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    sizes = [int(line.split('batch_size="')[1].split('"')[0]) for line in metrics.splitlines()
+             if line.startswith("helexa_batch_size_steps_total{")]
+    assert max(sizes) > 1          # the streams shared steps

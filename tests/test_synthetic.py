@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from helexa_native.config import FLOAT_TYPES, QUANT_TYPES
+from helexa_native.ggml_types import FLOAT_TYPES, QUANT_TYPES
 from helexa_native.loaders import describe, load_source
-from helexa_native.loaders.gguf_writer import llama3_freq_factors
 from helexa_native.synthetic import (PRESETS, preset_config, write_synthetic_gguf,
                                      write_synthetic_safetensors)
+from helexa_native.writers.gguf_writer import llama3_freq_factors
 
 SMALL = dict(n_layers=1, vocab_size=1024)
 

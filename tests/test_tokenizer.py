@@ -12,8 +12,9 @@ from tokenizers import Tokenizer as HFBackend
 
 from helexa_native.config import TokenizerSource
 from helexa_native.errors import TokenizerError
-from helexa_native.tokenizer import (BYTE_TO_CHAR, TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL,
-                                     TOKEN_UNKNOWN, TOKEN_USER_DEFINED, Tokenizer)
+from helexa_native.loaders.gguf_tokenizer import (TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN,
+                                                  TOKEN_USER_DEFINED, tokenizer_from_gguf)
+from helexa_native.tokenizer import BYTE_TO_CHAR, Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -286,7 +287,7 @@ def synthetic_bpe(request, tmp_path_factory):
     meta["add_bos_token"] = pre == "llama-bpe"
     d = tmp_path_factory.mktemp(pre)
     write_tokenizer_gguf(d / "model.gguf", "llama" if pre == "llama-bpe" else "qwen2", meta)
-    ours = Tokenizer.from_gguf_metadata(read_gguf_tokenizer_meta(d / "model.gguf"))
+    ours = tokenizer_from_gguf(read_gguf_tokenizer_meta(d / "model.gguf"))
     return pre, meta, ours, hf_from_gguf(d)
 
 
@@ -340,8 +341,8 @@ def test_llama3_whole_word_ignores_merges():
     types = [TOKEN_NORMAL] * (len(tokens) - 1) + [TOKEN_CONTROL]
     base = dict(model="gpt2", tokens=tokens, token_type=types, merges=["a b"],
                 bos_token_id=len(tokens) - 1, eos_token_id=len(tokens) - 1)
-    llama3 = Tokenizer.from_gguf_metadata(dict(base, pre="llama-bpe"))
-    qwen2 = Tokenizer.from_gguf_metadata(dict(base, pre="qwen2"))
+    llama3 = tokenizer_from_gguf(dict(base, pre="llama-bpe"))
+    qwen2 = tokenizer_from_gguf(dict(base, pre="qwen2"))
     abc, ab, c = tokens.index("abc"), tokens.index("ab"), tokens.index("c")
     assert llama3.encode("abc", add_special_tokens=False) == [abc]
     assert qwen2.encode("abc", add_special_tokens=False) == [ab, c]
@@ -355,7 +356,7 @@ def test_unknown_pre_tokenizer_warns_and_works(caplog):
                 token_type=[TOKEN_NORMAL] * 256 + [TOKEN_CONTROL], merges=[],
                 bos_token_id=256, eos_token_id=256)
     with caplog.at_level(logging.WARNING):
-        t = Tokenizer.from_gguf_metadata(meta)
+        t = tokenizer_from_gguf(meta)
     assert "some-future-model" in caplog.text
     assert t.decode(t.encode("héllo wörld")) == "héllo wörld"
 
@@ -463,14 +464,14 @@ def test_bad_gguf_metadata_raises(change, words):
     meta = dict(_good_meta(), **change)
     meta = {k: v for k, v in meta.items() if v is not None}
     with pytest.raises(TokenizerError, match=words):
-        Tokenizer.from_gguf_metadata(meta)
+        tokenizer_from_gguf(meta)
 
 
 def test_bad_spm_metadata_raises():
     meta = _spm_meta()
     meta["scores"] = meta["scores"][:-1]
     with pytest.raises(TokenizerError, match="scores"):
-        Tokenizer.from_gguf_metadata(meta)
+        tokenizer_from_gguf(meta)
 
 
 def test_bad_sources_raise(tmp_path):
@@ -489,7 +490,7 @@ def test_numpy_metadata_values_are_accepted():
     meta = _good_meta()
     meta.update(token_type=np.array(meta["token_type"], dtype=np.int32),
                 bos_token_id=np.uint32(256), eos_token_id=np.int64(256), add_bos_token=np.bool_(True))
-    t = Tokenizer.from_gguf_metadata(meta)
+    t = tokenizer_from_gguf(meta)
     assert t.bos_token_id == 256 and type(t.bos_token_id) is int
     assert t.encode("hi") == [256, ord("h"), ord("i")]
 
@@ -497,7 +498,7 @@ def test_numpy_metadata_values_are_accepted():
 def test_stray_optional_ids_are_ignored(caplog):
     meta = dict(_good_meta(), padding_token_id=10**6, unknown_token_id=-1)
     with caplog.at_level(logging.WARNING):
-        t = Tokenizer.from_gguf_metadata(meta)
+        t = tokenizer_from_gguf(meta)
     assert "padding_token_id" in caplog.text
     assert t.special_ids == {256}
 

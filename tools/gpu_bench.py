@@ -35,6 +35,9 @@ def _args(argv):
                    help="also time each block-quantized model at depth 0 with int8 activations on "
                         "every type that has them and with float math everywhere (the default "
                         "uses int8 where it is faster)")
+    p.add_argument("--concurrency", default="",
+                   help="also run N concurrent streams for each N of this comma-separated list "
+                        "(bench --concurrency: aggregate decode tok/s, ITL, TTFT); empty: skip")
     p.add_argument("--workdir", default=None, help="where synthetic models are written (default: a temp dir)")
     p.add_argument("--json", dest="json_file", required=True, help="output JSON file")
     return p.parse_args(argv)
@@ -42,7 +45,7 @@ def _args(argv):
 
 def main(argv=None) -> int:
     a = _args(argv)
-    from helexa_native.bench import bench_engine, measure_copy_bandwidth, write_synthetic
+    from helexa_native.bench import bench_concurrency, bench_engine, measure_copy_bandwidth, write_synthetic
     from helexa_native.engine import Engine
 
     depths = [int(d) for d in a.depths.split(",") if d.strip()]
@@ -85,6 +88,16 @@ def main(argv=None) -> int:
                           f"{r['decode_tokens_per_s']:.1f} tok/s ({r['achieved_gb_per_s']:.0f} GB/s)", flush=True)
                     save()
                 entry["graphs"] = {k: v for k, v in eng.backend.memory_info().items() if k.startswith("graph")}
+                levels = [int(x) for x in a.concurrency.split(",") if x.strip()]
+                if levels:
+                    entry["concurrency"] = []
+                    for n in levels:
+                        row = bench_concurrency(eng, [n], a.prompt_tokens, a.decode_tokens, warmup=n == levels[0])[0]
+                        entry["concurrency"].append(row)
+                        print(f"{spec}: N={n}: aggregate decode {row['aggregate_decode_tokens_per_s']:.0f} tok/s, "
+                              f"ITL p50 {row['itl_ms_p50']:.2f} ms p99 {row['itl_ms_p99']:.2f} ms, "
+                              f"TTFT p50 {row['ttft_ms_p50']:.0f} ms", flush=True)
+                        save()
             if a.int8_modes and spec.split(":")[1].upper() in ("Q4_K_M", "Q4_0", "Q8_0", "Q4_K", "Q6_K"):
                 for mode, label in ((True, "int8_all"), (False, "float")):
                     with Engine(path, device=a.device, n_ctx=n_ctx, progress=False, int8_activations=mode) as eng:

@@ -13,6 +13,7 @@
 #     -k EXPR         pytest -k filter for the tests
 #     --arch X.Y      TORCH_CUDA_ARCH_LIST (default 9.0)
 #     --int8-modes    bench: also time int8-everywhere and float-only decode
+#     --concurrency L bench: also N concurrent streams for each N of L (e.g. 1,8,32,64)
 #
 # Logs and JSON go to $OUT (default /tmp/helexa-gpu-check): build.log, tests.log,
 # tests.xml, bench.log, bench.json, summary.txt. The summary table is
@@ -39,6 +40,7 @@ DEPTHS="0,4096"
 REPEATS=3
 KEXPR=""
 INT8_MODES=""
+CONCURRENCY=""
 ARCH=${TORCH_CUDA_ARCH_LIST:-9.0}
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -48,6 +50,7 @@ while [ $# -gt 0 ]; do
     -k) KEXPR=$2; shift 2 ;;
     --arch) ARCH=$2; shift 2 ;;
     --int8-modes) INT8_MODES=1; shift ;;
+    --concurrency) CONCURRENCY=$2; shift 2 ;;
     -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -136,6 +139,7 @@ do_bench() {
   local args=(tools/gpu_bench.py --json "$OUT/bench.json" --depths "$DEPTHS" --repeats "$REPEATS")
   [ -n "$MODELS" ] && args+=(--models "$MODELS")
   [ -n "$INT8_MODES" ] && args+=(--int8-modes)
+  [ -n "$CONCURRENCY" ] && args+=(--concurrency "$CONCURRENCY")
   local lim; lim=$(limit "$BENCH_TIMEOUT")
   timeout "$lim" python3 "${args[@]}" 2>&1 | tee "$OUT/bench.log"
   local rc=${PIPESTATUS[0]}
@@ -180,6 +184,9 @@ for e in d["results"]:
         print(f"{e['model'] if i == 0 else '':<22} {load:>7} {r['depth']:>6} {r['prefill_tokens_per_s']:>14.0f} "
               f"{r['decode_tokens_per_s']:>13.1f} {r['decode_ms_per_token']:>7.2f} {r['achieved_gb_per_s']:>7.0f} "
               f"{(100 * share if share else 0):>5.1f}")
+    for c in e.get("concurrency", []):
+        print(f"{'  N=' + str(c['concurrency']):<22} {'':>7} {0:>6} {'':>14} {c['aggregate_decode_tokens_per_s']:>13.1f} "
+              f"ITL p50 {c['itl_ms_p50']:.2f} p99 {c['itl_ms_p99']:.2f} ms, TTFT p50 {c['ttft_ms_p50']:.0f} ms")
     for key, label in (("int8_all_depth0", "  int8 everywhere"), ("float_depth0", "  float only")):
         r = e.get(key)
         if r:

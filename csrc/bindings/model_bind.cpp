@@ -1,6 +1,6 @@
-// Python side of the GPU model: `_C.GpuModel`, a handle to a model living in a
-// device worker's slab, plus the small value types its calls take
-// (ModelSpec, SampleConfig, PenaltyUpdate, SeqInput).
+// Python side of the GPU model: `_C.GpuModelHandle`, a handle to the GpuModel
+// (llama_model.h) living in a device worker's slab, plus the small value types
+// its calls take (ModelSpec, StepSampling, PenaltyUpdate, SeqInput).
 //
 // Every method submits one job and waits for it with the GIL released; the
 // worker thread does all CUDA work. Without CUDA this file binds nothing, and
@@ -25,9 +25,9 @@ namespace py = pybind11;
 namespace hx {
 namespace {
 
-class ModelHandle {
+class GpuModelHandle {
  public:
-  ModelHandle(int device_index, const ModelSpec& spec, const py::list& tensors) {
+  GpuModelHandle(int device_index, const ModelSpec& spec, const py::list& tensors) {
     if (device_index < 0) throw std::invalid_argument("device_index must be >= 0");
     // Buffer views stay alive (and their memory pinned in place) until the
     // load job has copied everything; they are released with the GIL held.
@@ -67,7 +67,7 @@ class ModelHandle {
     vocab_ = spec.vocab;
   }
 
-  ~ModelHandle() {
+  ~GpuModelHandle() {
     if (handle_ != 0 && worker_) {
       // Fire and forget: the slab frees it on the worker thread; waiting here
       // could block a garbage collection pass.
@@ -178,6 +178,11 @@ class ModelHandle {
 }  // namespace
 
 void bind_model(py::module_& m) {
+  py::enum_<Int8Mode>(m, "Int8Mode", "Where decode matvecs quantize their input to int8 terms")
+      .value("Never", Int8Mode::Never, "float math everywhere")
+      .value("Auto", Int8Mode::Auto, "where measured faster (large Q4_0 and Q8_0 matrices)")
+      .value("Always", Int8Mode::Always, "every type that has the integer kernel");
+
   py::class_<ModelSpec>(m, "ModelSpec", "Architecture and sizing of a GPU model")
       .def(py::init<>())
       .def_readwrite("arch", &ModelSpec::arch)
@@ -190,7 +195,13 @@ void bind_model(py::module_& m) {
       .def_readwrite("kv_heads", &ModelSpec::kv_heads)
       .def_readwrite("head_dim", &ModelSpec::head_dim)
       .def_readwrite("eps", &ModelSpec::eps)
-      .def_readwrite("rope_style", &ModelSpec::rope_style)
+      .def_property(
+          "rope_style", [](const ModelSpec& s) { return std::string(rope_style_name(s.rope_style)); },
+          [](ModelSpec& s, const std::string& name) {
+            if (!rope_style_from_name(name, &s.rope_style))
+              throw py::value_error("rope_style must be 'half' or 'pairs', got '" + name + "'");
+          },
+          "The config's rope_style: 'half' (rotate_half) or 'pairs' (GGML adjacent pairs)")
       .def_readwrite("qk_norm", &ModelSpec::qk_norm)
       .def_readwrite("inv_freq", &ModelSpec::inv_freq)
       .def_readwrite("n_ctx", &ModelSpec::n_ctx)
@@ -200,19 +211,20 @@ void bind_model(py::module_& m) {
       .def_readwrite("num_blocks", &ModelSpec::num_blocks)
       .def_readwrite("max_num_seqs", &ModelSpec::max_num_seqs);
 
-  py::class_<SampleConfig>(m, "SampleConfig", "Sampling parameters of one step")
+  py::class_<StepSampling>(m, "StepSampling",
+                           "A request's SamplingParams for one step, with the step counter and the logprobs asked")
       .def(py::init<>())
-      .def_readwrite("temperature", &SampleConfig::temperature)
-      .def_readwrite("top_k", &SampleConfig::top_k)
-      .def_readwrite("top_p", &SampleConfig::top_p)
-      .def_readwrite("min_p", &SampleConfig::min_p)
-      .def_readwrite("repetition_penalty", &SampleConfig::repetition_penalty)
-      .def_readwrite("presence_penalty", &SampleConfig::presence_penalty)
-      .def_readwrite("frequency_penalty", &SampleConfig::frequency_penalty)
-      .def_readwrite("seed", &SampleConfig::seed)
-      .def_readwrite("step", &SampleConfig::step)
-      .def_readwrite("logprobs", &SampleConfig::logprobs)
-      .def_readwrite("top_logprobs", &SampleConfig::top_logprobs);
+      .def_readwrite("temperature", &StepSampling::temperature)
+      .def_readwrite("top_k", &StepSampling::top_k)
+      .def_readwrite("top_p", &StepSampling::top_p)
+      .def_readwrite("min_p", &StepSampling::min_p)
+      .def_readwrite("repetition_penalty", &StepSampling::repetition_penalty)
+      .def_readwrite("presence_penalty", &StepSampling::presence_penalty)
+      .def_readwrite("frequency_penalty", &StepSampling::frequency_penalty)
+      .def_readwrite("seed", &StepSampling::seed)
+      .def_readwrite("step", &StepSampling::step)
+      .def_readwrite("logprobs", &StepSampling::logprobs)
+      .def_readwrite("top_logprobs", &StepSampling::top_logprobs);
 
   py::class_<PenaltyUpdate>(m, "PenaltyUpdate", "Tokens to add to the device penalty state")
       .def(py::init<>())
@@ -223,7 +235,7 @@ void bind_model(py::module_& m) {
 
   py::class_<SeqInput>(m, "SeqInput", "One sequence's share of a batched step")
       .def(py::init([](std::vector<int32_t> tokens, int start_pos, std::vector<int32_t> block_table, int slot,
-                       bool sample, const SampleConfig& sampling, const PenaltyUpdate& penalties, bool want_logits) {
+                       bool sample, const StepSampling& sampling, const PenaltyUpdate& penalties, bool want_logits) {
              SeqInput s;
              s.tokens = std::move(tokens);
              s.start_pos = start_pos;
@@ -246,28 +258,28 @@ void bind_model(py::module_& m) {
       .def_readwrite("penalties", &SeqInput::penalties)
       .def_readwrite("want_logits", &SeqInput::want_logits);
 
-  py::class_<ModelHandle>(m, "GpuModel", "A llama-family model resident on one device worker")
+  py::class_<GpuModelHandle>(m, "GpuModelHandle", "A llama-family model resident on one device worker (hx::GpuModel)")
       .def(py::init<int, const ModelSpec&, const py::list&>(), py::arg("device_index"), py::arg("spec"),
            py::arg("tensors"),
            "Upload weights (list of (name, ggml_type, shape, buffer)) and allocate scratch (and the KV pool "
            "when spec.num_blocks > 0)")
-      .def("allocate_kv", &ModelHandle::allocate_kv, py::arg("num_blocks"),
+      .def("allocate_kv", &GpuModelHandle::allocate_kv, py::arg("num_blocks"),
            "Allocate the KV pool of a model loaded with num_blocks 0; returns its bytes")
-      .def("step_batch", &ModelHandle::step_batch, py::arg("seqs"),
+      .def("step_batch", &GpuModelHandle::step_batch, py::arg("seqs"),
            "One batched step over SeqInputs: [(token|-1, logprob|None, top|None, logits|None)] in input order")
-      .def("forward_logits", &ModelHandle::forward_logits, py::arg("tokens"), py::arg("start_pos"),
+      .def("forward_logits", &GpuModelHandle::forward_logits, py::arg("tokens"), py::arg("start_pos"),
            py::arg("block_table"), py::arg("all_logits") = false,
            "One sequence through its block table: float32 logits [vocab] or [n, vocab]")
-      .def("set_graphs", &ModelHandle::set_graphs, py::arg("enabled"))
-      .def("memory", &ModelHandle::memory)
-      .def("close", &ModelHandle::close)
-      .def_property_readonly("closed", &ModelHandle::closed)
-      .def_property_readonly("poisoned", &ModelHandle::poisoned)
-      .def_property_readonly("shut_down", &ModelHandle::shut_down)
-      .def_property_readonly("poison_reason", &ModelHandle::poison_reason)
-      .def_property_readonly("bytes", &ModelHandle::bytes)
-      .def_property_readonly("load_seconds", &ModelHandle::load_seconds)
-      .def_property_readonly("device", &ModelHandle::device);
+      .def("set_graphs", &GpuModelHandle::set_graphs, py::arg("enabled"))
+      .def("memory", &GpuModelHandle::memory)
+      .def("close", &GpuModelHandle::close)
+      .def_property_readonly("closed", &GpuModelHandle::closed)
+      .def_property_readonly("poisoned", &GpuModelHandle::poisoned)
+      .def_property_readonly("shut_down", &GpuModelHandle::shut_down)
+      .def_property_readonly("poison_reason", &GpuModelHandle::poison_reason)
+      .def_property_readonly("bytes", &GpuModelHandle::bytes)
+      .def_property_readonly("load_seconds", &GpuModelHandle::load_seconds)
+      .def_property_readonly("device", &GpuModelHandle::device);
   m.attr("has_gpu_model") = true;
 }
 

@@ -6,6 +6,10 @@
 #include <vector>
 
 #include "bindings/bind.h"
+#include "common/ggml_types.h"
+#include "common/limits.h"
+
+namespace py = pybind11;
 
 namespace {
 
@@ -20,6 +24,15 @@ std::vector<std::string> compiled_archs() {
     start = end + 1;
   }
   return out;
+}
+
+// GGML type name -> id for every type the kernels read (ggml_types.h).
+py::dict ggml_type_ids() {
+  py::dict ids;
+#define HX_TYPE_ID(T) ids[hx::type_name(hx::GgmlType::T)] = static_cast<int>(hx::GgmlType::T);
+  HX_FOR_EACH_GGML_TYPE(HX_TYPE_ID)
+#undef HX_TYPE_ID
+  return ids;
 }
 
 }  // namespace
@@ -38,6 +51,9 @@ PYBIND11_MODULE(_C, m) {
   m.attr("nccl") = false;
 #endif
   m.def("compiled_archs", &compiled_archs, "SM architectures (e.g. '90') this build holds machine code for");
+  // Facts helexa_native also states in Python (defaults.py, ggml_types.py); a test checks they agree.
+  m.attr("MAX_TOP_LOGPROBS") = hx::kMaxTopLogprobs;
+  m.attr("GGML_TYPE_IDS") = ggml_type_ids();
   hx::bind_runtime(m);
   hx::bind_model(m);
 }

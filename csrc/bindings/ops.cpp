@@ -15,8 +15,10 @@
 
 #include <cstring>
 #include <optional>
+#include <string>
 
 #include "common/ggml_types.h"
+#include "common/rope_style.h"
 #include "kernels/attention_decode.cuh"
 #include "kernels/attention_prefill.cuh"
 #include "kernels/cast.cuh"
@@ -51,6 +53,14 @@ __nv_bfloat16* bf16_ptr(const at::Tensor& t) { return reinterpret_cast<__nv_bflo
 int as_int(int64_t v, const char* name) {
   HX_OP_CHECK(v >= 0 && v <= INT32_MAX, name, " out of range: ", v);
   return static_cast<int>(v);
+}
+
+// The rope style a config names ("half" | "pairs").
+RopeStyle rope_style(c10::string_view name) {
+  const std::string s(name.data(), name.size());
+  RopeStyle style = RopeStyle::Half;
+  HX_OP_CHECK(rope_style_from_name(s, &style), "style must be 'half' or 'pairs', got '", s, "'");
+  return style;
 }
 
 // ------------------------------------------------------------------ kernels
@@ -114,7 +124,7 @@ void op_head_rms_norm(at::Tensor& x, const at::Tensor& weight, double eps) {
                        as_int(x.size(0), "n"), as_int(x.size(1), "heads"), as_int(x.size(2), "d"), stream_of(x));
 }
 
-void op_rope(at::Tensor& q, at::Tensor& k, const at::Tensor& pos, const at::Tensor& inv_freq, int64_t style) {
+void op_rope(at::Tensor& q, at::Tensor& k, const at::Tensor& pos, const at::Tensor& inv_freq, c10::string_view style) {
   const c10::cuda::CUDAGuard guard(cuda_device(q, "q"));
   const auto dev = q.device();
   check_tensor(q, "q", at::kFloat, dev);
@@ -128,13 +138,14 @@ void op_rope(at::Tensor& q, at::Tensor& k, const at::Tensor& pos, const at::Tens
   HX_OP_CHECK(inv_freq.is_cuda() && inv_freq.device() == dev && inv_freq.is_contiguous(),
               "inv_freq must be a contiguous CUDA tensor on ", dev);
   const int n = as_int(q.size(0), "n"), nq = as_int(q.size(1), "nq"), nk = as_int(k.size(1), "nk");
+  const RopeStyle rs = rope_style(style);
   if (inv_freq.scalar_type() == at::kDouble) {
     rope_launch(q.data_ptr<float>(), k.data_ptr<float>(), pos.data_ptr<int32_t>(), inv_freq.data_ptr<double>(), n, nq,
-                nk, d, static_cast<int>(style), stream_of(q));
+                nk, d, rs, stream_of(q));
   } else {
     HX_OP_CHECK(inv_freq.scalar_type() == at::kFloat, "inv_freq must be float32 or float64");
     rope_launch(q.data_ptr<float>(), k.data_ptr<float>(), pos.data_ptr<int32_t>(), inv_freq.data_ptr<float>(), n, nq,
-                nk, d, static_cast<int>(style), stream_of(q));
+                nk, d, rs, stream_of(q));
   }
 }
 
@@ -171,7 +182,7 @@ void op_rope_kv_append(at::Tensor& q, at::Tensor& k, const at::Tensor& v, at::Te
                        const at::Tensor& pos, const at::Tensor& slot_pos, const std::optional<at::Tensor>& table,
                        const at::Tensor& inv_freq,
                        const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm, double eps,
-                       int64_t style) {
+                       c10::string_view style) {
   const c10::cuda::CUDAGuard guard(cuda_device(kc, "k_cache"));
   const auto dev = kc.device();
   check_tensor(q, "q", at::kFloat, dev);
@@ -189,6 +200,7 @@ void op_rope_kv_append(at::Tensor& q, at::Tensor& k, const at::Tensor& v, at::Te
   HX_OP_CHECK(pos.numel() == q.size(0) && slot_pos.numel() == q.size(0), "pos and slot_pos must have n elements");
   const int d = as_int(q.size(2), "d");
   HX_OP_CHECK(inv_freq.numel() == d / 2, "inv_freq must have d/2 elements");
+  const RopeStyle rs = rope_style(style);
   const float* tp = nullptr;
   int tlen = 0;
   if (table.has_value() && table->defined()) {
@@ -209,8 +221,7 @@ void op_rope_kv_append(at::Tensor& q, at::Tensor& k, const at::Tensor& v, at::Te
                         pos.data_ptr<int32_t>(), slot_pos.data_ptr<int32_t>(), tp, tlen, inv_freq.data_ptr<double>(),
                         has_q ? q_norm->data_ptr<float>() : nullptr, has_k ? k_norm->data_ptr<float>() : nullptr,
                         static_cast<float>(eps), as_int(q.size(0), "n"), as_int(q.size(1), "nq"),
-                        as_int(k.size(1), "nk"), d, as_int(kc.size(1), "cap"), static_cast<int>(style),
-                        stream_of(kc));
+                        as_int(k.size(1), "nk"), d, as_int(kc.size(1), "cap"), rs, stream_of(kc));
 }
 
 void op_attention_decode(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& seq_lens,
@@ -301,9 +312,10 @@ void op_bf16_to_f32(const at::Tensor& x, at::Tensor& out) {
 
 // ----------------------------------------------------------------- sampling
 
-at::Tensor op_sample_params(double temperature, int64_t top_k, double top_p, double min_p, double repetition_penalty,
-                            double presence_penalty, double frequency_penalty, int64_t seed, at::Device device) {
-  SampleParamsDev p{};
+at::Tensor op_sampling_params_device(double temperature, int64_t top_k, double top_p, double min_p,
+                                     double repetition_penalty, double presence_penalty, double frequency_penalty,
+                                     int64_t seed, at::Device device) {
+  SamplingParamsDevice p{};
   p.temperature = static_cast<float>(temperature);
   p.top_k = static_cast<int32_t>(top_k < 0 ? 0 : (top_k > INT32_MAX ? INT32_MAX : top_k));
   p.top_p = static_cast<float>(top_p);
@@ -318,11 +330,11 @@ at::Tensor op_sample_params(double temperature, int64_t top_k, double top_p, dou
   return host.to(device);
 }
 
-const SampleParamsDev* params_ptr(const at::Tensor& params, const at::Device& dev) {
+const SamplingParamsDevice* params_ptr(const at::Tensor& params, const at::Device& dev) {
   check_tensor(params, "params", at::kByte, dev);
-  HX_OP_CHECK(params.numel() == static_cast<int64_t>(sizeof(SampleParamsDev)), "params must hold ",
-              sizeof(SampleParamsDev), " bytes (torch.ops.helexa.sample_params)");
-  return reinterpret_cast<const SampleParamsDev*>(params.data_ptr());
+  HX_OP_CHECK(params.numel() == static_cast<int64_t>(sizeof(SamplingParamsDevice)), "params must hold ",
+              sizeof(SamplingParamsDevice), " bytes (torch.ops.helexa.sampling_params_device)");
+  return reinterpret_cast<const SamplingParamsDevice*>(params.data_ptr());
 }
 
 void op_penalties(const at::Tensor& logits, at::Tensor& out, const at::Tensor& params, const at::Tensor& present,
@@ -390,13 +402,13 @@ TORCH_LIBRARY_FRAGMENT(helexa, m) {
       "Tensor(c!)? out_bf16) -> ()",
       &hx::op_add_rms_norm);
   m.def("head_rms_norm(Tensor(a!) x, Tensor weight, float eps) -> ()", &hx::op_head_rms_norm);
-  m.def("rope(Tensor(a!) q, Tensor(b!) k, Tensor pos, Tensor inv_freq, int style) -> ()", &hx::op_rope);
+  m.def("rope(Tensor(a!) q, Tensor(b!) k, Tensor pos, Tensor inv_freq, str style) -> ()", &hx::op_rope);
   m.def("kv_append(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_pos) -> ()",
         &hx::op_kv_append);
   m.def("rope_table(Tensor inv_freq, Tensor(a!) table) -> ()", &hx::op_rope_table);
   m.def(
       "rope_kv_append(Tensor(a!) q, Tensor(b!) k, Tensor v, Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor pos, "
-      "Tensor slot_pos, Tensor? table, Tensor inv_freq, Tensor? q_norm, Tensor? k_norm, float eps, int style) -> ()",
+      "Tensor slot_pos, Tensor? table, Tensor inv_freq, Tensor? q_norm, Tensor? k_norm, float eps, str style) -> ()",
       &hx::op_rope_kv_append);
   m.def(
       "attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor block_tables, "
@@ -410,9 +422,9 @@ TORCH_LIBRARY_FRAGMENT(helexa, m) {
   m.def("f32_to_bf16(Tensor x, Tensor(a!) out) -> ()", &hx::op_f32_to_bf16);
   m.def("bf16_to_f32(Tensor x, Tensor(a!) out) -> ()", &hx::op_bf16_to_f32);
   m.def(
-      "sample_params(float temperature, int top_k, float top_p, float min_p, float repetition_penalty, "
+      "sampling_params_device(float temperature, int top_k, float top_p, float min_p, float repetition_penalty, "
       "float presence_penalty, float frequency_penalty, int seed, Device device) -> Tensor",
-      &hx::op_sample_params);
+      &hx::op_sampling_params_device);
   m.def("penalties(Tensor logits, Tensor(a!) out, Tensor params, Tensor present, Tensor counts) -> ()",
         &hx::op_penalties);
   m.def("argmax(Tensor logits, Tensor(a!) out) -> ()", &hx::op_argmax);

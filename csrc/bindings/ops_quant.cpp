@@ -115,10 +115,13 @@ at::Tensor op_matvec(int64_t type, const at::Tensor& w, const at::Tensor& x, int
   if (int8 && prequant)
     scratch = at::empty({static_cast<int64_t>(matvec_x_scratch_bytes(static_cast<int>(ntok), kk))},
                         x.options().dtype(at::kByte));
+  MatvecOptions options;
+  options.accumulate = acc;
+  options.int8_activations = int8;
+  options.x_scratch = scratch.defined() ? scratch.data_ptr() : nullptr;
   launch([&] {
     matvec_launch(t, wc.data_ptr(), xc.data_ptr<float>(), y.data_ptr<float>(), no, kk, static_cast<int>(ntok),
-                  bc.defined() ? bc.data_ptr<float>() : nullptr, acc, stream, int8, true, false,
-                  scratch.defined() ? scratch.data_ptr() : nullptr);
+                  bc.defined() ? bc.data_ptr<float>() : nullptr, options, stream);
   });
   return y;
 }
@@ -168,9 +171,11 @@ void op_matvec_out(int64_t type, const at::Tensor& w, const at::Tensor& x, at::T
     b = bias->data_ptr<float>();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  MatvecOptions options;
+  options.accumulate = accumulate;
   launch([&] {
     matvec_launch(t, wc.data_ptr(), x.data_ptr<float>(), y.data_ptr<float>(), no, kk, static_cast<int>(ntok), b,
-                  accumulate, stream);
+                  options, stream);
   });
 }
 

@@ -13,6 +13,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <functional>
 #include <future>
 #include <memory>
 #include <string>
@@ -156,6 +157,11 @@ void bind_runtime(py::module_& m) {
              return acquire_worker(device_index);
            }),
            py::arg("device_index"))
+      // The C++ registry (runtime/registry.h) is the one record of which
+      // worker owns a device; Python wrappers of one worker compare equal.
+      .def(
+          "__eq__", [](const DeviceWorker& a, const DeviceWorker& b) { return &a == &b; }, py::is_operator())
+      .def("__hash__", [](const DeviceWorker& w) { return std::hash<const DeviceWorker*>()(&w); })
       .def_property_readonly("device_index", &DeviceWorker::device_index)
       .def_property_readonly("name", &DeviceWorker::name)
       .def_property_readonly("host_only", &DeviceWorker::host_only)

@@ -6,6 +6,7 @@
 // pick a path asks the device at run time (hx::device_sm()).
 //   HX_HAS_BF16_MMA  sm_80+: mma.sync m16n8k16 with bf16 inputs, ldmatrix
 //   HX_HAS_CP_ASYNC  sm_80+: cp.async global->shared copies
+//   HX_HAS_PDL       sm_90+: griddepcontrol (programmatic dependent launch, launch.cuh)
 //   HX_HOPPER        sm_90+
 //   HX_BLACKWELL     sm_100+
 // The package builds only sm_80 and newer; the sm_80 paths are the baseline
@@ -25,6 +26,7 @@
 #endif
 #if __CUDA_ARCH__ >= 900
 #define HX_HOPPER 1
+#define HX_HAS_PDL 1
 #endif
 #if __CUDA_ARCH__ >= 1000
 #define HX_BLACKWELL 1
@@ -36,6 +38,9 @@
 #endif
 #ifndef HX_HAS_CP_ASYNC
 #define HX_HAS_CP_ASYNC 0
+#endif
+#ifndef HX_HAS_PDL
+#define HX_HAS_PDL 0
 #endif
 #ifndef HX_HOPPER
 #define HX_HOPPER 0

@@ -32,7 +32,7 @@ namespace hx {
 // First statement of an overlapped kernel: wait for the previous grid, then
 // let the next one be scheduled.
 __device__ __forceinline__ void pdl_begin() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if HX_HAS_PDL
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif

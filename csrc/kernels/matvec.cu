@@ -128,8 +128,7 @@ void quantize_x_launch(const float* x, int ntok, int k, int terms, uint8_t* out,
 size_t matvec_x_scratch_bytes(int n_tok, int k) { return matvec::dp4a::smem_bytes(n_tok, k, matvec::dp4a::kMaxTerms); }
 
 void matvec_launch(GgmlType type, const void* w, const float* x, float* y, int n_out, int k, int n_tok,
-                   const float* bias, bool accumulate, cudaStream_t stream, bool int8_activations,
-                   bool precise, bool static_weights, void* x_scratch) {
+                   const float* bias, const MatvecOptions& options, cudaStream_t stream) {
   if (!is_supported(type)) bad("unsupported GGML type id " + std::to_string(static_cast<int>(type)));
   if (n_tok < 1 || n_tok > kMatvecMaxTokens)
     bad("n_tok must be 1.." + std::to_string(kMatvecMaxTokens) + ", got " + std::to_string(n_tok));
@@ -150,11 +149,12 @@ void matvec_launch(GgmlType type, const void* w, const float* x, float* y, int n
   a.k = k;
   a.ntok = n_tok;
   a.npass = (k + 255) / 256;
-  a.accumulate = accumulate ? 1 : 0;
-  a.int8_x = int8_activations ? (precise ? 2 : 1) : 0;
-  a.static_w = static_weights ? 1 : 0;
+  a.accumulate = options.accumulate ? 1 : 0;
+  a.int8_x = options.int8_activations ? (options.precise ? 2 : 1) : 0;
+  a.static_w = options.static_weights ? 1 : 0;
   a.xq = nullptr;
-  a.x_scratch = int8_activations && x_scratch != nullptr ? static_cast<uint8_t*>(x_scratch) : nullptr;
+  a.x_scratch = options.int8_activations && options.x_scratch != nullptr ? static_cast<uint8_t*>(options.x_scratch)
+                                                                         : nullptr;
   if (a.x_scratch && !aligned16(a.x_scratch)) bad("x_scratch must be 16-byte aligned");
   a.nsteps = 0;
 
@@ -180,17 +180,6 @@ void matvec_launch(GgmlType type, const void* w, const float* x, float* y, int n
   }
 #undef HX_CASE
   bad("unsupported GGML type");
-}
-
-size_t repacked_bytes(GgmlType, int, int) { return 0; }
-
-void repack_launch(GgmlType, const void*, void*, int, int, cudaStream_t) {
-  throw std::invalid_argument("repack_launch: no repacked layout exists (repacked_bytes() is 0)");
-}
-
-void matvec_launch_repacked(GgmlType, const void*, const float*, float*, int, int, int, const float*, bool,
-                            cudaStream_t) {
-  throw std::invalid_argument("matvec_launch_repacked: no repacked layout exists (repacked_bytes() is 0)");
 }
 
 }  // namespace hx

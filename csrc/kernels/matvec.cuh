@@ -1,5 +1,5 @@
 // Quantized / float matrix-vector products for decode: y = W x (+ bias), for
-// up to 8 tokens, reading weights in their stored GGUF layout.
+// up to kMatvecMaxTokens tokens, reading weights in their stored GGUF layout.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -10,8 +10,32 @@
 
 namespace hx {
 
-// Most tokens one matvec_launch handles; larger batches use dequantize + GEMM.
+// Most tokens one matvec_launch handles. The forward sends batches up to this
+// size through the matvec and larger ones through dequantize + GEMM, where
+// tensor cores win.
 constexpr int kMatvecMaxTokens = 8;
+
+// How one matvec_launch runs; the defaults are a plain y = W x (+ bias) in
+// float math.
+struct MatvecOptions {
+  // y += instead of y =.
+  bool accumulate = false;
+  // Q4_0/Q8_0/Q4_K/Q6_K: quantize x to int8 blocks of 32 and use integer dot
+  // products (about 1.5x faster decode, ~0.3% relative error per product).
+  bool int8_activations = false;
+  // With int8_activations: two int8 terms per element (x and its quantization
+  // residual), near float accuracy for twice the dp4a work and stage size;
+  // where that stage does not fit 48 KiB the float kernel runs. false: one term.
+  bool precise = true;
+  // No kernel ever writes w (model weights): the launch may read it before
+  // the previous kernel of the stream has finished (launch.cuh).
+  bool static_weights = false;
+  // With int8_activations: a device buffer of matvec_x_scratch_bytes(n_tok, k)
+  // bytes or more (16-byte aligned). x is quantized into it once, by a small
+  // kernel, instead of by every CTA of the product. Launches sharing it must
+  // be ordered on one stream. nullptr: each CTA quantizes x for itself.
+  void* x_scratch = nullptr;
+};
 
 // y[t, i] (= or +=) sum_j W[i, j] * x[t, j] (+ bias[i]) for t < n_tok, i < n_out.
 // W is n_out stored rows of k elements of `type` (k a multiple of the block
@@ -19,40 +43,10 @@ constexpr int kMatvecMaxTokens = 8;
 // ggml_types.h is accepted. Throws std::invalid_argument for a bad type, size
 // or alignment; hx::CudaError if the launch fails.
 void matvec_launch(GgmlType type, const void* w /*[n_out, k] stored rows*/, const float* x /*[n_tok, k]*/,
-                   float* y /*[n_tok, n_out]*/, int n_out, int k, int n_tok /*1..8*/,
-                   const float* bias /*[n_out] or nullptr*/, bool accumulate /*y += instead of y =*/,
-                   cudaStream_t stream,
-                   // Q4_0/Q8_0/Q4_K/Q6_K: quantize x to int8 blocks of 32 and use integer dot
-                   // products (about 1.5x faster decode, ~0.3% relative error per product).
-                   bool int8_activations = false,
-                   // With int8_activations: two int8 terms per element (x and its quantization
-                   // residual), near float accuracy for twice the dp4a work and stage size;
-                   // where that stage does not fit 48 KiB the float kernel runs. false: one term.
-                   bool precise = true,
-                   // No kernel ever writes w (model weights): the launch may read it before
-                   // the previous kernel of the stream has finished (launch.cuh).
-                   bool static_weights = false,
-                   // With int8_activations: a device buffer of matvec_x_scratch_bytes(n_tok, k)
-                   // bytes or more (16-byte aligned). x is quantized into it once, by a small
-                   // kernel, instead of by every CTA of the product. Launches sharing it must
-                   // be ordered on one stream. nullptr: each CTA quantizes x for itself.
-                   void* x_scratch = nullptr);
+                   float* y /*[n_tok, n_out]*/, int n_out, int k, int n_tok /*1..kMatvecMaxTokens*/,
+                   const float* bias /*[n_out] or nullptr*/, const MatvecOptions& options, cudaStream_t stream);
 
 // Bytes of the x_scratch buffer of one matvec_launch of n_tok tokens of k elements.
 size_t matvec_x_scratch_bytes(int n_tok, int k);
-
-// No GPU-specific layout is used: matvec reads the GGUF layout at full speed,
-// so repacked_bytes is 0 and the forward keeps the stored rows.
-size_t repacked_bytes(GgmlType type, int n_out, int k);
-
-// Only valid when repacked_bytes() > 0 (never, today): throws std::invalid_argument.
-void repack_launch(GgmlType type, const void* src /*[n_out, k] stored rows*/, void* dst, int n_out, int k,
-                   cudaStream_t stream);
-
-// Same contract as matvec_launch on a repacked matrix; throws std::invalid_argument
-// while no repacked layout exists.
-void matvec_launch_repacked(GgmlType type, const void* w, const float* x /*[n_tok, k]*/,
-                            float* y /*[n_tok, n_out]*/, int n_out, int k, int n_tok,
-                            const float* bias /*[n_out] or nullptr*/, bool accumulate, cudaStream_t stream);
 
 }  // namespace hx

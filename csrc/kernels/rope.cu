@@ -6,7 +6,8 @@
 // then rotate every pair of every q and k head of that token. The rotation
 // uses explicitly rounded float32 products and sums (no FMA contraction) so
 // it reproduces the reference's `a * cos - b * sin` bit for bit.
-// Styles: 0 pairs (i, i + d/2) (HF rotate_half), 1 pairs (2i, 2i + 1) (GGML).
+// Styles (common/rope_style.h): Half rotates (i, i + d/2) (HF rotate_half),
+// Pairs rotates (2i, 2i + 1) (GGML).
 // One arch path (sm_80+ baseline); the float64 work is d/2 sincos per token.
 // rope_kv_kernel is the forward's fused form: cos/sin come from a float32
 // table built once per model (same values), and k / v go straight on to the
@@ -27,7 +28,7 @@ namespace {
 
 template <typename FT>
 __global__ void rope_kernel(float* __restrict__ q, float* __restrict__ k, const int32_t* __restrict__ pos,
-                            const FT* __restrict__ inv_freq, int nq, int nk, int d, int style) {
+                            const FT* __restrict__ inv_freq, int nq, int nk, int d, RopeStyle style) {
   extern __shared__ float cs[];  // [half] cos, then [half] sin
   const int t = blockIdx.x;
   const int half = d >> 1;
@@ -44,8 +45,8 @@ __global__ void rope_kernel(float* __restrict__ q, float* __restrict__ k, const 
     const int head = idx / half;
     const int i = idx - head * half;
     float* x = head < nq ? q + ((size_t)t * nq + head) * d : k + ((size_t)t * nk + (head - nq)) * d;
-    const int i0 = style == 0 ? i : 2 * i;
-    const int i1 = style == 0 ? i + half : 2 * i + 1;
+    const int i0 = style == RopeStyle::Half ? i : 2 * i;
+    const int i1 = style == RopeStyle::Half ? i + half : 2 * i + 1;
     const float x0 = x[i0], x1 = x[i1];
     const float c = cs[i], s = cs[half + i];
     x[i0] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
@@ -55,12 +56,12 @@ __global__ void rope_kernel(float* __restrict__ q, float* __restrict__ k, const 
 
 template <typename FT>
 void rope_impl(float* q, float* k, const int32_t* pos, const FT* inv_freq, int n, int nq, int nk, int d,
-               int style, cudaStream_t stream) {
+               RopeStyle style, cudaStream_t stream) {
   if (n < 0 || nq < 0 || nk < 0 || d <= 0 || (d & 1))
     throw std::invalid_argument("rope: bad sizes n=" + std::to_string(n) + " nq=" + std::to_string(nq) +
                                 " nk=" + std::to_string(nk) + " d=" + std::to_string(d) + " (d must be even)");
-  if (style != 0 && style != 1)
-    throw std::invalid_argument("rope: style must be 0 (half) or 1 (pairs), got " + std::to_string(style));
+  if (!is_rope_style(style))
+    throw std::invalid_argument("rope: unknown rope style " + std::to_string(static_cast<int>(style)));
   if (nk > 0 && k == nullptr) throw std::invalid_argument("rope: k is null with nk > 0");
   if (n == 0 || nq + nk == 0) return;
   const int pairs = (nq + nk) * (d / 2);
@@ -98,7 +99,7 @@ rope_kv_kernel(float* __restrict__ q, float* __restrict__ k, const float* __rest
                const int32_t* __restrict__ slot_pos, const float2* __restrict__ table, int table_len,
                const double* __restrict__ inv_freq,
                const float* __restrict__ q_norm, const float* __restrict__ k_norm, float eps, int nq, int nk,
-               int d, int cap, int style) {
+               int d, int cap, RopeStyle style) {
   pdl_begin();
   const int t = blockIdx.x;
   const int head = blockIdx.y * kRopeKvWarps + (threadIdx.x >> 5);
@@ -141,8 +142,8 @@ rope_kv_kernel(float* __restrict__ q, float* __restrict__ k, const float* __rest
       c = (float)cd;
       s = (float)sd;
     }
-    const int i0 = style == 0 ? i : 2 * i;
-    const int i1 = style == 0 ? i + half : 2 * i + 1;
+    const int i0 = style == RopeStyle::Half ? i : 2 * i;
+    const int i1 = style == RopeStyle::Half ? i + half : 2 * i + 1;
     float x0 = x[i0], x1 = x[i1];
     if (nw != nullptr) {
       x0 = x0 * inv * nw[i0];
@@ -162,12 +163,12 @@ rope_kv_kernel(float* __restrict__ q, float* __restrict__ k, const float* __rest
 }  // namespace
 
 void rope_launch(float* q, float* k, const int32_t* pos, const float* inv_freq, int n, int nq, int nk, int d,
-                 int style, cudaStream_t stream) {
+                 RopeStyle style, cudaStream_t stream) {
   rope_impl(q, k, pos, inv_freq, n, nq, nk, d, style, stream);
 }
 
 void rope_launch(float* q, float* k, const int32_t* pos, const double* inv_freq, int n, int nq, int nk, int d,
-                 int style, cudaStream_t stream) {
+                 RopeStyle style, cudaStream_t stream) {
   rope_impl(q, k, pos, inv_freq, n, nq, nk, d, style, stream);
 }
 
@@ -187,13 +188,13 @@ void rope_kv_append_launch(float* q, float* k, const float* v, __nv_bfloat16* kc
                            const int32_t* pos, const int32_t* slot_pos, const float* table, int table_len,
                            const double* inv_freq,
                            const float* q_norm, const float* k_norm, float eps, int n, int nq, int nk, int d,
-                           int cap, int style, cudaStream_t stream) {
+                           int cap, RopeStyle style, cudaStream_t stream) {
   if (n < 0 || nq < 0 || nk <= 0 || d <= 0 || (d & 1) || cap <= 0 || table_len < 0)
     throw std::invalid_argument("rope_kv_append: bad sizes n=" + std::to_string(n) + " nq=" + std::to_string(nq) +
                                 " nk=" + std::to_string(nk) + " d=" + std::to_string(d) +
                                 " cap=" + std::to_string(cap) + " (d must be even)");
-  if (style != 0 && style != 1)
-    throw std::invalid_argument("rope_kv_append: style must be 0 (half) or 1 (pairs), got " + std::to_string(style));
+  if (!is_rope_style(style))
+    throw std::invalid_argument("rope_kv_append: unknown rope style " + std::to_string(static_cast<int>(style)));
   if (inv_freq == nullptr) throw std::invalid_argument("rope_kv_append: inv_freq is required");
   if (n > 0 && (pos == nullptr || slot_pos == nullptr))
     throw std::invalid_argument("rope_kv_append: pos and slot_pos are required");

@@ -44,7 +44,7 @@ __device__ __forceinline__ float clean(float x) { return isnan(x) ? -INFINITY : 
 // ---------------------------------------------------------------- penalties
 
 __global__ void penalties_kernel(const float* __restrict__ logits, float* __restrict__ out, int vocab,
-                                 const SampleParamsDev* __restrict__ p, const int32_t* __restrict__ present,
+                                 const SamplingParamsDevice* __restrict__ p, const int32_t* __restrict__ present,
                                  const int32_t* __restrict__ counts) {
   const float r = p->repetition_penalty, pres = p->presence_penalty, freq = p->frequency_penalty;
   for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < vocab; t += gridDim.x * blockDim.x) {
@@ -159,7 +159,7 @@ __device__ __forceinline__ double block_sum_d(double v, double* scratch) {
 }
 
 __global__ void __launch_bounds__(kPrepThreads)
-sample_prep_kernel(const float* __restrict__ logits, int vocab, const SampleParamsDev* __restrict__ p,
+sample_prep_kernel(const float* __restrict__ logits, int vocab, const SamplingParamsDevice* __restrict__ p,
                    float* __restrict__ keys, int32_t* __restrict__ ids, Partial* __restrict__ parts) {
   __shared__ float fscratch[32];
   __shared__ double dscratch[32];
@@ -245,8 +245,9 @@ __device__ int find_first(int L, ValF val, PredF pred, ScanSmem& sm) {
 
 __global__ void __launch_bounds__(kFinThreads)
 sample_finish_kernel(const float* __restrict__ keys, const int32_t* __restrict__ ids,
-                     const Partial* __restrict__ parts, int nparts, int vocab, const SampleParamsDev* __restrict__ p,
-                     const int32_t* __restrict__ step, int32_t* __restrict__ out) {
+                     const Partial* __restrict__ parts, int nparts, int vocab,
+                     const SamplingParamsDevice* __restrict__ p, const int32_t* __restrict__ step,
+                     int32_t* __restrict__ out) {
   __shared__ ScanSmem sm;
   const float T = p->temperature;
   const float top = keys[0];
@@ -433,8 +434,8 @@ void check_vocab(const char* what, int vocab) {
 
 }  // namespace
 
-void penalties_launch(const float* logits, float* out, int vocab, const SampleParamsDev* p, const int32_t* present,
-                      const int32_t* counts, cudaStream_t stream) {
+void penalties_launch(const float* logits, float* out, int vocab, const SamplingParamsDevice* p,
+                      const int32_t* present, const int32_t* counts, cudaStream_t stream) {
   check_vocab("penalties", vocab);
   const int threads = 256;
   int blocks = (vocab + threads - 1) / threads;
@@ -454,8 +455,8 @@ size_t sample_workspace_bytes(int vocab) {
   return layout(vocab, nullptr).total;
 }
 
-void sample_launch(const float* logits, int vocab, const SampleParamsDev* p, const int32_t* step, int32_t* out_token,
-                   void* workspace, size_t ws_bytes, cudaStream_t stream) {
+void sample_launch(const float* logits, int vocab, const SamplingParamsDevice* p, const int32_t* step,
+                   int32_t* out_token, void* workspace, size_t ws_bytes, cudaStream_t stream) {
   check_vocab("sample", vocab);
   const SampleWs w = layout(vocab, workspace);
   if (workspace == nullptr || ws_bytes < w.total)

@@ -10,14 +10,13 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace hx {
+#include "common/limits.h"
 
-// Most alternatives logprobs_launch reports (OpenAI's top_logprobs bound).
-constexpr int kMaxTopLogprobs = 20;
+namespace hx {
 
 // SamplingParams of one request as the device reads them: 40 bytes, no
 // implicit padding, fields in this order (Python: struct.pack("<fifffffiQ", ...)).
-struct SampleParamsDev {
+struct SamplingParamsDevice {
   float temperature;         // 0: greedy
   int32_t top_k;             // 0 (or >= vocab): off
   float top_p;               // 1: off
@@ -28,14 +27,14 @@ struct SampleParamsDev {
   int32_t reserved;          // keeps seed 8-byte aligned; ignored
   uint64_t seed;
 };
-static_assert(sizeof(SampleParamsDev) == 40, "SampleParamsDev layout is shared with the host");
+static_assert(sizeof(SamplingParamsDevice) == 40, "SamplingParamsDevice layout is shared with the host");
 
 // params.py steps 2-3 (and NaN -> -inf, as the host sampler does first):
 //   x = logits[t]; if present[t]: x = x > 0 ? x / r : x * r;
 //   x = x - presence * (counts[t] > 0); x = x - frequency * counts[t].
 // out may alias logits. present / counts are maintained by the forward.
 void penalties_launch(const float* logits /*[vocab]*/, float* out /*[vocab]*/, int vocab,
-                      const SampleParamsDev* p /*device*/, const int32_t* present /*[vocab]*/,
+                      const SamplingParamsDevice* p /*device*/, const int32_t* present /*[vocab]*/,
                       const int32_t* counts /*[vocab]*/, cudaStream_t stream);
 
 // Greedy: index of the largest logit, lowest id on ties, NaN counting as
@@ -50,7 +49,7 @@ size_t sample_workspace_bytes(int vocab);
 // candidate (descending probability, lower id first on ties) whose
 // cumulative mass exceeds u = uniform(seed, *step). Exact over the whole
 // vocabulary (a full device radix sort, no candidate cap).
-void sample_launch(const float* logits /*[vocab]*/, int vocab, const SampleParamsDev* p /*device*/,
+void sample_launch(const float* logits /*[vocab]*/, int vocab, const SamplingParamsDevice* p /*device*/,
                    const int32_t* step /*[1] device*/, int32_t* out_token /*[1] device*/, void* workspace,
                    size_t ws_bytes, cudaStream_t stream);
 

@@ -16,25 +16,21 @@
 #include "common/check.h"
 #include "kernels/attention_decode.cuh"
 #include "kernels/attention_prefill.cuh"
+#include "kernels/bias.cuh"
 #include "kernels/cast.cuh"
 #include "kernels/dequant.cuh"
 #include "kernels/embedding.cuh"
+#include "kernels/gather_rows.cuh"
 #include "kernels/matvec.cuh"
+#include "kernels/penalty_state.cuh"
 #include "kernels/rms_norm.cuh"
 #include "kernels/rope.cuh"
 #include "kernels/swiglu.cuh"
-#include "model/forward_kernels.cuh"
 #include "model/gemm.h"
 
 namespace hx {
 
-static_assert(kStepMaxTopLogprobs == kMaxTopLogprobs, "the step result holds what the sampler reports");
-
 namespace {
-
-// matvec handles up to this many tokens per launch; larger batches go
-// through dequantize + GEMM, where tensor cores win.
-constexpr int kSmallBatch = 8;
 
 [[noreturn]] void bad_model(const std::string& msg) { throw std::invalid_argument(msg); }
 
@@ -129,7 +125,7 @@ GpuModel::GpuModel(WorkerContext& ctx, const ModelSpec& spec, const std::vector<
   if (s.head_dim % 8 != 0 || s.head_dim > 256)
     bad_model("head_dim " + std::to_string(s.head_dim) + " is not supported on the GPU (multiples of 8 up to 256)");
   if (static_cast<int>(s.inv_freq.size()) != s.head_dim / 2) bad_model("inv_freq must hold head_dim / 2 values");
-  if (s.rope_style != 0 && s.rope_style != 1) bad_model("rope_style must be 0 (half) or 1 (pairs)");
+  if (!is_rope_style(s.rope_style)) bad_model("unknown rope style " + std::to_string(static_cast<int>(s.rope_style)));
   if (s.n_ctx <= 0) bad_model("n_ctx must be positive");
   if (!(s.eps > 0.f)) bad_model("rms_norm_eps must be positive");
   if (s.block_size < 16 || s.block_size > (1 << 20) || (s.block_size & (s.block_size - 1)) != 0)
@@ -144,7 +140,7 @@ GpuModel::GpuModel(WorkerContext& ctx, const ModelSpec& spec, const std::vector<
   n_ctx_ = s.n_ctx;
   chunk_ = std::max(1, std::min(s.prefill_chunk > 0 ? s.prefill_chunk : 512, n_ctx_));
   slots_ = s.max_num_seqs + 1;
-  logit_rows_ = std::max(slots_, kSmallBatch);
+  logit_rows_ = std::max(slots_, kMatvecMaxTokens);
   rows_cap_ = std::max(chunk_, logit_rows_);
   while ((1 << bshift_) < s.block_size) ++bshift_;
   max_blocks_ = static_cast<int>((static_cast<int64_t>(n_ctx_) + s.block_size - 1) / s.block_size);
@@ -363,13 +359,13 @@ void GpuModel::alloc_state() {
   qkv_ = static_cast<float*>(dev_alloc(R * qkv_size_ * 4, sc));
   attn_ = static_cast<float*>(dev_alloc(R * q_size_ * 4, sc));
   gu_ = static_cast<float*>(dev_alloc(R * 2 * f * 4, sc));
-  act_ = static_cast<float*>(dev_alloc(static_cast<size_t>(kSmallBatch) * f * 4, sc));
+  act_ = static_cast<float*>(dev_alloc(static_cast<size_t>(kMatvecMaxTokens) * f * 4, sc));
   x_sel_ = static_cast<float*>(dev_alloc(LR * h * 4, sc));
   {
     // Small batches' int8 activations, quantized once per matvec (HELEXA_XQ=0: by every CTA).
     const char* v = std::getenv("HELEXA_XQ");
-    if (!(v && v[0] == '0') && spec_.int8_activations > 0)
-      x_scratch_ = dev_alloc(matvec_x_scratch_bytes(kSmallBatch, static_cast<int>(widest)), sc);
+    if (!(v && v[0] == '0') && spec_.int8_activations != Int8Mode::Never)
+      x_scratch_ = dev_alloc(matvec_x_scratch_bytes(kMatvecMaxTokens, static_cast<int>(widest)), sc);
   }
   if (wbuf_elems_ > 0) wbuf_ = static_cast<__nv_bfloat16*>(dev_alloc(wbuf_elems_ * 2, sc));
   logits_ = static_cast<float*>(dev_alloc(LR * V * 4, sc));
@@ -398,7 +394,7 @@ void GpuModel::alloc_state() {
     p.take<int32_t>(S);                                   // decode lengths
     p.take<int32_t>(S);                                   // sampled rows' slots
     p.take<int32_t>(S);                                   // steps
-    p.take<SampleParamsDev>(S);                           // parameters
+    p.take<SamplingParamsDevice>(S);                           // parameters
     p.take<int32_t>(S);                                   // LM-head rows
     p.take<int32_t>(S * static_cast<size_t>(max_blocks_));  // block tables
     p.take<int32_t>(stage_rows_);                         // tokens
@@ -432,7 +428,7 @@ size_t GpuModel::row_layout(char* base, int rows, int stride, RowInputs* out, si
   const size_t n = static_cast<size_t>(rows);
   const size_t tokens = p.take<int32_t>(n), pos = p.take<int32_t>(n), slot_pos = p.take<int32_t>(n);
   const size_t seq_lens = p.take<int32_t>(n), slots = p.take<int32_t>(n), steps = p.take<int32_t>(n);
-  const size_t params = p.take<SampleParamsDev>(n);
+  const size_t params = p.take<SamplingParamsDevice>(n);
   const size_t tables = p.take<int32_t>(n * static_cast<size_t>(stride));
   if (out != nullptr && base != nullptr) {
     out->tokens = at<int32_t>(base, tokens);
@@ -441,7 +437,7 @@ size_t GpuModel::row_layout(char* base, int rows, int stride, RowInputs* out, si
     out->seq_lens = at<int32_t>(base, seq_lens);
     out->slots = at<int32_t>(base, slots);
     out->steps = at<int32_t>(base, steps);
-    out->params = at<SampleParamsDev>(base, params);
+    out->params = at<SamplingParamsDevice>(base, params);
     out->tables = at<int32_t>(base, tables);
     out->stride = stride;
   }
@@ -563,16 +559,16 @@ int GpuModel::mode_of(const std::vector<SeqInput>& seqs) {
   return m;
 }
 
-void GpuModel::fill_params(SampleParamsDev* p, const SampleConfig& sc) {
-  p->temperature = sc.temperature;
-  p->top_k = sc.top_k;
-  p->top_p = sc.top_p;
-  p->min_p = sc.min_p;
-  p->repetition_penalty = sc.repetition_penalty;
-  p->presence_penalty = sc.presence_penalty;
-  p->frequency_penalty = sc.frequency_penalty;
+void GpuModel::fill_params(SamplingParamsDevice* p, const StepSampling& sampling) {
+  p->temperature = sampling.temperature;
+  p->top_k = sampling.top_k;
+  p->top_p = sampling.top_p;
+  p->min_p = sampling.min_p;
+  p->repetition_penalty = sampling.repetition_penalty;
+  p->presence_penalty = sampling.presence_penalty;
+  p->frequency_penalty = sampling.frequency_penalty;
   p->reserved = 0;
-  p->seed = sc.seed;
+  p->seed = sampling.seed;
 }
 
 void GpuModel::apply_penalty_updates(WorkerContext& ctx, const std::vector<SeqInput>& seqs) {
@@ -636,13 +632,22 @@ void GpuModel::dequantize_for_gemm(WorkerContext& ctx, const LinearWeight& w, co
   *out = wbuf_;
 }
 
+MatvecOptions GpuModel::matvec_options(const LinearWeight& w, bool accumulate) const {
+  MatvecOptions o;
+  o.accumulate = accumulate;
+  o.int8_activations = int8_for(w.type, w.n_out, w.k);
+  o.precise = true;
+  o.static_weights = true;  // weights are written once, at load
+  o.x_scratch = x_scratch_;
+  return o;
+}
+
 void GpuModel::linear(WorkerContext& ctx, const LinearWeight& w, const float* x_f32,
                       const __nv_bfloat16* x_bf16, float* y, int n, const float* bias, bool accumulate,
                       bool small) {
   cudaStream_t st = ctx.compute_stream();
   if (small) {
-    matvec_launch(w.type, w.data, x_f32, y, w.n_out, w.k, n, bias, accumulate, st,
-                  int8_for(w.type, w.n_out, w.k), true, true, x_scratch_);
+    matvec_launch(w.type, w.data, x_f32, y, w.n_out, w.k, n, bias, matvec_options(w, accumulate), st);
     return;
   }
   const __nv_bfloat16* wb = nullptr;
@@ -657,7 +662,7 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
   const int n = pl.n;
   const int h = s.hidden, d = s.head_dim, nq = s.heads, nk = s.kv_heads, f = s.intermediate;
   const float eps = s.eps;
-  const bool small = n <= kSmallBatch;
+  const bool small = n <= kMatvecMaxTokens;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
 
   float* q = qkv_;
@@ -676,8 +681,7 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
     const float* bv = L.b_qkv ? L.b_qkv + q_size_ + kv_size_ : nullptr;
     if (n == 1 && L.qkv_fused) {
       // q, k and v blocks are adjacent for one token: one launch fills all three.
-      matvec_launch(L.qkv.type, L.qkv.data, xn_, q, qkv_size_, h, 1, L.b_qkv, false, st,
-                    int8_for(L.qkv.type, qkv_size_, h), true, true, x_scratch_);
+      matvec_launch(L.qkv.type, L.qkv.data, xn_, q, qkv_size_, h, 1, L.b_qkv, matvec_options(L.qkv, false), st);
     } else if (!small && L.qkv_fused) {
       const __nv_bfloat16* wb = nullptr;
       dequantize_for_gemm(ctx, L.qkv, &wb);
@@ -692,8 +696,8 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
       }
     } else if (n == 1 && L.qk_fused) {
       // q and k blocks (and their biases) are adjacent for one token.
-      matvec_launch(L.qk.type, L.qk.data, xn_, q, q_size_ + kv_size_, h, 1, L.b_qkv, false, st,
-                    int8_for(L.qk.type, q_size_ + kv_size_, h), true, true, x_scratch_);
+      matvec_launch(L.qk.type, L.qk.data, xn_, q, q_size_ + kv_size_, h, 1, L.b_qkv, matvec_options(L.qk, false),
+                    st);
       linear(ctx, L.v, xn_, xb_, v, n, bv, false, small);
     } else {
       linear(ctx, L.q, xn_, xb_, q, n, bq, false, small);
@@ -718,8 +722,8 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
 
     add_rms_norm_launch(x_, nullptr, L.ffn_norm, eps, small ? xn_ : nullptr, small ? nullptr : xb_, n, h, st);
     if (n == 1 && L.gate_up_fused) {
-      matvec_launch(L.gate_up.type, L.gate_up.data, xn_, gate, 2 * f, h, 1, nullptr, false, st,
-                    int8_for(L.gate_up.type, 2 * f, h), true, true, x_scratch_);
+      matvec_launch(L.gate_up.type, L.gate_up.data, xn_, gate, 2 * f, h, 1, nullptr, matvec_options(L.gate_up, false),
+                    st);
     } else if (!small && L.gate_up_fused) {
       const __nv_bfloat16* wb = nullptr;
       dequantize_for_gemm(ctx, L.gate_up, &wb);
@@ -739,16 +743,15 @@ void GpuModel::lm_head(WorkerContext& ctx, const float* x, int count, float* log
   const int h = spec_.hidden, V = spec_.vocab;
   float* rows = const_cast<float*>(x);  // read only: the norm writes its input back only with a delta
   const bool bf16 = output_.type == GgmlType::BF16;
-  // A quantized LM head is read once per group of 8 rows by the matvec, or
-  // dequantized once (about 4x its stored bytes of traffic) for a GEMM: up
-  // to 4 groups the matvec moves less.
-  if (count <= kSmallBatch || (!bf16 && count <= 4 * kSmallBatch)) {
+  // A quantized LM head is read once per group of kMatvecMaxTokens rows by
+  // the matvec, or dequantized once (about 4x its stored bytes of traffic)
+  // for a GEMM: up to 4 groups the matvec moves less.
+  if (count <= kMatvecMaxTokens || (!bf16 && count <= 4 * kMatvecMaxTokens)) {
     add_rms_norm_launch(rows, nullptr, output_norm_, spec_.eps, xn_, nullptr, count, h, st);
-    for (int g = 0; g < count; g += kSmallBatch) {
-      const int ng = std::min(kSmallBatch, count - g);
+    for (int g = 0; g < count; g += kMatvecMaxTokens) {
+      const int ng = std::min(kMatvecMaxTokens, count - g);
       matvec_launch(output_.type, output_.data, xn_ + static_cast<size_t>(g) * h,
-                    logits + static_cast<size_t>(g) * V, V, h, ng, nullptr, false, st,
-                    int8_for(output_.type, V, h), true, true, x_scratch_);
+                    logits + static_cast<size_t>(g) * V, V, h, ng, nullptr, matvec_options(output_, false), st);
     }
     return;
   }
@@ -767,7 +770,7 @@ void GpuModel::lm_head(WorkerContext& ctx, const float* x, int count, float* log
 }
 
 void GpuModel::sample_rows(WorkerContext& ctx, int rows, int mode, const int32_t* slots, const int32_t* steps,
-                           const SampleParamsDev* params) {
+                           const SamplingParamsDevice* params) {
   cudaStream_t st = ctx.compute_stream();
   const int V = spec_.vocab;
   const size_t Vs = static_cast<size_t>(V);
@@ -879,7 +882,7 @@ std::vector<StepResult> GpuModel::decode_step(WorkerContext& ctx, const std::vec
     }
   RowInputs in;
   row_layout(h_dec_, bk->rows, max_blocks_, &in, nullptr);
-  const SampleConfig idle;
+  const StepSampling idle;
   int last_blocks = 0;
   for (int r = 0; r < bk->rows; ++r) {
     if (r < B) {
@@ -998,11 +1001,11 @@ std::vector<StepResult> GpuModel::general_step(WorkerContext& ctx, const std::ve
   Packer pk;
   const size_t o_lens = pk.take<int32_t>(n_single);
   const size_t o_slots = pk.take<int32_t>(K), o_steps = pk.take<int32_t>(K);
-  const size_t o_params = pk.take<SampleParamsDev>(K), o_lm = pk.take<int32_t>(K);
+  const size_t o_params = pk.take<SamplingParamsDevice>(K), o_lm = pk.take<int32_t>(K);
   const size_t o_tables = pk.take<int32_t>(static_cast<size_t>(nseq) * width);
   const size_t header = pk.off;
   {
-    const SampleConfig idle;
+    const StepSampling idle;
     for (int j = 0; j < nseq; ++j) {
       const SeqInput& s = seqs[order[j]];
       if (j < n_single) at<int32_t>(h_gen_, o_lens)[j] = s.start_pos + 1;
@@ -1012,7 +1015,7 @@ std::vector<StepResult> GpuModel::general_step(WorkerContext& ctx, const std::ve
       if (k < 0) continue;
       at<int32_t>(h_gen_, o_slots)[k] = s.sample ? s.slot : -1;
       at<int32_t>(h_gen_, o_steps)[k] = s.sample ? s.sampling.step : 0;
-      fill_params(at<SampleParamsDev>(h_gen_, o_params) + k, s.sample ? s.sampling : idle);
+      fill_params(at<SamplingParamsDevice>(h_gen_, o_params) + k, s.sample ? s.sampling : idle);
       at<int32_t>(h_gen_, o_lm)[k] = static_cast<int32_t>((row0[j] + len[j] - 1) % chunk_);
     }
   }
@@ -1118,7 +1121,7 @@ std::vector<StepResult> GpuModel::general_step(WorkerContext& ctx, const std::ve
   const int mode = mode_of(seqs);
   if (any_sample) {
     sample_rows(ctx, K, mode, at<int32_t>(d_gen_, o_slots), at<int32_t>(d_gen_, o_steps),
-                at<SampleParamsDev>(d_gen_, o_params));
+                at<SamplingParamsDevice>(d_gen_, o_params));
   }
   return collect(ctx, seqs, out_row, any_sample ? K : 0);
 }

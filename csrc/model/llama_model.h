@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "common/ggml_types.h"
+#include "kernels/matvec.cuh"
 #include "kernels/sampling.cuh"
 #include "model/model_api.h"
 #include "runtime/worker.h"
@@ -96,7 +97,7 @@ struct RowInputs {
   int32_t* seq_lens = nullptr;        // decode rows: positions to attend to (0: padding)
   int32_t* slots = nullptr;           // sampled rows: penalty slot (-1: none)
   int32_t* steps = nullptr;           // sampled rows: step of the random stream
-  SampleParamsDev* params = nullptr;  // sampled rows: sampling parameters
+  SamplingParamsDevice* params = nullptr;  // sampled rows: sampling parameters
   int32_t* tables = nullptr;          // decode rows: [rows, stride] block tables
   int stride = 0;
 };
@@ -173,7 +174,7 @@ class GpuModel : public Resource {
   }
   void apply_penalty_updates(WorkerContext& ctx, const std::vector<SeqInput>& seqs);
   static int mode_of(const std::vector<SeqInput>& seqs);
-  static void fill_params(SampleParamsDev* p, const SampleConfig& sc);
+  static void fill_params(SamplingParamsDevice* p, const StepSampling& sampling);
   // Lays out a row-input region of `rows` rows and block tables of `stride`
   // entries per row at `base`; returns its bytes and the tables' offset.
   static size_t row_layout(char* base, int rows, int stride, RowInputs* out, size_t* tables_off);
@@ -195,23 +196,31 @@ class GpuModel : public Resource {
               float* y, int n, const float* bias, bool accumulate, bool small);
   void dequantize_for_gemm(WorkerContext& ctx, const LinearWeight& w, const __nv_bfloat16** out);
   // Whether a decode matvec over an [n_out, k] weight of type t uses int8
-  // activations (spec_.int8_activations). Mode 1 takes them where the H100
-  // measured them faster: Q4_0 and Q8_0 matrices of 4M+ elements (on small
-  // ones the activation quantization costs more than the integer math saves;
-  // Q4_K and Q6_K run faster with float math).
+  // activations (spec_.int8_activations). Int8Mode::Auto takes them where the
+  // H100 measured them faster: Q4_0 and Q8_0 matrices of 4M+ elements (on
+  // small ones the activation quantization costs more than the integer math
+  // saves; Q4_K and Q6_K run faster with float math).
   bool int8_for(GgmlType t, int n_out, int k) const {
-    if (spec_.int8_activations >= 2) return true;
-    return spec_.int8_activations == 1 && (t == GgmlType::Q4_0 || t == GgmlType::Q8_0) &&
-           static_cast<int64_t>(n_out) * k >= (int64_t{1} << 22);
+    switch (spec_.int8_activations) {
+      case Int8Mode::Always: return true;
+      case Int8Mode::Auto:
+        return (t == GgmlType::Q4_0 || t == GgmlType::Q8_0) && static_cast<int64_t>(n_out) * k >= (int64_t{1} << 22);
+      case Int8Mode::Never: break;
+    }
+    return false;
   }
+  // The decode matvec's options over weight w: int8_for, two int8 terms, the
+  // weights read as static, the shared x scratch.
+  MatvecOptions matvec_options(const LinearWeight& w, bool accumulate) const;
   // Final norm + LM head of `count` consecutive hidden rows into logits rows
-  // [count, vocab]: matvec up to 8 rows, else dequantize + GEMM in row slices.
+  // [count, vocab]: the matvec in groups of kMatvecMaxTokens rows, or for
+  // many rows dequantize + GEMM in row slices.
   void lm_head(WorkerContext& ctx, const float* x, int count, float* logits);
   // Penalties, the token choice and logprobs of logits_ rows [0, rows) into
   // d_out_ rows, each with its own slot / step / parameters (device arrays).
   // The one place where the per-row launches would become batched ones.
   void sample_rows(WorkerContext& ctx, int rows, int mode, const int32_t* slots, const int32_t* steps,
-                   const SampleParamsDev* params);
+                   const SamplingParamsDevice* params);
   void decode_body(WorkerContext& ctx, const Bucket& b, int mode);
   // Reads back the sampled rows and wanted logits. out_row[i]: sequence i's
   // logits row (-1: none).
@@ -224,7 +233,7 @@ class GpuModel : public Resource {
   int chunk_ = 0;                      // rows per pass of the general step
   int slots_ = 0;                      // penalty slots = largest step = max_num_seqs + 1
   int rows_cap_ = 0;                   // scratch rows: max(chunk_, slots_)
-  int logit_rows_ = 0;                 // logits rows: max(slots_, 8)
+  int logit_rows_ = 0;                 // logits rows: max(slots_, kMatvecMaxTokens)
   int bshift_ = 0;                     // log2(block_size)
   int max_blocks_ = 0;                 // blocks of the longest sequence: ceil(n_ctx / block_size)
   int num_blocks_ = 0;                 // pool blocks (0 until alloc_kv)
@@ -250,7 +259,7 @@ class GpuModel : public Resource {
   float* qkv_ = nullptr;               // [rows, q + 2 kv]: q block, then k block, then v block
   float* attn_ = nullptr;              // [rows, q]
   float* gu_ = nullptr;                // [rows, 2 inter]: gate block, then up block
-  float* act_ = nullptr;               // [8, inter] (matvec path)
+  float* act_ = nullptr;               // [kMatvecMaxTokens, inter] (matvec path)
   float* x_sel_ = nullptr;             // [logit_rows, hidden] last rows gathered for the LM head
   void* x_scratch_ = nullptr;          // int8 activations of one small-batch matvec (matvec_x_scratch_bytes)
   __nv_bfloat16* wbuf_ = nullptr;      // dequantized weight for one GEMM (largest matrix or LM head slice)

@@ -18,10 +18,22 @@
 #include <utility>
 #include <vector>
 
+#include "common/limits.h"
+#include "common/rope_style.h"
+
 namespace hx {
 
 class DeviceWorker;
 class JobWaiter;
+
+// Whether decode matvecs over Q4_0/Q8_0/Q4_K/Q6_K quantize their input to two
+// int8 terms per element (x and its residual; near float accuracy) and use
+// integer dot products (MatvecOptions::int8_activations).
+enum class Int8Mode : int32_t {
+  Never = 0,   // float math everywhere
+  Auto = 1,    // where measured faster: large Q4_0 and Q8_0 matrices (GpuModel::int8_for)
+  Always = 2,  // every type that has the integer kernel
+};
 
 // Architecture and run-time sizing of one model.
 struct ModelSpec {
@@ -34,7 +46,7 @@ struct ModelSpec {
   int kv_heads = 0;
   int head_dim = 0;
   float eps = 1e-5f;
-  int rope_style = 0;             // 0: rotate_half pairs (i, i + d/2); 1: adjacent pairs (2i, 2i+1)
+  RopeStyle rope_style = RopeStyle::Half;
   bool qk_norm = false;
   std::vector<double> inv_freq;   // [head_dim / 2], scaling already applied
   int n_ctx = 4096;               // longest sequence, in positions
@@ -44,11 +56,7 @@ struct ModelSpec {
   int num_blocks = 0;             // KV pool blocks; 0: allocated later by model_alloc_kv
   int max_num_seqs = 64;          // sequences of the scheduler; penalty slots and the
                                   // largest step hold max_num_seqs + 1 (one private sequence)
-  // Decode matvecs over Q4_0/Q8_0/Q4_K/Q6_K may quantize their input to two
-  // int8 terms per element (x and its residual; near float accuracy) and use
-  // integer dot products: 0 never, 1 where that is faster (large Q4_0
-  // and Q8_0 matrices, see GpuModel::int8_for), 2 for every type that has the kernel.
-  int int8_activations = 1;
+  Int8Mode int8_activations = Int8Mode::Auto;
 };
 
 // One weight as the loader holds it: GGML type id, torch-order shape, host bytes.
@@ -61,8 +69,10 @@ struct HostTensor {
   size_t bytes = 0;
 };
 
-// SamplingParams of one step, plus the step counter of its random stream.
-struct SampleConfig {
+// The sampling argument of one step job: the request's SamplingParams (as the
+// device sampler reads them, SamplingParamsDevice), the step counter of its
+// random stream, and which logprobs to report.
+struct StepSampling {
   float temperature = 0.f;        // 0: greedy
   int top_k = 0;
   float top_p = 1.f;
@@ -73,7 +83,7 @@ struct SampleConfig {
   uint64_t seed = 0;
   int step = 0;
   bool logprobs = false;
-  int top_logprobs = 0;           // 0..kStepMaxTopLogprobs
+  int top_logprobs = 0;           // 0..kMaxTopLogprobs
 };
 
 // Tokens to add to a slot's device-side penalty state before sampling.
@@ -99,7 +109,7 @@ struct SeqInput {
   std::vector<int32_t> block_table;
   int slot = 0;
   bool sample = true;
-  SampleConfig sampling;
+  StepSampling sampling;
   PenaltyUpdate penalties;        // applied to `slot` (only when sampling)
   bool want_logits = false;
 };
@@ -117,9 +127,6 @@ struct LoadResult {
   size_t bytes = 0;               // device bytes held by the model (weights, KV pool, scratch)
   double seconds = 0.0;           // time spent in the load job
 };
-
-// Most alternatives a step reports (the device sampler's bound).
-constexpr int kStepMaxTopLogprobs = 20;
 
 LoadResult model_load(DeviceWorker& w, const ModelSpec& spec, const std::vector<HostTensor>& tensors);
 

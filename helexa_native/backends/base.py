@@ -10,6 +10,7 @@ for tests, benchmarks and teacher forcing.
 """
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -63,6 +64,14 @@ class Backend(ABC):
     blocks: KVBlockManager
     max_num_seqs: int
 
+    @property
+    def lock(self) -> threading.RLock:
+        """Held around every step: the scheduler's and the private sequence's never interleave."""
+        lk = self.__dict__.get("_step_lock")
+        if lk is None:
+            lk = self.__dict__.setdefault("_step_lock", threading.RLock())
+        return lk
+
     # ------------------------------------------------------------------ batched step
 
     @abstractmethod
@@ -99,11 +108,12 @@ class Backend(ABC):
 
     def reset(self) -> None:
         """Forget the private sequence's cache (its blocks go back to the pool)."""
-        seq = getattr(self, "_solo", None)
-        if seq is not None:
-            self.blocks.release(seq)
-        self._solo = None
-        self._solo_filled = 0
+        with self.lock:
+            seq = getattr(self, "_solo", None)
+            if seq is not None:
+                self.blocks.release(seq)
+            self._solo = None
+            self._solo_filled = 0
 
     def forward(self, tokens: Sequence[int], start_pos: int, all_logits: bool = False) -> torch.Tensor:
         """Run tokens at positions start_pos.. of the private sequence; float32 CPU logits.
@@ -111,9 +121,10 @@ class Backend(ABC):
         Returns [vocab] for the last position, or [len(tokens), vocab] with all_logits.
         """
         tokens = _id_list(tokens)
-        seq = self._solo_prepare(tokens, start_pos)
-        out = self.forward_paged(tokens, start_pos, seq.table, all_logits=all_logits)
-        self._solo_filled = start_pos + len(tokens)
+        with self.lock:
+            seq = self._solo_prepare(tokens, start_pos)
+            out = self.forward_paged(tokens, start_pos, seq.table, all_logits=all_logits)
+            self._solo_filled = start_pos + len(tokens)
         return out
 
     def step(self, tokens: Sequence[int], start_pos: int, params: SamplingParams,
@@ -125,11 +136,12 @@ class Backend(ABC):
                          state: SamplerState, want_logits: bool = True):
         """step() that also returns the raw logits it sampled from ([vocab], float32 CPU)."""
         tokens = _id_list(tokens)
-        seq = self._solo_prepare(tokens, start_pos)
-        out = self.step_batch([SeqStep(slot=self.max_num_seqs, tokens=tokens, start_pos=start_pos,
-                                       block_table=list(seq.table), sample=True, params=params,
-                                       state=state, want_logits=want_logits)])[0]
-        self._solo_filled = start_pos + len(tokens)
+        with self.lock:
+            seq = self._solo_prepare(tokens, start_pos)
+            out = self.step_batch([SeqStep(slot=self.max_num_seqs, tokens=tokens, start_pos=start_pos,
+                                           block_table=list(seq.table), sample=True, params=params,
+                                           state=state, want_logits=want_logits)])[0]
+            self._solo_filled = start_pos + len(tokens)
         return out.result, out.logits
 
     # ------------------------------------------------------------------ facts

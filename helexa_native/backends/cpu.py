@@ -1,14 +1,41 @@
 """The CPU backend: the reference forward behind the Backend interface."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
+from .. import defaults
 from ..config import ModelSource
 from ..errors import EngineClosedError
+from ..kv_blocks import DEFAULT_BLOCK_SIZE, KVBlockManager
 from ..reference import ReferenceModel
-from .base import Backend
+from ..reference import model as reference_model
+from ..sampling import sample_from_logits
+from .base import Backend, SeqStep, StepOutput
+
+# Pool size when none is given, in sequences of the full context: the pool
+# is allocated untouched (torch.empty), so host memory is only used as
+# positions are written.
+DEFAULT_CPU_POOL_CONTEXTS = 4
+
+
+def pool_blocks(n_ctx: int, block_size: int, bytes_per_position: int, kv_cache_memory: Optional[int],
+                default_positions: int) -> int:
+    """Blocks of a KV pool: from a byte budget, else from default_positions; never below one full context."""
+    per_block = bytes_per_position * block_size
+    if kv_cache_memory is not None:
+        if isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, int) or kv_cache_memory < 1:
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")
+        blocks = kv_cache_memory // per_block
+    else:
+        blocks = -(-default_positions // block_size)
+    need = -(-n_ctx // block_size)
+    if blocks < need:
+        raise ValueError(f"kv_cache_memory of {kv_cache_memory} bytes holds {blocks} blocks of "
+                         f"{block_size} positions; one sequence of the full context ({n_ctx} "
+                         f"positions) needs {need} ({need * per_block} bytes)")
+    return int(blocks)
 
 
 class CPUBackend(Backend):
@@ -21,22 +48,63 @@ class CPUBackend(Backend):
     device = "cpu"
 
     def __init__(self, source: ModelSource, n_ctx: int, dtype: torch.dtype = torch.float32,
-                 progress: Optional[bool] = None):
-        self.model = ReferenceModel(source, n_ctx, dtype=dtype, progress=progress)
-        self.config = source.config
+                 progress: Optional[bool] = None, max_num_seqs: int = defaults.DEFAULT_MAX_NUM_SEQS,
+                 kv_cache_memory: Optional[int] = None, block_size: int = DEFAULT_BLOCK_SIZE,
+                 prefix_cache: bool = True):
+        cfg = source.config
+        if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be a positive integer, got {max_num_seqs!r}")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
+            raise ValueError(f"max_context must be a positive integer, got {n_ctx!r}")
+        per_pos = 2 * cfg.num_layers * cfg.kv_size * torch.finfo(dtype).bits // 8
+        blocks = pool_blocks(n_ctx, block_size, per_pos, kv_cache_memory,
+                             DEFAULT_CPU_POOL_CONTEXTS * n_ctx)
+        self.model = ReferenceModel(source, n_ctx, dtype=dtype, progress=progress,
+                                    num_blocks=blocks, block_size=block_size)
+        self.config = cfg
         self.n_ctx = self.model.max_context
+        self.max_num_seqs = max_num_seqs
+        self.blocks = KVBlockManager(blocks, block_size, prefix_cache=prefix_cache)
 
-    def reset(self) -> None:
-        """Forget the KV cache contents (the allocation stays)."""
-        self._live().reset()
+    def step_batch(self, seqs: Sequence[SeqStep]) -> List[StepOutput]:
+        """Run every sequence's tokens in one pass and sample where asked."""
+        m = self._live()
+        batch = []
+        for s in seqs:
+            ids = m.check_ids(s.tokens)
+            m.check_span(s.start_pos, ids.numel(), s.block_table)
+            batch.append((ids, int(s.start_pos), list(s.block_table)))
+        if not batch:
+            return []
+        logits = m.forward_batch(batch)
+        out = []
+        for s, lg in zip(seqs, logits):
+            row = lg[0]
+            res = sample_from_logits(row, s.params, s.state) if s.sample else None
+            out.append(StepOutput(res, row.clone() if s.want_logits else None))
+        return out
 
-    def forward(self, tokens: Sequence[int], start_pos: int, all_logits: bool = False) -> torch.Tensor:
-        """Run tokens at positions start_pos.. and return float32 logits ([vocab] or [n, vocab])."""
-        logits = self._live().forward(tokens, start_pos, all_logits=all_logits)
-        return logits if all_logits else logits[0]
+    def forward_paged(self, tokens: Sequence[int], start_pos: int, block_table: Sequence[int],
+                      all_logits: bool = False) -> torch.Tensor:
+        """One sequence through its block table, in chunks that bound the attention scores."""
+        m = self._live()
+        ids = m.check_ids(tokens)
+        m.check_span(start_pos, ids.numel(), block_table)
+        chunk = reference_model.PREFILL_CHUNK
+        rows = []
+        for a in range(0, ids.numel(), chunk):
+            part = ids[a:a + chunk]
+            last = a + chunk >= ids.numel()
+            lg = m.forward_batch([(part, int(start_pos) + a, list(block_table))], all_logits=all_logits)[0]
+            if all_logits or last:
+                rows.append(lg)
+        out = torch.cat(rows)
+        return out if all_logits else out[0]
 
     def memory_info(self) -> dict:
-        """Bytes held by weights and KV cache in host memory."""
+        """Bytes held by weights and the KV pool in host memory, and the pool's blocks."""
         if self.model is None:
             return {}
         m = self.model
@@ -48,8 +116,10 @@ class CPUBackend(Backend):
             if t is not None and id(t) not in seen:
                 seen.add(id(t))
                 weights += t.numel() * t.element_size()
-        kv = 2 * m.k_cache.numel() * m.k_cache.element_size()
-        return {"device": "cpu", "weights_bytes": weights, "kv_cache_bytes": kv}
+        kv = 2 * m.k_pool.numel() * m.k_pool.element_size()
+        out = {"device": "cpu", "weights_bytes": weights, "kv_cache_bytes": kv}
+        out.update(self.blocks.stats())
+        return out
 
     def close(self) -> None:
         """Drop the weights and cache."""

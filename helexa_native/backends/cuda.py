@@ -21,36 +21,23 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..config import ModelSource
+from .. import defaults
+from ..config import SUPPORTED_ARCHS, ModelSource
 from ..errors import (ContextLengthError, DeviceError, EngineClosedError,
                       HelexaError, ModelLoadError, UnsupportedModelError)
+from ..ggml_types import GGML_TYPE_IDS
 from ..kv_blocks import DEFAULT_BLOCK_SIZE, KVBlockManager
-from ..params import SampleResult, SamplerState, SamplingParams
+from ..params import UINT64_MASK, SampleResult, SamplerState, SamplingParams
 from ..rope import inv_freq
 from .base import Backend, SeqStep, StepOutput
-
-# GGML type ids, as the kernels name them.
-GGML_TYPE_IDS = {
-    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
-    "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20,
-    "IQ4_XS": 23, "BF16": 30,
-}
-
-# The device sampler returns at most this many alternatives per token.
-MAX_TOP_LOGPROBS = 20
 
 # Tokens per prefill pass: bounds activation scratch; GEMMs stay large
 # enough to run near tensor-core peak.
 DEFAULT_PREFILL_CHUNK = 512
 
-# Sequences the scheduler runs at once (penalty slots and graph buckets).
-DEFAULT_MAX_NUM_SEQS = 64
-
 # Share of the device memory left after weights and scratch that the KV pool
 # may take when no size is given (the rest covers cuBLAS, graphs, other work).
 KV_FREE_FRACTION = 0.8
-
-_MASK64 = (1 << 64) - 1
 
 _MATRIX_SUFFIXES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
                     "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
@@ -116,7 +103,7 @@ class CUDABackend(Backend):
 
     def __init__(self, source: ModelSource, device_index: int = 0, n_ctx: int = 4096,
                  use_graphs: bool = True, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 int8_activations: Optional[bool] = None, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+                 int8_activations: Optional[bool] = None, max_num_seqs: int = defaults.DEFAULT_MAX_NUM_SEQS,
                  kv_cache_memory: Optional[int] = None, block_size: int = DEFAULT_BLOCK_SIZE,
                  prefix_cache: bool = True):
         """n_ctx: the longest sequence. max_num_seqs: sequences stepped
@@ -144,7 +131,7 @@ class CUDABackend(Backend):
             raise ValueError(f"kv_cache_memory must be a positive number of bytes or None, got {kv_cache_memory!r}")
         C = _native()
         cfg = source.config
-        if cfg.arch not in ("llama", "qwen2", "qwen3"):
+        if cfg.arch not in SUPPORTED_ARCHS:
             raise UnsupportedModelError(f"architecture {cfg.arch!r} is not supported by the CUDA backend")
         if cfg.num_heads % cfg.num_kv_heads:
             raise UnsupportedModelError(f"num_heads {cfg.num_heads} is not a multiple of "
@@ -158,13 +145,13 @@ class CUDABackend(Backend):
         self._model = None
         # slot -> (SamplerState, prompt length, generated length) the device's
         # penalty state of that slot reflects.
-        self._pen_sync = {}
-        # SampleConfig per parameter set, reused while the parameters stay the
+        self._device_penalties_synced_to = {}
+        # StepSampling per parameter set, reused while the parameters stay the
         # same (SeqInput copies it, so only the step counter is set per use).
-        self._sc_cache = {}
-        self._pu_off = C.PenaltyUpdate()
-        self._pu_off.active = False
-        self._sc_idle = C.SampleConfig()
+        self._step_sampling_cache = {}
+        self._no_penalty_update = C.PenaltyUpdate()
+        self._no_penalty_update.active = False
+        self._idle_step_sampling = C.StepSampling()
 
         per_block = _kv_bytes_per_block(cfg, block_size)
         need_blocks = -(-n_ctx // block_size)
@@ -177,10 +164,11 @@ class CUDABackend(Backend):
                                      f"one sequence of n_ctx={n_ctx} positions needs {need_blocks} "
                                      f"({need_blocks * per_block} bytes)")
 
-        # Starts the device's worker and refuses a GPU this build has no code for.
+        # Starts the device's worker (the model handle below runs on it) and
+        # refuses a GPU this build has no code for.
         from ..runtime import get_worker
         try:
-            self._worker = get_worker(device_index)
+            get_worker(device_index)
         except HelexaError:
             raise
         except Exception as e:
@@ -196,19 +184,20 @@ class CUDABackend(Backend):
         spec.kv_heads = int(cfg.num_kv_heads)
         spec.head_dim = int(cfg.head_dim)
         spec.eps = float(cfg.rms_norm_eps)
-        spec.rope_style = 0 if cfg.rope_style == "half" else 1
+        spec.rope_style = cfg.rope_style
         spec.qk_norm = bool(cfg.qk_norm)
         spec.inv_freq = [float(x) for x in inv_freq(cfg, _freq_factors(source)).to(torch.float64).tolist()]
         spec.n_ctx = int(n_ctx)
         spec.prefill_chunk = int(min(prefill_chunk, n_ctx))
         spec.use_graphs = bool(use_graphs)
-        spec.int8_activations = {None: 1, False: 0, True: 2}[int8_activations]
+        spec.int8_activations = {None: C.Int8Mode.Auto, False: C.Int8Mode.Never,
+                                 True: C.Int8Mode.Always}[int8_activations]
         spec.block_size = int(block_size)
         spec.max_num_seqs = int(max_num_seqs)
         spec.num_blocks = int(num_blocks)
         tensors = _host_tensors(source)
         try:
-            self._model = C.GpuModel(device_index, spec, tensors)
+            self._model = C.GpuModelHandle(device_index, spec, tensors)
         except ValueError as e:
             raise ModelLoadError(f"cannot load the model on cuda:{device_index}: {e}") from e
         except HelexaError:
@@ -277,31 +266,32 @@ class CUDABackend(Backend):
 
     # ------------------------------------------------------------------ sampling state
 
-    def _sample_config(self, params: SamplingParams, step: int):
+    def _step_sampling(self, params: SamplingParams, step: int):
+        """The StepSampling job argument of params at `step` (one object per parameter set)."""
         key = (params.temperature, params.top_k, params.top_p, params.min_p, params.repetition_penalty,
                params.presence_penalty, params.frequency_penalty, params.seed, params.logprobs,
                params.top_logprobs)
-        sc = self._sc_cache.get(key)
-        if sc is not None:
-            sc.step = int(step)
-            return sc
-        sc = self._C.SampleConfig()
+        sampling = self._step_sampling_cache.get(key)
+        if sampling is not None:
+            sampling.step = int(step)
+            return sampling
+        sampling = self._C.StepSampling()
         vocab = self.config.vocab_size
-        sc.temperature = float(params.temperature)
-        sc.top_k = int(params.top_k) if 0 < int(params.top_k) < vocab else 0
-        sc.top_p = float(params.top_p)
-        sc.min_p = float(params.min_p)
-        sc.repetition_penalty = float(params.repetition_penalty)
-        sc.presence_penalty = float(params.presence_penalty)
-        sc.frequency_penalty = float(params.frequency_penalty)
-        sc.seed = int(params.seed) & _MASK64
-        sc.step = int(step)
-        sc.logprobs = bool(params.logprobs)
-        sc.top_logprobs = max(0, min(int(params.top_logprobs or 0), MAX_TOP_LOGPROBS))
-        if len(self._sc_cache) >= 256:
-            self._sc_cache.clear()
-        self._sc_cache[key] = sc
-        return sc
+        sampling.temperature = float(params.temperature)
+        sampling.top_k = int(params.top_k) if 0 < int(params.top_k) < vocab else 0
+        sampling.top_p = float(params.top_p)
+        sampling.min_p = float(params.min_p)
+        sampling.repetition_penalty = float(params.repetition_penalty)
+        sampling.presence_penalty = float(params.presence_penalty)
+        sampling.frequency_penalty = float(params.frequency_penalty)
+        sampling.seed = int(params.seed) & UINT64_MASK
+        sampling.step = int(step)
+        sampling.logprobs = bool(params.logprobs)
+        sampling.top_logprobs = max(0, min(int(params.top_logprobs or 0), defaults.MAX_TOP_LOGPROBS))
+        if len(self._step_sampling_cache) >= 256:
+            self._step_sampling_cache.clear()
+        self._step_sampling_cache[key] = sampling
+        return sampling
 
     def _penalty_update(self, slot: int, params: SamplingParams, state: SamplerState):
         """Deltas that bring slot's device penalty state up to `state`, and the record once applied.
@@ -311,11 +301,11 @@ class CUDABackend(Backend):
         active = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
                   or params.frequency_penalty != 0.0)
         if not active:
-            return self._pu_off, self._pen_sync.get(slot)
+            return self._no_penalty_update, self._device_penalties_synced_to.get(slot)
         pu = self._C.PenaltyUpdate()
         vocab = self.config.vocab_size
         prompt, gen = state.prompt_tokens, state.generated_tokens
-        s = self._pen_sync.get(slot)
+        s = self._device_penalties_synced_to.get(slot)
         pu.active = True
         if s is not None and s[0] is state and s[1] == len(prompt) and s[2] <= len(gen):
             pu.reset = False
@@ -341,21 +331,21 @@ class CUDABackend(Backend):
             if s.sample:
                 if s.params is None or s.state is None:
                     raise ValueError("a sequence that samples needs params and state")
-                sc = self._sample_config(s.params, s.state.step)
+                sampling = self._step_sampling(s.params, s.state.step)
                 pu, record = self._penalty_update(s.slot, s.params, s.state)
             else:
-                sc, pu, record = self._sc_idle, self._pu_off, None
-            inputs.append(C.SeqInput(ids, s.start_pos, s.block_table, int(s.slot), bool(s.sample), sc, pu,
+                sampling, pu, record = self._idle_step_sampling, self._no_penalty_update, None
+            inputs.append(C.SeqInput(ids, s.start_pos, s.block_table, int(s.slot), bool(s.sample), sampling, pu,
                                      bool(s.want_logits)))
             records.append(record if pu.active else None)
         for s, record in zip(seqs, records):
             if record is not None:
-                self._pen_sync.pop(s.slot, None)   # unknown until the job succeeds
+                self._device_penalties_synced_to.pop(s.slot, None)   # unknown until the job succeeds
         out = self._call(m.step_batch, inputs)
         results = []
         for s, record, (tok, lp, top, logits) in zip(seqs, records, out):
             if record is not None:
-                self._pen_sync[s.slot] = record
+                self._device_penalties_synced_to[s.slot] = record
             res = None
             if s.sample:
                 res = SampleResult(token=int(tok))
@@ -376,7 +366,7 @@ class CUDABackend(Backend):
     def reset(self) -> None:
         """Forget the private sequence's cache and its penalty state record."""
         super().reset()
-        self._pen_sync.pop(self.max_num_seqs, None)
+        self._device_penalties_synced_to.pop(self.max_num_seqs, None)
 
     def set_graphs(self, enabled: bool) -> None:
         """Turn CUDA-graph replay of decode steps on or off (the plain path gives the same tokens)."""

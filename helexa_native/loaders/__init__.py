@@ -7,11 +7,11 @@ from typing import Optional, Union
 
 from ..config import ModelSource
 from ..errors import ModelLoadError
-from .dequant import BLOCK_SIZES, dequantize
+from .dequant import dequantize
 from .gguf_loader import is_gguf, load_gguf
 from .safetensors_loader import is_hf_folder, load_safetensors
 
-__all__ = ["load_source", "describe", "dequantize", "BLOCK_SIZES"]
+__all__ = ["load_source", "describe", "dequantize"]
 
 
 def load_source(path: Union[str, os.PathLike], progress: Optional[bool] = None) -> ModelSource:

@@ -1,7 +1,7 @@
 """GGUF/ggml block formats decoded to float32 on the CPU.
 
-Each block type stores a fixed number of weights (`BLOCK_SIZES[type][0]`) in
-a fixed number of bytes; a row of a tensor is a whole number of blocks. The
+Each block type stores a fixed number of weights in a fixed number of bytes
+(`ggml_types.BLOCK_SIZES`); a row of a tensor is a whole number of blocks. The
 decoders below unpack whole arrays of blocks at once with torch integer ops
 (multi-threaded, no Python loops over blocks) and work through big tensors
 in slices so the integer temporaries stay cache-sized.
@@ -33,29 +33,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-# type -> (weights per block, bytes per block)
-BLOCK_SIZES = {
-    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
-    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
-    "Q8_0": (32, 34),
-    "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144),
-    "Q5_K": (256, 176), "Q6_K": (256, 210),
-    "IQ4_NL": (32, 18), "IQ4_XS": (256, 136),
-}
-
-# The non-linear 4-bit code book shared by IQ4_NL and IQ4_XS.
-IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+from ..ggml_types import BLOCK_SIZES, IQ4_VALUES
 
 # Weights decoded per slice: keeps each thread's temporaries cache-sized.
 _SLICE_WEIGHTS = 1 << 16
-
-
-def row_bytes(qtype: str, n_per_row: int) -> int:
-    """Bytes one row of `n_per_row` weights takes in type `qtype`."""
-    be, bb = BLOCK_SIZES[qtype]
-    if n_per_row % be:
-        raise ValueError(f"row length {n_per_row} is not a multiple of the {qtype} block size {be}")
-    return n_per_row // be * bb
 
 
 def _f16(b: np.ndarray, start: int) -> np.ndarray:

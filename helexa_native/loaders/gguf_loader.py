@@ -18,23 +18,16 @@ import numpy as np
 
 from ..config import SUPPORTED_ARCHS, ModelConfig, ModelSource, RawTensor, TokenizerSource
 from ..errors import ModelLoadError, UnsupportedModelError
+from ..ggml_types import BLOCK_SIZES, GGML_TYPE_NAMES
 from ..progress import track
-from .dequant import BLOCK_SIZES, dequantize_raw
+from .dequant import dequantize_raw
 from .validate import ROPE_FREQS, check_tensors, expected_shapes
 
 GGUF_MAGIC = b"GGUF"
 
-# ggml type ids of the types the engine runs (ggml.h numbering).
-GGML_TYPE_IDS = {
-    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
-    "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14,
-    "IQ4_NL": 20, "IQ4_XS": 23, "BF16": 30,
-}
-_TYPE_NAMES = {v: k for k, v in GGML_TYPE_IDS.items()}
-
 # Rope layout each architecture's converter produces: llama's permutes q/k
 # rows so adjacent pairs rotate together; qwen's keep HF's half split.
-_ROPE_STYLE = {"llama": "pairs", "qwen2": "half", "qwen3": "half"}
+GGUF_ROPE_STYLE = {"llama": "pairs", "qwen2": "half", "qwen3": "half"}
 _DEFAULT_EPS = {"llama": 1e-5, "qwen2": 1e-6, "qwen3": 1e-6}
 
 
@@ -48,8 +41,8 @@ def is_gguf(path: Path) -> bool:
 
 
 def _type_name(type_id: int) -> str:
-    if type_id in _TYPE_NAMES:
-        return _TYPE_NAMES[type_id]
+    if type_id in GGML_TYPE_NAMES:
+        return GGML_TYPE_NAMES[type_id]
     try:
         from gguf import GGMLQuantizationType
         return GGMLQuantizationType(type_id).name
@@ -304,7 +297,7 @@ def _build_source(fields, infos, data_start, mm, path: Path, where: str,
         head_dim=head_dim,
         rms_norm_eps=meta.number(f"{arch}.attention.layer_norm_rms_epsilon", _DEFAULT_EPS[arch], float),
         rope_theta=meta.number(f"{arch}.rope.freq_base", 10000.0, float),
-        rope_style=_ROPE_STYLE[arch],
+        rope_style=GGUF_ROPE_STYLE[arch],
         rope_scaling=_rope_scaling(meta, arch, ROPE_FREQS in by_name, where),
         max_position_embeddings=meta.number(f"{arch}.context_length", 4096),
         tie_word_embeddings="output.weight" not in by_name,

@@ -44,10 +44,16 @@ class _Layer:
 
 
 class ReferenceModel:
-    """A llama-family decoder in plain torch with a KV cache of `max_context` positions."""
+    """A llama-family decoder in plain torch over a paged KV pool.
+
+    Sequences hold up to `max_context` positions each; the pool has
+    `num_blocks` blocks of `block_size` positions (default: one sequence's
+    worth), and each call names the blocks of its sequence (see kv_blocks.py).
+    """
 
     def __init__(self, source: ModelSource, max_context: int, dtype: torch.dtype = torch.float32,
-                 progress: Optional[bool] = None):
+                 progress: Optional[bool] = None, num_blocks: Optional[int] = None,
+                 block_size: int = 16):
         cfg = source.config
         if cfg.arch not in SUPPORTED_ARCHS:
             raise UnsupportedModelError(f"architecture {cfg.arch!r} is not supported "
@@ -62,7 +68,6 @@ class ReferenceModel:
         self.dtype = dtype
         self.max_context = int(max_context)
         self._tensors = source.tensors
-        self.n_filled = 0
 
         # Rope first: a bad scaling config fails before the slow dequantization.
         freq_factors = None
@@ -79,9 +84,16 @@ class ReferenceModel:
             self._load_weights()
         self._tensors = self._bar = None
 
-        cache_shape = (cfg.num_layers, cfg.num_kv_heads, max_context, cfg.head_dim)
-        self.k_cache = torch.zeros(cache_shape, dtype=dtype)
-        self.v_cache = torch.zeros(cache_shape, dtype=dtype)
+        # The paged KV pool: [layers, blocks, kv heads, block_size, head_dim].
+        # torch.empty: pages are touched only as positions are written.
+        self.block_size = int(block_size)
+        self.num_blocks = int(num_blocks) if num_blocks is not None else \
+            -(-self.max_context // self.block_size)
+        if self.num_blocks < 1 or self.block_size < 1:
+            raise ValueError("the KV pool needs at least one block of at least one position")
+        pool_shape = (cfg.num_layers, self.num_blocks, cfg.num_kv_heads, self.block_size, cfg.head_dim)
+        self.k_pool = torch.empty(pool_shape, dtype=dtype)
+        self.v_pool = torch.empty(pool_shape, dtype=dtype)
 
     # ---------------------------------------------------------------- loading
 
@@ -141,11 +153,8 @@ class ReferenceModel:
 
     # ---------------------------------------------------------------- forward
 
-    def reset(self) -> None:
-        """Forget the cached positions (the cache memory stays allocated)."""
-        self.n_filled = 0
-
-    def _check(self, tokens, start_pos: int) -> torch.Tensor:
+    def check_ids(self, tokens) -> torch.Tensor:
+        """tokens as a 1-D long tensor; ValueError when empty or outside the vocabulary."""
         if isinstance(tokens, torch.Tensor):
             tokens = tokens.detach().cpu()
         try:
@@ -154,71 +163,102 @@ class ReferenceModel:
             raise ValueError(f"tokens must be a sequence of integer ids ({e})") from e
         if ids.numel() == 0:
             raise ValueError("tokens must not be empty")
-        if isinstance(start_pos, bool) or not isinstance(start_pos, numbers.Integral) or start_pos < 0:
-            raise ValueError(f"start_pos must be a non-negative integer, got {start_pos!r}")
-        if start_pos > self.n_filled:
-            raise ValueError(f"start_pos {start_pos} leaves a gap: only {self.n_filled} "
-                             "positions are cached")
-        end = start_pos + ids.numel()
-        if end > self.max_context:
-            raise ContextLengthError(f"positions up to {end} exceed the context of "
-                                     f"{self.max_context} tokens")
         bad = (ids < 0) | (ids >= self.config.vocab_size)
         if bool(bad.any()):
             raise ValueError(f"token id {int(ids[bad][0])} is outside the vocabulary "
                              f"(size {self.config.vocab_size})")
         return ids
 
+    def check_span(self, start_pos: int, n: int, block_table: Sequence[int]) -> None:
+        """Positions start_pos..start_pos+n must fit the context and the block table."""
+        if isinstance(start_pos, bool) or not isinstance(start_pos, numbers.Integral) or start_pos < 0:
+            raise ValueError(f"start_pos must be a non-negative integer, got {start_pos!r}")
+        end = int(start_pos) + n
+        if end > self.max_context:
+            raise ContextLengthError(f"positions up to {end} exceed the context of "
+                                     f"{self.max_context} tokens")
+        need = -(-end // self.block_size)
+        if len(block_table) < need:
+            raise ValueError(f"the block table holds {len(block_table)} blocks; positions up to "
+                             f"{end} need {need}")
+        for b in block_table[:need]:
+            if isinstance(b, bool) or not isinstance(b, numbers.Integral) or not 0 <= b < self.num_blocks:
+                raise ValueError(f"block id {b!r} is outside the pool of {self.num_blocks} blocks")
+
     @torch.inference_mode()
-    def forward(self, tokens: Sequence[int], start_pos: int, all_logits: bool = True) -> torch.Tensor:
-        """Run tokens at positions start_pos.., fill the KV cache, return float32 logits.
+    def forward_batch(self, seqs: Sequence[tuple], all_logits: bool = False) -> list:
+        """Run several sequences in one pass; float32 logits per sequence.
 
-        Returns [n, vocab], or [1, vocab] for the last position only when
-        all_logits is False (which skips the LM head for the others).
+        seqs: (ids, start_pos, block_table) triples, ids as check_ids returns
+        them, already checked with check_span. Every token of every sequence
+        goes through the projections together (one matmul per weight for the
+        whole batch); attention runs per sequence over its own blocks. Returns
+        [n_i, vocab] per sequence, or [1, vocab] (its last position) unless
+        all_logits.
         """
-        ids = self._check(tokens, start_pos)
-        start_pos = int(start_pos)
-        hidden = []
-        for a in range(0, ids.numel(), PREFILL_CHUNK):
-            chunk = ids[a:a + PREFILL_CHUNK]
-            x = self._blocks(chunk, start_pos + a)
-            self.n_filled = start_pos + a + chunk.numel()
-            hidden.append(x)
-        x = torch.cat(hidden) if all_logits else hidden[-1][-1:]
-        x = rms_norm(x, self.output_norm, self.config.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        x, counts = self._blocks(seqs)
+        rows, out, a = [], [], 0
+        for n in counts:
+            rows.append(x[a:a + n] if all_logits else x[a + n - 1:a + n])
+            a += n
+        h = rms_norm(torch.cat(rows), self.output_norm, self.config.rms_norm_eps)
+        logits = F.linear(h, self.lm_head).float()
+        a = 0
+        for r in rows:
+            out.append(logits[a:a + r.shape[0]])
+            a += r.shape[0]
+        return out
 
-    def _blocks(self, ids: torch.Tensor, pos0: int) -> torch.Tensor:
+    def _blocks(self, seqs) -> tuple:
         cfg = self.config
-        n, end = ids.numel(), pos0 + ids.numel()
-        nq, nk, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        nq, nk, d, bs = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.block_size
         eps = cfg.rms_norm_eps
-        cos, sin = self._cos[pos0:end], self._sin[pos0:end]
-        mask = None
-        if n > 1:
-            # Query i sits at pos0 + i and sees cache positions 0..pos0 + i.
-            seen = torch.arange(end)[None, :] <= (pos0 + torch.arange(n))[:, None]
-            mask = torch.zeros(n, end, dtype=torch.float32).masked_fill_(~seen, float("-inf"))
+        ids = torch.cat([s[0] for s in seqs])
+        counts = [int(s[0].numel()) for s in seqs]
+        pos = torch.cat([torch.arange(int(s[1]), int(s[1]) + n) for s, n in zip(seqs, counts)])
+        blk = torch.cat([torch.as_tensor(list(s[2]), dtype=torch.long)[
+            torch.arange(int(s[1]), int(s[1]) + n) // bs] for s, n in zip(seqs, counts)])
+        off = pos % bs
+        cos, sin = self._cos[pos], self._sin[pos]
+        views = []      # per sequence: (row range, end, block ids, causal mask)
+        a = 0
+        for (_, start, table), n in zip(seqs, counts):
+            end = int(start) + n
+            used = torch.as_tensor(list(table[:-(-end // bs)]), dtype=torch.long)
+            mask = None
+            if n > 1:
+                # Query i sits at start + i and sees positions 0..start + i.
+                seen = torch.arange(end)[None, :] <= (int(start) + torch.arange(n))[:, None]
+                mask = torch.zeros(n, end, dtype=torch.float32).masked_fill_(~seen, float("-inf"))
+            views.append((a, a + n, end, used, mask))
+            a += n
 
+        T = ids.numel()
         x = self.embed[ids]
         for li, L in enumerate(self.layers):
             h = rms_norm(x, L.attn_norm, eps)
             q, k, v = F.linear(h, L.w_qkv, L.b_qkv).split([cfg.q_size, cfg.kv_size, cfg.kv_size], -1)
-            q, k, v = q.reshape(n, nq, d), k.reshape(n, nk, d), v.reshape(n, nk, d)
+            q, k, v = q.reshape(T, nq, d), k.reshape(T, nk, d), v.reshape(T, nk, d)
             if L.q_norm is not None:
                 q = rms_norm(q, L.q_norm, eps)
                 k = rms_norm(k, L.k_norm, eps)
             q = apply_rope(q.float(), cos, sin, cfg.rope_style).to(self.dtype)
             k = apply_rope(k.float(), cos, sin, cfg.rope_style).to(self.dtype)
-            self.k_cache[li, :, pos0:end] = k.transpose(0, 1)
-            self.v_cache[li, :, pos0:end] = v.transpose(0, 1)
-            attn = self._attention(q, self.k_cache[li, :, :end], self.v_cache[li, :, :end], mask)
+            kp, vp = self.k_pool[li], self.v_pool[li]
+            kp[blk, :, off] = k
+            vp[blk, :, off] = v
+            parts = []
+            for r0, r1, end, used, mask in views:
+                kk = kp[used].permute(1, 0, 2, 3).reshape(nk, -1, d)[:, :end]
+                vv = vp[used].permute(1, 0, 2, 3).reshape(nk, -1, d)[:, :end]
+                parts.append(self._attention(q[r0:r1], kk, vv, mask))
+            attn = torch.cat(parts) if len(parts) > 1 else parts[0]
             x = x + F.linear(attn, L.w_o, L.b_o)
 
             h = rms_norm(x, L.ffn_norm, eps)
             gate, up = F.linear(h, L.w_gate_up).chunk(2, -1)
             x = x + F.linear(F.silu(gate) * up, L.w_down)
-        return x
+        return x, counts
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    mask: Optional[torch.Tensor]) -> torch.Tensor:

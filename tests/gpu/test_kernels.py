@@ -186,7 +186,7 @@ def _rope_direct(x, pos, inv, style):
     n, h, d = x.shape
     ang = pos.double().cpu()[:, None] * inv.double().cpu()[None, :]  # [n, d/2]
     c, s = torch.cos(ang)[:, None, :], torch.sin(ang)[:, None, :]
-    if style == 0:
+    if style == "half":
         i0, i1 = torch.arange(d // 2), torch.arange(d // 2) + d // 2
     else:
         i0, i1 = torch.arange(0, d, 2), torch.arange(1, d, 2)
@@ -196,7 +196,7 @@ def _rope_direct(x, pos, inv, style):
     return out
 
 
-@pytest.mark.parametrize("style", [0, 1])
+@pytest.mark.parametrize("style", ["half", "pairs"])
 @pytest.mark.parametrize("d", [64, 128, 80])
 @pytest.mark.parametrize("freq_dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n,nq,nk", [(1, 1, 1), (17, 9, 3)])
@@ -214,9 +214,8 @@ def test_rope(ops, gen, style, d, freq_dtype, n, nq, nk):
     assert_close(k, _rope_direct(k0, pos, inv_used, style), "f32", "k direct")
     # The CPU reference's own rotation: float64 cos/sin, float32 arithmetic.
     cos, sin = rope_cos_sin(inv_used, pos.long())
-    name = "half" if style == 0 else "pairs"
-    want_q = apply_rope(q0.cpu(), cos, sin, name)
-    want_k = apply_rope(k0.cpu(), cos, sin, name)
+    want_q = apply_rope(q0.cpu(), cos, sin, style)
+    want_k = apply_rope(k0.cpu(), cos, sin, style)
     assert_close(q, want_q, "f32", "q reference")
     assert_close(k, want_k, "f32", "k reference")
 
@@ -237,7 +236,7 @@ def test_rope_table(ops, gen, d):
     assert_close(table[..., 1], sin[:, : d // 2].float(), "f32", "sin")
 
 
-@pytest.mark.parametrize("style", [0, 1])
+@pytest.mark.parametrize("style", ["half", "pairs"])
 @pytest.mark.parametrize("d", [64, 128, 80])
 @pytest.mark.parametrize("n,nq,nk", [(1, 1, 1), (1, 32, 8), (17, 9, 3)])
 @pytest.mark.parametrize("mode", ["table", "no_table", "short_table", "qk_norm"])
@@ -299,12 +298,13 @@ def test_rope_kv_append_bad_sizes(ops, gen):
     vc = poisoned(1, 4, 8, dtype=torch.bfloat16)
     pos = torch.zeros(1, dtype=torch.int32, device=DEV)
     with pytest.raises((RuntimeError, ValueError), match="together"):
-        ops.rope_kv_append(q, k, v, kc, vc, pos, pos, None, _inv_freq(8).to(DEV), randn(8, gen=gen), None, 1e-6, 0)
+        ops.rope_kv_append(q, k, v, kc, vc, pos, pos, None, _inv_freq(8).to(DEV), randn(8, gen=gen), None, 1e-6,
+                           "half")
     with pytest.raises((RuntimeError, ValueError), match="style"):
-        ops.rope_kv_append(q, k, v, kc, vc, pos, pos, None, _inv_freq(8).to(DEV), None, None, 1e-6, 2)
+        ops.rope_kv_append(q, k, v, kc, vc, pos, pos, None, _inv_freq(8).to(DEV), None, None, 1e-6, "diagonal")
     with pytest.raises((RuntimeError, ValueError), match="slot_pos"):
         ops.rope_kv_append(q, k, v, kc, vc, pos, torch.zeros(2, dtype=torch.int32, device=DEV), None,
-                           _inv_freq(8).to(DEV), None, None, 1e-6, 0)
+                           _inv_freq(8).to(DEV), None, None, 1e-6, "half")
     assert torch.isnan(kc.float()).all()  # nothing written by a refused call
 
 
@@ -551,7 +551,7 @@ def test_attention_bad_sizes(ops, gen):
 
 def _params(ops, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rep=1.0, pres=0.0, freq=0.0, seed=0):
     signed = seed - (1 << 64) if seed >= (1 << 63) else seed
-    return ops.sample_params(temperature, top_k, top_p, min_p, rep, pres, freq, signed, torch.device(DEV))
+    return ops.sampling_params_device(temperature, top_k, top_p, min_p, rep, pres, freq, signed, torch.device(DEV))
 
 
 def _logits(vocab, gen, scale=3.0, ties=False):

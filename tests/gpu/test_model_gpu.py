@@ -761,11 +761,11 @@ def _host_backend(vocab=100):
     from helexa_native.backends.cuda import CUDABackend
     be = object.__new__(CUDABackend)
     be.config = SimpleNamespace(vocab_size=vocab)
-    be._C = SimpleNamespace(PenaltyUpdate=_Plain, SampleConfig=_Plain)
-    be._pen_sync = {}
-    be._sc_cache = {}
-    be._pu_off = _Plain()
-    be._pu_off.active = False
+    be._C = SimpleNamespace(PenaltyUpdate=_Plain, StepSampling=_Plain)
+    be._device_penalties_synced_to = {}
+    be._step_sampling_cache = {}
+    be._no_penalty_update = _Plain()
+    be._no_penalty_update.active = False
     return be
 
 
@@ -776,12 +776,12 @@ def test_penalty_updates_send_deltas_of_the_sampler_state():
 
     pu, synced = be._penalty_update(3, rep, state)
     assert pu.active and pu.reset and pu.context == [1, 2, 3] and pu.generated == []
-    be._pen_sync[3] = synced                      # the job succeeded
+    be._device_penalties_synced_to[3] = synced    # the job succeeded
 
     state.generated_tokens += [5, 5]
     pu, synced = be._penalty_update(3, rep, state)
     assert pu.active and not pu.reset and pu.context == [] and pu.generated == [5, 5]
-    be._pen_sync[3] = synced
+    be._device_penalties_synced_to[3] = synced
 
     # Another slot has its own state: the same request there starts from scratch.
     pu, _ = be._penalty_update(4, rep, state)
@@ -789,7 +789,7 @@ def test_penalty_updates_send_deltas_of_the_sampler_state():
 
     # A step without penalties leaves the device state and the record alone...
     pu, synced = be._penalty_update(3, SamplingParams(temperature=0.0), state)
-    assert not pu.active and synced is be._pen_sync[3]
+    assert not pu.active and synced is be._device_penalties_synced_to[3]
     # ...and the next penalized step catches up on what it missed.
     state.generated_tokens.append(7)
     pu, _ = be._penalty_update(3, rep, state)
@@ -801,22 +801,22 @@ def test_penalty_updates_send_deltas_of_the_sampler_state():
     assert pu.reset and pu.context == [9] and pu.generated == [4]
 
 
-def test_sample_config_mirrors_sampling_params():
+def test_step_sampling_mirrors_sampling_params():
     be = _host_backend(vocab=100)
     p = SamplingParams(temperature=0.7, top_k=500, top_p=0.9, min_p=0.1, seed=(1 << 64) + 5,
                        logprobs=True, top_logprobs=20)
-    sc = be._sample_config(p, 12)
-    assert sc.top_k == 0                      # k >= vocab keeps everything, as on the host
-    assert sc.seed == 5 and sc.step == 12 and sc.logprobs and sc.top_logprobs == 20
-    assert (sc.temperature, sc.top_p, sc.min_p) == (0.7, 0.9, 0.1)
-    assert be._sample_config(SamplingParams(top_k=40), 0).top_k == 40
+    s = be._step_sampling(p, 12)
+    assert s.top_k == 0                      # k >= vocab keeps everything, as on the host
+    assert s.seed == 5 and s.step == 12 and s.logprobs and s.top_logprobs == 20
+    assert (s.temperature, s.top_p, s.min_p) == (0.7, 0.9, 0.1)
+    assert be._step_sampling(SamplingParams(top_k=40), 0).top_k == 40
     # The object is reused while the parameters stay equal; only the step moves.
-    a = be._sample_config(p, 13)
+    a = be._step_sampling(p, 13)
     assert a.step == 13 and a.top_logprobs == 20 and a.temperature == 0.7
-    assert be._sample_config(SamplingParams(temperature=0.7, top_k=500, top_p=0.9, min_p=0.1,
+    assert be._step_sampling(SamplingParams(temperature=0.7, top_k=500, top_p=0.9, min_p=0.1,
                                             seed=(1 << 64) + 5, logprobs=True, top_logprobs=20), 14) is a
     assert a.step == 14
-    b = be._sample_config(SamplingParams(temperature=0.5), 15)
+    b = be._step_sampling(SamplingParams(temperature=0.5), 15)
     assert b.temperature == 0.5 and b.step == 15 and not b.logprobs
 
 

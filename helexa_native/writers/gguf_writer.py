@@ -15,8 +15,11 @@ from typing import Iterable, Optional, Union
 import numpy as np
 
 from ..config import ModelConfig
-from .dequant import BLOCK_SIZES, row_bytes
-from .validate import ROPE_FREQS
+from ..ggml_types import BLOCK_SIZES, row_bytes
+from ..loaders.gguf_loader import GGUF_ROPE_STYLE
+from ..loaders.gguf_tokenizer import TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED
+from ..loaders.validate import ROPE_FREQS
+from ..tokenizer import BYTE_TO_CHAR
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -28,32 +31,15 @@ CHATML_TEMPLATE = (
 # Special tokens of the minimal vocabulary, at ids 0, 1, 2.
 MINIMAL_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
-# gguf token types
-_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_UNUSED = 1, 3, 5
-
-
-def gpt2_byte_chars() -> list:
-    """GPT-2's byte -> printable unicode character mapping, indexed by byte value."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
-    out, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + extra)
-            extra += 1
-    return [out[b] for b in range(256)]
-
-
 def minimal_tokenizer_meta(vocab_size: int) -> dict:
     """A small valid byte-level BPE vocabulary padded to `vocab_size` (gguf `tokenizer.ggml.*` fields).
 
     Ids 0-2 are <|endoftext|>, <|im_start|>, <|im_end|> (eos); then the 256
     byte tokens, a few merges of common letter pairs, and unused fillers.
     """
-    chars = gpt2_byte_chars()
+    chars = [BYTE_TO_CHAR[b] for b in range(256)]
     tokens = list(MINIMAL_SPECIALS) + chars
-    types = [_TOKEN_CONTROL] * len(MINIMAL_SPECIALS) + [_TOKEN_NORMAL] * 256
+    types = [TOKEN_CONTROL] * len(MINIMAL_SPECIALS) + [TOKEN_NORMAL] * 256
     if vocab_size < len(tokens):
         raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level vocabulary (needs {len(tokens)})")
     merges = []
@@ -66,12 +52,12 @@ def minimal_tokenizer_meta(vocab_size: int) -> dict:
             if a + b not in seen:
                 merges.append(f"{a} {b}")
                 tokens.append(a + b)
-                types.append(_TOKEN_NORMAL)
+                types.append(TOKEN_NORMAL)
                 seen.add(a + b)
     i = 0
     while len(tokens) < vocab_size:
         tokens.append(f"<|unused_{i}|>")
-        types.append(_TOKEN_UNUSED)
+        types.append(TOKEN_UNUSED)
         i += 1
     return {
         "model": "gpt2", "pre": "gpt2", "tokens": tokens, "token_type": types, "merges": merges,
@@ -283,9 +269,9 @@ def write_gguf(path: Union[str, os.PathLike], config: ModelConfig, tensors: dict
         raise ValueError("hf_qk_permute applies to arch llama only")
     # The loader infers the rope style from the arch; weights laid out for
     # the other style would load silently wrong.
-    file_style = "pairs" if config.arch == "llama" else "half"
+    file_style = GGUF_ROPE_STYLE.get(config.arch)
     given_style = "pairs" if hf_qk_permute else config.rope_style
-    if config.arch in ("llama", "qwen2", "qwen3") and given_style != file_style:
+    if file_style is not None and given_style != file_style:
         hint = " (pass hf_qk_permute=True for HF-layout weights)" if config.arch == "llama" else ""
         raise ValueError(f"arch {config.arch} GGUFs use rope_style {file_style!r}, "
                          f"but the weights are laid out for {config.rope_style!r}{hint}")

@@ -1,16 +1,13 @@
-// Small glue kernels of the model forward: bias rows after a GEMM, row
-// gathers of the batched step, and the device-side penalty state the sampler reads.
+// The device-side penalty state the sampler's penalties_launch reads
+// (sampling.cuh): which tokens occur in the context, and how often each was
+// generated; one row per sequence slot in the batched forward.
 #pragma once
-
-#include <cstdint>
 
 #include <cuda_runtime.h>
 
-namespace hx {
+#include <cstdint>
 
-// y[i, j] += bias[j] for every row i.
-void add_bias_rows_launch(float* y /*[n, m]*/, const float* bias /*[m]*/, int n, int m,
-                          cudaStream_t stream);
+namespace hx {
 
 // Marks tokens as present in the context (repetition penalty) and, when
 // `counts` is given, counts them as generated (presence/frequency penalties).
@@ -18,13 +15,10 @@ void add_bias_rows_launch(float* y /*[n, m]*/, const float* bias /*[m]*/, int n,
 void penalty_update_launch(const int32_t* tokens /*[n]*/, int n, int32_t* present /*[vocab]*/,
                            int32_t* counts /*[vocab] or nullptr*/, int vocab, cudaStream_t stream);
 
-// dst[i, :] = src[rows[i], :] for i < m (rows read from device memory).
-void gather_rows_launch(const float* src /*[n, h]*/, const int32_t* rows /*[m] device*/, int m, int h,
-                        float* dst /*[m, h]*/, cudaStream_t stream);
-
 // The penalty state of each sampled row's slot, copied to per-row buffers:
 // present_out[i, :] = present[slots[i], :], counts_out likewise; a slot
-// outside [0, n_slots) gives zeros (no penalty state).
+// outside [0, n_slots) gives zeros (no penalty state). The slots are read
+// from device memory, so a captured graph serves any assignment.
 void gather_penalty_rows_launch(const int32_t* present /*[n_slots, vocab]*/, const int32_t* counts /*[n_slots, vocab]*/,
                                 const int32_t* slots /*[m] device*/, int m, int vocab, int n_slots,
                                 int32_t* present_out /*[m, vocab]*/, int32_t* counts_out /*[m, vocab]*/,

@@ -4,13 +4,13 @@ Used by the GGUF writer to build test and benchmark models. Each encoder
 picks scales from the block's range (no error search, unlike llama.cpp's
 importance-weighted quantizers), which is plenty for round-trip tests: the
 decoded values are within a quantization step of the input. Layouts are
-the ones `dequant.py` decodes.
+the ones `loaders/dequant.py` decodes.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .dequant import BLOCK_SIZES, IQ4_VALUES
+from ..ggml_types import BLOCK_SIZES, IQ4_VALUES
 
 _IQ4 = np.array(IQ4_VALUES, dtype=np.float32)
 

@@ -1,0 +1,319 @@
+"""Continuous batching: one thread per Engine runs every request's steps together.
+
+Why here: the scheduler is the single owner of the backend and of the KV
+block manager, so the Engine's callers (threads, streams, the HTTP server)
+never touch either. It lives in Python beside the Engine because a step's
+bookkeeping (admission, block tables, stop checks) costs microseconds next
+to the device step, and the same loop then drives the CPU reference and the
+CUDA backend alike.
+
+Each iteration:
+  1. finish cancelled sequences and admit waiting ones, first come first
+     served, while a slot is free (max_num_seqs) and the pool has the blocks
+     for the request's whole uncached prompt;
+  2. build one step under a token budget (max_batch_tokens): one token for
+     every running sequence that is decoding, then prompt chunks (chunked
+     prefill) for sequences still reading their prompt, oldest first, so a
+     long new prompt never stalls running streams for more than a chunk;
+  3. take the blocks the step writes; when the pool runs out, preempt the
+     most recently admitted sequence (its blocks go back, it waits at the
+     head of the queue and later recomputes its prompt and its tokens so
+     far, mostly from the prefix cache) instead of failing a request;
+  4. run `backend.step_batch`, then hand each sampled token to its
+     request's queue, finishing sequences on a stop token or max_tokens.
+Stop strings, detokenization and streaming happen in the caller's thread
+(engine.py), which cancels its sequence once a stop string matched.
+"""
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Deque, List, Optional
+
+from .backends.base import SeqStep
+from .errors import EngineClosedError
+from .kv_blocks import OutOfBlocks, SeqBlocks
+from .params import SamplerState, SamplingParams
+
+# Tokens one step runs at most, decode tokens and prompt chunks together.
+DEFAULT_MAX_BATCH_TOKENS = 512
+
+
+@dataclass
+class Request:
+    """One sequence as the scheduler sees it; the caller reads `events`."""
+
+    prompt: List[int]
+    params: SamplingParams
+    limit: int                                  # tokens to generate at most
+    stop_ids: frozenset = frozenset()
+    state: SamplerState = None
+    events: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
+    # Scheduler-owned:
+    tokens: List[int] = field(default_factory=list)     # prompt + generated tokens
+    computed: int = 0                           # leading positions whose KV is written
+    blocks: Optional[SeqBlocks] = None
+    slot: int = -1
+    cached_tokens: int = 0                      # prompt positions the prefix cache served
+    preemptions: int = 0
+    generated: int = 0
+    finished: bool = False
+    cancelled: bool = False
+    t_submit: float = 0.0
+    t_admit: Optional[float] = None
+    t_first: Optional[float] = None
+    t_last: Optional[float] = None
+
+    def cancel(self) -> None:
+        """Ask the scheduler to stop this sequence before its next step."""
+        self.cancelled = True
+
+
+# Events on Request.events: ("token", SampleResult), then exactly one of
+# ("done", finish_reason, stop_reason) or ("error", exception).
+
+
+class Scheduler:
+    """The batching loop over one backend, on its own thread."""
+
+    def __init__(self, backend, max_num_seqs: Optional[int] = None,
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, name: str = "helexa-scheduler"):
+        self.backend = backend
+        self.blocks = backend.blocks
+        self.max_num_seqs = int(max_num_seqs or backend.max_num_seqs)
+        if self.max_num_seqs > backend.max_num_seqs:
+            raise ValueError(f"max_num_seqs {self.max_num_seqs} exceeds the backend's "
+                             f"{backend.max_num_seqs} sequence slots")
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
+        self.max_batch_tokens = int(max_batch_tokens)
+        self._cv = threading.Condition()
+        self._incoming: List[Request] = []
+        self._waiting: Deque[Request] = collections.deque()
+        self._running: List[Request] = []
+        self._free_slots = list(range(self.max_num_seqs - 1, -1, -1))
+        self._stopping = False
+        self._closed_error: Optional[BaseException] = None
+        # Counters for metrics.
+        self.steps = 0
+        self.preemptions = 0
+        self.batch_hist = collections.Counter()     # sequences per step -> steps
+        self.tokens_generated = 0
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ caller side
+
+    def submit(self, req: Request) -> Request:
+        """Queue a request; its events arrive on req.events."""
+        req.t_submit = time.perf_counter()
+        req.tokens = list(req.prompt)
+        if req.state is None:
+            req.state = SamplerState(prompt_tokens=list(req.prompt))
+        with self._cv:
+            if self._stopping:
+                raise EngineClosedError("the engine was closed")
+            self._incoming.append(req)
+            self._cv.notify()
+        return req
+
+    def wake(self) -> None:
+        """Let the loop notice a cancellation now rather than after its current step."""
+        with self._cv:
+            self._cv.notify()
+
+    def counts(self) -> dict:
+        """Running and waiting sequences (a snapshot; exact only between steps)."""
+        with self._cv:
+            waiting = len(self._waiting) + len(self._incoming)
+        return {"running": len(self._running), "waiting": waiting}
+
+    def stats(self) -> dict:
+        """Counters for metrics."""
+        out = self.counts()
+        out.update(steps=self.steps, preemptions=self.preemptions,
+                   tokens_generated=self.tokens_generated,
+                   batch_size_histogram=dict(sorted(self.batch_hist.items())))
+        return out
+
+    def close(self, error: Optional[BaseException] = None) -> None:
+        """Stop the loop; every unfinished request ends with `error` (EngineClosedError)."""
+        with self._cv:
+            self._stopping = True
+            self._closed_error = error or EngineClosedError("the engine was closed")
+            self._cv.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._incoming and not self._waiting \
+                        and not self._running:
+                    self._cv.wait()
+                if self._stopping:
+                    break
+                self._waiting.extend(self._incoming)
+                self._incoming.clear()
+            try:
+                with self.backend.lock:
+                    self._iteration()
+            except BaseException as e:      # a bug here must not hang every caller
+                for r in list(self._running) + list(self._waiting):
+                    self._fail(r, e)
+                self._running.clear()
+                self._waiting.clear()
+        err = self._closed_error
+        with self._cv:
+            pending = list(self._running) + list(self._waiting) + self._incoming
+            self._running, self._incoming = [], []
+            self._waiting.clear()
+        with self.backend.lock:
+            for r in pending:
+                self._fail(r, err)
+
+    def _iteration(self) -> None:
+        for r in [r for r in self._running if r.cancelled]:
+            self._finish(r, "cancelled", None)
+        for r in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(r)
+            self._finish(r, "cancelled", None)
+        self._admit()
+        if not self._running:
+            return
+        plan = self._plan()
+        if not plan:
+            # Every running sequence is short of blocks that nothing will free.
+            for r in list(self._running):
+                self._fail(r, OutOfBlocks(f"the KV pool ({self.blocks.num_blocks} blocks) is exhausted"))
+            return
+        steps = [SeqStep(slot=r.slot, tokens=r.tokens[r.computed:r.computed + n], start_pos=r.computed,
+                         block_table=list(r.blocks.table), sample=r.computed + n == len(r.tokens),
+                         params=r.params, state=r.state) for r, n in plan]
+        try:
+            outs = self.backend.step_batch(steps)
+        except BaseException as e:
+            # A failed step leaves the written blocks unknown: its sequences end
+            # with the error; full blocks cached before the step stay valid.
+            for r, _ in plan:
+                self._fail(r, e)
+            return
+        now = time.perf_counter()
+        self.steps += 1
+        self.batch_hist[len(plan)] += 1
+        for (r, n), step, out in zip(plan, steps, outs):
+            r.computed += n
+            self.blocks.commit(r.blocks, r.tokens, r.computed)
+            if not step.sample:
+                continue
+            res = out.result
+            tok = int(res.token)
+            r.tokens.append(tok)
+            r.state.generated_tokens.append(tok)
+            r.state.step += 1
+            r.generated += 1
+            self.tokens_generated += 1
+            if r.t_first is None:
+                r.t_first = now
+            r.t_last = now
+            r.events.put(("token", res))
+            if tok in r.stop_ids:
+                self._finish(r, "stop", tok)
+            elif r.generated >= r.limit:
+                self._finish(r, "length", None)
+
+    def _admit(self) -> None:
+        while self._waiting and self._free_slots:
+            r = self._waiting[0]
+            if r.blocks is None:
+                r.blocks, r.computed = self.blocks.open(r.tokens)
+                if r.t_admit is None:
+                    r.cached_tokens = r.computed
+            # The whole uncached prompt (and the first generated token) must fit now.
+            need = self.blocks.blocks_for(len(r.tokens) + 1) - len(r.blocks.table)
+            if need > self.blocks.free_blocks:
+                if not self._running:
+                    # Nothing will ever free blocks for it: the pool is too small.
+                    self._waiting.popleft()
+                    self._fail(r, OutOfBlocks(
+                        f"the KV pool ({self.blocks.num_blocks} blocks of {self.blocks.block_size}) "
+                        f"cannot hold a sequence of {len(r.tokens) + 1} positions"))
+                    continue
+                break
+            self._waiting.popleft()
+            r.slot = self._free_slots.pop()
+            if r.t_admit is None:
+                r.t_admit = time.perf_counter()
+            self._running.append(r)
+
+    def _plan(self) -> list:
+        """(request, tokens to run) pairs for this step, with their blocks taken."""
+        budget = self.max_batch_tokens
+        plan = []
+        decoding = [r for r in self._running if len(r.tokens) - r.computed == 1]
+        reading = [r for r in self._running if len(r.tokens) - r.computed > 1]
+        for r in decoding + reading:
+            if budget <= 0:
+                break
+            if r not in self._running:      # preempted while planning
+                continue
+            n = min(len(r.tokens) - r.computed, budget)
+            if not self._reserve(r, r.computed + n, plan):
+                continue
+            plan.append((r, n))
+            budget -= n
+        return plan
+
+    def _reserve(self, r: Request, positions: int, plan: list) -> bool:
+        while True:
+            try:
+                self.blocks.ensure(r.blocks, positions)
+                return True
+            except OutOfBlocks:
+                planned = {id(p) for p, _ in plan}
+                victims = [v for v in self._running if v is not r and id(v) not in planned]
+                if not victims:
+                    if r is self._running[-1] and len(self._running) > 1:
+                        self._preempt(r)
+                    return False
+                self._preempt(victims[-1])
+
+    def _preempt(self, r: Request) -> None:
+        self._running.remove(r)
+        self.blocks.release(r.blocks)
+        r.blocks = None
+        r.computed = 0
+        self._free_slots.append(r.slot)
+        r.slot = -1
+        r.preemptions += 1
+        self.preemptions += 1
+        self._waiting.appendleft(r)
+
+    def _release(self, r: Request) -> None:
+        if r in self._running:
+            self._running.remove(r)
+        if r.blocks is not None:
+            self.blocks.release(r.blocks)
+            r.blocks = None
+        if r.slot >= 0:
+            self._free_slots.append(r.slot)
+            r.slot = -1
+
+    def _finish(self, r: Request, reason: str, stop_reason) -> None:
+        if r.finished:
+            return
+        r.finished = True
+        self._release(r)
+        r.events.put(("done", reason, stop_reason))
+
+    def _fail(self, r: Request, exc: BaseException) -> None:
+        if r.finished:
+            return
+        r.finished = True
+        self._release(r)
+        r.events.put(("error", exc))
