@@ -86,8 +86,8 @@ void op_embedding(const at::Tensor& table, int64_t type, const at::Tensor& ids, 
                    hidden, as_int(vocab, "vocab"), stream_of(out));
 }
 
-void op_add_rms_norm(at::Tensor& residual, const std::optional<at::Tensor>& delta, const at::Tensor& weight,
-                     double eps, const std::optional<at::Tensor>& out_f32, const std::optional<at::Tensor>& out_bf16) {
+void op_add_rms_norm(at::Tensor& residual, const std::optional<at::Tensor>& delta, const at::Tensor& weight, double eps,
+                     const std::optional<at::Tensor>& out_f32, const std::optional<at::Tensor>& out_bf16) {
   const c10::cuda::CUDAGuard guard(cuda_device(residual, "residual"));
   const auto dev = residual.device();
   check_tensor(residual, "residual", at::kFloat, dev);
@@ -123,8 +123,8 @@ void op_head_rms_norm(at::Tensor& x, const at::Tensor& weight, double eps) {
   check_tensor(weight, "weight", at::kFloat, x.device());
   HX_OP_CHECK(x.dim() == 3, "x must be [n, heads, d]");
   HX_OP_CHECK(weight.numel() == x.size(2), "weight must have d elements");
-  head_rms_norm_launch(x.data_ptr<float>(), weight.data_ptr<float>(), static_cast<float>(eps),
-                       as_int(x.size(0), "n"), as_int(x.size(1), "heads"), as_int(x.size(2), "d"), stream_of(x));
+  head_rms_norm_launch(x.data_ptr<float>(), weight.data_ptr<float>(), static_cast<float>(eps), as_int(x.size(0), "n"),
+                       as_int(x.size(1), "heads"), as_int(x.size(2), "d"), stream_of(x));
 }
 
 void op_rope(at::Tensor& q, at::Tensor& k, const at::Tensor& pos, const at::Tensor& inv_freq, c10::string_view style) {
@@ -183,9 +183,8 @@ void op_rope_table(const at::Tensor& inv_freq, at::Tensor& table) {
 
 void op_rope_kv_append(at::Tensor& q, at::Tensor& k, const at::Tensor& v, at::Tensor& kc, at::Tensor& vc,
                        const at::Tensor& pos, const at::Tensor& slot_pos, const std::optional<at::Tensor>& table,
-                       const at::Tensor& inv_freq,
-                       const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm, double eps,
-                       c10::string_view style) {
+                       const at::Tensor& inv_freq, const std::optional<at::Tensor>& q_norm,
+                       const std::optional<at::Tensor>& k_norm, double eps, c10::string_view style) {
   const c10::cuda::CUDAGuard guard(cuda_device(kc, "k_cache"));
   const auto dev = kc.device();
   check_tensor(q, "q", at::kFloat, dev);
@@ -255,8 +254,9 @@ void op_attention_decode(const at::Tensor& q, const at::Tensor& kc, const at::Te
                           ws_bytes, batch, nq, nk, d, cap, static_cast<float>(scale), stream_of(q));
 }
 
-void op_attention_prefill(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& block_table,
-                          int64_t block_size, int64_t start_pos, at::Tensor& out, double scale, bool scalar) {
+void op_attention_prefill(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
+                          const at::Tensor& block_table, int64_t block_size, int64_t start_pos, at::Tensor& out,
+                          double scale, bool scalar) {
   const c10::cuda::CUDAGuard guard(cuda_device(q, "q"));
   const auto dev = q.device();
   check_tensor(q, "q", at::kFloat, dev);
@@ -271,8 +271,8 @@ void op_attention_prefill(const at::Tensor& q, const at::Tensor& kc, const at::T
   const int nk = as_int(kc.size(0), "nk"), cap = as_int(kc.size(1), "cap");
   auto launch = scalar ? attention_prefill_scalar_launch : attention_prefill_launch;
   launch(q.data_ptr<float>(), bf16_ptr(kc), bf16_ptr(vc), block_table.data_ptr<int32_t>(),
-         as_int(block_table.numel(), "max_blocks"), as_int(block_size, "block_size"), as_int(start_pos, "start_pos"),
-         n, out.data_ptr<float>(), nq, nk, d, cap, static_cast<float>(scale), stream_of(q));
+         as_int(block_table.numel(), "max_blocks"), as_int(block_size, "block_size"), as_int(start_pos, "start_pos"), n,
+         out.data_ptr<float>(), nq, nk, d, cap, static_cast<float>(scale), stream_of(q));
 }
 
 void op_swiglu(const at::Tensor& gate, const at::Tensor& up, const std::optional<at::Tensor>& out_f32,
@@ -360,8 +360,7 @@ void op_argmax(const at::Tensor& logits, at::Tensor& out) {
   check_tensor(logits, "logits", at::kFloat, logits.device());
   check_tensor(out, "out", at::kInt, logits.device());
   HX_OP_CHECK(out.numel() == 1, "out must hold one value");
-  argmax_launch(logits.data_ptr<float>(), as_int(logits.numel(), "vocab"), out.data_ptr<int32_t>(),
-                stream_of(logits));
+  argmax_launch(logits.data_ptr<float>(), as_int(logits.numel(), "vocab"), out.data_ptr<int32_t>(), stream_of(logits));
 }
 
 void op_sample(const at::Tensor& logits, const at::Tensor& params, const at::Tensor& step, at::Tensor& out) {
@@ -573,8 +572,7 @@ TORCH_LIBRARY_FRAGMENT(helexa, m) {
       &hx::op_penalties_batch);
   m.def("penalty_update_batch(Tensor tokens, Tensor slots, Tensor(a!) present, Tensor(b!)? counts) -> ()",
         &hx::op_penalty_update_batch);
-  m.def("penalty_reset_batch(Tensor slots, Tensor(a!) present, Tensor(b!)? counts) -> ()",
-        &hx::op_penalty_reset_batch);
+  m.def("penalty_reset_batch(Tensor slots, Tensor(a!) present, Tensor(b!)? counts) -> ()", &hx::op_penalty_reset_batch);
   m.def("argmax_batch(Tensor logits, Tensor(a!) out) -> ()", &hx::op_argmax_batch);
   m.def(
       "sample_batch(Tensor logits, Tensor params, Tensor steps, Tensor(a!) out, bool candidate_prefix=True, "

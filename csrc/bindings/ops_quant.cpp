@@ -50,10 +50,10 @@ at::Tensor checked_weights(const at::Tensor& w, GgmlType t, int n_out, int k) {
   HX_OP_CHECK(w.defined() && w.is_cuda(), "w must be a CUDA tensor");
   HX_OP_CHECK(w.scalar_type() == at::kByte, "w must be uint8 (the stored GGUF bytes), got ", w.scalar_type());
   HX_OP_CHECK(k % block_elems(t) == 0, "k=", k, " is not a multiple of the ", type_name(t), " block size ",
-                    block_elems(t));
+              block_elems(t));
   const size_t need = row_bytes(t, k) * static_cast<size_t>(n_out);
-  HX_OP_CHECK(static_cast<size_t>(w.numel()) >= need, "w holds ", w.numel(), " bytes; ", n_out, " rows of ",
-                    k, " ", type_name(t), " elements need ", need);
+  HX_OP_CHECK(static_cast<size_t>(w.numel()) >= need, "w holds ", w.numel(), " bytes; ", n_out, " rows of ", k, " ",
+              type_name(t), " elements need ", need);
   return ready(w);
 }
 
@@ -71,14 +71,13 @@ void launch(F&& f) {
 // guard, allocation or tensor access, so a bad call fails with nothing built.
 void check_matvec_sizes(GgmlType t, int64_t n_out, int64_t k) {
   const int64_t qk = block_elems(t);
-  HX_OP_CHECK(qk > 0 && k % qk == 0, "k=", k, " is not a multiple of the ", type_name(t),
-                    " block size ", qk);
+  HX_OP_CHECK(qk > 0 && k % qk == 0, "k=", k, " is not a multiple of the ", type_name(t), " block size ", qk);
   HX_OP_CHECK(n_out >= 1 && n_out <= INT32_MAX, "n_out out of range: ", n_out);
 }
 
 at::Tensor op_matvec(int64_t type, const at::Tensor& w, const at::Tensor& x, int64_t n_out, int64_t k,
-                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& y_accumulate,
-                     bool int8, bool prequant) {
+                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& y_accumulate, bool int8,
+                     bool prequant) {
   const GgmlType t = checked_type(type);
   const int no = checked_int(n_out, "n_out", 1), kk = checked_int(k, "k", 1);
   check_matvec_sizes(t, n_out, k);
@@ -89,22 +88,21 @@ at::Tensor op_matvec(int64_t type, const at::Tensor& w, const at::Tensor& x, int
   HX_OP_CHECK(x.scalar_type() == at::kFloat, "x must be float32, got ", x.scalar_type());
   HX_OP_CHECK(x.dim() >= 1 && x.size(-1) == k, "x must be [n_tok, k] with k=", k);
   const int64_t ntok = x.numel() / k;
-  HX_OP_CHECK(ntok >= 1 && ntok <= kMatvecMaxTokens, "matvec takes 1..", kMatvecMaxTokens,
-                    " tokens, got ", ntok);
+  HX_OP_CHECK(ntok >= 1 && ntok <= kMatvecMaxTokens, "matvec takes 1..", kMatvecMaxTokens, " tokens, got ", ntok);
   const at::Tensor wc = checked_weights(w, t, no, kk);
   const at::Tensor xc = ready(x);
   at::Tensor bc;
   if (bias && bias->defined()) {
     HX_OP_CHECK(bias->device() == dev && bias->scalar_type() == at::kFloat && bias->numel() == n_out,
-                      "bias must be float32 [n_out] on ", dev);
+                "bias must be float32 [n_out] on ", dev);
     bc = bias->contiguous();
   }
   at::Tensor y;
   const bool acc = y_accumulate && y_accumulate->defined();
   if (acc) {
     HX_OP_CHECK(y_accumulate->device() == dev && y_accumulate->scalar_type() == at::kFloat &&
-                          y_accumulate->numel() == ntok * n_out,
-                      "y_accumulate must be float32 [n_tok, n_out] on ", dev);
+                    y_accumulate->numel() == ntok * n_out,
+                "y_accumulate must be float32 [n_tok, n_out] on ", dev);
     y = y_accumulate->reshape({ntok, n_out}).clone(at::MemoryFormat::Contiguous);
   } else {
     y = at::full({ntok, n_out}, NAN, x.options());
@@ -154,20 +152,19 @@ void op_matvec_out(int64_t type, const at::Tensor& w, const at::Tensor& x, at::T
   const c10::cuda::CUDAGuard guard(x.device());
   const auto dev = x.device();
   HX_OP_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && aligned16(x) && x.numel() % k == 0,
-                    "x must be contiguous 16-byte aligned float32 [n_tok, k]");
+              "x must be contiguous 16-byte aligned float32 [n_tok, k]");
   const int64_t ntok = x.numel() / k;
   HX_OP_CHECK(ntok >= 1 && ntok <= kMatvecMaxTokens, "matvec takes 1..", kMatvecMaxTokens, " tokens");
   HX_OP_CHECK(w.defined() && w.device() == dev && w.is_contiguous() && aligned16(w),
-                    "w must be a contiguous 16-byte aligned tensor on ", dev);
+              "w must be a contiguous 16-byte aligned tensor on ", dev);
   const at::Tensor wc = checked_weights(w, t, no, kk);
-  HX_OP_CHECK(y.device() == dev && y.scalar_type() == at::kFloat && y.is_contiguous() &&
-                        y.numel() == ntok * n_out,
-                    "y must be contiguous float32 [n_tok, n_out] on ", dev);
+  HX_OP_CHECK(y.device() == dev && y.scalar_type() == at::kFloat && y.is_contiguous() && y.numel() == ntok * n_out,
+              "y must be contiguous float32 [n_tok, n_out] on ", dev);
   const float* b = nullptr;
   if (bias && bias->defined()) {
-    HX_OP_CHECK(bias->device() == dev && bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
-                          bias->numel() == n_out,
-                      "bias must be contiguous float32 [n_out] on ", dev);
+    HX_OP_CHECK(
+        bias->device() == dev && bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n_out,
+        "bias must be contiguous float32 [n_out] on ", dev);
     b = bias->data_ptr<float>();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
@@ -187,8 +184,8 @@ void op_dequantize_out(int64_t type, const at::Tensor& w, at::Tensor& out, int64
   HX_OP_CHECK(w.is_contiguous() && aligned16(w), "w must be contiguous and 16-byte aligned");
   const at::Tensor wc = checked_weights(w, t, no, kk);
   HX_OP_CHECK(out.device() == w.device() && out.is_contiguous() && out.numel() == n_out * k &&
-                        (out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kFloat),
-                    "out must be contiguous bf16 or float32 [n_out, k] on ", w.device());
+                  (out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kFloat),
+              "out must be contiguous bf16 or float32 [n_out, k] on ", w.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(w.device().index()).stream();
   launch([&] {
     if (out.scalar_type() == at::kBFloat16)
@@ -202,12 +199,14 @@ void op_dequantize_out(int64_t type, const at::Tensor& w, at::Tensor& out, int64
 }  // namespace hx
 
 TORCH_LIBRARY_FRAGMENT(helexa, m) {
-  m.def("matvec(int type, Tensor w_uint8, Tensor x_f32, int n_out, int k, Tensor? bias, Tensor? y_accumulate, "
-        "bool int8=False, bool prequant=False) -> Tensor",
-        &hx::op_matvec);
+  m.def(
+      "matvec(int type, Tensor w_uint8, Tensor x_f32, int n_out, int k, Tensor? bias, Tensor? y_accumulate, "
+      "bool int8=False, bool prequant=False) -> Tensor",
+      &hx::op_matvec);
   m.def("dequantize(int type, Tensor w_uint8, int n_out, int k, bool bf16) -> Tensor", &hx::op_dequantize);
-  m.def("matvec_out(int type, Tensor w_uint8, Tensor x_f32, Tensor(a!) y, int n_out, int k, Tensor? bias, "
-        "bool accumulate) -> ()",
-        &hx::op_matvec_out);
+  m.def(
+      "matvec_out(int type, Tensor w_uint8, Tensor x_f32, Tensor(a!) y, int n_out, int k, Tensor? bias, "
+      "bool accumulate) -> ()",
+      &hx::op_matvec_out);
   m.def("dequantize_out(int type, Tensor w_uint8, Tensor(a!) out, int n_out, int k) -> ()", &hx::op_dequantize_out);
 }

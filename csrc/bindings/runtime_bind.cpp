@@ -114,8 +114,7 @@ std::future<int64_t> submit_nccl_init(DeviceWorker& w, const std::string& uid, i
   });
 }
 
-std::future<int64_t> submit_allreduce_test(DeviceWorker& w, int64_t handle, int64_t count,
-                                           const std::string& dtype) {
+std::future<int64_t> submit_allreduce_test(DeviceWorker& w, int64_t handle, int64_t count, const std::string& dtype) {
   nccl::DType t = parse_dtype(dtype);
   if (count < 0) throw py::value_error("count must be >= 0");
   return w.submit([handle, count, t](WorkerContext& ctx) -> int64_t {

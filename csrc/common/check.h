@@ -88,46 +88,41 @@ inline bool is_sticky(cudaError_t e) {
     case cudaErrorInvalidPc:
     case cudaErrorAssert:
     case cudaErrorNvlinkUncorrectable:
-    case cudaErrorContextIsDestroyed:
-      return true;
-    default:
-      return false;
+    case cudaErrorContextIsDestroyed: return true;
+    default: return false;
   }
 }
 
 namespace detail {
 [[noreturn]] inline void throw_cuda(cudaError_t e, const char* call, const char* file, int line) {
   std::string reason = std::string(cudaGetErrorString(e)) + " (" + cudaGetErrorName(e) + ")";
-  throw CudaError(format_failure(call, reason, file, line), "cuda", static_cast<int>(e), is_sticky(e),
-                  call, file, line);
+  throw CudaError(format_failure(call, reason, file, line), "cuda", static_cast<int>(e), is_sticky(e), call, file,
+                  line);
 }
 }  // namespace detail
 
-#define HX_CUDA_CHECK(expr)                                                      \
-  do {                                                                           \
-    cudaError_t hx_check_err_ = (expr);                                          \
-    if (hx_check_err_ != cudaSuccess)                                            \
-      ::hx::detail::throw_cuda(hx_check_err_, #expr, __FILE__, __LINE__);        \
+#define HX_CUDA_CHECK(expr)                                                                               \
+  do {                                                                                                    \
+    cudaError_t hx_check_err_ = (expr);                                                                   \
+    if (hx_check_err_ != cudaSuccess) ::hx::detail::throw_cuda(hx_check_err_, #expr, __FILE__, __LINE__); \
   } while (0)
 #endif  // HX_CHECK_HAS_CUDA
 
 #ifdef HX_CHECK_HAS_CUBLAS
 namespace detail {
 [[noreturn]] inline void throw_cublas(cublasStatus_t s, const char* call, const char* file, int line) {
-  std::string reason = std::string(cublasGetStatusString(s)) + " (cublasStatus " +
-                       std::to_string(static_cast<int>(s)) + ")";
+  std::string reason =
+      std::string(cublasGetStatusString(s)) + " (cublasStatus " + std::to_string(static_cast<int>(s)) + ")";
   // cuBLAS reports a faulting kernel as EXECUTION_FAILED; whether the context
   // is gone is decided by the worker's own probe after the job, not here.
-  throw CudaError(format_failure(call, reason, file, line), "cublas", static_cast<int>(s), false, call,
-                  file, line);
+  throw CudaError(format_failure(call, reason, file, line), "cublas", static_cast<int>(s), false, call, file, line);
 }
 }  // namespace detail
 
-#define HX_CUBLAS_CHECK(expr)                                                    \
-  do {                                                                           \
-    cublasStatus_t hx_check_st_ = (expr);                                        \
-    if (hx_check_st_ != CUBLAS_STATUS_SUCCESS)                                   \
-      ::hx::detail::throw_cublas(hx_check_st_, #expr, __FILE__, __LINE__);       \
+#define HX_CUBLAS_CHECK(expr)                                                                                       \
+  do {                                                                                                              \
+    cublasStatus_t hx_check_st_ = (expr);                                                                           \
+    if (hx_check_st_ != CUBLAS_STATUS_SUCCESS) ::hx::detail::throw_cublas(hx_check_st_, #expr, __FILE__, __LINE__); \
   } while (0)
 #endif  // HX_CHECK_HAS_CUBLAS
 
@@ -135,24 +130,21 @@ namespace detail {
 // A communicator that hit a system, internal, remote or CUDA error cannot be
 // trusted for further collectives; argument and usage errors leave it intact.
 inline bool is_sticky(ncclResult_t r) {
-  return r == ncclUnhandledCudaError || r == ncclSystemError || r == ncclInternalError ||
-         r == ncclRemoteError;
+  return r == ncclUnhandledCudaError || r == ncclSystemError || r == ncclInternalError || r == ncclRemoteError;
 }
 
 namespace detail {
 [[noreturn]] inline void throw_nccl(ncclResult_t r, const char* call, const char* file, int line) {
-  std::string reason = std::string(ncclGetErrorString(r)) + " (ncclResult " +
-                       std::to_string(static_cast<int>(r)) + ")";
-  throw CudaError(format_failure(call, reason, file, line), "nccl", static_cast<int>(r), is_sticky(r),
-                  call, file, line);
+  std::string reason = std::string(ncclGetErrorString(r)) + " (ncclResult " + std::to_string(static_cast<int>(r)) + ")";
+  throw CudaError(format_failure(call, reason, file, line), "nccl", static_cast<int>(r), is_sticky(r), call, file,
+                  line);
 }
 }  // namespace detail
 
-#define HX_NCCL_CHECK(expr)                                                      \
-  do {                                                                           \
-    ncclResult_t hx_check_res_ = (expr);                                         \
-    if (hx_check_res_ != ncclSuccess)                                            \
-      ::hx::detail::throw_nccl(hx_check_res_, #expr, __FILE__, __LINE__);        \
+#define HX_NCCL_CHECK(expr)                                                                               \
+  do {                                                                                                    \
+    ncclResult_t hx_check_res_ = (expr);                                                                  \
+    if (hx_check_res_ != ncclSuccess) ::hx::detail::throw_nccl(hx_check_res_, #expr, __FILE__, __LINE__); \
   } while (0)
 #endif  // HX_CHECK_HAS_NCCL
 

@@ -38,29 +38,27 @@ enum class GgmlType : int {
 // Every type above, for dispatch tables: HX_FOR_EACH_GGML_TYPE(X) expands
 // X(F32) X(F16) ... once per type, so a switch over the types is one line.
 #define HX_FOR_EACH_GGML_TYPE(X) \
-  X(F32) X(F16) X(BF16) X(Q4_0) X(Q4_1) X(Q5_0) X(Q5_1) X(Q8_0) X(Q2_K) X(Q3_K) X(Q4_K) X(Q5_K) X(Q6_K) X(IQ4_NL) X(IQ4_XS)
+  X(F32)                         \
+  X(F16) X(BF16) X(Q4_0) X(Q4_1) X(Q5_0) X(Q5_1) X(Q8_0) X(Q2_K) X(Q3_K) X(Q4_K) X(Q5_K) X(Q6_K) X(IQ4_NL) X(IQ4_XS)
 
 // Elements per block; 0 for an id this engine does not read.
 HX_HOST_DEVICE constexpr int block_elems(GgmlType t) {
   switch (t) {
     case GgmlType::F32:
     case GgmlType::F16:
-    case GgmlType::BF16:
-      return 1;
+    case GgmlType::BF16: return 1;
     case GgmlType::Q4_0:
     case GgmlType::Q4_1:
     case GgmlType::Q5_0:
     case GgmlType::Q5_1:
     case GgmlType::Q8_0:
-    case GgmlType::IQ4_NL:
-      return 32;
+    case GgmlType::IQ4_NL: return 32;
     case GgmlType::Q2_K:
     case GgmlType::Q3_K:
     case GgmlType::Q4_K:
     case GgmlType::Q5_K:
     case GgmlType::Q6_K:
-    case GgmlType::IQ4_XS:
-      return 256;
+    case GgmlType::IQ4_XS: return 256;
   }
   return 0;
 }
@@ -97,8 +95,7 @@ HX_HOST_DEVICE constexpr bool is_float_type(GgmlType t) {
 
 // Bytes of one stored row of k elements (k a multiple of block_elems(t)).
 HX_HOST_DEVICE constexpr size_t row_bytes(GgmlType t, int64_t k) {
-  return block_elems(t) == 0 ? 0
-                             : static_cast<size_t>(k / block_elems(t)) * static_cast<size_t>(block_bytes(t));
+  return block_elems(t) == 0 ? 0 : static_cast<size_t>(k / block_elems(t)) * static_cast<size_t>(block_bytes(t));
 }
 
 // GGML's name of the type ("Q4_K"), for error messages.

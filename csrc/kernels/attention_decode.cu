@@ -93,12 +93,11 @@ struct DecodeOccupancy {
 };
 
 template <int LPR, int GT, int B>
-__global__ void __launch_bounds__(kDecodeThreads, DecodeOccupancy<GT>::value)
-attn_decode_split_kernel(const float* __restrict__ q, const __nv_bfloat16* __restrict__ kc,
-                         const __nv_bfloat16* __restrict__ vc, const int32_t* __restrict__ seq_lens,
-                         const int32_t* __restrict__ tables, float* __restrict__ part_acc /*[batch*nq, P, d]*/,
-                         float2* __restrict__ part_ml /*[batch*nq, P]*/, int G, int groups, int nq, int d, int cap,
-                         int max_blocks, int bshift, int P, float qscale) {
+__global__ void __launch_bounds__(kDecodeThreads, DecodeOccupancy<GT>::value) attn_decode_split_kernel(
+    const float* __restrict__ q, const __nv_bfloat16* __restrict__ kc, const __nv_bfloat16* __restrict__ vc,
+    const int32_t* __restrict__ seq_lens, const int32_t* __restrict__ tables,
+    float* __restrict__ part_acc /*[batch*nq, P, d]*/, float2* __restrict__ part_ml /*[batch*nq, P]*/, int G,
+    int groups, int nq, int d, int cap, int max_blocks, int bshift, int P, float qscale) {
   pdl_begin();
   constexpr int RG = 32 / LPR;          // row groups (rows per load instruction) per warp
   constexpr int ROWS_W = RG * B;        // rows per warp per iteration
@@ -258,10 +257,11 @@ attn_decode_split_kernel(const float* __restrict__ q, const __nv_bfloat16* __res
   }
 }
 
-__global__ void __launch_bounds__(kDecodeThreads)
-attn_decode_combine_kernel(const float* __restrict__ part_acc, const float2* __restrict__ part_ml,
-                           const int32_t* __restrict__ seq_lens, float* __restrict__ out, int nq, int d,
-                           int max_seq, int P) {
+__global__ void __launch_bounds__(kDecodeThreads) attn_decode_combine_kernel(const float* __restrict__ part_acc,
+                                                                          const float2* __restrict__ part_ml,
+                                                                          const int32_t* __restrict__ seq_lens,
+                                                                          float* __restrict__ out, int nq, int d,
+                                                                          int max_seq, int P) {
   pdl_begin();
   __shared__ float w[kMaxSplits];
   __shared__ float scratch[32];
@@ -296,8 +296,8 @@ attn_decode_combine_kernel(const float* __restrict__ part_acc, const float2* __r
   }
 }
 
-using SplitKernel = void (*)(const float*, const __nv_bfloat16*, const __nv_bfloat16*, const int32_t*,
-                            const int32_t*, float*, float2*, int, int, int, int, int, int, int, int, float);
+using SplitKernel = void (*)(const float*, const __nv_bfloat16*, const __nv_bfloat16*, const int32_t*, const int32_t*,
+                             float*, float2*, int, int, int, int, int, int, int, int, float);
 
 template <int LPR>
 SplitKernel split_kernel_for(int GT) {
@@ -337,8 +337,8 @@ DecodePlan plan_decode(int batch, int nq, int nk, int d, int max_seq) {
   p.GT = p.G <= 1 ? 1 : (p.G <= 2 ? 2 : (p.G <= 4 ? 4 : 8));
   p.groups = (p.G + p.GT - 1) / p.GT;
   const int lpr = d <= 64 ? 8 : (d <= 128 ? 16 : 32);
-  p.kernel = lpr == 8 ? split_kernel_for<8>(p.GT)
-                      : (lpr == 16 ? split_kernel_for<16>(p.GT) : split_kernel_for<32>(p.GT));
+  p.kernel =
+      lpr == 8 ? split_kernel_for<8>(p.GT) : (lpr == 16 ? split_kernel_for<16>(p.GT) : split_kernel_for<32>(p.GT));
   // One full wave of resident blocks over the whole batch when sequences
   // are long: fewer splits leave SMs idle, more only add partial states to merge.
   const int dev = current_device();
@@ -353,9 +353,9 @@ DecodePlan plan_decode(int batch, int nq, int nk, int d, int max_seq) {
 
 void check_decode_sizes(int batch, int nq, int nk, int d, int cap, int max_blocks, int block_size) {
   if (batch < 0 || nq <= 0 || nk <= 0 || cap <= 0 || nq % nk != 0)
-    throw std::invalid_argument("attention_decode: bad sizes batch=" + std::to_string(batch) + " nq=" +
-                                std::to_string(nq) + " nk=" + std::to_string(nk) + " (nq must be a multiple of nk) cap=" +
-                                std::to_string(cap));
+    throw std::invalid_argument("attention_decode: bad sizes batch=" + std::to_string(batch) +
+                                " nq=" + std::to_string(nq) + " nk=" + std::to_string(nk) +
+                                " (nq must be a multiple of nk) cap=" + std::to_string(cap));
   if (d <= 0 || d % 8 != 0 || d > 256)
     throw std::invalid_argument("attention_decode: head_dim " + std::to_string(d) +
                                 " unsupported (needs a multiple of 8, at most 256)");
@@ -375,10 +375,10 @@ size_t attention_decode_workspace_bytes(int batch, int nq, int nk, int d, int ma
   return (size_t)batch * nq * p.P * (size_t)(d + 2) * sizeof(float);
 }
 
-void attention_decode_launch(const float* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc,
-                             const int32_t* seq_lens, const int32_t* block_tables, int max_blocks, int block_size,
-                             float* out, float* workspace, size_t workspace_bytes, int batch, int nq, int nk, int d,
-                             int cap, float scale, cudaStream_t stream) {
+void attention_decode_launch(const float* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, const int32_t* seq_lens,
+                             const int32_t* block_tables, int max_blocks, int block_size, float* out, float* workspace,
+                             size_t workspace_bytes, int batch, int nq, int nk, int d, int cap, float scale,
+                             cudaStream_t stream) {
   check_decode_sizes(batch, nq, nk, d, cap, max_blocks, block_size);
   if ((reinterpret_cast<uintptr_t>(kc) | reinterpret_cast<uintptr_t>(vc)) % 16 != 0)
     throw std::invalid_argument("attention_decode: K/V pool pointers must be 16-byte aligned");
@@ -389,8 +389,8 @@ void attention_decode_launch(const float* q, const __nv_bfloat16* kc, const __nv
   const DecodePlan p = plan_decode(batch, nq, nk, d, max_seq);
   const size_t need = (size_t)batch * nq * p.P * (size_t)(d + 2) * sizeof(float);
   if (workspace == nullptr || workspace_bytes < need)
-    throw std::invalid_argument("attention_decode: workspace of " + std::to_string(workspace_bytes) +
-                                " bytes, needs " + std::to_string(need));
+    throw std::invalid_argument("attention_decode: workspace of " + std::to_string(workspace_bytes) + " bytes, needs " +
+                                std::to_string(need));
   if ((int64_t)batch * p.groups > 65535)
     throw std::invalid_argument("attention_decode: batch " + std::to_string(batch) + " is too large for one launch");
   int bshift = 0;
@@ -402,8 +402,8 @@ void attention_decode_launch(const float* q, const __nv_bfloat16* kc, const __nv
   launch_overlapped(p.kernel, grid, kDecodeThreads, 0, stream, q, kc, vc, seq_lens, block_tables, part_acc, part_ml,
                     p.G, p.groups, nq, d, cap, max_blocks, bshift, p.P, scale * kLog2e);
   HX_CUDA_CHECK(cudaGetLastError());
-  launch_overlapped(attn_decode_combine_kernel, batch * nq, kDecodeThreads, 0, stream, part_acc, part_ml, seq_lens,
-                    out, nq, d, max_seq, p.P);
+  launch_overlapped(attn_decode_combine_kernel, batch * nq, kDecodeThreads, 0, stream, part_acc, part_ml, seq_lens, out,
+                    nq, d, max_seq, p.P);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 

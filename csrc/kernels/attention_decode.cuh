@@ -27,9 +27,8 @@ size_t attention_decode_workspace_bytes(int batch, int nq, int nk, int d, int ma
 void attention_decode_launch(const float* q /*[batch, nq, d]*/, const __nv_bfloat16* kc /*[nk, cap, d]*/,
                              const __nv_bfloat16* vc /*[nk, cap, d]*/,
                              const int32_t* seq_lens /*[batch] device: valid positions incl. current*/,
-                             const int32_t* block_tables /*[batch, max_blocks] device*/, int max_blocks,
-                             int block_size, float* out /*[batch, nq, d]*/, float* workspace,
-                             size_t workspace_bytes, int batch, int nq, int nk, int d, int cap, float scale,
-                             cudaStream_t stream);
+                             const int32_t* block_tables /*[batch, max_blocks] device*/, int max_blocks, int block_size,
+                             float* out /*[batch, nq, d]*/, float* workspace, size_t workspace_bytes, int batch, int nq,
+                             int nk, int d, int cap, float scale, cudaStream_t stream);
 
 }  // namespace hx

@@ -62,8 +62,7 @@ __device__ __forceinline__ int swz(int r, int c) {
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
 #if HX_HAS_CP_ASYNC
   // src-size 0 zero-fills the 16 bytes without reading global memory.
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
-               "r"(valid ? 16 : 0));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem), "r"(valid ? 16 : 0));
 #endif
 }
 __device__ __forceinline__ void cp_async_commit() {
@@ -117,10 +116,12 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 }
 
 template <int D>
-__global__ void __launch_bounds__(kThreads)
-attn_prefill_mma_kernel(const float* __restrict__ q, const __nv_bfloat16* __restrict__ kc,
-                        const __nv_bfloat16* __restrict__ vc, const int32_t* __restrict__ table, int bshift,
-                        float* __restrict__ out, int start_pos, int n, int nq, int G, int cap, float scale_log2) {
+__global__ void __launch_bounds__(kThreads) attn_prefill_mma_kernel(const float* __restrict__ q,
+                                                                 const __nv_bfloat16* __restrict__ kc,
+                                                                 const __nv_bfloat16* __restrict__ vc,
+                                                                 const int32_t* __restrict__ table, int bshift,
+                                                                 float* __restrict__ out, int start_pos, int n, int nq,
+                                                                 int G, int cap, float scale_log2) {
 #if HX_HAS_BF16_MMA
   constexpr int CPR = D / 8;       // 16-byte chunks per row
   constexpr int LOADS = kBN * CPR / kThreads;  // 16-byte chunks of a K (or V) tile per thread
@@ -184,8 +185,7 @@ attn_prefill_mma_kernel(const float* __restrict__ q, const __nv_bfloat16* __rest
     uint4 packed = make_uint4(0, 0, 0, 0);
     if (R < rows) {
       const int i = R / G, g = R - (R / G) * G;
-      const float4* src =
-          reinterpret_cast<const float4*>(q + ((size_t)i * nq + (size_t)kvh * G + g) * D + c * 8);
+      const float4* src = reinterpret_cast<const float4*>(q + ((size_t)i * nq + (size_t)kvh * G + g) * D + c * 8);
       const float4 a = src[0], b = src[1];
       packed = make_uint4(pack_bf16(a.x, a.y), pack_bf16(a.z, a.w), pack_bf16(b.x, b.y), pack_bf16(b.z, b.w));
     }
@@ -318,11 +318,10 @@ attn_prefill_mma_kernel(const float* __restrict__ q, const __nv_bfloat16* __rest
 constexpr int kScalarWarps = 4;
 constexpr int kScalarMaxPerLane = 8;  // head_dim <= 256
 
-__global__ void __launch_bounds__(kScalarWarps * 32)
-attn_prefill_scalar_kernel(const float* __restrict__ q, const __nv_bfloat16* __restrict__ kc,
-                           const __nv_bfloat16* __restrict__ vc, const int32_t* __restrict__ table, int bshift,
-                           float* __restrict__ out, int start_pos, int n, int nq, int G, int d, int cap,
-                           float scale_log2) {
+__global__ void __launch_bounds__(kScalarWarps * 32) attn_prefill_scalar_kernel(
+    const float* __restrict__ q, const __nv_bfloat16* __restrict__ kc, const __nv_bfloat16* __restrict__ vc,
+    const int32_t* __restrict__ table, int bshift, float* __restrict__ out, int start_pos, int n, int nq, int G, int d,
+    int cap, float scale_log2) {
   const int row = blockIdx.x * kScalarWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= n * nq) return;
@@ -375,8 +374,8 @@ int check_sizes(const char* what, const int32_t* table, int max_blocks, int bloc
   if (n < 0 || start_pos < 0 || nq <= 0 || nk <= 0 || nq % nk != 0 || cap <= 0 || max_blocks < 0 ||
       (int64_t)start_pos + n > (int64_t)max_blocks * block_size)
     throw std::invalid_argument(std::string(what) + ": bad sizes start_pos=" + std::to_string(start_pos) +
-                                " n=" + std::to_string(n) + " nq=" + std::to_string(nq) + " nk=" +
-                                std::to_string(nk) + " max_blocks=" + std::to_string(max_blocks) +
+                                " n=" + std::to_string(n) + " nq=" + std::to_string(nq) + " nk=" + std::to_string(nk) +
+                                " max_blocks=" + std::to_string(max_blocks) +
                                 " (need nq % nk == 0 and start_pos + n <= max_blocks * block_size)");
   if (block_size < 16 || (block_size & (block_size - 1)) != 0 || cap % block_size != 0)
     throw std::invalid_argument(std::string(what) + ": block_size " + std::to_string(block_size) +
@@ -398,14 +397,14 @@ void launch_mma(const float* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc
   static std::atomic<bool> configured[detail::kMaxDevices];
   const int dev = current_device();
   if (dev < 0 || dev >= detail::kMaxDevices || !configured[dev].load(std::memory_order_relaxed)) {
-    HX_CUDA_CHECK(cudaFuncSetAttribute(attn_prefill_mma_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       (int)smem));
+    HX_CUDA_CHECK(
+        cudaFuncSetAttribute(attn_prefill_mma_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     if (dev >= 0 && dev < detail::kMaxDevices) configured[dev].store(true, std::memory_order_relaxed);
   }
   const int G = nq / nk;
   const dim3 grid((n * G + kBM - 1) / kBM, nk);
-  attn_prefill_mma_kernel<D><<<grid, kThreads, smem, stream>>>(q, kc, vc, table, bshift, out, start_pos, n, nq, G,
-                                                               cap, scale * kLog2e);
+  attn_prefill_mma_kernel<D>
+      <<<grid, kThreads, smem, stream>>>(q, kc, vc, table, bshift, out, start_pos, n, nq, G, cap, scale * kLog2e);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -414,7 +413,8 @@ void launch_mma(const float* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc
 void attention_prefill_scalar_launch(const float* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc,
                                      const int32_t* block_table, int max_blocks, int block_size, int start_pos, int n,
                                      float* out, int nq, int nk, int d, int cap, float scale, cudaStream_t stream) {
-  const int bshift = check_sizes("attention_prefill", block_table, max_blocks, block_size, start_pos, n, nq, nk, d, cap);
+  const int bshift =
+      check_sizes("attention_prefill", block_table, max_blocks, block_size, start_pos, n, nq, nk, d, cap);
   if (n == 0) return;
   const int rows = n * nq;
   attn_prefill_scalar_kernel<<<(rows + kScalarWarps - 1) / kScalarWarps, kScalarWarps * 32, 0, stream>>>(
@@ -425,10 +425,12 @@ void attention_prefill_scalar_launch(const float* q, const __nv_bfloat16* kc, co
 void attention_prefill_launch(const float* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc,
                               const int32_t* block_table, int max_blocks, int block_size, int start_pos, int n,
                               float* out, int nq, int nk, int d, int cap, float scale, cudaStream_t stream) {
-  const int bshift = check_sizes("attention_prefill", block_table, max_blocks, block_size, start_pos, n, nq, nk, d, cap);
+  const int bshift =
+      check_sizes("attention_prefill", block_table, max_blocks, block_size, start_pos, n, nq, nk, d, cap);
   if (n == 0) return;
   const bool aligned = ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(kc) |
-                         reinterpret_cast<uintptr_t>(vc) | reinterpret_cast<uintptr_t>(out)) % 16) == 0;
+                         reinterpret_cast<uintptr_t>(vc) | reinterpret_cast<uintptr_t>(out)) %
+                        16) == 0;
   const bool mma = aligned && device_sm(current_device()) >= 80;
   if (mma && d == 64) {
     launch_mma<64>(q, kc, vc, block_table, bshift, start_pos, n, out, nq, nk, cap, scale, stream);

@@ -28,8 +28,8 @@ void attention_prefill_launch(const float* q /*[n, nq, d]*/, const __nv_bfloat16
 // as a second implementation, the forward only through attention_prefill_launch.
 void attention_prefill_scalar_launch(const float* q /*[n, nq, d]*/, const __nv_bfloat16* kc /*[nk, cap, d]*/,
                                      const __nv_bfloat16* vc /*[nk, cap, d]*/,
-                                     const int32_t* block_table /*[max_blocks] device*/, int max_blocks,
-                                     int block_size, int start_pos, int n, float* out /*[n, nq, d]*/, int nq, int nk,
-                                     int d, int cap, float scale, cudaStream_t stream);
+                                     const int32_t* block_table /*[max_blocks] device*/, int max_blocks, int block_size,
+                                     int start_pos, int n, float* out /*[n, nq, d]*/, int nq, int nk, int d, int cap,
+                                     float scale, cudaStream_t stream);
 
 }  // namespace hx

@@ -10,10 +10,9 @@
 
 namespace hx {
 
-static __global__ void add_bias_rows_kernel(float* __restrict__ y, const float* __restrict__ bias,
-                                            int64_t total, int m) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
-       i += (int64_t)gridDim.x * blockDim.x) {
+static __global__ void add_bias_rows_kernel(float* __restrict__ y, const float* __restrict__ bias, int64_t total,
+                                            int m) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
     y[i] += bias[i % m];
   }
 }

@@ -66,8 +66,8 @@ void bf16_to_f32_launch(const __nv_bfloat16* x, float* y, int64_t n, cudaStream_
   if (n == 0) return;
   const int threads = 256;
   if (n % 4 == 0 && aligned(x, 8) && aligned(y, 16))
-    bf16_to_f32_vec_kernel<<<grid_for(n / 4, threads), threads, 0, stream>>>(
-        reinterpret_cast<const __nv_bfloat162*>(x), reinterpret_cast<float4*>(y), n / 4);
+    bf16_to_f32_vec_kernel<<<grid_for(n / 4, threads), threads, 0, stream>>>(reinterpret_cast<const __nv_bfloat162*>(x),
+                                                                             reinterpret_cast<float4*>(y), n / 4);
   else
     bf16_to_f32_kernel<<<grid_for(n, threads), threads, 0, stream>>>(x, y, n);
   HX_CUDA_CHECK(cudaGetLastError());

@@ -60,7 +60,7 @@ __device__ __forceinline__ void store8(O* p, const float (&v)[8]) {
 // its runs continue each other, so each run of 8 is one contiguous store.
 template <GgmlType T, typename O>
 __global__ void __launch_bounds__(256) dequant_quant_kernel(const uint8_t* __restrict__ w, O* __restrict__ out,
-                                                            int64_t n_items, int npass, int k, size_t row_bytes) {
+                                                         int64_t n_items, int npass, int k, size_t row_bytes) {
   using B = quant::Block<T>;
   constexpr int PB = quant::pass_bytes<T>();
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
@@ -94,28 +94,35 @@ __device__ __forceinline__ float float_at(const uint8_t* w, size_t i) {
     return reinterpret_cast<const float*>(w)[i];
   } else {
     const uint32_t h = reinterpret_cast<const uint16_t*>(w)[i];
-    if constexpr (T == GgmlType::F16) return quant::half_float(h);
-    else return quant::bits_float(h << 16);
+    if constexpr (T == GgmlType::F16)
+      return quant::half_float(h);
+    else
+      return quant::bits_float(h << 16);
   }
 }
 
 template <typename O>
 __device__ __forceinline__ O from_float(float v) {
-  if constexpr (sizeof(O) == 4) return v;
-  else return __float2bfloat16_rn(v);
+  if constexpr (sizeof(O) == 4)
+    return v;
+  else
+    return __float2bfloat16_rn(v);
 }
 
 // Element-wise; with vec4 every thread converts 4 consecutive elements (n % 4 == 0, aligned).
 template <GgmlType T, typename O, bool VEC4>
 __global__ void __launch_bounds__(256) dequant_float_kernel(const uint8_t* __restrict__ w, O* __restrict__ out,
-                                                            int64_t n) {
+                                                         int64_t n) {
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   if constexpr (VEC4) {
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n / 4; i += stride) {
       float v[4];
       if constexpr (T == GgmlType::F32) {
         const float4 f = reinterpret_cast<const float4*>(w)[i];
-        v[0] = f.x; v[1] = f.y; v[2] = f.z; v[3] = f.w;
+        v[0] = f.x;
+        v[1] = f.y;
+        v[2] = f.z;
+        v[3] = f.w;
       } else {
         const uint2 h = reinterpret_cast<const uint2*>(w)[i];
         const uint32_t hv[4] = {h.x & 0xffff, h.x >> 16, h.y & 0xffff, h.y >> 16};
@@ -154,11 +161,11 @@ void launch_float(const void* w, O* out, int64_t n_out, int64_t k, cudaStream_t 
   const uintptr_t wa = reinterpret_cast<uintptr_t>(w), oa = reinterpret_cast<uintptr_t>(out);
   const bool vec = n % 4 == 0 && wa % (4 * block_bytes(T)) == 0 && oa % (4 * sizeof(O)) == 0;
   if (vec)
-    dequant_float_kernel<T, O, true><<<grid_for(n / 4, kThreads), kThreads, 0, stream>>>(
-        static_cast<const uint8_t*>(w), out, n);
+    dequant_float_kernel<T, O, true>
+        <<<grid_for(n / 4, kThreads), kThreads, 0, stream>>>(static_cast<const uint8_t*>(w), out, n);
   else
-    dequant_float_kernel<T, O, false><<<grid_for(n, kThreads), kThreads, 0, stream>>>(
-        static_cast<const uint8_t*>(w), out, n);
+    dequant_float_kernel<T, O, false>
+        <<<grid_for(n, kThreads), kThreads, 0, stream>>>(static_cast<const uint8_t*>(w), out, n);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -173,22 +180,20 @@ void dispatch(GgmlType type, const void* w, O* out, int64_t n_out, int64_t k, cu
   if (k > INT32_MAX) bad("k too large");
   const int qk = block_elems(type);
   if (k % qk != 0)
-    bad(std::string("k=") + std::to_string(k) + " is not a multiple of the " + type_name(type) +
-        " block size " + std::to_string(qk));
+    bad(std::string("k=") + std::to_string(k) + " is not a multiple of the " + type_name(type) + " block size " +
+        std::to_string(qk));
   if (!is_float_type(type)) {
     if (reinterpret_cast<uintptr_t>(w) % 16 != 0) bad("quantized weights must be 16-byte aligned");
     if (reinterpret_cast<uintptr_t>(out) % 16 != 0) bad("out must be 16-byte aligned");
   }
-#define HX_CASE(T)                                              \
-  case GgmlType::T:                                             \
-    if constexpr (is_float_type(GgmlType::T))                   \
-      launch_float<GgmlType::T, O>(w, out, n_out, k, stream);   \
-    else                                                        \
-      launch_quant<GgmlType::T, O>(w, out, n_out, k, stream);   \
+#define HX_CASE(T)                                            \
+  case GgmlType::T:                                           \
+    if constexpr (is_float_type(GgmlType::T))                 \
+      launch_float<GgmlType::T, O>(w, out, n_out, k, stream); \
+    else                                                      \
+      launch_quant<GgmlType::T, O>(w, out, n_out, k, stream); \
     return;
-  switch (type) {
-    HX_FOR_EACH_GGML_TYPE(HX_CASE)
-  }
+  switch (type) { HX_FOR_EACH_GGML_TYPE(HX_CASE) }
 #undef HX_CASE
   bad("unsupported GGML type");
 }
@@ -200,8 +205,7 @@ void dequantize_launch(GgmlType type, const void* w, __nv_bfloat16* out, int64_t
   dispatch(type, w, out, n_out, k, stream);
 }
 
-void dequantize_f32_launch(GgmlType type, const void* w, float* out, int64_t n_out, int64_t k,
-                           cudaStream_t stream) {
+void dequantize_f32_launch(GgmlType type, const void* w, float* out, int64_t n_out, int64_t k, cudaStream_t stream) {
   dispatch(type, w, out, n_out, k, stream);
 }
 

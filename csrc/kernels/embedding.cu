@@ -98,9 +98,7 @@ __host__ __device__ __forceinline__ float sub_rn(float a, float b) {
 #endif
 }
 
-__host__ __device__ __forceinline__ uint16_t u16_at(const uint8_t* p) {
-  return (uint16_t)(p[0] | (p[1] << 8));
-}
+__host__ __device__ __forceinline__ uint16_t u16_at(const uint8_t* p) { return (uint16_t)(p[0] | (p[1] << 8)); }
 __host__ __device__ __forceinline__ float f16_at(const uint8_t* p) { return half_bits_to_float(u16_at(p)); }
 
 // K-quant 6-bit scale and min number j (0..7) packed in 12 bytes (Q4_K, Q5_K).
@@ -254,8 +252,8 @@ __host__ __device__ __forceinline__ float row_elem(const uint8_t* row, int j) {
 
 template <GgmlType T>
 static __global__ void embedding_kernel(const uint8_t* __restrict__ table, size_t row_bytes,
-                                        const int32_t* __restrict__ ids, float* __restrict__ out,
-                                        int hidden, int vocab) {
+                                        const int32_t* __restrict__ ids, float* __restrict__ out, int hidden,
+                                        int vocab) {
   const int tok = blockIdx.x;
   const int32_t id = ids[tok];
   float* o = out + (size_t)tok * hidden;
@@ -267,15 +265,14 @@ static __global__ void embedding_kernel(const uint8_t* __restrict__ table, size_
 
 }  // namespace emb
 
-void embedding_launch(GgmlType type, const void* table, const int32_t* ids, float* out, int n, int hidden,
-                      int vocab, cudaStream_t stream) {
+void embedding_launch(GgmlType type, const void* table, const int32_t* ids, float* out, int n, int hidden, int vocab,
+                      cudaStream_t stream) {
   const int qk = block_elems(type);
   const int bb = block_bytes(type);
-  if (qk == 0)
-    throw std::invalid_argument("embedding: unsupported GGML type id " + std::to_string((int)type));
+  if (qk == 0) throw std::invalid_argument("embedding: unsupported GGML type id " + std::to_string((int)type));
   if (n < 0 || hidden <= 0 || vocab <= 0)
-    throw std::invalid_argument("embedding: bad sizes n=" + std::to_string(n) + " hidden=" +
-                                std::to_string(hidden) + " vocab=" + std::to_string(vocab));
+    throw std::invalid_argument("embedding: bad sizes n=" + std::to_string(n) + " hidden=" + std::to_string(hidden) +
+                                " vocab=" + std::to_string(vocab));
   if (hidden % qk != 0)
     throw std::invalid_argument("embedding: hidden=" + std::to_string(hidden) +
                                 " is not a multiple of the block size " + std::to_string(qk));
@@ -285,14 +282,13 @@ void embedding_launch(GgmlType type, const void* table, const int32_t* ids, floa
   const int slices = (hidden + threads * 4 - 1) / (threads * 4);
   const dim3 grid(n, slices);
   const auto* t = static_cast<const uint8_t*>(table);
-#define HX_EMB_CASE(T)                                                                          \
-  case GgmlType::T:                                                                             \
+#define HX_EMB_CASE(T)                                                                                       \
+  case GgmlType::T:                                                                                          \
     emb::embedding_kernel<GgmlType::T><<<grid, threads, 0, stream>>>(t, row_bytes, ids, out, hidden, vocab); \
     break;
   switch (type) {
     HX_FOR_EACH_GGML_TYPE(HX_EMB_CASE)
-    default:
-      throw std::invalid_argument("embedding: unsupported GGML type id " + std::to_string((int)type));
+    default: throw std::invalid_argument("embedding: unsupported GGML type id " + std::to_string((int)type));
   }
 #undef HX_EMB_CASE
   HX_CUDA_CHECK(cudaGetLastError());

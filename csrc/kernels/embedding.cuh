@@ -13,8 +13,7 @@ namespace hx {
 // writes a row of zeros and reads nothing. hidden must be a multiple of the
 // type's block size (32 or 256 for quantized types). Throws std::invalid_argument
 // for an unsupported type or a bad size.
-void embedding_launch(GgmlType type, const void* table /*[vocab, hidden] stored rows*/,
-                      const int32_t* ids /*[n]*/, float* out /*[n, hidden]*/, int n, int hidden,
-                      int vocab, cudaStream_t stream);
+void embedding_launch(GgmlType type, const void* table /*[vocab, hidden] stored rows*/, const int32_t* ids /*[n]*/,
+                      float* out /*[n, hidden]*/, int n, int hidden, int vocab, cudaStream_t stream);
 
 }  // namespace hx

@@ -56,8 +56,8 @@ bool aligned(const void* p, size_t a) { return (reinterpret_cast<uintptr_t>(p) %
 
 }  // namespace
 
-void kv_append_launch(const float* k, const float* v, __nv_bfloat16* kc, __nv_bfloat16* vc,
-                      const int32_t* slot_pos, int n, int nk, int d, int cap, cudaStream_t stream) {
+void kv_append_launch(const float* k, const float* v, __nv_bfloat16* kc, __nv_bfloat16* vc, const int32_t* slot_pos,
+                      int n, int nk, int d, int cap, cudaStream_t stream) {
   if (n < 0 || nk <= 0 || d <= 0 || cap <= 0)
     throw std::invalid_argument("kv_append: bad sizes n=" + std::to_string(n) + " nk=" + std::to_string(nk) +
                                 " d=" + std::to_string(d) + " cap=" + std::to_string(cap));

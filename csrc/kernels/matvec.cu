@@ -30,8 +30,10 @@ __device__ __forceinline__ float float_elem(const uint8_t* row, int j) {
     return v;
   } else {
     const uint32_t h = (uint32_t)row[2 * (size_t)j] | ((uint32_t)row[2 * (size_t)j + 1] << 8);
-    if constexpr (T == GgmlType::F16) return quant::half_float(h);
-    else return quant::bits_float(h << 16);
+    if constexpr (T == GgmlType::F16)
+      return quant::half_float(h);
+    else
+      return quant::bits_float(h << 16);
   }
 }
 
@@ -87,7 +89,7 @@ struct GridCtx {
 
 template <int U>
 __global__ void __launch_bounds__(256) quantize_x_kernel(const float* __restrict__ x, int ntok, int k,
-                                                          uint8_t* __restrict__ out) {
+                                                      uint8_t* __restrict__ out) {
   pdl_begin();
   const size_t n = (size_t)ntok * k;
   int8_t* xq[matvec::dp4a::kMaxTerms];
@@ -135,8 +137,8 @@ void matvec_launch(GgmlType type, const void* w, const float* x, float* y, int n
   if (n_out < 1 || k < 1) bad("n_out and k must be positive");
   const int qk = block_elems(type);
   if (k % qk != 0)
-    bad(std::string("k=") + std::to_string(k) + " is not a multiple of the " + type_name(type) +
-        " block size " + std::to_string(qk));
+    bad(std::string("k=") + std::to_string(k) + " is not a multiple of the " + type_name(type) + " block size " +
+        std::to_string(qk));
   if (!w || !x || !y) bad("null pointer");
 
   matvec::Args a;
@@ -153,8 +155,8 @@ void matvec_launch(GgmlType type, const void* w, const float* x, float* y, int n
   a.int8_x = options.int8_activations ? (options.precise ? 2 : 1) : 0;
   a.static_w = options.static_weights ? 1 : 0;
   a.xq = nullptr;
-  a.x_scratch = options.int8_activations && options.x_scratch != nullptr ? static_cast<uint8_t*>(options.x_scratch)
-                                                                         : nullptr;
+  a.x_scratch =
+      options.int8_activations && options.x_scratch != nullptr ? static_cast<uint8_t*>(options.x_scratch) : nullptr;
   if (a.x_scratch && !aligned16(a.x_scratch)) bad("x_scratch must be 16-byte aligned");
   a.nsteps = 0;
 
@@ -171,13 +173,9 @@ void matvec_launch(GgmlType type, const void* w, const float* x, float* y, int n
 
   const int device = current_device();
   const int sms = device_sm_count(device);
-#define HX_CASE(T)                                                             \
-  case GgmlType::T:                                                            \
-    matvec::run<GgmlType::T>(a, device, sms, stream);                          \
-    return;
-  switch (type) {
-    HX_FOR_EACH_GGML_TYPE(HX_CASE)
-  }
+#define HX_CASE(T) \
+  case GgmlType::T: matvec::run<GgmlType::T>(a, device, sms, stream); return;
+  switch (type) { HX_FOR_EACH_GGML_TYPE(HX_CASE) }
 #undef HX_CASE
   bad("unsupported GGML type");
 }

@@ -152,7 +152,8 @@ Plan plan(const Args& a, int sms, const int (&resident)[4]) {
     const bool full = 4 * fill >= 3 * capacity;
     const long rounds = (p.blocks + conc - 1) / conc;
     const double cost = (double)rounds * ((a.nsteps + w - 1) / w + 0.3);
-    const bool better = best_fill < 0 || (full && !best_full) || (full == best_full && (full ? cost < best : fill > best_fill));
+    const bool better =
+        best_fill < 0 || (full && !best_full) || (full == best_full && (full ? cost < best : fill > best_fill));
     if (better) {
       best = cost;
       best_fill = fill;
@@ -182,9 +183,7 @@ struct DeviceCtx {
         : "l"(p));
     return r;
   }
-  __device__ __forceinline__ float4 ld_x(const float* p) const {
-    return __ldg(reinterpret_cast<const float4*>(p));
-  }
+  __device__ __forceinline__ float4 ld_x(const float* p) const { return __ldg(reinterpret_cast<const float4*>(p)); }
   __device__ __forceinline__ int nblocks() const { return gridDim.x; }
   // Wait for the previous kernel of the stream (launch.cuh); before this the
   // CTA reads nothing but static weights.
@@ -226,8 +225,14 @@ __host__ __device__ __forceinline__ void pass_dot(const Ctx& ctx, const uint8_t*
       const bool on = NT == 1 || t < ntok;
       const float4 p = on ? ctx.ld_x(xp + (size_t)t * k + e0) : make_float4(0.f, 0.f, 0.f, 0.f);
       const float4 q = on && has1 ? ctx.ld_x(xp + (size_t)t * k + e1) : make_float4(0.f, 0.f, 0.f, 0.f);
-      xv[t][i][0] = p.x; xv[t][i][1] = p.y; xv[t][i][2] = p.z; xv[t][i][3] = p.w;
-      xv[t][i][4] = q.x; xv[t][i][5] = q.y; xv[t][i][6] = q.z; xv[t][i][7] = q.w;
+      xv[t][i][0] = p.x;
+      xv[t][i][1] = p.y;
+      xv[t][i][2] = p.z;
+      xv[t][i][3] = p.w;
+      xv[t][i][4] = q.x;
+      xv[t][i][5] = q.y;
+      xv[t][i][6] = q.z;
+      xv[t][i][7] = q.w;
     }
   }
   if constexpr (is_float_type(T)) {
@@ -236,8 +241,10 @@ __host__ __device__ __forceinline__ void pass_dot(const Ctx& ctx, const uint8_t*
     for (int r = 0; r < R; ++r) {
       float wv[8];
       B::run4(src[r], B::elem0(ub), wv);
-      if (v1) B::run4(src[r], B::elem1(ub), wv + 4);
-      else wv[4] = wv[5] = wv[6] = wv[7] = 0.f;
+      if (v1)
+        B::run4(src[r], B::elem1(ub), wv + 4);
+      else
+        wv[4] = wv[5] = wv[6] = wv[7] = 0.f;
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
         float s = acc[r][t];
@@ -280,8 +287,8 @@ template <GgmlType T, int NT, class Ctx>
 __host__ __device__ __forceinline__ void matvec_cta(const Args& a, const Ctx& ctx) {
   using B = quant::Block<T>;
   using C = Config<T, NT>;
-  constexpr int R = C::R, P = C::P, PB = C::PB, SB = C::SB, NSEG = C::NSEG, SLOTS = C::SLOTS,
-                LOADS = C::LOADS, U = C::U;
+  constexpr int R = C::R, P = C::P, PB = C::PB, SB = C::SB, NSEG = C::NSEG, SLOTS = C::SLOTS, LOADS = C::LOADS,
+                U = C::U;
   static_assert(P % U == 0, "a step holds whole groups of U passes");
   const int lane = ctx.lane(), warp = ctx.warp(), nwarps = ctx.nwarps();
   uint4* stage = ctx.smem + warp * SLOTS;
@@ -303,8 +310,7 @@ __host__ __device__ __forceinline__ void matvec_cta(const Args& a, const Ctx& ct
   for (int j = 0; j < LOADS; ++j) {
     const int idx = lane + 32 * j;
     const int r = std::min(idx / NSEG, R - 1);
-    const uintptr_t rp =
-        reinterpret_cast<uintptr_t>(a.w + (size_t)std::min(row0 + r, a.n_out - 1) * a.row_bytes);
+    const uintptr_t rp = reinterpret_cast<uintptr_t>(a.w + (size_t)std::min(row0 + r, a.n_out - 1) * a.row_bytes);
     slot_base[j] = reinterpret_cast<const uint8_t*>(rp & ~uintptr_t(15));
     slot_mis[j] = (uint32_t)(rp & 15);
     slot_off[j] = 16u * (uint32_t)(idx - (idx / NSEG) * NSEG);
@@ -346,8 +352,7 @@ __host__ __device__ __forceinline__ void matvec_cta(const Args& a, const Ctx& ct
         const uint8_t* src[R];
 #pragma unroll
         for (int r = 0; r < R; ++r)
-          src[r] = reinterpret_cast<const uint8_t*>(stage + r * NSEG) + ((row_mis[r] + off) & 15) +
-                   (g * U + sub) * PB;
+          src[r] = reinterpret_cast<const uint8_t*>(stage + r * NSEG) + ((row_mis[r] + off) & 15) + (g * U + sub) * PB;
         pass_dot<T, NT, R, U>(ctx, src, a.x + ebase, ub, a.k, a.ntok, ebase, acc);
       }
     }
@@ -408,8 +413,7 @@ int dp4a_blocks(const Args& a, int device, int sms, int warps, size_t smem) {
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit[0], matvec_dp4a_kernel<T, NT, U>, dp4a::kWarps * 32, 0) !=
         cudaSuccess)
       fit[0] = 1;
-    if (cudaDeviceGetAttribute(&fit[1], cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess)
-      fit[1] = 0;
+    if (cudaDeviceGetAttribute(&fit[1], cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess) fit[1] = 0;
     (void)cudaGetLastError();
     if (device >= 0 && device < kDevices) {
       table[device][0] = fit[0];
@@ -432,12 +436,12 @@ const int (&resident_ctas(int device))[4] {
   static int table[kDevices][4];
   static std::atomic<bool> ready[kDevices];
   static thread_local int local[4];
-  int(&r)[4] = device >= 0 && device < kDevices ? table[device] : local;
+  int (&r)[4] = device >= 0 && device < kDevices ? table[device] : local;
   if (device >= 0 && device < kDevices && ready[device].load(std::memory_order_acquire)) return r;
   for (int i = 0; i < 4; ++i) {
     int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, matvec_kernel<T, NT>, 32 << i,
-                                                      smem_bytes<T, NT>(1 << i)) != cudaSuccess)
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, matvec_kernel<T, NT>, 32 << i, smem_bytes<T, NT>(1 << i)) !=
+        cudaSuccess)
       n = 0;
     r[i] = n;
   }
@@ -466,9 +470,11 @@ void launch_nt(const Args& in, int device, int sms, cudaStream_t stream) {
         stage = 0;
       }
       if (terms == 2)
-        launch_overlapped(matvec_dp4a_kernel<T, NT, 2>, dp4a_blocks<T, NT, 2>(a, device, sms, warps, stage), dim3(32, warps), stage, stream, a);
+        launch_overlapped(matvec_dp4a_kernel<T, NT, 2>, dp4a_blocks<T, NT, 2>(a, device, sms, warps, stage),
+                          dim3(32, warps), stage, stream, a);
       else
-        launch_overlapped(matvec_dp4a_kernel<T, NT, 1>, dp4a_blocks<T, NT, 1>(a, device, sms, warps, stage), dim3(32, warps), stage, stream, a);
+        launch_overlapped(matvec_dp4a_kernel<T, NT, 1>, dp4a_blocks<T, NT, 1>(a, device, sms, warps, stage),
+                          dim3(32, warps), stage, stream, a);
       HX_CUDA_CHECK(cudaGetLastError());
       return;
     }
@@ -481,10 +487,14 @@ void launch_nt(const Args& in, int device, int sms, cudaStream_t stream) {
 // Entry for one type; `a` is validated by the caller.
 template <GgmlType T>
 void run(const Args& a, int device, int sms, cudaStream_t stream) {
-  if (a.ntok <= 1) launch_nt<T, 1>(a, device, sms, stream);
-  else if (a.ntok == 2) launch_nt<T, 2>(a, device, sms, stream);
-  else if (a.ntok <= 4) launch_nt<T, 4>(a, device, sms, stream);
-  else launch_nt<T, 8>(a, device, sms, stream);
+  if (a.ntok <= 1)
+    launch_nt<T, 1>(a, device, sms, stream);
+  else if (a.ntok == 2)
+    launch_nt<T, 2>(a, device, sms, stream);
+  else if (a.ntok <= 4)
+    launch_nt<T, 4>(a, device, sms, stream);
+  else
+    launch_nt<T, 8>(a, device, sms, stream);
 }
 
 #ifndef HX_MATVEC_NO_EXTERN

@@ -48,15 +48,15 @@ __global__ void penalty_reset_batch_kernel(const int32_t* __restrict__ slots, in
 
 void check_sizes(const char* what, int n, int max_slots, int vocab) {
   if (n < 0 || max_slots < 0 || vocab <= 0)
-    throw std::invalid_argument(std::string(what) + ": need n >= 0, max_slots >= 0 and vocab > 0, got n = " +
-                                std::to_string(n) + ", max_slots = " + std::to_string(max_slots) +
-                                ", vocab = " + std::to_string(vocab));
+    throw std::invalid_argument(std::string(what) +
+                                ": need n >= 0, max_slots >= 0 and vocab > 0, got n = " + std::to_string(n) +
+                                ", max_slots = " + std::to_string(max_slots) + ", vocab = " + std::to_string(vocab));
 }
 
 }  // namespace
 
-void penalty_update_batch_launch(const int32_t* tokens, const int32_t* slots, int n, int32_t* present,
-                                 int32_t* counts, int max_slots, int vocab, cudaStream_t stream) {
+void penalty_update_batch_launch(const int32_t* tokens, const int32_t* slots, int n, int32_t* present, int32_t* counts,
+                                 int max_slots, int vocab, cudaStream_t stream) {
   check_sizes("penalty_update_batch", n, max_slots, vocab);
   if (n == 0 || max_slots == 0) return;
   const int threads = 256;
@@ -70,7 +70,8 @@ void penalty_reset_batch_launch(const int32_t* slots, int n, int32_t* present, i
                                 int vocab, cudaStream_t stream) {
   check_sizes("penalty_reset_batch", n, max_slots, vocab);
   if (n == 0 || max_slots == 0) return;
-  if (n > 65535) throw std::invalid_argument("penalty_reset_batch: at most 65535 slots per call, got " + std::to_string(n));
+  if (n > 65535)
+    throw std::invalid_argument("penalty_reset_batch: at most 65535 slots per call, got " + std::to_string(n));
   const int threads = 256;
   int blocks = (vocab / 4 + threads - 1) / threads;
   blocks = blocks < 1 ? 1 : (blocks > 64 ? 64 : blocks);

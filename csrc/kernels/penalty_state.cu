@@ -11,9 +11,8 @@
 
 namespace hx {
 
-static __global__ void penalty_update_kernel(const int32_t* __restrict__ tokens, int n,
-                                             int32_t* __restrict__ present, int32_t* __restrict__ counts,
-                                             int vocab) {
+static __global__ void penalty_update_kernel(const int32_t* __restrict__ tokens, int n, int32_t* __restrict__ present,
+                                             int32_t* __restrict__ counts, int vocab) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
     const int32_t t = tokens[i];
     if (t < 0 || t >= vocab) continue;
@@ -32,9 +31,9 @@ void penalty_update_launch(const int32_t* tokens, int n, int32_t* present, int32
 }
 
 static __global__ void gather_penalty_rows_kernel(const int32_t* __restrict__ present,
-                                                  const int32_t* __restrict__ counts,
-                                                  const int32_t* __restrict__ slots, int vocab, int n_slots,
-                                                  int32_t* __restrict__ present_out, int32_t* __restrict__ counts_out) {
+                                                  const int32_t* __restrict__ counts, const int32_t* __restrict__ slots,
+                                                  int vocab, int n_slots, int32_t* __restrict__ present_out,
+                                                  int32_t* __restrict__ counts_out) {
   const int slot = slots[blockIdx.y];
   const bool valid = slot >= 0 && slot < n_slots;
   const size_t src = (size_t)(valid ? slot : 0) * vocab;
@@ -50,8 +49,8 @@ void gather_penalty_rows_launch(const int32_t* present, const int32_t* counts, c
   if (m <= 0 || vocab <= 0) return;
   const int threads = 256;
   const int cols = (vocab + threads - 1) / threads < 64 ? (vocab + threads - 1) / threads : 64;
-  gather_penalty_rows_kernel<<<dim3(cols, m), threads, 0, stream>>>(present, counts, slots, vocab, n_slots,
-                                                                    present_out, counts_out);
+  gather_penalty_rows_kernel<<<dim3(cols, m), threads, 0, stream>>>(present, counts, slots, vocab, n_slots, present_out,
+                                                                    counts_out);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 

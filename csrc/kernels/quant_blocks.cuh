@@ -69,9 +69,7 @@ HXQ_INLINE float bits_float(uint32_t b) {
 #endif
 }
 
-HXQ_INLINE float half_float(uint32_t h) {
-  return __half2float(__ushort_as_half(static_cast<unsigned short>(h)));
-}
+HXQ_INLINE float half_float(uint32_t h) { return __half2float(__ushort_as_half(static_cast<unsigned short>(h))); }
 
 // Loads at the alignment the caller guarantees (2 or 4 bytes).
 HXQ_INLINE uint32_t ld_u8(const uint8_t* p) { return *p; }
@@ -487,22 +485,32 @@ struct FloatBlock {
   HXQ_INLINE static void run4(const uint8_t* pass, int e, float v[4]) {
     if constexpr (T == GgmlType::F32) {
       const float4 f = *reinterpret_cast<const float4*>(pass + 4 * e);
-      v[0] = f.x; v[1] = f.y; v[2] = f.z; v[3] = f.w;
+      v[0] = f.x;
+      v[1] = f.y;
+      v[2] = f.z;
+      v[3] = f.w;
     } else {
       const uint2 h = *reinterpret_cast<const uint2*>(pass + 2 * e);
       if constexpr (T == GgmlType::F16) {
-        v[0] = half_float(h.x & 0xffff); v[1] = half_float(h.x >> 16);
-        v[2] = half_float(h.y & 0xffff); v[3] = half_float(h.y >> 16);
+        v[0] = half_float(h.x & 0xffff);
+        v[1] = half_float(h.x >> 16);
+        v[2] = half_float(h.y & 0xffff);
+        v[3] = half_float(h.y >> 16);
       } else {
-        v[0] = bits_float(h.x << 16); v[1] = bits_float(h.x & 0xffff0000u);
-        v[2] = bits_float(h.y << 16); v[3] = bits_float(h.y & 0xffff0000u);
+        v[0] = bits_float(h.x << 16);
+        v[1] = bits_float(h.x & 0xffff0000u);
+        v[2] = bits_float(h.y << 16);
+        v[3] = bits_float(h.y & 0xffff0000u);
       }
     }
   }
 };
-template <> struct Block<GgmlType::F32> : FloatBlock<GgmlType::F32> {};
-template <> struct Block<GgmlType::F16> : FloatBlock<GgmlType::F16> {};
-template <> struct Block<GgmlType::BF16> : FloatBlock<GgmlType::BF16> {};
+template <>
+struct Block<GgmlType::F32> : FloatBlock<GgmlType::F32> {};
+template <>
+struct Block<GgmlType::F16> : FloatBlock<GgmlType::F16> {};
+template <>
+struct Block<GgmlType::BF16> : FloatBlock<GgmlType::BF16> {};
 
 // Bytes of one pass of a row (256 elements).
 template <GgmlType T>
@@ -593,8 +601,10 @@ HXQ_INLINE void units_dot(const QUnit (&q)[U], const float (&xv)[NT][U][8], cons
           s0 = fmaf(xv[t][i][j], byte_value<B::Z>(q[i].u0, j), s0);
           s1 = fmaf(xv[t][i][j + 4], byte_value<B::Z>(q[i].u1, j), s1);
         }
-      if constexpr (B::SAME_SCALE) acc[t] = fmaf(q[0].a0, s0 + s1, acc[t]);
-      else acc[t] = fmaf(q[0].a1, s1, fmaf(q[0].a0, s0, acc[t]));
+      if constexpr (B::SAME_SCALE)
+        acc[t] = fmaf(q[0].a0, s0 + s1, acc[t]);
+      else
+        acc[t] = fmaf(q[0].a1, s1, fmaf(q[0].a0, s0, acc[t]));
     }
   } else {
     constexpr float kBias = 128.0f + (float)B::Z;

@@ -41,7 +41,10 @@ __global__ void add_rms_norm_kernel(float* __restrict__ residual, const float* _
       float4 v = r4[i];
       if (d4) {
         const float4 e = d4[i];
-        v.x += e.x; v.y += e.y; v.z += e.z; v.w += e.w;
+        v.x += e.x;
+        v.y += e.y;
+        v.z += e.z;
+        v.w += e.w;
         r4[i] = v;
       }
       ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
@@ -86,10 +89,11 @@ __global__ void add_rms_norm_kernel(float* __restrict__ residual, const float* _
 // the reduction and the output, every load (residual, delta, weight) is
 // issued before the reduction waits, and the residual is read once.
 template <int NV>
-__global__ void __launch_bounds__(256)
-add_rms_norm_reg_kernel(float* __restrict__ residual, const float* __restrict__ delta,
-                        const float* __restrict__ weight, float eps, float* __restrict__ out_f32,
-                        __nv_bfloat16* __restrict__ out_bf16, int h) {
+__global__ void __launch_bounds__(256) add_rms_norm_reg_kernel(float* __restrict__ residual,
+                                                            const float* __restrict__ delta,
+                                                            const float* __restrict__ weight, float eps,
+                                                            float* __restrict__ out_f32,
+                                                            __nv_bfloat16* __restrict__ out_bf16, int h) {
   pdl_begin();
   __shared__ float scratch[32];
   const size_t row = blockIdx.x;
@@ -110,7 +114,10 @@ add_rms_norm_reg_kernel(float* __restrict__ residual, const float* __restrict__ 
       const int i = threadIdx.x + j * blockDim.x;
       if (i < nv) {
         const float4 e = d4[i];
-        v[j].x += e.x; v[j].y += e.y; v[j].z += e.z; v[j].w += e.w;
+        v[j].x += e.x;
+        v[j].y += e.y;
+        v[j].z += e.z;
+        v[j].w += e.w;
         r4[i] = v[j];
       }
     }
@@ -124,8 +131,8 @@ add_rms_norm_reg_kernel(float* __restrict__ residual, const float* __restrict__ 
   for (int j = 0; j < NV; ++j) {
     const int i = threadIdx.x + j * blockDim.x;
     if (i >= nv) break;
-    const float4 y = make_float4(v[j].x * inv * w[j].x, v[j].y * inv * w[j].y, v[j].z * inv * w[j].z,
-                                 v[j].w * inv * w[j].w);
+    const float4 y =
+        make_float4(v[j].x * inv * w[j].x, v[j].y * inv * w[j].y, v[j].z * inv * w[j].z, v[j].w * inv * w[j].w);
     if (out_f32) reinterpret_cast<float4*>(out_f32 + row * h)[i] = y;
     if (out_bf16) {
       __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(out_bf16 + row * h) + 2 * i;
@@ -135,8 +142,8 @@ add_rms_norm_reg_kernel(float* __restrict__ residual, const float* __restrict__ 
   }
 }
 
-__global__ void head_rms_norm_kernel(float* __restrict__ x, const float* __restrict__ weight, float eps,
-                                     int rows, int d) {
+__global__ void head_rms_norm_kernel(float* __restrict__ x, const float* __restrict__ weight, float eps, int rows,
+                                     int d) {
   pdl_begin();
   const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
@@ -158,9 +165,8 @@ void add_rms_norm_launch(float* residual, const float* delta, const float* weigh
   if (n < 0 || h <= 0)
     throw std::invalid_argument("add_rms_norm: bad sizes n=" + std::to_string(n) + " h=" + std::to_string(h));
   if (n == 0) return;
-  const bool vec = h % 4 == 0 && aligned(residual, 16) && (!delta || aligned(delta, 16)) &&
-                   aligned(weight, 16) && (!out_f32 || aligned(out_f32, 16)) &&
-                   (!out_bf16 || aligned(out_bf16, 8));
+  const bool vec = h % 4 == 0 && aligned(residual, 16) && (!delta || aligned(delta, 16)) && aligned(weight, 16) &&
+                   (!out_f32 || aligned(out_f32, 16)) && (!out_bf16 || aligned(out_bf16, 8));
   if (vec && h / 4 <= 8 * 256) {
     // Register path: up to 256 threads (more only add reduction steps), as
     // few float4 per thread as that allows.
@@ -168,7 +174,7 @@ void add_rms_norm_launch(float* residual, const float* delta, const float* weigh
     const int per = nv <= 256 ? 1 : (nv <= 512 ? 2 : (nv <= 1024 ? 4 : 8));
     int threads = ((nv + per - 1) / per + 31) / 32 * 32;
     threads = threads < 32 ? 32 : threads;
-    auto kernel = per == 1 ? add_rms_norm_reg_kernel<1>
+    auto kernel = per == 1   ? add_rms_norm_reg_kernel<1>
                   : per == 2 ? add_rms_norm_reg_kernel<2>
                   : per == 4 ? add_rms_norm_reg_kernel<4>
                              : add_rms_norm_reg_kernel<8>;
@@ -181,17 +187,18 @@ void add_rms_norm_launch(float* residual, const float* delta, const float* weigh
   int threads = ((work + 3) / 4 + 31) / 32 * 32;
   threads = threads < 32 ? 32 : (threads > 1024 ? 1024 : threads);
   if (vec)
-    launch_overlapped(add_rms_norm_kernel<true>, n, threads, 0, stream, residual, delta, weight, eps, out_f32, out_bf16, h);
+    launch_overlapped(add_rms_norm_kernel<true>, n, threads, 0, stream, residual, delta, weight, eps, out_f32, out_bf16,
+                      h);
   else
-    launch_overlapped(add_rms_norm_kernel<false>, n, threads, 0, stream, residual, delta, weight, eps, out_f32, out_bf16, h);
+    launch_overlapped(add_rms_norm_kernel<false>, n, threads, 0, stream, residual, delta, weight, eps, out_f32,
+                      out_bf16, h);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 
-void head_rms_norm_launch(float* x, const float* weight, float eps, int n, int heads, int d,
-                          cudaStream_t stream) {
+void head_rms_norm_launch(float* x, const float* weight, float eps, int n, int heads, int d, cudaStream_t stream) {
   if (n < 0 || heads <= 0 || d <= 0)
-    throw std::invalid_argument("head_rms_norm: bad sizes n=" + std::to_string(n) + " heads=" +
-                                std::to_string(heads) + " d=" + std::to_string(d));
+    throw std::invalid_argument("head_rms_norm: bad sizes n=" + std::to_string(n) + " heads=" + std::to_string(heads) +
+                                " d=" + std::to_string(d));
   const int rows = n * heads;
   if (rows == 0) return;
   const int warps = 8;

@@ -15,7 +15,7 @@ void add_rms_norm_launch(float* residual /*[n, h] in/out*/, const float* delta /
                          __nv_bfloat16* out_bf16 /*[n, h] or nullptr*/, int n, int h, cudaStream_t stream);
 
 // In place, per (token, head) row of d values: x = x * rsqrt(mean(x^2) + eps) * weight.
-void head_rms_norm_launch(float* x /*[n, heads, d] in place*/, const float* weight /*[d]*/, float eps, int n,
-                          int heads, int d, cudaStream_t stream);
+void head_rms_norm_launch(float* x /*[n, heads, d] in place*/, const float* weight /*[d]*/, float eps, int n, int heads,
+                          int d, cudaStream_t stream);
 
 }  // namespace hx

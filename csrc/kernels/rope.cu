@@ -73,8 +73,7 @@ void rope_impl(float* q, float* k, const int32_t* pos, const FT* inv_freq, int n
 
 // cos/sin of pos * inv_freq[i] for every position below len: the same
 // float64 sincos rounded once to float32 as rope_kernel<double> computes.
-__global__ void rope_table_kernel(const double* __restrict__ inv_freq, float2* __restrict__ table, int len,
-                                  int half) {
+__global__ void rope_table_kernel(const double* __restrict__ inv_freq, float2* __restrict__ table, int len, int half) {
   const int64_t total = (int64_t)len * half;
   for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total;
        idx += (int64_t)gridDim.x * blockDim.x) {
@@ -93,13 +92,12 @@ constexpr int kRopeKvWarps = 8;
 // lane-strided sum and rounding as head_rms_norm_kernel) and the rotation
 // at pos; k and v rows then go to the bf16 pool at slot_pos (skipped outside
 // [0, cap)).
-__global__ void __launch_bounds__(kRopeKvWarps * 32)
-rope_kv_kernel(float* __restrict__ q, float* __restrict__ k, const float* __restrict__ v,
-               __nv_bfloat16* __restrict__ kc, __nv_bfloat16* __restrict__ vc, const int32_t* __restrict__ pos,
-               const int32_t* __restrict__ slot_pos, const float2* __restrict__ table, int table_len,
-               const double* __restrict__ inv_freq,
-               const float* __restrict__ q_norm, const float* __restrict__ k_norm, float eps, int nq, int nk,
-               int d, int cap, RopeStyle style) {
+__global__ void __launch_bounds__(kRopeKvWarps * 32) rope_kv_kernel(
+    float* __restrict__ q, float* __restrict__ k, const float* __restrict__ v, __nv_bfloat16* __restrict__ kc,
+    __nv_bfloat16* __restrict__ vc, const int32_t* __restrict__ pos, const int32_t* __restrict__ slot_pos,
+    const float2* __restrict__ table, int table_len, const double* __restrict__ inv_freq,
+    const float* __restrict__ q_norm, const float* __restrict__ k_norm, float eps, int nq, int nk, int d, int cap,
+    RopeStyle style) {
   pdl_begin();
   const int t = blockIdx.x;
   const int head = blockIdx.y * kRopeKvWarps + (threadIdx.x >> 5);
@@ -184,11 +182,10 @@ void rope_table_launch(const double* inv_freq, float* table, int len, int d, cud
   HX_CUDA_CHECK(cudaGetLastError());
 }
 
-void rope_kv_append_launch(float* q, float* k, const float* v, __nv_bfloat16* kc, __nv_bfloat16* vc,
-                           const int32_t* pos, const int32_t* slot_pos, const float* table, int table_len,
-                           const double* inv_freq,
-                           const float* q_norm, const float* k_norm, float eps, int n, int nq, int nk, int d,
-                           int cap, RopeStyle style, cudaStream_t stream) {
+void rope_kv_append_launch(float* q, float* k, const float* v, __nv_bfloat16* kc, __nv_bfloat16* vc, const int32_t* pos,
+                           const int32_t* slot_pos, const float* table, int table_len, const double* inv_freq,
+                           const float* q_norm, const float* k_norm, float eps, int n, int nq, int nk, int d, int cap,
+                           RopeStyle style, cudaStream_t stream) {
   if (n < 0 || nq < 0 || nk <= 0 || d <= 0 || (d & 1) || cap <= 0 || table_len < 0)
     throw std::invalid_argument("rope_kv_append: bad sizes n=" + std::to_string(n) + " nq=" + std::to_string(nq) +
                                 " nk=" + std::to_string(nk) + " d=" + std::to_string(d) +

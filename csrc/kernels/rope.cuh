@@ -18,14 +18,12 @@ namespace hx {
 // float64 (as the CPU reference does), the rotation in float32. k may be
 // nullptr with nk = 0. d must be even.
 void rope_launch(float* q /*[n, nq, d]*/, float* k /*[n, nk, d]*/, const int32_t* pos /*[n] device*/,
-                 const float* inv_freq /*[d/2]*/, int n, int nq, int nk, int d, RopeStyle style,
-                 cudaStream_t stream);
+                 const float* inv_freq /*[d/2]*/, int n, int nq, int nk, int d, RopeStyle style, cudaStream_t stream);
 
 // Same, with the frequency table in float64: no rounding of the frequencies,
 // so angles at large positions match the float64 reference to the last bit.
 void rope_launch(float* q /*[n, nq, d]*/, float* k /*[n, nk, d]*/, const int32_t* pos /*[n] device*/,
-                 const double* inv_freq /*[d/2]*/, int n, int nq, int nk, int d, RopeStyle style,
-                 cudaStream_t stream);
+                 const double* inv_freq /*[d/2]*/, int n, int nq, int nk, int d, RopeStyle style, cudaStream_t stream);
 
 // table[p, i] = (cos, sin)(p * inv_freq[i]) for p < len, float64 angle and
 // sincos rounded once to float32 (the values rope_launch's float64 path uses).
@@ -44,8 +42,8 @@ void rope_table_launch(const double* inv_freq /*[d/2]*/, float* table /*[len, d/
 void rope_kv_append_launch(float* q /*[n, nq, d]*/, float* k /*[n, nk, d]*/, const float* v /*[n, nk, d]*/,
                            __nv_bfloat16* kc /*[nk, cap, d]*/, __nv_bfloat16* vc /*[nk, cap, d]*/,
                            const int32_t* pos /*[n] device*/, const int32_t* slot_pos /*[n] device*/,
-                           const float* table /*[table_len, d/2, 2] or nullptr*/,
-                           int table_len, const double* inv_freq /*[d/2]*/, const float* q_norm /*[d] or nullptr*/,
+                           const float* table /*[table_len, d/2, 2] or nullptr*/, int table_len,
+                           const double* inv_freq /*[d/2]*/, const float* q_norm /*[d] or nullptr*/,
                            const float* k_norm /*[d] or nullptr*/, float eps, int n, int nq, int nk, int d, int cap,
                            RopeStyle style, cudaStream_t stream);
 

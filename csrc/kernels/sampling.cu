@@ -82,9 +82,9 @@ __global__ void penalties_kernel(const float* __restrict__ logits, float* __rest
 
 // logits / out are not __restrict__: out may alias logits.
 __global__ void penalties_batch_kernel(const float* logits, float* out, int vocab,
-                                       const SamplingParamsDevice* __restrict__ params, const int32_t* __restrict__ slots,
-                                       const int32_t* __restrict__ present, const int32_t* __restrict__ counts,
-                                       int max_slots) {
+                                       const SamplingParamsDevice* __restrict__ params,
+                                       const int32_t* __restrict__ slots, const int32_t* __restrict__ present,
+                                       const int32_t* __restrict__ counts, int max_slots) {
   const int b = blockIdx.y;
   const size_t row = (size_t)b * vocab;
   const SamplingParamsDevice* p = params + b;
@@ -105,9 +105,7 @@ __global__ void penalties_batch_kernel(const float* logits, float* out, int voca
 // ------------------------------------------------------------------- argmax
 
 // (value, id) order: larger value first, then lower id.
-__device__ __forceinline__ bool better(float v, int i, float bv, int bi) {
-  return v > bv || (v == bv && i < bi);
-}
+__device__ __forceinline__ bool better(float v, int i, float bv, int bi) { return v > bv || (v == bv && i < bi); }
 
 __device__ __forceinline__ void warp_best(float& v, int& i) {
 #pragma unroll
@@ -174,7 +172,7 @@ __device__ __forceinline__ int argmax_row(const float* __restrict__ row, int voc
 
 // One block per row.
 __global__ void __launch_bounds__(1024) argmax_kernel(const float* __restrict__ logits, int vocab,
-                                                      int32_t* __restrict__ out) {
+                                                   int32_t* __restrict__ out) {
   __shared__ float sv[32];
   __shared__ int si[32];
   const int best = argmax_row(logits + (size_t)blockIdx.x * vocab, vocab, sv, si);
@@ -262,9 +260,10 @@ int prep_blocks(int vocab) {
   return b < 1 ? 1 : (b > kPrepMaxBlocks ? kPrepMaxBlocks : b);
 }
 
-__global__ void __launch_bounds__(kPrepThreads)
-sample_prep_kernel(const float* __restrict__ logits, int vocab, const SamplingParamsDevice* __restrict__ p,
-                   float* __restrict__ keys, int32_t* __restrict__ ids, Partial* __restrict__ parts) {
+__global__ void __launch_bounds__(kPrepThreads) sample_prep_kernel(const float* __restrict__ logits, int vocab,
+                                                                const SamplingParamsDevice* __restrict__ p,
+                                                                float* __restrict__ keys, int32_t* __restrict__ ids,
+                                                                Partial* __restrict__ parts) {
   __shared__ float fscratch[32];
   __shared__ double dscratch[32];
   const float T = p->temperature;
@@ -347,7 +346,8 @@ __device__ int find_first(int L, ValF val, PredF pred, ScanSmem& sm) {
 // positions, and find_first's scan adds a thread's kPer values as a group,
 // so a prefix counts only in whole groups.
 __device__ int finish_row(const float* keys, const int32_t* ids, int n_avail, const Partial* __restrict__ parts,
-                          int nparts, int vocab, const SamplingParamsDevice* __restrict__ p, int32_t step, ScanSmem& sm) {
+                          int nparts, int vocab, const SamplingParamsDevice* __restrict__ p, int32_t step,
+                          ScanSmem& sm) {
   const float T = p->temperature;
   const float top = keys[0];
   if (!(T > 0.f) || !isfinite(top)) {
@@ -407,22 +407,24 @@ __device__ int finish_row(const float* keys, const int32_t* ids, int n_avail, co
   }
   const double u = sample_uniform(p->seed, (uint64_t)(int64_t)step);
   const int lim = L < avail ? L : avail;
-  int j = find_first(
-      lim, [&](int i) { return (double)prob(i) / S; }, [&](int, double cum, double) { return cum > u; }, sm);
+  int j =
+      find_first(lim, [&](int i) { return (double)prob(i) / S; }, [&](int, double cum, double) { return cum > u; }, sm);
   if (j == lim) {
     if (lim < L) return -1;
     // u above the rounded total: the last candidate with nonzero probability.
-    const int z = find_first(
-        L, [&](int i) { return (double)prob(i); }, [&](int, double, double v) { return v == 0.0; }, sm);
+    const int z =
+        find_first(L, [&](int i) { return (double)prob(i); }, [&](int, double, double v) { return v == 0.0; }, sm);
     j = z > 0 ? z - 1 : 0;
   }
   return ids[j];
 }
 
-__global__ void __launch_bounds__(kFinThreads)
-sample_finish_kernel(const float* __restrict__ keys, const int32_t* __restrict__ ids,
-                     const Partial* __restrict__ parts, int nparts, int vocab, const SamplingParamsDevice* __restrict__ p,
-                     const int32_t* __restrict__ step, int32_t* __restrict__ out) {
+__global__ void __launch_bounds__(kFinThreads) sample_finish_kernel(const float* __restrict__ keys,
+                                                                 const int32_t* __restrict__ ids,
+                                                                 const Partial* __restrict__ parts, int nparts,
+                                                                 int vocab, const SamplingParamsDevice* __restrict__ p,
+                                                                 const int32_t* __restrict__ step,
+                                                                 int32_t* __restrict__ out) {
   __shared__ ScanSmem sm;
   const int tok = finish_row(keys, ids, vocab, parts, nparts, vocab, p, *step, sm);
   if (threadIdx.x == 0) *out = tok;
@@ -432,9 +434,10 @@ sample_finish_kernel(const float* __restrict__ keys, const int32_t* __restrict__
 
 // 1. Partials (as sample_prep_kernel, without keys) and, when asked, the
 // row's histogram of x. Grid (nparts, B); greedy rows have nothing to do.
-__global__ void __launch_bounds__(kPrepThreads)
-sample_batch_prep_kernel(const float* __restrict__ logits, int vocab, const SamplingParamsDevice* __restrict__ params,
-                         Partial* __restrict__ parts, uint32_t* __restrict__ hist, bool histogram) {
+__global__ void __launch_bounds__(kPrepThreads) sample_batch_prep_kernel(const float* __restrict__ logits, int vocab,
+                                                                      const SamplingParamsDevice* __restrict__ params,
+                                                                      Partial* __restrict__ parts,
+                                                                      uint32_t* __restrict__ hist, bool histogram) {
   __shared__ uint32_t h[kBuckets];
   __shared__ float fscratch[32];
   __shared__ double dscratch[32];
@@ -466,9 +469,10 @@ sample_batch_prep_kernel(const float* __restrict__ logits, int vocab, const Samp
 // values. thr[b] = the floor of its lowest bucket (x qualifies when
 // ord_of(x) >= thr[b]); expect[b] = how many values qualify (0: none, the row
 // goes to the full sort).
-__global__ void __launch_bounds__(kFinThreads)
-sample_batch_select_kernel(const SamplingParamsDevice* __restrict__ params, const uint32_t* __restrict__ hist,
-                           uint32_t* __restrict__ thr, int32_t* __restrict__ expect) {
+__global__ void __launch_bounds__(kFinThreads) sample_batch_select_kernel(const SamplingParamsDevice* __restrict__ params,
+                                                                       const uint32_t* __restrict__ hist,
+                                                                       uint32_t* __restrict__ thr,
+                                                                       int32_t* __restrict__ expect) {
   constexpr int kPerThread = kBuckets / kFinThreads;
   __shared__ uint32_t warp_tot[32];
   __shared__ int npos;
@@ -528,10 +532,10 @@ sample_batch_select_kernel(const SamplingParamsDevice* __restrict__ params, cons
 
 // 3. The candidates of each row as descending-sortable 64-bit keys:
 // (ord_of(x) << id_bits) | (id_mask - id). Grid (nparts, B).
-__global__ void __launch_bounds__(kPrepThreads)
-sample_batch_gather_kernel(const float* __restrict__ logits, int vocab, const SamplingParamsDevice* __restrict__ params,
-                           const uint32_t* __restrict__ thr, const int32_t* __restrict__ expect,
-                           int32_t* __restrict__ count, unsigned long long* __restrict__ cand, int id_bits) {
+__global__ void __launch_bounds__(kPrepThreads) sample_batch_gather_kernel(
+    const float* __restrict__ logits, int vocab, const SamplingParamsDevice* __restrict__ params,
+    const uint32_t* __restrict__ thr, const int32_t* __restrict__ expect, int32_t* __restrict__ count,
+    unsigned long long* __restrict__ cand, int id_bits) {
   const int b = blockIdx.y;
   const float T = params[b].temperature;
   if (!(T > 0.f) || expect[b] <= 0) return;
@@ -566,13 +570,12 @@ using CandSort = cub::BlockRadixSort<unsigned long long, kFinThreads, kSortItems
 // 4. Per row: greedy rows and rows without a finite x take the argmax; the
 // others sort their candidates and finish on them. Rows that need more are
 // marked for the full sort: segment [b * vocab, b * vocab + vocab), else empty.
-__global__ void __launch_bounds__(kFinThreads)
-sample_batch_prefix_kernel(const float* __restrict__ logits, int vocab, const SamplingParamsDevice* __restrict__ params,
-                           const int32_t* __restrict__ steps, const Partial* __restrict__ parts, int nparts,
-                           const int32_t* __restrict__ expect, const int32_t* __restrict__ count,
-                           const unsigned long long* __restrict__ cand, int id_bits, bool prefix,
-                           int32_t* __restrict__ seg_begin, int32_t* __restrict__ seg_end,
-                           int32_t* __restrict__ out, int32_t* __restrict__ sorted_in_full) {
+__global__ void __launch_bounds__(kFinThreads) sample_batch_prefix_kernel(
+    const float* __restrict__ logits, int vocab, const SamplingParamsDevice* __restrict__ params,
+    const int32_t* __restrict__ steps, const Partial* __restrict__ parts, int nparts,
+    const int32_t* __restrict__ expect, const int32_t* __restrict__ count, const unsigned long long* __restrict__ cand,
+    int id_bits, bool prefix, int32_t* __restrict__ seg_begin, int32_t* __restrict__ seg_end, int32_t* __restrict__ out,
+    int32_t* __restrict__ sorted_in_full) {
   __shared__ union {
     CandSort::TempStorage sort;
     struct {
@@ -650,10 +653,12 @@ sample_batch_prefix_kernel(const float* __restrict__ logits, int vocab, const Sa
 }
 
 // 5. Sort keys and ids of the rows marked for the full sort. Grid (nparts, B).
-__global__ void __launch_bounds__(kPrepThreads)
-sample_batch_keys_kernel(const float* __restrict__ logits, int vocab, const SamplingParamsDevice* __restrict__ params,
-                         const int32_t* __restrict__ seg_begin, const int32_t* __restrict__ seg_end,
-                         float* __restrict__ keys, int32_t* __restrict__ ids) {
+__global__ void __launch_bounds__(kPrepThreads) sample_batch_keys_kernel(const float* __restrict__ logits, int vocab,
+                                                                      const SamplingParamsDevice* __restrict__ params,
+                                                                      const int32_t* __restrict__ seg_begin,
+                                                                      const int32_t* __restrict__ seg_end,
+                                                                      float* __restrict__ keys,
+                                                                      int32_t* __restrict__ ids) {
   const int b = blockIdx.y;
   if (seg_end[b] <= seg_begin[b]) return;
   const float T = params[b].temperature;
@@ -665,12 +670,10 @@ sample_batch_keys_kernel(const float* __restrict__ logits, int vocab, const Samp
 }
 
 // 7. The single-row finish on each fully sorted row.
-__global__ void __launch_bounds__(kFinThreads)
-sample_batch_full_kernel(const float* __restrict__ keys, const int32_t* __restrict__ ids,
-                         const Partial* __restrict__ parts, int nparts, int vocab,
-                         const SamplingParamsDevice* __restrict__ params, const int32_t* __restrict__ steps,
-                         const int32_t* __restrict__ seg_begin, const int32_t* __restrict__ seg_end,
-                         int32_t* __restrict__ out) {
+__global__ void __launch_bounds__(kFinThreads) sample_batch_full_kernel(
+    const float* __restrict__ keys, const int32_t* __restrict__ ids, const Partial* __restrict__ parts, int nparts,
+    int vocab, const SamplingParamsDevice* __restrict__ params, const int32_t* __restrict__ steps,
+    const int32_t* __restrict__ seg_begin, const int32_t* __restrict__ seg_end, int32_t* __restrict__ out) {
   __shared__ ScanSmem sm;
   const int b = blockIdx.x;
   if (seg_end[b] <= seg_begin[b]) return;
@@ -707,9 +710,8 @@ struct SampleWs {
 SampleWs layout(int vocab, void* base) {
   SampleWs w{};
   size_t cub_bytes = 0;
-  HX_CUDA_CHECK(cub::DeviceRadixSort::SortPairsDescending(nullptr, cub_bytes, (const float*)nullptr,
-                                                          (float*)nullptr, (const int32_t*)nullptr,
-                                                          (int32_t*)nullptr, vocab));
+  HX_CUDA_CHECK(cub::DeviceRadixSort::SortPairsDescending(nullptr, cub_bytes, (const float*)nullptr, (float*)nullptr,
+                                                          (const int32_t*)nullptr, (int32_t*)nullptr, vocab));
   Carver c{static_cast<char*>(base)};
   w.keys_in = static_cast<float*>(c.take((size_t)vocab * sizeof(float)));
   w.keys_out = static_cast<float*>(c.take((size_t)vocab * sizeof(float)));
@@ -790,9 +792,11 @@ int id_bits_for(int vocab) {
 constexpr int kLpThreads = 512;
 
 // One block per row; row b's top list goes to out_ids / out_top + b * kMaxTopLogprobs.
-__global__ void __launch_bounds__(kLpThreads)
-logprobs_kernel(const float* __restrict__ logits_all, int vocab, int top_n, const int32_t* __restrict__ tokens,
-                float* __restrict__ out_lp, int32_t* __restrict__ out_ids_all, float* __restrict__ out_top_all) {
+__global__ void __launch_bounds__(kLpThreads) logprobs_kernel(const float* __restrict__ logits_all, int vocab, int top_n,
+                                                           const int32_t* __restrict__ tokens,
+                                                           float* __restrict__ out_lp,
+                                                           int32_t* __restrict__ out_ids_all,
+                                                           float* __restrict__ out_top_all) {
   constexpr int N = kMaxTopLogprobs;
   __shared__ float fscratch[32];
   __shared__ double dscratch[32];
@@ -863,7 +867,8 @@ logprobs_kernel(const float* __restrict__ logits_all, int vocab, int top_n, cons
 }
 
 void check_vocab(const char* what, int vocab) {
-  if (vocab <= 0) throw std::invalid_argument(std::string(what) + ": vocab must be positive, got " + std::to_string(vocab));
+  if (vocab <= 0)
+    throw std::invalid_argument(std::string(what) + ": vocab must be positive, got " + std::to_string(vocab));
 }
 
 void check_rows(const char* what, int B, int vocab) {
@@ -924,8 +929,8 @@ size_t sample_workspace_bytes(int vocab) {
   return layout(vocab, nullptr).total;
 }
 
-void sample_launch(const float* logits, int vocab, const SamplingParamsDevice* p, const int32_t* step, int32_t* out_token,
-                   void* workspace, size_t ws_bytes, cudaStream_t stream) {
+void sample_launch(const float* logits, int vocab, const SamplingParamsDevice* p, const int32_t* step,
+                   int32_t* out_token, void* workspace, size_t ws_bytes, cudaStream_t stream) {
   check_vocab("sample", vocab);
   const SampleWs w = layout(vocab, workspace);
   if (workspace == nullptr || ws_bytes < w.total)
@@ -956,9 +961,9 @@ size_t sample_batch_workspace_bytes(int B, int vocab) {
   return B == 0 ? 0 : batch_layout(B, vocab, nullptr).total;
 }
 
-void sample_batch_launch(const float* logits, int B, int vocab, const SamplingParamsDevice* params, const int32_t* steps,
-                         int32_t* out, void* workspace, size_t ws_bytes, cudaStream_t stream, bool candidate_prefix,
-                         int32_t* sorted_in_full) {
+void sample_batch_launch(const float* logits, int B, int vocab, const SamplingParamsDevice* params,
+                         const int32_t* steps, int32_t* out, void* workspace, size_t ws_bytes, cudaStream_t stream,
+                         bool candidate_prefix, int32_t* sorted_in_full) {
   check_sample_batch(B, vocab);
   if (B == 0) return;
   const SampleBatchWs w = batch_layout(B, vocab, workspace);
@@ -975,8 +980,8 @@ void sample_batch_launch(const float* logits, int B, int vocab, const SamplingPa
   if (candidate_prefix) {
     sample_batch_select_kernel<<<B, kFinThreads, 0, stream>>>(params, w.hist, w.thr, w.expect);
     HX_CUDA_CHECK(cudaGetLastError());
-    sample_batch_gather_kernel<<<row_grid, kPrepThreads, 0, stream>>>(logits, vocab, params, w.thr, w.expect,
-                                                                      w.count, w.cand, id_bits);
+    sample_batch_gather_kernel<<<row_grid, kPrepThreads, 0, stream>>>(logits, vocab, params, w.thr, w.expect, w.count,
+                                                                      w.cand, id_bits);
     HX_CUDA_CHECK(cudaGetLastError());
   }
   sample_batch_prefix_kernel<<<B, kFinThreads, 0, stream>>>(logits, vocab, params, steps, w.parts, nb, w.expect,
@@ -990,9 +995,9 @@ void sample_batch_launch(const float* logits, int B, int vocab, const SamplingPa
   cub::DoubleBuffer<float> keys(w.keys[0], w.keys[1]);
   cub::DoubleBuffer<int32_t> ids(w.ids[0], w.ids[1]);
   size_t cub_bytes = w.cub_bytes;
-  HX_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
-      w.cub_tmp, cub_bytes, keys, ids, B * vocab, B, (const int32_t*)w.seg_begin, (const int32_t*)w.seg_end, 0, 32,
-      stream));
+  HX_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(w.cub_tmp, cub_bytes, keys, ids, B * vocab, B,
+                                                                   (const int32_t*)w.seg_begin,
+                                                                   (const int32_t*)w.seg_end, 0, 32, stream));
   sample_batch_full_kernel<<<B, kFinThreads, 0, stream>>>(keys.Current(), ids.Current(), w.parts, nb, vocab, params,
                                                           steps, w.seg_begin, w.seg_end, out);
   HX_CUDA_CHECK(cudaGetLastError());
@@ -1006,8 +1011,8 @@ void logprobs_launch(const float* logits, int vocab, int top_n, const int32_t* t
   HX_CUDA_CHECK(cudaGetLastError());
 }
 
-void logprobs_batch_launch(const float* logits, int B, int vocab, int top_n, const int32_t* tokens,
-                           float* out_logprob, int32_t* out_top_ids, float* out_top_lp, cudaStream_t stream) {
+void logprobs_batch_launch(const float* logits, int B, int vocab, int top_n, const int32_t* tokens, float* out_logprob,
+                           int32_t* out_top_ids, float* out_top_lp, cudaStream_t stream) {
   check_rows("logprobs_batch", B, vocab);
   check_top_n(top_n, out_top_ids, out_top_lp);
   if (B == 0) return;

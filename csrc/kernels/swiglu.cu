@@ -19,8 +19,7 @@ namespace {
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 __global__ void swiglu_vec_kernel(const float4* __restrict__ gate, const float4* __restrict__ up,
-                                  float4* __restrict__ out_f32, __nv_bfloat162* __restrict__ out_bf16,
-                                  int64_t n4) {
+                                  float4* __restrict__ out_f32, __nv_bfloat162* __restrict__ out_bf16, int64_t n4) {
   pdl_begin();
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n4; i += (int64_t)gridDim.x * blockDim.x) {
     const float4 g = gate[i], u = up[i];
@@ -55,8 +54,8 @@ int grid_for(int64_t work, int threads) {
 
 }  // namespace
 
-void swiglu_rows_launch(const float* gate, const float* up, int64_t ld, float* out_f32, __nv_bfloat16* out_bf16,
-                        int n, int f, cudaStream_t stream) {
+void swiglu_rows_launch(const float* gate, const float* up, int64_t ld, float* out_f32, __nv_bfloat16* out_bf16, int n,
+                        int f, cudaStream_t stream) {
   if (n < 0 || f <= 0 || ld < f)
     throw std::invalid_argument("swiglu: bad sizes n=" + std::to_string(n) + " f=" + std::to_string(f) +
                                 " ld=" + std::to_string(ld));
@@ -66,10 +65,11 @@ void swiglu_rows_launch(const float* gate, const float* up, int64_t ld, float* o
   if (ld == f && total % 4 == 0 && aligned(gate, 16) && aligned(up, 16) && (!out_f32 || aligned(out_f32, 16)) &&
       (!out_bf16 || aligned(out_bf16, 8))) {
     launch_overlapped(swiglu_vec_kernel, grid_for(total / 4, threads), threads, 0, stream,
-        reinterpret_cast<const float4*>(gate), reinterpret_cast<const float4*>(up),
-        reinterpret_cast<float4*>(out_f32), reinterpret_cast<__nv_bfloat162*>(out_bf16), total / 4);
+                      reinterpret_cast<const float4*>(gate), reinterpret_cast<const float4*>(up),
+                      reinterpret_cast<float4*>(out_f32), reinterpret_cast<__nv_bfloat162*>(out_bf16), total / 4);
   } else {
-    launch_overlapped(swiglu_rows_kernel, grid_for(total, threads), threads, 0, stream, gate, up, ld, out_f32, out_bf16, total, f);
+    launch_overlapped(swiglu_rows_kernel, grid_for(total, threads), threads, 0, stream, gate, up, ld, out_f32, out_bf16,
+                      total, f);
   }
   HX_CUDA_CHECK(cudaGetLastError());
 }
@@ -82,12 +82,12 @@ void swiglu_launch(const float* gate, const float* up, float* out_f32, __nv_bflo
   if (n_elems % 4 == 0 && aligned(gate, 16) && aligned(up, 16) && (!out_f32 || aligned(out_f32, 16)) &&
       (!out_bf16 || aligned(out_bf16, 8))) {
     launch_overlapped(swiglu_vec_kernel, grid_for(n_elems / 4, threads), threads, 0, stream,
-        reinterpret_cast<const float4*>(gate), reinterpret_cast<const float4*>(up),
-        reinterpret_cast<float4*>(out_f32), reinterpret_cast<__nv_bfloat162*>(out_bf16), n_elems / 4);
+                      reinterpret_cast<const float4*>(gate), reinterpret_cast<const float4*>(up),
+                      reinterpret_cast<float4*>(out_f32), reinterpret_cast<__nv_bfloat162*>(out_bf16), n_elems / 4);
   } else {
     // One row of n_elems: the strided kernel with ld == f covers it.
-    launch_overlapped(swiglu_rows_kernel, grid_for(n_elems, threads), threads, 0, stream, gate, up, n_elems, out_f32, out_bf16,
-                                                                           n_elems, n_elems);
+    launch_overlapped(swiglu_rows_kernel, grid_for(n_elems, threads), threads, 0, stream, gate, up, n_elems, out_f32,
+                      out_bf16, n_elems, n_elems);
   }
   HX_CUDA_CHECK(cudaGetLastError());
 }

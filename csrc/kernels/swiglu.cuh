@@ -17,7 +17,7 @@ void swiglu_launch(const float* gate /*[n, f]*/, const float* up /*[n, f]*/, flo
 // Strided variant for a fused gate|up buffer: gate row i at gate + i * ld,
 // up row i at up + i * ld, output rows packed [n, f].
 void swiglu_rows_launch(const float* gate /*[n, ld]*/, const float* up /*[n, ld]*/, int64_t ld,
-                        float* out_f32 /*[n, f] or nullptr*/, __nv_bfloat16* out_bf16 /*[n, f] or nullptr*/,
-                        int n, int f, cudaStream_t stream);
+                        float* out_f32 /*[n, f] or nullptr*/, __nv_bfloat16* out_bf16 /*[n, f] or nullptr*/, int n,
+                        int f, cudaStream_t stream);
 
 }  // namespace hx

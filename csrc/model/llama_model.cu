@@ -34,9 +34,7 @@ namespace {
 
 [[noreturn]] void bad_model(const std::string& msg) { throw std::invalid_argument(msg); }
 
-bool known_type(int t) {
-  return t >= 0 && t <= 64 && is_supported(static_cast<GgmlType>(t));
-}
+bool known_type(int t) { return t >= 0 && t <= 64 && is_supported(static_cast<GgmlType>(t)); }
 
 std::string shape_str(const std::vector<int64_t>& s) {
   std::string out = "(";
@@ -62,8 +60,8 @@ class TensorTable {
     if (t == nullptr) bad_model("missing tensor " + name);
     if (!known_type(t->type)) bad_model("tensor " + name + " has unsupported GGML type " + std::to_string(t->type));
     if (t->shape.size() != 2 || t->shape[0] != n_out || t->shape[1] != k)
-      bad_model("tensor " + name + " has shape " + shape_str(t->shape) + ", expected (" +
-                std::to_string(n_out) + ", " + std::to_string(k) + ")");
+      bad_model("tensor " + name + " has shape " + shape_str(t->shape) + ", expected (" + std::to_string(n_out) + ", " +
+                std::to_string(k) + ")");
     const GgmlType ty = static_cast<GgmlType>(t->type);
     if (k % block_elems(ty) != 0)
       bad_model("tensor " + name + ": row length " + std::to_string(k) + " is not a multiple of its block size");
@@ -113,12 +111,11 @@ T* at(char* base, size_t off) {
 // ---------------------------------------------------------------------------
 // Construction and memory
 
-GpuModel::GpuModel(WorkerContext& ctx, const ModelSpec& spec, const std::vector<HostTensor>& tensors)
-    : spec_(spec) {
+GpuModel::GpuModel(WorkerContext& ctx, const ModelSpec& spec, const std::vector<HostTensor>& tensors) : spec_(spec) {
   const ModelSpec& s = spec_;
   if (s.arch != "llama" && s.arch != "qwen2" && s.arch != "qwen3") bad_model("unsupported architecture " + s.arch);
-  if (s.vocab <= 0 || s.hidden <= 0 || s.intermediate <= 0 || s.layers <= 0 || s.heads <= 0 ||
-      s.kv_heads <= 0 || s.head_dim <= 0)
+  if (s.vocab <= 0 || s.hidden <= 0 || s.intermediate <= 0 || s.layers <= 0 || s.heads <= 0 || s.kv_heads <= 0 ||
+      s.head_dim <= 0)
     bad_model("model dimensions must be positive");
   if (s.heads % s.kv_heads != 0) bad_model("num_heads must be a multiple of num_kv_heads");
   // The decode attention kernel takes head dims in multiples of 8 up to 256.
@@ -159,7 +156,6 @@ GpuModel::GpuModel(WorkerContext& ctx, const ModelSpec& spec, const std::vector<
     throw;
   }
 }
-
 
 GpuModel::~GpuModel() { free_all(); }
 
@@ -335,8 +331,19 @@ void GpuModel::load_weights(WorkerContext& ctx, const std::vector<HostTensor>& t
     if (w.type != GgmlType::BF16) most = std::max(most, static_cast<size_t>(w.n_out) * w.k);
   };
   for (const auto& L : layers_) {
-    if (L.qkv_fused) need(L.qkv); else { need(L.q); need(L.k); need(L.v); }
-    if (L.gate_up_fused) need(L.gate_up); else { need(L.gate); need(L.up); }
+    if (L.qkv_fused)
+      need(L.qkv);
+    else {
+      need(L.q);
+      need(L.k);
+      need(L.v);
+    }
+    if (L.gate_up_fused)
+      need(L.gate_up);
+    else {
+      need(L.gate);
+      need(L.up);
+    }
     need(L.o);
     need(L.down);
   }
@@ -376,7 +383,8 @@ void GpuModel::alloc_state() {
   // workspace for the largest any batch up to slots_ rows needs.
   const int max_seq = max_blocks_ * s.block_size;
   for (int b = 1; b <= slots_; ++b)
-    attn_ws_bytes_ = std::max(attn_ws_bytes_, attention_decode_workspace_bytes(b, s.heads, s.kv_heads, s.head_dim, max_seq));
+    attn_ws_bytes_ =
+        std::max(attn_ws_bytes_, attention_decode_workspace_bytes(b, s.heads, s.kv_heads, s.head_dim, max_seq));
   attn_ws_ = static_cast<float*>(dev_alloc(attn_ws_bytes_, sc));
   rope_table_ = static_cast<float*>(dev_alloc(static_cast<size_t>(n_ctx_) * s.head_dim * 4, sc));
   sample_ws_bytes_ = sample_workspace_bytes(s.vocab);
@@ -528,9 +536,10 @@ void GpuModel::validate(const std::vector<SeqInput>& seqs) const {
         throw std::invalid_argument(who + "token id " + std::to_string(t) + " is outside the vocabulary (size " +
                                     std::to_string(spec_.vocab) + ")");
     if (s.slot < 0 || s.slot >= slots_)
-      throw std::invalid_argument(who + "slot " + std::to_string(s.slot) + " is outside [0, " +
-                                  std::to_string(slots_) + ")");
-    if (seen[s.slot]) throw std::invalid_argument(who + "slot " + std::to_string(s.slot) + " is used twice in one step");
+      throw std::invalid_argument(who + "slot " + std::to_string(s.slot) + " is outside [0, " + std::to_string(slots_) +
+                                  ")");
+    if (seen[s.slot])
+      throw std::invalid_argument(who + "slot " + std::to_string(s.slot) + " is used twice in one step");
     seen[s.slot] = 1;
     const int need = blocks_for(static_cast<int>(end));
     if (static_cast<int64_t>(s.block_table.size()) < need)
@@ -538,8 +547,8 @@ void GpuModel::validate(const std::vector<SeqInput>& seqs) const {
                                   " blocks; positions up to " + std::to_string(end) + " need " + std::to_string(need));
     for (int j = 0; j < need; ++j)
       if (s.block_table[j] < 0 || s.block_table[j] >= num_blocks_)
-        throw std::invalid_argument(who + "block id " + std::to_string(s.block_table[j]) +
-                                    " is outside the pool of " + std::to_string(num_blocks_) + " blocks");
+        throw std::invalid_argument(who + "block id " + std::to_string(s.block_table[j]) + " is outside the pool of " +
+                                    std::to_string(num_blocks_) + " blocks");
     if (s.sample && s.sampling.logprobs && (s.sampling.top_logprobs < 0 || s.sampling.top_logprobs > kMaxTopLogprobs))
       throw std::invalid_argument(who + "top_logprobs must be in [0, " + std::to_string(kMaxTopLogprobs) + "]");
   }
@@ -642,9 +651,8 @@ MatvecOptions GpuModel::matvec_options(const LinearWeight& w, bool accumulate) c
   return o;
 }
 
-void GpuModel::linear(WorkerContext& ctx, const LinearWeight& w, const float* x_f32,
-                      const __nv_bfloat16* x_bf16, float* y, int n, const float* bias, bool accumulate,
-                      bool small) {
+void GpuModel::linear(WorkerContext& ctx, const LinearWeight& w, const float* x_f32, const __nv_bfloat16* x_bf16,
+                      float* y, int n, const float* bias, bool accumulate, bool small) {
   cudaStream_t st = ctx.compute_stream();
   if (small) {
     matvec_launch(w.type, w.data, x_f32, y, w.n_out, w.k, n, bias, matvec_options(w, accumulate), st);
@@ -687,8 +695,7 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
       dequantize_for_gemm(ctx, L.qkv, &wb);
       gemm_bf16_xwT(ctx.cublas(), xb_, wb, q, n, q_size_, h, false, st);
       gemm_bf16_xwT(ctx.cublas(), xb_, wb + static_cast<size_t>(q_size_) * h, k, n, kv_size_, h, false, st);
-      gemm_bf16_xwT(ctx.cublas(), xb_, wb + static_cast<size_t>(q_size_ + kv_size_) * h, v, n, kv_size_, h,
-                    false, st);
+      gemm_bf16_xwT(ctx.cublas(), xb_, wb + static_cast<size_t>(q_size_ + kv_size_) * h, v, n, kv_size_, h, false, st);
       if (bq != nullptr) {
         add_bias_rows_launch(q, bq, n, q_size_, st);
         add_bias_rows_launch(k, bk, n, kv_size_, st);
@@ -696,8 +703,7 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
       }
     } else if (n == 1 && L.qk_fused) {
       // q and k blocks (and their biases) are adjacent for one token.
-      matvec_launch(L.qk.type, L.qk.data, xn_, q, q_size_ + kv_size_, h, 1, L.b_qkv, matvec_options(L.qk, false),
-                    st);
+      matvec_launch(L.qk.type, L.qk.data, xn_, q, q_size_ + kv_size_, h, 1, L.b_qkv, matvec_options(L.qk, false), st);
       linear(ctx, L.v, xn_, xb_, v, n, bv, false, small);
     } else {
       linear(ctx, L.q, xn_, xb_, q, n, bq, false, small);
@@ -706,9 +712,8 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
     }
 
     // qwen3's q/k norm, the rotation and the pool append in one launch.
-    rope_kv_append_launch(q, k, v, L.k_pool, L.v_pool, pl.pos, pl.slot_pos, rope_table_, n_ctx_, inv_freq_,
-                          L.q_norm, L.q_norm != nullptr ? L.k_norm : nullptr, eps, n, nq, nk, d, pool_cap_,
-                          s.rope_style, st);
+    rope_kv_append_launch(q, k, v, L.k_pool, L.v_pool, pl.pos, pl.slot_pos, rope_table_, n_ctx_, inv_freq_, L.q_norm,
+                          L.q_norm != nullptr ? L.k_norm : nullptr, eps, n, nq, nk, d, pool_cap_, s.rope_style, st);
     if (pl.n_dec > 0)
       attention_decode_launch(q, L.k_pool, L.v_pool, pl.dec_lens, pl.dec_tables, pl.dec_stride, s.block_size, attn_,
                               attn_ws_, attn_ws_bytes_, pl.n_dec, nq, nk, d, pool_cap_, scale, st);
@@ -750,8 +755,8 @@ void GpuModel::lm_head(WorkerContext& ctx, const float* x, int count, float* log
     add_rms_norm_launch(rows, nullptr, output_norm_, spec_.eps, xn_, nullptr, count, h, st);
     for (int g = 0; g < count; g += kMatvecMaxTokens) {
       const int ng = std::min(kMatvecMaxTokens, count - g);
-      matvec_launch(output_.type, output_.data, xn_ + static_cast<size_t>(g) * h,
-                    logits + static_cast<size_t>(g) * V, V, h, ng, nullptr, matvec_options(output_, false), st);
+      matvec_launch(output_.type, output_.data, xn_ + static_cast<size_t>(g) * h, logits + static_cast<size_t>(g) * V,
+                    V, h, ng, nullptr, matvec_options(output_, false), st);
     }
     return;
   }
@@ -821,8 +826,8 @@ std::vector<StepResult> GpuModel::collect(WorkerContext& ctx, const std::vector<
     HX_CUDA_CHECK(cudaMemcpyAsync(h_out_, d_out_, rows_sampled * sizeof(StepOutputs), cudaMemcpyDeviceToHost, st));
   for (size_t i = 0; i < seqs.size(); ++i)
     if (seqs[i].want_logits && out_row[i] >= 0)
-      HX_CUDA_CHECK(cudaMemcpyAsync(h_logits_ + out_row[i] * Vs, logits_ + out_row[i] * Vs, Vs * 4,
-                                    cudaMemcpyDeviceToHost, st));
+      HX_CUDA_CHECK(
+          cudaMemcpyAsync(h_logits_ + out_row[i] * Vs, logits_ + out_row[i] * Vs, Vs * 4, cudaMemcpyDeviceToHost, st));
   HX_CUDA_CHECK(cudaStreamSynchronize(st));
   std::vector<StepResult> out(seqs.size());
   for (size_t i = 0; i < seqs.size(); ++i) {
@@ -1091,8 +1096,10 @@ std::vector<StepResult> GpuModel::general_step(WorkerContext& ctx, const std::ve
         const int k = out_row[order[j]];
         if (k >= 0 && hi == row0[j] + len[j]) {
           const int row = static_cast<int>(hi - 1 - ps);
-          if (k_first < 0) k_first = k;
-          else contiguous = contiguous && row == prev_row + 1;
+          if (k_first < 0)
+            k_first = k;
+          else
+            contiguous = contiguous && row == prev_row + 1;
           prev_row = row;
           ++k_count;
         }
@@ -1166,12 +1173,13 @@ LoadResult model_load(DeviceWorker& w, const ModelSpec& spec, const std::vector<
 }
 
 size_t model_alloc_kv(DeviceWorker& w, int64_t handle, int num_blocks) {
-  return w.submit([handle, num_blocks](WorkerContext& ctx) {
-            GpuModel* m = ctx.resource<GpuModel>(handle);
-            m->alloc_kv(ctx, num_blocks);
-            ctx.synchronize();
-            return m->kv_bytes();
-          })
+  return w
+      .submit([handle, num_blocks](WorkerContext& ctx) {
+        GpuModel* m = ctx.resource<GpuModel>(handle);
+        m->alloc_kv(ctx, num_blocks);
+        ctx.synchronize();
+        return m->kv_bytes();
+      })
       .get();
 }
 
@@ -1183,9 +1191,10 @@ std::vector<StepResult> model_step_batch(DeviceWorker& w, int64_t handle, const 
 
 std::vector<float> model_forward_logits(DeviceWorker& w, int64_t handle, const std::vector<int32_t>& tokens,
                                         int start_pos, const std::vector<int32_t>& block_table, bool all_logits) {
-  return w.submit([&, handle](WorkerContext& ctx) {
-            return ctx.resource<GpuModel>(handle)->forward_logits(ctx, tokens, start_pos, block_table, all_logits);
-          })
+  return w
+      .submit([&, handle](WorkerContext& ctx) {
+        return ctx.resource<GpuModel>(handle)->forward_logits(ctx, tokens, start_pos, block_table, all_logits);
+      })
       .get();
 }
 
@@ -1198,14 +1207,15 @@ void model_set_graphs(DeviceWorker& w, int64_t handle, bool enabled) {
 }
 
 std::map<std::string, int64_t> model_memory(DeviceWorker& w, int64_t handle) {
-  return w.submit([handle](WorkerContext& ctx) {
-            auto m = ctx.resource<GpuModel>(handle)->memory();
-            size_t free_b = 0, total_b = 0;
-            HX_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
-            m["device_free_bytes"] = static_cast<int64_t>(free_b);
-            m["device_total_bytes"] = static_cast<int64_t>(total_b);
-            return m;
-          })
+  return w
+      .submit([handle](WorkerContext& ctx) {
+        auto m = ctx.resource<GpuModel>(handle)->memory();
+        size_t free_b = 0, total_b = 0;
+        HX_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+        m["device_free_bytes"] = static_cast<int64_t>(free_b);
+        m["device_total_bytes"] = static_cast<int64_t>(total_b);
+        return m;
+      })
       .get();
 }
 

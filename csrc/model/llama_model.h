@@ -192,8 +192,8 @@ class GpuModel : public Resource {
   // Runs the layers over one pass whose inputs are already on the device;
   // leaves the residual stream in x_.
   void run_layers(WorkerContext& ctx, const PassLayout& pl);
-  void linear(WorkerContext& ctx, const LinearWeight& w, const float* x_f32, const __nv_bfloat16* x_bf16,
-              float* y, int n, const float* bias, bool accumulate, bool small);
+  void linear(WorkerContext& ctx, const LinearWeight& w, const float* x_f32, const __nv_bfloat16* x_bf16, float* y,
+              int n, const float* bias, bool accumulate, bool small);
   void dequantize_for_gemm(WorkerContext& ctx, const LinearWeight& w, const __nv_bfloat16** out);
   // Whether a decode matvec over an [n_out, k] weight of type t uses int8
   // activations (spec_.int8_activations). Int8Mode::Auto takes them where the

@@ -55,7 +55,7 @@ struct ModelSpec {
   int block_size = 16;            // KV pool positions per block (a power of two >= 16)
   int num_blocks = 0;             // KV pool blocks; 0: allocated later by model_alloc_kv
   int max_num_seqs = 64;          // sequences of the scheduler; penalty slots and the
-                                  // largest step hold max_num_seqs + 1 (one private sequence)
+                          // largest step hold max_num_seqs + 1 (one private sequence)
   Int8Mode int8_activations = Int8Mode::Auto;
 };
 
@@ -73,7 +73,7 @@ struct HostTensor {
 // device sampler reads them, SamplingParamsDevice), the step counter of its
 // random stream, and which logprobs to report.
 struct StepSampling {
-  float temperature = 0.f;        // 0: greedy
+  float temperature = 0.f;  // 0: greedy
   int top_k = 0;
   float top_p = 1.f;
   float min_p = 0.f;
@@ -83,14 +83,14 @@ struct StepSampling {
   uint64_t seed = 0;
   int step = 0;
   bool logprobs = false;
-  int top_logprobs = 0;           // 0..kMaxTopLogprobs
+  int top_logprobs = 0;  // 0..kMaxTopLogprobs
 };
 
 // Tokens to add to a slot's device-side penalty state before sampling.
 // reset clears it first. Context tokens feed the repetition penalty;
 // generated tokens feed it too and also the presence/frequency counts.
 struct PenaltyUpdate {
-  bool active = false;            // any penalty in use this step
+  bool active = false;  // any penalty in use this step
   bool reset = false;
   std::vector<int32_t> context;
   std::vector<int32_t> generated;
@@ -110,22 +110,22 @@ struct SeqInput {
   int slot = 0;
   bool sample = true;
   StepSampling sampling;
-  PenaltyUpdate penalties;        // applied to `slot` (only when sampling)
+  PenaltyUpdate penalties;  // applied to `slot` (only when sampling)
   bool want_logits = false;
 };
 
 struct StepResult {
-  int32_t token = -1;             // -1 when the sequence did not sample
+  int32_t token = -1;  // -1 when the sequence did not sample
   bool has_logprob = false;
   float logprob = 0.f;
   std::vector<std::pair<int32_t, float>> top;
-  std::vector<float> logits;      // raw logits of the sampled position, when asked for
+  std::vector<float> logits;  // raw logits of the sampled position, when asked for
 };
 
 struct LoadResult {
   int64_t handle = 0;
-  size_t bytes = 0;               // device bytes held by the model (weights, KV pool, scratch)
-  double seconds = 0.0;           // time spent in the load job
+  size_t bytes = 0;  // device bytes held by the model (weights, KV pool, scratch)
+  double seconds = 0.0;  // time spent in the load job
 };
 
 LoadResult model_load(DeviceWorker& w, const ModelSpec& spec, const std::vector<HostTensor>& tensors);
@@ -148,9 +148,8 @@ std::vector<StepResult> model_step_batch(DeviceWorker& w, int64_t handle, const 
 
 // One sequence's tokens through its block table; logits (float32,
 // row-major) of the last position ([vocab]) or of all ([n, vocab]).
-std::vector<float> model_forward_logits(DeviceWorker& w, int64_t handle,
-                                        const std::vector<int32_t>& tokens, int start_pos,
-                                        const std::vector<int32_t>& block_table, bool all_logits);
+std::vector<float> model_forward_logits(DeviceWorker& w, int64_t handle, const std::vector<int32_t>& tokens,
+                                        int start_pos, const std::vector<int32_t>& block_table, bool all_logits);
 
 void model_drop(DeviceWorker& w, int64_t handle);
 void model_set_graphs(DeviceWorker& w, int64_t handle, bool enabled);

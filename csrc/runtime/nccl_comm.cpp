@@ -44,11 +44,11 @@ std::string unique_id() {
 
 ncclComm_t init_rank(const std::string& uid, int nranks, int rank) {
   if (uid.size() != NCCL_UNIQUE_ID_BYTES)
-    throw std::invalid_argument("an NCCL unique id has " + std::to_string(NCCL_UNIQUE_ID_BYTES) +
-                                " bytes, got " + std::to_string(uid.size()));
+    throw std::invalid_argument("an NCCL unique id has " + std::to_string(NCCL_UNIQUE_ID_BYTES) + " bytes, got " +
+                                std::to_string(uid.size()));
   if (nranks < 1 || rank < 0 || rank >= nranks)
-    throw std::invalid_argument("NCCL rank " + std::to_string(rank) + " out of range for " +
-                                std::to_string(nranks) + " ranks");
+    throw std::invalid_argument("NCCL rank " + std::to_string(rank) + " out of range for " + std::to_string(nranks) +
+                                " ranks");
   ncclUniqueId id;
   std::copy(uid.begin(), uid.end(), id.internal);
   ncclComm_t comm = nullptr;
@@ -63,9 +63,10 @@ ncclComm_t init_rank(const std::string& uid, int nranks, int rank) {
   if (r != ncclSuccess) {
     // No communicator came to exist, so nothing is left broken: not sticky
     // (a CUDA fault behind it is caught by the worker's context probe).
-    std::string reason = std::string(ncclGetErrorString(r)) + " (ncclResult " + std::to_string(static_cast<int>(r)) + ")";
-    throw CudaError(detail::format_failure("ncclCommInitRank", reason, __FILE__, __LINE__), "nccl",
-                    static_cast<int>(r), false, "ncclCommInitRank", __FILE__, __LINE__);
+    std::string reason =
+        std::string(ncclGetErrorString(r)) + " (ncclResult " + std::to_string(static_cast<int>(r)) + ")";
+    throw CudaError(detail::format_failure("ncclCommInitRank", reason, __FILE__, __LINE__), "nccl", static_cast<int>(r),
+                    false, "ncclCommInitRank", __FILE__, __LINE__);
   }
   return comm;
 }
@@ -87,8 +88,9 @@ void allreduce_sum(ncclComm_t comm, void* buf, size_t count, DType dtype, cudaSt
 
 namespace {
 [[noreturn]] void missing() {
-  throw std::logic_error("this build of helexa_native has no NCCL support (rebuild with a CUDA torch "
-                         "whose nvidia-nccl wheel is installed)");
+  throw std::logic_error(
+      "this build of helexa_native has no NCCL support (rebuild with a CUDA torch "
+      "whose nvidia-nccl wheel is installed)");
 }
 }  // namespace
 

@@ -22,8 +22,7 @@ std::string unique_id();
 ncclComm_t init_rank(const std::string& unique_id, int nranks, int rank);
 // abort: the device or communicator is broken; skip the orderly flush.
 void destroy(ncclComm_t comm, bool abort) noexcept;
-void allreduce_sum(ncclComm_t comm, void* buf /*[count] in place*/, size_t count, DType dtype,
-                   cudaStream_t stream);
+void allreduce_sum(ncclComm_t comm, void* buf /*[count] in place*/, size_t count, DType dtype, cudaStream_t stream);
 
 }  // namespace nccl
 }  // namespace hx

@@ -181,8 +181,7 @@ void DeviceWorker::setup() {
   int count = 0;
   HX_CUDA_CHECK(cudaGetDeviceCount(&count));
   if (device_ >= count)
-    throw std::invalid_argument(name_ + " does not exist (" + std::to_string(count) +
-                                " CUDA devices visible)");
+    throw std::invalid_argument(name_ + " does not exist (" + std::to_string(count) + " CUDA devices visible)");
   HX_CUDA_CHECK(cudaSetDevice(device_));
   HX_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major_, cudaDevAttrComputeCapabilityMajor, device_));
   HX_CUDA_CHECK(cudaDeviceGetAttribute(&cc_minor_, cudaDevAttrComputeCapabilityMinor, device_));
@@ -234,7 +233,8 @@ void DeviceWorker::teardown() {
     } else if (e.ptr != nullptr && !dead) {
       if (host_only_) std::free(e.ptr);
 #ifdef HX_WITH_CUDA
-      else cudaFree(e.ptr);
+      else
+        cudaFree(e.ptr);
 #endif
     }
   }
@@ -337,8 +337,8 @@ std::exception_ptr DeviceWorker::shut_down_error() const {
 }
 
 std::exception_ptr DeviceWorker::poisoned_error() const {
-  return std::make_exception_ptr(WorkerError(
-      name_ + " is unusable after an earlier device error: " + poison_reason(), name_, false, true));
+  return std::make_exception_ptr(
+      WorkerError(name_ + " is unusable after an earlier device error: " + poison_reason(), name_, false, true));
 }
 
 void DeviceWorker::after_job(bool cleanup) {
@@ -358,9 +358,8 @@ void DeviceWorker::after_job(bool cleanup) {
     if (cleanup && is_sticky(p.e)) {
       // Freeing on a context that just died succeeded in effect: the memory
       // went with it. The worker is poisoned, the cleanup itself reports success.
-      poison_cuda(detail::format_failure(p.what, std::string(cudaGetErrorString(p.e)) + " (" +
-                                                     cudaGetErrorName(p.e) + ")",
-                                         __FILE__, __LINE__));
+      poison_cuda(detail::format_failure(
+          p.what, std::string(cudaGetErrorString(p.e)) + " (" + cudaGetErrorName(p.e) + ")", __FILE__, __LINE__));
       return;
     }
     detail::throw_cuda(p.e, p.what, __FILE__, __LINE__);
@@ -376,8 +375,8 @@ std::string DeviceWorker::probe_context() {
   cudaError_t errs[3] = {cudaGetLastError(), cudaStreamQuery(st_->compute), cudaStreamQuery(st_->copy)};
   for (cudaError_t e : errs) {
     if (is_sticky(e)) {
-      std::string why = std::string("the device context failed: ") + cudaGetErrorString(e) + " (" +
-                        cudaGetErrorName(e) + ")";
+      std::string why =
+          std::string("the device context failed: ") + cudaGetErrorString(e) + " (" + cudaGetErrorName(e) + ")";
       poison_cuda(why);
       return why;
     }
@@ -440,16 +439,15 @@ int WorkerContext::nccl_rank() const { return w_->st_->nccl_rank; }
 int WorkerContext::nccl_nranks() const { return w_->st_->nccl_nranks; }
 
 ncclComm_t WorkerContext::nccl_comm() const {
-  if (w_->st_->nccl == nullptr)
-    throw std::logic_error(w_->name_ + " has no NCCL communicator (nccl_init was not run)");
+  if (w_->st_->nccl == nullptr) throw std::logic_error(w_->name_ + " has no NCCL communicator (nccl_init was not run)");
   return w_->st_->nccl;
 }
 
 void WorkerContext::nccl_init(const std::string& unique_id, int nranks, int rank) {
   DeviceWorker::State& s = *w_->st_;
   if (s.nccl != nullptr)
-    throw std::logic_error(w_->name_ + " already has an NCCL communicator (rank " +
-                           std::to_string(s.nccl_rank) + " of " + std::to_string(s.nccl_nranks) + ")");
+    throw std::logic_error(w_->name_ + " already has an NCCL communicator (rank " + std::to_string(s.nccl_rank) +
+                           " of " + std::to_string(s.nccl_nranks) + ")");
   if (w_->host_only_) throw std::logic_error("a host-only worker cannot join an NCCL group");
   s.nccl = nccl::init_rank(unique_id, nranks, rank);
   s.nccl_rank = rank;
@@ -501,15 +499,13 @@ void WorkerContext::free(void* ptr) {
   if (ptr == nullptr) return;
   DeviceWorker::State& s = *w_->st_;
   auto it = s.by_ptr.find(ptr);
-  if (it == s.by_ptr.end())
-    throw std::invalid_argument(w_->name_ + ": free of a pointer this worker did not allocate");
+  if (it == s.by_ptr.end()) throw std::invalid_argument(w_->name_ + ": free of a pointer this worker did not allocate");
   drop(it->second);
 }
 
 int64_t WorkerContext::handle_of(const void* ptr) const {
   auto it = w_->st_->by_ptr.find(ptr);
-  if (it == w_->st_->by_ptr.end())
-    throw std::invalid_argument(w_->name_ + ": pointer not allocated by this worker");
+  if (it == w_->st_->by_ptr.end()) throw std::invalid_argument(w_->name_ + ": pointer not allocated by this worker");
   return it->second;
 }
 
@@ -570,8 +566,7 @@ void WorkerContext::drop(int64_t handle) {
     // The context died (possibly from an earlier job's fault surfacing here):
     // the memory is gone with it, so the free succeeded in effect.
     w_->poison_cuda(detail::format_failure(
-        "cudaFree", std::string(cudaGetErrorString(err)) + " (" + cudaGetErrorName(err) + ")", __FILE__,
-        __LINE__));
+        "cudaFree", std::string(cudaGetErrorString(err)) + " (" + cudaGetErrorName(err) + ")", __FILE__, __LINE__));
     return;
   }
   detail::throw_cuda(err, "cudaFree", __FILE__, __LINE__);

@@ -69,8 +69,7 @@ class Resource {
 // passes through unchanged (bad input, not a device failure).
 class WorkerError : public std::runtime_error {
  public:
-  WorkerError(const std::string& message, std::string device, bool sticky = false,
-              bool poisoned = false)
+  WorkerError(const std::string& message, std::string device, bool sticky = false, bool poisoned = false)
       : std::runtime_error(message), device(std::move(device)), sticky(sticky), poisoned(poisoned) {}
   std::string device;  // "cuda:0", "host"
   bool sticky;         // the failure itself was a sticky device error
@@ -309,8 +308,7 @@ struct DeviceWorker::JobImpl final : DeviceWorker::Job {
 };
 
 template <class F>
-auto DeviceWorker::enqueue(F&& f, bool cleanup)
-    -> std::future<std::invoke_result_t<std::decay_t<F>&, WorkerContext&>> {
+auto DeviceWorker::enqueue(F&& f, bool cleanup) -> std::future<std::invoke_result_t<std::decay_t<F>&, WorkerContext&>> {
   using R = std::invoke_result_t<std::decay_t<F>&, WorkerContext&>;
   auto job = std::make_unique<JobImpl<F, R>>(std::forward<F>(f));
   job->cleanup = cleanup;
@@ -325,8 +323,7 @@ auto DeviceWorker::submit(F&& f) -> std::future<std::invoke_result_t<std::decay_
 }
 
 template <class F>
-auto DeviceWorker::submit_cleanup(F&& f)
-    -> std::future<std::invoke_result_t<std::decay_t<F>&, WorkerContext&>> {
+auto DeviceWorker::submit_cleanup(F&& f) -> std::future<std::invoke_result_t<std::decay_t<F>&, WorkerContext&>> {
   return enqueue(std::forward<F>(f), true);
 }
 
