@@ -31,6 +31,12 @@ def _add_model_args(p: argparse.ArgumentParser, model: bool = True) -> None:
                         "the memory left after the weights; CPU, four full contexts)")
     g.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=True,
                    help="do not reuse the cached KV blocks of earlier prompts")
+    g.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
+                   help="split the model over N ranks: on the CPU, N threads of this process, or, under "
+                        "torchrun, one rank per process (rank 0 runs the command); GPUs: not built yet")
+    g.add_argument("--step-timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --tensor-parallel: a step whose ranks have not all finished within SECONDS "
+                        f"fails the model, naming the late rank (default {defaults.DEFAULT_STEP_TIMEOUT:g})")
     bar = g.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None,
                      help="show progress bars (default: only on a terminal)")
@@ -97,11 +103,13 @@ def _int_list(text: str) -> list:
 
 
 def engine_options_from_args(args) -> dict:
-    """--max-num-seqs, --kv-cache-memory and --no-prefix-cache as Engine keyword arguments."""
+    """The model options shared by every command (batching, KV cache, tensor parallelism) as Engine keywords."""
     return {"max_num_seqs": getattr(args, "max_num_seqs", None),
             "kv_cache_memory": (_byte_size(args.kv_cache_memory)
                                 if getattr(args, "kv_cache_memory", None) is not None else None),
-            "prefix_cache": getattr(args, "prefix_cache", True)}
+            "prefix_cache": getattr(args, "prefix_cache", True),
+            "tensor_parallel": getattr(args, "tensor_parallel", None),
+            "step_timeout": getattr(args, "step_timeout", None)}
 
 
 def _engine(args):
@@ -413,6 +421,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser(with_server="serve" in argv or "-h" in argv or "--help" in argv)
     args = parser.parse_args(argv)
     try:
+        if _is_follower(args):
+            return _run_follower(args)
         return args.func(args)
     except KeyboardInterrupt:
         print(file=sys.stderr)
@@ -427,6 +437,29 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     except Exception as e:   # every failure becomes one line, not a traceback
         print(f"{PROG}: error: {_describe_error(e)}", file=sys.stderr)
+        return 1
+
+
+def _is_follower(args) -> bool:
+    """Whether this process is a follower rank of a torchrun tensor-parallel launch."""
+    tp = getattr(args, "tensor_parallel", None)
+    if tp is None or tp <= 1:
+        return False
+    from .parallel.distributed import is_follower
+    return is_follower(tp)
+
+
+def _run_follower(args) -> int:
+    # Whatever the command, a follower only serves rank 0's steps: it never
+    # reads stdin, prints results or listens on a port.
+    from .parallel.distributed import launch_from_env
+    from .parallel.launch import run_follower
+    rank = launch_from_env().rank
+    try:
+        return run_follower(getattr(args, "model_path", None) or args.model, args.device,
+                            args.tensor_parallel, progress=_progress(args))
+    except Exception as e:
+        print(f"{PROG}: error: rank {rank}: {_describe_error(e)}", file=sys.stderr)
         return 1
 
 

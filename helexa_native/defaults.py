@@ -40,3 +40,12 @@ PROGRESS_MIN_SECONDS = 1.0
 # Sequences one Engine decodes together at most (continuous batching); more
 # requests wait in the scheduler's queue.
 DEFAULT_MAX_NUM_SEQS = 64
+
+# Tensor parallelism: a step whose ranks have not all finished within this
+# many seconds fails the model (the watchdog); Engine(step_timeout=...) and
+# --step-timeout change it.
+DEFAULT_STEP_TIMEOUT = 120.0
+
+# Tensor-parallel ranks started as processes (torchrun) wait this long for
+# each other to start and join before giving up.
+DEFAULT_TP_CONNECT_TIMEOUT = 600.0

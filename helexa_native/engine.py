@@ -107,6 +107,14 @@ def _parse_device(device) -> tuple:
     raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
+def resolve_device(device) -> tuple:
+    """('cpu', None) or ('cuda', index): 'auto' picks CUDA when a GPU and a CUDA build are present."""
+    kind, index = _parse_device(device)
+    if kind == "auto":
+        kind, index = ("cuda", 0) if (_cuda_visible() and _cuda_build()) else ("cpu", None)
+    return kind, index
+
+
 def _cuda_build() -> bool:
     try:
         from . import _C
@@ -161,6 +169,7 @@ class Engine:
                  int8_activations: Optional[bool] = None, max_num_seqs: Optional[int] = None,
                  kv_cache_memory: Optional[int] = None,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                 tensor_parallel: Optional[int] = None, step_timeout: Optional[float] = None,
                  tool_call_parser: Optional[str] = None, reasoning_parser: Optional[str] = None,
                  pooling: Optional[str] = None):
         """Load `model` (GGUF file or HF folder; None = the default model) onto `device`.
@@ -181,6 +190,14 @@ class Engine:
         weights quantize their input to two int8 terms per element (~1e-6
         relative error per product) and use integer dot products. None: where
         that is faster (large Q4_0 and Q8_0 matrices); True: every such type; False: never.
+        tensor_parallel: split the model over N ranks that add their partial
+        results (parallel/). On the CPU the ranks are N threads of this
+        process, or, when the process was started by torchrun, one rank per
+        process: rank 0's Engine leads and the other ranks' constructors
+        serve its steps and exit when it closes, never returning. GPUs: not
+        built yet (DeviceError). step_timeout: seconds a tensor-parallel
+        step may take before the model fails with a DeviceError naming the
+        late rank (default defaults.DEFAULT_STEP_TIMEOUT).
         tool_call_parser ("hermes", "llama3_json", "mistral") and reasoning_parser
         ("think", or "none" for off): how chat output is read; default: picked
         from the chat template (hermes for templates that do not render tools).
@@ -197,6 +214,9 @@ class Engine:
         if not isinstance(max_batch_tokens, int) or isinstance(max_batch_tokens, bool) or max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens!r}")
         seqs = max_num_seqs if max_num_seqs is not None else defaults.DEFAULT_MAX_NUM_SEQS
+        from .parallel.launch import check_step_timeout, check_tensor_parallel
+        tp = check_tensor_parallel(tensor_parallel)
+        step_timeout = check_step_timeout(defaults.DEFAULT_STEP_TIMEOUT if step_timeout is None else step_timeout)
         kind, index = _parse_device(device)
         if int8_activations is not None and not isinstance(int8_activations, bool):
             raise ValueError(f"int8_activations must be None, True or False, got {int8_activations!r}")
@@ -206,7 +226,7 @@ class Engine:
         if not path.exists():
             raise ModelLoadError(f"model not found: {path}")
         if kind == "auto":
-            kind, index = ("cuda", 0) if (_cuda_visible() and _cuda_build()) else ("cpu", None)
+            kind, index = resolve_device(kind)
         if kind == "cuda":
             self._check_cuda(index)
 
@@ -220,7 +240,12 @@ class Engine:
             from .tokenizer import Tokenizer
             tokenizer = Tokenizer.from_source(source.tokenizer)
             self._description = self._describe(source)
-            if kind == "cuda":
+            if tp > 1:
+                from .parallel.launch import tensor_parallel_backend
+                backend = tensor_parallel_backend(source, kind, index, ctx, tp, progress=progress,
+                                                  max_num_seqs=seqs, kv_cache_memory=kv_cache_memory,
+                                                  prefix_cache=prefix_cache, step_timeout=step_timeout)
+            elif kind == "cuda":
                 from .backends.cuda import CUDABackend
                 backend = CUDABackend(source, index, ctx, int8_activations=int8_activations,
                                       max_num_seqs=seqs, kv_cache_memory=kv_cache_memory,
@@ -699,6 +724,7 @@ class Engine:
             "generation_config": {k: v for k, v in self._generation_config.items() if k != "eos_token_id"},
             "prefix_cache": self.prefix_cache,
             "max_num_seqs": self.max_num_seqs,
+            "tensor_parallel": int(getattr(self._backend, "tensor_parallel", 1)),
             "closed": self._closed,
         }
         try:

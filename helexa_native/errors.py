@@ -17,6 +17,14 @@ class UnsupportedModelError(ModelLoadError):
     """The file is readable but describes something the engine does not run."""
 
 
+class ShardingError(ModelLoadError, ValueError):
+    """A model cannot be split across the requested number of tensor-parallel ranks."""
+
+
+class LaunchError(HelexaError, ValueError):
+    """The processes of a tensor-parallel launch do not fit together (count, model, settings)."""
+
+
 class TokenizerError(HelexaError):
     """The tokenizer could not be built from the model's metadata."""
 

@@ -1,6 +1,6 @@
 // Python side of the GPU model: `_C.GpuModelHandle`, a handle to the GpuModel
 // (llama_model.h) living in a device worker's slab, plus the small value types
-// its calls take.
+// its calls take (ModelSpec, StepSampling, PenaltyUpdate, SeqInput).
 //
 // Every method submits one job and waits for it with the GIL released; the
 // worker thread does all CUDA work. Without CUDA this file binds nothing, and
@@ -79,44 +79,38 @@ class GpuModelHandle {
     }
   }
 
-  py::tuple prefill(const std::vector<int32_t>& tokens, int start_pos, const StepSampling& sampling,
-                    const PenaltyUpdate& pen, bool want_logits) {
+  size_t allocate_kv(int num_blocks) {
     const int64_t h = live();
-    StepResult r;
-    {
-      py::gil_scoped_release nogil;
-      r = model_prefill(*worker_, h, tokens, start_pos, sampling, pen, want_logits);
-    }
-    return to_py(r, want_logits);
+    py::gil_scoped_release nogil;
+    return model_alloc_kv(*worker_, h, num_blocks);
   }
 
-  py::tuple decode(int32_t token, int pos, const StepSampling& sampling, const PenaltyUpdate& pen, bool want_logits) {
+  py::list step_batch(const std::vector<SeqInput>& seqs) {
     const int64_t h = live();
-    StepResult r;
+    bool decode = !seqs.empty();
+    for (const SeqInput& s : seqs) decode = decode && s.tokens.size() == 1 && s.sample;
+    std::vector<StepResult> rs;
     {
       py::gil_scoped_release nogil;
-      r = model_decode(*worker_, h, token, pos, sampling, pen, want_logits, &decode_waiter_);
+      rs = model_step_batch(*worker_, h, seqs, decode ? &decode_waiter_ : &step_waiter_);
     }
-    return to_py(r, want_logits);
+    py::list out;
+    for (size_t i = 0; i < rs.size(); ++i) out.append(to_py(rs[i], seqs[i].want_logits));
+    return out;
   }
 
-  py::array_t<float> forward_logits(const std::vector<int32_t>& tokens, int start_pos, bool all_logits) {
+  py::array_t<float> forward_logits(const std::vector<int32_t>& tokens, int start_pos,
+                                    const std::vector<int32_t>& block_table, bool all_logits) {
     const int64_t h = live();
     std::vector<float> out;
     {
       py::gil_scoped_release nogil;
-      out = model_forward_logits(*worker_, h, tokens, start_pos, all_logits);
+      out = model_forward_logits(*worker_, h, tokens, start_pos, block_table, all_logits);
     }
     py::array_t<float> arr(all_logits ? std::vector<py::ssize_t>{static_cast<py::ssize_t>(tokens.size()), vocab_}
                                       : std::vector<py::ssize_t>{vocab_});
     std::copy(out.begin(), out.end(), arr.mutable_data());
     return arr;
-  }
-
-  void clear_kv() {
-    const int64_t h = live();
-    py::gil_scoped_release nogil;
-    model_clear_kv(*worker_, h);
   }
 
   void set_graphs(bool enabled) {
@@ -153,6 +147,7 @@ class GpuModelHandle {
     return handle_;
   }
 
+  // (token or -1, logprob | None, [(id, logprob)] | None, logits | None)
   static py::tuple to_py(const StepResult& r, bool want_logits) {
     py::object lp = py::none();
     py::object top = py::none();
@@ -163,7 +158,7 @@ class GpuModelHandle {
       top = l;
     }
     py::object logits = py::none();
-    if (want_logits) {
+    if (want_logits && !r.logits.empty()) {
       py::array_t<float> arr(static_cast<py::ssize_t>(r.logits.size()));
       std::copy(r.logits.begin(), r.logits.end(), arr.mutable_data());
       logits = arr;
@@ -173,7 +168,8 @@ class GpuModelHandle {
 
   std::shared_ptr<DeviceWorker> worker_;
   int64_t handle_ = 0;
-  JobWaiter decode_waiter_;  // learns the decode step's duration (see JobWaiter)
+  JobWaiter decode_waiter_;  // learns the pure-decode step's duration (see JobWaiter)
+  JobWaiter step_waiter_;    // every other step
   size_t bytes_ = 0;
   double load_seconds_ = 0.0;
   py::ssize_t vocab_ = 0;
@@ -210,7 +206,10 @@ void bind_model(py::module_& m) {
       .def_readwrite("inv_freq", &ModelSpec::inv_freq)
       .def_readwrite("n_ctx", &ModelSpec::n_ctx)
       .def_readwrite("prefill_chunk", &ModelSpec::prefill_chunk)
-      .def_readwrite("use_graphs", &ModelSpec::use_graphs);
+      .def_readwrite("use_graphs", &ModelSpec::use_graphs)
+      .def_readwrite("block_size", &ModelSpec::block_size)
+      .def_readwrite("num_blocks", &ModelSpec::num_blocks)
+      .def_readwrite("max_num_seqs", &ModelSpec::max_num_seqs);
 
   py::class_<StepSampling>(m, "StepSampling",
                            "A request's SamplingParams for one step, with the step counter and the logprobs asked")
@@ -234,19 +233,43 @@ void bind_model(py::module_& m) {
       .def_readwrite("context", &PenaltyUpdate::context)
       .def_readwrite("generated", &PenaltyUpdate::generated);
 
+  py::class_<SeqInput>(m, "SeqInput", "One sequence's share of a batched step")
+      .def(py::init([](std::vector<int32_t> tokens, int start_pos, std::vector<int32_t> block_table, int slot,
+                       bool sample, const StepSampling& sampling, const PenaltyUpdate& penalties, bool want_logits) {
+             SeqInput s;
+             s.tokens = std::move(tokens);
+             s.start_pos = start_pos;
+             s.block_table = std::move(block_table);
+             s.slot = slot;
+             s.sample = sample;
+             s.sampling = sampling;
+             s.penalties = penalties;
+             s.want_logits = want_logits;
+             return s;
+           }),
+           py::arg("tokens"), py::arg("start_pos"), py::arg("block_table"), py::arg("slot"), py::arg("sample"),
+           py::arg("sampling"), py::arg("penalties"), py::arg("want_logits") = false)
+      .def_readwrite("tokens", &SeqInput::tokens)
+      .def_readwrite("start_pos", &SeqInput::start_pos)
+      .def_readwrite("block_table", &SeqInput::block_table)
+      .def_readwrite("slot", &SeqInput::slot)
+      .def_readwrite("sample", &SeqInput::sample)
+      .def_readwrite("sampling", &SeqInput::sampling)
+      .def_readwrite("penalties", &SeqInput::penalties)
+      .def_readwrite("want_logits", &SeqInput::want_logits);
+
   py::class_<GpuModelHandle>(m, "GpuModelHandle", "A llama-family model resident on one device worker (hx::GpuModel)")
       .def(py::init<int, const ModelSpec&, const py::list&>(), py::arg("device_index"), py::arg("spec"),
            py::arg("tensors"),
-           "Upload weights (list of (name, ggml_type, shape, buffer)) and allocate cache and scratch")
-      .def("prefill", &GpuModelHandle::prefill, py::arg("tokens"), py::arg("start_pos"), py::arg("sampling"),
-           py::arg("penalties"), py::arg("want_logits") = false,
-           "Run tokens from start_pos and sample: (token, logprob|None, top|None, logits|None)")
-      .def("decode", &GpuModelHandle::decode, py::arg("token"), py::arg("pos"), py::arg("sampling"),
-           py::arg("penalties"), py::arg("want_logits") = false,
-           "One token at pos (graph replay unless disabled): (token, logprob|None, top|None, logits|None)")
+           "Upload weights (list of (name, ggml_type, shape, buffer)) and allocate scratch (and the KV pool "
+           "when spec.num_blocks > 0)")
+      .def("allocate_kv", &GpuModelHandle::allocate_kv, py::arg("num_blocks"),
+           "Allocate the KV pool of a model loaded with num_blocks 0; returns its bytes")
+      .def("step_batch", &GpuModelHandle::step_batch, py::arg("seqs"),
+           "One batched step over SeqInputs: [(token|-1, logprob|None, top|None, logits|None)] in input order")
       .def("forward_logits", &GpuModelHandle::forward_logits, py::arg("tokens"), py::arg("start_pos"),
-           py::arg("all_logits") = false, "float32 logits [vocab] or [n, vocab]")
-      .def("clear_kv", &GpuModelHandle::clear_kv)
+           py::arg("block_table"), py::arg("all_logits") = false,
+           "One sequence through its block table: float32 logits [vocab] or [n, vocab]")
       .def("set_graphs", &GpuModelHandle::set_graphs, py::arg("enabled"))
       .def("memory", &GpuModelHandle::memory)
       .def("close", &GpuModelHandle::close)

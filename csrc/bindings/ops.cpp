@@ -13,9 +13,11 @@
 
 #include "bindings/op_check.h"
 
+#include <cstdint>
 #include <cstring>
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "common/ggml_types.h"
 #include "common/rope_style.h"
@@ -24,6 +26,7 @@
 #include "kernels/cast.cuh"
 #include "kernels/embedding.cuh"
 #include "kernels/kv_cache.cuh"
+#include "kernels/penalty_slots.cuh"
 #include "kernels/rms_norm.cuh"
 #include "kernels/rope.cuh"
 #include "kernels/sampling.cuh"
@@ -149,19 +152,20 @@ void op_rope(at::Tensor& q, at::Tensor& k, const at::Tensor& pos, const at::Tens
   }
 }
 
-void op_kv_append(const at::Tensor& k, const at::Tensor& v, at::Tensor& kc, at::Tensor& vc, const at::Tensor& pos) {
+void op_kv_append(const at::Tensor& k, const at::Tensor& v, at::Tensor& kc, at::Tensor& vc,
+                  const at::Tensor& slot_pos) {
   const c10::cuda::CUDAGuard guard(cuda_device(kc, "k_cache"));
   const auto dev = kc.device();
   check_tensor(k, "k", at::kFloat, dev);
   check_tensor(v, "v", at::kFloat, dev);
   check_tensor(kc, "k_cache", at::kBFloat16, dev);
   check_tensor(vc, "v_cache", at::kBFloat16, dev);
-  check_tensor(pos, "pos", at::kInt, dev);
+  check_tensor(slot_pos, "slot_pos", at::kInt, dev);
   HX_OP_CHECK(k.dim() == 3 && k.sizes() == v.sizes(), "k and v must be [n, nk, d]");
   HX_OP_CHECK(kc.dim() == 3 && kc.sizes() == vc.sizes(), "caches must be [nk, cap, d]");
   HX_OP_CHECK(kc.size(0) == k.size(1) && kc.size(2) == k.size(2), "cache heads / head_dim must match k");
-  HX_OP_CHECK(pos.numel() == k.size(0), "pos must have n elements");
-  kv_append_launch(k.data_ptr<float>(), v.data_ptr<float>(), bf16_ptr(kc), bf16_ptr(vc), pos.data_ptr<int32_t>(),
+  HX_OP_CHECK(slot_pos.numel() == k.size(0), "slot_pos must have n elements");
+  kv_append_launch(k.data_ptr<float>(), v.data_ptr<float>(), bf16_ptr(kc), bf16_ptr(vc), slot_pos.data_ptr<int32_t>(),
                    as_int(k.size(0), "n"), as_int(k.size(1), "nk"), as_int(k.size(2), "d"), as_int(kc.size(1), "cap"),
                    stream_of(kc));
 }
@@ -178,7 +182,8 @@ void op_rope_table(const at::Tensor& inv_freq, at::Tensor& table) {
 }
 
 void op_rope_kv_append(at::Tensor& q, at::Tensor& k, const at::Tensor& v, at::Tensor& kc, at::Tensor& vc,
-                       const at::Tensor& pos, const std::optional<at::Tensor>& table, const at::Tensor& inv_freq,
+                       const at::Tensor& pos, const at::Tensor& slot_pos, const std::optional<at::Tensor>& table,
+                       const at::Tensor& inv_freq,
                        const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm, double eps,
                        c10::string_view style) {
   const c10::cuda::CUDAGuard guard(cuda_device(kc, "k_cache"));
@@ -189,12 +194,13 @@ void op_rope_kv_append(at::Tensor& q, at::Tensor& k, const at::Tensor& v, at::Te
   check_tensor(kc, "k_cache", at::kBFloat16, dev);
   check_tensor(vc, "v_cache", at::kBFloat16, dev);
   check_tensor(pos, "pos", at::kInt, dev);
+  check_tensor(slot_pos, "slot_pos", at::kInt, dev);
   check_tensor(inv_freq, "inv_freq", at::kDouble, dev);
   HX_OP_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes(), "q must be [n, nq, d], k and v [n, nk, d]");
   HX_OP_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2), "q and k must agree in n and d");
   HX_OP_CHECK(kc.dim() == 3 && kc.sizes() == vc.sizes(), "caches must be [nk, cap, d]");
   HX_OP_CHECK(kc.size(0) == k.size(1) && kc.size(2) == k.size(2), "cache heads / head_dim must match k");
-  HX_OP_CHECK(pos.numel() == q.size(0), "pos must have n elements");
+  HX_OP_CHECK(pos.numel() == q.size(0) && slot_pos.numel() == q.size(0), "pos and slot_pos must have n elements");
   const int d = as_int(q.size(2), "d");
   HX_OP_CHECK(inv_freq.numel() == d / 2, "inv_freq must have d/2 elements");
   const RopeStyle rs = rope_style(style);
@@ -215,49 +221,58 @@ void op_rope_kv_append(at::Tensor& q, at::Tensor& k, const at::Tensor& v, at::Te
     HX_OP_CHECK(q_norm->numel() == d && k_norm->numel() == d, "q_norm and k_norm must have d elements");
   }
   rope_kv_append_launch(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), bf16_ptr(kc), bf16_ptr(vc),
-                        pos.data_ptr<int32_t>(), tp, tlen, inv_freq.data_ptr<double>(),
+                        pos.data_ptr<int32_t>(), slot_pos.data_ptr<int32_t>(), tp, tlen, inv_freq.data_ptr<double>(),
                         has_q ? q_norm->data_ptr<float>() : nullptr, has_k ? k_norm->data_ptr<float>() : nullptr,
                         static_cast<float>(eps), as_int(q.size(0), "n"), as_int(q.size(1), "nq"),
                         as_int(k.size(1), "nk"), d, as_int(kc.size(1), "cap"), rs, stream_of(kc));
 }
 
-void op_attention_decode(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& seq_len,
-                         at::Tensor& out, double scale) {
+void op_attention_decode(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& seq_lens,
+                         const at::Tensor& block_tables, int64_t block_size, at::Tensor& out, double scale) {
   const c10::cuda::CUDAGuard guard(cuda_device(q, "q"));
   const auto dev = q.device();
   check_tensor(q, "q", at::kFloat, dev);
   check_tensor(kc, "k_cache", at::kBFloat16, dev);
   check_tensor(vc, "v_cache", at::kBFloat16, dev);
-  check_tensor(seq_len, "seq_len", at::kInt, dev);
+  check_tensor(seq_lens, "seq_lens", at::kInt, dev);
+  check_tensor(block_tables, "block_tables", at::kInt, dev);
   check_tensor(out, "out", at::kFloat, dev);
-  HX_OP_CHECK(q.dim() == 2 && out.sizes() == q.sizes(), "q and out must be [nq, d]");
-  HX_OP_CHECK(kc.dim() == 3 && kc.sizes() == vc.sizes() && kc.size(2) == q.size(1), "caches must be [nk, cap, d]");
-  HX_OP_CHECK(seq_len.numel() == 1, "seq_len must hold one value");
-  const int nq = as_int(q.size(0), "nq"), d = as_int(q.size(1), "d");
+  HX_OP_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be [batch, nq, d]");
+  HX_OP_CHECK(kc.dim() == 3 && kc.sizes() == vc.sizes() && kc.size(2) == q.size(2), "caches must be [nk, cap, d]");
+  HX_OP_CHECK(seq_lens.numel() == q.size(0), "seq_lens must hold one value per sequence");
+  HX_OP_CHECK(block_tables.dim() == 2 && block_tables.size(0) == q.size(0) && block_tables.size(1) > 0,
+              "block_tables must be [batch, max_blocks]");
+  const int batch = as_int(q.size(0), "batch"), nq = as_int(q.size(1), "nq"), d = as_int(q.size(2), "d");
   const int nk = as_int(kc.size(0), "nk"), cap = as_int(kc.size(1), "cap");
-  const size_t ws_bytes = attention_decode_workspace_bytes(nq, d, cap);
+  const int max_blocks = as_int(block_tables.size(1), "max_blocks"), bs = as_int(block_size, "block_size");
+  HX_OP_CHECK(static_cast<int64_t>(max_blocks) * bs <= INT32_MAX, "max_blocks * block_size out of range");
+  HX_OP_CHECK(nk > 0 && nq % nk == 0, "nq must be a multiple of the cache's kv heads");
+  const size_t ws_bytes = attention_decode_workspace_bytes(batch, nq, nk, d, max_blocks * bs);
   // Zeroed like the model's (the kernel writes every partial state it reads).
-  at::Tensor ws = at::zeros({static_cast<int64_t>((ws_bytes + 3) / 4)}, q.options());
-  attention_decode_launch(q.data_ptr<float>(), bf16_ptr(kc), bf16_ptr(vc), seq_len.data_ptr<int32_t>(),
-                          out.data_ptr<float>(), ws.data_ptr<float>(), ws_bytes, nq, nk, d, cap,
-                          static_cast<float>(scale), stream_of(q));
+  at::Tensor ws = at::zeros({static_cast<int64_t>((ws_bytes + 3) / 4) + 1}, q.options());
+  attention_decode_launch(q.data_ptr<float>(), bf16_ptr(kc), bf16_ptr(vc), seq_lens.data_ptr<int32_t>(),
+                          block_tables.data_ptr<int32_t>(), max_blocks, bs, out.data_ptr<float>(), ws.data_ptr<float>(),
+                          ws_bytes, batch, nq, nk, d, cap, static_cast<float>(scale), stream_of(q));
 }
 
-void op_attention_prefill(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, int64_t start_pos,
-                          at::Tensor& out, double scale, bool scalar) {
+void op_attention_prefill(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& block_table,
+                          int64_t block_size, int64_t start_pos, at::Tensor& out, double scale, bool scalar) {
   const c10::cuda::CUDAGuard guard(cuda_device(q, "q"));
   const auto dev = q.device();
   check_tensor(q, "q", at::kFloat, dev);
   check_tensor(kc, "k_cache", at::kBFloat16, dev);
   check_tensor(vc, "v_cache", at::kBFloat16, dev);
+  check_tensor(block_table, "block_table", at::kInt, dev);
   check_tensor(out, "out", at::kFloat, dev);
   HX_OP_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be [n, nq, d]");
   HX_OP_CHECK(kc.dim() == 3 && kc.sizes() == vc.sizes() && kc.size(2) == q.size(2), "caches must be [nk, cap, d]");
+  HX_OP_CHECK(block_table.dim() == 1, "block_table must be [max_blocks]");
   const int n = as_int(q.size(0), "n"), nq = as_int(q.size(1), "nq"), d = as_int(q.size(2), "d");
   const int nk = as_int(kc.size(0), "nk"), cap = as_int(kc.size(1), "cap");
   auto launch = scalar ? attention_prefill_scalar_launch : attention_prefill_launch;
-  launch(q.data_ptr<float>(), bf16_ptr(kc), bf16_ptr(vc), as_int(start_pos, "start_pos"), n, out.data_ptr<float>(),
-         nq, nk, d, cap, static_cast<float>(scale), stream_of(q));
+  launch(q.data_ptr<float>(), bf16_ptr(kc), bf16_ptr(vc), block_table.data_ptr<int32_t>(),
+         as_int(block_table.numel(), "max_blocks"), as_int(block_size, "block_size"), as_int(start_pos, "start_pos"),
+         n, out.data_ptr<float>(), nq, nk, d, cap, static_cast<float>(scale), stream_of(q));
 }
 
 void op_swiglu(const at::Tensor& gate, const at::Tensor& up, const std::optional<at::Tensor>& out_f32,
@@ -380,6 +395,137 @@ void op_logprobs(const at::Tensor& logits, int64_t top_n, const at::Tensor& toke
                   out_top_lp.data_ptr<float>(), stream_of(logits));
 }
 
+// ------------------------------------------------------- sampling, batched
+
+// B rows of sampling_params_device, concatenated: [B * 40] or [B, 40] bytes.
+const SamplingParamsDevice* batch_params_ptr(const at::Tensor& params, int64_t B, const at::Device& dev) {
+  check_tensor(params, "params", at::kByte, dev);
+  const int64_t row = static_cast<int64_t>(sizeof(SamplingParamsDevice));
+  HX_OP_CHECK(params.numel() == B * row, "params must hold B * ", row, " = ", B * row, " bytes (B rows of ",
+              "torch.ops.helexa.sampling_params_device, concatenated), got ", params.numel());
+  HX_OP_CHECK(reinterpret_cast<uintptr_t>(params.data_ptr()) % alignof(SamplingParamsDevice) == 0,
+              "params must start on an ", alignof(SamplingParamsDevice), "-byte boundary");
+  return reinterpret_cast<const SamplingParamsDevice*>(params.data_ptr());
+}
+
+// logits [B, vocab] float32: returns (B, vocab).
+std::pair<int, int> logits_rows(const at::Tensor& logits, const at::Device& dev) {
+  check_tensor(logits, "logits", at::kFloat, dev);
+  HX_OP_CHECK(logits.dim() == 2, "logits must be [B, vocab]");
+  return {as_int(logits.size(0), "B"), as_int(logits.size(1), "vocab")};
+}
+
+// A penalty slot pool tensor: [max_slots, vocab] int32.
+void check_pool(const at::Tensor& t, const char* name, int64_t vocab, const at::Device& dev) {
+  check_tensor(t, name, at::kInt, dev);
+  HX_OP_CHECK(t.dim() == 2 && t.size(1) == vocab, name, " must be [max_slots, vocab] with vocab = ", vocab);
+}
+
+void op_penalties_batch(const at::Tensor& logits, at::Tensor& out, const at::Tensor& params, const at::Tensor& slots,
+                        const at::Tensor& present, const at::Tensor& counts) {
+  const c10::cuda::CUDAGuard guard(cuda_device(logits, "logits"));
+  const auto dev = logits.device();
+  const auto [B, vocab] = logits_rows(logits, dev);
+  check_tensor(out, "out", at::kFloat, dev);
+  HX_OP_CHECK(out.sizes() == logits.sizes(), "out must match logits");
+  check_tensor(slots, "slots", at::kInt, dev);
+  HX_OP_CHECK(slots.numel() == B, "slots must have B elements");
+  check_pool(present, "present", vocab, dev);
+  check_pool(counts, "counts", vocab, dev);
+  HX_OP_CHECK(counts.size(0) == present.size(0), "present and counts must have the same slots");
+  penalties_batch_launch(logits.data_ptr<float>(), out.data_ptr<float>(), B, vocab, batch_params_ptr(params, B, dev),
+                         slots.data_ptr<int32_t>(), present.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
+                         as_int(present.size(0), "max_slots"), stream_of(logits));
+}
+
+void op_penalty_update_batch(const at::Tensor& tokens, const at::Tensor& slots, at::Tensor& present,
+                             const std::optional<at::Tensor>& counts) {
+  const c10::cuda::CUDAGuard guard(cuda_device(present, "present"));
+  const auto dev = present.device();
+  check_tensor(tokens, "tokens", at::kInt, dev);
+  check_tensor(slots, "slots", at::kInt, dev);
+  HX_OP_CHECK(tokens.numel() == slots.numel(), "tokens and slots must have one element per entry");
+  check_tensor(present, "present", at::kInt, dev);
+  HX_OP_CHECK(present.dim() == 2, "present must be [max_slots, vocab]");
+  int32_t* c = nullptr;
+  if (counts.has_value() && counts->defined()) {
+    check_tensor(*counts, "counts", at::kInt, dev);
+    HX_OP_CHECK(counts->sizes() == present.sizes(), "counts must match present");
+    c = counts->data_ptr<int32_t>();
+  }
+  penalty_update_batch_launch(tokens.data_ptr<int32_t>(), slots.data_ptr<int32_t>(), as_int(tokens.numel(), "n"),
+                              present.data_ptr<int32_t>(), c, as_int(present.size(0), "max_slots"),
+                              as_int(present.size(1), "vocab"), stream_of(present));
+}
+
+void op_penalty_reset_batch(const at::Tensor& slots, at::Tensor& present, const std::optional<at::Tensor>& counts) {
+  const c10::cuda::CUDAGuard guard(cuda_device(present, "present"));
+  const auto dev = present.device();
+  check_tensor(slots, "slots", at::kInt, dev);
+  check_tensor(present, "present", at::kInt, dev);
+  HX_OP_CHECK(present.dim() == 2, "present must be [max_slots, vocab]");
+  int32_t* c = nullptr;
+  if (counts.has_value() && counts->defined()) {
+    check_tensor(*counts, "counts", at::kInt, dev);
+    HX_OP_CHECK(counts->sizes() == present.sizes(), "counts must match present");
+    c = counts->data_ptr<int32_t>();
+  }
+  penalty_reset_batch_launch(slots.data_ptr<int32_t>(), as_int(slots.numel(), "n"), present.data_ptr<int32_t>(), c,
+                             as_int(present.size(0), "max_slots"), as_int(present.size(1), "vocab"),
+                             stream_of(present));
+}
+
+void op_argmax_batch(const at::Tensor& logits, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(cuda_device(logits, "logits"));
+  const auto dev = logits.device();
+  const auto [B, vocab] = logits_rows(logits, dev);
+  check_tensor(out, "out", at::kInt, dev);
+  HX_OP_CHECK(out.numel() == B, "out must have B elements");
+  argmax_batch_launch(logits.data_ptr<float>(), B, vocab, out.data_ptr<int32_t>(), stream_of(logits));
+}
+
+void op_sample_batch(const at::Tensor& logits, const at::Tensor& params, const at::Tensor& steps, at::Tensor& out,
+                     bool candidate_prefix, const std::optional<at::Tensor>& sorted_in_full) {
+  const c10::cuda::CUDAGuard guard(cuda_device(logits, "logits"));
+  const auto dev = logits.device();
+  const auto [B, vocab] = logits_rows(logits, dev);
+  check_tensor(steps, "steps", at::kInt, dev);
+  check_tensor(out, "out", at::kInt, dev);
+  HX_OP_CHECK(steps.numel() == B && out.numel() == B, "steps and out must have B elements");
+  HX_OP_CHECK(static_cast<int64_t>(B) * vocab <= INT32_MAX, "B * vocab must be below 2^31");
+  const SamplingParamsDevice* p = batch_params_ptr(params, B, dev);
+  int32_t* full = nullptr;
+  if (sorted_in_full.has_value() && sorted_in_full->defined()) {
+    check_tensor(*sorted_in_full, "sorted_in_full", at::kInt, dev);
+    HX_OP_CHECK(sorted_in_full->numel() == B, "sorted_in_full must have B elements");
+    full = sorted_in_full->data_ptr<int32_t>();
+  }
+  if (B == 0) return;
+  const size_t ws_bytes = sample_batch_workspace_bytes(B, vocab);
+  at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, logits.options().dtype(at::kByte));
+  sample_batch_launch(logits.data_ptr<float>(), B, vocab, p, steps.data_ptr<int32_t>(), out.data_ptr<int32_t>(),
+                      ws.data_ptr(), ws_bytes, stream_of(logits), candidate_prefix, full);
+}
+
+void op_logprobs_batch(const at::Tensor& logits, int64_t top_n, const at::Tensor& tokens, at::Tensor& out_logprob,
+                       at::Tensor& out_top_ids, at::Tensor& out_top_lp) {
+  const c10::cuda::CUDAGuard guard(cuda_device(logits, "logits"));
+  const auto dev = logits.device();
+  const auto [B, vocab] = logits_rows(logits, dev);
+  check_tensor(tokens, "tokens", at::kInt, dev);
+  check_tensor(out_logprob, "out_logprob", at::kFloat, dev);
+  check_tensor(out_top_ids, "out_top_ids", at::kInt, dev);
+  check_tensor(out_top_lp, "out_top_lp", at::kFloat, dev);
+  HX_OP_CHECK(tokens.numel() == B && out_logprob.numel() == B, "tokens and out_logprob must have B elements");
+  HX_OP_CHECK(top_n >= 0 && top_n <= kMaxTopLogprobs, "top_n must be in [0, ", kMaxTopLogprobs, "]");
+  HX_OP_CHECK(out_top_ids.numel() == static_cast<int64_t>(B) * kMaxTopLogprobs &&
+                  out_top_lp.numel() == static_cast<int64_t>(B) * kMaxTopLogprobs,
+              "out_top_ids and out_top_lp must be [B, ", kMaxTopLogprobs, "]");
+  logprobs_batch_launch(logits.data_ptr<float>(), B, vocab, static_cast<int>(top_n), tokens.data_ptr<int32_t>(),
+                        out_logprob.data_ptr<float>(), out_top_ids.data_ptr<int32_t>(), out_top_lp.data_ptr<float>(),
+                        stream_of(logits));
+}
+
 }  // namespace
 }  // namespace hx
 
@@ -391,18 +537,20 @@ TORCH_LIBRARY_FRAGMENT(helexa, m) {
       &hx::op_add_rms_norm);
   m.def("head_rms_norm(Tensor(a!) x, Tensor weight, float eps) -> ()", &hx::op_head_rms_norm);
   m.def("rope(Tensor(a!) q, Tensor(b!) k, Tensor pos, Tensor inv_freq, str style) -> ()", &hx::op_rope);
-  m.def("kv_append(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor pos) -> ()", &hx::op_kv_append);
+  m.def("kv_append(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_pos) -> ()",
+        &hx::op_kv_append);
   m.def("rope_table(Tensor inv_freq, Tensor(a!) table) -> ()", &hx::op_rope_table);
   m.def(
       "rope_kv_append(Tensor(a!) q, Tensor(b!) k, Tensor v, Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor pos, "
-      "Tensor? table, Tensor inv_freq, Tensor? q_norm, Tensor? k_norm, float eps, str style) -> ()",
+      "Tensor slot_pos, Tensor? table, Tensor inv_freq, Tensor? q_norm, Tensor? k_norm, float eps, str style) -> ()",
       &hx::op_rope_kv_append);
   m.def(
-      "attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_len, Tensor(a!) out, float scale) -> ()",
+      "attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor block_tables, "
+      "int block_size, Tensor(a!) out, float scale) -> ()",
       &hx::op_attention_decode);
   m.def(
-      "attention_prefill(Tensor q, Tensor k_cache, Tensor v_cache, int start_pos, Tensor(a!) out, float scale, "
-      "bool scalar=False) -> ()",
+      "attention_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, int block_size, "
+      "int start_pos, Tensor(a!) out, float scale, bool scalar=False) -> ()",
       &hx::op_attention_prefill);
   m.def("swiglu(Tensor gate, Tensor up, Tensor(a!)? out_f32, Tensor(b!)? out_bf16) -> ()", &hx::op_swiglu);
   m.def("f32_to_bf16(Tensor x, Tensor(a!) out) -> ()", &hx::op_f32_to_bf16);
@@ -419,4 +567,21 @@ TORCH_LIBRARY_FRAGMENT(helexa, m) {
       "logprobs(Tensor logits, int top_n, Tensor token, Tensor(a!) out_logprob, Tensor(b!) out_top_ids, "
       "Tensor(c!) out_top_lp) -> ()",
       &hx::op_logprobs);
+  m.def(
+      "penalties_batch(Tensor logits, Tensor(a!) out, Tensor params, Tensor slots, Tensor present, "
+      "Tensor counts) -> ()",
+      &hx::op_penalties_batch);
+  m.def("penalty_update_batch(Tensor tokens, Tensor slots, Tensor(a!) present, Tensor(b!)? counts) -> ()",
+        &hx::op_penalty_update_batch);
+  m.def("penalty_reset_batch(Tensor slots, Tensor(a!) present, Tensor(b!)? counts) -> ()",
+        &hx::op_penalty_reset_batch);
+  m.def("argmax_batch(Tensor logits, Tensor(a!) out) -> ()", &hx::op_argmax_batch);
+  m.def(
+      "sample_batch(Tensor logits, Tensor params, Tensor steps, Tensor(a!) out, bool candidate_prefix=True, "
+      "Tensor(b!)? sorted_in_full=None) -> ()",
+      &hx::op_sample_batch);
+  m.def(
+      "logprobs_batch(Tensor logits, int top_n, Tensor tokens, Tensor(a!) out_logprob, Tensor(b!) out_top_ids, "
+      "Tensor(c!) out_top_lp) -> ()",
+      &hx::op_logprobs_batch);
 }

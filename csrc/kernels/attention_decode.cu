@@ -1,27 +1,35 @@
-// Decode attention (one query token) over the bf16 KV cache, flash-decoding style.
+// Decode attention (one query token per sequence) over the paged bf16 KV
+// pool, flash-decoding style, for a batch of sequences.
 //
-//   out[h] = sum_t softmax_t(scale * q[h] . K[t]) V[t],  t < seq_len
+//   out[b, h] = sum_t softmax_t(scale * q[b, h] . K[row_b(t)]) V[row_b(t)],  t < seq_len[b]
+//   row_b(t) = table[b, t / block_size] * block_size + t % block_size
 //
-// Layout: q [nq, d] float32, caches [nk, cap, d] bf16, GQA group G = nq / nk
-// (q heads kvh*G .. kvh*G+G-1 read kv head kvh).
+// Layout: q [batch, nq, d] float32, pool [nk, cap, d] bf16 (cap = pool
+// blocks * block_size positions), block tables [batch, max_blocks] int32,
+// GQA group G = nq / nk (q heads kvh*G .. kvh*G+G-1 read kv head kvh).
 //
-// Split kernel: grid (P splits, nk kv heads, ceil(G / GT) head groups), 128
-// threads. P depends only on cap, the head counts and the device (one wave
-// of resident blocks), so the launch is identical for every seq_len
-// (CUDA-graph replayable); each block derives its
-// slice of the sequence from the seq_len in device memory:
+// Split kernel: grid (P splits, nk kv heads, batch * ceil(G / GT) head
+// groups), 128 threads. P depends only on the batch size, max_blocks *
+// block_size, the head counts and the device (one wave of resident blocks
+// over the whole batch), so the launch is identical for every seq_len and
+// every table (CUDA-graph replayable); each block derives its slice of its
+// sequence from the seq_len in device memory:
 //   chunk = round_up(ceil(seq_len / P), 32), split s covers [s*chunk, (s+1)*chunk).
-// Splits past the end return at once. Inside a block, a row of K or V is read
-// by LPR = next_pow2(d / 8) lanes with one 16-byte load each (lanes past d/8
-// idle), so a warp reads 32/LPR consecutive rows per load instruction; each
-// lane issues B loads of K and B of V before using any, which keeps enough
-// bytes in flight to run near memory bandwidth. All GT q heads of the kv head
-// reuse each loaded K/V row (the GQA sharing). Scores are reduced over the
-// LPR lanes with xor shuffles; every row group keeps its own online-softmax
-// state (max m, sum l, unnormalized acc in log2 domain), merged across row
-// groups by shuffles and across warps in shared memory. The block writes
-// (m, l, acc) for its split to the workspace.
-// Combine kernel: one block per q head merges the valid splits:
+// Splits past the end return at once. Paging: a warp's rows of one
+// iteration are ROWS_W <= 16 consecutive positions starting at a multiple of
+// ROWS_W, so with block_size a power of two >= 16 they lie in one KV block;
+// the warp reads that block's id once (broadcast load, fetched one iteration
+// ahead so its latency hides behind the K/V loads). Inside a CTA, a row of K
+// or V is read by LPR = next_pow2(d / 8) lanes with one 16-byte load each
+// (lanes past d/8 idle), so a warp reads 32/LPR consecutive rows per load
+// instruction; each lane issues B loads of K and B of V before using any,
+// which keeps enough bytes in flight to run near memory bandwidth. All GT q
+// heads of the kv head reuse each loaded K/V row (the GQA sharing). Scores
+// are reduced over the LPR lanes with xor shuffles; every row group keeps its
+// own online-softmax state (max m, sum l, unnormalized acc in log2 domain),
+// merged across row groups by shuffles and across warps in shared memory.
+// The CTA writes (m, l, acc) for its split to the workspace.
+// Combine kernel: one CTA per (sequence, q head) merges the valid splits:
 //   out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
 // Float32 math on bf16 K/V, so results match a float32 reference on the same
 // cache values to rounding. One arch path (sm_80+ baseline): the kernel is
@@ -30,6 +38,7 @@
 #include "kernels/attention_decode.cuh"
 
 #include <atomic>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -43,6 +52,7 @@ constexpr int kDecodeThreads = 128;
 constexpr int kDecodeWarps = kDecodeThreads / 32;
 constexpr int kChunkAlign = 32;    // chunk granularity in positions
 constexpr int kMaxSplits = 256;    // workspace bound on splits per head
+constexpr int kMinBlockSize = 16;  // smallest KV block: a warp's rows of one iteration fit in it
 constexpr float kLog2e = 1.4426950408889634f;
 // Finite "minus infinity" for running maxima: 2^(kNegBig - x) is 0 for any
 // real score and 1 when both sides are kNegBig, so empty states merge cleanly.
@@ -53,9 +63,16 @@ __host__ __device__ __forceinline__ int decode_chunk(int seq, int splits) {
   return (c + kChunkAlign - 1) / kChunkAlign * kChunkAlign;
 }
 
-__host__ inline int max_splits_for(int cap) {
-  const int s = (cap + kChunkAlign - 1) / kChunkAlign;
+__host__ inline int max_splits_for(int max_seq) {
+  const int s = (max_seq + kChunkAlign - 1) / kChunkAlign;
   return s < kMaxSplits ? (s > 0 ? s : 1) : kMaxSplits;
+}
+
+// Block id `i` of a table, clamped into the pool so a bad entry can never
+// address memory outside it.
+__device__ __forceinline__ int pool_block(const int32_t* __restrict__ table, int i, int nblk) {
+  const int v = __ldg(table + i);
+  return (unsigned)v < (unsigned)nblk ? v : 0;
 }
 
 __device__ __forceinline__ void bf16x8_to_float(const uint4& r, float* f) {
@@ -78,23 +95,29 @@ struct DecodeOccupancy {
 template <int LPR, int GT, int B>
 __global__ void __launch_bounds__(kDecodeThreads, DecodeOccupancy<GT>::value)
 attn_decode_split_kernel(const float* __restrict__ q, const __nv_bfloat16* __restrict__ kc,
-                         const __nv_bfloat16* __restrict__ vc, const int32_t* __restrict__ seq_len,
-                         float* __restrict__ part_acc /*[nq, P, d]*/, float2* __restrict__ part_ml /*[nq, P]*/,
-                         int G, int d, int cap, int P, float qscale) {
+                         const __nv_bfloat16* __restrict__ vc, const int32_t* __restrict__ seq_lens,
+                         const int32_t* __restrict__ tables, float* __restrict__ part_acc /*[batch*nq, P, d]*/,
+                         float2* __restrict__ part_ml /*[batch*nq, P]*/, int G, int groups, int nq, int d, int cap,
+                         int max_blocks, int bshift, int P, float qscale) {
   pdl_begin();
   constexpr int RG = 32 / LPR;          // row groups (rows per load instruction) per warp
   constexpr int ROWS_W = RG * B;        // rows per warp per iteration
   constexpr int ROWS_BLK = kDecodeWarps * ROWS_W;
   constexpr int DMAX = 8 * LPR;
+  static_assert(ROWS_W <= kMinBlockSize && (ROWS_W & (ROWS_W - 1)) == 0,
+                "a warp's rows of one iteration must lie in one KV block");
 
   __shared__ float sm_m[kDecodeWarps][GT];
   __shared__ float sm_l[kDecodeWarps][GT];
   __shared__ float sm_acc[kDecodeWarps][GT][DMAX];
 
-  const int split = blockIdx.x, kvh = blockIdx.y, g0 = blockIdx.z * GT;
+  const int split = blockIdx.x, kvh = blockIdx.y;
+  const int bi = blockIdx.z / groups;
+  const int g0 = (blockIdx.z - bi * groups) * GT;
   const int gn = min(GT, G - g0);
-  int seq = *seq_len;
-  seq = seq < 0 ? 0 : (seq > cap ? cap : seq);
+  const int max_seq = max_blocks << bshift;
+  int seq = seq_lens[bi];
+  seq = seq < 0 ? 0 : (seq > max_seq ? max_seq : seq);
   const int chunk = decode_chunk(seq, P);
   const int start = split * chunk;
   if (start >= seq) return;
@@ -110,7 +133,7 @@ attn_decode_split_kernel(const float* __restrict__ q, const __nv_bfloat16* __res
   for (int g = 0; g < GT; ++g) {
 #pragma unroll
     for (int e = 0; e < 8; ++e)
-      qr[g][e] = (active && g < gn) ? q[(size_t)(kvh * G + g0 + g) * d + dim0 + e] * qscale : 0.f;
+      qr[g][e] = (active && g < gn) ? q[((size_t)bi * nq + kvh * G + g0 + g) * d + dim0 + e] * qscale : 0.f;
   }
   float m[GT], l[GT], acc[GT][8];
 #pragma unroll
@@ -125,15 +148,25 @@ attn_decode_split_kernel(const float* __restrict__ q, const __nv_bfloat16* __res
   const uint4* kb = reinterpret_cast<const uint4*>(kc + head_off);
   const uint4* vb = reinterpret_cast<const uint4*>(vc + head_off);
   const int row_vecs = d / 8;  // uint4 per row
+  const int32_t* table = tables + (size_t)bi * max_blocks;
+  const int nblk = cap >> bshift;
+  const int in_block = (1 << bshift) - 1;
 
-  for (int base = start + warp * ROWS_W; base < end; base += ROWS_BLK) {
+  int base = start + warp * ROWS_W;
+  int next_blk = base < end ? pool_block(table, base >> bshift, nblk) : 0;
+  for (; base < end; base += ROWS_BLK) {
+    const int blk = next_blk;
+    if (base + ROWS_BLK < end) next_blk = pool_block(table, (base + ROWS_BLK) >> bshift, nblk);
+    // Pool row of position `base`; the warp's other rows follow it in the same block.
+    const size_t row0 = ((size_t)blk << bshift) + (base & in_block);
     uint4 kr[B], vr[B];
 #pragma unroll
     for (int b = 0; b < B; ++b) {
       const int t = base + b * RG + rg;
       if (active && t < end) {
-        kr[b] = __ldg(kb + (size_t)t * row_vecs);
-        vr[b] = __ldg(vb + (size_t)t * row_vecs);
+        const size_t row = row0 + b * RG + rg;
+        kr[b] = __ldg(kb + row * row_vecs);
+        vr[b] = __ldg(vb + row * row_vecs);
       } else {
         kr[b] = make_uint4(0, 0, 0, 0);
         vr[b] = make_uint4(0, 0, 0, 0);
@@ -219,7 +252,7 @@ attn_decode_split_kernel(const float* __restrict__ q, const __nv_bfloat16* __res
       A += sm_acc[w][g][c] * f;
       L += sm_l[w][g] * f;
     }
-    const size_t slot = (size_t)(kvh * G + g0 + g) * P + split;
+    const size_t slot = ((size_t)bi * nq + kvh * G + g0 + g) * P + split;
     part_acc[slot * d + c] = A;
     if (c == 0) part_ml[slot] = make_float2(M, L);
   }
@@ -227,13 +260,14 @@ attn_decode_split_kernel(const float* __restrict__ q, const __nv_bfloat16* __res
 
 __global__ void __launch_bounds__(kDecodeThreads)
 attn_decode_combine_kernel(const float* __restrict__ part_acc, const float2* __restrict__ part_ml,
-                           const int32_t* __restrict__ seq_len, float* __restrict__ out, int d, int cap, int P) {
+                           const int32_t* __restrict__ seq_lens, float* __restrict__ out, int nq, int d,
+                           int max_seq, int P) {
   pdl_begin();
   __shared__ float w[kMaxSplits];
   __shared__ float scratch[32];
-  const int h = blockIdx.x;
-  int seq = *seq_len;
-  seq = seq < 0 ? 0 : (seq > cap ? cap : seq);
+  const int h = blockIdx.x;  // sequence * nq + head
+  int seq = seq_lens[h / nq];
+  seq = seq < 0 ? 0 : (seq > max_seq ? max_seq : seq);
   float* o = out + (size_t)h * d;
   if (seq == 0) {
     for (int c = threadIdx.x; c < d; c += blockDim.x) o[c] = 0.f;
@@ -262,8 +296,8 @@ attn_decode_combine_kernel(const float* __restrict__ part_acc, const float2* __r
   }
 }
 
-using SplitKernel = void (*)(const float*, const __nv_bfloat16*, const __nv_bfloat16*, const int32_t*, float*, float2*,
-                            int, int, int, int, float);
+using SplitKernel = void (*)(const float*, const __nv_bfloat16*, const __nv_bfloat16*, const int32_t*,
+                            const int32_t*, float*, float2*, int, int, int, int, int, int, int, int, float);
 
 template <int LPR>
 SplitKernel split_kernel_for(int GT) {
@@ -289,50 +323,87 @@ int resident_blocks(SplitKernel k, int slot, int device) {
   return v;
 }
 
-}  // namespace
+// Kernel instance, head groups and split count of one launch shape. P is a
+// function of the sizes and the device only, never of the sequences'
+// lengths or tables.
+struct DecodePlan {
+  SplitKernel kernel;
+  int G, GT, groups, P;
+};
 
-size_t attention_decode_workspace_bytes(int nq, int d, int cap) {
-  if (nq <= 0 || d <= 0 || cap <= 0) return 0;
-  return (size_t)nq * max_splits_for(cap) * (size_t)(d + 2) * sizeof(float);
+DecodePlan plan_decode(int batch, int nq, int nk, int d, int max_seq) {
+  DecodePlan p{};
+  p.G = nq / nk;
+  p.GT = p.G <= 1 ? 1 : (p.G <= 2 ? 2 : (p.G <= 4 ? 4 : 8));
+  p.groups = (p.G + p.GT - 1) / p.GT;
+  const int lpr = d <= 64 ? 8 : (d <= 128 ? 16 : 32);
+  p.kernel = lpr == 8 ? split_kernel_for<8>(p.GT)
+                      : (lpr == 16 ? split_kernel_for<16>(p.GT) : split_kernel_for<32>(p.GT));
+  // One full wave of resident blocks over the whole batch when sequences
+  // are long: fewer splits leave SMs idle, more only add partial states to merge.
+  const int dev = current_device();
+  const int slot = (lpr == 8 ? 0 : (lpr == 16 ? 4 : 8)) + (p.GT == 1 ? 0 : (p.GT == 2 ? 1 : (p.GT == 4 ? 2 : 3)));
+  const int64_t wave = (int64_t)resident_blocks(p.kernel, slot, dev) * device_sm_count(dev);
+  const int64_t per_split = (int64_t)nk * p.groups * batch;
+  const int64_t want = (wave + per_split - 1) / per_split;
+  const int pmax = max_splits_for(max_seq);
+  p.P = want < 1 ? 1 : (want > pmax ? pmax : (int)want);
+  return p;
 }
 
-void attention_decode_launch(const float* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, const int32_t* seq_len,
-                             float* out, float* workspace, size_t workspace_bytes, int nq, int nk, int d, int cap,
-                             float scale, cudaStream_t stream) {
-  if (nq <= 0 || nk <= 0 || cap <= 0 || nq % nk != 0)
-    throw std::invalid_argument("attention_decode: bad head counts nq=" + std::to_string(nq) +
-                                " nk=" + std::to_string(nk) + " (nq must be a multiple of nk) or cap=" +
+void check_decode_sizes(int batch, int nq, int nk, int d, int cap, int max_blocks, int block_size) {
+  if (batch < 0 || nq <= 0 || nk <= 0 || cap <= 0 || nq % nk != 0)
+    throw std::invalid_argument("attention_decode: bad sizes batch=" + std::to_string(batch) + " nq=" +
+                                std::to_string(nq) + " nk=" + std::to_string(nk) + " (nq must be a multiple of nk) cap=" +
                                 std::to_string(cap));
   if (d <= 0 || d % 8 != 0 || d > 256)
     throw std::invalid_argument("attention_decode: head_dim " + std::to_string(d) +
                                 " unsupported (needs a multiple of 8, at most 256)");
+  if (block_size < kMinBlockSize || (block_size & (block_size - 1)) != 0 || cap % block_size != 0)
+    throw std::invalid_argument("attention_decode: block_size " + std::to_string(block_size) +
+                                " must be a power of two >= " + std::to_string(kMinBlockSize) +
+                                " dividing the pool's " + std::to_string(cap) + " positions");
+  if (max_blocks <= 0 || (int64_t)max_blocks * block_size > INT32_MAX)
+    throw std::invalid_argument("attention_decode: bad max_blocks " + std::to_string(max_blocks));
+}
+
+}  // namespace
+
+size_t attention_decode_workspace_bytes(int batch, int nq, int nk, int d, int max_seq) {
+  if (batch <= 0 || nq <= 0 || nk <= 0 || nq % nk != 0 || d <= 0 || max_seq <= 0) return 0;
+  const DecodePlan p = plan_decode(batch, nq, nk, d, max_seq);
+  return (size_t)batch * nq * p.P * (size_t)(d + 2) * sizeof(float);
+}
+
+void attention_decode_launch(const float* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc,
+                             const int32_t* seq_lens, const int32_t* block_tables, int max_blocks, int block_size,
+                             float* out, float* workspace, size_t workspace_bytes, int batch, int nq, int nk, int d,
+                             int cap, float scale, cudaStream_t stream) {
+  check_decode_sizes(batch, nq, nk, d, cap, max_blocks, block_size);
   if ((reinterpret_cast<uintptr_t>(kc) | reinterpret_cast<uintptr_t>(vc)) % 16 != 0)
-    throw std::invalid_argument("attention_decode: K/V cache pointers must be 16-byte aligned");
-  const size_t need = attention_decode_workspace_bytes(nq, d, cap);
+    throw std::invalid_argument("attention_decode: K/V pool pointers must be 16-byte aligned");
+  if (batch == 0) return;
+  if (seq_lens == nullptr || block_tables == nullptr)
+    throw std::invalid_argument("attention_decode: seq_lens and block_tables are required");
+  const int max_seq = max_blocks * block_size;
+  const DecodePlan p = plan_decode(batch, nq, nk, d, max_seq);
+  const size_t need = (size_t)batch * nq * p.P * (size_t)(d + 2) * sizeof(float);
   if (workspace == nullptr || workspace_bytes < need)
     throw std::invalid_argument("attention_decode: workspace of " + std::to_string(workspace_bytes) +
                                 " bytes, needs " + std::to_string(need));
-  const int G = nq / nk;
-  const int GT = G <= 1 ? 1 : (G <= 2 ? 2 : (G <= 4 ? 4 : 8));
-  const int groups = (G + GT - 1) / GT;
-  const int lpr = d <= 64 ? 8 : (d <= 128 ? 16 : 32);
-  const SplitKernel kernel = lpr == 8 ? split_kernel_for<8>(GT) : (lpr == 16 ? split_kernel_for<16>(GT)
-                                                                             : split_kernel_for<32>(GT));
-  // One full wave of resident blocks when the sequence is long: fewer splits
-  // leave SMs idle, more only add partial states to merge.
-  const int dev = current_device();
-  const int slot = (lpr == 8 ? 0 : (lpr == 16 ? 4 : 8)) + (GT == 1 ? 0 : (GT == 2 ? 1 : (GT == 4 ? 2 : 3)));
-  const int wave = resident_blocks(kernel, slot, dev) * device_sm_count(dev);
-  const int want = (wave + nk * groups - 1) / (nk * groups);
-  const int pmax = max_splits_for(cap);
-  const int P = want < 1 ? 1 : (want > pmax ? pmax : want);
+  if ((int64_t)batch * p.groups > 65535)
+    throw std::invalid_argument("attention_decode: batch " + std::to_string(batch) + " is too large for one launch");
+  int bshift = 0;
+  while ((1 << bshift) < block_size) ++bshift;
 
   float* part_acc = workspace;
-  float2* part_ml = reinterpret_cast<float2*>(workspace + (size_t)nq * pmax * d);
-  const dim3 grid(P, nk, groups);
-  launch_overlapped(kernel, grid, kDecodeThreads, 0, stream, q, kc, vc, seq_len, part_acc, part_ml, G, d, cap, P, scale * kLog2e);
+  float2* part_ml = reinterpret_cast<float2*>(workspace + (size_t)batch * nq * p.P * d);
+  const dim3 grid(p.P, nk, batch * p.groups);
+  launch_overlapped(p.kernel, grid, kDecodeThreads, 0, stream, q, kc, vc, seq_lens, block_tables, part_acc, part_ml,
+                    p.G, p.groups, nq, d, cap, max_blocks, bshift, p.P, scale * kLog2e);
   HX_CUDA_CHECK(cudaGetLastError());
-  launch_overlapped(attn_decode_combine_kernel, nq, kDecodeThreads, 0, stream, part_acc, part_ml, seq_len, out, d, cap, P);
+  launch_overlapped(attn_decode_combine_kernel, batch * nq, kDecodeThreads, 0, stream, part_acc, part_ml, seq_lens,
+                    out, nq, d, max_seq, p.P);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 

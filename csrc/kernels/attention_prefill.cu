@@ -1,8 +1,11 @@
-// Causal prefill attention on tensor cores, flash-attention 2 style.
+// Causal prefill attention on tensor cores, flash-attention 2 style, over
+// one sequence's blocks of the paged KV pool.
 //
-//   out[i, h] = sum_{t <= start_pos + i} softmax_t(scale * q[i, h] . K[g(h), t]) V[g(h), t]
+//   out[i, h] = sum_{t <= start_pos + i} softmax_t(scale * q[i, h] . K[g(h), row(t)]) V[g(h), row(t)]
+//   row(t) = table[t / block_size] * block_size + t % block_size
 //
-// Layout: q / out [n, nq, d] float32; caches [nk, cap, d] bf16.
+// Layout: q / out [n, nq, d] float32; pool [nk, cap, d] bf16 (cap = pool
+// blocks * block_size positions); the sequence's block table [max_blocks] int32.
 //
 // Tensor-core path (head_dim D = 64 or 128; sm_80+, HX_HAS_BF16_MMA):
 // GQA rows: for kv head kvh the G = nq / nk query heads of every token form
@@ -11,7 +14,10 @@
 // Grid (ceil(n*G / 64), nk), 4 warps, each warp owns 16 rows. The Q tile is
 // converted to bf16 into shared memory and loaded once into mma A fragments
 // (ldmatrix). K/V tiles of 64 positions stream through a two-stage cp.async
-// pipeline; shared tiles use an XOR swizzle of 16-byte chunks (chunk ^ row%8)
+// pipeline; every thread maps its rows of a tile to pool rows through the
+// table itself (per row, so any block size works), reading the table two
+// tiles ahead into registers so the lookups never stall a tile's loads;
+// shared tiles use an XOR swizzle of 16-byte chunks (chunk ^ row%8)
 // so ldmatrix reads are bank-conflict free. S = Q K^T with
 // mma.sync.m16n8k16 (bf16 in, float32 accumulate); causal mask only on the
 // tiles that cross a row's limit; online softmax in the log2 domain in
@@ -21,8 +27,11 @@
 // Positions past the block's last key are zero-filled, never read.
 //
 // Scalar path (any even head_dim <= 256, or a GPU without bf16 mma): one warp
-// per (token, head) row, lanes split the head dim, keys in sequence with an
-// online softmax; float32 throughout. Slow but simple; a cross-check in tests.
+// per (token, head) row, lanes split the head dim, keys in sequence (each
+// mapped through the table) with an online softmax; float32 throughout.
+// Slow but simple; a cross-check in tests.
+// Table entries outside [0, cap / block_size) read block 0: a bad table can
+// give wrong numbers, never an access outside the pool.
 #include "kernels/attention_prefill.cuh"
 
 #include <atomic>
@@ -95,6 +104,13 @@ __device__ __forceinline__ void mma_bf16(float* c, const uint32_t* a, uint32_t b
 #endif
 }
 
+// Pool row of sequence position `pos`.
+__device__ __forceinline__ int pool_row(const int32_t* __restrict__ table, int nblk, int bshift, int pos) {
+  int b = __ldg(table + (pos >> bshift));
+  b = (unsigned)b < (unsigned)nblk ? b : 0;
+  return (b << bshift) | (pos & ((1 << bshift) - 1));
+}
+
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
@@ -103,10 +119,11 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 template <int D>
 __global__ void __launch_bounds__(kThreads)
 attn_prefill_mma_kernel(const float* __restrict__ q, const __nv_bfloat16* __restrict__ kc,
-                        const __nv_bfloat16* __restrict__ vc, float* __restrict__ out, int start_pos, int n, int nq,
-                        int G, int cap, float scale_log2) {
+                        const __nv_bfloat16* __restrict__ vc, const int32_t* __restrict__ table, int bshift,
+                        float* __restrict__ out, int start_pos, int n, int nq, int G, int cap, float scale_log2) {
 #if HX_HAS_BF16_MMA
   constexpr int CPR = D / 8;       // 16-byte chunks per row
+  constexpr int LOADS = kBN * CPR / kThreads;  // 16-byte chunks of a K (or V) tile per thread
   constexpr int KS = D / 16;       // k-steps of Q K^T
   constexpr int NT_S = kBN / 8;    // n-tiles of S per warp
   constexpr int NT_O = D / 8;      // n-tiles of O per warp
@@ -128,24 +145,35 @@ attn_prefill_mma_kernel(const float* __restrict__ q, const __nv_bfloat16* __rest
 
   const __nv_bfloat16* kbase = kc + (size_t)kvh * cap * D;
   const __nv_bfloat16* vbase = vc + (size_t)kvh * cap * D;
+  const int nblk = cap >> bshift;
 
-  auto load_kv = [&](int t, int buf) {
+  // Pool rows of this thread's rows of one tile (-1: past the last key).
+  int prow[LOADS];
+  auto lookup = [&](int t) {
+#pragma unroll
+    for (int it = 0; it < LOADS; ++it) {
+      const int key = t * kBN + (it * kThreads + tid) / CPR;
+      prow[it] = key < kv_end ? pool_row(table, nblk, bshift, key) : -1;
+    }
+  };
+  auto load_kv = [&](int buf) {
     __nv_bfloat16* dk = sK + buf * kBN * D;
     __nv_bfloat16* dv = sV + buf * kBN * D;
 #pragma unroll
-    for (int it = 0; it < kBN * CPR / kThreads; ++it) {
+    for (int it = 0; it < LOADS; ++it) {
       const int idx = it * kThreads + tid;
       const int r = idx / CPR, c = idx % CPR;
-      const int key = t * kBN + r;
-      const bool valid = key < kv_end;
-      const size_t off = (size_t)(valid ? key : 0) * D + c * 8;
+      const bool valid = prow[it] >= 0;
+      const size_t off = (size_t)(valid ? prow[it] : 0) * D + c * 8;
       cp_async16(dk + swz<D>(r, c), kbase + off, valid);
       cp_async16(dv + swz<D>(r, c), vbase + off, valid);
     }
   };
 
-  load_kv(0, 0);
+  lookup(0);
+  load_kv(0);
   cp_async_commit();
+  if (n_tiles > 1) lookup(1);
 
   // Q tile -> bf16 shared (rows past the end are zeros).
 #pragma unroll
@@ -182,8 +210,11 @@ attn_prefill_mma_kernel(const float* __restrict__ q, const __nv_bfloat16* __rest
   const int lim_a = start_pos + (R0 + ra) / G, lim_b = start_pos + (R0 + ra + 8) / G;
 
   for (int t = 0; t < n_tiles; ++t) {
-    if (t + 1 < n_tiles) load_kv(t + 1, (t + 1) & 1);
+    // prow holds tile t + 1's rows here; the lookup for t + 2 then runs
+    // under this tile's math.
+    if (t + 1 < n_tiles) load_kv((t + 1) & 1);
     cp_async_commit();
+    if (t + 2 < n_tiles) lookup(t + 2);
     cp_async_wait<1>();
     __syncthreads();
 
@@ -289,8 +320,9 @@ constexpr int kScalarMaxPerLane = 8;  // head_dim <= 256
 
 __global__ void __launch_bounds__(kScalarWarps * 32)
 attn_prefill_scalar_kernel(const float* __restrict__ q, const __nv_bfloat16* __restrict__ kc,
-                           const __nv_bfloat16* __restrict__ vc, float* __restrict__ out, int start_pos, int n,
-                           int nq, int G, int d, int cap, float scale_log2) {
+                           const __nv_bfloat16* __restrict__ vc, const int32_t* __restrict__ table, int bshift,
+                           float* __restrict__ out, int start_pos, int n, int nq, int G, int d, int cap,
+                           float scale_log2) {
   const int row = blockIdx.x * kScalarWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= n * nq) return;
@@ -306,14 +338,16 @@ attn_prefill_scalar_kernel(const float* __restrict__ q, const __nv_bfloat16* __r
   }
   const __nv_bfloat16* kb = kc + (size_t)kvh * cap * d;
   const __nv_bfloat16* vb = vc + (size_t)kvh * cap * d;
+  const int nblk = cap >> bshift;
   float m = -INFINITY, l = 0.f;
   const int last = start_pos + i;
   for (int t = 0; t <= last; ++t) {
+    const size_t row = (size_t)pool_row(table, nblk, bshift, t) * d;
     float dot = 0.f;
 #pragma unroll
     for (int j = 0; j < kScalarMaxPerLane; ++j) {
       const int c = lane + 32 * j;
-      if (c < d) dot = fmaf(qv[j], __bfloat162float(kb[(size_t)t * d + c]), dot);
+      if (c < d) dot = fmaf(qv[j], __bfloat162float(kb[row + c]), dot);
     }
     dot = warp_sum(dot);
     const float mnew = fmaxf(m, dot);
@@ -323,7 +357,7 @@ attn_prefill_scalar_kernel(const float* __restrict__ q, const __nv_bfloat16* __r
 #pragma unroll
     for (int j = 0; j < kScalarMaxPerLane; ++j) {
       const int c = lane + 32 * j;
-      if (c < d) acc[j] = acc[j] * alpha + p * __bfloat162float(vb[(size_t)t * d + c]);
+      if (c < d) acc[j] = acc[j] * alpha + p * __bfloat162float(vb[row + c]);
     }
     m = mnew;
   }
@@ -335,20 +369,31 @@ attn_prefill_scalar_kernel(const float* __restrict__ q, const __nv_bfloat16* __r
   }
 }
 
-void check_sizes(const char* what, int start_pos, int n, int nq, int nk, int d, int cap) {
-  if (n < 0 || start_pos < 0 || nq <= 0 || nk <= 0 || nq % nk != 0 || cap <= 0 || (int64_t)start_pos + n > cap)
+// Checks the sizes; returns log2(block_size).
+int check_sizes(const char* what, const int32_t* table, int max_blocks, int block_size, int start_pos, int n, int nq,
+                int nk, int d, int cap) {
+  if (n < 0 || start_pos < 0 || nq <= 0 || nk <= 0 || nq % nk != 0 || cap <= 0 || max_blocks < 0 ||
+      (int64_t)start_pos + n > (int64_t)max_blocks * block_size)
     throw std::invalid_argument(std::string(what) + ": bad sizes start_pos=" + std::to_string(start_pos) +
                                 " n=" + std::to_string(n) + " nq=" + std::to_string(nq) + " nk=" +
-                                std::to_string(nk) + " cap=" + std::to_string(cap) +
-                                " (need nq % nk == 0 and start_pos + n <= cap)");
+                                std::to_string(nk) + " max_blocks=" + std::to_string(max_blocks) +
+                                " (need nq % nk == 0 and start_pos + n <= max_blocks * block_size)");
+  if (block_size < 16 || (block_size & (block_size - 1)) != 0 || cap % block_size != 0)
+    throw std::invalid_argument(std::string(what) + ": block_size " + std::to_string(block_size) +
+                                " must be a power of two >= 16 dividing the pool's " + std::to_string(cap) +
+                                " positions");
   if (d <= 0 || d % 2 != 0 || d > 32 * kScalarMaxPerLane)
     throw std::invalid_argument(std::string(what) + ": head_dim " + std::to_string(d) +
                                 " unsupported (needs an even value at most 256)");
+  if (table == nullptr && n > 0) throw std::invalid_argument(std::string(what) + ": the block table is required");
+  int shift = 0;
+  while ((1 << shift) < block_size) ++shift;
+  return shift;
 }
 
 template <int D>
-void launch_mma(const float* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, int start_pos, int n, float* out,
-                int nq, int nk, int cap, float scale, cudaStream_t stream) {
+void launch_mma(const float* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, const int32_t* table, int bshift,
+                int start_pos, int n, float* out, int nq, int nk, int cap, float scale, cudaStream_t stream) {
   const size_t smem = (size_t)(kBM + 4 * kBN) * D * sizeof(__nv_bfloat16);
   static std::atomic<bool> configured[detail::kMaxDevices];
   const int dev = current_device();
@@ -359,37 +404,39 @@ void launch_mma(const float* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc
   }
   const int G = nq / nk;
   const dim3 grid((n * G + kBM - 1) / kBM, nk);
-  attn_prefill_mma_kernel<D><<<grid, kThreads, smem, stream>>>(q, kc, vc, out, start_pos, n, nq, G, cap,
-                                                               scale * kLog2e);
+  attn_prefill_mma_kernel<D><<<grid, kThreads, smem, stream>>>(q, kc, vc, table, bshift, out, start_pos, n, nq, G,
+                                                               cap, scale * kLog2e);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace
 
-void attention_prefill_scalar_launch(const float* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, int start_pos,
-                                     int n, float* out, int nq, int nk, int d, int cap, float scale,
-                                     cudaStream_t stream) {
-  check_sizes("attention_prefill", start_pos, n, nq, nk, d, cap);
+void attention_prefill_scalar_launch(const float* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc,
+                                     const int32_t* block_table, int max_blocks, int block_size, int start_pos, int n,
+                                     float* out, int nq, int nk, int d, int cap, float scale, cudaStream_t stream) {
+  const int bshift = check_sizes("attention_prefill", block_table, max_blocks, block_size, start_pos, n, nq, nk, d, cap);
   if (n == 0) return;
   const int rows = n * nq;
   attn_prefill_scalar_kernel<<<(rows + kScalarWarps - 1) / kScalarWarps, kScalarWarps * 32, 0, stream>>>(
-      q, kc, vc, out, start_pos, n, nq, nq / nk, d, cap, scale * kLog2e);
+      q, kc, vc, block_table, bshift, out, start_pos, n, nq, nq / nk, d, cap, scale * kLog2e);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 
-void attention_prefill_launch(const float* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, int start_pos, int n,
+void attention_prefill_launch(const float* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc,
+                              const int32_t* block_table, int max_blocks, int block_size, int start_pos, int n,
                               float* out, int nq, int nk, int d, int cap, float scale, cudaStream_t stream) {
-  check_sizes("attention_prefill", start_pos, n, nq, nk, d, cap);
+  const int bshift = check_sizes("attention_prefill", block_table, max_blocks, block_size, start_pos, n, nq, nk, d, cap);
   if (n == 0) return;
   const bool aligned = ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(kc) |
                          reinterpret_cast<uintptr_t>(vc) | reinterpret_cast<uintptr_t>(out)) % 16) == 0;
   const bool mma = aligned && device_sm(current_device()) >= 80;
   if (mma && d == 64) {
-    launch_mma<64>(q, kc, vc, start_pos, n, out, nq, nk, cap, scale, stream);
+    launch_mma<64>(q, kc, vc, block_table, bshift, start_pos, n, out, nq, nk, cap, scale, stream);
   } else if (mma && d == 128) {
-    launch_mma<128>(q, kc, vc, start_pos, n, out, nq, nk, cap, scale, stream);
+    launch_mma<128>(q, kc, vc, block_table, bshift, start_pos, n, out, nq, nk, cap, scale, stream);
   } else {
-    attention_prefill_scalar_launch(q, kc, vc, start_pos, n, out, nq, nk, d, cap, scale, stream);
+    attention_prefill_scalar_launch(q, kc, vc, block_table, max_blocks, block_size, start_pos, n, out, nq, nk, d, cap,
+                                    scale, stream);
   }
 }
 

@@ -1,7 +1,8 @@
-// KV cache append: kc[h, pos[t], :] = bf16(k[t, h, :]), vc likewise.
+// KV pool append: kc[h, slot_pos[t], :] = bf16(k[t, h, :]), vc likewise.
 //
-// Cache layout [nk, cap, d] bf16 per layer (one K and one V buffer), so a
-// head's positions are contiguous rows for the attention kernels. One thread
+// Pool layout [nk, cap, d] bf16 per layer (one K and one V buffer), cap =
+// blocks * block_size pool positions, so a head's positions within a block
+// are contiguous rows for the attention kernels. One thread
 // per 4 elements (float4 in, 8 bytes of bf16 out) when d % 4 == 0, else one
 // per element. Round-to-nearest-even conversion, as torch's .to(bfloat16).
 // Positions outside [0, cap) are dropped, never written out of bounds.
@@ -21,7 +22,7 @@ namespace {
 template <int VEC>
 __global__ void kv_append_kernel(const float* __restrict__ k, const float* __restrict__ v,
                                  __nv_bfloat16* __restrict__ kc, __nv_bfloat16* __restrict__ vc,
-                                 const int32_t* __restrict__ pos, int n, int nk, int d, int cap) {
+                                 const int32_t* __restrict__ slot_pos, int n, int nk, int d, int cap) {
   pdl_begin();
   const int groups = d / VEC;
   const int64_t total = (int64_t)n * nk * groups;
@@ -31,7 +32,7 @@ __global__ void kv_append_kernel(const float* __restrict__ k, const float* __res
     const int64_t th = idx / groups;  // t * nk + h
     const int h = (int)(th % nk);
     const int t = (int)(th / nk);
-    const int p = pos[t];
+    const int p = slot_pos[t];
     if (p < 0 || p >= cap) continue;
     const size_t src = (size_t)th * d + (size_t)g * VEC;
     const size_t dst = ((size_t)h * cap + p) * d + (size_t)g * VEC;
@@ -55,8 +56,8 @@ bool aligned(const void* p, size_t a) { return (reinterpret_cast<uintptr_t>(p) %
 
 }  // namespace
 
-void kv_append_launch(const float* k, const float* v, __nv_bfloat16* kc, __nv_bfloat16* vc, const int32_t* pos,
-                      int n, int nk, int d, int cap, cudaStream_t stream) {
+void kv_append_launch(const float* k, const float* v, __nv_bfloat16* kc, __nv_bfloat16* vc,
+                      const int32_t* slot_pos, int n, int nk, int d, int cap, cudaStream_t stream) {
   if (n < 0 || nk <= 0 || d <= 0 || cap <= 0)
     throw std::invalid_argument("kv_append: bad sizes n=" + std::to_string(n) + " nk=" + std::to_string(nk) +
                                 " d=" + std::to_string(d) + " cap=" + std::to_string(cap));
@@ -67,9 +68,9 @@ void kv_append_launch(const float* k, const float* v, __nv_bfloat16* kc, __nv_bf
   const int64_t want = (work + threads - 1) / threads;
   const int blocks = (int)(want < 8192 ? want : 8192);
   if (vec)
-    launch_overlapped(kv_append_kernel<4>, blocks, threads, 0, stream, k, v, kc, vc, pos, n, nk, d, cap);
+    launch_overlapped(kv_append_kernel<4>, blocks, threads, 0, stream, k, v, kc, vc, slot_pos, n, nk, d, cap);
   else
-    launch_overlapped(kv_append_kernel<1>, blocks, threads, 0, stream, k, v, kc, vc, pos, n, nk, d, cap);
+    launch_overlapped(kv_append_kernel<1>, blocks, threads, 0, stream, k, v, kc, vc, slot_pos, n, nk, d, cap);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -11,7 +11,9 @@
 // One arch path (sm_80+ baseline); the float64 work is d/2 sincos per token.
 // rope_kv_kernel is the forward's fused form: cos/sin come from a float32
 // table built once per model (same values), and k / v go straight on to the
-// bf16 cache, so a decode step spends one small launch here instead of two.
+// bf16 KV pool at each token's pool position (its logical position, which
+// the rotation uses, remapped through the sequence's block table by the
+// host), so a decode step spends one small launch here instead of two.
 #include "common/launch.cuh"
 #include "kernels/rope.cuh"
 
@@ -88,12 +90,14 @@ constexpr int kRopeKvWarps = 8;
 
 // One warp per (token, head) row; heads [0, nq) are q, [nq, nq + nk) k,
 // [nq + nk, nq + 2 nk) v. q/k rows get the optional per-head rms norm (same
-// lane-strided sum and rounding as head_rms_norm_kernel) and the rotation;
-// k and v rows then go to the bf16 cache at pos (skipped outside [0, cap)).
+// lane-strided sum and rounding as head_rms_norm_kernel) and the rotation
+// at pos; k and v rows then go to the bf16 pool at slot_pos (skipped outside
+// [0, cap)).
 __global__ void __launch_bounds__(kRopeKvWarps * 32)
 rope_kv_kernel(float* __restrict__ q, float* __restrict__ k, const float* __restrict__ v,
                __nv_bfloat16* __restrict__ kc, __nv_bfloat16* __restrict__ vc, const int32_t* __restrict__ pos,
-               const float2* __restrict__ table, int table_len, const double* __restrict__ inv_freq,
+               const int32_t* __restrict__ slot_pos, const float2* __restrict__ table, int table_len,
+               const double* __restrict__ inv_freq,
                const float* __restrict__ q_norm, const float* __restrict__ k_norm, float eps, int nq, int nk,
                int d, int cap, RopeStyle style) {
   pdl_begin();
@@ -102,12 +106,13 @@ rope_kv_kernel(float* __restrict__ q, float* __restrict__ k, const float* __rest
   const int lane = threadIdx.x & 31;
   if (head >= nq + 2 * nk) return;
   const int p = pos[t];
-  const bool cached = p >= 0 && p < cap;
+  const int sp = slot_pos[t];
+  const bool cached = sp >= 0 && sp < cap;
   if (head >= nq + nk) {
     const int kh = head - nq - nk;
     if (!cached) return;
     const float* src = v + ((size_t)t * nk + kh) * d;
-    __nv_bfloat16* dst = vc + ((size_t)kh * cap + p) * d;
+    __nv_bfloat16* dst = vc + ((size_t)kh * cap + sp) * d;
     for (int i = lane; i < d; i += 32) dst[i] = __float2bfloat16_rn(src[i]);
     return;
   }
@@ -124,7 +129,7 @@ rope_kv_kernel(float* __restrict__ q, float* __restrict__ k, const float* __rest
   }
   const int half = d >> 1;
   const bool in_table = p >= 0 && p < table_len;
-  __nv_bfloat16* kdst = (!is_q && cached) ? kc + ((size_t)kh * cap + p) * d : nullptr;
+  __nv_bfloat16* kdst = (!is_q && cached) ? kc + ((size_t)kh * cap + sp) * d : nullptr;
   for (int i = lane; i < half; i += 32) {
     float c, s;
     if (in_table) {
@@ -180,7 +185,8 @@ void rope_table_launch(const double* inv_freq, float* table, int len, int d, cud
 }
 
 void rope_kv_append_launch(float* q, float* k, const float* v, __nv_bfloat16* kc, __nv_bfloat16* vc,
-                           const int32_t* pos, const float* table, int table_len, const double* inv_freq,
+                           const int32_t* pos, const int32_t* slot_pos, const float* table, int table_len,
+                           const double* inv_freq,
                            const float* q_norm, const float* k_norm, float eps, int n, int nq, int nk, int d,
                            int cap, RopeStyle style, cudaStream_t stream) {
   if (n < 0 || nq < 0 || nk <= 0 || d <= 0 || (d & 1) || cap <= 0 || table_len < 0)
@@ -190,15 +196,17 @@ void rope_kv_append_launch(float* q, float* k, const float* v, __nv_bfloat16* kc
   if (!is_rope_style(style))
     throw std::invalid_argument("rope_kv_append: unknown rope style " + std::to_string(static_cast<int>(style)));
   if (inv_freq == nullptr) throw std::invalid_argument("rope_kv_append: inv_freq is required");
+  if (n > 0 && (pos == nullptr || slot_pos == nullptr))
+    throw std::invalid_argument("rope_kv_append: pos and slot_pos are required");
   if ((q_norm == nullptr) != (k_norm == nullptr))
     throw std::invalid_argument("rope_kv_append: q_norm and k_norm must be given together");
   if (table == nullptr) table_len = 0;
   if (n == 0) return;
   const int rows = nq + 2 * nk;
   const dim3 grid(n, (rows + kRopeKvWarps - 1) / kRopeKvWarps);
-  launch_overlapped(rope_kv_kernel, grid, kRopeKvWarps * 32, 0, stream, q, k, v, kc, vc, pos, reinterpret_cast<const float2*>(table),
-                                                         table_len, inv_freq, q_norm, k_norm, eps, nq, nk, d, cap,
-                                                         style);
+  launch_overlapped(rope_kv_kernel, grid, kRopeKvWarps * 32, 0, stream, q, k, v, kc, vc, pos, slot_pos,
+                    reinterpret_cast<const float2*>(table), table_len, inv_freq, q_norm, k_norm, eps, nq, nk, d, cap,
+                    style);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -36,12 +36,15 @@ void rope_table_launch(const double* inv_freq /*[d/2]*/, float* table /*[len, d/
 //   q, k rows: optional per-head rms norm (q_norm/k_norm both given or both
 //   nullptr, as head_rms_norm_launch), then the rotation of rope_launch with
 //   cos/sin from `table` (positions outside [0, table_len) fall back to the
-//   float64 sincos of inv_freq); q and k are rewritten in place;
-//   kc[h, pos[t], :] = bf16(rotated k[t, h, :]), vc likewise from v, positions
-//   outside [0, cap) skipped, as kv_append_launch.
+//   float64 sincos of inv_freq) at the logical position pos[t]; q and k are
+//   rewritten in place;
+//   kc[h, slot_pos[t], :] = bf16(rotated k[t, h, :]), vc likewise from v: the
+//   pool position the host mapped pos[t] to through the sequence's block
+//   table; slot positions outside [0, cap) skipped, as kv_append_launch.
 void rope_kv_append_launch(float* q /*[n, nq, d]*/, float* k /*[n, nk, d]*/, const float* v /*[n, nk, d]*/,
                            __nv_bfloat16* kc /*[nk, cap, d]*/, __nv_bfloat16* vc /*[nk, cap, d]*/,
-                           const int32_t* pos /*[n] device*/, const float* table /*[table_len, d/2, 2] or nullptr*/,
+                           const int32_t* pos /*[n] device*/, const int32_t* slot_pos /*[n] device*/,
+                           const float* table /*[table_len, d/2, 2] or nullptr*/,
                            int table_len, const double* inv_freq /*[d/2]*/, const float* q_norm /*[d] or nullptr*/,
                            const float* k_norm /*[d] or nullptr*/, float eps, int n, int nq, int nk, int d, int cap,
                            RopeStyle style, cudaStream_t stream);

@@ -3,6 +3,13 @@
 // Every launcher is CUDA-graph capturable: parameters, the step counter and
 // the chosen token live in device memory, nothing is allocated and nothing
 // synchronizes with the host.
+//
+// Each stage has a single-row form (one sequence, one SamplingParamsDevice) and a
+// batched form (*_batch_launch) that serves B rows of a [B, vocab] logits
+// matrix in one launch per stage, every row with its own parameters, random
+// stream (seed, steps[b]) and penalty slot (1 <= B <= 65535; B = 0 does
+// nothing). A batched row gives the same result as the single-row launcher
+// on that row, bit for bit.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -37,9 +44,24 @@ void penalties_launch(const float* logits /*[vocab]*/, float* out /*[vocab]*/, i
                       const SamplingParamsDevice* p /*device*/, const int32_t* present /*[vocab]*/,
                       const int32_t* counts /*[vocab]*/, cudaStream_t stream);
 
+// penalties_launch for B rows. Penalty state is a pool of slots (see
+// penalty_slots.cuh): row b reads present / counts row slots[b]; a slot
+// outside [0, max_slots) means no state, and a row whose parameters are
+// neutral (r == 1, presence == frequency == +0) skips the state: both only
+// clean NaN to -inf, which is what the formula gives them (up to the sign of
+// a zero logit). out may alias logits.
+void penalties_batch_launch(const float* logits /*[B, vocab]*/, float* out /*[B, vocab]*/, int B, int vocab,
+                            const SamplingParamsDevice* params /*[B] device*/, const int32_t* slots /*[B] device*/,
+                            const int32_t* present /*[max_slots, vocab]*/, const int32_t* counts /*[max_slots, vocab]*/,
+                            int max_slots, cudaStream_t stream);
+
 // Greedy: index of the largest logit, lowest id on ties, NaN counting as
 // -inf (all -inf: 0). One block.
 void argmax_launch(const float* logits /*[vocab]*/, int vocab, int32_t* out /*[1] device*/, cudaStream_t stream);
+
+// argmax_launch for B rows: one block per row (argmax_launch is B = 1).
+void argmax_batch_launch(const float* logits /*[B, vocab]*/, int B, int vocab, int32_t* out /*[B] device*/,
+                         cudaStream_t stream);
 
 // Workspace bytes sample_launch needs for this vocabulary size.
 size_t sample_workspace_bytes(int vocab);
@@ -53,6 +75,27 @@ void sample_launch(const float* logits /*[vocab]*/, int vocab, const SamplingPar
                    const int32_t* step /*[1] device*/, int32_t* out_token /*[1] device*/, void* workspace,
                    size_t ws_bytes, cudaStream_t stream);
 
+// Workspace bytes sample_batch_launch needs: 16 * B * vocab bytes (the full
+// sort's double buffers) plus about 52 KiB per row (candidates, histogram,
+// partials); about 160 MB for B = 64 and vocab = 151936.
+size_t sample_batch_workspace_bytes(int B, int vocab);
+
+// sample_launch for B rows (B * vocab < 2^31), one set of launches for the
+// batch. Row b uses params[b] and steps[b]; its token is what sample_launch
+// gives for that row, bit for bit. Temperature-0 rows (and rows with no
+// finite x / T) cost one argmax pass and no sort. A sampled row normally
+// sorts only its best candidates: the values at or above a threshold chosen
+// from a histogram of the row so that at most 4096 remain; when params.py's
+// answer depends on a position past them (a flat distribution, a deep pick,
+// top_k beyond them), that row is sorted in full by a segmented radix sort
+// whose other segments are empty. candidate_prefix = false sorts every
+// sampled row in full (the exact fallback alone; for tests and measurements).
+// sorted_in_full, when given, receives 1 for each row that was sorted in full.
+void sample_batch_launch(const float* logits /*[B, vocab]*/, int B, int vocab,
+                         const SamplingParamsDevice* params /*[B] device*/, const int32_t* steps /*[B] device*/,
+                         int32_t* out /*[B] device*/, void* workspace, size_t ws_bytes, cudaStream_t stream,
+                         bool candidate_prefix = true, int32_t* sorted_in_full /*[B] device or nullptr*/ = nullptr);
+
 // log_softmax of the raw logits (NaN -> -inf): out_logprob = lp[*token]
 // (-inf for an id outside the vocabulary), and the top_n (<= kMaxTopLogprobs)
 // largest lp, best first, lower id first on ties. out_top_* may be nullptr
@@ -60,6 +103,13 @@ void sample_launch(const float* logits /*[vocab]*/, int vocab, const SamplingPar
 void logprobs_launch(const float* logits /*[vocab]*/, int vocab, int top_n, const int32_t* token /*[1] device*/,
                      float* out_logprob /*[1] device*/, int32_t* out_top_ids /*[top_n] device*/,
                      float* out_top_lp /*[top_n] device*/, cudaStream_t stream);
+
+// logprobs_launch for B rows, one block per row: row b's top list starts at
+// out_top_*[b * kMaxTopLogprobs] and fills top_n entries of it.
+void logprobs_batch_launch(const float* logits /*[B, vocab]*/, int B, int vocab, int top_n,
+                           const int32_t* tokens /*[B] device*/, float* out_logprob /*[B] device*/,
+                           int32_t* out_top_ids /*[B, kMaxTopLogprobs] device*/,
+                           float* out_top_lp /*[B, kMaxTopLogprobs] device*/, cudaStream_t stream);
 
 // uniform(seed, step) of params.py, bit for bit (host and device).
 __host__ __device__ inline uint64_t splitmix64(uint64_t x) {

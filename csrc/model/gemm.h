@@ -11,9 +11,10 @@ typedef struct cublasContext* cublasHandle_t;
 namespace hx {
 
 // y = x w^T (accumulate: y += x w^T), row-major, bf16 inputs, float32 output
-// and accumulation on tensor cores.
+// and accumulation on tensor cores. Rows of y are ldy floats apart (0: m),
+// so a product can fill a column range of a wider matrix.
 void gemm_bf16_xwT(cublasHandle_t handle, const __nv_bfloat16* x /*[n, k]*/,
-                   const __nv_bfloat16* w /*[m, k]*/, float* y /*[n, m]*/, int n, int m, int k,
-                   bool accumulate, cudaStream_t stream);
+                   const __nv_bfloat16* w /*[m, k]*/, float* y /*[n, ldy]*/, int n, int m, int k,
+                   bool accumulate, cudaStream_t stream, int ldy = 0);
 
 }  // namespace hx

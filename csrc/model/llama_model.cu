@@ -3,7 +3,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <climits>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -18,7 +20,7 @@
 #include "kernels/cast.cuh"
 #include "kernels/dequant.cuh"
 #include "kernels/embedding.cuh"
-#include "kernels/kv_cache.cuh"
+#include "kernels/gather_rows.cuh"
 #include "kernels/matvec.cuh"
 #include "kernels/penalty_state.cuh"
 #include "kernels/rms_norm.cuh"
@@ -89,6 +91,23 @@ class TensorTable {
   std::unordered_map<std::string, const HostTensor*> by_name_;
 };
 
+// Byte offsets of arrays packed one after another, each 16-byte aligned.
+struct Packer {
+  size_t off = 0;
+  template <class T>
+  size_t take(size_t count) {
+    off = (off + 15) / 16 * 16;
+    const size_t at = off;
+    off += count * sizeof(T);
+    return at;
+  }
+};
+
+template <class T>
+T* at(char* base, size_t off) {
+  return reinterpret_cast<T*>(base + off);
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -109,24 +128,38 @@ GpuModel::GpuModel(WorkerContext& ctx, const ModelSpec& spec, const std::vector<
   if (!is_rope_style(s.rope_style)) bad_model("unknown rope style " + std::to_string(static_cast<int>(s.rope_style)));
   if (s.n_ctx <= 0) bad_model("n_ctx must be positive");
   if (!(s.eps > 0.f)) bad_model("rms_norm_eps must be positive");
+  if (s.block_size < 16 || s.block_size > (1 << 20) || (s.block_size & (s.block_size - 1)) != 0)
+    bad_model("block_size must be a power of two from 16 up, got " + std::to_string(s.block_size));
+  if (s.max_num_seqs < 1 || s.max_num_seqs > 4096)
+    bad_model("max_num_seqs must be in [1, 4096], got " + std::to_string(s.max_num_seqs));
+  if (s.num_blocks < 0) bad_model("num_blocks must not be negative");
 
   q_size_ = s.heads * s.head_dim;
   kv_size_ = s.kv_heads * s.head_dim;
   qkv_size_ = q_size_ + 2 * kv_size_;
-  cap_ = s.n_ctx;
-  chunk_ = std::max(1, std::min(s.prefill_chunk > 0 ? s.prefill_chunk : 512, cap_));
+  n_ctx_ = s.n_ctx;
+  chunk_ = std::max(1, std::min(s.prefill_chunk > 0 ? s.prefill_chunk : 512, n_ctx_));
+  slots_ = s.max_num_seqs + 1;
+  logit_rows_ = std::max(slots_, kMatvecMaxTokens);
+  rows_cap_ = std::max(chunk_, logit_rows_);
+  while ((1 << bshift_) < s.block_size) ++bshift_;
+  max_blocks_ = static_cast<int>((static_cast<int64_t>(n_ctx_) + s.block_size - 1) / s.block_size);
+  if (static_cast<int64_t>(max_blocks_) * s.block_size > INT32_MAX) bad_model("n_ctx is too large");
+  stage_rows_ = std::max(chunk_, n_ctx_);
+  pen_cap_ = static_cast<size_t>(n_ctx_) + 1024;
   use_graphs_ = s.use_graphs;
   try {
     load_weights(ctx, tensors);
     alloc_state();
     init_tables(ctx);
-    clear_kv(ctx);
+    if (s.num_blocks > 0) alloc_kv(ctx, s.num_blocks);
     ctx.synchronize();
   } catch (...) {
     free_all();
     throw;
   }
 }
+
 
 GpuModel::~GpuModel() { free_all(); }
 
@@ -155,7 +188,7 @@ void* GpuModel::dev_alloc(size_t bytes, size_t* counter) {
     throw CudaError("out of device memory loading the model: " + std::to_string(rounded >> 20) +
                         " MiB more needed after " + std::to_string(device_bytes() >> 20) + " MiB, " +
                         std::to_string(free_b >> 20) + " MiB free of " + std::to_string(total_b >> 20) +
-                        " MiB (try a smaller n_ctx or model)",
+                        " MiB (try a smaller n_ctx, KV cache or model)",
                     "cuda", static_cast<int>(e), false, "cudaMalloc", __FILE__, __LINE__);
   }
   HX_CUDA_CHECK(e);
@@ -307,29 +340,27 @@ void GpuModel::load_weights(WorkerContext& ctx, const std::vector<HostTensor>& t
     need(L.o);
     need(L.down);
   }
+  // The LM head of more than a few rows is dequantized in row slices of at
+  // least 4096 rows (or all of it) through the same scratch.
+  if (output_.type != GgmlType::BF16)
+    most = std::max(most, static_cast<size_t>(h) * static_cast<size_t>(std::min(s.vocab, 4096)));
   wbuf_elems_ = most;
 }
-
 void GpuModel::alloc_state() {
   const ModelSpec& s = spec_;
-  const size_t C = static_cast<size_t>(chunk_), h = s.hidden, f = s.intermediate, V = s.vocab;
+  const size_t R = static_cast<size_t>(rows_cap_), h = s.hidden, f = s.intermediate, V = s.vocab;
+  const size_t LR = static_cast<size_t>(logit_rows_), S = static_cast<size_t>(slots_);
   size_t* sc = &scratch_bytes_;
 
-  const size_t per_cache = static_cast<size_t>(s.kv_heads) * cap_ * s.head_dim;
-  auto* kv = static_cast<__nv_bfloat16*>(dev_alloc(per_cache * 2 * s.layers * sizeof(__nv_bfloat16), &kv_bytes_));
-  for (int i = 0; i < s.layers; ++i) {
-    layers_[i].k_cache = kv + per_cache * (2 * i);
-    layers_[i].v_cache = kv + per_cache * (2 * i + 1);
-  }
-
-  x_ = static_cast<float*>(dev_alloc(C * h * 4, sc));
-  xn_ = static_cast<float*>(dev_alloc(C * h * 4, sc));
+  x_ = static_cast<float*>(dev_alloc(R * h * 4, sc));
+  xn_ = static_cast<float*>(dev_alloc(R * h * 4, sc));
   const size_t widest = std::max<size_t>({h, static_cast<size_t>(q_size_), f});
-  xb_ = static_cast<__nv_bfloat16*>(dev_alloc(C * widest * 2, sc));
-  qkv_ = static_cast<float*>(dev_alloc(C * qkv_size_ * 4, sc));
-  attn_ = static_cast<float*>(dev_alloc(C * q_size_ * 4, sc));
-  gu_ = static_cast<float*>(dev_alloc(C * 2 * f * 4, sc));
+  xb_ = static_cast<__nv_bfloat16*>(dev_alloc(R * widest * 2, sc));
+  qkv_ = static_cast<float*>(dev_alloc(R * qkv_size_ * 4, sc));
+  attn_ = static_cast<float*>(dev_alloc(R * q_size_ * 4, sc));
+  gu_ = static_cast<float*>(dev_alloc(R * 2 * f * 4, sc));
   act_ = static_cast<float*>(dev_alloc(static_cast<size_t>(kMatvecMaxTokens) * f * 4, sc));
+  x_sel_ = static_cast<float*>(dev_alloc(LR * h * 4, sc));
   {
     // Small batches' int8 activations, quantized once per matvec (HELEXA_XQ=0: by every CTA).
     const char* v = std::getenv("HELEXA_XQ");
@@ -337,29 +368,100 @@ void GpuModel::alloc_state() {
       x_scratch_ = dev_alloc(matvec_x_scratch_bytes(kMatvecMaxTokens, static_cast<int>(widest)), sc);
   }
   if (wbuf_elems_ > 0) wbuf_ = static_cast<__nv_bfloat16*>(dev_alloc(wbuf_elems_ * 2, sc));
-  logits_ = static_cast<float*>(dev_alloc(kMatvecMaxTokens * V * 4, sc));
-  work_logits_ = static_cast<float*>(dev_alloc(V * 4, sc));
-  attn_ws_bytes_ = attention_decode_workspace_bytes(s.heads, s.head_dim, cap_);
+  logits_ = static_cast<float*>(dev_alloc(LR * V * 4, sc));
+  work_logits_ = static_cast<float*>(dev_alloc(LR * V * 4, sc));
+  row_present_ = static_cast<int32_t*>(dev_alloc(LR * V * 4, sc));
+  row_counts_ = static_cast<int32_t*>(dev_alloc(LR * V * 4, sc));
+  // The decode attention's split count depends on the batch: size the
+  // workspace for the largest any batch up to slots_ rows needs.
+  const int max_seq = max_blocks_ * s.block_size;
+  for (int b = 1; b <= slots_; ++b)
+    attn_ws_bytes_ = std::max(attn_ws_bytes_, attention_decode_workspace_bytes(b, s.heads, s.kv_heads, s.head_dim, max_seq));
   attn_ws_ = static_cast<float*>(dev_alloc(attn_ws_bytes_, sc));
-  rope_table_ = static_cast<float*>(dev_alloc(static_cast<size_t>(cap_) * s.head_dim * 4, sc));
+  rope_table_ = static_cast<float*>(dev_alloc(static_cast<size_t>(n_ctx_) * s.head_dim * 4, sc));
   sample_ws_bytes_ = sample_workspace_bytes(s.vocab);
   sample_ws_ = dev_alloc(sample_ws_bytes_, sc);
 
-  d_tokens_ = static_cast<int32_t*>(dev_alloc(static_cast<size_t>(cap_) * 4, sc));
-  d_pos_ = static_cast<int32_t*>(dev_alloc(static_cast<size_t>(cap_) * 4, sc));
-  d_pen_tokens_ = static_cast<int32_t*>(dev_alloc(static_cast<size_t>(cap_) * 4, sc));
-  d_present_ = static_cast<int32_t*>(dev_alloc(V * 4, sc));
-  d_counts_ = static_cast<int32_t*>(dev_alloc(V * 4, sc));
-  d_in_ = static_cast<DecodeInputs*>(dev_alloc(sizeof(DecodeInputs), sc));
-  d_out_ = static_cast<StepOutputs*>(dev_alloc(sizeof(StepOutputs), sc));
+  d_present_ = static_cast<int32_t*>(dev_alloc(S * V * 4, sc));
+  d_counts_ = static_cast<int32_t*>(dev_alloc(S * V * 4, sc));
+  d_pen_tokens_ = static_cast<int32_t*>(dev_alloc(pen_cap_ * 4, sc));
+  h_pen_tokens_ = static_cast<int32_t*>(host_alloc(pen_cap_ * 4));
 
-  h_tokens_ = static_cast<int32_t*>(host_alloc(static_cast<size_t>(cap_) * 4));
-  h_pos_ = static_cast<int32_t*>(host_alloc(static_cast<size_t>(cap_) * 4));
-  h_pen_tokens_ = static_cast<int32_t*>(host_alloc(static_cast<size_t>(cap_) * 4));
-  h_in_ = static_cast<DecodeInputs*>(host_alloc(sizeof(DecodeInputs)));
-  h_out_ = static_cast<StepOutputs*>(host_alloc(sizeof(StepOutputs)));
-  h_logits_ = static_cast<float*>(host_alloc(kMatvecMaxTokens * V * 4));
-  std::memset(h_in_, 0, sizeof(DecodeInputs));
+  // General step staging: a header for up to slots_ sequences, then the
+  // token rows of up to stage_rows_ rows.
+  {
+    Packer p;
+    p.take<int32_t>(S);                                   // decode lengths
+    p.take<int32_t>(S);                                   // sampled rows' slots
+    p.take<int32_t>(S);                                   // steps
+    p.take<SamplingParamsDevice>(S);                           // parameters
+    p.take<int32_t>(S);                                   // LM-head rows
+    p.take<int32_t>(S * static_cast<size_t>(max_blocks_));  // block tables
+    p.take<int32_t>(stage_rows_);                         // tokens
+    p.take<int32_t>(stage_rows_);                         // positions
+    p.take<int32_t>(stage_rows_);                         // pool positions
+    gen_bytes_ = p.off + 16;
+  }
+  d_gen_ = static_cast<char*>(dev_alloc(gen_bytes_, sc));
+  h_gen_ = static_cast<char*>(host_alloc(gen_bytes_));
+
+  // Pure-decode buckets: 1, 2, 4, ... rows, the last one slots_ rows.
+  size_t largest = 0;
+  for (int rows = 1;; rows *= 2) {
+    Bucket b;
+    b.rows = std::min(rows, slots_);
+    b.bytes = row_layout(nullptr, b.rows, max_blocks_, nullptr, &b.tables_off);
+    b.dev = static_cast<char*>(dev_alloc(b.bytes, sc));
+    largest = std::max(largest, b.bytes);
+    buckets_.push_back(b);
+    if (b.rows == slots_) break;
+  }
+  h_dec_ = static_cast<char*>(host_alloc(largest));
+
+  d_out_ = static_cast<StepOutputs*>(dev_alloc(LR * sizeof(StepOutputs), sc));
+  h_out_ = static_cast<StepOutputs*>(host_alloc(LR * sizeof(StepOutputs)));
+  h_logits_ = static_cast<float*>(host_alloc(LR * V * 4));
+}
+
+size_t GpuModel::row_layout(char* base, int rows, int stride, RowInputs* out, size_t* tables_off) {
+  Packer p;
+  const size_t n = static_cast<size_t>(rows);
+  const size_t tokens = p.take<int32_t>(n), pos = p.take<int32_t>(n), slot_pos = p.take<int32_t>(n);
+  const size_t seq_lens = p.take<int32_t>(n), slots = p.take<int32_t>(n), steps = p.take<int32_t>(n);
+  const size_t params = p.take<SamplingParamsDevice>(n);
+  const size_t tables = p.take<int32_t>(n * static_cast<size_t>(stride));
+  if (out != nullptr && base != nullptr) {
+    out->tokens = at<int32_t>(base, tokens);
+    out->pos = at<int32_t>(base, pos);
+    out->slot_pos = at<int32_t>(base, slot_pos);
+    out->seq_lens = at<int32_t>(base, seq_lens);
+    out->slots = at<int32_t>(base, slots);
+    out->steps = at<int32_t>(base, steps);
+    out->params = at<SamplingParamsDevice>(base, params);
+    out->tables = at<int32_t>(base, tables);
+    out->stride = stride;
+  }
+  if (tables_off != nullptr) *tables_off = tables;
+  return p.off;
+}
+
+void GpuModel::alloc_kv(WorkerContext& ctx, int num_blocks) {
+  const ModelSpec& s = spec_;
+  if (num_blocks_ != 0) throw std::invalid_argument("the KV pool is already allocated");
+  if (num_blocks < 1) throw std::invalid_argument("num_blocks must be positive");
+  if (static_cast<int64_t>(num_blocks) * s.block_size > INT32_MAX)
+    throw std::invalid_argument("a KV pool of " + std::to_string(num_blocks) + " blocks of " +
+                                std::to_string(s.block_size) + " positions exceeds 2^31 positions");
+  const size_t per_pool = static_cast<size_t>(s.kv_heads) * num_blocks * s.block_size * s.head_dim;
+  const size_t bytes = per_pool * 2 * s.layers * sizeof(__nv_bfloat16);
+  auto* kv = static_cast<__nv_bfloat16*>(dev_alloc(bytes, &kv_bytes_));
+  for (int i = 0; i < s.layers; ++i) {
+    layers_[i].k_pool = kv + per_pool * (2 * i);
+    layers_[i].v_pool = kv + per_pool * (2 * i + 1);
+  }
+  HX_CUDA_CHECK(cudaMemsetAsync(kv, 0, bytes, ctx.compute_stream()));
+  num_blocks_ = num_blocks;
+  pool_cap_ = num_blocks * s.block_size;
 }
 
 std::map<std::string, int64_t> GpuModel::memory() const {
@@ -368,8 +470,12 @@ std::map<std::string, int64_t> GpuModel::memory() const {
   m["kv_cache_bytes"] = static_cast<int64_t>(kv_bytes_);
   m["scratch_bytes"] = static_cast<int64_t>(scratch_bytes_);
   m["total_bytes"] = static_cast<int64_t>(device_bytes());
-  m["n_ctx"] = cap_;
+  m["n_ctx"] = n_ctx_;
   m["prefill_chunk"] = chunk_;
+  m["kv_blocks"] = num_blocks_;
+  m["kv_block_size"] = spec_.block_size;
+  m["kv_pool_positions"] = pool_cap_;
+  m["max_num_seqs"] = spec_.max_num_seqs;
   m["graphs"] = static_cast<int64_t>(graphs_.size());
   m["graph_captures"] = graph_captures_;
   m["graph_replays"] = graph_replays_;
@@ -382,89 +488,136 @@ std::map<std::string, int64_t> GpuModel::memory() const {
 
 void GpuModel::init_tables(WorkerContext& ctx) {
   cudaStream_t st = ctx.compute_stream();
+  const size_t V = static_cast<size_t>(spec_.vocab);
   // The decode attention's workspace starts zeroed (every launch writes the
   // partial states it reads; zeroing keeps unused slots deterministic).
   HX_CUDA_CHECK(cudaMemsetAsync(attn_ws_, 0, attn_ws_bytes_, st));
-  // cos/sin for every cache position, once: the per-layer rope becomes a
-  // table lookup instead of float64 sincos per token and layer.
-  rope_table_launch(inv_freq_, rope_table_, cap_, spec_.head_dim, st);
+  // cos/sin for every position of a sequence, once: the per-layer rope
+  // becomes a table lookup instead of float64 sincos per token and layer.
+  rope_table_launch(inv_freq_, rope_table_, n_ctx_, spec_.head_dim, st);
+  HX_CUDA_CHECK(cudaMemsetAsync(d_present_, 0, static_cast<size_t>(slots_) * V * 4, st));
+  HX_CUDA_CHECK(cudaMemsetAsync(d_counts_, 0, static_cast<size_t>(slots_) * V * 4, st));
+  for (const Bucket& b : buckets_) HX_CUDA_CHECK(cudaMemsetAsync(b.dev, 0, b.bytes, st));
+  std::memset(h_dec_, 0, buckets_.back().bytes);
 }
 
 void GpuModel::set_graphs(bool enabled) { use_graphs_ = enabled; }
 
-void GpuModel::clear_kv(WorkerContext& ctx) {
-  cudaStream_t st = ctx.compute_stream();
-  const size_t per_cache = static_cast<size_t>(spec_.kv_heads) * cap_ * spec_.head_dim;
-  HX_CUDA_CHECK(cudaMemsetAsync(layers_[0].k_cache, 0, per_cache * 2 * spec_.layers * sizeof(__nv_bfloat16), st));
-  HX_CUDA_CHECK(cudaMemsetAsync(d_present_, 0, static_cast<size_t>(spec_.vocab) * 4, st));
-  HX_CUDA_CHECK(cudaMemsetAsync(d_counts_, 0, static_cast<size_t>(spec_.vocab) * 4, st));
-}
-
 // ---------------------------------------------------------------------------
 // Inputs
 
-void GpuModel::check_tokens(const std::vector<int32_t>& tokens, int start_pos) const {
-  if (tokens.empty()) throw std::invalid_argument("tokens must not be empty");
-  if (start_pos < 0) throw std::invalid_argument("start_pos must be non-negative");
-  if (static_cast<int64_t>(start_pos) + static_cast<int64_t>(tokens.size()) > cap_)
-    throw std::invalid_argument("positions up to " + std::to_string(start_pos + tokens.size()) +
-                                " exceed the context of " + std::to_string(cap_) + " tokens");
-  for (int32_t t : tokens)
-    if (t < 0 || t >= spec_.vocab)
-      throw std::invalid_argument("token id " + std::to_string(t) + " is outside the vocabulary (size " +
-                                  std::to_string(spec_.vocab) + ")");
+void GpuModel::validate(const std::vector<SeqInput>& seqs) const {
+  if (num_blocks_ == 0) throw std::invalid_argument("the KV pool is not allocated yet");
+  if (seqs.empty()) throw std::invalid_argument("a step needs at least one sequence");
+  if (static_cast<int>(seqs.size()) > slots_)
+    throw std::invalid_argument("a step holds at most " + std::to_string(slots_) +
+                                " sequences (max_num_seqs + 1), got " + std::to_string(seqs.size()));
+  std::vector<char> seen(static_cast<size_t>(slots_), 0);
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const SeqInput& s = seqs[i];
+    const std::string who = "sequence " + std::to_string(i) + ": ";
+    const int64_t n = static_cast<int64_t>(s.tokens.size());
+    if (n == 0) throw std::invalid_argument(who + "tokens must not be empty");
+    if (s.start_pos < 0) throw std::invalid_argument(who + "start_pos must be non-negative");
+    const int64_t end = s.start_pos + n;
+    if (end > n_ctx_)
+      throw std::invalid_argument(who + "positions up to " + std::to_string(end) + " exceed the context of " +
+                                  std::to_string(n_ctx_) + " tokens");
+    for (int32_t t : s.tokens)
+      if (t < 0 || t >= spec_.vocab)
+        throw std::invalid_argument(who + "token id " + std::to_string(t) + " is outside the vocabulary (size " +
+                                    std::to_string(spec_.vocab) + ")");
+    if (s.slot < 0 || s.slot >= slots_)
+      throw std::invalid_argument(who + "slot " + std::to_string(s.slot) + " is outside [0, " +
+                                  std::to_string(slots_) + ")");
+    if (seen[s.slot]) throw std::invalid_argument(who + "slot " + std::to_string(s.slot) + " is used twice in one step");
+    seen[s.slot] = 1;
+    const int need = blocks_for(static_cast<int>(end));
+    if (static_cast<int64_t>(s.block_table.size()) < need)
+      throw std::invalid_argument(who + "the block table holds " + std::to_string(s.block_table.size()) +
+                                  " blocks; positions up to " + std::to_string(end) + " need " + std::to_string(need));
+    for (int j = 0; j < need; ++j)
+      if (s.block_table[j] < 0 || s.block_table[j] >= num_blocks_)
+        throw std::invalid_argument(who + "block id " + std::to_string(s.block_table[j]) +
+                                    " is outside the pool of " + std::to_string(num_blocks_) + " blocks");
+    if (s.sample && s.sampling.logprobs && (s.sampling.top_logprobs < 0 || s.sampling.top_logprobs > kMaxTopLogprobs))
+      throw std::invalid_argument(who + "top_logprobs must be in [0, " + std::to_string(kMaxTopLogprobs) + "]");
+  }
 }
 
-int GpuModel::mode_of(const StepSampling& sampling, const PenaltyUpdate& pen) {
+int GpuModel::mode_of(const std::vector<SeqInput>& seqs) {
+  // One tail serves every row of a batch: the union of the rows' needs.
+  // A row without penalties passes the penalty kernel unchanged (factor 1,
+  // zero offsets), a greedy row gives the same token through the sampler.
   int m = 0;
-  if (sampling.temperature > 0.f) m |= kSampled;
-  if (pen.active) m |= kPenalties;
-  if (sampling.logprobs) m |= kLogprobs;
+  for (const SeqInput& s : seqs) {
+    if (!s.sample) continue;
+    if (s.sampling.temperature > 0.f) m |= kSampled;
+    if (s.penalties.active) m |= kPenalties;
+    if (s.sampling.logprobs) m |= kLogprobs;
+  }
   return m;
 }
 
-void GpuModel::stage_inputs(WorkerContext& ctx, const StepSampling& sampling, int32_t token, int pos) {
-  if (sampling.logprobs && (sampling.top_logprobs < 0 || sampling.top_logprobs > kMaxTopLogprobs))
-    throw std::invalid_argument("top_logprobs must be in [0, " + std::to_string(kMaxTopLogprobs) + "]");
-  DecodeInputs& in = *h_in_;
-  in.token = token;
-  in.pos = pos;
-  in.seq_len = pos + 1;
-  in.step = sampling.step;
-  SamplingParamsDevice& p = in.params;
-  p.temperature = sampling.temperature;
-  p.top_k = sampling.top_k;
-  p.top_p = sampling.top_p;
-  p.min_p = sampling.min_p;
-  p.repetition_penalty = sampling.repetition_penalty;
-  p.presence_penalty = sampling.presence_penalty;
-  p.frequency_penalty = sampling.frequency_penalty;
-  p.reserved = 0;
-  p.seed = sampling.seed;
-  HX_CUDA_CHECK(cudaMemcpyAsync(d_in_, h_in_, sizeof(DecodeInputs), cudaMemcpyHostToDevice, ctx.compute_stream()));
+void GpuModel::fill_params(SamplingParamsDevice* p, const StepSampling& sampling) {
+  p->temperature = sampling.temperature;
+  p->top_k = sampling.top_k;
+  p->top_p = sampling.top_p;
+  p->min_p = sampling.min_p;
+  p->repetition_penalty = sampling.repetition_penalty;
+  p->presence_penalty = sampling.presence_penalty;
+  p->frequency_penalty = sampling.frequency_penalty;
+  p->reserved = 0;
+  p->seed = sampling.seed;
 }
 
-void GpuModel::apply_penalty_update(WorkerContext& ctx, const PenaltyUpdate& pen) {
-  if (!pen.active) return;
+void GpuModel::apply_penalty_updates(WorkerContext& ctx, const std::vector<SeqInput>& seqs) {
   cudaStream_t st = ctx.compute_stream();
-  if (pen.reset) {
-    HX_CUDA_CHECK(cudaMemsetAsync(d_present_, 0, static_cast<size_t>(spec_.vocab) * 4, st));
-    HX_CUDA_CHECK(cudaMemsetAsync(d_counts_, 0, static_cast<size_t>(spec_.vocab) * 4, st));
-  }
-  bool staged = false;
-  auto push = [&](const std::vector<int32_t>& toks, int32_t* counts) {
-    for (size_t a = 0; a < toks.size(); a += static_cast<size_t>(cap_)) {
-      const size_t n = std::min(toks.size() - a, static_cast<size_t>(cap_));
-      // The pinned staging buffer is reused: wait for the previous copy out of it.
-      if (staged) HX_CUDA_CHECK(cudaStreamSynchronize(st));
-      std::memcpy(h_pen_tokens_, toks.data() + a, n * 4);
-      HX_CUDA_CHECK(cudaMemcpyAsync(d_pen_tokens_, h_pen_tokens_, n * 4, cudaMemcpyHostToDevice, st));
-      penalty_update_launch(d_pen_tokens_, static_cast<int>(n), d_present_, counts, spec_.vocab, st);
-      staged = true;
+  const size_t V = static_cast<size_t>(spec_.vocab);
+  struct Update {
+    int slot;
+    size_t off;
+    int n;
+    bool counts;
+  };
+  std::vector<Update> staged_ops;
+  size_t staged = 0;
+  bool in_flight = false;  // a copy out of the pinned staging may still run
+  auto flush = [&]() {
+    if (staged == 0) return;
+    HX_CUDA_CHECK(cudaMemcpyAsync(d_pen_tokens_, h_pen_tokens_, staged * 4, cudaMemcpyHostToDevice, st));
+    for (const Update& u : staged_ops)
+      penalty_update_launch(d_pen_tokens_ + u.off, u.n, d_present_ + u.slot * V,
+                            u.counts ? d_counts_ + u.slot * V : nullptr, spec_.vocab, st);
+    staged_ops.clear();
+    staged = 0;
+    in_flight = true;
+  };
+  auto push = [&](const std::vector<int32_t>& toks, int slot, bool counts) {
+    for (size_t a = 0; a < toks.size();) {
+      if (staged == pen_cap_) flush();
+      if (in_flight) {
+        HX_CUDA_CHECK(cudaStreamSynchronize(st));
+        in_flight = false;
+      }
+      const size_t n = std::min(toks.size() - a, pen_cap_ - staged);
+      std::memcpy(h_pen_tokens_ + staged, toks.data() + a, n * 4);
+      staged_ops.push_back({slot, staged, static_cast<int>(n), counts});
+      staged += n;
+      a += n;
     }
   };
-  push(pen.context, nullptr);
-  push(pen.generated, d_counts_);
+  for (const SeqInput& s : seqs) {
+    if (!s.sample || !s.penalties.active) continue;
+    if (s.penalties.reset) {
+      // Ordered before this slot's own updates, which launch at a later flush.
+      HX_CUDA_CHECK(cudaMemsetAsync(d_present_ + s.slot * V, 0, V * 4, st));
+      HX_CUDA_CHECK(cudaMemsetAsync(d_counts_ + s.slot * V, 0, V * 4, st));
+    }
+    push(s.penalties.context, s.slot, false);
+    push(s.penalties.generated, s.slot, true);
+  }
+  flush();
 }
 
 // ---------------------------------------------------------------------------
@@ -503,10 +656,10 @@ void GpuModel::linear(WorkerContext& ctx, const LinearWeight& w, const float* x_
   if (bias != nullptr) add_bias_rows_launch(y, bias, n, w.n_out, st);
 }
 
-void GpuModel::run_layers(WorkerContext& ctx, const int32_t* ids, const int32_t* pos, int n, int start_pos,
-                          bool decode) {
+void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
   cudaStream_t st = ctx.compute_stream();
   const ModelSpec& s = spec_;
+  const int n = pl.n;
   const int h = s.hidden, d = s.head_dim, nq = s.heads, nk = s.kv_heads, f = s.intermediate;
   const float eps = s.eps;
   const bool small = n <= kMatvecMaxTokens;
@@ -518,7 +671,7 @@ void GpuModel::run_layers(WorkerContext& ctx, const int32_t* ids, const int32_t*
   float* gate = gu_;
   float* up = gu_ + static_cast<size_t>(n) * f;
 
-  embedding_launch(token_embd_.type, token_embd_.data, ids, x_, n, h, s.vocab, st);
+  embedding_launch(token_embd_.type, token_embd_.data, pl.ids, x_, n, h, s.vocab, st);
 
   for (const LayerWeights& L : layers_) {
     add_rms_norm_launch(x_, nullptr, L.attn_norm, eps, small ? xn_ : nullptr, small ? nullptr : xb_, n, h, st);
@@ -552,15 +705,17 @@ void GpuModel::run_layers(WorkerContext& ctx, const int32_t* ids, const int32_t*
       linear(ctx, L.v, xn_, xb_, v, n, bv, false, small);
     }
 
-    // qwen3's q/k norm, the rotation and the cache append in one launch.
-    rope_kv_append_launch(q, k, v, L.k_cache, L.v_cache, pos, rope_table_, cap_, inv_freq_, L.q_norm,
-                          L.q_norm != nullptr ? L.k_norm : nullptr, eps, n, nq, nk, d, cap_, s.rope_style, st);
-    if (decode) {
-      attention_decode_launch(q, L.k_cache, L.v_cache, &d_in_->seq_len, attn_, attn_ws_, attn_ws_bytes_, nq, nk,
-                              d, cap_, scale, st);
-    } else {
-      attention_prefill_launch(q, L.k_cache, L.v_cache, start_pos, n, attn_, nq, nk, d, cap_, scale, st);
-    }
+    // qwen3's q/k norm, the rotation and the pool append in one launch.
+    rope_kv_append_launch(q, k, v, L.k_pool, L.v_pool, pl.pos, pl.slot_pos, rope_table_, n_ctx_, inv_freq_,
+                          L.q_norm, L.q_norm != nullptr ? L.k_norm : nullptr, eps, n, nq, nk, d, pool_cap_,
+                          s.rope_style, st);
+    if (pl.n_dec > 0)
+      attention_decode_launch(q, L.k_pool, L.v_pool, pl.dec_lens, pl.dec_tables, pl.dec_stride, s.block_size, attn_,
+                              attn_ws_, attn_ws_bytes_, pl.n_dec, nq, nk, d, pool_cap_, scale, st);
+    for (const PrefillSegment& g : pl.segs)
+      attention_prefill_launch(q + static_cast<size_t>(g.row0) * q_size_, L.k_pool, L.v_pool, g.table, g.table_len,
+                               s.block_size, g.start_pos, g.count, attn_ + static_cast<size_t>(g.row0) * q_size_, nq,
+                               nk, d, pool_cap_, scale, st);
 
     if (!small) f32_to_bf16_launch(attn_, xb_, static_cast<int64_t>(n) * q_size_, st);
     linear(ctx, L.o, attn_, xb_, x_, n, L.b_o, true, small);
@@ -583,122 +738,206 @@ void GpuModel::run_layers(WorkerContext& ctx, const int32_t* ids, const int32_t*
   }
 }
 
-void GpuModel::lm_head(WorkerContext& ctx, int row0, int count) {
+void GpuModel::lm_head(WorkerContext& ctx, const float* x, int count, float* logits) {
   cudaStream_t st = ctx.compute_stream();
-  const int h = spec_.hidden;
-  add_rms_norm_launch(x_ + static_cast<size_t>(row0) * h, nullptr, output_norm_, spec_.eps, xn_, nullptr, count, h,
-                      st);
-  matvec_launch(output_.type, output_.data, xn_, logits_, spec_.vocab, h, count, nullptr,
-                matvec_options(output_, false), st);
+  const int h = spec_.hidden, V = spec_.vocab;
+  float* rows = const_cast<float*>(x);  // read only: the norm writes its input back only with a delta
+  const bool bf16 = output_.type == GgmlType::BF16;
+  // A quantized LM head is read once per group of kMatvecMaxTokens rows by
+  // the matvec, or dequantized once (about 4x its stored bytes of traffic)
+  // for a GEMM: up to 4 groups the matvec moves less.
+  if (count <= kMatvecMaxTokens || (!bf16 && count <= 4 * kMatvecMaxTokens)) {
+    add_rms_norm_launch(rows, nullptr, output_norm_, spec_.eps, xn_, nullptr, count, h, st);
+    for (int g = 0; g < count; g += kMatvecMaxTokens) {
+      const int ng = std::min(kMatvecMaxTokens, count - g);
+      matvec_launch(output_.type, output_.data, xn_ + static_cast<size_t>(g) * h,
+                    logits + static_cast<size_t>(g) * V, V, h, ng, nullptr, matvec_options(output_, false), st);
+    }
+    return;
+  }
+  add_rms_norm_launch(rows, nullptr, output_norm_, spec_.eps, nullptr, xb_, count, h, st);
+  if (bf16) {
+    gemm_bf16_xwT(ctx.cublas(), xb_, static_cast<const __nv_bfloat16*>(output_.data), logits, count, V, h, false, st);
+    return;
+  }
+  const int slice = static_cast<int>(std::min<size_t>(static_cast<size_t>(V), wbuf_elems_ / h));
+  for (int r0 = 0; r0 < V; r0 += slice) {
+    const int nr = std::min(slice, V - r0);
+    const LinearWeight part = output_.rows(r0, nr);
+    dequantize_launch(part.type, part.data, wbuf_, nr, h, st);
+    gemm_bf16_xwT(ctx.cublas(), xb_, wbuf_, logits + r0, count, nr, h, false, st, V);
+  }
 }
 
-void GpuModel::sample_tail(WorkerContext& ctx, int mode) {
+void GpuModel::sample_rows(WorkerContext& ctx, int rows, int mode, const int32_t* slots, const int32_t* steps,
+                           const SamplingParamsDevice* params) {
   cudaStream_t st = ctx.compute_stream();
   const int V = spec_.vocab;
+  const size_t Vs = static_cast<size_t>(V);
   const float* src = logits_;
   if (mode & kPenalties) {
-    penalties_launch(logits_, work_logits_, V, &d_in_->params, d_present_, d_counts_, st);
+    // Each row's slot is read from device memory, so a graph replays for any slots.
+    gather_penalty_rows_launch(d_present_, d_counts_, slots, rows, V, slots_, row_present_, row_counts_, st);
+    for (int r = 0; r < rows; ++r)
+      penalties_launch(logits_ + r * Vs, work_logits_ + r * Vs, V, params + r, row_present_ + r * Vs,
+                       row_counts_ + r * Vs, st);
     src = work_logits_;
   }
-  if (mode & kSampled)
-    sample_launch(src, V, &d_in_->params, &d_in_->step, &d_out_->token, sample_ws_, sample_ws_bytes_, st);
-  else
-    argmax_launch(src, V, &d_out_->token, st);
-  if (mode & kLogprobs)
-    logprobs_launch(logits_, V, std::min(kMaxTopLogprobs, V), &d_out_->token, &d_out_->logprob, d_out_->top_ids,
-                    d_out_->top_lp, st);
+  for (int r = 0; r < rows; ++r) {
+    StepOutputs* o = d_out_ + r;
+    if (mode & kSampled)
+      sample_launch(src + r * Vs, V, params + r, steps + r, &o->token, sample_ws_, sample_ws_bytes_, st);
+    else
+      argmax_launch(src + r * Vs, V, &o->token, st);
+    if (mode & kLogprobs)
+      logprobs_launch(logits_ + r * Vs, V, std::min(kMaxTopLogprobs, V), &o->token, &o->logprob, o->top_ids, o->top_lp,
+                      st);
+  }
 }
 
-void GpuModel::decode_body(WorkerContext& ctx, int mode) {
-  run_layers(ctx, &d_in_->token, &d_in_->pos, 1, 0, true);
-  lm_head(ctx, 0, 1);
-  sample_tail(ctx, mode);
+void GpuModel::decode_body(WorkerContext& ctx, const Bucket& b, int mode) {
+  RowInputs in;
+  row_layout(b.dev, b.rows, max_blocks_, &in, nullptr);
+  PassLayout pl;
+  pl.ids = in.tokens;
+  pl.pos = in.pos;
+  pl.slot_pos = in.slot_pos;
+  pl.n = b.rows;
+  pl.n_dec = b.rows;
+  pl.dec_lens = in.seq_lens;
+  pl.dec_tables = in.tables;
+  pl.dec_stride = max_blocks_;
+  run_layers(ctx, pl);
+  lm_head(ctx, x_, b.rows, logits_);
+  sample_rows(ctx, b.rows, mode, in.slots, in.steps, in.params);
 }
 
-StepResult GpuModel::collect(WorkerContext& ctx, const StepSampling& sampling, bool want_logits) {
+std::vector<StepResult> GpuModel::collect(WorkerContext& ctx, const std::vector<SeqInput>& seqs,
+                                          const std::vector<int>& out_row, int rows_sampled) {
   cudaStream_t st = ctx.compute_stream();
   const int V = spec_.vocab;
-  HX_CUDA_CHECK(cudaMemcpyAsync(h_out_, d_out_, sizeof(StepOutputs), cudaMemcpyDeviceToHost, st));
-  if (want_logits)
-    HX_CUDA_CHECK(cudaMemcpyAsync(h_logits_, logits_, static_cast<size_t>(V) * 4, cudaMemcpyDeviceToHost, st));
+  const size_t Vs = static_cast<size_t>(V);
+  if (rows_sampled > 0)
+    HX_CUDA_CHECK(cudaMemcpyAsync(h_out_, d_out_, rows_sampled * sizeof(StepOutputs), cudaMemcpyDeviceToHost, st));
+  for (size_t i = 0; i < seqs.size(); ++i)
+    if (seqs[i].want_logits && out_row[i] >= 0)
+      HX_CUDA_CHECK(cudaMemcpyAsync(h_logits_ + out_row[i] * Vs, logits_ + out_row[i] * Vs, Vs * 4,
+                                    cudaMemcpyDeviceToHost, st));
   HX_CUDA_CHECK(cudaStreamSynchronize(st));
-  StepResult r;
-  r.token = h_out_->token;
-  if (r.token < 0 || r.token >= V)
-    throw std::runtime_error("the device sampler returned token id " + std::to_string(r.token) +
-                             " outside the vocabulary");
-  if (sampling.logprobs) {
-    r.has_logprob = true;
-    r.logprob = h_out_->logprob;
-    const int n = std::min({sampling.top_logprobs, kMaxTopLogprobs, V});
-    for (int i = 0; i < n; ++i) r.top.emplace_back(h_out_->top_ids[i], h_out_->top_lp[i]);
+  std::vector<StepResult> out(seqs.size());
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const SeqInput& s = seqs[i];
+    StepResult& r = out[i];
+    const int k = out_row[i];
+    if (s.sample && k >= 0) {
+      const StepOutputs& o = h_out_[k];
+      if (o.token < 0 || o.token >= V)
+        throw std::runtime_error("the device sampler returned token id " + std::to_string(o.token) +
+                                 " outside the vocabulary");
+      r.token = o.token;
+      if (s.sampling.logprobs) {
+        r.has_logprob = true;
+        r.logprob = o.logprob;
+        const int n = std::min({s.sampling.top_logprobs, kMaxTopLogprobs, V});
+        for (int j = 0; j < n; ++j) r.top.emplace_back(o.top_ids[j], o.top_lp[j]);
+      }
+    }
+    if (s.want_logits && k >= 0) r.logits.assign(h_logits_ + k * Vs, h_logits_ + (k + 1) * Vs);
   }
-  if (want_logits) r.logits.assign(h_logits_, h_logits_ + V);
-  return r;
+  return out;
 }
 
 // ---------------------------------------------------------------------------
-// Jobs
+// Steps
 
-StepResult GpuModel::prefill(WorkerContext& ctx, const std::vector<int32_t>& tokens, int start_pos,
-                             const StepSampling& sampling, const PenaltyUpdate& pen, bool want_logits) {
-  check_tokens(tokens, start_pos);
-  cudaStream_t st = ctx.compute_stream();
-  const int n = static_cast<int>(tokens.size());
-  for (int i = 0; i < n; ++i) {
-    h_tokens_[i] = tokens[i];
-    h_pos_[i] = start_pos + i;
+std::vector<StepResult> GpuModel::step_batch(WorkerContext& ctx, const std::vector<SeqInput>& seqs) {
+  validate(seqs);
+  bool decode_only = true;
+  for (const SeqInput& s : seqs) decode_only = decode_only && s.tokens.size() == 1 && s.sample;
+  try {
+    apply_penalty_updates(ctx, seqs);
+    return decode_only ? decode_step(ctx, seqs) : general_step(ctx, seqs, false, nullptr);
+  } catch (...) {
+    settle(ctx);
+    throw;
   }
-  HX_CUDA_CHECK(cudaMemcpyAsync(d_tokens_, h_tokens_, static_cast<size_t>(n) * 4, cudaMemcpyHostToDevice, st));
-  HX_CUDA_CHECK(cudaMemcpyAsync(d_pos_, h_pos_, static_cast<size_t>(n) * 4, cudaMemcpyHostToDevice, st));
-  apply_penalty_update(ctx, pen);
-  stage_inputs(ctx, sampling, tokens.back(), start_pos + n - 1);
-  int last = 0;
-  for (int a = 0; a < n; a += chunk_) {
-    const int nc = std::min(chunk_, n - a);
-    run_layers(ctx, d_tokens_ + a, d_pos_ + a, nc, start_pos + a, false);
-    last = nc - 1;
-  }
-  lm_head(ctx, last, 1);
-  sample_tail(ctx, mode_of(sampling, pen));
-  return collect(ctx, sampling, want_logits);
 }
 
-StepResult GpuModel::decode(WorkerContext& ctx, int32_t token, int pos, const StepSampling& sampling,
-                            const PenaltyUpdate& pen, bool want_logits) {
-  // check_tokens without building a vector: this is the per-token path.
-  if (pos < 0) throw std::invalid_argument("start_pos must be non-negative");
-  if (pos >= cap_)
-    throw std::invalid_argument("positions up to " + std::to_string(pos + 1) + " exceed the context of " +
-                                std::to_string(cap_) + " tokens");
-  if (token < 0 || token >= spec_.vocab)
-    throw std::invalid_argument("token id " + std::to_string(token) + " is outside the vocabulary (size " +
-                                std::to_string(spec_.vocab) + ")");
+void GpuModel::settle(WorkerContext& ctx) noexcept {
+  // A step that failed midway may have left copies out of the pinned staging
+  // buffers queued; the next job refills them only after those finished.
+  // Any error this reports is the one already being thrown (or the worker's
+  // own check after the job finds it).
+  cudaStreamSynchronize(ctx.compute_stream());
+}
+
+std::vector<StepResult> GpuModel::decode_step(WorkerContext& ctx, const std::vector<SeqInput>& seqs) {
   cudaStream_t st = ctx.compute_stream();
-  apply_penalty_update(ctx, pen);
-  stage_inputs(ctx, sampling, token, pos);
-  const int mode = mode_of(sampling, pen);
-  auto it = graphs_.find(mode);
-  const auto failed = graph_failed_.find(mode);
+  const int B = static_cast<int>(seqs.size());
+  const Bucket* bk = &buckets_.back();
+  for (const Bucket& b : buckets_)
+    if (b.rows >= B) {
+      bk = &b;
+      break;
+    }
+  RowInputs in;
+  row_layout(h_dec_, bk->rows, max_blocks_, &in, nullptr);
+  const StepSampling idle;
+  int last_blocks = 0;
+  for (int r = 0; r < bk->rows; ++r) {
+    if (r < B) {
+      const SeqInput& s = seqs[r];
+      const int p = s.start_pos;
+      in.tokens[r] = s.tokens[0];
+      in.pos[r] = p;
+      in.slot_pos[r] = pool_pos(s.block_table, p);
+      in.seq_lens[r] = p + 1;
+      in.slots[r] = s.slot;
+      in.steps[r] = s.sampling.step;
+      fill_params(in.params + r, s.sampling);
+      last_blocks = blocks_for(p + 1);
+      std::memcpy(in.tables + static_cast<size_t>(r) * max_blocks_, s.block_table.data(),
+                  static_cast<size_t>(last_blocks) * 4);
+    } else {
+      // Padding: no cache write, nothing to attend to, no penalty state.
+      in.tokens[r] = 0;
+      in.pos[r] = -1;
+      in.slot_pos[r] = -1;
+      in.seq_lens[r] = 0;
+      in.slots[r] = -1;
+      in.steps[r] = 0;
+      fill_params(in.params + r, idle);
+    }
+  }
+  // Everything up to the last real row's table entries; padded rows' tables are never read.
+  const size_t bytes = bk->tables_off + (static_cast<size_t>(B - 1) * max_blocks_ + last_blocks) * 4;
+  HX_CUDA_CHECK(cudaMemcpyAsync(bk->dev, h_dec_, bytes, cudaMemcpyHostToDevice, st));
+
+  const int mode = mode_of(seqs);
+  std::vector<int> out_row(seqs.size());
+  for (int r = 0; r < B; ++r) out_row[r] = r;
+  const int key = bk->rows * kModes + mode;
+  auto it = graphs_.find(key);
+  const auto failed = graph_failed_.find(key);
   if (!use_graphs_ || (failed != graph_failed_.end() && failed->second)) {
-    decode_body(ctx, mode);
+    decode_body(ctx, *bk, mode);
   } else if (it != graphs_.end()) {
     HX_CUDA_CHECK(cudaGraphLaunch(it->second, st));
     ++graph_replays_;
   } else {
     // The plain run answers this step (and warms every kernel up); the
-    // recording made after it serves the next steps.
-    decode_body(ctx, mode);
+    // recording made after it serves the next steps of this bucket and mode.
+    decode_body(ctx, *bk, mode);
     cudaGraph_t graph = nullptr;
     HX_CUDA_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
     try {
-      decode_body(ctx, mode);
+      decode_body(ctx, *bk, mode);
     } catch (...) {
       // Leave capture mode whatever failed, or the stream stays unusable.
       cudaStreamEndCapture(st, &graph);
       if (graph != nullptr) cudaGraphDestroy(graph);
       cudaGetLastError();
-      graph_failed_[mode] = true;
+      graph_failed_[key] = true;
       try {
         throw;
       } catch (const CudaError& e) {
@@ -706,7 +945,7 @@ StepResult GpuModel::decode(WorkerContext& ctx, int32_t token, int pos, const St
         // run already produced this step's result.
         if (e.sticky) throw;
       }
-      return collect(ctx, sampling, want_logits);
+      return collect(ctx, seqs, out_row, B);
     }
     cudaError_t e = cudaStreamEndCapture(st, &graph);
     cudaGraphExec_t exec = nullptr;
@@ -714,49 +953,199 @@ StepResult GpuModel::decode(WorkerContext& ctx, int32_t token, int pos, const St
     if (graph != nullptr) cudaGraphDestroy(graph);
     if (e != cudaSuccess || exec == nullptr) {
       cudaGetLastError();
-      graph_failed_[mode] = true;
+      graph_failed_[key] = true;
     } else {
-      graphs_[mode] = exec;
+      graphs_[key] = exec;
       ++graph_captures_;
     }
   }
-  return collect(ctx, sampling, want_logits);
+  return collect(ctx, seqs, out_row, B);
+}
+
+std::vector<StepResult> GpuModel::general_step(WorkerContext& ctx, const std::vector<SeqInput>& seqs, bool all_rows,
+                                               std::vector<float>* all_out) {
+  cudaStream_t st = ctx.compute_stream();
+  const int nseq = static_cast<int>(seqs.size());
+  const int h = spec_.hidden;
+  const size_t Vs = static_cast<size_t>(spec_.vocab);
+
+  // Execution order: one-token sequences first, so their rows open the
+  // first pass(es) as one block for the batched decode attention.
+  std::vector<int> order;
+  order.reserve(nseq);
+  for (int i = 0; i < nseq; ++i)
+    if (seqs[i].tokens.size() == 1) order.push_back(i);
+  const int n_single = static_cast<int>(order.size());
+  for (int i = 0; i < nseq; ++i)
+    if (seqs[i].tokens.size() != 1) order.push_back(i);
+
+  // Rows: sequence j (in execution order) owns global rows [row0[j], row0[j] + len[j]).
+  // Logits rows: in execution order, which is also the order passes finish them.
+  std::vector<int64_t> row0(nseq), len(nseq);
+  std::vector<int> out_row(nseq, -1), blocks(nseq);
+  int64_t T = 0;
+  int width = 1, K = 0;
+  bool any_sample = false;
+  for (int j = 0; j < nseq; ++j) {
+    const SeqInput& s = seqs[order[j]];
+    row0[j] = T;
+    len[j] = static_cast<int64_t>(s.tokens.size());
+    T += len[j];
+    blocks[j] = blocks_for(s.start_pos + static_cast<int>(len[j]));
+    width = std::max(width, blocks[j]);
+    if (!all_rows && (s.sample || s.want_logits)) out_row[order[j]] = K++;
+    any_sample = any_sample || (!all_rows && s.sample);
+  }
+
+  // Header, copied once: decode lengths, sampled rows, LM-head rows, tables.
+  Packer pk;
+  const size_t o_lens = pk.take<int32_t>(n_single);
+  const size_t o_slots = pk.take<int32_t>(K), o_steps = pk.take<int32_t>(K);
+  const size_t o_params = pk.take<SamplingParamsDevice>(K), o_lm = pk.take<int32_t>(K);
+  const size_t o_tables = pk.take<int32_t>(static_cast<size_t>(nseq) * width);
+  const size_t header = pk.off;
+  {
+    const StepSampling idle;
+    for (int j = 0; j < nseq; ++j) {
+      const SeqInput& s = seqs[order[j]];
+      if (j < n_single) at<int32_t>(h_gen_, o_lens)[j] = s.start_pos + 1;
+      std::memcpy(at<int32_t>(h_gen_, o_tables) + static_cast<size_t>(j) * width, s.block_table.data(),
+                  static_cast<size_t>(blocks[j]) * 4);
+      const int k = out_row[order[j]];
+      if (k < 0) continue;
+      at<int32_t>(h_gen_, o_slots)[k] = s.sample ? s.slot : -1;
+      at<int32_t>(h_gen_, o_steps)[k] = s.sample ? s.sampling.step : 0;
+      fill_params(at<SamplingParamsDevice>(h_gen_, o_params) + k, s.sample ? s.sampling : idle);
+      at<int32_t>(h_gen_, o_lm)[k] = static_cast<int32_t>((row0[j] + len[j] - 1) % chunk_);
+    }
+  }
+  int32_t* d_lens = at<int32_t>(d_gen_, o_lens);
+  int32_t* d_tables = at<int32_t>(d_gen_, o_tables);
+  int32_t* d_lm = at<int32_t>(d_gen_, o_lm);
+
+  // Passes of chunk_ rows over the global rows; token rows staged a window
+  // of passes at a time (a step longer than the staging waits for the
+  // previous window before refilling it).
+  const int64_t n_pass = (T + chunk_ - 1) / chunk_;
+  bool first = true;
+  int jfill = 0;
+  for (int64_t p = 0; p < n_pass;) {
+    const int64_t w0 = p * chunk_;
+    int64_t p_end = p, w_rows = 0;
+    while (p_end < n_pass) {
+      const int64_t r = std::min(T, (p_end + 1) * chunk_) - p_end * chunk_;
+      if (p_end > p && w_rows + r > stage_rows_) break;
+      w_rows += r;
+      ++p_end;
+    }
+    if (!first) HX_CUDA_CHECK(cudaStreamSynchronize(st));
+    Packer wp;
+    wp.off = header;
+    const size_t o_tok = wp.take<int32_t>(w_rows), o_pos = wp.take<int32_t>(w_rows), o_sp = wp.take<int32_t>(w_rows);
+    int32_t* ht = at<int32_t>(h_gen_, o_tok);
+    int32_t* hp = at<int32_t>(h_gen_, o_pos);
+    int32_t* hs = at<int32_t>(h_gen_, o_sp);
+    for (int64_t g = w0; g < w0 + w_rows; ++g) {
+      while (g >= row0[jfill] + len[jfill]) ++jfill;
+      const SeqInput& s = seqs[order[jfill]];
+      const int t = static_cast<int>(g - row0[jfill]);
+      const int pos = s.start_pos + t;
+      ht[g - w0] = s.tokens[t];
+      hp[g - w0] = pos;
+      hs[g - w0] = pool_pos(s.block_table, pos);
+    }
+    const size_t from = first ? 0 : o_tok;
+    HX_CUDA_CHECK(cudaMemcpyAsync(d_gen_ + from, h_gen_ + from, wp.off - from, cudaMemcpyHostToDevice, st));
+    first = false;
+
+    for (; p < p_end; ++p) {
+      const int64_t ps = p * chunk_, pe = std::min(T, ps + chunk_);
+      const int n = static_cast<int>(pe - ps);
+      PassLayout pl;
+      pl.ids = at<int32_t>(d_gen_, o_tok) + (ps - w0);
+      pl.pos = at<int32_t>(d_gen_, o_pos) + (ps - w0);
+      pl.slot_pos = at<int32_t>(d_gen_, o_sp) + (ps - w0);
+      pl.n = n;
+      if (ps < n_single) {
+        pl.n_dec = static_cast<int>(std::min<int64_t>(pe, n_single) - ps);
+        pl.dec_lens = d_lens + ps;
+        pl.dec_tables = d_tables + ps * width;
+        pl.dec_stride = width;
+      }
+      int k_first = -1, k_count = 0;
+      bool contiguous = true;
+      int prev_row = 0;
+      for (int j = 0; j < nseq; ++j) {
+        const int64_t lo = std::max(row0[j], ps), hi = std::min(row0[j] + len[j], pe);
+        if (hi <= lo) continue;
+        const SeqInput& s = seqs[order[j]];
+        if (j >= n_single) {
+          PrefillSegment g;
+          g.row0 = static_cast<int>(lo - ps);
+          g.count = static_cast<int>(hi - lo);
+          g.start_pos = s.start_pos + static_cast<int>(lo - row0[j]);
+          g.table = d_tables + static_cast<size_t>(j) * width;
+          g.table_len = blocks[j];
+          pl.segs.push_back(g);
+        }
+        const int k = out_row[order[j]];
+        if (k >= 0 && hi == row0[j] + len[j]) {
+          const int row = static_cast<int>(hi - 1 - ps);
+          if (k_first < 0) k_first = k;
+          else contiguous = contiguous && row == prev_row + 1;
+          prev_row = row;
+          ++k_count;
+        }
+      }
+      run_layers(ctx, pl);
+      if (all_rows) {
+        for (int g = 0; g < n; g += logit_rows_) {
+          const int ng = std::min(logit_rows_, n - g);
+          lm_head(ctx, x_ + static_cast<size_t>(g) * h, ng, logits_);
+          HX_CUDA_CHECK(cudaMemcpyAsync(h_logits_, logits_, Vs * ng * 4, cudaMemcpyDeviceToHost, st));
+          HX_CUDA_CHECK(cudaStreamSynchronize(st));
+          std::memcpy(all_out->data() + static_cast<size_t>(ps + g) * Vs, h_logits_, Vs * ng * 4);
+        }
+      } else if (k_count > 0) {
+        const float* src = x_sel_;
+        if (contiguous) {
+          const int first_row = prev_row - (k_count - 1);
+          src = x_ + static_cast<size_t>(first_row) * h;
+        } else {
+          gather_rows_launch(x_, d_lm + k_first, k_count, h, x_sel_, st);
+        }
+        lm_head(ctx, src, k_count, logits_ + static_cast<size_t>(k_first) * Vs);
+      }
+    }
+  }
+  const int mode = mode_of(seqs);
+  if (any_sample) {
+    sample_rows(ctx, K, mode, at<int32_t>(d_gen_, o_slots), at<int32_t>(d_gen_, o_steps),
+                at<SamplingParamsDevice>(d_gen_, o_params));
+  }
+  return collect(ctx, seqs, out_row, any_sample ? K : 0);
 }
 
 std::vector<float> GpuModel::forward_logits(WorkerContext& ctx, const std::vector<int32_t>& tokens, int start_pos,
-                                            bool all_logits) {
-  check_tokens(tokens, start_pos);
-  cudaStream_t st = ctx.compute_stream();
-  const int n = static_cast<int>(tokens.size());
-  const size_t V = static_cast<size_t>(spec_.vocab);
-  for (int i = 0; i < n; ++i) {
-    h_tokens_[i] = tokens[i];
-    h_pos_[i] = start_pos + i;
+                                            const std::vector<int32_t>& block_table, bool all_logits) {
+  std::vector<SeqInput> one(1);
+  SeqInput& s = one[0];
+  s.tokens = tokens;
+  s.start_pos = start_pos;
+  s.block_table = block_table;
+  s.slot = 0;
+  s.sample = false;
+  s.want_logits = !all_logits;
+  validate(one);
+  try {
+    if (!all_logits) return std::move(general_step(ctx, one, false, nullptr)[0].logits);
+    std::vector<float> out(static_cast<size_t>(spec_.vocab) * tokens.size());
+    general_step(ctx, one, true, &out);
+    return out;
+  } catch (...) {
+    settle(ctx);
+    throw;
   }
-  HX_CUDA_CHECK(cudaMemcpyAsync(d_tokens_, h_tokens_, static_cast<size_t>(n) * 4, cudaMemcpyHostToDevice, st));
-  HX_CUDA_CHECK(cudaMemcpyAsync(d_pos_, h_pos_, static_cast<size_t>(n) * 4, cudaMemcpyHostToDevice, st));
-  std::vector<float> out(all_logits ? V * n : V);
-  int last = 0;
-  for (int a = 0; a < n; a += chunk_) {
-    const int nc = std::min(chunk_, n - a);
-    run_layers(ctx, d_tokens_ + a, d_pos_ + a, nc, start_pos + a, false);
-    last = nc - 1;
-    if (!all_logits) continue;
-    for (int g = 0; g < nc; g += kMatvecMaxTokens) {
-      const int ng = std::min(kMatvecMaxTokens, nc - g);
-      lm_head(ctx, g, ng);
-      HX_CUDA_CHECK(cudaMemcpyAsync(h_logits_, logits_, V * ng * 4, cudaMemcpyDeviceToHost, st));
-      HX_CUDA_CHECK(cudaStreamSynchronize(st));
-      std::memcpy(out.data() + static_cast<size_t>(a + g) * V, h_logits_, V * ng * 4);
-    }
-  }
-  if (!all_logits) {
-    lm_head(ctx, last, 1);
-    HX_CUDA_CHECK(cudaMemcpyAsync(h_logits_, logits_, V * 4, cudaMemcpyDeviceToHost, st));
-    HX_CUDA_CHECK(cudaStreamSynchronize(st));
-    std::memcpy(out.data(), h_logits_, V * 4);
-  }
-  return out;
 }
 
 // ---------------------------------------------------------------------------
@@ -776,35 +1165,28 @@ LoadResult model_load(DeviceWorker& w, const ModelSpec& spec, const std::vector<
   return fut.get();
 }
 
-StepResult model_prefill(DeviceWorker& w, int64_t handle, const std::vector<int32_t>& tokens, int start_pos,
-                         const StepSampling& sampling, const PenaltyUpdate& pen, bool want_logits) {
-  return w.submit([&, handle](WorkerContext& ctx) {
-            return ctx.resource<GpuModel>(handle)->prefill(ctx, tokens, start_pos, sampling, pen, want_logits);
+size_t model_alloc_kv(DeviceWorker& w, int64_t handle, int num_blocks) {
+  return w.submit([handle, num_blocks](WorkerContext& ctx) {
+            GpuModel* m = ctx.resource<GpuModel>(handle);
+            m->alloc_kv(ctx, num_blocks);
+            ctx.synchronize();
+            return m->kv_bytes();
           })
       .get();
 }
 
-StepResult model_decode(DeviceWorker& w, int64_t handle, int32_t token, int pos, const StepSampling& sampling,
-                        const PenaltyUpdate& pen, bool want_logits, JobWaiter* waiter) {
-  auto f = w.submit([&, handle](WorkerContext& ctx) {
-    return ctx.resource<GpuModel>(handle)->decode(ctx, token, pos, sampling, pen, want_logits);
-  });
+std::vector<StepResult> model_step_batch(DeviceWorker& w, int64_t handle, const std::vector<SeqInput>& seqs,
+                                         JobWaiter* waiter) {
+  auto f = w.submit([&, handle](WorkerContext& ctx) { return ctx.resource<GpuModel>(handle)->step_batch(ctx, seqs); });
   return waiter ? waiter->wait(f) : f.get();
 }
 
 std::vector<float> model_forward_logits(DeviceWorker& w, int64_t handle, const std::vector<int32_t>& tokens,
-                                        int start_pos, bool all_logits) {
+                                        int start_pos, const std::vector<int32_t>& block_table, bool all_logits) {
   return w.submit([&, handle](WorkerContext& ctx) {
-            return ctx.resource<GpuModel>(handle)->forward_logits(ctx, tokens, start_pos, all_logits);
+            return ctx.resource<GpuModel>(handle)->forward_logits(ctx, tokens, start_pos, block_table, all_logits);
           })
       .get();
-}
-
-void model_clear_kv(DeviceWorker& w, int64_t handle) {
-  w.submit([handle](WorkerContext& ctx) {
-     ctx.resource<GpuModel>(handle)->clear_kv(ctx);
-     ctx.synchronize();
-   }).get();
 }
 
 void model_drop(DeviceWorker& w, int64_t handle) {

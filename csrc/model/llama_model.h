@@ -2,26 +2,38 @@
 //
 // Lives in the worker's slab as a Resource, so it is built, used and
 // destroyed only on the worker thread. It owns every device buffer it uses
-// (weights, KV cache, scratch, I/O slots) and frees them in its destructor.
+// (weights, KV pool, scratch, I/O staging) and frees them in its destructor.
 //
-// Forward plan, per layer (n tokens; residual x is float32 [n, hidden]):
+// Forward plan of one pass over n token rows (rows of several sequences;
+// residual x is float32 [n, hidden]), per layer:
 //   xn = rmsnorm(x) * attn_norm
 //   q|k|v = xn Wqkv^T (+ bias)              n <= 8: quantized matvec; else dequant->bf16 + GEMM
-//   q, k = rope(head_rmsnorm(q, k) (qwen3), pos); kv cache[pos] = k, v
-//                                            one fused launch, cos/sin from a table built at load
-//   a = attention(q, cache)                 n == 1 decode: split-sequence kernel reading seq_len
-//                                            from device memory; else tensor-core causal prefill
+//   q, k = rope(head_rmsnorm(q, k) (qwen3), pos); pool[slot_pos] = k, v
+//                                            one fused launch; pos is the row's position in its
+//                                            sequence, slot_pos its row in the paged KV pool
+//   a = attention(q, pool)                  rows of one-token sequences: one batched decode
+//                                            launch over their block tables; each longer
+//                                            sequence chunk: tensor-core causal prefill
 //   x += a Wo^T                              (matvec accumulate / GEMM with beta = 1)
 //   xn = rmsnorm(x) * ffn_norm
 //   x += (silu(xn Wg^T) * (xn Wu^T)) Wd^T
-// then logits = rmsnorm(x_last) * output_norm @ Wout^T and the device sampler.
+// then, for the last row of each sequence that samples (or wants logits),
+// logits = rmsnorm(x) * output_norm @ Wout^T and the device sampler.
 // q/k/v and gate/up share one buffer each when their stored types match, so
 // a decode step issues one matvec for each pair.
 //
-// Decode (one token) is recorded once per sampling mode as a CUDA graph and
-// replayed; everything that changes per step (token, position, sequence
-// length, sampler step, sampling parameters) sits in one device struct that a
-// single host-to-device copy refreshes before the replay.
+// KV pool: per layer K and V of [kv_heads, num_blocks * block_size, head_dim]
+// bf16; a sequence's position p lives at pool position
+// table[p / block_size] * block_size + p % block_size.
+//
+// Pure-decode steps (every sequence feeds one token and samples) run on a
+// batch-size bucket (1, 2, 4, ... up to max_num_seqs + 1 rows) and are
+// recorded once per bucket and sampling mode as a CUDA graph and replayed;
+// everything that changes per step (tokens, positions, pool positions,
+// sequence lengths, block tables, penalty slots, sampling parameters and
+// steps) sits in the bucket's device input region, which one host-to-device
+// copy refreshes before the replay. Rows past the batch are padding
+// (position -1, length 0) whose results are ignored.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -71,20 +83,48 @@ struct LayerWeights {
   LinearWeight qk;
   bool gate_up_fused = false;         // gate, up are consecutive rows of `gate_up`
   LinearWeight gate_up;
-  __nv_bfloat16* k_cache = nullptr;   // [kv_heads, cap, head_dim]
-  __nv_bfloat16* v_cache = nullptr;   // [kv_heads, cap, head_dim]
+  __nv_bfloat16* k_pool = nullptr;    // [kv_heads, pool positions, head_dim]
+  __nv_bfloat16* v_pool = nullptr;    // [kv_heads, pool positions, head_dim]
 };
 
-// Per-step inputs the decode graph reads from device memory.
-struct DecodeInputs {
-  int32_t token;
-  int32_t pos;
-  int32_t seq_len;
-  int32_t step;
-  SamplingParamsDevice params;
+// Per-row inputs of a step in one staging buffer (host and device copies
+// share the layout, so one copy moves them). Each array holds one entry per
+// row of the step; tables hold `stride` block ids per row.
+struct RowInputs {
+  int32_t* tokens = nullptr;          // token ids
+  int32_t* pos = nullptr;             // position in the row's sequence (-1: padding)
+  int32_t* slot_pos = nullptr;        // pool position its K/V go to (-1: nowhere)
+  int32_t* seq_lens = nullptr;        // decode rows: positions to attend to (0: padding)
+  int32_t* slots = nullptr;           // sampled rows: penalty slot (-1: none)
+  int32_t* steps = nullptr;           // sampled rows: step of the random stream
+  SamplingParamsDevice* params = nullptr;  // sampled rows: sampling parameters
+  int32_t* tables = nullptr;          // decode rows: [rows, stride] block tables
+  int stride = 0;
 };
 
-// What a step returns to the host.
+// A chunk of one sequence inside a pass: `count` rows from pass row `row0`,
+// at positions start_pos.. of the sequence whose table (device) covers them.
+struct PrefillSegment {
+  int row0 = 0, count = 0, start_pos = 0;
+  const int32_t* table = nullptr;
+  int table_len = 0;
+};
+
+// One pass through the layers: n rows; rows [0, n_dec) are one-token
+// sequences attending through dec_tables, the rest are prefill segments.
+struct PassLayout {
+  const int32_t* ids = nullptr;       // [n] device
+  const int32_t* pos = nullptr;       // [n] device
+  const int32_t* slot_pos = nullptr;  // [n] device
+  int n = 0;
+  int n_dec = 0;
+  const int32_t* dec_lens = nullptr;  // [n_dec] device
+  const int32_t* dec_tables = nullptr;  // [n_dec, dec_stride] device
+  int dec_stride = 0;
+  std::vector<PrefillSegment> segs;
+};
+
+// What a sampled row returns to the host.
 struct StepOutputs {
   int32_t token;
   float logprob;
@@ -97,20 +137,27 @@ class GpuModel : public Resource {
   GpuModel(WorkerContext& ctx, const ModelSpec& spec, const std::vector<HostTensor>& tensors);
   ~GpuModel() override;
 
-  StepResult prefill(WorkerContext& ctx, const std::vector<int32_t>& tokens, int start_pos,
-                     const StepSampling& sampling, const PenaltyUpdate& pen, bool want_logits);
-  StepResult decode(WorkerContext& ctx, int32_t token, int pos, const StepSampling& sampling,
-                    const PenaltyUpdate& pen, bool want_logits);
-  std::vector<float> forward_logits(WorkerContext& ctx, const std::vector<int32_t>& tokens,
-                                    int start_pos, bool all_logits);
-  void clear_kv(WorkerContext& ctx);
+  // Allocates the KV pool (once): num_blocks blocks of spec.block_size positions.
+  void alloc_kv(WorkerContext& ctx, int num_blocks);
+  std::vector<StepResult> step_batch(WorkerContext& ctx, const std::vector<SeqInput>& seqs);
+  std::vector<float> forward_logits(WorkerContext& ctx, const std::vector<int32_t>& tokens, int start_pos,
+                                    const std::vector<int32_t>& block_table, bool all_logits);
   void set_graphs(bool enabled);
   std::map<std::string, int64_t> memory() const;
   size_t device_bytes() const { return weight_bytes_ + kv_bytes_ + scratch_bytes_; }
+  size_t kv_bytes() const { return kv_bytes_; }
 
  private:
   // Sampling tail variants, each its own graph.
-  enum ModeBits : int { kSampled = 1, kPenalties = 2, kLogprobs = 4 };
+  enum ModeBits : int { kSampled = 1, kPenalties = 2, kLogprobs = 4, kModes = 8 };
+
+  // A pure-decode batch size: its graphs and its device input region.
+  struct Bucket {
+    int rows = 0;
+    char* dev = nullptr;              // device input region
+    size_t bytes = 0;
+    size_t tables_off = 0;            // byte offset of the block tables in the region
+  };
 
   void* dev_alloc(size_t bytes, size_t* counter);
   void* host_alloc(size_t bytes);
@@ -120,15 +167,31 @@ class GpuModel : public Resource {
   void alloc_state();
   void init_tables(WorkerContext& ctx);
 
-  void check_tokens(const std::vector<int32_t>& tokens, int start_pos) const;
-  void stage_inputs(WorkerContext& ctx, const StepSampling& sampling, int32_t token, int pos);
-  void apply_penalty_update(WorkerContext& ctx, const PenaltyUpdate& pen);
-  static int mode_of(const StepSampling& sampling, const PenaltyUpdate& pen);
+  void validate(const std::vector<SeqInput>& seqs) const;
+  int blocks_for(int positions) const { return (positions + spec_.block_size - 1) >> bshift_; }
+  int pool_pos(const std::vector<int32_t>& table, int p) const {
+    return (table[p >> bshift_] << bshift_) | (p & (spec_.block_size - 1));
+  }
+  void apply_penalty_updates(WorkerContext& ctx, const std::vector<SeqInput>& seqs);
+  static int mode_of(const std::vector<SeqInput>& seqs);
+  static void fill_params(SamplingParamsDevice* p, const StepSampling& sampling);
+  // Lays out a row-input region of `rows` rows and block tables of `stride`
+  // entries per row at `base`; returns its bytes and the tables' offset.
+  static size_t row_layout(char* base, int rows, int stride, RowInputs* out, size_t* tables_off);
 
-  // Runs the layers over n tokens whose ids / positions are already on the
-  // device; leaves the residual stream in x_.
-  void run_layers(WorkerContext& ctx, const int32_t* ids, const int32_t* pos, int n, int start_pos,
-                  bool decode);
+  // Waits for the compute stream after a failed step (see the definition).
+  static void settle(WorkerContext& ctx) noexcept;
+  std::vector<StepResult> decode_step(WorkerContext& ctx, const std::vector<SeqInput>& seqs);
+  // Every other step, and forward_logits: passes of up to chunk_ rows.
+  // all_rows: the LM head over every row, downloaded into *all_out
+  // (forward_logits of one sequence); otherwise over each sequence's last
+  // row where it samples or wants logits.
+  std::vector<StepResult> general_step(WorkerContext& ctx, const std::vector<SeqInput>& seqs, bool all_rows,
+                                       std::vector<float>* all_out);
+
+  // Runs the layers over one pass whose inputs are already on the device;
+  // leaves the residual stream in x_.
+  void run_layers(WorkerContext& ctx, const PassLayout& pl);
   void linear(WorkerContext& ctx, const LinearWeight& w, const float* x_f32, const __nv_bfloat16* x_bf16,
               float* y, int n, const float* bias, bool accumulate, bool small);
   void dequantize_for_gemm(WorkerContext& ctx, const LinearWeight& w, const __nv_bfloat16** out);
@@ -149,17 +212,34 @@ class GpuModel : public Resource {
   // The decode matvec's options over weight w: int8_for, two int8 terms, the
   // weights read as static, the shared x scratch.
   MatvecOptions matvec_options(const LinearWeight& w, bool accumulate) const;
-  // Final norm + LM head for rows [row0, row0 + count) of x_ into logits_ rows.
-  void lm_head(WorkerContext& ctx, int row0, int count);
-  // Sampling kernels on logits_ row 0 into the device outputs.
-  void sample_tail(WorkerContext& ctx, int mode);
-  void decode_body(WorkerContext& ctx, int mode);
-  StepResult collect(WorkerContext& ctx, const StepSampling& sampling, bool want_logits);
+  // Final norm + LM head of `count` consecutive hidden rows into logits rows
+  // [count, vocab]: the matvec in groups of kMatvecMaxTokens rows, or for
+  // many rows dequantize + GEMM in row slices.
+  void lm_head(WorkerContext& ctx, const float* x, int count, float* logits);
+  // Penalties, the token choice and logprobs of logits_ rows [0, rows) into
+  // d_out_ rows, each with its own slot / step / parameters (device arrays).
+  // The one place where the per-row launches would become batched ones.
+  void sample_rows(WorkerContext& ctx, int rows, int mode, const int32_t* slots, const int32_t* steps,
+                   const SamplingParamsDevice* params);
+  void decode_body(WorkerContext& ctx, const Bucket& b, int mode);
+  // Reads back the sampled rows and wanted logits. out_row[i]: sequence i's
+  // logits row (-1: none).
+  std::vector<StepResult> collect(WorkerContext& ctx, const std::vector<SeqInput>& seqs,
+                                  const std::vector<int>& out_row, int rows_sampled);
 
   ModelSpec spec_;
   int q_size_ = 0, kv_size_ = 0, qkv_size_ = 0;
-  int cap_ = 0;
-  int chunk_ = 0;
+  int n_ctx_ = 0;                      // longest sequence
+  int chunk_ = 0;                      // rows per pass of the general step
+  int slots_ = 0;                      // penalty slots = largest step = max_num_seqs + 1
+  int rows_cap_ = 0;                   // scratch rows: max(chunk_, slots_)
+  int logit_rows_ = 0;                 // logits rows: max(slots_, kMatvecMaxTokens)
+  int bshift_ = 0;                     // log2(block_size)
+  int max_blocks_ = 0;                 // blocks of the longest sequence: ceil(n_ctx / block_size)
+  int num_blocks_ = 0;                 // pool blocks (0 until alloc_kv)
+  int pool_cap_ = 0;                   // pool positions: num_blocks * block_size
+  int stage_rows_ = 0;                 // token rows the general staging holds at once
+  size_t pen_cap_ = 0;                 // penalty tokens the penalty staging holds at once
   bool use_graphs_ = true;
 
   std::vector<void*> dev_buffers_;
@@ -172,41 +252,42 @@ class GpuModel : public Resource {
   const double* inv_freq_ = nullptr;   // [head_dim / 2], float64 like the reference's angles
   std::vector<LayerWeights> layers_;
 
-  // Scratch, sized for chunk_ tokens.
-  float* x_ = nullptr;                 // [chunk, hidden] residual stream
-  float* xn_ = nullptr;                // [chunk, hidden] normed (matvec input)
-  __nv_bfloat16* xb_ = nullptr;        // [chunk, max(hidden, q, inter)] GEMM input
-  float* qkv_ = nullptr;               // [chunk, q + 2 kv]: q block, then k block, then v block
-  float* attn_ = nullptr;              // [chunk, q]
-  float* gu_ = nullptr;                // [chunk, 2 inter]: gate block, then up block
-  float* act_ = nullptr;               // [chunk, inter] (matvec path)
+  // Scratch, sized for rows_cap_ rows.
+  float* x_ = nullptr;                 // [rows, hidden] residual stream
+  float* xn_ = nullptr;                // [rows, hidden] normed (matvec input)
+  __nv_bfloat16* xb_ = nullptr;        // [rows, max(hidden, q, inter)] GEMM input
+  float* qkv_ = nullptr;               // [rows, q + 2 kv]: q block, then k block, then v block
+  float* attn_ = nullptr;              // [rows, q]
+  float* gu_ = nullptr;                // [rows, 2 inter]: gate block, then up block
+  float* act_ = nullptr;               // [kMatvecMaxTokens, inter] (matvec path)
+  float* x_sel_ = nullptr;             // [logit_rows, hidden] last rows gathered for the LM head
   void* x_scratch_ = nullptr;          // int8 activations of one small-batch matvec (matvec_x_scratch_bytes)
-  __nv_bfloat16* wbuf_ = nullptr;      // dequantized weight for one GEMM (largest matrix)
+  __nv_bfloat16* wbuf_ = nullptr;      // dequantized weight for one GEMM (largest matrix or LM head slice)
   size_t wbuf_elems_ = 0;
-  float* logits_ = nullptr;            // [8, vocab] raw logits
-  float* work_logits_ = nullptr;       // [vocab] penalized copy the sampler reads
-  float* rope_table_ = nullptr;        // [cap, head_dim / 2, 2] cos, sin of pos * inv_freq
+  float* logits_ = nullptr;            // [logit_rows, vocab] raw logits
+  float* work_logits_ = nullptr;       // [logit_rows, vocab] penalized copies the sampler reads
+  int32_t* row_present_ = nullptr;     // [logit_rows, vocab] penalty state of each sampled row's slot
+  int32_t* row_counts_ = nullptr;      // [logit_rows, vocab]
+  float* rope_table_ = nullptr;        // [n_ctx, head_dim / 2, 2] cos, sin of pos * inv_freq
   float* attn_ws_ = nullptr;
   size_t attn_ws_bytes_ = 0;
   void* sample_ws_ = nullptr;
   size_t sample_ws_bytes_ = 0;
 
-  int32_t* d_tokens_ = nullptr;        // [cap] prompt ids
-  int32_t* d_pos_ = nullptr;           // [cap] their positions
-  int32_t* d_pen_tokens_ = nullptr;    // [cap] penalty update staging
-  int32_t* d_present_ = nullptr;       // [vocab] token occurs in the context
-  int32_t* d_counts_ = nullptr;        // [vocab] times generated
-  DecodeInputs* d_in_ = nullptr;
-  StepOutputs* d_out_ = nullptr;
-
-  int32_t* h_tokens_ = nullptr;        // pinned mirrors
-  int32_t* h_pos_ = nullptr;
+  int32_t* d_present_ = nullptr;       // [slots, vocab] token occurs in the context
+  int32_t* d_counts_ = nullptr;        // [slots, vocab] times generated
+  int32_t* d_pen_tokens_ = nullptr;    // [pen_cap] penalty update staging
   int32_t* h_pen_tokens_ = nullptr;
-  DecodeInputs* h_in_ = nullptr;
+  char* d_gen_ = nullptr;              // general step staging (header + token rows)
+  char* h_gen_ = nullptr;
+  size_t gen_bytes_ = 0;
+  char* h_dec_ = nullptr;              // host staging of a bucket's input region (largest bucket)
+  StepOutputs* d_out_ = nullptr;       // [logit_rows]
   StepOutputs* h_out_ = nullptr;
-  float* h_logits_ = nullptr;          // [8, vocab]
+  float* h_logits_ = nullptr;          // [logit_rows, vocab] pinned
 
-  std::map<int, cudaGraphExec_t> graphs_;
+  std::vector<Bucket> buckets_;        // ascending rows; the last holds slots_ rows
+  std::map<int, cudaGraphExec_t> graphs_;   // key: bucket rows * kModes + mode
   std::map<int, bool> graph_failed_;
   int64_t graph_replays_ = 0;
   int64_t graph_captures_ = 0;

@@ -2,8 +2,13 @@
 //
 // The bindings (compiled by the host compiler) see only this header: every
 // function submits one job to the device worker, waits on its future and
-// returns host values (a handle, a token, float logits). The CUDA side lives
+// returns host values (a handle, tokens, float logits). The CUDA side lives
 // in llama_model.cu and runs entirely on the worker's thread.
+//
+// The KV cache is one pool of `num_blocks` blocks of `block_size` positions
+// shared by every sequence; a sequence names its blocks with a block table
+// (position p lives in block table[p / block_size]). Which blocks a sequence
+// owns is decided by the caller (helexa_native/kv_blocks.py).
 #pragma once
 
 #include <cstddef>
@@ -44,9 +49,13 @@ struct ModelSpec {
   RopeStyle rope_style = RopeStyle::Half;
   bool qk_norm = false;
   std::vector<double> inv_freq;   // [head_dim / 2], scaling already applied
-  int n_ctx = 4096;               // KV cache capacity in positions
-  int prefill_chunk = 512;        // tokens per prefill pass (bounds scratch)
-  bool use_graphs = true;         // replay decode as a CUDA graph
+  int n_ctx = 4096;               // longest sequence, in positions
+  int prefill_chunk = 512;        // tokens per forward pass (bounds scratch)
+  bool use_graphs = true;         // replay pure-decode steps as CUDA graphs
+  int block_size = 16;            // KV pool positions per block (a power of two >= 16)
+  int num_blocks = 0;             // KV pool blocks; 0: allocated later by model_alloc_kv
+  int max_num_seqs = 64;          // sequences of the scheduler; penalty slots and the
+                                  // largest step hold max_num_seqs + 1 (one private sequence)
   Int8Mode int8_activations = Int8Mode::Auto;
 };
 
@@ -77,7 +86,7 @@ struct StepSampling {
   int top_logprobs = 0;           // 0..kMaxTopLogprobs
 };
 
-// Tokens to add to the device-side penalty state before sampling.
+// Tokens to add to a slot's device-side penalty state before sampling.
 // reset clears it first. Context tokens feed the repetition penalty;
 // generated tokens feed it too and also the presence/frequency counts.
 struct PenaltyUpdate {
@@ -87,8 +96,26 @@ struct PenaltyUpdate {
   std::vector<int32_t> generated;
 };
 
+// One sequence's share of a batched step: tokens at positions start_pos..,
+// their keys and values written through block_table (at least
+// ceil((start_pos + n) / block_size) pool block ids; positions below
+// start_pos already hold the sequence's cache). slot (0..max_num_seqs) names
+// the sequence's penalty state; slots of one step are distinct. With
+// `sample`, a token is sampled after the last one; want_logits also returns
+// that position's raw logits (with or without sampling).
+struct SeqInput {
+  std::vector<int32_t> tokens;
+  int start_pos = 0;
+  std::vector<int32_t> block_table;
+  int slot = 0;
+  bool sample = true;
+  StepSampling sampling;
+  PenaltyUpdate penalties;        // applied to `slot` (only when sampling)
+  bool want_logits = false;
+};
+
 struct StepResult {
-  int32_t token = -1;
+  int32_t token = -1;             // -1 when the sequence did not sample
   bool has_logprob = false;
   float logprob = 0.f;
   std::vector<std::pair<int32_t, float>> top;
@@ -97,30 +124,34 @@ struct StepResult {
 
 struct LoadResult {
   int64_t handle = 0;
-  size_t bytes = 0;               // device bytes held by the model (weights, cache, scratch)
+  size_t bytes = 0;               // device bytes held by the model (weights, KV pool, scratch)
   double seconds = 0.0;           // time spent in the load job
 };
 
 LoadResult model_load(DeviceWorker& w, const ModelSpec& spec, const std::vector<HostTensor>& tensors);
 
-// Runs tokens at start_pos.. (filling the cache) and samples after the last one.
-StepResult model_prefill(DeviceWorker& w, int64_t handle, const std::vector<int32_t>& tokens,
-                         int start_pos, const StepSampling& sampling, const PenaltyUpdate& pen,
-                         bool want_logits);
+// Allocates the KV pool of a model loaded with spec.num_blocks == 0 (once);
+// returns the pool's bytes. Lets the caller size the pool from the device
+// memory left after the weights and scratch.
+size_t model_alloc_kv(DeviceWorker& w, int64_t handle, int num_blocks);
 
-// One token at `pos`: the decode path (replayed CUDA graph unless disabled).
-// `waiter` (optional) waits on the reply; a caller decoding token after token
-// passes the same one each time (see JobWaiter).
-StepResult model_decode(DeviceWorker& w, int64_t handle, int32_t token, int pos,
-                        const StepSampling& sampling, const PenaltyUpdate& pen, bool want_logits,
-                        JobWaiter* waiter = nullptr);
+// One batched step: every sequence's tokens through the layers together,
+// then sampling for the sequences that ask. Results in input order. Bad
+// input (token ids, positions past n_ctx, block ids, short tables, slots)
+// throws std::invalid_argument before any device work. A step where every
+// sequence feeds one token and samples replays a CUDA graph (per batch-size
+// bucket and sampling mode) unless graphs are off. `waiter` (optional) waits
+// on the reply; a caller stepping again and again passes the same one for
+// steps of one kind (see JobWaiter).
+std::vector<StepResult> model_step_batch(DeviceWorker& w, int64_t handle, const std::vector<SeqInput>& seqs,
+                                         JobWaiter* waiter = nullptr);
 
-// Logits (float32, row-major) of the last position ([vocab]) or of all ([n, vocab]).
+// One sequence's tokens through its block table; logits (float32,
+// row-major) of the last position ([vocab]) or of all ([n, vocab]).
 std::vector<float> model_forward_logits(DeviceWorker& w, int64_t handle,
                                         const std::vector<int32_t>& tokens, int start_pos,
-                                        bool all_logits);
+                                        const std::vector<int32_t>& block_table, bool all_logits);
 
-void model_clear_kv(DeviceWorker& w, int64_t handle);
 void model_drop(DeviceWorker& w, int64_t handle);
 void model_set_graphs(DeviceWorker& w, int64_t handle, bool enabled);
 std::map<std::string, int64_t> model_memory(DeviceWorker& w, int64_t handle);

@@ -1,15 +1,22 @@
 """The CUDA backend: a model resident on one device worker, driven by jobs.
 
 Weights go to the device once, in their stored form (GGUF blocks or
-bf16/fp16/fp32 arrays); norms and biases are converted to float32 here. A
-step runs on the worker thread and returns only the sampled token (and
-logprobs when asked): the device sampler follows params.py's order with the
-same (seed, step) random stream as the host sampler, and the repetition /
-presence / frequency state lives on the device, refreshed by deltas.
+bf16/fp16/fp32 arrays); norms and biases are converted to float32 here. The
+KV cache is one paged pool on the device whose blocks `self.blocks` hands
+out. A batched step runs on the worker thread and returns only the sampled
+tokens (and logprobs when asked): the device sampler follows params.py's
+order with the same (seed, step) random stream as the host sampler, and the
+repetition / presence / frequency state lives on the device, one slot per
+sequence, refreshed by deltas.
+
+Pool size: the weights and scratch are loaded first; then, unless
+`kv_cache_memory` fixes it, the pool takes the smaller of 80% of the device
+memory still free and what max_num_seqs sequences of n_ctx positions need,
+and is allocated by a second job.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,9 +26,10 @@ from ..config import ModelSource
 from ..errors import (ContextLengthError, DeviceError, EngineClosedError,
                       HelexaError, ModelLoadError, UnsupportedModelError)
 from ..ggml_types import GGML_TYPE_IDS
+from ..kv_blocks import DEFAULT_BLOCK_SIZE, KVBlockManager
 from ..params import UINT64_MASK, SampleResult, SamplerState, SamplingParams
 from ..rope import inv_freq
-from .base import Backend
+from .base import Backend, SeqStep, StepOutput
 
 # Architectures the GPU model runs: a subset of config.SUPPORTED_ARCHS, kept
 # apart because the CPU reference supports more (qwen3moe has no GPU
@@ -31,6 +39,10 @@ GPU_ARCHS = ("llama", "qwen2", "qwen3")
 # Tokens per prefill pass: bounds activation scratch; GEMMs stay large
 # enough to run near tensor-core peak.
 DEFAULT_PREFILL_CHUNK = 512
+
+# Share of the device memory left after weights and scratch that the KV pool
+# may take when no size is given (the rest covers cuBLAS, graphs, other work).
+KV_FREE_FRACTION = 0.8
 
 _MATRIX_SUFFIXES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
                     "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
@@ -86,23 +98,42 @@ def _freq_factors(source: ModelSource):
     return None if t is None else t.to_float()
 
 
+def _kv_bytes_per_block(cfg, block_size: int) -> int:
+    """Device bytes one block of the KV pool takes (K and V, every layer, bf16)."""
+    return 2 * int(cfg.num_layers) * int(cfg.num_kv_heads) * int(block_size) * int(cfg.head_dim) * 2
+
+
 class CUDABackend(Backend):
     """A model on one CUDA device, run by its device worker."""
 
     def __init__(self, source: ModelSource, device_index: int = 0, n_ctx: int = 4096,
                  use_graphs: bool = True, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 int8_activations: Optional[bool] = None):
-        """int8_activations: decode matvecs over Q4_0/Q8_0/Q4_K/Q6_K weights may
+                 int8_activations: Optional[bool] = None, max_num_seqs: int = defaults.DEFAULT_MAX_NUM_SEQS,
+                 kv_cache_memory: Optional[int] = None, block_size: int = DEFAULT_BLOCK_SIZE,
+                 prefix_cache: bool = True):
+        """n_ctx: the longest sequence. max_num_seqs: sequences stepped
+        together (one more, private, serves forward/step). kv_cache_memory:
+        bytes of the KV pool; None sizes it from the free device memory
+        (see the module docstring); either way it holds at least one
+        sequence of n_ctx positions. block_size: positions per pool block
+        (a power of two >= 16). prefix_cache: whether `blocks` shares cached
+        prompt prefixes between sequences.
+
+        int8_activations: decode matvecs over Q4_0/Q8_0/Q4_K/Q6_K weights may
         quantize their input to two int8 terms per element (the value and its
         residual, ~1e-6 relative error per product) and use integer dot
         products. None (default): where that is faster (large Q4_0 and Q8_0
         matrices); True: every such type; False: float math everywhere."""
-        if not isinstance(device_index, int) or isinstance(device_index, bool) or device_index < 0:
-            raise ValueError(f"device_index must be a non-negative integer, got {device_index!r}")
-        if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 1:
-            raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
-        if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
+        for name, v in (("device_index", device_index), ("n_ctx", n_ctx), ("prefill_chunk", prefill_chunk),
+                        ("max_num_seqs", max_num_seqs), ("block_size", block_size)):
+            lo = 0 if name == "device_index" else 1
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name} must be a {'non-negative' if lo == 0 else 'positive'} integer, got {v!r}")
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+        if kv_cache_memory is not None and (not isinstance(kv_cache_memory, int) or isinstance(kv_cache_memory, bool)
+                                            or kv_cache_memory < 1):
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes or None, got {kv_cache_memory!r}")
         C = _native()
         cfg = source.config
         if cfg.arch not in GPU_ARCHS:
@@ -114,20 +145,31 @@ class CUDABackend(Backend):
                                         f"num_kv_heads {cfg.num_kv_heads}")
         self.config = cfg
         self.n_ctx = n_ctx
+        self.max_num_seqs = max_num_seqs
         self.device = f"cuda:{device_index}"
         self.device_index = device_index
         self._C = C
         self._model = None
-        self.n_filled = 0
-        # (SamplerState, prompt length, generated length) the device's penalty
-        # state was last brought up to; None when unknown (reset next time).
-        self._device_penalties_synced_to = None
-        # Per-step objects reused while the parameters stay the same: a decode
-        # step then only sets the step counter (jobs run one at a time and the
-        # worker reads these only during the call).
-        self._step_sampling_cache = None
+        # slot -> (SamplerState, prompt length, generated length) the device's
+        # penalty state of that slot reflects.
+        self._device_penalties_synced_to = {}
+        # StepSampling per parameter set, reused while the parameters stay the
+        # same (SeqInput copies it, so only the step counter is set per use).
+        self._step_sampling_cache = {}
         self._no_penalty_update = C.PenaltyUpdate()
         self._no_penalty_update.active = False
+        self._idle_step_sampling = C.StepSampling()
+
+        per_block = _kv_bytes_per_block(cfg, block_size)
+        need_blocks = -(-n_ctx // block_size)
+        most_blocks = (2**31 - 1) // block_size
+        num_blocks = 0
+        if kv_cache_memory is not None:
+            num_blocks = min(kv_cache_memory // per_block, most_blocks)
+            if num_blocks < need_blocks:
+                raise ModelLoadError(f"kv_cache_memory of {kv_cache_memory} bytes holds {num_blocks} KV blocks; "
+                                     f"one sequence of n_ctx={n_ctx} positions needs {need_blocks} "
+                                     f"({need_blocks * per_block} bytes)")
 
         # Starts the device's worker (the model handle below runs on it) and
         # refuses a GPU this build has no code for.
@@ -157,6 +199,9 @@ class CUDABackend(Backend):
         spec.use_graphs = bool(use_graphs)
         spec.int8_activations = {None: C.Int8Mode.Auto, False: C.Int8Mode.Never,
                                  True: C.Int8Mode.Always}[int8_activations]
+        spec.block_size = int(block_size)
+        spec.max_num_seqs = int(max_num_seqs)
+        spec.num_blocks = int(num_blocks)
         tensors = _host_tensors(source)
         try:
             self._model = C.GpuModelHandle(device_index, spec, tensors)
@@ -166,8 +211,32 @@ class CUDABackend(Backend):
             raise
         except Exception as e:
             raise DeviceError(f"cuda:{device_index}: loading the model failed: {e}") from e
+        if num_blocks == 0:
+            try:
+                num_blocks = self._size_pool(per_block, need_blocks, most_blocks)
+            except BaseException:
+                self.close()
+                raise
+        self.blocks = KVBlockManager(num_blocks, block_size, prefix_cache=bool(prefix_cache))
         self.load_seconds = float(self._model.load_seconds)
-        self.device_bytes = int(self._model.bytes)
+        self.device_bytes = int(self._call(self._model.memory)["total_bytes"])
+
+    def _size_pool(self, per_block: int, need_blocks: int, most_blocks: int) -> int:
+        """Allocates the pool from the memory left after weights and scratch; returns its blocks."""
+        m = self._model
+        free = int(self._call(m.memory)["device_free_bytes"])
+        want = min(int(free * KV_FREE_FRACTION), per_block * need_blocks * self.max_num_seqs)
+        num_blocks = min(want // per_block, most_blocks)
+        if num_blocks < need_blocks:
+            raise ModelLoadError(f"{self.device}: the KV cache for one sequence of n_ctx={self.n_ctx} positions needs "
+                                 f"{need_blocks * per_block} bytes; {free} bytes are free after loading the weights "
+                                 f"(the cache may take {KV_FREE_FRACTION:.0%} of them): use a smaller n_ctx or model")
+        try:
+            m.allocate_kv(num_blocks)
+        except Exception as e:
+            raise ModelLoadError(f"{self.device}: allocating a KV cache of {num_blocks * per_block} bytes failed: "
+                                 f"{e}") from e
+        return num_blocks
 
     # ------------------------------------------------------------------ checks
 
@@ -176,7 +245,7 @@ class CUDABackend(Backend):
             raise EngineClosedError("the CUDA backend was closed")
         return self._model
 
-    def _check(self, tokens, start_pos: int) -> list:
+    def _token_ids(self, tokens, start_pos) -> list:
         if isinstance(tokens, torch.Tensor):
             tokens = tokens.reshape(-1).tolist()
         ids = list(tokens)
@@ -187,8 +256,6 @@ class CUDABackend(Backend):
         end = start_pos + len(ids)
         if end > self.n_ctx:
             raise ContextLengthError(f"positions up to {end} exceed the context of {self.n_ctx} tokens")
-        if start_pos > self.n_filled:
-            raise ValueError(f"start_pos {start_pos} leaves a gap: only {self.n_filled} positions are cached")
         vocab = self.config.vocab_size
         for t in ids:
             if not isinstance(t, (int, np.integer)) or isinstance(t, bool) or not 0 <= int(t) < vocab:
@@ -207,13 +274,12 @@ class CUDABackend(Backend):
     # ------------------------------------------------------------------ sampling state
 
     def _step_sampling(self, params: SamplingParams, step: int):
-        """The StepSampling job argument of params at `step`."""
+        """The StepSampling job argument of params at `step` (one object per parameter set)."""
         key = (params.temperature, params.top_k, params.top_p, params.min_p, params.repetition_penalty,
                params.presence_penalty, params.frequency_penalty, params.seed, params.logprobs,
                params.top_logprobs)
-        cached = self._step_sampling_cache
-        if cached is not None and cached[0] == key:
-            sampling = cached[1]
+        sampling = self._step_sampling_cache.get(key)
+        if sampling is not None:
             sampling.step = int(step)
             return sampling
         sampling = self._C.StepSampling()
@@ -229,19 +295,24 @@ class CUDABackend(Backend):
         sampling.step = int(step)
         sampling.logprobs = bool(params.logprobs)
         sampling.top_logprobs = max(0, min(int(params.top_logprobs or 0), defaults.MAX_TOP_LOGPROBS))
-        self._step_sampling_cache = (key, sampling)
+        if len(self._step_sampling_cache) >= 256:
+            self._step_sampling_cache.clear()
+        self._step_sampling_cache[key] = sampling
         return sampling
 
-    def _penalty_update(self, params: SamplingParams, state: SamplerState):
-        """Deltas that bring the device's penalty state up to `state`."""
+    def _penalty_update(self, slot: int, params: SamplingParams, state: SamplerState):
+        """Deltas that bring slot's device penalty state up to `state`, and the record once applied.
+
+        A step without penalties sends nothing and keeps the slot's record.
+        """
         active = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
                   or params.frequency_penalty != 0.0)
         if not active:
-            return self._no_penalty_update, self._device_penalties_synced_to
+            return self._no_penalty_update, self._device_penalties_synced_to.get(slot)
         pu = self._C.PenaltyUpdate()
         vocab = self.config.vocab_size
         prompt, gen = state.prompt_tokens, state.generated_tokens
-        s = self._device_penalties_synced_to
+        s = self._device_penalties_synced_to.get(slot)
         pu.active = True
         if s is not None and s[0] is state and s[1] == len(prompt) and s[2] <= len(gen):
             pu.reset = False
@@ -255,47 +326,54 @@ class CUDABackend(Backend):
 
     # ------------------------------------------------------------------ Backend API
 
-    def reset(self) -> None:
-        """Forget the KV cache contents and the penalty state (the allocation stays)."""
+    def step_batch(self, seqs: Sequence[SeqStep]) -> List[StepOutput]:
+        """Run every sequence's tokens in one device step; sample where asked."""
         m = self._live()
-        self._call(m.clear_kv)
-        self.n_filled = 0
-        self._device_penalties_synced_to = None
+        if not seqs:
+            return []
+        C = self._C
+        inputs, records = [], []
+        for s in seqs:
+            ids = self._token_ids(s.tokens, s.start_pos)
+            if s.sample:
+                if s.params is None or s.state is None:
+                    raise ValueError("a sequence that samples needs params and state")
+                sampling = self._step_sampling(s.params, s.state.step)
+                pu, record = self._penalty_update(s.slot, s.params, s.state)
+            else:
+                sampling, pu, record = self._idle_step_sampling, self._no_penalty_update, None
+            inputs.append(C.SeqInput(ids, s.start_pos, s.block_table, int(s.slot), bool(s.sample), sampling, pu,
+                                     bool(s.want_logits)))
+            records.append(record if pu.active else None)
+        for s, record in zip(seqs, records):
+            if record is not None:
+                self._device_penalties_synced_to.pop(s.slot, None)   # unknown until the job succeeds
+        out = self._call(m.step_batch, inputs)
+        results = []
+        for s, record, (tok, lp, top, logits) in zip(seqs, records, out):
+            if record is not None:
+                self._device_penalties_synced_to[s.slot] = record
+            res = None
+            if s.sample:
+                res = SampleResult(token=int(tok))
+                if s.params.logprobs:
+                    res.logprob = float(lp)
+                    res.top_logprobs = [(int(t), float(v)) for t, v in (top or [])][:s.params.top_logprobs]
+            results.append(StepOutput(result=res, logits=torch.from_numpy(logits) if logits is not None else None))
+        return results
 
-    def forward(self, tokens: Sequence[int], start_pos: int, all_logits: bool = False) -> torch.Tensor:
-        """Run tokens at positions start_pos.., append to the KV cache, return float32 CPU logits."""
+    def forward_paged(self, tokens: Sequence[int], start_pos: int, block_table: Sequence[int],
+                      all_logits: bool = False) -> torch.Tensor:
+        """One sequence's tokens through its block table; float32 CPU logits ([vocab] or [n, vocab])."""
         m = self._live()
-        ids = self._check(tokens, start_pos)
-        self.n_filled = min(self.n_filled, start_pos)
-        out = self._call(m.forward_logits, ids, start_pos, bool(all_logits))
-        self.n_filled = start_pos + len(ids)
+        ids = self._token_ids(tokens, start_pos)
+        out = self._call(m.forward_logits, ids, start_pos, list(block_table), bool(all_logits))
         return torch.from_numpy(out)
 
-    def step(self, tokens: Sequence[int], start_pos: int, params: SamplingParams,
-             state: SamplerState) -> SampleResult:
-        """Forward `tokens` and sample the next token on the device."""
-        return self.step_with_logits(tokens, start_pos, params, state, want_logits=False)[0]
-
-    def step_with_logits(self, tokens: Sequence[int], start_pos: int, params: SamplingParams,
-                         state: SamplerState, want_logits: bool = True) -> Tuple[SampleResult, Optional[torch.Tensor]]:
-        """step() that also returns the raw logits it sampled from ([vocab], float32 CPU)."""
-        m = self._live()
-        ids = self._check(tokens, start_pos)
-        sampling = self._step_sampling(params, state.step)
-        pu, synced = self._penalty_update(params, state)
-        self.n_filled = min(self.n_filled, start_pos)
-        self._device_penalties_synced_to = None   # unknown until the job succeeds
-        if len(ids) == 1:
-            tok, lp, top, logits = self._call(m.decode, ids[0], start_pos, sampling, pu, bool(want_logits))
-        else:
-            tok, lp, top, logits = self._call(m.prefill, ids, start_pos, sampling, pu, bool(want_logits))
-        self._device_penalties_synced_to = synced
-        self.n_filled = start_pos + len(ids)
-        res = SampleResult(token=int(tok))
-        if params.logprobs:
-            res.logprob = float(lp)
-            res.top_logprobs = [(int(t), float(v)) for t, v in (top or [])][:params.top_logprobs]
-        return res, (torch.from_numpy(logits) if logits is not None else None)
+    def reset(self) -> None:
+        """Forget the private sequence's cache and its penalty state record."""
+        super().reset()
+        self._device_penalties_synced_to.pop(self.max_num_seqs, None)
 
     def set_graphs(self, enabled: bool) -> None:
         """Turn CUDA-graph replay of decode steps on or off (the plain path gives the same tokens)."""
@@ -308,7 +386,7 @@ class CUDABackend(Backend):
         return m is not None and not m.closed and not m.poisoned and not m.shut_down
 
     def memory_info(self) -> dict:
-        """Device bytes held by weights, KV cache and scratch, graph counters, device totals."""
+        """Device bytes held by weights, KV pool and scratch, pool blocks in use, graph counters, device totals."""
         m = self._model
         if m is None or m.closed:
             return {}
@@ -317,6 +395,9 @@ class CUDABackend(Backend):
             info.update(self._call(m.memory))
         except HelexaError:
             info["bytes"] = int(m.bytes)
+        blocks = getattr(self, "blocks", None)
+        if blocks is not None:
+            info.update(blocks.stats())
         return info
 
     def synchronize(self) -> None:

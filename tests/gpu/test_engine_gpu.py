@@ -1,6 +1,8 @@
 """Engine(device="cuda") against Engine(device="cpu"): same greedy text, robust to bad input."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -99,6 +101,32 @@ def test_engine_cuda_sampling_is_seeded_and_logprobs_match_reference(synthetic_m
         assert [t["logprob"] for t in tops] == sorted((t["logprob"] for t in tops), reverse=True)
         for t in tops:
             assert t["logprob"] == pytest.approx(float(lp[i, t["token_id"]]), abs=0.02)
+
+
+def test_engine_cuda_concurrent_requests_match_reference(synthetic_model):
+    # Requests started together share batched steps on the device (paged KV
+    # pool, one graph per batch-size bucket); each answer is still the
+    # reference's greedy text, up to float ties.
+    prompts = ["The quick brown fox", "Once upon a time", "A", "In the beginning the universe was created",
+               "1 2 3 4 5 6 7 8 9"]
+    with Engine(synthetic_model, device="cpu", n_ctx=256) as cpu, \
+            Engine(synthetic_model, device="cuda", n_ctx=256) as gpu:
+        want = [_greedy(cpu, p, n=12) for p in prompts]
+        got, threads = {}, []
+        for i, p in enumerate(prompts):
+            def work(i=i, p=p):
+                got[i] = _greedy(gpu, p, n=12)
+            threads.append(threading.Thread(target=work))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(got) == list(range(len(prompts)))
+        for i in range(len(prompts)):
+            assert len(got[i].token_ids) == 12
+            _assert_same_greedy(cpu, got[i], want[i])
+        assert gpu.backend.is_healthy()
+        assert gpu.backend.memory_info()["kv_blocks_total"] == gpu.backend.blocks.num_blocks
 
 
 def test_engine_cuda_bad_input_keeps_model_usable(synthetic_model):

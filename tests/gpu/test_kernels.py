@@ -241,13 +241,18 @@ def test_rope_table(ops, gen, d):
 @pytest.mark.parametrize("n,nq,nk", [(1, 1, 1), (1, 32, 8), (17, 9, 3)])
 @pytest.mark.parametrize("mode", ["table", "no_table", "short_table", "qk_norm"])
 def test_rope_kv_append(ops, gen, style, d, n, nq, nk, mode):
-    """Fused norm + rope + cache append equals head_rms_norm, rope and kv_append run apart."""
+    """Fused norm + rope + pool append equals head_rms_norm, rope and kv_append run apart.
+
+    The rotation uses the logical positions `pos`, the pool write the
+    unrelated pool positions `slot_pos` (a paged layout)."""
     cap = 64
     inv = _inv_freq(d).to(DEV)
     pos = torch.randperm(cap, generator=gen)[:n].to(torch.int32)
+    slot_pos = torch.randperm(cap, generator=gen)[:n].to(torch.int32)
     if n > 2:
-        pos[1], pos[2] = -1, cap  # rotated with the float64 fallback, not cached
-    pos_d = pos.to(DEV)
+        pos[1], pos[2] = -1, cap            # rotated with the float64 fallback
+        slot_pos[1], slot_pos[2] = cap, -1  # not written
+    pos_d, slot_d = pos.to(DEV), slot_pos.to(DEV)
     q, k, v = randn(n, nq, d, gen=gen), randn(n, nk, d, gen=gen), randn(n, nk, d, gen=gen)
     q0, k0 = q.clone(), k.clone()
     qn = randn(d, gen=gen) if mode == "qk_norm" else None
@@ -260,7 +265,7 @@ def test_rope_kv_append(ops, gen, style, d, n, nq, nk, mode):
     ops.rope(q_ref, k_ref, pos_d, inv, style)
     kc_ref = poisoned(nk, cap, d, dtype=torch.bfloat16)
     vc_ref = poisoned(nk, cap, d, dtype=torch.bfloat16)
-    ops.kv_append(k_ref, v, kc_ref, vc_ref, pos_d)
+    ops.kv_append(k_ref, v, kc_ref, vc_ref, slot_d)
 
     table = None
     if mode != "no_table":
@@ -268,13 +273,13 @@ def test_rope_kv_append(ops, gen, style, d, n, nq, nk, mode):
         ops.rope_table(inv, table)
     kc = poisoned(nk, cap, d, dtype=torch.bfloat16)
     vc = poisoned(nk, cap, d, dtype=torch.bfloat16)
-    ops.rope_kv_append(q, k, v, kc, vc, pos_d, table, inv, qn, kn, 1e-6, style)
+    ops.rope_kv_append(q, k, v, kc, vc, pos_d, slot_d, table, inv, qn, kn, 1e-6, style)
     assert_close(q, q_ref, "f32", "q")
     assert_close(k, k_ref, "f32", "k")
-    # Cache rows: written exactly where kv_append writes them, NaN elsewhere.
+    # Pool rows: written exactly where kv_append writes them, NaN elsewhere.
     written = torch.zeros(cap, dtype=torch.bool)
     for t in range(n):
-        p = int(pos[t])
+        p = int(slot_pos[t])
         if 0 <= p < cap:
             written[p] = True
     kc_c, vc_c, kr_c, vr_c = kc.cpu().float(), vc.cpu().float(), kc_ref.cpu().float(), vc_ref.cpu().float()
@@ -293,9 +298,13 @@ def test_rope_kv_append_bad_sizes(ops, gen):
     vc = poisoned(1, 4, 8, dtype=torch.bfloat16)
     pos = torch.zeros(1, dtype=torch.int32, device=DEV)
     with pytest.raises((RuntimeError, ValueError), match="together"):
-        ops.rope_kv_append(q, k, v, kc, vc, pos, None, _inv_freq(8).to(DEV), randn(8, gen=gen), None, 1e-6, "half")
+        ops.rope_kv_append(q, k, v, kc, vc, pos, pos, None, _inv_freq(8).to(DEV), randn(8, gen=gen), None, 1e-6,
+                           "half")
     with pytest.raises((RuntimeError, ValueError), match="style"):
-        ops.rope_kv_append(q, k, v, kc, vc, pos, None, _inv_freq(8).to(DEV), None, None, 1e-6, "diagonal")
+        ops.rope_kv_append(q, k, v, kc, vc, pos, pos, None, _inv_freq(8).to(DEV), None, None, 1e-6, "diagonal")
+    with pytest.raises((RuntimeError, ValueError), match="slot_pos"):
+        ops.rope_kv_append(q, k, v, kc, vc, pos, torch.zeros(2, dtype=torch.int32, device=DEV), None,
+                           _inv_freq(8).to(DEV), None, None, 1e-6, "half")
     assert torch.isnan(kc.float()).all()  # nothing written by a refused call
 
 
@@ -306,16 +315,16 @@ def test_rope_kv_append_bad_sizes(ops, gen):
 def test_kv_append(ops, gen, d, n):
     nk, cap = 3, 40
     k, v = randn(n, nk, d, gen=gen), randn(n, nk, d, gen=gen)
-    pos = torch.randperm(cap, generator=gen)[:n].to(torch.int32)
+    slot_pos = torch.randperm(cap, generator=gen)[:n].to(torch.int32)
     if n > 2:
-        pos[1], pos[2] = -1, cap  # dropped, never written
+        slot_pos[1], slot_pos[2] = -1, cap  # dropped, never written
     kc = poisoned(nk, cap, d, dtype=torch.bfloat16)
     vc = poisoned(nk, cap, d, dtype=torch.bfloat16)
-    ops.kv_append(k, v, kc, vc, pos.to(DEV))
+    ops.kv_append(k, v, kc, vc, slot_pos.to(DEV))
     kc_c, vc_c = kc.cpu().float(), vc.cpu().float()
     written = torch.zeros(cap, dtype=torch.bool)
     for t in range(n):
-        p = int(pos[t])
+        p = int(slot_pos[t])
         if 0 <= p < cap:
             written[p] = True
             assert torch.equal(kc_c[:, p], k[t].cpu().to(torch.bfloat16).float())
@@ -351,13 +360,38 @@ def test_casts(ops, gen, n):
 
 # -------------------------------------------------------------- attention
 
-def _cache(nk, cap, d, valid, gen):
-    """bf16 caches whose rows past `valid` hold NaN: reading them would show."""
-    kc = randn(nk, cap, d, gen=gen, dtype=torch.bfloat16)
-    vc = randn(nk, cap, d, gen=gen, dtype=torch.bfloat16)
-    kc[:, valid:] = float("nan")
-    vc[:, valid:] = float("nan")
-    return kc, vc
+def _seq_kv(nk, length, d, gen):
+    """One sequence's keys and values in position order, [nk, length, d] bf16."""
+    return (randn(nk, length, d, gen=gen, dtype=torch.bfloat16),
+            randn(nk, length, d, gen=gen, dtype=torch.bfloat16))
+
+
+def _paged(seqs, block_size, gen, max_blocks=None, spare=3):
+    """Scatter sequences' K/V ([nk, len, d] each) into a pool of randomly permuted blocks.
+
+    Returns (k_pool, v_pool, tables [B, max_blocks] int32 on the device). Pool
+    rows no sequence owns, and positions past each sequence's end inside its
+    last block, hold NaN; table entries past a sequence's blocks name a spare
+    (all-NaN) block. Reading anything a kernel must not read shows as NaN.
+    """
+    nk, _, d = seqs[0][0].shape
+    need = [-(-k.shape[1] // block_size) for k, _ in seqs]
+    width = max_blocks or max(max(need), 1)
+    total = sum(need) + spare
+    perm = torch.randperm(total, generator=gen).tolist()
+    k_pool = torch.full((nk, total * block_size, d), float("nan"), dtype=torch.bfloat16, device=DEV)
+    v_pool = torch.full_like(k_pool, float("nan"))
+    tables = torch.full((len(seqs), width), perm[-1], dtype=torch.int32)
+    used = 0
+    for b, (k, v) in enumerate(seqs):
+        ids = perm[used:used + need[b]]
+        used += need[b]
+        for j, blk in enumerate(ids):
+            lo, hi = j * block_size, min(k.shape[1], (j + 1) * block_size)
+            k_pool[:, blk * block_size: blk * block_size + hi - lo] = k[:, lo:hi]
+            v_pool[:, blk * block_size: blk * block_size + hi - lo] = v[:, lo:hi]
+        tables[b, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
+    return k_pool, v_pool, tables.to(DEV)
 
 
 def _attn_ref(q, kc, vc, q_pos, scale):
@@ -380,94 +414,137 @@ def _attn_ref(q, kc, vc, q_pos, scale):
     return out
 
 
+def _decode_ref(q, seqs, lens, scale):
+    """Per sequence b: attention of q[b] over its first lens[b] positions (zeros when 0)."""
+    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+    for b, (k, v) in enumerate(seqs):
+        if lens[b] > 0:
+            out[b] = _attn_ref(q[b][None], k, v, [lens[b] - 1], scale)[0]
+    return out
+
+
 @pytest.mark.parametrize("d", [64, 128, 80, 96])
 @pytest.mark.parametrize("G", [1, 4, 7])
 @pytest.mark.parametrize("seq", [1, 17, 4096, 8192])
 def test_attention_decode(ops, gen, d, G, seq):
+    nk, bs = 2, 16
+    nq = nk * G
+    k, v = _seq_kv(nk, seq, d, gen)
+    k_pool, v_pool, tables = _paged([(k, v)], bs, gen, max_blocks=-(-(seq + 37) // bs))
+    q = randn(1, nq, d, gen=gen)
+    out = poisoned(1, nq, d)
+    scale = 1.0 / math.sqrt(d)
+    lens = torch.tensor([seq], dtype=torch.int32, device=DEV)
+    ops.attention_decode(q, k_pool, v_pool, lens, tables, bs, out, scale)
+    assert_close(out, _decode_ref(q, [(k, v)], [seq], scale), "f32_sum", f"d={d} G={G} seq={seq}")
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("G", [1, 4])
+@pytest.mark.parametrize("bs", [16, 32])
+@pytest.mark.parametrize("lens", [[1, 17, 300, 0, 2049], [33, 5, 1, 64, 65, 100, 2, 7, 1000]])
+def test_attention_decode_batched(ops, gen, d, G, bs, lens):
+    """B sequences of different lengths, each through its own shuffled blocks, in one launch."""
     nk = 2
     nq = nk * G
-    cap = seq + 37
-    kc, vc = _cache(nk, cap, d, seq, gen)
-    q = randn(nq, d, gen=gen)
-    out = poisoned(nq, d)
+    seqs = [_seq_kv(nk, max(n, 1), d, gen) for n in lens]
+    k_pool, v_pool, tables = _paged(seqs, bs, gen)
+    q = randn(len(lens), nq, d, gen=gen)
+    out = poisoned(len(lens), nq, d)
     scale = 1.0 / math.sqrt(d)
-    ops.attention_decode(q, kc, vc, torch.tensor([seq], dtype=torch.int32, device=DEV), out, scale)
-    want = _attn_ref(q[None], kc, vc, [seq - 1], scale)[0]
-    assert_close(out, want, "f32_sum", f"d={d} G={G} seq={seq}")
+    ops.attention_decode(q, k_pool, v_pool, torch.tensor(lens, dtype=torch.int32, device=DEV), tables, bs, out, scale)
+    assert_close(out, _decode_ref(q, seqs, lens, scale), "f32_sum", f"lens={lens}")
 
 
 def test_attention_decode_graph_replay(ops, gen):
-    """One captured launch serves every seq_len: the grid depends only on cap."""
-    nk, G, d, cap = 4, 4, 128, 6000
-    kc, vc = _cache(nk, cap, d, cap, gen)
-    q = randn(nk * G, d, gen=gen)
-    seq_t = torch.tensor([1], dtype=torch.int32, device=DEV)
-    out = poisoned(nk * G, d)
+    """One captured launch serves every length and table: the grid depends only on the sizes."""
+    nk, G, d, bs, B = 4, 4, 128, 16, 3
+    cap_seq = 6000
+    seqs = [_seq_kv(nk, cap_seq, d, gen) for _ in range(B)]
+    k_pool, v_pool, tables = _paged(seqs, bs, gen)
+    q = randn(B, nk * G, d, gen=gen)
+    lens_t = torch.ones(B, dtype=torch.int32, device=DEV)
+    tables_t = tables.clone()
+    out = poisoned(B, nk * G, d)
     scale = 0.125
-    ops.attention_decode(q, kc, vc, seq_t, out, scale)  # warm-up outside capture
+    ops.attention_decode(q, k_pool, v_pool, lens_t, tables_t, bs, out, scale)  # warm-up outside capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        ops.attention_decode(q, kc, vc, seq_t, out, scale)
-    for seq in [3, 1, 700, 5999, 6000]:
+        ops.attention_decode(q, k_pool, v_pool, lens_t, tables_t, bs, out, scale)
+    for lens in ([3, 1, 700], [5999, 6000, 0], [1, 2, 3]):
+        # Rotate which sequence each row reads: new tables, same graph.
+        order = torch.randperm(B, generator=gen).tolist()
+        tables_t.copy_(tables[order])
         out.fill_(float("nan"))
-        seq_t.fill_(seq)
+        lens_t.copy_(torch.tensor(lens, dtype=torch.int32))
         graph.replay()
         torch.cuda.synchronize()
-        assert_close(out, _attn_ref(q[None], kc, vc, [seq - 1], scale)[0], "f32_sum", f"seq={seq}")
+        want = _decode_ref(q, [seqs[i] for i in order], lens, scale)
+        assert_close(out, want, "f32_sum", f"lens={lens} order={order}")
 
 
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("G", [1, 4, 7])
 @pytest.mark.parametrize("n,start", [(1, 0), (1, 300), (17, 0), (200, 33), (129, 4000)])
-def test_attention_prefill(ops, gen, d, G, n, start):
+@pytest.mark.parametrize("bs", [16, 32])
+def test_attention_prefill(ops, gen, d, G, n, start, bs):
     nk = 2
     nq = nk * G
-    cap = start + n + 5
-    kc, vc = _cache(nk, cap, d, start + n, gen)
+    k, v = _seq_kv(nk, start + n, d, gen)
+    k_pool, v_pool, tables = _paged([(k, v)], bs, gen, max_blocks=-(-(start + n + 5) // bs))
+    table = tables[0].contiguous()
     q = randn(n, nq, d, gen=gen)
     scale = 1.0 / math.sqrt(d)
-    want = _attn_ref(q, kc, vc, [start + i for i in range(n)], scale)
+    want = _attn_ref(q, k, v, [start + i for i in range(n)], scale)
     out = poisoned(n, nq, d)
-    ops.attention_prefill(q, kc, vc, start, out, scale)
+    ops.attention_prefill(q, k_pool, v_pool, table, bs, start, out, scale)
     assert_close(out, want, "mma", "tensor cores")
     out_s = poisoned(n, nq, d)
-    ops.attention_prefill(q, kc, vc, start, out_s, scale, scalar=True)
+    ops.attention_prefill(q, k_pool, v_pool, table, bs, start, out_s, scale, scalar=True)
     assert_close(out_s, want, "f32_sum", "scalar")
 
 
-@pytest.mark.parametrize("n,start,G", [(4096, 0, 1), (8192, 0, 4), (1000, 7000, 7)])
-def test_attention_prefill_long(ops, gen, n, start, G):
+@pytest.mark.parametrize("n,start,G,bs", [(4096, 0, 1, 16), (8192, 0, 4, 32), (1000, 7000, 7, 16)])
+def test_attention_prefill_long(ops, gen, n, start, G, bs):
     nk, d = 1, 128
     nq = nk * G
-    cap = start + n
-    kc, vc = _cache(nk, cap, d, cap, gen)
+    k, v = _seq_kv(nk, start + n, d, gen)
+    k_pool, v_pool, tables = _paged([(k, v)], bs, gen)
     q = randn(n, nq, d, gen=gen)
     scale = 1.0 / math.sqrt(d)
     out = poisoned(n, nq, d)
-    ops.attention_prefill(q, kc, vc, start, out, scale)
-    want = _attn_ref(q, kc, vc, [start + i for i in range(n)], scale)
+    ops.attention_prefill(q, k_pool, v_pool, tables[0].contiguous(), bs, start, out, scale)
+    want = _attn_ref(q, k, v, [start + i for i in range(n)], scale)
     assert_close(out, want, "mma")
 
 
 @pytest.mark.parametrize("d", [80, 96, 2])
 def test_attention_prefill_other_head_dims(ops, gen, d):
-    nk, G, n, start = 3, 2, 21, 10
-    kc, vc = _cache(nk, start + n, d, start + n, gen)
+    nk, G, n, start, bs = 3, 2, 21, 10, 16
+    k, v = _seq_kv(nk, start + n, d, gen)
+    k_pool, v_pool, tables = _paged([(k, v)], bs, gen)
     q = randn(n, nk * G, d, gen=gen)
     out = poisoned(n, nk * G, d)
-    ops.attention_prefill(q, kc, vc, start, out, 0.1)
-    assert_close(out, _attn_ref(q, kc, vc, [start + i for i in range(n)], 0.1), "f32_sum")
+    ops.attention_prefill(q, k_pool, v_pool, tables[0].contiguous(), bs, start, out, 0.1)
+    assert_close(out, _attn_ref(q, k, v, [start + i for i in range(n)], 0.1), "f32_sum")
 
 
 def test_attention_bad_sizes(ops, gen):
-    kc, vc = _cache(2, 16, 12, 16, gen)
-    seq = torch.tensor([4], dtype=torch.int32, device=DEV)
+    k, v = _seq_kv(2, 16, 12, gen)
+    k_pool, v_pool, tables = _paged([(k, v)], 16, gen)
+    lens = torch.tensor([4], dtype=torch.int32, device=DEV)
     with pytest.raises((RuntimeError, ValueError), match="head_dim"):
-        ops.attention_decode(randn(2, 12, gen=gen), kc, vc, seq, poisoned(2, 12), 1.0)
-    kc, vc = _cache(2, 16, 64, 16, gen)
+        ops.attention_decode(randn(1, 2, 12, gen=gen), k_pool, v_pool, lens, tables, 16, poisoned(1, 2, 12), 1.0)
+    k, v = _seq_kv(2, 16, 64, gen)
+    k_pool, v_pool, tables = _paged([(k, v)], 16, gen)
+    table = tables[0].contiguous()
     with pytest.raises((RuntimeError, ValueError), match="start_pos"):
-        ops.attention_prefill(randn(10, 2, 64, gen=gen), kc, vc, 10, poisoned(10, 2, 64), 1.0)
+        ops.attention_prefill(randn(10, 2, 64, gen=gen), k_pool, v_pool, table, 16, 10, poisoned(10, 2, 64), 1.0)
+    with pytest.raises((RuntimeError, ValueError), match="block_size"):
+        ops.attention_prefill(randn(4, 2, 64, gen=gen), k_pool, v_pool, table, 8, 0, poisoned(4, 2, 64), 1.0)
+    with pytest.raises((RuntimeError, ValueError), match="block_size"):
+        ops.attention_decode(randn(1, 2, 64, gen=gen), k_pool, v_pool, lens, tables, 24, poisoned(1, 2, 64), 1.0)
 
 
 # --------------------------------------------------------------- sampling

@@ -4,8 +4,10 @@ Each model is written by helexa_native.synthetic (few layers, reduced vocab)
 and loaded through the real loaders; the CPU backend runs the same weights in
 float32 and is the oracle. Decode steps go through the device worker's
 CUDA-graph path; prompts longer than the prefill chunk exercise chunking,
-the dequantize + GEMM path and the small-batch matvec path. The host-side
-checks at the end (tensor hand-off, penalty deltas) need no GPU.
+the dequantize + GEMM path and the small-batch matvec path. Batched steps
+(several sequences through the paged KV pool at once) are checked against
+each sequence run alone and against the reference. The host-side checks at
+the end (tensor hand-off, penalty deltas) need no GPU.
 """
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helexa_native.backends.base import SeqStep
 from helexa_native.backends.cpu import CPUBackend
 from helexa_native.backends.cuda import CUDABackend
-from helexa_native.errors import ContextLengthError, EngineClosedError
+from helexa_native.errors import ContextLengthError, EngineClosedError, ModelLoadError
+from helexa_native.kv_blocks import SeqBlocks
 from helexa_native.params import SamplerState, SamplingParams
 from helexa_native.sampling import sample_from_logits
 
@@ -385,6 +389,254 @@ def test_graph_replay_matches_plain_path(sources, model):
         gpu.close()
 
 
+# ---------------------------------------------------------------------------
+# Batched steps over the paged KV pool
+
+class _Tables:
+    """Block tables drawn from a random permutation of the pool's block ids."""
+
+    def __init__(self, gpu, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.free = torch.randperm(gpu.blocks.num_blocks, generator=g).tolist()
+        self.bs = gpu.blocks.block_size
+
+    def grow(self, table, positions):
+        while len(table) * self.bs < positions:
+            table.append(self.free.pop())
+        return table
+
+
+def _batched_greedy(gpu, prompts, n_steps, join_at, tables=None, params=None):
+    """Greedy (or `params`) generation of several sequences through step_batch.
+
+    Sequence i joins at step join_at[i] (its whole prompt runs in that step,
+    next to the others' one-token steps) and generates n_steps tokens. Slot
+    i, blocks from `tables` (shuffled) or from gpu.blocks. Returns the tokens
+    per sequence.
+    """
+    params = params or _greedy()
+    live = {}
+    out = [[] for _ in prompts]
+    owned = []
+    try:
+        for step in range(max(join_at) + n_steps):
+            batch, who = [], []
+            for i, prompt in enumerate(prompts):
+                if step < join_at[i] or len(out[i]) == n_steps:
+                    continue
+                if i not in live:
+                    blocks = SeqBlocks()
+                    owned.append(blocks)
+                    live[i] = dict(blocks=blocks, state=SamplerState(prompt_tokens=list(prompt)), pos=0)
+                    tokens = list(prompt)
+                else:
+                    tokens = [out[i][-1]]
+                seq = live[i]
+                end = seq["pos"] + len(tokens)
+                if tables is not None:
+                    tables.grow(seq["blocks"].table, end)
+                else:
+                    gpu.blocks.ensure(seq["blocks"], end)
+                batch.append(SeqStep(slot=i, tokens=tokens, start_pos=seq["pos"], block_table=list(seq["blocks"].table),
+                                     sample=True, params=params, state=seq["state"]))
+                who.append(i)
+            for i, res in zip(who, gpu.step_batch(batch)):
+                seq = live[i]
+                seq["pos"] += len(batch[who.index(i)].tokens)
+                out[i].append(res.result.token)
+                seq["state"].generated_tokens.append(res.result.token)
+                seq["state"].step += 1
+    finally:
+        if tables is None:
+            for blocks in owned:
+                gpu.blocks.release(blocks)
+    return out
+
+
+def _assert_tokens_agree(cpu, prompt, got, want):
+    """Equal token lists, or both valid greedy picks of the reference (float ties)."""
+    if got == want:
+        return
+    assert_same_greedy(cpu, prompt, got)
+    assert_same_greedy(cpu, prompt, want)
+
+
+BATCH_PROMPTS = [(21, 5), (22, 17), (23, 40), (24, 1), (25, 70)]   # (seed, length)
+
+
+@gpu
+@pytest.mark.parametrize("model", ARCH_MODELS, ids=_id)
+@pytest.mark.parametrize("chunk", [512, 16])
+def test_batched_step_equals_each_sequence_alone(sources, model, chunk):
+    # Five prompts of different lengths, three from the start and two joining
+    # later (their prompts run in the same step as the others' decode). With
+    # prefill_chunk 16 the longer prompts span several passes, next to the
+    # one-token rows.
+    src = sources(model)
+    vocab = src.config.vocab_size
+    prompts = [_tokens(seed, n, vocab) for seed, n in BATCH_PROMPTS]
+    cpu = CPUBackend(src, 128)
+    gpu = CUDABackend(src, 0, 128, prefill_chunk=chunk, max_num_seqs=8)
+    try:
+        batched = _batched_greedy(gpu, prompts, N_GREEDY, join_at=[0, 0, 0, 3, 7])
+        for prompt, got in zip(prompts, batched):
+            alone = _gpu_generate(gpu, prompt, N_GREEDY)
+            _assert_tokens_agree(cpu, prompt, got, alone)
+    finally:
+        gpu.close()
+
+
+@gpu
+@pytest.mark.parametrize("model", [ARCH_MODELS[0], ARCH_MODELS[3]], ids=_id)
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_batched_teacher_forced_logits_match_reference(sources, model, block_size):
+    # One sequence teacher-forced (its raw logits returned each step) inside a
+    # batch of three others generating, all through shuffled blocks.
+    src = sources(model)
+    vocab = src.config.vocab_size
+    prompt, teacher = _tokens(1, N_PROMPT, vocab), _tokens(2, 24, vocab)
+    others = [_tokens(30 + i, n, vocab) for i, n in enumerate((9, 33, 2))]
+    cpu = CPUBackend(src, 96)
+    gpu = CUDABackend(src, 0, 96, max_num_seqs=4, block_size=block_size)
+    try:
+        tables = _Tables(gpu, seed=5)
+        main = dict(table=[], state=SamplerState(prompt_tokens=list(prompt)), pos=0)
+        rest = [dict(table=[], state=SamplerState(prompt_tokens=list(p)), pos=0, next=list(p)) for p in others]
+        rows = []
+        feed = list(prompt)
+        for step in range(len(teacher) + 1):
+            batch = []
+            end = main["pos"] + len(feed)
+            batch.append(SeqStep(slot=0, tokens=feed, start_pos=main["pos"],
+                                 block_table=list(tables.grow(main["table"], end)), sample=True, params=_greedy(),
+                                 state=main["state"], want_logits=True))
+            for k, o in enumerate(rest):
+                end_o = o["pos"] + len(o["next"])
+                batch.append(SeqStep(slot=k + 1, tokens=o["next"], start_pos=o["pos"],
+                                     block_table=list(tables.grow(o["table"], end_o)), sample=True,
+                                     params=_greedy(), state=o["state"]))
+            res = gpu.step_batch(batch)
+            rows.append(res[0].logits)
+            assert res[0].logits.shape == (vocab,)
+            main["pos"] += len(feed)
+            if step < len(teacher):
+                feed = [teacher[step]]
+                main["state"].generated_tokens.append(teacher[step])
+                main["state"].step += 1
+            for o, r in zip(rest, res[1:]):
+                assert r.logits is None
+                o["pos"] += len(o["next"])
+                o["next"] = [r.result.token]
+                o["state"].generated_tokens.append(r.result.token)
+                o["state"].step += 1
+        got = torch.stack(rows)
+        want = _cpu_teacher_forced(cpu, prompt, teacher)
+        cos = _cosines(got, want)
+        worst = int(cos.argmin())
+        assert cos.min().item() >= MIN_COSINE, f"step {worst}: cosine {cos[worst].item():.6f}"
+        assert _top1_agreement(got, want) >= MIN_TOP1
+    finally:
+        gpu.close()
+
+
+@gpu
+@pytest.mark.parametrize("model", [ARCH_MODELS[1], ARCH_MODELS[3]], ids=_id)
+def test_shuffled_block_tables_match_the_private_sequence(sources, model):
+    src = sources(model)
+    vocab = src.config.vocab_size
+    prompts = [_tokens(40 + i, n, vocab) for i, n in enumerate((37, 3, 64))]
+    cpu = CPUBackend(src, 128)
+    gpu = CUDABackend(src, 0, 128, max_num_seqs=4)
+    try:
+        shuffled = _batched_greedy(gpu, prompts, 12, join_at=[0, 0, 0], tables=_Tables(gpu, seed=11))
+        for prompt, got in zip(prompts, shuffled):
+            _assert_tokens_agree(cpu, prompt, got, _gpu_generate(gpu, prompt, 12))
+        # forward_paged through a shuffled table equals the reference too.
+        table = _Tables(gpu, seed=12).grow([], len(prompts[0]))
+        got = gpu.forward_paged(prompts[0], 0, table, all_logits=True)
+        cpu.reset()
+        want = cpu.forward(prompts[0], 0, all_logits=True)
+        assert _cosines(got, want).min().item() >= MIN_COSINE
+    finally:
+        gpu.close()
+
+
+SAMPLED_BATCH = SamplingParams(temperature=0.9, top_p=0.95, seed=77, repetition_penalty=1.3,
+                               frequency_penalty=0.2, logprobs=True, top_logprobs=3)
+
+
+@gpu
+@pytest.mark.parametrize("model", [ARCH_MODELS[0], ARCH_MODELS[2]], ids=_id)
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("params", [_greedy(), SAMPLED_BATCH], ids=["greedy", "sampled"])
+def test_batched_graph_replay_matches_plain_path(sources, model, batch, params):
+    src = sources(model)
+    vocab = src.config.vocab_size
+    prompts = [_tokens(50 + i, 4 + 3 * i, vocab) for i in range(batch)]
+    gpu = CUDABackend(src, 0, 96, max_num_seqs=8)
+    try:
+        runs = {}
+        for graphs in (True, False):
+            gpu.set_graphs(graphs)
+            before = gpu.memory_info()["graph_replays"]
+            runs[graphs] = _batched_greedy(gpu, prompts, 12, join_at=[0] * batch, params=params)
+            replays = gpu.memory_info()["graph_replays"] - before
+            assert (replays > 0) if graphs else (replays == 0)
+        assert runs[True] == runs[False]
+    finally:
+        gpu.close()
+
+
+@gpu
+@pytest.mark.parametrize("model", [ARCH_MODELS[0], ARCH_MODELS[3]], ids=_id)
+def test_large_decode_batch(sources, model):
+    # 40 sequences: the 49-row bucket (padded rows), GEMMs in every layer and
+    # a dequantized LM head; each sequence checked against the reference.
+    src = sources(model)
+    vocab = src.config.vocab_size
+    prompts = [_tokens(100 + i, 2 + i % 5, vocab) for i in range(40)]
+    cpu = CPUBackend(src, 32)
+    gpu = CUDABackend(src, 0, 32, max_num_seqs=48)
+    try:
+        got = _batched_greedy(gpu, prompts, 4, join_at=[0] * 40)
+        for prompt, toks in zip(prompts, got):
+            assert_same_greedy(cpu, prompt, toks)
+        assert gpu.memory_info()["graph_captures"] > 0
+    finally:
+        gpu.close()
+
+
+@gpu
+@pytest.mark.parametrize("model", [ARCH_MODELS[1]], ids=_id)
+def test_bad_batches_are_refused_before_any_work(sources, model):
+    src = sources(model)
+    vocab = src.config.vocab_size
+    prompt = _tokens(10, 10, vocab)
+    gpu = CUDABackend(src, 0, 32, max_num_seqs=2)
+    try:
+        before = _gpu_generate(gpu, prompt, 6)
+        state = SamplerState(prompt_tokens=list(prompt))
+        ok = dict(tokens=[1, 2, 3], start_pos=0, sample=True, params=_greedy(), state=state)
+        n = gpu.blocks.num_blocks
+        bad = [
+            [SeqStep(slot=0, block_table=[n], **ok)],                         # block id outside the pool
+            [SeqStep(slot=0, block_table=[-1], **ok)],
+            [SeqStep(slot=0, block_table=[], **ok)],                          # table too short
+            [SeqStep(slot=3, block_table=[0], **ok)],                         # slot outside [0, max_num_seqs]
+            [SeqStep(slot=0, block_table=[0], **ok), SeqStep(slot=0, block_table=[1], **ok)],   # slot twice
+            [SeqStep(slot=i, block_table=[i], **ok) for i in range(4)],      # more sequences than slots
+        ]
+        for seqs in bad:
+            with pytest.raises(ValueError):
+                gpu.step_batch(seqs)
+        with pytest.raises(ValueError):
+            gpu.forward_paged([1, 2], 0, [n + 1])
+        assert gpu.is_healthy()
+        assert _gpu_generate(gpu, prompt, 6) == before
+    finally:
+        gpu.close()
+
+
 @gpu
 @pytest.mark.parametrize("model", [ARCH_MODELS[1]], ids=_id)
 def test_bad_input_leaves_model_usable(sources, model):
@@ -398,7 +650,7 @@ def test_bad_input_leaves_model_usable(sources, model):
         with pytest.raises(ContextLengthError):
             gpu.step(list(range(33)), 0, _greedy(), state)
         with pytest.raises(ContextLengthError):
-            gpu.forward([1, 2, 3], 30)
+            gpu.forward(list(range(16)), 17)       # 17 positions are cached; 33 > 32
         for bad in ([vocab], [-1], [1, 2, vocab + 5]):
             with pytest.raises(ValueError):
                 gpu.step(bad, 0, _greedy(), state)
@@ -420,24 +672,52 @@ def test_bad_input_leaves_model_usable(sources, model):
 
 @gpu
 def test_memory_info_and_release(sources):
-    # A cache of 256 MiB makes a leak on close visible in the device's free memory.
+    # A pool of 256 MiB (one sequence of n_ctx positions) makes a leak on
+    # close visible in the device's free memory.
     src = sources(ARCH_MODELS[0])
     cfg = src.config
     n_ctx = 1 << 18
-    gpu = CUDABackend(src, 0, n_ctx)
+    gpu = CUDABackend(src, 0, n_ctx, max_num_seqs=1)
     info = gpu.memory_info()
     kv = 2 * cfg.num_layers * cfg.num_kv_heads * n_ctx * cfg.head_dim * 2
     assert info["kv_cache_bytes"] >= kv >= 256 << 20
+    assert info["kv_blocks"] == gpu.blocks.num_blocks == info["kv_blocks_total"] >= n_ctx // 16
+    assert info["kv_block_size"] == 16 and info["max_num_seqs"] == 1
     assert info["weights_bytes"] >= sum(t.nbytes for n, t in src.tensors.items() if n.startswith("blk."))
     assert info["total_bytes"] == info["weights_bytes"] + info["kv_cache_bytes"] + info["scratch_bytes"]
     free_loaded = info["device_free_bytes"]
     gpu.close()
     for _ in range(3):
-        again = CUDABackend(src, 0, n_ctx)
+        again = CUDABackend(src, 0, n_ctx, max_num_seqs=1)
         try:
             assert again.memory_info()["device_free_bytes"] >= free_loaded - (64 << 20)
         finally:
             again.close()
+
+
+@gpu
+def test_kv_pool_sizing(sources):
+    src = sources(ARCH_MODELS[1])
+    cfg = src.config
+    per_block = 2 * cfg.num_layers * cfg.num_kv_heads * 32 * cfg.head_dim * 2
+    # Explicit bytes: as many whole blocks as fit.
+    gpu = CUDABackend(src, 0, 256, kv_cache_memory=100 * per_block + 7, block_size=32)
+    try:
+        assert gpu.blocks.num_blocks == 100 and gpu.blocks.block_size == 32
+        assert gpu.memory_info()["kv_cache_bytes"] >= 100 * per_block
+        prompt = _tokens(12, 40, cfg.vocab_size)
+        assert len(_gpu_generate(gpu, prompt, 4)) == 4
+    finally:
+        gpu.close()
+    # Automatic: max_num_seqs sequences of n_ctx positions when memory allows.
+    gpu = CUDABackend(src, 0, 100, max_num_seqs=3)
+    try:
+        assert gpu.blocks.num_blocks == 3 * 7 and gpu.max_num_seqs == 3
+    finally:
+        gpu.close()
+    # Less than one sequence of n_ctx positions is refused before loading.
+    with pytest.raises(ModelLoadError, match="n_ctx"):
+        CUDABackend(src, 0, 256, kv_cache_memory=per_block, block_size=32)
 
 
 # ---------------------------------------------------------------------------
@@ -482,8 +762,8 @@ def _host_backend(vocab=100):
     be = object.__new__(CUDABackend)
     be.config = SimpleNamespace(vocab_size=vocab)
     be._C = SimpleNamespace(PenaltyUpdate=_Plain, StepSampling=_Plain)
-    be._device_penalties_synced_to = None
-    be._step_sampling_cache = None
+    be._device_penalties_synced_to = {}
+    be._step_sampling_cache = {}
     be._no_penalty_update = _Plain()
     be._no_penalty_update.active = False
     return be
@@ -494,26 +774,30 @@ def test_penalty_updates_send_deltas_of_the_sampler_state():
     rep = SamplingParams(temperature=0.0, repetition_penalty=1.2)
     state = SamplerState(prompt_tokens=[1, 2, 3, 150])
 
-    pu, synced = be._penalty_update(rep, state)
+    pu, synced = be._penalty_update(3, rep, state)
     assert pu.active and pu.reset and pu.context == [1, 2, 3] and pu.generated == []
-    be._device_penalties_synced_to = synced                         # the job succeeded
+    be._device_penalties_synced_to[3] = synced    # the job succeeded
 
     state.generated_tokens += [5, 5]
-    pu, synced = be._penalty_update(rep, state)
+    pu, synced = be._penalty_update(3, rep, state)
     assert pu.active and not pu.reset and pu.context == [] and pu.generated == [5, 5]
-    be._device_penalties_synced_to = synced
+    be._device_penalties_synced_to[3] = synced
+
+    # Another slot has its own state: the same request there starts from scratch.
+    pu, _ = be._penalty_update(4, rep, state)
+    assert pu.reset and pu.context == [1, 2, 3] and pu.generated == [5, 5]
 
     # A step without penalties leaves the device state and the record alone...
-    pu, synced = be._penalty_update(SamplingParams(temperature=0.0), state)
-    assert not pu.active and synced is be._device_penalties_synced_to
+    pu, synced = be._penalty_update(3, SamplingParams(temperature=0.0), state)
+    assert not pu.active and synced is be._device_penalties_synced_to[3]
     # ...and the next penalized step catches up on what it missed.
     state.generated_tokens.append(7)
-    pu, _ = be._penalty_update(rep, state)
+    pu, _ = be._penalty_update(3, rep, state)
     assert not pu.reset and pu.generated == [7]
 
-    # A new request (new state object) starts from scratch.
+    # A new request in the slot (new state object) starts from scratch.
     other = SamplerState(prompt_tokens=[9], generated_tokens=[4, -1])
-    pu, _ = be._penalty_update(SamplingParams(presence_penalty=0.5), other)
+    pu, _ = be._penalty_update(3, SamplingParams(presence_penalty=0.5), other)
     assert pu.reset and pu.context == [9] and pu.generated == [4]
 
 
@@ -543,3 +827,13 @@ def test_cpu_build_refuses_cleanly(sources):
     from helexa_native.errors import DeviceError
     with pytest.raises(DeviceError, match="no CUDA support"):
         CUDABackend(sources(ARCH_MODELS[1]), 0, 64)
+
+
+def test_cuda_backend_checks_its_arguments_first(sources):
+    src = sources(ARCH_MODELS[1])
+    for kw in (dict(max_num_seqs=0), dict(block_size=24), dict(block_size=8), dict(kv_cache_memory=0),
+               dict(kv_cache_memory=1.5), dict(n_ctx=0)):
+        args = dict(n_ctx=64)
+        args.update(kw)
+        with pytest.raises(ValueError):
+            CUDABackend(src, 0, **args)

@@ -1,0 +1,16 @@
+// Gathering rows of a float matrix by indices in device memory (the batched
+// step's last row of each sequence, before the LM head).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace hx {
+
+// dst[i, :] = src[rows[i], :] for i < m. The indices are read on the device,
+// so a captured graph serves any of them.
+void gather_rows_launch(const float* src /*[n, h]*/, const int32_t* rows /*[m] device*/, int m, int h,
+                        float* dst /*[m, h]*/, cudaStream_t stream);
+
+}  // namespace hx
