@@ -493,7 +493,8 @@ class Engine:
             from .chat_output import ChatOutputParser
             return ChatOutputParser(self.reasoning_parser, setup.start_in_reasoning, setup.tool_parser)
         return self._start(setup.ids, sampling, cancel, grammar=setup.grammar, grammar_after=setup.grammar_after,
-                           output=output, logit_bias=logit_bias, n=n, skip_special_default=setup.skip_special)
+                           grammar_field=setup.grammar_field, output=output, logit_bias=logit_bias, n=n,
+                           skip_special_default=setup.skip_special)
 
     def _chat_setup(self, messages, tools, tool_choice, parallel_tool_calls, response_format,
                     chat_template_kwargs) -> "_ChatSetup":
@@ -507,9 +508,10 @@ class Engine:
         if not isinstance(parallel_tool_calls, bool):
             raise InvalidParameterError("parallel_tool_calls", "parallel_tool_calls must be a boolean")
         grammar = self._tool_grammar(tools, tool_choice, parallel_tool_calls)
+        field = "tool_choice"
         offered = tools if tools and tool_choice != "none" else None
         if grammar is None:
-            grammar = self._response_grammar(response_format)
+            grammar, field = self._response_grammar(response_format), "response_format"
         text = self.apply_chat_template(messages, add_generation_prompt=bool(add_generation_prompt),
                                         tools=offered, **kwargs)
         ids = self.tokenize(text, add_special_tokens=False)
@@ -523,7 +525,7 @@ class Engine:
         # Markup that is one special token must reach the text for the parsers to see it.
         markers = list(MARKERS[tool_parser]) if tool_parser else []
         markers += [OPEN_TAG, CLOSE_TAG] if reasoning else []
-        return _ChatSetup(ids=ids, grammar=grammar, grammar_after=after,
+        return _ChatSetup(ids=ids, grammar=grammar, grammar_field=field, grammar_after=after,
                           start_in_reasoning=reasoning and prompt_opens_reasoning(text),
                           tool_parser=tool_parser,
                           skip_special=not any(self._is_special_token(m) for m in markers))
@@ -589,8 +591,8 @@ class Engine:
                 s.close()
 
     def _start(self, ids: List[int], sampling: dict, cancel, continuation: bool = False, grammar=None,
-               grammar_after: Optional[int] = None, output=None, logit_bias: Optional[dict] = None,
-               n: int = 1, skip_special_default: bool = True):
+               grammar_after: Optional[int] = None, grammar_field: str = "response_format", output=None,
+               logit_bias: Optional[dict] = None, n: int = 1, skip_special_default: bool = True):
         sampling = dict(sampling)
         skip_special = sampling.pop("skip_special_tokens", None)
         if skip_special is None:
@@ -616,9 +618,10 @@ class Engine:
         compiled = None
         if grammar is not None or bias is not None:
             if not getattr(backend, "supports_constraints", False):
-                what = "structured outputs" if grammar is not None else "logit_bias"
-                raise InvalidParameterError("response_format" if grammar is not None else "logit_bias",
-                                            f"{what} are not supported on {self.device} yet")
+                field = grammar_field if grammar is not None else "logit_bias"
+                what = {"response_format": "structured outputs", "tool_choice": "forced tool calls",
+                        "logit_bias": "logit_bias"}[field]
+                raise InvalidParameterError(field, f"{what} are not supported on {self.device} yet")
             if grammar is not None:
                 compiled = self.grammar_compiler().compile(grammar)
         demux = _Demux(n) if n > 1 else None
@@ -724,6 +727,10 @@ class Engine:
             "generation_config": {k: v for k, v in self._generation_config.items() if k != "eos_token_id"},
             "prefix_cache": self.prefix_cache,
             "max_num_seqs": self.max_num_seqs,
+            "tool_call_parser": self.tool_call_parser,
+            "reasoning_parser": self.reasoning_parser,
+            "pooling": self.pooling,
+            "structured_outputs": bool(getattr(self._backend, "supports_constraints", False)),
             "tensor_parallel": int(getattr(self._backend, "tensor_parallel", 1)),
             "closed": self._closed,
         }
@@ -830,6 +837,7 @@ class _ChatSetup:
 
     ids: List[int]
     grammar: Any
+    grammar_field: str              # the request field the grammar comes from
     grammar_after: Optional[int]
     start_in_reasoning: bool
     tool_parser: Optional[str]

@@ -276,6 +276,33 @@ def test_engine_constraint_masks_every_step(engine):
     assert re.fullmatch(" ?" + pattern, r.text) and r.finish_reason == "stop"
 
 
+def test_backend_without_masks_refuses_what_needs_them(engine, monkeypatch):
+    from helexa_native.errors import InvalidParameterError
+    monkeypatch.setattr(engine.backend, "supports_constraints", False)
+    for kw, field in ((dict(tools=[WEATHER], tool_choice="required"), "tool_choice"),
+                      (dict(response_format={"type": "json_object"}), "response_format"),
+                      (dict(logit_bias={5: 1.0}), "logit_bias")):
+        with pytest.raises(InvalidParameterError) as e:
+            engine.chat(ASK, max_tokens=1, **kw)
+        assert e.value.field == field
+    assert engine.chat(ASK, tools=[WEATHER], max_tokens=1).usage["completion_tokens"] == 1
+    assert engine.info()["structured_outputs"] is False
+
+
+def test_a_token_outside_the_grammar_fails_the_request(engine, monkeypatch):
+    step_batch = engine.backend.step_batch
+
+    def unmasked(seqs):
+        for s in seqs:
+            s.allowed = None
+        return step_batch(seqs)
+    monkeypatch.setattr(engine.backend, "step_batch", unmasked)
+    with pytest.raises(RuntimeError, match="grammar"):
+        engine.chat(ASK, response_format={"type": "regex", "regex": "qqqq"}, max_tokens=4, temperature=0)
+    monkeypatch.undo()
+    assert engine.chat(ASK, response_format={"type": "regex", "regex": "qqqq"}, max_tokens=8).text == "qqqq"
+
+
 # ---------------------------------------------------------------- Responses API
 
 
