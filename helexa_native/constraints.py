@@ -190,21 +190,30 @@ def response_format_spec(response_format: Optional[dict]) -> Optional[GrammarSpe
 
 def _tool_functions(tools) -> List[dict]:
     if not isinstance(tools, (list, tuple)) or not tools:
-        raise ConstraintError("tools must be a non-empty list")
+        raise ConstraintError("tools must be a non-empty list", "tools")
     out = []
     for i, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(fn, dict):
-            raise ConstraintError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}")
+            raise ConstraintError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", "tools")
         name = fn.get("name")
         if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
-            raise ConstraintError(f"tools[{i}].function.name must be 1-64 letters, digits, '_', '-', '.' or ':'")
+            raise ConstraintError(f"tools[{i}].function.name must be 1-64 letters, digits, '_', '-', '.' or ':'",
+                                  "tools")
         params = fn.get("parameters")
         if params is None:
             params = {"type": "object", "properties": {}}
-        _schema_text(params, f"tools[{i}].function.parameters")
+        try:
+            _schema_text(params, f"tools[{i}].function.parameters")
+        except ConstraintError as e:
+            raise ConstraintError(str(e), "tools") from None
         out.append({"name": name, "parameters": params, "strict": fn.get("strict") is True})
     return out
+
+
+def tool_functions(tools) -> List[dict]:
+    """The functions of OpenAI `tools`, checked: ``{"name", "parameters", "strict"}`` each."""
+    return _tool_functions(tools)
 
 
 def _chosen(functions: List[dict], tool_choice) -> Optional[List[dict]]:
@@ -217,10 +226,10 @@ def _chosen(functions: List[dict], tool_choice) -> Optional[List[dict]]:
         name = (tool_choice.get("function") or {}).get("name")
         picked = [f for f in functions if f["name"] == name]
         if not picked:
-            raise ConstraintError(f"tool_choice names function {name!r}, which is not in tools")
+            raise ConstraintError(f"tool_choice names function {name!r}, which is not in tools", "tool_choice")
         return picked[:1]
     raise ConstraintError("tool_choice must be 'none', 'auto', 'required' or "
-                          "{'type': 'function', 'function': {'name': ...}}")
+                          "{'type': 'function', 'function': {'name': ...}}", "tool_choice")
 
 
 def tool_call_spec(tools, tool_choice, parser: str, tokenizer,

@@ -18,6 +18,10 @@ DEFAULT_REPETITION_PENALTY = 1.0
 DEFAULT_PRESENCE_PENALTY = 0.0
 DEFAULT_FREQUENCY_PENALTY = 0.0
 MAX_TOP_LOGPROBS = 20
+# logit_bias values are clamped by OpenAI's rule: each in [-100, 100].
+MAX_LOGIT_BIAS = 100.0
+# n: answers one request may ask for (each is a sequence of its own).
+MAX_CHOICES = 128
 
 # Context: a model's trained length can be huge (128k); the KV cache is sized
 # from the requested context, capped by default to this many tokens.
@@ -27,6 +31,8 @@ DEFAULT_MAX_CONTEXT = 4096
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_QUEUE = 16
+# Responses kept for previous_response_id (least recently used dropped first).
+DEFAULT_RESPONSE_STORE_SIZE = 1000
 
 # Loads that take longer than this show a progress bar (seconds, estimated).
 PROGRESS_MIN_SECONDS = 1.0

@@ -9,23 +9,24 @@ the caller's thread, turns the tokens the scheduler hands back into text
 """
 from __future__ import annotations
 
+import collections
 import importlib.util
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence, Union
 
 from . import defaults
-from .errors import (ContextLengthError, DeviceError, EngineClosedError,
-                     ModelLoadError)
-from .params import SamplingParams
+from .errors import (ConstraintError, ContextLengthError, DeviceError, EngineClosedError,
+                     InvalidParameterError, ModelLoadError)
+from .params import UINT64_MASK, SamplingParams
 from .request_params import SAMPLING_FIELDS, resolve_params
 from .scheduler import DEFAULT_MAX_BATCH_TOKENS, Request, Scheduler
 from .stop import StopMatcher
 
-__all__ = ["Engine", "GenerationResult", "StreamChunk", "collect_stream", "default_model_path"]
+__all__ = ["Engine", "GenerationResult", "StreamChunk", "collect_choices", "collect_stream", "default_model_path"]
 
 
 @dataclass
@@ -41,11 +42,23 @@ class GenerationResult:
     seed: Optional[int] = None
     stop_reason: Union[str, int, None] = None   # matched stop string or stop token id
     prompt_token_ids: List[int] = field(default_factory=list)
+    # Chat only: `text` read as an assistant message (chat_output.py).
+    content: Optional[str] = None
+    reasoning_content: Optional[str] = None
+    tool_calls: List[dict] = field(default_factory=list)
+    index: int = 0                     # which of the request's n choices
 
 
 @dataclass
 class StreamChunk:
-    """One piece of a stream; the last one carries finish_reason, usage and timings."""
+    """One piece of a stream; the last one carries finish_reason, usage and timings.
+
+    Chat streams also carry `deltas`: the text read as OpenAI message deltas
+    ({"content"}, {"reasoning_content"} or {"tool_calls"}; chat_output.py),
+    which may hold back text until it is known not to be markup. With n > 1,
+    `index` says which choice a chunk belongs to; each choice ends with its
+    own chunk carrying finish_reason.
+    """
 
     text: str
     token_ids: List[int]
@@ -55,6 +68,8 @@ class StreamChunk:
     timings: Optional[dict] = None
     seed: Optional[int] = None
     stop_reason: Union[str, int, None] = None
+    deltas: Optional[List[dict]] = None
+    index: int = 0
 
 
 def default_model_path() -> Path:
@@ -135,6 +150,18 @@ class Engine:
     skip_special_tokens (default True). Unset values come from the model's
     generation_config, then from defaults.py; a request without a seed gets
     a fresh one, reported in the result.
+
+    Beyond sampling, every generation call takes response_format (OpenAI's
+    text / json_object / json_schema, plus regex and grammar: the output is
+    constrained to it token by token, constraints.py), logit_bias ({token id:
+    value}, added to the raw logits) and n (n > 1: that many answers to the
+    one prompt; seeds seed, seed + 1, ...; the calls return a list and the
+    streams tag chunks with `index`). chat / chat_stream also take tools,
+    tool_choice ("auto", "none", "required" or {"type": "function",
+    "function": {"name": ...}}; the last two force a valid call by
+    constrained decoding) and parallel_tool_calls, and read the answer into
+    content, reasoning_content and tool_calls with the model's parsers
+    (`tool_call_parser`, `reasoning_parser`).
     """
 
     def __init__(self, model: Union[str, Path, None] = None, device: str = "auto",
@@ -142,7 +169,9 @@ class Engine:
                  int8_activations: Optional[bool] = None, max_num_seqs: Optional[int] = None,
                  kv_cache_memory: Optional[int] = None,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-                 tensor_parallel: Optional[int] = None, step_timeout: Optional[float] = None):
+                 tensor_parallel: Optional[int] = None, step_timeout: Optional[float] = None,
+                 tool_call_parser: Optional[str] = None, reasoning_parser: Optional[str] = None,
+                 pooling: Optional[str] = None):
         """Load `model` (GGUF file or HF folder; None = the default model) onto `device`.
 
         device: "auto" (CUDA when a GPU and a CUDA build are present, else CPU),
@@ -169,6 +198,11 @@ class Engine:
         built yet (DeviceError). step_timeout: seconds a tensor-parallel
         step may take before the model fails with a DeviceError naming the
         late rank (default defaults.DEFAULT_STEP_TIMEOUT).
+        tool_call_parser ("hermes", "llama3_json", "mistral") and reasoning_parser
+        ("think", or "none" for off): how chat output is read; default: picked
+        from the chat template (hermes for templates that do not render tools).
+        pooling ("last", "mean", "cls"): embed()'s default; default: the model's
+        own (embeddings.default_pooling).
         """
         self._init_state()
         if max_num_seqs is not None and (not isinstance(max_num_seqs, int) or isinstance(max_num_seqs, bool)
@@ -222,6 +256,8 @@ class Engine:
                                      kv_cache_memory=kv_cache_memory, prefix_cache=prefix_cache)
             self._attach(backend, tokenizer, source.chat_template, source.generation_config,
                          source.eos_token_ids, path, source.tensors.values(), max_batch_tokens)
+            self._set_parsers(tool_call_parser, reasoning_parser)
+            self._set_pooling(pooling, source.metadata)
         except BaseException:
             if self._backend is not None:
                 self._backend.close()
@@ -234,7 +270,9 @@ class Engine:
     def from_backend(cls, backend, tokenizer, chat_template: Optional[str] = None,
                      generation_config: Optional[dict] = None, eos_token_ids: Sequence[int] = (),
                      model_path: Union[str, Path] = "", prefix_cache: bool = True,
-                     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> "Engine":
+                     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                     tool_call_parser: Optional[str] = None, reasoning_parser: Optional[str] = None,
+                     pooling: Optional[str] = None) -> "Engine":
         """Wrap an already loaded Backend and Tokenizer (custom backends, tests)."""
         self = cls.__new__(cls)
         self._init_state()
@@ -242,6 +280,8 @@ class Engine:
         backend.blocks.prefix_cache = bool(prefix_cache)
         self._attach(backend, tokenizer, chat_template, generation_config, eos_token_ids,
                      Path(model_path), (), max_batch_tokens)
+        self._set_parsers(tool_call_parser, reasoning_parser)
+        self._set_pooling(pooling, {})
         self.load_seconds = 0.0
         return self
 
@@ -251,6 +291,8 @@ class Engine:
         self._backend = None
         self._scheduler: Optional[Scheduler] = None
         self._source = None
+        self._compiler = None
+        self._compiler_lock = threading.Lock()
 
     def _attach(self, backend, tokenizer, chat_template, generation_config, eos_token_ids,
                 path: Path, tensors, max_batch_tokens: int) -> None:
@@ -272,6 +314,39 @@ class Engine:
         self._scheduler = Scheduler(backend, max_batch_tokens=max_batch_tokens)
 
     # ------------------------------------------------------------------ setup
+
+    def _set_parsers(self, tool_call_parser: Optional[str], reasoning_parser: Optional[str]) -> None:
+        from .reasoning import REASONING_PARSERS, detect_reasoning
+        from .tool_calls import check_parser, detect_parser
+        source = "" if getattr(self._template, "is_default", False) else self._template.source
+        if tool_call_parser is not None:
+            self.tool_call_parser = check_parser(tool_call_parser)
+        else:
+            self.tool_call_parser = detect_parser(source) or "hermes"
+        if reasoning_parser is None:
+            self.reasoning_parser = detect_reasoning(source)
+        elif reasoning_parser == "none":
+            self.reasoning_parser = None
+        elif reasoning_parser in REASONING_PARSERS:
+            self.reasoning_parser = reasoning_parser
+        else:
+            raise ValueError(f"unknown reasoning parser {reasoning_parser!r} "
+                             f"(known: {', '.join(REASONING_PARSERS)}, none)")
+
+    def _set_pooling(self, pooling: Optional[str], metadata: dict) -> None:
+        from .embeddings import check_pooling, default_pooling
+        self.pooling = (check_pooling(pooling) if pooling is not None
+                        else default_pooling(metadata, self.config.name, str(self.model_path)))
+
+    def grammar_compiler(self):
+        """The model's constraints.GrammarCompiler (built on first use: ~0.4 s over a 50k vocabulary)."""
+        with self._compiler_lock:
+            if self._compiler is None:
+                from .constraints import GrammarCompiler
+                eos = list(self._generation_config.get("eos_token_id") or []) or None
+                self._compiler = GrammarCompiler(self.tokenizer, vocab_size=self.config.vocab_size,
+                                                 eos_token_ids=eos)
+            return self._compiler
 
     @staticmethod
     def _check_cuda(index: int) -> None:
@@ -345,10 +420,18 @@ class Engine:
 
     def apply_chat_template(self, messages: list, add_generation_prompt: bool = True,
                             tools: Optional[list] = None, tokenize: bool = False, **kwargs):
-        """Render messages with the model's own chat template (ids when tokenize=True)."""
+        """Render messages with the model's own chat template (ids when tokenize=True).
+
+        A template that does not render tools or tool turns gets them as text
+        in the tool-call parser's format (tool_prompt.py).
+        """
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
-        text = self._template.render(messages, add_generation_prompt=add_generation_prompt,
+        from .chat_template import normalize_messages
+        from .tool_prompt import prepare_messages
+        msgs, tools = prepare_messages(normalize_messages(messages), tools, self._template.source,
+                                       self.tool_call_parser)
+        text = self._template.render(msgs, add_generation_prompt=add_generation_prompt,
                                      tools=tools, **kwargs)
         if tokenize:
             return self.tokenize(text, add_special_tokens=False)
@@ -356,19 +439,26 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, prompt: Union[str, Sequence[int]], cancel=None, **sampling) -> GenerationResult:
-        """Complete `prompt` (text, or token ids) and return the whole result."""
+    def generate(self, prompt: Union[str, Sequence[int]], cancel=None, response_format: Optional[dict] = None,
+                 logit_bias: Optional[dict] = None, n: int = 1, **sampling):
+        """Complete `prompt` (text, or token ids) and return the whole result (a list of n when n > 1)."""
         ids = self._prompt_ids(prompt)
-        return collect_stream(self._start(ids, sampling, cancel, continuation=True), ids)
+        grammar = self._response_grammar(response_format)
+        return _collect(self._start(ids, sampling, cancel, continuation=True, grammar=grammar,
+                                    logit_bias=logit_bias, n=n), ids, n)
 
     def generate_stream(self, prompt: Union[str, Sequence[int]], cancel=None,
-                        **sampling) -> Iterator[StreamChunk]:
+                        response_format: Optional[dict] = None, logit_bias: Optional[dict] = None,
+                        n: int = 1, **sampling) -> Iterator[StreamChunk]:
         """Complete `prompt`, yielding text deltas; closing the iterator stops generation.
 
         cancel: a threading.Event or a callable returning True to stop early
         (finish_reason "cancelled"). Parameters are checked before this returns.
         """
-        return self._start(self._prompt_ids(prompt), sampling, cancel, continuation=True)
+        ids = self._prompt_ids(prompt)
+        grammar = self._response_grammar(response_format)
+        return self._start(ids, sampling, cancel, continuation=True, grammar=grammar,
+                           logit_bias=logit_bias, n=n)
 
     def _prompt_ids(self, prompt) -> List[int]:
         self._live()
@@ -377,22 +467,113 @@ class Engine:
         return self._check_ids(prompt, "prompt")
 
     def chat(self, messages: list, tools: Optional[list] = None, cancel=None,
-             chat_template_kwargs: Optional[dict] = None, **sampling) -> GenerationResult:
-        """Answer a conversation rendered with the model's chat template."""
-        ids = self._chat_ids(messages, tools, chat_template_kwargs)
-        return collect_stream(self._start(ids, sampling, cancel), ids)
+             chat_template_kwargs: Optional[dict] = None, tool_choice=None, parallel_tool_calls: bool = True,
+             response_format: Optional[dict] = None, logit_bias: Optional[dict] = None, n: int = 1,
+             **sampling):
+        """Answer a conversation rendered with the model's chat template (a list of n answers when n > 1).
+
+        The result's content, reasoning_content and tool_calls hold the answer
+        read by the model's parsers; finish_reason is "tool_calls" when it called one.
+        """
+        setup = self._chat_setup(messages, tools, tool_choice, parallel_tool_calls, response_format,
+                                 chat_template_kwargs)
+        return _collect(self._start_chat(setup, sampling, cancel, logit_bias, n), setup.ids, n)
 
     def chat_stream(self, messages: list, tools: Optional[list] = None, cancel=None,
-                    chat_template_kwargs: Optional[dict] = None, **sampling) -> Iterator[StreamChunk]:
-        """Stream the answer to a conversation; see generate_stream."""
-        return self._start(self._chat_ids(messages, tools, chat_template_kwargs), sampling, cancel)
+                    chat_template_kwargs: Optional[dict] = None, tool_choice=None,
+                    parallel_tool_calls: bool = True, response_format: Optional[dict] = None,
+                    logit_bias: Optional[dict] = None, n: int = 1, **sampling) -> Iterator[StreamChunk]:
+        """Stream the answer to a conversation; chunks carry message `deltas`; see generate_stream."""
+        setup = self._chat_setup(messages, tools, tool_choice, parallel_tool_calls, response_format,
+                                 chat_template_kwargs)
+        return self._start_chat(setup, sampling, cancel, logit_bias, n)
 
-    def _chat_ids(self, messages, tools, chat_template_kwargs) -> List[int]:
+    def _start_chat(self, setup: "_ChatSetup", sampling: dict, cancel, logit_bias, n):
+        def output():
+            from .chat_output import ChatOutputParser
+            return ChatOutputParser(self.reasoning_parser, setup.start_in_reasoning, setup.tool_parser)
+        return self._start(setup.ids, sampling, cancel, grammar=setup.grammar, grammar_after=setup.grammar_after,
+                           grammar_field=setup.grammar_field, output=output, logit_bias=logit_bias, n=n,
+                           skip_special_default=setup.skip_special)
+
+    def _chat_setup(self, messages, tools, tool_choice, parallel_tool_calls, response_format,
+                    chat_template_kwargs) -> "_ChatSetup":
+        from .reasoning import CLOSE_TAG, OPEN_TAG, prompt_opens_reasoning
+        from .tool_calls import MARKERS
         self._live()
         if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
             raise ValueError("chat_template_kwargs must be a dict")
-        return self.apply_chat_template(messages, add_generation_prompt=True, tools=tools,
-                                        tokenize=True, **(chat_template_kwargs or {}))
+        kwargs = dict(chat_template_kwargs or {})
+        add_generation_prompt = kwargs.pop("add_generation_prompt", True)
+        if not isinstance(parallel_tool_calls, bool):
+            raise InvalidParameterError("parallel_tool_calls", "parallel_tool_calls must be a boolean")
+        grammar = self._tool_grammar(tools, tool_choice, parallel_tool_calls)
+        field = "tool_choice"
+        offered = tools if tools and tool_choice != "none" else None
+        if grammar is None:
+            grammar, field = self._response_grammar(response_format), "response_format"
+        text = self.apply_chat_template(messages, add_generation_prompt=bool(add_generation_prompt),
+                                        tools=offered, **kwargs)
+        ids = self.tokenize(text, add_special_tokens=False)
+        reasoning = self.reasoning_parser is not None
+        after = None
+        if grammar is not None and reasoning and not text.rstrip().endswith(CLOSE_TAG):
+            # The grammar covers the answer, not the reasoning before it: it starts
+            # once the model closed its reasoning (when that is one token).
+            after = self.tokenizer.token_to_id(CLOSE_TAG)
+        tool_parser = self.tool_call_parser if offered else None
+        # Markup that is one special token must reach the text for the parsers to see it.
+        markers = list(MARKERS[tool_parser]) if tool_parser else []
+        markers += [OPEN_TAG, CLOSE_TAG] if reasoning else []
+        return _ChatSetup(ids=ids, grammar=grammar, grammar_field=field, grammar_after=after,
+                          start_in_reasoning=reasoning and prompt_opens_reasoning(text),
+                          tool_parser=tool_parser,
+                          skip_special=not any(self._is_special_token(m) for m in markers))
+
+    def _is_special_token(self, text: str) -> bool:
+        tid = self.tokenizer.token_to_id(text)
+        return tid is not None and self.tokenizer.is_special(tid)
+
+    def _tool_grammar(self, tools, tool_choice, parallel_tool_calls: bool):
+        """The grammar tool_choice forces (None for auto / none); checks tools and tool_choice."""
+        from .constraints import json_schema_spec, tool_functions
+        if tools is None:
+            if tool_choice not in (None, "auto", "none"):
+                raise ConstraintError("tool_choice forces a tool call, but the request has no tools",
+                                      "tool_choice")
+            return None
+        functions = tool_functions(tools)
+        compiler = self.grammar_compiler()
+        spec = None
+        for i, fn in enumerate(functions):
+            try:
+                compiler.compile(json_schema_spec(fn["parameters"], strict=fn["strict"]))
+            except ConstraintError as e:
+                raise ConstraintError(f"tools[{i}].function.parameters: {e}", "tools") from None
+        try:
+            if tool_choice != "none":
+                spec = compiler.tool_call_spec(tools, tool_choice, self.tool_call_parser, parallel_tool_calls)
+                if spec is not None:
+                    compiler.compile(spec)
+        except ConstraintError as e:
+            if e.field is None:
+                e.field = "tools"
+            raise
+        return spec
+
+    def _response_grammar(self, response_format):
+        """The grammar a response_format asks for (None for text); ConstraintError names response_format."""
+        if response_format is None:
+            return None
+        from .constraints import response_format_spec
+        try:
+            spec = response_format_spec(response_format)
+            if spec is not None:
+                self.grammar_compiler().compile(spec)
+        except ConstraintError as e:
+            e.field = e.field or "response_format"
+            raise
+        return spec
 
     def generate_batch(self, prompts: Sequence[Union[str, Sequence[int]]], cancel=None,
                        **sampling) -> List[GenerationResult]:
@@ -409,10 +590,13 @@ class Engine:
             for s in streams:
                 s.close()
 
-    def _start(self, ids: List[int], sampling: dict, cancel,
-               continuation: bool = False) -> "_Stream":
+    def _start(self, ids: List[int], sampling: dict, cancel, continuation: bool = False, grammar=None,
+               grammar_after: Optional[int] = None, grammar_field: str = "response_format", output=None,
+               logit_bias: Optional[dict] = None, n: int = 1, skip_special_default: bool = True):
         sampling = dict(sampling)
-        skip_special = sampling.pop("skip_special_tokens", True)
+        skip_special = sampling.pop("skip_special_tokens", None)
+        if skip_special is None:
+            skip_special = skip_special_default
         if not isinstance(skip_special, bool):
             raise ValueError(f"skip_special_tokens must be a boolean, got {type(skip_special).__name__}")
         unknown = [k for k in sampling if k not in SAMPLING_FIELDS]
@@ -421,15 +605,95 @@ class Engine:
                             f"(known: {', '.join(SAMPLING_FIELDS)})")
         if cancel is not None and not (callable(cancel) or callable(getattr(cancel, "is_set", None))):
             raise ValueError("cancel must be a threading.Event or a callable")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= defaults.MAX_CHOICES:
+            raise InvalidParameterError("n", f"n must be an integer in [1, {defaults.MAX_CHOICES}], got {n!r}")
         params, max_tokens, stops, stop_ids = resolve_params(sampling, self._generation_config)
+        bias = _logit_bias(logit_bias, self.config.vocab_size)
         if not ids:
             raise ValueError("the prompt is empty (no tokens)")
         if len(ids) >= self.n_ctx:
             raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context holds "
                                      f"{self.n_ctx}: at most {self.n_ctx - 1} prompt tokens fit")
+        backend = self._live()
+        compiled = None
+        if grammar is not None or bias is not None:
+            if not getattr(backend, "supports_constraints", False):
+                field = grammar_field if grammar is not None else "logit_bias"
+                what = {"response_format": "structured outputs", "tool_choice": "forced tool calls",
+                        "logit_bias": "logit_bias"}[field]
+                raise InvalidParameterError(field, f"{what} are not supported on {self.device} yet")
+            if grammar is not None:
+                compiled = self.grammar_compiler().compile(grammar)
+        demux = _Demux(n) if n > 1 else None
+        streams: List[_Stream] = []
+        try:
+            for i in range(n):
+                p = params if i == 0 else replace(params, seed=(params.seed + i) & UINT64_MASK)
+                streams.append(_Stream(
+                    self, ids, p, max_tokens, stops, frozenset(stop_ids), cancel, skip_special, continuation,
+                    constraint=compiled.matcher() if compiled is not None else None,
+                    constraint_after=grammar_after, logit_bias=bias,
+                    output=output() if output is not None else None, index=i,
+                    leader=streams[0]._req if i else None,
+                    events=demux.channel(i) if demux is not None else None))
+        except BaseException:
+            for s in streams:
+                s.close()
+            raise
+        return streams[0] if n == 1 else _MultiStream(streams, demux, cancel, self)
+
+    # ------------------------------------------------------------------ embeddings
+
+    def embed(self, inputs: Union[str, Sequence[str], Sequence[int], Sequence[Sequence[int]]],
+              pooling: Optional[str] = None, normalize: bool = True,
+              dimensions: Optional[int] = None):
+        """Sentence embeddings: a float32 tensor [n, hidden] (or [n, dimensions]), rows L2-normalized.
+
+        inputs: a text, a list of texts, a list of token ids (one input) or a
+        list of such lists. Texts are tokenized as prompts are (BOS, and EOS
+        where the tokenizer adds one). pooling: "last", "mean" or "cls"
+        (default: `self.pooling`, the model's own). dimensions: keep the
+        first this many components (Matryoshka models), before normalizing.
+        The sequences run several per pass, apart from the generation steps
+        (which wait meanwhile); see embeddings.py.
+        """
+        import torch
+        from .embeddings import check_pooling, normalize as l2_normalize, pool
+        seqs = self.embedding_inputs(inputs)
+        mode = check_pooling(pooling) if pooling is not None else self.pooling
+        hidden_size = self.config.hidden_size
+        if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int)
+                                       or not 1 <= dimensions <= hidden_size):
+            raise InvalidParameterError("dimensions", f"dimensions must be an integer in [1, {hidden_size}], "
+                                        f"got {dimensions!r}")
+        for s in seqs:
+            if len(s) > self.n_ctx:
+                raise ContextLengthError(f"an input has {len(s)} tokens but the context holds {self.n_ctx}")
+        states = self._live().hidden_states(seqs)
+        vecs = torch.stack([pool(h, mode) for h in states]).float()
+        if dimensions is not None:
+            vecs = vecs[:, :dimensions]
+        return l2_normalize(vecs) if normalize else vecs
+
+    def embedding_inputs(self, inputs) -> List[List[int]]:
+        """embed()'s inputs as token id lists (ValueError naming what is wrong)."""
         self._live()
-        return _Stream(self, ids, params, max_tokens, stops, frozenset(stop_ids), cancel, skip_special,
-                       continuation)
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if isinstance(inputs, (bytes, dict)) or not hasattr(inputs, "__iter__"):
+            raise ValueError("inputs must be a string, a list of strings, or token ids")
+        items = list(inputs)
+        if not items:
+            raise ValueError("inputs must not be empty")
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in items):
+            items = [items]
+        out = []
+        for i, x in enumerate(items):
+            ids = self.tokenize(x, add_special_tokens=True) if isinstance(x, str) else self._check_ids(x, "input")
+            if not ids:
+                raise ValueError(f"input {i} is empty (no tokens)")
+            out.append(ids)
+        return out
 
     def _logprob_entry(self, tok: int, res) -> dict:
         entry = self._token_info(tok)
@@ -463,6 +727,10 @@ class Engine:
             "generation_config": {k: v for k, v in self._generation_config.items() if k != "eos_token_id"},
             "prefix_cache": self.prefix_cache,
             "max_num_seqs": self.max_num_seqs,
+            "tool_call_parser": self.tool_call_parser,
+            "reasoning_parser": self.reasoning_parser,
+            "pooling": self.pooling,
+            "structured_outputs": bool(getattr(self._backend, "supports_constraints", False)),
             "tensor_parallel": int(getattr(self._backend, "tensor_parallel", 1)),
             "closed": self._closed,
         }
@@ -563,32 +831,200 @@ def _timings(req: Request, t_end: float, n_gen: int) -> dict:
     return out
 
 
+@dataclass
+class _ChatSetup:
+    """A chat request made ready to start: prompt ids, grammar, parsers."""
+
+    ids: List[int]
+    grammar: Any
+    grammar_field: str              # the request field the grammar comes from
+    grammar_after: Optional[int]
+    start_in_reasoning: bool
+    tool_parser: Optional[str]
+    skip_special: bool
+
+
+def _logit_bias(bias, vocab_size: int):
+    """A request's logit_bias ({token id: value}, ids as ints or decimal strings) as sampling.LogitBias."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise InvalidParameterError("logit_bias", "logit_bias must be an object mapping token ids to numbers")
+    from .sampling import make_logit_bias
+    parsed = {}
+    for k, v in bias.items():
+        key = k
+        if isinstance(k, str) and k.strip().isdigit():
+            key = int(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) \
+                or not -defaults.MAX_LOGIT_BIAS <= v <= defaults.MAX_LOGIT_BIAS:
+            raise InvalidParameterError("logit_bias", f"logit_bias values must be numbers in "
+                                        f"[-{defaults.MAX_LOGIT_BIAS:g}, {defaults.MAX_LOGIT_BIAS:g}], "
+                                        f"got {v!r} for token {k!r}")
+        parsed[key] = v
+    try:
+        return make_logit_bias(parsed, vocab_size)
+    except ValueError as e:
+        raise InvalidParameterError("logit_bias", str(e)) from None
+
+
+class _Channel:
+    """One sequence's event queue inside a _Demux (put by the scheduler, get by its _Stream)."""
+
+    def __init__(self, demux: "_Demux", index: int) -> None:
+        self._demux = demux
+        self._index = index
+
+    def put(self, event) -> None:
+        self._demux.queue.put((self._index, event))
+
+    def get(self, timeout: Optional[float] = None):
+        return self._demux.get(self._index, timeout)
+
+
+class _Demux:
+    """One queue for the n sequences of a request: whoever waits reads it and sorts events by sequence."""
+
+    def __init__(self, n: int) -> None:
+        self.queue: "queue.SimpleQueue" = queue.SimpleQueue()
+        self.held = [collections.deque() for _ in range(n)]
+        self._lock = threading.Lock()
+
+    def channel(self, index: int) -> _Channel:
+        return _Channel(self, index)
+
+    def get(self, index: int, timeout: Optional[float] = None):
+        """The next event of sequence `index`; queue.Empty after `timeout` seconds without one."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self.held[index]:
+                    return self.held[index].popleft()
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            j, ev = self.queue.get(timeout=left)
+            if j == index:
+                return ev
+            with self._lock:
+                self.held[j].append(ev)
+
+    def wait_any(self, timeout: Optional[float] = None) -> Optional[int]:
+        """A sequence with an event waiting (reading one from the queue if none is held); None on timeout."""
+        with self._lock:
+            for i, h in enumerate(self.held):
+                if h:
+                    return i
+        try:
+            j, ev = self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        with self._lock:
+            self.held[j].append(ev)
+        return j
+
+
+class _MultiStream:
+    """The n streams of one prompt as one iterator of chunks tagged with their `index`, in arrival order."""
+
+    def __init__(self, streams: List["_Stream"], demux: _Demux, cancel, engine: "Engine") -> None:
+        self._streams = streams
+        self._demux = demux
+        self._cancel = cancel
+        self._engine = engine
+        self._active = set(range(len(streams)))
+        self.prompt_ids = streams[0].prompt_ids
+
+    def __iter__(self) -> "_MultiStream":
+        return self
+
+    def __next__(self) -> StreamChunk:
+        poll = self._cancel is not None and callable(getattr(self._cancel, "is_set", None))
+        while self._active:
+            i = self._next_ready(poll)
+            try:
+                return next(self._streams[i])
+            except StopIteration:
+                self._active.discard(i)
+        raise StopIteration
+
+    def _next_ready(self, poll: bool) -> int:
+        # A stream that has not started or already ended has no events to wait for.
+        for i in sorted(self._active):
+            if self._streams[i].idle:
+                return i
+        while True:
+            i = self._demux.wait_any(0.05 if poll else None)
+            if i is not None and i in self._active:
+                return i
+            if i is None and _is_cancelled(self._cancel):
+                for s in self._streams:
+                    s._req.cancel()
+                self._engine._scheduler.wake()
+
+    def close(self) -> None:
+        """Stop every sequence and end the stream."""
+        for s in self._streams:
+            s.close()
+        self._active.clear()
+
+
+def _collect(stream, prompt_ids: List[int], n: int):
+    """One GenerationResult (n == 1) or a list of n, in choice order."""
+    if n == 1:
+        return collect_stream(stream, prompt_ids)
+    return collect_choices(stream, prompt_ids, n)
+
+
+def collect_choices(stream: Iterator[StreamChunk], prompt_ids: List[int], n: int = 1) -> List[GenerationResult]:
+    """Join the chunks of a stream of n choices into n GenerationResults, in choice order (closing it)."""
+    chunks: List[List[StreamChunk]] = [[] for _ in range(n)]
+    try:
+        for ch in stream:
+            chunks[getattr(ch, "index", 0)].append(ch)
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+    return [_result(c, prompt_ids) for c in chunks]
+
+
 class _Stream:
     """The caller's side of one request: an iterator of StreamChunks.
 
     The scheduler thread produces tokens; this object turns them into text
-    in the caller's thread. Closing it (or dropping it) cancels the request.
+    in the caller's thread (and, for chat, into message deltas through its
+    `output` parser). Closing it (or dropping it) cancels the request.
     """
 
     def __init__(self, engine: "Engine", ids, params, max_tokens, stops, stop_ids, cancel,
-                 skip_special: bool, continuation: bool):
+                 skip_special: bool, continuation: bool, constraint=None, constraint_after=None,
+                 logit_bias=None, output=None, index: int = 0, leader: Optional[Request] = None,
+                 events=None):
         from .detokenizer import IncrementalDetokenizer
         self._engine = engine
         self._cancel = cancel
         self._params = params
+        self._output = output
+        self.index = index
+        self.prompt_ids = list(ids)
+        self.idle = False
         # A completion continues the prompt's text, so a SentencePiece word-boundary
         # space at its start is kept; a chat answer starts fresh and drops it.
         self._detok = IncrementalDetokenizer(engine.tokenizer, skip_special_tokens=skip_special,
                                              keep_leading_space=continuation)
         self._matcher = StopMatcher(stops)
         limit = min(max_tokens, engine.n_ctx - len(ids))
-        self._req = Request(prompt=list(ids), params=params, limit=limit, stop_ids=stop_ids)
+        self._req = Request(prompt=list(ids), params=params, limit=limit, stop_ids=stop_ids,
+                            constraint=constraint, constraint_after=constraint_after,
+                            logit_bias=logit_bias, leader=leader)
+        if events is not None:
+            self._req.events = events
         self._cancelled_early = limit > 0 and _is_cancelled(cancel)
         self._gen = self._run(limit)
         if limit > 0 and not self._cancelled_early:
             engine._scheduler.submit(self._req)
         else:
             self._req.t_submit = time.perf_counter()
+            self.idle = True
 
     def __iter__(self) -> "_Stream":
         return self
@@ -623,6 +1059,14 @@ class _Stream:
                 if _is_cancelled(self._cancel):
                     req.cancel()
                     self._engine._scheduler.wake()
+
+    def _chunk(self, text: str, ids: List[int], lps, **final) -> StreamChunk:
+        deltas = None
+        if self._output is not None:
+            deltas = self._output.feed(text, len(ids))
+            if final:
+                deltas += self._output.finish()
+        return StreamChunk(text, ids, lps, deltas=deltas, index=self.index, **final)
 
     def _run(self, limit: int):
         eng, req, params = self._engine, self._req, self._params
@@ -659,11 +1103,11 @@ class _Stream:
                     finish, stop_reason = "stop", matcher.matched
                     req.cancel()
                     if out:
-                        yield StreamChunk(out, pend_ids, pend_lp)
+                        yield self._chunk(out, pend_ids, pend_lp)
                         pend_ids, pend_lp = [], ([] if pend_lp is not None else None)
                     break
                 if out:
-                    yield StreamChunk(out, pend_ids, pend_lp)
+                    yield self._chunk(out, pend_ids, pend_lp)
                     pend_ids, pend_lp = [], ([] if pend_lp is not None else None)
                 if n_gen < limit and _is_cancelled(self._cancel):
                     req.cancel()
@@ -672,6 +1116,7 @@ class _Stream:
                     finish = "cancelled"
                     break
         finally:
+            self.idle = True
             if finish is None or req.cancelled:
                 req.cancel()
         t_end = time.perf_counter()
@@ -688,25 +1133,46 @@ class _Stream:
         n_prompt = len(req.prompt)
         usage = {"prompt_tokens": n_prompt, "completion_tokens": n_gen,
                  "total_tokens": n_prompt + n_gen}
-        yield StreamChunk(tail, pend_ids, pend_lp, finish_reason=finish, usage=usage,
-                          timings=_timings(req, t_end, n_gen), seed=params.seed, stop_reason=stop_reason)
+        last = self._chunk(tail, pend_ids, pend_lp, finish_reason=finish, usage=usage,
+                           timings=_timings(req, t_end, n_gen), seed=params.seed, stop_reason=stop_reason)
+        out = self._output
+        if out is not None:
+            usage["reasoning_tokens"] = out.reasoning_tokens
+            if out.tool_call_count and finish == "stop":
+                last.finish_reason = "tool_calls"
+        yield last
 
 
 def collect_stream(stream: Iterator[StreamChunk], prompt_ids: List[int]) -> GenerationResult:
     """Join a stream's chunks into one GenerationResult (closing the stream)."""
-    parts, ids, lps = [], [], None
-    last = None
+    chunks = []
     try:
         for ch in stream:
-            parts.append(ch.text)
-            ids.extend(ch.token_ids)
-            if ch.logprobs is not None:
-                lps = (lps or []) + list(ch.logprobs)
-            last = ch
+            chunks.append(ch)
     finally:
         close = getattr(stream, "close", None)
         if close is not None:
             close()
-    return GenerationResult(text="".join(parts), token_ids=ids, finish_reason=last.finish_reason,
-                            usage=last.usage, timings=last.timings, logprobs=lps, seed=last.seed,
-                            stop_reason=last.stop_reason, prompt_token_ids=list(prompt_ids))
+    return _result(chunks, prompt_ids)
+
+
+def _result(chunks: List[StreamChunk], prompt_ids: List[int]) -> GenerationResult:
+    parts, ids, lps = [], [], None
+    deltas: Optional[list] = None
+    for ch in chunks:
+        parts.append(ch.text)
+        ids.extend(ch.token_ids)
+        if ch.logprobs is not None:
+            lps = (lps or []) + list(ch.logprobs)
+        if getattr(ch, "deltas", None) is not None:
+            deltas = (deltas or []) + list(ch.deltas)
+    last = chunks[-1]
+    out = GenerationResult(text="".join(parts), token_ids=ids, finish_reason=last.finish_reason,
+                           usage=last.usage, timings=last.timings, logprobs=lps, seed=last.seed,
+                           stop_reason=last.stop_reason, prompt_token_ids=list(prompt_ids),
+                           index=getattr(last, "index", 0))
+    if deltas is not None:
+        from .chat_output import assemble_message
+        msg = assemble_message(deltas)
+        out.content, out.reasoning_content, out.tool_calls = msg.content, msg.reasoning_content, msg.tool_calls
+    return out

@@ -61,4 +61,15 @@ class BuildMismatchError(HelexaError, RuntimeError):
 
 
 class ConstraintError(HelexaError, ValueError):
-    """A structured-output request (JSON schema, regex, grammar, tools) cannot be compiled."""
+    """A structured-output request (JSON schema, regex, grammar, tools) cannot be compiled.
+
+    `field` names the request field at fault ("response_format", "tools",
+    "tool_choice") where it is known.
+    """
+
+    def __init__(self, message: str, field: "str | None" = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self):
+        return type(self), (str(self), self.field)

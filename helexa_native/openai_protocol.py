@@ -158,13 +158,13 @@ def token_id_list(v, key: str) -> List[int]:
 
 # Fields accepted and deliberately ignored: they describe billing, storage or
 # client bookkeeping that has no meaning for a local engine.
-_IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
+_IGNORED = ("user", "metadata", "store", "service_tier")
 
-_COMMON = (("model", "n", "stream", "stream_options", "logit_bias", "skip_special_tokens")
+_COMMON = (("model", "n", "stream", "stream_options", "logit_bias", "skip_special_tokens", "response_format")
            + PASSTHROUGH_FIELDS + _IGNORED)
 
 CHAT_FIELDS = frozenset(_COMMON + ("messages", MAX_TOKENS_ALIAS, "logprobs", "top_logprobs",
-                                   "response_format", "tools", "tool_choice", "chat_template_kwargs"))
+                                   "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs"))
 COMPLETION_FIELDS = frozenset(_COMMON + ("prompt", "logprobs", "echo", "suffix", "best_of"))
 
 
@@ -182,6 +182,27 @@ class GenerationRequest:
     chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
     prompt: Union[str, List[int], None] = None
     echo: bool = False
+    n: int = 1
+    logit_bias: Optional[Dict[int, float]] = None
+    response_format: Optional[dict] = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool = True
+
+    def engine_options(self) -> Dict[str, Any]:
+        """The Engine keyword arguments beyond sampling that this request sets (defaults left out)."""
+        out: Dict[str, Any] = {}
+        if self.n != 1:
+            out["n"] = self.n
+        if self.logit_bias:
+            out["logit_bias"] = dict(self.logit_bias)
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            out["response_format"] = self.response_format
+        if self.kind == "chat":
+            if self.tool_choice is not None:
+                out["tool_choice"] = self.tool_choice
+            if not self.parallel_tool_calls:
+                out["parallel_tool_calls"] = False
+        return out
 
     @property
     def logprobs(self) -> bool:
@@ -194,22 +215,13 @@ def _check_common(body: dict, allowed: frozenset) -> Tuple[Optional[str], bool, 
         raise bad_request(f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0],
                           "unknown_parameter")
     model = opt_str(body, "model")
-    n = opt_int(body, "n")
-    if n is not None and n != 1:
-        raise bad_request(f"n must be 1: this server generates one choice per request (got {n})", "n")
-    bias = body.get("logit_bias")
-    if bias is not None:
-        if not isinstance(bias, dict):
-            raise bad_request(f"logit_bias must be an object, got {_json_type(bias)}", "logit_bias")
-        if bias:
-            raise bad_request("logit_bias is not supported", "logit_bias", "unsupported_parameter")
     for key in _IGNORED:
         v = body.get(key)
         if key == "user" and v is not None and not isinstance(v, str):
             raise bad_request(f"user must be a string, got {_json_type(v)}", "user")
         if key == "metadata" and v is not None and not isinstance(v, dict):
             raise bad_request(f"metadata must be an object, got {_json_type(v)}", "metadata")
-        if key in ("store", "parallel_tool_calls"):
+        if key == "store":
             opt_bool(body, key)
     stream = opt_bool(body, "stream")
     include_usage = False
@@ -228,7 +240,77 @@ def _check_common(body: dict, allowed: frozenset) -> Tuple[Optional[str], bool, 
     return model, stream, include_usage
 
 
-def _sampling(body: dict) -> Dict[str, Any]:
+def parse_n(body: dict) -> int:
+    """n: how many answers to generate for the prompt."""
+    n = opt_int(body, "n")
+    if n is None:
+        return 1
+    if not 1 <= n <= defaults.MAX_CHOICES:
+        raise bad_request(f"n must be in [1, {defaults.MAX_CHOICES}], got {n}", "n")
+    return n
+
+
+def parse_logit_bias(body: dict) -> Optional[Dict[int, float]]:
+    """logit_bias: {"token id": bias in [-100, 100]} with ids as decimal strings (JSON keys)."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise bad_request(f"logit_bias must be an object, got {_json_type(bias)}", "logit_bias")
+    out = {}
+    lim = defaults.MAX_LOGIT_BIAS
+    for k, v in bias.items():
+        if not k.strip().isdigit():
+            raise bad_request(f"logit_bias keys must be token ids, got {k!r}", "logit_bias")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -lim <= v <= lim:
+            raise bad_request(f"logit_bias values must be numbers in [-{lim:g}, {lim:g}], got "
+                              f"{json.dumps(v)} for token {k}", "logit_bias")
+        out[int(k)] = float(v)
+    return out or None
+
+
+def parse_response_format(body: dict) -> Optional[dict]:
+    """response_format, checked for shape (the grammar itself compiles against the model's vocabulary)."""
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
+        raise bad_request("response_format must be an object with a string 'type'", "response_format")
+    from .constraints import response_format_spec
+    from .errors import ConstraintError
+    try:
+        response_format_spec(rf)
+    except ConstraintError as e:
+        raise bad_request(str(e), "response_format") from None
+    return rf
+
+
+def parse_tool_choice(body: dict, tools: Optional[list]):
+    """tool_choice: "none", "auto", "required" or {"type": "function", "function": {"name": ...}}."""
+    tc = body.get("tool_choice")
+    if tc is None:
+        return None
+    if isinstance(tc, str):
+        if tc not in ("none", "auto", "required"):
+            raise bad_request(f"tool_choice must be 'none', 'auto', 'required' or a function, got {tc!r}",
+                              "tool_choice")
+        if tc == "required" and not tools:
+            raise bad_request("tool_choice 'required' needs tools", "tool_choice")
+        return tc
+    if not isinstance(tc, dict):
+        raise bad_request(f"tool_choice must be a string or an object, got {_json_type(tc)}", "tool_choice")
+    fn = tc.get("function")
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if tc.get("type") != "function" or not isinstance(name, str):
+        raise bad_request("tool_choice must be {'type': 'function', 'function': {'name': ...}}", "tool_choice")
+    names = [t["function"]["name"] for t in tools or []]
+    if name not in names:
+        raise bad_request(f"tool_choice names function {name!r}, which is not among the tools "
+                          f"({', '.join(names) or 'none given'})", "tool_choice")
+    return {"type": "function", "function": {"name": name}}
+
+
+def parse_sampling(body: dict) -> Dict[str, Any]:
     """The engine's sampling arguments, checked together; an error names the offending field."""
     fields = {k: body[k] for k in PASSTHROUGH_FIELDS if body.get(k) is not None}
     if "max_tokens" not in fields and body.get(MAX_TOKENS_ALIAS) is not None:
@@ -249,7 +331,7 @@ def parse_chat_request(body: dict) -> GenerationRequest:
     """Validate a /v1/chat/completions body."""
     model, stream, include_usage = _check_common(body, CHAT_FIELDS)
     messages = parse_messages(body.get("messages"))
-    sampling = _sampling(body)
+    sampling = parse_sampling(body)
 
     logprobs = opt_bool(body, "logprobs")
     top = body.get("top_logprobs")
@@ -263,32 +345,14 @@ def parse_chat_request(body: dict) -> GenerationRequest:
         sampling["logprobs"] = True
         sampling["top_logprobs"] = int(top or 0)
 
-    rf = body.get("response_format")
-    if rf is not None:
-        if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
-            raise bad_request("response_format must be an object with a string 'type'", "response_format")
-        if rf["type"] in ("json_object", "json_schema"):
-            raise bad_request(f"response_format type {rf['type']!r} is not supported yet; "
-                              "only 'text' is", "response_format", "unsupported_parameter")
-        if rf["type"] != "text":
-            raise bad_request(f"response_format type must be 'text', 'json_object' or 'json_schema', "
-                              f"got {rf['type']!r}", "response_format")
-
     tools = parse_tools(body.get("tools"))
-    tc = body.get("tool_choice")
-    if tc is not None:
-        if tc == "none":
-            tools = None
-        elif tc != "auto":
-            if isinstance(tc, (str, dict)):
-                raise bad_request("tool_choice may be 'auto' or 'none': forcing a tool call is not "
-                                  "supported", "tool_choice", "unsupported_parameter")
-            raise bad_request(f"tool_choice must be a string or an object, got {_json_type(tc)}",
-                              "tool_choice")
-
+    tool_choice = parse_tool_choice(body, tools)
     kwargs = template_kwargs(body)
     return GenerationRequest("chat", model, sampling, stream, include_usage, messages=messages,
-                             tools=tools, chat_template_kwargs=dict(kwargs))
+                             tools=tools, chat_template_kwargs=dict(kwargs), n=parse_n(body),
+                             logit_bias=parse_logit_bias(body), response_format=parse_response_format(body),
+                             tool_choice=tool_choice,
+                             parallel_tool_calls=opt_bool(body, "parallel_tool_calls", True))
 
 
 # Names the template call itself sets; a request may not override them.
@@ -335,16 +399,31 @@ def parse_messages(messages, param: str = "messages") -> list:
 
 
 def parse_tools(tools) -> Optional[list]:
+    """Checked function tools: each {"type": "function", "function": {"name", "parameters"?, ...}}."""
     if tools is None:
         return None
     if not isinstance(tools, list):
         raise bad_request(f"tools must be an array, got {_json_type(tools)}", "tools")
+    from .constraints import tool_functions
+    from .errors import ConstraintError
     for i, t in enumerate(tools):
-        if not isinstance(t, dict) or t.get("type", "function") != "function":
+        if not isinstance(t, dict):
             raise bad_request(f"tools[{i}] must be an object with type 'function'", "tools")
+        if t.get("type", "function") != "function":
+            raise bad_request(f"tools[{i}].type {t.get('type')!r} is not supported: only 'function' tools are",
+                              "tools")
         fn = t.get("function")
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise bad_request(f"tools[{i}].function must be an object with a non-empty 'name'", "tools")
+        params = fn.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise bad_request(f"tools[{i}].function.parameters must be a JSON schema object, "
+                              f"got {_json_type(params)}", "tools")
+    if tools:
+        try:
+            tool_functions(tools)
+        except ConstraintError as e:
+            raise bad_request(str(e), "tools") from None
     return tools or None
 
 
@@ -352,7 +431,10 @@ def parse_completion_request(body: dict) -> GenerationRequest:
     """Validate a /v1/completions body."""
     model, stream, include_usage = _check_common(body, COMPLETION_FIELDS)
     prompt = parse_prompt(body.get("prompt"))
-    sampling = _sampling(body)
+    n = parse_n(body)
+    logit_bias = parse_logit_bias(body)
+    response_format = parse_response_format(body)
+    sampling = parse_sampling(body)
     lp = body.get("logprobs")
     if lp is not None:
         if not _is_int(lp) or not 0 <= lp <= defaults.MAX_TOP_LOGPROBS:
@@ -370,7 +452,8 @@ def parse_completion_request(body: dict) -> GenerationRequest:
     best_of = opt_int(body, "best_of")
     if best_of is not None and best_of != 1:
         raise bad_request(f"best_of must be 1 (got {best_of})", "best_of")
-    return GenerationRequest("completion", model, sampling, stream, include_usage, prompt=prompt, echo=echo)
+    return GenerationRequest("completion", model, sampling, stream, include_usage, prompt=prompt, echo=echo,
+                             n=n, logit_bias=logit_bias, response_format=response_format)
 
 
 def parse_prompt(prompt) -> Union[str, List[int]]:
@@ -396,16 +479,37 @@ def parse_prompt(prompt) -> Union[str, List[int]]:
 # responses
 
 def usage_dict(usage: Optional[dict]) -> dict:
+    """OpenAI usage; completion_tokens_details.reasoning_tokens when the engine counted them."""
     u = usage or {}
     p, c = int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0))
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    out = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    if u.get("reasoning_tokens") is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": int(u["reasoning_tokens"])}
+    return out
+
+
+def total_usage(usages: List[Optional[dict]]) -> dict:
+    """The usage of n answers to one prompt: the prompt counted once, the answers summed."""
+    out = {"prompt_tokens": 0, "completion_tokens": 0}
+    reasoning = None
+    for u in usages:
+        if not u:
+            continue
+        out["prompt_tokens"] = int(u.get("prompt_tokens", 0))
+        out["completion_tokens"] += int(u.get("completion_tokens", 0))
+        if u.get("reasoning_tokens") is not None:
+            reasoning = (reasoning or 0) + int(u["reasoning_tokens"])
+    out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
+    if reasoning is not None:
+        out["reasoning_tokens"] = reasoning
+    return out
 
 
 def api_finish_reason(reason: Optional[str]) -> Optional[str]:
-    """The engine's finish reason in the API's vocabulary (stop / length)."""
+    """The engine's finish reason in the API's vocabulary (stop / length / tool_calls)."""
     if reason is None:
         return None
-    return "length" if reason == "length" else "stop"
+    return reason if reason in ("length", "tool_calls") else "stop"
 
 
 def _lp(v) -> float:
@@ -443,28 +547,40 @@ def completion_logprobs(entries: Optional[list], offset: int) -> Tuple[Optional[
     return out, offset
 
 
-def chat_completion(cid: str, created: int, model: str, fingerprint: str, text: str,
-                    finish_reason: Optional[str], usage: dict, logprobs: Optional[list]) -> dict:
-    """A chat.completion object."""
+def chat_message(content: Optional[str], reasoning_content: Optional[str] = None,
+                 tool_calls: Optional[list] = None) -> dict:
+    """An assistant message; reasoning_content and tool_calls only when present."""
+    msg = {"role": "assistant", "content": content, "refusal": None}
+    if reasoning_content is not None:
+        msg["reasoning_content"] = reasoning_content
+    if tool_calls:
+        msg["tool_calls"] = list(tool_calls)
+    return msg
+
+
+def chat_choice(index: int, message: dict, finish_reason: Optional[str], logprobs: Optional[list]) -> dict:
+    """One entry of chat.completion choices."""
+    return {"index": index, "message": message, "logprobs": chat_logprobs(logprobs),
+            "finish_reason": api_finish_reason(finish_reason)}
+
+
+def chat_completion(cid: str, created: int, model: str, fingerprint: str, choices: List[dict],
+                    usage: dict) -> dict:
+    """A chat.completion object over chat_choice entries."""
     return {
         "id": cid, "object": "chat.completion", "created": created, "model": model,
-        "system_fingerprint": fingerprint,
-        "choices": [{"index": 0,
-                     "message": {"role": "assistant", "content": text, "refusal": None},
-                     "logprobs": chat_logprobs(logprobs),
-                     "finish_reason": api_finish_reason(finish_reason)}],
-        "usage": usage_dict(usage),
+        "system_fingerprint": fingerprint, "choices": choices, "usage": usage_dict(usage),
     }
 
 
 def chat_chunk(cid: str, created: int, model: str, fingerprint: str, delta: dict,
                finish_reason: Optional[str] = None, logprobs: Optional[list] = None,
-               include_usage: bool = False, usage: Optional[dict] = None) -> dict:
+               include_usage: bool = False, usage: Optional[dict] = None, index: int = 0) -> dict:
     """A chat.completion.chunk with one choice."""
     out = {
         "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
         "system_fingerprint": fingerprint,
-        "choices": [{"index": 0, "delta": delta, "logprobs": chat_logprobs(logprobs),
+        "choices": [{"index": index, "delta": delta, "logprobs": chat_logprobs(logprobs),
                      "finish_reason": api_finish_reason(finish_reason)}],
     }
     if include_usage:
@@ -480,23 +596,25 @@ def chat_usage_chunk(cid: str, created: int, model: str, fingerprint: str, usage
             "system_fingerprint": fingerprint, "choices": [], "usage": usage_dict(usage)}
 
 
-def completion(cid: str, created: int, model: str, fingerprint: str, text: str,
-               finish_reason: Optional[str], usage: dict, logprobs: Optional[dict]) -> dict:
-    """A text_completion object."""
+def completion_choice(index: int, text: str, finish_reason: Optional[str], logprobs: Optional[dict]) -> dict:
+    """One entry of text_completion choices."""
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": api_finish_reason(finish_reason)}
+
+
+def completion(cid: str, created: int, model: str, fingerprint: str, choices: List[dict], usage: dict) -> dict:
+    """A text_completion object over completion_choice entries."""
     return {
         "id": cid, "object": "text_completion", "created": created, "model": model,
-        "system_fingerprint": fingerprint,
-        "choices": [{"text": text, "index": 0, "logprobs": logprobs,
-                     "finish_reason": api_finish_reason(finish_reason)}],
-        "usage": usage_dict(usage),
+        "system_fingerprint": fingerprint, "choices": choices, "usage": usage_dict(usage),
     }
 
 
 def completion_chunk(cid: str, created: int, model: str, fingerprint: str, text: str,
                      finish_reason: Optional[str] = None, logprobs: Optional[dict] = None,
-                     include_usage: bool = False, usage: Optional[dict] = None) -> dict:
+                     include_usage: bool = False, usage: Optional[dict] = None, index: int = 0) -> dict:
     """One streamed text_completion piece."""
-    out = completion(cid, created, model, fingerprint, text, finish_reason, {}, logprobs)
+    out = completion(cid, created, model, fingerprint,
+                     [completion_choice(index, text, finish_reason, logprobs)], {})
     del out["usage"]
     if include_usage:
         out["usage"] = None

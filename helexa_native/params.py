@@ -2,6 +2,9 @@
 
 Sampling order, identical on every backend:
   1. logits (float32) of the last position;
+     a. logit_bias (token id -> value) is added to them;
+     b. a structured-output mask (constraints.py) sets every token the
+        grammar does not allow to -inf;
   2. repetition_penalty r over every token of the context (prompt and
      generated): a positive logit is divided by r, a negative one multiplied;
   3. presence / frequency penalties over generated tokens only:
@@ -15,7 +18,9 @@ Sampling order, identical on every backend:
   9. renormalize; candidates ordered by descending probability (lower id
      first on ties); the token is the first whose cumulative mass exceeds
      u = uniform(seed, step), step counting sampled tokens from 0.
-Logprobs, when asked, are log_softmax of the raw logits (step 1).
+Logprobs, when asked, are log_softmax of the raw logits (step 1, before
+bias and mask): what the model thought of the token, not what the sampler was
+allowed to pick.
 """
 from __future__ import annotations
 

@@ -92,6 +92,7 @@ class ReasoningStreamParser:
         self._r_started = False     # non-whitespace reasoning emitted
         self._r_ws = ""             # reasoning whitespace held until more reasoning follows
         self._may_reopen = bool(start_in_reasoning)
+        self._opened = bool(start_in_reasoning)
         self._c_started = False     # content after </think> began
         self._finished = False
 
@@ -99,6 +100,11 @@ class ReasoningStreamParser:
     def in_reasoning(self) -> bool:
         """True while the text being received is reasoning (or may still be)."""
         return self._state in ("start", "reasoning")
+
+    @property
+    def saw_reasoning(self) -> bool:
+        """True once the output is known to open with reasoning (its prompt opened it, or ``<think>``)."""
+        return self._opened
 
     def feed(self, text: str) -> List[dict]:
         """Take the next piece of output text; return the deltas it completes."""
@@ -137,6 +143,7 @@ class ReasoningStreamParser:
         if s.startswith(OPEN_TAG):
             self._buf = s[len(OPEN_TAG):]
             self._state = "reasoning"
+            self._opened = True
             return True
         if not final and OPEN_TAG.startswith(s):
             return False

@@ -7,6 +7,7 @@ request_params.py.
 from __future__ import annotations
 
 import math
+from typing import Optional, Tuple
 
 import torch
 
@@ -89,11 +90,56 @@ def _sample(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
     return int(ids[min(idx, last)].item())
 
 
-def sample_from_logits(logits: torch.Tensor, params: SamplingParams, state: SamplerState) -> SampleResult:
-    """Pick the next token from one position's logits, following params.py's order exactly."""
+LogitBias = Tuple[torch.Tensor, torch.Tensor]
+"""A request's logit_bias: token ids (int64 [k]) and the values added to their logits (float32 [k])."""
+
+
+def make_logit_bias(bias: Optional[dict], vocab_size: int) -> Optional[LogitBias]:
+    """`{token id: value}` as a LogitBias (None when empty); ValueError for ids outside the vocabulary."""
+    if not bias:
+        return None
+    ids, vals = [], []
+    for t, v in bias.items():
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise ValueError(f"logit_bias: token id {t!r} is outside the vocabulary (size {vocab_size})")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            raise ValueError(f"logit_bias: the bias of token {t} must be a finite number, got {v!r}")
+        ids.append(t)
+        vals.append(float(v))
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(vals, dtype=torch.float32)
+
+
+def constrain_logits(logits: torch.Tensor, allowed: Optional[torch.Tensor] = None,
+                     logit_bias: Optional[LogitBias] = None) -> torch.Tensor:
+    """params.py steps 1a-1b in place: add logit_bias, then set tokens `allowed` rules out to -inf.
+
+    logits: [vocab] floats on any device. allowed: an int32 bitmask
+    [ceil(vocab/32)] (constraints.GrammarMatcher.fill_mask) or a bool [vocab].
+    Returns `logits`.
+    """
+    if logit_bias is not None:
+        ids, vals = logit_bias
+        with torch.inference_mode(logits.is_inference()):
+            logits.index_add_(0, ids.to(logits.device), vals.to(device=logits.device, dtype=logits.dtype))
+    if allowed is not None:
+        from .constraints import apply_mask
+        apply_mask(logits, allowed)
+    return logits
+
+
+def sample_from_logits(logits: torch.Tensor, params: SamplingParams, state: SamplerState,
+                       allowed: Optional[torch.Tensor] = None,
+                       logit_bias: Optional[LogitBias] = None) -> SampleResult:
+    """Pick the next token from one position's logits, following params.py's order exactly.
+
+    allowed (a structured-output mask) and logit_bias apply to the raw logits
+    before the penalties (constrain_logits); logprobs stay those of the raw logits.
+    """
     raw = logits.detach().reshape(-1).to(device="cpu", dtype=torch.float32)
     work = raw.clone()
     work = torch.nan_to_num(work, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    if allowed is not None or logit_bias is not None:
+        constrain_logits(work, allowed, logit_bias)
     work = _apply_penalties(work, params, state)
     if params.greedy:
         token = _greedy(work)

@@ -20,7 +20,13 @@ Each iteration:
      head of the queue and later recomputes its prompt and its tokens so
      far, mostly from the prefix cache) instead of failing a request;
   4. run `backend.step_batch`, then hand each sampled token to its
-     request's queue, finishing sequences on a stop token or max_tokens.
+     request's queue, finishing sequences on a stop token, max_tokens, or
+     a structured-output grammar that is complete.
+A request with a grammar (constraints.GrammarMatcher) has its mask filled
+here before each of its sampling steps and handed to the backend in its
+SeqStep, with its logit_bias; the sampled token then advances the matcher.
+The n sequences of one prompt (n > 1) share its KV blocks through the prefix
+cache: the followers wait for admission until the first has read the prompt.
 Stop strings, detokenization and streaming happen in the caller's thread
 (engine.py), which cancels its sequence once a stop string matched.
 """
@@ -31,7 +37,9 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Deque, List, Optional
+from typing import Any, Deque, List, Optional, Tuple
+
+import torch
 
 from .backends.base import SeqStep
 from .errors import EngineClosedError
@@ -52,6 +60,15 @@ class Request:
     stop_ids: frozenset = frozenset()
     state: SamplerState = None
     events: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
+    # A structured-output matcher (constraints.GrammarMatcher); with
+    # constraint_after set it applies only once that token was sampled
+    # (the end of a reasoning block).
+    constraint: Any = None
+    constraint_after: Optional[int] = None
+    logit_bias: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    # Another sequence of the same prompt: this one is admitted once that one
+    # has read the prompt, so its KV blocks come from the prefix cache.
+    leader: Optional["Request"] = None
     # Scheduler-owned:
     tokens: List[int] = field(default_factory=list)     # prompt + generated tokens
     computed: int = 0                           # leading positions whose KV is written
@@ -66,6 +83,8 @@ class Request:
     t_admit: Optional[float] = None
     t_first: Optional[float] = None
     t_last: Optional[float] = None
+    constraint_on: bool = False
+    mask: Optional[torch.Tensor] = None
 
     def cancel(self) -> None:
         """Ask the scheduler to stop this sequence before its next step."""
@@ -111,6 +130,7 @@ class Scheduler:
         """Queue a request; its events arrive on req.events."""
         req.t_submit = time.perf_counter()
         req.tokens = list(req.prompt)
+        req.constraint_on = req.constraint is not None and req.constraint_after is None
         if req.state is None:
             req.state = SamplerState(prompt_tokens=list(req.prompt))
         with self._cv:
@@ -192,9 +212,13 @@ class Scheduler:
             for r in list(self._running):
                 self._fail(r, OutOfBlocks(f"the KV pool ({self.blocks.num_blocks} blocks) is exhausted"))
             return
-        steps = [SeqStep(slot=r.slot, tokens=r.tokens[r.computed:r.computed + n], start_pos=r.computed,
-                         block_table=list(r.blocks.table), sample=r.computed + n == len(r.tokens),
-                         params=r.params, state=r.state) for r, n in plan]
+        steps = []
+        for r, n in plan:
+            sample = r.computed + n == len(r.tokens)
+            steps.append(SeqStep(slot=r.slot, tokens=r.tokens[r.computed:r.computed + n], start_pos=r.computed,
+                                 block_table=list(r.blocks.table), sample=sample, params=r.params,
+                                 state=r.state, allowed=self._mask(r) if sample else None,
+                                 logit_bias=r.logit_bias))
         try:
             outs = self.backend.step_batch(steps)
         except BaseException as e:
@@ -221,15 +245,50 @@ class Scheduler:
             if r.t_first is None:
                 r.t_first = now
             r.t_last = now
+            if r.constraint is not None and not self._advance(r, tok):
+                continue
             r.events.put(("token", res))
             if tok in r.stop_ids:
                 self._finish(r, "stop", tok)
+            elif r.constraint_on and r.constraint.is_finished():
+                self._finish(r, "stop", None)
             elif r.generated >= r.limit:
                 self._finish(r, "length", None)
 
+    @staticmethod
+    def _mask(r: Request) -> Optional[torch.Tensor]:
+        """The request's allowed-token bitmask for its next sample (None: unconstrained)."""
+        if not r.constraint_on:
+            return None
+        if r.mask is None:
+            r.mask = torch.empty(r.constraint.mask_words, dtype=torch.int32)
+        return r.constraint.fill_mask(r.mask)
+
+    def _advance(self, r: Request, tok: int) -> bool:
+        """Move the request's grammar past `tok`; False (request failed) if the grammar refused it."""
+        if not r.constraint_on:
+            if tok == r.constraint_after:
+                r.constraint_on = True
+            return True
+        if r.constraint.accept(tok) or tok in r.stop_ids:
+            return True
+        self._fail(r, RuntimeError(f"token {tok} breaks the request's output grammar "
+                                   f"({r.constraint.error}); the backend ignored the token mask"))
+        return False
+
+    def _deferred(self, r: Request) -> bool:
+        """True while r's leader is still reading the prompt they share (see Request.leader)."""
+        lead = r.leader
+        return (lead is not None and self.blocks.prefix_cache and not lead.finished
+                and r.blocks is None and lead.computed < len(lead.prompt))
+
     def _admit(self) -> None:
-        while self._waiting and self._free_slots:
-            r = self._waiting[0]
+        i = 0
+        while i < len(self._waiting) and self._free_slots:
+            r = self._waiting[i]
+            if self._deferred(r):
+                i += 1
+                continue
             if r.blocks is None:
                 r.blocks, r.computed = self.blocks.open(r.tokens)
                 if r.t_admit is None:
@@ -239,13 +298,13 @@ class Scheduler:
             if need > self.blocks.free_blocks:
                 if not self._running:
                     # Nothing will ever free blocks for it: the pool is too small.
-                    self._waiting.popleft()
+                    del self._waiting[i]
                     self._fail(r, OutOfBlocks(
                         f"the KV pool ({self.blocks.num_blocks} blocks of {self.blocks.block_size}) "
                         f"cannot hold a sequence of {len(r.tokens) + 1} positions"))
                     continue
                 break
-            self._waiting.popleft()
+            del self._waiting[i]
             r.slot = self._free_slots.pop()
             if r.t_admit is None:
                 r.t_admit = time.perf_counter()

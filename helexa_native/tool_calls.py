@@ -58,6 +58,9 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 PARSERS = ("hermes", "llama3_json", "mistral")
+# The markup each format writes around calls (single special tokens in some vocabularies).
+MARKERS = {"hermes": ("<tool_call>", "</tool_call>"), "llama3_json": ("<|python_tag|>",),
+           "mistral": ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]")}
 
 _ALNUM = string.ascii_letters + string.digits
 _WS = " \t\n\r"

@@ -11,8 +11,9 @@ from helexa_native.constraints import (GrammarCompiler, GrammarSpec, _unpack_shi
                                        apply_mask, grammar_spec, json_object_spec, json_schema_spec, regex_spec,
                                        response_format_spec, tool_call_spec, unpack_mask)
 from helexa_native.errors import ConstraintError
-from helexa_native.tokenizer import (TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN,
-                                     Tokenizer)
+from helexa_native.loaders.gguf_tokenizer import (TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN,
+                                                  tokenizer_from_gguf)
+from helexa_native.tokenizer import Tokenizer
 from helexa_native.tool_calls import parse_tool_calls
 
 PERSON = {
@@ -228,8 +229,8 @@ def test_sentencepiece_leading_space():
     tokens += pieces
     types += [TOKEN_NORMAL] * len(pieces)
     scores = [0.0] * 259 + [-float(k) for k in range(len(pieces))]
-    spm = Tokenizer.from_gguf_metadata(dict(model="llama", tokens=tokens, token_type=types, scores=scores,
-                                            bos_token_id=1, eos_token_id=2, unknown_token_id=0))
+    spm = tokenizer_from_gguf(dict(model="llama", tokens=tokens, token_type=types, scores=scores,
+                                 bos_token_id=1, eos_token_id=2, unknown_token_id=0))
     assert spm.strip_leading_space
     comp = GrammarCompiler(spm)
     assert comp.leading_space

@@ -229,3 +229,54 @@ def test_masked_and_nan_logits_are_never_picked():
         t = sample_from_logits(logits, SamplingParams(seed=seed), SamplerState()).token
         assert t in (1, 3)
     assert sample_from_logits(logits, SamplingParams(temperature=0.0), SamplerState()).token == 1
+
+
+# ---------------------------------------------------------------- masks and logit_bias (steps 1a-1b)
+
+def _bitmask(allowed, vocab):
+    words = torch.zeros((vocab + 31) // 32, dtype=torch.int64)
+    for t in allowed:
+        words[t // 32] |= 1 << (t % 32)
+    return ((words + 2**31) % 2**32 - 2**31).to(torch.int32)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8, 1.5])
+def test_mask_limits_every_pick(temperature):
+    vocab = 100
+    allowed = [3, 40, 77, 99]
+    g = torch.Generator().manual_seed(5)
+    for step in range(40):
+        logits = torch.randn(vocab, generator=g) * 3
+        p = SamplingParams(temperature=temperature, seed=11)
+        res = sample_from_logits(logits, p, SamplerState(step=step), allowed=_bitmask(allowed, vocab))
+        assert res.token in allowed
+        masked = logits.clone()
+        keep = torch.zeros(vocab, dtype=torch.bool)
+        keep[allowed] = True
+        masked[~keep] = float("-inf")
+        assert res.token == sample_from_logits(masked, p, SamplerState(step=step)).token
+
+
+def test_logit_bias_before_penalties_and_logprobs_stay_raw():
+    from helexa_native.sampling import make_logit_bias
+    logits = logits_of([2.0, 1.0, 0.5, -1.0])
+    bias = make_logit_bias({2: 5.0}, 4)
+    p = SamplingParams(temperature=0.0, repetition_penalty=2.0, logprobs=True)
+    # Bias first (0.5 + 5 = 5.5), then the penalty halves it (2.75), still above 2.0.
+    res = sample_from_logits(logits, p, SamplerState(prompt_tokens=[2]), logit_bias=bias)
+    assert res.token == 2
+    assert res.logprob == pytest.approx(float(torch.log_softmax(logits, 0)[2]))
+    # The same bias on a token the penalty hits harder loses: (0.5 - 3) * 2 = -5 < 2.
+    res = sample_from_logits(logits, p, SamplerState(prompt_tokens=[2]), logit_bias=make_logit_bias({2: -3.0}, 4))
+    assert res.token == 0
+
+
+def test_make_logit_bias_checks_ids():
+    from helexa_native.sampling import make_logit_bias
+    assert make_logit_bias({}, 10) is None
+    ids, vals = make_logit_bias({1: 2, 7: -1.5}, 10)
+    assert ids.tolist() == [1, 7] and vals.tolist() == [2.0, -1.5]
+    with pytest.raises(ValueError):
+        make_logit_bias({10: 1}, 10)
+    with pytest.raises(ValueError):
+        make_logit_bias({1: float("nan")}, 10)

@@ -100,7 +100,7 @@ def test_completions(client):
 
 def test_error_classes(client, server):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=CHAT, n=2)
+        client.chat.completions.create(model=MODEL, messages=CHAT, n=0)
     assert e.value.status_code == 400 and e.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=[])
@@ -108,7 +108,7 @@ def test_error_classes(client, server):
         client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=-1)
     assert e.value.body["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=CHAT, response_format={"type": "json_object"})
+        client.chat.completions.create(model=MODEL, messages=CHAT, response_format={"type": "xml"})
     assert e.value.body["param"] == "response_format"
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-nothing", messages=CHAT)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -34,7 +34,12 @@ class SeqStep:
     max_num_seqs) names the sequence's per-sequence sampler state on the
     device (penalty counts); it stays the same for the sequence's life.
     When `sample` is set, a token is sampled after the last one with
-    `params` and `state` (state.step is the sampler step).
+    `params` and `state` (state.step is the sampler step); `logit_bias`
+    (token ids int64 [k], values float32 [k]) is added to the raw logits and
+    `allowed` (a CPU int32 bitmask [ceil(vocab/32)], bit i % 32 of word i // 32
+    set for an allowed token i; constraints.py) masks them, both before the
+    penalties (params.py steps 1a-1b, sampling.constrain_logits). Backends
+    without `supports_constraints` never receive either.
     """
 
     slot: int
@@ -45,6 +50,8 @@ class SeqStep:
     params: Optional[SamplingParams] = None
     state: Optional[SamplerState] = None
     want_logits: bool = False       # also return the sampled position's raw logits
+    allowed: Optional[torch.Tensor] = None
+    logit_bias: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
 
 @dataclass
@@ -63,6 +70,9 @@ class Backend(ABC):
     device: str
     blocks: KVBlockManager
     max_num_seqs: int
+    # True when step_batch applies SeqStep.allowed and SeqStep.logit_bias;
+    # the Engine refuses structured outputs and logit_bias otherwise.
+    supports_constraints: bool = False
 
     @property
     def lock(self) -> threading.RLock:
@@ -143,6 +153,17 @@ class Backend(ABC):
                                            state=state, want_logits=want_logits)])[0]
             self._solo_filled = start_pos + len(tokens)
         return out.result, out.logits
+
+    # ------------------------------------------------------------------ embeddings
+
+    def hidden_states(self, seqs: Sequence[Sequence[int]]) -> List[torch.Tensor]:
+        """Final hidden states (after the output norm) of each token sequence: float32 CPU [n_i, hidden].
+
+        Each sequence runs alone from position 0 (causal attention) and leaves
+        no trace in the KV cache's prefix index. For embeddings.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not compute hidden states "
+                                  "(embeddings need the CPU backend for now)")
 
     # ------------------------------------------------------------------ facts
 

@@ -7,8 +7,8 @@ import torch
 
 from .. import defaults
 from ..config import ModelSource
-from ..errors import EngineClosedError
-from ..kv_blocks import DEFAULT_BLOCK_SIZE, KVBlockManager
+from ..errors import ContextLengthError, EngineClosedError
+from ..kv_blocks import DEFAULT_BLOCK_SIZE, KVBlockManager, SeqBlocks
 from ..reference import ReferenceModel
 from ..reference import model as reference_model
 from ..sampling import sample_from_logits
@@ -46,6 +46,7 @@ class CPUBackend(Backend):
     """
 
     device = "cpu"
+    supports_constraints = True
 
     def __init__(self, source: ModelSource, n_ctx: int, dtype: torch.dtype = torch.float32,
                  progress: Optional[bool] = None, max_num_seqs: int = defaults.DEFAULT_MAX_NUM_SEQS,
@@ -82,7 +83,8 @@ class CPUBackend(Backend):
         out = []
         for s, lg in zip(seqs, logits):
             row = lg[0]
-            res = sample_from_logits(row, s.params, s.state) if s.sample else None
+            res = (sample_from_logits(row, s.params, s.state, allowed=s.allowed, logit_bias=s.logit_bias)
+                   if s.sample else None)
             out.append(StepOutput(res, row.clone() if s.want_logits else None))
         return out
 
@@ -102,6 +104,49 @@ class CPUBackend(Backend):
                 rows.append(lg)
         out = torch.cat(rows)
         return out if all_logits else out[0]
+
+    def hidden_states(self, seqs: Sequence[Sequence[int]]) -> List[torch.Tensor]:
+        """Final hidden states of each sequence, several sequences per pass, through borrowed KV blocks.
+
+        Sequences run together while their tokens fit one prefill chunk; a
+        longer one runs alone, chunk by chunk. Its blocks go back to the pool
+        uncached. OutOfBlocks when the pool cannot hold a sequence right now.
+        """
+        m = self._live()
+        ids = [m.check_ids(s) for s in seqs]
+        for x in ids:
+            if x.numel() > self.n_ctx:
+                raise ContextLengthError(f"an input of {x.numel()} tokens exceeds the context of "
+                                         f"{self.n_ctx} tokens")
+        chunk = reference_model.PREFILL_CHUNK
+        out: List[Optional[torch.Tensor]] = [None] * len(ids)
+        with self.lock:
+            i = 0
+            while i < len(ids):
+                group, total = [i], ids[i].numel()
+                while (i + len(group) < len(ids) and total + ids[i + len(group)].numel() <= chunk):
+                    total += ids[i + len(group)].numel()
+                    group.append(i + len(group))
+                seqs_blocks = []
+                try:
+                    for j in group:
+                        sb = SeqBlocks()
+                        seqs_blocks.append(sb)
+                        self.blocks.ensure(sb, ids[j].numel())
+                    if len(group) == 1:
+                        x, sb = ids[i], seqs_blocks[0]
+                        parts = [m.hidden_batch([(x[a:a + chunk], a, list(sb.table))])[0]
+                                 for a in range(0, x.numel(), chunk)]
+                        out[i] = torch.cat(parts)
+                    else:
+                        rows = m.hidden_batch([(ids[j], 0, list(sb.table)) for j, sb in zip(group, seqs_blocks)])
+                        for j, r in zip(group, rows):
+                            out[j] = r
+                finally:
+                    for sb in seqs_blocks:
+                        self.blocks.release(sb)
+                i += len(group)
+        return out
 
     def memory_info(self) -> dict:
         """Bytes held by weights and the KV pool in host memory, and the pool's blocks."""

@@ -347,6 +347,9 @@ def _build_source(fields, infos, data_start, mm, path: Path, where: str,
         "file_type": meta.get("general.file_type"),
         "ignored_tensors": sorted(set(by_name) - set(kept)),
     }
+    pooling = _POOLING_TYPES.get(meta.get(f"{arch}.pooling_type"))
+    if pooling is not None:
+        metadata["pooling"] = pooling
     src = ModelSource(
         path=path, format="gguf", config=cfg, tensors=kept,
         tokenizer=TokenizerSource(kind="gguf", gguf_meta=tok),
@@ -377,6 +380,10 @@ def _moe_fields(meta: _Meta, arch: str, by_name: dict, where: str) -> dict:
                 num_experts_per_tok=meta.number(f"{arch}.expert_used_count"),
                 moe_intermediate_size=meta.number(f"{arch}.expert_feed_forward_length"),
                 norm_topk_prob=norm, mlp_only_layers=dense)
+
+
+# llama.cpp's LLAMA_POOLING_TYPE_* values, as embedding GGUFs record them.
+_POOLING_TYPES = {0: "none", 1: "mean", 2: "cls", 3: "last"}
 
 
 # Sampling defaults some GGUFs carry (general.sampling.*), in HF generation_config names.

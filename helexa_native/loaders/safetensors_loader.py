@@ -309,6 +309,24 @@ class _MappedFile:
                 pass
 
 
+def _st_pooling(folder: Path) -> Optional[str]:
+    """The pooling a sentence-transformers folder names in 1_Pooling/config.json ("last", "mean", "cls")."""
+    p = folder / "1_Pooling" / "config.json"
+    if not p.is_file():
+        return None
+    try:
+        cfg = _read_json(p, "the pooling config")
+    except ModelLoadError:
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    for key, name in (("pooling_mode_lasttoken", "last"), ("pooling_mode_mean_tokens", "mean"),
+                      ("pooling_mode_cls_token", "cls")):
+        if cfg.get(key) is True:
+            return name
+    return None
+
+
 def _weight_files(folder: Path) -> list:
     index = folder / "model.safetensors.index.json"
     single = folder / "model.safetensors"
@@ -421,6 +439,9 @@ def load_safetensors(folder: Path, progress: Optional[bool] = None) -> ModelSour
             "sliding_window": hf.get("sliding_window") if hf.get("use_sliding_window", True) else None,
         },
     )
+    pooling = _st_pooling(folder)
+    if pooling is not None:
+        src.metadata["pooling"] = pooling
 
     def close() -> None:
         for t in src.tensors.values():

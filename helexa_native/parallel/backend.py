@@ -48,6 +48,8 @@ def kv_bytes_per_position(plan, dtype: torch.dtype) -> int:
 class ShardedBackend(Backend):
     """step_batch and forward_paged over `_run`, one step on every rank; sampling on rank 0's full logits."""
 
+    supports_constraints = True
+
     @abstractmethod
     def _run(self, batch: list, all_logits: bool) -> list:
         """One step of (ids, start_pos, block_table) sequences on every rank: rank 0's logits per sequence."""
@@ -70,7 +72,8 @@ class ShardedBackend(Backend):
         out = []
         for s, lg in zip(seqs, logits):
             row = lg[0]
-            res = sample_from_logits(row, s.params, s.state) if s.sample else None
+            res = (sample_from_logits(row, s.params, s.state, allowed=s.allowed, logit_bias=s.logit_bias)
+                   if s.sample else None)
             out.append(StepOutput(res, row.clone() if s.want_logits else None))
         return out
 

@@ -258,6 +258,16 @@ class ReferenceModel:
             a += r.shape[0]
         return out
 
+    @torch.inference_mode()
+    def hidden_batch(self, seqs: Sequence[tuple]) -> list:
+        """Final hidden states (after the output norm) of every token: float32 [n_i, hidden] per sequence.
+
+        seqs as for forward_batch; the keys and values are written to the pool as usual.
+        """
+        x, counts = self._blocks(seqs)
+        h = rms_norm(x, self.output_norm, self.config.rms_norm_eps).float()
+        return list(torch.split(h, counts))
+
     def _blocks(self, seqs) -> tuple:
         cfg = self.config
         nq, nk, d, bs = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.block_size

@@ -22,7 +22,8 @@ OPEN_PATHS = frozenset({"/health"})
 def create_app(engine_or_registry=None, api_key: Optional[str] = None,
                served_model_name: Optional[str] = None, max_queue: int = defaults.DEFAULT_MAX_QUEUE,
                default_sampling: Optional[dict] = None, loader: Optional[Callable[..., Any]] = load_engine,
-               device: str = "auto", model_roots: Optional[Sequence[Any]] = None) -> Flask:
+               device: str = "auto", model_roots: Optional[Sequence[Any]] = None,
+               response_store_size: int = defaults.DEFAULT_RESPONSE_STORE_SIZE) -> Flask:
     """A Flask app serving an Engine (as `served_model_name`) or every model of a ModelRegistry.
 
     api_key: when set, every route but /health needs `Authorization: Bearer <key>`.
@@ -32,6 +33,8 @@ def create_app(engine_or_registry=None, api_key: Optional[str] = None,
     model_roots: directories /v1/models/load may open files in (symlinks and
         '..' resolved first); None allows any readable path, [] turns the
         route off.
+    response_store_size: responses kept in memory for previous_response_id
+        (least recently used dropped first; 0 keeps none).
     """
     roots = None if model_roots is None else [Path(r).expanduser() for r in model_roots]
     registry = _registry(engine_or_registry, served_model_name, loader, max_queue, device)
@@ -42,7 +45,7 @@ def create_app(engine_or_registry=None, api_key: Optional[str] = None,
         from ..request_params import resolve_params
         resolve_params(default_sampling, {})
 
-    state = AppState(registry, api_key, default_sampling, roots)
+    state = AppState(registry, api_key, default_sampling, roots, response_store_size)
     app = Flask("helexa_native.server")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.extensions["helexa_native"] = state

@@ -14,6 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from ..errors import (ChatTemplateError, ContextLengthError, DeviceError, EngineClosedError,
                       ModelLoadError, TokenizerError)
+from ..kv_blocks import OutOfBlocks
 from ..openai_protocol import ApiError, error_body
 from .json_io import MAX_BODY_BYTES, json_response
 
@@ -42,8 +43,13 @@ def to_api_error(exc: BaseException, param: Optional[str] = None) -> ApiError:
                         None, "model_unavailable", {"Retry-After": str(RETRY_QUEUE_FULL)})
     if isinstance(exc, ModelLoadError):
         return ApiError(400, str(exc), "invalid_request_error", param, "model_load_failed")
+    if isinstance(exc, OutOfBlocks):
+        return ApiError(503, f"the model's KV cache is full: {exc}", "server_error", None, "kv_cache_full",
+                        {"Retry-After": str(RETRY_QUEUE_FULL)})
     if isinstance(exc, (ValueError, TokenizerError)):
-        return ApiError(400, str(exc) or type(exc).__name__, "invalid_request_error", param)
+        # InvalidParameterError and ConstraintError name the field at fault.
+        return ApiError(400, str(exc) or type(exc).__name__, "invalid_request_error",
+                        getattr(exc, "field", None) or param)
     log.error("unexpected error", exc_info=(type(exc), exc, exc.__traceback__))
     return ApiError(500, f"internal server error ({type(exc).__name__})", "server_error", None,
                     "internal_error")

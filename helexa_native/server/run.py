@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Callable, List, Optional
 
-from ..engine import GenerationResult, collect_stream
+from ..engine import GenerationResult, collect_choices
 from ..openai_protocol import ApiError, GenerationRequest
 from .errors import RETRY_DEVICE, to_api_error
 from .slots import ModelSlot, SlotRetired
@@ -49,6 +49,8 @@ class RequestRun:
     @property
     def param(self) -> str:
         """The request field an input error points at."""
+        if self.endpoint == "responses":
+            return "input"
         return "messages" if self.req.kind == "chat" else "prompt"
 
     @property
@@ -79,17 +81,14 @@ class RequestRun:
 
     def _prepare(self, engine):
         req = self.req
-        if req.kind == "chat":
-            kwargs = dict(req.chat_template_kwargs)
-            agp = kwargs.pop("add_generation_prompt", True)
-            ids = engine.apply_chat_template(req.messages, add_generation_prompt=bool(agp), tools=req.tools,
-                                             tokenize=True, **kwargs)
-        elif isinstance(req.prompt, str):
-            ids = engine.tokenize(req.prompt)
-        else:
-            ids = list(req.prompt)
         sampling = dict(self.state.default_sampling)
         sampling.update(req.sampling)
+        sampling.update(req.engine_options())
+        if req.kind == "chat":
+            stream = engine.chat_stream(req.messages, tools=req.tools, cancel=self._cancelled,
+                                        chat_template_kwargs=dict(req.chat_template_kwargs), **sampling)
+            return list(stream.prompt_ids), stream
+        ids = engine.tokenize(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
         stream = engine.generate_stream(ids, cancel=self._cancelled, **sampling)
         return list(ids), stream
 
@@ -128,16 +127,17 @@ class RequestRun:
                 self.final = ch
             yield ch
 
-    def collect(self) -> GenerationResult:
-        """Wait for the turn, generate to the end and close the run."""
+    def collect(self) -> List[GenerationResult]:
+        """Wait for the turn, generate to the end and close the run; one result per choice (n)."""
         try:
-            result = collect_stream(self.events(), [])
+            results = collect_choices(self.events(), [], self.req.n)
         finally:
             self.close()
         # The prompt is known only once the turn came: a model replaced while
         # the request waited tokenized it afresh.
-        result.prompt_token_ids = list(self.prompt_ids)
-        return result
+        for r in results:
+            r.prompt_token_ids = list(self.prompt_ids)
+        return results
 
     def close(self) -> None:
         """End the request: stop the engine stream, leave the queue, count the outcome."""

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 from .. import defaults
-from ..request_params import PASSTHROUGH_FIELDS
 from ..errors import ModelLoadError
+from ..reasoning import REASONING_PARSERS
+from ..request_params import PASSTHROUGH_FIELDS
+from ..tool_calls import PARSERS as TOOL_CALL_PARSERS
 from .app import create_app
 from .slots import ModelRegistry, load_engine, model_name_for
 from .state import AppState
@@ -25,6 +27,8 @@ PROG = "helexa-native"
 
 # An env var may set the key's default so it stays out of the process list.
 API_KEY_ENV = "HELEXA_NATIVE_API_KEY"
+
+REASONING_PARSER_CHOICES = REASONING_PARSERS + ("none",)
 
 # At shutdown running generations are cancelled; this bounds the wait for them.
 SHUTDOWN_WAIT_SECONDS = 10.0
@@ -49,6 +53,16 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "are resolved first). Default: any path the server can read")
     g.add_argument("--no-model-load", action="store_true",
                    help="turn /v1/models/load off (the model given at start-up is served as usual)")
+    g.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
+                   help="how tool calls are read from chat output (default: picked from the model's chat "
+                        "template; hermes for templates that do not render tools)")
+    g.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSER_CHOICES,
+                   help="how reasoning is split from chat output into reasoning_content (default: 'think' "
+                        "when the chat template writes <think> tags; 'none' turns it off)")
+    g.add_argument("--response-store-size", type=int, default=defaults.DEFAULT_RESPONSE_STORE_SIZE,
+                   metavar="N",
+                   help="responses kept in memory for /v1/responses previous_response_id, least recently "
+                        f"used dropped first; 0 keeps none (default {defaults.DEFAULT_RESPONSE_STORE_SIZE})")
     g.add_argument("--debug", action="store_true", help="run Flask's development server instead of waitress")
 
 
@@ -118,13 +132,19 @@ def run_from_args(args) -> int:
     progress = args.progress if getattr(args, "progress", None) is not None else sys.stderr.isatty()
 
     from ..cli import engine_options_from_args
+    if args.response_store_size < 0:
+        raise ValueError(f"--response-store-size must be >= 0, got {args.response_store_size}")
     engine_options = {k: v for k, v in engine_options_from_args(args).items() if v is not None}
+    for key in ("tool_call_parser", "reasoning_parser"):
+        if getattr(args, key, None) is not None:
+            engine_options[key] = getattr(args, key)
     registry = ModelRegistry(load_engine, max_queue=args.max_queue, device=args.device,
                              n_ctx=getattr(args, "n_ctx", None), engine_options=engine_options)
     registry.mark_loading(name)
     roots = model_roots_from_args(args)
     app = create_app(registry, api_key=api_key, served_model_name=name, max_queue=args.max_queue,
-                     default_sampling=sampling_defaults_from_args(args), model_roots=roots)
+                     default_sampling=sampling_defaults_from_args(args), model_roots=roots,
+                     response_store_size=args.response_store_size)
     if api_key is None and roots is None and not is_loopback(args.host):
         log.warning("%s: warning: listening on %s without --api-key: anyone who can reach it may load any "
                     "file this process can read through /v1/models/load (limit it with --model-root DIR "
