@@ -6,9 +6,9 @@ TORCH_CUDA_ARCH_LIST (default: 8.0;8.9;9.0;10.0). Otherwise (CPU torch, no
 nvcc, or HX_BUILD_CPU_ONLY=1) builds only the host parts: the same worker
 queue, futures, poisoning and shutdown code as a host-only worker.
 """
+
 import glob
 import os
-import sys
 
 from setuptools import find_packages, setup
 
@@ -63,6 +63,7 @@ def _nvidia_wheel_dirs():
 def _cublas_paths():
     """Where cublas_v2.h and libcublas live: the toolkit, else torch's nvidia wheels."""
     from torch.utils.cpp_extension import CUDA_HOME
+
     if os.path.exists(os.path.join(CUDA_HOME, "include", "cublas_v2.h")):
         return None
     for inc, lib in _nvidia_wheel_dirs():
@@ -83,8 +84,9 @@ def _arch_tags(arch_list):
 def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    host_sources = _rel(glob.glob(os.path.join(ROOT, "csrc/runtime/*.cpp")) +
-                        glob.glob(os.path.join(ROOT, "csrc/bindings/*.cpp")))
+    host_sources = _rel(
+        glob.glob(os.path.join(ROOT, "csrc/runtime/*.cpp")) + glob.glob(os.path.join(ROOT, "csrc/bindings/*.cpp"))
+    )
     # Torch-op bindings include torch/extension.h and wrap CUDA kernels: CUDA builds only.
     host_only = [s for s in host_sources if not os.path.basename(s).startswith("ops")]
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -92,18 +94,26 @@ def _extensions():
     cxx_flags = ["-O3"]
 
     if not _cuda_wanted():
-        return [CppExtension(
-            "helexa_native._C", host_only, include_dirs=include_dirs,
-            define_macros=[("HX_ARCHS", '""'), ("HX_VERSION", f'"{VERSION}"')],
-            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-lpthread"])]
+        return [
+            CppExtension(
+                "helexa_native._C",
+                host_only,
+                include_dirs=include_dirs,
+                define_macros=[("HX_ARCHS", '""'), ("HX_VERSION", f'"{VERSION}"')],
+                extra_compile_args={"cxx": cxx_flags},
+                extra_link_args=["-lpthread"],
+            )
+        ]
 
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     archs = ";".join(_arch_tags(arch_list))
-    cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc/kernels/*.cu")) +
-                        glob.glob(os.path.join(ROOT, "csrc/model/*.cu")) +
-                        glob.glob(os.path.join(ROOT, "csrc/model/*.cpp")) +
-                        glob.glob(os.path.join(ROOT, "csrc/runtime/*.cu")))
+    cuda_sources = _rel(
+        glob.glob(os.path.join(ROOT, "csrc/kernels/*.cu"))
+        + glob.glob(os.path.join(ROOT, "csrc/model/*.cu"))
+        + glob.glob(os.path.join(ROOT, "csrc/model/*.cpp"))
+        + glob.glob(os.path.join(ROOT, "csrc/runtime/*.cu"))
+    )
     defines = [("HX_WITH_CUDA", "1"), ("HX_ARCHS", f'"{archs}"'), ("HX_VERSION", f'"{VERSION}"')]
     libraries = []
     library_dirs, runtime_dirs = [], []
@@ -126,14 +136,20 @@ def _extensions():
         defines.append(("HX_WITH_NCCL", "1"))
         libnccl = sorted(glob.glob(os.path.join(nccl[1], "libnccl.so*")))[0]
         extra_link.append("-l:" + os.path.basename(libnccl))
-    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
-                  "-Xptxas=-warn-spills"]
-    return [CUDAExtension(
-        "helexa_native._C", host_sources + cuda_sources, include_dirs=include_dirs,
-        define_macros=defines, libraries=libraries, library_dirs=library_dirs,
-        runtime_library_dirs=runtime_dirs,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-        extra_link_args=extra_link + ["-lpthread"])]
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-warn-spills"]
+    return [
+        CUDAExtension(
+            "helexa_native._C",
+            host_sources + cuda_sources,
+            include_dirs=include_dirs,
+            define_macros=defines,
+            libraries=libraries,
+            library_dirs=library_dirs,
+            runtime_library_dirs=runtime_dirs,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=extra_link + ["-lpthread"],
+        )
+    ]
 
 
 def _version():

@@ -7,6 +7,7 @@ importable (it is not a dependency).
 
     python bench/bench_constraints.py [--any] [--passes 3] [--xgrammar]
 """
+
 import argparse
 import json
 import statistics
@@ -23,29 +24,44 @@ SCHEMA = {
         "age": {"type": "integer", "minimum": 0},
         "email": {"type": "string"},
         "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 5},
-        "address": {"type": "object", "properties": {
-            "street": {"type": "string"}, "city": {"type": "string"},
-            "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
-            "required": ["street", "city", "zip"], "additionalProperties": False},
+        "address": {
+            "type": "object",
+            "properties": {
+                "street": {"type": "string"},
+                "city": {"type": "string"},
+                "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+            },
+            "required": ["street", "city", "zip"],
+            "additionalProperties": False,
+        },
         "status": {"enum": ["active", "inactive", "pending"]},
         "score": {"type": "number"},
     },
     "required": ["name", "age", "email", "tags", "address", "status", "score"],
     "additionalProperties": False,
 }
-DOC = {"name": "Ada Lovelace", "age": 36, "email": "ada@example.org", "tags": ["math", "engines", "poetry"],
-       "address": {"street": "12 St James's Square", "city": "London", "zip": "10001"},
-       "status": "active", "score": 97.25}
+DOC = {
+    "name": "Ada Lovelace",
+    "age": 36,
+    "email": "ada@example.org",
+    "tags": ["math", "engines", "poetry"],
+    "address": {"street": "12 St James's Square", "city": "London", "zip": "10001"},
+    "status": "active",
+    "score": 97.25,
+}
 
 
 def summary(name, times):
     t = sorted(times)
-    print(f"{name}: {len(t)} masks, median {statistics.median(t) * 1e6:.0f} us, "
-          f"mean {statistics.mean(t) * 1e6:.0f} us, max {t[-1] * 1e6:.0f} us")
+    print(
+        f"{name}: {len(t)} masks, median {statistics.median(t) * 1e6:.0f} us, "
+        f"mean {statistics.mean(t) * 1e6:.0f} us, max {t[-1] * 1e6:.0f} us"
+    )
 
 
 def bench_llguidance(tok, schema, ids, passes):
     from helexa_native.constraints import GrammarCompiler, json_schema_spec
+
     t0 = time.perf_counter()
     comp = GrammarCompiler(tok)
     print(f"llguidance: tokenizer setup {time.perf_counter() - t0:.3f} s")
@@ -78,8 +94,9 @@ def bench_xgrammar(tok, schema, ids, passes):
         return
     vocab = [tok.token_bytes(i) for i in range(tok.vocab_size)]
     t0 = time.perf_counter()
-    info = xgr.TokenizerInfo(vocab, vocab_type=xgr.VocabType.RAW, vocab_size=len(vocab),
-                             stop_token_ids=tok.eos_token_ids)
+    info = xgr.TokenizerInfo(
+        vocab, vocab_type=xgr.VocabType.RAW, vocab_size=len(vocab), stop_token_ids=tok.eos_token_ids
+    )
     comp = xgr.GrammarCompiler(info, max_threads=1)
     print(f"xgrammar: tokenizer setup {time.perf_counter() - t0:.3f} s")
     t0 = time.perf_counter()

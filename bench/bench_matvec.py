@@ -11,6 +11,7 @@ device-to-device copy (read + write counted).
 
 Not a test: it asserts nothing, it prints numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,13 @@ from helexa_native.ggml_types import BLOCK_SIZES, GGML_TYPE_IDS
 # name -> (ggml type id, weights per block, bytes per block)
 TYPES = {name: (GGML_TYPE_IDS[name], *BLOCK_SIZES[name]) for name in BLOCK_SIZES}
 # (name, n_out, k): q/o, k/v, gate/up, down, lm head of Llama-3-8B
-SHAPES = [("attn_q/o", 4096, 4096), ("attn_k/v", 1024, 4096), ("ffn_gate/up", 14336, 4096),
-          ("ffn_down", 4096, 14336), ("lm_head", 128256, 4096)]
+SHAPES = [
+    ("attn_q/o", 4096, 4096),
+    ("attn_k/v", 1024, 4096),
+    ("ffn_gate/up", 14336, 4096),
+    ("ffn_down", 4096, 14336),
+    ("lm_head", 128256, 4096),
+]
 L2_FLUSH_BYTES = 256 << 20  # copies rotated per case: at least this much memory, so L2 (50 MB) misses
 
 
@@ -78,6 +84,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import helexa_native._C  # noqa: F401  (registers torch.ops.helexa)
+
     ops = torch.ops.helexa
 
     props = torch.cuda.get_device_properties(0)
@@ -85,7 +92,10 @@ def main() -> None:
     print(f"device: {props.name}, {props.multi_processor_count} SMs")
     print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
     print()
-    hdr = f"{'type':7s} {'shape':12s} {'n_out':>6s} {'k':>6s} {'ntok':>4s} {'MB':>8s} {'us':>9s} {'GB/s':>7s} {'%copy':>6s}"
+    hdr = (
+        f"{'type':7s} {'shape':12s} {'n_out':>6s} {'k':>6s} {'ntok':>4s} {'MB':>8s} {'us':>9s} {'GB/s':>7s} "
+        f"{'%copy':>6s}"
+    )
     print(hdr)
     print("-" * len(hdr))
     shapes = [s for s in SHAPES if s[0] in args.shapes.split(",")]
@@ -104,26 +114,30 @@ def main() -> None:
                 y = torch.empty(ntok, n_out, device="cuda")
                 it = iter(range(1 << 62))
 
-                def one():
+                def one(tid=tid, ws=ws, it=it, copies=copies, x=x, y=y, n_out=n_out, k=k):
                     ops.matvec_out(tid, ws[next(it) % copies], x, y, n_out, k, None, False)
 
                 t = time_graph(one, args.launches, args.batches)
                 moved = nbytes + 4 * ntok * (k + n_out)
                 bw = moved / t
-                print(f"{name:7s} {label:12s} {n_out:6d} {k:6d} {ntok:4d} {nbytes / 1e6:8.1f} {t * 1e6:9.2f} "
-                      f"{bw / 1e9:7.0f} {100 * bw / copy_bw:6.1f}")
+                print(
+                    f"{name:7s} {label:12s} {n_out:6d} {k:6d} {ntok:4d} {nbytes / 1e6:8.1f} {t * 1e6:9.2f} "
+                    f"{bw / 1e9:7.0f} {100 * bw / copy_bw:6.1f}"
+                )
             if args.dequant:
                 out = torch.empty(n_out, k, dtype=torch.bfloat16, device="cuda")
                 it2 = iter(range(1 << 62))
 
-                def deq():
+                def deq(tid=tid, ws=ws, it2=it2, copies=copies, out=out, n_out=n_out, k=k):
                     ops.dequantize_out(tid, ws[next(it2) % copies], out, n_out, k)
 
                 t = time_graph(deq, max(1, args.launches // 4), args.batches)
                 moved = nbytes + 2 * n_out * k
                 bw = moved / t
-                print(f"{name:7s} {label:12s} {n_out:6d} {k:6d} {'deq':>4s} {nbytes / 1e6:8.1f} {t * 1e6:9.2f} "
-                      f"{bw / 1e9:7.0f} {100 * bw / copy_bw:6.1f}")
+                print(
+                    f"{name:7s} {label:12s} {n_out:6d} {k:6d} {'deq':>4s} {nbytes / 1e6:8.1f} {t * 1e6:9.2f} "
+                    f"{bw / 1e9:7.0f} {100 * bw / copy_bw:6.1f}"
+                )
                 del out
             del ws
             torch.cuda.empty_cache()

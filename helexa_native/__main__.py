@@ -1,4 +1,5 @@
 """`python -m helexa_native` runs the `helexa-native` command."""
+
 import sys
 
 from .cli import main

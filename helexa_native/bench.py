@@ -5,6 +5,7 @@ achieved bandwidth (weight bytes x tokens/s) and, on CUDA, as a share of the
 device's measured copy bandwidth. A warm-up run comes first; the reported
 numbers are medians over the repeats.
 """
+
 from __future__ import annotations
 
 import platform
@@ -73,19 +74,33 @@ def _one_run(backend, prompt_ids, depth_ids, decode_tokens: int):
     return t1 - t0, t2 - t1
 
 
-def bench_engine(engine, prompt_tokens: int = 512, decode_tokens: int = 128, depth: int = 0,
-                 repeats: int = 3, warmup: bool = True, seed: int = 0,
-                 copy_bandwidth_gbs: Optional[float] = None) -> dict:
+def bench_engine(
+    engine,
+    prompt_tokens: int = 512,
+    decode_tokens: int = 128,
+    depth: int = 0,
+    repeats: int = 3,
+    warmup: bool = True,
+    seed: int = 0,
+    copy_bandwidth_gbs: Optional[float] = None,
+) -> dict:
     """Time prefill and decode on a loaded Engine; returns the numbers as a dict."""
-    for name, v, lo in (("prompt_tokens", prompt_tokens, 1), ("decode_tokens", decode_tokens, 0),
-                        ("depth", depth, 0), ("repeats", repeats, 1)):
+    for name, v, lo in (
+        ("prompt_tokens", prompt_tokens, 1),
+        ("decode_tokens", decode_tokens, 0),
+        ("depth", depth, 0),
+        ("repeats", repeats, 1),
+    ):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
     need = depth + prompt_tokens + decode_tokens
     if need > engine.n_ctx:
         from .errors import ContextLengthError
-        raise ContextLengthError(f"depth {depth} + prompt {prompt_tokens} + decode {decode_tokens} = "
-                                 f"{need} tokens exceed the context of {engine.n_ctx}")
+
+        raise ContextLengthError(
+            f"depth {depth} + prompt {prompt_tokens} + decode {decode_tokens} = "
+            f"{need} tokens exceed the context of {engine.n_ctx}"
+        )
     gen = torch.Generator().manual_seed(seed)
     vocab = engine.config.vocab_size
     ids = torch.randint(0, vocab, (depth + prompt_tokens,), generator=gen).tolist()
@@ -148,8 +163,14 @@ def _percentile(xs, q: float) -> float:
     return xs[i]
 
 
-def bench_concurrency(engine, concurrency=(1, 8, 16, 32, 64), prompt_tokens: int = 512,
-                      decode_tokens: int = 128, seed: int = 0, warmup: bool = True) -> list:
+def bench_concurrency(
+    engine,
+    concurrency=(1, 8, 16, 32, 64),
+    prompt_tokens: int = 512,
+    decode_tokens: int = 128,
+    seed: int = 0,
+    warmup: bool = True,
+) -> list:
     """N concurrent streams, each its own random prompt then decode_tokens tokens, for each N.
 
     Per N: aggregate decode tok/s while all N streams decode (tokens after
@@ -163,29 +184,31 @@ def bench_concurrency(engine, concurrency=(1, 8, 16, 32, 64), prompt_tokens: int
     vocab = engine.config.vocab_size
     if prompt_tokens + decode_tokens > engine.n_ctx:
         from .errors import ContextLengthError
-        raise ContextLengthError(f"prompt {prompt_tokens} + decode {decode_tokens} tokens exceed "
-                                 f"the context of {engine.n_ctx}")
+
+        raise ContextLengthError(
+            f"prompt {prompt_tokens} + decode {decode_tokens} tokens exceed the context of {engine.n_ctx}"
+        )
     gen = torch.Generator().manual_seed(seed)
     results = []
     if warmup:
-        engine.generate_batch([torch.randint(0, vocab, (prompt_tokens,), generator=gen).tolist()
-                               for _ in range(min(2, max(concurrency)))],
-                              temperature=0, max_tokens=4, ignore_eos=True)
+        engine.generate_batch(
+            [
+                torch.randint(0, vocab, (prompt_tokens,), generator=gen).tolist()
+                for _ in range(min(2, max(concurrency)))
+            ],
+            temperature=0,
+            max_tokens=4,
+            ignore_eos=True,
+        )
     for n in concurrency:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"concurrency values must be positive integers, got {n!r}")
         prompts = [torch.randint(0, vocab, (prompt_tokens,), generator=gen).tolist() for _ in range(n)]
         stamps = [[] for _ in range(n)]
         t0 = time.perf_counter()
-        streams = [engine.generate_stream(p, temperature=0, max_tokens=decode_tokens, ignore_eos=True)
-                   for p in prompts]
+        streams = [engine.generate_stream(p, temperature=0, max_tokens=decode_tokens, ignore_eos=True) for p in prompts]
 
-        def consume(i):
-            for ch in streams[i]:
-                now = time.perf_counter()
-                stamps[i].extend([now] * len(ch.token_ids))
-
-        threads = [threading.Thread(target=consume, args=(i,)) for i in range(n)]
+        threads = [threading.Thread(target=_stamp_stream, args=(s, st)) for s, st in zip(streams, stamps)]
         for t in threads:
             t.start()
         for t in threads:
@@ -197,26 +220,43 @@ def bench_concurrency(engine, concurrency=(1, 8, 16, 32, 64), prompt_tokens: int
         itl = [b - a for st in stamps for a, b in zip(st, st[1:])]
         ttft = [f - t0 for f in firsts]
         total = sum(len(st) for st in stamps)
-        results.append({
-            "concurrency": n, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
-            "generated_tokens": total,
-            "aggregate_decode_tokens_per_s": steady / (t_end - t_all) if t_end > t_all else 0.0,
-            "tokens_per_s_wall": total / (t_end - t0),
-            "wall_seconds": t_end - t0,
-            "itl_ms_p50": 1e3 * _percentile(itl, 50), "itl_ms_p99": 1e3 * _percentile(itl, 99),
-            "ttft_ms_p50": 1e3 * _percentile(ttft, 50), "ttft_ms_p99": 1e3 * _percentile(ttft, 99),
-        })
+        results.append(
+            {
+                "concurrency": n,
+                "prompt_tokens": prompt_tokens,
+                "decode_tokens": decode_tokens,
+                "generated_tokens": total,
+                "aggregate_decode_tokens_per_s": steady / (t_end - t_all) if t_end > t_all else 0.0,
+                "tokens_per_s_wall": total / (t_end - t0),
+                "wall_seconds": t_end - t0,
+                "itl_ms_p50": 1e3 * _percentile(itl, 50),
+                "itl_ms_p99": 1e3 * _percentile(itl, 99),
+                "ttft_ms_p50": 1e3 * _percentile(ttft, 50),
+                "ttft_ms_p99": 1e3 * _percentile(ttft, 99),
+            }
+        )
     return results
+
+
+def _stamp_stream(stream, stamps: list) -> None:
+    """Read a stream to its end, noting when each token arrived."""
+    for ch in stream:
+        now = time.perf_counter()
+        stamps.extend([now] * len(ch.token_ids))
 
 
 def format_concurrency(rows: list) -> str:
     """A table of bench_concurrency's rows."""
-    head = f"{'N':>4} {'agg tok/s':>10} {'wall tok/s':>10} {'ITL p50':>8} {'ITL p99':>8} {'TTFT p50':>9} {'TTFT p99':>9}"
+    head = (
+        f"{'N':>4} {'agg tok/s':>10} {'wall tok/s':>10} {'ITL p50':>8} {'ITL p99':>8} {'TTFT p50':>9} {'TTFT p99':>9}"
+    )
     lines = [head]
     for r in rows:
-        lines.append(f"{r['concurrency']:>4} {r['aggregate_decode_tokens_per_s']:>10.1f} "
-                     f"{r['tokens_per_s_wall']:>10.1f} {r['itl_ms_p50']:>6.2f}ms {r['itl_ms_p99']:>6.2f}ms "
-                     f"{r['ttft_ms_p50']:>7.1f}ms {r['ttft_ms_p99']:>7.1f}ms")
+        lines.append(
+            f"{r['concurrency']:>4} {r['aggregate_decode_tokens_per_s']:>10.1f} "
+            f"{r['tokens_per_s_wall']:>10.1f} {r['itl_ms_p50']:>6.2f}ms {r['itl_ms_p99']:>6.2f}ms "
+            f"{r['ttft_ms_p50']:>7.1f}ms {r['ttft_ms_p99']:>7.1f}ms"
+        )
     return "\n".join(lines)
 
 
@@ -237,8 +277,7 @@ def parse_synthetic(spec: str) -> tuple:
     return preset, quant
 
 
-def write_synthetic(spec: str, directory: Path, seed: int = 0, progress: Optional[bool] = None,
-                    **overrides) -> Path:
+def write_synthetic(spec: str, directory: Path, seed: int = 0, progress: Optional[bool] = None, **overrides) -> Path:
     """Write the synthetic model `spec` under `directory`; returns its path.
 
     Float types (bf16, f16, f32) give a safetensors folder, everything else a
@@ -246,6 +285,7 @@ def write_synthetic(spec: str, directory: Path, seed: int = 0, progress: Optiona
     """
     preset, quant = parse_synthetic(spec)
     from . import synthetic
+
     if preset not in synthetic.PRESETS:
         raise ValueError(f"unknown synthetic preset {preset!r} (known: {', '.join(synthetic.PRESETS)})")
     dense = FLOAT_QUANTS.get(quant.lower())
@@ -258,11 +298,22 @@ def write_synthetic(spec: str, directory: Path, seed: int = 0, progress: Optiona
     return out
 
 
-def run_bench(model=None, device: str = "auto", n_ctx: Optional[int] = None,
-              prompt_tokens: int = 512, decode_tokens: int = 128, depth: int = 0,
-              repeats: int = 3, warmup: bool = True, synthetic: Optional[str] = None,
-              synthetic_overrides: Optional[dict] = None, progress: Optional[bool] = None,
-              measure_copy: bool = True, concurrency=None, engine_options: Optional[dict] = None) -> dict:
+def run_bench(
+    model=None,
+    device: str = "auto",
+    n_ctx: Optional[int] = None,
+    prompt_tokens: int = 512,
+    decode_tokens: int = 128,
+    depth: int = 0,
+    repeats: int = 3,
+    warmup: bool = True,
+    synthetic: Optional[str] = None,
+    synthetic_overrides: Optional[dict] = None,
+    progress: Optional[bool] = None,
+    measure_copy: bool = True,
+    concurrency=None,
+    engine_options: Optional[dict] = None,
+) -> dict:
     """Load a model (or write a synthetic one), benchmark it, return the numbers."""
     from .engine import Engine, _cuda_build, _cuda_visible, _parse_device
 
@@ -280,24 +331,28 @@ def run_bench(model=None, device: str = "auto", n_ctx: Optional[int] = None,
             if model is not None:
                 raise ValueError("give either --model or --synthetic, not both")
             t0 = time.perf_counter()
-            model = write_synthetic(synthetic, Path(tmp), progress=progress,
-                                    **(synthetic_overrides or {}))
+            model = write_synthetic(synthetic, Path(tmp), progress=progress, **(synthetic_overrides or {}))
             write_seconds = time.perf_counter() - t0
         if ctx is None:
             from . import defaults
+
             ctx = max(defaults.DEFAULT_MAX_CONTEXT, need)
         opts = dict(engine_options or {})
         if concurrency:
             opts.setdefault("max_num_seqs", max(max(concurrency), 1))
         with Engine(model, device=device, n_ctx=ctx, progress=progress, **opts) as eng:
             if concurrency:
-                out = {"model": str(eng.model_path), "device": eng.device,
-                       "device_name": _device_name(eng.device), "weight_bytes": eng.weight_bytes,
-                       "concurrency": bench_concurrency(eng, concurrency, prompt_tokens, decode_tokens,
-                                                        warmup=warmup)}
+                out = {
+                    "model": str(eng.model_path),
+                    "device": eng.device,
+                    "device_name": _device_name(eng.device),
+                    "weight_bytes": eng.weight_bytes,
+                    "concurrency": bench_concurrency(eng, concurrency, prompt_tokens, decode_tokens, warmup=warmup),
+                }
             else:
-                out = bench_engine(eng, prompt_tokens, decode_tokens, depth, repeats, warmup,
-                                   copy_bandwidth_gbs=copy_bw)
+                out = bench_engine(
+                    eng, prompt_tokens, decode_tokens, depth, repeats, warmup, copy_bandwidth_gbs=copy_bw
+                )
         if synthetic:
             out["synthetic"] = synthetic
             out["synthetic_write_seconds"] = write_seconds
@@ -307,9 +362,13 @@ def run_bench(model=None, device: str = "auto", n_ctx: Optional[int] = None,
 def format_report(r: dict) -> str:
     """Human-readable lines for a bench result."""
     if "concurrency" in r:
-        return "\n".join([f"model      {r.get('synthetic') or r['model']}",
-                          f"device     {r['device']} ({r['device_name']})",
-                          format_concurrency(r["concurrency"])])
+        return "\n".join(
+            [
+                f"model      {r.get('synthetic') or r['model']}",
+                f"device     {r['device']} ({r['device_name']})",
+                format_concurrency(r["concurrency"]),
+            ]
+        )
     gib = r["weight_bytes"] / (1 << 30)
     lines = [
         f"model      {r.get('synthetic') or r['model']}",
@@ -323,7 +382,9 @@ def format_report(r: dict) -> str:
         f"bandwidth  {r['achieved_gb_per_s']:.1f} GB/s of weights",
     ]
     if "copy_bandwidth_gb_per_s" in r:
-        lines.append(f"           {100 * r['bandwidth_share']:.1f}% of measured device copy "
-                     f"bandwidth {r['copy_bandwidth_gb_per_s']:.0f} GB/s")
+        lines.append(
+            f"           {100 * r['bandwidth_share']:.1f}% of measured device copy "
+            f"bandwidth {r['copy_bandwidth_gb_per_s']:.0f} GB/s"
+        )
     lines.append(f"(medians of {r['repeats']} runs)")
     return "\n".join(lines)

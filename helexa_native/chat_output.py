@@ -9,6 +9,7 @@ with the number of tokens it came from and returns OpenAI ``delta`` dicts;
 the tokens whose text arrived while the answer was still inside its
 reasoning (the token that closes it included).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -35,12 +36,13 @@ class ChatOutputParser:
     tool_parser: a tool-call parser name, or None when the request offered no tools.
     """
 
-    def __init__(self, reasoning: Optional[str] = None, start_in_reasoning: bool = False,
-                 tool_parser: Optional[str] = None) -> None:
+    def __init__(
+        self, reasoning: Optional[str] = None, start_in_reasoning: bool = False, tool_parser: Optional[str] = None
+    ) -> None:
         self._reasoning = ReasoningStreamParser(start_in_reasoning) if reasoning else None
         self._tools = ToolCallStreamParser(tool_parser) if tool_parser else None
         self.reasoning_tokens = 0
-        self._pending = 0     # tokens read before it is known whether the answer reasons
+        self._pending = 0  # tokens read before it is known whether the answer reasons
 
     def feed(self, text: str, n_tokens: int = 0) -> List[dict]:
         """The deltas a piece of output (from n_tokens tokens) completes."""
@@ -99,5 +101,4 @@ def assemble_message(deltas) -> ChatMessage:
     reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
     rest = [d for d in deltas if "reasoning_content" not in d]
     merged = assemble_deltas(rest)
-    return ChatMessage(content=merged.content, reasoning_content=reasoning or None,
-                       tool_calls=merged.tool_calls)
+    return ChatMessage(content=merged.content, reasoning_content=reasoning or None, tool_calls=merged.tool_calls)

@@ -7,6 +7,7 @@ loop controls, a `tojson` that does not HTML-escape, `raise_exception`,
 `strftime_now`, a no-op `{% generation %}` block), so a model's template
 renders here as it does there.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,7 +69,8 @@ class _Namespace(jinja2.utils.Namespace):
     def _check(name):
         if isinstance(name, str) and name.startswith("_"):
             raise jinja2.exceptions.SecurityError(
-                f"chat templates may not set underscore attributes on a namespace ({name!r})")
+                f"chat templates may not set underscore attributes on a namespace ({name!r})"
+            )
 
 
 def _raise_exception(message):
@@ -76,8 +78,7 @@ def _raise_exception(message):
 
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
-                      separators=separators, sort_keys=sort_keys)
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _strftime_now(fmt):
@@ -85,8 +86,9 @@ def _strftime_now(fmt):
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -130,8 +132,11 @@ def normalize_messages(messages) -> list[dict]:
             pass
         elif content is None:
             if not m.get("tool_calls"):
-                raise ValueError(f"{where}.content is missing" if "content" not in m else
-                                 f"{where}.content must be a string or a list of text parts, got null")
+                raise ValueError(
+                    f"{where}.content is missing"
+                    if "content" not in m
+                    else f"{where}.content must be a string or a list of text parts, got null"
+                )
         elif isinstance(content, (list, tuple)):
             texts = []
             for j, part in enumerate(content):
@@ -150,8 +155,7 @@ def normalize_messages(messages) -> list[dict]:
                 texts.append(text)
             msg["content"] = CONTENT_PART_SEPARATOR.join(texts)
         else:
-            raise ValueError(f"{where}.content must be a string or a list of text parts, "
-                             f"got {type(content).__name__}")
+            raise ValueError(f"{where}.content must be a string or a list of text parts, got {type(content).__name__}")
         out.append(msg)
     return out
 
@@ -159,8 +163,7 @@ def normalize_messages(messages) -> list[dict]:
 class ChatTemplate:
     """A compiled chat template; `render` turns messages into prompt text."""
 
-    def __init__(self, template: Optional[str], bos_token: str = "", eos_token: str = "",
-                 **special: Any) -> None:
+    def __init__(self, template: Optional[str], bos_token: str = "", eos_token: str = "", **special: Any) -> None:
         if template is not None and not isinstance(template, str):
             raise ChatTemplateError(f"chat template must be a string, got {type(template).__name__}")
         self.source = template if template else DEFAULT_CHAT_TEMPLATE
@@ -174,8 +177,7 @@ class ChatTemplate:
         except jinja2.exceptions.TemplateError as e:
             raise ChatTemplateError(f"chat template does not parse: {e}") from e
 
-    def render(self, messages, add_generation_prompt: bool = True, tools=None,
-               documents=None, **kwargs: Any) -> str:
+    def render(self, messages, add_generation_prompt: bool = True, tools=None, documents=None, **kwargs: Any) -> str:
         """Prompt text for `messages`; extra kwargs reach the template as variables."""
         msgs = normalize_messages(messages)
         if tools is not None:
@@ -188,8 +190,9 @@ class ChatTemplate:
             documents = _plain(documents, "documents")
         variables = dict(self._variables)
         variables.update(_plain(kwargs, "template kwargs"))
-        variables.update(messages=msgs, tools=tools, documents=documents,
-                         add_generation_prompt=bool(add_generation_prompt))
+        variables.update(
+            messages=msgs, tools=tools, documents=documents, add_generation_prompt=bool(add_generation_prompt)
+        )
         try:
             return self._compiled.render(**variables)
         except jinja2.exceptions.TemplateError as e:

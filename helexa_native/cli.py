@@ -1,4 +1,5 @@
 """The `helexa-native` command: generate, chat, info, bench, serve."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,37 +17,79 @@ PROG = "helexa-native"
 # ---------------------------------------------------------------------------
 # arguments
 
+
 def _add_model_args(p: argparse.ArgumentParser, model: bool = True) -> None:
     g = p.add_argument_group("model")
     if model:
-        g.add_argument("--model", "-m", default=None,
-                       help="GGUF file or Hugging Face folder (default: the bundled SmolLM2-135M-Instruct)")
+        g.add_argument(
+            "--model",
+            "-m",
+            default=None,
+            help="GGUF file or Hugging Face folder (default: the bundled SmolLM2-135M-Instruct)",
+        )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    g.add_argument("--n-ctx", type=int, default=None,
-                   help=f"context size in tokens (default: the model's, capped at {defaults.DEFAULT_MAX_CONTEXT})")
-    g.add_argument("--max-num-seqs", type=int, default=None,
-                   help=f"sequences decoded together at most (default {defaults.DEFAULT_MAX_NUM_SEQS})")
-    g.add_argument("--kv-cache-memory", default=None, metavar="BYTES",
-                   help="bytes of the shared paged KV cache, e.g. 8G or 512M (default: CUDA, 80%% of "
-                        "the memory left after the weights; CPU, four full contexts)")
-    g.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=True,
-                   help="do not reuse the cached KV blocks of earlier prompts")
-    g.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
-                   help="split the model over N ranks: on the CPU, N threads of this process, or, under "
-                        "torchrun, one rank per process (rank 0 runs the command); GPUs: not built yet")
-    g.add_argument("--step-timeout", type=float, default=None, metavar="SECONDS",
-                   help="with --tensor-parallel: a step whose ranks have not all finished within SECONDS "
-                        f"fails the model, naming the late rank (default {defaults.DEFAULT_STEP_TIMEOUT:g})")
+    g.add_argument(
+        "--n-ctx",
+        type=int,
+        default=None,
+        help=f"context size in tokens (default: the model's, capped at {defaults.DEFAULT_MAX_CONTEXT})",
+    )
+    g.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help=f"sequences decoded together at most (default {defaults.DEFAULT_MAX_NUM_SEQS})",
+    )
+    g.add_argument(
+        "--kv-cache-memory",
+        default=None,
+        metavar="BYTES",
+        help="bytes of the shared paged KV cache, e.g. 8G or 512M (default: CUDA, 80%% of "
+        "the memory left after the weights; CPU, four full contexts)",
+    )
+    g.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        default=True,
+        help="do not reuse the cached KV blocks of earlier prompts",
+    )
+    g.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=None,
+        metavar="N",
+        help="split the model over N ranks: on the CPU, N threads of this process, or, under "
+        "torchrun, one rank per process (rank 0 runs the command); GPUs: not built yet",
+    )
+    g.add_argument(
+        "--step-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --tensor-parallel: a step whose ranks have not all finished within SECONDS "
+        f"fails the model, naming the late rank (default {defaults.DEFAULT_STEP_TIMEOUT:g})",
+    )
     bar = g.add_mutually_exclusive_group()
-    bar.add_argument("--progress", dest="progress", action="store_true", default=None,
-                     help="show progress bars (default: only on a terminal)")
+    bar.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="show progress bars (default: only on a terminal)",
+    )
     bar.add_argument("--no-progress", dest="progress", action="store_false")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (defaults: the model's generation_config, then built-ins)")
-    g.add_argument("--max-tokens", "-n", type=int, default=None,
-                   help=f"most tokens to generate (default {defaults.DEFAULT_MAX_TOKENS})")
+    g.add_argument(
+        "--max-tokens",
+        "-n",
+        type=int,
+        default=None,
+        help=f"most tokens to generate (default {defaults.DEFAULT_MAX_TOKENS})",
+    )
     g.add_argument("--temperature", "-t", type=float, default=None, help="0 means greedy")
     g.add_argument("--top-k", type=int, default=None, help="0 disables")
     g.add_argument("--top-p", type=float, default=None)
@@ -55,12 +98,17 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--presence-penalty", type=float, default=None)
     g.add_argument("--frequency-penalty", type=float, default=None)
     g.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one)")
-    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                   help="stop string (repeatable)")
-    g.add_argument("--stop-token-id", dest="stop_token_ids", type=int, action="append",
-                   default=None, metavar="ID", help="stop token id (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true", default=None,
-                   help="keep going past end-of-sequence tokens")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+    g.add_argument(
+        "--stop-token-id",
+        dest="stop_token_ids",
+        type=int,
+        action="append",
+        default=None,
+        metavar="ID",
+        help="stop token id (repeatable)",
+    )
+    g.add_argument("--ignore-eos", action="store_true", default=None, help="keep going past end-of-sequence tokens")
 
 
 def _sampling(args) -> dict:
@@ -104,18 +152,23 @@ def _int_list(text: str) -> list:
 
 def engine_options_from_args(args) -> dict:
     """The model options shared by every command (batching, KV cache, tensor parallelism) as Engine keywords."""
-    return {"max_num_seqs": getattr(args, "max_num_seqs", None),
-            "kv_cache_memory": (_byte_size(args.kv_cache_memory)
-                                if getattr(args, "kv_cache_memory", None) is not None else None),
-            "prefix_cache": getattr(args, "prefix_cache", True),
-            "tensor_parallel": getattr(args, "tensor_parallel", None),
-            "step_timeout": getattr(args, "step_timeout", None)}
+    return {
+        "max_num_seqs": getattr(args, "max_num_seqs", None),
+        "kv_cache_memory": (
+            _byte_size(args.kv_cache_memory) if getattr(args, "kv_cache_memory", None) is not None else None
+        ),
+        "prefix_cache": getattr(args, "prefix_cache", True),
+        "tensor_parallel": getattr(args, "tensor_parallel", None),
+        "step_timeout": getattr(args, "step_timeout", None),
+    }
 
 
 def _engine(args):
     from .engine import Engine
-    return Engine(args.model, device=args.device, n_ctx=args.n_ctx, progress=_progress(args),
-                  **engine_options_from_args(args))
+
+    return Engine(
+        args.model, device=args.device, n_ctx=args.n_ctx, progress=_progress(args), **engine_options_from_args(args)
+    )
 
 
 def build_parser(with_server: bool = True) -> argparse.ArgumentParser:
@@ -125,20 +178,28 @@ def build_parser(with_server: bool = True) -> argparse.ArgumentParser:
     importing Flask when another command runs.
     """
     from . import __version__
-    parser = argparse.ArgumentParser(prog=PROG, description="Run llama-family models from GGUF or "
-                                     "safetensors on NVIDIA GPUs or the CPU.")
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Run llama-family models from GGUF or safetensors on NVIDIA GPUs or the CPU."
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     p = sub.add_parser("generate", help="complete a prompt")
     p.add_argument("prompt", help="prompt text ('-' reads stdin)")
-    p.add_argument("--chat", action="store_true",
-                   help="send the prompt as a user message through the model's chat template")
+    p.add_argument(
+        "--chat", action="store_true", help="send the prompt as a user message through the model's chat template"
+    )
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
-    p.add_argument("--logprobs", type=int, default=None, metavar="N",
-                   help="with --json: log-probabilities with N alternatives per token")
+    p.add_argument(
+        "--logprobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --json: log-probabilities with N alternatives per token",
+    )
     p.add_argument("--stats", action="store_true", help="print timings to stderr")
     _add_model_args(p)
     _add_sampling_args(p)
@@ -152,11 +213,15 @@ def build_parser(with_server: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("info", help="describe a model file or folder")
-    p.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
-                   help="GGUF file or Hugging Face folder (default: --model, else the bundled model)")
+    p.add_argument(
+        "model_path",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="GGUF file or Hugging Face folder (default: --model, else the bundled model)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--load", action="store_true",
-                   help="also load the model on --device and report the engine's view")
+    p.add_argument("--load", action="store_true", help="also load the model on --device and report the engine's view")
     _add_model_args(p)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_info)
@@ -164,20 +229,39 @@ def build_parser(with_server: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure prefill and decode speed at batch 1")
     p.add_argument("--prompt-tokens", "-p", type=int, default=512, help="prefill length (default 512)")
     p.add_argument("--decode-tokens", "-d", type=int, default=128, help="decode length (default 128)")
-    p.add_argument("--depth", type=int, default=0,
-                   help="tokens already in the KV cache before the timed run (default 0)")
+    p.add_argument(
+        "--depth", type=int, default=0, help="tokens already in the KV cache before the timed run (default 0)"
+    )
     p.add_argument("--repeats", "-r", type=int, default=3, help="timed runs; medians reported (default 3)")
-    p.add_argument("--concurrency", default=None, metavar="N,N,...",
-                   help="instead of batch 1: N concurrent streams for each N (e.g. 1,8,16,32,64): "
-                        "aggregate decode tok/s, inter-token latency and time to first token")
+    p.add_argument(
+        "--concurrency",
+        default=None,
+        metavar="N,N,...",
+        help="instead of batch 1: N concurrent streams for each N (e.g. 1,8,16,32,64): "
+        "aggregate decode tok/s, inter-token latency and time to first token",
+    )
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up run")
-    p.add_argument("--synthetic", default=None, metavar="PRESET:QUANT",
-                   help="benchmark a synthetic model written to a temp dir (e.g. llama3-8b:Q4_K_M, "
-                        "smollm2-135m:Q4_0, llama3-8b:bf16)")
-    p.add_argument("--synthetic-layers", type=int, default=None, metavar="N",
-                   help="with --synthetic: only N decoder layers (quick runs)")
-    p.add_argument("--json", dest="json_file", default=None, metavar="FILE",
-                   help="also write the numbers as JSON to FILE ('-' for stdout only)")
+    p.add_argument(
+        "--synthetic",
+        default=None,
+        metavar="PRESET:QUANT",
+        help="benchmark a synthetic model written to a temp dir (e.g. llama3-8b:Q4_K_M, "
+        "smollm2-135m:Q4_0, llama3-8b:bf16)",
+    )
+    p.add_argument(
+        "--synthetic-layers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --synthetic: only N decoder layers (quick runs)",
+    )
+    p.add_argument(
+        "--json",
+        dest="json_file",
+        default=None,
+        metavar="FILE",
+        help="also write the numbers as JSON to FILE ('-' for stdout only)",
+    )
     _add_model_args(p)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_bench)
@@ -203,6 +287,7 @@ def _server_module():
 # ---------------------------------------------------------------------------
 # commands
 
+
 def _read_prompt(text: str) -> str:
     if text == "-":
         return sys.stdin.read()
@@ -220,17 +305,24 @@ def cmd_generate(args) -> int:
     _check_sampling(sampling)
     with _engine(args) as eng:
         if args.chat:
-            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            messages = [{"role": "system", "content": args.system}] if args.system else []
             messages.append({"role": "user", "content": prompt})
             stream = eng.chat_stream(messages, **sampling)
         else:
             stream = eng.generate_stream(prompt, **sampling)
         if args.json:
             from .engine import collect_stream
+
             r = collect_stream(stream, [])
-            out = {"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
-                   "stop_reason": r.stop_reason, "usage": r.usage, "timings": r.timings,
-                   "seed": r.seed}
+            out = {
+                "text": r.text,
+                "token_ids": r.token_ids,
+                "finish_reason": r.finish_reason,
+                "stop_reason": r.stop_reason,
+                "usage": r.usage,
+                "timings": r.timings,
+                "seed": r.seed,
+            }
             if r.logprobs is not None:
                 out["logprobs"] = r.logprobs
             print(json.dumps(out, ensure_ascii=False, indent=2))
@@ -262,11 +354,14 @@ def _print_stats(r) -> None:
         return
     t, u = r.timings, r.usage
     ttft = t.get("time_to_first_token_ms")
-    print(f"[{u['prompt_tokens']} prompt tokens ({t.get('cached_prompt_tokens', 0)} cached), "
-          f"{u['completion_tokens']} generated, finish: {r.finish_reason}; "
-          f"prefill {t['prefill_tokens_per_s']:.1f} tok/s, decode {t['decode_tokens_per_s']:.1f} tok/s"
-          + (f", first token {ttft:.0f} ms" if ttft is not None else "") + f", seed {r.seed}]",
-          file=sys.stderr)
+    print(
+        f"[{u['prompt_tokens']} prompt tokens ({t.get('cached_prompt_tokens', 0)} cached), "
+        f"{u['completion_tokens']} generated, finish: {r.finish_reason}; "
+        f"prefill {t['prefill_tokens_per_s']:.1f} tok/s, decode {t['decode_tokens_per_s']:.1f} tok/s"
+        + (f", first token {ttft:.0f} ms" if ttft is not None else "")
+        + f", seed {r.seed}]",
+        file=sys.stderr,
+    )
 
 
 def cmd_chat(args) -> int:
@@ -283,8 +378,9 @@ def cmd_chat(args) -> int:
         system = [{"role": "system", "content": args.system}] if args.system else []
         history: List[dict] = []
         if interactive:
-            print(f"{eng.model_path.name} on {eng.device}. /reset clears the conversation, "
-                  "Ctrl-D exits.", file=sys.stderr)
+            print(
+                f"{eng.model_path.name} on {eng.device}. /reset clears the conversation, Ctrl-D exits.", file=sys.stderr
+            )
         while True:
             try:
                 line = input("> " if interactive else "")
@@ -340,6 +436,7 @@ def cmd_info(args) -> int:
         return 0
     from .engine import default_model_path
     from .loaders import describe, load_source
+
     src = load_source(path if path is not None else default_model_path(), progress=_progress(args))
     try:
         d = describe(src)
@@ -355,25 +452,56 @@ def cmd_info(args) -> int:
 def _print_info(d: dict, engine: Optional[dict] = None) -> None:
     def row(k, v):
         print(f"{k:<20} {v}")
-    for k in ("path", "format", "name", "arch", "params", "active_params", "context_length", "vocab_size",
-              "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-              "head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
-              "mlp_only_layers", "rope_theta", "rope_style", "rope_scaling", "rms_norm_eps",
-              "tie_word_embeddings", "attention_bias", "qk_norm", "tensor_bytes",
-              "bits_per_weight", "file_size", "tokenizer", "bos_token_id", "eos_token_ids",
-              "chat_template"):
+
+    for k in (
+        "path",
+        "format",
+        "name",
+        "arch",
+        "params",
+        "active_params",
+        "context_length",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "num_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "norm_topk_prob",
+        "mlp_only_layers",
+        "rope_theta",
+        "rope_style",
+        "rope_scaling",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+        "attention_bias",
+        "qk_norm",
+        "tensor_bytes",
+        "bits_per_weight",
+        "file_size",
+        "tokenizer",
+        "bos_token_id",
+        "eos_token_ids",
+        "chat_template",
+    ):
         if k in d and d[k] is not None:
             v = d[k]
             if k == "bits_per_weight":
                 v = f"{v:.2f}"
-            elif isinstance(v, int) and not isinstance(v, bool) and \
-                    k in ("params", "active_params", "tensor_bytes", "file_size"):
+            elif (
+                isinstance(v, int)
+                and not isinstance(v, bool)
+                and k in ("params", "active_params", "tensor_bytes", "file_size")
+            ):
                 v = f"{v:,}"
             row(k, v)
     types = d.get("tensor_types") or {}
     if types:
-        row("tensor types", ", ".join(f"{t} x{e['count']} ({e['bytes'] / 2**20:.1f} MiB)"
-                                       for t, e in types.items()))
+        row("tensor types", ", ".join(f"{t} x{e['count']} ({e['bytes'] / 2**20:.1f} MiB)" for t, e in types.items()))
     if engine:
         row("device", engine.get("device"))
         row("n_ctx", engine.get("n_ctx"))
@@ -384,16 +512,24 @@ def _print_info(d: dict, engine: Optional[dict] = None) -> None:
 
 def cmd_bench(args) -> int:
     from .bench import format_report, run_bench
+
     if args.synthetic_layers is not None and not args.synthetic:
         raise ValueError("--synthetic-layers needs --synthetic")
-    r = run_bench(args.model, device=args.device, n_ctx=args.n_ctx,
-                  prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
-                  depth=args.depth, repeats=args.repeats, warmup=args.warmup,
-                  synthetic=args.synthetic, progress=_progress(args),
-                  concurrency=_int_list(args.concurrency) if args.concurrency is not None else None,
-                  engine_options={k: v for k, v in engine_options_from_args(args).items() if v is not None},
-                  synthetic_overrides=({"n_layers": args.synthetic_layers}
-                                       if args.synthetic_layers is not None else None))
+    r = run_bench(
+        args.model,
+        device=args.device,
+        n_ctx=args.n_ctx,
+        prompt_tokens=args.prompt_tokens,
+        decode_tokens=args.decode_tokens,
+        depth=args.depth,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        synthetic=args.synthetic,
+        progress=_progress(args),
+        concurrency=_int_list(args.concurrency) if args.concurrency is not None else None,
+        engine_options={k: v for k, v in engine_options_from_args(args).items() if v is not None},
+        synthetic_overrides=({"n_layers": args.synthetic_layers} if args.synthetic_layers is not None else None),
+    )
     if args.json_file == "-":
         print(json.dumps(r, indent=2, default=str))
         return 0
@@ -413,6 +549,7 @@ def cmd_serve(args) -> int:
 
 
 # ---------------------------------------------------------------------------
+
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of `helexa-native`; returns the exit status."""
@@ -435,7 +572,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         except (OSError, ValueError):
             pass
         return 0
-    except Exception as e:   # every failure becomes one line, not a traceback
+    except Exception as e:  # every failure becomes one line, not a traceback
         print(f"{PROG}: error: {_describe_error(e)}", file=sys.stderr)
         return 1
 
@@ -446,6 +583,7 @@ def _is_follower(args) -> bool:
     if tp is None or tp <= 1:
         return False
     from .parallel.distributed import is_follower
+
     return is_follower(tp)
 
 
@@ -454,10 +592,12 @@ def _run_follower(args) -> int:
     # reads stdin, prints results or listens on a port.
     from .parallel.distributed import launch_from_env
     from .parallel.launch import run_follower
+
     rank = launch_from_env().rank
     try:
-        return run_follower(getattr(args, "model_path", None) or args.model, args.device,
-                            args.tensor_parallel, progress=_progress(args))
+        return run_follower(
+            getattr(args, "model_path", None) or args.model, args.device, args.tensor_parallel, progress=_progress(args)
+        )
     except Exception as e:
         print(f"{PROG}: error: rank {rank}: {_describe_error(e)}", file=sys.stderr)
         return 1
@@ -465,6 +605,7 @@ def _run_follower(args) -> int:
 
 def _describe_error(e: BaseException) -> str:
     from .errors import HelexaError
+
     msg = str(e).strip() or type(e).__name__
     if isinstance(e, (HelexaError, ValueError, OSError)):
         return msg

@@ -23,6 +23,7 @@ stores them (HF checkpoints' per-expert tensors are stacked by the loader):
     blk.{i}.ffn_down_exps.weight [num_experts, hidden, moe_intermediate_size].
 Shapes are in torch order: a linear weight is [out_features, in_features].
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ MOE_ARCHS = ("qwen3moe",)
 class ModelConfig:
     """Architecture and dimensions of a llama-family decoder."""
 
-    arch: str                      # "llama" | "qwen2" | "qwen3" | "qwen3moe"
+    arch: str  # "llama" | "qwen2" | "qwen3" | "qwen3moe"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -58,8 +59,8 @@ class ModelConfig:
     rope_scaling: Optional[dict] = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False   # q/k/v projections carry biases (qwen2)
-    qk_norm: bool = False          # per-head RMSNorm on q and k (qwen3)
+    attention_bias: bool = False  # q/k/v projections carry biases (qwen2)
+    qk_norm: bool = False  # per-head RMSNorm on q and k (qwen3)
     # Mixture of experts (qwen3moe); num_experts 0 means every layer is dense.
     # A MoE layer routes each token to num_experts_per_tok of num_experts
     # SwiGLU experts of width moe_intermediate_size; norm_topk_prob rescales
@@ -102,7 +103,7 @@ class RawTensor:
 
     name: str
     shape: tuple
-    dtype: str                     # a ggml_types name: FLOAT_TYPES or QUANT_TYPES
+    dtype: str  # a ggml_types name: FLOAT_TYPES or QUANT_TYPES
     data: Any
     dequantize: Optional[Callable[["RawTensor"], Any]] = field(default=None, repr=False)
 
@@ -138,15 +139,15 @@ class ModelSource:
     """Everything a loader read from one model: config, tensors, tokenizer, template."""
 
     path: Path
-    format: str                    # "gguf" | "safetensors"
+    format: str  # "gguf" | "safetensors"
     config: ModelConfig
-    tensors: dict                  # name -> RawTensor
+    tensors: dict  # name -> RawTensor
     tokenizer: TokenizerSource
     chat_template: Optional[str] = None
     generation_config: dict = field(default_factory=dict)
     bos_token_id: Optional[int] = None
     eos_token_ids: list = field(default_factory=list)
-    metadata: dict = field(default_factory=dict)   # extra facts for `info`
+    metadata: dict = field(default_factory=dict)  # extra facts for `info`
     _closers: list = field(default_factory=list, repr=False)
 
     def close(self) -> None:

@@ -65,6 +65,7 @@ Limits:
 * A grammar does not cover reasoning text: with a thinking model, start the
   matcher after ``</think>`` or turn thinking off.
 """
+
 from __future__ import annotations
 
 import json
@@ -98,9 +99,11 @@ def _llguidance():
 
 # ---- what to constrain to -----------------------------------------------
 
+
 @dataclass(frozen=True)
 class GrammarSpec:
     """A grammar to constrain to: its kind, its canonical source text, and JSON leniency."""
+
     kind: str
     source: str
     lenient: bool = False
@@ -176,17 +179,20 @@ def response_format_spec(response_format: Optional[dict]) -> Optional[GrammarSpe
             raise ConstraintError("response_format.json_schema.strict must be a boolean")
         if js.get("schema") is None:
             return json_object_spec()
-        return GrammarSpec("json_schema", _schema_text(js["schema"], "response_format.json_schema.schema"),
-                           lenient=not strict)
+        return GrammarSpec(
+            "json_schema", _schema_text(js["schema"], "response_format.json_schema.schema"), lenient=not strict
+        )
     if kind == "regex":
         return regex_spec(response_format.get("regex", response_format.get("pattern")))
     if kind == "grammar":
         return grammar_spec(response_format.get("grammar"), response_format.get("syntax", "lark"))
-    raise ConstraintError(f"response_format.type {kind!r} is not supported "
-                          "(text, json_object, json_schema, regex, grammar)")
+    raise ConstraintError(
+        f"response_format.type {kind!r} is not supported (text, json_object, json_schema, regex, grammar)"
+    )
 
 
 # ---- tool calls -----------------------------------------------------------
+
 
 def _tool_functions(tools) -> List[dict]:
     if not isinstance(tools, (list, tuple)) or not tools:
@@ -198,8 +204,9 @@ def _tool_functions(tools) -> List[dict]:
             raise ConstraintError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", "tools")
         name = fn.get("name")
         if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
-            raise ConstraintError(f"tools[{i}].function.name must be 1-64 letters, digits, '_', '-', '.' or ':'",
-                                  "tools")
+            raise ConstraintError(
+                f"tools[{i}].function.name must be 1-64 letters, digits, '_', '-', '.' or ':'", "tools"
+            )
         params = fn.get("parameters")
         if params is None:
             params = {"type": "object", "properties": {}}
@@ -228,12 +235,15 @@ def _chosen(functions: List[dict], tool_choice) -> Optional[List[dict]]:
         if not picked:
             raise ConstraintError(f"tool_choice names function {name!r}, which is not in tools", "tool_choice")
         return picked[:1]
-    raise ConstraintError("tool_choice must be 'none', 'auto', 'required' or "
-                          "{'type': 'function', 'function': {'name': ...}}", "tool_choice")
+    raise ConstraintError(
+        "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}",
+        "tool_choice",
+    )
 
 
-def tool_call_spec(tools, tool_choice, parser: str, tokenizer,
-                   parallel_tool_calls: bool = True, json_whitespace: str = "compact") -> Optional[GrammarSpec]:
+def tool_call_spec(
+    tools, tool_choice, parser: str, tokenizer, parallel_tool_calls: bool = True, json_whitespace: str = "compact"
+) -> Optional[GrammarSpec]:
     """A grammar forcing a valid call, in `parser`'s format, whose arguments match the tool's schema.
 
     tool_choice "required" allows one or more calls of any tool (one when
@@ -245,6 +255,7 @@ def tool_call_spec(tools, tool_choice, parser: str, tokenizer,
     others the ``[TOOL_CALLS][...]`` array.
     """
     from .tool_calls import check_parser
+
     check_parser(parser)
     functions = _tool_functions(tools)
     chosen = _chosen(functions, tool_choice)
@@ -254,9 +265,12 @@ def tool_call_spec(tools, tool_choice, parser: str, tokenizer,
     ws = _json_options(json_whitespace)
 
     def schema(fn: dict, args_key: str) -> dict:
-        return {"type": "object",
-                "properties": {"name": {"const": fn["name"]}, args_key: fn["parameters"]},
-                "required": ["name", args_key], "additionalProperties": False}
+        return {
+            "type": "object",
+            "properties": {"name": {"const": fn["name"]}, args_key: fn["parameters"]},
+            "required": ["name", args_key],
+            "additionalProperties": False,
+        }
 
     def inline(s: dict, lenient: bool) -> str:
         return "%json " + json.dumps(dict(s, **{"x-guidance": dict(ws, lenient=lenient)}), ensure_ascii=False)
@@ -266,9 +280,10 @@ def tool_call_spec(tools, tool_choice, parser: str, tokenizer,
         key = "arguments" if parser == "hermes" else "parameters"
         body = schema(chosen[0], key) if len(chosen) == 1 else {"anyOf": [schema(f, key) for f in chosen]}
         if parser == "hermes":
-            lines = ['start: call ("\\n" call)*' if many else "start: call",
-                     f"call: {_marker(tokenizer, '<tool_call>')} \"\\n\" body \"\\n\" "
-                     f"{_marker(tokenizer, '</tool_call>')}"]
+            lines = [
+                'start: call ("\\n" call)*' if many else "start: call",
+                f'call: {_marker(tokenizer, "<tool_call>")} "\\n" body "\\n" {_marker(tokenizer, "</tool_call>")}',
+            ]
         else:
             lines = ['start: call ("; " call)*' if many else "start: call", "call: body"]
         lines.append("body: " + inline(body, lenient))
@@ -283,8 +298,7 @@ def tool_call_spec(tools, tool_choice, parser: str, tokenizer,
             lines.append(f"f{i}: {json.dumps(f['name'])} {args} j{i}")
             lines.append(f"j{i}: " + inline(f["parameters"], not f["strict"]))
         return GrammarSpec("lark", "\n".join(lines))
-    items = schema(chosen[0], "arguments") if len(chosen) == 1 else {
-        "anyOf": [schema(f, "arguments") for f in chosen]}
+    items = schema(chosen[0], "arguments") if len(chosen) == 1 else {"anyOf": [schema(f, "arguments") for f in chosen]}
     array = {"type": "array", "items": items, "minItems": 1}
     if not many:
         array["maxItems"] = 1
@@ -303,11 +317,13 @@ def _json_options(json_whitespace: str) -> dict:
     try:
         return dict(_JSON_WHITESPACE[json_whitespace])
     except (KeyError, TypeError):
-        raise ConstraintError(f"json_whitespace must be one of {sorted(_JSON_WHITESPACE)}, "
-                              f"got {json_whitespace!r}") from None
+        raise ConstraintError(
+            f"json_whitespace must be one of {sorted(_JSON_WHITESPACE)}, got {json_whitespace!r}"
+        ) from None
 
 
 # ---- compiling against a vocabulary --------------------------------------
+
 
 class _Vocabulary:
     """The engine's tokenizer as llguidance's TokenizerWrapper reads it."""
@@ -329,7 +345,7 @@ class _Vocabulary:
         data = text if isinstance(text, bytes) else text.encode("utf-8")
         ids = self._memo.get(data)
         if ids is None:
-            if len(self._memo) >= 4096:     # the same forced texts recur with the same grammars
+            if len(self._memo) >= 4096:  # the same forced texts recur with the same grammars
                 self._memo.clear()
             ids = self._memo[data] = self._tokenize(data)
         return list(ids)
@@ -359,13 +375,13 @@ class _Vocabulary:
         out, i = [], 0
         while i < len(data):
             for n in range(min(self._longest, len(data) - i), 0, -1):
-                tid = self._greedy.get(data[i:i + n])
+                tid = self._greedy.get(data[i : i + n])
                 if tid is not None:
                     out.append(tid)
                     i += n
                     break
             else:
-                i += 1   # a byte no token spells: nothing can produce it anyway
+                i += 1  # a byte no token spells: nothing can produce it anyway
         return out
 
 
@@ -394,9 +410,15 @@ class GrammarCompiler:
     or "flexible". cache_size: compiled grammars kept (least recently used go).
     """
 
-    def __init__(self, tokenizer, vocab_size: Optional[int] = None,
-                 eos_token_ids: Optional[Sequence[int]] = None, leading_space: Optional[bool] = None,
-                 json_whitespace: str = "compact", cache_size: int = 128) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        vocab_size: Optional[int] = None,
+        eos_token_ids: Optional[Sequence[int]] = None,
+        leading_space: Optional[bool] = None,
+        json_whitespace: str = "compact",
+        cache_size: int = 128,
+    ) -> None:
         llg = _llguidance()
         n = int(tokenizer.vocab_size)
         self.vocab_size = n if vocab_size is None else int(vocab_size)
@@ -406,8 +428,9 @@ class GrammarCompiler:
         if not eos or not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in eos):
             raise ValueError(f"eos_token_ids must be one or more ids below {self.vocab_size}, got {eos!r}")
         self.eos_token_ids = eos
-        self.leading_space = (bool(getattr(tokenizer, "strip_leading_space", False))
-                              if leading_space is None else bool(leading_space))
+        self.leading_space = (
+            bool(getattr(tokenizer, "strip_leading_space", False)) if leading_space is None else bool(leading_space)
+        )
         self.json_whitespace = json_whitespace
         self._json = _json_options(json_whitespace)
         if cache_size < 1:
@@ -441,11 +464,18 @@ class GrammarCompiler:
         """A fresh per-sequence matcher for `spec`."""
         return self.compile(spec).matcher()
 
-    def tool_call_spec(self, tools, tool_choice, parser: str,
-                       parallel_tool_calls: bool = True) -> Optional[GrammarSpec]:
+    def tool_call_spec(
+        self, tools, tool_choice, parser: str, parallel_tool_calls: bool = True
+    ) -> Optional[GrammarSpec]:
         """`tool_call_spec` over this compiler's tokenizer and JSON whitespace."""
-        return tool_call_spec(tools, tool_choice, parser, self.tokenizer,
-                              parallel_tool_calls=parallel_tool_calls, json_whitespace=self.json_whitespace)
+        return tool_call_spec(
+            tools,
+            tool_choice,
+            parser,
+            self.tokenizer,
+            parallel_tool_calls=parallel_tool_calls,
+            json_whitespace=self.json_whitespace,
+        )
 
     @property
     def cached(self) -> int:
@@ -454,14 +484,14 @@ class GrammarCompiler:
 
     def _build(self, spec: GrammarSpec):
         llg = _llguidance()
-        what = {"json_schema": "JSON schema", "regex": "regex", "lark": "grammar",
-                "gbnf": "grammar"}.get(spec.kind)
+        what = {"json_schema": "JSON schema", "regex": "regex", "lark": "grammar", "gbnf": "grammar"}.get(spec.kind)
         if what is None:
             raise ConstraintError(f"unknown grammar kind {spec.kind!r} (known: {', '.join(GRAMMAR_KINDS)})")
         try:
             if spec.kind == "json_schema":
                 grammar = llg.LLMatcher.grammar_from_json_schema(
-                    spec.source, overrides=dict(self._json, lenient=spec.lenient))
+                    spec.source, overrides=dict(self._json, lenient=spec.lenient)
+                )
             elif spec.kind == "regex":
                 grammar = llg.LLMatcher.grammar_from_regex(spec.source)
             elif spec.kind == "lark":
@@ -482,8 +512,7 @@ class GrammarCompiler:
 
 def _one_line(msg: str) -> str:
     """An llguidance error on one line, without its source excerpt and caret lines."""
-    keep = [ln.strip() for ln in msg.strip().splitlines()
-            if ln.strip() and not _EXCERPT.match(ln)]
+    keep = [ln.strip() for ln in msg.strip().splitlines() if ln.strip() and not _EXCERPT.match(ln)]
     return " ".join(keep) or "rejected"
 
 
@@ -511,8 +540,12 @@ class GrammarMatcher:
         """
         if out is None:
             out = torch.empty(self.mask_words, dtype=torch.int32)
-        elif (out.dtype != torch.int32 or out.device.type != "cpu" or not out.is_contiguous()
-              or out.numel() != self.mask_words):
+        elif (
+            out.dtype != torch.int32
+            or out.device.type != "cpu"
+            or not out.is_contiguous()
+            or out.numel() != self.mask_words
+        ):
             raise ValueError(f"out must be a contiguous CPU int32 tensor of {self.mask_words} elements")
         if self._m.is_error():
             out.zero_()
@@ -520,7 +553,7 @@ class GrammarMatcher:
         else:
             self._m.unsafe_compute_mask_ptr(out.data_ptr(), self.mask_words * 4)
             if len(self._eos) == 1:
-                return out     # llguidance already allows its one end token exactly where it may end
+                return out  # llguidance already allows its one end token exactly where it may end
             allow_end = None
         words = out.view(-1).numpy().view(np.uint32)
         if allow_end is None:
@@ -575,6 +608,7 @@ class GrammarMatcher:
 
 
 # ---- masks on logits ------------------------------------------------------
+
 
 def allocate_mask(vocab_size: int, batch: Optional[int] = None) -> torch.Tensor:
     """An all-allowed int32 bitmask [ceil(vocab/32)] (or [batch, ...]) for `fill_mask(out=...)`."""

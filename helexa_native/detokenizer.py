@@ -8,6 +8,7 @@ encoder adds is dropped from the start of the stream, so the concatenation of
 all `push` results and `flush()` equals `tokenizer.decode(all_ids)`. The work
 per token is constant: no window of earlier tokens is decoded again.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -16,22 +17,21 @@ import codecs
 class IncrementalDetokenizer:
     """Turns a stream of token ids into text deltas."""
 
-    def __init__(self, tokenizer, skip_special_tokens: bool = False,
-                 keep_leading_space: bool = False) -> None:
+    def __init__(self, tokenizer, skip_special_tokens: bool = False, keep_leading_space: bool = False) -> None:
         """keep_leading_space: the stream continues earlier text (a completion), so a
         SentencePiece word-boundary space at its start is real text, not an artefact."""
         self._tok = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._strip = bool(getattr(tokenizer, "strip_leading_space", False)) and not keep_leading_space
-        self._started = False          # some text has been emitted
+        self._started = False  # some text has been emitted
         self._ids: list[int] = []
         self._text_len = 0
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes ("" while a character is partial)."""
         token_id = int(token_id)
-        data = self._tok.token_bytes(token_id)   # validates the id before any state changes
+        data = self._tok.token_bytes(token_id)  # validates the id before any state changes
         self._ids.append(token_id)
         if self.skip_special_tokens and self._tok.is_special(token_id):
             return ""

@@ -16,6 +16,7 @@ its tokens into one vector:
 is the cosine similarity. `encode_base64` writes little-endian float32, as
 OpenAI's ``encoding_format: "base64"`` does.
 """
+
 from __future__ import annotations
 
 import base64

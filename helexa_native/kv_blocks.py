@@ -16,6 +16,7 @@ are used first, then cached ones, least recently released first.
 
 Everything here runs on the scheduler's thread (one owner), so nothing locks.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,7 +44,7 @@ class SeqBlocks:
 
     def __init__(self) -> None:
         self.table: List[int] = []
-        self.keys: List[bytes] = []     # chain keys of the full blocks table[:len(keys)]
+        self.keys: List[bytes] = []  # chain keys of the full blocks table[:len(keys)]
         self.released = False
 
     def __len__(self) -> int:
@@ -57,8 +58,7 @@ class OutOfBlocks(Exception):
 class KVBlockManager:
     """Allocation, reference counts and the prefix cache of one KV pool."""
 
-    def __init__(self, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE,
-                 prefix_cache: bool = True):
+    def __init__(self, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE, prefix_cache: bool = True):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         if block_size < 1:
@@ -73,8 +73,8 @@ class KVBlockManager:
         # Cached blocks nobody references, least recently released first.
         self._idle: "OrderedDict[int, None]" = OrderedDict()
         self._cached: Dict[bytes, int] = {}
-        self.lookups = 0          # prompt tokens looked up in the prefix cache
-        self.hits = 0             # of those, tokens found cached
+        self.lookups = 0  # prompt tokens looked up in the prefix cache
+        self.hits = 0  # of those, tokens found cached
         self.evictions = 0
 
     # ------------------------------------------------------------------ facts
@@ -100,10 +100,16 @@ class KVBlockManager:
 
     def stats(self) -> dict:
         """Counters for metrics."""
-        return {"kv_blocks_total": self.num_blocks, "kv_blocks_used": self.used_blocks,
-                "kv_blocks_free": self.free_blocks, "kv_blocks_cached": self.cached_blocks,
-                "kv_block_size": self.block_size, "prefix_cache_lookup_tokens": self.lookups,
-                "prefix_cache_hit_tokens": self.hits, "prefix_cache_evictions": self.evictions}
+        return {
+            "kv_blocks_total": self.num_blocks,
+            "kv_blocks_used": self.used_blocks,
+            "kv_blocks_free": self.free_blocks,
+            "kv_blocks_cached": self.cached_blocks,
+            "kv_block_size": self.block_size,
+            "prefix_cache_lookup_tokens": self.lookups,
+            "prefix_cache_hit_tokens": self.hits,
+            "prefix_cache_evictions": self.evictions,
+        }
 
     # ------------------------------------------------------------------ sequences
 
@@ -122,7 +128,7 @@ class KVBlockManager:
         self.lookups += len(prompt)
         parent = b""
         for i in range(usable):
-            key = _chain_key(parent, prompt[i * bs:(i + 1) * bs])
+            key = _chain_key(parent, prompt[i * bs : (i + 1) * bs])
             block = self._cached.get(key)
             if block is None:
                 break
@@ -155,7 +161,7 @@ class KVBlockManager:
         full = min(written // bs, len(seq.table))
         parent = seq.keys[-1] if seq.keys else b""
         for i in range(len(seq.keys), full):
-            key = _chain_key(parent, tokens[i * bs:(i + 1) * bs])
+            key = _chain_key(parent, tokens[i * bs : (i + 1) * bs])
             block = seq.table[i]
             have = self._cached.get(key)
             if have is None and self._key_of[block] is None:

@@ -6,6 +6,7 @@ depth and running requests, and each engine's scheduler and KV-cache
 counters, are read from the model registry at scrape time, so they can
 never drift from the truth.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterable, Tuple
@@ -45,20 +46,23 @@ class _StateCollector:
     )
 
     def collect(self):
-        queue = GaugeMetricFamily(f"{PREFIX}_queue_depth", "Requests waiting for their turn on a model",
-                                  labels=["model"])
-        running = GaugeMetricFamily(f"{PREFIX}_running_requests", "Requests generating now",
-                                    labels=["model"])
-        healthy = GaugeMetricFamily(f"{PREFIX}_model_healthy",
-                                    "1 when the model's device is usable, 0 when it is poisoned",
-                                    labels=["model"])
+        queue = GaugeMetricFamily(
+            f"{PREFIX}_queue_depth", "Requests waiting for their turn on a model", labels=["model"]
+        )
+        running = GaugeMetricFamily(f"{PREFIX}_running_requests", "Requests generating now", labels=["model"])
+        healthy = GaugeMetricFamily(
+            f"{PREFIX}_model_healthy", "1 when the model's device is usable, 0 when it is poisoned", labels=["model"]
+        )
         gauges = {m: GaugeMetricFamily(f"{PREFIX}_{m}", h, labels=["model"]) for m, _, h in self._ENGINE_GAUGES}
-        counters = {m: CounterMetricFamily(f"{PREFIX}_{m}", h, labels=["model"])
-                    for m, _, h in self._ENGINE_COUNTERS}
-        hit_rate = GaugeMetricFamily(f"{PREFIX}_prefix_cache_hit_rate",
-                                     "Share of looked-up prompt tokens the prefix cache served", labels=["model"])
-        batch = CounterMetricFamily(f"{PREFIX}_batch_size_steps", "Steps run, by sequences in the step",
-                                    labels=["model", "batch_size"])
+        counters = {m: CounterMetricFamily(f"{PREFIX}_{m}", h, labels=["model"]) for m, _, h in self._ENGINE_COUNTERS}
+        hit_rate = GaugeMetricFamily(
+            f"{PREFIX}_prefix_cache_hit_rate",
+            "Share of looked-up prompt tokens the prefix cache served",
+            labels=["model"],
+        )
+        batch = CounterMetricFamily(
+            f"{PREFIX}_batch_size_steps", "Steps run, by sequences in the step", labels=["model", "batch_size"]
+        )
         for name, waiting, busy, ok, stats in self._state():
             queue.add_metric([name], waiting)
             running.add_metric([name], busy)
@@ -91,27 +95,44 @@ class ServerMetrics:
 
     def __init__(self, state: Callable[[], Iterable[Tuple[str, int, int, bool, dict]]]) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens processed",
-                                     ["model"], registry=r)
-        self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Tokens generated",
-                                         ["model"], registry=r)
-        self.requests = Counter(f"{PREFIX}_requests", "Finished generation requests by finish reason "
-                                "(stop, length, cancelled, error)", ["model", "endpoint", "finish_reason"],
-                                registry=r)
-        self.cancelled = Counter(f"{PREFIX}_cancelled_by_disconnect",
-                                 "Generations stopped because the client disconnected", ["model"],
-                                 registry=r)
-        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds",
-                              "From request arrival to the first generated text (queueing included)",
-                              ["model"], buckets=TTFT_BUCKETS, registry=r)
-        self.itl = Histogram(f"{PREFIX}_inter_token_latency_seconds",
-                             "Time between generated tokens of one request", ["model"],
-                             buckets=ITL_BUCKETS, registry=r)
-        self.e2e = Histogram(f"{PREFIX}_request_duration_seconds",
-                             "From request arrival to the end of generation", ["model"],
-                             buckets=E2E_BUCKETS, registry=r)
-        self.http = Counter(f"{PREFIX}_http_responses", "HTTP responses by route and status",
-                            ["route", "status"], registry=r)
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Tokens generated", ["model"], registry=r)
+        self.requests = Counter(
+            f"{PREFIX}_requests",
+            "Finished generation requests by finish reason (stop, length, cancelled, error)",
+            ["model", "endpoint", "finish_reason"],
+            registry=r,
+        )
+        self.cancelled = Counter(
+            f"{PREFIX}_cancelled_by_disconnect",
+            "Generations stopped because the client disconnected",
+            ["model"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds",
+            "From request arrival to the first generated text (queueing included)",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            f"{PREFIX}_inter_token_latency_seconds",
+            "Time between generated tokens of one request",
+            ["model"],
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "From request arrival to the end of generation",
+            ["model"],
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.http = Counter(
+            f"{PREFIX}_http_responses", "HTTP responses by route and status", ["route", "status"], registry=r
+        )
         r.register(_StateCollector(state))
 
     def render(self) -> Tuple[bytes, str]:

@@ -11,6 +11,7 @@ become the JSON objects the official clients parse:
                {tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset}
   errors:      {"error": {"message", "type", "param", "code"}}
 """
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,15 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 class ApiError(Exception):
     """An error answered with the OpenAI envelope and an HTTP status."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None,
-                 headers: Optional[Dict[str, str]] = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        headers: Optional[Dict[str, str]] = None,
+    ) -> None:
         super().__init__(message)
         self.status = int(status)
         self.message = message
@@ -48,8 +55,9 @@ class ApiError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
-               code: Optional[str] = None) -> dict:
+def error_body(
+    message: str, type: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None
+) -> dict:
     """{"error": {...}} as OpenAI sends it."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -60,6 +68,7 @@ def bad_request(message: str, param: Optional[str] = None, code: Optional[str] =
 
 # ---------------------------------------------------------------------------
 # request bodies
+
 
 def parse_json_body(data: bytes) -> dict:
     """The request body as a JSON object, or a 400 saying what is wrong with it."""
@@ -72,8 +81,7 @@ def parse_json_body(data: bytes) -> dict:
     try:
         body = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
-        raise bad_request(f"the request body is not valid JSON: {e.msg} "
-                          f"(line {e.lineno}, column {e.colno})") from None
+        raise bad_request(f"the request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
     except ValueError as e:
         raise bad_request(f"the request body is not valid JSON: {e}") from None
     except RecursionError:
@@ -160,11 +168,25 @@ def token_id_list(v, key: str) -> List[int]:
 # client bookkeeping that has no meaning for a local engine.
 _IGNORED = ("user", "metadata", "store", "service_tier")
 
-_COMMON = (("model", "n", "stream", "stream_options", "logit_bias", "skip_special_tokens", "response_format")
-           + PASSTHROUGH_FIELDS + _IGNORED)
+_COMMON = (
+    ("model", "n", "stream", "stream_options", "logit_bias", "skip_special_tokens", "response_format")
+    + PASSTHROUGH_FIELDS
+    + _IGNORED
+)
 
-CHAT_FIELDS = frozenset(_COMMON + ("messages", MAX_TOKENS_ALIAS, "logprobs", "top_logprobs",
-                                   "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs"))
+CHAT_FIELDS = frozenset(
+    _COMMON
+    + (
+        "messages",
+        MAX_TOKENS_ALIAS,
+        "logprobs",
+        "top_logprobs",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "chat_template_kwargs",
+    )
+)
 COMPLETION_FIELDS = frozenset(_COMMON + ("prompt", "logprobs", "echo", "suffix", "best_of"))
 
 
@@ -172,9 +194,9 @@ COMPLETION_FIELDS = frozenset(_COMMON + ("prompt", "logprobs", "echo", "suffix",
 class GenerationRequest:
     """A validated /v1/chat/completions or /v1/completions request."""
 
-    kind: str                                   # "chat" | "completion"
+    kind: str  # "chat" | "completion"
     model: Optional[str]
-    sampling: Dict[str, Any]                    # engine sampling keyword arguments
+    sampling: Dict[str, Any]  # engine sampling keyword arguments
     stream: bool = False
     include_usage: bool = False
     messages: Optional[list] = None
@@ -212,8 +234,7 @@ class GenerationRequest:
 def _check_common(body: dict, allowed: frozenset) -> Tuple[Optional[str], bool, bool]:
     unknown = sorted(k for k in body if k not in allowed)
     if unknown:
-        raise bad_request(f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0],
-                          "unknown_parameter")
+        raise bad_request(f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0], "unknown_parameter")
     model = opt_str(body, "model")
     for key in _IGNORED:
         v = body.get(key)
@@ -263,8 +284,10 @@ def parse_logit_bias(body: dict) -> Optional[Dict[int, float]]:
         if not k.strip().isdigit():
             raise bad_request(f"logit_bias keys must be token ids, got {k!r}", "logit_bias")
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not -lim <= v <= lim:
-            raise bad_request(f"logit_bias values must be numbers in [-{lim:g}, {lim:g}], got "
-                              f"{json.dumps(v)} for token {k}", "logit_bias")
+            raise bad_request(
+                f"logit_bias values must be numbers in [-{lim:g}, {lim:g}], got {json.dumps(v)} for token {k}",
+                "logit_bias",
+            )
         out[int(k)] = float(v)
     return out or None
 
@@ -278,6 +301,7 @@ def parse_response_format(body: dict) -> Optional[dict]:
         raise bad_request("response_format must be an object with a string 'type'", "response_format")
     from .constraints import response_format_spec
     from .errors import ConstraintError
+
     try:
         response_format_spec(rf)
     except ConstraintError as e:
@@ -292,8 +316,9 @@ def parse_tool_choice(body: dict, tools: Optional[list]):
         return None
     if isinstance(tc, str):
         if tc not in ("none", "auto", "required"):
-            raise bad_request(f"tool_choice must be 'none', 'auto', 'required' or a function, got {tc!r}",
-                              "tool_choice")
+            raise bad_request(
+                f"tool_choice must be 'none', 'auto', 'required' or a function, got {tc!r}", "tool_choice"
+            )
         if tc == "required" and not tools:
             raise bad_request("tool_choice 'required' needs tools", "tool_choice")
         return tc
@@ -305,8 +330,10 @@ def parse_tool_choice(body: dict, tools: Optional[list]):
         raise bad_request("tool_choice must be {'type': 'function', 'function': {'name': ...}}", "tool_choice")
     names = [t["function"]["name"] for t in tools or []]
     if name not in names:
-        raise bad_request(f"tool_choice names function {name!r}, which is not among the tools "
-                          f"({', '.join(names) or 'none given'})", "tool_choice")
+        raise bad_request(
+            f"tool_choice names function {name!r}, which is not among the tools ({', '.join(names) or 'none given'})",
+            "tool_choice",
+        )
     return {"type": "function", "function": {"name": name}}
 
 
@@ -337,8 +364,10 @@ def parse_chat_request(body: dict) -> GenerationRequest:
     top = body.get("top_logprobs")
     if top is not None:
         if not _is_int(top) or not 0 <= top <= defaults.MAX_TOP_LOGPROBS:
-            raise bad_request(f"top_logprobs must be an integer in [0, {defaults.MAX_TOP_LOGPROBS}], "
-                              f"got {json.dumps(top)}", "top_logprobs")
+            raise bad_request(
+                f"top_logprobs must be an integer in [0, {defaults.MAX_TOP_LOGPROBS}], got {json.dumps(top)}",
+                "top_logprobs",
+            )
         if top and not logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
     if logprobs:
@@ -348,11 +377,21 @@ def parse_chat_request(body: dict) -> GenerationRequest:
     tools = parse_tools(body.get("tools"))
     tool_choice = parse_tool_choice(body, tools)
     kwargs = template_kwargs(body)
-    return GenerationRequest("chat", model, sampling, stream, include_usage, messages=messages,
-                             tools=tools, chat_template_kwargs=dict(kwargs), n=parse_n(body),
-                             logit_bias=parse_logit_bias(body), response_format=parse_response_format(body),
-                             tool_choice=tool_choice,
-                             parallel_tool_calls=opt_bool(body, "parallel_tool_calls", True))
+    return GenerationRequest(
+        "chat",
+        model,
+        sampling,
+        stream,
+        include_usage,
+        messages=messages,
+        tools=tools,
+        chat_template_kwargs=dict(kwargs),
+        n=parse_n(body),
+        logit_bias=parse_logit_bias(body),
+        response_format=parse_response_format(body),
+        tool_choice=tool_choice,
+        parallel_tool_calls=opt_bool(body, "parallel_tool_calls", True),
+    )
 
 
 # Names the template call itself sets; a request may not override them.
@@ -364,8 +403,7 @@ def template_kwargs(body: dict) -> dict:
     kwargs = opt_dict(body, "chat_template_kwargs") or {}
     bad = sorted(k for k in kwargs if k in _RESERVED_TEMPLATE_KWARGS or not k.isidentifier())
     if bad:
-        raise bad_request(f"chat_template_kwargs may not set {', '.join(map(repr, bad))}",
-                          "chat_template_kwargs")
+        raise bad_request(f"chat_template_kwargs may not set {', '.join(map(repr, bad))}", "chat_template_kwargs")
     if kwargs.get("add_generation_prompt") is not None and not isinstance(kwargs["add_generation_prompt"], bool):
         raise bad_request("chat_template_kwargs.add_generation_prompt must be a boolean", "chat_template_kwargs")
     return dict(kwargs)
@@ -406,19 +444,20 @@ def parse_tools(tools) -> Optional[list]:
         raise bad_request(f"tools must be an array, got {_json_type(tools)}", "tools")
     from .constraints import tool_functions
     from .errors import ConstraintError
+
     for i, t in enumerate(tools):
         if not isinstance(t, dict):
             raise bad_request(f"tools[{i}] must be an object with type 'function'", "tools")
         if t.get("type", "function") != "function":
-            raise bad_request(f"tools[{i}].type {t.get('type')!r} is not supported: only 'function' tools are",
-                              "tools")
+            raise bad_request(f"tools[{i}].type {t.get('type')!r} is not supported: only 'function' tools are", "tools")
         fn = t.get("function")
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise bad_request(f"tools[{i}].function must be an object with a non-empty 'name'", "tools")
         params = fn.get("parameters")
         if params is not None and not isinstance(params, dict):
-            raise bad_request(f"tools[{i}].function.parameters must be a JSON schema object, "
-                              f"got {_json_type(params)}", "tools")
+            raise bad_request(
+                f"tools[{i}].function.parameters must be a JSON schema object, got {_json_type(params)}", "tools"
+            )
     if tools:
         try:
             tool_functions(tools)
@@ -438,22 +477,34 @@ def parse_completion_request(body: dict) -> GenerationRequest:
     lp = body.get("logprobs")
     if lp is not None:
         if not _is_int(lp) or not 0 <= lp <= defaults.MAX_TOP_LOGPROBS:
-            raise bad_request(f"logprobs must be an integer in [0, {defaults.MAX_TOP_LOGPROBS}], "
-                              f"got {json.dumps(lp)}", "logprobs")
+            raise bad_request(
+                f"logprobs must be an integer in [0, {defaults.MAX_TOP_LOGPROBS}], got {json.dumps(lp)}", "logprobs"
+            )
         sampling["logprobs"] = True
         sampling["top_logprobs"] = int(lp)
     echo = opt_bool(body, "echo")
     if echo and lp is not None:
-        raise bad_request("echo with logprobs would need prompt logprobs, which are not supported", "echo",
-                          "unsupported_parameter")
+        raise bad_request(
+            "echo with logprobs would need prompt logprobs, which are not supported", "echo", "unsupported_parameter"
+        )
     suffix = opt_str(body, "suffix")
     if suffix:
         raise bad_request("suffix (insertion) is not supported", "suffix", "unsupported_parameter")
     best_of = opt_int(body, "best_of")
     if best_of is not None and best_of != 1:
         raise bad_request(f"best_of must be 1 (got {best_of})", "best_of")
-    return GenerationRequest("completion", model, sampling, stream, include_usage, prompt=prompt, echo=echo,
-                             n=n, logit_bias=logit_bias, response_format=response_format)
+    return GenerationRequest(
+        "completion",
+        model,
+        sampling,
+        stream,
+        include_usage,
+        prompt=prompt,
+        echo=echo,
+        n=n,
+        logit_bias=logit_bias,
+        response_format=response_format,
+    )
 
 
 def parse_prompt(prompt) -> Union[str, List[int]]:
@@ -471,12 +522,12 @@ def parse_prompt(prompt) -> Union[str, List[int]]:
             if len(prompt) > 1:
                 raise bad_request("prompt holds several prompts; send one prompt per request", "prompt")
             return parse_prompt(prompt[0])
-    raise bad_request("prompt must be a string, an array of token ids, or an array holding one of "
-                      "those", "prompt")
+    raise bad_request("prompt must be a string, an array of token ids, or an array holding one of those", "prompt")
 
 
 # ---------------------------------------------------------------------------
 # responses
+
 
 def usage_dict(usage: Optional[dict]) -> dict:
     """OpenAI usage; completion_tokens_details.reasoning_tokens when the engine counted them."""
@@ -525,11 +576,17 @@ def chat_logprobs(entries: Optional[list]) -> Optional[dict]:
         return None
     content = []
     for e in entries:
-        content.append({
-            "token": e["token"], "logprob": _lp(e.get("logprob")), "bytes": list(e.get("bytes") or []),
-            "top_logprobs": [{"token": t["token"], "logprob": _lp(t.get("logprob")),
-                              "bytes": list(t.get("bytes") or [])} for t in e.get("top_logprobs") or []],
-        })
+        content.append(
+            {
+                "token": e["token"],
+                "logprob": _lp(e.get("logprob")),
+                "bytes": list(e.get("bytes") or []),
+                "top_logprobs": [
+                    {"token": t["token"], "logprob": _lp(t.get("logprob")), "bytes": list(t.get("bytes") or [])}
+                    for t in e.get("top_logprobs") or []
+                ],
+            }
+        )
     return {"content": content, "refusal": None}
 
 
@@ -547,8 +604,9 @@ def completion_logprobs(entries: Optional[list], offset: int) -> Tuple[Optional[
     return out, offset
 
 
-def chat_message(content: Optional[str], reasoning_content: Optional[str] = None,
-                 tool_calls: Optional[list] = None) -> dict:
+def chat_message(
+    content: Optional[str], reasoning_content: Optional[str] = None, tool_calls: Optional[list] = None
+) -> dict:
     """An assistant message; reasoning_content and tool_calls only when present."""
     msg = {"role": "assistant", "content": content, "refusal": None}
     if reasoning_content is not None:
@@ -560,28 +618,54 @@ def chat_message(content: Optional[str], reasoning_content: Optional[str] = None
 
 def chat_choice(index: int, message: dict, finish_reason: Optional[str], logprobs: Optional[list]) -> dict:
     """One entry of chat.completion choices."""
-    return {"index": index, "message": message, "logprobs": chat_logprobs(logprobs),
-            "finish_reason": api_finish_reason(finish_reason)}
-
-
-def chat_completion(cid: str, created: int, model: str, fingerprint: str, choices: List[dict],
-                    usage: dict) -> dict:
-    """A chat.completion object over chat_choice entries."""
     return {
-        "id": cid, "object": "chat.completion", "created": created, "model": model,
-        "system_fingerprint": fingerprint, "choices": choices, "usage": usage_dict(usage),
+        "index": index,
+        "message": message,
+        "logprobs": chat_logprobs(logprobs),
+        "finish_reason": api_finish_reason(finish_reason),
     }
 
 
-def chat_chunk(cid: str, created: int, model: str, fingerprint: str, delta: dict,
-               finish_reason: Optional[str] = None, logprobs: Optional[list] = None,
-               include_usage: bool = False, usage: Optional[dict] = None, index: int = 0) -> dict:
+def chat_completion(cid: str, created: int, model: str, fingerprint: str, choices: List[dict], usage: dict) -> dict:
+    """A chat.completion object over chat_choice entries."""
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": fingerprint,
+        "choices": choices,
+        "usage": usage_dict(usage),
+    }
+
+
+def chat_chunk(
+    cid: str,
+    created: int,
+    model: str,
+    fingerprint: str,
+    delta: dict,
+    finish_reason: Optional[str] = None,
+    logprobs: Optional[list] = None,
+    include_usage: bool = False,
+    usage: Optional[dict] = None,
+    index: int = 0,
+) -> dict:
     """A chat.completion.chunk with one choice."""
     out = {
-        "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
         "system_fingerprint": fingerprint,
-        "choices": [{"index": index, "delta": delta, "logprobs": chat_logprobs(logprobs),
-                     "finish_reason": api_finish_reason(finish_reason)}],
+        "choices": [
+            {
+                "index": index,
+                "delta": delta,
+                "logprobs": chat_logprobs(logprobs),
+                "finish_reason": api_finish_reason(finish_reason),
+            }
+        ],
     }
     if include_usage:
         out["usage"] = None
@@ -592,8 +676,15 @@ def chat_chunk(cid: str, created: int, model: str, fingerprint: str, delta: dict
 
 def chat_usage_chunk(cid: str, created: int, model: str, fingerprint: str, usage: dict) -> dict:
     """The chunk stream_options.include_usage asks for: no choices, the whole request's usage."""
-    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "system_fingerprint": fingerprint, "choices": [], "usage": usage_dict(usage)}
+    return {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": fingerprint,
+        "choices": [],
+        "usage": usage_dict(usage),
+    }
 
 
 def completion_choice(index: int, text: str, finish_reason: Optional[str], logprobs: Optional[dict]) -> dict:
@@ -604,17 +695,30 @@ def completion_choice(index: int, text: str, finish_reason: Optional[str], logpr
 def completion(cid: str, created: int, model: str, fingerprint: str, choices: List[dict], usage: dict) -> dict:
     """A text_completion object over completion_choice entries."""
     return {
-        "id": cid, "object": "text_completion", "created": created, "model": model,
-        "system_fingerprint": fingerprint, "choices": choices, "usage": usage_dict(usage),
+        "id": cid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": fingerprint,
+        "choices": choices,
+        "usage": usage_dict(usage),
     }
 
 
-def completion_chunk(cid: str, created: int, model: str, fingerprint: str, text: str,
-                     finish_reason: Optional[str] = None, logprobs: Optional[dict] = None,
-                     include_usage: bool = False, usage: Optional[dict] = None, index: int = 0) -> dict:
+def completion_chunk(
+    cid: str,
+    created: int,
+    model: str,
+    fingerprint: str,
+    text: str,
+    finish_reason: Optional[str] = None,
+    logprobs: Optional[dict] = None,
+    include_usage: bool = False,
+    usage: Optional[dict] = None,
+    index: int = 0,
+) -> dict:
     """One streamed text_completion piece."""
-    out = completion(cid, created, model, fingerprint,
-                     [completion_choice(index, text, finish_reason, logprobs)], {})
+    out = completion(cid, created, model, fingerprint, [completion_choice(index, text, finish_reason, logprobs)], {})
     del out["usage"]
     if include_usage:
         out["usage"] = None
@@ -624,8 +728,15 @@ def completion_chunk(cid: str, created: int, model: str, fingerprint: str, text:
 
 
 def completion_usage_chunk(cid: str, created: int, model: str, fingerprint: str, usage: dict) -> dict:
-    return {"id": cid, "object": "text_completion", "created": created, "model": model,
-            "system_fingerprint": fingerprint, "choices": [], "usage": usage_dict(usage)}
+    return {
+        "id": cid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": fingerprint,
+        "choices": [],
+        "usage": usage_dict(usage),
+    }
 
 
 def model_card(name: str, created: int, n_ctx: Optional[int] = None, root: Optional[str] = None) -> dict:

@@ -22,6 +22,7 @@ Logprobs, when asked, are log_softmax of the raw logits (step 1, before
 bias and mask): what the model thought of the token, not what the sampler was
 allowed to pick.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -80,4 +81,4 @@ class SampleResult:
 
     token: int
     logprob: Optional[float] = None
-    top_logprobs: Optional[list] = None     # [(token_id, logprob), ...] best first
+    top_logprobs: Optional[list] = None  # [(token_id, logprob), ...] best first

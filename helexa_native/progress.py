@@ -4,6 +4,7 @@ A bar appears only once the work has run for `PROGRESS_MIN_SECONDS`, so
 quick loads print nothing. `progress=False` silences it; `None` means "the
 default", which is on unless the environment sets HELEXA_NO_PROGRESS=1.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,13 +33,28 @@ class Progress:
     Use as a context manager: `with Progress(total, "Loading", unit="B") as p: p.update(n)`.
     """
 
-    def __init__(self, total: Optional[float] = None, desc: str = "", *, unit: str = "it",
-                 progress: Optional[bool] = None, delay: float = PROGRESS_MIN_SECONDS) -> None:
+    def __init__(
+        self,
+        total: Optional[float] = None,
+        desc: str = "",
+        *,
+        unit: str = "it",
+        progress: Optional[bool] = None,
+        delay: float = PROGRESS_MIN_SECONDS,
+    ) -> None:
         self._bar = None
         if progress_enabled(progress):
-            self._bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, delay=delay,
-                             leave=False, dynamic_ncols=True,
-                             unit_scale=unit != "it", unit_divisor=1024 if unit == "B" else 1000)
+            self._bar = tqdm(
+                total=total,
+                desc=desc,
+                unit=unit,
+                file=sys.stderr,
+                delay=delay,
+                leave=False,
+                dynamic_ncols=True,
+                unit_scale=unit != "it",
+                unit_divisor=1024 if unit == "B" else 1000,
+            )
 
     def update(self, n: float = 1) -> None:
         """Advance the bar by `n` units."""
@@ -63,8 +79,14 @@ class Progress:
         self.close()
 
 
-def track(items: Iterable[T], desc: str = "", *, total: Optional[int] = None,
-          unit: str = "it", progress: Optional[bool] = None) -> Iterator[T]:
+def track(
+    items: Iterable[T],
+    desc: str = "",
+    *,
+    total: Optional[int] = None,
+    unit: str = "it",
+    progress: Optional[bool] = None,
+) -> Iterator[T]:
     """Iterate `items`, showing a delayed bar while it takes long."""
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]

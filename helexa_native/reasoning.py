@@ -30,6 +30,7 @@ Rules and limits:
 * Tool calls inside the reasoning are not looked for: run the tool-call parser
   on the content deltas only.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ def prompt_opens_reasoning(prompt: str) -> bool:
 @dataclass
 class ReasoningResult:
     """A split output: the reasoning and the answer."""
+
     reasoning_content: Optional[str]
     content: Optional[str]
 
@@ -89,11 +91,11 @@ class ReasoningStreamParser:
         self._buf = ""
         self._out: list = []
         self._state = "reasoning" if start_in_reasoning else "start"
-        self._r_started = False     # non-whitespace reasoning emitted
-        self._r_ws = ""             # reasoning whitespace held until more reasoning follows
+        self._r_started = False  # non-whitespace reasoning emitted
+        self._r_ws = ""  # reasoning whitespace held until more reasoning follows
         self._may_reopen = bool(start_in_reasoning)
         self._opened = bool(start_in_reasoning)
-        self._c_started = False     # content after </think> began
+        self._c_started = False  # content after </think> began
         self._finished = False
 
     @property
@@ -141,7 +143,7 @@ class ReasoningStreamParser:
         buf = self._buf
         s = buf.lstrip()
         if s.startswith(OPEN_TAG):
-            self._buf = s[len(OPEN_TAG):]
+            self._buf = s[len(OPEN_TAG) :]
             self._state = "reasoning"
             self._opened = True
             return True
@@ -155,7 +157,7 @@ class ReasoningStreamParser:
         if self._may_reopen and not self._r_started:
             s = buf.lstrip()
             if s.startswith(OPEN_TAG):
-                self._buf = buf = s[len(OPEN_TAG):]
+                self._buf = buf = s[len(OPEN_TAG) :]
                 self._may_reopen = False
             elif not final and OPEN_TAG.startswith(s):
                 return False
@@ -164,7 +166,7 @@ class ReasoningStreamParser:
         i = buf.find(CLOSE_TAG)
         if i >= 0:
             self._reason(buf[:i])
-            self._buf = buf[i + len(CLOSE_TAG):]
+            self._buf = buf[i + len(CLOSE_TAG) :]
             self._state = "after"
             return True
         hold = len(buf) if final else _prefix_start(buf, CLOSE_TAG)
@@ -181,7 +183,7 @@ class ReasoningStreamParser:
         body = text.rstrip()
         if body:
             self._out.append({"reasoning_content": self._r_ws + body})
-            self._r_ws = text[len(body):]
+            self._r_ws = text[len(body) :]
         else:
             self._r_ws += text
 

@@ -10,6 +10,7 @@ the request field that holds it.
 keyword arguments, and the CLI flags, the server's defaults and the OpenAI
 request bodies derive their lists from it.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,9 +22,22 @@ from .errors import InvalidParameterError
 from .params import UINT64_MASK, SamplingParams
 
 # Every field resolve_params reads: the Engine's sampling keyword arguments.
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                   "presence_penalty", "frequency_penalty", "seed", "stop", "stop_token_ids",
-                   "logprobs", "top_logprobs", "ignore_eos")
+SAMPLING_FIELDS = (
+    "max_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "logprobs",
+    "top_logprobs",
+    "ignore_eos",
+)
 
 # The fields that ask for log-probabilities. Each front end spells them its
 # own way (chat: a boolean plus top_logprobs; completions: an integer; the
@@ -113,8 +127,7 @@ def _check_max_tokens(v, name="max_tokens") -> int:
 def _check_top_logprobs(v, name) -> int:
     n = _integer(name, v)
     if not 0 <= n <= defaults.MAX_TOP_LOGPROBS:
-        raise InvalidParameterError(name, f"{name} must be in [0, {defaults.MAX_TOP_LOGPROBS}], "
-                                          f"got {n!r}")
+        raise InvalidParameterError(name, f"{name} must be in [0, {defaults.MAX_TOP_LOGPROBS}], got {n!r}")
     return n
 
 
@@ -135,8 +148,7 @@ def _stop_strings(v) -> list:
     if isinstance(v, str):
         v = [v]
     if not isinstance(v, (list, tuple)):
-        raise InvalidParameterError("stop", f"stop must be a string or a list of strings, "
-                                            f"got {type(v).__name__}")
+        raise InvalidParameterError("stop", f"stop must be a string or a list of strings, got {type(v).__name__}")
     out = []
     for s in v:
         if not isinstance(s, str):
@@ -153,8 +165,7 @@ def _logprobs(v) -> tuple:
         return v, 0
     if _is_int(v):
         return True, _check_top_logprobs(v, "logprobs")
-    raise InvalidParameterError("logprobs", f"logprobs must be a boolean or an integer, "
-                                            f"got {type(v).__name__}")
+    raise InvalidParameterError("logprobs", f"logprobs must be a boolean or an integer, got {type(v).__name__}")
 
 
 _GENCONFIG_CHECKS = {
@@ -214,10 +225,16 @@ def resolve_params(request: dict, generation_config: Optional[dict] = None):
     top_p = pick("top_p", _check_top_p, defaults.DEFAULT_TOP_P)
     min_p = pick("min_p", _check_min_p, defaults.DEFAULT_MIN_P)
     rep = pick("repetition_penalty", _check_repetition, defaults.DEFAULT_REPETITION_PENALTY)
-    presence = (_check_penalty(req["presence_penalty"], "presence_penalty")
-                if "presence_penalty" in req else defaults.DEFAULT_PRESENCE_PENALTY)
-    frequency = (_check_penalty(req["frequency_penalty"], "frequency_penalty")
-                 if "frequency_penalty" in req else defaults.DEFAULT_FREQUENCY_PENALTY)
+    presence = (
+        _check_penalty(req["presence_penalty"], "presence_penalty")
+        if "presence_penalty" in req
+        else defaults.DEFAULT_PRESENCE_PENALTY
+    )
+    frequency = (
+        _check_penalty(req["frequency_penalty"], "frequency_penalty")
+        if "frequency_penalty" in req
+        else defaults.DEFAULT_FREQUENCY_PENALTY
+    )
 
     if "max_tokens" in req:
         max_tokens = _check_max_tokens(req["max_tokens"])
@@ -241,15 +258,22 @@ def resolve_params(request: dict, generation_config: Optional[dict] = None):
     stop_ids = _token_id_list("stop_token_ids", req["stop_token_ids"]) if "stop_token_ids" in req else []
     ignore_eos = req.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
-        raise InvalidParameterError("ignore_eos", f"ignore_eos must be a boolean, "
-                                                  f"got {type(ignore_eos).__name__}")
+        raise InvalidParameterError("ignore_eos", f"ignore_eos must be a boolean, got {type(ignore_eos).__name__}")
     if not ignore_eos:
         for t in gc.get("eos", []):
             if t not in stop_ids:
                 stop_ids.append(t)
 
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                            repetition_penalty=rep, presence_penalty=presence,
-                            frequency_penalty=frequency, seed=seed, logprobs=logprobs,
-                            top_logprobs=top_logprobs)
+    params = SamplingParams(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=rep,
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+        seed=seed,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
     return params, max_tokens, stop, stop_ids

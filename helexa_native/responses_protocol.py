@@ -17,6 +17,7 @@ Conversation state: a stored response keeps its conversation as chat
 messages (input and output, without ``instructions``, which OpenAI does not
 carry over either), so ``previous_response_id`` continues from it.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,21 +26,70 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from .openai_protocol import (_json_type, bad_request, opt_bool, opt_dict, opt_int, opt_str, parse_messages,
-                              parse_response_format, parse_tool_choice, parse_tools, template_kwargs)
+from .openai_protocol import (
+    _json_type,
+    bad_request,
+    opt_bool,
+    opt_dict,
+    opt_int,
+    opt_str,
+    parse_messages,
+    parse_response_format,
+    parse_tool_choice,
+    parse_tools,
+    template_kwargs,
+)
 
-RESPONSES_FIELDS = frozenset((
-    "model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "max_output_tokens",
-    "temperature", "top_p", "stream", "previous_response_id", "store", "text", "reasoning", "metadata",
-    "user", "truncation", "include", "service_tier", "background", "top_logprobs", "max_tool_calls",
-    "prompt_cache_key", "safety_identifier", "stream_options",
-    # extensions, as on chat completions
-    "seed", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop",
-    "chat_template_kwargs",
-))
+RESPONSES_FIELDS = frozenset(
+    (
+        "model",
+        "input",
+        "instructions",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "max_output_tokens",
+        "temperature",
+        "top_p",
+        "stream",
+        "previous_response_id",
+        "store",
+        "text",
+        "reasoning",
+        "metadata",
+        "user",
+        "truncation",
+        "include",
+        "service_tier",
+        "background",
+        "top_logprobs",
+        "max_tool_calls",
+        "prompt_cache_key",
+        "safety_identifier",
+        "stream_options",
+        # extensions, as on chat completions
+        "seed",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "stop",
+        "chat_template_kwargs",
+    )
+)
 
-_SAMPLING = ("temperature", "top_p", "seed", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-             "frequency_penalty", "stop")
+_SAMPLING = (
+    "temperature",
+    "top_p",
+    "seed",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "stop",
+)
 
 
 def new_id(prefix: str) -> str:
@@ -52,26 +102,25 @@ class ResponsesRequest:
     """A validated /v1/responses request, with its input as chat messages."""
 
     model: Optional[str]
-    input_messages: List[dict]          # this request's input items as chat messages
+    input_messages: List[dict]  # this request's input items as chat messages
     instructions: Optional[str]
     sampling: Dict[str, Any]
     stream: bool = False
-    tools: Optional[list] = None        # chat form
-    tool_choice: Any = None             # chat form
+    tools: Optional[list] = None  # chat form
+    tool_choice: Any = None  # chat form
     parallel_tool_calls: bool = True
     response_format: Optional[dict] = None
     chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
     previous_response_id: Optional[str] = None
     store: bool = True
-    echo: Dict[str, Any] = field(default_factory=dict)    # request fields the response repeats
+    echo: Dict[str, Any] = field(default_factory=dict)  # request fields the response repeats
 
 
 def parse_responses_request(body: dict) -> ResponsesRequest:
     """Validate a /v1/responses body; 400 naming the offending field otherwise."""
     unknown = sorted(k for k in body if k not in RESPONSES_FIELDS)
     if unknown:
-        raise bad_request(f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0],
-                          "unknown_parameter")
+        raise bad_request(f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0], "unknown_parameter")
     if opt_bool(body, "background"):
         raise bad_request("background responses are not supported", "background", "unsupported_parameter")
     model = opt_str(body, "model")
@@ -98,19 +147,36 @@ def parse_responses_request(body: dict) -> ResponsesRequest:
     if opt_dict(body, "metadata") is None and body.get("metadata") is not None:
         raise bad_request("metadata must be an object", "metadata")
     echo = {
-        "instructions": instructions, "max_output_tokens": mot, "metadata": body.get("metadata") or {},
-        "parallel_tool_calls": opt_bool(body, "parallel_tool_calls", True), "previous_response_id": prev,
+        "instructions": instructions,
+        "max_output_tokens": mot,
+        "metadata": body.get("metadata") or {},
+        "parallel_tool_calls": opt_bool(body, "parallel_tool_calls", True),
+        "previous_response_id": prev,
         "reasoning": {"effort": (reasoning or {}).get("effort"), "summary": (reasoning or {}).get("summary")},
-        "store": opt_bool(body, "store", True), "temperature": body.get("temperature"),
-        "text": {"format": fmt or {"type": "text"}}, "tool_choice": body.get("tool_choice") or "auto",
-        "tools": list(body.get("tools") or []), "top_p": body.get("top_p"),
-        "truncation": truncation or "disabled", "user": opt_str(body, "user"),
+        "store": opt_bool(body, "store", True),
+        "temperature": body.get("temperature"),
+        "text": {"format": fmt or {"type": "text"}},
+        "tool_choice": body.get("tool_choice") or "auto",
+        "tools": list(body.get("tools") or []),
+        "top_p": body.get("top_p"),
+        "truncation": truncation or "disabled",
+        "user": opt_str(body, "user"),
     }
-    return ResponsesRequest(model=model, input_messages=messages, instructions=instructions, sampling=sampling,
-                            stream=stream, tools=tools, tool_choice=tool_choice,
-                            parallel_tool_calls=echo["parallel_tool_calls"], response_format=response_format,
-                            chat_template_kwargs=kwargs, previous_response_id=prev, store=echo["store"],
-                            echo=echo)
+    return ResponsesRequest(
+        model=model,
+        input_messages=messages,
+        instructions=instructions,
+        sampling=sampling,
+        stream=stream,
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=echo["parallel_tool_calls"],
+        response_format=response_format,
+        chat_template_kwargs=kwargs,
+        previous_response_id=prev,
+        store=echo["store"],
+        echo=echo,
+    )
 
 
 def chat_tools(tools) -> Optional[list]:
@@ -124,8 +190,7 @@ def chat_tools(tools) -> Optional[list]:
         if not isinstance(t, dict):
             raise bad_request(f"tools[{i}] must be an object", "tools")
         if t.get("type") != "function":
-            raise bad_request(f"tools[{i}].type {t.get('type')!r} is not supported: only 'function' tools are",
-                              "tools")
+            raise bad_request(f"tools[{i}].type {t.get('type')!r} is not supported: only 'function' tools are", "tools")
         fn = {k: t[k] for k in ("name", "description", "parameters", "strict") if t.get(k) is not None}
         out.append({"type": "function", "function": fn})
     return out
@@ -136,8 +201,7 @@ def chat_tool_choice(tc):
     if isinstance(tc, dict) and tc.get("type") == "function" and "function" not in tc:
         return {"type": "function", "function": {"name": tc.get("name")}}
     if isinstance(tc, dict) and tc.get("type") != "function":
-        raise bad_request(f"tool_choice type {tc.get('type')!r} is not supported (function tools only)",
-                          "tool_choice")
+        raise bad_request(f"tool_choice type {tc.get('type')!r} is not supported (function tools only)", "tool_choice")
     return tc
 
 
@@ -189,8 +253,9 @@ def input_messages(items, allow_empty: bool = False) -> List[dict]:
             role = it.get("role")
             if role not in ("user", "system", "developer", "assistant"):
                 raise bad_request(f"{where}.role must be user, system, developer or assistant", "input")
-            out.append({"role": "system" if role == "developer" else role,
-                        "content": _text_of(it.get("content"), where)})
+            out.append(
+                {"role": "system" if role == "developer" else role, "content": _text_of(it.get("content"), where)}
+            )
         elif kind == "function_call":
             name, args = it.get("name"), it.get("arguments", "{}")
             call_id = it.get("call_id") or it.get("id")
@@ -211,8 +276,10 @@ def input_messages(items, allow_empty: bool = False) -> List[dict]:
         elif kind == "reasoning":
             continue
         else:
-            raise bad_request(f"{where}.type {kind!r} is not supported (message, function_call, "
-                              "function_call_output, reasoning)", "input")
+            raise bad_request(
+                f"{where}.type {kind!r} is not supported (message, function_call, function_call_output, reasoning)",
+                "input",
+            )
     if not out and not allow_empty:
         raise bad_request("input must hold at least one message", "input")
     return parse_messages(out, "input") if out else out
@@ -225,8 +292,13 @@ def output_messages(output: List[dict]) -> List[dict]:
         if it["type"] == "message":
             text += [p["text"] for p in it["content"] if p.get("type") == "output_text"]
         elif it["type"] == "function_call":
-            calls.append({"id": it["call_id"], "type": "function",
-                          "function": {"name": it["name"], "arguments": it["arguments"]}})
+            calls.append(
+                {
+                    "id": it["call_id"],
+                    "type": "function",
+                    "function": {"name": it["name"], "arguments": it["arguments"]},
+                }
+            )
         elif it["type"] == "reasoning":
             reasoning += [p["text"] for p in it.get("content") or []]
     if not text and not calls:
@@ -243,9 +315,13 @@ def response_usage(usage: Optional[dict], cached: int = 0) -> dict:
     """Engine usage as the Responses API's."""
     u = usage or {}
     inp, out = int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0))
-    return {"input_tokens": inp, "input_tokens_details": {"cached_tokens": int(cached)},
-            "output_tokens": out, "output_tokens_details": {"reasoning_tokens": int(u.get("reasoning_tokens") or 0)},
-            "total_tokens": inp + out}
+    return {
+        "input_tokens": inp,
+        "input_tokens_details": {"cached_tokens": int(cached)},
+        "output_tokens": out,
+        "output_tokens_details": {"reasoning_tokens": int(u.get("reasoning_tokens") or 0)},
+        "total_tokens": inp + out,
+    }
 
 
 class ResponseBuilder:
@@ -267,14 +343,22 @@ class ResponseBuilder:
         self.incomplete: Optional[dict] = None
         self.error: Optional[dict] = None
         self._seq = 0
-        self._open: Optional[dict] = None        # the item being written
-        self._calls: Dict[int, dict] = {}        # tool call index -> its item
+        self._open: Optional[dict] = None  # the item being written
+        self._calls: Dict[int, dict] = {}  # tool call index -> its item
 
     def response(self) -> dict:
         """The response object."""
-        out = {"id": self.id, "object": "response", "created_at": self.created, "status": self.status,
-               "error": self.error, "incomplete_details": self.incomplete, "model": self.model,
-               "output": [dict(it) for it in self.output], "usage": self.usage}
+        out = {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": self.status,
+            "error": self.error,
+            "incomplete_details": self.incomplete,
+            "model": self.model,
+            "output": [dict(it) for it in self.output],
+            "usage": self.usage,
+        }
         out.update(self.echo)
         return out
 
@@ -286,8 +370,10 @@ class ResponseBuilder:
 
     def start(self) -> List[dict]:
         """response.created and response.in_progress."""
-        return [self._event("response.created", response=self.response()),
-                self._event("response.in_progress", response=self.response())]
+        return [
+            self._event("response.created", response=self.response()),
+            self._event("response.in_progress", response=self.response()),
+        ]
 
     def feed(self, deltas: List[dict]) -> List[dict]:
         """The events a list of chat message deltas adds."""
@@ -296,30 +382,54 @@ class ResponseBuilder:
             if d.get("reasoning_content"):
                 item = self._ensure("reasoning", events)
                 item["content"][0]["text"] += d["reasoning_content"]
-                events.append(self._event("response.reasoning_text.delta", item_id=item["id"],
-                                          output_index=self._index(item), content_index=0,
-                                          delta=d["reasoning_content"]))
+                events.append(
+                    self._event(
+                        "response.reasoning_text.delta",
+                        item_id=item["id"],
+                        output_index=self._index(item),
+                        content_index=0,
+                        delta=d["reasoning_content"],
+                    )
+                )
             if d.get("content"):
                 item = self._ensure("message", events)
                 item["content"][0]["text"] += d["content"]
-                events.append(self._event("response.output_text.delta", item_id=item["id"],
-                                          output_index=self._index(item), content_index=0,
-                                          delta=d["content"], logprobs=[]))
+                events.append(
+                    self._event(
+                        "response.output_text.delta",
+                        item_id=item["id"],
+                        output_index=self._index(item),
+                        content_index=0,
+                        delta=d["content"],
+                        logprobs=[],
+                    )
+                )
             for tc in d.get("tool_calls") or ():
                 item = self._calls.get(tc["index"])
                 if item is None:
                     events += self._close()
                     fn = tc.get("function") or {}
-                    item = {"id": new_id("fc"), "type": "function_call", "status": "in_progress",
-                            "call_id": tc.get("id") or new_id("call"), "name": fn.get("name", ""),
-                            "arguments": ""}
+                    item = {
+                        "id": new_id("fc"),
+                        "type": "function_call",
+                        "status": "in_progress",
+                        "call_id": tc.get("id") or new_id("call"),
+                        "name": fn.get("name", ""),
+                        "arguments": "",
+                    }
                     self._calls[tc["index"]] = item
                     self._add(item, events)
                 args = (tc.get("function") or {}).get("arguments") or ""
                 if args:
                     item["arguments"] += args
-                    events.append(self._event("response.function_call_arguments.delta", item_id=item["id"],
-                                              output_index=self._index(item), delta=args))
+                    events.append(
+                        self._event(
+                            "response.function_call_arguments.delta",
+                            item_id=item["id"],
+                            output_index=self._index(item),
+                            delta=args,
+                        )
+                    )
         return events
 
     def finish(self, finish_reason: Optional[str], usage: dict) -> List[dict]:
@@ -340,9 +450,10 @@ class ResponseBuilder:
         """An error event and response.failed, for an error after the stream began."""
         self.status = "failed"
         self.error = {"code": error.get("code") or "server_error", "message": error.get("message", "")}
-        return [self._event("error", code=error.get("code"), message=error.get("message", ""),
-                            param=error.get("param")),
-                self._event("response.failed", response=self.response())]
+        return [
+            self._event("error", code=error.get("code"), message=error.get("message", ""), param=error.get("param")),
+            self._event("response.failed", response=self.response()),
+        ]
 
     # ---- items ----------------------------------------------------------
 
@@ -360,17 +471,28 @@ class ResponseBuilder:
         events += self._close()
         if kind == "reasoning":
             part = {"type": "reasoning_text", "text": ""}
-            item = {"id": new_id("rs"), "type": "reasoning", "summary": [], "content": [part],
-                    "status": "in_progress"}
+            item = {"id": new_id("rs"), "type": "reasoning", "summary": [], "content": [part], "status": "in_progress"}
         else:
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-            item = {"id": new_id("msg"), "type": "message", "role": "assistant", "status": "in_progress",
-                    "content": [part]}
+            item = {
+                "id": new_id("msg"),
+                "type": "message",
+                "role": "assistant",
+                "status": "in_progress",
+                "content": [part],
+            }
         self._add(item, events)
         shown = dict(item, content=[])
         events[-1]["item"] = shown
-        events.append(self._event("response.content_part.added", item_id=item["id"],
-                                  output_index=self._index(item), content_index=0, part=dict(part)))
+        events.append(
+            self._event(
+                "response.content_part.added",
+                item_id=item["id"],
+                output_index=self._index(item),
+                content_index=0,
+                part=dict(part),
+            )
+        )
         return item
 
     def _close(self, status: str = "completed") -> List[dict]:
@@ -381,16 +503,27 @@ class ResponseBuilder:
         item["status"] = status
         events = []
         if item["type"] == "function_call":
-            events.append(self._event("response.function_call_arguments.done", item_id=item["id"],
-                                      output_index=i, name=item["name"], arguments=item["arguments"]))
+            events.append(
+                self._event(
+                    "response.function_call_arguments.done",
+                    item_id=item["id"],
+                    output_index=i,
+                    name=item["name"],
+                    arguments=item["arguments"],
+                )
+            )
         else:
             part = item["content"][0]
             done = "response.reasoning_text.done" if item["type"] == "reasoning" else "response.output_text.done"
             fields = {"logprobs": []} if item["type"] == "message" else {}
-            events.append(self._event(done, item_id=item["id"], output_index=i, content_index=0,
-                                      text=part["text"], **fields))
-            events.append(self._event("response.content_part.done", item_id=item["id"], output_index=i,
-                                      content_index=0, part=dict(part)))
+            events.append(
+                self._event(done, item_id=item["id"], output_index=i, content_index=0, text=part["text"], **fields)
+            )
+            events.append(
+                self._event(
+                    "response.content_part.done", item_id=item["id"], output_index=i, content_index=0, part=dict(part)
+                )
+            )
         events.append(self._event("response.output_item.done", output_index=i, item=dict(item)))
         return events
 

@@ -5,6 +5,7 @@ frequencies (float64, [head_dim / 2]): the angle of pair i at position p is
 p * inv_freq[i]. Computing it once on the host keeps the GPU kernel free of
 scaling logic and makes both backends rotate by exactly the same angles.
 """
+
 from __future__ import annotations
 
 import math

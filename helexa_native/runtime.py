@@ -11,6 +11,7 @@ CUDA for the whole process, so every CUDA worker of the process is poisoned
 with it; the process keeps running (the CPU path, the server's error replies),
 and a new process gets every device back.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -48,8 +49,10 @@ def build_supports(archs: Sequence[str], major: int, minor: int) -> bool:
 def _mismatch_message(device_index: int, major: int, minor: int, archs: Sequence[str]) -> str:
     held = ", ".join("sm_" + a for a in archs) if archs else "no GPU code"
     tag = f"{major}{minor}"
-    return (f"cuda:{device_index} is sm_{tag}, but this build holds {held}; install helexa_native "
-            f"built for sm_{tag} (local version +sm{tag}, see build_arch.sh)")
+    return (
+        f"cuda:{device_index} is sm_{tag}, but this build holds {held}; install helexa_native "
+        f"built for sm_{tag} (local version +sm{tag}, see build_arch.sh)"
+    )
 
 
 def _as_buffer(data):
@@ -188,8 +191,9 @@ def nccl_unique_id() -> bytes:
     return _C.nccl_unique_id()
 
 
-def init_nccl_group(workers: Sequence[Worker], unique_id: Optional[bytes] = None,
-                    first_rank: int = 0, nranks: Optional[int] = None) -> bytes:
+def init_nccl_group(
+    workers: Sequence[Worker], unique_id: Optional[bytes] = None, first_rank: int = 0, nranks: Optional[int] = None
+) -> bytes:
     """Give each worker its NCCL communicator: workers[i] becomes rank first_rank + i of nranks.
 
     Ranks of one process are its workers; for ranks spread over processes

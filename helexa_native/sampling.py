@@ -4,6 +4,7 @@
 CUDA sampler is checked against it. Requests become `SamplingParams` in
 request_params.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -109,8 +110,9 @@ def make_logit_bias(bias: Optional[dict], vocab_size: int) -> Optional[LogitBias
     return torch.tensor(ids, dtype=torch.long), torch.tensor(vals, dtype=torch.float32)
 
 
-def constrain_logits(logits: torch.Tensor, allowed: Optional[torch.Tensor] = None,
-                     logit_bias: Optional[LogitBias] = None) -> torch.Tensor:
+def constrain_logits(
+    logits: torch.Tensor, allowed: Optional[torch.Tensor] = None, logit_bias: Optional[LogitBias] = None
+) -> torch.Tensor:
     """params.py steps 1a-1b in place: add logit_bias, then set tokens `allowed` rules out to -inf.
 
     logits: [vocab] floats on any device. allowed: an int32 bitmask
@@ -123,13 +125,18 @@ def constrain_logits(logits: torch.Tensor, allowed: Optional[torch.Tensor] = Non
             logits.index_add_(0, ids.to(logits.device), vals.to(device=logits.device, dtype=logits.dtype))
     if allowed is not None:
         from .constraints import apply_mask
+
         apply_mask(logits, allowed)
     return logits
 
 
-def sample_from_logits(logits: torch.Tensor, params: SamplingParams, state: SamplerState,
-                       allowed: Optional[torch.Tensor] = None,
-                       logit_bias: Optional[LogitBias] = None) -> SampleResult:
+def sample_from_logits(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    state: SamplerState,
+    allowed: Optional[torch.Tensor] = None,
+    logit_bias: Optional[LogitBias] = None,
+) -> SampleResult:
     """Pick the next token from one position's logits, following params.py's order exactly.
 
     allowed (a structured-output mask) and logit_bias apply to the raw logits

@@ -30,6 +30,7 @@ cache: the followers wait for admission until the first has read the prompt.
 Stop strings, detokenization and streaming happen in the caller's thread
 (engine.py), which cancels its sequence once a stop string matched.
 """
+
 from __future__ import annotations
 
 import collections
@@ -56,7 +57,7 @@ class Request:
 
     prompt: List[int]
     params: SamplingParams
-    limit: int                                  # tokens to generate at most
+    limit: int  # tokens to generate at most
     stop_ids: frozenset = frozenset()
     state: SamplerState = None
     events: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
@@ -70,11 +71,11 @@ class Request:
     # has read the prompt, so its KV blocks come from the prefix cache.
     leader: Optional["Request"] = None
     # Scheduler-owned:
-    tokens: List[int] = field(default_factory=list)     # prompt + generated tokens
-    computed: int = 0                           # leading positions whose KV is written
+    tokens: List[int] = field(default_factory=list)  # prompt + generated tokens
+    computed: int = 0  # leading positions whose KV is written
     blocks: Optional[SeqBlocks] = None
     slot: int = -1
-    cached_tokens: int = 0                      # prompt positions the prefix cache served
+    cached_tokens: int = 0  # prompt positions the prefix cache served
     preemptions: int = 0
     generated: int = 0
     finished: bool = False
@@ -98,14 +99,20 @@ class Request:
 class Scheduler:
     """The batching loop over one backend, on its own thread."""
 
-    def __init__(self, backend, max_num_seqs: Optional[int] = None,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, name: str = "helexa-scheduler"):
+    def __init__(
+        self,
+        backend,
+        max_num_seqs: Optional[int] = None,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        name: str = "helexa-scheduler",
+    ):
         self.backend = backend
         self.blocks = backend.blocks
         self.max_num_seqs = int(max_num_seqs or backend.max_num_seqs)
         if self.max_num_seqs > backend.max_num_seqs:
-            raise ValueError(f"max_num_seqs {self.max_num_seqs} exceeds the backend's "
-                             f"{backend.max_num_seqs} sequence slots")
+            raise ValueError(
+                f"max_num_seqs {self.max_num_seqs} exceeds the backend's {backend.max_num_seqs} sequence slots"
+            )
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
         self.max_batch_tokens = int(max_batch_tokens)
@@ -119,7 +126,7 @@ class Scheduler:
         # Counters for metrics.
         self.steps = 0
         self.preemptions = 0
-        self.batch_hist = collections.Counter()     # sequences per step -> steps
+        self.batch_hist = collections.Counter()  # sequences per step -> steps
         self.tokens_generated = 0
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -154,9 +161,12 @@ class Scheduler:
     def stats(self) -> dict:
         """Counters for metrics."""
         out = self.counts()
-        out.update(steps=self.steps, preemptions=self.preemptions,
-                   tokens_generated=self.tokens_generated,
-                   batch_size_histogram=dict(sorted(self.batch_hist.items())))
+        out.update(
+            steps=self.steps,
+            preemptions=self.preemptions,
+            tokens_generated=self.tokens_generated,
+            batch_size_histogram=dict(sorted(self.batch_hist.items())),
+        )
         return out
 
     def close(self, error: Optional[BaseException] = None) -> None:
@@ -173,8 +183,7 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._stopping and not self._incoming and not self._waiting \
-                        and not self._running:
+                while not self._stopping and not self._incoming and not self._waiting and not self._running:
                     self._cv.wait()
                 if self._stopping:
                     break
@@ -183,7 +192,7 @@ class Scheduler:
             try:
                 with self.backend.lock:
                     self._iteration()
-            except BaseException as e:      # a bug here must not hang every caller
+            except BaseException as e:  # a bug here must not hang every caller
                 for r in list(self._running) + list(self._waiting):
                     self._fail(r, e)
                 self._running.clear()
@@ -215,10 +224,19 @@ class Scheduler:
         steps = []
         for r, n in plan:
             sample = r.computed + n == len(r.tokens)
-            steps.append(SeqStep(slot=r.slot, tokens=r.tokens[r.computed:r.computed + n], start_pos=r.computed,
-                                 block_table=list(r.blocks.table), sample=sample, params=r.params,
-                                 state=r.state, allowed=self._mask(r) if sample else None,
-                                 logit_bias=r.logit_bias))
+            steps.append(
+                SeqStep(
+                    slot=r.slot,
+                    tokens=r.tokens[r.computed : r.computed + n],
+                    start_pos=r.computed,
+                    block_table=list(r.blocks.table),
+                    sample=sample,
+                    params=r.params,
+                    state=r.state,
+                    allowed=self._mask(r) if sample else None,
+                    logit_bias=r.logit_bias,
+                )
+            )
         try:
             outs = self.backend.step_batch(steps)
         except BaseException as e:
@@ -272,15 +290,25 @@ class Scheduler:
             return True
         if r.constraint.accept(tok) or tok in r.stop_ids:
             return True
-        self._fail(r, RuntimeError(f"token {tok} breaks the request's output grammar "
-                                   f"({r.constraint.error}); the backend ignored the token mask"))
+        self._fail(
+            r,
+            RuntimeError(
+                f"token {tok} breaks the request's output grammar "
+                f"({r.constraint.error}); the backend ignored the token mask"
+            ),
+        )
         return False
 
     def _deferred(self, r: Request) -> bool:
         """True while r's leader is still reading the prompt they share (see Request.leader)."""
         lead = r.leader
-        return (lead is not None and self.blocks.prefix_cache and not lead.finished
-                and r.blocks is None and lead.computed < len(lead.prompt))
+        return (
+            lead is not None
+            and self.blocks.prefix_cache
+            and not lead.finished
+            and r.blocks is None
+            and lead.computed < len(lead.prompt)
+        )
 
     def _admit(self) -> None:
         i = 0
@@ -299,9 +327,13 @@ class Scheduler:
                 if not self._running:
                     # Nothing will ever free blocks for it: the pool is too small.
                     del self._waiting[i]
-                    self._fail(r, OutOfBlocks(
-                        f"the KV pool ({self.blocks.num_blocks} blocks of {self.blocks.block_size}) "
-                        f"cannot hold a sequence of {len(r.tokens) + 1} positions"))
+                    self._fail(
+                        r,
+                        OutOfBlocks(
+                            f"the KV pool ({self.blocks.num_blocks} blocks of {self.blocks.block_size}) "
+                            f"cannot hold a sequence of {len(r.tokens) + 1} positions"
+                        ),
+                    )
                     continue
                 break
             del self._waiting[i]
@@ -319,7 +351,7 @@ class Scheduler:
         for r in decoding + reading:
             if budget <= 0:
                 break
-            if r not in self._running:      # preempted while planning
+            if r not in self._running:  # preempted while planning
                 continue
             n = min(len(r.tokens) - r.computed, budget)
             if not self._reserve(r, r.computed + n, plan):

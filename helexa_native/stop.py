@@ -4,6 +4,7 @@ Text that could still be the beginning of a stop string is held back until
 the next deltas settle it, so a stop string is never emitted, even when it
 arrives split across many tokens.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Optional
@@ -16,7 +17,7 @@ class StopMatcher:
         self.stops = [s for s in dict.fromkeys(stops) if s]
         self._held = ""
         self.stopped = False
-        self.matched: Optional[str] = None   # the stop string that ended the text
+        self.matched: Optional[str] = None  # the stop string that ended the text
 
     def push(self, delta: str) -> str:
         """Add a delta; return the text now safe to emit (empty once stopped)."""
@@ -34,8 +35,8 @@ class StopMatcher:
             self.stopped, self.matched, self._held = True, which, ""
             return buf[:hit]
         keep = self._partial_suffix(buf)
-        self._held = buf[len(buf) - keep:] if keep else ""
-        return buf[:len(buf) - keep]
+        self._held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep]
 
     def flush(self) -> str:
         """The held-back text, once the stream has ended without a stop."""

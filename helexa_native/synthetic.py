@@ -7,6 +7,7 @@ stream tensor by tensor and generate data in parallel threads with a
 counter-based hash (splitmix64), so the bytes depend only on the seed and
 tensor, not on the thread count, and multi-GB files take seconds of CPU.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,46 +25,129 @@ from .ggml_types import BLOCK_SIZES
 from .loaders.dequant import dequantize
 from .loaders.validate import ROPE_FREQS, expected_shapes
 from .progress import Progress
-from .writers.gguf_writer import (CHATML_TEMPLATE, ROUTER_SUFFIX, GGUFStream, llama3_freq_factors,
-                                  minimal_tokenizer_meta, tensor_order)
+from .writers.gguf_writer import (
+    CHATML_TEMPLATE,
+    ROUTER_SUFFIX,
+    GGUFStream,
+    llama3_freq_factors,
+    minimal_tokenizer_meta,
+    tensor_order,
+)
 from .writers.quantize import pack_iq4xs_scales, pack_k_scales, pack_q3_scales
 
 WEIGHT_STD = 0.02
 
 PRESETS = {
     "llama3-8b": dict(
-        arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-        num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
-        rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
-        max_position_embeddings=131072, tie_word_embeddings=False, name="synthetic-llama3-8b"),
+        arch="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={
+            "type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        max_position_embeddings=131072,
+        tie_word_embeddings=False,
+        name="synthetic-llama3-8b",
+    ),
     "smollm2-135m": dict(
-        arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-        num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
-        max_position_embeddings=8192, tie_word_embeddings=True, name="synthetic-smollm2-135m"),
+        arch="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        name="synthetic-smollm2-135m",
+    ),
     "qwen2.5-0.5b": dict(
-        arch="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
-        num_heads=14, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-6, rope_theta=1000000.0,
-        max_position_embeddings=32768, tie_word_embeddings=True, attention_bias=True,
-        name="synthetic-qwen2.5-0.5b"),
+        arch="qwen2",
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        head_dim=64,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        name="synthetic-qwen2.5-0.5b",
+    ),
     "qwen3-0.6b": dict(
-        arch="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28,
-        num_heads=16, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
-        max_position_embeddings=40960, tie_word_embeddings=True, qk_norm=True,
-        name="synthetic-qwen3-0.6b"),
+        arch="qwen3",
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=40960,
+        tie_word_embeddings=True,
+        qk_norm=True,
+        name="synthetic-qwen3-0.6b",
+    ),
     "qwen3-30b-a3b": dict(
-        arch="qwen3moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=48,
-        num_heads=32, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
-        max_position_embeddings=40960, tie_word_embeddings=False, qk_norm=True,
-        num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
-        name="synthetic-qwen3-30b-a3b"),
+        arch="qwen3moe",
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_layers=48,
+        num_heads=32,
+        num_kv_heads=4,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=40960,
+        tie_word_embeddings=False,
+        qk_norm=True,
+        num_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=768,
+        norm_topk_prob=True,
+        name="synthetic-qwen3-30b-a3b",
+    ),
     # Small enough for tests; rows of 256 so every block type, K-quants included, applies.
     "qwen3moe-tiny": dict(
-        arch="qwen3moe", vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2,
-        num_heads=4, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-6, rope_theta=1000000.0,
-        max_position_embeddings=2048, tie_word_embeddings=False, qk_norm=True,
-        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256, norm_topk_prob=True,
-        name="synthetic-qwen3moe-tiny"),
+        arch="qwen3moe",
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        qk_norm=True,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=256,
+        norm_topk_prob=True,
+        name="synthetic-qwen3moe-tiny",
+    ),
 }
 
 _ALIASES = {"n_layers": "num_layers", "context": "max_position_embeddings", "vocab": "vocab_size"}
@@ -73,16 +157,35 @@ MIXES = {"Q4_K_M": ("Q4_K", "Q6_K"), "Q5_K_M": ("Q5_K", "Q6_K")}
 _MIX_HI = ("attn_v.weight", "ffn_down.weight", "ffn_down_exps.weight")
 
 # What llama.cpp falls back to when a row is not a whole number of 256-blocks.
-_FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
-             "IQ4_XS": "IQ4_NL"}
+_FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
 
 # llama.cpp's general.file_type numbers.
-_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
-               "Q3_K": 12, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30, "BF16": 32,
-               "Q4_K_M": 15, "Q5_K_M": 17}
+_FILE_TYPES = {
+    "F32": 0,
+    "F16": 1,
+    "Q4_0": 2,
+    "Q4_1": 3,
+    "Q8_0": 7,
+    "Q5_0": 8,
+    "Q5_1": 9,
+    "Q2_K": 10,
+    "Q3_K": 12,
+    "Q4_K": 15,
+    "Q5_K": 17,
+    "Q6_K": 18,
+    "IQ4_NL": 25,
+    "IQ4_XS": 30,
+    "BF16": 32,
+    "Q4_K_M": 15,
+    "Q5_K_M": 17,
+}
 
-_HF_CLASSES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
-               "qwen3": ("qwen3", "Qwen3ForCausalLM"), "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM")}
+_HF_CLASSES = {
+    "llama": ("llama", "LlamaForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+}
 
 # Work unit of the generator threads (weights per chunk).
 _CHUNK = 1 << 22
@@ -154,7 +257,7 @@ def _bytes(key: int, start_word: int, nbytes: int) -> np.ndarray:
 
 
 def _uniform(key: int, start: int, n: int) -> np.ndarray:
-    return ((_u64(key, start, n) >> np.uint64(40)).astype(np.float32) + 0.5) * np.float32(2.0 ** -24)
+    return ((_u64(key, start, n) >> np.uint64(40)).astype(np.float32) + 0.5) * np.float32(2.0**-24)
 
 
 @lru_cache(maxsize=None)
@@ -164,13 +267,13 @@ def _normal_table(qtype: str, mean: float, std: float) -> np.ndarray:
     Indexing it with uniform random uint16 draws normal samples in one gather.
     """
     import torch
+
     p = (torch.arange(65536, dtype=torch.float64) + 0.5) / 65536
     v = (mean + std * torch.special.ndtri(p)).float().numpy()
     return _dense(qtype, v)
 
 
-def _normal(key: int, start: int, n: int, qtype: str = "F32", mean: float = 0.0,
-            std: float = 1.0) -> np.ndarray:
+def _normal(key: int, start: int, n: int, qtype: str = "F32", mean: float = 0.0, std: float = 1.0) -> np.ndarray:
     """n samples of N(mean, std) stored as `qtype` (F32, F16 or BF16 bits)."""
     u = _u64(key, start, (n + 3) // 4).view(np.uint16)[:n]
     return _normal_table(qtype, mean, std)[u]
@@ -187,6 +290,7 @@ def _fill_chunks(out: np.ndarray, total: int, step: int, fn, pool: Optional[Thre
 
 
 # ---------------------------------------------------------------- quant blocks
+
 
 def _signed_scale(key: int, start: int, n: int, base: float) -> np.ndarray:
     """Per-block super scale: random sign (zero mean), log-uniform jitter of +-25%."""
@@ -256,7 +360,7 @@ def _unit_rms(qtype: str) -> float:
     n = 8192 // be * 4
     b = _blocks(qtype, _key(12345, len(qtype)), 0, n, 1.0)
     w = dequantize(b, qtype, (n * be,)).numpy().astype(np.float64)
-    return float(np.sqrt((w ** 2).mean()))
+    return float(np.sqrt((w**2).mean()))
 
 
 def _dense(qtype: str, x: np.ndarray) -> np.ndarray:
@@ -269,14 +373,15 @@ def _dense(qtype: str, x: np.ndarray) -> np.ndarray:
     raise ValueError(qtype)
 
 
-def _tensor_bytes(name: str, shape: tuple, qtype: str, key: int, config: ModelConfig,
-                  pool: Optional[ThreadPoolExecutor]) -> np.ndarray:
+def _tensor_bytes(
+    name: str, shape: tuple, qtype: str, key: int, config: ModelConfig, pool: Optional[ThreadPoolExecutor]
+) -> np.ndarray:
     """The stored bytes of one synthetic tensor."""
     numel = int(np.prod(shape))
     if name == ROPE_FREQS:
         return llama3_freq_factors(config.head_dim, config.rope_theta, config.rope_scaling)
     if len(shape) == 1:
-        mean = 1.0 if name.endswith("norm.weight") else 0.0      # norms near 1, biases near 0
+        mean = 1.0 if name.endswith("norm.weight") else 0.0  # norms near 1, biases near 0
         return _normal(key, 0, numel, qtype, mean, WEIGHT_STD)
     if qtype in ("F32", "F16", "BF16"):
         item = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}[qtype]
@@ -284,6 +389,7 @@ def _tensor_bytes(name: str, shape: tuple, qtype: str, key: int, config: ModelCo
 
         def fill(lo, hi):
             out[lo:hi] = _normal(key, lo, hi - lo, qtype, 0.0, WEIGHT_STD)
+
         _fill_chunks(out, numel, _CHUNK, fill, pool)
         return out
     be, bb = BLOCK_SIZES[qtype]
@@ -293,6 +399,7 @@ def _tensor_bytes(name: str, shape: tuple, qtype: str, key: int, config: ModelCo
 
     def fill_blocks(lo, hi):
         out[lo:hi] = _blocks(qtype, key, lo, hi - lo, base)
+
     _fill_chunks(out, nblocks, max(1, _CHUNK // be), fill_blocks, pool)
     return out
 
@@ -316,11 +423,16 @@ def _workers(threads: Optional[int]) -> int:
 def _stream(plan, config, seed, write, progress, threads):
     """Generate each planned tensor (in a pool) and hand its bytes to `write`, one tensor ahead."""
     total = sum(int(np.prod(s)) for _, s, _ in plan)
-    with ThreadPoolExecutor(_workers(threads)) as pool, ThreadPoolExecutor(1) as ahead, \
-            Progress(total, "Writing synthetic model", unit="weights", progress=progress) as bar:
+    with (
+        ThreadPoolExecutor(_workers(threads)) as pool,
+        ThreadPoolExecutor(1) as ahead,
+        Progress(total, "Writing synthetic model", unit="weights", progress=progress) as bar,
+    ):
+
         def make(i):
             name, shape, qtype = plan[i]
             return _tensor_bytes(name, shape, qtype, _key(seed, i), config, pool)
+
         nxt = ahead.submit(make, 0) if plan else None
         for i, (name, shape, qtype) in enumerate(plan):
             data = nxt.result()
@@ -329,8 +441,16 @@ def _stream(plan, config, seed, write, progress, threads):
             bar.update(int(np.prod(shape)))
 
 
-def write_synthetic_gguf(path: Union[str, os.PathLike], preset: str, quant: str = "Q4_K_M", seed: int = 0, *,
-                         progress: Optional[bool] = None, threads: Optional[int] = None, **overrides):
+def write_synthetic_gguf(
+    path: Union[str, os.PathLike],
+    preset: str,
+    quant: str = "Q4_K_M",
+    seed: int = 0,
+    *,
+    progress: Optional[bool] = None,
+    threads: Optional[int] = None,
+    **overrides,
+):
     """Write a random GGUF model of `preset`'s shapes; returns (path, bytes written).
 
     `quant` is a type name (F32, F16, BF16, Q4_0 ... IQ4_XS) or a mix
@@ -341,8 +461,13 @@ def write_synthetic_gguf(path: Union[str, os.PathLike], preset: str, quant: str 
     config = preset_config(preset, rope_style="pairs" if arch == "llama" else "half", **overrides)
     plan = _plan(config, quant, "gguf")
     path = Path(path)
-    stream = GGUFStream(path, config, tokenizer_meta=minimal_tokenizer_meta(config.vocab_size),
-                        chat_template=CHATML_TEMPLATE, file_type=_FILE_TYPES.get(quant))
+    stream = GGUFStream(
+        path,
+        config,
+        tokenizer_meta=minimal_tokenizer_meta(config.vocab_size),
+        chat_template=CHATML_TEMPLATE,
+        file_type=_FILE_TYPES.get(quant),
+    )
     try:
         for name, shape, qtype in plan:
             stream.declare(name, shape, qtype)
@@ -354,21 +479,34 @@ def write_synthetic_gguf(path: Union[str, os.PathLike], preset: str, quant: str 
     return path, size
 
 
-_HF_NAMES_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                    "output.weight": "lm_head.weight"}
+_HF_NAMES_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 _HF_NAMES_LAYER = {
-    "attn_norm.weight": "input_layernorm.weight", "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight", "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias", "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight", "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
     "ffn_gate_inp.weight": "mlp.gate.weight",
 }
 # Stacked expert tensor -> the projection each expert's slice is named after.
-_HF_EXPERT_NAMES = {"ffn_gate_exps.weight": "gate_proj.weight", "ffn_up_exps.weight": "up_proj.weight",
-                    "ffn_down_exps.weight": "down_proj.weight"}
+_HF_EXPERT_NAMES = {
+    "ffn_gate_exps.weight": "gate_proj.weight",
+    "ffn_up_exps.weight": "up_proj.weight",
+    "ffn_down_exps.weight": "down_proj.weight",
+}
 
 
 def hf_name(name: str, expert: Optional[int] = None) -> str:
@@ -387,14 +525,23 @@ def hf_config_dict(config: ModelConfig, torch_dtype: str = "bfloat16") -> dict:
     """config.json contents for `config` (Llama / Qwen2 / Qwen3 / Qwen3Moe ForCausalLM)."""
     model_type, cls = _HF_CLASSES[config.arch]
     d = {
-        "architectures": [cls], "model_type": model_type,
-        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.head_dim, "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta,
+        "architectures": [cls],
+        "model_type": model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
         "max_position_embeddings": config.max_position_embeddings,
-        "tie_word_embeddings": config.tie_word_embeddings, "hidden_act": "silu",
-        "torch_dtype": torch_dtype, "bos_token_id": 0, "eos_token_id": 2,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "hidden_act": "silu",
+        "torch_dtype": torch_dtype,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
         "attention_bias": config.attention_bias,
     }
     rs = config.rope_scaling
@@ -405,9 +552,14 @@ def hf_config_dict(config: ModelConfig, torch_dtype: str = "bfloat16") -> dict:
     if config.arch != "llama":
         d["use_sliding_window"] = False
     if config.num_experts:
-        d.update(num_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
-                 moe_intermediate_size=config.moe_intermediate_size, norm_topk_prob=config.norm_topk_prob,
-                 decoder_sparse_step=1, mlp_only_layers=list(config.mlp_only_layers))
+        d.update(
+            num_experts=config.num_experts,
+            num_experts_per_tok=config.num_experts_per_tok,
+            moe_intermediate_size=config.moe_intermediate_size,
+            norm_topk_prob=config.norm_topk_prob,
+            decoder_sparse_step=1,
+            mlp_only_layers=list(config.mlp_only_layers),
+        )
     return d
 
 
@@ -424,20 +576,40 @@ def write_hf_tokenizer(folder: Union[str, os.PathLike], vocab_size: int) -> None
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in meta["tokens"][:3]])
     folder = Path(folder)
     tok.save(str(folder / "tokenizer.json"))
-    cfg = {"bos_token": meta["tokens"][0], "eos_token": meta["tokens"][2], "pad_token": meta["tokens"][0],
-           "unk_token": None, "add_bos_token": False, "chat_template": CHATML_TEMPLATE,
-           "model_max_length": 1 << 30, "tokenizer_class": "PreTrainedTokenizerFast"}
+    cfg = {
+        "bos_token": meta["tokens"][0],
+        "eos_token": meta["tokens"][2],
+        "pad_token": meta["tokens"][0],
+        "unk_token": None,
+        "add_bos_token": False,
+        "chat_template": CHATML_TEMPLATE,
+        "model_max_length": 1 << 30,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
 
 
-def write_synthetic_safetensors(folder: Union[str, os.PathLike], preset: str, dtype: str = "bf16", seed: int = 0, *,
-                                progress: Optional[bool] = None, threads: Optional[int] = None, **overrides):
+def write_synthetic_safetensors(
+    folder: Union[str, os.PathLike],
+    preset: str,
+    dtype: str = "bf16",
+    seed: int = 0,
+    *,
+    progress: Optional[bool] = None,
+    threads: Optional[int] = None,
+    **overrides,
+):
     """Write a random HF model folder (config.json, model.safetensors, tokenizer); returns (folder, bytes).
 
     `dtype` is bf16, fp16 or fp32.
     """
-    st = {"bf16": ("BF16", "bfloat16"), "fp16": ("F16", "float16"), "f16": ("F16", "float16"),
-          "fp32": ("F32", "float32"), "f32": ("F32", "float32")}
+    st = {
+        "bf16": ("BF16", "bfloat16"),
+        "fp16": ("F16", "float16"),
+        "f16": ("F16", "float16"),
+        "fp32": ("F32", "float32"),
+        "f32": ("F32", "float32"),
+    }
     if dtype.lower() not in st:
         raise ValueError(f"dtype must be bf16, fp16 or fp32, got {dtype!r}")
     qtype, torch_dtype = st[dtype.lower()]
@@ -449,8 +621,9 @@ def write_synthetic_safetensors(folder: Union[str, os.PathLike], preset: str, dt
     header, offset = {}, 0
     for name, shape, _ in plan:
         # A stacked expert tensor is written whole; each expert's slice gets its own header entry.
-        slices = [(hf_name(name, e), shape[1:]) for e in range(shape[0])] if len(shape) == 3 \
-            else [(hf_name(name), shape)]
+        slices = (
+            [(hf_name(name, e), shape[1:]) for e in range(shape[0])] if len(shape) == 3 else [(hf_name(name), shape)]
+        )
         for hname, part in slices:
             n = int(np.prod(part)) * item
             header[hname] = {"dtype": qtype, "shape": list(part), "data_offsets": [offset, offset + n]}

@@ -14,6 +14,7 @@ leading space their encoder added in front of the text.
 Byte-level BPE vocabularies spell bytes in GPT-2's printable alphabet
 (`BYTE_TO_CHAR`), defined here once for readers and writers alike.
 """
+
 from __future__ import annotations
 
 import json
@@ -90,11 +91,20 @@ def sentencepiece_bytes(token: str, is_byte: bool) -> bytes:
 class Tokenizer:
     """Encodes text to ids and decodes ids to text for one model."""
 
-    def __init__(self, backend: _Backend, *, tokens: Sequence[Optional[str]],
-                 token_bytes: Sequence[bytes], special_ids: Iterable[int],
-                 bos_token_id: Optional[int], eos_token_ids: Sequence[int],
-                 prefix_ids: Sequence[int] = (), suffix_ids: Sequence[int] = (),
-                 strip_leading_space: bool = False, kind: str = "byte_level") -> None:
+    def __init__(
+        self,
+        backend: _Backend,
+        *,
+        tokens: Sequence[Optional[str]],
+        token_bytes: Sequence[bytes],
+        special_ids: Iterable[int],
+        bos_token_id: Optional[int],
+        eos_token_ids: Sequence[int],
+        prefix_ids: Sequence[int] = (),
+        suffix_ids: Sequence[int] = (),
+        strip_leading_space: bool = False,
+        kind: str = "byte_level",
+    ) -> None:
         self._backend = backend
         self._tokens = list(tokens)
         self._bytes = list(token_bytes)
@@ -119,6 +129,7 @@ class Tokenizer:
             if not isinstance(ts.gguf_meta, dict):
                 raise TokenizerError("GGUF tokenizer source has no metadata")
             from .loaders.gguf_tokenizer import tokenizer_from_gguf
+
             return tokenizer_from_gguf(ts.gguf_meta)
         if ts.kind == "hf":
             if ts.hf_dir is None:
@@ -191,8 +202,8 @@ class Tokenizer:
         plain = backend.encode(probe, add_special_tokens=False).ids
         prefix, suffix = [], []
         for k in range(len(with_special) - len(plain) + 1):
-            if with_special[k:k + len(plain)] == plain:
-                prefix, suffix = with_special[:k], with_special[k + len(plain):]
+            if with_special[k : k + len(plain)] == plain:
+                prefix, suffix = with_special[:k], with_special[k + len(plain) :]
                 break
         if "add_bos_token" in cfg and bos is not None:
             prefix = [t for t in prefix if t != bos]
@@ -234,9 +245,18 @@ class Tokenizer:
                 token_bytes.append(sentencepiece_bytes(t, byte_fallback))
             else:
                 token_bytes.append(backend.decode([i], skip_special_tokens=False).encode("utf-8"))
-        return cls(backend, tokens=tokens, token_bytes=token_bytes, special_ids=special,
-                   bos_token_id=bos, eos_token_ids=[eos] if eos is not None else [],
-                   prefix_ids=prefix, suffix_ids=suffix, strip_leading_space=strip, kind=kind)
+        return cls(
+            backend,
+            tokens=tokens,
+            token_bytes=token_bytes,
+            special_ids=special,
+            bos_token_id=bos,
+            eos_token_ids=[eos] if eos is not None else [],
+            prefix_ids=prefix,
+            suffix_ids=suffix,
+            strip_leading_space=strip,
+            kind=kind,
+        )
 
     # ---- encode / decode ----------------------------------------------
 
@@ -251,8 +271,7 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`: their bytes joined and decoded as UTF-8 (invalid bytes -> U+FFFD)."""
-        data = b"".join(self._bytes_for(i) for i in ids
-                        if not (skip_special_tokens and i in self._special))
+        data = b"".join(self._bytes_for(i) for i in ids if not (skip_special_tokens and i in self._special))
         text = data.decode("utf-8", errors="replace")
         if self.strip_leading_space and text.startswith(" "):
             text = text[1:]
@@ -342,12 +361,11 @@ class Tokenizer:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        return (f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, "
-                f"bos={self._bos}, eos={self._eos})")
-
+        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, bos={self._bos}, eos={self._eos})"
 
 
 # ---- tokenizer.json helpers ---------------------------------------------
+
 
 def _decoder_list(dec) -> list:
     if not isinstance(dec, dict):

@@ -49,6 +49,7 @@ Rules and limits:
   characters, so the mistral parser makes ids of that shape; the others make
   ``call_`` plus 24 random characters.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,11 @@ from typing import Callable, List, Optional
 
 PARSERS = ("hermes", "llama3_json", "mistral")
 # The markup each format writes around calls (single special tokens in some vocabularies).
-MARKERS = {"hermes": ("<tool_call>", "</tool_call>"), "llama3_json": ("<|python_tag|>",),
-           "mistral": ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]")}
+MARKERS = {
+    "hermes": ("<tool_call>", "</tool_call>"),
+    "llama3_json": ("<|python_tag|>",),
+    "mistral": ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"),
+}
 
 _ALNUM = string.ascii_letters + string.digits
 _WS = " \t\n\r"
@@ -84,8 +88,11 @@ def detect_parser(chat_template: Optional[str]) -> Optional[str]:
         return "mistral"
     if "<tool_call>" in chat_template:
         return "hermes"
-    if ("<|python_tag|>" in chat_template or "Environment: ipython" in chat_template
-            or '"parameters": dictionary of argument name' in chat_template):
+    if (
+        "<|python_tag|>" in chat_template
+        or "Environment: ipython" in chat_template
+        or '"parameters": dictionary of argument name' in chat_template
+    ):
         return "llama3_json"
     return None
 
@@ -100,12 +107,12 @@ def check_parser(name: str) -> str:
 @dataclass
 class ToolCallResult:
     """A parsed output: the remaining content and the OpenAI tool calls."""
+
     content: Optional[str]
     tool_calls: List[dict] = field(default_factory=list)
 
 
-def parse_tool_calls(text: str, parser: str,
-                     id_factory: Optional[Callable[[], str]] = None) -> ToolCallResult:
+def parse_tool_calls(text: str, parser: str, id_factory: Optional[Callable[[], str]] = None) -> ToolCallResult:
     """Split a finished model output into content and OpenAI tool calls."""
     p = ToolCallStreamParser(parser, id_factory=id_factory)
     deltas = p.feed(text)
@@ -123,8 +130,11 @@ def assemble_deltas(deltas) -> ToolCallResult:
         for tc in d.get("tool_calls") or ():
             i = tc["index"]
             if i not in calls:
-                calls[i] = {"id": tc.get("id"), "type": tc.get("type", "function"),
-                            "function": {"name": tc["function"].get("name", ""), "arguments": ""}}
+                calls[i] = {
+                    "id": tc.get("id"),
+                    "type": tc.get("type", "function"),
+                    "function": {"name": tc["function"].get("name", ""), "arguments": ""},
+                }
             calls[i]["function"]["arguments"] += tc["function"].get("arguments", "")
     text = "".join(content)
     return ToolCallResult(text or None, [calls[i] for i in sorted(calls)])
@@ -151,7 +161,7 @@ class _JsonScanner:
         self.done = False
         self._stack: list = []
         self._expect = "start"
-        self._mode = None          # None, "str", "num", "lit"
+        self._mode = None  # None, "str", "num", "lit"
         self._is_key = False
         self._esc = False
         self._hex = 0
@@ -343,7 +353,7 @@ class _CallObject(_JsonScanner):
             self.args_end = end
         elif key == "name" and "name" not in self._seen:
             self._seen.add("name")
-            value = json.loads("".join(self.raw[self._value_start:end]))
+            value = json.loads("".join(self.raw[self._value_start : end]))
             if isinstance(value, str) and value:
                 self.name = value
             else:
@@ -361,8 +371,8 @@ class _CallObject(_JsonScanner):
         if self.args_is_string:
             if self.args_end is None:
                 return ""
-            return json.loads("".join(self.raw[self.args_start:end]))
-        return "".join(self.raw[self.args_start:end])
+            return json.loads("".join(self.raw[self.args_start : end]))
+        return "".join(self.raw[self.args_start : end])
 
 
 class _ValueScanner(_JsonScanner):
@@ -378,6 +388,7 @@ class _ValueScanner(_JsonScanner):
 
 
 # ---- the stream parser --------------------------------------------------
+
 
 def _prefix_start(buf: str, marker: str) -> int:
     """Start of the longest suffix of `buf` that `marker` begins with (len(buf) if none)."""
@@ -406,7 +417,7 @@ class _Content:
         body = text.rstrip()
         if body:
             self._out.append({"content": self._ws + body})
-            self._ws = text[len(body):]
+            self._ws = text[len(body) :]
         else:
             self._ws += text
 
@@ -426,19 +437,20 @@ class ToolCallStreamParser:
         self._content = _Content(self._out)
         self._buf = ""
         self._state = "text"
-        self._at_start = parser == "llama3_json"   # a bare JSON call may open the output
-        self._markers = {"hermes": ("<tool_call>",), "llama3_json": ("<|python_tag|>",),
-                         "mistral": ("[TOOL_CALLS]",)}[parser]
-        self._held = ""          # text of the uncommitted unit, returned to content on fallback
-        self._held_head = 0      # length of its opening (marker or "{") given to content on fallback
+        self._at_start = parser == "llama3_json"  # a bare JSON call may open the output
+        self._markers = {"hermes": ("<tool_call>",), "llama3_json": ("<|python_tag|>",), "mistral": ("[TOOL_CALLS]",)}[
+            parser
+        ]
+        self._held = ""  # text of the uncommitted unit, returned to content on fallback
+        self._held_head = 0  # length of its opening (marker or "{") given to content on fallback
         self._obj: Optional[_CallObject] = None
         self._val: Optional[_ValueScanner] = None
         self._bare = False
-        self._index = -1         # index of the current committed call
+        self._index = -1  # index of the current committed call
         self._committed = False
-        self._sent = 0           # argument characters already emitted for the current call
+        self._sent = 0  # argument characters already emitted for the current call
         self._name = ""
-        self._array = False      # mistral: inside [TOOL_CALLS][ ... ]
+        self._array = False  # mistral: inside [TOOL_CALLS][ ... ]
         self._finished = False
 
     # ---- public -------------------------------------------------------
@@ -472,9 +484,13 @@ class ToolCallStreamParser:
             if merged and "content" in d and "content" in merged[-1]:
                 merged[-1] = {"content": merged[-1]["content"] + d["content"]}
                 continue
-            if (merged and "tool_calls" in d and "tool_calls" in merged[-1]
-                    and set(d["tool_calls"][0]) == {"index", "function"}
-                    and merged[-1]["tool_calls"][0]["index"] == d["tool_calls"][0]["index"]):
+            if (
+                merged
+                and "tool_calls" in d
+                and "tool_calls" in merged[-1]
+                and set(d["tool_calls"][0]) == {"index", "function"}
+                and merged[-1]["tool_calls"][0]["index"] == d["tool_calls"][0]["index"]
+            ):
                 prev = merged[-1]["tool_calls"][0]
                 fn = dict(prev["function"])
                 fn["arguments"] = fn.get("arguments", "") + d["tool_calls"][0]["function"]["arguments"]
@@ -518,7 +534,7 @@ class ToolCallStreamParser:
                 return False
             self._at_start = False
             if stripped[0] == "{":
-                self._content.add(buf[:len(buf) - len(stripped)])
+                self._content.add(buf[: len(buf) - len(stripped)])
                 self._buf = stripped
                 self._open_unit("", bare=True)
                 self._state = "call_open"
@@ -530,10 +546,9 @@ class ToolCallStreamParser:
                 first, which = i, m
         if first >= 0:
             self._content.add(buf[:first])
-            self._buf = buf[first + len(which):]
+            self._buf = buf[first + len(which) :]
             self._open_unit(which, bare=False)
-            self._state = {"hermes": "call_open", "llama3_json": "call_open",
-                           "mistral": "m_open"}[self.parser]
+            self._state = {"hermes": "call_open", "llama3_json": "call_open", "mistral": "m_open"}[self.parser]
             return True
         hold = len(buf) if final else self._partial_marker_at(buf)
         self._content.add(buf[:hold])
@@ -568,7 +583,7 @@ class ToolCallStreamParser:
         buf = self._buf
         s = buf.lstrip(_WS)
         if len(s) != len(buf):
-            self._held += buf[:len(buf) - len(s)]
+            self._held += buf[: len(buf) - len(s)]
             self._buf = s
         return bool(s)
 
@@ -601,12 +616,14 @@ class ToolCallStreamParser:
         self._buf = buf[n:]
         if not self._committed:
             self._held += consumed
-        if not self._committed and obj.name is not None and (
-                obj.args_start is not None or (obj.done and not self._bare)):
+        if (
+            not self._committed
+            and obj.name is not None
+            and (obj.args_start is not None or (obj.done and not self._bare))
+        ):
             self._commit(obj.name)
         if self._committed:
-            self._send_args(obj.args_text() if (obj.args_start is not None or not obj.done)
-                            else "{}")
+            self._send_args(obj.args_text() if (obj.args_start is not None or not obj.done) else "{}")
         if not ok:
             return self._broken()
         if obj.done:
@@ -615,8 +632,7 @@ class ToolCallStreamParser:
                 self._fallback(final=False)
                 return True
             self._close_call()
-            self._state = {"hermes": "h_after", "llama3_json": "l_after",
-                           "mistral": "m_after"}[self.parser]
+            self._state = {"hermes": "h_after", "llama3_json": "l_after", "mistral": "m_after"}[self.parser]
             return True
         return False
 
@@ -635,14 +651,22 @@ class ToolCallStreamParser:
         self._sent = 0
         self._name = name
         self._held = ""
-        self._out.append({"tool_calls": [{"index": self._index, "id": self._new_id(),
-                                          "type": "function",
-                                          "function": {"name": name, "arguments": ""}}]})
+        self._out.append(
+            {
+                "tool_calls": [
+                    {
+                        "index": self._index,
+                        "id": self._new_id(),
+                        "type": "function",
+                        "function": {"name": name, "arguments": ""},
+                    }
+                ]
+            }
+        )
 
     def _send_args(self, text: str) -> None:
         if len(text) > self._sent:
-            self._out.append({"tool_calls": [{"index": self._index,
-                                              "function": {"arguments": text[self._sent:]}}]})
+            self._out.append({"tool_calls": [{"index": self._index, "function": {"arguments": text[self._sent :]}}]})
             self._sent = len(text)
 
     def _close_call(self) -> None:
@@ -661,7 +685,7 @@ class ToolCallStreamParser:
             return True
         close = "</tool_call>"
         if buf.startswith(close):
-            self._buf = buf[len(close):]
+            self._buf = buf[len(close) :]
             self._held = ""
             self._state = "text"
             return True
@@ -678,7 +702,7 @@ class ToolCallStreamParser:
         close = "</tool_call>"
         i = self._buf.find(close)
         if i >= 0:
-            self._buf = self._buf[i + len(close):]
+            self._buf = self._buf[i + len(close) :]
             self._held = ""
             self._state = "text"
             return True
@@ -781,7 +805,7 @@ class ToolCallStreamParser:
                 if not self._name:
                     return self._broken()
                 self._held += tag
-                self._buf = buf[len(tag):]
+                self._buf = buf[len(tag) :]
                 self._state = nxt
                 return True
         if ("[ARGS]".startswith(buf) or "[CALL_ID]".startswith(buf)) and not final:
@@ -799,8 +823,8 @@ class ToolCallStreamParser:
             self._held += buf[:stop]
             self._buf = buf[stop:]
             return False
-        self._held += buf[:i + 6]
-        self._buf = buf[i + 6:]
+        self._held += buf[: i + 6]
+        self._buf = buf[i + 6 :]
         self._state = "m_args"
         return True
 
@@ -823,7 +847,7 @@ class ToolCallStreamParser:
                 break
             if val.done:
                 break
-        self._buf = buf[n:] if ok else buf[n - 1:]
+        self._buf = buf[n:] if ok else buf[n - 1 :]
         self._send_args("".join(val.raw if ok else val.raw[:-1]))
         if not ok:
             return self._broken()

@@ -16,6 +16,7 @@ drop the tools and fail on an assistant turn without content, so there:
 The output of such a model is then read by the same parser (hermes unless
 overridden).
 """
+
 from __future__ import annotations
 
 import json
@@ -26,14 +27,20 @@ _TOOLS_VAR = re.compile(r"\btools\b")
 _CALLS_VAR = re.compile(r"\btool_calls\b")
 
 _FORMATS = {
-    "hermes": ("For each function call, return a JSON object with the function name and arguments "
-               "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
-               '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'),
-    "llama3_json": ("To call a function, answer with only a JSON object of the form "
-                    '{"name": <function-name>, "parameters": <args-json-object>}; '
-                    "separate several calls with '; '."),
-    "mistral": ("To call functions, answer with [TOOL_CALLS] followed by a JSON array of "
-                '{"name": <function-name>, "arguments": <args-json-object>} objects.'),
+    "hermes": (
+        "For each function call, return a JSON object with the function name and arguments "
+        "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+    ),
+    "llama3_json": (
+        "To call a function, answer with only a JSON object of the form "
+        '{"name": <function-name>, "parameters": <args-json-object>}; '
+        "separate several calls with '; '."
+    ),
+    "mistral": (
+        "To call functions, answer with [TOOL_CALLS] followed by a JSON array of "
+        '{"name": <function-name>, "arguments": <args-json-object>} objects.'
+    ),
 }
 
 
@@ -49,8 +56,14 @@ def template_renders_tool_calls(source: str) -> bool:
 
 def tools_system_text(tools: list, parser: str) -> str:
     """The system-prompt text that offers `tools` to a model whose template cannot."""
-    lines = ["# Tools", "", "You may call one or more functions to assist with the user query.", "",
-             "You are provided with function signatures within <tools></tools> XML tags:", "<tools>"]
+    lines = [
+        "# Tools",
+        "",
+        "You may call one or more functions to assist with the user query.",
+        "",
+        "You are provided with function signatures within <tools></tools> XML tags:",
+        "<tools>",
+    ]
     lines += [json.dumps(t, ensure_ascii=False) for t in tools]
     lines += ["</tools>", "", _FORMATS.get(parser, _FORMATS["hermes"])]
     return "\n".join(lines)
@@ -65,8 +78,9 @@ def call_text(calls: list, parser: str) -> str:
             raise ValueError("each tool call of an assistant message needs a 'function' object")
         objs.append({"name": fn.get("name"), "arguments": _arguments(fn.get("arguments"))})
     if parser == "llama3_json":
-        return "; ".join(json.dumps({"name": o["name"], "parameters": o["arguments"]}, ensure_ascii=False)
-                         for o in objs)
+        return "; ".join(
+            json.dumps({"name": o["name"], "parameters": o["arguments"]}, ensure_ascii=False) for o in objs
+        )
     if parser == "mistral":
         return "[TOOL_CALLS]" + json.dumps(objs, ensure_ascii=False)
     return "\n".join("<tool_call>\n" + json.dumps(o, ensure_ascii=False) + "\n</tool_call>" for o in objs)
@@ -83,8 +97,9 @@ def _arguments(args):
     return {} if args is None else args
 
 
-def prepare_messages(messages: list, tools: Optional[list], template_source: str,
-                     parser: str) -> Tuple[List[dict], Optional[list]]:
+def prepare_messages(
+    messages: list, tools: Optional[list], template_source: str, parser: str
+) -> Tuple[List[dict], Optional[list]]:
     """(messages, tools) as the template can render them; see the module docstring."""
     renders_tools = template_renders_tools(template_source)
     renders_calls = template_renders_tool_calls(template_source)

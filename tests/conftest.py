@@ -1,6 +1,6 @@
 """Shared test plumbing: GPU skipping and the default model's location."""
+
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest

@@ -1,6 +1,7 @@
 """What the int8-activation (dp4a) matvec kernels compute, in numpy: shared by
 the host emulator tests (test_cuda_compile.py) and the GPU tests
 (gpu/test_quant_kernels.py)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """A real `helexa-native serve` process for tests, always stopped, and small HTTP helpers."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,14 @@ LISTEN_RE = re.compile(r"listening on http://([^:\s]+):(\d+)")
 class ServerProcess:
     """`python -m helexa_native serve ... --port 0`, ready once /health answers 200."""
 
-    def __init__(self, args: List[str], log_path: Path, start_timeout: float = 60.0,
-                 ready_timeout: float = 240.0, env: Optional[dict] = None) -> None:
+    def __init__(
+        self,
+        args: List[str],
+        log_path: Path,
+        start_timeout: float = 60.0,
+        ready_timeout: float = 240.0,
+        env: Optional[dict] = None,
+    ) -> None:
         self.args = list(args)
         self.log_path = Path(log_path)
         self.start_timeout = start_timeout
@@ -30,8 +37,17 @@ class ServerProcess:
         self.url = ""
 
     def start(self, wait_ready: bool = True) -> "ServerProcess":
-        cmd = [sys.executable, "-m", "helexa_native", "serve", "--host", "127.0.0.1", "--port", "0",
-               "--no-progress"] + self.args
+        cmd = [
+            sys.executable,
+            "-m",
+            "helexa_native",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-progress",
+        ] + self.args
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         try:
@@ -106,7 +122,7 @@ def sse_events(resp: requests.Response) -> List[bytes]:
         if not event.strip():
             continue
         assert event.startswith(b"data: "), event
-        out.append(event[len(b"data: "):])
+        out.append(event[len(b"data: ") :])
     return out
 
 

@@ -10,6 +10,7 @@ they reach it as a system message in the hermes format (tool_prompt.py)
 and tool_choice "required" / a named function are enforced by constrained
 decoding alone.
 """
+
 import base64
 import json
 
@@ -19,36 +20,76 @@ import openai
 import pytest
 import requests
 import torch
-
 from server_util import ServerProcess, assert_envelope
 
 MODEL = "smol"
 
-WEATHER_SCHEMA = {"type": "object",
-                  "properties": {"city": {"type": "string", "maxLength": 20},
-                                 "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
-                  "required": ["city", "unit"], "additionalProperties": False}
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
-                                            "parameters": WEATHER_SCHEMA, "strict": True}}
-TIME = {"type": "function", "function": {"name": "get_time", "description": "Local time in a city",
-                                         "parameters": {"type": "object",
-                                                        "properties": {"city": {"type": "string", "maxLength": 20}},
-                                                        "required": ["city"]}}}
+WEATHER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 20},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": WEATHER_SCHEMA,
+        "strict": True,
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Local time in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}},
+            "required": ["city"],
+        },
+    },
+}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
-PERSON = {"type": "object",
-          "properties": {"name": {"type": "string", "maxLength": 12},
-                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
-                         "pet": {"enum": ["cat", "dog", "none"]}},
-          "required": ["name", "age", "pet"], "additionalProperties": False}
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "pet": {"enum": ["cat", "dog", "none"]},
+    },
+    "required": ["name", "age", "pet"],
+    "additionalProperties": False,
+}
 
 
 @pytest.fixture(scope="module")
 def server(default_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("agent_api") / "server.log"
-    with ServerProcess(["--model", str(default_model), "--device", "cpu", "--served-model-name", MODEL,
-                        "--max-num-seqs", "8", "--reasoning-parser", "think", "--tool-call-parser", "hermes",
-                        "--response-store-size", "4"], log) as s:
+    with ServerProcess(
+        [
+            "--model",
+            str(default_model),
+            "--device",
+            "cpu",
+            "--served-model-name",
+            MODEL,
+            "--max-num-seqs",
+            "8",
+            "--reasoning-parser",
+            "think",
+            "--tool-call-parser",
+            "hermes",
+            "--response-store-size",
+            "4",
+        ],
+        log,
+    ) as s:
         yield s
 
 
@@ -60,6 +101,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def engine(default_model):
     from helexa_native import Engine
+
     with Engine(default_model, device="cpu", progress=False, max_num_seqs=8) as eng:
         yield eng
 
@@ -72,8 +114,15 @@ def post(server, path, body):
 
 
 def test_tool_choice_required_gives_a_valid_call(client):
-    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice="required",
-                                       parallel_tool_calls=False, temperature=0, max_tokens=60)
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=0,
+        max_tokens=60,
+    )
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert choice.message.content is None
@@ -85,8 +134,14 @@ def test_tool_choice_required_gives_a_valid_call(client):
 
 def test_named_tool_choice_streams_tool_call_deltas(client):
     stream = client.chat.completions.create(
-        model=MODEL, messages=ASK, tools=[TIME, WEATHER], temperature=0, max_tokens=60, stream=True,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        model=MODEL,
+        messages=ASK,
+        tools=[TIME, WEATHER],
+        temperature=0,
+        max_tokens=60,
+        stream=True,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
     chunks = list(stream)
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     # No markup (or any text) reaches content; the call arrives as OpenAI tool-call deltas.
@@ -96,32 +151,43 @@ def test_named_tool_choice_streams_tool_call_deltas(client):
     assert all(tc.index == 0 for tc in calls) and all(tc.id is None for tc in calls[1:])
     args = "".join(tc.function.arguments or "" for tc in calls)
     jsonschema.validate(json.loads(args), WEATHER_SCHEMA)
-    assert len(calls) > 2                 # the arguments came in pieces
+    assert len(calls) > 2  # the arguments came in pieces
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
 def test_tool_round_trip(client, server):
-    first = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="required",
-                                           parallel_tool_calls=False, temperature=0, max_tokens=60)
+    first = client.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=0,
+        max_tokens=60,
+    )
     call = first.choices[0].message.tool_calls[0]
-    history = ASK + [first.choices[0].message.model_dump(exclude_none=True),
-                     {"role": "tool", "tool_call_id": call.id, "content": "18 degrees celsius, sunny"}]
+    history = ASK + [
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "18 degrees celsius, sunny"},
+    ]
     # The template renders the call and its result for the model.
     tok = post(server, "/tokenize", {"model": MODEL, "messages": history, "tools": [WEATHER]}).json()
     prompt = post(server, "/detokenize", {"model": MODEL, "tokens": tok["tokens"]}).json()["prompt"]
     assert "<tool_response>\n18 degrees celsius, sunny\n</tool_response>" in prompt
     assert call.function.arguments in prompt and '"name": "get_weather"' in prompt
     assert "<tools>" in prompt
-    second = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], temperature=0,
-                                            max_tokens=12)
+    second = client.chat.completions.create(
+        model=MODEL, messages=history, tools=[WEATHER], temperature=0, max_tokens=12
+    )
     msg = second.choices[0].message
     assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
     assert msg.content or msg.tool_calls
     assert "<tool_call>" not in (msg.content or "")
     assert second.usage.prompt_tokens > first.usage.prompt_tokens
     # tool_choice "none": the tools stay out of the prompt, the history stays in.
-    third = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], tool_choice="none",
-                                           temperature=0, max_tokens=4)
+    third = client.chat.completions.create(
+        model=MODEL, messages=history, tools=[WEATHER], tool_choice="none", temperature=0, max_tokens=4
+    )
     assert third.choices[0].message.content and not third.choices[0].message.tool_calls
 
 
@@ -131,8 +197,14 @@ def test_auto_tool_choice_parses_what_the_model_writes(client):
     call = '{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}'
     regex = "Let me check[.]\n<tool_call>\n" + _re_escape(call) + "\n</tool_call>"
     for stream in (False, True):
-        kw = dict(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=60, temperature=0,
-                  response_format={"type": "regex", "regex": regex})
+        kw = dict(
+            model=MODEL,
+            messages=ASK,
+            tools=[WEATHER],
+            max_tokens=60,
+            temperature=0,
+            response_format={"type": "regex", "regex": regex},
+        )
         if not stream:
             r = client.chat.completions.create(**kw)
             msg, finish = r.choices[0].message, r.choices[0].finish_reason
@@ -158,29 +230,53 @@ def _re_escape(text):
 def test_json_schema_output_validates(client):
     rf = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
     for seed in (1, 2):
-        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Describe a person."}],
-                                           response_format=rf, max_tokens=60, seed=seed, temperature=1.0)
+        r = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Describe a person."}],
+            response_format=rf,
+            max_tokens=60,
+            seed=seed,
+            temperature=1.0,
+        )
         assert r.choices[0].finish_reason == "stop"
         jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
 
 
 def test_json_object_and_streamed_schema(client):
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Give me JSON."}],
-                                       response_format={"type": "json_object"}, max_tokens=80, temperature=0)
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Give me JSON."}],
+        response_format={"type": "json_object"},
+        max_tokens=80,
+        temperature=0,
+    )
     if r.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(r.choices[0].message.content), dict)
     else:
         assert r.choices[0].message.content.startswith("{")
     rf = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
-    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "A person?"}],
-                                                 response_format=rf, max_tokens=60, seed=4, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "A person?"}],
+            response_format=rf,
+            max_tokens=60,
+            seed=4,
+            stream=True,
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     jsonschema.validate(json.loads(text), PERSON)
 
 
 def test_completions_take_response_format(client):
-    r = client.completions.create(model=MODEL, prompt="The answer is", max_tokens=10, seed=3,
-                                  extra_body={"response_format": {"type": "regex", "regex": " (yes|no)[.]"}})
+    r = client.completions.create(
+        model=MODEL,
+        prompt="The answer is",
+        max_tokens=10,
+        seed=3,
+        extra_body={"response_format": {"type": "regex", "regex": " (yes|no)[.]"}},
+    )
     assert r.choices[0].text in (" yes.", " no.")
     assert r.choices[0].finish_reason == "stop"
 
@@ -199,21 +295,35 @@ def test_reasoning_goes_to_reasoning_content(client):
     assert len(msg["reasoning_content"].split()) == 3
     assert 3 <= r.usage.completion_tokens_details.reasoning_tokens < r.usage.completion_tokens
 
-    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, response_format=rf, max_tokens=40,
-                                                 seed=5, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=msgs,
+            response_format=rf,
+            max_tokens=40,
+            seed=5,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     deltas = [c.choices[0].delta.model_dump() for c in chunks if c.choices]
     assert "".join(d.get("reasoning_content") or "" for d in deltas) == msg["reasoning_content"]
     assert "".join(d.get("content") or "" for d in deltas) == msg["content"]
     assert all("<think" not in (d.get("content") or "") for d in deltas)
-    assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == \
-        r.usage.completion_tokens_details.reasoning_tokens
+    assert (
+        chunks[-1].usage.completion_tokens_details.reasoning_tokens
+        == r.usage.completion_tokens_details.reasoning_tokens
+    )
 
 
 def test_chat_template_kwargs_reach_the_template(engine, monkeypatch):
     from helexa_native.chat_template import ChatTemplate
-    tpl = ChatTemplate("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-                       "<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
-                       "<think>\n\n</think>\n\n{% endif %}")
+
+    tpl = ChatTemplate(
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
+        "<think>\n\n</think>\n\n{% endif %}"
+    )
     monkeypatch.setattr(engine, "_template", tpl)
     r = engine.chat(ASK, chat_template_kwargs={"enable_thinking": False}, max_tokens=1, temperature=0)
     assert engine.detokenize(r.prompt_token_ids).endswith("<think>\n\n</think>\n\n")
@@ -226,20 +336,22 @@ def test_chat_template_kwargs_reach_the_template(engine, monkeypatch):
 
 def test_logit_bias_steers_greedy_choice(client, engine):
     target = engine.tokenize(" Banana", add_special_tokens=False)[0]
-    r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=1, temperature=0,
-                                       logit_bias={str(target): 100})
+    r = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=1, temperature=0, logit_bias={str(target): 100}
+    )
     assert r.choices[0].message.content == engine.detokenize([target])
     plain = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=1, temperature=0)
     top = engine.tokenize(plain.choices[0].message.content, add_special_tokens=False)[0]
-    banned = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=1, temperature=0,
-                                            logit_bias={str(top): -100})
+    banned = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=1, temperature=0, logit_bias={str(top): -100}
+    )
     assert banned.choices[0].message.content != plain.choices[0].message.content
 
 
 def test_n_choices(client):
     r = client.chat.completions.create(model=MODEL, messages=ASK, n=3, max_tokens=5, seed=7)
     assert [c.index for c in r.choices] == [0, 1, 2]
-    assert len({c.message.content for c in r.choices}) > 1          # seeds 7, 8, 9
+    assert len({c.message.content for c in r.choices}) > 1  # seeds 7, 8, 9
     assert 3 <= r.usage.completion_tokens <= 15
     one = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5, seed=8)
     assert one.choices[0].message.content == r.choices[1].message.content
@@ -270,18 +382,27 @@ def test_n_choices_share_the_prompt_blocks(engine):
 
 def test_engine_constraint_masks_every_step(engine):
     pattern = "(red|green|blue) (cat|dog)"
-    r = engine.generate("My favourite:", response_format={"type": "regex", "regex": " ?" + pattern},
-                        max_tokens=10, temperature=1.5, seed=11)
+    r = engine.generate(
+        "My favourite:",
+        response_format={"type": "regex", "regex": " ?" + pattern},
+        max_tokens=10,
+        temperature=1.5,
+        seed=11,
+    )
     import re
+
     assert re.fullmatch(" ?" + pattern, r.text) and r.finish_reason == "stop"
 
 
 def test_backend_without_masks_refuses_what_needs_them(engine, monkeypatch):
     from helexa_native.errors import InvalidParameterError
+
     monkeypatch.setattr(engine.backend, "supports_constraints", False)
-    for kw, field in ((dict(tools=[WEATHER], tool_choice="required"), "tool_choice"),
-                      (dict(response_format={"type": "json_object"}), "response_format"),
-                      (dict(logit_bias={5: 1.0}), "logit_bias")):
+    for kw, field in (
+        (dict(tools=[WEATHER], tool_choice="required"), "tool_choice"),
+        (dict(response_format={"type": "json_object"}), "response_format"),
+        (dict(logit_bias={5: 1.0}), "logit_bias"),
+    ):
         with pytest.raises(InvalidParameterError) as e:
             engine.chat(ASK, max_tokens=1, **kw)
         assert e.value.field == field
@@ -296,6 +417,7 @@ def test_a_token_outside_the_grammar_fails_the_request(engine, monkeypatch):
         for s in seqs:
             s.allowed = None
         return step_batch(seqs)
+
     monkeypatch.setattr(engine.backend, "step_batch", unmasked)
     with pytest.raises(RuntimeError, match="grammar"):
         engine.chat(ASK, response_format={"type": "regex", "regex": "qqqq"}, max_tokens=4, temperature=0)
@@ -307,23 +429,26 @@ def test_a_token_outside_the_grammar_fails_the_request(engine, monkeypatch):
 
 
 def test_responses_plain_and_continued(client):
-    r = client.responses.create(model=MODEL, input="Name a fruit.", instructions="Answer in one word.",
-                                max_output_tokens=8, temperature=0)
+    r = client.responses.create(
+        model=MODEL, input="Name a fruit.", instructions="Answer in one word.", max_output_tokens=8, temperature=0
+    )
     assert r.object == "response" and r.status in ("completed", "incomplete") and r.id.startswith("resp_")
     assert r.output[0].type == "message" and r.output_text
     assert r.usage.output_tokens >= 1 and r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
     again = client.responses.retrieve(r.id)
     assert again.output_text == r.output_text
-    follow = client.responses.create(model=MODEL, input="And a vegetable?", previous_response_id=r.id,
-                                     max_output_tokens=8, temperature=0)
+    follow = client.responses.create(
+        model=MODEL, input="And a vegetable?", previous_response_id=r.id, max_output_tokens=8, temperature=0
+    )
     assert follow.previous_response_id == r.id
     assert follow.usage.input_tokens > r.usage.input_tokens
-    assert follow.usage.input_tokens_details.cached_tokens > 0          # the earlier turn's blocks
+    assert follow.usage.input_tokens_details.cached_tokens > 0  # the earlier turn's blocks
 
 
 def test_responses_streamed_events(client):
-    events = list(client.responses.create(model=MODEL, input="Count: one, two,", max_output_tokens=6,
-                                          temperature=0, stream=True))
+    events = list(
+        client.responses.create(model=MODEL, input="Count: one, two,", max_output_tokens=6, temperature=0, stream=True)
+    )
     types = [e.type for e in events]
     assert types[:2] == ["response.created", "response.in_progress"]
     assert types[-1] in ("response.completed", "response.incomplete")
@@ -337,11 +462,27 @@ def test_responses_streamed_events(client):
 
 
 def test_responses_function_call_round_trip(client):
-    tools = [{"type": "function", "name": "get_weather", "description": "Current weather in a city",
-              "parameters": WEATHER_SCHEMA, "strict": True}]
-    events = list(client.responses.create(model=MODEL, input="Weather in Rome?", tools=tools, tool_choice="required",
-                                          parallel_tool_calls=False, temperature=0, max_output_tokens=60,
-                                          stream=True))
+    tools = [
+        {
+            "type": "function",
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": WEATHER_SCHEMA,
+            "strict": True,
+        }
+    ]
+    events = list(
+        client.responses.create(
+            model=MODEL,
+            input="Weather in Rome?",
+            tools=tools,
+            tool_choice="required",
+            parallel_tool_calls=False,
+            temperature=0,
+            max_output_tokens=60,
+            stream=True,
+        )
+    )
     assert events[-1].type == "response.completed"
     resp = events[-1].response
     (call,) = [o for o in resp.output if o.type == "function_call"]
@@ -350,19 +491,25 @@ def test_responses_function_call_round_trip(client):
     jsonschema.validate(json.loads(call.arguments), WEATHER_SCHEMA)
     done = [e for e in events if e.type == "response.function_call_arguments.done"]
     assert done[0].arguments == call.arguments and done[0].item_id == call.id
-    follow = client.responses.create(model=MODEL, previous_response_id=resp.id, tools=tools, max_output_tokens=10,
-                                     temperature=0, input=[{"type": "function_call_output", "call_id": call.call_id,
-                                                            "output": "21 degrees celsius"}])
+    follow = client.responses.create(
+        model=MODEL,
+        previous_response_id=resp.id,
+        tools=tools,
+        max_output_tokens=10,
+        temperature=0,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "21 degrees celsius"}],
+    )
     assert follow.status in ("completed", "incomplete") and follow.output_text
 
 
 def test_responses_store_is_bounded(client, server):
     ids = [client.responses.create(model=MODEL, input=f"Say {i}.", max_output_tokens=1).id for i in range(5)]
     with pytest.raises(openai.NotFoundError):
-        client.responses.retrieve(ids[0])                   # --response-store-size 4
+        client.responses.retrieve(ids[0])  # --response-store-size 4
     assert client.responses.retrieve(ids[-1]).id == ids[-1]
-    err = assert_envelope(post(server, "/v1/responses", {"input": "x", "previous_response_id": ids[0]}), 400,
-                          param="previous_response_id")
+    err = assert_envelope(
+        post(server, "/v1/responses", {"input": "x", "previous_response_id": ids[0]}), 400, param="previous_response_id"
+    )
     assert "not found" in err["message"]
     r = client.responses.create(model=MODEL, input="Hi", max_output_tokens=1, store=False)
     with pytest.raises(openai.NotFoundError):
@@ -373,9 +520,12 @@ def test_responses_store_is_bounded(client, server):
 
 
 def test_embeddings(client, server, engine):
-    texts = ["A cat sleeps on the warm sofa.", "The kitten naps on the couch.",
-             "Quarterly revenue grew by eight percent."]
-    r = client.embeddings.create(model=MODEL, input=texts)           # the client asks for base64
+    texts = [
+        "A cat sleeps on the warm sofa.",
+        "The kitten naps on the couch.",
+        "Quarterly revenue grew by eight percent.",
+    ]
+    r = client.embeddings.create(model=MODEL, input=texts)  # the client asks for base64
     vecs = np.array([d.embedding for d in r.data])
     assert vecs.shape == (3, engine.config.hidden_size)
     assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
@@ -406,6 +556,7 @@ def test_engine_embed_pooling(engine):
 
 def test_default_pooling_reads_the_model():
     from helexa_native.embeddings import default_pooling
+
     assert default_pooling({"pooling": "last"}) == "last"
     assert default_pooling({}, "Qwen3-Embedding-0.6B") == "last"
     assert default_pooling({}, "", "/models/qwen3-embedding-0.6b-q8_0.gguf") == "last"
@@ -416,16 +567,28 @@ def test_default_pooling_reads_the_model():
 
 
 BAD = [
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
-     "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/missing"}}}},
-     "response_format"),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+        "response_format",
+    ),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/missing"}}}},
+        "response_format",
+    ),
     ({"response_format": {"type": "yaml"}}, "response_format"),
     ({"response_format": {"type": "regex", "regex": "(unclosed"}}, "response_format"),
     ({"tools": [{"type": "web_search"}]}, "tools"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties":
-                                                                                {"x": {"type": "bogus"}}}}}]},
-     "tools"),
+    (
+        {
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "bogus"}}}},
+                }
+            ]
+        },
+        "tools",
+    ),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "nope"}}]}, "tools"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "launch_rocket"}}}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
@@ -438,32 +601,51 @@ BAD = [
 
 @pytest.mark.parametrize("extra,param", BAD, ids=[str(i) for i in range(len(BAD))])
 def test_bad_requests_get_400(server, extra, param):
-    err = assert_envelope(post(server, "/v1/chat/completions", dict({"messages": ASK, "max_tokens": 1}, **extra)),
-                          400, param=param)
+    err = assert_envelope(
+        post(server, "/v1/chat/completions", dict({"messages": ASK, "max_tokens": 1}, **extra)), 400, param=param
+    )
     assert err["type"] == "invalid_request_error"
 
 
 def test_bad_responses_and_embeddings_requests(server):
-    assert_envelope(post(server, "/v1/responses", {"input": "x", "tools": [{"type": "file_search"}]}), 400,
-                    param="tools")
-    assert_envelope(post(server, "/v1/responses", {"input": "x", "tools": [{"type": "function", "name": "f"}],
-                                                   "tool_choice": {"type": "function", "name": "g"}}), 400,
-                    param="tool_choice")
-    assert_envelope(post(server, "/v1/responses", {"input": "x", "text": {"format": {"type": "json_schema",
-                                                                                       "name": "x"}}}), 400,
-                    param="text")
+    assert_envelope(
+        post(server, "/v1/responses", {"input": "x", "tools": [{"type": "file_search"}]}), 400, param="tools"
+    )
+    assert_envelope(
+        post(
+            server,
+            "/v1/responses",
+            {
+                "input": "x",
+                "tools": [{"type": "function", "name": "f"}],
+                "tool_choice": {"type": "function", "name": "g"},
+            },
+        ),
+        400,
+        param="tool_choice",
+    )
+    assert_envelope(
+        post(server, "/v1/responses", {"input": "x", "text": {"format": {"type": "json_schema", "name": "x"}}}),
+        400,
+        param="text",
+    )
     assert_envelope(post(server, "/v1/responses", {"input": [{"type": "computer_call"}]}), 400, param="input")
     assert_envelope(post(server, "/v1/responses", {}), 400, param="input")
     assert_envelope(post(server, "/v1/embeddings", {"input": []}), 400, param="input")
-    assert_envelope(post(server, "/v1/embeddings", {"input": "x", "encoding_format": "hex"}), 400,
-                    param="encoding_format")
+    assert_envelope(
+        post(server, "/v1/embeddings", {"input": "x", "encoding_format": "hex"}), 400, param="encoding_format"
+    )
     assert_envelope(post(server, "/v1/embeddings", {"input": "x", "dimensions": 100000}), 400, param="dimensions")
     assert_envelope(post(server, "/v1/embeddings", {"input": [[99999999]]}), 400, param="input")
 
 
 def test_stream_events_are_well_formed(server):
-    r = requests.post(server.url + "/v1/responses", json={"input": "Hi", "max_output_tokens": 2, "stream": True},
-                      stream=True, timeout=300)
+    r = requests.post(
+        server.url + "/v1/responses",
+        json={"input": "Hi", "max_output_tokens": 2, "stream": True},
+        stream=True,
+        timeout=300,
+    )
     events = sse_events_typed(r)
     assert events[0][0] == "response.created" and all(name == ev["type"] for name, ev in events)
 

@@ -6,12 +6,13 @@ prefix hits and cancellation are exercised for real: sequences decoded
 together must give the tokens each gives alone, and transformers checks
 the batched logits.
 """
+
 import threading
 
 import pytest
 import torch
-
 from hf_factory import VOCAB, hf_logits, make_hf_model
+
 from helexa_native import Engine
 from helexa_native.backends.base import SeqStep
 from helexa_native.backends.cpu import CPUBackend
@@ -32,6 +33,7 @@ def hf_models(tmp_path_factory):
         if variant not in cache:
             cache[variant] = make_hf_model(variant, tmp_path_factory.mktemp(variant))
         return cache[variant]
+
     return get
 
 
@@ -53,7 +55,7 @@ PROMPTS = [_tokens(10 + i, n) for i, n in enumerate((3, 17, 9, 33, 5))]
 
 def test_block_manager_shares_prefixes_and_evicts_least_recently_released():
     m = KVBlockManager(6, block_size=4)
-    a = list(range(10, 23))                         # 13 tokens: 3 full blocks
+    a = list(range(10, 23))  # 13 tokens: 3 full blocks
     seq, hit = m.open(a)
     assert hit == 0 and m.lookups == 13
     m.ensure(seq, 13)
@@ -62,12 +64,12 @@ def test_block_manager_shares_prefixes_and_evicts_least_recently_released():
     assert m.cached_blocks == 3
     first_blocks = list(seq.table[:3])
     m.release(seq)
-    assert m.used_blocks == 0 and m.free_blocks == 6   # cached blocks stay reusable
+    assert m.used_blocks == 0 and m.free_blocks == 6  # cached blocks stay reusable
     # The same prefix shares whole blocks; the last prompt token never comes from the cache.
     s2, hit = m.open(a[:12] + [99])
     assert hit == 12 and s2.table == first_blocks
     s3, hit3 = m.open(a[:12])
-    assert hit3 == 8                                # 12 tokens: the third block holds the last one
+    assert hit3 == 8  # 12 tokens: the third block holds the last one
     assert m.used_blocks == 3
     m.release(s2)
     m.release(s3)
@@ -77,7 +79,7 @@ def test_block_manager_shares_prefixes_and_evicts_least_recently_released():
     assert m.evictions == 3 and m.cached_blocks == 0
     with pytest.raises(OutOfBlocks):
         m.ensure(s4, 28)
-    assert len(s4.table) == 6                       # a failed ensure takes nothing
+    assert len(s4.table) == 6  # a failed ensure takes nothing
     m.release(s4)
     assert m.free_blocks == 6
 
@@ -104,20 +106,38 @@ def test_batched_step_matches_transformers_and_each_alone(hf_models, variant):
     tables, lens = [], []
     # Prompts of different lengths on shuffled blocks, run together.
     order = torch.randperm(be.blocks.num_blocks, generator=torch.Generator().manual_seed(3)).tolist()
-    for i, p in enumerate(PROMPTS):
+    for p in PROMPTS:
         n = -(-(len(p) + 8) // 8)
         tables.append(order[:n])
         order = order[n:]
         lens.append(len(p))
-    steps = [SeqStep(slot=i, tokens=p, start_pos=0, block_table=t, params=greedy,
-                     state=SamplerState(prompt_tokens=p), want_logits=True)
-             for i, (p, t) in enumerate(zip(PROMPTS, tables))]
+    steps = [
+        SeqStep(
+            slot=i,
+            tokens=p,
+            start_pos=0,
+            block_table=t,
+            params=greedy,
+            state=SamplerState(prompt_tokens=p),
+            want_logits=True,
+        )
+        for i, (p, t) in enumerate(zip(PROMPTS, tables))
+    ]
     outs = be.step_batch(steps)
     toks = [[int(o.result.token)] for o in outs]
     for _ in range(6):
-        steps = [SeqStep(slot=i, tokens=[tk[-1]], start_pos=lens[i] + len(tk) - 1, block_table=tables[i],
-                         params=greedy, state=SamplerState(prompt_tokens=PROMPTS[i]), want_logits=True)
-                 for i, tk in enumerate(toks)]
+        steps = [
+            SeqStep(
+                slot=i,
+                tokens=[tk[-1]],
+                start_pos=lens[i] + len(tk) - 1,
+                block_table=tables[i],
+                params=greedy,
+                state=SamplerState(prompt_tokens=PROMPTS[i]),
+                want_logits=True,
+            )
+            for i, tk in enumerate(toks)
+        ]
         outs = be.step_batch(steps)
         for tk, o in zip(toks, outs):
             tk.append(int(o.result.token))
@@ -140,14 +160,16 @@ def test_concurrent_requests_equal_each_alone(hf_models, variant):
         # Staggered starts: sequences join while others decode, and leave at different lengths.
         results, threads = {}, []
         for i, p in enumerate(PROMPTS):
+
             def work(i=i, p=p):
                 results[i] = eng.generate(p, temperature=0, max_tokens=12 - i, ignore_eos=True).token_ids
+
             threads.append(threading.Thread(target=work))
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        assert [results[i] for i in range(len(PROMPTS))] == [a[:12 - i] for i, a in enumerate(alone)]
+        assert [results[i] for i in range(len(PROMPTS))] == [a[: 12 - i] for i, a in enumerate(alone)]
         stats = eng.load()
         assert max(stats["batch_size_histogram"]) > 1
         assert stats["kv_blocks_used"] == 0 and stats["running"] == 0
@@ -156,23 +178,31 @@ def test_concurrent_requests_equal_each_alone(hf_models, variant):
 def test_generate_batch_and_seeded_sampling(hf_models):
     folder, _ = hf_models("qwen2")
     with _engine(folder) as eng:
-        batch = eng.generate_batch(PROMPTS, temperature=0.9, top_p=0.9, seed=5, max_tokens=10,
-                                   ignore_eos=True, repetition_penalty=1.3)
-        alone = [eng.generate(p, temperature=0.9, top_p=0.9, seed=5, max_tokens=10, ignore_eos=True,
-                              repetition_penalty=1.3) for p in PROMPTS]
+        batch = eng.generate_batch(
+            PROMPTS, temperature=0.9, top_p=0.9, seed=5, max_tokens=10, ignore_eos=True, repetition_penalty=1.3
+        )
+        alone = [
+            eng.generate(p, temperature=0.9, top_p=0.9, seed=5, max_tokens=10, ignore_eos=True, repetition_penalty=1.3)
+            for p in PROMPTS
+        ]
         assert [r.token_ids for r in batch] == [r.token_ids for r in alone]
         assert [r.prompt_token_ids for r in batch] == PROMPTS
 
 
 def test_preemption_recomputes_and_gives_the_same_tokens(hf_models):
     folder, _ = hf_models("llama")
-    per_block = 2 * 2 * 2 * 16 * 4 * 4            # layers x kv heads x k,v x head_dim x fp32 x block 4
+    per_block = 2 * 2 * 2 * 16 * 4 * 4  # layers x kv heads x k,v x head_dim x fp32 x block 4
     # 8 blocks of 4 positions = 32: four sequences growing to 40+ positions cannot all fit.
     with _engine(folder, n_ctx=32, prefix_cache=False) as ref:
-        want = [ref.generate(p[:6], temperature=0, max_tokens=20, ignore_eos=True).token_ids
-                for p in PROMPTS[:4]]
-    backend = CPUBackend(load_source(folder, progress=False), 32, progress=False, block_size=4,
-                         kv_cache_memory=12 * per_block, prefix_cache=False)
+        want = [ref.generate(p[:6], temperature=0, max_tokens=20, ignore_eos=True).token_ids for p in PROMPTS[:4]]
+    backend = CPUBackend(
+        load_source(folder, progress=False),
+        32,
+        progress=False,
+        block_size=4,
+        kv_cache_memory=12 * per_block,
+        prefix_cache=False,
+    )
     eng = Engine.from_backend(backend, _tokenizer(folder), prefix_cache=False)
     try:
         got = eng.generate_batch([p[:6] for p in PROMPTS[:4]], temperature=0, max_tokens=20, ignore_eos=True)
@@ -186,6 +216,7 @@ def test_preemption_recomputes_and_gives_the_same_tokens(hf_models):
 
 def _tokenizer(folder):
     from helexa_native.tokenizer import Tokenizer
+
     src = load_source(folder, progress=False)
     try:
         return Tokenizer.from_source(src.tokenizer)
@@ -198,15 +229,14 @@ def test_prefix_cache_hits_and_outputs_match_without_it(hf_models):
     system = _tokens(99, 40)
     turns = [system + _tokens(200 + i, 7) for i in range(4)]
     with _engine(folder, prefix_cache=False) as cold:
-        want = [cold.generate(t, temperature=0.7, seed=3, max_tokens=8, ignore_eos=True).token_ids
-                for t in turns]
+        want = [cold.generate(t, temperature=0.7, seed=3, max_tokens=8, ignore_eos=True).token_ids for t in turns]
     with _engine(folder) as warm:
         got = []
         for t in turns:
             r = warm.generate(t, temperature=0.7, seed=3, max_tokens=8, ignore_eos=True)
             got.append(r.token_ids)
         assert got == want
-        assert r.timings["cached_prompt_tokens"] == 32     # two blocks of 16 of the shared system prompt
+        assert r.timings["cached_prompt_tokens"] == 32  # two blocks of 16 of the shared system prompt
         # A multi-turn chat: the next turn starts with the whole previous exchange.
         first = warm.generate(turns[0], temperature=0, max_tokens=8, ignore_eos=True)
         follow = turns[0] + first.token_ids + _tokens(7, 5)
@@ -219,15 +249,16 @@ def test_prefix_cache_hits_and_outputs_match_without_it(hf_models):
 def test_eviction_under_pressure_and_every_block_returns(hf_models):
     folder, _ = hf_models("llama")
     per_pos = 2 * 2 * 2 * 16 * 4
-    with _engine(folder, n_ctx=64, kv_cache_memory=8 * 16 * per_pos) as eng:   # 8 blocks of 16
+    with _engine(folder, n_ctx=64, kv_cache_memory=8 * 16 * per_pos) as eng:  # 8 blocks of 16
         blocks = eng._backend.blocks
         assert blocks.num_blocks == 8
         for i in range(12):
             eng.generate(_tokens(300 + i, 40), temperature=0, max_tokens=4, ignore_eos=True)
         assert blocks.evictions > 0 and blocks.used_blocks == 0
         # Cancelled and finished requests alike give every block back.
-        streams = [eng.generate_stream(_tokens(400 + i, 20), temperature=0, max_tokens=30, ignore_eos=True)
-                   for i in range(6)]
+        streams = [
+            eng.generate_stream(_tokens(400 + i, 20), temperature=0, max_tokens=30, ignore_eos=True) for i in range(6)
+        ]
         for i, s in enumerate(streams):
             next(s)
             if i % 2:

@@ -1,4 +1,5 @@
 """ChatTemplate against transformers' apply_chat_template on real template texts."""
+
 import re
 
 import pytest
@@ -103,23 +104,36 @@ SYS={{ ns.system }}|{{ {'b': 1, 'a': ['é', '<x>']} | tojson }}|{{ {'b': 1, 'a':
 |{{ custom_flag }}|{{ strftime_now('%Y') | length }}
 {%- if add_generation_prompt %}<assistant>{% endif %}"""
 
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Weather for a city — ünïcode",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city — ünïcode",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 
 CONVERSATIONS = {
     "single": [{"role": "user", "content": "Hello!"}],
-    "system": [{"role": "system", "content": "You are terse."},
-               {"role": "user", "content": "What's 2+2?"}],
-    "multi": [{"role": "system", "content": "Be kind."},
-              {"role": "user", "content": "  hi there  "},
-              {"role": "assistant", "content": "Hello! How can I help? 🙂"},
-              {"role": "user", "content": "Tell me about 中文.\nThanks."}],
-    "tools": [{"role": "user", "content": "Weather in Paris?"},
-              {"role": "assistant", "content": "", "tool_calls": [
-                  {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
-              {"role": "tool", "name": "get_weather", "content": "{\"temp\": 21}"},
-              {"role": "user", "content": "Thanks"}],
+    "system": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What's 2+2?"}],
+    "multi": [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "  hi there  "},
+        {"role": "assistant", "content": "Hello! How can I help? 🙂"},
+        {"role": "user", "content": "Tell me about 中文.\nThanks."},
+    ],
+    "tools": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
+        {"role": "tool", "name": "get_weather", "content": '{"temp": 21}'},
+        {"role": "user", "content": "Thanks"},
+    ],
 }
 
 
@@ -127,18 +141,21 @@ CONVERSATIONS = {
 def hf_tok():
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
+
     backend = Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "<unk>": 2}, unk_token="<unk>"))
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 def hf_render(hf_tok, template, messages, add_generation_prompt, **kw):
-    return hf_tok.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                      add_generation_prompt=add_generation_prompt, **kw)
+    return hf_tok.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt, **kw
+    )
 
 
 @pytest.fixture(scope="module")
 def smollm_template(default_model):
     from helexa_native.loaders import load_source
+
     src = load_source(default_model, progress=False)
     src.close()
     assert src.chat_template
@@ -146,8 +163,12 @@ def smollm_template(default_model):
 
 
 def _templates(smollm_template):
-    return {"smollm": smollm_template, "llama3": LLAMA3_TEMPLATE, "qwen25": QWEN25_TEMPLATE,
-            "chatml-default": DEFAULT_CHAT_TEMPLATE}
+    return {
+        "smollm": smollm_template,
+        "llama3": LLAMA3_TEMPLATE,
+        "qwen25": QWEN25_TEMPLATE,
+        "chatml-default": DEFAULT_CHAT_TEMPLATE,
+    }
 
 
 @pytest.mark.parametrize("name", ["smollm", "llama3", "qwen25", "chatml-default"])
@@ -166,7 +187,8 @@ def test_smollm_template_text(smollm_template):
     ct = ChatTemplate(smollm_template)
     assert ct.render([{"role": "user", "content": "Hi"}]) == (
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 @pytest.mark.parametrize("agp", [True, False])
@@ -175,14 +197,13 @@ def test_qwen_tools_match_transformers(hf_tok, agp):
     ours = ChatTemplate(QWEN25_TEMPLATE).render(messages, add_generation_prompt=agp, tools=TOOLS)
     ref = hf_render(hf_tok, QWEN25_TEMPLATE, messages, agp, tools=TOOLS)
     assert ours == ref
-    assert '"description": "Weather for a city — ünïcode"' in ours     # tojson keeps non-ASCII
+    assert '"description": "Weather for a city — ünïcode"' in ours  # tojson keeps non-ASCII
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}' in ours
 
 
 def test_mistral_template_trim_and_raise(hf_tok):
     ct = ChatTemplate(MISTRAL_TEMPLATE, bos_token="<s>", eos_token="</s>")
-    good = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-            {"role": "user", "content": "c"}]
+    good = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
     got = ct.render(good, add_generation_prompt=False)
     assert got == hf_render(hf_tok, MISTRAL_TEMPLATE, good, False)
     assert "[INST] a [/INST]" in got and "b</s>" in got
@@ -203,7 +224,7 @@ def test_template_features_match_transformers(hf_tok, agp):
     assert "SYS=Be kind." in ours and '"a": ["é", "<x>"]' in ours
     assert '{\n  "a": 2,\n  "b": 1\n}' in ours
     assert "|TOOLS=1" in ours and "|DOCS=A,B" in ours and "|on|4" in ours
-    assert ours.count("<user>") == 2        # the loop broke after three turns
+    assert ours.count("<user>") == 2  # the loop broke after three turns
     assert ours.endswith("<assistant>") == agp
 
 
@@ -212,8 +233,10 @@ def test_default_template_is_chatml():
     assert ct.is_default
     got = ct.render([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}])
     assert got == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
-    assert ChatTemplate("").render([{"role": "user", "content": "U"}], add_generation_prompt=False) == \
-        "<|im_start|>user\nU<|im_end|>\n"
+    assert (
+        ChatTemplate("").render([{"role": "user", "content": "U"}], add_generation_prompt=False)
+        == "<|im_start|>user\nU<|im_end|>\n"
+    )
 
 
 def test_text_parts_are_joined():
@@ -230,28 +253,34 @@ def test_kwargs_override_special_tokens():
     assert ct.render([{"role": "user", "content": "x"}], bos_token="B", flag=2) == "B||<p>|2"
 
 
-@pytest.mark.parametrize("messages, field", [
-    ("hello", "messages"),
-    ([["user", "hi"]], "messages[0]"),
-    ([{"content": "hi"}], "messages[0].role"),
-    ([{"role": 3, "content": "hi"}], "messages[0].role"),
-    ([{"role": "user"}], "messages[0].content"),
-    ([{"role": "user", "content": None}], "messages[0].content"),
-    ([{"role": "user", "content": 5}], "messages[0].content"),
-    ([{"role": "user", "content": "a"}, {"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
-     "messages[1].content[0].type"),
-    ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0].text"),
-    ([{"role": "user", "content": [7]}], "messages[0].content[0]"),
-    ([{"role": "user", "content": "x", "extra": object()}], "messages[0].extra"),
-])
+@pytest.mark.parametrize(
+    "messages, field",
+    [
+        ("hello", "messages"),
+        ([["user", "hi"]], "messages[0]"),
+        ([{"content": "hi"}], "messages[0].role"),
+        ([{"role": 3, "content": "hi"}], "messages[0].role"),
+        ([{"role": "user"}], "messages[0].content"),
+        ([{"role": "user", "content": None}], "messages[0].content"),
+        ([{"role": "user", "content": 5}], "messages[0].content"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+            "messages[1].content[0].type",
+        ),
+        ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0].text"),
+        ([{"role": "user", "content": [7]}], "messages[0].content[0]"),
+        ([{"role": "user", "content": "x", "extra": object()}], "messages[0].extra"),
+    ],
+)
 def test_bad_messages_name_the_field(messages, field):
     with pytest.raises(ValueError, match=re.escape(field)):
         ChatTemplate(None).render(messages)
 
 
 def test_tool_call_message_may_have_null_content():
-    msgs = normalize_messages([{"role": "assistant", "content": None,
-                                "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}])
+    msgs = normalize_messages(
+        [{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}]
+    )
     assert msgs[0]["content"] is None
 
 

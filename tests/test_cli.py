@@ -1,4 +1,5 @@
 """The helexa-native command, run as a subprocess the way users run it."""
+
 import json
 import os
 import subprocess
@@ -9,8 +10,14 @@ import pytest
 
 def run(*args, stdin=None, timeout=600):
     env = dict(os.environ, HELEXA_NO_PROGRESS="1")
-    return subprocess.run([sys.executable, "-m", "helexa_native", *args], input=stdin,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "helexa_native", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def assert_one_line_error(p, *words):
@@ -23,16 +30,40 @@ def assert_one_line_error(p, *words):
 
 
 def test_generate_streams_answer(default_model):
-    p = run("generate", "What is 2 + 2?", "--chat", "--model", str(default_model), "--device", "cpu",
-            "--temperature", "0", "--max-tokens", "16")
+    p = run(
+        "generate",
+        "What is 2 + 2?",
+        "--chat",
+        "--model",
+        str(default_model),
+        "--device",
+        "cpu",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "16",
+    )
     assert p.returncode == 0, p.stderr
     assert "4" in p.stdout
     assert "Traceback" not in p.stderr
 
 
 def test_generate_json(default_model):
-    p = run("generate", "The capital of France is", "--json", "--temperature", "0",
-            "--max-tokens", "3", "--logprobs", "2", "--device", "cpu", "--seed", "4")
+    p = run(
+        "generate",
+        "The capital of France is",
+        "--json",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "3",
+        "--logprobs",
+        "2",
+        "--device",
+        "cpu",
+        "--seed",
+        "4",
+    )
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
     assert r["usage"]["completion_tokens"] == len(r["token_ids"]) == 3
@@ -51,8 +82,16 @@ def test_info_human_and_json(default_model):
 
 
 def test_chat_repl_multi_turn_reset_and_eof(default_model):
-    p = run("chat", "--device", "cpu", "--temperature", "0", "--max-tokens", "16",
-            stdin="What is 2 + 2?\n/reset\nWho wrote Romeo and Juliet?\n")
+    p = run(
+        "chat",
+        "--device",
+        "cpu",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "16",
+        stdin="What is 2 + 2?\n/reset\nWho wrote Romeo and Juliet?\n",
+    )
     assert p.returncode == 0, p.stderr
     answers = [line for line in p.stdout.splitlines() if line.strip()]
     assert "4" in answers[0]
@@ -74,8 +113,24 @@ def test_bench_writes_json(tmp_path, default_model):
 
 def test_bench_concurrency_reports_each_level(tmp_path):
     out = tmp_path / "c.json"
-    p = run("bench", "--synthetic", "smollm2-135m:Q4_0", "--synthetic-layers", "2", "--device", "cpu",
-            "-p", "8", "-d", "3", "--concurrency", "1,3", "--no-warmup", "--json", str(out))
+    p = run(
+        "bench",
+        "--synthetic",
+        "smollm2-135m:Q4_0",
+        "--synthetic-layers",
+        "2",
+        "--device",
+        "cpu",
+        "-p",
+        "8",
+        "-d",
+        "3",
+        "--concurrency",
+        "1,3",
+        "--no-warmup",
+        "--json",
+        str(out),
+    )
     assert p.returncode == 0, p.stderr
     rows = json.loads(out.read_text())["concurrency"]
     assert [r["concurrency"] for r in rows] == [1, 3]
@@ -87,8 +142,24 @@ def test_bench_concurrency_reports_each_level(tmp_path):
 
 def test_bench_synthetic(tmp_path):
     out = tmp_path / "b.json"
-    p = run("bench", "--synthetic", "smollm2-135m:Q4_0", "--synthetic-layers", "2", "--device", "cpu",
-            "-p", "8", "-d", "2", "-r", "1", "--no-warmup", "--json", str(out))
+    p = run(
+        "bench",
+        "--synthetic",
+        "smollm2-135m:Q4_0",
+        "--synthetic-layers",
+        "2",
+        "--device",
+        "cpu",
+        "-p",
+        "8",
+        "-d",
+        "2",
+        "-r",
+        "1",
+        "--no-warmup",
+        "--json",
+        str(out),
+    )
     assert p.returncode == 0, p.stderr
     r = json.loads(out.read_text())
     assert r["synthetic"] == "smollm2-135m:Q4_0" and r["decode_tokens_per_s"] > 0
@@ -96,22 +167,26 @@ def test_bench_synthetic(tmp_path):
     assert 5_000_000 < r["weight_bytes"] < 40_000_000
 
 
-@pytest.mark.parametrize("args,words", [
-    (("generate", "hi", "--temperature", "-1"), ("temperature",)),
-    (("generate", "hi", "--top-p", "0"), ("top_p",)),
-    (("generate", "hi", "--model", "/no/such/model.gguf"), ("/no/such/model.gguf",)),
-    (("info", "/no/such/model.gguf"), ("/no/such/model.gguf",)),
-    (("generate", "hi", "--device", "tpu"), ("device",)),
-    (("bench", "--synthetic", "nonsense"), ("PRESET:QUANT",)),
-    (("bench", "--synthetic", "gpt5:Q4_0"), ("gpt5",)),
-    (("bench", "--synthetic-layers", "2"), ("--synthetic",)),
-    (("bench", "--concurrency", "0,4"), ("positive",)),
-    (("generate", "hi", "--kv-cache-memory", "lots"), ("byte size",)),
-    (("serve", "--port", "99999"), ("port",)),
-])
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (("generate", "hi", "--temperature", "-1"), ("temperature",)),
+        (("generate", "hi", "--top-p", "0"), ("top_p",)),
+        (("generate", "hi", "--model", "/no/such/model.gguf"), ("/no/such/model.gguf",)),
+        (("info", "/no/such/model.gguf"), ("/no/such/model.gguf",)),
+        (("generate", "hi", "--device", "tpu"), ("device",)),
+        (("bench", "--synthetic", "nonsense"), ("PRESET:QUANT",)),
+        (("bench", "--synthetic", "gpt5:Q4_0"), ("gpt5",)),
+        (("bench", "--synthetic-layers", "2"), ("--synthetic",)),
+        (("bench", "--concurrency", "0,4"), ("positive",)),
+        (("generate", "hi", "--kv-cache-memory", "lots"), ("byte size",)),
+        (("serve", "--port", "99999"), ("port",)),
+    ],
+)
 def test_errors_are_one_line(args, words, capsys):
     # In-process: the same main() the console script runs, without a fresh interpreter.
     from helexa_native.cli import main
+
     rc = main(list(args))
     err = capsys.readouterr().err
     assert_one_line_error(subprocess.CompletedProcess(args, rc, "", err), *words)
@@ -119,8 +194,10 @@ def test_errors_are_one_line(args, words, capsys):
 
 def test_every_passthrough_sampling_field_has_a_flag():
     import argparse
+
     from helexa_native.cli import _add_sampling_args
     from helexa_native.request_params import PASSTHROUGH_FIELDS
+
     p = argparse.ArgumentParser()
     _add_sampling_args(p)
     assert set(PASSTHROUGH_FIELDS) <= set(vars(p.parse_args([])))
@@ -134,6 +211,7 @@ def test_not_a_model_file_from_the_console(tmp_path):
 
 def test_cuda_without_cuda_is_one_line():
     import torch
+
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
     assert_one_line_error(run("generate", "hi", "--device", "cuda"), "CUDA")

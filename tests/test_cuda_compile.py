@@ -15,6 +15,7 @@ float64 product; and the matvec CTA body (csrc/kernels/matvec_impl.cuh) runs
 on the host with one OS thread per simulated GPU thread, checking staging,
 indexing, reductions and bounds of every load for every type.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,14 @@ ARCHS = ["80", "89", "90", "100"]
 PARALLEL = 2
 # Kernels whose resource use is part of their contract: no spills, no local memory.
 NO_SPILL = re.compile(r"^(matvec|dequant)")
-NVCC_FLAGS = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DHX_WITH_CUDA=1",
-              "-Xptxas=-warn-spills,-warn-lmem-usage"]
+NVCC_FLAGS = [
+    "-std=c++17",
+    "-O3",
+    "--expt-relaxed-constexpr",
+    "-lineinfo",
+    "-DHX_WITH_CUDA=1",
+    "-Xptxas=-warn-spills,-warn-lmem-usage",
+]
 OPTIONAL_LIBS = re.compile(r"#\s*include\s*[<\"](cublas[^>\"]*|cublasLt\.h|nccl\.h)[>\"]")
 LOCAL_INCLUDE = re.compile(r"#\s*include\s*\"([^\"]+)\"")
 
@@ -117,8 +124,7 @@ def compile_one(path: Path) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def compiled():
-    files = [f for f in cuda_sources()
-             if library_headers_present() or not optional_library_headers(f)]
+    files = [f for f in cuda_sources() if library_headers_present() or not optional_library_headers(f)]
     with ThreadPoolExecutor(max_workers=PARALLEL) as pool:
         results = dict(zip(files, pool.map(compile_one, files)))
     return results
@@ -139,7 +145,7 @@ def test_cuda_file_compiles_for_all_archs(compiled, path):
 
 # ------------------------------------------------------------ host decoders
 
-HARNESS = r'''
+HARNESS = r"""
 // Host check of the block decoders (quant_blocks.cuh) and the matvec lane arithmetic.
 // stdin: int32 type, rows, k; rows * row_bytes weight bytes; 2 * k float x (two tokens).
 // stdout: rows * k float dequantized; then, for one and two units per lane, 2 * rows float dots.
@@ -240,11 +246,23 @@ int main() {
     default: return 4;
   }
 }
-'''
+"""
 
 # byte offsets of the fp16 fields inside one block
-F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82],
-              "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0], "IQ4_XS": [0]}
+F16_FIELDS = {
+    "Q4_0": [0],
+    "Q4_1": [0, 2],
+    "Q5_0": [0],
+    "Q5_1": [0, 2],
+    "Q8_0": [0],
+    "Q2_K": [80, 82],
+    "Q3_K": [108],
+    "Q4_K": [0, 2],
+    "Q5_K": [0, 2],
+    "Q6_K": [208],
+    "IQ4_NL": [0],
+    "IQ4_XS": [0],
+}
 
 
 @pytest.fixture(scope="module")
@@ -252,8 +270,11 @@ def harness(tmp_path_factory):
     d = tmp_path_factory.mktemp("quant_host")
     src, exe = d / "harness.cu", d / "harness"
     src.write_text(HARNESS)
-    p = subprocess.run([NVCC, "-std=c++17", "-O1", "--expt-relaxed-constexpr", f"-I{CSRC}", str(src), "-o", str(exe)],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [NVCC, "-std=c++17", "-O1", "--expt-relaxed-constexpr", f"-I{CSRC}", str(src), "-o", str(exe)],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, f"host build of quant_blocks.cuh failed:\n{p.stdout}{p.stderr}"
     return exe
 
@@ -273,7 +294,7 @@ def test_block_decoders_match_gguf_on_host(harness, name):
         nb = rows * k // bs
         raw = rng.integers(0, 256, size=(nb, bb), dtype=np.uint8)
         for off in F16_FIELDS[name]:
-            raw[:, off:off + 2] = (rng.standard_normal(nb) * 0.05).astype(np.float16).view(np.uint8).reshape(nb, 2)
+            raw[:, off : off + 2] = (rng.standard_normal(nb) * 0.05).astype(np.float16).view(np.uint8).reshape(nb, 2)
         raw = raw.reshape(rows, -1)
         x = rng.standard_normal((2, k)).astype(np.float32)
         inp = np.array([int(qt), rows, k], np.int32).tobytes() + raw.tobytes() + x.tobytes()
@@ -282,19 +303,22 @@ def test_block_decoders_match_gguf_on_host(harness, name):
         assert p.returncode == 0, f"{tag}: harness exit {p.returncode}: {p.stderr.decode()}"
         out = np.frombuffer(p.stdout, np.float32)
         assert out.size == rows * k + 4 * rows, f"{tag}: short output"
-        got = out[:rows * k].reshape(rows, k)
+        got = out[: rows * k].reshape(rows, k)
         ref = dequantize(raw, qt).reshape(rows, k)
         assert np.array_equal(got, ref), f"{tag}: decoded values differ (max {np.max(np.abs(got - ref)):.3g})"
         want = x.astype(np.float64) @ ref.astype(np.float64).T
         scale = np.abs(x.astype(np.float64)) @ np.abs(ref.astype(np.float64)).T
-        for label, dots in (("one unit", out[rows * k:rows * k + 2 * rows]), ("unit pair", out[rows * k + 2 * rows:])):
+        for label, dots in (
+            ("one unit", out[rows * k : rows * k + 2 * rows]),
+            ("unit pair", out[rows * k + 2 * rows :]),
+        ):
             err = np.max(np.abs(dots.reshape(2, rows) - want) / scale)
             assert err < 1e-5, f"{tag}: matvec lane arithmetic ({label}) relative error {err:.2e}"
 
 
 # ------------------------------------------------------- matvec CTA emulation
 
-EMULATOR = r'''
+EMULATOR = r"""
 // Runs the matvec CTA code (matvec_impl.cuh) on the host: one OS thread per
 // simulated GPU thread, barriers for __syncwarp / __syncthreads, a shared
 // array for shuffles; every weight and activation load is bounds-checked.
@@ -570,7 +594,7 @@ int main() {
   fwrite(y.data(), 4, y.size(), stdout);
   return errors ? 5 : 0;
 }
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -578,13 +602,18 @@ def emulator(tmp_path_factory):
     d = tmp_path_factory.mktemp("matvec_host")
     src, exe = d / "emulator.cu", d / "emulator"
     src.write_text(EMULATOR)
-    p = subprocess.run([NVCC, "-std=c++17", "-O1", "--expt-relaxed-constexpr", f"-I{CSRC}", str(src), "-o", str(exe)],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [NVCC, "-std=c++17", "-O1", "--expt-relaxed-constexpr", f"-I{CSRC}", str(src), "-o", str(exe)],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, f"host build of matvec_impl.cuh failed:\n{p.stdout}{p.stderr}"
     return exe
 
 
 EMU_TYPES = ["F32", "F16", "BF16", *F16_FIELDS]
+
+
 # int8_x mode 1: one int8 term, 2: two; 0: the float kernel.
 def dp4a_applies(name: str, n_tok: int, k: int, mode: int = 1) -> bool:
     return mode > 0 and stage_fits(name, n_tok, k, 2 if mode >= 2 else 1)
@@ -610,7 +639,7 @@ def _emu_weights(name, n_out, k, rng):
         nb = n_out * k // bs
         raw = rng.integers(0, 256, size=(nb, bb), dtype=np.uint8)
         for off in F16_FIELDS[name]:
-            raw[:, off:off + 2] = (rng.standard_normal(nb) * 0.02).astype(np.float16).view(np.uint8).reshape(nb, 2)
+            raw[:, off : off + 2] = (rng.standard_normal(nb) * 0.02).astype(np.float16).view(np.uint8).reshape(nb, 2)
         raw = raw.reshape(n_out, -1)
     return raw, int(qt), dequantize(raw, qt).reshape(n_out, k).astype(np.float64)
 
@@ -628,17 +657,31 @@ def test_matvec_cta_runs_on_host(emulator, name):
     else:
         ks = [qk, 3 * qk, 4096 + (96 if qk == 32 else 256), 2048 + qk]
     # (n_out, k, n_tok, accumulate, SM count, warps per CTA or 0 for the launcher's choice)
-    cases = [(1, ks[0], 1, 0, 132, 0), (5, ks[1], 3, 1, 132, 0), (7, ks[2], 1, 0, 132, 0), (9, ks[3], 2, 1, 1, 0),
-             (6, ks[2], 8, 0, 4, 0), (13, ks[1], 5, 0, 132, 0), (5, ks[2], 1, 1, 132, 1), (3, ks[2], 2, 0, 132, 2),
-             (4, ks[3], 1, 0, 132, 4), (2, ks[2], 4, 1, 132, 8), (40, ks[1], 2, 1, 1, 0), (37, ks[0], 1, 0, 2, 0),
-             (40, ks[2], 1, 0, 1, 8), (23, ks[3], 3, 1, 1, 2)]
+    cases = [
+        (1, ks[0], 1, 0, 132, 0),
+        (5, ks[1], 3, 1, 132, 0),
+        (7, ks[2], 1, 0, 132, 0),
+        (9, ks[3], 2, 1, 1, 0),
+        (6, ks[2], 8, 0, 4, 0),
+        (13, ks[1], 5, 0, 132, 0),
+        (5, ks[2], 1, 1, 132, 1),
+        (3, ks[2], 2, 0, 132, 2),
+        (4, ks[3], 1, 0, 132, 4),
+        (2, ks[2], 4, 1, 132, 8),
+        (40, ks[1], 2, 1, 1, 0),
+        (37, ks[0], 1, 0, 2, 0),
+        (40, ks[2], 1, 0, 1, 8),
+        (23, ks[3], 3, 1, 1, 2),
+    ]
     for i, (n_out, k, ntok, acc, sms, warps) in enumerate(cases):
         raw, tid, ref = _emu_weights(name, n_out, k, rng)
         x = rng.standard_normal((ntok, k)).astype(np.float32)
         # Odd cases ask for int8 activations (the dp4a kernel, where the type has
         # one and its stage fits); even ones run the float kernel for every type.
         mode = i % 2
-        tag = f"{name} n_out={n_out} k={k} n_tok={ntok} accumulate={acc} sms={sms} warps={warps} mode={mode} seed={seed}"
+        tag = (
+            f"{name} n_out={n_out} k={k} n_tok={ntok} accumulate={acc} sms={sms} warps={warps} mode={mode} seed={seed}"
+        )
         x64 = quantized_x(x) if dp4a_applies(name, ntok, k, mode) else x.astype(np.float64)
         y, want, scale = _run_emulator(emulator, rng, tag, raw, tid, ref, x, acc, sms, warps, mode)
         err = np.max(np.abs(y - want(x64)) / scale(x64))
@@ -652,8 +695,13 @@ def _run_emulator(emulator, rng, tag, raw, tid, ref, x, acc, sms, warps, mode):
     n_out = ref.shape[0]
     bias = rng.standard_normal(n_out).astype(np.float32)
     y0 = rng.standard_normal((ntok, n_out)).astype(np.float32)
-    inp = (np.array([tid, n_out, k, ntok, acc, sms, warps, mode], np.int32).tobytes() + raw.tobytes() + x.tobytes()
-           + bias.tobytes() + y0.tobytes())
+    inp = (
+        np.array([tid, n_out, k, ntok, acc, sms, warps, mode], np.int32).tobytes()
+        + raw.tobytes()
+        + x.tobytes()
+        + bias.tobytes()
+        + y0.tobytes()
+    )
     p = subprocess.run([str(emulator)], input=inp, capture_output=True)
     assert p.returncode == 0, f"{tag}: emulator exit {p.returncode}: {p.stderr.decode()[:2000]}"
     y = np.frombuffer(p.stdout, np.float32).reshape(ntok, n_out)
@@ -681,15 +729,23 @@ def test_matvec_precise_int8_terms_on_host(emulator, name):
     seed = int(np.random.SeedSequence().entropy % (2**32))
     rng = np.random.default_rng(seed)
     # (n_out, k, n_tok, accumulate, SM count, warps, mode)
-    cases = [(5, 4096 + (96 if qk == 32 else 256), 1, 0, 132, 0, 2), (9, 2048 + qk, 3, 1, 1, 0, 2),
-             (6, 3 * qk, 8, 0, 4, 0, 2), (3, 2048, 2, 1, 132, 4, 2), (4, 4096, 4, 0, 132, 0, 2),
-             (3, 4096, 8, 0, 132, 0, 2), (4, 2048, 2, 0, 132, 0, 0)]
+    cases = [
+        (5, 4096 + (96 if qk == 32 else 256), 1, 0, 132, 0, 2),
+        (9, 2048 + qk, 3, 1, 1, 0, 2),
+        (6, 3 * qk, 8, 0, 4, 0, 2),
+        (3, 2048, 2, 1, 132, 4, 2),
+        (4, 4096, 4, 0, 132, 0, 2),
+        (3, 4096, 8, 0, 132, 0, 2),
+        (4, 2048, 2, 0, 132, 0, 0),
+    ]
     for n_out, k, ntok, acc, sms, warps, mode in cases:
         raw, tid, ref = _emu_weights(name, n_out, k, rng)
         x = rng.standard_normal((ntok, k)).astype(np.float32)
         x[0, :32] = 0.0  # an all-zero block: both scales 0
         x[-1, 32:64] = np.float32(0.75)  # a constant block: a residual of rounding only
-        tag = f"{name} n_out={n_out} k={k} n_tok={ntok} accumulate={acc} sms={sms} warps={warps} mode={mode} seed={seed}"
+        tag = (
+            f"{name} n_out={n_out} k={k} n_tok={ntok} accumulate={acc} sms={sms} warps={warps} mode={mode} seed={seed}"
+        )
         y, want, scale = _run_emulator(emulator, rng, tag, raw, tid, ref, x, acc, sms, warps, mode)
         xf = x.astype(np.float64)
         err_float = np.max(np.abs(y - want(xf)) / scale(xf))

@@ -1,4 +1,5 @@
 """The default model (SmolLM2-135M-Instruct Q4_1) end to end on the CPU backend."""
+
 import threading
 
 import pytest
@@ -76,7 +77,7 @@ def test_stop_string_spanning_tokens(engine):
     # A stop string made of three consecutive generated tokens, late in the text.
     for k in range(8, len(ids) - 3):
         start = len(engine.detokenize(ids[:k]))
-        stop = full.text[start:len(engine.detokenize(ids[:k + 3]))]
+        stop = full.text[start : len(engine.detokenize(ids[: k + 3]))]
         if len(stop.strip()) >= 4 and full.text.find(stop) == start:
             break
     else:
@@ -91,22 +92,24 @@ def test_stop_string_spanning_tokens(engine):
 
 
 def test_multibyte_characters_whole(engine):
-    r = engine.generate("The Japanese word for cat is 猫. The Japanese word for dog is",
-                        temperature=0, max_tokens=10)
-    chunks = [c.text for c in engine.generate_stream(
-        "The Japanese word for cat is 猫. The Japanese word for dog is", temperature=0, max_tokens=10)]
+    r = engine.generate("The Japanese word for cat is 猫. The Japanese word for dog is", temperature=0, max_tokens=10)
+    chunks = [
+        c.text
+        for c in engine.generate_stream(
+            "The Japanese word for cat is 猫. The Japanese word for dog is", temperature=0, max_tokens=10
+        )
+    ]
     assert "".join(chunks) == r.text == engine.detokenize(r.token_ids)
-    assert any(ord(ch) > 0x2E80 for ch in r.text), r.text      # a CJK character came out ...
-    assert all("\ufffd" not in c for c in chunks)              # ... never split
+    assert any(ord(ch) > 0x2E80 for ch in r.text), r.text  # a CJK character came out ...
+    assert all("\ufffd" not in c for c in chunks)  # ... never split
 
 
 def test_logprobs(engine):
-    r = engine.generate("The capital of France is", temperature=0, max_tokens=4,
-                        logprobs=True, top_logprobs=5)
+    r = engine.generate("The capital of France is", temperature=0, max_tokens=4, logprobs=True, top_logprobs=5)
     assert len(r.logprobs) == len(r.token_ids) == 4
     for e, t in zip(r.logprobs, r.token_ids):
         tops = e["top_logprobs"]
-        assert e["token_id"] == t == tops[0]["token_id"]     # greedy picked the best
+        assert e["token_id"] == t == tops[0]["token_id"]  # greedy picked the best
         assert e["logprob"] == pytest.approx(tops[0]["logprob"])
         lps = [x["logprob"] for x in tops]
         assert lps == sorted(lps, reverse=True) and all(lp <= 0 for lp in lps)
@@ -120,12 +123,25 @@ def test_context_length_error_then_still_works(engine):
     assert "4" in ask(engine, "What is 2 + 2?").text
 
 
-@pytest.mark.parametrize("kw", [
-    dict(temperature=-0.5), dict(top_p=1.5), dict(top_k=-1), dict(min_p=2.0),
-    dict(repetition_penalty=0), dict(presence_penalty=3.0), dict(frequency_penalty=-2.5),
-    dict(max_tokens=-1), dict(top_logprobs=21), dict(seed="x"), dict(temperature=True),
-    dict(stop=3), dict(stop_token_ids=[-4]),
-], ids=lambda kw: next(iter(kw)))
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(temperature=-0.5),
+        dict(top_p=1.5),
+        dict(top_k=-1),
+        dict(min_p=2.0),
+        dict(repetition_penalty=0),
+        dict(presence_penalty=3.0),
+        dict(frequency_penalty=-2.5),
+        dict(max_tokens=-1),
+        dict(top_logprobs=21),
+        dict(seed="x"),
+        dict(temperature=True),
+        dict(stop=3),
+        dict(stop_token_ids=[-4]),
+    ],
+    ids=lambda kw: next(iter(kw)),
+)
 def test_invalid_parameter_raises_and_engine_still_works(engine, kw):
     field = next(iter(kw))
     with pytest.raises(ValueError, match=field):
@@ -136,12 +152,13 @@ def test_invalid_parameter_raises_and_engine_still_works(engine, kw):
 def test_threads_match_sequential(engine):
     prompts = ["The sun is", "My favourite food is", "In the year 2050,"]
     kw = dict(temperature=0.7, seed=9, max_tokens=8)
-    assert engine.prefix_cache is False   # the default: seeded requests repeat exactly
+    assert engine.prefix_cache is False  # the default: seeded requests repeat exactly
     seq = [engine.generate(p, **kw).text for p in prompts]
     out = {}
 
     def work(i, j):
         out[(i, j)] = engine.generate(prompts[i], **kw).text
+
     threads = [threading.Thread(target=work, args=(i, j)) for i in range(3) for j in range(2)]
     for t in threads:
         t.start()

@@ -12,9 +12,18 @@ from helexa_native.writers.quantize import quantize
 # Byte offsets of the fp16 scale fields in each block: filled with finite
 # values so both decoders see real numbers (random bits can make inf/NaN).
 FP16_FIELDS = {
-    "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
-    "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
-    "IQ4_NL": [0], "IQ4_XS": [0],
+    "Q4_0": [0],
+    "Q4_1": [0, 2],
+    "Q5_0": [0],
+    "Q5_1": [0, 2],
+    "Q8_0": [0],
+    "Q2_K": [80, 82],
+    "Q3_K": [108],
+    "Q4_K": [0, 2],
+    "Q5_K": [0, 2],
+    "Q6_K": [208],
+    "IQ4_NL": [0],
+    "IQ4_XS": [0],
 }
 
 
@@ -27,7 +36,7 @@ def random_blocks(qtype, rows, blocks_per_row, rng):
         mag = np.exp(rng.uniform(np.log(1e-7), np.log(4.0), size=view.shape[0]))
         val = (mag * rng.choice([-1.0, 1.0], size=view.shape[0])).astype(np.float16)
         val[rng.random(view.shape[0]) < 0.05] = 0
-        view[:, off:off + 2] = val.reshape(-1, 1).view(np.uint8)
+        view[:, off : off + 2] = val.reshape(-1, 1).view(np.uint8)
     return raw, (rows, blocks_per_row * be)
 
 
@@ -107,10 +116,14 @@ def test_writer_encoders_round_trip(qtype):
 
 def test_default_model_dequantizes_fast_and_right(default_model):
     from helexa_native.loaders import load_source
+
     src = load_source(default_model, progress=False)
     try:
-        for name, rows in (("token_embd.weight", slice(0, 2000)), ("blk.0.attn_q.weight", slice(None)),
-                           ("blk.29.ffn_down.weight", slice(None))):
+        for name, rows in (
+            ("token_embd.weight", slice(0, 2000)),
+            ("blk.0.attn_q.weight", slice(None)),
+            ("blk.29.ffn_down.weight", slice(None)),
+        ):
             t = src.tensors[name]
             raw = np.asarray(t.data)[rows]
             ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[t.dtype])

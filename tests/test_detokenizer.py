@@ -1,13 +1,13 @@
 """IncrementalDetokenizer: streamed deltas add up to Tokenizer.decode and never
 split a UTF-8 character."""
+
 import numpy as np
 import pytest
+from test_tokenizer import TEXTS, _spm_meta
 
 from helexa_native.detokenizer import IncrementalDetokenizer
 from helexa_native.loaders.gguf_tokenizer import tokenizer_from_gguf
 from helexa_native.tokenizer import Tokenizer
-
-from test_tokenizer import TEXTS, _spm_meta
 
 REPLACEMENT = "\ufffd"
 
@@ -15,6 +15,7 @@ REPLACEMENT = "\ufffd"
 @pytest.fixture(scope="module")
 def smollm(default_model):
     from helexa_native.loaders import load_source
+
     src = load_source(default_model, progress=False)
     src.close()
     return Tokenizer.from_source(src.tokenizer)
@@ -112,7 +113,7 @@ def test_special_tokens_skipped_or_kept(smollm):
 def test_sentencepiece_leading_space(spm):
     tid = {spm.id_to_token(i): i for i in range(spm.vocab_size)}
     d = IncrementalDetokenizer(spm)
-    assert d.push(tid["\u2581hello"]) == "hello"         # the encoder's added space is dropped
+    assert d.push(tid["\u2581hello"]) == "hello"  # the encoder's added space is dropped
     assert d.push(tid["\u2581world"]) == " world"
     ids = spm.encode("the world and é 中")
     assert ids[0] == spm.bos_token_id

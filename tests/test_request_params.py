@@ -1,4 +1,5 @@
 """Request fields resolved into SamplingParams: precedence, checks, and the errors that name a field."""
+
 import pickle
 
 import pytest
@@ -9,21 +10,32 @@ from helexa_native.request_params import MAX_TOKENS_ALIAS, SAMPLING_FIELDS, reso
 
 
 def test_resolve_precedence_request_over_generation_config_over_defaults():
-    gc = {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "max_new_tokens": 77,
-          "repetition_penalty": 1.1, "eos_token_id": [5, 9]}
+    gc = {
+        "temperature": 0.6,
+        "top_p": 0.9,
+        "top_k": 20,
+        "max_new_tokens": 77,
+        "repetition_penalty": 1.1,
+        "eos_token_id": [5, 9],
+    }
     p, mt, stop, ids = resolve_params({}, gc)
     assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty, mt) == (0.6, 0.9, 20, 1.1, 77)
     assert p.min_p == defaults.DEFAULT_MIN_P
     assert ids == [5, 9] and stop == []
-    p, mt, stop, ids = resolve_params({"temperature": 0.0, "top_p": 0.5, "max_tokens": 3,
-                                       "top_k": None, "stop": "x", "stop_token_ids": [7]}, gc)
+    p, mt, stop, ids = resolve_params(
+        {"temperature": 0.0, "top_p": 0.5, "max_tokens": 3, "top_k": None, "stop": "x", "stop_token_ids": [7]}, gc
+    )
     assert (p.temperature, p.top_p, p.top_k, mt) == (0.0, 0.5, 20, 3)
     assert stop == ["x"] and ids == [7, 5, 9]
     p, mt, _, ids = resolve_params({"ignore_eos": True}, gc)
     assert ids == []
     p, mt, _, _ = resolve_params({}, {})
-    assert (p.temperature, p.top_p, p.top_k, mt) == (defaults.DEFAULT_TEMPERATURE, defaults.DEFAULT_TOP_P,
-                                                     defaults.DEFAULT_TOP_K, defaults.DEFAULT_MAX_TOKENS)
+    assert (p.temperature, p.top_p, p.top_k, mt) == (
+        defaults.DEFAULT_TEMPERATURE,
+        defaults.DEFAULT_TOP_P,
+        defaults.DEFAULT_TOP_K,
+        defaults.DEFAULT_MAX_TOKENS,
+    )
 
 
 def test_resolve_seed_given_or_fresh():
@@ -43,18 +55,40 @@ def test_resolve_logprobs_forms():
 
 
 INVALID = [
-    ("max_tokens", -1), ("max_tokens", 1.5), ("max_tokens", True), ("max_tokens", "10"),
-    ("temperature", -0.1), ("temperature", "hot"), ("temperature", True), ("temperature", float("nan")),
-    ("top_p", 0.0), ("top_p", 1.01), ("top_p", -0.5),
-    ("top_k", -1), ("top_k", 2.5), ("top_k", False),
-    ("min_p", -0.01), ("min_p", 1.5),
-    ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
-    ("presence_penalty", 2.5), ("presence_penalty", -2.01), ("frequency_penalty", 3),
-    ("top_logprobs", 21), ("top_logprobs", -1), ("top_logprobs", 1.0),
-    ("logprobs", "yes"), ("logprobs", 99),
-    ("seed", 1.5), ("seed", "1"), ("seed", True),
-    ("stop", 5), ("stop", ["a", 3]),
-    ("stop_token_ids", [-1]), ("stop_token_ids", ["a"]), ("stop_token_ids", "3"),
+    ("max_tokens", -1),
+    ("max_tokens", 1.5),
+    ("max_tokens", True),
+    ("max_tokens", "10"),
+    ("temperature", -0.1),
+    ("temperature", "hot"),
+    ("temperature", True),
+    ("temperature", float("nan")),
+    ("top_p", 0.0),
+    ("top_p", 1.01),
+    ("top_p", -0.5),
+    ("top_k", -1),
+    ("top_k", 2.5),
+    ("top_k", False),
+    ("min_p", -0.01),
+    ("min_p", 1.5),
+    ("repetition_penalty", 0.0),
+    ("repetition_penalty", -1.0),
+    ("presence_penalty", 2.5),
+    ("presence_penalty", -2.01),
+    ("frequency_penalty", 3),
+    ("top_logprobs", 21),
+    ("top_logprobs", -1),
+    ("top_logprobs", 1.0),
+    ("logprobs", "yes"),
+    ("logprobs", 99),
+    ("seed", 1.5),
+    ("seed", "1"),
+    ("seed", True),
+    ("stop", 5),
+    ("stop", ["a", 3]),
+    ("stop_token_ids", [-1]),
+    ("stop_token_ids", ["a"]),
+    ("stop_token_ids", "3"),
     ("ignore_eos", "no"),
 ]
 
@@ -72,8 +106,7 @@ def test_every_field_has_a_rejected_value():
 
 
 def test_malformed_generation_config_falls_back_to_defaults():
-    p, mt, _, ids = resolve_params({}, {"temperature": -3, "top_p": "x", "max_new_tokens": -5,
-                                        "eos_token_id": "bad"})
+    p, mt, _, ids = resolve_params({}, {"temperature": -3, "top_p": "x", "max_new_tokens": -5, "eos_token_id": "bad"})
     assert p.temperature == defaults.DEFAULT_TEMPERATURE and p.top_p == defaults.DEFAULT_TOP_P
     assert mt == defaults.DEFAULT_MAX_TOKENS and ids == []
 

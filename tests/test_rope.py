@@ -1,4 +1,5 @@
 """Rotary frequencies and rotations against transformers' own formulas."""
+
 import math
 
 import pytest
@@ -12,36 +13,64 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
 
 def _cfg(head_dim=64, theta=500000.0, scaling=None):
-    return ModelConfig(arch="llama", vocab_size=10, hidden_size=head_dim * 4, intermediate_size=8,
-                       num_layers=1, num_heads=4, num_kv_heads=2, head_dim=head_dim,
-                       rms_norm_eps=1e-5, rope_theta=theta, rope_scaling=scaling)
+    return ModelConfig(
+        arch="llama",
+        vocab_size=10,
+        hidden_size=head_dim * 4,
+        intermediate_size=8,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=head_dim,
+        rms_norm_eps=1e-5,
+        rope_theta=theta,
+        rope_scaling=scaling,
+    )
 
 
 def _hf_inv_freq(head_dim, theta, params):
     params = dict(params, rope_theta=theta)
-    cfg = transformers.LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim,
-                                   rope_parameters=params)
+    cfg = transformers.LlamaConfig(
+        hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim, rope_parameters=params
+    )
     kind = params["rope_type"]
     if kind == "default":
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
         return LlamaRotaryEmbedding.compute_default_rope_parameters(cfg)[0].double()
     return ROPE_INIT_FUNCTIONS[kind](cfg, None)[0].double()
 
 
-LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 8192}
+LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
-@pytest.mark.parametrize("head_dim,theta,hf_params,ours", [
-    (64, 10000.0, {"rope_type": "default"}, None),
-    (128, 500000.0, {"rope_type": "default"}, None),
-    (64, 10000.0, {"rope_type": "linear", "factor": 4.0}, {"type": "linear", "factor": 4.0}),
-    (128, 500000.0, dict(LLAMA3, rope_type="llama3"), dict(LLAMA3, type="llama3")),
-    (64, 10000.0, {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": 64},
-     {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-      "original_max_position_embeddings": 64}),
-])
+@pytest.mark.parametrize(
+    "head_dim,theta,hf_params,ours",
+    [
+        (64, 10000.0, {"rope_type": "default"}, None),
+        (128, 500000.0, {"rope_type": "default"}, None),
+        (64, 10000.0, {"rope_type": "linear", "factor": 4.0}, {"type": "linear", "factor": 4.0}),
+        (128, 500000.0, dict(LLAMA3, rope_type="llama3"), dict(LLAMA3, type="llama3")),
+        (
+            64,
+            10000.0,
+            {
+                "rope_type": "llama3",
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            {
+                "rope_type": "llama3",
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ],
+)
 def test_inv_freq_matches_transformers(head_dim, theta, hf_params, ours):
     got = inv_freq(_cfg(head_dim, theta, ours))
     assert got.dtype == torch.float64 and got.shape == (head_dim // 2,)
@@ -106,13 +135,14 @@ def test_bad_scaling_is_rejected():
 
 def test_half_style_matches_transformers_apply_rotary():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
     d, n, heads = 32, 7, 3
     inv = inv_freq(_cfg(d, 10000.0))
     pos = torch.arange(5, 5 + n)
     cos, sin = rope_cos_sin(inv, pos)
     q = torch.randn(n, heads, d, dtype=torch.float64)
     k = torch.randn(n, 1, d, dtype=torch.float64)
-    hf_cos = torch.cat((cos, cos), -1)[None]     # [1, n, d]
+    hf_cos = torch.cat((cos, cos), -1)[None]  # [1, n, d]
     hf_sin = torch.cat((sin, sin), -1)[None]
     hq, hk = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], hf_cos, hf_sin)
     torch.testing.assert_close(apply_rope(q, cos, sin, "half"), hq[0].transpose(0, 1))
@@ -127,8 +157,7 @@ def test_pairs_style_equals_half_style_after_permutation():
     cos, sin = rope_cos_sin(inv, torch.arange(n) * 3)
     x = torch.randn(n, 2, d, dtype=torch.float64)
     perm = torch.stack((torch.arange(d // 2), torch.arange(d // 2) + d // 2), -1).reshape(-1)
-    torch.testing.assert_close(apply_rope(x[..., perm], cos, sin, "pairs"),
-                               apply_rope(x, cos, sin, "half")[..., perm])
+    torch.testing.assert_close(apply_rope(x[..., perm], cos, sin, "pairs"), apply_rope(x, cos, sin, "half")[..., perm])
     assert not torch.allclose(apply_rope(x, cos, sin, "pairs"), apply_rope(x, cos, sin, "half"))
     # A rotation keeps norms, and position 0 is the identity.
     torch.testing.assert_close(apply_rope(x, cos, sin, "pairs").norm(dim=-1), x.norm(dim=-1))

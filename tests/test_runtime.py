@@ -1,6 +1,7 @@
 """Device-worker mechanics on a host-only worker: queue order, futures, errors,
 GIL release, poisoning, shutdown and thread hygiene. Runs in every build
 (device_index -1 is host-only even in a CUDA build)."""
+
 import os
 import subprocess
 import sys
@@ -125,8 +126,11 @@ def test_sticky_error_poisons_only_that_worker(worker):
 
         t0 = time.perf_counter()
         for _ in range(20):
-            with pytest.raises(DeviceError, match=r"host is unusable after an earlier device error: "
-                                                  r"simulate_sticky_error\(\)") as ei:
+            with pytest.raises(
+                DeviceError,
+                match=r"host is unusable after an earlier device error: "
+                r"simulate_sticky_error\(\)",
+            ) as ei:
                 worker.echo_job(1)
             assert ei.value.poisoned is True
         assert time.perf_counter() - t0 < 2.0
@@ -304,18 +308,21 @@ def test_host_workers_are_not_shared():
         b.shutdown()
 
 
-@pytest.mark.parametrize("archs,cc,ok", [
-    (["90"], (9, 0), True),
-    (["90"], (8, 9), False),
-    (["80"], (8, 6), True),      # sm_80 code runs on later minors of the same major
-    (["80"], (8, 9), True),
-    (["89"], (8, 0), False),
-    (["90a"], (9, 0), True),
-    (["100a"], (10, 3), False),  # arch-specific code runs only on its exact arch
-    (["100"], (10, 3), True),
-    (["80", "89", "90", "100"], (12, 0), False),
-    ([], (9, 0), False),
-])
+@pytest.mark.parametrize(
+    "archs,cc,ok",
+    [
+        (["90"], (9, 0), True),
+        (["90"], (8, 9), False),
+        (["80"], (8, 6), True),  # sm_80 code runs on later minors of the same major
+        (["80"], (8, 9), True),
+        (["89"], (8, 0), False),
+        (["90a"], (9, 0), True),
+        (["100a"], (10, 3), False),  # arch-specific code runs only on its exact arch
+        (["100"], (10, 3), True),
+        (["80", "89", "90", "100"], (12, 0), False),
+        ([], (9, 0), False),
+    ],
+)
 def test_build_supports(archs, cc, ok):
     assert runtime.build_supports(archs, *cc) is ok
 
@@ -328,8 +335,9 @@ def test_mismatch_message_names_the_wheel():
 
 
 def _run_python(code: str, timeout: float = 120):
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_interpreter_exit_with_live_workers_does_not_hang():

@@ -1,4 +1,5 @@
 """The host sampler against hand computations and a plain-Python reading of params.py."""
+
 import math
 import random
 
@@ -24,7 +25,7 @@ def ref_sample(logits, p: SamplingParams, st: SamplerState):
     x = [v / p.temperature for v in x]
     order = sorted(range(len(x)), key=lambda i: (-x[i], i))
     if p.top_k:
-        order = order[:p.top_k]
+        order = order[: p.top_k]
     mx = max(x[i] for i in order)
     e = {i: math.exp(x[i] - mx) for i in order}
     z = sum(e.values())
@@ -119,14 +120,14 @@ def test_top_k_keeps_k_best():
         want = 1 if u < math.e / (math.e + 1) else 2
         assert t == want
     # top_k=1 is greedy whatever the seed.
-    assert all(sample_from_logits(logits, SamplingParams(top_k=1, seed=s), SamplerState()).token == 1
-               for s in range(20))
+    assert all(
+        sample_from_logits(logits, SamplingParams(top_k=1, seed=s), SamplerState()).token == 1 for s in range(20)
+    )
 
 
 def test_top_k_ties_at_the_boundary_prefer_lower_ids():
     logits = logits_of([0.0, 1.0, 1.0, 1.0])
-    seen = {sample_from_logits(logits, SamplingParams(top_k=2, seed=s), SamplerState()).token
-            for s in range(60)}
+    seen = {sample_from_logits(logits, SamplingParams(top_k=2, seed=s), SamplerState()).token for s in range(60)}
     assert seen == {1, 2}
 
 
@@ -140,16 +141,18 @@ def test_top_p_smallest_prefix_reaching_mass():
         u = uniform(seed, 0)
         assert t == (0 if u < 0.625 else 1)
     # A top_p below the best token's mass still keeps that one token.
-    assert {sample_from_logits(logits, SamplingParams(top_p=0.1, seed=s), SamplerState()).token
-            for s in range(30)} == {0}
+    assert {sample_from_logits(logits, SamplingParams(top_p=0.1, seed=s), SamplerState()).token for s in range(30)} == {
+        0
+    }
 
 
 def test_top_p_reached_exactly_stops_there():
     logits = logits_of([2.0, 1.0, 0.5])
     p0 = float(torch.softmax(logits, 0)[0])
     # {0} already holds mass p0 == top_p: it is the smallest prefix, alone.
-    assert {sample_from_logits(logits, SamplingParams(top_p=p0, seed=s), SamplerState()).token
-            for s in range(40)} == {0}
+    assert {sample_from_logits(logits, SamplingParams(top_p=p0, seed=s), SamplerState()).token for s in range(40)} == {
+        0
+    }
 
 
 def test_min_p_relative_to_max():
@@ -165,7 +168,7 @@ def test_against_plain_python_reference_random():
     rng = random.Random(1234)
     for trial in range(150):
         vocab = rng.choice([2, 5, 17, 64])
-        vals = [round(rng.uniform(-4, 4), 1) for _ in range(vocab)]   # rounding makes ties
+        vals = [round(rng.uniform(-4, 4), 1) for _ in range(vocab)]  # rounding makes ties
         p = SamplingParams(
             temperature=rng.choice([0.0, 0.3, 0.7, 1.0, 1.6]),
             top_k=rng.choice([0, 0, 1, 3, 10]),
@@ -174,10 +177,13 @@ def test_against_plain_python_reference_random():
             repetition_penalty=rng.choice([1.0, 1.3, 0.8]),
             presence_penalty=rng.choice([0.0, 0.5, -0.5]),
             frequency_penalty=rng.choice([0.0, 0.3]),
-            seed=rng.randrange(1 << 63))
-        st = SamplerState(prompt_tokens=[rng.randrange(vocab) for _ in range(rng.randrange(4))],
-                          generated_tokens=[rng.randrange(vocab) for _ in range(rng.randrange(6))],
-                          step=rng.randrange(100))
+            seed=rng.randrange(1 << 63),
+        )
+        st = SamplerState(
+            prompt_tokens=[rng.randrange(vocab) for _ in range(rng.randrange(4))],
+            generated_tokens=[rng.randrange(vocab) for _ in range(rng.randrange(6))],
+            step=rng.randrange(100),
+        )
         got = sample_from_logits(logits_of(vals), p, st).token
         assert got == ref_sample(vals, p, st), (trial, vals, p, st)
 
@@ -198,6 +204,7 @@ def test_sampling_distribution_matches_probabilities():
 
 def test_seed_reproducible_and_seed_dependent():
     logits = torch.randn(1000)
+
     def run(seed):
         st = SamplerState()
         out = []
@@ -205,6 +212,7 @@ def test_seed_reproducible_and_seed_dependent():
             st.step = step
             out.append(sample_from_logits(logits, SamplingParams(seed=seed), st).token)
         return out
+
     assert run(42) == run(42)
     assert run(42) != run(43)
 
@@ -214,10 +222,10 @@ def test_logprobs_are_raw_log_softmax_with_top_n():
     p = SamplingParams(temperature=0.0, repetition_penalty=5.0, logprobs=True, top_logprobs=3)
     st = SamplerState(prompt_tokens=[1, 3])
     r = sample_from_logits(raw, p, st)
-    assert r.token == 2          # penalties change the choice ...
+    assert r.token == 2  # penalties change the choice ...
     z = math.log(sum(math.exp(v) for v in [1.0, 3.0, 2.0, 3.0]))
-    assert r.logprob == pytest.approx(2.0 - z, abs=1e-6)   # ... not the logprobs
-    assert [t for t, _ in r.top_logprobs] == [1, 3, 2]     # ties: lower id first
+    assert r.logprob == pytest.approx(2.0 - z, abs=1e-6)  # ... not the logprobs
+    assert [t for t, _ in r.top_logprobs] == [1, 3, 2]  # ties: lower id first
     assert [lp for _, lp in r.top_logprobs] == pytest.approx([3.0 - z, 3.0 - z, 2.0 - z], abs=1e-6)
     r0 = sample_from_logits(raw, SamplingParams(temperature=0.0), SamplerState())
     assert r0.logprob is None and r0.top_logprobs is None
@@ -232,6 +240,7 @@ def test_masked_and_nan_logits_are_never_picked():
 
 
 # ---------------------------------------------------------------- masks and logit_bias (steps 1a-1b)
+
 
 def _bitmask(allowed, vocab):
     words = torch.zeros((vocab + 31) // 32, dtype=torch.int64)
@@ -259,6 +268,7 @@ def test_mask_limits_every_pick(temperature):
 
 def test_logit_bias_before_penalties_and_logprobs_stay_raw():
     from helexa_native.sampling import make_logit_bias
+
     logits = logits_of([2.0, 1.0, 0.5, -1.0])
     bias = make_logit_bias({2: 5.0}, 4)
     p = SamplingParams(temperature=0.0, repetition_penalty=2.0, logprobs=True)
@@ -273,6 +283,7 @@ def test_logit_bias_before_penalties_and_logprobs_stay_raw():
 
 def test_make_logit_bias_checks_ids():
     from helexa_native.sampling import make_logit_bias
+
     assert make_logit_bias({}, 10) is None
     ids, vals = make_logit_bias({1: 2, 7: -1.5}, 10)
     assert ids.tolist() == [1, 7] and vals.tolist() == [2.0, -1.5]

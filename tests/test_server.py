@@ -5,6 +5,7 @@ part; the rest drives `create_app` in-process over scripted engines to reach
 states a healthy CPU model never gets into (poisoned device, failing stream,
 a model still loading).
 """
+
 import http.client
 import json
 import threading
@@ -14,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import requests
+from server_util import ServerProcess, assert_envelope, metric, sse_events, sse_json
 
 from helexa_native.errors import DeviceError
 from helexa_native.server import ModelRegistry, create_app
-from server_util import ServerProcess, assert_envelope, metric, sse_events, sse_json
 
 MODEL = "smol"
 MAX_QUEUE = 3
@@ -34,8 +35,21 @@ JA_PROMPT = "Good morning = おはようございます\nThank you = ありが�
 @pytest.fixture(scope="module")
 def server(default_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with ServerProcess(["--model", str(default_model), "--device", "cpu", "--served-model-name", MODEL,
-                        "--max-queue", str(MAX_QUEUE), "--max-num-seqs", str(MAX_NUM_SEQS)], log) as s:
+    with ServerProcess(
+        [
+            "--model",
+            str(default_model),
+            "--device",
+            "cpu",
+            "--served-model-name",
+            MODEL,
+            "--max-queue",
+            str(MAX_QUEUE),
+            "--max-num-seqs",
+            str(MAX_NUM_SEQS),
+        ],
+        log,
+    ) as s:
         yield s
 
 
@@ -47,8 +61,7 @@ def url(server):
 def post(url, path, body=None, data=None, **kw):
     if data is None:
         data = json.dumps(body)
-    return requests.post(url + path, data=data, headers={"Content-Type": "application/json"},
-                         timeout=TIMEOUT, **kw)
+    return requests.post(url + path, data=data, headers={"Content-Type": "application/json"}, timeout=TIMEOUT, **kw)
 
 
 def chat(url, **fields):
@@ -92,8 +105,12 @@ BAD_CHAT = [
     (b'{"messages": [{"role": "user", "content": 7}]}', 400, "messages", None),
     (b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', 400, "messages", None),
     (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}', 400, "max_tokens", None),
-    (b'{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -5}', 400,
-     "max_completion_tokens", None),
+    (
+        b'{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -5}',
+        400,
+        "max_completion_tokens",
+        None,
+    ),
     (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": "ten"}', 400, "max_tokens", None),
     (b'{"messages": [{"role": "user", "content": "x"}], "temperature": -1}', 400, "temperature", None),
     (b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400, None, None),
@@ -104,26 +121,39 @@ BAD_CHAT = [
     (b'{"messages": [{"role": "user", "content": "x"}], "stop": 5}', 400, "stop", None),
     (b'{"messages": [{"role": "user", "content": "x"}], "seed": "s"}', 400, "seed", None),
     (b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', 400, "stream", None),
-    (b'{"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": true}}', 400,
-     "stream_options", None),
+    (
+        b'{"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": true}}',
+        400,
+        "stream_options",
+        None,
+    ),
     (b'{"messages": [{"role": "user", "content": "x"}], "logprobs": 3}', 400, "logprobs", None),
     (b'{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}', 400, "top_logprobs", None),
-    (b'{"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 99}', 400,
-     "top_logprobs", None),
-    (b'{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}}', 400,
-     "response_format", None),
+    (
+        b'{"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 99}',
+        400,
+        "top_logprobs",
+        None,
+    ),
+    (
+        b'{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}}',
+        400,
+        "response_format",
+        None,
+    ),
     (b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}', 400, "tools", None),
     (b'{"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}', 400, "tool_choice", None),
     (b'{"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 1000}}', 400, "logit_bias", None),
-    (b'{"messages": [{"role": "user", "content": "x"}], "temprature": 1}', 400, "temprature",
-     "unknown_parameter"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "temprature": 1}', 400, "temprature", "unknown_parameter"),
     (b'{"messages": [{"role": "user", "content": "x"}], "model": 5}', 400, "model", None),
-    (b'{"messages": [{"role": "user", "content": "x"}], "skip_special_tokens": 1}', 400,
-     "skip_special_tokens", None),
-    (b'{"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"messages": []}}', 400,
-     "chat_template_kwargs", None),
-    (b'{"messages": [{"role": "user", "content": "x"}], "model": "no-such-model"}', 404, "model",
-     "model_not_found"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "skip_special_tokens": 1}', 400, "skip_special_tokens", None),
+    (
+        b'{"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"messages": []}}',
+        400,
+        "chat_template_kwargs",
+        None,
+    ),
+    (b'{"messages": [{"role": "user", "content": "x"}], "model": "no-such-model"}', 404, "model", "model_not_found"),
 ]
 
 
@@ -154,11 +184,13 @@ def test_bad_completion_requests(url, body, status, param):
 
 def test_context_length_exceeded(url):
     long = "word " * 6000
-    err = assert_envelope(post(url, "/v1/completions", {"prompt": long, "max_tokens": 1}), 400,
-                          code="context_length_exceeded")
+    err = assert_envelope(
+        post(url, "/v1/completions", {"prompt": long, "max_tokens": 1}), 400, code="context_length_exceeded"
+    )
     assert "4096" in err["message"]
-    assert_envelope(chat(url, messages=[{"role": "user", "content": long}]), 400,
-                    param="messages", code="context_length_exceeded")
+    assert_envelope(
+        chat(url, messages=[{"role": "user", "content": long}]), 400, param="messages", code="context_length_exceeded"
+    )
 
 
 def test_routes_and_methods(url):
@@ -184,36 +216,57 @@ def test_server_still_serves_after_bad_input(url):
 
 def test_accepted_request_variants(url):
     sys_msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
-    dev_msgs = [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
-                {"role": "user", "content": [{"type": "text", "text": "Hi"}, " there"]}]
+    dev_msgs = [
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}, " there"]},
+    ]
     # developer is system, and text parts join with a newline (so "Hi\n there").
     t_sys = post(url, "/tokenize", {"messages": sys_msgs}).json()["tokens"]
     t_dev = post(url, "/tokenize", {"messages": dev_msgs}).json()["tokens"]
-    t_dev_str = post(url, "/tokenize", {"messages": [{"role": "system", "content": "Be brief."},
-                                                     {"role": "user", "content": "Hi\n there"}]}).json()
+    t_dev_str = post(
+        url,
+        "/tokenize",
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\n there"}]},
+    ).json()
     assert t_dev == t_dev_str["tokens"] and t_sys != t_dev
     rendered = post(url, "/detokenize", {"tokens": t_dev}).json()["prompt"]
     assert "system\nBe brief." in rendered and "developer" not in rendered
-    r = chat(url, messages=dev_msgs + [{"role": "assistant", "content": "Hello."},
-                                       {"role": "user", "content": "More?"}],
-             max_tokens=None, max_completion_tokens=2, stop="\n\n\n", top_k=40, top_p=0.9, min_p=0.05,
-             temperature=0.7, presence_penalty=0.5, frequency_penalty=0.1, repetition_penalty=1.1, seed=None,
-             response_format={"type": "text"}, user="u1", metadata={"a": "b"}, n=1, logit_bias={},
-             tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
-             tool_choice="auto", stream=False)
+    r = chat(
+        url,
+        messages=dev_msgs + [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "More?"}],
+        max_tokens=None,
+        max_completion_tokens=2,
+        stop="\n\n\n",
+        top_k=40,
+        top_p=0.9,
+        min_p=0.05,
+        temperature=0.7,
+        presence_penalty=0.5,
+        frequency_penalty=0.1,
+        repetition_penalty=1.1,
+        seed=None,
+        response_format={"type": "text"},
+        user="u1",
+        metadata={"a": "b"},
+        n=1,
+        logit_bias={},
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        tool_choice="auto",
+        stream=False,
+    )
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] <= 2
-    e = post(url, "/v1/completions", {"prompt": "One, two,", "max_tokens": 2, "echo": True, "seed": 2,
-                                      "stop": ["zzz"]})
+    e = post(url, "/v1/completions", {"prompt": "One, two,", "max_tokens": 2, "echo": True, "seed": 2, "stop": ["zzz"]})
     assert e.status_code == 200, e.text
     assert e.json()["choices"][0]["text"].startswith("One, two,")
     ids = post(url, "/tokenize", {"prompt": "One, two,"}).json()["tokens"]
     by_ids = post(url, "/v1/completions", {"prompt": ids, "max_tokens": 2, "seed": 2})
-    assert by_ids.json()["choices"][0]["text"] == e.json()["choices"][0]["text"][len("One, two,"):]
+    assert by_ids.json()["choices"][0]["text"] == e.json()["choices"][0]["text"][len("One, two,") :]
 
 
 # ---------------------------------------------------------------------------
 # streaming
+
 
 def _greedy_japanese(url):
     body = {"model": MODEL, "prompt": JA_PROMPT, "max_tokens": 6, "temperature": 0, "logprobs": 0}
@@ -261,11 +314,14 @@ def test_stop_string_spanning_tokens_never_appears(url):
     body.pop("logprobs")
     # A two-character stop string that no single generated token contains
     # spans a token boundary.
-    stops = [text[i:i + 2] for i in range(1, len(text) - 1)
-             if text[i:i + 2].strip() == text[i:i + 2] and not any(text[i:i + 2] in t for t in tokens)]
+    stops = [
+        text[i : i + 2]
+        for i in range(1, len(text) - 1)
+        if text[i : i + 2].strip() == text[i : i + 2] and not any(text[i : i + 2] in t for t in tokens)
+    ]
     assert stops, (text, tokens)
     stop = stops[0]
-    want = text[:text.index(stop)]
+    want = text[: text.index(stop)]
     body["stop"] = [stop]
     r = post(url, "/v1/completions", body).json()
     assert r["choices"][0]["text"] == want
@@ -278,14 +334,15 @@ def test_stop_string_spanning_tokens_never_appears(url):
 
 
 def test_concurrent_clients_match_sequential(url):
-    jobs = [dict(messages=[{"role": "user", "content": f"Tell me about the number {i}."}], seed=100 + i,
-                 max_tokens=3) for i in range(4)]
+    jobs = [
+        dict(messages=[{"role": "user", "content": f"Tell me about the number {i}."}], seed=100 + i, max_tokens=3)
+        for i in range(4)
+    ]
     sequential = [chat(url, **j).json()["choices"][0]["message"]["content"] for j in jobs]
 
     def run(j):
-        if j["seed"] % 2:   # half of them stream
-            events = sse_json(post(url, "/v1/chat/completions",
-                                   dict(model=MODEL, stream=True, **j), stream=True))
+        if j["seed"] % 2:  # half of them stream
+            events = sse_json(post(url, "/v1/chat/completions", dict(model=MODEL, stream=True, **j), stream=True))
             return "".join(e["choices"][0]["delta"].get("content", "") for e in events)
         r = chat(url, **j)
         assert r.status_code == 200, r.text
@@ -302,8 +359,9 @@ class _RawStream:
     def __init__(self, url, body):
         host, port = url.split("//")[1].split(":")
         self.conn = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
-        self.conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
-                          headers={"Content-Type": "application/json"})
+        self.conn.request(
+            "POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"}
+        )
         self.resp = self.conn.getresponse()
         assert self.resp.status == 200
 
@@ -321,8 +379,9 @@ class _RawStream:
 
 def test_disconnect_stops_generation(url):
     start = metrics(url)
-    s = _RawStream(url, {"model": MODEL, "messages": CHAT, "max_tokens": LONG, "stream": True,
-                         "ignore_eos": True, "seed": 9})
+    s = _RawStream(
+        url, {"model": MODEL, "messages": CHAT, "max_tokens": LONG, "stream": True, "ignore_eos": True, "seed": 9}
+    )
     assert "role" in s.next_event()["choices"][0]["delta"]
     seen = 0
     while seen < 2:
@@ -346,9 +405,8 @@ def test_disconnect_stops_generation(url):
 
 def test_full_queue_gets_503_with_retry_after(url):
     streams = []
-    for _ in range(MAX_NUM_SEQS):           # every run place taken
-        s = _RawStream(url, {"model": MODEL, "messages": CHAT, "max_tokens": LONG, "stream": True,
-                             "ignore_eos": True})
+    for _ in range(MAX_NUM_SEQS):  # every run place taken
+        s = _RawStream(url, {"model": MODEL, "messages": CHAT, "max_tokens": LONG, "stream": True, "ignore_eos": True})
         s.next_event()
         s.next_event()
         streams.append(s)
@@ -369,6 +427,7 @@ def test_full_queue_gets_503_with_retry_after(url):
 # ---------------------------------------------------------------------------
 # operations
 
+
 def test_health_models_metrics(url):
     h = requests.get(url + "/health", timeout=30)
     assert h.status_code == 200 and h.json()["status"] == "ok"
@@ -377,9 +436,15 @@ def test_health_models_metrics(url):
     card = next(m for m in models["data"] if m["id"] == MODEL)
     assert card["object"] == "model" and card["max_model_len"] > 0
     text = metrics(url)
-    for name in ("helexa_prompt_tokens_total", "helexa_generation_tokens_total", "helexa_requests_total",
-                 "helexa_time_to_first_token_seconds_count", "helexa_inter_token_latency_seconds_count",
-                 "helexa_queue_depth", "helexa_cancelled_by_disconnect_total"):
+    for name in (
+        "helexa_prompt_tokens_total",
+        "helexa_generation_tokens_total",
+        "helexa_requests_total",
+        "helexa_time_to_first_token_seconds_count",
+        "helexa_inter_token_latency_seconds_count",
+        "helexa_queue_depth",
+        "helexa_cancelled_by_disconnect_total",
+    ):
         assert name in text, name
     before = metric(text, "helexa_generation_tokens_total", model=MODEL)
     prompt_before = metric(text, "helexa_prompt_tokens_total", model=MODEL)
@@ -401,20 +466,28 @@ def test_tokenize_detokenize(url):
     m = post(url, "/tokenize", {"messages": CHAT}).json()
     r = chat(url, max_tokens=1).json()
     assert m["count"] == r["usage"]["prompt_tokens"]
-    strs = post(url, "/tokenize", {"prompt": "Hello", "add_special_tokens": False,
-                                   "return_token_strs": True}).json()
+    strs = post(url, "/tokenize", {"prompt": "Hello", "add_special_tokens": False, "return_token_strs": True}).json()
     assert "".join(strs["token_strs"]) == "Hello"
     assert_envelope(post(url, "/tokenize", {"prompt": 5}), 400, param="prompt")
     assert_envelope(post(url, "/tokenize", {}), 400, param="prompt")
-    assert_envelope(post(url, "/detokenize", {"tokens": [1, 10 ** 9]}), 400, param="tokens")
+    assert_envelope(post(url, "/detokenize", {"tokens": [1, 10**9]}), 400, param="tokens")
     assert_envelope(post(url, "/detokenize", {"tokens": "abc"}), 400, param="tokens")
     assert_envelope(post(url, "/tokenize", {"prompt": "x", "model": "nope"}), 404, code="model_not_found")
 
 
 def test_load_replace_unload(url, tmp_path):
     from helexa_native.synthetic import write_synthetic_gguf
-    tiny = dict(n_layers=1, vocab_size=512, hidden_size=64, intermediate_size=128, num_heads=4,
-                num_kv_heads=2, head_dim=16, progress=False)
+
+    tiny = dict(
+        n_layers=1,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        progress=False,
+    )
     a, _ = write_synthetic_gguf(tmp_path / "tiny-a.gguf", "smollm2-135m", "Q8_0", seed=1, **tiny)
     b, _ = write_synthetic_gguf(tmp_path / "tiny-b.gguf", "smollm2-135m", "Q8_0", seed=2, **tiny)
 
@@ -436,8 +509,12 @@ def test_load_replace_unload(url, tmp_path):
     assert post(url, "/v1/models/unload", {"model": "tiny"}).json()["deleted"] is True
     assert_envelope(chat(url, model="tiny"), 404, code="model_not_found")
     assert_envelope(post(url, "/v1/models/unload", {"model": "tiny"}), 404, code="model_not_found")
-    assert_envelope(post(url, "/v1/models/load", {"model": str(tmp_path / "missing.gguf")}), 400,
-                    param="model", code="model_load_failed")
+    assert_envelope(
+        post(url, "/v1/models/load", {"model": str(tmp_path / "missing.gguf")}),
+        400,
+        param="model",
+        code="model_load_failed",
+    )
     assert_envelope(post(url, "/v1/models/load", {}), 400, param="model")
     assert_envelope(post(url, "/v1/models/load", {"model": str(a), "n_ctx": 0}), 400, param="n_ctx")
     assert [m["id"] for m in requests.get(url + "/v1/models", timeout=30).json()["data"]] == [MODEL]
@@ -453,14 +530,16 @@ def test_health_while_loading_and_sigterm(default_model, tmp_path):
         assert h.status_code in (200, 503)
         if h.status_code == 503:
             assert h.json()["status"] == "loading" and h.headers["Retry-After"]
-            assert_envelope(requests.post(s.url + "/v1/completions", json={"prompt": "x"}, timeout=30),
-                            503, code="model_loading")
+            assert_envelope(
+                requests.post(s.url + "/v1/completions", json={"prompt": "x"}, timeout=30), 503, code="model_loading"
+            )
     finally:
         assert s.stop() == 0, s.log()
 
 
 # ---------------------------------------------------------------------------
 # in-process: states a healthy CPU model cannot reach
+
 
 class _Chunk:
     def __init__(self, text, ids, finish=None, usage=None):
@@ -514,8 +593,7 @@ class FakeEngine:
     def detokenize(self, ids):
         return "x" * len(ids)
 
-    def chat_stream(self, messages, tools=None, cancel=None, chat_template_kwargs=None, tool_choice=None,
-                    **sampling):
+    def chat_stream(self, messages, tools=None, cancel=None, chat_template_kwargs=None, tool_choice=None, **sampling):
         kwargs = dict(chat_template_kwargs or {})
         kwargs.pop("add_generation_prompt", None)
         ids = self.apply_chat_template(messages, tools=None if tool_choice == "none" else tools, **kwargs)
@@ -530,8 +608,10 @@ class FakeEngine:
                     raise DeviceError("cuda:0: illegal memory access")
                 yield _Chunk(piece, [i])
             n = len(self.reply)
-            yield _Chunk("", [], "length", {"prompt_tokens": len(ids), "completion_tokens": n,
-                                            "total_tokens": len(ids) + n})
+            yield _Chunk(
+                "", [], "length", {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+            )
+
         return gen()
 
     def close(self):
@@ -553,7 +633,7 @@ def test_poisoned_device_gives_503_on_health_and_requests():
     r = c.post("/v1/chat/completions", json={"messages": CHAT})
     assert r.status_code == 503 and r.headers["Retry-After"]
     assert r.get_json()["error"]["code"] == "device_unavailable"
-    assert "helexa_model_healthy{model=\"fake\"} 0.0" in c.get("/metrics").get_data(as_text=True)
+    assert 'helexa_model_healthy{model="fake"} 0.0' in c.get("/metrics").get_data(as_text=True)
 
 
 def test_error_mid_stream_sends_error_chunk_then_done():
@@ -584,28 +664,39 @@ def test_health_503_while_loading_then_ready():
     reg.add("fake", FakeEngine())
     reg._loading.clear()
     assert c.get("/health").status_code == 200
-    assert c.post("/v1/chat/completions", json={"messages": CHAT}).get_json()["choices"][0]["message"][
-        "content"] == "Hello"
+    assert (
+        c.post("/v1/chat/completions", json={"messages": CHAT}).get_json()["choices"][0]["message"]["content"]
+        == "Hello"
+    )
 
 
 def test_messages_and_tools_reach_the_template():
     eng = FakeEngine()
     c = _client(eng)
     tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
-    msgs = [{"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-            {"role": "user", "content": "q"},
-            {"role": "assistant", "content": None,
-             "tool_calls": [{"id": "1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]},
-            {"role": "tool", "tool_call_id": "1", "content": "42"}]
-    r = c.post("/v1/chat/completions", json={"messages": msgs, "tools": tools,
-                                             "chat_template_kwargs": {"enable_thinking": False}})
+    msgs = [
+        {"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "user", "content": "q"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}],
+        },
+        {"role": "tool", "tool_call_id": "1", "content": "42"},
+    ]
+    r = c.post(
+        "/v1/chat/completions",
+        json={"messages": msgs, "tools": tools, "chat_template_kwargs": {"enable_thinking": False}},
+    )
     assert r.status_code == 200, r.get_json()
     got = eng.rendered
     assert got["tools"] == tools and got["kwargs"] == {"enable_thinking": False}
     assert [m["role"] for m in got["messages"]] == ["system", "user", "assistant", "tool"]
     assert got["messages"][0]["content"] == "a\nb"
-    assert c.post("/v1/chat/completions", json={"messages": msgs, "tools": tools,
-                                                "tool_choice": "none"}).status_code == 200
+    assert (
+        c.post("/v1/chat/completions", json={"messages": msgs, "tools": tools, "tool_choice": "none"}).status_code
+        == 200
+    )
     assert eng.rendered["tools"] is None
 
 
@@ -632,13 +723,15 @@ def test_replace_and_unload_close_the_old_engine():
 
 def test_stream_closed_before_its_first_chunk_frees_the_queue():
     from werkzeug.test import EnvironBuilder
+
     app = create_app(FakeEngine(), served_model_name="fake")
     slot = app.extensions["helexa_native"].registry.get("fake")
-    env = EnvironBuilder(method="POST", path="/v1/chat/completions",
-                         json={"messages": CHAT, "stream": True}).get_environ()
+    env = EnvironBuilder(
+        method="POST", path="/v1/chat/completions", json={"messages": CHAT, "stream": True}
+    ).get_environ()
     app_iter = app(env, lambda status, headers, exc_info=None: None)
     assert slot.counts() == (1, 0)
-    app_iter.close()          # as a WSGI server does when the client is already gone
+    app_iter.close()  # as a WSGI server does when the client is already gone
     assert slot.counts() == (0, 0)
     r = app.test_client().post("/v1/chat/completions", json={"messages": CHAT})
     assert r.get_json()["choices"][0]["message"]["content"] == "Hello"
@@ -659,6 +752,7 @@ def test_in_process_auth_and_catch_all():
 def test_queue_order_and_limit():
     from helexa_native.openai_protocol import ApiError
     from helexa_native.server import ModelSlot
+
     slot = ModelSlot("m", FakeEngine(), max_queue=1)
     a = slot.admit()
     assert slot.wait_turn(a, lambda: False) == "run"
@@ -686,6 +780,7 @@ def test_queue_admits_one_runner_and_max_queue_waiters_before_any_runs():
     # next), whether or not the first has reached wait_turn yet.
     from helexa_native.openai_protocol import ApiError
     from helexa_native.server import ModelSlot
+
     for max_queue in (0, 1, 3):
         slot = ModelSlot("m", FakeEngine(), max_queue=max_queue)
         tickets = [slot.admit() for _ in range(max_queue + 1)]
@@ -696,7 +791,7 @@ def test_queue_admits_one_runner_and_max_queue_waiters_before_any_runs():
         with pytest.raises(ApiError):
             slot.admit()
         slot.release(tickets[0])
-        extra = slot.admit()     # the runner left: one place is free again
+        extra = slot.admit()  # the runner left: one place is free again
         for t in tickets[1:] + [extra]:
             slot.release(t)
         assert slot.counts() == (0, 0)
@@ -724,14 +819,23 @@ def test_model_roots_confine_loading(tmp_path):
 
     r = load(str(root / "a.gguf"))
     assert r.status_code == 200 and r.get_json()["id"] == "a"
-    r = load("sub/b.gguf")                       # relative: looked up in the roots
+    r = load("sub/b.gguf")  # relative: looked up in the roots
     assert r.status_code == 200 and r.get_json()["id"] == "b"
-    r = load("inner.gguf")                       # a link that stays inside is fine, named as asked
+    r = load("inner.gguf")  # a link that stays inside is fine, named as asked
     assert r.status_code == 200 and r.get_json()["id"] == "inner"
-    assert opened == [str((root / "a.gguf").resolve()), str((root / "sub" / "b.gguf").resolve()),
-                      str((root / "a.gguf").resolve())]
-    for bad in (str(outside / "secret.gguf"), "../private/secret.gguf", str(root / ".." / "private" / "secret.gguf"),
-                "link.gguf", str(root / "link.gguf"), "/etc/passwd"):
+    assert opened == [
+        str((root / "a.gguf").resolve()),
+        str((root / "sub" / "b.gguf").resolve()),
+        str((root / "a.gguf").resolve()),
+    ]
+    for bad in (
+        str(outside / "secret.gguf"),
+        "../private/secret.gguf",
+        str(root / ".." / "private" / "secret.gguf"),
+        "link.gguf",
+        str(root / "link.gguf"),
+        "/etc/passwd",
+    ):
         r = load(bad)
         assert r.status_code == 403, (bad, r.get_json())
         err = r.get_json()["error"]
@@ -745,8 +849,9 @@ def test_model_roots_confine_loading(tmp_path):
 
 
 def test_model_loading_over_http_can_be_turned_off(tmp_path):
-    c = create_app(FakeEngine(), served_model_name="fake", loader=lambda *a, **k: FakeEngine(),
-                   model_roots=[]).test_client()
+    c = create_app(
+        FakeEngine(), served_model_name="fake", loader=lambda *a, **k: FakeEngine(), model_roots=[]
+    ).test_client()
     (tmp_path / "m.gguf").write_bytes(b"x")
     r = c.post("/v1/models/load", json={"model": str(tmp_path / "m.gguf")})
     assert r.status_code == 403 and r.get_json()["error"]["code"] == "model_load_forbidden"
@@ -755,13 +860,17 @@ def test_model_loading_over_http_can_be_turned_off(tmp_path):
 
 def test_model_root_arguments(tmp_path):
     import argparse
+
     from helexa_native.server.serve import add_serve_arguments, is_loopback, model_roots_from_args
+
     p = argparse.ArgumentParser()
     add_serve_arguments(p)
     assert model_roots_from_args(p.parse_args([])) is None
     assert model_roots_from_args(p.parse_args(["--no-model-load", "--model-root", str(tmp_path)])) == []
-    assert model_roots_from_args(p.parse_args(["--model-root", str(tmp_path), "--model-root", "~"])) == \
-        [tmp_path, Path.home()]
+    assert model_roots_from_args(p.parse_args(["--model-root", str(tmp_path), "--model-root", "~"])) == [
+        tmp_path,
+        Path.home(),
+    ]
     with pytest.raises(ValueError, match="--model-root must be a directory"):
         model_roots_from_args(p.parse_args(["--model-root", str(tmp_path / "nope")]))
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("[::1]")
@@ -773,6 +882,7 @@ def test_model_root_arguments(tmp_path):
 def test_slot_runs_up_to_the_engines_max_num_seqs_together():
     from helexa_native.openai_protocol import ApiError
     from helexa_native.server import ModelSlot
+
     eng = FakeEngine()
     eng.max_num_seqs = 3
     slot = ModelSlot("m", eng, max_queue=1)

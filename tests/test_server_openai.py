@@ -3,23 +3,37 @@
 One real server process (default model, CPU) serves the whole module;
 generations are a few tokens long so the module stays fast on 2 cores.
 """
+
 import openai
 import pytest
 import requests
-
 from server_util import ServerProcess, assert_envelope
 
 KEY = "sk-test-helexa"
 MODEL = "smol"
-CHAT = [{"role": "system", "content": "You are terse."},
-        {"role": "user", "content": "Name a colour."}]
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
 
 
 @pytest.fixture(scope="module")
 def server(default_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("server_openai") / "server.log"
-    with ServerProcess(["--model", str(default_model), "--device", "cpu", "--api-key", KEY,
-                        "--served-model-name", MODEL, "--max-queue", "2", "--max-num-seqs", "32"], log) as s:
+    with ServerProcess(
+        [
+            "--model",
+            str(default_model),
+            "--device",
+            "cpu",
+            "--api-key",
+            KEY,
+            "--served-model-name",
+            MODEL,
+            "--max-queue",
+            "2",
+            "--max-num-seqs",
+            "32",
+        ],
+        log,
+    ) as s:
         yield s
 
 
@@ -45,8 +59,9 @@ def test_chat_streamed_equals_non_streamed(client):
     assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
     assert full.usage.prompt_tokens > 10
 
-    stream = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5, seed=11,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=5, seed=11, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert len({c.id for c in chunks}) == 1
@@ -69,8 +84,9 @@ def test_chat_seed_reproduces_and_differs(client):
 
 
 def test_chat_logprobs(client):
-    r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3, temperature=0,
-                                       logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=3, temperature=0, logprobs=True, top_logprobs=3
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
     for entry in content:
@@ -84,16 +100,16 @@ def test_chat_logprobs(client):
 
 
 def test_completions(client):
-    full = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4,
-                                     seed=3, logprobs=2)
+    full = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, seed=3, logprobs=2)
     assert full.object == "text_completion"
     c = full.choices[0]
     assert c.finish_reason in ("stop", "length")
     assert full.usage.completion_tokens == len(c.logprobs.tokens)
     assert c.logprobs.text_offset[0] == 0
     assert all(len(t) <= 2 for t in c.logprobs.top_logprobs)
-    chunks = list(client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4,
-                                            seed=3, stream=True))
+    chunks = list(
+        client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, seed=3, stream=True)
+    )
     assert "".join(ch.choices[0].text for ch in chunks) == c.text
     assert chunks[-1].choices[0].finish_reason == c.finish_reason
 
@@ -146,11 +162,11 @@ def test_32_concurrent_streaming_clients_match_sequential_runs(client, server):
     def ask(i, stream):
         msgs = [{"role": "user", "content": f"Count to {i}."}]
         if not stream:
-            r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, seed=500 + i,
-                                               temperature=0.8)
+            r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, seed=500 + i, temperature=0.8)
             return r.choices[0].message.content
-        parts = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, seed=500 + i,
-                                               temperature=0.8, stream=True)
+        parts = client.chat.completions.create(
+            model=MODEL, messages=msgs, max_tokens=6, seed=500 + i, temperature=0.8, stream=True
+        )
         return "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
 
     sequential = [ask(i, False) for i in range(32)]
@@ -158,6 +174,9 @@ def test_32_concurrent_streaming_clients_match_sequential_runs(client, server):
         concurrent = list(pool.map(lambda i: ask(i, True), range(32)))
     assert concurrent == sequential
     metrics = requests.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
-    sizes = [int(line.split('batch_size="')[1].split('"')[0]) for line in metrics.splitlines()
-             if line.startswith("helexa_batch_size_steps_total{")]
-    assert max(sizes) > 1          # the streams shared steps
+    sizes = [
+        int(line.split('batch_size="')[1].split('"')[0])
+        for line in metrics.splitlines()
+        if line.startswith("helexa_batch_size_steps_total{")
+    ]
+    assert max(sizes) > 1  # the streams shared steps

@@ -1,7 +1,6 @@
 """The streaming stop-string matcher."""
-import random
 
-import pytest
+import random
 
 from helexa_native.stop import StopMatcher, truncate_at_stop
 
@@ -78,11 +77,10 @@ def test_random_chunkings_agree_with_whole_text():
     alphabet = "ab c\n"
     for _ in range(400):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 25)))
-        stops = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 4)))
-                 for _ in range(rng.randrange(1, 4))]
+        stops = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 4))) for _ in range(rng.randrange(1, 4))]
         # Whole-text expectation, written independently: earliest start wins.
         hits = [(text.find(s), s) for s in stops if text.find(s) >= 0]
-        want = text[:min(hits)[0]] if hits else text
+        want = text[: min(hits)[0]] if hits else text
         cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randrange(0, 6))))
         pieces = [text[i:j] for i, j in zip([0] + cuts, cuts + [len(text)])]
         got, matched, _ = stream(stops, pieces)

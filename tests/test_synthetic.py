@@ -1,4 +1,5 @@
 """Synthetic models: loadable, real shapes, sane weight statistics, deterministic."""
+
 import hashlib
 import json
 
@@ -9,8 +10,7 @@ import torch
 
 from helexa_native.ggml_types import FLOAT_TYPES, QUANT_TYPES
 from helexa_native.loaders import describe, load_source
-from helexa_native.synthetic import (PRESETS, preset_config, write_synthetic_gguf,
-                                     write_synthetic_safetensors)
+from helexa_native.synthetic import PRESETS, preset_config, write_synthetic_gguf, write_synthetic_safetensors
 from helexa_native.writers.gguf_writer import llama3_freq_factors
 
 SMALL = dict(n_layers=1, vocab_size=1024)
@@ -38,15 +38,24 @@ def file_hash(path):
 # MoE presets (routers in F32, Q6_K expert down projections) are checked in test_moe.py.
 @pytest.mark.parametrize("preset", [p for p in PRESETS if p != "llama3-8b" and not PRESETS[p].get("num_experts")])
 def test_presets_q4_k_m(tmp_models, preset):
-    path, nbytes = write_synthetic_gguf(tmp_models / f"{preset}.gguf", preset, "Q4_K_M", progress=False,
-                                        n_layers=2, vocab_size=2048)
+    path, nbytes = write_synthetic_gguf(
+        tmp_models / f"{preset}.gguf", preset, "Q4_K_M", progress=False, n_layers=2, vocab_size=2048
+    )
     assert nbytes == path.stat().st_size
     src = load_source(path, progress=False)
     try:
         c, p = src.config, PRESETS[preset]
         assert (c.arch, c.num_layers, c.vocab_size) == (p["arch"], 2, 2048)
-        for field in ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
-                      "rope_theta", "tie_word_embeddings", "max_position_embeddings"):
+        for field in (
+            "hidden_size",
+            "intermediate_size",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "rope_theta",
+            "tie_word_embeddings",
+            "max_position_embeddings",
+        ):
             assert getattr(c, field) == p[field], field
         assert c.attention_bias == p.get("attention_bias", False) and c.qk_norm == p.get("qk_norm", False)
         assert c.rope_style == ("pairs" if p["arch"] == "llama" else "half")
@@ -66,17 +75,24 @@ def test_presets_q4_k_m(tmp_models, preset):
 
 
 def test_llama3_8b_preset(tmp_models):
-    path, nbytes = write_synthetic_gguf(tmp_models / "l3.gguf", "llama3-8b", "Q4_K_M", progress=False,
-                                        n_layers=1)
+    path, nbytes = write_synthetic_gguf(tmp_models / "l3.gguf", "llama3-8b", "Q4_K_M", progress=False, n_layers=1)
     src = load_source(path, progress=False)
     try:
         c = src.config
-        assert (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads,
-                c.head_dim) == (128256, 4096, 14336, 32, 8, 128)
+        assert (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim) == (
+            128256,
+            4096,
+            14336,
+            32,
+            8,
+            128,
+        )
         assert c.rope_theta == 500000.0 and not c.tie_word_embeddings
         assert c.rope_scaling == {"type": "freq_factors"}
-        np.testing.assert_array_equal(src.tensors["rope_freqs.weight"].to_float().numpy(),
-                                      llama3_freq_factors(128, 500000.0, PRESETS["llama3-8b"]["rope_scaling"]))
+        np.testing.assert_array_equal(
+            src.tensors["rope_freqs.weight"].to_float().numpy(),
+            llama3_freq_factors(128, 500000.0, PRESETS["llama3-8b"]["rope_scaling"]),
+        )
         d = describe(src)
         assert d["tensor_types"]["Q6_K"]["count"] == 3 and d["tensor_types"]["Q4_K"]["count"] == 6
         # 4.5 bits per Q4_K weight, 6.5625 per Q6_K
@@ -99,8 +115,9 @@ def test_every_type(tmp_models, qtype):
             assert t.tensor_type.name == want, t.name
             if t.name == "blk.0.ffn_gate.weight":
                 ref = gguf.quants.dequantize(t.data, t.tensor_type)
-                np.testing.assert_allclose(src.tensors[t.name].to_float().numpy(), ref.reshape(3072, 1024),
-                                           rtol=1e-6, atol=1e-9)
+                np.testing.assert_allclose(
+                    src.tensors[t.name].to_float().numpy(), ref.reshape(3072, 1024), rtol=1e-6, atol=1e-9
+                )
         check_stats(src)
         if qtype in QUANT_TYPES:
             # no NaN/inf fp16 scales anywhere (they would make weights non-finite)
@@ -111,8 +128,10 @@ def test_every_type(tmp_models, qtype):
 
 def _logits(src, tokens):
     """Embedding -> one SwiGLU MLP block -> final norm -> tied/untied head (float64)."""
+
     def rms(x, w):
-        return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6) * w
+        return x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-6) * w
+
     t = {n: v.to_float().double().numpy() for n, v in src.tensors.items()}
     h = t["token_embd.weight"][tokens]
     x = rms(h, t["blk.0.ffn_norm.weight"])
@@ -131,22 +150,25 @@ def test_activations_are_sane(tmp_models):
         src.close()
     assert np.isfinite(logits).all()
     assert 0.1 < logits.std(axis=-1).min() and logits.std(axis=-1).max() < 10
-    assert len(set(logits.argmax(-1).tolist())) > 1      # different tokens, different predictions
+    assert len(set(logits.argmax(-1).tolist())) > 1  # different tokens, different predictions
 
 
 def test_deterministic(tmp_models):
-    a, _ = write_synthetic_gguf(tmp_models / "a.gguf", "qwen2.5-0.5b", "Q4_K_M", seed=7, progress=False,
-                                threads=1, **SMALL)
-    b, _ = write_synthetic_gguf(tmp_models / "b.gguf", "qwen2.5-0.5b", "Q4_K_M", seed=7, progress=False,
-                                threads=3, **SMALL)
+    a, _ = write_synthetic_gguf(
+        tmp_models / "a.gguf", "qwen2.5-0.5b", "Q4_K_M", seed=7, progress=False, threads=1, **SMALL
+    )
+    b, _ = write_synthetic_gguf(
+        tmp_models / "b.gguf", "qwen2.5-0.5b", "Q4_K_M", seed=7, progress=False, threads=3, **SMALL
+    )
     c, _ = write_synthetic_gguf(tmp_models / "c.gguf", "qwen2.5-0.5b", "Q4_K_M", seed=8, progress=False, **SMALL)
     assert file_hash(a) == file_hash(b) != file_hash(c)
 
 
 @pytest.mark.parametrize("dtype,tag", [("bf16", "BF16"), ("fp16", "F16"), ("fp32", "F32")])
 def test_safetensors_folder(tmp_models, dtype, tag):
-    folder, nbytes = write_synthetic_safetensors(tmp_models / f"hf-{dtype}", "qwen2.5-0.5b", dtype,
-                                                 progress=False, **SMALL)
+    folder, nbytes = write_synthetic_safetensors(
+        tmp_models / f"hf-{dtype}", "qwen2.5-0.5b", dtype, progress=False, **SMALL
+    )
     assert nbytes == (folder / "model.safetensors").stat().st_size
     src = load_source(folder, progress=False)
     try:
@@ -163,6 +185,7 @@ def test_safetensors_folder(tmp_models, dtype, tag):
 def test_safetensors_folder_loads_in_transformers(tmp_models):
     import transformers
     from tokenizers import Tokenizer
+
     folder, _ = write_synthetic_safetensors(tmp_models / "hf", "qwen3-0.6b", "fp32", progress=False, **SMALL)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
     assert type(model).__name__ == "Qwen3ForCausalLM"

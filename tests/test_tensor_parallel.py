@@ -6,6 +6,7 @@ of the partial sums' order. The multi-process runs start real processes
 (torchrun, or two processes with torchrun's environment) on gloo, each one
 bounded by a timeout.
 """
+
 import json
 import os
 import socket
@@ -19,8 +20,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
-
 from hf_factory import VOCAB, make_hf_model
+
 from helexa_native import Engine
 from helexa_native.backends.cpu import CPUBackend
 from helexa_native.config import ModelConfig
@@ -28,12 +29,11 @@ from helexa_native.errors import DeviceError, LaunchError, ShardingError, Unsupp
 from helexa_native.ggml_types import FLOAT_TYPES, QUANT_TYPES
 from helexa_native.loaders import load_source
 from helexa_native.loaders.validate import expected_shapes
-from helexa_native.params import SamplerState, SamplingParams
 from helexa_native.parallel.backend import ShardedCPUBackend
-from helexa_native.parallel.distributed import (Launch, check_launch, decode_step, encode_step,
-                                                launch_from_env)
+from helexa_native.parallel.distributed import Launch, check_launch, decode_step, encode_step, launch_from_env
 from helexa_native.parallel.launch import tensor_parallel_backend
 from helexa_native.parallel.sharding import ROWS, shard_plan, shard_tensor
+from helexa_native.params import SamplerState, SamplingParams
 from helexa_native.writers.gguf_writer import write_gguf
 
 TESTS = Path(__file__).resolve().parent
@@ -42,9 +42,20 @@ SUBPROCESS_TIMEOUT = 240
 
 
 def config(arch="llama", **kw):
-    base = dict(arch=arch, vocab_size=384, hidden_size=256, intermediate_size=512, num_layers=1,
-                num_heads=4, num_kv_heads=2, head_dim=128, rms_norm_eps=1e-5, rope_theta=10000.0,
-                rope_style="pairs" if arch == "llama" else "half", max_position_embeddings=256)
+    base = dict(
+        arch=arch,
+        vocab_size=384,
+        hidden_size=256,
+        intermediate_size=512,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        rope_style="pairs" if arch == "llama" else "half",
+        max_position_embeddings=256,
+    )
     if arch == "qwen2":
         base.update(attention_bias=True, tie_word_embeddings=True)
     if arch == "qwen3":
@@ -71,6 +82,7 @@ def hf_models(tmp_path_factory):
         if variant not in cache:
             cache[variant] = make_hf_model(variant, tmp_path_factory.mktemp(variant))[0]
         return cache[variant]
+
     return get
 
 
@@ -91,8 +103,15 @@ def test_plan_splits_heads_mlp_and_vocabulary():
     assert p.split("blk.0.ffn_down.weight").direction == "columns"
     assert p.split("blk.0.ffn_up.weight").bounds == ((0, 256), (256, 512))
     assert p.split("output.weight").bounds == ((0, 193), (193, 385))
-    for name in ("token_embd.weight", "output_norm.weight", "blk.0.attn_norm.weight", "blk.0.ffn_norm.weight",
-                 "blk.0.attn_q_norm.weight", "blk.0.attn_output.bias", "rope_freqs.weight"):
+    for name in (
+        "token_embd.weight",
+        "output_norm.weight",
+        "blk.0.attn_norm.weight",
+        "blk.0.ffn_norm.weight",
+        "blk.0.attn_q_norm.weight",
+        "blk.0.attn_output.bias",
+        "rope_freqs.weight",
+    ):
         assert p.split(name) is None, name
     assert p.kv_of_q(1) == [0, 0, 1, 1]
     assert shard_plan(cfg, 1).split("blk.0.attn_q.weight") is None
@@ -163,10 +182,11 @@ def test_gguf_shards_are_views_that_reassemble(tmp_path, qtype):
                 ref_parts.append(_gguf_dequant(s.data, s.dtype).reshape(s.shape))
             axis = 0 if sp.direction == ROWS else -1
             np.testing.assert_array_equal(np.concatenate(parts, axis), full)
-            np.testing.assert_allclose(np.concatenate(ref_parts, axis), full_ref.reshape(full.shape),
-                                       rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(
+                np.concatenate(ref_parts, axis), full_ref.reshape(full.shape), rtol=1e-6, atol=1e-7
+            )
             np.testing.assert_allclose(full, full_ref.reshape(full.shape), rtol=1e-6, atol=1e-7)
-        assert split == 8           # q, k, v, o, gate, up, down and output.weight
+        assert split == 8  # q, k, v, o, gate, up, down and output.weight
     finally:
         src.close()
 
@@ -186,7 +206,7 @@ def test_quantized_column_split_off_a_block_boundary_names_the_tensor(tmp_path):
             ShardedCPUBackend(src, 32, tensor_parallel=2)
     finally:
         src.close()
-    path = write_gguf(tmp_path / "q8.gguf", cfg, w, "Q8_0")      # 32-weight blocks split fine
+    path = write_gguf(tmp_path / "q8.gguf", cfg, w, "Q8_0")  # 32-weight blocks split fine
     src = load_source(path, progress=False)
     try:
         shard_plan(cfg, 4).check(src.tensors)
@@ -201,8 +221,7 @@ def test_hf_shards_are_views_of_the_safetensors_map(hf_models):
         raw = src.tensors["blk.0.attn_output.weight"]
         parts = [shard_tensor(raw, plan, r, "blk.0.attn_output.weight") for r in range(2)]
         assert all(np.shares_memory(p.data, raw.data) for p in parts)
-        np.testing.assert_array_equal(np.concatenate([p.to_float().numpy() for p in parts], -1),
-                                      raw.to_float().numpy())
+        np.testing.assert_array_equal(np.concatenate([p.to_float().numpy() for p in parts], -1), raw.to_float().numpy())
     finally:
         src.close()
 
@@ -350,8 +369,9 @@ def test_launch_environment_and_mismatch():
 
 
 def _env(**extra):
-    env = dict(os.environ, HELEXA_NO_PROGRESS="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS)]))
+    env = dict(
+        os.environ, HELEXA_NO_PROGRESS="1", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS)])
+    )
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     env.update({k: str(v) for k, v in extra.items()})
@@ -359,17 +379,43 @@ def _env(**extra):
 
 
 def _torchrun(*args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "helexa_native", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "helexa_native",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env=_env())
 
 
 def test_torchrun_two_processes_generate_what_one_process_does(hf_models):
     folder = str(hf_models("llama"))
-    args = ["generate", "--device", "cpu", "--model", folder, "--temperature", "0", "--max-tokens", "12",
-            "--ignore-eos", "--json", "w5 w9 w17 w33"]
-    one = subprocess.run([sys.executable, "-m", "helexa_native", *args], capture_output=True, text=True,
-                         timeout=SUBPROCESS_TIMEOUT, env=_env())
+    args = [
+        "generate",
+        "--device",
+        "cpu",
+        "--model",
+        folder,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "12",
+        "--ignore-eos",
+        "--json",
+        "w5 w9 w17 w33",
+    ]
+    one = subprocess.run(
+        [sys.executable, "-m", "helexa_native", *args],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+        env=_env(),
+    )
     assert one.returncode == 0, one.stderr
     two = _torchrun(*args, "--tensor-parallel", "2")
     assert two.returncode == 0, two.stderr
@@ -379,8 +425,18 @@ def test_torchrun_two_processes_generate_what_one_process_does(hf_models):
 
 
 def test_torchrun_mismatched_launch_fails_clearly(hf_models):
-    p = _torchrun("generate", "--device", "cpu", "--model", str(hf_models("llama")), "--tensor-parallel", "3",
-                  "--max-tokens", "2", "w5")
+    p = _torchrun(
+        "generate",
+        "--device",
+        "cpu",
+        "--model",
+        str(hf_models("llama")),
+        "--tensor-parallel",
+        "3",
+        "--max-tokens",
+        "2",
+        "w5",
+    )
     assert p.returncode != 0
     assert "mismatched launch: 2 processes were started (WORLD_SIZE=2) but tensor_parallel is 3" in p.stderr
     assert "rank 1: mismatched launch" in p.stderr
@@ -401,15 +457,22 @@ class _Ranks:
         for r in (0, 1):
             env = _env(RANK=r, WORLD_SIZE=2, LOCAL_RANK=r, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
             path = follower_model if r == 1 and follower_model is not None else model
-            self.procs.append(subprocess.Popen([sys.executable, str(TESTS / "tp_driver.py"), str(path), *args],
-                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                               env=env))
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(TESTS / "tp_driver.py"), str(path), *args],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=env,
+                )
+            )
 
     def line(self, timeout=SUBPROCESS_TIMEOUT) -> dict:
         out = {}
 
         def read():
             out["line"] = self.procs[0].stdout.readline()
+
         t = threading.Thread(target=read, daemon=True)
         t.start()
         t.join(timeout)

@@ -1,6 +1,7 @@
 """Tokenizer: the default model's GGUF vocabulary against transformers' own GGUF
 conversion, synthetic llama-3 / qwen2 / SentencePiece vocabularies written as
 GGUF files, tokenizer.json folders, and bad metadata."""
+
 import json
 import logging
 
@@ -12,8 +13,14 @@ from tokenizers import Tokenizer as HFBackend
 
 from helexa_native.config import TokenizerSource
 from helexa_native.errors import TokenizerError
-from helexa_native.loaders.gguf_tokenizer import (TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN,
-                                                  TOKEN_USER_DEFINED, tokenizer_from_gguf)
+from helexa_native.loaders.gguf_tokenizer import (
+    TOKEN_BYTE,
+    TOKEN_CONTROL,
+    TOKEN_NORMAL,
+    TOKEN_UNKNOWN,
+    TOKEN_USER_DEFINED,
+    tokenizer_from_gguf,
+)
 from helexa_native.tokenizer import BYTE_TO_CHAR, Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -23,7 +30,7 @@ def read_gguf_tokenizer_meta(path) -> dict:
     """`tokenizer.ggml.*` fields of a GGUF file, prefix stripped, as plain values."""
     reader = gguf.GGUFReader(str(path))
     prefix = "tokenizer.ggml."
-    return {k[len(prefix):]: f.contents() for k, f in reader.fields.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: f.contents() for k, f in reader.fields.items() if k.startswith(prefix)}
 
 
 def write_tokenizer_gguf(path, arch: str, meta: dict) -> None:
@@ -60,6 +67,7 @@ def write_tokenizer_gguf(path, arch: str, meta: dict) -> None:
 
 def hf_from_gguf(tmp_dir, name="model.gguf"):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(tmp_dir), gguf_file=name)
 
 
@@ -80,11 +88,12 @@ TEXTS = [
     " ",
     "\n",
     "a\u00a0b\u200bc\u3000d",
-    "ﷺ 𝕳𝖊𝖑𝖑𝖔 \U0001F9D1\u200d\U0001F4BB",
+    "ﷺ 𝕳𝖊𝖑𝖑𝖔 \U0001f9d1\u200d\U0001f4bb",
 ]
 
 
 # ---- default model (SmolLM2, gpt2 BPE, pre "smollm") --------------------
+
 
 @pytest.fixture(scope="session")
 def smollm_meta(default_model):
@@ -105,9 +114,12 @@ def smollm_hf(default_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("smollm_gguf")
     (d / "model.gguf").symlink_to(default_model)
     hf = hf_from_gguf(d)
-    hf.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    hf.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     return hf
 
 
@@ -186,6 +198,7 @@ def test_bad_ids_raise(smollm_tok):
 
 # ---- tokenizer.json folder ------------------------------------------------
 
+
 def test_hf_folder_from_saved_gguf_tokenizer(smollm_hf, tmp_path):
     smollm_hf.save_pretrained(tmp_path)
     t = Tokenizer.from_source(TokenizerSource(kind="hf", hf_dir=tmp_path))
@@ -202,17 +215,39 @@ def test_hf_folder_add_bos_from_config(tmp_path):
     # A llama-style tokenizer.json with no post-processor; the config asks for BOS.
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "\u2581": 3, "h": 4, "i": 5, "\u2581h": 6, "hi": 7, "\u2581hi": 8}
     vocab.update({f"<0x{b:02X}>": 9 + b for b in range(256)})
-    backend = HFBackend(models.BPE(vocab=vocab, merges=[("\u2581", "h"), ("h", "i"), ("\u2581h", "i")],
-                                   unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    backend = HFBackend(
+        models.BPE(
+            vocab=vocab,
+            merges=[("\u2581", "h"), ("h", "i"), ("\u2581h", "i")],
+            unk_token="<unk>",
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
-    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
-                                         decoders.Fuse(), decoders.Strip(content=" ", left=1, right=0)])
+    backend.decoder = decoders.Sequence(
+        [
+            decoders.Replace("\u2581", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(content=" ", left=1, right=0),
+        ]
+    )
     from tokenizers import AddedToken
+
     backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in ("<unk>", "<s>", "</s>")])
     backend.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "unk_token": "<unk>",
-         "add_bos_token": True, "add_eos_token": True}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<s>",
+                "eos_token": {"content": "</s>"},
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "add_eos_token": True,
+            }
+        )
+    )
     t = Tokenizer.from_hf_dir(tmp_path)
     assert t.kind == "sentencepiece" and t.strip_leading_space
     assert t.encode("hi hi") == [1, 8, 8, 2]
@@ -252,11 +287,15 @@ PROBES = [
 
 def _train_byte_level(pre: str, split: str, vocab_size: int = 420):
     backend = HFBackend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     backend.train_from_iterator(CORPUS, trainer)
     spec = json.loads(backend.to_str())
     vocab = spec["model"]["vocab"]
@@ -270,14 +309,25 @@ def _train_byte_level(pre: str, split: str, vocab_size: int = 420):
     if pre == "qwen2":
         tokens.append("<tool_call>")
         token_type.append(TOKEN_USER_DEFINED)
-    return dict(model="gpt2", pre=pre, tokens=tokens, token_type=token_type, merges=merges,
-                bos_token_id=tokens.index(specials[0]), eos_token_id=tokens.index(specials[-1]))
+    return dict(
+        model="gpt2",
+        pre=pre,
+        tokens=tokens,
+        token_type=token_type,
+        merges=merges,
+        bos_token_id=tokens.index(specials[0]),
+        eos_token_id=tokens.index(specials[-1]),
+    )
 
 
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 @pytest.fixture(scope="module", params=["llama-bpe", "qwen2"])
@@ -295,7 +345,7 @@ def test_synthetic_bpe_matches_transformers(synthetic_bpe):
     pre, meta, ours, hf = synthetic_bpe
     texts = PROBES + [f"{meta['tokens'][meta['bos_token_id']]}hi{meta['tokens'][meta['eos_token_id']]} there"]
     if pre == "qwen2":
-        texts.append("<|im_start|>user\n<tool_call>{\"a\": 1}<|im_end|>")
+        texts.append('<|im_start|>user\n<tool_call>{"a": 1}<|im_end|>')
     for text in texts:
         ids = hf.encode(text, add_special_tokens=False)
         assert ours.encode(text, add_special_tokens=False) == ids, text
@@ -339,22 +389,34 @@ def test_llama3_whole_word_ignores_merges():
     byte_tokens = [BYTE_TO_CHAR[b] for b in range(256)]
     tokens = byte_tokens + ["ab", "abc", "<|s|>"]
     types = [TOKEN_NORMAL] * (len(tokens) - 1) + [TOKEN_CONTROL]
-    base = dict(model="gpt2", tokens=tokens, token_type=types, merges=["a b"],
-                bos_token_id=len(tokens) - 1, eos_token_id=len(tokens) - 1)
+    base = dict(
+        model="gpt2",
+        tokens=tokens,
+        token_type=types,
+        merges=["a b"],
+        bos_token_id=len(tokens) - 1,
+        eos_token_id=len(tokens) - 1,
+    )
     llama3 = tokenizer_from_gguf(dict(base, pre="llama-bpe"))
     qwen2 = tokenizer_from_gguf(dict(base, pre="qwen2"))
     abc, ab, c = tokens.index("abc"), tokens.index("ab"), tokens.index("c")
     assert llama3.encode("abc", add_special_tokens=False) == [abc]
     assert qwen2.encode("abc", add_special_tokens=False) == [ab, c]
-    assert llama3.encode("abc") == [len(tokens) - 1, abc]     # llama-3 adds BOS by default
+    assert llama3.encode("abc") == [len(tokens) - 1, abc]  # llama-3 adds BOS by default
     assert qwen2.encode("abc") == [ab, c]
 
 
 def test_unknown_pre_tokenizer_warns_and_works(caplog):
     tokens = [BYTE_TO_CHAR[b] for b in range(256)] + ["<e>"]
-    meta = dict(model="gpt2", pre="some-future-model", tokens=tokens,
-                token_type=[TOKEN_NORMAL] * 256 + [TOKEN_CONTROL], merges=[],
-                bos_token_id=256, eos_token_id=256)
+    meta = dict(
+        model="gpt2",
+        pre="some-future-model",
+        tokens=tokens,
+        token_type=[TOKEN_NORMAL] * 256 + [TOKEN_CONTROL],
+        merges=[],
+        bos_token_id=256,
+        eos_token_id=256,
+    )
     with caplog.at_level(logging.WARNING):
         t = tokenizer_from_gguf(meta)
     assert "some-future-model" in caplog.text
@@ -363,13 +425,34 @@ def test_unknown_pre_tokenizer_warns_and_works(caplog):
 
 # ---- synthetic SentencePiece ("llama") vocabulary ------------------------
 
+
 def _spm_meta():
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     types = [TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_CONTROL] + [TOKEN_BYTE] * 256
     scores = [0.0] * len(tokens)
-    merged = ["\u2581t", "he", "\u2581the", "\u2581a", "in", "\u2581w", "or", "ld", "orld", "\u2581world",
-              "ll", "llo", "\u2581he", "\u2581hello", "\u2581\u2581", "\u2581in", "\u2581and", "an", "nd",
-              "\u2581an", "wor"]
+    merged = [
+        "\u2581t",
+        "he",
+        "\u2581the",
+        "\u2581a",
+        "in",
+        "\u2581w",
+        "or",
+        "ld",
+        "orld",
+        "\u2581world",
+        "ll",
+        "llo",
+        "\u2581he",
+        "\u2581hello",
+        "\u2581\u2581",
+        "\u2581in",
+        "\u2581and",
+        "an",
+        "nd",
+        "\u2581an",
+        "wor",
+    ]
     for k, piece in enumerate(merged):
         tokens.append(piece)
         types.append(TOKEN_NORMAL)
@@ -378,8 +461,15 @@ def _spm_meta():
         tokens.append(ch)
         types.append(TOKEN_NORMAL)
         scores.append(-100.0 - k)
-    return dict(model="llama", tokens=tokens, token_type=types, scores=scores,
-                bos_token_id=1, eos_token_id=2, unknown_token_id=0)
+    return dict(
+        model="llama",
+        tokens=tokens,
+        token_type=types,
+        scores=scores,
+        bos_token_id=1,
+        eos_token_id=2,
+        unknown_token_id=0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -391,9 +481,19 @@ def synthetic_spm(tmp_path_factory):
     return meta, ours, hf_from_gguf(d)
 
 
-SPM_TEXTS = ["the world", "hello world and the world", " the  world ", "Hello, World!",
-             "in and an", "naïve café 中文 🎉", "line\nbreak\ttab", "<s>the</s> world", "",
-             "  leading", "wor world worl"]
+SPM_TEXTS = [
+    "the world",
+    "hello world and the world",
+    " the  world ",
+    "Hello, World!",
+    "in and an",
+    "naïve café 中文 🎉",
+    "line\nbreak\ttab",
+    "<s>the</s> world",
+    "",
+    "  leading",
+    "wor world worl",
+]
 
 
 def test_spm_hand_computed(synthetic_spm):
@@ -440,26 +540,36 @@ def test_spm_hf_folder_matches_transformers(synthetic_spm, tmp_path):
 
 # ---- bad metadata ---------------------------------------------------------
 
+
 def _good_meta():
-    return dict(model="gpt2", pre="gpt2", tokens=[BYTE_TO_CHAR[b] for b in range(256)] + ["<e>"],
-                token_type=[TOKEN_NORMAL] * 256 + [TOKEN_CONTROL], merges=[],
-                bos_token_id=256, eos_token_id=256)
+    return dict(
+        model="gpt2",
+        pre="gpt2",
+        tokens=[BYTE_TO_CHAR[b] for b in range(256)] + ["<e>"],
+        token_type=[TOKEN_NORMAL] * 256 + [TOKEN_CONTROL],
+        merges=[],
+        bos_token_id=256,
+        eos_token_id=256,
+    )
 
 
-@pytest.mark.parametrize("change, words", [
-    (dict(tokens=None), "tokens"),
-    (dict(tokens=[]), "tokens"),
-    (dict(tokens=[1, 2, 3]), "strings"),
-    (dict(model="bert"), "bert"),
-    (dict(model=None), "model"),
-    (dict(token_type=[1, 1]), "token_type"),
-    (dict(merges=None), "merges"),
-    (dict(merges=["nospace"]), "merges"),
-    (dict(merges=["a zz"]), "merge"),
-    (dict(bos_token_id=10**6), "bos_token_id"),
-    (dict(eos_token_id="x"), "eos_token_id"),
-    (dict(add_bos_token=True, bos_token_id=None), "bos"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (dict(tokens=None), "tokens"),
+        (dict(tokens=[]), "tokens"),
+        (dict(tokens=[1, 2, 3]), "strings"),
+        (dict(model="bert"), "bert"),
+        (dict(model=None), "model"),
+        (dict(token_type=[1, 1]), "token_type"),
+        (dict(merges=None), "merges"),
+        (dict(merges=["nospace"]), "merges"),
+        (dict(merges=["a zz"]), "merge"),
+        (dict(bos_token_id=10**6), "bos_token_id"),
+        (dict(eos_token_id="x"), "eos_token_id"),
+        (dict(add_bos_token=True, bos_token_id=None), "bos"),
+    ],
+)
 def test_bad_gguf_metadata_raises(change, words):
     meta = dict(_good_meta(), **change)
     meta = {k: v for k, v in meta.items() if v is not None}
@@ -488,8 +598,12 @@ def test_bad_sources_raise(tmp_path):
 
 def test_numpy_metadata_values_are_accepted():
     meta = _good_meta()
-    meta.update(token_type=np.array(meta["token_type"], dtype=np.int32),
-                bos_token_id=np.uint32(256), eos_token_id=np.int64(256), add_bos_token=np.bool_(True))
+    meta.update(
+        token_type=np.array(meta["token_type"], dtype=np.int32),
+        bos_token_id=np.uint32(256),
+        eos_token_id=np.int64(256),
+        add_bos_token=np.bool_(True),
+    )
     t = tokenizer_from_gguf(meta)
     assert t.bos_token_id == 256 and type(t.bos_token_id) is int
     assert t.encode("hi") == [256, ord("h"), ord("i")]
@@ -505,6 +619,7 @@ def test_stray_optional_ids_are_ignored(caplog):
 
 def test_loader_source_builds_the_same_tokenizer(default_model, smollm_tok):
     from helexa_native.loaders import load_source
+
     src = load_source(default_model, progress=False)
     try:
         t = Tokenizer.from_source(src.tokenizer)

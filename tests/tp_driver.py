@@ -9,6 +9,7 @@ test kill rank 1 between two generations: rank 0 then prints "ready" and
 waits for its health to turn false. An Engine that fails to start prints
 its error the same way.
 """
+
 import argparse
 import json
 import os
@@ -47,8 +48,9 @@ def main() -> int:
     if int(os.environ["RANK"]) == 1 and args.fault in ("hang", "kill"):
         _inject(args.fault, args.fault_step)
     try:
-        eng = Engine(args.model, device="cpu", n_ctx=64, tensor_parallel=2, step_timeout=args.step_timeout,
-                     progress=False)
+        eng = Engine(
+            args.model, device="cpu", n_ctx=64, tensor_parallel=2, step_timeout=args.step_timeout, progress=False
+        )
     except Exception as e:
         print(json.dumps({"error": type(e).__name__, "message": str(e)}), flush=True)
         return 1
@@ -56,8 +58,7 @@ def main() -> int:
     out = {}
     t0 = time.monotonic()
     try:
-        out["tokens"] = eng.generate(prompt, temperature=0, max_tokens=args.max_tokens,
-                                     ignore_eos=True).token_ids
+        out["tokens"] = eng.generate(prompt, temperature=0, max_tokens=args.max_tokens, ignore_eos=True).token_ids
     except Exception as e:
         out.update(error=type(e).__name__, message=str(e), seconds=time.monotonic() - t0)
     out["healthy"] = eng.info()["healthy"]

@@ -8,6 +8,7 @@ writes and loads that separate `helexa-native bench` calls would make, and
 collects every result in one JSON file (rewritten after each result, so a
 run cut short keeps what it measured).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-DEFAULT_MODELS = ("llama3-8b:Q4_K_M,llama3-8b:Q4_0,llama3-8b:Q8_0,llama3-8b:bf16,"
-                  "smollm2-135m:Q4_0,smollm2-135m:bf16")
+DEFAULT_MODELS = "llama3-8b:Q4_K_M,llama3-8b:Q4_0,llama3-8b:Q8_0,llama3-8b:bf16,smollm2-135m:Q4_0,smollm2-135m:bf16"
 
 
 def _args(argv):
@@ -31,13 +31,19 @@ def _args(argv):
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--int8-modes", action="store_true",
-                   help="also time each block-quantized model at depth 0 with int8 activations on "
-                        "every type that has them and with float math everywhere (the default "
-                        "uses int8 where it is faster)")
-    p.add_argument("--concurrency", default="",
-                   help="also run N concurrent streams for each N of this comma-separated list "
-                        "(bench --concurrency: aggregate decode tok/s, ITL, TTFT); empty: skip")
+    p.add_argument(
+        "--int8-modes",
+        action="store_true",
+        help="also time each block-quantized model at depth 0 with int8 activations on "
+        "every type that has them and with float math everywhere (the default "
+        "uses int8 where it is faster)",
+    )
+    p.add_argument(
+        "--concurrency",
+        default="",
+        help="also run N concurrent streams for each N of this comma-separated list "
+        "(bench --concurrency: aggregate decode tok/s, ITL, TTFT); empty: skip",
+    )
     p.add_argument("--workdir", default=None, help="where synthetic models are written (default: a temp dir)")
     p.add_argument("--json", dest="json_file", required=True, help="output JSON file")
     return p.parse_args(argv)
@@ -51,8 +57,14 @@ def main(argv=None) -> int:
     depths = [int(d) for d in a.depths.split(",") if d.strip()]
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     n_ctx = max(depths) + a.prompt_tokens + a.decode_tokens
-    out = {"device": a.device, "prompt_tokens": a.prompt_tokens, "decode_tokens": a.decode_tokens,
-           "depths": depths, "n_ctx": n_ctx, "results": []}
+    out = {
+        "device": a.device,
+        "prompt_tokens": a.prompt_tokens,
+        "decode_tokens": a.decode_tokens,
+        "depths": depths,
+        "n_ctx": n_ctx,
+        "results": [],
+    }
     index = 0 if a.device == "cuda" else int(a.device.split(":")[1])
     out["copy_bandwidth_gb_per_s"] = copy_bw = measure_copy_bandwidth(index)
     print(f"device copy bandwidth {copy_bw:.0f} GB/s", flush=True)
@@ -81,11 +93,15 @@ def main(argv=None) -> int:
                 print(f"{spec}: loaded in {eng.load_seconds:.2f} s", flush=True)
                 entry["runs"] = []
                 for depth in depths:
-                    r = bench_engine(eng, a.prompt_tokens, a.decode_tokens, depth, a.repeats,
-                                     copy_bandwidth_gbs=copy_bw)
+                    r = bench_engine(
+                        eng, a.prompt_tokens, a.decode_tokens, depth, a.repeats, copy_bandwidth_gbs=copy_bw
+                    )
                     entry["runs"].append(r)
-                    print(f"{spec}: depth {depth}: prefill {r['prefill_tokens_per_s']:.0f} tok/s, decode "
-                          f"{r['decode_tokens_per_s']:.1f} tok/s ({r['achieved_gb_per_s']:.0f} GB/s)", flush=True)
+                    print(
+                        f"{spec}: depth {depth}: prefill {r['prefill_tokens_per_s']:.0f} tok/s, decode "
+                        f"{r['decode_tokens_per_s']:.1f} tok/s ({r['achieved_gb_per_s']:.0f} GB/s)",
+                        flush=True,
+                    )
                     save()
                 entry["graphs"] = {k: v for k, v in eng.backend.memory_info().items() if k.startswith("graph")}
                 levels = [int(x) for x in a.concurrency.split(",") if x.strip()]
@@ -94,18 +110,25 @@ def main(argv=None) -> int:
                     for n in levels:
                         row = bench_concurrency(eng, [n], a.prompt_tokens, a.decode_tokens, warmup=n == levels[0])[0]
                         entry["concurrency"].append(row)
-                        print(f"{spec}: N={n}: aggregate decode {row['aggregate_decode_tokens_per_s']:.0f} tok/s, "
-                              f"ITL p50 {row['itl_ms_p50']:.2f} ms p99 {row['itl_ms_p99']:.2f} ms, "
-                              f"TTFT p50 {row['ttft_ms_p50']:.0f} ms", flush=True)
+                        print(
+                            f"{spec}: N={n}: aggregate decode {row['aggregate_decode_tokens_per_s']:.0f} tok/s, "
+                            f"ITL p50 {row['itl_ms_p50']:.2f} ms p99 {row['itl_ms_p99']:.2f} ms, "
+                            f"TTFT p50 {row['ttft_ms_p50']:.0f} ms",
+                            flush=True,
+                        )
                         save()
             if a.int8_modes and spec.split(":")[1].upper() in ("Q4_K_M", "Q4_0", "Q8_0", "Q4_K", "Q6_K"):
                 for mode, label in ((True, "int8_all"), (False, "float")):
                     with Engine(path, device=a.device, n_ctx=n_ctx, progress=False, int8_activations=mode) as eng:
-                        r = bench_engine(eng, a.prompt_tokens, a.decode_tokens, 0, a.repeats,
-                                         copy_bandwidth_gbs=copy_bw)
+                        r = bench_engine(
+                            eng, a.prompt_tokens, a.decode_tokens, 0, a.repeats, copy_bandwidth_gbs=copy_bw
+                        )
                         entry[f"{label}_depth0"] = r
-                        print(f"{spec}: {label} activations, depth 0: decode {r['decode_tokens_per_s']:.1f} tok/s "
-                              f"({r['achieved_gb_per_s']:.0f} GB/s)", flush=True)
+                        print(
+                            f"{spec}: {label} activations, depth 0: decode {r['decode_tokens_per_s']:.1f} tok/s "
+                            f"({r['achieved_gb_per_s']:.0f} GB/s)",
+                            flush=True,
+                        )
                         save()
         except Exception as e:
             failed += 1

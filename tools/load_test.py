@@ -11,6 +11,7 @@ streams decode, tokens over the whole wall time, inter-token latency p50/p99
 and time to first token p50/p99. Requests are bounded (N per round, one
 round per N), and only the given base URL is contacted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,10 @@ def _percentile(xs, q):
     return xs[min(len(xs) - 1, max(0, int(round(q / 100.0 * (len(xs) - 1)))))]
 
 
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
-         "sigma tau upsilon phi chi psi omega river stone cloud field light ember maple orbit").split()
+WORDS = (
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
+    "sigma tau upsilon phi chi psi omega river stone cloud field light ember maple orbit"
+).split()
 
 
 def _prompt(rng, n_words):
@@ -45,13 +48,18 @@ def run_round(client, model, n, prompt_words, max_tokens, seed):
 
     def one(i):
         try:
-            stream = client.completions.create(model=model, prompt=prompts[i], max_tokens=max_tokens,
-                                               temperature=0, stream=True,
-                                               extra_body={"ignore_eos": True})
+            stream = client.completions.create(
+                model=model,
+                prompt=prompts[i],
+                max_tokens=max_tokens,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
             for ev in stream:
                 if ev.choices and ev.choices[0].text:
                     stamps[i].append(time.perf_counter())
-        except Exception as e:      # reported, never retried
+        except Exception as e:  # reported, never retried
             errors.append(f"{type(e).__name__}: {e}")
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
@@ -65,13 +73,19 @@ def run_round(client, model, n, prompt_words, max_tokens, seed):
     steady = sum(1 for s in stamps for x in s if x > t_all)
     itl = [b - a for s in stamps for a, b in zip(s, s[1:])]
     total = sum(len(s) for s in stamps)
-    return {"concurrency": n, "errors": len(errors), "first_error": errors[0] if errors else None,
-            "streamed_chunks": total,
-            "aggregate_decode_tokens_per_s": steady / (t_end - t_all) if t_end > t_all else 0.0,
-            "tokens_per_s_wall": total / (t_end - t0), "wall_seconds": t_end - t0,
-            "itl_ms_p50": 1e3 * _percentile(itl, 50), "itl_ms_p99": 1e3 * _percentile(itl, 99),
-            "ttft_ms_p50": 1e3 * _percentile([f - t0 for f in firsts], 50),
-            "ttft_ms_p99": 1e3 * _percentile([f - t0 for f in firsts], 99)}
+    return {
+        "concurrency": n,
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "streamed_chunks": total,
+        "aggregate_decode_tokens_per_s": steady / (t_end - t_all) if t_end > t_all else 0.0,
+        "tokens_per_s_wall": total / (t_end - t0),
+        "wall_seconds": t_end - t0,
+        "itl_ms_p50": 1e3 * _percentile(itl, 50),
+        "itl_ms_p99": 1e3 * _percentile(itl, 99),
+        "ttft_ms_p50": 1e3 * _percentile([f - t0 for f in firsts], 50),
+        "ttft_ms_p99": 1e3 * _percentile([f - t0 for f in firsts], 99),
+    }
 
 
 def main(argv=None) -> int:
@@ -85,16 +99,19 @@ def main(argv=None) -> int:
     ap.add_argument("--json", dest="json_file", default=None)
     args = ap.parse_args(argv)
     from openai import OpenAI
+
     client = OpenAI(base_url=args.base_url, api_key=args.api_key, timeout=600, max_retries=0)
     model = args.model or client.models.list().data[0].id
     rows = []
     for i, n in enumerate(int(x) for x in args.concurrency.split(",")):
         rows.append(run_round(client, model, n, max(1, args.prompt_tokens // 2), args.max_tokens, seed=i))
         r = rows[-1]
-        print(f"N={n:>3}  agg {r['aggregate_decode_tokens_per_s']:8.1f} tok/s  wall {r['tokens_per_s_wall']:8.1f}"
-              f"  ITL p50 {r['itl_ms_p50']:6.2f} ms p99 {r['itl_ms_p99']:6.2f} ms"
-              f"  TTFT p50 {r['ttft_ms_p50']:7.1f} ms p99 {r['ttft_ms_p99']:7.1f} ms  errors {r['errors']}",
-              flush=True)
+        print(
+            f"N={n:>3}  agg {r['aggregate_decode_tokens_per_s']:8.1f} tok/s  wall {r['tokens_per_s_wall']:8.1f}"
+            f"  ITL p50 {r['itl_ms_p50']:6.2f} ms p99 {r['itl_ms_p99']:6.2f} ms"
+            f"  TTFT p50 {r['ttft_ms_p50']:7.1f} ms p99 {r['ttft_ms_p99']:7.1f} ms  errors {r['errors']}",
+            flush=True,
+        )
     if args.json_file:
         with open(args.json_file, "w") as f:
             json.dump(rows, f, indent=2)

@@ -7,6 +7,7 @@ prints the median wall time per step, the backend's graph counters, and the
 kernels a torch profiler (CUPTI sees every thread of the process) recorded
 over the timed steps, by total time. Not a test: it prints numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,6 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=15)
     a = ap.parse_args()
 
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from helexa_native.backends.cuda import CUDABackend
@@ -52,8 +52,7 @@ def main() -> int:
             walls.append(time.perf_counter() - t0)
             pos += 1
     info = be.memory_info()
-    print(f"{a.model}: wall per step median {1e3 * statistics.median(walls):.3f} ms, "
-          f"min {1e3 * min(walls):.3f} ms")
+    print(f"{a.model}: wall per step median {1e3 * statistics.median(walls):.3f} ms, min {1e3 * min(walls):.3f} ms")
     print("graph counters:", {k: v for k, v in info.items() if "graph" in k})
     gpu_total = 0.0
     rows = []
@@ -65,7 +64,7 @@ def main() -> int:
     kernel_rows = [r for r in rows if not r[2].startswith(("cuda", "Memcpy", "Memset"))]
     gpu_total = sum(r[0] for r in kernel_rows)
     print(f"GPU kernel time per step: {gpu_total / a.steps / 1e3:.3f} ms")
-    for t, n, k in rows[:a.top]:
+    for t, n, k in rows[: a.top]:
         print(f"  {t / a.steps:9.1f} us/step  {n / a.steps:6.1f} calls/step  {k[:90]}")
     be.close()
     return 0

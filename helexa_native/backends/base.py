@@ -8,6 +8,7 @@ and samples a token for the sequences that ask for one. Everything else
 (`forward`, `step`, `reset`) is the same step for one private sequence, kept
 for tests, benchmarks and teacher forcing.
 """
+
 from __future__ import annotations
 
 import threading
@@ -49,7 +50,7 @@ class SeqStep:
     sample: bool = True
     params: Optional[SamplingParams] = None
     state: Optional[SamplerState] = None
-    want_logits: bool = False       # also return the sampled position's raw logits
+    want_logits: bool = False  # also return the sampled position's raw logits
     allowed: Optional[torch.Tensor] = None
     logit_bias: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
@@ -58,7 +59,7 @@ class SeqStep:
 class StepOutput:
     """What a batched step returns for one sequence."""
 
-    result: Optional[SampleResult]      # None when the sequence did not sample
+    result: Optional[SampleResult]  # None when the sequence did not sample
     logits: Optional[torch.Tensor] = None
 
 
@@ -89,8 +90,9 @@ class Backend(ABC):
         """Run every sequence's tokens in one step; sample where asked."""
 
     @abstractmethod
-    def forward_paged(self, tokens: Sequence[int], start_pos: int, block_table: Sequence[int],
-                      all_logits: bool = False) -> torch.Tensor:
+    def forward_paged(
+        self, tokens: Sequence[int], start_pos: int, block_table: Sequence[int], all_logits: bool = False
+    ) -> torch.Tensor:
         """One sequence's tokens through its block table; float32 CPU logits ([vocab] or [n, vocab])."""
 
     # ------------------------------------------------------------------ one private sequence
@@ -107,8 +109,7 @@ class Backend(ABC):
         if not isinstance(start_pos, int) or isinstance(start_pos, bool) or start_pos < 0:
             raise ValueError(f"start_pos must be a non-negative integer, got {start_pos!r}")
         if start_pos > self._solo_filled:
-            raise ValueError(f"start_pos {start_pos} leaves a gap: only {self._solo_filled} "
-                             "positions are cached")
+            raise ValueError(f"start_pos {start_pos} leaves a gap: only {self._solo_filled} positions are cached")
         end = start_pos + len(tokens)
         if end > self.n_ctx:
             raise ContextLengthError(f"positions up to {end} exceed the context of {self.n_ctx} tokens")
@@ -137,20 +138,36 @@ class Backend(ABC):
             self._solo_filled = start_pos + len(tokens)
         return out
 
-    def step(self, tokens: Sequence[int], start_pos: int, params: SamplingParams,
-             state: SamplerState) -> SampleResult:
+    def step(self, tokens: Sequence[int], start_pos: int, params: SamplingParams, state: SamplerState) -> SampleResult:
         """Forward `tokens` of the private sequence and sample the next token."""
         return self.step_with_logits(tokens, start_pos, params, state, want_logits=False)[0]
 
-    def step_with_logits(self, tokens: Sequence[int], start_pos: int, params: SamplingParams,
-                         state: SamplerState, want_logits: bool = True):
+    def step_with_logits(
+        self,
+        tokens: Sequence[int],
+        start_pos: int,
+        params: SamplingParams,
+        state: SamplerState,
+        want_logits: bool = True,
+    ):
         """step() that also returns the raw logits it sampled from ([vocab], float32 CPU)."""
         tokens = _id_list(tokens)
         with self.lock:
             seq = self._solo_prepare(tokens, start_pos)
-            out = self.step_batch([SeqStep(slot=self.max_num_seqs, tokens=tokens, start_pos=start_pos,
-                                           block_table=list(seq.table), sample=True, params=params,
-                                           state=state, want_logits=want_logits)])[0]
+            out = self.step_batch(
+                [
+                    SeqStep(
+                        slot=self.max_num_seqs,
+                        tokens=tokens,
+                        start_pos=start_pos,
+                        block_table=list(seq.table),
+                        sample=True,
+                        params=params,
+                        state=state,
+                        want_logits=want_logits,
+                    )
+                ]
+            )[0]
             self._solo_filled = start_pos + len(tokens)
         return out.result, out.logits
 
@@ -162,8 +179,9 @@ class Backend(ABC):
         Each sequence runs alone from position 0 (causal attention) and leaves
         no trace in the KV cache's prefix index. For embeddings.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not compute hidden states "
-                                  "(embeddings need the CPU backend for now)")
+        raise NotImplementedError(
+            f"{type(self).__name__} does not compute hidden states (embeddings need the CPU backend for now)"
+        )
 
     # ------------------------------------------------------------------ facts
 

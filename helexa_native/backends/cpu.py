@@ -1,4 +1,5 @@
 """The CPU backend: the reference forward behind the Backend interface."""
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
@@ -20,8 +21,9 @@ from .base import Backend, SeqStep, StepOutput
 DEFAULT_CPU_POOL_CONTEXTS = 4
 
 
-def pool_blocks(n_ctx: int, block_size: int, bytes_per_position: int, kv_cache_memory: Optional[int],
-                default_positions: int) -> int:
+def pool_blocks(
+    n_ctx: int, block_size: int, bytes_per_position: int, kv_cache_memory: Optional[int], default_positions: int
+) -> int:
     """Blocks of a KV pool: from a byte budget, else from default_positions; never below one full context."""
     per_block = bytes_per_position * block_size
     if kv_cache_memory is not None:
@@ -32,9 +34,11 @@ def pool_blocks(n_ctx: int, block_size: int, bytes_per_position: int, kv_cache_m
         blocks = -(-default_positions // block_size)
     need = -(-n_ctx // block_size)
     if blocks < need:
-        raise ValueError(f"kv_cache_memory of {kv_cache_memory} bytes holds {blocks} blocks of "
-                         f"{block_size} positions; one sequence of the full context ({n_ctx} "
-                         f"positions) needs {need} ({need * per_block} bytes)")
+        raise ValueError(
+            f"kv_cache_memory of {kv_cache_memory} bytes holds {blocks} blocks of "
+            f"{block_size} positions; one sequence of the full context ({n_ctx} "
+            f"positions) needs {need} ({need * per_block} bytes)"
+        )
     return int(blocks)
 
 
@@ -48,10 +52,17 @@ class CPUBackend(Backend):
     device = "cpu"
     supports_constraints = True
 
-    def __init__(self, source: ModelSource, n_ctx: int, dtype: torch.dtype = torch.float32,
-                 progress: Optional[bool] = None, max_num_seqs: int = defaults.DEFAULT_MAX_NUM_SEQS,
-                 kv_cache_memory: Optional[int] = None, block_size: int = DEFAULT_BLOCK_SIZE,
-                 prefix_cache: bool = True):
+    def __init__(
+        self,
+        source: ModelSource,
+        n_ctx: int,
+        dtype: torch.dtype = torch.float32,
+        progress: Optional[bool] = None,
+        max_num_seqs: int = defaults.DEFAULT_MAX_NUM_SEQS,
+        kv_cache_memory: Optional[int] = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        prefix_cache: bool = True,
+    ):
         cfg = source.config
         if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be a positive integer, got {max_num_seqs!r}")
@@ -60,10 +71,10 @@ class CPUBackend(Backend):
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
             raise ValueError(f"max_context must be a positive integer, got {n_ctx!r}")
         per_pos = 2 * cfg.num_layers * cfg.kv_size * torch.finfo(dtype).bits // 8
-        blocks = pool_blocks(n_ctx, block_size, per_pos, kv_cache_memory,
-                             DEFAULT_CPU_POOL_CONTEXTS * n_ctx)
-        self.model = ReferenceModel(source, n_ctx, dtype=dtype, progress=progress,
-                                    num_blocks=blocks, block_size=block_size)
+        blocks = pool_blocks(n_ctx, block_size, per_pos, kv_cache_memory, DEFAULT_CPU_POOL_CONTEXTS * n_ctx)
+        self.model = ReferenceModel(
+            source, n_ctx, dtype=dtype, progress=progress, num_blocks=blocks, block_size=block_size
+        )
         self.config = cfg
         self.n_ctx = self.model.max_context
         self.max_num_seqs = max_num_seqs
@@ -83,13 +94,17 @@ class CPUBackend(Backend):
         out = []
         for s, lg in zip(seqs, logits):
             row = lg[0]
-            res = (sample_from_logits(row, s.params, s.state, allowed=s.allowed, logit_bias=s.logit_bias)
-                   if s.sample else None)
+            res = (
+                sample_from_logits(row, s.params, s.state, allowed=s.allowed, logit_bias=s.logit_bias)
+                if s.sample
+                else None
+            )
             out.append(StepOutput(res, row.clone() if s.want_logits else None))
         return out
 
-    def forward_paged(self, tokens: Sequence[int], start_pos: int, block_table: Sequence[int],
-                      all_logits: bool = False) -> torch.Tensor:
+    def forward_paged(
+        self, tokens: Sequence[int], start_pos: int, block_table: Sequence[int], all_logits: bool = False
+    ) -> torch.Tensor:
         """One sequence through its block table, in chunks that bound the attention scores."""
         m = self._live()
         ids = m.check_ids(tokens)
@@ -97,7 +112,7 @@ class CPUBackend(Backend):
         chunk = reference_model.PREFILL_CHUNK
         rows = []
         for a in range(0, ids.numel(), chunk):
-            part = ids[a:a + chunk]
+            part = ids[a : a + chunk]
             last = a + chunk >= ids.numel()
             lg = m.forward_batch([(part, int(start_pos) + a, list(block_table))], all_logits=all_logits)[0]
             if all_logits or last:
@@ -116,15 +131,14 @@ class CPUBackend(Backend):
         ids = [m.check_ids(s) for s in seqs]
         for x in ids:
             if x.numel() > self.n_ctx:
-                raise ContextLengthError(f"an input of {x.numel()} tokens exceeds the context of "
-                                         f"{self.n_ctx} tokens")
+                raise ContextLengthError(f"an input of {x.numel()} tokens exceeds the context of {self.n_ctx} tokens")
         chunk = reference_model.PREFILL_CHUNK
         out: List[Optional[torch.Tensor]] = [None] * len(ids)
         with self.lock:
             i = 0
             while i < len(ids):
                 group, total = [i], ids[i].numel()
-                while (i + len(group) < len(ids) and total + ids[i + len(group)].numel() <= chunk):
+                while i + len(group) < len(ids) and total + ids[i + len(group)].numel() <= chunk:
                     total += ids[i + len(group)].numel()
                     group.append(i + len(group))
                 seqs_blocks = []
@@ -135,8 +149,10 @@ class CPUBackend(Backend):
                         self.blocks.ensure(sb, ids[j].numel())
                     if len(group) == 1:
                         x, sb = ids[i], seqs_blocks[0]
-                        parts = [m.hidden_batch([(x[a:a + chunk], a, list(sb.table))])[0]
-                                 for a in range(0, x.numel(), chunk)]
+                        parts = [
+                            m.hidden_batch([(x[a : a + chunk], a, list(sb.table))])[0]
+                            for a in range(0, x.numel(), chunk)
+                        ]
                         out[i] = torch.cat(parts)
                     else:
                         rows = m.hidden_batch([(ids[j], 0, list(sb.table)) for j, sb in zip(group, seqs_blocks)])

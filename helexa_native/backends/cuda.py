@@ -14,6 +14,7 @@ Pool size: the weights and scratch are loaded first; then, unless
 memory still free and what max_num_seqs sequences of n_ctx positions need,
 and is allocated by a second job.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
@@ -23,8 +24,14 @@ import torch
 
 from .. import defaults
 from ..config import ModelSource
-from ..errors import (ContextLengthError, DeviceError, EngineClosedError,
-                      HelexaError, ModelLoadError, UnsupportedModelError)
+from ..errors import (
+    ContextLengthError,
+    DeviceError,
+    EngineClosedError,
+    HelexaError,
+    ModelLoadError,
+    UnsupportedModelError,
+)
 from ..ggml_types import GGML_TYPE_IDS
 from ..kv_blocks import DEFAULT_BLOCK_SIZE, KVBlockManager
 from ..params import UINT64_MASK, SampleResult, SamplerState, SamplingParams
@@ -44,8 +51,15 @@ DEFAULT_PREFILL_CHUNK = 512
 # may take when no size is given (the rest covers cuBLAS, graphs, other work).
 KV_FREE_FRACTION = 0.8
 
-_MATRIX_SUFFIXES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
-                    "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+_MATRIX_SUFFIXES = (
+    "attn_q.weight",
+    "attn_k.weight",
+    "attn_v.weight",
+    "attn_output.weight",
+    "ffn_gate.weight",
+    "ffn_up.weight",
+    "ffn_down.weight",
+)
 
 
 def _native():
@@ -54,8 +68,7 @@ def _native():
     except ImportError as e:
         raise DeviceError(f"the helexa_native extension failed to import: {e}") from e
     if not getattr(_C, "cuda", False) or not getattr(_C, "has_gpu_model", False):
-        raise DeviceError("this build of helexa_native has no CUDA support "
-                          "(install a CUDA build, or use device='cpu')")
+        raise DeviceError("this build of helexa_native has no CUDA support (install a CUDA build, or use device='cpu')")
     return _C
 
 
@@ -83,8 +96,10 @@ def _host_tensors(source: ModelSource) -> list:
         elif _is_matrix(name):
             tid = GGML_TYPE_IDS.get(str(t.dtype).upper())
             if tid is None:
-                raise UnsupportedModelError(f"tensor {name} has type {t.dtype}, which the CUDA backend "
-                                            f"does not run (supported: {', '.join(GGML_TYPE_IDS)})")
+                raise UnsupportedModelError(
+                    f"tensor {name} has type {t.dtype}, which the CUDA backend "
+                    f"does not run (supported: {', '.join(GGML_TYPE_IDS)})"
+                )
             data = t.data
             if isinstance(data, torch.Tensor):
                 data = data.detach().cpu().contiguous().numpy()
@@ -106,11 +121,19 @@ def _kv_bytes_per_block(cfg, block_size: int) -> int:
 class CUDABackend(Backend):
     """A model on one CUDA device, run by its device worker."""
 
-    def __init__(self, source: ModelSource, device_index: int = 0, n_ctx: int = 4096,
-                 use_graphs: bool = True, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 int8_activations: Optional[bool] = None, max_num_seqs: int = defaults.DEFAULT_MAX_NUM_SEQS,
-                 kv_cache_memory: Optional[int] = None, block_size: int = DEFAULT_BLOCK_SIZE,
-                 prefix_cache: bool = True):
+    def __init__(
+        self,
+        source: ModelSource,
+        device_index: int = 0,
+        n_ctx: int = 4096,
+        use_graphs: bool = True,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        int8_activations: Optional[bool] = None,
+        max_num_seqs: int = defaults.DEFAULT_MAX_NUM_SEQS,
+        kv_cache_memory: Optional[int] = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        prefix_cache: bool = True,
+    ):
         """n_ctx: the longest sequence. max_num_seqs: sequences stepped
         together (one more, private, serves forward/step). kv_cache_memory:
         bytes of the KV pool; None sizes it from the free device memory
@@ -124,25 +147,34 @@ class CUDABackend(Backend):
         residual, ~1e-6 relative error per product) and use integer dot
         products. None (default): where that is faster (large Q4_0 and Q8_0
         matrices); True: every such type; False: float math everywhere."""
-        for name, v in (("device_index", device_index), ("n_ctx", n_ctx), ("prefill_chunk", prefill_chunk),
-                        ("max_num_seqs", max_num_seqs), ("block_size", block_size)):
+        for name, v in (
+            ("device_index", device_index),
+            ("n_ctx", n_ctx),
+            ("prefill_chunk", prefill_chunk),
+            ("max_num_seqs", max_num_seqs),
+            ("block_size", block_size),
+        ):
             lo = 0 if name == "device_index" else 1
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name} must be a {'non-negative' if lo == 0 else 'positive'} integer, got {v!r}")
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
-        if kv_cache_memory is not None and (not isinstance(kv_cache_memory, int) or isinstance(kv_cache_memory, bool)
-                                            or kv_cache_memory < 1):
+        if kv_cache_memory is not None and (
+            not isinstance(kv_cache_memory, int) or isinstance(kv_cache_memory, bool) or kv_cache_memory < 1
+        ):
             raise ValueError(f"kv_cache_memory must be a positive number of bytes or None, got {kv_cache_memory!r}")
         C = _native()
         cfg = source.config
         if cfg.arch not in GPU_ARCHS:
-            raise UnsupportedModelError(f"architecture {cfg.arch!r} is not supported by the CUDA backend "
-                                        f"(GPU architectures: {', '.join(GPU_ARCHS)}); run it with "
-                                        "device='cpu'")
+            raise UnsupportedModelError(
+                f"architecture {cfg.arch!r} is not supported by the CUDA backend "
+                f"(GPU architectures: {', '.join(GPU_ARCHS)}); run it with "
+                "device='cpu'"
+            )
         if cfg.num_heads % cfg.num_kv_heads:
-            raise UnsupportedModelError(f"num_heads {cfg.num_heads} is not a multiple of "
-                                        f"num_kv_heads {cfg.num_kv_heads}")
+            raise UnsupportedModelError(
+                f"num_heads {cfg.num_heads} is not a multiple of num_kv_heads {cfg.num_kv_heads}"
+            )
         self.config = cfg
         self.n_ctx = n_ctx
         self.max_num_seqs = max_num_seqs
@@ -167,13 +199,16 @@ class CUDABackend(Backend):
         if kv_cache_memory is not None:
             num_blocks = min(kv_cache_memory // per_block, most_blocks)
             if num_blocks < need_blocks:
-                raise ModelLoadError(f"kv_cache_memory of {kv_cache_memory} bytes holds {num_blocks} KV blocks; "
-                                     f"one sequence of n_ctx={n_ctx} positions needs {need_blocks} "
-                                     f"({need_blocks * per_block} bytes)")
+                raise ModelLoadError(
+                    f"kv_cache_memory of {kv_cache_memory} bytes holds {num_blocks} KV blocks; "
+                    f"one sequence of n_ctx={n_ctx} positions needs {need_blocks} "
+                    f"({need_blocks * per_block} bytes)"
+                )
 
         # Starts the device's worker (the model handle below runs on it) and
         # refuses a GPU this build has no code for.
         from ..runtime import get_worker
+
         try:
             get_worker(device_index)
         except HelexaError:
@@ -197,8 +232,9 @@ class CUDABackend(Backend):
         spec.n_ctx = int(n_ctx)
         spec.prefill_chunk = int(min(prefill_chunk, n_ctx))
         spec.use_graphs = bool(use_graphs)
-        spec.int8_activations = {None: C.Int8Mode.Auto, False: C.Int8Mode.Never,
-                                 True: C.Int8Mode.Always}[int8_activations]
+        spec.int8_activations = {None: C.Int8Mode.Auto, False: C.Int8Mode.Never, True: C.Int8Mode.Always}[
+            int8_activations
+        ]
         spec.block_size = int(block_size)
         spec.max_num_seqs = int(max_num_seqs)
         spec.num_blocks = int(num_blocks)
@@ -228,14 +264,17 @@ class CUDABackend(Backend):
         want = min(int(free * KV_FREE_FRACTION), per_block * need_blocks * self.max_num_seqs)
         num_blocks = min(want // per_block, most_blocks)
         if num_blocks < need_blocks:
-            raise ModelLoadError(f"{self.device}: the KV cache for one sequence of n_ctx={self.n_ctx} positions needs "
-                                 f"{need_blocks * per_block} bytes; {free} bytes are free after loading the weights "
-                                 f"(the cache may take {KV_FREE_FRACTION:.0%} of them): use a smaller n_ctx or model")
+            raise ModelLoadError(
+                f"{self.device}: the KV cache for one sequence of n_ctx={self.n_ctx} positions needs "
+                f"{need_blocks * per_block} bytes; {free} bytes are free after loading the weights "
+                f"(the cache may take {KV_FREE_FRACTION:.0%} of them): use a smaller n_ctx or model"
+            )
         try:
             m.allocate_kv(num_blocks)
         except Exception as e:
-            raise ModelLoadError(f"{self.device}: allocating a KV cache of {num_blocks * per_block} bytes failed: "
-                                 f"{e}") from e
+            raise ModelLoadError(
+                f"{self.device}: allocating a KV cache of {num_blocks * per_block} bytes failed: {e}"
+            ) from e
         return num_blocks
 
     # ------------------------------------------------------------------ checks
@@ -275,9 +314,18 @@ class CUDABackend(Backend):
 
     def _step_sampling(self, params: SamplingParams, step: int):
         """The StepSampling job argument of params at `step` (one object per parameter set)."""
-        key = (params.temperature, params.top_k, params.top_p, params.min_p, params.repetition_penalty,
-               params.presence_penalty, params.frequency_penalty, params.seed, params.logprobs,
-               params.top_logprobs)
+        key = (
+            params.temperature,
+            params.top_k,
+            params.top_p,
+            params.min_p,
+            params.repetition_penalty,
+            params.presence_penalty,
+            params.frequency_penalty,
+            params.seed,
+            params.logprobs,
+            params.top_logprobs,
+        )
         sampling = self._step_sampling_cache.get(key)
         if sampling is not None:
             sampling.step = int(step)
@@ -305,8 +353,7 @@ class CUDABackend(Backend):
 
         A step without penalties sends nothing and keeps the slot's record.
         """
-        active = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
-                  or params.frequency_penalty != 0.0)
+        active = params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
         if not active:
             return self._no_penalty_update, self._device_penalties_synced_to.get(slot)
         pu = self._C.PenaltyUpdate()
@@ -317,7 +364,7 @@ class CUDABackend(Backend):
         if s is not None and s[0] is state and s[1] == len(prompt) and s[2] <= len(gen):
             pu.reset = False
             pu.context = []
-            pu.generated = [int(t) for t in gen[s[2]:] if 0 <= int(t) < vocab]
+            pu.generated = [int(t) for t in gen[s[2] :] if 0 <= int(t) < vocab]
         else:
             pu.reset = True
             pu.context = [int(t) for t in prompt if 0 <= int(t) < vocab]
@@ -342,12 +389,15 @@ class CUDABackend(Backend):
                 pu, record = self._penalty_update(s.slot, s.params, s.state)
             else:
                 sampling, pu, record = self._idle_step_sampling, self._no_penalty_update, None
-            inputs.append(C.SeqInput(ids, s.start_pos, s.block_table, int(s.slot), bool(s.sample), sampling, pu,
-                                     bool(s.want_logits)))
+            inputs.append(
+                C.SeqInput(
+                    ids, s.start_pos, s.block_table, int(s.slot), bool(s.sample), sampling, pu, bool(s.want_logits)
+                )
+            )
             records.append(record if pu.active else None)
         for s, record in zip(seqs, records):
             if record is not None:
-                self._device_penalties_synced_to.pop(s.slot, None)   # unknown until the job succeeds
+                self._device_penalties_synced_to.pop(s.slot, None)  # unknown until the job succeeds
         out = self._call(m.step_batch, inputs)
         results = []
         for s, record, (tok, lp, top, logits) in zip(seqs, records, out):
@@ -358,12 +408,13 @@ class CUDABackend(Backend):
                 res = SampleResult(token=int(tok))
                 if s.params.logprobs:
                     res.logprob = float(lp)
-                    res.top_logprobs = [(int(t), float(v)) for t, v in (top or [])][:s.params.top_logprobs]
+                    res.top_logprobs = [(int(t), float(v)) for t, v in (top or [])][: s.params.top_logprobs]
             results.append(StepOutput(result=res, logits=torch.from_numpy(logits) if logits is not None else None))
         return results
 
-    def forward_paged(self, tokens: Sequence[int], start_pos: int, block_table: Sequence[int],
-                      all_logits: bool = False) -> torch.Tensor:
+    def forward_paged(
+        self, tokens: Sequence[int], start_pos: int, block_table: Sequence[int], all_logits: bool = False
+    ) -> torch.Tensor:
         """One sequence's tokens through its block table; float32 CPU logits ([vocab] or [n, vocab])."""
         m = self._live()
         ids = self._token_ids(tokens, start_pos)

@@ -1,4 +1,5 @@
 """Model loaders: a GGUF file or an HF safetensors folder -> ModelSource."""
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,7 @@ def load_source(path: Union[str, os.PathLike], progress: Optional[bool] = None) 
             head = f.read(4)
     except OSError as e:
         raise ModelLoadError(f"{p}: cannot read ({e})") from e
-    raise ModelLoadError(f"{p}: not a GGUF file (magic {head!r}, expected b'GGUF') "
-                         "and not a Hugging Face model folder")
+    raise ModelLoadError(f"{p}: not a GGUF file (magic {head!r}, expected b'GGUF') and not a Hugging Face model folder")
 
 
 def active_params(config, tensors) -> int:
@@ -81,10 +81,14 @@ def describe(source: ModelSource) -> dict:
     tensor_bytes = sum(e["bytes"] for e in types.values())
     moe = {}
     if cfg.num_experts:
-        moe = {"num_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
-               "moe_intermediate_size": cfg.moe_intermediate_size, "norm_topk_prob": cfg.norm_topk_prob,
-               "mlp_only_layers": list(cfg.mlp_only_layers),
-               "active_params": active_params(cfg, source.tensors.values())}
+        moe = {
+            "num_experts": cfg.num_experts,
+            "num_experts_per_tok": cfg.num_experts_per_tok,
+            "moe_intermediate_size": cfg.moe_intermediate_size,
+            "norm_topk_prob": cfg.norm_topk_prob,
+            "mlp_only_layers": list(cfg.mlp_only_layers),
+            "active_params": active_params(cfg, source.tensors.values()),
+        }
     return {
         "path": str(source.path),
         "format": source.format,

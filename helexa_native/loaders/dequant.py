@@ -22,6 +22,7 @@ Block layouts (little endian, fp16 scales):
 In 32-weight blocks the low nibbles hold weights 0..15 and the high nibbles
 16..31; the K-quant orders are spelled out in each decoder.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,7 +42,7 @@ _SLICE_WEIGHTS = 1 << 16
 
 def _f16(b: np.ndarray, start: int) -> np.ndarray:
     """fp16 field at byte `start` of every block -> float32 [nblocks, 1]."""
-    return np.ascontiguousarray(b[:, start:start + 2]).view(np.float16).astype(np.float32)
+    return np.ascontiguousarray(b[:, start : start + 2]).view(np.float16).astype(np.float32)
 
 
 def _nibbles(qs: np.ndarray) -> np.ndarray:
@@ -106,13 +107,13 @@ def _q2_k(b):
 
 def _q3_k(b):
     n = b.shape[0]
-    low = _k_2bit(b[:, 32:96])                                   # [n, 2, 4, 32]
+    low = _k_2bit(b[:, 32:96])  # [n, 2, 4, 32]
     # hmask bit 4h+j of byte l is the third bit of weight 128h + 32j + l.
     high = _bits(b[:, 0:32], range(8), 1, axis=1).reshape(n, 2, 4, 32)
     q = (low.astype(np.int8) + (high.astype(np.int8) << 2) - 4).reshape(n, 16, 16)
     s = b[:, 96:108]
-    lo4 = np.concatenate((s[:, 0:8] & 0x0F, s[:, 0:8] >> 4), axis=1)            # scales 0..15
-    hi2 = _bits(s[:, 8:12], (0, 2, 4, 6), 3, axis=1).reshape(n, 16)      # scale 4a+b: byte 8+b, bits 2a
+    lo4 = np.concatenate((s[:, 0:8] & 0x0F, s[:, 0:8] >> 4), axis=1)  # scales 0..15
+    hi2 = _bits(s[:, 8:12], (0, 2, 4, 6), 3, axis=1).reshape(n, 16)  # scale 4a+b: byte 8+b, bits 2a
     scale = (lo4 | (hi2 << 4)).astype(np.float32) - 32.0
     dl = _f16(b, 108) * scale
     return (q.astype(np.float32) * dl[:, :, None]).reshape(n, 256)
@@ -174,17 +175,26 @@ def _iq4_nl(b):
 def _iq4_xs(b):
     n = b.shape[0]
     sl = b[:, 4:8]
-    lo4 = _nibbles(sl).swapaxes(1, 2).reshape(n, 8)               # group 2i: low nibble of byte i
-    hi2 = _bits(b[:, 2:4], (0, 2, 4, 6), 3, axis=2).reshape(n, 8)    # bits 2g of the uint16
+    lo4 = _nibbles(sl).swapaxes(1, 2).reshape(n, 8)  # group 2i: low nibble of byte i
+    hi2 = _bits(b[:, 2:4], (0, 2, 4, 6), 3, axis=2).reshape(n, 8)  # bits 2g of the uint16
     dl = (_f16(b, 0) * ((lo4 | (hi2 << 4)).astype(np.float32) - 32.0))[:, :, None]
     q = _nibbles(b[:, 8:136].reshape(n, 8, 16)).reshape(n, 8, 32)
     return (_IQ4_TABLE[q] * dl).reshape(n, 256)
 
 
 _DECODERS = {
-    "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
-    "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
-    "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs,
+    "Q4_0": _q4_0,
+    "Q4_1": _q4_1,
+    "Q5_0": _q5_0,
+    "Q5_1": _q5_1,
+    "Q8_0": _q8_0,
+    "Q2_K": _q2_k,
+    "Q3_K": _q3_k,
+    "Q4_K": _q4_k,
+    "Q5_K": _q5_k,
+    "Q6_K": _q6_k,
+    "IQ4_NL": _iq4_nl,
+    "IQ4_XS": _iq4_xs,
 }
 
 
@@ -234,7 +244,7 @@ def dequantize(data: np.ndarray, qtype: str, shape: Sequence[int]) -> torch.Tens
     step = max(1, _SLICE_WEIGHTS // be)
 
     def run(i: int) -> None:
-        dst[i:i + step] = decode(blocks[i:i + step])
+        dst[i : i + step] = decode(blocks[i : i + step])
 
     starts = range(0, nblocks, step)
     if len(starts) == 1:

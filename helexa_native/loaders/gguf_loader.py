@@ -8,6 +8,7 @@ Tensor data stays in the file's map: a RawTensor's `data` is a numpy view
 lists dimensions fastest-first (ne0 = row length); shapes here are torch
 order, so a linear weight of ne = [k, n] becomes [n, k].
 """
+
 from __future__ import annotations
 
 import struct
@@ -45,6 +46,7 @@ def _type_name(type_id: int) -> str:
         return GGML_TYPE_NAMES[type_id]
     try:
         from gguf import GGMLQuantizationType
+
         return GGMLQuantizationType(type_id).name
     except (ImportError, ValueError):
         return f"unknown type id {type_id}"
@@ -77,8 +79,8 @@ def _raw_tensor(info, data_start: int, mm, where: str) -> RawTensor:
     qtype = _type_name(type_id)
     if qtype not in BLOCK_SIZES:
         raise ModelLoadError(
-            f"{where}: tensor {name} has type {qtype}, which is not supported "
-            f"(supported: {', '.join(BLOCK_SIZES)})")
+            f"{where}: tensor {name} has type {qtype}, which is not supported (supported: {', '.join(BLOCK_SIZES)})"
+        )
     shape = tuple(int(d) for d in reversed(ne))
     be, bb = BLOCK_SIZES[qtype]
     n = int(np.prod(shape)) if shape else 1
@@ -88,7 +90,7 @@ def _raw_tensor(info, data_start: int, mm, where: str) -> RawTensor:
     a = data_start + int(offset)
     if a + nbytes > mm.shape[0]:
         raise ModelLoadError(f"{where}: tensor {name} data runs past the end of the file (truncated?)")
-    raw = mm[a:a + nbytes]
+    raw = mm[a : a + nbytes]
     if qtype == "F32":
         data = raw.view(np.float32).reshape(shape)
     elif qtype == "F16":
@@ -119,14 +121,25 @@ def _rope_scaling(meta: _Meta, arch: str, has_freqs: bool, where: str) -> Option
         if orig is not None:
             out["original_max_position_embeddings"] = int(orig)
         return out
-    raise UnsupportedModelError(f"{where}: rope scaling type {kind!r} is not supported "
-                                "(none, linear, llama3 frequency factors)")
+    raise UnsupportedModelError(
+        f"{where}: rope scaling type {kind!r} is not supported (none, linear, llama3 frequency factors)"
+    )
 
 
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-           10: "<Q", 11: "<q", 12: "<d"}
-_NP_SCALAR = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
-              10: "<u8", 11: "<i8", 12: "<f8"}
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NP_SCALAR = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "?",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
 _STRING, _ARRAY = 8, 9
 _DEFAULT_ALIGNMENT = 32
 
@@ -152,7 +165,7 @@ class _Header:
         n = self.scalar("<Q")
         if self.pos + n > len(self.buf):
             raise struct.error("string runs past the end of the file")
-        s = str(self.buf[self.pos:self.pos + n], "utf-8", errors="replace")
+        s = str(self.buf[self.pos : self.pos + n], "utf-8", errors="replace")
         self.pos += n
         return s
 
@@ -262,15 +275,15 @@ def load_gguf(path: Path, progress: Optional[bool] = None) -> ModelSource:
         raise
 
 
-def _build_source(fields, infos, data_start, mm, path: Path, where: str,
-                  progress: Optional[bool]) -> ModelSource:
+def _build_source(fields, infos, data_start, mm, path: Path, where: str, progress: Optional[bool]) -> ModelSource:
     meta = _Meta(fields, where)
     arch = meta.get("general.architecture")
     if arch is None:
         raise ModelLoadError(f"{where}: metadata field general.architecture is missing")
     if arch not in SUPPORTED_ARCHS:
-        raise UnsupportedModelError(f"{where}: architecture {arch!r} is not supported "
-                                    f"(supported: {', '.join(SUPPORTED_ARCHS)})")
+        raise UnsupportedModelError(
+            f"{where}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})"
+        )
 
     by_name = {}
     for info in infos:
@@ -286,12 +299,15 @@ def _build_source(fields, infos, data_start, mm, path: Path, where: str,
         raise ModelLoadError(f"{where}: bad dimensions (embedding_length={hidden}, head_count={heads})")
     head_dim = meta.number(f"{arch}.attention.key_length", hidden // heads)
     if arch not in MOE_ARCHS and meta.get(f"{arch}.expert_count"):
-        raise UnsupportedModelError(f"{where}: mixture-of-experts {arch} models are not supported "
-                                    f"(supported MoE architectures: {', '.join(MOE_ARCHS)})")
+        raise UnsupportedModelError(
+            f"{where}: mixture-of-experts {arch} models are not supported "
+            f"(supported MoE architectures: {', '.join(MOE_ARCHS)})"
+        )
     rope_dims = meta.get(f"{arch}.rope.dimension_count")
     if rope_dims is not None and int(rope_dims) != head_dim:
         raise UnsupportedModelError(
-            f"{where}: partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported")
+            f"{where}: partial rotary embeddings ({rope_dims} of {head_dim} dims) are not supported"
+        )
     cfg = ModelConfig(
         arch=arch,
         vocab_size=int(emb_ne[1]) if len(emb_ne) == 2 else 0,
@@ -313,22 +329,28 @@ def _build_source(fields, infos, data_start, mm, path: Path, where: str,
         **(_moe_fields(meta, arch, by_name, where) if arch in MOE_ARCHS else {}),
     )
     if cfg.num_kv_heads <= 0 or cfg.num_heads % cfg.num_kv_heads:
-        raise ModelLoadError(f"{where}: head_count {cfg.num_heads} is not a multiple "
-                             f"of head_count_kv {cfg.num_kv_heads}")
+        raise ModelLoadError(
+            f"{where}: head_count {cfg.num_heads} is not a multiple of head_count_kv {cfg.num_kv_heads}"
+        )
     if arch in MOE_ARCHS:
-        check_moe_config(cfg, where, {
-            "num_experts": f"{arch}.expert_count", "num_experts_per_tok": f"{arch}.expert_used_count",
-            "moe_intermediate_size": f"{arch}.expert_feed_forward_length",
-            "mlp_only_layers": "dense layers (no blk.N.ffn_gate_inp.weight)",
-            "intermediate_size": f"{arch}.feed_forward_length"})
+        check_moe_config(
+            cfg,
+            where,
+            {
+                "num_experts": f"{arch}.expert_count",
+                "num_experts_per_tok": f"{arch}.expert_used_count",
+                "moe_intermediate_size": f"{arch}.expert_feed_forward_length",
+                "mlp_only_layers": "dense layers (no blk.N.ffn_gate_inp.weight)",
+                "intermediate_size": f"{arch}.feed_forward_length",
+            },
+        )
 
     want = [n for n in expected_shapes(cfg) if n in by_name]
-    raw = {n: _raw_tensor(by_name[n], data_start, mm, where)
-           for n in track(want, "Mapping tensors", progress=progress)}
+    raw = {n: _raw_tensor(by_name[n], data_start, mm, where) for n in track(want, "Mapping tensors", progress=progress)}
     kept = check_tensors(raw, cfg, where)
 
     prefix = "tokenizer.ggml."
-    tok = {k[len(prefix):]: v for k, v in fields.items() if k.startswith(prefix)}
+    tok = {k[len(prefix) :]: v for k, v in fields.items() if k.startswith(prefix)}
     eos = []
     for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
         v = tok.get(key)
@@ -351,7 +373,10 @@ def _build_source(fields, infos, data_start, mm, path: Path, where: str,
     if pooling is not None:
         metadata["pooling"] = pooling
     src = ModelSource(
-        path=path, format="gguf", config=cfg, tensors=kept,
+        path=path,
+        format="gguf",
+        config=cfg,
+        tensors=kept,
         tokenizer=TokenizerSource(kind="gguf", gguf_meta=tok),
         chat_template=template if isinstance(template, str) else None,
         generation_config=_generation_config(meta),
@@ -374,12 +399,18 @@ def _moe_fields(meta: _Meta, arch: str, by_name: dict, where: str) -> dict:
     if not isinstance(norm, bool):
         raise ModelLoadError(f"{where}: metadata field {arch}.expert_weights_norm is not a boolean: {norm!r}")
     n_layers = meta.number(f"{arch}.block_count")
-    dense = tuple(i for i in range(n_layers) if f"blk.{i}.ffn_gate_inp.weight" not in by_name
-                  and f"blk.{i}.ffn_gate.weight" in by_name)
-    return dict(num_experts=meta.number(f"{arch}.expert_count"),
-                num_experts_per_tok=meta.number(f"{arch}.expert_used_count"),
-                moe_intermediate_size=meta.number(f"{arch}.expert_feed_forward_length"),
-                norm_topk_prob=norm, mlp_only_layers=dense)
+    dense = tuple(
+        i
+        for i in range(n_layers)
+        if f"blk.{i}.ffn_gate_inp.weight" not in by_name and f"blk.{i}.ffn_gate.weight" in by_name
+    )
+    return dict(
+        num_experts=meta.number(f"{arch}.expert_count"),
+        num_experts_per_tok=meta.number(f"{arch}.expert_used_count"),
+        moe_intermediate_size=meta.number(f"{arch}.expert_feed_forward_length"),
+        norm_topk_prob=norm,
+        mlp_only_layers=dense,
+    )
 
 
 # llama.cpp's LLAMA_POOLING_TYPE_* values, as embedding GGUFs record them.
@@ -387,8 +418,13 @@ _POOLING_TYPES = {0: "none", 1: "mean", 2: "cls", 3: "last"}
 
 
 # Sampling defaults some GGUFs carry (general.sampling.*), in HF generation_config names.
-_SAMPLING_KEYS = {"temp": ("temperature", float), "top_k": ("top_k", int), "top_p": ("top_p", float),
-                  "min_p": ("min_p", float), "penalty_repeat": ("repetition_penalty", float)}
+_SAMPLING_KEYS = {
+    "temp": ("temperature", float),
+    "top_k": ("top_k", int),
+    "top_p": ("top_p", float),
+    "min_p": ("min_p", float),
+    "penalty_repeat": ("repetition_penalty", float),
+}
 
 
 def _generation_config(meta: _Meta) -> dict:
@@ -405,4 +441,5 @@ def _closer(src: ModelSource, mm):
         for t in src.tensors.values():
             t.data = None
         _close_map_array(mm)
+
     return close

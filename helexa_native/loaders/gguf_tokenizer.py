@@ -11,6 +11,7 @@ token types, so the `tokenizers` object is rebuilt here:
     two pieces into a third ranks by the third's score, which is the order
     SentencePiece's BPE applies them in.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,8 +21,15 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 
 from ..errors import TokenizerError
-from ..tokenizer import (CHAR_TO_BYTE, SPIECE_SPACE, Tokenizer, byte_level_bytes, byte_level_spelling,
-                         int_or_none, sentencepiece_bytes)
+from ..tokenizer import (
+    CHAR_TO_BYTE,
+    SPIECE_SPACE,
+    Tokenizer,
+    byte_level_bytes,
+    byte_level_spelling,
+    int_or_none,
+    sentencepiece_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +43,19 @@ TOKEN_BYTE = 6
 
 # Pre-tokenizer split regexes, applied in order, each isolating its matches.
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 # name -> (split regexes in order, ignore_merges, add_bos default)
 _PRE_TOKENIZERS = {
@@ -86,8 +100,7 @@ def tokenizer_from_gguf(meta: dict) -> Tokenizer:
         except TypeError:
             types = []
         if len(types) != n or any(t is None for t in types):
-            raise TokenizerError(
-                f"tokenizer.ggml.token_type must be {n} integers, got {len(types)} entries")
+            raise TokenizerError(f"tokenizer.ggml.token_type must be {n} integers, got {len(types)} entries")
 
     def token_id(key: str) -> Optional[int]:
         raw = meta.get(key)
@@ -134,13 +147,18 @@ def tokenizer_from_gguf(meta: dict) -> Tokenizer:
         add_bos_default = True
         add_prefix = meta.get("add_space_prefix", True)
         builder = _build_gguf_sentencepiece
-        args = (tokens, types, meta.get("scores"), meta.get("merges"),
-                tokens[unk] if unk is not None else None, bool(add_prefix))
+        args = (
+            tokens,
+            types,
+            meta.get("scores"),
+            meta.get("merges"),
+            tokens[unk] if unk is not None else None,
+            bool(add_prefix),
+        )
         strip = bool(add_prefix)
         kind = "sentencepiece"
     else:
-        raise TokenizerError(
-            f"unsupported GGUF tokenizer model {model!r} (supported: 'gpt2', 'llama')")
+        raise TokenizerError(f"unsupported GGUF tokenizer model {model!r} (supported: 'gpt2', 'llama')")
 
     try:
         backend, token_bytes = builder(*args)
@@ -155,10 +173,10 @@ def tokenizer_from_gguf(meta: dict) -> Tokenizer:
     user = [i for i, t in enumerate(types) if t == TOKEN_USER_DEFINED and i not in special and tokens[i]]
     try:
         backend.add_special_tokens(
-            [AddedToken(tokens[i], special=True, normalized=False) for i in sorted(special) if tokens[i]])
+            [AddedToken(tokens[i], special=True, normalized=False) for i in sorted(special) if tokens[i]]
+        )
         if user:
-            backend.add_tokens(
-                [AddedToken(tokens[i], special=False, normalized=False) for i in user])
+            backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user])
     except Exception as e:
         raise TokenizerError(f"could not register the GGUF special tokens: {e}") from e
     # Added tokens keep their text: their bytes are what they read as.
@@ -172,10 +190,18 @@ def tokenizer_from_gguf(meta: dict) -> Tokenizer:
         raise TokenizerError("tokenizer.ggml.add_bos_token is set but there is no bos_token_id")
     if add_eos and eos is None:
         raise TokenizerError("tokenizer.ggml.add_eos_token is set but there is no eos_token_id")
-    return Tokenizer(backend, tokens=tokens, token_bytes=token_bytes, special_ids=special,
-                     bos_token_id=bos, eos_token_ids=eos_ids,
-                     prefix_ids=[bos] if add_bos else [], suffix_ids=[eos] if add_eos else [],
-                     strip_leading_space=strip, kind=kind)
+    return Tokenizer(
+        backend,
+        tokens=tokens,
+        token_bytes=token_bytes,
+        special_ids=special,
+        bos_token_id=bos,
+        eos_token_ids=eos_ids,
+        prefix_ids=[bos] if add_bos else [],
+        suffix_ids=[eos] if add_eos else [],
+        strip_leading_space=strip,
+        kind=kind,
+    )
 
 
 def _build_gguf_byte_level(tokens, types, merges, splits, ignore_merges):
@@ -205,19 +231,21 @@ def _build_gguf_byte_level(tokens, types, merges, splits, ignore_merges):
         if pair[0] not in vocab or pair[1] not in vocab:
             raise TokenizerError(f"tokenizer.ggml.merges[{k}]={m!r} names a token not in the vocabulary")
         pairs.append(pair)
-    backend = _Backend(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False,
-                                  ignore_merges=ignore_merges))
+    backend = _Backend(
+        models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False, ignore_merges=ignore_merges)
+    )
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
     backend.decoder = decoders.ByteLevel()
     return backend, token_bytes
 
 
 def _split_merge(m: str, vocab: dict):
     for k in range(1, len(m) - 1):
-        if m[k] == " " and m[:k] in vocab and m[k + 1:] in vocab:
-            return [m[:k], m[k + 1:]]
+        if m[k] == " " and m[:k] in vocab and m[k + 1 :] in vocab:
+            return [m[:k], m[k + 1 :]]
     return None
 
 
@@ -248,10 +276,10 @@ def _build_gguf_sentencepiece(tokens, types, scores, merges, unk_token, add_pref
             pairs.append(tuple(parts))
     else:
         pairs = _merges_from_scores(tokens, types, scores, vocab)
-    backend = _Backend(models.BPE(vocab=vocab, merges=pairs, unk_token=unk_token,
-                                  fuse_unk=True, byte_fallback=True))
+    backend = _Backend(models.BPE(vocab=vocab, merges=pairs, unk_token=unk_token, fuse_unk=True, byte_fallback=True))
     backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement=SPIECE_SPACE, prepend_scheme="first" if add_prefix else "never", split=False)
+        replacement=SPIECE_SPACE, prepend_scheme="first" if add_prefix else "never", split=False
+    )
     steps = [decoders.Replace(SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     if add_prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))

@@ -10,6 +10,7 @@ checkpoint's per-expert matrices (model.layers.N.mlp.experts.E.*_proj) become
 one stacked tensor per layer and kind, as GGUF stores them, without copying:
 its `data` is a `StackedArray` of the experts' mapped views.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,10 +27,14 @@ from .dequant import dequantize_raw
 from .validate import check_moe_config, check_tensors
 
 # model_type -> arch; the architectures list must agree.
-_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-                "qwen3_moe": "qwen3moe"}
-_ARCH_CLASSES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                 "Qwen3MoeForCausalLM"}
+_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe"}
+_ARCH_CLASSES = {
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+}
 
 _ST_DTYPES = {"F32": (np.float32, "F32"), "F16": (np.float16, "F16"), "BF16": (np.uint16, "BF16")}
 
@@ -56,8 +61,11 @@ _LAYER_NAMES = {
     "mlp.gate.weight": "ffn_gate_inp.weight",
 }
 # Per-expert projection -> the canonical name of its layer's stacked tensor.
-_EXPERT_NAMES = {"gate_proj.weight": "ffn_gate_exps.weight", "up_proj.weight": "ffn_up_exps.weight",
-                 "down_proj.weight": "ffn_down_exps.weight"}
+_EXPERT_NAMES = {
+    "gate_proj.weight": "ffn_gate_exps.weight",
+    "up_proj.weight": "ffn_up_exps.weight",
+    "down_proj.weight": "ffn_down_exps.weight",
+}
 
 
 def canonical_name(hf_name: str) -> Optional[str]:
@@ -75,8 +83,13 @@ def canonical_name(hf_name: str) -> Optional[str]:
 def expert_name(hf_name: str) -> Optional[tuple]:
     """(stacked canonical name, expert index) for a per-expert HF tensor name, else None."""
     parts = hf_name.split(".", 6)
-    if (len(parts) == 7 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
-            and parts[3:5] == ["mlp", "experts"] and parts[5].isdigit()):
+    if (
+        len(parts) == 7
+        and parts[:2] == ["model", "layers"]
+        and parts[2].isdigit()
+        and parts[3:5] == ["mlp", "experts"]
+        and parts[5].isdigit()
+    ):
         sub = _EXPERT_NAMES.get(parts[6])
         if sub is not None:
             return f"blk.{int(parts[2])}.{sub}", int(parts[5])
@@ -114,17 +127,20 @@ def _stack_experts(experts: dict, where: str) -> dict:
         for e in range(n):
             if e not in by_index:
                 layer, kind = name.split(".")[1], name.split(".")[2].split("_")[1]
-                raise ModelLoadError(f"{where}: missing tensor model.layers.{layer}.mlp.experts.{e}."
-                                     f"{kind}_proj.weight (needed for {name})")
+                raise ModelLoadError(
+                    f"{where}: missing tensor model.layers.{layer}.mlp.experts.{e}."
+                    f"{kind}_proj.weight (needed for {name})"
+                )
         parts = [by_index[e] for e in range(n)]
         first = parts[0]
         for e, t in enumerate(parts):
             if t.dtype != first.dtype or tuple(t.shape) != tuple(first.shape):
-                raise ModelLoadError(f"{where}: expert {e} of {name} is {t.dtype} {list(t.shape)}, "
-                                     f"expert 0 is {first.dtype} {list(first.shape)}")
+                raise ModelLoadError(
+                    f"{where}: expert {e} of {name} is {t.dtype} {list(t.shape)}, "
+                    f"expert 0 is {first.dtype} {list(first.shape)}"
+                )
         data = StackedArray([t.data for t in parts])
-        out[name] = RawTensor(name=name, shape=data.shape, dtype=first.dtype, data=data,
-                              dequantize=dequantize_raw)
+        out[name] = RawTensor(name=name, shape=data.shape, dtype=first.dtype, data=data, dequantize=dequantize_raw)
     return out
 
 
@@ -157,10 +173,13 @@ def _rope_scaling(hf: dict, where: str) -> Optional[dict]:
         if kind == "linear":
             return {"type": "linear", "factor": float(rs["factor"])}
         if kind == "llama3":
-            return {"type": "llama3", "factor": float(rs["factor"]),
-                    "low_freq_factor": float(rs["low_freq_factor"]),
-                    "high_freq_factor": float(rs["high_freq_factor"]),
-                    "original_max_position_embeddings": int(rs["original_max_position_embeddings"])}
+            return {
+                "type": "llama3",
+                "factor": float(rs["factor"]),
+                "low_freq_factor": float(rs["low_freq_factor"]),
+                "high_freq_factor": float(rs["high_freq_factor"]),
+                "original_max_position_embeddings": int(rs["original_max_position_embeddings"]),
+            }
     except (KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"{where}: rope_scaling {rs!r} is incomplete ({e})") from e
     raise UnsupportedModelError(f"{where}: rope scaling type {kind!r} is not supported (linear, llama3)")
@@ -175,7 +194,8 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
     if model_type not in _MODEL_TYPES or (archs and not set(archs) & _ARCH_CLASSES):
         raise UnsupportedModelError(
             f"{where}: model_type {model_type!r} / architectures {archs} is not supported "
-            f"(supported: {', '.join(sorted(_ARCH_CLASSES))})")
+            f"(supported: {', '.join(sorted(_ARCH_CLASSES))})"
+        )
     arch = _MODEL_TYPES[model_type]
 
     def num(key, kind=int, default=None):
@@ -225,9 +245,17 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         **moe,
     )
     if moe:
-        check_moe_config(cfg, where, {"num_experts": experts_key, "num_experts_per_tok": "num_experts_per_tok",
-                                      "moe_intermediate_size": "moe_intermediate_size",
-                                      "mlp_only_layers": "mlp_only_layers", "intermediate_size": "intermediate_size"})
+        check_moe_config(
+            cfg,
+            where,
+            {
+                "num_experts": experts_key,
+                "num_experts_per_tok": "num_experts_per_tok",
+                "moe_intermediate_size": "moe_intermediate_size",
+                "mlp_only_layers": "mlp_only_layers",
+                "intermediate_size": "intermediate_size",
+            },
+        )
     return cfg
 
 
@@ -249,9 +277,13 @@ def _moe_fields(hf: dict, num, where: str, experts_key: str) -> dict:
     if not isinstance(norm, bool):
         raise ModelLoadError(f"{where}: field norm_topk_prob must be true or false, got {norm!r}")
     dense = set(only) | {i for i in range(n_layers) if (i + 1) % step}
-    return dict(num_experts=num(experts_key), num_experts_per_tok=num("num_experts_per_tok"),
-                moe_intermediate_size=num("moe_intermediate_size"), norm_topk_prob=norm,
-                mlp_only_layers=tuple(sorted(dense)))
+    return dict(
+        num_experts=num(experts_key),
+        num_experts_per_tok=num("num_experts_per_tok"),
+        moe_intermediate_size=num("moe_intermediate_size"),
+        norm_topk_prob=norm,
+        mlp_only_layers=tuple(sorted(dense)),
+    )
 
 
 class _MappedFile:
@@ -288,7 +320,9 @@ class _MappedFile:
         except (KeyError, TypeError, ValueError) as e:
             raise ModelLoadError(f"{self.path}: bad header entry for {name}") from e
         if dtype not in _ST_DTYPES:
-            raise ModelLoadError(f"{self.path}: tensor {name} has dtype {dtype}, which is not supported (F32, F16, BF16)")
+            raise ModelLoadError(
+                f"{self.path}: tensor {name} has dtype {dtype}, which is not supported (F32, F16, BF16)"
+            )
         np_dtype, kind = _ST_DTYPES[dtype]
         nbytes = int(np.prod(shape)) * np.dtype(np_dtype).itemsize
         a, b = self.data_start + int(start), self.data_start + int(end)
@@ -320,8 +354,11 @@ def _st_pooling(folder: Path) -> Optional[str]:
         return None
     if not isinstance(cfg, dict):
         return None
-    for key, name in (("pooling_mode_lasttoken", "last"), ("pooling_mode_mean_tokens", "mean"),
-                      ("pooling_mode_cls_token", "cls")):
+    for key, name in (
+        ("pooling_mode_lasttoken", "last"),
+        ("pooling_mode_mean_tokens", "mean"),
+        ("pooling_mode_cls_token", "cls"),
+    ):
         if cfg.get(key) is True:
             return name
     return None
@@ -425,7 +462,10 @@ def load_safetensors(folder: Path, progress: Optional[bool] = None) -> ModelSour
     eos = _ids(gen.get("eos_token_id")) or _ids(hf.get("eos_token_id"))
     bos = _ids(gen.get("bos_token_id")) or _ids(hf.get("bos_token_id"))
     src = ModelSource(
-        path=folder, format="safetensors", config=cfg, tensors=kept,
+        path=folder,
+        format="safetensors",
+        config=cfg,
+        tensors=kept,
         tokenizer=TokenizerSource(kind="hf", hf_dir=folder),
         chat_template=_chat_template(folder, tok_cfg),
         generation_config=gen,
@@ -448,5 +488,6 @@ def load_safetensors(folder: Path, progress: Optional[bool] = None) -> ModelSour
             t.data = None
         for mf in files:
             mf.close()
+
     src._closers.append(close)
     return src

@@ -15,6 +15,7 @@ for good with a DeviceError naming the late rank, is_healthy() turns
 False, the weights are dropped, and every later call raises that error: a
 new backend (an Engine reload) starts clean.
 """
+
 from __future__ import annotations
 
 from abc import abstractmethod
@@ -24,10 +25,10 @@ from typing import List, Optional, Sequence
 import torch
 
 from .. import defaults
-from ..config import ModelSource
-from ..errors import DeviceError, EngineClosedError
 from ..backends.base import Backend, SeqStep, StepOutput
 from ..backends.cpu import DEFAULT_CPU_POOL_CONTEXTS, pool_blocks
+from ..config import ModelSource
+from ..errors import DeviceError, EngineClosedError
 from ..kv_blocks import DEFAULT_BLOCK_SIZE, KVBlockManager
 from ..reference import model as reference_model
 from ..sampling import sample_from_logits
@@ -72,13 +73,17 @@ class ShardedBackend(Backend):
         out = []
         for s, lg in zip(seqs, logits):
             row = lg[0]
-            res = (sample_from_logits(row, s.params, s.state, allowed=s.allowed, logit_bias=s.logit_bias)
-                   if s.sample else None)
+            res = (
+                sample_from_logits(row, s.params, s.state, allowed=s.allowed, logit_bias=s.logit_bias)
+                if s.sample
+                else None
+            )
             out.append(StepOutput(res, row.clone() if s.want_logits else None))
         return out
 
-    def forward_paged(self, tokens: Sequence[int], start_pos: int, block_table: Sequence[int],
-                      all_logits: bool = False) -> torch.Tensor:
+    def forward_paged(
+        self, tokens: Sequence[int], start_pos: int, block_table: Sequence[int], all_logits: bool = False
+    ) -> torch.Tensor:
         """One sequence through its block table, in chunks that bound the attention scores."""
         m = self._live()
         ids = m.check_ids(tokens)
@@ -86,7 +91,7 @@ class ShardedBackend(Backend):
         chunk = reference_model.PREFILL_CHUNK
         rows = []
         for a in range(0, ids.numel(), chunk):
-            part = ids[a:a + chunk]
+            part = ids[a : a + chunk]
             last = a + chunk >= ids.numel()
             lg = self._run([(part, int(start_pos) + a, list(block_table))], all_logits=all_logits)[0]
             if all_logits or last:
@@ -104,11 +109,19 @@ class ShardedCPUBackend(ShardedBackend):
 
     device = "cpu"
 
-    def __init__(self, source: ModelSource, n_ctx: int, tensor_parallel: int = 2,
-                 dtype: torch.dtype = torch.float32, progress: Optional[bool] = None,
-                 max_num_seqs: int = defaults.DEFAULT_MAX_NUM_SEQS, kv_cache_memory: Optional[int] = None,
-                 block_size: int = DEFAULT_BLOCK_SIZE, prefix_cache: bool = True,
-                 step_timeout: float = defaults.DEFAULT_STEP_TIMEOUT):
+    def __init__(
+        self,
+        source: ModelSource,
+        n_ctx: int,
+        tensor_parallel: int = 2,
+        dtype: torch.dtype = torch.float32,
+        progress: Optional[bool] = None,
+        max_num_seqs: int = defaults.DEFAULT_MAX_NUM_SEQS,
+        kv_cache_memory: Optional[int] = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        prefix_cache: bool = True,
+        step_timeout: float = defaults.DEFAULT_STEP_TIMEOUT,
+    ):
         cfg = source.config
         if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be a positive integer, got {max_num_seqs!r}")
@@ -120,13 +133,28 @@ class ShardedCPUBackend(ShardedBackend):
         self.plan = shard_plan(cfg, tensor_parallel)
         self.plan.check(source.tensors)
         self.tensor_parallel = self.plan.world_size
-        blocks = pool_blocks(n_ctx, block_size, kv_bytes_per_position(self.plan, dtype), kv_cache_memory,
-                             DEFAULT_CPU_POOL_CONTEXTS * n_ctx)
+        blocks = pool_blocks(
+            n_ctx,
+            block_size,
+            kv_bytes_per_position(self.plan, dtype),
+            kv_cache_memory,
+            DEFAULT_CPU_POOL_CONTEXTS * n_ctx,
+        )
         self.group = InProcessGroup(self.tensor_parallel, self.step_timeout)
         self.shards: Optional[List[ShardModel]] = [
-            ShardModel(source, self.plan, r, self.group.rank(r), n_ctx, dtype=dtype, progress=progress,
-                       num_blocks=blocks, block_size=block_size)
-            for r in range(self.tensor_parallel)]
+            ShardModel(
+                source,
+                self.plan,
+                r,
+                self.group.rank(r),
+                n_ctx,
+                dtype=dtype,
+                progress=progress,
+                num_blocks=blocks,
+                block_size=block_size,
+            )
+            for r in range(self.tensor_parallel)
+        ]
         self.config = cfg
         self.n_ctx = self.shards[0].max_context
         self.max_num_seqs = max_num_seqs
@@ -145,8 +173,9 @@ class ShardedCPUBackend(ShardedBackend):
         self._steps += 1
         self._watchdog.begin(self._steps)
         try:
-            others = [self._ranks.submit(self._rank_forward, shards[r], batch, all_logits)
-                      for r in range(1, len(shards))]
+            others = [
+                self._ranks.submit(self._rank_forward, shards[r], batch, all_logits) for r in range(1, len(shards))
+            ]
             try:
                 out = self._rank_forward(shards[0], batch, all_logits)
             except CollectiveError as e:
@@ -184,8 +213,10 @@ class ShardedCPUBackend(ShardedBackend):
 
     def _overrun(self, step: int, seconds: float) -> None:
         late = ", ".join(str(r) for r in self.group.laggards())
-        self._fail(f"tensor-parallel step {step} did not finish within {self.step_timeout:g} s: rank {late} "
-                   "is behind; the model is failed (reload it)")
+        self._fail(
+            f"tensor-parallel step {step} did not finish within {self.step_timeout:g} s: rank {late} "
+            "is behind; the model is failed (reload it)"
+        )
 
     def _fail(self, message: str) -> DeviceError:
         if self._failure is None:
@@ -210,8 +241,7 @@ class ShardedCPUBackend(ShardedBackend):
             return {}
         weights = sum(s.weight_bytes() for s in shards)
         kv = sum(2 * s.k_pool.numel() * s.k_pool.element_size() for s in shards)
-        out = {"device": "cpu", "tensor_parallel": self.tensor_parallel, "weights_bytes": weights,
-               "kv_cache_bytes": kv}
+        out = {"device": "cpu", "tensor_parallel": self.tensor_parallel, "weights_bytes": weights, "kv_cache_bytes": kv}
         out.update(self.blocks.stats())
         return out
 

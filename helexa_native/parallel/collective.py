@@ -13,6 +13,7 @@ operations are NCCL calls on each device worker's own communicator.
 Every collective counts the collectives its rank has entered (`entered`),
 so a group that stalls can name the rank that never arrived.
 """
+
 from __future__ import annotations
 
 import threading
@@ -106,8 +107,11 @@ class InProcessGroup:
                 raise CollectiveError("the collective was aborted: another rank failed") from None
             late = [r for r in range(self.world_size) if self.entered[r] <= k]
             who = ", ".join(str(r) for r in late) or "?"
-            raise CollectiveError(f"rank {who} did not reach collective {k + 1} of the step within "
-                                  f"{self.timeout:g} s", late, timed_out=True) from None
+            raise CollectiveError(
+                f"rank {who} did not reach collective {k + 1} of the step within {self.timeout:g} s",
+                late,
+                timed_out=True,
+            ) from None
         return list(buf)
 
 

@@ -42,6 +42,7 @@ fail within the limit and they exit with a nonzero status, which lets
 torchrun (--max-restarts) start the group again. A process joins one group
 in its life: a failed group is recovered by restarting the launch.
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,9 +59,9 @@ import torch
 import torch.distributed as dist
 
 from .. import defaults
+from ..backends.cpu import DEFAULT_CPU_POOL_CONTEXTS, pool_blocks
 from ..config import ModelSource
 from ..errors import DeviceError, EngineClosedError, LaunchError
-from ..backends.cpu import DEFAULT_CPU_POOL_CONTEXTS, pool_blocks
 from ..kv_blocks import DEFAULT_BLOCK_SIZE, KVBlockManager
 from .backend import ShardedBackend, kv_bytes_per_position
 from .collective import Collective, CollectiveError
@@ -84,6 +85,7 @@ _join_lock = threading.Lock()
 
 
 # ---------------------------------------------------------------------------- the launch
+
 
 @dataclass(frozen=True)
 class Launch:
@@ -116,8 +118,13 @@ def launch_from_env(environ=None) -> Optional[Launch]:
     world, rank = num("WORLD_SIZE"), num("RANK")
     if world < 1 or not 0 <= rank < world:
         raise LaunchError(f"RANK {rank} does not fit WORLD_SIZE {world}")
-    return Launch(rank=rank, world_size=world, local_rank=num("LOCAL_RANK", rank),
-                  master_addr=env.get("MASTER_ADDR") or "127.0.0.1", master_port=num("MASTER_PORT", 0))
+    return Launch(
+        rank=rank,
+        world_size=world,
+        local_rank=num("LOCAL_RANK", rank),
+        master_addr=env.get("MASTER_ADDR") or "127.0.0.1",
+        master_port=num("MASTER_PORT", 0),
+    )
 
 
 def check_launch(tensor_parallel: int, launch: Launch) -> None:
@@ -127,7 +134,8 @@ def check_launch(tensor_parallel: int, launch: Launch) -> None:
             f"mismatched launch: {launch.world_size} processes were started (WORLD_SIZE={launch.world_size}) "
             f"but tensor_parallel is {tensor_parallel}; each CPU rank is one process, so start "
             f"torchrun with --nproc-per-node (times --nnodes) equal to {tensor_parallel}, or pass "
-            f"--tensor-parallel {launch.world_size}")
+            f"--tensor-parallel {launch.world_size}"
+        )
 
 
 def is_follower(tensor_parallel: Optional[int], environ=None) -> bool:
@@ -145,19 +153,26 @@ class _Member:
         global _joined
         with _join_lock:
             if _joined:
-                raise LaunchError("this process already joined a tensor-parallel group; a group is not "
-                                  "rebuilt in place: restart the launch (torchrun --max-restarts)")
+                raise LaunchError(
+                    "this process already joined a tensor-parallel group; a group is not "
+                    "rebuilt in place: restart the launch (torchrun --max-restarts)"
+                )
             if dist.is_initialized():
-                raise LaunchError("torch.distributed is already initialized in this process; the "
-                                  "tensor-parallel group sets it up itself")
+                raise LaunchError(
+                    "torch.distributed is already initialized in this process; the "
+                    "tensor-parallel group sets it up itself"
+                )
             _joined = True
         timeout = timedelta(seconds=connect_timeout)
         store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
         if (rank, world) != (launch.rank, launch.world_size):
-            raise LaunchError(f"the rendezvous placed this process at rank {rank} of {world}, "
-                              f"the environment says {launch.rank} of {launch.world_size}")
-        dist.init_process_group("gloo", store=dist.PrefixStore("hx_tp/pg", store), rank=rank,
-                                world_size=world, timeout=timeout)
+            raise LaunchError(
+                f"the rendezvous placed this process at rank {rank} of {world}, "
+                f"the environment says {launch.rank} of {launch.world_size}"
+            )
+        dist.init_process_group(
+            "gloo", store=dist.PrefixStore("hx_tp/pg", store), rank=rank, world_size=world, timeout=timeout
+        )
         self.launch = launch
         self.rank, self.world_size = rank, world
         self.group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
@@ -194,7 +209,7 @@ class _Member:
         self.closed = True
         try:
             dist.destroy_process_group()
-        except Exception as e:       # a broken group is torn down as far as it goes
+        except Exception as e:  # a broken group is torn down as far as it goes
             log.debug("destroying the tensor-parallel group: %s", e)
 
 
@@ -213,6 +228,7 @@ def _wait(work, seconds: float, what: str) -> None:
 
 
 # ---------------------------------------------------------------------------- the collective
+
 
 class GlooCollective(Collective):
     """A process rank's collectives over a gloo group; each wait bounded by `timeout()` seconds."""
@@ -235,24 +251,27 @@ class GlooCollective(Collective):
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         self._entered += 1
         x = x.contiguous()
-        _wait(dist.all_reduce(x, group=self.group, async_op=True), self._timeout(),
-              f"all-reduce {self._entered} of the step")
+        _wait(
+            dist.all_reduce(x, group=self.group, async_op=True),
+            self._timeout(),
+            f"all-reduce {self._entered} of the step",
+        )
         return x
 
     def gather_columns(self, x: torch.Tensor, widths: Sequence[int]) -> Optional[torch.Tensor]:
         self._entered += 1
         width = max(widths)
         pad = torch.zeros(*x.shape[:-1], width, dtype=x.dtype)
-        pad[..., :x.shape[-1]] = x
+        pad[..., : x.shape[-1]] = x
         parts = [torch.empty_like(pad) for _ in range(self.world_size)] if self.rank == 0 else None
-        _wait(dist.gather(pad, parts, dst=0, group=self.group, async_op=True), self._timeout(),
-              "gathering the logits")
+        _wait(dist.gather(pad, parts, dst=0, group=self.group, async_op=True), self._timeout(), "gathering the logits")
         if self.rank != 0:
             return None
         return torch.cat([p[..., :w] for p, w in zip(parts, widths)], dim=-1)
 
 
 # ---------------------------------------------------------------------------- step messages
+
 
 def encode_step(batch: Sequence[tuple], all_logits: bool) -> torch.Tensor:
     """A step as one int64 tensor: [all_logits, n, (tokens, start, blocks) x n, tokens..., block ids...]."""
@@ -269,14 +288,14 @@ def decode_step(payload: torch.Tensor) -> Tuple[list, bool]:
     """The (ids, start_pos, block_table) list and all_logits flag of an encoded step."""
     v = payload.tolist()
     all_logits, n = bool(v[0]), int(v[1])
-    meta = [v[2 + 3 * i:5 + 3 * i] for i in range(n)]
+    meta = [v[2 + 3 * i : 5 + 3 * i] for i in range(n)]
     at = 2 + 3 * n
     batch = []
     for n_tok, _, _ in meta:
-        batch.append([torch.tensor(v[at:at + n_tok], dtype=torch.long)])
+        batch.append([torch.tensor(v[at : at + n_tok], dtype=torch.long)])
         at += n_tok
     for item, (_, start, n_blk) in zip(batch, meta):
-        item += [start, v[at:at + n_blk]]
+        item += [start, v[at : at + n_blk]]
         at += n_blk
     return [tuple(b) for b in batch], all_logits
 
@@ -300,6 +319,7 @@ def _receive(group) -> Tuple[int, Optional[torch.Tensor]]:
 
 
 # ---------------------------------------------------------------------------- heartbeats and liveness
+
 
 def _beat_key(rank: int) -> str:
     return f"beat/{rank}"
@@ -356,7 +376,7 @@ class _Heartbeat:
         while not self._stop.wait(self._interval):
             try:
                 self.beat()
-            except Exception:       # the store went away with the leader: the step channel will tell
+            except Exception:  # the store went away with the leader: the step channel will tell
                 return
 
     def stop(self) -> None:
@@ -371,8 +391,11 @@ class _FollowerWatch:
         self._limit = limit
         me = _process_identity()
         self.followers = list(range(1, member.world_size))
-        self._local = {r: statuses[r]["pid"] for r in self.followers
-                       if statuses[r]["host"] == me["host"] and statuses[r]["pid_ns"] == me["pid_ns"]}
+        self._local = {
+            r: statuses[r]["pid"]
+            for r in self.followers
+            if statuses[r]["host"] == me["host"] and statuses[r]["pid_ns"] == me["pid_ns"]
+        }
         now = time.monotonic()
         self._beat: Dict[int, Tuple[int, int, int]] = {r: (0, 0, 0) for r in self.followers}
         self._changed = {r: now for r in self.followers}
@@ -417,23 +440,32 @@ def _check_statuses(statuses: List[dict], rank: int, own_error: Optional[BaseExc
         return
     if own_error is not None:
         raise own_error
-    raise LaunchError("tensor-parallel start-up failed on " +
-                      "; ".join(f"rank {r}: {msg}" for r, msg in bad))
+    raise LaunchError("tensor-parallel start-up failed on " + "; ".join(f"rank {r}: {msg}" for r, msg in bad))
 
 
 # ---------------------------------------------------------------------------- the leader
+
 
 class DistributedLeaderBackend(ShardedBackend):
     """Rank 0 of a multi-process tensor-parallel group: the Backend the scheduler drives (see the module docstring)."""
 
     device = "cpu"
 
-    def __init__(self, source: ModelSource, n_ctx: int, tensor_parallel: int, launch: Optional[Launch] = None,
-                 dtype: torch.dtype = torch.float32, progress: Optional[bool] = None,
-                 max_num_seqs: int = defaults.DEFAULT_MAX_NUM_SEQS, kv_cache_memory: Optional[int] = None,
-                 block_size: int = DEFAULT_BLOCK_SIZE, prefix_cache: bool = True,
-                 step_timeout: float = defaults.DEFAULT_STEP_TIMEOUT,
-                 connect_timeout: float = defaults.DEFAULT_TP_CONNECT_TIMEOUT):
+    def __init__(
+        self,
+        source: ModelSource,
+        n_ctx: int,
+        tensor_parallel: int,
+        launch: Optional[Launch] = None,
+        dtype: torch.dtype = torch.float32,
+        progress: Optional[bool] = None,
+        max_num_seqs: int = defaults.DEFAULT_MAX_NUM_SEQS,
+        kv_cache_memory: Optional[int] = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        prefix_cache: bool = True,
+        step_timeout: float = defaults.DEFAULT_STEP_TIMEOUT,
+        connect_timeout: float = defaults.DEFAULT_TP_CONNECT_TIMEOUT,
+    ):
         cfg = source.config
         if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be a positive integer, got {max_num_seqs!r}")
@@ -446,8 +478,7 @@ class DistributedLeaderBackend(ShardedBackend):
         self.step_timeout = check_step_timeout(step_timeout)
         launch = launch if launch is not None else launch_from_env()
         if launch is None:
-            raise LaunchError("no torchrun launch found (WORLD_SIZE is not set); in one process use "
-                              "ShardedCPUBackend")
+            raise LaunchError("no torchrun launch found (WORLD_SIZE is not set); in one process use ShardedCPUBackend")
         if launch.rank != 0:
             raise LaunchError(f"rank {launch.rank} is a follower: it runs Follower, not the leader's backend")
         check_launch(tensor_parallel, launch)
@@ -455,8 +486,9 @@ class DistributedLeaderBackend(ShardedBackend):
         plan.check(source.tensors)
         self.plan = plan
         self.tensor_parallel = plan.world_size
-        blocks = pool_blocks(n_ctx, block_size, kv_bytes_per_position(plan, dtype), kv_cache_memory,
-                             DEFAULT_CPU_POOL_CONTEXTS * n_ctx)
+        blocks = pool_blocks(
+            n_ctx, block_size, kv_bytes_per_position(plan, dtype), kv_cache_memory, DEFAULT_CPU_POOL_CONTEXTS * n_ctx
+        )
         self._deadline = 0.0
         self._failure: Optional[DeviceError] = None
         self._fail_lock = threading.Lock()
@@ -465,17 +497,32 @@ class DistributedLeaderBackend(ShardedBackend):
         self.model: Optional[ShardModel] = None
         self.member = _Member(launch, connect_timeout)
         try:
-            hello = {"tensor_parallel": plan.world_size, "n_ctx": n_ctx, "num_blocks": blocks,
-                     "block_size": block_size, "step_timeout": self.step_timeout,
-                     "dtype": next(k for k, v in _DTYPES.items() if v == dtype),
-                     "fingerprint": model_fingerprint(cfg, source.tensors)}
+            hello = {
+                "tensor_parallel": plan.world_size,
+                "n_ctx": n_ctx,
+                "num_blocks": blocks,
+                "block_size": block_size,
+                "step_timeout": self.step_timeout,
+                "dtype": next(k for k, v in _DTYPES.items() if v == dtype),
+                "fingerprint": model_fingerprint(cfg, source.tensors),
+            }
             self.member.broadcast_obj(hello)
             status, own = dict(_process_identity(), error=None), None
             try:
-                self.collective = GlooCollective(self.member.group, 0, plan.world_size,
-                                                 lambda: self._deadline - time.monotonic())
-                self.model = ShardModel(source, plan, 0, self.collective, n_ctx, dtype=dtype,
-                                        progress=progress, num_blocks=blocks, block_size=block_size)
+                self.collective = GlooCollective(
+                    self.member.group, 0, plan.world_size, lambda: self._deadline - time.monotonic()
+                )
+                self.model = ShardModel(
+                    source,
+                    plan,
+                    0,
+                    self.collective,
+                    n_ctx,
+                    dtype=dtype,
+                    progress=progress,
+                    num_blocks=blocks,
+                    block_size=block_size,
+                )
             except Exception as e:
                 status["error"], own = _one_line(e), e
             statuses = self.member.all_gather_obj(status)
@@ -489,9 +536,13 @@ class DistributedLeaderBackend(ShardedBackend):
         self.max_num_seqs = max_num_seqs
         self.blocks = KVBlockManager(blocks, block_size, prefix_cache=prefix_cache)
         self._watch = _FollowerWatch(self.member, statuses, self.step_timeout)
-        self._watchdog = StepWatchdog(self.step_timeout, self._overrun,
-                                      interval=heartbeat_interval(self.step_timeout), on_tick=self._tick,
-                                      name="hx-tp-leader-watchdog")
+        self._watchdog = StepWatchdog(
+            self.step_timeout,
+            self._overrun,
+            interval=heartbeat_interval(self.step_timeout),
+            on_tick=self._tick,
+            name="hx-tp-leader-watchdog",
+        )
 
     # ------------------------------------------------------------------ steps
 
@@ -507,7 +558,9 @@ class DistributedLeaderBackend(ShardedBackend):
             out = model.forward_batch(batch, all_logits=all_logits)
         except Exception as e:
             # Past the send every rank is inside the step: any failure leaves the group out of step.
-            err = self._fail(lambda: self._diagnose(step, f"tensor-parallel step {step} failed ({e})"))
+            # The message is built now: `e` is unbound once this except clause ends.
+            msg = f"tensor-parallel step {step} failed ({e})"
+            err = self._fail(lambda: self._diagnose(step, msg))
             self._drop()
             raise err from e
         finally:
@@ -525,12 +578,18 @@ class DistributedLeaderBackend(ShardedBackend):
         self._watch.poll()
         dead = self._watch.dead()
         if dead:
-            self._fail(lambda: "tensor-parallel " + "; ".join(f"rank {r} {why}" for r, why in dead.items()) +
-                       "; the model is failed (restart the launch)")
+            self._fail(
+                lambda: (
+                    "tensor-parallel "
+                    + "; ".join(f"rank {r} {why}" for r, why in dead.items())
+                    + "; the model is failed (restart the launch)"
+                )
+            )
 
     def _overrun(self, step: int, seconds: float) -> None:
-        self._fail(lambda: self._diagnose(step, f"tensor-parallel step {step} did not finish within "
-                                                f"{self.step_timeout:g} s"))
+        self._fail(
+            lambda: self._diagnose(step, f"tensor-parallel step {step} did not finish within {self.step_timeout:g} s")
+        )
 
     def _diagnose(self, step: int, headline: str) -> str:
         """headline, plus which rank failed: a dead one, else the one furthest behind."""
@@ -558,11 +617,14 @@ class DistributedLeaderBackend(ShardedBackend):
         low = min(progress.values())
         late = [r for r, p in progress.items() if p == low]
         if len(late) == len(progress):
-            return (headline + f": every rank reached collective {low[1]} of step {low[0]}, which did not "
-                    "complete" + tail)
+            return (
+                headline + f": every rank reached collective {low[1]} of step {low[0]}, which did not complete" + tail
+            )
         ranks = ", ".join(str(r) for r in late)
-        return (headline + f": rank {ranks} did not answer (it is at collective {low[1]} of step {low[0]}; "
-                f"rank 0 is at collective {self.collective.entered} of step {step})" + tail)
+        return (
+            headline + f": rank {ranks} did not answer (it is at collective {low[1]} of step {low[0]}; "
+            f"rank 0 is at collective {self.collective.entered} of step {step})" + tail
+        )
 
     def _fail(self, message: Callable[[], str]) -> DeviceError:
         """Fail the backend once; `message` (which may wait to name the rank) runs only for the first failure."""
@@ -587,8 +649,13 @@ class DistributedLeaderBackend(ShardedBackend):
         m = self.model
         if m is None:
             return {}
-        out = {"device": "cpu", "tensor_parallel": self.tensor_parallel, "rank": 0,
-               "weights_bytes": m.weight_bytes(), "kv_cache_bytes": 2 * m.k_pool.numel() * m.k_pool.element_size()}
+        out = {
+            "device": "cpu",
+            "tensor_parallel": self.tensor_parallel,
+            "rank": 0,
+            "weights_bytes": m.weight_bytes(),
+            "kv_cache_bytes": 2 * m.k_pool.numel() * m.k_pool.element_size(),
+        }
         out.update(self.blocks.stats())
         return out
 
@@ -618,12 +685,18 @@ class DistributedLeaderBackend(ShardedBackend):
 
 # ---------------------------------------------------------------------------- the followers
 
+
 class Follower:
     """A follower rank: joins the group, loads its shard, then `run()` serves the leader's steps."""
 
-    def __init__(self, source: ModelSource, tensor_parallel: int, launch: Optional[Launch] = None,
-                 progress: Optional[bool] = None,
-                 connect_timeout: float = defaults.DEFAULT_TP_CONNECT_TIMEOUT):
+    def __init__(
+        self,
+        source: ModelSource,
+        tensor_parallel: int,
+        launch: Optional[Launch] = None,
+        progress: Optional[bool] = None,
+        connect_timeout: float = defaults.DEFAULT_TP_CONNECT_TIMEOUT,
+    ):
         launch = launch if launch is not None else launch_from_env()
         if launch is None:
             raise LaunchError("no torchrun launch found (WORLD_SIZE is not set)")
@@ -644,21 +717,35 @@ class Follower:
             try:
                 mine = model_fingerprint(source.config, source.tensors)
                 if hello["tensor_parallel"] != plan.world_size:
-                    raise LaunchError(f"rank 0 runs tensor_parallel {hello['tensor_parallel']}, rank "
-                                      f"{self.rank} was started with {plan.world_size}")
+                    raise LaunchError(
+                        f"rank 0 runs tensor_parallel {hello['tensor_parallel']}, rank "
+                        f"{self.rank} was started with {plan.world_size}"
+                    )
                 if hello["fingerprint"] != mine:
-                    raise LaunchError(f"rank {self.rank} loaded a different model than rank 0 "
-                                      f"(fingerprint {mine}, rank 0 has {hello['fingerprint']})")
-                self.collective = GlooCollective(self.member.group, self.rank, plan.world_size,
-                                                 lambda: self.step_timeout)
-                self.model = ShardModel(source, plan, self.rank, self.collective, hello["n_ctx"],
-                                        dtype=_DTYPES[hello["dtype"]], progress=progress,
-                                        num_blocks=hello["num_blocks"], block_size=hello["block_size"])
+                    raise LaunchError(
+                        f"rank {self.rank} loaded a different model than rank 0 "
+                        f"(fingerprint {mine}, rank 0 has {hello['fingerprint']})"
+                    )
+                self.collective = GlooCollective(
+                    self.member.group, self.rank, plan.world_size, lambda: self.step_timeout
+                )
+                self.model = ShardModel(
+                    source,
+                    plan,
+                    self.rank,
+                    self.collective,
+                    hello["n_ctx"],
+                    dtype=_DTYPES[hello["dtype"]],
+                    progress=progress,
+                    num_blocks=hello["num_blocks"],
+                    block_size=hello["block_size"],
+                )
             except Exception as e:
                 status["error"], own = _one_line(e), e
             _check_statuses(self.member.all_gather_obj(status), self.rank, own)
-            self._heartbeat = _Heartbeat(self.member, lambda: (self.steps, self.collective.entered),
-                                         heartbeat_interval(self.step_timeout))
+            self._heartbeat = _Heartbeat(
+                self.member, lambda: (self.steps, self.collective.entered), heartbeat_interval(self.step_timeout)
+            )
         except BaseException:
             self.member.close()
             raise
@@ -686,8 +773,9 @@ class Follower:
         self.member.close()
 
 
-def follow(source: ModelSource, tensor_parallel: int, launch: Optional[Launch] = None,
-           progress: Optional[bool] = None) -> None:
+def follow(
+    source: ModelSource, tensor_parallel: int, launch: Optional[Launch] = None, progress: Optional[bool] = None
+) -> None:
     """Run this process as a follower rank until the leader shuts the group down."""
     f = Follower(source, tensor_parallel, launch=launch, progress=progress)
     try:

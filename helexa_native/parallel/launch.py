@@ -1,14 +1,15 @@
 """The one place an Engine picks its tensor-parallel backend.
 
-    device cpu, one process        -> ShardedCPUBackend (ranks are threads)
-    device cpu, under torchrun     -> rank 0: DistributedLeaderBackend;
-                                      other ranks: follow() until the leader
-                                      shuts down, then SystemExit(0)
-    device cuda                    -> not built yet: the sharded device step
-                                      (GpuModel over a shard, NCCL all-reduce
-                                      after attn_output and ffn_down) goes in
-                                      `_cuda_backend` below
+device cpu, one process        -> ShardedCPUBackend (ranks are threads)
+device cpu, under torchrun     -> rank 0: DistributedLeaderBackend;
+                                  other ranks: follow() until the leader
+                                  shuts down, then SystemExit(0)
+device cuda                    -> not built yet: the sharded device step
+                                  (GpuModel over a shard, NCCL all-reduce
+                                  after attn_output and ffn_down) goes in
+                                  `_cuda_backend` below
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -34,33 +35,60 @@ def check_step_timeout(step_timeout) -> float:
     return float(step_timeout)
 
 
-def tensor_parallel_backend(source: ModelSource, device: str, device_index: Optional[int], n_ctx: int,
-                            tensor_parallel: int, *, progress: Optional[bool] = None,
-                            max_num_seqs: int = defaults.DEFAULT_MAX_NUM_SEQS,
-                            kv_cache_memory: Optional[int] = None, prefix_cache: bool = True,
-                            step_timeout: float = defaults.DEFAULT_STEP_TIMEOUT):
+def tensor_parallel_backend(
+    source: ModelSource,
+    device: str,
+    device_index: Optional[int],
+    n_ctx: int,
+    tensor_parallel: int,
+    *,
+    progress: Optional[bool] = None,
+    max_num_seqs: int = defaults.DEFAULT_MAX_NUM_SEQS,
+    kv_cache_memory: Optional[int] = None,
+    prefix_cache: bool = True,
+    step_timeout: float = defaults.DEFAULT_STEP_TIMEOUT,
+):
     """The backend of `source` split over `tensor_parallel` ranks; a follower process never returns."""
     if device == "cuda":
         return _cuda_backend(source, device_index, n_ctx, tensor_parallel)
     from .distributed import DistributedLeaderBackend, check_launch, follow, launch_from_env
+
     launch = launch_from_env()
     if launch is None:
         from .backend import ShardedCPUBackend
-        return ShardedCPUBackend(source, n_ctx, tensor_parallel=tensor_parallel, progress=progress,
-                                 max_num_seqs=max_num_seqs, kv_cache_memory=kv_cache_memory,
-                                 prefix_cache=prefix_cache, step_timeout=step_timeout)
+
+        return ShardedCPUBackend(
+            source,
+            n_ctx,
+            tensor_parallel=tensor_parallel,
+            progress=progress,
+            max_num_seqs=max_num_seqs,
+            kv_cache_memory=kv_cache_memory,
+            prefix_cache=prefix_cache,
+            step_timeout=step_timeout,
+        )
     check_launch(tensor_parallel, launch)
     if launch.rank == 0:
-        return DistributedLeaderBackend(source, n_ctx, tensor_parallel, launch=launch, progress=progress,
-                                        max_num_seqs=max_num_seqs, kv_cache_memory=kv_cache_memory,
-                                        prefix_cache=prefix_cache, step_timeout=step_timeout)
+        return DistributedLeaderBackend(
+            source,
+            n_ctx,
+            tensor_parallel,
+            launch=launch,
+            progress=progress,
+            max_num_seqs=max_num_seqs,
+            kv_cache_memory=kv_cache_memory,
+            prefix_cache=prefix_cache,
+            step_timeout=step_timeout,
+        )
     follow(source, tensor_parallel, launch=launch, progress=progress)
     raise SystemExit(0)
 
 
 def _cuda_backend(source: ModelSource, device_index: Optional[int], n_ctx: int, tensor_parallel: int):
-    raise DeviceError("tensor parallelism on GPUs needs the sharded device step, not built yet "
-                      "(device='cpu' runs the sharded CPU reference)")
+    raise DeviceError(
+        "tensor parallelism on GPUs needs the sharded device step, not built yet "
+        "(device='cpu' runs the sharded CPU reference)"
+    )
 
 
 def run_follower(model, device: str, tensor_parallel: int, progress: Optional[bool] = None) -> int:
@@ -68,6 +96,7 @@ def run_follower(model, device: str, tensor_parallel: int, progress: Optional[bo
     from ..engine import default_model_path, resolve_device
     from ..loaders import load_source
     from .distributed import follow
+
     kind, index = resolve_device(device)
     if kind == "cuda":
         _cuda_backend(None, index, 0, tensor_parallel)

@@ -12,6 +12,7 @@ so the ranks together compute the unsplit model up to the order of the
 partial sums. Each rank keeps the KV cache of its own kv heads, in the same
 paged block layout, and follows the block tables the leader hands it.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -32,8 +33,7 @@ from .sharding import ShardPlan, shard_tensor
 class _ShardLayer:
     """One decoder block's slices in compute layout."""
 
-    __slots__ = ("attn_norm", "w_qkv", "b_qkv", "w_o", "b_o", "q_norm", "k_norm",
-                 "ffn_norm", "w_gate_up", "w_down")
+    __slots__ = ("attn_norm", "w_qkv", "b_qkv", "w_o", "b_o", "q_norm", "k_norm", "ffn_norm", "w_gate_up", "w_down")
 
 
 class ShardModel(ReferenceModel):
@@ -43,18 +43,27 @@ class ShardModel(ReferenceModel):
     `forward_batch` returns the logits on rank 0 and None on the others.
     """
 
-    def __init__(self, source: ModelSource, plan: ShardPlan, rank: int, collective: Collective,
-                 max_context: int, dtype: torch.dtype = torch.float32, progress: Optional[bool] = None,
-                 num_blocks: Optional[int] = None, block_size: int = 16):
+    def __init__(
+        self,
+        source: ModelSource,
+        plan: ShardPlan,
+        rank: int,
+        collective: Collective,
+        max_context: int,
+        dtype: torch.dtype = torch.float32,
+        progress: Optional[bool] = None,
+        num_blocks: Optional[int] = None,
+        block_size: int = 16,
+    ):
         cfg = source.config
         if plan.config != cfg:
             raise ValueError("the shard plan was made for another model config")
-        if isinstance(max_context, bool) or not isinstance(max_context, numbers.Integral) \
-                or max_context < 1:
+        if isinstance(max_context, bool) or not isinstance(max_context, numbers.Integral) or max_context < 1:
             raise ValueError(f"max_context must be a positive integer, got {max_context!r}")
         if cfg.num_heads % cfg.num_kv_heads:
-            raise UnsupportedModelError(f"num_heads {cfg.num_heads} is not a multiple of "
-                                        f"num_kv_heads {cfg.num_kv_heads}")
+            raise UnsupportedModelError(
+                f"num_heads {cfg.num_heads} is not a multiple of num_kv_heads {cfg.num_kv_heads}"
+            )
         self.config = cfg
         self.plan = plan
         self.rank = int(rank)
@@ -90,8 +99,7 @@ class ShardModel(ReferenceModel):
         self._tensors = self._bar = None
 
         self.block_size = int(block_size)
-        self.num_blocks = int(num_blocks) if num_blocks is not None else \
-            -(-self.max_context // self.block_size)
+        self.num_blocks = int(num_blocks) if num_blocks is not None else -(-self.max_context // self.block_size)
         if self.num_blocks < 1 or self.block_size < 1:
             raise ValueError("the KV pool needs at least one block of at least one position")
         pool_shape = (cfg.num_layers, self.num_blocks, self.n_kv_heads, self.block_size, cfg.head_dim)
@@ -108,8 +116,9 @@ class ShardModel(ReferenceModel):
             return None
         part = shard_tensor(raw, self.plan, self.rank, name)
         if tuple(part.shape) != tuple(shape):
-            raise ModelLoadError(f"tensor {name}: rank {self.rank}'s slice has shape {tuple(part.shape)}, "
-                                 f"expected {tuple(shape)}")
+            raise ModelLoadError(
+                f"tensor {name}: rank {self.rank}'s slice has shape {tuple(part.shape)}, expected {tuple(shape)}"
+            )
         try:
             t = part.to_float()
         except (ValueError, RuntimeError, NotImplementedError) as e:
@@ -134,14 +143,19 @@ class ShardModel(ReferenceModel):
             p = f"blk.{i}."
             L = _ShardLayer()
             L.attn_norm = self._get(p + "attn_norm.weight", (h,))
-            L.w_qkv = torch.cat([self._get(p + "attn_q.weight", (q, h)),
-                                 self._get(p + "attn_k.weight", (kv, h)),
-                                 self._get(p + "attn_v.weight", (kv, h))])
-            biases = [self._get(p + f"attn_{x}.bias", (n,), required=cfg.attention_bias)
-                      for x, n in (("q", q), ("k", kv), ("v", kv))]
+            L.w_qkv = torch.cat(
+                [
+                    self._get(p + "attn_q.weight", (q, h)),
+                    self._get(p + "attn_k.weight", (kv, h)),
+                    self._get(p + "attn_v.weight", (kv, h)),
+                ]
+            )
+            biases = [
+                self._get(p + f"attn_{x}.bias", (n,), required=cfg.attention_bias)
+                for x, n in (("q", q), ("k", kv), ("v", kv))
+            ]
             if any(b is not None for b in biases):
-                biases = [b if b is not None else torch.zeros(n, dtype=self.dtype)
-                          for b, n in zip(biases, (q, kv, kv))]
+                biases = [b if b is not None else torch.zeros(n, dtype=self.dtype) for b, n in zip(biases, (q, kv, kv))]
                 L.b_qkv = torch.cat(biases)
             else:
                 L.b_qkv = None
@@ -150,8 +164,7 @@ class ShardModel(ReferenceModel):
             L.q_norm = self._get(p + "attn_q_norm.weight", (d,), required=cfg.qk_norm)
             L.k_norm = self._get(p + "attn_k_norm.weight", (d,), required=cfg.qk_norm)
             L.ffn_norm = self._get(p + "ffn_norm.weight", (h,))
-            L.w_gate_up = torch.cat([self._get(p + "ffn_gate.weight", (f, h)),
-                                     self._get(p + "ffn_up.weight", (f, h))])
+            L.w_gate_up = torch.cat([self._get(p + "ffn_gate.weight", (f, h)), self._get(p + "ffn_up.weight", (f, h))])
             L.w_down = self._get(p + "ffn_down.weight", (h, f))
             self.layers.append(L)
 
@@ -175,7 +188,7 @@ class ShardModel(ReferenceModel):
         x, counts = self._blocks(seqs)
         rows, a = [], 0
         for n in counts:
-            rows.append(x[a:a + n] if all_logits else x[a + n - 1:a + n])
+            rows.append(x[a : a + n] if all_logits else x[a + n - 1 : a + n])
             a += n
         h = rms_norm(torch.cat(rows), self.output_norm, self.config.rms_norm_eps)
         part = F.linear(h, self.lm_head).float()
@@ -184,7 +197,7 @@ class ShardModel(ReferenceModel):
             return None
         out, a = [], 0
         for r in rows:
-            out.append(logits[a:a + r.shape[0]])
+            out.append(logits[a : a + r.shape[0]])
             a += r.shape[0]
         return out
 
@@ -197,15 +210,19 @@ class ShardModel(ReferenceModel):
         ids = torch.cat([s[0] for s in seqs])
         counts = [int(s[0].numel()) for s in seqs]
         pos = torch.cat([torch.arange(int(s[1]), int(s[1]) + n) for s, n in zip(seqs, counts)])
-        blk = torch.cat([torch.as_tensor(list(s[2]), dtype=torch.long)[
-            torch.arange(int(s[1]), int(s[1]) + n) // bs] for s, n in zip(seqs, counts)])
+        blk = torch.cat(
+            [
+                torch.as_tensor(list(s[2]), dtype=torch.long)[torch.arange(int(s[1]), int(s[1]) + n) // bs]
+                for s, n in zip(seqs, counts)
+            ]
+        )
         off = pos % bs
         cos, sin = self._cos[pos], self._sin[pos]
-        views = []      # per sequence: (row range, end, block ids, causal mask)
+        views = []  # per sequence: (row range, end, block ids, causal mask)
         a = 0
         for (_, start, table), n in zip(seqs, counts):
             end = int(start) + n
-            used = torch.as_tensor(list(table[:-(-end // bs)]), dtype=torch.long)
+            used = torch.as_tensor(list(table[: -(-end // bs)]), dtype=torch.long)
             mask = None
             if n > 1:
                 seen = torch.arange(end)[None, :] <= (int(start) + torch.arange(n))[:, None]

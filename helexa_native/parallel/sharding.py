@@ -28,6 +28,7 @@ ShardingError names the tensor and the block size. `shard_tensor` slices
 the loader's numpy view (memory-mapped for both formats): a rank's shard
 is a view of the file, and only its bytes are ever read.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -81,19 +82,25 @@ class ShardPlan:
         if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral) or world_size < 1:
             raise ValueError(f"tensor_parallel must be a positive integer, got {world_size!r}")
         if config.arch not in SHARDABLE_ARCHS:
-            raise UnsupportedModelError(f"tensor parallelism does not support architecture {config.arch!r} "
-                                        f"(supported: {', '.join(SHARDABLE_ARCHS)})")
+            raise UnsupportedModelError(
+                f"tensor parallelism does not support architecture {config.arch!r} "
+                f"(supported: {', '.join(SHARDABLE_ARCHS)})"
+            )
         n = int(world_size)
         cfg = config
         self.config = cfg
         self.world_size = n
         nq, nk, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         if nq % n:
-            raise ShardingError(f"num_heads {nq} is not a multiple of tensor_parallel {n}: the attention "
-                                f"heads cannot be split evenly over {n} ranks")
+            raise ShardingError(
+                f"num_heads {nq} is not a multiple of tensor_parallel {n}: the attention "
+                f"heads cannot be split evenly over {n} ranks"
+            )
         if cfg.intermediate_size % n:
-            raise ShardingError(f"intermediate_size {cfg.intermediate_size} is not a multiple of "
-                                f"tensor_parallel {n}: the MLP cannot be split evenly over {n} ranks")
+            raise ShardingError(
+                f"intermediate_size {cfg.intermediate_size} is not a multiple of "
+                f"tensor_parallel {n}: the MLP cannot be split evenly over {n} ranks"
+            )
         if cfg.vocab_size < n:
             raise ShardingError(f"vocab_size {cfg.vocab_size} is smaller than tensor_parallel {n}")
         if nk < 1 or nq % nk:
@@ -111,9 +118,12 @@ class ShardPlan:
         self.vocab = [(min(r * per, cfg.vocab_size), min((r + 1) * per, cfg.vocab_size)) for r in range(n)]
         # Every rank's vocabulary slice is padded to this width when gathered.
         self.vocab_width = per
-        dims = {"q": [(a * d, b * d) for a, b in self.q_heads],
-                "kv": [(a * d, b * d) for a, b in self.kv_heads],
-                "ffn": self.ffn, "vocab": self.vocab}
+        dims = {
+            "q": [(a * d, b * d) for a, b in self.q_heads],
+            "kv": [(a * d, b * d) for a, b in self.kv_heads],
+            "ffn": self.ffn,
+            "vocab": self.vocab,
+        }
         self._dims = {k: tuple(v) for k, v in dims.items()}
 
     # ------------------------------------------------------------------ facts
@@ -139,16 +149,26 @@ class ShardPlan:
 
     def rank_config(self, rank: int) -> dict:
         """The rank's own sizes: heads, kv heads, intermediate rows and vocabulary slice."""
-        (qa, qb), (ka, kb), (fa, fb), (va, vb) = (self.q_heads[rank], self.kv_heads[rank],
-                                                  self.ffn[rank], self.vocab[rank])
-        return {"num_heads": qb - qa, "num_kv_heads": kb - ka, "intermediate_size": fb - fa,
-                "vocab": (va, vb)}
+        (qa, qb), (ka, kb), (fa, fb), (va, vb) = (
+            self.q_heads[rank],
+            self.kv_heads[rank],
+            self.ffn[rank],
+            self.vocab[rank],
+        )
+        return {"num_heads": qb - qa, "num_kv_heads": kb - ka, "intermediate_size": fb - fa, "vocab": (va, vb)}
 
     def describe(self) -> dict:
         """The plan as plain data (for `info` and logs)."""
-        return {"tensor_parallel": self.world_size, "q_heads": self.q_heads, "kv_heads": self.kv_heads,
-                "kv_split": self.kv_split, "ffn": self.ffn, "vocab": self.vocab,
-                "embedding": "replicated", "lm_head": "split by vocabulary"}
+        return {
+            "tensor_parallel": self.world_size,
+            "q_heads": self.q_heads,
+            "kv_heads": self.kv_heads,
+            "kv_split": self.kv_split,
+            "ffn": self.ffn,
+            "vocab": self.vocab,
+            "embedding": "replicated",
+            "lm_head": "split by vocabulary",
+        }
 
     # ------------------------------------------------------------------ checks
 
@@ -172,8 +192,9 @@ def _check_bounds(name: str, raw: RawTensor, direction: str, a: int, b: int) -> 
     if direction == COLUMNS and len(shape) < 2:
         raise ShardingError(f"tensor {name} of shape {list(shape)} has no columns to split")
     if not 0 <= a <= b <= shape[axis]:
-        raise ShardingError(f"tensor {name} of shape {list(shape)}: slice [{a}, {b}) of its "
-                            f"{direction} is out of range")
+        raise ShardingError(
+            f"tensor {name} of shape {list(shape)}: slice [{a}, {b}) of its {direction} is out of range"
+        )
     if direction == COLUMNS and raw.dtype not in FLOAT_TYPES:
         be = BLOCK_SIZES[raw.dtype][0]
         for edge in (a, b):
@@ -182,7 +203,8 @@ def _check_bounds(name: str, raw: RawTensor, direction: str, a: int, b: int) -> 
                     f"tensor {name} ({raw.dtype}, shape {list(shape)}) cannot be split at column "
                     f"{edge}: {raw.dtype} stores rows in blocks of {be} weights and a split must fall on "
                     f"a block boundary (use a tensor-parallel size whose slices are multiples of {be}, "
-                    "or a model quantized with smaller blocks)")
+                    "or a model quantized with smaller blocks)"
+                )
 
 
 def shard_tensor(raw: RawTensor, plan: ShardPlan, rank: int, name: Optional[str] = None) -> RawTensor:
@@ -212,7 +234,7 @@ def shard_tensor(raw: RawTensor, plan: ShardPlan, rank: int, name: Optional[str]
             data = data[..., a:b]
         else:
             be, bb = BLOCK_SIZES[raw.dtype]
-            data = data[..., a // be * bb:b // be * bb]
+            data = data[..., a // be * bb : b // be * bb]
         out_shape = shape[:-1] + (b - a,)
     return RawTensor(name=raw.name, shape=out_shape, dtype=raw.dtype, data=data, dequantize=raw.dequantize)
 
@@ -224,4 +246,3 @@ def model_fingerprint(config: ModelConfig, tensors: Dict[str, RawTensor]) -> str
         t = tensors[name]
         h.update(f"{name}:{t.dtype}:{tuple(int(s) for s in t.shape)};".encode())
     return h.hexdigest()[:16]
-

@@ -10,6 +10,7 @@ blocks its thread). Between checks it calls `on_tick()` every `interval`
 seconds, which the multi-process leader uses to watch its followers'
 heartbeats.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,9 +24,14 @@ log = logging.getLogger(__name__)
 class StepWatchdog:
     """Watches the step in flight; see the module docstring."""
 
-    def __init__(self, limit: float, on_overrun: Callable[[int, float], None],
-                 interval: Optional[float] = None, on_tick: Optional[Callable[[], None]] = None,
-                 name: str = "hx-tp-watchdog"):
+    def __init__(
+        self,
+        limit: float,
+        on_overrun: Callable[[int, float], None],
+        interval: Optional[float] = None,
+        on_tick: Optional[Callable[[], None]] = None,
+        name: str = "hx-tp-watchdog",
+    ):
         self.limit = float(limit)
         self.interval = float(interval) if interval is not None else max(0.05, min(1.0, self.limit / 10))
         self._on_overrun = on_overrun

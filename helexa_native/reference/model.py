@@ -11,6 +11,7 @@ flags the loader already put in the config (q/k/v bias, per-head q/k
 RMSNorm, rope pairing and scaling, tied embeddings) and, for qwen3moe, in
 the FFN: a router picks experts per token (`route`, `moe_ffn`).
 """
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,9 @@ def route(h: torch.Tensor, w_router: torch.Tensor, k: int, normalize: bool) -> t
     return weights, experts
 
 
-def moe_ffn(h: torch.Tensor, w_router: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-            k: int, normalize: bool) -> torch.Tensor:
+def moe_ffn(
+    h: torch.Tensor, w_router: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, k: int, normalize: bool
+) -> torch.Tensor:
     """sum over each token's k routed experts of w_e * down_e(silu(gate_e h) * up_e h).
 
     h [T, hidden]; w_router [E, hidden]; w_gate_up [E, 2 * F, hidden] (gate
@@ -80,8 +82,21 @@ class _Layer:
     instead. The others are None.
     """
 
-    __slots__ = ("attn_norm", "w_qkv", "b_qkv", "w_o", "b_o", "q_norm", "k_norm",
-                 "ffn_norm", "w_gate_up", "w_down", "router", "exp_gate_up", "exp_down")
+    __slots__ = (
+        "attn_norm",
+        "w_qkv",
+        "b_qkv",
+        "w_o",
+        "b_o",
+        "q_norm",
+        "k_norm",
+        "ffn_norm",
+        "w_gate_up",
+        "w_down",
+        "router",
+        "exp_gate_up",
+        "exp_down",
+    )
 
 
 class ReferenceModel:
@@ -92,19 +107,26 @@ class ReferenceModel:
     worth), and each call names the blocks of its sequence (see kv_blocks.py).
     """
 
-    def __init__(self, source: ModelSource, max_context: int, dtype: torch.dtype = torch.float32,
-                 progress: Optional[bool] = None, num_blocks: Optional[int] = None,
-                 block_size: int = 16):
+    def __init__(
+        self,
+        source: ModelSource,
+        max_context: int,
+        dtype: torch.dtype = torch.float32,
+        progress: Optional[bool] = None,
+        num_blocks: Optional[int] = None,
+        block_size: int = 16,
+    ):
         cfg = source.config
         if cfg.arch not in SUPPORTED_ARCHS:
-            raise UnsupportedModelError(f"architecture {cfg.arch!r} is not supported "
-                                        f"(supported: {', '.join(SUPPORTED_ARCHS)})")
-        if isinstance(max_context, bool) or not isinstance(max_context, numbers.Integral) \
-                or max_context < 1:
+            raise UnsupportedModelError(
+                f"architecture {cfg.arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})"
+            )
+        if isinstance(max_context, bool) or not isinstance(max_context, numbers.Integral) or max_context < 1:
             raise ValueError(f"max_context must be a positive integer, got {max_context!r}")
         if cfg.num_heads % cfg.num_kv_heads:
-            raise UnsupportedModelError(f"num_heads {cfg.num_heads} is not a multiple of "
-                                        f"num_kv_heads {cfg.num_kv_heads}")
+            raise UnsupportedModelError(
+                f"num_heads {cfg.num_heads} is not a multiple of num_kv_heads {cfg.num_kv_heads}"
+            )
         self.config: ModelConfig = cfg
         self.dtype = dtype
         self.max_context = int(max_context)
@@ -128,8 +150,7 @@ class ReferenceModel:
         # The paged KV pool: [layers, blocks, kv heads, block_size, head_dim].
         # torch.empty: pages are touched only as positions are written.
         self.block_size = int(block_size)
-        self.num_blocks = int(num_blocks) if num_blocks is not None else \
-            -(-self.max_context // self.block_size)
+        self.num_blocks = int(num_blocks) if num_blocks is not None else -(-self.max_context // self.block_size)
         if self.num_blocks < 1 or self.block_size < 1:
             raise ValueError("the KV pool needs at least one block of at least one position")
         pool_shape = (cfg.num_layers, self.num_blocks, cfg.num_kv_heads, self.block_size, cfg.head_dim)
@@ -170,15 +191,20 @@ class ReferenceModel:
             p = f"blk.{i}."
             L = _Layer()
             L.attn_norm = self._get(p + "attn_norm.weight", (h,))
-            L.w_qkv = torch.cat([self._get(p + "attn_q.weight", (q, h)),
-                                 self._get(p + "attn_k.weight", (kv, h)),
-                                 self._get(p + "attn_v.weight", (kv, h))])
-            biases = [self._get(p + f"attn_{x}.bias", (n,), required=cfg.attention_bias)
-                      for x, n in (("q", q), ("k", kv), ("v", kv))]
+            L.w_qkv = torch.cat(
+                [
+                    self._get(p + "attn_q.weight", (q, h)),
+                    self._get(p + "attn_k.weight", (kv, h)),
+                    self._get(p + "attn_v.weight", (kv, h)),
+                ]
+            )
+            biases = [
+                self._get(p + f"attn_{x}.bias", (n,), required=cfg.attention_bias)
+                for x, n in (("q", q), ("k", kv), ("v", kv))
+            ]
             if any(b is not None for b in biases):
                 sizes = (q, kv, kv)
-                biases = [b if b is not None else torch.zeros(n, dtype=self.dtype)
-                          for b, n in zip(biases, sizes)]
+                biases = [b if b is not None else torch.zeros(n, dtype=self.dtype) for b, n in zip(biases, sizes)]
                 L.b_qkv = torch.cat(biases)
             else:
                 L.b_qkv = None
@@ -191,12 +217,18 @@ class ReferenceModel:
             if cfg.is_moe_layer(i):
                 e, fe = cfg.num_experts, cfg.moe_intermediate_size
                 L.router = self._get(p + "ffn_gate_inp.weight", (e, h))
-                L.exp_gate_up = torch.cat([self._get(p + "ffn_gate_exps.weight", (e, fe, h)),
-                                           self._get(p + "ffn_up_exps.weight", (e, fe, h))], dim=1)
+                L.exp_gate_up = torch.cat(
+                    [
+                        self._get(p + "ffn_gate_exps.weight", (e, fe, h)),
+                        self._get(p + "ffn_up_exps.weight", (e, fe, h)),
+                    ],
+                    dim=1,
+                )
                 L.exp_down = self._get(p + "ffn_down_exps.weight", (e, h, fe))
             else:
-                L.w_gate_up = torch.cat([self._get(p + "ffn_gate.weight", (f, h)),
-                                         self._get(p + "ffn_up.weight", (f, h))])
+                L.w_gate_up = torch.cat(
+                    [self._get(p + "ffn_gate.weight", (f, h)), self._get(p + "ffn_up.weight", (f, h))]
+                )
                 L.w_down = self._get(p + "ffn_down.weight", (h, f))
             self.layers.append(L)
 
@@ -214,8 +246,7 @@ class ReferenceModel:
             raise ValueError("tokens must not be empty")
         bad = (ids < 0) | (ids >= self.config.vocab_size)
         if bool(bad.any()):
-            raise ValueError(f"token id {int(ids[bad][0])} is outside the vocabulary "
-                             f"(size {self.config.vocab_size})")
+            raise ValueError(f"token id {int(ids[bad][0])} is outside the vocabulary (size {self.config.vocab_size})")
         return ids
 
     def check_span(self, start_pos: int, n: int, block_table: Sequence[int]) -> None:
@@ -224,12 +255,10 @@ class ReferenceModel:
             raise ValueError(f"start_pos must be a non-negative integer, got {start_pos!r}")
         end = int(start_pos) + n
         if end > self.max_context:
-            raise ContextLengthError(f"positions up to {end} exceed the context of "
-                                     f"{self.max_context} tokens")
+            raise ContextLengthError(f"positions up to {end} exceed the context of {self.max_context} tokens")
         need = -(-end // self.block_size)
         if len(block_table) < need:
-            raise ValueError(f"the block table holds {len(block_table)} blocks; positions up to "
-                             f"{end} need {need}")
+            raise ValueError(f"the block table holds {len(block_table)} blocks; positions up to {end} need {need}")
         for b in block_table[:need]:
             if isinstance(b, bool) or not isinstance(b, numbers.Integral) or not 0 <= b < self.num_blocks:
                 raise ValueError(f"block id {b!r} is outside the pool of {self.num_blocks} blocks")
@@ -248,13 +277,13 @@ class ReferenceModel:
         x, counts = self._blocks(seqs)
         rows, out, a = [], [], 0
         for n in counts:
-            rows.append(x[a:a + n] if all_logits else x[a + n - 1:a + n])
+            rows.append(x[a : a + n] if all_logits else x[a + n - 1 : a + n])
             a += n
         h = rms_norm(torch.cat(rows), self.output_norm, self.config.rms_norm_eps)
         logits = F.linear(h, self.lm_head).float()
         a = 0
         for r in rows:
-            out.append(logits[a:a + r.shape[0]])
+            out.append(logits[a : a + r.shape[0]])
             a += r.shape[0]
         return out
 
@@ -275,15 +304,19 @@ class ReferenceModel:
         ids = torch.cat([s[0] for s in seqs])
         counts = [int(s[0].numel()) for s in seqs]
         pos = torch.cat([torch.arange(int(s[1]), int(s[1]) + n) for s, n in zip(seqs, counts)])
-        blk = torch.cat([torch.as_tensor(list(s[2]), dtype=torch.long)[
-            torch.arange(int(s[1]), int(s[1]) + n) // bs] for s, n in zip(seqs, counts)])
+        blk = torch.cat(
+            [
+                torch.as_tensor(list(s[2]), dtype=torch.long)[torch.arange(int(s[1]), int(s[1]) + n) // bs]
+                for s, n in zip(seqs, counts)
+            ]
+        )
         off = pos % bs
         cos, sin = self._cos[pos], self._sin[pos]
-        views = []      # per sequence: (row range, end, block ids, causal mask)
+        views = []  # per sequence: (row range, end, block ids, causal mask)
         a = 0
         for (_, start, table), n in zip(seqs, counts):
             end = int(start) + n
-            used = torch.as_tensor(list(table[:-(-end // bs)]), dtype=torch.long)
+            used = torch.as_tensor(list(table[: -(-end // bs)]), dtype=torch.long)
             mask = None
             if n > 1:
                 # Query i sits at start + i and sees positions 0..start + i.
@@ -316,15 +349,15 @@ class ReferenceModel:
 
             h = rms_norm(x, L.ffn_norm, eps)
             if L.router is not None:
-                x = x + moe_ffn(h, L.router, L.exp_gate_up, L.exp_down, cfg.num_experts_per_tok,
-                                cfg.norm_topk_prob)
+                x = x + moe_ffn(h, L.router, L.exp_gate_up, L.exp_down, cfg.num_experts_per_tok, cfg.norm_topk_prob)
                 continue
             gate, up = F.linear(h, L.w_gate_up).chunk(2, -1)
             x = x + F.linear(F.silu(gate) * up, L.w_down)
         return x, counts
 
-    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         """softmax(q k^T / sqrt(d) + mask) v, GQA: kv head j serves query heads j*g..j*g+g-1.
 
         q [n, nq, d], k and v [nk, T, d], mask [n, T] or None -> [n, nq * d].
@@ -337,5 +370,5 @@ class ReferenceModel:
         if mask is not None:
             scores = (scores.reshape(nk, g, n, T) + mask).reshape(nk, g * n, T)
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        out = probs @ v                                   # [nk, g * n, d]
+        out = probs @ v  # [nk, g * n, d]
         return out.reshape(nk, g, n, d).permute(2, 0, 1, 3).reshape(n, nq * d)

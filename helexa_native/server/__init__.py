@@ -29,11 +29,20 @@ Every error, including unknown routes and wrong methods, is answered with the
 OpenAI envelope {"error": {"message", "type", "param", "code"}}; an exception
 nobody expected becomes a 500 envelope and the server keeps serving.
 """
+
 from .app import create_app
 from .errors import to_api_error
 from .paths import resolve_model_path
 from .serve import add_serve_arguments, run_from_args
 from .slots import ModelRegistry, ModelSlot, model_name_for
 
-__all__ = ["create_app", "ModelRegistry", "ModelSlot", "add_serve_arguments", "run_from_args",
-           "model_name_for", "resolve_model_path", "to_api_error"]
+__all__ = [
+    "create_app",
+    "ModelRegistry",
+    "ModelSlot",
+    "add_serve_arguments",
+    "run_from_args",
+    "model_name_for",
+    "resolve_model_path",
+    "to_api_error",
+]

@@ -1,4 +1,5 @@
 """create_app: the Flask app over a registry of Engines: API-key check, error envelopes, routes."""
+
 from __future__ import annotations
 
 import hmac
@@ -19,11 +20,17 @@ from .state import AppState
 OPEN_PATHS = frozenset({"/health"})
 
 
-def create_app(engine_or_registry=None, api_key: Optional[str] = None,
-               served_model_name: Optional[str] = None, max_queue: int = defaults.DEFAULT_MAX_QUEUE,
-               default_sampling: Optional[dict] = None, loader: Optional[Callable[..., Any]] = load_engine,
-               device: str = "auto", model_roots: Optional[Sequence[Any]] = None,
-               response_store_size: int = defaults.DEFAULT_RESPONSE_STORE_SIZE) -> Flask:
+def create_app(
+    engine_or_registry=None,
+    api_key: Optional[str] = None,
+    served_model_name: Optional[str] = None,
+    max_queue: int = defaults.DEFAULT_MAX_QUEUE,
+    default_sampling: Optional[dict] = None,
+    loader: Optional[Callable[..., Any]] = load_engine,
+    device: str = "auto",
+    model_roots: Optional[Sequence[Any]] = None,
+    response_store_size: int = defaults.DEFAULT_RESPONSE_STORE_SIZE,
+) -> Flask:
     """A Flask app serving an Engine (as `served_model_name`) or every model of a ModelRegistry.
 
     api_key: when set, every route but /health needs `Authorization: Bearer <key>`.
@@ -43,6 +50,7 @@ def create_app(engine_or_registry=None, api_key: Optional[str] = None,
     default_sampling = dict(default_sampling or {})
     if default_sampling:
         from ..request_params import resolve_params
+
         resolve_params(default_sampling, {})
 
     state = AppState(registry, api_key, default_sampling, roots, response_store_size)
@@ -78,12 +86,11 @@ def check_api_key(state: AppState) -> Optional[Response]:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if not header:
-        err = ApiError(401, "missing API key: send 'Authorization: Bearer <key>'",
-                       "invalid_request_error", None, "invalid_api_key")
-    elif scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                state.api_key.encode()):
-        err = ApiError(401, "incorrect API key provided", "invalid_request_error", None,
-                       "invalid_api_key")
+        err = ApiError(
+            401, "missing API key: send 'Authorization: Bearer <key>'", "invalid_request_error", None, "invalid_api_key"
+        )
+    elif scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
+        err = ApiError(401, "incorrect API key provided", "invalid_request_error", None, "invalid_api_key")
     else:
         return None
     err.headers["WWW-Authenticate"] = "Bearer"

@@ -4,6 +4,7 @@ Every error, including unknown routes and wrong methods, is answered with
 {"error": {"message", "type", "param", "code"}}; an exception nobody expected
 becomes a 500 envelope and the server keeps serving.
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,8 +13,14 @@ from typing import Optional
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from ..errors import (ChatTemplateError, ContextLengthError, DeviceError, EngineClosedError,
-                      ModelLoadError, TokenizerError)
+from ..errors import (
+    ChatTemplateError,
+    ContextLengthError,
+    DeviceError,
+    EngineClosedError,
+    ModelLoadError,
+    TokenizerError,
+)
 from ..kv_blocks import OutOfBlocks
 from ..openai_protocol import ApiError, error_body
 from .json_io import MAX_BODY_BYTES, json_response
@@ -36,23 +43,41 @@ def to_api_error(exc: BaseException, param: Optional[str] = None) -> ApiError:
     if isinstance(exc, ChatTemplateError):
         return ApiError(400, str(exc), "invalid_request_error", "messages", "chat_template_error")
     if isinstance(exc, DeviceError):
-        return ApiError(503, f"the model's device is unavailable: {exc}", "server_error", None,
-                        "device_unavailable", {"Retry-After": str(RETRY_DEVICE)})
+        return ApiError(
+            503,
+            f"the model's device is unavailable: {exc}",
+            "server_error",
+            None,
+            "device_unavailable",
+            {"Retry-After": str(RETRY_DEVICE)},
+        )
     if isinstance(exc, EngineClosedError):
-        return ApiError(503, "the model was unloaded while this request ran; retry", "server_error",
-                        None, "model_unavailable", {"Retry-After": str(RETRY_QUEUE_FULL)})
+        return ApiError(
+            503,
+            "the model was unloaded while this request ran; retry",
+            "server_error",
+            None,
+            "model_unavailable",
+            {"Retry-After": str(RETRY_QUEUE_FULL)},
+        )
     if isinstance(exc, ModelLoadError):
         return ApiError(400, str(exc), "invalid_request_error", param, "model_load_failed")
     if isinstance(exc, OutOfBlocks):
-        return ApiError(503, f"the model's KV cache is full: {exc}", "server_error", None, "kv_cache_full",
-                        {"Retry-After": str(RETRY_QUEUE_FULL)})
+        return ApiError(
+            503,
+            f"the model's KV cache is full: {exc}",
+            "server_error",
+            None,
+            "kv_cache_full",
+            {"Retry-After": str(RETRY_QUEUE_FULL)},
+        )
     if isinstance(exc, (ValueError, TokenizerError)):
         # InvalidParameterError and ConstraintError name the field at fault.
-        return ApiError(400, str(exc) or type(exc).__name__, "invalid_request_error",
-                        getattr(exc, "field", None) or param)
+        return ApiError(
+            400, str(exc) or type(exc).__name__, "invalid_request_error", getattr(exc, "field", None) or param
+        )
     log.error("unexpected error", exc_info=(type(exc), exc, exc.__traceback__))
-    return ApiError(500, f"internal server error ({type(exc).__name__})", "server_error", None,
-                    "internal_error")
+    return ApiError(500, f"internal server error ({type(exc).__name__})", "server_error", None, "internal_error")
 
 
 def error_response(e: ApiError) -> Response:

@@ -1,4 +1,5 @@
 """JSON in and out: reading a request's body and answering with a JSON response."""
+
 from __future__ import annotations
 
 from typing import Iterable, Optional
@@ -20,8 +21,7 @@ def reject_unknown_fields(body: dict, allowed: Iterable[str]) -> None:
     """400 unknown_parameter naming the first field of `body` a route does not take."""
     unknown = sorted(k for k in body if k not in allowed)
     if unknown:
-        raise bad_request(f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0],
-                          "unknown_parameter")
+        raise bad_request(f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0], "unknown_parameter")
 
 
 def json_response(obj, status: int = 200, headers: Optional[dict] = None) -> Response:

@@ -4,6 +4,7 @@ A streamed reply that fails after its first event ends with an error event
 and then [DONE]; one whose client left ends without either. Closing the SSE
 generator (waitress does when a write fails) closes the run.
 """
+
 from __future__ import annotations
 
 import time
@@ -12,9 +13,22 @@ from typing import Callable, Iterable, Optional
 
 from flask import Response
 
-from ..openai_protocol import (SSE_DONE, ApiError, chat_chunk, chat_choice, chat_completion, chat_message,
-                               chat_usage_chunk, completion, completion_choice, completion_chunk,
-                               completion_logprobs, completion_usage_chunk, sse, total_usage)
+from ..openai_protocol import (
+    SSE_DONE,
+    ApiError,
+    chat_choice,
+    chat_chunk,
+    chat_completion,
+    chat_message,
+    chat_usage_chunk,
+    completion,
+    completion_choice,
+    completion_chunk,
+    completion_logprobs,
+    completion_usage_chunk,
+    sse,
+    total_usage,
+)
 from .errors import to_api_error
 from .json_io import json_response
 from .run import ClientGone, RequestRun
@@ -23,6 +37,7 @@ from .run import ClientGone, RequestRun
 def fingerprint(run: RequestRun) -> str:
     """The system_fingerprint: this version and the run's device."""
     from .. import __version__
+
     return f"helexa-native-{__version__}-{getattr(run.engine, 'device', 'cpu')}"
 
 
@@ -32,18 +47,15 @@ def json_reply(run: RequestRun) -> Response:
     try:
         results = run.collect()
     except ClientGone:
-        raise ApiError(499, "the client closed the request", "invalid_request_error", None,
-                       "client_closed")
+        raise ApiError(499, "the client closed the request", "invalid_request_error", None, "client_closed") from None
     except Exception as e:
         raise to_api_error(e, run.param) from e
     fp = fingerprint(run)
     created = int(time.time())
     usage = total_usage([r.usage for r in results])
     if req.kind == "chat":
-        choices = [chat_choice(i, result_message(r), r.finish_reason, r.logprobs)
-                   for i, r in enumerate(results)]
-        return json_response(chat_completion(f"chatcmpl-{uuid.uuid4().hex}", created, run.model, fp,
-                                             choices, usage))
+        choices = [chat_choice(i, result_message(r), r.finish_reason, r.logprobs) for i, r in enumerate(results)]
+        return json_response(chat_completion(f"chatcmpl-{uuid.uuid4().hex}", created, run.model, fp, choices, usage))
     prefix = echo_text(run) if req.echo else ""
     choices = []
     for i, r in enumerate(results):
@@ -65,13 +77,15 @@ def sse_reply(run: RequestRun) -> Response:
     return event_stream(run, pieces, lambda err: [sse(err.body())], SSE_DONE)
 
 
-def event_stream(run: RequestRun, pieces, on_error: Callable[[ApiError], Iterable[bytes]],
-                 done: Optional[bytes] = None) -> Response:
+def event_stream(
+    run: RequestRun, pieces, on_error: Callable[[ApiError], Iterable[bytes]], done: Optional[bytes] = None
+) -> Response:
     """A text/event-stream response of `pieces` (encoded events) that closes the run however it ends.
 
     An error after the first event becomes the events `on_error` makes of it
     (then `done`); a client that left gets neither.
     """
+
     def gen():
         err = None
         try:
@@ -112,8 +126,7 @@ def chat_events(run: RequestRun):
     model, fp = run.model, fingerprint(run)
     iu = req.include_usage
     for i in range(req.n):
-        yield sse(chat_chunk(cid, created, model, fp, {"role": "assistant", "content": ""}, include_usage=iu,
-                             index=i))
+        yield sse(chat_chunk(cid, created, model, fp, {"role": "assistant", "content": ""}, include_usage=iu, index=i))
     usages = {}
     for ch in run.events():
         i = getattr(ch, "index", 0)
@@ -127,8 +140,7 @@ def chat_events(run: RequestRun):
         if ch.finish_reason is not None:
             usages[i] = ch.usage
             usage = total_usage(list(usages.values())) if len(usages) == req.n else None
-            yield sse(chat_chunk(cid, created, model, fp, {}, ch.finish_reason, include_usage=iu,
-                                 usage=usage, index=i))
+            yield sse(chat_chunk(cid, created, model, fp, {}, ch.finish_reason, include_usage=iu, usage=usage, index=i))
     if iu:
         yield sse(chat_usage_chunk(cid, created, model, fp, total_usage(list(usages.values()))))
 
@@ -154,8 +166,9 @@ def completion_events(run: RequestRun):
         if ch.finish_reason is not None:
             usages[i] = ch.usage
             usage = total_usage(list(usages.values())) if len(usages) == req.n else None
-            yield sse(completion_chunk(cid, created, model, fp, "", ch.finish_reason, include_usage=iu,
-                                       usage=usage, index=i))
+            yield sse(
+                completion_chunk(cid, created, model, fp, "", ch.finish_reason, include_usage=iu, usage=usage, index=i)
+            )
     if iu:
         yield sse(completion_usage_chunk(cid, created, model, fp, total_usage(list(usages.values()))))
 

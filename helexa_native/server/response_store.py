@@ -7,6 +7,7 @@ response object and its conversation as chat messages (input and output,
 without instructions). Nothing is written to disk: a restart forgets them,
 and a request naming a dropped response gets a 400 saying so.
 """
+
 from __future__ import annotations
 
 import threading

@@ -5,6 +5,7 @@ stops its generation within a token: the engine's cancel check reads the
 disconnect probe (waitress's flag), and closing the run closes the engine
 stream.
 """
+
 from __future__ import annotations
 
 import time
@@ -30,8 +31,9 @@ class RequestRun:
     ends it, whatever happened.
     """
 
-    def __init__(self, state: AppState, req: GenerationRequest, endpoint: str,
-                 disconnected: Callable[[], bool]) -> None:
+    def __init__(
+        self, state: AppState, req: GenerationRequest, endpoint: str, disconnected: Callable[[], bool]
+    ) -> None:
         self.state = state
         self.req = req
         self.endpoint = endpoint
@@ -66,8 +68,14 @@ class RequestRun:
 
     def _bind(self, slot: ModelSlot) -> None:
         if not slot.healthy():
-            raise ApiError(503, f"the device of model '{slot.name}' is unusable after an earlier error",
-                           "server_error", None, "device_unavailable", {"Retry-After": str(RETRY_DEVICE)})
+            raise ApiError(
+                503,
+                f"the device of model '{slot.name}' is unusable after an earlier error",
+                "server_error",
+                None,
+                "device_unavailable",
+                {"Retry-After": str(RETRY_DEVICE)},
+            )
         try:
             ticket = slot.admit()
         except SlotRetired:
@@ -85,8 +93,13 @@ class RequestRun:
         sampling.update(req.sampling)
         sampling.update(req.engine_options())
         if req.kind == "chat":
-            stream = engine.chat_stream(req.messages, tools=req.tools, cancel=self._cancelled,
-                                        chat_template_kwargs=dict(req.chat_template_kwargs), **sampling)
+            stream = engine.chat_stream(
+                req.messages,
+                tools=req.tools,
+                cancel=self._cancelled,
+                chat_template_kwargs=dict(req.chat_template_kwargs),
+                **sampling,
+            )
             return list(stream.prompt_ids), stream
         ids = engine.tokenize(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
         stream = engine.generate_stream(ids, cancel=self._cancelled, **sampling)

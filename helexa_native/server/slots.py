@@ -7,6 +7,7 @@ Retry-After. Loading a model under a name already served replaces it: the
 old slot is retired (waiters follow the name to the new model, the running
 requests finish) and then its Engine is closed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,6 +46,7 @@ def engine_healthy(engine) -> bool:
 def load_engine(path, device="auto", n_ctx=None, progress=False, **engine_options):
     """The registry's default loader: an Engine for `path` (engine_options: max_num_seqs, kv_cache_memory, ...)."""
     from ..engine import Engine
+
     return Engine(path, device=device, n_ctx=n_ctx, progress=progress, **engine_options)
 
 
@@ -76,9 +78,14 @@ class ModelSlot:
             # admitted while a run place is free is next to run even before it
             # calls wait_turn, so it does not take one of the waiting places.
             if len(self._running) + len(self._waiting) >= self.capacity + self.max_queue:
-                raise ApiError(503, f"the queue for model '{self.name}' is full ({self.max_queue} "
-                               "requests waiting); retry shortly", "server_error", None, "queue_full",
-                               {"Retry-After": str(RETRY_QUEUE_FULL)})
+                raise ApiError(
+                    503,
+                    f"the queue for model '{self.name}' is full ({self.max_queue} requests waiting); retry shortly",
+                    "server_error",
+                    None,
+                    "queue_full",
+                    {"Retry-After": str(RETRY_QUEUE_FULL)},
+                )
             ticket = object()
             self._waiting.append(ticket)
             return ticket
@@ -93,7 +100,7 @@ class ModelSlot:
                 if len(self._running) < self.capacity and self._waiting and self._waiting[0] is ticket:
                     self._waiting.popleft()
                     self._running.add(ticket)
-                    self._cv.notify_all()       # the next waiter may run too
+                    self._cv.notify_all()  # the next waiter may run too
                     return "run"
                 if gone():
                     self._leave(ticket)
@@ -146,16 +153,22 @@ class ModelSlot:
 
     def card(self) -> dict:
         root = getattr(self.engine, "model_path", None)
-        return model_card(self.name, self.created, getattr(self.engine, "n_ctx", None),
-                          str(root) if root is not None else None)
+        return model_card(
+            self.name, self.created, getattr(self.engine, "n_ctx", None), str(root) if root is not None else None
+        )
 
 
 class ModelRegistry:
     """The models a server serves, by name; loads and unloads them."""
 
-    def __init__(self, loader: Optional[Callable[..., Any]] = load_engine,
-                 max_queue: int = defaults.DEFAULT_MAX_QUEUE, device: str = "auto",
-                 n_ctx: Optional[int] = None, engine_options: Optional[dict] = None) -> None:
+    def __init__(
+        self,
+        loader: Optional[Callable[..., Any]] = load_engine,
+        max_queue: int = defaults.DEFAULT_MAX_QUEUE,
+        device: str = "auto",
+        n_ctx: Optional[int] = None,
+        engine_options: Optional[dict] = None,
+    ) -> None:
         if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
             raise ValueError(f"max_queue must be a non-negative integer, got {max_queue!r}")
         self.loader = loader
@@ -166,7 +179,7 @@ class ModelRegistry:
         self.default_name: Optional[str] = None
         self.load_error: Optional[str] = None
         self._lock = threading.Lock()
-        self._admin = threading.Lock()     # one load or unload at a time
+        self._admin = threading.Lock()  # one load or unload at a time
         self._slots: Dict[str, ModelSlot] = {}
         self._loading: Dict[str, float] = {}
 
@@ -192,15 +205,31 @@ class ModelRegistry:
             if slot is not None:
                 return slot
             if (key is not None and key in self._loading) or (name is None and self._loading):
-                raise ApiError(503, f"model '{key or next(iter(self._loading))}' is still loading",
-                               "server_error", None, "model_loading",
-                               {"Retry-After": str(RETRY_LOADING)})
+                raise ApiError(
+                    503,
+                    f"model '{key or next(iter(self._loading))}' is still loading",
+                    "server_error",
+                    None,
+                    "model_loading",
+                    {"Retry-After": str(RETRY_LOADING)},
+                )
             if name is None:
-                raise ApiError(503, "no model is loaded", "server_error", "model", "model_not_loaded",
-                               {"Retry-After": str(RETRY_LOADING)})
+                raise ApiError(
+                    503,
+                    "no model is loaded",
+                    "server_error",
+                    "model",
+                    "model_not_loaded",
+                    {"Retry-After": str(RETRY_LOADING)},
+                )
             have = ", ".join(self._slots) or "none"
-            raise ApiError(404, f"the model '{name}' does not exist (available: {have})",
-                           "invalid_request_error", "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"the model '{name}' does not exist (available: {have})",
+                "invalid_request_error",
+                "model",
+                "model_not_found",
+            )
 
     def slots(self) -> List[ModelSlot]:
         with self._lock:
@@ -210,16 +239,22 @@ class ModelRegistry:
         with self._lock:
             return list(self._loading)
 
-    def load(self, path, name: Optional[str] = None, device: Optional[str] = None,
-             n_ctx: Optional[int] = None, default: bool = False, **loader_kwargs) -> Tuple[ModelSlot, bool]:
+    def load(
+        self,
+        path,
+        name: Optional[str] = None,
+        device: Optional[str] = None,
+        n_ctx: Optional[int] = None,
+        default: bool = False,
+        **loader_kwargs,
+    ) -> Tuple[ModelSlot, bool]:
         """Load `path` and serve it as `name`, replacing a model of that name; returns (slot, replaced).
 
         The old model keeps serving until the new one is ready; then its
         running request finishes and its memory is freed (Engine.close).
         """
         if self.loader is None:
-            raise ApiError(400, "this server cannot load models", "invalid_request_error", None,
-                           "unsupported")
+            raise ApiError(400, "this server cannot load models", "invalid_request_error", None, "unsupported")
         name = name or model_name_for(path)
         with self._admin:
             with self._lock:
@@ -227,8 +262,9 @@ class ModelRegistry:
             try:
                 kwargs = dict(self.engine_options)
                 kwargs.update(loader_kwargs)
-                engine = self.loader(path, device=device or self.device,
-                                     n_ctx=n_ctx if n_ctx is not None else self.n_ctx, **kwargs)
+                engine = self.loader(
+                    path, device=device or self.device, n_ctx=n_ctx if n_ctx is not None else self.n_ctx, **kwargs
+                )
             finally:
                 with self._lock:
                     self._loading.pop(name, None)
@@ -248,8 +284,9 @@ class ModelRegistry:
             with self._lock:
                 slot = self._slots.pop(name, None)
             if slot is None:
-                raise ApiError(404, f"the model '{name}' does not exist", "invalid_request_error",
-                               "model", "model_not_found")
+                raise ApiError(
+                    404, f"the model '{name}' does not exist", "invalid_request_error", "model", "model_not_found"
+                )
             slot.retire()
 
     def close(self, timeout: Optional[float] = None) -> None:

@@ -1,4 +1,5 @@
 """What every route of one app shares."""
+
 from __future__ import annotations
 
 import threading
@@ -18,9 +19,14 @@ class AppState:
     any readable path, [] turns the route off.
     """
 
-    def __init__(self, registry: ModelRegistry, api_key: Optional[str], default_sampling: dict,
-                 model_roots: Optional[List[Path]] = None,
-                 response_store_size: int = defaults.DEFAULT_RESPONSE_STORE_SIZE) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        api_key: Optional[str],
+        default_sampling: dict,
+        model_roots: Optional[List[Path]] = None,
+        response_store_size: int = defaults.DEFAULT_RESPONSE_STORE_SIZE,
+    ) -> None:
         self.registry = registry
         self.api_key = api_key
         self.default_sampling = default_sampling

@@ -5,6 +5,7 @@ produces a file `load_source` reads back to the same config. `GGUFStream`
 is the streaming form used for multi-GB synthetic models: metadata and
 tensor infos first, then each tensor's bytes as they are produced.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,6 +34,7 @@ ROUTER_SUFFIX = "ffn_gate_inp.weight"
 
 # Special tokens of the minimal vocabulary, at ids 0, 1, 2.
 MINIMAL_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
 
 def minimal_tokenizer_meta(vocab_size: int) -> dict:
     """A small valid byte-level BPE vocabulary padded to `vocab_size` (gguf `tokenizer.ggml.*` fields).
@@ -63,9 +65,17 @@ def minimal_tokenizer_meta(vocab_size: int) -> dict:
         types.append(TOKEN_UNUSED)
         i += 1
     return {
-        "model": "gpt2", "pre": "gpt2", "tokens": tokens, "token_type": types, "merges": merges,
-        "bos_token_id": 0, "eos_token_id": 2, "padding_token_id": 0, "unknown_token_id": 0,
-        "add_bos_token": False, "add_eos_token": False,
+        "model": "gpt2",
+        "pre": "gpt2",
+        "tokens": tokens,
+        "token_type": types,
+        "merges": merges,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "padding_token_id": 0,
+        "unknown_token_id": 0,
+        "add_bos_token": False,
+        "add_eos_token": False,
     }
 
 
@@ -107,6 +117,7 @@ def gguf_to_hf_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _ggml_type(name: str):
     from gguf import GGMLQuantizationType
+
     return GGMLQuantizationType[name]
 
 
@@ -129,9 +140,16 @@ def _add_value(w, key: str, v) -> None:
 class GGUFStream:
     """Writes a GGUF file tensor by tensor: declare all tensors, then feed their bytes in order."""
 
-    def __init__(self, path: Union[str, os.PathLike], config: ModelConfig, *,
-                 tokenizer_meta: Optional[dict] = None, chat_template: Optional[str] = None,
-                 file_type: Optional[int] = None, sampling: Optional[dict] = None) -> None:
+    def __init__(
+        self,
+        path: Union[str, os.PathLike],
+        config: ModelConfig,
+        *,
+        tokenizer_meta: Optional[dict] = None,
+        chat_template: Optional[str] = None,
+        file_type: Optional[int] = None,
+        sampling: Optional[dict] = None,
+    ) -> None:
         from gguf import GGUFWriter
 
         self.path = Path(path)
@@ -167,7 +185,7 @@ class GGUFStream:
                 w.add_uint32(f"{a}.rope.scaling.original_context_length", int(rs["original_max_position_embeddings"]))
         if file_type is not None:
             w.add_uint32("general.file_type", file_type)
-        for k, v in (sampling or {}).items():      # general.sampling.temp, top_k, top_p, ...
+        for k, v in (sampling or {}).items():  # general.sampling.temp, top_k, top_p, ...
             if k == "top_k":
                 w.add_int32(f"general.sampling.{k}", int(v))
             else:
@@ -243,22 +261,33 @@ def encode(x: np.ndarray, qtype: str) -> np.ndarray:
         u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
         return u.astype(np.uint16)
     from .quantize import quantize
+
     return quantize(x, qtype)
 
 
 def tensor_order(config: ModelConfig, names: Iterable[str]) -> list:
     """Names sorted as llama.cpp writes them: embedding, layers in order, then output."""
+
     def key(n: str):
         if n.startswith("blk."):
             return (1, int(n.split(".")[1]), n)
         return (0 if n in ("token_embd.weight", ROPE_FREQS) else 2, 0, n)
+
     return sorted(names, key=key)
 
 
-def write_gguf(path: Union[str, os.PathLike], config: ModelConfig, tensors: dict,
-               types: Union[str, dict] = "F32", *, tokenizer_meta: Optional[dict] = None,
-               chat_template: Optional[str] = None, raw_tensors: Optional[dict] = None,
-               hf_qk_permute: bool = False, progress: Optional[bool] = False) -> Path:
+def write_gguf(
+    path: Union[str, os.PathLike],
+    config: ModelConfig,
+    tensors: dict,
+    types: Union[str, dict] = "F32",
+    *,
+    tokenizer_meta: Optional[dict] = None,
+    chat_template: Optional[str] = None,
+    raw_tensors: Optional[dict] = None,
+    hf_qk_permute: bool = False,
+    progress: Optional[bool] = False,
+) -> Path:
     """Write a GGUF model file from float32 weights (torch order, canonical names).
 
     `types` is one type for every 2-D and 3-D weight or a dict name -> type
@@ -284,8 +313,10 @@ def write_gguf(path: Union[str, os.PathLike], config: ModelConfig, tensors: dict
     given_style = "pairs" if hf_qk_permute else config.rope_style
     if file_style is not None and given_style != file_style:
         hint = " (pass hf_qk_permute=True for HF-layout weights)" if config.arch == "llama" else ""
-        raise ValueError(f"arch {config.arch} GGUFs use rope_style {file_style!r}, "
-                         f"but the weights are laid out for {config.rope_style!r}{hint}")
+        raise ValueError(
+            f"arch {config.arch} GGUFs use rope_style {file_style!r}, "
+            f"but the weights are laid out for {config.rope_style!r}{hint}"
+        )
     if hf_qk_permute:
         for name in list(tensors):
             if name.endswith(("attn_q.weight", "attn_q.bias")):

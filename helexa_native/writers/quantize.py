@@ -6,6 +6,7 @@ importance-weighted quantizers), which is plenty for round-trip tests: the
 decoded values are within a quantization step of the input. Layouts are
 the ones `loaders/dequant.py` decodes.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -94,9 +95,10 @@ def pack_q3_scales(s6: np.ndarray) -> np.ndarray:
     """16 six-bit Q3_K scales (stored value = scale + 32) -> the 12-byte field."""
     s6 = s6.astype(np.uint8)
     lo4 = s6 & 0x0F
-    hi2 = (s6 >> 4).reshape(-1, 4, 4)               # scale 4a+b -> byte 8+b, bits 2a
-    return np.concatenate((lo4[:, 0:8] | (lo4[:, 8:16] << 4),
-                           hi2[:, 0] | (hi2[:, 1] << 2) | (hi2[:, 2] << 4) | (hi2[:, 3] << 6)), axis=1)
+    hi2 = (s6 >> 4).reshape(-1, 4, 4)  # scale 4a+b -> byte 8+b, bits 2a
+    return np.concatenate(
+        (lo4[:, 0:8] | (lo4[:, 8:16] << 4), hi2[:, 0] | (hi2[:, 1] << 2) | (hi2[:, 2] << 4) | (hi2[:, 3] << 6)), axis=1
+    )
 
 
 def pack_iq4xs_scales(u: np.ndarray) -> np.ndarray:
@@ -126,7 +128,7 @@ def _q3_k(x):
 def _q6_k(x):
     n = x.shape[0]
     d, sc, q = _sym_groups(x.reshape(n, 16, 16), -32, 31, 127)
-    u = (q + 32).astype(np.uint8).reshape(n, 2, 2, 2, 32)      # [h, nibble, a, l]
+    u = (q + 32).astype(np.uint8).reshape(n, 2, 2, 2, 32)  # [h, nibble, a, l]
     ql = _pack_nibbles(u[:, :, 0], u[:, :, 1]).reshape(n, 128)
     top = (u >> 4).reshape(n, 2, 4, 32)
     qh = (top[:, :, 0] | (top[:, :, 1] << 2) | (top[:, :, 2] << 4) | (top[:, :, 3] << 6)).reshape(n, 64)
@@ -162,8 +164,15 @@ def _iq4_xs(x):
     return np.concatenate((b, pack_iq4xs_scales(ls + 32), qs), axis=1)
 
 
-_ENCODERS = {"Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
-             "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs}
+_ENCODERS = {
+    "Q2_K": _q2_k,
+    "Q3_K": _q3_k,
+    "Q4_K": _q4_k,
+    "Q5_K": _q5_k,
+    "Q6_K": _q6_k,
+    "IQ4_NL": _iq4_nl,
+    "IQ4_XS": _iq4_xs,
+}
 
 
 def quantize(x: np.ndarray, qtype: str) -> np.ndarray:
@@ -176,6 +185,7 @@ def quantize(x: np.ndarray, qtype: str) -> np.ndarray:
         blocks = _ENCODERS[qtype](x.reshape(-1, be))
     else:
         import gguf
+
         return gguf.quants.quantize(x, gguf.GGMLQuantizationType[qtype])
     assert blocks.shape[1] == bb
     return np.ascontiguousarray(blocks).reshape(*x.shape[:-1], x.shape[-1] // be * bb)

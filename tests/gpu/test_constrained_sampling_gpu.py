@@ -6,6 +6,7 @@ to the device logits and then runs its sampler (torch.ops.helexa.sample).
 On the same logits both must pick the same tokens (up to float32 near-ties
 at the sampling cut-offs, as in test_kernels.py), and never a masked one.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,13 +26,23 @@ DEV = "cuda"
 @pytest.fixture(scope="module")
 def ops():
     import helexa_native._C  # noqa: F401  (registers torch.ops.helexa)
+
     return torch.ops.helexa
 
 
 def _device_params(ops, p: SamplingParams):
     signed = p.seed - (1 << 64) if p.seed >= (1 << 63) else p.seed
-    return ops.sampling_params_device(p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty,
-                                      p.presence_penalty, p.frequency_penalty, signed, torch.device(DEV))
+    return ops.sampling_params_device(
+        p.temperature,
+        p.top_k,
+        p.top_p,
+        p.min_p,
+        p.repetition_penalty,
+        p.presence_penalty,
+        p.frequency_penalty,
+        signed,
+        torch.device(DEV),
+    )
 
 
 def _random_mask(vocab, density, gen):
@@ -84,7 +95,11 @@ def test_bias_alone_on_device_equals_cpu_greedy(ops):
     bias = make_logit_bias({top: -100.0, 17: 100.0}, vocab)
     p = SamplingParams(temperature=0.0)
     out = torch.full((1,), -7, dtype=torch.int32, device=DEV)
-    ops.sample(constrain_logits(logits.to(DEV), None, bias), _device_params(ops, p),
-               torch.zeros(1, dtype=torch.int32, device=DEV), out)
+    ops.sample(
+        constrain_logits(logits.to(DEV), None, bias),
+        _device_params(ops, p),
+        torch.zeros(1, dtype=torch.int32, device=DEV),
+        out,
+    )
     assert int(out) == 17 == sample_from_logits(logits, p, SamplerState(), logit_bias=bias).token
     assert not math.isnan(float(logits[17]))

@@ -1,4 +1,5 @@
 """Engine(device="cuda") against Engine(device="cpu"): same greedy text, robust to bad input."""
+
 from __future__ import annotations
 
 import threading
@@ -21,6 +22,7 @@ TIE_FRACTION = 0.01
 @pytest.fixture(scope="module")
 def synthetic_model(tmp_path_factory):
     from helexa_native import synthetic
+
     path = tmp_path_factory.mktemp("engine") / "smollm2.gguf"
     synthetic.write_synthetic_gguf(path, "smollm2-135m", "Q4_1", seed=3, num_layers=2, vocab_size=2048)
     return path
@@ -36,7 +38,7 @@ def _reference_rows(cpu_engine, prompt_ids, gen_ids):
     be.reset()
     rows = be.forward(list(prompt_ids) + list(gen_ids[:-1]), 0, all_logits=True)
     cpu_engine._cached = []
-    return rows[len(prompt_ids) - 1:]
+    return rows[len(prompt_ids) - 1 :]
 
 
 def _assert_same_greedy(cpu_engine, got, want):
@@ -47,13 +49,17 @@ def _assert_same_greedy(cpu_engine, got, want):
     picks = torch.tensor(got.token_ids)
     chosen = rows.gather(-1, picks[:, None])[:, 0]
     ok = chosen >= rows.max(-1).values - TIE_FRACTION * rows.std(-1)
-    assert bool(ok.all()), (f"GPU text {got.text!r} differs from CPU text {want.text!r} beyond float "
-                            f"ties at steps {torch.nonzero(~ok).flatten().tolist()}")
+    assert bool(ok.all()), (
+        f"GPU text {got.text!r} differs from CPU text {want.text!r} beyond float "
+        f"ties at steps {torch.nonzero(~ok).flatten().tolist()}"
+    )
 
 
 def test_engine_cuda_matches_cpu_on_synthetic_model(synthetic_model):
-    with Engine(synthetic_model, device="cpu", n_ctx=256) as cpu, \
-            Engine(synthetic_model, device="cuda", n_ctx=256) as gpu:
+    with (
+        Engine(synthetic_model, device="cpu", n_ctx=256) as cpu,
+        Engine(synthetic_model, device="cuda", n_ctx=256) as gpu,
+    ):
         assert gpu.device == "cuda:0"
         want = _greedy(cpu)
         got = _greedy(gpu)
@@ -66,6 +72,7 @@ def test_engine_cuda_matches_cpu_on_synthetic_model(synthetic_model):
 
 def test_engine_cuda_matches_cpu_on_default_model():
     from helexa_native.engine import default_model_path
+
     try:
         path = default_model_path()
     except Exception:
@@ -79,8 +86,17 @@ def test_engine_cuda_matches_cpu_on_default_model():
 
 
 def test_engine_cuda_sampling_is_seeded_and_logprobs_match_reference(synthetic_model):
-    kw = dict(max_tokens=N_TOKENS, temperature=0.9, top_p=0.95, top_k=50, seed=42,
-              repetition_penalty=1.2, ignore_eos=True, logprobs=True, top_logprobs=3)
+    kw = dict(
+        max_tokens=N_TOKENS,
+        temperature=0.9,
+        top_p=0.95,
+        top_k=50,
+        seed=42,
+        repetition_penalty=1.2,
+        ignore_eos=True,
+        logprobs=True,
+        top_logprobs=3,
+    )
     with Engine(synthetic_model, device="cuda", n_ctx=256) as gpu:
         first = gpu.generate(PROMPT, **kw)
         second = gpu.generate(PROMPT, **kw)
@@ -107,15 +123,24 @@ def test_engine_cuda_concurrent_requests_match_reference(synthetic_model):
     # Requests started together share batched steps on the device (paged KV
     # pool, one graph per batch-size bucket); each answer is still the
     # reference's greedy text, up to float ties.
-    prompts = ["The quick brown fox", "Once upon a time", "A", "In the beginning the universe was created",
-               "1 2 3 4 5 6 7 8 9"]
-    with Engine(synthetic_model, device="cpu", n_ctx=256) as cpu, \
-            Engine(synthetic_model, device="cuda", n_ctx=256) as gpu:
+    prompts = [
+        "The quick brown fox",
+        "Once upon a time",
+        "A",
+        "In the beginning the universe was created",
+        "1 2 3 4 5 6 7 8 9",
+    ]
+    with (
+        Engine(synthetic_model, device="cpu", n_ctx=256) as cpu,
+        Engine(synthetic_model, device="cuda", n_ctx=256) as gpu,
+    ):
         want = [_greedy(cpu, p, n=12) for p in prompts]
         got, threads = {}, []
         for i, p in enumerate(prompts):
+
             def work(i=i, p=p):
                 got[i] = _greedy(gpu, p, n=12)
+
             threads.append(threading.Thread(target=work))
         for t in threads:
             t.start()

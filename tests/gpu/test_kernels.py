@@ -7,6 +7,7 @@ tolerance table below. Attention is checked against plain softmax attention
 on the bf16 cache values; sampling against a straightforward implementation
 of params.py's order driven by params.uniform.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,6 +58,7 @@ def poisoned(*shape, dtype=torch.float32):
 @pytest.fixture(scope="module")
 def ops():
     import helexa_native._C  # noqa: F401  (registers torch.ops.helexa)
+
     return torch.ops.helexa
 
 
@@ -78,21 +80,31 @@ def randn(*shape, gen, scale=1.0, dtype=torch.float32):
 
 # GGML ids and the offsets of the fp16 scale fields inside one block.
 QUANT_TYPES = {
-    "Q4_0": (2, [0]), "Q4_1": (3, [0, 2]), "Q5_0": (6, [0]), "Q5_1": (7, [0, 2]), "Q8_0": (8, [0]),
-    "Q2_K": (10, [80, 82]), "Q3_K": (11, [108]), "Q4_K": (12, [0, 2]), "Q5_K": (13, [0, 2]),
-    "Q6_K": (14, [208]), "IQ4_NL": (20, [0]), "IQ4_XS": (23, [0]),
+    "Q4_0": (2, [0]),
+    "Q4_1": (3, [0, 2]),
+    "Q5_0": (6, [0]),
+    "Q5_1": (7, [0, 2]),
+    "Q8_0": (8, [0]),
+    "Q2_K": (10, [80, 82]),
+    "Q3_K": (11, [108]),
+    "Q4_K": (12, [0, 2]),
+    "Q5_K": (13, [0, 2]),
+    "Q6_K": (14, [208]),
+    "IQ4_NL": (20, [0]),
+    "IQ4_XS": (23, [0]),
 }
 
 
 def _quant_table(name, vocab, hidden, rng):
     import gguf
     from gguf.quants import dequantize
+
     qtype = gguf.GGMLQuantizationType[name]
     qk, bb = gguf.GGML_QUANT_SIZES[qtype]
     nblk = vocab * hidden // qk
     raw = rng.integers(0, 256, size=(nblk, bb), dtype=np.uint8)
     for off in QUANT_TYPES[name][1]:
-        raw[:, off:off + 2] = (rng.standard_normal(nblk) * 0.05).astype(np.float16).view(np.uint8).reshape(nblk, 2)
+        raw[:, off : off + 2] = (rng.standard_normal(nblk) * 0.05).astype(np.float16).view(np.uint8).reshape(nblk, 2)
     raw = raw.reshape(vocab, -1)
     ref = dequantize(raw, qtype).reshape(vocab, hidden).astype(np.float32)
     return torch.from_numpy(raw.copy()), torch.from_numpy(ref)
@@ -135,6 +147,7 @@ def test_embedding_float(ops, gen, dtype, type_id, hidden):
 
 
 # ------------------------------------------------------------------ norms
+
 
 def _rms_ref(r, w, eps):
     r = r.double()
@@ -179,6 +192,7 @@ def test_head_rms_norm(ops, gen, d, n, heads):
 
 
 # ------------------------------------------------------------------- rope
+
 
 def _rope_direct(x, pos, inv, style):
     """Float64 rotation straight from the definition."""
@@ -250,7 +264,7 @@ def test_rope_kv_append(ops, gen, style, d, n, nq, nk, mode):
     pos = torch.randperm(cap, generator=gen)[:n].to(torch.int32)
     slot_pos = torch.randperm(cap, generator=gen)[:n].to(torch.int32)
     if n > 2:
-        pos[1], pos[2] = -1, cap            # rotated with the float64 fallback
+        pos[1], pos[2] = -1, cap  # rotated with the float64 fallback
         slot_pos[1], slot_pos[2] = cap, -1  # not written
     pos_d, slot_d = pos.to(DEV), slot_pos.to(DEV)
     q, k, v = randn(n, nq, d, gen=gen), randn(n, nk, d, gen=gen), randn(n, nk, d, gen=gen)
@@ -298,17 +312,30 @@ def test_rope_kv_append_bad_sizes(ops, gen):
     vc = poisoned(1, 4, 8, dtype=torch.bfloat16)
     pos = torch.zeros(1, dtype=torch.int32, device=DEV)
     with pytest.raises((RuntimeError, ValueError), match="together"):
-        ops.rope_kv_append(q, k, v, kc, vc, pos, pos, None, _inv_freq(8).to(DEV), randn(8, gen=gen), None, 1e-6,
-                           "half")
+        ops.rope_kv_append(q, k, v, kc, vc, pos, pos, None, _inv_freq(8).to(DEV), randn(8, gen=gen), None, 1e-6, "half")
     with pytest.raises((RuntimeError, ValueError), match="style"):
         ops.rope_kv_append(q, k, v, kc, vc, pos, pos, None, _inv_freq(8).to(DEV), None, None, 1e-6, "diagonal")
     with pytest.raises((RuntimeError, ValueError), match="slot_pos"):
-        ops.rope_kv_append(q, k, v, kc, vc, pos, torch.zeros(2, dtype=torch.int32, device=DEV), None,
-                           _inv_freq(8).to(DEV), None, None, 1e-6, "half")
+        ops.rope_kv_append(
+            q,
+            k,
+            v,
+            kc,
+            vc,
+            pos,
+            torch.zeros(2, dtype=torch.int32, device=DEV),
+            None,
+            _inv_freq(8).to(DEV),
+            None,
+            None,
+            1e-6,
+            "half",
+        )
     assert torch.isnan(kc.float()).all()  # nothing written by a refused call
 
 
 # --------------------------------------------------------------- kv cache
+
 
 @pytest.mark.parametrize("d", [64, 128, 6])
 @pytest.mark.parametrize("n", [1, 13])
@@ -333,6 +360,7 @@ def test_kv_append(ops, gen, d, n):
 
 
 # --------------------------------------------------------- swiglu, casts
+
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (3, 4096), (5, 1377)])
 def test_swiglu(ops, gen, shape):
@@ -360,10 +388,10 @@ def test_casts(ops, gen, n):
 
 # -------------------------------------------------------------- attention
 
+
 def _seq_kv(nk, length, d, gen):
     """One sequence's keys and values in position order, [nk, length, d] bf16."""
-    return (randn(nk, length, d, gen=gen, dtype=torch.bfloat16),
-            randn(nk, length, d, gen=gen, dtype=torch.bfloat16))
+    return (randn(nk, length, d, gen=gen, dtype=torch.bfloat16), randn(nk, length, d, gen=gen, dtype=torch.bfloat16))
 
 
 def _paged(seqs, block_size, gen, max_blocks=None, spare=3):
@@ -384,13 +412,13 @@ def _paged(seqs, block_size, gen, max_blocks=None, spare=3):
     tables = torch.full((len(seqs), width), perm[-1], dtype=torch.int32)
     used = 0
     for b, (k, v) in enumerate(seqs):
-        ids = perm[used:used + need[b]]
+        ids = perm[used : used + need[b]]
         used += need[b]
         for j, blk in enumerate(ids):
             lo, hi = j * block_size, min(k.shape[1], (j + 1) * block_size)
-            k_pool[:, blk * block_size: blk * block_size + hi - lo] = k[:, lo:hi]
-            v_pool[:, blk * block_size: blk * block_size + hi - lo] = v[:, lo:hi]
-        tables[b, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
+            k_pool[:, blk * block_size : blk * block_size + hi - lo] = k[:, lo:hi]
+            v_pool[:, blk * block_size : blk * block_size + hi - lo] = v[:, lo:hi]
+        tables[b, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
     return k_pool, v_pool, tables.to(DEV)
 
 
@@ -405,12 +433,12 @@ def _attn_ref(q, kc, vc, q_pos, scale):
     out = torch.empty(n, nq, d, dtype=torch.float64, device=q.device)
     keys = torch.arange(last, device=q.device)
     for s in range(0, n, 512):
-        qs = q[s:s + 512].double()
-        pos = torch.as_tensor(q_pos[s:s + 512], device=q.device)
+        qs = q[s : s + 512].double()
+        pos = torch.as_tensor(q_pos[s : s + 512], device=q.device)
         for h in range(nq):
             sc = qs[:, h] @ K[h // G].T * scale
             sc = sc.masked_fill(keys[None, :] > pos[:, None], -math.inf)
-            out[s:s + 512, h] = torch.softmax(sc, dim=-1) @ V[h // G]
+            out[s : s + 512, h] = torch.softmax(sc, dim=-1) @ V[h // G]
     return out
 
 
@@ -549,6 +577,7 @@ def test_attention_bad_sizes(ops, gen):
 
 # --------------------------------------------------------------- sampling
 
+
 def _params(ops, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rep=1.0, pres=0.0, freq=0.0, seed=0):
     signed = seed - (1 << 64) if seed >= (1 << 63) else seed
     return ops.sampling_params_device(temperature, top_k, top_p, min_p, rep, pres, freq, signed, torch.device(DEV))
@@ -567,8 +596,8 @@ def test_argmax(ops, gen, vocab, offset):
     x = _logits(vocab, gen)
     if vocab > 10:
         x[vocab // 2] = x.max() + 1
-        x[vocab - 1] = x[vocab // 2]          # tie: the lower id wins
-        x[3] = float("nan")                   # NaN counts as -inf
+        x[vocab - 1] = x[vocab // 2]  # tie: the lower id wins
+        x[3] = float("nan")  # NaN counts as -inf
     # offset 1: a view 4 bytes past an aligned start takes the scalar path.
     xd = torch.cat([torch.zeros(offset), x]).to(DEV)[offset:]
     out = poisoned(1, dtype=torch.int32)
@@ -631,8 +660,12 @@ def _ref_sample(x, temperature, top_k, top_p, min_p, u, du=0.0, dp=0.0, dm=0.0):
 
 def _allowed(x, temperature, top_k, top_p, min_p, u, eps=1e-5):
     """Tokens a correct float32 sampler may pick: the reference under nudges of u and the cut-offs."""
-    return {_ref_sample(x, temperature, top_k, top_p, min_p, u, du=du, dp=dp, dm=dm)
-            for du in (-eps, 0.0, eps) for dp in (-eps, 0.0, eps) for dm in (-eps, 0.0, eps)}
+    return {
+        _ref_sample(x, temperature, top_k, top_p, min_p, u, du=du, dp=dp, dm=dm)
+        for du in (-eps, 0.0, eps)
+        for dp in (-eps, 0.0, eps)
+        for dm in (-eps, 0.0, eps)
+    }
 
 
 SAMPLE_CONFIGS = [
@@ -644,9 +677,9 @@ SAMPLE_CONFIGS = [
     (1.3, 0, 0.5, 0.0),
     (1.0, 0, 1.0, 0.05),
     (0.8, 50, 0.95, 0.02),
-    (1.0, 200000, 0.9, 0.0),   # top_k beyond the vocabulary: off
-    (2.5, 0, 1.0, 0.0),        # flat distribution: deep tail picks
-    (0.0, 0, 1.0, 0.0),        # greedy through the sampler
+    (1.0, 200000, 0.9, 0.0),  # top_k beyond the vocabulary: off
+    (2.5, 0, 1.0, 0.0),  # flat distribution: deep tail picks
+    (0.0, 0, 1.0, 0.0),  # greedy through the sampler
 ]
 
 
@@ -715,7 +748,7 @@ def test_sample_graph_replay(ops, gen):
 def test_logprobs(ops, gen, vocab, top_n):
     x = _logits(vocab, gen, scale=4.0)
     if vocab > 30:
-        x[10] = x[20] = x.max() + 0.5      # tie at the top: id 10 first
+        x[10] = x[20] = x.max() + 0.5  # tie at the top: id 10 first
         x[7] = float("nan")
     lp = torch.log_softmax(torch.nan_to_num(x, nan=-math.inf).double(), dim=0)
     token = int(torch.randint(0, vocab, (1,), generator=gen))
@@ -723,7 +756,7 @@ def test_logprobs(ops, gen, vocab, top_n):
     ids = poisoned(max(top_n, 1), dtype=torch.int32)
     top = poisoned(max(top_n, 1))
     ops.logprobs(x.to(DEV), top_n, torch.tensor([token], dtype=torch.int32, device=DEV), out_lp, ids, top)
-    assert_close(out_lp, lp[token:token + 1], "f32_sum", "chosen")
+    assert_close(out_lp, lp[token : token + 1], "f32_sum", "chosen")
     n = min(top_n, vocab)
     if n:
         order = torch.sort(torch.nan_to_num(x, nan=-math.inf), descending=True, stable=True).indices[:n]

@@ -9,6 +9,7 @@ the dequantize + GEMM path and the small-batch matvec path. Batched steps
 each sequence run alone and against the reference. The host-side checks at
 the end (tensor hand-off, penalty deltas) need no GPU.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -37,11 +38,28 @@ TIE_FRACTION = 0.01
 SMALL = dict(num_layers=2, vocab_size=1536)
 # Llama-3 layout (GQA 4, rope_freqs, "pairs" rope) with widths that are
 # multiples of 256, so every K-quant and IQ4_XS applies to every matrix.
-LLAMA3_SMALL = dict(num_layers=2, vocab_size=2048, hidden_size=512, intermediate_size=1536,
-                    num_heads=8, num_kv_heads=2, head_dim=64)
+LLAMA3_SMALL = dict(
+    num_layers=2, vocab_size=2048, hidden_size=512, intermediate_size=1536, num_heads=8, num_kv_heads=2, head_dim=64
+)
 
-GGUF_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
-              "IQ4_NL", "IQ4_XS", "Q4_K_M", "F16", "BF16", "F32"]
+GGUF_TYPES = [
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q5_1",
+    "Q8_0",
+    "Q2_K",
+    "Q3_K",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+    "IQ4_NL",
+    "IQ4_XS",
+    "Q4_K_M",
+    "F16",
+    "BF16",
+    "F32",
+]
 
 # (preset, format, type, overrides)
 MODELS = (
@@ -191,11 +209,13 @@ def assert_same_greedy(cpu, prompt, got):
     if got == want:
         return
     cpu.reset()
-    rows = cpu.forward(list(prompt) + list(got[:-1]), 0, all_logits=True)[len(prompt) - 1:]
+    rows = cpu.forward(list(prompt) + list(got[:-1]), 0, all_logits=True)[len(prompt) - 1 :]
     ok = _near_argmax(rows, torch.tensor(got))
     first = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
-    assert bool(ok.all()), (f"greedy tokens differ from step {first} (gpu {got}, cpu {want}); "
-                            f"steps {torch.nonzero(~ok).flatten().tolist()} are not float ties")
+    assert bool(ok.all()), (
+        f"greedy tokens differ from step {first} (gpu {got}, cpu {want}); "
+        f"steps {torch.nonzero(~ok).flatten().tolist()} are not float ties"
+    )
 
 
 @gpu
@@ -239,14 +259,20 @@ def test_greedy_generation_matches_reference(sources, model):
 # Integer-activation decode (CUDABackend int8_activations): True forces it on
 # every type with the kernel; None (the default) takes it for Q4_0 and Q8_0
 # matrices of 4M+ elements, which LLAMA3_WIDE has (2048 x 2048 and larger).
-LLAMA3_WIDE = dict(num_layers=2, vocab_size=2048, hidden_size=2048, intermediate_size=2048,
-                   num_heads=16, num_kv_heads=4, head_dim=128)
-INT8_CASES = ([(("llama3-8b", "gguf", q, LLAMA3_SMALL), True) for q in ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q4_K_M")]
-              + [(("llama3-8b", "gguf", q, LLAMA3_WIDE), None) for q in ("Q4_0", "Q8_0")])
+LLAMA3_WIDE = dict(
+    num_layers=2, vocab_size=2048, hidden_size=2048, intermediate_size=2048, num_heads=16, num_kv_heads=4, head_dim=128
+)
+INT8_CASES = [(("llama3-8b", "gguf", q, LLAMA3_SMALL), True) for q in ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q4_K_M")] + [
+    (("llama3-8b", "gguf", q, LLAMA3_WIDE), None) for q in ("Q4_0", "Q8_0")
+]
 
 
 @gpu
-@pytest.mark.parametrize("model,mode", INT8_CASES, ids=lambda c: (_id(c) + ("-wide" if c[3] is LLAMA3_WIDE else "")) if isinstance(c, tuple) else f"int8={c}")
+@pytest.mark.parametrize(
+    "model,mode",
+    INT8_CASES,
+    ids=lambda c: (_id(c) + ("-wide" if c[3] is LLAMA3_WIDE else "")) if isinstance(c, tuple) else f"int8={c}",
+)
 def test_int8_activation_decode_matches_reference(sources, model, mode):
     src = sources(model)
     vocab = src.config.vocab_size
@@ -317,8 +343,7 @@ def test_long_context_decode(sources, model):
 
 SAMPLED = [
     SamplingParams(temperature=0.8, top_k=40, top_p=0.9, min_p=0.02, seed=1234),
-    SamplingParams(temperature=1.0, seed=99, repetition_penalty=1.3, presence_penalty=0.4,
-                   frequency_penalty=0.3),
+    SamplingParams(temperature=1.0, seed=99, repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.3),
     SamplingParams(temperature=0.0, repetition_penalty=1.5, frequency_penalty=0.5),
     SamplingParams(temperature=0.7, top_p=0.95, seed=5, logprobs=True, top_logprobs=5),
     SamplingParams(temperature=0.0, logprobs=True, top_logprobs=20),
@@ -326,13 +351,15 @@ SAMPLED = [
 
 
 @gpu
-@pytest.mark.parametrize("params", SAMPLED, ids=lambda p: f"t{p.temperature}-rep{p.repetition_penalty}-lp{p.top_logprobs}")
+@pytest.mark.parametrize(
+    "params", SAMPLED, ids=lambda p: f"t{p.temperature}-rep{p.repetition_penalty}-lp{p.top_logprobs}"
+)
 @pytest.mark.parametrize("model", [ARCH_MODELS[1], ARCH_MODELS[2]], ids=_id)
 def test_device_sampler_matches_host_sampler(sources, model, params):
     # Each step's raw logits come back with the token, so the host sampler
     # can replay the exact decision, penalty state included.
     src = sources(model)
-    prompt = _tokens(8, 12, src.config.vocab_size) * 2     # repeats feed the penalties
+    prompt = _tokens(8, 12, src.config.vocab_size) * 2  # repeats feed the penalties
     gpu = CUDABackend(src, 0, 80)
     try:
         state = SamplerState(prompt_tokens=list(prompt))
@@ -392,6 +419,7 @@ def test_graph_replay_matches_plain_path(sources, model):
 # ---------------------------------------------------------------------------
 # Batched steps over the paged KV pool
 
+
 class _Tables:
     """Block tables drawn from a random permutation of the pool's block ids."""
 
@@ -437,8 +465,17 @@ def _batched_greedy(gpu, prompts, n_steps, join_at, tables=None, params=None):
                     tables.grow(seq["blocks"].table, end)
                 else:
                     gpu.blocks.ensure(seq["blocks"], end)
-                batch.append(SeqStep(slot=i, tokens=tokens, start_pos=seq["pos"], block_table=list(seq["blocks"].table),
-                                     sample=True, params=params, state=seq["state"]))
+                batch.append(
+                    SeqStep(
+                        slot=i,
+                        tokens=tokens,
+                        start_pos=seq["pos"],
+                        block_table=list(seq["blocks"].table),
+                        sample=True,
+                        params=params,
+                        state=seq["state"],
+                    )
+                )
                 who.append(i)
             for i, res in zip(who, gpu.step_batch(batch)):
                 seq = live[i]
@@ -461,7 +498,7 @@ def _assert_tokens_agree(cpu, prompt, got, want):
     assert_same_greedy(cpu, prompt, want)
 
 
-BATCH_PROMPTS = [(21, 5), (22, 17), (23, 40), (24, 1), (25, 70)]   # (seed, length)
+BATCH_PROMPTS = [(21, 5), (22, 17), (23, 40), (24, 1), (25, 70)]  # (seed, length)
 
 
 @gpu
@@ -507,14 +544,31 @@ def test_batched_teacher_forced_logits_match_reference(sources, model, block_siz
         for step in range(len(teacher) + 1):
             batch = []
             end = main["pos"] + len(feed)
-            batch.append(SeqStep(slot=0, tokens=feed, start_pos=main["pos"],
-                                 block_table=list(tables.grow(main["table"], end)), sample=True, params=_greedy(),
-                                 state=main["state"], want_logits=True))
+            batch.append(
+                SeqStep(
+                    slot=0,
+                    tokens=feed,
+                    start_pos=main["pos"],
+                    block_table=list(tables.grow(main["table"], end)),
+                    sample=True,
+                    params=_greedy(),
+                    state=main["state"],
+                    want_logits=True,
+                )
+            )
             for k, o in enumerate(rest):
                 end_o = o["pos"] + len(o["next"])
-                batch.append(SeqStep(slot=k + 1, tokens=o["next"], start_pos=o["pos"],
-                                     block_table=list(tables.grow(o["table"], end_o)), sample=True,
-                                     params=_greedy(), state=o["state"]))
+                batch.append(
+                    SeqStep(
+                        slot=k + 1,
+                        tokens=o["next"],
+                        start_pos=o["pos"],
+                        block_table=list(tables.grow(o["table"], end_o)),
+                        sample=True,
+                        params=_greedy(),
+                        state=o["state"],
+                    )
+                )
             res = gpu.step_batch(batch)
             rows.append(res[0].logits)
             assert res[0].logits.shape == (vocab,)
@@ -561,8 +615,9 @@ def test_shuffled_block_tables_match_the_private_sequence(sources, model):
         gpu.close()
 
 
-SAMPLED_BATCH = SamplingParams(temperature=0.9, top_p=0.95, seed=77, repetition_penalty=1.3,
-                               frequency_penalty=0.2, logprobs=True, top_logprobs=3)
+SAMPLED_BATCH = SamplingParams(
+    temperature=0.9, top_p=0.95, seed=77, repetition_penalty=1.3, frequency_penalty=0.2, logprobs=True, top_logprobs=3
+)
 
 
 @gpu
@@ -619,12 +674,12 @@ def test_bad_batches_are_refused_before_any_work(sources, model):
         ok = dict(tokens=[1, 2, 3], start_pos=0, sample=True, params=_greedy(), state=state)
         n = gpu.blocks.num_blocks
         bad = [
-            [SeqStep(slot=0, block_table=[n], **ok)],                         # block id outside the pool
+            [SeqStep(slot=0, block_table=[n], **ok)],  # block id outside the pool
             [SeqStep(slot=0, block_table=[-1], **ok)],
-            [SeqStep(slot=0, block_table=[], **ok)],                          # table too short
-            [SeqStep(slot=3, block_table=[0], **ok)],                         # slot outside [0, max_num_seqs]
-            [SeqStep(slot=0, block_table=[0], **ok), SeqStep(slot=0, block_table=[1], **ok)],   # slot twice
-            [SeqStep(slot=i, block_table=[i], **ok) for i in range(4)],      # more sequences than slots
+            [SeqStep(slot=0, block_table=[], **ok)],  # table too short
+            [SeqStep(slot=3, block_table=[0], **ok)],  # slot outside [0, max_num_seqs]
+            [SeqStep(slot=0, block_table=[0], **ok), SeqStep(slot=0, block_table=[1], **ok)],  # slot twice
+            [SeqStep(slot=i, block_table=[i], **ok) for i in range(4)],  # more sequences than slots
         ]
         for seqs in bad:
             with pytest.raises(ValueError):
@@ -650,7 +705,7 @@ def test_bad_input_leaves_model_usable(sources, model):
         with pytest.raises(ContextLengthError):
             gpu.step(list(range(33)), 0, _greedy(), state)
         with pytest.raises(ContextLengthError):
-            gpu.forward(list(range(16)), 17)       # 17 positions are cached; 33 > 32
+            gpu.forward(list(range(16)), 17)  # 17 positions are cached; 33 > 32
         for bad in ([vocab], [-1], [1, 2, vocab + 5]):
             with pytest.raises(ValueError):
                 gpu.step(bad, 0, _greedy(), state)
@@ -660,7 +715,7 @@ def test_bad_input_leaves_model_usable(sources, model):
             gpu.forward([], 0)
         gpu.reset()
         with pytest.raises(ValueError):
-            gpu.forward([1], 5)            # a gap in the cache
+            gpu.forward([1], 5)  # a gap in the cache
         assert gpu.is_healthy()
         assert _gpu_generate(gpu, prompt, 8) == before
     finally:
@@ -723,8 +778,10 @@ def test_kv_pool_sizing(sources):
 # ---------------------------------------------------------------------------
 # Host-side pieces of the CUDA backend: these run everywhere.
 
+
 def test_host_tensors_carry_stored_blocks_and_float32_vectors(sources):
     from helexa_native.backends.cuda import GGML_TYPE_IDS, _host_tensors
+
     src = sources(("llama3-8b", "gguf", "Q4_K_M", LLAMA3_SMALL))
     got = {name: (tid, shape, buf) for name, tid, shape, buf in _host_tensors(src)}
     assert "rope_freqs.weight" not in got
@@ -745,6 +802,7 @@ def test_host_tensors_carry_stored_blocks_and_float32_vectors(sources):
 
 def test_host_tensors_of_a_bf16_folder(sources):
     from helexa_native.backends.cuda import GGML_TYPE_IDS, _host_tensors
+
     src = sources(("qwen2.5-0.5b", "safetensors", "bf16", SMALL))
     got = {name: (tid, buf) for name, tid, _, buf in _host_tensors(src)}
     assert got["blk.0.attn_q.bias"][0] == 0
@@ -758,7 +816,9 @@ class _Plain:
 
 def _host_backend(vocab=100):
     from types import SimpleNamespace
+
     from helexa_native.backends.cuda import CUDABackend
+
     be = object.__new__(CUDABackend)
     be.config = SimpleNamespace(vocab_size=vocab)
     be._C = SimpleNamespace(PenaltyUpdate=_Plain, StepSampling=_Plain)
@@ -776,7 +836,7 @@ def test_penalty_updates_send_deltas_of_the_sampler_state():
 
     pu, synced = be._penalty_update(3, rep, state)
     assert pu.active and pu.reset and pu.context == [1, 2, 3] and pu.generated == []
-    be._device_penalties_synced_to[3] = synced    # the job succeeded
+    be._device_penalties_synced_to[3] = synced  # the job succeeded
 
     state.generated_tokens += [5, 5]
     pu, synced = be._penalty_update(3, rep, state)
@@ -803,18 +863,26 @@ def test_penalty_updates_send_deltas_of_the_sampler_state():
 
 def test_step_sampling_mirrors_sampling_params():
     be = _host_backend(vocab=100)
-    p = SamplingParams(temperature=0.7, top_k=500, top_p=0.9, min_p=0.1, seed=(1 << 64) + 5,
-                       logprobs=True, top_logprobs=20)
+    p = SamplingParams(
+        temperature=0.7, top_k=500, top_p=0.9, min_p=0.1, seed=(1 << 64) + 5, logprobs=True, top_logprobs=20
+    )
     s = be._step_sampling(p, 12)
-    assert s.top_k == 0                      # k >= vocab keeps everything, as on the host
+    assert s.top_k == 0  # k >= vocab keeps everything, as on the host
     assert s.seed == 5 and s.step == 12 and s.logprobs and s.top_logprobs == 20
     assert (s.temperature, s.top_p, s.min_p) == (0.7, 0.9, 0.1)
     assert be._step_sampling(SamplingParams(top_k=40), 0).top_k == 40
     # The object is reused while the parameters stay equal; only the step moves.
     a = be._step_sampling(p, 13)
     assert a.step == 13 and a.top_logprobs == 20 and a.temperature == 0.7
-    assert be._step_sampling(SamplingParams(temperature=0.7, top_k=500, top_p=0.9, min_p=0.1,
-                                            seed=(1 << 64) + 5, logprobs=True, top_logprobs=20), 14) is a
+    assert (
+        be._step_sampling(
+            SamplingParams(
+                temperature=0.7, top_k=500, top_p=0.9, min_p=0.1, seed=(1 << 64) + 5, logprobs=True, top_logprobs=20
+            ),
+            14,
+        )
+        is a
+    )
     assert a.step == 14
     b = be._step_sampling(SamplingParams(temperature=0.5), 15)
     assert b.temperature == 0.5 and b.step == 15 and not b.logprobs
@@ -822,17 +890,25 @@ def test_step_sampling_mirrors_sampling_params():
 
 def test_cpu_build_refuses_cleanly(sources):
     import helexa_native._C as C
+
     if getattr(C, "cuda", False):
         pytest.skip("this build has CUDA")
     from helexa_native.errors import DeviceError
+
     with pytest.raises(DeviceError, match="no CUDA support"):
         CUDABackend(sources(ARCH_MODELS[1]), 0, 64)
 
 
 def test_cuda_backend_checks_its_arguments_first(sources):
     src = sources(ARCH_MODELS[1])
-    for kw in (dict(max_num_seqs=0), dict(block_size=24), dict(block_size=8), dict(kv_cache_memory=0),
-               dict(kv_cache_memory=1.5), dict(n_ctx=0)):
+    for kw in (
+        dict(max_num_seqs=0),
+        dict(block_size=24),
+        dict(block_size=8),
+        dict(kv_cache_memory=0),
+        dict(kv_cache_memory=1.5),
+        dict(n_ctx=0),
+    ):
         args = dict(n_ctx=64)
         args.update(kw)
         with pytest.raises(ValueError):

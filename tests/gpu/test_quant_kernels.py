@@ -5,6 +5,7 @@ fields) or random float rows; the reference is the gguf package's own
 dequantizer followed by a float64 product. Every result starts NaN-filled
 inside the op, so an element the kernel skips fails the test.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,10 +19,21 @@ DEV = "cuda"
 
 # name -> (GGML id, byte offsets of the fp16 fields inside one block)
 TYPES = {
-    "F32": (0, []), "F16": (1, []), "BF16": (30, []),
-    "Q4_0": (2, [0]), "Q4_1": (3, [0, 2]), "Q5_0": (6, [0]), "Q5_1": (7, [0, 2]), "Q8_0": (8, [0]),
-    "Q2_K": (10, [80, 82]), "Q3_K": (11, [108]), "Q4_K": (12, [0, 2]), "Q5_K": (13, [0, 2]),
-    "Q6_K": (14, [208]), "IQ4_NL": (20, [0]), "IQ4_XS": (23, [0]),
+    "F32": (0, []),
+    "F16": (1, []),
+    "BF16": (30, []),
+    "Q4_0": (2, [0]),
+    "Q4_1": (3, [0, 2]),
+    "Q5_0": (6, [0]),
+    "Q5_1": (7, [0, 2]),
+    "Q8_0": (8, [0]),
+    "Q2_K": (10, [80, 82]),
+    "Q3_K": (11, [108]),
+    "Q4_K": (12, [0, 2]),
+    "Q5_K": (13, [0, 2]),
+    "Q6_K": (14, [208]),
+    "IQ4_NL": (20, [0]),
+    "IQ4_XS": (23, [0]),
 }
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 
@@ -50,12 +62,14 @@ def x_seen_by(name: str, x: np.ndarray, int8: bool = False, terms: int = INT8_X_
 
 def qk_of(name: str) -> int:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
     return GGML_QUANT_SIZES[GGMLQuantizationType[name]][0]
 
 
 @pytest.fixture(scope="module")
 def ops():
     import helexa_native._C  # noqa: F401  (registers torch.ops.helexa)
+
     return torch.ops.helexa
 
 
@@ -96,7 +110,7 @@ def make_weights(name: str, n_out: int, k: int, rng) -> tuple[np.ndarray, np.nda
         raw = rng.integers(0, 256, size=(nb, bb), dtype=np.uint8)
         for off in TYPES[name][1]:
             scale = (rng.standard_normal(nb) * 0.02).astype(np.float16)
-            raw[:, off:off + 2] = scale.view(np.uint8).reshape(nb, 2)
+            raw[:, off : off + 2] = scale.view(np.uint8).reshape(nb, 2)
         raw = raw.reshape(n_out, -1)
     ref = dequantize(raw, qt).reshape(n_out, k).astype(np.float32)
     assert np.isfinite(ref).all()
@@ -128,10 +142,7 @@ def k_cases(name: str) -> list[int]:
 
 
 MATVEC_CASES = [
-    (name, n_out, k)
-    for name in TYPES
-    for k in k_cases(name)
-    for n_out in ([1, 257] if k > 1024 else [1, 3, 257, 1000])
+    (name, n_out, k) for name in TYPES for k in k_cases(name) for n_out in ([1, 257] if k > 1024 else [1, 3, 257, 1000])
 ]
 
 
@@ -141,7 +152,14 @@ def test_matvec_matches_gguf_reference(ops, rng, name, n_out, k, n_tok):
     raw, ref = make_weights(name, n_out, k, rng)
     x = rng.standard_normal((n_tok, k)).astype(np.float32)
     y = ops.matvec(TYPES[name][0], torch.from_numpy(raw).to(DEV), torch.from_numpy(x).to(DEV), n_out, k, None, None)
-    check_matvec(y, ref, x_seen_by(name, x), None, TOLERANCE[name], f"{name} n_out={n_out} k={k} n_tok={n_tok} seed={rng.seed_value}")
+    check_matvec(
+        y,
+        ref,
+        x_seen_by(name, x),
+        None,
+        TOLERANCE[name],
+        f"{name} n_out={n_out} k={k} n_tok={n_tok} seed={rng.seed_value}",
+    )
 
 
 @pytest.mark.parametrize("n_tok", [1, 2, 5])
@@ -271,6 +289,7 @@ def test_ops_reject_bad_arguments_with_clear_messages():
     # take the rest of the file down with it.
     import subprocess
     import sys
+
     r = subprocess.run([sys.executable, "-c", _BAD_ARGUMENT_CALLS], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "all rejected" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
 
@@ -279,7 +298,8 @@ DEQUANT_CASES = [
     (name, n_out, k)
     for name in TYPES
     for n_out, k in (
-        [(1, 1), (3, 7), (257, 256), (64, 4096 + 256)] if name in FLOAT_TYPES
+        [(1, 1), (3, 7), (257, 256), (64, 4096 + 256)]
+        if name in FLOAT_TYPES
         else [(1, qk_of(name)), (257, 3 * qk_of(name)), (64, 4096 + 256)] + ([(5, 9 * 32)] if qk_of(name) == 32 else [])
     )
 ]
@@ -292,8 +312,9 @@ def test_dequantize_matches_gguf(ops, rng, name, n_out, k):
     tag = f"{name} {n_out}x{k} seed={rng.seed_value}"
     f32 = ops.dequantize(TYPES[name][0], w_d, n_out, k, False).cpu()
     assert f32.dtype == torch.float32 and f32.shape == (n_out, k)
-    assert torch.equal(f32, torch.from_numpy(ref)), f"{tag}: float32 differs from gguf (max diff " \
-        f"{(f32 - torch.from_numpy(ref)).abs().max().item():.3g})"
+    assert torch.equal(f32, torch.from_numpy(ref)), (
+        f"{tag}: float32 differs from gguf (max diff {(f32 - torch.from_numpy(ref)).abs().max().item():.3g})"
+    )
     b16 = ops.dequantize(TYPES[name][0], w_d, n_out, k, True).cpu()
     assert b16.dtype == torch.bfloat16 and b16.shape == (n_out, k)
     want = torch.from_numpy(ref).to(torch.bfloat16)
@@ -309,7 +330,9 @@ def test_out_variants_write_in_place(ops, rng, name):
     w_d, x_d = torch.from_numpy(raw).to(DEV), torch.from_numpy(x).to(DEV)
     y = torch.from_numpy(y0).to(DEV)
     ops.matvec_out(TYPES[name][0], w_d, x_d, y, n_out, k, None, True)
-    check_matvec(y, ref, x_seen_by(name, x), y0.astype(np.float64), TOLERANCE[name], f"{name} matvec_out seed={rng.seed_value}")
+    check_matvec(
+        y, ref, x_seen_by(name, x), y0.astype(np.float64), TOLERANCE[name], f"{name} matvec_out seed={rng.seed_value}"
+    )
     out = torch.full((n_out, k), float("nan"), dtype=torch.bfloat16, device=DEV)
     ops.dequantize_out(TYPES[name][0], w_d, out, n_out, k)
     assert torch.equal(out.cpu(), torch.from_numpy(ref).to(torch.bfloat16))

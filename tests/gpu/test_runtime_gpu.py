@@ -1,6 +1,7 @@
 """Device workers on real GPUs: memory accounting, upload bandwidth, fault
 poisoning, NCCL groups. Faults run in subprocesses: a sticky error ruins the
 CUDA context of the process that hits it."""
+
 from __future__ import annotations
 
 import subprocess
@@ -14,24 +15,27 @@ import torch
 
 pytestmark = pytest.mark.gpu
 
-VRAM_MARGIN = 256 << 20       # torch and the worker share the context; other processes may move a little
+VRAM_MARGIN = 256 << 20  # torch and the worker share the context; other processes may move a little
 CYCLE_MARGIN = 8 << 20
 BANDWIDTH_FRACTION = 0.70
 
 
 def _C():
     import helexa_native._C as C
+
     return C
 
 
 def _runtime():
     from helexa_native import runtime
+
     return runtime
 
 
 def run_python(code: str, timeout: float = 300):
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_worker_thread_and_build_arch():
@@ -111,8 +115,10 @@ def test_large_upload_bandwidth():
             w.free(h)
     ours = nbytes / best / 1e9
     ref = _torch_h2d_gbps(nbytes)
-    print(f"\nworker upload of 4 GiB from pageable memory: {ours:.1f} GB/s; "
-          f"torch pinned host-to-device copy: {ref:.1f} GB/s ({ours / ref:.0%})")
+    print(
+        f"\nworker upload of 4 GiB from pageable memory: {ours:.1f} GB/s; "
+        f"torch pinned host-to-device copy: {ref:.1f} GB/s ({ours / ref:.0%})"
+    )
     back = np.frombuffer(w.download(handle), dtype=np.uint8)
     assert np.array_equal(back, data)
     w.free(handle)
@@ -175,7 +181,9 @@ def hx_threads():
 def test_shutdown_leaves_no_threads():
     # In a subprocess: shutting every worker down here would pull devices
     # from under models other test modules keep loaded.
-    code = HX_THREADS_SRC + """
+    code = (
+        HX_THREADS_SRC
+        + """
 import numpy as np
 from helexa_native import runtime
 assert hx_threads() == []
@@ -191,6 +199,7 @@ runtime.shutdown_all()
 assert hx_threads() == []
 print("clean")
 """
+    )
     res = run_python(code)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.strip().endswith("clean")
@@ -198,13 +207,16 @@ print("clean")
 
 # ---------------------------------------------------------------- two GPUs
 
+
 @pytest.mark.gpu2
 def test_nccl_allreduce_two_workers():
     if not _C().nccl:
         pytest.skip("this build has no NCCL")
     # In a subprocess: communicators belong to fresh workers, and the final
     # shutdown must not take devices from other test modules.
-    code = HX_THREADS_SRC + """
+    code = (
+        HX_THREADS_SRC
+        + """
 import numpy as np
 import torch
 from helexa_native import runtime
@@ -240,6 +252,7 @@ assert np.array_equal(np.frombuffer(again[1].download(h[1]), dtype=np.float32), 
 runtime.shutdown_all()
 print("allreduce exact")
 """
+    )
     res = run_python(code)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.strip().endswith("allreduce exact")

@@ -11,6 +11,7 @@ the device token must be one that either gives with u, top_p and min_p nudged by
 1e-5, and picks off the float64 reading must stay rare. Outputs are poisoned
 before every call.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,14 +27,15 @@ from helexa_native.params import SamplerState, SamplingParams
 pytestmark = pytest.mark.gpu
 
 DEV = "cuda"
-MAX_TOP = 20        # kMaxTopLogprobs
-CAND = 4096         # candidates the batched sampler sorts per row before it falls back
+MAX_TOP = 20  # kMaxTopLogprobs
+CAND = 4096  # candidates the batched sampler sorts per row before it falls back
 NUDGE = 1e-5
 
 
 @pytest.fixture(scope="module")
 def ops():
     import helexa_native._C  # noqa: F401  (registers torch.ops.helexa)
+
     return torch.ops.helexa
 
 
@@ -63,18 +65,18 @@ def poisoned(*shape, dtype=torch.float32):
 
 # temperature, top_k, top_p, min_p, repetition, presence, frequency
 ROW_CONFIGS = [
-    (0.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0),        # greedy
-    (0.7, 40, 1.0, 0.0, 1.0, 0.0, 0.0),       # top-k
-    (1.0, 0, 0.9, 0.0, 1.0, 0.0, 0.0),        # top-p
-    (1.0, 0, 1.0, 0.05, 1.0, 0.0, 0.0),       # min-p
-    (0.8, 50, 0.95, 0.02, 1.3, 0.5, 0.25),    # everything, with penalties
-    (1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0),        # plain temperature
-    (0.0, 0, 1.0, 0.0, 1.2, 0.0, 0.5),        # greedy with penalties
-    (2.5, 0, 1.0, 0.0, 1.0, 0.0, 0.0),        # flat: deep picks
-    (1.0, 1, 1.0, 0.0, 0.9, -1.0, 0.0),       # top_k 1 with penalties
-    (1.3, 0, 0.5, 0.0, 1.0, 1.5, 0.0),        # top-p, presence penalty
+    (0.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0),  # greedy
+    (0.7, 40, 1.0, 0.0, 1.0, 0.0, 0.0),  # top-k
+    (1.0, 0, 0.9, 0.0, 1.0, 0.0, 0.0),  # top-p
+    (1.0, 0, 1.0, 0.05, 1.0, 0.0, 0.0),  # min-p
+    (0.8, 50, 0.95, 0.02, 1.3, 0.5, 0.25),  # everything, with penalties
+    (1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0),  # plain temperature
+    (0.0, 0, 1.0, 0.0, 1.2, 0.0, 0.5),  # greedy with penalties
+    (2.5, 0, 1.0, 0.0, 1.0, 0.0, 0.0),  # flat: deep picks
+    (1.0, 1, 1.0, 0.0, 0.9, -1.0, 0.0),  # top_k 1 with penalties
+    (1.3, 0, 0.5, 0.0, 1.0, 1.5, 0.0),  # top-p, presence penalty
     (1.0, 200000, 0.9, 0.0, 1.0, 0.0, -0.5),  # top_k beyond the vocabulary
-    (0.6, 5000, 1.0, 0.0, 1.0, 0.0, 0.0),     # top_k beyond the candidate prefix
+    (0.6, 5000, 1.0, 0.0, 1.0, 0.0, 0.0),  # top_k beyond the candidate prefix
 ]
 FLAVORS = ["normal", "ties", "nan", "peaked", "zeros", "normal", "ninf", "pinf"]
 
@@ -96,7 +98,7 @@ def _row_logits(flavor, vocab, gen):
         x = torch.full((vocab,), -math.inf)
     elif flavor == "pinf":
         i, j = torch.randint(0, vocab, (2,), generator=gen).tolist()
-        x[i] = x[j] = math.inf      # the lower id wins
+        x[i] = x[j] = math.inf  # the lower id wins
     return x
 
 
@@ -137,8 +139,16 @@ def _ref_sample(x, temperature, top_k, top_p, min_p, u, du=0.0, dp=0.0, dm=0.0):
 def _cpu_token(x, cfg, seed, prompt, generated, step, du=0.0, dp=0.0, dm=0.0):
     """helexa_native.sampling's pick, with u (through sampling.uniform), top_p and min_p nudged."""
     t, k, tp, mp, rep, pres, freq = cfg
-    p = SamplingParams(temperature=t, top_k=k, top_p=tp + dp, min_p=mp + dm, repetition_penalty=rep,
-                       presence_penalty=pres, frequency_penalty=freq, seed=seed)
+    p = SamplingParams(
+        temperature=t,
+        top_k=k,
+        top_p=tp + dp,
+        min_p=mp + dm,
+        repetition_penalty=rep,
+        presence_penalty=pres,
+        frequency_penalty=freq,
+        seed=seed,
+    )
     st = SamplerState(prompt_tokens=list(prompt), generated_tokens=list(generated), step=step)
     if du == 0.0:
         return hsampling.sample_from_logits(x, p, st).token
@@ -259,6 +269,7 @@ def _penalty_ref(x, present, counts, cfg):
 
 # ----------------------------------------------------------- penalty pool
 
+
 def test_penalty_slots(ops, gen):
     vocab, max_slots = 1001, 6
     present = torch.full((max_slots, vocab), 7, dtype=torch.int32, device=DEV)
@@ -321,6 +332,7 @@ def test_penalties_batch(ops, gen, B, vocab):
 
 # ------------------------------------------------------------------ argmax
 
+
 @pytest.mark.parametrize("B", [1, 3, 17, 64])
 @pytest.mark.parametrize("vocab", [1, 7, 1001, 151936])
 @pytest.mark.parametrize("offset", [0, 1])
@@ -330,10 +342,10 @@ def test_argmax_batch(ops, gen, B, vocab, offset):
         kind = b % 4
         if kind == 1 and vocab > 10:
             x[b, vocab // 2] = x[b].max() + 1
-            x[b, vocab - 1] = x[b, vocab // 2]    # tie: the lower id wins
-            x[b, 3] = float("nan")                # NaN counts as -inf
+            x[b, vocab - 1] = x[b, vocab // 2]  # tie: the lower id wins
+            x[b, 3] = float("nan")  # NaN counts as -inf
         elif kind == 2:
-            x[b] = -math.inf                      # all -inf: 0
+            x[b] = -math.inf  # all -inf: 0
         elif kind == 3:
             x[b] = torch.round(x[b])
     # offset 1: rows start 4 bytes past an aligned address and take the scalar path.
@@ -351,6 +363,7 @@ def test_argmax_batch(ops, gen, B, vocab, offset):
 
 # ---------------------------------------------------------------- logprobs
 
+
 @pytest.mark.parametrize("B", [1, 3, 17, 64])
 @pytest.mark.parametrize("vocab", [5, 32000, 151936])
 @pytest.mark.parametrize("top_n", [0, 1, 5, 20])
@@ -365,7 +378,7 @@ def test_logprobs_batch(ops, gen, B, vocab, top_n):
     tokens = torch.randint(0, vocab, (B,), generator=gen, dtype=torch.int32)
     if B > 2:
         tokens[1] = -1
-        tokens[2] = vocab                          # outside the vocabulary: -inf
+        tokens[2] = vocab  # outside the vocabulary: -inf
     xd = x.to(DEV)
     lp_out = poisoned(B)
     ids = poisoned(B, MAX_TOP, dtype=torch.int32)
@@ -376,8 +389,8 @@ def test_logprobs_batch(ops, gen, B, vocab, top_n):
     for b in range(B):
         # The single-row launcher runs the same kernel: identical bits.
         one_lp, one_ids, one_top = poisoned(1), poisoned(MAX_TOP, dtype=torch.int32), poisoned(MAX_TOP)
-        ops.logprobs(xd[b], top_n, tokens[b:b + 1].to(DEV), one_lp, one_ids, one_top)
-        assert torch.equal(lp_out[b:b + 1], one_lp)
+        ops.logprobs(xd[b], top_n, tokens[b : b + 1].to(DEV), one_lp, one_ids, one_top)
+        assert torch.equal(lp_out[b : b + 1], one_lp)
         assert torch.equal(ids[b, :top_n], one_ids[:top_n])
         assert torch.equal(top[b, :top_n].cpu(), one_top[:top_n].cpu())
         t = int(tokens[b])
@@ -395,6 +408,7 @@ def test_logprobs_batch(ops, gen, B, vocab, top_n):
 
 
 # ------------------------------------------------------------------ sample
+
 
 def _check_batch(ops, bt, rounds=3):
     """Samples bt for `rounds` steps in both modes; returns (near-tie picks, sampled rows).
@@ -427,7 +441,7 @@ def _check_batch(ops, bt, rounds=3):
                     assert flags[b] == 0, f"row {b}: a greedy row was sorted"
         for b in range(B):
             one = poisoned(1, dtype=torch.int32)
-            ops.sample(work[b], bt.param_rows[b], steps_d[b:b + 1], one)
+            ops.sample(work[b], bt.param_rows[b], steps_d[b : b + 1], one)
             single = int(one)
             what = f"row {b} cfg={bt.cfgs[b]} flavor={bt.flavors[b]} step={int(steps[b])}"
             assert got[True][b] == single, f"{what}: prefix mode {got[True][b]}, single-row launcher {single}"
@@ -440,16 +454,20 @@ def _check_batch(ops, bt, rounds=3):
             if t != 0.0:
                 sampled += 1
             if cpu != single or ref != single:
-                allowed = _allowed(bt.logits[b], work_cpu[b], bt.cfgs[b], bt.seeds[b], bt.prompts[b],
-                                   bt.generated[b], st)
-                assert single in allowed, (f"{what}: device {single}, CPU sampler {cpu}, float64 reading {ref}, "
-                                           f"near-tie set {sorted(allowed)}")
+                allowed = _allowed(
+                    bt.logits[b], work_cpu[b], bt.cfgs[b], bt.seeds[b], bt.prompts[b], bt.generated[b], st
+                )
+                assert single in allowed, (
+                    f"{what}: device {single}, CPU sampler {cpu}, float64 reading {ref}, near-tie set {sorted(allowed)}"
+                )
                 mismatches += ref != single
     return mismatches, sampled
 
 
-@pytest.mark.parametrize("B,vocab", [(1, 1001), (1, 151936), (3, 7), (3, 1001), (3, 151936), (17, 1001),
-                                     (17, 151936), (64, 1001), (64, 151936)])
+@pytest.mark.parametrize(
+    "B,vocab",
+    [(1, 1001), (1, 151936), (3, 7), (3, 1001), (3, 151936), (17, 1001), (17, 151936), (64, 1001), (64, 151936)],
+)
 def test_sample_batch(ops, gen, B, vocab):
     # Small batches go through every row configuration in turn.
     shifts = range(len(ROW_CONFIGS)) if B < 4 else [int(torch.randint(0, 12, (1,), generator=gen))]
@@ -466,12 +484,12 @@ def test_sample_batch_paths(ops, gen):
     """Which rows the candidate prefix serves and which need the full sort."""
     vocab = 151936
     rows = [
-        ("peaked", (1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0), 0),     # nearly all mass on one token
-        ("normal", (0.7, 40, 1.0, 0.0, 1.0, 0.0, 0.0), 0),    # top_k inside ~2700 candidates
-        ("zeros", (1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0), 1),      # one bucket holds every value
-        ("normal", (0.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0), 0),     # greedy: no sort
+        ("peaked", (1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0), 0),  # nearly all mass on one token
+        ("normal", (0.7, 40, 1.0, 0.0, 1.0, 0.0, 0.0), 0),  # top_k inside ~2700 candidates
+        ("zeros", (1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0), 1),  # one bucket holds every value
+        ("normal", (0.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0), 0),  # greedy: no sort
         ("normal", (1.0, 5000, 1.0, 0.0, 1.0, 0.0, 0.0), 1),  # top_k past the candidates
-        ("ninf", (1.0, 0, 0.9, 0.0, 1.0, 0.0, 0.0), 0),       # nothing finite: argmax
+        ("ninf", (1.0, 0, 0.9, 0.0, 1.0, 0.0, 0.0), 0),  # nothing finite: argmax
     ]
     x = torch.stack([_row_logits(f, vocab, gen) for f, _, _ in rows])
     xd = x.to(DEV)
@@ -487,7 +505,7 @@ def test_sample_batch_paths(ops, gen):
         assert full.cpu().tolist() == want_full, f"candidate_prefix={prefix}: {full.cpu().tolist()} != {want_full}"
         for b in range(len(rows)):
             one = poisoned(1, dtype=torch.int32)
-            ops.sample(xd[b], prow[b], steps[b:b + 1], one)
+            ops.sample(xd[b], prow[b], steps[b : b + 1], one)
             assert int(out[b]) == int(one), f"row {b} ({rows[b][0]}), candidate_prefix={prefix}"
     assert int(out[5]) == 0, "an all -inf row gives token 0"
 
@@ -530,8 +548,10 @@ def test_sample_batch_graph_replay(ops, gen):
         assert torch.equal(work, w_e)
         assert out.cpu().tolist() == o_e.cpu().tolist(), f"replay {r}"
         assert torch.equal(ids, ids_e)
-        assert torch.equal(lp.cpu().nan_to_num(nan=1.5, posinf=2.5, neginf=-2.5),
-                           lp_e.cpu().nan_to_num(nan=1.5, posinf=2.5, neginf=-2.5))
+        assert torch.equal(
+            lp.cpu().nan_to_num(nan=1.5, posinf=2.5, neginf=-2.5),
+            lp_e.cpu().nan_to_num(nan=1.5, posinf=2.5, neginf=-2.5),
+        )
 
 
 def test_sample_batch_bad_arguments(ops):
@@ -547,5 +567,4 @@ def test_sample_batch_bad_arguments(ops):
         ops.sample_batch(x, torch.cat([p1, p1, p1]), steps[:2], out)
     assert (out.cpu() == -7).all()  # nothing written by a refused call
     # An empty batch is a no-op.
-    ops.sample_batch(torch.zeros(0, 10, device=DEV), torch.zeros(0, dtype=torch.uint8, device=DEV),
-                     steps[:0], out[:0])
+    ops.sample_batch(torch.zeros(0, 10, device=DEV), torch.zeros(0, dtype=torch.uint8, device=DEV), steps[:0], out[:0])

@@ -1,4 +1,5 @@
 """POST /v1/embeddings: pooled, normalized sentence embeddings (float lists or base64 float32)."""
+
 from __future__ import annotations
 
 from flask import Flask
@@ -31,8 +32,14 @@ def register(app: Flask, state: AppState) -> None:
             raise bad_request(f"input holds {len(inputs)} items; at most {MAX_INPUTS} per request", "input")
         slot = state.registry.get(opt_str(body, "model"))
         if not slot.healthy():
-            raise ApiError(503, f"the device of model '{slot.name}' is unusable after an earlier error",
-                           "server_error", None, "device_unavailable", {"Retry-After": str(RETRY_DEVICE)})
+            raise ApiError(
+                503,
+                f"the device of model '{slot.name}' is unusable after an earlier error",
+                "server_error",
+                None,
+                "device_unavailable",
+                {"Retry-After": str(RETRY_DEVICE)},
+            )
         engine = slot.engine
         try:
             ids = engine.embedding_inputs(inputs)
@@ -43,8 +50,7 @@ def register(app: Flask, state: AppState) -> None:
         except NotImplementedError as e:
             raise ApiError(501, str(e), "invalid_request_error", None, "not_implemented") from e
         except ValueError as e:
-            param = getattr(e, "field", None) or ("pooling" if pooling is not None and "pooling" in str(e)
-                                                  else "input")
+            param = getattr(e, "field", None) or ("pooling" if pooling is not None and "pooling" in str(e) else "input")
             raise to_api_error(e, param) from e
         except Exception as e:
             raise to_api_error(e, "input") from e
@@ -53,5 +59,6 @@ def register(app: Flask, state: AppState) -> None:
             emb = encode_base64(v.numpy()) if fmt == "base64" else [float(x) for x in v.tolist()]
             data.append({"object": "embedding", "index": i, "embedding": emb})
         n = sum(len(x) for x in ids)
-        return json_response({"object": "list", "data": data, "model": slot.name,
-                              "usage": {"prompt_tokens": n, "total_tokens": n}})
+        return json_response(
+            {"object": "list", "data": data, "model": slot.name, "usage": {"prompt_tokens": n, "total_tokens": n}}
+        )

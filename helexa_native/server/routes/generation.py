@@ -1,4 +1,5 @@
 """POST /v1/chat/completions and POST /v1/completions: JSON, or server-sent events when stream is set."""
+
 from __future__ import annotations
 
 from typing import Callable

@@ -3,6 +3,7 @@
 Loading under a name already served replaces that model once the new one is
 ready; /v1/models/load opens only what paths.resolve_model_path allows.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,7 +44,7 @@ def register(app: Flask, state: AppState) -> None:
             raise bad_request("name must not be empty", "name")
         device = opt_str(body, "device")
         n_ctx = opt_int(body, "n_ctx", minimum=1)
-        name = name or model_name_for(path)   # named after the path asked for, not its link target
+        name = name or model_name_for(path)  # named after the path asked for, not its link target
         path = resolve_model_path(path, state.model_roots)
         t0 = time.perf_counter()
         try:
@@ -51,13 +52,21 @@ def register(app: Flask, state: AppState) -> None:
         except ApiError:
             raise
         except (DeviceError, ValueError) as e:
-            raise ApiError(400, str(e), "invalid_request_error", "device" if isinstance(e, DeviceError)
-                           or "device" in str(e) else "model", "model_load_failed") from e
+            raise ApiError(
+                400,
+                str(e),
+                "invalid_request_error",
+                "device" if isinstance(e, DeviceError) or "device" in str(e) else "model",
+                "model_load_failed",
+            ) from e
         except (ModelLoadError, OSError) as e:
             raise ApiError(400, str(e), "invalid_request_error", "model", "model_load_failed") from e
         out = slot.card()
-        out.update(replaced=replaced, load_seconds=round(time.perf_counter() - t0, 3),
-                   device=str(getattr(slot.engine, "device", "")))
+        out.update(
+            replaced=replaced,
+            load_seconds=round(time.perf_counter() - t0, 3),
+            device=str(getattr(slot.engine, "device", "")),
+        )
         log.info("loaded model %s from %s (%s)", slot.name, path, "replaced" if replaced else "new")
         return json_response(out)
 

@@ -1,4 +1,5 @@
 """GET /health (no API key needed; 503 while loading or unhealthy) and GET /metrics (Prometheus text)."""
+
 from __future__ import annotations
 
 from flask import Flask, Response
@@ -21,11 +22,9 @@ def register(app: Flask, state: AppState) -> None:
             if registry.load_error:
                 return json_response({"status": "error", "error": registry.load_error, "models": models}, 503)
             status = "loading" if models else "no_model"
-            return json_response({"status": status, "models": models}, 503,
-                                 {"Retry-After": str(RETRY_LOADING)})
+            return json_response({"status": status, "models": models}, 503, {"Retry-After": str(RETRY_LOADING)})
         if any(v == "unhealthy" for v in models.values()):
-            return json_response({"status": "unhealthy", "models": models}, 503,
-                                 {"Retry-After": str(RETRY_DEVICE)})
+            return json_response({"status": "unhealthy", "models": models}, 503, {"Retry-After": str(RETRY_DEVICE)})
         return json_response({"status": "ok", "models": models})
 
     @app.get("/metrics")

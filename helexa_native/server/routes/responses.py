@@ -5,13 +5,21 @@ parsers and metrics, endpoint label "responses"); responses_protocol.py
 shapes it. Stored responses (`store`, on by default) live in the app's
 bounded in-memory ResponseStore, which `previous_response_id` reads.
 """
+
 from __future__ import annotations
 
 from flask import Flask
 
 from ...openai_protocol import ApiError, GenerationRequest, bad_request, parse_sampling
-from ...responses_protocol import (ResponseBuilder, ResponsesRequest, new_id, output_messages,
-                                   parse_responses_request, response_usage, sse_event)
+from ...responses_protocol import (
+    ResponseBuilder,
+    ResponsesRequest,
+    new_id,
+    output_messages,
+    parse_responses_request,
+    response_usage,
+    sse_event,
+)
 from ..errors import to_api_error
 from ..json_io import json_body, json_response
 from ..replies import chat_deltas, event_stream
@@ -28,9 +36,13 @@ def register(app: Flask, state: AppState) -> None:
         if req.previous_response_id is not None:
             prev = state.responses.get(req.previous_response_id)
             if prev is None:
-                raise bad_request(f"previous response '{req.previous_response_id}' was not found (responses "
-                                  f"are kept in memory, at most {state.responses.capacity}, and only with "
-                                  "store: true)", "previous_response_id", "previous_response_not_found")
+                raise bad_request(
+                    f"previous response '{req.previous_response_id}' was not found (responses "
+                    f"are kept in memory, at most {state.responses.capacity}, and only with "
+                    "store: true)",
+                    "previous_response_id",
+                    "previous_response_not_found",
+                )
             history = prev.messages
         conversation = history + req.input_messages
         if not conversation:
@@ -38,33 +50,46 @@ def register(app: Flask, state: AppState) -> None:
         run = RequestRun(state, _chat_request(req, conversation), "responses", disconnect_probe())
         builder = ResponseBuilder(new_id("resp"), run.model, req.echo)
         if req.stream:
-            return event_stream(run, _events(state, req, run, builder, conversation),
-                                lambda err: [sse_event(e) for e in builder.fail(err.body()["error"])])
+            return event_stream(
+                run,
+                _events(state, req, run, builder, conversation),
+                lambda err: [sse_event(e) for e in builder.fail(err.body()["error"])],
+            )
         return json_response(_complete(state, req, run, builder, conversation))
 
     @app.get("/v1/responses/<rid>")
     def get_response(rid: str):
         item = state.responses.get(rid)
         if item is None:
-            raise ApiError(404, f"response '{rid}' was not found", "invalid_request_error", "response_id",
-                           "response_not_found")
+            raise ApiError(
+                404, f"response '{rid}' was not found", "invalid_request_error", "response_id", "response_not_found"
+            )
         return json_response(item.response)
 
     @app.delete("/v1/responses/<rid>")
     def delete_response(rid: str):
         if not state.responses.delete(rid):
-            raise ApiError(404, f"response '{rid}' was not found", "invalid_request_error", "response_id",
-                           "response_not_found")
+            raise ApiError(
+                404, f"response '{rid}' was not found", "invalid_request_error", "response_id", "response_not_found"
+            )
         return json_response({"id": rid, "object": "response", "deleted": True})
 
 
 def _chat_request(req: ResponsesRequest, conversation: list) -> GenerationRequest:
     messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + conversation
-    return GenerationRequest("chat", req.model, parse_sampling(req.sampling), req.stream, False,
-                             messages=messages, tools=req.tools,
-                             chat_template_kwargs=dict(req.chat_template_kwargs),
-                             response_format=req.response_format, tool_choice=req.tool_choice,
-                             parallel_tool_calls=req.parallel_tool_calls)
+    return GenerationRequest(
+        "chat",
+        req.model,
+        parse_sampling(req.sampling),
+        req.stream,
+        False,
+        messages=messages,
+        tools=req.tools,
+        chat_template_kwargs=dict(req.chat_template_kwargs),
+        response_format=req.response_format,
+        tool_choice=req.tool_choice,
+        parallel_tool_calls=req.parallel_tool_calls,
+    )
 
 
 def _deltas_of(result) -> list:
@@ -86,12 +111,13 @@ def _store(state: AppState, req: ResponsesRequest, builder: ResponseBuilder, con
         state.responses.put(builder.id, builder.response(), conversation + output_messages(builder.output))
 
 
-def _complete(state: AppState, req: ResponsesRequest, run: RequestRun, builder: ResponseBuilder,
-              conversation: list) -> dict:
+def _complete(
+    state: AppState, req: ResponsesRequest, run: RequestRun, builder: ResponseBuilder, conversation: list
+) -> dict:
     try:
         result = run.collect()[0]
     except ClientGone:
-        raise ApiError(499, "the client closed the request", "invalid_request_error", None, "client_closed")
+        raise ApiError(499, "the client closed the request", "invalid_request_error", None, "client_closed") from None
     except Exception as e:
         raise to_api_error(e, run.param) from e
     builder.feed(_deltas_of(result))
@@ -101,8 +127,7 @@ def _complete(state: AppState, req: ResponsesRequest, run: RequestRun, builder: 
     return builder.response()
 
 
-def _events(state: AppState, req: ResponsesRequest, run: RequestRun, builder: ResponseBuilder,
-            conversation: list):
+def _events(state: AppState, req: ResponsesRequest, run: RequestRun, builder: ResponseBuilder, conversation: list):
     for ev in builder.start():
         yield sse_event(ev)
     final = None
@@ -112,7 +137,8 @@ def _events(state: AppState, req: ResponsesRequest, run: RequestRun, builder: Re
         if ch.finish_reason is not None:
             final = ch
     cached = (final.timings or {}).get("cached_prompt_tokens", 0) if final is not None else 0
-    for ev in builder.finish(final.finish_reason if final else "stop",
-                             response_usage(final.usage if final else None, cached)):
+    for ev in builder.finish(
+        final.finish_reason if final else "stop", response_usage(final.usage if final else None, cached)
+    ):
         yield sse_event(ev)
     _store(state, req, builder, conversation)

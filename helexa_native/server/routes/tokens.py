@@ -1,10 +1,19 @@
 """POST /tokenize (a prompt, or messages through the model's chat template) and POST /detokenize."""
+
 from __future__ import annotations
 
 from flask import Flask
 
-from ...openai_protocol import (ApiError, bad_request, opt_bool, opt_str, parse_messages, parse_tools,
-                                template_kwargs, token_id_list)
+from ...openai_protocol import (
+    ApiError,
+    bad_request,
+    opt_bool,
+    opt_str,
+    parse_messages,
+    parse_tools,
+    template_kwargs,
+    token_id_list,
+)
 from ..errors import to_api_error
 from ..json_io import json_body, json_response, reject_unknown_fields
 from ..state import AppState
@@ -16,9 +25,19 @@ def register(app: Flask, state: AppState) -> None:
     @app.post("/tokenize")
     def tokenize():
         body = json_body()
-        reject_unknown_fields(body, ("model", "prompt", "messages", "add_special_tokens",
-                                     "add_generation_prompt", "tools", "chat_template_kwargs",
-                                     "return_token_strs"))
+        reject_unknown_fields(
+            body,
+            (
+                "model",
+                "prompt",
+                "messages",
+                "add_special_tokens",
+                "add_generation_prompt",
+                "tools",
+                "chat_template_kwargs",
+                "return_token_strs",
+            ),
+        )
         slot = registry.get(opt_str(body, "model"))
         engine = slot.engine
         strs = opt_bool(body, "return_token_strs")
@@ -30,8 +49,12 @@ def register(app: Flask, state: AppState) -> None:
                 kwargs = template_kwargs(body)
                 kwargs.pop("add_generation_prompt", None)
                 ids = engine.apply_chat_template(
-                    messages, add_generation_prompt=opt_bool(body, "add_generation_prompt", True),
-                    tools=parse_tools(body.get("tools")), tokenize=True, **kwargs)
+                    messages,
+                    add_generation_prompt=opt_bool(body, "add_generation_prompt", True),
+                    tools=parse_tools(body.get("tools")),
+                    tokenize=True,
+                    **kwargs,
+                )
             else:
                 prompt = body.get("prompt")
                 if not isinstance(prompt, str):
@@ -41,11 +64,14 @@ def register(app: Flask, state: AppState) -> None:
             raise
         except Exception as e:
             raise to_api_error(e, "messages" if "messages" in body else "prompt") from e
-        out = {"model": slot.name, "tokens": list(ids), "count": len(ids),
-               "max_model_len": getattr(engine, "n_ctx", None)}
+        out = {
+            "model": slot.name,
+            "tokens": list(ids),
+            "count": len(ids),
+            "max_model_len": getattr(engine, "n_ctx", None),
+        }
         if strs:
-            out["token_strs"] = [bytes(engine.tokenizer.token_bytes(t)).decode("utf-8", errors="replace")
-                                 for t in ids]
+            out["token_strs"] = [bytes(engine.tokenizer.token_bytes(t)).decode("utf-8", errors="replace") for t in ids]
         return json_response(out)
 
     @app.post("/detokenize")
