@@ -371,7 +371,6 @@ class Engine:
     ) -> None:
         tensors = list(tensors)
         self._backend = backend
-        self.prefix_cache = bool(backend.blocks.prefix_cache)
         self.max_num_seqs = int(backend.max_num_seqs)
         self.config = backend.config
         self.n_ctx = int(backend.n_ctx)
@@ -471,6 +470,17 @@ class Engine:
             return {}
 
     # ------------------------------------------------------------------ state
+
+    @property
+    def prefix_cache(self) -> bool:
+        """Whether prompts reuse cached KV blocks of earlier prompts; settable (affects later requests)."""
+        return bool(self._backend.blocks.prefix_cache) if self._backend is not None else False
+
+    @prefix_cache.setter
+    def prefix_cache(self, on: bool) -> None:
+        if not isinstance(on, bool):
+            raise ValueError(f"prefix_cache must be True or False, got {on!r}")
+        self._live().blocks.prefix_cache = on
 
     def _live(self):
         if self._closed or self._backend is None:

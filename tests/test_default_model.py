@@ -152,7 +152,7 @@ def test_invalid_parameter_raises_and_engine_still_works(engine, kw):
 def test_threads_match_sequential(engine):
     prompts = ["The sun is", "My favourite food is", "In the year 2050,"]
     kw = dict(temperature=0.7, seed=9, max_tokens=8)
-    assert engine.prefix_cache is False  # the default: seeded requests repeat exactly
+    assert engine.prefix_cache is True  # the default; seeded requests repeat exactly with cache hits too
     seq = [engine.generate(p, **kw).text for p in prompts]
     out = {}
 
@@ -169,12 +169,15 @@ def test_threads_match_sequential(engine):
 
 def test_multi_turn_reuses_cached_prefix(engine):
     msgs = [{"role": "user", "content": "Name a fruit."}]
-    engine.prefix_cache = True
-    try:
-        r1 = engine.chat(msgs, temperature=0, max_tokens=12)
-        msgs += [{"role": "assistant", "content": r1.text}, {"role": "user", "content": "Another one?"}]
-        r2 = engine.chat(msgs, temperature=0, max_tokens=12)
-    finally:
-        engine.prefix_cache = False
+    r1 = engine.chat(msgs, temperature=0, max_tokens=12)
+    msgs += [{"role": "assistant", "content": r1.text}, {"role": "user", "content": "Another one?"}]
+    r2 = engine.chat(msgs, temperature=0, max_tokens=12)
     assert r2.timings["cached_prompt_tokens"] > r1.usage["prompt_tokens"] // 2
     assert r2.text
+    # Turned off, the same conversation is computed from scratch.
+    engine.prefix_cache = False
+    try:
+        r3 = engine.chat(msgs, temperature=0, max_tokens=12)
+    finally:
+        engine.prefix_cache = True
+    assert r3.timings["cached_prompt_tokens"] == 0 and r3.text == r2.text
