@@ -202,3 +202,66 @@ def _id_list(tokens) -> List[int]:
     if isinstance(tokens, torch.Tensor):
         tokens = tokens.reshape(-1).tolist()
     return list(tokens)
+
+
+class HostSampledBackend(Backend):
+    """A backend whose forward returns host logits and whose sampler is the host's (sampling.py).
+
+    Subclasses give `_live()` (a model with check_ids / check_span, raising
+    once closed) and `_run(batch, all_logits)` (one pass over (ids,
+    start_pos, block_table) sequences, logits per sequence); checking,
+    chunking and sampling are shared here.
+    """
+
+    supports_constraints = True
+
+    @abstractmethod
+    def _live(self):
+        """The model that checks inputs; raises once closed."""
+
+    @abstractmethod
+    def _run(self, batch: list, all_logits: bool) -> list:
+        """One pass: float32 logits per sequence ([n_i, vocab], or [1, vocab] unless all_logits)."""
+
+    def step_batch(self, seqs: Sequence[SeqStep]) -> List[StepOutput]:
+        """Run every sequence's tokens in one pass and sample where asked."""
+        from ..sampling import sample_from_logits
+
+        m = self._live()
+        batch = []
+        for s in seqs:
+            ids = m.check_ids(s.tokens)
+            m.check_span(s.start_pos, ids.numel(), s.block_table)
+            batch.append((ids, int(s.start_pos), list(s.block_table)))
+        if not batch:
+            return []
+        out = []
+        for s, lg in zip(seqs, self._run(batch, all_logits=False)):
+            row = lg[0]
+            res = (
+                sample_from_logits(row, s.params, s.state, allowed=s.allowed, logit_bias=s.logit_bias)
+                if s.sample
+                else None
+            )
+            out.append(StepOutput(res, row.clone() if s.want_logits else None))
+        return out
+
+    def forward_paged(
+        self, tokens: Sequence[int], start_pos: int, block_table: Sequence[int], all_logits: bool = False
+    ) -> torch.Tensor:
+        """One sequence through its block table, in chunks that bound the attention scores."""
+        from ..reference import model as reference_model
+
+        m = self._live()
+        ids = m.check_ids(tokens)
+        m.check_span(start_pos, ids.numel(), block_table)
+        chunk = reference_model.PREFILL_CHUNK
+        rows = []
+        for a in range(0, ids.numel(), chunk):
+            part = ids[a : a + chunk]
+            last = a + chunk >= ids.numel()
+            lg = self._run([(part, int(start_pos) + a, list(block_table))], all_logits=all_logits)[0]
+            if all_logits or last:
+                rows.append(lg)
+        out = torch.cat(rows)
+        return out if all_logits else out[0]

@@ -12,8 +12,7 @@ from ..errors import ContextLengthError, EngineClosedError
 from ..kv_blocks import DEFAULT_BLOCK_SIZE, KVBlockManager, SeqBlocks
 from ..reference import ReferenceModel
 from ..reference import model as reference_model
-from ..sampling import sample_from_logits
-from .base import Backend, SeqStep, StepOutput
+from .base import HostSampledBackend
 
 # Pool size when none is given, in sequences of the full context: the pool
 # is allocated untouched (torch.empty), so host memory is only used as
@@ -42,7 +41,7 @@ def pool_blocks(
     return int(blocks)
 
 
-class CPUBackend(Backend):
+class CPUBackend(HostSampledBackend):
     """Runs a model with the pure-torch reference forward on the host.
 
     The weights are copied out of `source` at construction, so the caller
@@ -80,45 +79,8 @@ class CPUBackend(Backend):
         self.max_num_seqs = max_num_seqs
         self.blocks = KVBlockManager(blocks, block_size, prefix_cache=prefix_cache)
 
-    def step_batch(self, seqs: Sequence[SeqStep]) -> List[StepOutput]:
-        """Run every sequence's tokens in one pass and sample where asked."""
-        m = self._live()
-        batch = []
-        for s in seqs:
-            ids = m.check_ids(s.tokens)
-            m.check_span(s.start_pos, ids.numel(), s.block_table)
-            batch.append((ids, int(s.start_pos), list(s.block_table)))
-        if not batch:
-            return []
-        logits = m.forward_batch(batch)
-        out = []
-        for s, lg in zip(seqs, logits):
-            row = lg[0]
-            res = (
-                sample_from_logits(row, s.params, s.state, allowed=s.allowed, logit_bias=s.logit_bias)
-                if s.sample
-                else None
-            )
-            out.append(StepOutput(res, row.clone() if s.want_logits else None))
-        return out
-
-    def forward_paged(
-        self, tokens: Sequence[int], start_pos: int, block_table: Sequence[int], all_logits: bool = False
-    ) -> torch.Tensor:
-        """One sequence through its block table, in chunks that bound the attention scores."""
-        m = self._live()
-        ids = m.check_ids(tokens)
-        m.check_span(start_pos, ids.numel(), block_table)
-        chunk = reference_model.PREFILL_CHUNK
-        rows = []
-        for a in range(0, ids.numel(), chunk):
-            part = ids[a : a + chunk]
-            last = a + chunk >= ids.numel()
-            lg = m.forward_batch([(part, int(start_pos) + a, list(block_table))], all_logits=all_logits)[0]
-            if all_logits or last:
-                rows.append(lg)
-        out = torch.cat(rows)
-        return out if all_logits else out[0]
+    def _run(self, batch: list, all_logits: bool) -> list:
+        return self._live().forward_batch(batch, all_logits=all_logits)
 
     def hidden_states(self, seqs: Sequence[Sequence[int]]) -> List[torch.Tensor]:
         """Final hidden states of each sequence, several sequences per pass, through borrowed KV blocks.

@@ -20,18 +20,16 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 
 from .. import defaults
-from ..backends.base import Backend, SeqStep, StepOutput
+from ..backends.base import HostSampledBackend
 from ..backends.cpu import DEFAULT_CPU_POOL_CONTEXTS, pool_blocks
 from ..config import ModelSource
 from ..errors import DeviceError, EngineClosedError
 from ..kv_blocks import DEFAULT_BLOCK_SIZE, KVBlockManager
-from ..reference import model as reference_model
-from ..sampling import sample_from_logits
 from .collective import CollectiveError, InProcessGroup
 from .launch import check_step_timeout
 from .shard_model import ShardModel
@@ -46,10 +44,8 @@ def kv_bytes_per_position(plan, dtype: torch.dtype) -> int:
     return 2 * cfg.num_layers * heads * cfg.head_dim * torch.finfo(dtype).bits // 8
 
 
-class ShardedBackend(Backend):
+class ShardedBackend(HostSampledBackend):
     """step_batch and forward_paged over `_run`, one step on every rank; sampling on rank 0's full logits."""
-
-    supports_constraints = True
 
     @abstractmethod
     def _run(self, batch: list, all_logits: bool) -> list:
@@ -58,46 +54,6 @@ class ShardedBackend(Backend):
     @abstractmethod
     def _live(self) -> ShardModel:
         """This process's rank-0 shard (for checking inputs); raises once closed or failed."""
-
-    def step_batch(self, seqs: Sequence[SeqStep]) -> List[StepOutput]:
-        """Run every sequence's tokens on every rank and sample from rank 0's logits."""
-        m = self._live()
-        batch = []
-        for s in seqs:
-            ids = m.check_ids(s.tokens)
-            m.check_span(s.start_pos, ids.numel(), s.block_table)
-            batch.append((ids, int(s.start_pos), list(s.block_table)))
-        if not batch:
-            return []
-        logits = self._run(batch, all_logits=False)
-        out = []
-        for s, lg in zip(seqs, logits):
-            row = lg[0]
-            res = (
-                sample_from_logits(row, s.params, s.state, allowed=s.allowed, logit_bias=s.logit_bias)
-                if s.sample
-                else None
-            )
-            out.append(StepOutput(res, row.clone() if s.want_logits else None))
-        return out
-
-    def forward_paged(
-        self, tokens: Sequence[int], start_pos: int, block_table: Sequence[int], all_logits: bool = False
-    ) -> torch.Tensor:
-        """One sequence through its block table, in chunks that bound the attention scores."""
-        m = self._live()
-        ids = m.check_ids(tokens)
-        m.check_span(start_pos, ids.numel(), block_table)
-        chunk = reference_model.PREFILL_CHUNK
-        rows = []
-        for a in range(0, ids.numel(), chunk):
-            part = ids[a : a + chunk]
-            last = a + chunk >= ids.numel()
-            lg = self._run([(part, int(start_pos) + a, list(block_table))], all_logits=all_logits)[0]
-            if all_logits or last:
-                rows.append(lg)
-        out = torch.cat(rows)
-        return out if all_logits else out[0]
 
 
 class ShardedCPUBackend(ShardedBackend):
