@@ -203,32 +203,12 @@ class ShardModel(ReferenceModel):
 
     def _blocks(self, seqs) -> tuple:
         cfg = self.config
-        nq, nk, d, bs = self.n_heads, self.n_kv_heads, cfg.head_dim, self.block_size
+        nq, nk, d = self.n_heads, self.n_kv_heads, cfg.head_dim
         q_size, kv_size = nq * d, nk * d
         eps = cfg.rms_norm_eps
         reduce = self.collective.all_reduce
-        ids = torch.cat([s[0] for s in seqs])
-        counts = [int(s[0].numel()) for s in seqs]
-        pos = torch.cat([torch.arange(int(s[1]), int(s[1]) + n) for s, n in zip(seqs, counts)])
-        blk = torch.cat(
-            [
-                torch.as_tensor(list(s[2]), dtype=torch.long)[torch.arange(int(s[1]), int(s[1]) + n) // bs]
-                for s, n in zip(seqs, counts)
-            ]
-        )
-        off = pos % bs
-        cos, sin = self._cos[pos], self._sin[pos]
-        views = []  # per sequence: (row range, end, block ids, causal mask)
-        a = 0
-        for (_, start, table), n in zip(seqs, counts):
-            end = int(start) + n
-            used = torch.as_tensor(list(table[: -(-end // bs)]), dtype=torch.long)
-            mask = None
-            if n > 1:
-                seen = torch.arange(end)[None, :] <= (int(start) + torch.arange(n))[:, None]
-                mask = torch.zeros(n, end, dtype=torch.float32).masked_fill_(~seen, float("-inf"))
-            views.append((a, a + n, end, used, mask))
-            a += n
+        lay = self._batch_layout(seqs)
+        cos, sin, ids = lay.cos, lay.sin, lay.ids
 
         T = ids.numel()
         x = self.embed[ids]
@@ -241,17 +221,7 @@ class ShardModel(ReferenceModel):
                 k = rms_norm(k, L.k_norm, eps)
             q = apply_rope(q.float(), cos, sin, cfg.rope_style).to(self.dtype)
             k = apply_rope(k.float(), cos, sin, cfg.rope_style).to(self.dtype)
-            kp, vp = self.k_pool[li], self.v_pool[li]
-            kp[blk, :, off] = k
-            vp[blk, :, off] = v
-            parts = []
-            for r0, r1, end, used, mask in views:
-                kk = kp[used].permute(1, 0, 2, 3).reshape(nk, -1, d)[:, :end]
-                vv = vp[used].permute(1, 0, 2, 3).reshape(nk, -1, d)[:, :end]
-                if self._kv_index is not None:
-                    kk, vv = kk[self._kv_index], vv[self._kv_index]
-                parts.append(self._attention(q[r0:r1], kk, vv, mask))
-            attn = torch.cat(parts) if len(parts) > 1 else parts[0]
+            attn = self._paged_attention(li, q, k, v, lay, self._kv_index)
             x = x + reduce(F.linear(attn, L.w_o))
             if L.b_o is not None:
                 x = x + L.b_o
@@ -259,4 +229,4 @@ class ShardModel(ReferenceModel):
             h = rms_norm(x, L.ffn_norm, eps)
             gate, up = F.linear(h, L.w_gate_up).chunk(2, -1)
             x = x + reduce(F.linear(F.silu(gate) * up, L.w_down))
-        return x, counts
+        return x, lay.counts

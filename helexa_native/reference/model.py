@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +97,18 @@ class _Layer:
         "exp_gate_up",
         "exp_down",
     )
+
+
+class _BatchLayout(NamedTuple):
+    """A batch's tokens in the paged pool (ReferenceModel._batch_layout)."""
+
+    ids: torch.Tensor  # [T] token ids, sequences one after another
+    counts: list  # tokens per sequence
+    blk: torch.Tensor  # [T] pool block of each token
+    off: torch.Tensor  # [T] offset inside it
+    cos: torch.Tensor  # [T, head_dim / 2] rope angles at each token's position
+    sin: torch.Tensor
+    views: list  # per sequence: (first row, end row, positions, its block ids, causal mask or None)
 
 
 class ReferenceModel:
@@ -297,10 +309,9 @@ class ReferenceModel:
         h = rms_norm(x, self.output_norm, self.config.rms_norm_eps).float()
         return list(torch.split(h, counts))
 
-    def _blocks(self, seqs) -> tuple:
-        cfg = self.config
-        nq, nk, d, bs = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.block_size
-        eps = cfg.rms_norm_eps
+    def _batch_layout(self, seqs) -> "_BatchLayout":
+        """Where a batch's tokens sit: ids, positions, pool slots, rope angles, per-sequence views."""
+        bs = self.block_size
         ids = torch.cat([s[0] for s in seqs])
         counts = [int(s[0].numel()) for s in seqs]
         pos = torch.cat([torch.arange(int(s[1]), int(s[1]) + n) for s, n in zip(seqs, counts)])
@@ -324,9 +335,35 @@ class ReferenceModel:
                 mask = torch.zeros(n, end, dtype=torch.float32).masked_fill_(~seen, float("-inf"))
             views.append((a, a + n, end, used, mask))
             a += n
+        return _BatchLayout(ids, counts, blk, off, cos, sin, views)
 
-        T = ids.numel()
-        x = self.embed[ids]
+    def _paged_attention(self, li: int, q, k, v, lay: "_BatchLayout", kv_index=None) -> torch.Tensor:
+        """Write k, v at the batch's pool slots of layer li, then each sequence's attention over its blocks.
+
+        q [T, nq, d], k and v [T, nk, d] (this model's heads); kv_index (optional)
+        picks, per query-head group, which of the cached kv heads it reads.
+        """
+        nk, d = k.shape[1], k.shape[2]
+        kp, vp = self.k_pool[li], self.v_pool[li]
+        kp[lay.blk, :, lay.off] = k
+        vp[lay.blk, :, lay.off] = v
+        parts = []
+        for r0, r1, end, used, mask in lay.views:
+            kk = kp[used].permute(1, 0, 2, 3).reshape(nk, -1, d)[:, :end]
+            vv = vp[used].permute(1, 0, 2, 3).reshape(nk, -1, d)[:, :end]
+            if kv_index is not None:
+                kk, vv = kk[kv_index], vv[kv_index]
+            parts.append(self._attention(q[r0:r1], kk, vv, mask))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _blocks(self, seqs) -> tuple:
+        cfg = self.config
+        nq, nk, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        eps = cfg.rms_norm_eps
+        lay = self._batch_layout(seqs)
+        cos, sin = lay.cos, lay.sin
+        T = lay.ids.numel()
+        x = self.embed[lay.ids]
         for li, L in enumerate(self.layers):
             h = rms_norm(x, L.attn_norm, eps)
             q, k, v = F.linear(h, L.w_qkv, L.b_qkv).split([cfg.q_size, cfg.kv_size, cfg.kv_size], -1)
@@ -336,15 +373,7 @@ class ReferenceModel:
                 k = rms_norm(k, L.k_norm, eps)
             q = apply_rope(q.float(), cos, sin, cfg.rope_style).to(self.dtype)
             k = apply_rope(k.float(), cos, sin, cfg.rope_style).to(self.dtype)
-            kp, vp = self.k_pool[li], self.v_pool[li]
-            kp[blk, :, off] = k
-            vp[blk, :, off] = v
-            parts = []
-            for r0, r1, end, used, mask in views:
-                kk = kp[used].permute(1, 0, 2, 3).reshape(nk, -1, d)[:, :end]
-                vv = vp[used].permute(1, 0, 2, 3).reshape(nk, -1, d)[:, :end]
-                parts.append(self._attention(q[r0:r1], kk, vv, mask))
-            attn = torch.cat(parts) if len(parts) > 1 else parts[0]
+            attn = self._paged_attention(li, q, k, v, lay)
             x = x + F.linear(attn, L.w_o, L.b_o)
 
             h = rms_norm(x, L.ffn_norm, eps)
@@ -353,7 +382,7 @@ class ReferenceModel:
                 continue
             gate, up = F.linear(h, L.w_gate_up).chunk(2, -1)
             x = x + F.linear(F.silu(gate) * up, L.w_down)
-        return x, counts
+        return x, lay.counts
 
     def _attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]
