@@ -55,3 +55,18 @@ def tmp_models(tmp_path):
     d = tmp_path / "models"
     d.mkdir()
     return d
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """Variant name -> (folder, HF model) of tests/hf_factory.py, built once per module on first use."""
+    from hf_factory import make_hf_model
+
+    cache = {}
+
+    def get(variant):
+        if variant not in cache:
+            cache[variant] = make_hf_model(variant, tmp_path_factory.mktemp(variant))
+        return cache[variant]
+
+    return get

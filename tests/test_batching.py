@@ -11,7 +11,7 @@ import threading
 
 import pytest
 import torch
-from hf_factory import VOCAB, hf_logits, make_hf_model
+from hf_factory import VOCAB, hf_logits
 
 from helexa_native import Engine
 from helexa_native.backends.base import SeqStep
@@ -23,18 +23,6 @@ from helexa_native.params import SamplerState, SamplingParams
 pytest.importorskip("transformers")
 
 VARIANTS = ("llama", "qwen2", "qwen3")
-
-
-@pytest.fixture(scope="module")
-def hf_models(tmp_path_factory):
-    cache = {}
-
-    def get(variant):
-        if variant not in cache:
-            cache[variant] = make_hf_model(variant, tmp_path_factory.mktemp(variant))
-        return cache[variant]
-
-    return get
 
 
 def _tokens(seed, n):

@@ -16,7 +16,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from hf_factory import VOCAB, hf_logits, make_hf_model
+from hf_factory import VOCAB, hf_logits
 
 from helexa_native import Engine
 from helexa_native.backends.cpu import CPUBackend
@@ -36,18 +36,6 @@ pytest.importorskip("transformers")
 ATOL = 1e-4  # test_reference's tolerance for fp32 logits
 N_PROMPT, N_DECODE, N_GREEDY = 10, 12, 8
 MOE_VARIANTS = ("qwen3moe", "qwen3moe_unnormed")
-
-
-@pytest.fixture(scope="module")
-def hf_models(tmp_path_factory):
-    cache = {}
-
-    def get(variant):
-        if variant not in cache:
-            cache[variant] = make_hf_model(variant, tmp_path_factory.mktemp(variant))
-        return cache[variant]
-
-    return get
 
 
 def _tokens(seed, n):

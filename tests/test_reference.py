@@ -8,7 +8,7 @@ loaders (HF folders and GGUF files written from the same weights).
 
 import pytest
 import torch
-from hf_factory import VARIANTS, VOCAB, hf_logits, make_hf_model
+from hf_factory import VARIANTS, VOCAB, hf_logits
 
 import helexa_native.reference.model as reference_model
 from helexa_native.backends.cpu import CPUBackend
@@ -20,19 +20,6 @@ pytest.importorskip("transformers")
 
 ATOL = 1e-4
 N_PROMPT, N_DECODE = 10, 16
-
-
-@pytest.fixture(scope="module")
-def hf_models(tmp_path_factory):
-    """Variant name -> (folder, HF model), built once per module on first use."""
-    cache = {}
-
-    def get(variant):
-        if variant not in cache:
-            cache[variant] = make_hf_model(variant, tmp_path_factory.mktemp(variant))
-        return cache[variant]
-
-    return get
 
 
 def _tokens(seed, n):

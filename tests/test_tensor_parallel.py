@@ -20,7 +20,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from hf_factory import VOCAB, make_hf_model
+from hf_factory import VOCAB
 
 from helexa_native import Engine
 from helexa_native.backends.cpu import CPUBackend
@@ -79,15 +79,9 @@ def random_weights(cfg, seed=0):
 
 
 @pytest.fixture(scope="module")
-def hf_models(tmp_path_factory):
-    cache = {}
-
-    def get(variant):
-        if variant not in cache:
-            cache[variant] = make_hf_model(variant, tmp_path_factory.mktemp(variant))[0]
-        return cache[variant]
-
-    return get
+def hf_models(hf_models):
+    """Variant name -> its checkpoint folder (the shared fixture's folder alone)."""
+    return lambda variant: hf_models(variant)[0]
 
 
 # ---------------------------------------------------------------- plans
