@@ -36,6 +36,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
+from .stop import held_suffix_len
+
 REASONING_PARSERS = ("think",)
 OPEN_TAG = "<think>"
 CLOSE_TAG = "</think>"
@@ -74,14 +76,6 @@ def assemble_reasoning(deltas) -> ReasoningResult:
     reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
     content = "".join(d.get("content", "") for d in deltas)
     return ReasoningResult(reasoning or None, content or None)
-
-
-def _prefix_start(buf: str, tag: str) -> int:
-    """Start of the longest suffix of `buf` that `tag` begins with (len(buf) if none)."""
-    for k in range(max(0, len(buf) - len(tag) + 1), len(buf)):
-        if tag.startswith(buf[k:]):
-            return k
-    return len(buf)
 
 
 class ReasoningStreamParser:
@@ -169,7 +163,7 @@ class ReasoningStreamParser:
             self._buf = buf[i + len(CLOSE_TAG) :]
             self._state = "after"
             return True
-        hold = len(buf) if final else _prefix_start(buf, CLOSE_TAG)
+        hold = len(buf) if final else len(buf) - held_suffix_len(buf, (CLOSE_TAG,))
         self._reason(buf[:hold])
         self._buf = buf[hold:]
         return False

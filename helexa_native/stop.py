@@ -49,15 +49,22 @@ class StopMatcher:
         return self._held
 
     def _partial_suffix(self, buf: str) -> int:
-        # Longest suffix of buf that is a proper prefix of some stop string;
-        # nothing before it can start a match, so the rest is safe.
-        best = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(buf)), best, -1):
-                if buf.endswith(s[:n]):
-                    best = n
-                    break
-        return best
+        return held_suffix_len(buf, self.stops)
+
+
+def held_suffix_len(buf: str, markers: Iterable[str]) -> int:
+    """Length of the longest suffix of buf that is a proper prefix of some marker.
+
+    Nothing before that suffix can start a marker, so a stream may emit the
+    rest and hold the suffix back until the next text settles it.
+    """
+    best = 0
+    for s in markers:
+        for n in range(min(len(s) - 1, len(buf)), best, -1):
+            if buf.endswith(s[:n]):
+                best = n
+                break
+    return best
 
 
 def truncate_at_stop(text: str, stops: Iterable[str]):

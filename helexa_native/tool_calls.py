@@ -58,6 +58,8 @@ import string
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
+from .stop import held_suffix_len
+
 PARSERS = ("hermes", "llama3_json", "mistral")
 # The markup each format writes around calls (single special tokens in some vocabularies).
 MARKERS = {
@@ -390,14 +392,6 @@ class _ValueScanner(_JsonScanner):
 # ---- the stream parser --------------------------------------------------
 
 
-def _prefix_start(buf: str, marker: str) -> int:
-    """Start of the longest suffix of `buf` that `marker` begins with (len(buf) if none)."""
-    for k in range(max(0, len(buf) - len(marker) + 1), len(buf)):
-        if marker.startswith(buf[k:]):
-            return k
-    return len(buf)
-
-
 class _Content:
     """Content text with leading and trailing whitespace removed, as a stream."""
 
@@ -556,7 +550,7 @@ class ToolCallStreamParser:
         return False
 
     def _partial_marker_at(self, buf: str) -> int:
-        return min(_prefix_start(buf, m) for m in self._markers)
+        return len(buf) - held_suffix_len(buf, self._markers)
 
     def _open_unit(self, opening: str, bare: bool) -> None:
         self._held = opening
@@ -816,7 +810,7 @@ class ToolCallStreamParser:
         """Skip a model-written ``[CALL_ID]...`` up to ``[ARGS]``."""
         buf = self._buf
         i = buf.find("[ARGS]")
-        stop = i if i >= 0 else (len(buf) if final else _prefix_start(buf, "[ARGS]"))
+        stop = i if i >= 0 else (len(buf) if final else len(buf) - held_suffix_len(buf, ("[ARGS]",)))
         if any(ch not in _NAME_CHARS for ch in buf[:stop]) or (i < 0 and final):
             return self._broken()
         if i < 0:
