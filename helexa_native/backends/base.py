@@ -22,6 +22,7 @@ from ..config import ModelConfig
 from ..errors import ContextLengthError
 from ..kv_blocks import KVBlockManager, SeqBlocks
 from ..params import SampleResult, SamplerState, SamplingParams
+from ..sampling import sample_from_logits
 
 
 @dataclass
@@ -225,8 +226,6 @@ class HostSampledBackend(Backend):
 
     def step_batch(self, seqs: Sequence[SeqStep]) -> List[StepOutput]:
         """Run every sequence's tokens in one pass and sample where asked."""
-        from ..sampling import sample_from_logits
-
         m = self._live()
         batch = []
         for s in seqs:
