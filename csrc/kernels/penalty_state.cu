@@ -30,28 +30,4 @@ void penalty_update_launch(const int32_t* tokens, int n, int32_t* present, int32
   HX_CUDA_CHECK(cudaGetLastError());
 }
 
-static __global__ void gather_penalty_rows_kernel(const int32_t* __restrict__ present,
-                                                  const int32_t* __restrict__ counts, const int32_t* __restrict__ slots,
-                                                  int vocab, int n_slots, int32_t* __restrict__ present_out,
-                                                  int32_t* __restrict__ counts_out) {
-  const int slot = slots[blockIdx.y];
-  const bool valid = slot >= 0 && slot < n_slots;
-  const size_t src = (size_t)(valid ? slot : 0) * vocab;
-  const size_t dst = (size_t)blockIdx.y * vocab;
-  for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < vocab; j += gridDim.x * blockDim.x) {
-    present_out[dst + j] = valid ? present[src + j] : 0;
-    counts_out[dst + j] = valid ? counts[src + j] : 0;
-  }
-}
-
-void gather_penalty_rows_launch(const int32_t* present, const int32_t* counts, const int32_t* slots, int m, int vocab,
-                                int n_slots, int32_t* present_out, int32_t* counts_out, cudaStream_t stream) {
-  if (m <= 0 || vocab <= 0) return;
-  const int threads = 256;
-  const int cols = (vocab + threads - 1) / threads < 64 ? (vocab + threads - 1) / threads : 64;
-  gather_penalty_rows_kernel<<<dim3(cols, m), threads, 0, stream>>>(present, counts, slots, vocab, n_slots, present_out,
-                                                                    counts_out);
-  HX_CUDA_CHECK(cudaGetLastError());
-}
-
 }  // namespace hx

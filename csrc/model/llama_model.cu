@@ -377,8 +377,6 @@ void GpuModel::alloc_state() {
   if (wbuf_elems_ > 0) wbuf_ = static_cast<__nv_bfloat16*>(dev_alloc(wbuf_elems_ * 2, sc));
   logits_ = static_cast<float*>(dev_alloc(LR * V * 4, sc));
   work_logits_ = static_cast<float*>(dev_alloc(LR * V * 4, sc));
-  row_present_ = static_cast<int32_t*>(dev_alloc(LR * V * 4, sc));
-  row_counts_ = static_cast<int32_t*>(dev_alloc(LR * V * 4, sc));
   // The decode attention's split count depends on the batch: size the
   // workspace for the largest any batch up to slots_ rows needs.
   const int max_seq = max_blocks_ * s.block_size;
@@ -387,7 +385,7 @@ void GpuModel::alloc_state() {
         std::max(attn_ws_bytes_, attention_decode_workspace_bytes(b, s.heads, s.kv_heads, s.head_dim, max_seq));
   attn_ws_ = static_cast<float*>(dev_alloc(attn_ws_bytes_, sc));
   rope_table_ = static_cast<float*>(dev_alloc(static_cast<size_t>(n_ctx_) * s.head_dim * 4, sc));
-  sample_ws_bytes_ = sample_workspace_bytes(s.vocab);
+  sample_ws_bytes_ = sample_batch_workspace_bytes(logit_rows_, s.vocab);
   sample_ws_ = dev_alloc(sample_ws_bytes_, sc);
 
   d_present_ = static_cast<int32_t*>(dev_alloc(S * V * 4, sc));
@@ -426,8 +424,8 @@ void GpuModel::alloc_state() {
   }
   h_dec_ = static_cast<char*>(host_alloc(largest));
 
-  d_out_ = static_cast<StepOutputs*>(dev_alloc(LR * sizeof(StepOutputs), sc));
-  h_out_ = static_cast<StepOutputs*>(host_alloc(LR * sizeof(StepOutputs)));
+  d_out_ = dev_alloc(StepOutputs::bytes(logit_rows_), sc);
+  h_out_ = host_alloc(StepOutputs::bytes(logit_rows_));
   h_logits_ = static_cast<float*>(host_alloc(LR * V * 4));
 }
 
@@ -778,26 +776,19 @@ void GpuModel::sample_rows(WorkerContext& ctx, int rows, int mode, const int32_t
                            const SamplingParamsDevice* params) {
   cudaStream_t st = ctx.compute_stream();
   const int V = spec_.vocab;
-  const size_t Vs = static_cast<size_t>(V);
+  const StepOutputs o = StepOutputs::over(d_out_, logit_rows_);
   const float* src = logits_;
   if (mode & kPenalties) {
     // Each row's slot is read from device memory, so a graph replays for any slots.
-    gather_penalty_rows_launch(d_present_, d_counts_, slots, rows, V, slots_, row_present_, row_counts_, st);
-    for (int r = 0; r < rows; ++r)
-      penalties_launch(logits_ + r * Vs, work_logits_ + r * Vs, V, params + r, row_present_ + r * Vs,
-                       row_counts_ + r * Vs, st);
+    penalties_batch_launch(logits_, work_logits_, rows, V, params, slots, d_present_, d_counts_, slots_, st);
     src = work_logits_;
   }
-  for (int r = 0; r < rows; ++r) {
-    StepOutputs* o = d_out_ + r;
-    if (mode & kSampled)
-      sample_launch(src + r * Vs, V, params + r, steps + r, &o->token, sample_ws_, sample_ws_bytes_, st);
-    else
-      argmax_launch(src + r * Vs, V, &o->token, st);
-    if (mode & kLogprobs)
-      logprobs_launch(logits_ + r * Vs, V, std::min(kMaxTopLogprobs, V), &o->token, &o->logprob, o->top_ids, o->top_lp,
-                      st);
-  }
+  if (mode & kSampled)
+    sample_batch_launch(src, rows, V, params, steps, o.token, sample_ws_, sample_ws_bytes_, st);
+  else
+    argmax_batch_launch(src, rows, V, o.token, st);
+  if (mode & kLogprobs)
+    logprobs_batch_launch(logits_, rows, V, std::min(kMaxTopLogprobs, V), o.token, o.logprob, o.top_ids, o.top_lp, st);
 }
 
 void GpuModel::decode_body(WorkerContext& ctx, const Bucket& b, int mode) {
@@ -822,8 +813,13 @@ std::vector<StepResult> GpuModel::collect(WorkerContext& ctx, const std::vector<
   cudaStream_t st = ctx.compute_stream();
   const int V = spec_.vocab;
   const size_t Vs = static_cast<size_t>(V);
-  if (rows_sampled > 0)
-    HX_CUDA_CHECK(cudaMemcpyAsync(h_out_, d_out_, rows_sampled * sizeof(StepOutputs), cudaMemcpyDeviceToHost, st));
+  if (rows_sampled > 0) {
+    bool lp = false;
+    for (const SeqInput& s : seqs) lp = lp || (s.sample && s.sampling.logprobs);
+    const size_t n = lp ? StepOutputs::bytes(logit_rows_) : StepOutputs::token_bytes(rows_sampled);
+    HX_CUDA_CHECK(cudaMemcpyAsync(h_out_, d_out_, n, cudaMemcpyDeviceToHost, st));
+  }
+  const StepOutputs ho = StepOutputs::over(h_out_, logit_rows_);
   for (size_t i = 0; i < seqs.size(); ++i)
     if (seqs[i].want_logits && out_row[i] >= 0)
       HX_CUDA_CHECK(
@@ -835,16 +831,17 @@ std::vector<StepResult> GpuModel::collect(WorkerContext& ctx, const std::vector<
     StepResult& r = out[i];
     const int k = out_row[i];
     if (s.sample && k >= 0) {
-      const StepOutputs& o = h_out_[k];
-      if (o.token < 0 || o.token >= V)
-        throw std::runtime_error("the device sampler returned token id " + std::to_string(o.token) +
+      const int32_t token = ho.token[k];
+      if (token < 0 || token >= V)
+        throw std::runtime_error("the device sampler returned token id " + std::to_string(token) +
                                  " outside the vocabulary");
-      r.token = o.token;
+      r.token = token;
       if (s.sampling.logprobs) {
         r.has_logprob = true;
-        r.logprob = o.logprob;
+        r.logprob = ho.logprob[k];
         const int n = std::min({s.sampling.top_logprobs, kMaxTopLogprobs, V});
-        for (int j = 0; j < n; ++j) r.top.emplace_back(o.top_ids[j], o.top_lp[j]);
+        const size_t t0 = static_cast<size_t>(k) * kMaxTopLogprobs;
+        for (int j = 0; j < n; ++j) r.top.emplace_back(ho.top_ids[t0 + j], ho.top_lp[t0 + j]);
       }
     }
     if (s.want_logits && k >= 0) r.logits.assign(h_logits_ + k * Vs, h_logits_ + (k + 1) * Vs);

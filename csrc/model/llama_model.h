@@ -124,12 +124,28 @@ struct PassLayout {
   std::vector<PrefillSegment> segs;
 };
 
-// What a sampled row returns to the host.
+// What the sampled rows return to the host: one region of `rows` entries per
+// field, so the batched sampler launchers write each field in one launch.
+// Laid out in one buffer (device and pinned host alike): tokens, logprobs,
+// then the top-logprob lists ([rows, kMaxTopLogprobs] ids, then values).
 struct StepOutputs {
-  int32_t token;
-  float logprob;
-  int32_t top_ids[kMaxTopLogprobs];
-  float top_lp[kMaxTopLogprobs];
+  int32_t* token = nullptr;
+  float* logprob = nullptr;
+  int32_t* top_ids = nullptr;
+  float* top_lp = nullptr;
+
+  static size_t bytes(int rows) { return static_cast<size_t>(rows) * (8 + 8 * kMaxTopLogprobs); }
+  static size_t token_bytes(int rows) { return static_cast<size_t>(rows) * 4; }
+  static StepOutputs over(void* base, int rows) {
+    StepOutputs o;
+    char* p = static_cast<char*>(base);
+    const size_t R = static_cast<size_t>(rows);
+    o.token = reinterpret_cast<int32_t*>(p);
+    o.logprob = reinterpret_cast<float*>(p + 4 * R);
+    o.top_ids = reinterpret_cast<int32_t*>(p + 8 * R);
+    o.top_lp = reinterpret_cast<float*>(p + 8 * R + 4 * R * kMaxTopLogprobs);
+    return o;
+  }
 };
 
 class GpuModel : public Resource {
@@ -217,8 +233,8 @@ class GpuModel : public Resource {
   // many rows dequantize + GEMM in row slices.
   void lm_head(WorkerContext& ctx, const float* x, int count, float* logits);
   // Penalties, the token choice and logprobs of logits_ rows [0, rows) into
-  // d_out_ rows, each with its own slot / step / parameters (device arrays).
-  // The one place where the per-row launches would become batched ones.
+  // d_out_ rows, each with its own slot / step / parameters (device arrays):
+  // one batched launch per stage for the whole batch.
   void sample_rows(WorkerContext& ctx, int rows, int mode, const int32_t* slots, const int32_t* steps,
                    const SamplingParamsDevice* params);
   void decode_body(WorkerContext& ctx, const Bucket& b, int mode);
@@ -266,8 +282,6 @@ class GpuModel : public Resource {
   size_t wbuf_elems_ = 0;
   float* logits_ = nullptr;            // [logit_rows, vocab] raw logits
   float* work_logits_ = nullptr;       // [logit_rows, vocab] penalized copies the sampler reads
-  int32_t* row_present_ = nullptr;     // [logit_rows, vocab] penalty state of each sampled row's slot
-  int32_t* row_counts_ = nullptr;      // [logit_rows, vocab]
   float* rope_table_ = nullptr;        // [n_ctx, head_dim / 2, 2] cos, sin of pos * inv_freq
   float* attn_ws_ = nullptr;
   size_t attn_ws_bytes_ = 0;
@@ -282,8 +296,8 @@ class GpuModel : public Resource {
   char* h_gen_ = nullptr;
   size_t gen_bytes_ = 0;
   char* h_dec_ = nullptr;              // host staging of a bucket's input region (largest bucket)
-  StepOutputs* d_out_ = nullptr;       // [logit_rows]
-  StepOutputs* h_out_ = nullptr;
+  void* d_out_ = nullptr;              // StepOutputs of logit_rows rows
+  void* h_out_ = nullptr;              // pinned
   float* h_logits_ = nullptr;          // [logit_rows, vocab] pinned
 
   std::vector<Bucket> buckets_;        // ascending rows; the last holds slots_ rows
