@@ -209,3 +209,22 @@ def test_bad_arguments(tmp_models):
     assert not (tmp_models / "x.gguf").exists()
     with pytest.raises(ValueError, match="dtype"):
         write_synthetic_safetensors(tmp_models / "y", "smollm2-135m", "int8", progress=False, **SMALL)
+
+
+def test_llama3_2_1b_preset_has_the_real_shapes_and_count():
+    from helexa_native.loaders.validate import expected_shapes
+
+    c = preset_config("llama3.2-1b")
+    assert (c.arch, c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim) == (
+        "llama",
+        16,
+        2048,
+        8192,
+        32,
+        8,
+        64,
+    )
+    assert c.vocab_size == 128256 and c.tie_word_embeddings and c.rope_theta == 500000.0
+    total = sum(int(np.prod(s)) for s in expected_shapes(c).values())
+    # The model card's 1.24B parameters (tied embeddings, counted once), the rope factors aside.
+    assert int((total - 32) / 1e7) == 123

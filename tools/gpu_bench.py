@@ -20,7 +20,10 @@ import time
 import traceback
 from pathlib import Path
 
-DEFAULT_MODELS = "llama3-8b:Q4_K_M,llama3-8b:Q4_0,llama3-8b:Q8_0,llama3-8b:bf16,smollm2-135m:Q4_0,smollm2-135m:bf16"
+DEFAULT_MODELS = (
+    "llama3-8b:Q4_K_M,llama3-8b:Q4_0,llama3-8b:Q8_0,llama3-8b:bf16,"
+    "llama3.2-1b:bf16,llama3.2-1b:Q4_0,smollm2-135m:Q4_0,smollm2-135m:bf16"
+)
 
 
 def _args(argv):
