@@ -124,6 +124,51 @@ at::Tensor op_matvec(int64_t type, const at::Tensor& w, const at::Tensor& x, int
   return y;
 }
 
+// The tensor-core product of a batch: x bf16 [n_tok, k] (1..kTcMaxTokens rows),
+// its split-K workspace allocated here.
+at::Tensor op_matmul_tc(int64_t type, const at::Tensor& w, const at::Tensor& x, int64_t n_out, int64_t k,
+                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& y_accumulate) {
+  const GgmlType t = checked_type(type);
+  const int no = checked_int(n_out, "n_out", 1), kk = checked_int(k, "k", 1);
+  check_matvec_sizes(t, n_out, k);
+  HX_OP_CHECK(x.defined() && x.is_cuda(), "x must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto dev = x.device();
+  HX_OP_CHECK(w.defined() && w.device() == dev, "w must be on ", dev);
+  HX_OP_CHECK(x.scalar_type() == at::kBFloat16, "x must be bfloat16, got ", x.scalar_type());
+  HX_OP_CHECK(x.dim() >= 1 && x.size(-1) == k, "x must be [n_tok, k] with k=", k);
+  const int64_t ntok = x.numel() / k;
+  HX_OP_CHECK(ntok >= 1 && ntok <= kTcMaxTokens, "matmul_tc takes 1..", kTcMaxTokens, " tokens, got ", ntok);
+  const at::Tensor wc = checked_weights(w, t, no, kk);
+  const at::Tensor xc = ready(x);
+  at::Tensor bc;
+  if (bias && bias->defined()) {
+    HX_OP_CHECK(bias->device() == dev && bias->scalar_type() == at::kFloat && bias->numel() == n_out,
+                "bias must be float32 [n_out] on ", dev);
+    bc = bias->contiguous();
+  }
+  at::Tensor y;
+  const bool acc = y_accumulate && y_accumulate->defined();
+  if (acc) {
+    HX_OP_CHECK(y_accumulate->device() == dev && y_accumulate->scalar_type() == at::kFloat &&
+                    y_accumulate->numel() == ntok * n_out,
+                "y_accumulate must be float32 [n_tok, n_out] on ", dev);
+    y = y_accumulate->reshape({ntok, n_out}).clone(at::MemoryFormat::Contiguous);
+  } else {
+    y = at::full({ntok, n_out}, NAN, x.options().dtype(at::kFloat));
+  }
+  const size_t ws_bytes = matmul_tc_workspace_bytes(static_cast<int>(ntok), no, kk);
+  at::Tensor ws;
+  if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes / 4)}, x.options().dtype(at::kFloat));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  launch([&] {
+    matmul_tc_launch(t, wc.data_ptr(), reinterpret_cast<const __nv_bfloat16*>(xc.data_ptr()), y.data_ptr<float>(), no,
+                     kk, static_cast<int>(ntok), bc.defined() ? bc.data_ptr<float>() : nullptr, acc,
+                     ws.defined() ? ws.data_ptr<float>() : nullptr, ws_bytes, stream);
+  });
+  return y;
+}
+
 at::Tensor op_dequantize(int64_t type, const at::Tensor& w, int64_t n_out, int64_t k, bool bf16) {
   const GgmlType t = checked_type(type);
   const int no = checked_int(n_out, "n_out", 0), kk = checked_int(k, "k", 0);
@@ -203,6 +248,10 @@ TORCH_LIBRARY_FRAGMENT(helexa, m) {
       "matvec(int type, Tensor w_uint8, Tensor x_f32, int n_out, int k, Tensor? bias, Tensor? y_accumulate, "
       "bool int8=False, bool prequant=False) -> Tensor",
       &hx::op_matvec);
+  m.def(
+      "matmul_tc(int type, Tensor w_uint8, Tensor x_bf16, int n_out, int k, Tensor? bias, Tensor? y_accumulate) -> "
+      "Tensor",
+      &hx::op_matmul_tc);
   m.def("dequantize(int type, Tensor w_uint8, int n_out, int k, bool bf16) -> Tensor", &hx::op_dequantize);
   m.def(
       "matvec_out(int type, Tensor w_uint8, Tensor x_f32, Tensor(a!) y, int n_out, int k, Tensor? bias, "

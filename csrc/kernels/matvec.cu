@@ -17,6 +17,7 @@
 
 #include "common/arch.cuh"
 #include "common/check.h"
+#include "kernels/matmul_tc_impl.cuh"
 #include "kernels/matvec_impl.cuh"
 
 namespace hx {
@@ -109,6 +110,36 @@ __global__ void __launch_bounds__(256) quantize_x_kernel(const float* __restrict
 
 [[noreturn]] void bad(const std::string& what) { throw std::invalid_argument("matvec: " + what); }
 
+// y[t, i] = (accumulate ? y : 0) + bias[i] + sum_s part[s, t, i], splits in order.
+__global__ void __launch_bounds__(256) tc_reduce_kernel(const float* __restrict__ part, float* __restrict__ y,
+                                                     const float* __restrict__ bias, int splits, int ntok, int n_out,
+                                                     int accumulate) {
+  pdl_begin();
+  const size_t n = (size_t)ntok * n_out;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    float v = part[i];
+    for (int s = 1; s < splits; ++s) v += part[(size_t)s * n + i];
+    if (bias) v += bias[i % n_out];
+    if (accumulate) v += y[i];
+    y[i] = v;
+  }
+}
+
+// Split-K of a small-batch product: enough CTAs for two per SM where the row
+// tiles alone are fewer, each split at least two passes.
+struct TcSplit {
+  int splits, pass_per_split;
+};
+
+TcSplit tc_split(int n_out, int k, int sms) {
+  const int npass = (k + tc::kPass - 1) / tc::kPass;
+  const int tiles = (n_out + tc::kRows - 1) / tc::kRows;
+  int want = (2 * sms + tiles - 1) / tiles;
+  want = std::max(1, std::min({want, tc::kMaxSplits, npass / 2}));
+  const int per = (npass + want - 1) / want;
+  return {(npass + per - 1) / per, per};
+}
+
 }  // namespace
 
 namespace matvec {
@@ -126,6 +157,63 @@ void quantize_x_launch(const float* x, int ntok, int k, int terms, uint8_t* out,
 }
 
 }  // namespace matvec
+
+size_t matmul_tc_workspace_bytes(int n_tok, int n_out, int k) {
+  if (n_tok < 1 || n_out < 1 || k < 1) return 0;
+  const TcSplit sp = tc_split(n_out, k, device_sm_count(current_device()));
+  return sp.splits > 1 ? (size_t)sp.splits * n_tok * n_out * sizeof(float) : 0;
+}
+
+void matmul_tc_launch(GgmlType type, const void* w, const __nv_bfloat16* x, float* y, int n_out, int k, int n_tok,
+                      const float* bias, bool accumulate, float* workspace, size_t workspace_bytes,
+                      cudaStream_t stream) {
+  if (!is_supported(type)) bad("unsupported GGML type id " + std::to_string(static_cast<int>(type)));
+  if (n_tok < 1 || n_tok > kTcMaxTokens)
+    bad("tensor-core product: n_tok must be 1.." + std::to_string(kTcMaxTokens) + ", got " + std::to_string(n_tok));
+  if (n_out < 1 || k < 1) bad("n_out and k must be positive");
+  const int qk = block_elems(type);
+  if (k % qk != 0 || k % 8 != 0)
+    bad(std::string("tensor-core product: k=") + std::to_string(k) + " must be a multiple of 8 and of the " +
+        type_name(type) + " block size " + std::to_string(qk));
+  if (!w || !x || !y) bad("null pointer");
+  if (!aligned16(w) || !aligned16(x)) bad("tensor-core product: w and x must be 16-byte aligned");
+
+  const TcSplit sp = tc_split(n_out, k, device_sm_count(current_device()));
+  tc::Args a;
+  a.w = static_cast<const uint8_t*>(w);
+  a.x = x;
+  a.y = y;
+  a.bias = bias;
+  a.part = workspace;
+  a.row_bytes = row_bytes(type, k);
+  a.n_out = n_out;
+  a.k = k;
+  a.ntok = n_tok;
+  a.npass = (k + tc::kPass - 1) / tc::kPass;
+  a.splits = sp.splits;
+  a.pass_per_split = sp.pass_per_split;
+  a.accumulate = accumulate ? 1 : 0;
+  if (sp.splits > 1) {
+    const size_t need = (size_t)sp.splits * n_tok * n_out * sizeof(float);
+    if (workspace == nullptr || workspace_bytes < need)
+      bad("tensor-core product: workspace of " + std::to_string(workspace_bytes) + " bytes, need " +
+          std::to_string(need) + " (matmul_tc_workspace_bytes)");
+  }
+#define HX_CASE(T) \
+  case GgmlType::T: tc::run<GgmlType::T>(a, stream); break;
+  switch (type) {
+    HX_FOR_EACH_GGML_TYPE(HX_CASE)
+    default: bad("unsupported GGML type");
+  }
+#undef HX_CASE
+  if (sp.splits > 1) {
+    const size_t n = (size_t)n_tok * n_out;
+    const int blocks = (int)std::min<size_t>((n + 255) / 256, 4096);
+    launch_overlapped(tc_reduce_kernel, blocks, 256, 0, stream, static_cast<const float*>(workspace), y, bias,
+                      sp.splits, n_tok, n_out, a.accumulate);
+    HX_CUDA_CHECK(cudaGetLastError());
+  }
+}
 
 size_t matvec_x_scratch_bytes(int n_tok, int k) { return matvec::dp4a::smem_bytes(n_tok, k, matvec::dp4a::kMaxTerms); }
 

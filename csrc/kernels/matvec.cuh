@@ -2,6 +2,7 @@
 // up to kMatvecMaxTokens tokens, reading weights in their stored GGUF layout.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -45,6 +46,27 @@ struct MatvecOptions {
 void matvec_launch(GgmlType type, const void* w /*[n_out, k] stored rows*/, const float* x /*[n_tok, k]*/,
                    float* y /*[n_tok, n_out]*/, int n_out, int k, int n_tok /*1..kMatvecMaxTokens*/,
                    const float* bias /*[n_out] or nullptr*/, const MatvecOptions& options, cudaStream_t stream);
+
+// Most tokens one matmul_tc_launch handles.
+constexpr int kTcMaxTokens = 64;
+
+// The same product for a batch of tokens on tensor cores (matmul_tc_impl.cuh):
+// x in bf16, each weight block read once and decoded exactly (then rounded to
+// bf16), fp32 accumulation; y[t, i] (= or +=) sum_j W[i, j] x[t, j] (+ bias[i])
+// for t < n_tok. Every GGML type; k a multiple of 8 and of the block size;
+// w and x 16-byte aligned. Where the rows alone do not fill the GPU the k
+// range is split, and the splits are added in a fixed order from `workspace`
+// (matmul_tc_workspace_bytes(n_tok, n_out, k) bytes; nullptr when that is 0).
+// Capturable in a CUDA graph once the first launch of each token tile on the
+// device has run outside capture. Throws std::invalid_argument on bad
+// arguments.
+void matmul_tc_launch(GgmlType type, const void* w /*[n_out, k] stored rows*/, const __nv_bfloat16* x /*[n_tok, k]*/,
+                      float* y /*[n_tok, n_out]*/, int n_out, int k, int n_tok /*1..kTcMaxTokens*/,
+                      const float* bias /*[n_out] or nullptr*/, bool accumulate, float* workspace,
+                      size_t workspace_bytes, cudaStream_t stream);
+
+// Workspace bytes of one matmul_tc_launch on the current device (0: no split).
+size_t matmul_tc_workspace_bytes(int n_tok, int n_out, int k);
 
 // Bytes of the x_scratch buffer of one matvec_launch of n_tok tokens of k elements.
 size_t matvec_x_scratch_bytes(int n_tok, int k);

@@ -137,6 +137,7 @@ GpuModel::GpuModel(WorkerContext& ctx, const ModelSpec& spec, const std::vector<
   n_ctx_ = s.n_ctx;
   chunk_ = std::max(1, std::min(s.prefill_chunk > 0 ? s.prefill_chunk : 512, n_ctx_));
   slots_ = s.max_num_seqs + 1;
+  if (const char* v = std::getenv("HELEXA_TC_MIN")) tc_min_ = std::max(2, std::atoi(v));
   logit_rows_ = std::max(slots_, kMatvecMaxTokens);
   rows_cap_ = std::max(chunk_, logit_rows_);
   while ((1 << bshift_) < s.block_size) ++bshift_;
@@ -375,6 +376,18 @@ void GpuModel::alloc_state() {
       x_scratch_ = dev_alloc(matvec_x_scratch_bytes(kMatvecMaxTokens, static_cast<int>(widest)), sc);
   }
   if (wbuf_elems_ > 0) wbuf_ = static_cast<__nv_bfloat16*>(dev_alloc(wbuf_elems_ * 2, sc));
+  if (tc_min_ <= kTcMaxTokens) {
+    // Split-K partials of the largest small-batch product.
+    const int shapes[][2] = {{q_size_, static_cast<int>(h)},
+                             {kv_size_, static_cast<int>(h)},
+                             {static_cast<int>(h), q_size_},
+                             {static_cast<int>(f), static_cast<int>(h)},
+                             {static_cast<int>(h), static_cast<int>(f)},
+                             {static_cast<int>(V), static_cast<int>(h)}};
+    for (const auto& sh : shapes)
+      tc_ws_bytes_ = std::max(tc_ws_bytes_, matmul_tc_workspace_bytes(kTcMaxTokens, sh[0], sh[1]));
+    if (tc_ws_bytes_ > 0) tc_ws_ = static_cast<float*>(dev_alloc(tc_ws_bytes_, sc));
+  }
   logits_ = static_cast<float*>(dev_alloc(LR * V * 4, sc));
   work_logits_ = static_cast<float*>(dev_alloc(LR * V * 4, sc));
   // The decode attention's split count depends on the batch: size the
@@ -656,6 +669,10 @@ void GpuModel::linear(WorkerContext& ctx, const LinearWeight& w, const float* x_
     matvec_launch(w.type, w.data, x_f32, y, w.n_out, w.k, n, bias, matvec_options(w, accumulate), st);
     return;
   }
+  if (tc_for(n)) {
+    matmul_tc_launch(w.type, w.data, x_bf16, y, w.n_out, w.k, n, bias, accumulate, tc_ws_, tc_ws_bytes_, st);
+    return;
+  }
   const __nv_bfloat16* wb = nullptr;
   dequantize_for_gemm(ctx, w, &wb);
   gemm_bf16_xwT(ctx.cublas(), x_bf16, wb, y, n, w.n_out, w.k, accumulate, st);
@@ -668,7 +685,7 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
   const int n = pl.n;
   const int h = s.hidden, d = s.head_dim, nq = s.heads, nk = s.kv_heads, f = s.intermediate;
   const float eps = s.eps;
-  const bool small = n <= kMatvecMaxTokens;
+  const bool small = small_for(n);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
 
   float* q = qkv_;
@@ -688,6 +705,10 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
     if (n == 1 && L.qkv_fused) {
       // q, k and v blocks are adjacent for one token: one launch fills all three.
       matvec_launch(L.qkv.type, L.qkv.data, xn_, q, qkv_size_, h, 1, L.b_qkv, matvec_options(L.qkv, false), st);
+    } else if (L.qkv_fused && tc_for(n)) {
+      linear(ctx, L.qkv.rows(0, q_size_), xn_, xb_, q, n, bq, false, false);
+      linear(ctx, L.qkv.rows(q_size_, kv_size_), xn_, xb_, k, n, bk, false, false);
+      linear(ctx, L.qkv.rows(q_size_ + kv_size_, kv_size_), xn_, xb_, v, n, bv, false, false);
     } else if (!small && L.qkv_fused) {
       const __nv_bfloat16* wb = nullptr;
       dequantize_for_gemm(ctx, L.qkv, &wb);
@@ -727,6 +748,9 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
     if (n == 1 && L.gate_up_fused) {
       matvec_launch(L.gate_up.type, L.gate_up.data, xn_, gate, 2 * f, h, 1, nullptr, matvec_options(L.gate_up, false),
                     st);
+    } else if (L.gate_up_fused && tc_for(n)) {
+      linear(ctx, L.gate_up.rows(0, f), xn_, xb_, gate, n, nullptr, false, false);
+      linear(ctx, L.gate_up.rows(f, f), xn_, xb_, up, n, nullptr, false, false);
     } else if (!small && L.gate_up_fused) {
       const __nv_bfloat16* wb = nullptr;
       dequantize_for_gemm(ctx, L.gate_up, &wb);
@@ -749,6 +773,11 @@ void GpuModel::lm_head(WorkerContext& ctx, const float* x, int count, float* log
   // A quantized LM head is read once per group of kMatvecMaxTokens rows by
   // the matvec, or dequantized once (about 4x its stored bytes of traffic)
   // for a GEMM: up to 4 groups the matvec moves less.
+  if (tc_for(count)) {
+    add_rms_norm_launch(rows, nullptr, output_norm_, spec_.eps, nullptr, xb_, count, h, st);
+    matmul_tc_launch(output_.type, output_.data, xb_, logits, V, h, count, nullptr, false, tc_ws_, tc_ws_bytes_, st);
+    return;
+  }
   if (count <= kMatvecMaxTokens || (!bf16 && count <= 4 * kMatvecMaxTokens)) {
     add_rms_norm_launch(rows, nullptr, output_norm_, spec_.eps, xn_, nullptr, count, h, st);
     for (int g = 0; g < count; g += kMatvecMaxTokens) {

@@ -225,6 +225,11 @@ class GpuModel : public Resource {
     }
     return false;
   }
+  // Batches of n tokens: the fp32 matvec below tc_min_ tokens (up to
+  // kMatvecMaxTokens), the tensor-core product from tc_min_ to kTcMaxTokens,
+  // dequantize + cuBLAS above.
+  bool small_for(int n) const { return n <= kMatvecMaxTokens && n < tc_min_; }
+  bool tc_for(int n) const { return n >= tc_min_ && n <= kTcMaxTokens; }
   // The decode matvec's options over weight w: int8_for, two int8 terms, the
   // weights read as static, the shared x scratch.
   MatvecOptions matvec_options(const LinearWeight& w, bool accumulate) const;
@@ -257,6 +262,7 @@ class GpuModel : public Resource {
   int stage_rows_ = 0;                 // token rows the general staging holds at once
   size_t pen_cap_ = 0;                 // penalty tokens the penalty staging holds at once
   bool use_graphs_ = true;
+  int tc_min_ = 2;                     // fewest tokens of a tensor-core product (HELEXA_TC_MIN; > 64: never)
 
   std::vector<void*> dev_buffers_;
   std::vector<void*> host_buffers_;
@@ -280,6 +286,8 @@ class GpuModel : public Resource {
   void* x_scratch_ = nullptr;          // int8 activations of one small-batch matvec (matvec_x_scratch_bytes)
   __nv_bfloat16* wbuf_ = nullptr;      // dequantized weight for one GEMM (largest matrix or LM head slice)
   size_t wbuf_elems_ = 0;
+  float* tc_ws_ = nullptr;             // split-K partials of the tensor-core products
+  size_t tc_ws_bytes_ = 0;
   float* logits_ = nullptr;            // [logit_rows, vocab] raw logits
   float* work_logits_ = nullptr;       // [logit_rows, vocab] penalized copies the sampler reads
   float* rope_table_ = nullptr;        // [n_ctx, head_dim / 2, 2] cos, sin of pos * inv_freq

@@ -1,4 +1,4 @@
-"""GPU tests of the weight-reading kernels: torch.ops.helexa.matvec / dequantize.
+"""GPU tests of the weight-reading kernels: torch.ops.helexa.matvec / matmul_tc / dequantize.
 
 Weights are random raw GGUF blocks (random bytes with finite fp16 scale
 fields) or random float rows; the reference is the gguf package's own
@@ -251,6 +251,73 @@ def test_matvec_in_cuda_graph(ops, rng):
         g.replay()
         torch.cuda.synchronize()
         check_matvec(y, ref, x_seen_by("Q6_K", x), None, TOLERANCE["Q6_K"], f"graph replay seed={rng.seed_value}")
+
+
+# ---------------------------------------------------------------- tensor-core product (2..64 tokens)
+
+# The kernel rounds each decoded weight and takes x as bf16: the exact
+# reference is the float64 product of those bf16 values, which fp32
+# accumulation of exact bf16 x bf16 products matches to a few ulps.
+TC_TOLERANCE = 1e-5
+
+
+def bf16_values(a: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(torch.bfloat16).float().numpy()
+
+
+def tc_cases(name: str) -> list[tuple[int, int]]:
+    qk = max(qk_of(name), 8)
+    cases = [(64, 4096 + 256), (1000, 3 * 256), (4096, 1024)]  # split-K, partial row tile, many tiles
+    if qk == 32:
+        cases += [(200, 9 * 32), (70, 4096 + 96)]  # rows ending inside a 256-element pass
+    if name in FLOAT_TYPES:
+        cases += [(130, 3 * 256 + 8)]
+    return cases
+
+
+@pytest.mark.parametrize("n_tok", [2, 8, 9, 33, 64])
+@pytest.mark.parametrize("name,n_out,k", [(name, n, k) for name in TYPES for n, k in tc_cases(name)])
+def test_matmul_tc_matches_gguf_reference(ops, rng, name, n_out, k, n_tok):
+    raw, ref = make_weights(name, n_out, k, rng)
+    x = bf16_values(rng.standard_normal((n_tok, k)))
+    x_d = torch.from_numpy(x).to(torch.bfloat16).to(DEV)
+    y = ops.matmul_tc(TYPES[name][0], torch.from_numpy(raw).to(DEV), x_d, n_out, k, None, None)
+    tag = f"{name} n_out={n_out} k={k} n_tok={n_tok} seed={rng.seed_value}"
+    check_matvec(y, bf16_values(ref), x, None, TC_TOLERANCE, tag)
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q6_K", "BF16"])
+@pytest.mark.parametrize("n_out,k", [(96, 4096), (4096, 512)])  # with and without split-K
+def test_matmul_tc_bias_and_accumulate(ops, rng, name, n_out, k):
+    n_tok = 12
+    raw, ref = make_weights(name, n_out, k, rng)
+    x = bf16_values(rng.standard_normal((n_tok, k)))
+    bias = rng.standard_normal(n_out).astype(np.float32)
+    y0 = rng.standard_normal((n_tok, n_out)).astype(np.float32)
+    w_d, x_d = torch.from_numpy(raw).to(DEV), torch.from_numpy(x).to(torch.bfloat16).to(DEV)
+    b_d, y0_d = torch.from_numpy(bias).to(DEV), torch.from_numpy(y0).to(DEV)
+    tid, wb, tag = TYPES[name][0], bf16_values(ref), f"{name} {n_out}x{k} seed={rng.seed_value}"
+    y = ops.matmul_tc(tid, w_d, x_d, n_out, k, b_d, y0_d)
+    check_matvec(y, wb, x, y0.astype(np.float64) + bias, TC_TOLERANCE, tag + " bias+accumulate")
+    assert torch.equal(y0_d.cpu(), torch.from_numpy(y0)), "y_accumulate must not be modified"
+
+
+def test_matmul_tc_is_deterministic(ops, rng):
+    # Split-K partials are added in a fixed order: the same inputs give the same bits.
+    raw, _ = make_weights("Q4_K", 128, 14336, rng)
+    w_d = torch.from_numpy(raw).to(DEV)
+    x_d = torch.from_numpy(bf16_values(rng.standard_normal((32, 14336)))).to(torch.bfloat16).to(DEV)
+    first = ops.matmul_tc(12, w_d, x_d, 128, 14336, None, None)
+    for _ in range(3):
+        assert torch.equal(ops.matmul_tc(12, w_d, x_d, 128, 14336, None, None), first)
+
+
+def test_matmul_tc_rejects_bad_arguments(ops):
+    w = torch.zeros(256 // 32 * 18 * 4, dtype=torch.uint8, device=DEV)
+    with pytest.raises(RuntimeError, match="1..64 tokens"):
+        ops.matmul_tc(2, w, torch.zeros(65, 256, dtype=torch.bfloat16, device=DEV), 4, 256, None, None)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ops.matmul_tc(2, w, torch.zeros(2, 256, device=DEV), 4, 256, None, None)
 
 
 _BAD_ARGUMENT_CALLS = """
