@@ -170,6 +170,7 @@ def bench_concurrency(
     decode_tokens: int = 128,
     seed: int = 0,
     warmup: bool = True,
+    response_format: Optional[dict] = None,
 ) -> list:
     """N concurrent streams, each its own random prompt then decode_tokens tokens, for each N.
 
@@ -177,7 +178,10 @@ def bench_concurrency(
     the last stream's first token over that window), tokens over the whole
     wall time, per-stream inter-token latency p50/p99 and time to first
     token p50/p99. Greedy, EOS ignored, prefix cache defeated by distinct
-    random prompts.
+    random prompts. response_format (e.g. {"type": "json_object"}) constrains
+    every stream (its grammar is compiled during the warm-up); a stream whose
+    output completes the grammar ends there, so generated_tokens may fall
+    short of N x decode_tokens.
     """
     import threading
 
@@ -200,13 +204,26 @@ def bench_concurrency(
             max_tokens=4,
             ignore_eos=True,
         )
+        if response_format is not None:
+            engine.generate(
+                torch.randint(0, vocab, (prompt_tokens,), generator=gen).tolist(),
+                response_format=response_format,
+                temperature=0,
+                max_tokens=4,
+                ignore_eos=True,
+            )
     for n in concurrency:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"concurrency values must be positive integers, got {n!r}")
         prompts = [torch.randint(0, vocab, (prompt_tokens,), generator=gen).tolist() for _ in range(n)]
         stamps = [[] for _ in range(n)]
         t0 = time.perf_counter()
-        streams = [engine.generate_stream(p, temperature=0, max_tokens=decode_tokens, ignore_eos=True) for p in prompts]
+        streams = [
+            engine.generate_stream(
+                p, response_format=response_format, temperature=0, max_tokens=decode_tokens, ignore_eos=True
+            )
+            for p in prompts
+        ]
 
         threads = [threading.Thread(target=_stamp_stream, args=(s, st)) for s, st in zip(streams, stamps)]
         for t in threads:

@@ -847,7 +847,7 @@ class Engine:
         """
         import torch
 
-        from .embeddings import check_pooling, pool
+        from .embeddings import check_pooling
         from .embeddings import normalize as l2_normalize
 
         seqs = self.embedding_inputs(inputs)
@@ -862,8 +862,8 @@ class Engine:
         for s in seqs:
             if len(s) > self.n_ctx:
                 raise ContextLengthError(f"an input has {len(s)} tokens but the context holds {self.n_ctx}")
-        states = self._live().hidden_states(seqs)
-        vecs = torch.stack([pool(h, mode) for h in states]).float()
+        states = self._live().hidden_states(seqs, pooling=mode)
+        vecs = torch.cat(states).float()
         if dimensions is not None:
             vecs = vecs[:, :dimensions]
         return l2_normalize(vecs) if normalize else vecs

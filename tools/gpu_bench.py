@@ -1,6 +1,7 @@
 """Benchmark synthetic models on the GPU: each model is written once, loaded once, then timed at several depths.
 
     python3 tools/gpu_bench.py --models llama3-8b:Q4_K_M,smollm2-135m:bf16 --json bench.json
+    python3 tools/gpu_bench.py --models llama3-8b:Q4_K_M --depths 0 --structured 1,32 --json so.json
 
 Timing is helexa_native.bench.bench_engine's (warm-up, medians of repeats,
 greedy decode through Backend.step); this driver only saves the repeated
@@ -47,9 +48,35 @@ def _args(argv):
         help="also run N concurrent streams for each N of this comma-separated list "
         "(bench --concurrency: aggregate decode tok/s, ITL, TTFT); empty: skip",
     )
+    p.add_argument(
+        "--structured",
+        default="",
+        help="also time N concurrent greedy streams with response_format json_object against the "
+        "same streams unconstrained, for each N of this comma-separated list (the structured-"
+        "output overhead: 1 - constrained / plain aggregate decode tok/s); empty: skip",
+    )
     p.add_argument("--workdir", default=None, help="where synthetic models are written (default: a temp dir)")
     p.add_argument("--json", dest="json_file", required=True, help="output JSON file")
     return p.parse_args(argv)
+
+
+def _structured_overhead(eng, n: int, prompt_tokens: int, decode_tokens: int) -> dict:
+    """N greedy streams unconstrained, then the same with response_format json_object (bench_concurrency)."""
+    from helexa_native.bench import bench_concurrency
+
+    plain = bench_concurrency(eng, [n], prompt_tokens, decode_tokens, warmup=True)[0]
+    constrained = bench_concurrency(
+        eng, [n], prompt_tokens, decode_tokens, warmup=True, response_format={"type": "json_object"}
+    )[0]
+    p, c = plain["aggregate_decode_tokens_per_s"], constrained["aggregate_decode_tokens_per_s"]
+    return {
+        "concurrency": n,
+        "plain": plain,
+        "constrained": constrained,
+        "plain_tokens_per_s": p,
+        "constrained_tokens_per_s": c,
+        "overhead": 1.0 - c / p if p > 0 else 0.0,
+    }
 
 
 def main(argv=None) -> int:
@@ -117,6 +144,21 @@ def main(argv=None) -> int:
                             f"{spec}: N={n}: aggregate decode {row['aggregate_decode_tokens_per_s']:.0f} tok/s, "
                             f"ITL p50 {row['itl_ms_p50']:.2f} ms p99 {row['itl_ms_p99']:.2f} ms, "
                             f"TTFT p50 {row['ttft_ms_p50']:.0f} ms",
+                            flush=True,
+                        )
+                        save()
+                levels = [int(x) for x in a.structured.split(",") if x.strip()]
+                if levels:
+                    entry["structured"] = []
+                    for n in levels:
+                        row = _structured_overhead(eng, n, a.prompt_tokens, a.decode_tokens)
+                        entry["structured"].append(row)
+                        print(
+                            f"{spec}: N={n}: json_object decode {row['constrained_tokens_per_s']:.0f} tok/s "
+                            f"vs {row['plain_tokens_per_s']:.0f} tok/s plain: overhead "
+                            f"{100 * row['overhead']:.1f}% (ITL p50 {row['constrained']['itl_ms_p50']:.2f} "
+                            f"vs {row['plain']['itl_ms_p50']:.2f} ms; {row['constrained']['generated_tokens']} "
+                            f"of {n * a.decode_tokens} tokens generated constrained)",
                             flush=True,
                         )
                         save()

@@ -1,6 +1,6 @@
 // Python side of the GPU model: `_C.GpuModelHandle`, a handle to the GpuModel
 // (llama_model.h) living in a device worker's slab, plus the small value types
-// its calls take (ModelSpec, StepSampling, PenaltyUpdate, SeqInput).
+// its calls take (ModelSpec, StepSampling, PenaltyUpdate, SeqInput, HiddenPooling).
 //
 // Every method submits one job and waits for it with the GIL released; the
 // worker thread does all CUDA work. Without CUDA this file binds nothing, and
@@ -11,6 +11,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -24,6 +25,17 @@ namespace py = pybind11;
 
 namespace hx {
 namespace {
+
+// A 1-D buffer (numpy array, anything with the buffer protocol; None: empty)
+// as a vector of T, converted when its dtype differs.
+template <class T>
+std::vector<T> vector_of(const py::object& obj, const char* name) {
+  if (obj.is_none()) return {};
+  auto arr = py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(obj);
+  if (!arr) throw py::type_error(std::string(name) + " must be a 1-D array of numbers or None");
+  if (arr.ndim() != 1) throw py::value_error(std::string(name) + " must be 1-D");
+  return std::vector<T>(arr.data(), arr.data() + arr.size());
+}
 
 class GpuModelHandle {
  public:
@@ -65,6 +77,7 @@ class GpuModelHandle {
     bytes_ = r.bytes;
     load_seconds_ = r.seconds;
     vocab_ = spec.vocab;
+    hidden_ = spec.hidden;
   }
 
   ~GpuModelHandle() {
@@ -111,6 +124,25 @@ class GpuModelHandle {
                                       : std::vector<py::ssize_t>{vocab_});
     std::copy(out.begin(), out.end(), arr.mutable_data());
     return arr;
+  }
+
+  // [rows, hidden] float32 per sequence (rows: its length for All, else 1).
+  py::list hidden_states(const std::vector<std::vector<int32_t>>& tokens,
+                         const std::vector<std::vector<int32_t>>& block_tables, HiddenPooling pooling) {
+    const int64_t h = live();
+    std::vector<std::vector<float>> rows;
+    {
+      py::gil_scoped_release nogil;
+      rows = model_hidden_states(*worker_, h, tokens, block_tables, pooling);
+    }
+    py::list out;
+    for (const auto& r : rows) {
+      py::array_t<float> arr(
+          std::vector<py::ssize_t>{static_cast<py::ssize_t>(r.size()) / std::max<py::ssize_t>(hidden_, 1), hidden_});
+      std::copy(r.begin(), r.end(), arr.mutable_data());
+      out.append(arr);
+    }
+    return out;
   }
 
   void set_graphs(bool enabled) {
@@ -173,6 +205,7 @@ class GpuModelHandle {
   size_t bytes_ = 0;
   double load_seconds_ = 0.0;
   py::ssize_t vocab_ = 0;
+  py::ssize_t hidden_ = 0;
 };
 
 }  // namespace
@@ -235,7 +268,8 @@ void bind_model(py::module_& m) {
 
   py::class_<SeqInput>(m, "SeqInput", "One sequence's share of a batched step")
       .def(py::init([](std::vector<int32_t> tokens, int start_pos, std::vector<int32_t> block_table, int slot,
-                       bool sample, const StepSampling& sampling, const PenaltyUpdate& penalties, bool want_logits) {
+                       bool sample, const StepSampling& sampling, const PenaltyUpdate& penalties, bool want_logits,
+                       const py::object& allowed, const py::object& bias_ids, const py::object& bias_values) {
              SeqInput s;
              s.tokens = std::move(tokens);
              s.start_pos = start_pos;
@@ -245,10 +279,16 @@ void bind_model(py::module_& m) {
              s.sampling = sampling;
              s.penalties = penalties;
              s.want_logits = want_logits;
+             s.allowed = vector_of<int32_t>(allowed, "allowed");
+             s.bias_ids = vector_of<int32_t>(bias_ids, "bias_ids");
+             s.bias_values = vector_of<float>(bias_values, "bias_values");
              return s;
            }),
            py::arg("tokens"), py::arg("start_pos"), py::arg("block_table"), py::arg("slot"), py::arg("sample"),
-           py::arg("sampling"), py::arg("penalties"), py::arg("want_logits") = false)
+           py::arg("sampling"), py::arg("penalties"), py::arg("want_logits") = false, py::arg("allowed") = py::none(),
+           py::arg("bias_ids") = py::none(), py::arg("bias_values") = py::none(),
+           "allowed: an int32 token bitmask of ceil(vocab / 32) words (None: every token); bias_ids / "
+           "bias_values: logit_bias as distinct token ids and their values (None: none)")
       .def_readwrite("tokens", &SeqInput::tokens)
       .def_readwrite("start_pos", &SeqInput::start_pos)
       .def_readwrite("block_table", &SeqInput::block_table)
@@ -256,7 +296,16 @@ void bind_model(py::module_& m) {
       .def_readwrite("sample", &SeqInput::sample)
       .def_readwrite("sampling", &SeqInput::sampling)
       .def_readwrite("penalties", &SeqInput::penalties)
-      .def_readwrite("want_logits", &SeqInput::want_logits);
+      .def_readwrite("want_logits", &SeqInput::want_logits)
+      .def_readwrite("allowed", &SeqInput::allowed)
+      .def_readwrite("bias_ids", &SeqInput::bias_ids)
+      .def_readwrite("bias_values", &SeqInput::bias_values);
+
+  py::enum_<HiddenPooling>(m, "HiddenPooling", "Which final hidden rows GpuModelHandle.hidden_states returns")
+      .value("All", HiddenPooling::All, "every row")
+      .value("Last", HiddenPooling::Last, "the last row")
+      .value("First", HiddenPooling::First, "the first row")
+      .value("Mean", HiddenPooling::Mean, "the mean of the rows");
 
   py::class_<GpuModelHandle>(m, "GpuModelHandle", "A llama-family model resident on one device worker (hx::GpuModel)")
       .def(py::init<int, const ModelSpec&, const py::list&>(), py::arg("device_index"), py::arg("spec"),
@@ -270,6 +319,10 @@ void bind_model(py::module_& m) {
       .def("forward_logits", &GpuModelHandle::forward_logits, py::arg("tokens"), py::arg("start_pos"),
            py::arg("block_table"), py::arg("all_logits") = false,
            "One sequence through its block table: float32 logits [vocab] or [n, vocab]")
+      .def("hidden_states", &GpuModelHandle::hidden_states, py::arg("tokens"), py::arg("block_tables"),
+           py::arg("pooling"),
+           "Final hidden states (after the output norm) of token sequences run from position 0 through their "
+           "block tables: float32 [rows, hidden] per sequence")
       .def("set_graphs", &GpuModelHandle::set_graphs, py::arg("enabled"))
       .def("memory", &GpuModelHandle::memory)
       .def("close", &GpuModelHandle::close)

@@ -24,12 +24,14 @@
 #include "kernels/attention_decode.cuh"
 #include "kernels/attention_prefill.cuh"
 #include "kernels/cast.cuh"
+#include "kernels/constrain.cuh"
 #include "kernels/embedding.cuh"
 #include "kernels/kv_cache.cuh"
 #include "kernels/penalty_slots.cuh"
 #include "kernels/rms_norm.cuh"
 #include "kernels/rope.cuh"
 #include "kernels/sampling.cuh"
+#include "kernels/sum_rows.cuh"
 #include "kernels/swiglu.cuh"
 
 namespace hx {
@@ -525,6 +527,44 @@ void op_logprobs_batch(const at::Tensor& logits, int64_t top_n, const at::Tensor
                         stream_of(logits));
 }
 
+void op_constrain_batch(const at::Tensor& logits, at::Tensor& out, const at::Tensor& rows, const at::Tensor& data) {
+  const c10::cuda::CUDAGuard guard(cuda_device(logits, "logits"));
+  const auto dev = logits.device();
+  const auto [B, vocab] = logits_rows(logits, dev);
+  check_tensor(out, "out", at::kFloat, dev);
+  HX_OP_CHECK(out.sizes() == logits.sizes(), "out must match logits");
+  check_tensor(rows, "rows", at::kInt, dev);
+  HX_OP_CHECK(rows.numel() == static_cast<int64_t>(B) * kConstrainDescInts, "rows must be [B, ", kConstrainDescInts,
+              "]");
+  check_tensor(data, "data", at::kInt, dev);
+  // Descriptors are read on the device; check them here so a bad one fails as an argument error.
+  const at::Tensor desc = rows.to(at::kCPU);
+  const int32_t* d = desc.data_ptr<int32_t>();
+  const int64_t words = data.numel(), mask_words = constrain_mask_words(vocab);
+  for (int b = 0; b < B; ++b) {
+    const int64_t mask_off = d[kConstrainDescInts * b], bias_off = d[kConstrainDescInts * b + 1],
+                  bias_n = d[kConstrainDescInts * b + 2];
+    HX_OP_CHECK(mask_off == -1 || (mask_off >= 0 && mask_off + mask_words <= words), "row ", b,
+                ": the mask lies outside data");
+    HX_OP_CHECK(bias_n >= 0 && (bias_n == 0 || (bias_off >= 0 && bias_off + 2 * bias_n <= words)), "row ", b,
+                ": the bias list lies outside data");
+  }
+  if (B == 0) return;
+  constrain_batch_launch(logits.data_ptr<float>(), out.data_ptr<float>(), B, vocab, rows.data_ptr<int32_t>(),
+                         data.data_ptr<int32_t>(), stream_of(logits));
+}
+
+void op_sum_rows(const at::Tensor& src, at::Tensor& dst, bool accumulate) {
+  const c10::cuda::CUDAGuard guard(cuda_device(src, "src"));
+  const auto dev = src.device();
+  check_tensor(src, "src", at::kFloat, dev);
+  check_tensor(dst, "dst", at::kFloat, dev);
+  HX_OP_CHECK(src.dim() == 2, "src must be [n, h]");
+  HX_OP_CHECK(dst.numel() == src.size(1), "dst must have h elements");
+  sum_rows_launch(src.data_ptr<float>(), as_int(src.size(0), "n"), as_int(src.size(1), "h"), dst.data_ptr<float>(),
+                  accumulate, stream_of(src));
+}
+
 }  // namespace
 }  // namespace hx
 
@@ -582,4 +622,6 @@ TORCH_LIBRARY_FRAGMENT(helexa, m) {
       "logprobs_batch(Tensor logits, int top_n, Tensor tokens, Tensor(a!) out_logprob, Tensor(b!) out_top_ids, "
       "Tensor(c!) out_top_lp) -> ()",
       &hx::op_logprobs_batch);
+  m.def("constrain_batch(Tensor logits, Tensor(a!) out, Tensor rows, Tensor data) -> ()", &hx::op_constrain_batch);
+  m.def("sum_rows(Tensor src, Tensor(a!) dst, bool accumulate) -> ()", &hx::op_sum_rows);
 }

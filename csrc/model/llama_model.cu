@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -18,6 +19,7 @@
 #include "kernels/attention_prefill.cuh"
 #include "kernels/bias.cuh"
 #include "kernels/cast.cuh"
+#include "kernels/constrain.cuh"
 #include "kernels/dequant.cuh"
 #include "kernels/embedding.cuh"
 #include "kernels/gather_rows.cuh"
@@ -25,6 +27,7 @@
 #include "kernels/penalty_state.cuh"
 #include "kernels/rms_norm.cuh"
 #include "kernels/rope.cuh"
+#include "kernels/sum_rows.cuh"
 #include "kernels/swiglu.cuh"
 #include "model/gemm.h"
 
@@ -145,6 +148,7 @@ GpuModel::GpuModel(WorkerContext& ctx, const ModelSpec& spec, const std::vector<
   if (static_cast<int64_t>(max_blocks_) * s.block_size > INT32_MAX) bad_model("n_ctx is too large");
   stage_rows_ = std::max(chunk_, n_ctx_);
   pen_cap_ = static_cast<size_t>(n_ctx_) + 1024;
+  mask_words_ = constrain_mask_words(s.vocab);
   use_graphs_ = s.use_graphs;
   try {
     load_weights(ctx, tensors);
@@ -415,6 +419,7 @@ void GpuModel::alloc_state() {
     p.take<int32_t>(S);                                   // steps
     p.take<SamplingParamsDevice>(S);                           // parameters
     p.take<int32_t>(S);                                   // LM-head rows
+    p.take<int32_t>(S * kConstrainDescInts);              // constraint descriptors
     p.take<int32_t>(S * static_cast<size_t>(max_blocks_));  // block tables
     p.take<int32_t>(stage_rows_);                         // tokens
     p.take<int32_t>(stage_rows_);                         // positions
@@ -437,6 +442,12 @@ void GpuModel::alloc_state() {
   }
   h_dec_ = static_cast<char*>(host_alloc(largest));
 
+  // Constraint data: room for a mask and a few hundred biased tokens per
+  // slot; a step that needs more grows it (reserve_constraints).
+  alloc_constraints(S * (static_cast<size_t>(mask_words_) + 2 * 256));
+  d_pool_ = static_cast<float*>(dev_alloc(S * h * 4, sc));
+  h_pool_ = static_cast<float*>(host_alloc(S * h * 4));
+
   d_out_ = dev_alloc(StepOutputs::bytes(logit_rows_), sc);
   h_out_ = host_alloc(StepOutputs::bytes(logit_rows_));
   h_logits_ = static_cast<float*>(host_alloc(LR * V * 4));
@@ -448,6 +459,7 @@ size_t GpuModel::row_layout(char* base, int rows, int stride, RowInputs* out, si
   const size_t tokens = p.take<int32_t>(n), pos = p.take<int32_t>(n), slot_pos = p.take<int32_t>(n);
   const size_t seq_lens = p.take<int32_t>(n), slots = p.take<int32_t>(n), steps = p.take<int32_t>(n);
   const size_t params = p.take<SamplingParamsDevice>(n);
+  const size_t cons = p.take<int32_t>(n * kConstrainDescInts);
   const size_t tables = p.take<int32_t>(n * static_cast<size_t>(stride));
   if (out != nullptr && base != nullptr) {
     out->tokens = at<int32_t>(base, tokens);
@@ -457,6 +469,7 @@ size_t GpuModel::row_layout(char* base, int rows, int stride, RowInputs* out, si
     out->slots = at<int32_t>(base, slots);
     out->steps = at<int32_t>(base, steps);
     out->params = at<SamplingParamsDevice>(base, params);
+    out->cons = at<int32_t>(base, cons);
     out->tables = at<int32_t>(base, tables);
     out->stride = stride;
   }
@@ -532,6 +545,7 @@ void GpuModel::validate(const std::vector<SeqInput>& seqs) const {
     throw std::invalid_argument("a step holds at most " + std::to_string(slots_) +
                                 " sequences (max_num_seqs + 1), got " + std::to_string(seqs.size()));
   std::vector<char> seen(static_cast<size_t>(slots_), 0);
+  size_t cons_words = 0;
   for (size_t i = 0; i < seqs.size(); ++i) {
     const SeqInput& s = seqs[i];
     const std::string who = "sequence " + std::to_string(i) + ": ";
@@ -562,7 +576,41 @@ void GpuModel::validate(const std::vector<SeqInput>& seqs) const {
                                     std::to_string(num_blocks_) + " blocks");
     if (s.sample && s.sampling.logprobs && (s.sampling.top_logprobs < 0 || s.sampling.top_logprobs > kMaxTopLogprobs))
       throw std::invalid_argument(who + "top_logprobs must be in [0, " + std::to_string(kMaxTopLogprobs) + "]");
+    if (s.sample) cons_words += validate_constraints(s, who);
   }
+  // Offsets into the constraint data are int32.
+  if (cons_words > static_cast<size_t>(INT32_MAX))
+    throw std::invalid_argument("the step's token masks and logit_bias lists hold " + std::to_string(cons_words) +
+                                " words, more than 2^31 - 1");
+}
+
+size_t GpuModel::validate_constraints(const SeqInput& s, const std::string& who) const {
+  size_t words = 0;
+  if (!s.allowed.empty()) {
+    if (s.allowed.size() < static_cast<size_t>(mask_words_))
+      throw std::invalid_argument(who + "the token mask holds " + std::to_string(s.allowed.size()) +
+                                  " words; a vocabulary of " + std::to_string(spec_.vocab) + " needs " +
+                                  std::to_string(mask_words_));
+    words += mask_words_;
+  }
+  const size_t nb = s.bias_ids.size();
+  if (s.bias_values.size() != nb)
+    throw std::invalid_argument(who + "logit_bias has " + std::to_string(nb) + " token ids and " +
+                                std::to_string(s.bias_values.size()) + " values");
+  if (nb == 0) return words;
+  for (size_t j = 0; j < nb; ++j) {
+    if (s.bias_ids[j] < 0 || s.bias_ids[j] >= spec_.vocab)
+      throw std::invalid_argument(who + "logit_bias token id " + std::to_string(s.bias_ids[j]) +
+                                  " is outside the vocabulary (size " + std::to_string(spec_.vocab) + ")");
+    if (!std::isfinite(s.bias_values[j]))
+      throw std::invalid_argument(who + "logit_bias of token " + std::to_string(s.bias_ids[j]) + " is not finite");
+  }
+  // The device adds each entry on its own: a repeated id would race.
+  std::vector<int32_t> ids(s.bias_ids);
+  std::sort(ids.begin(), ids.end());
+  const auto dup = std::adjacent_find(ids.begin(), ids.end());
+  if (dup != ids.end()) throw std::invalid_argument(who + "logit_bias names token " + std::to_string(*dup) + " twice");
+  return words + 2 * nb;
 }
 
 int GpuModel::mode_of(const std::vector<SeqInput>& seqs) {
@@ -575,8 +623,81 @@ int GpuModel::mode_of(const std::vector<SeqInput>& seqs) {
     if (s.sampling.temperature > 0.f) m |= kSampled;
     if (s.penalties.active) m |= kPenalties;
     if (s.sampling.logprobs) m |= kLogprobs;
+    if (!s.allowed.empty() || !s.bias_ids.empty()) m |= kConstrained;
   }
   return m;
+}
+
+void GpuModel::alloc_constraints(size_t words) {
+  // Frees the old buffers (if any) and forgets them, so a failed allocation
+  // leaves none behind and a later step tries again.
+  if (d_cons_ != nullptr) {
+    dev_buffers_.erase(std::find(dev_buffers_.begin(), dev_buffers_.end(), static_cast<void*>(d_cons_)));
+    cudaFree(d_cons_);
+    scratch_bytes_ -= cons_dev_bytes_;
+  }
+  if (h_cons_ != nullptr) {
+    host_buffers_.erase(std::find(host_buffers_.begin(), host_buffers_.end(), static_cast<void*>(h_cons_)));
+    cudaFreeHost(h_cons_);
+  }
+  d_cons_ = nullptr;
+  h_cons_ = nullptr;
+  cons_cap_ = 0;
+  cons_dev_bytes_ = 0;
+  const size_t before = scratch_bytes_;
+  d_cons_ = static_cast<int32_t*>(dev_alloc(words * 4, &scratch_bytes_));
+  cons_dev_bytes_ = scratch_bytes_ - before;
+  h_cons_ = static_cast<int32_t*>(host_alloc(words * 4));
+  cons_cap_ = words;
+}
+
+void GpuModel::reserve_constraints(WorkerContext& ctx, size_t words) {
+  if (words <= cons_cap_) return;
+  // Nothing queued may still read the old buffers, and graphs recorded with
+  // them would read freed memory.
+  HX_CUDA_CHECK(cudaStreamSynchronize(ctx.compute_stream()));
+  for (auto it = graphs_.begin(); it != graphs_.end();) {
+    if ((it->first % kModes) & kConstrained) {
+      cudaGraphExecDestroy(it->second);
+      it = graphs_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  for (auto it = graph_failed_.begin(); it != graph_failed_.end();)
+    it = ((it->first % kModes) & kConstrained) ? graph_failed_.erase(it) : std::next(it);
+  alloc_constraints(std::max(words, 2 * cons_cap_));
+}
+
+void GpuModel::stage_constraints(WorkerContext& ctx, const std::vector<const SeqInput*>& rows, int32_t* desc) {
+  size_t words = 0;
+  for (const SeqInput* s : rows)
+    if (s != nullptr) words += (s->allowed.empty() ? 0 : mask_words_) + 2 * s->bias_ids.size();
+  reserve_constraints(ctx, words);
+  size_t used = 0;
+  for (size_t r = 0; r < rows.size(); ++r) {
+    int32_t* d = desc + kConstrainDescInts * r;
+    d[0] = -1;
+    d[1] = 0;
+    d[2] = 0;
+    const SeqInput* s = rows[r];
+    if (s == nullptr) continue;
+    if (!s->allowed.empty()) {
+      std::memcpy(h_cons_ + used, s->allowed.data(), static_cast<size_t>(mask_words_) * 4);
+      d[0] = static_cast<int32_t>(used);
+      used += mask_words_;
+    }
+    const size_t nb = s->bias_ids.size();
+    if (nb > 0) {
+      std::memcpy(h_cons_ + used, s->bias_ids.data(), nb * 4);
+      std::memcpy(h_cons_ + used + nb, s->bias_values.data(), nb * 4);
+      d[1] = static_cast<int32_t>(used);
+      d[2] = static_cast<int32_t>(nb);
+      used += 2 * nb;
+    }
+  }
+  if (used > 0)
+    HX_CUDA_CHECK(cudaMemcpyAsync(d_cons_, h_cons_, used * 4, cudaMemcpyHostToDevice, ctx.compute_stream()));
 }
 
 void GpuModel::fill_params(SamplingParamsDevice* p, const StepSampling& sampling) {
@@ -802,14 +923,19 @@ void GpuModel::lm_head(WorkerContext& ctx, const float* x, int count, float* log
 }
 
 void GpuModel::sample_rows(WorkerContext& ctx, int rows, int mode, const int32_t* slots, const int32_t* steps,
-                           const SamplingParamsDevice* params) {
+                           const SamplingParamsDevice* params, const int32_t* cons) {
   cudaStream_t st = ctx.compute_stream();
   const int V = spec_.vocab;
   const StepOutputs o = StepOutputs::over(d_out_, logit_rows_);
   const float* src = logits_;
+  if (mode & kConstrained) {
+    // params.py 1a-1b into the work rows; logprobs below still read the raw logits.
+    constrain_batch_launch(logits_, work_logits_, rows, V, cons, d_cons_, st);
+    src = work_logits_;
+  }
   if (mode & kPenalties) {
     // Each row's slot is read from device memory, so a graph replays for any slots.
-    penalties_batch_launch(logits_, work_logits_, rows, V, params, slots, d_present_, d_counts_, slots_, st);
+    penalties_batch_launch(src, work_logits_, rows, V, params, slots, d_present_, d_counts_, slots_, st);
     src = work_logits_;
   }
   if (mode & kSampled)
@@ -834,7 +960,7 @@ void GpuModel::decode_body(WorkerContext& ctx, const Bucket& b, int mode) {
   pl.dec_stride = max_blocks_;
   run_layers(ctx, pl);
   lm_head(ctx, x_, b.rows, logits_);
-  sample_rows(ctx, b.rows, mode, in.slots, in.steps, in.params);
+  sample_rows(ctx, b.rows, mode, in.slots, in.steps, in.params, in.cons);
 }
 
 std::vector<StepResult> GpuModel::collect(WorkerContext& ctx, const std::vector<SeqInput>& seqs,
@@ -940,11 +1066,16 @@ std::vector<StepResult> GpuModel::decode_step(WorkerContext& ctx, const std::vec
       fill_params(in.params + r, idle);
     }
   }
+  const int mode = mode_of(seqs);
+  if (mode & kConstrained) {
+    std::vector<const SeqInput*> crow(bk->rows, nullptr);
+    for (int r = 0; r < B; ++r) crow[r] = &seqs[r];
+    stage_constraints(ctx, crow, in.cons);
+  }
   // Everything up to the last real row's table entries; padded rows' tables are never read.
   const size_t bytes = bk->tables_off + (static_cast<size_t>(B - 1) * max_blocks_ + last_blocks) * 4;
   HX_CUDA_CHECK(cudaMemcpyAsync(bk->dev, h_dec_, bytes, cudaMemcpyHostToDevice, st));
 
-  const int mode = mode_of(seqs);
   std::vector<int> out_row(seqs.size());
   for (int r = 0; r < B; ++r) out_row[r] = r;
   const int key = bk->rows * kModes + mode;
@@ -994,7 +1125,7 @@ std::vector<StepResult> GpuModel::decode_step(WorkerContext& ctx, const std::vec
 }
 
 std::vector<StepResult> GpuModel::general_step(WorkerContext& ctx, const std::vector<SeqInput>& seqs, bool all_rows,
-                                               std::vector<float>* all_out) {
+                                               std::vector<float>* all_out, const HiddenOut* hidden) {
   cudaStream_t st = ctx.compute_stream();
   const int nseq = static_cast<int>(seqs.size());
   const int h = spec_.hidden;
@@ -1033,10 +1164,13 @@ std::vector<StepResult> GpuModel::general_step(WorkerContext& ctx, const std::ve
   const size_t o_lens = pk.take<int32_t>(n_single);
   const size_t o_slots = pk.take<int32_t>(K), o_steps = pk.take<int32_t>(K);
   const size_t o_params = pk.take<SamplingParamsDevice>(K), o_lm = pk.take<int32_t>(K);
+  const size_t o_cons = pk.take<int32_t>(static_cast<size_t>(K) * kConstrainDescInts);
   const size_t o_tables = pk.take<int32_t>(static_cast<size_t>(nseq) * width);
   const size_t header = pk.off;
+  const int mode = mode_of(seqs);
   {
     const StepSampling idle;
+    std::vector<const SeqInput*> crow(K, nullptr);
     for (int j = 0; j < nseq; ++j) {
       const SeqInput& s = seqs[order[j]];
       if (j < n_single) at<int32_t>(h_gen_, o_lens)[j] = s.start_pos + 1;
@@ -1048,7 +1182,9 @@ std::vector<StepResult> GpuModel::general_step(WorkerContext& ctx, const std::ve
       at<int32_t>(h_gen_, o_steps)[k] = s.sample ? s.sampling.step : 0;
       fill_params(at<SamplingParamsDevice>(h_gen_, o_params) + k, s.sample ? s.sampling : idle);
       at<int32_t>(h_gen_, o_lm)[k] = static_cast<int32_t>((row0[j] + len[j] - 1) % chunk_);
+      if (s.sample) crow[k] = &s;
     }
+    if (mode & kConstrained) stage_constraints(ctx, crow, at<int32_t>(h_gen_, o_cons));
   }
   int32_t* d_lens = at<int32_t>(d_gen_, o_lens);
   int32_t* d_tables = at<int32_t>(d_gen_, o_tables);
@@ -1131,7 +1267,35 @@ std::vector<StepResult> GpuModel::general_step(WorkerContext& ctx, const std::ve
         }
       }
       run_layers(ctx, pl);
-      if (all_rows) {
+      if (hidden != nullptr) {
+        // The final norm over every row of the pass, then each sequence's share of them.
+        add_rms_norm_launch(x_, nullptr, output_norm_, spec_.eps, xn_, nullptr, n, h, st);
+        const size_t hs = static_cast<size_t>(h);
+        for (int j = 0; j < nseq; ++j) {
+          const int64_t lo = std::max(row0[j], ps), hi = std::min(row0[j] + len[j], pe);
+          if (hi <= lo) continue;
+          const int i = order[j];
+          const float* src = xn_ + static_cast<size_t>(lo - ps) * hs;
+          switch (hidden->pooling) {
+            case HiddenPooling::All:
+              HX_CUDA_CHECK(cudaMemcpyAsync((*hidden->rows)[i].data() + static_cast<size_t>(lo - row0[j]) * hs, src,
+                                            static_cast<size_t>(hi - lo) * hs * 4, cudaMemcpyDeviceToHost, st));
+              break;
+            case HiddenPooling::Last:
+              if (hi == row0[j] + len[j])
+                HX_CUDA_CHECK(cudaMemcpyAsync(h_pool_ + i * hs, src + static_cast<size_t>(hi - 1 - lo) * hs, hs * 4,
+                                              cudaMemcpyDeviceToHost, st));
+              break;
+            case HiddenPooling::First:
+              if (lo == row0[j])
+                HX_CUDA_CHECK(cudaMemcpyAsync(h_pool_ + i * hs, src, hs * 4, cudaMemcpyDeviceToHost, st));
+              break;
+            case HiddenPooling::Mean:
+              sum_rows_launch(src, static_cast<int>(hi - lo), h, d_pool_ + i * hs, lo != row0[j], st);
+              break;
+          }
+        }
+      } else if (all_rows) {
         for (int g = 0; g < n; g += logit_rows_) {
           const int ng = std::min(logit_rows_, n - g);
           lm_head(ctx, x_ + static_cast<size_t>(g) * h, ng, logits_);
@@ -1151,10 +1315,9 @@ std::vector<StepResult> GpuModel::general_step(WorkerContext& ctx, const std::ve
       }
     }
   }
-  const int mode = mode_of(seqs);
   if (any_sample) {
     sample_rows(ctx, K, mode, at<int32_t>(d_gen_, o_slots), at<int32_t>(d_gen_, o_steps),
-                at<SamplingParamsDevice>(d_gen_, o_params));
+                at<SamplingParamsDevice>(d_gen_, o_params), at<int32_t>(d_gen_, o_cons));
   }
   return collect(ctx, seqs, out_row, any_sample ? K : 0);
 }
@@ -1179,6 +1342,57 @@ std::vector<float> GpuModel::forward_logits(WorkerContext& ctx, const std::vecto
     settle(ctx);
     throw;
   }
+}
+
+std::vector<std::vector<float>> GpuModel::hidden_states(WorkerContext& ctx,
+                                                        const std::vector<std::vector<int32_t>>& tokens,
+                                                        const std::vector<std::vector<int32_t>>& block_tables,
+                                                        HiddenPooling pooling) {
+  if (block_tables.size() != tokens.size())
+    throw std::invalid_argument("hidden states: " + std::to_string(tokens.size()) + " sequences but " +
+                                std::to_string(block_tables.size()) + " block tables");
+  if (pooling != HiddenPooling::All && pooling != HiddenPooling::Last && pooling != HiddenPooling::First &&
+      pooling != HiddenPooling::Mean)
+    throw std::invalid_argument("unknown hidden-state pooling " + std::to_string(static_cast<int>(pooling)));
+  const size_t n = tokens.size();
+  // Sequences that never sample: each runs from position 0 on a slot of its
+  // own (distinct slots keep validate's rule; no penalty state is touched).
+  std::vector<SeqInput> seqs(n);
+  for (size_t i = 0; i < n; ++i) {
+    seqs[i].tokens = tokens[i];
+    seqs[i].start_pos = 0;
+    seqs[i].block_table = block_tables[i];
+    seqs[i].slot = static_cast<int>(i);
+    seqs[i].sample = false;
+  }
+  validate(seqs);
+  const size_t hs = static_cast<size_t>(spec_.hidden);
+  std::vector<std::vector<float>> out(n);
+  if (pooling == HiddenPooling::All)
+    for (size_t i = 0; i < n; ++i) out[i].resize(tokens[i].size() * hs);
+  HiddenOut ho;
+  ho.pooling = pooling;
+  ho.rows = &out;
+  try {
+    general_step(ctx, seqs, false, nullptr, &ho);  // returns once the stream is idle
+    if (pooling == HiddenPooling::Mean) {
+      HX_CUDA_CHECK(cudaMemcpyAsync(h_pool_, d_pool_, n * hs * 4, cudaMemcpyDeviceToHost, ctx.compute_stream()));
+      HX_CUDA_CHECK(cudaStreamSynchronize(ctx.compute_stream()));
+    }
+  } catch (...) {
+    settle(ctx);
+    throw;
+  }
+  if (pooling != HiddenPooling::All) {
+    for (size_t i = 0; i < n; ++i) {
+      out[i].assign(h_pool_ + i * hs, h_pool_ + (i + 1) * hs);
+      if (pooling == HiddenPooling::Mean) {
+        const float count = static_cast<float>(tokens[i].size());
+        for (float& v : out[i]) v /= count;
+      }
+    }
+  }
+  return out;
 }
 
 // ---------------------------------------------------------------------------
@@ -1220,6 +1434,17 @@ std::vector<float> model_forward_logits(DeviceWorker& w, int64_t handle, const s
   return w
       .submit([&, handle](WorkerContext& ctx) {
         return ctx.resource<GpuModel>(handle)->forward_logits(ctx, tokens, start_pos, block_table, all_logits);
+      })
+      .get();
+}
+
+std::vector<std::vector<float>> model_hidden_states(DeviceWorker& w, int64_t handle,
+                                                    const std::vector<std::vector<int32_t>>& tokens,
+                                                    const std::vector<std::vector<int32_t>>& block_tables,
+                                                    HiddenPooling pooling) {
+  return w
+      .submit([&, handle, pooling](WorkerContext& ctx) {
+        return ctx.resource<GpuModel>(handle)->hidden_states(ctx, tokens, block_tables, pooling);
       })
       .get();
 }

@@ -31,9 +31,18 @@
 // recorded once per bucket and sampling mode as a CUDA graph and replayed;
 // everything that changes per step (tokens, positions, pool positions,
 // sequence lengths, block tables, penalty slots, sampling parameters and
-// steps) sits in the bucket's device input region, which one host-to-device
-// copy refreshes before the replay. Rows past the batch are padding
-// (position -1, length 0) whose results are ignored.
+// steps, constraint descriptors) sits in the bucket's device input region,
+// which one host-to-device copy refreshes before the replay. Rows past the
+// batch are padding (position -1, length 0) whose results are ignored.
+//
+// Constraints (structured-output masks, logit_bias): a step with any
+// constrained row runs the graph of its mode with the kConstrained bit,
+// whose sampling tail first writes every row's logits, masked and biased
+// (unconstrained rows copied), into the work rows the penalties and the
+// sampler read. The masks and bias lists of the step's constrained rows
+// are packed into one constraint data buffer (one more copy); each row's
+// descriptor (offsets into it) sits in the row inputs. Steps without
+// constraints use the graphs and copies they always did.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -98,6 +107,7 @@ struct RowInputs {
   int32_t* slots = nullptr;           // sampled rows: penalty slot (-1: none)
   int32_t* steps = nullptr;           // sampled rows: step of the random stream
   SamplingParamsDevice* params = nullptr;  // sampled rows: sampling parameters
+  int32_t* cons = nullptr;            // sampled rows: [rows, 3] constraint descriptors (constrain.cuh)
   int32_t* tables = nullptr;          // decode rows: [rows, stride] block tables
   int stride = 0;
 };
@@ -122,6 +132,13 @@ struct PassLayout {
   const int32_t* dec_tables = nullptr;  // [n_dec, dec_stride] device
   int dec_stride = 0;
   std::vector<PrefillSegment> segs;
+};
+
+// Where general_step sends final hidden rows instead of the LM head
+// (model_hidden_states): per sequence in input order.
+struct HiddenOut {
+  HiddenPooling pooling = HiddenPooling::All;
+  std::vector<std::vector<float>>* rows = nullptr;  // All: [n_i * hidden] each, filled in place
 };
 
 // What the sampled rows return to the host: one region of `rows` entries per
@@ -158,6 +175,9 @@ class GpuModel : public Resource {
   std::vector<StepResult> step_batch(WorkerContext& ctx, const std::vector<SeqInput>& seqs);
   std::vector<float> forward_logits(WorkerContext& ctx, const std::vector<int32_t>& tokens, int start_pos,
                                     const std::vector<int32_t>& block_table, bool all_logits);
+  std::vector<std::vector<float>> hidden_states(WorkerContext& ctx, const std::vector<std::vector<int32_t>>& tokens,
+                                                const std::vector<std::vector<int32_t>>& block_tables,
+                                                HiddenPooling pooling);
   void set_graphs(bool enabled);
   std::map<std::string, int64_t> memory() const;
   size_t device_bytes() const { return weight_bytes_ + kv_bytes_ + scratch_bytes_; }
@@ -165,7 +185,7 @@ class GpuModel : public Resource {
 
  private:
   // Sampling tail variants, each its own graph.
-  enum ModeBits : int { kSampled = 1, kPenalties = 2, kLogprobs = 4, kModes = 8 };
+  enum ModeBits : int { kSampled = 1, kPenalties = 2, kLogprobs = 4, kConstrained = 8, kModes = 16 };
 
   // A pure-decode batch size: its graphs and its device input region.
   struct Bucket {
@@ -184,6 +204,9 @@ class GpuModel : public Resource {
   void init_tables(WorkerContext& ctx);
 
   void validate(const std::vector<SeqInput>& seqs) const;
+  // A sampling sequence's mask and logit_bias checked; returns the
+  // constraint data words they take.
+  size_t validate_constraints(const SeqInput& s, const std::string& who) const;
   int blocks_for(int positions) const { return (positions + spec_.block_size - 1) >> bshift_; }
   int pool_pos(const std::vector<int32_t>& table, int p) const {
     return (table[p >> bshift_] << bshift_) | (p & (spec_.block_size - 1));
@@ -195,15 +218,26 @@ class GpuModel : public Resource {
   // entries per row at `base`; returns its bytes and the tables' offset.
   static size_t row_layout(char* base, int rows, int stride, RowInputs* out, size_t* tables_off);
 
+  // Constraint data of a step: for each row r of `rows` (nullptr: none),
+  // its mask and bias list appended to h_cons_ and its descriptor written to
+  // desc[3r..3r+2]; then one copy to d_cons_ (when any row has data).
+  void stage_constraints(WorkerContext& ctx, const std::vector<const SeqInput*>& rows, int32_t* desc);
+  // Grows the constraint data buffers to hold `words` (dropping the graphs
+  // that read the old one).
+  void reserve_constraints(WorkerContext& ctx, size_t words);
+  // (Re)allocates the constraint data buffers for `words` (nothing may still read them).
+  void alloc_constraints(size_t words);
+
   // Waits for the compute stream after a failed step (see the definition).
   static void settle(WorkerContext& ctx) noexcept;
   std::vector<StepResult> decode_step(WorkerContext& ctx, const std::vector<SeqInput>& seqs);
   // Every other step, and forward_logits: passes of up to chunk_ rows.
   // all_rows: the LM head over every row, downloaded into *all_out
   // (forward_logits of one sequence); otherwise over each sequence's last
-  // row where it samples or wants logits.
+  // row where it samples or wants logits. hidden: no LM head; the final
+  // normed hidden rows go where it says (model_hidden_states).
   std::vector<StepResult> general_step(WorkerContext& ctx, const std::vector<SeqInput>& seqs, bool all_rows,
-                                       std::vector<float>* all_out);
+                                       std::vector<float>* all_out, const HiddenOut* hidden = nullptr);
 
   // Runs the layers over one pass whose inputs are already on the device;
   // leaves the residual stream in x_.
@@ -237,11 +271,12 @@ class GpuModel : public Resource {
   // [count, vocab]: the matvec in groups of kMatvecMaxTokens rows, or for
   // many rows dequantize + GEMM in row slices.
   void lm_head(WorkerContext& ctx, const float* x, int count, float* logits);
-  // Penalties, the token choice and logprobs of logits_ rows [0, rows) into
-  // d_out_ rows, each with its own slot / step / parameters (device arrays):
-  // one batched launch per stage for the whole batch.
+  // Constraints, penalties, the token choice and logprobs of logits_ rows
+  // [0, rows) into d_out_ rows, each with its own slot / step / parameters /
+  // constraint descriptor (device arrays): one batched launch per stage for
+  // the whole batch.
   void sample_rows(WorkerContext& ctx, int rows, int mode, const int32_t* slots, const int32_t* steps,
-                   const SamplingParamsDevice* params);
+                   const SamplingParamsDevice* params, const int32_t* cons);
   void decode_body(WorkerContext& ctx, const Bucket& b, int mode);
   // Reads back the sampled rows and wanted logits. out_row[i]: sequence i's
   // logits row (-1: none).
@@ -261,6 +296,7 @@ class GpuModel : public Resource {
   int pool_cap_ = 0;                   // pool positions: num_blocks * block_size
   int stage_rows_ = 0;                 // token rows the general staging holds at once
   size_t pen_cap_ = 0;                 // penalty tokens the penalty staging holds at once
+  int mask_words_ = 0;                 // words of one vocabulary bitmask: ceil(vocab / 32)
   bool use_graphs_ = true;
   int tc_min_ = 2;                     // fewest tokens of a tensor-core product (HELEXA_TC_MIN; > 64: never)
 
@@ -304,6 +340,12 @@ class GpuModel : public Resource {
   char* h_gen_ = nullptr;
   size_t gen_bytes_ = 0;
   char* h_dec_ = nullptr;              // host staging of a bucket's input region (largest bucket)
+  int32_t* d_cons_ = nullptr;          // [cons_cap] constraint data of a step (masks, bias lists)
+  int32_t* h_cons_ = nullptr;          // pinned
+  size_t cons_cap_ = 0;                // words
+  size_t cons_dev_bytes_ = 0;          // d_cons_'s share of scratch_bytes_
+  float* d_pool_ = nullptr;            // [slots, hidden] mean-pooling sums of a hidden-states job
+  float* h_pool_ = nullptr;            // [slots, hidden] pinned: pooled rows
   void* d_out_ = nullptr;              // StepOutputs of logit_rows rows
   void* h_out_ = nullptr;              // pinned
   float* h_logits_ = nullptr;          // [logit_rows, vocab] pinned

@@ -103,6 +103,13 @@ struct PenaltyUpdate {
 // the sequence's penalty state; slots of one step are distinct. With
 // `sample`, a token is sampled after the last one; want_logits also returns
 // that position's raw logits (with or without sampling).
+//
+// A sampling sequence may carry a logit_bias (distinct token ids in
+// [0, vocab) and finite values, added to the raw logits) and a
+// structured-output mask (`allowed`: a bitmask of at least ceil(vocab / 32)
+// words, bit t % 32 of word t / 32 set for an allowed token t; empty: every
+// token), both applied before the penalties in params.py's order. Logprobs
+// and returned logits stay those of the raw logits.
 struct SeqInput {
   std::vector<int32_t> tokens;
   int start_pos = 0;
@@ -112,6 +119,9 @@ struct SeqInput {
   StepSampling sampling;
   PenaltyUpdate penalties;  // applied to `slot` (only when sampling)
   bool want_logits = false;
+  std::vector<int32_t> allowed;
+  std::vector<int32_t> bias_ids;
+  std::vector<float> bias_values;
 };
 
 struct StepResult {
@@ -150,6 +160,24 @@ std::vector<StepResult> model_step_batch(DeviceWorker& w, int64_t handle, const 
 // row-major) of the last position ([vocab]) or of all ([n, vocab]).
 std::vector<float> model_forward_logits(DeviceWorker& w, int64_t handle, const std::vector<int32_t>& tokens,
                                         int start_pos, const std::vector<int32_t>& block_table, bool all_logits);
+
+// Which final hidden rows model_hidden_states returns per sequence.
+enum class HiddenPooling : int32_t {
+  All = 0,    // every row [n, hidden]
+  Last = 1,   // the last row [1, hidden]
+  First = 2,  // the first row [1, hidden]
+  Mean = 3,   // the mean of the rows [1, hidden]
+};
+
+// Final hidden states (after the output norm, float32 row-major) of each
+// token sequence, run from position 0 through its block table: the borrowed
+// blocks' KV is overwritten, nothing else (other sequences' blocks, penalty
+// slots, graphs) changes. At most max_num_seqs + 1 sequences per call; bad
+// input throws std::invalid_argument before any device work.
+std::vector<std::vector<float>> model_hidden_states(DeviceWorker& w, int64_t handle,
+                                                    const std::vector<std::vector<int32_t>>& tokens,
+                                                    const std::vector<std::vector<int32_t>>& block_tables,
+                                                    HiddenPooling pooling);
 
 void model_drop(DeviceWorker& w, int64_t handle);
 void model_set_graphs(DeviceWorker& w, int64_t handle, bool enabled);

@@ -14,11 +14,12 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..config import ModelConfig
+from ..embeddings import pool
 from ..errors import ContextLengthError
 from ..kv_blocks import KVBlockManager, SeqBlocks
 from ..params import SampleResult, SamplerState, SamplingParams
@@ -174,15 +175,48 @@ class Backend(ABC):
 
     # ------------------------------------------------------------------ embeddings
 
-    def hidden_states(self, seqs: Sequence[Sequence[int]]) -> List[torch.Tensor]:
-        """Final hidden states (after the output norm) of each token sequence: float32 CPU [n_i, hidden].
+    def hidden_states(self, seqs: Sequence[Sequence[int]], pooling: Optional[str] = None) -> List[torch.Tensor]:
+        """Final hidden states (after the output norm) of each token sequence, float32 CPU.
 
-        Each sequence runs alone from position 0 (causal attention) and leaves
-        no trace in the KV cache's prefix index. For embeddings.
+        [n_i, hidden] per sequence, or with `pooling` ("last", "mean", "cls":
+        embeddings.pool) only the pooled row, [1, hidden]. Each sequence runs
+        alone from position 0 (causal attention) through KV blocks borrowed
+        from the pool and given back uncached, so it leaves no trace in the
+        prefix index and no running sequence's cache changes. For embeddings.
         """
-        raise NotImplementedError(
-            f"{type(self).__name__} does not compute hidden states (embeddings need the CPU backend for now)"
-        )
+        raise NotImplementedError(f"{type(self).__name__} does not compute hidden states (embeddings)")
+
+    def _in_borrowed_blocks(
+        self, lengths: Sequence[int], max_tokens: int, max_seqs: int, run: Callable[[List[int], List[list]], None]
+    ) -> None:
+        """hidden_states' batching: run(indices, block_tables) for groups of consecutive sequences.
+
+        A group takes sequences while their tokens fit max_tokens (a longer
+        one runs alone), at most max_seqs of them; its block tables are
+        borrowed from the pool for the call and released uncached after it.
+        Call under self.lock. OutOfBlocks when the pool cannot hold a group now.
+        """
+        i = 0
+        while i < len(lengths):
+            group, total = [i], lengths[i]
+            while (
+                i + len(group) < len(lengths)
+                and len(group) < max_seqs
+                and total + lengths[i + len(group)] <= max_tokens
+            ):
+                total += lengths[i + len(group)]
+                group.append(i + len(group))
+            borrowed = []
+            try:
+                for j in group:
+                    sb = SeqBlocks()
+                    borrowed.append(sb)
+                    self.blocks.ensure(sb, lengths[j])
+                run(group, [list(sb.table) for sb in borrowed])
+            finally:
+                for sb in borrowed:
+                    self.blocks.release(sb)
+            i += len(group)
 
     # ------------------------------------------------------------------ facts
 
@@ -197,6 +231,11 @@ class Backend(ABC):
     @abstractmethod
     def close(self) -> None:
         """Free the model and its cache."""
+
+
+def pooled_rows(rows: torch.Tensor, pooling: Optional[str]) -> torch.Tensor:
+    """A sequence's hidden rows [n, hidden] as hidden_states returns them for `pooling`."""
+    return rows if pooling is None else pool(rows, pooling)[None]
 
 
 def _id_list(tokens) -> List[int]:

@@ -8,11 +8,12 @@ import torch
 
 from .. import defaults
 from ..config import ModelSource
+from ..embeddings import check_pooling
 from ..errors import ContextLengthError, EngineClosedError
-from ..kv_blocks import DEFAULT_BLOCK_SIZE, KVBlockManager, SeqBlocks
+from ..kv_blocks import DEFAULT_BLOCK_SIZE, KVBlockManager
 from ..reference import ReferenceModel
 from ..reference import model as reference_model
-from .base import HostSampledBackend
+from .base import HostSampledBackend, pooled_rows
 
 # Pool size when none is given, in sequences of the full context: the pool
 # is allocated untouched (torch.empty), so host memory is only used as
@@ -82,13 +83,16 @@ class CPUBackend(HostSampledBackend):
     def _run(self, batch: list, all_logits: bool) -> list:
         return self._live().forward_batch(batch, all_logits=all_logits)
 
-    def hidden_states(self, seqs: Sequence[Sequence[int]]) -> List[torch.Tensor]:
-        """Final hidden states of each sequence, several sequences per pass, through borrowed KV blocks.
+    def hidden_states(self, seqs: Sequence[Sequence[int]], pooling: Optional[str] = None) -> List[torch.Tensor]:
+        """Final hidden states of each sequence (pooled when asked), several sequences per pass.
 
         Sequences run together while their tokens fit one prefill chunk; a
-        longer one runs alone, chunk by chunk. Its blocks go back to the pool
-        uncached. OutOfBlocks when the pool cannot hold a sequence right now.
+        longer one runs alone, chunk by chunk, through borrowed KV blocks
+        (Backend._in_borrowed_blocks). OutOfBlocks when the pool cannot hold
+        a sequence right now.
         """
+        if pooling is not None:
+            check_pooling(pooling)
         m = self._live()
         ids = [m.check_ids(s) for s in seqs]
         for x in ids:
@@ -96,34 +100,19 @@ class CPUBackend(HostSampledBackend):
                 raise ContextLengthError(f"an input of {x.numel()} tokens exceeds the context of {self.n_ctx} tokens")
         chunk = reference_model.PREFILL_CHUNK
         out: List[Optional[torch.Tensor]] = [None] * len(ids)
+
+        def run(group, tables):
+            if len(group) == 1:
+                x, table = ids[group[0]], tables[0]
+                parts = [m.hidden_batch([(x[a : a + chunk], a, table)])[0] for a in range(0, x.numel(), chunk)]
+                out[group[0]] = pooled_rows(torch.cat(parts), pooling)
+            else:
+                rows = m.hidden_batch([(ids[j], 0, t) for j, t in zip(group, tables)])
+                for j, r in zip(group, rows):
+                    out[j] = pooled_rows(r, pooling)
+
         with self.lock:
-            i = 0
-            while i < len(ids):
-                group, total = [i], ids[i].numel()
-                while i + len(group) < len(ids) and total + ids[i + len(group)].numel() <= chunk:
-                    total += ids[i + len(group)].numel()
-                    group.append(i + len(group))
-                seqs_blocks = []
-                try:
-                    for j in group:
-                        sb = SeqBlocks()
-                        seqs_blocks.append(sb)
-                        self.blocks.ensure(sb, ids[j].numel())
-                    if len(group) == 1:
-                        x, sb = ids[i], seqs_blocks[0]
-                        parts = [
-                            m.hidden_batch([(x[a : a + chunk], a, list(sb.table))])[0]
-                            for a in range(0, x.numel(), chunk)
-                        ]
-                        out[i] = torch.cat(parts)
-                    else:
-                        rows = m.hidden_batch([(ids[j], 0, list(sb.table)) for j, sb in zip(group, seqs_blocks)])
-                        for j, r in zip(group, rows):
-                            out[j] = r
-                finally:
-                    for sb in seqs_blocks:
-                        self.blocks.release(sb)
-                i += len(group)
+            self._in_borrowed_blocks([x.numel() for x in ids], chunk, len(ids), run)
         return out
 
     def memory_info(self) -> dict:

@@ -7,7 +7,10 @@ out. A batched step runs on the worker thread and returns only the sampled
 tokens (and logprobs when asked): the device sampler follows params.py's
 order with the same (seed, step) random stream as the host sampler, and the
 repetition / presence / frequency state lives on the device, one slot per
-sequence, refreshed by deltas.
+sequence, refreshed by deltas. Structured-output masks and logit_bias
+(SeqStep.allowed / logit_bias) travel with the step and are applied on the
+device before the penalties. Embeddings' hidden states come from a job of
+their own over KV blocks borrowed for it.
 
 Pool size: the weights and scratch are loaded first; then, unless
 `kv_cache_memory` fixes it, the pool takes the smaller of 80% of the device
@@ -24,6 +27,7 @@ import torch
 
 from .. import defaults
 from ..config import ModelSource
+from ..embeddings import check_pooling
 from ..errors import (
     ContextLengthError,
     DeviceError,
@@ -118,8 +122,36 @@ def _kv_bytes_per_block(cfg, block_size: int) -> int:
     return 2 * int(cfg.num_layers) * int(cfg.num_kv_heads) * int(block_size) * int(cfg.head_dim) * 2
 
 
+def constraint_arrays(step: SeqStep, vocab: int):
+    """A sampling SeqStep's mask and logit_bias as the arrays SeqInput takes: (allowed, bias_ids, bias_values).
+
+    allowed: int32 [ceil(vocab / 32)] words (a bool [vocab] mask is packed to
+    them) or None; bias_ids int32 and bias_values float32 [k], or None.
+    """
+    allowed = None
+    if step.allowed is not None:
+        a = step.allowed.detach().to("cpu").reshape(-1)
+        if a.dtype == torch.bool:
+            if a.numel() != vocab:
+                raise ValueError(f"a bool mask of {a.numel()} entries does not match a vocabulary of {vocab}")
+            allowed = np.packbits(a.numpy(), bitorder="little")
+            allowed = np.pad(allowed, (0, -len(allowed) % 4)).view("<i4")
+        elif a.dtype == torch.int32:
+            allowed = a.contiguous().numpy()
+        else:
+            raise TypeError(f"a token mask must be an int32 bitmask or bool, got {a.dtype}")
+    ids = vals = None
+    if step.logit_bias is not None:
+        t, v = step.logit_bias
+        ids = t.detach().to("cpu", torch.int32).reshape(-1).numpy()
+        vals = v.detach().to("cpu", torch.float32).reshape(-1).numpy()
+    return allowed, ids, vals
+
+
 class CUDABackend(Backend):
     """A model on one CUDA device, run by its device worker."""
+
+    supports_constraints = True
 
     def __init__(
         self,
@@ -178,6 +210,7 @@ class CUDABackend(Backend):
         self.config = cfg
         self.n_ctx = n_ctx
         self.max_num_seqs = max_num_seqs
+        self.prefill_chunk = int(min(prefill_chunk, n_ctx))
         self.device = f"cuda:{device_index}"
         self.device_index = device_index
         self._C = C
@@ -230,7 +263,7 @@ class CUDABackend(Backend):
         spec.qk_norm = bool(cfg.qk_norm)
         spec.inv_freq = [float(x) for x in inv_freq(cfg, _freq_factors(source)).to(torch.float64).tolist()]
         spec.n_ctx = int(n_ctx)
-        spec.prefill_chunk = int(min(prefill_chunk, n_ctx))
+        spec.prefill_chunk = self.prefill_chunk
         spec.use_graphs = bool(use_graphs)
         spec.int8_activations = {None: C.Int8Mode.Auto, False: C.Int8Mode.Never, True: C.Int8Mode.Always}[
             int8_activations
@@ -382,16 +415,29 @@ class CUDABackend(Backend):
         inputs, records = [], []
         for s in seqs:
             ids = self._token_ids(s.tokens, s.start_pos)
+            allowed = bias_ids = bias_values = None
             if s.sample:
                 if s.params is None or s.state is None:
                     raise ValueError("a sequence that samples needs params and state")
                 sampling = self._step_sampling(s.params, s.state.step)
                 pu, record = self._penalty_update(s.slot, s.params, s.state)
+                if s.allowed is not None or s.logit_bias is not None:
+                    allowed, bias_ids, bias_values = constraint_arrays(s, self.config.vocab_size)
             else:
                 sampling, pu, record = self._idle_step_sampling, self._no_penalty_update, None
             inputs.append(
                 C.SeqInput(
-                    ids, s.start_pos, s.block_table, int(s.slot), bool(s.sample), sampling, pu, bool(s.want_logits)
+                    ids,
+                    s.start_pos,
+                    s.block_table,
+                    int(s.slot),
+                    bool(s.sample),
+                    sampling,
+                    pu,
+                    bool(s.want_logits),
+                    allowed,
+                    bias_ids,
+                    bias_values,
                 )
             )
             records.append(record if pu.active else None)
@@ -420,6 +466,33 @@ class CUDABackend(Backend):
         ids = self._token_ids(tokens, start_pos)
         out = self._call(m.forward_logits, ids, start_pos, list(block_table), bool(all_logits))
         return torch.from_numpy(out)
+
+    def hidden_states(self, seqs: Sequence[Sequence[int]], pooling: Optional[str] = None) -> List[torch.Tensor]:
+        """Final hidden states of each sequence (only the pooled row when `pooling` is given), computed on the device.
+
+        Sequences run together while their tokens fit one prefill chunk (a
+        longer one runs alone, in chunks), at most max_num_seqs + 1 per job,
+        through KV blocks borrowed from the pool for the job; only the rows
+        asked for come back. OutOfBlocks when the pool cannot hold a group now.
+        """
+        C = self._C
+        mode = C.HiddenPooling.All
+        if pooling is not None:
+            mode = {"last": C.HiddenPooling.Last, "mean": C.HiddenPooling.Mean, "cls": C.HiddenPooling.First}[
+                check_pooling(pooling)
+            ]
+        m = self._live()
+        ids = [self._token_ids(s, 0) for s in seqs]
+        out: List[Optional[torch.Tensor]] = [None] * len(ids)
+
+        def run(group, tables):
+            rows = self._call(m.hidden_states, [ids[j] for j in group], tables, mode)
+            for j, r in zip(group, rows):
+                out[j] = torch.from_numpy(r)
+
+        with self.lock:
+            self._in_borrowed_blocks([len(x) for x in ids], self.prefill_chunk, self.max_num_seqs + 1, run)
+        return out
 
     def reset(self) -> None:
         """Forget the private sequence's cache and its penalty state record."""
