@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(kWarps * 32) matmul_tc_kernel(const Args a) {
     // 3. MMA: warp rows 16 * warp .. + 15.
     const __nv_bfloat16* wa = ws + (16 * warp + g) * kLd + 2 * tq;
     const __nv_bfloat16* xb = xs + g * kLd + 2 * tq;
-#pragma unroll 4
+#pragma unroll 2
     for (int kk = 0; kk < kPass; kk += 16) {
       const uint32_t a0 = *reinterpret_cast<const uint32_t*>(wa + kk);
       const uint32_t a1 = *reinterpret_cast<const uint32_t*>(wa + 8 * kLd + kk);
