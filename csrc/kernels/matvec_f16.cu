@@ -4,5 +4,6 @@
 namespace hx {
 namespace matvec {
 template void run<GgmlType::F16>(const Args&, int, int, cudaStream_t);
+template void run_experts<GgmlType::F16>(const Args&, const ExpertArgs&, int, int, int, cudaStream_t);
 }  // namespace matvec
 }  // namespace hx

@@ -4,5 +4,6 @@
 namespace hx {
 namespace matvec {
 template void run<GgmlType::Q2_K>(const Args&, int, int, cudaStream_t);
+template void run_experts<GgmlType::Q2_K>(const Args&, const ExpertArgs&, int, int, int, cudaStream_t);
 }  // namespace matvec
 }  // namespace hx
