@@ -125,7 +125,10 @@ def bench_engine(
     d_med = statistics.median(decode)
     decode_tps = decode_tokens / d_med if decode_tokens and d_med > 0 else 0.0
     weight_bytes = engine.weight_bytes
-    achieved = weight_bytes * decode_tps / 1e9
+    # Bytes a decode token reads: the whole model, or for a MoE model every
+    # tensor but only the routed experts' share of the stacked ones.
+    read_bytes = getattr(engine, "active_weight_bytes", weight_bytes)
+    achieved = read_bytes * decode_tps / 1e9
     out = {
         "model": str(engine.model_path),
         "device": engine.device,
@@ -142,7 +145,7 @@ def bench_engine(
         "decode_tokens_per_s": decode_tps,
         "decode_ms_per_token": 1e3 * d_med / decode_tokens if decode_tokens else 0.0,
         "weight_bytes": weight_bytes,
-        "weight_bytes_per_decode_token": weight_bytes,
+        "weight_bytes_per_decode_token": read_bytes,
         "achieved_gb_per_s": achieved,
         "prefill_seconds_all": prefill,
         "decode_seconds_all": decode,
@@ -386,12 +389,14 @@ def format_report(r: dict) -> str:
                 format_concurrency(r["concurrency"]),
             ]
         )
-    gib = r["weight_bytes"] / (1 << 30)
+    read = r.get("weight_bytes_per_decode_token", r["weight_bytes"])
+    gib = read / (1 << 30)
     lines = [
         f"model      {r.get('synthetic') or r['model']}",
         f"device     {r['device']} ({r['device_name']})",
         f"load       {r['load_seconds']:.2f} s",
-        f"weights    {r['weight_bytes']:,} bytes ({gib:.3f} GiB) read per decode token",
+        f"weights    {read:,} bytes ({gib:.3f} GiB) read per decode token"
+        + (f" (of {r['weight_bytes']:,} stored)" if read != r["weight_bytes"] else ""),
         f"prefill    {r['prompt_tokens']} tokens at depth {r['depth']}: "
         f"{r['prefill_tokens_per_s']:.1f} tok/s ({1e3 * r['prefill_seconds']:.1f} ms)",
         f"decode     {r['decode_tokens']} tokens: {r['decode_tokens_per_s']:.2f} tok/s "

@@ -380,9 +380,11 @@ class Engine:
         self._template = self._make_template(chat_template)
         self.weight_bytes = int(sum(t.nbytes for t in tensors))
         self.n_params = int(sum(_numel(t.shape) for t in tensors))
-        from .loaders import active_params
+        from .loaders import active_bytes, active_params
 
         self.n_active_params = int(active_params(self.config, tensors))
+        # What one decode token reads of the weights (the routed experts' share of a MoE model).
+        self.active_weight_bytes = int(active_bytes(self.config, tensors))
         self._generation_config = self._gen_config(generation_config, eos_token_ids)
         self._scheduler = Scheduler(backend, max_batch_tokens=max_batch_tokens)
 
@@ -912,6 +914,7 @@ class Engine:
             "n_params": self.n_params,
             "n_active_params": self.n_active_params,
             "weight_bytes": self.weight_bytes,
+            "active_weight_bytes": self.active_weight_bytes,
             "load_seconds": round(self.load_seconds, 3),
             "chat_template": "default" if getattr(self._template, "is_default", False) else "model",
             "bos_token_id": getattr(self.tokenizer, "bos_token_id", None),

@@ -20,7 +20,7 @@ from hf_factory import VOCAB, hf_logits
 
 from helexa_native import Engine
 from helexa_native.backends.cpu import CPUBackend
-from helexa_native.config import ModelConfig
+from helexa_native.config import SUPPORTED_ARCHS, ModelConfig
 from helexa_native.errors import ModelLoadError, UnsupportedModelError
 from helexa_native.loaders import active_params, describe, load_source
 from helexa_native.loaders.safetensors_loader import StackedArray
@@ -448,11 +448,18 @@ def test_hf_mismatched_or_missing_expert_tensors(hf_models, tmp_path):
     _raises(ModelLoadError, f, "missing tensors", "blk.2.ffn_gate_inp.weight")
 
 
-def test_cuda_backend_refuses_moe(tmp_path, monkeypatch):
+def test_cuda_backend_runs_every_supported_arch():
+    import helexa_native.backends.cuda as cuda
+
+    assert set(cuda.GPU_ARCHS) == set(SUPPORTED_ARCHS) and "qwen3moe" in cuda.GPU_ARCHS
+
+
+def test_cuda_backend_refuses_archs_outside_its_list(tmp_path, monkeypatch):
     import helexa_native.backends.cuda as cuda
 
     path, _ = write_synthetic_gguf(tmp_path / "t.gguf", "qwen3moe-tiny", "Q8_0", progress=False)
     monkeypatch.setattr(cuda, "_native", lambda: SimpleNamespace())
+    monkeypatch.setattr(cuda, "GPU_ARCHS", ("llama", "qwen2", "qwen3"))
     # Constructible without the batched GPU step: only the refusal in __init__ is under test.
     monkeypatch.setattr(cuda.CUDABackend, "__abstractmethods__", frozenset())
     src = load_source(path, progress=False)
@@ -463,6 +470,48 @@ def test_cuda_backend_refuses_moe(tmp_path, monkeypatch):
             r"device='cpu'",
         ):
             cuda.CUDABackend(src, 0, 64)
+    finally:
+        src.close()
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "hf"])
+def test_cuda_host_tensors_hand_over_routers_and_experts(tmp_path, fmt):
+    """Routers go as float32; GGUF's stacked experts go whole, an HF folder's per expert, never copied."""
+    from helexa_native.backends.cuda import _host_tensors
+    from helexa_native.ggml_types import GGML_TYPE_IDS
+
+    if fmt == "gguf":
+        path, _ = write_synthetic_gguf(tmp_path / "t.gguf", "qwen3moe-tiny", "Q4_K_M", progress=False)
+    else:
+        path, _ = write_synthetic_safetensors(tmp_path / "t", "qwen3moe-tiny", "bf16", progress=False)
+    src = load_source(path, progress=False)
+    try:
+        cfg = src.config
+        E, F, H = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        got = {name: (tid, shape, arr) for name, tid, shape, arr in _host_tensors(src)}
+        for i in range(cfg.num_layers):
+            p = f"blk.{i}."
+            tid, shape, arr = got[p + "ffn_gate_inp.weight"]
+            assert (tid, shape, arr.dtype, arr.flags.c_contiguous) == (0, [E, H], np.float32, True)
+            np.testing.assert_array_equal(arr, src.tensors[p + "ffn_gate_inp.weight"].to_float().numpy())
+            for name, rows, cols in (
+                ("ffn_gate_exps.weight", F, H),
+                ("ffn_up_exps.weight", F, H),
+                ("ffn_down_exps.weight", H, F),
+            ):
+                t = src.tensors[p + name]
+                want_tid = GGML_TYPE_IDS[t.dtype.upper()]
+                if fmt == "gguf":
+                    tid, shape, arr = got[p + name]
+                    assert (tid, shape, arr.nbytes) == (want_tid, [E, rows, cols], t.nbytes)
+                    assert np.may_share_memory(arr, t.data)
+                    assert not any(k.startswith(p + name + ":") for k in got)
+                else:
+                    assert isinstance(t.data, StackedArray) and p + name not in got
+                    for e in range(E):
+                        tid, shape, arr = got[f"{p}{name}:{e}"]
+                        assert (tid, shape, arr.nbytes) == (want_tid, [rows, cols], t.nbytes // E)
+                        assert np.may_share_memory(arr, t.data.parts[e])
     finally:
         src.close()
 

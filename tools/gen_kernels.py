@@ -1,8 +1,9 @@
 """Write the per-type matvec instance files csrc/kernels/matvec_<type>.cu.
 
 Each file instantiates hx::matvec::run<T> (four token-count variants of the
-kernel template in matvec_impl.cuh) and hx::tc::run<T> (four token-tile
-variants of matmul_tc_impl.cuh) for one GGML type, so the types compile
+kernel template in matvec_impl.cuh), hx::matvec::run_experts<T> (the
+mixture-of-experts pairs and grouped variants) and hx::tc::run<T> (four
+token-tile variants of matmul_tc_impl.cuh) for one GGML type, so the types compile
 in parallel and a change to one decoder rebuilds one file. Run from the repo
 root after adding a type: python tools/gen_kernels.py
 """
@@ -35,6 +36,7 @@ TEMPLATE = """\
 namespace hx {{
 namespace matvec {{
 template void run<GgmlType::{t}>(const Args&, int, int, cudaStream_t);
+template void run_experts<GgmlType::{t}>(const Args&, const ExpertArgs&, int, int, int, cudaStream_t);
 }}  // namespace matvec
 namespace tc {{
 template void run<GgmlType::{t}>(const Args&, cudaStream_t);

@@ -4,7 +4,10 @@
     python3 tools/gpu_bench.py --models llama3-8b:Q4_K_M --depths 0 --structured 1,32 --json so.json
 
 Timing is helexa_native.bench.bench_engine's (warm-up, medians of repeats,
-greedy decode through Backend.step); this driver only saves the repeated
+greedy decode through Backend.step). Bandwidth counts the bytes a decode
+token reads: the whole model for a dense one; for a mixture of experts
+(e.g. qwen3-30b-a3b:Q4_K_M) every tensor but only the routed experts' share
+of the stacked expert tensors. This driver only saves the repeated
 writes and loads that separate `helexa-native bench` calls would make, and
 collects every result in one JSON file (rewritten after each result, so a
 run cut short keeps what it measured).
@@ -118,6 +121,7 @@ def main(argv=None) -> int:
             with Engine(path, device=a.device, n_ctx=n_ctx, progress=False) as eng:
                 entry["load_seconds"] = eng.load_seconds
                 entry["weight_bytes"] = eng.weight_bytes
+                entry["weight_bytes_per_decode_token"] = eng.active_weight_bytes
                 mem = eng.backend.memory_info()
                 entry["device_bytes"] = mem.get("total_bytes")
                 print(f"{spec}: loaded in {eng.load_seconds:.2f} s", flush=True)
@@ -129,7 +133,9 @@ def main(argv=None) -> int:
                     entry["runs"].append(r)
                     print(
                         f"{spec}: depth {depth}: prefill {r['prefill_tokens_per_s']:.0f} tok/s, decode "
-                        f"{r['decode_tokens_per_s']:.1f} tok/s ({r['achieved_gb_per_s']:.0f} GB/s)",
+                        f"{r['decode_tokens_per_s']:.1f} tok/s ({r['weight_bytes_per_decode_token'] / 1e9:.2f} GB "
+                        f"read per token, {r['achieved_gb_per_s']:.0f} GB/s, "
+                        f"{100 * r.get('bandwidth_share', 0.0):.0f}% of copy bandwidth)",
                         flush=True,
                     )
                     save()

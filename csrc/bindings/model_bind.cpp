@@ -242,7 +242,12 @@ void bind_model(py::module_& m) {
       .def_readwrite("use_graphs", &ModelSpec::use_graphs)
       .def_readwrite("block_size", &ModelSpec::block_size)
       .def_readwrite("num_blocks", &ModelSpec::num_blocks)
-      .def_readwrite("max_num_seqs", &ModelSpec::max_num_seqs);
+      .def_readwrite("max_num_seqs", &ModelSpec::max_num_seqs)
+      .def_readwrite("num_experts", &ModelSpec::num_experts)
+      .def_readwrite("experts_per_tok", &ModelSpec::experts_per_tok)
+      .def_readwrite("expert_ffn", &ModelSpec::expert_ffn)
+      .def_readwrite("norm_topk_prob", &ModelSpec::norm_topk_prob)
+      .def_readwrite("mlp_only_layers", &ModelSpec::mlp_only_layers);
 
   py::class_<StepSampling>(m, "StepSampling",
                            "A request's SamplingParams for one step, with the step counter and the logprobs asked")

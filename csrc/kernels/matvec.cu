@@ -1,5 +1,6 @@
-// Matvec entry points: argument checks, dispatch to the per-type kernels
-// (matvec_impl.cuh, instantiated in matvec_<type>.cu), and a plain kernel for
+// Matvec entry points (plain and mixture-of-experts): argument checks,
+// dispatch to the per-type kernels (matvec_impl.cuh, instantiated in
+// matvec_<type>.cu), and a plain kernel for
 // float matrices whose rows are not 16-byte friendly (k % 4 != 0 or an
 // unaligned pointer), which the staged kernel cannot read with vector loads.
 //
@@ -266,6 +267,89 @@ void matvec_launch(GgmlType type, const void* w, const float* x, float* y, int n
   switch (type) { HX_FOR_EACH_GGML_TYPE(HX_CASE) }
 #undef HX_CASE
   bad("unsupported GGML type");
+}
+
+namespace {
+
+// Args of an expert launch (validated): float math, one token per product
+// (the grouped kernel sets its own count per pass).
+matvec::Args expert_args(GgmlType type, const void* w, size_t stride, int num_experts, const float* x, float* y,
+                         int n_out, int k) {
+  if (!is_supported(type)) bad("unsupported GGML type id " + std::to_string(static_cast<int>(type)));
+  if (n_out < 1 || k < 1) bad("n_out and k must be positive");
+  if (num_experts < 1) bad("num_experts must be positive");
+  if (k % block_elems(type) != 0 || k % 4 != 0)
+    bad(std::string("expert rows of k=") + std::to_string(k) + " must be a multiple of 4 and of the " +
+        type_name(type) + " block size " + std::to_string(block_elems(type)));
+  if (!w || !x || !y) bad("null pointer");
+  if (!aligned16(w) || !aligned16(x)) bad("expert weights and x must be 16-byte aligned");
+  if (stride % 16 != 0 || stride < row_bytes(type, k) * static_cast<size_t>(n_out))
+    bad("expert stride " + std::to_string(stride) + " must be a multiple of 16 and hold a whole matrix");
+  matvec::Args a;
+  a.w = static_cast<const uint8_t*>(w);
+  a.x = x;
+  a.y = y;
+  a.bias = nullptr;
+  a.row_bytes = row_bytes(type, k);
+  a.n_out = n_out;
+  a.k = k;
+  a.ntok = 1;
+  a.npass = (k + 255) / 256;
+  a.nsteps = 0;
+  a.accumulate = 0;
+  a.int8_x = 0;
+  a.static_w = 0;
+  a.xq = nullptr;
+  a.x_scratch = nullptr;
+  return a;
+}
+
+void dispatch_experts(GgmlType type, const matvec::Args& a, const matvec::ExpertArgs& ex, int groups,
+                      cudaStream_t stream) {
+  const int device = current_device();
+  const int sms = device_sm_count(device);
+#define HX_CASE(T) \
+  case GgmlType::T: matvec::run_experts<GgmlType::T>(a, ex, groups, device, sms, stream); return;
+  switch (type) { HX_FOR_EACH_GGML_TYPE(HX_CASE) }
+#undef HX_CASE
+  bad("unsupported GGML type");
+}
+
+}  // namespace
+
+void matvec_expert_pairs_launch(GgmlType type, const void* w, size_t stride, int num_experts, const int32_t* ids,
+                                const float* x, int x_div, float* y, int n_out, int k, int count, cudaStream_t stream) {
+  if (count < 1 || count > 65535) bad("expert pairs: count must be 1..65535, got " + std::to_string(count));
+  if (x_div < 1) bad("expert pairs: x_div must be positive");
+  if (!ids) bad("expert pairs: null ids");
+  const matvec::Args a = expert_args(type, w, stride, num_experts, x, y, n_out, k);
+  matvec::ExpertArgs ex;
+  ex.ids = ids;
+  ex.offsets = nullptr;
+  ex.active = nullptr;
+  ex.n_active = nullptr;
+  ex.stride = stride;
+  ex.num_experts = num_experts;
+  ex.x_div = x_div;
+  dispatch_experts(type, a, ex, count, stream);
+}
+
+void matvec_expert_groups_launch(GgmlType type, const void* w, size_t stride, int num_experts, const int32_t* offsets,
+                                 const int32_t* active, const int32_t* n_active, int max_groups, const float* x,
+                                 float* y, int n_out, int k, cudaStream_t stream) {
+  if (max_groups < 1 || max_groups > 65535)
+    bad("expert groups: max_groups must be 1..65535, got " + std::to_string(max_groups));
+  if (!offsets || !active || !n_active) bad("expert groups: null routing arrays");
+  const matvec::Args a = expert_args(type, w, stride, num_experts, x, y, n_out, k);
+  matvec::ExpertArgs ex;
+  ex.ids = nullptr;
+  ex.offsets = offsets;
+  ex.active = active;
+  ex.n_active = n_active;
+  ex.stride = stride;
+  ex.num_experts = num_experts;
+  ex.x_div = 1;
+  dispatch_experts(type, a, ex, max_groups, stream);
 }
 
 }  // namespace hx

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdint>
 
 #include "common/ggml_types.h"
 
@@ -70,5 +71,34 @@ size_t matmul_tc_workspace_bytes(int n_tok, int n_out, int k);
 
 // Bytes of the x_scratch buffer of one matvec_launch of n_tok tokens of k elements.
 size_t matvec_x_scratch_bytes(int n_tok, int k);
+
+// Expert products of a mixture-of-experts layer. W is a stack of
+// num_experts matrices of [n_out, k] stored rows, expert e's starting at
+// w + e * stride (stride a multiple of 16, w 16-byte aligned, k a multiple
+// of 4). Which expert a product reads is read from device memory, written by
+// the kernel before (the router), so one captured graph serves any routing.
+// Float math, the same kernel body as matvec_launch (an expert's weights are
+// not static: its id is only known once the previous kernel has finished).
+//
+// Pairs: product p < count reads expert ids[p] (clamped into range) and x
+// row p / x_div, and writes y row p: one launch covers every (token, chosen
+// expert) pair of a small batch (x_div = experts per token for the first
+// product of the experts' FFN, 1 for the second).
+void matvec_expert_pairs_launch(GgmlType type, const void* w /*[num_experts][n_out, k] stored rows, stride apart*/,
+                                size_t stride, int num_experts, const int32_t* ids /*[count] device*/,
+                                const float* x /*[count / x_div, k]*/, int x_div, float* y /*[count, n_out]*/,
+                                int n_out, int k, int count /*1..65535*/, cudaStream_t stream);
+
+// Grouped: x holds rows sorted by expert (rows offsets[e] .. offsets[e + 1] - 1
+// are expert e's; active[0 .. *n_active) lists the experts that have rows;
+// all in device memory, as moe_align_launch writes them). One CTA row group
+// per (expert, n_out rows) streams that expert's rows once from memory for
+// all of its x rows, kMatvecMaxTokens at a time (the repeats hit L2).
+// max_groups (1..65535) bounds *n_active: the grid holds that many experts.
+void matvec_expert_groups_launch(GgmlType type, const void* w /*[num_experts][n_out, k] stored rows, stride apart*/,
+                                 size_t stride, int num_experts, const int32_t* offsets /*[num_experts + 1] device*/,
+                                 const int32_t* active /*[num_experts] device*/, const int32_t* n_active /*[1] device*/,
+                                 int max_groups, const float* x /*[rows, k]*/, float* y /*[rows, n_out]*/, int n_out,
+                                 int k, cudaStream_t stream);
 
 }  // namespace hx

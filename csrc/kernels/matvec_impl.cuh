@@ -39,6 +39,14 @@
 // The CTA body is a __host__ __device__ template over a context that supplies
 // thread ids, barriers, shuffles and loads, so tests run this exact code on
 // the host with one OS thread per simulated GPU thread.
+//
+// Mixture-of-experts products (run_experts) run the same CTA body over a
+// stack of expert matrices: the kernel first reads which expert (and which
+// x and y rows) its blockIdx.y stands for from device memory, then runs
+// matvec_cta on that expert's matrix. Pairs: one (token, expert) product per
+// blockIdx.y, one token (NT = 1). Grouped: one expert per blockIdx.y, its
+// rows kMatvecMaxTokens at a time (NT = 8), a barrier between them since
+// each pass reuses the shared stage.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -51,6 +59,7 @@
 #include "common/launch.cuh"
 #include "common/check.h"
 #include "common/ggml_types.h"
+#include "kernels/matvec.cuh"
 #include "kernels/matvec_dp4a.cuh"
 #include "kernels/quant_blocks.cuh"
 
@@ -484,6 +493,74 @@ void launch_nt(const Args& in, int device, int sms, cudaStream_t stream) {
   HX_CUDA_CHECK(cudaGetLastError());
 }
 
+// Where a mixture-of-experts launch finds its experts (matvec.cuh). Pairs:
+// ids set, the grouped fields null. Grouped: offsets, active and n_active set.
+struct ExpertArgs {
+  const int32_t* ids;       // pairs: [count] expert of each product
+  const int32_t* offsets;   // grouped: [num_experts + 1] first row of each expert
+  const int32_t* active;    // grouped: [num_experts] experts that have rows
+  const int32_t* n_active;  // grouped: [1] entries of active
+  size_t stride;            // bytes between consecutive experts' matrices
+  int num_experts;
+  int x_div;                // pairs: product p reads x row p / x_div
+};
+
+template <GgmlType T, int NT, bool Grouped>
+__global__ void __launch_bounds__(kMaxWarps * 32) matvec_experts_kernel(const Args a, const ExpertArgs ex) {
+  extern __shared__ uint4 smem[];
+  // The routing is the previous kernel's output: wait before reading it (and
+  // before any weight, whose address depends on it).
+  pdl_begin();
+  const DeviceCtx ctx{smem};
+  Args b = a;
+  b.static_w = 0;
+  if constexpr (!Grouped) {
+    const int p = blockIdx.y;
+    const int e = min(max(ex.ids[p], 0), ex.num_experts - 1);
+    b.w = a.w + (size_t)e * ex.stride;
+    b.x = a.x + (size_t)(p / ex.x_div) * a.k;
+    b.y = a.y + (size_t)p * a.n_out;
+    b.ntok = 1;
+    matvec_cta<T, NT>(b, ctx);
+  } else {
+    if ((int)blockIdx.y >= *ex.n_active) return;  // the whole CTA: fewer experts have rows than the grid holds
+    const int e = min(max(ex.active[blockIdx.y], 0), ex.num_experts - 1);
+    const int r0 = ex.offsets[e], r1 = ex.offsets[e + 1];
+    b.w = a.w + (size_t)e * ex.stride;
+    for (int r = r0; r < r1; r += NT) {
+      if (r > r0) ctx.syncthreads();  // the previous rows' reduction is done with the shared stage
+      b.x = a.x + (size_t)r * a.k;
+      b.y = a.y + (size_t)r * a.n_out;
+      b.ntok = min(NT, r1 - r);
+      matvec_cta<T, NT>(b, ctx);
+    }
+  }
+}
+
+// One expert launch: grid (row groups of n_out, groups), warps planned as
+// for a plain launch over groups times the rows.
+template <GgmlType T, int NT, bool Grouped>
+void launch_experts(const Args& in, const ExpertArgs& ex, int groups, int device, int sms, cudaStream_t stream) {
+  using C = Config<T, NT>;
+  const Args a = stepped<T, NT>(in);
+  Args whole = a;
+  whole.n_out = (int)std::min<long>((long)a.n_out * groups, 1L << 30);
+  Plan p = plan<T, NT>(whole, sms, resident_ctas<T, NT>(device));
+  const int blocks = (a.n_out + C::R - 1) / C::R;
+  launch_overlapped(matvec_experts_kernel<T, NT, Grouped>, dim3(blocks, groups), dim3(32, p.warps), p.smem_bytes,
+                    stream, a, ex);
+  HX_CUDA_CHECK(cudaGetLastError());
+}
+
+// Expert entry for one type; `a` and `ex` are validated by the caller.
+template <GgmlType T>
+void run_experts(const Args& a, const ExpertArgs& ex, int groups, int device, int sms, cudaStream_t stream) {
+  if (ex.offsets != nullptr)
+    launch_experts<T, kMatvecMaxTokens, true>(a, ex, groups, device, sms, stream);
+  else
+    launch_experts<T, 1, false>(a, ex, groups, device, sms, stream);
+}
+
 // Entry for one type; `a` is validated by the caller.
 template <GgmlType T>
 void run(const Args& a, int device, int sms, cudaStream_t stream) {
@@ -499,7 +576,9 @@ void run(const Args& a, int device, int sms, cudaStream_t stream) {
 
 #ifndef HX_MATVEC_NO_EXTERN
 // Defined by the generated per-type files.
-#define HX_MATVEC_DECLARE(T) extern template void run<GgmlType::T>(const Args&, int, int, cudaStream_t);
+#define HX_MATVEC_DECLARE(T)                                                  \
+  extern template void run<GgmlType::T>(const Args&, int, int, cudaStream_t); \
+  extern template void run_experts<GgmlType::T>(const Args&, const ExpertArgs&, int, int, int, cudaStream_t);
 HX_FOR_EACH_GGML_TYPE(HX_MATVEC_DECLARE)
 #undef HX_MATVEC_DECLARE
 #endif

@@ -5,6 +5,7 @@
 namespace hx {
 namespace matvec {
 template void run<GgmlType::Q4_1>(const Args&, int, int, cudaStream_t);
+template void run_experts<GgmlType::Q4_1>(const Args&, const ExpertArgs&, int, int, int, cudaStream_t);
 }  // namespace matvec
 namespace tc {
 template void run<GgmlType::Q4_1>(const Args&, cudaStream_t);

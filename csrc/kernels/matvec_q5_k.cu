@@ -5,6 +5,7 @@
 namespace hx {
 namespace matvec {
 template void run<GgmlType::Q5_K>(const Args&, int, int, cudaStream_t);
+template void run_experts<GgmlType::Q5_K>(const Args&, const ExpertArgs&, int, int, int, cudaStream_t);
 }  // namespace matvec
 namespace tc {
 template void run<GgmlType::Q5_K>(const Args&, cudaStream_t);

@@ -16,4 +16,10 @@ namespace hx {
 void gemm_bf16_xwT(cublasHandle_t handle, const __nv_bfloat16* x /*[n, k]*/, const __nv_bfloat16* w /*[m, k]*/,
                    float* y /*[n, ldy]*/, int n, int m, int k, bool accumulate, cudaStream_t stream, int ldy = 0);
 
+// y = x w^T in float32 throughout (no TF32): small products whose result
+// decides something discrete, such as a mixture-of-experts router's logits,
+// which pick the experts and must match the float32 reference.
+void gemm_f32_xwT(cublasHandle_t handle, const float* x /*[n, k]*/, const float* w /*[m, k]*/, float* y /*[n, m]*/,
+                  int n, int m, int k, cudaStream_t stream);
+
 }  // namespace hx

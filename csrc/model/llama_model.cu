@@ -24,6 +24,9 @@
 #include "kernels/embedding.cuh"
 #include "kernels/gather_rows.cuh"
 #include "kernels/matvec.cuh"
+#include "kernels/moe_align.cuh"
+#include "kernels/moe_combine.cuh"
+#include "kernels/moe_route.cuh"
 #include "kernels/penalty_state.cuh"
 #include "kernels/rms_norm.cuh"
 #include "kernels/rope.cuh"
@@ -88,6 +91,60 @@ class TensorTable {
     return t;
   }
 
+  // A stacked expert tensor [E, rows, cols] of any supported type, passed
+  // whole or as one tensor per expert ("<name>:<e>", [rows, cols]).
+  struct Experts {
+    GgmlType type = GgmlType::F32;
+    std::vector<const char*> at;  // [E] each expert's first byte
+    size_t bytes = 0;             // one expert's bytes
+    bool stacked = false;         // at[e] == at[0] + e * bytes
+  };
+  Experts experts(const std::string& name, int64_t E, int64_t rows, int64_t cols) const {
+    auto type_of = [&](const HostTensor& t, const std::string& what) {
+      if (!known_type(t.type)) bad_model("tensor " + what + " has unsupported GGML type " + std::to_string(t.type));
+      const GgmlType ty = static_cast<GgmlType>(t.type);
+      if (cols % block_elems(ty) != 0 || cols % 4 != 0)
+        bad_model("tensor " + what + ": row length " + std::to_string(cols) +
+                  " is not a multiple of its block size and of 4");
+      return ty;
+    };
+    Experts out;
+    if (const HostTensor* t = find(name)) {
+      out.type = type_of(*t, name);
+      if (t->shape.size() != 3 || t->shape[0] != E || t->shape[1] != rows || t->shape[2] != cols)
+        bad_model("tensor " + name + " has shape " + shape_str(t->shape) + ", expected (" + std::to_string(E) + ", " +
+                  std::to_string(rows) + ", " + std::to_string(cols) + ")");
+      out.bytes = row_bytes(out.type, cols) * static_cast<size_t>(rows);
+      if (t->bytes != out.bytes * static_cast<size_t>(E) || t->data == nullptr)
+        bad_model("tensor " + name + " holds " + std::to_string(t->bytes) + " bytes, expected " +
+                  std::to_string(out.bytes * static_cast<size_t>(E)));
+      out.stacked = true;
+      for (int64_t e = 0; e < E; ++e) out.at.push_back(static_cast<const char*>(t->data) + out.bytes * e);
+      return out;
+    }
+    for (int64_t e = 0; e < E; ++e) {
+      const std::string part = name + ":" + std::to_string(e);
+      const HostTensor* t = find(part);
+      if (t == nullptr) bad_model("missing tensor " + (e == 0 ? name : part));
+      const GgmlType ty = type_of(*t, part);
+      if (e == 0) {
+        out.type = ty;
+        out.bytes = row_bytes(ty, cols) * static_cast<size_t>(rows);
+      } else if (ty != out.type) {
+        bad_model("tensor " + part + " has GGML type " + std::to_string(t->type) + ", expert 0 has " +
+                  std::to_string(static_cast<int>(out.type)));
+      }
+      if (t->shape.size() != 2 || t->shape[0] != rows || t->shape[1] != cols)
+        bad_model("tensor " + part + " has shape " + shape_str(t->shape) + ", expected (" + std::to_string(rows) +
+                  ", " + std::to_string(cols) + ")");
+      if (t->bytes != out.bytes || t->data == nullptr)
+        bad_model("tensor " + part + " holds " + std::to_string(t->bytes) + " bytes, expected " +
+                  std::to_string(out.bytes));
+      out.at.push_back(static_cast<const char*>(t->data));
+    }
+    return out;
+  }
+
  private:
   std::unordered_map<std::string, const HostTensor*> by_name_;
 };
@@ -116,10 +173,28 @@ T* at(char* base, size_t off) {
 
 GpuModel::GpuModel(WorkerContext& ctx, const ModelSpec& spec, const std::vector<HostTensor>& tensors) : spec_(spec) {
   const ModelSpec& s = spec_;
-  if (s.arch != "llama" && s.arch != "qwen2" && s.arch != "qwen3") bad_model("unsupported architecture " + s.arch);
-  if (s.vocab <= 0 || s.hidden <= 0 || s.intermediate <= 0 || s.layers <= 0 || s.heads <= 0 || s.kv_heads <= 0 ||
+  const bool moe_arch = s.arch == "qwen3moe";
+  if (s.arch != "llama" && s.arch != "qwen2" && s.arch != "qwen3" && !moe_arch)
+    bad_model("unsupported architecture " + s.arch);
+  if (s.vocab <= 0 || s.hidden <= 0 || s.intermediate < 0 || s.layers <= 0 || s.heads <= 0 || s.kv_heads <= 0 ||
       s.head_dim <= 0)
     bad_model("model dimensions must be positive");
+  if (moe_arch) {
+    if (s.num_experts < 1 || s.num_experts > kMoeMaxExperts)
+      bad_model("num_experts must be in [1, " + std::to_string(kMoeMaxExperts) + "], got " +
+                std::to_string(s.num_experts));
+    if (s.experts_per_tok < 1 || s.experts_per_tok > std::min(s.num_experts, kMoeMaxTopK))
+      bad_model("num_experts_per_tok must be in [1, " + std::to_string(std::min(s.num_experts, kMoeMaxTopK)) +
+                "], got " + std::to_string(s.experts_per_tok));
+    if (s.expert_ffn <= 0) bad_model("moe_intermediate_size must be positive");
+    for (int l : s.mlp_only_layers)
+      if (l < 0 || l >= s.layers) bad_model("mlp_only_layers names layer " + std::to_string(l));
+  } else if (s.num_experts != 0) {
+    bad_model("architecture " + s.arch + " has no experts, but num_experts is " + std::to_string(s.num_experts));
+  }
+  bool any_dense = !moe_arch;
+  for (int i = 0; i < s.layers; ++i) any_dense = any_dense || !moe_layer(i);
+  if (any_dense && s.intermediate <= 0) bad_model("intermediate_size must be positive");
   if (s.heads % s.kv_heads != 0) bad_model("num_heads must be a multiple of num_kv_heads");
   // The decode attention kernel takes head dims in multiples of 8 up to 256.
   if (s.head_dim % 8 != 0 || s.head_dim > 256)
@@ -263,6 +338,35 @@ void GpuModel::load_weights(WorkerContext& ctx, const std::vector<HostTensor>& t
     return true;
   };
 
+  // Stacked experts on the device: expert e's matrix (its parts' rows one
+  // after another) at e * stride, stride rounded up to 16 bytes so every
+  // expert starts aligned (the padding is zeroed).
+  auto upload_experts = [&](const std::vector<const TensorTable::Experts*>& parts, int n_out, int k) {
+    ExpertWeight w;
+    w.type = parts[0]->type;
+    w.n_out = n_out;
+    w.k = k;
+    size_t bytes = 0;
+    for (const auto* part : parts) bytes += part->bytes;
+    w.stride = (bytes + 15) / 16 * 16;
+    const size_t E = parts[0]->at.size();
+    char* dst = static_cast<char*>(dev_alloc(w.stride * E, &weight_bytes_));
+    w.data = dst;
+    if (parts.size() == 1 && parts[0]->stacked && w.stride == bytes) {
+      ctx.upload(parts[0]->at[0], bytes * E, dst);
+      return w;
+    }
+    if (w.stride != bytes) HX_CUDA_CHECK(cudaMemsetAsync(dst, 0, w.stride * E, ctx.compute_stream()));
+    for (size_t e = 0; e < E; ++e) {
+      size_t off = e * w.stride;
+      for (const auto* part : parts) {
+        ctx.upload(part->at[e], part->bytes, dst + off);
+        off += part->bytes;
+      }
+    }
+    return w;
+  };
+
   token_embd_ = upload_matrix(table.matrix("token_embd.weight", s.vocab, h), s.vocab, h);
   output_norm_ = upload_vector(table.vector("output_norm.weight", h, true));
   if (table.find("output.weight") != nullptr)
@@ -318,6 +422,27 @@ void GpuModel::load_weights(WorkerContext& ctx, const std::vector<HostTensor>& t
     L.o = upload_matrix(table.matrix(p + "attn_output.weight", h, q_size_), h, q_size_);
     L.b_o = upload_vector(table.vector(p + "attn_output.bias", h, false));
 
+    if (moe_layer(i)) {
+      const int E = s.num_experts, fe = s.expert_ffn;
+      L.moe = true;
+      const HostTensor& tr = table.matrix(p + "ffn_gate_inp.weight", E, h);
+      if (tr.type != 0) bad_model("tensor " + p + "ffn_gate_inp.weight (the router) must be passed as float32");
+      L.router = upload_matrix(tr, E, h);
+      const TensorTable::Experts tg = table.experts(p + "ffn_gate_exps.weight", E, fe, h);
+      const TensorTable::Experts tu = table.experts(p + "ffn_up_exps.weight", E, fe, h);
+      const TensorTable::Experts td = table.experts(p + "ffn_down_exps.weight", E, h, fe);
+      if (tg.type == tu.type) {
+        // Each expert's gate rows, then its up rows: one pair product fills both.
+        L.exp_gate_up_fused = true;
+        L.exp_gate_up = upload_experts({&tg, &tu}, 2 * fe, h);
+      } else {
+        L.exp_gate = upload_experts({&tg}, fe, h);
+        L.exp_up = upload_experts({&tu}, fe, h);
+      }
+      L.exp_down = upload_experts({&td}, h, fe);
+      continue;
+    }
+
     const HostTensor& tg = table.matrix(p + "ffn_gate.weight", f, h);
     const HostTensor& tu = table.matrix(p + "ffn_up.weight", f, h);
     if (tg.type == tu.type && fusable({&tg})) {
@@ -330,7 +455,8 @@ void GpuModel::load_weights(WorkerContext& ctx, const std::vector<HostTensor>& t
     L.down = upload_matrix(table.matrix(p + "ffn_down.weight", h, f), h, f);
   }
 
-  // The dequantize scratch holds the largest matrix one GEMM group reads.
+  // The dequantize scratch holds the largest matrix one GEMM group reads (a
+  // MoE layer's empty dense weights add nothing; its experts are never dequantized).
   size_t most = 0;
   auto need = [&](const LinearWeight& w) {
     if (w.type != GgmlType::BF16) most = std::max(most, static_cast<size_t>(w.n_out) * w.k);
@@ -360,7 +486,13 @@ void GpuModel::load_weights(WorkerContext& ctx, const std::vector<HostTensor>& t
 }
 void GpuModel::alloc_state() {
   const ModelSpec& s = spec_;
-  const size_t R = static_cast<size_t>(rows_cap_), h = s.hidden, f = s.intermediate, V = s.vocab;
+  bool any_dense = false, any_moe = false;
+  for (const LayerWeights& L : layers_) {
+    any_dense = any_dense || !L.moe;
+    any_moe = any_moe || L.moe;
+  }
+  // Dense FFN scratch only where a layer has a dense FFN.
+  const size_t R = static_cast<size_t>(rows_cap_), h = s.hidden, f = any_dense ? s.intermediate : 0, V = s.vocab;
   const size_t LR = static_cast<size_t>(logit_rows_), S = static_cast<size_t>(slots_);
   size_t* sc = &scratch_bytes_;
 
@@ -373,6 +505,20 @@ void GpuModel::alloc_state() {
   gu_ = static_cast<float*>(dev_alloc(R * 2 * f * 4, sc));
   act_ = static_cast<float*>(dev_alloc(static_cast<size_t>(kMatvecMaxTokens) * f * 4, sc));
   x_sel_ = static_cast<float*>(dev_alloc(LR * h * 4, sc));
+  if (any_moe) {
+    const size_t E = s.num_experts, P = R * s.experts_per_tok, fe = s.expert_ffn;
+    router_logits_ = static_cast<float*>(dev_alloc(R * E * 4, sc));
+    moe_ids_ = static_cast<int32_t*>(dev_alloc(P * 4, sc));
+    moe_w_ = static_cast<float*>(dev_alloc(P * 4, sc));
+    moe_offsets_ = static_cast<int32_t*>(dev_alloc((E + 1) * 4, sc));
+    moe_active_ = static_cast<int32_t*>(dev_alloc(E * 4, sc));
+    moe_n_active_ = static_cast<int32_t*>(dev_alloc(4, sc));
+    moe_pair_slot_ = static_cast<int32_t*>(dev_alloc(P * 4, sc));
+    moe_slot_token_ = static_cast<int32_t*>(dev_alloc(P * 4, sc));
+    exp_xy_ = static_cast<float*>(dev_alloc(P * h * 4, sc));
+    exp_gu_ = static_cast<float*>(dev_alloc(P * 2 * fe * 4, sc));
+    exp_act_ = static_cast<float*>(dev_alloc(P * fe * 4, sc));
+  }
   {
     // Small batches' int8 activations, quantized once per matvec (HELEXA_XQ=0: by every CTA).
     const char* v = std::getenv("HELEXA_XQ");
@@ -534,6 +680,11 @@ void GpuModel::init_tables(WorkerContext& ctx) {
 }
 
 void GpuModel::set_graphs(bool enabled) { use_graphs_ = enabled; }
+
+bool GpuModel::moe_layer(int i) const {
+  const std::vector<int>& dense = spec_.mlp_only_layers;
+  return spec_.arch == "qwen3moe" && std::find(dense.begin(), dense.end(), i) == dense.end();
+}
 
 // ---------------------------------------------------------------------------
 // Inputs
@@ -813,7 +964,7 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
   float* k = q + static_cast<size_t>(n) * q_size_;
   float* v = k + static_cast<size_t>(n) * kv_size_;
   float* gate = gu_;
-  float* up = gu_ + static_cast<size_t>(n) * f;
+  float* up = gu_ != nullptr ? gu_ + static_cast<size_t>(n) * f : nullptr;  // null: every layer is MoE
 
   embedding_launch(token_embd_.type, token_embd_.data, pl.ids, x_, n, h, s.vocab, st);
 
@@ -865,7 +1016,13 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
     if (!small) f32_to_bf16_launch(attn_, xb_, static_cast<int64_t>(n) * q_size_, st);
     linear(ctx, L.o, attn_, xb_, x_, n, L.b_o, true, small);
 
-    add_rms_norm_launch(x_, nullptr, L.ffn_norm, eps, small ? xn_ : nullptr, small ? nullptr : xb_, n, h, st);
+    // A MoE layer reads its input in float32 at every batch size (router and expert products).
+    const bool f32_in = small || L.moe;
+    add_rms_norm_launch(x_, nullptr, L.ffn_norm, eps, f32_in ? xn_ : nullptr, f32_in ? nullptr : xb_, n, h, st);
+    if (L.moe) {
+      moe_ffn(ctx, L, n);
+      continue;
+    }
     if (n == 1 && L.gate_up_fused) {
       matvec_launch(L.gate_up.type, L.gate_up.data, xn_, gate, 2 * f, h, 1, nullptr, matvec_options(L.gate_up, false),
                     st);
@@ -884,6 +1041,57 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
     swiglu_launch(gate, up, small ? act_ : nullptr, small ? nullptr : xb_, static_cast<int64_t>(n) * f, st);
     linear(ctx, L.down, act_, xb_, x_, n, nullptr, true, small);
   }
+}
+
+void GpuModel::moe_ffn(WorkerContext& ctx, const LayerWeights& L, int n) {
+  cudaStream_t st = ctx.compute_stream();
+  const ModelSpec& s = spec_;
+  const int h = s.hidden, E = s.num_experts, K = s.experts_per_tok, fe = s.expert_ffn;
+  const int P = n * K;  // (row, expert) pairs
+  const bool small = n <= kMatvecMaxTokens;
+
+  // Router logits in float32 at every batch size: the choice of experts is
+  // discrete and must follow the float32 reference.
+  if (small)
+    matvec_launch(GgmlType::F32, L.router.data, xn_, router_logits_, E, h, n, nullptr, matvec_options(L.router, false),
+                  st);
+  else
+    gemm_f32_xwT(ctx.cublas(), xn_, static_cast<const float*>(L.router.data), router_logits_, n, E, h, st);
+  moe_route_launch(router_logits_, n, E, K, s.norm_topk_prob, moe_ids_, moe_w_, st);
+
+  // Small batches: one launch per product over every (row, expert) pair,
+  // rows in pair order. Larger ones: pairs sorted by expert (slots), rows in
+  // slot order, each expert's weights read once for all of its rows.
+  const int groups = std::min(E, P);
+  auto product = [&](const ExpertWeight& w, const float* x, int x_div, float* y) {
+    if (small)
+      matvec_expert_pairs_launch(w.type, w.data, w.stride, E, moe_ids_, x, x_div, y, w.n_out, w.k, P, st);
+    else
+      matvec_expert_groups_launch(w.type, w.data, w.stride, E, moe_offsets_, moe_active_, moe_n_active_, groups, x, y,
+                                  w.n_out, w.k, st);
+  };
+  const float* x_in = xn_;
+  int x_div = K;
+  if (!small) {
+    moe_align_launch(moe_ids_, P, E, K, moe_offsets_, moe_active_, moe_n_active_, moe_pair_slot_, moe_slot_token_, st);
+    constexpr int kGatherRows = 65535;  // the gather's grid rows
+    for (int r = 0; r < P; r += kGatherRows)
+      gather_rows_launch(xn_, moe_slot_token_ + r, std::min(kGatherRows, P - r), h,
+                         exp_xy_ + static_cast<size_t>(r) * h, st);
+    x_in = exp_xy_;
+    x_div = 1;
+  }
+  const size_t pf = static_cast<size_t>(P) * fe;
+  if (L.exp_gate_up_fused) {
+    product(L.exp_gate_up, x_in, x_div, exp_gu_);  // [P, 2 fe]: gate | up per row
+    swiglu_rows_launch(exp_gu_, exp_gu_ + fe, 2 * static_cast<int64_t>(fe), exp_act_, nullptr, P, fe, st);
+  } else {
+    product(L.exp_gate, x_in, x_div, exp_gu_);  // [P, fe]
+    product(L.exp_up, x_in, x_div, exp_gu_ + pf);  // [P, fe]
+    swiglu_launch(exp_gu_, exp_gu_ + pf, exp_act_, nullptr, static_cast<int64_t>(pf), st);
+  }
+  product(L.exp_down, exp_act_, 1, exp_xy_);  // [P, h]
+  moe_combine_launch(x_, exp_xy_, moe_w_, small ? nullptr : moe_pair_slot_, n, K, h, st);
 }
 
 void GpuModel::lm_head(WorkerContext& ctx, const float* x, int count, float* logits) {

@@ -17,6 +17,12 @@
 //   x += a Wo^T                              (matvec accumulate / GEMM with beta = 1)
 //   xn = rmsnorm(x) * ffn_norm
 //   x += (silu(xn Wg^T) * (xn Wu^T)) Wd^T
+//     or, in a mixture-of-experts layer (moe_ffn):
+//   l = xn Wr^T (float32); each row's top_k experts and weights (moe_route)
+//   x += sum_j w_j * down_j(silu(gate_j xn) * up_j xn)
+//                                            n <= 8: one launch per product over every
+//                                            (row, expert) pair; else pairs sorted by
+//                                            expert (moe_align), each expert's rows in one pass
 // then, for the last row of each sequence that samples (or wants logits),
 // logits = rmsnorm(x) * output_norm @ Wout^T and the device sampler.
 // q/k/v and gate/up share one buffer each when their stored types match, so
@@ -78,6 +84,16 @@ struct LinearWeight {
   }
 };
 
+// A stack of experts' [n_out, k] matrices in stored layout: expert e's
+// rows start at data + e * stride (stride a multiple of 16).
+struct ExpertWeight {
+  GgmlType type = GgmlType::F32;
+  const void* data = nullptr;
+  int n_out = 0;
+  int k = 0;
+  size_t stride = 0;
+};
+
 struct LayerWeights {
   const float* attn_norm = nullptr;   // [hidden]
   const float* ffn_norm = nullptr;    // [hidden]
@@ -92,6 +108,13 @@ struct LayerWeights {
   LinearWeight qk;
   bool gate_up_fused = false;         // gate, up are consecutive rows of `gate_up`
   LinearWeight gate_up;
+  // Mixture-of-experts layers: a router and stacked experts instead of gate/up/down.
+  bool moe = false;
+  LinearWeight router;                // [num_experts, hidden] float32
+  bool exp_gate_up_fused = false;     // each expert's gate rows, then its up rows, in exp_gate_up
+  ExpertWeight exp_gate_up;           // [E][2 expert_ffn, hidden]
+  ExpertWeight exp_gate, exp_up;      // [E][expert_ffn, hidden] each (types differ)
+  ExpertWeight exp_down;              // [E][hidden, expert_ffn]
   __nv_bfloat16* k_pool = nullptr;    // [kv_heads, pool positions, head_dim]
   __nv_bfloat16* v_pool = nullptr;    // [kv_heads, pool positions, head_dim]
 };
@@ -203,6 +226,8 @@ class GpuModel : public Resource {
   void alloc_state();
   void init_tables(WorkerContext& ctx);
 
+  // Whether layer i runs the mixture-of-experts FFN (qwen3moe, not in mlp_only_layers).
+  bool moe_layer(int i) const;
   void validate(const std::vector<SeqInput>& seqs) const;
   // A sampling sequence's mask and logit_bias checked; returns the
   // constraint data words they take.
@@ -244,6 +269,8 @@ class GpuModel : public Resource {
   void run_layers(WorkerContext& ctx, const PassLayout& pl);
   void linear(WorkerContext& ctx, const LinearWeight& w, const float* x_f32, const __nv_bfloat16* x_bf16, float* y,
               int n, const float* bias, bool accumulate, bool small);
+  // x_ += the MoE FFN of the n rows whose normed input is in xn_ (float32).
+  void moe_ffn(WorkerContext& ctx, const LayerWeights& L, int n);
   void dequantize_for_gemm(WorkerContext& ctx, const LinearWeight& w, const __nv_bfloat16** out);
   // Whether a decode matvec over an [n_out, k] weight of type t uses int8
   // activations (spec_.int8_activations). Int8Mode::Auto takes them where the
@@ -319,6 +346,18 @@ class GpuModel : public Resource {
   float* gu_ = nullptr;                // [rows, 2 inter]: gate block, then up block
   float* act_ = nullptr;               // [kMatvecMaxTokens, inter] (matvec path)
   float* x_sel_ = nullptr;             // [logit_rows, hidden] last rows gathered for the LM head
+  // Mixture-of-experts scratch: P = rows_cap * experts_per_tok (row, expert) pairs.
+  float* router_logits_ = nullptr;     // [rows, num_experts]
+  int32_t* moe_ids_ = nullptr;         // [P] each row's experts, best first
+  float* moe_w_ = nullptr;             // [P] their weights
+  int32_t* moe_offsets_ = nullptr;     // [num_experts + 1] grouped path: each expert's first slot
+  int32_t* moe_active_ = nullptr;      // [num_experts] experts with rows
+  int32_t* moe_n_active_ = nullptr;    // [1]
+  int32_t* moe_pair_slot_ = nullptr;   // [P] slot of each pair
+  int32_t* moe_slot_token_ = nullptr;  // [P] row of each slot
+  float* exp_xy_ = nullptr;            // [P, hidden] gathered expert inputs, then expert outputs
+  float* exp_gu_ = nullptr;            // [P, 2 expert_ffn] gate and up products
+  float* exp_act_ = nullptr;           // [P, expert_ffn] SwiGLU
   void* x_scratch_ = nullptr;          // int8 activations of one small-batch matvec (matvec_x_scratch_bytes)
   __nv_bfloat16* wbuf_ = nullptr;      // dequantized weight for one GEMM (largest matrix or LM head slice)
   size_t wbuf_elems_ = 0;

@@ -37,10 +37,10 @@ enum class Int8Mode : int32_t {
 
 // Architecture and run-time sizing of one model.
 struct ModelSpec {
-  std::string arch;               // "llama" | "qwen2" | "qwen3"
+  std::string arch;               // "llama" | "qwen2" | "qwen3" | "qwen3moe"
   int vocab = 0;
   int hidden = 0;
-  int intermediate = 0;
+  int intermediate = 0;           // dense FFN width (0 allowed when every layer is MoE)
   int layers = 0;
   int heads = 0;
   int kv_heads = 0;
@@ -57,10 +57,23 @@ struct ModelSpec {
   int max_num_seqs = 64;          // sequences of the scheduler; penalty slots and the
                           // largest step hold max_num_seqs + 1 (one private sequence)
   Int8Mode int8_activations = Int8Mode::Auto;
+  // Mixture of experts (qwen3moe; num_experts 0: dense). A MoE layer routes
+  // each token to experts_per_tok of num_experts SwiGLU experts of width
+  // expert_ffn; norm_topk_prob rescales the chosen weights to sum to one.
+  // Layers in mlp_only_layers keep a dense FFN of `intermediate`.
+  int num_experts = 0;
+  int experts_per_tok = 0;
+  int expert_ffn = 0;
+  bool norm_topk_prob = false;
+  std::vector<int> mlp_only_layers;
 };
 
 // One weight as the loader holds it: GGML type id, torch-order shape, host bytes.
-// Norms and biases arrive as float32 (type 0).
+// Norms and biases arrive as float32 (type 0), and so do MoE routers
+// (blk.N.ffn_gate_inp.weight [num_experts, hidden]). Stacked expert tensors
+// (blk.N.ffn_{gate,up,down}_exps.weight) come whole, [num_experts, rows,
+// cols], or as one tensor per expert named "<name>:<e>" [rows, cols] (an HF
+// checkpoint's own per-expert arrays, never stacked on the host).
 struct HostTensor {
   std::string name;
   int type = 0;

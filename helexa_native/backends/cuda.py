@@ -42,10 +42,10 @@ from ..params import UINT64_MASK, SampleResult, SamplerState, SamplingParams
 from ..rope import inv_freq
 from .base import Backend, SeqStep, StepOutput
 
-# Architectures the GPU model runs: a subset of config.SUPPORTED_ARCHS, kept
-# apart because the CPU reference supports more (qwen3moe has no GPU
-# expert kernels yet).
-GPU_ARCHS = ("llama", "qwen2", "qwen3")
+# Architectures the GPU model runs: a subset of config.SUPPORTED_ARCHS (all
+# of them today), kept apart so an architecture can reach the CPU reference
+# before its GPU kernels exist.
+GPU_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe")
 
 # Tokens per prefill pass: bounds activation scratch; GEMMs stay large
 # enough to run near tensor-core peak.
@@ -80,34 +80,63 @@ def _is_vector(name: str) -> bool:
     return name.endswith("_norm.weight") or name.endswith(".bias")
 
 
+_ROUTER_SUFFIX = "ffn_gate_inp.weight"
+_EXPERT_SUFFIXES = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
+
+
 def _is_matrix(name: str) -> bool:
     if name in ("token_embd.weight", "output.weight"):
         return True
-    return name.startswith("blk.") and name.endswith(_MATRIX_SUFFIXES)
+    return name.startswith("blk.") and name.endswith(_MATRIX_SUFFIXES + _EXPERT_SUFFIXES)
+
+
+def _float32(name: str, t) -> np.ndarray:
+    """A tensor's values as a contiguous float32 array of its shape."""
+    try:
+        v = t.to_float()
+    except Exception as e:
+        raise ModelLoadError(f"cannot read tensor {name} ({t.dtype}): {e}") from e
+    return np.ascontiguousarray(torch.as_tensor(v).detach().to("cpu", torch.float32).numpy())
+
+
+def _stored(name: str, t, data) -> tuple:
+    """(ggml type id, contiguous buffer) of stored data in the tensor's type."""
+    tid = GGML_TYPE_IDS.get(str(t.dtype).upper())
+    if tid is None:
+        raise UnsupportedModelError(
+            f"tensor {name} has type {t.dtype}, which the CUDA backend "
+            f"does not run (supported: {', '.join(GGML_TYPE_IDS)})"
+        )
+    if isinstance(data, torch.Tensor):
+        data = data.detach().cpu().contiguous().numpy()
+    return tid, np.ascontiguousarray(data)
 
 
 def _host_tensors(source: ModelSource) -> list:
-    """(name, ggml_type, shape, buffer) for every tensor the GPU model reads."""
+    """(name, ggml_type, shape, buffer) for every tensor the GPU model reads.
+
+    Norms, biases and MoE routers go as float32 (the router's logits pick
+    experts, so the device computes them in float32 like the reference);
+    everything else in its stored type. A stacked expert tensor whose data
+    is a list of per-expert arrays (an HF checkpoint's) goes as one tensor
+    per expert, "<name>:<e>", so it is never stacked in host memory.
+    """
     out = []
     for name, t in source.tensors.items():
         if _is_vector(name):
-            try:
-                v = t.to_float()
-            except Exception as e:
-                raise ModelLoadError(f"cannot read tensor {name} ({t.dtype}): {e}") from e
-            arr = np.ascontiguousarray(torch.as_tensor(v).detach().to("cpu", torch.float32).reshape(-1).numpy())
+            arr = _float32(name, t).reshape(-1)
             out.append((name, 0, [int(arr.size)], arr))
+        elif name.startswith("blk.") and name.endswith(_ROUTER_SUFFIX):
+            arr = _float32(name, t)
+            out.append((name, 0, [int(s) for s in t.shape], arr))
         elif _is_matrix(name):
-            tid = GGML_TYPE_IDS.get(str(t.dtype).upper())
-            if tid is None:
-                raise UnsupportedModelError(
-                    f"tensor {name} has type {t.dtype}, which the CUDA backend "
-                    f"does not run (supported: {', '.join(GGML_TYPE_IDS)})"
-                )
-            data = t.data
-            if isinstance(data, torch.Tensor):
-                data = data.detach().cpu().contiguous().numpy()
-            arr = np.ascontiguousarray(data)
+            parts = getattr(t.data, "parts", None)
+            if name.endswith(_EXPERT_SUFFIXES) and parts is not None:
+                for e, part in enumerate(parts):
+                    tid, arr = _stored(name, t, part)
+                    out.append((f"{name}:{e}", tid, [int(s) for s in t.shape[1:]], arr))
+                continue
+            tid, arr = _stored(name, t, t.data)
             out.append((name, tid, [int(s) for s in t.shape], arr))
     return out
 
@@ -253,7 +282,7 @@ class CUDABackend(Backend):
         spec.arch = cfg.arch
         spec.vocab = int(cfg.vocab_size)
         spec.hidden = int(cfg.hidden_size)
-        spec.intermediate = int(cfg.intermediate_size)
+        spec.intermediate = int(cfg.intermediate_size or 0)
         spec.layers = int(cfg.num_layers)
         spec.heads = int(cfg.num_heads)
         spec.kv_heads = int(cfg.num_kv_heads)
@@ -271,6 +300,12 @@ class CUDABackend(Backend):
         spec.block_size = int(block_size)
         spec.max_num_seqs = int(max_num_seqs)
         spec.num_blocks = int(num_blocks)
+        if cfg.num_experts:
+            spec.num_experts = int(cfg.num_experts)
+            spec.experts_per_tok = int(cfg.num_experts_per_tok)
+            spec.expert_ffn = int(cfg.moe_intermediate_size)
+            spec.norm_topk_prob = bool(cfg.norm_topk_prob)
+            spec.mlp_only_layers = [int(i) for i in cfg.mlp_only_layers]
         tensors = _host_tensors(source)
         try:
             self._model = C.GpuModelHandle(device_index, spec, tensors)

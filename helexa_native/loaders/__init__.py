@@ -12,7 +12,7 @@ from .dequant import dequantize
 from .gguf_loader import is_gguf, load_gguf
 from .safetensors_loader import is_hf_folder, load_safetensors
 
-__all__ = ["load_source", "describe", "dequantize", "active_params"]
+__all__ = ["load_source", "describe", "dequantize", "active_params", "active_bytes"]
 
 # Stacked expert tensors: a token reads num_experts_per_tok of their num_experts slices.
 _EXPERT_SUFFIXES = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
@@ -58,6 +58,22 @@ def active_params(config, tensors) -> int:
         size = 1
         for s in t.shape:
             size *= int(s)
+        if config.num_experts and t.name.endswith(_EXPERT_SUFFIXES):
+            size = size // config.num_experts * config.num_experts_per_tok
+        n += size
+    return n
+
+
+def active_bytes(config, tensors) -> int:
+    """Stored bytes one decode token's forward reads, counted as active_params counts parameters.
+
+    Every tensor's bytes, but only num_experts_per_tok / num_experts of a
+    stacked expert tensor's (the routed experts' slices). Equals the total
+    for dense models. `tensors` are RawTensors (anything with `name` and `nbytes`).
+    """
+    n = 0
+    for t in tensors:
+        size = int(t.nbytes)
         if config.num_experts and t.name.endswith(_EXPERT_SUFFIXES):
             size = size // config.num_experts * config.num_experts_per_tok
         n += size

@@ -1,0 +1,189 @@
+// Torch ops over the mixture-of-experts kernels (routing, grouping, expert
+// products, combine), for tests: torch.ops.helexa.<name>(...) after
+// `import helexa_native._C`.
+//
+// Outputs are caller-allocated (tests poison them first). Tensors are checked
+// for device, dtype, size and contiguity; launches go to the current stream of
+// the tensors' device. CUDA builds only (setup.py compiles ops*.cpp only then).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "bindings/op_check.h"
+
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+
+#include "common/ggml_types.h"
+#include "kernels/matvec.cuh"
+#include "kernels/moe_align.cuh"
+#include "kernels/moe_combine.cuh"
+#include "kernels/moe_route.cuh"
+
+namespace hx {
+namespace {
+
+void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, const at::Device& dev) {
+  HX_OP_CHECK(t.defined(), name, " is undefined");
+  HX_OP_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  HX_OP_CHECK(t.device() == dev, name, " is on ", t.device(), ", expected ", dev);
+  HX_OP_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  HX_OP_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+at::Device cuda_device(const at::Tensor& t, const char* name) {
+  HX_OP_CHECK(t.defined() && t.is_cuda(), name, " must be a CUDA tensor");
+  return t.device();
+}
+
+cudaStream_t stream_of(const at::Device& dev) { return c10::cuda::getCurrentCUDAStream(dev.index()).stream(); }
+
+int as_int(int64_t v, const char* name, int64_t lo) {
+  HX_OP_CHECK(v >= lo && v <= INT32_MAX, name, " out of range: ", v);
+  return static_cast<int>(v);
+}
+
+// Runs a launcher, turning its argument errors into Python exceptions (c10::Error).
+template <typename F>
+void launch(F&& f) {
+  try {
+    f();
+  } catch (const std::invalid_argument& e) {
+    HX_OP_CHECK(false, e.what());
+  }
+}
+
+void op_moe_route(const at::Tensor& logits, int64_t top_k, bool normalize, at::Tensor& ids, at::Tensor& weights) {
+  const c10::cuda::CUDAGuard guard(cuda_device(logits, "logits"));
+  const auto dev = logits.device();
+  check_tensor(logits, "logits", at::kFloat, dev);
+  check_tensor(ids, "ids", at::kInt, dev);
+  check_tensor(weights, "weights", at::kFloat, dev);
+  HX_OP_CHECK(logits.dim() == 2, "logits must be [n, num_experts]");
+  const int n = as_int(logits.size(0), "n", 0), E = as_int(logits.size(1), "num_experts", 1);
+  const int k = as_int(top_k, "top_k", 1);
+  HX_OP_CHECK(ids.numel() == static_cast<int64_t>(n) * k && weights.numel() == ids.numel(),
+              "ids and weights must hold n * top_k entries");
+  launch([&] {
+    moe_route_launch(logits.data_ptr<float>(), n, E, k, normalize, ids.data_ptr<int32_t>(), weights.data_ptr<float>(),
+                     stream_of(dev));
+  });
+}
+
+void op_moe_align(const at::Tensor& ids, int64_t num_experts, int64_t top_k, at::Tensor& offsets, at::Tensor& active,
+                  at::Tensor& n_active, at::Tensor& pair_slot, at::Tensor& slot_token) {
+  const c10::cuda::CUDAGuard guard(cuda_device(ids, "ids"));
+  const auto dev = ids.device();
+  check_tensor(ids, "ids", at::kInt, dev);
+  check_tensor(offsets, "offsets", at::kInt, dev);
+  check_tensor(active, "active", at::kInt, dev);
+  check_tensor(n_active, "n_active", at::kInt, dev);
+  check_tensor(pair_slot, "pair_slot", at::kInt, dev);
+  check_tensor(slot_token, "slot_token", at::kInt, dev);
+  const int E = as_int(num_experts, "num_experts", 1), P = as_int(ids.numel(), "pairs", 1);
+  HX_OP_CHECK(offsets.numel() == E + 1 && active.numel() == E && n_active.numel() == 1,
+              "offsets, active and n_active must hold num_experts + 1, num_experts and 1 entries");
+  HX_OP_CHECK(pair_slot.numel() == P && slot_token.numel() == P, "pair_slot and slot_token must hold ids.numel()");
+  launch([&] {
+    moe_align_launch(ids.data_ptr<int32_t>(), P, E, as_int(top_k, "top_k", 1), offsets.data_ptr<int32_t>(),
+                     active.data_ptr<int32_t>(), n_active.data_ptr<int32_t>(), pair_slot.data_ptr<int32_t>(),
+                     slot_token.data_ptr<int32_t>(), stream_of(dev));
+  });
+}
+
+void op_moe_combine(at::Tensor& x, const at::Tensor& y, const at::Tensor& weights,
+                    const std::optional<at::Tensor>& pair_slot) {
+  const c10::cuda::CUDAGuard guard(cuda_device(x, "x"));
+  const auto dev = x.device();
+  check_tensor(x, "x", at::kFloat, dev);
+  check_tensor(y, "y", at::kFloat, dev);
+  check_tensor(weights, "weights", at::kFloat, dev);
+  HX_OP_CHECK(x.dim() == 2 && weights.dim() == 2 && weights.size(0) == x.size(0), "x [n, h], weights [n, top_k]");
+  const int n = as_int(x.size(0), "n", 0), h = as_int(x.size(1), "h", 1), k = as_int(weights.size(1), "top_k", 1);
+  HX_OP_CHECK(y.numel() == static_cast<int64_t>(n) * k * h, "y must be [n * top_k, h]");
+  const int32_t* slots = nullptr;
+  if (pair_slot && pair_slot->defined()) {
+    check_tensor(*pair_slot, "pair_slot", at::kInt, dev);
+    HX_OP_CHECK(pair_slot->numel() == static_cast<int64_t>(n) * k, "pair_slot must hold n * top_k entries");
+    slots = pair_slot->data_ptr<int32_t>();
+  }
+  launch([&] {
+    moe_combine_launch(x.data_ptr<float>(), y.data_ptr<float>(), weights.data_ptr<float>(), slots, n, k, h,
+                       stream_of(dev));
+  });
+}
+
+// w: [num_experts, stride] uint8, each expert's n_out stored rows of k elements at the start of its row.
+void check_experts(const at::Tensor& w, int64_t type, int n_out, int k, const at::Device& dev) {
+  check_tensor(w, "w", at::kByte, dev);
+  const auto t = static_cast<GgmlType>(type);
+  HX_OP_CHECK(type >= 0 && type <= 64 && is_supported(t), "unsupported GGML type id ", type);
+  HX_OP_CHECK(w.dim() == 2 && static_cast<size_t>(w.size(1)) >= row_bytes(t, k) * static_cast<size_t>(n_out),
+              "w must be [num_experts, stride] with room for ", n_out, " rows of ", k, " ", type_name(t), " elements");
+}
+
+void op_matvec_expert_pairs(int64_t type, const at::Tensor& w, const at::Tensor& ids, const at::Tensor& x,
+                            int64_t x_div, at::Tensor& y, int64_t n_out, int64_t k) {
+  const c10::cuda::CUDAGuard guard(cuda_device(x, "x"));
+  const auto dev = x.device();
+  const int no = as_int(n_out, "n_out", 1), kk = as_int(k, "k", 1), div = as_int(x_div, "x_div", 1);
+  check_experts(w, type, no, kk, dev);
+  check_tensor(ids, "ids", at::kInt, dev);
+  check_tensor(x, "x", at::kFloat, dev);
+  check_tensor(y, "y", at::kFloat, dev);
+  const int count = as_int(ids.numel(), "count", 1);
+  HX_OP_CHECK(x.numel() >= static_cast<int64_t>((count - 1) / div + 1) * kk, "x must hold count / x_div rows of k");
+  HX_OP_CHECK(y.numel() == static_cast<int64_t>(count) * no, "y must be [count, n_out]");
+  launch([&] {
+    matvec_expert_pairs_launch(static_cast<GgmlType>(type), w.data_ptr(), static_cast<size_t>(w.size(1)),
+                               as_int(w.size(0), "num_experts", 1), ids.data_ptr<int32_t>(), x.data_ptr<float>(), div,
+                               y.data_ptr<float>(), no, kk, count, stream_of(dev));
+  });
+}
+
+void op_matvec_expert_groups(int64_t type, const at::Tensor& w, const at::Tensor& offsets, const at::Tensor& active,
+                             const at::Tensor& n_active, int64_t max_groups, const at::Tensor& x, at::Tensor& y,
+                             int64_t n_out, int64_t k) {
+  const c10::cuda::CUDAGuard guard(cuda_device(x, "x"));
+  const auto dev = x.device();
+  const int no = as_int(n_out, "n_out", 1), kk = as_int(k, "k", 1);
+  check_experts(w, type, no, kk, dev);
+  const int E = as_int(w.size(0), "num_experts", 1);
+  check_tensor(offsets, "offsets", at::kInt, dev);
+  check_tensor(active, "active", at::kInt, dev);
+  check_tensor(n_active, "n_active", at::kInt, dev);
+  check_tensor(x, "x", at::kFloat, dev);
+  check_tensor(y, "y", at::kFloat, dev);
+  HX_OP_CHECK(offsets.numel() == E + 1 && active.numel() == E && n_active.numel() == 1,
+              "offsets, active and n_active must hold num_experts + 1, num_experts and 1 entries");
+  HX_OP_CHECK(x.dim() == 2 && x.size(1) == k && y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == n_out,
+              "x must be [rows, k] and y [rows, n_out]");
+  launch([&] {
+    matvec_expert_groups_launch(static_cast<GgmlType>(type), w.data_ptr(), static_cast<size_t>(w.size(1)), E,
+                                offsets.data_ptr<int32_t>(), active.data_ptr<int32_t>(), n_active.data_ptr<int32_t>(),
+                                as_int(max_groups, "max_groups", 1), x.data_ptr<float>(), y.data_ptr<float>(), no, kk,
+                                stream_of(dev));
+  });
+}
+
+}  // namespace
+}  // namespace hx
+
+TORCH_LIBRARY_FRAGMENT(helexa, m) {
+  m.def("moe_route(Tensor logits, int top_k, bool normalize, Tensor(a!) ids, Tensor(b!) weights) -> ()",
+        &hx::op_moe_route);
+  m.def(
+      "moe_align(Tensor ids, int num_experts, int top_k, Tensor(a!) offsets, Tensor(b!) active, Tensor(c!) n_active, "
+      "Tensor(d!) pair_slot, Tensor(e!) slot_token) -> ()",
+      &hx::op_moe_align);
+  m.def("moe_combine(Tensor(a!) x, Tensor y, Tensor weights, Tensor? pair_slot) -> ()", &hx::op_moe_combine);
+  m.def(
+      "matvec_expert_pairs(int type, Tensor w, Tensor ids, Tensor x, int x_div, Tensor(a!) y, int n_out, int k) -> ()",
+      &hx::op_matvec_expert_pairs);
+  m.def(
+      "matvec_expert_groups(int type, Tensor w, Tensor offsets, Tensor active, Tensor n_active, int max_groups, "
+      "Tensor x, Tensor(a!) y, int n_out, int k) -> ()",
+      &hx::op_matvec_expert_groups);
+}
