@@ -370,9 +370,18 @@ def run_bench(
                     "concurrency": bench_concurrency(eng, concurrency, prompt_tokens, decode_tokens, warmup=warmup),
                 }
             else:
+                # A tensor-parallel model streams each rank's shard from its own GPU: N devices' ceiling.
+                tp = int(getattr(eng.backend, "tensor_parallel", 1))
                 out = bench_engine(
-                    eng, prompt_tokens, decode_tokens, depth, repeats, warmup, copy_bandwidth_gbs=copy_bw
+                    eng,
+                    prompt_tokens,
+                    decode_tokens,
+                    depth,
+                    repeats,
+                    warmup,
+                    copy_bandwidth_gbs=copy_bw * tp if copy_bw else copy_bw,
                 )
+                out["tensor_parallel"] = tp
         if synthetic:
             out["synthetic"] = synthetic
             out["synthetic_write_seconds"] = write_seconds

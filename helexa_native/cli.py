@@ -59,8 +59,9 @@ def _add_model_args(p: argparse.ArgumentParser, model: bool = True) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="split the model over N ranks: on the CPU, N threads of this process, or, under "
-        "torchrun, one rank per process (rank 0 runs the command); GPUs: not built yet",
+        help="split the model over N ranks: on GPUs one rank per GPU (cuda:I .. cuda:I+N-1 for "
+        "--device cuda:I), on the CPU N threads of this process; under torchrun one rank per "
+        "process (rank 0 runs the command; on GPUs each process drives cuda:LOCAL_RANK)",
     )
     g.add_argument(
         "--step-timeout",

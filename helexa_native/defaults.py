@@ -49,3 +49,14 @@ DEFAULT_STEP_TIMEOUT = 120.0
 # Tensor-parallel ranks started as processes (torchrun) wait this long for
 # each other to start and join before giving up.
 DEFAULT_TP_CONNECT_TIMEOUT = 600.0
+
+# Tensor parallelism on GPUs of one process: all-reduces of at most this many
+# bytes (a decode step's per-layer hidden rows: 16 KB a token at hidden 4096)
+# take the one-shot peer-memory kernel; larger ones take NCCL.
+DEFAULT_TP_PEER_MAX_BYTES = 512 << 10
+
+# After a tensor-parallel GPU step overran its limit and the watchdog aborted
+# the communicators, the ranks' jobs get this many more seconds to drain
+# before the step gives up on them (a rank stuck in a kernel that ignores
+# the abort keeps its worker; the rest is freed).
+TP_ABORT_GRACE = 10.0

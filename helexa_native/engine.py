@@ -187,6 +187,7 @@ class Engine:
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         tensor_parallel: Optional[int] = None,
         step_timeout: Optional[float] = None,
+        devices: Optional[Sequence[int]] = None,
         tool_call_parser: Optional[str] = None,
         reasoning_parser: Optional[str] = None,
         pooling: Optional[str] = None,
@@ -213,10 +214,14 @@ class Engine:
         results (parallel/). On the CPU the ranks are N threads of this
         process, or, when the process was started by torchrun, one rank per
         process: rank 0's Engine leads and the other ranks' constructors
-        serve its steps and exit when it closes, never returning. GPUs: not
-        built yet (DeviceError). step_timeout: seconds a tensor-parallel
-        step may take before the model fails with a DeviceError naming the
-        late rank (default defaults.DEFAULT_STEP_TIMEOUT).
+        serve its steps and exit when it closes, never returning. On GPUs
+        each rank is one GPU: in one process cuda:N .. cuda:N+tensor_parallel-1
+        for device "cuda:N" (or `devices`), under torchrun cuda:LOCAL_RANK of
+        each process. devices: the GPUs of a tensor-parallel model in this
+        process, rank r on devices[r] (tensor_parallel defaults to their
+        count). step_timeout: seconds a tensor-parallel step may take before
+        the model fails with a DeviceError naming the late rank (default
+        defaults.DEFAULT_STEP_TIMEOUT).
         tool_call_parser ("hermes", "llama3_json", "mistral") and reasoning_parser
         ("think", or "none" for off): how chat output is read; default: picked
         from the chat template (hermes for templates that do not render tools).
@@ -240,6 +245,17 @@ class Engine:
         tp = check_tensor_parallel(tensor_parallel)
         step_timeout = check_step_timeout(defaults.DEFAULT_STEP_TIMEOUT if step_timeout is None else step_timeout)
         kind, index = _parse_device(device)
+        if devices is not None:
+            from .parallel.gpu_shard import check_devices
+
+            devices = check_devices(devices)
+            if tensor_parallel is None:
+                tp = len(devices)
+            elif tp != len(devices):
+                raise ValueError(f"devices {devices} name {len(devices)} GPUs, but tensor_parallel is {tp}")
+            if kind == "cpu":
+                raise ValueError("devices= names GPUs; it needs device 'cuda' (or 'auto')")
+            kind, index = "cuda", devices[0]
         if int8_activations is not None and not isinstance(int8_activations, bool):
             raise ValueError(f"int8_activations must be None, True or False, got {int8_activations!r}")
         if n_ctx is not None and (not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 1):
@@ -251,6 +267,13 @@ class Engine:
             kind, index = resolve_device(kind)
         if kind == "cuda":
             self._check_cuda(index)
+            if tp > 1 and devices is None:
+                from .parallel.launch import launch_from_env
+
+                if launch_from_env() is None:
+                    devices = list(range(index, index + tp))
+            for d in devices or ():
+                self._check_cuda(d, tp)
 
         t0 = time.perf_counter()
         from .loaders import load_source
@@ -277,6 +300,8 @@ class Engine:
                     kv_cache_memory=kv_cache_memory,
                     prefix_cache=prefix_cache,
                     step_timeout=step_timeout,
+                    devices=devices,
+                    int8_activations=int8_activations,
                 )
             elif kind == "cuda":
                 from .backends.cuda import CUDABackend
@@ -430,7 +455,7 @@ class Engine:
             return self._compiler
 
     @staticmethod
-    def _check_cuda(index: int) -> None:
+    def _check_cuda(index: int, tensor_parallel: int = 1) -> None:
         if not _cuda_build():
             raise DeviceError(
                 "this build of helexa_native has no CUDA support (install a CUDA build, or use device='cpu')"
@@ -441,6 +466,11 @@ class Engine:
 
         count = torch.cuda.device_count()
         if index >= count:
+            if tensor_parallel > 1:
+                raise DeviceError(
+                    f"tensor_parallel {tensor_parallel} needs cuda:{index}, but {count} GPU(s) are visible "
+                    "(one rank per GPU)"
+                )
             raise DeviceError(f"cuda:{index} does not exist: {count} GPU(s) visible")
 
     def _make_template(self, template: Optional[str]):

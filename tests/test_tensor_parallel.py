@@ -24,13 +24,16 @@ from hf_factory import VOCAB
 
 from helexa_native import Engine
 from helexa_native.backends.cpu import CPUBackend
-from helexa_native.config import ModelConfig
+from helexa_native.config import ModelConfig, RawTensor
 from helexa_native.errors import DeviceError, LaunchError, ShardingError, UnsupportedModelError
 from helexa_native.ggml_types import FLOAT_TYPES, QUANT_TYPES
 from helexa_native.loaders import load_source
 from helexa_native.loaders.validate import expected_shapes
 from helexa_native.parallel.backend import ShardedCPUBackend
+from helexa_native.parallel.cuda_backend import ShardedCUDABackend
+from helexa_native.parallel.cuda_distributed import MODE_ALL_LOGITS, MODE_STEP, decode_gpu_step, encode_gpu_step
 from helexa_native.parallel.distributed import Launch, check_launch, decode_step, encode_step, launch_from_env
+from helexa_native.parallel.gpu_shard import gpu_plan, rank_tensors
 from helexa_native.parallel.launch import tensor_parallel_backend
 from helexa_native.parallel.sharding import ROWS, shard_plan, shard_tensor
 from helexa_native.params import SamplerState, SamplingParams
@@ -306,17 +309,110 @@ def test_engine_batches_sequences_on_the_sharded_reference(hf_models):
         assert eng.generate(prompts[0], temperature=0.8, seed=5, max_tokens=6, ignore_eos=True).token_ids == seeded
 
 
-def test_tensor_parallel_on_gpus_is_not_built_yet(hf_models):
-    src = load_source(hf_models("llama"), progress=False)
+def test_gpu_tensor_parallel_arguments_fail_clearly_before_any_device(hf_models):
+    folder = hf_models("llama")
+    src = load_source(folder, progress=False)
     try:
-        with pytest.raises(DeviceError, match="tensor parallelism on GPUs needs the sharded device step"):
-            tensor_parallel_backend(src, "cuda", 0, 64, 2)
+        # More ranks than visible GPUs (cuda:96 and cuda:97 exist nowhere): named before any native call.
+        with pytest.raises(DeviceError, match=r"needs cuda:96, cuda:97, but \d+ GPU\(s\) are visible"):
+            tensor_parallel_backend(src, "cuda", 96, 64, 2)
+        with pytest.raises(DeviceError, match=r"needs (cuda:0, )?cuda:97, but"):
+            ShardedCUDABackend(src, [0, 97], 64)
+        with pytest.raises(ValueError, match="devices must be distinct"):
+            ShardedCUDABackend(src, [0, 0], 64)
+        with pytest.raises(ValueError, match="devices must hold non-negative GPU indices"):
+            ShardedCUDABackend(src, [0, -1], 64)
+        with pytest.raises(ValueError, match=r"devices \[0, 1\] name 2 GPUs, tensor_parallel is 3"):
+            tensor_parallel_backend(src, "cuda", 0, 64, 3, devices=[0, 1])
+        with pytest.raises(ValueError, match="block_size must be a power of two"):
+            ShardedCUDABackend(src, [0, 97], 64, block_size=24)
     finally:
         src.close()
     with pytest.raises(ValueError, match="tensor_parallel must be a positive integer"):
-        Engine(hf_models("llama"), device="cpu", tensor_parallel=0)
+        Engine(folder, device="cpu", tensor_parallel=0)
     with pytest.raises(ValueError, match="step_timeout"):
-        Engine(hf_models("llama"), device="cpu", tensor_parallel=2, step_timeout=-1)
+        Engine(folder, device="cpu", tensor_parallel=2, step_timeout=-1)
+    with pytest.raises(ValueError, match=r"devices \[0, 1\] name 2 GPUs, but tensor_parallel is 4"):
+        Engine(folder, devices=[0, 1], tensor_parallel=4)
+    with pytest.raises(ValueError, match="devices= names GPUs"):
+        Engine(folder, device="cpu", devices=[0, 1])
+    with pytest.raises(ValueError, match="devices must be a non-empty list"):
+        Engine(folder, devices=[])
+
+
+def test_gpu_split_refuses_straddling_kv_heads(tmp_path):
+    # The CPU reference runs 6 query heads over 3 kv heads on 2 ranks; the GPU
+    # attention needs each rank's query heads in equal groups over its kv heads.
+    cfg = config("llama", num_heads=6, num_kv_heads=3, head_dim=64, hidden_size=384, intermediate_size=768)
+    path = write_gguf(tmp_path / "m.gguf", cfg, random_weights(cfg), "F16")
+    src = load_source(path, progress=False)
+    try:
+        with pytest.raises(ShardingError, match=r"rank 0's 3 query heads read kv heads \[0, 0, 1\]"):
+            gpu_plan(src, 2)
+        with pytest.raises(ShardingError, match="not in equal groups"):
+            ShardedCUDABackend(src, [0, 97], 64)
+        gpu_plan(src, 3)  # one kv head per rank
+    finally:
+        src.close()
+    # A quantized column split off a block boundary is refused as on the CPU.
+    cfg = config("llama", head_dim=64, num_heads=4, num_kv_heads=4)
+    path = write_gguf(tmp_path / "q4k.gguf", cfg, random_weights(cfg), "Q4_K")
+    src = load_source(path, progress=False)
+    try:
+        with pytest.raises(ShardingError, match=r"blk\.0\.attn_output\.weight \(Q4_K.*blocks of 256"):
+            ShardedCUDABackend(src, [0, 1, 2, 3], 64)
+    finally:
+        src.close()
+
+
+@pytest.mark.parametrize("qtype", ["F32", "BF16", "Q8_0", "Q4_K"])
+def test_gpu_rank_tensors_reassemble_and_keep_the_head_on_rank_0(tmp_path, qtype):
+    cfg = config("qwen2", attention_bias=True, tie_word_embeddings=False)
+    path = write_gguf(tmp_path / f"m-{qtype}.gguf", cfg, random_weights(cfg), qtype)
+    src = load_source(path, progress=False)
+    try:
+        # A row-parallel bias (no loaded architecture has one yet) goes to rank 0 alone.
+        bias = np.full(cfg.hidden_size, 0.5, np.float32)
+        src.tensors["blk.0.attn_output.bias"] = RawTensor(
+            "blk.0.attn_output.bias", bias.shape, "F32", bias, lambda t: torch.from_numpy(np.asarray(t.data))
+        )
+        plan = gpu_plan(src, 2)
+        assert plan.split("output.weight") is None and plan.describe()["lm_head"] == "replicated"
+        ranks = [{name: (tid, shape, arr) for name, tid, shape, arr in rank_tensors(src, plan, r)} for r in range(2)]
+        # The head, its norm and the row-parallel bias: rank 0 only (followers have no head; the bias is added once).
+        for name in ("output.weight", "output_norm.weight", "blk.0.attn_output.bias"):
+            assert name in ranks[0] and name not in ranks[1], name
+        assert ranks[0]["output.weight"][1] == [cfg.vocab_size, cfg.hidden_size]
+        for name, (tid, shape, arr) in ranks[0].items():
+            sp = plan.split(name)
+            if sp is None:
+                if name in ranks[1]:
+                    np.testing.assert_array_equal(arr, ranks[1][name][2])
+                continue
+            other = ranks[1][name]
+            assert tid == other[0] and arr.flags.c_contiguous and other[2].flags.c_contiguous
+            raw = src.tensors[name]
+            axis = 0 if sp.direction == ROWS else -1
+            if name.endswith(".bias"):  # biases go as flat float32
+                full = raw.to_float().numpy().reshape(-1)
+                np.testing.assert_array_equal(np.concatenate([arr, other[2]]), full)
+                continue
+            assert shape[axis] + other[1][axis] == raw.shape[axis]
+            # The stored bytes of the two slices reassemble the stored tensor.
+            data = np.ascontiguousarray(raw.data)
+            np.testing.assert_array_equal(np.concatenate([arr, other[2]], axis=axis), data)
+    finally:
+        src.close()
+
+
+def test_gpu_step_messages_round_trip_as_plain_integers():
+    seqs = [([5, 6, 7], 0, [3, 4], 2, True), ([9], 33, [0, 1, 2], 0, False)]
+    mode, got = decode_gpu_step(encode_gpu_step(MODE_STEP, seqs))
+    assert mode == MODE_STEP and got == seqs
+    msg = encode_gpu_step(MODE_ALL_LOGITS, [([1, 2], 4, [7], 0, False)])
+    assert msg.dtype == torch.long and decode_gpu_step(msg) == (MODE_ALL_LOGITS, [([1, 2], 4, [7], 0, False)])
+    with pytest.raises(LaunchError, match="each GPU rank is one process driving one GPU"):
+        check_launch(4, Launch(0, 2, 0, "127.0.0.1", 1), device="cuda")
 
 
 def test_watchdog_fails_a_step_whose_rank_hangs(hf_models):

@@ -2,6 +2,7 @@
 
     python3 tools/gpu_bench.py --models llama3-8b:Q4_K_M,smollm2-135m:bf16 --json bench.json
     python3 tools/gpu_bench.py --models llama3-8b:Q4_K_M --depths 0 --structured 1,32 --json so.json
+    python3 tools/gpu_bench.py --tensor-parallel 1,2 --models llama3-8b:bf16 --json bench-tp.json
 
 Timing is helexa_native.bench.bench_engine's (warm-up, medians of repeats,
 greedy decode through Backend.step). Bandwidth counts the bytes a decode
@@ -10,7 +11,10 @@ token reads: the whole model for a dense one; for a mixture of experts
 of the stacked expert tensors. This driver only saves the repeated
 writes and loads that separate `helexa-native bench` calls would make, and
 collects every result in one JSON file (rewritten after each result, so a
-run cut short keeps what it measured).
+run cut short keeps what it measured). --tensor-parallel 1,2 times each
+model on one GPU and split over cuda:0 .. cuda:1 (one process, one device
+worker per GPU); a split run's bandwidth share is against N devices' copy
+bandwidth.
 """
 
 from __future__ import annotations
@@ -38,6 +42,13 @@ def _args(argv):
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda")
+    p.add_argument(
+        "--tensor-parallel",
+        default="1",
+        metavar="N[,N...]",
+        help="split each model over N GPUs of this process, for each N of this comma-separated list "
+        "(each model is written once; default 1: one GPU, the plain path)",
+    )
     p.add_argument(
         "--int8-modes",
         action="store_true",
@@ -82,6 +93,16 @@ def _structured_overhead(eng, n: int, prompt_tokens: int, decode_tokens: int) ->
     }
 
 
+def _tp_sizes(text: str) -> list:
+    try:
+        sizes = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(n < 1 for n in sizes):
+        raise SystemExit(f"--tensor-parallel: expected comma-separated positive integers, got {text!r}")
+    return sizes
+
+
 def main(argv=None) -> int:
     a = _args(argv)
     from helexa_native.bench import bench_concurrency, bench_engine, measure_copy_bandwidth, write_synthetic
@@ -89,9 +110,11 @@ def main(argv=None) -> int:
 
     depths = [int(d) for d in a.depths.split(",") if d.strip()]
     models = [m.strip() for m in a.models.split(",") if m.strip()]
+    tp_sizes = _tp_sizes(a.tensor_parallel)
     n_ctx = max(depths) + a.prompt_tokens + a.decode_tokens
     out = {
         "device": a.device,
+        "tensor_parallel": tp_sizes,
         "prompt_tokens": a.prompt_tokens,
         "decode_tokens": a.decode_tokens,
         "depths": depths,
@@ -105,87 +128,104 @@ def main(argv=None) -> int:
     def save():
         Path(a.json_file).write_text(json.dumps(out, indent=1, default=str))
 
+    def bench_model(path, spec: str, tp: int, entry: dict) -> None:
+        # Each rank streams its shard from its own memory: the ceiling is tp devices'.
+        ceiling = copy_bw * tp
+        engine_kw = {"tensor_parallel": tp} if tp > 1 else {}
+        name = spec if tp == 1 else f"{spec} TP={tp}"
+        with Engine(path, device=a.device, n_ctx=n_ctx, progress=False, **engine_kw) as eng:
+            entry["load_seconds"] = eng.load_seconds
+            entry["weight_bytes"] = eng.weight_bytes
+            entry["weight_bytes_per_decode_token"] = eng.active_weight_bytes
+            mem = eng.backend.memory_info()
+            entry["device_bytes"] = mem.get("total_bytes")
+            print(f"{name}: loaded in {eng.load_seconds:.2f} s", flush=True)
+            entry["runs"] = []
+            for depth in depths:
+                r = bench_engine(eng, a.prompt_tokens, a.decode_tokens, depth, a.repeats, copy_bandwidth_gbs=ceiling)
+                entry["runs"].append(r)
+                print(
+                    f"{name}: depth {depth}: prefill {r['prefill_tokens_per_s']:.0f} tok/s, decode "
+                    f"{r['decode_tokens_per_s']:.1f} tok/s ({r['weight_bytes_per_decode_token'] / 1e9:.2f} GB "
+                    f"read per token, {r['achieved_gb_per_s']:.0f} GB/s, "
+                    f"{100 * r.get('bandwidth_share', 0.0):.0f}% of copy bandwidth)",
+                    flush=True,
+                )
+                save()
+            entry["graphs"] = {k: v for k, v in eng.backend.memory_info().items() if k.startswith("graph")}
+            levels = [int(x) for x in a.concurrency.split(",") if x.strip()]
+            if levels:
+                entry["concurrency"] = []
+                for n in levels:
+                    row = bench_concurrency(eng, [n], a.prompt_tokens, a.decode_tokens, warmup=n == levels[0])[0]
+                    entry["concurrency"].append(row)
+                    print(
+                        f"{name}: N={n}: aggregate decode {row['aggregate_decode_tokens_per_s']:.0f} tok/s, "
+                        f"ITL p50 {row['itl_ms_p50']:.2f} ms p99 {row['itl_ms_p99']:.2f} ms, "
+                        f"TTFT p50 {row['ttft_ms_p50']:.0f} ms",
+                        flush=True,
+                    )
+                    save()
+            levels = [int(x) for x in a.structured.split(",") if x.strip()]
+            if levels:
+                entry["structured"] = []
+                for n in levels:
+                    row = _structured_overhead(eng, n, a.prompt_tokens, a.decode_tokens)
+                    entry["structured"].append(row)
+                    print(
+                        f"{name}: N={n}: json_object decode {row['constrained_tokens_per_s']:.0f} tok/s "
+                        f"vs {row['plain_tokens_per_s']:.0f} tok/s plain: overhead "
+                        f"{100 * row['overhead']:.1f}% (ITL p50 {row['constrained']['itl_ms_p50']:.2f} "
+                        f"vs {row['plain']['itl_ms_p50']:.2f} ms; {row['constrained']['generated_tokens']} "
+                        f"of {n * a.decode_tokens} tokens generated constrained)",
+                        flush=True,
+                    )
+                    save()
+        if a.int8_modes and spec.split(":")[1].upper() in ("Q4_K_M", "Q4_0", "Q8_0", "Q4_K", "Q6_K"):
+            for mode, label in ((True, "int8_all"), (False, "float")):
+                with Engine(
+                    path, device=a.device, n_ctx=n_ctx, progress=False, int8_activations=mode, **engine_kw
+                ) as eng:
+                    r = bench_engine(eng, a.prompt_tokens, a.decode_tokens, 0, a.repeats, copy_bandwidth_gbs=ceiling)
+                    entry[f"{label}_depth0"] = r
+                    print(
+                        f"{name}: {label} activations, depth 0: decode {r['decode_tokens_per_s']:.1f} tok/s "
+                        f"({r['achieved_gb_per_s']:.0f} GB/s)",
+                        flush=True,
+                    )
+                    save()
+
     root = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="hx-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     failed = 0
     for spec in models:
-        entry = {"model": spec}
-        out["results"].append(entry)
         d = root / spec.replace(":", "-")
         d.mkdir(parents=True, exist_ok=True)
         try:
             t0 = time.perf_counter()
-            path = write_synthetic(spec, d, progress=False)
-            entry["write_seconds"] = time.perf_counter() - t0
-            print(f"{spec}: written in {entry['write_seconds']:.1f} s", flush=True)
-            with Engine(path, device=a.device, n_ctx=n_ctx, progress=False) as eng:
-                entry["load_seconds"] = eng.load_seconds
-                entry["weight_bytes"] = eng.weight_bytes
-                entry["weight_bytes_per_decode_token"] = eng.active_weight_bytes
-                mem = eng.backend.memory_info()
-                entry["device_bytes"] = mem.get("total_bytes")
-                print(f"{spec}: loaded in {eng.load_seconds:.2f} s", flush=True)
-                entry["runs"] = []
-                for depth in depths:
-                    r = bench_engine(
-                        eng, a.prompt_tokens, a.decode_tokens, depth, a.repeats, copy_bandwidth_gbs=copy_bw
-                    )
-                    entry["runs"].append(r)
-                    print(
-                        f"{spec}: depth {depth}: prefill {r['prefill_tokens_per_s']:.0f} tok/s, decode "
-                        f"{r['decode_tokens_per_s']:.1f} tok/s ({r['weight_bytes_per_decode_token'] / 1e9:.2f} GB "
-                        f"read per token, {r['achieved_gb_per_s']:.0f} GB/s, "
-                        f"{100 * r.get('bandwidth_share', 0.0):.0f}% of copy bandwidth)",
-                        flush=True,
-                    )
+            try:
+                path = write_synthetic(spec, d, progress=False)
+            except Exception as e:
+                failed += 1
+                out["results"].append(
+                    {"model": spec, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+                )
+                print(f"{spec}: FAILED {type(e).__name__}: {e}", flush=True)
+                continue
+            written = time.perf_counter() - t0
+            print(f"{spec}: written in {written:.1f} s", flush=True)
+            for tp in tp_sizes:
+                entry = {"model": spec, "tensor_parallel": tp, "write_seconds": written}
+                out["results"].append(entry)
+                try:
+                    bench_model(path, spec, tp, entry)
+                except Exception as e:
+                    failed += 1
+                    entry["error"] = f"{type(e).__name__}: {e}"
+                    entry["traceback"] = traceback.format_exc()
+                    print(f"{spec} TP={tp}: FAILED {entry['error']}", flush=True)
+                finally:
                     save()
-                entry["graphs"] = {k: v for k, v in eng.backend.memory_info().items() if k.startswith("graph")}
-                levels = [int(x) for x in a.concurrency.split(",") if x.strip()]
-                if levels:
-                    entry["concurrency"] = []
-                    for n in levels:
-                        row = bench_concurrency(eng, [n], a.prompt_tokens, a.decode_tokens, warmup=n == levels[0])[0]
-                        entry["concurrency"].append(row)
-                        print(
-                            f"{spec}: N={n}: aggregate decode {row['aggregate_decode_tokens_per_s']:.0f} tok/s, "
-                            f"ITL p50 {row['itl_ms_p50']:.2f} ms p99 {row['itl_ms_p99']:.2f} ms, "
-                            f"TTFT p50 {row['ttft_ms_p50']:.0f} ms",
-                            flush=True,
-                        )
-                        save()
-                levels = [int(x) for x in a.structured.split(",") if x.strip()]
-                if levels:
-                    entry["structured"] = []
-                    for n in levels:
-                        row = _structured_overhead(eng, n, a.prompt_tokens, a.decode_tokens)
-                        entry["structured"].append(row)
-                        print(
-                            f"{spec}: N={n}: json_object decode {row['constrained_tokens_per_s']:.0f} tok/s "
-                            f"vs {row['plain_tokens_per_s']:.0f} tok/s plain: overhead "
-                            f"{100 * row['overhead']:.1f}% (ITL p50 {row['constrained']['itl_ms_p50']:.2f} "
-                            f"vs {row['plain']['itl_ms_p50']:.2f} ms; {row['constrained']['generated_tokens']} "
-                            f"of {n * a.decode_tokens} tokens generated constrained)",
-                            flush=True,
-                        )
-                        save()
-            if a.int8_modes and spec.split(":")[1].upper() in ("Q4_K_M", "Q4_0", "Q8_0", "Q4_K", "Q6_K"):
-                for mode, label in ((True, "int8_all"), (False, "float")):
-                    with Engine(path, device=a.device, n_ctx=n_ctx, progress=False, int8_activations=mode) as eng:
-                        r = bench_engine(
-                            eng, a.prompt_tokens, a.decode_tokens, 0, a.repeats, copy_bandwidth_gbs=copy_bw
-                        )
-                        entry[f"{label}_depth0"] = r
-                        print(
-                            f"{spec}: {label} activations, depth 0: decode {r['decode_tokens_per_s']:.1f} tok/s "
-                            f"({r['achieved_gb_per_s']:.0f} GB/s)",
-                            flush=True,
-                        )
-                        save()
-        except Exception as e:
-            failed += 1
-            entry["error"] = f"{type(e).__name__}: {e}"
-            entry["traceback"] = traceback.format_exc()
-            print(f"{spec}: FAILED {entry['error']}", flush=True)
         finally:
             shutil.rmtree(d, ignore_errors=True)
             save()

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Build, test and benchmark helexa_native on a GPU machine, in one command.
 #
-#   tools/gpu_check.sh [all|check|build|test|bench] [options]
-#     all    build, GPU tests, benchmark (default)
+#   tools/gpu_check.sh [all|check|build|test|bench|tp] [options]
+#     all    build, GPU tests, benchmark, tensor parallelism (default)
 #     check  build + GPU tests
 #     build  build only;  test  tests only;  bench  benchmark only
+#     tp     tensor parallelism over --tp GPUs: the multi-GPU tests, then
+#            bench TP=1 against TP=N ("skipped: needs N GPUs" on fewer)
 #   options:
 #     --models LIST   bench models, PRESET:QUANT comma-separated
 #                     (default: llama3-8b Q4_K_M/Q4_0/Q8_0/bf16, smollm2-135m Q4_0/bf16)
@@ -14,10 +16,12 @@
 #     --arch X.Y      TORCH_CUDA_ARCH_LIST (default 9.0)
 #     --int8-modes    bench: also time int8-everywhere and float-only decode
 #     --concurrency L bench: also N concurrent streams for each N of L (e.g. 1,8,32,64)
+#     --tp N          tp stage: GPUs to split over (default 2)
+#     --tp-models L   tp stage: bench models (default llama3-8b:bf16)
 #
 # Logs and JSON go to $OUT (default /tmp/helexa-gpu-check): build.log, tests.log,
-# tests.xml, bench.log, bench.json, summary.txt. The summary table is
-# printed last. A stage that is not run keeps no stale file. Each stage has a
+# tests.xml, bench.log, bench.json, tp.log, bench_tp.json, summary.txt. The
+# summary table is printed last. A stage that is not run keeps no stale file. Each stage has a
 # time limit (BUILD_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT seconds), and all
 # share BUDGET (570 s) so one call ends inside a 10-minute window with its
 # logs and summary intact.
@@ -33,7 +37,7 @@ mkdir -p "$OUT"
 
 MODE=all
 case "${1:-}" in
-  all|check|build|test|bench) MODE=$1; shift ;;
+  all|check|build|test|bench|tp) MODE=$1; shift ;;
 esac
 MODELS=""
 DEPTHS="0,4096"
@@ -41,6 +45,8 @@ REPEATS=3
 KEXPR=""
 INT8_MODES=""
 CONCURRENCY=""
+TP=2
+TP_MODELS="llama3-8b:bf16"
 ARCH=${TORCH_CUDA_ARCH_LIST:-9.0}
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -51,7 +57,9 @@ while [ $# -gt 0 ]; do
     --arch) ARCH=$2; shift 2 ;;
     --int8-modes) INT8_MODES=1; shift ;;
     --concurrency) CONCURRENCY=$2; shift 2 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    --tp) TP=$2; shift 2 ;;
+    --tp-models) TP_MODELS=$2; shift 2 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -76,7 +84,7 @@ if ! python3 -c "import gguf, flask" >/dev/null 2>&1 && ls .device/wheels/*.whl 
   export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 
-STATUS_BUILD="not run"; STATUS_TEST="not run"; STATUS_BENCH="not run"
+STATUS_BUILD="not run"; STATUS_TEST="not run"; STATUS_BENCH="not run"; STATUS_TP="not run"
 RC=0
 
 built() {
@@ -149,12 +157,49 @@ do_bench() {
   STATUS_BENCH="$STATUS_BENCH ($((SECONDS - t0)) s)"
 }
 
+gpu_count() {
+  python3 -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)" 2>/dev/null || echo 0
+}
+
+do_tp() {
+  rm -f "$OUT/tp.log" "$OUT/bench_tp.json"
+  if ! built; then STATUS_TP="skipped (no CUDA build)"; RC=1; return; fi
+  local n; n=$(gpu_count)
+  echo "== tensor parallelism (TP=$TP, $n GPU(s) visible)"
+  if [ "$n" -lt "$TP" ]; then
+    STATUS_TP="skipped: needs $TP GPUs ($n visible)"
+    echo "tp: $STATUS_TP"
+    return
+  fi
+  local t0=$SECONDS
+  local args=(tests/gpu/test_tensor_parallel_gpu.py -q -rfE -p no:cacheprovider)
+  [ -n "$KEXPR" ] && args+=(-k "$KEXPR")
+  local lim; lim=$(limit "$TEST_TIMEOUT")
+  timeout "$lim" python3 -X faulthandler -m pytest "${args[@]}" >"$OUT/tp.log" 2>&1
+  local trc=$?
+  local last
+  last=$(grep -E "^(=+ )?[0-9]+ (passed|failed|error|skipped)|no tests ran" "$OUT/tp.log" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//')
+  echo "tp tests: rc $trc; $last"
+  grep -E "^(FAILED|ERROR) " "$OUT/tp.log" | cut -c1-300 | head -20
+  lim=$(limit "$BENCH_TIMEOUT")
+  timeout "$lim" python3 tools/gpu_bench.py --json "$OUT/bench_tp.json" --tensor-parallel "1,$TP" \
+    --models "$TP_MODELS" --depths 0 --repeats "$REPEATS" 2>&1 | tee -a "$OUT/tp.log"
+  local brc=${PIPESTATUS[0]}
+  if [ $trc -ne 0 ] || [ $brc -ne 0 ]; then
+    STATUS_TP="FAILED (tests rc $trc, bench rc $brc)"; RC=1
+  else
+    STATUS_TP="ok"
+  fi
+  STATUS_TP="$STATUS_TP ($((SECONDS - t0)) s)"
+}
+
 case "$MODE" in
-  all) do_build; do_test; do_bench ;;
+  all) do_build; do_test; do_bench; do_tp ;;
   check) do_build; do_test ;;
   build) do_build ;;
   test) built || do_build; do_test ;;
   bench) built || do_build; do_bench ;;
+  tp) built || do_build; do_tp ;;
 esac
 
 {
@@ -165,6 +210,27 @@ esac
   echo "build   $STATUS_BUILD"
   echo "tests   $STATUS_TEST"
   echo "bench   $STATUS_BENCH"
+  echo "tp      $STATUS_TP"
+  if [ -f "$OUT/bench_tp.json" ]; then
+    python3 - "$OUT/bench_tp.json" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+print(f"tensor parallelism, decode at depth 0 ({d['decode_tokens']} tokens, medians)")
+base = {}
+for e in d["results"]:
+    if "error" in e or not e.get("runs"):
+        print(f"{e['model']:<22} TP={e.get('tensor_parallel', '?')} FAILED {e.get('error', '')[:80]}")
+        continue
+    r = e["runs"][0]
+    tp = e["tensor_parallel"]
+    if tp == 1:
+        base[e["model"]] = r["decode_tokens_per_s"]
+    one = base.get(e["model"])
+    speedup = f"{r['decode_tokens_per_s'] / one:.2f}x" if one else ""
+    print(f"{e['model']:<22} TP={tp:<2} decode {r['decode_tokens_per_s']:>8.1f} tok/s {speedup:>7}  "
+          f"prefill {r['prefill_tokens_per_s']:>8.0f} tok/s")
+EOF
+  fi
   if [ -f "$OUT/bench.json" ]; then
     python3 - "$OUT/bench.json" <<'EOF'
 import json, sys

@@ -1,10 +1,14 @@
 // Python side of the GPU model: `_C.GpuModelHandle`, a handle to the GpuModel
 // (llama_model.h) living in a device worker's slab, plus the small value types
-// its calls take (ModelSpec, StepSampling, PenaltyUpdate, SeqInput, HiddenPooling).
+// its calls take (ModelSpec, StepSampling, PenaltyUpdate, SeqInput, HiddenPooling) and
+// `_C.PendingStep`, a step submitted without waiting (the tensor-parallel
+// backends submit every rank's step before waiting on any).
 //
 // Every method submits one job and waits for it with the GIL released; the
-// worker thread does all CUDA work. Without CUDA this file binds nothing, and
-// `_C.cuda` tells Python so.
+// worker thread does all CUDA work. The one exception is abort(), which only
+// writes the model's host-mapped abort word and aborts the worker's NCCL
+// communicator (the watchdog's call, made while the worker is stuck). Without
+// CUDA this file binds nothing, and `_C.cuda` tells Python so.
 #include "bindings/bind.h"
 
 #ifdef HX_WITH_CUDA
@@ -12,9 +16,13 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "model/model_api.h"
@@ -36,6 +44,85 @@ std::vector<T> vector_of(const py::object& obj, const char* name) {
   if (arr.ndim() != 1) throw py::value_error(std::string(name) + " must be 1-D");
   return std::vector<T>(arr.data(), arr.data() + arr.size());
 }
+
+// (token or -1, logprob | None, [(id, logprob)] | None, logits | None)
+py::tuple step_result_to_py(const StepResult& r, bool want_logits) {
+  py::object lp = py::none();
+  py::object top = py::none();
+  if (r.has_logprob) {
+    lp = py::float_(r.logprob);
+    py::list l;
+    for (const auto& p : r.top) l.append(py::make_tuple(p.first, p.second));
+    top = l;
+  }
+  py::object logits = py::none();
+  if (want_logits && !r.logits.empty()) {
+    py::array_t<float> arr(static_cast<py::ssize_t>(r.logits.size()));
+    std::copy(r.logits.begin(), r.logits.end(), arr.mutable_data());
+    logits = arr;
+  }
+  return py::make_tuple(r.token, lp, top, logits);
+}
+
+// A step (or forward) job submitted without waiting. wait() releases the GIL
+// and may learn the job's duration like a JobWaiter; result() returns what
+// the waiting call would have (or raises its error).
+class PendingStep {
+ public:
+  PendingStep(std::shared_future<std::vector<StepResult>> f, std::vector<char> want_logits,
+              std::shared_ptr<std::atomic<bool>> started, std::shared_ptr<JobWaiter> waiter)
+      : step_(std::move(f)), want_(std::move(want_logits)), started_(std::move(started)), waiter_(std::move(waiter)) {}
+  // shape: of the float array result() returns.
+  PendingStep(std::shared_future<std::vector<float>> f, std::vector<py::ssize_t> shape,
+              std::shared_ptr<std::atomic<bool>> started, std::shared_ptr<JobWaiter> waiter)
+      : logits_(std::move(f)), shape_(std::move(shape)), started_(std::move(started)), waiter_(std::move(waiter)) {}
+
+  bool wait(double timeout_s, bool learn) {
+    const auto limit = std::chrono::nanoseconds(static_cast<int64_t>(std::max(0.0, timeout_s) * 1e9));
+    py::gil_scoped_release nogil;
+    if (learn && waiter_) return step_.valid() ? waiter_->wait_for(step_, limit) : waiter_->wait_for(logits_, limit);
+    const auto st = step_.valid() ? step_.wait_for(limit) : logits_.wait_for(limit);
+    return st == std::future_status::ready;
+  }
+  bool done() const {
+    const auto zero = std::chrono::seconds(0);
+    return (step_.valid() ? step_.wait_for(zero) : logits_.wait_for(zero)) == std::future_status::ready;
+  }
+  bool started() const { return started_ && started_->load(); }
+
+  py::object result() {
+    if (step_.valid()) {
+      const std::vector<StepResult>* rs = nullptr;
+      {
+        py::gil_scoped_release nogil;
+        rs = &step_.get();
+      }
+      py::list out;
+      for (size_t i = 0; i < rs->size(); ++i) out.append(step_result_to_py((*rs)[i], i < want_.size() && want_[i]));
+      return out;
+    }
+    const std::vector<float>* v = nullptr;
+    {
+      py::gil_scoped_release nogil;
+      v = &logits_.get();
+    }
+    py::ssize_t n = 1;
+    for (py::ssize_t d : shape_) n *= d;
+    if (v->empty() && n != 0) return py::none();  // a rank without the LM head
+    if (static_cast<py::ssize_t>(v->size()) != n) throw std::runtime_error("a job returned an unexpected size");
+    py::array_t<float> arr(shape_);
+    std::copy(v->begin(), v->end(), arr.mutable_data());
+    return arr;
+  }
+
+ private:
+  std::shared_future<std::vector<StepResult>> step_;
+  std::vector<char> want_;
+  std::shared_future<std::vector<float>> logits_;
+  std::vector<py::ssize_t> shape_;
+  std::shared_ptr<std::atomic<bool>> started_;
+  std::shared_ptr<JobWaiter> waiter_;
+};
 
 class GpuModelHandle {
  public:
@@ -78,9 +165,11 @@ class GpuModelHandle {
     load_seconds_ = r.seconds;
     vocab_ = spec.vocab;
     hidden_ = spec.hidden;
+    tp_status_ = r.tp_status;
   }
 
   ~GpuModelHandle() {
+    forget_status();
     if (handle_ != 0 && worker_) {
       // Fire and forget: the slab frees it on the worker thread; waiting here
       // could block a garbage collection pass.
@@ -105,11 +194,121 @@ class GpuModelHandle {
     std::vector<StepResult> rs;
     {
       py::gil_scoped_release nogil;
-      rs = model_step_batch(*worker_, h, seqs, decode ? &decode_waiter_ : &step_waiter_);
+      rs = model_step_batch(*worker_, h, seqs, decode ? decode_waiter_.get() : step_waiter_.get());
     }
     py::list out;
-    for (size_t i = 0; i < rs.size(); ++i) out.append(to_py(rs[i], seqs[i].want_logits));
+    for (size_t i = 0; i < rs.size(); ++i) out.append(step_result_to_py(rs[i], seqs[i].want_logits));
     return out;
+  }
+
+  PendingStep step_batch_async(const std::vector<SeqInput>& seqs) {
+    return submit_step(std::make_shared<const std::vector<SeqInput>>(seqs));
+  }
+
+  // The job of step_batch_async over inputs already converted (shared by every rank of a group).
+  PendingStep submit_step(std::shared_ptr<const std::vector<SeqInput>> in) {
+    const int64_t h = live();
+    bool decode = !in->empty();
+    std::vector<char> want;
+    for (const SeqInput& s : *in) {
+      decode = decode && s.tokens.size() == 1 && s.sample;
+      want.push_back(s.want_logits ? 1 : 0);
+    }
+    auto started = std::make_shared<std::atomic<bool>>(false);
+    std::shared_future<std::vector<StepResult>> f;
+    {
+      py::gil_scoped_release nogil;
+      f = model_step_batch_submit(*worker_, h, std::move(in), started).share();
+    }
+    return PendingStep(std::move(f), std::move(want), std::move(started), decode ? decode_waiter_ : step_waiter_);
+  }
+
+  PendingStep forward_logits_async(const std::vector<int32_t>& tokens, int start_pos,
+                                   const std::vector<int32_t>& block_table, bool all_logits) {
+    auto seq = std::make_shared<SeqInput>();
+    seq->tokens = tokens;
+    seq->start_pos = start_pos;
+    seq->block_table = block_table;
+    return submit_forward(std::move(seq), all_logits);
+  }
+
+  PendingStep submit_forward(std::shared_ptr<const SeqInput> seq, bool all_logits) {
+    const int64_t h = live();
+    const auto rows = static_cast<py::ssize_t>(seq->tokens.size());
+    auto started = std::make_shared<std::atomic<bool>>(false);
+    std::shared_future<std::vector<float>> f;
+    {
+      py::gil_scoped_release nogil;
+      f = model_forward_logits_submit(*worker_, h, std::move(seq), all_logits, started).share();
+    }
+    std::vector<py::ssize_t> shape{vocab_};
+    if (all_logits) shape.insert(shape.begin(), rows);
+    return PendingStep(std::move(f), std::move(shape), std::move(started), step_waiter_);
+  }
+
+  PendingStep all_reduce_test_async(const std::vector<float>& data, bool peer) {
+    const int64_t h = live();
+    auto in = std::make_shared<const std::vector<float>>(data);
+    std::shared_future<std::vector<float>> f;
+    {
+      py::gil_scoped_release nogil;
+      f = model_all_reduce_test_submit(*worker_, h, std::move(in), peer).share();
+    }
+    return PendingStep(std::move(f), {static_cast<py::ssize_t>(data.size())}, nullptr, nullptr);
+  }
+
+  py::tuple peer_endpoint() {
+    const int64_t h = live();
+    PeerEndpoint e;
+    {
+      py::gil_scoped_release nogil;
+      e = model_peer_endpoint(*worker_, h);
+    }
+    return py::make_tuple(e.device, e.staging, e.flags, e.capacity);
+  }
+
+  void link_peers(const std::vector<std::tuple<int, uint64_t, uint64_t, uint64_t>>& group) {
+    const int64_t h = live();
+    std::vector<PeerEndpoint> eps;
+    for (const auto& g : group) {
+      PeerEndpoint e;
+      e.device = std::get<0>(g);
+      e.staging = std::get<1>(g);
+      e.flags = std::get<2>(g);
+      e.capacity = std::get<3>(g);
+      eps.push_back(e);
+    }
+    py::gil_scoped_release nogil;
+    model_link_peers(*worker_, h, eps);
+  }
+
+  bool peer_access(const std::vector<int>& devices) {
+    live();
+    py::gil_scoped_release nogil;
+    return model_peer_access(*worker_, devices);
+  }
+
+  void hang_next_step() {
+    const int64_t h = live();
+    py::gil_scoped_release nogil;
+    model_hang_next_step(*worker_, h);
+  }
+
+  // Any thread, no job: spinning kernels of this model give up, and (nccl)
+  // NCCL collectives of its worker's communicator return.
+  void abort(bool nccl) {
+    {
+      std::lock_guard<std::mutex> lk(status_mu_);
+      if (tp_status_ != nullptr) tp_status_->abort = 1;
+    }
+    if (!nccl || !worker_) return;
+    py::gil_scoped_release nogil;
+    worker_->abort_nccl();
+  }
+
+  int64_t arrived() {
+    std::lock_guard<std::mutex> lk(status_mu_);
+    return tp_status_ != nullptr ? static_cast<int64_t>(tp_status_->arrived) : -1;
   }
 
   py::array_t<float> forward_logits(const std::vector<int32_t>& tokens, int start_pos,
@@ -159,6 +358,7 @@ class GpuModelHandle {
 
   void close() {
     if (handle_ == 0) return;
+    forget_status();
     const int64_t h = handle_;
     handle_ = 0;
     py::gil_scoped_release nogil;
@@ -179,29 +379,19 @@ class GpuModelHandle {
     return handle_;
   }
 
-  // (token or -1, logprob | None, [(id, logprob)] | None, logits | None)
-  static py::tuple to_py(const StepResult& r, bool want_logits) {
-    py::object lp = py::none();
-    py::object top = py::none();
-    if (r.has_logprob) {
-      lp = py::float_(r.logprob);
-      py::list l;
-      for (const auto& p : r.top) l.append(py::make_tuple(p.first, p.second));
-      top = l;
-    }
-    py::object logits = py::none();
-    if (want_logits && !r.logits.empty()) {
-      py::array_t<float> arr(static_cast<py::ssize_t>(r.logits.size()));
-      std::copy(r.logits.begin(), r.logits.end(), arr.mutable_data());
-      logits = arr;
-    }
-    return py::make_tuple(r.token, lp, top, logits);
+  // The status words die with the model: abort() must not write them after.
+  void forget_status() {
+    std::lock_guard<std::mutex> lk(status_mu_);
+    tp_status_ = nullptr;
   }
 
   std::shared_ptr<DeviceWorker> worker_;
   int64_t handle_ = 0;
-  JobWaiter decode_waiter_;  // learns the pure-decode step's duration (see JobWaiter)
-  JobWaiter step_waiter_;    // every other step
+  // Learn the pure-decode step's duration and every other step's (see JobWaiter).
+  std::shared_ptr<JobWaiter> decode_waiter_ = std::make_shared<JobWaiter>();
+  std::shared_ptr<JobWaiter> step_waiter_ = std::make_shared<JobWaiter>();
+  std::mutex status_mu_;
+  TpStatus* tp_status_ = nullptr;  // host-mapped (tensor-parallel models only)
   size_t bytes_ = 0;
   double load_seconds_ = 0.0;
   py::ssize_t vocab_ = 0;
@@ -247,7 +437,22 @@ void bind_model(py::module_& m) {
       .def_readwrite("experts_per_tok", &ModelSpec::experts_per_tok)
       .def_readwrite("expert_ffn", &ModelSpec::expert_ffn)
       .def_readwrite("norm_topk_prob", &ModelSpec::norm_topk_prob)
-      .def_readwrite("mlp_only_layers", &ModelSpec::mlp_only_layers);
+      .def_readwrite("mlp_only_layers", &ModelSpec::mlp_only_layers)
+      .def_readwrite("tp_rank", &ModelSpec::tp_rank)
+      .def_readwrite("tp_size", &ModelSpec::tp_size, "0: the whole model; >= 1: a rank of that many")
+      .def_readwrite("tp_peer_max_bytes", &ModelSpec::tp_peer_max_bytes,
+                     "largest all-reduce the peer kernel takes once linked (larger ones use NCCL)")
+      .def_readwrite("lm_head", &ModelSpec::lm_head, "false: no LM head or sampler (a tensor-parallel follower)");
+
+  py::class_<PendingStep>(m, "PendingStep", "A step or forward job submitted without waiting")
+      .def("wait", &PendingStep::wait, py::arg("timeout"), py::arg("learn") = false,
+           "Wait up to timeout seconds (GIL released); True once the job ended. learn: wait like the "
+           "model's JobWaiter (sleep most of the learned duration, then poll)")
+      .def("done", &PendingStep::done, "True once the job ended")
+      .def("started", &PendingStep::started, "True once the job began on the worker")
+      .def("result", &PendingStep::result,
+           "What step_batch / forward_logits would have returned (None: a rank without the LM head); raises "
+           "the job's error");
 
   py::class_<StepSampling>(m, "StepSampling",
                            "A request's SamplingParams for one step, with the step counter and the logprobs asked")
@@ -328,6 +533,26 @@ void bind_model(py::module_& m) {
            py::arg("pooling"),
            "Final hidden states (after the output norm) of token sequences run from position 0 through their "
            "block tables: float32 [rows, hidden] per sequence")
+      .def("step_batch_async", &GpuModelHandle::step_batch_async, py::arg("seqs"),
+           "step_batch submitted without waiting: a PendingStep")
+      .def("forward_logits_async", &GpuModelHandle::forward_logits_async, py::arg("tokens"), py::arg("start_pos"),
+           py::arg("block_table"), py::arg("all_logits") = false,
+           "forward_logits submitted without waiting: a PendingStep")
+      .def("peer_access", &GpuModelHandle::peer_access, py::arg("devices"),
+           "Whether this model's device can map the memory of every one of `devices`")
+      .def("peer_endpoint", &GpuModelHandle::peer_endpoint,
+           "(device, staging, flags, capacity) of a tensor-parallel rank's peer all-reduce memory")
+      .def("link_peers", &GpuModelHandle::link_peers, py::arg("group"),
+           "Send small all-reduces through peer memory; group[r] is rank r's peer_endpoint()")
+      .def("all_reduce_test_async", &GpuModelHandle::all_reduce_test_async, py::arg("data"), py::arg("peer"),
+           "Test hook: float32 `data` summed over the group by the peer kernel or NCCL (every rank submits): "
+           "a PendingStep whose result() is the sum")
+      .def("hang_next_step", &GpuModelHandle::hang_next_step,
+           "Test hook: the next step spins on the device until abort()")
+      .def("abort", &GpuModelHandle::abort, py::arg("nccl") = true,
+           "From any thread, without a job: set the abort word and (nccl) abort the worker's NCCL communicator")
+      .def_property_readonly("arrived", &GpuModelHandle::arrived,
+                             "Peer all-reduces this rank entered (-1: not a tensor-parallel model)")
       .def("set_graphs", &GpuModelHandle::set_graphs, py::arg("enabled"))
       .def("memory", &GpuModelHandle::memory)
       .def("close", &GpuModelHandle::close)
@@ -338,6 +563,30 @@ void bind_model(py::module_& m) {
       .def_property_readonly("bytes", &GpuModelHandle::bytes)
       .def_property_readonly("load_seconds", &GpuModelHandle::load_seconds)
       .def_property_readonly("device", &GpuModelHandle::device);
+  // One conversion of the step for every rank of a tensor-parallel group.
+  m.def(
+      "step_batch_async_all",
+      [](const std::vector<GpuModelHandle*>& ranks, const std::vector<SeqInput>& seqs) {
+        auto in = std::make_shared<const std::vector<SeqInput>>(seqs);
+        std::vector<PendingStep> out;
+        for (GpuModelHandle* r : ranks) out.push_back(r->submit_step(in));
+        return out;
+      },
+      py::arg("ranks"), py::arg("seqs"), "step_batch_async of one step on every handle of `ranks`, in order");
+  m.def(
+      "forward_logits_async_all",
+      [](const std::vector<GpuModelHandle*>& ranks, const std::vector<int32_t>& tokens, int start_pos,
+         const std::vector<int32_t>& block_table, bool all_logits) {
+        auto seq = std::make_shared<SeqInput>();
+        seq->tokens = tokens;
+        seq->start_pos = start_pos;
+        seq->block_table = block_table;
+        std::vector<PendingStep> out;
+        for (GpuModelHandle* r : ranks) out.push_back(r->submit_forward(seq, all_logits));
+        return out;
+      },
+      py::arg("ranks"), py::arg("tokens"), py::arg("start_pos"), py::arg("block_table"), py::arg("all_logits") = false,
+      "forward_logits_async of one sequence on every handle of `ranks`, in order");
   m.attr("has_gpu_model") = true;
 }
 

@@ -263,6 +263,24 @@ void bind_runtime(py::module_& m) {
             return PendingJob(submit_nccl_init(w, std::string(uid), nranks, rank));
           },
           py::arg("unique_id"), py::arg("nranks"), py::arg("rank"))
+      .def(
+          "nccl_destroy_async",
+          [](DeviceWorker& w) {
+            return PendingJob(w.submit_cleanup([](WorkerContext& ctx) -> int64_t {
+              ctx.nccl_destroy();
+              return 0;
+            }));
+          },
+          "Destroy this worker's NCCL communicator (so nccl_init may run again); submit it on every rank "
+          "before waiting on any.")
+      .def(
+          "abort_nccl",
+          [](DeviceWorker& w) {
+            py::gil_scoped_release nogil;
+            w.abort_nccl();
+          },
+          "Abort this worker's NCCL communicator from this thread, without a job (collectives in flight "
+          "return; later ones fail until nccl_init runs again). The tensor-parallel watchdog's call.")
       .def_property_readonly("nccl_rank",
                              [](DeviceWorker& w) {
                                auto f = w.submit([](WorkerContext& ctx) { return ctx.nccl_rank(); });

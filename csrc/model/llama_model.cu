@@ -33,6 +33,7 @@
 #include "kernels/sum_rows.cuh"
 #include "kernels/swiglu.cuh"
 #include "model/gemm.h"
+#include "model/tensor_parallel.h"
 
 namespace hx {
 
@@ -208,6 +209,9 @@ GpuModel::GpuModel(WorkerContext& ctx, const ModelSpec& spec, const std::vector<
   if (s.max_num_seqs < 1 || s.max_num_seqs > 4096)
     bad_model("max_num_seqs must be in [1, 4096], got " + std::to_string(s.max_num_seqs));
   if (s.num_blocks < 0) bad_model("num_blocks must not be negative");
+  if (s.tp_size < 0 || (s.tp_size > 0 && (s.tp_rank < 0 || s.tp_rank >= s.tp_size)))
+    bad_model("tensor-parallel rank " + std::to_string(s.tp_rank) + " of " + std::to_string(s.tp_size) +
+              " is out of range");
 
   q_size_ = s.heads * s.head_dim;
   kv_size_ = s.kv_heads * s.head_dim;
@@ -226,6 +230,10 @@ GpuModel::GpuModel(WorkerContext& ctx, const ModelSpec& spec, const std::vector<
   mask_words_ = constrain_mask_words(s.vocab);
   use_graphs_ = s.use_graphs;
   try {
+    if (s.tp_size > 0) {
+      tp_ = std::make_unique<TpComm>(ctx, s.tp_rank, s.tp_size, s.tp_peer_max_bytes);
+      scratch_bytes_ += tp_->device_bytes();
+    }
     load_weights(ctx, tensors);
     alloc_state();
     init_tables(ctx);
@@ -368,11 +376,13 @@ void GpuModel::load_weights(WorkerContext& ctx, const std::vector<HostTensor>& t
   };
 
   token_embd_ = upload_matrix(table.matrix("token_embd.weight", s.vocab, h), s.vocab, h);
-  output_norm_ = upload_vector(table.vector("output_norm.weight", h, true));
-  if (table.find("output.weight") != nullptr)
-    output_ = upload_matrix(table.matrix("output.weight", s.vocab, h), s.vocab, h);
-  else
-    output_ = token_embd_;  // tied embeddings
+  if (s.lm_head) {
+    output_norm_ = upload_vector(table.vector("output_norm.weight", h, true));
+    if (table.find("output.weight") != nullptr)
+      output_ = upload_matrix(table.matrix("output.weight", s.vocab, h), s.vocab, h);
+    else
+      output_ = token_embd_;  // tied embeddings
+  }
   {
     void* dst = dev_alloc(s.inv_freq.size() * sizeof(double), &weight_bytes_);
     ctx.upload(s.inv_freq.data(), s.inv_freq.size() * sizeof(double), dst);
@@ -480,7 +490,7 @@ void GpuModel::load_weights(WorkerContext& ctx, const std::vector<HostTensor>& t
   }
   // The LM head of more than a few rows is dequantized in row slices of at
   // least 4096 rows (or all of it) through the same scratch.
-  if (output_.type != GgmlType::BF16)
+  if (s.lm_head && output_.type != GgmlType::BF16)
     most = std::max(most, static_cast<size_t>(h) * static_cast<size_t>(std::min(s.vocab, 4096)));
   wbuf_elems_ = most;
 }
@@ -538,8 +548,13 @@ void GpuModel::alloc_state() {
       tc_ws_bytes_ = std::max(tc_ws_bytes_, matmul_tc_workspace_bytes(kTcMaxTokens, sh[0], sh[1]));
     if (tc_ws_bytes_ > 0) tc_ws_ = static_cast<float*>(dev_alloc(tc_ws_bytes_, sc));
   }
-  logits_ = static_cast<float*>(dev_alloc(LR * V * 4, sc));
-  work_logits_ = static_cast<float*>(dev_alloc(LR * V * 4, sc));
+  // A model without the LM head (a tensor-parallel follower) has no logits,
+  // sampler or penalty state.
+  const bool head = s.lm_head;
+  if (head) {
+    logits_ = static_cast<float*>(dev_alloc(LR * V * 4, sc));
+    work_logits_ = static_cast<float*>(dev_alloc(LR * V * 4, sc));
+  }
   // The decode attention's split count depends on the batch: size the
   // workspace for the largest any batch up to slots_ rows needs.
   const int max_seq = max_blocks_ * s.block_size;
@@ -548,13 +563,14 @@ void GpuModel::alloc_state() {
         std::max(attn_ws_bytes_, attention_decode_workspace_bytes(b, s.heads, s.kv_heads, s.head_dim, max_seq));
   attn_ws_ = static_cast<float*>(dev_alloc(attn_ws_bytes_, sc));
   rope_table_ = static_cast<float*>(dev_alloc(static_cast<size_t>(n_ctx_) * s.head_dim * 4, sc));
-  sample_ws_bytes_ = sample_batch_workspace_bytes(logit_rows_, s.vocab);
-  sample_ws_ = dev_alloc(sample_ws_bytes_, sc);
-
-  d_present_ = static_cast<int32_t*>(dev_alloc(S * V * 4, sc));
-  d_counts_ = static_cast<int32_t*>(dev_alloc(S * V * 4, sc));
-  d_pen_tokens_ = static_cast<int32_t*>(dev_alloc(pen_cap_ * 4, sc));
-  h_pen_tokens_ = static_cast<int32_t*>(host_alloc(pen_cap_ * 4));
+  if (head) {
+    sample_ws_bytes_ = sample_batch_workspace_bytes(logit_rows_, s.vocab);
+    sample_ws_ = dev_alloc(sample_ws_bytes_, sc);
+    d_present_ = static_cast<int32_t*>(dev_alloc(S * V * 4, sc));
+    d_counts_ = static_cast<int32_t*>(dev_alloc(S * V * 4, sc));
+    d_pen_tokens_ = static_cast<int32_t*>(dev_alloc(pen_cap_ * 4, sc));
+    h_pen_tokens_ = static_cast<int32_t*>(host_alloc(pen_cap_ * 4));
+  }
 
   // General step staging: a header for up to slots_ sequences, then the
   // token rows of up to stage_rows_ rows.
@@ -596,7 +612,7 @@ void GpuModel::alloc_state() {
 
   d_out_ = dev_alloc(StepOutputs::bytes(logit_rows_), sc);
   h_out_ = host_alloc(StepOutputs::bytes(logit_rows_));
-  h_logits_ = static_cast<float*>(host_alloc(LR * V * 4));
+  if (head) h_logits_ = static_cast<float*>(host_alloc(LR * V * 4));
 }
 
 size_t GpuModel::row_layout(char* base, int rows, int stride, RowInputs* out, size_t* tables_off) {
@@ -661,6 +677,12 @@ std::map<std::string, int64_t> GpuModel::memory() const {
   for (const auto& kv : graph_failed_) failed += kv.second ? 1 : 0;
   m["graph_failures"] = failed;
   m["use_graphs"] = use_graphs_ ? 1 : 0;
+  if (tp_) {
+    m["tp_rank"] = tp_->rank();
+    m["tp_size"] = tp_->nranks();
+    m["tp_peer_linked"] = tp_->linked() ? 1 : 0;
+    m["tp_peer_max_bytes"] = tp_->peer_max_bytes();
+  }
   return m;
 }
 
@@ -673,8 +695,10 @@ void GpuModel::init_tables(WorkerContext& ctx) {
   // cos/sin for every position of a sequence, once: the per-layer rope
   // becomes a table lookup instead of float64 sincos per token and layer.
   rope_table_launch(inv_freq_, rope_table_, n_ctx_, spec_.head_dim, st);
-  HX_CUDA_CHECK(cudaMemsetAsync(d_present_, 0, static_cast<size_t>(slots_) * V * 4, st));
-  HX_CUDA_CHECK(cudaMemsetAsync(d_counts_, 0, static_cast<size_t>(slots_) * V * 4, st));
+  if (spec_.lm_head) {
+    HX_CUDA_CHECK(cudaMemsetAsync(d_present_, 0, static_cast<size_t>(slots_) * V * 4, st));
+    HX_CUDA_CHECK(cudaMemsetAsync(d_counts_, 0, static_cast<size_t>(slots_) * V * 4, st));
+  }
   for (const Bucket& b : buckets_) HX_CUDA_CHECK(cudaMemsetAsync(b.dev, 0, b.bytes, st));
   std::memset(h_dec_, 0, buckets_.back().bytes);
 }
@@ -959,6 +983,11 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
   const float eps = s.eps;
   const bool small = small_for(n);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  // Tensor parallelism: rank 0 adds its attn_output / ffn_down product to x,
+  // the others overwrite x with theirs; the sum over the ranks is then
+  // x + every partial product, on every rank.
+  const bool accumulate = tp_ == nullptr || tp_->rank() == 0;
+  const size_t hidden_count = static_cast<size_t>(n) * h;
 
   float* q = qkv_;
   float* k = q + static_cast<size_t>(n) * q_size_;
@@ -1014,7 +1043,8 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
                                nk, d, pool_cap_, scale, st);
 
     if (!small) f32_to_bf16_launch(attn_, xb_, static_cast<int64_t>(n) * q_size_, st);
-    linear(ctx, L.o, attn_, xb_, x_, n, L.b_o, true, small);
+    linear(ctx, L.o, attn_, xb_, x_, n, L.b_o, accumulate, small);
+    if (tp_) tp_->all_reduce(ctx, x_, hidden_count);
 
     // A MoE layer reads its input in float32 at every batch size (router and expert products).
     const bool f32_in = small || L.moe;
@@ -1039,7 +1069,8 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
       linear(ctx, L.up, xn_, xb_, up, n, nullptr, false, small);
     }
     swiglu_launch(gate, up, small ? act_ : nullptr, small ? nullptr : xb_, static_cast<int64_t>(n) * f, st);
-    linear(ctx, L.down, act_, xb_, x_, n, nullptr, true, small);
+    linear(ctx, L.down, act_, xb_, x_, n, nullptr, accumulate, small);
+    if (tp_) tp_->all_reduce(ctx, x_, hidden_count);
   }
 }
 
@@ -1167,6 +1198,7 @@ void GpuModel::decode_body(WorkerContext& ctx, const Bucket& b, int mode) {
   pl.dec_tables = in.tables;
   pl.dec_stride = max_blocks_;
   run_layers(ctx, pl);
+  if (!spec_.lm_head) return;
   lm_head(ctx, x_, b.rows, logits_);
   sample_rows(ctx, b.rows, mode, in.slots, in.steps, in.params, in.cons);
 }
@@ -1220,7 +1252,8 @@ std::vector<StepResult> GpuModel::step_batch(WorkerContext& ctx, const std::vect
   bool decode_only = true;
   for (const SeqInput& s : seqs) decode_only = decode_only && s.tokens.size() == 1 && s.sample;
   try {
-    apply_penalty_updates(ctx, seqs);
+    if (tp_) tp_->maybe_hang(ctx.compute_stream());
+    if (spec_.lm_head) apply_penalty_updates(ctx, seqs);
     return decode_only ? decode_step(ctx, seqs) : general_step(ctx, seqs, false, nullptr);
   } catch (...) {
     settle(ctx);
@@ -1274,7 +1307,8 @@ std::vector<StepResult> GpuModel::decode_step(WorkerContext& ctx, const std::vec
       fill_params(in.params + r, idle);
     }
   }
-  const int mode = mode_of(seqs);
+  // Without the LM head nothing is sampled: one tail-less graph per bucket.
+  const int mode = spec_.lm_head ? mode_of(seqs) : 0;
   if (mode & kConstrained) {
     std::vector<const SeqInput*> crow(bk->rows, nullptr);
     for (int r = 0; r < B; ++r) crow[r] = &seqs[r];
@@ -1284,8 +1318,9 @@ std::vector<StepResult> GpuModel::decode_step(WorkerContext& ctx, const std::vec
   const size_t bytes = bk->tables_off + (static_cast<size_t>(B - 1) * max_blocks_ + last_blocks) * 4;
   HX_CUDA_CHECK(cudaMemcpyAsync(bk->dev, h_dec_, bytes, cudaMemcpyHostToDevice, st));
 
-  std::vector<int> out_row(seqs.size());
-  for (int r = 0; r < B; ++r) out_row[r] = r;
+  const int sampled = spec_.lm_head ? B : 0;
+  std::vector<int> out_row(seqs.size(), -1);
+  for (int r = 0; r < sampled; ++r) out_row[r] = r;
   const int key = bk->rows * kModes + mode;
   auto it = graphs_.find(key);
   const auto failed = graph_failed_.find(key);
@@ -1315,7 +1350,7 @@ std::vector<StepResult> GpuModel::decode_step(WorkerContext& ctx, const std::vec
         // run already produced this step's result.
         if (e.sticky) throw;
       }
-      return collect(ctx, seqs, out_row, B);
+      return collect(ctx, seqs, out_row, sampled);
     }
     cudaError_t e = cudaStreamEndCapture(st, &graph);
     cudaGraphExec_t exec = nullptr;
@@ -1329,7 +1364,7 @@ std::vector<StepResult> GpuModel::decode_step(WorkerContext& ctx, const std::vec
       ++graph_captures_;
     }
   }
-  return collect(ctx, seqs, out_row, B);
+  return collect(ctx, seqs, out_row, sampled);
 }
 
 std::vector<StepResult> GpuModel::general_step(WorkerContext& ctx, const std::vector<SeqInput>& seqs, bool all_rows,
@@ -1338,6 +1373,9 @@ std::vector<StepResult> GpuModel::general_step(WorkerContext& ctx, const std::ve
   const int nseq = static_cast<int>(seqs.size());
   const int h = spec_.hidden;
   const size_t Vs = static_cast<size_t>(spec_.vocab);
+  // Without the LM head (a tensor-parallel follower) the passes run the
+  // layers only: no logits rows, no sampling.
+  const bool head = spec_.lm_head;
 
   // Execution order: one-token sequences first, so their rows open the
   // first pass(es) as one block for the batched decode attention.
@@ -1363,8 +1401,8 @@ std::vector<StepResult> GpuModel::general_step(WorkerContext& ctx, const std::ve
     T += len[j];
     blocks[j] = blocks_for(s.start_pos + static_cast<int>(len[j]));
     width = std::max(width, blocks[j]);
-    if (!all_rows && (s.sample || s.want_logits)) out_row[order[j]] = K++;
-    any_sample = any_sample || (!all_rows && s.sample);
+    if (head && !all_rows && (s.sample || s.want_logits)) out_row[order[j]] = K++;
+    any_sample = any_sample || (head && !all_rows && s.sample);
   }
 
   // Header, copied once: decode lengths, sampled rows, LM-head rows, tables.
@@ -1475,6 +1513,7 @@ std::vector<StepResult> GpuModel::general_step(WorkerContext& ctx, const std::ve
         }
       }
       run_layers(ctx, pl);
+      if (!head) continue;
       if (hidden != nullptr) {
         // The final norm over every row of the pass, then each sequence's share of them.
         add_rms_norm_launch(x_, nullptr, output_norm_, spec_.eps, xn_, nullptr, n, h, st);
@@ -1542,6 +1581,10 @@ std::vector<float> GpuModel::forward_logits(WorkerContext& ctx, const std::vecto
   s.want_logits = !all_logits;
   validate(one);
   try {
+    if (!spec_.lm_head) {
+      general_step(ctx, one, true, nullptr);
+      return {};
+    }
     if (!all_logits) return std::move(general_step(ctx, one, false, nullptr)[0].logits);
     std::vector<float> out(static_cast<size_t>(spec_.vocab) * tokens.size());
     general_step(ctx, one, true, &out);
@@ -1613,6 +1656,7 @@ LoadResult model_load(DeviceWorker& w, const ModelSpec& spec, const std::vector<
     auto model = std::make_unique<GpuModel>(ctx, spec, tensors);
     LoadResult r;
     r.bytes = model->device_bytes();
+    if (model->tp() != nullptr) r.tp_status = model->tp()->status();
     r.handle = ctx.add_resource(std::move(model));
     r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return r;
@@ -1655,6 +1699,83 @@ std::vector<std::vector<float>> model_hidden_states(DeviceWorker& w, int64_t han
         return ctx.resource<GpuModel>(handle)->hidden_states(ctx, tokens, block_tables, pooling);
       })
       .get();
+}
+
+std::future<std::vector<StepResult>> model_step_batch_submit(DeviceWorker& w, int64_t handle,
+                                                             std::shared_ptr<const std::vector<SeqInput>> seqs,
+                                                             std::shared_ptr<std::atomic<bool>> started) {
+  // Owns its inputs: the caller may stop waiting (a watchdog) before the job ends.
+  return w.submit([handle, seqs = std::move(seqs), started = std::move(started)](WorkerContext& ctx) {
+    if (started) started->store(true);
+    return ctx.resource<GpuModel>(handle)->step_batch(ctx, *seqs);
+  });
+}
+
+std::future<std::vector<float>> model_forward_logits_submit(DeviceWorker& w, int64_t handle,
+                                                            std::shared_ptr<const SeqInput> seq, bool all_logits,
+                                                            std::shared_ptr<std::atomic<bool>> started) {
+  return w.submit([handle, seq = std::move(seq), all_logits, started = std::move(started)](WorkerContext& ctx) {
+    if (started) started->store(true);
+    return ctx.resource<GpuModel>(handle)->forward_logits(ctx, seq->tokens, seq->start_pos, seq->block_table,
+                                                          all_logits);
+  });
+}
+
+namespace {
+TpComm& tp_of(WorkerContext& ctx, int64_t handle) {
+  TpComm* tp = ctx.resource<GpuModel>(handle)->tp();
+  if (tp == nullptr) throw std::invalid_argument("the model was not loaded as a tensor-parallel rank");
+  return *tp;
+}
+}  // namespace
+
+bool model_peer_access(DeviceWorker& w, const std::vector<int>& devices) {
+  return w
+      .submit([devices](WorkerContext& ctx) {
+        if (ctx.host_only()) return false;
+        for (int d : devices) {
+          if (d == ctx.device()) continue;
+          int ok = 0;
+          HX_CUDA_CHECK(cudaDeviceCanAccessPeer(&ok, ctx.device(), d));
+          if (!ok) return false;
+        }
+        return true;
+      })
+      .get();
+}
+
+PeerEndpoint model_peer_endpoint(DeviceWorker& w, int64_t handle) {
+  return w.submit([handle](WorkerContext& ctx) { return tp_of(ctx, handle).endpoint(ctx); }).get();
+}
+
+void model_link_peers(DeviceWorker& w, int64_t handle, const std::vector<PeerEndpoint>& group) {
+  w.submit([handle, &group](WorkerContext& ctx) { tp_of(ctx, handle).link(ctx, group); }).get();
+}
+
+void model_hang_next_step(DeviceWorker& w, int64_t handle) {
+  w.submit([handle](WorkerContext& ctx) { tp_of(ctx, handle).arm_hang(); }).get();
+}
+
+std::future<std::vector<float>> model_all_reduce_test_submit(DeviceWorker& w, int64_t handle,
+                                                             std::shared_ptr<const std::vector<float>> data,
+                                                             bool peer) {
+  return w.submit([handle, data = std::move(data), peer](WorkerContext& ctx) {
+    TpComm& tp = tp_of(ctx, handle);
+    const size_t n = data->size();
+    float* x = static_cast<float*>(ctx.alloc(std::max<size_t>(n, 4) * sizeof(float)));
+    try {
+      ctx.upload(data->data(), n * sizeof(float), x);
+      tp.all_reduce_with(ctx, x, n, peer);
+      std::vector<float> out(n);
+      ctx.download(out.data(), x, n * sizeof(float));
+      ctx.free(x);
+      return out;
+    } catch (...) {
+      ctx.synchronize();
+      ctx.free(x);
+      throw;
+    }
+  });
 }
 
 void model_drop(DeviceWorker& w, int64_t handle) {

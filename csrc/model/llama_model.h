@@ -49,6 +49,17 @@
 // are packed into one constraint data buffer (one more copy); each row's
 // descriptor (offsets into it) sits in the row inputs. Steps without
 // constraints use the graphs and copies they always did.
+// steps) sits in the bucket's device input region, which one host-to-device
+// copy refreshes before the replay. Rows past the batch are padding
+// (position -1, length 0) whose results are ignored.
+//
+// Tensor parallelism (spec.tp_size >= 1): the model is one rank's shard (its
+// query / kv heads and MLP rows; embedding replicated). Rank 0 adds its
+// attn_output and ffn_down products to the residual x, the other ranks write
+// theirs over it, and x is then summed over the group in place (TpComm, on
+// the compute stream, so inside the decode graph): x + sum of the partials on
+// every rank, with no extra buffer. Only rank 0 has the LM head and sampler
+// (spec.lm_head); the followers' steps return no tokens.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -57,6 +68,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -188,6 +200,8 @@ struct StepOutputs {
   }
 };
 
+class TpComm;
+
 class GpuModel : public Resource {
  public:
   GpuModel(WorkerContext& ctx, const ModelSpec& spec, const std::vector<HostTensor>& tensors);
@@ -205,6 +219,7 @@ class GpuModel : public Resource {
   std::map<std::string, int64_t> memory() const;
   size_t device_bytes() const { return weight_bytes_ + kv_bytes_ + scratch_bytes_; }
   size_t kv_bytes() const { return kv_bytes_; }
+  TpComm* tp() const { return tp_.get(); }  // null unless spec.tp_size >= 1
 
  private:
   // Sampling tail variants, each its own graph.
@@ -394,6 +409,8 @@ class GpuModel : public Resource {
   std::map<int, bool> graph_failed_;
   int64_t graph_replays_ = 0;
   int64_t graph_captures_ = 0;
+
+  std::unique_ptr<TpComm> tp_;         // tensor parallelism (spec.tp_size >= 1)
 };
 
 }  // namespace hx

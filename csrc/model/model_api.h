@@ -11,9 +11,12 @@
 // owns is decided by the caller (helexa_native/kv_blocks.py).
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <future>
 #include <map>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -66,6 +69,20 @@ struct ModelSpec {
   int expert_ffn = 0;
   bool norm_topk_prob = false;
   std::vector<int> mlp_only_layers;
+  // Tensor parallelism. tp_size 0: the whole model. tp_size >= 1: this model
+  // is rank tp_rank of tp_size (the worker's NCCL communicator must be that
+  // rank of that many); heads, kv_heads and intermediate are the shard's own,
+  // and its partial products after attn_output and after ffn_down are summed
+  // over the group: by the one-shot peer kernel for messages up to
+  // tp_peer_max_bytes once the ranks are linked (model_link_peers), else by
+  // NCCL. tp_size 1 runs the same path over a group of one.
+  int tp_rank = 0;
+  int tp_size = 0;
+  int64_t tp_peer_max_bytes = int64_t{512} << 10;
+  // false: no output norm, LM head, penalty state or sampler (a follower rank
+  // of a tensor-parallel group, whose tokens would be unused): steps return
+  // token -1 and forward_logits returns nothing.
+  bool lm_head = true;
 };
 
 // One weight as the loader holds it: GGML type id, torch-order shape, host bytes.
@@ -145,10 +162,27 @@ struct StepResult {
   std::vector<float> logits;  // raw logits of the sampled position, when asked for
 };
 
+// Host-mapped words of a tensor-parallel model (pinned host memory its device
+// reads and writes) that threads other than its worker's may touch while a
+// step runs; valid until the model is dropped.
+struct TpStatus {
+  volatile uint32_t abort;    // set by the watchdog: spinning kernels give up
+  volatile uint32_t arrived;  // written by the device: peer all-reduces this rank has entered
+};
+
+// One rank's peer all-reduce memory, as the other ranks of its process map it.
+struct PeerEndpoint {
+  int device = -1;
+  uint64_t staging = 0;  // device address of its [2, capacity] float staging
+  uint64_t flags = 0;    // device address of its flag array
+  uint64_t capacity = 0; // floats per staging half
+};
+
 struct LoadResult {
   int64_t handle = 0;
   size_t bytes = 0;  // device bytes held by the model (weights, KV pool, scratch)
   double seconds = 0.0;  // time spent in the load job
+  TpStatus* tp_status = nullptr;  // tensor-parallel models only
 };
 
 LoadResult model_load(DeviceWorker& w, const ModelSpec& spec, const std::vector<HostTensor>& tensors);
@@ -191,6 +225,31 @@ std::vector<std::vector<float>> model_hidden_states(DeviceWorker& w, int64_t han
                                                     const std::vector<std::vector<int32_t>>& tokens,
                                                     const std::vector<std::vector<int32_t>>& block_tables,
                                                     HiddenPooling pooling);
+// The same two jobs, submitted without waiting (the tensor-parallel backends
+// submit every rank's job before waiting on any). `started` (optional) is
+// set when the job begins on the worker.
+std::future<std::vector<StepResult>> model_step_batch_submit(DeviceWorker& w, int64_t handle,
+                                                             std::shared_ptr<const std::vector<SeqInput>> seqs,
+                                                             std::shared_ptr<std::atomic<bool>> started);
+std::future<std::vector<float>> model_forward_logits_submit(DeviceWorker& w, int64_t handle,
+                                                            std::shared_ptr<const SeqInput> seq, bool all_logits,
+                                                            std::shared_ptr<std::atomic<bool>> started);
+
+// Tensor parallelism in one process. model_peer_access: whether the worker's
+// device can map every one of `devices` (peer access). model_peer_endpoint:
+// the model's staging and flags. model_link_peers (every rank, once, before
+// its first step): enable peer access to the group's devices and send small
+// all-reduces through the peer kernel; group[r] is rank r's endpoint.
+bool model_peer_access(DeviceWorker& w, const std::vector<int>& devices);
+PeerEndpoint model_peer_endpoint(DeviceWorker& w, int64_t handle);
+void model_link_peers(DeviceWorker& w, int64_t handle, const std::vector<PeerEndpoint>& group);
+// Test hook: the model's next step begins with a kernel that spins until its
+// abort word is set (a step made to hang, for the watchdog's tests).
+void model_hang_next_step(DeviceWorker& w, int64_t handle);
+// Test hook: `data` summed over the group by the peer kernel (peer) or NCCL,
+// through a device buffer of its own; every rank must submit its part.
+std::future<std::vector<float>> model_all_reduce_test_submit(DeviceWorker& w, int64_t handle,
+                                                             std::shared_ptr<const std::vector<float>> data, bool peer);
 
 void model_drop(DeviceWorker& w, int64_t handle);
 void model_set_graphs(DeviceWorker& w, int64_t handle, bool enabled);

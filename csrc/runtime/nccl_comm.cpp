@@ -3,6 +3,8 @@
 #include <pthread.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <mutex>
 #include <stdexcept>
 
 #include "common/check.h"
@@ -30,6 +32,15 @@ class ThreadNameScope {
   char old_[16] = {0};
   bool saved_ = false;
 };
+
+// NVLink multicast (NVLS) stays off: NCCL reads NCCL_NVLS_ENABLE when a
+// communicator is created, so it is set before this process's first NCCL
+// call, once (later calls of every thread wait for it). It overrides the
+// environment: the devices this runs on must not get multicast objects.
+void keep_multicast_off() {
+  static std::once_flag once;
+  std::call_once(once, [] { setenv("NCCL_NVLS_ENABLE", "0", 1); });
+}
 }  // namespace
 
 bool available() { return true; }
@@ -37,6 +48,7 @@ bool available() { return true; }
 size_t unique_id_bytes() { return NCCL_UNIQUE_ID_BYTES; }
 
 std::string unique_id() {
+  keep_multicast_off();
   ncclUniqueId id;
   HX_NCCL_CHECK(ncclGetUniqueId(&id));
   return std::string(id.internal, NCCL_UNIQUE_ID_BYTES);
@@ -49,6 +61,7 @@ ncclComm_t init_rank(const std::string& uid, int nranks, int rank) {
   if (nranks < 1 || rank < 0 || rank >= nranks)
     throw std::invalid_argument("NCCL rank " + std::to_string(rank) + " out of range for " + std::to_string(nranks) +
                                 " ranks");
+  keep_multicast_off();
   ncclUniqueId id;
   std::copy(uid.begin(), uid.end(), id.internal);
   ncclComm_t comm = nullptr;

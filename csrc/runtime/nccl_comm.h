@@ -1,6 +1,9 @@
-// Thin NCCL layer for the device worker. Every call except unique_id() runs
-// on the owning worker's thread with its device current. In a build without
-// HX_WITH_NCCL the functions throw std::logic_error naming the missing support.
+// Thin NCCL layer for the device worker. Every call except unique_id() and an
+// aborting destroy() (DeviceWorker::abort_nccl) runs on the owning worker's
+// thread with its device current. NVLink multicast stays off: the first of
+// unique_id() / init_rank() sets NCCL_NVLS_ENABLE=0 for the process. In a
+// build without HX_WITH_NCCL the functions throw std::logic_error naming the
+// missing support.
 #pragma once
 
 #include <cstddef>

@@ -75,9 +75,13 @@ struct DeviceWorker::State {
   cublasHandle_t cublas = nullptr;
   cublasLtHandle_t cublaslt = nullptr;
   void* cublas_workspace = nullptr;
+  // The communicator is also reached from other threads by abort_nccl():
+  // nccl, nccl_rank, nccl_nranks and nccl_aborted are guarded by nccl_mu.
+  std::mutex nccl_mu;
   ncclComm_t nccl = nullptr;
   int nccl_rank = -1;
   int nccl_nranks = 0;
+  bool nccl_aborted = false;  // the last communicator was aborted (until the next nccl_init)
   // Ordered by handle, so teardown destroys newest first (a graph before the
   // model it replays, a model before the buffers it was given).
   std::map<int64_t, WorkerContext::Entry> slab;
@@ -220,8 +224,13 @@ void DeviceWorker::teardown() {
   }
 #endif
   // A dead communicator is aborted, never flushed.
-  nccl::destroy(s.nccl, dead);
-  s.nccl = nullptr;
+  ncclComm_t comm = nullptr;
+  {
+    std::lock_guard<std::mutex> lk(s.nccl_mu);
+    comm = s.nccl;
+    s.nccl = nullptr;
+  }
+  nccl::destroy(comm, dead);
 
   for (auto it = s.slab.rbegin(); it != s.slab.rend(); ++it) {
     WorkerContext::Entry& e = it->second;
@@ -435,23 +444,66 @@ cublasHandle_t WorkerContext::cublas() const { return w_->st_->cublas; }
 cublasLtHandle_t WorkerContext::cublaslt() const { return w_->st_->cublaslt; }
 bool WorkerContext::poisoned() const { return w_->is_poisoned(); }
 bool WorkerContext::stop_requested() const { return w_->is_shut_down(); }
-int WorkerContext::nccl_rank() const { return w_->st_->nccl_rank; }
-int WorkerContext::nccl_nranks() const { return w_->st_->nccl_nranks; }
+int WorkerContext::nccl_rank() const {
+  std::lock_guard<std::mutex> lk(w_->st_->nccl_mu);
+  return w_->st_->nccl_rank;
+}
+
+int WorkerContext::nccl_nranks() const {
+  std::lock_guard<std::mutex> lk(w_->st_->nccl_mu);
+  return w_->st_->nccl_nranks;
+}
 
 ncclComm_t WorkerContext::nccl_comm() const {
-  if (w_->st_->nccl == nullptr) throw std::logic_error(w_->name_ + " has no NCCL communicator (nccl_init was not run)");
-  return w_->st_->nccl;
+  DeviceWorker::State& s = *w_->st_;
+  std::lock_guard<std::mutex> lk(s.nccl_mu);
+  if (s.nccl == nullptr)
+    throw std::logic_error(w_->name_ + (s.nccl_aborted ? " has no NCCL communicator: it was aborted"
+                                                       : " has no NCCL communicator (nccl_init was not run)"));
+  return s.nccl;
 }
 
 void WorkerContext::nccl_init(const std::string& unique_id, int nranks, int rank) {
   DeviceWorker::State& s = *w_->st_;
-  if (s.nccl != nullptr)
-    throw std::logic_error(w_->name_ + " already has an NCCL communicator (rank " + std::to_string(s.nccl_rank) +
-                           " of " + std::to_string(s.nccl_nranks) + ")");
+  {
+    std::lock_guard<std::mutex> lk(s.nccl_mu);
+    if (s.nccl != nullptr)
+      throw std::logic_error(w_->name_ + " already has an NCCL communicator (rank " + std::to_string(s.nccl_rank) +
+                             " of " + std::to_string(s.nccl_nranks) + ")");
+  }
   if (w_->host_only_) throw std::logic_error("a host-only worker cannot join an NCCL group");
-  s.nccl = nccl::init_rank(unique_id, nranks, rank);
+  // Blocks until every rank joined: the lock is not held meanwhile.
+  ncclComm_t comm = nccl::init_rank(unique_id, nranks, rank);
+  std::lock_guard<std::mutex> lk(s.nccl_mu);
+  s.nccl = comm;
   s.nccl_rank = rank;
   s.nccl_nranks = nranks;
+  s.nccl_aborted = false;
+}
+
+void WorkerContext::nccl_destroy() {
+  DeviceWorker::State& s = *w_->st_;
+  ncclComm_t comm = nullptr;
+  {
+    std::lock_guard<std::mutex> lk(s.nccl_mu);
+    comm = s.nccl;
+    s.nccl = nullptr;
+    s.nccl_rank = -1;
+    s.nccl_nranks = 0;
+    s.nccl_aborted = false;
+  }
+  nccl::destroy(comm, poisoned());
+}
+
+void DeviceWorker::abort_nccl() noexcept {
+  ncclComm_t comm = nullptr;
+  {
+    std::lock_guard<std::mutex> lk(st_->nccl_mu);
+    comm = st_->nccl;
+    st_->nccl = nullptr;
+    if (comm != nullptr) st_->nccl_aborted = true;
+  }
+  nccl::destroy(comm, true);
 }
 
 std::pair<size_t, size_t> WorkerContext::mem_info() const {

@@ -19,6 +19,7 @@
 // exactly as the CUDA, cuBLAS and NCCL headers declare them.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -88,13 +89,17 @@ class WorkerContext {
   cudaStream_t copy_stream() const;     // non-blocking; null when host-only
   cublasHandle_t cublas() const;        // bound to compute_stream(); null when host-only
   cublasLtHandle_t cublaslt() const;    // null when host-only
-  ncclComm_t nccl_comm() const;         // throws std::logic_error before nccl_init
+  ncclComm_t nccl_comm() const;         // throws std::logic_error before nccl_init (or once aborted)
   int nccl_rank() const;                // -1 before nccl_init
   int nccl_nranks() const;              // 0 before nccl_init
   // Creates this worker's communicator on its thread; blocks until all nranks
   // ranks have joined (submit every rank's init before waiting on any).
   // unique_id: the NCCL_UNIQUE_ID_BYTES bytes from nccl_unique_id() or a store.
   void nccl_init(const std::string& unique_id, int nranks, int rank);
+  // Destroys this worker's communicator (none: no-op), so nccl_init may run
+  // again (a new tensor-parallel group). Submit it on every rank before
+  // waiting on any.
+  void nccl_destroy();
 
   // (free, total) bytes of device memory; host RAM for a host-only worker.
   std::pair<size_t, size_t> mem_info() const;
@@ -165,6 +170,26 @@ class JobWaiter {
     expected_ns_.store(expect > 0 ? expect + (took - expect) / 8 : took, std::memory_order_relaxed);
     return f.get();
   }
+  // wait() with a limit: false when `timeout` passed before the reply (which
+  // may still come; nothing is learned then). Any future type (std::future,
+  // std::shared_future); the result stays in the future.
+  template <class Future>
+  bool wait_for(Future& f, std::chrono::nanoseconds timeout) {
+    using clock = std::chrono::steady_clock;
+    const auto t0 = clock::now();
+    const auto deadline = t0 + timeout;
+    const int64_t expect = expected_ns_.load(std::memory_order_relaxed);
+    if (expect > 0 &&
+        f.wait_until(std::min(deadline, t0 + std::chrono::nanoseconds(expect * 3 / 4))) != std::future_status::ready) {
+      const auto until = std::min(deadline, t0 + std::chrono::nanoseconds(2 * expect));
+      while (f.wait_for(std::chrono::seconds(0)) != std::future_status::ready && clock::now() < until)
+        std::this_thread::yield();
+    }
+    if (f.wait_until(deadline) != std::future_status::ready) return false;
+    const int64_t took = std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now() - t0).count();
+    expected_ns_.store(expect > 0 ? expect + (took - expect) / 8 : took, std::memory_order_relaxed);
+    return true;
+  }
   int64_t expected_ns() const { return expected_ns_.load(std::memory_order_relaxed); }
 
  private:
@@ -217,6 +242,13 @@ class DeviceWorker {
 
   // Marks the worker poisoned as if a sticky error had been seen (tests).
   void poison(const std::string& reason);
+
+  // Aborts this worker's NCCL communicator (ncclCommAbort) from any thread,
+  // without a job: NCCL kernels in flight on it give up, so a job stuck in a
+  // collective returns; later collectives fail until nccl_init runs again.
+  // The tensor-parallel watchdog's call (its worker is busy with the stuck
+  // step, so it cannot wait for a job); the worker itself is not poisoned.
+  void abort_nccl() noexcept;
 
  private:
   friend class WorkerContext;

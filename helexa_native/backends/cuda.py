@@ -112,6 +112,35 @@ def _stored(name: str, t, data) -> tuple:
     return tid, np.ascontiguousarray(data)
 
 
+def host_tensors_of(name: str, t) -> list:
+    """(name, ggml_type, shape, buffer) items of tensor `name` as the GPU model reads it ([] when it reads none).
+
+    Norms, biases and MoE routers go as float32 (the router's logits pick
+    experts, so the device computes them in float32 like the reference);
+    matrices keep their stored bytes (a contiguous view of the file where
+    the loader mapped it; a strided view, such as a tensor-parallel column
+    slice, is copied, reading only its own bytes). A stacked expert tensor
+    whose data is a list of per-expert arrays (an HF checkpoint's) goes as
+    one item per expert, "<name>:<e>", so it is never stacked in host memory.
+    """
+    if _is_vector(name):
+        arr = _float32(name, t).reshape(-1)
+        return [(name, 0, [int(arr.size)], arr)]
+    if name.startswith("blk.") and name.endswith(_ROUTER_SUFFIX):
+        return [(name, 0, [int(s) for s in t.shape], _float32(name, t))]
+    if _is_matrix(name):
+        parts = getattr(t.data, "parts", None)
+        if name.endswith(_EXPERT_SUFFIXES) and parts is not None:
+            out = []
+            for e, part in enumerate(parts):
+                tid, arr = _stored(name, t, part)
+                out.append((f"{name}:{e}", tid, [int(s) for s in t.shape[1:]], arr))
+            return out
+        tid, arr = _stored(name, t, t.data)
+        return [(name, tid, [int(s) for s in t.shape], arr)]
+    return []
+
+
 def _host_tensors(source: ModelSource) -> list:
     """(name, ggml_type, shape, buffer) for every tensor the GPU model reads.
 
@@ -123,21 +152,7 @@ def _host_tensors(source: ModelSource) -> list:
     """
     out = []
     for name, t in source.tensors.items():
-        if _is_vector(name):
-            arr = _float32(name, t).reshape(-1)
-            out.append((name, 0, [int(arr.size)], arr))
-        elif name.startswith("blk.") and name.endswith(_ROUTER_SUFFIX):
-            arr = _float32(name, t)
-            out.append((name, 0, [int(s) for s in t.shape], arr))
-        elif _is_matrix(name):
-            parts = getattr(t.data, "parts", None)
-            if name.endswith(_EXPERT_SUFFIXES) and parts is not None:
-                for e, part in enumerate(parts):
-                    tid, arr = _stored(name, t, part)
-                    out.append((f"{name}:{e}", tid, [int(s) for s in t.shape[1:]], arr))
-                continue
-            tid, arr = _stored(name, t, t.data)
-            out.append((name, tid, [int(s) for s in t.shape], arr))
+        out.extend(host_tensors_of(name, t))
     return out
 
 
@@ -146,9 +161,73 @@ def _freq_factors(source: ModelSource):
     return None if t is None else t.to_float()
 
 
-def _kv_bytes_per_block(cfg, block_size: int) -> int:
-    """Device bytes one block of the KV pool takes (K and V, every layer, bf16)."""
-    return 2 * int(cfg.num_layers) * int(cfg.num_kv_heads) * int(block_size) * int(cfg.head_dim) * 2
+def _kv_bytes_per_block(cfg, block_size: int, kv_heads: Optional[int] = None) -> int:
+    """Device bytes one block of the KV pool takes (K and V, every layer, bf16; kv_heads: a shard's own)."""
+    heads = int(cfg.num_kv_heads if kv_heads is None else kv_heads)
+    return 2 * int(cfg.num_layers) * heads * int(block_size) * int(cfg.head_dim) * 2
+
+
+def check_block_size(block_size) -> None:
+    """ValueError unless block_size is a power of two >= 16 (the GPU pool's block)."""
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+
+
+def model_spec(
+    C,
+    source: ModelSource,
+    n_ctx: int,
+    *,
+    use_graphs: bool = True,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    int8_activations: Optional[bool] = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    max_num_seqs: int = defaults.DEFAULT_MAX_NUM_SEQS,
+    num_blocks: int = 0,
+):
+    """The `_C.ModelSpec` of `source`'s whole model (a tensor-parallel rank overrides its shard's sizes)."""
+    cfg = source.config
+    spec = C.ModelSpec()
+    spec.arch = cfg.arch
+    spec.vocab = int(cfg.vocab_size)
+    spec.hidden = int(cfg.hidden_size)
+    spec.intermediate = int(cfg.intermediate_size or 0)
+    spec.layers = int(cfg.num_layers)
+    spec.heads = int(cfg.num_heads)
+    spec.kv_heads = int(cfg.num_kv_heads)
+    spec.head_dim = int(cfg.head_dim)
+    spec.eps = float(cfg.rms_norm_eps)
+    spec.rope_style = cfg.rope_style
+    spec.qk_norm = bool(cfg.qk_norm)
+    spec.inv_freq = [float(x) for x in inv_freq(cfg, _freq_factors(source)).to(torch.float64).tolist()]
+    spec.n_ctx = int(n_ctx)
+    spec.prefill_chunk = int(min(prefill_chunk, n_ctx))
+    spec.use_graphs = bool(use_graphs)
+    spec.int8_activations = {None: C.Int8Mode.Auto, False: C.Int8Mode.Never, True: C.Int8Mode.Always}[int8_activations]
+    spec.block_size = int(block_size)
+    spec.max_num_seqs = int(max_num_seqs)
+    spec.num_blocks = int(num_blocks)
+    if cfg.num_experts:
+        spec.num_experts = int(cfg.num_experts)
+        spec.experts_per_tok = int(cfg.num_experts_per_tok)
+        spec.expert_ffn = int(cfg.moe_intermediate_size)
+        spec.norm_topk_prob = bool(cfg.norm_topk_prob)
+        spec.mlp_only_layers = [int(i) for i in cfg.mlp_only_layers]
+    return spec
+
+
+def check_gpu_arch(cfg) -> None:
+    """UnsupportedModelError unless the GPU model runs `cfg`'s architecture and head grouping."""
+    if cfg.arch not in GPU_ARCHS:
+        raise UnsupportedModelError(
+            f"architecture {cfg.arch!r} is not supported by the CUDA backend "
+            f"(GPU architectures: {', '.join(GPU_ARCHS)}); run it with "
+            "device='cpu'"
+        )
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise UnsupportedModelError(f"num_heads {cfg.num_heads} is not a multiple of num_kv_heads {cfg.num_kv_heads}")
 
 
 def constraint_arrays(step: SeqStep, vocab: int):
@@ -218,41 +297,22 @@ class CUDABackend(Backend):
             lo = 0 if name == "device_index" else 1
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name} must be a {'non-negative' if lo == 0 else 'positive'} integer, got {v!r}")
-        if block_size < 16 or block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+        check_block_size(block_size)
         if kv_cache_memory is not None and (
             not isinstance(kv_cache_memory, int) or isinstance(kv_cache_memory, bool) or kv_cache_memory < 1
         ):
             raise ValueError(f"kv_cache_memory must be a positive number of bytes or None, got {kv_cache_memory!r}")
         C = _native()
         cfg = source.config
-        if cfg.arch not in GPU_ARCHS:
-            raise UnsupportedModelError(
-                f"architecture {cfg.arch!r} is not supported by the CUDA backend "
-                f"(GPU architectures: {', '.join(GPU_ARCHS)}); run it with "
-                "device='cpu'"
-            )
-        if cfg.num_heads % cfg.num_kv_heads:
-            raise UnsupportedModelError(
-                f"num_heads {cfg.num_heads} is not a multiple of num_kv_heads {cfg.num_kv_heads}"
-            )
+        check_gpu_arch(cfg)
         self.config = cfg
         self.n_ctx = n_ctx
         self.max_num_seqs = max_num_seqs
         self.prefill_chunk = int(min(prefill_chunk, n_ctx))
         self.device = f"cuda:{device_index}"
         self.device_index = device_index
-        self._C = C
         self._model = None
-        # slot -> (SamplerState, prompt length, generated length) the device's
-        # penalty state of that slot reflects.
-        self._device_penalties_synced_to = {}
-        # StepSampling per parameter set, reused while the parameters stay the
-        # same (SeqInput copies it, so only the step counter is set per use).
-        self._step_sampling_cache = {}
-        self._no_penalty_update = C.PenaltyUpdate()
-        self._no_penalty_update.active = False
-        self._idle_step_sampling = C.StepSampling()
+        self._init_sampling_state(C)
 
         per_block = _kv_bytes_per_block(cfg, block_size)
         need_blocks = -(-n_ctx // block_size)
@@ -278,34 +338,17 @@ class CUDABackend(Backend):
         except Exception as e:
             raise DeviceError(f"cuda:{device_index}: {e}") from e
 
-        spec = C.ModelSpec()
-        spec.arch = cfg.arch
-        spec.vocab = int(cfg.vocab_size)
-        spec.hidden = int(cfg.hidden_size)
-        spec.intermediate = int(cfg.intermediate_size or 0)
-        spec.layers = int(cfg.num_layers)
-        spec.heads = int(cfg.num_heads)
-        spec.kv_heads = int(cfg.num_kv_heads)
-        spec.head_dim = int(cfg.head_dim)
-        spec.eps = float(cfg.rms_norm_eps)
-        spec.rope_style = cfg.rope_style
-        spec.qk_norm = bool(cfg.qk_norm)
-        spec.inv_freq = [float(x) for x in inv_freq(cfg, _freq_factors(source)).to(torch.float64).tolist()]
-        spec.n_ctx = int(n_ctx)
-        spec.prefill_chunk = self.prefill_chunk
-        spec.use_graphs = bool(use_graphs)
-        spec.int8_activations = {None: C.Int8Mode.Auto, False: C.Int8Mode.Never, True: C.Int8Mode.Always}[
-            int8_activations
-        ]
-        spec.block_size = int(block_size)
-        spec.max_num_seqs = int(max_num_seqs)
-        spec.num_blocks = int(num_blocks)
-        if cfg.num_experts:
-            spec.num_experts = int(cfg.num_experts)
-            spec.experts_per_tok = int(cfg.num_experts_per_tok)
-            spec.expert_ffn = int(cfg.moe_intermediate_size)
-            spec.norm_topk_prob = bool(cfg.norm_topk_prob)
-            spec.mlp_only_layers = [int(i) for i in cfg.mlp_only_layers]
+        spec = model_spec(
+            C,
+            source,
+            n_ctx,
+            use_graphs=use_graphs,
+            prefill_chunk=prefill_chunk,
+            int8_activations=int8_activations,
+            block_size=block_size,
+            max_num_seqs=max_num_seqs,
+            num_blocks=num_blocks,
+        )
         tensors = _host_tensors(source)
         try:
             self._model = C.GpuModelHandle(device_index, spec, tensors)
@@ -324,6 +367,19 @@ class CUDABackend(Backend):
         self.blocks = KVBlockManager(num_blocks, block_size, prefix_cache=bool(prefix_cache))
         self.load_seconds = float(self._model.load_seconds)
         self.device_bytes = int(self._call(self._model.memory)["total_bytes"])
+
+    def _init_sampling_state(self, C) -> None:
+        """The host-side sampling caches step_batch keeps (shared with the tensor-parallel backends)."""
+        self._C = C
+        # slot -> (SamplerState, prompt length, generated length) the device's
+        # penalty state of that slot reflects.
+        self._device_penalties_synced_to = {}
+        # StepSampling per parameter set, reused while the parameters stay the
+        # same (SeqInput copies it, so only the step counter is set per use).
+        self._step_sampling_cache = {}
+        self._no_penalty_update = C.PenaltyUpdate()
+        self._no_penalty_update.active = False
+        self._idle_step_sampling = C.StepSampling()
 
     def _size_pool(self, per_block: int, need_blocks: int, most_blocks: int) -> int:
         """Allocates the pool from the memory left after weights and scratch; returns its blocks."""

@@ -127,12 +127,13 @@ def launch_from_env(environ=None) -> Optional[Launch]:
     )
 
 
-def check_launch(tensor_parallel: int, launch: Launch) -> None:
+def check_launch(tensor_parallel: int, launch: Launch, device: str = "cpu") -> None:
     """LaunchError unless the launch started exactly one process per rank."""
     if launch.world_size != tensor_parallel:
+        each = "each CPU rank is one process" if device == "cpu" else "each GPU rank is one process driving one GPU"
         raise LaunchError(
             f"mismatched launch: {launch.world_size} processes were started (WORLD_SIZE={launch.world_size}) "
-            f"but tensor_parallel is {tensor_parallel}; each CPU rank is one process, so start "
+            f"but tensor_parallel is {tensor_parallel}; {each}, so start "
             f"torchrun with --nproc-per-node (times --nnodes) equal to {tensor_parallel}, or pass "
             f"--tensor-parallel {launch.world_size}"
         )

@@ -4,19 +4,21 @@ device cpu, one process        -> ShardedCPUBackend (ranks are threads)
 device cpu, under torchrun     -> rank 0: DistributedLeaderBackend;
                                   other ranks: follow() until the leader
                                   shuts down, then SystemExit(0)
-device cuda                    -> not built yet: the sharded device step
-                                  (GpuModel over a shard, NCCL all-reduce
-                                  after attn_output and ffn_down) goes in
-                                  `_cuda_backend` below
+device cuda, one process       -> ShardedCUDABackend (one device worker per
+                                  GPU: cuda:index .. or `devices`)
+device cuda, under torchrun    -> one GPU per process (cuda:LOCAL_RANK);
+                                  rank 0: CUDALeaderBackend; other ranks:
+                                  follow_cuda() until the leader shuts
+                                  down, then SystemExit(0)
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from .. import defaults
 from ..config import ModelSource
-from ..errors import DeviceError
+from ..errors import LaunchError
 
 
 def check_tensor_parallel(tensor_parallel) -> int:
@@ -47,10 +49,28 @@ def tensor_parallel_backend(
     kv_cache_memory: Optional[int] = None,
     prefix_cache: bool = True,
     step_timeout: float = defaults.DEFAULT_STEP_TIMEOUT,
+    devices: Optional[Sequence[int]] = None,
+    int8_activations: Optional[bool] = None,
 ):
-    """The backend of `source` split over `tensor_parallel` ranks; a follower process never returns."""
+    """The backend of `source` split over `tensor_parallel` ranks; a follower process never returns.
+
+    devices (CUDA, one process): the GPUs, rank r on devices[r]; default
+    cuda:device_index .. cuda:device_index + tensor_parallel - 1.
+    """
     if device == "cuda":
-        return _cuda_backend(source, device_index, n_ctx, tensor_parallel)
+        return _cuda_backend(
+            source,
+            device_index or 0,
+            n_ctx,
+            tensor_parallel,
+            devices=devices,
+            progress=progress,
+            max_num_seqs=max_num_seqs,
+            kv_cache_memory=kv_cache_memory,
+            prefix_cache=prefix_cache,
+            step_timeout=step_timeout,
+            int8_activations=int8_activations,
+        )
     from .distributed import DistributedLeaderBackend, check_launch, follow, launch_from_env
 
     launch = launch_from_env()
@@ -84,11 +104,61 @@ def tensor_parallel_backend(
     raise SystemExit(0)
 
 
-def _cuda_backend(source: ModelSource, device_index: Optional[int], n_ctx: int, tensor_parallel: int):
-    raise DeviceError(
-        "tensor parallelism on GPUs needs the sharded device step, not built yet "
-        "(device='cpu' runs the sharded CPU reference)"
-    )
+def _cuda_backend(
+    source: ModelSource,
+    device_index: int,
+    n_ctx: int,
+    tensor_parallel: int,
+    *,
+    devices: Optional[Sequence[int]],
+    progress: Optional[bool],
+    max_num_seqs: int,
+    kv_cache_memory: Optional[int],
+    prefix_cache: bool,
+    step_timeout: float,
+    int8_activations: Optional[bool],
+):
+    from .distributed import check_launch, launch_from_env
+
+    launch = launch_from_env()
+    if launch is None:
+        from .cuda_backend import ShardedCUDABackend
+
+        if devices is None:
+            devices = list(range(device_index, device_index + tensor_parallel))
+        elif len(devices) != tensor_parallel:
+            raise ValueError(f"devices {list(devices)} name {len(devices)} GPUs, tensor_parallel is {tensor_parallel}")
+        return ShardedCUDABackend(
+            source,
+            devices,
+            n_ctx,
+            int8_activations=int8_activations,
+            max_num_seqs=max_num_seqs,
+            kv_cache_memory=kv_cache_memory,
+            prefix_cache=prefix_cache,
+            step_timeout=step_timeout,
+        )
+    if devices is not None:
+        raise LaunchError(
+            "devices= names the GPUs of one process; under torchrun each rank's process drives cuda:LOCAL_RANK"
+        )
+    check_launch(tensor_parallel, launch, device="cuda")
+    from .cuda_distributed import CUDALeaderBackend, follow_cuda
+
+    if launch.rank == 0:
+        return CUDALeaderBackend(
+            source,
+            n_ctx,
+            tensor_parallel,
+            launch=launch,
+            int8_activations=int8_activations,
+            max_num_seqs=max_num_seqs,
+            kv_cache_memory=kv_cache_memory,
+            prefix_cache=prefix_cache,
+            step_timeout=step_timeout,
+        )
+    follow_cuda(source, tensor_parallel, launch=launch)
+    raise SystemExit(0)
 
 
 def run_follower(model, device: str, tensor_parallel: int, progress: Optional[bool] = None) -> int:
@@ -97,12 +167,15 @@ def run_follower(model, device: str, tensor_parallel: int, progress: Optional[bo
     from ..loaders import load_source
     from .distributed import follow
 
-    kind, index = resolve_device(device)
-    if kind == "cuda":
-        _cuda_backend(None, index, 0, tensor_parallel)
+    kind, _ = resolve_device(device)
     source = load_source(model if model is not None else default_model_path(), progress=progress)
     try:
-        follow(source, tensor_parallel, progress=progress)
+        if kind == "cuda":
+            from .cuda_distributed import follow_cuda
+
+            follow_cuda(source, tensor_parallel)
+        else:
+            follow(source, tensor_parallel, progress=progress)
     finally:
         source.close()
     return 0

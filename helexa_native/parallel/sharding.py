@@ -9,10 +9,15 @@ Megatron-style splits of a llama-family decoder over N ranks:
     the same intermediate rows. Each rank's product is a partial sum of the
     hidden state; the ranks add theirs (one all-reduce after attn_output,
     one after ffn_down), and a row-parallel bias is added once, after the sum.
-  - output.weight (the LM head) by vocabulary rows: each rank computes the
-    logits of its slice of the vocabulary and the leader concatenates them,
-    so sampling sees exactly the logits of the unsplit model. A tied model's
-    head is the embedding, and the rank uses its vocabulary slice of it.
+  - output.weight (the LM head), lm_head="vocab" (the CPU path): by
+    vocabulary rows: each rank computes the logits of its slice of the
+    vocabulary and the leader concatenates them, so sampling sees exactly the
+    logits of the unsplit model. A tied model's head is the embedding, and
+    the rank uses its vocabulary slice of it. lm_head="replicated" (the GPU
+    path) leaves it whole: the device sampler, its penalty state and the
+    decode graph stay one rank's, with no gather of [rows, vocab] logits
+    (512 KB a row at a 128K vocabulary, against 16 KB for a hidden-state
+    all-reduce); only rank 0 loads and runs it (backends decide who).
   - replicated: token_embd (a row lookup costs nothing, and splitting it would
     add a collective before the first layer), every norm, q/k norms and
     rope_freqs.
@@ -61,6 +66,9 @@ _LAYER_SPLITS = {
 }
 _GLOBAL_SPLITS = {"output.weight": (ROWS, "vocab")}
 
+# Where the LM head lives: split by vocabulary, or whole (see the module docstring).
+LM_HEAD_LAYOUTS = ("vocab", "replicated")
+
 
 @dataclass(frozen=True)
 class TensorSplit:
@@ -78,9 +86,12 @@ def _even(total: int, n: int) -> List[Tuple[int, int]]:
 class ShardPlan:
     """The split of one model over `world_size` ranks (see the module docstring)."""
 
-    def __init__(self, config: ModelConfig, world_size: int):
+    def __init__(self, config: ModelConfig, world_size: int, lm_head: str = "vocab"):
         if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral) or world_size < 1:
             raise ValueError(f"tensor_parallel must be a positive integer, got {world_size!r}")
+        if lm_head not in LM_HEAD_LAYOUTS:
+            raise ValueError(f"lm_head must be one of {', '.join(LM_HEAD_LAYOUTS)}, got {lm_head!r}")
+        self.lm_head = lm_head
         if config.arch not in SHARDABLE_ARCHS:
             raise UnsupportedModelError(
                 f"tensor parallelism does not support architecture {config.arch!r} "
@@ -130,7 +141,7 @@ class ShardPlan:
 
     def split(self, name: str) -> Optional[TensorSplit]:
         """How tensor `name` is cut, or None when every rank holds all of it."""
-        rule = _GLOBAL_SPLITS.get(name)
+        rule = _GLOBAL_SPLITS.get(name) if self.lm_head == "vocab" else None
         if rule is None and name.startswith("blk."):
             parts = name.split(".", 2)
             if len(parts) == 3:
@@ -167,8 +178,30 @@ class ShardPlan:
             "ffn": self.ffn,
             "vocab": self.vocab,
             "embedding": "replicated",
-            "lm_head": "split by vocabulary",
+            "lm_head": "split by vocabulary" if self.lm_head == "vocab" else "replicated",
         }
+
+    def check_grouped(self) -> None:
+        """ShardingError unless each rank's query heads read its kv heads in equal consecutive groups.
+
+        The GPU attention kernels take the usual grouped layout (query head i
+        reads kv head i // (heads / kv_heads)); a rank whose query heads
+        straddle kv heads unevenly (e.g. 12 heads over 3 kv heads on 2 ranks)
+        runs on the CPU reference only.
+        """
+        for r in range(self.world_size):
+            local = self.rank_config(r)
+            nq, nk = local["num_heads"], local["num_kv_heads"]
+            g = nq // nk if nk and nq % nk == 0 else 0
+            if g == 0 or self.kv_of_q(r) != [i // g for i in range(nq)]:
+                cfg = self.config
+                raise ShardingError(
+                    f"tensor_parallel {self.world_size}: rank {r}'s {nq} query heads read kv heads "
+                    f"{self.kv_of_q(r)} of its {nk}, not in equal groups; the GPU attention needs each rank's "
+                    f"query heads to split evenly over its kv heads (num_heads {cfg.num_heads}, num_kv_heads "
+                    f"{cfg.num_kv_heads}): use a tensor-parallel size that divides num_kv_heads or is a "
+                    "multiple of it"
+                )
 
     # ------------------------------------------------------------------ checks
 
@@ -181,9 +214,9 @@ class ShardPlan:
                     _check_bounds(name, raw, sp.direction, a, b)
 
 
-def shard_plan(config: ModelConfig, tensor_parallel: int) -> ShardPlan:
+def shard_plan(config: ModelConfig, tensor_parallel: int, lm_head: str = "vocab") -> ShardPlan:
     """The plan for splitting `config`'s model over `tensor_parallel` ranks (ShardingError when it cannot be)."""
-    return ShardPlan(config, tensor_parallel)
+    return ShardPlan(config, tensor_parallel, lm_head)
 
 
 def _check_bounds(name: str, raw: RawTensor, direction: str, a: int, b: int) -> None:

@@ -9,6 +9,12 @@ itself failed (health turns false at once, even while the stuck call still
 blocks its thread). Between checks it calls `on_tick()` every `interval`
 seconds, which the multi-process leader uses to watch its followers'
 heartbeats.
+
+On GPUs the stuck work is on the devices, out of reach of a Python timeout:
+the GPU backends' `on_overrun` sets every rank's host-mapped abort word (the
+peer all-reduce's waits give up) and aborts the workers' NCCL communicators
+(ncclCommAbort, from this thread, since the workers are blocked in the
+step), so the ranks' jobs return and the step can fail with the rank named.
 """
 
 from __future__ import annotations
