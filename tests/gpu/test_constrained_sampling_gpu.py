@@ -192,7 +192,8 @@ def test_constrain_batch_kernel_equals_host(ops, vocab, in_place):
 
 
 def test_constrain_batch_refuses_descriptors_outside_data(ops):
-    logits = torch.zeros(1, 64, device=DEV)
+    # 128 tokens: a mask is 4 words, more than the 3 of data.
+    logits = torch.zeros(1, 128, device=DEV)
     data = torch.zeros(3, dtype=torch.int32, device=DEV)
     for desc in ([0, 0, 0], [-1, 2, 1], [-1, -5, 1]):
         with pytest.raises(RuntimeError):
@@ -361,11 +362,12 @@ def test_each_row_of_a_mixed_batch_gives_what_it_gives_alone(gpu):
         (mixed,) = [m for m in together if m.slot == r.slot]
         if alone.tokens == mixed.tokens:
             continue
-        # Batch sizes may round differently: the first difference must come
-        # from logits that agree up to float noise.
+        # Batch sizes round differently (one row multiplies fp32 activations,
+        # 2..64 rows bf16 ones on tensor cores): the first difference must
+        # come from logits that agree to that rounding.
         i = next(i for i, (a, b) in enumerate(zip(alone.tokens, mixed.tokens)) if a != b)
         cos = F.cosine_similarity(alone.logits[i].double(), mixed.logits[i].double(), dim=0).item()
-        assert cos > 0.99999, f"slot {r.slot}: tokens differ from step {i} with logits cosine {cos}"
+        assert cos > 0.9999, f"slot {r.slot}: tokens differ from step {i} with logits cosine {cos}"
 
 
 def test_bad_constraints_are_refused_before_any_work(gpu):
@@ -419,6 +421,7 @@ def engines(tmp_path_factory):
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_engine_json_schema_on_gpu_validates(engines, temperature):
+    pytest.importorskip("llguidance")
     jsonschema = pytest.importorskip("jsonschema")
     cpu, gpu = engines
     assert gpu.info()["structured_outputs"] is True
@@ -440,6 +443,7 @@ def test_engine_json_schema_on_gpu_validates(engines, temperature):
 
 
 def test_engine_json_object_on_gpu_parses(engines):
+    pytest.importorskip("llguidance")
     _, gpu = engines
     r = gpu.generate("Data:", response_format={"type": "json_object"}, max_tokens=60, temperature=0.8, seed=9)
     if r.finish_reason == "stop":
@@ -463,6 +467,7 @@ def test_engine_logit_bias_matches_cpu(engines):
 
 
 def test_engine_forced_tool_call_on_default_model():
+    pytest.importorskip("llguidance")
     from helexa_native import Engine
     from helexa_native.engine import default_model_path
 
