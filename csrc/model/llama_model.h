@@ -340,7 +340,7 @@ class GpuModel : public Resource {
   size_t pen_cap_ = 0;                 // penalty tokens the penalty staging holds at once
   int mask_words_ = 0;                 // words of one vocabulary bitmask: ceil(vocab / 32)
   bool use_graphs_ = true;
-  int tc_min_ = 2;                     // fewest tokens of a tensor-core product (HELEXA_TC_MIN; > 64: never)
+  int tc_min_ = kMatvecMaxTokens + 1;  // fewest tokens of a tensor-core product (HELEXA_TC_MIN; > 64: never)
 
   std::vector<void*> dev_buffers_;
   std::vector<void*> host_buffers_;

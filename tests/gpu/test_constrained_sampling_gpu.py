@@ -362,12 +362,11 @@ def test_each_row_of_a_mixed_batch_gives_what_it_gives_alone(gpu):
         (mixed,) = [m for m in together if m.slot == r.slot]
         if alone.tokens == mixed.tokens:
             continue
-        # Batch sizes round differently (one row multiplies fp32 activations,
-        # 2..64 rows bf16 ones on tensor cores): the first difference must
-        # come from logits that agree to that rounding.
+        # Batch sizes may round differently: the first difference must come
+        # from logits that agree up to float noise.
         i = next(i for i, (a, b) in enumerate(zip(alone.tokens, mixed.tokens)) if a != b)
         cos = F.cosine_similarity(alone.logits[i].double(), mixed.logits[i].double(), dim=0).item()
-        assert cos > 0.9999, f"slot {r.slot}: tokens differ from step {i} with logits cosine {cos}"
+        assert cos > 0.99999, f"slot {r.slot}: tokens differ from step {i} with logits cosine {cos}"
 
 
 def test_bad_constraints_are_refused_before_any_work(gpu):
