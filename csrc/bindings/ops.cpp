@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include "bindings/op_check.h"
+#include "bindings/op_util.h"
 
 #include <cstdint>
 #include <cstring>
@@ -37,28 +38,12 @@
 namespace hx {
 namespace {
 
-void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, const at::Device& dev) {
-  HX_OP_CHECK(t.defined(), name, " is undefined");
-  HX_OP_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
-  HX_OP_CHECK(t.device() == dev, name, " is on ", t.device(), ", expected ", dev);
-  HX_OP_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
-  HX_OP_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
-
-// The CUDA device of t, checked before any guard is built on it.
-at::Device cuda_device(const at::Tensor& t, const char* name) {
-  HX_OP_CHECK(t.defined() && t.is_cuda(), name, " must be a CUDA tensor");
-  return t.device();
-}
-
-cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+using op::as_int;
+using op::check_tensor;
+using op::cuda_device;
+using op::stream_of;
 
 __nv_bfloat16* bf16_ptr(const at::Tensor& t) { return reinterpret_cast<__nv_bfloat16*>(t.data_ptr()); }
-
-int as_int(int64_t v, const char* name) {
-  HX_OP_CHECK(v >= 0 && v <= INT32_MAX, name, " out of range: ", v);
-  return static_cast<int>(v);
-}
 
 // The rope style a config names ("half" | "pairs").
 RopeStyle rope_style(c10::string_view name) {

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "bindings/op_check.h"
+#include "bindings/op_util.h"
 
 #include <cstdint>
 #include <optional>
@@ -25,35 +26,11 @@
 namespace hx {
 namespace {
 
-void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, const at::Device& dev) {
-  HX_OP_CHECK(t.defined(), name, " is undefined");
-  HX_OP_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
-  HX_OP_CHECK(t.device() == dev, name, " is on ", t.device(), ", expected ", dev);
-  HX_OP_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
-  HX_OP_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
-
-at::Device cuda_device(const at::Tensor& t, const char* name) {
-  HX_OP_CHECK(t.defined() && t.is_cuda(), name, " must be a CUDA tensor");
-  return t.device();
-}
-
-cudaStream_t stream_of(const at::Device& dev) { return c10::cuda::getCurrentCUDAStream(dev.index()).stream(); }
-
-int as_int(int64_t v, const char* name, int64_t lo) {
-  HX_OP_CHECK(v >= lo && v <= INT32_MAX, name, " out of range: ", v);
-  return static_cast<int>(v);
-}
-
-// Runs a launcher, turning its argument errors into Python exceptions (c10::Error).
-template <typename F>
-void launch(F&& f) {
-  try {
-    f();
-  } catch (const std::invalid_argument& e) {
-    HX_OP_CHECK(false, e.what());
-  }
-}
+using op::as_int;
+using op::check_tensor;
+using op::cuda_device;
+using op::launch;
+using op::stream_of;
 
 void op_moe_route(const at::Tensor& logits, int64_t top_k, bool normalize, at::Tensor& ids, at::Tensor& weights) {
   const c10::cuda::CUDAGuard guard(cuda_device(logits, "logits"));

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "bindings/op_check.h"
+#include "bindings/op_util.h"
 
 #include <cmath>
 #include <cstdint>
@@ -32,10 +33,7 @@ GgmlType checked_type(int64_t type) {
   return t;
 }
 
-int checked_int(int64_t v, const char* name, int64_t lo) {
-  HX_OP_CHECK(v >= lo && v <= INT32_MAX, name, " out of range: ", v);
-  return static_cast<int>(v);
-}
+using op::launch;
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
@@ -57,16 +55,6 @@ at::Tensor checked_weights(const at::Tensor& w, GgmlType t, int n_out, int k) {
   return ready(w);
 }
 
-// Runs a launcher, turning its argument errors into Python exceptions (c10::Error).
-template <typename F>
-void launch(F&& f) {
-  try {
-    f();
-  } catch (const std::invalid_argument& e) {
-    HX_OP_CHECK(false, e.what());
-  }
-}
-
 // The size facts of a matvec call that need no tensor: checked before any
 // guard, allocation or tensor access, so a bad call fails with nothing built.
 void check_matvec_sizes(GgmlType t, int64_t n_out, int64_t k) {
@@ -75,11 +63,40 @@ void check_matvec_sizes(GgmlType t, int64_t n_out, int64_t k) {
   HX_OP_CHECK(n_out >= 1 && n_out <= INT32_MAX, "n_out out of range: ", n_out);
 }
 
+// A product's optional bias (contiguous float32 [n_out]) and its output
+// [n_tok, n_out]: a copy of y_accumulate when given (the op never writes the
+// caller's tensor), else NaN-filled so an element the kernel skips shows.
+struct ProductOut {
+  at::Tensor bias, y;
+  bool accumulate = false;
+};
+
+ProductOut product_out(const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& y_accumulate, int64_t ntok, int64_t n_out) {
+  const auto dev = x.device();
+  ProductOut o;
+  if (bias && bias->defined()) {
+    HX_OP_CHECK(bias->device() == dev && bias->scalar_type() == at::kFloat && bias->numel() == n_out,
+                "bias must be float32 [n_out] on ", dev);
+    o.bias = bias->contiguous();
+  }
+  o.accumulate = y_accumulate && y_accumulate->defined();
+  if (o.accumulate) {
+    HX_OP_CHECK(y_accumulate->device() == dev && y_accumulate->scalar_type() == at::kFloat &&
+                    y_accumulate->numel() == ntok * n_out,
+                "y_accumulate must be float32 [n_tok, n_out] on ", dev);
+    o.y = y_accumulate->reshape({ntok, n_out}).clone(at::MemoryFormat::Contiguous);
+  } else {
+    o.y = at::full({ntok, n_out}, NAN, x.options().dtype(at::kFloat));
+  }
+  return o;
+}
+
 at::Tensor op_matvec(int64_t type, const at::Tensor& w, const at::Tensor& x, int64_t n_out, int64_t k,
                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& y_accumulate, bool int8,
                      bool prequant) {
   const GgmlType t = checked_type(type);
-  const int no = checked_int(n_out, "n_out", 1), kk = checked_int(k, "k", 1);
+  const int no = op::as_int(n_out, "n_out", 1), kk = op::as_int(k, "k", 1);
   check_matvec_sizes(t, n_out, k);
   HX_OP_CHECK(x.defined() && x.is_cuda(), "x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -91,22 +108,9 @@ at::Tensor op_matvec(int64_t type, const at::Tensor& w, const at::Tensor& x, int
   HX_OP_CHECK(ntok >= 1 && ntok <= kMatvecMaxTokens, "matvec takes 1..", kMatvecMaxTokens, " tokens, got ", ntok);
   const at::Tensor wc = checked_weights(w, t, no, kk);
   const at::Tensor xc = ready(x);
-  at::Tensor bc;
-  if (bias && bias->defined()) {
-    HX_OP_CHECK(bias->device() == dev && bias->scalar_type() == at::kFloat && bias->numel() == n_out,
-                "bias must be float32 [n_out] on ", dev);
-    bc = bias->contiguous();
-  }
-  at::Tensor y;
-  const bool acc = y_accumulate && y_accumulate->defined();
-  if (acc) {
-    HX_OP_CHECK(y_accumulate->device() == dev && y_accumulate->scalar_type() == at::kFloat &&
-                    y_accumulate->numel() == ntok * n_out,
-                "y_accumulate must be float32 [n_tok, n_out] on ", dev);
-    y = y_accumulate->reshape({ntok, n_out}).clone(at::MemoryFormat::Contiguous);
-  } else {
-    y = at::full({ntok, n_out}, NAN, x.options());
-  }
+  const ProductOut po = product_out(x, bias, y_accumulate, ntok, n_out);
+  const at::Tensor &bc = po.bias, &y = po.y;
+  const bool acc = po.accumulate;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   // prequant: x quantized once into a scratch by its own kernel (as the model runs it).
   at::Tensor scratch;
@@ -129,7 +133,7 @@ at::Tensor op_matvec(int64_t type, const at::Tensor& w, const at::Tensor& x, int
 at::Tensor op_matmul_tc(int64_t type, const at::Tensor& w, const at::Tensor& x, int64_t n_out, int64_t k,
                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& y_accumulate) {
   const GgmlType t = checked_type(type);
-  const int no = checked_int(n_out, "n_out", 1), kk = checked_int(k, "k", 1);
+  const int no = op::as_int(n_out, "n_out", 1), kk = op::as_int(k, "k", 1);
   check_matvec_sizes(t, n_out, k);
   HX_OP_CHECK(x.defined() && x.is_cuda(), "x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -141,22 +145,9 @@ at::Tensor op_matmul_tc(int64_t type, const at::Tensor& w, const at::Tensor& x, 
   HX_OP_CHECK(ntok >= 1 && ntok <= kTcMaxTokens, "matmul_tc takes 1..", kTcMaxTokens, " tokens, got ", ntok);
   const at::Tensor wc = checked_weights(w, t, no, kk);
   const at::Tensor xc = ready(x);
-  at::Tensor bc;
-  if (bias && bias->defined()) {
-    HX_OP_CHECK(bias->device() == dev && bias->scalar_type() == at::kFloat && bias->numel() == n_out,
-                "bias must be float32 [n_out] on ", dev);
-    bc = bias->contiguous();
-  }
-  at::Tensor y;
-  const bool acc = y_accumulate && y_accumulate->defined();
-  if (acc) {
-    HX_OP_CHECK(y_accumulate->device() == dev && y_accumulate->scalar_type() == at::kFloat &&
-                    y_accumulate->numel() == ntok * n_out,
-                "y_accumulate must be float32 [n_tok, n_out] on ", dev);
-    y = y_accumulate->reshape({ntok, n_out}).clone(at::MemoryFormat::Contiguous);
-  } else {
-    y = at::full({ntok, n_out}, NAN, x.options().dtype(at::kFloat));
-  }
+  const ProductOut po = product_out(x, bias, y_accumulate, ntok, n_out);
+  const at::Tensor &bc = po.bias, &y = po.y;
+  const bool acc = po.accumulate;
   const size_t ws_bytes = matmul_tc_workspace_bytes(static_cast<int>(ntok), no, kk);
   at::Tensor ws;
   if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes / 4)}, x.options().dtype(at::kFloat));
@@ -171,7 +162,7 @@ at::Tensor op_matmul_tc(int64_t type, const at::Tensor& w, const at::Tensor& x, 
 
 at::Tensor op_dequantize(int64_t type, const at::Tensor& w, int64_t n_out, int64_t k, bool bf16) {
   const GgmlType t = checked_type(type);
-  const int no = checked_int(n_out, "n_out", 0), kk = checked_int(k, "k", 0);
+  const int no = op::as_int(n_out, "n_out", 0), kk = op::as_int(k, "k", 0);
   HX_OP_CHECK(w.defined() && w.is_cuda(), "w must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(w.device());
   const at::Tensor wc = checked_weights(w, t, no, kk);
@@ -191,7 +182,7 @@ at::Tensor op_dequantize(int64_t type, const at::Tensor& w, int64_t n_out, int64
 void op_matvec_out(int64_t type, const at::Tensor& w, const at::Tensor& x, at::Tensor& y, int64_t n_out, int64_t k,
                    const std::optional<at::Tensor>& bias, bool accumulate) {
   const GgmlType t = checked_type(type);
-  const int no = checked_int(n_out, "n_out", 1), kk = checked_int(k, "k", 1);
+  const int no = op::as_int(n_out, "n_out", 1), kk = op::as_int(k, "k", 1);
   check_matvec_sizes(t, n_out, k);
   HX_OP_CHECK(x.defined() && x.is_cuda(), "x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -223,7 +214,7 @@ void op_matvec_out(int64_t type, const at::Tensor& w, const at::Tensor& x, at::T
 
 void op_dequantize_out(int64_t type, const at::Tensor& w, at::Tensor& out, int64_t n_out, int64_t k) {
   const GgmlType t = checked_type(type);
-  const int no = checked_int(n_out, "n_out", 0), kk = checked_int(k, "k", 0);
+  const int no = op::as_int(n_out, "n_out", 0), kk = op::as_int(k, "k", 0);
   HX_OP_CHECK(w.defined() && w.is_cuda(), "w must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(w.device());
   HX_OP_CHECK(w.is_contiguous() && aligned16(w), "w must be contiguous and 16-byte aligned");
