@@ -167,6 +167,24 @@ def _kv_bytes_per_block(cfg, block_size: int, kv_heads: Optional[int] = None) ->
     return 2 * int(cfg.num_layers) * heads * int(block_size) * int(cfg.head_dim) * 2
 
 
+def budget_blocks(kv_cache_memory: Optional[int], per_block: int, n_ctx: int, block_size: int, where: str = "") -> int:
+    """KV blocks a kv_cache_memory budget holds (0: None, sized later from free memory).
+
+    ModelLoadError when the budget cannot hold one sequence of n_ctx
+    positions; `where` qualifies the count (" per rank").
+    """
+    if kv_cache_memory is None:
+        return 0
+    need_blocks = -(-n_ctx // block_size)
+    num_blocks = min(kv_cache_memory // per_block, (2**31 - 1) // block_size)
+    if num_blocks < need_blocks:
+        raise ModelLoadError(
+            f"kv_cache_memory of {kv_cache_memory} bytes holds {num_blocks} KV blocks{where}; "
+            f"one sequence of n_ctx={n_ctx} positions needs {need_blocks} ({need_blocks * per_block} bytes)"
+        )
+    return num_blocks
+
+
 def check_block_size(block_size) -> None:
     """ValueError unless block_size is a power of two >= 16 (the GPU pool's block)."""
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
@@ -315,17 +333,9 @@ class CUDABackend(Backend):
         self._init_sampling_state(C)
 
         per_block = _kv_bytes_per_block(cfg, block_size)
+        num_blocks = budget_blocks(kv_cache_memory, per_block, n_ctx, block_size)
         need_blocks = -(-n_ctx // block_size)
         most_blocks = (2**31 - 1) // block_size
-        num_blocks = 0
-        if kv_cache_memory is not None:
-            num_blocks = min(kv_cache_memory // per_block, most_blocks)
-            if num_blocks < need_blocks:
-                raise ModelLoadError(
-                    f"kv_cache_memory of {kv_cache_memory} bytes holds {num_blocks} KV blocks; "
-                    f"one sequence of n_ctx={n_ctx} positions needs {need_blocks} "
-                    f"({need_blocks * per_block} bytes)"
-                )
 
         # Starts the device's worker (the model handle below runs on it) and
         # refuses a GPU this build has no code for.

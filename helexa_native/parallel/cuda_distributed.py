@@ -50,6 +50,7 @@ from ..backends.cuda import (
     KV_FREE_FRACTION,
     CUDABackend,
     _native,
+    budget_blocks,
     check_block_size,
     check_gpu_arch,
 )
@@ -431,16 +432,9 @@ class CUDALeaderBackend(CUDABackend):
         self._init_sampling_state(C)
 
         per_block = kv_bytes_per_block(plan, block_size)
+        num_blocks = budget_blocks(kv_cache_memory, per_block, n_ctx, block_size, " per rank")
         need_blocks = -(-n_ctx // block_size)
         most_blocks = (2**31 - 1) // block_size
-        num_blocks = 0
-        if kv_cache_memory is not None:
-            num_blocks = min(kv_cache_memory // per_block, most_blocks)
-            if num_blocks < need_blocks:
-                raise ModelLoadError(
-                    f"kv_cache_memory of {kv_cache_memory} bytes holds {num_blocks} KV blocks per rank; "
-                    f"one sequence of n_ctx={n_ctx} positions needs {need_blocks} ({need_blocks * per_block} bytes)"
-                )
 
         member = _Member(launch, connect_timeout)
         worker = handle = None
