@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence, Union
 
 from . import defaults
+from .backends.base import check_positive_ints
 from .errors import (
     ConstraintError,
     ContextLengthError,
@@ -229,16 +230,13 @@ class Engine:
         own (embeddings.default_pooling).
         """
         self._init_state()
-        if max_num_seqs is not None and (
-            not isinstance(max_num_seqs, int) or isinstance(max_num_seqs, bool) or max_num_seqs < 1
-        ):
-            raise ValueError(f"max_num_seqs must be a positive integer, got {max_num_seqs!r}")
+        if max_num_seqs is not None:
+            check_positive_ints(max_num_seqs=max_num_seqs)
         if kv_cache_memory is not None and (
             not isinstance(kv_cache_memory, int) or isinstance(kv_cache_memory, bool) or kv_cache_memory < 1
         ):
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")
-        if not isinstance(max_batch_tokens, int) or isinstance(max_batch_tokens, bool) or max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens!r}")
+        check_positive_ints(max_batch_tokens=max_batch_tokens)
         seqs = max_num_seqs if max_num_seqs is not None else defaults.DEFAULT_MAX_NUM_SEQS
         from .parallel.launch import check_step_timeout, check_tensor_parallel
 
@@ -258,8 +256,8 @@ class Engine:
             kind, index = "cuda", devices[0]
         if int8_activations is not None and not isinstance(int8_activations, bool):
             raise ValueError(f"int8_activations must be None, True or False, got {int8_activations!r}")
-        if n_ctx is not None and (not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 1):
-            raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+        if n_ctx is not None:
+            check_positive_ints(n_ctx=n_ctx)
         path = default_model_path() if model is None else Path(model).expanduser()
         if not path.exists():
             raise ModelLoadError(f"model not found: {path}")

@@ -26,6 +26,13 @@ from ..params import SampleResult, SamplerState, SamplingParams
 from ..sampling import sample_from_logits
 
 
+def check_positive_ints(**values) -> None:
+    """ValueError naming the first of `values` that is not a positive integer (a bool is not one)."""
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
 @dataclass
 class SeqStep:
     """One sequence's share of a batched step.

@@ -13,7 +13,7 @@ from ..errors import ContextLengthError, EngineClosedError
 from ..kv_blocks import DEFAULT_BLOCK_SIZE, KVBlockManager
 from ..reference import ReferenceModel
 from ..reference import model as reference_model
-from .base import HostSampledBackend, pooled_rows
+from .base import HostSampledBackend, check_positive_ints, pooled_rows
 
 # Pool size when none is given, in sequences of the full context: the pool
 # is allocated untouched (torch.empty), so host memory is only used as
@@ -64,12 +64,7 @@ class CPUBackend(HostSampledBackend):
         prefix_cache: bool = True,
     ):
         cfg = source.config
-        if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be a positive integer, got {max_num_seqs!r}")
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
-            raise ValueError(f"max_context must be a positive integer, got {n_ctx!r}")
+        check_positive_ints(max_num_seqs=max_num_seqs, block_size=block_size, max_context=n_ctx)
         per_pos = 2 * cfg.num_layers * cfg.kv_size * torch.finfo(dtype).bits // 8
         blocks = pool_blocks(n_ctx, block_size, per_pos, kv_cache_memory, DEFAULT_CPU_POOL_CONTEXTS * n_ctx)
         self.model = ReferenceModel(

@@ -40,7 +40,7 @@ from ..ggml_types import GGML_TYPE_IDS
 from ..kv_blocks import DEFAULT_BLOCK_SIZE, KVBlockManager
 from ..params import UINT64_MASK, SampleResult, SamplerState, SamplingParams
 from ..rope import inv_freq
-from .base import Backend, SeqStep, StepOutput
+from .base import Backend, SeqStep, StepOutput, check_positive_ints
 
 # Architectures the GPU model runs: a subset of config.SUPPORTED_ARCHS (all
 # of them today), kept apart so an architecture can reach the CPU reference
@@ -187,8 +187,7 @@ def budget_blocks(kv_cache_memory: Optional[int], per_block: int, n_ctx: int, bl
 
 def check_block_size(block_size) -> None:
     """ValueError unless block_size is a power of two >= 16 (the GPU pool's block)."""
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    check_positive_ints(block_size=block_size)
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
 

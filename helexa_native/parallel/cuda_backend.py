@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .. import defaults
+from ..backends.base import check_positive_ints
 from ..backends.cuda import (
     DEFAULT_PREFILL_CHUNK,
     KV_FREE_FRACTION,
@@ -380,9 +381,7 @@ class ShardedCUDABackend(CUDABackend):
         largest all-reduce the peer-memory kernel takes (0: NCCL only). The
         rest as CUDABackend's; step_timeout as the sharded CPU backend's."""
         devices = check_devices(devices)
-        for name, v in (("n_ctx", n_ctx), ("prefill_chunk", prefill_chunk), ("max_num_seqs", max_num_seqs)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        check_positive_ints(n_ctx=n_ctx, prefill_chunk=prefill_chunk, max_num_seqs=max_num_seqs)
         check_block_size(block_size)
         if kv_cache_memory is not None and (
             not isinstance(kv_cache_memory, int) or isinstance(kv_cache_memory, bool) or kv_cache_memory < 1

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from .. import defaults
+from ..backends.base import check_positive_ints
 from ..backends.cuda import (
     DEFAULT_PREFILL_CHUNK,
     KV_FREE_FRACTION,
@@ -400,9 +401,7 @@ class CUDALeaderBackend(CUDABackend):
         step_timeout: float = defaults.DEFAULT_STEP_TIMEOUT,
         connect_timeout: float = defaults.DEFAULT_TP_CONNECT_TIMEOUT,
     ):
-        for name, v in (("n_ctx", n_ctx), ("prefill_chunk", prefill_chunk), ("max_num_seqs", max_num_seqs)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        check_positive_ints(n_ctx=n_ctx, prefill_chunk=prefill_chunk, max_num_seqs=max_num_seqs)
         check_block_size(block_size)
         if kv_cache_memory is not None and (
             not isinstance(kv_cache_memory, int) or isinstance(kv_cache_memory, bool) or kv_cache_memory < 1

@@ -59,6 +59,7 @@ import torch
 import torch.distributed as dist
 
 from .. import defaults
+from ..backends.base import check_positive_ints
 from ..backends.cpu import DEFAULT_CPU_POOL_CONTEXTS, pool_blocks
 from ..config import ModelSource
 from ..errors import DeviceError, EngineClosedError, LaunchError
@@ -468,12 +469,7 @@ class DistributedLeaderBackend(ShardedBackend):
         connect_timeout: float = defaults.DEFAULT_TP_CONNECT_TIMEOUT,
     ):
         cfg = source.config
-        if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be a positive integer, got {max_num_seqs!r}")
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
-            raise ValueError(f"max_context must be a positive integer, got {n_ctx!r}")
+        check_positive_ints(max_num_seqs=max_num_seqs, block_size=block_size, max_context=n_ctx)
         if dtype not in _DTYPES.values():
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype}")
         self.step_timeout = check_step_timeout(step_timeout)
