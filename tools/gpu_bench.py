@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -69,6 +70,14 @@ def _args(argv):
         "same streams unconstrained, for each N of this comma-separated list (the structured-"
         "output overhead: 1 - constrained / plain aggregate decode tok/s); empty: skip",
     )
+    p.add_argument(
+        "--tc-min",
+        default="",
+        metavar="N[,N...]",
+        help="the fewest tokens a step sends through the tensor-core product (HELEXA_TC_MIN): the "
+        "model is timed with the first value, and the --concurrency runs are repeated on a fresh "
+        "load for each further value (an A/B of the small-batch paths); empty: the engine's default",
+    )
     p.add_argument("--workdir", default=None, help="where synthetic models are written (default: a temp dir)")
     p.add_argument("--json", dest="json_file", required=True, help="output JSON file")
     return p.parse_args(argv)
@@ -93,13 +102,13 @@ def _structured_overhead(eng, n: int, prompt_tokens: int, decode_tokens: int) ->
     }
 
 
-def _tp_sizes(text: str) -> list:
+def _positive_ints(text: str, flag: str) -> list:
     try:
         sizes = [int(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
         sizes = []
     if not sizes or any(n < 1 for n in sizes):
-        raise SystemExit(f"--tensor-parallel: expected comma-separated positive integers, got {text!r}")
+        raise SystemExit(f"{flag}: expected comma-separated positive integers, got {text!r}")
     return sizes
 
 
@@ -110,7 +119,7 @@ def main(argv=None) -> int:
 
     depths = [int(d) for d in a.depths.split(",") if d.strip()]
     models = [m.strip() for m in a.models.split(",") if m.strip()]
-    tp_sizes = _tp_sizes(a.tensor_parallel)
+    tp_sizes = _positive_ints(a.tensor_parallel, "--tensor-parallel")
     n_ctx = max(depths) + a.prompt_tokens + a.decode_tokens
     out = {
         "device": a.device,
@@ -127,6 +136,25 @@ def main(argv=None) -> int:
 
     def save():
         Path(a.json_file).write_text(json.dumps(out, indent=1, default=str))
+
+    def concurrency_rows(eng, name: str, levels: list) -> list:
+        rows = []
+        for n in levels:
+            row = bench_concurrency(eng, [n], a.prompt_tokens, a.decode_tokens, warmup=n == levels[0])[0]
+            rows.append(row)
+            print(
+                f"{name}: N={n}: aggregate decode {row['aggregate_decode_tokens_per_s']:.0f} tok/s, "
+                f"ITL p50 {row['itl_ms_p50']:.2f} ms p99 {row['itl_ms_p99']:.2f} ms, "
+                f"TTFT p50 {row['ttft_ms_p50']:.0f} ms",
+                flush=True,
+            )
+            save()
+        return rows
+
+    tc_mins = _positive_ints(a.tc_min, "--tc-min") if a.tc_min else []
+    if tc_mins:
+        os.environ["HELEXA_TC_MIN"] = str(tc_mins[0])
+        out["tc_min"] = tc_mins
 
     def bench_model(path, spec: str, tp: int, entry: dict) -> None:
         # Each rank streams its shard from its own memory: the ceiling is tp devices'.
@@ -155,17 +183,7 @@ def main(argv=None) -> int:
             entry["graphs"] = {k: v for k, v in eng.backend.memory_info().items() if k.startswith("graph")}
             levels = [int(x) for x in a.concurrency.split(",") if x.strip()]
             if levels:
-                entry["concurrency"] = []
-                for n in levels:
-                    row = bench_concurrency(eng, [n], a.prompt_tokens, a.decode_tokens, warmup=n == levels[0])[0]
-                    entry["concurrency"].append(row)
-                    print(
-                        f"{name}: N={n}: aggregate decode {row['aggregate_decode_tokens_per_s']:.0f} tok/s, "
-                        f"ITL p50 {row['itl_ms_p50']:.2f} ms p99 {row['itl_ms_p99']:.2f} ms, "
-                        f"TTFT p50 {row['ttft_ms_p50']:.0f} ms",
-                        flush=True,
-                    )
-                    save()
+                entry["concurrency"] = concurrency_rows(eng, name, levels)
             levels = [int(x) for x in a.structured.split(",") if x.strip()]
             if levels:
                 entry["structured"] = []
@@ -181,6 +199,14 @@ def main(argv=None) -> int:
                         flush=True,
                     )
                     save()
+        levels = [int(x) for x in a.concurrency.split(",") if x.strip()]
+        if levels and len(tc_mins) > 1:
+            entry["concurrency_by_tc_min"] = {str(tc_mins[0]): entry.get("concurrency")}
+            for v in tc_mins[1:]:
+                os.environ["HELEXA_TC_MIN"] = str(v)
+                with Engine(path, device=a.device, n_ctx=n_ctx, progress=False, **engine_kw) as eng:
+                    entry["concurrency_by_tc_min"][str(v)] = concurrency_rows(eng, f"{name} tc_min={v}", levels)
+            os.environ["HELEXA_TC_MIN"] = str(tc_mins[0])
         if a.int8_modes and spec.split(":")[1].upper() in ("Q4_K_M", "Q4_0", "Q8_0", "Q4_K", "Q6_K"):
             for mode, label in ((True, "int8_all"), (False, "float")):
                 with Engine(
