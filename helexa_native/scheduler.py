@@ -324,6 +324,10 @@ class Scheduler:
             # The whole uncached prompt (and the first generated token) must fit now.
             need = self.blocks.blocks_for(len(r.tokens) + 1) - len(r.blocks.table)
             if need > self.blocks.free_blocks:
+                # Not admitted: give its shared prefix back (it stays cached,
+                # idle) so no waiting request pins blocks the running ones need.
+                self.blocks.release(r.blocks)
+                r.blocks, r.computed = None, 0
                 if not self._running:
                     # Nothing will ever free blocks for it: the pool is too small.
                     del self._waiting[i]

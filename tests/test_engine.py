@@ -457,3 +457,77 @@ def test_special_tokens_skipped_unless_asked(make):
     assert eng.generate(PROMPT, temperature=0, skip_special_tokens=False).text == "hi<|im_start|> there"
     with pytest.raises(ValueError, match="skip_special_tokens"):
         eng.generate(PROMPT, skip_special_tokens="no")
+
+
+def test_soak_1000_requests_with_random_cancels_and_preemption(parts):
+    # 1000 requests from 8 threads against a pool too small for all of them
+    # at once: shared prefixes (prefix hits), streams closed early, cancel
+    # callables, max_tokens cuts and plain runs, mixed at random. Every
+    # request must end with exactly its own script's tokens (or a prefix of
+    # them where it was cut), and afterwards nothing may be left running or
+    # holding a block.
+    import random
+
+    src, tok = parts
+    be = ScriptedBackend(src.config, 96, block_size=4, num_blocks=20, max_num_seqs=6)
+    eng = Engine.from_backend(be, tok, eos_token_ids=src.eos_token_ids, prefix_cache=True)
+    rnd = random.Random(7)
+    eos = tok.eos_token_id
+    prefixes = [[rnd.randrange(300, 2000) for _ in range(rnd.randrange(6, 14))] for _ in range(5)]
+    jobs = []
+    for i in range(1000):
+        prompt = prefixes[i % 5] + [rnd.randrange(300, 2000) for _ in range(rnd.randrange(1, 6))] + [2000 + i]
+        script = [rnd.randrange(300, 2000) for _ in range(rnd.randrange(1, 24))]
+        be.scripts[tuple(prompt)] = script + [eos]
+        jobs.append((prompt, script, rnd.choice(["plain", "max_tokens", "close", "cancel"]), rnd.randrange(1, 8)))
+    failures, done = [], []
+
+    def run(job):
+        prompt, script, how, cut = job
+        full = script + [eos]  # the end-of-sequence token is part of the output
+        if how == "plain":
+            r = eng.generate(prompt, temperature=0)
+            ok = r.token_ids == full and r.finish_reason == "stop"
+        elif how == "max_tokens":
+            r = eng.generate(prompt, temperature=0, max_tokens=cut)
+            ok = r.token_ids == full[:cut] and r.finish_reason == ("length" if len(full) > cut else "stop")
+        elif how == "cancel":
+            seen = iter(range(10**6))
+            r = eng.generate(prompt, temperature=0, cancel=lambda: next(seen) >= cut)
+            ok = r.token_ids == full[: len(r.token_ids)] and r.finish_reason in ("cancelled", "stop")
+        else:
+            got = []
+            stream = eng.generate_stream(prompt, temperature=0)
+            for ch in stream:
+                got += ch.token_ids
+                if len(got) >= cut:
+                    break
+            stream.close()
+            ok = got == full[: len(got)] and len(got) >= min(cut, len(full))
+        (done if ok else failures).append(job)
+
+    def worker(k):
+        for job in jobs[k::8]:
+            try:
+                run(job)
+            except Exception as e:  # a request must never fail
+                failures.append((job, repr(e)))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a request never finished"
+    assert not failures, f"{len(failures)} wrong results, first: {failures[0]}"
+    assert len(done) == 1000
+    deadline = time.time() + 5
+    while eng.load()["running"] and time.time() < deadline:
+        time.sleep(0.01)
+    load = eng.load()
+    assert load["running"] == 0 and load["waiting"] == 0
+    assert load["kv_blocks_used"] == 0, load
+    assert load["prefix_cache_hit_tokens"] > 0
+    assert load["preemptions"] > 0, "the pool never ran out: the test lost its point"
+    assert max(be.batches) > 1 and be.overlaps == 0
+    eng.close()
