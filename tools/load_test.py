@@ -5,7 +5,8 @@
 
 Each client sends its own prompt (random words, so the prefix cache cannot
 serve it) as a streaming completion with the official `openai` client and
-records when each streamed token arrives. Per N it prints the same figures
+records when each streamed token arrives (where the `openai` package is not
+installed, a small standard-library client speaks the same streaming protocol). Per N it prints the same figures
 as `helexa-native bench --concurrency`: aggregate decode tok/s while all N
 streams decode, tokens over the whole wall time, inter-token latency p50/p99
 and time to first token p50/p99. Requests are bounded (N per round, one
@@ -37,6 +38,58 @@ WORDS = (
 
 def _prompt(rng, n_words):
     return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+class _Obj:
+    """Attribute access over a decoded JSON object."""
+
+    def __init__(self, d):
+        self.__dict__.update({k: _wrap(v) for k, v in d.items()})
+
+
+def _wrap(v):
+    if isinstance(v, dict):
+        return _Obj(v)
+    if isinstance(v, list):
+        return [_wrap(x) for x in v]
+    return v
+
+
+class StdlibClient:
+    """The two calls this script makes (models.list, streaming completions.create) over urllib."""
+
+    def __init__(self, base_url: str, api_key: str, timeout: float = 600):
+        self.base, self.key, self.timeout = base_url.rstrip("/"), api_key, timeout
+        self.models = _Obj({})
+        self.models.list = self._models
+        self.completions = _Obj({})
+        self.completions.create = self._create
+
+    def _request(self, path, body=None):
+        import urllib.request
+
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, method="GET" if body is None else "POST")
+        req.add_header("Authorization", f"Bearer {self.key}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        return urllib.request.urlopen(req, timeout=self.timeout)
+
+    def _models(self):
+        with self._request("/models") as r:
+            return _wrap(json.loads(r.read()))
+
+    def _create(self, extra_body=None, **kw):
+        body = dict(kw, **(extra_body or {}))
+        with self._request("/completions", body) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    return
+                yield _wrap(json.loads(payload))
 
 
 def run_round(client, model, n, prompt_words, max_tokens, seed):
@@ -98,9 +151,12 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--json", dest="json_file", default=None)
     args = ap.parse_args(argv)
-    from openai import OpenAI
+    try:
+        from openai import OpenAI
 
-    client = OpenAI(base_url=args.base_url, api_key=args.api_key, timeout=600, max_retries=0)
+        client = OpenAI(base_url=args.base_url, api_key=args.api_key, timeout=600, max_retries=0)
+    except ImportError:
+        client = StdlibClient(args.base_url, args.api_key)
     model = args.model or client.models.list().data[0].id
     rows = []
     for i, n in enumerate(int(x) for x in args.concurrency.split(",")):
