@@ -37,12 +37,10 @@ that dies ends a follower's wait for the next step at once.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 
 from .. import defaults
 from ..backends.base import check_positive_ints
@@ -56,30 +54,27 @@ from ..backends.cuda import (
     check_gpu_arch,
 )
 from ..config import ModelSource
-from ..errors import DeviceError, EngineClosedError, LaunchError, ModelLoadError
+from ..errors import DeviceError, EngineClosedError, ModelLoadError
 from ..kv_blocks import DEFAULT_BLOCK_SIZE, KVBlockManager
 from .collective import CollectiveError
 from .distributed import (
-    SHUTDOWN,
+    _FAILED,
     STEP,
     Launch,
-    _check_statuses,
-    _FollowerWatch,
-    _Heartbeat,
+    _check_hello,
+    _exchange,
+    _FollowerRole,
+    _LeaderRole,
     _Member,
     _one_line,
     _process_identity,
-    _receive,
+    _rank_launch,
     _send,
-    _wait,
-    check_launch,
     heartbeat_interval,
-    launch_from_env,
 )
 from .gpu_shard import check_visible, follower_inputs, gpu_plan, kv_bytes_per_block, load_rank, rank_spec, wait_ranks
 from .launch import check_step_timeout
 from .sharding import model_fingerprint
-from .watchdog import StepWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +140,6 @@ def _join_communicator(member: _Member, worker) -> None:
     init_nccl_group([worker], unique_id=uid, first_rank=member.rank, nranks=member.world_size)
 
 
-def _exchange(member: _Member, status: dict, own: Optional[BaseException]) -> List[dict]:
-    statuses = member.all_gather_obj(status)
-    _check_statuses(statuses, member.rank, own)
-    return statuses
-
-
 def _destroy_communicator(worker) -> None:
     try:
         worker.native.nccl_destroy_async().wait()
@@ -191,34 +180,28 @@ def _allocate(handle, num_blocks: int) -> Optional[BaseException]:
 # ---------------------------------------------------------------------------- the leader
 
 
-class _LeaderRank:
+class _LeaderRank(_LeaderRole):
     """Rank 0's GpuModelHandle plus the step channel: the one-model face CUDABackend drives."""
 
     def __init__(self, handle, worker, member: _Member, statuses: List[dict], step_timeout: float):
+        self._init_leader(step_timeout)
         self.handle = handle
         self.worker = worker
         self.member = member
-        self.limit = step_timeout
-        self.failure: Optional[DeviceError] = None
-        self._fail_lock = threading.Lock()
-        self._closed = False
-        self._steps = 0
         self.load_seconds = float(handle.load_seconds)
         self.bytes = int(handle.bytes)
-        self._watch = _FollowerWatch(member, statuses, step_timeout)
-        self._watchdog = StepWatchdog(
-            step_timeout,
-            self._overrun,
-            interval=heartbeat_interval(step_timeout),
-            on_tick=self._tick,
-            name="hx-tp-gpu-leader-watchdog",
-        )
+        self._watch_followers(statuses, "hx-tp-gpu-leader-watchdog")
 
     # ------------------------------------------------------------------ the model face
 
     @property
+    def failure(self) -> Optional[DeviceError]:
+        """The DeviceError that failed the group, or None."""
+        return self._failure
+
+    @property
     def closed(self) -> bool:
-        return self._closed or self.failure is not None
+        return self._closed or self._failure is not None
 
     @property
     def poisoned(self) -> bool:
@@ -245,24 +228,11 @@ class _LeaderRank:
     def memory(self) -> dict:
         return self._live().memory()
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._watchdog.close()
-        if self.failure is None and self.handle is not None:
-            try:
-                _send(self.member.group, SHUTDOWN, None, self.limit)
-                _wait(dist.barrier(group=self.member.group, async_op=True), self.limit, "shutting down")
-            except CollectiveError as e:
-                log.warning("tensor-parallel shutdown: %s", e)
-        self._release()
-
     # ------------------------------------------------------------------ steps
 
     def _live(self):
-        if self.failure is not None:
-            raise self.failure
+        if self._failure is not None:
+            raise self._failure
         if self._closed or self.handle is None:
             raise EngineClosedError("the tensor-parallel CUDA backend was closed")
         return self.handle
@@ -271,7 +241,7 @@ class _LeaderRank:
         h = self._live()
         self._steps += 1
         step = self._steps
-        deadline = time.monotonic() + self.limit
+        deadline = time.monotonic() + self.step_timeout
         self._watchdog.begin(step)
         pending = []
         try:
@@ -280,15 +250,15 @@ class _LeaderRank:
             except CollectiveError as e:
                 # The message is built now: `e` is unbound once this except clause ends.
                 headline = f"tensor-parallel step {step}: {e}"
-                self._fail(lambda: self._diagnose(step, headline, None))
+                self._fail(lambda: self._diagnose(step, headline))
             else:
                 pending = [submit(h)]
                 results, errors = wait_ranks(
-                    pending, deadline + defaults.TP_ABORT_GRACE, stop=lambda: self.failure is not None
+                    pending, deadline + defaults.TP_ABORT_GRACE, stop=lambda: self._failure is not None
                 )
-                if self.failure is None and 0 in results:
+                if self._failure is None and 0 in results:
                     return results[0]
-                if self.failure is None and isinstance(errors.get(0), ValueError):
+                if self._failure is None and isinstance(errors.get(0), ValueError):
                     # Bad input: every rank refused it alike before any device work.
                     raise errors[0]
                 err = errors.get(0)
@@ -298,75 +268,39 @@ class _LeaderRank:
         if pending and not pending[0].done():
             wait_ranks(pending, time.monotonic() + defaults.TP_ABORT_GRACE, learn=False)
         self._release(stuck=bool(pending) and not pending[0].done())
-        raise self.failure
+        raise self._failure
 
     # ------------------------------------------------------------------ failure
 
-    def _tick(self) -> None:
-        if self.failure is not None or self._closed:
-            return
-        self._watch.poll()
-        dead = self._watch.dead()
-        if dead:
-            self._fail(
-                lambda: (
-                    "tensor-parallel "
-                    + "; ".join(f"rank {r} {why}" for r, why in dead.items())
-                    + "; the model is failed (restart the launch)"
-                )
-            )
-
-    def _overrun(self, step: int, seconds: float) -> None:
-        self._fail(
-            lambda: self._diagnose(step, f"tensor-parallel step {step} did not finish within {self.limit:g} s", None)
-        )
-
-    def _diagnose(self, step: int, headline: str, own: Optional[BaseException]) -> str:
+    def _diagnose(self, step: int, headline: str, own: Optional[BaseException] = None) -> str:
         """headline, plus which rank failed: rank 0's own error, a dead follower, one behind, else every rank."""
-        tail = "; the model is failed (restart the launch)"
         if own is not None:
-            return headline + f": rank 0 failed: {_one_line(own)}" + tail
+            return headline + f": rank 0 failed: {_one_line(own)}" + _FAILED
+        named = self._name_dead(headline, min(self.step_timeout, 2.0 * heartbeat_interval(self.step_timeout) + 1.0))
+        if named is not None:
+            return named
         watch = self._watch
-        watch.poll()
-        marks = {r: watch.count(r) for r in watch.followers}
-        until = time.monotonic() + min(self.limit, 2.0 * heartbeat_interval(self.limit) + 1.0)
-        while True:
-            # Every follower either beats again (its progress is current) or is known dead.
-            watch.poll()
-            dead = watch.dead()
-            fresh = [r for r in watch.followers if watch.count(r) != marks[r]]
-            if all(r in dead or r in fresh for r in watch.followers) or time.monotonic() >= until:
-                break
-            time.sleep(heartbeat_interval(self.limit))
-        for r in watch.followers:
-            if r not in fresh and r not in dead:
-                dead[r] = "sent no heartbeat since the failure (its process is gone or frozen)"
-        if dead:
-            return headline + ": " + "; ".join(f"rank {r} {why}" for r, why in sorted(dead.items())) + tail
         behind = {r: watch.progress(r) for r in watch.followers if watch.progress(r)[0] < step}
         if behind:
             ranks = ", ".join(str(r) for r in sorted(behind))
             at = ", ".join(f"rank {r} at step {p[0]}" for r, p in sorted(behind.items()))
-            return headline + f": rank {ranks} never started step {step} ({at})" + tail
+            return headline + f": rank {ranks} never started step {step} ({at})" + _FAILED
         inside = [r for r in watch.followers if watch.progress(r) == (step, 0)]
         if inside:
             return (
                 headline + f": rank 0 and rank {', '.join(str(r) for r in inside)} are inside step {step} "
-                "(a collective or a kernel is stuck)" + tail
+                "(a collective or a kernel is stuck)" + _FAILED
             )
-        return headline + f": every follower finished step {step}, rank 0 did not" + tail
+        return headline + f": every follower finished step {step}, rank 0 did not" + _FAILED
 
-    def _fail(self, message) -> DeviceError:
-        """Fail once: abort rank 0's abort word and communicator first, then name the rank (which may wait)."""
-        with self._fail_lock:
-            if self.failure is not None:
-                return self.failure
-            h = self.handle
-            if h is not None:
-                h.abort(True)
-            self.failure = DeviceError(message())
-            log.error("%s", self.failure)
-            return self.failure
+    def _abort(self) -> None:
+        """Set rank 0's abort word and abort its communicator (its kernels return) before the rank is named."""
+        h = self.handle
+        if h is not None:
+            h.abort(True)
+
+    def _holds_shard(self) -> bool:
+        return self.handle is not None
 
     def _release(self, stuck: bool = False) -> None:
         self._closed = True
@@ -408,12 +342,14 @@ class CUDALeaderBackend(CUDABackend):
         ):
             raise ValueError(f"kv_cache_memory must be a positive number of bytes or None, got {kv_cache_memory!r}")
         step_timeout = check_step_timeout(step_timeout)
-        launch = launch if launch is not None else launch_from_env()
-        if launch is None:
-            raise LaunchError("no torchrun launch found (WORLD_SIZE is not set); in one process use ShardedCUDABackend")
-        if launch.rank != 0:
-            raise LaunchError(f"rank {launch.rank} is a follower: it runs CUDAFollower, not the leader's backend")
-        check_launch(tensor_parallel, launch, device="cuda")
+        launch = _rank_launch(
+            launch,
+            tensor_parallel,
+            "cuda",
+            True,
+            "rank {rank} is a follower: it runs CUDAFollower, not the leader's backend",
+            alone="ShardedCUDABackend",
+        )
         cfg = source.config
         check_gpu_arch(cfg)
         plan = gpu_plan(source, tensor_parallel)
@@ -515,8 +451,11 @@ class CUDALeaderBackend(CUDABackend):
 # ---------------------------------------------------------------------------- the followers
 
 
-class CUDAFollower:
-    """A follower rank: joins the group, loads its shard on cuda:LOCAL_RANK, then `run()` serves the leader's steps."""
+class CUDAFollower(_FollowerRole):
+    """A follower rank: joins the group, loads its shard on cuda:LOCAL_RANK, then `run()` serves the leader's steps.
+
+    A step that fails or overruns makes `run()` raise DeviceError.
+    """
 
     def __init__(
         self,
@@ -525,22 +464,16 @@ class CUDAFollower:
         launch: Optional[Launch] = None,
         connect_timeout: float = defaults.DEFAULT_TP_CONNECT_TIMEOUT,
     ):
-        launch = launch if launch is not None else launch_from_env()
-        if launch is None:
-            raise LaunchError("no torchrun launch found (WORLD_SIZE is not set)")
-        if launch.rank == 0:
-            raise LaunchError("rank 0 leads: it runs CUDALeaderBackend, not CUDAFollower")
-        check_launch(tensor_parallel, launch, device="cuda")
+        launch = _rank_launch(
+            launch, tensor_parallel, "cuda", False, "rank 0 leads: it runs CUDALeaderBackend, not CUDAFollower"
+        )
         check_gpu_arch(source.config)
         plan = gpu_plan(source, tensor_parallel)
         C = _native()
         self._C = C
-        self.rank = launch.rank
-        self.steps = 0
+        self._init_follower(launch)
         self.finished = 0
-        self.step_timeout = defaults.DEFAULT_STEP_TIMEOUT
         self.handle = self.worker = None
-        self._heartbeat = None
         self._stuck = False  # a step's job never returned: its worker cannot take the cleanup jobs
         self._idle = C.StepSampling()
         self._no_penalties = C.PenaltyUpdate()
@@ -548,21 +481,10 @@ class CUDAFollower:
         self.member = _Member(launch, connect_timeout)
         joined = False
         try:
-            hello = self.member.broadcast_obj(None)
-            self.step_timeout = float(hello["step_timeout"])
+            hello = self._hello()
             status, own = dict(_process_identity(), error=None), None
             try:
-                mine = model_fingerprint(source.config, source.tensors)
-                if hello["tensor_parallel"] != plan.world_size:
-                    raise LaunchError(
-                        f"rank 0 runs tensor_parallel {hello['tensor_parallel']}, rank "
-                        f"{self.rank} was started with {plan.world_size}"
-                    )
-                if hello["fingerprint"] != mine:
-                    raise LaunchError(
-                        f"rank {self.rank} loaded a different model than rank 0 "
-                        f"(fingerprint {mine}, rank 0 has {hello['fingerprint']})"
-                    )
+                _check_hello(hello, source, self.rank, plan.world_size)
                 self.worker = _start_worker(C, launch.local_rank)
             except Exception as e:
                 status["error"], own = _one_line(e), e
@@ -584,11 +506,7 @@ class CUDAFollower:
                 own = _allocate(self.handle, num_blocks)
                 status["error"] = _one_line(own) if own is not None else None
             _exchange(self.member, status, own)
-            self._heartbeat = _Heartbeat(
-                self.member,
-                lambda: (self.steps, int(self.finished == self.steps)),
-                heartbeat_interval(self.step_timeout),
-            )
+            self._start_heartbeat(lambda: (self.steps, int(self.finished == self.steps)))
         except BaseException:
             if self.handle is not None:
                 self.handle.close()
@@ -597,20 +515,11 @@ class CUDAFollower:
             self.member.close()
             raise
 
-    def run(self) -> None:
-        """Serve steps until the leader's shutdown; a step that fails or overruns raises DeviceError."""
-        group = self.member.group
-        while True:
-            kind, payload = _receive(group)
-            if kind == SHUTDOWN:
-                _wait(dist.barrier(group=group, async_op=True), self.step_timeout, "shutting down")
-                return
-            if kind != STEP or payload is None:
-                raise LaunchError(f"rank {self.rank} got an unknown message kind {kind} from rank 0")
-            mode, seqs = decode_gpu_step(payload)
-            self.steps += 1
-            self._step(mode, seqs)
-            self.finished = self.steps
+    def _serve_step(self, payload: torch.Tensor) -> None:
+        mode, seqs = decode_gpu_step(payload)
+        self.steps += 1
+        self._step(mode, seqs)
+        self.finished = self.steps
 
     def _step(self, mode: int, seqs: list) -> None:
         if mode == MODE_STEP:
@@ -636,8 +545,7 @@ class CUDAFollower:
 
     def close(self) -> None:
         """Stop the heartbeat, drop the shard, leave the communicator and the group."""
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
+        self._stop_heartbeat()
         h, self.handle = self.handle, None
         if not self._stuck:
             if h is not None:

@@ -430,6 +430,28 @@ class _FollowerWatch:
                 out[r] = f"sent no heartbeat for {now - self._changed[r]:.1f} s (its process is gone or frozen)"
         return out
 
+    def after_failure(self, seconds: float) -> Dict[int, str]:
+        """The followers to name once a step failed: rank -> why.
+
+        Waits up to `seconds` for every follower either to beat again (its
+        progress is then current) or to be known dead; one that did neither
+        is named as silent.
+        """
+        self.poll()
+        marks = {r: self.count(r) for r in self.followers}
+        until = time.monotonic() + seconds
+        while True:
+            self.poll()
+            dead = self.dead()
+            fresh = [r for r in self.followers if self.count(r) != marks[r]]
+            if all(r in dead or r in fresh for r in self.followers) or time.monotonic() >= until:
+                break
+            time.sleep(heartbeat_interval(self._limit))
+        for r in self.followers:
+            if r not in fresh and r not in dead:
+                dead[r] = "sent no heartbeat since the failure (its process is gone or frozen)"
+        return dead
+
 
 def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}".splitlines()[0]
@@ -445,10 +467,196 @@ def _check_statuses(statuses: List[dict], rank: int, own_error: Optional[BaseExc
     raise LaunchError("tensor-parallel start-up failed on " + "; ".join(f"rank {r}: {msg}" for r, msg in bad))
 
 
+def _exchange(member: _Member, status: dict, own: Optional[BaseException]) -> List[dict]:
+    """Every rank's status after a start-up stage, in rank order; raises on every rank if any rank failed it."""
+    statuses = member.all_gather_obj(status)
+    _check_statuses(statuses, member.rank, own)
+    return statuses
+
+
+def _rank_launch(
+    launch: Optional[Launch], tensor_parallel: int, device: str, leads: bool, wrong_rank: str, alone: str = ""
+) -> Launch:
+    """This process's launch (torchrun's environment's when `launch` is None), checked for its role.
+
+    leads: whether the caller is rank 0's class. wrong_rank: the LaunchError
+    message for a process of the other role ("{rank}" is its rank). alone:
+    the class that runs the ranks in one process, named when there is no launch.
+    """
+    launch = launch if launch is not None else launch_from_env()
+    if launch is None:
+        msg = "no torchrun launch found (WORLD_SIZE is not set)"
+        raise LaunchError(f"{msg}; in one process use {alone}" if alone else msg)
+    if (launch.rank == 0) != leads:
+        raise LaunchError(wrong_rank.format(rank=launch.rank))
+    check_launch(tensor_parallel, launch, device=device)
+    return launch
+
+
+def _check_hello(hello: dict, source: ModelSource, rank: int, world_size: int) -> None:
+    """LaunchError unless this follower's tensor_parallel and model are rank 0's."""
+    mine = model_fingerprint(source.config, source.tensors)
+    if hello["tensor_parallel"] != world_size:
+        raise LaunchError(
+            f"rank 0 runs tensor_parallel {hello['tensor_parallel']}, rank {rank} was started with {world_size}"
+        )
+    if hello["fingerprint"] != mine:
+        raise LaunchError(
+            f"rank {rank} loaded a different model than rank 0 (fingerprint {mine}, rank 0 has {hello['fingerprint']})"
+        )
+
+
+# ---------------------------------------------------------------------------- the two roles, on either device
+
+# How every failure message of a multi-process leader ends.
+_FAILED = "; the model is failed (restart the launch)"
+
+
+def _ranks_why(why: Dict[int, str]) -> str:
+    return "; ".join(f"rank {r} {text}" for r, text in sorted(why.items()))
+
+
+class _LeaderRole:
+    """Rank 0's side of the protocol, shared by the CPU and the GPU leader.
+
+    It owns the step limit, the failure (set once, under a lock), the
+    StepWatchdog whose thread checks the followers' heartbeats and processes
+    between steps, and `close()` with its shutdown message. A subclass calls
+    `_init_leader` before it joins the group, sets `member`, calls
+    `_watch_followers` once the start-up exchange is done, and gives
+    `_diagnose(step, headline)` (the failure's message, naming the rank),
+    `_holds_shard()` and `_release()` (drop rank 0's shard, leave the group)
+    and, where rank 0's own work must be stopped before a failure's message
+    is built, `_abort()`.
+    """
+
+    member: _Member
+
+    def _init_leader(self, step_timeout: float) -> None:
+        self.step_timeout = step_timeout
+        self._failure: Optional[DeviceError] = None
+        self._fail_lock = threading.Lock()
+        self._closed = False
+        self._steps = 0
+
+    def _watch_followers(self, statuses: List[dict], name: str) -> None:
+        self._watch = _FollowerWatch(self.member, statuses, self.step_timeout)
+        self._watchdog = StepWatchdog(
+            self.step_timeout,
+            self._overrun,
+            interval=heartbeat_interval(self.step_timeout),
+            on_tick=self._tick,
+            name=name,
+        )
+
+    def _log(self) -> logging.Logger:
+        return logging.getLogger(type(self).__module__)
+
+    def _tick(self) -> None:
+        if self._failure is not None or self._closed:
+            return
+        self._watch.poll()
+        dead = self._watch.dead()
+        if dead:
+            self._fail(lambda: "tensor-parallel " + _ranks_why(dead) + _FAILED)
+
+    def _overrun(self, step: int, seconds: float) -> None:
+        self._fail(
+            lambda: self._diagnose(step, f"tensor-parallel step {step} did not finish within {self.step_timeout:g} s")
+        )
+
+    def _diagnose(self, step: int, headline: str) -> str:
+        """headline, plus which rank failed step `step` (the watchdog's thread or the step's own)."""
+        raise NotImplementedError
+
+    def _name_dead(self, headline: str, seconds: float) -> Optional[str]:
+        """headline naming the followers dead or silent after a failure (waiting up to `seconds`), else None."""
+        dead = self._watch.after_failure(seconds)
+        return headline + ": " + _ranks_why(dead) + _FAILED if dead else None
+
+    def _abort(self) -> None:
+        """Stop rank 0's own work in flight; called once, before the failure's message is built."""
+
+    def _fail(self, message: Callable[[], str]) -> DeviceError:
+        """Fail once: `_abort()`, then `message` (which may wait to name the rank); later calls get that failure."""
+        with self._fail_lock:
+            if self._failure is None:
+                self._abort()
+                self._failure = DeviceError(message())
+                self._log().error("%s", self._failure)
+            return self._failure
+
+    def _holds_shard(self) -> bool:
+        """Whether rank 0 still holds its shard."""
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """Drop rank 0's shard and leave the group."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Tell the followers to stop (unless the group failed), then drop rank 0's shard and leave the group."""
+        if self._closed:
+            return
+        self._closed = True
+        self._watchdog.close()
+        if self._failure is None and self._holds_shard():
+            group = self.member.group
+            try:
+                _send(group, SHUTDOWN, None, self.step_timeout)
+                _wait(dist.barrier(group=group, async_op=True), self.step_timeout, "shutting down")
+            except CollectiveError as e:
+                self._log().warning("tensor-parallel shutdown: %s", e)
+        self._release()
+
+
+class _FollowerRole:
+    """A follower's side of the protocol, shared by the CPU and the GPU follower.
+
+    A subclass calls `_init_follower` first, sets `member`, calls `_hello`
+    for rank 0's settings and `_start_heartbeat` once its shard is ready, and
+    gives `_serve_step(payload)`: one encoded step, run on this rank.
+    """
+
+    def _init_follower(self, launch: Launch) -> None:
+        self.rank = launch.rank
+        self.steps = 0
+        self.step_timeout = defaults.DEFAULT_STEP_TIMEOUT
+        self._heartbeat: Optional[_Heartbeat] = None
+
+    def _hello(self) -> dict:
+        """Rank 0's settings (its start-up broadcast); the step limit is taken from them."""
+        hello = self.member.broadcast_obj(None)
+        self.step_timeout = float(hello["step_timeout"])
+        return hello
+
+    def _start_heartbeat(self, progress: Callable[[], Tuple[int, int]]) -> None:
+        self._heartbeat = _Heartbeat(self.member, progress, heartbeat_interval(self.step_timeout))
+
+    def _stop_heartbeat(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+
+    def _serve_step(self, payload: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def run(self) -> None:
+        """Serve steps until the leader's shutdown message."""
+        group = self.member.group
+        while True:
+            kind, payload = _receive(group)
+            if kind == SHUTDOWN:
+                _wait(dist.barrier(group=group, async_op=True), self.step_timeout, "shutting down")
+                return
+            if kind != STEP or payload is None:
+                raise LaunchError(f"rank {self.rank} got an unknown message kind {kind} from rank 0")
+            self._serve_step(payload)
+
+
 # ---------------------------------------------------------------------------- the leader
 
 
-class DistributedLeaderBackend(ShardedBackend):
+class DistributedLeaderBackend(_LeaderRole, ShardedBackend):
     """Rank 0 of a multi-process tensor-parallel group: the Backend the scheduler drives (see the module docstring)."""
 
     device = "cpu"
@@ -472,13 +680,15 @@ class DistributedLeaderBackend(ShardedBackend):
         check_positive_ints(max_num_seqs=max_num_seqs, block_size=block_size, max_context=n_ctx)
         if dtype not in _DTYPES.values():
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype}")
-        self.step_timeout = check_step_timeout(step_timeout)
-        launch = launch if launch is not None else launch_from_env()
-        if launch is None:
-            raise LaunchError("no torchrun launch found (WORLD_SIZE is not set); in one process use ShardedCPUBackend")
-        if launch.rank != 0:
-            raise LaunchError(f"rank {launch.rank} is a follower: it runs Follower, not the leader's backend")
-        check_launch(tensor_parallel, launch)
+        self._init_leader(check_step_timeout(step_timeout))
+        launch = _rank_launch(
+            launch,
+            tensor_parallel,
+            "cpu",
+            True,
+            "rank {rank} is a follower: it runs Follower, not the leader's backend",
+            alone="ShardedCPUBackend",
+        )
         plan = shard_plan(cfg, tensor_parallel)
         plan.check(source.tensors)
         self.plan = plan
@@ -487,10 +697,6 @@ class DistributedLeaderBackend(ShardedBackend):
             n_ctx, block_size, kv_bytes_per_position(plan, dtype), kv_cache_memory, DEFAULT_CPU_POOL_CONTEXTS * n_ctx
         )
         self._deadline = 0.0
-        self._failure: Optional[DeviceError] = None
-        self._fail_lock = threading.Lock()
-        self._closed = False
-        self._steps = 0
         self.model: Optional[ShardModel] = None
         self.member = _Member(launch, connect_timeout)
         try:
@@ -522,8 +728,7 @@ class DistributedLeaderBackend(ShardedBackend):
                 )
             except Exception as e:
                 status["error"], own = _one_line(e), e
-            statuses = self.member.all_gather_obj(status)
-            _check_statuses(statuses, 0, own)
+            statuses = _exchange(self.member, status, own)
         except BaseException:
             self.model = None
             self.member.close()
@@ -532,14 +737,7 @@ class DistributedLeaderBackend(ShardedBackend):
         self.n_ctx = self.model.max_context
         self.max_num_seqs = max_num_seqs
         self.blocks = KVBlockManager(blocks, block_size, prefix_cache=prefix_cache)
-        self._watch = _FollowerWatch(self.member, statuses, self.step_timeout)
-        self._watchdog = StepWatchdog(
-            self.step_timeout,
-            self._overrun,
-            interval=heartbeat_interval(self.step_timeout),
-            on_tick=self._tick,
-            name="hx-tp-leader-watchdog",
-        )
+        self._watch_followers(statuses, "hx-tp-leader-watchdog")
 
     # ------------------------------------------------------------------ steps
 
@@ -558,80 +756,43 @@ class DistributedLeaderBackend(ShardedBackend):
             # The message is built now: `e` is unbound once this except clause ends.
             msg = f"tensor-parallel step {step} failed ({e})"
             err = self._fail(lambda: self._diagnose(step, msg))
-            self._drop()
+            self._release()
             raise err from e
         finally:
             self._watchdog.end()
         if self._failure is not None:
-            self._drop()
+            self._release()
             raise self._failure
         return out
 
     # ------------------------------------------------------------------ failure
 
-    def _tick(self) -> None:
-        if self._failure is not None or self._closed:
-            return
-        self._watch.poll()
-        dead = self._watch.dead()
-        if dead:
-            self._fail(
-                lambda: (
-                    "tensor-parallel "
-                    + "; ".join(f"rank {r} {why}" for r, why in dead.items())
-                    + "; the model is failed (restart the launch)"
-                )
-            )
-
-    def _overrun(self, step: int, seconds: float) -> None:
-        self._fail(
-            lambda: self._diagnose(step, f"tensor-parallel step {step} did not finish within {self.step_timeout:g} s")
-        )
-
     def _diagnose(self, step: int, headline: str) -> str:
         """headline, plus which rank failed: a dead one, else the one furthest behind."""
+        named = self._name_dead(headline, self.step_timeout)
+        if named is not None:
+            return named
         watch = self._watch
-        watch.poll()
-        marks = {r: watch.count(r) for r in watch.followers}
-        until = time.monotonic() + self.step_timeout
-        interval = heartbeat_interval(self.step_timeout)
-        while True:
-            # Wait until every follower either beat again (its progress is current) or is known dead.
-            watch.poll()
-            dead = watch.dead()
-            fresh = [r for r in watch.followers if watch.count(r) != marks[r]]
-            if all(r in dead or r in fresh for r in watch.followers) or time.monotonic() >= until:
-                break
-            time.sleep(interval)
-        for r in watch.followers:
-            if r not in fresh and r not in dead:
-                dead[r] = "sent no heartbeat since the failure (its process is gone or frozen)"
-        tail = "; the model is failed (restart the launch)"
-        if dead:
-            return headline + ": " + "; ".join(f"rank {r} {why}" for r, why in sorted(dead.items())) + tail
         progress = {0: (step, self.collective.entered)}
         progress.update({r: watch.progress(r) for r in watch.followers})
         low = min(progress.values())
         late = [r for r, p in progress.items() if p == low]
         if len(late) == len(progress):
             return (
-                headline + f": every rank reached collective {low[1]} of step {low[0]}, which did not complete" + tail
+                headline
+                + f": every rank reached collective {low[1]} of step {low[0]}, which did not complete"
+                + _FAILED
             )
         ranks = ", ".join(str(r) for r in late)
         return (
             headline + f": rank {ranks} did not answer (it is at collective {low[1]} of step {low[0]}; "
-            f"rank 0 is at collective {self.collective.entered} of step {step})" + tail
+            f"rank 0 is at collective {self.collective.entered} of step {step})" + _FAILED
         )
 
-    def _fail(self, message: Callable[[], str]) -> DeviceError:
-        """Fail the backend once; `message` (which may wait to name the rank) runs only for the first failure."""
-        with self._fail_lock:
-            if self._failure is None:
-                self._failure = DeviceError(message())
-                log.error("%s", self._failure)
-            return self._failure
+    def _holds_shard(self) -> bool:
+        return self.model is not None
 
-    def _drop(self) -> None:
+    def _release(self) -> None:
         self.model = None
         self.member.close()
 
@@ -656,21 +817,6 @@ class DistributedLeaderBackend(ShardedBackend):
         out.update(self.blocks.stats())
         return out
 
-    def close(self) -> None:
-        """Tell the followers to stop, leave the group and drop the weights."""
-        if self._closed:
-            return
-        self._closed = True
-        self._watchdog.close()
-        if self._failure is None and self.model is not None:
-            try:
-                _send(self.member.group, SHUTDOWN, None, self.step_timeout)
-                _wait(dist.barrier(group=self.member.group, async_op=True), self.step_timeout, "shutting down")
-            except CollectiveError as e:
-                log.warning("tensor-parallel shutdown: %s", e)
-        self.model = None
-        self.member.close()
-
     def _live(self) -> ShardModel:
         if self._failure is not None:
             raise self._failure
@@ -683,8 +829,11 @@ class DistributedLeaderBackend(ShardedBackend):
 # ---------------------------------------------------------------------------- the followers
 
 
-class Follower:
-    """A follower rank: joins the group, loads its shard, then `run()` serves the leader's steps."""
+class Follower(_FollowerRole):
+    """A follower rank: joins the group, loads its shard, then `run()` serves the leader's steps.
+
+    A failed collective makes `run()` raise CollectiveError.
+    """
 
     def __init__(
         self,
@@ -694,35 +843,18 @@ class Follower:
         progress: Optional[bool] = None,
         connect_timeout: float = defaults.DEFAULT_TP_CONNECT_TIMEOUT,
     ):
-        launch = launch if launch is not None else launch_from_env()
-        if launch is None:
-            raise LaunchError("no torchrun launch found (WORLD_SIZE is not set)")
-        if launch.rank == 0:
-            raise LaunchError("rank 0 leads: it runs DistributedLeaderBackend, not Follower")
-        check_launch(tensor_parallel, launch)
+        launch = _rank_launch(
+            launch, tensor_parallel, "cpu", False, "rank 0 leads: it runs DistributedLeaderBackend, not Follower"
+        )
         plan = shard_plan(source.config, tensor_parallel)
         plan.check(source.tensors)
-        self.rank = launch.rank
-        self.steps = 0
-        self.step_timeout = defaults.DEFAULT_STEP_TIMEOUT
-        self._heartbeat = None
+        self._init_follower(launch)
         self.member = _Member(launch, connect_timeout)
         try:
-            hello = self.member.broadcast_obj(None)
-            self.step_timeout = float(hello["step_timeout"])
+            hello = self._hello()
             status, own = dict(_process_identity(), error=None), None
             try:
-                mine = model_fingerprint(source.config, source.tensors)
-                if hello["tensor_parallel"] != plan.world_size:
-                    raise LaunchError(
-                        f"rank 0 runs tensor_parallel {hello['tensor_parallel']}, rank "
-                        f"{self.rank} was started with {plan.world_size}"
-                    )
-                if hello["fingerprint"] != mine:
-                    raise LaunchError(
-                        f"rank {self.rank} loaded a different model than rank 0 "
-                        f"(fingerprint {mine}, rank 0 has {hello['fingerprint']})"
-                    )
+                _check_hello(hello, source, self.rank, plan.world_size)
                 self.collective = GlooCollective(
                     self.member.group, self.rank, plan.world_size, lambda: self.step_timeout
                 )
@@ -739,33 +871,21 @@ class Follower:
                 )
             except Exception as e:
                 status["error"], own = _one_line(e), e
-            _check_statuses(self.member.all_gather_obj(status), self.rank, own)
-            self._heartbeat = _Heartbeat(
-                self.member, lambda: (self.steps, self.collective.entered), heartbeat_interval(self.step_timeout)
-            )
+            _exchange(self.member, status, own)
+            self._start_heartbeat(lambda: (self.steps, self.collective.entered))
         except BaseException:
             self.member.close()
             raise
 
-    def run(self) -> None:
-        """Serve steps until the leader's shutdown; a failed collective raises CollectiveError."""
-        group = self.member.group
-        while True:
-            kind, payload = _receive(group)
-            if kind == SHUTDOWN:
-                _wait(dist.barrier(group=group, async_op=True), self.step_timeout, "shutting down")
-                return
-            if kind != STEP or payload is None:
-                raise LaunchError(f"rank {self.rank} got an unknown message kind {kind} from rank 0")
-            batch, all_logits = decode_step(payload)
-            self.steps += 1
-            self.collective.reset()
-            self.model.forward_batch(batch, all_logits=all_logits)
+    def _serve_step(self, payload: torch.Tensor) -> None:
+        batch, all_logits = decode_step(payload)
+        self.steps += 1
+        self.collective.reset()
+        self.model.forward_batch(batch, all_logits=all_logits)
 
     def close(self) -> None:
         """Stop the heartbeat, leave the group and drop the shard."""
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
+        self._stop_heartbeat()
         self.model = None
         self.member.close()
 
