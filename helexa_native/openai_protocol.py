@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from . import defaults
 from .chat_template import normalize_messages
@@ -115,43 +115,33 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _opt(body: dict, key: str, ok: Callable[[Any], bool], kind: str):
+    """body[key], None when null or absent; a 400 saying it must be `kind` unless ok(value)."""
+    v = body.get(key)
+    if v is not None and not ok(v):
+        raise bad_request(f"{key} must be {kind}, got {_json_type(v)}", key)
+    return v
+
+
 def opt_bool(body: dict, key: str, default: bool = False) -> bool:
     """body[key] as a boolean (null or absent: default)."""
-    v = body.get(key)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise bad_request(f"{key} must be a boolean, got {_json_type(v)}", key)
-    return v
+    v = _opt(body, key, lambda x: isinstance(x, bool), "a boolean")
+    return default if v is None else v
 
 
 def opt_str(body: dict, key: str) -> Optional[str]:
-    v = body.get(key)
-    if v is None:
-        return None
-    if not isinstance(v, str):
-        raise bad_request(f"{key} must be a string, got {_json_type(v)}", key)
-    return v
+    return _opt(body, key, lambda x: isinstance(x, str), "a string")
 
 
 def opt_int(body: dict, key: str, minimum: Optional[int] = None) -> Optional[int]:
-    v = body.get(key)
-    if v is None:
-        return None
-    if not _is_int(v):
-        raise bad_request(f"{key} must be an integer, got {_json_type(v)}", key)
-    if minimum is not None and v < minimum:
+    v = _opt(body, key, _is_int, "an integer")
+    if v is not None and minimum is not None and v < minimum:
         raise bad_request(f"{key} must be >= {minimum}, got {v}", key)
     return v
 
 
 def opt_dict(body: dict, key: str) -> Optional[dict]:
-    v = body.get(key)
-    if v is None:
-        return None
-    if not isinstance(v, dict):
-        raise bad_request(f"{key} must be an object, got {_json_type(v)}", key)
-    return v
+    return _opt(body, key, lambda x: isinstance(x, dict), "an object")
 
 
 def token_id_list(v, key: str) -> List[int]:
@@ -616,27 +606,66 @@ def chat_message(
     return msg
 
 
-def chat_choice(index: int, message: dict, finish_reason: Optional[str], logprobs: Optional[list]) -> dict:
-    """One entry of chat.completion choices."""
+def _response(kind: str, cid: str, created: int, model: str, fingerprint: str, choices: List[dict]) -> dict:
+    """The fields every chat and completions object and chunk starts with; `kind` is its "object"."""
+    return {
+        "id": cid,
+        "object": kind,
+        "created": created,
+        "model": model,
+        "system_fingerprint": fingerprint,
+        "choices": choices,
+    }
+
+
+def _whole(kind: str, cid: str, created: int, model: str, fingerprint: str, choices: List[dict], usage) -> dict:
+    """A whole response, or a stream's closing usage chunk: the choices and the request's usage."""
+    out = _response(kind, cid, created, model, fingerprint, choices)
+    out["usage"] = usage_dict(usage)
+    return out
+
+
+def _chunk(
+    kind: str,
+    cid: str,
+    created: int,
+    model: str,
+    fingerprint: str,
+    choice: dict,
+    include_usage: bool,
+    usage: Optional[dict],
+) -> dict:
+    """A stream chunk with one choice.
+
+    Its usage is null while include_usage keeps the usage for the closing
+    usage chunk, else the answer's usage when given, else absent.
+    """
+    out = _response(kind, cid, created, model, fingerprint, [choice])
+    if include_usage:
+        out["usage"] = None
+    elif usage is not None:
+        out["usage"] = usage_dict(usage)
+    return out
+
+
+def _chat_entry(index: int, key: str, body: dict, finish_reason: Optional[str], logprobs: Optional[list]) -> dict:
+    """One chat choice holding `body` under `key`: "message" in a chat.completion, "delta" in a chunk."""
     return {
         "index": index,
-        "message": message,
+        key: body,
         "logprobs": chat_logprobs(logprobs),
         "finish_reason": api_finish_reason(finish_reason),
     }
 
 
+def chat_choice(index: int, message: dict, finish_reason: Optional[str], logprobs: Optional[list]) -> dict:
+    """One entry of chat.completion choices."""
+    return _chat_entry(index, "message", message, finish_reason, logprobs)
+
+
 def chat_completion(cid: str, created: int, model: str, fingerprint: str, choices: List[dict], usage: dict) -> dict:
     """A chat.completion object over chat_choice entries."""
-    return {
-        "id": cid,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": fingerprint,
-        "choices": choices,
-        "usage": usage_dict(usage),
-    }
+    return _whole("chat.completion", cid, created, model, fingerprint, choices, usage)
 
 
 def chat_chunk(
@@ -652,39 +681,13 @@ def chat_chunk(
     index: int = 0,
 ) -> dict:
     """A chat.completion.chunk with one choice."""
-    out = {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": fingerprint,
-        "choices": [
-            {
-                "index": index,
-                "delta": delta,
-                "logprobs": chat_logprobs(logprobs),
-                "finish_reason": api_finish_reason(finish_reason),
-            }
-        ],
-    }
-    if include_usage:
-        out["usage"] = None
-    elif usage is not None:
-        out["usage"] = usage_dict(usage)
-    return out
+    choice = _chat_entry(index, "delta", delta, finish_reason, logprobs)
+    return _chunk("chat.completion.chunk", cid, created, model, fingerprint, choice, include_usage, usage)
 
 
 def chat_usage_chunk(cid: str, created: int, model: str, fingerprint: str, usage: dict) -> dict:
     """The chunk stream_options.include_usage asks for: no choices, the whole request's usage."""
-    return {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": fingerprint,
-        "choices": [],
-        "usage": usage_dict(usage),
-    }
+    return _whole("chat.completion.chunk", cid, created, model, fingerprint, [], usage)
 
 
 def completion_choice(index: int, text: str, finish_reason: Optional[str], logprobs: Optional[dict]) -> dict:
@@ -694,15 +697,7 @@ def completion_choice(index: int, text: str, finish_reason: Optional[str], logpr
 
 def completion(cid: str, created: int, model: str, fingerprint: str, choices: List[dict], usage: dict) -> dict:
     """A text_completion object over completion_choice entries."""
-    return {
-        "id": cid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": fingerprint,
-        "choices": choices,
-        "usage": usage_dict(usage),
-    }
+    return _whole("text_completion", cid, created, model, fingerprint, choices, usage)
 
 
 def completion_chunk(
@@ -718,25 +713,13 @@ def completion_chunk(
     index: int = 0,
 ) -> dict:
     """One streamed text_completion piece."""
-    out = completion(cid, created, model, fingerprint, [completion_choice(index, text, finish_reason, logprobs)], {})
-    del out["usage"]
-    if include_usage:
-        out["usage"] = None
-    elif usage is not None:
-        out["usage"] = usage_dict(usage)
-    return out
+    choice = completion_choice(index, text, finish_reason, logprobs)
+    return _chunk("text_completion", cid, created, model, fingerprint, choice, include_usage, usage)
 
 
 def completion_usage_chunk(cid: str, created: int, model: str, fingerprint: str, usage: dict) -> dict:
-    return {
-        "id": cid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": fingerprint,
-        "choices": [],
-        "usage": usage_dict(usage),
-    }
+    """The closing usage chunk of a text_completion stream: no choices, the whole request's usage."""
+    return _whole("text_completion", cid, created, model, fingerprint, [], usage)
 
 
 def model_card(name: str, created: int, n_ctx: Optional[int] = None, root: Optional[str] = None) -> dict:
