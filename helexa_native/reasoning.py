@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from .stop import held_suffix_len
+from .text_stream import DeltaParser, TrimmedField
 
 REASONING_PARSERS = ("think",)
 OPEN_TAG = "<think>"
@@ -78,19 +79,17 @@ def assemble_reasoning(deltas) -> ReasoningResult:
     return ReasoningResult(reasoning or None, content or None)
 
 
-class ReasoningStreamParser:
+class ReasoningStreamParser(DeltaParser):
     """Incremental reasoning splitter: `feed` text deltas, then `finish`; both return deltas."""
 
     def __init__(self, start_in_reasoning: bool = False) -> None:
-        self._buf = ""
+        super().__init__()
         self._out: list = []
         self._state = "reasoning" if start_in_reasoning else "start"
-        self._r_started = False  # non-whitespace reasoning emitted
-        self._r_ws = ""  # reasoning whitespace held until more reasoning follows
+        self._reasoning = TrimmedField(self._out, "reasoning_content")
         self._may_reopen = bool(start_in_reasoning)
         self._opened = bool(start_in_reasoning)
         self._c_started = False  # content after </think> began
-        self._finished = False
 
     @property
     def in_reasoning(self) -> bool:
@@ -101,22 +100,6 @@ class ReasoningStreamParser:
     def saw_reasoning(self) -> bool:
         """True once the output is known to open with reasoning (its prompt opened it, or ``<think>``)."""
         return self._opened
-
-    def feed(self, text: str) -> List[dict]:
-        """Take the next piece of output text; return the deltas it completes."""
-        if self._finished:
-            raise RuntimeError("feed() after finish()")
-        if text:
-            self._buf += text
-            self._run(final=False)
-        return self._take()
-
-    def finish(self) -> List[dict]:
-        """End of output: release everything held; return the last deltas."""
-        if not self._finished:
-            self._run(final=True)
-            self._finished = True
-        return self._take()
 
     def _take(self) -> List[dict]:
         merged: list = []
@@ -148,7 +131,7 @@ class ReasoningStreamParser:
 
     def _st_reasoning(self, final: bool) -> bool:
         buf = self._buf
-        if self._may_reopen and not self._r_started:
+        if self._may_reopen and not self._reasoning.started:
             s = buf.lstrip()
             if s.startswith(OPEN_TAG):
                 self._buf = buf = s[len(OPEN_TAG) :]
@@ -159,27 +142,14 @@ class ReasoningStreamParser:
                 self._may_reopen = False
         i = buf.find(CLOSE_TAG)
         if i >= 0:
-            self._reason(buf[:i])
+            self._reasoning.add(buf[:i])
             self._buf = buf[i + len(CLOSE_TAG) :]
             self._state = "after"
             return True
         hold = len(buf) if final else len(buf) - held_suffix_len(buf, (CLOSE_TAG,))
-        self._reason(buf[:hold])
+        self._reasoning.add(buf[:hold])
         self._buf = buf[hold:]
         return False
-
-    def _reason(self, text: str) -> None:
-        if not self._r_started:
-            text = text.lstrip()
-            if not text:
-                return
-            self._r_started = True
-        body = text.rstrip()
-        if body:
-            self._out.append({"reasoning_content": self._r_ws + body})
-            self._r_ws = text[len(body) :]
-        else:
-            self._r_ws += text
 
     def _st_after(self, final: bool) -> bool:
         s = self._buf.lstrip()

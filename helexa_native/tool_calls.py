@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 from .stop import held_suffix_len
+from .text_stream import DeltaParser, TrimmedField
 
 PARSERS = ("hermes", "llama3_json", "mistral")
 # The markup each format writes around calls (single special tokens in some vocabularies).
@@ -392,44 +393,20 @@ class _ValueScanner(_JsonScanner):
 # ---- the stream parser --------------------------------------------------
 
 
-class _Content:
-    """Content text with leading and trailing whitespace removed, as a stream."""
-
-    def __init__(self, out: list) -> None:
-        self._out = out
-        self._started = False
-        self._ws = ""
-
-    def add(self, text: str) -> None:
-        if not text:
-            return
-        if not self._started:
-            text = text.lstrip()
-            if not text:
-                return
-            self._started = True
-        body = text.rstrip()
-        if body:
-            self._out.append({"content": self._ws + body})
-            self._ws = text[len(body) :]
-        else:
-            self._ws += text
-
-
 _NAME_CHARS = frozenset(_ALNUM + "_-.:")
 
 
-class ToolCallStreamParser:
+class ToolCallStreamParser(DeltaParser):
     """Incremental tool-call parser: `feed` text deltas, then `finish`; both return OpenAI deltas."""
 
     def __init__(self, parser: str, id_factory: Optional[Callable[[], str]] = None) -> None:
+        super().__init__()
         self.parser = check_parser(parser)
         if id_factory is None:
             id_factory = new_mistral_tool_call_id if parser == "mistral" else new_tool_call_id
         self._new_id = id_factory
         self._out: list = []
-        self._content = _Content(self._out)
-        self._buf = ""
+        self._content = TrimmedField(self._out, "content")
         self._state = "text"
         self._at_start = parser == "llama3_json"  # a bare JSON call may open the output
         self._markers = {"hermes": ("<tool_call>",), "llama3_json": ("<|python_tag|>",), "mistral": ("[TOOL_CALLS]",)}[
@@ -445,25 +422,8 @@ class ToolCallStreamParser:
         self._sent = 0  # argument characters already emitted for the current call
         self._name = ""
         self._array = False  # mistral: inside [TOOL_CALLS][ ... ]
-        self._finished = False
 
     # ---- public -------------------------------------------------------
-
-    def feed(self, text: str) -> List[dict]:
-        """Take the next piece of output text; return the deltas it completes."""
-        if self._finished:
-            raise RuntimeError("feed() after finish()")
-        if text:
-            self._buf += text
-            self._run(final=False)
-        return self._take()
-
-    def finish(self) -> List[dict]:
-        """End of output: release or resolve everything held; return the last deltas."""
-        if not self._finished:
-            self._run(final=True)
-            self._finished = True
-        return self._take()
 
     @property
     def tool_call_count(self) -> int:
