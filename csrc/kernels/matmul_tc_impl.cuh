@@ -3,44 +3,33 @@
 //
 //   y[t, i] = (accumulate ? y[t, i] : 0) + bias[i] + sum_j W[i, j] x[t, j]
 //
-// for 1..kTcMaxTokens tokens: the decode step of a batch of sequences, where
+// for 2..kTcMaxTokens tokens: the decode step of a batch of sequences, where
 // the matvec (one token's fp32 activations per FMA) runs out of issue slots
 // and dequantize + cuBLAS writes and rereads a bf16 copy of every weight.
 // Each weight block is read once per launch, whatever the token count.
 //
 // A CTA owns kRows = 64 consecutive rows (four warps of 16) and a range of
 // 256-element passes of k (split-K when the row tiles alone do not cover the
-// GPU twice). The passes stream through a ring of S shared-memory stages with
-// cp.async: while the warps compute pass p, the copies of passes p + 1 ..
-// p + S - 1 are in flight. A stage holds
-//   - the raw bytes of the 64 rows' pass (the 16-byte aligned chunks that
-//     cover it, address mod 16 preserved, so the block decoders read fields
-//     at the alignment the format guarantees), rows an odd number of chunks
-//     apart so the lanes' quant words fall in different banks;
-//   - the pass's 256 activations of every token, bf16 (tokens past n_tok and
-//     columns past k are zero-filled by the copy).
-// Model weights never change, so a CTA starts copying them before it waits
-// for the previous kernel (launch.cuh); the activations come after the wait.
-//
-// Compute: warp w multiplies rows 16w .. 16w + 15 with mma.sync m16n8k16
-// (bf16 in, fp32 accumulate). The dot product's order over k is free, so each
-// lane decodes its A fragment straight into registers: lane (g = lane / 4,
-// q = lane % 4) decodes units 8q .. 8q + 7 (quant_blocks.cuh: 8 elements as
-// two runs of 4) of rows g and g + 8, and k-step s of the pass takes one run
-// of one unit: A's columns {2q, 2q + 1, 2q + 8, 2q + 9} are that run's four
-// elements, and B's fragment is the same four activations of token g, one
-// 8-byte shared load. Every lane with the same q takes the same run at the
-// same k-step, which is all the MMA needs. Lane q visits its units rotated by
-// q, so the 8-byte activation loads of a half-warp hit 32 different banks.
-// Values are the block decoders' unit() fields times the quants (an FMA where
-// the format has an offset), rounded once to bf16: the arithmetic of
-// dequantize-to-bf16 + a bf16 GEMM with fp32 accumulation (the large-batch
-// path), so both paths agree to rounding.
+// GPU twice). Per pass:
+//   1. x's 256 columns for all tokens, bf16, into shared memory (16-byte loads;
+//      tokens past n_tok and columns past k are zeros);
+//   2. the 64 rows' 256 weights decoded with the block decoders of
+//      quant_blocks.cuh (the same unit() / unit_value() the dequantizer uses,
+//      so values are exactly the reference dequantization, rounded to bf16)
+//      into shared memory, each warp decoding one row's 32 units at a time;
+//   3. each warp multiplies its 16 rows by the token tiles with
+//      mma.sync m16n8k16 (bf16 in, fp32 accumulate): 16 k-steps, one MMA per
+//      8 tokens per k-step. Rows are padded by 16 bytes in shared memory, so
+//      the fragment loads (rows g and g + 8, columns 2 * (lane % 4)) hit 32
+//      different banks.
+// Several CTAs per SM overlap one CTA's weight loads with another's MMAs.
 //
 // Output: without split-K the CTA writes y itself (bias, accumulate); with
 // it, each split writes its partial sums to a workspace and a second kernel
 // adds the splits in a fixed order, so results never depend on scheduling.
-// sm_80+ (mma.sync bf16 and cp.async exist from Ampere on).
+// The arithmetic is that of dequantize-to-bf16 + a bf16 GEMM with fp32
+// accumulation (the large-batch path), so both paths agree to rounding.
+// sm_80+ (mma.sync bf16 exists from Ampere on).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -61,12 +50,10 @@ namespace hx {
 namespace tc {
 
 constexpr int kWarps = 4;
-constexpr int kThreads = 32 * kWarps;
 constexpr int kRows = 16 * kWarps;  // rows per CTA
 constexpr int kPass = 256;          // k elements per pass
-constexpr int kXLd = kPass + 16;    // bf16 per token row of a stage: 544 bytes, 32 mod 128
+constexpr int kLd = kPass + 8;      // shared row stride in bf16 (16 bytes of padding)
 constexpr int kMaxSplits = 16;
-constexpr size_t kStageTarget = 110 * 1024;  // shared bytes of the ring (two CTAs per SM)
 
 struct Args {
   const uint8_t* w;         // [n_out, row_bytes]
@@ -80,18 +67,11 @@ struct Args {
   int accumulate;
 };
 
-// Shared-memory ring of type T with NTILE tiles of 8 tokens.
-template <GgmlType T, int NTILE>
-struct Ring {
-  static constexpr int PB = quant::pass_bytes<T>();
-  static constexpr int NSEG = ((PB + 15) / 16 + 1) | 1;  // chunks per row: any alignment, odd
-  static constexpr int RS = 16 * NSEG;                    // row stride of the weight stage
-  static constexpr size_t W_BYTES = (size_t)kRows * RS;
-  static constexpr size_t X_BYTES = (size_t)8 * NTILE * kXLd * sizeof(__nv_bfloat16);
-  static constexpr size_t STAGE = W_BYTES + X_BYTES;
-  static constexpr int S = kStageTarget / STAGE < 2 ? 2 : (kStageTarget / STAGE > 4 ? 4 : (int)(kStageTarget / STAGE));
-  static constexpr size_t SMEM = S * STAGE;
-};
+// Shared bytes of a CTA with NTILE tiles of 8 tokens.
+template <int NTILE>
+constexpr size_t smem_bytes() {
+  return (size_t)(kRows + 8 * NTILE) * kLd * sizeof(__nv_bfloat16);
+}
 
 __device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
   const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
@@ -100,138 +80,68 @@ __device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
 
 __device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                          uint32_t b1) {
-#if HX_HAS_BF16_MMA
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#endif
 }
 
-// 16 bytes global -> shared; only the first `bytes` (0 or 16, or the tail of
-// the tensor) are read, the rest of the 16 are zero-filled.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int bytes) {
-#if HX_HAS_CP_ASYNC
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(bytes) : "memory");
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#if HX_HAS_CP_ASYNC
-  asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-#if HX_HAS_CP_ASYNC
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-#endif
+// Four values of a run as two bf16 pairs, stored at dst (8-byte aligned).
+__device__ __forceinline__ void store_run(__nv_bfloat16* dst, float v0, float v1, float v2, float v3) {
+  *reinterpret_cast<uint2*>(dst) = make_uint2(pack_bf16(v0, v1), pack_bf16(v2, v3));
 }
 
-// Copies pass p of the CTA's rows into the weight stage `ws`.
-template <GgmlType T, int NTILE>
-__device__ __forceinline__ void copy_weights(const Args& a, int row0, int p, uint8_t* ws) {
-  using R = Ring<T, NTILE>;
-  const uint8_t* wend = a.w + (size_t)a.n_out * a.row_bytes;
-  for (int c = threadIdx.x; c < kRows * R::NSEG; c += kThreads) {
-    const int r = c / R::NSEG, j = c - r * R::NSEG;
-    const int row = row0 + r;
-    const uint8_t* src = a.w;
-    int bytes = 0;
-    if (row < a.n_out) {
-      const uint8_t* start = a.w + (size_t)row * a.row_bytes + (size_t)p * R::PB;
-      const uint8_t* chunk =
-          reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(start) & ~(uintptr_t)15) + 16 * j;
-      if (chunk < start + R::PB && chunk < wend) {
-        src = chunk;
-        const ptrdiff_t left = wend - chunk;
-        bytes = left < 16 ? (int)left : 16;
-      }
-    }
-    cp_async16(ws + r * R::RS + 16 * j, src, bytes);
-  }
-}
-
-// Copies pass p's activations of all 8 * NTILE token rows into `xs`.
-template <int NTILE>
-__device__ __forceinline__ void copy_x(const Args& a, int p, __nv_bfloat16* xs) {
-  const int ebase = p * kPass;
-  for (int c = threadIdx.x; c < 8 * NTILE * (kPass / 8); c += kThreads) {
-    const int t = c / (kPass / 8), col = (c % (kPass / 8)) * 8;
-    const bool ok = t < a.ntok && ebase + col < a.k;
-    cp_async16(xs + t * kXLd + col, ok ? a.x + (size_t)t * a.k + ebase + col : a.x, ok ? 16 : 0);
-  }
-}
-
-// A-fragment words of one unit of one row: run 0 as (w[0], w[1]) and run 1 as
-// (w[2], w[3]), each word two bf16 (elements 0,1 and 2,3 of the run). Units
-// past k are zeros (quant rows end on whole blocks, float runs on 8 elements).
+// Decodes unit u of one row's pass (256 elements starting at column ebase)
+// into the row's shared-memory tile row; parts past k become zeros.
 template <GgmlType T>
-__device__ __forceinline__ void decode_unit(const uint8_t* pass, int u, int ebase, int k, uint32_t (&w)[4]) {
+__device__ __forceinline__ void decode_unit(const uint8_t* pass, int u, int ebase, int k, __nv_bfloat16* srow) {
   using B = quant::Block<T>;
   const int e0 = B::elem0(u), e1 = B::elem1(u);
-  if constexpr (T == GgmlType::BF16) {
-    const uint2 r0 = ebase + e0 < k ? *reinterpret_cast<const uint2*>(pass + 2 * e0) : make_uint2(0, 0);
-    const uint2 r1 = ebase + e1 < k ? *reinterpret_cast<const uint2*>(pass + 2 * e1) : make_uint2(0, 0);
-    w[0] = r0.x;
-    w[1] = r0.y;
-    w[2] = r1.x;
-    w[3] = r1.y;
-  } else if constexpr (is_float_type(T)) {
-    float v[4] = {0.f, 0.f, 0.f, 0.f};
-    if (ebase + e0 < k) B::run4(pass, e0, v);
-    w[0] = pack_bf16(v[0], v[1]);
-    w[1] = pack_bf16(v[2], v[3]);
-    v[0] = v[1] = v[2] = v[3] = 0.f;
-    if (ebase + e1 < k) B::run4(pass, e1, v);
-    w[2] = pack_bf16(v[0], v[1]);
-    w[3] = pack_bf16(v[2], v[3]);
+  if constexpr (is_float_type(T)) {
+    float v[4];
+    if (ebase + e0 < k) {
+      B::run4(pass, e0, v);
+      store_run(srow + e0, v[0], v[1], v[2], v[3]);
+    } else {
+      store_run(srow + e0, 0.f, 0.f, 0.f, 0.f);
+    }
+    if (ebase + e1 < k) {
+      B::run4(pass, e1, v);
+      store_run(srow + e1, v[0], v[1], v[2], v[3]);
+    } else {
+      store_run(srow + e1, 0.f, 0.f, 0.f, 0.f);
+    }
   } else {
-    if (ebase + e0 >= k) {
-      w[0] = w[1] = w[2] = w[3] = 0u;
-      return;
+    // Quant rows end on whole blocks: a unit is wholly inside k or wholly past it.
+    if (ebase + e0 < k) {
+      const quant::QUnit q = B::unit(pass, u);
+      store_run(srow + e0, quant::unit_value<T>(q, 0), quant::unit_value<T>(q, 1), quant::unit_value<T>(q, 2),
+                quant::unit_value<T>(q, 3));
+      store_run(srow + e1, quant::unit_value<T>(q, 4), quant::unit_value<T>(q, 5), quant::unit_value<T>(q, 6),
+                quant::unit_value<T>(q, 7));
+    } else {
+      store_run(srow + e0, 0.f, 0.f, 0.f, 0.f);
+      store_run(srow + e1, 0.f, 0.f, 0.f, 0.f);
     }
-    const quant::QUnit q = B::unit(pass, u);
-    float v[8];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float q0 = quant::byte_value<B::Z>(q.u0, i), q1 = quant::byte_value<B::Z>(q.u1, i);
-      v[i] = B::HAS_B ? fmaf(q.a0, q0, q.b0) : q.a0 * q0;
-      v[i + 4] = B::HAS_B ? fmaf(q.a1, q1, q.b1) : q.a1 * q1;
-    }
-    w[0] = pack_bf16(v[0], v[1]);
-    w[1] = pack_bf16(v[2], v[3]);
-    w[2] = pack_bf16(v[4], v[5]);
-    w[3] = pack_bf16(v[6], v[7]);
   }
 }
 
 template <GgmlType T, int NTILE>
-__global__ void __launch_bounds__(kThreads) matmul_tc_kernel(const Args a) {
-  using R = Ring<T, NTILE>;
-  using B = quant::Block<T>;
+__global__ void __launch_bounds__(kWarps * 32) matmul_tc_kernel(const Args a) {
+  pdl_begin();
+  constexpr int NT = 8 * NTILE;
   extern __shared__ __align__(16) unsigned char smem_raw[];
+  __nv_bfloat16* ws = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [kRows][kLd]
+  __nv_bfloat16* xs = ws + kRows * kLd;                              // [NT][kLd]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, tq = lane & 3;
   const int row0 = blockIdx.x * kRows;
   const int split = blockIdx.y;
   const int p_begin = split * a.pass_per_split;
-  const int np = min(a.npass, p_begin + a.pass_per_split) - p_begin;
-  auto wstage = [&](int s) { return smem_raw + (size_t)s * R::STAGE; };
-  auto xstage = [&](int s) { return reinterpret_cast<__nv_bfloat16*>(smem_raw + (size_t)s * R::STAGE + R::W_BYTES); };
-
-  // Prologue: weights of the first S - 1 passes before the wait, activations after.
-#pragma unroll
-  for (int s = 0; s < R::S - 1; ++s)
-    if (s < np) copy_weights<T, NTILE>(a, row0, p_begin + s, wstage(s));
-  pdl_begin();
-#pragma unroll
-  for (int s = 0; s < R::S - 1; ++s) {
-    if (s < np) copy_x<NTILE>(a, p_begin + s, xstage(s));
-    cp_async_commit();
-  }
+  const int p_end = min(a.npass, p_begin + a.pass_per_split);
+  constexpr int PB = quant::pass_bytes<T>();
 
   float acc[NTILE][4];
 #pragma unroll
@@ -239,51 +149,44 @@ __global__ void __launch_bounds__(kThreads) matmul_tc_kernel(const Args a) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
 
-  // This lane's rows inside the CTA and their pass offsets mod 16.
-  const int ra = 16 * warp + g, rb = ra + 8;
-  const uintptr_t wa_addr = reinterpret_cast<uintptr_t>(a.w) + (size_t)min(row0 + ra, a.n_out - 1) * a.row_bytes;
-  const uintptr_t wb_addr = reinterpret_cast<uintptr_t>(a.w) + (size_t)min(row0 + rb, a.n_out - 1) * a.row_bytes;
-
-  for (int it = 0; it < np; ++it) {
-    cp_async_wait<R::S - 2>();
-    __syncthreads();  // pass `it` has landed for every thread; pass it - 1's stage is free
-    {
-      const int nx = it + R::S - 1;
-      if (nx < np) {
-        copy_weights<T, NTILE>(a, row0, p_begin + nx, wstage(nx % R::S));
-        copy_x<NTILE>(a, p_begin + nx, xstage(nx % R::S));
-      }
-      cp_async_commit();
-    }
-    const int p = p_begin + it, st = it % R::S;
+  for (int p = p_begin; p < p_end; ++p) {
     const int ebase = p * kPass;
-    const size_t pofs = (size_t)p * R::PB;
-    const uint8_t* pa = wstage(st) + ra * R::RS + ((wa_addr + pofs) & 15);
-    const uint8_t* pb = wstage(st) + rb * R::RS + ((wb_addr + pofs) & 15);
-    const __nv_bfloat16* xg = xstage(st) + g * kXLd;
+    // 1. Activations: NT tokens x 32 chunks of 8 columns.
+    for (int c = tid; c < NT * (kPass / 8); c += kWarps * 32) {
+      const int t = c / (kPass / 8), col = (c % (kPass / 8)) * 8;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (t < a.ntok && ebase + col < a.k)
+        v = __ldg(reinterpret_cast<const uint4*>(a.x + (size_t)t * a.k + ebase + col));
+      *reinterpret_cast<uint4*>(xs + t * kLd + col) = v;
+    }
+    // 2. Weights: warp w decodes rows w, w + 4, ...; lane = unit.
+    for (int r = warp; r < kRows; r += kWarps) {
+      const int row = min(row0 + r, a.n_out - 1);  // rows past n_out re-read the last row, never written
+      const uint8_t* pass = a.w + (size_t)row * a.row_bytes + (size_t)p * PB;
+      decode_unit<T>(pass, lane, ebase, a.k, ws + r * kLd);
+    }
+    __syncthreads();
+    // 3. MMA: warp rows 16 * warp .. + 15.
+    const __nv_bfloat16* wa = ws + (16 * warp + g) * kLd + 2 * tq;
+    const __nv_bfloat16* xb = xs + g * kLd + 2 * tq;
 #pragma unroll 2
-    for (int i0 = 0; i0 < 8; ++i0) {
-      const int u = 8 * tq + ((i0 + tq) & 7);
-      uint32_t fa[4], fb[4];
-      decode_unit<T>(pa, u, ebase, a.k, fa);
-      decode_unit<T>(pb, u, ebase, a.k, fb);
+    for (int kk = 0; kk < kPass; kk += 16) {
+      const uint32_t a0 = *reinterpret_cast<const uint32_t*>(wa + kk);
+      const uint32_t a1 = *reinterpret_cast<const uint32_t*>(wa + 8 * kLd + kk);
+      const uint32_t a2 = *reinterpret_cast<const uint32_t*>(wa + kk + 8);
+      const uint32_t a3 = *reinterpret_cast<const uint32_t*>(wa + 8 * kLd + kk + 8);
 #pragma unroll
-      for (int run = 0; run < 2; ++run) {
-        const int e = run ? B::elem1(u) : B::elem0(u);
-        const uint32_t a0 = fa[2 * run], a2 = fa[2 * run + 1];
-        const uint32_t a1 = fb[2 * run], a3 = fb[2 * run + 1];
-#pragma unroll
-        for (int n = 0; n < NTILE; ++n) {
-          const uint2 bx = *reinterpret_cast<const uint2*>(xg + n * 8 * kXLd + e);
-          mma_bf16(acc[n], a0, a1, a2, a3, bx.x, bx.y);
-        }
+      for (int n = 0; n < NTILE; ++n) {
+        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(xb + n * 8 * kLd + kk);
+        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(xb + n * 8 * kLd + kk + 8);
+        mma_bf16(acc[n], a0, a1, a2, a3, b0, b1);
       }
     }
+    __syncthreads();  // the next pass overwrites both tiles
   }
-  cp_async_wait<0>();  // no copy outlives the CTA
 
   // c0, c1: row g, tokens 2 tq, 2 tq + 1; c2, c3: row g + 8, same tokens.
-  const int rbase = row0 + ra;
+  const int rbase = row0 + 16 * warp + g;
 #pragma unroll
   for (int n = 0; n < NTILE; ++n) {
 #pragma unroll
@@ -306,7 +209,7 @@ __global__ void __launch_bounds__(kThreads) matmul_tc_kernel(const Args a) {
 
 template <GgmlType T, int NTILE>
 void launch_tiles(const Args& a, cudaStream_t stream) {
-  constexpr size_t smem = Ring<T, NTILE>::SMEM;
+  constexpr size_t smem = smem_bytes<NTILE>();
   // Shared memory past 48 KiB is opted into once per device (the model's
   // first, uncaptured step does it before any graph is recorded).
   constexpr int kDevices = 64;
@@ -318,7 +221,7 @@ void launch_tiles(const Args& a, cudaStream_t stream) {
     if (dev >= 0 && dev < kDevices) configured[dev].store(true, std::memory_order_release);
   }
   const dim3 grid((a.n_out + kRows - 1) / kRows, a.splits);
-  launch_overlapped(matmul_tc_kernel<T, NTILE>, grid, dim3(kThreads), smem, stream, a);
+  launch_overlapped(matmul_tc_kernel<T, NTILE>, grid, dim3(kWarps * 32), smem, stream, a);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 
