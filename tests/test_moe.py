@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from hf_factory import VOCAB, hf_logits
+from moe_routing import NEAR_TIE, alternatives, cosines, follow, follow_logits, teacher_forced
 
 from helexa_native import Engine
 from helexa_native.backends.cpu import CPUBackend
@@ -26,7 +27,8 @@ from helexa_native.loaders import active_params, describe, load_source
 from helexa_native.loaders.safetensors_loader import StackedArray
 from helexa_native.loaders.validate import expected_shapes
 from helexa_native.params import SamplerState, SamplingParams
-from helexa_native.reference.model import moe_ffn, route
+from helexa_native.reference import model as reference_model
+from helexa_native.reference.model import moe_ffn, route, routing_margins
 from helexa_native.synthetic import preset_config, write_synthetic_gguf, write_synthetic_safetensors
 from helexa_native.writers.gguf_writer import write_gguf
 from helexa_native.writers.quantize import quantize
@@ -305,6 +307,175 @@ def test_moe_ffn_is_the_weighted_sum_of_chosen_experts(normalize):
             y = down[e] @ (torch.nn.functional.silu(gate[e] @ h[t]) * (up[e] @ h[t]))
             want[t] += probs[t, e] / total * y
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_routing_margins_are_the_relative_gap_after_the_kth_choice():
+    p = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(routing_margins(p, 2), torch.tensor([(0.3 - 0.2) / 0.3, 0.0, 0.0]))
+    torch.testing.assert_close(routing_margins(p, 1), torch.tensor([0.25, 0.0, 1.0]))
+    assert torch.isinf(routing_margins(p, 4)).all()  # every expert chosen: nothing to tip
+
+    g = torch.Generator().manual_seed(4)
+    h, w = torch.randn(9, 32, generator=g), torch.randn(6, 32, generator=g)
+    margins, probs = [], []
+    want = route(h, w, 3, normalize=True)
+    got = route(h, w, 3, normalize=True, margins=margins, probs_out=probs)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))  # the hooks change nothing
+    top = torch.softmax(h @ w.T, -1).sort(-1, descending=True).values
+    torch.testing.assert_close(margins[0], (top[:, 2] - top[:, 3]) / top[:, 2])
+    torch.testing.assert_close(probs[0], torch.softmax(h @ w.T, -1))
+
+
+def test_route_choose_takes_the_given_experts_at_their_own_weights():
+    g = torch.Generator().manual_seed(5)
+    h, w = torch.randn(4, 16, generator=g), torch.randn(8, 16, generator=g)
+    probs = torch.softmax(h @ w.T, -1)
+    plain_w, plain_e = route(h, w, 2, normalize=True)
+    weights, experts = route(h, w, 2, normalize=True, choose={1: (6, 2), 3: (0, 7)})
+    assert experts[1].tolist() == [6, 2] and experts[3].tolist() == [0, 7]
+    torch.testing.assert_close(weights[1], probs[1, [6, 2]] / probs[1, [6, 2]].sum())
+    assert torch.equal(experts[[0, 2]], plain_e[[0, 2]]) and torch.equal(weights[[0, 2]], plain_w[[0, 2]])
+    weights, _ = route(h, w, 2, normalize=False, choose={0: (3, 4)})
+    torch.testing.assert_close(weights[0], probs[0, [3, 4]])
+    with pytest.raises(ValueError, match="2 expert ids"):
+        route(h, w, 2, normalize=True, choose={0: (3,)})
+
+
+def test_alternatives_fill_the_kth_place_from_the_band():
+    # Ranks: 0.30 (id 2), 0.2 (id 0), 0.199 (id 3), 0.1985 (id 1), 0.1 (id 4): ids 0, 3 and 1 tie within 1%.
+    p = torch.tensor([0.2, 0.1985, 0.3, 0.199, 0.1])
+    assert alternatives(p, 2, 1e-2) == [(2, 3), (2, 1)]
+    assert alternatives(p, 2, 6e-3) == [(2, 3)]  # 0.1985 is out of this band
+    assert alternatives(p, 3, 1e-2) == [(2, 0, 1), (2, 3, 1)]
+    assert alternatives(p, 5, 1e-2) == []
+    # Ids 0 and 1 are equal bit for bit: 1 never comes in without 0.
+    assert alternatives(torch.tensor([0.25, 0.25, 0.249, 0.251]), 2, 1e-2) == [(3, 2), (0, 1), (0, 2)]
+    assert alternatives(torch.full((8,), 0.125), 2) == []
+
+
+def test_route_margins_of_a_model_match_its_router_logits(hf_models, monkeypatch):
+    folder, _ = hf_models("qwen3moe")  # 3 layers, layer 1 dense; 8 experts, 2 per token
+    backend = _backend(folder)
+    model = backend.model
+    seen = []
+    plain_route = reference_model.route
+
+    def spy(h, w_router, k, normalize, *rest):
+        seen.append((h.clone(), w_router))
+        return plain_route(h, w_router, k, normalize, *rest)
+
+    monkeypatch.setattr(reference_model, "route", spy)
+    prompt, more = _tokens(30, 7), _tokens(31, 3)
+    want = torch.cat([backend.forward(prompt, 0, all_logits=True), backend.forward(more, 7, all_logits=True)])
+    assert model.route_margins is None  # off: nothing is kept
+
+    model.route_margins, model.route_probs = [], []
+    seen.clear()
+    backend.reset()
+    got = torch.cat([backend.forward(prompt, 0, all_logits=True), backend.forward(more, 7, all_logits=True)])
+    assert torch.equal(got, want)
+    assert [m.shape for m in model.route_margins] == [(7,), (3,)]
+    assert [sorted(d) for d in model.route_probs] == [[0, 2], [0, 2]]
+    for margins, probs in zip(model.route_margins, model.route_probs):
+        layers = [seen.pop(0) for _ in range(2)]
+        direct = []
+        for li, (h, w_router) in zip((0, 2), layers):
+            logits = h.double() @ w_router.double().T
+            top = torch.softmax(logits, -1).sort(-1, descending=True).values
+            direct.append((top[:, 1] - top[:, 2]) / top[:, 1])
+            torch.testing.assert_close(probs[li].double(), torch.softmax(logits, -1), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(margins.double(), torch.stack(direct).min(0).values, rtol=1e-4, atol=1e-6)
+
+    # A dense model has no routing to tip.
+    dense = _backend(hf_models("qwen3")[0])
+    dense.model.route_margins = []
+    dense.forward(prompt, 0)
+    assert torch.isinf(dense.model.route_margins[0]).all() and dense.model.route_margins[0].shape == (7,)
+
+
+# Teacher-forced runs of the GPU MoE tests: a 16-token prompt, then 127 tokens one at a time.
+PROXY_PROMPT, PROXY_STEPS = 16, 127
+
+
+def _proxy_backends(tmp_path, qtype):
+    """The tiny MoE preset with its float32-KV reference (standing in for the device) and bf16-KV reference."""
+    path, _ = write_synthetic_gguf(tmp_path / "m.gguf", "qwen3moe-tiny", qtype, seed=11, progress=False)
+    src = load_source(path, progress=False)
+    try:
+        n_ctx = PROXY_PROMPT + PROXY_STEPS + 8
+        return CPUBackend(src, n_ctx, progress=False), CPUBackend(src, n_ctx, progress=False, kv_dtype=torch.bfloat16)
+    finally:
+        src.close()
+
+
+def _proxy_run(backend, seed, choices=None):
+    """A teacher-forced run: (passes, logits by position 15..142, router probabilities by position and layer).
+
+    choices: {position: {layer: expert ids}} the run takes instead of its own.
+    """
+    prompt = torch.randint(0, 512, (PROXY_PROMPT,), generator=torch.Generator().manual_seed(seed)).tolist()
+    teacher = torch.randint(0, 512, (PROXY_STEPS,), generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    passes = teacher_forced(prompt, teacher)
+    model = backend.model
+    backend.reset()
+    rows, probs = {}, {}
+    for tokens, start in passes:
+        picks = {}
+        for p, by_layer in (choices or {}).items():
+            for li, ids in by_layer.items():
+                if start <= p < start + len(tokens):
+                    picks.setdefault(li, {})[p - start] = ids
+        model.route_choices, model.route_probs = picks or None, []
+        try:
+            logits = backend.forward(tokens, start, all_logits=True)
+            for j in range(len(tokens)):
+                probs[start + j] = {li: pr[j] for li, pr in model.route_probs[0].items()}
+        finally:
+            model.route_choices = model.route_probs = None
+        rows[start + len(tokens) - 1] = logits[-1]
+    return passes, rows, probs
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "IQ4_NL", "F32"])
+def test_bf16_kv_reference_follows_the_routing_of_a_float32_kv_run(tmp_path, qtype):
+    # The GPU MoE tests' criterion, on the CPU: a float32 KV cache against the
+    # bf16 one tips the same near-ties the device's rounding does. Followed,
+    # every row agrees to a cosine of 0.999 with few re-routed near-ties.
+    device, reference = _proxy_backends(tmp_path, qtype)
+    passes, rows, _ = _proxy_run(device, seed=1)
+    followed, want = follow_logits(reference, passes, rows, 0.999)
+    # Top-1 as the GPU tests count it: the reference's argmax, or within 1% of
+    # the row's logit spread of it (random weights leave near-flat rows).
+    got = torch.stack(list(rows.values()))
+    picked = want.gather(-1, got.argmax(-1, keepdim=True))[:, 0]
+    assert (picked >= want.max(-1).values - 0.01 * want.std(-1)).double().mean().item() >= 0.99
+    assert all(m < NEAR_TIE for _, _, m in followed.reroutes)
+
+
+def test_following_takes_near_ties_and_catches_other_routing(tmp_path):
+    device, reference = _proxy_backends(tmp_path, "Q8_0")
+    passes, _, probs = _proxy_run(reference, seed=1)
+
+    def margin(p):
+        return float(routing_margins(probs[p][0].sort(descending=True).values[None], 2)[0])
+
+    def cosine_checks(rows):
+        return {p: (lambda want, g=g: cosines(g, want).item() >= 0.999) for p, g in rows.items()}
+
+    # A device that takes the other side of a near-tie in layer 0 (it reaches
+    # the later rows through layer 1's keys and values) is followed there.
+    near = next(p for p in range(40, 120) if margin(p) < NEAR_TIE and alternatives(probs[p][0], 2))
+    _, rows, _ = _proxy_run(device, seed=1, choices={near: {0: alternatives(probs[near][0], 2)[0]}})
+    followed = follow(reference, passes, cosine_checks(rows))
+    assert not followed.failures and (near, 0) in [(p, li) for p, li, _ in followed.reroutes]
+
+    # One that picks its third most probable expert where the router is far
+    # from a tie fails right there.
+    far = next(p for p in range(40, 120) if margin(p) > 0.1)
+    order = probs[far][0].argsort(descending=True).tolist()
+    _, rows, _ = _proxy_run(device, seed=1, choices={far: {0: (order[0], order[2])}})
+    followed = follow(reference, passes, cosine_checks(rows))
+    assert followed.failures[:1] == [far]
 
 
 # ---------------------------------------------------------------- bad input

@@ -157,6 +157,83 @@ def test_bfloat16_compute_stays_close(hf_models):
     assert cos.min().item() > 0.99
 
 
+def _cached(backend, layer, n):
+    """Keys and values of the private sequence's positions 0..n-1 in `layer`: [n, kv heads, head_dim] each."""
+    m, table = backend.model, backend._solo.table
+    blk = torch.as_tensor([table[p // m.block_size] for p in range(n)])
+    off = torch.arange(n) % m.block_size
+    return m.k_pool[layer][blk, :, off], m.v_pool[layer][blk, :, off]
+
+
+def _greedy(backend, prompt, n):
+    backend.reset()
+    out, row = [], backend.forward(prompt, 0)
+    for i in range(n):
+        out.append(int(row.argmax()))
+        row = backend.forward([out[-1]], len(prompt) + i)
+    return out
+
+
+def test_bfloat16_kv_cache_rounds_keys_and_values(hf_models, monkeypatch):
+    folder, _ = hf_models("qwen3")
+    src = load_source(folder, progress=False)
+    try:
+        full = CPUBackend(src, 64, progress=False)
+        rounded = CPUBackend(src, 64, progress=False, kv_dtype=torch.bfloat16)
+    finally:
+        src.close()
+    assert full.model.k_pool.dtype == torch.float32 and rounded.model.v_pool.dtype == torch.bfloat16
+    assert 2 * rounded.memory_info()["kv_cache_bytes"] == full.memory_info()["kv_cache_bytes"]
+    prompt, decode = _tokens(3, 20), _tokens(4, 12)
+    want, got = _ours(full, prompt, decode), _ours(rounded, prompt, decode)
+    n = len(prompt) + len(decode)
+
+    # Layer 0's keys and values come from the embeddings alone, so they are
+    # the float32 run's, rounded (to nearest even); the layers above see
+    # attention over rounded values and only stay close.
+    for a, b in zip(_cached(full, 0, n), _cached(rounded, 0, n)):
+        assert torch.equal(b, a.to(torch.bfloat16))
+    for layer in range(1, len(full.model.layers)):
+        for a, b in zip(_cached(full, layer, n), _cached(rounded, layer, n)):
+            torch.testing.assert_close(b.float(), a, rtol=2e-2, atol=2e-2)
+
+    # Rounding moves the logits a little, not the greedy tokens.
+    assert got.dtype == torch.float32 and not torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=0, atol=5e-2)  # logits up to about 5 here
+    assert torch.nn.functional.cosine_similarity(got.double(), want.double(), dim=-1).min().item() > 0.9999
+    assert _greedy(rounded, prompt, 16) == _greedy(full, prompt, 16)
+
+    # Attention runs in float32 over the rounded values: the float32 cache fed
+    # with pre-rounded keys and values gives the very same logits.
+    attend = ReferenceModel._paged_attention
+
+    def pre_rounded(self, li, q, k, v, lay, kv_index=None):
+        k, v = (t.to(torch.bfloat16).to(t.dtype) for t in (k, v))
+        return attend(self, li, q, k, v, lay, kv_index)
+
+    monkeypatch.setattr(ReferenceModel, "_paged_attention", pre_rounded)
+    full.reset()
+    assert torch.equal(_ours(full, prompt, decode), got)
+
+
+def test_kv_dtype_is_checked(hf_models):
+    folder, _ = hf_models("llama")
+    src = load_source(folder, progress=False)
+    try:
+        for bad in (torch.float16, torch.int8, "bf16"):
+            with pytest.raises(ValueError, match="kv_dtype"):
+                CPUBackend(src, 16, progress=False, kv_dtype=bad)
+            with pytest.raises(ValueError, match="kv_dtype"):
+                ReferenceModel(src, 16, progress=False, kv_dtype=bad)
+        # By default the cache keeps the compute dtype; either may be asked for explicitly.
+        assert CPUBackend(src, 16, dtype=torch.bfloat16, progress=False).model.k_pool.dtype == torch.bfloat16
+        mixed = CPUBackend(src, 16, dtype=torch.bfloat16, kv_dtype=torch.float32, progress=False)
+        assert mixed.model.k_pool.dtype == torch.float32
+        assert mixed.forward(_tokens(5, 6), 0).dtype == torch.float32
+    finally:
+        src.close()
+
+
 # ---------------------------------------------------------------- GGUF round trip
 
 

@@ -46,7 +46,9 @@ class CPUBackend(HostSampledBackend):
     """Runs a model with the pure-torch reference forward on the host.
 
     The weights are copied out of `source` at construction, so the caller
-    may close the source right after.
+    may close the source right after. `kv_dtype` is the KV cache's element
+    type (default: `dtype`); torch.bfloat16 stores keys and values rounded
+    as the CUDA backend stores them (ReferenceModel).
     """
 
     device = "cpu"
@@ -62,13 +64,21 @@ class CPUBackend(HostSampledBackend):
         kv_cache_memory: Optional[int] = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
         prefix_cache: bool = True,
+        kv_dtype: Optional[torch.dtype] = None,
     ):
         cfg = source.config
         check_positive_ints(max_num_seqs=max_num_seqs, block_size=block_size, max_context=n_ctx)
-        per_pos = 2 * cfg.num_layers * cfg.kv_size * torch.finfo(dtype).bits // 8
+        kv_dtype = reference_model.check_kv_dtype(kv_dtype, dtype)
+        per_pos = 2 * cfg.num_layers * cfg.kv_size * torch.finfo(kv_dtype).bits // 8
         blocks = pool_blocks(n_ctx, block_size, per_pos, kv_cache_memory, DEFAULT_CPU_POOL_CONTEXTS * n_ctx)
         self.model = ReferenceModel(
-            source, n_ctx, dtype=dtype, progress=progress, num_blocks=blocks, block_size=block_size
+            source,
+            n_ctx,
+            dtype=dtype,
+            progress=progress,
+            num_blocks=blocks,
+            block_size=block_size,
+            kv_dtype=kv_dtype,
         )
         self.config = cfg
         self.n_ctx = self.model.max_context

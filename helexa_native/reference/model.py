@@ -30,6 +30,9 @@ from ..rope import apply_rope, inv_freq, rope_cos_sin
 # bounds the attention score matrix without changing the result.
 PREFILL_CHUNK = 512
 
+# Element types the KV pool may store (ReferenceModel's kv_dtype).
+KV_DTYPES = (torch.float32, torch.bfloat16)
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) * weight over the last dim, accumulated in float32 (as HF does)."""
@@ -38,7 +41,31 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * y.to(x.dtype)
 
 
-def route(h: torch.Tensor, w_router: torch.Tensor, k: int, normalize: bool) -> tuple:
+def routing_margins(sorted_probs: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, how far the k-th choice is from losing its place: (p_k - p_{k+1}) / p_k, float32 [T].
+
+    sorted_probs [T, E] are each row's router probabilities in descending
+    order. A margin near zero means the k-th and (k+1)-th experts nearly tie,
+    so a tiny change of the row's activations can swap them. With k = E
+    nothing can take the k-th place: the margin is infinite. A zero p_k (so
+    a zero p_{k+1} too) is a tie: margin 0.
+    """
+    t, e = sorted_probs.shape
+    if k >= e:
+        return torch.full((t,), math.inf)
+    pk, pk1 = sorted_probs[:, k - 1].float(), sorted_probs[:, k].float()
+    return torch.where(pk > 0, (pk - pk1) / pk.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(pk))
+
+
+def route(
+    h: torch.Tensor,
+    w_router: torch.Tensor,
+    k: int,
+    normalize: bool,
+    margins: Optional[list] = None,
+    probs_out: Optional[list] = None,
+    choose: Optional[dict] = None,
+) -> tuple:
     """Each token's k experts and their weights: ([T, k] float32 weights, [T, k] expert ids).
 
     Router probabilities are softmax(h W_router^T) in float32; the k most
@@ -46,25 +73,54 @@ def route(h: torch.Tensor, w_router: torch.Tensor, k: int, normalize: bool) -> t
     id comes first (a stable descending sort), so ties never depend on the
     platform. With `normalize` (norm_topk_prob) the k weights are rescaled
     to sum to one.
+
+    Hooks for checking another implementation against this one, all off
+    by default: when `margins` is a list, each token's routing margin
+    (`routing_margins`) is appended to it as one [T] tensor; when
+    `probs_out` is a list, the [T, E] router probabilities are; `choose`
+    ({row: k expert ids}) makes those tokens use the given experts instead,
+    weighted by their own probabilities (a near tie tipped the other way).
     """
     probs = torch.softmax(F.linear(h, w_router).float(), dim=-1)
     weights, experts = torch.sort(probs, dim=-1, descending=True, stable=True)
+    if margins is not None:
+        margins.append(routing_margins(weights, k))
+    if probs_out is not None:
+        probs_out.append(probs)
     weights, experts = weights[:, :k], experts[:, :k]
+    if choose:
+        rows = torch.as_tensor(list(choose), dtype=torch.long)
+        ids = torch.as_tensor([list(v) for v in choose.values()], dtype=torch.long)
+        if ids.shape != (rows.numel(), k):
+            raise ValueError(f"choose needs {k} expert ids per row")
+        experts = experts.clone()
+        experts[rows] = ids
+        weights = weights.clone()
+        weights[rows] = probs[rows[:, None], ids]
     if normalize:
         weights = weights / weights.sum(-1, keepdim=True)
     return weights, experts
 
 
 def moe_ffn(
-    h: torch.Tensor, w_router: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, k: int, normalize: bool
+    h: torch.Tensor,
+    w_router: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    k: int,
+    normalize: bool,
+    margins: Optional[list] = None,
+    probs_out: Optional[list] = None,
+    choose: Optional[dict] = None,
 ) -> torch.Tensor:
     """sum over each token's k routed experts of w_e * down_e(silu(gate_e h) * up_e h).
 
     h [T, hidden]; w_router [E, hidden]; w_gate_up [E, 2 * F, hidden] (gate
     rows then up rows); w_down [E, hidden, F] -> [T, hidden]. Experts run
-    in id order over the tokens routed to them.
+    in id order over the tokens routed to them. `margins`, `probs_out` and
+    `choose` as for `route`.
     """
-    weights, experts = route(h, w_router, k, normalize)
+    weights, experts = route(h, w_router, k, normalize, margins, probs_out, choose)
     out = torch.zeros_like(h)
     for e in torch.unique(experts).tolist():
         tok, slot = (experts == e).nonzero(as_tuple=True)
@@ -111,13 +167,43 @@ class _BatchLayout(NamedTuple):
     views: list  # per sequence: (first row, end row, positions, its block ids, causal mask or None)
 
 
+def check_kv_dtype(kv_dtype: Optional[torch.dtype], dtype: torch.dtype) -> torch.dtype:
+    """The KV pool's element type: `dtype` when kv_dtype is None, else float32 or bfloat16 (ValueError otherwise)."""
+    if kv_dtype is None:
+        return dtype
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be torch.float32 or torch.bfloat16, got {kv_dtype!r}")
+    return kv_dtype
+
+
 class ReferenceModel:
     """A llama-family decoder in plain torch over a paged KV pool.
 
     Sequences hold up to `max_context` positions each; the pool has
     `num_blocks` blocks of `block_size` positions (default: one sequence's
     worth), and each call names the blocks of its sequence (see kv_blocks.py).
+
+    The pool stores keys and values in `kv_dtype` (default: the compute
+    dtype). With bfloat16, as the CUDA backend stores them, each key and
+    value is rounded to bfloat16 (nearest even) when written and attention
+    runs in the compute dtype over the rounded values.
+
+    Routing hooks for checking another implementation against this one,
+    all off (None) by default and free when off. Rows are a pass's tokens
+    in order (sequences one after another).
+    `route_margins`: a list to which every pass appends a float32 [T]
+    tensor, each row's smallest routing margin over the MoE layers
+    (`routing_margins`; infinite for a model without MoE layers).
+    `route_probs`: a list to which every pass appends {layer index: [T, E]
+    float32 router probabilities} of its MoE layers.
+    `route_choices`: {layer index: {row: k expert ids}}, rows that use the
+    given experts in that layer instead of their k most probable ones
+    (`route`'s `choose`), applied to every pass while set.
     """
+
+    route_margins: Optional[list] = None
+    route_probs: Optional[list] = None
+    route_choices: Optional[dict] = None
 
     def __init__(
         self,
@@ -127,8 +213,10 @@ class ReferenceModel:
         progress: Optional[bool] = None,
         num_blocks: Optional[int] = None,
         block_size: int = 16,
+        kv_dtype: Optional[torch.dtype] = None,
     ):
         cfg = source.config
+        self.kv_dtype = check_kv_dtype(kv_dtype, dtype)
         if cfg.arch not in SUPPORTED_ARCHS:
             raise UnsupportedModelError(
                 f"architecture {cfg.arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})"
@@ -166,8 +254,8 @@ class ReferenceModel:
         if self.num_blocks < 1 or self.block_size < 1:
             raise ValueError("the KV pool needs at least one block of at least one position")
         pool_shape = (cfg.num_layers, self.num_blocks, cfg.num_kv_heads, self.block_size, cfg.head_dim)
-        self.k_pool = torch.empty(pool_shape, dtype=dtype)
-        self.v_pool = torch.empty(pool_shape, dtype=dtype)
+        self.k_pool = torch.empty(pool_shape, dtype=self.kv_dtype)
+        self.v_pool = torch.empty(pool_shape, dtype=self.kv_dtype)
 
     # ---------------------------------------------------------------- loading
 
@@ -342,15 +430,17 @@ class ReferenceModel:
 
         q [T, nq, d], k and v [T, nk, d] (this model's heads); kv_index (optional)
         picks, per query-head group, which of the cached kv heads it reads.
+        The pool's element type rounds k and v as they are written; attention
+        reads them back in q's dtype.
         """
         nk, d = k.shape[1], k.shape[2]
         kp, vp = self.k_pool[li], self.v_pool[li]
-        kp[lay.blk, :, lay.off] = k
-        vp[lay.blk, :, lay.off] = v
+        kp[lay.blk, :, lay.off] = k.to(kp.dtype)
+        vp[lay.blk, :, lay.off] = v.to(vp.dtype)
         parts = []
         for r0, r1, end, used, mask in lay.views:
-            kk = kp[used].permute(1, 0, 2, 3).reshape(nk, -1, d)[:, :end]
-            vv = vp[used].permute(1, 0, 2, 3).reshape(nk, -1, d)[:, :end]
+            kk = kp[used].permute(1, 0, 2, 3).reshape(nk, -1, d)[:, :end].to(q.dtype)
+            vv = vp[used].permute(1, 0, 2, 3).reshape(nk, -1, d)[:, :end].to(q.dtype)
             if kv_index is not None:
                 kk, vv = kk[kv_index], vv[kv_index]
             parts.append(self._attention(q[r0:r1], kk, vv, mask))
@@ -364,6 +454,9 @@ class ReferenceModel:
         cos, sin = lay.cos, lay.sin
         T = lay.ids.numel()
         x = self.embed[lay.ids]
+        margins = [] if self.route_margins is not None else None
+        probs = {} if self.route_probs is not None else None
+        choices = self.route_choices or {}
         for li, L in enumerate(self.layers):
             h = rms_norm(x, L.attn_norm, eps)
             q, k, v = F.linear(h, L.w_qkv, L.b_qkv).split([cfg.q_size, cfg.kv_size, cfg.kv_size], -1)
@@ -378,10 +471,19 @@ class ReferenceModel:
 
             h = rms_norm(x, L.ffn_norm, eps)
             if L.router is not None:
-                x = x + moe_ffn(h, L.router, L.exp_gate_up, L.exp_down, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+                out = [] if probs is not None else None
+                topk, norm = cfg.num_experts_per_tok, cfg.norm_topk_prob
+                x = x + moe_ffn(h, L.router, L.exp_gate_up, L.exp_down, topk, norm, margins, out, choices.get(li))
+                if out is not None:
+                    probs[li] = out[0]
                 continue
             gate, up = F.linear(h, L.w_gate_up).chunk(2, -1)
             x = x + F.linear(F.silu(gate) * up, L.w_down)
+        if margins is not None:
+            least = torch.stack(margins).min(0).values if margins else torch.full((T,), math.inf)
+            self.route_margins.append(least)
+        if probs is not None:
+            self.route_probs.append(probs)
         return x, lay.counts
 
     def _attention(
