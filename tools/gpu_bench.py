@@ -66,9 +66,26 @@ def _args(argv):
     p.add_argument(
         "--structured",
         default="",
-        help="also time N concurrent greedy streams with response_format json_object against the "
-        "same streams unconstrained, for each N of this comma-separated list (the structured-"
-        "output overhead: 1 - constrained / plain aggregate decode tok/s); empty: skip",
+        help="also time N concurrent greedy streams under a JSON schema (an object with one long "
+        "string, so every stream decodes all its tokens constrained) against the same streams "
+        "unconstrained, for each N of this comma-separated list (the structured-output overhead: "
+        "1 - constrained / plain aggregate decode tok/s); empty: skip",
+    )
+    p.add_argument(
+        "--tc-kernel",
+        default="",
+        metavar="NAME[,NAME...]",
+        help="the tensor-core product's implementation (HELEXA_TC_KERNEL: v1 or staged), like "
+        "--tc-min: the first is timed, the --concurrency runs are repeated for every other "
+        "(kernel, tc-min) pair; empty: the engine's default",
+    )
+    p.add_argument(
+        "--ab",
+        default="",
+        metavar="VAR=V[,VAR=V...][;...]",
+        help="environment settings to compare, ';' between settings (e.g. 'HELEXA_TC_BF16=0;"
+        "HELEXA_TC_BF16=1'): like --tc-min, the first is timed and the --concurrency runs are "
+        "repeated on a fresh load for every other combination",
     )
     p.add_argument(
         "--tc-min",
@@ -83,14 +100,28 @@ def _args(argv):
     return p.parse_args(argv)
 
 
+# A JSON schema whose shortest completion is longer than any decode run: every
+# constrained stream decodes all its tokens under the grammar (a JSON object
+# such as {} would end most streams after two tokens and time nothing).
+LONG_JSON = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "long_text",
+        "schema": {
+            "type": "object",
+            "properties": {"text": {"type": "string", "minLength": 8192}},
+            "required": ["text"],
+        },
+    },
+}
+
+
 def _structured_overhead(eng, n: int, prompt_tokens: int, decode_tokens: int) -> dict:
-    """N greedy streams unconstrained, then the same with response_format json_object (bench_concurrency)."""
+    """N greedy streams unconstrained, then the same under a JSON schema (bench_concurrency)."""
     from helexa_native.bench import bench_concurrency
 
     plain = bench_concurrency(eng, [n], prompt_tokens, decode_tokens, warmup=True)[0]
-    constrained = bench_concurrency(
-        eng, [n], prompt_tokens, decode_tokens, warmup=True, response_format={"type": "json_object"}
-    )[0]
+    constrained = bench_concurrency(eng, [n], prompt_tokens, decode_tokens, warmup=True, response_format=LONG_JSON)[0]
     p, c = plain["aggregate_decode_tokens_per_s"], constrained["aggregate_decode_tokens_per_s"]
     return {
         "concurrency": n,
@@ -152,9 +183,37 @@ def main(argv=None) -> int:
         return rows
 
     tc_mins = _positive_ints(a.tc_min, "--tc-min") if a.tc_min else []
-    if tc_mins:
-        os.environ["HELEXA_TC_MIN"] = str(tc_mins[0])
-        out["tc_min"] = tc_mins
+    tc_kernels = [k.strip() for k in a.tc_kernel.split(",") if k.strip()]
+    for k in tc_kernels:
+        if k not in ("v1", "staged"):
+            raise SystemExit(f"--tc-kernel: unknown kernel {k!r} (v1 or staged)")
+    ab_sets = []
+    for part in a.ab.split(";"):
+        env = {}
+        for kv in part.split(","):
+            if kv.strip():
+                var, eq, val = kv.strip().partition("=")
+                if not eq or not var:
+                    raise SystemExit(f"--ab: expected VAR=VALUE, got {kv!r}")
+                env[var] = val
+        if env:
+            ab_sets.append(env)
+    # The variants: every (kernel, tc_min, setting) combination; the first is the model's.
+    variants = [(k, m, e) for k in (tc_kernels or [None]) for m in (tc_mins or [None]) for e in (ab_sets or [{}])]
+    out["tc_min"] = tc_mins
+    out["tc_kernel"] = tc_kernels
+    out["ab"] = ab_sets
+
+    def use_variant(v) -> str:
+        # A variable the options leave unset keeps whatever the environment says.
+        kernel, tc_min, env = v
+        for var, val in (("HELEXA_TC_KERNEL", kernel), ("HELEXA_TC_MIN", tc_min), *env.items()):
+            if val is not None:
+                os.environ[var] = str(val)
+        parts = [kernel or "", f"tc>={tc_min}" if tc_min else ""] + [f"{k}={v}" for k, v in env.items()]
+        return " ".join(x for x in parts if x)
+
+    use_variant(variants[0])
 
     def bench_model(path, spec: str, tp: int, entry: dict) -> None:
         # Each rank streams its shard from its own memory: the ceiling is tp devices'.
@@ -191,7 +250,7 @@ def main(argv=None) -> int:
                     row = _structured_overhead(eng, n, a.prompt_tokens, a.decode_tokens)
                     entry["structured"].append(row)
                     print(
-                        f"{name}: N={n}: json_object decode {row['constrained_tokens_per_s']:.0f} tok/s "
+                        f"{name}: N={n}: json_schema decode {row['constrained_tokens_per_s']:.0f} tok/s "
                         f"vs {row['plain_tokens_per_s']:.0f} tok/s plain: overhead "
                         f"{100 * row['overhead']:.1f}% (ITL p50 {row['constrained']['itl_ms_p50']:.2f} "
                         f"vs {row['plain']['itl_ms_p50']:.2f} ms; {row['constrained']['generated_tokens']} "
@@ -200,13 +259,13 @@ def main(argv=None) -> int:
                     )
                     save()
         levels = [int(x) for x in a.concurrency.split(",") if x.strip()]
-        if levels and len(tc_mins) > 1:
-            entry["concurrency_by_tc_min"] = {str(tc_mins[0]): entry.get("concurrency")}
-            for v in tc_mins[1:]:
-                os.environ["HELEXA_TC_MIN"] = str(v)
+        if levels and len(variants) > 1:
+            entry["concurrency_by_variant"] = {use_variant(variants[0]): entry.get("concurrency")}
+            for v in variants[1:]:
+                label = use_variant(v)
                 with Engine(path, device=a.device, n_ctx=n_ctx, progress=False, **engine_kw) as eng:
-                    entry["concurrency_by_tc_min"][str(v)] = concurrency_rows(eng, f"{name} tc_min={v}", levels)
-            os.environ["HELEXA_TC_MIN"] = str(tc_mins[0])
+                    entry["concurrency_by_variant"][label] = concurrency_rows(eng, f"{name} {label}", levels)
+            use_variant(variants[0])
         if a.int8_modes and spec.split(":")[1].upper() in ("Q4_K_M", "Q4_0", "Q8_0", "Q4_K", "Q6_K"):
             for mode, label in ((True, "int8_all"), (False, "float")):
                 with Engine(

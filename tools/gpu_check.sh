@@ -18,6 +18,8 @@
 #     --concurrency L bench: also N concurrent streams for each N of L (e.g. 1,8,32,64)
 #     --tc-min L      bench: repeat the concurrency runs for each HELEXA_TC_MIN of L
 #                     (the fewest tokens of a tensor-core product; e.g. 2,9)
+#     --tc-kernel L   bench: the same for each HELEXA_TC_KERNEL of L (v1,staged)
+#     --ab 'V=1;V=0'  bench: the same for each environment setting (';' between them)
 #     --tp N          tp stage: GPUs to split over (default 2)
 #     --tp-models L   tp stage: bench models (default llama3-8b:bf16)
 #
@@ -48,6 +50,8 @@ KEXPR=""
 INT8_MODES=""
 CONCURRENCY=""
 TC_MIN=""
+TC_KERNEL=""
+AB=""
 TP=2
 TP_MODELS="llama3-8b:bf16"
 ARCH=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -61,6 +65,8 @@ while [ $# -gt 0 ]; do
     --int8-modes) INT8_MODES=1; shift ;;
     --concurrency) CONCURRENCY=$2; shift 2 ;;
     --tc-min) TC_MIN=$2; shift 2 ;;
+    --tc-kernel) TC_KERNEL=$2; shift 2 ;;
+    --ab) AB=$2; shift 2 ;;
     --tp) TP=$2; shift 2 ;;
     --tp-models) TP_MODELS=$2; shift 2 ;;
     -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
@@ -153,6 +159,8 @@ do_bench() {
   [ -n "$INT8_MODES" ] && args+=(--int8-modes)
   [ -n "$CONCURRENCY" ] && args+=(--concurrency "$CONCURRENCY")
   [ -n "$TC_MIN" ] && args+=(--tc-min "$TC_MIN")
+  [ -n "$TC_KERNEL" ] && args+=(--tc-kernel "$TC_KERNEL")
+  [ -n "$AB" ] && args+=(--ab "$AB")
   local lim; lim=$(limit "$BENCH_TIMEOUT")
   timeout "$lim" python3 "${args[@]}" 2>&1 | tee "$OUT/bench.log"
   local rc=${PIPESTATUS[0]}
@@ -255,10 +263,10 @@ for e in d["results"]:
         print(f"{e['model'] if i == 0 else '':<22} {load:>7} {r['depth']:>6} {r['prefill_tokens_per_s']:>14.0f} "
               f"{r['decode_tokens_per_s']:>13.1f} {r['decode_ms_per_token']:>7.2f} {r['achieved_gb_per_s']:>7.0f} "
               f"{(100 * share if share else 0):>5.1f}")
-    by_tc = e.get("concurrency_by_tc_min") or {"": e.get("concurrency") or []}
+    by_tc = e.get("concurrency_by_variant") or {"": e.get("concurrency") or []}
     for tc, rows in by_tc.items():
         for c in rows or []:
-            label = f"  N={c['concurrency']}" + (f" tc>={tc}" if tc else "")
+            label = f"  N={c['concurrency']}" + (f" {tc}" if tc else "")
             print(f"{label:<22} {'':>7} {0:>6} {'':>14} {c['aggregate_decode_tokens_per_s']:>13.1f} "
                   f"ITL p50 {c['itl_ms_p50']:.2f} p99 {c['itl_ms_p99']:.2f} ms, TTFT p50 {c['ttft_ms_p50']:.0f} ms")
     for key, label in (("int8_all_depth0", "  int8 everywhere"), ("float_depth0", "  float only")):

@@ -1,6 +1,6 @@
 """Where a decode step's time goes: wall time per step, and the GPU kernels behind it.
 
-    python3 tools/profile_decode.py --model llama3-8b:Q4_K_M --steps 32
+    python3 tools/profile_decode.py --model llama3-8b:Q4_K_M --steps 32 [--batch 32]
 
 Writes a synthetic model, runs greedy decode steps through the CUDA backend,
 prints the median wall time per step, the backend's graph counters, and the
@@ -23,36 +23,67 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--depth", type=int, default=64)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together per step (step_batch)")
     a = ap.parse_args()
 
     from torch.profiler import ProfilerActivity, profile
 
+    from helexa_native.backends.base import SeqStep
     from helexa_native.backends.cuda import CUDABackend
     from helexa_native.bench import write_synthetic
+    from helexa_native.kv_blocks import SeqBlocks
     from helexa_native.loaders import load_source
     from helexa_native.params import SamplerState, SamplingParams
 
     d = Path(tempfile.mkdtemp(prefix="hx-prof-"))
     path = write_synthetic(a.model, d, progress=False)
     src = load_source(path, progress=False)
-    be = CUDABackend(src, 0, n_ctx=a.depth + a.steps + 16)
+    nb = max(1, a.batch)
+    be = CUDABackend(src, 0, n_ctx=a.depth + a.steps + 16, max_num_seqs=max(nb, 1))
     params = SamplingParams(temperature=0.0)
-    prompt = list(range(1, a.depth + 1))
-    state = SamplerState(prompt_tokens=prompt)
-    tok = be.step(prompt, 0, params, state).token
-    pos = a.depth
+    # Each sequence: its own depth-token prompt in its own slot and blocks.
+    seqs = []
+    for i in range(nb):
+        prompt = [(7 * i + j) % src.config.vocab_size + 1 for j in range(a.depth)]
+        seqs.append(dict(blocks=SeqBlocks(), state=SamplerState(prompt_tokens=prompt), tokens=prompt, pos=0))
+
+    def step(which) -> None:
+        batch = []
+        for i in which:
+            q = seqs[i]
+            be.blocks.ensure(q["blocks"], q["pos"] + len(q["tokens"]))
+            batch.append(
+                SeqStep(
+                    slot=i,
+                    tokens=q["tokens"],
+                    start_pos=q["pos"],
+                    block_table=list(q["blocks"].table),
+                    sample=True,
+                    params=params,
+                    state=q["state"],
+                )
+            )
+        for i, out in zip(which, be.step_batch(batch)):
+            q = seqs[i]
+            q["pos"] += len(q["tokens"])
+            q["tokens"] = [out.result.token]
+            q["state"].generated_tokens.append(out.result.token)
+            q["state"].step += 1
+
+    everyone = list(range(nb))
+    for i in everyone:  # each prompt alone, then warm-up steps (graph capture)
+        step([i])
     for _ in range(4):
-        tok = be.step([tok], pos, params, state).token
-        pos += 1
+        step(everyone)
     walls = []
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(a.steps):
             t0 = time.perf_counter()
-            tok = be.step([tok], pos, params, state).token
+            step(everyone)
             walls.append(time.perf_counter() - t0)
-            pos += 1
     info = be.memory_info()
-    print(f"{a.model}: wall per step median {1e3 * statistics.median(walls):.3f} ms, min {1e3 * min(walls):.3f} ms")
+    med, low = 1e3 * statistics.median(walls), 1e3 * min(walls)
+    print(f"{a.model} batch {nb}: wall per step median {med:.3f} ms, min {low:.3f} ms")
     print("graph counters:", {k: v for k, v in info.items() if "graph" in k})
     gpu_total = 0.0
     rows = []

@@ -13,12 +13,15 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
 #include "common/arch.cuh"
 #include "common/check.h"
 #include "kernels/matmul_tc_impl.cuh"
+#include "kernels/matmul_tc_staged.cuh"
 #include "kernels/matvec_impl.cuh"
 
 namespace hx {
@@ -200,8 +203,17 @@ void matmul_tc_launch(GgmlType type, const void* w, const __nv_bfloat16* x, floa
       bad("tensor-core product: workspace of " + std::to_string(workspace_bytes) + " bytes, need " +
           std::to_string(need) + " (matmul_tc_workspace_bytes)");
   }
-#define HX_CASE(T) \
-  case GgmlType::T: tc::run<GgmlType::T>(a, stream); break;
+  // HELEXA_TC_KERNEL=staged selects the staged implementation
+  // (matmul_tc_staged.cuh); read per launch so one process can time both.
+  const char* kernel = std::getenv("HELEXA_TC_KERNEL");
+  const bool staged = kernel != nullptr && std::strcmp(kernel, "staged") == 0;
+#define HX_CASE(T)                          \
+  case GgmlType::T:                         \
+    if (staged)                             \
+      tcs::run<GgmlType::T>(a, stream);     \
+    else                                    \
+      tc::run<GgmlType::T>(a, stream);      \
+    break;
   switch (type) {
     HX_FOR_EACH_GGML_TYPE(HX_CASE)
     default: bad("unsupported GGML type");

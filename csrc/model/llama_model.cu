@@ -220,6 +220,7 @@ GpuModel::GpuModel(WorkerContext& ctx, const ModelSpec& spec, const std::vector<
   chunk_ = std::max(1, std::min(s.prefill_chunk > 0 ? s.prefill_chunk : 512, n_ctx_));
   slots_ = s.max_num_seqs + 1;
   if (const char* v = std::getenv("HELEXA_TC_MIN")) tc_min_ = std::max(2, std::atoi(v));
+  if (const char* v = std::getenv("HELEXA_TC_BF16")) tc_bf16_ = v[0] == '1';
   logit_rows_ = std::max(slots_, kMatvecMaxTokens);
   rows_cap_ = std::max(chunk_, logit_rows_);
   while ((1 << bshift_) < s.block_size) ++bshift_;
@@ -965,7 +966,7 @@ void GpuModel::linear(WorkerContext& ctx, const LinearWeight& w, const float* x_
     matvec_launch(w.type, w.data, x_f32, y, w.n_out, w.k, n, bias, matvec_options(w, accumulate), st);
     return;
   }
-  if (tc_for(n)) {
+  if (tc_for(n, w.type)) {
     matmul_tc_launch(w.type, w.data, x_bf16, y, w.n_out, w.k, n, bias, accumulate, tc_ws_, tc_ws_bytes_, st);
     return;
   }
@@ -1006,7 +1007,7 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
     if (n == 1 && L.qkv_fused) {
       // q, k and v blocks are adjacent for one token: one launch fills all three.
       matvec_launch(L.qkv.type, L.qkv.data, xn_, q, qkv_size_, h, 1, L.b_qkv, matvec_options(L.qkv, false), st);
-    } else if (L.qkv_fused && tc_for(n)) {
+    } else if (L.qkv_fused && tc_for(n, L.qkv.type)) {
       linear(ctx, L.qkv.rows(0, q_size_), xn_, xb_, q, n, bq, false, false);
       linear(ctx, L.qkv.rows(q_size_, kv_size_), xn_, xb_, k, n, bk, false, false);
       linear(ctx, L.qkv.rows(q_size_ + kv_size_, kv_size_), xn_, xb_, v, n, bv, false, false);
@@ -1056,7 +1057,7 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
     if (n == 1 && L.gate_up_fused) {
       matvec_launch(L.gate_up.type, L.gate_up.data, xn_, gate, 2 * f, h, 1, nullptr, matvec_options(L.gate_up, false),
                     st);
-    } else if (L.gate_up_fused && tc_for(n)) {
+    } else if (L.gate_up_fused && tc_for(n, L.gate_up.type)) {
       linear(ctx, L.gate_up.rows(0, f), xn_, xb_, gate, n, nullptr, false, false);
       linear(ctx, L.gate_up.rows(f, f), xn_, xb_, up, n, nullptr, false, false);
     } else if (!small && L.gate_up_fused) {
@@ -1133,7 +1134,7 @@ void GpuModel::lm_head(WorkerContext& ctx, const float* x, int count, float* log
   // A quantized LM head is read once per group of kMatvecMaxTokens rows by
   // the matvec, or dequantized once (about 4x its stored bytes of traffic)
   // for a GEMM: up to 4 groups the matvec moves less.
-  if (tc_for(count)) {
+  if (tc_for(count, output_.type)) {
     add_rms_norm_launch(rows, nullptr, output_norm_, spec_.eps, nullptr, xb_, count, h, st);
     matmul_tc_launch(output_.type, output_.data, xb_, logits, V, h, count, nullptr, false, tc_ws_, tc_ws_bytes_, st);
     return;

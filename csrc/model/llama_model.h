@@ -303,9 +303,13 @@ class GpuModel : public Resource {
   }
   // Batches of n tokens: the fp32 matvec below tc_min_ tokens (up to
   // kMatvecMaxTokens), the tensor-core product from tc_min_ to kTcMaxTokens,
-  // dequantize + cuBLAS above.
+  // dequantize + cuBLAS above. bf16 weights need no dequantization, and
+  // cuBLAS reads them faster than the product at every batch it serves:
+  // they skip the product unless HELEXA_TC_BF16=1.
   bool small_for(int n) const { return n <= kMatvecMaxTokens && n < tc_min_; }
-  bool tc_for(int n) const { return n >= tc_min_ && n <= kTcMaxTokens; }
+  bool tc_for(int n, GgmlType t) const {
+    return n >= tc_min_ && n <= kTcMaxTokens && (t != GgmlType::BF16 || tc_bf16_);
+  }
   // The decode matvec's options over weight w: int8_for, two int8 terms, the
   // weights read as static, the shared x scratch.
   MatvecOptions matvec_options(const LinearWeight& w, bool accumulate) const;
@@ -341,6 +345,7 @@ class GpuModel : public Resource {
   int mask_words_ = 0;                 // words of one vocabulary bitmask: ceil(vocab / 32)
   bool use_graphs_ = true;
   int tc_min_ = kMatvecMaxTokens + 1;  // fewest tokens of a tensor-core product (HELEXA_TC_MIN; > 64: never)
+  bool tc_bf16_ = false;               // bf16 weights through the tensor-core product too (HELEXA_TC_BF16=1)
 
   std::vector<void*> dev_buffers_;
   std::vector<void*> host_buffers_;

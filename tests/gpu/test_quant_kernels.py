@@ -253,7 +253,7 @@ def test_matvec_in_cuda_graph(ops, rng):
         check_matvec(y, ref, x_seen_by("Q6_K", x), None, TOLERANCE["Q6_K"], f"graph replay seed={rng.seed_value}")
 
 
-# ---------------------------------------------------------------- tensor-core product (2..64 tokens)
+# ---------------------------------------------------------------- tensor-core product (1..64 tokens)
 
 # The kernel rounds each decoded weight and takes x as bf16: the exact
 # reference is the float64 product of those bf16 values, which fp32
@@ -275,9 +275,16 @@ def tc_cases(name: str) -> list[tuple[int, int]]:
     return cases
 
 
-@pytest.mark.parametrize("n_tok", [2, 8, 9, 33, 64])
+@pytest.fixture(params=["v1", "staged"])
+def tc_kernel(request, monkeypatch):
+    """Both implementations of the product (HELEXA_TC_KERNEL, read at each launch)."""
+    monkeypatch.setenv("HELEXA_TC_KERNEL", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("n_tok", [1, 2, 8, 9, 33, 64])
 @pytest.mark.parametrize("name,n_out,k", [(name, n, k) for name in TYPES for n, k in tc_cases(name)])
-def test_matmul_tc_matches_gguf_reference(ops, rng, name, n_out, k, n_tok):
+def test_matmul_tc_matches_gguf_reference(ops, rng, tc_kernel, name, n_out, k, n_tok):
     raw, ref = make_weights(name, n_out, k, rng)
     x = bf16_values(rng.standard_normal((n_tok, k)))
     x_d = torch.from_numpy(x).to(torch.bfloat16).to(DEV)
@@ -288,7 +295,7 @@ def test_matmul_tc_matches_gguf_reference(ops, rng, name, n_out, k, n_tok):
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q6_K", "BF16"])
 @pytest.mark.parametrize("n_out,k", [(96, 4096), (4096, 512)])  # with and without split-K
-def test_matmul_tc_bias_and_accumulate(ops, rng, name, n_out, k):
+def test_matmul_tc_bias_and_accumulate(ops, rng, tc_kernel, name, n_out, k):
     n_tok = 12
     raw, ref = make_weights(name, n_out, k, rng)
     x = bf16_values(rng.standard_normal((n_tok, k)))
@@ -302,7 +309,7 @@ def test_matmul_tc_bias_and_accumulate(ops, rng, name, n_out, k):
     assert torch.equal(y0_d.cpu(), torch.from_numpy(y0)), "y_accumulate must not be modified"
 
 
-def test_matmul_tc_is_deterministic(ops, rng):
+def test_matmul_tc_is_deterministic(ops, rng, tc_kernel):
     # Split-K partials are added in a fixed order: the same inputs give the same bits.
     raw, _ = make_weights("Q4_K", 128, 14336, rng)
     w_d = torch.from_numpy(raw).to(DEV)

@@ -1,0 +1,323 @@
+// The staged tensor-core product: an alternate implementation of
+// matmul_tc_impl.cuh's hx::tc::run (same Args, same results to rounding),
+// chosen at run time by HELEXA_TC_KERNEL=staged until it is measured faster.
+// Instantiated per storage type by the generated matvec_<type>.cu files.
+//
+//
+//   y[t, i] = (accumulate ? y[t, i] : 0) + bias[i] + sum_j W[i, j] x[t, j]
+//
+// for 1..kTcMaxTokens tokens: the decode step of a batch of sequences, where
+// the matvec (one token's fp32 activations per FMA) runs out of issue slots
+// and dequantize + cuBLAS writes and rereads a bf16 copy of every weight.
+// Each weight block is read once per launch, whatever the token count.
+//
+// A CTA owns kRows = 64 consecutive rows (four warps of 16) and a range of
+// 256-element passes of k (split-K when the row tiles alone do not cover the
+// GPU twice). The passes stream through a ring of S shared-memory stages with
+// cp.async: while the warps compute pass p, the copies of passes p + 1 ..
+// p + S - 1 are in flight. A stage holds
+//   - the raw bytes of the 64 rows' pass (the 16-byte aligned chunks that
+//     cover it, address mod 16 preserved, so the block decoders read fields
+//     at the alignment the format guarantees), rows an odd number of chunks
+//     apart so the lanes' quant words fall in different banks;
+//   - the pass's 256 activations of every token, bf16 (tokens past n_tok and
+//     columns past k are zero-filled by the copy).
+// Model weights never change, so a CTA starts copying them before it waits
+// for the previous kernel (launch.cuh); the activations come after the wait.
+//
+// Compute: warp w multiplies rows 16w .. 16w + 15 with mma.sync m16n8k16
+// (bf16 in, fp32 accumulate). The dot product's order over k is free, so each
+// lane decodes its A fragment straight into registers: lane (g = lane / 4,
+// q = lane % 4) decodes units 8q .. 8q + 7 (quant_blocks.cuh: 8 elements as
+// two runs of 4) of rows g and g + 8, and k-step s of the pass takes one run
+// of one unit: A's columns {2q, 2q + 1, 2q + 8, 2q + 9} are that run's four
+// elements, and B's fragment is the same four activations of token g, one
+// 8-byte shared load. Every lane with the same q takes the same run at the
+// same k-step, which is all the MMA needs. Lane q visits its units rotated by
+// q, so the 8-byte activation loads of a half-warp hit 32 different banks.
+// Values are the block decoders' unit() fields times the quants (an FMA where
+// the format has an offset), rounded once to bf16: the arithmetic of
+// dequantize-to-bf16 + a bf16 GEMM with fp32 accumulation (the large-batch
+// path), so both paths agree to rounding.
+//
+// Output: without split-K the CTA writes y itself (bias, accumulate); with
+// it, each split writes its partial sums to a workspace and a second kernel
+// adds the splits in a fixed order, so results never depend on scheduling.
+// sm_80+ (mma.sync bf16 and cp.async exist from Ampere on).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+
+#include "common/arch.cuh"
+#include "common/check.h"
+#include "common/ggml_types.h"
+#include "common/launch.cuh"
+#include "kernels/matmul_tc_impl.cuh"
+#include "kernels/quant_blocks.cuh"
+
+namespace hx {
+namespace tcs {
+
+using tc::Args;
+using tc::kPass;
+using tc::kRows;
+using tc::kWarps;
+using tc::mma_bf16;
+using tc::pack_bf16;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kXLd = kPass + 16;             // bf16 per token row of a stage: 544 bytes, 32 mod 128
+constexpr size_t kStageTarget = 110 * 1024;  // shared bytes of the ring (two CTAs per SM)
+
+// Shared-memory ring of type T with NTILE tiles of 8 tokens.
+template <GgmlType T, int NTILE>
+struct Ring {
+  static constexpr int PB = quant::pass_bytes<T>();
+  static constexpr int NSEG = ((PB + 15) / 16 + 1) | 1;  // chunks per row: any alignment, odd
+  static constexpr int RS = 16 * NSEG;                    // row stride of the weight stage
+  static constexpr size_t W_BYTES = (size_t)kRows * RS;
+  static constexpr size_t X_BYTES = (size_t)8 * NTILE * kXLd * sizeof(__nv_bfloat16);
+  static constexpr size_t STAGE = W_BYTES + X_BYTES;
+  static constexpr int S = kStageTarget / STAGE < 2 ? 2 : (kStageTarget / STAGE > 4 ? 4 : (int)(kStageTarget / STAGE));
+  static constexpr size_t SMEM = S * STAGE;
+};
+
+// 16 bytes global -> shared; only the first `bytes` (0 or 16, or the tail of
+// the tensor) are read, the rest of the 16 are zero-filled.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int bytes) {
+#if HX_HAS_CP_ASYNC
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(bytes) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if HX_HAS_CP_ASYNC
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if HX_HAS_CP_ASYNC
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
+// Copies pass p of the CTA's rows into the weight stage `ws`.
+template <GgmlType T, int NTILE>
+__device__ __forceinline__ void copy_weights(const Args& a, int row0, int p, uint8_t* ws) {
+  using R = Ring<T, NTILE>;
+  const uint8_t* wend = a.w + (size_t)a.n_out * a.row_bytes;
+  for (int c = threadIdx.x; c < kRows * R::NSEG; c += kThreads) {
+    const int r = c / R::NSEG, j = c - r * R::NSEG;
+    const int row = row0 + r;
+    const uint8_t* src = a.w;
+    int bytes = 0;
+    if (row < a.n_out) {
+      const uint8_t* start = a.w + (size_t)row * a.row_bytes + (size_t)p * R::PB;
+      const uint8_t* chunk =
+          reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(start) & ~(uintptr_t)15) + 16 * j;
+      if (chunk < start + R::PB && chunk < wend) {
+        src = chunk;
+        const ptrdiff_t left = wend - chunk;
+        bytes = left < 16 ? (int)left : 16;
+      }
+    }
+    cp_async16(ws + r * R::RS + 16 * j, src, bytes);
+  }
+}
+
+// Copies pass p's activations of all 8 * NTILE token rows into `xs`.
+template <int NTILE>
+__device__ __forceinline__ void copy_x(const Args& a, int p, __nv_bfloat16* xs) {
+  const int ebase = p * kPass;
+  for (int c = threadIdx.x; c < 8 * NTILE * (kPass / 8); c += kThreads) {
+    const int t = c / (kPass / 8), col = (c % (kPass / 8)) * 8;
+    const bool ok = t < a.ntok && ebase + col < a.k;
+    cp_async16(xs + t * kXLd + col, ok ? a.x + (size_t)t * a.k + ebase + col : a.x, ok ? 16 : 0);
+  }
+}
+
+// A-fragment words of one unit of one row: run 0 as (w[0], w[1]) and run 1 as
+// (w[2], w[3]), each word two bf16 (elements 0,1 and 2,3 of the run). Units
+// past k are zeros (quant rows end on whole blocks, float runs on 8 elements).
+template <GgmlType T>
+__device__ __forceinline__ void decode_unit(const uint8_t* pass, int u, int ebase, int k, uint32_t (&w)[4]) {
+  using B = quant::Block<T>;
+  const int e0 = B::elem0(u), e1 = B::elem1(u);
+  if constexpr (T == GgmlType::BF16) {
+    const uint2 r0 = ebase + e0 < k ? *reinterpret_cast<const uint2*>(pass + 2 * e0) : make_uint2(0, 0);
+    const uint2 r1 = ebase + e1 < k ? *reinterpret_cast<const uint2*>(pass + 2 * e1) : make_uint2(0, 0);
+    w[0] = r0.x;
+    w[1] = r0.y;
+    w[2] = r1.x;
+    w[3] = r1.y;
+  } else if constexpr (is_float_type(T)) {
+    float v[4] = {0.f, 0.f, 0.f, 0.f};
+    if (ebase + e0 < k) B::run4(pass, e0, v);
+    w[0] = pack_bf16(v[0], v[1]);
+    w[1] = pack_bf16(v[2], v[3]);
+    v[0] = v[1] = v[2] = v[3] = 0.f;
+    if (ebase + e1 < k) B::run4(pass, e1, v);
+    w[2] = pack_bf16(v[0], v[1]);
+    w[3] = pack_bf16(v[2], v[3]);
+  } else {
+    if (ebase + e0 >= k) {
+      w[0] = w[1] = w[2] = w[3] = 0u;
+      return;
+    }
+    const quant::QUnit q = B::unit(pass, u);
+    float v[8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float q0 = quant::byte_value<B::Z>(q.u0, i), q1 = quant::byte_value<B::Z>(q.u1, i);
+      v[i] = B::HAS_B ? fmaf(q.a0, q0, q.b0) : q.a0 * q0;
+      v[i + 4] = B::HAS_B ? fmaf(q.a1, q1, q.b1) : q.a1 * q1;
+    }
+    w[0] = pack_bf16(v[0], v[1]);
+    w[1] = pack_bf16(v[2], v[3]);
+    w[2] = pack_bf16(v[4], v[5]);
+    w[3] = pack_bf16(v[6], v[7]);
+  }
+}
+
+template <GgmlType T, int NTILE>
+__global__ void __launch_bounds__(kThreads) matmul_tc_kernel(const Args a) {
+  using R = Ring<T, NTILE>;
+  using B = quant::Block<T>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, tq = lane & 3;
+  const int row0 = blockIdx.x * kRows;
+  const int split = blockIdx.y;
+  const int p_begin = split * a.pass_per_split;
+  const int np = min(a.npass, p_begin + a.pass_per_split) - p_begin;
+  auto wstage = [&](int s) { return smem_raw + (size_t)s * R::STAGE; };
+  auto xstage = [&](int s) { return reinterpret_cast<__nv_bfloat16*>(smem_raw + (size_t)s * R::STAGE + R::W_BYTES); };
+
+  // Prologue: weights of the first S - 1 passes before the wait, activations after.
+#pragma unroll
+  for (int s = 0; s < R::S - 1; ++s)
+    if (s < np) copy_weights<T, NTILE>(a, row0, p_begin + s, wstage(s));
+  pdl_begin();
+#pragma unroll
+  for (int s = 0; s < R::S - 1; ++s) {
+    if (s < np) copy_x<NTILE>(a, p_begin + s, xstage(s));
+    cp_async_commit();
+  }
+
+  float acc[NTILE][4];
+#pragma unroll
+  for (int n = 0; n < NTILE; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
+
+  // This lane's rows inside the CTA and their pass offsets mod 16.
+  const int ra = 16 * warp + g, rb = ra + 8;
+  const uintptr_t wa_addr = reinterpret_cast<uintptr_t>(a.w) + (size_t)min(row0 + ra, a.n_out - 1) * a.row_bytes;
+  const uintptr_t wb_addr = reinterpret_cast<uintptr_t>(a.w) + (size_t)min(row0 + rb, a.n_out - 1) * a.row_bytes;
+
+  for (int it = 0; it < np; ++it) {
+    cp_async_wait<R::S - 2>();
+    __syncthreads();  // pass `it` has landed for every thread; pass it - 1's stage is free
+    {
+      const int nx = it + R::S - 1;
+      if (nx < np) {
+        copy_weights<T, NTILE>(a, row0, p_begin + nx, wstage(nx % R::S));
+        copy_x<NTILE>(a, p_begin + nx, xstage(nx % R::S));
+      }
+      cp_async_commit();
+    }
+    const int p = p_begin + it, st = it % R::S;
+    const int ebase = p * kPass;
+    const size_t pofs = (size_t)p * R::PB;
+    const uint8_t* pa = wstage(st) + ra * R::RS + ((wa_addr + pofs) & 15);
+    const uint8_t* pb = wstage(st) + rb * R::RS + ((wb_addr + pofs) & 15);
+    const __nv_bfloat16* xg = xstage(st) + g * kXLd;
+#pragma unroll 2
+    for (int i0 = 0; i0 < 8; ++i0) {
+      const int u = 8 * tq + ((i0 + tq) & 7);
+      uint32_t fa[4], fb[4];
+      decode_unit<T>(pa, u, ebase, a.k, fa);
+      decode_unit<T>(pb, u, ebase, a.k, fb);
+#pragma unroll
+      for (int run = 0; run < 2; ++run) {
+        const int e = run ? B::elem1(u) : B::elem0(u);
+        const uint32_t a0 = fa[2 * run], a2 = fa[2 * run + 1];
+        const uint32_t a1 = fb[2 * run], a3 = fb[2 * run + 1];
+#pragma unroll
+        for (int n = 0; n < NTILE; ++n) {
+          const uint2 bx = *reinterpret_cast<const uint2*>(xg + n * 8 * kXLd + e);
+          mma_bf16(acc[n], a0, a1, a2, a3, bx.x, bx.y);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();  // no copy outlives the CTA
+
+  // c0, c1: row g, tokens 2 tq, 2 tq + 1; c2, c3: row g + 8, same tokens.
+  const int rbase = row0 + ra;
+#pragma unroll
+  for (int n = 0; n < NTILE; ++n) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = rbase + (i >= 2 ? 8 : 0);
+      const int t = 8 * n + 2 * tq + (i & 1);
+      if (row >= a.n_out || t >= a.ntok) continue;
+      if (a.splits > 1) {
+        a.part[((size_t)split * a.ntok + t) * a.n_out + row] = acc[n][i];
+      } else {
+        float v = acc[n][i];
+        float* out = a.y + (size_t)t * a.n_out + row;
+        if (a.bias) v += a.bias[row];
+        if (a.accumulate) v += *out;
+        *out = v;
+      }
+    }
+  }
+}
+
+template <GgmlType T, int NTILE>
+void launch_tiles(const Args& a, cudaStream_t stream) {
+  constexpr size_t smem = Ring<T, NTILE>::SMEM;
+  // Shared memory past 48 KiB is opted into once per device (the model's
+  // first, uncaptured step does it before any graph is recorded).
+  constexpr int kDevices = 64;
+  static std::atomic<bool> configured[kDevices];
+  const int dev = current_device();
+  if (dev < 0 || dev >= kDevices || !configured[dev].load(std::memory_order_acquire)) {
+    HX_CUDA_CHECK(
+        cudaFuncSetAttribute(matmul_tc_kernel<T, NTILE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    if (dev >= 0 && dev < kDevices) configured[dev].store(true, std::memory_order_release);
+  }
+  const dim3 grid((a.n_out + kRows - 1) / kRows, a.splits);
+  launch_overlapped(matmul_tc_kernel<T, NTILE>, grid, dim3(kThreads), smem, stream, a);
+  HX_CUDA_CHECK(cudaGetLastError());
+}
+
+// Entry for one type; `a` is validated and split by the caller.
+template <GgmlType T>
+void run(const Args& a, cudaStream_t stream) {
+  if (a.ntok <= 8)
+    tcs::launch_tiles<T, 1>(a, stream);
+  else if (a.ntok <= 16)
+    tcs::launch_tiles<T, 2>(a, stream);
+  else if (a.ntok <= 32)
+    tcs::launch_tiles<T, 4>(a, stream);
+  else
+    tcs::launch_tiles<T, 8>(a, stream);
+}
+
+#ifndef HX_MATVEC_NO_EXTERN
+#define HX_TC_DECLARE(T) extern template void run<GgmlType::T>(const Args&, cudaStream_t);
+HX_FOR_EACH_GGML_TYPE(HX_TC_DECLARE)
+#undef HX_TC_DECLARE
+#endif
+
+}  // namespace tcs
+}  // namespace hx
