@@ -65,6 +65,10 @@ struct Args {
   int n_out, k, ntok, npass;
   int splits, pass_per_split;
   int accumulate;
+  // The staged implementation's ring (matmul_tc_staged.cuh): at most
+  // ring_bytes of shared memory; stages is set per launch from it.
+  size_t ring_bytes;
+  int stages;
 };
 
 // Shared bytes of a CTA with NTILE tiles of 8 tokens.

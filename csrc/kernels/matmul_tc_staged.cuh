@@ -72,7 +72,7 @@ using tc::mma_bf16;
 using tc::pack_bf16;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kXLd = kPass + 16;             // bf16 per token row of a stage: 544 bytes, 32 mod 128
-constexpr size_t kStageTarget = 110 * 1024;  // shared bytes of the ring (two CTAs per SM)
+constexpr int kMaxStages = 4;
 
 // Shared-memory ring of type T with NTILE tiles of 8 tokens.
 template <GgmlType T, int NTILE>
@@ -83,8 +83,8 @@ struct Ring {
   static constexpr size_t W_BYTES = (size_t)kRows * RS;
   static constexpr size_t X_BYTES = (size_t)8 * NTILE * kXLd * sizeof(__nv_bfloat16);
   static constexpr size_t STAGE = W_BYTES + X_BYTES;
-  static constexpr int S = kStageTarget / STAGE < 2 ? 2 : (kStageTarget / STAGE > 4 ? 4 : (int)(kStageTarget / STAGE));
-  static constexpr size_t SMEM = S * STAGE;
+  // Stages of a ring of at most `target` shared bytes: 2 .. kMaxStages.
+  static int stages(size_t target) { return (int)std::max<size_t>(2, std::min<size_t>(kMaxStages, target / STAGE)); }
 };
 
 // 16 bytes global -> shared; only the first `bytes` (0 or 16, or the tail of
@@ -197,16 +197,15 @@ __global__ void __launch_bounds__(kThreads) matmul_tc_kernel(const Args a) {
   const int split = blockIdx.y;
   const int p_begin = split * a.pass_per_split;
   const int np = min(a.npass, p_begin + a.pass_per_split) - p_begin;
+  const int S = a.stages;
   auto wstage = [&](int s) { return smem_raw + (size_t)s * R::STAGE; };
   auto xstage = [&](int s) { return reinterpret_cast<__nv_bfloat16*>(smem_raw + (size_t)s * R::STAGE + R::W_BYTES); };
 
   // Prologue: weights of the first S - 1 passes before the wait, activations after.
-#pragma unroll
-  for (int s = 0; s < R::S - 1; ++s)
+  for (int s = 0; s < S - 1; ++s)
     if (s < np) copy_weights<T, NTILE>(a, row0, p_begin + s, wstage(s));
   pdl_begin();
-#pragma unroll
-  for (int s = 0; s < R::S - 1; ++s) {
+  for (int s = 0; s < S - 1; ++s) {
     if (s < np) copy_x<NTILE>(a, p_begin + s, xstage(s));
     cp_async_commit();
   }
@@ -223,17 +222,23 @@ __global__ void __launch_bounds__(kThreads) matmul_tc_kernel(const Args a) {
   const uintptr_t wb_addr = reinterpret_cast<uintptr_t>(a.w) + (size_t)min(row0 + rb, a.n_out - 1) * a.row_bytes;
 
   for (int it = 0; it < np; ++it) {
-    cp_async_wait<R::S - 2>();
+    // Wait for pass `it`: at most S - 2 later groups may still be in flight.
+    if (S == 2)
+      cp_async_wait<0>();
+    else if (S == 3)
+      cp_async_wait<1>();
+    else
+      cp_async_wait<2>();
     __syncthreads();  // pass `it` has landed for every thread; pass it - 1's stage is free
     {
-      const int nx = it + R::S - 1;
+      const int nx = it + S - 1;
       if (nx < np) {
-        copy_weights<T, NTILE>(a, row0, p_begin + nx, wstage(nx % R::S));
-        copy_x<NTILE>(a, p_begin + nx, xstage(nx % R::S));
+        copy_weights<T, NTILE>(a, row0, p_begin + nx, wstage(nx % S));
+        copy_x<NTILE>(a, p_begin + nx, xstage(nx % S));
       }
       cp_async_commit();
     }
-    const int p = p_begin + it, st = it % R::S;
+    const int p = p_begin + it, st = it % S;
     const int ebase = p * kPass;
     const size_t pofs = (size_t)p * R::PB;
     const uint8_t* pa = wstage(st) + ra * R::RS + ((wa_addr + pofs) & 15);
@@ -284,19 +289,37 @@ __global__ void __launch_bounds__(kThreads) matmul_tc_kernel(const Args a) {
 
 template <GgmlType T, int NTILE>
 void launch_tiles(const Args& a, cudaStream_t stream) {
-  constexpr size_t smem = Ring<T, NTILE>::SMEM;
-  // Shared memory past 48 KiB is opted into once per device (the model's
-  // first, uncaptured step does it before any graph is recorded).
+  using R = Ring<T, NTILE>;
+  // The ring is 2 .. kMaxStages stages of at most a.ring_bytes, within the
+  // device's shared memory per block; where two stages do not fit (wide
+  // float rows on a small-shared-memory part), the unstaged kernel runs.
   constexpr int kDevices = 64;
-  static std::atomic<bool> configured[kDevices];
+  static std::atomic<int> optin[kDevices];  // 0: not yet asked
   const int dev = current_device();
+  int limit = dev >= 0 && dev < kDevices ? optin[dev].load(std::memory_order_acquire) : 0;
+  if (limit == 0) {
+    HX_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    if (dev >= 0 && dev < kDevices) optin[dev].store(limit, std::memory_order_release);
+  }
+  const int most = (int)std::min<size_t>(kMaxStages, (size_t)limit / R::STAGE);
+  if (most < 2) {
+    tc::launch_tiles<T, NTILE>(a, stream);
+    return;
+  }
+  Args b = a;
+  b.stages = std::min(most, R::stages(a.ring_bytes));
+  const size_t smem = (size_t)b.stages * R::STAGE;
+  // Shared memory past 48 KiB is opted into once per device, for the
+  // largest ring (the model's first, uncaptured step does it before any
+  // graph is recorded).
+  static std::atomic<bool> configured[kDevices];
   if (dev < 0 || dev >= kDevices || !configured[dev].load(std::memory_order_acquire)) {
-    HX_CUDA_CHECK(
-        cudaFuncSetAttribute(matmul_tc_kernel<T, NTILE>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    HX_CUDA_CHECK(cudaFuncSetAttribute(matmul_tc_kernel<T, NTILE>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       (int)(most * R::STAGE)));
     if (dev >= 0 && dev < kDevices) configured[dev].store(true, std::memory_order_release);
   }
   const dim3 grid((a.n_out + kRows - 1) / kRows, a.splits);
-  launch_overlapped(matmul_tc_kernel<T, NTILE>, grid, dim3(kThreads), smem, stream, a);
+  launch_overlapped(matmul_tc_kernel<T, NTILE>, grid, dim3(kThreads), smem, stream, b);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -135,10 +135,19 @@ struct TcSplit {
   int splits, pass_per_split;
 };
 
+// A positive integer from the environment, or `fallback`.
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  const int n = v ? std::atoi(v) : 0;
+  return n > 0 ? n : fallback;
+}
+
 TcSplit tc_split(int n_out, int k, int sms) {
   const int npass = (k + tc::kPass - 1) / tc::kPass;
   const int tiles = (n_out + tc::kRows - 1) / tc::kRows;
-  int want = (2 * sms + tiles - 1) / tiles;
+  // CTAs per SM the split aims at (HELEXA_TC_WAVES, default 2).
+  const int waves = env_int("HELEXA_TC_WAVES", 2);
+  int want = (waves * sms + tiles - 1) / tiles;
   want = std::max(1, std::min({want, tc::kMaxSplits, npass / 2}));
   const int per = (npass + want - 1) / want;
   return {(npass + per - 1) / per, per};
@@ -197,6 +206,8 @@ void matmul_tc_launch(GgmlType type, const void* w, const __nv_bfloat16* x, floa
   a.splits = sp.splits;
   a.pass_per_split = sp.pass_per_split;
   a.accumulate = accumulate ? 1 : 0;
+  a.ring_bytes = (size_t)env_int("HELEXA_TC_RING_KB", 110) * 1024;  // staged: two rings per SM
+  a.stages = 0;
   if (sp.splits > 1) {
     const size_t need = (size_t)sp.splits * n_tok * n_out * sizeof(float);
     if (workspace == nullptr || workspace_bytes < need)
