@@ -43,6 +43,7 @@ from typing import Any, Deque, List, Optional, Tuple
 import torch
 
 from .backends.base import SeqStep
+from .constraints import fill_masks
 from .errors import EngineClosedError
 from .kv_blocks import OutOfBlocks, SeqBlocks
 from .params import SamplerState, SamplingParams
@@ -85,7 +86,6 @@ class Request:
     t_first: Optional[float] = None
     t_last: Optional[float] = None
     constraint_on: bool = False
-    mask: Optional[torch.Tensor] = None
 
     def cancel(self) -> None:
         """Ask the scheduler to stop this sequence before its next step."""
@@ -222,6 +222,7 @@ class Scheduler:
                 self._fail(r, OutOfBlocks(f"the KV pool ({self.blocks.num_blocks} blocks) is exhausted"))
             return
         steps = []
+        masks = self._masks(plan)
         for r, n in plan:
             sample = r.computed + n == len(r.tokens)
             steps.append(
@@ -233,7 +234,7 @@ class Scheduler:
                     sample=sample,
                     params=r.params,
                     state=r.state,
-                    allowed=self._mask(r) if sample else None,
+                    allowed=masks.get(id(r)) if sample else None,
                     logit_bias=r.logit_bias,
                 )
             )
@@ -274,13 +275,22 @@ class Scheduler:
                 self._finish(r, "length", None)
 
     @staticmethod
-    def _mask(r: Request) -> Optional[torch.Tensor]:
-        """The request's allowed-token bitmask for its next sample (None: unconstrained)."""
-        if not r.constraint_on:
-            return None
-        if r.mask is None:
-            r.mask = torch.empty(r.constraint.mask_words, dtype=torch.int32)
-        return r.constraint.fill_mask(r.mask)
+    def _masks(plan: list) -> dict:
+        """Allowed-token bitmasks of the step's constrained samples, by id(request), computed together."""
+        need = [r for r, n in plan if r.constraint_on and r.computed + n == len(r.tokens)]
+        if not need:
+            return {}
+        # One table per vocabulary size (one model: one table).
+        out = {}
+        by_words: dict = {}
+        for r in need:
+            by_words.setdefault(r.constraint.mask_words, []).append(r)
+        for words, rs in by_words.items():
+            table = torch.empty(len(rs), words, dtype=torch.int32)
+            fill_masks([r.constraint for r in rs], table)
+            for i, r in enumerate(rs):
+                out[id(r)] = table[i]
+        return out
 
     def _advance(self, r: Request, tok: int) -> bool:
         """Move the request's grammar past `tok`; False (request failed) if the grammar refused it."""

@@ -14,6 +14,7 @@ from helexa_native.constraints import (
     _unpack_shifts,
     allocate_mask,
     apply_mask,
+    fill_masks,
     grammar_spec,
     json_object_spec,
     json_schema_spec,
@@ -182,6 +183,26 @@ def test_fill_mask_into_batch_rows(compiler, tok):
     assert rows[0, x] and not rows[0, y] and rows[1, y] and not rows[1, x]
     with pytest.raises(ValueError):
         a.fill_mask(torch.zeros(3, dtype=torch.int32))
+
+
+def test_fill_masks_in_parallel_equal_row_by_row(tok):
+    # Two end ids (the end-token fix-up runs per row), matchers at different
+    # places of different grammars, one in error (only the ends allowed).
+    comp = GrammarCompiler(tok, vocab_size=tok.vocab_size + 40, eos_token_ids=[2, 0])
+    matchers = [comp.matcher(regex_spec("ab?")), comp.matcher(regex_spec("x+")), comp.matcher(regex_spec("[0-9]{3}"))]
+    force(matchers[0], tok, "a")
+    force(matchers[2], tok, "12")
+    broken = comp.matcher(regex_spec("q"))
+    assert not broken.accept(tok.encode("z", add_special_tokens=False)[0])
+    matchers.append(broken)
+    table = fill_masks(matchers, allocate_mask(comp.vocab_size, batch=len(matchers)))
+    for m, row in zip(matchers, table):
+        assert torch.equal(row, m.fill_mask())
+    assert allowed_ids(table[3], comp.vocab_size) == {0, 2}
+    with pytest.raises(ValueError):
+        fill_masks(matchers, allocate_mask(comp.vocab_size, batch=2))
+    with pytest.raises(ValueError):
+        fill_masks(matchers, torch.zeros(len(matchers), comp.mask_words))
 
 
 def test_forced_tokens(compiler, tok):
