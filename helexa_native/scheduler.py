@@ -52,7 +52,7 @@ from .params import SamplerState, SamplingParams
 DEFAULT_MAX_BATCH_TOKENS = 512
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     """One sequence as the scheduler sees it; the caller reads `events`."""
 

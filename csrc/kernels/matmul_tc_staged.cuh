@@ -145,6 +145,23 @@ __device__ __forceinline__ void copy_x(const Args& a, int p, __nv_bfloat16* xs) 
 // A-fragment words of one unit of one row: run 0 as (w[0], w[1]) and run 1 as
 // (w[2], w[3]), each word two bf16 (elements 0,1 and 2,3 of the run). Units
 // past k are zeros (quant rows end on whole blocks, float runs on 8 elements).
+// A decoded quant unit's eight values as A-fragment words (see decode_unit).
+template <GgmlType T>
+__device__ __forceinline__ void unit_fragment(const quant::QUnit& q, uint32_t (&w)[4]) {
+  using B = quant::Block<T>;
+  float v[8];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float q0 = quant::byte_value<B::Z>(q.u0, i), q1 = quant::byte_value<B::Z>(q.u1, i);
+    v[i] = B::HAS_B ? fmaf(q.a0, q0, q.b0) : q.a0 * q0;
+    v[i + 4] = B::HAS_B ? fmaf(q.a1, q1, q.b1) : q.a1 * q1;
+  }
+  w[0] = pack_bf16(v[0], v[1]);
+  w[1] = pack_bf16(v[2], v[3]);
+  w[2] = pack_bf16(v[4], v[5]);
+  w[3] = pack_bf16(v[6], v[7]);
+}
+
 template <GgmlType T>
 __device__ __forceinline__ void decode_unit(const uint8_t* pass, int u, int ebase, int k, uint32_t (&w)[4]) {
   using B = quant::Block<T>;
@@ -166,22 +183,12 @@ __device__ __forceinline__ void decode_unit(const uint8_t* pass, int u, int ebas
     w[2] = pack_bf16(v[0], v[1]);
     w[3] = pack_bf16(v[2], v[3]);
   } else {
-    if (ebase + e0 >= k) {
+    // A 256-element block fills the pass; smaller blocks may end inside it.
+    if (B::QK < kPass && ebase + e0 >= k) {
       w[0] = w[1] = w[2] = w[3] = 0u;
       return;
     }
-    const quant::QUnit q = B::unit(pass, u);
-    float v[8];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float q0 = quant::byte_value<B::Z>(q.u0, i), q1 = quant::byte_value<B::Z>(q.u1, i);
-      v[i] = B::HAS_B ? fmaf(q.a0, q0, q.b0) : q.a0 * q0;
-      v[i + 4] = B::HAS_B ? fmaf(q.a1, q1, q.b1) : q.a1 * q1;
-    }
-    w[0] = pack_bf16(v[0], v[1]);
-    w[1] = pack_bf16(v[2], v[3]);
-    w[2] = pack_bf16(v[4], v[5]);
-    w[3] = pack_bf16(v[6], v[7]);
+    unit_fragment<T>(B::unit(pass, u), w);
   }
 }
 
@@ -198,6 +205,9 @@ __global__ void __launch_bounds__(kThreads) matmul_tc_kernel(const Args a) {
   const int p_begin = split * a.pass_per_split;
   const int np = min(a.npass, p_begin + a.pass_per_split) - p_begin;
   const int S = a.stages;
+  // Units decoded per loop trip: two, but one for 8 token tiles, whose 32
+  // accumulators leave no registers for a second unit in flight.
+  constexpr int kUnroll = NTILE >= 8 ? 1 : 2;
   auto wstage = [&](int s) { return smem_raw + (size_t)s * R::STAGE; };
   auto xstage = [&](int s) { return reinterpret_cast<__nv_bfloat16*>(smem_raw + (size_t)s * R::STAGE + R::W_BYTES); };
 
@@ -244,12 +254,8 @@ __global__ void __launch_bounds__(kThreads) matmul_tc_kernel(const Args a) {
     const uint8_t* pa = wstage(st) + ra * R::RS + ((wa_addr + pofs) & 15);
     const uint8_t* pb = wstage(st) + rb * R::RS + ((wb_addr + pofs) & 15);
     const __nv_bfloat16* xg = xstage(st) + g * kXLd;
-#pragma unroll 2
-    for (int i0 = 0; i0 < 8; ++i0) {
-      const int u = 8 * tq + ((i0 + tq) & 7);
-      uint32_t fa[4], fb[4];
-      decode_unit<T>(pa, u, ebase, a.k, fa);
-      decode_unit<T>(pb, u, ebase, a.k, fb);
+    // Unit u's two runs of rows ra (fa) and rb (fb) times every token tile.
+    auto mma_unit = [&](int u, const uint32_t(&fa)[4], const uint32_t(&fb)[4]) {
 #pragma unroll
       for (int run = 0; run < 2; ++run) {
         const int e = run ? B::elem1(u) : B::elem0(u);
@@ -260,6 +266,64 @@ __global__ void __launch_bounds__(kThreads) matmul_tc_kernel(const Args a) {
           const uint2 bx = *reinterpret_cast<const uint2*>(xg + n * 8 * kXLd + e);
           mma_bf16(acc[n], a0, a1, a2, a3, bx.x, bx.y);
         }
+      }
+    };
+    if constexpr (quant::HasK4Header<T>::value) {
+      // Q4_K / Q5_K: every unit this lane takes (8q .. 8q + 7) lies in
+      // sub-block pair q, so each row's scales and mins are decoded once per
+      // pass, not once per unit (the same fields B::unit() computes).
+      quant::QUnit qa, qb;
+      B::scales(qa, quant::ld_u32(pa), B::scale_min_pair(pa + 4, tq));
+      B::scales(qb, quant::ld_u32(pb), B::scale_min_pair(pb + 4, tq));
+#pragma unroll(kUnroll)
+      for (int i0 = 0; i0 < 8; ++i0) {
+        const int u = 8 * tq + ((i0 + tq) & 7);
+        uint32_t q0[1], q1[1], fa[4], fb[4];
+        B::template quants<1>(pa, u, q0, q1);
+        qa.u0 = q0[0];
+        qa.u1 = q1[0];
+        B::template quants<1>(pb, u, q0, q1);
+        qb.u0 = q0[0];
+        qb.u1 = q1[0];
+        unit_fragment<T>(qa, fa);
+        unit_fragment<T>(qb, fb);
+        mma_unit(u, fa, fb);
+      }
+    } else if constexpr (T == GgmlType::Q6_K) {
+      // Lane q's units 8q .. 8q + 7 lie in half h = q / 2 of the block, and
+      // their runs in 16-element groups g + {0, 1} (run 0) and g + 4 + {0, 1}
+      // (run 1), g = 8h + 2 (q % 2): four scales per row, decoded once per pass.
+      const int g = 8 * (tq >> 1) + 2 * (tq & 1);
+      float sa[4], sb[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        sa[j] = B::group_scale(pa, g + (j & 1) + 4 * (j >> 1));
+        sb[j] = B::group_scale(pb, g + (j & 1) + 4 * (j >> 1));
+      }
+#pragma unroll(kUnroll)
+      for (int i0 = 0; i0 < 8; ++i0) {
+        const int x = (i0 + tq) & 7, u = 8 * tq + x, hi = x >> 2;
+        quant::QUnit qa, qb;
+        B::quants(pa, u, qa.u0, qa.u1);
+        B::quants(pb, u, qb.u0, qb.u1);
+        qa.a0 = hi ? sa[1] : sa[0];
+        qa.a1 = hi ? sa[3] : sa[2];
+        qb.a0 = hi ? sb[1] : sb[0];
+        qb.a1 = hi ? sb[3] : sb[2];
+        qa.b0 = qa.b1 = qb.b0 = qb.b1 = 0.f;
+        uint32_t fa[4], fb[4];
+        unit_fragment<T>(qa, fa);
+        unit_fragment<T>(qb, fb);
+        mma_unit(u, fa, fb);
+      }
+    } else {
+#pragma unroll(kUnroll)
+      for (int i0 = 0; i0 < 8; ++i0) {
+        const int u = 8 * tq + ((i0 + tq) & 7);
+        uint32_t fa[4], fb[4];
+        decode_unit<T>(pa, u, ebase, a.k, fa);
+        decode_unit<T>(pb, u, ebase, a.k, fb);
+        mma_unit(u, fa, fb);
       }
     }
   }

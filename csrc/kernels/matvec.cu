@@ -129,8 +129,8 @@ __global__ void __launch_bounds__(256) tc_reduce_kernel(const float* __restrict_
   }
 }
 
-// Split-K of a small-batch product: enough CTAs for two per SM where the row
-// tiles alone are fewer, each split at least two passes.
+// Split-K of a small-batch product: enough CTAs for `waves` per SM where the
+// row tiles alone are fewer, each split at least two passes.
 struct TcSplit {
   int splits, pass_per_split;
 };
@@ -142,11 +142,32 @@ int env_int(const char* name, int fallback) {
   return n > 0 ? n : fallback;
 }
 
-TcSplit tc_split(int n_out, int k, int sms) {
+// The tensor-core product's settings, from the environment at each launch
+// (so one process can time them all; the model sizes its split-K workspace
+// with the same values at load):
+//   HELEXA_TC_KERNEL   "staged" (matmul_tc_staged.cuh) or anything else: the first;
+//   HELEXA_TC_WAVES    CTAs per SM the split along k aims at (default 2; staged 6);
+//   HELEXA_TC_RING_KB  the staged ring's shared memory (default 32: several CTAs per SM).
+// Measured on an H100 (bench/notes.md): the staged product with 32 KB rings
+// and 6 waves beats 110 KB / 2 waves by 1.2x at 8 rows.
+struct TcConfig {
+  bool staged;
+  int waves;
+  size_t ring_bytes;
+};
+
+TcConfig tc_config() {
+  const char* kernel = std::getenv("HELEXA_TC_KERNEL");
+  TcConfig c;
+  c.staged = kernel != nullptr && std::strcmp(kernel, "staged") == 0;
+  c.waves = env_int("HELEXA_TC_WAVES", c.staged ? 6 : 2);
+  c.ring_bytes = (size_t)env_int("HELEXA_TC_RING_KB", 32) * 1024;
+  return c;
+}
+
+TcSplit tc_split(int n_out, int k, int sms, int waves) {
   const int npass = (k + tc::kPass - 1) / tc::kPass;
   const int tiles = (n_out + tc::kRows - 1) / tc::kRows;
-  // CTAs per SM the split aims at (HELEXA_TC_WAVES, default 2).
-  const int waves = env_int("HELEXA_TC_WAVES", 2);
   int want = (waves * sms + tiles - 1) / tiles;
   want = std::max(1, std::min({want, tc::kMaxSplits, npass / 2}));
   const int per = (npass + want - 1) / want;
@@ -173,7 +194,7 @@ void quantize_x_launch(const float* x, int ntok, int k, int terms, uint8_t* out,
 
 size_t matmul_tc_workspace_bytes(int n_tok, int n_out, int k) {
   if (n_tok < 1 || n_out < 1 || k < 1) return 0;
-  const TcSplit sp = tc_split(n_out, k, device_sm_count(current_device()));
+  const TcSplit sp = tc_split(n_out, k, device_sm_count(current_device()), tc_config().waves);
   return sp.splits > 1 ? (size_t)sp.splits * n_tok * n_out * sizeof(float) : 0;
 }
 
@@ -191,7 +212,8 @@ void matmul_tc_launch(GgmlType type, const void* w, const __nv_bfloat16* x, floa
   if (!w || !x || !y) bad("null pointer");
   if (!aligned16(w) || !aligned16(x)) bad("tensor-core product: w and x must be 16-byte aligned");
 
-  const TcSplit sp = tc_split(n_out, k, device_sm_count(current_device()));
+  const TcConfig cfg = tc_config();
+  const TcSplit sp = tc_split(n_out, k, device_sm_count(current_device()), cfg.waves);
   tc::Args a;
   a.w = static_cast<const uint8_t*>(w);
   a.x = x;
@@ -206,7 +228,7 @@ void matmul_tc_launch(GgmlType type, const void* w, const __nv_bfloat16* x, floa
   a.splits = sp.splits;
   a.pass_per_split = sp.pass_per_split;
   a.accumulate = accumulate ? 1 : 0;
-  a.ring_bytes = (size_t)env_int("HELEXA_TC_RING_KB", 110) * 1024;  // staged: two rings per SM
+  a.ring_bytes = cfg.ring_bytes;
   a.stages = 0;
   if (sp.splits > 1) {
     const size_t need = (size_t)sp.splits * n_tok * n_out * sizeof(float);
@@ -214,10 +236,7 @@ void matmul_tc_launch(GgmlType type, const void* w, const __nv_bfloat16* x, floa
       bad("tensor-core product: workspace of " + std::to_string(workspace_bytes) + " bytes, need " +
           std::to_string(need) + " (matmul_tc_workspace_bytes)");
   }
-  // HELEXA_TC_KERNEL=staged selects the staged implementation
-  // (matmul_tc_staged.cuh); read per launch so one process can time both.
-  const char* kernel = std::getenv("HELEXA_TC_KERNEL");
-  const bool staged = kernel != nullptr && std::strcmp(kernel, "staged") == 0;
+  const bool staged = cfg.staged;
 #define HX_CASE(T)                          \
   case GgmlType::T:                         \
     if (staged)                             \

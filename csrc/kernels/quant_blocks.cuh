@@ -430,19 +430,28 @@ struct Block<GgmlType::Q6_K> {
   static constexpr bool HAS_B = false, WIDE = false, SAME_SCALE = false;
   HXQ_INLINE static int elem0(int u) { return 128 * (u >> 4) + 4 * (u & 15); }
   HXQ_INLINE static int elem1(int u) { return elem0(u) + 64; }
-  HXQ_INLINE static QUnit unit(const uint8_t* sb, int u) {
+  // The 6-bit quants of unit u (QUnit::u0, u1).
+  HXQ_INLINE static void quants(const uint8_t* sb, int u, uint32_t& u0, uint32_t& u1) {
     const int h = u >> 4, a = u & 15;
     const uint32_t ql = ld_u32_a2(sb + 64 * h + 4 * a);
     const uint32_t qh = ld_u32_a2(sb + 128 + 32 * h + 4 * (a & 7));
     const int t = 2 * (a >> 3);
+    u0 = (ql & 0x0f0f0f0fu) | (((qh >> t) & 0x03030303u) << 4);
+    u1 = ((ql >> 4) & 0x0f0f0f0fu) | (((qh >> (t + 4)) & 0x03030303u) << 4);
+  }
+  // The scale of 16-element group g: d * scales[g].
+  HXQ_INLINE static float group_scale(const uint8_t* sb, int g) {
+    return mul_rn(half_float(ld_u16(sb + 208)), (float)(int8_t)ld_u8(sb + 192 + g));
+  }
+  HXQ_INLINE static QUnit unit(const uint8_t* sb, int u) {
+    const int h = u >> 4, a = u & 15;
+    QUnit r;
+    quants(sb, u, r.u0, r.u1);
     const float d = half_float(ld_u16(sb + 208));
     // 16-element groups: run 0 -> 8h + a/4, run 1 -> 8h + 4 + a/4
     const int g0 = 8 * h + (a >> 2);
     const float s0 = (float)(int8_t)ld_u8(sb + 192 + g0);
     const float s1 = (float)(int8_t)ld_u8(sb + 196 + g0);
-    QUnit r;
-    r.u0 = (ql & 0x0f0f0f0fu) | (((qh >> t) & 0x03030303u) << 4);
-    r.u1 = ((ql >> 4) & 0x0f0f0f0fu) | (((qh >> (t + 4)) & 0x03030303u) << 4);
     r.a0 = mul_rn(d, s0);
     r.a1 = mul_rn(d, s1);
     r.b0 = r.b1 = 0.f;
