@@ -268,7 +268,9 @@ __global__ void __launch_bounds__(kThreads) matmul_tc_kernel(const Args a) {
         }
       }
     };
-    if constexpr (quant::HasK4Header<T>::value) {
+    // (Q5_K at 8 token tiles keeps per-unit scales: with its high-bit words
+    // the hoisted ones spill on sm_80 / sm_89.)
+    if constexpr (quant::HasK4Header<T>::value && (NTILE < 8 || T == GgmlType::Q4_K)) {
       // Q4_K / Q5_K: every unit this lane takes (8q .. 8q + 7) lies in
       // sub-block pair q, so each row's scales and mins are decoded once per
       // pass, not once per unit (the same fields B::unit() computes).
