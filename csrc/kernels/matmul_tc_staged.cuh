@@ -142,9 +142,6 @@ __device__ __forceinline__ void copy_x(const Args& a, int p, __nv_bfloat16* xs) 
   }
 }
 
-// A-fragment words of one unit of one row: run 0 as (w[0], w[1]) and run 1 as
-// (w[2], w[3]), each word two bf16 (elements 0,1 and 2,3 of the run). Units
-// past k are zeros (quant rows end on whole blocks, float runs on 8 elements).
 // A decoded quant unit's eight values as A-fragment words (see decode_unit).
 template <GgmlType T>
 __device__ __forceinline__ void unit_fragment(const quant::QUnit& q, uint32_t (&w)[4]) {
@@ -162,6 +159,9 @@ __device__ __forceinline__ void unit_fragment(const quant::QUnit& q, uint32_t (&
   w[3] = pack_bf16(v[6], v[7]);
 }
 
+// A-fragment words of one unit of one row: run 0 as (w[0], w[1]) and run 1 as
+// (w[2], w[3]), each word two bf16 (elements 0,1 and 2,3 of the run). Units
+// past k are zeros (quant rows end on whole blocks, float runs on 8 elements).
 template <GgmlType T>
 __device__ __forceinline__ void decode_unit(const uint8_t* pass, int u, int ebase, int k, uint32_t (&w)[4]) {
   using B = quant::Block<T>;
