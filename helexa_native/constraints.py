@@ -540,12 +540,14 @@ def fill_masks(matchers: Sequence["GrammarMatcher"], out: torch.Tensor) -> torch
     words = matchers[0].mask_words
     if out.shape[0] != n or out.shape[1] != words or any(m.mask_words != words for m in matchers):
         raise ValueError(f"out must be [{n}, {words}] and every matcher of the same vocabulary")
-    if n == 1:
-        matchers[0].fill_mask(out[0])
-        return out
     with _executor_lock:
         if _executor is None:
-            _executor = _llguidance().LLExecutor()
+            make = getattr(_llguidance(), "LLExecutor", None)  # absent from older llguidance
+            _executor = make() if make is not None else False
+    if n == 1 or _executor is False:
+        for m, row in zip(matchers, out):
+            m.fill_mask(row)
+        return out
     live = [(m._m, i) for i, m in enumerate(matchers) if not m._m.is_error()]
     if live:
         _executor.unsafe_compute_mask_ptr(live, out.data_ptr(), words * 4, n)

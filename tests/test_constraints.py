@@ -8,6 +8,7 @@ import jsonschema
 import pytest
 import torch
 
+from helexa_native import constraints
 from helexa_native.constraints import (
     GrammarCompiler,
     GrammarSpec,
@@ -185,7 +186,10 @@ def test_fill_mask_into_batch_rows(compiler, tok):
         a.fill_mask(torch.zeros(3, dtype=torch.int32))
 
 
-def test_fill_masks_in_parallel_equal_row_by_row(tok):
+@pytest.mark.parametrize("pool", [True, False], ids=["thread-pool", "without-executor"])
+def test_fill_masks_in_parallel_equal_row_by_row(tok, pool, monkeypatch):
+    if not pool:  # an llguidance without LLExecutor: the rows are filled one by one
+        monkeypatch.setattr(constraints, "_executor", False)
     # Two end ids (the end-token fix-up runs per row), matchers at different
     # places of different grammars, one in error (only the ends allowed).
     comp = GrammarCompiler(tok, vocab_size=tok.vocab_size + 40, eos_token_ids=[2, 0])
