@@ -255,7 +255,7 @@ __global__ void __launch_bounds__(kThreads) matmul_tc_kernel(const Args a) {
     const uint8_t* pb = wstage(st) + rb * R::RS + ((wb_addr + pofs) & 15);
     const __nv_bfloat16* xg = xstage(st) + g * kXLd;
     // Unit u's two runs of rows ra (fa) and rb (fb) times every token tile.
-    auto mma_unit = [&](int u, const uint32_t(&fa)[4], const uint32_t(&fb)[4]) {
+    auto mma_unit = [&](int u, const uint32_t (&fa)[4], const uint32_t (&fb)[4]) {
 #pragma unroll
       for (int run = 0; run < 2; ++run) {
         const int e = run ? B::elem1(u) : B::elem0(u);

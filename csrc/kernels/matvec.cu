@@ -237,12 +237,12 @@ void matmul_tc_launch(GgmlType type, const void* w, const __nv_bfloat16* x, floa
           std::to_string(need) + " (matmul_tc_workspace_bytes)");
   }
   const bool staged = cfg.staged;
-#define HX_CASE(T)                          \
-  case GgmlType::T:                         \
-    if (staged)                             \
-      tcs::run<GgmlType::T>(a, stream);     \
-    else                                    \
-      tc::run<GgmlType::T>(a, stream);      \
+#define HX_CASE(T)                      \
+  case GgmlType::T:                     \
+    if (staged)                         \
+      tcs::run<GgmlType::T>(a, stream); \
+    else                                \
+      tc::run<GgmlType::T>(a, stream);  \
     break;
   switch (type) {
     HX_FOR_EACH_GGML_TYPE(HX_CASE)
