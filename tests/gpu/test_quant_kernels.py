@@ -268,6 +268,7 @@ def bf16_values(a: np.ndarray) -> np.ndarray:
 def tc_cases(name: str) -> list[tuple[int, int]]:
     qk = max(qk_of(name), 8)
     cases = [(64, 4096 + 256), (1000, 3 * 256), (4096, 1024)]  # split-K, partial row tile, many tiles
+    cases += [(128, 512)]  # a small model's k/v slice: two row tiles, two passes
     if qk == 32:
         cases += [(200, 9 * 32), (70, 4096 + 96)]  # rows ending inside a 256-element pass
     if name in FLOAT_TYPES:
@@ -295,8 +296,8 @@ def test_matmul_tc_matches_gguf_reference(ops, rng, tc_kernel, name, n_out, k, n
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q6_K", "BF16"])
 @pytest.mark.parametrize("n_out,k", [(96, 4096), (4096, 512)])  # with and without split-K
-def test_matmul_tc_bias_and_accumulate(ops, rng, tc_kernel, name, n_out, k):
-    n_tok = 12
+@pytest.mark.parametrize("n_tok", [12, 40])
+def test_matmul_tc_bias_and_accumulate(ops, rng, tc_kernel, name, n_out, k, n_tok):
     raw, ref = make_weights(name, n_out, k, rng)
     x = bf16_values(rng.standard_normal((n_tok, k)))
     bias = rng.standard_normal(n_out).astype(np.float32)
