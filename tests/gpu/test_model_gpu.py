@@ -31,7 +31,13 @@ N_TEACHER = 64
 N_GREEDY = 16
 MIN_COSINE = 0.999
 MIN_TOP1 = 0.97
-TIE_FRACTION = 0.01
+# A greedy pick within this share of the row's logit spread of the reference's
+# best is a float tie. Batched steps multiply bf16 weights by bf16
+# activations: emulated on the CPU for the 40-sequence check's closest
+# decision (llama3-8b Q4_K_M shape, prompt 13, step 2), bf16 rounding alone
+# moves its top-2 gap from 1.1% to 1.3% (weights and activations) or 1.9%
+# (activations) of the spread, so a 1% band mistook that tie for an error.
+TIE_FRACTION = 0.02
 
 # Reduced shapes: two layers and a small vocabulary keep files and the CPU
 # reference fast while every dimension class of the real model stays.
