@@ -148,14 +148,15 @@ at::Tensor op_matmul_tc(int64_t type, const at::Tensor& w, const at::Tensor& x, 
   const ProductOut po = product_out(x, bias, y_accumulate, ntok, n_out);
   const at::Tensor &bc = po.bias, &y = po.y;
   const bool acc = po.accumulate;
-  const size_t ws_bytes = matmul_tc_workspace_bytes(static_cast<int>(ntok), no, kk);
+  const TcOptions opt = tc_options_from_env();  // per call: tests time both implementations in one process
+  const size_t ws_bytes = matmul_tc_workspace_bytes(static_cast<int>(ntok), no, kk, opt);
   at::Tensor ws;
   if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes / 4)}, x.options().dtype(at::kFloat));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   launch([&] {
     matmul_tc_launch(t, wc.data_ptr(), reinterpret_cast<const __nv_bfloat16*>(xc.data_ptr()), y.data_ptr<float>(), no,
                      kk, static_cast<int>(ntok), bc.defined() ? bc.data_ptr<float>() : nullptr, acc,
-                     ws.defined() ? ws.data_ptr<float>() : nullptr, ws_bytes, stream);
+                     ws.defined() ? ws.data_ptr<float>() : nullptr, ws_bytes, opt, stream);
   });
   return y;
 }

@@ -131,6 +131,31 @@ __device__ __forceinline__ void decode_unit(const uint8_t* pass, int u, int ebas
   }
 }
 
+// A warp's accumulators out: tile n's c0, c1 are row `rbase`, tokens
+// 8n + 2 tq and 8n + 2 tq + 1; c2, c3 row rbase + 8, the same tokens. Without
+// split-K into y (bias, accumulate), with it into split `split`'s partials.
+template <int NTILE>
+__device__ __forceinline__ void store_tiles(const Args& a, const float (&acc)[NTILE][4], int rbase, int tq, int split) {
+#pragma unroll
+  for (int n = 0; n < NTILE; ++n) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = rbase + (i >= 2 ? 8 : 0);
+      const int t = 8 * n + 2 * tq + (i & 1);
+      if (row >= a.n_out || t >= a.ntok) continue;
+      if (a.splits > 1) {
+        a.part[((size_t)split * a.ntok + t) * a.n_out + row] = acc[n][i];
+      } else {
+        float v = acc[n][i];
+        float* out = a.y + (size_t)t * a.n_out + row;
+        if (a.bias) v += a.bias[row];
+        if (a.accumulate) v += *out;
+        *out = v;
+      }
+    }
+  }
+}
+
 template <GgmlType T, int NTILE>
 __global__ void __launch_bounds__(kWarps * 32) matmul_tc_kernel(const Args a) {
   pdl_begin();
@@ -189,26 +214,7 @@ __global__ void __launch_bounds__(kWarps * 32) matmul_tc_kernel(const Args a) {
     __syncthreads();  // the next pass overwrites both tiles
   }
 
-  // c0, c1: row g, tokens 2 tq, 2 tq + 1; c2, c3: row g + 8, same tokens.
-  const int rbase = row0 + 16 * warp + g;
-#pragma unroll
-  for (int n = 0; n < NTILE; ++n) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int row = rbase + (i >= 2 ? 8 : 0);
-      const int t = 8 * n + 2 * tq + (i & 1);
-      if (row >= a.n_out || t >= a.ntok) continue;
-      if (a.splits > 1) {
-        a.part[((size_t)split * a.ntok + t) * a.n_out + row] = acc[n][i];
-      } else {
-        float v = acc[n][i];
-        float* out = a.y + (size_t)t * a.n_out + row;
-        if (a.bias) v += a.bias[row];
-        if (a.accumulate) v += *out;
-        *out = v;
-      }
-    }
-  }
+  store_tiles<NTILE>(a, acc, row0 + 16 * warp + g, tq, split);
 }
 
 template <GgmlType T, int NTILE>

@@ -331,26 +331,7 @@ __global__ void __launch_bounds__(kThreads) matmul_tc_kernel(const Args a) {
   }
   cp_async_wait<0>();  // no copy outlives the CTA
 
-  // c0, c1: row g, tokens 2 tq, 2 tq + 1; c2, c3: row g + 8, same tokens.
-  const int rbase = row0 + ra;
-#pragma unroll
-  for (int n = 0; n < NTILE; ++n) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int row = rbase + (i >= 2 ? 8 : 0);
-      const int t = 8 * n + 2 * tq + (i & 1);
-      if (row >= a.n_out || t >= a.ntok) continue;
-      if (a.splits > 1) {
-        a.part[((size_t)split * a.ntok + t) * a.n_out + row] = acc[n][i];
-      } else {
-        float v = acc[n][i];
-        float* out = a.y + (size_t)t * a.n_out + row;
-        if (a.bias) v += a.bias[row];
-        if (a.accumulate) v += *out;
-        *out = v;
-      }
-    }
-  }
+  tc::store_tiles<NTILE>(a, acc, row0 + ra, tq, split);
 }
 
 template <GgmlType T, int NTILE>

@@ -142,29 +142,6 @@ int env_int(const char* name, int fallback) {
   return n > 0 ? n : fallback;
 }
 
-// The tensor-core product's settings, from the environment at each launch
-// (so one process can time them all; the model sizes its split-K workspace
-// with the same values at load):
-//   HELEXA_TC_KERNEL   "staged" (matmul_tc_staged.cuh) or anything else: the first;
-//   HELEXA_TC_WAVES    CTAs per SM the split along k aims at (default 2; staged 6);
-//   HELEXA_TC_RING_KB  the staged ring's shared memory (default 32: several CTAs per SM).
-// Measured on an H100 (bench/notes.md): the staged product with 32 KB rings
-// and 6 waves beats 110 KB / 2 waves by 1.2x at 8 rows.
-struct TcConfig {
-  bool staged;
-  int waves;
-  size_t ring_bytes;
-};
-
-TcConfig tc_config() {
-  const char* kernel = std::getenv("HELEXA_TC_KERNEL");
-  TcConfig c;
-  c.staged = kernel != nullptr && std::strcmp(kernel, "staged") == 0;
-  c.waves = env_int("HELEXA_TC_WAVES", c.staged ? 6 : 2);
-  c.ring_bytes = (size_t)env_int("HELEXA_TC_RING_KB", 32) * 1024;
-  return c;
-}
-
 TcSplit tc_split(int n_out, int k, int sms, int waves) {
   const int npass = (k + tc::kPass - 1) / tc::kPass;
   const int tiles = (n_out + tc::kRows - 1) / tc::kRows;
@@ -192,15 +169,24 @@ void quantize_x_launch(const float* x, int ntok, int k, int terms, uint8_t* out,
 
 }  // namespace matvec
 
-size_t matmul_tc_workspace_bytes(int n_tok, int n_out, int k) {
+TcOptions tc_options_from_env() {
+  const char* kernel = std::getenv("HELEXA_TC_KERNEL");
+  TcOptions o;
+  o.staged = kernel != nullptr && std::strcmp(kernel, "staged") == 0;
+  o.waves = env_int("HELEXA_TC_WAVES", o.staged ? 6 : 2);
+  o.ring_kb = env_int("HELEXA_TC_RING_KB", 32);
+  return o;
+}
+
+size_t matmul_tc_workspace_bytes(int n_tok, int n_out, int k, const TcOptions& opt) {
   if (n_tok < 1 || n_out < 1 || k < 1) return 0;
-  const TcSplit sp = tc_split(n_out, k, device_sm_count(current_device()), tc_config().waves);
+  const TcSplit sp = tc_split(n_out, k, device_sm_count(current_device()), opt.waves);
   return sp.splits > 1 ? (size_t)sp.splits * n_tok * n_out * sizeof(float) : 0;
 }
 
 void matmul_tc_launch(GgmlType type, const void* w, const __nv_bfloat16* x, float* y, int n_out, int k, int n_tok,
                       const float* bias, bool accumulate, float* workspace, size_t workspace_bytes,
-                      cudaStream_t stream) {
+                      const TcOptions& opt, cudaStream_t stream) {
   if (!is_supported(type)) bad("unsupported GGML type id " + std::to_string(static_cast<int>(type)));
   if (n_tok < 1 || n_tok > kTcMaxTokens)
     bad("tensor-core product: n_tok must be 1.." + std::to_string(kTcMaxTokens) + ", got " + std::to_string(n_tok));
@@ -212,8 +198,8 @@ void matmul_tc_launch(GgmlType type, const void* w, const __nv_bfloat16* x, floa
   if (!w || !x || !y) bad("null pointer");
   if (!aligned16(w) || !aligned16(x)) bad("tensor-core product: w and x must be 16-byte aligned");
 
-  const TcConfig cfg = tc_config();
-  const TcSplit sp = tc_split(n_out, k, device_sm_count(current_device()), cfg.waves);
+  if (opt.waves < 1 || opt.ring_kb < 1) bad("tensor-core product: waves and ring_kb must be positive");
+  const TcSplit sp = tc_split(n_out, k, device_sm_count(current_device()), opt.waves);
   tc::Args a;
   a.w = static_cast<const uint8_t*>(w);
   a.x = x;
@@ -228,7 +214,7 @@ void matmul_tc_launch(GgmlType type, const void* w, const __nv_bfloat16* x, floa
   a.splits = sp.splits;
   a.pass_per_split = sp.pass_per_split;
   a.accumulate = accumulate ? 1 : 0;
-  a.ring_bytes = cfg.ring_bytes;
+  a.ring_bytes = (size_t)opt.ring_kb * 1024;
   a.stages = 0;
   if (sp.splits > 1) {
     const size_t need = (size_t)sp.splits * n_tok * n_out * sizeof(float);
@@ -236,7 +222,7 @@ void matmul_tc_launch(GgmlType type, const void* w, const __nv_bfloat16* x, floa
       bad("tensor-core product: workspace of " + std::to_string(workspace_bytes) + " bytes, need " +
           std::to_string(need) + " (matmul_tc_workspace_bytes)");
   }
-  const bool staged = cfg.staged;
+  const bool staged = opt.staged;
 #define HX_CASE(T)                      \
   case GgmlType::T:                     \
     if (staged)                         \

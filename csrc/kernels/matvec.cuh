@@ -61,13 +61,26 @@ constexpr int kTcMaxTokens = 64;
 // Capturable in a CUDA graph once the first launch of each token tile on the
 // device has run outside capture. Throws std::invalid_argument on bad
 // arguments.
+// How it runs: `opt` picks the implementation and its split and ring sizes.
+struct TcOptions {
+  bool staged = false;  // matmul_tc_staged.cuh instead of matmul_tc_impl.cuh
+  int waves = 2;        // CTAs per SM the split along k aims at
+  int ring_kb = 32;     // the staged ring's shared memory
+};
+// The options the environment asks for (read once by a model at load):
+//   HELEXA_TC_KERNEL=staged  the staged implementation;
+//   HELEXA_TC_WAVES          waves (default 2; staged 6);
+//   HELEXA_TC_RING_KB        ring_kb (default 32: several CTAs per SM).
+// The staged defaults are the best of an H100 A/B (bench/notes.md).
+TcOptions tc_options_from_env();
+
 void matmul_tc_launch(GgmlType type, const void* w /*[n_out, k] stored rows*/, const __nv_bfloat16* x /*[n_tok, k]*/,
                       float* y /*[n_tok, n_out]*/, int n_out, int k, int n_tok /*1..kTcMaxTokens*/,
                       const float* bias /*[n_out] or nullptr*/, bool accumulate, float* workspace,
-                      size_t workspace_bytes, cudaStream_t stream);
+                      size_t workspace_bytes, const TcOptions& opt, cudaStream_t stream);
 
-// Workspace bytes of one matmul_tc_launch on the current device (0: no split).
-size_t matmul_tc_workspace_bytes(int n_tok, int n_out, int k);
+// Workspace bytes of one matmul_tc_launch with `opt` on the current device (0: no split).
+size_t matmul_tc_workspace_bytes(int n_tok, int n_out, int k, const TcOptions& opt);
 
 // Bytes of the x_scratch buffer of one matvec_launch of n_tok tokens of k elements.
 size_t matvec_x_scratch_bytes(int n_tok, int k);

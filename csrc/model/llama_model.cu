@@ -221,6 +221,7 @@ GpuModel::GpuModel(WorkerContext& ctx, const ModelSpec& spec, const std::vector<
   slots_ = s.max_num_seqs + 1;
   if (const char* v = std::getenv("HELEXA_TC_MIN")) tc_min_ = std::max(2, std::atoi(v));
   if (const char* v = std::getenv("HELEXA_TC_BF16")) tc_bf16_ = v[0] == '1';
+  tc_opts_ = tc_options_from_env();
   logit_rows_ = std::max(slots_, kMatvecMaxTokens);
   rows_cap_ = std::max(chunk_, logit_rows_);
   while ((1 << bshift_) < s.block_size) ++bshift_;
@@ -546,7 +547,7 @@ void GpuModel::alloc_state() {
                              {static_cast<int>(h), static_cast<int>(f)},
                              {static_cast<int>(V), static_cast<int>(h)}};
     for (const auto& sh : shapes)
-      tc_ws_bytes_ = std::max(tc_ws_bytes_, matmul_tc_workspace_bytes(kTcMaxTokens, sh[0], sh[1]));
+      tc_ws_bytes_ = std::max(tc_ws_bytes_, matmul_tc_workspace_bytes(kTcMaxTokens, sh[0], sh[1], tc_opts_));
     if (tc_ws_bytes_ > 0) tc_ws_ = static_cast<float*>(dev_alloc(tc_ws_bytes_, sc));
   }
   // A model without the LM head (a tensor-parallel follower) has no logits,
@@ -967,7 +968,7 @@ void GpuModel::linear(WorkerContext& ctx, const LinearWeight& w, const float* x_
     return;
   }
   if (tc_for(n, w.type)) {
-    matmul_tc_launch(w.type, w.data, x_bf16, y, w.n_out, w.k, n, bias, accumulate, tc_ws_, tc_ws_bytes_, st);
+    matmul_tc_launch(w.type, w.data, x_bf16, y, w.n_out, w.k, n, bias, accumulate, tc_ws_, tc_ws_bytes_, tc_opts_, st);
     return;
   }
   const __nv_bfloat16* wb = nullptr;
@@ -1136,7 +1137,8 @@ void GpuModel::lm_head(WorkerContext& ctx, const float* x, int count, float* log
   // for a GEMM: up to 4 groups the matvec moves less.
   if (tc_for(count, output_.type)) {
     add_rms_norm_launch(rows, nullptr, output_norm_, spec_.eps, nullptr, xb_, count, h, st);
-    matmul_tc_launch(output_.type, output_.data, xb_, logits, V, h, count, nullptr, false, tc_ws_, tc_ws_bytes_, st);
+    matmul_tc_launch(output_.type, output_.data, xb_, logits, V, h, count, nullptr, false, tc_ws_, tc_ws_bytes_,
+                     tc_opts_, st);
     return;
   }
   if (count <= kMatvecMaxTokens || (!bf16 && count <= 4 * kMatvecMaxTokens)) {

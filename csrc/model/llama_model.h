@@ -346,6 +346,7 @@ class GpuModel : public Resource {
   bool use_graphs_ = true;
   int tc_min_ = kMatvecMaxTokens + 1;  // fewest tokens of a tensor-core product (HELEXA_TC_MIN; > 64: never)
   bool tc_bf16_ = false;               // bf16 weights through the tensor-core product too (HELEXA_TC_BF16=1)
+  TcOptions tc_opts_;                  // the product's implementation and sizes (tc_options_from_env, at load)
 
   std::vector<void*> dev_buffers_;
   std::vector<void*> host_buffers_;

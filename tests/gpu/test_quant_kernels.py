@@ -278,7 +278,7 @@ def tc_cases(name: str) -> list[tuple[int, int]]:
 
 @pytest.fixture(params=["v1", "staged"])
 def tc_kernel(request, monkeypatch):
-    """Both implementations of the product (HELEXA_TC_KERNEL, read at each launch)."""
+    """Both implementations of the product (HELEXA_TC_KERNEL, which the test op reads at each call)."""
     monkeypatch.setenv("HELEXA_TC_KERNEL", request.param)
     return request.param
 
