@@ -280,17 +280,10 @@ class Scheduler:
         need = [r for r, n in plan if r.constraint_on and r.computed + n == len(r.tokens)]
         if not need:
             return {}
-        # One table per vocabulary size (one model: one table).
-        out = {}
-        by_words: dict = {}
-        for r in need:
-            by_words.setdefault(r.constraint.mask_words, []).append(r)
-        for words, rs in by_words.items():
-            table = torch.empty(len(rs), words, dtype=torch.int32)
-            fill_masks([r.constraint for r in rs], table)
-            for i, r in enumerate(rs):
-                out[id(r)] = table[i]
-        return out
+        # Every matcher of one scheduler serves one model's vocabulary.
+        table = torch.empty(len(need), need[0].constraint.mask_words, dtype=torch.int32)
+        fill_masks([r.constraint for r in need], table)
+        return {id(r): table[i] for i, r in enumerate(need)}
 
     def _advance(self, r: Request, tok: int) -> bool:
         """Move the request's grammar past `tok`; False (request failed) if the grammar refused it."""
