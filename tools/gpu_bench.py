@@ -188,7 +188,8 @@ def main(argv=None) -> int:
         if k not in ("v1", "staged"):
             raise SystemExit(f"--tc-kernel: unknown kernel {k!r} (v1 or staged)")
     ab_sets = []
-    for part in a.ab.split(";"):
+    # An empty setting is the baseline (nothing set): ';HELEXA_X=1' times both.
+    for part in a.ab.split(";") if a.ab.strip() else []:
         env = {}
         for kv in part.split(","):
             if kv.strip():
@@ -196,22 +197,31 @@ def main(argv=None) -> int:
                 if not eq or not var:
                     raise SystemExit(f"--ab: expected VAR=VALUE, got {kv!r}")
                 env[var] = val
-        if env:
-            ab_sets.append(env)
+        ab_sets.append(env)
     # The variants: every (kernel, tc_min, setting) combination; the first is the model's.
     variants = [(k, m, e) for k in (tc_kernels or [None]) for m in (tc_mins or [None]) for e in (ab_sets or [{}])]
     out["tc_min"] = tc_mins
     out["tc_kernel"] = tc_kernels
     out["ab"] = ab_sets
 
+    # Each variant starts from the environment the tool was started with: a
+    # variable one variant sets does not leak into the next.
+    touched = {var for _, _, env in variants for var in env} | {"HELEXA_TC_KERNEL", "HELEXA_TC_MIN"}
+    start_env = {var: os.environ.get(var) for var in touched}
+
     def use_variant(v) -> str:
         # A variable the options leave unset keeps whatever the environment says.
         kernel, tc_min, env = v
+        for var, val in start_env.items():
+            if val is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = val
         for var, val in (("HELEXA_TC_KERNEL", kernel), ("HELEXA_TC_MIN", tc_min), *env.items()):
             if val is not None:
                 os.environ[var] = str(val)
         parts = [kernel or "", f"tc>={tc_min}" if tc_min else ""] + [f"{k}={v}" for k, v in env.items()]
-        return " ".join(x for x in parts if x)
+        return " ".join(x for x in parts if x) or "baseline"
 
     use_variant(variants[0])
 

@@ -1,6 +1,6 @@
-// The staged tensor-core product: an alternate implementation of
-// matmul_tc_impl.cuh's hx::tc::run (same Args, same results to rounding),
-// chosen at run time by HELEXA_TC_KERNEL=staged until it is measured faster.
+// The staged tensor-core product: the default implementation of the
+// small-batch product (same Args as matmul_tc_impl.cuh's hx::tc::run, same
+// results to rounding; HELEXA_TC_KERNEL=v1 selects that one instead).
 // Instantiated per storage type by the generated matvec_<type>.cu files.
 //
 //

@@ -172,7 +172,7 @@ void quantize_x_launch(const float* x, int ntok, int k, int terms, uint8_t* out,
 TcOptions tc_options_from_env() {
   const char* kernel = std::getenv("HELEXA_TC_KERNEL");
   TcOptions o;
-  o.staged = kernel != nullptr && std::strcmp(kernel, "staged") == 0;
+  o.staged = !(kernel != nullptr && std::strcmp(kernel, "v1") == 0);
   o.waves = env_int("HELEXA_TC_WAVES", o.staged ? 6 : 2);
   o.ring_kb = env_int("HELEXA_TC_RING_KB", 32);
   return o;

@@ -63,13 +63,13 @@ constexpr int kTcMaxTokens = 64;
 // arguments.
 // How it runs: `opt` picks the implementation and its split and ring sizes.
 struct TcOptions {
-  bool staged = false;  // matmul_tc_staged.cuh instead of matmul_tc_impl.cuh
-  int waves = 2;        // CTAs per SM the split along k aims at
-  int ring_kb = 32;     // the staged ring's shared memory
+  bool staged = true;  // matmul_tc_staged.cuh instead of matmul_tc_impl.cuh
+  int waves = 6;       // CTAs per SM the split along k aims at
+  int ring_kb = 32;    // the staged ring's shared memory
 };
 // The options the environment asks for (read once by a model at load):
-//   HELEXA_TC_KERNEL=staged  the staged implementation;
-//   HELEXA_TC_WAVES          waves (default 2; staged 6);
+//   HELEXA_TC_KERNEL=v1      the first (unstaged) implementation;
+//   HELEXA_TC_WAVES          waves (default 6; v1 2);
 //   HELEXA_TC_RING_KB        ring_kb (default 32: several CTAs per SM).
 // The staged defaults are the best of an H100 A/B (bench/notes.md).
 TcOptions tc_options_from_env();

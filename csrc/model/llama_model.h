@@ -344,7 +344,7 @@ class GpuModel : public Resource {
   size_t pen_cap_ = 0;                 // penalty tokens the penalty staging holds at once
   int mask_words_ = 0;                 // words of one vocabulary bitmask: ceil(vocab / 32)
   bool use_graphs_ = true;
-  int tc_min_ = kMatvecMaxTokens + 1;  // fewest tokens of a tensor-core product (HELEXA_TC_MIN; > 64: never)
+  int tc_min_ = 4;  // fewest tokens of a tensor-core product (HELEXA_TC_MIN; > 64: never)
   bool tc_bf16_ = false;               // bf16 weights through the tensor-core product too (HELEXA_TC_BF16=1)
   TcOptions tc_opts_;                  // the product's implementation and sizes (tc_options_from_env, at load)
 
