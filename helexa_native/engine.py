@@ -259,7 +259,11 @@ class Engine:
         if n_ctx is not None:
             check_positive_ints(n_ctx=n_ctx)
         path = default_model_path() if model is None else Path(model).expanduser()
-        if not path.exists():
+        try:
+            found = path.exists()
+        except OSError as e:  # a name too long for the file system, say
+            raise ModelLoadError(f"model path is not usable: {e.strerror or e}") from None
+        if not found:
             raise ModelLoadError(f"model not found: {path}")
         if kind == "auto":
             kind, index = resolve_device(kind)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -88,7 +89,33 @@ def parse_json_body(data: bytes) -> dict:
         raise bad_request("the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {_json_type(body)}")
+    if _SURROGATE_ESCAPE.search(text):
+        _reject_unpaired_surrogates(body, "")
     return body
+
+
+# A \uD800-\uDFFF escape: JSON allows one alone, but it is not Unicode text.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _reject_unpaired_surrogates(value, where: str) -> None:
+    """400 naming the first string of `value` (at `where`, a field path) that holds an unpaired surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise bad_request(
+                f"{where or 'a field name'} holds an unpaired surrogate (\\u{ord(value[e.start]):04x}); "
+                "strings must be Unicode text",
+                where.split(".")[0].split("[")[0] or None,
+            ) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _reject_unpaired_surrogates(k, "")
+            _reject_unpaired_surrogates(v, f"{where}.{k}" if where else k)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _reject_unpaired_surrogates(v, f"{where}[{i}]")
 
 
 def _reject_constant(name: str):

@@ -88,6 +88,18 @@ def sentencepiece_bytes(token: str, is_byte: bool) -> bytes:
     return token.replace(SPIECE_SPACE, " ").encode("utf-8")
 
 
+def check_unicode(text: str) -> None:
+    """ValueError where `text` holds an unpaired surrogate (a str can; Unicode text cannot, nor any tokenizer)."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"text holds an unpaired surrogate U+{ord(text[e.start]):04X} at index {e.start}; it is not Unicode text"
+        ) from None
+
+
 class Tokenizer:
     """Encodes text to ids and decodes ids to text for one model."""
 
@@ -264,6 +276,7 @@ class Tokenizer:
         """Token ids of `text`; special-token text like <|im_start|> maps to its single id."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        check_unicode(text)
         ids = self._backend.encode(text, add_special_tokens=False).ids
         if add_special_tokens and (self._prefix or self._suffix):
             return self._prefix + ids + self._suffix

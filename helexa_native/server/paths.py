@@ -9,6 +9,13 @@ from typing import Optional, Sequence
 from ..openai_protocol import ApiError
 
 
+def _exists(p: Path) -> bool:
+    try:
+        return p.exists()
+    except OSError:  # a name too long for the file system, say: nothing there to load
+        return False
+
+
 def resolve_model_path(path: str, roots: Optional[Sequence[Path]]) -> str:
     """The path /v1/models/load may open for `path`, given the server's model roots.
 
@@ -39,7 +46,7 @@ def resolve_model_path(path: str, roots: Optional[Sequence[Path]]) -> str:
             "model",
             "model_load_forbidden",
         )
-    found = next((c for c in inside if c.exists()), None)
+    found = next((c for c in inside if _exists(c)), None)
     if found is None:
         raise ApiError(
             400, f"model not found under the model roots: {path}", "invalid_request_error", "model", "model_load_failed"
