@@ -106,14 +106,14 @@ def client(tmp_path_factory):
 
     app = create_app(engine, served_model_name=MODEL, loader=loader, model_roots=[d])
     try:
-        yield app.test_client(), str(tiny)
+        yield app.test_client(), str(tiny), engine
     finally:
         engine.close()
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_malformed_requests_get_client_errors_and_leave_the_server_serving(client, seed):
-    c, tiny = client
+    c, tiny, _ = client
     rng = random.Random(seed)
     table = routes(tiny)
     for i in range(300):
@@ -146,7 +146,7 @@ def test_malformed_requests_get_client_errors_and_leave_the_server_serving(clien
     ],
 )
 def test_an_unpaired_surrogate_is_a_400_naming_the_field(client, path, body, param):
-    c, _ = client
+    c, _, _ = client
     r = c.post(path, data=body, content_type="application/json")
     assert r.status_code == 400, r.get_data(as_text=True)
     err = r.get_json()["error"]
@@ -154,26 +154,22 @@ def test_an_unpaired_surrogate_is_a_400_naming_the_field(client, path, body, par
 
 
 def test_a_paired_surrogate_escape_is_text(client):
-    c, _ = client
+    c, _, _ = client
     r = c.post("/tokenize", data='{"model": "m", "prompt": "\\ud83d\\ude00"}', content_type="application/json")
     assert r.status_code == 200, r.get_data(as_text=True)
 
 
 def test_the_engine_refuses_an_unpaired_surrogate_with_a_value_error(client):
-    c, tiny = client
-    engine = Engine(tiny, device="cpu", n_ctx=64, progress=False)
-    try:
-        with pytest.raises(ValueError, match="unpaired surrogate U\\+D800 at index 1"):
-            engine.generate("a\ud800", max_tokens=1)
-        assert engine.generate("a", max_tokens=1, temperature=0).token_ids  # still serving
-    finally:
-        engine.close()
+    _, _, engine = client
+    with pytest.raises(ValueError, match="unpaired surrogate U\\+D800 at index 1"):
+        engine.generate("a\ud800", max_tokens=1)
+    assert engine.generate("a", max_tokens=1, temperature=0).token_ids  # still serving
 
 
 def test_a_model_path_too_long_for_the_file_system_is_a_load_error(client, tmp_path):
     from helexa_native import ModelLoadError
 
-    c, _ = client
+    c, _, _ = client
     with pytest.raises(ModelLoadError, match="not usable"):
         Engine(tmp_path / ("a" * 5000), device="cpu")
     r = c.post("/v1/models/load", json={"model": "a" * 5000, "name": "x"})
