@@ -44,6 +44,7 @@ template void run<GgmlType::{t}>(const Args&, cudaStream_t);
 }}  // namespace tc
 namespace tcs {{
 template void run<GgmlType::{t}>(const Args&, cudaStream_t);
+template void run_groups<GgmlType::{t}>(const Args&, const Groups&, int, int, cudaStream_t);
 }}  // namespace tcs
 }}  // namespace hx
 """

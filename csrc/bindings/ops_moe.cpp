@@ -145,6 +145,33 @@ void op_matvec_expert_groups(int64_t type, const at::Tensor& w, const at::Tensor
   });
 }
 
+void op_matmul_tc_expert_groups(int64_t type, const at::Tensor& w, const at::Tensor& offsets, const at::Tensor& active,
+                                const at::Tensor& n_active, int64_t max_groups, const at::Tensor& x, at::Tensor& y,
+                                int64_t n_out, int64_t k, int64_t rows_hint) {
+  const c10::cuda::CUDAGuard guard(cuda_device(x, "x"));
+  const auto dev = x.device();
+  const int no = as_int(n_out, "n_out", 1), kk = as_int(k, "k", 1);
+  check_experts(w, type, no, kk, dev);
+  const int E = as_int(w.size(0), "num_experts", 1);
+  check_tensor(offsets, "offsets", at::kInt, dev);
+  check_tensor(active, "active", at::kInt, dev);
+  check_tensor(n_active, "n_active", at::kInt, dev);
+  check_tensor(x, "x", at::kBFloat16, dev);
+  check_tensor(y, "y", at::kFloat, dev);
+  HX_OP_CHECK(offsets.numel() == E + 1 && active.numel() == E && n_active.numel() == 1,
+              "offsets, active and n_active must hold num_experts + 1, num_experts and 1 entries");
+  HX_OP_CHECK(x.dim() == 2 && x.size(1) == k && y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == n_out,
+              "x must be [rows, k] and y [rows, n_out]");
+  const TcOptions opt = tc_options_from_env();
+  launch([&] {
+    matmul_tc_expert_groups_launch(static_cast<GgmlType>(type), w.data_ptr(), static_cast<size_t>(w.size(1)), E,
+                                   offsets.data_ptr<int32_t>(), active.data_ptr<int32_t>(),
+                                   n_active.data_ptr<int32_t>(), as_int(max_groups, "max_groups", 1),
+                                   reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), y.data_ptr<float>(), no, kk,
+                                   as_int(rows_hint, "rows_hint", 1), opt, stream_of(dev));
+  });
+}
+
 }  // namespace
 }  // namespace hx
 
@@ -163,4 +190,8 @@ TORCH_LIBRARY_FRAGMENT(helexa, m) {
       "matvec_expert_groups(int type, Tensor w, Tensor offsets, Tensor active, Tensor n_active, int max_groups, "
       "Tensor x, Tensor(a!) y, int n_out, int k) -> ()",
       &hx::op_matvec_expert_groups);
+  m.def(
+      "matmul_tc_expert_groups(int type, Tensor w, Tensor offsets, Tensor active, Tensor n_active, int max_groups, "
+      "Tensor x, Tensor(a!) y, int n_out, int k, int rows_hint) -> ()",
+      &hx::op_matmul_tc_expert_groups);
 }

@@ -53,6 +53,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <stdexcept>
 
 #include "common/arch.cuh"
 #include "common/check.h"
@@ -192,16 +193,16 @@ __device__ __forceinline__ void decode_unit(const uint8_t* pass, int u, int ebas
   }
 }
 
+// One CTA's share of a product: rows row0 .. row0 + kRows - 1 of a.w times
+// a.ntok (<= 8 * NTILE) token rows of a.x, over split `split`'s passes, into
+// y or the split's partials. Every thread of the CTA calls it.
 template <GgmlType T, int NTILE>
-__global__ void __launch_bounds__(kThreads) matmul_tc_kernel(const Args a) {
+__device__ __forceinline__ void product_tile(const Args& a, int row0, int split, unsigned char* smem_raw) {
   using R = Ring<T, NTILE>;
   using B = quant::Block<T>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, tq = lane & 3;
-  const int row0 = blockIdx.x * kRows;
-  const int split = blockIdx.y;
   const int p_begin = split * a.pass_per_split;
   const int np = min(a.npass, p_begin + a.pass_per_split) - p_begin;
   const int S = a.stages;
@@ -335,11 +336,54 @@ __global__ void __launch_bounds__(kThreads) matmul_tc_kernel(const Args a) {
 }
 
 template <GgmlType T, int NTILE>
-void launch_tiles(const Args& a, cudaStream_t stream) {
+__global__ void __launch_bounds__(kThreads) matmul_tc_kernel(const Args a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  product_tile<T, NTILE>(a, blockIdx.x * kRows, blockIdx.y, smem_raw);
+}
+
+// Mixture-of-experts groups: x's rows sorted by expert (moe_align's slots),
+// expert e's rows g.offsets[e] .. g.offsets[e + 1] - 1. CTA (i, j) multiplies
+// row tile i of active expert j's matrix with all of that expert's rows,
+// 8 * NTILE at a time (no split along k: the experts fill the GPU).
+struct Groups {
+  const int32_t* offsets;   // [num_experts + 1]
+  const int32_t* active;    // [num_experts]: experts with rows, first *n_active
+  const int32_t* n_active;  // [1]
+  size_t stride;            // bytes from one expert's matrix to the next
+};
+
+template <GgmlType T, int NTILE>
+__global__ void __launch_bounds__(kThreads) matmul_tc_groups_kernel(const Args a, const Groups gr) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  // The routing is the previous kernel's output: wait before reading it (and
+  // before any weight, whose address depends on it).
+  pdl_begin();
+  if ((int)blockIdx.y >= *gr.n_active) return;  // the whole CTA: fewer experts have rows than the grid holds
+  // Only the pass counter lives across passes over the expert's rows: the
+  // routing is re-read (cached) and the Args rebuilt from the kernel's
+  // parameters each time, which keeps the loop free of spills.
+  for (int c0 = 0;; c0 += 8 * NTILE) {
+    const int e = __ldg(gr.active + blockIdx.y);
+    const int r0 = __ldg(gr.offsets + e), rows = __ldg(gr.offsets + e + 1) - r0;
+    if (c0 >= rows) break;
+    Args b = a;
+    b.w = a.w + (size_t)e * gr.stride;
+    b.x = a.x + (size_t)(r0 + c0) * a.k;
+    b.y = a.y + (size_t)(r0 + c0) * a.n_out;
+    b.ntok = min(8 * NTILE, rows - c0);
+    product_tile<T, NTILE>(b, blockIdx.x * kRows, 0, smem_raw);
+    __syncthreads();  // the next rows' copies reuse the ring
+  }
+}
+
+// Ring stages of a launch of `kernel` (ring of T with NTILE tiles) within the
+// device's shared memory per block, at most a.ring_bytes; 0 where two stages
+// do not fit (wide float rows on a small-shared-memory part). Shared memory
+// past 48 KiB is opted into once per device and kernel, for the largest ring
+// (the model's first, uncaptured step does it before any graph is recorded).
+template <GgmlType T, int NTILE, class Kernel>
+int ring_stages(const Args& a, Kernel kernel) {
   using R = Ring<T, NTILE>;
-  // The ring is 2 .. kMaxStages stages of at most a.ring_bytes, within the
-  // device's shared memory per block; where two stages do not fit (wide
-  // float rows on a small-shared-memory part), the unstaged kernel runs.
   constexpr int kDevices = 64;
   static std::atomic<int> optin[kDevices];  // 0: not yet asked
   const int dev = current_device();
@@ -349,24 +393,38 @@ void launch_tiles(const Args& a, cudaStream_t stream) {
     if (dev >= 0 && dev < kDevices) optin[dev].store(limit, std::memory_order_release);
   }
   const int most = (int)std::min<size_t>(kMaxStages, (size_t)limit / R::STAGE);
-  if (most < 2) {
-    tc::launch_tiles<T, NTILE>(a, stream);
-    return;
-  }
-  Args b = a;
-  b.stages = std::min(most, R::stages(a.ring_bytes));
-  const size_t smem = (size_t)b.stages * R::STAGE;
-  // Shared memory past 48 KiB is opted into once per device, for the
-  // largest ring (the model's first, uncaptured step does it before any
-  // graph is recorded).
+  if (most < 2) return 0;
   static std::atomic<bool> configured[kDevices];
   if (dev < 0 || dev >= kDevices || !configured[dev].load(std::memory_order_acquire)) {
-    HX_CUDA_CHECK(cudaFuncSetAttribute(matmul_tc_kernel<T, NTILE>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       (int)(most * R::STAGE)));
+    HX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)(most * R::STAGE)));
     if (dev >= 0 && dev < kDevices) configured[dev].store(true, std::memory_order_release);
   }
+  return std::min(most, R::stages(a.ring_bytes));
+}
+
+template <GgmlType T, int NTILE>
+void launch_tiles(const Args& a, cudaStream_t stream) {
+  Args b = a;
+  b.stages = ring_stages<T, NTILE>(a, matmul_tc_kernel<T, NTILE>);
+  if (b.stages == 0) {
+    tc::launch_tiles<T, NTILE>(a, stream);  // the unstaged kernel
+    return;
+  }
   const dim3 grid((a.n_out + kRows - 1) / kRows, a.splits);
-  launch_overlapped(matmul_tc_kernel<T, NTILE>, grid, dim3(kThreads), smem, stream, b);
+  launch_overlapped(matmul_tc_kernel<T, NTILE>, grid, dim3(kThreads), (size_t)b.stages * Ring<T, NTILE>::STAGE, stream,
+                    b);
+  HX_CUDA_CHECK(cudaGetLastError());
+}
+
+template <GgmlType T, int NTILE>
+void launch_groups(const Args& a, const Groups& gr, int max_groups, cudaStream_t stream) {
+  Args b = a;
+  b.stages = ring_stages<T, NTILE>(a, matmul_tc_groups_kernel<T, NTILE>);
+  if (b.stages == 0)
+    throw std::invalid_argument("tensor-core expert groups: two ring stages of this type exceed the shared memory");
+  const dim3 grid((a.n_out + kRows - 1) / kRows, max_groups);
+  launch_overlapped(matmul_tc_groups_kernel<T, NTILE>, grid, dim3(kThreads), (size_t)b.stages * Ring<T, NTILE>::STAGE,
+                    stream, b, gr);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -383,8 +441,24 @@ void run(const Args& a, cudaStream_t stream) {
     tcs::launch_tiles<T, 8>(a, stream);
 }
 
+// Entry of the grouped products for one type; `tiles` (1, 2, 4 or 8) token
+// tiles per pass over an expert's rows.
+template <GgmlType T>
+void run_groups(const Args& a, const Groups& gr, int max_groups, int tiles, cudaStream_t stream) {
+  if (tiles <= 1)
+    tcs::launch_groups<T, 1>(a, gr, max_groups, stream);
+  else if (tiles <= 2)
+    tcs::launch_groups<T, 2>(a, gr, max_groups, stream);
+  else if (tiles <= 4)
+    tcs::launch_groups<T, 4>(a, gr, max_groups, stream);
+  else
+    tcs::launch_groups<T, 8>(a, gr, max_groups, stream);
+}
+
 #ifndef HX_MATVEC_NO_EXTERN
-#define HX_TC_DECLARE(T) extern template void run<GgmlType::T>(const Args&, cudaStream_t);
+#define HX_TC_DECLARE(T)                                            \
+  extern template void run<GgmlType::T>(const Args&, cudaStream_t); \
+  extern template void run_groups<GgmlType::T>(const Args&, const Groups&, int, int, cudaStream_t);
 HX_FOR_EACH_GGML_TYPE(HX_TC_DECLARE)
 #undef HX_TC_DECLARE
 #endif

@@ -244,6 +244,55 @@ void matmul_tc_launch(GgmlType type, const void* w, const __nv_bfloat16* x, floa
   }
 }
 
+void matmul_tc_expert_groups_launch(GgmlType type, const void* w, size_t stride, int num_experts,
+                                    const int32_t* offsets, const int32_t* active, const int32_t* n_active,
+                                    int max_groups, const __nv_bfloat16* x, float* y, int n_out, int k, int rows_hint,
+                                    const TcOptions& opt, cudaStream_t stream) {
+  if (!is_supported(type)) bad("unsupported GGML type id " + std::to_string(static_cast<int>(type)));
+  if (n_out < 1 || k < 1 || num_experts < 1) bad("n_out, k and num_experts must be positive");
+  if (max_groups < 1 || max_groups > 65535)
+    bad("tensor-core expert groups: max_groups must be 1..65535, got " + std::to_string(max_groups));
+  const int qk = block_elems(type);
+  if (k % qk != 0 || k % 8 != 0)
+    bad(std::string("tensor-core expert groups: k=") + std::to_string(k) + " must be a multiple of 8 and of the " +
+        type_name(type) + " block size " + std::to_string(qk));
+  if (!w || !x || !y || !offsets || !active || !n_active) bad("null pointer");
+  if (!aligned16(w) || !aligned16(x)) bad("tensor-core expert groups: w and x must be 16-byte aligned");
+  if (stride % 16 != 0 || stride < row_bytes(type, k) * static_cast<size_t>(n_out))
+    bad("expert stride " + std::to_string(stride) + " must be a multiple of 16 and hold a whole matrix");
+  if (opt.ring_kb < 1) bad("tensor-core expert groups: ring_kb must be positive");
+  tc::Args a;
+  a.w = static_cast<const uint8_t*>(w);
+  a.x = x;
+  a.y = y;
+  a.bias = nullptr;
+  a.part = nullptr;
+  a.row_bytes = row_bytes(type, k);
+  a.n_out = n_out;
+  a.k = k;
+  a.ntok = 0;  // per expert, on the device
+  a.npass = (k + tc::kPass - 1) / tc::kPass;
+  a.splits = 1;
+  a.pass_per_split = a.npass;
+  a.accumulate = 0;
+  a.ring_bytes = (size_t)opt.ring_kb * 1024;
+  a.stages = 0;
+  tcs::Groups gr;
+  gr.offsets = offsets;
+  gr.active = active;
+  gr.n_active = n_active;
+  gr.stride = stride;
+  const int tiles = std::max(1, std::min(8, (rows_hint + 7) / 8));
+#define HX_CASE(T) \
+  case GgmlType::T: tcs::run_groups<GgmlType::T>(a, gr, std::min(max_groups, num_experts), tiles, stream); return;
+  switch (type) {
+    HX_FOR_EACH_GGML_TYPE(HX_CASE)
+    default: break;
+  }
+#undef HX_CASE
+  bad("unsupported GGML type");
+}
+
 size_t matvec_x_scratch_bytes(int n_tok, int k) { return matvec::dp4a::smem_bytes(n_tok, k, matvec::dp4a::kMaxTerms); }
 
 void matvec_launch(GgmlType type, const void* w, const float* x, float* y, int n_out, int k, int n_tok,

@@ -13,5 +13,6 @@ template void run<GgmlType::BF16>(const Args&, cudaStream_t);
 }  // namespace tc
 namespace tcs {
 template void run<GgmlType::BF16>(const Args&, cudaStream_t);
+template void run_groups<GgmlType::BF16>(const Args&, const Groups&, int, int, cudaStream_t);
 }  // namespace tcs
 }  // namespace hx

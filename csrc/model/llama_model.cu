@@ -530,6 +530,12 @@ void GpuModel::alloc_state() {
     exp_xy_ = static_cast<float*>(dev_alloc(P * h * 4, sc));
     exp_gu_ = static_cast<float*>(dev_alloc(P * 2 * fe * 4, sc));
     exp_act_ = static_cast<float*>(dev_alloc(P * fe * 4, sc));
+    const char* v = std::getenv("HELEXA_MOE_TC");
+    moe_tc_ = tc_min_ <= kTcMaxTokens && !(v && std::strcmp(v, "0") == 0);
+    for (const LayerWeights& L : layers_)
+      for (const ExpertWeight* w : {&L.exp_gate_up, &L.exp_gate, &L.exp_up, &L.exp_down})
+        if (L.moe && w->data && is_float_type(w->type)) moe_tc_ = false;
+    if (moe_tc_) exp_xb_ = static_cast<__nv_bfloat16*>(dev_alloc(P * std::max(h, fe) * 2, sc));
   }
   {
     // Small batches' int8 activations, quantized once per matvec (HELEXA_XQ=0: by every CTA).
@@ -1096,9 +1102,13 @@ void GpuModel::moe_ffn(WorkerContext& ctx, const LayerWeights& L, int n) {
   // rows in pair order. Larger ones: pairs sorted by expert (slots), rows in
   // slot order, each expert's weights read once for all of its rows.
   const int groups = std::min(E, P);
+  const bool tc = !small && moe_tc_;
   auto product = [&](const ExpertWeight& w, const float* x, int x_div, float* y) {
     if (small)
       matvec_expert_pairs_launch(w.type, w.data, w.stride, E, moe_ids_, x, x_div, y, w.n_out, w.k, P, st);
+    else if (tc)  // x is exp_xb_, the same rows in bf16
+      matmul_tc_expert_groups_launch(w.type, w.data, w.stride, E, moe_offsets_, moe_active_, moe_n_active_, groups,
+                                     exp_xb_, y, w.n_out, w.k, P / groups, tc_opts_, st);
     else
       matvec_expert_groups_launch(w.type, w.data, w.stride, E, moe_offsets_, moe_active_, moe_n_active_, groups, x, y,
                                   w.n_out, w.k, st);
@@ -1113,15 +1123,20 @@ void GpuModel::moe_ffn(WorkerContext& ctx, const LayerWeights& L, int n) {
                          exp_xy_ + static_cast<size_t>(r) * h, st);
     x_in = exp_xy_;
     x_div = 1;
+    if (tc) f32_to_bf16_launch(exp_xy_, exp_xb_, static_cast<int64_t>(P) * h, st);
   }
+  // The SwiGLU writes the down product's input: float32, or bf16 for the
+  // tensor-core groups (after the gate/up products have read exp_xb_).
   const size_t pf = static_cast<size_t>(P) * fe;
+  float* act_f32 = tc ? nullptr : exp_act_;
+  __nv_bfloat16* act_bf16 = tc ? exp_xb_ : nullptr;
   if (L.exp_gate_up_fused) {
     product(L.exp_gate_up, x_in, x_div, exp_gu_);  // [P, 2 fe]: gate | up per row
-    swiglu_rows_launch(exp_gu_, exp_gu_ + fe, 2 * static_cast<int64_t>(fe), exp_act_, nullptr, P, fe, st);
+    swiglu_rows_launch(exp_gu_, exp_gu_ + fe, 2 * static_cast<int64_t>(fe), act_f32, act_bf16, P, fe, st);
   } else {
     product(L.exp_gate, x_in, x_div, exp_gu_);  // [P, fe]
     product(L.exp_up, x_in, x_div, exp_gu_ + pf);  // [P, fe]
-    swiglu_launch(exp_gu_, exp_gu_ + pf, exp_act_, nullptr, static_cast<int64_t>(pf), st);
+    swiglu_launch(exp_gu_, exp_gu_ + pf, act_f32, act_bf16, static_cast<int64_t>(pf), st);
   }
   product(L.exp_down, exp_act_, 1, exp_xy_);  // [P, h]
   moe_combine_launch(x_, exp_xy_, moe_w_, small ? nullptr : moe_pair_slot_, n, K, h, st);

@@ -346,6 +346,10 @@ class GpuModel : public Resource {
   bool use_graphs_ = true;
   int tc_min_ = 4;  // fewest tokens of a tensor-core product (HELEXA_TC_MIN; > 64: never)
   bool tc_bf16_ = false;               // bf16 weights through the tensor-core product too (HELEXA_TC_BF16=1)
+  // Grouped expert products (batches past kMatvecMaxTokens) on tensor cores:
+  // quantized experts while the tensor-core product is on (HELEXA_MOE_TC=0:
+  // the float matvec groups).
+  bool moe_tc_ = false;
   TcOptions tc_opts_;                  // the product's implementation and sizes (tc_options_from_env, at load)
 
   std::vector<void*> dev_buffers_;
@@ -379,6 +383,7 @@ class GpuModel : public Resource {
   float* exp_xy_ = nullptr;            // [P, hidden] gathered expert inputs, then expert outputs
   float* exp_gu_ = nullptr;            // [P, 2 expert_ffn] gate and up products
   float* exp_act_ = nullptr;           // [P, expert_ffn] SwiGLU
+  __nv_bfloat16* exp_xb_ = nullptr;    // [P, max(hidden, expert_ffn)] expert inputs in bf16 (moe_tc_)
   void* x_scratch_ = nullptr;          // int8 activations of one small-batch matvec (matvec_x_scratch_bytes)
   __nv_bfloat16* wbuf_ = nullptr;      // dequantized weight for one GEMM (largest matrix or LM head slice)
   size_t wbuf_elems_ = 0;

@@ -37,7 +37,16 @@ from test_model_gpu import (
     _tokens,
     _top1_agreement,
 )
-from test_quant_kernels import TOLERANCE, TYPES, SeededRng, check_matvec, make_weights
+from test_quant_kernels import (
+    FLOAT_TYPES,
+    TC_TOLERANCE,
+    TOLERANCE,
+    TYPES,
+    SeededRng,
+    bf16_values,
+    check_matvec,
+    make_weights,
+)
 
 from helexa_native.backends.cpu import CPUBackend
 from helexa_native.backends.cuda import CUDABackend
@@ -193,6 +202,29 @@ def test_expert_group_products_read_each_expert_for_its_rows(ops, rng, name):
         s, e = int(slot_of[p]), int(ids.flatten()[p])
         msg = f"{name} pair {p} (expert {e}, slot {s}) seed={rng.seed_value}"
         check_matvec(y[s : s + 1], refs[e], xs[s : s + 1], None, TOLERANCE[name], msg)
+
+
+@pytest.mark.parametrize("rows_hint", [1, 64])  # 8 rows per pass over an expert's rows (several), 64 (one)
+@pytest.mark.parametrize("name", [n for n in TYPES if n not in FLOAT_TYPES])
+def test_tensor_core_expert_groups_read_each_expert_for_its_rows(ops, rng, name, rows_hint):
+    # The grouped layout above, x in bf16: each row is its expert's matrix
+    # (rounded to bf16, as the product decodes it) times the row.
+    E, n_out, n, k_tok = 9, 67, 23, 3
+    k = 512
+    w, refs = _stacked_experts(name, E, n_out, k, rng)
+    ids = _routed_ids(n, E, k_tok, seed=5, used=7)
+    offsets, active, n_active, pair_slot, slot_token = (t.to(DEV).int() for t in _align(ops, ids, E, k_tok))
+    x = bf16_values(rng.standard_normal((n, k)))
+    xs = x[slot_token.cpu().numpy()]
+    P = n * k_tok
+    y = torch.full((P, n_out), float("nan"), device=DEV)
+    x_d = torch.from_numpy(xs).to(torch.bfloat16).to(DEV)
+    ops.matmul_tc_expert_groups(TYPES[name][0], w, offsets, active, n_active, min(E, P), x_d, y, n_out, k, rows_hint)
+    slot_of = pair_slot.cpu().numpy()
+    for p in range(P):
+        s, e = int(slot_of[p]), int(ids.flatten()[p])
+        msg = f"{name} pair {p} (expert {e}, slot {s}, rows_hint {rows_hint}) seed={rng.seed_value}"
+        check_matvec(y[s : s + 1], bf16_values(refs[e]), xs[s : s + 1], None, TC_TOLERANCE, msg)
 
 
 # ---------------------------------------------------------------------------
