@@ -353,7 +353,7 @@ struct Groups {
 };
 
 template <GgmlType T, int NTILE>
-__global__ void __launch_bounds__(kThreads) matmul_tc_groups_kernel(const Args a, const Groups gr) {
+__global__ void __launch_bounds__(kThreads, 1) matmul_tc_groups_kernel(const Args a, const Groups gr) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // The routing is the previous kernel's output: wait before reading it (and
   // before any weight, whose address depends on it).
@@ -361,7 +361,8 @@ __global__ void __launch_bounds__(kThreads) matmul_tc_groups_kernel(const Args a
   if ((int)blockIdx.y >= *gr.n_active) return;  // the whole CTA: fewer experts have rows than the grid holds
   // Only the pass counter lives across passes over the expert's rows: the
   // routing is re-read (cached) and the Args rebuilt from the kernel's
-  // parameters each time, which keeps the loop free of spills.
+  // parameters each time. (With a minimum of one CTA per SM in the launch
+  // bounds, ptxas does not trade registers for occupancy here: no spills.)
   for (int c0 = 0;; c0 += 8 * NTILE) {
     const int e = __ldg(gr.active + blockIdx.y);
     const int r0 = __ldg(gr.offsets + e), rows = __ldg(gr.offsets + e + 1) - r0;
