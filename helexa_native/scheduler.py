@@ -23,8 +23,11 @@ Each iteration:
      request's queue, finishing sequences on a stop token, max_tokens, or
      a structured-output grammar that is complete.
 A request with a grammar (constraints.GrammarMatcher) has its mask filled
-here before each of its sampling steps and handed to the backend in its
-SeqStep, with its logit_bias; the sampled token then advances the matcher.
+for each of its sampling steps and handed to the backend in its SeqStep,
+with its logit_bias; the sampled token then advances the matcher. Where the
+backend takes late masks (the CUDA backend), a helper thread fills them
+while the step's forward runs on the device, so the grammar's host time is
+off the step's critical path; otherwise they are filled before the step.
 The n sequences of one prompt (n > 1) share its KV blocks through the prefix
 cache: the followers wait for admission until the first has read the prompt.
 Stop strings, detokenization and streaming happen in the caller's thread
@@ -34,6 +37,7 @@ Stop strings, detokenization and streaming happen in the caller's thread
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import queue
 import threading
 import time
@@ -42,7 +46,7 @@ from typing import Any, Deque, List, Optional, Tuple
 
 import torch
 
-from .backends.base import SeqStep
+from .backends.base import LateMask, SeqStep
 from .constraints import fill_masks
 from .errors import EngineClosedError
 from .kv_blocks import OutOfBlocks, SeqBlocks
@@ -96,6 +100,16 @@ class Request:
 # ("done", finish_reason, stop_reason) or ("error", exception).
 
 
+def _fill_late(matchers: list, late) -> None:
+    """The filler thread's job: the matchers' masks into the first rows of a late table, then ready or fail."""
+    try:
+        fill_masks(matchers, torch.from_numpy(late.table)[: len(matchers)])
+    except BaseException as e:
+        late.fail(f"{type(e).__name__}: {e}")
+        raise
+    late.ready()
+
+
 class Scheduler:
     """The batching loop over one backend, on its own thread."""
 
@@ -128,6 +142,7 @@ class Scheduler:
         self.preemptions = 0
         self.batch_hist = collections.Counter()  # sequences per step -> steps
         self.tokens_generated = 0
+        self._mask_filler: Optional[concurrent.futures.ThreadPoolExecutor] = None  # late masks (on first use)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -177,6 +192,8 @@ class Scheduler:
             self._cv.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join()
+        if self._mask_filler is not None:
+            self._mask_filler.shutdown(wait=False)
 
     # ------------------------------------------------------------------ the loop
 
@@ -222,7 +239,7 @@ class Scheduler:
                 self._fail(r, OutOfBlocks(f"the KV pool ({self.blocks.num_blocks} blocks) is exhausted"))
             return
         steps = []
-        masks = self._masks(plan)
+        masks, filling = self._masks(plan)
         for r, n in plan:
             sample = r.computed + n == len(r.tokens)
             steps.append(
@@ -241,11 +258,18 @@ class Scheduler:
         try:
             outs = self.backend.step_batch(steps)
         except BaseException as e:
+            if filling is not None:
+                # The matchers must be idle before anything moves them; a fill
+                # that raised is the step's cause.
+                concurrent.futures.wait([filling])
+                e = filling.exception() or e
             # A failed step leaves the written blocks unknown: its sequences end
             # with the error; full blocks cached before the step stay valid.
             for r, _ in plan:
                 self._fail(r, e)
             return
+        if filling is not None:
+            filling.result()  # done: the step waited for it before sampling
         now = time.perf_counter()
         self.steps += 1
         self.batch_hist[len(plan)] += 1
@@ -274,16 +298,28 @@ class Scheduler:
             elif r.generated >= r.limit:
                 self._finish(r, "length", None)
 
-    @staticmethod
-    def _masks(plan: list) -> dict:
-        """Allowed-token bitmasks of the step's constrained samples, by id(request), computed together."""
+    def _masks(self, plan: list) -> tuple:
+        """Allowed-token bitmasks of the step's constrained samples, by id(request), and the fill still running.
+
+        The masks are computed together: here, or on the filler thread into the
+        backend's late table while the step runs (the second value is then the
+        fill's future, else None).
+        """
         need = [r for r, n in plan if r.constraint_on and r.computed + n == len(r.tokens)]
         if not need:
-            return {}
+            return {}, None
+        matchers = [r.constraint for r in need]
         # Every matcher of one scheduler serves one model's vocabulary.
-        table = torch.empty(len(need), need[0].constraint.mask_words, dtype=torch.int32)
-        fill_masks([r.constraint for r in need], table)
-        return {id(r): table[i] for i, r in enumerate(need)}
+        words = matchers[0].mask_words
+        late = self.backend.late_masks(words)
+        if late is None:
+            table = torch.empty(len(need), words, dtype=torch.int32)
+            fill_masks(matchers, table)
+            return {id(r): table[i] for i, r in enumerate(need)}, None
+        if self._mask_filler is None:
+            self._mask_filler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="helexa-masks")
+        filling = self._mask_filler.submit(_fill_late, matchers, late)
+        return {id(r): LateMask(late, i) for i, r in enumerate(need)}, filling
 
     def _advance(self, r: Request, tok: int) -> bool:
         """Move the request's grammar past `tok`; False (request failed) if the grammar refused it."""

@@ -13,6 +13,8 @@ decoding alone.
 
 import base64
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import numpy as np
@@ -423,6 +425,84 @@ def test_a_token_outside_the_grammar_fails_the_request(engine, monkeypatch):
         engine.chat(ASK, response_format={"type": "regex", "regex": "qqqq"}, max_tokens=4, temperature=0)
     monkeypatch.undo()
     assert engine.chat(ASK, response_format={"type": "regex", "regex": "qqqq"}, max_tokens=8).text == "qqqq"
+
+
+class _LateTable:
+    """CUDABackend.late_masks in Python: rows written on another thread, then ready() or fail()."""
+
+    def __init__(self, rows, words):
+        self.table = np.zeros((rows, words), np.int32)
+        self._done = threading.Event()
+        self.why = None
+
+    def ready(self):
+        self._done.set()
+
+    def fail(self, why):
+        self.why = why
+        self._done.set()
+
+    def reset(self):
+        self._done.clear()
+        self.why = None
+
+    def row(self, i):
+        assert self._done.wait(60), "the masks never came"
+        if self.why is not None:
+            raise ValueError(self.why)
+        return torch.from_numpy(self.table[i].copy())
+
+
+def test_late_masks_give_what_masks_before_the_step_give(engine, monkeypatch):
+    # The scheduler fills the masks on its helper thread while the step runs
+    # when the backend takes late masks (the CUDA backend does).
+    from helexa_native.backends.base import LateMask
+
+    asks = [
+        (ASK, {"type": "regex", "regex": "(sun|rain|snow)ny, [0-9]{2} degrees"}),
+        ([{"role": "user", "content": "Describe a person."}], {"type": "json_object"}),
+        (ASK, {"type": "regex", "regex": "qq(q|r)+"}),
+    ]
+
+    def run_all():
+        with ThreadPoolExecutor(len(asks)) as pool:
+            runs = [pool.submit(engine.chat, m, response_format=rf, max_tokens=10, temperature=0) for m, rf in asks]
+            return [r.result().text for r in runs]
+
+    before = run_all()
+    table, rows = None, []
+    step_batch = engine.backend.step_batch
+
+    def late_masks(words):
+        nonlocal table
+        table = table or _LateTable(engine.backend.max_num_seqs + 1, words)
+        table.reset()
+        return table
+
+    def late_step(seqs):
+        for s in seqs:
+            if isinstance(s.allowed, LateMask):
+                rows.append(s.allowed.row)
+                s.allowed = s.allowed.table.row(s.allowed.row)
+        return step_batch(seqs)
+
+    monkeypatch.setattr(engine.backend, "late_masks", late_masks)
+    monkeypatch.setattr(engine.backend, "step_batch", late_step)
+    assert run_all() == before
+    assert rows and max(rows) >= 1  # rows of one table, several in a step
+
+    # A fill that raises fails its requests with its own error, and nothing else.
+    import helexa_native.scheduler as scheduler
+
+    def broken(matchers, out):
+        raise RuntimeError("the grammar engine is down")
+
+    with monkeypatch.context() as m:
+        m.setattr(scheduler, "fill_masks", broken)
+        with pytest.raises(RuntimeError, match="the grammar engine is down"):
+            engine.chat(ASK, response_format=asks[2][1], max_tokens=4, temperature=0)
+        assert table.why is not None and "the grammar engine is down" in table.why
+    assert engine.chat(asks[2][0], response_format=asks[2][1], max_tokens=10, temperature=0).text == before[2]
 
 
 # ---------------------------------------------------------------- Responses API

@@ -476,6 +476,25 @@ void bind_model(py::module_& m) {
       .def_readwrite("context", &PenaltyUpdate::context)
       .def_readwrite("generated", &PenaltyUpdate::generated);
 
+  py::class_<LateMasks, std::shared_ptr<LateMasks>>(
+      m, "LateMasks",
+      "Token masks a step waits for only when it samples: another thread fills `table` while the forward runs, "
+      "then calls ready() (or fail(reason), which fails the step)")
+      .def(py::init<int, int>(), py::arg("rows"), py::arg("words"))
+      .def_property_readonly("rows", &LateMasks::rows)
+      .def_property_readonly("words", &LateMasks::words)
+      .def_property_readonly(
+          "table",
+          [](py::object self) {
+            LateMasks& t = self.cast<LateMasks&>();
+            // A view of the C++ rows; the array keeps the object alive.
+            return py::array_t<int32_t>({t.rows(), t.words()}, {t.words() * 4, 4}, t.data(), self);
+          },
+          "int32 [rows, words] numpy view of the masks (bit t % 32 of word t / 32: token t allowed)")
+      .def("ready", &LateMasks::ready, "every row is written")
+      .def("fail", &LateMasks::fail, py::arg("why"), "the masks will not come: the waiting step fails with `why`")
+      .def("reset", &LateMasks::reset, "pending again, for another step (only while no step holds it)");
+
   py::class_<SeqInput>(m, "SeqInput", "One sequence's share of a batched step")
       .def(py::init([](std::vector<int32_t> tokens, int start_pos, std::vector<int32_t> block_table, int slot,
                        bool sample, const StepSampling& sampling, const PenaltyUpdate& penalties, bool want_logits,
@@ -508,6 +527,8 @@ void bind_model(py::module_& m) {
       .def_readwrite("penalties", &SeqInput::penalties)
       .def_readwrite("want_logits", &SeqInput::want_logits)
       .def_readwrite("allowed", &SeqInput::allowed)
+      .def_readwrite("late", &SeqInput::late, "LateMasks holding this row's mask (None: `allowed` or no mask)")
+      .def_readwrite("late_row", &SeqInput::late_row)
       .def_readwrite("bias_ids", &SeqInput::bias_ids)
       .def_readwrite("bias_values", &SeqInput::bias_values);
 

@@ -769,6 +769,17 @@ void GpuModel::validate(const std::vector<SeqInput>& seqs) const {
 
 size_t GpuModel::validate_constraints(const SeqInput& s, const std::string& who) const {
   size_t words = 0;
+  if (s.late != nullptr) {
+    if (!s.allowed.empty()) throw std::invalid_argument(who + "a token mask cannot be both given and late");
+    if (s.late_row < 0 || s.late_row >= s.late->rows())
+      throw std::invalid_argument(who + "late mask row " + std::to_string(s.late_row) + " is outside [0, " +
+                                  std::to_string(s.late->rows()) + ")");
+    if (s.late->words() < mask_words_)
+      throw std::invalid_argument(who + "the late token masks hold " + std::to_string(s.late->words()) +
+                                  " words a row; a vocabulary of " + std::to_string(spec_.vocab) + " needs " +
+                                  std::to_string(mask_words_));
+    words += mask_words_;
+  }
   if (!s.allowed.empty()) {
     if (s.allowed.size() < static_cast<size_t>(mask_words_))
       throw std::invalid_argument(who + "the token mask holds " + std::to_string(s.allowed.size()) +
@@ -806,7 +817,7 @@ int GpuModel::mode_of(const std::vector<SeqInput>& seqs) {
     if (s.sampling.temperature > 0.f) m |= kSampled;
     if (s.penalties.active) m |= kPenalties;
     if (s.sampling.logprobs) m |= kLogprobs;
-    if (!s.allowed.empty() || !s.bias_ids.empty()) m |= kConstrained;
+    if (s.masked() || !s.bias_ids.empty()) m |= kConstrained;
   }
   return m;
 }
@@ -855,8 +866,9 @@ void GpuModel::reserve_constraints(WorkerContext& ctx, size_t words) {
 void GpuModel::stage_constraints(WorkerContext& ctx, const std::vector<const SeqInput*>& rows, int32_t* desc) {
   size_t words = 0;
   for (const SeqInput* s : rows)
-    if (s != nullptr) words += (s->allowed.empty() ? 0 : mask_words_) + 2 * s->bias_ids.size();
+    if (s != nullptr) words += (s->masked() ? mask_words_ : 0) + 2 * s->bias_ids.size();
   reserve_constraints(ctx, words);
+  late_rows_.clear();
   size_t used = 0;
   for (size_t r = 0; r < rows.size(); ++r) {
     int32_t* d = desc + kConstrainDescInts * r;
@@ -865,8 +877,11 @@ void GpuModel::stage_constraints(WorkerContext& ctx, const std::vector<const Seq
     d[2] = 0;
     const SeqInput* s = rows[r];
     if (s == nullptr) continue;
-    if (!s->allowed.empty()) {
-      std::memcpy(h_cons_ + used, s->allowed.data(), static_cast<size_t>(mask_words_) * 4);
+    if (s->masked()) {
+      if (s->late != nullptr)
+        late_rows_.emplace_back(s, used);
+      else
+        std::memcpy(h_cons_ + used, s->allowed.data(), static_cast<size_t>(mask_words_) * 4);
       d[0] = static_cast<int32_t>(used);
       used += mask_words_;
     }
@@ -879,8 +894,23 @@ void GpuModel::stage_constraints(WorkerContext& ctx, const std::vector<const Seq
       used += 2 * nb;
     }
   }
-  if (used > 0)
+  cons_used_ = used;
+  if (used > 0 && late_rows_.empty())
     HX_CUDA_CHECK(cudaMemcpyAsync(d_cons_, h_cons_, used * 4, cudaMemcpyHostToDevice, ctx.compute_stream()));
+}
+
+void GpuModel::finish_constraints(WorkerContext& ctx) {
+  if (late_rows_.empty()) return;
+  const LateMasks* waited = nullptr;
+  for (const auto& [s, off] : late_rows_) {
+    if (s->late.get() != waited) {
+      s->late->wait(std::chrono::milliseconds(kLateMaskWaitMs));
+      waited = s->late.get();
+    }
+    std::memcpy(h_cons_ + off, s->late->row(s->late_row), static_cast<size_t>(mask_words_) * 4);
+  }
+  late_rows_.clear();
+  HX_CUDA_CHECK(cudaMemcpyAsync(d_cons_, h_cons_, cons_used_ * 4, cudaMemcpyHostToDevice, ctx.compute_stream()));
 }
 
 void GpuModel::fill_params(SamplingParamsDevice* p, const StepSampling& sampling) {
@@ -1218,7 +1248,7 @@ void GpuModel::decode_body(WorkerContext& ctx, const Bucket& b, int mode) {
   run_layers(ctx, pl);
   if (!spec_.lm_head) return;
   lm_head(ctx, x_, b.rows, logits_);
-  sample_rows(ctx, b.rows, mode, in.slots, in.steps, in.params, in.cons);
+  if (!(mode & kForwardOnly)) sample_rows(ctx, b.rows, mode, in.slots, in.steps, in.params, in.cons);
 }
 
 std::vector<StepResult> GpuModel::collect(WorkerContext& ctx, const std::vector<SeqInput>& seqs,
@@ -1267,6 +1297,7 @@ std::vector<StepResult> GpuModel::collect(WorkerContext& ctx, const std::vector<
 
 std::vector<StepResult> GpuModel::step_batch(WorkerContext& ctx, const std::vector<SeqInput>& seqs) {
   validate(seqs);
+  late_rows_.clear();  // a failed step may have left rows of its own
   bool decode_only = true;
   for (const SeqInput& s : seqs) decode_only = decode_only && s.tokens.size() == 1 && s.sample;
   try {
@@ -1327,11 +1358,16 @@ std::vector<StepResult> GpuModel::decode_step(WorkerContext& ctx, const std::vec
   }
   // Without the LM head nothing is sampled: one tail-less graph per bucket.
   const int mode = spec_.lm_head ? mode_of(seqs) : 0;
+  bool late = false;
   if (mode & kConstrained) {
     std::vector<const SeqInput*> crow(bk->rows, nullptr);
     for (int r = 0; r < B; ++r) crow[r] = &seqs[r];
     stage_constraints(ctx, crow, in.cons);
+    late = !late_rows_.empty();
   }
+  // Late masks: the graph runs the layers and the LM head, and the tail
+  // follows once the masks are in, while the device may still be busy.
+  const int run_mode = late ? kForwardOnly : mode;
   // Everything up to the last real row's table entries; padded rows' tables are never read.
   const size_t bytes = bk->tables_off + (static_cast<size_t>(B - 1) * max_blocks_ + last_blocks) * 4;
   HX_CUDA_CHECK(cudaMemcpyAsync(bk->dev, h_dec_, bytes, cudaMemcpyHostToDevice, st));
@@ -1339,22 +1375,22 @@ std::vector<StepResult> GpuModel::decode_step(WorkerContext& ctx, const std::vec
   const int sampled = spec_.lm_head ? B : 0;
   std::vector<int> out_row(seqs.size(), -1);
   for (int r = 0; r < sampled; ++r) out_row[r] = r;
-  const int key = bk->rows * kModes + mode;
+  const int key = bk->rows * kModes + run_mode;
   auto it = graphs_.find(key);
   const auto failed = graph_failed_.find(key);
   if (!use_graphs_ || (failed != graph_failed_.end() && failed->second)) {
-    decode_body(ctx, *bk, mode);
+    decode_body(ctx, *bk, run_mode);
   } else if (it != graphs_.end()) {
     HX_CUDA_CHECK(cudaGraphLaunch(it->second, st));
     ++graph_replays_;
   } else {
     // The plain run answers this step (and warms every kernel up); the
     // recording made after it serves the next steps of this bucket and mode.
-    decode_body(ctx, *bk, mode);
+    decode_body(ctx, *bk, run_mode);
     cudaGraph_t graph = nullptr;
     HX_CUDA_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
     try {
-      decode_body(ctx, *bk, mode);
+      decode_body(ctx, *bk, run_mode);
     } catch (...) {
       // Leave capture mode whatever failed, or the stream stays unusable.
       cudaStreamEndCapture(st, &graph);
@@ -1368,7 +1404,7 @@ std::vector<StepResult> GpuModel::decode_step(WorkerContext& ctx, const std::vec
         // run already produced this step's result.
         if (e.sticky) throw;
       }
-      return collect(ctx, seqs, out_row, sampled);
+      return late_tail(ctx, *bk, mode, seqs, out_row, sampled);
     }
     cudaError_t e = cudaStreamEndCapture(st, &graph);
     cudaGraphExec_t exec = nullptr;
@@ -1381,6 +1417,18 @@ std::vector<StepResult> GpuModel::decode_step(WorkerContext& ctx, const std::vec
       graphs_[key] = exec;
       ++graph_captures_;
     }
+  }
+  return late_tail(ctx, *bk, mode, seqs, out_row, sampled);
+}
+
+std::vector<StepResult> GpuModel::late_tail(WorkerContext& ctx, const Bucket& b, int mode,
+                                            const std::vector<SeqInput>& seqs, const std::vector<int>& out_row,
+                                            int sampled) {
+  if (!late_rows_.empty()) {
+    finish_constraints(ctx);
+    RowInputs in;
+    row_layout(b.dev, b.rows, max_blocks_, &in, nullptr);
+    sample_rows(ctx, b.rows, mode, in.slots, in.steps, in.params, in.cons);
   }
   return collect(ctx, seqs, out_row, sampled);
 }
@@ -1581,6 +1629,7 @@ std::vector<StepResult> GpuModel::general_step(WorkerContext& ctx, const std::ve
     }
   }
   if (any_sample) {
+    if (mode & kConstrained) finish_constraints(ctx);
     sample_rows(ctx, K, mode, at<int32_t>(d_gen_, o_slots), at<int32_t>(d_gen_, o_steps),
                 at<SamplingParamsDevice>(d_gen_, o_params), at<int32_t>(d_gen_, o_cons));
   }

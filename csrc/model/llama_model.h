@@ -222,8 +222,12 @@ class GpuModel : public Resource {
   TpComm* tp() const { return tp_.get(); }  // null unless spec.tp_size >= 1
 
  private:
-  // Sampling tail variants, each its own graph.
-  enum ModeBits : int { kSampled = 1, kPenalties = 2, kLogprobs = 4, kConstrained = 8, kModes = 16 };
+  // Sampling tail variants, each its own graph; kForwardOnly: the layers and
+  // the LM head without the tail (a step whose token masks are late runs
+  // its tail after them, outside the graph).
+  enum ModeBits : int { kSampled = 1, kPenalties = 2, kLogprobs = 4, kConstrained = 8, kForwardOnly = 16, kModes = 32 };
+  // How long a step waits for its late token masks before it fails.
+  static constexpr int kLateMaskWaitMs = 120000;
 
   // A pure-decode batch size: its graphs and its device input region.
   struct Bucket {
@@ -260,8 +264,12 @@ class GpuModel : public Resource {
 
   // Constraint data of a step: for each row r of `rows` (nullptr: none),
   // its mask and bias list appended to h_cons_ and its descriptor written to
-  // desc[3r..3r+2]; then one copy to d_cons_ (when any row has data).
+  // desc[3r..3r+2]; then one copy to d_cons_ (when any row has data), unless
+  // a row's mask is late: finish_constraints then copies them.
   void stage_constraints(WorkerContext& ctx, const std::vector<const SeqInput*>& rows, int32_t* desc);
+  // Waits for the late masks stage_constraints left (none: returns at once),
+  // places them and copies the step's constraint data to d_cons_.
+  void finish_constraints(WorkerContext& ctx);
   // Grows the constraint data buffers to hold `words` (dropping the graphs
   // that read the old one).
   void reserve_constraints(WorkerContext& ctx, size_t words);
@@ -324,6 +332,10 @@ class GpuModel : public Resource {
   void sample_rows(WorkerContext& ctx, int rows, int mode, const int32_t* slots, const int32_t* steps,
                    const SamplingParamsDevice* params, const int32_t* cons);
   void decode_body(WorkerContext& ctx, const Bucket& b, int mode);
+  // A decode step's end: when its masks were late (the forward ran without
+  // the tail), waits for them and runs the tail; then collect().
+  std::vector<StepResult> late_tail(WorkerContext& ctx, const Bucket& b, int mode, const std::vector<SeqInput>& seqs,
+                                    const std::vector<int>& out_row, int sampled);
   // Reads back the sampled rows and wanted logits. out_row[i]: sequence i's
   // logits row (-1: none).
   std::vector<StepResult> collect(WorkerContext& ctx, const std::vector<SeqInput>& seqs,
@@ -408,6 +420,10 @@ class GpuModel : public Resource {
   int32_t* d_cons_ = nullptr;          // [cons_cap] constraint data of a step (masks, bias lists)
   int32_t* h_cons_ = nullptr;          // pinned
   size_t cons_cap_ = 0;                // words
+  // Set by stage_constraints for finish_constraints: the words staged so
+  // far and each late mask's row and h_cons_ offset (valid during the step).
+  size_t cons_used_ = 0;
+  std::vector<std::pair<const SeqInput*, size_t>> late_rows_;
   size_t cons_dev_bytes_ = 0;          // d_cons_'s share of scratch_bytes_
   float* d_pool_ = nullptr;            // [slots, hidden] mean-pooling sums of a hidden-states job
   float* h_pool_ = nullptr;            // [slots, hidden] pinned: pooled rows

@@ -23,6 +23,7 @@
 
 #include "common/limits.h"
 #include "common/rope_style.h"
+#include "model/late_masks.h"
 
 namespace hx {
 
@@ -150,8 +151,14 @@ struct SeqInput {
   PenaltyUpdate penalties;  // applied to `slot` (only when sampling)
   bool want_logits = false;
   std::vector<int32_t> allowed;
+  // Or the mask is row `late_row` of `late`, filled by another thread while
+  // the step's forward runs (late_masks.h); `allowed` is then empty.
+  std::shared_ptr<LateMasks> late;
+  int late_row = -1;
   std::vector<int32_t> bias_ids;
   std::vector<float> bias_values;
+
+  bool masked() const { return !allowed.empty() || late != nullptr; }
 };
 
 struct StepResult {

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -49,7 +49,9 @@ class SeqStep:
     `allowed` (a CPU int32 bitmask [ceil(vocab/32)], bit i % 32 of word i // 32
     set for an allowed token i; constraints.py) masks them, both before the
     penalties (params.py steps 1a-1b, sampling.constrain_logits). Backends
-    without `supports_constraints` never receive either.
+    without `supports_constraints` never receive either. A backend with
+    `late_masks` may receive a LateMask instead: a row of its table that
+    another thread fills while the step runs.
     """
 
     slot: int
@@ -60,8 +62,16 @@ class SeqStep:
     params: Optional[SamplingParams] = None
     state: Optional[SamplerState] = None
     want_logits: bool = False  # also return the sampled position's raw logits
-    allowed: Optional[torch.Tensor] = None
+    allowed: Optional[Union[torch.Tensor, "LateMask"]] = None
     logit_bias: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+
+@dataclass(frozen=True)
+class LateMask:
+    """Row `row` of a late mask table (Backend.late_masks): written, then `table.ready()`, while the step runs."""
+
+    table: Any
+    row: int
 
 
 @dataclass
@@ -83,6 +93,17 @@ class Backend(ABC):
     # True when step_batch applies SeqStep.allowed and SeqStep.logit_bias;
     # the Engine refuses structured outputs and logit_bias otherwise.
     supports_constraints: bool = False
+
+    def late_masks(self, words: int):
+        """A table of token masks that step_batch waits for only when it samples, or None (masks come with the step).
+
+        The table (max_num_seqs + 1 rows of `words` int32 words) has `table`
+        (a writable array view), `ready()` and `fail(reason)`; the caller
+        fills rows on another thread while the step's forward runs, then
+        calls one of the two (fail: the step raises with the reason). One
+        table serves one step at a time.
+        """
+        return None
 
     @property
     def lock(self) -> threading.RLock:

@@ -40,7 +40,7 @@ from ..ggml_types import GGML_TYPE_IDS
 from ..kv_blocks import DEFAULT_BLOCK_SIZE, KVBlockManager
 from ..params import UINT64_MASK, SampleResult, SamplerState, SamplingParams
 from ..rope import inv_freq
-from .base import Backend, SeqStep, StepOutput, check_positive_ints
+from .base import Backend, LateMask, SeqStep, StepOutput, check_positive_ints
 
 # Architectures the GPU model runs: a subset of config.SUPPORTED_ARCHS (all
 # of them today), kept apart so an architecture can reach the CPU reference
@@ -254,7 +254,7 @@ def constraint_arrays(step: SeqStep, vocab: int):
     them) or None; bias_ids int32 and bias_values float32 [k], or None.
     """
     allowed = None
-    if step.allowed is not None:
+    if step.allowed is not None and not isinstance(step.allowed, LateMask):
         a = step.allowed.detach().to("cpu").reshape(-1)
         if a.dtype == torch.bool:
             if a.numel() != vocab:
@@ -540,6 +540,8 @@ class CUDABackend(Backend):
                     bias_values,
                 )
             )
+            if s.sample and isinstance(s.allowed, LateMask):
+                inputs[-1].late, inputs[-1].late_row = s.allowed.table, int(s.allowed.row)
             records.append(record if pu.active else None)
         for s, record in zip(seqs, records):
             if record is not None:
@@ -557,6 +559,16 @@ class CUDABackend(Backend):
                     res.top_logprobs = [(int(t), float(v)) for t, v in (top or [])][: s.params.top_logprobs]
             results.append(StepOutput(result=res, logits=torch.from_numpy(logits) if logits is not None else None))
         return results
+
+    def late_masks(self, words: int):
+        """The device worker waits for these masks after the step's forward (Backend.late_masks)."""
+        tables = self.__dict__.setdefault("_late_tables", {})  # mask words -> C.LateMasks
+        t = tables.get(words)
+        if t is None:
+            t = tables[words] = self._C.LateMasks(self.max_num_seqs + 1, int(words))
+        else:
+            t.reset()
+        return t
 
     def forward_paged(
         self, tokens: Sequence[int], start_pos: int, block_table: Sequence[int], all_logits: bool = False

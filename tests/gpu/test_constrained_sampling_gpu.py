@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helexa_native.backends.base import SeqStep
+from helexa_native.backends.base import LateMask, SeqStep
 from helexa_native.constraints import unpack_mask
 from helexa_native.kv_blocks import SeqBlocks
 from helexa_native.params import SamplerState, SamplingParams
@@ -250,17 +252,39 @@ class _Row:
         return mask, bias
 
 
-def _run(gpu, rows, n_steps, check=True):
-    """Steps every row through step_batch (want_logits on), checking each pick against the host sampler."""
+def _late(gpu, masks):
+    """A late mask table whose rows `masks` another thread writes (after a pause) while the step runs."""
+    table = gpu.late_masks((VOCAB + 31) // 32)
+
+    def fill():
+        time.sleep(0.003)  # the step's forward is on its way by now
+        view = table.table
+        for i, m in enumerate(masks):
+            view[i] = m.numpy()
+        table.ready()
+
+    return table, threading.Thread(target=fill)
+
+
+def _run(gpu, rows, n_steps, check=True, late=False):
+    """Steps every row through step_batch (want_logits on), checking each pick against the host sampler.
+
+    late: the masks reach the step as LateMask rows, written by another
+    thread after the step started.
+    """
     try:
         for step in range(max(r.join_at for r in rows) + n_steps):
-            batch, live = [], []
+            batch, live, late_rows = [], [], []
             for r in rows:
                 if step < r.join_at or len(r.tokens) == n_steps:
                     continue
                 toks = list(r.prompt) if not r.tokens else [r.tokens[-1]]
                 gpu.blocks.ensure(r.blocks, r.pos + len(toks))
                 mask, bias = r.constraints(len(r.tokens))
+                given = mask
+                if late and mask is not None:
+                    given = len(late_rows)
+                    late_rows.append(mask)
                 batch.append(
                     SeqStep(
                         slot=r.slot,
@@ -270,12 +294,24 @@ def _run(gpu, rows, n_steps, check=True):
                         params=r.params,
                         state=r.state,
                         want_logits=True,
-                        allowed=mask,
+                        allowed=given,
                         logit_bias=bias,
                     )
                 )
                 live.append((r, mask, bias))
-            for (r, mask, bias), s, out in zip(live, batch, gpu.step_batch(batch)):
+            filler = None
+            if late_rows:
+                table, filler = _late(gpu, late_rows)
+                for s in batch:
+                    if isinstance(s.allowed, int):
+                        s.allowed = LateMask(table, s.allowed)
+                filler.start()
+            try:
+                outs = gpu.step_batch(batch)
+            finally:
+                if filler is not None:
+                    filler.join()
+            for (r, mask, bias), s, out in zip(live, batch, outs):
                 res, raw = out.result, out.logits
                 if check:
                     if mask is not None:
@@ -331,6 +367,73 @@ def test_constrained_steps_without_graphs_match_the_host_sampler(gpu):
     assert gpu.memory_info()["graph_replays"] == 0
     again = _run(gpu, _mixed_rows(), 10)
     assert [r.tokens for r in rows] == [r.tokens for r in again]
+
+
+def test_late_masks_give_what_masks_given_with_the_step_give(gpu):
+    # Decode steps run the layers in a graph without the sampling tail, then
+    # the tail once the masks are in; the prompt step waits before sampling.
+    given = _run(gpu, _mixed_rows(), 12)
+    late = _run(gpu, _mixed_rows(), 12, late=True)
+    assert [r.tokens for r in late] == [r.tokens for r in given]
+    assert gpu.memory_info()["graph_failures"] == 0
+    gpu.set_graphs(False)
+    try:
+        given = _run(gpu, _mixed_rows(), 6)
+        late = _run(gpu, _mixed_rows(), 6, late=True)
+    finally:
+        gpu.set_graphs(True)
+    assert [r.tokens for r in late] == [r.tokens for r in given]
+
+
+def test_late_masks_that_fail_fail_the_step_and_nothing_else(gpu):
+    state = SamplerState(prompt_tokens=[5, 6])
+    seq = SeqBlocks()
+    gpu.blocks.ensure(seq, 4)
+    try:
+        for tokens, start in (([5, 6], 0), ([7], 2)):  # a prompt step, then a decode step
+            table = gpu.late_masks((VOCAB + 31) // 32)
+            step = SeqStep(
+                slot=0,
+                tokens=tokens,
+                start_pos=start,
+                block_table=list(seq.table),
+                params=GREEDY,
+                state=state,
+                allowed=LateMask(table, 0),
+            )
+            threading.Timer(0.002, table.fail, args=("the grammar broke",)).start()
+            with pytest.raises(ValueError, match="the grammar broke"):
+                gpu.step_batch([step])
+            assert gpu.is_healthy()
+        # A row outside the table is refused before any work.
+        table = gpu.late_masks((VOCAB + 31) // 32)
+        bad = SeqStep(
+            slot=0,
+            tokens=[5, 6],
+            start_pos=0,
+            block_table=list(seq.table),
+            params=GREEDY,
+            state=state,
+            allowed=LateMask(table, gpu.max_num_seqs + 1),
+        )
+        with pytest.raises(ValueError, match="late mask row"):
+            gpu.step_batch([bad])
+        out = gpu.step_batch(
+            [
+                SeqStep(
+                    slot=0,
+                    tokens=[5, 6],
+                    start_pos=0,
+                    block_table=list(seq.table),
+                    params=GREEDY,
+                    state=state,
+                    want_logits=True,
+                )
+            ]
+        )[0]
+        assert out.result.token == int(torch.argmax(out.logits))
+    finally:
+        gpu.blocks.release(seq)
 
 
 def test_dense_bias_grows_the_constraint_buffer(gpu):
