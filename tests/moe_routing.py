@@ -115,9 +115,11 @@ def follow(
     layers above, so their near-ties are looked up again after it) and
     those of earlier positions in layers below the last (they reach this
     row through the keys and values; at most LOOK_BACK of them). A choice
-    is kept when it makes the row pass without failing a row that passed;
-    a row nothing fixes is a failure, and the check goes on (without
-    looking back any more). The private sequence of `cpu` is reset first.
+    is kept when it makes the row pass and leaves fewer failing rows in the
+    pass (a row it breaks was explained by the old choice only by chance: it
+    is checked, and fixed or failed, in its turn); a row nothing fixes is a
+    failure, and the check goes on (without looking back any more). The
+    private sequence of `cpu` is reset first.
     """
     model = cpu.model
     k = model.config.num_experts_per_tok
@@ -193,7 +195,7 @@ def follow(
             set_choice(c, True)
             rerun_to(i)
             after = failing(c[1], last)
-            if pos not in after and after <= before:
+            if pos not in after and len(after) < len(before):
                 out.reroutes.append((c[1], c[2], c[0]))
                 return True
             # The row still fails: a near-tie of a layer above, as routed now, may also have tipped.

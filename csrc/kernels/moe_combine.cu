@@ -1,9 +1,10 @@
 // Weighted sum of a token's expert outputs into the residual:
 //   x[t] += sum_j w[t, j] * y[slot(t, j)]   (j ascending, fp32)
-// One CTA of 256 threads per token row; float4 columns when h % 4 == 0 and
-// the pointers are 16-byte aligned, scalar otherwise. The row's weights and
-// slots are read once per thread from global memory (L1). One arch path
-// (sm_80+).
+// Grid (token rows, column blocks): each thread owns one column (a float4
+// of columns when h % 4 == 0 and the pointers are 16-byte aligned) and reads
+// its k expert outputs with independent loads, so a single token row still
+// spreads over several CTAs. The row's weights and slots are read by every
+// thread from global memory (L1). One arch path (sm_80+).
 #include "kernels/moe_combine.cuh"
 
 #include <stdexcept>
@@ -15,7 +16,7 @@
 namespace hx {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 128;
 
 template <bool Vec>
 __global__ void __launch_bounds__(kThreads) moe_combine_kernel(float* __restrict__ x, const float* __restrict__ y,
@@ -23,39 +24,37 @@ __global__ void __launch_bounds__(kThreads) moe_combine_kernel(float* __restrict
                                                             const int32_t* __restrict__ pair_slot, int top_k, int h) {
   pdl_begin();
   const int t = blockIdx.x;
+  const int c = blockIdx.y * kThreads + threadIdx.x;
   const float* w = weights + (size_t)t * top_k;
   float* xr = x + (size_t)t * h;
   if constexpr (Vec) {
-    const int h4 = h / 4;
-    for (int c = threadIdx.x; c < h4; c += kThreads) {
-      float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-      for (int j = 0; j < top_k; ++j) {
-        const int p = t * top_k + j;
-        const size_t row = (size_t)(pair_slot ? pair_slot[p] : p);
-        const float4 v = reinterpret_cast<const float4*>(y + row * h)[c];
-        const float wj = w[j];
-        s.x = fmaf(wj, v.x, s.x);
-        s.y = fmaf(wj, v.y, s.y);
-        s.z = fmaf(wj, v.z, s.z);
-        s.w = fmaf(wj, v.w, s.w);
-      }
-      float4 r = reinterpret_cast<float4*>(xr)[c];
-      r.x += s.x;
-      r.y += s.y;
-      r.z += s.z;
-      r.w += s.w;
-      reinterpret_cast<float4*>(xr)[c] = r;
+    if (c >= h / 4) return;
+    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int j = 0; j < top_k; ++j) {
+      const int p = t * top_k + j;
+      const size_t row = (size_t)(pair_slot ? pair_slot[p] : p);
+      const float4 v = reinterpret_cast<const float4*>(y + row * h)[c];
+      const float wj = w[j];
+      s.x = fmaf(wj, v.x, s.x);
+      s.y = fmaf(wj, v.y, s.y);
+      s.z = fmaf(wj, v.z, s.z);
+      s.w = fmaf(wj, v.w, s.w);
     }
+    float4 r = reinterpret_cast<float4*>(xr)[c];
+    r.x += s.x;
+    r.y += s.y;
+    r.z += s.z;
+    r.w += s.w;
+    reinterpret_cast<float4*>(xr)[c] = r;
   } else {
-    for (int c = threadIdx.x; c < h; c += kThreads) {
-      float s = 0.f;
-      for (int j = 0; j < top_k; ++j) {
-        const int p = t * top_k + j;
-        const size_t row = (size_t)(pair_slot ? pair_slot[p] : p);
-        s = fmaf(w[j], y[row * h + c], s);
-      }
-      xr[c] += s;
+    if (c >= h) return;
+    float s = 0.f;
+    for (int j = 0; j < top_k; ++j) {
+      const int p = t * top_k + j;
+      const size_t row = (size_t)(pair_slot ? pair_slot[p] : p);
+      s = fmaf(w[j], y[row * h + c], s);
     }
+    xr[c] += s;
   }
 }
 
@@ -71,10 +70,11 @@ void moe_combine_launch(float* x, const float* y, const float* weights, const in
   if (n == 0) return;
   if (!x || !y || !weights) throw std::invalid_argument("moe_combine: null pointer");
   if (h % 4 == 0 && aligned16(x) && aligned16(y))
-    launch_overlapped(moe_combine_kernel<true>, dim3(n), dim3(kThreads), 0, stream, x, y, weights, pair_slot, top_k, h);
+    launch_overlapped(moe_combine_kernel<true>, dim3(n, (h / 4 + kThreads - 1) / kThreads), dim3(kThreads), 0, stream,
+                      x, y, weights, pair_slot, top_k, h);
   else
-    launch_overlapped(moe_combine_kernel<false>, dim3(n), dim3(kThreads), 0, stream, x, y, weights, pair_slot, top_k,
-                      h);
+    launch_overlapped(moe_combine_kernel<false>, dim3(n, (h + kThreads - 1) / kThreads), dim3(kThreads), 0, stream, x,
+                      y, weights, pair_slot, top_k, h);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 
