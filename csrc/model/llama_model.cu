@@ -536,6 +536,10 @@ void GpuModel::alloc_state() {
       for (const ExpertWeight* w : {&L.exp_gate_up, &L.exp_gate, &L.exp_up, &L.exp_down})
         if (L.moe && w->data && is_float_type(w->type)) moe_tc_ = false;
     if (moe_tc_) exp_xb_ = static_cast<__nv_bfloat16*>(dev_alloc(P * std::max(h, fe) * 2, sc));
+    // Up to this many tokens the experts run as (token, expert) pairs
+    // (HELEXA_MOE_PAIRS_MAX, 0..kMatvecMaxTokens); past it, grouped by expert.
+    if (const char* pm = std::getenv("HELEXA_MOE_PAIRS_MAX"))
+      moe_pairs_max_ = std::min(std::max(std::atoi(pm), 0), kMatvecMaxTokens);
   }
   {
     // Small batches' int8 activations, quantized once per matvec (HELEXA_XQ=0: by every CTA).
@@ -1132,9 +1136,10 @@ void GpuModel::moe_ffn(WorkerContext& ctx, const LayerWeights& L, int n) {
   // rows in pair order. Larger ones: pairs sorted by expert (slots), rows in
   // slot order, each expert's weights read once for all of its rows.
   const int groups = std::min(E, P);
-  const bool tc = !small && moe_tc_;
+  const bool pairs = n <= moe_pairs_max_;
+  const bool tc = !pairs && moe_tc_;
   auto product = [&](const ExpertWeight& w, const float* x, int x_div, float* y) {
-    if (small)
+    if (pairs)
       matvec_expert_pairs_launch(w.type, w.data, w.stride, E, moe_ids_, x, x_div, y, w.n_out, w.k, P, st);
     else if (tc)  // x is exp_xb_, the same rows in bf16
       matmul_tc_expert_groups_launch(w.type, w.data, w.stride, E, moe_offsets_, moe_active_, moe_n_active_, groups,
@@ -1145,7 +1150,7 @@ void GpuModel::moe_ffn(WorkerContext& ctx, const LayerWeights& L, int n) {
   };
   const float* x_in = xn_;
   int x_div = K;
-  if (!small) {
+  if (!pairs) {
     moe_align_launch(moe_ids_, P, E, K, moe_offsets_, moe_active_, moe_n_active_, moe_pair_slot_, moe_slot_token_, st);
     constexpr int kGatherRows = 65535;  // the gather's grid rows
     for (int r = 0; r < P; r += kGatherRows)
@@ -1169,7 +1174,7 @@ void GpuModel::moe_ffn(WorkerContext& ctx, const LayerWeights& L, int n) {
     swiglu_launch(exp_gu_, exp_gu_ + pf, act_f32, act_bf16, static_cast<int64_t>(pf), st);
   }
   product(L.exp_down, exp_act_, 1, exp_xy_);  // [P, h]
-  moe_combine_launch(x_, exp_xy_, moe_w_, small ? nullptr : moe_pair_slot_, n, K, h, st);
+  moe_combine_launch(x_, exp_xy_, moe_w_, pairs ? nullptr : moe_pair_slot_, n, K, h, st);
 }
 
 void GpuModel::lm_head(WorkerContext& ctx, const float* x, int count, float* logits) {

@@ -362,6 +362,7 @@ class GpuModel : public Resource {
   // quantized experts while the tensor-core product is on (HELEXA_MOE_TC=0:
   // the float matvec groups).
   bool moe_tc_ = false;
+  int moe_pairs_max_ = kMatvecMaxTokens;  // tokens up to which experts run as pairs (moe_ffn)
   TcOptions tc_opts_;                  // the product's implementation and sizes (tc_options_from_env, at load)
 
   std::vector<void*> dev_buffers_;
