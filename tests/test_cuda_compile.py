@@ -143,6 +143,71 @@ def test_cuda_file_compiles_for_all_archs(compiled, path):
         assert not bad, f"{path.name} uses local memory or spills registers:\n" + "\n".join(bad)
 
 
+# Each 16-byte weight load of the matvec kernels sits under its own guard in
+# issue_step (a chunk past a row's last byte is skipped). A plain asm load may
+# be hoisted out of that guard by the compiler; the read past the tensor then
+# faults where the allocation ends on a page (it did: the grouped expert
+# kernels' first step, a 2 MiB F16 expert tensor on an H100).
+WEIGHT_LOAD = "ld.global.nc.L1::no_allocate"
+PTX_GUARD = re.compile(r"^\s*@!?%p\d+\s+bra\b")
+PTX_ENTRY = re.compile(r"^\.visible \.entry (\S+)\(")
+MATVEC_ENTRY = re.compile(r"matvec(13matvec_kernel|21matvec_experts_kernel)")
+
+
+def unguarded_weight_loads(ptx: str) -> list[str]:
+    """Entries of matvec kernels with a weight load not preceded by a conditional branch since the last one."""
+    bad, name, guarded = [], None, False
+    for line in ptx.splitlines():
+        m = PTX_ENTRY.match(line)
+        if m:
+            name, guarded = m.group(1), False
+        elif name is None or not MATVEC_ENTRY.search(name):
+            continue
+        elif PTX_GUARD.match(line):
+            guarded = True
+        elif WEIGHT_LOAD in line:
+            if not guarded:
+                bad.append(name)
+            guarded = False
+    return bad
+
+
+def test_unguarded_weight_loads_are_found():
+    hoisted = "\n".join(
+        [".visible .entry _ZN2hx6matvec21matvec_experts_kernelIX(", "\t@%p4 bra \t$L__BB0_2;"]
+        + [f"\t{WEIGHT_LOAD}.v4.u32 {{%r1, %r2, %r3, %r4}}, [%rd{i}];" for i in range(3)]
+    )
+    assert len(unguarded_weight_loads(hoisted)) == 2
+    guarded = hoisted.replace(f"\t{WEIGHT_LOAD}", f"\t@%p9 bra \t$L__BB0_3;\n\t{WEIGHT_LOAD}")
+    assert unguarded_weight_loads(guarded) == []
+
+
+@needs_nvcc
+def test_matvec_weight_loads_stay_under_their_guards(tmp_path):
+    def ptx(name):
+        out = tmp_path / (name + ".ptx")
+        cmd = [
+            NVCC,
+            *NVCC_FLAGS[:3],
+            "-DHX_WITH_CUDA=1",
+            f"-I{CSRC}",
+            "-arch=sm_90",
+            "-ptx",
+            str(CSRC / "kernels" / name),
+        ]
+        p = subprocess.run(cmd + ["-o", str(out)], capture_output=True, text=True)
+        assert p.returncode == 0, p.stdout + p.stderr
+        return out.read_text()
+
+    files = ["matvec_f16.cu", "matvec_f32.cu", "matvec_q4_k.cu"]
+    with ThreadPoolExecutor(max_workers=PARALLEL) as pool:
+        texts = dict(zip(files, pool.map(ptx, files)))
+    for name, text in texts.items():
+        assert WEIGHT_LOAD in text, f"{name}: no weight loads found (the PTX changed form?)"
+        bad = unguarded_weight_loads(text)
+        assert not bad, f"{name}: weight loads outside their guards in {sorted(set(bad))}"
+
+
 # ------------------------------------------------------------ host decoders
 
 HARNESS = r"""

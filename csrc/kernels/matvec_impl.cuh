@@ -184,12 +184,15 @@ struct DeviceCtx {
   __device__ __forceinline__ void syncwarp() const { __syncwarp(); }
   __device__ __forceinline__ void syncthreads() const { __syncthreads(); }
   __device__ __forceinline__ float shfl_xor(float v, int m) const { return __shfl_xor_sync(0xffffffffu, v, m); }
-  // Weights: read once, so skip L1 (the activations live there).
+  // Weights: read once, so skip L1 (the activations live there). The loads
+  // are volatile: callers guard them (a chunk past a tensor's last row), and
+  // the compiler may otherwise hoist a plain asm load out of its guard, a
+  // read past the end that faults where the allocation ends on a page.
   __device__ __forceinline__ uint4 ld_stream(const void* p) const {
     uint4 r;
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-        : "l"(p));
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
     return r;
   }
   __device__ __forceinline__ float4 ld_x(const float* p) const { return __ldg(reinterpret_cast<const float4*>(p)); }
@@ -201,7 +204,7 @@ struct DeviceCtx {
   // share 16-byte headers and Q6_K high bits, so these may allocate in L1).
   __device__ __forceinline__ uint4 ld_w128(const void* p) const {
     uint4 r;
-    asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
     return r;
   }
   __device__ __forceinline__ uint32_t ld_w32(const void* p) const {
