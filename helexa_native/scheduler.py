@@ -21,7 +21,11 @@ Each iteration:
      far, mostly from the prefix cache) instead of failing a request;
   4. run `backend.step_batch`, then hand each sampled token to its
      request's queue, finishing sequences on a stop token, max_tokens, or
-     a structured-output grammar that is complete.
+     a structured-output grammar that is complete. An iteration's events
+     go out together at its end: a few put at once, more handed in one
+     batch to a delivery thread, which wakes the callers while this loop
+     plans and runs the next step (in order: a batch in flight is never
+     overtaken).
 A request with a grammar (constraints.GrammarMatcher) has its mask filled
 for each of its sampling steps and handed to the backend in its SeqStep,
 with its logit_bias; the sampled token then advances the matcher. Where the
@@ -54,6 +58,10 @@ from .params import SamplerState, SamplingParams
 
 # Tokens one step runs at most, decode tokens and prompt chunks together.
 DEFAULT_MAX_BATCH_TOKENS = 512
+
+# An iteration with at most this many events delivers them itself; more go to
+# the delivery thread (one hand-off instead of a wake-up per caller).
+INLINE_EVENTS = 4
 
 
 @dataclass(eq=False)
@@ -143,6 +151,14 @@ class Scheduler:
         self.batch_hist = collections.Counter()  # sequences per step -> steps
         self.tokens_generated = 0
         self._mask_filler: Optional[concurrent.futures.ThreadPoolExecutor] = None  # late masks (on first use)
+        # Events of the current iteration, then handed to the delivery thread in
+        # one batch: waking each caller's thread costs microseconds a put, which
+        # the delivery thread pays while this loop plans and runs the next step.
+        self._pending: List[Tuple["queue.SimpleQueue", tuple]] = []
+        self._outbox: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._handed = self._delivered = 0  # batches; each counter has one writer
+        self._deliverer = threading.Thread(target=self._deliver, name=name + "-events", daemon=True)
+        self._deliverer.start()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -192,6 +208,7 @@ class Scheduler:
             self._cv.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join()
+            self._deliverer.join()  # every event of the loop is on its queue
         if self._mask_filler is not None:
             self._mask_filler.shutdown(wait=False)
 
@@ -214,6 +231,7 @@ class Scheduler:
                     self._fail(r, e)
                 self._running.clear()
                 self._waiting.clear()
+            self._flush()
         err = self._closed_error
         with self._cv:
             pending = list(self._running) + list(self._waiting) + self._incoming
@@ -222,6 +240,31 @@ class Scheduler:
         with self.backend.lock:
             for r in pending:
                 self._fail(r, err)
+        self._flush()
+        self._outbox.put(None)
+
+    def _flush(self) -> None:
+        """Deliver the iteration's events, in order: a few at once, more through the delivery thread."""
+        if not self._pending:
+            return
+        if len(self._pending) <= INLINE_EVENTS and self._delivered == self._handed:
+            # Nothing of an earlier batch is still in flight, so nothing is overtaken;
+            # a small batch is cheaper without the extra thread hop.
+            for q, event in self._pending:
+                q.put(event)
+        else:
+            self._handed += 1
+            self._outbox.put(self._pending)
+        self._pending = []
+
+    def _deliver(self) -> None:
+        while True:
+            batch = self._outbox.get()
+            if batch is None:
+                return
+            for q, event in batch:
+                q.put(event)
+            self._delivered += 1
 
     def _iteration(self) -> None:
         for r in [r for r in self._running if r.cancelled]:
@@ -290,7 +333,7 @@ class Scheduler:
             r.t_last = now
             if r.constraint is not None and not self._advance(r, tok):
                 continue
-            r.events.put(("token", res))
+            self._pending.append((r.events, ("token", res)))
             if tok in r.stop_ids:
                 self._finish(r, "stop", tok)
             elif r.constraint_on and r.constraint.is_finished():
@@ -443,11 +486,11 @@ class Scheduler:
             return
         r.finished = True
         self._release(r)
-        r.events.put(("done", reason, stop_reason))
+        self._pending.append((r.events, ("done", reason, stop_reason)))
 
     def _fail(self, r: Request, exc: BaseException) -> None:
         if r.finished:
             return
         r.finished = True
         self._release(r)
-        r.events.put(("error", exc))
+        self._pending.append((r.events, ("error", exc)))

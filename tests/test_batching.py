@@ -163,6 +163,33 @@ def test_concurrent_requests_equal_each_alone(hf_models, variant):
         assert stats["kv_blocks_used"] == 0 and stats["running"] == 0
 
 
+def test_streams_keep_their_order_as_events_switch_delivery(hf_models):
+    # A step with more than scheduler.INLINE_EVENTS events hands them to the
+    # delivery thread; smaller ones are put at once when nothing is in flight.
+    # Twelve streams leaving one by one cross that line both ways.
+    from helexa_native import scheduler
+
+    folder, _ = hf_models("llama")
+    prompts = [_tokens(40 + i, 3 + i) for i in range(12)]
+    with _engine(folder, prefix_cache=False, max_num_seqs=12) as eng:
+        alone = [eng.generate(p, temperature=0, max_tokens=14, ignore_eos=True).token_ids for p in prompts]
+        got = {}
+
+        def work(i):
+            ids = []
+            for chunk in eng.generate_stream(prompts[i], temperature=0, max_tokens=3 + i, ignore_eos=True):
+                ids += chunk.token_ids
+            got[i] = ids
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [got[i] for i in range(len(prompts))] == [a[: 3 + i] for i, a in enumerate(alone)]
+        assert max(eng.load()["batch_size_histogram"]) > scheduler.INLINE_EVENTS
+
+
 def test_generate_batch_and_seeded_sampling(hf_models):
     folder, _ = hf_models("qwen2")
     with _engine(folder) as eng:
