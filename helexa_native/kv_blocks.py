@@ -155,9 +155,9 @@ class KVBlockManager:
 
     def commit(self, seq: SeqBlocks, tokens: Sequence[int], written: int) -> None:
         """Record that positions [0, written) of seq hold `tokens[:written]`: full blocks become cached."""
-        if not self.prefix_cache:
-            return
         bs = self.block_size
+        if not self.prefix_cache or written // bs <= len(seq.keys):
+            return  # no block filled since the last commit
         full = min(written // bs, len(seq.table))
         parent = seq.keys[-1] if seq.keys else b""
         for i in range(len(seq.keys), full):

@@ -437,7 +437,7 @@ class Scheduler:
         for r in decoding + reading:
             if budget <= 0:
                 break
-            if r not in self._running:  # preempted while planning
+            if r.blocks is None:  # preempted while planning (a running request holds blocks)
                 continue
             n = min(len(r.tokens) - r.computed, budget)
             if not self._reserve(r, r.computed + n, plan):
