@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import os
 import queue
 import threading
 import time
@@ -61,7 +62,16 @@ DEFAULT_MAX_BATCH_TOKENS = 512
 
 # An iteration with at most this many events delivers them itself; more go to
 # the delivery thread (one hand-off instead of a wake-up per caller).
+# HELEXA_INLINE_EVENTS overrides it for a scheduler made after it is set (a
+# large value: every event from the loop itself, as an A/B baseline).
 INLINE_EVENTS = 4
+
+
+def _inline_events() -> int:
+    try:
+        return max(0, int(os.environ.get("HELEXA_INLINE_EVENTS", INLINE_EVENTS)))
+    except ValueError:
+        return INLINE_EVENTS
 
 
 @dataclass(eq=False)
@@ -157,6 +167,7 @@ class Scheduler:
         self._pending: List[Tuple["queue.SimpleQueue", tuple]] = []
         self._outbox: "queue.SimpleQueue" = queue.SimpleQueue()
         self._handed = self._delivered = 0  # batches; each counter has one writer
+        self._inline = _inline_events()
         self._deliverer = threading.Thread(target=self._deliver, name=name + "-events", daemon=True)
         self._deliverer.start()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -247,7 +258,7 @@ class Scheduler:
         """Deliver the iteration's events, in order: a few at once, more through the delivery thread."""
         if not self._pending:
             return
-        if len(self._pending) <= INLINE_EVENTS and self._delivered == self._handed:
+        if len(self._pending) <= self._inline and self._delivered == self._handed:
             # Nothing of an earlier batch is still in flight, so nothing is overtaken;
             # a small batch is cheaper without the extra thread hop.
             for q, event in self._pending:

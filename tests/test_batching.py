@@ -163,12 +163,13 @@ def test_concurrent_requests_equal_each_alone(hf_models, variant):
         assert stats["kv_blocks_used"] == 0 and stats["running"] == 0
 
 
-def test_streams_keep_their_order_as_events_switch_delivery(hf_models):
+def test_streams_keep_their_order_as_events_switch_delivery(hf_models, monkeypatch):
     # A step with more than scheduler.INLINE_EVENTS events hands them to the
     # delivery thread; smaller ones are put at once when nothing is in flight.
     # Twelve streams leaving one by one cross that line both ways.
     from helexa_native import scheduler
 
+    monkeypatch.delenv("HELEXA_INLINE_EVENTS", raising=False)
     folder, _ = hf_models("llama")
     prompts = [_tokens(40 + i, 3 + i) for i in range(12)]
     with _engine(folder, prefix_cache=False, max_num_seqs=12) as eng:
