@@ -101,6 +101,24 @@ void check_experts(const at::Tensor& w, int64_t type, int n_out, int k, const at
               "w must be [num_experts, stride] with room for ", n_out, " rows of ", k, " ", type_name(t), " elements");
 }
 
+// The grouped products' routing arrays and rows (x of `x_type`): returns num_experts.
+int check_groups(const at::Tensor& w, int64_t type, int n_out, int k, const at::Tensor& offsets,
+                 const at::Tensor& active, const at::Tensor& n_active, const at::Tensor& x, at::ScalarType x_type,
+                 const at::Tensor& y, const at::Device& dev) {
+  check_experts(w, type, n_out, k, dev);
+  const int E = as_int(w.size(0), "num_experts", 1);
+  check_tensor(offsets, "offsets", at::kInt, dev);
+  check_tensor(active, "active", at::kInt, dev);
+  check_tensor(n_active, "n_active", at::kInt, dev);
+  check_tensor(x, "x", x_type, dev);
+  check_tensor(y, "y", at::kFloat, dev);
+  HX_OP_CHECK(offsets.numel() == E + 1 && active.numel() == E && n_active.numel() == 1,
+              "offsets, active and n_active must hold num_experts + 1, num_experts and 1 entries");
+  HX_OP_CHECK(x.dim() == 2 && x.size(1) == k && y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == n_out,
+              "x must be [rows, k] and y [rows, n_out]");
+  return E;
+}
+
 void op_matvec_expert_pairs(int64_t type, const at::Tensor& w, const at::Tensor& ids, const at::Tensor& x,
                             int64_t x_div, at::Tensor& y, int64_t n_out, int64_t k) {
   const c10::cuda::CUDAGuard guard(cuda_device(x, "x"));
@@ -126,17 +144,7 @@ void op_matvec_expert_groups(int64_t type, const at::Tensor& w, const at::Tensor
   const c10::cuda::CUDAGuard guard(cuda_device(x, "x"));
   const auto dev = x.device();
   const int no = as_int(n_out, "n_out", 1), kk = as_int(k, "k", 1);
-  check_experts(w, type, no, kk, dev);
-  const int E = as_int(w.size(0), "num_experts", 1);
-  check_tensor(offsets, "offsets", at::kInt, dev);
-  check_tensor(active, "active", at::kInt, dev);
-  check_tensor(n_active, "n_active", at::kInt, dev);
-  check_tensor(x, "x", at::kFloat, dev);
-  check_tensor(y, "y", at::kFloat, dev);
-  HX_OP_CHECK(offsets.numel() == E + 1 && active.numel() == E && n_active.numel() == 1,
-              "offsets, active and n_active must hold num_experts + 1, num_experts and 1 entries");
-  HX_OP_CHECK(x.dim() == 2 && x.size(1) == k && y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == n_out,
-              "x must be [rows, k] and y [rows, n_out]");
+  const int E = check_groups(w, type, no, kk, offsets, active, n_active, x, at::kFloat, y, dev);
   launch([&] {
     matvec_expert_groups_launch(static_cast<GgmlType>(type), w.data_ptr(), static_cast<size_t>(w.size(1)), E,
                                 offsets.data_ptr<int32_t>(), active.data_ptr<int32_t>(), n_active.data_ptr<int32_t>(),
@@ -151,17 +159,7 @@ void op_matmul_tc_expert_groups(int64_t type, const at::Tensor& w, const at::Ten
   const c10::cuda::CUDAGuard guard(cuda_device(x, "x"));
   const auto dev = x.device();
   const int no = as_int(n_out, "n_out", 1), kk = as_int(k, "k", 1);
-  check_experts(w, type, no, kk, dev);
-  const int E = as_int(w.size(0), "num_experts", 1);
-  check_tensor(offsets, "offsets", at::kInt, dev);
-  check_tensor(active, "active", at::kInt, dev);
-  check_tensor(n_active, "n_active", at::kInt, dev);
-  check_tensor(x, "x", at::kBFloat16, dev);
-  check_tensor(y, "y", at::kFloat, dev);
-  HX_OP_CHECK(offsets.numel() == E + 1 && active.numel() == E && n_active.numel() == 1,
-              "offsets, active and n_active must hold num_experts + 1, num_experts and 1 entries");
-  HX_OP_CHECK(x.dim() == 2 && x.size(1) == k && y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == n_out,
-              "x must be [rows, k] and y [rows, n_out]");
+  const int E = check_groups(w, type, no, kk, offsets, active, n_active, x, at::kBFloat16, y, dev);
   const TcOptions opt = tc_options_from_env();
   launch([&] {
     matmul_tc_expert_groups_launch(static_cast<GgmlType>(type), w.data_ptr(), static_cast<size_t>(w.size(1)), E,

@@ -184,38 +184,57 @@ size_t matmul_tc_workspace_bytes(int n_tok, int n_out, int k, const TcOptions& o
   return sp.splits > 1 ? (size_t)sp.splits * n_tok * n_out * sizeof(float) : 0;
 }
 
-void matmul_tc_launch(GgmlType type, const void* w, const __nv_bfloat16* x, float* y, int n_out, int k, int n_tok,
-                      const float* bias, bool accumulate, float* workspace, size_t workspace_bytes,
-                      const TcOptions& opt, cudaStream_t stream) {
+namespace {
+
+// What both tensor-core entries check and fill alike (`who` opens their
+// errors): one product of every token given, no bias, no split, no staging
+// chosen yet.
+tc::Args tc_args(GgmlType type, const void* w, const __nv_bfloat16* x, float* y, int n_out, int k, int ring_kb,
+                 const char* who) {
   if (!is_supported(type)) bad("unsupported GGML type id " + std::to_string(static_cast<int>(type)));
-  if (n_tok < 1 || n_tok > kTcMaxTokens)
-    bad("tensor-core product: n_tok must be 1.." + std::to_string(kTcMaxTokens) + ", got " + std::to_string(n_tok));
   if (n_out < 1 || k < 1) bad("n_out and k must be positive");
   const int qk = block_elems(type);
   if (k % qk != 0 || k % 8 != 0)
-    bad(std::string("tensor-core product: k=") + std::to_string(k) + " must be a multiple of 8 and of the " +
-        type_name(type) + " block size " + std::to_string(qk));
+    bad(std::string(who) + ": k=" + std::to_string(k) + " must be a multiple of 8 and of the " + type_name(type) +
+        " block size " + std::to_string(qk));
   if (!w || !x || !y) bad("null pointer");
-  if (!aligned16(w) || !aligned16(x)) bad("tensor-core product: w and x must be 16-byte aligned");
-
-  if (opt.waves < 1 || opt.ring_kb < 1) bad("tensor-core product: waves and ring_kb must be positive");
-  const TcSplit sp = tc_split(n_out, k, device_sm_count(current_device()), opt.waves);
+  if (!aligned16(w) || !aligned16(x)) bad(std::string(who) + ": w and x must be 16-byte aligned");
+  if (ring_kb < 1) bad(std::string(who) + ": ring_kb must be positive");
   tc::Args a;
   a.w = static_cast<const uint8_t*>(w);
   a.x = x;
   a.y = y;
-  a.bias = bias;
-  a.part = workspace;
+  a.bias = nullptr;
+  a.part = nullptr;
   a.row_bytes = row_bytes(type, k);
   a.n_out = n_out;
   a.k = k;
-  a.ntok = n_tok;
+  a.ntok = 0;
   a.npass = (k + tc::kPass - 1) / tc::kPass;
+  a.splits = 1;
+  a.pass_per_split = a.npass;
+  a.accumulate = 0;
+  a.ring_bytes = (size_t)ring_kb * 1024;
+  a.stages = 0;
+  return a;
+}
+
+}  // namespace
+
+void matmul_tc_launch(GgmlType type, const void* w, const __nv_bfloat16* x, float* y, int n_out, int k, int n_tok,
+                      const float* bias, bool accumulate, float* workspace, size_t workspace_bytes,
+                      const TcOptions& opt, cudaStream_t stream) {
+  if (n_tok < 1 || n_tok > kTcMaxTokens)
+    bad("tensor-core product: n_tok must be 1.." + std::to_string(kTcMaxTokens) + ", got " + std::to_string(n_tok));
+  if (opt.waves < 1) bad("tensor-core product: waves must be positive");
+  tc::Args a = tc_args(type, w, x, y, n_out, k, opt.ring_kb, "tensor-core product");
+  const TcSplit sp = tc_split(n_out, k, device_sm_count(current_device()), opt.waves);
+  a.bias = bias;
+  a.part = workspace;
+  a.ntok = n_tok;
   a.splits = sp.splits;
   a.pass_per_split = sp.pass_per_split;
   a.accumulate = accumulate ? 1 : 0;
-  a.ring_bytes = (size_t)opt.ring_kb * 1024;
-  a.stages = 0;
   if (sp.splits > 1) {
     const size_t need = (size_t)sp.splits * n_tok * n_out * sizeof(float);
     if (workspace == nullptr || workspace_bytes < need)
@@ -248,35 +267,14 @@ void matmul_tc_expert_groups_launch(GgmlType type, const void* w, size_t stride,
                                     const int32_t* offsets, const int32_t* active, const int32_t* n_active,
                                     int max_groups, const __nv_bfloat16* x, float* y, int n_out, int k, int rows_hint,
                                     const TcOptions& opt, cudaStream_t stream) {
-  if (!is_supported(type)) bad("unsupported GGML type id " + std::to_string(static_cast<int>(type)));
-  if (n_out < 1 || k < 1 || num_experts < 1) bad("n_out, k and num_experts must be positive");
+  if (num_experts < 1) bad("num_experts must be positive");
   if (max_groups < 1 || max_groups > 65535)
     bad("tensor-core expert groups: max_groups must be 1..65535, got " + std::to_string(max_groups));
-  const int qk = block_elems(type);
-  if (k % qk != 0 || k % 8 != 0)
-    bad(std::string("tensor-core expert groups: k=") + std::to_string(k) + " must be a multiple of 8 and of the " +
-        type_name(type) + " block size " + std::to_string(qk));
-  if (!w || !x || !y || !offsets || !active || !n_active) bad("null pointer");
-  if (!aligned16(w) || !aligned16(x)) bad("tensor-core expert groups: w and x must be 16-byte aligned");
+  if (!offsets || !active || !n_active) bad("null pointer");
+  // a.ntok stays 0: each expert's row count is read on the device.
+  const tc::Args a = tc_args(type, w, x, y, n_out, k, opt.ring_kb, "tensor-core expert groups");
   if (stride % 16 != 0 || stride < row_bytes(type, k) * static_cast<size_t>(n_out))
     bad("expert stride " + std::to_string(stride) + " must be a multiple of 16 and hold a whole matrix");
-  if (opt.ring_kb < 1) bad("tensor-core expert groups: ring_kb must be positive");
-  tc::Args a;
-  a.w = static_cast<const uint8_t*>(w);
-  a.x = x;
-  a.y = y;
-  a.bias = nullptr;
-  a.part = nullptr;
-  a.row_bytes = row_bytes(type, k);
-  a.n_out = n_out;
-  a.k = k;
-  a.ntok = 0;  // per expert, on the device
-  a.npass = (k + tc::kPass - 1) / tc::kPass;
-  a.splits = 1;
-  a.pass_per_split = a.npass;
-  a.accumulate = 0;
-  a.ring_bytes = (size_t)opt.ring_kb * 1024;
-  a.stages = 0;
   tcs::Groups gr;
   gr.offsets = offsets;
   gr.active = active;
