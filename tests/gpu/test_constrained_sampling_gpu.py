@@ -389,48 +389,24 @@ def test_late_masks_that_fail_fail_the_step_and_nothing_else(gpu):
     state = SamplerState(prompt_tokens=[5, 6])
     seq = SeqBlocks()
     gpu.blocks.ensure(seq, 4)
+
+    def step(tokens, start, **kw):
+        return SeqStep(
+            slot=0, tokens=tokens, start_pos=start, block_table=list(seq.table), params=GREEDY, state=state, **kw
+        )
+
     try:
         for tokens, start in (([5, 6], 0), ([7], 2)):  # a prompt step, then a decode step
             table = gpu.late_masks((VOCAB + 31) // 32)
-            step = SeqStep(
-                slot=0,
-                tokens=tokens,
-                start_pos=start,
-                block_table=list(seq.table),
-                params=GREEDY,
-                state=state,
-                allowed=LateMask(table, 0),
-            )
             threading.Timer(0.002, table.fail, args=("the grammar broke",)).start()
             with pytest.raises(ValueError, match="the grammar broke"):
-                gpu.step_batch([step])
+                gpu.step_batch([step(tokens, start, allowed=LateMask(table, 0))])
             assert gpu.is_healthy()
         # A row outside the table is refused before any work.
         table = gpu.late_masks((VOCAB + 31) // 32)
-        bad = SeqStep(
-            slot=0,
-            tokens=[5, 6],
-            start_pos=0,
-            block_table=list(seq.table),
-            params=GREEDY,
-            state=state,
-            allowed=LateMask(table, gpu.max_num_seqs + 1),
-        )
         with pytest.raises(ValueError, match="late mask row"):
-            gpu.step_batch([bad])
-        out = gpu.step_batch(
-            [
-                SeqStep(
-                    slot=0,
-                    tokens=[5, 6],
-                    start_pos=0,
-                    block_table=list(seq.table),
-                    params=GREEDY,
-                    state=state,
-                    want_logits=True,
-                )
-            ]
-        )[0]
+            gpu.step_batch([step([5, 6], 0, allowed=LateMask(table, gpu.max_num_seqs + 1))])
+        out = gpu.step_batch([step([5, 6], 0, want_logits=True)])[0]
         assert out.result.token == int(torch.argmax(out.logits))
     finally:
         gpu.blocks.release(seq)
