@@ -69,6 +69,9 @@ struct Args {
   // ring_bytes of shared memory; stages is set per launch from it.
   size_t ring_bytes;
   int stages;
+  // Up to this many tokens, Q4_K and Q6_K run the staged product on integer
+  // weights (matmul_tc_staged.cuh); 0: never.
+  int int_tokens;
 };
 
 // Shared bytes of a CTA with NTILE tiles of 8 tokens.

@@ -40,6 +40,21 @@
 // dequantize-to-bf16 + a bf16 GEMM with fp32 accumulation (the large-batch
 // path), so both paths agree to rounding.
 //
+// Integer weights (Q4_K and Q6_K, up to Args::int_tokens tokens): with few
+// tokens the per-element decode above, not the MMA, is the cost. There each
+// MMA takes the 16 elements of one scale group (a Q6_K group of 16, half a
+// Q4_K sub-block of 32), lane q holding elements 4q .. 4q + 3 of it, and the
+// A fragment is the quants themselves as exact bf16 integers: one PRMT puts
+// two quant bytes under the exponent of 128, giving 128 + q. Q6_K subtracts
+// 160 with one bf16x2 FMA (exact: q - 32); its group's MMA result, times
+// d * scale, goes to the accumulators. Q4_K keeps the 128: with a = d * sc
+// and c = 128 a + dmin * m per sub-block,
+//   sum w x = a * sum (128 + q) x - c * sum x,
+// and an MMA of ones with the same activations gives sum x per token. Each
+// warp decodes its 16 rows' scales once per pass into a small shared table.
+// Weights are exact here (no bf16 rounding of a * q + b), so results differ
+// from the dequantize + GEMM path by that rounding only.
+//
 // Output: without split-K the CTA writes y itself (bias, accumulate); with
 // it, each split writes its partial sums to a workspace and a second kernel
 // adds the splits in a fixed order, so results never depend on scheduling.
@@ -107,6 +122,38 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 #endif
 }
+
+// c = A B without an input accumulator (the integer path's per-group products).
+__device__ __forceinline__ void mma_bf16_zero(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                              uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %10, %10, %10};"
+      : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(0.f));
+}
+
+// The integer path's fragments: bytes (0, 1) or (2, 3) of w (each < 128) as
+// the bf16 pair (128 + b0, 128 + b1): 0x43 is the high byte of 128.0.
+constexpr uint32_t kIntLo = 0x4140u, kIntHi = 0x4342u;
+__device__ __forceinline__ uint32_t int_pair(uint32_t w, uint32_t sel) { return quant::byte_perm(w, 0x43434343u, sel); }
+constexpr uint32_t kBf16Ones = 0x3f803f80u;  // (1.0, 1.0)
+
+// (128 + q) - 160 = q - 32 for a pair of Q6_K quants, exact.
+__device__ __forceinline__ uint32_t minus_160(uint32_t v) {
+  uint32_t r;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(v), "r"(kBf16Ones), "r"(0xc320c320u));
+  return r;
+}
+
+// Types with an integer-weight path, and the most token tiles it serves.
+template <GgmlType T>
+constexpr bool has_int_path() {
+  return T == GgmlType::Q4_K || T == GgmlType::Q6_K;
+}
+constexpr int kIntMaxTiles = 4;
+constexpr int kIntMaxGroupTiles = 2;  // the expert-groups kernel at 4 tiles spills on sm_80 / sm_89
+constexpr size_t kIntTableBytes = (size_t)kWarps * 16 * 16 * sizeof(float);  // per warp 16 rows x 16 floats
 
 // Copies pass p of the CTA's rows into the weight stage `ws`.
 template <GgmlType T, int NTILE>
@@ -196,7 +243,7 @@ __device__ __forceinline__ void decode_unit(const uint8_t* pass, int u, int ebas
 // One CTA's share of a product: rows row0 .. row0 + kRows - 1 of a.w times
 // a.ntok (<= 8 * NTILE) token rows of a.x, over split `split`'s passes, into
 // y or the split's partials. Every thread of the CTA calls it.
-template <GgmlType T, int NTILE>
+template <GgmlType T, int NTILE, bool INTW>
 __device__ __forceinline__ void product_tile(const Args& a, int row0, int split, unsigned char* smem_raw) {
   using R = Ring<T, NTILE>;
   using B = quant::Block<T>;
@@ -231,6 +278,11 @@ __device__ __forceinline__ void product_tile(const Args& a, int row0, int split,
   const int ra = 16 * warp + g, rb = ra + 8;
   const uintptr_t wa_addr = reinterpret_cast<uintptr_t>(a.w) + (size_t)min(row0 + ra, a.n_out - 1) * a.row_bytes;
   const uintptr_t wb_addr = reinterpret_cast<uintptr_t>(a.w) + (size_t)min(row0 + rb, a.n_out - 1) * a.row_bytes;
+  // The integer path: lane l decodes the scales of its warp's row l / 2
+  // (half l % 2 of them) into the warp's table after the ring.
+  const int rt = 16 * warp + (lane >> 1);
+  const uintptr_t wt_addr = reinterpret_cast<uintptr_t>(a.w) + (size_t)min(row0 + rt, a.n_out - 1) * a.row_bytes;
+  float* const tab = reinterpret_cast<float*>(smem_raw + (size_t)S * R::STAGE) + warp * 256;
 
   for (int it = 0; it < np; ++it) {
     // Wait for pass `it`: at most S - 2 later groups may still be in flight.
@@ -269,9 +321,132 @@ __device__ __forceinline__ void product_tile(const Args& a, int row0, int split,
         }
       }
     };
-    // (Q5_K at 8 token tiles keeps per-unit scales: with its high-bit words
-    // the hoisted ones spill on sm_80 / sm_89.)
-    if constexpr (quant::HasK4Header<T>::value && (NTILE < 8 || T == GgmlType::Q4_K)) {
+    if constexpr (INTW && T == GgmlType::Q4_K) {
+      {
+        // Table row (lane / 2): sub-blocks 4 (lane % 2) .. + 3 as (a, c) pairs.
+        const uint8_t* pt = wstage(st) + rt * R::RS + ((wt_addr + pofs) & 15);
+        const uint32_t dd = quant::ld_u32(pt);
+        const float d = quant::half_float(dd & 0xffff), dmin = quant::half_float(dd >> 16);
+        const uint32_t s0 = quant::ld_u32(pt + 4), s1 = quant::ld_u32(pt + 8), s2 = quant::ld_u32(pt + 12);
+        float v[8];
+#pragma unroll
+        for (int cc = 0; cc < 2; ++cc) {
+          const uint32_t w = B::scale_min_pair(s0, s1, s2, 2 * (lane & 1) + cc);
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const float sa = quant::mul_rn(d, quant::byte_value<0>(w, i));
+            v[4 * cc + 2 * i] = sa;
+            v[4 * cc + 2 * i + 1] = fmaf(128.f, sa, quant::mul_rn(dmin, quant::byte_value<0>(w, 2 + i)));
+          }
+        }
+        float4* dst = reinterpret_cast<float4*>(tab + 16 * (lane >> 1) + 8 * (lane & 1));
+        dst[0] = make_float4(v[0], v[1], v[2], v[3]);
+        dst[1] = make_float4(v[4], v[5], v[6], v[7]);
+        __syncwarp();
+      }
+      const float2* ta = reinterpret_cast<const float2*>(tab + 16 * g);
+      const float2* tb = reinterpret_cast<const float2*>(tab + 16 * (g + 8));
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        // Nibble byte 32c + l: element 64c + l (low, sub-block 2c) and + 32 (high, 2c + 1).
+        const uint32_t wa0 = quant::ld_u32(pa + 16 + 32 * c + 4 * tq), wa1 = quant::ld_u32(pa + 32 + 32 * c + 4 * tq);
+        const uint32_t wb0 = quant::ld_u32(pb + 16 + 32 * c + 4 * tq), wb1 = quant::ld_u32(pb + 32 + 32 * c + 4 * tq);
+#pragma unroll
+        for (int sub = 0; sub < 2; ++sub) {
+          float cv[NTILE][4], sx[NTILE][4];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint32_t qa = ((h ? wa1 : wa0) >> (4 * sub)) & 0x0f0f0f0fu;
+            const uint32_t qb = ((h ? wb1 : wb0) >> (4 * sub)) & 0x0f0f0f0fu;
+            const uint32_t a0 = int_pair(qa, kIntLo), a2 = int_pair(qa, kIntHi);
+            const uint32_t a1 = int_pair(qb, kIntLo), a3 = int_pair(qb, kIntHi);
+            const int e = 64 * c + 32 * sub + 16 * h + 4 * tq;
+#pragma unroll
+            for (int n = 0; n < NTILE; ++n) {
+              const uint2 bx = *reinterpret_cast<const uint2*>(xg + n * 8 * kXLd + e);
+              if (h == 0) {
+                mma_bf16_zero(cv[n], a0, a1, a2, a3, bx.x, bx.y);
+                mma_bf16_zero(sx[n], kBf16Ones, kBf16Ones, kBf16Ones, kBf16Ones, bx.x, bx.y);
+              } else {
+                mma_bf16(cv[n], a0, a1, a2, a3, bx.x, bx.y);
+                mma_bf16(sx[n], kBf16Ones, kBf16Ones, kBf16Ones, kBf16Ones, bx.x, bx.y);
+              }
+            }
+          }
+          const float2 sa = ta[2 * c + sub], sb = tb[2 * c + sub];
+#pragma unroll
+          for (int n = 0; n < NTILE; ++n) {
+            // sx rows are all equal (sum x of tokens 2q, 2q + 1).
+            acc[n][0] = fmaf(sa.x, cv[n][0], fmaf(-sa.y, sx[n][0], acc[n][0]));
+            acc[n][1] = fmaf(sa.x, cv[n][1], fmaf(-sa.y, sx[n][1], acc[n][1]));
+            acc[n][2] = fmaf(sb.x, cv[n][2], fmaf(-sb.y, sx[n][0], acc[n][2]));
+            acc[n][3] = fmaf(sb.x, cv[n][3], fmaf(-sb.y, sx[n][1], acc[n][3]));
+          }
+        }
+      }
+    } else if constexpr (INTW && T == GgmlType::Q6_K) {
+      {
+        // Table row (lane / 2): groups 8 (lane % 2) .. + 7 as d * scale.
+        const uint8_t* pt = wstage(st) + rt * R::RS + ((wt_addr + pofs) & 15);
+        const float d = quant::half_float(quant::ld_u16(pt + 208));
+        const uint32_t s0 = quant::ld_u32_a2(pt + 192 + 8 * (lane & 1));
+        const uint32_t s1 = quant::ld_u32_a2(pt + 196 + 8 * (lane & 1));
+        float v[8];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          v[i] = quant::mul_rn(d, (float)(int8_t)(s0 >> (8 * i)));
+          v[4 + i] = quant::mul_rn(d, (float)(int8_t)(s1 >> (8 * i)));
+        }
+        float4* dst = reinterpret_cast<float4*>(tab + 16 * (lane >> 1) + 8 * (lane & 1));
+        dst[0] = make_float4(v[0], v[1], v[2], v[3]);
+        dst[1] = make_float4(v[4], v[5], v[6], v[7]);
+        __syncwarp();
+      }
+      const float* ta = tab + 16 * g;
+      const float* tb = tab + 16 * (g + 8);
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        // Element 128 hh + 32 s + 16 j + 4 q + i: ql byte 64 hh + 32 (s % 2) + 16 j + 4 q + i
+        // (high nibble for s >= 2), qh byte 32 hh + 16 j + 4 q + i at bits 2 s; group 8 hh + 2 s + j.
+        uint32_t qla[2][2], qlb[2][2], qha[2], qhb[2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+#pragma unroll
+          for (int s1 = 0; s1 < 2; ++s1) {
+            qla[j][s1] = quant::ld_u32_a2(pa + 64 * hh + 32 * s1 + 16 * j + 4 * tq);
+            qlb[j][s1] = quant::ld_u32_a2(pb + 64 * hh + 32 * s1 + 16 * j + 4 * tq);
+          }
+          qha[j] = quant::ld_u32_a2(pa + 128 + 32 * hh + 16 * j + 4 * tq);
+          qhb[j] = quant::ld_u32_a2(pb + 128 + 32 * hh + 16 * j + 4 * tq);
+        }
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const uint32_t ua =
+                ((qla[j][s & 1] >> (4 * (s >> 1))) & 0x0f0f0f0fu) | (((qha[j] >> (2 * s)) & 0x03030303u) << 4);
+            const uint32_t ub =
+                ((qlb[j][s & 1] >> (4 * (s >> 1))) & 0x0f0f0f0fu) | (((qhb[j] >> (2 * s)) & 0x03030303u) << 4);
+            const uint32_t a0 = minus_160(int_pair(ua, kIntLo)), a2 = minus_160(int_pair(ua, kIntHi));
+            const uint32_t a1 = minus_160(int_pair(ub, kIntLo)), a3 = minus_160(int_pair(ub, kIntHi));
+            const int e = 128 * hh + 32 * s + 16 * j + 4 * tq, grp = 8 * hh + 2 * s + j;
+            const float sa = ta[grp], sb = tb[grp];
+#pragma unroll
+            for (int n = 0; n < NTILE; ++n) {
+              const uint2 bx = *reinterpret_cast<const uint2*>(xg + n * 8 * kXLd + e);
+              float cv[4];
+              mma_bf16_zero(cv, a0, a1, a2, a3, bx.x, bx.y);
+              acc[n][0] = fmaf(sa, cv[0], acc[n][0]);
+              acc[n][1] = fmaf(sa, cv[1], acc[n][1]);
+              acc[n][2] = fmaf(sb, cv[2], acc[n][2]);
+              acc[n][3] = fmaf(sb, cv[3], acc[n][3]);
+            }
+          }
+        }
+      }
+    } else if constexpr (quant::HasK4Header<T>::value && (NTILE < 8 || T == GgmlType::Q4_K)) {
+      // (Q5_K at 8 token tiles keeps per-unit scales: with its high-bit words
+      // the hoisted ones spill on sm_80 / sm_89.)
       // Q4_K / Q5_K: every unit this lane takes (8q .. 8q + 7) lies in
       // sub-block pair q, so each row's scales and mins are decoded once per
       // pass, not once per unit (the same fields B::unit() computes).
@@ -335,10 +510,10 @@ __device__ __forceinline__ void product_tile(const Args& a, int row0, int split,
   tc::store_tiles<NTILE>(a, acc, row0 + ra, tq, split);
 }
 
-template <GgmlType T, int NTILE>
+template <GgmlType T, int NTILE, bool INTW>
 __global__ void __launch_bounds__(kThreads) matmul_tc_kernel(const Args a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  product_tile<T, NTILE>(a, blockIdx.x * kRows, blockIdx.y, smem_raw);
+  product_tile<T, NTILE, INTW>(a, blockIdx.x * kRows, blockIdx.y, smem_raw);
 }
 
 // Mixture-of-experts groups: x's rows sorted by expert (moe_align's slots),
@@ -352,7 +527,7 @@ struct Groups {
   size_t stride;            // bytes from one expert's matrix to the next
 };
 
-template <GgmlType T, int NTILE>
+template <GgmlType T, int NTILE, bool INTW>
 __global__ void __launch_bounds__(kThreads, 1) matmul_tc_groups_kernel(const Args a, const Groups gr) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // The routing is the previous kernel's output: wait before reading it (and
@@ -372,18 +547,21 @@ __global__ void __launch_bounds__(kThreads, 1) matmul_tc_groups_kernel(const Arg
     b.x = a.x + (size_t)(r0 + c0) * a.k;
     b.y = a.y + (size_t)(r0 + c0) * a.n_out;
     b.ntok = min(8 * NTILE, rows - c0);
-    product_tile<T, NTILE>(b, blockIdx.x * kRows, 0, smem_raw);
+    product_tile<T, NTILE, INTW>(b, blockIdx.x * kRows, 0, smem_raw);
     __syncthreads();  // the next rows' copies reuse the ring
   }
 }
 
-// Ring stages of a launch of `kernel` (ring of T with NTILE tiles) within the
-// device's shared memory per block, at most a.ring_bytes; 0 where two stages
-// do not fit (wide float rows on a small-shared-memory part). Shared memory
-// past 48 KiB is opted into once per device and kernel, for the largest ring
-// (the model's first, uncaptured step does it before any graph is recorded).
-template <GgmlType T, int NTILE, class Kernel>
-int ring_stages(const Args& a, Kernel kernel) {
+// Ring stages of a launch of `kernel` (ring of T with NTILE tiles, plus
+// `extra` bytes after it) within the device's shared memory per block, at
+// most a.ring_bytes; 0 where two stages do not fit (wide float rows on a
+// small-shared-memory part). Shared memory past 48 KiB is opted into once per
+// device and kernel, for the largest ring (the model's first, uncaptured step
+// does it before any graph is recorded). The opt-in is remembered per
+// instantiation, so each kernel needs its own (Kernel alone is a pointer
+// type that several kernels share).
+template <GgmlType T, int NTILE, bool INTW, class Kernel>
+int ring_stages(const Args& a, Kernel kernel, size_t extra) {
   using R = Ring<T, NTILE>;
   constexpr int kDevices = 64;
   static std::atomic<int> optin[kDevices];  // 0: not yet asked
@@ -393,53 +571,77 @@ int ring_stages(const Args& a, Kernel kernel) {
     HX_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     if (dev >= 0 && dev < kDevices) optin[dev].store(limit, std::memory_order_release);
   }
-  const int most = (int)std::min<size_t>(kMaxStages, (size_t)limit / R::STAGE);
+  if ((size_t)limit <= extra) return 0;
+  const int most = (int)std::min<size_t>(kMaxStages, ((size_t)limit - extra) / R::STAGE);
   if (most < 2) return 0;
   static std::atomic<bool> configured[kDevices];
   if (dev < 0 || dev >= kDevices || !configured[dev].load(std::memory_order_acquire)) {
-    HX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)(most * R::STAGE)));
+    HX_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)(most * R::STAGE + extra)));
     if (dev >= 0 && dev < kDevices) configured[dev].store(true, std::memory_order_release);
   }
-  return std::min(most, R::stages(a.ring_bytes));
+  return std::min(most, R::stages(a.ring_bytes > extra ? a.ring_bytes - extra : 0));
 }
 
-template <GgmlType T, int NTILE>
+template <GgmlType T, int NTILE, bool INTW>
 void launch_tiles(const Args& a, cudaStream_t stream) {
+  constexpr size_t extra = INTW ? kIntTableBytes : 0;
   Args b = a;
-  b.stages = ring_stages<T, NTILE>(a, matmul_tc_kernel<T, NTILE>);
+  b.stages = ring_stages<T, NTILE, INTW>(a, matmul_tc_kernel<T, NTILE, INTW>, extra);
   if (b.stages == 0) {
     tc::launch_tiles<T, NTILE>(a, stream);  // the unstaged kernel
     return;
   }
   const dim3 grid((a.n_out + kRows - 1) / kRows, a.splits);
-  launch_overlapped(matmul_tc_kernel<T, NTILE>, grid, dim3(kThreads), (size_t)b.stages * Ring<T, NTILE>::STAGE, stream,
-                    b);
+  launch_overlapped(matmul_tc_kernel<T, NTILE, INTW>, grid, dim3(kThreads),
+                    (size_t)b.stages * Ring<T, NTILE>::STAGE + extra, stream, b);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 
-template <GgmlType T, int NTILE>
+template <GgmlType T, int NTILE, bool INTW>
 void launch_groups(const Args& a, const Groups& gr, int max_groups, cudaStream_t stream) {
+  constexpr size_t extra = INTW ? kIntTableBytes : 0;
   Args b = a;
-  b.stages = ring_stages<T, NTILE>(a, matmul_tc_groups_kernel<T, NTILE>);
+  b.stages = ring_stages<T, NTILE, INTW>(a, matmul_tc_groups_kernel<T, NTILE, INTW>, extra);
   if (b.stages == 0)
     throw std::invalid_argument("tensor-core expert groups: two ring stages of this type exceed the shared memory");
   const dim3 grid((a.n_out + kRows - 1) / kRows, max_groups);
-  launch_overlapped(matmul_tc_groups_kernel<T, NTILE>, grid, dim3(kThreads), (size_t)b.stages * Ring<T, NTILE>::STAGE,
-                    stream, b, gr);
+  launch_overlapped(matmul_tc_groups_kernel<T, NTILE, INTW>, grid, dim3(kThreads),
+                    (size_t)b.stages * Ring<T, NTILE>::STAGE + extra, stream, b, gr);
   HX_CUDA_CHECK(cudaGetLastError());
+}
+
+// Whether NTILE token tiles take the integer path for `a`.
+template <GgmlType T, int NTILE>
+bool use_int(const Args& a) {
+  return has_int_path<T>() && NTILE <= kIntMaxTiles && 8 * NTILE <= a.int_tokens;
+}
+
+template <GgmlType T, int NTILE>
+void launch_tiles_for(const Args& a, cudaStream_t stream) {
+  if constexpr (has_int_path<T>() && NTILE <= kIntMaxTiles)
+    if (use_int<T, NTILE>(a)) return launch_tiles<T, NTILE, true>(a, stream);
+  launch_tiles<T, NTILE, false>(a, stream);
+}
+
+template <GgmlType T, int NTILE>
+void launch_groups_for(const Args& a, const Groups& gr, int max_groups, cudaStream_t stream) {
+  if constexpr (has_int_path<T>() && NTILE <= kIntMaxGroupTiles)
+    if (use_int<T, NTILE>(a)) return launch_groups<T, NTILE, true>(a, gr, max_groups, stream);
+  launch_groups<T, NTILE, false>(a, gr, max_groups, stream);
 }
 
 // Entry for one type; `a` is validated and split by the caller.
 template <GgmlType T>
 void run(const Args& a, cudaStream_t stream) {
   if (a.ntok <= 8)
-    tcs::launch_tiles<T, 1>(a, stream);
+    tcs::launch_tiles_for<T, 1>(a, stream);
   else if (a.ntok <= 16)
-    tcs::launch_tiles<T, 2>(a, stream);
+    tcs::launch_tiles_for<T, 2>(a, stream);
   else if (a.ntok <= 32)
-    tcs::launch_tiles<T, 4>(a, stream);
+    tcs::launch_tiles_for<T, 4>(a, stream);
   else
-    tcs::launch_tiles<T, 8>(a, stream);
+    tcs::launch_tiles_for<T, 8>(a, stream);
 }
 
 // Entry of the grouped products for one type; `tiles` (1, 2, 4 or 8) token
@@ -447,13 +649,13 @@ void run(const Args& a, cudaStream_t stream) {
 template <GgmlType T>
 void run_groups(const Args& a, const Groups& gr, int max_groups, int tiles, cudaStream_t stream) {
   if (tiles <= 1)
-    tcs::launch_groups<T, 1>(a, gr, max_groups, stream);
+    tcs::launch_groups_for<T, 1>(a, gr, max_groups, stream);
   else if (tiles <= 2)
-    tcs::launch_groups<T, 2>(a, gr, max_groups, stream);
+    tcs::launch_groups_for<T, 2>(a, gr, max_groups, stream);
   else if (tiles <= 4)
-    tcs::launch_groups<T, 4>(a, gr, max_groups, stream);
+    tcs::launch_groups_for<T, 4>(a, gr, max_groups, stream);
   else
-    tcs::launch_groups<T, 8>(a, gr, max_groups, stream);
+    tcs::launch_groups_for<T, 8>(a, gr, max_groups, stream);
 }
 
 #ifndef HX_MATVEC_NO_EXTERN

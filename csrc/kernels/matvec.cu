@@ -175,6 +175,8 @@ TcOptions tc_options_from_env() {
   o.staged = !(kernel != nullptr && std::strcmp(kernel, "v1") == 0);
   o.waves = env_int("HELEXA_TC_WAVES", o.staged ? 6 : 2);
   o.ring_kb = env_int("HELEXA_TC_RING_KB", 32);
+  const char* iv = std::getenv("HELEXA_TC_INT");
+  if (iv != nullptr && *iv != '\0') o.int_tokens = std::max(0, std::atoi(iv));
   return o;
 }
 
@@ -189,8 +191,9 @@ namespace {
 // What both tensor-core entries check and fill alike (`who` opens their
 // errors): one product of every token given, no bias, no split, no staging
 // chosen yet.
-tc::Args tc_args(GgmlType type, const void* w, const __nv_bfloat16* x, float* y, int n_out, int k, int ring_kb,
+tc::Args tc_args(GgmlType type, const void* w, const __nv_bfloat16* x, float* y, int n_out, int k, const TcOptions& opt,
                  const char* who) {
+  const int ring_kb = opt.ring_kb;
   if (!is_supported(type)) bad("unsupported GGML type id " + std::to_string(static_cast<int>(type)));
   if (n_out < 1 || k < 1) bad("n_out and k must be positive");
   const int qk = block_elems(type);
@@ -216,6 +219,7 @@ tc::Args tc_args(GgmlType type, const void* w, const __nv_bfloat16* x, float* y,
   a.accumulate = 0;
   a.ring_bytes = (size_t)ring_kb * 1024;
   a.stages = 0;
+  a.int_tokens = opt.int_tokens;
   return a;
 }
 
@@ -227,7 +231,7 @@ void matmul_tc_launch(GgmlType type, const void* w, const __nv_bfloat16* x, floa
   if (n_tok < 1 || n_tok > kTcMaxTokens)
     bad("tensor-core product: n_tok must be 1.." + std::to_string(kTcMaxTokens) + ", got " + std::to_string(n_tok));
   if (opt.waves < 1) bad("tensor-core product: waves must be positive");
-  tc::Args a = tc_args(type, w, x, y, n_out, k, opt.ring_kb, "tensor-core product");
+  tc::Args a = tc_args(type, w, x, y, n_out, k, opt, "tensor-core product");
   const TcSplit sp = tc_split(n_out, k, device_sm_count(current_device()), opt.waves);
   a.bias = bias;
   a.part = workspace;
@@ -272,7 +276,7 @@ void matmul_tc_expert_groups_launch(GgmlType type, const void* w, size_t stride,
     bad("tensor-core expert groups: max_groups must be 1..65535, got " + std::to_string(max_groups));
   if (!offsets || !active || !n_active) bad("null pointer");
   // a.ntok stays 0: each expert's row count is read on the device.
-  const tc::Args a = tc_args(type, w, x, y, n_out, k, opt.ring_kb, "tensor-core expert groups");
+  const tc::Args a = tc_args(type, w, x, y, n_out, k, opt, "tensor-core expert groups");
   if (stride % 16 != 0 || stride < row_bytes(type, k) * static_cast<size_t>(n_out))
     bad("expert stride " + std::to_string(stride) + " must be a multiple of 16 and hold a whole matrix");
   tcs::Groups gr;
