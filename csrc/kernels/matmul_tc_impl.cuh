@@ -70,7 +70,7 @@ struct Args {
   size_t ring_bytes;
   int stages;
   // Up to this many tokens, Q4_K and Q6_K run the staged product on integer
-  // weights (matmul_tc_staged.cuh); 0: never.
+  // weights (matmul_tc_staged.cuh); 0: never; < 0: each type's default.
   int int_tokens;
 };
 

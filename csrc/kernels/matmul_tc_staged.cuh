@@ -611,10 +611,20 @@ void launch_groups(const Args& a, const Groups& gr, int max_groups, cudaStream_t
   HX_CUDA_CHECK(cudaGetLastError());
 }
 
+// Tokens up to which T takes the integer path by default (Args::int_tokens
+// < 0): where an H100 A/B measured it faster (bench/notes.md). At 32 tokens
+// Q4_K's extra MMA of ones and per-group scaling outweigh its cheaper
+// decode; Q6_K, whose plain decode costs more, still gains.
+template <GgmlType T>
+constexpr int int_tokens_default() {
+  return T == GgmlType::Q6_K ? 32 : 16;
+}
+
 // Whether NTILE token tiles take the integer path for `a`.
 template <GgmlType T, int NTILE>
 bool use_int(const Args& a) {
-  return has_int_path<T>() && NTILE <= kIntMaxTiles && 8 * NTILE <= a.int_tokens;
+  const int most = a.int_tokens < 0 ? int_tokens_default<T>() : a.int_tokens;
+  return has_int_path<T>() && NTILE <= kIntMaxTiles && 8 * NTILE <= most;
 }
 
 template <GgmlType T, int NTILE>

@@ -66,13 +66,14 @@ struct TcOptions {
   bool staged = true;  // matmul_tc_staged.cuh instead of matmul_tc_impl.cuh
   int waves = 6;       // CTAs per SM the split along k aims at
   int ring_kb = 32;    // the staged ring's shared memory
-  int int_tokens = 16; // Q4_K / Q6_K on integer weights up to this many tokens
+  int int_tokens = -1;  // Q4_K / Q6_K on integer weights up to this many tokens (-1: per type)
 };
 // The options the environment asks for (read once by a model at load):
 //   HELEXA_TC_KERNEL=v1      the first (unstaged) implementation;
 //   HELEXA_TC_WAVES          waves (default 6; v1 2);
 //   HELEXA_TC_RING_KB        ring_kb (default 32: several CTAs per SM);
-//   HELEXA_TC_INT            int_tokens (default 16; 0 turns the integer path off).
+//   HELEXA_TC_INT            int_tokens for both types (default: Q4_K 16, Q6_K 32;
+//                            0 turns the integer path off).
 // The staged defaults are the best of an H100 A/B (bench/notes.md).
 TcOptions tc_options_from_env();
 
