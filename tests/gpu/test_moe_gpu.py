@@ -339,8 +339,9 @@ CHUNK_MODELS = [MODELS[GGUF_TYPES.index("Q4_K_M")], MODELS[len(GGUF_TYPES)], MOD
 
 @pytest.mark.parametrize("model", CHUNK_MODELS, ids=_id)
 def test_moe_chunked_prefill_all_logits(sources, model):
-    # Passes of 32, 32 and 5 rows: two through the grouped experts, one
-    # through the pair launches with 5 rows; then 3 rows on top of the cache.
+    # Passes of 32, 32 and 5 rows through the grouped experts (5 rows: the
+    # fewest that are grouped by default), then 3 rows on top of the cache
+    # through the pair launches.
     src = sources(model)
     vocab = src.config.vocab_size
     prompt, more = _tokens(4, 69, vocab), _tokens(5, 3, vocab)
