@@ -13,7 +13,9 @@ written as __host__ __device__ code for this purpose: the block decoders
 package's dequantizers, plus the matvec's per-lane arithmetic against a
 float64 product; and the matvec CTA body (csrc/kernels/matvec_impl.cuh) runs
 on the host with one OS thread per simulated GPU thread, checking staging,
-indexing, reductions and bounds of every load for every type.
+indexing, reductions and bounds of every load for every type. A third
+checks the k-step / lane mapping of the staged product's integer path
+(Q4_K, Q6_K) the same way.
 """
 
 from __future__ import annotations
@@ -382,6 +384,153 @@ def test_block_decoders_match_gguf_on_host(harness, name):
 
 
 # ------------------------------------------------------- matvec CTA emulation
+
+INT_HARNESS = r"""
+// The staged product's integer path (Q4_K, Q6_K): every element of a pass
+// reached exactly once through the k-step / lane mapping of quant_blocks.cuh,
+// valued from its quant byte and group scale as the reference dequantizer does;
+// and int_pair's bf16 integers.
+#include <cstdio>
+#include <cstring>
+#include <vector>
+#include "kernels/quant_blocks.cuh"
+
+using namespace hx;
+using namespace hx::quant;
+
+static float bf16_value(uint32_t half) {
+  const uint32_t bits = half << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+static int check_pairs() {
+  for (uint32_t b = 0; b < 128; ++b) {
+    const uint32_t w = b | ((b ^ 0x55u) & 0x7fu) << 8 | ((127u - b) << 16) | ((b * 7u) & 0x7fu) << 24;
+    const uint32_t lo = int_pair(w, kIntLo), hi = int_pair(w, kIntHi);
+    const uint32_t want[4] = {w & 0xffu, (w >> 8) & 0xffu, (w >> 16) & 0xffu, w >> 24};
+    const float got[4] = {bf16_value(lo & 0xffffu), bf16_value(lo >> 16), bf16_value(hi & 0xffffu), bf16_value(hi >> 16)};
+    for (int i = 0; i < 4; ++i)
+      if (got[i] != 128.f + (float)want[i]) {
+        fprintf(stderr, "int_pair byte %d of %08x: %g, want %u\n", i, w, got[i], 128u + want[i]);
+        return 3;
+      }
+  }
+  return 0;
+}
+
+// Element values of one pass (256) into out, seen counts into seen.
+static void pass_q4k(const uint8_t* sb, float* out, int* seen) {
+  using B = Block<GgmlType::Q4_K>;
+  for (int c = 0; c < 4; ++c) {
+    QUnit sc;
+    B::scales(sc, ld_u32(sb), B::scale_min_pair(sb + 4, c));
+    for (int sub = 0; sub < 2; ++sub)
+      for (int h = 0; h < 2; ++h)
+        for (int q = 0; q < 4; ++q) {
+          const uint32_t u = B::int_quants(ld_u32(sb + B::int_word(c, h, q)), sub);
+          const int e = B::int_elem(c, sub, h, q);
+          const float a = sub ? sc.a1 : sc.a0, b = sub ? sc.b1 : sc.b0;
+          for (int i = 0; i < 4; ++i) {
+            out[e + i] = add_rn(mul_rn(a, (float)((u >> (8 * i)) & 0xffu)), b);
+            seen[e + i]++;
+          }
+        }
+  }
+}
+
+static void pass_q6k(const uint8_t* sb, float* out, int* seen) {
+  using B = Block<GgmlType::Q6_K>;
+  for (int hh = 0; hh < 2; ++hh)
+    for (int s = 0; s < 4; ++s)
+      for (int j = 0; j < 2; ++j)
+        for (int q = 0; q < 4; ++q) {
+          const uint32_t u = B::int_quants(ld_u32_a2(sb + B::int_ql(hh, s & 1, j, q)), ld_u32_a2(sb + B::int_qh(hh, j, q)), s);
+          const int e = B::int_elem(hh, s, j, q);
+          const float scale = B::group_scale(sb, B::int_group(hh, s, j));
+          for (int i = 0; i < 4; ++i) {
+            const uint32_t b = (u >> (8 * i)) & 0xffu;
+            if (b >= 64) { fprintf(stderr, "6-bit quant %u\n", b); exit(3); }
+            out[e + i] = mul_rn(scale, (float)((int)b - 32));
+            seen[e + i]++;
+          }
+        }
+}
+
+int main() {
+  int hdr[3];  // type, rows, k
+  if (fread(hdr, 4, 3, stdin) != 3) return 2;
+  if (int rc = check_pairs()) return rc;
+  const GgmlType t = (GgmlType)hdr[0];
+  const int rows = hdr[1], k = hdr[2];
+  const size_t rb = row_bytes(t, k), nb = rb * rows;
+  std::vector<uint8_t> w(nb + 16);
+  if (fread(w.data(), 1, nb, stdin) != nb) return 2;
+  std::vector<float> out((size_t)rows * k);
+  std::vector<int> seen((size_t)rows * k, 0);
+  const int pb = t == GgmlType::Q4_K ? 144 : 210;
+  for (int r = 0; r < rows; ++r)
+    for (int p = 0; p < k / 256; ++p) {
+      const size_t o = (size_t)r * k + 256 * p;
+      if (t == GgmlType::Q4_K)
+        pass_q4k(w.data() + r * rb + (size_t)p * pb, out.data() + o, seen.data() + o);
+      else if (t == GgmlType::Q6_K)
+        pass_q6k(w.data() + r * rb + (size_t)p * pb, out.data() + o, seen.data() + o);
+      else
+        return 4;
+    }
+  for (size_t i = 0; i < seen.size(); ++i)
+    if (seen[i] != 1) {
+      fprintf(stderr, "element %zu reached %d times\n", i, seen[i]);
+      return 3;
+    }
+  fwrite(out.data(), 4, out.size(), stdout);
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def int_harness(tmp_path_factory):
+    d = tmp_path_factory.mktemp("int_host")
+    src, exe = d / "int_harness.cu", d / "int_harness"
+    src.write_text(INT_HARNESS)
+    p = subprocess.run(
+        [NVCC, "-std=c++17", "-O1", "--expt-relaxed-constexpr", f"-I{CSRC}", str(src), "-o", str(exe)],
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0, f"host build of the integer-path mapping failed:\n{p.stdout}{p.stderr}"
+    return exe
+
+
+@needs_nvcc
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K"])
+def test_integer_path_mapping_matches_gguf_on_host(int_harness, name):
+    # Rows of 3 and 17 super-blocks: Q6_K's 210-byte blocks then start at
+    # every 2-byte offset mod 16, as the staged product's stage keeps them.
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    qt = GGMLQuantizationType[name]
+    bs, bb = GGML_QUANT_SIZES[qt]
+    seed = int(np.random.SeedSequence().entropy % (2**32))
+    rng = np.random.default_rng(seed)
+    for rows, k in [(2, 3 * 256), (3, 17 * 256)]:
+        nb = rows * k // bs
+        raw = rng.integers(0, 256, size=(nb, bb), dtype=np.uint8)
+        for off in F16_FIELDS[name]:
+            raw[:, off : off + 2] = (rng.standard_normal(nb) * 0.05).astype(np.float16).view(np.uint8).reshape(nb, 2)
+        raw = raw.reshape(rows, -1)
+        inp = np.array([int(qt), rows, k], np.int32).tobytes() + raw.tobytes()
+        p = subprocess.run([str(int_harness)], input=inp, capture_output=True)
+        tag = f"{name} rows={rows} k={k} seed={seed}"
+        assert p.returncode == 0, f"{tag}: harness exit {p.returncode}: {p.stderr.decode()}"
+        got = np.frombuffer(p.stdout, np.float32).reshape(rows, k)
+        ref = dequantize(raw, qt).reshape(rows, k)
+        assert np.array_equal(got, ref), f"{tag}: values differ (max {np.max(np.abs(got - ref)):.3g})"
+
 
 EMULATOR = r"""
 // Runs the matvec CTA code (matvec_impl.cuh) on the host: one OS thread per

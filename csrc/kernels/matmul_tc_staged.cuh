@@ -133,10 +133,9 @@ __device__ __forceinline__ void mma_bf16_zero(float (&c)[4], uint32_t a0, uint32
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(0.f));
 }
 
-// The integer path's fragments: bytes (0, 1) or (2, 3) of w (each < 128) as
-// the bf16 pair (128 + b0, 128 + b1): 0x43 is the high byte of 128.0.
-constexpr uint32_t kIntLo = 0x4140u, kIntHi = 0x4342u;
-__device__ __forceinline__ uint32_t int_pair(uint32_t w, uint32_t sel) { return quant::byte_perm(w, 0x43434343u, sel); }
+using quant::int_pair;
+using quant::kIntHi;
+using quant::kIntLo;
 constexpr uint32_t kBf16Ones = 0x3f803f80u;  // (1.0, 1.0)
 
 // (128 + q) - 160 = q - 32 for a pair of Q6_K quants, exact.
@@ -349,18 +348,18 @@ __device__ __forceinline__ void product_tile(const Args& a, int row0, int split,
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         // Nibble byte 32c + l: element 64c + l (low, sub-block 2c) and + 32 (high, 2c + 1).
-        const uint32_t wa0 = quant::ld_u32(pa + 16 + 32 * c + 4 * tq), wa1 = quant::ld_u32(pa + 32 + 32 * c + 4 * tq);
-        const uint32_t wb0 = quant::ld_u32(pb + 16 + 32 * c + 4 * tq), wb1 = quant::ld_u32(pb + 32 + 32 * c + 4 * tq);
+        const uint32_t wa0 = quant::ld_u32(pa + B::int_word(c, 0, tq)), wa1 = quant::ld_u32(pa + B::int_word(c, 1, tq));
+        const uint32_t wb0 = quant::ld_u32(pb + B::int_word(c, 0, tq)), wb1 = quant::ld_u32(pb + B::int_word(c, 1, tq));
 #pragma unroll
         for (int sub = 0; sub < 2; ++sub) {
           float cv[NTILE][4], sx[NTILE][4];
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const uint32_t qa = ((h ? wa1 : wa0) >> (4 * sub)) & 0x0f0f0f0fu;
-            const uint32_t qb = ((h ? wb1 : wb0) >> (4 * sub)) & 0x0f0f0f0fu;
+            const uint32_t qa = B::int_quants(h ? wa1 : wa0, sub);
+            const uint32_t qb = B::int_quants(h ? wb1 : wb0, sub);
             const uint32_t a0 = int_pair(qa, kIntLo), a2 = int_pair(qa, kIntHi);
             const uint32_t a1 = int_pair(qb, kIntLo), a3 = int_pair(qb, kIntHi);
-            const int e = 64 * c + 32 * sub + 16 * h + 4 * tq;
+            const int e = B::int_elem(c, sub, h, tq);
 #pragma unroll
             for (int n = 0; n < NTILE; ++n) {
               const uint2 bx = *reinterpret_cast<const uint2*>(xg + n * 8 * kXLd + e);
@@ -413,23 +412,21 @@ __device__ __forceinline__ void product_tile(const Args& a, int row0, int split,
         for (int j = 0; j < 2; ++j) {
 #pragma unroll
           for (int s1 = 0; s1 < 2; ++s1) {
-            qla[j][s1] = quant::ld_u32_a2(pa + 64 * hh + 32 * s1 + 16 * j + 4 * tq);
-            qlb[j][s1] = quant::ld_u32_a2(pb + 64 * hh + 32 * s1 + 16 * j + 4 * tq);
+            qla[j][s1] = quant::ld_u32_a2(pa + B::int_ql(hh, s1, j, tq));
+            qlb[j][s1] = quant::ld_u32_a2(pb + B::int_ql(hh, s1, j, tq));
           }
-          qha[j] = quant::ld_u32_a2(pa + 128 + 32 * hh + 16 * j + 4 * tq);
-          qhb[j] = quant::ld_u32_a2(pb + 128 + 32 * hh + 16 * j + 4 * tq);
+          qha[j] = quant::ld_u32_a2(pa + B::int_qh(hh, j, tq));
+          qhb[j] = quant::ld_u32_a2(pb + B::int_qh(hh, j, tq));
         }
 #pragma unroll
         for (int s = 0; s < 4; ++s) {
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
-            const uint32_t ua =
-                ((qla[j][s & 1] >> (4 * (s >> 1))) & 0x0f0f0f0fu) | (((qha[j] >> (2 * s)) & 0x03030303u) << 4);
-            const uint32_t ub =
-                ((qlb[j][s & 1] >> (4 * (s >> 1))) & 0x0f0f0f0fu) | (((qhb[j] >> (2 * s)) & 0x03030303u) << 4);
+            const uint32_t ua = B::int_quants(qla[j][s & 1], qha[j], s);
+            const uint32_t ub = B::int_quants(qlb[j][s & 1], qhb[j], s);
             const uint32_t a0 = minus_160(int_pair(ua, kIntLo)), a2 = minus_160(int_pair(ua, kIntHi));
             const uint32_t a1 = minus_160(int_pair(ub, kIntLo)), a3 = minus_160(int_pair(ub, kIntHi));
-            const int e = 128 * hh + 32 * s + 16 * j + 4 * tq, grp = 8 * hh + 2 * s + j;
+            const int e = B::int_elem(hh, s, j, tq), grp = B::int_group(hh, s, j);
             const float sa = ta[grp], sb = tb[grp];
 #pragma unroll
             for (int n = 0; n < NTILE; ++n) {

@@ -144,6 +144,12 @@ HXQ_INLINE float byte_value(uint32_t word, int i) {
   return bits_float(byte_perm(word, 0x4b000000u, 0x7440u | (uint32_t)i)) - (8388608.0f + (float)Z);
 }
 
+// Bytes (0, 1) (sel kIntLo) or (2, 3) (kIntHi) of w, each below 128, as the
+// bf16 pair (128 + b, 128 + b'): 0x43 is the high byte of bf16 128.0, whose
+// 7 mantissa bits then hold b exactly (the staged product's integer path).
+constexpr uint32_t kIntLo = 0x4140u, kIntHi = 0x4342u;
+HXQ_INLINE uint32_t int_pair(uint32_t w, uint32_t sel) { return byte_perm(w, 0x43434343u, sel); }
+
 // One lane's 8 elements of a pass. Element i < 4 is byte i of u0 and belongs
 // to the run at elem0; element i >= 4 is byte i - 4 of u1, run at elem1.
 struct QUnit {
@@ -380,6 +386,14 @@ struct Block<GgmlType::Q4_K> : BlockK4Map {
     scales(r, ld_u32(sb), scale_min_pair(sb + 4, c));
     return r;
   }
+  // The integer path of the staged product (matmul_tc_staged.cuh): k-step
+  // (c, sub, h) of a pass covers elements 64c + 32 sub + 16h .. + 15, all of
+  // sub-block 2c + sub; lane q's four are int_elem(c, sub, h, q) + 0..3, their
+  // quants the bytes of int_quants(word, sub), word the 4 bytes at
+  // int_word(c, h, q) (one word serves both sub-blocks of pair c).
+  HXQ_INLINE static int int_word(int c, int h, int q) { return 16 + 32 * c + 16 * h + 4 * q; }
+  HXQ_INLINE static uint32_t int_quants(uint32_t word, int sub) { return (word >> (4 * sub)) & 0x0f0f0f0fu; }
+  HXQ_INLINE static int int_elem(int c, int sub, int h, int q) { return 64 * c + 32 * sub + 16 * h + 4 * q; }
 };
 
 template <>
@@ -439,6 +453,19 @@ struct Block<GgmlType::Q6_K> {
     u0 = (ql & 0x0f0f0f0fu) | (((qh >> t) & 0x03030303u) << 4);
     u1 = ((ql >> 4) & 0x0f0f0f0fu) | (((qh >> (t + 4)) & 0x03030303u) << 4);
   }
+  // The integer path of the staged product (matmul_tc_staged.cuh): k-step
+  // (hh, s, j) of a pass covers group int_group(hh, s, j), elements
+  // 128hh + 32s + 16j .. + 15; lane q's four are int_elem(hh, s, j, q) + 0..3,
+  // their 6-bit quants the bytes of int_quants(ql, qh, s), ql the 4 bytes at
+  // int_ql(hh, s % 2, j, q) and qh those at int_qh(hh, j, q).
+  HXQ_INLINE static int int_ql(int hh, int s1, int j, int q) { return 64 * hh + 32 * s1 + 16 * j + 4 * q; }
+  HXQ_INLINE static int int_qh(int hh, int j, int q) { return 128 + 32 * hh + 16 * j + 4 * q; }
+  HXQ_INLINE static uint32_t int_quants(uint32_t ql, uint32_t qh, int s) {
+    return ((ql >> (4 * (s >> 1))) & 0x0f0f0f0fu) | (((qh >> (2 * s)) & 0x03030303u) << 4);
+  }
+  HXQ_INLINE static int int_elem(int hh, int s, int j, int q) { return 128 * hh + 32 * s + 16 * j + 4 * q; }
+  HXQ_INLINE static int int_group(int hh, int s, int j) { return 8 * hh + 2 * s + j; }
+
   // The scale of 16-element group g: d * scales[g].
   HXQ_INLINE static float group_scale(const uint8_t* sb, int g) {
     return mul_rn(half_float(ld_u16(sb + 208)), (float)(int8_t)ld_u8(sb + 192 + g));
