@@ -16,6 +16,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from sampling_reference import ref_allowed, ref_sample
 
 from helexa_native import params as hparams
 from helexa_native.rope import apply_rope, rope_cos_sin
@@ -630,42 +631,9 @@ def test_penalties(ops, gen, rep, pres, freq):
     assert torch.equal(out.cpu(), want), (out.cpu() - want).abs().max()
 
 
-def _ref_sample(x, temperature, top_k, top_p, min_p, u, du=0.0, dp=0.0, dm=0.0):
-    """params.py steps 4-9 in float64; du / dp / dm nudge u, top_p and min_p."""
-    x = torch.nan_to_num(x, nan=-math.inf)
-    if temperature == 0:
-        return int(torch.argmax(x))
-    s = x / temperature
-    vocab = s.numel()
-    order = torch.sort(s, descending=True, stable=True).indices
-    k = top_k if 0 < top_k < vocab else vocab
-    cand = order[:k]
-    vals = s[cand].double()
-    if not math.isfinite(float(vals[0])):
-        return int(cand[0])
-    probs = torch.softmax(vals, dim=0)
-    keep = torch.ones(k, dtype=torch.bool)
-    if top_p < 1.0:
-        keep &= (torch.cumsum(probs, 0) - probs) < top_p + dp
-    if min_p > 0.0:
-        keep &= probs >= min_p * (1.0 + dm) * probs[0]
-    keep[0] = True
-    p = probs[keep]
-    p = p / p.sum()
-    cum = torch.cumsum(p, 0)
-    idx = int(torch.searchsorted(cum, torch.tensor([u + du], dtype=torch.float64), right=True))
-    nz = torch.nonzero(p > 0).flatten()
-    return int(cand[keep][min(idx, int(nz[-1]))])
-
-
 def _allowed(x, temperature, top_k, top_p, min_p, u, eps=1e-5):
-    """Tokens a correct float32 sampler may pick: the reference under nudges of u and the cut-offs."""
-    return {
-        _ref_sample(x, temperature, top_k, top_p, min_p, u, du=du, dp=dp, dm=dm)
-        for du in (-eps, 0.0, eps)
-        for dp in (-eps, 0.0, eps)
-        for dm in (-eps, 0.0, eps)
-    }
+    """Tokens a correct float32 sampler may pick: the reference for u within eps, cut-offs nudged."""
+    return ref_allowed(x, temperature, top_k, top_p, min_p, u, eps)
 
 
 SAMPLE_CONFIGS = [
@@ -701,7 +669,7 @@ def test_sample_matches_reference(ops, gen, vocab, ties, cfg):
         ops.sample(xd, p, step, out)
         got = int(out)
         u = hparams.uniform(seed, st)
-        want = _ref_sample(x, temperature, top_k, top_p, min_p, u)
+        want = ref_sample(x, temperature, top_k, top_p, min_p, u)
         if got != want:
             allowed = _allowed(x, temperature, top_k, top_p, min_p, u)
             assert got in allowed, f"step {st}: got {got}, want {want} (u={u}, near-tie set {sorted(allowed)})"

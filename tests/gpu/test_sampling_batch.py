@@ -19,6 +19,7 @@ import os
 
 import pytest
 import torch
+from sampling_reference import ref_allowed, ref_sample
 
 from helexa_native import params as hparams
 from helexa_native import sampling as hsampling
@@ -108,34 +109,6 @@ def _params(ops, cfg, seed):
     return ops.sampling_params_device(t, k, tp, mp, rep, pres, freq, signed, torch.device(DEV))
 
 
-def _ref_sample(x, temperature, top_k, top_p, min_p, u, du=0.0, dp=0.0, dm=0.0):
-    """params.py steps 4-9 in float64 on penalized logits; du / dp / dm nudge u, top_p and min_p."""
-    x = _clean(x)
-    if temperature == 0:
-        return int(torch.argmax(x))
-    s = x / temperature
-    vocab = s.numel()
-    order = torch.sort(s, descending=True, stable=True).indices
-    k = top_k if 0 < top_k < vocab else vocab
-    cand = order[:k]
-    vals = s[cand].double()
-    if not math.isfinite(float(vals[0])):
-        return int(cand[0])
-    probs = torch.softmax(vals, dim=0)
-    keep = torch.ones(k, dtype=torch.bool)
-    if top_p < 1.0:
-        keep &= (torch.cumsum(probs, 0) - probs) < top_p + dp
-    if min_p > 0.0:
-        keep &= probs >= min_p * (1.0 + dm) * probs[0]
-    keep[0] = True
-    p = probs[keep]
-    p = p / p.sum()
-    cum = torch.cumsum(p, 0)
-    idx = int(torch.searchsorted(cum, torch.tensor([u + du], dtype=torch.float64), right=True))
-    nz = torch.nonzero(p > 0).flatten()
-    return int(cand[keep][min(idx, int(nz[-1]))])
-
-
 def _cpu_token(x, cfg, seed, prompt, generated, step, du=0.0, dp=0.0, dm=0.0):
     """helexa_native.sampling's pick, with u (through sampling.uniform), top_p and min_p nudged."""
     t, k, tp, mp, rep, pres, freq = cfg
@@ -161,18 +134,22 @@ def _cpu_token(x, cfg, seed, prompt, generated, step, du=0.0, dp=0.0, dm=0.0):
 
 
 def _allowed(x, work, cfg, seed, prompt, generated, step):
-    """Tokens a correct float32 sampler may pick near a tie: CPU sampler and float64 reference, nudged."""
+    """Tokens a correct float32 sampler may pick near a tie: CPU sampler and float64 reference, nudged.
+
+    u is nudged by up to NUDGE either way: over a flat distribution that
+    much mass spans several candidates, and every one of them between the
+    two nudged picks of the reference is allowed, not only those two.
+    """
     t, k, tp, mp = cfg[:4]
     dus = (-NUDGE, 0.0, NUDGE)
     dps = (-NUDGE, 0.0, NUDGE) if tp < 1.0 else (0.0,)
     dms = (-NUDGE, 0.0, NUDGE) if mp > 0.0 else (0.0,)
     u = hparams.uniform(seed, step)
-    out = set()
-    for du in dus:
-        for dp in dps:
-            for dm in dms:
+    out = ref_allowed(work, t, k, tp, mp, u, NUDGE)
+    for dp in dps:
+        for dm in dms:
+            for du in dus:
                 out.add(_cpu_token(x, cfg, seed, prompt, generated, step, du, dp, dm))
-                out.add(_ref_sample(work, t, k, tp, mp, u, du, dp, dm))
     return out
 
 
@@ -450,7 +427,7 @@ def _check_batch(ops, bt, rounds=3):
             st = int(steps[b])
             cpu = _cpu_token(bt.logits[b], bt.cfgs[b], bt.seeds[b], bt.prompts[b], bt.generated[b], st)
             t, k, tp, mp = bt.cfgs[b][:4]
-            ref = _ref_sample(work_cpu[b], t, k, tp, mp, hparams.uniform(bt.seeds[b], st))
+            ref = ref_sample(work_cpu[b], t, k, tp, mp, hparams.uniform(bt.seeds[b], st))
             if t != 0.0:
                 sampled += 1
             if cpu != single or ref != single:
