@@ -332,18 +332,35 @@ F16_FIELDS = {
 }
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    d = tmp_path_factory.mktemp("quant_host")
-    src, exe = d / "harness.cu", d / "harness"
-    src.write_text(HARNESS)
+def host_program(tmp_path_factory, name: str, source: str, what: str) -> Path:
+    """`source` built by nvcc into a host executable (the headers' __host__ __device__ code)."""
+    d = tmp_path_factory.mktemp(name)
+    src, exe = d / f"{name}.cu", d / name
+    src.write_text(source)
     p = subprocess.run(
         [NVCC, "-std=c++17", "-O1", "--expt-relaxed-constexpr", f"-I{CSRC}", str(src), "-o", str(exe)],
         capture_output=True,
         text=True,
     )
-    assert p.returncode == 0, f"host build of quant_blocks.cuh failed:\n{p.stdout}{p.stderr}"
+    assert p.returncode == 0, f"host build of {what} failed:\n{p.stdout}{p.stderr}"
     return exe
+
+
+def random_blocks(name: str, rows: int, k: int, rng, f16_scale: float = 0.05) -> np.ndarray:
+    """rows x k elements of type `name` as random bytes, its fp16 fields small finite values."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    bs, bb = GGML_QUANT_SIZES[GGMLQuantizationType[name]]
+    nb = rows * k // bs
+    raw = rng.integers(0, 256, size=(nb, bb), dtype=np.uint8)
+    for off in F16_FIELDS[name]:
+        raw[:, off : off + 2] = (rng.standard_normal(nb) * f16_scale).astype(np.float16).view(np.uint8).reshape(nb, 2)
+    return raw.reshape(rows, -1)
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    return host_program(tmp_path_factory, "quant_host", HARNESS, "quant_blocks.cuh")
 
 
 @needs_nvcc
@@ -358,11 +375,7 @@ def test_block_decoders_match_gguf_on_host(harness, name):
     rng = np.random.default_rng(seed)
     shapes = [(3, bs), (2, 3 * 256), (4, 4096 + 256)] + ([(3, 9 * 32), (1, 4096 + 96)] if bs == 32 else [])
     for rows, k in shapes:
-        nb = rows * k // bs
-        raw = rng.integers(0, 256, size=(nb, bb), dtype=np.uint8)
-        for off in F16_FIELDS[name]:
-            raw[:, off : off + 2] = (rng.standard_normal(nb) * 0.05).astype(np.float16).view(np.uint8).reshape(nb, 2)
-        raw = raw.reshape(rows, -1)
+        raw = random_blocks(name, rows, k, rng)
         x = rng.standard_normal((2, k)).astype(np.float32)
         inp = np.array([int(qt), rows, k], np.int32).tobytes() + raw.tobytes() + x.tobytes()
         p = subprocess.run([str(harness)], input=inp, capture_output=True)
@@ -493,16 +506,7 @@ int main() {
 
 @pytest.fixture(scope="module")
 def int_harness(tmp_path_factory):
-    d = tmp_path_factory.mktemp("int_host")
-    src, exe = d / "int_harness.cu", d / "int_harness"
-    src.write_text(INT_HARNESS)
-    p = subprocess.run(
-        [NVCC, "-std=c++17", "-O1", "--expt-relaxed-constexpr", f"-I{CSRC}", str(src), "-o", str(exe)],
-        capture_output=True,
-        text=True,
-    )
-    assert p.returncode == 0, f"host build of the integer-path mapping failed:\n{p.stdout}{p.stderr}"
-    return exe
+    return host_program(tmp_path_factory, "int_host", INT_HARNESS, "the integer-path mapping")
 
 
 @needs_nvcc
@@ -510,19 +514,14 @@ def int_harness(tmp_path_factory):
 def test_integer_path_mapping_matches_gguf_on_host(int_harness, name):
     # Rows of 3 and 17 super-blocks: Q6_K's 210-byte blocks then start at
     # every 2-byte offset mod 16, as the staged product's stage keeps them.
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     qt = GGMLQuantizationType[name]
-    bs, bb = GGML_QUANT_SIZES[qt]
     seed = int(np.random.SeedSequence().entropy % (2**32))
     rng = np.random.default_rng(seed)
     for rows, k in [(2, 3 * 256), (3, 17 * 256)]:
-        nb = rows * k // bs
-        raw = rng.integers(0, 256, size=(nb, bb), dtype=np.uint8)
-        for off in F16_FIELDS[name]:
-            raw[:, off : off + 2] = (rng.standard_normal(nb) * 0.05).astype(np.float16).view(np.uint8).reshape(nb, 2)
-        raw = raw.reshape(rows, -1)
+        raw = random_blocks(name, rows, k, rng)
         inp = np.array([int(qt), rows, k], np.int32).tobytes() + raw.tobytes()
         p = subprocess.run([str(int_harness)], input=inp, capture_output=True)
         tag = f"{name} rows={rows} k={k} seed={seed}"
@@ -813,16 +812,7 @@ int main() {
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    d = tmp_path_factory.mktemp("matvec_host")
-    src, exe = d / "emulator.cu", d / "emulator"
-    src.write_text(EMULATOR)
-    p = subprocess.run(
-        [NVCC, "-std=c++17", "-O1", "--expt-relaxed-constexpr", f"-I{CSRC}", str(src), "-o", str(exe)],
-        capture_output=True,
-        text=True,
-    )
-    assert p.returncode == 0, f"host build of matvec_impl.cuh failed:\n{p.stdout}{p.stderr}"
-    return exe
+    return host_program(tmp_path_factory, "matvec_host", EMULATOR, "matvec_impl.cuh")
 
 
 EMU_TYPES = ["F32", "F16", "BF16", *F16_FIELDS]
@@ -834,7 +824,7 @@ def dp4a_applies(name: str, n_tok: int, k: int, mode: int = 1) -> bool:
 
 
 def _emu_weights(name, n_out, k, rng):
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     qt = GGMLQuantizationType[name]
@@ -849,12 +839,7 @@ def _emu_weights(name, n_out, k, rng):
             raw = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).view(np.uint8)
         raw = np.ascontiguousarray(raw).reshape(n_out, -1)
     else:
-        bs, bb = GGML_QUANT_SIZES[qt]
-        nb = n_out * k // bs
-        raw = rng.integers(0, 256, size=(nb, bb), dtype=np.uint8)
-        for off in F16_FIELDS[name]:
-            raw[:, off : off + 2] = (rng.standard_normal(nb) * 0.02).astype(np.float16).view(np.uint8).reshape(nb, 2)
-        raw = raw.reshape(n_out, -1)
+        raw = random_blocks(name, n_out, k, rng, f16_scale=0.02)
     return raw, int(qt), dequantize(raw, qt).reshape(n_out, k).astype(np.float64)
 
 
