@@ -396,7 +396,7 @@ def test_block_decoders_match_gguf_on_host(harness, name):
             assert err < 1e-5, f"{tag}: matvec lane arithmetic ({label}) relative error {err:.2e}"
 
 
-# ------------------------------------------------------- matvec CTA emulation
+# ------------------------------------------- integer path of the staged product
 
 INT_HARNESS = r"""
 // The staged product's integer path (Q4_K, Q6_K): every element of a pass
@@ -482,14 +482,13 @@ int main() {
   if (fread(w.data(), 1, nb, stdin) != nb) return 2;
   std::vector<float> out((size_t)rows * k);
   std::vector<int> seen((size_t)rows * k, 0);
-  const int pb = t == GgmlType::Q4_K ? 144 : 210;
   for (int r = 0; r < rows; ++r)
     for (int p = 0; p < k / 256; ++p) {
       const size_t o = (size_t)r * k + 256 * p;
       if (t == GgmlType::Q4_K)
-        pass_q4k(w.data() + r * rb + (size_t)p * pb, out.data() + o, seen.data() + o);
+        pass_q4k(w.data() + r * rb + (size_t)p * pass_bytes<GgmlType::Q4_K>(), out.data() + o, seen.data() + o);
       else if (t == GgmlType::Q6_K)
-        pass_q6k(w.data() + r * rb + (size_t)p * pb, out.data() + o, seen.data() + o);
+        pass_q6k(w.data() + r * rb + (size_t)p * pass_bytes<GgmlType::Q6_K>(), out.data() + o, seen.data() + o);
       else
         return 4;
     }
@@ -530,6 +529,8 @@ def test_integer_path_mapping_matches_gguf_on_host(int_harness, name):
         ref = dequantize(raw, qt).reshape(rows, k)
         assert np.array_equal(got, ref), f"{tag}: values differ (max {np.max(np.abs(got - ref)):.3g})"
 
+
+# ------------------------------------------------------- matvec CTA emulation
 
 EMULATOR = r"""
 // Runs the matvec CTA code (matvec_impl.cuh) on the host: one OS thread per

@@ -617,11 +617,11 @@ constexpr int int_tokens_default() {
   return T == GgmlType::Q6_K ? 32 : 16;
 }
 
-// Whether NTILE token tiles take the integer path for `a`.
+// Whether NTILE token tiles of a type with an integer path take it for `a`
+// (the callers check the type and the tile limits at compile time).
 template <GgmlType T, int NTILE>
 bool use_int(const Args& a) {
-  const int most = a.int_tokens < 0 ? int_tokens_default<T>() : a.int_tokens;
-  return has_int_path<T>() && NTILE <= kIntMaxTiles && 8 * NTILE <= most;
+  return 8 * NTILE <= (a.int_tokens < 0 ? int_tokens_default<T>() : a.int_tokens);
 }
 
 template <GgmlType T, int NTILE>

@@ -631,9 +631,8 @@ def test_penalties(ops, gen, rep, pres, freq):
     assert torch.equal(out.cpu(), want), (out.cpu() - want).abs().max()
 
 
-def _allowed(x, temperature, top_k, top_p, min_p, u, eps=1e-5):
-    """Tokens a correct float32 sampler may pick: the reference for u within eps, cut-offs nudged."""
-    return ref_allowed(x, temperature, top_k, top_p, min_p, u, eps)
+# How far u and the cut-offs may move for a float32 sampler's pick to count (ref_allowed).
+SAMPLE_EPS = 1e-5
 
 
 SAMPLE_CONFIGS = [
@@ -671,7 +670,7 @@ def test_sample_matches_reference(ops, gen, vocab, ties, cfg):
         u = hparams.uniform(seed, st)
         want = ref_sample(x, temperature, top_k, top_p, min_p, u)
         if got != want:
-            allowed = _allowed(x, temperature, top_k, top_p, min_p, u)
+            allowed = ref_allowed(x, temperature, top_k, top_p, min_p, u, SAMPLE_EPS)
             assert got in allowed, f"step {st}: got {got}, want {want} (u={u}, near-tie set {sorted(allowed)})"
             ambiguous += 1
     assert ambiguous <= steps // 4, f"{ambiguous} of {steps} picks differed from the reference"
@@ -708,7 +707,7 @@ def test_sample_graph_replay(ops, gen):
         graph.replay()
         torch.cuda.synchronize()
         u = hparams.uniform(seed, st)
-        assert int(out) in _allowed(x.cpu(), 0.9, 0, 0.95, 0.0, u)
+        assert int(out) in ref_allowed(x.cpu(), 0.9, 0, 0.95, 0.0, u, SAMPLE_EPS)
 
 
 @pytest.mark.parametrize("vocab", [5, 32000, 151936])
