@@ -72,6 +72,9 @@ struct Args {
   // Up to this many tokens, Q4_K and Q6_K run the staged product on integer
   // weights (matmul_tc_staged.cuh); 0: never; < 0: each type's default.
   int int_tokens;
+  // Staged CTAs of 8 warps (128 rows) from this many token tiles (4 or 8);
+  // 0: always 4 warps; < 0: each type's default.
+  int wide;
 };
 
 // Shared bytes of a CTA with NTILE tiles of 8 tokens.

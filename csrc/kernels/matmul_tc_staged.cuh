@@ -11,12 +11,14 @@
 // and dequantize + cuBLAS writes and rereads a bf16 copy of every weight.
 // Each weight block is read once per launch, whatever the token count.
 //
-// A CTA owns kRows = 64 consecutive rows (four warps of 16) and a range of
-// 256-element passes of k (split-K when the row tiles alone do not cover the
-// GPU twice). The passes stream through a ring of S shared-memory stages with
-// cp.async: while the warps compute pass p, the copies of passes p + 1 ..
-// p + S - 1 are in flight. A stage holds
-//   - the raw bytes of the 64 rows' pass (the 16-byte aligned chunks that
+// A CTA owns kRows = 64 consecutive rows (four warps of 16), or 128 (eight
+// warps) for many tokens (Args::wide: one activation stage then serves twice
+// the rows, and twice the warps fit an SM), and a range of 256-element passes
+// of k (split-K when the row tiles alone do not cover the GPU twice). The
+// passes stream through a ring of S shared-memory stages with cp.async: while
+// the warps compute pass p, the copies of passes p + 1 .. p + S - 1 are in
+// flight. A stage holds
+//   - the raw bytes of the CTA's rows' pass (the 16-byte aligned chunks that
 //     cover it, address mod 16 preserved, so the block decoders read fields
 //     at the alignment the format guarantees), rows an odd number of chunks
 //     apart so the lanes' quant words fall in different banks;
@@ -90,13 +92,13 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kXLd = kPass + 16;             // bf16 per token row of a stage: 544 bytes, 32 mod 128
 constexpr int kMaxStages = 4;
 
-// Shared-memory ring of type T with NTILE tiles of 8 tokens.
-template <GgmlType T, int NTILE>
+// Shared-memory ring of type T with NTILE tiles of 8 tokens, for CTAs of NW warps.
+template <GgmlType T, int NTILE, int NW = kWarps>
 struct Ring {
   static constexpr int PB = quant::pass_bytes<T>();
   static constexpr int NSEG = ((PB + 15) / 16 + 1) | 1;  // chunks per row: any alignment, odd
   static constexpr int RS = 16 * NSEG;                    // row stride of the weight stage
-  static constexpr size_t W_BYTES = (size_t)kRows * RS;
+  static constexpr size_t W_BYTES = (size_t)16 * NW * RS;
   static constexpr size_t X_BYTES = (size_t)8 * NTILE * kXLd * sizeof(__nv_bfloat16);
   static constexpr size_t STAGE = W_BYTES + X_BYTES;
   // Stages of a ring of at most `target` shared bytes: 2 .. kMaxStages.
@@ -155,11 +157,11 @@ constexpr int kIntMaxGroupTiles = 2;  // the expert-groups kernel at 4 tiles spi
 constexpr size_t kIntTableBytes = (size_t)kWarps * 16 * 16 * sizeof(float);  // per warp 16 rows x 16 floats
 
 // Copies pass p of the CTA's rows into the weight stage `ws`.
-template <GgmlType T, int NTILE>
+template <GgmlType T, int NTILE, int NW>
 __device__ __forceinline__ void copy_weights(const Args& a, int row0, int p, uint8_t* ws) {
-  using R = Ring<T, NTILE>;
+  using R = Ring<T, NTILE, NW>;
   const uint8_t* wend = a.w + (size_t)a.n_out * a.row_bytes;
-  for (int c = threadIdx.x; c < kRows * R::NSEG; c += kThreads) {
+  for (int c = threadIdx.x; c < 16 * NW * R::NSEG; c += 32 * NW) {
     const int r = c / R::NSEG, j = c - r * R::NSEG;
     const int row = row0 + r;
     const uint8_t* src = a.w;
@@ -179,10 +181,10 @@ __device__ __forceinline__ void copy_weights(const Args& a, int row0, int p, uin
 }
 
 // Copies pass p's activations of all 8 * NTILE token rows into `xs`.
-template <int NTILE>
+template <int NTILE, int NW>
 __device__ __forceinline__ void copy_x(const Args& a, int p, __nv_bfloat16* xs) {
   const int ebase = p * kPass;
-  for (int c = threadIdx.x; c < 8 * NTILE * (kPass / 8); c += kThreads) {
+  for (int c = threadIdx.x; c < 8 * NTILE * (kPass / 8); c += 32 * NW) {
     const int t = c / (kPass / 8), col = (c % (kPass / 8)) * 8;
     const bool ok = t < a.ntok && ebase + col < a.k;
     cp_async16(xs + t * kXLd + col, ok ? a.x + (size_t)t * a.k + ebase + col : a.x, ok ? 16 : 0);
@@ -239,13 +241,14 @@ __device__ __forceinline__ void decode_unit(const uint8_t* pass, int u, int ebas
   }
 }
 
-// One CTA's share of a product: rows row0 .. row0 + kRows - 1 of a.w times
+// One CTA's share of a product: rows row0 .. row0 + 16 NW - 1 of a.w times
 // a.ntok (<= 8 * NTILE) token rows of a.x, over split `split`'s passes, into
 // y or the split's partials. Every thread of the CTA calls it.
-template <GgmlType T, int NTILE, bool INTW>
+template <GgmlType T, int NTILE, bool INTW, int NW = kWarps>
 __device__ __forceinline__ void product_tile(const Args& a, int row0, int split, unsigned char* smem_raw) {
-  using R = Ring<T, NTILE>;
+  using R = Ring<T, NTILE, NW>;
   using B = quant::Block<T>;
+  static_assert(!INTW || NW == kWarps, "the integer path's scale table is sized for kWarps warps");
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, tq = lane & 3;
@@ -260,10 +263,10 @@ __device__ __forceinline__ void product_tile(const Args& a, int row0, int split,
 
   // Prologue: weights of the first S - 1 passes before the wait, activations after.
   for (int s = 0; s < S - 1; ++s)
-    if (s < np) copy_weights<T, NTILE>(a, row0, p_begin + s, wstage(s));
+    if (s < np) copy_weights<T, NTILE, NW>(a, row0, p_begin + s, wstage(s));
   pdl_begin();
   for (int s = 0; s < S - 1; ++s) {
-    if (s < np) copy_x<NTILE>(a, p_begin + s, xstage(s));
+    if (s < np) copy_x<NTILE, NW>(a, p_begin + s, xstage(s));
     cp_async_commit();
   }
 
@@ -295,8 +298,8 @@ __device__ __forceinline__ void product_tile(const Args& a, int row0, int split,
     {
       const int nx = it + S - 1;
       if (nx < np) {
-        copy_weights<T, NTILE>(a, row0, p_begin + nx, wstage(nx % S));
-        copy_x<NTILE>(a, p_begin + nx, xstage(nx % S));
+        copy_weights<T, NTILE, NW>(a, row0, p_begin + nx, wstage(nx % S));
+        copy_x<NTILE, NW>(a, p_begin + nx, xstage(nx % S));
       }
       cp_async_commit();
     }
@@ -507,10 +510,10 @@ __device__ __forceinline__ void product_tile(const Args& a, int row0, int split,
   tc::store_tiles<NTILE>(a, acc, row0 + ra, tq, split);
 }
 
-template <GgmlType T, int NTILE, bool INTW>
-__global__ void __launch_bounds__(kThreads) matmul_tc_kernel(const Args a) {
+template <GgmlType T, int NTILE, bool INTW, int NW = kWarps>
+__global__ void __launch_bounds__(32 * NW) matmul_tc_kernel(const Args a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  product_tile<T, NTILE, INTW>(a, blockIdx.x * kRows, blockIdx.y, smem_raw);
+  product_tile<T, NTILE, INTW, NW>(a, blockIdx.x * 16 * NW, blockIdx.y, smem_raw);
 }
 
 // Mixture-of-experts groups: x's rows sorted by expert (moe_align's slots),
@@ -557,9 +560,9 @@ __global__ void __launch_bounds__(kThreads, 1) matmul_tc_groups_kernel(const Arg
 // does it before any graph is recorded). The opt-in is remembered per
 // instantiation, so each kernel needs its own (Kernel alone is a pointer
 // type that several kernels share).
-template <GgmlType T, int NTILE, bool INTW, class Kernel>
+template <GgmlType T, int NTILE, bool INTW, int NW = kWarps, class Kernel>
 int ring_stages(const Args& a, Kernel kernel, size_t extra) {
-  using R = Ring<T, NTILE>;
+  using R = Ring<T, NTILE, NW>;
   constexpr int kDevices = 64;
   static std::atomic<int> optin[kDevices];  // 0: not yet asked
   const int dev = current_device();
@@ -580,18 +583,18 @@ int ring_stages(const Args& a, Kernel kernel, size_t extra) {
   return std::min(most, R::stages(a.ring_bytes > extra ? a.ring_bytes - extra : 0));
 }
 
-template <GgmlType T, int NTILE, bool INTW>
+template <GgmlType T, int NTILE, bool INTW, int NW = kWarps>
 void launch_tiles(const Args& a, cudaStream_t stream) {
   constexpr size_t extra = INTW ? kIntTableBytes : 0;
   Args b = a;
-  b.stages = ring_stages<T, NTILE, INTW>(a, matmul_tc_kernel<T, NTILE, INTW>, extra);
+  b.stages = ring_stages<T, NTILE, INTW, NW>(a, matmul_tc_kernel<T, NTILE, INTW, NW>, extra);
   if (b.stages == 0) {
     tc::launch_tiles<T, NTILE>(a, stream);  // the unstaged kernel
     return;
   }
-  const dim3 grid((a.n_out + kRows - 1) / kRows, a.splits);
-  launch_overlapped(matmul_tc_kernel<T, NTILE, INTW>, grid, dim3(kThreads),
-                    (size_t)b.stages * Ring<T, NTILE>::STAGE + extra, stream, b);
+  const dim3 grid((a.n_out + 16 * NW - 1) / (16 * NW), a.splits);
+  launch_overlapped(matmul_tc_kernel<T, NTILE, INTW, NW>, grid, dim3(32 * NW),
+                    (size_t)b.stages * Ring<T, NTILE, NW>::STAGE + extra, stream, b);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -617,6 +620,19 @@ constexpr int int_tokens_default() {
   return T == GgmlType::Q6_K ? 32 : 16;
 }
 
+// Token tiles from which T's products run in CTAs of 8 warps (128 rows)
+// by default (Args::wide < 0): at 8 tiles each 4-warp CTA holds a 35 KB
+// activation stage, so only two fit an SM (8 warps, too few to hide the
+// decode's latency); 8 warps share one stage, which halves the activation
+// copies per weight and doubles the warps per SM. At 4 tiles only Q8_0
+// gained, and matrices of fewer than kWideMinRows rows lost (half as many
+// CTAs); bench/notes.md.
+template <GgmlType T>
+constexpr int wide_tiles_default() {
+  return T == GgmlType::Q8_0 ? 4 : 8;
+}
+constexpr int kWideMinRows = 4096;
+
 // Whether NTILE token tiles of a type with an integer path take it for `a`
 // (the callers check the type and the tile limits at compile time).
 template <GgmlType T, int NTILE>
@@ -628,6 +644,10 @@ template <GgmlType T, int NTILE>
 void launch_tiles_for(const Args& a, cudaStream_t stream) {
   if constexpr (has_int_path<T>() && NTILE <= kIntMaxTiles)
     if (use_int<T, NTILE>(a)) return launch_tiles<T, NTILE, true>(a, stream);
+  if constexpr (NTILE >= 4) {
+    const int wide = a.wide < 0 ? (a.n_out >= kWideMinRows ? wide_tiles_default<T>() : 0) : a.wide;
+    if (wide > 0 && NTILE >= wide) return launch_tiles<T, NTILE, false, 8>(a, stream);
+  }
   launch_tiles<T, NTILE, false>(a, stream);
 }
 

@@ -177,6 +177,8 @@ TcOptions tc_options_from_env() {
   o.ring_kb = env_int("HELEXA_TC_RING_KB", 32);
   const char* iv = std::getenv("HELEXA_TC_INT");
   if (iv != nullptr && *iv != '\0') o.int_tokens = std::max(0, std::atoi(iv));
+  const char* wv = std::getenv("HELEXA_TC_WIDE");
+  if (wv != nullptr && *wv != '\0') o.wide = std::max(0, std::atoi(wv));
   return o;
 }
 
@@ -220,6 +222,7 @@ tc::Args tc_args(GgmlType type, const void* w, const __nv_bfloat16* x, float* y,
   a.ring_bytes = (size_t)ring_kb * 1024;
   a.stages = 0;
   a.int_tokens = opt.int_tokens;
+  a.wide = opt.wide;
   return a;
 }
 

@@ -67,13 +67,16 @@ struct TcOptions {
   int waves = 6;       // CTAs per SM the split along k aims at
   int ring_kb = 32;    // the staged ring's shared memory
   int int_tokens = -1;  // Q4_K / Q6_K on integer weights up to this many tokens (-1: per type)
+  int wide = -1;        // 8-warp CTAs from this many token tiles (-1: per type, 0: never)
 };
 // The options the environment asks for (read once by a model at load):
 //   HELEXA_TC_KERNEL=v1      the first (unstaged) implementation;
 //   HELEXA_TC_WAVES          waves (default 6; v1 2);
 //   HELEXA_TC_RING_KB        ring_kb (default 32: several CTAs per SM);
 //   HELEXA_TC_INT            int_tokens for both types (default: Q4_K 16, Q6_K 32;
-//                            0 turns the integer path off).
+//                            0 turns the integer path off);
+//   HELEXA_TC_WIDE           wide for every shape (default: 8 tiles, Q8_0 4, for
+//                            matrices of 4096+ rows; 0: never).
 // The staged defaults are the best of an H100 A/B (bench/notes.md).
 TcOptions tc_options_from_env();
 

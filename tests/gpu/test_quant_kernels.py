@@ -312,6 +312,23 @@ def test_matmul_tc_matches_gguf_reference(ops, rng, tc_kernel, name, n_out, k, n
     check_matvec(y, wref, x, None, tol, tag)
 
 
+@pytest.mark.parametrize("wide", ["0", "4"])  # CTAs of 4 warps everywhere, or of 8 from 4 token tiles
+@pytest.mark.parametrize("n_tok", [17, 40, 64])
+@pytest.mark.parametrize("n_out,k", [(200, 4096 + 256), (4096, 1024)])  # split-K and a partial 128-row tile
+@pytest.mark.parametrize("name", ["Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16"])
+def test_matmul_tc_cta_widths(ops, rng, monkeypatch, name, n_out, k, n_tok, wide):
+    """HELEXA_TC_WIDE: the staged product in CTAs of 4 or 8 warps computes the same exact products."""
+    monkeypatch.setenv("HELEXA_TC_KERNEL", "staged")
+    monkeypatch.setenv("HELEXA_TC_INT", "0")
+    monkeypatch.setenv("HELEXA_TC_WIDE", wide)
+    raw, ref = make_weights(name, n_out, k, rng)
+    x = bf16_values(rng.standard_normal((n_tok, k)))
+    x_d = torch.from_numpy(x).to(torch.bfloat16).to(DEV)
+    y = ops.matmul_tc(TYPES[name][0], torch.from_numpy(raw).to(DEV), x_d, n_out, k, None, None)
+    tag = f"{name} n_out={n_out} k={k} n_tok={n_tok} wide={wide} seed={rng.seed_value}"
+    check_matvec(y, bf16_values(ref), x, None, TC_TOLERANCE, tag)
+
+
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q6_K", "BF16"])
 @pytest.mark.parametrize("n_out,k", [(96, 4096), (4096, 512)])  # with and without split-K
 @pytest.mark.parametrize("n_tok", [12, 24, 40])  # 2, 4 and 8 token tiles
