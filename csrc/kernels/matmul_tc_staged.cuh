@@ -552,16 +552,15 @@ __global__ void __launch_bounds__(kThreads, 1) matmul_tc_groups_kernel(const Arg
   }
 }
 
-// Ring stages of a launch of `kernel` (ring of T with NTILE tiles, plus
-// `extra` bytes after it) within the device's shared memory per block, at
-// most a.ring_bytes; 0 where two stages do not fit (wide float rows on a
-// small-shared-memory part). Shared memory past 48 KiB is opted into once per
-// device and kernel, for the largest ring (the model's first, uncaptured step
-// does it before any graph is recorded). The opt-in is remembered per
-// instantiation, so each kernel needs its own (Kernel alone is a pointer
-// type that several kernels share).
-template <GgmlType T, int NTILE, bool INTW, int NW = kWarps, class Kernel>
-int ring_stages(const Args& a, Kernel kernel, size_t extra) {
+// Ring stages of a launch of `Kernel` (ring of T with NTILE tiles for NW
+// warps, plus `extra` bytes after it) within the device's shared memory per
+// block, at most a.ring_bytes; 0 where two stages do not fit (wide float rows
+// on a small-shared-memory part). Shared memory past 48 KiB is opted into
+// once per device and kernel, for the largest ring (the model's first,
+// uncaptured step does it before any graph is recorded); the kernel is a
+// template argument, so each one keeps its own record of that.
+template <GgmlType T, int NTILE, int NW, auto Kernel>
+int ring_stages(const Args& a, size_t extra) {
   using R = Ring<T, NTILE, NW>;
   constexpr int kDevices = 64;
   static std::atomic<int> optin[kDevices];  // 0: not yet asked
@@ -577,7 +576,7 @@ int ring_stages(const Args& a, Kernel kernel, size_t extra) {
   static std::atomic<bool> configured[kDevices];
   if (dev < 0 || dev >= kDevices || !configured[dev].load(std::memory_order_acquire)) {
     HX_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)(most * R::STAGE + extra)));
+        cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)(most * R::STAGE + extra)));
     if (dev >= 0 && dev < kDevices) configured[dev].store(true, std::memory_order_release);
   }
   return std::min(most, R::stages(a.ring_bytes > extra ? a.ring_bytes - extra : 0));
@@ -587,7 +586,7 @@ template <GgmlType T, int NTILE, bool INTW, int NW = kWarps>
 void launch_tiles(const Args& a, cudaStream_t stream) {
   constexpr size_t extra = INTW ? kIntTableBytes : 0;
   Args b = a;
-  b.stages = ring_stages<T, NTILE, INTW, NW>(a, matmul_tc_kernel<T, NTILE, INTW, NW>, extra);
+  b.stages = ring_stages<T, NTILE, NW, matmul_tc_kernel<T, NTILE, INTW, NW>>(a, extra);
   if (b.stages == 0) {
     tc::launch_tiles<T, NTILE>(a, stream);  // the unstaged kernel
     return;
@@ -602,7 +601,7 @@ template <GgmlType T, int NTILE, bool INTW>
 void launch_groups(const Args& a, const Groups& gr, int max_groups, cudaStream_t stream) {
   constexpr size_t extra = INTW ? kIntTableBytes : 0;
   Args b = a;
-  b.stages = ring_stages<T, NTILE, INTW>(a, matmul_tc_groups_kernel<T, NTILE, INTW>, extra);
+  b.stages = ring_stages<T, NTILE, kWarps, matmul_tc_groups_kernel<T, NTILE, INTW>>(a, extra);
   if (b.stages == 0)
     throw std::invalid_argument("tensor-core expert groups: two ring stages of this type exceed the shared memory");
   const dim3 grid((a.n_out + kRows - 1) / kRows, max_groups);

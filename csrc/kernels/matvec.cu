@@ -142,6 +142,12 @@ int env_int(const char* name, int fallback) {
   return n > 0 ? n : fallback;
 }
 
+// A set, non-empty variable as an integer clamped at 0 (0 turns a path off), or `fallback`.
+int env_count(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? std::max(0, std::atoi(v)) : fallback;
+}
+
 TcSplit tc_split(int n_out, int k, int sms, int waves) {
   const int npass = (k + tc::kPass - 1) / tc::kPass;
   const int tiles = (n_out + tc::kRows - 1) / tc::kRows;
@@ -175,10 +181,8 @@ TcOptions tc_options_from_env() {
   o.staged = !(kernel != nullptr && std::strcmp(kernel, "v1") == 0);
   o.waves = env_int("HELEXA_TC_WAVES", o.staged ? 6 : 2);
   o.ring_kb = env_int("HELEXA_TC_RING_KB", 32);
-  const char* iv = std::getenv("HELEXA_TC_INT");
-  if (iv != nullptr && *iv != '\0') o.int_tokens = std::max(0, std::atoi(iv));
-  const char* wv = std::getenv("HELEXA_TC_WIDE");
-  if (wv != nullptr && *wv != '\0') o.wide = std::max(0, std::atoi(wv));
+  o.int_tokens = env_count("HELEXA_TC_INT", o.int_tokens);
+  o.wide = env_count("HELEXA_TC_WIDE", o.wide);
   return o;
 }
 

@@ -300,14 +300,19 @@ def tc_reference(tc_kernel: str, name: str, n_tok: int, ref: np.ndarray) -> tupl
     return bf16_values(ref), TC_TOLERANCE
 
 
-@pytest.mark.parametrize("n_tok", [1, 2, 8, 9, 33, 64])
-@pytest.mark.parametrize("name,n_out,k", [(name, n, k) for name in TYPES for n, k in tc_cases(name)])
-def test_matmul_tc_matches_gguf_reference(ops, rng, tc_kernel, name, n_out, k, n_tok):
+def tc_product(ops, rng, name: str, n_out: int, k: int, n_tok: int):
+    """One product of random weights and bf16 activations: (y, reference weights, x, tag)."""
     raw, ref = make_weights(name, n_out, k, rng)
     x = bf16_values(rng.standard_normal((n_tok, k)))
     x_d = torch.from_numpy(x).to(torch.bfloat16).to(DEV)
     y = ops.matmul_tc(TYPES[name][0], torch.from_numpy(raw).to(DEV), x_d, n_out, k, None, None)
-    tag = f"{name} n_out={n_out} k={k} n_tok={n_tok} seed={rng.seed_value}"
+    return y, ref, x, f"{name} n_out={n_out} k={k} n_tok={n_tok} seed={rng.seed_value}"
+
+
+@pytest.mark.parametrize("n_tok", [1, 2, 8, 9, 33, 64])
+@pytest.mark.parametrize("name,n_out,k", [(name, n, k) for name in TYPES for n, k in tc_cases(name)])
+def test_matmul_tc_matches_gguf_reference(ops, rng, tc_kernel, name, n_out, k, n_tok):
+    y, ref, x, tag = tc_product(ops, rng, name, n_out, k, n_tok)
     wref, tol = tc_reference(tc_kernel, name, n_tok, ref)
     check_matvec(y, wref, x, None, tol, tag)
 
@@ -321,12 +326,8 @@ def test_matmul_tc_cta_widths(ops, rng, monkeypatch, name, n_out, k, n_tok, wide
     monkeypatch.setenv("HELEXA_TC_KERNEL", "staged")
     monkeypatch.setenv("HELEXA_TC_INT", "0")
     monkeypatch.setenv("HELEXA_TC_WIDE", wide)
-    raw, ref = make_weights(name, n_out, k, rng)
-    x = bf16_values(rng.standard_normal((n_tok, k)))
-    x_d = torch.from_numpy(x).to(torch.bfloat16).to(DEV)
-    y = ops.matmul_tc(TYPES[name][0], torch.from_numpy(raw).to(DEV), x_d, n_out, k, None, None)
-    tag = f"{name} n_out={n_out} k={k} n_tok={n_tok} wide={wide} seed={rng.seed_value}"
-    check_matvec(y, bf16_values(ref), x, None, TC_TOLERANCE, tag)
+    y, ref, x, tag = tc_product(ops, rng, name, n_out, k, n_tok)
+    check_matvec(y, bf16_values(ref), x, None, TC_TOLERANCE, f"{tag} wide={wide}")
 
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q6_K", "BF16"])
