@@ -666,7 +666,8 @@ struct HostCtx {
 // shared memory filled with a marker) of an nblocks grid; returns its
 // out-of-bounds load count.
 template <class Body>
-int run_cta(const matvec::Args& a, int nwarps, int block, int nblocks, size_t smem_bytes, Body body) {
+int run_cta(const matvec::Args& a, int nwarps, int block, int nblocks, size_t smem_bytes, Body body,
+            const uint8_t* w_hi = nullptr, const float* x_hi = nullptr) {
   HostCta cta;
   cta.smem.assign(smem_bytes / 16 + 1, uint4{0xdeadbeef, 0xdeadbeef, 0xdeadbeef, 0xdeadbeef});
   cta.nwarps = nwarps;
@@ -676,9 +677,9 @@ int run_cta(const matvec::Args& a, int nwarps, int block, int nblocks, size_t sm
   for (int w = 0; w < nwarps; ++w) cta.warp_bars.push_back(std::make_unique<Barrier>(32));
   cta.shfl.assign(32 * nwarps, 0.f);
   cta.w_lo = a.w;
-  cta.w_hi = a.w + a.row_bytes * a.n_out;
+  cta.w_hi = w_hi ? w_hi : a.w + a.row_bytes * a.n_out;
   cta.x_lo = a.x;
-  cta.x_hi = a.x + (size_t)a.ntok * a.k;
+  cta.x_hi = x_hi ? x_hi : a.x + (size_t)a.ntok * a.k;
   std::vector<std::thread> th;
   for (int w = 0; w < nwarps; ++w)
     for (int l = 0; l < 32; ++l)
@@ -703,6 +704,51 @@ int emulate(const matvec::Args& in, int sms, int warps) {
   for (int b = 0; b < p.blocks; ++b)
     errors += run_cta(a, p.warps, b, p.blocks, p.smem_bytes,
                       [&](const HostCtx& ctx) { matvec::matvec_cta<T, NT>(a, ctx); });
+  return errors;
+}
+
+// The expert fusions, as launch_experts runs them. kGlu: one token, W holds
+// 2 * glu rows (gate | up), y is [glu]. kCombine: W holds num_experts
+// matrices `stride` bytes apart, x holds ntok * top_k rows, and each token's
+// CTAs add its experts' weighted rows to y.
+template <GgmlType T>
+int emulate_fused(const matvec::Args& in, int sms, int warps, int fuse) {
+  const matvec::Args a = matvec::stepped<T, 1>(in);
+  constexpr int R = matvec::Config<T, 1>::R;
+  const int resident[4] = {16, 8, 4, 2};
+  matvec::Args whole = a;
+  if (fuse == 2) {
+    whole.n_out = a.n_out * a.ntok;
+    whole.nsteps = a.nsteps * a.top_k;
+  }
+  matvec::Plan p = matvec::plan<T, 1>(whole, sms, resident);
+  if (warps > 0) {
+    p.warps = warps;
+    p.smem_bytes = matvec::smem_bytes<T, 1>(warps);
+  }
+  int errors = 0;
+  if (fuse == 1) {
+    const int blocks = (a.glu + R / 2 - 1) / (R / 2);
+    for (int b = 0; b < blocks; ++b)
+      errors += run_cta(a, p.warps, b, blocks, p.smem_bytes,
+                        [&](const HostCtx& ctx) { matvec::matvec_cta<T, 1, matvec::kGlu>(a, ctx); });
+    return errors;
+  }
+  const int blocks = (a.n_out + R - 1) / R;
+  const uint8_t* w_hi = a.w + a.stride * a.num_experts;
+  const float* x_hi = a.x + (size_t)a.ntok * a.top_k * a.k;
+  for (int t = 0; t < a.ntok; ++t) {
+    matvec::Args b = a;
+    b.ids = a.ids + (size_t)t * a.top_k;
+    b.mix = a.mix + (size_t)t * a.top_k;
+    b.x = a.x + (size_t)t * a.top_k * a.k;
+    b.y = a.y + (size_t)t * a.n_out;
+    b.ntok = 1;
+    for (int blk = 0; blk < blocks; ++blk)
+      errors += run_cta(
+          b, p.warps, blk, blocks, p.smem_bytes,
+          [&](const HostCtx& ctx) { matvec::matvec_cta<T, 1, matvec::kCombine>(b, ctx); }, w_hi, x_hi);
+  }
   return errors;
 }
 
@@ -771,20 +817,31 @@ int emulate_any(const matvec::Args& a, int sms, int warps) {
 }
 
 int main() {
-  int hdr[8];  // type, n_out, k, ntok, accumulate, sms, warps (0: as planned), int8_x mode (0, 1, 2)
-  if (fread(hdr, 4, 8, stdin) != 8) return 2;
+  // type, n_out, k, ntok, accumulate, sms, warps (0: as planned), int8_x mode (0, 1, 2),
+  // fusion (0 none; 1 kGlu: n_out = 2 glu, y [glu]; 2 kCombine), top_k, num_experts (kCombine)
+  int hdr[11];
+  if (fread(hdr, 4, 11, stdin) != 11) return 2;
   const GgmlType t = (GgmlType)hdr[0];
   const int n_out = hdr[1], k = hdr[2], ntok = hdr[3], accumulate = hdr[4], sms = hdr[5], warps = hdr[6];
-  const size_t wb = row_bytes(t, k) * n_out;
+  const int fuse = hdr[8], top_k = fuse == 2 ? hdr[9] : 1, n_exp = fuse == 2 ? hdr[10] : 1;
+  // kCombine: experts' matrices 16-byte aligned apart; x rows: one per (token, expert).
+  const size_t stride = (row_bytes(t, k) * n_out + 15) / 16 * 16;
+  const size_t wb = fuse == 2 ? stride * n_exp : row_bytes(t, k) * n_out;
+  const size_t x_rows = (size_t)ntok * top_k;
+  const int y_cols = fuse == 1 ? n_out / 2 : n_out;
   std::vector<uint4> wstore(wb / 16 + 2);
   uint8_t* w = reinterpret_cast<uint8_t*>(wstore.data());
-  std::vector<float4> xstore(((size_t)ntok * k + 3) / 4 + 1);
+  std::vector<float4> xstore((x_rows * k + 3) / 4 + 1);
   float* x = reinterpret_cast<float*>(xstore.data());
-  std::vector<float> y((size_t)ntok * n_out), bias(n_out);
+  std::vector<float> y((size_t)ntok * y_cols), bias(n_out);
+  std::vector<int32_t> ids(x_rows);
+  std::vector<float> mix(x_rows);
   if (fread(w, 1, wb, stdin) != wb) return 2;
-  if (fread(x, 4, (size_t)ntok * k, stdin) != (size_t)ntok * k) return 2;
+  if (fread(x, 4, x_rows * k, stdin) != x_rows * k) return 2;
   if (fread(bias.data(), 4, n_out, stdin) != (size_t)n_out) return 2;
   if (fread(y.data(), 4, y.size(), stdin) != y.size()) return 2;
+  if (fuse == 2 && (fread(ids.data(), 4, x_rows, stdin) != x_rows || fread(mix.data(), 4, x_rows, stdin) != x_rows))
+    return 2;
   matvec::Args a;
   a.w = w; a.x = x; a.y = y.data(); a.bias = bias.data();
   a.row_bytes = row_bytes(t, k); a.n_out = n_out; a.k = k; a.ntok = ntok;
@@ -793,9 +850,22 @@ int main() {
   a.xq = nullptr;
   a.x_scratch = nullptr;
   int errors = 0;
+  if (fuse) {
+    a.bias = nullptr;
+    a.int8_x = 0;
+    a.glu = fuse == 1 ? n_out / 2 : 0;
+    a.ids = ids.data();
+    a.mix = mix.data();
+    a.stride = stride;
+    a.top_k = top_k;
+    a.num_experts = n_exp;
+    a.accumulate = fuse == 2;
+    a.static_w = fuse == 2 && (n_out & 1);  // routing read before and after the wait
+  }
 #define HX_EMU(T)                                                                       \
   case GgmlType::T: {                                                                   \
-    if (ntok == 1) errors = emulate_any<GgmlType::T, 1>(a, sms, warps);                     \
+    if (fuse) errors = emulate_fused<GgmlType::T>(a, sms, warps, fuse);                     \
+    else if (ntok == 1) errors = emulate_any<GgmlType::T, 1>(a, sms, warps);                \
     else if (ntok == 2) errors = emulate_any<GgmlType::T, 2>(a, sms, warps);                \
     else if (ntok <= 4) errors = emulate_any<GgmlType::T, 4>(a, sms, warps);                \
     else errors = emulate_any<GgmlType::T, 8>(a, sms, warps);                               \
@@ -896,7 +966,7 @@ def _run_emulator(emulator, rng, tag, raw, tid, ref, x, acc, sms, warps, mode):
     bias = rng.standard_normal(n_out).astype(np.float32)
     y0 = rng.standard_normal((ntok, n_out)).astype(np.float32)
     inp = (
-        np.array([tid, n_out, k, ntok, acc, sms, warps, mode], np.int32).tobytes()
+        np.array([tid, n_out, k, ntok, acc, sms, warps, mode, 0, 0, 0], np.int32).tobytes()
         + raw.tobytes()
         + x.tobytes()
         + bias.tobytes()
@@ -913,6 +983,72 @@ def _run_emulator(emulator, rng, tag, raw, tid, ref, x, acc, sms, warps, mode):
         return np.abs(x64) @ np.abs(ref).T + np.abs(bias) + (np.abs(y0) if acc else 0)
 
     return y, want, scale
+
+
+def _emulate_fused(emulator, tag, tid, raws, x, fuse, y0, ids=None, mix=None, sms=132, warps=0):
+    """Runs one expert fusion (1: SwiGLU pairs, 2: combine) of the emulator; returns y."""
+    n_out = raws[0].shape[0]
+    k = x.shape[1]
+    top_k = 1 if ids is None else ids.shape[1]
+    ntok = x.shape[0] // top_k
+    if fuse == 2:
+        stride = -(-raws[0].size // 16) * 16
+        w = np.zeros((len(raws), stride), np.uint8)
+        for e, raw in enumerate(raws):
+            w[e, : raw.size] = raw.reshape(-1)
+    else:
+        w = raws[0]
+    hdr = [tid, n_out, k, ntok, int(fuse == 2), sms, warps, 0, fuse, top_k, len(raws)]
+    inp = np.array(hdr, np.int32).tobytes() + w.tobytes() + x.tobytes() + np.zeros(n_out, np.float32).tobytes()
+    inp += y0.tobytes()
+    if fuse == 2:
+        inp += ids.astype(np.int32).tobytes() + mix.astype(np.float32).tobytes()
+    p = subprocess.run([str(emulator)], input=inp, capture_output=True)
+    assert p.returncode == 0, f"{tag}: emulator exit {p.returncode}: {p.stderr.decode()[:2000]}"
+    return np.frombuffer(p.stdout, np.float32).reshape(y0.shape).astype(np.float64)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("name", EMU_TYPES)
+def test_expert_fusions_run_on_host(emulator, name):
+    # kGlu: gate row i and up row i in one CTA, silu(gate) * up written;
+    # kCombine: each token's experts walked as (expert, step) pairs, weighted
+    # and added to y, with every weight load inside the stack of experts.
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    qk = GGML_QUANT_SIZES[GGMLQuantizationType[name]][0]
+    seed = int(np.random.SeedSequence().entropy % (2**32))
+    rng = np.random.default_rng(seed)
+    k = 3 * 256 if qk > 1 else 3 * 256 + 4
+    for f, warps in [(5, 0), (1, 2), (8, 8)]:
+        raw, tid, ref = _emu_weights(name, 2 * f, k, rng)
+        x = rng.standard_normal((1, k)).astype(np.float32)
+        y = _emulate_fused(emulator, f"{name} glu f={f}", tid, [raw], x, 1, np.zeros((1, f), np.float32), warps=warps)
+        x64 = x[0].astype(np.float64)
+        g, u = ref[:f] @ x64, ref[f:] @ x64
+        with np.errstate(over="ignore"):  # exp(-g) = inf: silu(g) = -0
+            want = g / (1 + np.exp(-g)) * u
+        scale = (np.abs(ref[:f]) @ np.abs(x64)) * (np.abs(ref[f:]) @ np.abs(x64)) + 1e-30
+        err = np.max(np.abs(y[0] - want) / scale)
+        assert err < 1e-4, f"{name} glu f={f} warps={warps}: relative error {err:.2e} seed={seed}"
+    E = 5
+    for n_out, ntok, top_k, warps in [(7, 2, 3, 0), (4, 1, 5, 8), (9, 3, 2, 1)]:
+        experts = [_emu_weights(name, n_out, k, rng) for _ in range(E)]
+        ids = np.stack([rng.permutation(E)[:top_k] for _ in range(ntok)])
+        mix = rng.random((ntok, top_k)).astype(np.float32)
+        x = rng.standard_normal((ntok * top_k, k)).astype(np.float32)
+        y0 = rng.standard_normal((ntok, n_out)).astype(np.float32)
+        tag = f"{name} combine n_out={n_out} ntok={ntok} top_k={top_k} warps={warps} seed={seed}"
+        y = _emulate_fused(emulator, tag, experts[0][1], [e[0] for e in experts], x, 2, y0, ids, mix, warps=warps)
+        x64 = x.astype(np.float64)
+        for t in range(ntok):
+            want, scale = y0[t].astype(np.float64), np.abs(y0[t]).astype(np.float64)
+            for j in range(top_k):
+                ref = experts[ids[t, j]][2]
+                want = want + float(mix[t, j]) * (ref @ x64[t * top_k + j])
+                scale = scale + float(mix[t, j]) * (np.abs(ref) @ np.abs(x64[t * top_k + j]))
+            err = np.max(np.abs(y[t] - want) / scale)
+            assert err < 2e-5, f"{tag} token {t}: relative error {err:.2e}"
 
 
 @needs_nvcc

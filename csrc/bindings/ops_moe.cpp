@@ -138,6 +138,47 @@ void op_matvec_expert_pairs(int64_t type, const at::Tensor& w, const at::Tensor&
   });
 }
 
+void op_matvec_expert_pairs_glu(int64_t type, const at::Tensor& w, const at::Tensor& ids, const at::Tensor& x,
+                                int64_t x_div, at::Tensor& y, int64_t f, int64_t k) {
+  const c10::cuda::CUDAGuard guard(cuda_device(x, "x"));
+  const auto dev = x.device();
+  const int ff = as_int(f, "f", 1), kk = as_int(k, "k", 1), div = as_int(x_div, "x_div", 1);
+  check_experts(w, type, 2 * ff, kk, dev);
+  check_tensor(ids, "ids", at::kInt, dev);
+  check_tensor(x, "x", at::kFloat, dev);
+  check_tensor(y, "y", at::kFloat, dev);
+  const int count = as_int(ids.numel(), "count", 1);
+  HX_OP_CHECK(x.numel() >= static_cast<int64_t>((count - 1) / div + 1) * kk, "x must hold count / x_div rows of k");
+  HX_OP_CHECK(y.numel() == static_cast<int64_t>(count) * ff, "y must be [count, f]");
+  launch([&] {
+    matvec_expert_pairs_glu_launch(static_cast<GgmlType>(type), w.data_ptr(), static_cast<size_t>(w.size(1)),
+                                   as_int(w.size(0), "num_experts", 1), ids.data_ptr<int32_t>(), x.data_ptr<float>(),
+                                   div, y.data_ptr<float>(), ff, kk, count, stream_of(dev));
+  });
+}
+
+void op_matvec_expert_combine(int64_t type, const at::Tensor& w, const at::Tensor& ids, const at::Tensor& mix,
+                              const at::Tensor& act, at::Tensor& x, int64_t n_out, int64_t k) {
+  const c10::cuda::CUDAGuard guard(cuda_device(x, "x"));
+  const auto dev = x.device();
+  const int no = as_int(n_out, "n_out", 1), kk = as_int(k, "k", 1);
+  check_experts(w, type, no, kk, dev);
+  check_tensor(ids, "ids", at::kInt, dev);
+  check_tensor(mix, "mix", at::kFloat, dev);
+  check_tensor(act, "act", at::kFloat, dev);
+  check_tensor(x, "x", at::kFloat, dev);
+  HX_OP_CHECK(ids.dim() == 2 && mix.sizes() == ids.sizes(), "ids and mix must be [n_tok, top_k]");
+  const int n = as_int(ids.size(0), "n_tok", 1), top_k = as_int(ids.size(1), "top_k", 1);
+  HX_OP_CHECK(act.dim() == 2 && act.size(0) == static_cast<int64_t>(n) * top_k && act.size(1) == kk,
+              "act must be [n_tok * top_k, k]");
+  HX_OP_CHECK(x.dim() == 2 && x.size(0) == n && x.size(1) == no, "x must be [n_tok, n_out]");
+  launch([&] {
+    matvec_expert_combine_launch(static_cast<GgmlType>(type), w.data_ptr(), static_cast<size_t>(w.size(1)),
+                                 as_int(w.size(0), "num_experts", 1), ids.data_ptr<int32_t>(), mix.data_ptr<float>(),
+                                 top_k, act.data_ptr<float>(), x.data_ptr<float>(), no, kk, n, false, stream_of(dev));
+  });
+}
+
 void op_matvec_expert_groups(int64_t type, const at::Tensor& w, const at::Tensor& offsets, const at::Tensor& active,
                              const at::Tensor& n_active, int64_t max_groups, const at::Tensor& x, at::Tensor& y,
                              int64_t n_out, int64_t k) {
@@ -184,6 +225,13 @@ TORCH_LIBRARY_FRAGMENT(helexa, m) {
   m.def(
       "matvec_expert_pairs(int type, Tensor w, Tensor ids, Tensor x, int x_div, Tensor(a!) y, int n_out, int k) -> ()",
       &hx::op_matvec_expert_pairs);
+  m.def(
+      "matvec_expert_pairs_glu(int type, Tensor w, Tensor ids, Tensor x, int x_div, Tensor(a!) y, int f, int k) -> ()",
+      &hx::op_matvec_expert_pairs_glu);
+  m.def(
+      "matvec_expert_combine(int type, Tensor w, Tensor ids, Tensor mix, Tensor act, Tensor(a!) x, int n_out, int k) "
+      "-> ()",
+      &hx::op_matvec_expert_combine);
   m.def(
       "matvec_expert_groups(int type, Tensor w, Tensor offsets, Tensor active, Tensor n_active, int max_groups, "
       "Tensor x, Tensor(a!) y, int n_out, int k) -> ()",

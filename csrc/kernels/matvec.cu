@@ -420,6 +420,51 @@ void matvec_expert_pairs_launch(GgmlType type, const void* w, size_t stride, int
   dispatch_experts(type, a, ex, count, stream);
 }
 
+void matvec_expert_pairs_glu_launch(GgmlType type, const void* w, size_t stride, int num_experts, const int32_t* ids,
+                                    const float* x, int x_div, float* y, int f, int k, int count, cudaStream_t stream) {
+  if (count < 1 || count > 65535) bad("expert pairs: count must be 1..65535, got " + std::to_string(count));
+  if (x_div < 1) bad("expert pairs: x_div must be positive");
+  if (!ids) bad("expert pairs: null ids");
+  if (f < 1 || f > (1 << 29)) bad("expert pairs: bad SwiGLU width " + std::to_string(f));
+  matvec::Args a = expert_args(type, w, stride, num_experts, x, y, 2 * f, k);
+  a.glu = f;
+  matvec::ExpertArgs ex;
+  ex.ids = ids;
+  ex.offsets = nullptr;
+  ex.active = nullptr;
+  ex.n_active = nullptr;
+  ex.stride = stride;
+  ex.num_experts = num_experts;
+  ex.x_div = x_div;
+  dispatch_experts(type, a, ex, count, stream);
+}
+
+void matvec_expert_combine_launch(GgmlType type, const void* w, size_t stride, int num_experts, const int32_t* ids,
+                                  const float* mix, int top_k, const float* act, float* x, int n_out, int k, int n_tok,
+                                  bool routing_settled, cudaStream_t stream) {
+  if (n_tok < 1 || n_tok > 65535) bad("expert combine: n_tok must be 1..65535, got " + std::to_string(n_tok));
+  if (top_k < 1 || top_k > num_experts)
+    bad("expert combine: top_k must be 1..num_experts, got " + std::to_string(top_k));
+  if (!ids || !mix) bad("expert combine: null routing arrays");
+  matvec::Args a = expert_args(type, w, stride, num_experts, act, x, n_out, k);
+  a.accumulate = 1;
+  a.static_w = routing_settled ? 1 : 0;
+  a.ids = ids;
+  a.mix = mix;
+  a.stride = stride;
+  a.top_k = top_k;
+  a.num_experts = num_experts;
+  matvec::ExpertArgs ex;
+  ex.ids = ids;
+  ex.offsets = nullptr;
+  ex.active = nullptr;
+  ex.n_active = nullptr;
+  ex.stride = stride;
+  ex.num_experts = num_experts;
+  ex.x_div = 1;
+  dispatch_experts(type, a, ex, n_tok, stream);
+}
+
 void matvec_expert_groups_launch(GgmlType type, const void* w, size_t stride, int num_experts, const int32_t* offsets,
                                  const int32_t* active, const int32_t* n_active, int max_groups, const float* x,
                                  float* y, int n_out, int k, cudaStream_t stream) {

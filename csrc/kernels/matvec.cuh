@@ -127,6 +127,32 @@ void matvec_expert_pairs_launch(GgmlType type, const void* w /*[num_experts][n_o
                                 const float* x /*[count / x_div, k]*/, int x_div, float* y /*[count, n_out]*/,
                                 int n_out, int k, int count /*1..65535*/, cudaStream_t stream);
 
+// Pairs over a gate|up stack (expert e's rows [0, f) gate, [f, 2f) up, of k
+// elements) with the SwiGLU applied: y row p = silu(gate_e x) * (up_e x),
+// [count, f], in the bits swiglu_launch would give for the plain pairs'
+// output. One launch instead of the pairs and the SwiGLU.
+void matvec_expert_pairs_glu_launch(GgmlType type, const void* w /*[num_experts][2 f, k] stored rows, stride apart*/,
+                                    size_t stride, int num_experts, const int32_t* ids /*[count] device*/,
+                                    const float* x /*[count / x_div, k]*/, int x_div, float* y /*[count, f]*/, int f,
+                                    int k, int count /*1..65535*/, cudaStream_t stream);
+
+// The experts' second product and their weighted sum, into the residual:
+//   x[t] += sum_j mix[t, j] * W_{ids[t, j]} act[t * top_k + j]   (t < n_tok)
+// W a stack of [n_out, k] matrices as above; ids and mix [n_tok, top_k] in
+// device memory (moe_route_launch's output). One CTA row group per (token,
+// n_out rows) walks that token's top_k experts, so a small batch's experts
+// need no separate combine pass (float sums in another order than
+// matvec_expert_pairs_launch + moe_combine_launch: equal to rounding).
+// routing_settled: ids were written before the kernel that precedes this
+// launch on the stream (which begins by waiting for its own predecessor, as
+// every overlapped kernel here does), so the first weight loads may go out
+// before waiting for act.
+void matvec_expert_combine_launch(GgmlType type, const void* w /*[num_experts][n_out, k] stored rows, stride apart*/,
+                                  size_t stride, int num_experts, const int32_t* ids /*[n_tok, top_k] device*/,
+                                  const float* mix /*[n_tok, top_k] device*/, int top_k,
+                                  const float* act /*[n_tok * top_k, k]*/, float* x /*[n_tok, n_out]*/, int n_out,
+                                  int k, int n_tok /*1..65535*/, bool routing_settled, cudaStream_t stream);
+
 // Grouped: x holds rows sorted by expert (rows offsets[e] .. offsets[e + 1] - 1
 // are expert e's; active[0 .. *n_active) lists the experts that have rows;
 // all in device memory, as moe_align_launch writes them). One CTA row group

@@ -44,9 +44,15 @@
 // stack of expert matrices: the kernel first reads which expert (and which
 // x and y rows) its blockIdx.y stands for from device memory, then runs
 // matvec_cta on that expert's matrix. Pairs: one (token, expert) product per
-// blockIdx.y, one token (NT = 1). Grouped: one expert per blockIdx.y, its
-// rows kMatvecMaxTokens at a time (NT = 8), a barrier between them since
-// each pass reuses the shared stage.
+// blockIdx.y, one token (NT = 1); for a gate|up stack the CTA may take
+// matching gate and up rows and write the SwiGLU (kGlu). Grouped: one expert
+// per blockIdx.y, its rows kMatvecMaxTokens at a time (NT = 8), a barrier
+// between them since each pass reuses the shared stage. Combine: one token
+// per blockIdx.y; its warps split the steps of the token's top_k experts'
+// rows, weight each step's partial sums by the expert's routing weight, and
+// add the total to the residual (kCombine): the second expert product and
+// the weighted sum in one launch, its first weight loads issued before the
+// wait for the first product (the routing was written before that).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -105,7 +111,27 @@ struct Args {
   // CTAs do). The product's grid stays as large as with per-CTA quantization
   // (one CTA per row group measured slower).
   uint8_t* x_scratch;
+  // Expert fusions (matvec_cta's Mode; unused by kPlain).
+  int glu = 0;                   // kGlu: gate rows [0, glu), up rows [glu, 2 glu); y is [ntok, glu]
+  const int32_t* ids = nullptr;  // kCombine: the token's top_k experts ...
+  const float* mix = nullptr;    // ... and their weights; x holds top_k rows of k, one per expert
+  size_t stride = 0;             // kCombine: bytes between consecutive experts' matrices
+  int top_k = 0, num_experts = 0;
 };
+
+// What a CTA computes (matvec_cta's Mode):
+//   kPlain    y[t, i] = W[i] . x[t] (+ bias, + y), rows block * R ...
+//   kGlu      one token, W = gate | up: y[i] = silu(gate[i] . x) * (up[i] . x)
+//             for i in block * R/2 ..: the CTA's R rows are R/2 gate rows and
+//             their R/2 up rows, so the SwiGLU needs no pass of its own
+//   kCombine  one token: y[i] += sum_j mix[j] * W_ids[j][i] . x[j], the warps
+//             splitting (expert, step) pairs: an MoE layer's second product
+//             and the weighted sum of its experts in one launch
+enum : int { kPlain = 0, kGlu = 1, kCombine = 2 };
+
+// silu(g) * u as the SwiGLU kernel computes it (swiglu.cu), so the fused and
+// separate paths give the same bits.
+__host__ __device__ __forceinline__ float glu_act(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 // Quantizes x [ntok, k] into `out` in the dp4a stage layout (dp4a::smem_bytes
 // of `terms` terms) with one small grid: the same values each dp4a CTA would
@@ -274,13 +300,15 @@ __host__ __device__ __forceinline__ void pass_dot(const Ctx& ctx, const uint8_t*
 }
 
 // Issues the 16-byte loads of step s (bytes [s * SB, s * SB + SB) of every row
-// of the CTA) into this lane's registers.
+// of the CTA) into this lane's registers; shift moves every row by a multiple
+// of 16 bytes (to another expert's matrix).
 #pragma nv_exec_check_disable
 template <int SLOTS, int SB, int LOADS, class Ctx>
 __host__ __device__ __forceinline__ void issue_step(const Ctx& ctx, int lane, int s, uint32_t row_bytes,
                                                     const uint8_t* const (&slot_base)[LOADS],
                                                     const uint32_t (&slot_mis)[LOADS],
-                                                    const uint32_t (&slot_off)[LOADS], uint4 (&buf)[LOADS]) {
+                                                    const uint32_t (&slot_off)[LOADS], uint4 (&buf)[LOADS],
+                                                    size_t shift = 0) {
   const uint32_t off = (uint32_t)s * SB;
   const uint32_t lim = std::min(off + (uint32_t)SB, row_bytes);  // this step's bytes: [off, lim)
 #pragma unroll
@@ -289,30 +317,43 @@ __host__ __device__ __forceinline__ void issue_step(const Ctx& ctx, int lane, in
     // Chunk offset from the aligned row base; below mis + lim it shares its
     // aligned 16 bytes with a byte of the row, so the read stays in the tensor.
     const uint32_t t = ((slot_mis[j] + off) & ~15u) + slot_off[j];
-    if (t < slot_mis[j] + lim) buf[j] = ctx.ld_stream(slot_base[j] + t);
+    if (t < slot_mis[j] + lim) buf[j] = ctx.ld_stream(slot_base[j] + shift + t);
   }
 }
 
-// One CTA: rows blockIdx * R .. + R - 1.
+// One CTA: rows blockIdx * R .. + R - 1 (kGlu: gate rows blockIdx * R/2 ..
+// and the matching up rows; see Mode).
 #pragma nv_exec_check_disable
-template <GgmlType T, int NT, class Ctx>
+template <GgmlType T, int NT, int Mode = kPlain, class Ctx>
 __host__ __device__ __forceinline__ void matvec_cta(const Args& a, const Ctx& ctx) {
   using B = quant::Block<T>;
   using C = Config<T, NT>;
   constexpr int R = C::R, P = C::P, PB = C::PB, SB = C::SB, NSEG = C::NSEG, SLOTS = C::SLOTS, LOADS = C::LOADS,
                 U = C::U;
   static_assert(P % U == 0, "a step holds whole groups of U passes");
+  static_assert(Mode == kPlain || NT == 1, "the expert fusions run one token");
+  static_assert(Mode != kGlu || R % 2 == 0, "a kGlu CTA pairs gate and up rows");
+  constexpr int HR = R / 2;
   const int lane = ctx.lane(), warp = ctx.warp(), nwarps = ctx.nwarps();
   uint4* stage = ctx.smem + warp * SLOTS;
-  const int row0 = ctx.block() * R;
+  const int row0 = Mode == kGlu ? ctx.block() * HR : ctx.block() * R;
   const uint32_t row_bytes = (uint32_t)a.row_bytes;
+  // Stored row of the CTA's row r. Rows past the end re-read the last one;
+  // their sums are never written.
+  auto row_of = [&](int r) -> int {
+    if constexpr (Mode == kGlu) {
+      const int g = std::min(row0 + r % HR, a.glu - 1);
+      return r < HR ? g : a.glu + g;
+    } else {
+      return std::min(row0 + r, a.n_out - 1);
+    }
+  };
 
-  // Rows past n_out re-read the last row; their sums are never written.
   // Each row's start address mod 16 places its bytes in the stage.
   int row_mis[R];
 #pragma unroll
   for (int r = 0; r < R; ++r)
-    row_mis[r] = (int)(reinterpret_cast<uintptr_t>(a.w + (size_t)std::min(row0 + r, a.n_out - 1) * a.row_bytes) & 15);
+    row_mis[r] = (int)(reinterpret_cast<uintptr_t>(a.w + (size_t)row_of(r) * a.row_bytes) & 15);
 
   // Lane's load slots: slot lane + 32j is chunk (idx % NSEG) of row idx / NSEG
   // of the step, read from the row's 16-byte aligned base.
@@ -322,11 +363,26 @@ __host__ __device__ __forceinline__ void matvec_cta(const Args& a, const Ctx& ct
   for (int j = 0; j < LOADS; ++j) {
     const int idx = lane + 32 * j;
     const int r = std::min(idx / NSEG, R - 1);
-    const uintptr_t rp = reinterpret_cast<uintptr_t>(a.w + (size_t)std::min(row0 + r, a.n_out - 1) * a.row_bytes);
+    const uintptr_t rp = reinterpret_cast<uintptr_t>(a.w + (size_t)row_of(r) * a.row_bytes);
     slot_base[j] = reinterpret_cast<const uint8_t*>(rp & ~uintptr_t(15));
     slot_mis[j] = (uint32_t)(rp & 15);
     slot_off[j] = 16u * (uint32_t)(idx - (idx / NSEG) * NSEG);
   }
+
+  // kCombine walks top_k * nsteps steps: step s is step s % nsteps of the
+  // row of expert slot s / nsteps, whose matrix starts `shift` bytes on.
+  const int nsteps = Mode == kCombine ? a.top_k * a.nsteps : a.nsteps;
+  auto expert_step = [&](int s, int& ls) -> size_t {
+    if constexpr (Mode == kCombine) {
+      const int j = s / a.nsteps;
+      ls = s - j * a.nsteps;
+      const int e = std::min(std::max(a.ids[j], 0), a.num_experts - 1);
+      return (size_t)e * a.stride;
+    } else {
+      ls = s;
+      return 0;
+    }
+  };
 
   uint4 buf[LOADS];
   float acc[R][NT];
@@ -340,23 +396,40 @@ __host__ __device__ __forceinline__ void matvec_cta(const Args& a, const Ctx& ct
   const int sub = lane / LPP;
   const int ub = U * (lane % LPP);
   // Static weights: the first step's loads go out before waiting for the
-  // kernel that produced x (launch.cuh), so they overlap its tail.
+  // kernel that produced x (launch.cuh), so they overlap its tail. (kCombine:
+  // static_w also says the routing was written two launches back or more.)
   if (!a.static_w) ctx.wait_prior();
-  if (warp < a.nsteps) issue_step<SLOTS, SB>(ctx, lane, warp, row_bytes, slot_base, slot_mis, slot_off, buf);
+  if (warp < nsteps) {
+    int ls;
+    const size_t shift = expert_step(warp, ls);
+    issue_step<SLOTS, SB>(ctx, lane, ls, row_bytes, slot_base, slot_mis, slot_off, buf, shift);
+  }
   if (a.static_w) ctx.wait_prior();
-  for (int s = warp; s < a.nsteps; s += nwarps) {
+  for (int s = warp; s < nsteps; s += nwarps) {
     ctx.syncwarp();  // the previous step's readers are done with the stage
 #pragma unroll
     for (int j = 0; j < LOADS; ++j)
       if (SLOTS % 32 == 0 || lane + 32 * j < SLOTS) stage[lane + 32 * j] = buf[j];
     ctx.syncwarp();
-    if (s + nwarps < a.nsteps)
-      issue_step<SLOTS, SB>(ctx, lane, s + nwarps, row_bytes, slot_base, slot_mis, slot_off, buf);
+    if (s + nwarps < nsteps) {
+      int ls;
+      const size_t shift = expert_step(s + nwarps, ls);
+      issue_step<SLOTS, SB>(ctx, lane, ls, row_bytes, slot_base, slot_mis, slot_off, buf, shift);
+    }
 
-    const uint32_t off = (uint32_t)s * SB;
+    int ls;
+    expert_step(s, ls);
+    const float* x = a.x;
+    float part[R][NT];
+    if constexpr (Mode == kCombine) {
+      x += (size_t)(s / a.nsteps) * a.k;
+#pragma unroll
+      for (int r = 0; r < R; ++r) part[r][0] = 0.f;
+    }
+    const uint32_t off = (uint32_t)ls * SB;
 #pragma unroll
     for (int g = 0; g < P / U; ++g) {
-      const int pass = s * P + g * U + sub;
+      const int pass = ls * P + g * U + sub;
       if (U == 1 && pass >= a.npass) break;
       const int ebase = pass * 256;
       // Past the row's end (last pass, or the odd last pass of a pair): no work.
@@ -365,8 +438,16 @@ __host__ __device__ __forceinline__ void matvec_cta(const Args& a, const Ctx& ct
 #pragma unroll
         for (int r = 0; r < R; ++r)
           src[r] = reinterpret_cast<const uint8_t*>(stage + r * NSEG) + ((row_mis[r] + off) & 15) + (g * U + sub) * PB;
-        pass_dot<T, NT, R, U>(ctx, src, a.x + ebase, ub, a.k, a.ntok, ebase, acc);
+        if constexpr (Mode == kCombine)
+          pass_dot<T, NT, R, U>(ctx, src, x + ebase, ub, a.k, a.ntok, ebase, part);
+        else
+          pass_dot<T, NT, R, U>(ctx, src, x + ebase, ub, a.k, a.ntok, ebase, acc);
       }
+    }
+    if constexpr (Mode == kCombine) {
+      const float m = a.mix[s / a.nsteps];
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r][0] = fmaf(m, part[r][0], acc[r][0]);
     }
   }
 
@@ -378,17 +459,29 @@ __host__ __device__ __forceinline__ void matvec_cta(const Args& a, const Ctx& ct
 #pragma unroll
     for (int t = 0; t < NT; ++t) red[(warp * R * NT + r * NT + t) * 32 + lane] = acc[r][t];
   ctx.syncthreads();
-  for (int o = warp; o < R * NT; o += nwarps) {
+  auto reduce = [&](int o) {
     float v = 0.f;
     for (int w = 0; w < nwarps; ++w) v += red[(w * R * NT + o) * 32 + lane];
 #pragma unroll
     for (int m = 16; m > 0; m >>= 1) v += ctx.shfl_xor(v, m);
-    const int row = row0 + o / NT, t = o % NT;
-    if (lane == 0 && row < a.n_out && t < a.ntok) {
-      float* out = a.y + (size_t)t * a.n_out + row;
-      if (a.bias) v += a.bias[row];
-      if (a.accumulate) v += *out;
-      *out = v;
+    return v;
+  };
+  if constexpr (Mode == kGlu) {
+    // Warp r reduces gate row r and its up row, so one lane holds both.
+    for (int r = warp; r < HR; r += nwarps) {
+      const float g = reduce(r), u = reduce(r + HR);
+      if (lane == 0 && row0 + r < a.glu) a.y[row0 + r] = glu_act(g, u);
+    }
+  } else {
+    for (int o = warp; o < R * NT; o += nwarps) {
+      float v = reduce(o);
+      const int row = row0 + o / NT, t = o % NT;
+      if (lane == 0 && row < a.n_out && t < a.ntok) {
+        float* out = a.y + (size_t)t * a.n_out + row;
+        if (a.bias) v += a.bias[row];
+        if (a.accumulate) v += *out;
+        *out = v;
+      }
     }
   }
 }
@@ -508,23 +601,45 @@ struct ExpertArgs {
   int x_div;                // pairs: product p reads x row p / x_div
 };
 
-template <GgmlType T, int NT, bool Grouped>
+// The expert launches: pairs (one product per blockIdx.y), pairs with the
+// SwiGLU fused (kGlu rows), grouped (one expert per blockIdx.y), and the
+// combine (one token per blockIdx.y, its top_k experts summed: kCombine).
+enum class Experts { kPairs, kPairsGlu, kGrouped, kCombine };
+
+template <GgmlType T, int NT, Experts K>
 __global__ void __launch_bounds__(kMaxWarps * 32) matvec_experts_kernel(const Args a, const ExpertArgs ex) {
   extern __shared__ uint4 smem[];
+  const DeviceCtx ctx{smem};
+  Args b = a;
+  if constexpr (K == Experts::kCombine) {
+    // matvec_cta waits for the previous kernel (after its first weight loads
+    // when static_w: the routing it reads is older than that kernel).
+    const int t = blockIdx.y;
+    b.ids = a.ids + (size_t)t * a.top_k;
+    b.mix = a.mix + (size_t)t * a.top_k;
+    b.x = a.x + (size_t)t * a.top_k * a.k;
+    b.y = a.y + (size_t)t * a.n_out;
+    b.ntok = 1;
+    matvec_cta<T, 1, kCombine>(b, ctx);
+    return;
+  }
   // The routing is the previous kernel's output: wait before reading it (and
   // before any weight, whose address depends on it).
   pdl_begin();
-  const DeviceCtx ctx{smem};
-  Args b = a;
   b.static_w = 0;
-  if constexpr (!Grouped) {
+  if constexpr (K != Experts::kGrouped) {
     const int p = blockIdx.y;
     const int e = min(max(ex.ids[p], 0), ex.num_experts - 1);
     b.w = a.w + (size_t)e * ex.stride;
     b.x = a.x + (size_t)(p / ex.x_div) * a.k;
-    b.y = a.y + (size_t)p * a.n_out;
     b.ntok = 1;
-    matvec_cta<T, NT>(b, ctx);
+    if constexpr (K == Experts::kPairsGlu) {
+      b.y = a.y + (size_t)p * a.glu;
+      matvec_cta<T, NT, kGlu>(b, ctx);
+    } else {
+      b.y = a.y + (size_t)p * a.n_out;
+      matvec_cta<T, NT>(b, ctx);
+    }
   } else {
     if ((int)blockIdx.y >= *ex.n_active) return;  // the whole CTA: fewer experts have rows than the grid holds
     const int e = min(max(ex.active[blockIdx.y], 0), ex.num_experts - 1);
@@ -540,28 +655,36 @@ __global__ void __launch_bounds__(kMaxWarps * 32) matvec_experts_kernel(const Ar
   }
 }
 
-// One expert launch: grid (row groups of n_out, groups), warps planned as
-// for a plain launch over groups times the rows.
-template <GgmlType T, int NT, bool Grouped>
+// One expert launch: grid (row groups, groups), warps planned as for a plain
+// launch over groups times the rows (kCombine: groups are tokens, and each
+// CTA walks top_k experts' steps).
+template <GgmlType T, int NT, Experts K>
 void launch_experts(const Args& in, const ExpertArgs& ex, int groups, int device, int sms, cudaStream_t stream) {
   using C = Config<T, NT>;
   const Args a = stepped<T, NT>(in);
   Args whole = a;
   whole.n_out = (int)std::min<long>((long)a.n_out * groups, 1L << 30);
+  if (K == Experts::kCombine) whole.nsteps = a.nsteps * a.top_k;
   Plan p = plan<T, NT>(whole, sms, resident_ctas<T, NT>(device));
-  const int blocks = (a.n_out + C::R - 1) / C::R;
-  launch_overlapped(matvec_experts_kernel<T, NT, Grouped>, dim3(blocks, groups), dim3(32, p.warps), p.smem_bytes,
-                    stream, a, ex);
+  const int blocks = K == Experts::kPairsGlu ? (a.glu + C::R / 2 - 1) / (C::R / 2) : (a.n_out + C::R - 1) / C::R;
+  launch_overlapped(matvec_experts_kernel<T, NT, K>, dim3(blocks, groups), dim3(32, p.warps), p.smem_bytes, stream, a,
+                    ex);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 
 // Expert entry for one type; `a` and `ex` are validated by the caller.
+// Grouped: ex.offsets set. Combine: a.top_k > 0 (groups: tokens). Pairs
+// otherwise, with the SwiGLU fused where a.glu > 0.
 template <GgmlType T>
 void run_experts(const Args& a, const ExpertArgs& ex, int groups, int device, int sms, cudaStream_t stream) {
   if (ex.offsets != nullptr)
-    launch_experts<T, kMatvecMaxTokens, true>(a, ex, groups, device, sms, stream);
+    launch_experts<T, kMatvecMaxTokens, Experts::kGrouped>(a, ex, groups, device, sms, stream);
+  else if (a.top_k > 0)
+    launch_experts<T, 1, Experts::kCombine>(a, ex, groups, device, sms, stream);
+  else if (a.glu > 0)
+    launch_experts<T, 1, Experts::kPairsGlu>(a, ex, groups, device, sms, stream);
   else
-    launch_experts<T, 1, false>(a, ex, groups, device, sms, stream);
+    launch_experts<T, 1, Experts::kPairs>(a, ex, groups, device, sms, stream);
 }
 
 // Entry for one type; `a` is validated by the caller.

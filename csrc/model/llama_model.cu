@@ -543,6 +543,10 @@ void GpuModel::alloc_state() {
     moe_pairs_max_ = moe_tc_ ? 4 : kMatvecMaxTokens;
     if (const char* pm = std::getenv("HELEXA_MOE_PAIRS_MAX"))
       moe_pairs_max_ = std::min(std::max(std::atoi(pm), 0), kMatvecMaxTokens);
+    // Pairs with the SwiGLU and the weighted sum fused into the products
+    // (HELEXA_MOE_FUSE=0: separate launches, as the grouped path runs them).
+    const char* fv = std::getenv("HELEXA_MOE_FUSE");
+    moe_fuse_ = !(fv && std::strcmp(fv, "0") == 0);
   }
   {
     // Small batches' int8 activations, quantized once per matvec (HELEXA_XQ=0: by every CTA).
@@ -1151,6 +1155,24 @@ void GpuModel::moe_ffn(WorkerContext& ctx, const LayerWeights& L, int n) {
       matvec_expert_groups_launch(w.type, w.data, w.stride, E, moe_offsets_, moe_active_, moe_n_active_, groups, x, y,
                                   w.n_out, w.k, st);
   };
+  if (pairs && moe_fuse_) {
+    // Two launches: the gate|up pairs write the SwiGLU, then each token's
+    // experts' down rows are summed into the residual by the combine, whose
+    // first weight loads overlap the gate|up tail (the routing is older).
+    if (L.exp_gate_up_fused) {
+      matvec_expert_pairs_glu_launch(L.exp_gate_up.type, L.exp_gate_up.data, L.exp_gate_up.stride, E, moe_ids_, xn_, K,
+                                     exp_act_, fe, h, P, st);
+    } else {
+      product(L.exp_gate, xn_, K, exp_gu_);
+      product(L.exp_up, xn_, K, exp_gu_ + static_cast<size_t>(P) * fe);
+      swiglu_launch(exp_gu_, exp_gu_ + static_cast<size_t>(P) * fe, exp_act_, nullptr, static_cast<int64_t>(P) * fe,
+                    st);
+    }
+    const ExpertWeight& d = L.exp_down;
+    matvec_expert_combine_launch(d.type, d.data, d.stride, E, moe_ids_, moe_w_, K, exp_act_, x_, d.n_out, d.k, n, true,
+                                 st);
+    return;
+  }
   const float* x_in = xn_;
   int x_div = K;
   if (!pairs) {

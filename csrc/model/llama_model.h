@@ -363,6 +363,7 @@ class GpuModel : public Resource {
   // the float matvec groups).
   bool moe_tc_ = false;
   int moe_pairs_max_ = kMatvecMaxTokens;  // tokens up to which experts run as pairs (moe_ffn)
+  bool moe_fuse_ = true;                  // pairs: SwiGLU and combine fused into the products
   TcOptions tc_opts_;                  // the product's implementation and sizes (tc_options_from_env, at load)
 
   std::vector<void*> dev_buffers_;

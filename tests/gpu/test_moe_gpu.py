@@ -205,6 +205,64 @@ def test_expert_group_products_read_each_expert_for_its_rows(ops, rng, name):
         check_matvec(y[s : s + 1], refs[e], xs[s : s + 1], None, TOLERANCE[name], msg)
 
 
+@pytest.mark.parametrize("f", [67, 1, 256])
+@pytest.mark.parametrize("name", list(TYPES))
+def test_expert_pairs_with_swiglu_equal_pairs_then_swiglu(ops, rng, name, f):
+    # The fused launch pairs gate row i with up row i in one CTA: its output
+    # has the bits of the plain pairs followed by the SwiGLU kernel (an odd f
+    # leaves the last CTA half empty), and both are the reference product.
+    E, n, k_tok, k = 6, 3, 4, 512
+    w, refs = _stacked_experts(name, E, 2 * f, k, rng)
+    ids = _routed_ids(n, E, k_tok, seed=6).flatten().to(DEV)
+    x = torch.from_numpy(rng.standard_normal((n, k)).astype(np.float32)).to(DEV)
+    P = n * k_tok
+    gu = torch.full((P, 2 * f), float("nan"), device=DEV)
+    ops.matvec_expert_pairs(TYPES[name][0], w, ids, x, k_tok, gu, 2 * f, k)
+    want = torch.full((P, f), float("nan"), device=DEV)
+    ops.swiglu(gu[:, :f].contiguous(), gu[:, f:].contiguous(), want, None)
+    got = torch.full((P, f), float("nan"), device=DEV)
+    ops.matvec_expert_pairs_glu(TYPES[name][0], w, ids, x, k_tok, got, f, k)
+    assert torch.equal(got, want), f"{name} f={f}: fused SwiGLU differs from pairs + swiglu, seed={rng.seed_value}"
+    # And against float64: silu(gate) * up of the exact products.
+    xn = x.cpu().double().numpy()
+    for p in range(P):
+        e, t = int(ids[p]), p // k_tok
+        g, u = refs[e][:f] @ xn[t], refs[e][f:] @ xn[t]
+        with np.errstate(over="ignore"):  # exp(-g) = inf: silu(g) = -0
+            ref = g / (1 + np.exp(-g)) * u
+        scale = (np.abs(refs[e][:f]) @ np.abs(xn[t])) * (np.abs(refs[e][f:]) @ np.abs(xn[t])) + 1e-30
+        err = np.max(np.abs(got[p].cpu().double().numpy() - ref) / scale)
+        assert err <= 4 * TOLERANCE[name], f"{name} pair {p}: relative error {err:.2e}, seed={rng.seed_value}"
+
+
+@pytest.mark.parametrize("n", [1, 3, 6])
+@pytest.mark.parametrize("name", list(TYPES))
+def test_expert_combine_adds_each_tokens_weighted_experts(ops, rng, name, n):
+    # x[t] += sum_j mix[t, j] * W_ids[t, j] act[t * top_k + j]: the second
+    # expert product and the weighted sum in one launch, against float64.
+    E, n_out, k_tok = 7, 67, 3
+    k = 768  # three 256-element passes: the (expert, step) walk crosses experts mid-warp
+    w, refs = _stacked_experts(name, E, n_out, k, rng)
+    ids = _routed_ids(n, E, k_tok, seed=7)
+    mix = rng.random((n, k_tok)).astype(np.float32)
+    act = rng.standard_normal((n * k_tok, k)).astype(np.float32)
+    x0 = rng.standard_normal((n, n_out)).astype(np.float32)
+    x = torch.from_numpy(x0).to(DEV)
+    ops.matvec_expert_combine(
+        TYPES[name][0], w, ids.to(DEV), torch.from_numpy(mix).to(DEV), torch.from_numpy(act).to(DEV), x, n_out, k
+    )
+    got = x.cpu().double().numpy()
+    a64 = act.astype(np.float64)
+    for t in range(n):
+        want, scale = x0[t].astype(np.float64), np.abs(x0[t]).astype(np.float64)
+        for j in range(k_tok):
+            e, row = int(ids[t, j]), t * k_tok + j
+            want = want + float(mix[t, j]) * (refs[e] @ a64[row])
+            scale = scale + float(mix[t, j]) * (np.abs(refs[e]) @ np.abs(a64[row]))
+        err = np.max(np.abs(got[t] - want) / scale)
+        assert err <= TOLERANCE[name], f"{name} token {t} of {n}: relative error {err:.2e}, seed={rng.seed_value}"
+
+
 @pytest.mark.parametrize("rows_hint", [1, 64])  # 8 rows per pass over an expert's rows (several), 64 (one)
 @pytest.mark.parametrize("name", [n for n in TYPES if n not in FLOAT_TYPES])
 def test_tensor_core_expert_groups_read_each_expert_for_its_rows(ops, rng, name, rows_hint, monkeypatch):
