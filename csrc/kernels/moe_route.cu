@@ -10,9 +10,11 @@
 // lane scans its strided experts, the warp reduces (p, e) pairs with
 // shuffles, and the winner's slot is marked -1 (probabilities are >= 0, NaN
 // ranks below every number and above a chosen slot, so the k picks are
-// always distinct valid ids). One arch path (sm_80+).
+// always distinct valid ids). One arch path (sm_80+); the optional L2
+// prefetch of the chosen experts is sm_90's bulk prefetch (nothing before).
 #include "kernels/moe_route.cuh"
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -28,16 +30,28 @@ constexpr int kWarps = 4;
 // Selection key of a slot: its probability, a NaN just above a chosen slot.
 __device__ __forceinline__ float route_key(float p) { return p >= 0.f ? p : (p == -1.f ? -1.f : -0.5f); }
 
+// One bulk prefetch of [p, p + bytes) into L2 (bytes a multiple of 16, p 16-byte aligned).
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+#if HX_HOPPER
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 __global__ void __launch_bounds__(kWarps * 32) moe_route_kernel(const float* __restrict__ logits, int n, int E, int k,
                                                              int normalize, int32_t* __restrict__ ids,
-                                                             float* __restrict__ weights) {
+                                                             float* __restrict__ weights, const MoePrefetch pf) {
   pdl_begin();
-  extern __shared__ float probs[];  // [kWarps][E]
+  extern __shared__ float probs[];  // [kWarps][E] probabilities, then [kWarps][kMoeMaxTopK] chosen ids
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int t = blockIdx.x * kWarps + warp;
   if (t >= n) return;  // warp-uniform; the kernel has no block barrier
+  const bool writer = blockIdx.y == 0;
   const float* l = logits + (size_t)t * E;
   float* p = probs + (size_t)warp * E;
+  int* chosen = reinterpret_cast<int*>(probs + (size_t)kWarps * E) + warp * kMoeMaxTopK;
 
   float m = -INFINITY;
   for (int e = lane; e < E; e += 32) m = fmaxf(m, l[e]);
@@ -80,22 +94,38 @@ __global__ void __launch_bounds__(kWarps * 32) moe_route_kernel(const float* __r
     }
     // k <= E leaves an unchosen slot (key >= -0.5 > -2) in some lane, so best_e < E.
     if (lane == 0) {
-      out_ids[j] = best_e;
-      out_w[j] = best_raw;
+      chosen[j] = best_e;
+      if (writer) {
+        out_ids[j] = best_e;
+        out_w[j] = best_raw;
+      }
     }
     if ((best_e & 31) == lane) p[best_e] = -1.f;
     __syncwarp();
     total += best_raw;
   }
   // Lane 0 wrote every weight; it rescales them itself.
-  if (normalize && lane == 0)
+  if (writer && normalize && lane == 0)
     for (int j = 0; j < k; ++j) out_w[j] = out_w[j] / total;
+  if (pf.slices > 0) {
+    __syncwarp();  // chosen[] complete
+    for (int i = lane; i < 2 * k; i += 32) {
+      const int m = i / k;
+      if (pf.base[m] == nullptr) continue;
+      const size_t stride = pf.stride[m];
+      const size_t per = ((stride + pf.slices - 1) / pf.slices + 15) / 16 * 16;
+      const size_t off = per * blockIdx.y;
+      if (off >= stride) continue;
+      const size_t e = (size_t)chosen[i - m * k];
+      prefetch_l2(static_cast<const char*>(pf.base[m]) + e * stride + off, (uint32_t)min(per, stride - off));
+    }
+  }
 }
 
 }  // namespace
 
 void moe_route_launch(const float* logits, int n, int num_experts, int top_k, bool normalize, int32_t* ids,
-                      float* weights, cudaStream_t stream) {
+                      float* weights, cudaStream_t stream, const MoePrefetch& prefetch) {
   if (num_experts < 1 || num_experts > kMoeMaxExperts)
     throw std::invalid_argument("moe_route: num_experts must be 1.." + std::to_string(kMoeMaxExperts) + ", got " +
                                 std::to_string(num_experts));
@@ -105,9 +135,16 @@ void moe_route_launch(const float* logits, int n, int num_experts, int top_k, bo
   if (n < 0) throw std::invalid_argument("moe_route: negative n");
   if (n == 0) return;
   if (!logits || !ids || !weights) throw std::invalid_argument("moe_route: null pointer");
-  const size_t smem = (size_t)kWarps * num_experts * sizeof(float);
-  launch_overlapped(moe_route_kernel, dim3((n + kWarps - 1) / kWarps), dim3(kWarps * 32), smem, stream, logits, n,
-                    num_experts, top_k, normalize ? 1 : 0, ids, weights);
+  if (prefetch.slices < 0 || prefetch.slices > 1024)
+    throw std::invalid_argument("moe_route: prefetch slices must be 0..1024, got " + std::to_string(prefetch.slices));
+  for (int m = 0; m < 2; ++m)
+    if (prefetch.slices > 0 && prefetch.base[m] != nullptr &&
+        (prefetch.stride[m] % 16 != 0 || reinterpret_cast<uintptr_t>(prefetch.base[m]) % 16 != 0 ||
+         prefetch.stride[m] / prefetch.slices >= (size_t(1) << 31)))
+      throw std::invalid_argument("moe_route: prefetch stacks must be 16-byte aligned with strides of whole 16 bytes");
+  const size_t smem = (size_t)kWarps * (num_experts * sizeof(float) + kMoeMaxTopK * sizeof(int));
+  launch_overlapped(moe_route_kernel, dim3((n + kWarps - 1) / kWarps, std::max(prefetch.slices, 1)), dim3(kWarps * 32),
+                    smem, stream, logits, n, num_experts, top_k, normalize ? 1 : 0, ids, weights, prefetch);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 

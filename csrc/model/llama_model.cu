@@ -14,6 +14,7 @@
 #include <string>
 #include <unordered_map>
 
+#include "common/arch.cuh"
 #include "common/check.h"
 #include "kernels/attention_decode.cuh"
 #include "kernels/attention_prefill.cuh"
@@ -547,6 +548,15 @@ void GpuModel::alloc_state() {
     // (HELEXA_MOE_FUSE=0: separate launches, as the grouped path runs them).
     const char* fv = std::getenv("HELEXA_MOE_FUSE");
     moe_fuse_ = !(fv && std::strcmp(fv, "0") == 0);
+    // The routing launch prefetches the chosen experts into L2 where they
+    // fit (HELEXA_MOE_PREFETCH: CTAs per token group asking, 0 none).
+    moe_prefetch_slices_ = 32;
+    if (const char* pv = std::getenv("HELEXA_MOE_PREFETCH"))
+      moe_prefetch_slices_ = std::min(std::max(std::atoi(pv), 0), 1024);
+    int l2 = 0;
+    if (cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, current_device()) != cudaSuccess) l2 = 0;
+    (void)cudaGetLastError();
+    l2_bytes_ = static_cast<size_t>(std::max(l2, 0));
   }
   {
     // Small batches' int8 activations, quantized once per matvec (HELEXA_XQ=0: by every CTA).
@@ -1137,7 +1147,24 @@ void GpuModel::moe_ffn(WorkerContext& ctx, const LayerWeights& L, int n) {
                   st);
   else
     gemm_f32_xwT(ctx.cublas(), xn_, static_cast<const float*>(L.router.data), router_logits_, n, E, h, st);
-  moe_route_launch(router_logits_, n, E, K, s.norm_topk_prob, moe_ids_, moe_w_, st);
+  // Prefetch what the pairs will read while it fits in half the L2 (the
+  // gate|up stack first: it is read first).
+  MoePrefetch ahead;
+  if (n <= moe_pairs_max_ && moe_prefetch_slices_ > 0) {
+    const size_t budget = l2_bytes_ / 2;
+    size_t used = 0;
+    int m = 0;
+    for (const ExpertWeight* w : {&L.exp_gate_up, &L.exp_gate, &L.exp_up, &L.exp_down}) {
+      if (w->data == nullptr || m == 2) continue;
+      const size_t bytes = static_cast<size_t>(P) * w->stride;
+      if (used + bytes > budget) break;
+      ahead.base[m] = w->data;
+      ahead.stride[m++] = w->stride;
+      used += bytes;
+    }
+    ahead.slices = m > 0 ? moe_prefetch_slices_ : 0;
+  }
+  moe_route_launch(router_logits_, n, E, K, s.norm_topk_prob, moe_ids_, moe_w_, st, ahead);
 
   // Small batches: one launch per product over every (row, expert) pair,
   // rows in pair order. Larger ones: pairs sorted by expert (slots), rows in
