@@ -403,39 +403,35 @@ void dispatch_experts(GgmlType type, const matvec::Args& a, const matvec::Expert
 
 }  // namespace
 
-void matvec_expert_pairs_launch(GgmlType type, const void* w, size_t stride, int num_experts, const int32_t* ids,
-                                const float* x, int x_div, float* y, int n_out, int k, int count, cudaStream_t stream) {
+namespace {
+
+// The pairs' routing: product p reads expert ids[p] and x row p / x_div.
+matvec::ExpertArgs pair_routing(const int32_t* ids, int x_div, size_t stride, int num_experts, int count) {
   if (count < 1 || count > 65535) bad("expert pairs: count must be 1..65535, got " + std::to_string(count));
   if (x_div < 1) bad("expert pairs: x_div must be positive");
   if (!ids) bad("expert pairs: null ids");
-  const matvec::Args a = expert_args(type, w, stride, num_experts, x, y, n_out, k);
   matvec::ExpertArgs ex;
   ex.ids = ids;
-  ex.offsets = nullptr;
-  ex.active = nullptr;
-  ex.n_active = nullptr;
   ex.stride = stride;
   ex.num_experts = num_experts;
   ex.x_div = x_div;
-  dispatch_experts(type, a, ex, count, stream);
+  return ex;
+}
+
+}  // namespace
+
+void matvec_expert_pairs_launch(GgmlType type, const void* w, size_t stride, int num_experts, const int32_t* ids,
+                                const float* x, int x_div, float* y, int n_out, int k, int count, cudaStream_t stream) {
+  const matvec::ExpertArgs ex = pair_routing(ids, x_div, stride, num_experts, count);
+  dispatch_experts(type, expert_args(type, w, stride, num_experts, x, y, n_out, k), ex, count, stream);
 }
 
 void matvec_expert_pairs_glu_launch(GgmlType type, const void* w, size_t stride, int num_experts, const int32_t* ids,
                                     const float* x, int x_div, float* y, int f, int k, int count, cudaStream_t stream) {
-  if (count < 1 || count > 65535) bad("expert pairs: count must be 1..65535, got " + std::to_string(count));
-  if (x_div < 1) bad("expert pairs: x_div must be positive");
-  if (!ids) bad("expert pairs: null ids");
+  const matvec::ExpertArgs ex = pair_routing(ids, x_div, stride, num_experts, count);
   if (f < 1 || f > (1 << 29)) bad("expert pairs: bad SwiGLU width " + std::to_string(f));
   matvec::Args a = expert_args(type, w, stride, num_experts, x, y, 2 * f, k);
   a.glu = f;
-  matvec::ExpertArgs ex;
-  ex.ids = ids;
-  ex.offsets = nullptr;
-  ex.active = nullptr;
-  ex.n_active = nullptr;
-  ex.stride = stride;
-  ex.num_experts = num_experts;
-  ex.x_div = x_div;
   dispatch_experts(type, a, ex, count, stream);
 }
 
@@ -454,15 +450,7 @@ void matvec_expert_combine_launch(GgmlType type, const void* w, size_t stride, i
   a.stride = stride;
   a.top_k = top_k;
   a.num_experts = num_experts;
-  matvec::ExpertArgs ex;
-  ex.ids = ids;
-  ex.offsets = nullptr;
-  ex.active = nullptr;
-  ex.n_active = nullptr;
-  ex.stride = stride;
-  ex.num_experts = num_experts;
-  ex.x_div = 1;
-  dispatch_experts(type, a, ex, n_tok, stream);
+  dispatch_experts(type, a, matvec::ExpertArgs{}, n_tok, stream);
 }
 
 void matvec_expert_groups_launch(GgmlType type, const void* w, size_t stride, int num_experts, const int32_t* offsets,
@@ -471,16 +459,13 @@ void matvec_expert_groups_launch(GgmlType type, const void* w, size_t stride, in
   if (max_groups < 1 || max_groups > 65535)
     bad("expert groups: max_groups must be 1..65535, got " + std::to_string(max_groups));
   if (!offsets || !active || !n_active) bad("expert groups: null routing arrays");
-  const matvec::Args a = expert_args(type, w, stride, num_experts, x, y, n_out, k);
   matvec::ExpertArgs ex;
-  ex.ids = nullptr;
   ex.offsets = offsets;
   ex.active = active;
   ex.n_active = n_active;
   ex.stride = stride;
   ex.num_experts = num_experts;
-  ex.x_div = 1;
-  dispatch_experts(type, a, ex, max_groups, stream);
+  dispatch_experts(type, expert_args(type, w, stride, num_experts, x, y, n_out, k), ex, max_groups, stream);
 }
 
 }  // namespace hx

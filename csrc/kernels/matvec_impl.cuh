@@ -592,13 +592,13 @@ void launch_nt(const Args& in, int device, int sms, cudaStream_t stream) {
 // Where a mixture-of-experts launch finds its experts (matvec.cuh). Pairs:
 // ids set, the grouped fields null. Grouped: offsets, active and n_active set.
 struct ExpertArgs {
-  const int32_t* ids;       // pairs: [count] expert of each product
-  const int32_t* offsets;   // grouped: [num_experts + 1] first row of each expert
-  const int32_t* active;    // grouped: [num_experts] experts that have rows
-  const int32_t* n_active;  // grouped: [1] entries of active
-  size_t stride;            // bytes between consecutive experts' matrices
-  int num_experts;
-  int x_div;                // pairs: product p reads x row p / x_div
+  const int32_t* ids = nullptr;       // pairs: [count] expert of each product
+  const int32_t* offsets = nullptr;   // grouped: [num_experts + 1] first row of each expert
+  const int32_t* active = nullptr;    // grouped: [num_experts] experts that have rows
+  const int32_t* n_active = nullptr;  // grouped: [1] entries of active
+  size_t stride = 0;                  // bytes between consecutive experts' matrices
+  int num_experts = 0;
+  int x_div = 1;                      // pairs: product p reads x row p / x_div
 };
 
 // The expert launches: pairs (one product per blockIdx.y), pairs with the
