@@ -390,23 +390,28 @@ class CUDABackend(Backend):
         self._no_penalty_update.active = False
         self._idle_step_sampling = C.StepSampling()
 
+    def _pool_terms(self) -> tuple:
+        """How _size_pool's errors speak of the memory: where, the unit of the sizes, what was loaded, what to do."""
+        return str(self.device), "", "the weights", "a smaller n_ctx or model"
+
     def _size_pool(self, per_block: int, need_blocks: int, most_blocks: int) -> int:
         """Allocates the pool from the memory left after weights and scratch; returns its blocks."""
         m = self._model
+        where, per, loaded, advice = self._pool_terms()
         free = int(self._call(m.memory)["device_free_bytes"])
         want = min(int(free * KV_FREE_FRACTION), per_block * need_blocks * self.max_num_seqs)
         num_blocks = min(want // per_block, most_blocks)
         if num_blocks < need_blocks:
             raise ModelLoadError(
-                f"{self.device}: the KV cache for one sequence of n_ctx={self.n_ctx} positions needs "
-                f"{need_blocks * per_block} bytes; {free} bytes are free after loading the weights "
-                f"(the cache may take {KV_FREE_FRACTION:.0%} of them): use a smaller n_ctx or model"
+                f"{where}: the KV cache for one sequence of n_ctx={self.n_ctx} positions needs "
+                f"{need_blocks * per_block} bytes{per}; {free} bytes are free after loading {loaded} "
+                f"(the cache may take {KV_FREE_FRACTION:.0%} of them): use {advice}"
             )
         try:
             m.allocate_kv(num_blocks)
         except Exception as e:
             raise ModelLoadError(
-                f"{self.device}: allocating a KV cache of {num_blocks * per_block} bytes failed: {e}"
+                f"{where}: allocating a KV cache of {num_blocks * per_block} bytes{per} failed: {e}"
             ) from e
         return num_blocks
 

@@ -46,7 +46,6 @@ from .. import defaults
 from ..backends.base import check_positive_ints
 from ..backends.cuda import (
     DEFAULT_PREFILL_CHUNK,
-    KV_FREE_FRACTION,
     CUDABackend,
     _native,
     budget_blocks,
@@ -54,7 +53,7 @@ from ..backends.cuda import (
     check_gpu_arch,
 )
 from ..config import ModelSource
-from ..errors import DeviceError, EngineClosedError, ModelLoadError
+from ..errors import DeviceError, EngineClosedError
 from ..kv_blocks import DEFAULT_BLOCK_SIZE, KVBlockManager
 from .gpu_shard import (
     check_devices,
@@ -506,23 +505,14 @@ class ShardedCUDABackend(CUDABackend):
             h.link_peers(group)
         return True
 
-    def _size_pool(self, per_block: int, need_blocks: int, most_blocks: int) -> int:
-        """Allocates every rank's pool from the memory the least free rank has left; returns its blocks."""
-        m = self._model
-        free = int(self._call(m.memory)["device_free_bytes"])
-        want = min(int(free * KV_FREE_FRACTION), per_block * need_blocks * self.max_num_seqs)
-        num_blocks = min(want // per_block, most_blocks)
-        if num_blocks < need_blocks:
-            raise ModelLoadError(
-                f"devices {self.devices}: the KV cache for one sequence of n_ctx={self.n_ctx} positions needs "
-                f"{need_blocks * per_block} bytes per rank; the least free rank has {free} bytes after loading "
-                f"its shard (the cache may take {KV_FREE_FRACTION:.0%} of them): use a smaller n_ctx or more GPUs"
-            )
-        try:
-            m.allocate_kv(num_blocks)
-        except Exception as e:
-            raise ModelLoadError(f"allocating a KV cache of {num_blocks * per_block} bytes per rank failed: {e}") from e
-        return num_blocks
+    def _pool_terms(self) -> tuple:
+        """Every rank's pool is sized from the least free rank's memory (the group's `memory` reports it)."""
+        return (
+            f"devices {self.devices}",
+            " per rank",
+            "its shard on the least free rank",
+            "a smaller n_ctx or more GPUs",
+        )
 
     # ------------------------------------------------------------------ facts
 
