@@ -26,6 +26,7 @@ namespace hx {
 namespace {
 
 constexpr int kWarps = 4;
+constexpr size_t kPrefetchChunk = 64 << 10;  // bytes of one bulk prefetch
 
 // Selection key of a slot: its probability, a NaN just above a chosen slot.
 __device__ __forceinline__ float route_key(float p) { return p >= 0.f ? p : (p == -1.f ? -1.f : -0.5f); }
@@ -116,8 +117,9 @@ __global__ void __launch_bounds__(kWarps * 32) moe_route_kernel(const float* __r
       const size_t per = ((stride + pf.slices - 1) / pf.slices + 15) / 16 * 16;
       const size_t off = per * blockIdx.y;
       if (off >= stride) continue;
-      const size_t e = (size_t)chosen[i - m * k];
-      prefetch_l2(static_cast<const char*>(pf.base[m]) + e * stride + off, (uint32_t)min(per, stride - off));
+      const char* at = static_cast<const char*>(pf.base[m]) + (size_t)chosen[i - m * k] * stride + off;
+      const size_t bytes = min(per, stride - off);
+      for (size_t c = 0; c < bytes; c += kPrefetchChunk) prefetch_l2(at + c, (uint32_t)min(kPrefetchChunk, bytes - c));
     }
   }
 }
