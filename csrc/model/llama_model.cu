@@ -544,13 +544,13 @@ void GpuModel::alloc_state() {
     moe_pairs_max_ = moe_tc_ ? 4 : kMatvecMaxTokens;
     if (const char* pm = std::getenv("HELEXA_MOE_PAIRS_MAX"))
       moe_pairs_max_ = std::min(std::max(std::atoi(pm), 0), kMatvecMaxTokens);
-    // Pairs with the SwiGLU and the weighted sum fused into the products
-    // (HELEXA_MOE_FUSE=0: separate launches, as the grouped path runs them).
+    // Opt-in until an A/B on a GPU decides (bench/notes.md, ninth run):
+    // HELEXA_MOE_FUSE=1: pairs with the SwiGLU and the weighted sum fused
+    // into the products; HELEXA_MOE_PREFETCH=N: the routing launch
+    // prefetches the chosen experts into L2 from N CTAs per token group.
     const char* fv = std::getenv("HELEXA_MOE_FUSE");
-    moe_fuse_ = !(fv && std::strcmp(fv, "0") == 0);
-    // The routing launch prefetches the chosen experts into L2 where they
-    // fit (HELEXA_MOE_PREFETCH: CTAs per token group asking, 0 none).
-    moe_prefetch_slices_ = 32;
+    moe_fuse_ = fv && std::strcmp(fv, "1") == 0;
+    moe_prefetch_slices_ = 0;
     if (const char* pv = std::getenv("HELEXA_MOE_PREFETCH"))
       moe_prefetch_slices_ = std::min(std::max(std::atoi(pv), 0), 1024);
     int l2 = 0;

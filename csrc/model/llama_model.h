@@ -363,7 +363,7 @@ class GpuModel : public Resource {
   // the float matvec groups).
   bool moe_tc_ = false;
   int moe_pairs_max_ = kMatvecMaxTokens;  // tokens up to which experts run as pairs (moe_ffn)
-  bool moe_fuse_ = true;                  // pairs: SwiGLU and combine fused into the products
+  bool moe_fuse_ = false;                 // pairs: SwiGLU and combine fused into the products
   int moe_prefetch_slices_ = 0;           // route: CTAs per token group prefetching experts into L2
   size_t l2_bytes_ = 0;                   // the device's L2
   TcOptions tc_opts_;                  // the product's implementation and sizes (tc_options_from_env, at load)

@@ -435,11 +435,15 @@ def test_moe_batched_step_equals_each_sequence_alone(sources, model, chunk):
 
 
 @pytest.mark.parametrize("model", [CHUNK_MODELS[0], CHUNK_MODELS[2]], ids=_id)
-@pytest.mark.parametrize("batch", [3, 12])
-def test_moe_decode_graph_matches_plain_path_and_each_alone(sources, model, batch):
+@pytest.mark.parametrize("batch,fused", [(3, False), (12, False), (3, True)])
+def test_moe_decode_graph_matches_plain_path_and_each_alone(sources, model, batch, fused, monkeypatch):
     # 3 sequences decode on the pair launches, 12 (bucket 16) on the grouped
     # experts: both inside the captured graph, both equal to the plain path
-    # and to each sequence alone.
+    # and to each sequence alone. fused: the pairs' SwiGLU and weighted sum
+    # fused into their launches, and the routing's L2 prefetch (one token).
+    if fused:
+        monkeypatch.setenv("HELEXA_MOE_FUSE", "1")
+        monkeypatch.setenv("HELEXA_MOE_PREFETCH", "32")
     src = sources(model)
     vocab = src.config.vocab_size
     prompts = [_tokens(60 + i, 3 + 2 * i, vocab) for i in range(batch)]
