@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..config import ModelSource
 from ..errors import ModelLoadError, UnsupportedModelError
 from ..progress import Progress
-from ..reference.model import ReferenceModel, rms_norm
+from ..reference.model import ReferenceModel, load_attention, load_dense_ffn, rms_norm
 from ..rope import apply_rope, inv_freq, rope_cos_sin
 from .collective import Collective
 from .sharding import ShardPlan, shard_tensor
@@ -142,30 +142,8 @@ class ShardModel(ReferenceModel):
         for i in range(cfg.num_layers):
             p = f"blk.{i}."
             L = _ShardLayer()
-            L.attn_norm = self._get(p + "attn_norm.weight", (h,))
-            L.w_qkv = torch.cat(
-                [
-                    self._get(p + "attn_q.weight", (q, h)),
-                    self._get(p + "attn_k.weight", (kv, h)),
-                    self._get(p + "attn_v.weight", (kv, h)),
-                ]
-            )
-            biases = [
-                self._get(p + f"attn_{x}.bias", (n,), required=cfg.attention_bias)
-                for x, n in (("q", q), ("k", kv), ("v", kv))
-            ]
-            if any(b is not None for b in biases):
-                biases = [b if b is not None else torch.zeros(n, dtype=self.dtype) for b, n in zip(biases, (q, kv, kv))]
-                L.b_qkv = torch.cat(biases)
-            else:
-                L.b_qkv = None
-            L.w_o = self._get(p + "attn_output.weight", (h, q))
-            L.b_o = self._get(p + "attn_output.bias", (h,), required=False)
-            L.q_norm = self._get(p + "attn_q_norm.weight", (d,), required=cfg.qk_norm)
-            L.k_norm = self._get(p + "attn_k_norm.weight", (d,), required=cfg.qk_norm)
-            L.ffn_norm = self._get(p + "ffn_norm.weight", (h,))
-            L.w_gate_up = torch.cat([self._get(p + "ffn_gate.weight", (f, h)), self._get(p + "ffn_up.weight", (f, h))])
-            L.w_down = self._get(p + "ffn_down.weight", (h, f))
+            load_attention(L, self._get, p, cfg, q, kv, self.dtype)
+            load_dense_ffn(L, self._get, p, cfg, f)
             self.layers.append(L)
 
     def weight_bytes(self) -> int:

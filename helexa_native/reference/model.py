@@ -176,6 +176,38 @@ def check_kv_dtype(kv_dtype: Optional[torch.dtype], dtype: torch.dtype) -> torch
     return kv_dtype
 
 
+def load_attention(L, get, p: str, cfg: ModelConfig, q: int, kv: int, dtype) -> None:
+    """Layer `p`'s norms and attention weights into L, read through get(name, shape, required=True).
+
+    q and kv: the query and key/value rows held (all of them, or a rank's
+    slice); q/k/v biases are kept when any exists, zeros standing in for the
+    others.
+    """
+    h, d = cfg.hidden_size, cfg.head_dim
+    L.attn_norm = get(p + "attn_norm.weight", (h,))
+    L.w_qkv = torch.cat(
+        [get(p + "attn_q.weight", (q, h)), get(p + "attn_k.weight", (kv, h)), get(p + "attn_v.weight", (kv, h))]
+    )
+    sizes = (q, kv, kv)
+    biases = [get(p + f"attn_{x}.bias", (n,), required=cfg.attention_bias) for x, n in zip("qkv", sizes)]
+    if any(b is not None for b in biases):
+        L.b_qkv = torch.cat([b if b is not None else torch.zeros(n, dtype=dtype) for b, n in zip(biases, sizes)])
+    else:
+        L.b_qkv = None
+    L.w_o = get(p + "attn_output.weight", (h, q))
+    L.b_o = get(p + "attn_output.bias", (h,), required=False)
+    L.q_norm = get(p + "attn_q_norm.weight", (d,), required=cfg.qk_norm)
+    L.k_norm = get(p + "attn_k_norm.weight", (d,), required=cfg.qk_norm)
+    L.ffn_norm = get(p + "ffn_norm.weight", (h,))
+
+
+def load_dense_ffn(L, get, p: str, cfg: ModelConfig, f: int) -> None:
+    """Layer `p`'s dense SwiGLU FFN (f rows of gate and of up: all, or a rank's slice) into L."""
+    h = cfg.hidden_size
+    L.w_gate_up = torch.cat([get(p + "ffn_gate.weight", (f, h)), get(p + "ffn_up.weight", (f, h))])
+    L.w_down = get(p + "ffn_down.weight", (h, f))
+
+
 class ReferenceModel:
     """A llama-family decoder in plain torch over a paged KV pool.
 
@@ -276,7 +308,7 @@ class ReferenceModel:
 
     def _load_weights(self) -> None:
         cfg = self.config
-        h, d, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+        h, f = cfg.hidden_size, cfg.intermediate_size
         q, kv = cfg.q_size, cfg.kv_size
 
         self.embed = self._get("token_embd.weight", (cfg.vocab_size, h))
@@ -290,29 +322,7 @@ class ReferenceModel:
         for i in range(cfg.num_layers):
             p = f"blk.{i}."
             L = _Layer()
-            L.attn_norm = self._get(p + "attn_norm.weight", (h,))
-            L.w_qkv = torch.cat(
-                [
-                    self._get(p + "attn_q.weight", (q, h)),
-                    self._get(p + "attn_k.weight", (kv, h)),
-                    self._get(p + "attn_v.weight", (kv, h)),
-                ]
-            )
-            biases = [
-                self._get(p + f"attn_{x}.bias", (n,), required=cfg.attention_bias)
-                for x, n in (("q", q), ("k", kv), ("v", kv))
-            ]
-            if any(b is not None for b in biases):
-                sizes = (q, kv, kv)
-                biases = [b if b is not None else torch.zeros(n, dtype=self.dtype) for b, n in zip(biases, sizes)]
-                L.b_qkv = torch.cat(biases)
-            else:
-                L.b_qkv = None
-            L.w_o = self._get(p + "attn_output.weight", (h, q))
-            L.b_o = self._get(p + "attn_output.bias", (h,), required=False)
-            L.q_norm = self._get(p + "attn_q_norm.weight", (d,), required=cfg.qk_norm)
-            L.k_norm = self._get(p + "attn_k_norm.weight", (d,), required=cfg.qk_norm)
-            L.ffn_norm = self._get(p + "ffn_norm.weight", (h,))
+            load_attention(L, self._get, p, cfg, q, kv, self.dtype)
             L.w_gate_up = L.w_down = L.router = L.exp_gate_up = L.exp_down = None
             if cfg.is_moe_layer(i):
                 e, fe = cfg.num_experts, cfg.moe_intermediate_size
@@ -326,10 +336,7 @@ class ReferenceModel:
                 )
                 L.exp_down = self._get(p + "ffn_down_exps.weight", (e, h, fe))
             else:
-                L.w_gate_up = torch.cat(
-                    [self._get(p + "ffn_gate.weight", (f, h)), self._get(p + "ffn_up.weight", (f, h))]
-                )
-                L.w_down = self._get(p + "ffn_down.weight", (h, f))
+                load_dense_ffn(L, self._get, p, cfg, f)
             self.layers.append(L)
 
     # ---------------------------------------------------------------- forward
