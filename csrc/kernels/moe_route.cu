@@ -113,12 +113,9 @@ __global__ void __launch_bounds__(kWarps * 32) moe_route_kernel(const float* __r
     for (int i = lane; i < 2 * k; i += 32) {
       const int m = i / k;
       if (pf.base[m] == nullptr) continue;
-      const size_t stride = pf.stride[m];
-      const size_t per = ((stride + pf.slices - 1) / pf.slices + 15) / 16 * 16;
-      const size_t off = per * blockIdx.y;
-      if (off >= stride) continue;
-      const char* at = static_cast<const char*>(pf.base[m]) + (size_t)chosen[i - m * k] * stride + off;
-      const size_t bytes = min(per, stride - off);
+      size_t off, bytes;
+      moe_prefetch_slice(pf.stride[m], pf.slices, blockIdx.y, &off, &bytes);
+      const char* at = static_cast<const char*>(pf.base[m]) + (size_t)chosen[i - m * k] * pf.stride[m] + off;
       for (size_t c = 0; c < bytes; c += kPrefetchChunk) prefetch_l2(at + c, (uint32_t)min(kPrefetchChunk, bytes - c));
     }
   }
