@@ -348,7 +348,7 @@ def host_program(tmp_path_factory, name: str, source: str, what: str) -> Path:
 
 PREFETCH_SLICES = r"""
 #include <cstdio>
-#include "kernels/moe_route.cuh"
+#include "kernels/l2_prefetch.cuh"
 // stride slices -> each slice's offset and size, one line each
 int main() {
   unsigned long stride;
@@ -356,7 +356,7 @@ int main() {
   while (scanf("%lu %d", &stride, &slices) == 2)
     for (int s = 0; s < slices; ++s) {
       size_t off, bytes;
-      hx::moe_prefetch_slice(stride, slices, s, &off, &bytes);
+      hx::l2_prefetch_slice(stride, slices, s, &off, &bytes);
       printf("%zu %zu\n", off, bytes);
     }
   return 0;
@@ -366,10 +366,10 @@ int main() {
 
 @needs_nvcc
 def test_routing_prefetch_slices_cover_each_matrix_once(tmp_path_factory):
-    # The routing's L2 prefetch asks for slice s of every chosen matrix from
-    # copy s of its CTAs: the slices must tile [0, stride) exactly, each
-    # 16-byte aligned and a whole number of 16 bytes (the bulk prefetch's rule).
-    exe = host_program(tmp_path_factory, "prefetch_slices", PREFETCH_SLICES, "moe_route.cuh")
+    # The L2 prefetches (routing, weights) ask for slice s of every range from
+    # CTA s: the slices must tile [0, size) exactly, each 16-byte aligned and
+    # a whole number of 16 bytes (the bulk prefetch's rule).
+    exe = host_program(tmp_path_factory, "prefetch_slices", PREFETCH_SLICES, "l2_prefetch.cuh")
     cases = [(16, 1), (16, 32), (1769472, 32), (1290240, 32), (48, 5), (4096 * 16, 1024), (160, 3)]
     inp = "".join(f"{st} {sl}\n" for st, sl in cases)
     out = subprocess.run([str(exe)], input=inp, capture_output=True, text=True, check=True).stdout.split("\n")

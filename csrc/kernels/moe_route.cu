@@ -21,25 +21,15 @@
 #include "common/arch.cuh"
 #include "common/check.h"
 #include "common/launch.cuh"
+#include "kernels/l2_prefetch.cuh"
 
 namespace hx {
 namespace {
 
 constexpr int kWarps = 4;
-constexpr size_t kPrefetchChunk = 64 << 10;  // bytes of one bulk prefetch
 
 // Selection key of a slot: its probability, a NaN just above a chosen slot.
 __device__ __forceinline__ float route_key(float p) { return p >= 0.f ? p : (p == -1.f ? -1.f : -0.5f); }
-
-// One bulk prefetch of [p, p + bytes) into L2 (bytes a multiple of 16, p 16-byte aligned).
-__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
-#if HX_HOPPER
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
 
 __global__ void __launch_bounds__(kWarps * 32) moe_route_kernel(const float* __restrict__ logits, int n, int E, int k,
                                                              int normalize, int32_t* __restrict__ ids,
@@ -114,9 +104,8 @@ __global__ void __launch_bounds__(kWarps * 32) moe_route_kernel(const float* __r
       const int m = i / k;
       if (pf.base[m] == nullptr) continue;
       size_t off, bytes;
-      moe_prefetch_slice(pf.stride[m], pf.slices, blockIdx.y, &off, &bytes);
-      const char* at = static_cast<const char*>(pf.base[m]) + (size_t)chosen[i - m * k] * pf.stride[m] + off;
-      for (size_t c = 0; c < bytes; c += kPrefetchChunk) prefetch_l2(at + c, (uint32_t)min(kPrefetchChunk, bytes - c));
+      l2_prefetch_slice(pf.stride[m], pf.slices, blockIdx.y, &off, &bytes);
+      l2_prefetch(static_cast<const char*>(pf.base[m]) + (size_t)chosen[i - m * k] * pf.stride[m] + off, bytes);
     }
   }
 }
@@ -138,8 +127,7 @@ void moe_route_launch(const float* logits, int n, int num_experts, int top_k, bo
     throw std::invalid_argument("moe_route: prefetch slices must be 0..1024, got " + std::to_string(prefetch.slices));
   for (int m = 0; m < 2; ++m)
     if (prefetch.slices > 0 && prefetch.base[m] != nullptr &&
-        (prefetch.stride[m] % 16 != 0 || reinterpret_cast<uintptr_t>(prefetch.base[m]) % 16 != 0 ||
-         prefetch.stride[m] / prefetch.slices >= (size_t(1) << 31)))
+        (prefetch.stride[m] % 16 != 0 || reinterpret_cast<uintptr_t>(prefetch.base[m]) % 16 != 0))
       throw std::invalid_argument("moe_route: prefetch stacks must be 16-byte aligned with strides of whole 16 bytes");
   const size_t smem = (size_t)kWarps * (num_experts * sizeof(float) + kMoeMaxTopK * sizeof(int));
   launch_overlapped(moe_route_kernel, dim3((n + kWarps - 1) / kWarps, std::max(prefetch.slices, 1)), dim3(kWarps * 32),

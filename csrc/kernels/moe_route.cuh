@@ -26,15 +26,6 @@ constexpr int kMoeMaxTopK = 64;
 // one slice of every matrix: the expert products that follow, which can
 // only start loading once they know the routing, find their weights in L2
 // or on the way. Only the first copy writes ids and weights.
-// Slice s of `slices` of a matrix of `stride` bytes (a multiple of 16):
-// [off, off + bytes), 16-byte aligned; bytes 0 past the end. The slices
-// cover the matrix once, in order.
-__host__ __device__ inline void moe_prefetch_slice(size_t stride, int slices, int s, size_t* off, size_t* bytes) {
-  const size_t per = ((stride + slices - 1) / slices + 15) / 16 * 16;
-  *off = per * s;
-  *bytes = *off < stride ? (per < stride - *off ? per : stride - *off) : 0;
-}
-
 struct MoePrefetch {
   const void* base[2] = {nullptr, nullptr};
   size_t stride[2] = {0, 0};

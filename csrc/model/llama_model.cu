@@ -24,6 +24,7 @@
 #include "kernels/dequant.cuh"
 #include "kernels/embedding.cuh"
 #include "kernels/gather_rows.cuh"
+#include "kernels/l2_prefetch.cuh"
 #include "kernels/matvec.cuh"
 #include "kernels/moe_align.cuh"
 #include "kernels/moe_combine.cuh"
@@ -553,10 +554,17 @@ void GpuModel::alloc_state() {
     moe_prefetch_slices_ = 0;
     if (const char* pv = std::getenv("HELEXA_MOE_PREFETCH"))
       moe_prefetch_slices_ = std::min(std::max(std::atoi(pv), 0), 1024);
+  }
+  {
     int l2 = 0;
     if (cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, current_device()) != cudaSuccess) l2 = 0;
     (void)cudaGetLastError();
     l2_bytes_ = static_cast<size_t>(std::max(l2, 0));
+    // Opt-in until measured: HELEXA_L2_PREFETCH_MB=N asks, in small
+    // batches, for up to N MB (at most half the L2) of each layer's next
+    // weights while RoPE and attention run (prefetch_after_qkv).
+    if (const char* pv = std::getenv("HELEXA_L2_PREFETCH_MB"))
+      l2_prefetch_bytes_ = std::min(static_cast<size_t>(std::max(std::atoi(pv), 0)) << 20, l2_bytes_ / 2);
   }
   {
     // Small batches' int8 activations, quantized once per matvec (HELEXA_XQ=0: by every CTA).
@@ -1090,6 +1098,8 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
       linear(ctx, L.v, xn_, xb_, v, n, bv, false, small);
     }
 
+    if (l2_prefetch_bytes_ > 0 && small) prefetch_after_qkv(L, st);
+
     // qwen3's q/k norm, the rotation and the pool append in one launch.
     rope_kv_append_launch(q, k, v, L.k_pool, L.v_pool, pl.pos, pl.slot_pos, rope_table_, n_ctx_, inv_freq_, L.q_norm,
                           L.q_norm != nullptr ? L.k_norm : nullptr, eps, n, nq, nk, d, pool_cap_, s.rope_style, st);
@@ -1131,6 +1141,31 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
     linear(ctx, L.down, act_, xb_, x_, n, nullptr, accumulate, small);
     if (tp_) tp_->all_reduce(ctx, x_, hidden_count);
   }
+}
+
+void GpuModel::prefetch_after_qkv(const LayerWeights& L, cudaStream_t st) {
+  // RoPE and attention leave DRAM idle: ask for the weights of the products
+  // that follow them (o, then the router or gate|up) to come into L2, up to
+  // the budget. The rotation kernel that follows waits before it reads.
+  L2Ranges r;
+  size_t left = l2_prefetch_bytes_;
+  auto add = [&](const LinearWeight& w) {
+    if (w.data == nullptr || left == 0 || r.count == kL2PrefetchMaxRanges) return;
+    const size_t bytes = std::min(left, w.stride() * static_cast<size_t>(w.n_out));
+    r.ptr[r.count] = w.data;
+    r.bytes[r.count++] = bytes;
+    left -= bytes;
+  };
+  add(L.o);
+  if (L.moe) {
+    add(L.router);
+  } else if (L.gate_up_fused) {
+    add(L.gate_up);
+  } else {
+    add(L.gate);
+    add(L.up);
+  }
+  l2_prefetch_launch(r, kL2PrefetchCtas, st);
 }
 
 void GpuModel::moe_ffn(WorkerContext& ctx, const LayerWeights& L, int n) {

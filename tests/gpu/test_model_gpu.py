@@ -422,6 +422,28 @@ def test_graph_replay_matches_plain_path(sources, model):
         gpu.close()
 
 
+@gpu
+@pytest.mark.parametrize("model", ARCH_MODELS, ids=_id)
+def test_weight_prefetch_changes_no_logit(sources, model, monkeypatch):
+    # HELEXA_L2_PREFETCH_MB asks for each layer's next weights to come into
+    # L2 during RoPE and attention (an extra kernel per layer in the graph):
+    # every logit of prefill and graph-replayed decode keeps its bits.
+    src = sources(model)
+    prompt = _tokens(11, 20, src.config.vocab_size)
+    teacher = _tokens(12, 16, src.config.vocab_size)
+    rows, toks = {}, {}
+    for mb in ("0", "8"):
+        monkeypatch.setenv("HELEXA_L2_PREFETCH_MB", mb)
+        gpu = CUDABackend(src, 0, 96)
+        try:
+            rows[mb] = _gpu_teacher_forced(gpu, prompt, teacher)
+            toks[mb] = _gpu_generate(gpu, prompt, 16)
+        finally:
+            gpu.close()
+    assert torch.equal(rows["0"], rows["8"])
+    assert toks["0"] == toks["8"]
+
+
 # ---------------------------------------------------------------------------
 # Batched steps over the paged KV pool
 
