@@ -18,12 +18,7 @@ __global__ void l2_prefetch_kernel(const L2Ranges r) {
     l2_prefetch_slice(r.bytes[threadIdx.x] / 16 * 16, gridDim.x, blockIdx.x, &off, &bytes);
     if (bytes > 0) l2_prefetch(static_cast<const char*>(r.ptr[threadIdx.x]) + off, bytes);
   }
-#if HX_HAS_PDL
-  // Trigger first: the successor may launch now; it waits for this kernel,
-  // which ends only after its own predecessor.
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
+  pdl_pass_through();
 }
 
 }  // namespace

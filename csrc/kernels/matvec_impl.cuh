@@ -68,6 +68,7 @@
 #include "kernels/matvec.cuh"
 #include "kernels/matvec_dp4a.cuh"
 #include "kernels/quant_blocks.cuh"
+#include "kernels/swiglu.cuh"
 
 namespace hx {
 namespace matvec {
@@ -128,10 +129,6 @@ struct Args {
 //             splitting (expert, step) pairs: an MoE layer's second product
 //             and the weighted sum of its experts in one launch
 enum : int { kPlain = 0, kGlu = 1, kCombine = 2 };
-
-// silu(g) * u as the SwiGLU kernel computes it (swiglu.cu), so the fused and
-// separate paths give the same bits.
-__host__ __device__ __forceinline__ float glu_act(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 // Quantizes x [ntok, k] into `out` in the dp4a stage layout (dp4a::smem_bytes
 // of `terms` terms) with one small grid: the same values each dp4a CTA would
@@ -370,21 +367,22 @@ __host__ __device__ __forceinline__ void matvec_cta(const Args& a, const Ctx& ct
   }
 
   // kCombine walks top_k * nsteps steps: step s is step s % nsteps of the
-  // row of expert slot s / nsteps, whose matrix starts `shift` bytes on.
+  // row of expert slot s / nsteps (slot_of), whose matrix starts shift_of(s)
+  // bytes on; the other modes walk their one row's steps.
+  uint4 buf[LOADS];
   const int nsteps = Mode == kCombine ? a.top_k * a.nsteps : a.nsteps;
-  auto expert_step = [&](int s, int& ls) -> size_t {
-    if constexpr (Mode == kCombine) {
-      const int j = s / a.nsteps;
-      ls = s - j * a.nsteps;
-      const int e = std::min(std::max(a.ids[j], 0), a.num_experts - 1);
-      return (size_t)e * a.stride;
-    } else {
-      ls = s;
+  auto slot_of = [&](int s) { return Mode == kCombine ? s / a.nsteps : 0; };
+  auto shift_of = [&](int s) -> size_t {
+    if constexpr (Mode == kCombine)
+      return (size_t)std::min(std::max(a.ids[slot_of(s)], 0), a.num_experts - 1) * a.stride;
+    else
       return 0;
-    }
+  };
+  auto issue = [&](int s) {
+    issue_step<SLOTS, SB>(ctx, lane, s - slot_of(s) * a.nsteps, row_bytes, slot_base, slot_mis, slot_off, buf,
+                          shift_of(s));
   };
 
-  uint4 buf[LOADS];
   float acc[R][NT];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -399,11 +397,7 @@ __host__ __device__ __forceinline__ void matvec_cta(const Args& a, const Ctx& ct
   // kernel that produced x (launch.cuh), so they overlap its tail. (kCombine:
   // static_w also says the routing was written two launches back or more.)
   if (!a.static_w) ctx.wait_prior();
-  if (warp < nsteps) {
-    int ls;
-    const size_t shift = expert_step(warp, ls);
-    issue_step<SLOTS, SB>(ctx, lane, ls, row_bytes, slot_base, slot_mis, slot_off, buf, shift);
-  }
+  if (warp < nsteps) issue(warp);
   if (a.static_w) ctx.wait_prior();
   for (int s = warp; s < nsteps; s += nwarps) {
     ctx.syncwarp();  // the previous step's readers are done with the stage
@@ -411,18 +405,12 @@ __host__ __device__ __forceinline__ void matvec_cta(const Args& a, const Ctx& ct
     for (int j = 0; j < LOADS; ++j)
       if (SLOTS % 32 == 0 || lane + 32 * j < SLOTS) stage[lane + 32 * j] = buf[j];
     ctx.syncwarp();
-    if (s + nwarps < nsteps) {
-      int ls;
-      const size_t shift = expert_step(s + nwarps, ls);
-      issue_step<SLOTS, SB>(ctx, lane, ls, row_bytes, slot_base, slot_mis, slot_off, buf, shift);
-    }
+    if (s + nwarps < nsteps) issue(s + nwarps);
 
-    int ls;
-    expert_step(s, ls);
-    const float* x = a.x;
+    const int j = slot_of(s), ls = s - j * a.nsteps;  // expert slot, step of its row
+    const float* x = a.x + (size_t)j * a.k;
     float part[R][NT];
     if constexpr (Mode == kCombine) {
-      x += (size_t)(s / a.nsteps) * a.k;
 #pragma unroll
       for (int r = 0; r < R; ++r) part[r][0] = 0.f;
     }
@@ -445,7 +433,7 @@ __host__ __device__ __forceinline__ void matvec_cta(const Args& a, const Ctx& ct
       }
     }
     if constexpr (Mode == kCombine) {
-      const float m = a.mix[s / a.nsteps];
+      const float m = a.mix[j];
 #pragma unroll
       for (int r = 0; r < R; ++r) acc[r][0] = fmaf(m, part[r][0], acc[r][0]);
     }
@@ -470,7 +458,7 @@ __host__ __device__ __forceinline__ void matvec_cta(const Args& a, const Ctx& ct
     // Warp r reduces gate row r and its up row, so one lane holds both.
     for (int r = warp; r < HR; r += nwarps) {
       const float g = reduce(r), u = reduce(r + HR);
-      if (lane == 0 && row0 + r < a.glu) a.y[row0 + r] = glu_act(g, u);
+      if (lane == 0 && row0 + r < a.glu) a.y[row0 + r] = swiglu_act(g, u);
     }
   } else {
     for (int o = warp; o < R * NT; o += nwarps) {

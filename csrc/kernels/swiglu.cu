@@ -16,14 +16,13 @@
 namespace hx {
 namespace {
 
-__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
-
 __global__ void swiglu_vec_kernel(const float4* __restrict__ gate, const float4* __restrict__ up,
                                   float4* __restrict__ out_f32, __nv_bfloat162* __restrict__ out_bf16, int64_t n4) {
   pdl_begin();
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n4; i += (int64_t)gridDim.x * blockDim.x) {
     const float4 g = gate[i], u = up[i];
-    const float4 y = make_float4(silu_mul(g.x, u.x), silu_mul(g.y, u.y), silu_mul(g.z, u.z), silu_mul(g.w, u.w));
+    const float4 y =
+        make_float4(swiglu_act(g.x, u.x), swiglu_act(g.y, u.y), swiglu_act(g.z, u.z), swiglu_act(g.w, u.w));
     if (out_f32) out_f32[i] = y;
     if (out_bf16) {
       out_bf16[2 * i] = __floats2bfloat162_rn(y.x, y.y);
@@ -39,7 +38,7 @@ __global__ void swiglu_rows_kernel(const float* __restrict__ gate, const float* 
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t r = i / f;
     const int64_t c = i - r * f;
-    const float y = silu_mul(gate[r * ld + c], up[r * ld + c]);
+    const float y = swiglu_act(gate[r * ld + c], up[r * ld + c]);
     if (out_f32) out_f32[i] = y;
     if (out_bf16) out_bf16[i] = __float2bfloat16_rn(y);
   }

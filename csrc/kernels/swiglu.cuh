@@ -4,9 +4,14 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 
 namespace hx {
+
+// silu(g) * u, the one formula of every SwiGLU here (this kernel and the
+// expert products that fuse it), so fused and separate paths give the same bits.
+__host__ __device__ __forceinline__ float swiglu_act(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 // out = silu(gate) * up = gate / (1 + exp(-gate)) * up, elementwise, float32
 // math; written as float32 and/or bf16 (either output may be nullptr). For

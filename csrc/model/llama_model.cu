@@ -1217,24 +1217,10 @@ void GpuModel::moe_ffn(WorkerContext& ctx, const LayerWeights& L, int n) {
       matvec_expert_groups_launch(w.type, w.data, w.stride, E, moe_offsets_, moe_active_, moe_n_active_, groups, x, y,
                                   w.n_out, w.k, st);
   };
-  if (pairs && moe_fuse_) {
-    // Two launches: the gate|up pairs write the SwiGLU, then each token's
-    // experts' down rows are summed into the residual by the combine, whose
-    // first weight loads overlap the gate|up tail (the routing is older).
-    if (L.exp_gate_up_fused) {
-      matvec_expert_pairs_glu_launch(L.exp_gate_up.type, L.exp_gate_up.data, L.exp_gate_up.stride, E, moe_ids_, xn_, K,
-                                     exp_act_, fe, h, P, st);
-    } else {
-      product(L.exp_gate, xn_, K, exp_gu_);
-      product(L.exp_up, xn_, K, exp_gu_ + static_cast<size_t>(P) * fe);
-      swiglu_launch(exp_gu_, exp_gu_ + static_cast<size_t>(P) * fe, exp_act_, nullptr, static_cast<int64_t>(P) * fe,
-                    st);
-    }
-    const ExpertWeight& d = L.exp_down;
-    matvec_expert_combine_launch(d.type, d.data, d.stride, E, moe_ids_, moe_w_, K, exp_act_, x_, d.n_out, d.k, n, true,
-                                 st);
-    return;
-  }
+  // Fused pairs: the gate|up launch writes the SwiGLU, and the down launch
+  // adds each token's weighted expert rows to the residual (its first weight
+  // loads overlap the gate|up tail: the routing is older than that).
+  const bool fuse = pairs && moe_fuse_;
   const float* x_in = xn_;
   int x_div = K;
   if (!pairs) {
@@ -1252,7 +1238,10 @@ void GpuModel::moe_ffn(WorkerContext& ctx, const LayerWeights& L, int n) {
   const size_t pf = static_cast<size_t>(P) * fe;
   float* act_f32 = tc ? nullptr : exp_act_;
   __nv_bfloat16* act_bf16 = tc ? exp_xb_ : nullptr;
-  if (L.exp_gate_up_fused) {
+  if (L.exp_gate_up_fused && fuse) {
+    const ExpertWeight& w = L.exp_gate_up;
+    matvec_expert_pairs_glu_launch(w.type, w.data, w.stride, E, moe_ids_, x_in, x_div, exp_act_, fe, h, P, st);
+  } else if (L.exp_gate_up_fused) {
     product(L.exp_gate_up, x_in, x_div, exp_gu_);  // [P, 2 fe]: gate | up per row
     swiglu_rows_launch(exp_gu_, exp_gu_ + fe, 2 * static_cast<int64_t>(fe), act_f32, act_bf16, P, fe, st);
   } else {
@@ -1260,8 +1249,14 @@ void GpuModel::moe_ffn(WorkerContext& ctx, const LayerWeights& L, int n) {
     product(L.exp_up, x_in, x_div, exp_gu_ + pf);  // [P, fe]
     swiglu_launch(exp_gu_, exp_gu_ + pf, act_f32, act_bf16, static_cast<int64_t>(pf), st);
   }
-  product(L.exp_down, exp_act_, 1, exp_xy_);  // [P, h]
-  moe_combine_launch(x_, exp_xy_, moe_w_, pairs ? nullptr : moe_pair_slot_, n, K, h, st);
+  const ExpertWeight& d = L.exp_down;
+  if (fuse) {
+    matvec_expert_combine_launch(d.type, d.data, d.stride, E, moe_ids_, moe_w_, K, exp_act_, x_, d.n_out, d.k, n, true,
+                                 st);
+  } else {
+    product(d, exp_act_, 1, exp_xy_);  // [P, h]
+    moe_combine_launch(x_, exp_xy_, moe_w_, pairs ? nullptr : moe_pair_slot_, n, K, h, st);
+  }
 }
 
 void GpuModel::lm_head(WorkerContext& ctx, const float* x, int count, float* logits) {
