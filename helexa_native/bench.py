@@ -50,9 +50,10 @@ def _synchronize(backend) -> None:
         sync()
 
 
-def _one_run(backend, prompt_ids, depth_ids, decode_tokens: int):
+def _one_run(backend, prompt_ids, depth_ids, decode_tokens: int, decode_steps: int = 1):
     # Greedy steps, as in real serving: on CUDA the token is picked on the
-    # device and only its id comes back.
+    # device and only its id comes back; with decode_steps > 1, that many
+    # steps per call (Backend.decode_steps), as the scheduler runs them.
     params = SamplingParams(temperature=0.0)
     backend.reset()
     if depth_ids:
@@ -65,10 +66,17 @@ def _one_run(backend, prompt_ids, depth_ids, decode_tokens: int):
     _synchronize(backend)
     t1 = time.perf_counter()
     pos = depth + len(prompt_ids)
-    for _ in range(decode_tokens):
+    left = decode_tokens
+    while left > 0:
         state.step += 1
-        tok = int(backend.step([tok], pos, params, state).token)
-        pos += 1
+        k = min(decode_steps, left)
+        if k > 1:
+            tok = int(backend.step_many(tok, pos, k, params, state)[-1].token)
+            state.step += k - 1
+        else:
+            tok = int(backend.step([tok], pos, params, state).token)
+        pos += k
+        left -= k
     _synchronize(backend)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1
@@ -107,15 +115,16 @@ def bench_engine(
     depth_ids, prompt_ids = ids[:depth], ids[depth:]
 
     backend = engine.backend
+    steps = int(getattr(engine, "decode_steps", 1))
     # The private sequence of the backend runs under its step lock: the
     # scheduler's requests (if any) wait, so nothing shares these steps.
     with backend.lock:
         try:
             if warmup:
-                _one_run(backend, prompt_ids, depth_ids, min(decode_tokens, 8))
+                _one_run(backend, prompt_ids, depth_ids, min(decode_tokens, 8), steps)
             prefill, decode = [], []
             for _ in range(repeats):
-                p, d = _one_run(backend, prompt_ids, depth_ids, decode_tokens)
+                p, d = _one_run(backend, prompt_ids, depth_ids, decode_tokens, steps)
                 prefill.append(p)
                 decode.append(d)
         finally:
@@ -144,6 +153,7 @@ def bench_engine(
         "decode_seconds": d_med,
         "decode_tokens_per_s": decode_tps,
         "decode_ms_per_token": 1e3 * d_med / decode_tokens if decode_tokens else 0.0,
+        "decode_steps_per_call": steps,
         "weight_bytes": weight_bytes,
         "weight_bytes_per_decode_token": read_bytes,
         "achieved_gb_per_s": achieved,

@@ -48,6 +48,14 @@ def _add_model_args(p: argparse.ArgumentParser, model: bool = True) -> None:
         "the memory left after the weights; CPU, four full contexts)",
     )
     g.add_argument(
+        "--decode-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="decode steps one device job may run when no running request needs the host between "
+        "tokens (default: HELEXA_DECODE_STEPS or 1)",
+    )
+    g.add_argument(
         "--no-prefix-cache",
         dest="prefix_cache",
         action="store_false",
@@ -159,6 +167,7 @@ def engine_options_from_args(args) -> dict:
             _byte_size(args.kv_cache_memory) if getattr(args, "kv_cache_memory", None) is not None else None
         ),
         "prefix_cache": getattr(args, "prefix_cache", True),
+        "decode_steps": getattr(args, "decode_steps", None),
         "tensor_parallel": getattr(args, "tensor_parallel", None),
         "step_timeout": getattr(args, "step_timeout", None),
     }

@@ -18,6 +18,8 @@ DEFAULT_REPETITION_PENALTY = 1.0
 DEFAULT_PRESENCE_PENALTY = 0.0
 DEFAULT_FREQUENCY_PENALTY = 0.0
 MAX_TOP_LOGPROBS = 20
+# Decode steps one device job may run back to back (Engine decode_steps).
+MAX_DECODE_STEPS = 64
 # logit_bias values are clamped by OpenAI's rule: each in [-100, 100].
 MAX_LOGIT_BIAS = 100.0
 # n: answers one request may ask for (each is a sequence of its own).

@@ -31,7 +31,7 @@ from .errors import (
 )
 from .params import UINT64_MASK
 from .request_params import SAMPLING_FIELDS, resolve_params
-from .scheduler import DEFAULT_MAX_BATCH_TOKENS, Request, Scheduler
+from .scheduler import DEFAULT_MAX_BATCH_TOKENS, Request, Scheduler, check_decode_steps
 from .stop import StopMatcher
 
 __all__ = ["Engine", "GenerationResult", "StreamChunk", "collect_choices", "collect_stream", "default_model_path"]
@@ -186,6 +186,7 @@ class Engine:
         max_num_seqs: Optional[int] = None,
         kv_cache_memory: Optional[int] = None,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        decode_steps: Optional[int] = None,
         tensor_parallel: Optional[int] = None,
         step_timeout: Optional[float] = None,
         devices: Optional[Sequence[int]] = None,
@@ -206,7 +207,12 @@ class Engine:
         only as used). prefix_cache: a prompt that starts like an earlier one
         (a multi-turn chat, a shared system prompt) reuses its cached KV blocks
         (on by default). max_batch_tokens: tokens one step runs at most
-        (decode tokens and prompt chunks together).
+        (decode tokens and prompt chunks together). decode_steps: decode
+        steps one backend call may run back to back while every running
+        request only decodes and needs nothing from the host between tokens
+        (no grammar, logit_bias, and on CUDA no penalties or logprobs); its
+        tokens then reach the callers together (default: HELEXA_DECODE_STEPS,
+        else 1).
         int8_activations (CUDA only): decode matvecs over Q4_0/Q8_0/Q4_K/Q6_K
         weights quantize their input to two int8 terms per element (~1e-6
         relative error per product) and use integer dot products. None: where
@@ -237,6 +243,7 @@ class Engine:
         ):
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")
         check_positive_ints(max_batch_tokens=max_batch_tokens)
+        decode_steps = check_decode_steps(decode_steps)
         seqs = max_num_seqs if max_num_seqs is not None else defaults.DEFAULT_MAX_NUM_SEQS
         from .parallel.launch import check_step_timeout, check_tensor_parallel
 
@@ -337,6 +344,7 @@ class Engine:
                 path,
                 source.tensors.values(),
                 max_batch_tokens,
+                decode_steps,
             )
             self._set_parsers(tool_call_parser, reasoning_parser)
             self._set_pooling(pooling, source.metadata)
@@ -362,6 +370,7 @@ class Engine:
         tool_call_parser: Optional[str] = None,
         reasoning_parser: Optional[str] = None,
         pooling: Optional[str] = None,
+        decode_steps: Optional[int] = None,
     ) -> "Engine":
         """Wrap an already loaded Backend and Tokenizer (custom backends, tests)."""
         self = cls.__new__(cls)
@@ -369,7 +378,15 @@ class Engine:
         self._description = {}
         backend.blocks.prefix_cache = bool(prefix_cache)
         self._attach(
-            backend, tokenizer, chat_template, generation_config, eos_token_ids, Path(model_path), (), max_batch_tokens
+            backend,
+            tokenizer,
+            chat_template,
+            generation_config,
+            eos_token_ids,
+            Path(model_path),
+            (),
+            max_batch_tokens,
+            check_decode_steps(decode_steps),
         )
         self._set_parsers(tool_call_parser, reasoning_parser)
         self._set_pooling(pooling, {})
@@ -395,6 +412,7 @@ class Engine:
         path: Path,
         tensors,
         max_batch_tokens: int,
+        decode_steps: int = 1,
     ) -> None:
         tensors = list(tensors)
         self._backend = backend
@@ -413,7 +431,7 @@ class Engine:
         # What one decode token reads of the weights (the routed experts' share of a MoE model).
         self.active_weight_bytes = int(active_bytes(self.config, tensors))
         self._generation_config = self._gen_config(generation_config, eos_token_ids)
-        self._scheduler = Scheduler(backend, max_batch_tokens=max_batch_tokens)
+        self._scheduler = Scheduler(backend, max_batch_tokens=max_batch_tokens, decode_steps=decode_steps)
 
     # ------------------------------------------------------------------ setup
 
@@ -994,6 +1012,11 @@ class Engine:
             self._backend.close()
         if self._source is not None:
             self._source.close()
+
+    @property
+    def decode_steps(self) -> int:
+        """Decode steps one backend call may run (the decode_steps option)."""
+        return self._scheduler.decode_steps if self._scheduler is not None else 1
 
     def load(self) -> dict:
         """Running and waiting sequences, KV blocks and prefix-cache counters."""

@@ -32,6 +32,11 @@ with its logit_bias; the sampled token then advances the matcher. Where the
 backend takes late masks (the CUDA backend), a helper thread fills them
 while the step's forward runs on the device, so the grammar's host time is
 off the step's critical path; otherwise they are filled before the step.
+With decode_steps > 1, an iteration whose running sequences only decode
+and need nothing from the host between tokens (no grammar, no logit_bias,
+backend.decode_steps_ok), and where no waiting request could take a free
+slot, runs several steps in one backend.decode_steps call instead of
+steps 2-4 (_steps_ahead, _run_ahead).
 The n sequences of one prompt (n > 1) share its KV blocks through the prefix
 cache: the followers wait for admission until the first has read the prompt.
 Stop strings, detokenization and streaming happen in the caller's thread
@@ -51,6 +56,7 @@ from typing import Any, Deque, List, Optional, Tuple
 
 import torch
 
+from . import defaults
 from .backends.base import LateMask, SeqStep
 from .constraints import fill_masks
 from .errors import EngineClosedError
@@ -60,11 +66,28 @@ from .params import SamplerState, SamplingParams
 # Tokens one step runs at most, decode tokens and prompt chunks together.
 DEFAULT_MAX_BATCH_TOKENS = 512
 
+# Decode steps one backend call runs when nothing needs the host between
+# tokens (Scheduler._steps_ahead). 1: a call per step.
+DEFAULT_DECODE_STEPS = 1
+
 # An iteration with at most this many events delivers them itself; more go to
 # the delivery thread (one hand-off instead of a wake-up per caller).
 # HELEXA_INLINE_EVENTS overrides it for a scheduler made after it is set (a
 # large value: every event from the loop itself, as an A/B baseline).
 INLINE_EVENTS = 4
+
+
+def check_decode_steps(value: Optional[int]) -> int:
+    """Decode steps one backend call may run: `value`, or HELEXA_DECODE_STEPS, or DEFAULT_DECODE_STEPS."""
+    if value is None:
+        raw = os.environ.get("HELEXA_DECODE_STEPS", "")
+        try:
+            value = int(raw) if raw.strip() else DEFAULT_DECODE_STEPS
+        except ValueError:
+            raise ValueError(f"HELEXA_DECODE_STEPS must be an integer, got {raw!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= defaults.MAX_DECODE_STEPS:
+        raise ValueError(f"decode_steps must be an integer in [1, {defaults.MAX_DECODE_STEPS}], got {value!r}")
+    return value
 
 
 def _inline_events() -> int:
@@ -137,6 +160,7 @@ class Scheduler:
         max_num_seqs: Optional[int] = None,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         name: str = "helexa-scheduler",
+        decode_steps: Optional[int] = None,
     ):
         self.backend = backend
         self.blocks = backend.blocks
@@ -148,6 +172,7 @@ class Scheduler:
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
         self.max_batch_tokens = int(max_batch_tokens)
+        self.decode_steps = check_decode_steps(decode_steps)
         self._cv = threading.Condition()
         self._incoming: List[Request] = []
         self._waiting: Deque[Request] = collections.deque()
@@ -160,6 +185,7 @@ class Scheduler:
         self.preemptions = 0
         self.batch_hist = collections.Counter()  # sequences per step -> steps
         self.tokens_generated = 0
+        self.multi_step_calls = 0  # backend.decode_steps calls (each counts its steps in `steps`)
         self._mask_filler: Optional[concurrent.futures.ThreadPoolExecutor] = None  # late masks (on first use)
         # Events of the current iteration, then handed to the delivery thread in
         # one batch: waking each caller's thread costs microseconds a put, which
@@ -207,6 +233,7 @@ class Scheduler:
             steps=self.steps,
             preemptions=self.preemptions,
             tokens_generated=self.tokens_generated,
+            multi_step_calls=self.multi_step_calls,
             batch_size_histogram=dict(sorted(self.batch_hist.items())),
         )
         return out
@@ -286,6 +313,9 @@ class Scheduler:
         self._admit()
         if not self._running:
             return
+        ahead = self._steps_ahead()
+        if ahead > 1 and self._run_ahead(ahead):
+            return
         plan = self._plan()
         if not plan:
             # Every running sequence is short of blocks that nothing will free.
@@ -330,27 +360,95 @@ class Scheduler:
         for (r, n), step, out in zip(plan, steps, outs):
             r.computed += n
             self.blocks.commit(r.blocks, r.tokens, r.computed)
-            if not step.sample:
-                continue
-            res = out.result
-            tok = int(res.token)
-            r.tokens.append(tok)
-            r.state.generated_tokens.append(tok)
-            r.state.step += 1
-            r.generated += 1
-            self.tokens_generated += 1
-            if r.t_first is None:
-                r.t_first = now
-            r.t_last = now
-            if r.constraint is not None and not self._advance(r, tok):
-                continue
-            self._pending.append((r.events, ("token", res)))
-            if tok in r.stop_ids:
-                self._finish(r, "stop", tok)
-            elif r.constraint_on and r.constraint.is_finished():
-                self._finish(r, "stop", None)
-            elif r.generated >= r.limit:
-                self._finish(r, "length", None)
+            if step.sample:
+                self._take(r, out.result, now)
+
+    def _take(self, r: Request, res, now: float) -> bool:
+        """Hand r's sampled token to its caller and finish r where it ends; True when r is finished."""
+        tok = int(res.token)
+        r.tokens.append(tok)
+        r.state.generated_tokens.append(tok)
+        r.state.step += 1
+        r.generated += 1
+        self.tokens_generated += 1
+        if r.t_first is None:
+            r.t_first = now
+        r.t_last = now
+        if r.constraint is not None and not self._advance(r, tok):
+            return True
+        self._pending.append((r.events, ("token", res)))
+        if tok in r.stop_ids:
+            self._finish(r, "stop", tok)
+        elif r.constraint_on and r.constraint.is_finished():
+            self._finish(r, "stop", None)
+        elif r.generated >= r.limit:
+            self._finish(r, "length", None)
+        return r.finished
+
+    def _steps_ahead(self) -> int:
+        """Decode steps every running sequence can take in one backend call (1: plan a normal step).
+
+        More than one only when each running sequence decodes (no prompt left
+        to read), needs nothing from the host between tokens (no grammar,
+        logit_bias or backend-specific need such as penalties on the device)
+        and has that many tokens left to generate, no cancellation is
+        pending, and no waiting request could be admitted now.
+        """
+        n = self.decode_steps
+        if n <= 1 or ((self._waiting or self._incoming) and self._free_slots):
+            return 1
+        for r in self._running:
+            if (
+                r.cancelled
+                or len(r.tokens) - r.computed != 1
+                or r.constraint is not None
+                or r.logit_bias is not None
+                or not self.backend.decode_steps_ok(r.params)
+            ):
+                return 1
+            n = min(n, r.limit - r.generated)
+        return n
+
+    def _run_ahead(self, n: int) -> bool:
+        """n decode steps of every running sequence in one backend call; False (nothing taken) when the pool is short.
+
+        Tokens after a sequence's stop are dropped with the blocks they were
+        written to when the sequence finishes.
+        """
+        running = list(self._running)
+        need = sum(max(0, self.blocks.blocks_for(r.computed + n) - len(r.blocks.table)) for r in running)
+        if need > self.blocks.free_blocks:
+            return False
+        for r in running:
+            self.blocks.ensure(r.blocks, r.computed + n)
+        steps = [
+            SeqStep(
+                slot=r.slot,
+                tokens=[r.tokens[-1]],
+                start_pos=r.computed,
+                block_table=list(r.blocks.table),
+                params=r.params,
+                state=r.state,
+            )
+            for r in running
+        ]
+        try:
+            outs = self.backend.decode_steps(steps, n)
+        except BaseException as e:
+            for r in running:
+                self._fail(r, e)
+            return True
+        now = time.perf_counter()
+        self.steps += n
+        self.batch_hist[len(running)] += n
+        self.multi_step_calls += 1
+        for r, results in zip(running, outs):
+            for res in results:
+                r.computed += 1
+                self.blocks.commit(r.blocks, r.tokens, r.computed)
+                if self._take(r, res, now):
+                    break
+        return True
 
     def _masks(self, plan: list) -> tuple:
         """Allowed-token bitmasks of the step's constrained samples, by id(request), and the fill still running.

@@ -290,3 +290,109 @@ def test_pool_too_small_for_one_context_is_a_clear_error(hf_models):
         _engine(folder, n_ctx=64, kv_cache_memory=1000)
     with pytest.raises(ValueError, match="max_num_seqs"):
         _engine(folder, max_num_seqs=0)
+
+
+# ---------------------------------------------------------------- several decode steps per backend call
+
+
+def _run_together(eng, prompts, limits, **kw):
+    """Each prompt in its own thread (its own max_tokens), started together: token ids per prompt."""
+    got, threads = {}, []
+    for i, (p, n) in enumerate(zip(prompts, limits)):
+
+        def work(i=i, p=p, n=n):
+            got[i] = eng.generate(p, max_tokens=n, **kw).token_ids
+
+        threads.append(threading.Thread(target=work))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [got[i] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(temperature=0),
+        dict(temperature=0.9, top_k=20, seed=3),
+        dict(temperature=0.9, seed=4, repetition_penalty=1.3, presence_penalty=0.5),
+    ],
+    ids=["greedy", "seeded", "penalties"],
+)
+def test_decode_steps_give_the_tokens_of_single_steps(hf_models, params):
+    folder, _ = hf_models("qwen3")
+    limits = [13, 6, 9, 1, 11]
+    with _engine(folder, prefix_cache=False) as one:
+        want = [one.generate(p, max_tokens=n, ignore_eos=True, **params).token_ids for p, n in zip(PROMPTS, limits)]
+    # A stop token that one sequence samples mid-way through a call of 4 steps.
+    stop = want[0][5]
+    first = [w.index(stop) + 1 if stop in w else len(w) for w in want]
+    with _engine(folder, prefix_cache=False, decode_steps=4) as eng:
+        got = _run_together(eng, PROMPTS, limits, ignore_eos=True, **params)
+        assert got == want
+        assert eng.load()["multi_step_calls"] > 0
+        stopped = _run_together(eng, PROMPTS, limits, ignore_eos=True, stop_token_ids=[stop], **params)
+        assert stopped == [w[:k] for w, k in zip(want, first)]
+        stats = eng.load()
+        assert stats["kv_blocks_used"] == 0 and stats["running"] == 0
+
+
+def test_decode_steps_keep_the_prefix_cache_and_cancellation(hf_models):
+    folder, _ = hf_models("llama")
+    prompt = _tokens(77, 21)
+    with _engine(folder, decode_steps=8) as eng:
+        first = eng.generate(prompt, temperature=0, max_tokens=30, ignore_eos=True)
+        assert eng.load()["multi_step_calls"] > 0
+        # The prompt and the tokens written by multi-step calls are cached: a
+        # second turn that extends them reuses every full block of it.
+        turn = prompt + first.token_ids + _tokens(78, 3)
+        blocks = eng._backend.blocks
+        hits = blocks.hits
+        again = eng.generate(turn, temperature=0, max_tokens=5, ignore_eos=True)
+        assert blocks.hits - hits == (len(turn) - 1) // blocks.block_size * blocks.block_size
+    with _engine(folder, prefix_cache=False) as ref:
+        assert ref.generate(turn, temperature=0, max_tokens=5, ignore_eos=True).token_ids == again.token_ids
+    with _engine(folder, decode_steps=8) as eng:
+        streams = [eng.generate_stream(_tokens(500 + i, 9), temperature=0, max_tokens=40) for i in range(4)]
+        for i, s in enumerate(streams):
+            next(s)
+            if i % 2:
+                s.close()
+        for s in streams[::2]:
+            list(s)
+        assert eng.load()["kv_blocks_used"] == 0
+
+
+def test_decode_steps_is_checked(hf_models, monkeypatch):
+    folder, _ = hf_models("llama")
+    for bad in (0, -1, 65, 2.0, True):
+        with pytest.raises(ValueError, match="decode_steps"):
+            _engine(folder, decode_steps=bad)
+    monkeypatch.setenv("HELEXA_DECODE_STEPS", "many")
+    with pytest.raises(ValueError, match="HELEXA_DECODE_STEPS"):
+        _engine(folder)
+
+
+def test_bench_times_the_engines_decode_steps(hf_models):
+    from helexa_native.bench import bench_engine
+
+    folder, _ = hf_models("llama")
+    with _engine(folder, decode_steps=4) as eng:
+        assert eng.decode_steps == 4
+        out = bench_engine(eng, prompt_tokens=6, decode_tokens=10, repeats=1)
+        assert out["decode_steps_per_call"] == 4 and out["decode_tokens_per_s"] > 0
+        # The private sequence's multi-step calls give the tokens of single steps.
+        backend = eng.backend
+        params = SamplingParams(temperature=0)
+        prompt = _tokens(90, 7)
+        backend.reset()
+        state = SamplerState(prompt_tokens=list(prompt))
+        tok = backend.step(prompt, 0, params, state).token
+        many = [r.token for r in backend.step_many(tok, len(prompt), 6, params, state)]
+        backend.reset()
+        one = [backend.step(prompt, 0, params, SamplerState(prompt_tokens=list(prompt))).token]
+        for i in range(6):
+            one.append(backend.step([one[-1]], len(prompt) + i, params, state).token)
+        backend.reset()
+        assert many == one[1:]

@@ -84,8 +84,8 @@ def _args(argv):
         default="",
         metavar="VAR=V[,VAR=V...][;...]",
         help="environment settings to compare, ';' between settings (e.g. 'HELEXA_TC_BF16=0;"
-        "HELEXA_TC_BF16=1'): like --tc-min, the first is timed and the --concurrency runs are "
-        "repeated on a fresh load for every other combination",
+        "HELEXA_TC_BF16=1'): like --tc-min, the first is timed at every depth, and every other "
+        "combination, on a fresh load, at the first depth (batch 1) and the --concurrency levels",
     )
     p.add_argument(
         "--tc-min",
@@ -269,12 +269,27 @@ def main(argv=None) -> int:
                     )
                     save()
         levels = [int(x) for x in a.concurrency.split(",") if x.strip()]
-        if levels and len(variants) > 1:
-            entry["concurrency_by_variant"] = {use_variant(variants[0]): entry.get("concurrency")}
+        if len(variants) > 1:
+            # Every other variant: batch 1 at the first depth, then the concurrency levels.
+            first = use_variant(variants[0])
+            entry["concurrency_by_variant"] = {first: entry.get("concurrency")}
+            entry["batch1_by_variant"] = {first: entry["runs"][0] if entry["runs"] else None}
             for v in variants[1:]:
                 label = use_variant(v)
                 with Engine(path, device=a.device, n_ctx=n_ctx, progress=False, **engine_kw) as eng:
-                    entry["concurrency_by_variant"][label] = concurrency_rows(eng, f"{name} {label}", levels)
+                    if depths:
+                        r = bench_engine(
+                            eng, a.prompt_tokens, a.decode_tokens, depths[0], a.repeats, copy_bandwidth_gbs=ceiling
+                        )
+                        entry["batch1_by_variant"][label] = r
+                        print(
+                            f"{name} {label}: depth {depths[0]}: prefill {r['prefill_tokens_per_s']:.0f} tok/s, "
+                            f"decode {r['decode_tokens_per_s']:.1f} tok/s ({r['achieved_gb_per_s']:.0f} GB/s)",
+                            flush=True,
+                        )
+                        save()
+                    if levels:
+                        entry["concurrency_by_variant"][label] = concurrency_rows(eng, f"{name} {label}", levels)
             use_variant(variants[0])
         if a.int8_modes and spec.split(":")[1].upper() in ("Q4_K_M", "Q4_0", "Q8_0", "Q4_K", "Q6_K"):
             for mode, label in ((True, "int8_all"), (False, "float")):

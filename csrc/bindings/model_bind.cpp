@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -199,6 +200,21 @@ class GpuModelHandle {
     py::list out;
     for (size_t i = 0; i < rs.size(); ++i) out.append(step_result_to_py(rs[i], seqs[i].want_logits));
     return out;
+  }
+
+  // Tokens of n_steps decode steps run in one job, per sequence.
+  std::vector<std::vector<int32_t>> decode_steps(const std::vector<SeqInput>& seqs, int n_steps) {
+    const int64_t h = live();
+    std::shared_ptr<JobWaiter> waiter;
+    {
+      // One waiter per step count: each learns its own job time.
+      std::lock_guard<std::mutex> lock(waiters_mu_);
+      auto& slot = decode_steps_waiters_[n_steps];
+      if (!slot) slot = std::make_shared<JobWaiter>();
+      waiter = slot;
+    }
+    py::gil_scoped_release nogil;
+    return model_decode_steps(*worker_, h, seqs, n_steps, waiter.get());
   }
 
   PendingStep step_batch_async(const std::vector<SeqInput>& seqs) {
@@ -390,6 +406,8 @@ class GpuModelHandle {
   // Learn the pure-decode step's duration and every other step's (see JobWaiter).
   std::shared_ptr<JobWaiter> decode_waiter_ = std::make_shared<JobWaiter>();
   std::shared_ptr<JobWaiter> step_waiter_ = std::make_shared<JobWaiter>();
+  std::mutex waiters_mu_;
+  std::map<int, std::shared_ptr<JobWaiter>> decode_steps_waiters_;
   std::mutex status_mu_;
   TpStatus* tp_status_ = nullptr;  // host-mapped (tensor-parallel models only)
   size_t bytes_ = 0;
@@ -554,6 +572,9 @@ void bind_model(py::module_& m) {
            py::arg("pooling"),
            "Final hidden states (after the output norm) of token sequences run from position 0 through their "
            "block tables: float32 [rows, hidden] per sequence")
+      .def("decode_steps", &GpuModelHandle::decode_steps, py::arg("seqs"), py::arg("n_steps"),
+           "n_steps decode steps in one job, each sampled token fed to the next step on the device: "
+           "[[token] * n_steps] per sequence")
       .def("step_batch_async", &GpuModelHandle::step_batch_async, py::arg("seqs"),
            "step_batch submitted without waiting: a PendingStep")
       .def("forward_logits_async", &GpuModelHandle::forward_logits_async, py::arg("tokens"), py::arg("start_pos"),

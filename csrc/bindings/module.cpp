@@ -53,6 +53,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("compiled_archs", &compiled_archs, "SM architectures (e.g. '90') this build holds machine code for");
   // Facts helexa_native also states in Python (defaults.py, ggml_types.py); a test checks they agree.
   m.attr("MAX_TOP_LOGPROBS") = hx::kMaxTopLogprobs;
+  m.attr("MAX_DECODE_STEPS") = hx::kMaxDecodeSteps;
   m.attr("GGML_TYPE_IDS") = ggml_type_ids();
   hx::bind_runtime(m);
   hx::bind_model(m);

@@ -11,4 +11,7 @@ namespace hx {
 // candidates per thread).
 constexpr int kMaxTopLogprobs = 20;
 
+// Most decode steps one job runs (model_decode_steps).
+constexpr int kMaxDecodeSteps = 64;
+
 }  // namespace hx

@@ -21,6 +21,7 @@
 #include "kernels/bias.cuh"
 #include "kernels/cast.cuh"
 #include "kernels/constrain.cuh"
+#include "kernels/decode_feed.cuh"
 #include "kernels/dequant.cuh"
 #include "kernels/embedding.cuh"
 #include "kernels/gather_rows.cuh"
@@ -649,6 +650,10 @@ void GpuModel::alloc_state() {
 
   d_out_ = dev_alloc(StepOutputs::bytes(logit_rows_), sc);
   h_out_ = host_alloc(StepOutputs::bytes(logit_rows_));
+  if (head) {
+    d_fed_ = static_cast<int32_t*>(dev_alloc(static_cast<size_t>(kMaxDecodeSteps) * S * 4, sc));
+    h_fed_ = static_cast<int32_t*>(host_alloc(static_cast<size_t>(kMaxDecodeSteps) * S * 4));
+  }
   if (head) h_logits_ = static_cast<float*>(host_alloc(LR * V * 4));
 }
 
@@ -1405,8 +1410,8 @@ void GpuModel::settle(WorkerContext& ctx) noexcept {
   cudaStreamSynchronize(ctx.compute_stream());
 }
 
-std::vector<StepResult> GpuModel::decode_step(WorkerContext& ctx, const std::vector<SeqInput>& seqs) {
-  cudaStream_t st = ctx.compute_stream();
+const GpuModel::Bucket& GpuModel::stage_decode(WorkerContext& ctx, const std::vector<SeqInput>& seqs, int ahead,
+                                               int mode, bool* late) {
   const int B = static_cast<int>(seqs.size());
   const Bucket* bk = &buckets_.back();
   for (const Bucket& b : buckets_)
@@ -1429,7 +1434,7 @@ std::vector<StepResult> GpuModel::decode_step(WorkerContext& ctx, const std::vec
       in.slots[r] = s.slot;
       in.steps[r] = s.sampling.step;
       fill_params(in.params + r, s.sampling);
-      last_blocks = blocks_for(p + 1);
+      last_blocks = blocks_for(p + ahead);
       std::memcpy(in.tables + static_cast<size_t>(r) * max_blocks_, s.block_table.data(),
                   static_cast<size_t>(last_blocks) * 4);
     } else {
@@ -1443,69 +1448,153 @@ std::vector<StepResult> GpuModel::decode_step(WorkerContext& ctx, const std::vec
       fill_params(in.params + r, idle);
     }
   }
-  // Without the LM head nothing is sampled: one tail-less graph per bucket.
-  const int mode = spec_.lm_head ? mode_of(seqs) : 0;
-  bool late = false;
   if (mode & kConstrained) {
     std::vector<const SeqInput*> crow(bk->rows, nullptr);
     for (int r = 0; r < B; ++r) crow[r] = &seqs[r];
     stage_constraints(ctx, crow, in.cons);
-    late = !late_rows_.empty();
+    if (late != nullptr) *late = !late_rows_.empty();
   }
-  // Late masks: the graph runs the layers and the LM head, and the tail
-  // follows once the masks are in, while the device may still be busy.
-  const int run_mode = late ? kForwardOnly : mode;
   // Everything up to the last real row's table entries; padded rows' tables are never read.
   const size_t bytes = bk->tables_off + (static_cast<size_t>(B - 1) * max_blocks_ + last_blocks) * 4;
-  HX_CUDA_CHECK(cudaMemcpyAsync(bk->dev, h_dec_, bytes, cudaMemcpyHostToDevice, st));
+  HX_CUDA_CHECK(cudaMemcpyAsync(bk->dev, h_dec_, bytes, cudaMemcpyHostToDevice, ctx.compute_stream()));
+  return *bk;
+}
 
-  const int sampled = spec_.lm_head ? B : 0;
-  std::vector<int> out_row(seqs.size(), -1);
-  for (int r = 0; r < sampled; ++r) out_row[r] = r;
-  const int key = bk->rows * kModes + run_mode;
+void GpuModel::run_decode(WorkerContext& ctx, const Bucket& b, int mode) {
+  cudaStream_t st = ctx.compute_stream();
+  const int key = b.rows * kModes + mode;
   auto it = graphs_.find(key);
   const auto failed = graph_failed_.find(key);
   if (!use_graphs_ || (failed != graph_failed_.end() && failed->second)) {
-    decode_body(ctx, *bk, run_mode);
-  } else if (it != graphs_.end()) {
+    decode_body(ctx, b, mode);
+    return;
+  }
+  if (it != graphs_.end()) {
     HX_CUDA_CHECK(cudaGraphLaunch(it->second, st));
     ++graph_replays_;
-  } else {
-    // The plain run answers this step (and warms every kernel up); the
-    // recording made after it serves the next steps of this bucket and mode.
-    decode_body(ctx, *bk, run_mode);
-    cudaGraph_t graph = nullptr;
-    HX_CUDA_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-    try {
-      decode_body(ctx, *bk, run_mode);
-    } catch (...) {
-      // Leave capture mode whatever failed, or the stream stays unusable.
-      cudaStreamEndCapture(st, &graph);
-      if (graph != nullptr) cudaGraphDestroy(graph);
-      cudaGetLastError();
-      graph_failed_[key] = true;
-      try {
-        throw;
-      } catch (const CudaError& e) {
-        // A launch refused during capture only costs the graph; the plain
-        // run already produced this step's result.
-        if (e.sticky) throw;
-      }
-      return late_tail(ctx, *bk, mode, seqs, out_row, sampled);
-    }
-    cudaError_t e = cudaStreamEndCapture(st, &graph);
-    cudaGraphExec_t exec = nullptr;
-    if (e == cudaSuccess && graph != nullptr) e = cudaGraphInstantiate(&exec, graph, 0);
-    if (graph != nullptr) cudaGraphDestroy(graph);
-    if (e != cudaSuccess || exec == nullptr) {
-      cudaGetLastError();
-      graph_failed_[key] = true;
-    } else {
-      graphs_[key] = exec;
-      ++graph_captures_;
-    }
+    return;
   }
-  return late_tail(ctx, *bk, mode, seqs, out_row, sampled);
+  // The plain run answers this step (and warms every kernel up); the
+  // recording made after it serves the next steps of this bucket and mode.
+  decode_body(ctx, b, mode);
+  cudaGraph_t graph = nullptr;
+  HX_CUDA_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+  try {
+    decode_body(ctx, b, mode);
+  } catch (...) {
+    // Leave capture mode whatever failed, or the stream stays unusable.
+    cudaStreamEndCapture(st, &graph);
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    cudaGetLastError();
+    graph_failed_[key] = true;
+    try {
+      throw;
+    } catch (const CudaError& e) {
+      // A launch refused during capture only costs the graph; the plain
+      // run already produced this step's result.
+      if (e.sticky) throw;
+    }
+    return;
+  }
+  cudaError_t e = cudaStreamEndCapture(st, &graph);
+  cudaGraphExec_t exec = nullptr;
+  if (e == cudaSuccess && graph != nullptr) e = cudaGraphInstantiate(&exec, graph, 0);
+  if (graph != nullptr) cudaGraphDestroy(graph);
+  if (e != cudaSuccess || exec == nullptr) {
+    cudaGetLastError();
+    graph_failed_[key] = true;
+  } else {
+    graphs_[key] = exec;
+    ++graph_captures_;
+  }
+}
+
+std::vector<StepResult> GpuModel::decode_step(WorkerContext& ctx, const std::vector<SeqInput>& seqs) {
+  // Without the LM head nothing is sampled: one tail-less graph per bucket.
+  const int mode = spec_.lm_head ? mode_of(seqs) : 0;
+  bool late = false;
+  const Bucket& bk = stage_decode(ctx, seqs, 1, mode, &late);
+  // Late masks: the graph runs the layers and the LM head, and the tail
+  // follows once the masks are in, while the device may still be busy.
+  run_decode(ctx, bk, late ? kForwardOnly : mode);
+  const int sampled = spec_.lm_head ? static_cast<int>(seqs.size()) : 0;
+  std::vector<int> out_row(seqs.size(), -1);
+  for (int r = 0; r < sampled; ++r) out_row[r] = r;
+  return late_tail(ctx, bk, mode, seqs, out_row, sampled);
+}
+
+void GpuModel::validate_decode_steps(const std::vector<SeqInput>& seqs, int n_steps) const {
+  if (n_steps < 1 || n_steps > kMaxDecodeSteps)
+    throw std::invalid_argument("n_steps must be in [1, " + std::to_string(kMaxDecodeSteps) + "], got " +
+                                std::to_string(n_steps));
+  if (!spec_.lm_head || tp_)
+    throw std::invalid_argument("several decode steps per job need a model that samples on one device");
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const SeqInput& s = seqs[i];
+    const std::string who = "sequence " + std::to_string(i) + ": ";
+    if (s.tokens.size() != 1 || !s.sample)
+      throw std::invalid_argument(who + "each decode step feeds one token and samples the next");
+    if (s.penalties.active || s.sampling.logprobs || s.want_logits || s.masked() || !s.bias_ids.empty())
+      throw std::invalid_argument(who + "penalties, logprobs, logits and token constraints need one step per job");
+    const int64_t end = static_cast<int64_t>(s.start_pos) + n_steps;
+    if (end > n_ctx_)
+      throw std::invalid_argument(who + "positions up to " + std::to_string(end) + " exceed the context of " +
+                                  std::to_string(n_ctx_) + " tokens");
+    const int need = blocks_for(static_cast<int>(end));
+    if (static_cast<int64_t>(s.block_table.size()) < need)
+      throw std::invalid_argument(who + "the block table holds " + std::to_string(s.block_table.size()) +
+                                  " blocks; positions up to " + std::to_string(end) + " need " + std::to_string(need));
+    for (int j = 0; j < need; ++j)
+      if (s.block_table[j] < 0 || s.block_table[j] >= num_blocks_)
+        throw std::invalid_argument(who + "block id " + std::to_string(s.block_table[j]) + " is outside the pool of " +
+                                    std::to_string(num_blocks_) + " blocks");
+  }
+}
+
+std::vector<std::vector<int32_t>> GpuModel::decode_steps(WorkerContext& ctx, const std::vector<SeqInput>& seqs,
+                                                         int n_steps) {
+  validate(seqs);
+  validate_decode_steps(seqs, n_steps);
+  late_rows_.clear();
+  cudaStream_t st = ctx.compute_stream();
+  const int B = static_cast<int>(seqs.size());
+  const int mode = mode_of(seqs);  // greedy or sampled: nothing else passes the checks
+  try {
+    const Bucket& bk = stage_decode(ctx, seqs, n_steps, mode, nullptr);
+    RowInputs in;
+    row_layout(bk.dev, bk.rows, max_blocks_, &in, nullptr);
+    DecodeFeed feed;
+    feed.tokens = in.tokens;
+    feed.pos = in.pos;
+    feed.slot_pos = in.slot_pos;
+    feed.seq_lens = in.seq_lens;
+    feed.steps = in.steps;
+    feed.tables = in.tables;
+    feed.stride = max_blocks_;
+    feed.block_shift = bshift_;
+    const StepOutputs o = StepOutputs::over(d_out_, logit_rows_);
+    // The host queues every step at once; the device runs them back to back.
+    for (int j = 0; j < n_steps; ++j) {
+      run_decode(ctx, bk, mode);
+      decode_feed_launch(feed, o.token, d_fed_ + static_cast<size_t>(j) * B, B, j + 1 < n_steps, st);
+    }
+    const size_t n = static_cast<size_t>(n_steps) * B;
+    HX_CUDA_CHECK(cudaMemcpyAsync(h_fed_, d_fed_, n * 4, cudaMemcpyDeviceToHost, st));
+    HX_CUDA_CHECK(cudaStreamSynchronize(st));
+    std::vector<std::vector<int32_t>> out(seqs.size(), std::vector<int32_t>(n_steps));
+    for (int j = 0; j < n_steps; ++j)
+      for (int i = 0; i < B; ++i) {
+        const int32_t token = h_fed_[static_cast<size_t>(j) * B + i];
+        if (token < 0 || token >= spec_.vocab)
+          throw std::runtime_error("the device sampler returned token id " + std::to_string(token) +
+                                   " outside the vocabulary");
+        out[i][j] = token;
+      }
+    return out;
+  } catch (...) {
+    settle(ctx);
+    throw;
+  }
 }
 
 std::vector<StepResult> GpuModel::late_tail(WorkerContext& ctx, const Bucket& b, int mode,
@@ -1832,6 +1921,14 @@ size_t model_alloc_kv(DeviceWorker& w, int64_t handle, int num_blocks) {
 std::vector<StepResult> model_step_batch(DeviceWorker& w, int64_t handle, const std::vector<SeqInput>& seqs,
                                          JobWaiter* waiter) {
   auto f = w.submit([&, handle](WorkerContext& ctx) { return ctx.resource<GpuModel>(handle)->step_batch(ctx, seqs); });
+  return waiter ? waiter->wait(f) : f.get();
+}
+
+std::vector<std::vector<int32_t>> model_decode_steps(DeviceWorker& w, int64_t handle, const std::vector<SeqInput>& seqs,
+                                                     int n_steps, JobWaiter* waiter) {
+  auto f = w.submit([&, handle, n_steps](WorkerContext& ctx) {
+    return ctx.resource<GpuModel>(handle)->decode_steps(ctx, seqs, n_steps);
+  });
   return waiter ? waiter->wait(f) : f.get();
 }
 

@@ -210,6 +210,10 @@ class GpuModel : public Resource {
   // Allocates the KV pool (once): num_blocks blocks of spec.block_size positions.
   void alloc_kv(WorkerContext& ctx, int num_blocks);
   std::vector<StepResult> step_batch(WorkerContext& ctx, const std::vector<SeqInput>& seqs);
+  // n_steps pure-decode steps in one job (model_decode_steps): each step's
+  // sampled token is the next step's input, fed on the device; returns each
+  // sequence's n_steps tokens.
+  std::vector<std::vector<int32_t>> decode_steps(WorkerContext& ctx, const std::vector<SeqInput>& seqs, int n_steps);
   std::vector<float> forward_logits(WorkerContext& ctx, const std::vector<int32_t>& tokens, int start_pos,
                                     const std::vector<int32_t>& block_table, bool all_logits);
   std::vector<std::vector<float>> hidden_states(WorkerContext& ctx, const std::vector<std::vector<int32_t>>& tokens,
@@ -279,6 +283,17 @@ class GpuModel : public Resource {
   // Waits for the compute stream after a failed step (see the definition).
   static void settle(WorkerContext& ctx) noexcept;
   std::vector<StepResult> decode_step(WorkerContext& ctx, const std::vector<SeqInput>& seqs);
+  // A pure-decode step's row inputs into its bucket's device region, with
+  // block tables covering `ahead` positions from each row's token (1, or the
+  // steps of a decode_steps job); constraint data too when mode has
+  // kConstrained (*late: some of its masks are late). Returns the bucket.
+  const Bucket& stage_decode(WorkerContext& ctx, const std::vector<SeqInput>& seqs, int ahead, int mode, bool* late);
+  // One pure-decode step over a staged bucket: its graph replayed (recorded
+  // after a plain run on first use), or the plain run where graphs are off
+  // or failed to record.
+  void run_decode(WorkerContext& ctx, const Bucket& b, int mode);
+  // decode_steps' input checks, past validate().
+  void validate_decode_steps(const std::vector<SeqInput>& seqs, int n_steps) const;
   // Every other step, and forward_logits: passes of up to chunk_ rows.
   // all_rows: the LM head over every row, downloaded into *all_out
   // (forward_logits of one sequence); otherwise over each sequence's last
@@ -423,6 +438,8 @@ class GpuModel : public Resource {
   char* d_gen_ = nullptr;              // general step staging (header + token rows)
   char* h_gen_ = nullptr;
   size_t gen_bytes_ = 0;
+  int32_t* d_fed_ = nullptr;           // [kMaxDecodeSteps, slots] tokens of a decode_steps job
+  int32_t* h_fed_ = nullptr;
   char* h_dec_ = nullptr;              // host staging of a bucket's input region (largest bucket)
   int32_t* d_cons_ = nullptr;          // [cons_cap] constraint data of a step (masks, bias lists)
   int32_t* h_cons_ = nullptr;          // pinned

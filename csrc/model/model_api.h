@@ -210,6 +210,19 @@ size_t model_alloc_kv(DeviceWorker& w, int64_t handle, int num_blocks);
 std::vector<StepResult> model_step_batch(DeviceWorker& w, int64_t handle, const std::vector<SeqInput>& seqs,
                                          JobWaiter* waiter = nullptr);
 
+// n_steps pure-decode steps in one job: every sequence feeds one token and
+// samples, and each step's sampled token is fed to the next step on the
+// device, one position on, so the host neither waits nor copies between
+// them; returns each sequence's n_steps tokens (input order). The block
+// tables must cover start_pos + n_steps positions. Only steps that need
+// nothing from the host between tokens qualify: no penalties, logprobs,
+// logits or token constraints, a model that samples on one device, and
+// 1 <= n_steps <= kMaxDecodeSteps; anything else throws
+// std::invalid_argument before any device work. A stop token sampled
+// mid-job does not end the job: the caller drops what follows it.
+std::vector<std::vector<int32_t>> model_decode_steps(DeviceWorker& w, int64_t handle, const std::vector<SeqInput>& seqs,
+                                                     int n_steps, JobWaiter* waiter = nullptr);
+
 // One sequence's tokens through its block table; logits (float32,
 // row-major) of the last position ([vocab]) or of all ([n, vocab]).
 std::vector<float> model_forward_logits(DeviceWorker& w, int64_t handle, const std::vector<int32_t>& tokens,

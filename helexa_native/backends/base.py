@@ -125,6 +125,51 @@ class Backend(ABC):
     ) -> torch.Tensor:
         """One sequence's tokens through its block table; float32 CPU logits ([vocab] or [n, vocab])."""
 
+    def decode_steps_ok(self, params: SamplingParams) -> bool:
+        """Whether a sequence sampling with `params` may take part in decode_steps."""
+        return True
+
+    def decode_steps(self, seqs: Sequence[SeqStep], n: int) -> List[List[SampleResult]]:
+        """n decode steps in one call; each sampled token is its sequence's input to the next step.
+
+        Every sequence samples, carries no token mask (logit_bias is kept) and
+        passes decode_steps_ok; its block table covers start_pos + n
+        positions. Step j samples at sampler step state.step + j, as if the
+        tokens before it had been generated; `state` itself is not changed
+        (the caller advances it with the tokens it keeps). Returns each
+        sequence's n results. A stop token mid-way does not end the call: the
+        caller drops what follows it. This default runs step_batch n times;
+        a backend that feeds the tokens on its device overrides it.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        for s in seqs:
+            if len(s.tokens) != 1 or not s.sample or s.state is None or s.allowed is not None:
+                raise ValueError("decode_steps runs sequences that feed one token and sample without a token mask")
+        out: List[List[SampleResult]] = [[] for _ in seqs]
+        feed = [int(s.tokens[0]) for s in seqs]
+        for j in range(n):
+            steps = [
+                SeqStep(
+                    slot=s.slot,
+                    tokens=[feed[i]],
+                    start_pos=s.start_pos + j,
+                    block_table=s.block_table,
+                    params=s.params,
+                    state=SamplerState(
+                        prompt_tokens=s.state.prompt_tokens,
+                        generated_tokens=s.state.generated_tokens + [r.token for r in out[i]],
+                        step=s.state.step + j,
+                    ),
+                    logit_bias=s.logit_bias,
+                )
+                for i, s in enumerate(seqs)
+            ]
+            for i, res in enumerate(self.step_batch(steps)):
+                out[i].append(res.result)
+                feed[i] = int(res.result.token)
+        return out
+
     # ------------------------------------------------------------------ one private sequence
 
     def _solo_blocks(self) -> SeqBlocks:
@@ -200,6 +245,28 @@ class Backend(ABC):
             )[0]
             self._solo_filled = start_pos + len(tokens)
         return out.result, out.logits
+
+    def step_many(
+        self, token: int, start_pos: int, n: int, params: SamplingParams, state: SamplerState
+    ) -> List[SampleResult]:
+        """n decode steps of the private sequence from `token` at start_pos, in one decode_steps call.
+
+        `state` is not advanced (decode_steps); the caller adds what it keeps.
+        """
+        check_positive_ints(n=n)
+        with self.lock:
+            seq = self._solo_prepare([int(token)] * n, start_pos)
+            step = SeqStep(
+                slot=self.max_num_seqs,
+                tokens=[int(token)],
+                start_pos=start_pos,
+                block_table=list(seq.table),
+                params=params,
+                state=state,
+            )
+            out = self.decode_steps([step], n)[0]
+            self._solo_filled = start_pos + n
+        return out
 
     # ------------------------------------------------------------------ embeddings
 

@@ -277,6 +277,10 @@ class CUDABackend(Backend):
     """A model on one CUDA device, run by its device worker."""
 
     supports_constraints = True
+    # decode_steps runs as one device job that feeds each sampled token to the
+    # next step on the device (model_decode_steps); the tensor-parallel
+    # subclasses, whose ranks need the token on the host, loop step_batch.
+    device_decode_steps = True
 
     def __init__(
         self,
@@ -564,6 +568,51 @@ class CUDABackend(Backend):
                     res.top_logprobs = [(int(t), float(v)) for t, v in (top or [])][: s.params.top_logprobs]
             results.append(StepOutput(result=res, logits=torch.from_numpy(logits) if logits is not None else None))
         return results
+
+    def decode_steps_ok(self, params: SamplingParams) -> bool:
+        """Steps that need nothing from the host between tokens: no penalties, logprobs or logit_bias."""
+        if not self.device_decode_steps:
+            return True
+        return (
+            params.repetition_penalty == 1.0
+            and params.presence_penalty == 0.0
+            and params.frequency_penalty == 0.0
+            and not params.logprobs
+        )
+
+    def decode_steps(self, seqs: Sequence[SeqStep], n: int) -> List[List[SampleResult]]:
+        """n decode steps as one device job (Backend.decode_steps); tensor-parallel subclasses loop step_batch."""
+        if not self.device_decode_steps:
+            return super().decode_steps(seqs, n)
+        m = self._live()
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= defaults.MAX_DECODE_STEPS:
+            raise ValueError(f"n must be an integer in [1, {defaults.MAX_DECODE_STEPS}], got {n!r}")
+        C = self._C
+        inputs = []
+        for s in seqs:
+            if len(s.tokens) != 1 or not s.sample or s.state is None or s.allowed is not None:
+                raise ValueError("decode_steps runs sequences that feed one token and sample without a token mask")
+            if s.logit_bias is not None or not self.decode_steps_ok(s.params):
+                raise ValueError("penalties, logprobs and logit_bias need one decode step per job")
+            ids = self._token_ids(s.tokens, s.start_pos)
+            sampling = self._step_sampling(s.params, s.state.step)
+            inputs.append(
+                C.SeqInput(
+                    ids,
+                    s.start_pos,
+                    s.block_table,
+                    int(s.slot),
+                    True,
+                    sampling,
+                    self._no_penalty_update,
+                    False,
+                    None,
+                    None,
+                    None,
+                )
+            )
+        out = self._call(m.decode_steps, inputs, n)
+        return [[SampleResult(token=int(t)) for t in toks] for toks in out]
 
     def late_masks(self, words: int):
         """The device worker waits for these masks after the step's forward (Backend.late_masks)."""

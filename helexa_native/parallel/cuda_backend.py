@@ -359,6 +359,9 @@ def _one_line(e: BaseException) -> str:
 class ShardedCUDABackend(CUDABackend):
     """A model split over the GPUs `devices` of this process, one rank per GPU (see the module docstring)."""
 
+    # Every rank embeds each step's token: decode_steps loops step_batch.
+    device_decode_steps = False
+
     def __init__(
         self,
         source: ModelSource,

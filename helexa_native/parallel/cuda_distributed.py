@@ -319,6 +319,9 @@ class _LeaderRank(_LeaderRole):
 class CUDALeaderBackend(CUDABackend):
     """Rank 0 of a multi-process GPU tensor-parallel group: the Backend the scheduler drives (module docstring)."""
 
+    # Every rank embeds each step's token: decode_steps loops step_batch.
+    device_decode_steps = False
+
     def __init__(
         self,
         source: ModelSource,

@@ -119,6 +119,30 @@ def test_engine_cuda_sampling_is_seeded_and_logprobs_match_reference(synthetic_m
             assert t["logprob"] == pytest.approx(float(lp[i, t["token_id"]]), abs=0.02)
 
 
+def test_engine_decode_steps_give_the_tokens_of_single_steps(synthetic_model):
+    # One request at a time: the same kernels run each step either way, so
+    # the tokens must be identical, with a stop token sampled mid-job too.
+    runs = [dict(temperature=0.0), dict(temperature=0.9, top_k=50, seed=42)]
+    with Engine(synthetic_model, device="cuda", n_ctx=256) as one:
+        want = [one.generate(PROMPT, max_tokens=N_TOKENS, ignore_eos=True, **kw).token_ids for kw in runs]
+        pen = dict(temperature=0.0, repetition_penalty=1.3, logprobs=True)
+        want_pen = one.generate(PROMPT, max_tokens=9, ignore_eos=True, **pen)
+    with Engine(synthetic_model, device="cuda", n_ctx=256, decode_steps=8) as many:
+        for kw, w in zip(runs, want):
+            assert many.generate(PROMPT, max_tokens=N_TOKENS, ignore_eos=True, **kw).token_ids == w
+            stop = w[10]
+            got = many.generate(PROMPT, max_tokens=N_TOKENS, ignore_eos=True, stop_token_ids=[stop], **kw)
+            assert got.token_ids == w[: w.index(stop) + 1] and got.finish_reason == "stop"
+        calls = many.load()["multi_step_calls"]
+        assert calls > 0
+        # Penalties and logprobs take one step per job: same answer, no multi-step call.
+        got_pen = many.generate(PROMPT, max_tokens=9, ignore_eos=True, **pen)
+        assert got_pen.token_ids == want_pen.token_ids
+        assert [e["logprob"] for e in got_pen.logprobs] == [e["logprob"] for e in want_pen.logprobs]
+        assert many.load()["multi_step_calls"] == calls
+        assert many.load()["kv_blocks_used"] == 0
+
+
 def test_engine_cuda_concurrent_requests_match_reference(synthetic_model):
     # Requests started together share batched steps on the device (paged KV
     # pool, one graph per batch-size bucket); each answer is still the

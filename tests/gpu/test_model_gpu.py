@@ -12,11 +12,13 @@ the end (tensor hand-off, penalty deltas) need no GPU.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helexa_native.backends.base import SeqStep
+from helexa_native.backends.base import Backend, SeqStep
 from helexa_native.backends.cpu import CPUBackend
 from helexa_native.backends.cuda import CUDABackend
 from helexa_native.errors import ContextLengthError, EngineClosedError, ModelLoadError
@@ -941,3 +943,56 @@ def test_cuda_backend_checks_its_arguments_first(sources):
         args.update(kw)
         with pytest.raises(ValueError):
             CUDABackend(src, 0, **args)
+
+
+@gpu
+@pytest.mark.parametrize("model", ARCH_MODELS, ids=_id)
+def test_decode_steps_on_the_device_equal_single_steps(sources, model):
+    """One job of n decode steps, each token fed on the device, gives the tokens of n step_batch calls bit for bit."""
+    src = sources(model)
+    vocab = src.config.vocab_size
+    gpu = CUDABackend(src, 0, 96, max_num_seqs=4)
+    try:
+        # Three sequences of different lengths: a padded bucket of four rows,
+        # and the feed crosses a block boundary (16 positions) mid-job.
+        prompts = [_tokens(60 + i, 5 + 4 * i, vocab) for i in range(3)]
+        n = 13
+        for params in (_greedy(), SamplingParams(temperature=0.8, top_k=40, seed=11)):
+            held, seqs = [], []
+            for i, p in enumerate(prompts):
+                blocks = SeqBlocks()
+                gpu.blocks.ensure(blocks, len(p) + 1 + n)
+                held.append(blocks)
+                state = SamplerState(prompt_tokens=list(p))
+                seqs.append(
+                    SeqStep(slot=i, tokens=p, start_pos=0, block_table=list(blocks.table), params=params, state=state)
+                )
+            for s, out in zip(seqs, gpu.step_batch(seqs)):
+                s.state.generated_tokens.append(out.result.token)
+                s.state.step += 1
+            dec = [replace(s, tokens=[s.state.generated_tokens[-1]], start_pos=len(s.tokens)) for s in seqs]
+            replays = gpu.memory_info()["graph_replays"]
+            device = gpu.decode_steps(dec, n)
+            assert gpu.memory_info()["graph_replays"] >= replays + n - 1
+            looped = Backend.decode_steps(gpu, dec, n)  # n step_batch calls over the same positions
+            assert [[r.token for r in row] for row in device] == [[r.token for r in row] for row in looped]
+            assert all(len(row) == n for row in device)
+            for blocks in held:
+                gpu.blocks.release(blocks)
+        # What needs the host between tokens, or more than the inputs cover, is refused before any work.
+        d0 = dec[0]
+        bad = [
+            ([replace(d0, params=SamplingParams(temperature=0.0, repetition_penalty=1.2))], 2),
+            ([replace(d0, params=SamplingParams(temperature=0.0, logprobs=True))], 2),
+            ([d0], 0),
+            ([d0], 65),
+            ([replace(d0, block_table=d0.block_table[:1])], 40),  # the table ends before the last position
+            ([replace(d0, start_pos=90, block_table=[0] * 6)], 10),  # past n_ctx
+            ([replace(d0, tokens=[1, 2])], 2),
+        ]
+        for seqs, steps in bad:
+            with pytest.raises(ValueError):
+                gpu.decode_steps(seqs, steps)
+        assert gpu.is_healthy()
+    finally:
+        gpu.close()
