@@ -386,6 +386,67 @@ def test_routing_prefetch_slices_cover_each_matrix_once(tmp_path_factory):
         assert end == stride, f"stride {stride}, {slices} slices cover {end} bytes"
 
 
+DECODE_FEED = r"""
+#include <cstdio>
+#include <vector>
+#include "kernels/decode_feed.cuh"
+// rows stride shift steps, then per row: token pos step and `stride` block ids;
+// then for every step and row the sampled token. Prints, after each step, every
+// row's recorded token, input token, position, pool position, length and step.
+int main() {
+  int rows, stride, shift, steps;
+  if (scanf("%d %d %d %d", &rows, &stride, &shift, &steps) != 4) return 1;
+  std::vector<int32_t> tok(rows), pos(rows), slot(rows, -7), lens(rows), st(rows), tables(rows * stride), rec(rows);
+  for (int r = 0; r < rows; ++r) {
+    scanf("%d %d %d", &tok[r], &pos[r], &st[r]);
+    lens[r] = pos[r] + 1;
+    for (int j = 0; j < stride; ++j) scanf("%d", &tables[r * stride + j]);
+  }
+  hx::DecodeFeed f;
+  f.tokens = tok.data(); f.pos = pos.data(); f.slot_pos = slot.data(); f.seq_lens = lens.data();
+  f.steps = st.data(); f.tables = tables.data(); f.stride = stride; f.block_shift = shift;
+  for (int s = 0; s < steps; ++s)
+    for (int r = 0; r < rows; ++r) {
+      int sampled;
+      scanf("%d", &sampled);
+      hx::decode_feed_row(f, r, sampled, rec.data(), s + 1 < steps);
+      printf("%d %d %d %d %d %d\n", rec[r], tok[r], pos[r], slot[r], lens[r], st[r]);
+    }
+  return 0;
+}
+"""
+
+
+@needs_nvcc
+def test_decode_feed_moves_each_row_one_position_on(tmp_path_factory):
+    # Between the steps of a decode_steps job every row's sampled token becomes
+    # its input one position on, written to the pool through its own block table.
+    exe = host_program(tmp_path_factory, "decode_feed", DECODE_FEED, "decode_feed.cuh")
+    rng = np.random.default_rng(5)
+    rows, stride, shift, steps = 3, 6, 4, 9
+    bs = 1 << shift
+    start = [0, 13, 30]  # row 1 crosses into its second block, row 2 into its third
+    tables = [rng.permutation(50)[:stride].tolist() for _ in range(rows)]
+    sampled = rng.integers(0, 1000, size=(steps, rows)).tolist()
+    inp = f"{rows} {stride} {shift} {steps}\n"
+    for r in range(rows):
+        inp += f"{7 + r} {start[r]} {100 * r} " + " ".join(map(str, tables[r])) + "\n"
+    inp += "\n".join(" ".join(map(str, row)) for row in sampled) + "\n"
+    out = subprocess.run([str(exe)], input=inp, capture_output=True, text=True, check=True).stdout.split("\n")
+    got = [tuple(map(int, line.split())) for line in out if line.strip()]
+    assert len(got) == steps * rows
+    for s in range(steps):
+        for r in range(rows):
+            rec, tok, pos, slot, length, step = got[s * rows + r]
+            assert rec == sampled[s][r]
+            if s + 1 == steps:  # the last step only records
+                assert (tok, pos) == (sampled[s - 1][r], start[r] + s)
+                continue
+            p = start[r] + s + 1
+            assert (tok, pos, length, step) == (sampled[s][r], p, p + 1, 100 * r + s + 1)
+            assert slot == tables[r][p // bs] * bs + p % bs
+
+
 def random_blocks(name: str, rows: int, k: int, rng, f16_scale: float = 0.05) -> np.ndarray:
     """rows x k elements of type `name` as random bytes, its fp16 fields small finite values."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
