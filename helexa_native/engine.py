@@ -210,7 +210,7 @@ class Engine:
         (decode tokens and prompt chunks together). decode_steps: decode
         steps one backend call may run back to back while every running
         request only decodes and needs nothing from the host between tokens
-        (no grammar, logit_bias, and on CUDA no penalties or logprobs); its
+        (no grammar, logit_bias, and on CUDA no logprobs); its
         tokens then reach the callers together (default: HELEXA_DECODE_STEPS,
         else 1).
         int8_activations (CUDA only): decode matvecs over Q4_0/Q8_0/Q4_K/Q6_K

@@ -392,11 +392,15 @@ DECODE_FEED = r"""
 #include "kernels/decode_feed.cuh"
 // rows stride shift steps, then per row: token pos step and `stride` block ids;
 // then for every step and row the sampled token. Prints, after each step, every
-// row's recorded token, input token, position, pool position, length and step.
+// row's recorded token, input token, position, pool position, length and step;
+// then the penalty state the tokens joined (row r in slot rows - 1 - r).
 int main() {
   int rows, stride, shift, steps;
   if (scanf("%d %d %d %d", &rows, &stride, &shift, &steps) != 4) return 1;
+  const int vocab = 1000;
   std::vector<int32_t> tok(rows), pos(rows), slot(rows, -7), lens(rows), st(rows), tables(rows * stride), rec(rows);
+  std::vector<int32_t> slots(rows), present(rows * vocab, 0), counts(rows * vocab, 0);
+  for (int r = 0; r < rows; ++r) slots[r] = rows - 1 - r;
   for (int r = 0; r < rows; ++r) {
     scanf("%d %d %d", &tok[r], &pos[r], &st[r]);
     lens[r] = pos[r] + 1;
@@ -405,6 +409,7 @@ int main() {
   hx::DecodeFeed f;
   f.tokens = tok.data(); f.pos = pos.data(); f.slot_pos = slot.data(); f.seq_lens = lens.data();
   f.steps = st.data(); f.tables = tables.data(); f.stride = stride; f.block_shift = shift;
+  f.slots = slots.data(); f.present = present.data(); f.counts = counts.data(); f.vocab = vocab;
   for (int s = 0; s < steps; ++s)
     for (int r = 0; r < rows; ++r) {
       int sampled;
@@ -412,6 +417,11 @@ int main() {
       hx::decode_feed_row(f, r, sampled, rec.data(), s + 1 < steps);
       printf("%d %d %d %d %d %d\n", rec[r], tok[r], pos[r], slot[r], lens[r], st[r]);
     }
+  // Then the penalty state: every (slot, token) with a mark or a count.
+  for (int s = 0; s < rows; ++s)
+    for (int t = 0; t < vocab; ++t)
+      if (present[s * vocab + t] || counts[s * vocab + t])
+        printf("p %d %d %d %d\n", s, t, present[s * vocab + t], counts[s * vocab + t]);
   return 0;
 }
 """
@@ -427,14 +437,22 @@ def test_decode_feed_moves_each_row_one_position_on(tmp_path_factory):
     bs = 1 << shift
     start = [0, 13, 30]  # row 1 crosses into its second block, row 2 into its third
     tables = [rng.permutation(50)[:stride].tolist() for _ in range(rows)]
-    sampled = rng.integers(0, 1000, size=(steps, rows)).tolist()
+    sampled = rng.integers(0, 12, size=(steps, rows)).tolist()  # repeats: counts above 1
     inp = f"{rows} {stride} {shift} {steps}\n"
     for r in range(rows):
         inp += f"{7 + r} {start[r]} {100 * r} " + " ".join(map(str, tables[r])) + "\n"
     inp += "\n".join(" ".join(map(str, row)) for row in sampled) + "\n"
     out = subprocess.run([str(exe)], input=inp, capture_output=True, text=True, check=True).stdout.split("\n")
-    got = [tuple(map(int, line.split())) for line in out if line.strip()]
+    got = [tuple(map(int, line.split())) for line in out if line.strip() and not line.startswith("p ")]
+    pen = [tuple(map(int, line.split()[1:])) for line in out if line.startswith("p ")]
     assert len(got) == steps * rows
+    # Row r's tokens (every step's, the last included) are counted in slot rows - 1 - r.
+    want = {}
+    for s_ in range(steps):
+        for r in range(rows):
+            key = (rows - 1 - r, sampled[s_][r])
+            want[key] = want.get(key, 0) + 1
+    assert {(s_, t): c for s_, t, p, c in pen} == want and all(p == 1 for _, _, p, _ in pen)
     for s in range(steps):
         for r in range(rows):
             rec, tok, pos, slot, length, step = got[s * rows + r]

@@ -19,15 +19,29 @@ struct DecodeFeed {
   const int32_t* tables = nullptr;  // [rows, stride] block ids
   int stride = 0;
   int block_shift = 0;  // log2 of the KV block size
+  // Penalty state (sampling's present / counts rows, [slots, vocab]) that
+  // each sampled token joins, as the host's update after a step would add
+  // it; null: the job samples without penalties.
+  const int32_t* slots = nullptr;
+  int32_t* present = nullptr;
+  int32_t* counts = nullptr;
+  int vocab = 0;
 };
 
-// Row r after a step that sampled `token` for it: record the token, and when
-// `advance`, make it the row's input at the next position (the pool position
-// through the row's block table, one more position to attend to, the next
-// step of its random stream). The caller's tables cover every position fed.
+// Row r after a step that sampled `token` for it: record the token, count
+// it as generated in the row's penalty slot (when the job has penalties),
+// and when `advance`, make it the row's input at the next position (the
+// pool position through the row's block table, one more position to attend
+// to, the next step of its random stream). The caller's tables cover every
+// position fed; rows' slots differ, so no two rows touch one state row.
 __host__ __device__ inline void decode_feed_row(const DecodeFeed& f, int r, int32_t token, int32_t* record,
                                                 bool advance) {
   record[r] = token;
+  if (f.present != nullptr && f.slots[r] >= 0 && token >= 0 && token < f.vocab) {
+    const int64_t at = static_cast<int64_t>(f.slots[r]) * f.vocab + token;
+    f.present[at] = 1;
+    f.counts[at] += 1;
+  }
   if (!advance) return;
   const int32_t p = f.pos[r] + 1;
   const int32_t mask = (1 << f.block_shift) - 1;

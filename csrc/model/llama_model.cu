@@ -1534,8 +1534,8 @@ void GpuModel::validate_decode_steps(const std::vector<SeqInput>& seqs, int n_st
     const std::string who = "sequence " + std::to_string(i) + ": ";
     if (s.tokens.size() != 1 || !s.sample)
       throw std::invalid_argument(who + "each decode step feeds one token and samples the next");
-    if (s.penalties.active || s.sampling.logprobs || s.want_logits || s.masked() || !s.bias_ids.empty())
-      throw std::invalid_argument(who + "penalties, logprobs, logits and token constraints need one step per job");
+    if (s.sampling.logprobs || s.want_logits || s.masked() || !s.bias_ids.empty())
+      throw std::invalid_argument(who + "logprobs, logits and token constraints need one step per job");
     const int64_t end = static_cast<int64_t>(s.start_pos) + n_steps;
     if (end > n_ctx_)
       throw std::invalid_argument(who + "positions up to " + std::to_string(end) + " exceed the context of " +
@@ -1558,8 +1558,9 @@ std::vector<std::vector<int32_t>> GpuModel::decode_steps(WorkerContext& ctx, con
   late_rows_.clear();
   cudaStream_t st = ctx.compute_stream();
   const int B = static_cast<int>(seqs.size());
-  const int mode = mode_of(seqs);  // greedy or sampled: nothing else passes the checks
+  const int mode = mode_of(seqs);  // greedy or sampled, with or without penalties: nothing else passes
   try {
+    apply_penalty_updates(ctx, seqs);
     const Bucket& bk = stage_decode(ctx, seqs, n_steps, mode, nullptr);
     RowInputs in;
     row_layout(bk.dev, bk.rows, max_blocks_, &in, nullptr);
@@ -1572,6 +1573,12 @@ std::vector<std::vector<int32_t>> GpuModel::decode_steps(WorkerContext& ctx, con
     feed.tables = in.tables;
     feed.stride = max_blocks_;
     feed.block_shift = bshift_;
+    if (mode & kPenalties) {
+      feed.slots = in.slots;
+      feed.present = d_present_;
+      feed.counts = d_counts_;
+      feed.vocab = spec_.vocab;
+    }
     const StepOutputs o = StepOutputs::over(d_out_, logit_rows_);
     // The host queues every step at once; the device runs them back to back.
     for (int j = 0; j < n_steps; ++j) {

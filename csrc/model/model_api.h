@@ -214,9 +214,11 @@ std::vector<StepResult> model_step_batch(DeviceWorker& w, int64_t handle, const 
 // samples, and each step's sampled token is fed to the next step on the
 // device, one position on, so the host neither waits nor copies between
 // them; returns each sequence's n_steps tokens (input order). The block
-// tables must cover start_pos + n_steps positions. Only steps that need
-// nothing from the host between tokens qualify: no penalties, logprobs,
-// logits or token constraints, a model that samples on one device, and
+// tables must cover start_pos + n_steps positions. Each sequence's
+// penalty update applies first, and every sampled token joins its slot's
+// penalty state on the device, as a later step's update would add it. Only
+// steps that need nothing from the host between tokens qualify: no
+// logprobs, logits or token constraints, a model that samples on one device, and
 // 1 <= n_steps <= kMaxDecodeSteps; anything else throws
 // std::invalid_argument before any device work. A stop token sampled
 // mid-job does not end the job: the caller drops what follows it.

@@ -570,15 +570,8 @@ class CUDABackend(Backend):
         return results
 
     def decode_steps_ok(self, params: SamplingParams) -> bool:
-        """Steps that need nothing from the host between tokens: no penalties, logprobs or logit_bias."""
-        if not self.device_decode_steps:
-            return True
-        return (
-            params.repetition_penalty == 1.0
-            and params.presence_penalty == 0.0
-            and params.frequency_penalty == 0.0
-            and not params.logprobs
-        )
+        """Steps whose results fit the device job: no logprobs (penalties are counted on the device)."""
+        return not self.device_decode_steps or not params.logprobs
 
     def decode_steps(self, seqs: Sequence[SeqStep], n: int) -> List[List[SampleResult]]:
         """n decode steps as one device job (Backend.decode_steps); tensor-parallel subclasses loop step_batch."""
@@ -588,30 +581,28 @@ class CUDABackend(Backend):
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= defaults.MAX_DECODE_STEPS:
             raise ValueError(f"n must be an integer in [1, {defaults.MAX_DECODE_STEPS}], got {n!r}")
         C = self._C
-        inputs = []
+        inputs, records = [], []
         for s in seqs:
             if len(s.tokens) != 1 or not s.sample or s.state is None or s.allowed is not None:
                 raise ValueError("decode_steps runs sequences that feed one token and sample without a token mask")
             if s.logit_bias is not None or not self.decode_steps_ok(s.params):
-                raise ValueError("penalties, logprobs and logit_bias need one decode step per job")
+                raise ValueError("logprobs and logit_bias need one decode step per job")
             ids = self._token_ids(s.tokens, s.start_pos)
             sampling = self._step_sampling(s.params, s.state.step)
+            pu, record = self._penalty_update(s.slot, s.params, s.state)
             inputs.append(
-                C.SeqInput(
-                    ids,
-                    s.start_pos,
-                    s.block_table,
-                    int(s.slot),
-                    True,
-                    sampling,
-                    self._no_penalty_update,
-                    False,
-                    None,
-                    None,
-                    None,
-                )
+                C.SeqInput(ids, s.start_pos, s.block_table, int(s.slot), True, sampling, pu, False, None, None, None)
             )
+            records.append(record if pu.active else None)
+        for s, record in zip(seqs, records):
+            if record is not None:
+                self._device_penalties_synced_to.pop(s.slot, None)  # unknown until the job succeeds
         out = self._call(m.decode_steps, inputs, n)
+        for s, record in zip(seqs, records):
+            if record is not None:
+                # The device counted all n tokens: the record runs n past the state it was made from.
+                state, prompt, gen = record
+                self._device_penalties_synced_to[s.slot] = (state, prompt, gen + n)
         return [[SampleResult(token=int(t)) for t in toks] for toks in out]
 
     def late_masks(self, words: int):

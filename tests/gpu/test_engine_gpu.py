@@ -122,7 +122,11 @@ def test_engine_cuda_sampling_is_seeded_and_logprobs_match_reference(synthetic_m
 def test_engine_decode_steps_give_the_tokens_of_single_steps(synthetic_model):
     # One request at a time: the same kernels run each step either way, so
     # the tokens must be identical, with a stop token sampled mid-job too.
-    runs = [dict(temperature=0.0), dict(temperature=0.9, top_k=50, seed=42)]
+    runs = [
+        dict(temperature=0.0),
+        dict(temperature=0.9, top_k=50, seed=42),
+        dict(temperature=0.9, seed=43, repetition_penalty=1.3, presence_penalty=0.5),
+    ]
     with Engine(synthetic_model, device="cuda", n_ctx=256) as one:
         want = [one.generate(PROMPT, max_tokens=N_TOKENS, ignore_eos=True, **kw).token_ids for kw in runs]
         pen = dict(temperature=0.0, repetition_penalty=1.3, logprobs=True)
@@ -135,7 +139,7 @@ def test_engine_decode_steps_give_the_tokens_of_single_steps(synthetic_model):
             assert got.token_ids == w[: w.index(stop) + 1] and got.finish_reason == "stop"
         calls = many.load()["multi_step_calls"]
         assert calls > 0
-        # Penalties and logprobs take one step per job: same answer, no multi-step call.
+        # Logprobs take one step per job: same answer, no multi-step call.
         got_pen = many.generate(PROMPT, max_tokens=9, ignore_eos=True, **pen)
         assert got_pen.token_ids == want_pen.token_ids
         assert [e["logprob"] for e in got_pen.logprobs] == [e["logprob"] for e in want_pen.logprobs]

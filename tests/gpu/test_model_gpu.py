@@ -957,7 +957,13 @@ def test_decode_steps_on_the_device_equal_single_steps(sources, model):
         # and the feed crosses a block boundary (16 positions) mid-job.
         prompts = [_tokens(60 + i, 5 + 4 * i, vocab) for i in range(3)]
         n = 13
-        for params in (_greedy(), SamplingParams(temperature=0.8, top_k=40, seed=11)):
+        runs = (
+            _greedy(),
+            SamplingParams(temperature=0.8, top_k=40, seed=11),
+            # Penalty state: the host's update first, then each token counted on the device.
+            SamplingParams(temperature=0.8, seed=12, repetition_penalty=1.3, frequency_penalty=0.4),
+        )
+        for params in runs:
             held, seqs = [], []
             for i, p in enumerate(prompts):
                 blocks = SeqBlocks()
@@ -982,7 +988,6 @@ def test_decode_steps_on_the_device_equal_single_steps(sources, model):
         # What needs the host between tokens, or more than the inputs cover, is refused before any work.
         d0 = dec[0]
         bad = [
-            ([replace(d0, params=SamplingParams(temperature=0.0, repetition_penalty=1.2))], 2),
             ([replace(d0, params=SamplingParams(temperature=0.0, logprobs=True))], 2),
             ([d0], 0),
             ([d0], 65),
