@@ -53,7 +53,7 @@ def _add_model_args(p: argparse.ArgumentParser, model: bool = True) -> None:
         default=None,
         metavar="N",
         help="decode steps one device job may run when no running request needs the host between "
-        "tokens (default: HELEXA_DECODE_STEPS or 1)",
+        "tokens (default: HELEXA_DECODE_STEPS, else 8 on one GPU and 1 elsewhere)",
     )
     g.add_argument(
         "--no-prefix-cache",

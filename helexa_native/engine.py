@@ -212,7 +212,8 @@ class Engine:
         request only decodes and needs nothing from the host between tokens
         (no grammar, logit_bias, and on CUDA no logprobs); its
         tokens then reach the callers together (default: HELEXA_DECODE_STEPS,
-        else 1).
+        else the backend's: 8 on one GPU, where they run as one device job;
+        1 elsewhere).
         int8_activations (CUDA only): decode matvecs over Q4_0/Q8_0/Q4_K/Q6_K
         weights quantize their input to two int8 terms per element (~1e-6
         relative error per product) and use integer dot products. None: where
@@ -243,7 +244,8 @@ class Engine:
         ):
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")
         check_positive_ints(max_batch_tokens=max_batch_tokens)
-        decode_steps = check_decode_steps(decode_steps)
+        if decode_steps is not None:
+            decode_steps = check_decode_steps(decode_steps)
         seqs = max_num_seqs if max_num_seqs is not None else defaults.DEFAULT_MAX_NUM_SEQS
         from .parallel.launch import check_step_timeout, check_tensor_parallel
 
@@ -386,7 +388,7 @@ class Engine:
             Path(model_path),
             (),
             max_batch_tokens,
-            check_decode_steps(decode_steps),
+            decode_steps if decode_steps is None else check_decode_steps(decode_steps),
         )
         self._set_parsers(tool_call_parser, reasoning_parser)
         self._set_pooling(pooling, {})
@@ -412,7 +414,7 @@ class Engine:
         path: Path,
         tensors,
         max_batch_tokens: int,
-        decode_steps: int = 1,
+        decode_steps: Optional[int] = None,
     ) -> None:
         tensors = list(tensors)
         self._backend = backend

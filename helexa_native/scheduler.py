@@ -66,9 +66,6 @@ from .params import SamplerState, SamplingParams
 # Tokens one step runs at most, decode tokens and prompt chunks together.
 DEFAULT_MAX_BATCH_TOKENS = 512
 
-# Decode steps one backend call runs when nothing needs the host between
-# tokens (Scheduler._steps_ahead). 1: a call per step.
-DEFAULT_DECODE_STEPS = 1
 
 # An iteration with at most this many events delivers them itself; more go to
 # the delivery thread (one hand-off instead of a wake-up per caller).
@@ -77,12 +74,12 @@ DEFAULT_DECODE_STEPS = 1
 INLINE_EVENTS = 4
 
 
-def check_decode_steps(value: Optional[int]) -> int:
-    """Decode steps one backend call may run: `value`, or HELEXA_DECODE_STEPS, or DEFAULT_DECODE_STEPS."""
+def check_decode_steps(value: Optional[int], default: int = 1) -> int:
+    """Decode steps one backend call may run: `value`, or HELEXA_DECODE_STEPS, or `default` (the backend's)."""
     if value is None:
         raw = os.environ.get("HELEXA_DECODE_STEPS", "")
         try:
-            value = int(raw) if raw.strip() else DEFAULT_DECODE_STEPS
+            value = int(raw) if raw.strip() else default
         except ValueError:
             raise ValueError(f"HELEXA_DECODE_STEPS must be an integer, got {raw!r}") from None
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= defaults.MAX_DECODE_STEPS:
@@ -172,7 +169,7 @@ class Scheduler:
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
         self.max_batch_tokens = int(max_batch_tokens)
-        self.decode_steps = check_decode_steps(decode_steps)
+        self.decode_steps = check_decode_steps(decode_steps, backend.default_decode_steps)
         self._cv = threading.Condition()
         self._incoming: List[Request] = []
         self._waiting: Deque[Request] = collections.deque()

@@ -369,6 +369,13 @@ def test_decode_steps_is_checked(hf_models, monkeypatch):
     for bad in (0, -1, 65, 2.0, True):
         with pytest.raises(ValueError, match="decode_steps"):
             _engine(folder, decode_steps=bad)
+    # The CPU backend's decode_steps only loops step_batch: one step a call unless asked.
+    monkeypatch.delenv("HELEXA_DECODE_STEPS", raising=False)
+    with _engine(folder) as eng:
+        assert eng.decode_steps == 1
+    monkeypatch.setenv("HELEXA_DECODE_STEPS", "3")
+    with _engine(folder) as eng:
+        assert eng.decode_steps == 3
     monkeypatch.setenv("HELEXA_DECODE_STEPS", "many")
     with pytest.raises(ValueError, match="HELEXA_DECODE_STEPS"):
         _engine(folder)

@@ -346,46 +346,6 @@ def host_program(tmp_path_factory, name: str, source: str, what: str) -> Path:
     return exe
 
 
-PREFETCH_SLICES = r"""
-#include <cstdio>
-#include "kernels/l2_prefetch.cuh"
-// stride slices -> each slice's offset and size, one line each
-int main() {
-  unsigned long stride;
-  int slices;
-  while (scanf("%lu %d", &stride, &slices) == 2)
-    for (int s = 0; s < slices; ++s) {
-      size_t off, bytes;
-      hx::l2_prefetch_slice(stride, slices, s, &off, &bytes);
-      printf("%zu %zu\n", off, bytes);
-    }
-  return 0;
-}
-"""
-
-
-@needs_nvcc
-def test_routing_prefetch_slices_cover_each_matrix_once(tmp_path_factory):
-    # The L2 prefetches (routing, weights) ask for slice s of every range from
-    # CTA s: the slices must tile [0, size) exactly, each 16-byte aligned and
-    # a whole number of 16 bytes (the bulk prefetch's rule).
-    exe = host_program(tmp_path_factory, "prefetch_slices", PREFETCH_SLICES, "l2_prefetch.cuh")
-    cases = [(16, 1), (16, 32), (1769472, 32), (1290240, 32), (48, 5), (4096 * 16, 1024), (160, 3)]
-    inp = "".join(f"{st} {sl}\n" for st, sl in cases)
-    out = subprocess.run([str(exe)], input=inp, capture_output=True, text=True, check=True).stdout.split("\n")
-    rows = [tuple(map(int, line.split())) for line in out if line.strip()]
-    i = 0
-    for stride, slices in cases:
-        got, i = rows[i : i + slices], i + slices
-        end = 0
-        for off, size in got:
-            assert off % 16 == 0 and size % 16 == 0, (stride, slices, off, size)
-            if size:
-                assert off == end, f"stride {stride}, {slices} slices: gap or overlap at {off}"
-                end = off + size
-        assert end == stride, f"stride {stride}, {slices} slices cover {end} bytes"
-
-
 DECODE_FEED = r"""
 #include <cstdio>
 #include <vector>

@@ -38,16 +38,6 @@ __device__ __forceinline__ void pdl_begin() {
 #endif
 }
 
-// For a kernel that reads nothing another kernel writes: let the next one be
-// scheduled at once, then wait for the previous grid (so this one still ends
-// after it). Its successor must begin with pdl_begin() before it reads.
-__device__ __forceinline__ void pdl_pass_through() {
-#if HX_HAS_PDL
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 // Whether launches on `device` overlap (sm_90+ and not disabled).
 inline bool pdl_enabled(int device) {
   static const bool allowed = [] {
@@ -58,8 +48,7 @@ inline bool pdl_enabled(int device) {
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), overlapped with the previous
-// kernel of the stream where pdl_enabled(). `kernel` must begin with pdl_begin()
-// (or, reading nothing another kernel writes, call pdl_pass_through()).
+// kernel of the stream where pdl_enabled(). `kernel` must begin with pdl_begin().
 template <class... Params, class... Args>
 void launch_overlapped(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                        Args&&... args) {

@@ -10,18 +10,15 @@
 // lane scans its strided experts, the warp reduces (p, e) pairs with
 // shuffles, and the winner's slot is marked -1 (probabilities are >= 0, NaN
 // ranks below every number and above a chosen slot, so the k picks are
-// always distinct valid ids). One arch path (sm_80+); the optional L2
-// prefetch of the chosen experts is sm_90's bulk prefetch (nothing before).
+// always distinct valid ids). One arch path (sm_80+).
 #include "kernels/moe_route.cuh"
 
-#include <algorithm>
 #include <stdexcept>
 #include <string>
 
 #include "common/arch.cuh"
 #include "common/check.h"
 #include "common/launch.cuh"
-#include "kernels/l2_prefetch.cuh"
 
 namespace hx {
 namespace {
@@ -33,16 +30,14 @@ __device__ __forceinline__ float route_key(float p) { return p >= 0.f ? p : (p =
 
 __global__ void __launch_bounds__(kWarps * 32) moe_route_kernel(const float* __restrict__ logits, int n, int E, int k,
                                                              int normalize, int32_t* __restrict__ ids,
-                                                             float* __restrict__ weights, const MoePrefetch pf) {
+                                                             float* __restrict__ weights) {
   pdl_begin();
-  extern __shared__ float probs[];  // [kWarps][E] probabilities, then [kWarps][kMoeMaxTopK] chosen ids
+  extern __shared__ float probs[];  // [kWarps][E]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int t = blockIdx.x * kWarps + warp;
   if (t >= n) return;  // warp-uniform; the kernel has no block barrier
-  const bool writer = blockIdx.y == 0;
   const float* l = logits + (size_t)t * E;
   float* p = probs + (size_t)warp * E;
-  int* chosen = reinterpret_cast<int*>(probs + (size_t)kWarps * E) + warp * kMoeMaxTopK;
 
   float m = -INFINITY;
   for (int e = lane; e < E; e += 32) m = fmaxf(m, l[e]);
@@ -85,35 +80,22 @@ __global__ void __launch_bounds__(kWarps * 32) moe_route_kernel(const float* __r
     }
     // k <= E leaves an unchosen slot (key >= -0.5 > -2) in some lane, so best_e < E.
     if (lane == 0) {
-      chosen[j] = best_e;
-      if (writer) {
-        out_ids[j] = best_e;
-        out_w[j] = best_raw;
-      }
+      out_ids[j] = best_e;
+      out_w[j] = best_raw;
     }
     if ((best_e & 31) == lane) p[best_e] = -1.f;
     __syncwarp();
     total += best_raw;
   }
   // Lane 0 wrote every weight; it rescales them itself.
-  if (writer && normalize && lane == 0)
+  if (normalize && lane == 0)
     for (int j = 0; j < k; ++j) out_w[j] = out_w[j] / total;
-  if (pf.slices > 0) {
-    __syncwarp();  // chosen[] complete
-    for (int i = lane; i < 2 * k; i += 32) {
-      const int m = i / k;
-      if (pf.base[m] == nullptr) continue;
-      size_t off, bytes;
-      l2_prefetch_slice(pf.stride[m], pf.slices, blockIdx.y, &off, &bytes);
-      l2_prefetch(static_cast<const char*>(pf.base[m]) + (size_t)chosen[i - m * k] * pf.stride[m] + off, bytes);
-    }
-  }
 }
 
 }  // namespace
 
 void moe_route_launch(const float* logits, int n, int num_experts, int top_k, bool normalize, int32_t* ids,
-                      float* weights, cudaStream_t stream, const MoePrefetch& prefetch) {
+                      float* weights, cudaStream_t stream) {
   if (num_experts < 1 || num_experts > kMoeMaxExperts)
     throw std::invalid_argument("moe_route: num_experts must be 1.." + std::to_string(kMoeMaxExperts) + ", got " +
                                 std::to_string(num_experts));
@@ -123,15 +105,9 @@ void moe_route_launch(const float* logits, int n, int num_experts, int top_k, bo
   if (n < 0) throw std::invalid_argument("moe_route: negative n");
   if (n == 0) return;
   if (!logits || !ids || !weights) throw std::invalid_argument("moe_route: null pointer");
-  if (prefetch.slices < 0 || prefetch.slices > 1024)
-    throw std::invalid_argument("moe_route: prefetch slices must be 0..1024, got " + std::to_string(prefetch.slices));
-  for (int m = 0; m < 2; ++m)
-    if (prefetch.slices > 0 && prefetch.base[m] != nullptr &&
-        (prefetch.stride[m] % 16 != 0 || reinterpret_cast<uintptr_t>(prefetch.base[m]) % 16 != 0))
-      throw std::invalid_argument("moe_route: prefetch stacks must be 16-byte aligned with strides of whole 16 bytes");
-  const size_t smem = (size_t)kWarps * (num_experts * sizeof(float) + kMoeMaxTopK * sizeof(int));
-  launch_overlapped(moe_route_kernel, dim3((n + kWarps - 1) / kWarps, std::max(prefetch.slices, 1)), dim3(kWarps * 32),
-                    smem, stream, logits, n, num_experts, top_k, normalize ? 1 : 0, ids, weights, prefetch);
+  const size_t smem = (size_t)kWarps * num_experts * sizeof(float);
+  launch_overlapped(moe_route_kernel, dim3((n + kWarps - 1) / kWarps), dim3(kWarps * 32), smem, stream, logits, n,
+                    num_experts, top_k, normalize ? 1 : 0, ids, weights);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 

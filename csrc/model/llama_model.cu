@@ -25,7 +25,6 @@
 #include "kernels/dequant.cuh"
 #include "kernels/embedding.cuh"
 #include "kernels/gather_rows.cuh"
-#include "kernels/l2_prefetch.cuh"
 #include "kernels/matvec.cuh"
 #include "kernels/moe_align.cuh"
 #include "kernels/moe_combine.cuh"
@@ -222,6 +221,11 @@ GpuModel::GpuModel(WorkerContext& ctx, const ModelSpec& spec, const std::vector<
   n_ctx_ = s.n_ctx;
   chunk_ = std::max(1, std::min(s.prefill_chunk > 0 ? s.prefill_chunk : 512, n_ctx_));
   slots_ = s.max_num_seqs + 1;
+  // The tensor-core product from 4 tokens, except on narrow models (hidden
+  // below 768, as SmolLM2-135M): their small matrices ran faster on the fp32
+  // matvec up to 8 tokens and dequantize + cuBLAS above (bench/notes.md,
+  // tenth run: +11% at 8 streams, +24% at 32). HELEXA_TC_MIN overrides.
+  tc_min_ = s.hidden >= 768 ? 4 : kTcMaxTokens + 1;
   if (const char* v = std::getenv("HELEXA_TC_MIN")) tc_min_ = std::max(2, std::atoi(v));
   if (const char* v = std::getenv("HELEXA_TC_BF16")) tc_bf16_ = v[0] == '1';
   tc_opts_ = tc_options_from_env();
@@ -546,26 +550,11 @@ void GpuModel::alloc_state() {
     moe_pairs_max_ = moe_tc_ ? 4 : kMatvecMaxTokens;
     if (const char* pm = std::getenv("HELEXA_MOE_PAIRS_MAX"))
       moe_pairs_max_ = std::min(std::max(std::atoi(pm), 0), kMatvecMaxTokens);
-    // Opt-in until an A/B on a GPU decides (bench/notes.md, ninth run):
-    // HELEXA_MOE_FUSE=1: pairs with the SwiGLU and the weighted sum fused
-    // into the products; HELEXA_MOE_PREFETCH=N: the routing launch
-    // prefetches the chosen experts into L2 from N CTAs per token group.
+    // The pairs with the SwiGLU and the weighted sum fused into their two
+    // launches (tenth run, Qwen3-30B-A3B Q4_K_M: 343.5 tok/s at one stream
+    // against 314.2 for four launches); HELEXA_MOE_FUSE=0: four launches.
     const char* fv = std::getenv("HELEXA_MOE_FUSE");
-    moe_fuse_ = fv && std::strcmp(fv, "1") == 0;
-    moe_prefetch_slices_ = 0;
-    if (const char* pv = std::getenv("HELEXA_MOE_PREFETCH"))
-      moe_prefetch_slices_ = std::min(std::max(std::atoi(pv), 0), 1024);
-  }
-  {
-    int l2 = 0;
-    if (cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, current_device()) != cudaSuccess) l2 = 0;
-    (void)cudaGetLastError();
-    l2_bytes_ = static_cast<size_t>(std::max(l2, 0));
-    // Opt-in until measured: HELEXA_L2_PREFETCH_MB=N asks, in small
-    // batches, for up to N MB (at most half the L2) of each layer's next
-    // weights while RoPE and attention run (prefetch_after_qkv).
-    if (const char* pv = std::getenv("HELEXA_L2_PREFETCH_MB"))
-      l2_prefetch_bytes_ = std::min(static_cast<size_t>(std::max(std::atoi(pv), 0)) << 20, l2_bytes_ / 2);
+    moe_fuse_ = !(fv && std::strcmp(fv, "0") == 0);
   }
   {
     // Small batches' int8 activations, quantized once per matvec (HELEXA_XQ=0: by every CTA).
@@ -719,6 +708,7 @@ std::map<std::string, int64_t> GpuModel::memory() const {
   for (const auto& kv : graph_failed_) failed += kv.second ? 1 : 0;
   m["graph_failures"] = failed;
   m["use_graphs"] = use_graphs_ ? 1 : 0;
+  m["tc_min_tokens"] = tc_min_;
   if (tp_) {
     m["tp_rank"] = tp_->rank();
     m["tp_size"] = tp_->nranks();
@@ -1103,8 +1093,6 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
       linear(ctx, L.v, xn_, xb_, v, n, bv, false, small);
     }
 
-    if (l2_prefetch_bytes_ > 0 && small) prefetch_after_qkv(L, st);
-
     // qwen3's q/k norm, the rotation and the pool append in one launch.
     rope_kv_append_launch(q, k, v, L.k_pool, L.v_pool, pl.pos, pl.slot_pos, rope_table_, n_ctx_, inv_freq_, L.q_norm,
                           L.q_norm != nullptr ? L.k_norm : nullptr, eps, n, nq, nk, d, pool_cap_, s.rope_style, st);
@@ -1148,31 +1136,6 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
   }
 }
 
-void GpuModel::prefetch_after_qkv(const LayerWeights& L, cudaStream_t st) {
-  // RoPE and attention leave DRAM idle: ask for the weights of the products
-  // that follow them (o, then the router or gate|up) to come into L2, up to
-  // the budget. The rotation kernel that follows waits before it reads.
-  L2Ranges r;
-  size_t left = l2_prefetch_bytes_;
-  auto add = [&](const LinearWeight& w) {
-    if (w.data == nullptr || left == 0 || r.count == kL2PrefetchMaxRanges) return;
-    const size_t bytes = std::min(left, w.stride() * static_cast<size_t>(w.n_out));
-    r.ptr[r.count] = w.data;
-    r.bytes[r.count++] = bytes;
-    left -= bytes;
-  };
-  add(L.o);
-  if (L.moe) {
-    add(L.router);
-  } else if (L.gate_up_fused) {
-    add(L.gate_up);
-  } else {
-    add(L.gate);
-    add(L.up);
-  }
-  l2_prefetch_launch(r, kL2PrefetchCtas, st);
-}
-
 void GpuModel::moe_ffn(WorkerContext& ctx, const LayerWeights& L, int n) {
   cudaStream_t st = ctx.compute_stream();
   const ModelSpec& s = spec_;
@@ -1187,24 +1150,7 @@ void GpuModel::moe_ffn(WorkerContext& ctx, const LayerWeights& L, int n) {
                   st);
   else
     gemm_f32_xwT(ctx.cublas(), xn_, static_cast<const float*>(L.router.data), router_logits_, n, E, h, st);
-  // Prefetch what the pairs will read while it fits in half the L2 (the
-  // gate|up stack first: it is read first).
-  MoePrefetch ahead;
-  if (n <= moe_pairs_max_ && moe_prefetch_slices_ > 0) {
-    const size_t budget = l2_bytes_ / 2;
-    size_t used = 0;
-    int m = 0;
-    for (const ExpertWeight* w : {&L.exp_gate_up, &L.exp_gate, &L.exp_up, &L.exp_down}) {
-      if (w->data == nullptr || m == 2) continue;
-      const size_t bytes = static_cast<size_t>(P) * w->stride;
-      if (used + bytes > budget) break;
-      ahead.base[m] = w->data;
-      ahead.stride[m++] = w->stride;
-      used += bytes;
-    }
-    ahead.slices = m > 0 ? moe_prefetch_slices_ : 0;
-  }
-  moe_route_launch(router_logits_, n, E, K, s.norm_topk_prob, moe_ids_, moe_w_, st, ahead);
+  moe_route_launch(router_logits_, n, E, K, s.norm_topk_prob, moe_ids_, moe_w_, st);
 
   // Small batches: one launch per product over every (row, expert) pair,
   // rows in pair order. Larger ones: pairs sorted by expert (slots), rows in

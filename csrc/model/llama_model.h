@@ -309,7 +309,6 @@ class GpuModel : public Resource {
               int n, const float* bias, bool accumulate, bool small);
   // x_ += the MoE FFN of the n rows whose normed input is in xn_ (float32).
   void moe_ffn(WorkerContext& ctx, const LayerWeights& L, int n);
-  void prefetch_after_qkv(const LayerWeights& L, cudaStream_t st);
   void dequantize_for_gemm(WorkerContext& ctx, const LinearWeight& w, const __nv_bfloat16** out);
   // Whether a decode matvec over an [n_out, k] weight of type t uses int8
   // activations (spec_.int8_activations). Int8Mode::Auto takes them where the
@@ -380,10 +379,6 @@ class GpuModel : public Resource {
   bool moe_tc_ = false;
   int moe_pairs_max_ = kMatvecMaxTokens;  // tokens up to which experts run as pairs (moe_ffn)
   bool moe_fuse_ = false;                 // pairs: SwiGLU and combine fused into the products
-  int moe_prefetch_slices_ = 0;           // route: CTAs per token group prefetching experts into L2
-  size_t l2_bytes_ = 0;                   // the device's L2
-  size_t l2_prefetch_bytes_ = 0;          // small batches: weights asked into L2 ahead, per layer
-  static constexpr int kL2PrefetchCtas = 32;
   TcOptions tc_opts_;                  // the product's implementation and sizes (tc_options_from_env, at load)
 
   std::vector<void*> dev_buffers_;

@@ -93,6 +93,9 @@ class Backend(ABC):
     # True when step_batch applies SeqStep.allowed and SeqStep.logit_bias;
     # the Engine refuses structured outputs and logit_bias otherwise.
     supports_constraints: bool = False
+    # Decode steps a scheduler runs per decode_steps call unless told: 1 where
+    # the call is step_batch in a loop (nothing gained, tokens held back).
+    default_decode_steps: int = 1
 
     def late_masks(self, words: int):
         """A table of token masks that step_batch waits for only when it samples, or None (masks come with the step).

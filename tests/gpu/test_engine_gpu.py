@@ -127,11 +127,12 @@ def test_engine_decode_steps_give_the_tokens_of_single_steps(synthetic_model):
         dict(temperature=0.9, top_k=50, seed=42),
         dict(temperature=0.9, seed=43, repetition_penalty=1.3, presence_penalty=0.5),
     ]
-    with Engine(synthetic_model, device="cuda", n_ctx=256) as one:
+    with Engine(synthetic_model, device="cuda", n_ctx=256, decode_steps=1) as one:
         want = [one.generate(PROMPT, max_tokens=N_TOKENS, ignore_eos=True, **kw).token_ids for kw in runs]
         pen = dict(temperature=0.0, repetition_penalty=1.3, logprobs=True)
         want_pen = one.generate(PROMPT, max_tokens=9, ignore_eos=True, **pen)
-    with Engine(synthetic_model, device="cuda", n_ctx=256, decode_steps=8) as many:
+    with Engine(synthetic_model, device="cuda", n_ctx=256) as many:  # 8 steps a job by default on a GPU
+        assert many.decode_steps == 8
         for kw, w in zip(runs, want):
             assert many.generate(PROMPT, max_tokens=N_TOKENS, ignore_eos=True, **kw).token_ids == w
             stop = w[10]

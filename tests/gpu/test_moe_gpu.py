@@ -440,10 +440,8 @@ def test_moe_decode_graph_matches_plain_path_and_each_alone(sources, model, batc
     # 3 sequences decode on the pair launches, 12 (bucket 16) on the grouped
     # experts: both inside the captured graph, both equal to the plain path
     # and to each sequence alone. fused: the pairs' SwiGLU and weighted sum
-    # fused into their launches, and the routing's L2 prefetch (one token).
-    if fused:
-        monkeypatch.setenv("HELEXA_MOE_FUSE", "1")
-        monkeypatch.setenv("HELEXA_MOE_PREFETCH", "32")
+    # fused into their launches (the default), else four launches.
+    monkeypatch.setenv("HELEXA_MOE_FUSE", "1" if fused else "0")
     src = sources(model)
     vocab = src.config.vocab_size
     prompts = [_tokens(60 + i, 3 + 2 * i, vocab) for i in range(batch)]
