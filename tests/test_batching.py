@@ -403,3 +403,13 @@ def test_bench_times_the_engines_decode_steps(hf_models):
             one.append(backend.step([one[-1]], len(prompt) + i, params, state).token)
         backend.reset()
         assert many == one[1:]
+
+
+def test_time_per_output_token_ignores_bursts():
+    from helexa_native.bench import _tpot
+
+    # Eight tokens arriving four at a time, 40 ms apart: gaps of 0 and 40 ms,
+    # but 40 / 7 ms per token after the first.
+    stamps = [[0.0] * 4 + [0.04] * 4, [1.0, 1.01, 1.02], [5.0]]
+    got = _tpot(stamps)
+    assert got == pytest.approx([0.04 / 7, 0.01])  # a one-token stream has no TPOT

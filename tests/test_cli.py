@@ -137,6 +137,8 @@ def test_bench_concurrency_reports_each_level(tmp_path):
     for r in rows:
         assert r["generated_tokens"] == 3 * r["concurrency"]
         assert r["tokens_per_s_wall"] > 0 and r["ttft_ms_p50"] > 0 and r["itl_ms_p99"] >= r["itl_ms_p50"]
+        # A stream of 3 tokens: TPOT is its mean gap, between its smallest and largest.
+        assert 0 < r["tpot_ms_p50"] <= r["tpot_ms_p99"] <= r["itl_ms_p99"] + 1e-9
     assert "agg tok/s" in p.stdout
 
 

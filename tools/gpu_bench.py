@@ -175,6 +175,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(
                 f"{name}: N={n}: aggregate decode {row['aggregate_decode_tokens_per_s']:.0f} tok/s, "
+                f"TPOT p50 {row['tpot_ms_p50']:.2f} ms p99 {row['tpot_ms_p99']:.2f} ms, "
                 f"ITL p50 {row['itl_ms_p50']:.2f} ms p99 {row['itl_ms_p99']:.2f} ms, "
                 f"TTFT p50 {row['ttft_ms_p50']:.0f} ms",
                 flush=True,

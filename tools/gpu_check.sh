@@ -268,7 +268,8 @@ for e in d["results"]:
         for c in rows or []:
             label = f"  N={c['concurrency']}" + (f" {tc}" if tc else "")
             print(f"{label:<22} {'':>7} {0:>6} {'':>14} {c['aggregate_decode_tokens_per_s']:>13.1f} "
-                  f"ITL p50 {c['itl_ms_p50']:.2f} p99 {c['itl_ms_p99']:.2f} ms, TTFT p50 {c['ttft_ms_p50']:.0f} ms")
+                  f"TPOT p50 {c.get('tpot_ms_p50', 0):.2f} p99 {c.get('tpot_ms_p99', 0):.2f} ms, "
+                  f"ITL p99 {c['itl_ms_p99']:.2f} ms, TTFT p50 {c['ttft_ms_p50']:.0f} ms")
     for key, label in (("int8_all_depth0", "  int8 everywhere"), ("float_depth0", "  float only")):
         r = e.get(key)
         if r:

@@ -125,6 +125,9 @@ def run_round(client, model, n, prompt_words, max_tokens, seed):
     t_all = max(firsts) if firsts else t_end
     steady = sum(1 for s in stamps for x in s if x > t_all)
     itl = [b - a for s in stamps for a, b in zip(s, s[1:])]
+    # Time per output token after the first, per stream: independent of how
+    # the server groups tokens into chunks (ITL is not).
+    tpot = [(s[-1] - s[0]) / (len(s) - 1) for s in stamps if len(s) > 1]
     total = sum(len(s) for s in stamps)
     return {
         "concurrency": n,
@@ -136,6 +139,8 @@ def run_round(client, model, n, prompt_words, max_tokens, seed):
         "wall_seconds": t_end - t0,
         "itl_ms_p50": 1e3 * _percentile(itl, 50),
         "itl_ms_p99": 1e3 * _percentile(itl, 99),
+        "tpot_ms_p50": 1e3 * _percentile(tpot, 50),
+        "tpot_ms_p99": 1e3 * _percentile(tpot, 99),
         "ttft_ms_p50": 1e3 * _percentile([f - t0 for f in firsts], 50),
         "ttft_ms_p99": 1e3 * _percentile([f - t0 for f in firsts], 99),
     }
@@ -164,6 +169,7 @@ def main(argv=None) -> int:
         r = rows[-1]
         print(
             f"N={n:>3}  agg {r['aggregate_decode_tokens_per_s']:8.1f} tok/s  wall {r['tokens_per_s_wall']:8.1f}"
+            f"  TPOT p50 {r['tpot_ms_p50']:6.2f} ms p99 {r['tpot_ms_p99']:6.2f} ms"
             f"  ITL p50 {r['itl_ms_p50']:6.2f} ms p99 {r['itl_ms_p99']:6.2f} ms"
             f"  TTFT p50 {r['ttft_ms_p50']:7.1f} ms p99 {r['ttft_ms_p99']:7.1f} ms  errors {r['errors']}",
             flush=True,
