@@ -189,8 +189,9 @@ def bench_concurrency(
 
     Per N: aggregate decode tok/s while all N streams decode (tokens after
     the last stream's first token over that window), tokens over the whole
-    wall time, per-stream inter-token latency p50/p99 and time to first
-    token p50/p99. Greedy, EOS ignored, prefix cache defeated by distinct
+    wall time, time per output token p50/p99 over the streams (_tpot),
+    inter-token latency p50/p99 over every gap and time to first token
+    p50/p99. Greedy, EOS ignored, prefix cache defeated by distinct
     random prompts. response_format (e.g. {"type": "json_object"}) constrains
     every stream (its grammar is compiled during the warm-up); a stream whose
     output completes the grammar ends there, so generated_tokens may fall
