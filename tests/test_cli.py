@@ -183,6 +183,7 @@ def test_bench_synthetic(tmp_path):
         (("bench", "--concurrency", "0,4"), ("positive",)),
         (("generate", "hi", "--kv-cache-memory", "lots"), ("byte size",)),
         (("serve", "--port", "99999"), ("port",)),
+        (("generate", "hi", "--decode-steps", "0"), ("decode_steps",)),
     ],
 )
 def test_errors_are_one_line(args, words, capsys):
@@ -192,6 +193,14 @@ def test_errors_are_one_line(args, words, capsys):
     rc = main(list(args))
     err = capsys.readouterr().err
     assert_one_line_error(subprocess.CompletedProcess(args, rc, "", err), *words)
+
+
+def test_decode_steps_reaches_the_engine(default_model):
+    from helexa_native.cli import _engine, build_parser
+
+    args = build_parser().parse_args(["generate", "hi", "--device", "cpu", "--decode-steps", "3"])
+    with _engine(args) as eng:
+        assert eng.decode_steps == 3
 
 
 def test_every_passthrough_sampling_field_has_a_flag():
