@@ -67,6 +67,11 @@ from .params import SamplerState, SamplingParams
 DEFAULT_MAX_BATCH_TOKENS = 512
 
 
+# A call of several decode steps lasts about this long at most (by the last
+# measured step of as many sequences): tokens reach a stream, and a new
+# request its first token, at most this much later than one step a call.
+DEFAULT_DECODE_CALL_SECONDS = 0.1
+
 # An iteration with at most this many events delivers them itself; more go to
 # the delivery thread (one hand-off instead of a wake-up per caller).
 # HELEXA_INLINE_EVENTS overrides it for a scheduler made after it is set (a
@@ -158,6 +163,7 @@ class Scheduler:
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         name: str = "helexa-scheduler",
         decode_steps: Optional[int] = None,
+        decode_call_seconds: float = DEFAULT_DECODE_CALL_SECONDS,
     ):
         self.backend = backend
         self.blocks = backend.blocks
@@ -170,6 +176,11 @@ class Scheduler:
             raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
         self.max_batch_tokens = int(max_batch_tokens)
         self.decode_steps = check_decode_steps(decode_steps, backend.default_decode_steps)
+        if decode_call_seconds <= 0:
+            raise ValueError(f"decode_call_seconds must be positive, got {decode_call_seconds}")
+        self.decode_call_seconds = float(decode_call_seconds)
+        # Sequences -> seconds of their last measured decode step (a call of n steps counts 1/n).
+        self._step_seconds: dict = {}
         self._cv = threading.Condition()
         self._incoming: List[Request] = []
         self._waiting: Deque[Request] = collections.deque()
@@ -336,6 +347,7 @@ class Scheduler:
                     logit_bias=r.logit_bias,
                 )
             )
+        t0 = time.perf_counter()
         try:
             outs = self.backend.step_batch(steps)
         except BaseException as e:
@@ -352,6 +364,8 @@ class Scheduler:
         if filling is not None:
             filling.result()  # done: the step waited for it before sampling
         now = time.perf_counter()
+        if all(n == 1 and step.sample for (_, n), step in zip(plan, steps)):
+            self._step_seconds[len(plan)] = now - t0
         self.steps += 1
         self.batch_hist[len(plan)] += 1
         for (r, n), step, out in zip(plan, steps, outs):
@@ -389,11 +403,18 @@ class Scheduler:
         to read), needs nothing from the host between tokens (no grammar,
         logit_bias or backend-specific need such as penalties on the device)
         and has that many tokens left to generate, no cancellation is
-        pending, and no waiting request could be admitted now.
+        pending, and no waiting request could be admitted now. A call lasts
+        about decode_call_seconds at most, by the last measured decode step
+        of this many sequences: a slow step (a large model, a large batch)
+        takes fewer per call, so its streams' tokens and newcomers' first
+        tokens are not held back longer.
         """
         n = self.decode_steps
         if n <= 1 or ((self._waiting or self._incoming) and self._free_slots):
             return 1
+        step = self._step_seconds.get(len(self._running))
+        if step:
+            n = min(n, max(1, int(self.decode_call_seconds / step)))
         for r in self._running:
             if (
                 r.cancelled
@@ -429,6 +450,7 @@ class Scheduler:
             )
             for r in running
         ]
+        t0 = time.perf_counter()
         try:
             outs = self.backend.decode_steps(steps, n)
         except BaseException as e:
@@ -436,6 +458,7 @@ class Scheduler:
                 self._fail(r, e)
             return True
         now = time.perf_counter()
+        self._step_seconds[len(running)] = (now - t0) / n
         self.steps += n
         self.batch_hist[len(running)] += n
         self.multi_step_calls += 1

@@ -8,6 +8,7 @@ the batched logits.
 """
 
 import threading
+import time
 
 import pytest
 import torch
@@ -413,3 +414,60 @@ def test_time_per_output_token_ignores_bursts():
     stamps = [[0.0] * 4 + [0.04] * 4, [1.0, 1.01, 1.02], [5.0]]
     got = _tpot(stamps)
     assert got == pytest.approx([0.04 / 7, 0.01])  # a one-token stream has no TPOT
+
+
+class _TimedBackend:
+    """A stand-in backend whose every decode step takes `step` seconds; it records each call's steps."""
+
+    def __init__(self, step):
+        from helexa_native.kv_blocks import KVBlockManager
+
+        self.blocks = KVBlockManager(256, 16)
+        self.max_num_seqs = 4
+        self.lock = threading.RLock()
+        self.default_decode_steps = 8
+        self.step = step
+        self.calls = []
+
+    def decode_steps_ok(self, params):
+        return True
+
+    def late_masks(self, words):
+        return None
+
+    def step_batch(self, seqs):
+        from helexa_native.backends.base import StepOutput
+        from helexa_native.params import SampleResult
+
+        time.sleep(self.step)
+        self.calls.append(1)
+        return [StepOutput(SampleResult(token=7) if s.sample else None, None) for s in seqs]
+
+    def decode_steps(self, seqs, n):
+        from helexa_native.params import SampleResult
+
+        time.sleep(self.step * n)
+        self.calls.append(n)
+        return [[SampleResult(token=7) for _ in range(n)] for _ in seqs]
+
+
+def test_decode_calls_last_about_decode_call_seconds():
+    from helexa_native.scheduler import Request, Scheduler
+
+    be = _TimedBackend(0.015)
+    sch = Scheduler(be, decode_steps=8, decode_call_seconds=0.05)
+    try:
+        req = sch.submit(Request(prompt=[1, 2, 3], params=SamplingParams(temperature=0), limit=30))
+        events = []
+        while not events or events[-1][0] == "token":
+            events.append(req.events.get(timeout=30))
+        assert events[-1][:2] == ("done", "length") and len(events) == 31
+        # The prompt's step, a first call of 8 steps (no step measured yet), then
+        # calls of about 0.05 s: at most 3 steps of 15+ ms (2 or 3 unless the
+        # machine stalls a sleep by 10 ms).
+        assert be.calls[:2] == [1, 8] and sum(be.calls) == 30
+        assert max(be.calls[2:]) <= 3 and max(be.calls[2:]) >= 2
+    finally:
+        sch.close()
+    with pytest.raises(ValueError, match="decode_call_seconds"):
+        Scheduler(_TimedBackend(0.0), decode_call_seconds=0)
