@@ -388,7 +388,7 @@ class Engine:
             Path(model_path),
             (),
             max_batch_tokens,
-            decode_steps if decode_steps is None else check_decode_steps(decode_steps),
+            decode_steps,
         )
         self._set_parsers(tool_call_parser, reasoning_parser)
         self._set_pooling(pooling, {})

@@ -364,8 +364,8 @@ class Scheduler:
         if filling is not None:
             filling.result()  # done: the step waited for it before sampling
         now = time.perf_counter()
-        if all(n == 1 and step.sample for (_, n), step in zip(plan, steps)):
-            self._step_seconds[len(plan)] = now - t0
+        if self.decode_steps > 1 and all(n == 1 and step.sample for (_, n), step in zip(plan, steps)):
+            self._step_seconds[len(plan)] = now - t0  # a pure decode step: what _steps_ahead budgets by
         self.steps += 1
         self.batch_hist[len(plan)] += 1
         for (r, n), step, out in zip(plan, steps, outs):

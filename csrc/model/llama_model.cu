@@ -745,7 +745,7 @@ bool GpuModel::moe_layer(int i) const {
 // ---------------------------------------------------------------------------
 // Inputs
 
-void GpuModel::validate(const std::vector<SeqInput>& seqs) const {
+void GpuModel::validate(const std::vector<SeqInput>& seqs, int ahead) const {
   if (num_blocks_ == 0) throw std::invalid_argument("the KV pool is not allocated yet");
   if (seqs.empty()) throw std::invalid_argument("a step needs at least one sequence");
   if (static_cast<int>(seqs.size()) > slots_)
@@ -759,7 +759,7 @@ void GpuModel::validate(const std::vector<SeqInput>& seqs) const {
     const int64_t n = static_cast<int64_t>(s.tokens.size());
     if (n == 0) throw std::invalid_argument(who + "tokens must not be empty");
     if (s.start_pos < 0) throw std::invalid_argument(who + "start_pos must be non-negative");
-    const int64_t end = s.start_pos + n;
+    const int64_t end = s.start_pos + n + ahead;
     if (end > n_ctx_)
       throw std::invalid_argument(who + "positions up to " + std::to_string(end) + " exceed the context of " +
                                   std::to_string(n_ctx_) + " tokens");
@@ -1289,6 +1289,13 @@ void GpuModel::decode_body(WorkerContext& ctx, const Bucket& b, int mode) {
   if (!(mode & kForwardOnly)) sample_rows(ctx, b.rows, mode, in.slots, in.steps, in.params, in.cons);
 }
 
+int32_t GpuModel::checked_token(int32_t token) const {
+  if (token < 0 || token >= spec_.vocab)
+    throw std::runtime_error("the device sampler returned token id " + std::to_string(token) +
+                             " outside the vocabulary");
+  return token;
+}
+
 std::vector<StepResult> GpuModel::collect(WorkerContext& ctx, const std::vector<SeqInput>& seqs,
                                           const std::vector<int>& out_row, int rows_sampled) {
   cudaStream_t st = ctx.compute_stream();
@@ -1312,11 +1319,7 @@ std::vector<StepResult> GpuModel::collect(WorkerContext& ctx, const std::vector<
     StepResult& r = out[i];
     const int k = out_row[i];
     if (s.sample && k >= 0) {
-      const int32_t token = ho.token[k];
-      if (token < 0 || token >= V)
-        throw std::runtime_error("the device sampler returned token id " + std::to_string(token) +
-                                 " outside the vocabulary");
-      r.token = token;
+      r.token = checked_token(ho.token[k]);
       if (s.sampling.logprobs) {
         r.has_logprob = true;
         r.logprob = ho.logprob[k];
@@ -1482,24 +1485,13 @@ void GpuModel::validate_decode_steps(const std::vector<SeqInput>& seqs, int n_st
       throw std::invalid_argument(who + "each decode step feeds one token and samples the next");
     if (s.sampling.logprobs || s.want_logits || s.masked() || !s.bias_ids.empty())
       throw std::invalid_argument(who + "logprobs, logits and token constraints need one step per job");
-    const int64_t end = static_cast<int64_t>(s.start_pos) + n_steps;
-    if (end > n_ctx_)
-      throw std::invalid_argument(who + "positions up to " + std::to_string(end) + " exceed the context of " +
-                                  std::to_string(n_ctx_) + " tokens");
-    const int need = blocks_for(static_cast<int>(end));
-    if (static_cast<int64_t>(s.block_table.size()) < need)
-      throw std::invalid_argument(who + "the block table holds " + std::to_string(s.block_table.size()) +
-                                  " blocks; positions up to " + std::to_string(end) + " need " + std::to_string(need));
-    for (int j = 0; j < need; ++j)
-      if (s.block_table[j] < 0 || s.block_table[j] >= num_blocks_)
-        throw std::invalid_argument(who + "block id " + std::to_string(s.block_table[j]) + " is outside the pool of " +
-                                    std::to_string(num_blocks_) + " blocks");
   }
+  // Positions, block tables and the rest as for a step that runs n_steps tokens.
+  validate(seqs, n_steps - 1);
 }
 
 std::vector<std::vector<int32_t>> GpuModel::decode_steps(WorkerContext& ctx, const std::vector<SeqInput>& seqs,
                                                          int n_steps) {
-  validate(seqs);
   validate_decode_steps(seqs, n_steps);
   late_rows_.clear();
   cudaStream_t st = ctx.compute_stream();
@@ -1536,13 +1528,7 @@ std::vector<std::vector<int32_t>> GpuModel::decode_steps(WorkerContext& ctx, con
     HX_CUDA_CHECK(cudaStreamSynchronize(st));
     std::vector<std::vector<int32_t>> out(seqs.size(), std::vector<int32_t>(n_steps));
     for (int j = 0; j < n_steps; ++j)
-      for (int i = 0; i < B; ++i) {
-        const int32_t token = h_fed_[static_cast<size_t>(j) * B + i];
-        if (token < 0 || token >= spec_.vocab)
-          throw std::runtime_error("the device sampler returned token id " + std::to_string(token) +
-                                   " outside the vocabulary");
-        out[i][j] = token;
-      }
+      for (int i = 0; i < B; ++i) out[i][j] = checked_token(h_fed_[static_cast<size_t>(j) * B + i]);
     return out;
   } catch (...) {
     settle(ctx);

@@ -251,7 +251,9 @@ class GpuModel : public Resource {
 
   // Whether layer i runs the mixture-of-experts FFN (qwen3moe, not in mlp_only_layers).
   bool moe_layer(int i) const;
-  void validate(const std::vector<SeqInput>& seqs) const;
+  // Bad input of a step refused before any device work. ahead: positions
+  // past each sequence's tokens its table must cover too (decode_steps).
+  void validate(const std::vector<SeqInput>& seqs, int ahead = 0) const;
   // A sampling sequence's mask and logit_bias checked; returns the
   // constraint data words they take.
   size_t validate_constraints(const SeqInput& s, const std::string& who) const;
@@ -292,7 +294,7 @@ class GpuModel : public Resource {
   // after a plain run on first use), or the plain run where graphs are off
   // or failed to record.
   void run_decode(WorkerContext& ctx, const Bucket& b, int mode);
-  // decode_steps' input checks, past validate().
+  // decode_steps' input checks (validate() with the job's positions included).
   void validate_decode_steps(const std::vector<SeqInput>& seqs, int n_steps) const;
   // Every other step, and forward_logits: passes of up to chunk_ rows.
   // all_rows: the LM head over every row, downloaded into *all_out
@@ -351,6 +353,8 @@ class GpuModel : public Resource {
   // the tail), waits for them and runs the tail; then collect().
   std::vector<StepResult> late_tail(WorkerContext& ctx, const Bucket& b, int mode, const std::vector<SeqInput>& seqs,
                                     const std::vector<int>& out_row, int sampled);
+  // A token id the sampler wrote, or a runtime_error when it is outside the vocabulary.
+  int32_t checked_token(int32_t token) const;
   // Reads back the sampled rows and wanted logits. out_row[i]: sequence i's
   // logits row (-1: none).
   std::vector<StepResult> collect(WorkerContext& ctx, const std::vector<SeqInput>& seqs,

@@ -33,6 +33,14 @@ def check_positive_ints(**values) -> None:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 
+def check_decode_steps_input(seqs: Sequence["SeqStep"], n: int) -> None:
+    """ValueError unless n is a positive integer and every sequence feeds one token and samples without a mask."""
+    check_positive_ints(n=n)
+    for s in seqs:
+        if len(s.tokens) != 1 or not s.sample or s.state is None or s.allowed is not None:
+            raise ValueError("decode_steps runs sequences that feed one token and sample without a token mask")
+
+
 @dataclass
 class SeqStep:
     """One sequence's share of a batched step.
@@ -144,11 +152,7 @@ class Backend(ABC):
         caller drops what follows it. This default runs step_batch n times;
         a backend that feeds the tokens on its device overrides it.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
-        for s in seqs:
-            if len(s.tokens) != 1 or not s.sample or s.state is None or s.allowed is not None:
-                raise ValueError("decode_steps runs sequences that feed one token and sample without a token mask")
+        check_decode_steps_input(seqs, n)
         out: List[List[SampleResult]] = [[] for _ in seqs]
         feed = [int(s.tokens[0]) for s in seqs]
         for j in range(n):
@@ -182,13 +186,13 @@ class Backend(ABC):
             self._solo_filled = 0
         return seq
 
-    def _solo_prepare(self, tokens: Sequence[int], start_pos: int) -> SeqBlocks:
+    def _solo_prepare(self, start_pos: int, count: int) -> SeqBlocks:
         seq = self._solo_blocks()
         if not isinstance(start_pos, int) or isinstance(start_pos, bool) or start_pos < 0:
             raise ValueError(f"start_pos must be a non-negative integer, got {start_pos!r}")
         if start_pos > self._solo_filled:
             raise ValueError(f"start_pos {start_pos} leaves a gap: only {self._solo_filled} positions are cached")
-        end = start_pos + len(tokens)
+        end = start_pos + count
         if end > self.n_ctx:
             raise ContextLengthError(f"positions up to {end} exceed the context of {self.n_ctx} tokens")
         self.blocks.ensure(seq, end)
@@ -211,7 +215,7 @@ class Backend(ABC):
         """
         tokens = _id_list(tokens)
         with self.lock:
-            seq = self._solo_prepare(tokens, start_pos)
+            seq = self._solo_prepare(start_pos, len(tokens))
             out = self.forward_paged(tokens, start_pos, seq.table, all_logits=all_logits)
             self._solo_filled = start_pos + len(tokens)
         return out
@@ -231,7 +235,7 @@ class Backend(ABC):
         """step() that also returns the raw logits it sampled from ([vocab], float32 CPU)."""
         tokens = _id_list(tokens)
         with self.lock:
-            seq = self._solo_prepare(tokens, start_pos)
+            seq = self._solo_prepare(start_pos, len(tokens))
             out = self.step_batch(
                 [
                     SeqStep(
@@ -258,7 +262,7 @@ class Backend(ABC):
         """
         check_positive_ints(n=n)
         with self.lock:
-            seq = self._solo_prepare([int(token)] * n, start_pos)
+            seq = self._solo_prepare(start_pos, n)
             step = SeqStep(
                 slot=self.max_num_seqs,
                 tokens=[int(token)],

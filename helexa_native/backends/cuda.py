@@ -40,7 +40,7 @@ from ..ggml_types import GGML_TYPE_IDS
 from ..kv_blocks import DEFAULT_BLOCK_SIZE, KVBlockManager
 from ..params import UINT64_MASK, SampleResult, SamplerState, SamplingParams
 from ..rope import inv_freq
-from .base import Backend, LateMask, SeqStep, StepOutput, check_positive_ints
+from .base import Backend, LateMask, SeqStep, StepOutput, check_decode_steps_input, check_positive_ints
 
 # Architectures the GPU model runs: a subset of config.SUPPORTED_ARCHS (all
 # of them today), kept apart so an architecture can reach the CPU reference
@@ -525,46 +525,10 @@ class CUDABackend(Backend):
         m = self._live()
         if not seqs:
             return []
-        C = self._C
-        inputs, records = [], []
-        for s in seqs:
-            ids = self._token_ids(s.tokens, s.start_pos)
-            allowed = bias_ids = bias_values = None
-            if s.sample:
-                if s.params is None or s.state is None:
-                    raise ValueError("a sequence that samples needs params and state")
-                sampling = self._step_sampling(s.params, s.state.step)
-                pu, record = self._penalty_update(s.slot, s.params, s.state)
-                if s.allowed is not None or s.logit_bias is not None:
-                    allowed, bias_ids, bias_values = constraint_arrays(s, self.config.vocab_size)
-            else:
-                sampling, pu, record = self._idle_step_sampling, self._no_penalty_update, None
-            inputs.append(
-                C.SeqInput(
-                    ids,
-                    s.start_pos,
-                    s.block_table,
-                    int(s.slot),
-                    bool(s.sample),
-                    sampling,
-                    pu,
-                    bool(s.want_logits),
-                    allowed,
-                    bias_ids,
-                    bias_values,
-                )
-            )
-            if s.sample and isinstance(s.allowed, LateMask):
-                inputs[-1].late, inputs[-1].late_row = s.allowed.table, int(s.allowed.row)
-            records.append(record if pu.active else None)
-        for s, record in zip(seqs, records):
-            if record is not None:
-                self._device_penalties_synced_to.pop(s.slot, None)  # unknown until the job succeeds
-        out = self._call(m.step_batch, inputs)
+        inputs, records = zip(*(self._seq_input(s) for s in seqs))
+        out = self._call_synced(seqs, records, m.step_batch, list(inputs))
         results = []
-        for s, record, (tok, lp, top, logits) in zip(seqs, records, out):
-            if record is not None:
-                self._device_penalties_synced_to[s.slot] = record
+        for s, (tok, lp, top, logits) in zip(seqs, out):
             res = None
             if s.sample:
                 res = SampleResult(token=int(tok))
@@ -573,6 +537,52 @@ class CUDABackend(Backend):
                     res.top_logprobs = [(int(t), float(v)) for t, v in (top or [])][: s.params.top_logprobs]
             results.append(StepOutput(result=res, logits=torch.from_numpy(logits) if logits is not None else None))
         return results
+
+    def _seq_input(self, s: SeqStep):
+        """The job input of one sequence's share of a step, and its penalty record (None: nothing sent)."""
+        ids = self._token_ids(s.tokens, s.start_pos)
+        allowed = bias_ids = bias_values = None
+        if s.sample:
+            if s.params is None or s.state is None:
+                raise ValueError("a sequence that samples needs params and state")
+            sampling = self._step_sampling(s.params, s.state.step)
+            pu, record = self._penalty_update(s.slot, s.params, s.state)
+            if s.allowed is not None or s.logit_bias is not None:
+                allowed, bias_ids, bias_values = constraint_arrays(s, self.config.vocab_size)
+        else:
+            sampling, pu, record = self._idle_step_sampling, self._no_penalty_update, None
+        inp = self._C.SeqInput(
+            ids,
+            s.start_pos,
+            s.block_table,
+            int(s.slot),
+            bool(s.sample),
+            sampling,
+            pu,
+            bool(s.want_logits),
+            allowed,
+            bias_ids,
+            bias_values,
+        )
+        if s.sample and isinstance(s.allowed, LateMask):
+            inp.late, inp.late_row = s.allowed.table, int(s.allowed.row)
+        return inp, (record if pu.active else None)
+
+    def _call_synced(self, seqs, records, fn, *args, counted: int = 0):
+        """_call(fn, *args) for a job whose inputs carry the penalty updates `records` (_seq_input).
+
+        Each updated slot's record is unknown while the job runs and set once it
+        succeeded, `counted` tokens past its state (those the device counted itself).
+        """
+        for s, record in zip(seqs, records):
+            if record is not None:
+                self._device_penalties_synced_to.pop(s.slot, None)
+        out = self._call(fn, *args)
+        for s, record in zip(seqs, records):
+            if record is not None:
+                state, prompt, gen = record
+                self._device_penalties_synced_to[s.slot] = (state, prompt, gen + counted)
+        return out
 
     def decode_steps_ok(self, params: SamplingParams) -> bool:
         """Steps whose results fit the device job: no logprobs (penalties are counted on the device)."""
@@ -583,31 +593,13 @@ class CUDABackend(Backend):
         if not self.device_decode_steps:
             return super().decode_steps(seqs, n)
         m = self._live()
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= defaults.MAX_DECODE_STEPS:
-            raise ValueError(f"n must be an integer in [1, {defaults.MAX_DECODE_STEPS}], got {n!r}")
-        C = self._C
-        inputs, records = [], []
+        check_decode_steps_input(seqs, n)
         for s in seqs:
-            if len(s.tokens) != 1 or not s.sample or s.state is None or s.allowed is not None:
-                raise ValueError("decode_steps runs sequences that feed one token and sample without a token mask")
             if s.logit_bias is not None or not self.decode_steps_ok(s.params):
                 raise ValueError("logprobs and logit_bias need one decode step per job")
-            ids = self._token_ids(s.tokens, s.start_pos)
-            sampling = self._step_sampling(s.params, s.state.step)
-            pu, record = self._penalty_update(s.slot, s.params, s.state)
-            inputs.append(
-                C.SeqInput(ids, s.start_pos, s.block_table, int(s.slot), True, sampling, pu, False, None, None, None)
-            )
-            records.append(record if pu.active else None)
-        for s, record in zip(seqs, records):
-            if record is not None:
-                self._device_penalties_synced_to.pop(s.slot, None)  # unknown until the job succeeds
-        out = self._call(m.decode_steps, inputs, n)
-        for s, record in zip(seqs, records):
-            if record is not None:
-                # The device counted all n tokens: the record runs n past the state it was made from.
-                state, prompt, gen = record
-                self._device_penalties_synced_to[s.slot] = (state, prompt, gen + n)
+        inputs, records = zip(*(self._seq_input(s) for s in seqs))
+        # The device counts all n tokens of each sequence in its penalty state (n_steps in [1, 64] is its check).
+        out = self._call_synced(seqs, records, m.decode_steps, list(inputs), n, counted=n)
         return [[SampleResult(token=int(t)) for t in toks] for toks in out]
 
     def late_masks(self, words: int):
