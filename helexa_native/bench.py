@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .params import SamplerState, SamplingParams
@@ -40,6 +41,40 @@ def measure_copy_bandwidth(device_index: int = 0, nbytes: int = 1 << 30, iters: 
         del src, dst
         torch.cuda.empty_cache()
     return 2.0 * nbytes * iters / seconds / 1e9
+
+
+def measure_upload_bandwidth(device_index: int = 0, nbytes: int = 1 << 30, reps: int = 3) -> dict:
+    """Host-to-device GB/s, best of `reps`: the device worker's upload from pageable memory, and torch's pinned copy.
+
+    The worker's upload is how weights reach the GPU at load; torch's copy
+    from pinned memory is the link's practical limit.
+    """
+    from .runtime import get_worker
+
+    w = get_worker(device_index)
+    data = np.random.default_rng(0).integers(0, 256, size=nbytes, dtype=np.uint8)
+    h, _ = w.upload(data[: min(nbytes, 64 << 20)])  # staging buffers set up outside the timing
+    w.free(h)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        h, _ = w.upload(data)
+        best = min(best, time.perf_counter() - t0)
+        w.free(h)
+    dev = torch.device("cuda", device_index)
+    src = torch.from_numpy(data).pin_memory()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize(dev)
+    pinned = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize(dev)
+        pinned = min(pinned, time.perf_counter() - t0)
+    del src, dst
+    torch.cuda.empty_cache()
+    return {"worker_pageable_gb_per_s": nbytes / best / 1e9, "torch_pinned_gb_per_s": nbytes / pinned / 1e9}
 
 
 def _synchronize(backend) -> None:

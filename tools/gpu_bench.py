@@ -145,7 +145,13 @@ def _positive_ints(text: str, flag: str) -> list:
 
 def main(argv=None) -> int:
     a = _args(argv)
-    from helexa_native.bench import bench_concurrency, bench_engine, measure_copy_bandwidth, write_synthetic
+    from helexa_native.bench import (
+        bench_concurrency,
+        bench_engine,
+        measure_copy_bandwidth,
+        measure_upload_bandwidth,
+        write_synthetic,
+    )
     from helexa_native.engine import Engine
 
     depths = [int(d) for d in a.depths.split(",") if d.strip()]
@@ -164,6 +170,12 @@ def main(argv=None) -> int:
     index = 0 if a.device == "cuda" else int(a.device.split(":")[1])
     out["copy_bandwidth_gb_per_s"] = copy_bw = measure_copy_bandwidth(index)
     print(f"device copy bandwidth {copy_bw:.0f} GB/s", flush=True)
+    out["upload"] = up = measure_upload_bandwidth(index)
+    print(
+        f"host-to-device: worker upload from pageable memory {up['worker_pageable_gb_per_s']:.1f} GB/s, "
+        f"torch pinned copy {up['torch_pinned_gb_per_s']:.1f} GB/s",
+        flush=True,
+    )
 
     def save():
         Path(a.json_file).write_text(json.dumps(out, indent=1, default=str))

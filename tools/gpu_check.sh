@@ -250,6 +250,9 @@ import json, sys
 d = json.load(open(sys.argv[1]))
 bw = d.get("copy_bandwidth_gb_per_s") or 0
 print(f"copy bandwidth {bw:.0f} GB/s; prefill {d['prompt_tokens']} tokens, decode {d['decode_tokens']} tokens; medians")
+up = d.get("upload")
+if up:
+    print(f"host-to-device {up['worker_pageable_gb_per_s']:.1f} GB/s worker upload (pageable), {up['torch_pinned_gb_per_s']:.1f} GB/s torch pinned copy")
 hdr = f"{'model':<22} {'load s':>7} {'depth':>6} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/tok':>7} {'GB/s':>7} {'%bw':>5}"
 print(hdr)
 print("-" * len(hdr))

@@ -1,4 +1,4 @@
-"""Device workers on real GPUs: memory accounting, upload bandwidth, fault
+"""Device workers on real GPUs: memory accounting, large uploads, fault
 poisoning, NCCL groups. Faults run in subprocesses: a sticky error ruins the
 CUDA context of the process that hits it."""
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ pytestmark = pytest.mark.gpu
 
 VRAM_MARGIN = 256 << 20  # torch and the worker share the context; other processes may move a little
 CYCLE_MARGIN = 8 << 20
-BANDWIDTH_FRACTION = 0.70
 
 
 def _C():
@@ -75,54 +73,21 @@ def test_upload_free_cycles_return_vram():
     assert abs(after - base) <= CYCLE_MARGIN, (base, after)
 
 
-def _torch_h2d_gbps(nbytes: int, reps: int = 3) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    src.fill_(1)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0")
-    dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize(0)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        dst.copy_(src, non_blocking=True)
-        torch.cuda.synchronize(0)
-        best = min(best, time.perf_counter() - t0)
-    del src, dst
-    torch.cuda.empty_cache()
-    return nbytes / best / 1e9
-
-
 @pytest.mark.slow
-def test_large_upload_bandwidth():
+def test_large_upload_arrives_intact():
+    """A 4 GiB upload from pageable memory, staged in many pinned chunks over
+    several copy threads, comes back byte for byte (its speed is a benchmark
+    figure: tools/gpu_bench.py prints it beside torch's pinned copy)."""
     w = _runtime().get_worker(0)
     nbytes = 4 << 30
     block = np.random.default_rng(1).integers(0, 256, size=64 << 20, dtype=np.uint8)
     data = np.tile(block, nbytes // block.nbytes)
     data[::4093] = 7  # not periodic, so a misplaced chunk cannot compare equal
-    warm, _ = w.upload(data[: 256 << 20])
-    w.free(warm)
-    best, handle = float("inf"), None
-    for _ in range(3):
-        t0 = time.perf_counter()
-        h, n = w.upload(data)
-        took = time.perf_counter() - t0
-        assert n == nbytes
-        if took < best:
-            best = took
-        if handle is None:
-            handle = h
-        else:
-            w.free(h)
-    ours = nbytes / best / 1e9
-    ref = _torch_h2d_gbps(nbytes)
-    print(
-        f"\nworker upload of 4 GiB from pageable memory: {ours:.1f} GB/s; "
-        f"torch pinned host-to-device copy: {ref:.1f} GB/s ({ours / ref:.0%})"
-    )
-    back = np.frombuffer(w.download(handle), dtype=np.uint8)
+    h, n = w.upload(data)
+    assert n == nbytes
+    back = np.frombuffer(w.download(h), dtype=np.uint8)
     assert np.array_equal(back, data)
-    w.free(handle)
-    assert ours >= BANDWIDTH_FRACTION * ref
+    w.free(h)
 
 
 def test_fault_poisons_the_worker_and_the_process_survives():
