@@ -1,6 +1,6 @@
 """Where a decode step's time goes: wall time per step, and the GPU kernels behind it.
 
-    python3 tools/profile_decode.py --model llama3-8b:Q4_K_M --steps 32 [--batch 32]
+    python3 tools/profile_decode.py --model llama3-8b:Q4_K_M --steps 32 [--batch 1,8,32]
 
 Writes a synthetic model, runs greedy decode steps through the CUDA backend,
 prints the median wall time per step, the backend's graph counters, and the
@@ -23,22 +23,34 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--depth", type=int, default=64)
     ap.add_argument("--top", type=int, default=15)
-    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together per step (step_batch)")
+    ap.add_argument(
+        "--batch", default="1", help="sequences decoded together per step (step_batch); a list profiles each in turn"
+    )
     a = ap.parse_args()
+    batches = [int(b) for b in str(a.batch).split(",") if b.strip()]
+    if not batches or min(batches) < 1:
+        ap.error(f"--batch takes positive integers, got {a.batch!r}")
 
-    from torch.profiler import ProfilerActivity, profile
-
-    from helexa_native.backends.base import SeqStep
-    from helexa_native.backends.cuda import CUDABackend
     from helexa_native.bench import write_synthetic
-    from helexa_native.kv_blocks import SeqBlocks
     from helexa_native.loaders import load_source
-    from helexa_native.params import SamplerState, SamplingParams
 
     d = Path(tempfile.mkdtemp(prefix="hx-prof-"))
     path = write_synthetic(a.model, d, progress=False)
     src = load_source(path, progress=False)
-    nb = max(1, a.batch)
+    for nb in batches:
+        _profile(a, src, nb)
+    return 0
+
+
+def _profile(a, src, nb: int) -> None:
+    """Profile `nb` sequences decoding together on a fresh backend."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from helexa_native.backends.base import SeqStep
+    from helexa_native.backends.cuda import CUDABackend
+    from helexa_native.kv_blocks import SeqBlocks
+    from helexa_native.params import SamplerState, SamplingParams
+
     be = CUDABackend(src, 0, n_ctx=a.depth + a.steps + 16, max_num_seqs=max(nb, 1))
     params = SamplingParams(temperature=0.0)
     # Each sequence: its own depth-token prompt in its own slot and blocks.
@@ -98,7 +110,6 @@ def main() -> int:
     for t, n, k in rows[: a.top]:
         print(f"  {t / a.steps:9.1f} us/step  {n / a.steps:6.1f} calls/step  {k[:90]}")
     be.close()
-    return 0
 
 
 if __name__ == "__main__":
