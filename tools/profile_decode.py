@@ -6,11 +6,18 @@ Writes a synthetic model, runs greedy decode steps through the CUDA backend,
 prints the median wall time per step, the backend's graph counters, and the
 kernels a torch profiler (CUPTI sees every thread of the process) recorded
 over the timed steps, by total time. Not a test: it prints numbers.
+
+On sm_90+ decode kernels are launched overlapped (programmatic dependent
+launch): each one starts while its predecessor drains and waits for it, so
+its recorded time includes that wait and the sum exceeds the step. --no-pdl
+(HELEXA_PDL=0) runs them one after another: each kernel's own time, in a
+slower step.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -26,7 +33,10 @@ def main() -> int:
     ap.add_argument(
         "--batch", default="1", help="sequences decoded together per step (step_batch); a list profiles each in turn"
     )
+    ap.add_argument("--no-pdl", action="store_true", help="launch kernels one after another (HELEXA_PDL=0)")
     a = ap.parse_args()
+    if a.no_pdl:
+        os.environ["HELEXA_PDL"] = "0"  # read once, at the first launch
     batches = [int(b) for b in str(a.batch).split(",") if b.strip()]
     if not batches or min(batches) < 1:
         ap.error(f"--batch takes positive integers, got {a.batch!r}")
