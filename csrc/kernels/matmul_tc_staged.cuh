@@ -58,9 +58,9 @@
 // from the dequantize + GEMM path by that rounding only.
 //
 // Output: without split-K the CTA writes y itself (bias, accumulate); with
-// it, each split writes its partial sums to a workspace and the CTA that
-// finishes a row tile last adds them in a fixed order (tc::finish_splits; or
-// a second kernel, HELEXA_TC_REDUCE=kernel), so results never depend on
+// it, each split writes its partial sums to a workspace and a second kernel
+// adds them in a fixed order (or, with HELEXA_TC_REDUCE=fused, the CTA that
+// finishes a row tile last: tc::finish_splits), so results never depend on
 // scheduling.
 // sm_80+ (mma.sync bf16 and cp.async exist from Ampere on).
 #pragma once

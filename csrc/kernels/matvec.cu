@@ -184,7 +184,7 @@ TcOptions tc_options_from_env() {
   o.int_tokens = env_count("HELEXA_TC_INT", o.int_tokens);
   o.wide = env_count("HELEXA_TC_WIDE", o.wide);
   const char* reduce = std::getenv("HELEXA_TC_REDUCE");
-  o.fused_reduce = !(reduce != nullptr && std::strcmp(reduce, "kernel") == 0);
+  o.fused_reduce = reduce != nullptr && std::strcmp(reduce, "fused") == 0;
   return o;
 }
 

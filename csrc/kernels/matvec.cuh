@@ -58,9 +58,9 @@ constexpr int kTcMaxTokens = 64;
 // w and x 16-byte aligned. Where the rows alone do not fill the GPU the k
 // range is split, and the splits are added in a fixed order from `workspace`
 // (matmul_tc_workspace_bytes(n_tok, n_out, k) bytes; nullptr when that is 0):
-// by the product's last CTA of each row tile, which counts the tile's splits
-// in the workspace's first kTcTicketBytes, or by a second kernel
-// (TcOptions::fused_reduce false). The workspace must be zero when first
+// by a second kernel, or (TcOptions::fused_reduce) by the product's last CTA
+// of each row tile, which counts the tile's splits in the workspace's first
+// kTcTicketBytes. The workspace must be zero when first
 // used (allocate it zeroed); each launch leaves its counters zero again, so
 // launches in order on one stream may share it.
 // Capturable in a CUDA graph once the first launch of each token tile on the
@@ -73,7 +73,9 @@ struct TcOptions {
   int ring_kb = 32;    // the staged ring's shared memory
   int int_tokens = -1;  // Q4_K / Q6_K on integer weights up to this many tokens (-1: per type)
   int wide = -1;        // 8-warp CTAs from this many token tiles (-1: per type, 0: never)
-  bool fused_reduce = true;  // split-K added up by each row tile's last CTA, not a second kernel
+  // Split-K added up by each row tile's last CTA instead of a second kernel
+  // (HELEXA_TC_REDUCE=fused; off until a GPU run has measured it).
+  bool fused_reduce = false;
 };
 
 // The split counters at the start of a tensor-core workspace: one word per

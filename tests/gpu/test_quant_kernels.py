@@ -361,8 +361,8 @@ def test_matmul_tc_is_deterministic(ops, rng, tc_kernel):
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q6_K", "Q8_0", "BF16"])
 @pytest.mark.parametrize("n_out,k,n_tok", [(64, 4096 + 256, 3), (200, 4096 + 256, 40), (1000, 3072, 64)])
 def test_matmul_tc_split_sums_in_the_product(ops, rng, monkeypatch, kernel, name, n_out, k, n_tok):
-    """HELEXA_TC_REDUCE: split-K partials added by each row tile's last CTA (the default)
-    have the bits of the second kernel's sums."""
+    """HELEXA_TC_REDUCE=fused: split-K partials added by each row tile's last CTA
+    have the bits of the second kernel's sums (the default)."""
     monkeypatch.setenv("HELEXA_TC_KERNEL", kernel)
     monkeypatch.setenv("HELEXA_TC_INT", str(TC_INT_TOKENS))  # as tc_reference assumes
     raw, ref = make_weights(name, n_out, k, rng)
@@ -372,10 +372,10 @@ def test_matmul_tc_split_sums_in_the_product(ops, rng, monkeypatch, kernel, name
     w_d, x_d = torch.from_numpy(raw).to(DEV), torch.from_numpy(x).to(torch.bfloat16).to(DEV)
     b_d, y0_d = torch.from_numpy(bias).to(DEV), torch.from_numpy(y0).to(DEV)
     tid = TYPES[name][0]
-    monkeypatch.setenv("HELEXA_TC_REDUCE", "kernel")
+    monkeypatch.delenv("HELEXA_TC_REDUCE", raising=False)
     want = ops.matmul_tc(tid, w_d, x_d, n_out, k, b_d, y0_d)
     plain = ops.matmul_tc(tid, w_d, x_d, n_out, k, None, None)
-    monkeypatch.delenv("HELEXA_TC_REDUCE")
+    monkeypatch.setenv("HELEXA_TC_REDUCE", "fused")
     assert torch.equal(ops.matmul_tc(tid, w_d, x_d, n_out, k, b_d, y0_d), want)
     assert torch.equal(ops.matmul_tc(tid, w_d, x_d, n_out, k, None, None), plain)
     wb, tol = tc_reference(kernel, name, n_tok, ref)
