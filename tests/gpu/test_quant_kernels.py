@@ -333,13 +333,23 @@ def test_matmul_tc_cta_widths(ops, rng, monkeypatch, name, n_out, k, n_tok, wide
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q6_K", "BF16"])
 @pytest.mark.parametrize("n_out,k", [(96, 4096), (4096, 512)])  # with and without split-K
 @pytest.mark.parametrize("n_tok", [12, 24, 40])  # 2, 4 and 8 token tiles
-def test_matmul_tc_bias_and_accumulate(ops, rng, tc_kernel, name, n_out, k, n_tok):
+def tc_bias_case(rng, name: str, n_out: int, k: int, n_tok: int):
+    """Random weights, bf16 activations, bias and an old y, on the host and on the device."""
     raw, ref = make_weights(name, n_out, k, rng)
     x = bf16_values(rng.standard_normal((n_tok, k)))
     bias = rng.standard_normal(n_out).astype(np.float32)
     y0 = rng.standard_normal((n_tok, n_out)).astype(np.float32)
-    w_d, x_d = torch.from_numpy(raw).to(DEV), torch.from_numpy(x).to(torch.bfloat16).to(DEV)
-    b_d, y0_d = torch.from_numpy(bias).to(DEV), torch.from_numpy(y0).to(DEV)
+    dev = (
+        torch.from_numpy(raw).to(DEV),
+        torch.from_numpy(x).to(torch.bfloat16).to(DEV),
+        torch.from_numpy(bias).to(DEV),
+        torch.from_numpy(y0).to(DEV),
+    )
+    return ref, x, bias, y0, dev
+
+
+def test_matmul_tc_bias_and_accumulate(ops, rng, tc_kernel, name, n_out, k, n_tok):
+    ref, x, bias, y0, (w_d, x_d, b_d, y0_d) = tc_bias_case(rng, name, n_out, k, n_tok)
     tid, tag = TYPES[name][0], f"{name} {n_out}x{k} seed={rng.seed_value}"
     wb, tol = tc_reference(tc_kernel, name, n_tok, ref)
     y = ops.matmul_tc(tid, w_d, x_d, n_out, k, b_d, y0_d)
@@ -365,12 +375,7 @@ def test_matmul_tc_split_sums_in_the_product(ops, rng, monkeypatch, kernel, name
     have the bits of the second kernel's sums (the default)."""
     monkeypatch.setenv("HELEXA_TC_KERNEL", kernel)
     monkeypatch.setenv("HELEXA_TC_INT", str(TC_INT_TOKENS))  # as tc_reference assumes
-    raw, ref = make_weights(name, n_out, k, rng)
-    x = bf16_values(rng.standard_normal((n_tok, k)))
-    bias = rng.standard_normal(n_out).astype(np.float32)
-    y0 = rng.standard_normal((n_tok, n_out)).astype(np.float32)
-    w_d, x_d = torch.from_numpy(raw).to(DEV), torch.from_numpy(x).to(torch.bfloat16).to(DEV)
-    b_d, y0_d = torch.from_numpy(bias).to(DEV), torch.from_numpy(y0).to(DEV)
+    ref, x, bias, y0, (w_d, x_d, b_d, y0_d) = tc_bias_case(rng, name, n_out, k, n_tok)
     tid = TYPES[name][0]
     monkeypatch.delenv("HELEXA_TC_REDUCE", raising=False)
     want = ops.matmul_tc(tid, w_d, x_d, n_out, k, b_d, y0_d)
