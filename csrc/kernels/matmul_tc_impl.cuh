@@ -175,8 +175,8 @@ __device__ __forceinline__ void store_tiles(const Args& a, const float (&acc)[NT
 __device__ __forceinline__ void finish_splits(const Args& a, int row0, int rows) {
   if (a.splits <= 1 || a.tickets == nullptr) return;
   __threadfence();
-  const bool last = __syncthreads_or(threadIdx.x == 0 && atomicAdd(a.tickets + blockIdx.x, 1u) ==
-                                                             static_cast<unsigned>(a.splits - 1));
+  const bool last = __syncthreads_or(threadIdx.x == 0 &&
+                                     atomicAdd(a.tickets + blockIdx.x, 1u) == static_cast<unsigned>(a.splits - 1));
   if (!last) return;
   __threadfence();
   const int nr = min(rows, a.n_out - row0);

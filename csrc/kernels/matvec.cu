@@ -275,8 +275,8 @@ void matmul_tc_launch(GgmlType type, const void* w, const __nv_bfloat16* x, floa
   if (sp.splits > 1 && !fused) {
     const size_t n = (size_t)n_tok * n_out;
     const int blocks = (int)std::min<size_t>((n + 255) / 256, 4096);
-    launch_overlapped(tc_reduce_kernel, blocks, 256, 0, stream, static_cast<const float*>(a.part), y, bias,
-                      sp.splits, n_tok, n_out, a.accumulate);
+    launch_overlapped(tc_reduce_kernel, blocks, 256, 0, stream, static_cast<const float*>(a.part), y, bias, sp.splits,
+                      n_tok, n_out, a.accumulate);
     HX_CUDA_CHECK(cudaGetLastError());
   }
 }
