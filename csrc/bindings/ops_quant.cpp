@@ -151,7 +151,7 @@ at::Tensor op_matmul_tc(int64_t type, const at::Tensor& w, const at::Tensor& x, 
   const TcOptions opt = tc_options_from_env();  // per call: tests time both implementations in one process
   const size_t ws_bytes = matmul_tc_workspace_bytes(static_cast<int>(ntok), no, kk, opt);
   at::Tensor ws;
-  if (ws_bytes > 0) ws = at::zeros({static_cast<int64_t>(ws_bytes / 4)}, x.options().dtype(at::kFloat));
+  if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes / 4)}, x.options().dtype(at::kFloat));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   launch([&] {
     matmul_tc_launch(t, wc.data_ptr(), reinterpret_cast<const __nv_bfloat16*>(xc.data_ptr()), y.data_ptr<float>(), no,

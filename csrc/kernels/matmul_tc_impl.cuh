@@ -61,9 +61,6 @@ struct Args {
   float* y;                 // [ntok, n_out]
   const float* bias;        // [n_out] or nullptr
   float* part;              // [splits, ntok, n_out] when splits > 1
-  // Split-K added up in the product (finish_splits): one word per row tile
-  // (blockIdx.x), zero between launches. nullptr: a second kernel adds them.
-  unsigned* tickets;
   size_t row_bytes;
   int n_out, k, ntok, npass;
   int splits, pass_per_split;
@@ -165,34 +162,6 @@ __device__ __forceinline__ void store_tiles(const Args& a, const float (&acc)[NT
   }
 }
 
-// Split-K without a second kernel. Called by every thread of a CTA after
-// store_tiles: the CTA that stores the last split of its row tile (rows row0
-// .. row0 + rows - 1) adds the splits' partials in order 0 .. splits - 1,
-// then bias and the old y, exactly as tc_reduce_kernel does (the same bits),
-// and sets the tile's ticket back to zero for the next launch. Each CTA's
-// stores are made visible device-wide (fence) before its ticket is taken, and
-// the last one reads the partials past L1.
-__device__ __forceinline__ void finish_splits(const Args& a, int row0, int rows) {
-  if (a.splits <= 1 || a.tickets == nullptr) return;
-  __threadfence();
-  const bool last = __syncthreads_or(threadIdx.x == 0 &&
-                                     atomicAdd(a.tickets + blockIdx.x, 1u) == static_cast<unsigned>(a.splits - 1));
-  if (!last) return;
-  __threadfence();
-  const int nr = min(rows, a.n_out - row0);
-  const size_t plane = (size_t)a.ntok * a.n_out;
-  for (int i = threadIdx.x; i < a.ntok * nr; i += blockDim.x) {
-    const int t = i / nr;
-    const size_t o = (size_t)t * a.n_out + row0 + (i - t * nr);
-    float v = __ldcg(a.part + o);
-    for (int s = 1; s < a.splits; ++s) v += __ldcg(a.part + (size_t)s * plane + o);
-    if (a.bias) v += a.bias[o % a.n_out];
-    if (a.accumulate) v += a.y[o];
-    a.y[o] = v;
-  }
-  if (threadIdx.x == 0) a.tickets[blockIdx.x] = 0u;
-}
-
 template <GgmlType T, int NTILE>
 __global__ void __launch_bounds__(kWarps * 32) matmul_tc_kernel(const Args a) {
   pdl_begin();
@@ -252,7 +221,6 @@ __global__ void __launch_bounds__(kWarps * 32) matmul_tc_kernel(const Args a) {
   }
 
   store_tiles<NTILE>(a, acc, row0 + 16 * warp + g, tq, split);
-  finish_splits(a, row0, kRows);
 }
 
 template <GgmlType T, int NTILE>

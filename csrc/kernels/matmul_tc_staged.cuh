@@ -59,9 +59,7 @@
 //
 // Output: without split-K the CTA writes y itself (bias, accumulate); with
 // it, each split writes its partial sums to a workspace and a second kernel
-// adds them in a fixed order (or, with HELEXA_TC_REDUCE=fused, the CTA that
-// finishes a row tile last: tc::finish_splits), so results never depend on
-// scheduling.
+// adds the splits in a fixed order, so results never depend on scheduling.
 // sm_80+ (mma.sync bf16 and cp.async exist from Ampere on).
 #pragma once
 
@@ -516,7 +514,6 @@ template <GgmlType T, int NTILE, bool INTW, int NW = kWarps>
 __global__ void __launch_bounds__(32 * NW) matmul_tc_kernel(const Args a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   product_tile<T, NTILE, INTW, NW>(a, blockIdx.x * 16 * NW, blockIdx.y, smem_raw);
-  tc::finish_splits(a, blockIdx.x * 16 * NW, 16 * NW);
 }
 
 // Mixture-of-experts groups: x's rows sorted by expert (moe_align's slots),

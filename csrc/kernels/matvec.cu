@@ -183,15 +183,13 @@ TcOptions tc_options_from_env() {
   o.ring_kb = env_int("HELEXA_TC_RING_KB", 32);
   o.int_tokens = env_count("HELEXA_TC_INT", o.int_tokens);
   o.wide = env_count("HELEXA_TC_WIDE", o.wide);
-  const char* reduce = std::getenv("HELEXA_TC_REDUCE");
-  o.fused_reduce = reduce != nullptr && std::strcmp(reduce, "fused") == 0;
   return o;
 }
 
 size_t matmul_tc_workspace_bytes(int n_tok, int n_out, int k, const TcOptions& opt) {
   if (n_tok < 1 || n_out < 1 || k < 1) return 0;
   const TcSplit sp = tc_split(n_out, k, device_sm_count(current_device()), opt.waves);
-  return sp.splits > 1 ? kTcTicketBytes + (size_t)sp.splits * n_tok * n_out * sizeof(float) : 0;
+  return sp.splits > 1 ? (size_t)sp.splits * n_tok * n_out * sizeof(float) : 0;
 }
 
 namespace {
@@ -217,7 +215,6 @@ tc::Args tc_args(GgmlType type, const void* w, const __nv_bfloat16* x, float* y,
   a.y = y;
   a.bias = nullptr;
   a.part = nullptr;
-  a.tickets = nullptr;
   a.row_bytes = row_bytes(type, k);
   a.n_out = n_out;
   a.k = k;
@@ -244,20 +241,16 @@ void matmul_tc_launch(GgmlType type, const void* w, const __nv_bfloat16* x, floa
   tc::Args a = tc_args(type, w, x, y, n_out, k, opt, "tensor-core product");
   const TcSplit sp = tc_split(n_out, k, device_sm_count(current_device()), opt.waves);
   a.bias = bias;
+  a.part = workspace;
   a.ntok = n_tok;
   a.splits = sp.splits;
   a.pass_per_split = sp.pass_per_split;
   a.accumulate = accumulate ? 1 : 0;
-  // The workspace: kTcTicketBytes of split counters, then the partials.
-  bool fused = false;
   if (sp.splits > 1) {
-    const size_t need = kTcTicketBytes + (size_t)sp.splits * n_tok * n_out * sizeof(float);
+    const size_t need = (size_t)sp.splits * n_tok * n_out * sizeof(float);
     if (workspace == nullptr || workspace_bytes < need)
       bad("tensor-core product: workspace of " + std::to_string(workspace_bytes) + " bytes, need " +
           std::to_string(need) + " (matmul_tc_workspace_bytes)");
-    a.part = workspace + kTcTicketBytes / sizeof(float);
-    fused = opt.fused_reduce && (n_out + tc::kRows - 1) / tc::kRows <= kTcTickets;
-    if (fused) a.tickets = reinterpret_cast<unsigned*>(workspace);
   }
   const bool staged = opt.staged;
 #define HX_CASE(T)                      \
@@ -272,11 +265,11 @@ void matmul_tc_launch(GgmlType type, const void* w, const __nv_bfloat16* x, floa
     default: bad("unsupported GGML type");
   }
 #undef HX_CASE
-  if (sp.splits > 1 && !fused) {
+  if (sp.splits > 1) {
     const size_t n = (size_t)n_tok * n_out;
     const int blocks = (int)std::min<size_t>((n + 255) / 256, 4096);
-    launch_overlapped(tc_reduce_kernel, blocks, 256, 0, stream, static_cast<const float*>(a.part), y, bias, sp.splits,
-                      n_tok, n_out, a.accumulate);
+    launch_overlapped(tc_reduce_kernel, blocks, 256, 0, stream, static_cast<const float*>(workspace), y, bias,
+                      sp.splits, n_tok, n_out, a.accumulate);
     HX_CUDA_CHECK(cudaGetLastError());
   }
 }

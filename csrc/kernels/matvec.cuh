@@ -57,12 +57,7 @@ constexpr int kTcMaxTokens = 64;
 // for t < n_tok. Every GGML type; k a multiple of 8 and of the block size;
 // w and x 16-byte aligned. Where the rows alone do not fill the GPU the k
 // range is split, and the splits are added in a fixed order from `workspace`
-// (matmul_tc_workspace_bytes(n_tok, n_out, k) bytes; nullptr when that is 0):
-// by a second kernel, or (TcOptions::fused_reduce) by the product's last CTA
-// of each row tile, which counts the tile's splits in the workspace's first
-// kTcTicketBytes. The workspace must be zero when first
-// used (allocate it zeroed); each launch leaves its counters zero again, so
-// launches in order on one stream may share it.
+// (matmul_tc_workspace_bytes(n_tok, n_out, k) bytes; nullptr when that is 0).
 // Capturable in a CUDA graph once the first launch of each token tile on the
 // device has run outside capture. Throws std::invalid_argument on bad
 // arguments.
@@ -73,16 +68,7 @@ struct TcOptions {
   int ring_kb = 32;    // the staged ring's shared memory
   int int_tokens = -1;  // Q4_K / Q6_K on integer weights up to this many tokens (-1: per type)
   int wide = -1;        // 8-warp CTAs from this many token tiles (-1: per type, 0: never)
-  // Split-K added up by each row tile's last CTA instead of a second kernel
-  // (HELEXA_TC_REDUCE=fused; off until a GPU run has measured it).
-  bool fused_reduce = false;
 };
-
-// The split counters at the start of a tensor-core workspace: one word per
-// row tile of 64 rows or more, for products of up to 64 x 4096 rows (taller
-// ones add their splits in a second kernel).
-constexpr int kTcTickets = 4096;
-constexpr size_t kTcTicketBytes = kTcTickets * sizeof(unsigned);
 // The options the environment asks for (read once by a model at load):
 //   HELEXA_TC_KERNEL=v1      the first (unstaged) implementation;
 //   HELEXA_TC_WAVES          waves (default 6; v1 2);

@@ -724,8 +724,6 @@ void GpuModel::init_tables(WorkerContext& ctx) {
   // The decode attention's workspace starts zeroed (every launch writes the
   // partial states it reads; zeroing keeps unused slots deterministic).
   HX_CUDA_CHECK(cudaMemsetAsync(attn_ws_, 0, attn_ws_bytes_, st));
-  // The tensor-core products' split counters start at zero (matmul_tc_launch).
-  if (tc_ws_ != nullptr) HX_CUDA_CHECK(cudaMemsetAsync(tc_ws_, 0, tc_ws_bytes_, st));
   // cos/sin for every position of a sequence, once: the per-layer rope
   // becomes a table lookup instead of float64 sincos per token and layer.
   rope_table_launch(inv_freq_, rope_table_, n_ctx_, spec_.head_dim, st);

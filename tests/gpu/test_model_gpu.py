@@ -671,36 +671,6 @@ def test_batched_graph_replay_matches_plain_path(sources, model, batch, params):
 
 
 @gpu
-@pytest.mark.parametrize("model", [ARCH_MODELS[0], ARCH_MODELS[2]], ids=_id)
-def test_split_k_sums_in_the_product_keep_every_bit(sources, model, monkeypatch):
-    """Split-K products summed by a second kernel (the default) or by their last CTA
-    (HELEXA_TC_REDUCE=fused) give the same logits bit for bit, launch after launch
-    on one workspace: each launch leaves its counters zero for the next."""
-    src = sources(model)
-    vocab = src.config.vocab_size
-    prompts = [_tokens(80 + i, 6 + 5 * i, vocab) for i in range(3)]
-    runs = {}
-    for mode in (None, "fused"):
-        if mode is None:
-            monkeypatch.delenv("HELEXA_TC_REDUCE", raising=False)
-        else:
-            monkeypatch.setenv("HELEXA_TC_REDUCE", mode)
-        gpu = CUDABackend(src, 0, 96, max_num_seqs=4)
-        try:
-            logits = []
-            for p in prompts:  # 6-16 tokens: products on tensor cores, down with split-K
-                table = _Tables(gpu, seed=len(p)).grow([], len(p))
-                logits.append(gpu.forward_paged(p, 0, table, all_logits=True))
-            runs[mode] = (logits, _batched_greedy(gpu, prompts, 10, join_at=[0, 2, 4]))
-        finally:
-            gpu.close()
-    (want, want_tokens), (got, got_tokens) = runs[None], runs["fused"]
-    for a, b in zip(got, want):
-        assert torch.equal(a, b)
-    assert got_tokens == want_tokens
-
-
-@gpu
 @pytest.mark.parametrize("model", [ARCH_MODELS[0], ARCH_MODELS[3]], ids=_id)
 def test_large_decode_batch(sources, model):
     # 40 sequences: the 49-row bucket (padded rows), GEMMs in every layer and

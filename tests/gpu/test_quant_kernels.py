@@ -333,23 +333,13 @@ def test_matmul_tc_cta_widths(ops, rng, monkeypatch, name, n_out, k, n_tok, wide
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q6_K", "BF16"])
 @pytest.mark.parametrize("n_out,k", [(96, 4096), (4096, 512)])  # with and without split-K
 @pytest.mark.parametrize("n_tok", [12, 24, 40])  # 2, 4 and 8 token tiles
-def tc_bias_case(rng, name: str, n_out: int, k: int, n_tok: int):
-    """Random weights, bf16 activations, bias and an old y, on the host and on the device."""
+def test_matmul_tc_bias_and_accumulate(ops, rng, tc_kernel, name, n_out, k, n_tok):
     raw, ref = make_weights(name, n_out, k, rng)
     x = bf16_values(rng.standard_normal((n_tok, k)))
     bias = rng.standard_normal(n_out).astype(np.float32)
     y0 = rng.standard_normal((n_tok, n_out)).astype(np.float32)
-    dev = (
-        torch.from_numpy(raw).to(DEV),
-        torch.from_numpy(x).to(torch.bfloat16).to(DEV),
-        torch.from_numpy(bias).to(DEV),
-        torch.from_numpy(y0).to(DEV),
-    )
-    return ref, x, bias, y0, dev
-
-
-def test_matmul_tc_bias_and_accumulate(ops, rng, tc_kernel, name, n_out, k, n_tok):
-    ref, x, bias, y0, (w_d, x_d, b_d, y0_d) = tc_bias_case(rng, name, n_out, k, n_tok)
+    w_d, x_d = torch.from_numpy(raw).to(DEV), torch.from_numpy(x).to(torch.bfloat16).to(DEV)
+    b_d, y0_d = torch.from_numpy(bias).to(DEV), torch.from_numpy(y0).to(DEV)
     tid, tag = TYPES[name][0], f"{name} {n_out}x{k} seed={rng.seed_value}"
     wb, tol = tc_reference(tc_kernel, name, n_tok, ref)
     y = ops.matmul_tc(tid, w_d, x_d, n_out, k, b_d, y0_d)
@@ -365,26 +355,6 @@ def test_matmul_tc_is_deterministic(ops, rng, tc_kernel):
     first = ops.matmul_tc(12, w_d, x_d, 128, 14336, None, None)
     for _ in range(3):
         assert torch.equal(ops.matmul_tc(12, w_d, x_d, 128, 14336, None, None), first)
-
-
-@pytest.mark.parametrize("kernel", ["v1", "staged"])
-@pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q6_K", "Q8_0", "BF16"])
-@pytest.mark.parametrize("n_out,k,n_tok", [(64, 4096 + 256, 3), (200, 4096 + 256, 40), (1000, 3072, 64)])
-def test_matmul_tc_split_sums_in_the_product(ops, rng, monkeypatch, kernel, name, n_out, k, n_tok):
-    """HELEXA_TC_REDUCE=fused: split-K partials added by each row tile's last CTA
-    have the bits of the second kernel's sums (the default)."""
-    monkeypatch.setenv("HELEXA_TC_KERNEL", kernel)
-    monkeypatch.setenv("HELEXA_TC_INT", str(TC_INT_TOKENS))  # as tc_reference assumes
-    ref, x, bias, y0, (w_d, x_d, b_d, y0_d) = tc_bias_case(rng, name, n_out, k, n_tok)
-    tid = TYPES[name][0]
-    monkeypatch.delenv("HELEXA_TC_REDUCE", raising=False)
-    want = ops.matmul_tc(tid, w_d, x_d, n_out, k, b_d, y0_d)
-    plain = ops.matmul_tc(tid, w_d, x_d, n_out, k, None, None)
-    monkeypatch.setenv("HELEXA_TC_REDUCE", "fused")
-    assert torch.equal(ops.matmul_tc(tid, w_d, x_d, n_out, k, b_d, y0_d), want)
-    assert torch.equal(ops.matmul_tc(tid, w_d, x_d, n_out, k, None, None), plain)
-    wb, tol = tc_reference(kernel, name, n_tok, ref)
-    check_matvec(want, wb, x, y0.astype(np.float64) + bias, tol, f"{name} {n_out}x{k} n_tok={n_tok}")
 
 
 def test_matmul_tc_rejects_bad_arguments(ops):
