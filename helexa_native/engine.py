@@ -210,7 +210,8 @@ class Engine:
         (decode tokens and prompt chunks together). decode_steps: decode
         steps one backend call may run back to back while every running
         request only decodes and needs nothing from the host between tokens
-        (no grammar, logit_bias, and on CUDA no logprobs); its
+        (no grammar) and nothing the backend's call cannot run (on CUDA,
+        no logprobs or logit_bias); its
         tokens then reach the callers together (default: HELEXA_DECODE_STEPS,
         else the backend's: 8 on one GPU, where they run as one device job;
         1 elsewhere).

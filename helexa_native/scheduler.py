@@ -32,11 +32,11 @@ with its logit_bias; the sampled token then advances the matcher. Where the
 backend takes late masks (the CUDA backend), a helper thread fills them
 while the step's forward runs on the device, so the grammar's host time is
 off the step's critical path; otherwise they are filled before the step.
-With decode_steps > 1, an iteration whose running sequences only decode
-and need nothing from the host between tokens (no grammar, no logit_bias,
-backend.decode_steps_ok), and where no waiting request could take a free
-slot, runs several steps in one backend.decode_steps call instead of
-steps 2-4 (_steps_ahead, _run_ahead).
+With decode_steps > 1, an iteration whose running sequences only decode,
+need nothing from the host between tokens (no grammar) and nothing the
+backend's call cannot run (backend.decode_steps_ok), and where no waiting
+request could take a free slot, runs several steps in one
+backend.decode_steps call instead of steps 2-4 (_steps_ahead, _run_ahead).
 The n sequences of one prompt (n > 1) share its KV blocks through the prefix
 cache: the followers wait for admission until the first has read the prompt.
 Stop strings, detokenization and streaming happen in the caller's thread
@@ -400,8 +400,8 @@ class Scheduler:
         """Decode steps every running sequence can take in one backend call (1: plan a normal step).
 
         More than one only when each running sequence decodes (no prompt left
-        to read), needs nothing from the host between tokens (no grammar,
-        logit_bias or backend-specific need such as penalties on the device)
+        to read), needs nothing from the host between tokens (no grammar)
+        and nothing its backend's call cannot run (decode_steps_ok)
         and has that many tokens left to generate, no cancellation is
         pending, and no waiting request could be admitted now. A call lasts
         about decode_call_seconds at most, by the last measured decode step
@@ -420,8 +420,7 @@ class Scheduler:
                 r.cancelled
                 or len(r.tokens) - r.computed != 1
                 or r.constraint is not None
-                or r.logit_bias is not None
-                or not self.backend.decode_steps_ok(r.params)
+                or not self.backend.decode_steps_ok(r.params, r.logit_bias)
             ):
                 return 1
             n = min(n, r.limit - r.generated)
@@ -447,6 +446,7 @@ class Scheduler:
                 block_table=list(r.blocks.table),
                 params=r.params,
                 state=r.state,
+                logit_bias=r.logit_bias,
             )
             for r in running
         ]

@@ -318,8 +318,10 @@ def _run_together(eng, prompts, limits, **kw):
         dict(temperature=0),
         dict(temperature=0.9, top_k=20, seed=3),
         dict(temperature=0.9, seed=4, repetition_penalty=1.3, presence_penalty=0.5),
+        # The reference runs logit_bias in a decode_steps call (the CUDA backend refuses it).
+        dict(temperature=0.9, seed=5, logit_bias={7: 4.0, 11: -100.0}),
     ],
-    ids=["greedy", "seeded", "penalties"],
+    ids=["greedy", "seeded", "penalties", "logit_bias"],
 )
 def test_decode_steps_give_the_tokens_of_single_steps(hf_models, params):
     folder, _ = hf_models("qwen3")
@@ -429,7 +431,7 @@ class _TimedBackend:
         self.step = step
         self.calls = []
 
-    def decode_steps_ok(self, params):
+    def decode_steps_ok(self, params, logit_bias=None):
         return True
 
     def late_masks(self, words):

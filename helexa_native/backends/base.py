@@ -136,8 +136,8 @@ class Backend(ABC):
     ) -> torch.Tensor:
         """One sequence's tokens through its block table; float32 CPU logits ([vocab] or [n, vocab])."""
 
-    def decode_steps_ok(self, params: SamplingParams) -> bool:
-        """Whether a sequence sampling with `params` may take part in decode_steps."""
+    def decode_steps_ok(self, params: SamplingParams, logit_bias=None) -> bool:
+        """Whether a sequence sampling with `params` (and SeqStep.logit_bias) may take part in decode_steps."""
         return True
 
     def decode_steps(self, seqs: Sequence[SeqStep], n: int) -> List[List[SampleResult]]:

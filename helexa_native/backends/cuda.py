@@ -584,9 +584,9 @@ class CUDABackend(Backend):
                 self._device_penalties_synced_to[s.slot] = (state, prompt, gen + counted)
         return out
 
-    def decode_steps_ok(self, params: SamplingParams) -> bool:
-        """Steps whose results fit the device job: no logprobs (penalties are counted on the device)."""
-        return not self.device_decode_steps or not params.logprobs
+    def decode_steps_ok(self, params: SamplingParams, logit_bias=None) -> bool:
+        """Steps the device job runs: no logprobs or logit_bias (penalties are counted on the device)."""
+        return not self.device_decode_steps or (not params.logprobs and logit_bias is None)
 
     def decode_steps(self, seqs: Sequence[SeqStep], n: int) -> List[List[SampleResult]]:
         """n decode steps as one device job (Backend.decode_steps); tensor-parallel subclasses loop step_batch."""
@@ -595,7 +595,7 @@ class CUDABackend(Backend):
         m = self._live()
         check_decode_steps_input(seqs, n)
         for s in seqs:
-            if s.logit_bias is not None or not self.decode_steps_ok(s.params):
+            if not self.decode_steps_ok(s.params, s.logit_bias):
                 raise ValueError("logprobs and logit_bias need one decode step per job")
         inputs, records = zip(*(self._seq_input(s) for s in seqs))
         # The device counts all n tokens of each sequence in its penalty state (n_steps in [1, 64] is its check).
