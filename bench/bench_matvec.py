@@ -26,8 +26,10 @@ TYPES = {name: (GGML_TYPE_IDS[name], *BLOCK_SIZES[name]) for name in BLOCK_SIZES
 # (name, n_out, k): q/o, k/v, gate/up, down, lm head of Llama-3-8B
 SHAPES = [
     ("attn_q/o", 4096, 4096),
+    ("attn_q|k", 5120, 4096),
     ("attn_k/v", 1024, 4096),
     ("ffn_gate/up", 14336, 4096),
+    ("ffn_gate|up", 28672, 4096),
     ("ffn_down", 4096, 14336),
     ("lm_head", 128256, 4096),
 ]
@@ -81,6 +83,12 @@ def main() -> None:
     ap.add_argument("--dequant", action="store_true", help="also time dequantize to bf16")
     ap.add_argument("--launches", type=int, default=20, help="launches per graph replay")
     ap.add_argument("--batches", type=int, default=15, help="timed replays (median taken)")
+    ap.add_argument(
+        "--mma",
+        action="store_true",
+        help="Q4_K: also time the fragment kernel (matvec_mma.cu) beside the float kernel, rows marked 'm'",
+    )
+    ap.add_argument("--mma-local", action="store_true", help="with --mma: CTAs prepare x in shared memory")
     args = ap.parse_args()
 
     import helexa_native._C  # noqa: F401  (registers torch.ops.helexa)
@@ -112,18 +120,22 @@ def main() -> None:
             for ntok in [int(v) for v in args.ntok.split(",")]:
                 x = torch.randn(ntok, k, device="cuda")
                 y = torch.empty(ntok, n_out, device="cuda")
-                it = iter(range(1 << 62))
+                # The fragment kernel's prepared x (the model's scratch layout).
+                scratch = torch.empty(1 << 20, dtype=torch.uint8, device="cuda") if name == "Q4_K" else None
+                for mma in [0, 8] if args.mma and scratch is not None else [0]:
+                    it = iter(range(1 << 62))
 
-                def one(tid=tid, ws=ws, it=it, copies=copies, x=x, y=y, n_out=n_out, k=k):
-                    ops.matvec_out(tid, ws[next(it) % copies], x, y, n_out, k, None, False)
+                    def one(tid=tid, ws=ws, it=it, copies=copies, x=x, y=y, n_out=n_out, k=k, mma=mma, sc=scratch):
+                        ops.matvec_out(tid, ws[next(it) % copies], x, y, n_out, k, None, False, sc, mma, args.mma_local)
 
-                t = time_graph(one, args.launches, args.batches)
-                moved = nbytes + 4 * ntok * (k + n_out)
-                bw = moved / t
-                print(
-                    f"{name:7s} {label:12s} {n_out:6d} {k:6d} {ntok:4d} {nbytes / 1e6:8.1f} {t * 1e6:9.2f} "
-                    f"{bw / 1e9:7.0f} {100 * bw / copy_bw:6.1f}"
-                )
+                    t = time_graph(one, args.launches, args.batches)
+                    moved = nbytes + 4 * ntok * (k + n_out)
+                    bw = moved / t
+                    tag = f"{ntok}m" if mma else f"{ntok}"
+                    print(
+                        f"{name:7s} {label:12s} {n_out:6d} {k:6d} {tag:>4s} {nbytes / 1e6:8.1f} {t * 1e6:9.2f} "
+                        f"{bw / 1e9:7.0f} {100 * bw / copy_bw:6.1f}"
+                    )
             if args.dequant:
                 out = torch.empty(n_out, k, dtype=torch.bfloat16, device="cuda")
                 it2 = iter(range(1 << 62))

@@ -94,7 +94,7 @@ ProductOut product_out(const at::Tensor& x, const std::optional<at::Tensor>& bia
 
 at::Tensor op_matvec(int64_t type, const at::Tensor& w, const at::Tensor& x, int64_t n_out, int64_t k,
                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& y_accumulate, bool int8,
-                     bool prequant) {
+                     bool prequant, int64_t mma, bool mma_local) {
   const GgmlType t = checked_type(type);
   const int no = op::as_int(n_out, "n_out", 1), kk = op::as_int(k, "k", 1);
   check_matvec_sizes(t, n_out, k);
@@ -113,13 +113,17 @@ at::Tensor op_matvec(int64_t type, const at::Tensor& w, const at::Tensor& x, int
   const bool acc = po.accumulate;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   // prequant: x quantized once into a scratch by its own kernel (as the model runs it).
+  // mma: Q4_K's fragment kernel up to that many tokens (its x prepared into the same scratch).
+  HX_OP_CHECK(mma >= 0 && mma <= kMatvecMaxTokens, "mma must be 0..", kMatvecMaxTokens, ", got ", mma);
   at::Tensor scratch;
-  if (int8 && prequant)
+  if ((int8 && prequant) || (mma > 0 && !int8))
     scratch = at::empty({static_cast<int64_t>(matvec_x_scratch_bytes(static_cast<int>(ntok), kk))},
                         x.options().dtype(at::kByte));
   MatvecOptions options;
   options.accumulate = acc;
   options.int8_activations = int8;
+  options.mma_tokens = static_cast<int>(mma);
+  options.mma_local_prep = mma_local;
   options.x_scratch = scratch.defined() ? scratch.data_ptr() : nullptr;
   launch([&] {
     matvec_launch(t, wc.data_ptr(), xc.data_ptr<float>(), y.data_ptr<float>(), no, kk, static_cast<int>(ntok),
@@ -181,7 +185,8 @@ at::Tensor op_dequantize(int64_t type, const at::Tensor& w, int64_t n_out, int64
 // Out variants: no allocation and no copy around the launch, so benchmarks can
 // capture them in a CUDA graph and time the kernel alone.
 void op_matvec_out(int64_t type, const at::Tensor& w, const at::Tensor& x, at::Tensor& y, int64_t n_out, int64_t k,
-                   const std::optional<at::Tensor>& bias, bool accumulate) {
+                   const std::optional<at::Tensor>& bias, bool accumulate, const std::optional<at::Tensor>& scratch,
+                   int64_t mma, bool mma_local) {
   const GgmlType t = checked_type(type);
   const int no = op::as_int(n_out, "n_out", 1), kk = op::as_int(k, "k", 1);
   check_matvec_sizes(t, n_out, k);
@@ -207,6 +212,18 @@ void op_matvec_out(int64_t type, const at::Tensor& w, const at::Tensor& x, at::T
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   MatvecOptions options;
   options.accumulate = accumulate;
+  // mma: Q4_K's fragment kernel up to that many tokens, its x prepared into
+  // `scratch` (matvec_x_scratch_bytes(n_tok, k) bytes: the model's layout).
+  HX_OP_CHECK(mma >= 0 && mma <= kMatvecMaxTokens, "mma must be 0..", kMatvecMaxTokens, ", got ", mma);
+  if (mma > 0) {
+    HX_OP_CHECK(scratch && scratch->defined() && scratch->device() == dev && scratch->is_contiguous() &&
+                    aligned16(*scratch) &&
+                    static_cast<size_t>(scratch->nbytes()) >= matvec_x_scratch_bytes(static_cast<int>(ntok), kk),
+                "mma needs a contiguous 16-byte aligned scratch of matvec_x_scratch_bytes(n_tok, k) bytes on ", dev);
+    options.mma_tokens = static_cast<int>(mma);
+    options.mma_local_prep = mma_local;
+    options.x_scratch = scratch->data_ptr();
+  }
   launch([&] {
     matvec_launch(t, wc.data_ptr(), x.data_ptr<float>(), y.data_ptr<float>(), no, kk, static_cast<int>(ntok), b,
                   options, stream);
@@ -238,7 +255,7 @@ void op_dequantize_out(int64_t type, const at::Tensor& w, at::Tensor& out, int64
 TORCH_LIBRARY_FRAGMENT(helexa, m) {
   m.def(
       "matvec(int type, Tensor w_uint8, Tensor x_f32, int n_out, int k, Tensor? bias, Tensor? y_accumulate, "
-      "bool int8=False, bool prequant=False) -> Tensor",
+      "bool int8=False, bool prequant=False, int mma=0, bool mma_local=False) -> Tensor",
       &hx::op_matvec);
   m.def(
       "matmul_tc(int type, Tensor w_uint8, Tensor x_bf16, int n_out, int k, Tensor? bias, Tensor? y_accumulate) -> "
@@ -247,7 +264,7 @@ TORCH_LIBRARY_FRAGMENT(helexa, m) {
   m.def("dequantize(int type, Tensor w_uint8, int n_out, int k, bool bf16) -> Tensor", &hx::op_dequantize);
   m.def(
       "matvec_out(int type, Tensor w_uint8, Tensor x_f32, Tensor(a!) y, int n_out, int k, Tensor? bias, "
-      "bool accumulate) -> ()",
+      "bool accumulate, Tensor? scratch=None, int mma=0, bool mma_local=False) -> ()",
       &hx::op_matvec_out);
   m.def("dequantize_out(int type, Tensor w_uint8, Tensor(a!) out, int n_out, int k) -> ()", &hx::op_dequantize_out);
 }

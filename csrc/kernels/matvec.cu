@@ -23,6 +23,7 @@
 #include "kernels/matmul_tc_impl.cuh"
 #include "kernels/matmul_tc_staged.cuh"
 #include "kernels/matvec_impl.cuh"
+#include "kernels/matvec_mma.h"
 
 namespace hx {
 namespace {
@@ -302,7 +303,10 @@ void matmul_tc_expert_groups_launch(GgmlType type, const void* w, size_t stride,
   bad("unsupported GGML type");
 }
 
-size_t matvec_x_scratch_bytes(int n_tok, int k) { return matvec::dp4a::smem_bytes(n_tok, k, matvec::dp4a::kMaxTerms); }
+size_t matvec_x_scratch_bytes(int n_tok, int k) {
+  const size_t dp4a = matvec::dp4a::smem_bytes(n_tok, k, matvec::dp4a::kMaxTerms);
+  return std::max(dp4a, matvec::mma::scratch_layout(n_tok, (k + 255) / 256 * 256).bytes);
+}
 
 void matvec_launch(GgmlType type, const void* w, const float* x, float* y, int n_out, int k, int n_tok,
                    const float* bias, const MatvecOptions& options, cudaStream_t stream) {
@@ -330,8 +334,10 @@ void matvec_launch(GgmlType type, const void* w, const float* x, float* y, int n
   a.int8_x = options.int8_activations ? (options.precise ? 2 : 1) : 0;
   a.static_w = options.static_weights ? 1 : 0;
   a.xq = nullptr;
-  a.x_scratch =
-      options.int8_activations && options.x_scratch != nullptr ? static_cast<uint8_t*>(options.x_scratch) : nullptr;
+  const int mma_tokens = options.int8_activations ? 0 : std::max(options.mma_tokens, 0);
+  a.x_scratch = (options.int8_activations || mma_tokens > 0) && options.x_scratch != nullptr
+                    ? static_cast<uint8_t*>(options.x_scratch)
+                    : nullptr;
   if (a.x_scratch && !aligned16(a.x_scratch)) bad("x_scratch must be 16-byte aligned");
   a.nsteps = 0;
 
@@ -348,6 +354,23 @@ void matvec_launch(GgmlType type, const void* w, const float* x, float* y, int n
 
   const int device = current_device();
   const int sms = device_sm_count(device);
+  if (type == GgmlType::Q4_K && n_tok <= mma_tokens && matvec::mma::usable(n_tok, k, a.x_scratch)) {
+    matvec::mma::Params p{};
+    p.w = a.w;
+    p.row_bytes = a.row_bytes;
+    p.n_out = n_out;
+    p.k = k;
+    p.ntok = n_tok;
+    p.x = x;
+    p.y = y;
+    p.bias = bias;
+    p.accumulate = a.accumulate;
+    p.static_w = a.static_w;
+    p.scratch = a.x_scratch;
+    p.local = options.mma_local_prep ? 1 : 0;
+    matvec::mma::run_q4k(p, device, sms, stream);
+    return;
+  }
 #define HX_CASE(T) \
   case GgmlType::T: matvec::run<GgmlType::T>(a, device, sms, stream); return;
   switch (type) { HX_FOR_EACH_GGML_TYPE(HX_CASE) }

@@ -37,6 +37,14 @@ struct MatvecOptions {
   // kernel, instead of by every CTA of the product. Launches sharing it must
   // be ordered on one stream. nullptr: each CTA quantizes x for itself.
   void* x_scratch = nullptr;
+  // Q4_K without int8_activations: up to this many tokens, the fragment
+  // kernel (matvec_mma.cuh: weights decoded into tensor-core fragments, x
+  // rounded to 11 significant bits, fp32 sums), its x prepared once into
+  // x_scratch (required; without it the float kernel runs). 0: off.
+  int mma_tokens = 0;
+  // With mma_tokens: each CTA prepares x in its own shared memory where that
+  // fits (one token up to k = 18204), instead of one prep kernel into x_scratch.
+  bool mma_local_prep = false;
 };
 
 // y[t, i] (= or +=) sum_j W[i, j] * x[t, j] (+ bias[i]) for t < n_tok, i < n_out.

@@ -232,6 +232,97 @@ def test_matvec_many_rows(ops, rng):
     check_matvec(y, ref, x_seen_by("Q4_K", x), None, TOLERANCE["Q4_K"], f"Q4_K {n_out}x{k} seed={rng.seed_value}")
 
 
+# ---------------------------------------------------------------- Q4_K fragment kernel (matvec_mma.cuh)
+
+
+def fragment_x(x: np.ndarray) -> np.ndarray:
+    """x as the fragment kernel multiplies it: each token's 256-element
+    super-block scaled by the power of two that puts its largest |x| in
+    [2^14, 2^15), rounded to fp16, scaled back (11 significant bits)."""
+    t, k = x.shape
+    blk = x.astype(np.float32).reshape(t, k // 256, 256)
+    m = np.abs(blk).max(axis=2, keepdims=True)
+    e = np.where(m > 0, np.frexp(m)[1], 0)
+    e = np.maximum(e, -100)
+    scale = np.ldexp(np.float32(1.0), 15 - e).astype(np.float32)
+    r = (blk * scale).astype(np.float16).astype(np.float32) / scale
+    return r.reshape(t, k)
+
+
+# fp32 sums of exact fp16 x integer products (the tensor core's accumulation)
+FRAGMENT_TOLERANCE = 1e-4
+
+
+# local: each CTA prepares x in its shared memory (one token, or a few of
+# short rows); otherwise, and for larger stages always, the prep kernel does.
+@pytest.mark.parametrize("local", [False, True], ids=["prep", "local"])
+@pytest.mark.parametrize("n_tok", [1, 2, 3, 8])
+@pytest.mark.parametrize("n_out,k", [(1, 256), (17, 512), (257, 4096 + 256), (4096, 4096), (1000, 14336)])
+def test_q4k_fragment_matvec_matches_reference(ops, rng, n_out, k, n_tok, local):
+    raw, ref = make_weights("Q4_K", n_out, k, rng)
+    x = rng.standard_normal((n_tok, k)).astype(np.float32)
+    w_d, x_d = torch.from_numpy(raw).to(DEV), torch.from_numpy(x).to(DEV)
+    tag = f"Q4_K fragment {n_out}x{k} n_tok={n_tok} local={local} seed={rng.seed_value}"
+    y = ops.matvec(12, w_d, x_d, n_out, k, None, None, False, False, 8, local)
+    check_matvec(y, ref, fragment_x(x), None, FRAGMENT_TOLERANCE, tag)
+    # Against x itself: the rounding to 11 bits is all that separates them.
+    check_matvec(y, ref, x, None, 2e-3, tag + " (unrounded x)")
+    # Above its token limit the launch takes the float kernel.
+    if n_tok > 1:
+        y = ops.matvec(12, w_d, x_d, n_out, k, None, None, False, False, n_tok - 1, local)
+        check_matvec(y, ref, x, None, TOLERANCE["Q4_K"], tag + " (float kernel)")
+
+
+@pytest.mark.parametrize("local", [False, True], ids=["prep", "local"])
+def test_q4k_fragment_matvec_bias_accumulate_and_range(ops, rng, local):
+    n_out, k, n_tok = 131, 1024, 5
+    raw, ref = make_weights("Q4_K", n_out, k, rng)
+    x = rng.standard_normal((n_tok, k)).astype(np.float32)
+    # Super-blocks far outside fp16's range both ways, and one of zeros: the
+    # per-block scale keeps every one exact to 11 bits.
+    x[0, :256] *= 1e6
+    x[1, 256:512] *= 1e-9
+    x[2, 512:768] = 0.0
+    x[3, 768:] *= 3e4
+    bias = rng.standard_normal(n_out).astype(np.float32)
+    y0 = rng.standard_normal((n_tok, n_out)).astype(np.float32)
+    w_d, x_d = torch.from_numpy(raw).to(DEV), torch.from_numpy(x).to(DEV)
+    b_d, y0_d = torch.from_numpy(bias).to(DEV), torch.from_numpy(y0).to(DEV)
+    xf, tag = fragment_x(x), f"Q4_K fragment seed={rng.seed_value}"
+    y = ops.matvec(12, w_d, x_d, n_out, k, None, None, False, False, 8, local)
+    check_matvec(y, ref, xf, None, FRAGMENT_TOLERANCE, tag)
+    y = ops.matvec(12, w_d, x_d, n_out, k, b_d, y0_d, False, False, 8, local)
+    check_matvec(y, ref, xf, y0.astype(np.float64) + bias, FRAGMENT_TOLERANCE, tag + " bias+accumulate")
+    assert torch.equal(y0_d.cpu(), torch.from_numpy(y0)), "y_accumulate must not be modified"
+
+
+@pytest.mark.parametrize("local", [False, True], ids=["prep", "local"])
+def test_q4k_fragment_matvec_is_deterministic_and_graph_safe(ops, rng, local):
+    n_out, k = 4096, 4096
+    raw, ref = make_weights("Q4_K", n_out, k, rng)
+    w_d = torch.from_numpy(raw).to(DEV)
+    x_d = torch.zeros(3, k, device=DEV)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.matvec(12, w_d, x_d, n_out, k, None, None, False, False, 8, local)  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = ops.matvec(12, w_d, x_d, n_out, k, None, None, False, False, 8, local)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    x_d.copy_(torch.from_numpy(x))
+    g.replay()
+    torch.cuda.synchronize()
+    first = y.clone()
+    check_matvec(y, ref, fragment_x(x), None, FRAGMENT_TOLERANCE, f"graph replay seed={rng.seed_value}")
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(first, y), "two replays of one product differ"
+    direct = ops.matvec(12, w_d, x_d, n_out, k, None, None, False, False, 8, local)
+    assert torch.equal(first, direct), "the graph and a direct launch differ"
+
+
 def test_matvec_in_cuda_graph(ops, rng):
     n_out, k = 300, 512
     raw, ref = make_weights("Q6_K", n_out, k, rng)

@@ -1,0 +1,339 @@
+// The fragment matvec: Q4_K products of 1..8 tokens on tensor cores, with the
+// weights decoded straight into mma.sync fragments (no shared-memory stage).
+//
+//   y[t, i] = (accumulate ? y[t, i] : 0) + bias[i] + sum_j W[i, j] x~[t, j]
+//
+// where x~ is x rounded to 11 significant bits (fp16 after a power-of-two
+// scale per token and 256-element super-block, so no activation overflows or
+// goes subnormal), and the products are summed in fp32.
+//
+// Why: the float matvec spends about four instructions on every 4-bit weight
+// (a PRMT and an FMA per element plus its share of the scale decode and the
+// activation loads), which caps a Q4_K product near 2 TB/s on an H100. Here a
+// weight costs about one: a LOP3 makes two of them fp16 numbers 1024 + q (or
+// 1024 + 16 q for high nibbles) at once, one HFMA2 turns the pair into the
+// exact integers sc * q (sc the 6-bit sub-block scale; at most 945, exact in
+// fp16), and the MMA does the multiply-adds, eight tokens for the price of one.
+//
+// Layout: a warp owns 16 rows (a row tile) and a set of super-blocks (its
+// k-split: s = ks, ks + KS, ...). Lane (g = lane / 4, c = lane % 4) reads,
+// for rows g and g + 8, the 16-byte header and the 32 quant bytes of
+// sub-block pair c (bytes 16 + 32c .. of the 144): low nibbles are elements
+// 64c .. 64c + 31 (sub-block 2c), high nibbles 64c + 32 .. (sub-block 2c + 1).
+// The dot product's order over k is free, so each MMA takes one 4-byte word
+// of every lane: word i's low nibbles fill the A fragment of one MMA (bytes 0
+// and 2 in a0/a1, bytes 1 and 3 in a2/a3), its high nibbles another; the B
+// fragment is token g's four activations of those elements, which the prep
+// kernel stored in the order (x0, x2, x1, x3) so that one 8-byte load is both
+// registers. The sub-block scale is already in A, so one fp32 accumulator
+// per super-block serves all eight sub-blocks; then
+//   sum_j w_j x_j = d * sum_j sc q x  -  dmin * sum_sub m * sum_{j in sub} x,
+// the second sum a ninth MMA: A holds the lane's two mins, B the token's
+// sub-block sums (as a mean, hi + lo fp16 halves, so they stay exact to
+// about 2^-22). d, dmin and the scale undo apply in fp32 per super-block.
+//
+// Warps of a CTA that share a row tile (k-splits) add their sums in shared
+// memory in a fixed order: results never depend on scheduling. sm_80+.
+#include "kernels/matvec_mma.h"
+
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <atomic>
+
+#include "common/arch.cuh"
+#include "common/check.h"
+#include "common/launch.cuh"
+#include "kernels/quant_blocks.cuh"
+
+namespace hx {
+namespace matvec {
+namespace mma {
+namespace {
+
+__device__ __forceinline__ uint32_t h2_bits(__half2 v) { return *reinterpret_cast<uint32_t*>(&v); }
+__device__ __forceinline__ __half2 bits_h2(uint32_t v) { return *reinterpret_cast<__half2*>(&v); }
+
+// The prep of one (token, super-block) item by one warp, into `out` (the
+// scratch layout, global or shared memory): lane l takes elements 8l .. 8l + 7.
+__device__ __forceinline__ void prep_item(const Params& p, int item, int lane, uint8_t* out) {
+  const int tok = item / p.nsb, s = item - tok * p.nsb;
+  const float* xp = p.x + (size_t)tok * p.k + s * 256 + 8 * lane;
+  const float4 u = *reinterpret_cast<const float4*>(xp), v = *reinterpret_cast<const float4*>(xp + 4);
+  const float e[8] = {u.x, u.y, u.z, u.w, v.x, v.y, v.z, v.w};
+  float m = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(e[i]));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  // The block's largest |x| lands in [2^14, 2^15): far from fp16's overflow,
+  // and elements down to 2^-29 of it stay normal.
+  int ex = 0;
+  if (m > 0.f && isfinite(m)) frexpf(m, &ex);
+  ex = max(ex, -100);  // a block of (near) zeros: any scale serves, keep 2^(15 - ex) finite
+  const float scale = ldexpf(1.f, 15 - ex), inv = ldexpf(1.f, ex - 15);
+  __half h[8];
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    h[i] = __float2half_rn(e[i] * scale);
+    sum += __half2float(h[i]);
+  }
+  uint4 o4;
+  o4.x = h2_bits(__halves2half2(h[0], h[2]));
+  o4.y = h2_bits(__halves2half2(h[1], h[3]));
+  o4.z = h2_bits(__halves2half2(h[4], h[6]));
+  o4.w = h2_bits(__halves2half2(h[5], h[7]));
+  reinterpret_cast<uint4*>(out)[((size_t)tok * p.k + s * 256) / 8 + lane] = o4;
+  // Sub-block j = lane / 4 is lanes 4j .. 4j + 3.
+  sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+  const float mean = sum * (1.f / 32.f);
+  const float next = __shfl_down_sync(0xffffffffu, mean, 4);  // lane 8c: sub-block 2c + 1
+  if ((lane & 7) == 0) {
+    const __half h0 = __float2half_rn(mean), h1 = __float2half_rn(next);
+    const __half l0 = __float2half_rn(mean - __half2float(h0)), l1 = __float2half_rn(next - __half2float(h1));
+    uint2 w;
+    w.x = h2_bits(__halves2half2(h0, h1));
+    w.y = h2_bits(__halves2half2(l0, l1));
+    reinterpret_cast<uint2*>(out + p.lay.xs_off)[((size_t)tok * p.nsb + s) * 4 + lane / 8] = w;
+  }
+  float* invp = reinterpret_cast<float*>(out + p.lay.inv_off) + (size_t)s * kTokens;
+  if (lane == 0) invp[tok] = inv;
+  if (tok == 0 && lane >= p.ntok && lane < kTokens) invp[lane] = 1.f;  // slots the product reads but never writes out
+}
+
+// Prep into the global scratch: one warp per (token, super-block). It
+// triggers its dependents before it waits: the product's weight loads then
+// overlap the kernel before this one, and the product still waits for this
+// whole grid (which finishes only after that kernel) before it reads x16.
+__global__ void __launch_bounds__(256) prep_kernel(const Params p) {
+#if HX_HAS_PDL
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+  const int item = blockIdx.x * blockDim.y + threadIdx.y;
+  if (item < p.ntok * p.nsb) prep_item(p, item, threadIdx.x, p.scratch);
+}
+
+// Largest prepared x (scratch_layout bytes) a CTA builds in its own shared
+// memory instead (one token up to k = 18204): no prep launch, and no round
+// trip of x16 through L2 between two grids.
+constexpr size_t kLocalBytes = 40 * 1024;  // plus the 4 KB reduction buffer: under the 48 KB default
+
+template <bool kLocal, class T>
+__device__ __forceinline__ T ld_x(const T* q) {
+  if constexpr (kLocal)
+    return *q;
+  else
+    return __ldg(q);
+}
+
+// A weight chunk: streamed past L1, and volatile so the compiler keeps it
+// under its guard (the prefetch of a super-block past the last is skipped).
+__device__ __forceinline__ uint4 ld_weights(const uint8_t* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
+__device__ __forceinline__ void mma_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// One row's fold constants for pair c, from its 16-byte header:
+//   lo nibbles (1024 + q):      sc_lo * v - 1024 sc_lo        = sc_lo q
+//   hi nibbles (1024 + 16 q):   (sc_hi / 16) * v - 64 sc_hi   = sc_hi q
+// (each an exact fp16 integer: the FMA rounds once, and sc q <= 945), the
+// two mins as fp16 for the min MMA, and d, dmin in fp32.
+struct RowScales {
+  __half2 s_lo, b_lo, s_hi, b_hi;
+  uint32_t mins;
+  float d, dmin;
+};
+__device__ __forceinline__ RowScales row_scales(const uint4 h, int c) {
+  using B = quant::Block<GgmlType::Q4_K>;
+  const uint32_t w = B::scale_min_pair(h.y, h.z, h.w, c);  // bytes [sc(2c), sc(2c+1), m(2c), m(2c+1)]
+  const __half2 k1024 = __float2half2_rn(1024.f);
+  RowScales r;
+  // prmt with 0x64 bytes: fp16 1024 + byte, exact for bytes < 1024.
+  const __half2 sl = __hsub2(bits_h2(__byte_perm(w, 0x64646464u, 0x4040)), k1024);
+  const __half2 sh =
+      __hfma2(bits_h2(__byte_perm(w, 0x64646464u, 0x4141)), __float2half2_rn(1.f / 16.f), __float2half2_rn(-64.f));
+  r.s_lo = sl;
+  r.b_lo = __hmul2(sl, __float2half2_rn(-1024.f));
+  r.s_hi = sh;
+  r.b_hi = __hmul2(sh, __float2half2_rn(-1024.f));
+  r.mins = h2_bits(__hsub2(bits_h2(__byte_perm(w, 0x64646464u, 0x4342)), k1024));
+  r.d = __half2float(__ushort_as_half((unsigned short)(h.x & 0xffffu)));
+  r.dmin = __half2float(__ushort_as_half((unsigned short)(h.x >> 16)));
+  return r;
+}
+
+__device__ __forceinline__ uint32_t u4_word(const uint4& v, int i) {
+  return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
+}
+
+template <bool kLocal>
+__global__ void __launch_bounds__(kWarps * 32, 2) q4k_kernel(const Params p) {
+  __shared__ float4 red[kWarps][32];
+  extern __shared__ uint4 local[];  // kLocal: the prepared x (scratch layout)
+  const int lane = threadIdx.x, warp = threadIdx.y;
+  const int KS = p.ks;
+  const int ks = warp % KS, tile = blockIdx.x * (kWarps / KS) + warp / KS;
+  const int g = lane >> 2, c = lane & 3;
+  const int row0 = tile * 16 + g, row1 = row0 + 8;
+  // Rows past the end re-read the last one; their sums are never written.
+  const uint8_t* w0 = p.w + (size_t)min(row0, p.n_out - 1) * p.row_bytes;
+  const uint8_t* w1 = p.w + (size_t)min(row1, p.n_out - 1) * p.row_bytes;
+  const int tok = min(g, p.ntok - 1);
+  const uint8_t* prep = kLocal ? reinterpret_cast<const uint8_t*>(local) : p.scratch;
+  const uint4* x16 = reinterpret_cast<const uint4*>(prep) + ((size_t)tok * p.k + 64 * c) / 8;
+  const uint2* xs = reinterpret_cast<const uint2*>(prep + p.lay.xs_off) + (size_t)tok * p.nsb * 4 + c;
+  const float* invs = reinterpret_cast<const float*>(prep + p.lay.inv_off) + 2 * c;
+
+  uint4 cur[6], nxt[6];
+  auto load = [&](int s, uint4(&b)[6]) {
+    const uint8_t* q0 = w0 + (size_t)s * kSbBytes;
+    const uint8_t* q1 = w1 + (size_t)s * kSbBytes;
+    b[0] = ld_weights(q0);
+    b[1] = ld_weights(q0 + 16 + 32 * c);
+    b[2] = ld_weights(q0 + 32 + 32 * c);
+    b[3] = ld_weights(q1);
+    b[4] = ld_weights(q1 + 16 + 32 * c);
+    b[5] = ld_weights(q1 + 32 + 32 * c);
+  };
+
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  // Weights never change: the first super-block's loads go out before the
+  // wait for the prep kernel (launch.cuh).
+  if (!p.static_w) pdl_begin();
+  if (ks < p.nsb) load(ks, cur);
+  if (p.static_w) pdl_begin();
+  if constexpr (kLocal) {
+    // The CTA prepares x itself, its warps taking the (token, super-block) items in turn.
+    for (int item = warp; item < p.ntok * p.nsb; item += kWarps)
+      prep_item(p, item, lane, reinterpret_cast<uint8_t*>(local));
+    __syncthreads();
+  }
+  for (int s = ks; s < p.nsb; s += KS) {
+    if (s + KS < p.nsb) load(s + KS, nxt);
+    // Token tok's activations of this super-block's pair c: word i's lo run
+    // is uint2 i, its hi run uint2 8 + i.
+    const uint2* xp = reinterpret_cast<const uint2*>(x16 + (size_t)s * 32);
+    const uint2 xsum = ld_x<kLocal>(xs + (size_t)s * 4);
+    const float2 inv = ld_x<kLocal>(reinterpret_cast<const float2*>(invs + (size_t)s * kTokens));
+    const RowScales r0 = row_scales(cur[0], c), r1 = row_scales(cur[3], c);
+
+    float dlo[4] = {0.f, 0.f, 0.f, 0.f}, dhi[4] = {0.f, 0.f, 0.f, 0.f}, dmn[4] = {0.f, 0.f, 0.f, 0.f};
+    constexpr uint32_t kMagic = 0x64006400u;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t q0 = u4_word(i < 4 ? cur[1] : cur[2], i & 3);
+      const uint32_t q1 = u4_word(i < 4 ? cur[4] : cur[5], i & 3);
+      const uint32_t q0s = q0 >> 8, q1s = q1 >> 8;
+      // Row g / g + 8, elements (e0, e2) and (e1, e3) of the word's runs.
+      const uint32_t a0 = h2_bits(__hfma2(bits_h2((q0 & 0x000f000fu) | kMagic), r0.s_lo, r0.b_lo));
+      const uint32_t a1 = h2_bits(__hfma2(bits_h2((q1 & 0x000f000fu) | kMagic), r1.s_lo, r1.b_lo));
+      const uint32_t a2 = h2_bits(__hfma2(bits_h2((q0s & 0x000f000fu) | kMagic), r0.s_lo, r0.b_lo));
+      const uint32_t a3 = h2_bits(__hfma2(bits_h2((q1s & 0x000f000fu) | kMagic), r1.s_lo, r1.b_lo));
+      const uint32_t b0 = h2_bits(__hfma2(bits_h2((q0 & 0x00f000f0u) | kMagic), r0.s_hi, r0.b_hi));
+      const uint32_t b1 = h2_bits(__hfma2(bits_h2((q1 & 0x00f000f0u) | kMagic), r1.s_hi, r1.b_hi));
+      const uint32_t b2 = h2_bits(__hfma2(bits_h2((q0s & 0x00f000f0u) | kMagic), r0.s_hi, r0.b_hi));
+      const uint32_t b3 = h2_bits(__hfma2(bits_h2((q1s & 0x00f000f0u) | kMagic), r1.s_hi, r1.b_hi));
+      const uint2 xa = ld_x<kLocal>(xp + i), xb = ld_x<kLocal>(xp + 8 + i);
+      mma_f16(dlo, a0, a1, a2, a3, xa.x, xa.y);
+      mma_f16(dhi, b0, b1, b2, b3, xb.x, xb.y);
+    }
+    mma_f16(dmn, r0.mins, r1.mins, r0.mins, r1.mins, xsum.x, xsum.y);
+    // D: [0] row g token 2c, [1] row g token 2c + 1, [2] / [3] row g + 8.
+    const float m0 = 32.f * r0.dmin, m1 = 32.f * r1.dmin;
+    acc[0] = fmaf(fmaf(r0.d, dlo[0] + dhi[0], -m0 * dmn[0]), inv.x, acc[0]);
+    acc[1] = fmaf(fmaf(r0.d, dlo[1] + dhi[1], -m0 * dmn[1]), inv.y, acc[1]);
+    acc[2] = fmaf(fmaf(r1.d, dlo[2] + dhi[2], -m1 * dmn[2]), inv.x, acc[2]);
+    acc[3] = fmaf(fmaf(r1.d, dlo[3] + dhi[3], -m1 * dmn[3]), inv.y, acc[3]);
+#pragma unroll
+    for (int j = 0; j < 6; ++j) cur[j] = nxt[j];
+  }
+
+  // The k-splits of a row tile meet in shared memory, added in split order.
+  red[warp][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  __syncthreads();
+  if (ks != 0) return;
+  float4 t = red[warp][lane];
+  for (int j = 1; j < KS; ++j) {
+    const float4 o = red[warp + j][lane];
+    t.x += o.x;
+    t.y += o.y;
+    t.z += o.z;
+    t.w += o.w;
+  }
+  const float v[4] = {t.x, t.y, t.z, t.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int row = j < 2 ? row0 : row1, tk = 2 * c + (j & 1);
+    if (row < p.n_out && tk < p.ntok) {
+      float* out = p.y + (size_t)tk * p.n_out + row;
+      float val = v[j];
+      if (p.bias) val += p.bias[row];
+      if (p.accumulate) val += *out;
+      *out = val;
+    }
+  }
+}
+
+// CTAs of q4k_kernel one SM holds at once, asked once per device (registers
+// bound it: the local variant's shared stage never lowers it).
+int resident(int device) {
+  constexpr int kDevices = 64;
+  static std::atomic<int> table[kDevices];
+  if (device >= 0 && device < kDevices) {
+    const int v = table[device].load(std::memory_order_acquire);
+    if (v > 0) return v;
+  }
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, q4k_kernel<false>, kWarps * 32, 0) != cudaSuccess) n = 1;
+  (void)cudaGetLastError();
+  n = std::max(n, 1);
+  if (device >= 0 && device < kDevices) table[device].store(n, std::memory_order_release);
+  return n;
+}
+
+}  // namespace
+
+// The prep (the kernel, or each CTA for a small stage when asked), then the
+// product. k-splits: as many as keep every warp of the grid resident at once
+// (at most 8, and no more than super-blocks; an H100 A/B of 8 and 2 splits
+// for every shape measured no better).
+void run_q4k(Params p, int device, int sms, cudaStream_t stream) {
+  p.nsb = p.k / 256;
+  p.lay = scratch_layout(p.ntok, p.k);
+  const bool local = p.local && p.lay.bytes <= kLocalBytes;
+  if (!local) {
+    const int items = p.ntok * p.nsb;
+    launch_overlapped(prep_kernel, (items + 7) / 8, dim3(32, 8), 0, stream, p);
+    HX_CUDA_CHECK(cudaGetLastError());
+  }
+  const long tiles = (p.n_out + 15) / 16;
+  const long capacity = (long)std::max(sms, 1) * resident(device) * kWarps;
+  int ks = kWarps;
+  while (ks > 1 && (tiles * ks > capacity || ks > p.nsb)) ks /= 2;
+  p.ks = ks;
+  const int per = kWarps / ks;
+  if (local)
+    launch_overlapped(q4k_kernel<true>, (int)((tiles + per - 1) / per), dim3(32, kWarps), p.lay.bytes, stream, p);
+  else
+    launch_overlapped(q4k_kernel<false>, (int)((tiles + per - 1) / per), dim3(32, kWarps), 0, stream, p);
+  HX_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace mma
+}  // namespace matvec
+}  // namespace hx
