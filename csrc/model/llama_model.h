@@ -335,6 +335,12 @@ class GpuModel : public Resource {
   bool tc_for(int n, GgmlType t) const {
     return n >= tc_min_ && n <= kTcMaxTokens && (t != GgmlType::BF16 || tc_bf16_);
   }
+  // Q4_K products of up to mv_mma_ tokens, of matrices of mv_min_rows_ rows
+  // or more, take the fragment matvec at any batch size (matvec_mma.cuh;
+  // HELEXA_MV_MMA, HELEXA_MV_MMA_MIN_ROWS; off by default).
+  bool mv_for(const LinearWeight& w, int n) const {
+    return w.type == GgmlType::Q4_K && n >= 1 && n <= mv_mma_ && w.n_out >= mv_min_rows_;
+  }
   // The decode matvec's options over weight w: int8_for, two int8 terms, the
   // weights read as static, the shared x scratch.
   MatvecOptions matvec_options(const LinearWeight& w, bool accumulate) const;
@@ -383,6 +389,9 @@ class GpuModel : public Resource {
   bool moe_tc_ = false;
   int moe_pairs_max_ = kMatvecMaxTokens;  // tokens up to which experts run as pairs (moe_ffn)
   bool moe_fuse_ = false;                 // pairs: SwiGLU and combine fused into the products
+  int mv_mma_ = 0;                        // Q4_K matvecs up to this many tokens on the fragment kernel
+  int mv_min_rows_ = 2048;                // ... of matrices of at least this many rows
+  bool mv_local_ = false;                 // ... each CTA preparing its x (MatvecOptions::mma_local_prep)
   TcOptions tc_opts_;                  // the product's implementation and sizes (tc_options_from_env, at load)
 
   std::vector<void*> dev_buffers_;

@@ -424,6 +424,45 @@ def test_graph_replay_matches_plain_path(sources, model):
         gpu.close()
 
 
+# The Q4_K fragment matvec (HELEXA_MV_MMA, off by default), on every Q4_K
+# matrix whatever its size, at one token and in batches of up to 8 (where
+# the norms then write both the fp32 and the bf16 input of a mixed layer).
+MMA_MODELS = [
+    ("llama3-8b", "gguf", "Q4_K", LLAMA3_SMALL),
+    ("llama3-8b", "gguf", "Q4_K_M", LLAMA3_SMALL),
+    ("qwen3-0.6b", "gguf", "Q4_K", SMALL),
+]
+
+
+@gpu
+@pytest.mark.parametrize("model", MMA_MODELS, ids=_id)
+def test_fragment_matvec_decode_matches_reference(sources, model, monkeypatch):
+    monkeypatch.setenv("HELEXA_MV_MMA", "8")
+    monkeypatch.setenv("HELEXA_MV_MMA_MIN_ROWS", "1")
+    src = sources(model)
+    vocab = src.config.vocab_size
+    prompt, teacher = _tokens(1, N_PROMPT, vocab), _tokens(2, N_TEACHER, vocab)
+    n_ctx = 128
+    cpu = CPUBackend(src, n_ctx)
+    gpu = CUDABackend(src, 0, n_ctx, max_num_seqs=8)
+    try:
+        want = _cpu_teacher_forced(cpu, prompt, teacher)
+        got = _gpu_teacher_forced(gpu, prompt, teacher)
+        cos = _cosines(got, want)
+        worst = int(cos.argmin())
+        assert cos.min().item() >= MIN_COSINE, f"step {worst}: cosine {cos[worst].item():.6f}"
+        agree = _top1_agreement(got, want)
+        assert agree >= MIN_TOP1, f"top-1 agreement {agree:.3f}"
+        # Batches of up to 8 rows take the same kernel: each sequence's tokens
+        # equal its tokens alone (or differ only at a float tie of the reference).
+        prompts = [_tokens(seed, n, vocab) for seed, n in BATCH_PROMPTS]
+        batched = _batched_greedy(gpu, prompts, N_GREEDY, join_at=[0, 0, 0, 3, 7])
+        for p, got_tokens in zip(prompts, batched):
+            _assert_tokens_agree(cpu, p, got_tokens, _gpu_generate(gpu, p, N_GREEDY))
+    finally:
+        gpu.close()
+
+
 @gpu
 def test_tensor_core_products_start_by_model_width(sources, monkeypatch):
     # Narrow models (hidden below 768) keep small batches off the tensor-core
