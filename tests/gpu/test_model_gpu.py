@@ -174,6 +174,19 @@ def _cpu_teacher_forced(cpu, prompt, teacher):
     return torch.stack(rows)
 
 
+def _assert_teacher_forced_close(cpu, gpu, prompt, teacher):
+    """The GPU's teacher-forced logits against the reference's: cosine and top-1 agreement."""
+    want = _cpu_teacher_forced(cpu, prompt, teacher)
+    got = _gpu_teacher_forced(gpu, prompt, teacher)
+    assert got.shape == want.shape == (len(teacher) + 1, cpu.config.vocab_size)
+    assert bool(torch.isfinite(got).all())
+    cos = _cosines(got, want)
+    worst = int(cos.argmin())
+    assert cos.min().item() >= MIN_COSINE, f"step {worst}: cosine {cos[worst].item():.6f}"
+    agree = _top1_agreement(got, want)
+    assert agree >= MIN_TOP1, f"top-1 agreement {agree:.3f}"
+
+
 def _gpu_generate(gpu, prompt, n, params=None):
     params = params or _greedy()
     gpu.reset()
@@ -236,15 +249,7 @@ def test_teacher_forced_logits_match_reference(sources, model):
     cpu = CPUBackend(src, n_ctx)
     gpu = CUDABackend(src, 0, n_ctx)
     try:
-        want = _cpu_teacher_forced(cpu, prompt, teacher)
-        got = _gpu_teacher_forced(gpu, prompt, teacher)
-        assert got.shape == want.shape == (N_TEACHER + 1, vocab)
-        assert bool(torch.isfinite(got).all())
-        cos = _cosines(got, want)
-        worst = int(cos.argmin())
-        assert cos.min().item() >= MIN_COSINE, f"step {worst}: cosine {cos[worst].item():.6f}"
-        agree = _top1_agreement(got, want)
-        assert agree >= MIN_TOP1, f"top-1 agreement {agree:.3f}"
+        _assert_teacher_forced_close(cpu, gpu, prompt, teacher)
         assert gpu.memory_info()["graph_replays"] > 0
     finally:
         gpu.close()
@@ -289,13 +294,7 @@ def test_int8_activation_decode_matches_reference(sources, model, mode):
     cpu = CPUBackend(src, n_ctx)
     gpu = CUDABackend(src, 0, n_ctx, int8_activations=mode)
     try:
-        want = _cpu_teacher_forced(cpu, prompt, teacher)
-        got = _gpu_teacher_forced(gpu, prompt, teacher)
-        cos = _cosines(got, want)
-        worst = int(cos.argmin())
-        assert cos.min().item() >= MIN_COSINE, f"step {worst}: cosine {cos[worst].item():.6f}"
-        agree = _top1_agreement(got, want)
-        assert agree >= MIN_TOP1, f"top-1 agreement {agree:.3f}"
+        _assert_teacher_forced_close(cpu, gpu, prompt, teacher)
         gpu.reset()
         cpu.reset()
         greedy_prompt = _tokens(3, N_PROMPT, vocab)
@@ -446,13 +445,7 @@ def test_fragment_matvec_decode_matches_reference(sources, model, monkeypatch):
     cpu = CPUBackend(src, n_ctx)
     gpu = CUDABackend(src, 0, n_ctx, max_num_seqs=8)
     try:
-        want = _cpu_teacher_forced(cpu, prompt, teacher)
-        got = _gpu_teacher_forced(gpu, prompt, teacher)
-        cos = _cosines(got, want)
-        worst = int(cos.argmin())
-        assert cos.min().item() >= MIN_COSINE, f"step {worst}: cosine {cos[worst].item():.6f}"
-        agree = _top1_agreement(got, want)
-        assert agree >= MIN_TOP1, f"top-1 agreement {agree:.3f}"
+        _assert_teacher_forced_close(cpu, gpu, prompt, teacher)
         # Batches of up to 8 rows take the same kernel: each sequence's tokens
         # equal its tokens alone (or differ only at a float tie of the reference).
         prompts = [_tokens(seed, n, vocab) for seed, n in BATCH_PROMPTS]
