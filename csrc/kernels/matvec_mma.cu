@@ -25,7 +25,8 @@
 // and 2 in a0/a1, bytes 1 and 3 in a2/a3), its high nibbles another; the B
 // fragment is token g's four activations of those elements, which the prep
 // kernel stored in the order (x0, x2, x1, x3) so that one 8-byte load is both
-// registers. The sub-block scale is already in A, so one fp32 accumulator
+// registers, and the four lanes c of a word side by side (one 32-byte
+// sector per load at one token). The sub-block scale is already in A, so one fp32 accumulator
 // per super-block serves all eight sub-blocks; then
 //   sum_j w_j x_j = d * sum_j sc q x  -  dmin * sum_sub m * sum_{j in sub} x,
 // the second sum a ninth MMA: A holds the lane's two mins, B the token's
@@ -79,12 +80,11 @@ __device__ __forceinline__ void prep_item(const Params& p, int item, int lane, u
     h[i] = __float2half_rn(e[i] * scale);
     sum += __half2float(h[i]);
   }
-  uint4 o4;
-  o4.x = h2_bits(__halves2half2(h[0], h[2]));
-  o4.y = h2_bits(__halves2half2(h[1], h[3]));
-  o4.z = h2_bits(__halves2half2(h[4], h[6]));
-  o4.w = h2_bits(__halves2half2(h[5], h[7]));
-  reinterpret_cast<uint4*>(out)[((size_t)tok * p.k + s * 256) / 8 + lane] = o4;
+  // Groups of four q = 2 lane, 2 lane + 1 go to word q % 16 of pair q / 16.
+  uint2* xw = reinterpret_cast<uint2*>(out) + ((size_t)tok * p.nsb + s) * 64 + (lane / 8);
+  const int r = (2 * lane) % 16;
+  xw[4 * r] = make_uint2(h2_bits(__halves2half2(h[0], h[2])), h2_bits(__halves2half2(h[1], h[3])));
+  xw[4 * (r + 1)] = make_uint2(h2_bits(__halves2half2(h[4], h[6])), h2_bits(__halves2half2(h[5], h[7])));
   // Sub-block j = lane / 4 is lanes 4j .. 4j + 3.
   sum += __shfl_xor_sync(0xffffffffu, sum, 1);
   sum += __shfl_xor_sync(0xffffffffu, sum, 2);
@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) q4k_kernel(const Params p) {
   const uint8_t* w1 = p.w + (size_t)min(row1, p.n_out - 1) * p.row_bytes;
   const int tok = min(g, p.ntok - 1);
   const uint8_t* prep = kLocal ? reinterpret_cast<const uint8_t*>(local) : p.scratch;
-  const uint4* x16 = reinterpret_cast<const uint4*>(prep) + ((size_t)tok * p.k + 64 * c) / 8;
+  const uint2* x16 = reinterpret_cast<const uint2*>(prep) + (size_t)tok * p.nsb * 64 + c;
   const uint2* xs = reinterpret_cast<const uint2*>(prep + p.lay.xs_off) + (size_t)tok * p.nsb * 4 + c;
   const float* invs = reinterpret_cast<const float*>(prep + p.lay.inv_off) + 2 * c;
 
@@ -226,8 +226,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2) q4k_kernel(const Params p) {
   for (int s = ks; s < p.nsb; s += KS) {
     if (s + KS < p.nsb) load(s + KS, nxt);
     // Token tok's activations of this super-block's pair c: word i's lo run
-    // is uint2 i, its hi run uint2 8 + i.
-    const uint2* xp = reinterpret_cast<const uint2*>(x16 + (size_t)s * 32);
+    // is uint2 4i (+ c, in x16), its hi run uint2 4 (8 + i).
+    const uint2* xp = x16 + (size_t)s * 64;
     const uint2 xsum = ld_x<kLocal>(xs + (size_t)s * 4);
     const float2 inv = ld_x<kLocal>(reinterpret_cast<const float2*>(invs + (size_t)s * kTokens));
     const RowScales r0 = row_scales(cur[0], c), r1 = row_scales(cur[3], c);
@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) q4k_kernel(const Params p) {
       const uint32_t b1 = h2_bits(__hfma2(bits_h2((q1 & 0x00f000f0u) | kMagic), r1.s_hi, r1.b_hi));
       const uint32_t b2 = h2_bits(__hfma2(bits_h2((q0s & 0x00f000f0u) | kMagic), r0.s_hi, r0.b_hi));
       const uint32_t b3 = h2_bits(__hfma2(bits_h2((q1s & 0x00f000f0u) | kMagic), r1.s_hi, r1.b_hi));
-      const uint2 xa = ld_x<kLocal>(xp + i), xb = ld_x<kLocal>(xp + 8 + i);
+      const uint2 xa = ld_x<kLocal>(xp + 4 * i), xb = ld_x<kLocal>(xp + 4 * (8 + i));
       mma_f16(dlo, a0, a1, a2, a3, xa.x, xa.y);
       mma_f16(dhi, b0, b1, b2, b3, xb.x, xb.y);
     }

@@ -16,7 +16,8 @@ constexpr int kTokens = 8;   // the MMA's n: tokens one launch takes at most
 constexpr int kSbBytes = 144;  // one Q4_K super-block
 
 // The prep kernel's output inside x_scratch (16-byte aligned pieces):
-//   x16 [ntok][k] fp16 of x * 2^e, each group of four stored as (x0, x2, x1, x3);
+//   x16 [ntok][nsb][16][4] uint2: fp16 of x * 2^e, group of four 16c + r of a
+//       super-block (elements 64c + 4r ..) at [r][c], stored as (x0, x2, x1, x3);
 //   xs  [ntok][nsb][4] uint2: sub-block means of those fp16 values for pair c,
 //       {half2(hi(2c), hi(2c + 1)), half2(lo(2c), lo(2c + 1))};
 //   inv [nsb][kTokens] float: 2^-e of each super-block and token.
