@@ -41,6 +41,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 
 #include "common/arch.cuh"
 #include "common/check.h"
@@ -306,6 +307,16 @@ int resident(int device) {
   return n;
 }
 
+// k-splits asked for by HELEXA_MV_MMA_SPLITS (1, 2, 4 or 8; unset: planned), for A/B runs.
+int forced_splits() {
+  static const int v = [] {
+    const char* e = std::getenv("HELEXA_MV_MMA_SPLITS");
+    const int n = e && *e ? std::atoi(e) : 0;
+    return n == 1 || n == 2 || n == 4 || n == 8 ? n : 0;
+  }();
+  return v;
+}
+
 }  // namespace
 
 // The prep (the kernel, or each CTA for a small stage when asked), then the
@@ -325,6 +336,10 @@ void run_q4k(Params p, int device, int sms, cudaStream_t stream) {
   const long capacity = (long)std::max(sms, 1) * resident(device) * kWarps;
   int ks = kWarps;
   while (ks > 1 && (tiles * ks > capacity || ks > p.nsb)) ks /= 2;
+  if (forced_splits() > 0) {
+    ks = forced_splits();
+    while (ks > 1 && ks > p.nsb) ks /= 2;
+  }
   p.ks = ks;
   const int per = kWarps / ks;
   if (local)
