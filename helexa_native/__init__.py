@@ -1,4 +1,4 @@
-"""helexa_native: a single-request LLM engine for llama-family models."""
+"""helexa_native: an LLM inference engine for llama-family and Qwen3-MoE models."""
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
