@@ -38,7 +38,7 @@ struct MatvecOptions {
   // be ordered on one stream. nullptr: each CTA quantizes x for itself.
   void* x_scratch = nullptr;
   // Q4_K without int8_activations: up to this many tokens, the fragment
-  // kernel (matvec_mma.cuh: weights decoded into tensor-core fragments, x
+  // kernel (matvec_mma.cu: weights decoded into tensor-core fragments, x
   // rounded to 11 significant bits, fp32 sums), its x prepared once into
   // x_scratch (required; without it the float kernel runs). 0: off.
   int mma_tokens = 0;

@@ -558,7 +558,8 @@ void GpuModel::alloc_state() {
   }
   {
     // Q4_K matvecs of up to mv_mma_ tokens on the fragment kernel
-    // (matvec_mma.cuh; HELEXA_MV_MMA=0..8). Off by default: on an H100 its
+    // (matvec_mma.cu; HELEXA_MV_MMA=0..8): the products that take the matvec,
+    // batches below the tensor-core product's start. Off by default: on an H100 its
     // faster large products (gate|up +7%, 4096 x 4096 +9%, a 128256-row
     // head +18%) did not show in decode (8B Q4_K_M 300.8 against 299.3
     // tok/s, Qwen3-30B-A3B 344.1 against 353.2; bench/notes.md).
@@ -1078,18 +1079,8 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
 
   embedding_launch(token_embd_.type, token_embd_.data, pl.ids, x_, n, h, s.vocab, st);
 
-  // Products that take the matvec (float32 x): every one of a small batch,
-  // and Q4_K ones up to mv_mma_ tokens (the fragment kernel) in any batch.
-  auto mv = [&](const LinearWeight& w) { return small || mv_for(w, n); };
   for (const LayerWeights& L : layers_) {
-    // The attention input as each of q, k, v's products reads it.
-    bool attn_f32 = small, attn_bf16 = false;
-    for (const LinearWeight* w : {&L.qkv, &L.qk, &L.q, &L.k, &L.v}) {
-      if (w->data == nullptr) continue;
-      attn_f32 = attn_f32 || mv(*w);
-      attn_bf16 = attn_bf16 || !mv(*w);
-    }
-    add_rms_norm_launch(x_, nullptr, L.attn_norm, eps, attn_f32 ? xn_ : nullptr, attn_bf16 ? xb_ : nullptr, n, h, st);
+    add_rms_norm_launch(x_, nullptr, L.attn_norm, eps, small ? xn_ : nullptr, small ? nullptr : xb_, n, h, st);
 
     const float* bq = L.b_qkv;
     const float* bk = L.b_qkv ? L.b_qkv + q_size_ : nullptr;
@@ -1097,11 +1088,10 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
     if (n == 1 && L.qkv_fused) {
       // q, k and v blocks are adjacent for one token: one launch fills all three.
       matvec_launch(L.qkv.type, L.qkv.data, xn_, q, qkv_size_, h, 1, L.b_qkv, matvec_options(L.qkv, false), st);
-    } else if (L.qkv_fused && (tc_for(n, L.qkv.type) || mv_for(L.qkv, n))) {
-      const bool m = mv(L.qkv);
-      linear(ctx, L.qkv.rows(0, q_size_), xn_, xb_, q, n, bq, false, m);
-      linear(ctx, L.qkv.rows(q_size_, kv_size_), xn_, xb_, k, n, bk, false, m);
-      linear(ctx, L.qkv.rows(q_size_ + kv_size_, kv_size_), xn_, xb_, v, n, bv, false, m);
+    } else if (L.qkv_fused && tc_for(n, L.qkv.type)) {
+      linear(ctx, L.qkv.rows(0, q_size_), xn_, xb_, q, n, bq, false, false);
+      linear(ctx, L.qkv.rows(q_size_, kv_size_), xn_, xb_, k, n, bk, false, false);
+      linear(ctx, L.qkv.rows(q_size_ + kv_size_, kv_size_), xn_, xb_, v, n, bv, false, false);
     } else if (!small && L.qkv_fused) {
       const __nv_bfloat16* wb = nullptr;
       dequantize_for_gemm(ctx, L.qkv, &wb);
@@ -1118,9 +1108,9 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
       matvec_launch(L.qk.type, L.qk.data, xn_, q, q_size_ + kv_size_, h, 1, L.b_qkv, matvec_options(L.qk, false), st);
       linear(ctx, L.v, xn_, xb_, v, n, bv, false, small);
     } else {
-      linear(ctx, L.q, xn_, xb_, q, n, bq, false, mv(L.q));
-      linear(ctx, L.k, xn_, xb_, k, n, bk, false, mv(L.k));
-      linear(ctx, L.v, xn_, xb_, v, n, bv, false, mv(L.v));
+      linear(ctx, L.q, xn_, xb_, q, n, bq, false, small);
+      linear(ctx, L.k, xn_, xb_, k, n, bk, false, small);
+      linear(ctx, L.v, xn_, xb_, v, n, bv, false, small);
     }
 
     // qwen3's q/k norm, the rotation and the pool append in one launch.
@@ -1134,19 +1124,13 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
                                s.block_size, g.start_pos, g.count, attn_ + static_cast<size_t>(g.row0) * q_size_, nq,
                                nk, d, pool_cap_, scale, st);
 
-    if (!mv(L.o)) f32_to_bf16_launch(attn_, xb_, static_cast<int64_t>(n) * q_size_, st);
-    linear(ctx, L.o, attn_, xb_, x_, n, L.b_o, accumulate, mv(L.o));
+    if (!small) f32_to_bf16_launch(attn_, xb_, static_cast<int64_t>(n) * q_size_, st);
+    linear(ctx, L.o, attn_, xb_, x_, n, L.b_o, accumulate, small);
     if (tp_) tp_->all_reduce(ctx, x_, hidden_count);
 
     // A MoE layer reads its input in float32 at every batch size (router and expert products).
-    bool ffn_f32 = small || L.moe, ffn_bf16 = false;
-    if (!L.moe)
-      for (const LinearWeight* w : {&L.gate_up, &L.gate, &L.up}) {
-        if (w->data == nullptr) continue;
-        ffn_f32 = ffn_f32 || mv(*w);
-        ffn_bf16 = ffn_bf16 || !mv(*w);
-      }
-    add_rms_norm_launch(x_, nullptr, L.ffn_norm, eps, ffn_f32 ? xn_ : nullptr, ffn_bf16 ? xb_ : nullptr, n, h, st);
+    const bool f32_in = small || L.moe;
+    add_rms_norm_launch(x_, nullptr, L.ffn_norm, eps, f32_in ? xn_ : nullptr, f32_in ? nullptr : xb_, n, h, st);
     if (L.moe) {
       moe_ffn(ctx, L, n);
       continue;
@@ -1154,22 +1138,20 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
     if (n == 1 && L.gate_up_fused) {
       matvec_launch(L.gate_up.type, L.gate_up.data, xn_, gate, 2 * f, h, 1, nullptr, matvec_options(L.gate_up, false),
                     st);
-    } else if (L.gate_up_fused && (tc_for(n, L.gate_up.type) || mv_for(L.gate_up, n))) {
-      const bool m = mv(L.gate_up);
-      linear(ctx, L.gate_up.rows(0, f), xn_, xb_, gate, n, nullptr, false, m);
-      linear(ctx, L.gate_up.rows(f, f), xn_, xb_, up, n, nullptr, false, m);
+    } else if (L.gate_up_fused && tc_for(n, L.gate_up.type)) {
+      linear(ctx, L.gate_up.rows(0, f), xn_, xb_, gate, n, nullptr, false, false);
+      linear(ctx, L.gate_up.rows(f, f), xn_, xb_, up, n, nullptr, false, false);
     } else if (!small && L.gate_up_fused) {
       const __nv_bfloat16* wb = nullptr;
       dequantize_for_gemm(ctx, L.gate_up, &wb);
       gemm_bf16_xwT(ctx.cublas(), xb_, wb, gate, n, f, h, false, st);
       gemm_bf16_xwT(ctx.cublas(), xb_, wb + static_cast<size_t>(f) * h, up, n, f, h, false, st);
     } else {
-      linear(ctx, L.gate, xn_, xb_, gate, n, nullptr, false, mv(L.gate));
-      linear(ctx, L.up, xn_, xb_, up, n, nullptr, false, mv(L.up));
+      linear(ctx, L.gate, xn_, xb_, gate, n, nullptr, false, small);
+      linear(ctx, L.up, xn_, xb_, up, n, nullptr, false, small);
     }
-    const bool down_mv = mv(L.down);
-    swiglu_launch(gate, up, down_mv ? act_ : nullptr, down_mv ? nullptr : xb_, static_cast<int64_t>(n) * f, st);
-    linear(ctx, L.down, act_, xb_, x_, n, nullptr, accumulate, down_mv);
+    swiglu_launch(gate, up, small ? act_ : nullptr, small ? nullptr : xb_, static_cast<int64_t>(n) * f, st);
+    linear(ctx, L.down, act_, xb_, x_, n, nullptr, accumulate, small);
     if (tp_) tp_->all_reduce(ctx, x_, hidden_count);
   }
 }
@@ -1256,7 +1238,7 @@ void GpuModel::lm_head(WorkerContext& ctx, const float* x, int count, float* log
   // A quantized LM head is read once per group of kMatvecMaxTokens rows by
   // the matvec, or dequantized once (about 4x its stored bytes of traffic)
   // for a GEMM: up to 4 groups the matvec moves less.
-  if (tc_for(count, output_.type) && !mv_for(output_, count)) {
+  if (tc_for(count, output_.type)) {
     add_rms_norm_launch(rows, nullptr, output_norm_, spec_.eps, nullptr, xb_, count, h, st);
     matmul_tc_launch(output_.type, output_.data, xb_, logits, V, h, count, nullptr, false, tc_ws_, tc_ws_bytes_,
                      tc_opts_, st);

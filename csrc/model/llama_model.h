@@ -335,14 +335,9 @@ class GpuModel : public Resource {
   bool tc_for(int n, GgmlType t) const {
     return n >= tc_min_ && n <= kTcMaxTokens && (t != GgmlType::BF16 || tc_bf16_);
   }
-  // Q4_K products of up to mv_mma_ tokens, of matrices of mv_min_rows_ rows
-  // or more, take the fragment matvec at any batch size (matvec_mma.cuh;
-  // HELEXA_MV_MMA, HELEXA_MV_MMA_MIN_ROWS; off by default).
-  bool mv_for(const LinearWeight& w, int n) const {
-    return w.type == GgmlType::Q4_K && n >= 1 && n <= mv_mma_ && w.n_out >= mv_min_rows_;
-  }
   // The decode matvec's options over weight w: int8_for, two int8 terms, the
-  // weights read as static, the shared x scratch.
+  // weights read as static, the shared x scratch, and for Q4_K matrices of
+  // mv_min_rows_ rows or more the fragment kernel up to mv_mma_ tokens.
   MatvecOptions matvec_options(const LinearWeight& w, bool accumulate) const;
   // Final norm + LM head of `count` consecutive hidden rows into logits rows
   // [count, vocab]: the matvec in groups of kMatvecMaxTokens rows, or for
