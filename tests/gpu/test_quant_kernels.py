@@ -232,7 +232,20 @@ def test_matvec_many_rows(ops, rng):
     check_matvec(y, ref, x_seen_by("Q4_K", x), None, TOLERANCE["Q4_K"], f"Q4_K {n_out}x{k} seed={rng.seed_value}")
 
 
-# ---------------------------------------------------------------- Q4_K fragment kernel (matvec_mma.cuh)
+def captured(launch):
+    """(graph, output) of `launch` captured in a CUDA graph, after one warm-up run outside capture."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        launch()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = launch()
+    return g, out
+
+
+# ---------------------------------------------------------------- Q4_K fragment kernel (matvec_mma.cu)
 
 
 def fragment_x(x: np.ndarray) -> np.ndarray:
@@ -302,14 +315,7 @@ def test_q4k_fragment_matvec_is_deterministic_and_graph_safe(ops, rng, local):
     raw, ref = make_weights("Q4_K", n_out, k, rng)
     w_d = torch.from_numpy(raw).to(DEV)
     x_d = torch.zeros(3, k, device=DEV)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        ops.matvec(12, w_d, x_d, n_out, k, None, None, False, False, 8, local)  # warm-up outside capture
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y = ops.matvec(12, w_d, x_d, n_out, k, None, None, False, False, 8, local)
+    g, y = captured(lambda: ops.matvec(12, w_d, x_d, n_out, k, None, None, False, False, 8, local))
     x = rng.standard_normal((3, k)).astype(np.float32)
     x_d.copy_(torch.from_numpy(x))
     g.replay()
@@ -328,14 +334,7 @@ def test_matvec_in_cuda_graph(ops, rng):
     raw, ref = make_weights("Q6_K", n_out, k, rng)
     w_d = torch.from_numpy(raw).to(DEV)
     x_d = torch.zeros(1, k, device=DEV)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        ops.matvec(14, w_d, x_d, n_out, k, None, None)  # warm-up outside capture
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y = ops.matvec(14, w_d, x_d, n_out, k, None, None)
+    g, y = captured(lambda: ops.matvec(14, w_d, x_d, n_out, k, None, None))
     for _ in range(2):
         x = rng.standard_normal((1, k)).astype(np.float32)
         x_d.copy_(torch.from_numpy(x))
