@@ -8,6 +8,7 @@ device-to-device copy (read + write counted).
 
     python bench/bench_matvec.py                       # all types, n_tok 1
     python bench/bench_matvec.py --types Q4_K,Q6_K --ntok 1,4 --dequant
+    python bench/bench_matvec.py --types BF16 --ntok 1,8,16,32 --bf16-frag
 
 Not a test: it asserts nothing, it prints numbers.
 """
@@ -75,6 +76,32 @@ def random_weights(n_bytes: int, copies: int) -> list[torch.Tensor]:
     return [torch.randint(0, 256, (n_bytes,), dtype=torch.uint8, device="cuda") for _ in range(copies)]
 
 
+def bf16_rows(ops, ws, copies, label, n_out, k, ntok, nbytes, copy_bw, args) -> None:
+    """The bf16 fragment kernel ('f') and cuBLAS ('c') on the same rotated weight copies."""
+    mats = [w.view(torch.bfloat16).view(n_out, k) for w in ws]
+    xb = torch.randn(ntok, k, device="cuda").to(torch.bfloat16)
+    y = torch.empty(ntok, n_out, device="cuda")
+    it = iter(range(1 << 62))
+
+    def frag():
+        ops.matvec_bf16_out(mats[next(it) % copies], xb, y)
+
+    def cublas():
+        torch.mm(xb, mats[next(it) % copies].t(), out_dtype=torch.float32, out=y)
+
+    for tag, fn in (("f", frag), ("c", cublas)):
+        try:
+            t = time_graph(fn, args.launches, args.batches)
+        except (RuntimeError, TypeError) as e:  # torch without out_dtype, or a size the kernel refuses
+            print(f"BF16    {label:12s} {n_out:6d} {k:6d} {ntok:>3d}{tag} skipped: {str(e).splitlines()[0][:60]}")
+            continue
+        bw = (nbytes + 2 * ntok * k + 4 * ntok * n_out) / t
+        print(
+            f"BF16    {label:12s} {n_out:6d} {k:6d} {f'{ntok}{tag}':>4s} {nbytes / 1e6:8.1f} {t * 1e6:9.2f} "
+            f"{bw / 1e9:7.0f} {100 * bw / copy_bw:6.1f}"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--types", default=",".join(TYPES), help="comma-separated GGML type names")
@@ -89,6 +116,11 @@ def main() -> None:
         help="Q4_K: also time the fragment kernel (matvec_mma.cu) beside the float kernel, rows marked 'm'",
     )
     ap.add_argument("--mma-local", action="store_true", help="with --mma: CTAs prepare x in shared memory")
+    ap.add_argument(
+        "--bf16-frag",
+        action="store_true",
+        help="BF16: also time the bf16 fragment kernel ('f', up to 32 tokens) and cuBLAS ('c', bf16 in, fp32 out)",
+    )
     args = ap.parse_args()
 
     import helexa_native._C  # noqa: F401  (registers torch.ops.helexa)
@@ -118,6 +150,10 @@ def main() -> None:
                 print(f"{name:7s} {label:12s} skipped: out of memory")
                 continue
             for ntok in [int(v) for v in args.ntok.split(",")]:
+                if name == "BF16" and args.bf16_frag:
+                    bf16_rows(ops, ws, copies, label, n_out, k, ntok, nbytes, copy_bw, args)
+                if ntok > 8:
+                    continue
                 x = torch.randn(ntok, k, device="cuda")
                 y = torch.empty(ntok, n_out, device="cuda")
                 # The fragment kernel's prepared x (the model's scratch layout).

@@ -303,6 +303,32 @@ void matmul_tc_expert_groups_launch(GgmlType type, const void* w, size_t stride,
   bad("unsupported GGML type");
 }
 
+static_assert(kBf16FragMaxTokens == matvec::mma::kDenseTokens, "one token limit");
+
+void matvec_bf16_launch(const __nv_bfloat16* w, const __nv_bfloat16* x, float* y, int n_out, int k, int n_tok,
+                        const float* bias, bool accumulate, bool static_weights, int s1, int s2, cudaStream_t stream) {
+  if (!matvec_bf16_usable(n_out, k, n_tok))
+    bad("bf16 fragment matvec: n_out=" + std::to_string(n_out) + " k=" + std::to_string(k) + " n_tok=" +
+        std::to_string(n_tok) + " (k a positive multiple of 64, 1.." + std::to_string(kBf16FragMaxTokens) + " tokens)");
+  if (!w || !x || !y) bad("null pointer");
+  if (!aligned16(w) || !aligned16(x)) bad("bf16 fragment matvec: w and x must be 16-byte aligned");
+  if (s1 < 0 || s1 > s2 || s2 > n_out) bad("bf16 fragment matvec: row runs must satisfy 0 <= s1 <= s2 <= n_out");
+  matvec::mma::DenseParams p{};
+  p.w = reinterpret_cast<const uint16_t*>(w);
+  p.x = reinterpret_cast<const uint16_t*>(x);
+  p.y = y;
+  p.bias = bias;
+  p.n_out = n_out;
+  p.k = k;
+  p.ntok = n_tok;
+  p.s1 = s1;
+  p.s2 = s2;
+  p.accumulate = accumulate ? 1 : 0;
+  p.static_w = static_weights ? 1 : 0;
+  const int device = current_device();
+  matvec::mma::run_bf16(p, device, device_sm_count(device), stream);
+}
+
 size_t matvec_x_scratch_bytes(int n_tok, int k) {
   const size_t dp4a = matvec::dp4a::smem_bytes(n_tok, k, matvec::dp4a::kMaxTerms);
   return std::max(dp4a, matvec::mma::scratch_layout(n_tok, (k + 255) / 256 * 256).bytes);

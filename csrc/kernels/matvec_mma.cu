@@ -290,8 +290,121 @@ __global__ void __launch_bounds__(kWarps * 32, 2) q4k_kernel(const Params p) {
   }
 }
 
-// CTAs of q4k_kernel one SM holds at once, asked once per device (registers
-// bound it: the local variant's shared stage never lowers it).
+// ---------------------------------------------------------------------------
+// bf16 weights: no decode at all. Lane (g, c) loads, for rows g and g + 8 of
+// its tile, the 16 bytes at elements 8c .. 8c + 7 and 32 + 8c .. 32 + 8c + 7
+// of a 64-element chunk (four lanes cover 64 contiguous bytes of a row per
+// load). Each 16-byte piece is two MMAs' A registers: words 0 and 1 are
+// k-slots (2c, 2c + 1) and (2c + 8, 2c + 9) of the first, words 2 and 3 of
+// the second. The k order is free, so the B fragment of token g is simply x's
+// 16 bytes at the same elements: no prep, x is read in place.
+
+__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Chunks in flight per warp beyond the one being multiplied (2 KB each).
+constexpr int kDenseDepth = 2;
+
+template <int NT>
+__global__ void __launch_bounds__(kWarps * 32, 2) bf16_kernel(const DenseParams p) {
+  __shared__ float4 red[kWarps][NT][32];
+  const int lane = threadIdx.x, warp = threadIdx.y;
+  const int KS = p.ks;
+  const int ks = warp % KS, tile = blockIdx.x * (kWarps / KS) + warp / KS;
+  const int g = lane >> 2, c = lane & 3;
+  const int row0 = tile * 16 + g, row1 = row0 + 8;
+  // Rows past the end re-read the last one; tokens past ntok the last token.
+  // Their sums are never written.
+  const uint4* w0 = reinterpret_cast<const uint4*>(p.w + (size_t)min(row0, p.n_out - 1) * p.k) + c;
+  const uint4* w1 = reinterpret_cast<const uint4*>(p.w + (size_t)min(row1, p.n_out - 1) * p.k) + c;
+  const uint4* xr[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+    xr[t] = reinterpret_cast<const uint4*>(p.x + (size_t)min(8 * t + g, p.ntok - 1) * p.k) + c;
+
+  // Chunk s is uint4 8 s (+ c) of a row; its second half 8 s + 4.
+  auto load = [&](int s, uint4(&b)[4]) {
+    b[0] = ld_weights(reinterpret_cast<const uint8_t*>(w0 + 8 * s));
+    b[1] = ld_weights(reinterpret_cast<const uint8_t*>(w0 + 8 * s + 4));
+    b[2] = ld_weights(reinterpret_cast<const uint8_t*>(w1 + 8 * s));
+    b[3] = ld_weights(reinterpret_cast<const uint8_t*>(w1 + 8 * s + 4));
+  };
+
+  float acc[NT][4];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+  uint4 buf[kDenseDepth][4];
+  // Weights never change: the first chunks' loads go out before the wait.
+  if (!p.static_w) pdl_begin();
+#pragma unroll
+  for (int u = 0; u < kDenseDepth; ++u)
+    if (ks + u * KS < p.nch) load(ks + u * KS, buf[u]);
+  if (p.static_w) pdl_begin();
+  const int step = kDenseDepth * KS;
+  for (int s0 = ks; s0 < p.nch; s0 += step) {
+#pragma unroll
+    for (int u = 0; u < kDenseDepth; ++u) {
+      const int s = s0 + u * KS;
+      if (s < p.nch) {
+        uint4 cur[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) cur[j] = buf[u][j];
+        if (s + step < p.nch) load(s + step, buf[u]);
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          const uint4 xl = __ldg(xr[t] + 8 * s), xh = __ldg(xr[t] + 8 * s + 4);
+          mma_bf16(acc[t], cur[0].x, cur[2].x, cur[0].y, cur[2].y, xl.x, xl.y);
+          mma_bf16(acc[t], cur[0].z, cur[2].z, cur[0].w, cur[2].w, xl.z, xl.w);
+          mma_bf16(acc[t], cur[1].x, cur[3].x, cur[1].y, cur[3].y, xh.x, xh.y);
+          mma_bf16(acc[t], cur[1].z, cur[3].z, cur[1].w, cur[3].w, xh.z, xh.w);
+        }
+      }
+    }
+  }
+
+  // The k-splits of a row tile meet in shared memory, added in split order.
+#pragma unroll
+  for (int t = 0; t < NT; ++t) red[warp][t][lane] = make_float4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);
+  __syncthreads();
+  if (ks != 0) return;
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    float4 sum = red[warp][t][lane];
+    for (int j = 1; j < KS; ++j) {
+      const float4 o = red[warp + j][t][lane];
+      sum.x += o.x;
+      sum.y += o.y;
+      sum.z += o.z;
+      sum.w += o.w;
+    }
+    const float v[4] = {sum.x, sum.y, sum.z, sum.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      // D: [0] row g token 2c, [1] row g token 2c + 1, [2] / [3] row g + 8.
+      const int row = j < 2 ? row0 : row1, tk = 8 * t + 2 * c + (j & 1);
+      if (row < p.n_out && tk < p.ntok) {
+        const int base = row < p.s1 ? 0 : (row < p.s2 ? p.s1 : p.s2);
+        const int len = (row < p.s1 ? p.s1 : (row < p.s2 ? p.s2 : p.n_out)) - base;
+        float* out = p.y + (size_t)p.ntok * base + (size_t)tk * len + (row - base);
+        float val = v[j];
+        if (p.bias) val += p.bias[row];
+        if (p.accumulate) val += *out;
+        *out = val;
+      }
+    }
+  }
+}
+
+// CTAs of `kernel` (256 threads, no dynamic shared memory) one SM holds at
+// once, asked once per device for each kernel (registers bound it: the Q4_K
+// local variant's shared stage never lowers it).
+template <auto kernel>
 int resident(int device) {
   constexpr int kDevices = 64;
   static std::atomic<int> table[kDevices];
@@ -300,7 +413,7 @@ int resident(int device) {
     if (v > 0) return v;
   }
   int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, q4k_kernel<false>, kWarps * 32, 0) != cudaSuccess) n = 1;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kWarps * 32, 0) != cudaSuccess) n = 1;
   (void)cudaGetLastError();
   n = std::max(n, 1);
   if (device >= 0 && device < kDevices) table[device].store(n, std::memory_order_release);
@@ -317,12 +430,43 @@ int forced_splits() {
   return v;
 }
 
+// k-splits of a grid of `tiles` row tiles over `steps` k steps (at most
+// kWarps, no more than steps), for `sms` SMs holding `per_sm` CTAs each.
+// CTAs do equal work and the busiest SM sets the time, so a split is rated by
+// ceil(C / sms) / C for its C CTAs (1 / sms: perfectly even). The best rating
+// wins; within 2% of it, a split whose grid is resident at once in its
+// largest form (most warps in flight), else the smallest (fewest CTAs to
+// start). An H100, gate|up 28672 x 4096 in bf16: 224 CTAs of one split
+// (92 SMs taking two, 40 one) 91 us against cuBLAS's 78.
+// HELEXA_MV_MMA_SPLITS overrides.
+int plan_splits(long tiles, int steps, int sms, int per_sm) {
+  if (forced_splits() > 0) {
+    int ks = forced_splits();
+    while (ks > 1 && ks > steps) ks /= 2;
+    return ks;
+  }
+  sms = std::max(sms, 1);
+  double best = 0.;
+  double rate[kWarps + 1] = {};
+  for (int ks = 1; ks <= kWarps && (ks == 1 || ks <= steps); ks *= 2) {
+    const long ctas = (tiles + kWarps / ks - 1) / (kWarps / ks);
+    rate[ks] = (double)((ctas + sms - 1) / sms) / (double)ctas;  // per-SM share of the work: lower is better
+    if (best == 0. || rate[ks] < best) best = rate[ks];
+  }
+  int one_wave = 0, smallest = 0;
+  for (int ks = 1; ks <= kWarps && rate[ks] > 0.; ks *= 2) {
+    if (rate[ks] > 1.02 * best) continue;
+    const long ctas = (tiles + kWarps / ks - 1) / (kWarps / ks);
+    if (ctas <= (long)sms * per_sm) one_wave = ks;
+    if (smallest == 0) smallest = ks;
+  }
+  return one_wave > 0 ? one_wave : smallest;
+}
+
 }  // namespace
 
 // The prep (the kernel, or each CTA for a small stage when asked), then the
-// product. k-splits: as many as keep every warp of the grid resident at once
-// (at most 8, and no more than super-blocks; an H100 A/B of 8 and 2 splits
-// for every shape measured no better).
+// product, its k-splits from plan_splits.
 void run_q4k(Params p, int device, int sms, cudaStream_t stream) {
   p.nsb = p.k / 256;
   p.lay = scratch_layout(p.ntok, p.k);
@@ -333,19 +477,33 @@ void run_q4k(Params p, int device, int sms, cudaStream_t stream) {
     HX_CUDA_CHECK(cudaGetLastError());
   }
   const long tiles = (p.n_out + 15) / 16;
-  const long capacity = (long)std::max(sms, 1) * resident(device) * kWarps;
-  int ks = kWarps;
-  while (ks > 1 && (tiles * ks > capacity || ks > p.nsb)) ks /= 2;
-  if (forced_splits() > 0) {
-    ks = forced_splits();
-    while (ks > 1 && ks > p.nsb) ks /= 2;
-  }
-  p.ks = ks;
+  p.ks = plan_splits(tiles, p.nsb, sms, resident<q4k_kernel<false>>(device));
+  const int ks = p.ks;
   const int per = kWarps / ks;
   if (local)
     launch_overlapped(q4k_kernel<true>, (int)((tiles + per - 1) / per), dim3(32, kWarps), p.lay.bytes, stream, p);
   else
     launch_overlapped(q4k_kernel<false>, (int)((tiles + per - 1) / per), dim3(32, kWarps), 0, stream, p);
+  HX_CUDA_CHECK(cudaGetLastError());
+}
+
+// Tiles of 8 tokens: 1, 2 or 4 (up to kDenseTokens); k-splits as for Q4_K.
+void run_bf16(DenseParams p, int device, int sms, cudaStream_t stream) {
+  p.nch = p.k / kDenseChunk;
+  const long tiles = (p.n_out + 15) / 16;
+  const int nt = p.ntok <= 8 ? 1 : (p.ntok <= 16 ? 2 : 4);
+  switch (nt) {
+    case 1: p.ks = plan_splits(tiles, p.nch, sms, resident<bf16_kernel<1>>(device)); break;
+    case 2: p.ks = plan_splits(tiles, p.nch, sms, resident<bf16_kernel<2>>(device)); break;
+    default: p.ks = plan_splits(tiles, p.nch, sms, resident<bf16_kernel<4>>(device)); break;
+  }
+  const int per = kWarps / p.ks;
+  const dim3 grid((unsigned)((tiles + per - 1) / per)), block(32, kWarps);
+  switch (nt) {
+    case 1: launch_overlapped(bf16_kernel<1>, grid, block, 0, stream, p); break;
+    case 2: launch_overlapped(bf16_kernel<2>, grid, block, 0, stream, p); break;
+    default: launch_overlapped(bf16_kernel<4>, grid, block, 0, stream, p); break;
+  }
   HX_CUDA_CHECK(cudaGetLastError());
 }
 

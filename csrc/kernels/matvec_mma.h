@@ -1,5 +1,6 @@
 // The fragment matvec's interface (matvec_mma.cu): the Q4_K product of 1..8
-// tokens on tensor cores, its prepared activations in a caller's scratch.
+// tokens on tensor cores, its prepared activations in a caller's scratch; and
+// the bf16 product of 1..32 tokens, weights loaded straight into fragments.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -56,6 +57,21 @@ inline bool usable(int ntok, int k, const void* scratch) {
 // The product (and, where the CTAs do not prepare x themselves, the prep
 // kernel before it) on `stream`; p.nsb, p.lay and p.ks are set here.
 void run_q4k(Params p, int device, int sms, cudaStream_t stream);
+
+// bf16 weights, bf16 x: tiles of 8 tokens (1, 2 or 4 of them).
+constexpr int kDenseTokens = 32;  // tokens one launch takes at most (kBf16FragMaxTokens)
+constexpr int kDenseChunk = 64;   // k elements a warp takes per step (k a multiple of it)
+struct DenseParams {
+  const uint16_t* w;  // [n_out][k] bf16
+  const uint16_t* x;  // [ntok][k] bf16
+  float* y;           // rows [0, s1), [s1, s2), [s2, n_out) as [ntok][run] one run after another
+  const float* bias;
+  int n_out, k, ntok, nch;  // nch = k / kDenseChunk
+  int s1, s2;
+  int accumulate, static_w;
+  int ks;  // k-splits per CTA, as Params::ks
+};
+void run_bf16(DenseParams p, int device, int sms, cudaStream_t stream);
 
 }  // namespace mma
 }  // namespace matvec

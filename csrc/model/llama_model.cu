@@ -573,6 +573,10 @@ void GpuModel::alloc_state() {
     // HELEXA_MV_MMA_LOCAL=1: each CTA prepares its x in shared memory (no
     // prep launch); not yet measured.
     if (const char* ml = std::getenv("HELEXA_MV_MMA_LOCAL")) mv_local_ = ml[0] == '1';
+    // bf16 weights at tc_min_..mv_bf16_ tokens on the bf16 fragment kernel
+    // (HELEXA_MV_BF16=0..32; 0: cuBLAS as above 32).
+    if (const char* mb = std::getenv("HELEXA_MV_BF16"); mb && *mb)
+      mv_bf16_ = std::min(std::max(std::atoi(mb), 0), kBf16FragMaxTokens);
     // Small batches' int8 activations, quantized once per matvec (HELEXA_XQ=0:
     // by every CTA), and the fragment kernel's prepared x, in one scratch.
     const char* v = std::getenv("HELEXA_XQ");
@@ -727,6 +731,7 @@ std::map<std::string, int64_t> GpuModel::memory() const {
   m["graph_failures"] = failed;
   m["use_graphs"] = use_graphs_ ? 1 : 0;
   m["tc_min_tokens"] = tc_min_;
+  m["bf16_frag_tokens"] = mv_bf16_;
   if (tp_) {
     m["tp_rank"] = tp_->rank();
     m["tp_size"] = tp_->nranks();
@@ -1047,6 +1052,11 @@ void GpuModel::linear(WorkerContext& ctx, const LinearWeight& w, const float* x_
     matvec_launch(w.type, w.data, x_f32, y, w.n_out, w.k, n, bias, matvec_options(w, accumulate), st);
     return;
   }
+  if (bf16_frag_for(n, w)) {
+    matvec_bf16_launch(static_cast<const __nv_bfloat16*>(w.data), x_bf16, y, w.n_out, w.k, n, bias, accumulate, true,
+                       w.n_out, w.n_out, st);
+    return;
+  }
   if (tc_for(n, w.type)) {
     matmul_tc_launch(w.type, w.data, x_bf16, y, w.n_out, w.k, n, bias, accumulate, tc_ws_, tc_ws_bytes_, tc_opts_, st);
     return;
@@ -1088,6 +1098,10 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
     if (n == 1 && L.qkv_fused) {
       // q, k and v blocks are adjacent for one token: one launch fills all three.
       matvec_launch(L.qkv.type, L.qkv.data, xn_, q, qkv_size_, h, 1, L.b_qkv, matvec_options(L.qkv, false), st);
+    } else if (L.qkv_fused && bf16_frag_for(n, L.qkv)) {
+      // q, k and v in one launch, each into its own [n, rows] run of qkv_.
+      matvec_bf16_launch(static_cast<const __nv_bfloat16*>(L.qkv.data), xb_, q, qkv_size_, h, n, L.b_qkv, false, true,
+                         q_size_, q_size_ + kv_size_, st);
     } else if (L.qkv_fused && tc_for(n, L.qkv.type)) {
       linear(ctx, L.qkv.rows(0, q_size_), xn_, xb_, q, n, bq, false, false);
       linear(ctx, L.qkv.rows(q_size_, kv_size_), xn_, xb_, k, n, bk, false, false);
@@ -1138,6 +1152,9 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
     if (n == 1 && L.gate_up_fused) {
       matvec_launch(L.gate_up.type, L.gate_up.data, xn_, gate, 2 * f, h, 1, nullptr, matvec_options(L.gate_up, false),
                     st);
+    } else if (L.gate_up_fused && bf16_frag_for(n, L.gate_up)) {
+      matvec_bf16_launch(static_cast<const __nv_bfloat16*>(L.gate_up.data), xb_, gate, 2 * f, h, n, nullptr, false,
+                         true, f, 2 * f, st);
     } else if (L.gate_up_fused && tc_for(n, L.gate_up.type)) {
       linear(ctx, L.gate_up.rows(0, f), xn_, xb_, gate, n, nullptr, false, false);
       linear(ctx, L.gate_up.rows(f, f), xn_, xb_, up, n, nullptr, false, false);
@@ -1242,6 +1259,12 @@ void GpuModel::lm_head(WorkerContext& ctx, const float* x, int count, float* log
     add_rms_norm_launch(rows, nullptr, output_norm_, spec_.eps, nullptr, xb_, count, h, st);
     matmul_tc_launch(output_.type, output_.data, xb_, logits, V, h, count, nullptr, false, tc_ws_, tc_ws_bytes_,
                      tc_opts_, st);
+    return;
+  }
+  if (bf16_frag_for(count, output_)) {
+    add_rms_norm_launch(rows, nullptr, output_norm_, spec_.eps, nullptr, xb_, count, h, st);
+    matvec_bf16_launch(static_cast<const __nv_bfloat16*>(output_.data), xb_, logits, V, h, count, nullptr, false, true,
+                       V, V, st);
     return;
   }
   if (count <= kMatvecMaxTokens || (!bf16 && count <= 4 * kMatvecMaxTokens)) {

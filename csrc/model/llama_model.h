@@ -332,6 +332,11 @@ class GpuModel : public Resource {
   // cuBLAS reads them faster than the product at every batch it serves:
   // they skip the product unless HELEXA_TC_BF16=1.
   bool small_for(int n) const { return n <= kMatvecMaxTokens && n < tc_min_; }
+  // bf16 weights of batches past the float matvec, up to mv_bf16_ tokens:
+  // the fragment kernel (matvec_bf16_launch) instead of cuBLAS.
+  bool bf16_frag_for(int n, const LinearWeight& w) const {
+    return w.type == GgmlType::BF16 && !small_for(n) && n <= mv_bf16_ && matvec_bf16_usable(w.n_out, w.k, n);
+  }
   bool tc_for(int n, GgmlType t) const {
     return n >= tc_min_ && n <= kTcMaxTokens && (t != GgmlType::BF16 || tc_bf16_);
   }
@@ -387,6 +392,7 @@ class GpuModel : public Resource {
   int mv_mma_ = 0;                        // Q4_K matvecs up to this many tokens on the fragment kernel
   int mv_min_rows_ = 2048;                // ... of matrices of at least this many rows
   bool mv_local_ = false;                 // ... each CTA preparing its x (MatvecOptions::mma_local_prep)
+  int mv_bf16_ = kBf16FragMaxTokens;      // bf16 products up to this many tokens on the fragment kernel
   TcOptions tc_opts_;                  // the product's implementation and sizes (tc_options_from_env, at load)
 
   std::vector<void*> dev_buffers_;
