@@ -24,7 +24,7 @@ from helexa_native.ggml_types import BLOCK_SIZES, GGML_TYPE_IDS
 
 # name -> (ggml type id, weights per block, bytes per block)
 TYPES = {name: (GGML_TYPE_IDS[name], *BLOCK_SIZES[name]) for name in BLOCK_SIZES}
-# (name, n_out, k): q/o, k/v, gate/up, down, lm head of Llama-3-8B
+# (name, n_out, k): q/o, k/v, gate/up, down, lm head of Llama-3-8B, then Llama-3.2-1B
 SHAPES = [
     ("attn_q/o", 4096, 4096),
     ("attn_q|k", 5120, 4096),
@@ -33,6 +33,12 @@ SHAPES = [
     ("ffn_gate|up", 28672, 4096),
     ("ffn_down", 4096, 14336),
     ("lm_head", 128256, 4096),
+    # Llama-3.2-1B
+    ("1b_q|k|v", 3072, 2048),
+    ("1b_o", 2048, 2048),
+    ("1b_gate|up", 16384, 2048),
+    ("1b_down", 2048, 8192),
+    ("1b_lm_head", 128256, 2048),
 ]
 L2_FLUSH_BYTES = 256 << 20  # copies rotated per case: at least this much memory, so L2 (50 MB) misses
 
@@ -77,19 +83,24 @@ def random_weights(n_bytes: int, copies: int) -> list[torch.Tensor]:
 
 
 def bf16_rows(ops, ws, copies, label, n_out, k, ntok, nbytes, copy_bw, args) -> None:
-    """The bf16 fragment kernel ('f') and cuBLAS ('c') on the same rotated weight copies."""
+    """The bf16 fragment kernel ('f', 'F') and cuBLAS ('c') on the same rotated weight copies."""
     mats = [w.view(torch.bfloat16).view(n_out, k) for w in ws]
-    xb = torch.randn(ntok, k, device="cuda").to(torch.bfloat16)
+    xf = torch.randn(ntok, k, device="cuda")
+    xb = xf.to(torch.bfloat16)
     y = torch.empty(ntok, n_out, device="cuda")
     it = iter(range(1 << 62))
 
     def frag():
         ops.matvec_bf16_out(mats[next(it) % copies], xb, y)
 
+    def frag32():
+        ops.matvec_bf16_out(mats[next(it) % copies], xf, y)
+
     def cublas():
         torch.mm(xb, mats[next(it) % copies].t(), out_dtype=torch.float32, out=y)
 
-    for tag, fn in (("f", frag), ("c", cublas)):
+    runs = [("f", frag), ("c", cublas)] + ([("F", frag32)] if ntok <= 4 else [])
+    for tag, fn in runs:
         try:
             t = time_graph(fn, args.launches, args.batches)
         except (RuntimeError, TypeError) as e:  # torch without out_dtype, or a size the kernel refuses
@@ -119,7 +130,8 @@ def main() -> None:
     ap.add_argument(
         "--bf16-frag",
         action="store_true",
-        help="BF16: also time the bf16 fragment kernel ('f', up to 32 tokens) and cuBLAS ('c', bf16 in, fp32 out)",
+        help="BF16: also time the bf16 fragment kernel on bf16 x ('f', up to 32 tokens) and fp32 x ('F', up to 4), "
+        "and cuBLAS ('c', bf16 in, fp32 out)",
     )
     args = ap.parse_args()
 

@@ -166,59 +166,64 @@ at::Tensor op_matmul_tc(int64_t type, const at::Tensor& w, const at::Tensor& x, 
   return y;
 }
 
-// bf16 weights [n_out, k] times bf16 x [n_tok, k] on the fragment kernel.
-// s1, s2 (-1: n_out) split the output rows into runs (matvec_bf16_launch);
-// y (and y_accumulate) then hold the runs one after another in [n_tok, n_out]'s memory.
+// bf16 weights [n_out, k] times x [n_tok, k] (bf16, or float32 for up to
+// kBf16FragF32Tokens tokens) on the fragment kernel. s1, s2 (-1: n_out) split
+// the output rows into runs (matvec_bf16_launch); y (and y_accumulate) then
+// hold the runs one after another in [n_tok, n_out]'s memory.
+void launch_bf16_frag(const at::Tensor& w, const at::Tensor& x, float* y, const float* bias, bool accumulate,
+                      bool static_w, int s1, int s2, cudaStream_t stream) {
+  const int no = static_cast<int>(w.size(0)), kk = static_cast<int>(w.size(1)), nt = static_cast<int>(x.size(0));
+  const auto* wp = reinterpret_cast<const __nv_bfloat16*>(w.data_ptr());
+  launch([&] {
+    if (x.scalar_type() == at::kFloat)
+      matvec_bf16_launch(wp, x.data_ptr<float>(), y, no, kk, nt, bias, accumulate, static_w, s1, s2, stream);
+    else
+      matvec_bf16_launch(wp, reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), y, no, kk, nt, bias, accumulate,
+                         static_w, s1, s2, stream);
+  });
+}
+
+void check_bf16_frag(const at::Tensor& w, const at::Tensor& x) {
+  HX_OP_CHECK(
+      x.defined() && x.is_cuda() && x.dim() == 2 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
+      "x must be a bfloat16 or float32 CUDA tensor [n_tok, k]");
+  HX_OP_CHECK(w.defined() && w.device() == x.device() && w.scalar_type() == at::kBFloat16 && w.dim() == 2,
+              "w must be a bfloat16 tensor [n_out, k] on ", x.device());
+  HX_OP_CHECK(x.size(1) == w.size(1), "x must be [n_tok, k] with k=", w.size(1));
+  const int no = op::as_int(w.size(0), "n_out", 1), kk = op::as_int(w.size(1), "k", 1);
+  const bool f32 = x.scalar_type() == at::kFloat;
+  HX_OP_CHECK(matvec_bf16_usable(no, kk, static_cast<int>(std::min<int64_t>(x.size(0), 1 << 20)), f32),
+              "bf16 fragment matvec: k a positive multiple of 64 and 1..",
+              f32 ? kBf16FragF32Tokens : kBf16FragMaxTokens, " tokens of ", f32 ? "float32" : "bfloat16", " x");
+}
+
 at::Tensor op_matvec_bf16(const at::Tensor& w, const at::Tensor& x, const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& y_accumulate, int64_t s1, int64_t s2) {
-  HX_OP_CHECK(x.defined() && x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.dim() == 2,
-              "x must be a bfloat16 CUDA tensor [n_tok, k]");
+  check_bf16_frag(w, x);
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto dev = x.device();
-  HX_OP_CHECK(w.defined() && w.device() == dev && w.scalar_type() == at::kBFloat16 && w.dim() == 2,
-              "w must be a bfloat16 tensor [n_out, k] on ", dev);
-  const int no = op::as_int(w.size(0), "n_out", 1), kk = op::as_int(w.size(1), "k", 1);
-  const int64_t ntok = x.size(0);
-  HX_OP_CHECK(x.size(1) == kk, "x must be [n_tok, k] with k=", kk);
-  HX_OP_CHECK(matvec_bf16_usable(no, kk, static_cast<int>(std::min<int64_t>(ntok, 1 << 20))),
-              "bf16 fragment matvec: k a positive multiple of 64 and 1..", kBf16FragMaxTokens, " tokens");
+  const int no = static_cast<int>(w.size(0));
   const int r1 = s1 < 0 ? no : op::as_int(s1, "s1", 0), r2 = s2 < 0 ? no : op::as_int(s2, "s2", 0);
   HX_OP_CHECK(r1 <= r2 && r2 <= no, "row runs must satisfy 0 <= s1 <= s2 <= n_out");
   const at::Tensor wc = ready(w), xc = ready(x);
-  const ProductOut po = product_out(x, bias, y_accumulate, ntok, no);
-  const at::Tensor &bc = po.bias, &y = po.y;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
-  launch([&] {
-    matvec_bf16_launch(reinterpret_cast<const __nv_bfloat16*>(wc.data_ptr()),
-                       reinterpret_cast<const __nv_bfloat16*>(xc.data_ptr()), y.data_ptr<float>(), no, kk,
-                       static_cast<int>(ntok), bc.defined() ? bc.data_ptr<float>() : nullptr, po.accumulate, false, r1,
-                       r2, stream);
-  });
-  return y;
+  const ProductOut po = product_out(x, bias, y_accumulate, x.size(0), no);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  launch_bf16_frag(wc, xc, po.y.data_ptr<float>(), po.bias.defined() ? po.bias.data_ptr<float>() : nullptr,
+                   po.accumulate, false, r1, r2, stream);
+  return po.y;
 }
 
 // The same into a caller's y, for graph-captured benchmarks (weights static).
 void op_matvec_bf16_out(const at::Tensor& w, const at::Tensor& x, at::Tensor& y) {
-  HX_OP_CHECK(x.defined() && x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous() &&
-                  aligned16(x),
-              "x must be a contiguous 16-byte aligned bfloat16 CUDA tensor [n_tok, k]");
+  check_bf16_frag(w, x);
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto dev = x.device();
-  HX_OP_CHECK(w.defined() && w.device() == dev && w.scalar_type() == at::kBFloat16 && w.dim() == 2 &&
-                  w.is_contiguous() && aligned16(w) && w.size(1) == x.size(1),
-              "w must be a contiguous 16-byte aligned bfloat16 tensor [n_out, k] on ", dev);
-  const int no = op::as_int(w.size(0), "n_out", 1), kk = op::as_int(w.size(1), "k", 1);
-  const int64_t ntok = x.size(0);
-  HX_OP_CHECK(matvec_bf16_usable(no, kk, static_cast<int>(std::min<int64_t>(ntok, 1 << 20))),
-              "bf16 fragment matvec: k a positive multiple of 64 and 1..", kBf16FragMaxTokens, " tokens");
-  HX_OP_CHECK(y.device() == dev && y.scalar_type() == at::kFloat && y.is_contiguous() && y.numel() == ntok * no,
-              "y must be contiguous float32 [n_tok, n_out] on ", dev);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
-  launch([&] {
-    matvec_bf16_launch(reinterpret_cast<const __nv_bfloat16*>(w.data_ptr()),
-                       reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), y.data_ptr<float>(), no, kk,
-                       static_cast<int>(ntok), nullptr, false, true, no, no, stream);
-  });
+  HX_OP_CHECK(x.is_contiguous() && aligned16(x) && w.is_contiguous() && aligned16(w),
+              "w and x must be contiguous and 16-byte aligned");
+  const int no = static_cast<int>(w.size(0));
+  HX_OP_CHECK(
+      y.device() == x.device() && y.scalar_type() == at::kFloat && y.is_contiguous() && y.numel() == x.size(0) * no,
+      "y must be contiguous float32 [n_tok, n_out] on ", x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  launch_bf16_frag(w, x, y.data_ptr<float>(), nullptr, false, true, no, no, stream);
 }
 
 at::Tensor op_dequantize(int64_t type, const at::Tensor& w, int64_t n_out, int64_t k, bool bf16) {

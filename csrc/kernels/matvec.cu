@@ -303,19 +303,25 @@ void matmul_tc_expert_groups_launch(GgmlType type, const void* w, size_t stride,
   bad("unsupported GGML type");
 }
 
-static_assert(kBf16FragMaxTokens == matvec::mma::kDenseTokens, "one token limit");
+static_assert(kBf16FragMaxTokens == matvec::mma::kDenseTokens && kBf16FragF32Tokens == matvec::mma::kDenseSplitTokens,
+              "one token limit");
 
-void matvec_bf16_launch(const __nv_bfloat16* w, const __nv_bfloat16* x, float* y, int n_out, int k, int n_tok,
-                        const float* bias, bool accumulate, bool static_weights, int s1, int s2, cudaStream_t stream) {
-  if (!matvec_bf16_usable(n_out, k, n_tok))
-    bad("bf16 fragment matvec: n_out=" + std::to_string(n_out) + " k=" + std::to_string(k) + " n_tok=" +
-        std::to_string(n_tok) + " (k a positive multiple of 64, 1.." + std::to_string(kBf16FragMaxTokens) + " tokens)");
+namespace {
+void bf16_frag(const __nv_bfloat16* w, const void* x, bool f32_x, float* y, int n_out, int k, int n_tok,
+               const float* bias, bool accumulate, bool static_weights, int s1, int s2, cudaStream_t stream) {
+  if (!matvec_bf16_usable(n_out, k, n_tok, f32_x))
+    bad("bf16 fragment matvec: n_out=" + std::to_string(n_out) + " k=" + std::to_string(k) +
+        " n_tok=" + std::to_string(n_tok) + " (k a positive multiple of 64, 1.." +
+        std::to_string(f32_x ? kBf16FragF32Tokens : kBf16FragMaxTokens) + " tokens)");
   if (!w || !x || !y) bad("null pointer");
   if (!aligned16(w) || !aligned16(x)) bad("bf16 fragment matvec: w and x must be 16-byte aligned");
   if (s1 < 0 || s1 > s2 || s2 > n_out) bad("bf16 fragment matvec: row runs must satisfy 0 <= s1 <= s2 <= n_out");
   matvec::mma::DenseParams p{};
   p.w = reinterpret_cast<const uint16_t*>(w);
-  p.x = reinterpret_cast<const uint16_t*>(x);
+  if (f32_x)
+    p.xf = static_cast<const float*>(x);
+  else
+    p.x = static_cast<const uint16_t*>(x);
   p.y = y;
   p.bias = bias;
   p.n_out = n_out;
@@ -327,6 +333,17 @@ void matvec_bf16_launch(const __nv_bfloat16* w, const __nv_bfloat16* x, float* y
   p.static_w = static_weights ? 1 : 0;
   const int device = current_device();
   matvec::mma::run_bf16(p, device, device_sm_count(device), stream);
+}
+}  // namespace
+
+void matvec_bf16_launch(const __nv_bfloat16* w, const __nv_bfloat16* x, float* y, int n_out, int k, int n_tok,
+                        const float* bias, bool accumulate, bool static_weights, int s1, int s2, cudaStream_t stream) {
+  bf16_frag(w, x, false, y, n_out, k, n_tok, bias, accumulate, static_weights, s1, s2, stream);
+}
+
+void matvec_bf16_launch(const __nv_bfloat16* w, const float* x, float* y, int n_out, int k, int n_tok,
+                        const float* bias, bool accumulate, bool static_weights, int s1, int s2, cudaStream_t stream) {
+  bf16_frag(w, x, true, y, n_out, k, n_tok, bias, accumulate, static_weights, s1, s2, stream);
 }
 
 size_t matvec_x_scratch_bytes(int n_tok, int k) {

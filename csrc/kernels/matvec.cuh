@@ -56,25 +56,34 @@ void matvec_launch(GgmlType type, const void* w /*[n_out, k] stored rows*/, cons
                    float* y /*[n_tok, n_out]*/, int n_out, int k, int n_tok /*1..kMatvecMaxTokens*/,
                    const float* bias /*[n_out] or nullptr*/, const MatvecOptions& options, cudaStream_t stream);
 
-// Most tokens one matvec_bf16_launch handles.
+// Most tokens one matvec_bf16_launch handles: with bf16 x, with fp32 x.
 constexpr int kBf16FragMaxTokens = 32;
+constexpr int kBf16FragF32Tokens = 4;
 
-// bf16 weights times bf16 x on tensor cores, for 1..kBf16FragMaxTokens tokens
-// (matvec_mma.cu): each weight is loaded once straight into an MMA fragment
-// (no shared-memory stage, no conversion), x is read in place, sums in fp32
-// and added over k in a fixed order (results never depend on scheduling).
+// bf16 weights on tensor cores, for a few tokens (matvec_mma.cu): each weight
+// is loaded once straight into an MMA fragment (no shared-memory stage, no
+// conversion), x is read in place, sums in fp32 and added over k in a fixed
+// order (results never depend on scheduling).
 //   y (= or +=) W x (+ bias)
-// Output rows may go to up to three runs, each laid out [n_tok][run rows]
-// one after another in y: rows [0, s1), [s1, s2), [s2, n_out) (a fused q|k|v
-// or gate|up matrix into its separate outputs); s1 = s2 = n_out: plainly
-// [n_tok, n_out]. k a multiple of 64; w and x 16-byte aligned. static_weights
-// as in MatvecOptions. Throws std::invalid_argument on bad arguments.
+// x in bf16 (1..kBf16FragMaxTokens tokens), or in fp32 (1..kBf16FragF32Tokens
+// tokens: each rounded to bf16 and its remainder rounded again, the two
+// multiplied in the MMA's otherwise idle columns, so x keeps about 16
+// significant bits). Output rows may go to up to three runs, each laid out
+// [n_tok][run rows] one after another in y: rows [0, s1), [s1, s2),
+// [s2, n_out) (a fused q|k|v or gate|up matrix into its separate outputs);
+// s1 = s2 = n_out: plainly [n_tok, n_out]. k a multiple of 64; w and x
+// 16-byte aligned. static_weights as in MatvecOptions. Throws
+// std::invalid_argument on bad arguments.
 void matvec_bf16_launch(const __nv_bfloat16* w /*[n_out, k]*/, const __nv_bfloat16* x /*[n_tok, k]*/, float* y,
                         int n_out, int k, int n_tok, const float* bias /*[n_out] or nullptr*/, bool accumulate,
                         bool static_weights, int s1, int s2, cudaStream_t stream);
-// Whether matvec_bf16_launch takes these sizes.
-inline bool matvec_bf16_usable(int n_out, int k, int n_tok) {
-  return n_out >= 1 && k >= 64 && k % 64 == 0 && n_tok >= 1 && n_tok <= kBf16FragMaxTokens;
+void matvec_bf16_launch(const __nv_bfloat16* w /*[n_out, k]*/, const float* x /*[n_tok, k]*/, float* y, int n_out,
+                        int k, int n_tok, const float* bias /*[n_out] or nullptr*/, bool accumulate,
+                        bool static_weights, int s1, int s2, cudaStream_t stream);
+// Whether matvec_bf16_launch takes these sizes (f32_x: the fp32-x form).
+inline bool matvec_bf16_usable(int n_out, int k, int n_tok, bool f32_x = false) {
+  return n_out >= 1 && k >= 64 && k % 64 == 0 && n_tok >= 1 &&
+         n_tok <= (f32_x ? kBf16FragF32Tokens : kBf16FragMaxTokens);
 }
 
 // Most tokens one matmul_tc_launch handles.

@@ -37,6 +37,7 @@
 // memory in a fixed order: results never depend on scheduling. sm_80+.
 #include "kernels/matvec_mma.h"
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
@@ -298,6 +299,13 @@ __global__ void __launch_bounds__(kWarps * 32, 2) q4k_kernel(const Params p) {
 // k-slots (2c, 2c + 1) and (2c + 8, 2c + 9) of the first, words 2 and 3 of
 // the second. The k order is free, so the B fragment of token g is simply x's
 // 16 bytes at the same elements: no prep, x is read in place.
+//
+// fp32 x (kSplit, up to 4 tokens): column 2t holds token t rounded to bf16
+// (hi), column 2t + 1 the rest rounded again (lo = bf16(x - hi)), each lane
+// making its column's values from x's 32 bytes. bf16 products are exact in
+// fp32, so y = D[2t] + D[2t + 1] carries x to about 16 significant bits, as
+// close to a float product as makes no difference, in columns one token
+// would leave empty.
 
 __device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                          uint32_t b1) {
@@ -311,8 +319,28 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1
 // Chunks in flight per warp beyond the one being multiplied (2 KB each).
 constexpr int kDenseDepth = 2;
 
-template <int NT>
+// Column g's 8 bf16 values (an MMA pair's B registers) of fp32 x at xp:
+// x rounded (hi), or with `lo` what rounding x left out, rounded.
+__device__ __forceinline__ uint4 split_x(const float* xp, bool lo) {
+  const float4 a = __ldg(reinterpret_cast<const float4*>(xp)), b = __ldg(reinterpret_cast<const float4*>(xp) + 1);
+  const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+  // Without a branch (lanes of both kinds share a warp): x - m bf16(x), m 0 or
+  // 1, exact either way (x - bf16(x) is representable).
+  const float m = lo ? -1.f : 0.f;
+  uint32_t r[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float e0 = fmaf(m, __bfloat162float(__float2bfloat16_rn(v[2 * i])), v[2 * i]);
+    const float e1 = fmaf(m, __bfloat162float(__float2bfloat16_rn(v[2 * i + 1])), v[2 * i + 1]);
+    const __nv_bfloat162 h = __floats2bfloat162_rn(e0, e1);
+    r[i] = *reinterpret_cast<const uint32_t*>(&h);
+  }
+  return make_uint4(r[0], r[1], r[2], r[3]);
+}
+
+template <int NT, bool kSplit>
 __global__ void __launch_bounds__(kWarps * 32, 2) bf16_kernel(const DenseParams p) {
+  static_assert(!kSplit || NT == 1, "split x fills one tile");
   __shared__ float4 red[kWarps][NT][32];
   const int lane = threadIdx.x, warp = threadIdx.y;
   const int KS = p.ks;
@@ -324,9 +352,14 @@ __global__ void __launch_bounds__(kWarps * 32, 2) bf16_kernel(const DenseParams 
   const uint4* w0 = reinterpret_cast<const uint4*>(p.w + (size_t)min(row0, p.n_out - 1) * p.k) + c;
   const uint4* w1 = reinterpret_cast<const uint4*>(p.w + (size_t)min(row1, p.n_out - 1) * p.k) + c;
   const uint4* xr[NT];
+  const float* xf = nullptr;
+  if constexpr (kSplit) {
+    xf = p.xf + (size_t)min(g >> 1, p.ntok - 1) * p.k + 8 * c;
+  } else {
 #pragma unroll
-  for (int t = 0; t < NT; ++t)
-    xr[t] = reinterpret_cast<const uint4*>(p.x + (size_t)min(8 * t + g, p.ntok - 1) * p.k) + c;
+    for (int t = 0; t < NT; ++t)
+      xr[t] = reinterpret_cast<const uint4*>(p.x + (size_t)min(8 * t + g, p.ntok - 1) * p.k) + c;
+  }
 
   // Chunk s is uint4 8 s (+ c) of a row; its second half 8 s + 4.
   auto load = [&](int s, uint4(&b)[4]) {
@@ -358,7 +391,14 @@ __global__ void __launch_bounds__(kWarps * 32, 2) bf16_kernel(const DenseParams 
         if (s + step < p.nch) load(s + step, buf[u]);
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
-          const uint4 xl = __ldg(xr[t] + 8 * s), xh = __ldg(xr[t] + 8 * s + 4);
+          uint4 xl, xh;
+          if constexpr (kSplit) {
+            xl = split_x(xf + 64 * s, g & 1);
+            xh = split_x(xf + 64 * s + 32, g & 1);
+          } else {
+            xl = __ldg(xr[t] + 8 * s);
+            xh = __ldg(xr[t] + 8 * s + 4);
+          }
           mma_bf16(acc[t], cur[0].x, cur[2].x, cur[0].y, cur[2].y, xl.x, xl.y);
           mma_bf16(acc[t], cur[0].z, cur[2].z, cur[0].w, cur[2].w, xl.z, xl.w);
           mma_bf16(acc[t], cur[1].x, cur[3].x, cur[1].y, cur[3].y, xh.x, xh.y);
@@ -383,11 +423,20 @@ __global__ void __launch_bounds__(kWarps * 32, 2) bf16_kernel(const DenseParams 
       sum.z += o.z;
       sum.w += o.w;
     }
-    const float v[4] = {sum.x, sum.y, sum.z, sum.w};
+    // D: [0] row g column 2c, [1] row g column 2c + 1, [2] / [3] row g + 8;
+    // split x: columns 2c and 2c + 1 are token c's hi and lo.
+    constexpr int kOuts = kSplit ? 2 : 4;
+    float v[4];
+    if constexpr (kSplit) {
+      v[0] = sum.x + sum.y;
+      v[1] = sum.z + sum.w;
+    } else {
+      v[0] = sum.x, v[1] = sum.y, v[2] = sum.z, v[3] = sum.w;
+    }
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      // D: [0] row g token 2c, [1] row g token 2c + 1, [2] / [3] row g + 8.
-      const int row = j < 2 ? row0 : row1, tk = 8 * t + 2 * c + (j & 1);
+    for (int j = 0; j < kOuts; ++j) {
+      const int row = (kSplit ? j == 0 : j < 2) ? row0 : row1;
+      const int tk = kSplit ? c : 8 * t + 2 * c + (j & 1);
       if (row < p.n_out && tk < p.ntok) {
         const int base = row < p.s1 ? 0 : (row < p.s2 ? p.s1 : p.s2);
         const int len = (row < p.s1 ? p.s1 : (row < p.s2 ? p.s2 : p.n_out)) - base;
@@ -487,24 +536,27 @@ void run_q4k(Params p, int device, int sms, cudaStream_t stream) {
   HX_CUDA_CHECK(cudaGetLastError());
 }
 
-// Tiles of 8 tokens: 1, 2 or 4 (up to kDenseTokens); k-splits as for Q4_K.
+// Tiles of 8 tokens: 1, 2 or 4 (up to kDenseTokens), or fp32 x split into
+// one tile; k-splits from plan_splits.
+template <int NT, bool kSplit>
+static void launch_bf16(DenseParams& p, int device, int sms, cudaStream_t stream) {
+  const long tiles = (p.n_out + 15) / 16;
+  p.ks = plan_splits(tiles, p.nch, sms, resident<bf16_kernel<NT, kSplit>>(device));
+  const int per = kWarps / p.ks;
+  launch_overlapped(bf16_kernel<NT, kSplit>, dim3((unsigned)((tiles + per - 1) / per)), dim3(32, kWarps), 0, stream, p);
+  HX_CUDA_CHECK(cudaGetLastError());
+}
+
 void run_bf16(DenseParams p, int device, int sms, cudaStream_t stream) {
   p.nch = p.k / kDenseChunk;
-  const long tiles = (p.n_out + 15) / 16;
-  const int nt = p.ntok <= 8 ? 1 : (p.ntok <= 16 ? 2 : 4);
-  switch (nt) {
-    case 1: p.ks = plan_splits(tiles, p.nch, sms, resident<bf16_kernel<1>>(device)); break;
-    case 2: p.ks = plan_splits(tiles, p.nch, sms, resident<bf16_kernel<2>>(device)); break;
-    default: p.ks = plan_splits(tiles, p.nch, sms, resident<bf16_kernel<4>>(device)); break;
-  }
-  const int per = kWarps / p.ks;
-  const dim3 grid((unsigned)((tiles + per - 1) / per)), block(32, kWarps);
-  switch (nt) {
-    case 1: launch_overlapped(bf16_kernel<1>, grid, block, 0, stream, p); break;
-    case 2: launch_overlapped(bf16_kernel<2>, grid, block, 0, stream, p); break;
-    default: launch_overlapped(bf16_kernel<4>, grid, block, 0, stream, p); break;
-  }
-  HX_CUDA_CHECK(cudaGetLastError());
+  if (p.xf != nullptr)
+    launch_bf16<1, true>(p, device, sms, stream);
+  else if (p.ntok <= 8)
+    launch_bf16<1, false>(p, device, sms, stream);
+  else if (p.ntok <= 16)
+    launch_bf16<2, false>(p, device, sms, stream);
+  else
+    launch_bf16<4, false>(p, device, sms, stream);
 }
 
 }  // namespace mma

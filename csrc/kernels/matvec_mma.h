@@ -61,9 +61,11 @@ void run_q4k(Params p, int device, int sms, cudaStream_t stream);
 // bf16 weights, bf16 x: tiles of 8 tokens (1, 2 or 4 of them).
 constexpr int kDenseTokens = 32;  // tokens one launch takes at most (kBf16FragMaxTokens)
 constexpr int kDenseChunk = 64;   // k elements a warp takes per step (k a multiple of it)
+constexpr int kDenseSplitTokens = 4;  // tokens of fp32 x one launch takes (split into hi + lo)
 struct DenseParams {
   const uint16_t* w;  // [n_out][k] bf16
-  const uint16_t* x;  // [ntok][k] bf16
+  const uint16_t* x;  // [ntok][k] bf16, or null with xf
+  const float* xf;    // [ntok][k] fp32, ntok <= kDenseSplitTokens: each token two MMA columns, hi and lo
   float* y;           // rows [0, s1), [s1, s2), [s2, n_out) as [ntok][run] one run after another
   const float* bias;
   int n_out, k, ntok, nch;  // nch = k / kDenseChunk

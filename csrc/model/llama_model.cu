@@ -577,6 +577,12 @@ void GpuModel::alloc_state() {
     // (HELEXA_MV_BF16=0..32; 0: cuBLAS as above 32).
     if (const char* mb = std::getenv("HELEXA_MV_BF16"); mb && *mb)
       mv_bf16_ = std::min(std::max(std::atoi(mb), 0), kBf16FragMaxTokens);
+    // The same kernel on fp32 x for the float matvec's batches (HELEXA_MV_BF16_F32=0..4
+    // tokens) of matrices of HELEXA_MV_BF16_MIN_ROWS rows or more.
+    if (const char* mb = std::getenv("HELEXA_MV_BF16_F32"); mb && *mb)
+      mv_bf16_f32_ = std::min(std::max(std::atoi(mb), 0), kBf16FragF32Tokens);
+    if (const char* mb = std::getenv("HELEXA_MV_BF16_MIN_ROWS"); mb && *mb)
+      mv_bf16_min_rows_ = std::max(1, std::atoi(mb));
     // Small batches' int8 activations, quantized once per matvec (HELEXA_XQ=0:
     // by every CTA), and the fragment kernel's prepared x, in one scratch.
     const char* v = std::getenv("HELEXA_XQ");
@@ -1048,6 +1054,11 @@ MatvecOptions GpuModel::matvec_options(const LinearWeight& w, bool accumulate) c
 void GpuModel::linear(WorkerContext& ctx, const LinearWeight& w, const float* x_f32, const __nv_bfloat16* x_bf16,
                       float* y, int n, const float* bias, bool accumulate, bool small) {
   cudaStream_t st = ctx.compute_stream();
+  if (small && bf16_f32_for(n, w)) {
+    matvec_bf16_launch(static_cast<const __nv_bfloat16*>(w.data), x_f32, y, w.n_out, w.k, n, bias, accumulate, true,
+                       w.n_out, w.n_out, st);
+    return;
+  }
   if (small) {
     matvec_launch(w.type, w.data, x_f32, y, w.n_out, w.k, n, bias, matvec_options(w, accumulate), st);
     return;
@@ -1097,7 +1108,11 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
     const float* bv = L.b_qkv ? L.b_qkv + q_size_ + kv_size_ : nullptr;
     if (n == 1 && L.qkv_fused) {
       // q, k and v blocks are adjacent for one token: one launch fills all three.
-      matvec_launch(L.qkv.type, L.qkv.data, xn_, q, qkv_size_, h, 1, L.b_qkv, matvec_options(L.qkv, false), st);
+      if (bf16_f32_for(1, L.qkv))
+        matvec_bf16_launch(static_cast<const __nv_bfloat16*>(L.qkv.data), xn_, q, qkv_size_, h, 1, L.b_qkv, false, true,
+                           qkv_size_, qkv_size_, st);
+      else
+        matvec_launch(L.qkv.type, L.qkv.data, xn_, q, qkv_size_, h, 1, L.b_qkv, matvec_options(L.qkv, false), st);
     } else if (L.qkv_fused && bf16_frag_for(n, L.qkv)) {
       // q, k and v in one launch, each into its own [n, rows] run of qkv_.
       matvec_bf16_launch(static_cast<const __nv_bfloat16*>(L.qkv.data), xb_, q, qkv_size_, h, n, L.b_qkv, false, true,
@@ -1150,8 +1165,12 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
       continue;
     }
     if (n == 1 && L.gate_up_fused) {
-      matvec_launch(L.gate_up.type, L.gate_up.data, xn_, gate, 2 * f, h, 1, nullptr, matvec_options(L.gate_up, false),
-                    st);
+      if (bf16_f32_for(1, L.gate_up))
+        matvec_bf16_launch(static_cast<const __nv_bfloat16*>(L.gate_up.data), xn_, gate, 2 * f, h, 1, nullptr, false,
+                           true, 2 * f, 2 * f, st);
+      else
+        matvec_launch(L.gate_up.type, L.gate_up.data, xn_, gate, 2 * f, h, 1, nullptr, matvec_options(L.gate_up, false),
+                      st);
     } else if (L.gate_up_fused && bf16_frag_for(n, L.gate_up)) {
       matvec_bf16_launch(static_cast<const __nv_bfloat16*>(L.gate_up.data), xb_, gate, 2 * f, h, n, nullptr, false,
                          true, f, 2 * f, st);
@@ -1271,8 +1290,12 @@ void GpuModel::lm_head(WorkerContext& ctx, const float* x, int count, float* log
     add_rms_norm_launch(rows, nullptr, output_norm_, spec_.eps, xn_, nullptr, count, h, st);
     for (int g = 0; g < count; g += kMatvecMaxTokens) {
       const int ng = std::min(kMatvecMaxTokens, count - g);
-      matvec_launch(output_.type, output_.data, xn_ + static_cast<size_t>(g) * h, logits + static_cast<size_t>(g) * V,
-                    V, h, ng, nullptr, matvec_options(output_, false), st);
+      if (bf16_f32_for(ng, output_))
+        matvec_bf16_launch(static_cast<const __nv_bfloat16*>(output_.data), xn_ + static_cast<size_t>(g) * h,
+                           logits + static_cast<size_t>(g) * V, V, h, ng, nullptr, false, true, V, V, st);
+      else
+        matvec_launch(output_.type, output_.data, xn_ + static_cast<size_t>(g) * h, logits + static_cast<size_t>(g) * V,
+                      V, h, ng, nullptr, matvec_options(output_, false), st);
     }
     return;
   }

@@ -337,6 +337,12 @@ class GpuModel : public Resource {
   bool bf16_frag_for(int n, const LinearWeight& w) const {
     return w.type == GgmlType::BF16 && !small_for(n) && n <= mv_bf16_ && matvec_bf16_usable(w.n_out, w.k, n);
   }
+  // bf16 weights on the float matvec's batches (fp32 x), up to mv_bf16_f32_
+  // tokens and for matrices of mv_bf16_min_rows_ rows or more: the fragment kernel.
+  bool bf16_f32_for(int n, const LinearWeight& w) const {
+    return w.type == GgmlType::BF16 && n <= mv_bf16_f32_ && w.n_out >= mv_bf16_min_rows_ &&
+           matvec_bf16_usable(w.n_out, w.k, n, true);
+  }
   bool tc_for(int n, GgmlType t) const {
     return n >= tc_min_ && n <= kTcMaxTokens && (t != GgmlType::BF16 || tc_bf16_);
   }
@@ -393,6 +399,8 @@ class GpuModel : public Resource {
   int mv_min_rows_ = 2048;                // ... of matrices of at least this many rows
   bool mv_local_ = false;                 // ... each CTA preparing its x (MatvecOptions::mma_local_prep)
   int mv_bf16_ = kBf16FragMaxTokens;      // bf16 products up to this many tokens on the fragment kernel
+  int mv_bf16_f32_ = 0;                   // ... and float-matvec batches (fp32 x) up to this many
+  int mv_bf16_min_rows_ = 2048;           // ... of matrices of at least this many rows
   TcOptions tc_opts_;                  // the product's implementation and sizes (tc_options_from_env, at load)
 
   std::vector<void*> dev_buffers_;

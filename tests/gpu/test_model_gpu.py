@@ -457,6 +457,38 @@ def test_fragment_matvec_decode_matches_reference(sources, model, monkeypatch):
         gpu.close()
 
 
+# bf16 weights on the fragment kernel: batches of 1-4 on fp32 x (hi + lo),
+# 5-32 on bf16 x (the default from the tensor-core product's start), every
+# bf16 matrix whatever its size.
+BF16_FRAG_MODELS = [
+    ("llama3-8b", "safetensors", "bf16", LLAMA3_SMALL),
+    ("qwen2.5-0.5b", "safetensors", "bf16", SMALL),
+    ("qwen3-0.6b", "safetensors", "bf16", SMALL),
+]
+
+
+@gpu
+@pytest.mark.parametrize("model", BF16_FRAG_MODELS, ids=_id)
+def test_bf16_fragment_matvec_decode_matches_reference(sources, model, monkeypatch):
+    monkeypatch.setenv("HELEXA_MV_BF16_F32", "4")
+    monkeypatch.setenv("HELEXA_MV_BF16_MIN_ROWS", "1")
+    monkeypatch.setenv("HELEXA_TC_MIN", "5")
+    src = sources(model)
+    vocab = src.config.vocab_size
+    prompt, teacher = _tokens(1, N_PROMPT, vocab), _tokens(2, N_TEACHER, vocab)
+    cpu = CPUBackend(src, 128)
+    gpu = CUDABackend(src, 0, 128, max_num_seqs=8)
+    try:
+        assert gpu.memory_info()["bf16_frag_tokens"] == 32
+        _assert_teacher_forced_close(cpu, gpu, prompt, teacher)
+        prompts = [_tokens(seed, n, vocab) for seed, n in BATCH_PROMPTS]
+        batched = _batched_greedy(gpu, prompts, N_GREEDY, join_at=[0, 0, 0, 3, 7])
+        for p, got_tokens in zip(prompts, batched):
+            _assert_tokens_agree(cpu, p, got_tokens, _gpu_generate(gpu, p, N_GREEDY))
+    finally:
+        gpu.close()
+
+
 @gpu
 def test_tensor_core_products_start_by_model_width(sources, monkeypatch):
     # Narrow models (hidden below 768) keep small batches off the tensor-core
