@@ -573,12 +573,18 @@ void GpuModel::alloc_state() {
     // HELEXA_MV_MMA_LOCAL=1: each CTA prepares its x in shared memory (no
     // prep launch); not yet measured.
     if (const char* ml = std::getenv("HELEXA_MV_MMA_LOCAL")) mv_local_ = ml[0] == '1';
-    // bf16 weights at tc_min_..mv_bf16_ tokens on the bf16 fragment kernel
-    // (HELEXA_MV_BF16=0..32; 0: cuBLAS as above 32).
+    // bf16 weights past the float matvec and up to mv_bf16_ tokens on the
+    // fragment kernel (HELEXA_MV_BF16=0..32, default 16; 0: cuBLAS, as for
+    // larger batches). An H100, 8B bf16 aggregate decode: N=8 1228 tok/s
+    // against 1037.5 on cuBLAS; N=32 3525 with the kernel up to 16 tokens,
+    // 3294 up to 32 (cuBLAS reads 4096 x 4096 faster at 32 tokens).
     if (const char* mb = std::getenv("HELEXA_MV_BF16"); mb && *mb)
       mv_bf16_ = std::min(std::max(std::atoi(mb), 0), kBf16FragMaxTokens);
     // The same kernel on fp32 x for the float matvec's batches (HELEXA_MV_BF16_F32=0..4
-    // tokens) of matrices of HELEXA_MV_BF16_MIN_ROWS rows or more.
+    // tokens) of matrices of HELEXA_MV_BF16_MIN_ROWS rows or more. Off by
+    // default: at one token on an H100 it gained 1.8% on 1B bf16 (798.8
+    // against 784.9 tok/s) and lost 1.1% on 8B bf16 (170.1 against 172.0),
+    // whose q|k|v and gate|up shapes the float matvec reads faster.
     if (const char* mb = std::getenv("HELEXA_MV_BF16_F32"); mb && *mb)
       mv_bf16_f32_ = std::min(std::max(std::atoi(mb), 0), kBf16FragF32Tokens);
     if (const char* mb = std::getenv("HELEXA_MV_BF16_MIN_ROWS"); mb && *mb)
@@ -1290,12 +1296,10 @@ void GpuModel::lm_head(WorkerContext& ctx, const float* x, int count, float* log
     add_rms_norm_launch(rows, nullptr, output_norm_, spec_.eps, xn_, nullptr, count, h, st);
     for (int g = 0; g < count; g += kMatvecMaxTokens) {
       const int ng = std::min(kMatvecMaxTokens, count - g);
-      if (bf16_f32_for(ng, output_))
-        matvec_bf16_launch(static_cast<const __nv_bfloat16*>(output_.data), xn_ + static_cast<size_t>(g) * h,
-                           logits + static_cast<size_t>(g) * V, V, h, ng, nullptr, false, true, V, V, st);
-      else
-        matvec_launch(output_.type, output_.data, xn_ + static_cast<size_t>(g) * h, logits + static_cast<size_t>(g) * V,
-                      V, h, ng, nullptr, matvec_options(output_, false), st);
+      // (The float matvec reads a bf16 head of 128256 rows faster than the
+      // fragment kernel at one token: 331 against 343 us, 8B shape, H100.)
+      matvec_launch(output_.type, output_.data, xn_ + static_cast<size_t>(g) * h, logits + static_cast<size_t>(g) * V,
+                    V, h, ng, nullptr, matvec_options(output_, false), st);
     }
     return;
   }

@@ -398,7 +398,7 @@ class GpuModel : public Resource {
   int mv_mma_ = 0;                        // Q4_K matvecs up to this many tokens on the fragment kernel
   int mv_min_rows_ = 2048;                // ... of matrices of at least this many rows
   bool mv_local_ = false;                 // ... each CTA preparing its x (MatvecOptions::mma_local_prep)
-  int mv_bf16_ = kBf16FragMaxTokens;      // bf16 products up to this many tokens on the fragment kernel
+  int mv_bf16_ = 16;                      // bf16 products up to this many tokens on the fragment kernel
   int mv_bf16_f32_ = 0;                   // ... and float-matvec batches (fp32 x) up to this many
   int mv_bf16_min_rows_ = 2048;           // ... of matrices of at least this many rows
   TcOptions tc_opts_;                  // the product's implementation and sizes (tc_options_from_env, at load)

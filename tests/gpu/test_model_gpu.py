@@ -458,8 +458,7 @@ def test_fragment_matvec_decode_matches_reference(sources, model, monkeypatch):
 
 
 # bf16 weights on the fragment kernel: batches of 1-4 on fp32 x (hi + lo),
-# 5-32 on bf16 x (the default from the tensor-core product's start), every
-# bf16 matrix whatever its size.
+# 5-32 on bf16 x (by default 4-16), every bf16 matrix whatever its size.
 BF16_FRAG_MODELS = [
     ("llama3-8b", "safetensors", "bf16", LLAMA3_SMALL),
     ("qwen2.5-0.5b", "safetensors", "bf16", SMALL),
@@ -470,6 +469,7 @@ BF16_FRAG_MODELS = [
 @gpu
 @pytest.mark.parametrize("model", BF16_FRAG_MODELS, ids=_id)
 def test_bf16_fragment_matvec_decode_matches_reference(sources, model, monkeypatch):
+    monkeypatch.setenv("HELEXA_MV_BF16", "32")
     monkeypatch.setenv("HELEXA_MV_BF16_F32", "4")
     monkeypatch.setenv("HELEXA_MV_BF16_MIN_ROWS", "1")
     monkeypatch.setenv("HELEXA_TC_MIN", "5")
