@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from graph_capture import captured
 
 pytestmark = pytest.mark.gpu
 
@@ -148,14 +149,7 @@ def test_bf16_fragment_matvec_is_deterministic_and_graph_safe(ops):
         ops.matvec_bf16_out(w, x, y)
         return y
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        launch()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        launch()
+    g, _ = captured(launch)
     y.fill_(float("nan"))
     g.replay()
     torch.cuda.synchronize()

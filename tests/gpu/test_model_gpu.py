@@ -423,6 +423,27 @@ def test_graph_replay_matches_plain_path(sources, model):
         gpu.close()
 
 
+def _assert_decode_and_batches_match(src, env: dict[str, str]) -> None:
+    """Teacher-forced decode close to the CPU reference, and sequences batched
+    (joining mid-run) give their tokens alone, with the given knobs set
+    (env is applied by the caller before src's backend loads)."""
+    vocab = src.config.vocab_size
+    prompt, teacher = _tokens(1, N_PROMPT, vocab), _tokens(2, N_TEACHER, vocab)
+    cpu = CPUBackend(src, 128)
+    gpu = CUDABackend(src, 0, 128, max_num_seqs=8)
+    try:
+        _assert_teacher_forced_close(cpu, gpu, prompt, teacher)
+        prompts = [_tokens(seed, n, vocab) for seed, n in BATCH_PROMPTS]
+        batched = _batched_greedy(gpu, prompts, N_GREEDY, join_at=[0, 0, 0, 3, 7])
+        for p, got_tokens in zip(prompts, batched):
+            _assert_tokens_agree(cpu, p, got_tokens, _gpu_generate(gpu, p, N_GREEDY))
+        info = gpu.memory_info()
+        if "HELEXA_MV_BF16" in env:
+            assert info["bf16_frag_tokens"] == int(env["HELEXA_MV_BF16"])
+    finally:
+        gpu.close()
+
+
 # The Q4_K fragment matvec (HELEXA_MV_MMA, off by default), on every Q4_K
 # matrix whatever its size, at one token and in batches of up to 8 (kept on
 # the matvec: HELEXA_TC_MIN=9).
@@ -431,31 +452,7 @@ MMA_MODELS = [
     ("llama3-8b", "gguf", "Q4_K_M", LLAMA3_SMALL),
     ("qwen3-0.6b", "gguf", "Q4_K", SMALL),
 ]
-
-
-@gpu
-@pytest.mark.parametrize("model", MMA_MODELS, ids=_id)
-def test_fragment_matvec_decode_matches_reference(sources, model, monkeypatch):
-    monkeypatch.setenv("HELEXA_MV_MMA", "8")
-    monkeypatch.setenv("HELEXA_MV_MMA_MIN_ROWS", "1")
-    monkeypatch.setenv("HELEXA_TC_MIN", "9")
-    src = sources(model)
-    vocab = src.config.vocab_size
-    prompt, teacher = _tokens(1, N_PROMPT, vocab), _tokens(2, N_TEACHER, vocab)
-    n_ctx = 128
-    cpu = CPUBackend(src, n_ctx)
-    gpu = CUDABackend(src, 0, n_ctx, max_num_seqs=8)
-    try:
-        _assert_teacher_forced_close(cpu, gpu, prompt, teacher)
-        # Batches of up to 8 rows take the same kernel: each sequence's tokens
-        # equal its tokens alone (or differ only at a float tie of the reference).
-        prompts = [_tokens(seed, n, vocab) for seed, n in BATCH_PROMPTS]
-        batched = _batched_greedy(gpu, prompts, N_GREEDY, join_at=[0, 0, 0, 3, 7])
-        for p, got_tokens in zip(prompts, batched):
-            _assert_tokens_agree(cpu, p, got_tokens, _gpu_generate(gpu, p, N_GREEDY))
-    finally:
-        gpu.close()
-
+MMA_ENV = {"HELEXA_MV_MMA": "8", "HELEXA_MV_MMA_MIN_ROWS": "1", "HELEXA_TC_MIN": "9"}
 
 # bf16 weights on the fragment kernel: batches of 1-4 on fp32 x (hi + lo),
 # 5-32 on bf16 x (by default 4-16), every bf16 matrix whatever its size.
@@ -464,29 +461,24 @@ BF16_FRAG_MODELS = [
     ("qwen2.5-0.5b", "safetensors", "bf16", SMALL),
     ("qwen3-0.6b", "safetensors", "bf16", SMALL),
 ]
+BF16_FRAG_ENV = {
+    "HELEXA_MV_BF16": "32",
+    "HELEXA_MV_BF16_F32": "4",
+    "HELEXA_MV_BF16_MIN_ROWS": "1",
+    "HELEXA_TC_MIN": "5",
+}
 
 
 @gpu
-@pytest.mark.parametrize("model", BF16_FRAG_MODELS, ids=_id)
-def test_bf16_fragment_matvec_decode_matches_reference(sources, model, monkeypatch):
-    monkeypatch.setenv("HELEXA_MV_BF16", "32")
-    monkeypatch.setenv("HELEXA_MV_BF16_F32", "4")
-    monkeypatch.setenv("HELEXA_MV_BF16_MIN_ROWS", "1")
-    monkeypatch.setenv("HELEXA_TC_MIN", "5")
-    src = sources(model)
-    vocab = src.config.vocab_size
-    prompt, teacher = _tokens(1, N_PROMPT, vocab), _tokens(2, N_TEACHER, vocab)
-    cpu = CPUBackend(src, 128)
-    gpu = CUDABackend(src, 0, 128, max_num_seqs=8)
-    try:
-        assert gpu.memory_info()["bf16_frag_tokens"] == 32
-        _assert_teacher_forced_close(cpu, gpu, prompt, teacher)
-        prompts = [_tokens(seed, n, vocab) for seed, n in BATCH_PROMPTS]
-        batched = _batched_greedy(gpu, prompts, N_GREEDY, join_at=[0, 0, 0, 3, 7])
-        for p, got_tokens in zip(prompts, batched):
-            _assert_tokens_agree(cpu, p, got_tokens, _gpu_generate(gpu, p, N_GREEDY))
-    finally:
-        gpu.close()
+@pytest.mark.parametrize(
+    "model,env",
+    [(m, MMA_ENV) for m in MMA_MODELS] + [(m, BF16_FRAG_ENV) for m in BF16_FRAG_MODELS],
+    ids=[_id(m) for m in MMA_MODELS + BF16_FRAG_MODELS],
+)
+def test_fragment_matvec_decode_matches_reference(sources, model, env, monkeypatch):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    _assert_decode_and_batches_match(sources(model), env)
 
 
 @gpu

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from graph_capture import captured
 from int8_reference import DP4A_TYPES, quantized_x, stage_fits
 
 pytestmark = pytest.mark.gpu
@@ -230,19 +231,6 @@ def test_matvec_many_rows(ops, rng):
     x = rng.standard_normal((2, k)).astype(np.float32)
     y = ops.matvec(TYPES["Q4_K"][0], torch.from_numpy(raw).to(DEV), torch.from_numpy(x).to(DEV), n_out, k, None, None)
     check_matvec(y, ref, x_seen_by("Q4_K", x), None, TOLERANCE["Q4_K"], f"Q4_K {n_out}x{k} seed={rng.seed_value}")
-
-
-def captured(launch):
-    """(graph, output) of `launch` captured in a CUDA graph, after one warm-up run outside capture."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        launch()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = launch()
-    return g, out
 
 
 # ---------------------------------------------------------------- Q4_K fragment kernel (matvec_mma.cu)
