@@ -82,6 +82,23 @@ def random_weights(n_bytes: int, copies: int) -> list[torch.Tensor]:
     return [torch.randint(0, 256, (n_bytes,), dtype=torch.uint8, device="cuda") for _ in range(copies)]
 
 
+def tc_row(ops, tid, ws, copies, name, label, n_out, k, ntok, nbytes, copy_bw, args) -> None:
+    """The tensor-core product (the model's path for batches from HELEXA_TC_MIN tokens) on the same copies."""
+    xb = torch.randn(ntok, k, device="cuda").to(torch.bfloat16)
+    y = torch.empty(ntok, n_out, device="cuda")
+    it = iter(range(1 << 62))
+
+    def tc():
+        ops.matmul_tc_out(tid, ws[next(it) % copies], xb, y, n_out, k)
+
+    t = time_graph(tc, args.launches, args.batches)
+    bw = (nbytes + 2 * ntok * k + 4 * ntok * n_out) / t
+    print(
+        f"{name:7s} {label:12s} {n_out:6d} {k:6d} {f'{ntok}t':>4s} {nbytes / 1e6:8.1f} {t * 1e6:9.2f} "
+        f"{bw / 1e9:7.0f} {100 * bw / copy_bw:6.1f}"
+    )
+
+
 def bf16_rows(ops, ws, copies, label, n_out, k, ntok, nbytes, copy_bw, args) -> None:
     """The bf16 fragment kernel ('f', 'F') and cuBLAS ('c') on the same rotated weight copies."""
     mats = [w.view(torch.bfloat16).view(n_out, k) for w in ws]
@@ -127,6 +144,7 @@ def main() -> None:
         help="Q4_K: also time the fragment kernel (matvec_mma.cu) beside the float kernel, rows marked 'm'",
     )
     ap.add_argument("--mma-local", action="store_true", help="with --mma: CTAs prepare x in shared memory")
+    ap.add_argument("--tc", action="store_true", help="also time the tensor-core product (matmul_tc, bf16 x), rows 't'")
     ap.add_argument(
         "--bf16-frag",
         action="store_true",
@@ -164,6 +182,8 @@ def main() -> None:
             for ntok in [int(v) for v in args.ntok.split(",")]:
                 if name == "BF16" and args.bf16_frag:
                     bf16_rows(ops, ws, copies, label, n_out, k, ntok, nbytes, copy_bw, args)
+                if args.tc:
+                    tc_row(ops, tid, ws, copies, name, label, n_out, k, ntok, nbytes, copy_bw, args)
                 if ntok > 8:
                     continue
                 x = torch.randn(ntok, k, device="cuda")

@@ -291,6 +291,36 @@ void op_matvec_out(int64_t type, const at::Tensor& w, const at::Tensor& x, at::T
   });
 }
 
+// The tensor-core product into a caller's y, its split-K workspace allocated
+// here once per call of the op (graph-captured benchmarks replay it).
+void op_matmul_tc_out(int64_t type, const at::Tensor& w, const at::Tensor& x, at::Tensor& y, int64_t n_out, int64_t k) {
+  const GgmlType t = checked_type(type);
+  const int no = op::as_int(n_out, "n_out", 1), kk = op::as_int(k, "k", 1);
+  check_matvec_sizes(t, n_out, k);
+  HX_OP_CHECK(x.defined() && x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.is_contiguous() && aligned16(x) &&
+                  x.numel() % k == 0,
+              "x must be a contiguous 16-byte aligned bfloat16 CUDA tensor [n_tok, k]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto dev = x.device();
+  const int64_t ntok = x.numel() / k;
+  HX_OP_CHECK(ntok >= 1 && ntok <= kTcMaxTokens, "matmul_tc takes 1..", kTcMaxTokens, " tokens, got ", ntok);
+  HX_OP_CHECK(w.defined() && w.device() == dev && w.is_contiguous() && aligned16(w),
+              "w must be a contiguous 16-byte aligned tensor on ", dev);
+  const at::Tensor wc = checked_weights(w, t, no, kk);
+  HX_OP_CHECK(y.device() == dev && y.scalar_type() == at::kFloat && y.is_contiguous() && y.numel() == ntok * n_out,
+              "y must be contiguous float32 [n_tok, n_out] on ", dev);
+  const TcOptions opt = tc_options_from_env();
+  const size_t ws_bytes = matmul_tc_workspace_bytes(static_cast<int>(ntok), no, kk, opt);
+  at::Tensor ws;
+  if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes / 4)}, x.options().dtype(at::kFloat));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  launch([&] {
+    matmul_tc_launch(t, wc.data_ptr(), reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), y.data_ptr<float>(), no,
+                     kk, static_cast<int>(ntok), nullptr, false, ws.defined() ? ws.data_ptr<float>() : nullptr,
+                     ws_bytes, opt, stream);
+  });
+}
+
 void op_dequantize_out(int64_t type, const at::Tensor& w, at::Tensor& out, int64_t n_out, int64_t k) {
   const GgmlType t = checked_type(type);
   const int no = op::as_int(n_out, "n_out", 0), kk = op::as_int(k, "k", 0);
@@ -331,4 +361,6 @@ TORCH_LIBRARY_FRAGMENT(helexa, m) {
       "bool accumulate, Tensor? scratch=None, int mma=0, bool mma_local=False) -> ()",
       &hx::op_matvec_out);
   m.def("dequantize_out(int type, Tensor w_uint8, Tensor(a!) out, int n_out, int k) -> ()", &hx::op_dequantize_out);
+  m.def("matmul_tc_out(int type, Tensor w_uint8, Tensor x_bf16, Tensor(a!) y, int n_out, int k) -> ()",
+        &hx::op_matmul_tc_out);
 }
