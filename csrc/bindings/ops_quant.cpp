@@ -166,6 +166,34 @@ at::Tensor op_matmul_tc(int64_t type, const at::Tensor& w, const at::Tensor& x, 
   return y;
 }
 
+// Q4_K weights times bf16 x on the fragment kernel (its x scratch allocated here).
+at::Tensor op_matvec_q4k_frag(const at::Tensor& w, const at::Tensor& x, int64_t n_out, int64_t k,
+                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& y_accumulate,
+                              bool local) {
+  const int no = op::as_int(n_out, "n_out", 1), kk = op::as_int(k, "k", 1);
+  check_matvec_sizes(GgmlType::Q4_K, n_out, k);
+  HX_OP_CHECK(x.defined() && x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(1) == k,
+              "x must be a bfloat16 CUDA tensor [n_tok, k] with k=", k);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto dev = x.device();
+  const int64_t ntok = x.size(0);
+  HX_OP_CHECK(ntok >= 1 && ntok <= kMatvecMaxTokens, "the Q4_K fragment matvec takes 1..", kMatvecMaxTokens,
+              " tokens, got ", ntok);
+  HX_OP_CHECK(w.defined() && w.device() == dev, "w must be on ", dev);
+  const at::Tensor wc = checked_weights(w, GgmlType::Q4_K, no, kk);
+  const at::Tensor xc = ready(x);
+  const ProductOut po = product_out(x, bias, y_accumulate, ntok, no);
+  const at::Tensor scratch = at::empty({static_cast<int64_t>(matvec_x_scratch_bytes(static_cast<int>(ntok), kk))},
+                                       x.options().dtype(at::kByte));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  launch([&] {
+    matvec_q4k_frag_launch(wc.data_ptr(), reinterpret_cast<const __nv_bfloat16*>(xc.data_ptr()), po.y.data_ptr<float>(),
+                           no, kk, static_cast<int>(ntok), po.bias.defined() ? po.bias.data_ptr<float>() : nullptr,
+                           po.accumulate, false, scratch.data_ptr(), local, stream);
+  });
+  return po.y;
+}
+
 // bf16 weights [n_out, k] times x [n_tok, k] (bf16, or float32 for up to
 // kBf16FragF32Tokens tokens) on the fragment kernel. s1, s2 (-1: n_out) split
 // the output rows into runs (matvec_bf16_launch); y (and y_accumulate) then
@@ -356,6 +384,10 @@ TORCH_LIBRARY_FRAGMENT(helexa, m) {
   m.def("matvec_bf16(Tensor w, Tensor x, Tensor? bias, Tensor? y_accumulate, int s1=-1, int s2=-1) -> Tensor",
         &hx::op_matvec_bf16);
   m.def("matvec_bf16_out(Tensor w, Tensor x, Tensor(a!) y) -> ()", &hx::op_matvec_bf16_out);
+  m.def(
+      "matvec_q4k_frag(Tensor w_uint8, Tensor x_bf16, int n_out, int k, Tensor? bias, Tensor? y_accumulate, "
+      "bool local=False) -> Tensor",
+      &hx::op_matvec_q4k_frag);
   m.def(
       "matvec_out(int type, Tensor w_uint8, Tensor x_f32, Tensor(a!) y, int n_out, int k, Tensor? bias, "
       "bool accumulate, Tensor? scratch=None, int mma=0, bool mma_local=False) -> ()",

@@ -346,6 +346,33 @@ void matvec_bf16_launch(const __nv_bfloat16* w, const float* x, float* y, int n_
   bf16_frag(w, x, true, y, n_out, k, n_tok, bias, accumulate, static_weights, s1, s2, stream);
 }
 
+void matvec_q4k_frag_launch(const void* w, const __nv_bfloat16* x, float* y, int n_out, int k, int n_tok,
+                            const float* bias, bool accumulate, bool static_weights, void* x_scratch, bool local_prep,
+                            cudaStream_t stream) {
+  if (n_out < 1 || !matvec::mma::usable(n_tok, k, x_scratch))
+    bad("Q4_K fragment matvec: n_out=" + std::to_string(n_out) + " k=" + std::to_string(k) +
+        " n_tok=" + std::to_string(n_tok) + " (k a positive multiple of 256, 1.." + std::to_string(kMatvecMaxTokens) +
+        " tokens, an x scratch)");
+  if (!w || !x || !y) bad("null pointer");
+  if (!aligned16(w) || !aligned16(x) || !aligned16(x_scratch))
+    bad("Q4_K fragment matvec: w, x and the scratch must be 16-byte aligned");
+  matvec::mma::Params p{};
+  p.w = static_cast<const uint8_t*>(w);
+  p.row_bytes = row_bytes(GgmlType::Q4_K, k);
+  p.n_out = n_out;
+  p.k = k;
+  p.ntok = n_tok;
+  p.xb = reinterpret_cast<const uint16_t*>(x);
+  p.y = y;
+  p.bias = bias;
+  p.accumulate = accumulate ? 1 : 0;
+  p.static_w = static_weights ? 1 : 0;
+  p.scratch = static_cast<uint8_t*>(x_scratch);
+  p.local = local_prep ? 1 : 0;
+  const int device = current_device();
+  matvec::mma::run_q4k(p, device, device_sm_count(device), stream);
+}
+
 size_t matvec_x_scratch_bytes(int n_tok, int k) {
   const size_t dp4a = matvec::dp4a::smem_bytes(n_tok, k, matvec::dp4a::kMaxTerms);
   return std::max(dp4a, matvec::mma::scratch_layout(n_tok, (k + 255) / 256 * 256).bytes);

@@ -56,6 +56,16 @@ void matvec_launch(GgmlType type, const void* w /*[n_out, k] stored rows*/, cons
                    float* y /*[n_tok, n_out]*/, int n_out, int k, int n_tok /*1..kMatvecMaxTokens*/,
                    const float* bias /*[n_out] or nullptr*/, const MatvecOptions& options, cudaStream_t stream);
 
+// Q4_K rows on the fragment kernel (MatvecOptions::mma_tokens) with x in bf16:
+// for batches whose activations the forward holds in bf16 (those it would
+// otherwise send to matmul_tc_launch). 1..kMatvecMaxTokens tokens, k a
+// multiple of 256; x_scratch as MatvecOptions::x_scratch (required);
+// local_prep as MatvecOptions::mma_local_prep. Throws std::invalid_argument
+// on bad arguments.
+void matvec_q4k_frag_launch(const void* w /*[n_out, k] Q4_K rows*/, const __nv_bfloat16* x /*[n_tok, k]*/, float* y,
+                            int n_out, int k, int n_tok, const float* bias /*[n_out] or nullptr*/, bool accumulate,
+                            bool static_weights, void* x_scratch, bool local_prep, cudaStream_t stream);
+
 // Most tokens one matvec_bf16_launch handles: with bf16 x, with fp32 x.
 constexpr int kBf16FragMaxTokens = 32;
 constexpr int kBf16FragF32Tokens = 4;

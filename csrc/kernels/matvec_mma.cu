@@ -61,9 +61,21 @@ __device__ __forceinline__ __half2 bits_h2(uint32_t v) { return *reinterpret_cas
 // scratch layout, global or shared memory): lane l takes elements 8l .. 8l + 7.
 __device__ __forceinline__ void prep_item(const Params& p, int item, int lane, uint8_t* out) {
   const int tok = item / p.nsb, s = item - tok * p.nsb;
-  const float* xp = p.x + (size_t)tok * p.k + s * 256 + 8 * lane;
-  const float4 u = *reinterpret_cast<const float4*>(xp), v = *reinterpret_cast<const float4*>(xp + 4);
-  const float e[8] = {u.x, u.y, u.z, u.w, v.x, v.y, v.z, v.w};
+  const size_t at = (size_t)tok * p.k + s * 256 + 8 * lane;
+  float e[8];
+  if (p.xb != nullptr) {
+    // bf16: its bits are a float's upper half.
+    const uint4 b = *reinterpret_cast<const uint4*>(p.xb + at);
+    const uint32_t w[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      e[2 * i] = __uint_as_float(w[i] << 16);
+      e[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  } else {
+    const float4 u = *reinterpret_cast<const float4*>(p.x + at), v = *reinterpret_cast<const float4*>(p.x + at + 4);
+    e[0] = u.x, e[1] = u.y, e[2] = u.z, e[3] = u.w, e[4] = v.x, e[5] = v.y, e[6] = v.z, e[7] = v.w;
+  }
   float m = 0.f;
 #pragma unroll
   for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(e[i]));

@@ -38,7 +38,8 @@ struct Params {
   const uint8_t* w;  // [n_out][nsb * 144]
   size_t row_bytes;
   int n_out, k, nsb, ntok;
-  const float* x;  // [ntok][k] (the prep kernel's input)
+  const float* x;      // [ntok][k] (the prep's input)
+  const uint16_t* xb;  // or [ntok][k] bf16 (x then unused)
   float* y;        // [ntok][n_out]
   const float* bias;
   int accumulate, static_w;

@@ -573,6 +573,13 @@ void GpuModel::alloc_state() {
     // HELEXA_MV_MMA_LOCAL=1: each CTA prepares its x in shared memory (no
     // prep launch); not yet measured.
     if (const char* ml = std::getenv("HELEXA_MV_MMA_LOCAL")) mv_local_ = ml[0] == '1';
+    // HELEXA_MV_MMA_BATCH=N: Q4_K batches from the tensor-core product's
+    // start up to N (at most 8) tokens on the fragment kernel, x read in bf16.
+    // Off by default; an H100 timed the kernels alone (gate|up at 4 tokens
+    // 36.8 us against the product's 42.8, at 8 40.7 against 44.1; 4096 x 4096
+    // at 8 10.0 against 9.2), not yet the step.
+    if (const char* mb = std::getenv("HELEXA_MV_MMA_BATCH"); mb && *mb)
+      mv_mma_batch_ = std::min(std::max(std::atoi(mb), 0), kMatvecMaxTokens);
     // bf16 weights past the float matvec and up to mv_bf16_ tokens on the
     // fragment kernel (HELEXA_MV_BF16=0..32, default 16; 0: cuBLAS, as for
     // larger batches). An H100, 8B bf16 aggregate decode: N=8 1228 tok/s
@@ -593,7 +600,7 @@ void GpuModel::alloc_state() {
     // by every CTA), and the fragment kernel's prepared x, in one scratch.
     const char* v = std::getenv("HELEXA_XQ");
     const bool xq = !(v && v[0] == '0') && spec_.int8_activations != Int8Mode::Never;
-    if (xq || mv_mma_ > 0)
+    if (xq || mv_mma_ > 0 || mv_mma_batch_ > 0)
       x_scratch_ = dev_alloc(matvec_x_scratch_bytes(kMatvecMaxTokens, static_cast<int>(widest)), sc);
   }
   if (wbuf_elems_ > 0) wbuf_ = static_cast<__nv_bfloat16*>(dev_alloc(wbuf_elems_ * 2, sc));
@@ -744,6 +751,7 @@ std::map<std::string, int64_t> GpuModel::memory() const {
   m["use_graphs"] = use_graphs_ ? 1 : 0;
   m["tc_min_tokens"] = tc_min_;
   m["bf16_frag_tokens"] = mv_bf16_;
+  m["q4k_frag_batch_tokens"] = mv_mma_batch_;
   if (tp_) {
     m["tp_rank"] = tp_->rank();
     m["tp_size"] = tp_->nranks();
@@ -1067,6 +1075,10 @@ void GpuModel::linear(WorkerContext& ctx, const LinearWeight& w, const float* x_
   }
   if (small) {
     matvec_launch(w.type, w.data, x_f32, y, w.n_out, w.k, n, bias, matvec_options(w, accumulate), st);
+    return;
+  }
+  if (q4k_frag_for(n, w)) {
+    matvec_q4k_frag_launch(w.data, x_bf16, y, w.n_out, w.k, n, bias, accumulate, true, x_scratch_, mv_local_, st);
     return;
   }
   if (bf16_frag_for(n, w)) {

@@ -343,6 +343,12 @@ class GpuModel : public Resource {
     return w.type == GgmlType::BF16 && n <= mv_bf16_f32_ && w.n_out >= mv_bf16_min_rows_ &&
            matvec_bf16_usable(w.n_out, w.k, n, true);
   }
+  // Q4_K batches past the float matvec, up to mv_mma_batch_ tokens, on the
+  // fragment kernel with bf16 x (matvec_q4k_frag_launch) instead of the product.
+  bool q4k_frag_for(int n, const LinearWeight& w) const {
+    return w.type == GgmlType::Q4_K && !small_for(n) && n <= mv_mma_batch_ && w.n_out >= mv_min_rows_ &&
+           x_scratch_ != nullptr && w.k % 256 == 0;
+  }
   bool tc_for(int n, GgmlType t) const {
     return n >= tc_min_ && n <= kTcMaxTokens && (t != GgmlType::BF16 || tc_bf16_);
   }
@@ -398,6 +404,7 @@ class GpuModel : public Resource {
   int mv_mma_ = 0;                        // Q4_K matvecs up to this many tokens on the fragment kernel
   int mv_min_rows_ = 2048;                // ... of matrices of at least this many rows
   bool mv_local_ = false;                 // ... each CTA preparing its x (MatvecOptions::mma_local_prep)
+  int mv_mma_batch_ = 0;                  // ... and Q4_K batches past the matvec up to this many tokens
   int mv_bf16_ = 16;                      // bf16 products up to this many tokens on the fragment kernel
   int mv_bf16_f32_ = 0;                   // ... and float-matvec batches (fp32 x) up to this many
   int mv_bf16_min_rows_ = 2048;           // ... of matrices of at least this many rows

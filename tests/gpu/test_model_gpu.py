@@ -440,6 +440,8 @@ def _assert_decode_and_batches_match(src, env: dict[str, str]) -> None:
         info = gpu.memory_info()
         if "HELEXA_MV_BF16" in env:
             assert info["bf16_frag_tokens"] == int(env["HELEXA_MV_BF16"])
+        if "HELEXA_MV_MMA_BATCH" in env:
+            assert info["q4k_frag_batch_tokens"] == int(env["HELEXA_MV_MMA_BATCH"])
     finally:
         gpu.close()
 
@@ -453,6 +455,8 @@ MMA_MODELS = [
     ("qwen3-0.6b", "gguf", "Q4_K", SMALL),
 ]
 MMA_ENV = {"HELEXA_MV_MMA": "8", "HELEXA_MV_MMA_MIN_ROWS": "1", "HELEXA_TC_MIN": "9"}
+# Batches of 4-8 on it with bf16 x, in place of the tensor-core product.
+MMA_BATCH_ENV = {"HELEXA_MV_MMA_BATCH": "8", "HELEXA_MV_MMA_MIN_ROWS": "1", "HELEXA_TC_MIN": "4"}
 
 # bf16 weights on the fragment kernel: batches of 1-4 on fp32 x (hi + lo),
 # 5-32 on bf16 x (by default 4-16), every bf16 matrix whatever its size.
@@ -472,8 +476,10 @@ BF16_FRAG_ENV = {
 @gpu
 @pytest.mark.parametrize(
     "model,env",
-    [(m, MMA_ENV) for m in MMA_MODELS] + [(m, BF16_FRAG_ENV) for m in BF16_FRAG_MODELS],
-    ids=[_id(m) for m in MMA_MODELS + BF16_FRAG_MODELS],
+    [(m, MMA_ENV) for m in MMA_MODELS]
+    + [(m, MMA_BATCH_ENV) for m in MMA_MODELS]
+    + [(m, BF16_FRAG_ENV) for m in BF16_FRAG_MODELS],
+    ids=[_id(m) for m in MMA_MODELS] + [_id(m) + "-batch" for m in MMA_MODELS] + [_id(m) for m in BF16_FRAG_MODELS],
 )
 def test_fragment_matvec_decode_matches_reference(sources, model, env, monkeypatch):
     for key, value in env.items():

@@ -274,6 +274,31 @@ def test_q4k_fragment_matvec_matches_reference(ops, rng, n_out, k, n_tok, local)
         check_matvec(y, ref, x, None, TOLERANCE["Q4_K"], tag + " (float kernel)")
 
 
+# bf16 x (the forward's batches past the float matvec): the same kernel, the
+# prep reading bf16; equal to the fp32-x launch on x rounded to bf16.
+@pytest.mark.parametrize("local", [False, True], ids=["prep", "local"])
+@pytest.mark.parametrize("n_tok", [1, 4, 8])
+@pytest.mark.parametrize("n_out,k", [(17, 512), (4096, 4096), (1000, 14336)])
+def test_q4k_fragment_matvec_on_bf16_x(ops, rng, n_out, k, n_tok, local):
+    raw, ref = make_weights("Q4_K", n_out, k, rng)
+    x = rng.standard_normal((n_tok, k)).astype(np.float32)
+    x[0, :256] *= 1e5  # a super-block far outside fp16's range
+    xb = torch.from_numpy(x).to(torch.bfloat16)
+    x_seen = xb.float().numpy()
+    w_d = torch.from_numpy(raw).to(DEV)
+    bias = rng.standard_normal(n_out).astype(np.float32)
+    y0 = rng.standard_normal((n_tok, n_out)).astype(np.float32)
+    tag = f"Q4_K fragment bf16 x {n_out}x{k} n_tok={n_tok} local={local} seed={rng.seed_value}"
+    y = ops.matvec_q4k_frag(w_d, xb.to(DEV), n_out, k, None, None, local)
+    check_matvec(y, ref, fragment_x(x_seen), None, FRAGMENT_TOLERANCE, tag)
+    same = ops.matvec(12, w_d, torch.from_numpy(x_seen).to(DEV), n_out, k, None, None, False, False, 8, local)
+    assert torch.equal(y, same), tag + ": differs from the fp32-x launch on the same values"
+    y = ops.matvec_q4k_frag(
+        w_d, xb.to(DEV), n_out, k, torch.from_numpy(bias).to(DEV), torch.from_numpy(y0).to(DEV), local
+    )
+    check_matvec(y, ref, fragment_x(x_seen), y0.astype(np.float64) + bias, FRAGMENT_TOLERANCE, tag + " bias+acc")
+
+
 @pytest.mark.parametrize("local", [False, True], ids=["prep", "local"])
 def test_q4k_fragment_matvec_bias_accumulate_and_range(ops, rng, local):
     n_out, k, n_tok = 131, 1024, 5
