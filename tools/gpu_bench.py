@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     def concurrency_rows(eng, name: str, levels: list) -> list:
         rows = []
         for n in levels:
-            row = bench_concurrency(eng, [n], a.prompt_tokens, a.decode_tokens, warmup=n == levels[0])[0]
+            row = bench_concurrency(eng, [n], a.prompt_tokens, a.decode_tokens, warmup=True)[0]
             rows.append(row)
             print(
                 f"{name}: N={n}: aggregate decode {row['aggregate_decode_tokens_per_s']:.0f} tok/s, "
