@@ -9,8 +9,11 @@ records when each streamed token arrives (where the `openai` package is not
 installed, a small standard-library client speaks the same streaming protocol). Per N it prints the same figures
 as `helexa-native bench --concurrency`: aggregate decode tok/s while all N
 streams decode, tokens over the whole wall time, inter-token latency p50/p99
-and time to first token p50/p99. Requests are bounded (N per round, one
-round per N), and only the given base URL is contacted.
+and time to first token p50/p99. Before each timed round a shorter one of
+N streams (at most 16 tokens, other prompts) lets the server record its
+CUDA graphs for those batch sizes (--no-warmup skips it). Requests are
+bounded (at most two rounds of N per N), and only the given base URL is
+contacted.
 """
 
 from __future__ import annotations
@@ -155,6 +158,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=512, help="approximate prompt length")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--json", dest="json_file", default=None)
+    ap.add_argument("--no-warmup", action="store_true", help="time each N without a shorter round first")
     args = ap.parse_args(argv)
     try:
         from openai import OpenAI
@@ -162,10 +166,21 @@ def main(argv=None) -> int:
         client = OpenAI(base_url=args.base_url, api_key=args.api_key, timeout=600, max_retries=0)
     except ImportError:
         client = StdlibClient(args.base_url, args.api_key)
-    model = args.model or client.models.list().data[0].id
+    model = args.model
+    if model is None:
+        listed = client.models.list().data
+        if not listed:
+            print("the server lists no model yet (still loading?): wait for it, or pass --model", file=sys.stderr)
+            return 2
+        model = listed[0].id
     rows = []
+    words = max(1, args.prompt_tokens // 2)
     for i, n in enumerate(int(x) for x in args.concurrency.split(",")):
-        rows.append(run_round(client, model, n, max(1, args.prompt_tokens // 2), args.max_tokens, seed=i))
+        if not args.no_warmup:
+            warm = run_round(client, model, n, words, max(1, min(args.max_tokens, 16)), seed=10_000 + i)
+            if warm["errors"]:
+                print(f"N={n:>3}  warm-up: {warm['errors']} errors, first: {warm['first_error']}", flush=True)
+        rows.append(run_round(client, model, n, words, args.max_tokens, seed=i))
         r = rows[-1]
         print(
             f"N={n:>3}  agg {r['aggregate_decode_tokens_per_s']:8.1f} tok/s  wall {r['tokens_per_s_wall']:8.1f}"
