@@ -222,8 +222,10 @@ def bench_concurrency(
 ) -> list:
     """N concurrent streams, each its own random prompt then decode_tokens tokens, for each N.
 
-    Per N: aggregate decode tok/s while all N streams decode (tokens after
-    the last stream's first token over that window), tokens over the whole
+    Per N: aggregate decode tok/s once every stream has started (tokens
+    after the last stream's first token, over the time from then to the
+    last token: streams that started early also finish early, so the end of
+    that window runs fewer than N), tokens over the whole
     wall time, time per output token p50/p99 over the streams (_tpot),
     inter-token latency p50/p99 over every gap and time to first token
     p50/p99. Greedy, EOS ignored, prefix cache defeated by distinct

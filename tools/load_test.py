@@ -7,8 +7,8 @@ Each client sends its own prompt (random words, so the prefix cache cannot
 serve it) as a streaming completion with the official `openai` client and
 records when each streamed token arrives (where the `openai` package is not
 installed, a small standard-library client speaks the same streaming protocol). Per N it prints the same figures
-as `helexa-native bench --concurrency`: aggregate decode tok/s while all N
-streams decode, tokens over the whole wall time, inter-token latency p50/p99
+as `helexa-native bench --concurrency`: aggregate decode tok/s once all N
+streams have started, tokens over the whole wall time, inter-token latency p50/p99
 and time to first token p50/p99. Before each timed round a shorter one of
 N streams (at most 16 tokens, other prompts) lets the server record its
 CUDA graphs for those batch sizes (--no-warmup skips it). Requests are
