@@ -1,5 +1,7 @@
-// The fragment matvec: Q4_K products of 1..8 tokens on tensor cores, with the
-// weights decoded straight into mma.sync fragments (no shared-memory stage).
+// The fragment matvecs: Q4_K products of 1..8 tokens on tensor cores, with
+// the weights decoded straight into mma.sync fragments (no shared-memory
+// stage); and bf16 products of 1..32 tokens, the weights loaded into the
+// fragments as they are (below, after the Q4_K kernel).
 //
 //   y[t, i] = (accumulate ? y[t, i] : 0) + bias[i] + sum_j W[i, j] x~[t, j]
 //
@@ -336,8 +338,8 @@ constexpr int kDenseDepth = 2;
 __device__ __forceinline__ uint4 split_x(const float* xp, bool lo) {
   const float4 a = __ldg(reinterpret_cast<const float4*>(xp)), b = __ldg(reinterpret_cast<const float4*>(xp) + 1);
   const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-  // Without a branch (lanes of both kinds share a warp): x - m bf16(x), m 0 or
-  // 1, exact either way (x - bf16(x) is representable).
+  // Without a branch (lanes of both kinds share a warp): x + m bf16(x), m 0
+  // or -1, exact either way (x - bf16(x) is representable).
   const float m = lo ? -1.f : 0.f;
   uint32_t r[4];
 #pragma unroll
