@@ -56,6 +56,14 @@ def _add_model_args(p: argparse.ArgumentParser, model: bool = True) -> None:
         "tokens (default: HELEXA_DECODE_STEPS, else 8 on one GPU and 1 elsewhere)",
     )
     g.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens one step runs at most, decode tokens and prompt chunks together (default: "
+        "HELEXA_MAX_BATCH_TOKENS, else 512); on one GPU a step's prompt tokens run as one pass",
+    )
+    g.add_argument(
         "--no-prefix-cache",
         dest="prefix_cache",
         action="store_false",
@@ -168,6 +176,7 @@ def engine_options_from_args(args) -> dict:
         ),
         "prefix_cache": getattr(args, "prefix_cache", True),
         "decode_steps": getattr(args, "decode_steps", None),
+        "max_batch_tokens": getattr(args, "max_batch_tokens", None),
         "tensor_parallel": getattr(args, "tensor_parallel", None),
         "step_timeout": getattr(args, "step_timeout", None),
     }

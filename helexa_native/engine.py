@@ -31,7 +31,7 @@ from .errors import (
 )
 from .params import UINT64_MASK
 from .request_params import SAMPLING_FIELDS, resolve_params
-from .scheduler import DEFAULT_MAX_BATCH_TOKENS, Request, Scheduler, check_decode_steps
+from .scheduler import Request, Scheduler, check_decode_steps, check_max_batch_tokens
 from .stop import StopMatcher
 
 __all__ = ["Engine", "GenerationResult", "StreamChunk", "collect_choices", "collect_stream", "default_model_path"]
@@ -185,7 +185,7 @@ class Engine:
         int8_activations: Optional[bool] = None,
         max_num_seqs: Optional[int] = None,
         kv_cache_memory: Optional[int] = None,
-        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        max_batch_tokens: Optional[int] = None,
         decode_steps: Optional[int] = None,
         tensor_parallel: Optional[int] = None,
         step_timeout: Optional[float] = None,
@@ -207,7 +207,9 @@ class Engine:
         only as used). prefix_cache: a prompt that starts like an earlier one
         (a multi-turn chat, a shared system prompt) reuses its cached KV blocks
         (on by default). max_batch_tokens: tokens one step runs at most
-        (decode tokens and prompt chunks together). decode_steps: decode
+        (decode tokens and prompt chunks together; default:
+        HELEXA_MAX_BATCH_TOKENS, else 512); on one GPU a step's prompt
+        tokens then run as one pass of that many rows (at least 512). decode_steps: decode
         steps one backend call may run back to back while every running
         request only decodes and needs nothing from the host between tokens
         (no grammar) and nothing the backend's call cannot run (on CUDA,
@@ -244,7 +246,7 @@ class Engine:
             not isinstance(kv_cache_memory, int) or isinstance(kv_cache_memory, bool) or kv_cache_memory < 1
         ):
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")
-        check_positive_ints(max_batch_tokens=max_batch_tokens)
+        max_batch_tokens = check_max_batch_tokens(max_batch_tokens)
         if decode_steps is not None:
             decode_steps = check_decode_steps(decode_steps)
         seqs = max_num_seqs if max_num_seqs is not None else defaults.DEFAULT_MAX_NUM_SEQS
@@ -316,7 +318,7 @@ class Engine:
                     int8_activations=int8_activations,
                 )
             elif kind == "cuda":
-                from .backends.cuda import CUDABackend
+                from .backends.cuda import DEFAULT_PREFILL_CHUNK, CUDABackend
 
                 backend = CUDABackend(
                     source,
@@ -326,6 +328,7 @@ class Engine:
                     max_num_seqs=seqs,
                     kv_cache_memory=kv_cache_memory,
                     prefix_cache=prefix_cache,
+                    prefill_chunk=max(DEFAULT_PREFILL_CHUNK, max_batch_tokens),
                 )
             else:
                 from .backends.cpu import CPUBackend
@@ -369,7 +372,7 @@ class Engine:
         eos_token_ids: Sequence[int] = (),
         model_path: Union[str, Path] = "",
         prefix_cache: bool = True,
-        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        max_batch_tokens: Optional[int] = None,
         tool_call_parser: Optional[str] = None,
         reasoning_parser: Optional[str] = None,
         pooling: Optional[str] = None,
@@ -414,7 +417,7 @@ class Engine:
         eos_token_ids,
         path: Path,
         tensors,
-        max_batch_tokens: int,
+        max_batch_tokens: Optional[int],
         decode_steps: Optional[int] = None,
     ) -> None:
         tensors = list(tensors)
@@ -434,7 +437,9 @@ class Engine:
         # What one decode token reads of the weights (the routed experts' share of a MoE model).
         self.active_weight_bytes = int(active_bytes(self.config, tensors))
         self._generation_config = self._gen_config(generation_config, eos_token_ids)
-        self._scheduler = Scheduler(backend, max_batch_tokens=max_batch_tokens, decode_steps=decode_steps)
+        self._scheduler = Scheduler(
+            backend, max_batch_tokens=check_max_batch_tokens(max_batch_tokens), decode_steps=decode_steps
+        )
 
     # ------------------------------------------------------------------ setup
 

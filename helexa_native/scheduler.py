@@ -92,6 +92,19 @@ def check_decode_steps(value: Optional[int], default: int = 1) -> int:
     return value
 
 
+def check_max_batch_tokens(value: Optional[int]) -> int:
+    """Tokens one step runs at most: `value`, or HELEXA_MAX_BATCH_TOKENS, or DEFAULT_MAX_BATCH_TOKENS."""
+    if value is None:
+        raw = os.environ.get("HELEXA_MAX_BATCH_TOKENS", "")
+        try:
+            value = int(raw) if raw.strip() else DEFAULT_MAX_BATCH_TOKENS
+        except ValueError:
+            raise ValueError(f"HELEXA_MAX_BATCH_TOKENS must be an integer, got {raw!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_batch_tokens must be a positive integer, got {value!r}")
+    return value
+
+
 def _inline_events() -> int:
     try:
         return max(0, int(os.environ.get("HELEXA_INLINE_EVENTS", INLINE_EVENTS)))

@@ -384,6 +384,29 @@ def test_decode_steps_is_checked(hf_models, monkeypatch):
         _engine(folder)
 
 
+def test_max_batch_tokens_is_checked(hf_models, monkeypatch):
+    folder, _ = hf_models("llama")
+    for bad in (0, -3, 2.5, True, "64"):
+        with pytest.raises(ValueError, match="max_batch_tokens"):
+            _engine(folder, max_batch_tokens=bad)
+    monkeypatch.delenv("HELEXA_MAX_BATCH_TOKENS", raising=False)
+    with _engine(folder) as eng:
+        assert eng._scheduler.max_batch_tokens == 512
+    monkeypatch.setenv("HELEXA_MAX_BATCH_TOKENS", "24")
+    with _engine(folder) as eng:
+        assert eng._scheduler.max_batch_tokens == 24
+        # The budget splits a 40-token prompt into steps of 24 and 16: the
+        # answer is the one an unsplit prompt gives.
+        prompt = _tokens(77, 40)
+        split = eng.generate(prompt, temperature=0, max_tokens=6, ignore_eos=True).token_ids
+    with _engine(folder, max_batch_tokens=4096, prefix_cache=False) as eng:
+        assert eng._scheduler.max_batch_tokens == 4096
+        assert eng.generate(prompt, temperature=0, max_tokens=6, ignore_eos=True).token_ids == split
+    monkeypatch.setenv("HELEXA_MAX_BATCH_TOKENS", "lots")
+    with pytest.raises(ValueError, match="HELEXA_MAX_BATCH_TOKENS"):
+        _engine(folder)
+
+
 def test_bench_times_the_engines_decode_steps(hf_models):
     from helexa_native.bench import bench_engine
 

@@ -203,6 +203,14 @@ def test_decode_steps_reaches_the_engine(default_model):
         assert eng.decode_steps == 3
 
 
+def test_max_batch_tokens_reaches_the_engine(default_model):
+    from helexa_native.cli import _engine, build_parser
+
+    args = build_parser().parse_args(["generate", "hi", "--device", "cpu", "--max-batch-tokens", "96"])
+    with _engine(args) as eng:
+        assert eng._scheduler.max_batch_tokens == 96
+
+
 def test_every_passthrough_sampling_field_has_a_flag():
     import argparse
 

@@ -183,6 +183,21 @@ def test_engine_cuda_concurrent_requests_match_reference(synthetic_model):
         assert gpu.backend.memory_info()["kv_blocks_total"] == gpu.backend.blocks.num_blocks
 
 
+def test_engine_cuda_large_step_budget_runs_prompts_in_one_pass(synthetic_model):
+    # max_batch_tokens above 512 widens the device's prefill pass to match: a
+    # 700-token prompt then runs as one pass of 1024 rows, with the same
+    # greedy text as the default 512-row passes.
+    ids = list(range(5, 705))
+    with (
+        Engine(synthetic_model, device="cpu", n_ctx=800) as cpu,
+        Engine(synthetic_model, device="cuda", n_ctx=800, max_batch_tokens=1024) as gpu,
+    ):
+        assert gpu.backend.memory_info()["prefill_chunk"] == 1024
+        want = cpu.generate(ids, max_tokens=8, temperature=0.0, ignore_eos=True)
+        got = gpu.generate(ids, max_tokens=8, temperature=0.0, ignore_eos=True)
+        _assert_same_greedy(cpu, got, want)
+
+
 def test_engine_cuda_bad_input_keeps_model_usable(synthetic_model):
     with Engine(synthetic_model, device="cuda", n_ctx=64) as gpu:
         before = _greedy(gpu, n=8)
