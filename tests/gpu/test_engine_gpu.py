@@ -189,8 +189,8 @@ def test_engine_cuda_large_step_budget_runs_prompts_in_one_pass(synthetic_model)
     # greedy text as the default 512-row passes.
     ids = list(range(5, 705))
     with (
-        Engine(synthetic_model, device="cpu", n_ctx=800) as cpu,
-        Engine(synthetic_model, device="cuda", n_ctx=800, max_batch_tokens=1024) as gpu,
+        Engine(synthetic_model, device="cpu", n_ctx=1100) as cpu,
+        Engine(synthetic_model, device="cuda", n_ctx=1100, max_batch_tokens=1024) as gpu,
     ):
         assert gpu.backend.memory_info()["prefill_chunk"] == 1024
         want = cpu.generate(ids, max_tokens=8, temperature=0.0, ignore_eos=True)
