@@ -208,8 +208,9 @@ class Engine:
         (a multi-turn chat, a shared system prompt) reuses its cached KV blocks
         (on by default). max_batch_tokens: tokens one step runs at most
         (decode tokens and prompt chunks together; default:
-        HELEXA_MAX_BATCH_TOKENS, else 512); on one GPU a step's prompt
-        tokens then run as one pass of that many rows (at least 512). decode_steps: decode
+        HELEXA_MAX_BATCH_TOKENS, else 512); on one GPU a step then runs
+        as one pass of that many rows (at least 512, at most n_ctx).
+        decode_steps: decode
         steps one backend call may run back to back while every running
         request only decodes and needs nothing from the host between tokens
         (no grammar) and nothing the backend's call cannot run (on CUDA,
