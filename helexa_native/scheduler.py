@@ -79,14 +79,19 @@ DEFAULT_DECODE_CALL_SECONDS = 0.1
 INLINE_EVENTS = 4
 
 
+def _env_int(name: str, default: int) -> int:
+    """The integer environment variable `name`, or `default` where it is unset or empty."""
+    raw = os.environ.get(name, "")
+    try:
+        return int(raw) if raw.strip() else default
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
 def check_decode_steps(value: Optional[int], default: int = 1) -> int:
     """Decode steps one backend call may run: `value`, or HELEXA_DECODE_STEPS, or `default` (the backend's)."""
     if value is None:
-        raw = os.environ.get("HELEXA_DECODE_STEPS", "")
-        try:
-            value = int(raw) if raw.strip() else default
-        except ValueError:
-            raise ValueError(f"HELEXA_DECODE_STEPS must be an integer, got {raw!r}") from None
+        value = _env_int("HELEXA_DECODE_STEPS", default)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= defaults.MAX_DECODE_STEPS:
         raise ValueError(f"decode_steps must be an integer in [1, {defaults.MAX_DECODE_STEPS}], got {value!r}")
     return value
@@ -95,11 +100,7 @@ def check_decode_steps(value: Optional[int], default: int = 1) -> int:
 def check_max_batch_tokens(value: Optional[int]) -> int:
     """Tokens one step runs at most: `value`, or HELEXA_MAX_BATCH_TOKENS, or DEFAULT_MAX_BATCH_TOKENS."""
     if value is None:
-        raw = os.environ.get("HELEXA_MAX_BATCH_TOKENS", "")
-        try:
-            value = int(raw) if raw.strip() else DEFAULT_MAX_BATCH_TOKENS
-        except ValueError:
-            raise ValueError(f"HELEXA_MAX_BATCH_TOKENS must be an integer, got {raw!r}") from None
+        value = _env_int("HELEXA_MAX_BATCH_TOKENS", DEFAULT_MAX_BATCH_TOKENS)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"max_batch_tokens must be a positive integer, got {value!r}")
     return value

@@ -307,6 +307,28 @@ static_assert(kBf16FragMaxTokens == matvec::mma::kDenseTokens && kBf16FragF32Tok
               "one token limit");
 
 namespace {
+// The Q4_K fragment kernel (matvec_mma.cu) over checked arguments: x in fp32, or xb in bf16.
+void q4k_frag(const uint8_t* w, const float* x, const uint16_t* xb, float* y, int n_out, int k, int n_tok,
+              const float* bias, bool accumulate, bool static_weights, uint8_t* scratch, bool local_prep,
+              cudaStream_t stream) {
+  matvec::mma::Params p{};
+  p.w = w;
+  p.row_bytes = row_bytes(GgmlType::Q4_K, k);
+  p.n_out = n_out;
+  p.k = k;
+  p.ntok = n_tok;
+  p.x = x;
+  p.xb = xb;
+  p.y = y;
+  p.bias = bias;
+  p.accumulate = accumulate ? 1 : 0;
+  p.static_w = static_weights ? 1 : 0;
+  p.scratch = scratch;
+  p.local = local_prep ? 1 : 0;
+  const int device = current_device();
+  matvec::mma::run_q4k(p, device, device_sm_count(device), stream);
+}
+
 void bf16_frag(const __nv_bfloat16* w, const void* x, bool f32_x, float* y, int n_out, int k, int n_tok,
                const float* bias, bool accumulate, bool static_weights, int s1, int s2, cudaStream_t stream) {
   if (!matvec_bf16_usable(n_out, k, n_tok, f32_x))
@@ -356,21 +378,8 @@ void matvec_q4k_frag_launch(const void* w, const __nv_bfloat16* x, float* y, int
   if (!w || !x || !y) bad("null pointer");
   if (!aligned16(w) || !aligned16(x) || !aligned16(x_scratch))
     bad("Q4_K fragment matvec: w, x and the scratch must be 16-byte aligned");
-  matvec::mma::Params p{};
-  p.w = static_cast<const uint8_t*>(w);
-  p.row_bytes = row_bytes(GgmlType::Q4_K, k);
-  p.n_out = n_out;
-  p.k = k;
-  p.ntok = n_tok;
-  p.xb = reinterpret_cast<const uint16_t*>(x);
-  p.y = y;
-  p.bias = bias;
-  p.accumulate = accumulate ? 1 : 0;
-  p.static_w = static_weights ? 1 : 0;
-  p.scratch = static_cast<uint8_t*>(x_scratch);
-  p.local = local_prep ? 1 : 0;
-  const int device = current_device();
-  matvec::mma::run_q4k(p, device, device_sm_count(device), stream);
+  q4k_frag(static_cast<const uint8_t*>(w), nullptr, reinterpret_cast<const uint16_t*>(x), y, n_out, k, n_tok, bias,
+           accumulate, static_weights, static_cast<uint8_t*>(x_scratch), local_prep, stream);
 }
 
 size_t matvec_x_scratch_bytes(int n_tok, int k) {
@@ -425,20 +434,8 @@ void matvec_launch(GgmlType type, const void* w, const float* x, float* y, int n
   const int device = current_device();
   const int sms = device_sm_count(device);
   if (type == GgmlType::Q4_K && n_tok <= mma_tokens && matvec::mma::usable(n_tok, k, a.x_scratch)) {
-    matvec::mma::Params p{};
-    p.w = a.w;
-    p.row_bytes = a.row_bytes;
-    p.n_out = n_out;
-    p.k = k;
-    p.ntok = n_tok;
-    p.x = x;
-    p.y = y;
-    p.bias = bias;
-    p.accumulate = a.accumulate;
-    p.static_w = a.static_w;
-    p.scratch = a.x_scratch;
-    p.local = options.mma_local_prep ? 1 : 0;
-    matvec::mma::run_q4k(p, device, sms, stream);
+    q4k_frag(a.w, x, nullptr, y, n_out, k, n_tok, bias, a.accumulate != 0, a.static_w != 0, a.x_scratch,
+             options.mma_local_prep, stream);
     return;
   }
 #define HX_CASE(T) \
