@@ -44,6 +44,7 @@
 #include "common/check.h"
 #include "common/ggml_types.h"
 #include "common/launch.cuh"
+#include "kernels/mma_sync.cuh"
 #include "kernels/quant_blocks.cuh"
 
 namespace hx {
@@ -81,20 +82,6 @@ struct Args {
 template <int NTILE>
 constexpr size_t smem_bytes() {
   return (size_t)(kRows + 8 * NTILE) * kLd * sizeof(__nv_bfloat16);
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-
-__device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                         uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 // Four values of a run as two bf16 pairs, stored at dst (8-byte aligned).

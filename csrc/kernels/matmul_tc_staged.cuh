@@ -86,8 +86,6 @@ using tc::Args;
 using tc::kPass;
 using tc::kRows;
 using tc::kWarps;
-using tc::mma_bf16;
-using tc::pack_bf16;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kXLd = kPass + 16;             // bf16 per token row of a stage: 544 bytes, 32 mod 128
 constexpr int kMaxStages = 4;

@@ -49,6 +49,7 @@
 #include "common/arch.cuh"
 #include "common/check.h"
 #include "common/launch.cuh"
+#include "kernels/mma_sync.cuh"
 #include "kernels/quant_blocks.cuh"
 
 namespace hx {
@@ -153,15 +154,6 @@ __device__ __forceinline__ uint4 ld_weights(const uint8_t* p) {
                : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
                : "l"(p));
   return r;
-}
-
-__device__ __forceinline__ void mma_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                        uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 // One row's fold constants for pair c, from its 16-byte header:
@@ -321,15 +313,6 @@ __global__ void __launch_bounds__(kWarps * 32, 2) q4k_kernel(const Params p) {
 // close to a float product as makes no difference, in columns one token
 // would leave empty.
 
-__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                         uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // Chunks in flight per warp beyond the one being multiplied (2 KB each).
 constexpr int kDenseDepth = 2;
 
@@ -346,8 +329,7 @@ __device__ __forceinline__ uint4 split_x(const float* xp, bool lo) {
   for (int i = 0; i < 4; ++i) {
     const float e0 = fmaf(m, __bfloat162float(__float2bfloat16_rn(v[2 * i])), v[2 * i]);
     const float e1 = fmaf(m, __bfloat162float(__float2bfloat16_rn(v[2 * i + 1])), v[2 * i + 1]);
-    const __nv_bfloat162 h = __floats2bfloat162_rn(e0, e1);
-    r[i] = *reinterpret_cast<const uint32_t*>(&h);
+    r[i] = pack_bf16(e0, e1);
   }
   return make_uint4(r[0], r[1], r[2], r[3]);
 }
