@@ -309,8 +309,8 @@ static_assert(kBf16FragMaxTokens == matvec::mma::kDenseTokens && kBf16FragF32Tok
 namespace {
 // The Q4_K fragment kernel (matvec_mma.cu) over checked arguments: x in fp32, or xb in bf16.
 void q4k_frag(const uint8_t* w, const float* x, const uint16_t* xb, float* y, int n_out, int k, int n_tok,
-              const float* bias, bool accumulate, bool static_weights, uint8_t* scratch, bool local_prep,
-              cudaStream_t stream) {
+              const float* bias, bool accumulate, bool static_weights, uint8_t* scratch, bool local_prep, int device,
+              int sms, cudaStream_t stream) {
   matvec::mma::Params p{};
   p.w = w;
   p.row_bytes = row_bytes(GgmlType::Q4_K, k);
@@ -325,8 +325,7 @@ void q4k_frag(const uint8_t* w, const float* x, const uint16_t* xb, float* y, in
   p.static_w = static_weights ? 1 : 0;
   p.scratch = scratch;
   p.local = local_prep ? 1 : 0;
-  const int device = current_device();
-  matvec::mma::run_q4k(p, device, device_sm_count(device), stream);
+  matvec::mma::run_q4k(p, device, sms, stream);
 }
 
 void bf16_frag(const __nv_bfloat16* w, const void* x, bool f32_x, float* y, int n_out, int k, int n_tok,
@@ -378,8 +377,10 @@ void matvec_q4k_frag_launch(const void* w, const __nv_bfloat16* x, float* y, int
   if (!w || !x || !y) bad("null pointer");
   if (!aligned16(w) || !aligned16(x) || !aligned16(x_scratch))
     bad("Q4_K fragment matvec: w, x and the scratch must be 16-byte aligned");
+  const int device = current_device();
   q4k_frag(static_cast<const uint8_t*>(w), nullptr, reinterpret_cast<const uint16_t*>(x), y, n_out, k, n_tok, bias,
-           accumulate, static_weights, static_cast<uint8_t*>(x_scratch), local_prep, stream);
+           accumulate, static_weights, static_cast<uint8_t*>(x_scratch), local_prep, device, device_sm_count(device),
+           stream);
 }
 
 size_t matvec_x_scratch_bytes(int n_tok, int k) {
@@ -435,7 +436,7 @@ void matvec_launch(GgmlType type, const void* w, const float* x, float* y, int n
   const int sms = device_sm_count(device);
   if (type == GgmlType::Q4_K && n_tok <= mma_tokens && matvec::mma::usable(n_tok, k, a.x_scratch)) {
     q4k_frag(a.w, x, nullptr, y, n_out, k, n_tok, bias, a.accumulate != 0, a.static_w != 0, a.x_scratch,
-             options.mma_local_prep, stream);
+             options.mma_local_prep, device, sms, stream);
     return;
   }
 #define HX_CASE(T) \

@@ -1126,11 +1126,7 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
     const float* bv = L.b_qkv ? L.b_qkv + q_size_ + kv_size_ : nullptr;
     if (n == 1 && L.qkv_fused) {
       // q, k and v blocks are adjacent for one token: one launch fills all three.
-      if (bf16_f32_for(1, L.qkv))
-        matvec_bf16_launch(static_cast<const __nv_bfloat16*>(L.qkv.data), xn_, q, qkv_size_, h, 1, L.b_qkv, false, true,
-                           qkv_size_, qkv_size_, st);
-      else
-        matvec_launch(L.qkv.type, L.qkv.data, xn_, q, qkv_size_, h, 1, L.b_qkv, matvec_options(L.qkv, false), st);
+      linear(ctx, L.qkv, xn_, xb_, q, 1, L.b_qkv, false, true);
     } else if (L.qkv_fused && bf16_frag_for(n, L.qkv)) {
       // q, k and v in one launch, each into its own [n, rows] run of qkv_.
       matvec_bf16_launch(static_cast<const __nv_bfloat16*>(L.qkv.data), xb_, q, qkv_size_, h, n, L.b_qkv, false, true,
@@ -1183,12 +1179,7 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
       continue;
     }
     if (n == 1 && L.gate_up_fused) {
-      if (bf16_f32_for(1, L.gate_up))
-        matvec_bf16_launch(static_cast<const __nv_bfloat16*>(L.gate_up.data), xn_, gate, 2 * f, h, 1, nullptr, false,
-                           true, 2 * f, 2 * f, st);
-      else
-        matvec_launch(L.gate_up.type, L.gate_up.data, xn_, gate, 2 * f, h, 1, nullptr, matvec_options(L.gate_up, false),
-                      st);
+      linear(ctx, L.gate_up, xn_, xb_, gate, 1, nullptr, false, true);
     } else if (L.gate_up_fused && bf16_frag_for(n, L.gate_up)) {
       matvec_bf16_launch(static_cast<const __nv_bfloat16*>(L.gate_up.data), xb_, gate, 2 * f, h, n, nullptr, false,
                          true, f, 2 * f, st);
