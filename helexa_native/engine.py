@@ -382,6 +382,7 @@ class Engine:
         """Wrap an already loaded Backend and Tokenizer (custom backends, tests)."""
         self = cls.__new__(cls)
         self._init_state()
+        max_batch_tokens = check_max_batch_tokens(max_batch_tokens)
         self._description = {}
         backend.blocks.prefix_cache = bool(prefix_cache)
         self._attach(
@@ -418,7 +419,7 @@ class Engine:
         eos_token_ids,
         path: Path,
         tensors,
-        max_batch_tokens: Optional[int],
+        max_batch_tokens: int,
         decode_steps: Optional[int] = None,
     ) -> None:
         tensors = list(tensors)
@@ -438,9 +439,7 @@ class Engine:
         # What one decode token reads of the weights (the routed experts' share of a MoE model).
         self.active_weight_bytes = int(active_bytes(self.config, tensors))
         self._generation_config = self._gen_config(generation_config, eos_token_ids)
-        self._scheduler = Scheduler(
-            backend, max_batch_tokens=check_max_batch_tokens(max_batch_tokens), decode_steps=decode_steps
-        )
+        self._scheduler = Scheduler(backend, max_batch_tokens=max_batch_tokens, decode_steps=decode_steps)
 
     # ------------------------------------------------------------------ setup
 
