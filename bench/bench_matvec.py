@@ -82,6 +82,15 @@ def random_weights(n_bytes: int, copies: int) -> list[torch.Tensor]:
     return [torch.randint(0, 256, (n_bytes,), dtype=torch.uint8, device="cuda") for _ in range(copies)]
 
 
+def report(name, label, n_out, k, tag, nbytes, moved, t, copy_bw) -> None:
+    """One table row: `moved` bytes in t seconds, against the copy bandwidth."""
+    bw = moved / t
+    print(
+        f"{name:7s} {label:12s} {n_out:6d} {k:6d} {tag:>4s} {nbytes / 1e6:8.1f} {t * 1e6:9.2f} "
+        f"{bw / 1e9:7.0f} {100 * bw / copy_bw:6.1f}"
+    )
+
+
 def tc_row(ops, tid, ws, copies, name, label, n_out, k, ntok, nbytes, copy_bw, args) -> None:
     """The tensor-core product (the model's path for batches from HELEXA_TC_MIN tokens) on the same copies."""
     xb = torch.randn(ntok, k, device="cuda").to(torch.bfloat16)
@@ -92,11 +101,7 @@ def tc_row(ops, tid, ws, copies, name, label, n_out, k, ntok, nbytes, copy_bw, a
         ops.matmul_tc_out(tid, ws[next(it) % copies], xb, y, n_out, k)
 
     t = time_graph(tc, args.launches, args.batches)
-    bw = (nbytes + 2 * ntok * k + 4 * ntok * n_out) / t
-    print(
-        f"{name:7s} {label:12s} {n_out:6d} {k:6d} {f'{ntok}t':>4s} {nbytes / 1e6:8.1f} {t * 1e6:9.2f} "
-        f"{bw / 1e9:7.0f} {100 * bw / copy_bw:6.1f}"
-    )
+    report(name, label, n_out, k, f"{ntok}t", nbytes, nbytes + 2 * ntok * k + 4 * ntok * n_out, t, copy_bw)
 
 
 def bf16_rows(ops, ws, copies, label, n_out, k, ntok, nbytes, copy_bw, args) -> None:
@@ -123,11 +128,8 @@ def bf16_rows(ops, ws, copies, label, n_out, k, ntok, nbytes, copy_bw, args) -> 
         except (RuntimeError, TypeError) as e:  # torch without out_dtype, or a size the kernel refuses
             print(f"BF16    {label:12s} {n_out:6d} {k:6d} {ntok:>3d}{tag} skipped: {str(e).splitlines()[0][:60]}")
             continue
-        bw = (nbytes + 2 * ntok * k + 4 * ntok * n_out) / t
-        print(
-            f"BF16    {label:12s} {n_out:6d} {k:6d} {f'{ntok}{tag}':>4s} {nbytes / 1e6:8.1f} {t * 1e6:9.2f} "
-            f"{bw / 1e9:7.0f} {100 * bw / copy_bw:6.1f}"
-        )
+        x_bytes = (4 if tag == "F" else 2) * ntok * k
+        report("BF16", label, n_out, k, f"{ntok}{tag}", nbytes, nbytes + x_bytes + 4 * ntok * n_out, t, copy_bw)
 
 
 def main() -> None:
@@ -197,13 +199,8 @@ def main() -> None:
                         ops.matvec_out(tid, ws[next(it) % copies], x, y, n_out, k, None, False, sc, mma, args.mma_local)
 
                     t = time_graph(one, args.launches, args.batches)
-                    moved = nbytes + 4 * ntok * (k + n_out)
-                    bw = moved / t
                     tag = f"{ntok}m" if mma else f"{ntok}"
-                    print(
-                        f"{name:7s} {label:12s} {n_out:6d} {k:6d} {tag:>4s} {nbytes / 1e6:8.1f} {t * 1e6:9.2f} "
-                        f"{bw / 1e9:7.0f} {100 * bw / copy_bw:6.1f}"
-                    )
+                    report(name, label, n_out, k, tag, nbytes, nbytes + 4 * ntok * (k + n_out), t, copy_bw)
             if args.dequant:
                 out = torch.empty(n_out, k, dtype=torch.bfloat16, device="cuda")
                 it2 = iter(range(1 << 62))
@@ -212,12 +209,7 @@ def main() -> None:
                     ops.dequantize_out(tid, ws[next(it2) % copies], out, n_out, k)
 
                 t = time_graph(deq, max(1, args.launches // 4), args.batches)
-                moved = nbytes + 2 * n_out * k
-                bw = moved / t
-                print(
-                    f"{name:7s} {label:12s} {n_out:6d} {k:6d} {'deq':>4s} {nbytes / 1e6:8.1f} {t * 1e6:9.2f} "
-                    f"{bw / 1e9:7.0f} {100 * bw / copy_bw:6.1f}"
-                )
+                report(name, label, n_out, k, "deq", nbytes, nbytes + 2 * n_out * k, t, copy_bw)
                 del out
             del ws
             torch.cuda.empty_cache()
