@@ -133,8 +133,22 @@ at::Tensor op_matvec(int64_t type, const at::Tensor& w, const at::Tensor& x, int
   return y;
 }
 
-// The tensor-core product of a batch: x bf16 [n_tok, k] (1..kTcMaxTokens rows),
-// its split-K workspace allocated here.
+// matmul_tc_launch on checked tensors (x contiguous, 16-byte aligned bf16 on
+// the current device), its split-K workspace allocated here.
+void run_matmul_tc(GgmlType t, const at::Tensor& wc, const at::Tensor& x, float* y, int no, int kk, int ntok,
+                   const float* bias, bool accumulate) {
+  const TcOptions opt = tc_options_from_env();  // per call: tests time both implementations in one process
+  const size_t ws_bytes = matmul_tc_workspace_bytes(ntok, no, kk, opt);
+  at::Tensor ws;
+  if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes / 4)}, x.options().dtype(at::kFloat));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  launch([&] {
+    matmul_tc_launch(t, wc.data_ptr(), reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), y, no, kk, ntok, bias,
+                     accumulate, ws.defined() ? ws.data_ptr<float>() : nullptr, ws_bytes, opt, stream);
+  });
+}
+
+// The tensor-core product of a batch: x bf16 [n_tok, k] (1..kTcMaxTokens rows).
 at::Tensor op_matmul_tc(int64_t type, const at::Tensor& w, const at::Tensor& x, int64_t n_out, int64_t k,
                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& y_accumulate) {
   const GgmlType t = checked_type(type);
@@ -151,19 +165,9 @@ at::Tensor op_matmul_tc(int64_t type, const at::Tensor& w, const at::Tensor& x, 
   const at::Tensor wc = checked_weights(w, t, no, kk);
   const at::Tensor xc = ready(x);
   const ProductOut po = product_out(x, bias, y_accumulate, ntok, n_out);
-  const at::Tensor &bc = po.bias, &y = po.y;
-  const bool acc = po.accumulate;
-  const TcOptions opt = tc_options_from_env();  // per call: tests time both implementations in one process
-  const size_t ws_bytes = matmul_tc_workspace_bytes(static_cast<int>(ntok), no, kk, opt);
-  at::Tensor ws;
-  if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes / 4)}, x.options().dtype(at::kFloat));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
-  launch([&] {
-    matmul_tc_launch(t, wc.data_ptr(), reinterpret_cast<const __nv_bfloat16*>(xc.data_ptr()), y.data_ptr<float>(), no,
-                     kk, static_cast<int>(ntok), bc.defined() ? bc.data_ptr<float>() : nullptr, acc,
-                     ws.defined() ? ws.data_ptr<float>() : nullptr, ws_bytes, opt, stream);
-  });
-  return y;
+  run_matmul_tc(t, wc, xc, po.y.data_ptr<float>(), no, kk, static_cast<int>(ntok),
+                po.bias.defined() ? po.bias.data_ptr<float>() : nullptr, po.accumulate);
+  return po.y;
 }
 
 // Q4_K weights times bf16 x on the fragment kernel (its x scratch allocated here).
@@ -319,8 +323,8 @@ void op_matvec_out(int64_t type, const at::Tensor& w, const at::Tensor& x, at::T
   });
 }
 
-// The tensor-core product into a caller's y, its split-K workspace allocated
-// here once per call of the op (graph-captured benchmarks replay it).
+// The tensor-core product into a caller's y (graph-captured benchmarks
+// replay it; no fill launch around the product).
 void op_matmul_tc_out(int64_t type, const at::Tensor& w, const at::Tensor& x, at::Tensor& y, int64_t n_out, int64_t k) {
   const GgmlType t = checked_type(type);
   const int no = op::as_int(n_out, "n_out", 1), kk = op::as_int(k, "k", 1);
@@ -337,16 +341,7 @@ void op_matmul_tc_out(int64_t type, const at::Tensor& w, const at::Tensor& x, at
   const at::Tensor wc = checked_weights(w, t, no, kk);
   HX_OP_CHECK(y.device() == dev && y.scalar_type() == at::kFloat && y.is_contiguous() && y.numel() == ntok * n_out,
               "y must be contiguous float32 [n_tok, n_out] on ", dev);
-  const TcOptions opt = tc_options_from_env();
-  const size_t ws_bytes = matmul_tc_workspace_bytes(static_cast<int>(ntok), no, kk, opt);
-  at::Tensor ws;
-  if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes / 4)}, x.options().dtype(at::kFloat));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
-  launch([&] {
-    matmul_tc_launch(t, wc.data_ptr(), reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), y.data_ptr<float>(), no,
-                     kk, static_cast<int>(ntok), nullptr, false, ws.defined() ? ws.data_ptr<float>() : nullptr,
-                     ws_bytes, opt, stream);
-  });
+  run_matmul_tc(t, wc, x, y.data_ptr<float>(), no, kk, static_cast<int>(ntok), nullptr, false);
 }
 
 void op_dequantize_out(int64_t type, const at::Tensor& w, at::Tensor& out, int64_t n_out, int64_t k) {
