@@ -61,8 +61,8 @@ def _add_model_args(p: argparse.ArgumentParser, model: bool = True) -> None:
         default=None,
         metavar="N",
         help="tokens one step runs at most, decode tokens and prompt chunks together (default: "
-        "HELEXA_MAX_BATCH_TOKENS, else 512); on one GPU a step runs as one pass of up to that many rows "
-        "(at most the context size)",
+        "HELEXA_MAX_BATCH_TOKENS, else 2048 on one GPU and 512 elsewhere); on one GPU a step runs as one "
+        "pass of up to that many rows",
     )
     g.add_argument(
         "--no-prefix-cache",

@@ -208,8 +208,9 @@ class Engine:
         (a multi-turn chat, a shared system prompt) reuses its cached KV blocks
         (on by default). max_batch_tokens: tokens one step runs at most
         (decode tokens and prompt chunks together; default:
-        HELEXA_MAX_BATCH_TOKENS, else 512); on one GPU a step then runs
-        as one pass of that many rows (at least 512, at most n_ctx).
+        HELEXA_MAX_BATCH_TOKENS, else 2048 on one GPU and 512 elsewhere); on
+        one GPU a step then runs as one pass of that many rows (at least 512,
+        at most max_num_seqs full contexts).
         decode_steps: decode
         steps one backend call may run back to back while every running
         request only decodes and needs nothing from the host between tokens
@@ -247,7 +248,8 @@ class Engine:
             not isinstance(kv_cache_memory, int) or isinstance(kv_cache_memory, bool) or kv_cache_memory < 1
         ):
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory!r}")
-        max_batch_tokens = check_max_batch_tokens(max_batch_tokens)
+        if max_batch_tokens is not None:
+            max_batch_tokens = check_max_batch_tokens(max_batch_tokens)
         if decode_steps is not None:
             decode_steps = check_decode_steps(decode_steps)
         seqs = max_num_seqs if max_num_seqs is not None else defaults.DEFAULT_MAX_NUM_SEQS
@@ -289,6 +291,13 @@ class Engine:
                     devices = list(range(index, index + tp))
             for d in devices or ():
                 self._check_cuda(d, tp)
+        # One GPU runs a step as one pass of up to max_batch_tokens rows, so
+        # it takes longer steps than the CPU and the tensor-parallel ranks.
+        one_gpu = kind == "cuda" and tp == 1
+        max_batch_tokens = check_max_batch_tokens(
+            max_batch_tokens,
+            defaults.DEFAULT_GPU_MAX_BATCH_TOKENS if one_gpu else defaults.DEFAULT_MAX_BATCH_TOKENS,
+        )
 
         t0 = time.perf_counter()
         from .loaders import load_source
@@ -382,7 +391,9 @@ class Engine:
         """Wrap an already loaded Backend and Tokenizer (custom backends, tests)."""
         self = cls.__new__(cls)
         self._init_state()
-        max_batch_tokens = check_max_batch_tokens(max_batch_tokens)
+        max_batch_tokens = check_max_batch_tokens(
+            max_batch_tokens, getattr(backend, "default_max_batch_tokens", defaults.DEFAULT_MAX_BATCH_TOKENS)
+        )
         self._description = {}
         backend.blocks.prefix_cache = bool(prefix_cache)
         self._attach(

@@ -63,8 +63,9 @@ from .errors import EngineClosedError
 from .kv_blocks import OutOfBlocks, SeqBlocks
 from .params import SamplerState, SamplingParams
 
-# Tokens one step runs at most, decode tokens and prompt chunks together.
-DEFAULT_MAX_BATCH_TOKENS = 512
+# Tokens one step runs at most, decode tokens and prompt chunks together
+# (a backend may prefer another: Backend.default_max_batch_tokens).
+DEFAULT_MAX_BATCH_TOKENS = defaults.DEFAULT_MAX_BATCH_TOKENS
 
 
 # A call of several decode steps lasts about this long at most (by the last
@@ -97,10 +98,10 @@ def check_decode_steps(value: Optional[int], default: int = 1) -> int:
     return value
 
 
-def check_max_batch_tokens(value: Optional[int]) -> int:
-    """Tokens one step runs at most: `value`, or HELEXA_MAX_BATCH_TOKENS, or DEFAULT_MAX_BATCH_TOKENS."""
+def check_max_batch_tokens(value: Optional[int], default: int = DEFAULT_MAX_BATCH_TOKENS) -> int:
+    """Tokens one step runs at most: `value`, or HELEXA_MAX_BATCH_TOKENS, or `default` (the backend's)."""
     if value is None:
-        value = _env_int("HELEXA_MAX_BATCH_TOKENS", DEFAULT_MAX_BATCH_TOKENS)
+        value = _env_int("HELEXA_MAX_BATCH_TOKENS", default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"max_batch_tokens must be a positive integer, got {value!r}")
     return value

@@ -405,6 +405,17 @@ def test_max_batch_tokens_is_checked(hf_models, monkeypatch):
     monkeypatch.setenv("HELEXA_MAX_BATCH_TOKENS", "lots")
     with pytest.raises(ValueError, match="HELEXA_MAX_BATCH_TOKENS"):
         _engine(folder)
+    # Unless told, a wrapped backend's own preference sets the budget (one
+    # GPU prefers one pass of its prefill rows).
+    monkeypatch.delenv("HELEXA_MAX_BATCH_TOKENS")
+    backend = CPUBackend(load_source(folder, progress=False), 64, progress=False, prefix_cache=False)
+    backend.default_max_batch_tokens = 40
+    eng = Engine.from_backend(backend, _tokenizer(folder), prefix_cache=False)
+    try:
+        assert eng._scheduler.max_batch_tokens == 40
+        assert eng.generate(prompt, temperature=0, max_tokens=6, ignore_eos=True).token_ids == split
+    finally:
+        eng.close()
 
 
 def test_bench_times_the_engines_decode_steps(hf_models):

@@ -219,7 +219,12 @@ GpuModel::GpuModel(WorkerContext& ctx, const ModelSpec& spec, const std::vector<
   kv_size_ = s.kv_heads * s.head_dim;
   qkv_size_ = q_size_ + 2 * kv_size_;
   n_ctx_ = s.n_ctx;
-  chunk_ = std::max(1, std::min(s.prefill_chunk > 0 ? s.prefill_chunk : 512, n_ctx_));
+  // Rows of one forward pass; a step holds at most max_num_seqs sequences
+  // of n_ctx tokens, so that bounds it (a short context alone does not: one
+  // step may carry several prompts).
+  chunk_ = static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>(s.prefill_chunk > 0 ? s.prefill_chunk : 512,
+                           static_cast<int64_t>(n_ctx_) * std::max(1, s.max_num_seqs))));
   slots_ = s.max_num_seqs + 1;
   // The tensor-core product from 4 tokens, except on narrow models (hidden
   // below 768, as SmolLM2-135M): their small matrices ran faster on the fp32

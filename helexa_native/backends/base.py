@@ -18,6 +18,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .. import defaults
 from ..config import ModelConfig
 from ..embeddings import pool
 from ..errors import ContextLengthError
@@ -104,6 +105,8 @@ class Backend(ABC):
     # Decode steps a scheduler runs per decode_steps call unless told: 1 where
     # the call is step_batch in a loop (nothing gained, tokens held back).
     default_decode_steps: int = 1
+    # Tokens a step runs at most unless told (Engine max_batch_tokens).
+    default_max_batch_tokens: int = defaults.DEFAULT_MAX_BATCH_TOKENS
 
     def late_masks(self, words: int):
         """A table of token masks that step_batch waits for only when it samples, or None (masks come with the step).

@@ -192,6 +192,17 @@ def check_block_size(block_size) -> None:
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
 
 
+def pass_rows(prefill_chunk: int, n_ctx: int, max_num_seqs: int) -> int:
+    """Rows of one forward pass: `prefill_chunk`, but no more than a step can hold.
+
+    A step holds at most `max_num_seqs` sequences of up to `n_ctx` tokens
+    each, so a pass wider than that would only size scratch that is never
+    used; a narrower context does not cap it, since one step may carry
+    several prompts.
+    """
+    return int(min(prefill_chunk, n_ctx * max_num_seqs))
+
+
 def model_spec(
     C,
     source: ModelSource,
@@ -220,7 +231,7 @@ def model_spec(
     spec.qk_norm = bool(cfg.qk_norm)
     spec.inv_freq = [float(x) for x in inv_freq(cfg, _freq_factors(source)).to(torch.float64).tolist()]
     spec.n_ctx = int(n_ctx)
-    spec.prefill_chunk = int(min(prefill_chunk, n_ctx))
+    spec.prefill_chunk = pass_rows(prefill_chunk, n_ctx, max_num_seqs)
     spec.use_graphs = bool(use_graphs)
     spec.int8_activations = {None: C.Int8Mode.Auto, False: C.Int8Mode.Never, True: C.Int8Mode.Always}[int8_activations]
     spec.block_size = int(block_size)
@@ -283,6 +294,11 @@ class CUDABackend(Backend):
     device_decode_steps = True
 
     @property
+    def default_max_batch_tokens(self) -> int:
+        """One pass: a step of prefill_chunk rows runs as one forward."""
+        return self.prefill_chunk
+
+    @property
     def default_decode_steps(self) -> int:
         """8 where decode_steps is one device job (an H100 gained 1-10% over one step a job), else 1."""
         return 8 if self.device_decode_steps else 1
@@ -334,7 +350,7 @@ class CUDABackend(Backend):
         self.config = cfg
         self.n_ctx = n_ctx
         self.max_num_seqs = max_num_seqs
-        self.prefill_chunk = int(min(prefill_chunk, n_ctx))
+        self.prefill_chunk = pass_rows(prefill_chunk, n_ctx, max_num_seqs)
         self.device = f"cuda:{device_index}"
         self.device_index = device_index
         self._model = None

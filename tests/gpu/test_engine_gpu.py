@@ -198,6 +198,22 @@ def test_engine_cuda_large_step_budget_runs_prompts_in_one_pass(synthetic_model)
         _assert_same_greedy(cpu, got, want)
 
 
+def test_engine_cuda_step_budget_is_not_capped_by_the_context(synthetic_model):
+    # A step may carry several prompts, so a context shorter than
+    # max_batch_tokens still gets passes of max_batch_tokens rows: two
+    # 500-token prompts admitted together run as one 1000-row pass.
+    prompts = [list(range(5, 505)), list(range(7, 507))]
+    with (
+        Engine(synthetic_model, device="cpu", n_ctx=600) as cpu,
+        Engine(synthetic_model, device="cuda", n_ctx=600, max_batch_tokens=1024) as gpu,
+    ):
+        assert gpu.backend.memory_info()["prefill_chunk"] == 1024
+        wants = [cpu.generate(p, max_tokens=8, temperature=0.0, ignore_eos=True) for p in prompts]
+        gots = gpu.generate_batch(prompts, max_tokens=8, temperature=0.0, ignore_eos=True)
+        for got, want in zip(gots, wants):
+            _assert_same_greedy(cpu, got, want)
+
+
 def test_engine_cuda_bad_input_keeps_model_usable(synthetic_model):
     with Engine(synthetic_model, device="cuda", n_ctx=64) as gpu:
         before = _greedy(gpu, n=8)
