@@ -34,6 +34,12 @@ def main() -> int:
         "--batch", default="1", help="sequences decoded together per step (step_batch); a list profiles each in turn"
     )
     ap.add_argument("--no-pdl", action="store_true", help="launch kernels one after another (HELEXA_PDL=0)")
+    ap.add_argument(
+        "--prefill",
+        type=int,
+        default=0,
+        help="profile prompts of this many tokens instead (each step: one new sequence's whole prompt)",
+    )
     a = ap.parse_args()
     if a.no_pdl:
         os.environ["HELEXA_PDL"] = "0"  # read once, at the first launch
@@ -47,9 +53,55 @@ def main() -> int:
     d = Path(tempfile.mkdtemp(prefix="hx-prof-"))
     path = write_synthetic(a.model, d, progress=False)
     src = load_source(path, progress=False)
+    if a.prefill > 0:
+        _profile_prefill(a, src)
+        return 0
     for nb in batches:
         _profile(a, src, nb)
     return 0
+
+
+def _profile_prefill(a, src) -> None:
+    """Profile --steps prompts of --prefill tokens, each a fresh sequence's one step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from helexa_native.backends.base import SeqStep
+    from helexa_native.backends.cuda import CUDABackend
+    from helexa_native.kv_blocks import SeqBlocks
+    from helexa_native.params import SamplerState, SamplingParams
+
+    n = a.prefill
+    be = CUDABackend(src, 0, n_ctx=n + 16, max_num_seqs=1, prefill_chunk=n)
+    params = SamplingParams(temperature=0.0)
+
+    def step(i: int) -> None:
+        prompt = [(7 * i + 3 * j) % src.config.vocab_size + 1 for j in range(n)]
+        blocks = SeqBlocks()
+        be.blocks.ensure(blocks, n)
+        seq = SeqStep(
+            slot=0,
+            tokens=prompt,
+            start_pos=0,
+            block_table=list(blocks.table),
+            sample=True,
+            params=params,
+            state=SamplerState(prompt_tokens=prompt),
+        )
+        be.step_batch([seq])
+        be.blocks.release(blocks)
+
+    for i in range(3):
+        step(i)
+    walls = []
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(a.steps):
+            t0 = time.perf_counter()
+            step(100 + i)
+            walls.append(time.perf_counter() - t0)
+    med = statistics.median(walls)
+    print(f"{a.model} prefill {n}: wall per prompt median {1e3 * med:.3f} ms ({n / med:.0f} tok/s)")
+    _print_kernels(prof, a)
+    be.close()
 
 
 def _profile(a, src, nb: int) -> None:
@@ -107,7 +159,12 @@ def _profile(a, src, nb: int) -> None:
     med, low = 1e3 * statistics.median(walls), 1e3 * min(walls)
     print(f"{a.model} batch {nb}: wall per step median {med:.3f} ms, min {low:.3f} ms")
     print("graph counters:", {k: v for k, v in info.items() if "graph" in k})
-    gpu_total = 0.0
+    _print_kernels(prof, a)
+    be.close()
+
+
+def _print_kernels(prof, a) -> None:
+    """The profiler's GPU rows by total time, per step."""
     rows = []
     for ev in prof.key_averages():
         t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
@@ -119,7 +176,6 @@ def _profile(a, src, nb: int) -> None:
     print(f"GPU kernel time per step: {gpu_total / a.steps / 1e3:.3f} ms")
     for t, n, k in rows[: a.top]:
         print(f"  {t / a.steps:9.1f} us/step  {n / a.steps:6.1f} calls/step  {k[:90]}")
-    be.close()
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ void op_moe_route(const at::Tensor& logits, int64_t top_k, bool normalize, at::T
 }
 
 void op_moe_align(const at::Tensor& ids, int64_t num_experts, int64_t top_k, at::Tensor& offsets, at::Tensor& active,
-                  at::Tensor& n_active, at::Tensor& pair_slot, at::Tensor& slot_token) {
+                  at::Tensor& n_active, at::Tensor& pair_slot, at::Tensor& slot_token, int64_t tile_rows,
+                  at::Tensor& tiles, at::Tensor& n_tiles) {
   const c10::cuda::CUDAGuard guard(cuda_device(ids, "ids"));
   const auto dev = ids.device();
   check_tensor(ids, "ids", at::kInt, dev);
@@ -63,10 +64,17 @@ void op_moe_align(const at::Tensor& ids, int64_t num_experts, int64_t top_k, at:
   HX_OP_CHECK(offsets.numel() == E + 1 && active.numel() == E && n_active.numel() == 1,
               "offsets, active and n_active must hold num_experts + 1, num_experts and 1 entries");
   HX_OP_CHECK(pair_slot.numel() == P && slot_token.numel() == P, "pair_slot and slot_token must hold ids.numel()");
+  check_tensor(tiles, "tiles", at::kInt, dev);
+  check_tensor(n_tiles, "n_tiles", at::kInt, dev);
+  const int tr = as_int(tile_rows, "tile_rows", 1);
+  HX_OP_CHECK(
+      tiles.dim() == 2 && tiles.size(1) == 4 && tiles.size(0) >= moe_max_tiles(P, E, tr) && n_tiles.numel() == 1,
+      "tiles must be [moe_max_tiles, 4] and n_tiles hold 1 entry");
   launch([&] {
     moe_align_launch(ids.data_ptr<int32_t>(), P, E, as_int(top_k, "top_k", 1), offsets.data_ptr<int32_t>(),
                      active.data_ptr<int32_t>(), n_active.data_ptr<int32_t>(), pair_slot.data_ptr<int32_t>(),
-                     slot_token.data_ptr<int32_t>(), stream_of(dev));
+                     slot_token.data_ptr<int32_t>(), tr, reinterpret_cast<int4*>(tiles.data_ptr<int32_t>()),
+                     n_tiles.data_ptr<int32_t>(), stream_of(dev));
   });
 }
 
@@ -194,22 +202,31 @@ void op_matvec_expert_groups(int64_t type, const at::Tensor& w, const at::Tensor
   });
 }
 
-void op_matmul_tc_expert_groups(int64_t type, const at::Tensor& w, const at::Tensor& offsets, const at::Tensor& active,
-                                const at::Tensor& n_active, int64_t max_groups, const at::Tensor& x, at::Tensor& y,
-                                int64_t n_out, int64_t k, int64_t rows_hint) {
+void op_matmul_tc_expert_groups(int64_t type, const at::Tensor& w, const at::Tensor& tiles, const at::Tensor& n_tiles,
+                                int64_t tile_rows, const at::Tensor& x, at::Tensor& y, int64_t n_out, int64_t k) {
   const c10::cuda::CUDAGuard guard(cuda_device(x, "x"));
   const auto dev = x.device();
   const int no = as_int(n_out, "n_out", 1), kk = as_int(k, "k", 1);
-  const int E = check_groups(w, type, no, kk, offsets, active, n_active, x, at::kBFloat16, y, dev);
+  check_experts(w, type, no, kk, dev);
+  check_tensor(tiles, "tiles", at::kInt, dev);
+  check_tensor(n_tiles, "n_tiles", at::kInt, dev);
+  check_tensor(x, "x", at::kBFloat16, dev);
+  check_tensor(y, "y", at::kFloat, dev);
+  HX_OP_CHECK(tiles.dim() == 2 && tiles.size(1) == 4 && n_tiles.numel() == 1,
+              "tiles must be [max_tiles, 4] (moe_align's list) and n_tiles hold 1 entry");
+  HX_OP_CHECK(x.dim() == 2 && x.size(1) == kk && y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == no,
+              "x must be [rows, k] and y [rows, n_out]");
   const TcOptions opt = tc_options_from_env();
   launch([&] {
-    matmul_tc_expert_groups_launch(static_cast<GgmlType>(type), w.data_ptr(), static_cast<size_t>(w.size(1)), E,
-                                   offsets.data_ptr<int32_t>(), active.data_ptr<int32_t>(),
-                                   n_active.data_ptr<int32_t>(), as_int(max_groups, "max_groups", 1),
-                                   reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), y.data_ptr<float>(), no, kk,
-                                   as_int(rows_hint, "rows_hint", 1), opt, stream_of(dev));
+    matmul_tc_expert_groups_launch(
+        static_cast<GgmlType>(type), w.data_ptr(), static_cast<size_t>(w.size(1)),
+        reinterpret_cast<const int4*>(tiles.data_ptr<int32_t>()), n_tiles.data_ptr<int32_t>(),
+        as_int(tiles.size(0), "max_tiles", 1), as_int(tile_rows, "tile_rows", 8),
+        reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), y.data_ptr<float>(), no, kk, opt, stream_of(dev));
   });
 }
+
+int64_t op_moe_tile_rows(int64_t rows_hint) { return moe_tile_rows(as_int(rows_hint, "rows_hint", 0)); }
 
 }  // namespace
 }  // namespace hx
@@ -219,7 +236,7 @@ TORCH_LIBRARY_FRAGMENT(helexa, m) {
         &hx::op_moe_route);
   m.def(
       "moe_align(Tensor ids, int num_experts, int top_k, Tensor(a!) offsets, Tensor(b!) active, Tensor(c!) n_active, "
-      "Tensor(d!) pair_slot, Tensor(e!) slot_token) -> ()",
+      "Tensor(d!) pair_slot, Tensor(e!) slot_token, int tile_rows, Tensor(f!) tiles, Tensor(g!) n_tiles) -> ()",
       &hx::op_moe_align);
   m.def("moe_combine(Tensor(a!) x, Tensor y, Tensor weights, Tensor? pair_slot) -> ()", &hx::op_moe_combine);
   m.def(
@@ -237,7 +254,9 @@ TORCH_LIBRARY_FRAGMENT(helexa, m) {
       "Tensor x, Tensor(a!) y, int n_out, int k) -> ()",
       &hx::op_matvec_expert_groups);
   m.def(
-      "matmul_tc_expert_groups(int type, Tensor w, Tensor offsets, Tensor active, Tensor n_active, int max_groups, "
-      "Tensor x, Tensor(a!) y, int n_out, int k, int rows_hint) -> ()",
+      "matmul_tc_expert_groups(int type, Tensor w, Tensor tiles, Tensor n_tiles, int tile_rows, Tensor x, Tensor(a!) "
+      "y, "
+      "int n_out, int k) -> ()",
       &hx::op_matmul_tc_expert_groups);
+  m.def("moe_tile_rows(int rows_hint) -> int", &hx::op_moe_tile_rows);
 }

@@ -514,14 +514,15 @@ __global__ void __launch_bounds__(32 * NW) matmul_tc_kernel(const Args a) {
   product_tile<T, NTILE, INTW, NW>(a, blockIdx.x * 16 * NW, blockIdx.y, smem_raw);
 }
 
-// Mixture-of-experts groups: x's rows sorted by expert (moe_align's slots),
-// expert e's rows g.offsets[e] .. g.offsets[e + 1] - 1. CTA (i, j) multiplies
-// row tile i of active expert j's matrix with all of that expert's rows,
-// 8 * NTILE at a time (no split along k: the experts fill the GPU).
+// Mixture-of-experts groups: x's rows sorted by expert (moe_align's slots)
+// and cut into tiles of at most 8 * NTILE rows of one expert (moe_align's
+// tile list). CTA (i, j) multiplies row tile i of tile j's expert matrix
+// with tile j's rows (no split along k: the experts fill the GPU). An
+// expert's tiles are neighbours in the list, so the CTAs reading the same
+// weights run close together and share them in L2.
 struct Groups {
-  const int32_t* offsets;   // [num_experts + 1]
-  const int32_t* active;    // [num_experts]: experts with rows, first *n_active
-  const int32_t* n_active;  // [1]
+  const int4* tiles;        // [*n_tiles]: {expert, first row, rows, 0}
+  const int32_t* n_tiles;   // [1]
   size_t stride;            // bytes from one expert's matrix to the next
 };
 
@@ -531,23 +532,14 @@ __global__ void __launch_bounds__(kThreads, 1) matmul_tc_groups_kernel(const Arg
   // The routing is the previous kernel's output: wait before reading it (and
   // before any weight, whose address depends on it).
   pdl_begin();
-  if ((int)blockIdx.y >= *gr.n_active) return;  // the whole CTA: fewer experts have rows than the grid holds
-  // Only the pass counter lives across passes over the expert's rows: the
-  // routing is re-read (cached) and the Args rebuilt from the kernel's
-  // parameters each time. (With a minimum of one CTA per SM in the launch
-  // bounds, ptxas does not trade registers for occupancy here: no spills.)
-  for (int c0 = 0;; c0 += 8 * NTILE) {
-    const int e = __ldg(gr.active + blockIdx.y);
-    const int r0 = __ldg(gr.offsets + e), rows = __ldg(gr.offsets + e + 1) - r0;
-    if (c0 >= rows) break;
-    Args b = a;
-    b.w = a.w + (size_t)e * gr.stride;
-    b.x = a.x + (size_t)(r0 + c0) * a.k;
-    b.y = a.y + (size_t)(r0 + c0) * a.n_out;
-    b.ntok = min(8 * NTILE, rows - c0);
-    product_tile<T, NTILE, INTW>(b, blockIdx.x * kRows, 0, smem_raw);
-    __syncthreads();  // the next rows' copies reuse the ring
-  }
+  if ((int)blockIdx.y >= *gr.n_tiles) return;  // the whole CTA: fewer tiles than the grid holds
+  const int4 t = __ldg(gr.tiles + blockIdx.y);
+  Args b = a;
+  b.w = a.w + (size_t)t.x * gr.stride;
+  b.x = a.x + (size_t)t.y * a.k;
+  b.y = a.y + (size_t)t.y * a.n_out;
+  b.ntok = min(8 * NTILE, t.z);
+  product_tile<T, NTILE, INTW>(b, blockIdx.x * kRows, 0, smem_raw);
 }
 
 // Ring stages of a launch of `Kernel` (ring of T with NTILE tiles for NW
@@ -596,13 +588,13 @@ void launch_tiles(const Args& a, cudaStream_t stream) {
 }
 
 template <GgmlType T, int NTILE, bool INTW>
-void launch_groups(const Args& a, const Groups& gr, int max_groups, cudaStream_t stream) {
+void launch_groups(const Args& a, const Groups& gr, int max_tiles, cudaStream_t stream) {
   constexpr size_t extra = INTW ? kIntTableBytes : 0;
   Args b = a;
   b.stages = ring_stages<T, NTILE, kWarps, matmul_tc_groups_kernel<T, NTILE, INTW>>(a, extra);
   if (b.stages == 0)
     throw std::invalid_argument("tensor-core expert groups: two ring stages of this type exceed the shared memory");
-  const dim3 grid((a.n_out + kRows - 1) / kRows, max_groups);
+  const dim3 grid((a.n_out + kRows - 1) / kRows, max_tiles);
   launch_overlapped(matmul_tc_groups_kernel<T, NTILE, INTW>, grid, dim3(kThreads),
                     (size_t)b.stages * Ring<T, NTILE>::STAGE + extra, stream, b, gr);
   HX_CUDA_CHECK(cudaGetLastError());
@@ -649,10 +641,10 @@ void launch_tiles_for(const Args& a, cudaStream_t stream) {
 }
 
 template <GgmlType T, int NTILE>
-void launch_groups_for(const Args& a, const Groups& gr, int max_groups, cudaStream_t stream) {
+void launch_groups_for(const Args& a, const Groups& gr, int max_tiles, cudaStream_t stream) {
   if constexpr (has_int_path<T>() && NTILE <= kIntMaxGroupTiles)
-    if (use_int<T, NTILE>(a)) return launch_groups<T, NTILE, true>(a, gr, max_groups, stream);
-  launch_groups<T, NTILE, false>(a, gr, max_groups, stream);
+    if (use_int<T, NTILE>(a)) return launch_groups<T, NTILE, true>(a, gr, max_tiles, stream);
+  launch_groups<T, NTILE, false>(a, gr, max_tiles, stream);
 }
 
 // Entry for one type; `a` is validated and split by the caller.
@@ -669,17 +661,17 @@ void run(const Args& a, cudaStream_t stream) {
 }
 
 // Entry of the grouped products for one type; `tiles` (1, 2, 4 or 8) token
-// tiles per pass over an expert's rows.
+// tiles of 8 rows: the tile list's tile_rows / 8.
 template <GgmlType T>
-void run_groups(const Args& a, const Groups& gr, int max_groups, int tiles, cudaStream_t stream) {
+void run_groups(const Args& a, const Groups& gr, int max_tiles, int tiles, cudaStream_t stream) {
   if (tiles <= 1)
-    tcs::launch_groups_for<T, 1>(a, gr, max_groups, stream);
+    tcs::launch_groups_for<T, 1>(a, gr, max_tiles, stream);
   else if (tiles <= 2)
-    tcs::launch_groups_for<T, 2>(a, gr, max_groups, stream);
+    tcs::launch_groups_for<T, 2>(a, gr, max_tiles, stream);
   else if (tiles <= 4)
-    tcs::launch_groups_for<T, 4>(a, gr, max_groups, stream);
+    tcs::launch_groups_for<T, 4>(a, gr, max_tiles, stream);
   else
-    tcs::launch_groups_for<T, 8>(a, gr, max_groups, stream);
+    tcs::launch_groups_for<T, 8>(a, gr, max_tiles, stream);
 }
 
 #ifndef HX_MATVEC_NO_EXTERN

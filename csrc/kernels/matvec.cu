@@ -275,26 +275,31 @@ void matmul_tc_launch(GgmlType type, const void* w, const __nv_bfloat16* x, floa
   }
 }
 
-void matmul_tc_expert_groups_launch(GgmlType type, const void* w, size_t stride, int num_experts,
-                                    const int32_t* offsets, const int32_t* active, const int32_t* n_active,
-                                    int max_groups, const __nv_bfloat16* x, float* y, int n_out, int k, int rows_hint,
-                                    const TcOptions& opt, cudaStream_t stream) {
-  if (num_experts < 1) bad("num_experts must be positive");
-  if (max_groups < 1 || max_groups > 65535)
-    bad("tensor-core expert groups: max_groups must be 1..65535, got " + std::to_string(max_groups));
-  if (!offsets || !active || !n_active) bad("null pointer");
+int moe_tile_rows(int rows_hint) {
+  static const int forced = env_int("HELEXA_MOE_TILE_ROWS", 0);
+  const int want = forced > 0 ? forced : rows_hint;
+  const int t = std::max(1, std::min(8, (want + 7) / 8));
+  return 8 * (t <= 1 ? 1 : (t <= 2 ? 2 : (t <= 4 ? 4 : 8)));
+}
+
+void matmul_tc_expert_groups_launch(GgmlType type, const void* w, size_t stride, const int4* tiles,
+                                    const int32_t* n_tiles, int max_tiles, int tile_rows, const __nv_bfloat16* x,
+                                    float* y, int n_out, int k, const TcOptions& opt, cudaStream_t stream) {
+  if (max_tiles < 1 || max_tiles > 65535)
+    bad("tensor-core expert groups: max_tiles must be 1..65535, got " + std::to_string(max_tiles));
+  if (tile_rows != 8 && tile_rows != 16 && tile_rows != 32 && tile_rows != 64)
+    bad("tensor-core expert groups: tile_rows must be 8, 16, 32 or 64, got " + std::to_string(tile_rows));
+  if (!tiles || !n_tiles) bad("null pointer");
   // a.ntok stays 0: each expert's row count is read on the device.
   const tc::Args a = tc_args(type, w, x, y, n_out, k, opt, "tensor-core expert groups");
   if (stride % 16 != 0 || stride < row_bytes(type, k) * static_cast<size_t>(n_out))
     bad("expert stride " + std::to_string(stride) + " must be a multiple of 16 and hold a whole matrix");
   tcs::Groups gr;
-  gr.offsets = offsets;
-  gr.active = active;
-  gr.n_active = n_active;
+  gr.tiles = tiles;
+  gr.n_tiles = n_tiles;
   gr.stride = stride;
-  const int tiles = std::max(1, std::min(8, (rows_hint + 7) / 8));
 #define HX_CASE(T) \
-  case GgmlType::T: tcs::run_groups<GgmlType::T>(a, gr, std::min(max_groups, num_experts), tiles, stream); return;
+  case GgmlType::T: tcs::run_groups<GgmlType::T>(a, gr, max_tiles, tile_rows / 8, stream); return;
   switch (type) {
     HX_FOR_EACH_GGML_TYPE(HX_CASE)
     default: break;

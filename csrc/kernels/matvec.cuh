@@ -135,22 +135,25 @@ void matmul_tc_launch(GgmlType type, const void* w /*[n_out, k] stored rows*/, c
 
 // Mixture-of-experts products on tensor cores, in the grouped layout of
 // matvec_expert_groups_launch: x's rows sorted by expert (moe_align_launch's
-// slots; expert e's rows offsets[e] .. offsets[e + 1] - 1, the experts with
-// rows in active[0 .. *n_active)), y row r = W_e x row r for r's expert e.
-// x in bf16 (the arithmetic of matmul_tc_launch). Each CTA multiplies 64 rows
-// of one active expert's matrix with all of that expert's rows, 8 * t at a
-// time, t = rows_hint / 8 rounded up into 1, 2, 4 or 8 (rows_hint: the rows
-// an expert is expected to have); each expert's weights are read once for
-// its rows, and the routing is read on the device (capturable in a graph).
-// k a multiple of 8 and of the block size; w, x 16-byte aligned, stride a
-// multiple of 16. Throws std::invalid_argument on bad arguments, and where
-// two ring stages of the type do not fit in the device's shared memory (wide
-// float rows on a small-shared-memory part: use matvec_expert_groups_launch).
+// slots), y row r = W_e x row r for r's expert e, x in bf16 (the arithmetic
+// of matmul_tc_launch). The work is moe_align_launch's tile list for
+// tile_rows (8, 16, 32 or 64): CTA (i, j) multiplies 64 rows of tile j's
+// expert matrix with tile j's rows, so an expert with many rows takes many
+// CTAs at once, and the routing is read on the device (capturable in a
+// graph; max_tiles, 1..65535, bounds *n_tiles: moe_max_tiles). k a multiple
+// of 8 and of the block size; w, x 16-byte aligned, stride a multiple of 16.
+// Throws std::invalid_argument on bad arguments, and where two ring stages
+// of the type do not fit in the device's shared memory (wide float rows on a
+// small-shared-memory part: use matvec_expert_groups_launch).
 void matmul_tc_expert_groups_launch(GgmlType type, const void* w /*[num_experts][n_out, k] stored rows, stride apart*/,
-                                    size_t stride, int num_experts, const int32_t* offsets /*[num_experts + 1]*/,
-                                    const int32_t* active /*[num_experts]*/, const int32_t* n_active /*[1]*/,
-                                    int max_groups, const __nv_bfloat16* x /*[rows, k]*/, float* y /*[rows, n_out]*/,
-                                    int n_out, int k, int rows_hint, const TcOptions& opt, cudaStream_t stream);
+                                    size_t stride, const int4* tiles /*[max_tiles]*/, const int32_t* n_tiles /*[1]*/,
+                                    int max_tiles, int tile_rows, const __nv_bfloat16* x /*[rows, k]*/,
+                                    float* y /*[rows, n_out]*/, int n_out, int k, const TcOptions& opt,
+                                    cudaStream_t stream);
+
+// Rows per tile of the grouped products for experts expected to hold
+// rows_hint rows each: 8, 16, 32 or 64 (HELEXA_MOE_TILE_ROWS forces one).
+int moe_tile_rows(int rows_hint);
 
 // Workspace bytes of one matmul_tc_launch with `opt` on the current device (0: no split).
 size_t matmul_tc_workspace_bytes(int n_tok, int n_out, int k, const TcOptions& opt);

@@ -5,6 +5,8 @@
 //   offsets = exclusive scan of count; active = experts with count > 0, in
 //   id order (exclusive scan of the flags gives each its place)
 //   slot of pair p = offsets[e] + (atomic cursor of e), slot_token = p / top_k
+//   tiles: exclusive scan of ceil(count / tile_rows) gives each expert's
+//   first tile; its thread writes them
 //
 // Scans are warp shuffles plus one pass over the 32 warp totals. The grid is
 // one CTA whatever the batch, so a captured graph serves any routing. One
@@ -58,12 +60,13 @@ __global__ void __launch_bounds__(kThreads) moe_align_kernel(const int32_t* __re
                                                           int32_t* __restrict__ offsets, int32_t* __restrict__ active,
                                                           int32_t* __restrict__ n_active,
                                                           int32_t* __restrict__ pair_slot,
-                                                          int32_t* __restrict__ slot_token) {
+                                                          int32_t* __restrict__ slot_token, int tile_rows,
+                                                          int4* __restrict__ tiles, int32_t* __restrict__ n_tiles) {
   pdl_begin();
   __shared__ int count[kMoeMaxExperts];
   __shared__ int cursor[kMoeMaxExperts];
   __shared__ int warp_tot[32];
-  __shared__ int totals[2];
+  __shared__ int totals[3];
   const int tid = threadIdx.x;
   if (tid < E) count[tid] = 0;
   __syncthreads();
@@ -82,6 +85,15 @@ __global__ void __launch_bounds__(kThreads) moe_align_kernel(const int32_t* __re
     offsets[E] = totals[0];
     *n_active = totals[1];
   }
+  if (tiles != nullptr) {
+    const int nt = (c + tile_rows - 1) / tile_rows;
+    const int first = block_exclusive_scan(nt, warp_tot, &totals[2]);
+    for (int j = 0; j < nt; ++j) {
+      const int r0 = j * tile_rows;
+      tiles[first + j] = make_int4(tid, off + r0, min(tile_rows, c - r0), 0);
+    }
+    if (tid == 0) *n_tiles = totals[2];
+  }
   __syncthreads();
   for (int p = tid; p < pairs; p += kThreads) {
     const int slot = atomicAdd(&cursor[min(max(ids[p], 0), E - 1)], 1);
@@ -93,7 +105,8 @@ __global__ void __launch_bounds__(kThreads) moe_align_kernel(const int32_t* __re
 }  // namespace
 
 void moe_align_launch(const int32_t* ids, int pairs, int num_experts, int top_k, int32_t* offsets, int32_t* active,
-                      int32_t* n_active, int32_t* pair_slot, int32_t* slot_token, cudaStream_t stream) {
+                      int32_t* n_active, int32_t* pair_slot, int32_t* slot_token, int tile_rows, int4* tiles,
+                      int32_t* n_tiles, cudaStream_t stream) {
   if (num_experts < 1 || num_experts > kMoeMaxExperts)
     throw std::invalid_argument("moe_align: num_experts must be 1.." + std::to_string(kMoeMaxExperts) + ", got " +
                                 std::to_string(num_experts));
@@ -101,8 +114,10 @@ void moe_align_launch(const int32_t* ids, int pairs, int num_experts, int top_k,
   if (pairs < 1) throw std::invalid_argument("moe_align: pairs must be positive");
   if (!ids || !offsets || !active || !n_active || !pair_slot || !slot_token)
     throw std::invalid_argument("moe_align: null pointer");
+  if (tiles != nullptr && (tile_rows < 1 || n_tiles == nullptr))
+    throw std::invalid_argument("moe_align: a tile list needs tile_rows >= 1 and n_tiles");
   launch_overlapped(moe_align_kernel, dim3(1), dim3(kThreads), 0, stream, ids, pairs, num_experts, top_k, offsets,
-                    active, n_active, pair_slot, slot_token);
+                    active, n_active, pair_slot, slot_token, tile_rows, tiles, n_tiles);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 

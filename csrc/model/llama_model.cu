@@ -222,9 +222,9 @@ GpuModel::GpuModel(WorkerContext& ctx, const ModelSpec& spec, const std::vector<
   // Rows of one forward pass; a step holds at most max_num_seqs sequences
   // of n_ctx tokens, so that bounds it (a short context alone does not: one
   // step may carry several prompts).
-  chunk_ = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>(s.prefill_chunk > 0 ? s.prefill_chunk : 512,
-                           static_cast<int64_t>(n_ctx_) * std::max(1, s.max_num_seqs))));
+  chunk_ = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(s.prefill_chunk > 0 ? s.prefill_chunk : 512,
+                                             static_cast<int64_t>(n_ctx_) * std::max(1, s.max_num_seqs))));
   slots_ = s.max_num_seqs + 1;
   // The tensor-core product from 4 tokens, except on narrow models (hidden
   // below 768, as SmolLM2-135M): their small matrices ran faster on the fp32
@@ -539,6 +539,8 @@ void GpuModel::alloc_state() {
     moe_n_active_ = static_cast<int32_t*>(dev_alloc(4, sc));
     moe_pair_slot_ = static_cast<int32_t*>(dev_alloc(P * 4, sc));
     moe_slot_token_ = static_cast<int32_t*>(dev_alloc(P * 4, sc));
+    moe_tiles_ = static_cast<int4*>(dev_alloc(moe_max_tiles(static_cast<int>(P), static_cast<int>(E), 8) * 16, sc));
+    moe_n_tiles_ = static_cast<int32_t*>(dev_alloc(4, sc));
     exp_xy_ = static_cast<float*>(dev_alloc(P * h * 4, sc));
     exp_gu_ = static_cast<float*>(dev_alloc(P * 2 * fe * 4, sc));
     exp_act_ = static_cast<float*>(dev_alloc(P * fe * 4, sc));
@@ -1228,12 +1230,16 @@ void GpuModel::moe_ffn(WorkerContext& ctx, const LayerWeights& L, int n) {
   const int groups = std::min(E, P);
   const bool pairs = n <= moe_pairs_max_;
   const bool tc = !pairs && moe_tc_;
+  // The tensor-core groups take tiles of the rows an expert is expected to
+  // hold (P / groups), cut from each expert's rows by the alignment.
+  const int tile_rows = moe_tile_rows(P / groups);
+  const int max_tiles = moe_max_tiles(P, E, tile_rows);
   auto product = [&](const ExpertWeight& w, const float* x, int x_div, float* y) {
     if (pairs)
       matvec_expert_pairs_launch(w.type, w.data, w.stride, E, moe_ids_, x, x_div, y, w.n_out, w.k, P, st);
     else if (tc)  // x is exp_xb_, the same rows in bf16
-      matmul_tc_expert_groups_launch(w.type, w.data, w.stride, E, moe_offsets_, moe_active_, moe_n_active_, groups,
-                                     exp_xb_, y, w.n_out, w.k, P / groups, tc_opts_, st);
+      matmul_tc_expert_groups_launch(w.type, w.data, w.stride, moe_tiles_, moe_n_tiles_, max_tiles, tile_rows, exp_xb_,
+                                     y, w.n_out, w.k, tc_opts_, st);
     else
       matvec_expert_groups_launch(w.type, w.data, w.stride, E, moe_offsets_, moe_active_, moe_n_active_, groups, x, y,
                                   w.n_out, w.k, st);
@@ -1245,7 +1251,8 @@ void GpuModel::moe_ffn(WorkerContext& ctx, const LayerWeights& L, int n) {
   const float* x_in = xn_;
   int x_div = K;
   if (!pairs) {
-    moe_align_launch(moe_ids_, P, E, K, moe_offsets_, moe_active_, moe_n_active_, moe_pair_slot_, moe_slot_token_, st);
+    moe_align_launch(moe_ids_, P, E, K, moe_offsets_, moe_active_, moe_n_active_, moe_pair_slot_, moe_slot_token_,
+                     tile_rows, tc ? moe_tiles_ : nullptr, moe_n_tiles_, st);
     constexpr int kGatherRows = 65535;  // the gather's grid rows
     for (int r = 0; r < P; r += kGatherRows)
       gather_rows_launch(xn_, moe_slot_token_ + r, std::min(kGatherRows, P - r), h,

@@ -438,6 +438,8 @@ class GpuModel : public Resource {
   int32_t* moe_n_active_ = nullptr;    // [1]
   int32_t* moe_pair_slot_ = nullptr;   // [P] slot of each pair
   int32_t* moe_slot_token_ = nullptr;  // [P] row of each slot
+  int4* moe_tiles_ = nullptr;          // tensor-core groups' work: {expert, first slot, rows, 0}
+  int32_t* moe_n_tiles_ = nullptr;     // [1]
   float* exp_xy_ = nullptr;            // [P, hidden] gathered expert inputs, then expert outputs
   float* exp_gu_ = nullptr;            // [P, 2 expert_ffn] gate and up products
   float* exp_act_ = nullptr;           // [P, expert_ffn] SwiGLU

@@ -120,17 +120,29 @@ def _routed_ids(n, E, k, seed, used=None):
     return torch.stack([torch.randperm(used, generator=g)[:k] for _ in range(n)]).to(torch.int32)
 
 
-def _align(ops, ids, E, k):
+def _max_tiles(P, E, tile_rows):
+    return -(-P // tile_rows) + min(E, P)
+
+
+def _align_tiles(ops, ids, E, k, tile_rows=8):
+    """moe_align's outputs on the host: offsets, active, n_active, pair_slot, slot_token, tiles, n_tiles."""
     P = ids.numel()
     out = [torch.full((m,), -5, dtype=torch.int32, device=DEV) for m in (E + 1, E, 1, P, P)]
-    ops.moe_align(ids.flatten().to(DEV), E, k, *out)
-    return [t.cpu().long() for t in out]
+    tiles = torch.full((_max_tiles(P, E, tile_rows), 4), -5, dtype=torch.int32, device=DEV)
+    n_tiles = torch.full((1,), -5, dtype=torch.int32, device=DEV)
+    ops.moe_align(ids.flatten().to(DEV), E, k, *out, tile_rows, tiles, n_tiles)
+    return [t.cpu().long() for t in out] + [tiles.cpu().long(), int(n_tiles[0])]
 
 
+def _align(ops, ids, E, k):
+    return _align_tiles(ops, ids, E, k)[:5]
+
+
+@pytest.mark.parametrize("tile_rows", [8, 32])
 @pytest.mark.parametrize("E,k,n,used", [(8, 2, 1, 8), (128, 8, 512, 128), (1000, 4, 300, 700), (64, 64, 3, 64)])
-def test_align_kernel_sorts_pairs_by_expert(ops, E, k, n, used):
+def test_align_kernel_sorts_pairs_by_expert(ops, E, k, n, used, tile_rows):
     ids = _routed_ids(n, E, k, seed=E + n, used=used)
-    offsets, active, n_active, pair_slot, slot_token = _align(ops, ids, E, k)
+    offsets, active, n_active, pair_slot, slot_token, tiles, n_tiles = _align_tiles(ops, ids, E, k, tile_rows)
     flat = ids.flatten().long()
     counts = torch.bincount(flat, minlength=E)
     assert torch.equal(offsets, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
@@ -140,6 +152,26 @@ def test_align_kernel_sorts_pairs_by_expert(ops, E, k, n, used):
     assert torch.equal(pair_slot.sort().values, torch.arange(flat.numel()))
     assert bool(((offsets[flat] <= pair_slot) & (pair_slot < offsets[flat + 1])).all())
     assert torch.equal(slot_token[pair_slot], torch.arange(flat.numel()) // k)
+    # The tile list: each expert's slots in order, cut into tiles of tile_rows.
+    want = [
+        [e, int(offsets[e]) + r, min(tile_rows, int(counts[e]) - r), 0]
+        for e in range(E)
+        for r in range(0, int(counts[e]), tile_rows)
+    ]
+    assert n_tiles == len(want) <= _max_tiles(flat.numel(), E, tile_rows)
+    assert tiles[:n_tiles].tolist() == want
+
+
+def test_align_tiles_spread_a_crowded_expert(ops):
+    # Every pair routed to expert 3 (a skewed prefill): its 300 rows become
+    # ceil(300 / 32) tiles, one CTA row each, not one CTA's loop.
+    E, k, n = 16, 1, 300
+    ids = torch.full((n, k), 3, dtype=torch.int32)
+    *_, tiles, n_tiles = _align_tiles(ops, ids, E, k, 32)
+    assert n_tiles == 10
+    assert tiles[:n_tiles, 0].tolist() == [3] * 10
+    assert tiles[:n_tiles, 1].tolist() == list(range(0, 300, 32))
+    assert tiles[:n_tiles, 2].tolist() == [32] * 9 + [12]
 
 
 @pytest.mark.parametrize("slotted", [False, True])
@@ -263,7 +295,7 @@ def test_expert_combine_adds_each_tokens_weighted_experts(ops, rng, name, n):
         assert err <= TOLERANCE[name], f"{name} token {t} of {n}: relative error {err:.2e}, seed={rng.seed_value}"
 
 
-@pytest.mark.parametrize("rows_hint", [1, 64])  # 8 rows per pass over an expert's rows (several), 64 (one)
+@pytest.mark.parametrize("rows_hint", [1, 64])  # tiles of 8 rows (several an expert), 64 (one)
 @pytest.mark.parametrize("name", [n for n in TYPES if n not in FLOAT_TYPES])
 def test_tensor_core_expert_groups_read_each_expert_for_its_rows(ops, rng, name, rows_hint, monkeypatch):
     # The grouped layout above, x in bf16: each row is its expert's matrix
@@ -274,13 +306,17 @@ def test_tensor_core_expert_groups_read_each_expert_for_its_rows(ops, rng, name,
     k = 512
     w, refs = _stacked_experts(name, E, n_out, k, rng)
     ids = _routed_ids(n, E, k_tok, seed=5, used=7)
-    offsets, active, n_active, pair_slot, slot_token = (t.to(DEV).int() for t in _align(ops, ids, E, k_tok))
+    tile_rows = ops.moe_tile_rows(rows_hint)
+    assert tile_rows == (8 if rows_hint <= 8 else 64)
+    _, _, _, pair_slot, slot_token, tiles, n_tiles = _align_tiles(ops, ids, E, k_tok, tile_rows)
     x = bf16_values(rng.standard_normal((n, k)))
     xs = x[slot_token.cpu().numpy()]
     P = n * k_tok
     y = torch.full((P, n_out), float("nan"), device=DEV)
     x_d = torch.from_numpy(xs).to(torch.bfloat16).to(DEV)
-    ops.matmul_tc_expert_groups(TYPES[name][0], w, offsets, active, n_active, min(E, P), x_d, y, n_out, k, rows_hint)
+    tiles_d = tiles.to(torch.int32).to(DEV)
+    n_tiles_d = torch.tensor([n_tiles], dtype=torch.int32, device=DEV)
+    ops.matmul_tc_expert_groups(TYPES[name][0], w, tiles_d, n_tiles_d, tile_rows, x_d, y, n_out, k)
     slot_of = pair_slot.cpu().numpy()
     for p in range(P):
         s, e = int(slot_of[p]), int(ids.flatten()[p])
