@@ -1254,12 +1254,17 @@ void GpuModel::moe_ffn(WorkerContext& ctx, const LayerWeights& L, int n) {
     moe_align_launch(moe_ids_, P, E, K, moe_offsets_, moe_active_, moe_n_active_, moe_pair_slot_, moe_slot_token_,
                      tile_rows, tc ? moe_tiles_ : nullptr, moe_n_tiles_, st);
     constexpr int kGatherRows = 65535;  // the gather's grid rows
-    for (int r = 0; r < P; r += kGatherRows)
-      gather_rows_launch(xn_, moe_slot_token_ + r, std::min(kGatherRows, P - r), h,
-                         exp_xy_ + static_cast<size_t>(r) * h, st);
+    const bool vec = h % 4 == 0;        // the tensor-core groups read bf16 rows: gathered and rounded in one pass
+    for (int r = 0; r < P; r += kGatherRows) {
+      const int m = std::min(kGatherRows, P - r);
+      if (tc && vec)
+        gather_rows_bf16_launch(xn_, moe_slot_token_ + r, m, h, exp_xb_ + static_cast<size_t>(r) * h, st);
+      else
+        gather_rows_launch(xn_, moe_slot_token_ + r, m, h, exp_xy_ + static_cast<size_t>(r) * h, st);
+    }
     x_in = exp_xy_;
     x_div = 1;
-    if (tc) f32_to_bf16_launch(exp_xy_, exp_xb_, static_cast<int64_t>(P) * h, st);
+    if (tc && !vec) f32_to_bf16_launch(exp_xy_, exp_xb_, static_cast<int64_t>(P) * h, st);
   }
   // The SwiGLU writes the down product's input: float32, or bf16 for the
   // tensor-core groups (after the gate/up products have read exp_xb_).
