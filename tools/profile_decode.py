@@ -63,7 +63,6 @@ def main() -> int:
 
 def _profile_prefill(a, src) -> None:
     """Profile --steps prompts of --prefill tokens, each a fresh sequence's one step."""
-    from torch.profiler import ProfilerActivity, profile
 
     from helexa_native.backends.base import SeqStep
     from helexa_native.backends.cuda import CUDABackend
@@ -92,12 +91,7 @@ def _profile_prefill(a, src) -> None:
 
     for i in range(3):
         step(i)
-    walls = []
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for i in range(a.steps):
-            t0 = time.perf_counter()
-            step(100 + i)
-            walls.append(time.perf_counter() - t0)
+    walls, prof = _timed(a.steps, lambda i: step(100 + i))
     med = statistics.median(walls)
     print(f"{a.model} prefill {n}: wall per prompt median {1e3 * med:.3f} ms ({n / med:.0f} tok/s)")
     _print_kernels(prof, a)
@@ -106,7 +100,6 @@ def _profile_prefill(a, src) -> None:
 
 def _profile(a, src, nb: int) -> None:
     """Profile `nb` sequences decoding together on a fresh backend."""
-    from torch.profiler import ProfilerActivity, profile
 
     from helexa_native.backends.base import SeqStep
     from helexa_native.backends.cuda import CUDABackend
@@ -149,18 +142,26 @@ def _profile(a, src, nb: int) -> None:
         step([i])
     for _ in range(4):
         step(everyone)
-    walls = []
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(a.steps):
-            t0 = time.perf_counter()
-            step(everyone)
-            walls.append(time.perf_counter() - t0)
+    walls, prof = _timed(a.steps, lambda i: step(everyone))
     info = be.memory_info()
     med, low = 1e3 * statistics.median(walls), 1e3 * min(walls)
     print(f"{a.model} batch {nb}: wall per step median {med:.3f} ms, min {low:.3f} ms")
     print("graph counters:", {k: v for k, v in info.items() if "graph" in k})
     _print_kernels(prof, a)
     be.close()
+
+
+def _timed(n: int, run) -> tuple:
+    """run(i) for i < n under the profiler: (wall seconds of each, the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    walls = []
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(n):
+            t0 = time.perf_counter()
+            run(i)
+            walls.append(time.perf_counter() - t0)
+    return walls, prof
 
 
 def _print_kernels(prof, a) -> None:
