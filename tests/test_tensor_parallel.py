@@ -622,3 +622,16 @@ def test_ranks_that_load_different_models_fail_the_launch(hf_models):
         ranks.close()
     assert r["error"] == "LaunchError", r
     assert "rank 1: LaunchError: rank 1 loaded a different model than rank 0" in r["message"], r
+
+
+def test_gpu_ranks_refuse_embeddings_clearly():
+    # The ranks' pass ends in logits: a tensor-parallel CUDA backend says so
+    # (the server's embeddings route answers NotImplementedError with a
+    # clear error) instead of failing on an attribute it does not have.
+    from helexa_native.parallel.cuda_distributed import CUDALeaderBackend
+
+    for cls in (ShardedCUDABackend, CUDALeaderBackend):
+        backend = object.__new__(cls)
+        backend.tensor_parallel = 2
+        with pytest.raises(NotImplementedError, match=f"tensor parallelism yet \\({cls.__name__}, 2 GPUs\\)"):
+            backend.hidden_states([[1, 2, 3]], pooling="mean")

@@ -51,6 +51,7 @@ from ..backends.cuda import (
     budget_blocks,
     check_block_size,
     check_gpu_arch,
+    pass_rows,
 )
 from ..config import ModelSource
 from ..errors import DeviceError, EngineClosedError
@@ -61,6 +62,7 @@ from .gpu_shard import (
     gpu_plan,
     kv_bytes_per_block,
     load_rank,
+    rank_embeddings_refusal,
     rank_spec,
     wait_ranks,
 )
@@ -404,6 +406,7 @@ class ShardedCUDABackend(CUDABackend):
         self.devices = devices
         self.n_ctx = n_ctx
         self.max_num_seqs = max_num_seqs
+        self.prefill_chunk = pass_rows(prefill_chunk, n_ctx, max_num_seqs)
         self.device = f"cuda:{devices[0]}"
         self.device_index = devices[0]
         self.step_timeout = step_timeout
@@ -531,3 +534,7 @@ class ShardedCUDABackend(CUDABackend):
         if m is not None and m.failure is not None:
             raise m.failure
         return super()._live()
+
+    def hidden_states(self, seqs, pooling=None):
+        """Not over ranks: their pass ends in logits (Backend.hidden_states' clear refusal)."""
+        raise NotImplementedError(rank_embeddings_refusal(self))

@@ -52,6 +52,7 @@ from ..backends.cuda import (
     budget_blocks,
     check_block_size,
     check_gpu_arch,
+    pass_rows,
 )
 from ..config import ModelSource
 from ..errors import DeviceError, EngineClosedError, ModelLoadError
@@ -72,7 +73,16 @@ from .distributed import (
     _send,
     heartbeat_interval,
 )
-from .gpu_shard import check_visible, follower_inputs, gpu_plan, kv_bytes_per_block, load_rank, rank_spec, wait_ranks
+from .gpu_shard import (
+    check_visible,
+    follower_inputs,
+    gpu_plan,
+    kv_bytes_per_block,
+    load_rank,
+    rank_embeddings_refusal,
+    rank_spec,
+    wait_ranks,
+)
 from .launch import check_step_timeout
 from .sharding import model_fingerprint
 
@@ -363,6 +373,7 @@ class CUDALeaderBackend(CUDABackend):
         self.tensor_parallel = plan.world_size
         self.n_ctx = n_ctx
         self.max_num_seqs = max_num_seqs
+        self.prefill_chunk = pass_rows(prefill_chunk, n_ctx, max_num_seqs)
         self.device_index = launch.local_rank
         self.device = f"cuda:{launch.local_rank}"
         self.step_timeout = step_timeout
@@ -449,6 +460,10 @@ class CUDALeaderBackend(CUDABackend):
         if m is not None and m.failure is not None:
             raise m.failure
         return super()._live()
+
+    def hidden_states(self, seqs, pooling=None):
+        """Not over ranks: their pass ends in logits (Backend.hidden_states' clear refusal)."""
+        raise NotImplementedError(rank_embeddings_refusal(self))
 
 
 # ---------------------------------------------------------------------------- the followers

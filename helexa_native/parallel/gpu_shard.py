@@ -187,3 +187,11 @@ def wait_ranks(pending: list, deadline: float, stop=None, learn: bool = True) ->
         r = left[0]
         pending[r].wait(min(WAIT_SLICE, deadline - now), learn and first and r == 0)
         first = False
+
+
+def rank_embeddings_refusal(backend) -> str:
+    """Why a tensor-parallel CUDA backend computes no embeddings (its NotImplementedError)."""
+    return (
+        f"embeddings do not run with tensor parallelism yet ({type(backend).__name__}, "
+        f"{backend.tensor_parallel} GPUs): load the model on one GPU to embed"
+    )
