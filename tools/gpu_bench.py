@@ -95,6 +95,13 @@ def _args(argv):
         "model is timed with the first value, and the --concurrency runs are repeated on a fresh "
         "load for each further value (an A/B of the small-batch paths); empty: the engine's default",
     )
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=0,
+        help="write every synthetic model with this many layers instead of its preset's (shapes too large for "
+        "the disk or the GPU, e.g. Qwen3-30B-A3B in bf16: report per layer and scale); 0: the preset's",
+    )
     p.add_argument("--workdir", default=None, help="where synthetic models are written (default: a temp dir)")
     p.add_argument("--json", dest="json_file", required=True, help="output JSON file")
     return p.parse_args(argv)
@@ -145,6 +152,11 @@ def _positive_ints(text: str, flag: str) -> list:
 
 def main(argv=None) -> int:
     a = _args(argv)
+    if a.layers < 0:
+        raise SystemExit(f"--layers: expected a non-negative integer, got {a.layers}")
+    dev = a.device.split(":")
+    if dev[0] != "cuda" or len(dev) > 2 or (len(dev) == 2 and not dev[1].isdigit()):
+        raise SystemExit(f"--device: expected cuda or cuda:N (a GPU benchmark), got {a.device!r}")
     from helexa_native.bench import (
         bench_concurrency,
         bench_engine,
@@ -167,7 +179,7 @@ def main(argv=None) -> int:
         "n_ctx": n_ctx,
         "results": [],
     }
-    index = 0 if a.device == "cuda" else int(a.device.split(":")[1])
+    index = int(dev[1]) if len(dev) == 2 else 0
     out["copy_bandwidth_gb_per_s"] = copy_bw = measure_copy_bandwidth(index)
     print(f"device copy bandwidth {copy_bw:.0f} GB/s", flush=True)
     try:
@@ -330,7 +342,8 @@ def main(argv=None) -> int:
         try:
             t0 = time.perf_counter()
             try:
-                path = write_synthetic(spec, d, progress=False)
+                overrides = {"num_layers": a.layers} if a.layers > 0 else {}
+                path = write_synthetic(spec, d, progress=False, **overrides)
             except Exception as e:
                 failed += 1
                 out["results"].append(
@@ -339,9 +352,12 @@ def main(argv=None) -> int:
                 print(f"{spec}: FAILED {type(e).__name__}: {e}", flush=True)
                 continue
             written = time.perf_counter() - t0
-            print(f"{spec}: written in {written:.1f} s", flush=True)
+            shape = f" ({a.layers} layers)" if a.layers > 0 else ""
+            print(f"{spec}: written in {written:.1f} s{shape}", flush=True)
             for tp in tp_sizes:
                 entry = {"model": spec, "tensor_parallel": tp, "write_seconds": written}
+                if a.layers > 0:
+                    entry["layers"] = a.layers
                 out["results"].append(entry)
                 try:
                     bench_model(path, spec, tp, entry)

@@ -20,6 +20,7 @@
 #                     (the fewest tokens of a tensor-core product; e.g. 2,9)
 #     --tc-kernel L   bench: the same for each HELEXA_TC_KERNEL of L (v1,staged)
 #     --ab 'V=1;V=0'  bench: the same for each environment setting (';' between them)
+#     --layers N      bench: synthetic models of N layers (shapes too large for the disk)
 #     --tp N          tp stage: GPUs to split over (default 2)
 #     --tp-models L   tp stage: bench models (default llama3-8b:bf16)
 #
@@ -52,11 +53,13 @@ CONCURRENCY=""
 TC_MIN=""
 TC_KERNEL=""
 AB=""
+LAYERS=""
 TP=2
 TP_MODELS="llama3-8b:bf16"
 ARCH=${TORCH_CUDA_ARCH_LIST:-9.0}
 while [ $# -gt 0 ]; do
   case "$1" in
+    --layers) LAYERS=$2; shift 2 ;;
     --models) MODELS=$2; shift 2 ;;
     --depths) DEPTHS=$2; shift 2 ;;
     --repeats) REPEATS=$2; shift 2 ;;
@@ -161,6 +164,7 @@ do_bench() {
   [ -n "$TC_MIN" ] && args+=(--tc-min "$TC_MIN")
   [ -n "$TC_KERNEL" ] && args+=(--tc-kernel "$TC_KERNEL")
   [ -n "$AB" ] && args+=(--ab "$AB")
+  [ -n "$LAYERS" ] && args+=(--layers "$LAYERS")
   local lim; lim=$(limit "$BENCH_TIMEOUT")
   timeout "$lim" python3 "${args[@]}" 2>&1 | tee "$OUT/bench.log"
   local rc=${PIPESTATUS[0]}
