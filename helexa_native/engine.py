@@ -291,13 +291,13 @@ class Engine:
                     devices = list(range(index, index + tp))
             for d in devices or ():
                 self._check_cuda(d, tp)
-        # One GPU runs a step as one pass of up to max_batch_tokens rows, so
-        # it takes longer steps than the CPU and the tensor-parallel ranks.
-        one_gpu = kind == "cuda" and tp == 1
-        max_batch_tokens = check_max_batch_tokens(
-            max_batch_tokens,
-            defaults.DEFAULT_GPU_MAX_BATCH_TOKENS if one_gpu else defaults.DEFAULT_MAX_BATCH_TOKENS,
-        )
+        if max_batch_tokens is None:
+            # One GPU runs a step as one pass of up to max_batch_tokens rows,
+            # so it takes longer steps than the CPU and the tensor-parallel ranks.
+            one_gpu = kind == "cuda" and tp == 1
+            max_batch_tokens = check_max_batch_tokens(
+                None, defaults.DEFAULT_GPU_MAX_BATCH_TOKENS if one_gpu else defaults.DEFAULT_MAX_BATCH_TOKENS
+            )
 
         t0 = time.perf_counter()
         from .loaders import load_source

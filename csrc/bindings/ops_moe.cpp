@@ -254,9 +254,8 @@ TORCH_LIBRARY_FRAGMENT(helexa, m) {
       "Tensor x, Tensor(a!) y, int n_out, int k) -> ()",
       &hx::op_matvec_expert_groups);
   m.def(
-      "matmul_tc_expert_groups(int type, Tensor w, Tensor tiles, Tensor n_tiles, int tile_rows, Tensor x, Tensor(a!) "
-      "y, "
-      "int n_out, int k) -> ()",
+      "matmul_tc_expert_groups(int type, Tensor w, Tensor tiles, Tensor n_tiles, int tile_rows, Tensor x, "
+      "Tensor(a!) y, int n_out, int k) -> ()",
       &hx::op_matmul_tc_expert_groups);
   m.def("moe_tile_rows(int rows_hint) -> int", &hx::op_moe_tile_rows);
 }

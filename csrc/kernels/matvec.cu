@@ -290,7 +290,7 @@ void matmul_tc_expert_groups_launch(GgmlType type, const void* w, size_t stride,
   if (tile_rows != 8 && tile_rows != 16 && tile_rows != 32 && tile_rows != 64)
     bad("tensor-core expert groups: tile_rows must be 8, 16, 32 or 64, got " + std::to_string(tile_rows));
   if (!tiles || !n_tiles) bad("null pointer");
-  // a.ntok stays 0: each expert's row count is read on the device.
+  // a.ntok stays 0: each tile's row count is read on the device.
   const tc::Args a = tc_args(type, w, x, y, n_out, k, opt, "tensor-core expert groups");
   if (stride % 16 != 0 || stride < row_bytes(type, k) * static_cast<size_t>(n_out))
     bad("expert stride " + std::to_string(stride) + " must be a multiple of 16 and hold a whole matrix");

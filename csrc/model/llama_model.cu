@@ -539,13 +539,16 @@ void GpuModel::alloc_state() {
     moe_n_active_ = static_cast<int32_t*>(dev_alloc(4, sc));
     moe_pair_slot_ = static_cast<int32_t*>(dev_alloc(P * 4, sc));
     moe_slot_token_ = static_cast<int32_t*>(dev_alloc(P * 4, sc));
-    moe_tiles_ = static_cast<int4*>(dev_alloc(moe_max_tiles(static_cast<int>(P), static_cast<int>(E), 8) * 16, sc));
+    moe_tiles_ =
+        static_cast<int4*>(dev_alloc(moe_max_tiles(static_cast<int>(P), static_cast<int>(E), 8) * sizeof(int4), sc));
     moe_n_tiles_ = static_cast<int32_t*>(dev_alloc(4, sc));
     exp_xy_ = static_cast<float*>(dev_alloc(P * h * 4, sc));
     exp_gu_ = static_cast<float*>(dev_alloc(P * 2 * fe * 4, sc));
     exp_act_ = static_cast<float*>(dev_alloc(P * fe * 4, sc));
     const char* v = std::getenv("HELEXA_MOE_TC");
-    moe_tc_ = tc_min_ <= kTcMaxTokens && !(v && std::strcmp(v, "0") == 0);
+    // (Their inputs are gathered into bf16 four columns a thread: hidden a
+    // multiple of 4, as every real model's.)
+    moe_tc_ = tc_min_ <= kTcMaxTokens && !(v && std::strcmp(v, "0") == 0) && h % 4 == 0;
     for (const LayerWeights& L : layers_)
       for (const ExpertWeight* w : {&L.exp_gate_up, &L.exp_gate, &L.exp_up, &L.exp_down})
         if (L.moe && w->data && is_float_type(w->type)) moe_tc_ = false;
@@ -582,9 +585,9 @@ void GpuModel::alloc_state() {
     if (const char* ml = std::getenv("HELEXA_MV_MMA_LOCAL")) mv_local_ = ml[0] == '1';
     // HELEXA_MV_MMA_BATCH=N: Q4_K batches from the tensor-core product's
     // start up to N (at most 8) tokens on the fragment kernel, x read in bf16.
-    // Off by default; an H100 timed the kernels alone (gate|up at 4 tokens
-    // 36.8 us against the product's 42.8, at 8 40.7 against 44.1; 4096 x 4096
-    // at 8 10.0 against 9.2), not yet the step.
+    // Off by default: faster alone on an H100 (gate|up at 4 tokens 36.8 us
+    // against the product's 42.8), slower in the step (8B Q4_K_M at 8
+    // streams 1581 tok/s against 1667).
     if (const char* mb = std::getenv("HELEXA_MV_MMA_BATCH"); mb && *mb)
       mv_mma_batch_ = std::min(std::max(std::atoi(mb), 0), kMatvecMaxTokens);
     // bf16 weights past the float matvec and up to mv_bf16_ tokens on the
@@ -1254,17 +1257,15 @@ void GpuModel::moe_ffn(WorkerContext& ctx, const LayerWeights& L, int n) {
     moe_align_launch(moe_ids_, P, E, K, moe_offsets_, moe_active_, moe_n_active_, moe_pair_slot_, moe_slot_token_,
                      tile_rows, tc ? moe_tiles_ : nullptr, moe_n_tiles_, st);
     constexpr int kGatherRows = 65535;  // the gather's grid rows
-    const bool vec = h % 4 == 0;        // the tensor-core groups read bf16 rows: gathered and rounded in one pass
     for (int r = 0; r < P; r += kGatherRows) {
       const int m = std::min(kGatherRows, P - r);
-      if (tc && vec)
+      if (tc)  // the tensor-core groups read bf16 rows: gathered and rounded in one pass
         gather_rows_bf16_launch(xn_, moe_slot_token_ + r, m, h, exp_xb_ + static_cast<size_t>(r) * h, st);
       else
         gather_rows_launch(xn_, moe_slot_token_ + r, m, h, exp_xy_ + static_cast<size_t>(r) * h, st);
     }
     x_in = exp_xy_;
     x_div = 1;
-    if (tc && !vec) f32_to_bf16_launch(exp_xy_, exp_xb_, static_cast<int64_t>(P) * h, st);
   }
   // The SwiGLU writes the down product's input: float32, or bf16 for the
   // tensor-core groups (after the gate/up products have read exp_xb_).
