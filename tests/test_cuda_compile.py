@@ -849,19 +849,10 @@ int emulate_dp4a(const matvec::Args& in, int sms, int warps, bool prequant) {
   if (prequant) {
     stage.assign(smem / 16 + 1, uint4{0xdeadbeef, 0xdeadbeef, 0xdeadbeef, 0xdeadbeef});
     uint8_t* base = reinterpret_cast<uint8_t*>(stage.data());
-    const size_t n = (size_t)a.ntok * a.k;
-    int8_t* xq[matvec::dp4a::kMaxTerms];
-    float* xd[matvec::dp4a::kMaxTerms];
-    int* xs[matvec::dp4a::kMaxTerms];
-    for (int u = 0; u < matvec::dp4a::kMaxTerms; ++u) {
-      const int uu = u < U ? u : 0;
-      xq[u] = reinterpret_cast<int8_t*>(base) + uu * n;
-      xd[u] = reinterpret_cast<float*>(base + U * n) + uu * (n / 32);
-      xs[u] = reinterpret_cast<int*>(base + U * n + U * (n / 32) * 4) + uu * (n / 16);
-    }
+    const matvec::dp4a::StageParts st = matvec::dp4a::stage_parts<U>(base, (size_t)a.ntok * a.k);
     errors += run_cta(a, 4, 0, 1, 0, [&](const HostCtx& ctx) {
       ctx.wait_prior();
-      matvec::dp4a::quantize_x<U>(ctx, a.x, a.ntok, a.k, xq, xd, xs);
+      matvec::dp4a::quantize_x<U>(ctx, a.x, a.ntok, a.k, st);
     });
     a.xq = base;
   }

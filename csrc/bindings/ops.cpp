@@ -34,6 +34,7 @@
 #include "kernels/sampling.cuh"
 #include "kernels/sum_rows.cuh"
 #include "kernels/swiglu.cuh"
+#include "kernels/x_stage.cuh"
 
 namespace hx {
 namespace {
@@ -73,8 +74,28 @@ void op_embedding(const at::Tensor& table, int64_t type, const at::Tensor& ids, 
                    hidden, as_int(vocab, "vocab"), stream_of(out));
 }
 
+// An optional int8 matvec stage of `elems` activations (x_stage.cuh): a
+// contiguous uint8 tensor of at least matvec_x_scratch layout's bytes on dev.
+uint8_t* stage_ptr(const std::optional<at::Tensor>& stage, int64_t elems, const c10::Device& dev) {
+  if (!stage.has_value() || !stage->defined()) return nullptr;
+  check_tensor(*stage, "x_stage", at::kByte, dev);
+  const size_t need = matvec::dp4a::smem_bytes(1, as_int(elems, "stage elements"), matvec::dp4a::kStageTerms);
+  HX_OP_CHECK(static_cast<size_t>(stage->nbytes()) >= need, "x_stage holds ", stage->nbytes(), " bytes, needs ", need);
+  return stage->data_ptr<uint8_t>();
+}
+
+void op_quantize_x(const at::Tensor& x, at::Tensor& stage) {
+  const c10::cuda::CUDAGuard guard(cuda_device(x, "x"));
+  check_tensor(x, "x", at::kFloat, x.device());
+  HX_OP_CHECK(x.numel() % 32 == 0, "quantize_x: x needs a multiple of 32 elements");
+  uint8_t* st = stage_ptr(stage, x.numel(), x.device());
+  matvec::quantize_x_launch(x.data_ptr<float>(), 1, as_int(x.numel(), "x elements"), matvec::dp4a::kStageTerms, st,
+                            stream_of(x));
+}
+
 void op_add_rms_norm(at::Tensor& residual, const std::optional<at::Tensor>& delta, const at::Tensor& weight, double eps,
-                     const std::optional<at::Tensor>& out_f32, const std::optional<at::Tensor>& out_bf16) {
+                     const std::optional<at::Tensor>& out_f32, const std::optional<at::Tensor>& out_bf16,
+                     const std::optional<at::Tensor>& x_stage) {
   const c10::cuda::CUDAGuard guard(cuda_device(residual, "residual"));
   const auto dev = residual.device();
   check_tensor(residual, "residual", at::kFloat, dev);
@@ -101,7 +122,7 @@ void op_add_rms_norm(at::Tensor& residual, const std::optional<at::Tensor>& delt
     ob = bf16_ptr(*out_bf16);
   }
   add_rms_norm_launch(residual.data_ptr<float>(), d, weight.data_ptr<float>(), static_cast<float>(eps), of, ob, n, h,
-                      stream_of(residual));
+                      stream_of(residual), stage_ptr(x_stage, residual.numel(), dev));
 }
 
 void op_head_rms_norm(at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -214,7 +235,8 @@ void op_rope_kv_append(at::Tensor& q, at::Tensor& k, const at::Tensor& v, at::Te
 }
 
 void op_attention_decode(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& seq_lens,
-                         const at::Tensor& block_tables, int64_t block_size, at::Tensor& out, double scale) {
+                         const at::Tensor& block_tables, int64_t block_size, at::Tensor& out, double scale,
+                         const std::optional<at::Tensor>& x_stage) {
   const c10::cuda::CUDAGuard guard(cuda_device(q, "q"));
   const auto dev = q.device();
   check_tensor(q, "q", at::kFloat, dev);
@@ -238,7 +260,8 @@ void op_attention_decode(const at::Tensor& q, const at::Tensor& kc, const at::Te
   at::Tensor ws = at::zeros({static_cast<int64_t>((ws_bytes + 3) / 4) + 1}, q.options());
   attention_decode_launch(q.data_ptr<float>(), bf16_ptr(kc), bf16_ptr(vc), seq_lens.data_ptr<int32_t>(),
                           block_tables.data_ptr<int32_t>(), max_blocks, bs, out.data_ptr<float>(), ws.data_ptr<float>(),
-                          ws_bytes, batch, nq, nk, d, cap, static_cast<float>(scale), stream_of(q));
+                          ws_bytes, batch, nq, nk, d, cap, static_cast<float>(scale), stream_of(q),
+                          stage_ptr(x_stage, out.numel(), dev));
 }
 
 void op_attention_prefill(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
@@ -263,7 +286,7 @@ void op_attention_prefill(const at::Tensor& q, const at::Tensor& kc, const at::T
 }
 
 void op_swiglu(const at::Tensor& gate, const at::Tensor& up, const std::optional<at::Tensor>& out_f32,
-               const std::optional<at::Tensor>& out_bf16) {
+               const std::optional<at::Tensor>& out_bf16, const std::optional<at::Tensor>& x_stage) {
   const c10::cuda::CUDAGuard guard(cuda_device(gate, "gate"));
   const auto dev = gate.device();
   check_tensor(gate, "gate", at::kFloat, dev);
@@ -281,7 +304,8 @@ void op_swiglu(const at::Tensor& gate, const at::Tensor& up, const std::optional
     HX_OP_CHECK(out_bf16->numel() == gate.numel(), "out_bf16 must have gate's size");
     ob = bf16_ptr(*out_bf16);
   }
-  swiglu_launch(gate.data_ptr<float>(), up.data_ptr<float>(), of, ob, gate.numel(), stream_of(gate));
+  swiglu_launch(gate.data_ptr<float>(), up.data_ptr<float>(), of, ob, gate.numel(), stream_of(gate),
+                stage_ptr(x_stage, gate.numel(), dev));
 }
 
 void op_f32_to_bf16(const at::Tensor& x, at::Tensor& out) {
@@ -557,8 +581,9 @@ TORCH_LIBRARY_FRAGMENT(helexa, m) {
   m.def("embedding(Tensor table, int type, Tensor ids, Tensor(a!) out, int vocab) -> ()", &hx::op_embedding);
   m.def(
       "add_rms_norm(Tensor(a!) residual, Tensor? delta, Tensor weight, float eps, Tensor(b!)? out_f32, "
-      "Tensor(c!)? out_bf16) -> ()",
+      "Tensor(c!)? out_bf16, Tensor(d!)? x_stage=None) -> ()",
       &hx::op_add_rms_norm);
+  m.def("quantize_x(Tensor x, Tensor(a!) stage) -> ()", &hx::op_quantize_x);
   m.def("head_rms_norm(Tensor(a!) x, Tensor weight, float eps) -> ()", &hx::op_head_rms_norm);
   m.def("rope(Tensor(a!) q, Tensor(b!) k, Tensor pos, Tensor inv_freq, str style) -> ()", &hx::op_rope);
   m.def("kv_append(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_pos) -> ()",
@@ -570,13 +595,14 @@ TORCH_LIBRARY_FRAGMENT(helexa, m) {
       &hx::op_rope_kv_append);
   m.def(
       "attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor block_tables, "
-      "int block_size, Tensor(a!) out, float scale) -> ()",
+      "int block_size, Tensor(a!) out, float scale, Tensor(b!)? x_stage=None) -> ()",
       &hx::op_attention_decode);
   m.def(
       "attention_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, int block_size, "
       "int start_pos, Tensor(a!) out, float scale, bool scalar=False) -> ()",
       &hx::op_attention_prefill);
-  m.def("swiglu(Tensor gate, Tensor up, Tensor(a!)? out_f32, Tensor(b!)? out_bf16) -> ()", &hx::op_swiglu);
+  m.def("swiglu(Tensor gate, Tensor up, Tensor(a!)? out_f32, Tensor(b!)? out_bf16, Tensor(c!)? x_stage=None) -> ()",
+        &hx::op_swiglu);
   m.def("f32_to_bf16(Tensor x, Tensor(a!) out) -> ()", &hx::op_f32_to_bf16);
   m.def("bf16_to_f32(Tensor x, Tensor(a!) out) -> ()", &hx::op_bf16_to_f32);
   m.def(

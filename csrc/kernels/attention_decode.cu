@@ -30,7 +30,9 @@
 // merged across row groups by shuffles and across warps in shared memory.
 // The CTA writes (m, l, acc) for its split to the workspace.
 // Combine kernel: one CTA per (sequence, q head) merges the valid splits:
-//   out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
+//   out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s,
+// and on request writes out's int8 matvec stage too (x_stage.cuh), so the
+// o projection's int8 matvec needs no quantize launch.
 // Float32 math on bf16 K/V, so results match a float32 reference on the same
 // cache values to rounding. One arch path (sm_80+ baseline): the kernel is
 // bandwidth-bound and plain 16-byte loads saturate HBM on every target.
@@ -44,6 +46,7 @@
 
 #include "common/arch.cuh"
 #include "common/check.h"
+#include "kernels/x_stage.cuh"
 
 namespace hx {
 namespace {
@@ -257,20 +260,47 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeOccupancy<GT>::value) at
   }
 }
 
+// One head's d outputs (in shared memory) into the int8 matvec stage of the
+// whole [n / d heads, d] output, starting at element e0 (d % 32 == 0): the
+// first d / 4 threads take 4 elements each, whole warps together.
+__device__ __forceinline__ void stage_head(const float* so, uint8_t* x_stage, size_t n, size_t e0, int d) {
+  using namespace matvec::dp4a;
+  __syncthreads();
+  const int t = threadIdx.x;
+  if ((t & ~31) >= d / 4) return;  // warps past the head's groups
+  const StageParts st = stage_parts<kStageTerms>(x_stage, n);
+  const bool in = t < d / 4;
+  float r[4] = {0.f, 0.f, 0.f, 0.f};
+  if (in) {
+    const float4 v = reinterpret_cast<const float4*>(so)[t];
+    r[0] = v.x;
+    r[1] = v.y;
+    r[2] = v.z;
+    r[3] = v.w;
+  }
+  quantize_group<kStageTerms>(WarpShuffle{}, r, e0 / 4 + t, in, st);
+}
+
 __global__ void __launch_bounds__(kDecodeThreads) attn_decode_combine_kernel(const float* __restrict__ part_acc,
                                                                           const float2* __restrict__ part_ml,
                                                                           const int32_t* __restrict__ seq_lens,
                                                                           float* __restrict__ out, int nq, int d,
-                                                                          int max_seq, int P) {
+                                                                          int max_seq, int P,
+                                                                          uint8_t* __restrict__ x_stage) {
   pdl_begin();
   __shared__ float w[kMaxSplits];
   __shared__ float scratch[32];
+  __shared__ __align__(16) float so[256];  // the head's output, for the stage
   const int h = blockIdx.x;  // sequence * nq + head
   int seq = seq_lens[h / nq];
   seq = seq < 0 ? 0 : (seq > max_seq ? max_seq : seq);
   float* o = out + (size_t)h * d;
   if (seq == 0) {
-    for (int c = threadIdx.x; c < d; c += blockDim.x) o[c] = 0.f;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+      o[c] = 0.f;
+      so[c] = 0.f;
+    }
+    if (x_stage) stage_head(so, x_stage, (size_t)gridDim.x * d, (size_t)h * d, d);
     return;
   }
   const int chunk = decode_chunk(seq, P);
@@ -293,7 +323,9 @@ __global__ void __launch_bounds__(kDecodeThreads) attn_decode_combine_kernel(con
     float acc = 0.f;
     for (int s = 0; s < ns; ++s) acc = fmaf(w[s], a[(size_t)s * d + c], acc);
     o[c] = acc * inv;
+    so[c] = acc * inv;
   }
+  if (x_stage) stage_head(so, x_stage, (size_t)gridDim.x * d, (size_t)h * d, d);
 }
 
 using SplitKernel = void (*)(const float*, const __nv_bfloat16*, const __nv_bfloat16*, const int32_t*, const int32_t*,
@@ -378,8 +410,11 @@ size_t attention_decode_workspace_bytes(int batch, int nq, int nk, int d, int ma
 void attention_decode_launch(const float* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, const int32_t* seq_lens,
                              const int32_t* block_tables, int max_blocks, int block_size, float* out, float* workspace,
                              size_t workspace_bytes, int batch, int nq, int nk, int d, int cap, float scale,
-                             cudaStream_t stream) {
+                             cudaStream_t stream, uint8_t* x_stage) {
   check_decode_sizes(batch, nq, nk, d, cap, max_blocks, block_size);
+  if (x_stage && (d % 32 != 0 || reinterpret_cast<uintptr_t>(x_stage) % 16 != 0))
+    throw std::invalid_argument("attention_decode: an int8 stage needs head_dim % 32 == 0 (head_dim=" +
+                                std::to_string(d) + ") and a 16-byte aligned stage");
   if ((reinterpret_cast<uintptr_t>(kc) | reinterpret_cast<uintptr_t>(vc)) % 16 != 0)
     throw std::invalid_argument("attention_decode: K/V pool pointers must be 16-byte aligned");
   if (batch == 0) return;
@@ -403,7 +438,7 @@ void attention_decode_launch(const float* q, const __nv_bfloat16* kc, const __nv
                     p.G, p.groups, nq, d, cap, max_blocks, bshift, p.P, scale * kLog2e);
   HX_CUDA_CHECK(cudaGetLastError());
   launch_overlapped(attn_decode_combine_kernel, batch * nq, kDecodeThreads, 0, stream, part_acc, part_ml, seq_lens, out,
-                    nq, d, max_seq, p.P);
+                    nq, d, max_seq, p.P, x_stage);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -98,19 +98,7 @@ __global__ void __launch_bounds__(256) quantize_x_kernel(const float* __restrict
                                                       uint8_t* __restrict__ out) {
   pdl_begin();
   const size_t n = (size_t)ntok * k;
-  int8_t* xq[matvec::dp4a::kMaxTerms];
-  float* xd[matvec::dp4a::kMaxTerms];
-  int* xs[matvec::dp4a::kMaxTerms];
-  float* xd0 = reinterpret_cast<float*>(out + U * n);
-  int* xs0 = reinterpret_cast<int*>(xd0 + U * (n / 32));
-#pragma unroll
-  for (int u = 0; u < matvec::dp4a::kMaxTerms; ++u) {
-    const int uu = u < U ? u : 0;
-    xq[u] = reinterpret_cast<int8_t*>(out) + uu * n;
-    xd[u] = xd0 + uu * (n / 32);
-    xs[u] = xs0 + uu * (n / 16);
-  }
-  matvec::dp4a::quantize_x<U>(GridCtx{}, x, ntok, k, xq, xd, xs);
+  matvec::dp4a::quantize_x<U>(GridCtx{}, x, ntok, k, matvec::dp4a::stage_parts<U>(out, n));
 }
 
 [[noreturn]] void bad(const std::string& what) { throw std::invalid_argument("matvec: " + what); }
@@ -424,6 +412,7 @@ void matvec_launch(GgmlType type, const void* w, const float* x, float* y, int n
                     ? static_cast<uint8_t*>(options.x_scratch)
                     : nullptr;
   if (a.x_scratch && !aligned16(a.x_scratch)) bad("x_scratch must be 16-byte aligned");
+  a.x_staged = a.x_scratch != nullptr && options.int8_activations && options.x_staged ? 1 : 0;
   a.nsteps = 0;
 
   const bool vec_ok = aligned16(w) && aligned16(x) && k % 4 == 0;

@@ -37,6 +37,10 @@ struct MatvecOptions {
   // kernel, instead of by every CTA of the product. Launches sharing it must
   // be ordered on one stream. nullptr: each CTA quantizes x for itself.
   void* x_scratch = nullptr;
+  // With int8_activations, precise and x_scratch: the scratch already holds
+  // x's stage, written by x's producer (add_rms_norm_launch, swiglu_launch,
+  // attention_decode_launch with an x_stage), so no quantize launch runs.
+  bool x_staged = false;
   // Q4_K without int8_activations: up to this many tokens, the fragment
   // kernel (matvec_mma.cu: weights decoded into tensor-core fragments, x
   // rounded to 11 significant bits, fp32 sums), its x prepared once into

@@ -33,6 +33,7 @@
 
 #include "common/ggml_types.h"
 #include "kernels/quant_blocks.cuh"
+#include "kernels/x_stage.cuh"
 
 namespace hx {
 namespace matvec {
@@ -46,12 +47,6 @@ constexpr bool supported() {
   return T == GgmlType::Q4_0 || T == GgmlType::Q8_0 || T == GgmlType::Q4_K || T == GgmlType::Q6_K;
 }
 
-// Shared bytes of the quantized activations of ntok tokens of k elements,
-// `terms` (1, or 2 in precise mode) int8 terms per element.
-inline size_t smem_bytes(int ntok, int k, int terms = 1) {
-  return (size_t)terms * (size_t)ntok * ((size_t)k + (size_t)k / 32 * sizeof(float) + (size_t)k / 16 * sizeof(int));
-}
-
 // Largest activation stage a launch may use without opting into more shared memory.
 constexpr size_t kMaxSmem = 48 * 1024;
 
@@ -61,14 +56,6 @@ HXQ_INLINE int dot4(uint32_t a, uint32_t b, int c) {
 #else
   for (int i = 0; i < 4; ++i) c += (int)(int8_t)(a >> (8 * i)) * (int)(int8_t)(b >> (8 * i));
   return c;
-#endif
-}
-
-HXQ_INLINE int round_int(float v) {
-#if defined(__CUDA_ARCH__)
-  return __float2int_rn(v);
-#else
-  return (int)std::nearbyint(v);
 #endif
 }
 
@@ -100,7 +87,6 @@ HXQ_INLINE void words_a2(const Ctx& ctx, const uint8_t* p, uint32_t (&q)[N]) {
 // The activation stage, per term u: xq[u] [ntok][k] int8, xd[u] [ntok][k/32]
 // scales, xs[u] [ntok][k/16] int sums. U (terms used) is a compile-time
 // constant of the kernel, so the term loops unroll and index registers.
-constexpr int kMaxTerms = 2;
 struct XStage {
   const int8_t* xq[kMaxTerms];
   const float* xd[kMaxTerms];
@@ -358,35 +344,9 @@ struct Item<GgmlType::Q6_K> {
 // same way into the second term.
 constexpr int kQuantBatch = 4;
 
-// One term of 4 values v of a 32-block spread over 8 lanes: returns the
-// scale, writes the quants to q and the 16-element sum (valid in lanes 4m) to s.
-#pragma nv_exec_check_disable
-template <class Ctx>
-HXQ_INLINE float quant_term(const Ctx& ctx, const float (&v)[4], int (&q)[4], int& s) {
-  float m = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
-  m = fmaxf(m, ctx.shfl_xor(m, 1));
-  m = fmaxf(m, ctx.shfl_xor(m, 2));
-  m = fmaxf(m, ctx.shfl_xor(m, 4));
-  const float d = m / 127.0f;
-  const float id = d > 0.f ? 1.0f / d : 0.f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) q[i] = round_int(v[i] * id);
-  float fs = (float)(q[0] + q[1] + q[2] + q[3]);  // exact: |s| <= 2032 after the reduction
-  fs += ctx.shfl_xor(fs, 1);
-  fs += ctx.shfl_xor(fs, 2);
-  s = (int)fs;
-  return d;
-}
-
-HXQ_INLINE uint32_t pack4(const int (&q)[4]) {
-  return (uint32_t)(q[0] & 0xff) | ((uint32_t)(q[1] & 0xff) << 8) | ((uint32_t)(q[2] & 0xff) << 16) |
-         ((uint32_t)(q[3] & 0xff) << 24);
-}
-
 #pragma nv_exec_check_disable
 template <int U, class Ctx>
-HXQ_INLINE void quantize_x(const Ctx& ctx, const float* x, int ntok, int k, int8_t* const (&xq)[kMaxTerms],
-                           float* const (&xd)[kMaxTerms], int* const (&xs)[kMaxTerms]) {
+HXQ_INLINE void quantize_x(const Ctx& ctx, const float* x, int ntok, int k, const StageParts& st) {
   const int tid = ctx.warp() * 32 + ctx.lane(), nth = ctx.nwarps() * 32;
   const int ngrp = ntok * k / 4;
   for (int g0 = 0; g0 < ngrp; g0 += kQuantBatch * nth) {
@@ -399,22 +359,9 @@ HXQ_INLINE void quantize_x(const Ctx& ctx, const float* x, int ntok, int k, int8
 #pragma unroll
     for (int j = 0; j < kQuantBatch; ++j) {
       if (g0 + j * nth >= ngrp) break;  // uniform across the CTA
-      const int g = g0 + j * nth + tid;
+      const int g = g0 + j * nth + tid;  // g % 32 == tid % 32: a 32-block's lanes are neighbours
       float r[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        int q[4], s;
-        const float d = quant_term(ctx, r, q, s);
-        if (g < ngrp) {
-          reinterpret_cast<uint32_t*>(xq[u])[g] = pack4(q);
-          if ((tid & 7) == 0) xd[u][g / 8] = d;
-          if ((tid & 3) == 0) xs[u][g / 4] = s;
-        }
-        if (u + 1 < U) {
-#pragma unroll
-          for (int i = 0; i < 4; ++i) r[i] = fmaf(-(float)q[i], d, r[i]);
-        }
-      }
+      quantize_group<U>(ctx, r, (size_t)g, g < ngrp, st);
     }
   }
 }
@@ -465,23 +412,12 @@ HXQ_INLINE void dp4a_cta(const Args& a, const Ctx& ctx, uint8_t* smem) {
   const size_t n = (size_t)a.ntok * k;
   // The stage: quantized here, or already by quantize_x_launch (a.xq).
   uint8_t* const base = a.xq ? const_cast<uint8_t*>(a.xq) : smem;
-  int8_t* xq[kMaxTerms];
-  float* xd[kMaxTerms];
-  int* xs[kMaxTerms];
-  float* xd0 = reinterpret_cast<float*>(base + U * n);
-  int* xs0 = reinterpret_cast<int*>(xd0 + U * (n / 32));
-#pragma unroll
-  for (int u = 0; u < kMaxTerms; ++u) {
-    const int uu = u < U ? u : 0;
-    xq[u] = reinterpret_cast<int8_t*>(base) + uu * n;
-    xd[u] = xd0 + uu * (n / 32);
-    xs[u] = xs0 + uu * (n / 16);
-  }
+  const StageParts st = stage_parts<U>(base, n);
   if (!a.xq) {
-    quantize_x<U>(ctx, a.x, a.ntok, k, xq, xd, xs);
+    quantize_x<U>(ctx, a.x, a.ntok, k, st);
     ctx.syncthreads();
   }
-  const XStage X{{xq[0], xq[1]}, {xd[0], xd[1]}, {xs[0], xs[1]}, k};
+  const XStage X{{st.xq[0], st.xq[1]}, {st.xd[0], st.xd[1]}, {st.xs[0], st.xs[1]}, k};
 
   for (int g = g0; g * rows_per_cta < a.n_out; g += g_step) {
     const int row0 = row0_of(g);

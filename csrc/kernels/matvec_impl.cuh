@@ -112,6 +112,8 @@ struct Args {
   // CTAs do). The product's grid stays as large as with per-CTA quantization
   // (one CTA per row group measured slower).
   uint8_t* x_scratch;
+  // Host only: x_scratch already holds x's two-term stage (MatvecOptions::x_staged).
+  int x_staged = 0;
   // Expert fusions (matvec_cta's Mode; unused by kPlain).
   int glu = 0;                   // kGlu: gate rows [0, glu), up rows [glu, 2 glu); y is [ntok, glu]
   const int32_t* ids = nullptr;  // kCombine: the token's top_k experts ...
@@ -129,11 +131,6 @@ struct Args {
 //             splitting (expert, step) pairs: an MoE layer's second product
 //             and the weighted sum of its experts in one launch
 enum : int { kPlain = 0, kGlu = 1, kCombine = 2 };
-
-// Quantizes x [ntok, k] into `out` in the dp4a stage layout (dp4a::smem_bytes
-// of `terms` terms) with one small grid: the same values each dp4a CTA would
-// compute for itself.
-void quantize_x_launch(const float* x, int ntok, int k, int terms, uint8_t* out, cudaStream_t stream);
 
 // `a` with nsteps set for the kernel of NT tokens (steps of Config<T, NT>::P
 // passes), so the step count always matches the kernel's configuration.
@@ -558,7 +555,8 @@ void launch_nt(const Args& in, int device, int sms, cudaStream_t stream) {
       size_t stage = smem;
       a.xq = nullptr;
       if (a.x_scratch) {
-        quantize_x_launch(a.x, a.ntok, a.k, terms, a.x_scratch, stream);
+        if (!(a.x_staged && terms == dp4a::kStageTerms))
+          quantize_x_launch(a.x, a.ntok, a.k, terms, a.x_scratch, stream);
         a.xq = a.x_scratch;
         stage = 0;
       }

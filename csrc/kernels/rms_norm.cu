@@ -6,7 +6,8 @@
 //   L1/L2 hits) and writes float32 and/or bf16 outputs. float4 accesses when
 //   h % 4 == 0 and the pointers allow it, scalar otherwise.
 //   Rows up to 8192 wide (float4 path) keep the row in registers instead:
-//   one read of the residual, all loads in flight before the reduction.
+//   one read of the residual, all loads in flight before the reduction; that
+//   kernel can also write the output's int8 matvec stage (x_stage.cuh).
 // head_rms_norm: one warp per (token, head) row of d values, in place.
 // Float32 math everywhere, 1/sqrtf (IEEE) rather than rsqrtf so results
 // match a float32 torch reference to rounding. One arch path (sm_80+ baseline).
@@ -19,6 +20,7 @@
 
 #include "common/arch.cuh"
 #include "common/check.h"
+#include "kernels/x_stage.cuh"
 
 namespace hx {
 namespace {
@@ -93,7 +95,8 @@ __global__ void __launch_bounds__(256) add_rms_norm_reg_kernel(float* __restrict
                                                             const float* __restrict__ delta,
                                                             const float* __restrict__ weight, float eps,
                                                             float* __restrict__ out_f32,
-                                                            __nv_bfloat16* __restrict__ out_bf16, int h) {
+                                                            __nv_bfloat16* __restrict__ out_bf16, int h,
+                                                            uint8_t* __restrict__ x_stage) {
   pdl_begin();
   __shared__ float scratch[32];
   const size_t row = blockIdx.x;
@@ -127,17 +130,24 @@ __global__ void __launch_bounds__(256) add_rms_norm_reg_kernel(float* __restrict
   for (int j = 0; j < NV; ++j) ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
   ss = block_sum(ss, scratch);
   const float inv = 1.0f / sqrtf(ss / (float)h + eps);
+  using namespace matvec::dp4a;
+  const StageParts st = x_stage ? stage_parts<kStageTerms>(x_stage, (size_t)gridDim.x * h) : StageParts{};
 #pragma unroll
   for (int j = 0; j < NV; ++j) {
+    if (j * (int)blockDim.x >= nv) break;  // uniform: whole warps stay together for the stage's shuffles
     const int i = threadIdx.x + j * blockDim.x;
-    if (i >= nv) break;
+    const bool in = i < nv;
     const float4 y =
         make_float4(v[j].x * inv * w[j].x, v[j].y * inv * w[j].y, v[j].z * inv * w[j].z, v[j].w * inv * w[j].w);
-    if (out_f32) reinterpret_cast<float4*>(out_f32 + row * h)[i] = y;
-    if (out_bf16) {
+    if (in && out_f32) reinterpret_cast<float4*>(out_f32 + row * h)[i] = y;
+    if (in && out_bf16) {
       __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(out_bf16 + row * h) + 2 * i;
       o[0] = __floats2bfloat162_rn(y.x, y.y);
       o[1] = __floats2bfloat162_rn(y.z, y.w);
+    }
+    if (x_stage) {  // h % 32 == 0: lanes 8m .. 8m + 7 hold one 32-block of the row
+      float r[4] = {y.x, y.y, y.z, y.w};
+      quantize_group<kStageTerms>(WarpShuffle{}, r, row * nv + i, in, st);
     }
   }
 }
@@ -161,9 +171,12 @@ bool aligned(const void* p, size_t a) { return (reinterpret_cast<uintptr_t>(p) %
 }  // namespace
 
 void add_rms_norm_launch(float* residual, const float* delta, const float* weight, float eps, float* out_f32,
-                         __nv_bfloat16* out_bf16, int n, int h, cudaStream_t stream) {
+                         __nv_bfloat16* out_bf16, int n, int h, cudaStream_t stream, uint8_t* x_stage) {
   if (n < 0 || h <= 0)
     throw std::invalid_argument("add_rms_norm: bad sizes n=" + std::to_string(n) + " h=" + std::to_string(h));
+  if (x_stage && (h % 32 != 0 || !out_f32 || !aligned(x_stage, 16)))
+    throw std::invalid_argument("add_rms_norm: an int8 stage needs h % 32 == 0 (h=" + std::to_string(h) +
+                                "), a float32 output and a 16-byte aligned stage");
   if (n == 0) return;
   const bool vec = h % 4 == 0 && aligned(residual, 16) && (!delta || aligned(delta, 16)) && aligned(weight, 16) &&
                    (!out_f32 || aligned(out_f32, 16)) && (!out_bf16 || aligned(out_bf16, 8));
@@ -178,7 +191,7 @@ void add_rms_norm_launch(float* residual, const float* delta, const float* weigh
                   : per == 2 ? add_rms_norm_reg_kernel<2>
                   : per == 4 ? add_rms_norm_reg_kernel<4>
                              : add_rms_norm_reg_kernel<8>;
-    launch_overlapped(kernel, n, threads, 0, stream, residual, delta, weight, eps, out_f32, out_bf16, h);
+    launch_overlapped(kernel, n, threads, 0, stream, residual, delta, weight, eps, out_f32, out_bf16, h, x_stage);
     HX_CUDA_CHECK(cudaGetLastError());
     return;
   }
@@ -193,6 +206,8 @@ void add_rms_norm_launch(float* residual, const float* delta, const float* weigh
     launch_overlapped(add_rms_norm_kernel<false>, n, threads, 0, stream, residual, delta, weight, eps, out_f32,
                       out_bf16, h);
   HX_CUDA_CHECK(cudaGetLastError());
+  // Rows too wide to stay in registers: the stage from the written output.
+  if (x_stage) matvec::quantize_x_launch(out_f32, n, h, matvec::dp4a::kStageTerms, x_stage, stream);
 }
 
 void head_rms_norm_launch(float* x, const float* weight, float eps, int n, int heads, int d, cudaStream_t stream) {

@@ -16,8 +16,12 @@ __host__ __device__ __forceinline__ float swiglu_act(float g, float u) { return 
 // out = silu(gate) * up = gate / (1 + exp(-gate)) * up, elementwise, float32
 // math; written as float32 and/or bf16 (either output may be nullptr). For
 // [n, f] rows pass n_elems = n * f (rows are contiguous).
+// x_stage (or nullptr): also the float32 output's int8 matvec stage, as
+// add_rms_norm_launch writes it (rms_norm.cuh); needs n_elems % 32 == 0
+// (f % 32 == 0 for [n, f] rows) and out_f32.
 void swiglu_launch(const float* gate /*[n, f]*/, const float* up /*[n, f]*/, float* out_f32 /*[n, f] or nullptr*/,
-                   __nv_bfloat16* out_bf16 /*[n, f] or nullptr*/, int64_t n_elems, cudaStream_t stream);
+                   __nv_bfloat16* out_bf16 /*[n, f] or nullptr*/, int64_t n_elems, cudaStream_t stream,
+                   uint8_t* x_stage = nullptr);
 
 // Strided variant for a fused gate|up buffer: gate row i at gate + i * ld,
 // up row i at up + i * ld, output rows packed [n, f].

@@ -612,6 +612,11 @@ void GpuModel::alloc_state() {
     const bool xq = !(v && v[0] == '0') && spec_.int8_activations != Int8Mode::Never;
     if (xq || mv_mma_ > 0 || mv_mma_batch_ > 0)
       x_scratch_ = dev_alloc(matvec_x_scratch_bytes(kMatvecMaxTokens, static_cast<int>(widest)), sc);
+    // The int8 matvecs' inputs staged by their producers (run_layers:
+    // HELEXA_XQ_FUSE=0 turns it off). Not beside the Q4_K fragment kernel at
+    // one token, whose prep shares the scratch.
+    const char* fz = std::getenv("HELEXA_XQ_FUSE");
+    xq_fuse_ = xq && x_scratch_ != nullptr && mv_mma_ == 0 && !(fz && fz[0] == '0');
   }
   if (wbuf_elems_ > 0) wbuf_ = static_cast<__nv_bfloat16*>(dev_alloc(wbuf_elems_ * 2, sc));
   if (tc_min_ <= kTcMaxTokens) {
@@ -762,6 +767,7 @@ std::map<std::string, int64_t> GpuModel::memory() const {
   m["tc_min_tokens"] = tc_min_;
   m["bf16_frag_tokens"] = mv_bf16_;
   m["q4k_frag_batch_tokens"] = mv_mma_batch_;
+  m["int8_stage_fused"] = xq_fuse_ ? 1 : 0;
   if (tp_) {
     m["tp_rank"] = tp_->rank();
     m["tp_size"] = tp_->nranks();
@@ -1063,20 +1069,21 @@ void GpuModel::dequantize_for_gemm(WorkerContext& ctx, const LinearWeight& w, co
   *out = wbuf_;
 }
 
-MatvecOptions GpuModel::matvec_options(const LinearWeight& w, bool accumulate) const {
+MatvecOptions GpuModel::matvec_options(const LinearWeight& w, bool accumulate, bool x_staged) const {
   MatvecOptions o;
   o.accumulate = accumulate;
   o.int8_activations = int8_for(w.type, w.n_out, w.k);
   o.precise = true;
   o.static_weights = true;  // weights are written once, at load
   o.x_scratch = x_scratch_;
+  o.x_staged = x_staged;
   o.mma_tokens = w.n_out >= mv_min_rows_ ? mv_mma_ : 0;
   o.mma_local_prep = mv_local_;
   return o;
 }
 
 void GpuModel::linear(WorkerContext& ctx, const LinearWeight& w, const float* x_f32, const __nv_bfloat16* x_bf16,
-                      float* y, int n, const float* bias, bool accumulate, bool small) {
+                      float* y, int n, const float* bias, bool accumulate, bool small, bool x_staged) {
   cudaStream_t st = ctx.compute_stream();
   if (small && bf16_f32_for(n, w)) {
     matvec_bf16_launch(static_cast<const __nv_bfloat16*>(w.data), x_f32, y, w.n_out, w.k, n, bias, accumulate, true,
@@ -1084,7 +1091,7 @@ void GpuModel::linear(WorkerContext& ctx, const LinearWeight& w, const float* x_
     return;
   }
   if (small) {
-    matvec_launch(w.type, w.data, x_f32, y, w.n_out, w.k, n, bias, matvec_options(w, accumulate), st);
+    matvec_launch(w.type, w.data, x_f32, y, w.n_out, w.k, n, bias, matvec_options(w, accumulate, x_staged), st);
     return;
   }
   if (q4k_frag_for(n, w)) {
@@ -1128,15 +1135,32 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
 
   embedding_launch(token_embd_.type, token_embd_.data, pl.ids, x_, n, h, s.vocab, st);
 
+  // Small batches' int8 matvecs read x's two-term stage from x_scratch_.
+  // Where x's producer (a norm, the SwiGLU, the decode attention) can write
+  // that stage, it does, and the matvecs of x skip their quantize launch:
+  // stage_for(consumers) says whether any of them takes the int8 path.
+  auto stage_for = [&](std::initializer_list<const LinearWeight*> ws) {
+    if (!small || !xq_fuse_) return false;
+    for (const LinearWeight* w : ws)
+      if (w->data != nullptr && int8_for(w->type, w->n_out, w->k)) return true;
+    return false;
+  };
+  uint8_t* const stage = static_cast<uint8_t*>(x_scratch_);
+  const bool decode_only = pl.n_dec == n && pl.segs.empty();
+
   for (const LayerWeights& L : layers_) {
-    add_rms_norm_launch(x_, nullptr, L.attn_norm, eps, small ? xn_ : nullptr, small ? nullptr : xb_, n, h, st);
+    const bool st_attn = h % 32 == 0 && (n == 1 && L.qkv_fused   ? stage_for({&L.qkv})
+                                         : n == 1 && L.qk_fused ? stage_for({&L.qk, &L.v})
+                                                                : stage_for({&L.q, &L.k, &L.v}));
+    add_rms_norm_launch(x_, nullptr, L.attn_norm, eps, small ? xn_ : nullptr, small ? nullptr : xb_, n, h, st,
+                        st_attn ? stage : nullptr);
 
     const float* bq = L.b_qkv;
     const float* bk = L.b_qkv ? L.b_qkv + q_size_ : nullptr;
     const float* bv = L.b_qkv ? L.b_qkv + q_size_ + kv_size_ : nullptr;
     if (n == 1 && L.qkv_fused) {
       // q, k and v blocks are adjacent for one token: one launch fills all three.
-      linear(ctx, L.qkv, xn_, xb_, q, 1, L.b_qkv, false, true);
+      linear(ctx, L.qkv, xn_, xb_, q, 1, L.b_qkv, false, true, st_attn);
     } else if (L.qkv_fused && bf16_frag_for(n, L.qkv)) {
       // q, k and v in one launch, each into its own [n, rows] run of qkv_.
       matvec_bf16_launch(static_cast<const __nv_bfloat16*>(L.qkv.data), xb_, q, qkv_size_, h, n, L.b_qkv, false, true,
@@ -1158,38 +1182,45 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
       }
     } else if (n == 1 && L.qk_fused) {
       // q and k blocks (and their biases) are adjacent for one token.
-      matvec_launch(L.qk.type, L.qk.data, xn_, q, q_size_ + kv_size_, h, 1, L.b_qkv, matvec_options(L.qk, false), st);
-      linear(ctx, L.v, xn_, xb_, v, n, bv, false, small);
+      matvec_launch(L.qk.type, L.qk.data, xn_, q, q_size_ + kv_size_, h, 1, L.b_qkv,
+                    matvec_options(L.qk, false, st_attn), st);
+      linear(ctx, L.v, xn_, xb_, v, n, bv, false, small, st_attn);
     } else {
-      linear(ctx, L.q, xn_, xb_, q, n, bq, false, small);
-      linear(ctx, L.k, xn_, xb_, k, n, bk, false, small);
-      linear(ctx, L.v, xn_, xb_, v, n, bv, false, small);
+      linear(ctx, L.q, xn_, xb_, q, n, bq, false, small, st_attn);
+      linear(ctx, L.k, xn_, xb_, k, n, bk, false, small, st_attn);
+      linear(ctx, L.v, xn_, xb_, v, n, bv, false, small, st_attn);
     }
 
     // qwen3's q/k norm, the rotation and the pool append in one launch.
     rope_kv_append_launch(q, k, v, L.k_pool, L.v_pool, pl.pos, pl.slot_pos, rope_table_, n_ctx_, inv_freq_, L.q_norm,
                           L.q_norm != nullptr ? L.k_norm : nullptr, eps, n, nq, nk, d, pool_cap_, s.rope_style, st);
+    // attn_ is all decode rows' output: the attention can stage it for o.
+    const bool st_o = decode_only && d % 32 == 0 && stage_for({&L.o});
     if (pl.n_dec > 0)
       attention_decode_launch(q, L.k_pool, L.v_pool, pl.dec_lens, pl.dec_tables, pl.dec_stride, s.block_size, attn_,
-                              attn_ws_, attn_ws_bytes_, pl.n_dec, nq, nk, d, pool_cap_, scale, st);
+                              attn_ws_, attn_ws_bytes_, pl.n_dec, nq, nk, d, pool_cap_, scale, st,
+                              st_o ? stage : nullptr);
     for (const PrefillSegment& g : pl.segs)
       attention_prefill_launch(q + static_cast<size_t>(g.row0) * q_size_, L.k_pool, L.v_pool, g.table, g.table_len,
                                s.block_size, g.start_pos, g.count, attn_ + static_cast<size_t>(g.row0) * q_size_, nq,
                                nk, d, pool_cap_, scale, st);
 
     if (!small) f32_to_bf16_launch(attn_, xb_, static_cast<int64_t>(n) * q_size_, st);
-    linear(ctx, L.o, attn_, xb_, x_, n, L.b_o, accumulate, small);
+    linear(ctx, L.o, attn_, xb_, x_, n, L.b_o, accumulate, small, st_o);
     if (tp_) tp_->all_reduce(ctx, x_, hidden_count);
 
     // A MoE layer reads its input in float32 at every batch size (router and expert products).
     const bool f32_in = small || L.moe;
-    add_rms_norm_launch(x_, nullptr, L.ffn_norm, eps, f32_in ? xn_ : nullptr, f32_in ? nullptr : xb_, n, h, st);
+    const bool st_ffn = !L.moe && h % 32 == 0 &&
+                        (n == 1 && L.gate_up_fused ? stage_for({&L.gate_up}) : stage_for({&L.gate, &L.up}));
+    add_rms_norm_launch(x_, nullptr, L.ffn_norm, eps, f32_in ? xn_ : nullptr, f32_in ? nullptr : xb_, n, h, st,
+                        st_ffn ? stage : nullptr);
     if (L.moe) {
       moe_ffn(ctx, L, n);
       continue;
     }
     if (n == 1 && L.gate_up_fused) {
-      linear(ctx, L.gate_up, xn_, xb_, gate, 1, nullptr, false, true);
+      linear(ctx, L.gate_up, xn_, xb_, gate, 1, nullptr, false, true, st_ffn);
     } else if (L.gate_up_fused && bf16_frag_for(n, L.gate_up)) {
       matvec_bf16_launch(static_cast<const __nv_bfloat16*>(L.gate_up.data), xb_, gate, 2 * f, h, n, nullptr, false,
                          true, f, 2 * f, st);
@@ -1202,11 +1233,13 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
       gemm_bf16_xwT(ctx.cublas(), xb_, wb, gate, n, f, h, false, st);
       gemm_bf16_xwT(ctx.cublas(), xb_, wb + static_cast<size_t>(f) * h, up, n, f, h, false, st);
     } else {
-      linear(ctx, L.gate, xn_, xb_, gate, n, nullptr, false, small);
-      linear(ctx, L.up, xn_, xb_, up, n, nullptr, false, small);
+      linear(ctx, L.gate, xn_, xb_, gate, n, nullptr, false, small, st_ffn);
+      linear(ctx, L.up, xn_, xb_, up, n, nullptr, false, small, st_ffn);
     }
-    swiglu_launch(gate, up, small ? act_ : nullptr, small ? nullptr : xb_, static_cast<int64_t>(n) * f, st);
-    linear(ctx, L.down, act_, xb_, x_, n, nullptr, accumulate, small);
+    const bool st_down = f % 32 == 0 && stage_for({&L.down});
+    swiglu_launch(gate, up, small ? act_ : nullptr, small ? nullptr : xb_, static_cast<int64_t>(n) * f, st,
+                  st_down ? stage : nullptr);
+    linear(ctx, L.down, act_, xb_, x_, n, nullptr, accumulate, small, st_down);
     if (tp_) tp_->all_reduce(ctx, x_, hidden_count);
   }
 }
@@ -1314,13 +1347,17 @@ void GpuModel::lm_head(WorkerContext& ctx, const float* x, int count, float* log
     return;
   }
   if (count <= kMatvecMaxTokens || (!bf16 && count <= 4 * kMatvecMaxTokens)) {
-    add_rms_norm_launch(rows, nullptr, output_norm_, spec_.eps, xn_, nullptr, count, h, st);
+    // One group of rows: the norm stages them for an int8 head (run_layers).
+    const bool staged =
+        count <= kMatvecMaxTokens && xq_fuse_ && h % 32 == 0 && int8_for(output_.type, output_.n_out, output_.k);
+    add_rms_norm_launch(rows, nullptr, output_norm_, spec_.eps, xn_, nullptr, count, h, st,
+                        staged ? static_cast<uint8_t*>(x_scratch_) : nullptr);
     for (int g = 0; g < count; g += kMatvecMaxTokens) {
       const int ng = std::min(kMatvecMaxTokens, count - g);
       // (The float matvec reads a bf16 head of 128256 rows faster than the
       // fragment kernel at one token: 331 against 343 us, 8B shape, H100.)
       matvec_launch(output_.type, output_.data, xn_ + static_cast<size_t>(g) * h, logits + static_cast<size_t>(g) * V,
-                    V, h, ng, nullptr, matvec_options(output_, false), st);
+                    V, h, ng, nullptr, matvec_options(output_, false, staged), st);
     }
     return;
   }

@@ -307,8 +307,10 @@ class GpuModel : public Resource {
   // Runs the layers over one pass whose inputs are already on the device;
   // leaves the residual stream in x_.
   void run_layers(WorkerContext& ctx, const PassLayout& pl);
+  // x_staged: x_scratch_ holds x_f32's int8 stage, written by x's producer
+  // (MatvecOptions::x_staged; run_layers decides where).
   void linear(WorkerContext& ctx, const LinearWeight& w, const float* x_f32, const __nv_bfloat16* x_bf16, float* y,
-              int n, const float* bias, bool accumulate, bool small);
+              int n, const float* bias, bool accumulate, bool small, bool x_staged = false);
   // x_ += the MoE FFN of the n rows whose normed input is in xn_ (float32).
   void moe_ffn(WorkerContext& ctx, const LayerWeights& L, int n);
   void dequantize_for_gemm(WorkerContext& ctx, const LinearWeight& w, const __nv_bfloat16** out);
@@ -355,7 +357,7 @@ class GpuModel : public Resource {
   // The decode matvec's options over weight w: int8_for, two int8 terms, the
   // weights read as static, the shared x scratch, and for Q4_K matrices of
   // mv_min_rows_ rows or more the fragment kernel up to mv_mma_ tokens.
-  MatvecOptions matvec_options(const LinearWeight& w, bool accumulate) const;
+  MatvecOptions matvec_options(const LinearWeight& w, bool accumulate, bool x_staged = false) const;
   // Final norm + LM head of `count` consecutive hidden rows into logits rows
   // [count, vocab]: the matvec in groups of kMatvecMaxTokens rows, or for
   // many rows dequantize + GEMM in row slices.
@@ -401,6 +403,7 @@ class GpuModel : public Resource {
   bool moe_tc_ = false;
   int moe_pairs_max_ = kMatvecMaxTokens;  // tokens up to which experts run as pairs (moe_ffn)
   bool moe_fuse_ = false;                 // pairs: SwiGLU and combine fused into the products
+  bool xq_fuse_ = false;                  // producers write the int8 matvecs' stage (run_layers)
   int mv_mma_ = 0;                        // Q4_K matvecs up to this many tokens on the fragment kernel
   int mv_min_rows_ = 2048;                // ... of matrices of at least this many rows
   bool mv_local_ = false;                 // ... each CTA preparing its x (MatvecOptions::mma_local_prep)

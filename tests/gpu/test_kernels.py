@@ -485,6 +485,79 @@ def test_attention_decode_batched(ops, gen, d, G, bs, lens):
     assert_close(out, _decode_ref(q, seqs, lens, scale), "f32_sum", f"lens={lens}")
 
 
+# ------------------------------------------------ int8 matvec stages from producers
+
+
+def _stage_of(ops, x):
+    """The two-term int8 stage quantize_x writes for float32 x (the matvec's own)."""
+    n = x.numel()
+    stage = torch.full((2 * (n + n // 32 * 4 + n // 16 * 4) + 16,), 0xA5, dtype=torch.uint8, device=DEV)
+    ops.quantize_x(x.contiguous(), stage)
+    return stage
+
+
+def _poisoned_stage(like):
+    return torch.full_like(like, 0x5A)
+
+
+@pytest.mark.parametrize("h", [32, 576, 2048, 4096, 8192, 12288])
+@pytest.mark.parametrize("n", [1, 3])
+def test_add_rms_norm_writes_the_int8_stage(ops, gen, h, n):
+    # 12288 is past the register kernel: the launch quantizes the written output.
+    res = randn(n, h, gen=gen, scale=3.0)
+    w = randn(h, gen=gen)
+    plain, staged = poisoned(n, h), poisoned(n, h)
+    ops.add_rms_norm(res.clone(), None, w, 1e-5, plain, None)
+    want = _stage_of(ops, plain)
+    got = _poisoned_stage(want)
+    ops.add_rms_norm(res.clone(), None, w, 1e-5, staged, None, got)
+    assert torch.equal(staged, plain)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("n_elems", [32, 2816, 3 * 14336, 5 * 1536])
+def test_swiglu_writes_the_int8_stage(ops, gen, n_elems):
+    g, u = randn(n_elems, gen=gen, scale=4.0), randn(n_elems, gen=gen)
+    plain, staged = poisoned(n_elems), poisoned(n_elems)
+    ops.swiglu(g, u, plain, None)
+    want = _stage_of(ops, plain)
+    got = _poisoned_stage(want)
+    ops.swiglu(g, u, staged, None, got)
+    assert torch.equal(staged, plain)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("lens", [[17], [1, 300, 0, 2049]])
+def test_attention_decode_writes_the_int8_stage(ops, gen, d, lens):
+    nk, G, bs = 2, 4, 16
+    seqs = [_seq_kv(nk, max(n, 1), d, gen) for n in lens]
+    k_pool, v_pool, tables = _paged(seqs, bs, gen)
+    q = randn(len(lens), nk * G, d, gen=gen)
+    lens_t = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    plain, staged = poisoned(len(lens), nk * G, d), poisoned(len(lens), nk * G, d)
+    ops.attention_decode(q, k_pool, v_pool, lens_t, tables, bs, plain, 0.1)
+    want = _stage_of(ops, plain)
+    got = _poisoned_stage(want)
+    ops.attention_decode(q, k_pool, v_pool, lens_t, tables, bs, staged, 0.1, got)
+    assert torch.equal(staged, plain)
+    assert torch.equal(got, want)
+
+
+def test_int8_stage_refuses_shapes_it_cannot_hold(ops, gen):
+    stage = torch.zeros(4096, dtype=torch.uint8, device=DEV)
+    with pytest.raises((RuntimeError, ValueError), match="h % 32"):
+        ops.add_rms_norm(randn(1, 48, gen=gen), None, randn(48, gen=gen), 1e-5, poisoned(1, 48), None, stage)
+    with pytest.raises((RuntimeError, ValueError), match="float32 output"):
+        ops.add_rms_norm(
+            randn(1, 64, gen=gen), None, randn(64, gen=gen), 1e-5, None, poisoned(1, 64, dtype=torch.bfloat16), stage
+        )
+    with pytest.raises((RuntimeError, ValueError), match="n_elems % 32"):
+        ops.swiglu(randn(40, gen=gen), randn(40, gen=gen), poisoned(40), None, stage)
+    with pytest.raises((RuntimeError, ValueError), match="needs"):
+        ops.swiglu(randn(4096, gen=gen), randn(4096, gen=gen), poisoned(4096), None, stage[:64])
+
+
 def test_attention_decode_graph_replay(ops, gen):
     """One captured launch serves every length and table: the grid depends only on the sizes."""
     nk, G, d, bs, B = 4, 4, 128, 16, 3

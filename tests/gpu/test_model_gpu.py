@@ -303,6 +303,41 @@ def test_int8_activation_decode_matches_reference(sources, model, mode):
         gpu.close()
 
 
+# The int8 matvecs' input stage written by x's producer (the norms, the
+# SwiGLU, the decode attention) instead of a quantize launch per matvec
+# (HELEXA_XQ_FUSE=0): the stage has the same bits either way, so logits and
+# tokens must be identical, at one token and in batches that mix decode rows
+# with prompts (where the attention output is not staged).
+@gpu
+@pytest.mark.parametrize(
+    "model,mode",
+    INT8_CASES,
+    ids=lambda c: (_id(c) + ("-wide" if c[3] is LLAMA3_WIDE else "")) if isinstance(c, tuple) else f"int8={c}",
+)
+def test_int8_stage_from_producers_changes_no_bit(sources, model, mode, monkeypatch):
+    src = sources(model)
+    vocab = src.config.vocab_size
+    prompt, teacher = _tokens(1, N_PROMPT, vocab), _tokens(2, 24, vocab)
+    prompts = [_tokens(seed, n, vocab) for seed, n in BATCH_PROMPTS]
+    runs = []
+    for fuse in ("0", "1"):
+        monkeypatch.setenv("HELEXA_XQ_FUSE", fuse)
+        gpu = CUDABackend(src, 0, 128, max_num_seqs=8, int8_activations=mode)
+        try:
+            assert gpu.memory_info()["int8_stage_fused"] == int(fuse)
+            logits = [gpu.forward(prompt, 0)]
+            for i, t in enumerate(teacher):
+                logits.append(gpu.forward([t], N_PROMPT + i))
+            gpu.reset()
+            batched = _batched_greedy(gpu, prompts, N_GREEDY, join_at=[0, 0, 0, 3, 7])
+            runs.append((torch.stack(logits), batched))
+        finally:
+            gpu.close()
+    (l0, b0), (l1, b1) = runs
+    assert torch.equal(l0, l1), f"max difference {(l0 - l1).abs().max().item()}"
+    assert b0 == b1
+
+
 @gpu
 @pytest.mark.parametrize("model", ARCH_MODELS, ids=_id)
 def test_chunked_prefill_all_logits(sources, model):
