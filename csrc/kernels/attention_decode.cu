@@ -281,12 +281,9 @@ __device__ __forceinline__ void stage_head(const float* so, uint8_t* x_stage, si
   quantize_group<kStageTerms>(WarpShuffle{}, r, e0 / 4 + t, in, st);
 }
 
-__global__ void __launch_bounds__(kDecodeThreads) attn_decode_combine_kernel(const float* __restrict__ part_acc,
-                                                                          const float2* __restrict__ part_ml,
-                                                                          const int32_t* __restrict__ seq_lens,
-                                                                          float* __restrict__ out, int nq, int d,
-                                                                          int max_seq, int P,
-                                                                          uint8_t* __restrict__ x_stage) {
+__global__ void __launch_bounds__(kDecodeThreads) attn_decode_combine_kernel(
+    const float* __restrict__ part_acc, const float2* __restrict__ part_ml, const int32_t* __restrict__ seq_lens,
+    float* __restrict__ out, int nq, int d, int max_seq, int P, uint8_t* __restrict__ x_stage) {
   pdl_begin();
   __shared__ float w[kMaxSplits];
   __shared__ float scratch[32];

@@ -91,12 +91,9 @@ __global__ void add_rms_norm_kernel(float* __restrict__ residual, const float* _
 // the reduction and the output, every load (residual, delta, weight) is
 // issued before the reduction waits, and the residual is read once.
 template <int NV>
-__global__ void __launch_bounds__(256) add_rms_norm_reg_kernel(float* __restrict__ residual,
-                                                            const float* __restrict__ delta,
-                                                            const float* __restrict__ weight, float eps,
-                                                            float* __restrict__ out_f32,
-                                                            __nv_bfloat16* __restrict__ out_bf16, int h,
-                                                            uint8_t* __restrict__ x_stage) {
+__global__ void __launch_bounds__(256) add_rms_norm_reg_kernel(
+    float* __restrict__ residual, const float* __restrict__ delta, const float* __restrict__ weight, float eps,
+    float* __restrict__ out_f32, __nv_bfloat16* __restrict__ out_bf16, int h, uint8_t* __restrict__ x_stage) {
   pdl_begin();
   __shared__ float scratch[32];
   const size_t row = blockIdx.x;

@@ -28,7 +28,8 @@ __global__ void swiglu_vec_kernel(const float4* __restrict__ gate, const float4*
   using namespace matvec::dp4a;
   const StageParts st = x_stage ? stage_parts<kStageTerms>(x_stage, (size_t)n4 * 4) : StageParts{};
   const int lane = threadIdx.x & 31;
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i - lane < n4; i += (int64_t)gridDim.x * blockDim.x) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i - lane < n4;
+       i += (int64_t)gridDim.x * blockDim.x) {
     const bool in = i < n4;
     float4 y = make_float4(0.f, 0.f, 0.f, 0.f);
     if (in) {
@@ -108,8 +109,8 @@ void swiglu_launch(const float* gate, const float* up, float* out_f32, __nv_bflo
     // One row of n_elems: the strided kernel with ld == f covers it.
     launch_overlapped(swiglu_rows_kernel, grid_for(n_elems, threads), threads, 0, stream, gate, up, n_elems, out_f32,
                       out_bf16, n_elems, n_elems);
-    if (x_stage) matvec::quantize_x_launch(out_f32, 1, static_cast<int>(n_elems), matvec::dp4a::kStageTerms, x_stage,
-                                           stream);
+    if (x_stage)
+      matvec::quantize_x_launch(out_f32, 1, static_cast<int>(n_elems), matvec::dp4a::kStageTerms, x_stage, stream);
   }
   HX_CUDA_CHECK(cudaGetLastError());
 }

@@ -1149,7 +1149,7 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
   const bool decode_only = pl.n_dec == n && pl.segs.empty();
 
   for (const LayerWeights& L : layers_) {
-    const bool st_attn = h % 32 == 0 && (n == 1 && L.qkv_fused   ? stage_for({&L.qkv})
+    const bool st_attn = h % 32 == 0 && (n == 1 && L.qkv_fused  ? stage_for({&L.qkv})
                                          : n == 1 && L.qk_fused ? stage_for({&L.qk, &L.v})
                                                                 : stage_for({&L.q, &L.k, &L.v}));
     add_rms_norm_launch(x_, nullptr, L.attn_norm, eps, small ? xn_ : nullptr, small ? nullptr : xb_, n, h, st,
@@ -1211,8 +1211,8 @@ void GpuModel::run_layers(WorkerContext& ctx, const PassLayout& pl) {
 
     // A MoE layer reads its input in float32 at every batch size (router and expert products).
     const bool f32_in = small || L.moe;
-    const bool st_ffn = !L.moe && h % 32 == 0 &&
-                        (n == 1 && L.gate_up_fused ? stage_for({&L.gate_up}) : stage_for({&L.gate, &L.up}));
+    const bool st_ffn =
+        !L.moe && h % 32 == 0 && (n == 1 && L.gate_up_fused ? stage_for({&L.gate_up}) : stage_for({&L.gate, &L.up}));
     add_rms_norm_launch(x_, nullptr, L.ffn_norm, eps, f32_in ? xn_ : nullptr, f32_in ? nullptr : xb_, n, h, st,
                         st_ffn ? stage : nullptr);
     if (L.moe) {
