@@ -485,13 +485,19 @@ void op_penalty_reset_batch(const at::Tensor& slots, at::Tensor& present, const 
                              stream_of(present));
 }
 
-void op_argmax_batch(const at::Tensor& logits, at::Tensor& out) {
+void op_argmax_batch(const at::Tensor& logits, at::Tensor& out, bool sliced) {
   const c10::cuda::CUDAGuard guard(cuda_device(logits, "logits"));
   const auto dev = logits.device();
   const auto [B, vocab] = logits_rows(logits, dev);
   check_tensor(out, "out", at::kInt, dev);
   HX_OP_CHECK(out.numel() == B, "out must have B elements");
-  argmax_batch_launch(logits.data_ptr<float>(), B, vocab, out.data_ptr<int32_t>(), stream_of(logits));
+  // sliced: the model's form, each row's slices in blocks of their own.
+  at::Tensor ws;
+  if (sliced)
+    ws = at::empty({static_cast<int64_t>(argmax_workspace_bytes(B, vocab)) + 8},
+                   at::TensorOptions().dtype(at::kByte).device(dev));
+  argmax_batch_launch(logits.data_ptr<float>(), B, vocab, out.data_ptr<int32_t>(), stream_of(logits),
+                      sliced ? ws.data_ptr() : nullptr, sliced ? static_cast<size_t>(ws.nbytes()) : 0);
 }
 
 void op_sample_batch(const at::Tensor& logits, const at::Tensor& params, const at::Tensor& steps, at::Tensor& out,
@@ -624,7 +630,7 @@ TORCH_LIBRARY_FRAGMENT(helexa, m) {
   m.def("penalty_update_batch(Tensor tokens, Tensor slots, Tensor(a!) present, Tensor(b!)? counts) -> ()",
         &hx::op_penalty_update_batch);
   m.def("penalty_reset_batch(Tensor slots, Tensor(a!) present, Tensor(b!)? counts) -> ()", &hx::op_penalty_reset_batch);
-  m.def("argmax_batch(Tensor logits, Tensor(a!) out) -> ()", &hx::op_argmax_batch);
+  m.def("argmax_batch(Tensor logits, Tensor(a!) out, bool sliced=False) -> ()", &hx::op_argmax_batch);
   m.def(
       "sample_batch(Tensor logits, Tensor params, Tensor steps, Tensor(a!) out, bool candidate_prefix=True, "
       "Tensor(b!)? sorted_in_full=None) -> ()",

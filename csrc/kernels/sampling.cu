@@ -57,6 +57,7 @@
 
 #include "common/arch.cuh"
 #include "common/check.h"
+#include "common/launch.cuh"
 
 namespace hx {
 namespace {
@@ -134,16 +135,14 @@ __device__ __forceinline__ void block_best(float& v, int& i, float* sv, int* si)
   warp_best(v, i);
 }
 
-// Index of the best clean(row[t]) (lowest id on ties, 0 when all are -inf);
-// every thread of the block receives it.
-__device__ __forceinline__ int argmax_row(const float* __restrict__ row, int vocab, float* sv, int* si) {
-  float bv = -INFINITY;
-  int bi = INT_MAX;
-  // float4 body (when aligned) with several loads in flight per thread, then the tail.
-  int tail = 0;
-  if ((reinterpret_cast<uintptr_t>(row) & 15) == 0) {
-    const int n4 = vocab >> 2;
-    const float4* l4 = reinterpret_cast<const float4*>(row);
+// The best (clean(row[t]), t) of this thread over t in [lo, hi), folded into
+// (bv, bi): a float4 body (row + lo 16-byte aligned) with several loads in
+// flight per thread, then the tail.
+__device__ __forceinline__ void scan_best(const float* __restrict__ row, int lo, int hi, float& bv, int& bi) {
+  int tail = lo;
+  if ((reinterpret_cast<uintptr_t>(row + lo) & 15) == 0) {
+    const int n4 = (hi - lo) >> 2;
+    const float4* l4 = reinterpret_cast<const float4*>(row + lo);
 #pragma unroll 4
     for (int i = threadIdx.x; i < n4; i += blockDim.x) {
       const float4 v = l4[i];
@@ -151,21 +150,30 @@ __device__ __forceinline__ int argmax_row(const float* __restrict__ row, int voc
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float x = clean(xs[e]);
-        if (better(x, 4 * i + e, bv, bi)) {
+        const int t = lo + 4 * i + e;
+        if (better(x, t, bv, bi)) {
           bv = x;
-          bi = 4 * i + e;
+          bi = t;
         }
       }
     }
-    tail = n4 << 2;
+    tail = lo + (n4 << 2);
   }
-  for (int t = tail + threadIdx.x; t < vocab; t += blockDim.x) {
+  for (int t = tail + threadIdx.x; t < hi; t += blockDim.x) {
     const float x = clean(row[t]);
     if (better(x, t, bv, bi)) {
       bv = x;
       bi = t;
     }
   }
+}
+
+// Index of the best clean(row[t]) (lowest id on ties, 0 when all are -inf);
+// every thread of the block receives it.
+__device__ __forceinline__ int argmax_row(const float* __restrict__ row, int vocab, float* sv, int* si) {
+  float bv = -INFINITY;
+  int bi = INT_MAX;
+  scan_best(row, 0, vocab, bv, bi);
   block_best(bv, bi, sv, si);
   return bi == INT_MAX ? 0 : bi;
 }
@@ -173,10 +181,61 @@ __device__ __forceinline__ int argmax_row(const float* __restrict__ row, int voc
 // One block per row.
 __global__ void __launch_bounds__(1024) argmax_kernel(const float* __restrict__ logits, int vocab,
                                                    int32_t* __restrict__ out) {
+  pdl_begin();
   __shared__ float sv[32];
   __shared__ int si[32];
   const int best = argmax_row(logits + (size_t)blockIdx.x * vocab, vocab, sv, si);
   if (threadIdx.x == 0) out[blockIdx.x] = best;
+}
+
+// Large vocabularies: a row in kArgmaxSlices-way slices, one block each
+// (blockIdx.x the slice, blockIdx.y the row), their best (value, id) pairs
+// into the workspace; one warp per row then picks among them. The order is
+// total (larger value, then lower id), so the result is the one block's.
+constexpr int kArgmaxThreads = 256;
+constexpr int kArgmaxSliceMin = 4096;  // elements a slice block reads at least
+constexpr int kArgmaxMaxSlices = 64;
+
+struct ArgmaxSplit {
+  int slices, per;  // slices of `per` elements (a multiple of 4)
+};
+
+ArgmaxSplit argmax_split(int vocab) {
+  int s = (vocab + kArgmaxSliceMin - 1) / kArgmaxSliceMin;
+  s = s < kArgmaxMaxSlices ? s : kArgmaxMaxSlices;
+  int per = (vocab + s - 1) / s;
+  per = (per + 3) / 4 * 4;
+  return {(vocab + per - 1) / per, per};
+}
+
+__global__ void __launch_bounds__(kArgmaxThreads) argmax_slice_kernel(const float* __restrict__ logits, int vocab, int per,
+                                                                   float2* __restrict__ part) {
+  pdl_begin();
+  __shared__ float sv[32];
+  __shared__ int si[32];
+  const int lo = blockIdx.x * per, hi = min(vocab, lo + per);
+  float bv = -INFINITY;
+  int bi = INT_MAX;
+  scan_best(logits + (size_t)blockIdx.y * vocab, lo, hi, bv, bi);
+  block_best(bv, bi, sv, si);
+  if (threadIdx.x == 0) part[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = make_float2(bv, __int_as_float(bi));
+}
+
+__global__ void __launch_bounds__(32) argmax_pick_kernel(const float2* __restrict__ part, int slices,
+                                                      int32_t* __restrict__ out) {
+  pdl_begin();
+  float bv = -INFINITY;
+  int bi = INT_MAX;
+  for (int s = threadIdx.x; s < slices; s += 32) {
+    const float2 p = part[(size_t)blockIdx.x * slices + s];
+    const int i = __float_as_int(p.y);
+    if (better(p.x, i, bv, bi)) {
+      bv = p.x;
+      bi = i;
+    }
+  }
+  warp_best(bv, bi);
+  if (threadIdx.x == 0) out[blockIdx.x] = bi == INT_MAX ? 0 : bi;
 }
 
 // ------------------------------------------------------------------- sample
@@ -913,14 +972,30 @@ void penalties_batch_launch(const float* logits, float* out, int B, int vocab, c
 
 void argmax_launch(const float* logits, int vocab, int32_t* out, cudaStream_t stream) {
   check_vocab("argmax", vocab);
-  argmax_kernel<<<1, 1024, 0, stream>>>(logits, vocab, out);
+  launch_overlapped(argmax_kernel, 1, 1024, 0, stream, logits, vocab, out);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 
-void argmax_batch_launch(const float* logits, int B, int vocab, int32_t* out, cudaStream_t stream) {
+size_t argmax_workspace_bytes(int B, int vocab) {
+  if (B <= 0 || vocab <= 0) return 0;
+  return (size_t)B * argmax_split(vocab).slices * sizeof(float2);
+}
+
+void argmax_batch_launch(const float* logits, int B, int vocab, int32_t* out, cudaStream_t stream, void* workspace,
+                         size_t workspace_bytes) {
   check_rows("argmax_batch", B, vocab);
   if (B == 0) return;
-  argmax_kernel<<<B, 1024, 0, stream>>>(logits, vocab, out);
+  const ArgmaxSplit sp = argmax_split(vocab);
+  if (sp.slices > 1 && B <= 65535 && workspace != nullptr && workspace_bytes >= argmax_workspace_bytes(B, vocab) &&
+      (reinterpret_cast<uintptr_t>(workspace) & 7) == 0) {
+    float2* part = static_cast<float2*>(workspace);
+    launch_overlapped(argmax_slice_kernel, dim3(sp.slices, B), kArgmaxThreads, 0, stream, logits, vocab, sp.per, part);
+    HX_CUDA_CHECK(cudaGetLastError());
+    launch_overlapped(argmax_pick_kernel, B, 32, 0, stream, static_cast<const float2*>(part), sp.slices, out);
+    HX_CUDA_CHECK(cudaGetLastError());
+    return;
+  }
+  launch_overlapped(argmax_kernel, B, 1024, 0, stream, logits, vocab, out);
   HX_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -59,9 +59,13 @@ void penalties_batch_launch(const float* logits /*[B, vocab]*/, float* out /*[B,
 // -inf (all -inf: 0). One block.
 void argmax_launch(const float* logits /*[vocab]*/, int vocab, int32_t* out /*[1] device*/, cudaStream_t stream);
 
-// argmax_launch for B rows: one block per row (argmax_launch is B = 1).
+// argmax_launch for B rows: one block per row (argmax_launch is B = 1), or
+// with a workspace of argmax_workspace_bytes(B, vocab) bytes (8-byte
+// aligned) and a vocabulary past 4096, slices of each row in blocks of
+// their own and a second small launch that picks among them (the same ids).
+size_t argmax_workspace_bytes(int B, int vocab);
 void argmax_batch_launch(const float* logits /*[B, vocab]*/, int B, int vocab, int32_t* out /*[B] device*/,
-                         cudaStream_t stream);
+                         cudaStream_t stream, void* workspace = nullptr, size_t workspace_bytes = 0);
 
 // Workspace bytes sample_launch needs for this vocabulary size.
 size_t sample_workspace_bytes(int vocab);

@@ -1393,8 +1393,8 @@ void GpuModel::sample_rows(WorkerContext& ctx, int rows, int mode, const int32_t
   }
   if (mode & kSampled)
     sample_batch_launch(src, rows, V, params, steps, o.token, sample_ws_, sample_ws_bytes_, st);
-  else
-    argmax_batch_launch(src, rows, V, o.token, st);
+  else  // greedy: the sampler's workspace holds the argmax's per-slice bests
+    argmax_batch_launch(src, rows, V, o.token, st, sample_ws_, sample_ws_bytes_);
   if (mode & kLogprobs)
     logprobs_batch_launch(logits_, rows, V, std::min(kMaxTopLogprobs, V), o.token, o.logprob, o.top_ids, o.top_lp, st);
 }

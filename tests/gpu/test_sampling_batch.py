@@ -311,9 +311,12 @@ def test_penalties_batch(ops, gen, B, vocab):
 
 
 @pytest.mark.parametrize("B", [1, 3, 17, 64])
-@pytest.mark.parametrize("vocab", [1, 7, 1001, 151936])
+@pytest.mark.parametrize("vocab", [1, 7, 1001, 4097, 49152, 151936])
 @pytest.mark.parametrize("offset", [0, 1])
-def test_argmax_batch(ops, gen, B, vocab, offset):
+@pytest.mark.parametrize("sliced", [False, True], ids=["one-block", "sliced"])
+def test_argmax_batch(ops, gen, B, vocab, offset, sliced):
+    # sliced: the model's form (rows cut into blocks of their own, then a pick
+    # among the slices' bests); kind 1 puts a tie in two slices.
     x = torch.randn(B, vocab, generator=gen) * 3
     for b in range(B):
         kind = b % 4
@@ -329,7 +332,7 @@ def test_argmax_batch(ops, gen, B, vocab, offset):
     flat = torch.cat([torch.zeros(offset), x.flatten()]).to(DEV)
     xd = flat[offset:].view(B, vocab)
     out = poisoned(B, dtype=torch.int32)
-    ops.argmax_batch(xd, out)
+    ops.argmax_batch(xd, out, sliced)
     want = torch.argmax(_clean(x), dim=1)
     assert out.cpu().tolist() == want.tolist()
     for b in range(B):
