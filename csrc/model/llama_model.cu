@@ -617,6 +617,8 @@ void GpuModel::alloc_state() {
     // one token, whose prep shares the scratch.
     const char* fz = std::getenv("HELEXA_XQ_FUSE");
     xq_fuse_ = xq && x_scratch_ != nullptr && mv_mma_ == 0 && !(fz && fz[0] == '0');
+    if (const char* me = std::getenv("HELEXA_INT8_MIN_ELEMS"); me && *me)
+      int8_min_elems_ = std::max<int64_t>(0, std::atoll(me));
   }
   if (wbuf_elems_ > 0) wbuf_ = static_cast<__nv_bfloat16*>(dev_alloc(wbuf_elems_ * 2, sc));
   if (tc_min_ <= kTcMaxTokens) {

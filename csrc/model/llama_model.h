@@ -318,12 +318,13 @@ class GpuModel : public Resource {
   // activations (spec_.int8_activations). Int8Mode::Auto takes them where the
   // H100 measured them faster: Q4_0 and Q8_0 matrices of 4M+ elements (on
   // small ones the activation quantization costs more than the integer math
-  // saves; Q4_K and Q6_K run faster with float math).
+  // saves; Q4_K and Q6_K run faster with float math). HELEXA_INT8_MIN_ELEMS
+  // moves that size (int8_min_elems_).
   bool int8_for(GgmlType t, int n_out, int k) const {
     switch (spec_.int8_activations) {
       case Int8Mode::Always: return true;
       case Int8Mode::Auto:
-        return (t == GgmlType::Q4_0 || t == GgmlType::Q8_0) && static_cast<int64_t>(n_out) * k >= (int64_t{1} << 22);
+        return (t == GgmlType::Q4_0 || t == GgmlType::Q8_0) && static_cast<int64_t>(n_out) * k >= int8_min_elems_;
       case Int8Mode::Never: break;
     }
     return false;
@@ -404,6 +405,7 @@ class GpuModel : public Resource {
   int moe_pairs_max_ = kMatvecMaxTokens;  // tokens up to which experts run as pairs (moe_ffn)
   bool moe_fuse_ = false;                 // pairs: SwiGLU and combine fused into the products
   bool xq_fuse_ = false;                  // producers write the int8 matvecs' stage (run_layers)
+  int64_t int8_min_elems_ = int64_t{1} << 22;  // int8_for's Auto size
   int mv_mma_ = 0;                        // Q4_K matvecs up to this many tokens on the fragment kernel
   int mv_min_rows_ = 2048;                // ... of matrices of at least this many rows
   bool mv_local_ = false;                 // ... each CTA preparing its x (MatvecOptions::mma_local_prep)
