@@ -9,6 +9,8 @@
 # runs tools/load_test.py (streaming completions, ~512-token prompts, 128
 # tokens each, EOS ignored), prints the server's /metrics batch histogram and
 # stops the server. Logs and JSON go to $OUT (default /tmp/helexa-server-load).
+# The server runs on waitress, which the GPU image lacks: stage its wheel next
+# to gguf's and flask's (pip download --no-deps -d .device/wheels waitress).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
