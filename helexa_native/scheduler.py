@@ -71,6 +71,7 @@ DEFAULT_MAX_BATCH_TOKENS = defaults.DEFAULT_MAX_BATCH_TOKENS
 # A call of several decode steps lasts about this long at most (by the last
 # measured step of as many sequences): tokens reach a stream, and a new
 # request its first token, at most this much later than one step a call.
+# HELEXA_DECODE_CALL_MS sets it, in milliseconds, for schedulers made after.
 DEFAULT_DECODE_CALL_SECONDS = 0.1
 
 # An iteration with at most this many events delivers them itself; more go to
@@ -178,7 +179,7 @@ class Scheduler:
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         name: str = "helexa-scheduler",
         decode_steps: Optional[int] = None,
-        decode_call_seconds: float = DEFAULT_DECODE_CALL_SECONDS,
+        decode_call_seconds: Optional[float] = None,
     ):
         self.backend = backend
         self.blocks = backend.blocks
@@ -191,6 +192,8 @@ class Scheduler:
             raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
         self.max_batch_tokens = int(max_batch_tokens)
         self.decode_steps = check_decode_steps(decode_steps, backend.default_decode_steps)
+        if decode_call_seconds is None:
+            decode_call_seconds = _env_int("HELEXA_DECODE_CALL_MS", round(DEFAULT_DECODE_CALL_SECONDS * 1000)) / 1000
         if decode_call_seconds <= 0:
             raise ValueError(f"decode_call_seconds must be positive, got {decode_call_seconds}")
         self.decode_call_seconds = float(decode_call_seconds)

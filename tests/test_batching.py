@@ -507,3 +507,28 @@ def test_decode_calls_last_about_decode_call_seconds():
         sch.close()
     with pytest.raises(ValueError, match="decode_call_seconds"):
         Scheduler(_TimedBackend(0.0), decode_call_seconds=0)
+
+
+def test_decode_call_seconds_from_the_environment(monkeypatch):
+    from helexa_native.scheduler import DEFAULT_DECODE_CALL_SECONDS, Scheduler
+
+    for env, want in ((None, DEFAULT_DECODE_CALL_SECONDS), ("30", 0.03), (" ", DEFAULT_DECODE_CALL_SECONDS)):
+        if env is None:
+            monkeypatch.delenv("HELEXA_DECODE_CALL_MS", raising=False)
+        else:
+            monkeypatch.setenv("HELEXA_DECODE_CALL_MS", env)
+        sch = Scheduler(_TimedBackend(0.0))
+        try:
+            assert sch.decode_call_seconds == pytest.approx(want)
+        finally:
+            sch.close()
+    monkeypatch.setenv("HELEXA_DECODE_CALL_MS", "30")
+    sch = Scheduler(_TimedBackend(0.0), decode_call_seconds=0.2)  # the argument wins
+    try:
+        assert sch.decode_call_seconds == 0.2
+    finally:
+        sch.close()
+    for bad, match in (("0", "decode_call_seconds"), ("fast", "HELEXA_DECODE_CALL_MS")):
+        monkeypatch.setenv("HELEXA_DECODE_CALL_MS", bad)
+        with pytest.raises(ValueError, match=match):
+            Scheduler(_TimedBackend(0.0))
