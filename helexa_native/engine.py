@@ -291,13 +291,6 @@ class Engine:
                     devices = list(range(index, index + tp))
             for d in devices or ():
                 self._check_cuda(d, tp)
-        if max_batch_tokens is None:
-            # One GPU runs a step as one pass of up to max_batch_tokens rows,
-            # so it takes longer steps than the CPU and the tensor-parallel ranks.
-            one_gpu = kind == "cuda" and tp == 1
-            max_batch_tokens = check_max_batch_tokens(
-                None, defaults.DEFAULT_GPU_MAX_BATCH_TOKENS if one_gpu else defaults.DEFAULT_MAX_BATCH_TOKENS
-            )
 
         t0 = time.perf_counter()
         from .loaders import load_source
@@ -338,7 +331,12 @@ class Engine:
                     max_num_seqs=seqs,
                     kv_cache_memory=kv_cache_memory,
                     prefix_cache=prefix_cache,
-                    prefill_chunk=max(DEFAULT_PREFILL_CHUNK, max_batch_tokens),
+                    # One pass per step: as many rows as the step budget
+                    # (the backend's default budget is then that pass).
+                    prefill_chunk=max(
+                        DEFAULT_PREFILL_CHUNK,
+                        check_max_batch_tokens(max_batch_tokens, defaults.DEFAULT_GPU_MAX_BATCH_TOKENS),
+                    ),
                 )
             else:
                 from .backends.cpu import CPUBackend
@@ -391,9 +389,6 @@ class Engine:
         """Wrap an already loaded Backend and Tokenizer (custom backends, tests)."""
         self = cls.__new__(cls)
         self._init_state()
-        max_batch_tokens = check_max_batch_tokens(
-            max_batch_tokens, getattr(backend, "default_max_batch_tokens", defaults.DEFAULT_MAX_BATCH_TOKENS)
-        )
         self._description = {}
         backend.blocks.prefix_cache = bool(prefix_cache)
         self._attach(
@@ -430,9 +425,13 @@ class Engine:
         eos_token_ids,
         path: Path,
         tensors,
-        max_batch_tokens: int,
+        max_batch_tokens: Optional[int],
         decode_steps: Optional[int] = None,
     ) -> None:
+        # Unless told, the backend's preference (one GPU: its pass; elsewhere 512).
+        max_batch_tokens = check_max_batch_tokens(
+            max_batch_tokens, getattr(backend, "default_max_batch_tokens", defaults.DEFAULT_MAX_BATCH_TOKENS)
+        )
         tensors = list(tensors)
         self._backend = backend
         self.max_num_seqs = int(backend.max_num_seqs)
