@@ -18,6 +18,7 @@ import requests
 from server_util import ServerProcess, assert_envelope, metric, sse_events, sse_json
 
 from helexa_native.errors import DeviceError
+from helexa_native.openai_protocol import ApiError
 from helexa_native.server import ModelRegistry, create_app
 
 MODEL = "smol"
@@ -719,6 +720,68 @@ def test_replace_and_unload_close_the_old_engine():
     assert c.get("/health").status_code == 503
     r = c.post("/v1/chat/completions", json={"messages": CHAT})
     assert r.status_code == 503 and r.get_json()["error"]["code"] == "model_not_loaded"
+
+
+def test_close_during_a_load_waits_for_it_then_frees_what_it_made():
+    release, started, made, outcome = threading.Event(), threading.Event(), [], []
+
+    def loader(path, device="auto", n_ctx=None):
+        started.set()
+        release.wait(30)
+        made.append(FakeEngine())
+        return made[-1]
+
+    reg = ModelRegistry(loader=loader)
+
+    def load():
+        try:
+            reg.load("/m/slow.gguf", name="slow")
+            outcome.append("served")
+        except ApiError as e:
+            outcome.append(e.code)
+
+    t = threading.Thread(target=load)
+    t.start()
+    assert started.wait(30)
+    # The load outlasts the wait: close says something is still running.
+    assert reg.close(timeout=0.05) is False
+    release.set()
+    t.join(30)
+    # The model that finished loading after close was freed, never served.
+    assert outcome == ["shutting_down"] and made[0].closed == 1 and reg.slots() == []
+    with pytest.raises(ApiError) as e:
+        reg.load("/m/later.gguf")
+    assert e.value.status == 503 and e.value.code == "shutting_down" and len(made) == 1
+    with pytest.raises(ApiError):
+        reg.add("late", FakeEngine())
+
+
+def test_close_waits_for_a_load_that_ends_in_time():
+    started, made = threading.Event(), []
+
+    def loader(path, device="auto", n_ctx=None):
+        started.set()
+        time.sleep(0.2)
+        made.append(FakeEngine())
+        return made[-1]
+
+    reg = ModelRegistry(loader=loader)
+    errors = []
+    t = threading.Thread(target=lambda: errors.append(pytest.raises(ApiError, reg.load, "/m/a.gguf").value.code))
+    t.start()
+    assert started.wait(30)
+    assert reg.close(timeout=30) is True
+    t.join(30)
+    assert errors == ["shutting_down"] and made[0].closed == 1
+
+
+def test_close_frees_idle_models():
+    reg = ModelRegistry(loader=None)
+    engines = [FakeEngine(), FakeEngine()]
+    reg.add("a", engines[0])
+    reg.add("b", engines[1])
+    assert reg.close(timeout=1) is True
+    assert [e.closed for e in engines] == [1, 1] and reg.slots() == []
 
 
 def test_stream_closed_before_its_first_chunk_frees_the_queue():

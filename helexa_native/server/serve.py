@@ -15,6 +15,7 @@ from typing import Callable, List, Optional, Tuple
 
 from .. import defaults
 from ..errors import ModelLoadError
+from ..openai_protocol import ApiError
 from ..reasoning import REASONING_PARSERS
 from ..request_params import PASSTHROUGH_FIELDS
 from ..tool_calls import PARSERS as TOOL_CALL_PARSERS
@@ -140,6 +141,11 @@ def load_at_startup(registry: ModelRegistry, path, name: str, progress: bool, on
     t0 = time.perf_counter()
     try:
         slot, _ = registry.load(path, name=name, default=True, progress=progress)
+    except ApiError as e:
+        if e.code != "shutting_down":
+            raise
+        log.info("%s: stopped before model '%s' was ready", PROG, name)
+        return
     except BaseException as e:
         registry.load_error = f"{type(e).__name__}: {e}" if not str(e) else str(e)
         log.error("%s: error: could not load the model: %s", PROG, registry.load_error)
@@ -228,6 +234,9 @@ def run_from_args(args) -> int:
     if threading.current_thread() is threading.main_thread():
 
         def on_term(signum, frame):
+            if state.stopping.is_set():
+                # A second SIGTERM while shutting down: stop waiting.
+                exit_now(1)
             state.stopping.set()
             raise KeyboardInterrupt
 
@@ -264,8 +273,29 @@ def run_from_args(args) -> int:
         pass
     finally:
         state.stopping.set()
-        registry.close(timeout=SHUTDOWN_WAIT_SECONDS)
-    return 1 if failed.is_set() else 0
+        idle = registry.close(timeout=SHUTDOWN_WAIT_SECONDS)
+    status = 1 if failed.is_set() else 0
+    if not idle:
+        exit_now(status)
+    return status
+
+
+def exit_now(status: int) -> None:
+    """End the process at once, without the interpreter's shutdown.
+
+    Used when a model load or a request is still inside the engine after the
+    shutdown wait. A normal exit would finalize the interpreter under that
+    thread, and a thread that re-enters Python from native code during
+    finalization is unwound in a way C++ cannot survive (std::terminate, exit
+    by SIGABRT): a clean stop would end as a crash.
+    """
+    log.warning("%s: exiting without waiting for the model load or requests still running", PROG)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(status)
 
 
 def listening_addresses(server, args) -> List[Tuple[str, int]]:

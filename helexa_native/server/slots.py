@@ -182,13 +182,19 @@ class ModelRegistry:
         self._admin = threading.Lock()  # one load or unload at a time
         self._slots: Dict[str, ModelSlot] = {}
         self._loading: Dict[str, float] = {}
+        self._closed = False
 
     def add(self, name: str, engine, default: bool = False) -> Optional[ModelSlot]:
-        """Serve `engine` as `name`; returns the slot it replaced (the caller retires it)."""
+        """Serve `engine` as `name`; returns the slot it replaced (the caller retires it).
+
+        A closed registry serves nothing new: 503 shutting_down.
+        """
         if not isinstance(name, str) or not name:
             raise ValueError("a model name must be a non-empty string")
         slot = ModelSlot(name, engine, self.max_queue)
         with self._lock:
+            if self._closed:
+                raise _shutting_down()
             old = self._slots.get(name)
             self._slots[name] = slot
             if default or self.default_name is None:
@@ -258,6 +264,8 @@ class ModelRegistry:
         name = name or model_name_for(path)
         with self._admin:
             with self._lock:
+                if self._closed:
+                    raise _shutting_down()
                 self._loading[name] = time.time()
             try:
                 kwargs = dict(self.engine_options)
@@ -268,7 +276,13 @@ class ModelRegistry:
             finally:
                 with self._lock:
                     self._loading.pop(name, None)
-            old = self.add(name, engine, default=default)
+            try:
+                old = self.add(name, engine, default=default)
+            except ApiError:
+                # The registry closed while this model loaded: nothing will
+                # ever serve it, so free it now rather than leak it.
+                engine.close()
+                raise
             if old is not None:
                 old.retire()
         return self.get(name), old is not None
@@ -289,14 +303,42 @@ class ModelRegistry:
                 )
             slot.retire()
 
-    def close(self, timeout: Optional[float] = None) -> None:
-        """Free every model, waiting at most `timeout` seconds for each one's running request."""
+    def close(self, timeout: Optional[float] = None) -> bool:
+        """Free every model and refuse new loads.
+
+        Waits at most `timeout` seconds for a load in progress and for each
+        model's running request. Returns True when nothing is left running:
+        no load (a model that finishes loading later is freed by its load),
+        no request, every model closed. False tells a process about to exit
+        that some thread may still be inside the engine.
+        """
         with self._lock:
-            slots = list(self._slots.values())
-            self._slots.clear()
-        for s in slots:
-            try:
-                if not s.retire(timeout):
-                    log.warning("model %s still busy at shutdown; left to the process exit", s.name)
-            except Exception:
-                log.exception("closing model %s failed", s.name)
+            self._closed = True
+        acquired = self._admin.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
+        idle = acquired
+        try:
+            with self._lock:
+                slots = list(self._slots.values())
+                self._slots.clear()
+            for s in slots:
+                try:
+                    if not s.retire(timeout):
+                        idle = False
+                        log.warning("model %s still busy at shutdown; left to the process exit", s.name)
+                except Exception:
+                    log.exception("closing model %s failed", s.name)
+        finally:
+            if acquired:
+                self._admin.release()
+        return idle
+
+
+def _shutting_down() -> ApiError:
+    return ApiError(
+        503,
+        "the server is shutting down",
+        "server_error",
+        None,
+        "shutting_down",
+        {"Retry-After": str(RETRY_LOADING)},
+    )
