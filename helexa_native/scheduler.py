@@ -45,12 +45,14 @@ Stop strings, detokenization and streaming happen in the caller's thread
 
 from __future__ import annotations
 
+import atexit
 import collections
 import concurrent.futures
 import os
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Deque, List, Optional, Tuple
 
@@ -205,6 +207,7 @@ class Scheduler:
         self._running: List[Request] = []
         self._free_slots = list(range(self.max_num_seqs - 1, -1, -1))
         self._stopping = False
+        self._abandon = False  # stopping at interpreter exit: leave requests unanswered
         self._closed_error: Optional[BaseException] = None
         # Counters for metrics.
         self.steps = 0
@@ -224,6 +227,7 @@ class Scheduler:
         self._deliverer.start()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
+        _close_at_exit(self)
 
     # ------------------------------------------------------------------ caller side
 
@@ -270,11 +274,27 @@ class Scheduler:
             self._stopping = True
             self._closed_error = error or EngineClosedError("the engine was closed")
             self._cv.notify()
+        _LIVE.discard(self)
         if threading.current_thread() is not self._thread:
             self._thread.join()
             self._deliverer.join()  # every event of the loop is on its queue
         if self._mask_filler is not None:
             self._mask_filler.shutdown(wait=False)
+
+    def stop_at_exit(self) -> None:
+        """Let the current step finish and end the loop, answering no request.
+
+        For interpreter exit: the callers' threads are about to stop with the
+        process, and an EngineClosedError raised in each would only print
+        tracebacks during the shutdown.
+        """
+        with self._cv:
+            self._stopping = self._abandon = True
+            self._cv.notify()
+        _LIVE.discard(self)
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+            self._deliverer.join()
 
     # ------------------------------------------------------------------ the loop
 
@@ -296,6 +316,9 @@ class Scheduler:
                 self._running.clear()
                 self._waiting.clear()
             self._flush()
+        if self._abandon:
+            self._outbox.put(None)
+            return
         err = self._closed_error
         with self._cv:
             pending = list(self._running) + list(self._waiting) + self._incoming
@@ -641,3 +664,35 @@ class Scheduler:
         r.finished = True
         self._release(r)
         self._pending.append((r.events, ("error", exc)))
+
+
+# Schedulers whose loop still runs. Their threads are daemons, so a program
+# may end while one is inside a step; finalizing the interpreter under a
+# thread that is in native code (torch, the extension) ends the process with
+# SIGABRT. An exit hook stops them first: each finishes its current step
+# and its thread returns; requests left are not answered (their callers'
+# threads end with the process).
+_LIVE: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
+_exit_hook_registered = False
+
+
+def _close_at_exit(scheduler: "Scheduler") -> None:
+    global _exit_hook_registered
+    with _LIVE_LOCK:
+        _LIVE.add(scheduler)
+        if not _exit_hook_registered:
+            # Registered with the first scheduler, after the backend (and the
+            # device runtime's own exit hook) exists: exit hooks run last
+            # registered first, so the loops stop before the devices do.
+            atexit.register(close_all)
+            _exit_hook_registered = True
+
+
+def close_all() -> None:
+    """Stop every scheduler still running (at interpreter exit)."""
+    for s in list(_LIVE):
+        try:
+            s.stop_at_exit()
+        except Exception:
+            pass

@@ -7,6 +7,7 @@ milliseconds, with the default model's real tokenizer.
 """
 
 import math
+import os
 import threading
 import time
 
@@ -531,3 +532,40 @@ def test_soak_1000_requests_with_random_cancels_and_preemption(parts):
     assert load["preemptions"] > 0, "the pool never ran out: the test lost its point"
     assert max(be.batches) > 1 and be.overlaps == 0
     eng.close()
+
+
+_EXIT_MID_GENERATION = """
+import sys, threading, time
+from helexa_native import Engine
+e = Engine(sys.argv[1], device="cpu")
+if sys.argv[2] == "stream":
+    s = e.generate_stream("Tell me a long story about a dragon", max_tokens=400, ignore_eos=True)
+    next(iter(s))
+else:
+    for _ in range(3):
+        threading.Thread(
+            target=lambda: e.generate("Tell me a long story", max_tokens=400, ignore_eos=True), daemon=True
+        ).start()
+    time.sleep(0.5)
+print("leaving", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["stream", "threads"])
+def test_program_may_end_mid_generation(default_model, how):
+    # The scheduler's thread is inside a step when the program ends; the exit
+    # hook lets the step finish before the interpreter shuts down, instead of
+    # the process dying by SIGABRT ("terminate called without an active exception").
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", _EXIT_MID_GENERATION, str(default_model), how],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HELEXA_NO_PROGRESS": "1"},
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "leaving" in r.stdout and "terminate called" not in r.stderr
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
