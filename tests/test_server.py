@@ -538,6 +538,43 @@ def test_health_while_loading_and_sigterm(default_model, tmp_path):
         assert s.stop() == 0, s.log()
 
 
+def test_sigterm_while_streams_run(default_model, tmp_path):
+    # Streams are mid-generation when SIGTERM comes: they end, the model
+    # closes, the request threads finish before the sockets close, and the
+    # process exits 0 with no traceback.
+    s = ServerProcess(["--model", str(default_model), "--device", "cpu"], tmp_path / "log")
+    s.start()
+    got = []
+
+    def stream():
+        body = {"prompt": "Once upon a time", "max_tokens": 4000, "stream": True, "ignore_eos": True}
+        try:
+            with requests.post(s.url + "/v1/completions", json=body, stream=True, timeout=120) as r:
+                got.append(sum(1 for line in r.iter_lines() if line.startswith(b"data: ")))
+        except requests.RequestException:
+            got.append(-1)
+
+    threads = [threading.Thread(target=stream) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            running = metric(requests.get(s.url + "/metrics", timeout=30).text, "helexa_running_sequences")
+            if running == 4:
+                break
+            time.sleep(0.1)
+    finally:
+        rc = s.stop()
+    for t in threads:
+        t.join(60)
+    log = s.log()
+    assert rc == 0, log
+    assert "Traceback" not in log and "terminate called" not in log, log
+    # Every client saw its stream start and then end (no hang).
+    assert len(got) == 4 and all(n >= 1 for n in got), got
+
+
 # ---------------------------------------------------------------------------
 # in-process: states a healthy CPU model cannot reach
 

@@ -242,6 +242,7 @@ def run_from_args(args) -> int:
 
         signal.signal(signal.SIGTERM, on_term)
 
+    idle = True
     try:
         if args.debug:
             loader.start()
@@ -267,13 +268,21 @@ def run_from_args(args) -> int:
             try:
                 server.run()
             finally:
+                # Requests end first (their streams see `stopping`), then the
+                # models close, then the request threads finish writing; only
+                # then may the server's sockets close under them.
                 state.stopping.set()
-                server.close()
+                idle = registry.close(timeout=SHUTDOWN_WAIT_SECONDS)
+                server.task_dispatcher.shutdown(timeout=SHUTDOWN_WAIT_SECONDS)
+                if server.task_dispatcher.threads:
+                    idle = False
+                else:
+                    server.close()
     except KeyboardInterrupt:
         pass
     finally:
         state.stopping.set()
-        idle = registry.close(timeout=SHUTDOWN_WAIT_SECONDS)
+        idle = registry.close(timeout=SHUTDOWN_WAIT_SECONDS) and idle
     status = 1 if failed.is_set() else 0
     if not idle:
         exit_now(status)
