@@ -22,6 +22,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Union
 from . import defaults
 from .backends.base import check_positive_ints
 from .errors import (
+    ChatTemplateError,
     ConstraintError,
     ContextLengthError,
     DeviceError,
@@ -440,7 +441,11 @@ class Engine:
         self.device = str(getattr(backend, "device", "cpu"))
         self.tokenizer = tokenizer
         self.model_path = path
-        self._template = self._make_template(chat_template)
+        try:
+            self._template = self._make_template(chat_template)
+        except ChatTemplateError as e:
+            # The model's own template: a defect of the file, so a load error.
+            raise ModelLoadError(f"{path}: {e}") from e
         self.weight_bytes = int(sum(t.nbytes for t in tensors))
         self.n_params = int(sum(_numel(t.shape) for t in tensors))
         from .loaders import active_bytes, active_params

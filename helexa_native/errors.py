@@ -25,8 +25,8 @@ class LaunchError(HelexaError, ValueError):
     """The processes of a tensor-parallel launch do not fit together (count, model, settings)."""
 
 
-class TokenizerError(HelexaError):
-    """The tokenizer could not be built from the model's metadata."""
+class TokenizerError(ModelLoadError):
+    """The tokenizer could not be built from the model's metadata (a load error)."""
 
 
 class ChatTemplateError(HelexaError):

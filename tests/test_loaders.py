@@ -1,5 +1,6 @@
 """GGUF and HF-folder loading: configs, tensors, templates and every bad input."""
 
+import collections
 import dataclasses
 import gc
 import json
@@ -555,6 +556,91 @@ def test_truncated_gguf(tmp_models, fraction):
     cut = tmp_models / "cut.gguf"
     cut.write_bytes(data[: max(5, int(len(data) * fraction))])
     _raises(ModelLoadError, cut)
+
+
+def _mutate_header(data: bytes, end: int, rng) -> bytes:
+    """One to four random edits within the first `end` bytes: a byte, or a u64 / u32 set to an edge value."""
+    d = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        at, kind = rng.randrange(end), rng.random()
+        if kind < 0.5:
+            d[at] = rng.randrange(256)
+        elif kind < 0.8:
+            v = rng.choice([0, 1, 7, 1000, 2**31 - 1, 2**32 - 1, 2**63 - 1, 2**64 - 1])
+            struct.pack_into("<Q", d, min(at, len(d) - 8), v)
+        else:
+            struct.pack_into("<I", d, min(at, len(d) - 4), rng.choice([0, 12, 13, 99, 2**31]))
+    return bytes(d)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_corrupt_gguf_headers_fail_as_load_errors(tmp_models, default_model, seed):
+    # Random edits of a real file's header (counts, lengths, types, dims,
+    # offsets, metadata values, the tokenizer's strings, the chat template):
+    # the Engine either loads and generates, or raises ModelLoadError (the
+    # tokenizer's and template's defects included), never anything else.
+    import random
+
+    from helexa_native import Engine
+    from helexa_native.synthetic import write_synthetic_gguf
+
+    good, _ = write_synthetic_gguf(
+        tmp_models / "good.gguf",
+        "smollm2-135m",
+        ["Q8_0", "Q4_K_M", "Q4_0"][seed],
+        progress=False,
+        n_layers=2,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        context=256,
+    )
+    data = good.read_bytes()
+    end = gguf.GGUFReader(good).data_offset
+    rng = random.Random(seed)
+    bad = tmp_models / "bad.gguf"
+    outcomes = collections.Counter()
+    for _ in range(40):
+        bad.write_bytes(_mutate_header(data, end, rng))
+        try:
+            e = Engine(bad, device="cpu", progress=False)
+        except ModelLoadError as ex:
+            assert str(ex), "a load error without a message"
+            outcomes["refused"] += 1
+            continue
+        try:
+            e.generate("hi", max_tokens=2)
+        finally:
+            e.close()
+        outcomes["loaded"] += 1
+    assert outcomes["refused"] > 0, outcomes
+    assert not mapped(bad), "a failed load left the file mapped"
+
+
+def test_broken_chat_template_and_tokenizer_are_load_errors(tmp_models):
+    from helexa_native import Engine
+    from helexa_native.errors import TokenizerError
+    from helexa_native.synthetic import write_synthetic_gguf
+
+    tiny = dict(
+        n_layers=1, vocab_size=512, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16
+    )
+    path, _ = write_synthetic_gguf(tmp_models / "t.gguf", "smollm2-135m", "Q8_0", progress=False, **tiny)
+    data = path.read_bytes()
+    # The chat template's "{% for" becomes "{% fXr": it no longer parses.
+    at = data.index(b"{% for")
+    path.write_bytes(data[:at] + b"{% fXr" + data[at + 6 :])
+    with pytest.raises(ModelLoadError, match="chat template does not parse") as e:
+        Engine(path, device="cpu", progress=False)
+    assert str(path) in str(e.value)
+    # The tokenizer model's name, an unknown one: a TokenizerError, which is a load error.
+    at = data.index(b"tokenizer.ggml.model") + len(b"tokenizer.ggml.model") + 4 + 8
+    path.write_bytes(data[:at] + b"X" + data[at + 1 :])
+    with pytest.raises(TokenizerError):
+        Engine(path, device="cpu", progress=False)
 
 
 def test_missing_and_misshapen_tensors(tmp_models):

@@ -19,7 +19,6 @@ from ..errors import (
     DeviceError,
     EngineClosedError,
     ModelLoadError,
-    TokenizerError,
 )
 from ..kv_blocks import OutOfBlocks
 from ..openai_protocol import ApiError, error_body
@@ -71,7 +70,7 @@ def to_api_error(exc: BaseException, param: Optional[str] = None) -> ApiError:
             "kv_cache_full",
             {"Retry-After": str(RETRY_QUEUE_FULL)},
         )
-    if isinstance(exc, (ValueError, TokenizerError)):
+    if isinstance(exc, ValueError):
         # InvalidParameterError and ConstraintError name the field at fault.
         return ApiError(
             400, str(exc) or type(exc).__name__, "invalid_request_error", getattr(exc, "field", None) or param
