@@ -719,6 +719,57 @@ def test_bad_config_json(tmp_models):
     _raises(ModelLoadError, cfg_path, "num_key_value_heads")
 
 
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("architectures", 5, ["architectures", "list"]),
+        ("architectures", [["LlamaForCausalLM"]], ["architectures"]),
+        ("model_type", {"a": 1}, ["model_type"]),
+        ("head_dim", {"type": "x"}, ["head_dim", "not a number"]),
+        ("hidden_size", "64", ["hidden_size", "not a number"]),
+        ("vocab_size", 320.5, ["vocab_size", "not an integer"]),
+        ("intermediate_size", float("inf"), ["intermediate_size", "not an integer"]),
+        ("rope_theta", [1], ["rope_theta"]),
+        ("rope_theta", -1.0, ["rope_theta", "positive"]),
+        ("rms_norm_eps", float("nan"), ["rms_norm_eps"]),
+        ("max_position_embeddings", 0, ["max_position_embeddings", "positive"]),
+        ("num_hidden_layers", -2, ["num_hidden_layers", "positive"]),
+    ],
+)
+def test_config_json_fields_of_the_wrong_kind(tmp_models, field, value, words):
+    folder = tmp_models / "hf"
+    make_hf(folder, "llama")
+    cfg_path = folder / "config.json"
+    bad = json.loads(cfg_path.read_text())
+    bad[field] = value
+    cfg_path.write_text(json.dumps(bad))
+    _raises(ModelLoadError, cfg_path, *words)
+
+
+def test_safetensors_header_entries_of_the_wrong_kind(tmp_models):
+    folder = tmp_models / "hf"
+    make_hf(folder, "llama")
+    st = folder / "model.safetensors"
+    data = st.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    name = "model.layers.0.mlp.up_proj.weight"
+    odd = [("dtype", ["F32"]), ("dtype", {"F32": 1}), ("data_offsets", {"a": 1, "b": 2}), ("shape", [-4, -8])]
+    for key, value in odd:
+        header = json.loads(data[8 : 8 + n])
+        header[name][key] = value
+        hb = json.dumps(header).encode()
+        st.write_bytes(struct.pack("<Q", len(hb)) + hb + data[8 + n :])
+        msg = _raises(ModelLoadError, folder, name)
+        assert "bad header entry" in msg or "dtype" in msg, msg
+
+
+def test_gguf_context_length_zero(tmp_models):
+    cfg = dataclasses.replace(tiny_config("llama"), max_position_embeddings=0)
+    path = tmp_models / "ctx0.gguf"
+    write_gguf(path, cfg, random_weights(tiny_config("llama")), "Q8_0")
+    _raises(ModelLoadError, path, "llama.context_length", "positive")
+
+
 def test_bad_safetensors(tmp_models):
     folder = tmp_models / "hf"
     make_hf(folder, "llama")

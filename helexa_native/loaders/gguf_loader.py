@@ -22,7 +22,7 @@ from ..errors import ModelLoadError, UnsupportedModelError
 from ..ggml_types import BLOCK_SIZES, GGML_TYPE_NAMES
 from ..progress import track
 from .dequant import dequantize_raw
-from .validate import ROPE_FREQS, check_moe_config, check_tensors, expected_shapes
+from .validate import ROPE_FREQS, check_dimensions, check_moe_config, check_tensors, expected_shapes
 
 GGUF_MAGIC = b"GGUF"
 
@@ -68,10 +68,13 @@ class _Meta:
             raise ModelLoadError(f"{self.where}: metadata field {key} is missing")
         if isinstance(v, (bool, str, list)):
             raise ModelLoadError(f"{self.where}: metadata field {key} is not a number: {v!r}")
-        if kind is float:
-            # GGUF stores float32: read 1e-05, not 9.999999747378752e-06.
-            return float(str(np.float32(v)))
-        return kind(v)
+        try:
+            if kind is float:
+                # GGUF stores float32: read 1e-05, not 9.999999747378752e-06.
+                return float(str(np.float32(v)))
+            return kind(v)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ModelLoadError(f"{self.where}: metadata field {key} is not a number: {v!r}") from e
 
 
 def _raw_tensor(info, data_start: int, mm, where: str) -> RawTensor:
@@ -327,6 +330,20 @@ def _build_source(fields, infos, data_start, mm, path: Path, where: str, progres
         qk_norm="blk.0.attn_q_norm.weight" in by_name,
         name=str(meta.get("general.name", "") or ""),
         **(_moe_fields(meta, arch, by_name, where) if arch in MOE_ARCHS else {}),
+    )
+    check_dimensions(
+        cfg,
+        where,
+        {
+            "vocab_size": "token_embd.weight's rows",
+            "hidden_size": f"{arch}.embedding_length",
+            "intermediate_size": f"{arch}.feed_forward_length",
+            "num_layers": f"{arch}.block_count",
+            "head_dim": f"{arch}.attention.key_length",
+            "rms_norm_eps": f"{arch}.attention.layer_norm_rms_epsilon",
+            "rope_theta": f"{arch}.rope.freq_base",
+            "max_position_embeddings": f"{arch}.context_length",
+        },
     )
     if cfg.num_kv_heads <= 0 or cfg.num_heads % cfg.num_kv_heads:
         raise ModelLoadError(

@@ -24,7 +24,7 @@ from ..config import ModelConfig, ModelSource, RawTensor, TokenizerSource
 from ..errors import ModelLoadError, UnsupportedModelError
 from ..progress import track
 from .dequant import dequantize_raw
-from .validate import check_moe_config, check_tensors
+from .validate import check_dimensions, check_moe_config, check_tensors
 
 # model_type -> arch; the architectures list must agree.
 _MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe"}
@@ -191,6 +191,12 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         raise ModelLoadError(f"{where}: expected a JSON object")
     model_type = hf.get("model_type")
     archs = hf.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ModelLoadError(f"{where}: field architectures must be a list of class names, got {archs!r}")
+    if not isinstance(model_type, str):
+        raise UnsupportedModelError(
+            f"{where}: model_type {model_type!r} is not supported (supported: {', '.join(sorted(_MODEL_TYPES))})"
+        )
     if model_type not in _MODEL_TYPES or (archs and not set(archs) & _ARCH_CLASSES):
         raise UnsupportedModelError(
             f"{where}: model_type {model_type!r} / architectures {archs} is not supported "
@@ -204,9 +210,13 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
             v = default
         if v is None:
             raise ModelLoadError(f"{where}: field {key} is missing")
+        if isinstance(v, (bool, str)):
+            raise ModelLoadError(f"{where}: field {key} is not a number: {v!r}")
+        if kind is int and isinstance(v, float) and not v.is_integer():
+            raise ModelLoadError(f"{where}: field {key} is not an integer: {v!r}")
         try:
             out = kind(v)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise ModelLoadError(f"{where}: field {key} is not a number: {v!r}") from e
         return out
 
@@ -217,10 +227,9 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
     kv_heads = num("num_key_value_heads", int, heads)
     if hidden <= 0 or heads <= 0 or kv_heads <= 0 or heads % kv_heads:
         raise ModelLoadError(f"{where}: bad head counts (num_attention_heads={heads}, num_key_value_heads={kv_heads})")
-    head_dim = hf.get("head_dim")
-    head_dim = int(head_dim) if head_dim else hidden // heads
+    head_dim = num("head_dim") if hf.get("head_dim") else hidden // heads
     params = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
-    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
+    theta = num("rope_theta", float, params.get("rope_theta", 10000.0))
     # transformers 5 writes the expert count as num_local_experts.
     experts_key = "num_local_experts" if "num_experts" not in hf and "num_local_experts" in hf else "num_experts"
     moe = _moe_fields(hf, num, where, experts_key) if arch == "qwen3moe" else {}
@@ -234,7 +243,7 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         rms_norm_eps=num("rms_norm_eps", float, 1e-6),
-        rope_theta=float(theta),
+        rope_theta=theta,
         rope_style="half",
         rope_scaling=_rope_scaling(hf, where),
         max_position_embeddings=num("max_position_embeddings", int, 4096),
@@ -243,6 +252,20 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         qk_norm=arch in ("qwen3", "qwen3moe"),
         name=str(hf.get("_name_or_path", "") or ""),
         **moe,
+    )
+    check_dimensions(
+        cfg,
+        where,
+        {
+            "vocab_size": "vocab_size",
+            "hidden_size": "hidden_size",
+            "intermediate_size": "intermediate_size",
+            "num_layers": "num_hidden_layers",
+            "head_dim": "head_dim",
+            "rms_norm_eps": "rms_norm_eps",
+            "rope_theta": "rope_theta",
+            "max_position_embeddings": "max_position_embeddings",
+        },
     )
     if moe:
         check_moe_config(
@@ -317,15 +340,18 @@ class _MappedFile:
         info = self.header[name]
         try:
             dtype, shape, (start, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise ModelLoadError(f"{self.path}: bad header entry for {name}") from e
+            start, end = int(start), int(end)
+            if isinstance(dtype, (list, dict)) or any(d < 0 for d in shape):
+                raise ValueError(dtype)
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise ModelLoadError(f"{self.path}: bad header entry for {name}: {info!r}") from e
         if dtype not in _ST_DTYPES:
             raise ModelLoadError(
                 f"{self.path}: tensor {name} has dtype {dtype}, which is not supported (F32, F16, BF16)"
             )
         np_dtype, kind = _ST_DTYPES[dtype]
         nbytes = int(np.prod(shape)) * np.dtype(np_dtype).itemsize
-        a, b = self.data_start + int(start), self.data_start + int(end)
+        a, b = self.data_start + start, self.data_start + end
         if b - a != nbytes or a < self.data_start:
             raise ModelLoadError(f"{self.path}: tensor {name} spans {b - a} bytes, shape {list(shape)} needs {nbytes}")
         if b > self.size:

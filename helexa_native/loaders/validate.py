@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from ..config import ModelConfig
 from ..errors import ModelLoadError
 
@@ -72,6 +74,28 @@ def check_tensors(tensors: dict, cfg: ModelConfig, where: str) -> dict:
 
 # ModelConfig field -> its name in a source's metadata, for error messages.
 MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "mlp_only_layers", "intermediate_size")
+
+
+def check_dimensions(cfg: ModelConfig, where: str, names: dict) -> None:
+    """Raise ModelLoadError naming the source's field when a size or constant cannot describe a model.
+
+    `names` maps ModelConfig fields to the field's name in the source
+    (config.json key or GGUF metadata key); every one of them is checked:
+    sizes must be positive (intermediate_size may be 0 in a MoE model),
+    rms_norm_eps and rope_theta finite and positive (eps may be 0).
+    """
+    for field, name in names.items():
+        v = getattr(cfg, field)
+        if field in ("rms_norm_eps", "rope_theta"):
+            eps = field == "rms_norm_eps"
+            if not (isinstance(v, float) and math.isfinite(v) and (v >= 0 if eps else v > 0)):
+                want = "non-negative" if eps else "positive"
+                raise ModelLoadError(f"{where}: field {name} must be a finite {want} number, got {v!r}")
+            continue
+        low = 0 if field == "intermediate_size" and cfg.num_experts else 1
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            want = "a non-negative" if low == 0 else "a positive"
+            raise ModelLoadError(f"{where}: field {name} must be {want} integer, got {v!r}")
 
 
 def check_moe_config(cfg: ModelConfig, where: str, names: dict) -> None:
