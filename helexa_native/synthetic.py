@@ -149,6 +149,22 @@ PRESETS = {
         norm_topk_prob=True,
         name="synthetic-qwen3-30b-a3b",
     ),
+    # A smollm2-like llama of toy size, for tests that need a real file fast.
+    "llama-tiny": dict(
+        arch="llama",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        name="synthetic-llama-tiny",
+    ),
     # Small enough for tests; rows of 256 so every block type, K-quants included, applies.
     "qwen3moe-tiny": dict(
         arch="qwen3moe",

@@ -585,18 +585,7 @@ def test_corrupt_gguf_headers_fail_as_load_errors(tmp_models, default_model, see
     from helexa_native.synthetic import write_synthetic_gguf
 
     good, _ = write_synthetic_gguf(
-        tmp_models / "good.gguf",
-        "smollm2-135m",
-        ["Q8_0", "Q4_K_M", "Q4_0"][seed],
-        progress=False,
-        n_layers=2,
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        context=256,
+        tmp_models / "good.gguf", "llama-tiny", ["Q8_0", "Q4_K_M", "Q4_0"][seed], progress=False, context=256
     )
     data = good.read_bytes()
     end = gguf.GGUFReader(good).data_offset
@@ -625,10 +614,7 @@ def test_broken_chat_template_and_tokenizer_are_load_errors(tmp_models):
     from helexa_native.errors import TokenizerError
     from helexa_native.synthetic import write_synthetic_gguf
 
-    tiny = dict(
-        n_layers=1, vocab_size=512, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16
-    )
-    path, _ = write_synthetic_gguf(tmp_models / "t.gguf", "smollm2-135m", "Q8_0", progress=False, **tiny)
+    path, _ = write_synthetic_gguf(tmp_models / "t.gguf", "llama-tiny", "Q8_0", progress=False, n_layers=1)
     data = path.read_bytes()
     # The chat template's "{% for" becomes "{% fXr": it no longer parses.
     at = data.index(b"{% for")

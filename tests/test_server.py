@@ -479,18 +479,9 @@ def test_tokenize_detokenize(url):
 def test_load_replace_unload(url, tmp_path):
     from helexa_native.synthetic import write_synthetic_gguf
 
-    tiny = dict(
-        n_layers=1,
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        progress=False,
-    )
-    a, _ = write_synthetic_gguf(tmp_path / "tiny-a.gguf", "smollm2-135m", "Q8_0", seed=1, **tiny)
-    b, _ = write_synthetic_gguf(tmp_path / "tiny-b.gguf", "smollm2-135m", "Q8_0", seed=2, **tiny)
+    tiny = dict(n_layers=1, progress=False)
+    a, _ = write_synthetic_gguf(tmp_path / "tiny-a.gguf", "llama-tiny", "Q8_0", seed=1, **tiny)
+    b, _ = write_synthetic_gguf(tmp_path / "tiny-b.gguf", "llama-tiny", "Q8_0", seed=2, **tiny)
 
     r = post(url, "/v1/models/load", {"model": str(a), "name": "tiny"})
     assert r.status_code == 200, r.text

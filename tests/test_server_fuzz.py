@@ -95,10 +95,7 @@ def mutated(rng: random.Random, body: dict, own: list) -> dict:
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     d = tmp_path_factory.mktemp("fuzz")
-    tiny, _ = write_synthetic_gguf(
-        d / "tiny.gguf", "smollm2-135m", "Q8_0", n_layers=1, vocab_size=512, hidden_size=64,
-        intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16, progress=False,
-    )  # fmt: skip
+    tiny, _ = write_synthetic_gguf(d / "tiny.gguf", "llama-tiny", "Q8_0", n_layers=1, progress=False)
     engine = Engine(str(tiny), device="cpu", n_ctx=256, max_num_seqs=4, progress=False)
 
     def loader(path, **kw):
