@@ -674,19 +674,17 @@ class Scheduler:
 # threads end with the process).
 _LIVE: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
 _LIVE_LOCK = threading.Lock()
-_exit_hook_registered = False
 
 
 def _close_at_exit(scheduler: "Scheduler") -> None:
-    global _exit_hook_registered
     with _LIVE_LOCK:
         _LIVE.add(scheduler)
-        if not _exit_hook_registered:
-            # Registered with the first scheduler, after the backend (and the
-            # device runtime's own exit hook) exists: exit hooks run last
-            # registered first, so the loops stop before the devices do.
-            atexit.register(close_all)
-            _exit_hook_registered = True
+        # Registered again with every scheduler, after its backend (and the
+        # device runtime's own exit hook) exists: exit hooks run last
+        # registered first, so the loops stop before the devices do, even
+        # when the runtime was first imported after an earlier scheduler.
+        atexit.unregister(close_all)
+        atexit.register(close_all)
 
 
 def close_all() -> None:
