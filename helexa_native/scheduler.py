@@ -50,6 +50,7 @@ import collections
 import concurrent.futures
 import os
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -281,20 +282,26 @@ class Scheduler:
         if self._mask_filler is not None:
             self._mask_filler.shutdown(wait=False)
 
-    def stop_at_exit(self) -> None:
+    def stop_at_exit(self, timeout: Optional[float] = None) -> bool:
         """Let the current step finish and end the loop, answering no request.
 
         For interpreter exit: the callers' threads are about to stop with the
         process, and an EngineClosedError raised in each would only print
-        tracebacks during the shutdown.
+        tracebacks during the shutdown. Waits at most `timeout` seconds for
+        the step (a hung device must not hang the exit); False when the loop
+        is still inside it.
         """
         with self._cv:
             self._stopping = self._abandon = True
             self._cv.notify()
         _LIVE.discard(self)
-        if threading.current_thread() is not self._thread:
-            self._thread.join()
-            self._deliverer.join()
+        if threading.current_thread() is self._thread:
+            return True
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            return False
+        self._deliverer.join(timeout)
+        return True
 
     # ------------------------------------------------------------------ the loop
 
@@ -687,10 +694,22 @@ def _close_at_exit(scheduler: "Scheduler") -> None:
         atexit.register(close_all)
 
 
+# How long the exit hook waits for a scheduler's step: far beyond any step
+# (a decode call is bounded near 0.1 s, a prompt pass by its token budget),
+# short enough that a hung device does not hold the process forever.
+EXIT_WAIT_SECONDS = 60.0
+
+
 def close_all() -> None:
     """Stop every scheduler still running (at interpreter exit)."""
+    deadline = time.monotonic() + EXIT_WAIT_SECONDS
     for s in list(_LIVE):
         try:
-            s.stop_at_exit()
+            if not s.stop_at_exit(max(0.0, deadline - time.monotonic())):
+                print(
+                    "helexa_native: a step was still running at exit; not waiting for it",
+                    file=sys.stderr,
+                    flush=True,
+                )
         except Exception:
             pass

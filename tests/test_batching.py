@@ -532,3 +532,38 @@ def test_decode_call_seconds_from_the_environment(monkeypatch):
         monkeypatch.setenv("HELEXA_DECODE_CALL_MS", bad)
         with pytest.raises(ValueError, match=match):
             Scheduler(_TimedBackend(0.0))
+
+
+class _BlockedBackend(_TimedBackend):
+    """Every step waits until `release` is set."""
+
+    def __init__(self):
+        super().__init__(0.0)
+        self.release, self.entered = threading.Event(), threading.Event()
+
+    def step_batch(self, seqs):
+        self.entered.set()
+        self.release.wait(60)
+        return super().step_batch(seqs)
+
+
+def test_stop_at_exit_waits_for_the_step_within_its_limit():
+    from helexa_native import scheduler as sched
+    from helexa_native.errors import EngineClosedError
+
+    be = _BlockedBackend()
+    sch = sched.Scheduler(be)
+    req = sch.submit(sched.Request(prompt=[1, 2, 3], params=SamplingParams(temperature=0), limit=5))
+    assert be.entered.wait(30)
+    # The step outlasts the wait: the loop is reported still inside it.
+    assert sch.stop_at_exit(0.05) is False and sch not in sched._LIVE
+    be.release.set()
+    assert sch.stop_at_exit(30) is True
+    assert not sch._thread.is_alive() and not sch._deliverer.is_alive()
+    # Left unanswered at exit: at most the finished step's tokens, no error, no end.
+    got = []
+    while not req.events.empty():
+        got.append(req.events.get_nowait()[0])
+    assert "error" not in got and "done" not in got and set(got) <= {"token"}
+    with pytest.raises(EngineClosedError):
+        sch.submit(sched.Request(prompt=[1], params=SamplingParams(temperature=0), limit=1))

@@ -803,6 +803,20 @@ def test_close_waits_for_a_load_that_ends_in_time():
     assert errors == ["shutting_down"] and made[0].closed == 1
 
 
+def test_startup_load_reports_failures_and_is_quiet_when_stopped():
+    from helexa_native.server.serve import load_at_startup
+
+    failed = []
+    reg = ModelRegistry(loader=None)  # every load is refused (an ApiError)
+    load_at_startup(reg, "/m/a.gguf", "a", False, lambda: failed.append(1))
+    assert failed == [1] and "cannot load models" in reg.load_error
+
+    reg = ModelRegistry(loader=lambda path, **kw: FakeEngine())
+    reg.close()
+    load_at_startup(reg, "/m/a.gguf", "a", False, lambda: failed.append(2))
+    assert failed == [1] and reg.load_error is None  # stopped first: not a failure
+
+
 def test_close_frees_idle_models():
     reg = ModelRegistry(loader=None)
     engines = [FakeEngine(), FakeEngine()]

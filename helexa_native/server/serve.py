@@ -141,12 +141,10 @@ def load_at_startup(registry: ModelRegistry, path, name: str, progress: bool, on
     t0 = time.perf_counter()
     try:
         slot, _ = registry.load(path, name=name, default=True, progress=progress)
-    except ApiError as e:
-        if e.code != "shutting_down":
-            raise
-        log.info("%s: stopped before model '%s' was ready", PROG, name)
-        return
     except BaseException as e:
+        if isinstance(e, ApiError) and e.code == "shutting_down":
+            log.info("%s: stopped before model '%s' was ready", PROG, name)
+            return
         registry.load_error = f"{type(e).__name__}: {e}" if not str(e) else str(e)
         log.error("%s: error: could not load the model: %s", PROG, registry.load_error)
         on_fail()
