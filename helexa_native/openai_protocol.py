@@ -181,9 +181,11 @@ def token_id_list(v, key: str) -> List[int]:
     return list(v)
 
 
-# Fields accepted and deliberately ignored: they describe billing, storage or
-# client bookkeeping that has no meaning for a local engine.
-_IGNORED = ("user", "metadata", "store", "service_tier")
+# Fields accepted and deliberately ignored: they describe billing, storage,
+# caching or client bookkeeping that has no meaning for a local engine (the
+# prefix cache needs no key). Each is still checked for its type.
+_IGNORED = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier")
+_IGNORED_STRINGS = ("user", "prompt_cache_key", "safety_identifier")
 
 _COMMON = (
     ("model", "n", "stream", "stream_options", "logit_bias", "skip_special_tokens", "response_format")
@@ -202,6 +204,15 @@ CHAT_FIELDS = frozenset(
         "tool_choice",
         "parallel_tool_calls",
         "chat_template_kwargs",
+        "reasoning_effort",
+        # OpenAI fields for what only its own models do: accepted when they
+        # ask for nothing this engine lacks (text output, no audio); a
+        # predicted output and a verbosity hint are ignored (the answer is
+        # the same without them).
+        "modalities",
+        "audio",
+        "prediction",
+        "verbosity",
     )
 )
 COMPLETION_FIELDS = frozenset(_COMMON + ("prompt", "logprobs", "echo", "suffix", "best_of"))
@@ -255,8 +266,8 @@ def _check_common(body: dict, allowed: frozenset) -> Tuple[Optional[str], bool, 
     model = opt_str(body, "model")
     for key in _IGNORED:
         v = body.get(key)
-        if key == "user" and v is not None and not isinstance(v, str):
-            raise bad_request(f"user must be a string, got {_json_type(v)}", "user")
+        if key in _IGNORED_STRINGS and v is not None and not isinstance(v, str):
+            raise bad_request(f"{key} must be a string, got {_json_type(v)}", key)
         if key == "metadata" and v is not None and not isinstance(v, dict):
             raise bad_request(f"metadata must be an object, got {_json_type(v)}", "metadata")
         if key == "store":
@@ -393,7 +404,8 @@ def parse_chat_request(body: dict) -> GenerationRequest:
 
     tools = parse_tools(body.get("tools"))
     tool_choice = parse_tool_choice(body, tools)
-    kwargs = template_kwargs(body)
+    _check_output_only_text(body)
+    kwargs = with_reasoning_effort(template_kwargs(body), body.get("reasoning_effort"), "reasoning_effort")
     return GenerationRequest(
         "chat",
         model,
@@ -409,6 +421,44 @@ def parse_chat_request(body: dict) -> GenerationRequest:
         tool_choice=tool_choice,
         parallel_tool_calls=opt_bool(body, "parallel_tool_calls", True),
     )
+
+
+def _check_output_only_text(body: dict) -> None:
+    """modalities, audio, prediction and verbosity: what a text-only engine can honour."""
+    mod = body.get("modalities")
+    if mod is not None:
+        if not isinstance(mod, list) or not all(isinstance(m, str) for m in mod):
+            raise bad_request(f"modalities must be an array of strings, got {_json_type(mod)}", "modalities")
+        if any(m != "text" for m in mod):
+            raise bad_request('only text output is supported (modalities: ["text"])', "modalities", "unsupported_value")
+    if body.get("audio") is not None:
+        raise bad_request("audio output is not supported", "audio", "unsupported_parameter")
+    pred = body.get("prediction")
+    if pred is not None and (not isinstance(pred, dict) or pred.get("type") != "content"):
+        raise bad_request("prediction must be an object with type 'content'", "prediction")
+    verbosity = body.get("verbosity")
+    if verbosity is not None and verbosity not in ("low", "medium", "high"):
+        raise bad_request(f"verbosity must be 'low', 'medium' or 'high', got {json.dumps(verbosity)}", "verbosity")
+
+
+def with_reasoning_effort(kwargs: dict, effort, param: str) -> dict:
+    """A request's reasoning effort as chat-template variables.
+
+    Templates that grade their reasoning read `reasoning_effort`; "none" also
+    sets `enable_thinking` false, the switch of templates that think by
+    default (Qwen3). Variables the request sets in chat_template_kwargs win.
+    Any other effort reaches the template only: models without graded
+    reasoning answer as they would without it.
+    """
+    if effort is None:
+        return kwargs
+    if not isinstance(effort, str) or not effort:
+        raise bad_request(f"{param} must be a string such as 'low' or 'none', got {_json_type(effort)}", param)
+    out = dict(kwargs)
+    out.setdefault("reasoning_effort", effort)
+    if effort == "none":
+        out.setdefault("enable_thinking", False)
+    return out
 
 
 # Names the template call itself sets; a request may not override them.

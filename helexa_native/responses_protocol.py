@@ -38,6 +38,7 @@ from .openai_protocol import (
     parse_tool_choice,
     parse_tools,
     template_kwargs,
+    with_reasoning_effort,
 )
 
 RESPONSES_FIELDS = frozenset(
@@ -140,7 +141,7 @@ def parse_responses_request(body: dict) -> ResponsesRequest:
     fmt = text.get("format")
     response_format = parse_response_format({"response_format": chat_response_format(fmt)}) if fmt else None
     reasoning = opt_dict(body, "reasoning")
-    kwargs = template_kwargs(body)
+    kwargs = with_reasoning_effort(template_kwargs(body), (reasoning or {}).get("effort"), "reasoning.effort")
     truncation = body.get("truncation")
     if truncation not in (None, "disabled", "auto"):
         raise bad_request("truncation must be 'disabled' or 'auto'", "truncation")

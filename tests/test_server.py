@@ -729,6 +729,55 @@ def test_messages_and_tools_reach_the_template():
     assert eng.rendered["tools"] is None
 
 
+def test_reasoning_effort_reaches_the_template():
+    eng = FakeEngine()
+    c = _client(eng)
+    msgs = [{"role": "user", "content": "q"}]
+
+    def sent(**body):
+        r = c.post("/v1/chat/completions", json={"messages": msgs, **body})
+        assert r.status_code == 200, r.get_json()
+        return eng.rendered["kwargs"]
+
+    assert sent(reasoning_effort="none") == {"reasoning_effort": "none", "enable_thinking": False}
+    assert sent(reasoning_effort="high") == {"reasoning_effort": "high"}
+    # The request's own template variables win.
+    assert sent(reasoning_effort="none", chat_template_kwargs={"enable_thinking": True}) == {
+        "reasoning_effort": "none",
+        "enable_thinking": True,
+    }
+    assert sent() == {}
+    r = c.post("/v1/responses", json={"input": "q", "reasoning": {"effort": "none"}})
+    assert r.status_code == 200, r.get_json()
+    assert eng.rendered["kwargs"] == {"reasoning_effort": "none", "enable_thinking": False}
+    assert r.get_json()["reasoning"]["effort"] == "none"
+    bad = c.post("/v1/chat/completions", json={"messages": msgs, "reasoning_effort": 3})
+    assert bad.status_code == 400 and bad.get_json()["error"]["param"] == "reasoning_effort"
+
+
+@pytest.mark.parametrize(
+    "extra, param, status",
+    [
+        ({"prompt_cache_key": "k", "safety_identifier": "s", "user": "u"}, None, 200),
+        ({"modalities": ["text"], "audio": None, "verbosity": "low"}, None, 200),
+        ({"prediction": {"type": "content", "content": "Hello"}}, None, 200),
+        ({"modalities": ["text", "audio"]}, "modalities", 400),
+        ({"modalities": "text"}, "modalities", 400),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", 400),
+        ({"prediction": {"type": "other"}}, "prediction", 400),
+        ({"verbosity": "loud"}, "verbosity", 400),
+        ({"prompt_cache_key": 5}, "prompt_cache_key", 400),
+        ({"web_search_options": {}}, "web_search_options", 400),
+    ],
+)
+def test_openai_fields_for_other_models_are_accepted_or_refused_clearly(extra, param, status):
+    c = _client()
+    r = c.post("/v1/chat/completions", json={"messages": CHAT, **extra})
+    assert r.status_code == status, r.get_json()
+    if status != 200:
+        assert r.get_json()["error"]["param"] == param
+
+
 def test_replace_and_unload_close_the_old_engine():
     made = []
 
