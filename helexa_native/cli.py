@@ -503,6 +503,7 @@ def _print_info(d: dict, engine: Optional[dict] = None) -> None:
         "tensor_bytes",
         "bits_per_weight",
         "file_size",
+        "files",
         "tokenizer",
         "bos_token_id",
         "eos_token_ids",

@@ -629,6 +629,89 @@ def test_broken_chat_template_and_tokenizer_are_load_errors(tmp_models):
         Engine(path, device="cpu", progress=False)
 
 
+def _split_with_gguf_py(src, out_dir, max_tensors):
+    """Rewrite `src` as llama.cpp's gguf-split does, through the gguf package's writer; returns the parts."""
+    r = gguf.GGUFReader(src)
+    out_dir.mkdir(exist_ok=True)
+    arch = r.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(out_dir / "model.gguf", arch, split_max_tensors=max_tensors)
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return sorted(out_dir.glob("model-*-of-*.gguf"))
+
+
+@pytest.mark.parametrize("preset, quant", [("llama-tiny", "Q4_K_M"), ("qwen3moe-tiny", "Q8_0")])
+def test_split_gguf_loads_from_any_part(tmp_models, preset, quant):
+    from helexa_native import Engine
+    from helexa_native.synthetic import write_synthetic_gguf
+
+    whole, _ = write_synthetic_gguf(tmp_models / "whole.gguf", preset, quant, progress=False)
+    parts = _split_with_gguf_py(whole, tmp_models / "split", 7)
+    assert len(parts) >= 3 and parts[0].name == f"model-00001-of-{len(parts):05d}.gguf"
+    ref = load_source(whole, progress=False)
+    try:
+        for given in (parts[0], parts[-1]):
+            src = load_source(given, progress=False)
+            try:
+                assert src.config == ref.config and src.chat_template == ref.chat_template
+                assert src.metadata["files"] == [str(p) for p in parts]
+                assert src.tokenizer.gguf_meta == ref.tokenizer.gguf_meta
+                assert sorted(src.tensors) == sorted(ref.tensors)
+                for name, t in ref.tensors.items():
+                    got = src.tensors[name]
+                    assert (got.dtype, got.shape) == (t.dtype, t.shape), name
+                    assert np.array_equal(np.asarray(got.data).view(np.uint8), np.asarray(t.data).view(np.uint8)), name
+            finally:
+                src.close()
+            assert not any(mapped(p) for p in parts), "closing left a part mapped"
+    finally:
+        ref.close()
+    a = Engine(whole, device="cpu", progress=False)
+    b = Engine(parts[1], device="cpu", progress=False)
+    try:
+        ids = [5, 17, 42, 99]
+        assert b.generate(ids, max_tokens=8, temperature=0, ignore_eos=True).token_ids == (
+            a.generate(ids, max_tokens=8, temperature=0, ignore_eos=True).token_ids
+        )
+    finally:
+        a.close()
+        b.close()
+
+
+def test_split_gguf_errors_name_the_part(tmp_models):
+    from helexa_native.synthetic import write_synthetic_gguf
+
+    whole, _ = write_synthetic_gguf(tmp_models / "whole.gguf", "llama-tiny", "Q8_0", progress=False)
+    parts = _split_with_gguf_py(whole, tmp_models / "split", 7)
+    n = len(parts)
+
+    # A missing part: named, and no part stays mapped.
+    moved = parts[1].rename(tmp_models / "away.gguf")
+    _raises(ModelLoadError, parts[0], f"part 2 of {n}", "missing", parts[1].name)
+    assert not any(mapped(p) for p in parts if p.exists())
+
+    # Parts in the wrong places: the split.no inside disagrees with the name.
+    parts[2].rename(parts[1])
+    _raises(ModelLoadError, parts[0], "split.no 2", f"expected 1 of {n}")
+    parts[1].rename(parts[2])
+    moved.rename(parts[1])
+
+    # A part renamed so the others cannot be found.
+    odd = tmp_models / "split" / "renamed.gguf"
+    parts[0].rename(odd)
+    _raises(ModelLoadError, odd, f"one of {n} parts", f"NAME-00001-of-{n:05d}.gguf")
+
+
 def test_missing_and_misshapen_tensors(tmp_models):
     cfg = tiny_config("llama")
     w = random_weights(cfg)

@@ -131,6 +131,7 @@ def describe(source: ModelSource) -> dict:
         "tensor_bytes": tensor_bytes,
         "bits_per_weight": 8.0 * tensor_bytes / params if params else 0.0,
         "file_size": source.metadata.get("file_size"),
+        "files": len(source.metadata.get("files") or []) or None,
         "chat_template": source.chat_template is not None,
         "tokenizer": source.tokenizer.kind,
         "bos_token_id": source.bos_token_id,

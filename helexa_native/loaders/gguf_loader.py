@@ -7,13 +7,19 @@ Tensor data stays in the file's map: a RawTensor's `data` is a numpy view
 (uint8 rows of blocks, or float32/float16/uint16 for plain types). GGUF
 lists dimensions fastest-first (ne0 = row length); shapes here are torch
 order, so a linear weight of ne = [k, n] becomes [n, k].
+
+A model split into parts (llama.cpp's gguf-split: NAME-00001-of-0000N.gguf,
+`split.no` / `split.count` / `split.tensors.count` in every part, the
+model's key/values in the first) loads from any one of its parts: every
+part is mapped and its tensors are views of its own map.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import numpy as np
 
@@ -267,18 +273,76 @@ def _close_map_array(mm) -> None:
 
 
 def load_gguf(path: Path, progress: Optional[bool] = None) -> ModelSource:
-    """Read a GGUF file into a ModelSource (tensor data stays memory-mapped)."""
+    """Read a GGUF file, or every part of a split one, into a ModelSource (tensor data stays memory-mapped)."""
     path = Path(path)
-    where = str(path)
     fields, infos, data_start, mm = read_gguf(path)
+    parts = [(path, infos, data_start, mm)]  # (file, tensor infos, data start, map) of each part
     try:
-        return _build_source(fields, infos, data_start, mm, path, where, progress)
+        paths = _split_paths(path, fields)
+        if paths is not None:
+            fields = _read_parts(paths, parts, fields)
+        return _build_source(fields, parts, parts[0][0], str(parts[0][0]), progress)
     except BaseException:
-        _close_map_array(mm)
+        for part in parts:
+            _close_map_array(part[3])
         raise
 
 
-def _build_source(fields, infos, data_start, mm, path: Path, where: str, progress: Optional[bool]) -> ModelSource:
+_SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def _split_paths(path: Path, fields: dict) -> Optional[List[Path]]:
+    """The files of a split model, first part first; None for a whole one."""
+    count = fields.get("split.count")
+    if count is None:
+        return None
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ModelLoadError(f"{path}: bad split.count {count!r}")
+    if count == 1:
+        return None
+    m = _SPLIT_NAME.match(path.name)
+    if m is None or int(m["count"]) != count:
+        raise ModelLoadError(
+            f"{path}: this is one of {count} parts of a split GGUF, but its name does not follow "
+            f"NAME-00001-of-{count:05d}.gguf, so the other parts cannot be found"
+        )
+    return [path.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
+def _read_parts(paths: List[Path], parts: list, given_fields: dict) -> dict:
+    """Map every part of a split model into `parts` (in order); returns the first part's key/values.
+
+    `parts` holds the part already read (with `given_fields`); each map is
+    added as soon as it is open, so the caller closes all of them on an error.
+    """
+    given = parts.pop()
+    count = len(paths)
+    first: dict = {}
+    for i, p in enumerate(paths):
+        if p.name == given[0].name:
+            parts.append(given)
+            fields = given_fields
+        else:
+            if not p.is_file():
+                raise ModelLoadError(f"{given[0]}: part {i + 1} of {count} of this split GGUF is missing: {p}")
+            fields, infos, data_start, mm = read_gguf(p)
+            parts.append((p, infos, data_start, mm))
+        no, n = fields.get("split.no"), fields.get("split.count")
+        if n != count or no != i:
+            raise ModelLoadError(
+                f"{given[0]}: its part {p.name} holds split.no {no!r} of split.count {n!r}, "
+                f"expected {i} of {count} (from its name)"
+            )
+        if i == 0:
+            first = fields
+    total = sum(len(part[1]) for part in parts)
+    want = first.get("split.tensors.count")
+    if want is not None and want != total:
+        raise ModelLoadError(f"{given[0]}: split.tensors.count is {want!r}, but the {count} parts hold {total} tensors")
+    return first
+
+
+def _build_source(fields, parts: list, path: Path, where: str, progress: Optional[bool]) -> ModelSource:
     meta = _Meta(fields, where)
     arch = meta.get("general.architecture")
     if arch is None:
@@ -288,14 +352,15 @@ def _build_source(fields, infos, data_start, mm, path: Path, where: str, progres
             f"{where}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})"
         )
 
-    by_name = {}
-    for info in infos:
-        if info[0] in by_name:
-            raise ModelLoadError(f"{where}: tensor {info[0]} appears twice")
-        by_name[info[0]] = info
+    by_name = {}  # name -> (tensor info, data start, map, file) of the part holding it
+    for part_path, infos, data_start, mm in parts:
+        for info in infos:
+            if info[0] in by_name:
+                raise ModelLoadError(f"{part_path}: tensor {info[0]} appears twice")
+            by_name[info[0]] = (info, data_start, mm, str(part_path))
     if "token_embd.weight" not in by_name:
         raise ModelLoadError(f"{where}: missing tensors token_embd.weight")
-    emb_ne = by_name["token_embd.weight"][2]
+    emb_ne = by_name["token_embd.weight"][0][2]
     hidden = meta.number(f"{arch}.embedding_length")
     heads = meta.number(f"{arch}.attention.head_count")
     if heads <= 0 or hidden <= 0:
@@ -363,7 +428,7 @@ def _build_source(fields, infos, data_start, mm, path: Path, where: str, progres
         )
 
     want = [n for n in expected_shapes(cfg) if n in by_name]
-    raw = {n: _raw_tensor(by_name[n], data_start, mm, where) for n in track(want, "Mapping tensors", progress=progress)}
+    raw = {n: _raw_tensor(*by_name[n]) for n in track(want, "Mapping tensors", progress=progress)}
     kept = check_tensors(raw, cfg, where)
 
     prefix = "tokenizer.ggml."
@@ -380,8 +445,8 @@ def _build_source(fields, infos, data_start, mm, path: Path, where: str, progres
     template = meta.get("tokenizer.chat_template")
 
     metadata = {
-        "files": [str(path)],
-        "file_size": int(mm.shape[0]),
+        "files": [str(part[0]) for part in parts],
+        "file_size": sum(int(part[3].shape[0]) for part in parts),
         "context_length": cfg.max_position_embeddings,
         "file_type": meta.get("general.file_type"),
         "ignored_tensors": sorted(set(by_name) - set(kept)),
@@ -401,7 +466,7 @@ def _build_source(fields, infos, data_start, mm, path: Path, where: str, progres
         eos_token_ids=eos,
         metadata=metadata,
     )
-    src._closers.append(_closer(src, mm))
+    src._closers.append(_closer(src, [part[3] for part in parts]))
     return src
 
 
@@ -453,10 +518,11 @@ def _generation_config(meta: _Meta) -> dict:
     return out
 
 
-def _closer(src: ModelSource, mm):
+def _closer(src: ModelSource, maps: list):
     def close() -> None:
         for t in src.tensors.values():
             t.data = None
-        _close_map_array(mm)
+        for mm in maps:
+            _close_map_array(mm)
 
     return close
