@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import logging
 import queue
 import threading
 import time
@@ -36,6 +37,8 @@ from .scheduler import Request, Scheduler, check_decode_steps, check_max_batch_t
 from .stop import StopMatcher
 
 __all__ = ["Engine", "GenerationResult", "StreamChunk", "collect_choices", "collect_stream", "default_model_path"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -300,6 +303,13 @@ class Engine:
         try:
             cfg = source.config
             ctx = n_ctx if n_ctx is not None else min(int(cfg.max_position_embeddings), defaults.DEFAULT_MAX_CONTEXT)
+            if ctx > cfg.max_position_embeddings:
+                log.warning(
+                    "n_ctx %d exceeds the %d positions %s was trained on: answers past that may degrade",
+                    ctx,
+                    cfg.max_position_embeddings,
+                    path,
+                )
             from .tokenizer import Tokenizer
 
             tokenizer = Tokenizer.from_source(source.tokenizer)
@@ -342,14 +352,23 @@ class Engine:
             else:
                 from .backends.cpu import CPUBackend
 
-                backend = CPUBackend(
-                    source,
-                    ctx,
-                    progress=progress,
-                    max_num_seqs=seqs,
-                    kv_cache_memory=kv_cache_memory,
-                    prefix_cache=prefix_cache,
-                )
+                try:
+                    backend = CPUBackend(
+                        source,
+                        ctx,
+                        progress=progress,
+                        max_num_seqs=seqs,
+                        kv_cache_memory=kv_cache_memory,
+                        prefix_cache=prefix_cache,
+                    )
+                except (MemoryError, RuntimeError) as e:
+                    # torch's host allocator fails with a RuntimeError of its own.
+                    if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):
+                        raise
+                    raise ModelLoadError(
+                        f"{path}: not enough host memory for this model with n_ctx={ctx} "
+                        f"(a smaller n_ctx or kv_cache_memory may fit): {e}"
+                    ) from e
             self._attach(
                 backend,
                 tokenizer,

@@ -569,3 +569,22 @@ def test_program_may_end_mid_generation(default_model, how):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "leaving" in r.stdout and "terminate called" not in r.stderr
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_context_past_the_trained_one_warns_and_past_memory_fails_clearly(tmp_path, caplog):
+    import logging
+
+    from helexa_native.synthetic import write_synthetic_gguf
+
+    path, _ = write_synthetic_gguf(tmp_path / "t.gguf", "llama-tiny", "Q8_0", progress=False, context=256)
+    with caplog.at_level(logging.WARNING, logger="helexa_native.engine"):
+        with Engine(path, device="cpu", n_ctx=512, progress=False) as eng:
+            assert eng.n_ctx == 512
+    assert "n_ctx 512 exceeds the 256 positions" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="helexa_native.engine"):
+        Engine(path, device="cpu", n_ctx=128, progress=False).close()
+    assert "exceeds" not in caplog.text
+    # Position tables for 2**40 tokens cannot be allocated: a load error that says why.
+    with pytest.raises(ModelLoadError, match="not enough host memory.*n_ctx=1099511627776"):
+        Engine(path, device="cpu", n_ctx=2**40, progress=False)
