@@ -271,16 +271,7 @@ class Scheduler:
 
     def close(self, error: Optional[BaseException] = None) -> None:
         """Stop the loop; every unfinished request ends with `error` (EngineClosedError)."""
-        with self._cv:
-            self._stopping = True
-            self._closed_error = error or EngineClosedError("the engine was closed")
-            self._cv.notify()
-        _LIVE.discard(self)
-        if threading.current_thread() is not self._thread:
-            self._thread.join()
-            self._deliverer.join()  # every event of the loop is on its queue
-        if self._mask_filler is not None:
-            self._mask_filler.shutdown(wait=False)
+        self._stop(error or EngineClosedError("the engine was closed"), None)
 
     def stop_at_exit(self, timeout: Optional[float] = None) -> bool:
         """Let the current step finish and end the loop, answering no request.
@@ -291,16 +282,25 @@ class Scheduler:
         the step (a hung device must not hang the exit); False when the loop
         is still inside it.
         """
+        return self._stop(None, timeout)
+
+    def _stop(self, error: Optional[BaseException], timeout: Optional[float]) -> bool:
+        # error None: abandon the requests (interpreter exit).
         with self._cv:
-            self._stopping = self._abandon = True
+            self._stopping = True
+            if error is None:
+                self._abandon = True
+            else:
+                self._closed_error = error
             self._cv.notify()
         _LIVE.discard(self)
-        if threading.current_thread() is self._thread:
-            return True
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            return False
-        self._deliverer.join(timeout)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return False
+            self._deliverer.join(timeout)  # every event of the loop is on its queue
+        if self._mask_filler is not None:
+            self._mask_filler.shutdown(wait=False)
         return True
 
     # ------------------------------------------------------------------ the loop

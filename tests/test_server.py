@@ -799,57 +799,51 @@ def test_replace_and_unload_close_the_old_engine():
     assert r.status_code == 503 and r.get_json()["error"]["code"] == "model_not_loaded"
 
 
-def test_close_during_a_load_waits_for_it_then_frees_what_it_made():
-    release, started, made, outcome = threading.Event(), threading.Event(), [], []
+class _SlowLoad:
+    """A registry whose loader blocks until `release` is set, with one load of it running in a thread."""
 
-    def loader(path, device="auto", n_ctx=None):
-        started.set()
-        release.wait(30)
-        made.append(FakeEngine())
-        return made[-1]
+    def __init__(self):
+        self.release, self.started, self.made, self.outcome = threading.Event(), threading.Event(), [], []
+        self.reg = ModelRegistry(loader=self._loader)
+        self.thread = threading.Thread(target=self._load)
+        self.thread.start()
+        assert self.started.wait(30)
 
-    reg = ModelRegistry(loader=loader)
+    def _loader(self, path, device="auto", n_ctx=None):
+        self.started.set()
+        self.release.wait(30)
+        self.made.append(FakeEngine())
+        return self.made[-1]
 
-    def load():
+    def _load(self):
         try:
-            reg.load("/m/slow.gguf", name="slow")
-            outcome.append("served")
+            self.reg.load("/m/slow.gguf", name="slow")
+            self.outcome.append("served")
         except ApiError as e:
-            outcome.append(e.code)
+            self.outcome.append(e.code)
 
-    t = threading.Thread(target=load)
-    t.start()
-    assert started.wait(30)
+
+def test_close_during_a_load_waits_for_it_then_frees_what_it_made():
+    s = _SlowLoad()
     # The load outlasts the wait: close says something is still running.
-    assert reg.close(timeout=0.05) is False
-    release.set()
-    t.join(30)
+    assert s.reg.close(timeout=0.05) is False
+    s.release.set()
+    s.thread.join(30)
     # The model that finished loading after close was freed, never served.
-    assert outcome == ["shutting_down"] and made[0].closed == 1 and reg.slots() == []
+    assert s.outcome == ["shutting_down"] and s.made[0].closed == 1 and s.reg.slots() == []
     with pytest.raises(ApiError) as e:
-        reg.load("/m/later.gguf")
-    assert e.value.status == 503 and e.value.code == "shutting_down" and len(made) == 1
+        s.reg.load("/m/later.gguf")
+    assert e.value.status == 503 and e.value.code == "shutting_down" and len(s.made) == 1
     with pytest.raises(ApiError):
-        reg.add("late", FakeEngine())
+        s.reg.add("late", FakeEngine())
 
 
 def test_close_waits_for_a_load_that_ends_in_time():
-    started, made = threading.Event(), []
-
-    def loader(path, device="auto", n_ctx=None):
-        started.set()
-        time.sleep(0.2)
-        made.append(FakeEngine())
-        return made[-1]
-
-    reg = ModelRegistry(loader=loader)
-    errors = []
-    t = threading.Thread(target=lambda: errors.append(pytest.raises(ApiError, reg.load, "/m/a.gguf").value.code))
-    t.start()
-    assert started.wait(30)
-    assert reg.close(timeout=30) is True
-    t.join(30)
-    assert errors == ["shutting_down"] and made[0].closed == 1
+    s = _SlowLoad()
+    threading.Timer(0.2, s.release.set).start()
+    assert s.reg.close(timeout=30) is True
+    s.thread.join(30)
+    assert s.outcome == ["shutting_down"] and s.made[0].closed == 1
 
 
 def test_startup_load_reports_failures_and_is_quiet_when_stopped():

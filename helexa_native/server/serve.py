@@ -240,7 +240,7 @@ def run_from_args(args) -> int:
 
         signal.signal(signal.SIGTERM, on_term)
 
-    idle = True
+    server = None
     try:
         if args.debug:
             loader.start()
@@ -263,24 +263,21 @@ def run_from_args(args) -> int:
             for host, port in listening_addresses(server, args):
                 log.info("%s: listening on http://%s:%d (model '%s' loading)", PROG, host, port, name)
             loader.start()
-            try:
-                server.run()
-            finally:
-                # Requests end first (their streams see `stopping`), then the
-                # models close, then the request threads finish writing; only
-                # then may the server's sockets close under them.
-                state.stopping.set()
-                idle = registry.close(timeout=SHUTDOWN_WAIT_SECONDS)
-                server.task_dispatcher.shutdown(timeout=SHUTDOWN_WAIT_SECONDS)
-                if server.task_dispatcher.threads:
-                    idle = False
-                else:
-                    server.close()
+            server.run()
     except KeyboardInterrupt:
         pass
     finally:
+        # Requests end first (their streams see `stopping`), then the models
+        # close, then the request threads finish writing; only then may the
+        # server's sockets close under them.
         state.stopping.set()
-        idle = registry.close(timeout=SHUTDOWN_WAIT_SECONDS) and idle
+        idle = registry.close(timeout=SHUTDOWN_WAIT_SECONDS)
+        if server is not None:
+            server.task_dispatcher.shutdown(timeout=SHUTDOWN_WAIT_SECONDS)
+            if server.task_dispatcher.threads:
+                idle = False
+            else:
+                server.close()
     status = 1 if failed.is_set() else 0
     if not idle:
         exit_now(status)
