@@ -695,16 +695,21 @@ def test_split_gguf_errors_name_the_part(tmp_models):
     parts = _split_with_gguf_py(whole, tmp_models / "split", 7)
     n = len(parts)
 
-    # A missing part: named, and no part stays mapped.
+    # A missing part: named, and no part stays mapped, whichever part was given.
     moved = parts[1].rename(tmp_models / "away.gguf")
-    _raises(ModelLoadError, parts[0], f"part 2 of {n}", "missing", parts[1].name)
-    assert not any(mapped(p) for p in parts if p.exists())
+    for given in (parts[0], parts[-1]):
+        _raises(ModelLoadError, given, f"part 2 of {n}", "missing", parts[1].name)
+        assert not any(mapped(p) for p in parts if p.exists())
 
-    # Parts in the wrong places: the split.no inside disagrees with the name.
+    # Parts 2 and 3 swapped: the split.no inside disagrees with the name.
     parts[2].rename(parts[1])
+    moved.rename(parts[2])
     _raises(ModelLoadError, parts[0], "split.no 2", f"expected 1 of {n}")
-    parts[1].rename(parts[2])
-    moved.rename(parts[1])
+    assert not any(mapped(p) for p in parts)
+    swap = tmp_models / "swap.gguf"
+    parts[1].rename(swap)
+    parts[2].rename(parts[1])
+    swap.rename(parts[2])
 
     # A part renamed so the others cannot be found.
     odd = tmp_models / "split" / "renamed.gguf"

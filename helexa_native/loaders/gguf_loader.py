@@ -275,16 +275,24 @@ def _close_map_array(mm) -> None:
 def load_gguf(path: Path, progress: Optional[bool] = None) -> ModelSource:
     """Read a GGUF file, or every part of a split one, into a ModelSource (tensor data stays memory-mapped)."""
     path = Path(path)
-    fields, infos, data_start, mm = read_gguf(path)
-    parts = [(path, infos, data_start, mm)]  # (file, tensor infos, data start, map) of each part
+    opened = {}  # file name -> (file, key/values, tensor infos, data start, map); closed on an error
     try:
-        paths = _split_paths(path, fields)
-        if paths is not None:
-            fields = _read_parts(paths, parts, fields)
-        return _build_source(fields, parts, parts[0][0], str(parts[0][0]), progress)
+        opened[path.name] = (path, *read_gguf(path))
+        paths = _split_paths(path, opened[path.name][1])
+        if paths is None:
+            parts = [opened[path.name]]
+        else:
+            for i, p in enumerate(paths):
+                if p.name not in opened:
+                    if not p.is_file():
+                        raise ModelLoadError(f"{path}: part {i + 1} of {len(paths)} of this split GGUF is missing: {p}")
+                    opened[p.name] = (p, *read_gguf(p))
+            parts = [opened[p.name] for p in paths]
+            _check_parts(parts, path)
+        return _build_source(parts[0][1], [part[:1] + part[2:] for part in parts], parts[0][0], progress)
     except BaseException:
-        for part in parts:
-            _close_map_array(part[3])
+        for part in opened.values():
+            _close_map_array(part[4])
         raise
 
 
@@ -309,40 +317,25 @@ def _split_paths(path: Path, fields: dict) -> Optional[List[Path]]:
     return [path.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
 
 
-def _read_parts(paths: List[Path], parts: list, given_fields: dict) -> dict:
-    """Map every part of a split model into `parts` (in order); returns the first part's key/values.
-
-    `parts` holds the part already read (with `given_fields`); each map is
-    added as soon as it is open, so the caller closes all of them on an error.
-    """
-    given = parts.pop()
-    count = len(paths)
-    first: dict = {}
-    for i, p in enumerate(paths):
-        if p.name == given[0].name:
-            parts.append(given)
-            fields = given_fields
-        else:
-            if not p.is_file():
-                raise ModelLoadError(f"{given[0]}: part {i + 1} of {count} of this split GGUF is missing: {p}")
-            fields, infos, data_start, mm = read_gguf(p)
-            parts.append((p, infos, data_start, mm))
+def _check_parts(parts: list, given: Path) -> None:
+    """Each part's split.no and split.count agree with its name, and the parts hold every tensor."""
+    count = len(parts)
+    for i, (p, fields, *_) in enumerate(parts):
         no, n = fields.get("split.no"), fields.get("split.count")
         if n != count or no != i:
             raise ModelLoadError(
-                f"{given[0]}: its part {p.name} holds split.no {no!r} of split.count {n!r}, "
+                f"{given}: its part {p.name} holds split.no {no!r} of split.count {n!r}, "
                 f"expected {i} of {count} (from its name)"
             )
-        if i == 0:
-            first = fields
-    total = sum(len(part[1]) for part in parts)
-    want = first.get("split.tensors.count")
+    total = sum(len(part[2]) for part in parts)
+    want = parts[0][1].get("split.tensors.count")
     if want is not None and want != total:
-        raise ModelLoadError(f"{given[0]}: split.tensors.count is {want!r}, but the {count} parts hold {total} tensors")
-    return first
+        raise ModelLoadError(f"{given}: split.tensors.count is {want!r}, but the {count} parts hold {total} tensors")
 
 
-def _build_source(fields, parts: list, path: Path, where: str, progress: Optional[bool]) -> ModelSource:
+def _build_source(fields, parts: list, path: Path, progress: Optional[bool]) -> ModelSource:
+    """The model of `fields` (the first part's key/values) over `parts`: (file, tensor infos, data start, map)."""
+    where = str(path)
     meta = _Meta(fields, where)
     arch = meta.get("general.architecture")
     if arch is None:

@@ -341,11 +341,11 @@ class _MappedFile:
         try:
             dtype, shape, (start, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
             start, end = int(start), int(end)
-            if isinstance(dtype, (list, dict)) or any(d < 0 for d in shape):
-                raise ValueError(dtype)
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise ModelLoadError(f"{self.path}: bad header entry for {name}: {info!r}") from e
-        if dtype not in _ST_DTYPES:
+        if any(d < 0 for d in shape):
+            raise ModelLoadError(f"{self.path}: bad header entry for {name}: negative shape {list(shape)}")
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
             raise ModelLoadError(
                 f"{self.path}: tensor {name} has dtype {dtype}, which is not supported (F32, F16, BF16)"
             )
